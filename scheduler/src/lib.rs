@@ -1,0 +1,1 @@
+//! IO-free Endpoint Picker core (see README).
