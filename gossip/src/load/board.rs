@@ -1,0 +1,489 @@
+//! The load board state machine: who scrapes which pod, latest metrics, fleet in-flight.
+//!
+//! Sans-IO: the driver task feeds it scrapes, local in-flight changes, remote batches and
+//! ring changes (each with `now`), and asks it for the next outbound batch. Remote batches
+//! carry absolute values, so a lost or repeated batch cannot skew a counter; a periodic full
+//! batch repairs any divergence and lets newcomers catch up.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use smallvec::SmallVec;
+
+use crate::ring::{NodeId, Ring, key_of_str};
+use crate::wire::{LoadBatch, PodInFlight, PodMetrics, PodScrape};
+
+/// Requests and prompt tokens in flight to one pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct InFlight {
+    /// Requests dispatched and not completed.
+    pub requests: u32,
+    /// Estimated prompt tokens of those requests.
+    pub tokens: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Scraped {
+    metrics: PodMetrics,
+    scraped_at: Instant,
+    by: NodeId,
+}
+
+#[derive(Debug, Clone, Default)]
+struct PodEntry {
+    metrics: Option<Scraped>,
+    in_flight: SmallVec<[(NodeId, InFlight); 4]>,
+}
+
+/// What every node knows about one pod's load.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodLoad {
+    /// Latest metrics from the pod's scraper, if any arrived.
+    pub metrics: Option<PodMetrics>,
+    /// When those metrics were scraped (on this node's clock).
+    pub scraped_at: Option<Instant>,
+    /// Node that scraped them.
+    pub scraped_by: Option<NodeId>,
+    /// Sum of every live node's in-flight count for the pod.
+    pub in_flight: InFlight,
+}
+
+impl PodLoad {
+    /// llm-d staleness: no metrics, or metrics older than `threshold`, count as saturated.
+    pub fn is_stale(&self, now: Instant, threshold: Duration) -> bool {
+        self.scraped_at
+            .is_none_or(|t| now.saturating_duration_since(t) > threshold)
+    }
+}
+
+/// An immutable snapshot of the board, published for request handlers.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LoadView {
+    /// Increases on every published change.
+    pub version: u64,
+    /// Per-pod load, keyed by pod identity (`ip:port`).
+    pub pods: HashMap<String, PodLoad>,
+    /// Pods this node must scrape now (sorted).
+    pub owned: Vec<String>,
+}
+
+impl LoadView {
+    /// Load of one pod, if anything is known about it.
+    pub fn pod(&self, pod: &str) -> Option<&PodLoad> {
+        self.pods.get(pod)
+    }
+}
+
+/// The board one node keeps.
+#[derive(Debug)]
+pub struct LoadBoard {
+    me: NodeId,
+    ring: Arc<Ring>,
+    pods: BTreeSet<String>,
+    owned: Vec<String>,
+    entries: HashMap<String, PodEntry>,
+    local: HashMap<String, InFlight>,
+    dirty_scrapes: HashSet<String>,
+    dirty_in_flight: HashSet<String>,
+    full_sync_every: Duration,
+    last_full: Option<Instant>,
+    force_full: bool,
+    version: u64,
+}
+
+impl LoadBoard {
+    /// A board for node `me` that sends a full batch at least every `full_sync_every`.
+    pub fn new(me: NodeId, full_sync_every: Duration) -> LoadBoard {
+        let ring = Arc::new(Ring::new([me.clone()]));
+        LoadBoard {
+            me,
+            ring,
+            pods: BTreeSet::new(),
+            owned: Vec::new(),
+            entries: HashMap::new(),
+            local: HashMap::new(),
+            dirty_scrapes: HashSet::new(),
+            dirty_in_flight: HashSet::new(),
+            full_sync_every,
+            last_full: None,
+            force_full: true,
+            version: 0,
+        }
+    }
+
+    /// Version of the board's content (bumped on every change).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Pods this node must scrape now: the pods whose rendezvous owner is this node.
+    pub fn owned_pods(&self) -> &[String] {
+        &self.owned
+    }
+
+    /// Replaces the set of pods in the pool (from discovery or policy).
+    pub fn handle_set_pods(&mut self, pods: impl IntoIterator<Item = String>) {
+        let pods: BTreeSet<String> = pods.into_iter().collect();
+        if pods == self.pods {
+            return;
+        }
+        self.entries.retain(|p, _| pods.contains(p));
+        self.local.retain(|p, _| pods.contains(p));
+        self.pods = pods;
+        self.recompute_owned();
+        self.force_full = true;
+        self.version += 1;
+    }
+
+    /// Applies a new live member set: re-owns pods and forgets in-flight of departed nodes.
+    pub fn handle_ring(&mut self, ring: Arc<Ring>) {
+        self.ring = ring;
+        let me = &self.me;
+        let ring = &self.ring;
+        for e in self.entries.values_mut() {
+            e.in_flight.retain(|(n, _)| n == me || ring.contains(n));
+        }
+        self.recompute_owned();
+        // Newcomers need our whole table; send it on the next poll.
+        self.force_full = true;
+        self.version += 1;
+    }
+
+    /// Records a scrape this node made of `pod` at `scraped_at`.
+    pub fn handle_scrape(&mut self, pod: &str, metrics: PodMetrics, scraped_at: Instant) {
+        let entry = self.entries.entry(pod.to_owned()).or_default();
+        if entry
+            .metrics
+            .as_ref()
+            .is_some_and(|m| m.scraped_at > scraped_at)
+        {
+            return;
+        }
+        entry.metrics = Some(Scraped {
+            metrics,
+            scraped_at,
+            by: self.me.clone(),
+        });
+        self.dirty_scrapes.insert(pod.to_owned());
+        self.version += 1;
+    }
+
+    /// Adds (or with negative values, removes) this node's in-flight work on `pod`.
+    pub fn handle_in_flight(&mut self, pod: &str, requests: i64, tokens: i64) {
+        let cur = self.local.entry(pod.to_owned()).or_default();
+        cur.requests = add_clamped(u64::from(cur.requests), requests).min(u64::from(u32::MAX)) as u32;
+        cur.tokens = add_clamped(cur.tokens, tokens);
+        let value = *cur;
+        set_in_flight(self.entries.entry(pod.to_owned()).or_default(), &self.me, value);
+        self.dirty_in_flight.insert(pod.to_owned());
+        self.version += 1;
+    }
+
+    /// Applies a batch received from node `from` at `now`.
+    pub fn handle_remote(&mut self, from: &NodeId, batch: LoadBatch, now: Instant) {
+        if *from == self.me {
+            return;
+        }
+        for s in batch.scrapes {
+            let scraped_at = now
+                .checked_sub(Duration::from_millis(u64::from(s.age_ms)))
+                .unwrap_or(now);
+            let entry = self.entries.entry(s.pod).or_default();
+            if entry
+                .metrics
+                .as_ref()
+                .is_some_and(|m| m.scraped_at > scraped_at)
+            {
+                continue;
+            }
+            entry.metrics = Some(Scraped {
+                metrics: s.metrics,
+                scraped_at,
+                by: from.clone(),
+            });
+        }
+        if batch.full {
+            for e in self.entries.values_mut() {
+                e.in_flight.retain(|(n, _)| n != from);
+            }
+        }
+        for f in batch.in_flight {
+            let value = InFlight {
+                requests: f.requests,
+                tokens: f.tokens,
+            };
+            set_in_flight(self.entries.entry(f.pod).or_default(), from, value);
+        }
+        self.version += 1;
+    }
+
+    /// The next batch to push to every other node, or `None` when nothing changed.
+    pub fn poll_outbound(&mut self, now: Instant) -> Option<LoadBatch> {
+        let full = self.force_full
+            || self
+                .last_full
+                .is_none_or(|t| now.saturating_duration_since(t) >= self.full_sync_every);
+        let batch = if full {
+            self.force_full = false;
+            self.last_full = Some(now);
+            self.dirty_scrapes.clear();
+            self.dirty_in_flight.clear();
+            let scrapes = self
+                .entries
+                .iter()
+                .filter_map(|(pod, e)| self.own_scrape(pod, e, now))
+                .collect();
+            let in_flight = self
+                .local
+                .iter()
+                .filter(|(_, v)| **v != InFlight::default())
+                .map(|(pod, v)| wire_in_flight(pod, *v))
+                .collect();
+            LoadBatch {
+                full: true,
+                scrapes,
+                in_flight,
+            }
+        } else {
+            if self.dirty_scrapes.is_empty() && self.dirty_in_flight.is_empty() {
+                return None;
+            }
+            let scrapes = self
+                .dirty_scrapes
+                .drain()
+                .filter_map(|pod| {
+                    let e = self.entries.get(&pod)?;
+                    own_scrape(&self.me, &pod, e, now)
+                })
+                .collect();
+            let in_flight = self
+                .dirty_in_flight
+                .drain()
+                .map(|pod| {
+                    let v = self.local.get(&pod).copied().unwrap_or_default();
+                    wire_in_flight(&pod, v)
+                })
+                .collect();
+            LoadBatch {
+                full: false,
+                scrapes,
+                in_flight,
+            }
+        };
+        // Zeroed counters have been announced; stop carrying them.
+        self.local.retain(|_, v| *v != InFlight::default());
+        Some(batch)
+    }
+
+    /// Builds the read snapshot handed to request handlers.
+    pub fn view(&self) -> LoadView {
+        let pods = self
+            .entries
+            .iter()
+            .map(|(pod, e)| {
+                let mut total = InFlight::default();
+                for (_, f) in &e.in_flight {
+                    total.requests = total.requests.saturating_add(f.requests);
+                    total.tokens = total.tokens.saturating_add(f.tokens);
+                }
+                let load = PodLoad {
+                    metrics: e.metrics.as_ref().map(|m| m.metrics.clone()),
+                    scraped_at: e.metrics.as_ref().map(|m| m.scraped_at),
+                    scraped_by: e.metrics.as_ref().map(|m| m.by.clone()),
+                    in_flight: total,
+                };
+                (pod.clone(), load)
+            })
+            .collect();
+        LoadView {
+            version: self.version,
+            pods,
+            owned: self.owned.clone(),
+        }
+    }
+
+    fn own_scrape(&self, pod: &str, e: &PodEntry, now: Instant) -> Option<PodScrape> {
+        own_scrape(&self.me, pod, e, now)
+    }
+
+    fn recompute_owned(&mut self) {
+        self.owned = self
+            .pods
+            .iter()
+            .filter(|p| self.ring.owner(key_of_str(p)) == Some(&self.me))
+            .cloned()
+            .collect();
+    }
+}
+
+fn own_scrape(me: &NodeId, pod: &str, e: &PodEntry, now: Instant) -> Option<PodScrape> {
+    let m = e.metrics.as_ref().filter(|m| m.by == *me)?;
+    let age = now.saturating_duration_since(m.scraped_at).as_millis();
+    Some(PodScrape {
+        pod: pod.to_owned(),
+        age_ms: u32::try_from(age).unwrap_or(u32::MAX),
+        metrics: m.metrics.clone(),
+    })
+}
+
+fn wire_in_flight(pod: &str, v: InFlight) -> PodInFlight {
+    PodInFlight {
+        pod: pod.to_owned(),
+        requests: v.requests,
+        tokens: v.tokens,
+    }
+}
+
+fn set_in_flight(entry: &mut PodEntry, node: &NodeId, value: InFlight) {
+    if let Some(slot) = entry.in_flight.iter_mut().find(|(n, _)| n == node) {
+        slot.1 = value;
+    } else if value != InFlight::default() {
+        entry.in_flight.push((node.clone(), value));
+    }
+    entry.in_flight.retain(|(_, v)| *v != InFlight::default());
+}
+
+fn add_clamped(cur: u64, delta: i64) -> u64 {
+    if delta >= 0 {
+        cur.saturating_add(delta.unsigned_abs())
+    } else {
+        cur.saturating_sub(delta.unsigned_abs())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(s: &str) -> NodeId {
+        NodeId::new(s)
+    }
+
+    fn metrics(waiting: u32) -> PodMetrics {
+        PodMetrics {
+            waiting_queue: waiting,
+            ..PodMetrics::default()
+        }
+    }
+
+    fn pods(k: usize) -> Vec<String> {
+        (0..k).map(|i| format!("10.0.0.{i}:8000")).collect()
+    }
+
+    #[test]
+    fn every_pod_has_exactly_one_owner_and_dead_nodes_pods_move() {
+        let names = ["a", "b", "c"];
+        let mut boards: Vec<LoadBoard> = names
+            .iter()
+            .map(|s| LoadBoard::new(n(s), Duration::from_secs(1)))
+            .collect();
+        let ring = Arc::new(Ring::new(names.iter().map(|s| n(s))));
+        for b in &mut boards {
+            b.handle_set_pods(pods(60));
+            b.handle_ring(ring.clone());
+        }
+        let mut all: Vec<String> = boards.iter().flat_map(|b| b.owned_pods().to_vec()).collect();
+        all.sort();
+        let mut expected = pods(60);
+        expected.sort();
+        assert_eq!(all, expected, "pods owned exactly once");
+        assert!(boards.iter().all(|b| !b.owned_pods().is_empty()));
+
+        // "c" dies: a and b take over its pods and keep their own.
+        let before: Vec<Vec<String>> = boards.iter().map(|b| b.owned_pods().to_vec()).collect();
+        let ring2 = Arc::new(Ring::new([n("a"), n("b")]));
+        boards[0].handle_ring(ring2.clone());
+        boards[1].handle_ring(ring2);
+        for i in 0..2 {
+            assert!(before[i].iter().all(|p| boards[i].owned_pods().contains(p)));
+        }
+        let mut now: Vec<String> = boards[..2].iter().flat_map(|b| b.owned_pods().to_vec()).collect();
+        now.sort();
+        assert_eq!(now, expected);
+    }
+
+    #[test]
+    fn in_flight_sums_over_nodes_and_forgets_departed() {
+        let t0 = Instant::now();
+        let mut a = LoadBoard::new(n("a"), Duration::from_secs(60));
+        let mut b = LoadBoard::new(n("b"), Duration::from_secs(60));
+        let ring = Arc::new(Ring::new([n("a"), n("b")]));
+        a.handle_ring(ring.clone());
+        b.handle_ring(ring);
+        let pod = "10.0.0.1:8000";
+        a.handle_in_flight(pod, 3, 300);
+        b.handle_in_flight(pod, 2, 50);
+        b.handle_in_flight(pod, -1, -10);
+        let batch = b.poll_outbound(t0).unwrap();
+        assert!(batch.full, "first batch after a ring change is full");
+        a.handle_remote(&n("b"), batch, t0);
+        let v = a.view();
+        assert_eq!(v.pod(pod).unwrap().in_flight, InFlight { requests: 4, tokens: 340 });
+
+        // Delta batch: only the changed pod, absolute value.
+        b.handle_in_flight(pod, -1, -40);
+        let delta = b.poll_outbound(t0).unwrap();
+        assert!(!delta.full);
+        assert_eq!(delta.in_flight.len(), 1);
+        assert_eq!(delta.in_flight[0].requests, 0);
+        a.handle_remote(&n("b"), delta.clone(), t0);
+        a.handle_remote(&n("b"), delta, t0); // repeated: idempotent
+        assert_eq!(a.view().pod(pod).unwrap().in_flight, InFlight { requests: 3, tokens: 300 });
+        assert!(b.poll_outbound(t0).is_none(), "nothing changed");
+
+        b.handle_in_flight(pod, 5, 0);
+        a.handle_remote(&n("b"), b.poll_outbound(t0).unwrap(), t0);
+        assert_eq!(a.view().pod(pod).unwrap().in_flight.requests, 8);
+        a.handle_ring(Arc::new(Ring::new([n("a")])));
+        assert_eq!(a.view().pod(pod).unwrap().in_flight.requests, 3);
+    }
+
+    #[test]
+    fn scrapes_propagate_with_age_and_newest_wins() {
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_millis(500);
+        let mut a = LoadBoard::new(n("a"), Duration::from_secs(60));
+        let mut b = LoadBoard::new(n("b"), Duration::from_secs(60));
+        let pod = "10.0.0.9:8000";
+        let _ = a.poll_outbound(t0); // initial full
+        a.handle_scrape(pod, metrics(7), t0);
+        let batch = a.poll_outbound(t0 + Duration::from_millis(20)).unwrap();
+        assert_eq!(batch.scrapes[0].age_ms, 20);
+        b.handle_remote(&n("a"), batch, later);
+        let v = b.view();
+        let p = v.pod(pod).unwrap();
+        assert_eq!(p.metrics.as_ref().unwrap().waiting_queue, 7);
+        assert_eq!(p.scraped_by, Some(n("a")));
+        assert_eq!(p.scraped_at, Some(later - Duration::from_millis(20)));
+        assert!(!p.is_stale(later, Duration::from_secs(2)));
+        assert!(p.is_stale(later + Duration::from_secs(3), Duration::from_secs(2)));
+
+        // An older scrape (e.g. from a previous owner, delayed) does not replace a newer one.
+        let old = LoadBatch {
+            full: false,
+            scrapes: vec![PodScrape {
+                pod: pod.into(),
+                age_ms: 5_000,
+                metrics: metrics(1),
+            }],
+            in_flight: vec![],
+        };
+        b.handle_remote(&n("c"), old, later);
+        assert_eq!(b.view().pod(pod).unwrap().metrics.as_ref().unwrap().waiting_queue, 7);
+    }
+
+    #[test]
+    fn periodic_full_sync_repeats_own_state() {
+        let t0 = Instant::now();
+        let mut a = LoadBoard::new(n("a"), Duration::from_secs(1));
+        a.handle_scrape("p", metrics(1), t0);
+        a.handle_in_flight("p", 1, 1);
+        assert!(a.poll_outbound(t0).unwrap().full);
+        assert!(a.poll_outbound(t0 + Duration::from_millis(10)).is_none());
+        let f = a.poll_outbound(t0 + Duration::from_secs(1)).unwrap();
+        assert!(f.full);
+        assert_eq!(f.scrapes.len(), 1);
+        assert_eq!(f.in_flight.len(), 1);
+    }
+}

@@ -1,0 +1,268 @@
+//! The owner-side prefix index contract and a built-in anchor-partitioned implementation.
+//!
+//! An owner only ever answers for anchors it owns, so the index is partitioned by anchor:
+//! a lookup touches one anchor's entry, and a handoff ships one anchor's entry whole. The
+//! node can plug in another index (e.g. the scheduler's) through [`PrefixStore`].
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use smallvec::SmallVec;
+
+use crate::wire::{EndpointMatch, HandoffChain, HandoffEntry, PrefixMatch};
+
+/// What the mesh needs from an owner-side prefix index.
+pub trait PrefixStore: Send {
+    /// Matches a chain (anchor first): llm-d semantics, walk blocks in order, every endpoint
+    /// holding a block gets +1, stop at the first block nobody holds.
+    fn match_chain(&mut self, anchor: u64, hashes: &[u64]) -> PrefixMatch;
+    /// Records that `endpoint` was picked for this chain (it now holds these blocks).
+    fn record(&mut self, anchor: u64, hashes: &[u64], endpoint: &str);
+    /// Anchors currently held.
+    fn anchors(&self) -> Vec<u64>;
+    /// Everything held under `anchor`, as chains that `record` can replay.
+    fn export_anchor(&self, anchor: u64) -> Option<HandoffEntry>;
+    /// Forgets an anchor (after handing it to its new owners).
+    fn remove_anchor(&mut self, anchor: u64);
+    /// Block entries held (for metrics and tests).
+    fn len_blocks(&self) -> usize;
+}
+
+#[derive(Debug)]
+struct Block {
+    parent: Option<u64>,
+    endpoints: SmallVec<[u32; 4]>,
+}
+
+#[derive(Debug)]
+struct AnchorEntry {
+    last_used: u64,
+    blocks: HashMap<u64, Block>,
+}
+
+/// Built-in index: per anchor, block hash → (parent, endpoints); LRU eviction of whole anchors.
+#[derive(Debug)]
+pub struct AnchoredIndex {
+    capacity_blocks: usize,
+    endpoints: Vec<String>,
+    endpoint_ids: HashMap<String, u32>,
+    anchors: HashMap<u64, AnchorEntry>,
+    lru: BTreeMap<u64, u64>,
+    tick: u64,
+    blocks: usize,
+}
+
+impl AnchoredIndex {
+    /// An index holding at most `capacity_blocks` block entries (oldest anchors evicted first).
+    pub fn new(capacity_blocks: usize) -> AnchoredIndex {
+        AnchoredIndex {
+            capacity_blocks: capacity_blocks.max(1),
+            endpoints: Vec::new(),
+            endpoint_ids: HashMap::new(),
+            anchors: HashMap::new(),
+            lru: BTreeMap::new(),
+            tick: 0,
+            blocks: 0,
+        }
+    }
+
+    fn endpoint_id(&mut self, endpoint: &str) -> u32 {
+        if let Some(&id) = self.endpoint_ids.get(endpoint) {
+            return id;
+        }
+        let id = self.endpoints.len() as u32;
+        self.endpoints.push(endpoint.to_owned());
+        self.endpoint_ids.insert(endpoint.to_owned(), id);
+        id
+    }
+
+    fn touch(&mut self, anchor: u64) {
+        if let Some(e) = self.anchors.get_mut(&anchor) {
+            self.lru.remove(&e.last_used);
+            self.tick += 1;
+            e.last_used = self.tick;
+            self.lru.insert(self.tick, anchor);
+        }
+    }
+
+    fn evict_to_capacity(&mut self, keep: u64) {
+        while self.blocks > self.capacity_blocks {
+            let Some((&tick, &victim)) = self.lru.iter().find(|(_, a)| **a != keep) else {
+                return;
+            };
+            self.lru.remove(&tick);
+            if let Some(e) = self.anchors.remove(&victim) {
+                self.blocks -= e.blocks.len();
+            }
+        }
+    }
+}
+
+impl PrefixStore for AnchoredIndex {
+    fn match_chain(&mut self, anchor: u64, hashes: &[u64]) -> PrefixMatch {
+        let total_blocks = u32::try_from(hashes.len()).unwrap_or(u32::MAX);
+        let mut counts: SmallVec<[(u32, u32); 8]> = SmallVec::new();
+        if let Some(entry) = self.anchors.get(&anchor) {
+            for h in hashes {
+                let Some(block) = entry.blocks.get(h) else { break };
+                if block.endpoints.is_empty() {
+                    break;
+                }
+                for &ep in &block.endpoints {
+                    match counts.iter_mut().find(|(e, _)| *e == ep) {
+                        Some(c) => c.1 += 1,
+                        None => counts.push((ep, 1)),
+                    }
+                }
+            }
+            self.touch(anchor);
+        }
+        PrefixMatch {
+            total_blocks,
+            endpoints: counts
+                .into_iter()
+                .map(|(ep, blocks)| EndpointMatch {
+                    endpoint: self.endpoints[ep as usize].clone(),
+                    blocks,
+                })
+                .collect(),
+        }
+    }
+
+    fn record(&mut self, anchor: u64, hashes: &[u64], endpoint: &str) {
+        if hashes.is_empty() {
+            return;
+        }
+        let ep = self.endpoint_id(endpoint);
+        let tick = self.tick + 1;
+        let entry = self.anchors.entry(anchor).or_insert_with(|| AnchorEntry {
+            last_used: tick,
+            blocks: HashMap::new(),
+        });
+        let mut added = 0;
+        let mut parent = None;
+        for &h in hashes {
+            let block = entry.blocks.entry(h).or_insert_with(|| {
+                added += 1;
+                Block {
+                    parent,
+                    endpoints: SmallVec::new(),
+                }
+            });
+            if !block.endpoints.contains(&ep) {
+                block.endpoints.push(ep);
+            }
+            parent = Some(h);
+        }
+        self.blocks += added;
+        self.lru.remove(&entry.last_used);
+        self.tick = tick;
+        entry.last_used = tick;
+        self.lru.insert(tick, anchor);
+        self.evict_to_capacity(anchor);
+    }
+
+    fn anchors(&self) -> Vec<u64> {
+        self.anchors.keys().copied().collect()
+    }
+
+    fn export_anchor(&self, anchor: u64) -> Option<HandoffEntry> {
+        let entry = self.anchors.get(&anchor)?;
+        // Per endpoint, the maximal blocks (no child held by the same endpoint) end the chains.
+        let mut held: HashMap<u32, (HashSet<u64>, HashSet<u64>)> = HashMap::new();
+        for (&h, b) in &entry.blocks {
+            for &ep in &b.endpoints {
+                let (blocks, parents) = held.entry(ep).or_default();
+                blocks.insert(h);
+                if let Some(p) = b.parent {
+                    parents.insert(p);
+                }
+            }
+        }
+        let mut chains = Vec::new();
+        for (ep, (blocks, parents)) in held {
+            for &tip in blocks.difference(&parents) {
+                let mut chain = vec![tip];
+                let mut cur = tip;
+                while let Some(p) = entry.blocks.get(&cur).and_then(|b| b.parent) {
+                    chain.push(p);
+                    cur = p;
+                }
+                chain.reverse();
+                chains.push(HandoffChain {
+                    endpoint: self.endpoints[ep as usize].clone(),
+                    hashes: chain,
+                });
+            }
+        }
+        chains.sort_by(|a, b| (&a.endpoint, &a.hashes).cmp(&(&b.endpoint, &b.hashes)));
+        Some(HandoffEntry { anchor, chains })
+    }
+
+    fn remove_anchor(&mut self, anchor: u64) {
+        if let Some(e) = self.anchors.remove(&anchor) {
+            self.lru.remove(&e.last_used);
+            self.blocks -= e.blocks.len();
+        }
+    }
+
+    fn len_blocks(&self) -> usize {
+        self.blocks
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn longest_prefix_match_per_endpoint() {
+        let mut ix = AnchoredIndex::new(1000);
+        ix.record(1, &[1, 2, 3, 4], "a");
+        ix.record(1, &[1, 2, 9], "b");
+        let m = ix.match_chain(1, &[1, 2, 3, 5]);
+        assert_eq!(m.total_blocks, 4);
+        assert_eq!(m.blocks_for("a"), 3);
+        assert_eq!(m.blocks_for("b"), 2);
+        assert_eq!(ix.match_chain(1, &[1, 2, 9]).blocks_for("b"), 3);
+        assert_eq!(ix.match_chain(2, &[2, 3]), PrefixMatch { total_blocks: 2, endpoints: vec![] });
+        assert_eq!(ix.len_blocks(), 5);
+    }
+
+    #[test]
+    fn export_then_replay_reproduces_matches() {
+        let mut ix = AnchoredIndex::new(1000);
+        ix.record(1, &[1, 2, 3, 4], "a");
+        ix.record(1, &[1, 2], "a");
+        ix.record(1, &[1, 2, 7], "b");
+        ix.record(1, &[1, 5], "b");
+        let entry = ix.export_anchor(1).unwrap();
+        assert_eq!(entry.chains.len(), 3, "{entry:?}");
+        let mut other = AnchoredIndex::new(1000);
+        for c in &entry.chains {
+            other.record(entry.anchor, &c.hashes, &c.endpoint);
+        }
+        for q in [&[1u64, 2, 3, 4][..], &[1, 2, 7], &[1, 5, 6], &[1]] {
+            let mut x = ix.match_chain(1, q);
+            let mut y = other.match_chain(1, q);
+            x.endpoints.sort_by(|a, b| a.endpoint.cmp(&b.endpoint));
+            y.endpoints.sort_by(|a, b| a.endpoint.cmp(&b.endpoint));
+            assert_eq!(x, y);
+        }
+        ix.remove_anchor(1);
+        assert_eq!(ix.len_blocks(), 0);
+        assert!(ix.export_anchor(1).is_none());
+    }
+
+    #[test]
+    fn capacity_evicts_least_recently_used_anchor() {
+        let mut ix = AnchoredIndex::new(6);
+        ix.record(1, &[1, 2, 3], "a");
+        ix.record(10, &[10, 11, 12], "a");
+        let _ = ix.match_chain(1, &[1]); // anchor 1 is now the most recent
+        ix.record(20, &[20, 21], "a");
+        assert!(ix.len_blocks() <= 6);
+        assert_eq!(ix.match_chain(1, &[1, 2, 3]).blocks_for("a"), 3);
+        assert_eq!(ix.match_chain(10, &[10]).blocks_for("a"), 0);
+        assert_eq!(ix.match_chain(20, &[20, 21]).blocks_for("a"), 2);
+    }
+}
