@@ -1,1 +1,23 @@
-fn main() {}
+//! `infermesh-bench`: runs benchmark workloads against OpenAI-compatible endpoints.
+
+use clap::Parser;
+use infermesh_bench::{BenchError, Cli, run_cli};
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    match run_cli(Cli::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            let bad_input = matches!(
+                e.downcast_ref::<BenchError>(),
+                Some(BenchError::InvalidSpec { .. } | BenchError::InvalidUrl { .. })
+            );
+            std::process::ExitCode::from(if bad_input { 64 } else { 1 })
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! Driving one run: scrape, dispatch (open or closed loop), drain, scrape, summarise.
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Uri;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Exp};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::client::{FailureKind, HttpClient, Success};
+use crate::error::BenchError;
+use crate::oracle::{BLOCK_TOKENS, oracle_bound};
+use crate::report::Report;
+use crate::scrape::{PodCounters, parse_counters};
+use crate::spec::{Api, Load, RunSpec};
+use crate::workload::PlannedRequest;
+
+/// RNG stream for arrival times, apart from the workload's streams.
+const ARRIVAL_STREAM: u64 = 0x4152_5249_5645;
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What happened to one sent request.
+#[derive(Debug)]
+pub(crate) struct Record {
+    /// Seconds from the run start to the send.
+    pub sent_at: f64,
+    /// Seconds from the run start to the end (success or failure).
+    pub done_at: f64,
+    /// Timings or the failure.
+    pub result: Result<Success, FailureKind>,
+}
+
+struct Shared {
+    client: HttpClient,
+    targets: Vec<Uri>,
+    plan: Vec<PlannedRequest>,
+    spec: RunSpec,
+    start: Instant,
+    records: mpsc::UnboundedSender<Record>,
+    bar: ProgressBar,
+}
+
+impl Shared {
+    fn body(&self, req: &PlannedRequest) -> Bytes {
+        let seed = self.spec.seed;
+        let mut v = json!({
+            "model": self.spec.model,
+            "max_tokens": req.max_tokens,
+            "stream": true,
+            "stream_options": {"include_usage": true},
+            "temperature": 0.0,
+            "ignore_eos": true,
+        });
+        match self.spec.api {
+            Api::Completions => v["prompt"] = json!(req.render_prompt(seed)),
+            Api::Chat => {
+                v["messages"] = req
+                    .render_messages(seed)
+                    .into_iter()
+                    .map(|(role, content)| json!({"role": role.as_str(), "content": content}))
+                    .collect();
+            }
+        }
+        Bytes::from(serde_json::to_vec(&v).unwrap_or_default())
+    }
+
+    async fn send(&self, index: usize) {
+        let req = &self.plan[index];
+        let body = self.body(req);
+        let uri = self.targets[index % self.targets.len()].clone();
+        let sent_at = self.start.elapsed().as_secs_f64();
+        let result = self
+            .client
+            .stream(uri, body, self.spec.request_timeout)
+            .await;
+        let done_at = self.start.elapsed().as_secs_f64();
+        self.bar.inc(1);
+        let _ = self.records.send(Record {
+            sent_at,
+            done_at,
+            result,
+        });
+    }
+}
+
+fn endpoint(base: &str, api: Api) -> Result<Uri, BenchError> {
+    let path = match api {
+        Api::Completions => "/v1/completions",
+        Api::Chat => "/v1/chat/completions",
+    };
+    let url = format!("{}{path}", base.trim_end_matches('/'));
+    url.parse()
+        .map_err(|source| BenchError::InvalidUrl { url, source })
+}
+
+fn metrics_uri(base: &str) -> Result<Uri, BenchError> {
+    let url = format!("{}/metrics", base.trim_end_matches('/'));
+    url.parse()
+        .map_err(|source| BenchError::InvalidUrl { url, source })
+}
+
+async fn scrape_all(client: &HttpClient, bases: &[String]) -> Vec<Result<PodCounters, BenchError>> {
+    let futs = bases.iter().map(|base| async move {
+        let uri = metrics_uri(base)?;
+        let text = client
+            .get_text(uri, SCRAPE_TIMEOUT)
+            .await
+            .map_err(|source| BenchError::Scrape {
+                url: base.clone(),
+                source,
+            })?;
+        parse_counters(&text).map_err(|source| BenchError::Scrape {
+            url: base.clone(),
+            source,
+        })
+    });
+    futures::future::join_all(futs).await
+}
+
+fn progress_bar(enabled: bool, len: usize) -> ProgressBar {
+    if !(enabled && std::io::stderr().is_terminal()) {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(len as u64), ProgressDrawTarget::stderr());
+    if let Ok(style) =
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}")
+    {
+        bar.set_style(style);
+    }
+    bar
+}
+
+/// Runs one benchmark and returns its report. Always stops: at most `max_requests` are
+/// sent, none after `max_duration`, and in-flight ones are abandoned after
+/// `drain_timeout`.
+pub async fn run(spec: RunSpec) -> Result<Report, BenchError> {
+    spec.validate()?;
+    let targets = spec
+        .target
+        .base_urls()
+        .iter()
+        .map(|b| endpoint(b, spec.api))
+        .collect::<Result<Vec<_>, _>>()?;
+    let client = HttpClient::new();
+    let before: Vec<PodCounters> = scrape_all(&client, &spec.pod_metrics)
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+
+    let plan = spec.workload.plan(spec.seed, spec.max_requests);
+    let n = plan.len();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let bar = progress_bar(spec.progress, n);
+    bar.set_message(spec.label.clone());
+    let start = Instant::now();
+    let deadline = start + spec.max_duration;
+    let shared = Arc::new(Shared {
+        client: client.clone(),
+        targets,
+        plan,
+        spec,
+        start,
+        records: tx,
+        bar: bar.clone(),
+    });
+    let sent = Arc::new(AtomicUsize::new(0));
+    let mut tasks = JoinSet::new();
+
+    match shared.spec.load {
+        Load::Poisson { qps } => {
+            let mut rng = ChaCha8Rng::seed_from_u64(shared.spec.seed);
+            rng.set_stream(ARRIVAL_STREAM);
+            // validate() guarantees qps > 0 and finite, which is all Exp::new checks.
+            let exp = Exp::new(qps).map_err(|e| BenchError::InvalidSpec {
+                field: "qps",
+                problem: e.to_string(),
+            })?;
+            let mut t = 0.0f64;
+            for i in 0..n {
+                if i > 0 {
+                    t += exp.sample(&mut rng);
+                }
+                let at = start + Duration::from_secs_f64(t);
+                if at >= deadline {
+                    break;
+                }
+                tokio::time::sleep_until(at.into()).await;
+                sent.fetch_add(1, Ordering::Relaxed);
+                let s = shared.clone();
+                tasks.spawn(async move { s.send(i).await });
+            }
+        }
+        Load::Closed { concurrency } => {
+            let next = Arc::new(AtomicUsize::new(0));
+            for _ in 0..concurrency.min(n) {
+                let (s, next, sent) = (shared.clone(), next.clone(), sent.clone());
+                tasks.spawn(async move {
+                    loop {
+                        if Instant::now() >= deadline {
+                            break;
+                        }
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= n {
+                            break;
+                        }
+                        sent.fetch_add(1, Ordering::Relaxed);
+                        s.send(i).await;
+                    }
+                });
+            }
+        }
+    }
+    // Closed-loop workers stop sending at the deadline by themselves; whatever is still
+    // in flight `drain_timeout` after the deadline is abandoned.
+    let _ = tokio::time::timeout_at((deadline + shared.spec.drain_timeout).into(), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    bar.finish_and_clear();
+
+    let spec = shared.spec.clone();
+    let sent = sent.load(Ordering::Relaxed);
+    drop(shared);
+    let mut records = Vec::with_capacity(sent);
+    while let Ok(r) = rx.try_recv() {
+        records.push(r);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    for _ in records.len()..sent {
+        records.push(Record {
+            sent_at: elapsed,
+            done_at: elapsed,
+            result: Err(FailureKind::Unfinished),
+        });
+    }
+
+    let after = scrape_all(&client, &spec.pod_metrics).await;
+    let plan_sent = spec.workload.plan(spec.seed, sent);
+    let seed = spec.seed;
+    let oracle = tokio::task::spawn_blocking(move || oracle_bound(seed, &plan_sent, BLOCK_TOKENS))
+        .await
+        .unwrap_or_default();
+    Ok(Report::build(&spec, &records, &before, &after, oracle))
+}
