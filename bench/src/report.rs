@@ -333,3 +333,140 @@ pub fn load_reports(path: &Path) -> Result<Vec<Report>, BenchError> {
         source,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::client::Success;
+    use crate::spec::Target;
+    use crate::workload::{SharedPrefixSpec, Workload};
+
+    fn ok(sent_at: f64, ttft: f64, e2e: f64, tokens: u64) -> Record {
+        Record {
+            sent_at,
+            done_at: sent_at + e2e,
+            result: Ok(Success {
+                ttft,
+                itls: vec![0.01, 0.03],
+                e2e,
+                output_tokens: tokens,
+                ..Success::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn build_counts_goodput_failures_hit_rate_and_spread() {
+        let mut spec = RunSpec::new(
+            Target::RoundRobin(vec![
+                "http://127.0.0.1:1".into(),
+                "http://127.0.0.1:2".into(),
+            ]),
+            Workload::SharedPrefix(SharedPrefixSpec::default()),
+        );
+        spec.ttft_slo = Duration::from_millis(500);
+        spec.pod_metrics = spec.target.base_urls();
+        let records = vec![
+            ok(0.0, 0.1, 1.0, 10),
+            ok(1.0, 0.4, 2.0, 10),
+            ok(2.0, 0.9, 2.0, 20), // succeeded, but misses the SLO
+            Record {
+                sent_at: 3.0,
+                done_at: 3.1,
+                result: Err(FailureKind::Status(429)),
+            },
+            Record {
+                sent_at: 3.0,
+                done_at: 3.5,
+                result: Err(FailureKind::Timeout),
+            },
+        ];
+        let pod = |hits: f64, queries: f64, requests: f64| PodCounters {
+            prefix_hits: hits,
+            prefix_queries: queries,
+            requests: Some(requests),
+            num_gpu_blocks: Some(100),
+            block_size: Some(16),
+        };
+        let before = [pod(10.0, 100.0, 5.0), pod(0.0, 0.0, 0.0)];
+        let after = [Ok(pod(70.0, 200.0, 7.0)), Ok(pod(0.0, 100.0, 1.0))];
+        let oracle = OracleBound {
+            query_tokens: 200,
+            hit_tokens: 100,
+            reused_block_tokens: 320,
+        };
+        let r = Report::build(&spec, &records, &before, &after, oracle);
+        assert_eq!(
+            (r.requests_sent, r.succeeded, r.failed, r.rejected_429),
+            (5, 3, 2, 1)
+        );
+        assert_eq!(r.failures.get("status_429"), Some(&1));
+        assert_eq!(r.failures.get("timeout"), Some(&1));
+        assert!((r.error_rate - 0.4).abs() < 1e-12 && (r.rate_429 - 0.2).abs() < 1e-12);
+        // From the first send (0.0) to the last completion (4.0).
+        assert!((r.duration_s - 4.0).abs() < 1e-12);
+        assert!((r.goodput_rps - 0.5).abs() < 1e-12, "2 within SLO over 4 s");
+        assert!((r.slo_attainment - 0.4).abs() < 1e-12);
+        assert!((r.output_tokens_per_s - 10.0).abs() < 1e-12);
+        assert_eq!(r.itl.count, 6);
+        // (60 + 0) / (100 + 100)
+        assert_eq!(r.fleet_hit_rate, Some(0.3));
+        assert_eq!(r.per_pod_requests, [2.0, 1.0]);
+        // mean 1.5, stddev 0.5
+        assert!((r.load_imbalance_cv.unwrap() - 1.0 / 3.0).abs() < 1e-12);
+        assert_eq!(r.fleet_kv_capacity_tokens, Some(3200));
+        assert_eq!(r.reused_prefix_fill, Some(0.1));
+        assert_eq!(r.oracle_hit_rate, 0.5);
+
+        let dir =
+            std::env::temp_dir().join(format!("infermesh-bench-report-{}", std::process::id()));
+        let path = r.save(&dir, "unit").unwrap();
+        assert_eq!(load_reports(&path).unwrap(), vec![r.clone()]);
+        let md = std::fs::read_to_string(dir.join("unit.md")).unwrap();
+        assert!(
+            md.contains("| target | 4 qps | 5 | 3 | 40.0 | 20.0 |"),
+            "{md}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_pod_lost_after_the_run_is_left_out_and_named() {
+        let mut spec = RunSpec::new(
+            Target::Url("http://127.0.0.1:1".into()),
+            Workload::SharedPrefix(SharedPrefixSpec::default()),
+        );
+        spec.pod_metrics = vec!["http://127.0.0.1:2".into(), "http://127.0.0.1:3".into()];
+        let c = PodCounters {
+            prefix_hits: 5.0,
+            prefix_queries: 10.0,
+            requests: Some(1.0),
+            ..Default::default()
+        };
+        let after = [
+            Ok(PodCounters {
+                prefix_hits: 10.0,
+                prefix_queries: 20.0,
+                requests: Some(3.0),
+                ..Default::default()
+            }),
+            Err(BenchError::InvalidSpec {
+                field: "x",
+                problem: "gone".into(),
+            }),
+        ];
+        let r = Report::build(
+            &spec,
+            &[ok(0.0, 0.1, 0.2, 1)],
+            &[c, c],
+            &after,
+            OracleBound::default(),
+        );
+        assert_eq!(r.pods_unscraped, ["http://127.0.0.1:3"]);
+        assert_eq!(r.fleet_hit_rate, Some(0.5));
+        assert_eq!(r.per_pod_requests, [2.0]);
+        assert_eq!(r.fleet_kv_capacity_tokens, None);
+    }
+}

@@ -1,0 +1,207 @@
+#!/usr/bin/env bash
+# Runs a named benchmark scenario end to end, once per router under test:
+#   start infermesh-sim (fresh, so every router starts with cold caches), start the router,
+#   wait until a real completion succeeds through it, run infermesh-bench, stop the router
+#   and the sim (by the PIDs this script started; a trap does it on any exit).
+#
+# Usage: bench/scenarios/run.sh SCENARIO [ROUTER ...]
+#   SCENARIO: shared-prefix | overload-sweep | smoke
+#   ROUTER:   round-robin | infermesh | sglang-router | vllm-router   (default: all four)
+#
+# Environment (defaults in brackets):
+#   PODS [8]  PROFILE [llama-8b-h100]  TIME_SCALE [1]  SEED [1]  BASE_PORT [18100]
+#   ROUTER_PORT [18090]  OUT_DIR [bench/results]  SKIP_BUILD [0]  BIN_DIR [target/release]
+#   QPS, MAX_REQUESTS, DURATION_S: override the scenario's load.
+#
+# Scenario arithmetic (shared-prefix; printed again at run time from the pods' metrics):
+#   The llama-8b-h100 sim profile has num_gpu_blocks=31,250 x block_size=16 = 500,000 KV
+#   tokens per pod, 4,000,000 over 8 pods. llm-d's published shared-prefix benchmark uses
+#   6,000-token shared prefixes, 1,200-token questions and 5 users per group; we keep that
+#   shape and size the number of groups so the prefixes fill 75% of the fleet's KV:
+#   groups = round(0.75 x 4,000,000 / 6,000) = 500. A cache-aware router can keep each
+#   group's prefix on one pod (62 groups x 6,000 = 375k tokens per pod, 75% of a pod);
+#   round robin spreads every group over all pods, so each pod would need 3M tokens of
+#   prefixes: it thrashes and nearly every request re-prefills 7,200 tokens.
+#   Load: the profile prefills 20k tokens/s per pod (50 us/token). A fully cold request
+#   costs ~0.36 s of prefill, so round robin saturates near 8 x 20,000 / 7,200 = 22 req/s;
+#   with perfect reuse the mean request prefills 0.2 x 7,200 + 0.8 x 1,200 = 2,400 tokens,
+#   so the fleet could take ~66 req/s. 12 QPS is loaded (about half of the cache-blind
+#   capacity, where queueing shows) but not overloaded for any router.
+#   The oracle hit rate for this workload is about (4/5) x 6000/7200 = 0.67 when every
+#   group is sent 5 times (first request per group is a cold miss; questions never hit).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$ROOT"
+
+SCENARIO="${1:-}"
+shift || true
+ROUTERS=("$@")
+[ ${#ROUTERS[@]} -eq 0 ] && ROUTERS=(round-robin infermesh sglang-router vllm-router)
+
+PODS="${PODS:-8}"
+PROFILE="${PROFILE:-llama-8b-h100}"
+TIME_SCALE="${TIME_SCALE:-1}"
+SEED="${SEED:-1}"
+BASE_PORT="${BASE_PORT:-18100}"
+ROUTER_PORT="${ROUTER_PORT:-18090}"
+OUT_DIR="${OUT_DIR:-bench/results}"
+BIN_DIR="${BIN_DIR:-$ROOT/target/release}"
+MODEL="meta-llama/Llama-3.1-8B-Instruct"
+VENV="$ROOT/bench/.venv-peers"
+
+die() { echo "run.sh: $*" >&2; exit 1; }
+
+case "$SCENARIO" in
+  shared-prefix)
+    SYS_TOKENS=6000; Q_TOKENS=1200; PPG=5; OUT_TOKENS=128; FILL=0.75
+    QPS="${QPS:-12}"; MAX_REQUESTS="${MAX_REQUESTS:-1500}"; DURATION_S="${DURATION_S:-120}"
+    ;;
+  overload-sweep)
+    # Same workload; offered load from well below to well above the cache-blind capacity.
+    SYS_TOKENS=6000; Q_TOKENS=1200; PPG=5; OUT_TOKENS=128; FILL=0.75
+    QPS="${QPS:-8,16,32,64}"; MAX_REQUESTS="${MAX_REQUESTS:-1200}"; DURATION_S="${DURATION_S:-25}"
+    ;;
+  smoke)
+    # Seconds-long sanity run of the whole pipeline on small pods.
+    SYS_TOKENS=512; Q_TOKENS=64; PPG=4; OUT_TOKENS=16; FILL=0.75; GROUPS_FIXED=4
+    PODS="${PODS_SMOKE:-2}"
+    QPS="${QPS:-20}"; MAX_REQUESTS="${MAX_REQUESTS:-60}"; DURATION_S="${DURATION_S:-10}"
+    ;;
+  *) die "usage: bench/scenarios/run.sh shared-prefix|overload-sweep|smoke [round-robin|infermesh|sglang-router|vllm-router ...]" ;;
+esac
+
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+  cargo build --release -p infermesh-sim -p infermesh-bench
+  if printf '%s\n' "${ROUTERS[@]}" | grep -qx infermesh; then
+    cargo build --release -p infermesh-node || echo "run.sh: building infermesh-node failed; its leg will be skipped" >&2
+  fi
+fi
+SIM="$BIN_DIR/infermesh-sim"
+BENCH="$BIN_DIR/infermesh-bench"
+[ -x "$SIM" ] || die "$SIM not found (build it: cargo build --release -p infermesh-sim)"
+[ -x "$BENCH" ] || die "$BENCH not found (build it: cargo build --release -p infermesh-bench)"
+
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/infermesh-bench.XXXXXX")"
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do
+    kill "$pid" 2>/dev/null || true
+  done
+  for pid in "${PIDS[@]}"; do
+    wait "$pid" 2>/dev/null || true
+  done
+  PIDS=()
+}
+trap 'cleanup; rm -rf "$WORK"' EXIT
+trap 'exit 130' INT TERM
+
+POD_URLS=()
+for ((i = 0; i < PODS; i++)); do POD_URLS+=("http://127.0.0.1:$((BASE_PORT + i))"); done
+POD_CSV="$(IFS=,; echo "${POD_URLS[*]}")"
+
+# Waits (bounded) until `curl ARGS...` succeeds.
+wait_for() {
+  local what="$1" secs="$2"; shift 2
+  local deadline=$((SECONDS + secs))
+  until curl -fsS -o /dev/null --max-time 5 "$@" 2>/dev/null; do
+    [ $SECONDS -lt $deadline ] || { echo "run.sh: $what not ready after ${secs}s" >&2; return 1; }
+    sleep 0.5
+  done
+}
+
+start_sim() {
+  "$SIM" --pods "$PODS" --base-port "$BASE_PORT" --profile "$PROFILE" --time-scale "$TIME_SCALE" --seed "$SEED" \
+    >"$WORK/sim.log" 2>&1 &
+  PIDS+=($!)
+  for url in "${POD_URLS[@]}"; do wait_for "pod $url" 30 "$url/health" || { tail -20 "$WORK/sim.log" >&2; return 1; }; done
+}
+
+ensure_peers() {
+  if [ ! -x "$VENV/bin/sglang-router" ] || [ ! -x "$VENV/bin/vllm-router" ]; then
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q sglang-router==0.3.2 vllm-router==0.1.17
+  fi
+}
+
+# Starts the router named $1 and sets TARGET_URL to what the bench should target ("" =
+# client-side round robin). Returns 2 when the router is not available (skipped).
+start_router() {
+  local router="$1" url="http://127.0.0.1:$ROUTER_PORT"
+  TARGET_URL=""
+  case "$router" in
+    round-robin) return 0 ;;
+    infermesh)
+      local bin="$BIN_DIR/infermesh"
+      if [ ! -x "$bin" ] || ! "$bin" serve --help >/dev/null 2>&1; then
+        echo "run.sh: SKIP infermesh: $bin has no 'serve' subcommand yet (the standalone proxy is not built)" >&2
+        return 2
+      fi
+      printf '%s\n' "${POD_URLS[@]}" >"$WORK/endpoints.txt"
+      "$bin" serve --proxy-addr "127.0.0.1:$ROUTER_PORT" --endpoints "$WORK/endpoints.txt" >"$WORK/router.log" 2>&1 &
+      PIDS+=($!)
+      ;;
+    sglang-router)
+      ensure_peers >&2
+      "$VENV/bin/sglang-router" launch --worker-urls "${POD_URLS[@]}" --policy cache_aware \
+        --host 127.0.0.1 --port "$ROUTER_PORT" --prometheus-port $((ROUTER_PORT + 100)) \
+        --worker-startup-check-interval 1 --log-level warn >"$WORK/router.log" 2>&1 &
+      PIDS+=($!)
+      ;;
+    vllm-router)
+      ensure_peers >&2
+      "$VENV/bin/vllm-router" --worker-urls "${POD_URLS[@]}" --policy cache_aware \
+        --host 127.0.0.1 --port "$ROUTER_PORT" --prometheus-port $((ROUTER_PORT + 101)) \
+        --worker-startup-check-interval 1 --log-level warning >"$WORK/router.log" 2>&1 &
+      PIDS+=($!)
+      ;;
+    *) die "unknown router $router" ;;
+  esac
+  # Readiness is a real completion succeeding through the router (sglang-router says
+  # "ready" before its workers are registered).
+  wait_for "$router" 90 -X POST "$url/v1/completions" -H 'content-type: application/json' \
+    -d "{\"model\":\"$MODEL\",\"prompt\":\"ready?\",\"max_tokens\":1}" || { tail -20 "$WORK/router.log" >&2; return 1; }
+  TARGET_URL="$url"
+}
+
+mkdir -p "$OUT_DIR/$SCENARIO"
+REPORTS=()
+for router in "${ROUTERS[@]}"; do
+  echo "=== $SCENARIO / $router ===" >&2
+  start_sim
+  if [ -n "${GROUPS_FIXED:-}" ]; then
+    GROUPS_N="$GROUPS_FIXED"
+  else
+    GROUPS_N="$("$BENCH" size-shared-prefix --metrics "$POD_CSV" --fill "$FILL" --system-prompt-tokens "$SYS_TOKENS")"
+  fi
+  rc=0
+  start_router "$router" || rc=$?
+  if [ $rc -ne 0 ]; then
+    cleanup
+    [ $rc -eq 2 ] && continue
+    die "$router did not start"
+  fi
+  if [ -z "$TARGET_URL" ]; then
+    TARGET_ARGS=(--round-robin "$POD_CSV")
+  else
+    TARGET_ARGS=(--target "$TARGET_URL" --metrics "$POD_CSV")
+  fi
+  "$BENCH" run "${TARGET_ARGS[@]}" --model "$MODEL" --label "$router" \
+    --workload shared-prefix --groups "$GROUPS_N" --prompts-per-group "$PPG" \
+    --system-prompt-tokens "$SYS_TOKENS" --question-tokens "$Q_TOKENS" --output-tokens "$OUT_TOKENS" \
+    --qps "$QPS" --max-requests "$MAX_REQUESTS" --duration-s "$DURATION_S" --seed "$SEED" \
+    --out-dir "$OUT_DIR/$SCENARIO" --name "$router" >&2
+  REPORTS+=("$OUT_DIR/$SCENARIO/$router.json")
+  cleanup
+done
+
+[ ${#REPORTS[@]} -gt 0 ] || die "no router ran"
+{
+  echo "# $SCENARIO: $PODS pods, profile $PROFILE, time scale $TIME_SCALE, seed $SEED"
+  echo
+  "$BENCH" table "${REPORTS[@]}"
+} >"$OUT_DIR/$SCENARIO/README.md"
+if [ "$SCENARIO" = overload-sweep ]; then
+  "$BENCH" plot "${REPORTS[@]}" --out "$OUT_DIR/$SCENARIO/ttft-vs-qps.svg"
+fi
+cat "$OUT_DIR/$SCENARIO/README.md"

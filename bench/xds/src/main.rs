@@ -1,0 +1,2 @@
+//! ADS load client (work in progress).
+fn main() {}
