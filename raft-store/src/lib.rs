@@ -1,0 +1,37 @@
+//! infermesh policy store: InferencePool, InferenceObjective, InferenceModelRewrite,
+//! EndpointPickerConfig, static endpoints and the node registry, replicated with Raft.
+//!
+//! Contract:
+//! - openraft 0.9 (storage v2) with the log and the state machine in one redb file per
+//!   node; every log append, vote and apply is an fsync'd commit before it is acknowledged.
+//!   Snapshots are built, persisted, installed on lagging or new nodes, and the log behind
+//!   them is purged.
+//! - One transport: the node implements [`RaftTransport`] (opaque postcard bytes to a node
+//!   id) and feeds incoming bytes to [`PolicyStore::handle_rpc`]. Raft RPCs, leader
+//!   hand-off and forwarded writes all travel through it.
+//! - Writes are whole-request atomic: documents are validated (EndpointPickerConfig by the
+//!   caller's validator), then one log entry applies all or none. Conditional writes check
+//!   each object's resource version (the log index that last wrote it) at apply time.
+//! - Readers get an immutable [`PolicyState`] swapped atomically after each apply
+//!   ([`PolicyStore::policy`], [`PolicyStore::subscribe`]); they never see half a change.
+//! - Followers refuse writes with `NotLeader { leader }` unless asked to forward.
+//! - This crate knows nothing of scheduling; the policy model is a sans-IO state machine
+//!   ([`policy::PolicyState`]) tested by feeding it requests.
+
+pub mod disk;
+pub mod error;
+pub mod log_store;
+pub mod mem_transport;
+pub mod network;
+pub mod policy;
+pub mod state_machine;
+pub mod store;
+pub mod testing;
+pub mod types;
+
+pub use error::{ClusterError, OpenError, ReadError, WriteError};
+pub use mem_transport::MemNetwork;
+pub use network::{NetworkFactory, RaftTransport, TransportError};
+pub use policy::{PolicyState, parse_documents};
+pub use store::{Applied, ClusterStatus, MemberStatus, PolicyStore, Role, Route, StoreConfig};
+pub use types::{Node, NodeId, TypeConfig};

@@ -1,0 +1,375 @@
+//! The policy state machine: plain data driven by `handle_*` calls, no IO.
+//!
+//! A [`PolicyRequest`] is one Raft log entry. It applies whole or not at all: every
+//! precondition is checked before the first change, so readers of a published
+//! [`PolicyState`] never see half of a multi-document apply.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::object::{
+    Document, EndpointPickerConfigDoc, InferenceEndpointsSpec, InferenceModelRewriteSpec,
+    InferenceObjectiveSpec, InferencePoolSpec, InfermeshNodeSpec, Kind, ObjectKey, PolicyObject,
+};
+
+/// SHA-256 of a bearer token; only hashes are replicated and stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct TokenHash(pub [u8; 32]);
+
+impl TokenHash {
+    /// Hashes a bearer token.
+    pub fn of(token: &str) -> Self {
+        TokenHash(Sha256::digest(token.as_bytes()).into())
+    }
+}
+
+/// One change in a write.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum PolicyOp {
+    /// Create or replace an object, optionally only if its version is `expected_version`.
+    Put {
+        /// The object (carried as JSON text so the log codec stays compact and schema-free).
+        #[serde(with = "json_text")]
+        object: Box<PolicyObject>,
+        /// Required current resource version (`None`: unconditional).
+        expected_version: Option<u64>,
+    },
+    /// Delete an object, optionally only if its version is `expected_version`.
+    Delete {
+        /// Which object.
+        key: ObjectKey,
+        /// Required current resource version (`None`: unconditional).
+        expected_version: Option<u64>,
+    },
+    /// Add bearer-token hashes accepted for writes.
+    AddTokens(Vec<TokenHash>),
+}
+
+/// The application data of one Raft log entry: ops applied atomically.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyRequest {
+    /// The ops, all or none.
+    pub ops: Vec<PolicyOp>,
+}
+
+/// What happened to one object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectChange {
+    /// Which object.
+    pub key: ObjectKey,
+    /// What happened.
+    pub action: ChangeAction,
+    /// Its resource version afterwards (`None` when deleted).
+    pub resource_version: Option<u64>,
+}
+
+/// The kubectl-style outcome of one op.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChangeAction {
+    /// The object did not exist.
+    Created,
+    /// The object existed and changed.
+    Configured,
+    /// The object existed and was identical; its version is kept.
+    Unchanged,
+    /// The object was removed.
+    Deleted,
+}
+
+/// Why a request was refused at apply time; nothing changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Rejection {
+    /// A conditional write found another version (HTTP 409).
+    #[error("conflict on {key}: expected resourceVersion {expected}, found {}", actual.map_or("none".to_string(), |v| v.to_string()))]
+    Conflict {
+        /// Which object.
+        key: ObjectKey,
+        /// The version the writer expected.
+        expected: u64,
+        /// The version stored (`None`: absent).
+        actual: Option<u64>,
+    },
+    /// A delete named an object that does not exist (HTTP 404).
+    #[error("{key} not found")]
+    NotFound {
+        /// Which object.
+        key: ObjectKey,
+    },
+}
+
+/// The state machine's answer to one log entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PolicyResponse {
+    /// All ops applied at `index`.
+    Applied {
+        /// Log index of the entry (the new resource version of changed objects).
+        index: u64,
+        /// One change per op that touched an object, in op order.
+        changes: Vec<ObjectChange>,
+    },
+    /// Nothing applied.
+    Rejected(Rejection),
+    /// A blank or membership entry (no policy change).
+    Noop,
+}
+
+/// An object with its bookkeeping.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredObject {
+    /// Log index that last wrote it.
+    pub resource_version: u64,
+    /// Log index that created it (oldest resource wins rewrite precedence ties).
+    pub created_index: u64,
+    /// The object (its `metadata.resourceVersion` is left empty; see `to_document`).
+    pub object: PolicyObject,
+}
+
+impl StoredObject {
+    /// The kubectl-style document with `metadata.resourceVersion` filled in.
+    pub fn to_document(&self) -> serde_json::Value {
+        let mut o = self.object.clone();
+        o.metadata_mut().resource_version = Some(self.resource_version.to_string());
+        o.to_document()
+    }
+}
+
+/// The applied policy: what readers see, and what snapshots hold.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PolicyState {
+    applied_index: u64,
+    objects: BTreeMap<ObjectKey, Arc<StoredObject>>,
+    tokens: BTreeSet<TokenHash>,
+}
+
+/// Keys of objects a `handle_*` call changed, so a persistent store writes only those.
+#[derive(Debug, Default)]
+pub struct Touched {
+    /// Objects created, changed or deleted.
+    pub keys: BTreeSet<ObjectKey>,
+    /// Whether the token set changed.
+    pub tokens: bool,
+}
+
+macro_rules! typed_getters {
+    ($($(#[$doc:meta])* $fn_one:ident, $fn_all:ident, $variant:ident, $ty:ty;)*) => {$(
+        $(#[$doc])*
+        pub fn $fn_one(&self, namespace: &str, name: &str) -> Option<&$ty> {
+            match self.objects.get(&ObjectKey::new(Kind::$variant, namespace, name)).map(|s| &s.object) {
+                Some(PolicyObject::$variant(d)) => Some(d),
+                _ => None,
+            }
+        }
+
+        $(#[$doc])*
+        /// (all of this kind, in key order)
+        pub fn $fn_all(&self) -> impl Iterator<Item = &$ty> + '_ {
+            self.list(Kind::$variant).filter_map(|s| match &s.object {
+                PolicyObject::$variant(d) => Some(d),
+                _ => None,
+            })
+        }
+    )*};
+}
+
+impl PolicyState {
+    /// Builds a state from parts (used when loading from disk or a snapshot).
+    pub fn from_parts(
+        applied_index: u64,
+        objects: impl IntoIterator<Item = StoredObject>,
+        tokens: impl IntoIterator<Item = TokenHash>,
+    ) -> Self {
+        PolicyState {
+            applied_index,
+            objects: objects
+                .into_iter()
+                .map(|o| (o.object.key(), Arc::new(o)))
+                .collect(),
+            tokens: tokens.into_iter().collect(),
+        }
+    }
+
+    /// Log index of the last entry applied (0 before any).
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index
+    }
+
+    /// One object by key.
+    pub fn get(&self, key: &ObjectKey) -> Option<&Arc<StoredObject>> {
+        self.objects.get(key)
+    }
+
+    /// All objects of a kind, in (namespace, name) order.
+    pub fn list(&self, kind: Kind) -> impl Iterator<Item = &Arc<StoredObject>> + '_ {
+        let lo = ObjectKey::new(kind, "", "");
+        self.objects
+            .range(lo..)
+            .take_while(move |(k, _)| k.kind == kind)
+            .map(|(_, v)| v)
+    }
+
+    /// Every object, in key order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<StoredObject>> + '_ {
+        self.objects.values()
+    }
+
+    /// Number of objects.
+    pub fn len(&self) -> usize {
+        self.objects.len()
+    }
+
+    /// Whether there are no objects.
+    pub fn is_empty(&self) -> bool {
+        self.objects.is_empty()
+    }
+
+    /// The stored token hashes.
+    pub fn token_hashes(&self) -> impl Iterator<Item = &TokenHash> + '_ {
+        self.tokens.iter()
+    }
+
+    /// Whether any write token is configured.
+    pub fn has_tokens(&self) -> bool {
+        !self.tokens.is_empty()
+    }
+
+    /// Whether `token` is one of the configured bearer tokens.
+    pub fn verify_token(&self, token: &str) -> bool {
+        self.tokens.contains(&TokenHash::of(token))
+    }
+
+    typed_getters! {
+        /// InferencePool by namespace and name.
+        pool, pools, InferencePool, Document<InferencePoolSpec>;
+        /// InferenceObjective by namespace and name.
+        objective, objectives, InferenceObjective, Document<InferenceObjectiveSpec>;
+        /// InferenceModelRewrite by namespace and name.
+        model_rewrite, model_rewrites, InferenceModelRewrite, Document<InferenceModelRewriteSpec>;
+        /// EndpointPickerConfig by namespace and name.
+        epp_config, epp_configs, EndpointPickerConfig, EndpointPickerConfigDoc;
+        /// InferenceEndpoints by namespace and name.
+        endpoints, endpoint_lists, InferenceEndpoints, Document<InferenceEndpointsSpec>;
+        /// InfermeshNode (node registry entry) by namespace and name.
+        node, nodes, InfermeshNode, Document<InfermeshNodeSpec>;
+    }
+
+    /// Records a log entry that carries no policy (blank or membership).
+    pub fn handle_noop(&mut self, index: u64) {
+        self.applied_index = self.applied_index.max(index);
+    }
+
+    /// Applies one log entry at `index`: every precondition first, then all ops.
+    pub fn handle_request(
+        &mut self,
+        index: u64,
+        req: &PolicyRequest,
+        touched: &mut Touched,
+    ) -> PolicyResponse {
+        self.applied_index = self.applied_index.max(index);
+        for op in &req.ops {
+            let (key, expected) = match op {
+                PolicyOp::Put {
+                    object,
+                    expected_version,
+                } => (object.key(), *expected_version),
+                PolicyOp::Delete {
+                    key,
+                    expected_version,
+                } => {
+                    if !self.objects.contains_key(key) {
+                        return PolicyResponse::Rejected(Rejection::NotFound { key: key.clone() });
+                    }
+                    (key.clone(), *expected_version)
+                }
+                PolicyOp::AddTokens(_) => continue,
+            };
+            if let Some(expected) = expected {
+                let actual = self.objects.get(&key).map(|o| o.resource_version);
+                if actual != Some(expected) {
+                    return PolicyResponse::Rejected(Rejection::Conflict {
+                        key,
+                        expected,
+                        actual,
+                    });
+                }
+            }
+        }
+        let mut changes = Vec::with_capacity(req.ops.len());
+        for op in &req.ops {
+            match op {
+                PolicyOp::Put { object, .. } => {
+                    let mut object = (**object).clone();
+                    object.metadata_mut().resource_version = None;
+                    let key = object.key();
+                    let (action, stored) = match self.objects.get(&key) {
+                        Some(old) if old.object == object => (ChangeAction::Unchanged, old.clone()),
+                        Some(old) => (
+                            ChangeAction::Configured,
+                            Arc::new(StoredObject {
+                                resource_version: index,
+                                created_index: old.created_index,
+                                object,
+                            }),
+                        ),
+                        None => (
+                            ChangeAction::Created,
+                            Arc::new(StoredObject {
+                                resource_version: index,
+                                created_index: index,
+                                object,
+                            }),
+                        ),
+                    };
+                    changes.push(ObjectChange {
+                        key: key.clone(),
+                        action,
+                        resource_version: Some(stored.resource_version),
+                    });
+                    if action != ChangeAction::Unchanged {
+                        touched.keys.insert(key.clone());
+                        self.objects.insert(key, stored);
+                    }
+                }
+                PolicyOp::Delete { key, .. } => {
+                    // A second delete of the same key in one request finds it gone: it was
+                    // checked present above, so the first delete removed it.
+                    if self.objects.remove(key).is_some() {
+                        touched.keys.insert(key.clone());
+                        changes.push(ObjectChange {
+                            key: key.clone(),
+                            action: ChangeAction::Deleted,
+                            resource_version: None,
+                        });
+                    }
+                }
+                PolicyOp::AddTokens(hashes) => {
+                    for h in hashes {
+                        touched.tokens |= self.tokens.insert(*h);
+                    }
+                }
+            }
+        }
+        PolicyResponse::Applied { index, changes }
+    }
+}
+
+mod json_text {
+    //! Serde adapter: a PolicyObject travels as JSON text inside the binary log codec,
+    //! because the EndpointPickerConfig body is schema-free JSON that postcard cannot carry.
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::policy::object::PolicyObject;
+
+    pub fn serialize<S: Serializer>(v: &PolicyObject, s: S) -> Result<S::Ok, S::Error> {
+        let text = serde_json::to_string(v).map_err(serde::ser::Error::custom)?;
+        s.serialize_str(&text)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Box<PolicyObject>, D::Error> {
+        let text = String::deserialize(d)?;
+        serde_json::from_str(&text).map_err(serde::de::Error::custom)
+    }
+}
