@@ -1,0 +1,143 @@
+//! End-to-end runs of the benchmark against a real in-process simulated fleet.
+
+use std::time::Duration;
+
+use infermesh_bench::{
+    BLOCK_TOKENS, FailureKind, Load, Popularity, RunSpec, SharedPrefixSpec, Target, Workload,
+    oracle_bound,
+};
+use infermesh_sim::{EngineProfile, Fleet, FleetConfig};
+
+fn small_workload() -> SharedPrefixSpec {
+    SharedPrefixSpec {
+        groups: 2,
+        prompts_per_group: 4,
+        system_prompt_tokens: 64,
+        question_tokens: 16,
+        output_tokens: 4,
+        popularity: Popularity::Uniform,
+    }
+}
+
+async fn fleet(pods: usize) -> Fleet {
+    let cfg = FleetConfig {
+        profile: EngineProfile::instant(),
+        ..FleetConfig::new(pods)
+    };
+    Fleet::start(cfg).await.expect("fleet starts")
+}
+
+fn spec(target: Target, pods: Vec<String>, load: Load, n: usize) -> RunSpec {
+    RunSpec {
+        load,
+        max_requests: n,
+        max_duration: Duration::from_secs(30),
+        request_timeout: Duration::from_secs(10),
+        drain_timeout: Duration::from_secs(5),
+        pod_metrics: pods,
+        seed: 7,
+        label: "test".into(),
+        ..RunSpec::new(target, Workload::SharedPrefix(small_workload()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_run_measures_every_request_and_the_fleet_hit_rate() {
+    let fleet = fleet(2).await;
+    let pods = fleet.urls();
+    // One request at a time: the order each pod sees is the plan's order, so its hits are
+    // exactly the oracle bound of its own share of the plan (instant pods never evict).
+    let s = spec(
+        Target::RoundRobin(pods.clone()),
+        pods.clone(),
+        Load::Closed { concurrency: 1 },
+        8,
+    );
+    let plan = s.workload.plan(s.seed, 8);
+    let r = infermesh_bench::run(s).await.expect("run succeeds");
+
+    assert_eq!(
+        (r.requests_sent, r.succeeded, r.failed),
+        (8, 8, 0),
+        "{:?}",
+        r.failures
+    );
+    assert_eq!(r.ttft.count, 8);
+    assert!(r.ttft.p50_ms > 0.0 && r.ttft.p99_ms >= r.ttft.p50_ms);
+    assert!(r.output_tokens_per_s > 0.0);
+    assert_eq!(r.per_pod_requests, [4.0, 4.0]);
+    assert_eq!(r.load_imbalance_cv, Some(0.0));
+
+    let per_pod: Vec<_> = (0..2)
+        .map(|p| {
+            let share: Vec<_> = plan.iter().skip(p).step_by(2).cloned().collect();
+            oracle_bound(7, &share, BLOCK_TOKENS)
+        })
+        .collect();
+    let hits: u64 = per_pod.iter().map(|o| o.hit_tokens).sum();
+    let queries: u64 = per_pod.iter().map(|o| o.query_tokens).sum();
+    assert_eq!(
+        r.fleet_query_tokens,
+        Some(queries as f64),
+        "pods count the tokens the bench sent"
+    );
+    assert_eq!(r.fleet_hit_rate, Some(hits as f64 / queries as f64));
+    assert!(r.fleet_hit_rate.unwrap() <= r.oracle_hit_rate);
+    assert!(r.oracle_hit_rate > 0.0);
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_loop_stops_at_the_duration_and_dead_targets_are_counted() {
+    let fleet = fleet(2).await;
+    let pods = fleet.urls();
+    fleet.stop_pod(1).await;
+    // Poisson at 1000 qps for 0.5 s would be ~500 requests; max_requests caps it at 40,
+    // half of which go to the stopped pod.
+    let mut s = spec(
+        Target::RoundRobin(pods.clone()),
+        vec![pods[0].clone()],
+        Load::Poisson { qps: 1000.0 },
+        40,
+    );
+    s.max_duration = Duration::from_millis(500);
+    let r = infermesh_bench::run(s).await.expect("run succeeds");
+    assert_eq!(r.requests_sent, 40);
+    assert_eq!(r.succeeded, 20);
+    assert_eq!(
+        r.failures.get(&FailureKind::Connect.to_string()),
+        Some(&20),
+        "{:?}",
+        r.failures
+    );
+    assert!((r.error_rate - 0.5).abs() < 1e-12);
+
+    // The duration bounds a run whose request budget it cannot reach: 20 qps for 0.3 s.
+    let mut s = spec(
+        Target::Url(pods[0].clone()),
+        vec![pods[0].clone()],
+        Load::Poisson { qps: 20.0 },
+        1000,
+    );
+    s.max_duration = Duration::from_millis(300);
+    let r = infermesh_bench::run(s).await.expect("run succeeds");
+    assert!(
+        r.requests_sent >= 1 && r.requests_sent < 1000,
+        "sent {}",
+        r.requests_sent
+    );
+    assert_eq!(r.succeeded, r.requests_sent);
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_spec_is_refused_before_sending() {
+    let s = spec(
+        Target::Url("127.0.0.1:1".into()),
+        vec![],
+        Load::Closed { concurrency: 1 },
+        1,
+    );
+    let e = infermesh_bench::run(s).await.unwrap_err().to_string();
+    assert!(e.contains("target") && e.contains("http://"), "{e}");
+}
