@@ -93,3 +93,73 @@ pub fn plot_ttft_vs_qps(reports: &[Report], path: &Path) -> Result<(), BenchErro
     root.present().map_err(|e| err(&e))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oracle::OracleBound;
+    use crate::stats::LatencySummary;
+
+    fn report(label: &str, qps: f64, p50: f64, p90: f64) -> Report {
+        Report {
+            label: label.into(),
+            workload: "w".into(),
+            load: Load::Poisson { qps },
+            seed: 1,
+            model: "m".into(),
+            requests_sent: 1,
+            succeeded: 1,
+            failed: 0,
+            rejected_429: 0,
+            failures: Default::default(),
+            error_rate: 0.0,
+            rate_429: 0.0,
+            duration_s: 1.0,
+            achieved_qps: qps,
+            request_throughput: 1.0,
+            output_tokens_per_s: 1.0,
+            ttft: LatencySummary { count: 1, p50_ms: p50, p90_ms: p90, ..Default::default() },
+            itl: LatencySummary::default(),
+            e2e: LatencySummary::default(),
+            ttft_slo_ms: 1000.0,
+            goodput_rps: 1.0,
+            slo_attainment: 1.0,
+            fleet_hit_rate: None,
+            fleet_query_tokens: None,
+            oracle: OracleBound::default(),
+            oracle_hit_rate: 0.0,
+            usage_cached_rate: None,
+            per_pod_requests: vec![],
+            load_imbalance_cv: None,
+            pods_unscraped: vec![],
+            fleet_kv_capacity_tokens: None,
+            reused_prefix_fill: None,
+        }
+    }
+
+    #[test]
+    fn sweep_plot_has_a_series_per_label() {
+        let reports = [
+            report("rr", 8.0, 100.0, 300.0),
+            report("rr", 4.0, 50.0, 90.0),
+            report("peer", 4.0, 40.0, 60.0),
+            report("peer", 8.0, 45.0, 70.0),
+        ];
+        let path = std::env::temp_dir().join(format!("infermesh-bench-plot-{}.svg", std::process::id()));
+        plot_ttft_vs_qps(&reports, &path).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert!(svg.starts_with("<svg"), "{}", &svg[..80.min(svg.len())]);
+        for label in ["rr p90", "rr p50", "peer p90", "peer p50", "offered QPS"] {
+            assert!(svg.contains(label), "missing {label}");
+        }
+    }
+
+    #[test]
+    fn closed_loop_only_reports_cannot_be_plotted() {
+        let mut r = report("x", 1.0, 1.0, 1.0);
+        r.load = Load::Closed { concurrency: 4 };
+        let e = plot_ttft_vs_qps(&[r], Path::new("/nonexistent/x.svg")).unwrap_err();
+        assert!(e.to_string().contains("no open-loop"), "{e}");
+    }
+}
