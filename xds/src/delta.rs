@@ -1,0 +1,317 @@
+//! The incremental (Delta) ADS stream as a plain state machine: per-resource versions,
+//! subscriptions with wildcard rules, removals, and ACK/NACK per response.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+
+use infermesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+
+use crate::resource_type::ResourceType;
+use crate::snapshot::{EncodedResource, EncodedResponse, Snapshot};
+use crate::stream::{NackDetail, NodeMemory, NonceCounter, StreamEvent, TypeMemory};
+
+/// The wildcard resource name of the xDS protocol.
+const WILDCARD: &str = "*";
+
+/// Marks a rejected removal in [`TypeMemory::rejected_resources`].
+const REJECTED_REMOVAL: &str = "";
+
+#[derive(Debug)]
+struct InFlight {
+    nonce: String,
+    system_version: String,
+    /// Resources sent, to record as accepted or rejected.
+    sent: Vec<Arc<EncodedResource>>,
+    /// Names removed.
+    removed: Vec<String>,
+    /// What the client held before this response, to restore on NACK.
+    previous: Vec<(String, Option<String>)>,
+}
+
+#[derive(Debug, Default)]
+struct TypeState {
+    /// A request for this type has arrived.
+    subscribed: bool,
+    wildcard: bool,
+    names: BTreeSet<String>,
+    /// Resource name → version the client holds, as far as this stream knows.
+    known: BTreeMap<String, String>,
+    /// Explicitly subscribed names already reported as not existing.
+    told_absent: BTreeSet<String>,
+    last_nonce: String,
+    in_flight: Option<InFlight>,
+}
+
+/// One Delta ADS stream (`DeltaAggregatedResources`).
+#[derive(Debug)]
+pub struct DeltaStream {
+    types: [TypeState; 4],
+    /// `None` until the first publish (see [`SotwStream`](crate::SotwStream)).
+    snapshot: Option<Arc<Snapshot>>,
+    memory: NodeMemory,
+    nonces: NonceCounter,
+    events: VecDeque<StreamEvent>,
+}
+
+impl DeltaStream {
+    /// A stream serving `snapshot`, seeded with what this client's node accepted and
+    /// rejected on earlier streams.
+    pub fn new(snapshot: Option<Arc<Snapshot>>, memory: NodeMemory) -> Self {
+        Self {
+            types: Default::default(),
+            snapshot,
+            memory,
+            nonces: NonceCounter::default(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// Feeds one request from the client. Subscription changes always apply; the nonce
+    /// decides only whether it is an ACK/NACK of the response in flight.
+    pub fn handle_request(&mut self, req: &DeltaDiscoveryRequest) {
+        let Some(ty) = ResourceType::from_type_url(&req.type_url) else {
+            self.events.push_back(StreamEvent::UnknownType {
+                type_url: req.type_url.clone(),
+            });
+            return;
+        };
+        let st = &mut self.types[ty.index()];
+        let first = !st.subscribed;
+        if first {
+            st.subscribed = true;
+            st.wildcard = ty.legacy_wildcard() && req.resource_names_subscribe.is_empty();
+            st.known = req
+                .initial_resource_versions
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+        }
+        for name in &req.resource_names_subscribe {
+            if name == WILDCARD {
+                st.wildcard = true;
+                continue;
+            }
+            st.names.insert(name.clone());
+            st.told_absent.remove(name);
+            if !first {
+                // A client subscribing to a name does not hold it: send it even if an
+                // earlier subscription had delivered the same version.
+                st.known.remove(name);
+            }
+        }
+        for name in &req.resource_names_unsubscribe {
+            if name == WILDCARD {
+                st.wildcard = false;
+                continue;
+            }
+            st.names.remove(name);
+            st.told_absent.remove(name);
+            let via_wildcard = st.wildcard
+                && self
+                    .snapshot
+                    .as_ref()
+                    .and_then(|s| s.get(ty).resources.get(name))
+                    .is_some_and(|r| r.wildcard);
+            if !via_wildcard {
+                st.known.remove(name);
+            }
+        }
+
+        if req.response_nonce.is_empty() {
+            return;
+        }
+        let Some(inflight) = st.in_flight.take_if(|f| f.nonce == req.response_nonce) else {
+            if req.response_nonce != st.last_nonce {
+                self.events.push_back(StreamEvent::StaleNonce {
+                    ty,
+                    nonce: req.response_nonce.clone(),
+                });
+            }
+            return;
+        };
+        let mem = &mut self.memory[ty.index()];
+        match &req.error_detail {
+            Some(status) => {
+                for (name, prev) in inflight.previous {
+                    match prev {
+                        Some(v) => st.known.insert(name, v),
+                        None => st.known.remove(&name),
+                    };
+                }
+                for r in &inflight.sent {
+                    mem.rejected_resources
+                        .insert(r.name.clone(), r.version.clone());
+                }
+                for name in &inflight.removed {
+                    mem.rejected_resources
+                        .insert(name.clone(), REJECTED_REMOVAL.to_string());
+                }
+                self.events.push_back(StreamEvent::Nacked {
+                    ty,
+                    detail: NackDetail {
+                        version: inflight.system_version,
+                        nonce: inflight.nonce,
+                        code: status.code,
+                        message: status.message.clone(),
+                    },
+                });
+            }
+            None => {
+                for r in inflight.sent {
+                    if mem.rejected_resources.get(&r.name) != Some(&r.version) {
+                        mem.rejected_resources.remove(&r.name);
+                    }
+                    mem.acked_resources.insert(r.name.clone(), r);
+                }
+                for name in &inflight.removed {
+                    mem.acked_resources.remove(name);
+                    mem.rejected_resources.remove(name);
+                }
+                self.events.push_back(StreamEvent::Acked {
+                    ty,
+                    version: inflight.system_version,
+                    nonce: inflight.nonce,
+                });
+            }
+        }
+    }
+
+    /// Replaces the snapshot being served.
+    pub fn handle_snapshot(&mut self, snapshot: Arc<Snapshot>) {
+        self.snapshot = Some(snapshot);
+    }
+
+    /// Computes what `ty` needs: (resources to send, names to remove, absent names to
+    /// report). A resource version the client rejected is replaced by the one it last
+    /// accepted, or left as the client has it.
+    #[allow(clippy::type_complexity)]
+    fn diff(
+        &self,
+        ty: ResourceType,
+    ) -> Option<(String, Vec<Arc<EncodedResource>>, Vec<String>, Vec<String>)> {
+        let snap = self.snapshot.as_ref()?.get(ty);
+        let st = &self.types[ty.index()];
+        let mem: &TypeMemory = &self.memory[ty.index()];
+        let mut send = Vec::new();
+        let mut in_view = BTreeSet::new();
+        for current in snap.view(st.wildcard, &st.names) {
+            in_view.insert(current.name.as_str());
+            let chosen = if mem.rejected_resources.get(&current.name) == Some(&current.version) {
+                match mem.acked_resources.get(&current.name) {
+                    Some(accepted) => accepted,
+                    None => continue,
+                }
+            } else {
+                current
+            };
+            if st.known.get(&chosen.name) != Some(&chosen.version) {
+                send.push(Arc::clone(chosen));
+            }
+        }
+        let removed: Vec<String> = st
+            .known
+            .keys()
+            .filter(|n| !in_view.contains(n.as_str()))
+            .filter(|n| {
+                mem.rejected_resources.get(*n).map(String::as_str) != Some(REJECTED_REMOVAL)
+            })
+            .cloned()
+            .collect();
+        let absent: Vec<String> = st
+            .names
+            .iter()
+            .filter(|n| {
+                !in_view.contains(n.as_str())
+                    && !st.known.contains_key(*n)
+                    && !st.told_absent.contains(*n)
+            })
+            .cloned()
+            .collect();
+        Some((snap.version.clone(), send, removed, absent))
+    }
+
+    /// The next response to send, if any; make-before-break order as in SotW.
+    pub fn poll_response(&mut self) -> Option<(ResourceType, EncodedResponse)> {
+        for ty in ResourceType::ALL {
+            let st = &self.types[ty.index()];
+            if st.in_flight.is_some() {
+                return None;
+            }
+            if !st.subscribed {
+                continue;
+            }
+            let Some((system_version, send, mut removed, absent)) = self.diff(ty) else {
+                continue;
+            };
+            if send.is_empty() && removed.is_empty() && absent.is_empty() {
+                continue;
+            }
+            let st = &mut self.types[ty.index()];
+            let mut previous = Vec::with_capacity(send.len() + removed.len());
+            for r in &send {
+                previous.push((
+                    r.name.clone(),
+                    st.known.insert(r.name.clone(), r.version.clone()),
+                ));
+                st.told_absent.remove(&r.name);
+            }
+            for name in &removed {
+                previous.push((name.clone(), st.known.remove(name)));
+            }
+            for name in &absent {
+                st.told_absent.insert(name.clone());
+            }
+            removed.extend(absent);
+            let nonce = self.nonces.next();
+            let response = EncodedResponse::delta(ty, &system_version, &send, &removed, &nonce);
+            self.events.push_back(StreamEvent::Sent {
+                ty,
+                version: system_version.clone(),
+                nonce: nonce.clone(),
+                resources: send.len(),
+                removed: removed.len(),
+            });
+            st.last_nonce.clone_from(&nonce);
+            st.in_flight = Some(InFlight {
+                nonce,
+                system_version,
+                sent: send,
+                removed,
+                previous,
+            });
+            return Some((ty, response));
+        }
+        None
+    }
+
+    /// The next event to report.
+    pub fn poll_event(&mut self) -> Option<StreamEvent> {
+        self.events.pop_front()
+    }
+
+    /// What this stream has learned about its node for `ty` (to keep across streams).
+    pub fn memory(&self, ty: ResourceType) -> &TypeMemory {
+        &self.memory[ty.index()]
+    }
+
+    /// The published version the client holds in full when nothing for `ty` is pending
+    /// or in flight.
+    pub fn synced_version(&self, ty: ResourceType) -> Option<String> {
+        if self.types[ty.index()].in_flight.is_some() {
+            return None;
+        }
+        let (version, send, removed, absent) = self.diff(ty)?;
+        (send.is_empty() && removed.is_empty() && absent.is_empty()).then_some(version)
+    }
+
+    /// Whether the client has subscribed to `ty`.
+    pub fn is_subscribed(&self, ty: ResourceType) -> bool {
+        self.types[ty.index()].subscribed
+    }
+
+    /// The subscription for `ty`: wildcard flag and explicit names.
+    pub fn subscription(&self, ty: ResourceType) -> (bool, &BTreeSet<String>) {
+        let st = &self.types[ty.index()];
+        (st.wildcard, &st.names)
+    }
+}

@@ -1,0 +1,48 @@
+//! infermesh's xDS management server.
+//!
+//! Contract: given an [`XdsInput`] (inference pools, live infermesh nodes, proxyless gRPC
+//! service names), every node serves Envoy — and gRPC's own xDS client — the same
+//! resources over ADS, both State-of-the-World and Delta, for LDS, RDS, CDS and EDS:
+//!
+//! - per InferencePool, a listener running the GIE ext_proc filter (FULL_DUPLEX_STREAMED,
+//!   failure mode from `endpointPickerRef.failureMode`) and a route to an ORIGINAL_DST
+//!   cluster that reads `x-gateway-destination-endpoint`; one ext_proc cluster (EDS,
+//!   HTTP/2, health checks, outlier detection) whose endpoints are every live node;
+//! - versions are content hashes, so the same input gives the same versions on every
+//!   node and a client reconnecting elsewhere is not pushed anything;
+//! - inputs are validated and the translated snapshot is checked for consistency before
+//!   it is published; a refused input changes nothing;
+//! - per stream: nonces, stale-nonce rejection, one response in flight per type,
+//!   make-before-break order, ACK/NACK tracking; a NACKed version is not pushed again and
+//!   the client's last accepted configuration stays what it is served;
+//! - per Envoy node, a sync status (last sent, last ACKed, NACK detail) to query.
+//!
+//! The snapshot cache ([`Snapshot`]) and the stream state machines ([`SotwStream`],
+//! [`DeltaStream`]) are IO-free; [`XdsServer`] and its tonic service are the thin IO edge.
+//! This crate never picks endpoints.
+
+mod codec;
+pub mod config;
+mod delta;
+pub mod error;
+pub mod input;
+mod resource_type;
+mod server;
+mod service;
+pub mod snapshot;
+mod sotw;
+pub mod status;
+mod stream;
+pub mod translate;
+
+pub use config::{InvalidXdsConfig, XdsConfig};
+pub use delta::DeltaStream;
+pub use error::{Inconsistency, InvalidInput, PublishError};
+pub use input::{AppProtocol, FailureMode, InferencePoolSpec, XdsInput};
+pub use resource_type::ResourceType;
+pub use server::{PublishReceipt, XdsServer};
+pub use service::AdsService;
+pub use snapshot::{EncodedResponse, Snapshot, TypeSnapshot};
+pub use sotw::SotwStream;
+pub use status::{EnvoySyncStatus, SyncStatus, TypeSyncStatus};
+pub use stream::{NackDetail, NodeMemory, StreamEvent, TypeMemory};

@@ -1,0 +1,154 @@
+//! [`XdsServer`]: validates, translates and publishes inputs (debounced), hands out the
+//! ADS service, and answers sync-status queries.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::{InvalidXdsConfig, XdsConfig};
+use crate::error::PublishError;
+use crate::input::XdsInput;
+use crate::resource_type::ResourceType;
+use crate::service::AdsService;
+use crate::snapshot::Snapshot;
+use crate::status::{StatusRegistry, SyncStatus};
+use crate::translate::translate;
+
+/// State shared by the server handle, the debounce task and every stream.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    config: XdsConfig,
+    registry: StatusRegistry,
+    /// Validated snapshots waiting out the debounce window (latest wins).
+    pending: watch::Sender<Option<Arc<Snapshot>>>,
+    /// The snapshot streams serve.
+    current: watch::Sender<Option<Arc<Snapshot>>>,
+}
+
+impl Shared {
+    pub(crate) fn registry(&self) -> &StatusRegistry {
+        &self.registry
+    }
+
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Option<Arc<Snapshot>>> {
+        self.current.subscribe()
+    }
+}
+
+/// What a successful [`XdsServer::publish`] produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PublishReceipt {
+    /// Version of each type in the new snapshot, in push order.
+    pub versions: Vec<(ResourceType, String)>,
+}
+
+/// The xDS server of one infermesh node. Cheap to clone; all clones share one cache.
+#[derive(Debug, Clone)]
+pub struct XdsServer {
+    shared: Arc<Shared>,
+}
+
+impl XdsServer {
+    /// Creates the server and starts its debounce task on the current tokio runtime.
+    /// Nothing is served until the first [`publish`](Self::publish).
+    pub fn new(config: XdsConfig) -> Result<Self, InvalidXdsConfig> {
+        config.validate()?;
+        let (pending, pending_rx) = watch::channel(None);
+        let (current, _) = watch::channel(None);
+        let shared = Arc::new(Shared {
+            config,
+            registry: StatusRegistry::default(),
+            pending,
+            current,
+        });
+        tokio::spawn(debounce(
+            Arc::downgrade(&shared),
+            pending_rx,
+            shared.config.debounce,
+        ));
+        Ok(Self { shared })
+    }
+
+    /// Validates `input`, translates it, checks the result for consistency and queues it
+    /// for publishing after the debounce window. On error nothing changes.
+    pub fn publish(&self, input: &XdsInput) -> Result<PublishReceipt, PublishError> {
+        input.validate()?;
+        let snapshot = Snapshot::build(&translate(input, &self.shared.config))?;
+        let receipt = PublishReceipt {
+            versions: ResourceType::ALL
+                .into_iter()
+                .zip(snapshot.versions())
+                .collect(),
+        };
+        self.shared.pending.send_replace(Some(Arc::new(snapshot)));
+        Ok(receipt)
+    }
+
+    /// The ADS service, to add to a tonic server.
+    pub fn service(&self) -> AdsService {
+        AdsService::new(Arc::clone(&self.shared))
+    }
+
+    /// The snapshot being served (after debouncing), if any.
+    pub fn current(&self) -> Option<Arc<Snapshot>> {
+        self.shared.current.borrow().clone()
+    }
+
+    /// A receiver that sees every snapshot as it starts being served.
+    pub fn watch(&self) -> watch::Receiver<Option<Arc<Snapshot>>> {
+        self.shared.subscribe()
+    }
+
+    /// Per-client sync status against the snapshot being served.
+    pub fn sync_status(&self) -> SyncStatus {
+        let current = self.current();
+        self.shared.registry.status(current.as_deref())
+    }
+
+    /// Serves ADS alone on `listener` until `shutdown` completes (tests, benchmarks, and
+    /// nodes that give xDS its own port).
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), tonic::transport::Error> {
+        tonic::transport::Server::builder()
+            .add_service(self.service())
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                shutdown,
+            )
+            .await
+    }
+}
+
+/// Coalesces publishes: after the first change, waits `window`, then serves the latest
+/// snapshot if its versions differ from what is served.
+async fn debounce(
+    shared: std::sync::Weak<Shared>,
+    mut pending: watch::Receiver<Option<Arc<Snapshot>>>,
+    window: Duration,
+) {
+    while pending.changed().await.is_ok() {
+        if !window.is_zero() {
+            tokio::time::sleep(window).await;
+        }
+        let Some(next) = pending.borrow_and_update().clone() else {
+            continue;
+        };
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        shared.current.send_if_modified(|cur| {
+            if cur.as_ref().is_some_and(|c| c.same_versions(&next)) {
+                return false;
+            }
+            *cur = Some(next);
+            true
+        });
+    }
+}

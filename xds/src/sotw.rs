@@ -1,0 +1,214 @@
+//! The State-of-the-World ADS stream as a plain state machine: feed it requests and
+//! snapshots, poll it for responses. No IO, no clock; the tonic handler drives it.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
+
+use infermesh_proto::envoy::service::discovery::v3::DiscoveryRequest;
+
+use crate::resource_type::ResourceType;
+use crate::snapshot::{EncodedResponse, Snapshot, TypeSnapshot};
+use crate::stream::{NackDetail, NodeMemory, NonceCounter, StreamEvent, TypeMemory};
+
+/// The wildcard resource name of the xDS protocol.
+const WILDCARD: &str = "*";
+
+#[derive(Debug)]
+struct InFlight {
+    nonce: String,
+    snapshot: Arc<TypeSnapshot>,
+}
+
+#[derive(Debug, Default)]
+struct TypeState {
+    /// The client has asked for this type and not unsubscribed from everything.
+    subscribed: bool,
+    wildcard: bool,
+    names: BTreeSet<String>,
+    /// The subscription changed since the last response.
+    names_dirty: bool,
+    /// The version the client says it holds (its last `version_info`).
+    client_version: String,
+    /// Nonce of the latest response sent; requests answering older nonces are stale.
+    last_nonce: String,
+    /// The response sent and not yet ACKed or NACKed (at most one per type).
+    in_flight: Option<InFlight>,
+}
+
+/// One SotW ADS stream (`StreamAggregatedResources`).
+#[derive(Debug)]
+pub struct SotwStream {
+    types: [TypeState; 4],
+    /// `None` until the first publish: nothing is served before the node knows its policy,
+    /// so a reconnecting Envoy is never handed an empty configuration.
+    snapshot: Option<Arc<Snapshot>>,
+    memory: NodeMemory,
+    nonces: NonceCounter,
+    events: VecDeque<StreamEvent>,
+}
+
+impl SotwStream {
+    /// A stream serving `snapshot`, seeded with what this client's node accepted and
+    /// rejected on earlier streams.
+    pub fn new(snapshot: Option<Arc<Snapshot>>, memory: NodeMemory) -> Self {
+        Self {
+            types: Default::default(),
+            snapshot,
+            memory,
+            nonces: NonceCounter::default(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// Feeds one request from the client.
+    pub fn handle_request(&mut self, req: &DiscoveryRequest) {
+        let Some(ty) = ResourceType::from_type_url(&req.type_url) else {
+            self.events.push_back(StreamEvent::UnknownType {
+                type_url: req.type_url.clone(),
+            });
+            return;
+        };
+        let st = &mut self.types[ty.index()];
+        // go-control-plane's rule: a request answering anything but the latest response is
+        // stale; the client will answer the latest one too, with its full state.
+        if !req.response_nonce.is_empty() && req.response_nonce != st.last_nonce {
+            self.events.push_back(StreamEvent::StaleNonce {
+                ty,
+                nonce: req.response_nonce.clone(),
+            });
+            return;
+        }
+        if let Some(inflight) = st.in_flight.take_if(|f| f.nonce == req.response_nonce) {
+            let mem = &mut self.memory[ty.index()];
+            match &req.error_detail {
+                Some(status) => {
+                    mem.rejected_version = Some(inflight.snapshot.version.clone());
+                    self.events.push_back(StreamEvent::Nacked {
+                        ty,
+                        detail: NackDetail {
+                            version: inflight.snapshot.version.clone(),
+                            nonce: inflight.nonce,
+                            code: status.code,
+                            message: status.message.clone(),
+                        },
+                    });
+                }
+                None => {
+                    if mem.rejected_version.as_ref() != Some(&inflight.snapshot.version) {
+                        mem.rejected_version = None;
+                    }
+                    self.events.push_back(StreamEvent::Acked {
+                        ty,
+                        version: inflight.snapshot.version.clone(),
+                        nonce: inflight.nonce,
+                    });
+                    mem.last_acked = Some(inflight.snapshot);
+                }
+            }
+        }
+        st.client_version.clone_from(&req.version_info);
+        let wildcard = req.resource_names.iter().any(|n| n == WILDCARD)
+            || (ty.legacy_wildcard() && req.resource_names.is_empty());
+        let names: BTreeSet<String> = req
+            .resource_names
+            .iter()
+            .filter(|n| *n != WILDCARD)
+            .cloned()
+            .collect();
+        let first = !st.subscribed && st.last_nonce.is_empty();
+        if wildcard != st.wildcard || names != st.names {
+            // A first request that states a version claims the client already holds it
+            // for exactly this subscription (a reconnect): nothing to resend.
+            st.names_dirty = !first || req.version_info.is_empty();
+            st.wildcard = wildcard;
+            st.names = names;
+        }
+        st.subscribed = st.wildcard || !st.names.is_empty();
+    }
+
+    /// Replaces the snapshot being served.
+    pub fn handle_snapshot(&mut self, snapshot: Arc<Snapshot>) {
+        self.snapshot = Some(snapshot);
+    }
+
+    /// The snapshot of `ty` this client should hold: the current one, unless the client
+    /// rejected exactly that version, in which case the last one it accepted (if any).
+    fn effective(&self, ty: ResourceType) -> Option<Arc<TypeSnapshot>> {
+        let current = self.snapshot.as_ref()?.get(ty);
+        let mem: &TypeMemory = &self.memory[ty.index()];
+        if mem.rejected_version.as_deref() == Some(current.version.as_str()) {
+            mem.last_acked.clone()
+        } else {
+            Some(Arc::clone(current))
+        }
+    }
+
+    /// The next response to send, if any. Make-before-break: a type is held back while an
+    /// earlier type (CDS before EDS before LDS before RDS) has a response in flight.
+    pub fn poll_response(&mut self) -> Option<(ResourceType, EncodedResponse)> {
+        for ty in ResourceType::ALL {
+            let st = &self.types[ty.index()];
+            if st.in_flight.is_some() {
+                return None;
+            }
+            if !st.subscribed {
+                continue;
+            }
+            let Some(snap) = self.effective(ty) else {
+                continue;
+            };
+            let st = &mut self.types[ty.index()];
+            if snap.version == st.client_version && !st.names_dirty {
+                continue;
+            }
+            let nonce = self.nonces.next();
+            let response = snap.sotw_response(st.wildcard, &st.names, &nonce);
+            self.events.push_back(StreamEvent::Sent {
+                ty,
+                version: snap.version.clone(),
+                nonce: nonce.clone(),
+                resources: snap.view(st.wildcard, &st.names).count(),
+                removed: 0,
+            });
+            st.last_nonce.clone_from(&nonce);
+            st.names_dirty = false;
+            st.in_flight = Some(InFlight {
+                nonce,
+                snapshot: snap,
+            });
+            return Some((ty, response));
+        }
+        None
+    }
+
+    /// The next event to report.
+    pub fn poll_event(&mut self) -> Option<StreamEvent> {
+        self.events.pop_front()
+    }
+
+    /// What this stream has learned about its node for `ty` (to keep across streams).
+    pub fn memory(&self, ty: ResourceType) -> &TypeMemory {
+        &self.memory[ty.index()]
+    }
+
+    /// The version the client holds in full when nothing for `ty` is pending or in flight.
+    pub fn synced_version(&self, ty: ResourceType) -> Option<String> {
+        let st = &self.types[ty.index()];
+        if st.in_flight.is_some() || st.names_dirty {
+            return None;
+        }
+        let snap = self.effective(ty)?;
+        (snap.version == st.client_version).then(|| snap.version.clone())
+    }
+
+    /// Whether the client has subscribed to `ty`.
+    pub fn is_subscribed(&self, ty: ResourceType) -> bool {
+        self.types[ty.index()].subscribed
+    }
+
+    /// The subscription for `ty`: wildcard flag and explicit names.
+    pub fn subscription(&self, ty: ResourceType) -> (bool, &BTreeSet<String>) {
+        let st = &self.types[ty.index()];
+        (st.wildcard, &st.names)
+    }
+}
