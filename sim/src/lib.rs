@@ -1,1 +1,23 @@
-//! Simulated vLLM pods.
+//! infermesh-sim: simulated vLLM model servers, many pods per process.
+//!
+//! Contract: every pod speaks the OpenAI HTTP API the way vLLM does (completions, chat,
+//! streaming, `usage` with cached tokens, vLLM-shaped errors) and exports vLLM's Prometheus
+//! metric names, so routers and the benchmark cannot tell it from a real pod except by
+//! speed. Behaviour comes from a sans-IO engine per pod ([`engine::Engine`]): continuous
+//! batching, KV blocks with a prefix cache, chunked prefill, preemption, LoRA slots and
+//! P/D `kv_transfer_params`, timed by an [`EngineProfile`]. The same seed and the same
+//! request sequence give the same cache behaviour. [`Fleet`] runs many pods in one process.
+
+pub mod engine;
+pub mod error;
+pub mod fleet;
+pub mod http;
+pub mod metrics;
+pub mod pod;
+pub mod profile;
+pub mod tokenizer;
+
+pub use engine::PodRole;
+pub use error::SimError;
+pub use fleet::{DEFAULT_MODEL, Fleet, FleetConfig};
+pub use profile::EngineProfile;

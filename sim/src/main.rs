@@ -1,1 +1,176 @@
-fn main() {}
+//! `infermesh-sim`: serves N simulated vLLM pods from one process until interrupted.
+
+use std::net::IpAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use infermesh_sim::fleet::parse_roles;
+use infermesh_sim::{EngineProfile, Fleet, FleetConfig};
+
+/// Simulated vLLM pods (OpenAI API, vLLM /metrics), many per process.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Number of pods.
+    #[arg(long, default_value_t = 4)]
+    pods: usize,
+    /// Address to bind.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: IpAddr,
+    /// Port of pod 0 (pod i gets base-port + i); 0 = ephemeral ports.
+    #[arg(long, default_value_t = 8100)]
+    base_port: u16,
+    /// Served model name.
+    #[arg(long, default_value = infermesh_sim::DEFAULT_MODEL)]
+    model: String,
+    /// LoRA adapter names served by every pod (comma-separated or repeated).
+    #[arg(long, value_delimiter = ',')]
+    lora: Vec<String>,
+    /// Engine profile: llama-8b-h100, llama-70b-h100-tp4 or instant.
+    #[arg(long, default_value = "llama-8b-h100")]
+    profile: String,
+    /// Simulated seconds per real second.
+    #[arg(long, default_value_t = 1.0)]
+    time_scale: f64,
+    /// Seed of per-pod randomness.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Pod roles in order, e.g. `prefill=2,decode=6` (remaining pods are `both`).
+    #[arg(long, default_value = "")]
+    roles: String,
+    /// Tokens per KV block.
+    #[arg(long)]
+    block_size: Option<usize>,
+    /// KV capacity in blocks.
+    #[arg(long)]
+    num_gpu_blocks: Option<usize>,
+    /// Most sequences per batch.
+    #[arg(long)]
+    max_num_seqs: Option<usize>,
+    /// Token budget per engine step.
+    #[arg(long)]
+    max_num_batched_tokens: Option<usize>,
+    /// Longest prompt + completion.
+    #[arg(long)]
+    max_model_len: Option<usize>,
+    /// Fixed cost of a step with prefill work, milliseconds.
+    #[arg(long)]
+    prefill_overhead_ms: Option<f64>,
+    /// Prefill cost per uncached token, microseconds.
+    #[arg(long)]
+    prefill_per_token_us: Option<f64>,
+    /// Decode step cost at batch size 1, milliseconds.
+    #[arg(long)]
+    decode_base_ms: Option<f64>,
+    /// Extra decode step cost per additional sequence, microseconds.
+    #[arg(long)]
+    decode_per_seq_us: Option<f64>,
+    /// Extra decode step cost per context token in the batch, nanoseconds.
+    #[arg(long)]
+    decode_per_context_token_ns: Option<f64>,
+    /// Remote KV transfer time per token (P/D), microseconds.
+    #[arg(long)]
+    kv_transfer_per_token_us: Option<f64>,
+    /// Most distinct LoRA adapters per batch.
+    #[arg(long)]
+    max_loras: Option<usize>,
+    /// Relative uniform jitter of step durations, in [0, 1).
+    #[arg(long)]
+    jitter: Option<f64>,
+    /// Completion length when a request sets no max_tokens.
+    #[arg(long)]
+    default_max_tokens: Option<usize>,
+}
+
+fn duration(field: &str, v: f64, unit: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(v * unit)
+        .map_err(|e| anyhow::anyhow!("--{field}: {v} is not a valid duration ({e})"))
+}
+
+fn config(a: Args) -> anyhow::Result<FleetConfig> {
+    let mut p = EngineProfile::named(&a.profile)?;
+    macro_rules! set {
+        ($field:ident) => {
+            if let Some(v) = a.$field {
+                p.$field = v;
+            }
+        };
+        ($flag:ident => $field:ident, $unit:expr) => {
+            if let Some(v) = a.$flag {
+                p.$field = duration(&stringify!($flag).replace('_', "-"), v, $unit)?;
+            }
+        };
+    }
+    set!(block_size);
+    set!(num_gpu_blocks);
+    set!(max_num_seqs);
+    set!(max_num_batched_tokens);
+    set!(max_model_len);
+    set!(max_loras);
+    set!(jitter);
+    set!(default_max_tokens);
+    set!(prefill_overhead_ms => prefill_overhead, 1e-3);
+    set!(prefill_per_token_us => prefill_per_token, 1e-6);
+    set!(decode_base_ms => decode_base, 1e-3);
+    set!(decode_per_seq_us => decode_per_seq, 1e-6);
+    set!(decode_per_context_token_ns => decode_per_context_token, 1e-9);
+    set!(kv_transfer_per_token_us => kv_transfer_per_token, 1e-6);
+    let mut cfg = FleetConfig::new(a.pods);
+    cfg.host = a.host;
+    cfg.base_port = a.base_port;
+    cfg.model = a.model;
+    cfg.lora_adapters = a.lora;
+    cfg.profile = p;
+    cfg.time_scale = a.time_scale;
+    cfg.seed = a.seed;
+    cfg.roles = parse_roles(&a.roles, a.pods)?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let cfg = match config(Args::parse()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("infermesh-sim: bad configuration: {e:#}");
+            return ExitCode::from(64);
+        }
+    };
+    let profile = cfg.profile.name.clone();
+    let fleet = match Fleet::start(cfg).await {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("infermesh-sim: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for (i, (url, role)) in fleet.urls().iter().zip(fleet.roles()).enumerate() {
+        println!("pod {i} {url} role={} profile={profile}", role.as_str());
+    }
+    println!("ready: {} pods", fleet.addrs().len());
+    wait_for_signal().await;
+    fleet.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -1,0 +1,891 @@
+//! The sans-IO engine of one simulated pod: vLLM V1-style continuous batching over simulated time.
+//!
+//! The engine is a plain struct. A driver hands it requests with [`Engine::submit`], tells it
+//! the time with [`Engine::advance`], asks when to call again with [`Engine::next_wakeup`]
+//! and drains [`Output`]s. Time is a [`Duration`] since the pod started; the engine never
+//! reads a clock, so tests drive it by hand.
+//!
+//! Model: each step schedules running sequences first (one decode token each, or the next
+//! chunk of their prefill), then admits waiting ones FCFS within `max_num_seqs`, the token
+//! budget, the KV blocks free and the LoRA slots. A step lasts
+//! `prefill_overhead + uncached_prefill_tokens × prefill_per_token` (if it prefills) plus
+//! `decode_base + (seqs − 1) × decode_per_seq + context_tokens × decode_per_context_token`
+//! (if it decodes). The next step starts when the previous ends, so results do not depend
+//! on how late the driver is. When a running sequence needs a block and none is free, the
+//! most recently admitted sequence is preempted (its blocks freed, recomputed later).
+
+mod kv;
+mod stats;
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use xxhash_rust::xxh64::{Xxh64, xxh64};
+
+pub use kv::{BlockId, BlockPool};
+pub use stats::{EngineStats, Histogram};
+
+use crate::profile::EngineProfile;
+use crate::tokenizer::filler_id;
+
+/// Identifier of a request inside one engine (unique per pod).
+pub type RequestId = u64;
+
+/// The role a pod plays in prefill/decode disaggregation (llm-d label `llm-d.ai/role`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum PodRole {
+    /// Prefill and decode (an ordinary pod).
+    #[default]
+    Both,
+    /// Prefill only.
+    Prefill,
+    /// Decode only.
+    Decode,
+    /// Multimodal encoder.
+    Encode,
+}
+
+impl PodRole {
+    /// The llm-d label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PodRole::Both => "both",
+            PodRole::Prefill => "prefill",
+            PodRole::Decode => "decode",
+            PodRole::Encode => "encode",
+        }
+    }
+}
+
+impl std::str::FromStr for PodRole {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "both" | "prefill-decode" => Ok(PodRole::Both),
+            "prefill" => Ok(PodRole::Prefill),
+            "decode" => Ok(PodRole::Decode),
+            "encode" => Ok(PodRole::Encode),
+            other => Err(format!(
+                "unknown role `{other}` (expected prefill, decode, encode or both)"
+            )),
+        }
+    }
+}
+
+/// What a request asks of KV transfer (vLLM `kv_transfer_params`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvTransfer {
+    /// An ordinary request.
+    #[default]
+    None,
+    /// `do_remote_decode`: this pod prefills; the response carries the KV block ids.
+    RemoteDecode,
+    /// `do_remote_prefill`: the prompt's KV is pulled from a prefill pod instead of computed.
+    RemotePrefill,
+}
+
+/// Why a request ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// It reached the requested `max_tokens`.
+    Length,
+    /// It reached its natural end (stands in for EOS when no `max_tokens` was given).
+    Stop,
+}
+
+impl FinishReason {
+    /// The OpenAI `finish_reason` string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Length => "length",
+            FinishReason::Stop => "stop",
+        }
+    }
+}
+
+/// A tokenized request ready for an engine.
+#[derive(Debug, Clone)]
+pub struct EngineRequest {
+    /// Unique id within the engine.
+    pub id: RequestId,
+    /// Prompt token ids.
+    pub prompt: Vec<u32>,
+    /// Tokens to generate.
+    pub max_tokens: usize,
+    /// How the request ends once `max_tokens` tokens are out.
+    pub finish: FinishReason,
+    /// Index of the LoRA adapter (into the engine's adapter list), if any.
+    pub lora: Option<u32>,
+    /// P/D behaviour.
+    pub kv_transfer: KvTransfer,
+    /// Chained hashes of the prompt's full blocks (see [`block_hashes`]).
+    pub block_hashes: Vec<u64>,
+}
+
+impl EngineRequest {
+    /// Builds a request and hashes its prompt blocks (done off the engine task, by the caller).
+    pub fn new(
+        id: RequestId,
+        prompt: Vec<u32>,
+        max_tokens: usize,
+        finish: FinishReason,
+        lora: Option<u32>,
+        kv_transfer: KvTransfer,
+        block_size: usize,
+    ) -> Self {
+        let block_hashes = block_hashes(&prompt, lora, block_size);
+        Self {
+            id,
+            prompt,
+            max_tokens,
+            finish,
+            lora,
+            kv_transfer,
+            block_hashes,
+        }
+    }
+}
+
+/// Hash that roots a chain: the LoRA adapter is part of the key, as in vLLM.
+pub fn root_hash(lora: Option<u32>) -> u64 {
+    xxh64(
+        &lora.map_or(0u64, |l| u64::from(l) + 1).to_le_bytes(),
+        0x5eed,
+    )
+}
+
+/// Hash of one full block given its parent's hash.
+pub fn chain_hash(parent: u64, tokens: &[u32]) -> u64 {
+    let mut h = Xxh64::new(parent);
+    for t in tokens {
+        h.update(&t.to_le_bytes());
+    }
+    h.digest()
+}
+
+/// Chained hashes of every full block of `tokens`.
+pub fn block_hashes(tokens: &[u32], lora: Option<u32>, block_size: usize) -> Vec<u64> {
+    let mut parent = root_hash(lora);
+    tokens
+        .chunks_exact(block_size)
+        .map(|b| {
+            parent = chain_hash(parent, b);
+            parent
+        })
+        .collect()
+}
+
+/// Why [`Engine::submit`] refused a request (the engine state is unchanged).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    /// The prompt has no tokens.
+    #[error("The prompt cannot be empty.")]
+    EmptyPrompt,
+    /// Prompt plus completion exceed the model's context.
+    #[error(
+        "This model's maximum context length is {max_model_len} tokens. However, you requested {total} tokens ({prompt} in the messages, {completion} in the completion). Please reduce the length of the messages or completion."
+    )]
+    TooLong {
+        /// `max_model_len`.
+        max_model_len: usize,
+        /// prompt + completion.
+        total: usize,
+        /// Prompt tokens.
+        prompt: usize,
+        /// Requested completion tokens.
+        completion: usize,
+    },
+    /// The sequence could never fit in this pod's KV cache.
+    #[error(
+        "The request needs {needed} KV blocks but the cache holds {capacity} ({prompt} prompt + {completion} completion tokens)."
+    )]
+    ExceedsKvCapacity {
+        /// Blocks needed.
+        needed: usize,
+        /// Blocks in the pod.
+        capacity: usize,
+        /// Prompt tokens.
+        prompt: usize,
+        /// Requested completion tokens.
+        completion: usize,
+    },
+    /// The id is already in use.
+    #[error("duplicate request id {0}")]
+    DuplicateId(RequestId),
+}
+
+/// The end of a request, with its usage.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Generated tokens.
+    pub completion_tokens: usize,
+    /// Prompt tokens whose KV was not computed here (local prefix hits + remote prefill).
+    pub cached_tokens: usize,
+    /// Why it ended.
+    pub finish: FinishReason,
+    /// KV blocks that held the prompt (reported to a decode pod as `remote_block_ids`).
+    pub prompt_block_ids: Vec<BlockId>,
+    /// Simulated time of the finish.
+    pub at: Duration,
+}
+
+/// Something the engine produced for a request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// The `index`-th (0-based) generated token is out.
+    Token {
+        /// The request.
+        id: RequestId,
+        /// 0-based position in the completion.
+        index: usize,
+        /// Simulated time it was produced.
+        at: Duration,
+    },
+    /// The request finished (always after its last `Token`).
+    Finished {
+        /// The request.
+        id: RequestId,
+        /// Usage and reason.
+        completion: Completion,
+    },
+}
+
+/// Static settings of an engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Capacity and timing constants.
+    pub profile: EngineProfile,
+    /// LoRA adapter names, indexed by [`EngineRequest::lora`].
+    pub lora_adapters: Vec<String>,
+    /// Seed of the step-duration jitter.
+    pub seed: u64,
+}
+
+#[derive(Debug)]
+struct Seq {
+    req: EngineRequest,
+    /// Chained hashes of full blocks of prompt + output; extended as blocks fill.
+    hashes: Vec<u64>,
+    blocks: Vec<BlockId>,
+    num_computed: usize,
+    generated: usize,
+    arrival: Duration,
+    first_scheduled: Option<Duration>,
+    first_token: Option<Duration>,
+    last_token: Option<Duration>,
+    cached_tokens: usize,
+    prompt_block_ids: Vec<BlockId>,
+    /// Remote KV arrives at this time (P/D decode side).
+    ready_at: Duration,
+    remote_loaded: bool,
+    prefix_counted: bool,
+}
+
+impl Seq {
+    fn num_tokens(&self) -> usize {
+        self.req.prompt.len() + self.generated
+    }
+
+    fn token_at(&self, pos: usize) -> u32 {
+        let p = self.req.prompt.len();
+        if pos < p {
+            self.req.prompt[pos]
+        } else {
+            filler_id(pos - p)
+        }
+    }
+
+    /// Makes sure hashes of the first `n` full blocks exist.
+    fn ensure_hashes(&mut self, n: usize, bs: usize) {
+        while self.hashes.len() < n {
+            let i = self.hashes.len();
+            let parent = if i == 0 {
+                root_hash(self.req.lora)
+            } else {
+                self.hashes[i - 1]
+            };
+            let mut h = Xxh64::new(parent);
+            for pos in i * bs..(i + 1) * bs {
+                h.update(&self.token_at(pos).to_le_bytes());
+            }
+            self.hashes.push(h.digest());
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Batch {
+    end: Duration,
+    items: Vec<(RequestId, usize)>,
+}
+
+/// One simulated vLLM engine.
+#[derive(Debug)]
+pub struct Engine {
+    cfg: EngineConfig,
+    pool: BlockPool,
+    seqs: HashMap<RequestId, Seq>,
+    waiting: VecDeque<RequestId>,
+    running: Vec<RequestId>,
+    running_loras: HashMap<u32, usize>,
+    in_flight: Option<Batch>,
+    /// End of the last finished step (the earliest the next can start).
+    clock: Duration,
+    outputs: Vec<Output>,
+    stats: EngineStats,
+    rng: ChaCha8Rng,
+}
+
+impl Engine {
+    /// A new idle engine; the profile must already be validated.
+    pub fn new(cfg: EngineConfig) -> Self {
+        let pool = BlockPool::new(cfg.profile.num_gpu_blocks);
+        let rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+        Self {
+            cfg,
+            pool,
+            seqs: HashMap::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            running_loras: HashMap::new(),
+            in_flight: None,
+            clock: Duration::ZERO,
+            outputs: Vec::new(),
+            stats: EngineStats::default(),
+            rng,
+        }
+    }
+
+    /// The engine's settings.
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// Counters and histograms since start.
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    /// The KV pool (usage, cached blocks).
+    pub fn pool(&self) -> &BlockPool {
+        &self.pool
+    }
+
+    /// Requests in the running batch (vLLM `num_requests_running`).
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Requests waiting, including preempted ones (vLLM `num_requests_waiting`).
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Distinct LoRA adapters of running requests (sorted indexes).
+    pub fn running_loras(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.running_loras.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Distinct LoRA adapters of waiting requests (sorted indexes).
+    pub fn waiting_loras(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self
+            .waiting
+            .iter()
+            .filter_map(|id| self.seqs[id].req.lora)
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// Takes the outputs produced so far, in order.
+    pub fn drain_outputs(&mut self) -> std::vec::Drain<'_, Output> {
+        self.outputs.drain(..)
+    }
+
+    /// Queues a request that arrived at `now`; call [`Engine::advance`] with `now` first.
+    pub fn submit(&mut self, now: Duration, req: EngineRequest) -> Result<(), SubmitError> {
+        check_limits(&self.cfg.profile, req.prompt.len(), req.max_tokens)?;
+        if self.seqs.contains_key(&req.id) {
+            return Err(SubmitError::DuplicateId(req.id));
+        }
+        let id = req.id;
+        let hashes = req.block_hashes.clone();
+        self.seqs.insert(
+            id,
+            Seq {
+                req,
+                hashes,
+                blocks: Vec::new(),
+                num_computed: 0,
+                generated: 0,
+                arrival: now,
+                first_scheduled: None,
+                first_token: None,
+                last_token: None,
+                cached_tokens: 0,
+                prompt_block_ids: Vec::new(),
+                ready_at: Duration::ZERO,
+                remote_loaded: false,
+                prefix_counted: false,
+            },
+        );
+        self.waiting.push_back(id);
+        Ok(())
+    }
+
+    /// Drops a request (client went away); frees its blocks. Unknown ids are ignored.
+    pub fn abort(&mut self, id: RequestId) {
+        let Some(mut seq) = self.seqs.remove(&id) else {
+            return;
+        };
+        if let Some(i) = self.running.iter().position(|&r| r == id) {
+            self.running.remove(i);
+            self.dec_lora(seq.req.lora);
+        } else if let Some(i) = self.waiting.iter().position(|&r| r == id) {
+            self.waiting.remove(i);
+        }
+        self.free_blocks(&mut seq);
+        self.stats.aborted += 1;
+    }
+
+    /// When the driver should call [`Engine::advance`] next, if anything is pending.
+    pub fn next_wakeup(&self) -> Option<Duration> {
+        if let Some(b) = &self.in_flight {
+            return Some(b.end);
+        }
+        self.waiting
+            .iter()
+            .map(|id| self.seqs[id].ready_at)
+            .filter(|&t| t > self.clock)
+            .min()
+    }
+
+    /// Runs every step that ends at or before `now` and starts the next one.
+    pub fn advance(&mut self, now: Duration) {
+        while self.advance_one(now) {}
+    }
+
+    /// Like [`Engine::advance`] but runs at most `max_steps` steps; returns whether more
+    /// steps are due at `now` (so a driver can yield between slices of zero-cost steps).
+    pub fn advance_bounded(&mut self, now: Duration, max_steps: usize) -> bool {
+        for _ in 0..max_steps {
+            if !self.advance_one(now) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Finishes the in-flight step if due, then starts a new one; false when nothing moved.
+    fn advance_one(&mut self, now: Duration) -> bool {
+        match &self.in_flight {
+            Some(b) if b.end <= now => {
+                let b = self.in_flight.take().expect("checked above");
+                self.clock = b.end;
+                self.finish_step(b);
+                self.start_step(self.clock);
+                true
+            }
+            Some(_) => false,
+            None => {
+                let start = self.clock.max(now);
+                self.clock = start;
+                self.start_step(start) && self.in_flight.as_ref().is_some_and(|b| b.end <= now)
+            }
+        }
+    }
+
+    /// Schedules a step starting at `start`; returns whether one was started.
+    fn start_step(&mut self, start: Duration) -> bool {
+        let items = self.schedule(start);
+        if items.is_empty() {
+            return false;
+        }
+        let p = &self.cfg.profile;
+        let mut prefill_tokens = 0usize;
+        let mut decode_seqs = 0usize;
+        let mut context = 0usize;
+        for &(id, n) in &items {
+            let s = &self.seqs[&id];
+            if s.generated > 0 && n == 1 && s.num_computed + 1 == s.num_tokens() {
+                decode_seqs += 1;
+                context += s.num_computed + 1;
+            } else {
+                prefill_tokens += n;
+            }
+            let s = self.seqs.get_mut(&id).expect("scheduled seq exists");
+            if s.first_scheduled.is_none() {
+                s.first_scheduled = Some(start);
+            }
+        }
+        let mut d = Duration::ZERO;
+        if prefill_tokens > 0 {
+            d += p.prefill_overhead + mul(p.prefill_per_token, prefill_tokens);
+        }
+        if decode_seqs > 0 {
+            d += p.decode_base
+                + mul(p.decode_per_seq, decode_seqs - 1)
+                + mul(p.decode_per_context_token, context);
+        }
+        if p.jitter > 0.0 && !d.is_zero() {
+            let f: f64 = self.rng.random_range(-p.jitter..p.jitter);
+            d = d.mul_f64(1.0 + f);
+        }
+        self.stats.steps += 1;
+        self.in_flight = Some(Batch {
+            end: start + d,
+            items,
+        });
+        true
+    }
+
+    /// Picks the work of the next step (vLLM V1 scheduler order).
+    fn schedule(&mut self, now: Duration) -> Vec<(RequestId, usize)> {
+        let bs = self.cfg.profile.block_size;
+        let mut budget = self.cfg.profile.max_num_batched_tokens;
+        let mut items = Vec::new();
+        let mut preempted = false;
+
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let id = self.running[i];
+            let (target, n) = {
+                let s = &self.seqs[&id];
+                let n = (s.num_tokens() - s.num_computed).min(budget);
+                (s.num_computed + n, n)
+            };
+            let mut scheduled = true;
+            loop {
+                let have = self.seqs[&id].blocks.len();
+                let need = target.div_ceil(bs).saturating_sub(have);
+                if need <= self.pool.num_free() {
+                    let s = self.seqs.get_mut(&id).expect("running seq exists");
+                    for _ in 0..need {
+                        let b = self.pool.allocate().expect("checked free count");
+                        s.blocks.push(b);
+                    }
+                    break;
+                }
+                let victim = self.running.pop().expect("running is not empty");
+                self.preempt(victim);
+                preempted = true;
+                if victim == id {
+                    scheduled = false;
+                    break;
+                }
+            }
+            if !scheduled {
+                break;
+            }
+            items.push((id, n));
+            budget -= n;
+            i += 1;
+        }
+
+        if !preempted {
+            self.admit_waiting(now, &mut budget, &mut items);
+        }
+        items
+    }
+
+    fn admit_waiting(
+        &mut self,
+        now: Duration,
+        budget: &mut usize,
+        items: &mut Vec<(RequestId, usize)>,
+    ) {
+        let p = &self.cfg.profile;
+        let bs = p.block_size;
+        let max_seqs = p.max_num_seqs;
+        let max_loras = p.max_loras;
+        let transfer_per_token = p.kv_transfer_per_token;
+        let mut skipped: Vec<RequestId> = Vec::new();
+        while *budget > 0 && self.running.len() < max_seqs {
+            let Some(id) = self.waiting.pop_front() else {
+                break;
+            };
+            let s = self.seqs.get_mut(&id).expect("waiting seq exists");
+            if s.ready_at > now {
+                skipped.push(id);
+                continue;
+            }
+            if let Some(l) = s.req.lora
+                && !self.running_loras.contains_key(&l)
+                && self.running_loras.len() >= max_loras
+            {
+                skipped.push(id);
+                continue;
+            }
+
+            if s.blocks.is_empty() {
+                // Fresh or preempted: look the prefix up. At least one token is always
+                // computed, so a fully cached prompt still recomputes its last block.
+                let num_tokens = s.num_tokens();
+                let max_hit_blocks = (num_tokens - 1) / bs;
+                s.ensure_hashes(max_hit_blocks, bs);
+                let mut hits: Vec<BlockId> = Vec::new();
+                for h in &s.hashes[..max_hit_blocks] {
+                    match self.pool.lookup(*h) {
+                        Some(b) => hits.push(b),
+                        None => break,
+                    }
+                }
+                let hit_tokens = hits.len() * bs;
+                let external = if s.req.kv_transfer == KvTransfer::RemotePrefill && !s.remote_loaded
+                {
+                    (s.req.prompt.len() - 1).saturating_sub(hit_tokens)
+                } else {
+                    0
+                };
+                let computed = hit_tokens + external;
+                let n = if external > 0 {
+                    0
+                } else {
+                    (num_tokens - computed).min(*budget)
+                };
+                let total_blocks = (computed + n).div_ceil(bs);
+                let evictable = hits.iter().filter(|&&b| self.pool.is_free(b)).count();
+                let need_new = total_blocks - hits.len();
+                if need_new + evictable > self.pool.num_free() {
+                    self.waiting.push_front(id);
+                    break;
+                }
+                for &b in &hits {
+                    self.pool.touch(b);
+                }
+                s.blocks = hits;
+                for _ in 0..need_new {
+                    let b = self.pool.allocate().expect("checked free count");
+                    s.blocks.push(b);
+                }
+                s.num_computed = computed;
+                if !s.prefix_counted {
+                    s.prefix_counted = true;
+                    s.cached_tokens = computed;
+                    self.stats.prefix_cache_queries += num_tokens as u64;
+                    self.stats.prefix_cache_hits += hit_tokens as u64;
+                }
+                if external > 0 {
+                    // The prompt's KV is pulled from the prefill pod; the sequence holds
+                    // its blocks and waits for the transfer before its last-token step.
+                    s.remote_loaded = true;
+                    s.ready_at = now + mul(transfer_per_token, external);
+                    self.stats.remote_prefill_tokens += external as u64;
+                    // The blocks are full of the remote KV now; register their hashes.
+                    let full = computed / bs;
+                    s.ensure_hashes(full, bs);
+                    for k in 0..full {
+                        self.pool.register(s.blocks[k], s.hashes[k]);
+                    }
+                    if s.ready_at > now {
+                        skipped.push(id);
+                        continue;
+                    }
+                }
+                if n == 0 {
+                    // Remote KV already here: schedule the remaining token(s) below.
+                    let n2 = (num_tokens - s.num_computed).min(*budget);
+                    let total = (s.num_computed + n2).div_ceil(bs);
+                    let need = total.saturating_sub(s.blocks.len());
+                    if need > self.pool.num_free() {
+                        self.waiting.push_front(id);
+                        break;
+                    }
+                    for _ in 0..need {
+                        let b = self.pool.allocate().expect("checked free count");
+                        s.blocks.push(b);
+                    }
+                    self.push_running(id, n2, budget, items);
+                    continue;
+                }
+                self.push_running(id, n, budget, items);
+            } else {
+                // Holds blocks already (remote KV has arrived): compute the rest.
+                let n = (s.num_tokens() - s.num_computed).min(*budget);
+                let total = (s.num_computed + n).div_ceil(bs);
+                let need = total.saturating_sub(s.blocks.len());
+                if need > self.pool.num_free() {
+                    self.waiting.push_front(id);
+                    break;
+                }
+                for _ in 0..need {
+                    let b = self.pool.allocate().expect("checked free count");
+                    s.blocks.push(b);
+                }
+                self.push_running(id, n, budget, items);
+            }
+        }
+        for id in skipped.into_iter().rev() {
+            self.waiting.push_front(id);
+        }
+    }
+
+    fn push_running(
+        &mut self,
+        id: RequestId,
+        n: usize,
+        budget: &mut usize,
+        items: &mut Vec<(RequestId, usize)>,
+    ) {
+        let lora = self.seqs[&id].req.lora;
+        self.running.push(id);
+        if let Some(l) = lora {
+            *self.running_loras.entry(l).or_default() += 1;
+        }
+        items.push((id, n));
+        *budget -= n;
+    }
+
+    fn preempt(&mut self, id: RequestId) {
+        let mut seq = self.seqs.remove(&id).expect("preempted seq exists");
+        self.dec_lora(seq.req.lora);
+        self.free_blocks(&mut seq);
+        seq.num_computed = 0;
+        self.seqs.insert(id, seq);
+        self.waiting.push_front(id);
+        self.stats.preemptions += 1;
+    }
+
+    fn dec_lora(&mut self, lora: Option<u32>) {
+        if let Some(l) = lora
+            && let Some(c) = self.running_loras.get_mut(&l)
+        {
+            *c -= 1;
+            if *c == 0 {
+                self.running_loras.remove(&l);
+            }
+        }
+    }
+
+    /// Releases a sequence's blocks, tail first, so its last blocks are evicted first.
+    fn free_blocks(&mut self, seq: &mut Seq) {
+        for &b in seq.blocks.iter().rev() {
+            self.pool.release(b);
+        }
+        seq.blocks.clear();
+    }
+
+    fn finish_step(&mut self, batch: Batch) {
+        let bs = self.cfg.profile.block_size;
+        let at = batch.end;
+        let mut finished: Vec<RequestId> = Vec::new();
+        for (id, n) in batch.items {
+            // Aborted or preempted since scheduling: its work is lost.
+            let Some(s) = self.seqs.get_mut(&id) else {
+                continue;
+            };
+            if s.blocks.is_empty() {
+                continue;
+            }
+            let before = s.num_computed;
+            s.num_computed += n;
+            let full_before = before / bs;
+            let full_after = s.num_computed / bs;
+            if full_after > full_before {
+                s.ensure_hashes(full_after, bs);
+                for k in full_before..full_after {
+                    self.pool.register(s.blocks[k], s.hashes[k]);
+                }
+            }
+            if s.num_computed < s.num_tokens() {
+                continue; // mid-prefill chunk
+            }
+            let index = s.generated;
+            s.generated += 1;
+            self.stats.generation_tokens += 1;
+            if s.first_token.is_none() {
+                s.first_token = Some(at);
+                self.stats.ttft.observe((at - s.arrival).as_secs_f64());
+                let sched = s.first_scheduled.unwrap_or(at);
+                self.stats.queue.observe((sched - s.arrival).as_secs_f64());
+                self.stats.prefill.observe((at - sched).as_secs_f64());
+                s.prompt_block_ids =
+                    s.blocks[..s.req.prompt.len().div_ceil(bs).min(s.blocks.len())].to_vec();
+            } else if let Some(last) = s.last_token {
+                self.stats.itl.observe((at - last).as_secs_f64());
+            }
+            s.last_token = Some(at);
+            self.outputs.push(Output::Token { id, index, at });
+            if s.generated >= s.req.max_tokens {
+                finished.push(id);
+            }
+        }
+        for id in finished {
+            self.finish_seq(id, at);
+        }
+    }
+
+    fn finish_seq(&mut self, id: RequestId, at: Duration) {
+        let mut seq = self.seqs.remove(&id).expect("finished seq exists");
+        if let Some(i) = self.running.iter().position(|&r| r == id) {
+            self.running.remove(i);
+        }
+        self.dec_lora(seq.req.lora);
+        self.free_blocks(&mut seq);
+        let st = &mut self.stats;
+        st.prompt_tokens += seq.req.prompt.len() as u64;
+        match seq.req.finish {
+            FinishReason::Length => st.finished_length += 1,
+            FinishReason::Stop => st.finished_stop += 1,
+        }
+        st.e2e.observe((at - seq.arrival).as_secs_f64());
+        if let Some(ft) = seq.first_token {
+            st.decode.observe((at - ft).as_secs_f64());
+        }
+        self.outputs.push(Output::Finished {
+            id,
+            completion: Completion {
+                prompt_tokens: seq.req.prompt.len(),
+                completion_tokens: seq.generated,
+                cached_tokens: seq.cached_tokens,
+                finish: seq.req.finish,
+                prompt_block_ids: seq.prompt_block_ids,
+                at,
+            },
+        });
+    }
+}
+
+/// Refuses requests no pod with this profile could ever serve (empty, too long, bigger
+/// than the KV cache); used by HTTP handlers before submitting.
+pub fn check_limits(
+    p: &EngineProfile,
+    prompt: usize,
+    completion: usize,
+) -> Result<(), SubmitError> {
+    if prompt == 0 {
+        return Err(SubmitError::EmptyPrompt);
+    }
+    if prompt + completion > p.max_model_len {
+        return Err(SubmitError::TooLong {
+            max_model_len: p.max_model_len,
+            total: prompt + completion,
+            prompt,
+            completion,
+        });
+    }
+    let needed = (prompt + completion).div_ceil(p.block_size);
+    if needed > p.num_gpu_blocks {
+        return Err(SubmitError::ExceedsKvCapacity {
+            needed,
+            capacity: p.num_gpu_blocks,
+            prompt,
+            completion,
+        });
+    }
+    Ok(())
+}
+
+fn mul(d: Duration, n: usize) -> Duration {
+    d * u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests;

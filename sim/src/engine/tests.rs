@@ -1,0 +1,350 @@
+//! Hand-checked cases of the engine's cache accounting and time model (no sockets, no sleeps).
+
+use super::*;
+
+fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}
+
+/// Block size 4, round numbers: prefill step = 10 ms + 1 ms/token, decode step = 5 ms + 1 ms
+/// per extra sequence.
+fn profile() -> EngineProfile {
+    EngineProfile {
+        name: "test".into(),
+        block_size: 4,
+        num_gpu_blocks: 64,
+        max_num_seqs: 8,
+        max_num_batched_tokens: 1024,
+        max_model_len: 1024,
+        prefill_overhead: ms(10),
+        prefill_per_token: ms(1),
+        decode_base: ms(5),
+        decode_per_seq: ms(1),
+        decode_per_context_token: Duration::ZERO,
+        kv_transfer_per_token: Duration::from_micros(100),
+        max_loras: 1,
+        jitter: 0.0,
+        default_max_tokens: 16,
+    }
+}
+
+fn engine(p: EngineProfile) -> Engine {
+    Engine::new(EngineConfig {
+        profile: p,
+        lora_adapters: vec!["a".into(), "b".into()],
+        seed: 7,
+    })
+}
+
+fn req(id: u64, prompt: Vec<u32>, max_tokens: usize) -> EngineRequest {
+    EngineRequest::new(
+        id,
+        prompt,
+        max_tokens,
+        FinishReason::Length,
+        None,
+        KvTransfer::None,
+        4,
+    )
+}
+
+fn toks(range: std::ops::Range<u32>) -> Vec<u32> {
+    range.collect()
+}
+
+/// Runs until idle; returns (first token time, completion) per request id.
+fn run(e: &mut Engine) -> HashMap<u64, (Duration, Completion)> {
+    let mut first = HashMap::new();
+    let mut done = HashMap::new();
+    let mut guard = 0;
+    loop {
+        for o in e.drain_outputs() {
+            match o {
+                Output::Token { id, index: 0, at } => {
+                    first.insert(id, at);
+                }
+                Output::Token { .. } => {}
+                Output::Finished { id, completion } => {
+                    done.insert(id, (first[&id], completion));
+                }
+            }
+        }
+        let Some(t) = e.next_wakeup() else { break };
+        e.advance(t);
+        guard += 1;
+        assert!(guard < 10_000, "engine did not go idle");
+    }
+    done
+}
+
+fn submit(e: &mut Engine, now: Duration, r: EngineRequest) {
+    e.advance(now);
+    e.submit(now, r).unwrap();
+    e.advance(now);
+}
+
+#[test]
+fn ttft_is_overhead_plus_uncached_prefill_and_decode_steps_follow() {
+    let mut e = engine(profile());
+    submit(&mut e, ms(0), req(1, toks(0..20), 3));
+    let out = run(&mut e);
+    let (ttft, c) = &out[&1];
+    assert_eq!(*ttft, ms(30)); // 10 + 20 × 1
+    assert_eq!(c.at, ms(40)); // two decode steps of 5 ms
+    assert_eq!(
+        (c.prompt_tokens, c.completion_tokens, c.cached_tokens),
+        (20, 3, 0)
+    );
+    assert_eq!(c.finish, FinishReason::Length);
+
+    // Same prompt later: 4 of 5 blocks hit (the last block is always recomputed).
+    submit(&mut e, ms(100), req(2, toks(0..20), 1));
+    let out = run(&mut e);
+    let (first, c) = &out[&2];
+    assert_eq!(*first, ms(114)); // 10 + 4 uncached tokens
+    assert_eq!(c.cached_tokens, 16);
+    assert_eq!(e.stats().prefix_cache_queries, 40);
+    assert_eq!(e.stats().prefix_cache_hits, 16);
+}
+
+#[test]
+fn prefix_hits_count_whole_leading_blocks_only() {
+    let mut e = engine(profile());
+    submit(&mut e, ms(0), req(1, toks(0..10), 2)); // registers blocks [0..4), [4..8)
+    run(&mut e);
+    assert_eq!(e.stats().prefix_cache_queries, 10);
+    assert_eq!(e.stats().prefix_cache_hits, 0);
+
+    // Extends the prompt: blocks 0 and 1 hit; block 2 of request 1 was never full.
+    let mut longer = toks(0..10);
+    longer.extend(100..104);
+    submit(&mut e, ms(100), req(2, longer, 1));
+    let c = run(&mut e).remove(&2).unwrap().1;
+    assert_eq!(c.cached_tokens, 8);
+
+    // Exactly two blocks long: only one may hit (one token must be computed).
+    submit(&mut e, ms(200), req(3, toks(0..8), 1));
+    assert_eq!(run(&mut e)[&3].1.cached_tokens, 4);
+
+    // A different first block misses everything even if later tokens match.
+    let mut other = toks(0..10);
+    other[0] = 999;
+    submit(&mut e, ms(300), req(4, other, 1));
+    assert_eq!(run(&mut e)[&4].1.cached_tokens, 0);
+
+    // Same tokens on a LoRA adapter are a different cache key.
+    let mut r = req(5, toks(0..10), 1);
+    r = EngineRequest::new(
+        r.id,
+        r.prompt,
+        1,
+        FinishReason::Length,
+        Some(0),
+        KvTransfer::None,
+        4,
+    );
+    submit(&mut e, ms(400), r);
+    assert_eq!(run(&mut e)[&5].1.cached_tokens, 0);
+
+    assert_eq!(e.stats().prefix_cache_queries, 10 + 14 + 8 + 10 + 10);
+    assert_eq!(e.stats().prefix_cache_hits, 8 + 4);
+}
+
+#[test]
+fn decode_step_grows_with_batch_size() {
+    let mut e = engine(profile());
+    e.submit(ms(0), req(1, toks(0..8), 3)).unwrap();
+    e.submit(ms(0), req(2, toks(100..108), 3)).unwrap();
+    e.advance(ms(0));
+    let out = run(&mut e);
+    // One prefill step for both (10 + 16), then decode steps of 5 + 1 for two sequences.
+    assert_eq!(out[&1].0, ms(26));
+    assert_eq!(out[&2].0, ms(26));
+    assert_eq!(out[&1].1.at, ms(38));
+    assert_eq!(e.stats().itl.count(), 4);
+    assert!((e.stats().itl.sum() - 0.024).abs() < 1e-9);
+}
+
+#[test]
+fn queue_wait_adds_to_ttft_when_the_batch_is_full() {
+    let mut e = engine(EngineProfile {
+        max_num_seqs: 1,
+        ..profile()
+    });
+    submit(&mut e, ms(0), req(1, toks(0..8), 3));
+    assert_eq!(e.num_running(), 1);
+    e.submit(ms(0), req(2, toks(100..108), 1)).unwrap();
+    assert_eq!(e.num_waiting(), 1);
+    let out = run(&mut e);
+    assert_eq!(out[&1].1.at, ms(28)); // 18 + 5 + 5
+    assert_eq!(out[&2].0, ms(46)); // waits 28, then 10 + 8
+}
+
+#[test]
+fn chunked_prefill_splits_long_prompts_by_the_token_budget() {
+    let mut e = engine(EngineProfile {
+        max_num_batched_tokens: 8,
+        ..profile()
+    });
+    submit(&mut e, ms(0), req(1, toks(0..20), 1));
+    let out = run(&mut e);
+    assert_eq!(out[&1].0, ms(18 + 18 + 14));
+}
+
+#[test]
+fn kv_pressure_preempts_and_every_request_still_completes() {
+    let mut e = engine(EngineProfile {
+        num_gpu_blocks: 6,
+        ..profile()
+    });
+    // Two sequences of 8 prompt tokens growing to 16: 4 blocks each > 6 blocks total.
+    submit(&mut e, ms(0), req(1, toks(0..8), 8));
+    e.submit(ms(0), req(2, toks(100..108), 8)).unwrap();
+    let out = run(&mut e);
+    assert_eq!(out[&1].1.completion_tokens, 8);
+    assert_eq!(out[&2].1.completion_tokens, 8);
+    assert!(e.stats().preemptions >= 1);
+    assert_eq!(e.pool().num_used(), 0);
+}
+
+#[test]
+fn requests_larger_than_the_context_or_the_cache_are_refused() {
+    let mut e = engine(EngineProfile {
+        num_gpu_blocks: 4,
+        max_model_len: 32,
+        ..profile()
+    });
+    assert!(matches!(
+        e.submit(ms(0), req(1, toks(0..30), 8)),
+        Err(SubmitError::TooLong { total: 38, .. })
+    ));
+    assert!(matches!(
+        e.submit(ms(0), req(2, toks(0..16), 8)),
+        Err(SubmitError::ExceedsKvCapacity { needed: 6, .. })
+    ));
+    assert_eq!(
+        e.submit(ms(0), req(3, vec![], 8)),
+        Err(SubmitError::EmptyPrompt)
+    );
+    assert_eq!(e.num_waiting(), 0);
+}
+
+#[test]
+fn max_loras_keeps_a_second_adapter_waiting() {
+    let mut e = engine(profile());
+    let lora = |id, l| {
+        EngineRequest::new(
+            id,
+            toks(0..8),
+            2,
+            FinishReason::Length,
+            l,
+            KvTransfer::None,
+            4,
+        )
+    };
+    e.submit(ms(0), lora(1, Some(0))).unwrap();
+    e.submit(ms(0), lora(2, Some(1))).unwrap();
+    e.submit(ms(0), lora(3, None)).unwrap();
+    e.advance(ms(0));
+    assert_eq!(e.num_running(), 2); // adapter a and the base model
+    assert_eq!(e.running_loras(), vec![0]);
+    assert_eq!(e.waiting_loras(), vec![1]);
+    let out = run(&mut e);
+    assert!(out[&2].0 > out[&1].1.at - ms(1));
+}
+
+#[test]
+fn remote_prefill_skips_prefill_cost_and_remote_decode_reports_blocks() {
+    let mut e = engine(profile());
+    let r = EngineRequest::new(
+        1,
+        toks(0..21),
+        2,
+        FinishReason::Length,
+        None,
+        KvTransfer::RemotePrefill,
+        4,
+    );
+    submit(&mut e, ms(0), r);
+    let out = run(&mut e);
+    // 20 tokens transferred at 0.1 ms each, then a one-token step (10 + 1).
+    assert_eq!(out[&1].0, ms(13));
+    assert_eq!(out[&1].1.cached_tokens, 20);
+    assert_eq!(e.stats().prefix_cache_hits, 0);
+    assert_eq!(e.stats().remote_prefill_tokens, 20);
+
+    let r = EngineRequest::new(
+        2,
+        toks(50..70),
+        1,
+        FinishReason::Length,
+        None,
+        KvTransfer::RemoteDecode,
+        4,
+    );
+    submit(&mut e, ms(100), r);
+    let c = run(&mut e).remove(&2).unwrap().1;
+    assert_eq!(c.prompt_block_ids.len(), 5);
+}
+
+#[test]
+fn abort_frees_blocks_and_drops_the_request() {
+    let mut e = engine(profile());
+    submit(&mut e, ms(0), req(1, toks(0..20), 100));
+    e.advance(ms(50));
+    assert!(e.pool().num_used() > 0);
+    e.abort(1);
+    assert_eq!(e.pool().num_used(), 0);
+    assert_eq!(e.num_running(), 0);
+    assert!(run(&mut e).is_empty());
+}
+
+#[test]
+fn same_seed_and_workload_give_the_same_results() {
+    let go = || {
+        let mut e = engine(EngineProfile {
+            jitter: 0.2,
+            num_gpu_blocks: 24,
+            ..profile()
+        });
+        let mut log = Vec::new();
+        for i in 0..40u64 {
+            let now = ms(i * 7);
+            e.advance(now);
+            log.extend(e.drain_outputs());
+            let base = (i % 3) as u32 * 1000;
+            let mut p = toks(base..base + 12);
+            p.extend(toks(i as u32 * 10..i as u32 * 10 + 5));
+            e.submit(now, req(i, p, 4)).unwrap();
+        }
+        while let Some(t) = e.next_wakeup() {
+            e.advance(t);
+            log.extend(e.drain_outputs());
+        }
+        (log, e.stats().prefix_cache_hits, e.stats().preemptions)
+    };
+    let a = go();
+    assert_eq!(a, go());
+    assert!(a.1 > 0);
+}
+
+#[test]
+fn zero_cost_profile_finishes_within_one_advance() {
+    let mut e = engine(EngineProfile {
+        prefill_overhead: Duration::ZERO,
+        prefill_per_token: Duration::ZERO,
+        decode_base: Duration::ZERO,
+        decode_per_seq: Duration::ZERO,
+        ..profile()
+    });
+    e.submit(ms(5), req(1, toks(0..20), 50)).unwrap();
+    assert!(e.advance_bounded(ms(5), 10));
+    e.advance(ms(5));
+    let outs: Vec<_> = e.drain_outputs().collect();
+    assert_eq!(outs.len(), 51);
+    assert!(
+        matches!(outs.last(), Some(Output::Finished { completion, .. }) if completion.at == ms(5))
+    );
+    assert_eq!(e.next_wakeup(), None);
+}

@@ -1,0 +1,42 @@
+//! Errors of the simulator library.
+
+use std::net::SocketAddr;
+
+/// Why a fleet could not be configured or started; nothing is left running when returned.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// The profile name is not one of the built-in profiles.
+    #[error("unknown engine profile `{name}` (known: {known})")]
+    UnknownProfile {
+        /// The name asked for.
+        name: String,
+        /// The names that exist.
+        known: String,
+    },
+    /// A profile constant is out of range.
+    #[error("invalid engine profile: `{field}` {reason}")]
+    InvalidProfile {
+        /// The offending field.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A fleet setting is out of range.
+    #[error("invalid fleet config: `{field}` {reason}")]
+    InvalidConfig {
+        /// The offending field.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A pod's listener could not be bound; pods already started were stopped.
+    #[error("cannot bind pod {pod} to {addr}: {source}")]
+    Bind {
+        /// Index of the pod.
+        pod: usize,
+        /// Address it tried.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}

@@ -1,0 +1,345 @@
+//! A fleet of simulated pods in one process: configuration, start, per-pod stop, shutdown.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::engine::{Engine, EngineConfig, PodRole};
+use crate::error::SimError;
+use crate::http::{PodState, router};
+use crate::metrics::MetricsLabels;
+use crate::pod::{SimClock, run_engine};
+use crate::profile::EngineProfile;
+
+/// The model name pods serve unless told otherwise.
+pub const DEFAULT_MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
+
+/// How to build a fleet.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    /// Number of pods.
+    pub pods: usize,
+    /// Address every pod binds (127.0.0.1 by default).
+    pub host: IpAddr,
+    /// Port of pod 0; pod i binds `base_port + i`. 0 = every pod binds an ephemeral port.
+    pub base_port: u16,
+    /// Served model name.
+    pub model: String,
+    /// LoRA adapters every pod serves (requests name them in `model`).
+    pub lora_adapters: Vec<String>,
+    /// Engine constants of every pod.
+    pub profile: EngineProfile,
+    /// Simulated seconds per real second (10 = ten times faster than real time).
+    pub time_scale: f64,
+    /// Seed of the per-pod randomness (pod i uses `seed + i`).
+    pub seed: u64,
+    /// Role of pod i; pods past the end of the list are `both`.
+    pub roles: Vec<PodRole>,
+}
+
+impl FleetConfig {
+    /// `pods` pods of Llama-3.1-8B on H100 on ephemeral 127.0.0.1 ports, real time, seed 0.
+    pub fn new(pods: usize) -> Self {
+        Self {
+            pods,
+            host: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            base_port: 0,
+            model: DEFAULT_MODEL.to_owned(),
+            lora_adapters: Vec::new(),
+            profile: EngineProfile::llama_8b_h100(),
+            time_scale: 1.0,
+            seed: 0,
+            roles: Vec::new(),
+        }
+    }
+
+    /// Role of pod `index`.
+    pub fn role_of(&self, index: usize) -> PodRole {
+        self.roles.get(index).copied().unwrap_or_default()
+    }
+
+    /// Checks every setting; names the first bad one.
+    pub fn validate(&self) -> Result<(), SimError> {
+        let bad =
+            |field: &'static str, reason: String| Err(SimError::InvalidConfig { field, reason });
+        if self.pods == 0 {
+            return bad("pods", "must be at least 1".into());
+        }
+        if self.base_port != 0
+            && usize::from(self.base_port) + self.pods - 1 > usize::from(u16::MAX)
+        {
+            return bad(
+                "base_port",
+                format!(
+                    "{} + {} pods runs past port 65535",
+                    self.base_port, self.pods
+                ),
+            );
+        }
+        if self.model.is_empty() {
+            return bad("model", "must not be empty".into());
+        }
+        if let Some(l) = self
+            .lora_adapters
+            .iter()
+            .find(|l| **l == self.model || l.is_empty())
+        {
+            return bad(
+                "lora_adapters",
+                format!("adapter name `{l}` is empty or equals the model name"),
+            );
+        }
+        if !(self.time_scale.is_finite() && self.time_scale > 0.0) {
+            return bad(
+                "time_scale",
+                format!("must be a positive number, got {}", self.time_scale),
+            );
+        }
+        if self.roles.len() > self.pods {
+            return bad(
+                "roles",
+                format!("{} roles given for {} pods", self.roles.len(), self.pods),
+            );
+        }
+        self.profile.validate()
+    }
+}
+
+struct PodHandle {
+    addr: SocketAddr,
+    role: PodRole,
+    shutdown: watch::Sender<bool>,
+    server: parking_lot::Mutex<Option<JoinHandle<()>>>,
+    engine: parking_lot::Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Running simulated pods.
+pub struct Fleet {
+    pods: Vec<PodHandle>,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet")
+            .field("addrs", &self.addrs())
+            .finish()
+    }
+}
+
+impl Fleet {
+    /// Binds and starts every pod; on error nothing is left running.
+    pub async fn start(cfg: FleetConfig) -> Result<Fleet, SimError> {
+        cfg.validate()?;
+        let clock = SimClock::new(cfg.time_scale);
+        let created = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut listeners = Vec::with_capacity(cfg.pods);
+        for i in 0..cfg.pods {
+            let port = if cfg.base_port == 0 {
+                0
+            } else {
+                cfg.base_port + i as u16
+            };
+            let addr = SocketAddr::new(cfg.host, port);
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| SimError::Bind {
+                    pod: i,
+                    addr,
+                    source,
+                })?;
+            let bound = l.local_addr().map_err(|source| SimError::Bind {
+                pod: i,
+                addr,
+                source,
+            })?;
+            listeners.push((l, bound));
+        }
+        let mut pods = Vec::with_capacity(cfg.pods);
+        for (i, (listener, addr)) in listeners.into_iter().enumerate() {
+            let engine = Engine::new(EngineConfig {
+                profile: cfg.profile.clone(),
+                lora_adapters: cfg.lora_adapters.clone(),
+                seed: cfg.seed.wrapping_add(i as u64),
+            });
+            let (tx, rx) = mpsc::unbounded_channel();
+            let labels = MetricsLabels {
+                model: cfg.model.clone(),
+                lora_adapters: cfg.lora_adapters.clone(),
+            };
+            let engine_task = tokio::spawn(run_engine(engine, rx, clock, labels));
+            let state = Arc::new(PodState {
+                index: i,
+                addr,
+                model: cfg.model.clone(),
+                lora_adapters: cfg.lora_adapters.clone(),
+                profile: cfg.profile.clone(),
+                role: cfg.role_of(i),
+                engine: tx,
+                next_id: AtomicU64::new(0),
+                created,
+            });
+            let (shutdown, shutdown_rx) = watch::channel(false);
+            let server = tokio::spawn(serve_pod(listener, router(state), shutdown_rx));
+            pods.push(PodHandle {
+                addr,
+                role: cfg.role_of(i),
+                shutdown,
+                server: parking_lot::Mutex::new(Some(server)),
+                engine: parking_lot::Mutex::new(Some(engine_task)),
+            });
+        }
+        Ok(Fleet { pods })
+    }
+
+    /// Bound address of every pod, in pod order.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.pods.iter().map(|p| p.addr).collect()
+    }
+
+    /// Base URLs (`http://ip:port`) of every pod, in pod order.
+    pub fn urls(&self) -> Vec<String> {
+        self.pods
+            .iter()
+            .map(|p| format!("http://{}", p.addr))
+            .collect()
+    }
+
+    /// Role of every pod, in pod order.
+    pub fn roles(&self) -> Vec<PodRole> {
+        self.pods.iter().map(|p| p.role).collect()
+    }
+
+    /// Stops one pod: its listener closes and open connections are dropped mid-request.
+    /// Returns once the port no longer accepts. Unknown or already stopped pods are ignored.
+    pub async fn stop_pod(&self, index: usize) {
+        let Some(p) = self.pods.get(index) else {
+            return;
+        };
+        let _ = p.shutdown.send(true);
+        let server = p.server.lock().take();
+        if let Some(h) = server {
+            let _ = h.await;
+        }
+        let engine = p.engine.lock().take();
+        if let Some(h) = engine {
+            let _ = h.await;
+        }
+    }
+
+    /// Stops every pod.
+    pub async fn shutdown(self) {
+        for p in &self.pods {
+            let _ = p.shutdown.send(true);
+        }
+        for i in 0..self.pods.len() {
+            self.stop_pod(i).await;
+        }
+    }
+}
+
+async fn serve_pod(listener: TcpListener, app: axum::Router, mut shutdown: watch::Receiver<bool>) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    let svc = TowerToHyperService::new(app.clone());
+                    conns.spawn(async move {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .await;
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors and similar: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    conns.abort_all();
+    while conns.join_next().await.is_some() {}
+}
+
+/// Parses `--roles`: comma-separated `role` or `role=count` items assigned to pods in order
+/// (`prefill=2,decode=6`); an empty string means every pod is `both`.
+pub fn parse_roles(spec: &str, pods: usize) -> Result<Vec<PodRole>, SimError> {
+    let mut roles = Vec::new();
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (name, count) = match item.split_once('=') {
+            Some((n, c)) => {
+                let c: usize = c.trim().parse().map_err(|_| SimError::InvalidConfig {
+                    field: "roles",
+                    reason: format!("`{item}`: count `{c}` is not a number"),
+                })?;
+                (n.trim(), c)
+            }
+            None => (item, 1),
+        };
+        let role: PodRole = name.parse().map_err(|reason| SimError::InvalidConfig {
+            field: "roles",
+            reason,
+        })?;
+        roles.extend(std::iter::repeat_n(role, count));
+    }
+    if roles.len() > pods {
+        return Err(SimError::InvalidConfig {
+            field: "roles",
+            reason: format!("{} roles given for {pods} pods", roles.len()),
+        });
+    }
+    Ok(roles)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_parse_in_order_and_reject_mistakes() {
+        assert_eq!(
+            parse_roles("prefill=2, decode", 4).unwrap(),
+            vec![PodRole::Prefill, PodRole::Prefill, PodRole::Decode]
+        );
+        assert!(parse_roles("", 2).unwrap().is_empty());
+        assert!(parse_roles("prefil=1", 2).is_err());
+        assert!(parse_roles("decode=3", 2).is_err());
+        assert!(parse_roles("decode=x", 2).is_err());
+    }
+
+    #[test]
+    fn config_validation_names_the_field() {
+        let mut c = FleetConfig::new(2);
+        c.time_scale = 0.0;
+        assert!(matches!(
+            c.validate(),
+            Err(SimError::InvalidConfig {
+                field: "time_scale",
+                ..
+            })
+        ));
+        let mut c = FleetConfig::new(2);
+        c.base_port = 65535;
+        assert!(matches!(
+            c.validate(),
+            Err(SimError::InvalidConfig {
+                field: "base_port",
+                ..
+            })
+        ));
+        assert!(FleetConfig::new(1).validate().is_ok());
+    }
+}

@@ -1,0 +1,167 @@
+//! The thin async driver of one pod's engine: one task owns the [`Engine`], takes
+//! [`Input`]s over a channel and sleeps until the engine's next step ends.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::engine::{Completion, Engine, EngineRequest, Output, RequestId, SubmitError};
+use crate::metrics::{MetricsLabels, render};
+
+/// Maps real time to simulated time (`time_scale` simulated seconds per real second).
+#[derive(Debug, Clone, Copy)]
+pub struct SimClock {
+    start: Instant,
+    scale: f64,
+}
+
+impl SimClock {
+    /// A clock starting now.
+    pub fn new(scale: f64) -> Self {
+        Self {
+            start: Instant::now(),
+            scale,
+        }
+    }
+
+    /// Simulated time since start.
+    pub fn now(&self) -> Duration {
+        self.start.elapsed().mul_f64(self.scale)
+    }
+
+    /// The real instant at which simulated time `t` is reached.
+    pub fn instant_of(&self, t: Duration) -> Instant {
+        self.start + t.div_f64(self.scale)
+    }
+}
+
+/// A message to the engine task.
+#[derive(Debug)]
+pub enum Input {
+    /// A new request; its events go to `events`.
+    Submit {
+        /// The tokenized request.
+        req: EngineRequest,
+        /// Where tokens and the end go.
+        events: mpsc::UnboundedSender<Event>,
+    },
+    /// The client went away.
+    Abort(RequestId),
+    /// Render `/metrics`.
+    Metrics(oneshot::Sender<String>),
+}
+
+/// What a request handler hears from the engine.
+#[derive(Debug)]
+pub enum Event {
+    /// Token `index` (0-based) is out.
+    Token {
+        /// Position in the completion.
+        index: usize,
+    },
+    /// The request is complete.
+    Done(Completion),
+    /// The engine refused the request.
+    Rejected(SubmitError),
+}
+
+/// Runs the engine until every sender of `rx` is gone.
+pub async fn run_engine(
+    mut engine: Engine,
+    mut rx: mpsc::UnboundedReceiver<Input>,
+    clock: SimClock,
+    labels: MetricsLabels,
+) {
+    let mut subs: HashMap<RequestId, mpsc::UnboundedSender<Event>> = HashMap::new();
+    loop {
+        engine.advance(clock.now());
+        dispatch(&mut engine, &mut subs);
+        let wake = engine.next_wakeup();
+        let sleep = async {
+            match wake {
+                Some(t) => tokio::time::sleep_until(clock.instant_of(t)).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            msg = rx.recv() => {
+                let Some(msg) = msg else { break };
+                handle(&mut engine, &mut subs, &clock, &labels, msg);
+                while let Ok(msg) = rx.try_recv() {
+                    handle(&mut engine, &mut subs, &clock, &labels, msg);
+                }
+            }
+            () = sleep => {
+                // Float rounding may leave `now` a hair before the step's end.
+                if let Some(t) = wake {
+                    engine.advance(t.max(clock.now()));
+                }
+            }
+        }
+    }
+}
+
+fn handle(
+    engine: &mut Engine,
+    subs: &mut HashMap<RequestId, mpsc::UnboundedSender<Event>>,
+    clock: &SimClock,
+    labels: &MetricsLabels,
+    msg: Input,
+) {
+    match msg {
+        Input::Submit { req, events } => {
+            let now = clock.now();
+            engine.advance(now);
+            dispatch(engine, subs);
+            let id = req.id;
+            match engine.submit(now, req) {
+                Ok(()) => {
+                    subs.insert(id, events);
+                }
+                Err(e) => {
+                    let _ = events.send(Event::Rejected(e));
+                }
+            }
+        }
+        Input::Abort(id) => {
+            if subs.remove(&id).is_some() {
+                engine.abort(id);
+            }
+        }
+        Input::Metrics(reply) => {
+            engine.advance(clock.now());
+            dispatch(engine, subs);
+            let wall = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            let _ = reply.send(render(engine, labels, wall));
+        }
+    }
+}
+
+fn dispatch(engine: &mut Engine, subs: &mut HashMap<RequestId, mpsc::UnboundedSender<Event>>) {
+    let mut gone: Vec<RequestId> = Vec::new();
+    for out in engine.drain_outputs() {
+        match out {
+            Output::Token { id, index, .. } => {
+                if let Some(tx) = subs.get(&id)
+                    && tx.send(Event::Token { index }).is_err()
+                {
+                    gone.push(id);
+                }
+            }
+            Output::Finished { id, completion } => {
+                if let Some(tx) = subs.remove(&id) {
+                    let _ = tx.send(Event::Done(completion));
+                }
+            }
+        }
+    }
+    for id in gone {
+        if subs.remove(&id).is_some() {
+            engine.abort(id);
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! Engine profiles: the capacity and timing constants of one simulated pod.
+
+use std::time::Duration;
+
+use crate::error::SimError;
+
+/// Capacity and timing constants of a simulated vLLM engine; every field is also a CLI flag.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineProfile {
+    /// Profile name reported in `/server_info` (e.g. `llama-8b-h100`).
+    pub name: String,
+    /// Tokens per KV block (vLLM `--block-size`).
+    pub block_size: usize,
+    /// KV capacity in blocks (vLLM's `num_gpu_blocks`).
+    pub num_gpu_blocks: usize,
+    /// Most sequences in one batch (vLLM `--max-num-seqs`).
+    pub max_num_seqs: usize,
+    /// Token budget of one engine step, prefill chunks plus decode tokens (`--max-num-batched-tokens`).
+    pub max_num_batched_tokens: usize,
+    /// Longest prompt + completion accepted (`--max-model-len`).
+    pub max_model_len: usize,
+    /// Fixed cost of a step that contains prefill work.
+    pub prefill_overhead: Duration,
+    /// Cost of prefilling one uncached prompt token.
+    pub prefill_per_token: Duration,
+    /// Cost of a decode step with one sequence in the batch.
+    pub decode_base: Duration,
+    /// Extra decode-step cost per additional sequence in the batch.
+    pub decode_per_seq: Duration,
+    /// Extra decode-step cost per context token read (KV bandwidth), summed over the batch.
+    pub decode_per_context_token: Duration,
+    /// Time to receive one token's KV from a remote prefill pod (P/D).
+    pub kv_transfer_per_token: Duration,
+    /// Most distinct LoRA adapters in one batch (`--max-loras`).
+    pub max_loras: usize,
+    /// Relative uniform jitter applied to each step's duration (0 = exact).
+    pub jitter: f64,
+    /// Completion length when a request gives no `max_tokens` (stands in for the EOS token).
+    pub default_max_tokens: usize,
+}
+
+/// The names accepted by [`EngineProfile::named`].
+pub const PROFILE_NAMES: &[&str] = &["llama-8b-h100", "llama-70b-h100-tp4", "instant"];
+
+impl EngineProfile {
+    /// Llama-3.1-8B (BF16) on one H100 80GB with vLLM V1 defaults.
+    ///
+    /// Where the numbers come from (first-principles estimates, not measurements):
+    /// - KV: 64 GB left for KV after weights at `gpu_memory_utilization=0.9`; 128 KiB of KV
+    ///   per token (32 layers × 8 KV heads × 128 dims × 2 (K,V) × 2 bytes) → 500k tokens →
+    ///   31,250 blocks of 16 (the same derivation as llm-d's `lruCapacityPerServer`).
+    /// - Prefill: 2 × 8e9 FLOP/token at ~35% of 989 TFLOPS ≈ 20k tokens/s → 50 µs/token, plus
+    ///   ~5 ms of per-step scheduling/launch overhead.
+    /// - Decode: reading 16 GB of weights at 3.35 TB/s ≈ 4.8 ms → ~6 ms per step at batch 1;
+    ///   each context token adds its 128 KiB of KV reads (≈ 40 ns at 3.35 TB/s); sampling and
+    ///   per-sequence work ≈ 30 µs.
+    /// - Scheduler: vLLM V1 defaults for ≥70 GB GPUs in the API server: `max_num_seqs=1024`,
+    ///   `max_num_batched_tokens=8192`; `max_loras=1`; Llama-3.1 context 131072.
+    pub fn llama_8b_h100() -> Self {
+        Self {
+            name: "llama-8b-h100".to_owned(),
+            block_size: 16,
+            num_gpu_blocks: 31_250,
+            max_num_seqs: 1024,
+            max_num_batched_tokens: 8192,
+            max_model_len: 131_072,
+            prefill_overhead: Duration::from_millis(5),
+            prefill_per_token: Duration::from_micros(50),
+            decode_base: Duration::from_millis(6),
+            decode_per_seq: Duration::from_micros(30),
+            decode_per_context_token: Duration::from_nanos(40),
+            kv_transfer_per_token: Duration::from_micros(2),
+            max_loras: 1,
+            jitter: 0.0,
+            default_max_tokens: 128,
+        }
+    }
+
+    /// Llama-3.1-70B (BF16) on four H100 80GB with tensor parallelism 4.
+    ///
+    /// Where the numbers come from: 4 × 80 GB × 0.9 − 140 GB weights ≈ 140 GB of KV; 320 KiB of
+    /// KV per token (80 layers × 8 KV heads × 128 × 2 × 2 bytes) → ~450k tokens → 28,000
+    /// blocks. Prefill 2 × 70e9 FLOP/token at ~35% of 4 × 989 TFLOPS ≈ 10k tokens/s → 100 µs;
+    /// decode reads 35 GB of weights per GPU at 3.35 TB/s ≈ 10.5 ms plus all-reduce → 12 ms.
+    pub fn llama_70b_h100_tp4() -> Self {
+        Self {
+            name: "llama-70b-h100-tp4".to_owned(),
+            num_gpu_blocks: 28_000,
+            prefill_overhead: Duration::from_millis(8),
+            prefill_per_token: Duration::from_micros(100),
+            decode_base: Duration::from_millis(12),
+            decode_per_seq: Duration::from_micros(60),
+            decode_per_context_token: Duration::from_nanos(25),
+            kv_transfer_per_token: Duration::from_micros(5),
+            ..Self::llama_8b_h100()
+        }
+    }
+
+    /// A pod with zero compute cost: measures a router's own overhead ("zero-latency pods").
+    /// Capacity is the 8B/H100 one so cache accounting still behaves like a real pod.
+    pub fn instant() -> Self {
+        Self {
+            name: "instant".to_owned(),
+            prefill_overhead: Duration::ZERO,
+            prefill_per_token: Duration::ZERO,
+            decode_base: Duration::ZERO,
+            decode_per_seq: Duration::ZERO,
+            decode_per_context_token: Duration::ZERO,
+            kv_transfer_per_token: Duration::ZERO,
+            ..Self::llama_8b_h100()
+        }
+    }
+
+    /// Looks a profile up by name (see [`PROFILE_NAMES`]).
+    pub fn named(name: &str) -> Result<Self, SimError> {
+        match name {
+            "llama-8b-h100" => Ok(Self::llama_8b_h100()),
+            "llama-70b-h100-tp4" => Ok(Self::llama_70b_h100_tp4()),
+            "instant" => Ok(Self::instant()),
+            other => Err(SimError::UnknownProfile {
+                name: other.to_owned(),
+                known: PROFILE_NAMES.join(", "),
+            }),
+        }
+    }
+
+    /// Checks the constants are usable; names the first bad field.
+    pub fn validate(&self) -> Result<(), SimError> {
+        let bad = |field: &'static str, reason: &str| {
+            Err(SimError::InvalidProfile {
+                field,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.block_size == 0 {
+            return bad("block_size", "must be at least 1");
+        }
+        if self.num_gpu_blocks == 0 {
+            return bad("num_gpu_blocks", "must be at least 1");
+        }
+        if self.num_gpu_blocks >= u32::MAX as usize {
+            return bad("num_gpu_blocks", "must be below 2^32 - 1");
+        }
+        if self.max_num_seqs == 0 {
+            return bad("max_num_seqs", "must be at least 1");
+        }
+        if self.max_num_batched_tokens == 0 {
+            return bad("max_num_batched_tokens", "must be at least 1");
+        }
+        if self.max_model_len < 2 {
+            return bad("max_model_len", "must be at least 2");
+        }
+        if self.max_loras == 0 {
+            return bad("max_loras", "must be at least 1");
+        }
+        if !(0.0..1.0).contains(&self.jitter) {
+            return bad("jitter", "must be in [0, 1)");
+        }
+        if self.default_max_tokens == 0 {
+            return bad("default_max_tokens", "must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+impl Default for EngineProfile {
+    fn default() -> Self {
+        Self::llama_8b_h100()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_named_profile_resolves_and_validates() {
+        for name in PROFILE_NAMES {
+            let p = EngineProfile::named(name).unwrap();
+            assert_eq!(p.name, *name);
+            p.validate().unwrap();
+        }
+        assert!(matches!(
+            EngineProfile::named("nope"),
+            Err(SimError::UnknownProfile { .. })
+        ));
+    }
+
+    #[test]
+    fn validate_names_the_bad_field() {
+        let p = EngineProfile {
+            block_size: 0,
+            ..EngineProfile::instant()
+        };
+        match p.validate() {
+            Err(SimError::InvalidProfile { field, .. }) => assert_eq!(field, "block_size"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

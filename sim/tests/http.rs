@@ -1,0 +1,198 @@
+//! A 2-pod fleet on ephemeral ports, driven over real HTTP.
+
+use std::net::SocketAddr;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use infermesh_sim::{EngineProfile, Fleet, FleetConfig};
+use serde_json::{Value, json};
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+async fn call(
+    c: &HttpClient,
+    method: &str,
+    addr: SocketAddr,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, String) {
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(
+            body.map(|b| b.to_string()).unwrap_or_default(),
+        )))
+        .unwrap();
+    let resp = c.request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8(bytes.to_vec()).unwrap())
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && !l.starts_with('#'))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("metric {name} not found"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pods_serve_completions_metrics_and_stop() {
+    let mut cfg = FleetConfig::new(2);
+    cfg.profile = EngineProfile::instant();
+    cfg.lora_adapters = vec!["sql-lora".into()];
+    let fleet = Fleet::start(cfg).await.unwrap();
+    let addrs = fleet.addrs();
+    assert_eq!(addrs.len(), 2);
+    assert_ne!(addrs[0], addrs[1]);
+    let c = client();
+    let a = addrs[0];
+
+    for addr in &addrs {
+        assert_eq!(call(&c, "GET", *addr, "/health", None).await.0, 200);
+    }
+    let (s, models) = call(&c, "GET", a, "/v1/models", None).await;
+    assert_eq!(s, 200);
+    let models: Value = serde_json::from_str(&models).unwrap();
+    assert_eq!(models["data"][0]["id"], infermesh_sim::DEFAULT_MODEL);
+    assert_eq!(models["data"][1]["id"], "sql-lora");
+
+    // Non-streaming completion; 200 bytes = 50 tokens = 3 full blocks of 16.
+    let prompt = "x".repeat(200);
+    let body = json!({"model": infermesh_sim::DEFAULT_MODEL, "prompt": prompt, "max_tokens": 5});
+    let (s, text) = call(&c, "POST", a, "/v1/completions", Some(body.clone())).await;
+    assert_eq!(s, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["choices"][0]["text"], " the sim kv  pod and");
+    assert_eq!(v["usage"]["prompt_tokens"], 50);
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+
+    // The same prompt again hits the 3 cached blocks.
+    let (_, text) = call(&c, "POST", a, "/v1/completions", Some(body)).await;
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 48);
+
+    // Streaming chat with a usage chunk.
+    let body = json!({
+        "model": infermesh_sim::DEFAULT_MODEL,
+        "messages": [{"role": "user", "content": "hello there"}],
+        "max_tokens": 3, "stream": true, "stream_options": {"include_usage": true},
+    });
+    let (s, text) = call(&c, "POST", a, "/v1/chat/completions", Some(body)).await;
+    assert_eq!(s, 200);
+    let events: Vec<&str> = text
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| e.strip_prefix("data: ").expect("SSE data line"))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let content: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(content, " the sim kv ");
+    assert_eq!(
+        chunks[chunks.len() - 2]["choices"][0]["finish_reason"],
+        "length"
+    );
+    let usage = &chunks[chunks.len() - 1]["usage"];
+    assert_eq!(usage["completion_tokens"], 3);
+    assert_eq!(chunks[chunks.len() - 1]["choices"], json!([]));
+
+    // Streaming completion without usage.
+    let body = json!({"prompt": "abcdefgh", "max_tokens": 2, "stream": true});
+    let (_, text) = call(&c, "POST", a, "/v1/completions", Some(body)).await;
+    assert!(text.ends_with("data: [DONE]\n\n"));
+    assert!(!text.contains("usage"));
+    assert_eq!(text.matches("text_completion").count(), 2);
+
+    // vLLM-shaped errors.
+    let (s, text) = call(
+        &c,
+        "POST",
+        a,
+        "/v1/completions",
+        Some(json!({"prompt": "hi", "max_tokens": 0})),
+    )
+    .await;
+    assert_eq!(s, 400);
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["object"], "error");
+    assert_eq!(v["type"], "BadRequestError");
+    assert_eq!(v["code"], 400);
+    assert_eq!(v["message"], "max_tokens must be at least 1, got 0.");
+    let (s, text) = call(
+        &c,
+        "POST",
+        a,
+        "/v1/completions",
+        Some(json!({"model": "nope", "prompt": "hi"})),
+    )
+    .await;
+    assert_eq!(s, 404);
+    assert!(text.contains("The model `nope` does not exist."));
+
+    // Router helper endpoints.
+    let (s, text) = call(
+        &c,
+        "POST",
+        a,
+        "/v1/completions/render",
+        Some(json!({"prompt": "abcdefgh"})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v[0]["prompt_token_ids"].as_array().unwrap().len(), 2);
+    let (s, text) = call(
+        &c,
+        "POST",
+        a,
+        "/tokenize",
+        Some(json!({"prompt": "abcdefgh"})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["count"], 2);
+
+    // Metrics with vLLM names.
+    let (s, m) = call(&c, "GET", a, "/metrics", None).await;
+    assert_eq!(s, 200);
+    for name in [
+        "vllm:num_requests_waiting",
+        "vllm:num_requests_running",
+        "vllm:kv_cache_usage_perc",
+        "vllm:lora_requests_info",
+        "vllm:cache_config_info",
+        "vllm:time_to_first_token_seconds_bucket",
+        "vllm:inter_token_latency_seconds_bucket",
+    ] {
+        assert!(m.contains(name), "missing {name}");
+    }
+    assert_eq!(metric(&m, "vllm:prefix_cache_hits_total"), 48.0);
+    assert_eq!(metric(&m, "vllm:num_requests_running"), 0.0);
+
+    // Stopping pod 1 closes its port; pod 0 keeps serving.
+    fleet.stop_pod(1).await;
+    assert!(tokio::net::TcpStream::connect(addrs[1]).await.is_err());
+    assert_eq!(call(&c, "GET", a, "/health", None).await.0, 200);
+    fleet.shutdown().await;
+    assert!(tokio::net::TcpStream::connect(a).await.is_err());
+}
