@@ -1,1 +1,24 @@
-//! infermesh node.
+//! The infermesh node: wiring around the IO-free scheduler.
+//!
+//! Contract: a node discovers a pool's endpoints (a watched file), scrapes each one's
+//! `/metrics` (vLLM or SGLang names), and routes requests two ways through one shared
+//! request path ([`dispatch`]): as an Envoy ext_proc Endpoint Picker speaking the Gateway
+//! API Inference Extension protocol ([`extproc`]), and as a standalone OpenAI-compatible
+//! proxy ([`proxy`]). Request handlers read immutable snapshots (pool, policy); each piece
+//! of mutable state has one owning task. Algorithms live in `infermesh-scheduler`.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod discovery;
+pub mod dispatch;
+pub mod extproc;
+pub mod metrics;
+pub mod policy;
+pub mod pool;
+pub mod pool_task;
+pub mod proxy;
+pub mod scrape;
+pub mod upstream;
+pub mod usage;

@@ -1,0 +1,304 @@
+//! The running node: binds its listeners, starts one task per state owner (pool,
+//! scrapers, discovery watcher) and the servers (ext_proc + health, proxy, /metrics),
+//! and stops them all on shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use axum::Router;
+use axum::routing::get;
+use axum::serve::ListenerExt;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+
+use crate::config::{EndpointSource, NodeConfig};
+use crate::discovery::{PoolSpec, watch_pool_file};
+use crate::dispatch::{DispatchConfig, Dispatcher};
+use crate::extproc::ExtProcService;
+use crate::metrics::NodeMetrics;
+use crate::policy::{Policy, SharedPolicy};
+use crate::pool::{PoolView, SharedPool};
+use crate::pool_task::{PoolInput, PoolTask};
+use crate::upstream::http_client;
+
+/// The node failed to start; whatever it had started was stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// The scheduler rejected the config.
+    #[error("scheduler config: {0}")]
+    Scheduler(#[from] infermesh_scheduler::ConfigError),
+    /// The endpoints file could not be watched.
+    #[error("cannot watch the endpoints file: {0}")]
+    Watch(#[from] notify::Error),
+}
+
+/// Handle to a started node.
+#[derive(Debug)]
+pub struct RunningNode {
+    /// Bound ext_proc (gRPC) address.
+    pub ext_proc_addr: SocketAddr,
+    /// Bound proxy address.
+    pub proxy_addr: Option<SocketAddr>,
+    /// Bound `/metrics` address.
+    pub metrics_addr: Option<SocketAddr>,
+    pool: SharedPool,
+    pool_tx: mpsc::Sender<PoolInput>,
+    synced: watch::Receiver<bool>,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+    _watcher: Option<notify::RecommendedWatcher>,
+    metrics: Arc<NodeMetrics>,
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { what, addr, source })
+}
+
+fn local(l: &TcpListener, what: &'static str, addr: SocketAddr) -> Result<SocketAddr, StartError> {
+    l.local_addr()
+        .map_err(|source| StartError::Bind { what, addr, source })
+}
+
+/// Starts a node from a validated config.
+pub async fn start(cfg: NodeConfig) -> Result<RunningNode, StartError> {
+    let metrics = Arc::new(NodeMetrics::new());
+    let policy: SharedPolicy = Arc::new(ArcSwap::from_pointee(Policy::new(&cfg.scheduler)?));
+    let pool: SharedPool = Arc::new(ArcSwap::from_pointee(PoolView::default()));
+    let client = http_client(cfg.connect_timeout);
+    let dispatcher = Dispatcher::new(
+        pool.clone(),
+        policy.clone(),
+        metrics.clone(),
+        DispatchConfig {
+            max_body_bytes: cfg.max_body_bytes,
+            staleness: cfg.staleness,
+        },
+    );
+
+    // Bind everything first so a busy port fails the start before any task runs.
+    let grpc_listener = bind("ext_proc", cfg.ext_proc_addr).await?;
+    let ext_proc_addr = local(&grpc_listener, "ext_proc", cfg.ext_proc_addr)?;
+    let proxy_listener = match cfg.proxy_addr {
+        Some(a) => Some(bind("proxy", a).await?),
+        None => None,
+    };
+    let proxy_addr = proxy_listener
+        .as_ref()
+        .map(|l| local(l, "proxy", cfg.proxy_addr.expect("set")))
+        .transpose()?;
+    let metrics_listener = match cfg.metrics_addr {
+        Some(a) => Some(bind("metrics", a).await?),
+        None => None,
+    };
+    let metrics_addr = metrics_listener
+        .as_ref()
+        .map(|l| local(l, "metrics", cfg.metrics_addr.expect("set")))
+        .transpose()?;
+
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let (synced_tx, synced) = watch::channel(false);
+    let (pool_tx, pool_rx) = mpsc::channel(1024);
+    let mut tasks = JoinSet::new();
+
+    let pool_task = PoolTask::new(
+        pool.clone(),
+        policy.clone(),
+        client.clone(),
+        cfg.scrape,
+        metrics.clone(),
+        pool_tx.clone(),
+        synced_tx,
+    );
+    tasks.spawn(pool_task.run(pool_rx, shutdown_rx.clone()));
+    let (initial, watcher) = match cfg.endpoints {
+        EndpointSource::Static(spec) => (spec, None),
+        EndpointSource::File { path, initial } => {
+            let (w, task) =
+                watch_pool_file(path, initial.clone(), pool_tx.clone(), shutdown_rx.clone())?;
+            tasks.spawn(async move {
+                let _ = task.await;
+            });
+            (initial, Some(w))
+        }
+    };
+    let _ = pool_tx.send(PoolInput::Spec(initial)).await;
+
+    // ext_proc + gRPC health.
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("liveness", ServingStatus::Serving)
+        .await;
+    let mut synced_rx = synced.clone();
+    let mut sd = shutdown_rx.clone();
+    tasks.spawn(async move {
+        let synced = tokio::select! {
+            r = synced_rx.wait_for(|s| *s) => r.is_ok(),
+            _ = sd.wait_for(|s| *s) => false,
+        };
+        if synced {
+            reporter
+                .set_service_status("readiness", ServingStatus::Serving)
+                .await;
+            reporter
+                .set_service_status(
+                    "envoy.service.ext_proc.v3.ExternalProcessor",
+                    ServingStatus::Serving,
+                )
+                .await;
+            reporter
+                .set_service_status("", ServingStatus::Serving)
+                .await;
+            let _ = sd.wait_for(|s| *s).await;
+        }
+    });
+    let ext_proc = ExtProcService::new(dispatcher.clone())
+        .into_server()
+        .max_decoding_message_size(cfg.max_body_bytes.saturating_add(1 << 20));
+    let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+    let mut sd = shutdown_rx.clone();
+    tasks.spawn(async move {
+        let res = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(ext_proc)
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = sd.wait_for(|s| *s).await;
+            })
+            .await;
+        if let Err(e) = res {
+            tracing::error!(error = %e, "ext_proc server failed");
+        }
+    });
+
+    if let Some(l) = proxy_listener {
+        let app = crate::proxy::router(dispatcher.clone(), client.clone(), cfg.proxy);
+        let mut sd = shutdown_rx.clone();
+        tasks.spawn(async move {
+            let l = l.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            let res = axum::serve(l, app)
+                .with_graceful_shutdown(async move {
+                    let _ = sd.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = res {
+                tracing::error!(error = %e, "proxy server failed");
+            }
+        });
+    }
+
+    if let Some(l) = metrics_listener {
+        let m = metrics.clone();
+        let p = pool.clone();
+        let app = Router::new().route(
+            "/metrics",
+            get(move || {
+                let body = m.render(&p.load(), Instant::now());
+                async move {
+                    (
+                        [(
+                            http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        body,
+                    )
+                }
+            }),
+        );
+        let mut sd = shutdown_rx.clone();
+        tasks.spawn(async move {
+            let res = axum::serve(l, app)
+                .with_graceful_shutdown(async move {
+                    let _ = sd.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = res {
+                tracing::error!(error = %e, "metrics server failed");
+            }
+        });
+    }
+
+    tracing::info!(%ext_proc_addr, ?proxy_addr, ?metrics_addr, "infermesh node started");
+    Ok(RunningNode {
+        ext_proc_addr,
+        proxy_addr,
+        metrics_addr,
+        pool,
+        pool_tx,
+        synced,
+        shutdown,
+        tasks,
+        _watcher: watcher,
+        metrics,
+    })
+}
+
+impl RunningNode {
+    /// The current pool view.
+    pub fn pool(&self) -> Arc<PoolView> {
+        self.pool.load_full()
+    }
+
+    /// The node's metrics registry.
+    pub fn metrics(&self) -> &Arc<NodeMetrics> {
+        &self.metrics
+    }
+
+    /// Replaces the pool description (for nodes started with a static pool).
+    pub async fn set_pool(&self, spec: PoolSpec) {
+        let _ = self.pool_tx.send(PoolInput::Spec(spec)).await;
+    }
+
+    /// Waits until discovery applied a pool and `n` endpoints answered their scrape, or `limit` passes.
+    pub async fn wait_ready(&self, n: usize, limit: Duration) -> bool {
+        let mut synced = self.synced.clone();
+        let deadline = tokio::time::Instant::now() + limit;
+        if tokio::time::timeout_at(deadline, synced.wait_for(|s| *s))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        loop {
+            let up = self.pool.load().slots.iter().filter(|s| s.is_up()).count();
+            if up >= n {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Stops every task and server, waiting at most `grace` for in-flight work.
+    pub async fn shutdown(mut self, grace: Duration) {
+        self.shutdown.send_replace(true);
+        let drained = tokio::time::timeout(grace, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("shutdown grace period over; aborting remaining tasks");
+            self.tasks.abort_all();
+            while self.tasks.join_next().await.is_some() {}
+        }
+    }
+}

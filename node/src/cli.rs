@@ -1,0 +1,224 @@
+//! The `infermesh` command line: `serve`, `config check FILE`, `demo`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{NodeConfig, NodeSettings, load_scheduler_config};
+
+/// Exit code for a configuration error (sysexits EX_USAGE).
+pub const EXIT_CONFIG: u8 = 64;
+
+/// infermesh: a replicated, inference-aware router for LLM serving fleets.
+#[derive(Debug, Parser)]
+#[command(name = "infermesh", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a node: ext_proc EPP server, standalone proxy and /metrics.
+    Serve(ServeArgs),
+    /// Configuration tools.
+    Config {
+        /// What to do with a config.
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Start simulated pods and a node on loopback, run a shared-prefix workload through
+    /// infermesh and through client-side round-robin, and print the comparison.
+    Demo(crate::demo::DemoArgs),
+}
+
+/// `infermesh config …`
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate an EndpointPickerConfig file and print it resolved (defaults filled in).
+    Check {
+        /// The YAML file.
+        file: PathBuf,
+    },
+}
+
+/// Flags of `infermesh serve` (defaults follow llm-d where it has one).
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// ext_proc gRPC listen address (llm-d --grpc-port 9002).
+    #[arg(long, default_value = "0.0.0.0:9002")]
+    pub ext_proc_addr: SocketAddr,
+    /// Standalone OpenAI-compatible proxy listen address.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub proxy_addr: SocketAddr,
+    /// Do not start the standalone proxy.
+    #[arg(long)]
+    pub no_proxy: bool,
+    /// Prometheus /metrics listen address.
+    #[arg(long, default_value = "0.0.0.0:9090")]
+    pub metrics_addr: SocketAddr,
+    /// InferencePool-like YAML listing the pool's pods (watched for changes).
+    #[arg(long)]
+    pub endpoints: PathBuf,
+    /// EndpointPickerConfig YAML (llm-d or GIE apiVersion); default: llm-d's built-in config.
+    #[arg(long)]
+    pub config_file: Option<PathBuf>,
+    /// How often each pod's /metrics is scraped.
+    #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+    pub refresh_metrics_interval: Duration,
+    /// Metrics older than this take a pod out of the candidate set.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub metrics_staleness_threshold: Duration,
+    /// Largest request body accepted (413 above it).
+    #[arg(long, default_value_t = 16 << 20)]
+    pub max_body_bytes: usize,
+    /// Model-server connect timeout (proxy and scrapes).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+    /// Longest the proxy waits for a model server's response headers.
+    #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
+    pub response_timeout: Duration,
+    /// Most endpoints the proxy tries for one request (on connect failures).
+    #[arg(long, default_value_t = 3)]
+    pub max_attempts: usize,
+    /// Seconds to wait for in-flight requests on shutdown.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+impl ServeArgs {
+    fn settings(&self) -> NodeSettings {
+        NodeSettings {
+            ext_proc_addr: self.ext_proc_addr,
+            proxy_addr: (!self.no_proxy).then_some(self.proxy_addr),
+            metrics_addr: Some(self.metrics_addr),
+            endpoints_file: self.endpoints.clone(),
+            config_file: self.config_file.clone(),
+            refresh_metrics_interval: self.refresh_metrics_interval,
+            metrics_staleness_threshold: self.metrics_staleness_threshold,
+            max_body_bytes: self.max_body_bytes,
+            connect_timeout: self.connect_timeout,
+            response_timeout: self.response_timeout,
+            max_attempts: self.max_attempts,
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
+/// Runs a parsed command line and returns the process exit code.
+pub fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } => config_check(&file),
+        Command::Serve(args) => {
+            init_tracing();
+            serve(args)
+        }
+        Command::Demo(args) => {
+            init_tracing();
+            match runtime()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(crate::demo::run(args)))
+            {
+                Ok(report) => {
+                    println!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("infermesh demo failed: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+/// `infermesh config check FILE`.
+fn config_check(file: &std::path::Path) -> ExitCode {
+    match load_scheduler_config(Some(file)) {
+        Ok(cfg) => {
+            println!("{}: OK\n", file.display());
+            println!("{cfg}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    // Parse and validate everything before a port is bound.
+    let cfg = match NodeConfig::from_settings(args.settings()) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("invalid configuration: {e}");
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let node = match crate::app::start(cfg).await {
+            Ok(n) => n,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        node.shutdown(args.shutdown_grace).await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,254 @@
+//! The node's typed configuration, built from flags and files and validated before any
+//! port is bound.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use infermesh_scheduler::{ResolvedConfig, Scheduler, load_config};
+
+use crate::discovery::{InvalidPoolFile, PoolSpec, load_pool_file};
+use crate::proxy::ProxyConfig;
+use crate::scrape::ScrapeConfig;
+
+/// Where the pool's endpoints come from.
+#[derive(Debug, Clone)]
+pub enum EndpointSource {
+    /// A discovery file, watched for changes; `initial` is its validated content at startup.
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Its content when the config was built.
+        initial: PoolSpec,
+    },
+    /// A fixed pool given in-process (demo, tests); replaceable through the running node.
+    Static(PoolSpec),
+}
+
+/// Everything a node needs to start.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// ext_proc gRPC listen address (llm-d default port 9002).
+    pub ext_proc_addr: SocketAddr,
+    /// Standalone proxy listen address; `None` = no proxy.
+    pub proxy_addr: Option<SocketAddr>,
+    /// `/metrics` listen address; `None` = not served.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Endpoint discovery.
+    pub endpoints: EndpointSource,
+    /// The resolved EndpointPickerConfig.
+    pub scheduler: ResolvedConfig,
+    /// Metrics fetcher timing.
+    pub scrape: ScrapeConfig,
+    /// Metrics older than this take an endpoint out of the candidate set.
+    pub staleness: Duration,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+    /// Model-server connect timeout.
+    pub connect_timeout: Duration,
+    /// Proxy forwarding limits.
+    pub proxy: ProxyConfig,
+}
+
+/// Raw settings as flags give them (every field has llm-d's default where one exists).
+#[derive(Debug, Clone)]
+pub struct NodeSettings {
+    /// See [`NodeConfig::ext_proc_addr`].
+    pub ext_proc_addr: SocketAddr,
+    /// See [`NodeConfig::proxy_addr`].
+    pub proxy_addr: Option<SocketAddr>,
+    /// See [`NodeConfig::metrics_addr`].
+    pub metrics_addr: Option<SocketAddr>,
+    /// Discovery file.
+    pub endpoints_file: PathBuf,
+    /// EndpointPickerConfig file; `None` = the built-in default.
+    pub config_file: Option<PathBuf>,
+    /// Scrape interval (llm-d `--refresh-metrics-interval`, 50 ms).
+    pub refresh_metrics_interval: Duration,
+    /// llm-d `--metrics-staleness-threshold`, 2 s.
+    pub metrics_staleness_threshold: Duration,
+    /// See [`NodeConfig::max_body_bytes`].
+    pub max_body_bytes: usize,
+    /// See [`NodeConfig::connect_timeout`].
+    pub connect_timeout: Duration,
+    /// See [`ProxyConfig::response_timeout`].
+    pub response_timeout: Duration,
+    /// See [`ProxyConfig::max_attempts`].
+    pub max_attempts: usize,
+}
+
+/// The configuration is invalid; nothing was started.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidNodeConfig {
+    /// The EndpointPickerConfig file could not be read.
+    #[error("cannot read --config-file {path}: {source}")]
+    ReadConfig {
+        /// The file.
+        path: PathBuf,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// The EndpointPickerConfig is invalid.
+    #[error("invalid EndpointPickerConfig {path}: {source}")]
+    SchedulerConfig {
+        /// The file (or "built-in default").
+        path: String,
+        /// The loader's error, naming plugin and field.
+        source: infermesh_scheduler::ConfigError,
+    },
+    /// The discovery file is invalid.
+    #[error("invalid --endpoints file: {0}")]
+    Endpoints(#[from] InvalidPoolFile),
+    /// A flag has an unusable value.
+    #[error("--{flag}: {reason}")]
+    Flag {
+        /// Flag name.
+        flag: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+fn flag(flag: &'static str, reason: impl Into<String>) -> InvalidNodeConfig {
+    InvalidNodeConfig::Flag {
+        flag,
+        reason: reason.into(),
+    }
+}
+
+/// Loads an EndpointPickerConfig file (or the built-in default) and checks it builds a scheduler.
+pub fn load_scheduler_config(
+    path: Option<&std::path::Path>,
+) -> Result<ResolvedConfig, InvalidNodeConfig> {
+    let (cfg, name) = match path {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).map_err(|source| InvalidNodeConfig::ReadConfig {
+                    path: p.to_owned(),
+                    source,
+                })?;
+            let cfg = load_config(&text).map_err(|source| InvalidNodeConfig::SchedulerConfig {
+                path: p.display().to_string(),
+                source,
+            })?;
+            (cfg, p.display().to_string())
+        }
+        None => (
+            ResolvedConfig::builtin_default(),
+            "built-in default".to_owned(),
+        ),
+    };
+    Scheduler::new(&cfg)
+        .map_err(|source| InvalidNodeConfig::SchedulerConfig { path: name, source })?;
+    Ok(cfg)
+}
+
+impl NodeConfig {
+    /// Validates settings and reads both files.
+    pub fn from_settings(s: NodeSettings) -> Result<NodeConfig, InvalidNodeConfig> {
+        let scheduler = load_scheduler_config(s.config_file.as_deref())?;
+        let initial = load_pool_file(&s.endpoints_file)?;
+        NodeConfig::new(
+            s.ext_proc_addr,
+            s.proxy_addr,
+            s.metrics_addr,
+            EndpointSource::File {
+                path: s.endpoints_file.clone(),
+                initial,
+            },
+            scheduler,
+            &s,
+        )
+    }
+
+    /// A config with the given endpoints and scheduler config, the rest from `s`.
+    pub fn new(
+        ext_proc_addr: SocketAddr,
+        proxy_addr: Option<SocketAddr>,
+        metrics_addr: Option<SocketAddr>,
+        endpoints: EndpointSource,
+        scheduler: ResolvedConfig,
+        s: &NodeSettings,
+    ) -> Result<NodeConfig, InvalidNodeConfig> {
+        if s.refresh_metrics_interval.is_zero() {
+            return Err(flag(
+                "refresh-metrics-interval",
+                "must be greater than zero",
+            ));
+        }
+        if s.metrics_staleness_threshold < s.refresh_metrics_interval {
+            return Err(flag(
+                "metrics-staleness-threshold",
+                format!(
+                    "{:?} is shorter than --refresh-metrics-interval {:?}: every endpoint would always be stale",
+                    s.metrics_staleness_threshold, s.refresh_metrics_interval
+                ),
+            ));
+        }
+        if s.max_body_bytes == 0 {
+            return Err(flag("max-body-bytes", "must be greater than zero"));
+        }
+        if s.connect_timeout.is_zero() || s.response_timeout.is_zero() {
+            return Err(flag(
+                "connect-timeout/response-timeout",
+                "must be greater than zero",
+            ));
+        }
+        if s.max_attempts == 0 {
+            return Err(flag("max-attempts", "must be at least 1"));
+        }
+        Ok(NodeConfig {
+            ext_proc_addr,
+            proxy_addr,
+            metrics_addr,
+            endpoints,
+            scheduler,
+            scrape: ScrapeConfig {
+                interval: s.refresh_metrics_interval,
+                // A scrape slower than the staleness threshold is as good as none.
+                timeout: s.metrics_staleness_threshold.min(Duration::from_secs(1)),
+                models_refresh: Duration::from_secs(10),
+            },
+            staleness: s.metrics_staleness_threshold,
+            max_body_bytes: s.max_body_bytes,
+            connect_timeout: s.connect_timeout,
+            proxy: ProxyConfig {
+                response_timeout: s.response_timeout,
+                max_attempts: s.max_attempts,
+            },
+        })
+    }
+
+    /// Settings with every default, for in-process nodes (demo, tests, benchmarks).
+    pub fn default_settings() -> NodeSettings {
+        NodeSettings {
+            ext_proc_addr: "127.0.0.1:0".parse().expect("valid"),
+            proxy_addr: Some("127.0.0.1:0".parse().expect("valid")),
+            metrics_addr: Some("127.0.0.1:0".parse().expect("valid")),
+            endpoints_file: PathBuf::new(),
+            config_file: None,
+            refresh_metrics_interval: Duration::from_millis(50),
+            metrics_staleness_threshold: Duration::from_secs(2),
+            max_body_bytes: 16 << 20,
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(300),
+            max_attempts: 3,
+        }
+    }
+
+    /// An in-process node on loopback ephemeral ports over a fixed pool.
+    pub fn local(
+        pool: PoolSpec,
+        scheduler: ResolvedConfig,
+    ) -> Result<NodeConfig, InvalidNodeConfig> {
+        let s = NodeConfig::default_settings();
+        NodeConfig::new(
+            s.ext_proc_addr,
+            s.proxy_addr,
+            s.metrics_addr,
+            EndpointSource::Static(pool),
+            scheduler,
+            &s,
+        )
+    }
+}

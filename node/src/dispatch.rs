@@ -1,0 +1,492 @@
+//! The one request-handling path shared by the ext_proc server and the standalone proxy:
+//! parse → admit → schedule → pre_request, then (when the response ends)
+//! response_complete. A scheduled request is a [`Ticket`]: it holds the endpoint's
+//! in-flight count and is counted exactly once in `infermesh_requests_total`, however it
+//! ends — finished, failed, or dropped because the client went away.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use infermesh_scheduler::model::DEFAULT_FAIRNESS_ID;
+use infermesh_scheduler::{ApiKind, InferenceRequest, SchedulingResult, parse_openai};
+use rand::seq::IndexedRandom;
+
+use crate::metrics::{EndpointLabels, NodeMetrics, Outcome};
+use crate::policy::{Policy, SharedPolicy};
+use crate::pool::{EndpointSlot, SharedPool};
+use crate::usage::Usage;
+
+/// Header naming the InferenceObjective of a request.
+pub const OBJECTIVE_HEADER: &str = "x-gateway-inference-objective";
+/// Header carrying the flow-control fairness id.
+pub const FAIRNESS_HEADER: &str = "x-gateway-inference-fairness-id";
+/// Header carrying the request id.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// Header (and `envoy.lb` metadata key) with the picked endpoints, primary first.
+pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
+
+/// Limits of the request path.
+#[derive(Debug, Clone, Copy)]
+pub struct DispatchConfig {
+    /// Largest request body accepted (413 above it).
+    pub max_body_bytes: usize,
+    /// Metrics older than this take an endpoint out of the candidate set.
+    pub staleness: Duration,
+}
+
+/// Request facts known before the body: id, headers, objective, fairness id, subset hint.
+#[derive(Debug, Clone, Default)]
+pub struct RequestMeta {
+    /// `x-request-id`, or a generated UUID.
+    pub request_id: String,
+    /// All request headers with lower-case names (pseudo-headers excluded).
+    pub headers: BTreeMap<String, String>,
+    /// `x-gateway-inference-objective` ("" when absent).
+    pub objective: String,
+    /// `x-gateway-inference-fairness-id` (default `default-flow`).
+    pub fairness_id: String,
+    /// Endpoints the gateway allows (`envoy.lb.subset_hint`); `None` = no restriction.
+    pub subset: Option<BTreeSet<SocketAddr>>,
+}
+
+impl RequestMeta {
+    /// Builds the metadata from request headers (names in any case).
+    pub fn from_headers<'a>(headers: impl IntoIterator<Item = (&'a str, &'a str)>) -> RequestMeta {
+        let mut map = BTreeMap::new();
+        for (k, v) in headers {
+            if k.starts_with(':') {
+                continue;
+            }
+            map.insert(k.to_ascii_lowercase(), v.to_owned());
+        }
+        let request_id = match map.get(REQUEST_ID_HEADER) {
+            Some(id) if !id.is_empty() => id.clone(),
+            _ => {
+                let id = uuid::Uuid::new_v4().to_string();
+                map.insert(REQUEST_ID_HEADER.to_owned(), id.clone());
+                id
+            }
+        };
+        let objective = map.get(OBJECTIVE_HEADER).cloned().unwrap_or_default();
+        let fairness_id = map
+            .get(FAIRNESS_HEADER)
+            .filter(|f| !f.is_empty())
+            .cloned()
+            .unwrap_or_else(|| DEFAULT_FAIRNESS_ID.to_owned());
+        RequestMeta {
+            request_id,
+            headers: map,
+            objective,
+            fairness_id,
+            subset: None,
+        }
+    }
+}
+
+/// Why a request was answered by the node itself instead of a model server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// HTTP status.
+    pub status: u16,
+    /// The counted outcome.
+    pub outcome: Outcome,
+    /// A message naming the problem.
+    pub message: String,
+}
+
+impl Rejection {
+    fn new(status: u16, outcome: Outcome, message: impl Into<String>) -> Rejection {
+        Rejection {
+            status,
+            outcome,
+            message: message.into(),
+        }
+    }
+
+    /// 413 for a body over `limit` bytes.
+    pub fn too_large(limit: usize) -> Rejection {
+        Rejection::new(
+            413,
+            Outcome::TooLarge,
+            format!("request body is larger than the limit of {limit} bytes"),
+        )
+    }
+
+    /// The OpenAI-style JSON error body a client can read.
+    pub fn json_body(&self) -> Vec<u8> {
+        let kind = match self.status {
+            400 => "BadRequestError",
+            404 => "NotFoundError",
+            413 => "RequestTooLargeError",
+            429 => "RateLimitError",
+            503 => "ServiceUnavailableError",
+            _ => "InternalServerError",
+        };
+        serde_json::to_vec(&serde_json::json!({
+            "error": {"message": self.message, "type": kind, "code": self.status}
+        }))
+        .expect("a JSON value always serializes")
+    }
+}
+
+/// The request path's shared state.
+#[derive(Debug, Clone)]
+pub struct Dispatcher {
+    pool: SharedPool,
+    policy: SharedPolicy,
+    metrics: Arc<NodeMetrics>,
+    cfg: DispatchConfig,
+}
+
+impl Dispatcher {
+    /// Creates the dispatcher over the shared pool and policy.
+    pub fn new(
+        pool: SharedPool,
+        policy: SharedPolicy,
+        metrics: Arc<NodeMetrics>,
+        cfg: DispatchConfig,
+    ) -> Dispatcher {
+        Dispatcher {
+            pool,
+            policy,
+            metrics,
+            cfg,
+        }
+    }
+
+    /// The limits in force.
+    pub fn config(&self) -> DispatchConfig {
+        self.cfg
+    }
+
+    /// The node metrics.
+    pub fn metrics(&self) -> &Arc<NodeMetrics> {
+        &self.metrics
+    }
+
+    /// The shared pool view.
+    pub fn pool(&self) -> &SharedPool {
+        &self.pool
+    }
+
+    /// Counts a request rejected before it reached [`Self::dispatch`] (e.g. 413 while buffering).
+    pub fn count_rejection(&self, meta: &RequestMeta, rejection: &Rejection) {
+        tracing::info!(request_id = %meta.request_id, status = rejection.status, reason = %rejection.message, "request rejected");
+        self.metrics
+            .count_request("", &meta.objective, rejection.outcome);
+    }
+
+    /// Parses, admits and schedules a request whose whole body is `body`; `exclude` lists
+    /// endpoints that must not be picked (they already failed for this request).
+    pub fn dispatch(
+        &self,
+        kind: ApiKind,
+        body: &[u8],
+        meta: RequestMeta,
+        exclude: &[SocketAddr],
+    ) -> Result<Ticket, Rejection> {
+        let started = Instant::now();
+        let result = self.dispatch_inner(kind, body, &meta, exclude, started);
+        match result {
+            Ok((req, policy, result)) => {
+                self.metrics.observe_scheduling(started.elapsed());
+                Ok(self.issue(req, policy, result, meta, started))
+            }
+            Err((model, rejection)) => {
+                tracing::info!(request_id = %meta.request_id, model = %model, status = rejection.status, reason = %rejection.message, "request rejected");
+                self.metrics
+                    .count_request(&model, &meta.objective, rejection.outcome);
+                Err(rejection)
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn dispatch_inner(
+        &self,
+        kind: ApiKind,
+        body: &[u8],
+        meta: &RequestMeta,
+        exclude: &[SocketAddr],
+        now: Instant,
+    ) -> Result<(InferenceRequest, Arc<Policy>, SchedulingResult), (String, Rejection)> {
+        if body.len() > self.cfg.max_body_bytes {
+            return Err((String::new(), Rejection::too_large(self.cfg.max_body_bytes)));
+        }
+        let parsed = parse_openai(kind, body).map_err(|e| {
+            (
+                String::new(),
+                Rejection::new(400, Outcome::BadRequest, e.to_string()),
+            )
+        })?;
+        let pool = self.pool.load();
+        let model = parsed.model;
+        if !pool.serves(&model) {
+            let mut served: Vec<&str> = pool.models.iter().map(String::as_str).collect();
+            served.sort_unstable();
+            let msg = format!(
+                "model {model:?} is not served by this pool (served: {})",
+                served.join(", ")
+            );
+            return Err((model, Rejection::new(404, Outcome::UnknownModel, msg)));
+        }
+        let priority = pool.objectives.get(&meta.objective).copied().unwrap_or(0);
+        let req = InferenceRequest {
+            id: meta.request_id.clone(),
+            target_model: model.clone(),
+            model,
+            prompt_bytes: parsed.prompt_bytes,
+            stream: parsed.stream,
+            max_tokens: parsed.max_tokens,
+            headers: meta.headers.clone(),
+            priority,
+            fairness_id: meta.fairness_id.clone(),
+            cache_salt: parsed.cache_salt,
+        };
+        let candidates = pool.candidates(now, self.cfg.staleness, meta.subset.as_ref(), exclude);
+        let policy = self.policy.load_full();
+        if candidates.is_empty() {
+            let msg = if meta.subset.is_some() {
+                "no ready endpoint in the gateway's subset hint"
+            } else {
+                "no ready endpoint in the pool"
+            };
+            return Err((req.model, Rejection::new(503, Outcome::NoEndpoint, msg)));
+        }
+        if let Err(e) = policy.scheduler.admit(&req, &candidates, now) {
+            let msg = format!("system saturated, sheddable request dropped ({e})");
+            return Err((req.model, Rejection::new(429, Outcome::Shed, msg)));
+        }
+        let mut rng = rand::rng();
+        let result = policy
+            .scheduler
+            .schedule(&req, &candidates, now, &mut rng)
+            .map_err(|e| {
+                (
+                    req.model.clone(),
+                    Rejection::new(503, Outcome::NoEndpoint, e.to_string()),
+                )
+            })?;
+        if result.destinations().is_empty() {
+            return Err((
+                req.model,
+                Rejection::new(503, Outcome::NoEndpoint, "the scheduler picked no endpoint"),
+            ));
+        }
+        policy.scheduler.pre_request(&req, &result, now);
+        Ok((req, policy, result))
+    }
+
+    fn issue(
+        &self,
+        req: InferenceRequest,
+        policy: Arc<Policy>,
+        result: SchedulingResult,
+        meta: RequestMeta,
+        started: Instant,
+    ) -> Ticket {
+        let destinations: Vec<SocketAddr> = result.destinations().to_vec();
+        let tokens = (req.prompt_bytes.len() / 4) as u64;
+        let pool = self.pool.load();
+        let slot = pool.slot(destinations[0]).cloned();
+        if let Some(s) = &slot {
+            s.acquire(tokens);
+        }
+        self.metrics
+            .picks
+            .get_or_create(&EndpointLabels {
+                endpoint: destinations[0].to_string(),
+            })
+            .inc();
+        if let Some(ratio) = prefix_ratio(&result) {
+            self.metrics.prefix_match_ratio.observe(ratio);
+        }
+        tracing::debug!(request_id = %req.id, model = %req.model, endpoint = %destinations[0], "scheduled");
+        Ticket {
+            dispatcher: self.clone(),
+            header_value: result.header_value(),
+            extra_headers: result.extra_headers(),
+            destinations,
+            req,
+            policy,
+            objective: meta.objective,
+            slot,
+            tokens,
+            started,
+            finished: false,
+        }
+    }
+
+    /// Picks a random ready endpoint for a request without a body to schedule by
+    /// (llm-d's "skip" parser result): e.g. `GET /v1/models` through Envoy.
+    pub fn pick_any(&self, meta: &RequestMeta) -> Result<SocketAddr, Rejection> {
+        let pool = self.pool.load();
+        let now = Instant::now();
+        let ready: Vec<SocketAddr> = pool
+            .slots
+            .iter()
+            .filter(|s| {
+                meta.subset
+                    .as_ref()
+                    .is_none_or(|set| set.contains(&s.address()))
+            })
+            .filter(|s| s.is_fresh(now, self.cfg.staleness))
+            .map(|s| s.address())
+            .collect();
+        ready.choose(&mut rand::rng()).copied().ok_or_else(|| {
+            let r = Rejection::new(503, Outcome::NoEndpoint, "no ready endpoint in the pool");
+            self.count_rejection(meta, &r);
+            r
+        })
+    }
+}
+
+fn prefix_ratio(result: &SchedulingResult) -> Option<f64> {
+    let m = result.prefix_match.as_ref()?;
+    let total = m.total_blocks();
+    if total == 0 {
+        return None;
+    }
+    Some(f64::from(m.matched_blocks) / total as f64)
+}
+
+/// A scheduled request. Dropping it without [`Ticket::finish`] counts it as cancelled and
+/// still runs the completion hooks, so no request is lost from the books.
+#[derive(Debug)]
+pub struct Ticket {
+    dispatcher: Dispatcher,
+    req: InferenceRequest,
+    policy: Arc<Policy>,
+    destinations: Vec<SocketAddr>,
+    header_value: String,
+    extra_headers: Vec<(String, String)>,
+    objective: String,
+    slot: Option<Arc<EndpointSlot>>,
+    tokens: u64,
+    started: Instant,
+    finished: bool,
+}
+
+impl Ticket {
+    /// The scheduled request.
+    pub fn request(&self) -> &InferenceRequest {
+        &self.req
+    }
+
+    /// Picked endpoints, primary first, then fallbacks.
+    pub fn destinations(&self) -> &[SocketAddr] {
+        &self.destinations
+    }
+
+    /// The `x-gateway-destination-endpoint` value (`ip:port,ip:port…`).
+    pub fn header_value(&self) -> &str {
+        &self.header_value
+    }
+
+    /// Extra headers for the model server (e.g. `x-prefiller-host-port`).
+    pub fn extra_headers(&self) -> &[(String, String)] {
+        &self.extra_headers
+    }
+
+    /// Moves the in-flight count to `addr` (the proxy fell back to another endpoint).
+    pub fn retarget(&mut self, addr: SocketAddr) {
+        if self.slot.as_ref().is_some_and(|s| s.address() == addr) {
+            return;
+        }
+        if let Some(s) = self.slot.take() {
+            s.release(self.tokens);
+        }
+        let slot = self.dispatcher.pool.load().slot(addr).cloned();
+        if let Some(s) = &slot {
+            s.acquire(self.tokens);
+        }
+        self.slot = slot;
+    }
+
+    /// Replaces the pick with a new scheduling result that avoids `exclude`.
+    pub fn reschedule(&mut self, exclude: &[SocketAddr]) -> Result<(), Rejection> {
+        let meta = RequestMeta {
+            request_id: self.req.id.clone(),
+            headers: self.req.headers.clone(),
+            objective: self.objective.clone(),
+            fairness_id: self.req.fairness_id.clone(),
+            subset: None,
+        };
+        let pool = self.dispatcher.pool.load();
+        let now = Instant::now();
+        let candidates = pool.candidates(
+            now,
+            self.dispatcher.cfg.staleness,
+            meta.subset.as_ref(),
+            exclude,
+        );
+        if candidates.is_empty() {
+            return Err(Rejection::new(
+                503,
+                Outcome::NoEndpoint,
+                "no other ready endpoint to retry on",
+            ));
+        }
+        let result = self
+            .policy
+            .scheduler
+            .schedule(&self.req, &candidates, now, &mut rand::rng())
+            .map_err(|e| Rejection::new(503, Outcome::NoEndpoint, e.to_string()))?;
+        let Some(&primary) = result.destinations().first() else {
+            return Err(Rejection::new(
+                503,
+                Outcome::NoEndpoint,
+                "the scheduler picked no endpoint",
+            ));
+        };
+        self.policy.scheduler.pre_request(&self.req, &result, now);
+        self.destinations = result.destinations().to_vec();
+        self.header_value = result.header_value();
+        self.extra_headers = result.extra_headers();
+        self.retarget(primary);
+        Ok(())
+    }
+
+    /// Ends the request: completion hooks, in-flight −1, one count with `outcome`.
+    pub fn finish(mut self, served: Option<SocketAddr>, outcome: Outcome, usage: Option<Usage>) {
+        self.complete(served, outcome, usage);
+    }
+
+    fn complete(&mut self, served: Option<SocketAddr>, outcome: Outcome, usage: Option<Usage>) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        let served = served
+            .or_else(|| self.slot.as_ref().map(|s| s.address()))
+            .unwrap_or(self.destinations[0]);
+        self.policy
+            .scheduler
+            .response_complete(&self.req, served, Instant::now());
+        if let Some(s) = self.slot.take() {
+            s.release(self.tokens);
+        }
+        let m = &self.dispatcher.metrics;
+        m.count_request(&self.req.model, &self.objective, outcome);
+        if let Some(u) = usage {
+            m.count_tokens(u);
+        }
+        tracing::debug!(
+            request_id = %self.req.id,
+            endpoint = %served,
+            ?outcome,
+            elapsed_ms = self.started.elapsed().as_secs_f64() * 1e3,
+            "request finished"
+        );
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.complete(None, Outcome::Cancelled, None);
+        }
+    }
+}

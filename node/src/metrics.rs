@@ -1,0 +1,264 @@
+//! The node's own Prometheus metrics (served on `/metrics`).
+
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets, linear_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::pool::PoolView;
+
+/// How a request ended, as counted in `infermesh_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+pub enum Outcome {
+    /// The model server answered 2xx and the response was passed through whole.
+    Success,
+    /// The model server answered with an error status.
+    UpstreamStatus,
+    /// The response stream broke after it started.
+    UpstreamError,
+    /// No endpoint could be connected to (proxy only).
+    UpstreamUnreachable,
+    /// The model server did not answer in time (proxy only).
+    Timeout,
+    /// The client or Envoy went away before the response finished.
+    Cancelled,
+    /// 400: the body could not be parsed.
+    BadRequest,
+    /// 404: the pool does not serve the model.
+    UnknownModel,
+    /// 413: the body is over the limit.
+    TooLarge,
+    /// 429: sheddable and the pool is saturated.
+    Shed,
+    /// 503: no endpoint to schedule on.
+    NoEndpoint,
+    /// 500: an internal error.
+    Internal,
+}
+
+/// Labels of `infermesh_requests_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Model as the client sent it ("" when the body was unreadable).
+    pub model: String,
+    /// InferenceObjective name ("" when none).
+    pub objective: String,
+    /// How it ended.
+    pub outcome: Outcome,
+}
+
+/// A label set holding one endpoint address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct EndpointLabels {
+    /// `ip:port`
+    pub endpoint: String,
+}
+
+/// Result of one scrape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+pub enum ScrapeOutcome {
+    /// Page fetched and understood.
+    Ok,
+    /// Connect, HTTP or timeout failure.
+    Unreachable,
+    /// The page lacked a required metric or was malformed.
+    Invalid,
+}
+
+/// Kind of token in `infermesh_tokens_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+pub enum TokenKind {
+    /// Prompt tokens.
+    Input,
+    /// Generated tokens.
+    Output,
+    /// Prompt tokens served from the model server's prefix cache.
+    Cached,
+}
+
+/// Labels of `infermesh_tokens_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct TokenLabels {
+    /// Which tokens.
+    pub kind: TokenKind,
+}
+
+/// Labels of `infermesh_scrapes_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ScrapeLabels {
+    /// How the scrape ended.
+    pub outcome: ScrapeOutcome,
+}
+
+/// Every metric the node exports, registered once.
+#[derive(Debug)]
+pub struct NodeMetrics {
+    registry: Registry,
+    /// Requests by model, objective and outcome.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Time spent in admission + scheduling per request.
+    pub scheduling_duration: Histogram,
+    /// Requests sent to each endpoint (primary pick).
+    pub picks: Family<EndpointLabels, Counter>,
+    /// Fraction of the prompt's prefix blocks found on the picked endpoint.
+    pub prefix_match_ratio: Histogram,
+    /// Proxy attempts moved to another endpoint after a connect failure.
+    pub retries: Counter,
+    /// Tokens reported in responses' `usage`.
+    pub tokens: Family<TokenLabels, Counter>,
+    /// Scrapes by outcome.
+    pub scrapes: Family<ScrapeLabels, Counter>,
+    endpoint_staleness: Family<EndpointLabels, Gauge<f64, AtomicU64>>,
+    endpoint_up: Family<EndpointLabels, Gauge>,
+    endpoint_in_flight: Family<EndpointLabels, Gauge>,
+}
+
+impl Default for NodeMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl NodeMetrics {
+    /// Creates and registers every metric.
+    pub fn new() -> NodeMetrics {
+        let mut registry = Registry::with_prefix("infermesh");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests by model, objective and outcome",
+            requests.clone(),
+        );
+        // 10 µs .. ~20 ms: scheduling is expected in the tens of microseconds.
+        let scheduling_duration = Histogram::new(exponential_buckets(1e-5, 2.0, 12));
+        registry.register(
+            "scheduling_duration_seconds",
+            "Admission plus scheduling time per request",
+            scheduling_duration.clone(),
+        );
+        let picks = Family::<EndpointLabels, Counter>::default();
+        registry.register(
+            "endpoint_picks",
+            "Requests scheduled to each endpoint",
+            picks.clone(),
+        );
+        let prefix_match_ratio = Histogram::new(linear_buckets(0.1, 0.1, 10));
+        registry.register(
+            "prefix_match_ratio",
+            "Matched prefix blocks / prompt blocks on the picked endpoint",
+            prefix_match_ratio.clone(),
+        );
+        let retries = Counter::default();
+        registry.register(
+            "proxy_retries",
+            "Proxy attempts retried on another endpoint",
+            retries.clone(),
+        );
+        let tokens = Family::<TokenLabels, Counter>::default();
+        registry.register(
+            "tokens",
+            "Tokens reported in responses' usage",
+            tokens.clone(),
+        );
+        let scrapes = Family::<ScrapeLabels, Counter>::default();
+        registry.register(
+            "scrapes",
+            "Model-server /metrics scrapes by outcome",
+            scrapes.clone(),
+        );
+        let endpoint_staleness = Family::<EndpointLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "endpoint_metrics_age_seconds",
+            "Age of each endpoint's last successful scrape",
+            endpoint_staleness.clone(),
+        );
+        let endpoint_up = Family::<EndpointLabels, Gauge>::default();
+        registry.register(
+            "endpoint_up",
+            "1 when the endpoint's last scrape succeeded",
+            endpoint_up.clone(),
+        );
+        let endpoint_in_flight = Family::<EndpointLabels, Gauge>::default();
+        registry.register(
+            "endpoint_in_flight_requests",
+            "Requests this node has in flight on each endpoint",
+            endpoint_in_flight.clone(),
+        );
+        NodeMetrics {
+            registry,
+            requests,
+            scheduling_duration,
+            picks,
+            prefix_match_ratio,
+            retries,
+            tokens,
+            scrapes,
+            endpoint_staleness,
+            endpoint_up,
+            endpoint_in_flight,
+        }
+    }
+
+    /// Counts one finished request.
+    pub fn count_request(&self, model: &str, objective: &str, outcome: Outcome) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                model: model.to_owned(),
+                objective: objective.to_owned(),
+                outcome,
+            })
+            .inc();
+    }
+
+    /// Adds one response's reported usage.
+    pub fn count_tokens(&self, usage: crate::usage::Usage) {
+        for (kind, n) in [
+            (TokenKind::Input, usage.prompt_tokens),
+            (TokenKind::Output, usage.completion_tokens),
+            (TokenKind::Cached, usage.cached_tokens),
+        ] {
+            self.tokens.get_or_create(&TokenLabels { kind }).inc_by(n);
+        }
+    }
+
+    /// Counts one scrape.
+    pub fn count_scrape(&self, outcome: ScrapeOutcome) {
+        self.scrapes.get_or_create(&ScrapeLabels { outcome }).inc();
+    }
+
+    /// Renders the text exposition, refreshing the per-endpoint gauges from `pool` first.
+    pub fn render(&self, pool: &PoolView, now: Instant) -> String {
+        self.endpoint_staleness.clear();
+        self.endpoint_up.clear();
+        self.endpoint_in_flight.clear();
+        for slot in &pool.slots {
+            let labels = EndpointLabels {
+                endpoint: slot.address().to_string(),
+            };
+            let age = slot.metrics().map_or(f64::INFINITY, |m| {
+                now.saturating_duration_since(m.scraped_at).as_secs_f64()
+            });
+            self.endpoint_staleness.get_or_create(&labels).set(age);
+            self.endpoint_up
+                .get_or_create(&labels)
+                .set(i64::from(slot.is_up()));
+            self.endpoint_in_flight
+                .get_or_create(&labels)
+                .set(i64::from(slot.in_flight().requests));
+        }
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    /// Records the scheduling time of one request.
+    pub fn observe_scheduling(&self, took: Duration) {
+        self.scheduling_duration.observe(took.as_secs_f64());
+    }
+}

@@ -1,0 +1,182 @@
+//! The pool task: the one owner of pool membership. It applies discovery results and
+//! model lists, starts and stops scrapers, tells the scheduler when an endpoint leaves,
+//! and publishes a new [`PoolView`] after each change.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::discovery::PoolSpec;
+use crate::metrics::NodeMetrics;
+use crate::policy::SharedPolicy;
+use crate::pool::{EndpointSlot, PoolView, SharedPool};
+use crate::scrape::{ScrapeConfig, spawn_scraper};
+use crate::upstream::HttpClient;
+
+/// What the pool task reacts to.
+#[derive(Debug)]
+pub enum PoolInput {
+    /// Discovery produced a (validated) pool description.
+    Spec(PoolSpec),
+    /// A pod's `/v1/models` answer.
+    Models {
+        /// The endpoint that answered.
+        addr: SocketAddr,
+        /// Model ids it serves.
+        models: Vec<String>,
+    },
+}
+
+/// State owned by the pool task.
+pub struct PoolTask {
+    pool: SharedPool,
+    policy: SharedPolicy,
+    client: HttpClient,
+    scrape: ScrapeConfig,
+    metrics: Arc<NodeMetrics>,
+    tx: mpsc::Sender<PoolInput>,
+    synced: watch::Sender<bool>,
+    scrapers: HashMap<SocketAddr, (Arc<EndpointSlot>, JoinHandle<()>)>,
+    pod_models: HashMap<SocketAddr, Vec<String>>,
+    spec: PoolSpec,
+}
+
+impl std::fmt::Debug for PoolTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolTask")
+            .field("endpoints", &self.scrapers.len())
+            .finish()
+    }
+}
+
+impl PoolTask {
+    /// Creates the task state; `tx` must be the sender of the channel passed to [`Self::run`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        pool: SharedPool,
+        policy: SharedPolicy,
+        client: HttpClient,
+        scrape: ScrapeConfig,
+        metrics: Arc<NodeMetrics>,
+        tx: mpsc::Sender<PoolInput>,
+        synced: watch::Sender<bool>,
+    ) -> PoolTask {
+        PoolTask {
+            pool,
+            policy,
+            client,
+            scrape,
+            metrics,
+            tx,
+            synced,
+            scrapers: HashMap::new(),
+            pod_models: HashMap::new(),
+            spec: PoolSpec::default(),
+        }
+    }
+
+    /// Runs until the channel closes or `shutdown` fires; stops every scraper on exit.
+    pub async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<PoolInput>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        loop {
+            tokio::select! {
+                input = rx.recv() => match input {
+                    Some(input) => self.handle_input(input),
+                    None => break,
+                },
+                _ = shutdown.wait_for(|s| *s) => break,
+            }
+        }
+        for (_, (_, handle)) in self.scrapers.drain() {
+            handle.abort();
+        }
+    }
+
+    /// Applies one input and publishes the resulting view.
+    pub fn handle_input(&mut self, input: PoolInput) {
+        match input {
+            PoolInput::Spec(spec) => self.apply_spec(spec),
+            PoolInput::Models { addr, models } => {
+                if !self.scrapers.contains_key(&addr) || self.pod_models.get(&addr) == Some(&models)
+                {
+                    return;
+                }
+                tracing::info!(endpoint = %addr, ?models, "endpoint serves models");
+                self.pod_models.insert(addr, models);
+            }
+        }
+        self.publish();
+    }
+
+    fn apply_spec(&mut self, spec: PoolSpec) {
+        let wanted: HashMap<SocketAddr, &crate::discovery::EndpointSpec> =
+            spec.endpoints.iter().map(|e| (e.address, e)).collect();
+        // Drop endpoints that left, or whose labels changed (they get a fresh slot).
+        let gone: Vec<SocketAddr> = self
+            .scrapers
+            .iter()
+            .filter(|(addr, (slot, _))| wanted.get(addr).is_none_or(|e| **e != slot.spec))
+            .map(|(addr, _)| *addr)
+            .collect();
+        let policy = self.policy.load();
+        for addr in gone {
+            if let Some((_, handle)) = self.scrapers.remove(&addr) {
+                handle.abort();
+            }
+            self.pod_models.remove(&addr);
+            if !wanted.contains_key(&addr) {
+                policy.scheduler.remove_endpoint(addr);
+                tracing::info!(endpoint = %addr, "endpoint removed from the pool");
+            }
+        }
+        for e in &spec.endpoints {
+            if self.scrapers.contains_key(&e.address) {
+                continue;
+            }
+            let slot = Arc::new(EndpointSlot::new(e.clone()));
+            let handle = spawn_scraper(
+                slot.clone(),
+                self.client.clone(),
+                self.scrape,
+                self.tx.clone(),
+                self.metrics.clone(),
+            );
+            tracing::info!(endpoint = %e.address, pod = %e.pod, "endpoint added to the pool");
+            self.scrapers.insert(e.address, (slot, handle));
+        }
+        self.spec = spec;
+        self.synced.send_replace(true);
+    }
+
+    fn publish(&self) {
+        let slots: Vec<Arc<EndpointSlot>> = self
+            .spec
+            .endpoints
+            .iter()
+            .filter_map(|e| self.scrapers.get(&e.address).map(|(s, _)| s.clone()))
+            .collect();
+        let models: HashSet<String> = if self.spec.models.is_empty() {
+            self.pod_models.values().flatten().cloned().collect()
+        } else {
+            self.spec.models.iter().cloned().collect()
+        };
+        let view = PoolView::new(
+            self.spec.name.clone(),
+            slots,
+            models,
+            self.spec.objectives.clone(),
+        );
+        self.pool.store(Arc::new(view));
+    }
+
+    /// Addresses of the endpoints currently scraped (for tests and diagnostics).
+    pub fn endpoints(&self) -> BTreeSet<SocketAddr> {
+        self.scrapers.keys().copied().collect()
+    }
+}

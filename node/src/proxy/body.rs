@@ -1,0 +1,106 @@
+//! The response body passed from a model server to the client: frames go through as they
+//! arrive (SSE is never buffered), usage is read on the way, and the request's
+//! [`Ticket`] is settled when the body ends, fails, or is dropped.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use crate::dispatch::Ticket;
+use crate::metrics::Outcome;
+use crate::usage::UsageScanner;
+
+/// An upstream body that settles its request when it ends.
+#[derive(Debug)]
+pub struct TrackedBody {
+    inner: Incoming,
+    ticket: Option<Ticket>,
+    usage: Option<UsageScanner>,
+    served: SocketAddr,
+    success: bool,
+}
+
+impl TrackedBody {
+    /// Wraps `inner`; `success` says whether the upstream status was 2xx.
+    pub fn new(
+        inner: Incoming,
+        ticket: Ticket,
+        content_type: Option<&str>,
+        served: SocketAddr,
+        success: bool,
+    ) -> TrackedBody {
+        let mut body = TrackedBody {
+            inner,
+            ticket: Some(ticket),
+            usage: Some(UsageScanner::new(content_type)),
+            served,
+            success,
+        };
+        if body.inner.is_end_stream() {
+            body.settle_ok(); // an empty body is never polled
+        }
+        body
+    }
+
+    fn settle(&mut self, outcome: Outcome) {
+        if let Some(t) = self.ticket.take() {
+            let usage = self.usage.take().and_then(UsageScanner::finish);
+            t.finish(Some(self.served), outcome, usage);
+        }
+    }
+
+    fn settle_ok(&mut self) {
+        let outcome = if self.success {
+            Outcome::Success
+        } else {
+            Outcome::UpstreamStatus
+        };
+        self.settle(outcome);
+    }
+}
+
+impl Body for TrackedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(u)) = (frame.data_ref(), this.usage.as_mut()) {
+                    u.feed(data);
+                }
+                // hyper may stop polling once the body says it has ended.
+                if this.inner.is_end_stream() {
+                    this.settle_ok();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                tracing::warn!(endpoint = %this.served, error = %e, "upstream response broke off");
+                this.settle(Outcome::UpstreamError);
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(None) => {
+                this.settle_ok();
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,261 @@
+//! The standalone OpenAI-compatible proxy: `/v1/completions`, `/v1/chat/completions`,
+//! `/v1/models`. It schedules through the same [`Dispatcher`] as the ext_proc server and
+//! forwards with the pooled client, falling back to the next endpoint on connect failure.
+//! Every request ends as a response to the client and one counted outcome.
+
+pub mod body;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use infermesh_scheduler::ApiKind;
+
+use crate::dispatch::{Dispatcher, Rejection, RequestMeta, Ticket};
+use crate::metrics::Outcome;
+use crate::upstream::HttpClient;
+use body::TrackedBody;
+
+/// Header on proxy responses naming the endpoint that served the request.
+pub const SERVED_HEADER: &str = "x-gateway-destination-endpoint-served";
+
+/// Forwarding limits.
+#[derive(Debug, Clone, Copy)]
+pub struct ProxyConfig {
+    /// Longest wait for a model server's response headers.
+    pub response_timeout: Duration,
+    /// Most endpoints tried for one request (connect failures only).
+    pub max_attempts: usize,
+}
+
+#[derive(Debug, Clone)]
+struct ProxyState {
+    dispatcher: Dispatcher,
+    client: HttpClient,
+    cfg: ProxyConfig,
+}
+
+/// The proxy's routes.
+pub fn router(dispatcher: Dispatcher, client: HttpClient, cfg: ProxyConfig) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(|| async { "ok" }))
+        .with_state(ProxyState {
+            dispatcher,
+            client,
+            cfg,
+        })
+}
+
+async fn completions(State(s): State<ProxyState>, req: Request) -> Response {
+    handle(s, ApiKind::Completions, req).await
+}
+
+async fn chat_completions(State(s): State<ProxyState>, req: Request) -> Response {
+    handle(s, ApiKind::ChatCompletions, req).await
+}
+
+async fn models(State(s): State<ProxyState>) -> Response {
+    let pool = s.dispatcher.pool().load();
+    let mut ids: Vec<&String> = pool.models.iter().collect();
+    ids.sort();
+    let data: Vec<serde_json::Value> = ids
+        .into_iter()
+        .map(|id| serde_json::json!({"id": id, "object": "model", "owned_by": "infermesh"}))
+        .collect();
+    axum::Json(serde_json::json!({"object": "list", "data": data})).into_response()
+}
+
+fn error_response(r: &Rejection, request_id: &str) -> Response {
+    let mut resp = Response::new(Body::from(r.json_body()));
+    *resp.status_mut() =
+        StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        h.insert("x-request-id", v);
+    }
+    resp
+}
+
+fn gateway_error(status: u16, outcome: Outcome, message: String) -> Rejection {
+    Rejection {
+        status,
+        outcome,
+        message,
+    }
+}
+
+async fn handle(s: ProxyState, kind: ApiKind, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let meta = RequestMeta::from_headers(
+        parts
+            .headers
+            .iter()
+            .filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str(), v))),
+    );
+    let request_id = meta.request_id.clone();
+    let limit = s.dispatcher.config().max_body_bytes;
+    let bytes = match Limited::new(body, limit).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) => {
+            let r = if e.downcast_ref::<LengthLimitError>().is_some() {
+                Rejection::too_large(limit)
+            } else {
+                gateway_error(
+                    400,
+                    Outcome::BadRequest,
+                    format!("cannot read the request body: {e}"),
+                )
+            };
+            s.dispatcher.count_rejection(&meta, &r);
+            return error_response(&r, &request_id);
+        }
+    };
+    let ticket = match s.dispatcher.dispatch(kind, &bytes, meta, &[]) {
+        Ok(t) => t,
+        Err(r) => return error_response(&r, &request_id),
+    };
+    forward(&s, ticket, &parts.uri, &parts.headers, bytes, &request_id).await
+}
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "host",
+];
+
+async fn forward(
+    s: &ProxyState,
+    mut ticket: Ticket,
+    uri: &http::Uri,
+    headers: &HeaderMap,
+    body: Bytes,
+    request_id: &str,
+) -> Response {
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut next = 0usize;
+    loop {
+        let dest = ticket.destinations()[next];
+        let mut req = http::Request::post(format!("http://{dest}{path}"));
+        let h = req.headers_mut().expect("builder without errors");
+        for (k, v) in headers {
+            if !HOP_BY_HOP.contains(&k.as_str()) && k != header::CONTENT_LENGTH {
+                h.append(k, v.clone());
+            }
+        }
+        if let Ok(v) = HeaderValue::from_str(request_id) {
+            h.insert("x-request-id", v);
+        }
+        for (k, v) in ticket.extra_headers() {
+            if let (Ok(k), Ok(v)) = (HeaderName::try_from(k.as_str()), HeaderValue::from_str(v)) {
+                h.insert(k, v);
+            }
+        }
+        let req = req
+            .body(Full::new(body.clone()))
+            .expect("valid request parts");
+        match tokio::time::timeout(s.cfg.response_timeout, s.client.request(req)).await {
+            Err(_) => {
+                let r = gateway_error(
+                    504,
+                    Outcome::Timeout,
+                    format!(
+                        "model server {dest} did not answer within {:?}",
+                        s.cfg.response_timeout
+                    ),
+                );
+                ticket.finish(Some(dest), r.outcome, None);
+                return error_response(&r, request_id);
+            }
+            Ok(Ok(resp)) => return respond(resp, ticket, dest, request_id),
+            Ok(Err(e)) if e.is_connect() => {
+                tracing::warn!(request_id, endpoint = %dest, error = %e, "cannot connect to endpoint, trying another");
+                if let Some(slot) = s.dispatcher.pool().load().slot(dest) {
+                    slot.mark_down(); // until its scraper reaches it again
+                }
+                tried.push(dest);
+                if tried.len() >= s.cfg.max_attempts {
+                    return unreachable(ticket, &tried, request_id);
+                }
+                s.dispatcher.metrics().retries.inc();
+                next += 1;
+                if let Some(&fallback) = ticket.destinations().get(next) {
+                    ticket.retarget(fallback);
+                } else {
+                    if ticket.reschedule(&tried).is_err() {
+                        return unreachable(ticket, &tried, request_id);
+                    }
+                    next = 0;
+                }
+            }
+            Ok(Err(e)) => {
+                let r = gateway_error(
+                    502,
+                    Outcome::UpstreamError,
+                    format!("request to model server {dest} failed: {e}"),
+                );
+                ticket.finish(Some(dest), r.outcome, None);
+                return error_response(&r, request_id);
+            }
+        }
+    }
+}
+
+fn unreachable(ticket: Ticket, tried: &[SocketAddr], request_id: &str) -> Response {
+    let list: Vec<String> = tried.iter().map(ToString::to_string).collect();
+    let r = gateway_error(
+        502,
+        Outcome::UpstreamUnreachable,
+        format!(
+            "no model server could be reached (tried {})",
+            list.join(", ")
+        ),
+    );
+    ticket.finish(tried.last().copied(), r.outcome, None);
+    error_response(&r, request_id)
+}
+
+fn respond(
+    resp: http::Response<hyper::body::Incoming>,
+    ticket: Ticket,
+    served: SocketAddr,
+    request_id: &str,
+) -> Response {
+    let (mut parts, incoming) = resp.into_parts();
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    for h in HOP_BY_HOP {
+        parts.headers.remove(h);
+    }
+    if let Ok(v) = HeaderValue::from_str(&served.to_string()) {
+        parts.headers.insert(SERVED_HEADER, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        parts.headers.insert("x-request-id", v);
+    }
+    let success = parts.status.is_success();
+    let body = TrackedBody::new(incoming, ticket, content_type.as_deref(), served, success);
+    Response::from_parts(parts, Body::new(body))
+}

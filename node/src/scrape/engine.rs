@@ -1,0 +1,274 @@
+//! Which metric names a pod's engine uses, and turning one metrics page into
+//! [`Metrics`] (llm-d's `core-metrics-extractor`, reference §3).
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use infermesh_scheduler::{LoraState, Metrics};
+
+use super::prom_text::{self, InvalidExposition, Sample};
+
+/// The pod label that names the engine (llm-d `engineLabelKey`).
+pub const ENGINE_LABEL: &str = "llm-d.ai/engine-type";
+/// The legacy GIE spelling of the same label.
+pub const LEGACY_ENGINE_LABEL: &str = "inference.networking.k8s.io/engine-type";
+
+/// A model-server engine whose metric names the fetcher knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// vLLM (the default, as in llm-d).
+    Vllm,
+    /// SGLang.
+    Sglang,
+}
+
+/// A pod's engine label names an engine the fetcher does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown engine type {0:?} in label {ENGINE_LABEL} (known: vllm, sglang)")]
+pub struct UnknownEngine(pub String);
+
+impl Engine {
+    /// The engine a pod's labels name; vLLM when unlabelled.
+    pub fn from_labels(labels: &BTreeMap<String, String>) -> Result<Engine, UnknownEngine> {
+        match labels
+            .get(ENGINE_LABEL)
+            .or_else(|| labels.get(LEGACY_ENGINE_LABEL))
+            .map(String::as_str)
+        {
+            None | Some("vllm") => Ok(Engine::Vllm),
+            Some("sglang") => Ok(Engine::Sglang),
+            Some(other) => Err(UnknownEngine(other.to_owned())),
+        }
+    }
+
+    fn names(self) -> &'static MetricNames {
+        match self {
+            Engine::Vllm => &VLLM,
+            Engine::Sglang => &SGLANG,
+        }
+    }
+}
+
+struct MetricNames {
+    waiting: &'static str,
+    running: &'static str,
+    kv_usage: &'static [&'static str],
+    lora: Option<&'static str>,
+    cache_info: &'static str,
+    block_size_label: &'static str,
+    num_blocks_label: &'static str,
+}
+
+// vLLM renamed gpu_cache_usage_perc to kv_cache_usage_perc (V1); llm-d reads the new name,
+// older servers still export the old one.
+const VLLM: MetricNames = MetricNames {
+    waiting: "vllm:num_requests_waiting",
+    running: "vllm:num_requests_running",
+    kv_usage: &["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"],
+    lora: Some("vllm:lora_requests_info"),
+    cache_info: "vllm:cache_config_info",
+    block_size_label: "block_size",
+    num_blocks_label: "num_gpu_blocks",
+};
+
+const SGLANG: MetricNames = MetricNames {
+    waiting: "sglang:num_queue_reqs",
+    running: "sglang:num_running_reqs",
+    kv_usage: &["sglang:token_usage"],
+    lora: None,
+    cache_info: "sglang:cache_config_info",
+    block_size_label: "page_size",
+    num_blocks_label: "num_pages",
+};
+
+/// Why a metrics page could not be turned into [`Metrics`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExtractError {
+    /// The page is not valid exposition text.
+    #[error("metrics page is malformed: {0}")]
+    Malformed(#[from] InvalidExposition),
+    /// A required family is absent (wrong engine label, or not a model server).
+    #[error("metrics page has no {0} series")]
+    Missing(&'static str),
+}
+
+/// Extracts the scheduler's view of a pod from one metrics page.
+pub fn extract(engine: Engine, page: &str, scraped_at: Instant) -> Result<Metrics, ExtractError> {
+    let names = engine.names();
+    let mut waiting: Option<f64> = None;
+    let mut running: Option<f64> = None;
+    // (priority index in `kv_usage`, value): the preferred name wins over fallbacks.
+    let mut kv: Option<(usize, f64)> = None;
+    let mut lora: Option<(f64, LoraState)> = None;
+    let mut block_size = None;
+    let mut num_blocks = None;
+    prom_text::parse(page, |s: Sample<'_>| {
+        if s.name == names.waiting {
+            *waiting.get_or_insert(0.0) += s.value;
+        } else if s.name == names.running {
+            *running.get_or_insert(0.0) += s.value;
+        } else if let Some(rank) = names.kv_usage.iter().position(|n| *n == s.name) {
+            // Several engines (data parallel) in one server: the fullest one limits it.
+            kv = match kv {
+                Some((r, v)) if r < rank => Some((r, v)),
+                Some((r, v)) if r == rank => Some((r, v.max(s.value))),
+                _ => Some((rank, s.value)),
+            };
+        } else if Some(s.name) == names.lora {
+            // The value is a timestamp; the newest series is the current state.
+            if lora.as_ref().is_none_or(|(ts, _)| s.value >= *ts) {
+                lora = Some((s.value, lora_state(&s)));
+            }
+        } else if s.name == names.cache_info {
+            block_size = s
+                .label(names.block_size_label)
+                .and_then(|v| v.parse::<u32>().ok());
+            num_blocks = s
+                .label(names.num_blocks_label)
+                .and_then(|v| v.parse::<u64>().ok());
+        }
+    })?;
+    let waiting = waiting.ok_or(ExtractError::Missing(names.waiting))?;
+    let running = running.ok_or(ExtractError::Missing(names.running))?;
+    let (_, kv_usage) = kv.ok_or(ExtractError::Missing(names.kv_usage[0]))?;
+    Ok(Metrics {
+        scraped_at,
+        waiting_queue: clamp_count(waiting),
+        running: clamp_count(running),
+        kv_cache_usage: if kv_usage.is_finite() {
+            kv_usage.clamp(0.0, 1.0)
+        } else {
+            1.0
+        },
+        lora: lora.map(|(_, l)| l),
+        cache_block_size: block_size,
+        cache_num_blocks: num_blocks,
+    })
+}
+
+fn clamp_count(v: f64) -> u32 {
+    if v.is_finite() && v > 0.0 {
+        v.min(u32::MAX as f64) as u32
+    } else {
+        0
+    }
+}
+
+fn lora_state(s: &Sample<'_>) -> LoraState {
+    let list = |name: &str| -> Vec<String> {
+        s.label(name)
+            .map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|a| !a.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    LoraState {
+        running: list("running_lora_adapters"),
+        waiting: list("waiting_lora_adapters"),
+        max_lora: s
+            .label("max_lora")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VLLM_PAGE: &str = r#"# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct"} 4.0
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct"} 2.0
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct"} 0.375
+vllm:lora_requests_info{max_lora="4",running_lora_adapters="sql-lora,tweet",waiting_lora_adapters=""} 1.7e9
+vllm:lora_requests_info{max_lora="4",running_lora_adapters="old",waiting_lora_adapters="x"} 1.6e9
+vllm:cache_config_info{block_size="16",num_gpu_blocks="31250",cache_dtype="auto"} 1.0
+vllm:prompt_tokens_total{model_name="m"} 12345
+vllm:time_to_first_token_seconds_bucket{le="+Inf",model_name="m"} 10
+"#;
+
+    #[test]
+    fn extracts_vllm_page() {
+        let now = Instant::now();
+        let m = extract(Engine::Vllm, VLLM_PAGE, now).unwrap();
+        assert_eq!(m.waiting_queue, 2);
+        assert_eq!(m.running, 4);
+        assert_eq!(m.kv_cache_usage, 0.375);
+        assert_eq!(m.cache_block_size, Some(16));
+        assert_eq!(m.cache_num_blocks, Some(31250));
+        let lora = m.lora.unwrap();
+        assert_eq!(lora.running, vec!["sql-lora", "tweet"]);
+        assert!(lora.waiting.is_empty());
+        assert_eq!(lora.max_lora, 4);
+        assert_eq!(m.scraped_at, now);
+    }
+
+    #[test]
+    fn old_vllm_kv_name_is_a_fallback_only() {
+        let page = "vllm:num_requests_running 0\nvllm:num_requests_waiting 0\n\
+                    vllm:gpu_cache_usage_perc 0.9\nvllm:kv_cache_usage_perc 0.1\n";
+        let m = extract(Engine::Vllm, page, Instant::now()).unwrap();
+        assert_eq!(m.kv_cache_usage, 0.1);
+        let old = "vllm:num_requests_running 0\nvllm:num_requests_waiting 0\nvllm:gpu_cache_usage_perc 0.9\n";
+        assert_eq!(
+            extract(Engine::Vllm, old, Instant::now())
+                .unwrap()
+                .kv_cache_usage,
+            0.9
+        );
+    }
+
+    #[test]
+    fn extracts_sglang_page_by_label() {
+        let labels = BTreeMap::from([(ENGINE_LABEL.to_owned(), "sglang".to_owned())]);
+        let engine = Engine::from_labels(&labels).unwrap();
+        assert_eq!(engine, Engine::Sglang);
+        let page = "sglang:num_queue_reqs{model_name=\"m\"} 7\nsglang:num_running_reqs{model_name=\"m\"} 3\n\
+                    sglang:token_usage{model_name=\"m\"} 0.5\nsglang:cache_config_info{page_size=\"64\",num_pages=\"1000\"} 1\n";
+        let m = extract(engine, page, Instant::now()).unwrap();
+        assert_eq!((m.waiting_queue, m.running), (7, 3));
+        assert_eq!(m.kv_cache_usage, 0.5);
+        assert_eq!(m.cache_block_size, Some(64));
+        assert_eq!(m.cache_num_blocks, Some(1000));
+        // A vLLM page read with SGLang names names the missing family.
+        assert_eq!(
+            extract(engine, VLLM_PAGE, Instant::now()).unwrap_err(),
+            ExtractError::Missing("sglang:num_queue_reqs")
+        );
+    }
+
+    #[test]
+    fn unknown_engine_label_is_an_error() {
+        let labels = BTreeMap::from([(ENGINE_LABEL.to_owned(), "tgi".to_owned())]);
+        assert_eq!(
+            Engine::from_labels(&labels).unwrap_err(),
+            UnknownEngine("tgi".into())
+        );
+        assert_eq!(Engine::from_labels(&BTreeMap::new()).unwrap(), Engine::Vllm);
+    }
+
+    #[test]
+    fn data_parallel_engines_sum_queues_and_take_the_fullest_cache() {
+        let page = "vllm:num_requests_running{engine=\"0\"} 1\nvllm:num_requests_running{engine=\"1\"} 2\n\
+                    vllm:num_requests_waiting{engine=\"0\"} 3\nvllm:num_requests_waiting{engine=\"1\"} 4\n\
+                    vllm:kv_cache_usage_perc{engine=\"0\"} 0.2\nvllm:kv_cache_usage_perc{engine=\"1\"} 0.6\n";
+        let m = extract(Engine::Vllm, page, Instant::now()).unwrap();
+        assert_eq!((m.running, m.waiting_queue), (3, 7));
+        assert_eq!(m.kv_cache_usage, 0.6);
+    }
+
+    #[test]
+    fn malformed_page_is_rejected() {
+        assert!(matches!(
+            extract(Engine::Vllm, "vllm:num_requests_running{ 1", Instant::now()),
+            Err(ExtractError::Malformed(_))
+        ));
+    }
+}

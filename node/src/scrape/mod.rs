@@ -1,0 +1,161 @@
+//! The data layer's metrics fetcher: one task per endpoint scrapes `/metrics` every
+//! `refresh_metrics_interval`, writes the result into the endpoint's slot, and reads the
+//! pod's `/v1/models` when it comes up (and every `models_refresh` after).
+
+pub mod engine;
+pub mod prom_text;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::MissedTickBehavior;
+
+use crate::metrics::{NodeMetrics, ScrapeOutcome};
+use crate::pool::EndpointSlot;
+use crate::pool_task::PoolInput;
+use crate::upstream::HttpClient;
+
+/// Scrape timing.
+#[derive(Debug, Clone, Copy)]
+pub struct ScrapeConfig {
+    /// Time between scrapes of one endpoint (llm-d `--refresh-metrics-interval`, 50 ms).
+    pub interval: Duration,
+    /// Longest a scrape may take before it counts as failed.
+    pub timeout: Duration,
+    /// How often to re-read `/v1/models` from a pod that is up.
+    pub models_refresh: Duration,
+}
+
+/// Starts the scrape loop of one endpoint; abort the handle to stop it.
+pub fn spawn_scraper(
+    slot: Arc<EndpointSlot>,
+    client: HttpClient,
+    cfg: ScrapeConfig,
+    pool_tx: mpsc::Sender<PoolInput>,
+    metrics: Arc<NodeMetrics>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let addr = slot.address();
+        let metrics_uri: http::Uri = format!("http://{addr}/metrics")
+            .parse()
+            .expect("an ip:port makes a valid URI");
+        let models_uri: http::Uri = format!("http://{addr}/v1/models")
+            .parse()
+            .expect("an ip:port makes a valid URI");
+        let mut ticker = tokio::time::interval(cfg.interval);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut models_read: Option<Instant> = None;
+        let mut was_up = false;
+        loop {
+            ticker.tick().await;
+            let page = tokio::time::timeout(cfg.timeout, get(&client, metrics_uri.clone())).await;
+            let scraped_at = Instant::now();
+            let result = match page {
+                Ok(Ok(body)) => match std::str::from_utf8(&body) {
+                    Ok(text) => engine::extract(slot.spec.engine, text, scraped_at)
+                        .map_err(|e| (ScrapeOutcome::Invalid, e.to_string())),
+                    Err(_) => Err((ScrapeOutcome::Invalid, "metrics page is not UTF-8".into())),
+                },
+                Ok(Err(e)) => Err((ScrapeOutcome::Unreachable, e)),
+                Err(_) => Err((
+                    ScrapeOutcome::Unreachable,
+                    format!("no answer within {:?}", cfg.timeout),
+                )),
+            };
+            match result {
+                Ok(m) => {
+                    slot.record_scrape(m);
+                    metrics.count_scrape(ScrapeOutcome::Ok);
+                    if !was_up {
+                        tracing::info!(endpoint = %addr, pod = %slot.spec.pod, "endpoint is up");
+                        was_up = true;
+                        models_read = None;
+                    }
+                }
+                Err((outcome, reason)) => {
+                    slot.mark_down();
+                    metrics.count_scrape(outcome);
+                    if was_up {
+                        tracing::warn!(endpoint = %addr, pod = %slot.spec.pod, %reason, "endpoint left the candidate set");
+                    } else if models_read.is_none() {
+                        tracing::debug!(endpoint = %addr, %reason, "endpoint not reachable yet");
+                    }
+                    was_up = false;
+                    continue;
+                }
+            }
+            if models_read.is_none_or(|t| t.elapsed() >= cfg.models_refresh) {
+                models_read = Some(Instant::now());
+                match tokio::time::timeout(cfg.timeout, get(&client, models_uri.clone())).await {
+                    Ok(Ok(body)) => match parse_model_list(&body) {
+                        Ok(models) => {
+                            let _ = pool_tx.send(PoolInput::Models { addr, models }).await;
+                        }
+                        Err(e) => {
+                            tracing::warn!(endpoint = %addr, error = %e, "cannot read /v1/models")
+                        }
+                    },
+                    Ok(Err(e)) => {
+                        tracing::debug!(endpoint = %addr, error = %e, "/v1/models failed")
+                    }
+                    Err(_) => tracing::debug!(endpoint = %addr, "/v1/models timed out"),
+                }
+            }
+        }
+    })
+}
+
+async fn get(client: &HttpClient, uri: http::Uri) -> Result<Bytes, String> {
+    let req = http::Request::get(uri)
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let resp = client.request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    if !status.is_success() {
+        return Err(format!("HTTP {status}"));
+    }
+    Ok(body)
+}
+
+/// Reads the model ids of an OpenAI `/v1/models` answer (`{"data":[{"id":…},…]}`).
+pub fn parse_model_list(body: &[u8]) -> Result<Vec<String>, String> {
+    #[derive(serde::Deserialize)]
+    struct List {
+        data: Vec<Item>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Item {
+        id: String,
+    }
+    let list: List =
+        serde_json::from_slice(body).map_err(|e| format!("bad /v1/models JSON: {e}"))?;
+    let mut ids: Vec<String> = list.data.into_iter().map(|i| i.id).collect();
+    ids.sort();
+    ids.dedup();
+    Ok(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_list() {
+        let ids = parse_model_list(
+            br#"{"object":"list","data":[{"id":"b","object":"model"},{"id":"a"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(ids, ["a", "b"]);
+        assert!(parse_model_list(b"{}").is_err());
+    }
+}

@@ -1,0 +1,299 @@
+//! A streaming parser for the Prometheus text exposition format (version 0.0.4).
+//!
+//! The fetcher reads a handful of families out of pages that hold hundreds of series, 20
+//! times a second per pod, so this parser borrows from the page instead of building a
+//! tree: it yields one [`Sample`] per series line, with the label block kept as a slice and
+//! decoded on demand. It follows the format's grammar — `#` comment, `HELP` and `TYPE`
+//! lines; `name{label="value",...} value [timestamp]`; `\\`, `\"` and `\n` escapes in
+//! label values; `NaN`, `+Inf`, `-Inf` — and reports the first malformed line with its
+//! line number.
+
+use std::borrow::Cow;
+
+/// A malformed line in a metrics page; the page is rejected as a whole.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}: {reason}")]
+pub struct InvalidExposition {
+    /// 1-based line number.
+    pub line: usize,
+    /// What is wrong with it.
+    pub reason: &'static str,
+}
+
+/// One series line: metric name, its label block, value and optional timestamp.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sample<'a> {
+    /// Metric name, e.g. `vllm:num_requests_waiting`.
+    pub name: &'a str,
+    labels: &'a str,
+    /// Sample value.
+    pub value: f64,
+    /// Optional timestamp in milliseconds.
+    pub timestamp_ms: Option<i64>,
+}
+
+impl<'a> Sample<'a> {
+    /// Iterates the sample's labels as (name, unescaped value).
+    pub fn labels(&self) -> LabelIter<'a> {
+        LabelIter { rest: self.labels }
+    }
+
+    /// The value of one label, unescaped.
+    pub fn label(&self, name: &str) -> Option<Cow<'a, str>> {
+        self.labels().find(|(k, _)| *k == name).map(|(_, v)| v)
+    }
+}
+
+/// Iterator over an already-validated label block.
+#[derive(Debug, Clone)]
+pub struct LabelIter<'a> {
+    rest: &'a str,
+}
+
+impl<'a> Iterator for LabelIter<'a> {
+    type Item = (&'a str, Cow<'a, str>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        // The block was validated by `parse_labels`, so the shapes below always hold.
+        let s = self.rest.trim_start_matches([' ', ',']);
+        if s.is_empty() {
+            return None;
+        }
+        let eq = s.find('=')?;
+        let name = s[..eq].trim();
+        let after = s[eq + 1..].trim_start();
+        let body = after.strip_prefix('"')?;
+        let end = find_closing_quote(body)?;
+        let raw = &body[..end];
+        self.rest = &body[end + 1..];
+        Some((name, unescape(raw)))
+    }
+}
+
+/// Parses a whole page, calling `on_sample` for every series line in order.
+pub fn parse<'a>(
+    page: &'a str,
+    mut on_sample: impl FnMut(Sample<'a>),
+) -> Result<(), InvalidExposition> {
+    for (i, raw) in page.lines().enumerate() {
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let sample = parse_line(line).map_err(|reason| InvalidExposition {
+            line: i + 1,
+            reason,
+        })?;
+        on_sample(sample);
+    }
+    Ok(())
+}
+
+fn parse_line(line: &str) -> Result<Sample<'_>, &'static str> {
+    let name_end = line
+        .find(|c: char| c == '{' || c.is_ascii_whitespace())
+        .ok_or("a sample line needs a value")?;
+    let name = &line[..name_end];
+    if !valid_metric_name(name) {
+        return Err("invalid metric name");
+    }
+    let mut rest = line[name_end..].trim_start();
+    let mut labels = "";
+    if let Some(after_brace) = rest.strip_prefix('{') {
+        let close = parse_labels(after_brace)?;
+        labels = &after_brace[..close];
+        rest = &after_brace[close + 1..];
+    }
+    let mut fields = rest.split_ascii_whitespace();
+    let value = parse_value(fields.next().ok_or("a sample line needs a value")?)?;
+    let timestamp_ms = match fields.next() {
+        Some(ts) => Some(ts.parse::<i64>().map_err(|_| "invalid timestamp")?),
+        None => None,
+    };
+    if fields.next().is_some() {
+        return Err("unexpected text after the timestamp");
+    }
+    Ok(Sample {
+        name,
+        labels,
+        value,
+        timestamp_ms,
+    })
+}
+
+/// Validates `name="value",...}` and returns the index of the closing brace.
+fn parse_labels(s: &str) -> Result<usize, &'static str> {
+    let bytes = s.as_bytes();
+    let mut i = 0;
+    loop {
+        while i < bytes.len() && (bytes[i] == b' ' || bytes[i] == b',') {
+            i += 1;
+        }
+        if i >= bytes.len() {
+            return Err("unterminated label set");
+        }
+        if bytes[i] == b'}' {
+            return Ok(i);
+        }
+        let start = i;
+        while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_') {
+            i += 1;
+        }
+        if i == start || bytes[start].is_ascii_digit() {
+            return Err("invalid label name");
+        }
+        while i < bytes.len() && bytes[i] == b' ' {
+            i += 1;
+        }
+        if i >= bytes.len() || bytes[i] != b'=' {
+            return Err("expected '=' after a label name");
+        }
+        i += 1;
+        while i < bytes.len() && bytes[i] == b' ' {
+            i += 1;
+        }
+        if i >= bytes.len() || bytes[i] != b'"' {
+            return Err("label value must be quoted");
+        }
+        i += 1;
+        let end = find_closing_quote(&s[i..]).ok_or("unterminated label value")?;
+        i += end + 1;
+        while i < bytes.len() && bytes[i] == b' ' {
+            i += 1;
+        }
+        if i < bytes.len() && bytes[i] != b',' && bytes[i] != b'}' {
+            return Err("expected ',' or '}' after a label value");
+        }
+    }
+}
+
+fn find_closing_quote(s: &str) -> Option<usize> {
+    let bytes = s.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' => i += 2,
+            b'"' => return Some(i),
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+fn unescape(raw: &str) -> Cow<'_, str> {
+    if !raw.contains('\\') {
+        return Cow::Borrowed(raw);
+    }
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some(other) => out.push(other),
+            None => out.push('\\'),
+        }
+    }
+    Cow::Owned(out)
+}
+
+fn valid_metric_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_' || c == ':')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+}
+
+fn parse_value(s: &str) -> Result<f64, &'static str> {
+    match s {
+        "NaN" => Ok(f64::NAN),
+        "+Inf" | "Inf" => Ok(f64::INFINITY),
+        "-Inf" => Ok(f64::NEG_INFINITY),
+        _ => s.parse::<f64>().map_err(|_| "invalid sample value"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all(page: &str) -> Vec<(String, Vec<(String, String)>, f64, Option<i64>)> {
+        let mut out = Vec::new();
+        parse(page, |s| {
+            out.push((
+                s.name.to_owned(),
+                s.labels()
+                    .map(|(k, v)| (k.to_owned(), v.into_owned()))
+                    .collect(),
+                s.value,
+                s.timestamp_ms,
+            ))
+        })
+        .unwrap();
+        out
+    }
+
+    #[test]
+    fn parses_samples_labels_comments_and_timestamps() {
+        let page = "# HELP vllm:num_requests_waiting Number of requests waiting.\n\
+                    # TYPE vllm:num_requests_waiting gauge\n\
+                    vllm:num_requests_waiting{engine=\"0\",model_name=\"m\"} 3.0\n\
+                    \n\
+                    plain_metric 1.5e3 1700000000000\n\
+                    spaced { a = \"x\" , b=\"y\" } -2\n\
+                    trailing_comma{a=\"1\",} 7\n";
+        let got = all(page);
+        assert_eq!(got.len(), 4);
+        assert_eq!(got[0].0, "vllm:num_requests_waiting");
+        assert_eq!(
+            got[0].1,
+            vec![
+                ("engine".into(), "0".into()),
+                ("model_name".into(), "m".into())
+            ]
+        );
+        assert_eq!(got[0].2, 3.0);
+        assert_eq!(got[1].2, 1500.0);
+        assert_eq!(got[1].3, Some(1_700_000_000_000));
+        assert_eq!(
+            got[2].1,
+            vec![("a".into(), "x".into()), ("b".into(), "y".into())]
+        );
+        assert_eq!(got[2].2, -2.0);
+        assert_eq!(got[3].1, vec![("a".into(), "1".into())]);
+    }
+
+    #[test]
+    fn unescapes_label_values_and_handles_braces_inside_quotes() {
+        let page = r#"m{path="a\"b\\c\nd",other="x}y,z"} 1"#;
+        let got = all(page);
+        assert_eq!(got[0].1[0].1, "a\"b\\c\nd");
+        assert_eq!(got[0].1[1].1, "x}y,z");
+    }
+
+    #[test]
+    fn special_values() {
+        let got = all("a NaN\nb +Inf\nc -Inf\n");
+        assert!(got[0].2.is_nan());
+        assert_eq!(got[1].2, f64::INFINITY);
+        assert_eq!(got[2].2, f64::NEG_INFINITY);
+    }
+
+    #[test]
+    fn rejects_malformed_lines_with_their_number() {
+        for (page, line) in [
+            ("ok 1\nbad{a=\"1\" 2\n", 2),
+            ("ok 1\n\nnovalue\n", 3),
+            ("m{a=unquoted} 1", 1),
+            ("m 1 2 3", 1),
+            ("m abc", 1),
+            ("9metric 1", 1),
+            ("m{=\"x\"} 1", 1),
+        ] {
+            let err = parse(page, |_| {}).unwrap_err();
+            assert_eq!(err.line, line, "{page:?}: {err}");
+        }
+    }
+}

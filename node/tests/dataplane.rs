@@ -1,0 +1,279 @@
+//! End-to-end: Envoy's ext_proc filter → infermesh → simulated pods, and the same through
+//! the standalone proxy. Needs Envoy (scripts/setup-test-deps.sh); fails if it is absent.
+
+mod support;
+
+use std::collections::HashMap;
+
+use support::{Harness, get, post, prefixed_prompt};
+
+const GROUPS: usize = 4;
+
+/// Shared-prefix requests stick to the pod that has their prefix; a stopped pod leaves
+/// the candidate set and its group moves elsewhere without a failed request.
+async fn prefix_affinity_and_pod_loss(h: &Harness) {
+    let entry = h.entry();
+    let mut home = Vec::new();
+    for g in 0..GROUPS {
+        let r = post(
+            &h.client,
+            entry,
+            "/v1/completions",
+            prefixed_prompt(&h.model, g, 0),
+            &[],
+        )
+        .await;
+        assert_eq!(r.status, 200, "first request of group {g}: {:?}", r.body);
+        home.push(h.served(&r));
+    }
+    for q in 1..6 {
+        for (g, want) in home.iter().enumerate() {
+            let r = post(
+                &h.client,
+                entry,
+                "/v1/completions",
+                prefixed_prompt(&h.model, g, q),
+                &[],
+            )
+            .await;
+            assert_eq!(r.status, 200, "group {g} question {q}: {:?}", r.body);
+            assert_eq!(
+                h.served(&r),
+                *want,
+                "group {g} question {q} left the pod holding its prefix"
+            );
+        }
+    }
+
+    let lost = home[0];
+    let index = h
+        .pods
+        .iter()
+        .position(|p| *p == lost)
+        .expect("home is a pod");
+    h.fleet.stop_pod(index).await;
+    h.wait_pod_down(index).await;
+    let mut new_homes = HashMap::new();
+    for q in 10..16 {
+        let r = post(
+            &h.client,
+            entry,
+            "/v1/completions",
+            prefixed_prompt(&h.model, 0, q),
+            &[],
+        )
+        .await;
+        assert_eq!(r.status, 200, "after pod loss, question {q}: {:?}", r.body);
+        let served = h.served(&r);
+        assert_ne!(served, lost, "request sent to the stopped pod");
+        *new_homes.entry(served).or_insert(0) += 1;
+    }
+    // Group 0 re-homes: after its first request elsewhere, its prefix lives there.
+    assert!(
+        new_homes.len() <= 2,
+        "group 0 scattered after pod loss: {new_homes:?}"
+    );
+    for (g, want) in home.iter().enumerate().skip(1) {
+        if *want == lost {
+            continue;
+        }
+        let r = post(
+            &h.client,
+            entry,
+            "/v1/completions",
+            prefixed_prompt(&h.model, g, 20),
+            &[],
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            h.served(&r),
+            *want,
+            "group {g} moved although its pod is up"
+        );
+    }
+}
+
+/// Bad input gets the right status and a JSON error naming the problem.
+async fn bad_requests(h: &Harness) {
+    let entry = h.entry();
+    let cases: [(&str, String, u16, &str); 6] = [
+        ("/v1/completions", "{not json".into(), 400, "JSON"),
+        (
+            "/v1/completions",
+            r#"{"prompt":"hello"}"#.into(),
+            400,
+            "model",
+        ),
+        (
+            "/v1/completions",
+            format!(r#"{{"model":"{}"}}"#, h.model),
+            400,
+            "prompt",
+        ),
+        (
+            "/v1/chat/completions",
+            format!(r#"{{"model":"{}","messages":[]}}"#, h.model),
+            400,
+            "message",
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"no-such-model","prompt":"hi"}"#.into(),
+            404,
+            "no-such-model",
+        ),
+        (
+            "/v1/completions",
+            format!(
+                r#"{{"model":"{}","prompt":"{}"}}"#,
+                h.model,
+                "x".repeat(300 << 10)
+            ),
+            413,
+            "limit",
+        ),
+    ];
+    for (path, body, status, needle) in cases {
+        let r = post(
+            &h.client,
+            entry,
+            path,
+            body.clone(),
+            &[("x-request-id", "bad-req-1")],
+        )
+        .await;
+        assert_eq!(r.status, status, "{path} {:.60}: {:?}", body, r.body);
+        let msg = r.json()["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            msg.contains(needle),
+            "error for {:.60} does not mention {needle:?}: {msg}",
+            body
+        );
+    }
+    // Chat requests route too.
+    let chat = serde_json::json!({"model": h.model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2});
+    let r = post(
+        &h.client,
+        entry,
+        "/v1/chat/completions",
+        chat.to_string(),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    // Streaming passes through as SSE.
+    let stream =
+        serde_json::json!({"model": h.model, "prompt": "count", "max_tokens": 3, "stream": true});
+    let r = post(&h.client, entry, "/v1/completions", stream.to_string(), &[]).await;
+    assert_eq!(r.status, 200);
+    let text = String::from_utf8_lossy(&r.body);
+    assert!(
+        text.contains("data: ") && text.contains("[DONE]"),
+        "not an SSE stream: {text}"
+    );
+}
+
+async fn check_metrics(h: &Harness) {
+    let m = get(
+        &h.client,
+        h.node.metrics_addr.expect("metrics on"),
+        "/metrics",
+    )
+    .await
+    .expect("scrape /metrics");
+    let text = String::from_utf8_lossy(&m.body);
+    for needle in [
+        "infermesh_requests_total{",
+        "outcome=\"Success\"",
+        "outcome=\"BadRequest\"",
+        "outcome=\"UnknownModel\"",
+        "outcome=\"TooLarge\"",
+        "infermesh_scheduling_duration_seconds_bucket",
+        "infermesh_endpoint_picks_total",
+        "infermesh_endpoint_metrics_age_seconds",
+    ] {
+        assert!(text.contains(needle), "/metrics lacks {needle}:\n{text}");
+    }
+}
+
+async fn harness(with_envoy: bool) -> Harness {
+    Harness::start_with(8, with_envoy, |c| c.max_body_bytes = 256 << 10).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_ext_proc_routes_by_prefix_and_survives_pod_loss() {
+    let h = harness(true).await;
+    prefix_affinity_and_pod_loss(&h).await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_ext_proc_rejects_bad_requests() {
+    let h = harness(true).await;
+    bad_requests(&h).await;
+    check_metrics(&h).await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_routes_by_prefix_and_survives_pod_loss() {
+    let h = harness(false).await;
+    prefix_affinity_and_pod_loss(&h).await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_rejects_bad_requests() {
+    let h = harness(false).await;
+    bad_requests(&h).await;
+    check_metrics(&h).await;
+    let models = get(&h.client, h.entry(), "/v1/models")
+        .await
+        .expect("models");
+    assert_eq!(models.json()["data"][0]["id"], h.model.as_str());
+    h.stop().await;
+}
+
+/// A pod stopped without the node noticing yet: the proxy's connect fails and it retries
+/// elsewhere, so the client still gets its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_retries_when_a_pod_refuses_connections() {
+    let h = Harness::start_with(2, false, |c| {
+        // Scrape rarely so the stopped pod still looks up when the request arrives.
+        c.scrape.interval = std::time::Duration::from_secs(30);
+        c.staleness = std::time::Duration::from_secs(60);
+    })
+    .await;
+    let entry = h.entry();
+    let r = post(
+        &h.client,
+        entry,
+        "/v1/completions",
+        prefixed_prompt(&h.model, 7, 0),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let home = h.served(&r);
+    let index = h.pods.iter().position(|p| *p == home).expect("a pod");
+    h.fleet.stop_pod(index).await;
+    assert!(
+        h.node.pool().slot(home).expect("slot").is_up(),
+        "scraper noticed too early for this test"
+    );
+    let r = post(
+        &h.client,
+        entry,
+        "/v1/completions",
+        prefixed_prompt(&h.model, 7, 1),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_ne!(h.served(&r), home);
+    h.stop().await;
+}

@@ -1,0 +1,318 @@
+//! Test harness: simulated pods, an in-process node, and a real Envoy, all on loopback
+//! with ports chosen at runtime.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use infermesh_node::app::{self, RunningNode};
+use infermesh_node::config::NodeConfig;
+use infermesh_node::demo::fleet_pool;
+use infermesh_node::upstream::{HttpClient, http_client};
+use infermesh_scheduler::ResolvedConfig;
+use infermesh_sim::{EngineProfile, Fleet, FleetConfig};
+
+/// The Envoy binary: `$ENVOY_BIN`, else `<workspace>/.venv-test/bin/envoy`.
+pub fn envoy_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("ENVOY_BIN") {
+        return PathBuf::from(p);
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("node/ has a parent")
+        .to_path_buf();
+    let p = root.join(".venv-test/bin/envoy");
+    assert!(
+        p.exists(),
+        "Envoy not found at {} and ENVOY_BIN is not set: run scripts/setup-test-deps.sh first",
+        p.display()
+    );
+    p
+}
+
+/// A port that was free a moment ago (Envoy needs ports in its config file).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// A running Envoy, killed on drop.
+pub struct Envoy {
+    child: Child,
+    /// Client-facing address.
+    pub addr: SocketAddr,
+    /// Admin address.
+    pub admin: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn template(name: &str) -> String {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/envoy")
+        .join(name);
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
+}
+
+impl Envoy {
+    /// Starts Envoy with `deploy/envoy/envoy-extproc.yaml` pointed at `ext_proc`.
+    pub async fn start_ext_proc(ext_proc: SocketAddr, client: &HttpClient) -> Envoy {
+        let cfg = template("envoy-extproc.yaml")
+            .replace("${EXT_PROC_HOST}", &ext_proc.ip().to_string())
+            .replace("${EXT_PROC_PORT}", &ext_proc.port().to_string());
+        Envoy::start(cfg, client).await
+    }
+
+    async fn start(cfg: String, client: &HttpClient) -> Envoy {
+        let bin = envoy_bin();
+        for _attempt in 0..5 {
+            let (listen, admin) = (free_port(), free_port());
+            let text = cfg
+                .replace("${LISTEN_PORT}", &listen.to_string())
+                .replace("${ADMIN_PORT}", &admin.to_string());
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("envoy.yaml");
+            std::fs::write(&path, text).expect("write envoy config");
+            let log = std::fs::File::create(dir.path().join("envoy.log")).expect("log file");
+            let child = Command::new(&bin)
+                .args(["--use-dynamic-base-id", "--log-level", "warn", "-c"])
+                .arg(&path)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
+            let mut envoy = Envoy {
+                child,
+                addr: SocketAddr::from(([127, 0, 0, 1], listen)),
+                admin: SocketAddr::from(([127, 0, 0, 1], admin)),
+                _dir: dir,
+            };
+            if envoy.wait_ready(client).await {
+                return envoy;
+            }
+            // Most likely a port taken between picking and binding: try new ports.
+            let log =
+                std::fs::read_to_string(envoy._dir.path().join("envoy.log")).unwrap_or_default();
+            eprintln!("envoy did not become ready, retrying; log:\n{log}");
+        }
+        panic!("Envoy did not start after 5 attempts");
+    }
+
+    async fn wait_ready(&mut self, client: &HttpClient) -> bool {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while tokio::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
+            }
+            if let Ok(r) = get(client, self.admin, "/ready").await
+                && r.status == 200
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+}
+
+/// An HTTP response read whole.
+#[derive(Debug)]
+pub struct Resp {
+    /// Status code.
+    pub status: u16,
+    /// Headers.
+    pub headers: http::HeaderMap,
+    /// Body.
+    pub body: Bytes,
+}
+
+impl Resp {
+    /// A header as text.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    }
+
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
+    }
+}
+
+/// GET a path.
+pub async fn get(client: &HttpClient, addr: SocketAddr, path: &str) -> Result<Resp, String> {
+    let req = http::Request::get(format!("http://{addr}{path}"))
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    send(client, req).await
+}
+
+/// POST a body with extra headers.
+pub async fn post(
+    client: &HttpClient,
+    addr: SocketAddr,
+    path: &str,
+    body: impl Into<Bytes>,
+    headers: &[(&str, &str)],
+) -> Resp {
+    let mut b = http::Request::post(format!("http://{addr}{path}"))
+        .header("content-type", "application/json");
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let req = b.body(Full::new(body.into())).expect("request");
+    tokio::time::timeout(Duration::from_secs(30), send(client, req))
+        .await
+        .expect("request finished within 30 s")
+        .expect("request sent")
+}
+
+async fn send(client: &HttpClient, req: http::Request<Full<Bytes>>) -> Result<Resp, String> {
+    let resp = client.request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok(Resp {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// A completions body whose prompt starts with group `group`'s shared prefix.
+pub fn prefixed_prompt(model: &str, group: usize, question: usize) -> String {
+    let mut prompt = format!("System prompt of tenant {group}. ");
+    for i in 0..60 {
+        prompt.push_str(&format!(
+            "Rule {i} for tenant {group}: answer precisely and cite sources. "
+        ));
+    }
+    prompt.push_str(&format!(
+        "Question {question}: what is {question} + {group}?"
+    ));
+    serde_json::json!({"model": model, "prompt": prompt, "max_tokens": 4, "stream": false})
+        .to_string()
+}
+
+/// Pods, a node (proxy + ext_proc) and optionally Envoy.
+pub struct Harness {
+    /// The simulated pods.
+    pub fleet: Fleet,
+    /// Their addresses, in pod order.
+    pub pods: Vec<SocketAddr>,
+    /// The node under test.
+    pub node: RunningNode,
+    /// Envoy in front of the node's ext_proc server.
+    pub envoy: Option<Envoy>,
+    /// A client for the test's own requests.
+    pub client: HttpClient,
+    /// The model the pods serve.
+    pub model: String,
+}
+
+impl Harness {
+    /// Starts `pods` zero-latency simulated pods and a node; Envoy too when `with_envoy`.
+    pub async fn start(pods: usize, with_envoy: bool) -> Harness {
+        Harness::start_with(pods, with_envoy, |_| {}).await
+    }
+
+    /// Like [`Harness::start`], with the node config adjusted by `tweak`.
+    pub async fn start_with(
+        pods: usize,
+        with_envoy: bool,
+        tweak: impl FnOnce(&mut NodeConfig),
+    ) -> Harness {
+        let mut cfg = FleetConfig::new(pods);
+        cfg.profile = EngineProfile::instant();
+        let model = cfg.model.clone();
+        let fleet = Fleet::start(cfg).await.expect("simulated pods start");
+        let addrs = fleet.addrs();
+        let mut node_cfg = NodeConfig::local(
+            fleet_pool(&addrs, &model),
+            ResolvedConfig::builtin_default(),
+        )
+        .expect("valid node config");
+        tweak(&mut node_cfg);
+        let node = app::start(node_cfg).await.expect("node starts");
+        assert!(
+            node.wait_ready(pods, Duration::from_secs(15)).await,
+            "pods did not all answer their first scrape"
+        );
+        let client = http_client(Duration::from_secs(2));
+        let envoy = if with_envoy {
+            Some(Envoy::start_ext_proc(node.ext_proc_addr, &client).await)
+        } else {
+            None
+        };
+        Harness {
+            fleet,
+            pods: addrs,
+            node,
+            envoy,
+            client,
+            model,
+        }
+    }
+
+    /// Where client requests go: Envoy when present, else the node's proxy.
+    pub fn entry(&self) -> SocketAddr {
+        self.envoy
+            .as_ref()
+            .map(|e| e.addr)
+            .unwrap_or_else(|| self.node.proxy_addr.expect("proxy enabled"))
+    }
+
+    /// The pod that served a response (Envoy's upstream host or the proxy's served header).
+    pub fn served(&self, r: &Resp) -> SocketAddr {
+        let h = r
+            .header("x-upstream-host")
+            .or_else(|| r.header("x-gateway-destination-endpoint-served"))
+            .unwrap_or_else(|| panic!("response names no serving pod: {:?}", r.headers));
+        h.parse()
+            .unwrap_or_else(|_| panic!("bad served address {h:?}"))
+    }
+
+    /// Waits (bounded) until the node sees pod `i` as down.
+    pub async fn wait_pod_down(&self, i: usize) {
+        let addr = self.pods[i];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let pool = self.node.pool();
+            if pool.slot(addr).is_some_and(|s| !s.is_up()) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "pod {addr} still up 10 s after it stopped"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops everything.
+    pub async fn stop(self) {
+        drop(self.envoy);
+        self.node.shutdown(Duration::from_secs(5)).await;
+        self.fleet.shutdown().await;
+    }
+}
