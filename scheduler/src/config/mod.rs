@@ -1,0 +1,1000 @@
+//! EndpointPickerConfig loading: parse, apply llm-d's defaulting rules, validate, resolve.
+//!
+//! Both apiVersions are accepted (`llm-d.ai/v1alpha1`, `inference.networking.x-k8s.io/v1alpha1`).
+//! Defaulting follows `pkg/epp/config/loader/defaults.go`: unnamed plugins take their type
+//! as name; no profiles → a `default` profile with every filter, scorer and picker; a
+//! profile without a picker gets the first declared picker, else an added
+//! `max-score-picker`; one profile and no handler → `single-profile-handler`; scorer
+//! weight defaults to 1; a utilization-detector, the openai-parser and the metrics data
+//! layer are added when absent; a consumer of prefix data with no
+//! `approx-prefix-cache-producer` gets one added (taking GIE 1.x parameters written on
+//! `prefix-cache-scorer`).
+
+// Configuration loading is a cold path; its errors carry names and locations by value.
+#![allow(clippy::result_large_err)]
+
+pub mod error;
+mod locate;
+pub mod params;
+pub mod registry;
+
+use std::fmt;
+
+use serde::Deserialize;
+use serde_yaml_ng::Value;
+
+pub use error::{ConfigError, Location};
+use params::{CoreMetricsExtractorParams, MetricsDataSourceParams, UtilizationParams};
+pub use registry::{PluginKind, PluginSpec};
+use registry::{SpecError, parse_spec};
+
+/// The llm-d apiVersion.
+pub const API_VERSION_LLMD: &str = "llm-d.ai/v1alpha1";
+/// The GIE apiVersion.
+pub const API_VERSION_GIE: &str = "inference.networking.x-k8s.io/v1alpha1";
+/// The only accepted kind.
+pub const KIND: &str = "EndpointPickerConfig";
+
+/// llm-d's built-in default configuration.
+pub const BUILTIN_DEFAULT_YAML: &str = "\
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: prefix-cache-scorer
+- type: metrics-data-source
+- type: core-metrics-extractor
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 2
+  - pluginRef: prefix-cache-scorer
+    weight: 3
+dataLayer:
+  sources:
+  - pluginRef: metrics-data-source
+    extractors:
+    - pluginRef: core-metrics-extractor
+";
+
+/// Feature gates llm-d registers.
+const KNOWN_FEATURE_GATES: &[&str] = &["dataLayer", "enableLegacyMetrics", "flowControl"];
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawConfig {
+    api_version: Option<String>,
+    kind: Option<String>,
+    feature_gates: Option<Vec<String>>,
+    plugins: Option<Vec<RawPlugin>>,
+    scheduling_profiles: Option<Vec<RawProfile>>,
+    saturation_detector: Option<RawSaturation>,
+    data_layer: Option<RawDataLayer>,
+    flow_control: Option<Value>,
+    parser: Option<RawRef>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlugin {
+    name: Option<String>,
+    #[serde(rename = "type")]
+    type_name: String,
+    parameters: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProfile {
+    name: Option<String>,
+    plugins: Option<Vec<RawProfilePlugin>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawProfilePlugin {
+    plugin_ref: Option<String>,
+    weight: Option<f64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawSaturation {
+    plugin_ref: Option<String>,
+    queue_depth_threshold: Option<i64>,
+    kv_cache_util_threshold: Option<f64>,
+    metrics_staleness_threshold: Option<String>,
+    headroom: Option<f64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawDataLayer {
+    inject_defaults: Option<bool>,
+    sources: Option<Vec<RawSource>>,
+    discovery: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawSource {
+    plugin_ref: String,
+    extractors: Option<Vec<RawRef>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawRef {
+    plugin_ref: String,
+}
+
+/// A configured plugin instance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedPlugin {
+    /// Instance name (`name`, or the type when unnamed).
+    pub name: String,
+    /// The type name as written (may be an alias such as `by-label-selector`).
+    pub written_type: String,
+    /// Type and parameters with defaults filled in.
+    pub spec: PluginSpec,
+    /// Added by a defaulting rule rather than written in the file.
+    pub defaulted: bool,
+}
+
+/// A scorer in a profile with its weight.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WeightedRef {
+    /// Plugin name.
+    pub plugin: String,
+    /// Weight (default 1).
+    pub weight: f64,
+}
+
+/// A resolved scheduling profile.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedProfile {
+    /// Profile name.
+    pub name: String,
+    /// Filters in order.
+    pub filters: Vec<String>,
+    /// Scorers with weights.
+    pub scorers: Vec<WeightedRef>,
+    /// The picker.
+    pub picker: String,
+}
+
+/// A data-layer source with its extractors.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataSourceRef {
+    /// Source plugin name.
+    pub source: String,
+    /// Extractor plugin names.
+    pub extractors: Vec<String>,
+}
+
+/// A validated configuration with every default applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedConfig {
+    /// The apiVersion the file used.
+    pub api_version: String,
+    /// Feature gates.
+    pub feature_gates: Vec<String>,
+    /// All plugins, declared first, then the ones added by defaulting.
+    pub plugins: Vec<ResolvedPlugin>,
+    /// Profiles in declaration order.
+    pub profiles: Vec<ResolvedProfile>,
+    /// Name of the profile handler plugin.
+    pub profile_handler: String,
+    /// Name of the saturation detector plugin.
+    pub saturation_detector: String,
+    /// Name of the parser plugin.
+    pub parser: String,
+    /// Name of the approx prefix producer, when one runs.
+    pub prefix_producer: Option<String>,
+    /// Data-layer sources (they configure the node's metrics fetcher).
+    pub data_layer: Vec<DataSourceRef>,
+}
+
+impl ResolvedConfig {
+    /// llm-d's built-in default (queue 2, kv-cache-utilization 2, prefix 3).
+    pub fn builtin_default() -> Self {
+        load_config(BUILTIN_DEFAULT_YAML).expect("the built-in default configuration is valid")
+    }
+
+    /// The plugin named `name`.
+    pub fn plugin(&self, name: &str) -> Option<&ResolvedPlugin> {
+        self.plugins.iter().find(|p| p.name == name)
+    }
+
+    /// Utilization-detector thresholds (for admission).
+    pub fn utilization(&self) -> UtilizationParams {
+        match self.plugin(&self.saturation_detector).map(|p| &p.spec) {
+            Some(PluginSpec::UtilizationDetector(p)) => p.clone(),
+            _ => UtilizationParams::default(),
+        }
+    }
+
+    /// The first metrics data source and its core-metrics extractor, for the node's fetcher.
+    pub fn metrics_source(
+        &self,
+    ) -> Option<(
+        &MetricsDataSourceParams,
+        Option<&CoreMetricsExtractorParams>,
+    )> {
+        self.data_layer.iter().find_map(|s| {
+            let src = match self.plugin(&s.source).map(|p| &p.spec) {
+                Some(PluginSpec::MetricsDataSource(p)) => p,
+                _ => return None,
+            };
+            let ext = s
+                .extractors
+                .iter()
+                .find_map(|e| match self.plugin(e).map(|p| &p.spec) {
+                    Some(PluginSpec::CoreMetricsExtractor(x)) => Some(x),
+                    _ => None,
+                });
+            Some((src, ext))
+        })
+    }
+}
+
+fn yaml_error(e: serde_path_to_error::Error<serde_yaml_ng::Error>) -> ConfigError {
+    let location = e.inner().location().map(|l| Location {
+        line: l.line(),
+        column: l.column(),
+    });
+    ConfigError::Yaml {
+        path: e.path().to_string(),
+        message: e.inner().to_string(),
+        location,
+    }
+}
+
+/// Parses, defaults and validates an EndpointPickerConfig. An empty document yields the
+/// built-in default, as llm-d does without `--config-file`.
+pub fn load_config(yaml: &str) -> Result<ResolvedConfig, ConfigError> {
+    let meaningful = yaml
+        .lines()
+        .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#') && l.trim() != "---");
+    if !meaningful {
+        return load_config(BUILTIN_DEFAULT_YAML);
+    }
+    let de = serde_yaml_ng::Deserializer::from_str(yaml);
+    let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(yaml_error)?;
+    Loader { yaml }.resolve(raw)
+}
+
+struct Loader<'y> {
+    yaml: &'y str,
+}
+
+impl Loader<'_> {
+    fn plugin_location(&self, plugins: &[ResolvedPlugin], idx: usize) -> Option<Location> {
+        let p = &plugins[idx];
+        let nth = plugins[..idx]
+            .iter()
+            .filter(|q| !q.defaulted && q.written_type == p.written_type)
+            .count();
+        locate::find_value(self.yaml, "plugins", "type", &p.written_type, nth)
+    }
+
+    fn ref_location(&self, section: &str, name: &str, nth: usize) -> Option<Location> {
+        locate::find_value(self.yaml, section, "pluginRef", name, nth)
+    }
+
+    fn resolve(&self, raw: RawConfig) -> Result<ResolvedConfig, ConfigError> {
+        let api_version = raw.api_version.unwrap_or_default();
+        if api_version != API_VERSION_LLMD && api_version != API_VERSION_GIE {
+            return Err(ConfigError::Field {
+                field: "apiVersion".into(),
+                message: format!(
+                    "must be `{API_VERSION_LLMD}` or `{API_VERSION_GIE}`, got {api_version:?}"
+                ),
+                location: locate::top_level(self.yaml, "apiVersion"),
+            });
+        }
+        let kind = raw.kind.unwrap_or_default();
+        if kind != KIND {
+            return Err(ConfigError::Field {
+                field: "kind".into(),
+                message: format!("must be `{KIND}`, got {kind:?}"),
+                location: locate::top_level(self.yaml, "kind"),
+            });
+        }
+        let feature_gates = raw.feature_gates.unwrap_or_default();
+        for g in &feature_gates {
+            if !KNOWN_FEATURE_GATES.contains(&g.as_str()) {
+                return Err(ConfigError::Field {
+                    field: "featureGates".into(),
+                    message: format!("feature gate `{g}` is unknown"),
+                    location: locate::top_level(self.yaml, "featureGates"),
+                });
+            }
+            if g == "flowControl" {
+                return Err(ConfigError::Field {
+                    field: "featureGates".into(),
+                    message: "the `flowControl` feature gate is not supported by infermesh yet"
+                        .into(),
+                    location: locate::top_level(self.yaml, "featureGates"),
+                });
+            }
+        }
+        if raw.flow_control.is_some() {
+            return Err(ConfigError::Field {
+                field: "flowControl".into(),
+                message: "flow control configuration is not supported by infermesh yet".into(),
+                location: locate::top_level(self.yaml, "flowControl"),
+            });
+        }
+
+        // Plugins.
+        let mut plugins: Vec<ResolvedPlugin> = Vec::new();
+        for (i, rp) in raw.plugins.unwrap_or_default().into_iter().enumerate() {
+            let name = rp
+                .name
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| rp.type_name.clone());
+            let tmp = ResolvedPlugin {
+                name: name.clone(),
+                written_type: rp.type_name.clone(),
+                spec: PluginSpec::QueueScorer,
+                defaulted: false,
+            };
+            plugins.push(tmp);
+            let loc = || self.plugin_location(&plugins, i);
+            if rp.type_name.is_empty() {
+                return Err(ConfigError::Field {
+                    field: format!("plugins[{i}].type"),
+                    message: "is required".into(),
+                    location: loc(),
+                });
+            }
+            if plugins[..i].iter().any(|p| p.name == name) {
+                return Err(ConfigError::DuplicatePlugin {
+                    plugin: name,
+                    location: loc(),
+                });
+            }
+            match parse_spec(&rp.type_name, rp.parameters.as_ref()) {
+                Ok(spec) => plugins[i].spec = spec,
+                Err(SpecError::UnknownType) => {
+                    return Err(ConfigError::UnknownPluginType {
+                        plugin: name,
+                        type_name: rp.type_name,
+                        location: loc(),
+                    });
+                }
+                Err(SpecError::Unsupported(reason)) => {
+                    return Err(ConfigError::UnsupportedPlugin {
+                        plugin: name,
+                        type_name: rp.type_name,
+                        reason,
+                        location: loc(),
+                    });
+                }
+                Err(SpecError::Param(field, message)) => {
+                    let location =
+                        loc().map(|l| locate::find_field_after(self.yaml, "plugins", l, &field));
+                    return Err(ConfigError::InvalidParameter {
+                        plugin: name,
+                        type_name: rp.type_name,
+                        field,
+                        message,
+                        location,
+                    });
+                }
+            }
+        }
+
+        let find =
+            |plugins: &[ResolvedPlugin], name: &str| plugins.iter().position(|p| p.name == name);
+        let add_default = |plugins: &mut Vec<ResolvedPlugin>, type_name: &str| -> String {
+            if find(plugins, type_name).is_none()
+                && let Some(spec) = registry::default_spec(type_name)
+            {
+                plugins.push(ResolvedPlugin {
+                    name: type_name.to_owned(),
+                    written_type: type_name.to_owned(),
+                    spec,
+                    defaulted: true,
+                });
+            }
+            type_name.to_owned()
+        };
+
+        // Profiles.
+        let raw_profiles = raw.scheduling_profiles.unwrap_or_default();
+        let mut profiles: Vec<ResolvedProfile> = Vec::new();
+        let mut ref_seen: Vec<(String, usize)> = Vec::new();
+        let mut ref_nth = |name: &str| -> usize {
+            match ref_seen.iter_mut().find(|(n, _)| n == name) {
+                Some((_, c)) => {
+                    *c += 1;
+                    *c - 1
+                }
+                None => {
+                    ref_seen.push((name.to_owned(), 1));
+                    0
+                }
+            }
+        };
+        let default_picker = plugins
+            .iter()
+            .find(|p| p.spec.kind() == PluginKind::Picker)
+            .map(|p| p.name.clone());
+        if raw_profiles.is_empty() {
+            let mut prof = ResolvedProfile {
+                name: "default".into(),
+                filters: vec![],
+                scorers: vec![],
+                picker: String::new(),
+            };
+            for p in &plugins {
+                match p.spec.kind() {
+                    PluginKind::Filter => prof.filters.push(p.name.clone()),
+                    PluginKind::Scorer => prof.scorers.push(WeightedRef {
+                        plugin: p.name.clone(),
+                        weight: 1.0,
+                    }),
+                    PluginKind::Picker if prof.picker.is_empty() => prof.picker = p.name.clone(),
+                    PluginKind::Picker => {
+                        return Err(ConfigError::Profile {
+                            profile: "default".into(),
+                            message: format!(
+                                "no schedulingProfiles were given, so the default profile takes every picker, but there are two (`{}` and `{}`); write the profiles explicitly",
+                                prof.picker, p.name
+                            ),
+                            location: None,
+                        });
+                    }
+                    _ => {}
+                }
+            }
+            profiles.push(prof);
+        }
+        for (i, rp) in raw_profiles.into_iter().enumerate() {
+            let pname = rp
+                .name
+                .filter(|n| !n.is_empty())
+                .ok_or_else(|| ConfigError::Profile {
+                    profile: format!("schedulingProfiles[{i}]"),
+                    message: "is missing a name".into(),
+                    location: locate::top_level(self.yaml, "schedulingProfiles"),
+                })?;
+            if profiles.iter().any(|p| p.name == pname) {
+                return Err(ConfigError::Profile {
+                    profile: pname.clone(),
+                    message: "duplicate profile name".into(),
+                    location: locate::find_value(
+                        self.yaml,
+                        "schedulingProfiles",
+                        "name",
+                        &pname,
+                        1,
+                    ),
+                });
+            }
+            let mut prof = ResolvedProfile {
+                name: pname.clone(),
+                filters: vec![],
+                scorers: vec![],
+                picker: String::new(),
+            };
+            for (j, e) in rp.plugins.unwrap_or_default().into_iter().enumerate() {
+                let referrer = format!("schedulingProfiles[{pname}].plugins[{j}]");
+                let r =
+                    e.plugin_ref
+                        .filter(|r| !r.is_empty())
+                        .ok_or_else(|| ConfigError::Profile {
+                            profile: pname.clone(),
+                            message: format!("plugins[{j}] is missing a `pluginRef`"),
+                            location: locate::find_value(
+                                self.yaml,
+                                "schedulingProfiles",
+                                "name",
+                                &pname,
+                                0,
+                            ),
+                        })?;
+                let nth = ref_nth(&r);
+                let loc = self.ref_location("schedulingProfiles", &r, nth);
+                let Some(pi) = find(&plugins, &r) else {
+                    return Err(ConfigError::DanglingRef {
+                        referrer: format!("{referrer}.pluginRef"),
+                        plugin_ref: r,
+                        location: loc,
+                    });
+                };
+                let spec = &plugins[pi].spec;
+                if let Some(w) = e.weight
+                    && (!w.is_finite() || w < 0.0)
+                {
+                    return Err(ConfigError::Profile {
+                        profile: pname.clone(),
+                        message: format!(
+                            "plugins[{j}] (`{r}`): weight must be a finite number >= 0, got {w}"
+                        ),
+                        location: loc,
+                    });
+                }
+                match spec.kind() {
+                    PluginKind::Scorer => prof.scorers.push(WeightedRef {
+                        plugin: r,
+                        weight: e.weight.unwrap_or(1.0),
+                    }),
+                    PluginKind::Picker => {
+                        if !prof.picker.is_empty() {
+                            return Err(ConfigError::Profile {
+                                profile: pname.clone(),
+                                message: format!("has two pickers (`{}` and `{r}`)", prof.picker),
+                                location: loc,
+                            });
+                        }
+                        prof.picker = r;
+                    }
+                    _ if spec.is_filter() => prof.filters.push(r),
+                    // llm-d lets producers sit in a profile's list; they run once per cycle.
+                    PluginKind::DataProducer => {}
+                    other => {
+                        return Err(ConfigError::WrongKind {
+                            referrer: format!("{referrer}.pluginRef"),
+                            plugin: r,
+                            type_name: spec.type_name().into(),
+                            actual: other.as_str(),
+                            expected: "filter, scorer or picker",
+                            location: loc,
+                        });
+                    }
+                }
+            }
+            profiles.push(prof);
+        }
+        let picker_name = match default_picker {
+            Some(p) => p,
+            None if profiles.iter().any(|p| p.picker.is_empty()) => {
+                add_default(&mut plugins, "max-score-picker")
+            }
+            None => String::new(),
+        };
+        for p in &mut profiles {
+            if p.picker.is_empty() {
+                p.picker = picker_name.clone();
+            }
+        }
+
+        // Profile handler.
+        let handlers: Vec<usize> = plugins
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.spec.kind() == PluginKind::ProfileHandler)
+            .map(|(i, _)| i)
+            .collect();
+        let profile_handler = match handlers.as_slice() {
+            [] if profiles.len() == 1 => add_default(&mut plugins, "single-profile-handler"),
+            [] => {
+                return Err(ConfigError::Field {
+                    field: "plugins".into(),
+                    message: format!(
+                        "{} scheduling profiles need a profile handler plugin (e.g. disagg-profile-handler)",
+                        profiles.len()
+                    ),
+                    location: locate::top_level(self.yaml, "plugins"),
+                });
+            }
+            [h] => plugins[*h].name.clone(),
+            [_, second, ..] => {
+                return Err(ConfigError::DuplicatePlugin {
+                    plugin: format!("{} (a second profile handler)", plugins[*second].name),
+                    location: self.plugin_location(&plugins, *second),
+                });
+            }
+        };
+        let hi = find(&plugins, &profile_handler).unwrap_or(0);
+        match &plugins[hi].spec {
+            PluginSpec::SingleProfileHandler if profiles.len() != 1 => {
+                return Err(ConfigError::Profile {
+                    profile: profiles
+                        .iter()
+                        .map(|p| p.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    message: format!(
+                        "single-profile-handler `{profile_handler}` needs exactly one scheduling profile, found {}",
+                        profiles.len()
+                    ),
+                    location: self.plugin_location(&plugins, hi),
+                });
+            }
+            PluginSpec::DisaggProfileHandler(d) => {
+                let loc = self.plugin_location(&plugins, hi);
+                if !profiles.iter().any(|p| p.name == d.profiles.decode) {
+                    return Err(ConfigError::InvalidParameter {
+                        plugin: profile_handler.clone(),
+                        type_name: "disagg-profile-handler".into(),
+                        field: "profiles.decode".into(),
+                        message: format!("no scheduling profile named `{}`", d.profiles.decode),
+                        location: loc,
+                    });
+                }
+                for (field, r) in [
+                    ("deciders.prefill", &d.deciders.prefill),
+                    ("deciders.encode", &d.deciders.encode),
+                ] {
+                    if r.is_empty() {
+                        continue;
+                    }
+                    match find(&plugins, r) {
+                        None => {
+                            return Err(ConfigError::DanglingRef {
+                                referrer: format!("plugin `{profile_handler}` parameter `{field}`"),
+                                plugin_ref: r.clone(),
+                                location: loc.map(|l| {
+                                    locate::find_field_after(self.yaml, "plugins", l, field)
+                                }),
+                            });
+                        }
+                        Some(di) if plugins[di].spec.kind() != PluginKind::Decider => {
+                            return Err(ConfigError::WrongKind {
+                                referrer: format!("plugin `{profile_handler}` parameter `{field}`"),
+                                plugin: r.clone(),
+                                type_name: plugins[di].spec.type_name().into(),
+                                actual: plugins[di].spec.kind().as_str(),
+                                expected: "decider",
+                                location: loc,
+                            });
+                        }
+                        Some(_) => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+
+        // Saturation detector (llm-d `saturationDetector.pluginRef`, or GIE 1.x fields).
+        let saturation_detector = match raw.saturation_detector {
+            None => add_default(&mut plugins, "utilization-detector"),
+            Some(sd) => {
+                let legacy = sd.queue_depth_threshold.is_some()
+                    || sd.kv_cache_util_threshold.is_some()
+                    || sd.metrics_staleness_threshold.is_some()
+                    || sd.headroom.is_some();
+                let loc = locate::top_level(self.yaml, "saturationDetector");
+                match sd.plugin_ref.filter(|r| !r.is_empty()) {
+                    Some(_) if legacy => {
+                        return Err(ConfigError::Field {
+                            field: "saturationDetector".into(),
+                            message: "set either `pluginRef` or the threshold fields, not both"
+                                .into(),
+                            location: loc,
+                        });
+                    }
+                    Some(r) => match find(&plugins, &r) {
+                        None => {
+                            return Err(ConfigError::DanglingRef {
+                                referrer: "saturationDetector.pluginRef".into(),
+                                plugin_ref: r,
+                                location: loc,
+                            });
+                        }
+                        Some(i) if plugins[i].spec.kind() != PluginKind::SaturationDetector => {
+                            return Err(ConfigError::WrongKind {
+                                referrer: "saturationDetector.pluginRef".into(),
+                                plugin: r,
+                                type_name: plugins[i].spec.type_name().into(),
+                                actual: plugins[i].spec.kind().as_str(),
+                                expected: "saturation detector",
+                                location: loc,
+                            });
+                        }
+                        Some(_) => r,
+                    },
+                    None => {
+                        let mut p = UtilizationParams::default();
+                        if let Some(v) = sd.queue_depth_threshold {
+                            p.queue_depth_threshold = v;
+                        }
+                        if let Some(v) = sd.kv_cache_util_threshold {
+                            p.kv_cache_util_threshold = v;
+                        }
+                        if let Some(v) = sd.headroom {
+                            p.headroom = v;
+                        }
+                        if let Some(v) = sd.metrics_staleness_threshold {
+                            p.metrics_staleness_threshold = params::go_duration::parse(&v)
+                                .map_err(|m| ConfigError::Field {
+                                    field: "saturationDetector.metricsStalenessThreshold".into(),
+                                    message: m,
+                                    location: loc,
+                                })?;
+                        }
+                        if let Err((f, m)) = p.validate() {
+                            return Err(ConfigError::Field {
+                                field: format!("saturationDetector.{f}"),
+                                message: m,
+                                location: loc,
+                            });
+                        }
+                        if find(&plugins, "utilization-detector").is_some() {
+                            return Err(ConfigError::DuplicatePlugin {
+                                plugin: "utilization-detector (also defined by saturationDetector thresholds)".into(),
+                                location: loc,
+                            });
+                        }
+                        plugins.push(ResolvedPlugin {
+                            name: "utilization-detector".into(),
+                            written_type: "utilization-detector".into(),
+                            spec: PluginSpec::UtilizationDetector(p),
+                            defaulted: true,
+                        });
+                        "utilization-detector".into()
+                    }
+                }
+            }
+        };
+
+        // Parser.
+        let parser = match raw.parser {
+            None => add_default(&mut plugins, "openai-parser"),
+            Some(r) => match find(&plugins, &r.plugin_ref) {
+                Some(i) if plugins[i].spec.kind() == PluginKind::Parser => r.plugin_ref,
+                Some(i) => {
+                    return Err(ConfigError::WrongKind {
+                        referrer: "parser.pluginRef".into(),
+                        plugin: r.plugin_ref,
+                        type_name: plugins[i].spec.type_name().into(),
+                        actual: plugins[i].spec.kind().as_str(),
+                        expected: "parser",
+                        location: locate::top_level(self.yaml, "parser"),
+                    });
+                }
+                None if r.plugin_ref == "openai-parser" => {
+                    add_default(&mut plugins, "openai-parser")
+                }
+                None => {
+                    return Err(ConfigError::DanglingRef {
+                        referrer: "parser.pluginRef".into(),
+                        plugin_ref: r.plugin_ref,
+                        location: locate::top_level(self.yaml, "parser"),
+                    });
+                }
+            },
+        };
+
+        // Prefix producer.
+        let consumer_scorer_params: Vec<(usize, &params::ApproxPrefixParams)> = plugins
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| match &p.spec {
+                PluginSpec::PrefixCacheScorer(Some(x)) => Some((i, x)),
+                _ => None,
+            })
+            .collect();
+        let explicit_producer = plugins
+            .iter()
+            .position(|p| matches!(p.spec, PluginSpec::ApproxPrefixCacheProducer(_)));
+        let needs_prefix = plugins.iter().any(|p| {
+            matches!(
+                p.spec,
+                PluginSpec::PrefixCacheScorer(_)
+                    | PluginSpec::PrefixCacheAffinityFilter(_)
+                    | PluginSpec::NoHitLruScorer(_)
+                    | PluginSpec::PrefixBasedPdDecider(_)
+            )
+        });
+        let prefix_producer = match explicit_producer {
+            Some(i) => {
+                if let Some((si, _)) = consumer_scorer_params.first() {
+                    return Err(ConfigError::InvalidParameter {
+                        plugin: plugins[*si].name.clone(),
+                        type_name: "prefix-cache-scorer".into(),
+                        field: "parameters".into(),
+                        message: format!(
+                            "prefix parameters belong on the approx-prefix-cache-producer `{}` that is also configured",
+                            plugins[i].name
+                        ),
+                        location: self.plugin_location(&plugins, *si),
+                    });
+                }
+                Some(plugins[i].name.clone())
+            }
+            None if needs_prefix => {
+                let p = match consumer_scorer_params.as_slice() {
+                    [] => params::ApproxPrefixParams::default(),
+                    [(_, first), rest @ ..] => {
+                        if let Some((si, _)) = rest.iter().find(|(_, x)| x != first) {
+                            return Err(ConfigError::InvalidParameter {
+                                plugin: plugins[*si].name.clone(),
+                                type_name: "prefix-cache-scorer".into(),
+                                field: "parameters".into(),
+                                message: "two prefix-cache-scorers set different prefix parameters; one index serves them all".into(),
+                                location: self.plugin_location(&plugins, *si),
+                            });
+                        }
+                        (*first).clone()
+                    }
+                };
+                plugins.push(ResolvedPlugin {
+                    name: "approx-prefix-cache-producer".into(),
+                    written_type: "approx-prefix-cache-producer".into(),
+                    spec: PluginSpec::ApproxPrefixCacheProducer(p),
+                    defaulted: true,
+                });
+                Some("approx-prefix-cache-producer".into())
+            }
+            None => None,
+        };
+
+        // Data layer.
+        let mut data_layer = Vec::new();
+        let mut inject = !feature_gates.iter().any(|g| g == "enableLegacyMetrics");
+        if let Some(dl) = raw.data_layer {
+            if dl.discovery.is_some() {
+                return Err(ConfigError::Field {
+                    field: "dataLayer.discovery".into(),
+                    message: "endpoint discovery plugins are not supported by infermesh".into(),
+                    location: locate::top_level(self.yaml, "dataLayer"),
+                });
+            }
+            if dl.inject_defaults == Some(false) {
+                inject = false;
+            }
+            let mut nth_seen: Vec<(String, usize)> = Vec::new();
+            let mut nth = |name: &str| -> usize {
+                match nth_seen.iter_mut().find(|(n, _)| n == name) {
+                    Some((_, c)) => {
+                        *c += 1;
+                        *c - 1
+                    }
+                    None => {
+                        nth_seen.push((name.to_owned(), 1));
+                        0
+                    }
+                }
+            };
+            for (i, s) in dl.sources.unwrap_or_default().into_iter().enumerate() {
+                let mut check =
+                    |r: &str, referrer: String, want: PluginKind| -> Result<(), ConfigError> {
+                        let location = self.ref_location("dataLayer", r, nth(r));
+                        match find(&plugins, r) {
+                            None => Err(ConfigError::DanglingRef {
+                                referrer,
+                                plugin_ref: r.to_owned(),
+                                location,
+                            }),
+                            Some(pi) if plugins[pi].spec.kind() != want => {
+                                Err(ConfigError::WrongKind {
+                                    referrer,
+                                    plugin: r.to_owned(),
+                                    type_name: plugins[pi].spec.type_name().into(),
+                                    actual: plugins[pi].spec.kind().as_str(),
+                                    expected: want.as_str(),
+                                    location,
+                                })
+                            }
+                            Some(_) => Ok(()),
+                        }
+                    };
+                check(
+                    &s.plugin_ref,
+                    format!("dataLayer.sources[{i}].pluginRef"),
+                    PluginKind::DataSource,
+                )?;
+                let mut extractors = Vec::new();
+                for (j, e) in s.extractors.unwrap_or_default().into_iter().enumerate() {
+                    check(
+                        &e.plugin_ref,
+                        format!("dataLayer.sources[{i}].extractors[{j}].pluginRef"),
+                        PluginKind::DataExtractor,
+                    )?;
+                    extractors.push(e.plugin_ref);
+                }
+                data_layer.push(DataSourceRef {
+                    source: s.plugin_ref,
+                    extractors,
+                });
+            }
+        }
+        let has_metrics_source = data_layer.iter().any(|s| {
+            matches!(
+                find(&plugins, &s.source).map(|i| &plugins[i].spec),
+                Some(PluginSpec::MetricsDataSource(_))
+            )
+        });
+        if inject && !has_metrics_source {
+            let source = add_default(&mut plugins, "metrics-data-source");
+            let extractor = add_default(&mut plugins, "core-metrics-extractor");
+            data_layer.push(DataSourceRef {
+                source,
+                extractors: vec![extractor],
+            });
+        }
+
+        Ok(ResolvedConfig {
+            api_version,
+            feature_gates,
+            plugins,
+            profiles,
+            profile_handler,
+            saturation_detector,
+            parser,
+            prefix_producer,
+            data_layer,
+        })
+    }
+}
+
+impl fmt::Display for ResolvedConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "EndpointPickerConfig ({})", self.api_version)?;
+        if !self.feature_gates.is_empty() {
+            writeln!(f, "featureGates: {}", self.feature_gates.join(", "))?;
+        }
+        writeln!(f, "plugins:")?;
+        let w = self.plugins.iter().map(|p| p.name.len()).max().unwrap_or(0);
+        for p in &self.plugins {
+            let alias = if p.written_type != p.spec.type_name() {
+                format!(" (written as {})", p.written_type)
+            } else {
+                String::new()
+            };
+            writeln!(
+                f,
+                "  {:w$}  {} {}{}  {}{}",
+                p.name,
+                p.spec.kind().as_str(),
+                p.spec.type_name(),
+                alias,
+                p.spec.params_json(),
+                if p.defaulted {
+                    "  [added by default]"
+                } else {
+                    ""
+                },
+            )?;
+        }
+        writeln!(f, "schedulingProfiles:")?;
+        let primary = match self.plugin(&self.profile_handler).map(|p| &p.spec) {
+            Some(PluginSpec::DisaggProfileHandler(d)) => d.profiles.decode.clone(),
+            _ => self
+                .profiles
+                .first()
+                .map(|p| p.name.clone())
+                .unwrap_or_default(),
+        };
+        for p in &self.profiles {
+            writeln!(
+                f,
+                "  {}{}",
+                p.name,
+                if p.name == primary { " (primary)" } else { "" }
+            )?;
+            for flt in &p.filters {
+                writeln!(f, "    filter  {flt}")?;
+            }
+            for s in &p.scorers {
+                writeln!(f, "    scorer  {}  weight {}", s.plugin, s.weight)?;
+            }
+            writeln!(f, "    picker  {}", p.picker)?;
+        }
+        writeln!(f, "profileHandler: {}", self.profile_handler)?;
+        writeln!(f, "saturationDetector: {}", self.saturation_detector)?;
+        writeln!(f, "parser: {}", self.parser)?;
+        if let Some(p) = &self.prefix_producer {
+            writeln!(f, "prefixProducer: {p}")?;
+        }
+        writeln!(f, "dataLayer:")?;
+        for s in &self.data_layer {
+            writeln!(
+                f,
+                "  source {} -> extractors [{}]",
+                s.source,
+                s.extractors.join(", ")
+            )?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,862 @@
+//! Typed parameters of every built-in plugin, with llm-d's defaults.
+//!
+//! Each struct rejects unknown fields; a value that is out of range is reported by
+//! `validate` with the field's name.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// A range/consistency problem in one parameter: (field, reason).
+pub type ParamProblem = (String, String);
+
+fn problem(field: &str, reason: impl Into<String>) -> ParamProblem {
+    (field.to_owned(), reason.into())
+}
+
+/// `label-selector-filter` / `by-label-selector`: a Kubernetes label selector.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct LabelSelectorParams {
+    /// Labels that must be present with exactly these values.
+    pub match_labels: BTreeMap<String, String>,
+    /// Set-based requirements.
+    pub match_expressions: Vec<LabelSelectorRequirement>,
+}
+
+/// One `matchExpressions` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LabelSelectorRequirement {
+    /// Label key.
+    pub key: String,
+    /// `In`, `NotIn`, `Exists` or `DoesNotExist`.
+    pub operator: SelectorOperator,
+    /// Values for `In` / `NotIn`.
+    #[serde(default)]
+    pub values: Vec<String>,
+}
+
+/// A label selector operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SelectorOperator {
+    /// The label's value is one of `values`.
+    In,
+    /// The label is absent or its value is not in `values`.
+    NotIn,
+    /// The label is present.
+    Exists,
+    /// The label is absent.
+    DoesNotExist,
+}
+
+impl LabelSelectorParams {
+    /// Kubernetes rules: In/NotIn need values; Exists/DoesNotExist must have none.
+    pub fn validate(&self) -> Result<(), ParamProblem> {
+        for (i, e) in self.match_expressions.iter().enumerate() {
+            let field = format!("matchExpressions[{i}].values");
+            match e.operator {
+                SelectorOperator::In | SelectorOperator::NotIn if e.values.is_empty() => {
+                    return Err(problem(&field, "must be non-empty for In/NotIn"));
+                }
+                SelectorOperator::Exists | SelectorOperator::DoesNotExist
+                    if !e.values.is_empty() =>
+                {
+                    return Err(problem(&field, "must be empty for Exists/DoesNotExist"));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `by-label` (deprecated): exact-match label filter.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct ByLabelParams {
+    /// Label key (required).
+    pub label: String,
+    /// Accepted values.
+    pub valid_values: Vec<String>,
+    /// Keep pods that do not carry the label.
+    pub allows_no_label: bool,
+}
+
+impl ByLabelParams {
+    /// llm-d: `label` is required; `validValues` must be non-empty unless `allowsNoLabel`.
+    pub fn validate(&self) -> Result<(), ParamProblem> {
+        if self.label.is_empty() {
+            return Err(problem("label", "must be specified"));
+        }
+        if self.valid_values.is_empty() && !self.allows_no_label {
+            return Err(problem(
+                "validValues",
+                "must be non-empty unless allowsNoLabel is true",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `prefix-cache-affinity-filter`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct PrefixAffinityParams {
+    /// Minimum prefix score for an endpoint to count as sticky.
+    pub affinity_threshold: f64,
+    /// Probability of skipping the gate (exploration).
+    pub exploration_probability: f64,
+    /// TTFT penalty (ms) beyond which stickiness is broken (needs latency predictions).
+    #[serde(rename = "maxTTFTPenaltyMs")]
+    pub max_ttft_penalty_ms: f64,
+}
+
+impl Default for PrefixAffinityParams {
+    fn default() -> Self {
+        PrefixAffinityParams {
+            affinity_threshold: 0.80,
+            exploration_probability: 0.01,
+            max_ttft_penalty_ms: 5000.0,
+        }
+    }
+}
+
+impl PrefixAffinityParams {
+    /// llm-d's ranges.
+    pub fn validate(&self) -> Result<(), ParamProblem> {
+        if self.affinity_threshold.is_nan() || self.affinity_threshold > 1.0 {
+            return Err(problem("affinityThreshold", "must be <= 1.0"));
+        }
+        if !(0.0..=1.0).contains(&self.exploration_probability) {
+            return Err(problem("explorationProbability", "must be in [0, 1]"));
+        }
+        if self.max_ttft_penalty_ms.is_nan() || self.max_ttft_penalty_ms < 0.0 {
+            return Err(problem("maxTTFTPenaltyMs", "must be >= 0"));
+        }
+        Ok(())
+    }
+}
+
+/// `approx-prefix-cache-producer` (also accepted on `prefix-cache-scorer`, GIE 1.x style).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct ApproxPrefixParams {
+    /// Take block size and LRU capacity from the endpoints' cache info.
+    pub auto_tune: bool,
+    /// Tokens per block (× 4 bytes per token).
+    pub block_size_tokens: i64,
+    /// Most blocks hashed per request.
+    pub max_prefix_blocks_to_match: i64,
+    /// When > 0, overrides `maxPrefixBlocksToMatch` as `tokens / blockSizeTokens`.
+    pub max_prefix_tokens_to_match: i64,
+    /// Blocks remembered per endpoint when autoTune has no cache info.
+    pub lru_capacity_per_server: i64,
+    /// Deprecated block size in characters (rejected unless blockSizeTokens is set).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub block_size: Option<i64>,
+}
+
+impl Default for ApproxPrefixParams {
+    fn default() -> Self {
+        ApproxPrefixParams {
+            auto_tune: true,
+            block_size_tokens: 16,
+            max_prefix_blocks_to_match: 256,
+            max_prefix_tokens_to_match: 0,
+            lru_capacity_per_server: 31250,
+            block_size: None,
+        }
+    }
+}
+
+impl ApproxPrefixParams {
+    /// llm-d's checks (`newDataProducer`) plus non-negativity.
+    pub fn validate(&self) -> Result<(), ParamProblem> {
+        if self.block_size.is_some_and(|b| b > 0) && self.block_size_tokens <= 0 {
+            return Err(problem(
+                "blockSize",
+                "is deprecated; use blockSizeTokens to set the block size in tokens",
+            ));
+        }
+        if !self.auto_tune && self.block_size_tokens <= 0 {
+            return Err(problem(
+                "blockSizeTokens",
+                "must be > 0 when autoTune is disabled",
+            ));
+        }
+        if self.block_size_tokens < 0 {
+            return Err(problem("blockSizeTokens", "must be >= 0"));
+        }
+        if self.max_prefix_blocks_to_match < 0 {
+            return Err(problem("maxPrefixBlocksToMatch", "must be >= 0"));
+        }
+        if self.max_prefix_tokens_to_match < 0 {
+            return Err(problem("maxPrefixTokensToMatch", "must be >= 0"));
+        }
+        if self.lru_capacity_per_server <= 0 {
+            return Err(problem("lruCapacityPerServer", "must be > 0"));
+        }
+        Ok(())
+    }
+}
+
+/// `load-aware-scorer`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct LoadAwareParams {
+    /// Queue length at which the score reaches 0 (<= 0 falls back to 128, as llm-d).
+    pub threshold: i64,
+}
+
+impl Default for LoadAwareParams {
+    fn default() -> Self {
+        LoadAwareParams { threshold: 128 }
+    }
+}
+
+/// `active-request-scorer`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct ActiveRequestParams {
+    /// In-flight count at or below which an endpoint scores 1.0.
+    pub idle_threshold: i64,
+    /// Score ceiling for busy endpoints, in [0, 1].
+    pub max_busy_score: f64,
+    /// Deprecated and ignored by llm-d; accepted for compatibility.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_timeout: Option<String>,
+}
+
+impl Default for ActiveRequestParams {
+    fn default() -> Self {
+        ActiveRequestParams {
+            idle_threshold: 0,
+            max_busy_score: 1.0,
+            request_timeout: None,
+        }
+    }
+}
+
+impl ActiveRequestParams {
+    /// Ranges (llm-d silently falls back; a typo should not go unnoticed here).
+    pub fn validate(&self) -> Result<(), ParamProblem> {
+        if self.idle_threshold < 0 {
+            return Err(problem("idleThreshold", "must be >= 0"));
+        }
+        if !(0.0..=1.0).contains(&self.max_busy_score) {
+            return Err(problem("maxBusyScore", "must be in [0, 1]"));
+        }
+        Ok(())
+    }
+}
+
+/// `no-hit-lru-scorer`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct NoHitLruParams {
+    /// Type of the prefix plugin whose match data marks a request warm.
+    pub prefix_plugin_type: String,
+    /// Name of that plugin.
+    pub prefix_plugin_name: String,
+    /// Endpoints remembered in the LRU.
+    pub lru_size: i64,
+}
+
+impl Default for NoHitLruParams {
+    fn default() -> Self {
+        NoHitLruParams {
+            prefix_plugin_type: "prefix-cache-scorer".into(),
+            prefix_plugin_name: "prefix-cache-scorer".into(),
+            lru_size: 1024,
+        }
+    }
+}
+
+impl NoHitLruParams {
+    /// `lruSize` must be positive.
+    pub fn validate(&self) -> Result<(), ParamProblem> {
+        if self.lru_size <= 0 {
+            return Err(problem("lruSize", "must be > 0"));
+        }
+        Ok(())
+    }
+}
+
+/// `token-load-scorer`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct TokenLoadParams {
+    /// In-flight tokens at which the score reaches 0.
+    pub queue_threshold_tokens: i64,
+}
+
+impl Default for TokenLoadParams {
+    fn default() -> Self {
+        TokenLoadParams {
+            queue_threshold_tokens: 4_194_304,
+        }
+    }
+}
+
+/// Parameters every picker takes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct PickerParams {
+    /// Endpoints returned: the primary plus fallbacks.
+    pub max_num_of_endpoints: i64,
+}
+
+impl Default for PickerParams {
+    fn default() -> Self {
+        PickerParams {
+            max_num_of_endpoints: 1,
+        }
+    }
+}
+
+impl PickerParams {
+    /// Must be >= 1 (llm-d silently resets <= 0 to 1; we say so instead).
+    pub fn validate(&self) -> Result<(), ParamProblem> {
+        if self.max_num_of_endpoints < 1 {
+            return Err(problem("maxNumOfEndpoints", "must be >= 1"));
+        }
+        Ok(())
+    }
+}
+
+/// `disagg-profile-handler` profile names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DisaggProfiles {
+    /// Decode profile (always runs; primary).
+    pub decode: String,
+    /// Prefill profile.
+    pub prefill: String,
+    /// Encode profile.
+    pub encode: String,
+}
+
+impl Default for DisaggProfiles {
+    fn default() -> Self {
+        DisaggProfiles {
+            decode: "decode".into(),
+            prefill: "prefill".into(),
+            encode: "encode".into(),
+        }
+    }
+}
+
+/// `disagg-profile-handler` decider plugin names.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DisaggDeciders {
+    /// Decider for running the prefill profile (none = never).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub prefill: String,
+    /// Decider for running the encode profile (none = never).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub encode: String,
+}
+
+/// `disagg-profile-handler` (nested form, or llm-d's deprecated flat form).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct DisaggParams {
+    /// Profile names.
+    pub profiles: DisaggProfiles,
+    /// Decider plugin names.
+    pub deciders: DisaggDeciders,
+    /// Deprecated: `profiles.decode`.
+    #[serde(skip_serializing)]
+    pub decode_profile: Option<String>,
+    /// Deprecated: `profiles.prefill`.
+    #[serde(skip_serializing)]
+    pub prefill_profile: Option<String>,
+    /// Deprecated: `profiles.encode`.
+    #[serde(skip_serializing)]
+    pub encode_profile: Option<String>,
+    /// Deprecated: `deciders.prefill`.
+    #[serde(skip_serializing)]
+    pub prefill_decider_plugin_name: Option<String>,
+    /// Deprecated: `deciders.encode`.
+    #[serde(skip_serializing)]
+    pub encode_decider_plugin_name: Option<String>,
+    /// Deprecated: `deciders.prefill`.
+    #[serde(skip_serializing)]
+    pub decider_plugin_name: Option<String>,
+}
+
+impl DisaggParams {
+    /// Folds the deprecated flat fields into the nested ones (mixing both is an error).
+    pub fn normalize(&mut self, nested_given: bool) -> Result<(), ParamProblem> {
+        let legacy = [
+            ("decodeProfile", self.decode_profile.take()),
+            ("prefillProfile", self.prefill_profile.take()),
+            ("encodeProfile", self.encode_profile.take()),
+            (
+                "prefillDeciderPluginName",
+                self.prefill_decider_plugin_name.take(),
+            ),
+            (
+                "encodeDeciderPluginName",
+                self.encode_decider_plugin_name.take(),
+            ),
+            ("deciderPluginName", self.decider_plugin_name.take()),
+        ];
+        let any_legacy = legacy
+            .iter()
+            .any(|(_, v)| v.as_deref().is_some_and(|s| !s.is_empty()));
+        if any_legacy && nested_given {
+            let field = legacy
+                .iter()
+                .find(|(_, v)| v.is_some())
+                .map_or("profiles", |(f, _)| f);
+            return Err(problem(
+                field,
+                "cannot mix deprecated flat parameters with nested profiles/deciders",
+            ));
+        }
+        for (field, value) in legacy {
+            let Some(v) = value.filter(|s| !s.is_empty()) else {
+                continue;
+            };
+            match field {
+                "decodeProfile" => self.profiles.decode = v,
+                "prefillProfile" => self.profiles.prefill = v,
+                "encodeProfile" => self.profiles.encode = v,
+                "prefillDeciderPluginName" => self.deciders.prefill = v,
+                "encodeDeciderPluginName" => self.deciders.encode = v,
+                _ => {
+                    if self.deciders.prefill.is_empty() {
+                        self.deciders.prefill = v;
+                    }
+                }
+            }
+        }
+        for (field, v) in [
+            ("profiles.decode", &mut self.profiles.decode),
+            ("profiles.prefill", &mut self.profiles.prefill),
+            ("profiles.encode", &mut self.profiles.encode),
+        ] {
+            if v.is_empty() {
+                *v = field.trim_start_matches("profiles.").to_owned();
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `prefix-based-pd-decider`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct PdDeciderParams {
+    /// Non-cached prompt tokens at which prefill is split off (0 = never).
+    pub non_cached_tokens: i64,
+}
+
+impl PdDeciderParams {
+    /// Must not be negative.
+    pub fn validate(&self) -> Result<(), ParamProblem> {
+        if self.non_cached_tokens < 0 {
+            return Err(problem("nonCachedTokens", "cannot be negative"));
+        }
+        Ok(())
+    }
+}
+
+/// `utilization-detector` (also GIE 1.x's `saturationDetector:` fields).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct UtilizationParams {
+    /// Waiting-queue depth counted as full.
+    pub queue_depth_threshold: i64,
+    /// KV-cache usage counted as full, in (0, 1].
+    pub kv_cache_util_threshold: f64,
+    /// Metrics older than this count as saturated (Go duration, e.g. `200ms`).
+    #[serde(with = "go_duration")]
+    pub metrics_staleness_threshold: Duration,
+    /// Extra room above the thresholds for the filter role.
+    pub headroom: f64,
+}
+
+impl Default for UtilizationParams {
+    fn default() -> Self {
+        UtilizationParams {
+            queue_depth_threshold: 5,
+            kv_cache_util_threshold: 0.8,
+            metrics_staleness_threshold: Duration::from_millis(200),
+            headroom: 0.0,
+        }
+    }
+}
+
+impl UtilizationParams {
+    /// llm-d's `validateConfig`.
+    pub fn validate(&self) -> Result<(), ParamProblem> {
+        if self.queue_depth_threshold <= 0 {
+            return Err(problem("queueDepthThreshold", "must be strictly positive"));
+        }
+        if !(self.kv_cache_util_threshold > 0.0 && self.kv_cache_util_threshold <= 1.0) {
+            return Err(problem("kvCacheUtilThreshold", "must be in (0.0, 1.0]"));
+        }
+        if self.metrics_staleness_threshold.is_zero() {
+            return Err(problem(
+                "metricsStalenessThreshold",
+                "must be strictly positive",
+            ));
+        }
+        if self.headroom.is_nan() || self.headroom < 0.0 {
+            return Err(problem("headroom", "must be a non-negative value"));
+        }
+        Ok(())
+    }
+}
+
+/// `metrics-data-source`: where the node's fetcher scrapes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct MetricsDataSourceParams {
+    /// `http` or `https`.
+    pub scheme: String,
+    /// Metrics path.
+    pub path: String,
+    /// Skip TLS verification for https.
+    pub insecure_skip_verify: bool,
+}
+
+impl Default for MetricsDataSourceParams {
+    fn default() -> Self {
+        MetricsDataSourceParams {
+            scheme: "http".into(),
+            path: "/metrics".into(),
+            insecure_skip_verify: true,
+        }
+    }
+}
+
+impl MetricsDataSourceParams {
+    /// Scheme must be http/https; path must be absolute.
+    pub fn validate(&self) -> Result<(), ParamProblem> {
+        if self.scheme != "http" && self.scheme != "https" {
+            return Err(problem("scheme", "must be \"http\" or \"https\""));
+        }
+        if !self.path.starts_with('/') {
+            return Err(problem("path", "must start with '/'"));
+        }
+        Ok(())
+    }
+}
+
+/// One engine's metric names in `core-metrics-extractor`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct EngineConfig {
+    /// Engine name, matched against the engine label.
+    pub name: String,
+    /// Waiting-queue metric spec.
+    pub queued_requests_spec: String,
+    /// Running-requests metric spec.
+    pub running_requests_spec: String,
+    /// KV usage metric spec.
+    #[serde(rename = "kvUsageSpec")]
+    pub kv_usage_spec: String,
+    /// LoRA info metric spec.
+    #[serde(rename = "loraSpec")]
+    pub lora_spec: String,
+    /// Cache info metric spec (labels carry block size and count).
+    pub cache_info_spec: String,
+    /// Label holding the block size on the cache info metric.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub cache_block_size_label_name: String,
+    /// Label holding the block count on the cache info metric.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub cache_num_blocks_label_name: String,
+    /// Metric whose value is the block size.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub cache_block_size_spec: String,
+    /// Metric whose value is the block count.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub cache_num_blocks_spec: String,
+}
+
+/// `core-metrics-extractor`: metric names per engine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct CoreMetricsExtractorParams {
+    /// Pod label naming the engine.
+    pub engine_label_key: String,
+    /// Engine assumed when the label is absent.
+    pub default_engine: String,
+    /// Engine configs; the built-in vllm/sglang/trtllm-serve/triton ones are appended
+    /// unless overridden by name.
+    pub engine_configs: Vec<EngineConfig>,
+}
+
+impl Default for CoreMetricsExtractorParams {
+    fn default() -> Self {
+        CoreMetricsExtractorParams {
+            engine_label_key: "llm-d.ai/engine-type".into(),
+            default_engine: "vllm".into(),
+            engine_configs: Vec::new(),
+        }
+    }
+}
+
+/// llm-d's built-in engine metric names.
+pub fn default_engine_configs() -> Vec<EngineConfig> {
+    let e = |name: &str, q: &str, r: &str, kv: &str, lora: &str, ci: &str| EngineConfig {
+        name: name.into(),
+        queued_requests_spec: q.into(),
+        running_requests_spec: r.into(),
+        kv_usage_spec: kv.into(),
+        lora_spec: lora.into(),
+        cache_info_spec: ci.into(),
+        ..EngineConfig::default()
+    };
+    let mut sglang = e(
+        "sglang",
+        "sglang:num_queue_reqs",
+        "sglang:num_running_reqs",
+        "sglang:token_usage",
+        "",
+        "sglang:cache_config_info",
+    );
+    sglang.cache_block_size_label_name = "page_size".into();
+    sglang.cache_num_blocks_label_name = "num_pages".into();
+    let mut trt = e(
+        "trtllm-serve",
+        "trtllm_num_requests_waiting",
+        "trtllm_num_requests_running",
+        "trtllm_kv_cache_utilization",
+        "",
+        "",
+    );
+    trt.cache_block_size_spec = "trtllm_kv_cache_tokens_per_block".into();
+    trt.cache_num_blocks_spec = "trtllm_kv_cache_max_blocks".into();
+    let mut triton = e(
+        "triton-tensorrt-llm",
+        "nv_trt_llm_request_metrics{request_type=waiting}",
+        "nv_trt_llm_request_metrics{request_type=scheduled}",
+        "nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=fraction}",
+        "",
+        "",
+    );
+    triton.cache_block_size_spec =
+        "nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=tokens_per}".into();
+    triton.cache_num_blocks_spec =
+        "nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=max}".into();
+    vec![
+        e(
+            "vllm",
+            "vllm:num_requests_waiting",
+            "vllm:num_requests_running",
+            "vllm:kv_cache_usage_perc",
+            "vllm:lora_requests_info",
+            "vllm:cache_config_info",
+        ),
+        sglang,
+        trt,
+        triton,
+    ]
+}
+
+/// A parsed metric spec: `name` or `name{label=value,...}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricSpec {
+    /// Metric family name.
+    pub name: String,
+    /// Required label values.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl MetricSpec {
+    /// Parses a spec string; `None` for the empty string (metric not provided).
+    pub fn parse(spec: &str) -> Result<Option<MetricSpec>, String> {
+        let spec = spec.trim();
+        if spec.is_empty() {
+            return Ok(None);
+        }
+        let (name, rest) = match spec.find('{') {
+            Some(i) => (&spec[..i], Some(&spec[i + 1..])),
+            None => (spec, None),
+        };
+        let valid_name = !name.is_empty()
+            && name.chars().enumerate().all(|(i, c)| {
+                c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit())
+            });
+        if !valid_name {
+            return Err(format!("invalid metric name {name:?} in spec {spec:?}"));
+        }
+        let mut labels = BTreeMap::new();
+        if let Some(rest) = rest {
+            let Some(body) = rest.strip_suffix('}') else {
+                return Err(format!("missing '}}' in spec {spec:?}"));
+            };
+            for pair in body.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                let Some((k, v)) = pair.split_once('=') else {
+                    return Err(format!(
+                        "label matcher {pair:?} in spec {spec:?} needs key=value"
+                    ));
+                };
+                labels.insert(k.trim().to_owned(), v.trim().trim_matches('"').to_owned());
+            }
+        }
+        Ok(Some(MetricSpec {
+            name: name.to_owned(),
+            labels,
+        }))
+    }
+}
+
+impl CoreMetricsExtractorParams {
+    /// Merges in llm-d's default engines and checks every spec and the default engine.
+    pub fn normalize(&mut self) -> Result<(), ParamProblem> {
+        if self.default_engine.is_empty() {
+            self.default_engine = "vllm".into();
+        }
+        if self.engine_label_key.is_empty() {
+            self.engine_label_key = "llm-d.ai/engine-type".into();
+        }
+        for d in default_engine_configs() {
+            if !self.engine_configs.iter().any(|e| e.name == d.name) {
+                self.engine_configs.push(d);
+            }
+        }
+        for (i, e) in self.engine_configs.iter().enumerate() {
+            if e.name.is_empty() {
+                return Err(problem(
+                    &format!("engineConfigs[{i}].name"),
+                    "cannot be empty",
+                ));
+            }
+            if e.name == "default" {
+                return Err(problem(
+                    &format!("engineConfigs[{i}].name"),
+                    "\"default\" is reserved",
+                ));
+            }
+            for (field, spec) in [
+                ("queuedRequestsSpec", &e.queued_requests_spec),
+                ("runningRequestsSpec", &e.running_requests_spec),
+                ("kvUsageSpec", &e.kv_usage_spec),
+                ("loraSpec", &e.lora_spec),
+                ("cacheInfoSpec", &e.cache_info_spec),
+                ("cacheBlockSizeSpec", &e.cache_block_size_spec),
+                ("cacheNumBlocksSpec", &e.cache_num_blocks_spec),
+            ] {
+                MetricSpec::parse(spec)
+                    .map_err(|r| problem(&format!("engineConfigs[{i}].{field}"), r))?;
+            }
+        }
+        if !self
+            .engine_configs
+            .iter()
+            .any(|e| e.name == self.default_engine)
+        {
+            return Err(problem(
+                "defaultEngine",
+                format!("{:?} not found in engineConfigs", self.default_engine),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Go `time.Duration` strings (`300ms`, `1.5s`, `2m30s`) in YAML.
+pub mod go_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Parses a Go duration string.
+    pub fn parse(s: &str) -> Result<Duration, String> {
+        let s = s.trim();
+        if s == "0" {
+            return Ok(Duration::ZERO);
+        }
+        if s.is_empty() || s.starts_with('-') {
+            return Err(format!(
+                "invalid duration {s:?}: must be like \"200ms\" or \"2s\""
+            ));
+        }
+        let mut total = 0f64;
+        let mut rest = s;
+        while !rest.is_empty() {
+            let num_end = rest
+                .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+                .ok_or_else(|| format!("invalid duration {s:?}: missing unit"))?;
+            let value: f64 = rest[..num_end]
+                .parse()
+                .map_err(|_| format!("invalid duration {s:?}"))?;
+            rest = &rest[num_end..];
+            let unit_end = rest
+                .find(|c: char| c.is_ascii_digit() || c == '.')
+                .unwrap_or(rest.len());
+            let scale = match &rest[..unit_end] {
+                "ns" => 1e-9,
+                "us" | "µs" | "μs" => 1e-6,
+                "ms" => 1e-3,
+                "s" => 1.0,
+                "m" => 60.0,
+                "h" => 3600.0,
+                u => return Err(format!("invalid duration {s:?}: unknown unit {u:?}")),
+            };
+            total += value * scale;
+            rest = &rest[unit_end..];
+        }
+        Duration::try_from_secs_f64(total).map_err(|_| format!("invalid duration {s:?}"))
+    }
+
+    /// Serializes as Go would print it, in milliseconds when whole.
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        if d.subsec_nanos().is_multiple_of(1_000_000) {
+            s.serialize_str(&format!("{}ms", d.as_millis()))
+        } else {
+            s.serialize_str(&format!("{}ns", d.as_nanos()))
+        }
+    }
+
+    /// Deserializes a Go duration string.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(
+            go_duration::parse("200ms").unwrap(),
+            Duration::from_millis(200)
+        );
+        assert_eq!(
+            go_duration::parse("1m30s").unwrap(),
+            Duration::from_secs(90)
+        );
+        assert_eq!(
+            go_duration::parse("1.5s").unwrap(),
+            Duration::from_millis(1500)
+        );
+        assert!(go_duration::parse("5").is_err());
+        assert!(go_duration::parse("-1s").is_err());
+        assert!(go_duration::parse("3d").is_err());
+    }
+
+    #[test]
+    fn metric_specs() {
+        let s = MetricSpec::parse("nv_trt{request_type=waiting}")
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.name, "nv_trt");
+        assert_eq!(s.labels["request_type"], "waiting");
+        assert_eq!(MetricSpec::parse("").unwrap(), None);
+        assert!(MetricSpec::parse("bad name").is_err());
+        assert!(MetricSpec::parse("x{a}").is_err());
+    }
+}

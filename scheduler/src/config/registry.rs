@@ -1,0 +1,576 @@
+//! The plugin registry: llm-d type names (and old aliases) → typed, validated parameters.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_yaml_ng::Value;
+
+use super::params::*;
+
+/// What a plugin is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PluginKind {
+    /// `scheduling.Filter`
+    Filter,
+    /// `scheduling.Scorer`
+    Scorer,
+    /// `scheduling.Picker`
+    Picker,
+    /// `scheduling.ProfileHandler`
+    ProfileHandler,
+    /// A disaggregation decider.
+    Decider,
+    /// A request-control data producer.
+    DataProducer,
+    /// A data-layer source (configures the node's fetcher).
+    DataSource,
+    /// A data-layer extractor (configures the node's fetcher).
+    DataExtractor,
+    /// A saturation detector (also usable as a filter).
+    SaturationDetector,
+    /// A request parser.
+    Parser,
+}
+
+impl PluginKind {
+    /// Lower-case name for messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PluginKind::Filter => "filter",
+            PluginKind::Scorer => "scorer",
+            PluginKind::Picker => "picker",
+            PluginKind::ProfileHandler => "profile handler",
+            PluginKind::Decider => "decider",
+            PluginKind::DataProducer => "data producer",
+            PluginKind::DataSource => "data source",
+            PluginKind::DataExtractor => "data extractor",
+            PluginKind::SaturationDetector => "saturation detector",
+            PluginKind::Parser => "parser",
+        }
+    }
+}
+
+/// A plugin's type with its typed, defaulted parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PluginSpec {
+    /// `label-selector-filter`
+    LabelSelectorFilter(LabelSelectorParams),
+    /// `by-label`
+    ByLabel(ByLabelParams),
+    /// `decode-filter`
+    DecodeFilter,
+    /// `prefill-filter`
+    PrefillFilter,
+    /// `encode-filter`
+    EncodeFilter,
+    /// `prefix-cache-affinity-filter`
+    PrefixCacheAffinityFilter(PrefixAffinityParams),
+    /// `prefix-cache-scorer`, optionally with GIE 1.x producer parameters.
+    PrefixCacheScorer(Option<ApproxPrefixParams>),
+    /// `kv-cache-utilization-scorer`
+    KvCacheUtilizationScorer,
+    /// `queue-scorer`
+    QueueScorer,
+    /// `running-requests-size-scorer`
+    RunningRequestsSizeScorer,
+    /// `lora-affinity-scorer`
+    LoraAffinityScorer,
+    /// `load-aware-scorer`
+    LoadAwareScorer(LoadAwareParams),
+    /// `active-request-scorer`
+    ActiveRequestScorer(ActiveRequestParams),
+    /// `session-affinity-scorer`
+    SessionAffinityScorer,
+    /// `no-hit-lru-scorer`
+    NoHitLruScorer(NoHitLruParams),
+    /// `token-load-scorer`
+    TokenLoadScorer(TokenLoadParams),
+    /// `max-score-picker`
+    MaxScorePicker(PickerParams),
+    /// `random-picker`
+    RandomPicker(PickerParams),
+    /// `weighted-random-picker`
+    WeightedRandomPicker(PickerParams),
+    /// `single-profile-handler`
+    SingleProfileHandler,
+    /// `disagg-profile-handler`
+    DisaggProfileHandler(DisaggParams),
+    /// `prefix-based-pd-decider`
+    PrefixBasedPdDecider(PdDeciderParams),
+    /// `always-disagg-pd-decider`
+    AlwaysDisaggPdDecider,
+    /// `approx-prefix-cache-producer`
+    ApproxPrefixCacheProducer(ApproxPrefixParams),
+    /// `inflight-load-producer` (counts come from the caller's load board).
+    InflightLoadProducer,
+    /// `metrics-data-source`
+    MetricsDataSource(MetricsDataSourceParams),
+    /// `core-metrics-extractor`
+    CoreMetricsExtractor(CoreMetricsExtractorParams),
+    /// `utilization-detector`
+    UtilizationDetector(UtilizationParams),
+    /// `openai-parser`
+    OpenAiParser,
+}
+
+impl PluginSpec {
+    /// The canonical llm-d type name.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            PluginSpec::LabelSelectorFilter(_) => "label-selector-filter",
+            PluginSpec::ByLabel(_) => "by-label",
+            PluginSpec::DecodeFilter => "decode-filter",
+            PluginSpec::PrefillFilter => "prefill-filter",
+            PluginSpec::EncodeFilter => "encode-filter",
+            PluginSpec::PrefixCacheAffinityFilter(_) => "prefix-cache-affinity-filter",
+            PluginSpec::PrefixCacheScorer(_) => "prefix-cache-scorer",
+            PluginSpec::KvCacheUtilizationScorer => "kv-cache-utilization-scorer",
+            PluginSpec::QueueScorer => "queue-scorer",
+            PluginSpec::RunningRequestsSizeScorer => "running-requests-size-scorer",
+            PluginSpec::LoraAffinityScorer => "lora-affinity-scorer",
+            PluginSpec::LoadAwareScorer(_) => "load-aware-scorer",
+            PluginSpec::ActiveRequestScorer(_) => "active-request-scorer",
+            PluginSpec::SessionAffinityScorer => "session-affinity-scorer",
+            PluginSpec::NoHitLruScorer(_) => "no-hit-lru-scorer",
+            PluginSpec::TokenLoadScorer(_) => "token-load-scorer",
+            PluginSpec::MaxScorePicker(_) => "max-score-picker",
+            PluginSpec::RandomPicker(_) => "random-picker",
+            PluginSpec::WeightedRandomPicker(_) => "weighted-random-picker",
+            PluginSpec::SingleProfileHandler => "single-profile-handler",
+            PluginSpec::DisaggProfileHandler(_) => "disagg-profile-handler",
+            PluginSpec::PrefixBasedPdDecider(_) => "prefix-based-pd-decider",
+            PluginSpec::AlwaysDisaggPdDecider => "always-disagg-pd-decider",
+            PluginSpec::ApproxPrefixCacheProducer(_) => "approx-prefix-cache-producer",
+            PluginSpec::InflightLoadProducer => "inflight-load-producer",
+            PluginSpec::MetricsDataSource(_) => "metrics-data-source",
+            PluginSpec::CoreMetricsExtractor(_) => "core-metrics-extractor",
+            PluginSpec::UtilizationDetector(_) => "utilization-detector",
+            PluginSpec::OpenAiParser => "openai-parser",
+        }
+    }
+
+    /// What the plugin is.
+    pub fn kind(&self) -> PluginKind {
+        use PluginSpec::*;
+        match self {
+            LabelSelectorFilter(_)
+            | ByLabel(_)
+            | DecodeFilter
+            | PrefillFilter
+            | EncodeFilter
+            | PrefixCacheAffinityFilter(_) => PluginKind::Filter,
+            PrefixCacheScorer(_)
+            | KvCacheUtilizationScorer
+            | QueueScorer
+            | RunningRequestsSizeScorer
+            | LoraAffinityScorer
+            | LoadAwareScorer(_)
+            | ActiveRequestScorer(_)
+            | SessionAffinityScorer
+            | NoHitLruScorer(_)
+            | TokenLoadScorer(_) => PluginKind::Scorer,
+            MaxScorePicker(_) | RandomPicker(_) | WeightedRandomPicker(_) => PluginKind::Picker,
+            SingleProfileHandler | DisaggProfileHandler(_) => PluginKind::ProfileHandler,
+            PrefixBasedPdDecider(_) | AlwaysDisaggPdDecider => PluginKind::Decider,
+            ApproxPrefixCacheProducer(_) | InflightLoadProducer => PluginKind::DataProducer,
+            MetricsDataSource(_) => PluginKind::DataSource,
+            CoreMetricsExtractor(_) => PluginKind::DataExtractor,
+            UtilizationDetector(_) => PluginKind::SaturationDetector,
+            OpenAiParser => PluginKind::Parser,
+        }
+    }
+
+    /// Whether a scheduling profile may list it as a filter.
+    pub fn is_filter(&self) -> bool {
+        self.kind() == PluginKind::Filter || matches!(self, PluginSpec::UtilizationDetector(_))
+    }
+
+    /// The parameters with defaults filled in, as compact JSON (for `config check`).
+    pub fn params_json(&self) -> String {
+        fn j<T: Serialize>(t: &T) -> String {
+            serde_json::to_string(t).unwrap_or_else(|e| format!("<{e}>"))
+        }
+        use PluginSpec::*;
+        match self {
+            LabelSelectorFilter(p) => j(p),
+            ByLabel(p) => j(p),
+            PrefixCacheAffinityFilter(p) => j(p),
+            PrefixCacheScorer(Some(p)) | ApproxPrefixCacheProducer(p) => j(p),
+            LoadAwareScorer(p) => j(p),
+            ActiveRequestScorer(p) => j(p),
+            NoHitLruScorer(p) => j(p),
+            TokenLoadScorer(p) => j(p),
+            MaxScorePicker(p) | RandomPicker(p) | WeightedRandomPicker(p) => j(p),
+            DisaggProfileHandler(p) => j(p),
+            PrefixBasedPdDecider(p) => j(p),
+            MetricsDataSource(p) => j(p),
+            CoreMetricsExtractor(p) => j(p),
+            UtilizationDetector(p) => j(p),
+            PrefixCacheScorer(None)
+            | DecodeFilter
+            | PrefillFilter
+            | EncodeFilter
+            | KvCacheUtilizationScorer
+            | QueueScorer
+            | RunningRequestsSizeScorer
+            | LoraAffinityScorer
+            | SessionAffinityScorer
+            | SingleProfileHandler
+            | AlwaysDisaggPdDecider
+            | InflightLoadProducer
+            | OpenAiParser => "{}".into(),
+        }
+    }
+}
+
+/// Why parsing one plugin failed (the loader adds the plugin name and location).
+#[derive(Debug, Clone, PartialEq)]
+pub enum SpecError {
+    /// Unknown type name.
+    UnknownType,
+    /// Known llm-d type that infermesh does not implement.
+    Unsupported(String),
+    /// A parameter problem: (field path, message).
+    Param(String, String),
+}
+
+fn is_empty(v: Option<&Value>) -> bool {
+    match v {
+        None | Some(Value::Null) => true,
+        Some(Value::Mapping(m)) => m.is_empty(),
+        _ => false,
+    }
+}
+
+fn parse<T: DeserializeOwned + Default>(v: Option<&Value>) -> Result<T, SpecError> {
+    if is_empty(v) {
+        return Ok(T::default());
+    }
+    let v = v.cloned().unwrap_or(Value::Null);
+    serde_path_to_error::deserialize::<_, T>(v).map_err(|e| {
+        let mut path = e.path().to_string();
+        let msg = e.inner().to_string();
+        if let Some(rest) = msg.strip_prefix("unknown field `")
+            && let Some(end) = rest.find('`')
+        {
+            let field = &rest[..end];
+            if path == "." {
+                path = field.to_owned();
+            } else if !path.ends_with(field) {
+                path = format!("{path}.{field}");
+            }
+        }
+        if path == "." {
+            path = "parameters".into();
+        }
+        SpecError::Param(path, msg)
+    })
+}
+
+fn none(v: Option<&Value>) -> Result<(), SpecError> {
+    parse::<NoParamsDefault>(v).map(|_| ())
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct NoParamsDefault {}
+
+fn check(r: Result<(), ParamProblem>) -> Result<(), SpecError> {
+    r.map_err(|(f, m)| SpecError::Param(f, m))
+}
+
+/// llm-d plugin types infermesh knows but does not implement, with the reason.
+const UNSUPPORTED: &[(&str, &str)] = &[
+    (
+        "precise-prefix-cache-scorer",
+        "it needs vLLM KV-cache events over ZMQ, which infermesh does not consume; use prefix-cache-scorer (approximate prefix matching)",
+    ),
+    (
+        "precise-prefix-cache-producer",
+        "it needs vLLM KV-cache events over ZMQ; use approx-prefix-cache-producer",
+    ),
+    (
+        "token-producer",
+        "infermesh does not tokenize prompts (prefix matching works on bytes)",
+    ),
+    (
+        "tokenizer",
+        "infermesh does not tokenize prompts (prefix matching works on bytes)",
+    ),
+    (
+        "endpoint-notification-source",
+        "it feeds KV-cache events to the precise scorer, which infermesh does not support",
+    ),
+    (
+        "k8s-notification-source",
+        "infermesh takes endpoints from its own pool configuration",
+    ),
+    ("models-data-source", "not implemented"),
+    ("models-data-extractor", "not implemented"),
+    ("latency-scorer", "it needs the latency-predictor sidecar"),
+    (
+        "predicted-latency-producer",
+        "it needs the latency-predictor sidecar",
+    ),
+    (
+        "slo-headroom-tier-filter",
+        "it needs the latency-predictor sidecar",
+    ),
+    (
+        "latency-slo-admitter",
+        "it needs the latency-predictor sidecar",
+    ),
+    ("probabilistic-admitter", "not implemented"),
+    ("context-length-aware", "not implemented"),
+    (
+        "concurrency-detector",
+        "not implemented; use utilization-detector",
+    ),
+    (
+        "always-disagg-multimodal-decider",
+        "not implemented (no encode stage yet)",
+    ),
+    (
+        "pd-profile-handler",
+        "deprecated in llm-d; use disagg-profile-handler",
+    ),
+    (
+        "disagg-headers-handler",
+        "deprecated in llm-d; use disagg-profile-handler",
+    ),
+    (
+        "prefill-header-handler",
+        "deprecated in llm-d; use disagg-profile-handler",
+    ),
+    (
+        "data-parallel-profile-handler",
+        "deprecated in llm-d; use single-profile-handler",
+    ),
+    ("header-based-testing-filter", "test-only plugin"),
+    ("request-attribute-reporter", "not implemented"),
+    (
+        "vllmgrpc-parser",
+        "infermesh parses OpenAI HTTP bodies only",
+    ),
+    (
+        "passthrough-parser",
+        "infermesh parses OpenAI HTTP bodies only",
+    ),
+    (
+        "vertexai-parser",
+        "infermesh parses OpenAI HTTP bodies only",
+    ),
+    (
+        "global-strict-fairness-policy",
+        "flow control is not implemented yet",
+    ),
+    (
+        "round-robin-fairness-policy",
+        "flow control is not implemented yet",
+    ),
+    (
+        "fcfs-ordering-policy",
+        "flow control is not implemented yet",
+    ),
+    ("edf-ordering-policy", "flow control is not implemented yet"),
+    (
+        "slo-deadline-ordering-policy",
+        "flow control is not implemented yet",
+    ),
+    (
+        "static-usage-limit-policy",
+        "flow control is not implemented yet",
+    ),
+    (
+        "sheddable-eviction-filter",
+        "flow control is not implemented yet",
+    ),
+    (
+        "priority-then-time-eviction-order-policy",
+        "flow control is not implemented yet",
+    ),
+];
+
+/// All type names the registry accepts (canonical names and aliases).
+pub const KNOWN_TYPES: &[&str] = &[
+    "label-selector-filter",
+    "by-label-selector",
+    "by-label",
+    "decode-filter",
+    "prefill-filter",
+    "encode-filter",
+    "prefix-cache-affinity-filter",
+    "prefix-cache-scorer",
+    "kv-cache-utilization-scorer",
+    "queue-scorer",
+    "running-requests-size-scorer",
+    "lora-affinity-scorer",
+    "load-aware-scorer",
+    "active-request-scorer",
+    "session-affinity-scorer",
+    "no-hit-lru-scorer",
+    "token-load-scorer",
+    "max-score-picker",
+    "random-picker",
+    "weighted-random-picker",
+    "single-profile-handler",
+    "disagg-profile-handler",
+    "prefix-based-pd-decider",
+    "always-disagg-pd-decider",
+    "approx-prefix-cache-producer",
+    "inflight-load-producer",
+    "metrics-data-source",
+    "core-metrics-extractor",
+    "utilization-detector",
+    "openai-parser",
+];
+
+/// Parses one plugin's type and parameters.
+pub fn parse_spec(type_name: &str, params: Option<&Value>) -> Result<PluginSpec, SpecError> {
+    use PluginSpec as S;
+    let spec = match type_name {
+        "label-selector-filter" | "by-label-selector" => {
+            let p: LabelSelectorParams = parse(params)?;
+            check(p.validate())?;
+            S::LabelSelectorFilter(p)
+        }
+        "by-label" => {
+            let p: ByLabelParams = parse(params)?;
+            check(p.validate())?;
+            S::ByLabel(p)
+        }
+        "decode-filter" => none(params).map(|_| S::DecodeFilter)?,
+        "prefill-filter" => none(params).map(|_| S::PrefillFilter)?,
+        "encode-filter" => none(params).map(|_| S::EncodeFilter)?,
+        "prefix-cache-affinity-filter" => {
+            let p: PrefixAffinityParams = parse(params)?;
+            check(p.validate())?;
+            S::PrefixCacheAffinityFilter(p)
+        }
+        "prefix-cache-scorer" => {
+            if is_empty(params) {
+                S::PrefixCacheScorer(None)
+            } else {
+                let p: ApproxPrefixParams = parse(params)?;
+                check(p.validate())?;
+                S::PrefixCacheScorer(Some(p))
+            }
+        }
+        "kv-cache-utilization-scorer" => none(params).map(|_| S::KvCacheUtilizationScorer)?,
+        "queue-scorer" => none(params).map(|_| S::QueueScorer)?,
+        "running-requests-size-scorer" => none(params).map(|_| S::RunningRequestsSizeScorer)?,
+        "lora-affinity-scorer" => none(params).map(|_| S::LoraAffinityScorer)?,
+        "load-aware-scorer" => S::LoadAwareScorer(parse(params)?),
+        "active-request-scorer" => {
+            let p: ActiveRequestParams = parse(params)?;
+            check(p.validate())?;
+            S::ActiveRequestScorer(p)
+        }
+        "session-affinity-scorer" => none(params).map(|_| S::SessionAffinityScorer)?,
+        "no-hit-lru-scorer" => {
+            let p: NoHitLruParams = parse(params)?;
+            check(p.validate())?;
+            S::NoHitLruScorer(p)
+        }
+        "token-load-scorer" => S::TokenLoadScorer(parse(params)?),
+        "max-score-picker" | "random-picker" | "weighted-random-picker" => {
+            let p: PickerParams = parse(params)?;
+            check(p.validate())?;
+            match type_name {
+                "max-score-picker" => S::MaxScorePicker(p),
+                "random-picker" => S::RandomPicker(p),
+                _ => S::WeightedRandomPicker(p),
+            }
+        }
+        "single-profile-handler" => none(params).map(|_| S::SingleProfileHandler)?,
+        "disagg-profile-handler" => {
+            let mut p: DisaggParams = parse(params)?;
+            let nested_given = match params {
+                Some(Value::Mapping(m)) => m.contains_key("profiles") || m.contains_key("deciders"),
+                _ => false,
+            };
+            check(p.normalize(nested_given))?;
+            S::DisaggProfileHandler(p)
+        }
+        "prefix-based-pd-decider" => {
+            let p: PdDeciderParams = parse(params)?;
+            check(p.validate())?;
+            S::PrefixBasedPdDecider(p)
+        }
+        "always-disagg-pd-decider" => none(params).map(|_| S::AlwaysDisaggPdDecider)?,
+        "approx-prefix-cache-producer" => {
+            let p: ApproxPrefixParams = parse(params)?;
+            check(p.validate())?;
+            S::ApproxPrefixCacheProducer(p)
+        }
+        "inflight-load-producer" => none(params).map(|_| S::InflightLoadProducer)?,
+        "metrics-data-source" => {
+            let p: MetricsDataSourceParams = parse(params)?;
+            check(p.validate())?;
+            S::MetricsDataSource(p)
+        }
+        "core-metrics-extractor" => {
+            let mut p: CoreMetricsExtractorParams = parse(params)?;
+            check(p.normalize())?;
+            S::CoreMetricsExtractor(p)
+        }
+        "utilization-detector" => {
+            let p: UtilizationParams = parse(params)?;
+            check(p.validate())?;
+            S::UtilizationDetector(p)
+        }
+        "openai-parser" => none(params).map(|_| S::OpenAiParser)?,
+        other => {
+            return Err(match UNSUPPORTED.iter().find(|(t, _)| *t == other) {
+                Some((_, reason)) => SpecError::Unsupported((*reason).to_owned()),
+                None => SpecError::UnknownType,
+            });
+        }
+    };
+    Ok(spec)
+}
+
+/// The default spec of a type (used when the loader adds a plugin by default).
+pub fn default_spec(type_name: &str) -> Option<PluginSpec> {
+    parse_spec(type_name, None).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_known_type_parses_with_defaults() {
+        for t in KNOWN_TYPES {
+            let r = parse_spec(t, None);
+            // by-label needs a label; everything else has usable defaults.
+            if *t == "by-label" {
+                assert!(matches!(r, Err(SpecError::Param(ref f, _)) if f == "label"));
+            } else {
+                let s = r.unwrap_or_else(|e| panic!("{t}: {e:?}"));
+                if *t != "by-label-selector" {
+                    assert_eq!(s.type_name(), *t);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let v: Value = serde_yaml_ng::from_str("{threshold: 3, bogus: 1}").unwrap();
+        assert_eq!(
+            parse_spec("load-aware-scorer", Some(&v)).unwrap_err(),
+            SpecError::Param(
+                "bogus".into(),
+                "unknown field `bogus`, expected `threshold`".into()
+            )
+        );
+        let v: Value = serde_yaml_ng::from_str("{threshold: abc}").unwrap();
+        assert!(
+            matches!(parse_spec("load-aware-scorer", Some(&v)), Err(SpecError::Param(f, _)) if f == "threshold")
+        );
+        let v: Value = serde_yaml_ng::from_str("{x: 1}").unwrap();
+        assert!(
+            matches!(parse_spec("queue-scorer", Some(&v)), Err(SpecError::Param(f, _)) if f == "x")
+        );
+    }
+}

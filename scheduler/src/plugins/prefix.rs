@@ -1,0 +1,126 @@
+//! `approx-prefix-cache-producer`: hashes the prompt, matches it against the index, and
+//! records the picked endpoints' blocks after a pick.
+
+use std::net::SocketAddr;
+
+use hashbrown::HashMap;
+
+use super::PrefixCycle;
+use crate::config::params::ApproxPrefixParams;
+use crate::model::{Endpoint, InferenceRequest};
+use crate::prefix::{PrefixIndex, PrefixMatches, hash_prompt_into};
+
+/// The approximate prefix producer and its index.
+#[derive(Debug)]
+pub struct ApproxPrefixProducer {
+    params: ApproxPrefixParams,
+    index: PrefixIndex,
+}
+
+impl ApproxPrefixProducer {
+    /// A producer with an empty index.
+    pub fn new(params: ApproxPrefixParams) -> Self {
+        ApproxPrefixProducer {
+            params,
+            index: PrefixIndex::default(),
+        }
+    }
+
+    /// The index (for inspection and for sharing prefix state).
+    pub fn index(&self) -> &PrefixIndex {
+        &self.index
+    }
+
+    /// Block size in tokens: endpoints[0]'s cache block size under autoTune, else the
+    /// configured `blockSizeTokens` (llm-d `GetBlockSize`).
+    pub fn block_size_tokens(&self, endpoints: &[Endpoint]) -> usize {
+        let configured = usize::try_from(self.params.block_size_tokens).unwrap_or(0);
+        if !self.params.auto_tune {
+            return configured;
+        }
+        endpoints
+            .first()
+            .and_then(|e| e.metrics.as_ref())
+            .and_then(|m| m.cache_block_size)
+            .filter(|b| *b > 0)
+            .map_or(configured, |b| b as usize)
+    }
+
+    /// Most blocks hashed for this block size.
+    pub fn max_blocks(&self, block_size_tokens: usize) -> usize {
+        if self.params.max_prefix_tokens_to_match > 0 && block_size_tokens > 0 {
+            self.params.max_prefix_tokens_to_match as usize / block_size_tokens
+        } else {
+            usize::try_from(self.params.max_prefix_blocks_to_match).unwrap_or(0)
+        }
+    }
+
+    /// LRU capacity for an endpoint: its KV block count under autoTune, else
+    /// `lruCapacityPerServer`.
+    pub fn capacity_for(&self, e: &Endpoint) -> usize {
+        let configured = usize::try_from(self.params.lru_capacity_per_server).unwrap_or(1);
+        if self.params.auto_tune
+            && let Some(n) = e
+                .metrics
+                .as_ref()
+                .and_then(|m| m.cache_num_blocks)
+                .filter(|n| *n > 0)
+        {
+            return usize::try_from(n).unwrap_or(usize::MAX);
+        }
+        configured
+    }
+
+    /// Hashes the request and fills `out` with one match count per endpoint.
+    pub fn produce(
+        &self,
+        request: &InferenceRequest,
+        endpoints: &[Endpoint],
+        out: &mut PrefixCycle,
+    ) {
+        let bst = self.block_size_tokens(endpoints);
+        out.block_size_tokens = bst;
+        hash_prompt_into(
+            &request.target_model,
+            request.cache_salt.as_deref(),
+            &request.prompt_bytes,
+            bst,
+            self.max_blocks(bst),
+            &mut out.hashes,
+        );
+        out.matched.clear();
+        out.matched.resize(endpoints.len(), 0);
+        if out.hashes.is_empty() {
+            return;
+        }
+        let mut m = PrefixMatches::default();
+        self.index.match_prefix_into(&out.hashes, &mut m);
+        spread_matches(&m, endpoints, &mut out.matched);
+    }
+
+    /// Records the chain at `addr` (after a pick).
+    pub fn record(&self, addr: SocketAddr, capacity: usize, hashes: &[u64]) {
+        self.index.record(addr, capacity, hashes);
+    }
+}
+
+/// Copies per-address match counts onto the candidate positions.
+fn spread_matches(m: &PrefixMatches, endpoints: &[Endpoint], matched: &mut [u32]) {
+    if m.entries.is_empty() {
+        return;
+    }
+    if m.entries.len() * endpoints.len() <= 4096 {
+        for (i, e) in endpoints.iter().enumerate() {
+            if let Some((_, c)) = m.entries.iter().find(|(a, _)| *a == e.address) {
+                matched[i] = *c;
+            }
+        }
+    } else {
+        let map: HashMap<SocketAddr, u32> = m.entries.iter().copied().collect();
+        for (i, e) in endpoints.iter().enumerate() {
+            if let Some(c) = map.get(&e.address) {
+                matched[i] = *c;
+            }
+        }
+    }
+}

@@ -1,0 +1,362 @@
+//! Built-in scorers; every score is in [0, 1] (llm-d formulas).
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use hashbrown::HashMap;
+use parking_lot::Mutex;
+
+use super::{CycleState, PreRequest, Scorer};
+use crate::config::params::{
+    ActiveRequestParams, LoadAwareParams, NoHitLruParams, TokenLoadParams,
+};
+use crate::model::{Endpoint, InferenceRequest};
+
+fn queue(e: &Endpoint) -> u32 {
+    e.metrics.as_ref().map_or(0, |m| m.waiting_queue)
+}
+
+fn running(e: &Endpoint) -> u32 {
+    e.metrics.as_ref().map_or(0, |m| m.running)
+}
+
+/// Min-max normalisation: lowest value → 1.0, highest → 0.0; all equal → 1.0.
+fn min_max_low_is_best(
+    cycle: &CycleState<'_>,
+    candidates: &[usize],
+    out: &mut [f64],
+    f: fn(&Endpoint) -> u32,
+) {
+    let (mut lo, mut hi) = (u32::MAX, 0u32);
+    for &i in candidates {
+        let v = f(&cycle.endpoints[i]);
+        lo = lo.min(v);
+        hi = hi.max(v);
+    }
+    if hi <= lo {
+        out.fill(1.0);
+        return;
+    }
+    let span = f64::from(hi - lo);
+    for (o, &i) in out.iter_mut().zip(candidates) {
+        *o = f64::from(hi - f(&cycle.endpoints[i])) / span;
+    }
+}
+
+/// `prefix-cache-scorer`: `matchBlocks / totalBlocks` from the prefix producer.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PrefixCacheScorer;
+
+impl Scorer for PrefixCacheScorer {
+    fn score(&self, cycle: &CycleState<'_>, candidates: &[usize], out: &mut [f64]) {
+        match &cycle.prefix {
+            Some(p) => {
+                for (o, &i) in out.iter_mut().zip(candidates) {
+                    *o = p.score(i);
+                }
+            }
+            None => out.fill(0.0),
+        }
+    }
+}
+
+/// `kv-cache-utilization-scorer`: `1 - kvCacheUsage`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KvCacheUtilizationScorer;
+
+impl Scorer for KvCacheUtilizationScorer {
+    fn score(&self, cycle: &CycleState<'_>, candidates: &[usize], out: &mut [f64]) {
+        for (o, &i) in out.iter_mut().zip(candidates) {
+            let usage = cycle.endpoints[i]
+                .metrics
+                .as_ref()
+                .map_or(0.0, |m| m.kv_cache_usage);
+            // NaN (a broken scrape) scores as full.
+            *o = if usage.is_nan() {
+                0.0
+            } else {
+                1.0 - usage.clamp(0.0, 1.0)
+            };
+        }
+    }
+}
+
+/// `queue-scorer`: min-max normalised waiting queue.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QueueScorer;
+
+impl Scorer for QueueScorer {
+    fn score(&self, cycle: &CycleState<'_>, candidates: &[usize], out: &mut [f64]) {
+        min_max_low_is_best(cycle, candidates, out, queue);
+    }
+}
+
+/// `running-requests-size-scorer`: min-max normalised running requests.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunningRequestsScorer;
+
+impl Scorer for RunningRequestsScorer {
+    fn score(&self, cycle: &CycleState<'_>, candidates: &[usize], out: &mut [f64]) {
+        min_max_low_is_best(cycle, candidates, out, running);
+    }
+}
+
+/// `lora-affinity-scorer`: 1.0 adapter active, 0.8 free slot, 0.6 adapter waiting, else 0.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoraAffinityScorer;
+
+impl Scorer for LoraAffinityScorer {
+    fn score(&self, cycle: &CycleState<'_>, candidates: &[usize], out: &mut [f64]) {
+        let model = cycle.request.target_model.as_str();
+        for (o, &i) in out.iter_mut().zip(candidates) {
+            let lora = cycle.endpoints[i]
+                .metrics
+                .as_ref()
+                .and_then(|m| m.lora.as_ref());
+            *o = match lora {
+                None => 0.0,
+                Some(l) => {
+                    if l.running.iter().any(|a| a == model) {
+                        1.0
+                    } else if l.running.len() + l.waiting.len() < l.max_lora as usize {
+                        0.8
+                    } else if l.waiting.iter().any(|a| a == model) {
+                        0.6
+                    } else {
+                        0.0
+                    }
+                }
+            };
+        }
+    }
+}
+
+/// `load-aware-scorer`: empty queue 0.5, falling linearly to 0 at `threshold`.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadAwareScorer {
+    threshold: f64,
+}
+
+impl LoadAwareScorer {
+    /// From parameters (threshold <= 0 → 128, as llm-d).
+    pub fn new(p: &LoadAwareParams) -> Self {
+        let t = if p.threshold <= 0 { 128 } else { p.threshold };
+        LoadAwareScorer {
+            threshold: t as f64,
+        }
+    }
+}
+
+impl Scorer for LoadAwareScorer {
+    fn score(&self, cycle: &CycleState<'_>, candidates: &[usize], out: &mut [f64]) {
+        for (o, &i) in out.iter_mut().zip(candidates) {
+            let q = f64::from(queue(&cycle.endpoints[i]));
+            *o = if q == 0.0 {
+                0.5
+            } else {
+                0.5 * (1.0 - q.min(self.threshold) / self.threshold)
+            };
+        }
+    }
+}
+
+/// `active-request-scorer`: idle endpoints 1.0, else `(max - n) / max × maxBusyScore`
+/// over the in-flight request counts the caller reports.
+#[derive(Debug, Clone, Copy)]
+pub struct ActiveRequestScorer {
+    idle_threshold: u32,
+    max_busy_score: f64,
+}
+
+impl ActiveRequestScorer {
+    /// From parameters.
+    pub fn new(p: &ActiveRequestParams) -> Self {
+        ActiveRequestScorer {
+            idle_threshold: u32::try_from(p.idle_threshold.max(0)).unwrap_or(u32::MAX),
+            max_busy_score: p.max_busy_score,
+        }
+    }
+}
+
+impl Scorer for ActiveRequestScorer {
+    fn score(&self, cycle: &CycleState<'_>, candidates: &[usize], out: &mut [f64]) {
+        let max = candidates
+            .iter()
+            .map(|&i| cycle.endpoints[i].in_flight.requests)
+            .max()
+            .unwrap_or(0);
+        for (o, &i) in out.iter_mut().zip(candidates) {
+            let n = cycle.endpoints[i].in_flight.requests;
+            *o = if n <= self.idle_threshold || max == 0 {
+                1.0
+            } else {
+                f64::from(max - n) / f64::from(max) * self.max_busy_score
+            };
+        }
+    }
+}
+
+/// `token-load-scorer`: `1 - min(1, inFlightTokens / queueThresholdTokens)`.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenLoadScorer {
+    threshold: f64,
+}
+
+impl TokenLoadScorer {
+    /// From parameters (threshold <= 0 → default, as llm-d).
+    pub fn new(p: &TokenLoadParams) -> Self {
+        let t = if p.queue_threshold_tokens <= 0 {
+            TokenLoadParams::default().queue_threshold_tokens
+        } else {
+            p.queue_threshold_tokens
+        };
+        TokenLoadScorer {
+            threshold: t as f64,
+        }
+    }
+}
+
+impl Scorer for TokenLoadScorer {
+    fn score(&self, cycle: &CycleState<'_>, candidates: &[usize], out: &mut [f64]) {
+        for (o, &i) in out.iter_mut().zip(candidates) {
+            let t = cycle.endpoints[i].in_flight.tokens as f64;
+            *o = if t <= 0.0 {
+                1.0
+            } else {
+                1.0 - t.min(self.threshold) / self.threshold
+            };
+        }
+    }
+}
+
+/// The request header carrying the session's endpoint.
+pub const SESSION_TOKEN_HEADER: &str = "x-session-token";
+
+/// The `x-session-token` value naming `addr` (base64 of `ip:port`).
+///
+/// llm-d encodes the pod's namespaced name; infermesh identifies endpoints by address.
+pub fn session_token(addr: SocketAddr) -> String {
+    STANDARD.encode(addr.to_string())
+}
+
+/// `session-affinity-scorer`: 1.0 for the endpoint named by `x-session-token`, else 0.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SessionAffinityScorer;
+
+impl Scorer for SessionAffinityScorer {
+    fn score(&self, cycle: &CycleState<'_>, candidates: &[usize], out: &mut [f64]) {
+        out.fill(0.0);
+        let Some(token) = cycle.request.headers.get(SESSION_TOKEN_HEADER) else {
+            return;
+        };
+        let Ok(decoded) = STANDARD.decode(token.trim()) else {
+            return;
+        };
+        let Some(addr) = std::str::from_utf8(&decoded)
+            .ok()
+            .and_then(|s| s.parse::<SocketAddr>().ok())
+        else {
+            return;
+        };
+        for (o, &i) in out.iter_mut().zip(candidates) {
+            if cycle.endpoints[i].address == addr {
+                *o = 1.0;
+            }
+        }
+    }
+}
+
+/// `no-hit-lru-scorer`: cold requests (no prefix hit anywhere) prefer endpoints that have
+/// not served a cold request recently; warm requests get 0.5 everywhere.
+#[derive(Debug)]
+pub struct NoHitLruScorer {
+    capacity: usize,
+    /// Oldest first.
+    order: Mutex<Vec<SocketAddr>>,
+}
+
+impl NoHitLruScorer {
+    /// From parameters.
+    pub fn new(p: &NoHitLruParams) -> Self {
+        NoHitLruScorer {
+            capacity: usize::try_from(p.lru_size.max(1)).unwrap_or(1024),
+            order: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn is_cold(cycle: &CycleState<'_>, candidates: &[usize]) -> bool {
+        match &cycle.prefix {
+            None => true,
+            Some(p) => candidates
+                .iter()
+                .all(|&i| p.matched.get(i).copied().unwrap_or(0) == 0),
+        }
+    }
+
+    /// Marks `addr` as most recently used by a cold request.
+    pub fn touch(&self, addr: SocketAddr) {
+        let mut order = self.order.lock();
+        if let Some(pos) = order.iter().position(|a| *a == addr) {
+            order.remove(pos);
+        }
+        order.push(addr);
+        if order.len() > self.capacity {
+            order.remove(0);
+        }
+    }
+}
+
+impl Scorer for NoHitLruScorer {
+    fn score(&self, cycle: &CycleState<'_>, candidates: &[usize], out: &mut [f64]) {
+        if !Self::is_cold(cycle, candidates) {
+            out.fill(0.5);
+            return;
+        }
+        let n = candidates.len();
+        if n <= 1 {
+            out.fill(1.0);
+            return;
+        }
+        let positions: HashMap<SocketAddr, usize> = {
+            let order = self.order.lock();
+            order.iter().enumerate().map(|(p, a)| (*a, p)).collect()
+        };
+        let never_used = candidates
+            .iter()
+            .filter(|&&i| !positions.contains_key(&cycle.endpoints[i].address))
+            .count();
+        let denom = (n - 1) as f64;
+        let mut next_never = 0usize;
+        for (o, &i) in out.iter_mut().zip(candidates) {
+            let rank = match positions.get(&cycle.endpoints[i].address) {
+                Some(p) => never_used + p,
+                None => {
+                    next_never += 1;
+                    next_never - 1
+                }
+            };
+            *o = (1.0 - rank as f64 / denom).max(0.0);
+        }
+    }
+}
+
+impl PreRequest for NoHitLruScorer {
+    fn pre_request(
+        &self,
+        _: &InferenceRequest,
+        primary: SocketAddr,
+        also_cached: &[SocketAddr],
+        cold: bool,
+        _: Instant,
+    ) {
+        if !cold {
+            return;
+        }
+        self.touch(primary);
+        for a in also_cached {
+            self.touch(*a);
+        }
+    }
+}

@@ -1,0 +1,514 @@
+//! The scheduler facade: built once per configuration, shared, driven by method calls.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use rand::RngCore;
+
+use crate::config::{ConfigError, PluginSpec, ResolvedConfig};
+use crate::model::{Endpoint, InferenceRequest};
+use crate::plugins::filters::{ByLabelFilter, LabelSelectorFilter, PrefixAffinityFilter};
+use crate::plugins::pickers::{MaxScorePicker, RandomPicker, WeightedRandomPicker};
+use crate::plugins::prefix::ApproxPrefixProducer;
+use crate::plugins::profiles::{
+    AlwaysDisaggDecider, DisaggProfileHandler, PrefixBasedPdDecider, SingleProfileHandler,
+};
+use crate::plugins::saturation::UtilizationDetector;
+use crate::plugins::scorers::{
+    ActiveRequestScorer, KvCacheUtilizationScorer, LoadAwareScorer, LoraAffinityScorer,
+    NoHitLruScorer, PrefixCacheScorer, QueueScorer, RunningRequestsScorer, SESSION_TOKEN_HEADER,
+    SessionAffinityScorer, TokenLoadScorer, session_token,
+};
+use crate::plugins::{
+    CycleState, Decider, Filter, NextProfile, Picker, PreRequest, PrefixCycle, ProfileHandler,
+    ProfileRun, ResponseComplete, Scorer,
+};
+use crate::prefix::{BlockHash, PrefixIndex, anchor};
+
+/// Why a request could not be scheduled (→ HTTP 503). Nothing was recorded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScheduleError {
+    /// No candidate endpoint, or none survived the primary profile's filters.
+    #[error("no ready endpoint available for this request")]
+    NoEndpoints,
+}
+
+/// Why admission refused a request (→ HTTP 429). Nothing was recorded.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Rejected {
+    /// The pool is saturated and the request is sheddable (priority < 0).
+    #[error("system saturated (saturation {saturation:.2}), sheddable request dropped")]
+    Saturated {
+        /// The pool saturation that triggered the rejection (>= 1.0).
+        saturation: f64,
+    },
+}
+
+/// One profile's picks.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ProfileResult {
+    /// Primary first, then fallbacks.
+    pub targets: Vec<SocketAddr>,
+}
+
+/// Prefix-match facts of a scheduled request.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PrefixMatchSummary {
+    /// The chain's anchor (first block hash), when the prompt produced blocks.
+    pub anchor: Option<BlockHash>,
+    /// The whole chain (recorded at the picked endpoints by `pre_request`).
+    pub hashes: Vec<BlockHash>,
+    /// Tokens per block used.
+    pub block_size_tokens: usize,
+    /// Blocks the primary target already held.
+    pub matched_blocks: u32,
+}
+
+impl PrefixMatchSummary {
+    /// Total blocks in the chain.
+    pub fn total_blocks(&self) -> usize {
+        self.hashes.len()
+    }
+}
+
+/// The outcome of one scheduling cycle.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SchedulingResult {
+    /// Name of the primary profile.
+    pub primary_profile: String,
+    /// Every profile that ran (skipped stages are absent).
+    pub profiles: BTreeMap<String, ProfileResult>,
+    /// Prefix data, when a prefix producer ran.
+    pub prefix_match: Option<PrefixMatchSummary>,
+    /// Request headers for the model server (e.g. `x-prefiller-host-port`).
+    pub request_headers: Vec<(String, String)>,
+    /// Response headers for the client (e.g. `x-session-token`).
+    pub response_headers: Vec<(String, String)>,
+    /// No candidate matched any prefix block.
+    pub cold: bool,
+    /// Endpoints that will cache the prompt, with their LRU capacity in blocks.
+    pub cache_targets: Vec<(SocketAddr, usize)>,
+}
+
+impl SchedulingResult {
+    /// The primary profile's targets: the destination first, then fallbacks.
+    pub fn destinations(&self) -> &[SocketAddr] {
+        self.profiles
+            .get(&self.primary_profile)
+            .map_or(&[], |p| p.targets.as_slice())
+    }
+
+    /// `x-gateway-destination-endpoint` value: `ip:port[,ip:port…]`.
+    pub fn header_value(&self) -> String {
+        let mut s = String::new();
+        for (i, a) in self.destinations().iter().enumerate() {
+            if i > 0 {
+                s.push(',');
+            }
+            s.push_str(&a.to_string());
+        }
+        s
+    }
+
+    /// Extra request headers for the model server (`x-prefiller-host-port`, …).
+    pub fn extra_headers(&self) -> Vec<(String, String)> {
+        self.request_headers.clone()
+    }
+}
+
+#[derive(Debug)]
+struct Profile {
+    name: String,
+    filters: Vec<Arc<dyn Filter>>,
+    scorers: Vec<(Arc<dyn Scorer>, f64)>,
+    picker: Arc<dyn Picker>,
+}
+
+/// A built plugin instance (shared between profiles that reference it).
+#[derive(Debug, Clone)]
+enum Instance {
+    Filter(Arc<dyn Filter>),
+    Scorer(Arc<dyn Scorer>),
+    Picker(Arc<dyn Picker>),
+    Decider(Arc<dyn Decider>),
+    Other,
+}
+
+/// The IO-free scheduler: filters → scorers → picker per profile, driven by a handler.
+#[derive(Debug)]
+pub struct Scheduler {
+    profiles: Vec<Profile>,
+    handler: Box<dyn ProfileHandler>,
+    prefix: Option<ApproxPrefixProducer>,
+    pre_request_hooks: Vec<Arc<dyn PreRequest>>,
+    response_hooks: Vec<Arc<dyn ResponseComplete>>,
+    saturation: UtilizationDetector,
+    session_affinity: bool,
+}
+
+fn build(spec: &PluginSpec, pre: &mut Vec<Arc<dyn PreRequest>>) -> Instance {
+    use PluginSpec as S;
+    let n = |p: &crate::config::params::PickerParams| {
+        usize::try_from(p.max_num_of_endpoints).unwrap_or(1)
+    };
+    match spec {
+        S::LabelSelectorFilter(p) => {
+            Instance::Filter(Arc::new(LabelSelectorFilter::new(p.clone())))
+        }
+        S::ByLabel(p) => Instance::Filter(Arc::new(ByLabelFilter::new(p.clone()))),
+        S::DecodeFilter => Instance::Filter(Arc::new(ByLabelFilter::decode())),
+        S::PrefillFilter => Instance::Filter(Arc::new(ByLabelFilter::prefill())),
+        S::EncodeFilter => Instance::Filter(Arc::new(ByLabelFilter::encode())),
+        S::PrefixCacheAffinityFilter(p) => {
+            Instance::Filter(Arc::new(PrefixAffinityFilter::new(p.clone())))
+        }
+        S::UtilizationDetector(p) => {
+            Instance::Filter(Arc::new(UtilizationDetector::new(p.clone())))
+        }
+        S::PrefixCacheScorer(_) => Instance::Scorer(Arc::new(PrefixCacheScorer)),
+        S::KvCacheUtilizationScorer => Instance::Scorer(Arc::new(KvCacheUtilizationScorer)),
+        S::QueueScorer => Instance::Scorer(Arc::new(QueueScorer)),
+        S::RunningRequestsSizeScorer => Instance::Scorer(Arc::new(RunningRequestsScorer)),
+        S::LoraAffinityScorer => Instance::Scorer(Arc::new(LoraAffinityScorer)),
+        S::LoadAwareScorer(p) => Instance::Scorer(Arc::new(LoadAwareScorer::new(p))),
+        S::ActiveRequestScorer(p) => Instance::Scorer(Arc::new(ActiveRequestScorer::new(p))),
+        S::SessionAffinityScorer => Instance::Scorer(Arc::new(SessionAffinityScorer)),
+        S::NoHitLruScorer(p) => {
+            let s = Arc::new(NoHitLruScorer::new(p));
+            pre.push(s.clone());
+            Instance::Scorer(s)
+        }
+        S::TokenLoadScorer(p) => Instance::Scorer(Arc::new(TokenLoadScorer::new(p))),
+        S::MaxScorePicker(p) => Instance::Picker(Arc::new(MaxScorePicker::new(n(p)))),
+        S::RandomPicker(p) => Instance::Picker(Arc::new(RandomPicker::new(n(p)))),
+        S::WeightedRandomPicker(p) => Instance::Picker(Arc::new(WeightedRandomPicker::new(n(p)))),
+        S::PrefixBasedPdDecider(p) => Instance::Decider(Arc::new(PrefixBasedPdDecider::new(
+            usize::try_from(p.non_cached_tokens).unwrap_or(0),
+        ))),
+        S::AlwaysDisaggPdDecider => Instance::Decider(Arc::new(AlwaysDisaggDecider)),
+        S::SingleProfileHandler
+        | S::DisaggProfileHandler(_)
+        | S::ApproxPrefixCacheProducer(_)
+        | S::InflightLoadProducer
+        | S::MetricsDataSource(_)
+        | S::CoreMetricsExtractor(_)
+        | S::OpenAiParser => Instance::Other,
+    }
+}
+
+fn internal(message: String) -> ConfigError {
+    ConfigError::Field {
+        field: "plugins".into(),
+        message,
+        location: None,
+    }
+}
+
+impl Scheduler {
+    /// Builds the plugin instances of a resolved configuration.
+    #[allow(clippy::result_large_err)] // cold path; the error is the loader's own type
+    pub fn new(cfg: &ResolvedConfig) -> Result<Scheduler, ConfigError> {
+        let mut pre_request_hooks: Vec<Arc<dyn PreRequest>> = Vec::new();
+        let mut instances: Vec<(String, Instance)> = Vec::with_capacity(cfg.plugins.len());
+        for p in &cfg.plugins {
+            instances.push((p.name.clone(), build(&p.spec, &mut pre_request_hooks)));
+        }
+        let get = |name: &str| -> Result<&Instance, ConfigError> {
+            instances
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, i)| i)
+                .ok_or_else(|| internal(format!("plugin `{name}` is referenced but not defined")))
+        };
+        let mut profiles = Vec::with_capacity(cfg.profiles.len());
+        for rp in &cfg.profiles {
+            let mut filters = Vec::new();
+            for f in &rp.filters {
+                match get(f)? {
+                    Instance::Filter(x) => filters.push(x.clone()),
+                    _ => {
+                        return Err(internal(format!(
+                            "plugin `{f}` in profile `{}` is not a filter",
+                            rp.name
+                        )));
+                    }
+                }
+            }
+            let mut scorers = Vec::new();
+            for s in &rp.scorers {
+                match get(&s.plugin)? {
+                    Instance::Scorer(x) => scorers.push((x.clone(), s.weight)),
+                    _ => {
+                        return Err(internal(format!(
+                            "plugin `{}` in profile `{}` is not a scorer",
+                            s.plugin, rp.name
+                        )));
+                    }
+                }
+            }
+            let picker = match get(&rp.picker)? {
+                Instance::Picker(x) => x.clone(),
+                _ => {
+                    return Err(internal(format!(
+                        "plugin `{}` in profile `{}` is not a picker",
+                        rp.picker, rp.name
+                    )));
+                }
+            };
+            profiles.push(Profile {
+                name: rp.name.clone(),
+                filters,
+                scorers,
+                picker,
+            });
+        }
+        let index_of = |name: &str| profiles.iter().position(|p: &Profile| p.name == name);
+        let handler: Box<dyn ProfileHandler> =
+            match cfg.plugin(&cfg.profile_handler).map(|p| &p.spec) {
+                Some(PluginSpec::DisaggProfileHandler(d)) => {
+                    let decider = |name: &str| -> Result<Option<Arc<dyn Decider>>, ConfigError> {
+                        if name.is_empty() {
+                            return Ok(None);
+                        }
+                        match get(name)? {
+                            Instance::Decider(d) => Ok(Some(d.clone())),
+                            _ => Err(internal(format!("plugin `{name}` is not a decider"))),
+                        }
+                    };
+                    Box::new(DisaggProfileHandler {
+                        decode: index_of(&d.profiles.decode).ok_or_else(|| {
+                            internal(format!(
+                                "no scheduling profile named `{}`",
+                                d.profiles.decode
+                            ))
+                        })?,
+                        prefill: index_of(&d.profiles.prefill),
+                        encode: index_of(&d.profiles.encode),
+                        prefill_decider: decider(&d.deciders.prefill)?,
+                        encode_decider: decider(&d.deciders.encode)?,
+                    })
+                }
+                _ if profiles.len() == 1 => Box::new(SingleProfileHandler),
+                _ => return Err(internal("a profile handler is required".into())),
+            };
+        let prefix =
+            cfg.prefix_producer
+                .as_deref()
+                .and_then(|n| match cfg.plugin(n).map(|p| &p.spec) {
+                    Some(PluginSpec::ApproxPrefixCacheProducer(p)) => {
+                        Some(ApproxPrefixProducer::new(p.clone()))
+                    }
+                    _ => None,
+                });
+        let session_affinity = cfg
+            .plugins
+            .iter()
+            .any(|p| matches!(p.spec, PluginSpec::SessionAffinityScorer));
+        Ok(Scheduler {
+            profiles,
+            handler,
+            prefix,
+            pre_request_hooks,
+            response_hooks: Vec::new(),
+            saturation: UtilizationDetector::new(cfg.utilization()),
+            session_affinity,
+        })
+    }
+
+    /// The prefix index, when a prefix producer is configured.
+    pub fn prefix_index(&self) -> Option<&PrefixIndex> {
+        self.prefix.as_ref().map(|p| p.index())
+    }
+
+    fn run_profile(&self, i: usize, cycle: &CycleState<'_>, rng: &mut dyn RngCore) -> Vec<usize> {
+        let p = &self.profiles[i];
+        let mut cands: Vec<usize> = (0..cycle.endpoints.len()).collect();
+        for f in &p.filters {
+            f.filter(cycle, rng, &mut cands);
+            if cands.is_empty() {
+                return Vec::new();
+            }
+        }
+        let mut total = vec![0.0f64; cands.len()];
+        let mut one = vec![0.0f64; cands.len()];
+        for (s, w) in &p.scorers {
+            s.score(cycle, &cands, &mut one);
+            for (t, v) in total.iter_mut().zip(&one) {
+                *t += w * v;
+            }
+        }
+        let mut out = Vec::with_capacity(1);
+        p.picker.pick(&cands, &total, rng, &mut out);
+        out
+    }
+
+    /// Runs one scheduling cycle over `candidates` (the request's eligible endpoints).
+    pub fn schedule(
+        &self,
+        req: &InferenceRequest,
+        candidates: &[Endpoint],
+        now: Instant,
+        rng: &mut dyn RngCore,
+    ) -> Result<SchedulingResult, ScheduleError> {
+        if candidates.is_empty() {
+            return Err(ScheduleError::NoEndpoints);
+        }
+        let mut cycle = CycleState {
+            request: req,
+            endpoints: candidates,
+            now,
+            prefix: None,
+            cold: true,
+        };
+        if let Some(p) = &self.prefix {
+            let mut pc = PrefixCycle::default();
+            p.produce(req, candidates, &mut pc);
+            cycle.cold = pc.matched.iter().all(|&m| m == 0);
+            cycle.prefix = Some(pc);
+        }
+        let mut runs: Vec<ProfileRun> = Vec::with_capacity(self.profiles.len());
+        // Each profile runs or is skipped at most once; the bound guards a faulty handler.
+        for _ in 0..=2 * self.profiles.len() {
+            match self.handler.next(&cycle, &runs) {
+                NextProfile::Run(i)
+                    if i < self.profiles.len() && !runs.iter().any(|r| r.profile == i) =>
+                {
+                    let targets = self.run_profile(i, &cycle, rng);
+                    runs.push(ProfileRun {
+                        profile: i,
+                        targets,
+                        skipped: false,
+                    });
+                }
+                NextProfile::Skip(i) if !runs.iter().any(|r| r.profile == i) => {
+                    runs.push(ProfileRun {
+                        profile: i,
+                        targets: Vec::new(),
+                        skipped: true,
+                    });
+                }
+                _ => break,
+            }
+        }
+        let primary = self.handler.primary();
+        let Some(primary_run) = runs
+            .iter()
+            .find(|r| r.profile == primary && !r.targets.is_empty())
+        else {
+            return Err(ScheduleError::NoEndpoints);
+        };
+        let addr = |i: usize| candidates[i].address;
+        let mut profiles = BTreeMap::new();
+        for r in runs.iter().filter(|r| !r.skipped && !r.targets.is_empty()) {
+            profiles.insert(
+                self.profiles[r.profile].name.clone(),
+                ProfileResult {
+                    targets: r.targets.iter().map(|&i| addr(i)).collect(),
+                },
+            );
+        }
+        let primary_target = primary_run.targets[0];
+        let mut cache_targets = Vec::with_capacity(2);
+        if let Some(p) = &self.prefix {
+            cache_targets.push((
+                addr(primary_target),
+                p.capacity_for(&candidates[primary_target]),
+            ));
+            for cp in self.handler.cache_profiles() {
+                if let Some(&t) = runs
+                    .iter()
+                    .find(|r| r.profile == cp && !r.skipped)
+                    .and_then(|r| r.targets.first())
+                {
+                    cache_targets.push((addr(t), p.capacity_for(&candidates[t])));
+                }
+            }
+        }
+        let request_headers = self.handler.headers(&cycle, &runs);
+        let response_headers = if self.session_affinity {
+            vec![(
+                SESSION_TOKEN_HEADER.to_owned(),
+                session_token(addr(primary_target)),
+            )]
+        } else {
+            Vec::new()
+        };
+        let prefix_match = cycle.prefix.take().map(|pc| PrefixMatchSummary {
+            anchor: anchor(&pc.hashes),
+            matched_blocks: pc.matched.get(primary_target).copied().unwrap_or(0),
+            block_size_tokens: pc.block_size_tokens,
+            hashes: pc.hashes,
+        });
+        Ok(SchedulingResult {
+            primary_profile: self.profiles[primary].name.clone(),
+            profiles,
+            prefix_match,
+            request_headers,
+            response_headers,
+            cold: cycle.cold,
+            cache_targets,
+        })
+    }
+
+    /// Records the pick before forwarding: prefix blocks at the primary (and prefill)
+    /// endpoint, and the plugins' pre-request hooks.
+    pub fn pre_request(&self, req: &InferenceRequest, result: &SchedulingResult, now: Instant) {
+        if let (Some(p), Some(m)) = (&self.prefix, &result.prefix_match) {
+            for &(addr, cap) in &result.cache_targets {
+                p.record(addr, cap, &m.hashes);
+            }
+        }
+        let Some(&primary) = result.destinations().first() else {
+            return;
+        };
+        let also: Vec<SocketAddr> = result
+            .cache_targets
+            .iter()
+            .skip(1)
+            .map(|(a, _)| *a)
+            .collect();
+        for h in &self.pre_request_hooks {
+            h.pre_request(req, primary, &also, result.cold, now);
+        }
+    }
+
+    /// Response finished at `served`: runs the plugins' completion hooks. (No built-in
+    /// plugin keeps per-request state past `pre_request`; in-flight counts are the caller's.)
+    pub fn response_complete(&self, req: &InferenceRequest, served: SocketAddr, now: Instant) {
+        for h in &self.response_hooks {
+            h.response_complete(req, served, now);
+        }
+    }
+
+    /// The endpoint left the pool: forget its prefix state.
+    pub fn remove_endpoint(&self, addr: SocketAddr) {
+        if let Some(p) = &self.prefix {
+            p.index().remove_endpoint(addr);
+        }
+    }
+
+    /// Pool saturation from the utilization detector (average per-endpoint utilization).
+    pub fn saturation(&self, candidates: &[Endpoint], now: Instant) -> f64 {
+        self.saturation.saturation(candidates, now)
+    }
+
+    /// Admission (llm-d's legacy admission controller): a sheddable request (priority < 0)
+    /// is rejected when saturation >= 1.0; other requests are always admitted.
+    pub fn admit(
+        &self,
+        req: &InferenceRequest,
+        candidates: &[Endpoint],
+        now: Instant,
+    ) -> Result<(), Rejected> {
+        if !req.is_sheddable() {
+            return Ok(());
+        }
+        let saturation = self.saturation(candidates, now);
+        if saturation >= 1.0 {
+            return Err(Rejected::Saturated { saturation });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,86 @@
+//! The built-in default configuration schedules end to end.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use infermesh_scheduler::{
+    ApiKind, Endpoint, InferenceRequest, Metrics, ResolvedConfig, Scheduler, parse_openai,
+};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+fn endpoint(i: u16, queue: u32, kv: f64, now: Instant) -> Endpoint {
+    let mut e = Endpoint::new(SocketAddr::from(([10, 0, 0, 1], 8000 + i)), BTreeMap::new());
+    let mut m = Metrics::idle(now);
+    m.waiting_queue = queue;
+    m.kv_cache_usage = kv;
+    e.metrics = Some(m);
+    e
+}
+
+fn request(prompt: &str) -> InferenceRequest {
+    let body = format!(
+        r#"{{"model":"m","prompt":{}}}"#,
+        serde_json::to_string(prompt).unwrap()
+    );
+    let p = parse_openai(ApiKind::Completions, body.as_bytes()).unwrap();
+    InferenceRequest {
+        id: "r1".into(),
+        model: p.model.clone(),
+        target_model: p.model,
+        prompt_bytes: p.prompt_bytes,
+        fairness_id: "default-flow".into(),
+        ..InferenceRequest::default()
+    }
+}
+
+#[test]
+fn default_config_prefers_idle_then_prefix_holder() {
+    let cfg = ResolvedConfig::builtin_default();
+    let s = Scheduler::new(&cfg).unwrap();
+    let now = Instant::now();
+    let eps = vec![
+        endpoint(0, 5, 0.5, now),
+        endpoint(1, 0, 0.1, now),
+        endpoint(2, 3, 0.3, now),
+    ];
+    let req = request(&"hello world ".repeat(100));
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let r = s.schedule(&req, &eps, now, &mut rng).unwrap();
+    assert_eq!(r.destinations(), &[eps[1].address]);
+    assert_eq!(r.header_value(), "10.0.0.1:8001");
+    let pm = r.prefix_match.clone().unwrap();
+    assert_eq!(pm.total_blocks(), 1200usize.div_ceil(64));
+    assert_eq!(pm.matched_blocks, 0);
+    s.pre_request(&req, &r, now);
+
+    // Now endpoint 1 holds the prefix; even with equal load it must win again, and the
+    // match is reported.
+    let eps2 = vec![
+        endpoint(0, 0, 0.1, now),
+        endpoint(1, 0, 0.1, now),
+        endpoint(2, 0, 0.1, now),
+    ];
+    for seed in 0..20 {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let r2 = s.schedule(&req, &eps2, now, &mut rng).unwrap();
+        assert_eq!(r2.destinations(), &[eps[1].address]);
+        assert_eq!(
+            r2.prefix_match.as_ref().unwrap().matched_blocks as usize,
+            pm.total_blocks()
+        );
+    }
+    s.remove_endpoint(eps[1].address);
+    assert_eq!(s.prefix_index().unwrap().entries(), 0);
+}
+
+#[test]
+fn no_candidates_is_an_error() {
+    let s = Scheduler::new(&ResolvedConfig::builtin_default()).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    assert!(
+        s.schedule(&request("x"), &[], Instant::now(), &mut rng)
+            .is_err()
+    );
+}
