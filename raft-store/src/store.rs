@@ -707,7 +707,8 @@ impl PolicyStore {
         outcome
     }
 
-    /// Builds a snapshot now and purges the log it covers; returns the snapshot's index.
+    /// Builds a snapshot now and purges the log it covers (once every follower has it);
+    /// returns the snapshot's index.
     pub async fn compact(&self) -> Result<u64, ClusterError> {
         let applied = self.metrics().last_applied.map_or(0, |l| l.index);
         let raft = &self.inner.raft;
@@ -732,6 +733,14 @@ impl PolicyStore {
             .purge_log(index)
             .await
             .map_err(|e| ClusterError::Unavailable(boxed(e)))?;
+        // The leader purges only what every follower has received; wait for that.
+        raft.wait(Some(wait_for))
+            .metrics(|m| m.purged.is_some_and(|p| p.index >= index), "log purged")
+            .await
+            .map_err(|_| ClusterError::Timeout {
+                what: "log purge",
+                waited_ms: wait_for.as_millis() as u64,
+            })?;
         Ok(index)
     }
 

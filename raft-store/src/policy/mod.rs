@@ -14,3 +14,6 @@ pub use state::{
     ChangeAction, ObjectChange, PolicyOp, PolicyRequest, PolicyResponse, PolicyState, Rejection,
     StoredObject, TokenHash, Touched,
 };
+
+#[cfg(test)]
+mod tests;

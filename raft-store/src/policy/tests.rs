@@ -1,0 +1,423 @@
+//! Policy model tests: parse, validate and apply by feeding the state machine.
+
+use super::*;
+
+const ALL_KINDS: &str = r#"
+apiVersion: inference.networking.k8s.io/v1
+kind: InferencePool
+metadata:
+  name: llama
+spec:
+  selector:
+    matchLabels:
+      app: vllm-llama
+  targetPorts:
+    - number: 8000
+  endpointPickerRef:
+    name: infermesh
+    port:
+      number: 9002
+---
+apiVersion: inference.networking.x-k8s.io/v1alpha2
+kind: InferenceObjective
+metadata:
+  name: chat
+  namespace: prod
+spec:
+  priority: 10
+  poolRef:
+    name: llama
+---
+apiVersion: inference.networking.x-k8s.io/v1alpha2
+kind: InferenceModelRewrite
+metadata:
+  name: canary
+spec:
+  poolRef:
+    name: llama
+  rules:
+    - matches:
+        - model:
+            type: Exact
+            value: llama-3
+      targets:
+        - modelRewrite: llama-3-a
+          weight: 90
+        - modelRewrite: llama-3-b
+          weight: 10
+---
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+  - type: prefix-cache-scorer
+schedulingProfiles:
+  - name: default
+    plugins:
+      - pluginRef: prefix-cache-scorer
+---
+apiVersion: infermesh.io/v1alpha1
+kind: InferenceEndpoints
+metadata:
+  name: static
+spec:
+  endpoints:
+    - address: 127.0.0.1:8001
+      labels:
+        app: vllm-llama
+    - address: 127.0.0.1:8002
+---
+apiVersion: infermesh.io/v1alpha1
+kind: InfermeshNode
+metadata:
+  name: node-1
+spec:
+  raftId: 1
+  extProcAddress: 127.0.0.1:9002
+  xdsAddress: 127.0.0.1:18000
+  proxyAddress: 127.0.0.1:8080
+"#;
+
+fn parse(text: &str) -> Result<Vec<PolicyObject>, InvalidDocument> {
+    parse_documents(text, &accept_any_epp_config())
+}
+
+fn put_all(objects: Vec<PolicyObject>) -> PolicyRequest {
+    PolicyRequest {
+        ops: objects
+            .into_iter()
+            .map(|o| PolicyOp::Put {
+                object: Box::new(o),
+                expected_version: None,
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn parses_every_kind_with_upstream_defaults() {
+    let objects = parse(ALL_KINDS).expect("valid");
+    assert_eq!(objects.len(), 6);
+    let PolicyObject::InferencePool(pool) = &objects[0] else {
+        panic!("first is a pool")
+    };
+    assert_eq!(pool.metadata.namespace, "default");
+    assert_eq!(pool.spec.app_protocol, AppProtocol::Http);
+    assert_eq!(pool.spec.failure_mode(), FailureMode::FailClose);
+    assert_eq!(
+        pool.spec
+            .endpoint_picker_ref
+            .as_ref()
+            .map(|r| r.kind.as_str()),
+        Some("Service")
+    );
+    let PolicyObject::InferenceObjective(obj) = &objects[1] else {
+        panic!("second is an objective")
+    };
+    assert_eq!(obj.spec.effective_priority(), 10);
+    assert_eq!(obj.spec.pool_ref.kind, "InferencePool");
+    let PolicyObject::EndpointPickerConfig(epp) = &objects[3] else {
+        panic!("fourth is an EPP config")
+    };
+    assert_eq!(epp.metadata.name, "default");
+    assert!(epp.config.get("metadata").is_none());
+    assert!(epp.config_text().contains("prefix-cache-scorer"));
+}
+
+fn expect_err(text: &str) -> InvalidDocument {
+    parse(text).expect_err("must be rejected")
+}
+
+#[test]
+fn errors_name_document_and_field() {
+    let pool = |ports: &str| {
+        format!(
+            "apiVersion: inference.networking.k8s.io/v1\nkind: InferencePool\nmetadata: {{name: p}}\n\
+             spec:\n  selector: {{matchLabels: {{a: b}}}}\n  targetPorts: {ports}\n"
+        )
+    };
+    let nine: Vec<String> = (1..=9)
+        .map(|p| format!("{{number: {}}}", 8000 + p))
+        .collect();
+    let e = expect_err(&pool(&format!("[{}]", nine.join(","))));
+    assert_eq!((e.document, e.field.as_str()), (1, "spec.targetPorts"));
+    let e = expect_err(&pool("[{number: 8000}, {number: 8000}]"));
+    assert_eq!(e.field, "spec.targetPorts[1].number");
+    let e = expect_err(&pool("[{number: 70000}]"));
+    assert_eq!(e.field, "spec.targetPorts[0].number");
+    let e = expect_err(&pool("[]"));
+    assert_eq!(e.field, "spec.targetPorts");
+
+    // The second document is bad: the error says so and nothing from the first is returned.
+    let text = format!(
+        "{}---\n{}",
+        pool("[{number: 1}]"),
+        pool("[{number: 1}]").replace("targetPorts", "targetPortz")
+    );
+    let e = expect_err(&text);
+    assert_eq!(e.document, 2);
+    assert!(e.reason.contains("targetPortz"), "{e}");
+
+    let e = expect_err("apiVersion: v1\nkind: InferencePool\nmetadata: {name: p}\nspec: {}\n");
+    assert_eq!(e.field, "apiVersion");
+    let e = expect_err("apiVersion: v1\nkind: Gadget\nmetadata: {name: p}\n");
+    assert_eq!(e.field, "kind");
+    let e = expect_err(&pool("[{number: 1}]").replace("name: p", "name: Bad_Name"));
+    assert_eq!(e.field, "metadata.name");
+    let e = expect_err(&pool("[{number: 1}]").replace("{a: b}", "{}"));
+    assert_eq!(e.field, "spec.selector.matchLabels");
+    let e = expect_err(&format!(
+        "{}  endpointPickerRef: {{name: epp}}\n",
+        pool("[{number: 1}]")
+    ));
+    assert_eq!(e.field, "spec.endpointPickerRef.port");
+    let e = expect_err(&format!(
+        "{}  endpointPickerRef: {{name: epp, port: {{number: 9002}}, failureMode: FailSideways}}\n",
+        pool("[{number: 1}]")
+    ));
+    assert_eq!(e.field, "spec.endpointPickerRef.failureMode");
+    let e = expect_err(&format!(
+        "{}---\n{}",
+        pool("[{number: 1}]"),
+        pool("[{number: 2}]")
+    ));
+    assert_eq!((e.document, e.field.as_str()), (2, "metadata.name"));
+}
+
+#[test]
+fn rewrite_weights_follow_upstream_rules() {
+    let rewrite = |targets: &str| {
+        format!(
+            "apiVersion: inference.networking.x-k8s.io/v1alpha2\nkind: InferenceModelRewrite\n\
+             metadata: {{name: r}}\nspec:\n  poolRef: {{name: p}}\n  rules:\n  - targets: {targets}\n"
+        )
+    };
+    assert!(parse(&rewrite("[{modelRewrite: a}, {modelRewrite: b}]")).is_ok());
+    assert!(
+        parse(&rewrite(
+            "[{modelRewrite: a, weight: 1}, {modelRewrite: b, weight: 1000000}]"
+        ))
+        .is_ok()
+    );
+    let e = expect_err(&rewrite(
+        "[{modelRewrite: a, weight: 5}, {modelRewrite: b}]",
+    ));
+    assert_eq!(e.field, "spec.rules[0].targets[1].weight");
+    let e = expect_err(&rewrite("[{modelRewrite: a, weight: 0}]"));
+    assert_eq!(e.field, "spec.rules[0].targets[0].weight");
+    let e = expect_err(&rewrite("[{modelRewrite: a, weight: 1000001}]"));
+    assert_eq!(e.field, "spec.rules[0].targets[0].weight");
+    let e = expect_err(&rewrite("[]"));
+    assert_eq!(e.field, "spec.rules[0].targets");
+    let e = expect_err(&rewrite("[{modelRewrite: a}]").replace(
+        "- targets",
+        "- matches: [{model: {type: Prefix, value: x}}]\n    targets",
+    ));
+    assert!(
+        e.field.starts_with("spec.rules[0].matches[0].model.type"),
+        "{e}"
+    );
+}
+
+#[test]
+fn epp_config_goes_through_the_callers_validator() {
+    #[derive(Debug, thiserror::Error)]
+    #[error("unknown plugin type bogus-scorer")]
+    struct Bad;
+    let validator: EppConfigValidator = std::sync::Arc::new(|text: &str| {
+        if text.contains("bogus-scorer") {
+            Err(Box::new(Bad))
+        } else {
+            Ok(())
+        }
+    });
+    let doc = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: bogus-scorer\n";
+    let e = parse_documents(doc, &validator).expect_err("rejected");
+    assert_eq!(e.kind, "EndpointPickerConfig");
+    assert!(e.reason.contains("unknown plugin type bogus-scorer"), "{e}");
+    assert!(parse_documents(&doc.replace("bogus", "queue"), &validator).is_ok());
+}
+
+#[test]
+fn endpoints_must_be_unique_addresses() {
+    let doc = "apiVersion: infermesh.io/v1alpha1\nkind: InferenceEndpoints\nmetadata: {name: s}\n\
+               spec:\n  endpoints: [{address: '10.0.0.1:8000'}, {address: '10.0.0.1:8000'}]\n";
+    assert_eq!(expect_err(doc).field, "spec.endpoints[1].address");
+    let e = expect_err(&doc.replace("10.0.0.1:8000'}]", "not-an-address'}]"));
+    assert!(e.field.starts_with("spec.endpoints[1].address"), "{e}");
+}
+
+#[test]
+fn state_applies_versions_and_reports_kubectl_actions() {
+    let objects = parse(ALL_KINDS).unwrap();
+    let mut st = PolicyState::default();
+    let mut touched = Touched::default();
+    let r = st.handle_request(5, &put_all(objects.clone()), &mut touched);
+    let PolicyResponse::Applied { index: 5, changes } = r else {
+        panic!("{r:?}")
+    };
+    assert!(
+        changes
+            .iter()
+            .all(|c| c.action == ChangeAction::Created && c.resource_version == Some(5))
+    );
+    assert_eq!(touched.keys.len(), 6);
+    assert_eq!(st.applied_index(), 5);
+    assert_eq!(
+        st.objective("prod", "chat")
+            .map(|o| o.spec.effective_priority()),
+        Some(10)
+    );
+    assert_eq!(st.pools().count(), 1);
+
+    // Same content again: unchanged, versions kept, nothing to persist.
+    let mut touched = Touched::default();
+    let PolicyResponse::Applied { changes, .. } =
+        st.handle_request(6, &put_all(objects.clone()), &mut touched)
+    else {
+        panic!()
+    };
+    assert!(
+        changes
+            .iter()
+            .all(|c| c.action == ChangeAction::Unchanged && c.resource_version == Some(5))
+    );
+    assert!(touched.keys.is_empty());
+
+    // Changed content: configured at the new index, creation index kept.
+    let mut changed = objects[1].clone();
+    if let PolicyObject::InferenceObjective(d) = &mut changed {
+        d.spec.priority = Some(-1);
+    }
+    let PolicyResponse::Applied { changes, .. } =
+        st.handle_request(7, &put_all(vec![changed]), &mut Touched::default())
+    else {
+        panic!()
+    };
+    assert_eq!(changes[0].action, ChangeAction::Configured);
+    let stored = st
+        .get(&ObjectKey::new(Kind::InferenceObjective, "prod", "chat"))
+        .unwrap();
+    assert_eq!((stored.resource_version, stored.created_index), (7, 5));
+    assert_eq!(stored.to_document()["metadata"]["resourceVersion"], "7");
+}
+
+#[test]
+fn conditional_writes_apply_all_or_nothing() {
+    let objects = parse(ALL_KINDS).unwrap();
+    let mut st = PolicyState::default();
+    st.handle_request(3, &put_all(objects.clone()), &mut Touched::default());
+    let before = st.clone();
+    let pool_key = objects[0].key();
+    let obj_key = objects[1].key();
+    // First op would succeed, second conflicts: nothing at all changes.
+    let req = PolicyRequest {
+        ops: vec![
+            PolicyOp::Delete {
+                key: pool_key.clone(),
+                expected_version: Some(3),
+            },
+            PolicyOp::Put {
+                object: Box::new(objects[1].clone()),
+                expected_version: Some(2),
+            },
+        ],
+    };
+    let mut touched = Touched::default();
+    let r = st.handle_request(4, &req, &mut touched);
+    assert_eq!(
+        r,
+        PolicyResponse::Rejected(Rejection::Conflict {
+            key: obj_key.clone(),
+            expected: 2,
+            actual: Some(3)
+        })
+    );
+    assert!(touched.keys.is_empty());
+    assert_eq!(st.get(&pool_key), before.get(&pool_key));
+    assert_eq!(st.len(), before.len());
+
+    let missing = ObjectKey::new(Kind::InferencePool, "default", "nope");
+    let r = st.handle_request(
+        5,
+        &PolicyRequest {
+            ops: vec![PolicyOp::Delete {
+                key: missing.clone(),
+                expected_version: None,
+            }],
+        },
+        &mut Touched::default(),
+    );
+    assert_eq!(
+        r,
+        PolicyResponse::Rejected(Rejection::NotFound { key: missing })
+    );
+
+    // Creating with an expected version when absent is a conflict, not a create.
+    let mut fresh = objects[0].clone();
+    fresh.metadata_mut().name = "fresh".into();
+    let r = st.handle_request(
+        6,
+        &PolicyRequest {
+            ops: vec![PolicyOp::Put {
+                object: Box::new(fresh.clone()),
+                expected_version: Some(1),
+            }],
+        },
+        &mut Touched::default(),
+    );
+    assert!(matches!(
+        r,
+        PolicyResponse::Rejected(Rejection::Conflict { actual: None, .. })
+    ));
+
+    // Matching version: applied.
+    let req = PolicyRequest {
+        ops: vec![PolicyOp::Delete {
+            key: pool_key.clone(),
+            expected_version: Some(3),
+        }],
+    };
+    let r = st.handle_request(7, &req, &mut Touched::default());
+    assert!(matches!(r, PolicyResponse::Applied { index: 7, .. }));
+    assert!(st.get(&pool_key).is_none());
+}
+
+#[test]
+fn tokens_are_stored_hashed_and_verified() {
+    let mut st = PolicyState::default();
+    assert!(!st.verify_token("secret"));
+    let mut touched = Touched::default();
+    st.handle_request(
+        1,
+        &PolicyRequest {
+            ops: vec![PolicyOp::AddTokens(vec![TokenHash::of("secret")])],
+        },
+        &mut touched,
+    );
+    assert!(touched.tokens);
+    assert!(st.verify_token("secret"));
+    assert!(!st.verify_token("secret2"));
+    assert!(!st.verify_token(""));
+    let stored: Vec<_> = st.token_hashes().collect();
+    assert_eq!(stored.len(), 1);
+    assert_ne!(&stored[0].0[..6], b"secret");
+}
+
+#[test]
+fn requests_survive_the_binary_log_codec() {
+    let req = put_all(parse(ALL_KINDS).unwrap());
+    let bytes = postcard::to_stdvec(&req).unwrap();
+    let back: PolicyRequest = postcard::from_bytes(&bytes).unwrap();
+    assert_eq!(back, req);
+}
+
+#[test]
+fn kind_names_parse_like_kubectl() {
+    assert_eq!(Kind::parse("inferencepools"), Some(Kind::InferencePool));
+    assert_eq!(
+        Kind::parse("InferenceObjective"),
+        Some(Kind::InferenceObjective)
+    );
+    assert_eq!(Kind::parse("infermeshnodes"), Some(Kind::InfermeshNode));
+    assert_eq!(Kind::parse("pods"), None);
+}

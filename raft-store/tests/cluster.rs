@@ -1,0 +1,354 @@
+//! Multi-node policy-store tests on in-process clusters: each node has its own runtime and
+//! redb file in a tempdir; the network is the in-process MemNetwork.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use infermesh_raft_store::policy::{Kind, ObjectKey, PolicyState};
+use infermesh_raft_store::testing::{TestCluster, mem_node};
+use infermesh_raft_store::{ClusterError, Role, Route, StoreConfig, WriteError};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn objective_yaml(name: &str, priority: i32) -> String {
+    format!(
+        "apiVersion: inference.networking.x-k8s.io/v1alpha2\nkind: InferenceObjective\n\
+         metadata: {{name: {name}}}\nspec:\n  priority: {priority}\n  poolRef: {{name: pool}}\n"
+    )
+}
+
+fn priority_of(state: &PolicyState, name: &str) -> Option<i32> {
+    state
+        .objective("default", name)
+        .map(|o| o.spec.effective_priority())
+}
+
+/// A write acknowledged to the client survives an abrupt leader kill and a restart of every
+/// node from its redb file.
+async fn acknowledged_write_survives(voters: &[u64]) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut c = TestCluster::new(dir.path(), 7);
+    c.start_bootstrapped(voters, &["t0ken".to_string()]).await?;
+    let leader = c.wait_leader(voters, WAIT).await?;
+    let follower = *voters.iter().find(|v| **v != leader).unwrap();
+
+    // Write through a follower, forwarded to the leader.
+    let applied = c
+        .store(follower)?
+        .apply_yaml(&objective_yaml("chat", 5), Route::ViaLeader)
+        .await?;
+    let mut last = applied.index;
+    for i in 0..10 {
+        last = c
+            .store(leader)?
+            .apply_yaml(&objective_yaml(&format!("o{i}"), i), Route::Local)
+            .await?
+            .index;
+    }
+
+    c.kill(leader).await;
+    let rest: Vec<u64> = voters.iter().copied().filter(|v| *v != leader).collect();
+    let new_leader = c.wait_leader(&rest, WAIT).await?;
+    assert_ne!(new_leader, leader);
+    for id in &rest {
+        c.wait_applied(*id, last, WAIT).await?;
+        let p = c.store(*id)?.policy();
+        assert_eq!(priority_of(&p, "chat"), Some(5), "node {id}");
+        assert_eq!(priority_of(&p, "o9"), Some(9), "node {id}");
+        assert!(p.verify_token("t0ken"));
+    }
+    // The new leader takes writes.
+    let after = c
+        .store(new_leader)?
+        .apply_yaml(&objective_yaml("after", 1), Route::Local)
+        .await?;
+
+    c.kill_all().await;
+    for id in voters {
+        c.start(*id).await?;
+    }
+    c.wait_leader(voters, WAIT).await?;
+    for id in voters {
+        c.wait_applied(*id, after.index, WAIT).await?;
+        let p = c.store(*id)?.policy();
+        assert_eq!(priority_of(&p, "chat"), Some(5), "node {id} after restart");
+        assert_eq!(priority_of(&p, "after"), Some(1), "node {id} after restart");
+        assert_eq!(p.objectives().count(), 12, "node {id}");
+        assert!(p.verify_token("t0ken"));
+        assert!(!p.verify_token("wrong"));
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_keep_acknowledged_writes_through_leader_kill_and_restart() -> Result<()> {
+    acknowledged_write_survives(&[1, 2, 3]).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_nodes_keep_acknowledged_writes_through_leader_kill_and_restart() -> Result<()> {
+    acknowledged_write_survives(&[1, 2, 3, 4, 5]).await
+}
+
+/// The minority side of a partition cannot commit; the majority can; after healing, the
+/// majority's writes are everywhere and the minority's attempt is nowhere.
+async fn minority_cannot_commit(voters: &[u64]) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut c = TestCluster::new(dir.path(), 11);
+    c.start_bootstrapped(voters, &[]).await?;
+    let leader = c.wait_leader(voters, WAIT).await?;
+    c.store(leader)?
+        .apply_yaml(&objective_yaml("base", 1), Route::Local)
+        .await?;
+
+    let minority_size = (voters.len() - 1) / 2;
+    let mut minority = vec![leader];
+    minority.extend(
+        voters
+            .iter()
+            .copied()
+            .filter(|v| *v != leader)
+            .take(minority_size - 1),
+    );
+    let majority: Vec<u64> = voters
+        .iter()
+        .copied()
+        .filter(|v| !minority.contains(v))
+        .collect();
+    c.net.partition(&[&minority, &majority]);
+
+    let old = c.store(leader)?;
+    let attempt = tokio::time::timeout(
+        Duration::from_secs(2),
+        old.apply_yaml(&objective_yaml("minority", 2), Route::Local),
+    )
+    .await;
+    assert!(
+        !matches!(attempt, Ok(Ok(_))),
+        "minority committed: {attempt:?}"
+    );
+
+    let new_leader = c.wait_leader(&majority, WAIT).await?;
+    let ok = c
+        .store(new_leader)?
+        .apply_yaml(&objective_yaml("majority", 3), Route::Local)
+        .await?;
+
+    c.net.heal();
+    c.wait_leader(voters, WAIT).await?;
+    for id in voters {
+        c.wait_applied(*id, ok.index, WAIT).await?;
+        let p = c.store(*id)?.policy();
+        assert_eq!(priority_of(&p, "majority"), Some(3), "node {id}");
+        assert_eq!(priority_of(&p, "minority"), None, "node {id}");
+        assert_eq!(priority_of(&p, "base"), Some(1), "node {id}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_node_minority_partition_cannot_commit() -> Result<()> {
+    minority_cannot_commit(&[1, 2, 3]).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_node_minority_partition_cannot_commit() -> Result<()> {
+    minority_cannot_commit(&[1, 2, 3, 4, 5]).await
+}
+
+fn small_snapshots(c: StoreConfig) -> StoreConfig {
+    StoreConfig {
+        snapshot_after_entries: 10,
+        keep_entries_after_snapshot: 0,
+        ..c
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_nodes_catch_up_by_snapshot_then_become_voters() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut c = TestCluster::new(dir.path(), 3).with_config(small_snapshots);
+    c.start_bootstrapped(&[1, 2, 3], &[]).await?;
+    let leader = c.wait_leader(&[1, 2, 3], WAIT).await?;
+    let store = c.store(leader)?;
+    for i in 0..40 {
+        store
+            .apply_yaml(&objective_yaml(&format!("o{i}"), i), Route::Local)
+            .await?;
+    }
+    let snap = store.compact().await?;
+    let status = store.status();
+    assert!(
+        status.purged_index.is_some_and(|p| p >= snap),
+        "log purged: {status:?}"
+    );
+    assert!(
+        status.purged_index.unwrap() > 1,
+        "the first entries are gone"
+    );
+
+    for id in [4, 5] {
+        c.start(id).await?;
+        store.add_learner(id, mem_node(id)).await?;
+        let learner = c.store(id)?;
+        c.wait_applied(id, snap, WAIT).await?;
+        let s = learner.status();
+        assert_eq!(s.role, Role::Learner);
+        assert!(
+            s.snapshot_index.is_some_and(|i| i >= snap),
+            "learner {id} was sent a snapshot: {s:?}"
+        );
+        let p = learner.policy();
+        assert_eq!(p.objectives().count(), 40);
+        assert_eq!(priority_of(&p, "o0"), Some(0));
+    }
+    store.promote(BTreeSet::from([4, 5])).await?;
+    let s = store.status();
+    assert_eq!(s.members.iter().filter(|m| m.voter).count(), 5);
+    assert!(
+        s.members.iter().all(|m| m.lag.is_some()),
+        "leader sees every member's lag: {s:?}"
+    );
+
+    // A 4-voter cluster is refused.
+    c.start(6).await?;
+    store.add_learner(6, mem_node(6)).await?;
+    assert!(matches!(
+        store.promote(BTreeSet::from([6])).await,
+        Err(ClusterError::VoterCount { voters: 6 })
+    ));
+    store.remove_node(6).await?;
+    assert!(store.status().members.iter().all(|m| m.id != 6));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_refuse_or_forward_writes_and_leadership_hands_off() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut c = TestCluster::new(dir.path(), 5);
+    c.start_bootstrapped(&[1, 2, 3], &[]).await?;
+    let leader = c.wait_leader(&[1, 2, 3], WAIT).await?;
+    let follower = [1, 2, 3].into_iter().find(|v| *v != leader).unwrap();
+
+    match c
+        .store(follower)?
+        .apply_yaml(&objective_yaml("x", 1), Route::Local)
+        .await
+    {
+        Err(WriteError::NotLeader {
+            leader: Some(l), ..
+        }) => assert_eq!(l, leader),
+        other => bail!("expected NotLeader, got {other:?}"),
+    }
+    assert!(matches!(
+        c.store(follower)?.read_linearizable().await,
+        Err(infermesh_raft_store::ReadError::NotLeader { .. })
+    ));
+    let a = c
+        .store(follower)?
+        .apply_yaml(&objective_yaml("x", 1), Route::ViaLeader)
+        .await?;
+    assert_eq!(a.changes[0].resource_version, Some(a.index));
+
+    // Conditional writes through the API: a stale resourceVersion is a conflict.
+    let stale = objective_yaml("x", 2).replace(
+        "{name: x}",
+        &format!("{{name: x, resourceVersion: '{}'}}", a.index - 1),
+    );
+    assert!(matches!(
+        c.store(leader)?.apply_yaml(&stale, Route::Local).await,
+        Err(WriteError::Rejected(
+            infermesh_raft_store::policy::Rejection::Conflict { .. }
+        ))
+    ));
+    let fresh = objective_yaml("x", 2).replace(
+        "{name: x}",
+        &format!("{{name: x, resourceVersion: '{}'}}", a.index),
+    );
+    c.store(leader)?.apply_yaml(&fresh, Route::Local).await?;
+
+    // Invalid multi-doc: nothing applied.
+    let before = c.store(leader)?.policy();
+    let bad = format!(
+        "{}---\n{}",
+        objective_yaml("y", 1),
+        objective_yaml("z", 1).replace("poolRef", "poolRefs")
+    );
+    match c.store(leader)?.apply_yaml(&bad, Route::Local).await {
+        Err(WriteError::Invalid(e)) => assert_eq!(e.document, 2),
+        other => bail!("expected Invalid, got {other:?}"),
+    }
+    assert_eq!(
+        c.store(leader)?.policy().applied_index(),
+        before.applied_index()
+    );
+
+    // Graceful hand-off to a chosen voter.
+    let target = [1, 2, 3]
+        .into_iter()
+        .find(|v| *v != leader && *v != follower)
+        .unwrap();
+    let new_leader = c.store(leader)?.transfer_leadership(Some(target)).await?;
+    assert_eq!(new_leader, target);
+    c.wait_leader(&[1, 2, 3], WAIT).await?;
+    let read = c.store(target)?.read_linearizable().await?;
+    assert_eq!(priority_of(&read, "x"), Some(2));
+
+    // Shutdown with hand-off moves leadership off the stopping node.
+    c.store(target)?.shutdown(true).await?;
+    c.kill(target).await;
+    let rest: Vec<u64> = [1, 2, 3].into_iter().filter(|v| *v != target).collect();
+    let l = c.wait_leader(&rest, WAIT).await?;
+    let s = c.store(l)?.status();
+    assert_eq!(s.role, Role::Leader);
+    assert!(s.committed_index >= a.index, "{s:?}");
+
+    // Deletes, conditional on the version.
+    let key = ObjectKey::new(Kind::InferenceObjective, "default", "x");
+    let v = c
+        .store(l)?
+        .policy()
+        .get(&key)
+        .map(|o| o.resource_version)
+        .context("x present")?;
+    c.store(l)?
+        .delete(vec![(key.clone(), Some(v))], Route::Local)
+        .await?;
+    assert!(c.store(l)?.policy().get(&key).is_none());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_see_whole_applies_through_the_watch() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut c = TestCluster::new(dir.path(), 9);
+    c.start_bootstrapped(&[1], &[]).await?;
+    c.wait_leader(&[1], WAIT).await?;
+    let store = c.store(1)?;
+    let mut rx = store.subscribe();
+    let docs: Vec<String> = (0..5)
+        .map(|i| objective_yaml(&format!("m{i}"), i))
+        .collect();
+    let reader = tokio::spawn(async move {
+        // Every published state holds either none or all five of the batch.
+        loop {
+            if rx.changed().await.is_err() {
+                return Ok::<_, anyhow::Error>(());
+            }
+            let p = rx.borrow_and_update().clone();
+            let n = (0..5)
+                .filter(|i| priority_of(&p, &format!("m{i}")).is_some())
+                .count();
+            if n != 0 && n != 5 {
+                bail!("half an apply was visible: {n} of 5");
+            }
+            if n == 5 {
+                return Ok(());
+            }
+        }
+    });
+    store.apply_yaml(&docs.join("---\n"), Route::Local).await?;
+    reader.await??;
+    Ok(())
+}
