@@ -163,6 +163,55 @@ mod tests {
         assert_eq!(v.len(), 3);
     }
 
+    /// Vectors computed with an independent implementation (Python's `xxhash` package
+    /// following llm-d's `hashPrompt` line by line), pinned here.
+    #[test]
+    fn independent_vectors() {
+        assert_eq!(
+            seed_hash("meta-llama/Llama-3.1-8B", None),
+            0x69a8_7fec_428b_c47b
+        );
+        let input = "The quick brown fox jumps over the lazy dog. ".repeat(3);
+        assert_eq!(
+            hash_prompt("meta-llama/Llama-3.1-8B", None, input.as_bytes(), 4, 256),
+            vec![
+                0x3e36_136c_25b2_b022,
+                0x6925_11a5_477f_6bc6,
+                0xa9dd_a26e_9236_153b,
+                0x1682_fd91_6b1a_407f,
+                0x079a_b69e_9de1_719f,
+                0x1c4f_a7fa_5538_01d7,
+                0xbef7_49ae_e2db_a4df,
+                0x2729_ff64_55c3_a6ee,
+                0x8b1e_0908_21ee_3d9f,
+            ]
+        );
+        let bytes: Vec<u8> = (0..200u8).collect();
+        assert_eq!(
+            hash_prompt("m", Some("salt-1"), &bytes, 16, 2),
+            vec![0xc8f8_45d8_fc9e_6b21, 0x7a7c_75a5_7e70_9fbf]
+        );
+    }
+
+    #[test]
+    fn chat_body_vector() {
+        use crate::openai::{ApiKind, parse_openai};
+        let body = br#"{"model":"qwen","messages":[{"role":"system","content":"You are helpful."},{"role":"user","content":"Tell me a story about a <b>bold</b> cat & dog."}]}"#;
+        let p = parse_openai(ApiKind::ChatCompletions, body).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&p.prompt_bytes).unwrap(),
+            r#"[{"role":"system","content":"You are helpful."},{"role":"user","content":"Tell me a story about a \u003cb\u003ebold\u003c/b\u003e cat \u0026 dog."}]"#
+        );
+        assert_eq!(
+            hash_prompt("qwen", None, &p.prompt_bytes, 16, 256),
+            vec![
+                0x9917_0133_51b4_51de,
+                0x2d6a_0f56_17a2_512f,
+                0x1bea_8807_d814_bff1
+            ]
+        );
+    }
+
     #[test]
     fn short_input_and_zero_sizes_give_nothing() {
         assert!(hash_prompt("m", None, &[7u8; 63], 16, 256).is_empty());
