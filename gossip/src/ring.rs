@@ -177,7 +177,10 @@ mod tests {
             let mean = keys as f64 / n as f64;
             for c in counts {
                 let dev = (c as f64 - mean).abs() / mean;
-                assert!(dev < 0.10, "n={n}: count {c} deviates {dev:.3} from mean {mean}");
+                assert!(
+                    dev < 0.10,
+                    "n={n}: count {c} deviates {dev:.3} from mean {mean}"
+                );
             }
         }
     }

@@ -159,6 +159,9 @@ pub struct HandoffChain {
 /// Load facts from one node: scrapes of pods it owns and its own in-flight counts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoadBatch {
+    /// Sender's batch sequence (starts at its start time in µs, so restarts move forward);
+    /// receivers ignore values older than what they already applied.
+    pub seq: u64,
     /// When true, `in_flight` is the sender's complete table (absent pods are zero).
     pub full: bool,
     /// Latest scrapes (only pods that changed since the last batch, unless `full`).
@@ -248,7 +251,8 @@ pub enum FrameError {
 /// Decodes a frame, checking the protocol version before the body.
 pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<Frame<T>, FrameError> {
     // The version is the first field, so it can be read even when the body is unknown.
-    let (version, _) = postcard::take_from_bytes::<u16>(bytes).map_err(|_| FrameError::Malformed)?;
+    let (version, _) =
+        postcard::take_from_bytes::<u16>(bytes).map_err(|_| FrameError::Malformed)?;
     if version != PROTOCOL_VERSION {
         return Err(FrameError::Version(version));
     }

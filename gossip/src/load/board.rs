@@ -33,7 +33,8 @@ struct Scraped {
 #[derive(Debug, Clone, Default)]
 struct PodEntry {
     metrics: Option<Scraped>,
-    in_flight: SmallVec<[(NodeId, InFlight); 4]>,
+    // (node, value, seq of the batch that set it); zero values are kept for their seq.
+    in_flight: SmallVec<[(NodeId, InFlight, u64); 4]>,
 }
 
 /// What every node knows about one pod's load.
@@ -90,11 +91,13 @@ pub struct LoadBoard {
     last_full: Option<Instant>,
     force_full: bool,
     version: u64,
+    out_seq: u64,
 }
 
 impl LoadBoard {
-    /// A board for node `me` that sends a full batch at least every `full_sync_every`.
-    pub fn new(me: NodeId, full_sync_every: Duration) -> LoadBoard {
+    /// A board for node `me` that sends a full batch at least every `full_sync_every`;
+    /// outbound batch sequence numbers start after `first_seq` (use the start time in µs).
+    pub fn new(me: NodeId, full_sync_every: Duration, first_seq: u64) -> LoadBoard {
         let ring = Arc::new(Ring::new([me.clone()]));
         LoadBoard {
             me,
@@ -109,6 +112,7 @@ impl LoadBoard {
             last_full: None,
             force_full: true,
             version: 0,
+            out_seq: first_seq,
         }
     }
 
@@ -142,7 +146,7 @@ impl LoadBoard {
         let me = &self.me;
         let ring = &self.ring;
         for e in self.entries.values_mut() {
-            e.in_flight.retain(|(n, _)| n == me || ring.contains(n));
+            e.in_flight.retain(|(n, _, _)| n == me || ring.contains(n));
         }
         self.recompute_owned();
         // Newcomers need our whole table; send it on the next poll.
@@ -172,10 +176,16 @@ impl LoadBoard {
     /// Adds (or with negative values, removes) this node's in-flight work on `pod`.
     pub fn handle_in_flight(&mut self, pod: &str, requests: i64, tokens: i64) {
         let cur = self.local.entry(pod.to_owned()).or_default();
-        cur.requests = add_clamped(u64::from(cur.requests), requests).min(u64::from(u32::MAX)) as u32;
+        cur.requests =
+            add_clamped(u64::from(cur.requests), requests).min(u64::from(u32::MAX)) as u32;
         cur.tokens = add_clamped(cur.tokens, tokens);
         let value = *cur;
-        set_in_flight(self.entries.entry(pod.to_owned()).or_default(), &self.me, value);
+        set_in_flight(
+            self.entries.entry(pod.to_owned()).or_default(),
+            &self.me,
+            value,
+            0,
+        );
         self.dirty_in_flight.insert(pod.to_owned());
         self.version += 1;
     }
@@ -203,9 +213,22 @@ impl LoadBoard {
                 by: from.clone(),
             });
         }
+        let seq = batch.seq;
         if batch.full {
-            for e in self.entries.values_mut() {
-                e.in_flight.retain(|(n, _)| n != from);
+            // Absent from a full table means zero, unless a newer delta already arrived.
+            let listed: HashSet<&str> = batch.in_flight.iter().map(|f| f.pod.as_str()).collect();
+            for (pod, e) in &mut self.entries {
+                if listed.contains(pod.as_str()) {
+                    continue;
+                }
+                for slot in e
+                    .in_flight
+                    .iter_mut()
+                    .filter(|(n, _, s)| n == from && *s < seq)
+                {
+                    slot.1 = InFlight::default();
+                    slot.2 = seq;
+                }
             }
         }
         for f in batch.in_flight {
@@ -213,7 +236,7 @@ impl LoadBoard {
                 requests: f.requests,
                 tokens: f.tokens,
             };
-            set_in_flight(self.entries.entry(f.pod).or_default(), from, value);
+            set_in_flight(self.entries.entry(f.pod).or_default(), from, value, seq);
         }
         self.version += 1;
     }
@@ -224,6 +247,8 @@ impl LoadBoard {
             || self
                 .last_full
                 .is_none_or(|t| now.saturating_duration_since(t) >= self.full_sync_every);
+        self.out_seq += 1;
+        let seq = self.out_seq;
         let batch = if full {
             self.force_full = false;
             self.last_full = Some(now);
@@ -241,12 +266,14 @@ impl LoadBoard {
                 .map(|(pod, v)| wire_in_flight(pod, *v))
                 .collect();
             LoadBatch {
+                seq,
                 full: true,
                 scrapes,
                 in_flight,
             }
         } else {
             if self.dirty_scrapes.is_empty() && self.dirty_in_flight.is_empty() {
+                self.out_seq -= 1;
                 return None;
             }
             let scrapes = self
@@ -266,6 +293,7 @@ impl LoadBoard {
                 })
                 .collect();
             LoadBatch {
+                seq,
                 full: false,
                 scrapes,
                 in_flight,
@@ -283,7 +311,7 @@ impl LoadBoard {
             .iter()
             .map(|(pod, e)| {
                 let mut total = InFlight::default();
-                for (_, f) in &e.in_flight {
+                for (_, f, _) in &e.in_flight {
                     total.requests = total.requests.saturating_add(f.requests);
                     total.tokens = total.tokens.saturating_add(f.tokens);
                 }
@@ -335,13 +363,16 @@ fn wire_in_flight(pod: &str, v: InFlight) -> PodInFlight {
     }
 }
 
-fn set_in_flight(entry: &mut PodEntry, node: &NodeId, value: InFlight) {
-    if let Some(slot) = entry.in_flight.iter_mut().find(|(n, _)| n == node) {
-        slot.1 = value;
-    } else if value != InFlight::default() {
-        entry.in_flight.push((node.clone(), value));
+/// Sets `node`'s count unless a newer batch already set it (`seq` 0 = local, always applies).
+fn set_in_flight(entry: &mut PodEntry, node: &NodeId, value: InFlight, seq: u64) {
+    if let Some(slot) = entry.in_flight.iter_mut().find(|(n, _, _)| n == node) {
+        if seq == 0 || seq > slot.2 {
+            slot.1 = value;
+            slot.2 = seq;
+        }
+    } else {
+        entry.in_flight.push((node.clone(), value, seq));
     }
-    entry.in_flight.retain(|(_, v)| *v != InFlight::default());
 }
 
 fn add_clamped(cur: u64, delta: i64) -> u64 {
@@ -376,14 +407,17 @@ mod tests {
         let names = ["a", "b", "c"];
         let mut boards: Vec<LoadBoard> = names
             .iter()
-            .map(|s| LoadBoard::new(n(s), Duration::from_secs(1)))
+            .map(|s| LoadBoard::new(n(s), Duration::from_secs(1), 0))
             .collect();
         let ring = Arc::new(Ring::new(names.iter().map(|s| n(s))));
         for b in &mut boards {
             b.handle_set_pods(pods(60));
             b.handle_ring(ring.clone());
         }
-        let mut all: Vec<String> = boards.iter().flat_map(|b| b.owned_pods().to_vec()).collect();
+        let mut all: Vec<String> = boards
+            .iter()
+            .flat_map(|b| b.owned_pods().to_vec())
+            .collect();
         all.sort();
         let mut expected = pods(60);
         expected.sort();
@@ -398,7 +432,10 @@ mod tests {
         for i in 0..2 {
             assert!(before[i].iter().all(|p| boards[i].owned_pods().contains(p)));
         }
-        let mut now: Vec<String> = boards[..2].iter().flat_map(|b| b.owned_pods().to_vec()).collect();
+        let mut now: Vec<String> = boards[..2]
+            .iter()
+            .flat_map(|b| b.owned_pods().to_vec())
+            .collect();
         now.sort();
         assert_eq!(now, expected);
     }
@@ -406,8 +443,8 @@ mod tests {
     #[test]
     fn in_flight_sums_over_nodes_and_forgets_departed() {
         let t0 = Instant::now();
-        let mut a = LoadBoard::new(n("a"), Duration::from_secs(60));
-        let mut b = LoadBoard::new(n("b"), Duration::from_secs(60));
+        let mut a = LoadBoard::new(n("a"), Duration::from_secs(60), 0);
+        let mut b = LoadBoard::new(n("b"), Duration::from_secs(60), 0);
         let ring = Arc::new(Ring::new([n("a"), n("b")]));
         a.handle_ring(ring.clone());
         b.handle_ring(ring);
@@ -419,7 +456,13 @@ mod tests {
         assert!(batch.full, "first batch after a ring change is full");
         a.handle_remote(&n("b"), batch, t0);
         let v = a.view();
-        assert_eq!(v.pod(pod).unwrap().in_flight, InFlight { requests: 4, tokens: 340 });
+        assert_eq!(
+            v.pod(pod).unwrap().in_flight,
+            InFlight {
+                requests: 4,
+                tokens: 340
+            }
+        );
 
         // Delta batch: only the changed pod, absolute value.
         b.handle_in_flight(pod, -1, -40);
@@ -427,9 +470,26 @@ mod tests {
         assert!(!delta.full);
         assert_eq!(delta.in_flight.len(), 1);
         assert_eq!(delta.in_flight[0].requests, 0);
+        let stale = LoadBatch {
+            seq: delta.seq - 1,
+            full: false,
+            scrapes: vec![],
+            in_flight: vec![PodInFlight {
+                pod: pod.into(),
+                requests: 9,
+                tokens: 9,
+            }],
+        };
         a.handle_remote(&n("b"), delta.clone(), t0);
         a.handle_remote(&n("b"), delta, t0); // repeated: idempotent
-        assert_eq!(a.view().pod(pod).unwrap().in_flight, InFlight { requests: 3, tokens: 300 });
+        a.handle_remote(&n("b"), stale, t0); // reordered older batch: ignored
+        assert_eq!(
+            a.view().pod(pod).unwrap().in_flight,
+            InFlight {
+                requests: 3,
+                tokens: 300
+            }
+        );
         assert!(b.poll_outbound(t0).is_none(), "nothing changed");
 
         b.handle_in_flight(pod, 5, 0);
@@ -443,8 +503,8 @@ mod tests {
     fn scrapes_propagate_with_age_and_newest_wins() {
         let t0 = Instant::now();
         let later = t0 + Duration::from_millis(500);
-        let mut a = LoadBoard::new(n("a"), Duration::from_secs(60));
-        let mut b = LoadBoard::new(n("b"), Duration::from_secs(60));
+        let mut a = LoadBoard::new(n("a"), Duration::from_secs(60), 0);
+        let mut b = LoadBoard::new(n("b"), Duration::from_secs(60), 0);
         let pod = "10.0.0.9:8000";
         let _ = a.poll_outbound(t0); // initial full
         a.handle_scrape(pod, metrics(7), t0);
@@ -461,6 +521,7 @@ mod tests {
 
         // An older scrape (e.g. from a previous owner, delayed) does not replace a newer one.
         let old = LoadBatch {
+            seq: 1,
             full: false,
             scrapes: vec![PodScrape {
                 pod: pod.into(),
@@ -470,13 +531,22 @@ mod tests {
             in_flight: vec![],
         };
         b.handle_remote(&n("c"), old, later);
-        assert_eq!(b.view().pod(pod).unwrap().metrics.as_ref().unwrap().waiting_queue, 7);
+        assert_eq!(
+            b.view()
+                .pod(pod)
+                .unwrap()
+                .metrics
+                .as_ref()
+                .unwrap()
+                .waiting_queue,
+            7
+        );
     }
 
     #[test]
     fn periodic_full_sync_repeats_own_state() {
         let t0 = Instant::now();
-        let mut a = LoadBoard::new(n("a"), Duration::from_secs(1));
+        let mut a = LoadBoard::new(n("a"), Duration::from_secs(1), 0);
         a.handle_scrape("p", metrics(1), t0);
         a.handle_in_flight("p", 1, 1);
         assert!(a.poll_outbound(t0).unwrap().full);

@@ -103,7 +103,9 @@ impl PrefixStore for AnchoredIndex {
         let mut counts: SmallVec<[(u32, u32); 8]> = SmallVec::new();
         if let Some(entry) = self.anchors.get(&anchor) {
             for h in hashes {
-                let Some(block) = entry.blocks.get(h) else { break };
+                let Some(block) = entry.blocks.get(h) else {
+                    break;
+                };
                 if block.endpoints.is_empty() {
                     break;
                 }
@@ -224,7 +226,13 @@ mod tests {
         assert_eq!(m.blocks_for("a"), 3);
         assert_eq!(m.blocks_for("b"), 2);
         assert_eq!(ix.match_chain(1, &[1, 2, 9]).blocks_for("b"), 3);
-        assert_eq!(ix.match_chain(2, &[2, 3]), PrefixMatch { total_blocks: 2, endpoints: vec![] });
+        assert_eq!(
+            ix.match_chain(2, &[2, 3]),
+            PrefixMatch {
+                total_blocks: 2,
+                endpoints: vec![]
+            }
+        );
         assert_eq!(ix.len_blocks(), 5);
     }
 

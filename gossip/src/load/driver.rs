@@ -1,0 +1,134 @@
+//! The task that owns the [`LoadBoard`]: applies inputs, pushes batches, publishes views.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use crate::load::board::{LoadBoard, LoadView};
+use crate::membership::MemberSet;
+use crate::ring::NodeId;
+use crate::rpc::Transport;
+use crate::stats::Stats;
+use crate::wire::{self, LoadBatch, OneWay, PodMetrics};
+
+/// Inputs to the load task.
+#[derive(Debug)]
+pub(crate) enum Input {
+    /// The pool's pods changed.
+    SetPods(Vec<String>),
+    /// This node scraped a pod.
+    Scrape {
+        pod: String,
+        metrics: PodMetrics,
+        at: std::time::Instant,
+    },
+    /// This node's in-flight work on a pod changed by these amounts.
+    InFlight {
+        pod: String,
+        requests: i64,
+        tokens: i64,
+    },
+    /// A peer's batch arrived.
+    Remote {
+        from: NodeId,
+        batch: LoadBatch,
+        at: std::time::Instant,
+    },
+}
+
+/// Where the task publishes.
+pub(crate) struct Published {
+    pub view: Arc<ArcSwap<LoadView>>,
+    pub owned: watch::Sender<Arc<Vec<String>>>,
+    pub version: watch::Sender<u64>,
+}
+
+pub(crate) async fn run(
+    mut board: LoadBoard,
+    mut inputs: mpsc::UnboundedReceiver<Input>,
+    mut members: watch::Receiver<Arc<MemberSet>>,
+    transport: Arc<Transport>,
+    flush_interval: Duration,
+    out: Published,
+    stats: Arc<Stats>,
+) {
+    let mut tick = tokio::time::interval(flush_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut published = u64::MAX;
+    let mut peers: Vec<NodeId> = {
+        let set = members.borrow_and_update().clone();
+        board.handle_ring(set.ring.clone());
+        set.peers().map(|m| m.id.node.clone()).collect()
+    };
+    loop {
+        tokio::select! {
+            input = inputs.recv() => {
+                let Some(input) = input else { return };
+                apply(&mut board, input);
+                // Drain what is already queued so one snapshot covers it all.
+                for _ in 0..1024 {
+                    match inputs.try_recv() {
+                        Ok(i) => apply(&mut board, i),
+                        Err(_) => break,
+                    }
+                }
+            }
+            changed = members.changed() => {
+                if changed.is_err() { return; }
+                let set = members.borrow_and_update().clone();
+                board.handle_ring(set.ring.clone());
+                peers = set.peers().map(|m| m.id.node.clone()).collect();
+            }
+            _ = tick.tick() => {
+                if let Some(batch) = board.poll_outbound(Instant::now().into_std()) {
+                    push(&transport, &peers, batch, &stats);
+                }
+            }
+        }
+        if board.version() != published {
+            published = board.version();
+            let view = board.view();
+            if out.owned.borrow().as_slice() != view.owned.as_slice() {
+                let _ = out.owned.send(Arc::new(view.owned.clone()));
+            }
+            out.view.store(Arc::new(view));
+            let _ = out.version.send(published);
+        }
+    }
+}
+
+fn apply(board: &mut LoadBoard, input: Input) {
+    match input {
+        Input::SetPods(pods) => board.handle_set_pods(pods),
+        Input::Scrape { pod, metrics, at } => board.handle_scrape(&pod, metrics, at),
+        Input::InFlight {
+            pod,
+            requests,
+            tokens,
+        } => board.handle_in_flight(&pod, requests, tokens),
+        Input::Remote { from, batch, at } => board.handle_remote(&from, batch, at),
+    }
+}
+
+fn push(transport: &Arc<Transport>, peers: &[NodeId], batch: LoadBatch, stats: &Arc<Stats>) {
+    if peers.is_empty() {
+        return;
+    }
+    // Encode once, send the same bytes to every peer.
+    let bytes: Arc<[u8]> = wire::encode(transport.me(), &OneWay::Load(batch)).into();
+    Stats::add(&stats.load_batches_out, peers.len() as u64);
+    Stats::add(&stats.load_bytes_out, (bytes.len() * peers.len()) as u64);
+    for peer in peers {
+        let transport = transport.clone();
+        let bytes = bytes.clone();
+        let peer = peer.clone();
+        tokio::spawn(async move {
+            if let Err(e) = transport.send_encoded(&peer, &bytes).await {
+                tracing::debug!(%peer, error = %e, "load batch not delivered");
+            }
+        });
+    }
+}

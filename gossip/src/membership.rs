@@ -1,0 +1,448 @@
+//! SWIM membership: the foca state machine driven by one task over an authenticated UDP socket.
+//!
+//! The task owns foca, the socket and the timer queue; other tasks talk to it with
+//! [`Input`] over a channel and read the result as a [`MemberSet`] snapshot (`watch`) or as
+//! [`MembershipEvent`]s (`broadcast`).
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use foca::{
+    AccumulatingRuntime, Foca, Identity, NoCustomBroadcast, OwnedNotification, PostcardCodec,
+    State, Timer,
+};
+use rand_foca::SeedableRng;
+use rand_foca::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+use tokio::net::UdpSocket;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use crate::auth::{ClusterKey, Rejected};
+use crate::ring::{NodeId, Ring};
+use crate::stats::Stats;
+use crate::tls::Fingerprint;
+
+/// A node's identity in gossip: name, addresses, certificate fingerprint, incarnation.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct MemberId {
+    /// Stable node name.
+    pub node: NodeId,
+    /// Gossip (UDP) address.
+    pub gossip: SocketAddr,
+    /// Mesh RPC (QUIC) address.
+    pub rpc: SocketAddr,
+    /// SHA-256 of the node's TLS certificate.
+    pub fingerprint: Fingerprint,
+    /// Bumped on restart and on rejoin after being declared down; the larger wins.
+    pub incarnation: u64,
+}
+
+impl Identity for MemberId {
+    type Addr = SocketAddr;
+
+    fn renew(&self) -> Option<Self> {
+        // Rejoin automatically after a false "down" verdict.
+        Some(MemberId {
+            incarnation: self.incarnation.wrapping_add(1),
+            ..self.clone()
+        })
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.gossip
+    }
+
+    fn win_addr_conflict(&self, adversary: &Self) -> bool {
+        self.incarnation > adversary.incarnation
+    }
+}
+
+impl MemberId {
+    /// Stand-in identity for a seed whose real identity we learn from its reply.
+    fn seed(addr: SocketAddr) -> MemberId {
+        MemberId {
+            node: NodeId::new(""),
+            gossip: addr,
+            rpc: addr,
+            fingerprint: Fingerprint([0; 32]),
+            incarnation: 0,
+        }
+    }
+}
+
+/// Liveness of an active member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    /// Answering probes.
+    Alive,
+    /// Missed a probe; still counted as live until declared down.
+    Suspect,
+}
+
+/// One live member as the rest of the mesh sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberInfo {
+    /// Identity as gossiped.
+    pub id: MemberId,
+    /// Alive or suspect.
+    pub liveness: Liveness,
+}
+
+/// Live members (including this node) and the ring over them.
+#[derive(Debug, Clone)]
+pub struct MemberSet {
+    /// This node.
+    pub me: NodeId,
+    /// Live members by node id (this node included).
+    pub members: BTreeMap<NodeId, MemberInfo>,
+    /// Rendezvous ring over `members`.
+    pub ring: Arc<Ring>,
+}
+
+impl MemberSet {
+    fn new(me: MemberId, others: BTreeMap<NodeId, MemberInfo>) -> MemberSet {
+        let mut members = others;
+        let node = me.node.clone();
+        members.insert(
+            node.clone(),
+            MemberInfo {
+                id: me,
+                liveness: Liveness::Alive,
+            },
+        );
+        let ring = Arc::new(Ring::new(members.keys().cloned()));
+        MemberSet {
+            me: node,
+            members,
+            ring,
+        }
+    }
+
+    /// A live member's info.
+    pub fn get(&self, node: &NodeId) -> Option<&MemberInfo> {
+        self.members.get(node)
+    }
+
+    /// The live member presenting certificate `fp`, if any.
+    pub fn by_fingerprint(&self, fp: &Fingerprint) -> Option<&MemberInfo> {
+        self.members.values().find(|m| m.id.fingerprint == *fp)
+    }
+
+    /// Live members other than this node.
+    pub fn peers(&self) -> impl Iterator<Item = &MemberInfo> {
+        self.members.values().filter(|m| m.id.node != self.me)
+    }
+}
+
+/// A change in membership, in the order this node observed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MembershipEvent {
+    /// A node became live (joined, or rejoined with a new incarnation).
+    Up(MemberId),
+    /// A live node missed a probe.
+    Suspect(NodeId),
+    /// A suspect node proved it is alive.
+    Alive(NodeId),
+    /// A node was declared down (failed or left).
+    Down(NodeId),
+}
+
+/// Requests to the membership task.
+#[derive(Debug)]
+pub(crate) enum Input {
+    /// Announce departure, then stop.
+    Leave(oneshot::Sender<()>),
+}
+
+type Swim = Foca<MemberId, PostcardCodec, StdRng, NoCustomBroadcast>;
+
+/// Channels and state the membership task publishes into.
+pub(crate) struct Outputs {
+    pub members: watch::Sender<Arc<MemberSet>>,
+    pub events: broadcast::Sender<MembershipEvent>,
+    pub stats: Arc<Stats>,
+}
+
+/// The membership task.
+pub(crate) struct Driver {
+    foca: Swim,
+    runtime: AccumulatingRuntime<MemberId>,
+    socket: UdpSocket,
+    key: ClusterKey,
+    seeds: Vec<SocketAddr>,
+    join_retry: Duration,
+    timers: BinaryHeap<Reverse<(Instant, Timer<MemberId>)>>,
+    out: Outputs,
+    seal_buf: Vec<u8>,
+    last: BTreeMap<NodeId, MemberInfo>,
+}
+
+impl Driver {
+    pub(crate) fn new(
+        identity: MemberId,
+        config: foca::Config,
+        socket: UdpSocket,
+        key: ClusterKey,
+        seeds: Vec<SocketAddr>,
+        join_retry: Duration,
+        out: Outputs,
+    ) -> Driver {
+        let seed = rand_seed(&identity);
+        let foca = Foca::new(identity, config, StdRng::seed_from_u64(seed), PostcardCodec);
+        Driver {
+            foca,
+            runtime: AccumulatingRuntime::new(),
+            socket,
+            key,
+            seeds,
+            join_retry,
+            timers: BinaryHeap::new(),
+            out,
+            seal_buf: Vec::with_capacity(1500),
+            last: BTreeMap::new(),
+        }
+    }
+
+    pub(crate) async fn run(mut self, mut inputs: mpsc::Receiver<Input>) {
+        let mut buf = vec![0u8; 2048];
+        let mut join_tick = tokio::time::interval(self.join_retry);
+        join_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let next_timer = self.timers.peek().map(|Reverse((at, _))| *at);
+            tokio::select! {
+                input = inputs.recv() => match input {
+                    Some(Input::Leave(done)) => {
+                        let _ = self.foca.leave_cluster(&mut self.runtime);
+                        self.flush().await;
+                        let _ = done.send(());
+                        return;
+                    }
+                    // The Mesh handle is gone: stop like a crashed node would.
+                    None => return,
+                },
+                recv = self.socket.recv_from(&mut buf) => {
+                    if let Ok((len, _from)) = recv {
+                        self.handle_datagram(len, &buf);
+                    }
+                }
+                () = sleep_until_opt(next_timer) => {
+                    let now = Instant::now();
+                    while let Some(Reverse((at, _))) = self.timers.peek() {
+                        if *at > now {
+                            break;
+                        }
+                        let Some(Reverse((_, timer))) = self.timers.pop() else { break };
+                        let _ = self.foca.handle_timer(timer, &mut self.runtime);
+                    }
+                }
+                _ = join_tick.tick() => {
+                    if self.foca.num_members() == 0 {
+                        for seed in self.seeds.clone() {
+                            if seed != self.foca.identity().gossip {
+                                let _ = self.foca.announce(MemberId::seed(seed), &mut self.runtime);
+                            }
+                        }
+                    }
+                }
+            }
+            self.flush().await;
+        }
+    }
+
+    fn handle_datagram(&mut self, len: usize, buf: &[u8]) {
+        match self.key.open(&buf[..len]) {
+            Ok(packet) => {
+                Stats::add(&self.out.stats.gossip_packets_in, 1);
+                match self.foca.handle_data(packet, &mut self.runtime) {
+                    Ok(()) => {}
+                    Err(
+                        foca::Error::Decode(_)
+                        | foca::Error::MalformedPacket
+                        | foca::Error::DataTooBig,
+                    ) => Stats::add(&self.out.stats.gossip_rejected_malformed, 1),
+                    Err(e) => tracing::trace!(error = ?e, "foca ignored a packet"),
+                }
+            }
+            Err(Rejected::BadTag) => Stats::add(&self.out.stats.gossip_rejected_auth, 1),
+            Err(Rejected::Malformed) => Stats::add(&self.out.stats.gossip_rejected_malformed, 1),
+        }
+    }
+
+    /// Sends what foca queued, schedules its timers and publishes membership changes.
+    async fn flush(&mut self) {
+        while let Some((dst, data)) = self.runtime.to_send() {
+            self.key.seal(&data, &mut self.seal_buf);
+            if self
+                .socket
+                .send_to(&self.seal_buf, dst.gossip)
+                .await
+                .is_ok()
+            {
+                Stats::add(&self.out.stats.gossip_packets_out, 1);
+                Stats::add(&self.out.stats.gossip_bytes_out, self.seal_buf.len() as u64);
+            }
+        }
+        let now = Instant::now();
+        while let Some((delay, timer)) = self.runtime.to_schedule() {
+            self.timers.push(Reverse((now + delay, timer)));
+        }
+        while let Some(n) = self.runtime.to_notify() {
+            match n {
+                OwnedNotification::Defunct => {
+                    tracing::warn!("declared down by the cluster; rejoining")
+                }
+                OwnedNotification::Idle => tracing::debug!("no live peers"),
+                _ => {}
+            }
+        }
+        self.publish();
+    }
+
+    fn publish(&mut self) {
+        let mut now: BTreeMap<NodeId, MemberInfo> = BTreeMap::new();
+        for m in self.foca.iter_membership_state() {
+            let liveness = match m.state() {
+                State::Alive => Liveness::Alive,
+                State::Suspect => Liveness::Suspect,
+                State::Down => continue,
+            };
+            let id = m.id();
+            if id.node.as_str().is_empty() {
+                continue;
+            }
+            let info = MemberInfo {
+                id: id.clone(),
+                liveness,
+            };
+            // Two identities with one node name (a restart on a new address): newest wins.
+            match now.get(&id.node) {
+                Some(prev) if prev.id.incarnation >= id.incarnation => {}
+                _ => {
+                    now.insert(id.node.clone(), info);
+                }
+            }
+        }
+        let me = self.foca.identity().clone();
+        now.remove(&me.node);
+        if now == self.last {
+            return;
+        }
+        let events = diff(&self.last, &now);
+        self.last = now.clone();
+        let _ = self.out.members.send(Arc::new(MemberSet::new(me, now)));
+        for e in events {
+            let _ = self.out.events.send(e);
+        }
+    }
+}
+
+fn diff(
+    before: &BTreeMap<NodeId, MemberInfo>,
+    after: &BTreeMap<NodeId, MemberInfo>,
+) -> Vec<MembershipEvent> {
+    let mut out = Vec::new();
+    for (node, b) in before {
+        if !after.contains_key(node) {
+            let _ = b;
+            out.push(MembershipEvent::Down(node.clone()));
+        }
+    }
+    for (node, a) in after {
+        match before.get(node) {
+            None => out.push(MembershipEvent::Up(a.id.clone())),
+            Some(b) if b.id != a.id => out.push(MembershipEvent::Up(a.id.clone())),
+            Some(b) if b.liveness != a.liveness => out.push(match a.liveness {
+                Liveness::Suspect => MembershipEvent::Suspect(node.clone()),
+                Liveness::Alive => MembershipEvent::Alive(node.clone()),
+            }),
+            Some(_) => {}
+        }
+    }
+    out
+}
+
+/// Initial member set holding only this node.
+pub(crate) fn solo(me: MemberId) -> MemberSet {
+    MemberSet::new(me, BTreeMap::new())
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn rand_seed(id: &MemberId) -> u64 {
+    // Distinct per node and per start; foca only needs it to pick probe targets.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    xxhash_rust::xxh64::xxh64(id.node.as_str().as_bytes(), nanos ^ id.incarnation)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mid(name: &str, inc: u64) -> MemberId {
+        MemberId {
+            node: NodeId::new(name),
+            gossip: "127.0.0.1:1".parse().unwrap(),
+            rpc: "127.0.0.1:2".parse().unwrap(),
+            fingerprint: Fingerprint([1; 32]),
+            incarnation: inc,
+        }
+    }
+
+    fn info(name: &str, inc: u64, l: Liveness) -> (NodeId, MemberInfo) {
+        (
+            NodeId::new(name),
+            MemberInfo {
+                id: mid(name, inc),
+                liveness: l,
+            },
+        )
+    }
+
+    #[test]
+    fn diff_reports_up_suspect_alive_down_and_rejoin() {
+        let a: BTreeMap<_, _> =
+            [info("x", 1, Liveness::Alive), info("y", 1, Liveness::Alive)].into();
+        let b: BTreeMap<_, _> = [
+            info("x", 1, Liveness::Suspect),
+            info("z", 1, Liveness::Alive),
+        ]
+        .into();
+        assert_eq!(
+            diff(&a, &b),
+            vec![
+                MembershipEvent::Down(NodeId::new("y")),
+                MembershipEvent::Suspect(NodeId::new("x")),
+                MembershipEvent::Up(mid("z", 1)),
+            ]
+        );
+        let c: BTreeMap<_, _> =
+            [info("x", 2, Liveness::Alive), info("z", 1, Liveness::Alive)].into();
+        assert_eq!(diff(&b, &c), vec![MembershipEvent::Up(mid("x", 2))]);
+        let d: BTreeMap<_, _> = [
+            info("x", 2, Liveness::Suspect),
+            info("z", 1, Liveness::Alive),
+        ]
+        .into();
+        assert_eq!(diff(&d, &c), vec![MembershipEvent::Alive(NodeId::new("x"))]);
+    }
+
+    #[test]
+    fn identity_renews_and_newest_incarnation_wins() {
+        let a = mid("x", 5);
+        let b = a.renew().unwrap();
+        assert_eq!(b.incarnation, 6);
+        assert!(b.win_addr_conflict(&a));
+        assert!(!a.win_addr_conflict(&b));
+    }
+}

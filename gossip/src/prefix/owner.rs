@@ -1,0 +1,259 @@
+//! Owner-side index shards, record batching to remote owners, and handoff on ring changes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, watch};
+
+use crate::membership::MemberSet;
+use crate::prefix::store::PrefixStore;
+use crate::ring::{NodeId, Ring};
+use crate::rpc::Transport;
+use crate::stats::Stats;
+use crate::wire::{self, HandoffEntry, OneWay, PrefixMatch, PrefixRecord};
+
+/// Builds one index shard given its capacity in block entries.
+pub type StoreFactory = Arc<dyn Fn(usize) -> Box<dyn PrefixStore> + Send + Sync>;
+
+/// Anchors per handoff message.
+const HANDOFF_CHUNK: usize = 128;
+
+/// The node's owner-side index, split by anchor so lookups rarely contend.
+pub(crate) struct Shards {
+    shards: Box<[Mutex<Box<dyn PrefixStore>>]>,
+}
+
+impl Shards {
+    pub(crate) fn new(count: usize, capacity_blocks: usize, factory: &StoreFactory) -> Shards {
+        let count = count.max(1);
+        let per = capacity_blocks.div_ceil(count).max(1);
+        Shards {
+            shards: (0..count).map(|_| Mutex::new(factory(per))).collect(),
+        }
+    }
+
+    fn shard(&self, anchor: u64) -> &Mutex<Box<dyn PrefixStore>> {
+        let mixed = anchor ^ (anchor >> 32);
+        &self.shards[(mixed % self.shards.len() as u64) as usize]
+    }
+
+    pub(crate) fn match_chain(&self, anchor: u64, hashes: &[u64]) -> PrefixMatch {
+        self.shard(anchor).lock().match_chain(anchor, hashes)
+    }
+
+    pub(crate) fn record(&self, anchor: u64, hashes: &[u64], endpoint: &str) {
+        self.shard(anchor).lock().record(anchor, hashes, endpoint);
+    }
+
+    pub(crate) fn import(&self, entry: &HandoffEntry) {
+        let mut shard = self.shard(entry.anchor).lock();
+        for c in &entry.chains {
+            shard.record(entry.anchor, &c.hashes, &c.endpoint);
+        }
+    }
+
+    pub(crate) fn len_blocks(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().len_blocks()).sum()
+    }
+
+    /// Collects handoff entries for anchors gaining owners and drops anchors no longer ours.
+    fn plan_handoff(
+        &self,
+        me: &NodeId,
+        old: &Ring,
+        new: &Ring,
+        replicas: usize,
+    ) -> HashMap<NodeId, Vec<HandoffEntry>> {
+        let mut out: HashMap<NodeId, Vec<HandoffEntry>> = HashMap::new();
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock();
+            for anchor in shard.anchors() {
+                let before = old.owners(anchor, replicas);
+                let after = new.owners(anchor, replicas);
+                let gained: Vec<&NodeId> = after
+                    .iter()
+                    .copied()
+                    .filter(|n| *n != me && !before.contains(n))
+                    .collect();
+                if !gained.is_empty()
+                    && let Some(entry) = shard.export_anchor(anchor)
+                {
+                    for n in gained {
+                        out.entry(n.clone()).or_default().push(entry.clone());
+                    }
+                }
+                if !after.contains(&me) {
+                    shard.remove_anchor(anchor);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Inputs to the record/handoff task.
+#[derive(Debug)]
+pub(crate) enum Input {
+    /// Send this record to its remote owners (local ownership was applied by the caller).
+    Record(PrefixRecord),
+}
+
+pub(crate) struct Settings {
+    pub replicas: usize,
+    pub flush_interval: Duration,
+    pub batch_max: usize,
+}
+
+pub(crate) async fn run(
+    shards: Arc<Shards>,
+    mut inputs: mpsc::UnboundedReceiver<Input>,
+    mut members: watch::Receiver<Arc<MemberSet>>,
+    transport: Arc<Transport>,
+    settings: Settings,
+    stats: Arc<Stats>,
+) {
+    let me = transport.me().clone();
+    let mut ring = members.borrow_and_update().ring.clone();
+    let mut pending: HashMap<NodeId, Vec<PrefixRecord>> = HashMap::new();
+    let mut tick = tokio::time::interval(settings.flush_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            input = inputs.recv() => {
+                let Some(Input::Record(rec)) = input else { return };
+                for owner in ring.owners(rec.anchor, settings.replicas) {
+                    if *owner == me {
+                        continue;
+                    }
+                    let queue = pending.entry(owner.clone()).or_default();
+                    queue.push(rec.clone());
+                    if queue.len() >= settings.batch_max {
+                        let batch = std::mem::take(queue);
+                        send_records(&transport, owner.clone(), batch, &stats);
+                    }
+                }
+            }
+            changed = members.changed() => {
+                if changed.is_err() { return; }
+                let new = members.borrow_and_update().ring.clone();
+                if new != ring {
+                    let plan = shards.plan_handoff(&me, &ring, &new, settings.replicas);
+                    for (peer, entries) in plan {
+                        send_handoff(&transport, peer, entries, &stats);
+                    }
+                    ring = new;
+                }
+            }
+            _ = tick.tick() => {
+                for (peer, queue) in pending.iter_mut() {
+                    if !queue.is_empty() {
+                        send_records(&transport, peer.clone(), std::mem::take(queue), &stats);
+                    }
+                }
+                pending.retain(|peer, _| ring.contains(peer));
+            }
+        }
+    }
+}
+
+fn send_records(
+    transport: &Arc<Transport>,
+    peer: NodeId,
+    batch: Vec<PrefixRecord>,
+    stats: &Arc<Stats>,
+) {
+    Stats::add(&stats.prefix_records_out, batch.len() as u64);
+    let bytes = wire::encode(transport.me(), &OneWay::PrefixRecords(batch));
+    Stats::add(&stats.prefix_record_bytes_out, bytes.len() as u64);
+    let transport = transport.clone();
+    tokio::spawn(async move {
+        if let Err(e) = transport.send_encoded(&peer, &bytes).await {
+            tracing::debug!(%peer, error = %e, "prefix records not delivered");
+        }
+    });
+}
+
+fn send_handoff(
+    transport: &Arc<Transport>,
+    peer: NodeId,
+    entries: Vec<HandoffEntry>,
+    stats: &Arc<Stats>,
+) {
+    Stats::add(&stats.prefix_handoff_anchors_out, entries.len() as u64);
+    let transport = transport.clone();
+    tokio::spawn(async move {
+        for chunk in entries.chunks(HANDOFF_CHUNK) {
+            let msg = OneWay::PrefixHandoff(chunk.to_vec());
+            if let Err(e) = transport.send(&peer, &msg).await {
+                tracing::debug!(%peer, error = %e, "prefix handoff not delivered");
+                return;
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::prefix::store::AnchoredIndex;
+
+    fn factory() -> StoreFactory {
+        Arc::new(|cap| Box::new(AnchoredIndex::new(cap)) as Box<dyn PrefixStore>)
+    }
+
+    fn ring(names: &[&str]) -> Ring {
+        Ring::new(names.iter().map(|n| NodeId::new(*n)))
+    }
+
+    #[test]
+    fn handoff_moves_exactly_what_changes_owners() {
+        let r = 2;
+        let old = ring(&["a", "b", "c"]);
+        let new = ring(&["a", "b", "c", "d"]);
+        let me = NodeId::new("a");
+        let shards = Shards::new(4, 100_000, &factory());
+        let anchors: Vec<u64> = (1..=400u64)
+            .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+            .filter(|a| old.is_owner(&me, *a, r))
+            .collect();
+        for &a in &anchors {
+            shards.record(a, &[a, a ^ 1], "ep");
+        }
+        let plan = shards.plan_handoff(&me, &old, &new, r);
+        let d = NodeId::new("d");
+        assert!(plan.keys().all(|k| *k == d), "only the newcomer receives");
+        let sent: Vec<u64> = plan
+            .get(&d)
+            .map(|v| v.iter().map(|e| e.anchor).collect())
+            .unwrap_or_default();
+        for &a in &anchors {
+            let gains = new.is_owner(&d, a, r);
+            assert_eq!(sent.contains(&a), gains, "anchor {a:#x}");
+            // Kept exactly when still an owner.
+            let kept = shards.match_chain(a, &[a]).blocks_for("ep") == 1;
+            assert_eq!(kept, new.is_owner(&me, a, r));
+        }
+        assert!(!sent.is_empty(), "a 4th node takes some anchors");
+
+        // Removal: the surviving replica re-replicates to the next owner.
+        let shards = Shards::new(4, 100_000, &factory());
+        let mut expected = 0;
+        for i in 1..=400u64 {
+            let a = i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            if new.is_owner(&me, a, r) {
+                shards.record(a, &[a], "ep");
+                if new.is_owner(&d, a, r) {
+                    expected += 1;
+                }
+            }
+        }
+        let plan = shards.plan_handoff(&me, &new, &old, r);
+        let total: usize = plan.values().map(Vec::len).sum();
+        assert_eq!(
+            total, expected,
+            "every anchor that lost d gets a new second owner"
+        );
+    }
+}

@@ -1,0 +1,75 @@
+//! Test support: loopback clusters and bounded condition waits.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::time::Duration;
+
+use infermesh_gossip::{ClusterKey, Mesh, MeshConfig};
+
+/// Upper bound for any condition a test waits on (generous: CI machines are shared).
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+pub fn key() -> ClusterKey {
+    ClusterKey::new(b"test-cluster-key-0123456789".to_vec()).unwrap()
+}
+
+pub fn config(name: &str) -> MeshConfig {
+    let mut c = MeshConfig::loopback(name, key());
+    // Tests check behaviour, not latency: give remote lookups room on a busy machine.
+    c.prefix.lookup_budget = Duration::from_secs(2);
+    c
+}
+
+/// Starts `n` nodes named `node-0..`, all seeded at node-0, and waits until all see all.
+pub async fn cluster(n: usize) -> Vec<Mesh> {
+    cluster_with(n, |_| {}).await
+}
+
+pub async fn cluster_with(n: usize, tweak: impl Fn(&mut MeshConfig)) -> Vec<Mesh> {
+    let mut nodes: Vec<Mesh> = Vec::new();
+    for i in 0..n {
+        let mut c = config(&format!("node-{i}"));
+        if let Some(first) = nodes.first() {
+            c.seeds = vec![first.gossip_addr()];
+        }
+        tweak(&mut c);
+        nodes.push(Mesh::start(c).await.expect("mesh starts"));
+    }
+    wait_for("all nodes see all members", || {
+        nodes
+            .iter()
+            .all(|m| m.members().borrow().members.len() == n)
+    })
+    .await;
+    nodes
+}
+
+/// Polls `cond` until it holds, failing the test after [`DEADLINE`].
+pub async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = tokio::time::Instant::now();
+    loop {
+        if cond() {
+            return;
+        }
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for: {what}");
+        // Condition polling, not a fixed delay: the loop exits as soon as `cond` holds.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Like [`wait_for`] for async conditions.
+pub async fn wait_for_async<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = tokio::time::Instant::now();
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
