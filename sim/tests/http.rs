@@ -161,6 +161,7 @@ async fn two_pods_serve_completions_metrics_and_stop() {
     assert_eq!(s, 200);
     let v: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v[0]["prompt_token_ids"].as_array().unwrap().len(), 2);
+    assert_eq!(v[0]["token_ids"], v[0]["prompt_token_ids"]);
     let (s, text) = call(
         &c,
         "POST",

@@ -672,7 +672,7 @@ async fn render_completion(State(pod): State<Arc<PodState>>, body: Bytes) -> Res
         return e.into_response();
     }
     match r.prompt_tokens() {
-        Ok(tokens) => axum::Json(serde_json::json!([{"prompt_token_ids": tokens}])).into_response(),
+        Ok(tokens) => rendered(&pod, &r.model, tokens),
         Err(e) => e.into_response(),
     }
 }
@@ -692,6 +692,18 @@ async fn render_chat(State(pod): State<Arc<PodState>>, body: Bytes) -> Response 
         }
         Err(e) => e.into_response(),
     }
+}
+
+/// The render answer: vLLM's generate-request shape (`token_ids`, which vllm-router reads)
+/// plus `prompt_token_ids` for clients of the older shape.
+fn rendered(pod: &PodState, model: &Option<String>, tokens: Vec<u32>) -> Response {
+    let model = model.as_deref().unwrap_or(&pod.model);
+    axum::Json(serde_json::json!([{
+        "model": model,
+        "token_ids": tokens,
+        "prompt_token_ids": tokens,
+    }]))
+    .into_response()
 }
 
 impl From<SubmitError> for ApiError {
