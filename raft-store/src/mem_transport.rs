@@ -87,7 +87,10 @@ impl MemNetwork {
 
     /// Cuts node `id` off from every other node.
     pub fn isolate(&self, id: NodeId) {
-        self.lock().groups.insert(id, u32::MAX);
+        // A group of its own: two isolated nodes must not reach each other either.
+        self.lock()
+            .groups
+            .insert(id, u32::MAX - (id % u64::from(u32::MAX / 2)) as u32);
     }
 
     /// Reconnects everything.
