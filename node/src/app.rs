@@ -41,7 +41,7 @@ pub enum StartError {
     },
     /// The scheduler rejected the config.
     #[error("scheduler config: {0}")]
-    Scheduler(#[from] infermesh_scheduler::ConfigError),
+    Scheduler(#[from] Box<infermesh_scheduler::ConfigError>),
     /// The endpoints file could not be watched.
     #[error("cannot watch the endpoints file: {0}")]
     Watch(#[from] notify::Error),

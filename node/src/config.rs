@@ -94,7 +94,7 @@ pub enum InvalidNodeConfig {
         /// The file (or "built-in default").
         path: String,
         /// The loader's error, naming plugin and field.
-        source: infermesh_scheduler::ConfigError,
+        source: Box<infermesh_scheduler::ConfigError>,
     },
     /// The discovery file is invalid.
     #[error("invalid --endpoints file: {0}")]
@@ -129,7 +129,7 @@ pub fn load_scheduler_config(
                 })?;
             let cfg = load_config(&text).map_err(|source| InvalidNodeConfig::SchedulerConfig {
                 path: p.display().to_string(),
-                source,
+                source: Box::new(source),
             })?;
             (cfg, p.display().to_string())
         }
@@ -138,8 +138,10 @@ pub fn load_scheduler_config(
             "built-in default".to_owned(),
         ),
     };
-    Scheduler::new(&cfg)
-        .map_err(|source| InvalidNodeConfig::SchedulerConfig { path: name, source })?;
+    Scheduler::new(&cfg).map_err(|source| InvalidNodeConfig::SchedulerConfig {
+        path: name,
+        source: Box::new(source),
+    })?;
     Ok(cfg)
 }
 

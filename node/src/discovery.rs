@@ -361,6 +361,17 @@ fn validate_ports(at: &str, ports: &[PortDoc]) -> Result<(), InvalidPoolFile> {
     Ok(())
 }
 
+/// Re-reads a discovery file: `Some(new)` when it changed (and `last` becomes it),
+/// `None` when unchanged, an error (and `last` untouched) when it is invalid.
+pub fn reload(path: &Path, last: &mut PoolSpec) -> Result<Option<PoolSpec>, InvalidPoolFile> {
+    let spec = load_pool_file(path)?;
+    if spec == *last {
+        return Ok(None);
+    }
+    *last = spec.clone();
+    Ok(Some(spec))
+}
+
 /// Watches a discovery file and sends each new valid content to the pool task; an invalid
 /// file is logged with its error and ignored (the previous set stays). The returned
 /// watcher must be kept alive.
@@ -499,5 +510,81 @@ spec: {priority: -1, poolRef: {name: llama}}
             parse_pool("kind: InferenceObjective\nmetadata: {name: x}\nspec: {}\n").unwrap_err(),
             InvalidPoolFile::PoolCount(0)
         ));
+    }
+}
+
+#[cfg(test)]
+mod reload_tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::pool_task::PoolInput;
+
+    fn pool_with(ports: &[u16]) -> String {
+        let pods: Vec<String> = ports
+            .iter()
+            .map(|p| format!("- {{address: 127.0.0.1, targetPorts: [{{number: {p}}}]}}"))
+            .collect();
+        format!(
+            "kind: InferencePool\nmetadata: {{name: t}}\nspec: {{targetPorts: [{{number: 1}}]}}\npods:\n{}\n",
+            pods.join("\n")
+        )
+    }
+
+    async fn next_spec(rx: &mut tokio::sync::mpsc::Receiver<PoolInput>) -> PoolSpec {
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+            Ok(Some(PoolInput::Spec(s))) => s,
+            other => panic!("expected a reloaded pool within 10 s, got {other:?}"),
+        }
+    }
+
+    fn ports(s: &PoolSpec) -> Vec<u16> {
+        s.endpoints.iter().map(|e| e.address.port()).collect()
+    }
+
+    #[tokio::test]
+    async fn reloads_when_the_file_is_rewritten_or_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pool.yaml");
+        std::fs::write(&path, pool_with(&[1001])).unwrap();
+        let initial = load_pool_file(&path).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+        let (_sd_tx, sd_rx) = tokio::sync::watch::channel(false);
+        let (_watcher, _task) = watch_pool_file(path.clone(), initial, tx, sd_rx).unwrap();
+
+        std::fs::write(&path, pool_with(&[1001, 1002])).unwrap();
+        assert_eq!(ports(&next_spec(&mut rx).await), [1001, 1002]);
+
+        let tmp = dir.path().join("pool.yaml.tmp");
+        std::fs::write(&tmp, pool_with(&[1003])).unwrap();
+        std::fs::rename(&tmp, &path).unwrap(); // replaced by rename, as editors do
+        assert_eq!(ports(&next_spec(&mut rx).await), [1003]);
+    }
+
+    #[test]
+    fn an_invalid_edit_keeps_the_previous_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pool.yaml");
+        std::fs::write(&path, pool_with(&[1001])).unwrap();
+        let mut last = load_pool_file(&path).unwrap();
+        assert!(
+            reload(&path, &mut last).unwrap().is_none(),
+            "unchanged file"
+        );
+        std::fs::write(&path, "kind: InferencePool\nspec: {targetPorts: []}\n").unwrap();
+        let err = reload(&path, &mut last).unwrap_err();
+        assert!(err.to_string().contains("spec.targetPorts"), "{err}");
+        assert_eq!(ports(&last), [1001], "the previous set stays");
+        std::fs::write(&path, pool_with(&[1002])).unwrap();
+        assert_eq!(ports(&reload(&path, &mut last).unwrap().unwrap()), [1002]);
+        assert_eq!(ports(&last), [1002]);
+    }
+
+    #[test]
+    fn the_example_file_is_valid() {
+        let p = parse_pool(include_str!("../../deploy/examples/pool.yaml")).unwrap();
+        assert_eq!(p.endpoints.len(), 3);
+        assert_eq!(p.objectives["batch"], -1);
+        assert_eq!(p.endpoints[2].engine, Engine::Sglang);
     }
 }

@@ -16,9 +16,9 @@ pub struct Policy {
 
 impl Policy {
     /// Builds the scheduler for a resolved config.
-    pub fn new(cfg: &ResolvedConfig) -> Result<Policy, ConfigError> {
+    pub fn new(cfg: &ResolvedConfig) -> Result<Policy, Box<ConfigError>> {
         Ok(Policy {
-            scheduler: Arc::new(Scheduler::new(cfg)?),
+            scheduler: Arc::new(Scheduler::new(cfg).map_err(Box::new)?),
         })
     }
 }

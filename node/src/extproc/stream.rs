@@ -475,3 +475,402 @@ fn served_endpoint(md: &infermesh_proto::envoy::config::core::v3::Metadata) -> O
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{HashMap, HashSet};
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use arc_swap::ArcSwap;
+    use infermesh_proto::envoy::config::core::v3::{HeaderMap, Metadata};
+    use infermesh_proto::envoy::service::ext_proc::v3::ProtocolConfiguration;
+    use infermesh_proto::google::protobuf::ListValue;
+    use infermesh_scheduler::{Metrics, ResolvedConfig};
+
+    use super::*;
+    use crate::discovery::EndpointSpec;
+    use crate::dispatch::DispatchConfig;
+    use crate::metrics::NodeMetrics;
+    use crate::policy::Policy;
+    use crate::pool::{EndpointSlot, PoolView};
+    use crate::scrape::engine::Engine;
+
+    const MODEL: &str = "m";
+
+    fn pods() -> Vec<SocketAddr> {
+        (0..3)
+            .map(|i| SocketAddr::from(([10, 0, 0, 1 + i], 8000)))
+            .collect()
+    }
+
+    fn dispatcher() -> (Dispatcher, Arc<PoolView>) {
+        let now = Instant::now();
+        let slots: Vec<Arc<EndpointSlot>> = pods()
+            .into_iter()
+            .enumerate()
+            .map(|(i, address)| {
+                let s = Arc::new(EndpointSlot::new(EndpointSpec {
+                    address,
+                    pod: format!("p{i}"),
+                    labels: Default::default(),
+                    engine: Engine::Vllm,
+                }));
+                s.record_scrape(Metrics::idle(now));
+                s
+            })
+            .collect();
+        let view = Arc::new(PoolView::new(
+            "t".into(),
+            slots,
+            HashSet::from([MODEL.to_owned()]),
+            HashMap::new(),
+        ));
+        let pool = Arc::new(ArcSwap::new(view.clone()));
+        let policy = Arc::new(ArcSwap::from_pointee(
+            Policy::new(&ResolvedConfig::builtin_default()).unwrap(),
+        ));
+        let d = Dispatcher::new(
+            pool,
+            policy,
+            Arc::new(NodeMetrics::new()),
+            DispatchConfig {
+                max_body_bytes: 200_000,
+                staleness: Duration::from_secs(60),
+            },
+        );
+        (d, view)
+    }
+
+    fn mode(req: BodySendMode, resp: BodySendMode) -> Option<ProtocolConfiguration> {
+        Some(ProtocolConfiguration {
+            request_body_mode: req as i32,
+            response_body_mode: resp as i32,
+            ..Default::default()
+        })
+    }
+
+    fn headers(pairs: &[(&str, &str)], end_of_stream: bool) -> HttpHeaders {
+        HttpHeaders {
+            headers: Some(HeaderMap {
+                headers: pairs
+                    .iter()
+                    .map(|(k, v)| HeaderValue {
+                        key: (*k).into(),
+                        value: String::new(),
+                        raw_value: v.as_bytes().to_vec(),
+                    })
+                    .collect(),
+            }),
+            end_of_stream,
+            ..Default::default()
+        }
+    }
+
+    fn req_headers(
+        pc: Option<ProtocolConfiguration>,
+        extra: &[(&str, &str)],
+        md: Option<Metadata>,
+    ) -> ProcessingRequest {
+        let mut h = vec![(":method", "POST"), (":path", "/v1/completions")];
+        h.extend_from_slice(extra);
+        ProcessingRequest {
+            protocol_config: pc,
+            metadata_context: md,
+            request: Some(processing_request::Request::RequestHeaders(headers(
+                &h, false,
+            ))),
+            ..Default::default()
+        }
+    }
+
+    fn body(bytes: &[u8], end_of_stream: bool, request: bool) -> ProcessingRequest {
+        let b = HttpBody {
+            body: bytes.to_vec(),
+            end_of_stream,
+            ..Default::default()
+        };
+        ProcessingRequest {
+            request: Some(if request {
+                processing_request::Request::RequestBody(b)
+            } else {
+                processing_request::Request::ResponseBody(b)
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn completion(prompt_len: usize) -> Vec<u8> {
+        serde_json::to_vec(
+            &serde_json::json!({"model": MODEL, "prompt": "p".repeat(prompt_len), "max_tokens": 3}),
+        )
+        .unwrap()
+    }
+
+    fn set_header(m: &HeaderMutation, key: &str) -> Option<String> {
+        m.set_headers
+            .iter()
+            .filter_map(|o| o.header.as_ref())
+            .find(|h| h.key == key)
+            .map(|h| String::from_utf8(h.raw_value.clone()).unwrap())
+    }
+
+    fn metadata_destination(r: &ProcessingResponse) -> String {
+        let lb = &r.dynamic_metadata.as_ref().unwrap().fields[LB_NAMESPACE];
+        let Some(Kind::StructValue(s)) = &lb.kind else {
+            panic!("envoy.lb is not a struct")
+        };
+        match &s.fields[DESTINATION_HEADER].kind {
+            Some(Kind::StringValue(v)) => v.clone(),
+            other => panic!("bad destination {other:?}"),
+        }
+    }
+
+    fn immediate(r: &ProcessingResponse) -> &ImmediateResponse {
+        match &r.response {
+            Some(processing_response::Response::ImmediateResponse(i)) => i,
+            other => panic!("expected an immediate response, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn full_duplex_holds_headers_until_the_body_ends_then_streams_it_back() {
+        let (d, view) = dispatcher();
+        let mut s = ExtProcStream::new(d);
+        let fd = BodySendMode::FullDuplexStreamed;
+        assert!(
+            s.handle(req_headers(mode(fd, fd), &[("x-request-id", "r1")], None))
+                .unwrap()
+                .is_empty()
+        );
+        let payload = completion(100_000);
+        let (a, b) = payload.split_at(40_000);
+        assert!(s.handle(body(a, false, true)).unwrap().is_empty());
+        let out = s.handle(body(b, true, true)).unwrap();
+        // Headers reply, then the body in 62,000-byte chunks.
+        assert_eq!(out.len(), 1 + payload.len().div_ceil(BODY_CHUNK));
+        let Some(processing_response::Response::RequestHeaders(h)) = &out[0].response else {
+            panic!("first reply must answer the request headers")
+        };
+        let common = h.response.as_ref().unwrap();
+        assert!(common.clear_route_cache);
+        let m = common.header_mutation.as_ref().unwrap();
+        let dest = set_header(m, DESTINATION_HEADER).unwrap();
+        assert!(pods().iter().any(|p| p.to_string() == dest), "{dest}");
+        assert_eq!(metadata_destination(&out[0]), dest);
+        assert_eq!(
+            set_header(m, "content-length").unwrap(),
+            payload.len().to_string()
+        );
+        let mut echoed = Vec::new();
+        for (i, r) in out[1..].iter().enumerate() {
+            let Some(processing_response::Response::RequestBody(b)) = &r.response else {
+                panic!("body reply expected")
+            };
+            let Some(body_mutation::Mutation::StreamedResponse(sr)) = &b
+                .response
+                .as_ref()
+                .unwrap()
+                .body_mutation
+                .as_ref()
+                .unwrap()
+                .mutation
+            else {
+                panic!("streamed_response expected")
+            };
+            assert!(sr.body.len() <= BODY_CHUNK);
+            assert_eq!(sr.end_of_stream, i == out.len() - 2);
+            echoed.extend_from_slice(&sr.body);
+        }
+        assert_eq!(echoed, payload, "the body must come back unchanged");
+        let addr: SocketAddr = dest.parse().unwrap();
+        assert_eq!(view.slot(addr).unwrap().in_flight().requests, 1);
+
+        // Response: headers CONTINUE, body echoed as streamed_response, then settled.
+        let resp_headers = ProcessingRequest {
+            request: Some(processing_request::Request::ResponseHeaders(headers(
+                &[(":status", "200"), ("content-type", "application/json")],
+                false,
+            ))),
+            ..Default::default()
+        };
+        let out = s.handle(resp_headers).unwrap();
+        assert!(matches!(
+            out[0].response,
+            Some(processing_response::Response::ResponseHeaders(_))
+        ));
+        let usage = br#"{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":3}}"#;
+        let out = s.handle(body(usage, true, false)).unwrap();
+        let Some(processing_response::Response::ResponseBody(b)) = &out[0].response else {
+            panic!("response body reply expected")
+        };
+        let Some(body_mutation::Mutation::StreamedResponse(sr)) = &b
+            .response
+            .as_ref()
+            .unwrap()
+            .body_mutation
+            .as_ref()
+            .unwrap()
+            .mutation
+        else {
+            panic!("streamed_response expected")
+        };
+        assert_eq!(sr.body, usage);
+        assert!(sr.end_of_stream);
+        assert_eq!(view.slot(addr).unwrap().in_flight().requests, 0);
+    }
+
+    #[test]
+    fn buffered_mode_continues_headers_and_routes_in_the_body_reply() {
+        let (d, _) = dispatcher();
+        let mut s = ExtProcStream::new(d);
+        let out = s
+            .handle(req_headers(
+                mode(BodySendMode::Buffered, BodySendMode::None),
+                &[],
+                None,
+            ))
+            .unwrap();
+        assert_eq!(out.len(), 1);
+        assert!(matches!(
+            out[0].response,
+            Some(processing_response::Response::RequestHeaders(_))
+        ));
+        // No x-request-id: one was generated (a UUID).
+        assert_eq!(uuid::Uuid::parse_str(s.request_id()).map(|_| ()), Ok(()));
+        let out = s.handle(body(&completion(10), true, true)).unwrap();
+        assert_eq!(out.len(), 1);
+        let Some(processing_response::Response::RequestBody(b)) = &out[0].response else {
+            panic!("body reply expected")
+        };
+        let common = b.response.as_ref().unwrap();
+        assert!(common.clear_route_cache);
+        assert!(
+            common.body_mutation.is_none(),
+            "buffered body passes unchanged"
+        );
+        let dest =
+            set_header(common.header_mutation.as_ref().unwrap(), DESTINATION_HEADER).unwrap();
+        assert_eq!(metadata_destination(&out[0]), dest);
+    }
+
+    #[test]
+    fn bad_bodies_get_immediate_json_errors() {
+        let fd = BodySendMode::FullDuplexStreamed;
+        for (payload, status) in [
+            (b"{nope".to_vec(), 400),
+            (br#"{"prompt":"x"}"#.to_vec(), 400),
+            (br#"{"model":"m"}"#.to_vec(), 400),
+            (br#"{"model":"other","prompt":"x"}"#.to_vec(), 404),
+        ] {
+            let (d, _) = dispatcher();
+            let mut s = ExtProcStream::new(d);
+            s.handle(req_headers(mode(fd, fd), &[("x-request-id", "abc")], None))
+                .unwrap();
+            let out = s.handle(body(&payload, true, true)).unwrap();
+            let i = immediate(&out[0]);
+            assert_eq!(i.status.unwrap().code, status);
+            let json: serde_json::Value = serde_json::from_slice(&i.body).unwrap();
+            assert_eq!(json["error"]["code"], status);
+            assert_eq!(
+                set_header(i.headers.as_ref().unwrap(), "x-request-id").unwrap(),
+                "abc"
+            );
+        }
+    }
+
+    #[test]
+    fn oversized_body_is_refused_before_it_ends() {
+        let (d, _) = dispatcher();
+        let mut s = ExtProcStream::new(d);
+        let fd = BodySendMode::FullDuplexStreamed;
+        s.handle(req_headers(mode(fd, fd), &[], None)).unwrap();
+        assert!(
+            s.handle(body(&[b'x'; 150_000], false, true))
+                .unwrap()
+                .is_empty()
+        );
+        let out = s.handle(body(&[b'x'; 150_000], false, true)).unwrap();
+        assert_eq!(immediate(&out[0]).status.unwrap().code, 413);
+    }
+
+    fn subset(addrs: &[&str]) -> Metadata {
+        let list = ListValue {
+            values: addrs
+                .iter()
+                .map(|a| Value {
+                    kind: Some(Kind::StringValue((*a).into())),
+                })
+                .collect(),
+        };
+        Metadata {
+            filter_metadata: [(
+                SUBSET_NAMESPACE.to_owned(),
+                Struct {
+                    fields: [(
+                        SUBSET_KEY.to_owned(),
+                        Value {
+                            kind: Some(Kind::ListValue(list)),
+                        },
+                    )]
+                    .into(),
+                },
+            )]
+            .into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn subset_hint_restricts_the_pick_and_an_empty_one_is_503() {
+        let fd = BodySendMode::FullDuplexStreamed;
+        let only = pods()[2].to_string();
+        for _ in 0..10 {
+            let (d, _) = dispatcher();
+            let mut s = ExtProcStream::new(d);
+            s.handle(req_headers(mode(fd, fd), &[], Some(subset(&[&only]))))
+                .unwrap();
+            let out = s.handle(body(&completion(10), true, true)).unwrap();
+            assert_eq!(metadata_destination(&out[0]), only);
+        }
+        let (d, _) = dispatcher();
+        let mut s = ExtProcStream::new(d);
+        s.handle(req_headers(mode(fd, fd), &[], Some(subset(&[]))))
+            .unwrap();
+        let out = s.handle(body(&completion(10), true, true)).unwrap();
+        assert_eq!(immediate(&out[0]).status.unwrap().code, 503);
+    }
+
+    #[test]
+    fn a_stream_dropped_mid_request_releases_its_endpoint() {
+        let (d, view) = dispatcher();
+        let metrics = d.metrics().clone();
+        let mut s = ExtProcStream::new(d);
+        let fd = BodySendMode::FullDuplexStreamed;
+        s.handle(req_headers(mode(fd, fd), &[], None)).unwrap();
+        let out = s.handle(body(&completion(10), true, true)).unwrap();
+        let addr: SocketAddr = metadata_destination(&out[0]).parse().unwrap();
+        assert_eq!(view.slot(addr).unwrap().in_flight().requests, 1);
+        drop(s);
+        assert_eq!(view.slot(addr).unwrap().in_flight().requests, 0);
+        let text = metrics.render(&view, Instant::now());
+        assert!(text.contains("outcome=\"Cancelled\"} 1"), "{text}");
+    }
+
+    #[test]
+    fn bodyless_request_goes_to_any_ready_endpoint() {
+        let (d, _) = dispatcher();
+        let mut s = ExtProcStream::new(d);
+        let msg = ProcessingRequest {
+            request: Some(processing_request::Request::RequestHeaders(headers(
+                &[(":method", "GET"), (":path", "/v1/models")],
+                true,
+            ))),
+            ..Default::default()
+        };
+        let out = s.handle(msg).unwrap();
+        let dest = metadata_destination(&out[0]);
+        assert!(pods().iter().any(|p| p.to_string() == dest));
+    }
+}

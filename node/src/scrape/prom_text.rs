@@ -219,7 +219,9 @@ fn parse_value(s: &str) -> Result<f64, &'static str> {
 mod tests {
     use super::*;
 
-    fn all(page: &str) -> Vec<(String, Vec<(String, String)>, f64, Option<i64>)> {
+    type Owned = (String, Vec<(String, String)>, f64, Option<i64>);
+
+    fn all(page: &str) -> Vec<Owned> {
         let mut out = Vec::new();
         parse(page, |s| {
             out.push((

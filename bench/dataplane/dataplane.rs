@@ -1,0 +1,737 @@
+//! Data-plane benchmark of one infermesh node on this machine (run by `bench/dataplane/run.sh`).
+//!
+//! Measures, against zero-latency simulated vLLM pods served from this process:
+//! 1. the latency the ext_proc hop adds: Envoy + ext_proc → infermesh vs Envoy with a
+//!    static route to the same pods (one connection, so no queueing: p50/p99 per request);
+//! 2. the most requests/s one node schedules through Envoy and through the standalone
+//!    proxy, next to `sglang-router` and `vllm-router` (cache_aware) on the same pods in
+//!    the same run, with each router's CPU per request from /proc;
+//! 3. the CPU the metrics fetcher costs with 100 pods scraped every 50 ms (idle node).
+//!
+//! Load comes from `wrk`; every figure in the report is measured in this run.
+
+use std::fmt::Write as _;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use infermesh_sim::{EngineProfile, Fleet, FleetConfig};
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Seconds of load per measurement (after a 2 s warm-up).
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// wrk connections for the throughput runs.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Simulated pods for the latency and throughput runs.
+    #[arg(long, default_value_t = 8)]
+    pods: usize,
+    /// Pods for the scrape-cost run.
+    #[arg(long, default_value_t = 100)]
+    scrape_pods: usize,
+    /// Seconds the idle node is watched for the scrape-cost run.
+    #[arg(long, default_value_t = 20)]
+    scrape_window: u64,
+    /// Envoy binary.
+    #[arg(long)]
+    envoy: PathBuf,
+    /// Directory with `sglang-router` and `vllm-router` (a venv's bin/); absent = skip peers.
+    #[arg(long)]
+    routers: Option<PathBuf>,
+    /// Where the markdown report goes.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
+}
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("node/ has a parent")
+        .to_path_buf()
+}
+
+/// A child process killed (with its process group) on drop.
+struct Proc {
+    name: String,
+    child: Child,
+}
+
+impl Proc {
+    fn spawn(name: &str, cmd: &mut Command, log: &Path) -> anyhow::Result<Proc> {
+        use std::os::unix::process::CommandExt;
+        let log = std::fs::File::create(log)?;
+        let child = cmd
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .stdin(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        Ok(Proc {
+            name: name.to_owned(),
+            child,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // The whole group: console scripts may have started the real binary as a child.
+        let _ = Command::new("kill")
+            .args(["-TERM", &format!("-{}", self.child.id())])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = Command::new("kill")
+            .args(["-KILL", &format!("-{}", self.child.id())])
+            .status();
+        let _ = self.child.wait();
+        eprintln!("{} needed SIGKILL", self.name);
+    }
+}
+
+fn clk_tck() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// CPU seconds (user + system) used so far by `pid` and its direct children.
+fn cpu_seconds(pid: u32) -> f64 {
+    let ticks = |p: &str| -> Option<(u64, u32)> {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+        let after = &stat[stat.rfind(')')? + 2..];
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let ppid: u32 = f.get(1)?.parse().ok()?;
+        Some((
+            f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?,
+            ppid,
+        ))
+    };
+    let mut total = ticks(&pid.to_string()).map_or(0, |t| t.0);
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.bytes().all(|b| b.is_ascii_digit())
+                && let Some((t, ppid)) = ticks(&name)
+                && ppid == pid
+            {
+                total += t;
+            }
+        }
+    }
+    total as f64 / clk_tck()
+}
+
+/// What one wrk run measured.
+#[derive(Debug, Clone, Default)]
+struct WrkResult {
+    rps: f64,
+    p50_us: f64,
+    p90_us: f64,
+    p99_us: f64,
+    requests: u64,
+    non_2xx: u64,
+    socket_errors: u64,
+    cpu_us_per_req: Option<f64>,
+}
+
+fn parse_latency(s: &str) -> Option<f64> {
+    let (num, mult) = if let Some(v) = s.strip_suffix("us") {
+        (v, 1.0)
+    } else if let Some(v) = s.strip_suffix("ms") {
+        (v, 1e3)
+    } else if let Some(v) = s.strip_suffix('s') {
+        (v, 1e6)
+    } else {
+        return None;
+    };
+    num.parse::<f64>().ok().map(|v| v * mult)
+}
+
+fn parse_wrk(out: &str) -> anyhow::Result<WrkResult> {
+    let mut r = WrkResult::default();
+    let mut in_dist = false;
+    for line in out.lines() {
+        let t = line.trim();
+        if t.starts_with("Latency Distribution") {
+            in_dist = true;
+            continue;
+        }
+        if in_dist {
+            let parts: Vec<&str> = t.split_whitespace().collect();
+            match parts.as_slice() {
+                ["50%", v] => r.p50_us = parse_latency(v).unwrap_or(f64::NAN),
+                ["90%", v] => r.p90_us = parse_latency(v).unwrap_or(f64::NAN),
+                ["99%", v] => {
+                    r.p99_us = parse_latency(v).unwrap_or(f64::NAN);
+                    in_dist = false;
+                }
+                ["75%", _] => {}
+                _ => in_dist = false,
+            }
+        }
+        if let Some(v) = t.strip_prefix("Requests/sec:") {
+            r.rps = v.trim().parse()?;
+        }
+        if let Some(v) = t.strip_prefix("Non-2xx or 3xx responses:") {
+            r.non_2xx = v.trim().parse()?;
+        }
+        if let Some(v) = t.strip_prefix("Socket errors:") {
+            r.socket_errors = v
+                .split(',')
+                .filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok())
+                .sum();
+        }
+        if t.contains("requests in") {
+            r.requests = t
+                .split_whitespace()
+                .next()
+                .unwrap_or("0")
+                .parse()
+                .unwrap_or(0);
+        }
+    }
+    if r.rps == 0.0 {
+        bail!("wrk reported no throughput:\n{out}");
+    }
+    Ok(r)
+}
+
+fn wrk_script(dir: &Path, model: &str) -> anyhow::Result<PathBuf> {
+    // 64 distinct ~4 KB prompts in 16 shared-prefix groups, like a multi-tenant fleet.
+    let script = format!(
+        r#"local bodies = {{}}
+local n = 64
+local i = 0
+init = function(args)
+  for k = 1, n do
+    local prefix = string.rep("tenant " .. (k % 16) .. " shared instructions. ", 130)
+    bodies[k] = '{{"model":"{model}","prompt":"' .. prefix .. 'question ' .. k .. '","max_tokens":1}}'
+  end
+end
+request = function()
+  i = i % n + 1
+  return wrk.format("POST", "/v1/completions", {{["Content-Type"] = "application/json"}}, bodies[i])
+end
+"#
+    );
+    let p = dir.join("completions.lua");
+    std::fs::write(&p, script)?;
+    Ok(p)
+}
+
+fn run_wrk(
+    script: &Path,
+    target: SocketAddr,
+    threads: usize,
+    connections: usize,
+    secs: u64,
+    cpu_pid: Option<u32>,
+) -> anyhow::Result<WrkResult> {
+    let url = format!("http://{target}");
+    let args = |d: u64| {
+        let mut c = Command::new("wrk");
+        c.args([
+            "-t",
+            &threads.to_string(),
+            "-c",
+            &connections.to_string(),
+            "-d",
+            &format!("{d}s"),
+            "--latency",
+            "-s",
+        ])
+        .arg(script)
+        .arg(&url);
+        c
+    };
+    // Warm-up: connections, pools and caches.
+    let warm = args(2)
+        .output()
+        .context("running wrk (apt-get install -y wrk)")?;
+    if !warm.status.success() {
+        bail!("wrk failed: {}", String::from_utf8_lossy(&warm.stderr));
+    }
+    let cpu0 = cpu_pid.map(cpu_seconds);
+    let out = args(secs).output()?;
+    let cpu1 = cpu_pid.map(cpu_seconds);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut r = parse_wrk(&text)?;
+    if let (Some(a), Some(b)) = (cpu0, cpu1)
+        && r.requests > 0
+    {
+        r.cpu_us_per_req = Some((b - a) * 1e6 / r.requests as f64);
+    }
+    Ok(r)
+}
+
+async fn post_ok(addr: SocketAddr, model: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = format!(r#"{{"model":"{model}","prompt":"ready?","max_tokens":1}}"#);
+    let req = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let Ok(Ok(mut s)) =
+        tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await
+    else {
+        return false;
+    };
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    buf.starts_with(b"HTTP/1.1 200")
+}
+
+async fn wait_serving(
+    addr: SocketAddr,
+    model: &str,
+    limit: Duration,
+    proc_: &mut Proc,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if !proc_.alive() {
+            bail!("{} exited", proc_.name);
+        }
+        if post_ok(addr, model).await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bail!("{} did not serve a completion within {limit:?}", proc_.name)
+}
+
+fn pool_file(dir: &Path, addrs: &[SocketAddr], model: &str) -> anyhow::Result<PathBuf> {
+    let mut y = format!(
+        "kind: InferencePool\nmetadata: {{name: bench}}\nspec: {{targetPorts: [{{number: 8000}}]}}\nmodels: [\"{model}\"]\npods:\n"
+    );
+    for (i, a) in addrs.iter().enumerate() {
+        let _ = writeln!(
+            y,
+            "- {{name: sim-{i}, address: {}, targetPorts: [{{number: {}}}]}}",
+            a.ip(),
+            a.port()
+        );
+    }
+    let p = dir.join(format!("pool-{}.yaml", addrs.len()));
+    std::fs::write(&p, y)?;
+    Ok(p)
+}
+
+struct Node {
+    proc_: Proc,
+    ext_proc: SocketAddr,
+    proxy: SocketAddr,
+}
+
+fn start_node(bin: &Path, pool: &Path, dir: &Path, tag: &str) -> anyhow::Result<Node> {
+    let ext_proc = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let proxy = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut cmd = Command::new(bin);
+    cmd.env("RUST_LOG", "warn")
+        .arg("serve")
+        .arg("--endpoints")
+        .arg(pool)
+        .args([
+            "--ext-proc-addr",
+            &ext_proc.to_string(),
+            "--proxy-addr",
+            &proxy.to_string(),
+            "--metrics-addr",
+            &metrics.to_string(),
+        ]);
+    let proc_ = Proc::spawn(
+        "infermesh",
+        &mut cmd,
+        &dir.join(format!("infermesh-{tag}.log")),
+    )?;
+    Ok(Node {
+        proc_,
+        ext_proc,
+        proxy,
+    })
+}
+
+fn envoy_config(template: &str, listen: u16, admin: u16) -> String {
+    template
+        .replace("${LISTEN_PORT}", &listen.to_string())
+        .replace("${ADMIN_PORT}", &admin.to_string())
+}
+
+fn start_envoy(
+    bin: &Path,
+    cfg: String,
+    dir: &Path,
+    tag: &str,
+) -> anyhow::Result<(Proc, SocketAddr)> {
+    let listen = free_port();
+    let text = envoy_config(&cfg, listen, free_port());
+    let path = dir.join(format!("envoy-{tag}.yaml"));
+    std::fs::write(&path, text)?;
+    let mut cmd = Command::new(bin);
+    cmd.args([
+        "--use-dynamic-base-id",
+        "--log-level",
+        "error",
+        "--concurrency",
+        "2",
+        "-c",
+    ])
+    .arg(&path);
+    let p = Proc::spawn(
+        &format!("envoy ({tag})"),
+        &mut cmd,
+        &dir.join(format!("envoy-{tag}.log")),
+    )?;
+    Ok((p, SocketAddr::from(([127, 0, 0, 1], listen))))
+}
+
+fn fmt_us(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.0} µs")
+    } else {
+        "n/a".into()
+    }
+}
+
+fn row(name: &str, r: &WrkResult) -> String {
+    format!(
+        "| {name} | {:.0} | {} | {} | {} | {} | {} |",
+        r.rps,
+        fmt_us(r.p50_us),
+        fmt_us(r.p99_us),
+        r.cpu_us_per_req
+            .map_or("–".into(), |c| format!("{c:.0} µs")),
+        r.non_2xx,
+        r.socket_errors
+    )
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let dir = tempfile::Builder::new()
+        .prefix("infermesh-dataplane-")
+        .tempdir()?;
+    let logs = dir.path();
+    let exe = std::env::current_exe()?;
+    let bin_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("examples dir has a parent")?;
+    let infermesh = bin_dir.join("infermesh");
+    anyhow::ensure!(
+        infermesh.exists(),
+        "{} missing: build it with cargo build --release -p infermesh-node",
+        infermesh.display()
+    );
+
+    let mut cfg = FleetConfig::new(args.pods);
+    cfg.profile = EngineProfile::instant();
+    let model = cfg.model.clone();
+    let fleet = Fleet::start(cfg).await.context("starting simulated pods")?;
+    let pods = fleet.addrs();
+    let pool = pool_file(logs, &pods, &model)?;
+    let script = wrk_script(logs, &model)?;
+    let secs = args.duration;
+
+    let mut node = start_node(&infermesh, &pool, logs, "main")?;
+    wait_serving(node.proxy, &model, Duration::from_secs(30), &mut node.proc_).await?;
+    let root = repo_root();
+    let extproc_tpl = std::fs::read_to_string(root.join("deploy/envoy/envoy-extproc.yaml"))?
+        .replace("${EXT_PROC_HOST}", "127.0.0.1")
+        .replace("${EXT_PROC_PORT}", &node.ext_proc.port().to_string());
+    let endpoints: Vec<String> = pods
+        .iter()
+        .map(|a| {
+            format!(
+                "{{endpoint: {{address: {{socket_address: {{address: {}, port_value: {}}}}}}}}}",
+                a.ip(),
+                a.port()
+            )
+        })
+        .collect();
+    let static_tpl = std::fs::read_to_string(root.join("deploy/envoy/envoy-static.yaml"))?
+        .replace("${LB_ENDPOINTS}", &format!("[{}]", endpoints.join(", ")));
+    let (mut envoy_x, envoy_x_addr) = start_envoy(&args.envoy, extproc_tpl, logs, "extproc")?;
+    wait_serving(envoy_x_addr, &model, Duration::from_secs(30), &mut envoy_x).await?;
+    let (mut envoy_s, envoy_s_addr) = start_envoy(&args.envoy, static_tpl, logs, "static")?;
+    wait_serving(envoy_s_addr, &model, Duration::from_secs(30), &mut envoy_s).await?;
+
+    // 1. Latency, one connection.
+    eprintln!("latency runs ({secs} s each) ...");
+    let lat_pod = run_wrk(&script, pods[0], 1, 1, secs, None)?;
+    let lat_static = run_wrk(&script, envoy_s_addr, 1, 1, secs, None)?;
+    let lat_extproc = run_wrk(&script, envoy_x_addr, 1, 1, secs, Some(node.proc_.pid()))?;
+    let lat_proxy = run_wrk(&script, node.proxy, 1, 1, secs, Some(node.proc_.pid()))?;
+
+    // 2. Throughput.
+    eprintln!(
+        "throughput runs ({secs} s each, {} connections) ...",
+        args.connections
+    );
+    let c = args.connections;
+    let tp_pods_direct = run_wrk(&script, pods[0], 2, c, secs, None)?;
+    let tp_static = run_wrk(&script, envoy_s_addr, 2, c, secs, Some(envoy_s.pid()))?;
+    let tp_extproc = run_wrk(&script, envoy_x_addr, 2, c, secs, Some(node.proc_.pid()))?;
+    let tp_extproc_envoy_cpu = {
+        // Envoy's own share in the ext_proc setup, measured in a second run.
+        run_wrk(&script, envoy_x_addr, 2, c, secs, Some(envoy_x.pid()))?
+    };
+    let tp_proxy = run_wrk(&script, node.proxy, 2, c, secs, Some(node.proc_.pid()))?;
+    drop(envoy_x);
+    drop(envoy_s);
+
+    let worker_urls: Vec<String> = pods.iter().map(|a| format!("http://{a}")).collect();
+    let mut peers: Vec<(String, Result<WrkResult, String>)> = Vec::new();
+    if let Some(bin) = &args.routers {
+        for (name, exe, sub) in [
+            (
+                "sglang-router (cache_aware)",
+                "sglang-router",
+                Some("launch"),
+            ),
+            ("vllm-router (cache_aware)", "vllm-router", None),
+        ] {
+            let port = free_port();
+            let mut cmd = Command::new(bin.join(exe));
+            if let Some(s) = sub {
+                cmd.arg(s);
+            }
+            cmd.arg("--worker-urls").args(&worker_urls).args([
+                "--policy",
+                "cache_aware",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--prometheus-port",
+                &free_port().to_string(),
+                "--worker-startup-check-interval",
+                "1",
+            ]);
+            eprintln!("{name} ...");
+            let result = async {
+                let mut p = Proc::spawn(exe, &mut cmd, &logs.join(format!("{exe}.log")))
+                    .map_err(|e| e.to_string())?;
+                let addr = SocketAddr::from(([127, 0, 0, 1], port));
+                wait_serving(addr, &model, Duration::from_secs(90), &mut p)
+                    .await
+                    .map_err(|e| {
+                        let log = std::fs::read_to_string(logs.join(format!("{exe}.log")))
+                            .unwrap_or_default();
+                        format!(
+                            "{e}; log tail: {}",
+                            log.lines().rev().take(5).collect::<Vec<_>>().join(" / ")
+                        )
+                    })?;
+                run_wrk(&script, addr, 2, c, secs, Some(p.pid())).map_err(|e| e.to_string())
+            }
+            .await;
+            peers.push((name.to_owned(), result));
+        }
+    }
+    drop(node);
+    fleet.shutdown().await;
+
+    // 3. Scrape cost: an idle node scraping many pods.
+    eprintln!(
+        "scrape cost: {} pods, {} s window ...",
+        args.scrape_pods, args.scrape_window
+    );
+    let mut cfg = FleetConfig::new(args.scrape_pods);
+    cfg.profile = EngineProfile::instant();
+    let big = Fleet::start(cfg)
+        .await
+        .context("starting the scrape fleet")?;
+    let big_pool = pool_file(logs, &big.addrs(), &model)?;
+    let mut idle = start_node(&infermesh, &big_pool, logs, "scrape")?;
+    wait_serving(idle.proxy, &model, Duration::from_secs(30), &mut idle.proc_).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await; // let every scraper reach its steady period
+    let (c0, t0) = (cpu_seconds(idle.proc_.pid()), Instant::now());
+    tokio::time::sleep(Duration::from_secs(args.scrape_window)).await;
+    let (c1, wall) = (cpu_seconds(idle.proc_.pid()), t0.elapsed().as_secs_f64());
+    let scrape_cores = (c1 - c0) / wall;
+    let scrapes_per_s = args.scrape_pods as f64 / 0.05;
+    drop(idle);
+    big.shutdown().await;
+
+    // Report.
+    let mut md = String::new();
+    let _ = writeln!(md, "# Data-plane benchmark: one infermesh node\n");
+    let _ = writeln!(
+        md,
+        "Generated by `bench/dataplane/run.sh` (program `bench/dataplane/dataplane.rs`) on {} — {} cores, {}. \
+         Every process (wrk, Envoy, infermesh, the peer routers, and the {} zero-latency simulated vLLM pods \
+         (`infermesh-sim` profile `instant`, in the benchmark process)) shares this machine. \
+         Requests: `POST /v1/completions`, 64 distinct ~4 KB prompts in 16 shared-prefix groups, `max_tokens: 1`. \
+         {secs} s per measurement after a 2 s warm-up; run took {:.0} s.\n",
+        utc_now(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        envoy_version(&args.envoy),
+        args.pods,
+        started.elapsed().as_secs_f64()
+    );
+    let _ = writeln!(
+        md,
+        "## 1. Latency added by the ext_proc hop (1 connection, no queueing)\n"
+    );
+    let _ = writeln!(
+        md,
+        "| path | req/s | p50 | p99 | infermesh CPU / req | non-2xx | socket errors |\n|---|---|---|---|---|---|---|"
+    );
+    let _ = writeln!(md, "{}", row("pod directly", &lat_pod));
+    let _ = writeln!(md, "{}", row("Envoy, static route", &lat_static));
+    let _ = writeln!(
+        md,
+        "{}",
+        row(
+            "Envoy + ext_proc → infermesh (FULL_DUPLEX_STREAMED)",
+            &lat_extproc
+        )
+    );
+    let _ = writeln!(md, "{}", row("infermesh standalone proxy", &lat_proxy));
+    let add50 = lat_extproc.p50_us - lat_static.p50_us;
+    let add99 = lat_extproc.p99_us - lat_static.p99_us;
+    let _ = writeln!(
+        md,
+        "\n**Added by the ext_proc hop** (Envoy + ext_proc minus Envoy static route): p50 **{add50:.0} µs**, p99 **{add99:.0} µs** \
+         (target ≤ 1 ms p99: {}).\n",
+        if add99 <= 1000.0 { "met" } else { "NOT met" }
+    );
+    let _ = writeln!(md, "## 2. Throughput ({c} connections, 2 wrk threads)\n");
+    let _ = writeln!(
+        md,
+        "| path | req/s | p50 | p99 | router CPU / req | non-2xx | socket errors |\n|---|---|---|---|---|---|---|"
+    );
+    let _ = writeln!(
+        md,
+        "{}",
+        row("one pod directly (reference)", &tp_pods_direct)
+    );
+    let _ = writeln!(
+        md,
+        "{}",
+        row("Envoy, static round-robin (CPU = Envoy)", &tp_static)
+    );
+    let _ = writeln!(
+        md,
+        "{}",
+        row(
+            "Envoy + ext_proc → infermesh (CPU = infermesh)",
+            &tp_extproc
+        )
+    );
+    let _ = writeln!(
+        md,
+        "{}",
+        row(
+            "Envoy + ext_proc → infermesh, 2nd run (CPU = Envoy)",
+            &tp_extproc_envoy_cpu
+        )
+    );
+    let _ = writeln!(
+        md,
+        "{}",
+        row("infermesh standalone proxy (CPU = infermesh)", &tp_proxy)
+    );
+    let mut best_peer: Option<f64> = None;
+    for (name, r) in &peers {
+        match r {
+            Ok(r) => {
+                let _ = writeln!(md, "{}", row(name, r));
+                best_peer = Some(best_peer.map_or(r.rps, |b: f64| b.max(r.rps)));
+            }
+            Err(e) => {
+                let _ = writeln!(md, "| {name} | failed: {} | | | | | |", e.replace('|', "/"));
+            }
+        }
+    }
+    if args.routers.is_none() {
+        let _ = writeln!(md, "\nPeer routers were not run (no `--routers`).");
+    }
+    if let Some(peer) = best_peer {
+        let ratio = tp_proxy.rps / peer;
+        let _ = writeln!(
+            md,
+            "\nStandalone proxy vs the faster peer router: **{ratio:.2}×** the requests/s (target ≥ 2×: {}).",
+            if ratio >= 2.0 { "met" } else { "NOT met" }
+        );
+    }
+    let _ = writeln!(md, "\n## 3. Scrape cost\n");
+    let _ = writeln!(
+        md,
+        "An idle node scraping {} pods every 50 ms ({scrapes_per_s:.0} scrapes/s, real HTTP + Prometheus text parsing) used \
+         **{scrape_cores:.3} cores** (process CPU from /proc over {wall:.1} s; target ≤ 0.2; llm-d reports ~7.5 cores idle at 100 pods).",
+        args.scrape_pods
+    );
+    if let Some(parent) = args.out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&args.out, &md)?;
+    println!("{md}");
+    eprintln!("wrote {}", args.out.display());
+    Ok(())
+}
+
+fn utc_now() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn envoy_version(bin: &Path) -> String {
+    Command::new(bin)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            let s = String::from_utf8_lossy(&o.stdout).into_owned();
+            s.split('/').nth(1).map(|v| format!("Envoy {v}"))
+        })
+        .unwrap_or_else(|| "Envoy".into())
+}
