@@ -13,7 +13,9 @@ use serde::{Deserialize, Serialize};
 pub struct XdsConfig {
     /// Publishes arriving within this window are coalesced into one push.
     pub debounce: Duration,
-    /// Name of the cluster (and load assignment) holding every live infermesh node.
+    /// Name of the cluster (and load assignment) holding every live infermesh node. Envoy
+    /// uses it as the `:authority` of ext_proc streams and health checks, so it must be a
+    /// valid host name (letters, digits, '-', '.', '_').
     pub ext_proc_cluster: String,
     /// Connect timeout to an infermesh node.
     pub ext_proc_connect_timeout: Duration,
@@ -46,7 +48,7 @@ impl Default for XdsConfig {
     fn default() -> Self {
         Self {
             debounce: Duration::from_millis(50),
-            ext_proc_cluster: "infermesh/ext-proc".into(),
+            ext_proc_cluster: "infermesh-ext-proc".into(),
             ext_proc_connect_timeout: Duration::from_secs(1),
             health_check_service: "envoy.service.ext_proc.v3.ExternalProcessor".into(),
             health_check_interval: Duration::from_secs(1),
@@ -75,6 +77,11 @@ pub enum InvalidXdsConfig {
     /// `outlierMaxEjectionPercent` above 100.
     #[error("xds config field outlierMaxEjectionPercent must be at most 100, got {0}")]
     EjectionPercent(u32),
+    /// `extProcCluster` is not usable as an HTTP/2 `:authority`.
+    #[error(
+        "xds config field extProcCluster {0:?} must be letters, digits, '-', '.' or '_' (Envoy sends it as :authority)"
+    )]
+    ClusterName(String),
     /// A name field is empty.
     #[error("xds config field {field} must not be empty")]
     EmptyName {
@@ -109,6 +116,13 @@ impl XdsConfig {
             if s.is_empty() {
                 return Err(InvalidXdsConfig::EmptyName { field });
             }
+        }
+        if !self
+            .ext_proc_cluster
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+        {
+            return Err(InvalidXdsConfig::ClusterName(self.ext_proc_cluster.clone()));
         }
         Ok(())
     }

@@ -42,6 +42,16 @@ struct TypeState {
     in_flight: Option<InFlight>,
 }
 
+/// What a type needs sent to bring the client up to the published snapshot.
+struct Diff {
+    version: String,
+    send: Vec<Arc<EncodedResource>>,
+    removed: Vec<String>,
+    absent: Vec<String>,
+    /// Some published resource version is withheld because the client rejected it.
+    held_back: bool,
+}
+
 /// One Delta ADS stream (`DeltaAggregatedResources`).
 #[derive(Debug)]
 pub struct DeltaStream {
@@ -184,19 +194,17 @@ impl DeltaStream {
     /// Computes what `ty` needs: (resources to send, names to remove, absent names to
     /// report). A resource version the client rejected is replaced by the one it last
     /// accepted, or left as the client has it.
-    #[allow(clippy::type_complexity)]
-    fn diff(
-        &self,
-        ty: ResourceType,
-    ) -> Option<(String, Vec<Arc<EncodedResource>>, Vec<String>, Vec<String>)> {
+    fn diff(&self, ty: ResourceType) -> Option<Diff> {
         let snap = self.snapshot.as_ref()?.get(ty);
         let st = &self.types[ty.index()];
         let mem: &TypeMemory = &self.memory[ty.index()];
         let mut send = Vec::new();
+        let mut held_back = false;
         let mut in_view = BTreeSet::new();
         for current in snap.view(st.wildcard, &st.names) {
             in_view.insert(current.name.as_str());
             let chosen = if mem.rejected_resources.get(&current.name) == Some(&current.version) {
+                held_back = true;
                 match mem.acked_resources.get(&current.name) {
                     Some(accepted) => accepted,
                     None => continue,
@@ -227,7 +235,13 @@ impl DeltaStream {
             })
             .cloned()
             .collect();
-        Some((snap.version.clone(), send, removed, absent))
+        Some(Diff {
+            version: snap.version.clone(),
+            send,
+            removed,
+            absent,
+            held_back,
+        })
     }
 
     /// The next response to send, if any; make-before-break order as in SotW.
@@ -240,7 +254,14 @@ impl DeltaStream {
             if !st.subscribed {
                 continue;
             }
-            let Some((system_version, send, mut removed, absent)) = self.diff(ty) else {
+            let Some(Diff {
+                version: system_version,
+                send,
+                mut removed,
+                absent,
+                ..
+            }) = self.diff(ty)
+            else {
                 continue;
             };
             if send.is_empty() && removed.is_empty() && absent.is_empty() {
@@ -300,8 +321,9 @@ impl DeltaStream {
         if self.types[ty.index()].in_flight.is_some() {
             return None;
         }
-        let (version, send, removed, absent) = self.diff(ty)?;
-        (send.is_empty() && removed.is_empty() && absent.is_empty()).then_some(version)
+        let d = self.diff(ty)?;
+        (d.send.is_empty() && d.removed.is_empty() && d.absent.is_empty() && !d.held_back)
+            .then_some(d.version)
     }
 
     /// Whether the client has subscribed to `ty`.

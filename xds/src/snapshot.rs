@@ -529,7 +529,7 @@ mod tests {
             Err(Inconsistency::MissingCluster { .. })
         ));
         let mut t = good.clone();
-        t.clusters.retain(|c| c.name != "infermesh/ext-proc");
+        t.clusters.retain(|c| c.name != "infermesh-ext-proc");
         // The listener's ext_proc filter names it: caught before the orphaned EDS.
         assert!(matches!(
             check_consistency(&t),

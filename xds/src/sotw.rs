@@ -191,14 +191,19 @@ impl SotwStream {
         &self.memory[ty.index()]
     }
 
-    /// The version the client holds in full when nothing for `ty` is pending or in flight.
+    /// The published version of `ty`, when the client holds it in full and nothing is
+    /// pending or in flight.
     pub fn synced_version(&self, ty: ResourceType) -> Option<String> {
         let st = &self.types[ty.index()];
         if st.in_flight.is_some() || st.names_dirty {
             return None;
         }
-        let snap = self.effective(ty)?;
-        (snap.version == st.client_version).then(|| snap.version.clone())
+        // Only the published version counts: holding the last accepted one instead of a
+        // rejected one is not being in sync.
+        let current = self.snapshot.as_ref()?.get(ty);
+        let effective = self.effective(ty)?;
+        (Arc::ptr_eq(current, &effective) && effective.version == st.client_version)
+            .then(|| effective.version.clone())
     }
 
     /// Whether the client has subscribed to `ty`.

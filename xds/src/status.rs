@@ -208,6 +208,10 @@ impl NodeEntry {
             t.wildcard = view.wildcard;
             t.names = view.names;
             t.synced_version = view.synced_version;
+            if t.synced_version.is_some() {
+                // The client holds the published version: an earlier rejection is history.
+                t.nack = None;
+            }
         }
     }
 }

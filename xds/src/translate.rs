@@ -189,6 +189,9 @@ fn ext_proc_cluster(cfg: &XdsConfig) -> cluster::Cluster {
         max_ejection_percent: Some(u32_value(cfg.outlier_max_ejection_percent)),
         ..Default::default()
     });
+    // A node that leaves the membership leaves Envoy at once, even while it still passes
+    // health checks (Envoy would otherwise keep a removed host that is healthy).
+    c.ignore_health_on_host_removal = true;
     // A dead picker is never worth trying: no panic routing to unhealthy nodes.
     c.common_lb_config = Some(cluster::cluster::CommonLbConfig {
         healthy_panic_threshold: Some(Percent { value: 0.0 }),
@@ -577,7 +580,7 @@ mod tests {
     fn ext_proc_endpoints_are_every_node_sorted() {
         let res = translate(&input(), &XdsConfig::default());
         let cla = &res.endpoints[0];
-        assert_eq!(cla.cluster_name, "infermesh/ext-proc");
+        assert_eq!(cla.cluster_name, "infermesh-ext-proc");
         let addrs: Vec<String> = cla.endpoints[0]
             .lb_endpoints
             .iter()
