@@ -24,7 +24,9 @@ pub enum OpenError {
 /// A policy write was not applied.
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
-    /// This node is not the leader; nothing changed. Retry at `leader` (the node forwards).
+    /// This node is not (or no longer) the leader. Refused up front, nothing changed; but if
+    /// leadership was lost while the write was in flight it may still commit, so re-read
+    /// before retrying a conditional write. Retry at `leader` (the node forwards).
     #[error("not the leader; leader is {}", leader.map_or("unknown".to_string(), |l| l.to_string()))]
     NotLeader {
         /// The leader's id, if known.

@@ -158,10 +158,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        Ok(self
+        let committed = self
             .get_meta::<Option<LogId>>(KEY_COMMITTED)
             .map_err(StorageIOError::read)?
-            .flatten())
+            .flatten();
+        if let Some(c) = committed {
+            self.committed.fetch_max(c.index, Ordering::Relaxed);
+        }
+        Ok(committed)
     }
 
     async fn append<I>(

@@ -126,11 +126,17 @@ impl RaftTransport for MemEndpoint {
     fn send(
         &self,
         target: NodeId,
-        _node: &Node,
+        node: &Node,
         request: Vec<u8>,
     ) -> BoxFuture<'static, Result<Vec<u8>, TransportError>> {
         let net = self.net.clone();
         let from = self.from;
+        // Route by address like a real transport would (the id may be 0 for a seed).
+        let target = node
+            .addr
+            .strip_prefix("mem://")
+            .and_then(|id| id.parse().ok())
+            .unwrap_or(target);
         Box::pin(async move {
             let unreachable = |e: MemNetError| TransportError::Unreachable {
                 target,

@@ -52,7 +52,8 @@ pub enum TransportError {
 /// QUIC RPC; `mem_transport` implements it in-process for tests and benchmarks.
 pub trait RaftTransport: Send + Sync + 'static {
     /// Sends `request` to node `target` (at `node.addr`) and returns its answer: the bytes
-    /// the target's `PolicyStore::handle_rpc` produced.
+    /// the target's `PolicyStore::handle_rpc` produced. `target` is 0 when only the address
+    /// is known (joining through a seed), so route by `node.addr`; Raft ids start at 1.
     fn send(
         &self,
         target: NodeId,
@@ -74,6 +75,11 @@ pub(crate) enum RaftRpc {
     },
     /// A write forwarded from a follower to the leader.
     Write(PolicyRequest),
+    /// A node asks to join: added as a learner, then voters are rebalanced (to 3 or 5).
+    Join {
+        id: NodeId,
+        node: Node,
+    },
 }
 
 /// An answer on the Raft wire.
@@ -88,6 +94,7 @@ pub(crate) enum RaftReply {
         campaigned: bool,
     },
     Write(Result<PolicyResponse, ForwardRefused>),
+    Join(Result<(), ForwardRefused>),
     /// The request could not be decoded (version or codec mismatch).
     Malformed {
         version: u16,

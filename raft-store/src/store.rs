@@ -384,16 +384,20 @@ impl PolicyStore {
     }
 
     /// Appends one request to the log and waits for it to apply.
+    ///
+    /// With `Route::ViaLeader` a node that knows another leader forwards the request there
+    /// instead of appending it. The decision is made before submitting, never after a
+    /// local failure, so one call never appends the same request twice.
     pub async fn submit(&self, req: PolicyRequest, route: Route) -> Result<Applied, WriteError> {
-        match self.submit_local(req.clone()).await {
-            Err(WriteError::NotLeader {
-                leader: Some(leader),
-                leader_node: Some(node),
-            }) if route == Route::ViaLeader && leader != self.inner.id => {
-                self.forward(leader, node, req).await
+        if route == Route::ViaLeader {
+            let m = self.metrics();
+            if let Some(leader) = m.current_leader.filter(|l| *l != self.inner.id)
+                && let Some(node) = m.membership_config.membership().get_node(&leader).cloned()
+            {
+                return self.forward(leader, node, req).await;
             }
-            r => r,
         }
+        self.submit_local(req).await
     }
 
     async fn submit_local(&self, req: PolicyRequest) -> Result<Applied, WriteError> {
@@ -505,6 +509,19 @@ impl PolicyStore {
                     campaigned: raft.trigger().elect().await.is_ok(),
                 }
             }
+            RaftRpc::Join { id, node } => RaftReply::Join(match self.admit(id, node).await {
+                Ok(()) => Ok(()),
+                Err(ClusterError::NotLeader {
+                    leader,
+                    leader_node,
+                }) => Err(ForwardRefused::NotLeader {
+                    leader,
+                    leader_node,
+                }),
+                Err(e) => Err(ForwardRefused::Unavailable {
+                    reason: e.to_string(),
+                }),
+            }),
             RaftRpc::Write(req) => RaftReply::Write(match self.submit_local(req).await {
                 Ok(a) => Ok(PolicyResponse::Applied {
                     index: a.index,
@@ -565,6 +582,85 @@ impl PolicyStore {
             }),
             Ok(r) => r.map(|_| ()).map_err(Self::membership_error),
         }
+    }
+
+    /// Asks the cluster, through any member at `seed` (its Raft address), to add this node
+    /// (reachable at `me`) as a learner; voters are then rebalanced to 3 or 5. Follows one
+    /// redirect to the leader. Returns once this node has caught up.
+    pub async fn join(&self, seed: Node, me: Node) -> Result<(), ClusterError> {
+        let transport = self.inner.transport.as_ref();
+        let rpc = || RaftRpc::Join {
+            id: self.inner.id,
+            node: me.clone(),
+        };
+        let mut target = (0, seed);
+        for _ in 0..2 {
+            let reply = network::call(transport, target.0, &target.1, rpc())
+                .await
+                .map_err(|e| ClusterError::Unavailable(boxed(e)))?;
+            match reply {
+                RaftReply::Join(Ok(())) => return Ok(()),
+                RaftReply::Join(Err(ForwardRefused::NotLeader {
+                    leader: Some(l),
+                    leader_node: Some(n),
+                })) => target = (l, n),
+                RaftReply::Join(Err(ForwardRefused::NotLeader {
+                    leader,
+                    leader_node,
+                })) => {
+                    return Err(ClusterError::NotLeader {
+                        leader,
+                        leader_node,
+                    });
+                }
+                RaftReply::Join(Err(ForwardRefused::Unavailable { reason })) => {
+                    return Err(ClusterError::Refused(boxed(RemoteReason(reason))));
+                }
+                other => {
+                    return Err(ClusterError::Unavailable(boxed(RemoteReason(format!(
+                        "unexpected reply to join: {other:?}"
+                    )))));
+                }
+            }
+        }
+        Err(ClusterError::Unavailable(boxed(RemoteReason(
+            "join redirected more than once".into(),
+        ))))
+    }
+
+    /// Leader side of `join`: add as learner (waits for catch-up), then rebalance voters.
+    async fn admit(&self, id: NodeId, node: Node) -> Result<(), ClusterError> {
+        let m = self.metrics();
+        if m.current_leader != Some(self.inner.id) {
+            return Err(self.not_leader(&m));
+        }
+        if m.membership_config.membership().get_node(&id).is_none() {
+            self.add_learner(id, node).await?;
+        }
+        self.rebalance_voters().await.map(|_| ())
+    }
+
+    /// Promotes learners (lowest ids first) so the cluster has 3 voters once there are 3
+    /// members and 5 once there are 5; returns the voter count. Leader only.
+    pub async fn rebalance_voters(&self) -> Result<usize, ClusterError> {
+        let m = self.metrics();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let learners: Vec<NodeId> = membership.learner_ids().collect();
+        let total = voters.len() + learners.len();
+        let want = if total >= 5 {
+            5
+        } else if total >= 3 {
+            3
+        } else {
+            voters.len()
+        };
+        if want <= voters.len() {
+            return Ok(voters.len());
+        }
+        let promote: BTreeSet<NodeId> = learners.into_iter().take(want - voters.len()).collect();
+        self.promote(promote).await?;
+        Ok(want)
     }
 
     /// Promotes learners to voters; the resulting voter count must be 1, 3 or 5. Leader only.

@@ -227,6 +227,19 @@ impl TestCluster {
         }
     }
 
+    /// The leader some running node currently reports, if that node is running and agrees.
+    pub fn current_leader(&self) -> Result<NodeId, HarnessError> {
+        self.nodes
+            .values()
+            .filter_map(|n| n.store.raft().metrics().borrow().current_leader)
+            .find(|l| {
+                self.nodes.get(l).is_some_and(|n| {
+                    n.store.raft().metrics().borrow().state == openraft::ServerState::Leader
+                })
+            })
+            .ok_or_else(|| HarnessError::Timeout("a running leader".into()))
+    }
+
     /// Waits until node `id` has applied index `index`.
     pub async fn wait_applied(
         &self,

@@ -352,3 +352,44 @@ async fn readers_see_whole_applies_through_the_watch() -> Result<()> {
     reader.await??;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_join_through_any_member_and_voters_grow_to_three_then_five() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut c = TestCluster::new(dir.path(), 13);
+    c.start_bootstrapped(&[1], &["tok".to_string()]).await?;
+    c.wait_leader(&[1], WAIT).await?;
+    c.store(1)?
+        .apply_yaml(&objective_yaml("early", 4), Route::Local)
+        .await?;
+
+    let voters = |c: &TestCluster| -> Result<usize> {
+        let l = c.current_leader()?;
+        Ok(c.store(l)?
+            .status()
+            .members
+            .iter()
+            .filter(|m| m.voter)
+            .count())
+    };
+    c.start(2).await?;
+    c.store(2)?.join(mem_node(1), mem_node(2)).await?;
+    assert_eq!(voters(&c)?, 1, "two members: the second stays a learner");
+    c.start(3).await?;
+    c.store(3)?.join(mem_node(1), mem_node(3)).await?;
+    assert_eq!(voters(&c)?, 3);
+    // Join through a follower: redirected to the leader.
+    let leader = c.wait_leader(&[1, 2, 3], WAIT).await?;
+    let follower = [1, 2, 3].into_iter().find(|v| *v != leader).unwrap();
+    for id in [4, 5] {
+        c.start(id).await?;
+        c.store(id)?.join(mem_node(follower), mem_node(id)).await?;
+    }
+    assert_eq!(voters(&c)?, 5);
+    for id in 1..=5 {
+        let p = c.store(id)?.policy();
+        assert_eq!(priority_of(&p, "early"), Some(4), "node {id}");
+        assert!(p.verify_token("tok"), "node {id}");
+    }
+    Ok(())
+}
