@@ -142,7 +142,8 @@ fn load_assignment(
         cluster_name: name.to_string(),
         endpoints: vec![endpoint::LocalityLbEndpoints {
             lb_endpoints,
-            // gRPC ignores localities without a weight.
+            // gRPC rejects localities without a locality and ignores those without a weight.
+            locality: Some(core::Locality::default()),
             load_balancing_weight: Some(u32_value(1)),
             ..Default::default()
         }],
