@@ -165,3 +165,20 @@ fn dispatch(engine: &mut Engine, subs: &mut HashMap<RequestId, mpsc::UnboundedSe
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_scale_maps_simulated_to_real_time() {
+        let c = SimClock::new(10.0);
+        let real = c.instant_of(Duration::from_secs(5)) - c.start;
+        assert_eq!(real, Duration::from_millis(500));
+        let c = SimClock::new(0.5);
+        assert_eq!(
+            c.instant_of(Duration::from_secs(1)) - c.start,
+            Duration::from_secs(2)
+        );
+    }
+}

@@ -197,3 +197,68 @@ async fn two_pods_serve_completions_metrics_and_stop() {
     fleet.shutdown().await;
     assert!(tokio::net::TcpStream::connect(a).await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefill_decode_handoff_and_lora_over_http() {
+    let mut cfg = FleetConfig::new(2);
+    cfg.profile = EngineProfile::instant();
+    cfg.lora_adapters = vec!["sql-lora".into()];
+    cfg.roles = vec![
+        infermesh_sim::PodRole::Prefill,
+        infermesh_sim::PodRole::Decode,
+    ];
+    let fleet = Fleet::start(cfg).await.unwrap();
+    let [prefill, decode] = fleet.addrs()[..] else {
+        panic!("two pods")
+    };
+    let c = client();
+    let prompt = "p".repeat(400); // 100 tokens
+
+    // The prefill pod computes the prompt and hands back where its KV lives.
+    let body = json!({"prompt": prompt, "max_tokens": 1,
+                      "kv_transfer_params": {"do_remote_decode": true}});
+    let (s, text) = call(&c, "POST", prefill, "/v1/completions", Some(body)).await;
+    assert_eq!(s, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let kv = v["kv_transfer_params"].clone();
+    assert_eq!(kv["do_remote_prefill"], true);
+    assert_eq!(kv["remote_port"], prefill.port());
+    assert_eq!(kv["remote_block_ids"].as_array().unwrap().len(), 7);
+
+    // The decode pod takes the KV instead of computing it: all but the last token count as cached.
+    let body = json!({"prompt": prompt, "max_tokens": 4, "kv_transfer_params": kv});
+    let (s, text) = call(&c, "POST", decode, "/v1/completions", Some(body)).await;
+    assert_eq!(s, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 99);
+    assert!(v.get("kv_transfer_params").is_none());
+    let (_, m) = call(&c, "GET", decode, "/metrics", None).await;
+    assert_eq!(metric(&m, "vllm:prefix_cache_hits_total"), 0.0);
+
+    // Roles are visible to routers.
+    let (_, info) = call(&c, "GET", prefill, "/server_info", None).await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&info).unwrap()["role"],
+        "prefill"
+    );
+
+    // A LoRA adapter is a model name; its cache is separate from the base model's.
+    let body = json!({"model": "sql-lora", "prompt": prompt, "max_tokens": 2});
+    let (s, text) = call(&c, "POST", prefill, "/v1/completions", Some(body)).await;
+    assert_eq!(s, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["model"], "sql-lora");
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let (_, m) = call(&c, "GET", prefill, "/metrics", None).await;
+    assert!(m.contains("max_lora=\"1\""));
+
+    // Contradictory P/D flags are a client error.
+    let body = json!({"prompt": "abcd", "kv_transfer_params": {"do_remote_decode": true, "do_remote_prefill": true}});
+    assert_eq!(
+        call(&c, "POST", prefill, "/v1/completions", Some(body))
+            .await
+            .0,
+        400
+    );
+    fleet.shutdown().await;
+}
