@@ -477,35 +477,47 @@ struct SseStream {
 }
 
 impl SseStream {
+    /// The next body frame: every event already delivered, so a burst of tokens (a fast
+    /// pod) goes out in one write while a slow pod still streams token by token.
     async fn next_chunk(&mut self) -> Option<Bytes> {
         if self.done {
             return None;
         }
-        match self.rx.recv().await {
-            Some(Event::Token { index }) => {
+        let first = self.rx.recv().await?;
+        let mut out = Vec::with_capacity(256);
+        self.render(first, &mut out);
+        while !self.done {
+            match self.rx.try_recv() {
+                Ok(ev) => self.render(ev, &mut out),
+                Err(_) => break,
+            }
+        }
+        Some(Bytes::from(out))
+    }
+
+    fn render(&mut self, ev: Event, out: &mut Vec<u8>) {
+        match ev {
+            Event::Token { index } => {
                 let last = index + 1 >= self.max_tokens;
                 let finish = last.then(|| self.finish.as_str());
-                let mut out = Vec::with_capacity(256);
                 if self.chat && index == 0 {
                     // vLLM sends the role with the first output, not before it.
-                    self.chat_chunk(&mut out, Some("assistant"), Some(""), None);
+                    self.chat_chunk(out, Some("assistant"), Some(""), None);
                 }
                 if self.chat {
-                    self.chat_chunk(&mut out, None, Some(filler_text(index)), finish);
+                    self.chat_chunk(out, None, Some(filler_text(index)), finish);
                 } else {
-                    self.completion_chunk(&mut out, filler_text(index), finish);
+                    self.completion_chunk(out, filler_text(index), finish);
                 }
-                Some(Bytes::from(out))
             }
-            Some(Event::Done(c)) => {
+            Event::Done(c) => {
                 self.guard.armed = false;
                 self.done = true;
-                let mut out = Vec::with_capacity(256);
                 if self.include_usage {
                     let usage = Usage::new(c.prompt_tokens, c.completion_tokens, c.cached_tokens);
                     let r = if self.chat {
                         serde_json::to_writer(
-                            sse_start(&mut out),
+                            sse_start(out),
                             &ChatBody {
                                 id: &self.id,
                                 object: "chat.completion.chunk",
@@ -518,7 +530,7 @@ impl SseStream {
                         )
                     } else {
                         serde_json::to_writer(
-                            sse_start(&mut out),
+                            sse_start(out),
                             &CompletionBody {
                                 id: &self.id,
                                 object: "text_completion",
@@ -535,25 +547,18 @@ impl SseStream {
                     }
                 }
                 out.extend_from_slice(b"data: [DONE]\n\n");
-                Some(Bytes::from(out))
             }
-            Some(Event::Rejected(e)) => {
+            Event::Rejected(e) => {
                 self.guard.armed = false;
                 self.done = true;
-                let mut out = Vec::new();
                 let err = ApiError::bad_request(e.to_string());
-                if serde_json::to_writer(
-                    sse_start(&mut out),
-                    &serde_json::json!({"error": err.body()}),
-                )
-                .is_ok()
+                if serde_json::to_writer(sse_start(out), &serde_json::json!({"error": err.body()}))
+                    .is_ok()
                 {
                     out.extend_from_slice(b"\n\n");
                 }
                 out.extend_from_slice(b"data: [DONE]\n\n");
-                Some(Bytes::from(out))
             }
-            None => None,
         }
     }
 
