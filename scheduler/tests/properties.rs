@@ -23,9 +23,14 @@ fn addr(i: usize) -> SocketAddr {
     SocketAddr::from(([10, 0, (i >> 8) as u8, (i & 0xff) as u8], 8000))
 }
 
+/// (running adapters, waiting adapters, max_lora)
+type Lora = (u8, u8, u32);
+/// (waiting queue, running, kv usage, lora)
+type RawMetrics = (u32, u32, f64, Option<Lora>);
+
 #[derive(Debug, Clone)]
 struct Ep {
-    metrics: Option<(u32, u32, f64, Option<(u8, u8, u32)>)>,
+    metrics: Option<RawMetrics>,
     age_ms: u64,
     in_flight: (u32, u64),
 }
