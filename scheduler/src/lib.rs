@@ -18,6 +18,8 @@ pub mod scheduler;
 pub use config::{ConfigError, Location, ResolvedConfig, load_config};
 pub use model::{Endpoint, InFlight, InferenceRequest, LoraState, Metrics, Role};
 pub use openai::{ApiKind, InvalidRequest, ParsedBody, parse_openai};
+pub use prefix::PrefixMatches;
 pub use scheduler::{
-    PrefixMatchSummary, ProfileResult, Rejected, ScheduleError, Scheduler, SchedulingResult,
+    PrefixChain, PrefixMatchSummary, PrefixSource, ProfileResult, Rejected, ScheduleError,
+    Scheduler, SchedulingResult,
 };

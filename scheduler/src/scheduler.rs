@@ -12,6 +12,7 @@ use crate::model::{Endpoint, InferenceRequest};
 use crate::plugins::filters::{ByLabelFilter, LabelSelectorFilter, PrefixAffinityFilter};
 use crate::plugins::pickers::{MaxScorePicker, RandomPicker, WeightedRandomPicker};
 use crate::plugins::prefix::ApproxPrefixProducer;
+use crate::plugins::prefix::spread_matches;
 use crate::plugins::profiles::{
     AlwaysDisaggDecider, DisaggProfileHandler, PrefixBasedPdDecider, SingleProfileHandler,
 };
@@ -25,7 +26,41 @@ use crate::plugins::{
     CycleState, Decider, Filter, NextProfile, Picker, PreRequest, PrefixCycle, ProfileHandler,
     ProfileRun, ResponseComplete, Scorer,
 };
-use crate::prefix::{BlockHash, PrefixIndex, anchor};
+use crate::prefix::{BlockHash, PrefixIndex, PrefixMatches, anchor};
+
+/// A request's prefix chain, for matching at the prefix owner instead of locally.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PrefixChain {
+    /// Chained block hashes, anchor first.
+    pub hashes: Vec<BlockHash>,
+    /// Tokens per block used.
+    pub block_size_tokens: usize,
+}
+
+impl PrefixChain {
+    /// The anchor (first block hash), which picks the chain's owners.
+    pub fn anchor(&self) -> Option<BlockHash> {
+        anchor(&self.hashes)
+    }
+}
+
+/// Where a cycle's prefix-match data comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum PrefixSource<'a> {
+    /// Hash the prompt and match it against this scheduler's own index.
+    Local,
+    /// Matches computed elsewhere (the chain's owner) for `chain` (from
+    /// [`Scheduler::prefix_chain`] with the same candidates).
+    Remote {
+        /// The chain that was matched.
+        chain: &'a PrefixChain,
+        /// Matched leading blocks per endpoint.
+        matches: &'a PrefixMatches,
+    },
+    /// No prefix data this time (e.g. the owner did not answer in budget): prefix scorers
+    /// score 0 and the request counts as cold.
+    Unavailable,
+}
 
 /// Why a request could not be scheduled (→ HTTP 503). Nothing was recorded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -90,6 +125,8 @@ pub struct SchedulingResult {
     pub cold: bool,
     /// Endpoints that will cache the prompt, with their LRU capacity in blocks.
     pub cache_targets: Vec<(SocketAddr, usize)>,
+    /// The prefix data came from this scheduler's index, so `pre_request` records there.
+    pub prefix_local: bool,
 }
 
 impl SchedulingResult {
@@ -344,13 +381,41 @@ impl Scheduler {
         out
     }
 
-    /// Runs one scheduling cycle over `candidates` (the request's eligible endpoints).
+    /// Runs one scheduling cycle over `candidates` (the request's eligible endpoints),
+    /// matching prefixes against this scheduler's own index.
     pub fn schedule(
         &self,
         req: &InferenceRequest,
         candidates: &[Endpoint],
         now: Instant,
         rng: &mut dyn RngCore,
+    ) -> Result<SchedulingResult, ScheduleError> {
+        self.schedule_with_prefix(req, candidates, now, rng, PrefixSource::Local)
+    }
+
+    /// The request's prefix chain (hashing only), when a prefix producer is configured.
+    pub fn prefix_chain(
+        &self,
+        req: &InferenceRequest,
+        candidates: &[Endpoint],
+    ) -> Option<PrefixChain> {
+        let p = self.prefix.as_ref()?;
+        let mut pc = PrefixCycle::default();
+        p.hash_into(req, candidates, &mut pc);
+        Some(PrefixChain {
+            hashes: pc.hashes,
+            block_size_tokens: pc.block_size_tokens,
+        })
+    }
+
+    /// [`Self::schedule`] with prefix data from `source`.
+    pub fn schedule_with_prefix(
+        &self,
+        req: &InferenceRequest,
+        candidates: &[Endpoint],
+        now: Instant,
+        rng: &mut dyn RngCore,
+        source: PrefixSource<'_>,
     ) -> Result<SchedulingResult, ScheduleError> {
         if candidates.is_empty() {
             return Err(ScheduleError::NoEndpoints);
@@ -364,7 +429,21 @@ impl Scheduler {
         };
         if let Some(p) = &self.prefix {
             let mut pc = PrefixCycle::default();
-            p.produce(req, candidates, &mut pc);
+            match source {
+                PrefixSource::Local => p.produce(req, candidates, &mut pc),
+                PrefixSource::Remote { chain, matches } => {
+                    pc.hashes.clone_from(&chain.hashes);
+                    pc.block_size_tokens = chain.block_size_tokens;
+                    pc.matched.resize(candidates.len(), 0);
+                    spread_matches(matches, candidates, &mut pc.matched);
+                    // A remote answer can never credit more blocks than the chain has.
+                    let total = u32::try_from(chain.hashes.len()).unwrap_or(u32::MAX);
+                    for m in &mut pc.matched {
+                        *m = (*m).min(total);
+                    }
+                }
+                PrefixSource::Unavailable => p.hash_into(req, candidates, &mut pc),
+            }
             cycle.cold = pc.matched.iter().all(|&m| m == 0);
             cycle.prefix = Some(pc);
         }
@@ -449,13 +528,17 @@ impl Scheduler {
             response_headers,
             cold: cycle.cold,
             cache_targets,
+            prefix_local: matches!(source, PrefixSource::Local),
         })
     }
 
     /// Records the pick before forwarding: prefix blocks at the primary (and prefill)
-    /// endpoint, and the plugins' pre-request hooks.
+    /// endpoint in the local index (only when the prefix data was local; otherwise the
+    /// caller sends `result.prefix_match` and `cache_targets` to the chain's owners), and
+    /// the plugins' pre-request hooks.
     pub fn pre_request(&self, req: &InferenceRequest, result: &SchedulingResult, now: Instant) {
-        if let (Some(p), Some(m)) = (&self.prefix, &result.prefix_match) {
+        if let (Some(p), Some(m), true) = (&self.prefix, &result.prefix_match, result.prefix_local)
+        {
             for &(addr, cap) in &result.cache_targets {
                 p.record(addr, cap, &m.hashes);
             }

@@ -282,3 +282,43 @@ fn prefix_affinity_filter_keeps_sticky_endpoints() {
     let second = s.schedule(&r, &eps, now, &mut rng(1)).unwrap();
     assert_eq!(second.destinations(), &[eps[0].address]);
 }
+
+#[test]
+fn remote_prefix_matches_drive_the_pick() {
+    use infermesh_scheduler::{PrefixMatches, PrefixSource};
+    let s = Scheduler::new(&ResolvedConfig::builtin_default()).unwrap();
+    let now = Instant::now();
+    let eps: Vec<Endpoint> = (0..3).map(|i| ep(i, &[], 0, 0.1, now)).collect();
+    let r = req(640);
+    let chain = s.prefix_chain(&r, &eps).unwrap();
+    assert_eq!(chain.hashes.len(), 10);
+    assert_eq!(chain.anchor(), Some(chain.hashes[0]));
+    // The owner says endpoint 2 holds 8 blocks (and claims an impossible 99 for 1: clamped).
+    let matches = PrefixMatches {
+        entries: vec![(eps[2].address, 8)],
+    };
+    let res = s
+        .schedule_with_prefix(
+            &r,
+            &eps,
+            now,
+            &mut rng(1),
+            PrefixSource::Remote {
+                chain: &chain,
+                matches: &matches,
+            },
+        )
+        .unwrap();
+    assert_eq!(res.destinations(), &[eps[2].address]);
+    assert_eq!(res.prefix_match.as_ref().unwrap().matched_blocks, 8);
+    assert!(!res.prefix_local);
+    // Remote data is recorded by the owner, not in the local index.
+    s.pre_request(&r, &res, now);
+    assert_eq!(s.prefix_index().unwrap().entries(), 0);
+    // Owner unavailable: still schedules, cold, with the chain to record later.
+    let res = s
+        .schedule_with_prefix(&r, &eps, now, &mut rng(1), PrefixSource::Unavailable)
+        .unwrap();
+    assert!(res.cold);
+    assert_eq!(res.prefix_match.unwrap().hashes, chain.hashes);
+}

@@ -78,6 +78,22 @@ impl ApproxPrefixProducer {
         endpoints: &[Endpoint],
         out: &mut PrefixCycle,
     ) {
+        self.hash_into(request, endpoints, out);
+        if out.hashes.is_empty() {
+            return;
+        }
+        let mut m = PrefixMatches::default();
+        self.index.match_prefix_into(&out.hashes, &mut m);
+        spread_matches(&m, endpoints, &mut out.matched);
+    }
+
+    /// Hashes the request into `out` (match counts all zero).
+    pub fn hash_into(
+        &self,
+        request: &InferenceRequest,
+        endpoints: &[Endpoint],
+        out: &mut PrefixCycle,
+    ) {
         let bst = self.block_size_tokens(endpoints);
         out.block_size_tokens = bst;
         hash_prompt_into(
@@ -90,12 +106,6 @@ impl ApproxPrefixProducer {
         );
         out.matched.clear();
         out.matched.resize(endpoints.len(), 0);
-        if out.hashes.is_empty() {
-            return;
-        }
-        let mut m = PrefixMatches::default();
-        self.index.match_prefix_into(&out.hashes, &mut m);
-        spread_matches(&m, endpoints, &mut out.matched);
     }
 
     /// Records the chain at `addr` (after a pick).
@@ -105,7 +115,7 @@ impl ApproxPrefixProducer {
 }
 
 /// Copies per-address match counts onto the candidate positions.
-fn spread_matches(m: &PrefixMatches, endpoints: &[Endpoint], matched: &mut [u32]) {
+pub fn spread_matches(m: &PrefixMatches, endpoints: &[Endpoint], matched: &mut [u32]) {
     if m.entries.is_empty() {
         return;
     }

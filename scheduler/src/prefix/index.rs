@@ -8,7 +8,8 @@
 //!   that endpoint's own mutex; the map stores, for each (hash, endpoint), the slab index of
 //!   its node, so touching an entry needs no second map. An entry shared by a single
 //!   endpoint is stored inline in the map value (16 bytes + 1 control byte per bucket);
-//!   only hashes held by several endpoints spill into an overflow vector.
+//!   only hashes held by several endpoints spill into an overflow slab whose lists keep
+//!   up to three endpoints inline (no allocation per shared block).
 //! - Lock order is endpoint LRU → one shard at a time; readers take shard locks only.
 //!
 //! Eviction from an endpoint's LRU removes that endpoint from the hash's entry (llm-d
@@ -20,6 +21,7 @@ use std::sync::Arc;
 
 use hashbrown::HashMap;
 use parking_lot::{Mutex, RwLock};
+use smallvec::{SmallVec, smallvec};
 
 /// A chained xxh64 block hash.
 pub type BlockHash = u64;
@@ -48,6 +50,9 @@ impl Hasher for IdentityHasher {
 
 type IdBuild = BuildHasherDefault<IdentityHasher>;
 
+/// Endpoints of a block held by more than one endpoint.
+type Holders = SmallVec<[Slot; 3]>;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Slot {
     endpoint: u32,
@@ -57,7 +62,7 @@ struct Slot {
 #[derive(Default)]
 struct Shard {
     map: HashMap<BlockHash, Slot, IdBuild>,
-    overflow: Vec<Vec<Slot>>,
+    overflow: Vec<Holders>,
     free_overflow: Vec<u32>,
 }
 
@@ -100,7 +105,7 @@ impl Shard {
             }
             Some(s) if s.endpoint == MANY => self.overflow[s.node as usize].push(new),
             Some(s) => {
-                let list = vec![*s, new];
+                let list: Holders = smallvec![*s, new];
                 let idx = match self.free_overflow.pop() {
                     Some(i) => {
                         self.overflow[i as usize] = list;
@@ -129,7 +134,7 @@ impl Shard {
             list.retain(|x| x.endpoint != endpoint);
             if list.len() == 1 {
                 *s = list[0];
-                self.overflow[idx] = Vec::new();
+                self.overflow[idx] = Holders::new();
                 self.free_overflow.push(idx as u32);
             }
         } else if s.endpoint == endpoint {
@@ -139,10 +144,11 @@ impl Shard {
 
     fn memory_bytes(&self) -> usize {
         self.map.allocation_size()
-            + self.overflow.capacity() * std::mem::size_of::<Vec<Slot>>()
+            + self.overflow.capacity() * std::mem::size_of::<Holders>()
             + self
                 .overflow
                 .iter()
+                .filter(|v| v.spilled())
                 .map(|v| v.capacity() * std::mem::size_of::<Slot>())
                 .sum::<usize>()
             + self.free_overflow.capacity() * 4
