@@ -125,7 +125,7 @@ fn label_selector_fixture_accepts_the_old_alias() {
         u.metrics_staleness_threshold,
         std::time::Duration::from_millis(500)
     );
-    assert!(c.to_string().contains("(written as by-label-selector)"));
+    assert!(c.to_string().contains("written as by-label-selector"));
 }
 
 #[test]

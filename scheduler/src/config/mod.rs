@@ -934,27 +934,42 @@ impl fmt::Display for ResolvedConfig {
             writeln!(f, "featureGates: {}", self.feature_gates.join(", "))?;
         }
         writeln!(f, "plugins:")?;
-        let w = self.plugins.iter().map(|p| p.name.len()).max().unwrap_or(0);
         for p in &self.plugins {
             let alias = if p.written_type != p.spec.type_name() {
-                format!(" (written as {})", p.written_type)
+                format!(", written as {}", p.written_type)
             } else {
                 String::new()
             };
             writeln!(
                 f,
-                "  {:w$}  {} {}{}  {}{}",
+                "  {}  ({} {}{}){}",
                 p.name,
                 p.spec.kind().as_str(),
                 p.spec.type_name(),
                 alias,
-                p.spec.params_json(),
                 if p.defaulted {
                     "  [added by default]"
                 } else {
                     ""
                 },
             )?;
+            match &p.spec {
+                PluginSpec::CoreMetricsExtractor(x) => {
+                    writeln!(
+                        f,
+                        "      engineLabelKey {:?}, defaultEngine {:?}",
+                        x.engine_label_key, x.default_engine
+                    )?;
+                    for e in &x.engine_configs {
+                        writeln!(
+                            f,
+                            "      engine {}",
+                            serde_json::to_string(e).unwrap_or_default()
+                        )?;
+                    }
+                }
+                spec => writeln!(f, "      {}", spec.params_json())?,
+            }
         }
         writeln!(f, "schedulingProfiles:")?;
         let primary = match self.plugin(&self.profile_handler).map(|p| &p.spec) {
