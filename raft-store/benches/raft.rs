@@ -207,7 +207,10 @@ async fn bench(dir: &Path, report: &mut Report) -> Result<()> {
     report.row(
         "recovery after leader kill p50 (ms)",
         ms(pct(&rec, 0.5)),
-        &format!("{RECOVERY_TRIALS} trials; until a new leader commits"),
+        &format!(
+            "{RECOVERY_TRIALS} trials; kill to first commit by a new leader (floor: lease {} ms + election timeout)",
+            StoreConfig::new(0, "").election_timeout_max.as_millis()
+        ),
     );
     report.row(
         "recovery after leader kill max (ms)",
@@ -224,6 +227,11 @@ fn main() -> Result<()> {
     let dir = tempfile::tempdir_in(base)?;
     let fs = filesystem_of(dir.path());
     let defaults = StoreConfig::new(0, "");
+    // Other work on the machine moves these numbers; record how busy it was.
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "unknown".into());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -242,7 +250,8 @@ fn main() -> Result<()> {
     );
     md.push_str(&format!(
         "- redb files on: `{fs}` filesystem ({})\n- Raft timings: heartbeat {} ms, election timeout {}-{} ms (openraft defaults)\n\
-         - machine: {} CPUs, shared with other builds while this ran\n- command: `cargo bench -p infermesh-raft-store --bench raft`\n\n",
+         - machine: {} CPUs; 1-minute load average when the run started: {load}\n\
+         - command: `cargo bench -p infermesh-raft-store --bench raft`\n\n",
         base.display(),
         defaults.heartbeat_interval.as_millis(),
         defaults.election_timeout_min.as_millis(),
@@ -253,7 +262,10 @@ fn main() -> Result<()> {
     for (m, v, n) in &report.rows {
         md.push_str(&format!("| {m} | {v} | {n} |\n"));
     }
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/results/raft.md");
+    let out = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace root")?
+        .join("bench/results/raft.md");
     std::fs::create_dir_all(out.parent().context("results dir")?)?;
     std::fs::write(&out, md)?;
     println!("saved {}", out.display());

@@ -17,6 +17,24 @@
 //! - Followers refuse writes with `NotLeader { leader }` unless asked to forward.
 //! - This crate knows nothing of scheduling; the policy model is a sans-IO state machine
 //!   ([`policy::PolicyState`]) tested by feeding it requests.
+//!
+//! Wiring it into a node:
+//! 1. Implement [`RaftTransport`] over the mesh RPC: `send(target, node, bytes)` delivers
+//!    `bytes` to the peer at `node.addr` (route by address; `target` is 0 for a seed) and
+//!    returns what the peer's [`PolicyStore::handle_rpc`] returned for them.
+//! 2. `PolicyStore::open(StoreConfig::new(raft_id, dir.join("policy.redb")), transport,
+//!    validator)`, with `validator` wrapping the scheduler's config loader, e.g.
+//!    `Arc::new(|yaml| load_config(yaml).map(|_| ()).map_err(Into::into))`.
+//! 3. `serve --bootstrap`: `store.bootstrap({raft_id: BasicNode::new(mesh_addr)}, &tokens)`;
+//!    other nodes: `store.join(BasicNode::new(seed_mesh_addr), BasicNode::new(own_mesh_addr))`
+//!    (learner, then voters rebalanced to 3 or 5). Each node then applies its own
+//!    `InfermeshNode` registry entry with `apply_objects(.., Route::ViaLeader)`.
+//! 4. Admin API: `apply_yaml(body, Route::ViaLeader)` (errors map to HTTP: `Invalid` 400,
+//!    `Rejected::Conflict` 409, `Rejected::NotFound` 404, `NotLeader`/`Unavailable` 503),
+//!    `policy().list(kind)` / `get(key)` with `to_document()`, `delete`, `status()`;
+//!    writes require `verify_token(bearer)` (401 otherwise).
+//! 5. Hot path: `policy()` (lock-free `Arc` load); rebuild derived config on `subscribe()`.
+//! 6. Graceful shutdown: `shutdown(true)` hands leadership off first.
 
 pub mod disk;
 pub mod error;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail, ensure};
 use infermesh_raft_store::policy::{Kind, ObjectKey, PolicyState};
 use infermesh_raft_store::testing::TestCluster;
-use infermesh_raft_store::{NodeId, PolicyStore, ReadError, Route};
+use infermesh_raft_store::{NodeId, PolicyStore, ReadError, Route, StoreConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -301,7 +301,12 @@ fn check(events: &[Event], final_state: &PolicyState) -> Result<()> {
 
 async fn run(seed: u64) -> Result<()> {
     let dir_path = tempfile::tempdir()?;
-    let mut c = TestCluster::new(dir_path.path(), seed);
+    // Small snapshot thresholds so restarted or isolated nodes also catch up by snapshot.
+    let mut c = TestCluster::new(dir_path.path(), seed).with_config(|c| StoreConfig {
+        snapshot_after_entries: 20,
+        keep_entries_after_snapshot: 5,
+        ..c
+    });
     c.start_bootstrapped(&NODES, &[]).await?;
     c.wait_leader(&NODES, WAIT).await?;
     let dir: Directory = Arc::new(Mutex::new(

@@ -394,9 +394,10 @@ pub struct EndpointPickerConfigDoc {
 }
 
 impl EndpointPickerConfigDoc {
-    /// The config as YAML/JSON text for the scheduler's loader (JSON is valid YAML).
+    /// The config (without `metadata`) as YAML text, the form the scheduler's loader reads.
     pub fn config_text(&self) -> String {
-        self.config.to_string()
+        // A JSON value always renders as YAML; JSON text (also valid YAML) is the fallback.
+        serde_yaml_ng::to_string(&self.config).unwrap_or_else(|_| self.config.to_string())
     }
 }
 

@@ -34,8 +34,8 @@ pub struct InvalidDocument {
     pub reason: String,
 }
 
-/// Checks an EndpointPickerConfig (given as YAML/JSON text) before it is committed; the node
-/// passes the scheduler's loader so this crate stays free of the scheduler.
+/// Checks an EndpointPickerConfig (given as YAML text, without `metadata`) before it is
+/// committed; the node passes the scheduler's loader so this crate stays free of the scheduler.
 pub type EppConfigValidator = std::sync::Arc<
     dyn Fn(&str) -> Result<(), Box<dyn std::error::Error + Send + Sync>> + Send + Sync,
 >;
