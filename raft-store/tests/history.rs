@@ -358,6 +358,11 @@ async fn run(seed: u64) -> Result<()> {
         }
     }
     check(&events, &final_state)?;
+    let snapshots: Vec<(NodeId, Option<u64>)> = NODES
+        .iter()
+        .map(|id| Ok((*id, c.store(*id)?.status().snapshot_index)))
+        .collect::<Result<_>>()?;
+    eprintln!("snapshot index per node: {snapshots:?}");
 
     // And all of it is still there after every node restarts from disk.
     c.kill_all().await;
