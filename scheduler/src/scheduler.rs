@@ -23,8 +23,8 @@ use crate::plugins::scorers::{
     SessionAffinityScorer, TokenLoadScorer, session_token,
 };
 use crate::plugins::{
-    CycleState, Decider, Filter, NextProfile, Picker, PreRequest, PrefixCycle, ProfileHandler,
-    ProfileRun, ResponseComplete, Scorer,
+    CycleState, DataProducer, Decider, Filter, NextProfile, Picker, PreRequest, PrefixCycle,
+    ProfileHandler, ProfileRun, ResponseComplete, Scorer,
 };
 use crate::prefix::{BlockHash, PrefixIndex, PrefixMatches, anchor};
 
@@ -427,25 +427,29 @@ impl Scheduler {
             prefix: None,
             cold: true,
         };
-        if let Some(p) = &self.prefix {
-            let mut pc = PrefixCycle::default();
-            match source {
-                PrefixSource::Local => p.produce(req, candidates, &mut pc),
-                PrefixSource::Remote { chain, matches } => {
-                    pc.hashes.clone_from(&chain.hashes);
-                    pc.block_size_tokens = chain.block_size_tokens;
-                    pc.matched.resize(candidates.len(), 0);
-                    spread_matches(matches, candidates, &mut pc.matched);
-                    // A remote answer can never credit more blocks than the chain has.
-                    let total = u32::try_from(chain.hashes.len()).unwrap_or(u32::MAX);
-                    for m in &mut pc.matched {
-                        *m = (*m).min(total);
-                    }
+        match (&self.prefix, source) {
+            (None, _) => {}
+            (Some(p), PrefixSource::Local) => DataProducer::produce(p, &mut cycle),
+            (Some(_), PrefixSource::Remote { chain, matches }) => {
+                let mut pc = PrefixCycle {
+                    hashes: chain.hashes.clone(),
+                    block_size_tokens: chain.block_size_tokens,
+                    matched: vec![0; candidates.len()],
+                };
+                spread_matches(matches, candidates, &mut pc.matched);
+                // A remote answer can never credit more blocks than the chain has.
+                let total = u32::try_from(chain.hashes.len()).unwrap_or(u32::MAX);
+                for m in &mut pc.matched {
+                    *m = (*m).min(total);
                 }
-                PrefixSource::Unavailable => p.hash_into(req, candidates, &mut pc),
+                cycle.cold = pc.matched.iter().all(|&m| m == 0);
+                cycle.prefix = Some(pc);
             }
-            cycle.cold = pc.matched.iter().all(|&m| m == 0);
-            cycle.prefix = Some(pc);
+            (Some(p), PrefixSource::Unavailable) => {
+                let mut pc = PrefixCycle::default();
+                p.hash_into(req, candidates, &mut pc);
+                cycle.prefix = Some(pc);
+            }
         }
         let mut runs: Vec<ProfileRun> = Vec::with_capacity(self.profiles.len());
         // Each profile runs or is skipped at most once; the bound guards a faulty handler.

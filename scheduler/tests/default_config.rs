@@ -84,3 +84,11 @@ fn no_candidates_is_an_error() {
             .is_err()
     );
 }
+
+#[test]
+fn scheduler_is_shareable_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Scheduler>();
+    assert_send_sync::<ResolvedConfig>();
+    assert_send_sync::<infermesh_scheduler::SchedulingResult>();
+}

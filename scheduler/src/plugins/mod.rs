@@ -82,6 +82,12 @@ pub trait Picker: Send + Sync + Debug {
     );
 }
 
+/// Produces per-cycle data before the profiles run (llm-d `DataProducer`).
+pub trait DataProducer: Send + Sync + Debug {
+    /// Fills its part of `cycle` (e.g. `cycle.prefix`) from the request and endpoints.
+    fn produce(&self, cycle: &mut CycleState<'_>);
+}
+
 /// Decides whether a disaggregated stage (prefill, encode) runs for this request.
 pub trait Decider: Send + Sync + Debug {
     /// `decode_target` is the candidate index chosen by the decode profile.

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use hashbrown::HashMap;
 
-use super::PrefixCycle;
+use super::{CycleState, DataProducer, PrefixCycle};
 use crate::config::params::ApproxPrefixParams;
 use crate::model::{Endpoint, InferenceRequest};
 use crate::prefix::{PrefixIndex, PrefixMatches, hash_prompt_into};
@@ -132,5 +132,15 @@ pub fn spread_matches(m: &PrefixMatches, endpoints: &[Endpoint], matched: &mut [
                 matched[i] = *c;
             }
         }
+    }
+}
+
+impl DataProducer for ApproxPrefixProducer {
+    /// Hashes the prompt, matches it locally and marks the cycle cold when nothing matched.
+    fn produce(&self, cycle: &mut CycleState<'_>) {
+        let mut pc = cycle.prefix.take().unwrap_or_default();
+        ApproxPrefixProducer::produce(self, cycle.request, cycle.endpoints, &mut pc);
+        cycle.cold = pc.matched.iter().all(|&m| m == 0);
+        cycle.prefix = Some(pc);
     }
 }
