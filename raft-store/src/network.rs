@@ -324,3 +324,39 @@ impl RaftNetwork<TypeConfig> for NetworkConnection {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_carry_their_version_and_other_versions_are_refused() {
+        let bytes = encode_request(RaftRpc::TimeoutNow { lease_ms: 7 }).unwrap();
+        assert!(matches!(
+            decode_request(&bytes),
+            Ok(RaftRpc::TimeoutNow { lease_ms: 7 })
+        ));
+        let mut other = postcard::to_stdvec(&(RAFT_WIRE_VERSION + 1, 0u8)).unwrap();
+        other.extend_from_slice(&bytes[1..]);
+        let err = decode_request(&other).unwrap_err();
+        assert!(err.contains("wire version"), "{err}");
+        assert!(decode_request(b"").is_err());
+        assert!(decode_request(&[1, 250, 250, 250]).is_err());
+    }
+
+    #[test]
+    fn replies_round_trip() {
+        let reply = RaftReply::Write(Err(ForwardRefused::NotLeader {
+            leader: Some(3),
+            leader_node: Some(Node::new("mem://3")),
+        }));
+        let back: RaftReply = postcard::from_bytes(&encode_reply(&reply)).unwrap();
+        assert!(matches!(
+            back,
+            RaftReply::Write(Err(ForwardRefused::NotLeader {
+                leader: Some(3),
+                ..
+            }))
+        ));
+    }
+}

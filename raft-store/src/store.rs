@@ -803,8 +803,9 @@ impl PolicyStore {
         outcome
     }
 
-    /// Builds a snapshot now and purges the log it covers (once every follower has it);
-    /// returns the snapshot's index.
+    /// Builds a snapshot now and purges the log it covers (as soon as no replication stream
+    /// is still sending those entries; a lagging follower then gets the snapshot); returns
+    /// the snapshot's index.
     pub async fn compact(&self) -> Result<u64, ClusterError> {
         let applied = self.metrics().last_applied.map_or(0, |l| l.index);
         let raft = &self.inner.raft;
@@ -829,7 +830,7 @@ impl PolicyStore {
             .purge_log(index)
             .await
             .map_err(|e| ClusterError::Unavailable(boxed(e)))?;
-        // The leader purges only what every follower has received; wait for that.
+        // The leader postpones a purge while a replication stream is sending those entries.
         raft.wait(Some(wait_for))
             .metrics(|m| m.purged.is_some_and(|p| p.index >= index), "log purged")
             .await

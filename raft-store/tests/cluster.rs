@@ -393,3 +393,43 @@ async fn nodes_join_through_any_member_and_voters_grow_to_three_then_five() -> R
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lagging_follower_catches_up_by_snapshot_after_compaction() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut c = TestCluster::new(dir.path(), 17).with_config(small_snapshots);
+    c.start_bootstrapped(&[1, 2, 3], &[]).await?;
+    let leader = c.wait_leader(&[1, 2, 3], WAIT).await?;
+    let lagging = [1, 2, 3].into_iter().find(|v| *v != leader).unwrap();
+    c.net.isolate(lagging);
+    let store = c.store(leader)?;
+    let mut last = 0;
+    for i in 0..30 {
+        last = store
+            .apply_yaml(&objective_yaml(&format!("o{i}"), i), Route::Local)
+            .await?
+            .index;
+    }
+    let snap = store.compact().await?;
+    assert!(store.status().purged_index.is_some_and(|p| p >= snap));
+    let before = c.store(lagging)?.status();
+    assert!(
+        before.applied_index.unwrap_or(0) < snap,
+        "the follower really lags: {before:?}"
+    );
+
+    c.net.heal();
+    c.wait_applied(lagging, last, WAIT).await?;
+    let s = c.store(lagging)?.status();
+    assert!(
+        s.snapshot_index.is_some_and(|i| i >= snap),
+        "caught up by snapshot: {s:?}"
+    );
+    assert_eq!(c.store(lagging)?.policy().objectives().count(), 30);
+    // And it keeps what it installed across a restart.
+    c.kill(lagging).await;
+    c.start(lagging).await?;
+    c.wait_applied(lagging, last, WAIT).await?;
+    assert_eq!(c.store(lagging)?.policy().objectives().count(), 30);
+    Ok(())
+}
