@@ -58,9 +58,11 @@ case "$SCENARIO" in
     QPS="${QPS:-12}"; MAX_REQUESTS="${MAX_REQUESTS:-1500}"; DURATION_S="${DURATION_S:-120}"
     ;;
   overload-sweep)
-    # Same workload; offered load from well below to well above the cache-blind capacity.
-    SYS_TOKENS=6000; Q_TOKENS=1200; PPG=5; OUT_TOKENS=128; FILL=0.75
-    QPS="${QPS:-8,16,32,64}"; MAX_REQUESTS="${MAX_REQUESTS:-1200}"; DURATION_S="${DURATION_S:-25}"
+    # The shared-prefix shape with prefixes filling 25% of the fleet's KV (167 groups), so
+    # a 30 s point already repeats groups; offered load from below to ~3x the cache-blind
+    # capacity (~22 req/s, see above). Each point uses seed + k: its prefixes start cold.
+    SYS_TOKENS=6000; Q_TOKENS=1200; PPG=5; OUT_TOKENS=128; FILL=0.25
+    QPS="${QPS:-8,16,32,64}"; MAX_REQUESTS="${MAX_REQUESTS:-2000}"; DURATION_S="${DURATION_S:-30}"
     ;;
   smoke)
     # Seconds-long sanity run of the whole pipeline on small pods.
@@ -74,7 +76,7 @@ esac
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   cargo build --release -p infermesh-sim -p infermesh-bench
   if printf '%s\n' "${ROUTERS[@]}" | grep -qx infermesh; then
-    cargo build --release -p infermesh-node || echo "run.sh: building infermesh-node failed; its leg will be skipped" >&2
+    cargo build --release -p infermesh-node --bin infermesh || echo "run.sh: building infermesh-node failed; its leg will be skipped" >&2
   fi
 fi
 SIM="$BIN_DIR/infermesh-sim"
@@ -134,11 +136,24 @@ start_router() {
     infermesh)
       local bin="$BIN_DIR/infermesh"
       if [ ! -x "$bin" ] || ! "$bin" serve --help >/dev/null 2>&1; then
-        echo "run.sh: SKIP infermesh: $bin has no 'serve' subcommand yet (the standalone proxy is not built)" >&2
+        echo "run.sh: SKIP infermesh: $bin has no 'serve' subcommand (build it: cargo build --release -p infermesh-node)" >&2
         return 2
       fi
-      printf '%s\n' "${POD_URLS[@]}" >"$WORK/endpoints.txt"
-      "$bin" serve --proxy-addr "127.0.0.1:$ROUTER_PORT" --endpoints "$WORK/endpoints.txt" >"$WORK/router.log" 2>&1 &
+      {
+        echo "apiVersion: inference.networking.k8s.io/v1"
+        echo "kind: InferencePool"
+        echo "metadata: {name: sim}"
+        echo "spec:"
+        echo "  targetPorts: [{number: $BASE_PORT}]"
+        echo "models: [$MODEL]"
+        echo "pods:"
+        for ((i = 0; i < PODS; i++)); do
+          echo "- {name: sim-$i, address: 127.0.0.1, targetPorts: [{number: $((BASE_PORT + i))}]}"
+        done
+      } >"$WORK/pool.yaml"
+      "$bin" serve --proxy-addr "127.0.0.1:$ROUTER_PORT" --endpoints "$WORK/pool.yaml" \
+        --ext-proc-addr "127.0.0.1:$((ROUTER_PORT + 200))" --metrics-addr "127.0.0.1:$((ROUTER_PORT + 201))" \
+        >"$WORK/router.log" 2>&1 &
       PIDS+=($!)
       ;;
     sglang-router)
@@ -196,6 +211,12 @@ for router in "${ROUTERS[@]}"; do
 done
 
 [ ${#REPORTS[@]} -gt 0 ] || die "no router ran"
+# The table and plot cover every router's latest report for this scenario, so legs run
+# in separate invocations end up side by side.
+REPORTS=()
+for r in round-robin infermesh sglang-router vllm-router; do
+  [ -f "$OUT_DIR/$SCENARIO/$r.json" ] && REPORTS+=("$OUT_DIR/$SCENARIO/$r.json")
+done
 {
   echo "# $SCENARIO: $PODS pods, profile $PROFILE, time scale $TIME_SCALE, seed $SEED"
   echo
