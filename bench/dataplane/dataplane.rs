@@ -97,8 +97,9 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         // The whole group: console scripts may have started the real binary as a child.
+        let group = format!("-{}", self.child.id());
         let _ = Command::new("kill")
-            .args(["-TERM", &format!("-{}", self.child.id())])
+            .args(["-s", "TERM", "--", &group])
             .status();
         let deadline = Instant::now() + Duration::from_secs(3);
         while Instant::now() < deadline {
@@ -108,8 +109,9 @@ impl Drop for Proc {
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = Command::new("kill")
-            .args(["-KILL", &format!("-{}", self.child.id())])
+            .args(["-s", "KILL", "--", &group])
             .status();
+        let _ = self.child.kill();
         let _ = self.child.wait();
         eprintln!("{} needed SIGKILL", self.name);
     }
@@ -287,6 +289,10 @@ fn run_wrk(
     let cpu1 = cpu_pid.map(cpu_seconds);
     let text = String::from_utf8_lossy(&out.stdout);
     let mut r = parse_wrk(&text)?;
+    eprintln!(
+        "  {target} c={connections}: {:.0} req/s, p50 {:.0} µs, p99 {:.0} µs",
+        r.rps, r.p50_us, r.p99_us
+    );
     if let (Some(a), Some(b)) = (cpu0, cpu1)
         && r.requests > 0
     {

@@ -47,9 +47,10 @@ pub enum StartError {
     Watch(#[from] notify::Error),
 }
 
-/// Handle to a started node.
+/// A started node: its bound addresses and the handles later subsystems (gossip, Raft
+/// policy, xDS) plug into. Built from a [`NodeConfig`] by [`App::start`].
 #[derive(Debug)]
-pub struct RunningNode {
+pub struct App {
     /// Bound ext_proc (gRPC) address.
     pub ext_proc_addr: SocketAddr,
     /// Bound proxy address.
@@ -57,6 +58,7 @@ pub struct RunningNode {
     /// Bound `/metrics` address.
     pub metrics_addr: Option<SocketAddr>,
     pool: SharedPool,
+    policy: SharedPolicy,
     pool_tx: mpsc::Sender<PoolInput>,
     synced: watch::Receiver<bool>,
     shutdown: watch::Sender<bool>,
@@ -76,8 +78,7 @@ fn local(l: &TcpListener, what: &'static str, addr: SocketAddr) -> Result<Socket
         .map_err(|source| StartError::Bind { what, addr, source })
 }
 
-/// Starts a node from a validated config.
-pub async fn start(cfg: NodeConfig) -> Result<RunningNode, StartError> {
+async fn start(cfg: NodeConfig) -> Result<App, StartError> {
     let metrics = Arc::new(NodeMetrics::new());
     let policy: SharedPolicy = Arc::new(ArcSwap::from_pointee(Policy::new(&cfg.scheduler)?));
     let pool: SharedPool = Arc::new(ArcSwap::from_pointee(PoolView::default()));
@@ -236,11 +237,12 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, StartError> {
     }
 
     tracing::info!(%ext_proc_addr, ?proxy_addr, ?metrics_addr, "infermesh node started");
-    Ok(RunningNode {
+    Ok(App {
         ext_proc_addr,
         proxy_addr,
         metrics_addr,
         pool,
+        policy,
         pool_tx,
         synced,
         shutdown,
@@ -250,7 +252,21 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, StartError> {
     })
 }
 
-impl RunningNode {
+impl App {
+    /// Binds every listener, starts the tasks, and returns once the node serves.
+    pub async fn start(cfg: NodeConfig) -> Result<App, StartError> {
+        start(cfg).await
+    }
+
+    /// Swaps in a new EndpointPickerConfig; requests already scheduled keep the old one.
+    pub fn set_scheduler_config(
+        &self,
+        cfg: &infermesh_scheduler::ResolvedConfig,
+    ) -> Result<(), Box<infermesh_scheduler::ConfigError>> {
+        self.policy.store(Arc::new(Policy::new(cfg)?));
+        Ok(())
+    }
+
     /// The current pool view.
     pub fn pool(&self) -> Arc<PoolView> {
         self.pool.load_full()

@@ -109,9 +109,9 @@ impl ServeArgs {
     }
 }
 
-fn init_tracing() {
+fn init_tracing(default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -131,11 +131,12 @@ pub fn run(cli: Cli) -> ExitCode {
             command: ConfigCommand::Check { file },
         } => config_check(&file),
         Command::Serve(args) => {
-            init_tracing();
+            init_tracing("info");
             serve(args)
         }
         Command::Demo(args) => {
-            init_tracing();
+            // The demo prints a report; per-endpoint logs would bury it.
+            init_tracing("warn");
             match runtime()
                 .map_err(anyhow::Error::from)
                 .and_then(|rt| rt.block_on(crate::demo::run(args)))
@@ -186,7 +187,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     rt.block_on(async move {
-        let node = match crate::app::start(cfg).await {
+        let node = match crate::app::App::start(cfg).await {
             Ok(n) => n,
             Err(e) => {
                 eprintln!("error: {e}");

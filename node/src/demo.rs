@@ -116,7 +116,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<String> {
         fleet_pool(&addrs, &model),
         ResolvedConfig::builtin_default(),
     )?;
-    let node = crate::app::start(cfg).await?;
+    let node = crate::app::App::start(cfg).await?;
     let proxy = node.proxy_addr.context("the demo node has a proxy")?;
     if !node.wait_ready(args.pods, Duration::from_secs(15)).await {
         node.shutdown(Duration::from_secs(2)).await;

@@ -490,3 +490,124 @@ impl Drop for Ticket {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{HashMap, HashSet};
+
+    use arc_swap::ArcSwap;
+    use infermesh_scheduler::{Metrics, ResolvedConfig};
+
+    use super::*;
+    use crate::discovery::EndpointSpec;
+    use crate::pool::PoolView;
+    use crate::scrape::engine::Engine;
+
+    fn dispatcher(waiting: u32, kv: f64) -> Dispatcher {
+        let now = Instant::now();
+        let slots = (0..4u8)
+            .map(|i| {
+                let s = Arc::new(EndpointSlot::new(EndpointSpec {
+                    address: SocketAddr::from(([10, 0, 0, i], 8000)),
+                    pod: format!("p{i}"),
+                    labels: Default::default(),
+                    engine: Engine::Vllm,
+                }));
+                s.record_scrape(Metrics {
+                    waiting_queue: waiting,
+                    kv_cache_usage: kv,
+                    ..Metrics::idle(now)
+                });
+                s
+            })
+            .collect();
+        let view = PoolView::new(
+            "t".into(),
+            slots,
+            HashSet::from(["m".to_owned()]),
+            HashMap::from([("batch".to_owned(), -1), ("chat".to_owned(), 5)]),
+        );
+        Dispatcher::new(
+            Arc::new(ArcSwap::from_pointee(view)),
+            Arc::new(ArcSwap::from_pointee(
+                Policy::new(&ResolvedConfig::builtin_default()).unwrap(),
+            )),
+            Arc::new(NodeMetrics::new()),
+            DispatchConfig {
+                max_body_bytes: 1 << 20,
+                staleness: Duration::from_secs(60),
+            },
+        )
+    }
+
+    fn meta(objective: &str) -> RequestMeta {
+        RequestMeta::from_headers([(OBJECTIVE_HEADER, objective), ("X-Request-Id", "id-1")])
+    }
+
+    const BODY: &[u8] = br#"{"model":"m","prompt":"hello there"}"#;
+
+    #[test]
+    fn sheddable_requests_get_429_only_when_saturated() {
+        let saturated = dispatcher(50, 0.95);
+        let err = saturated
+            .dispatch(ApiKind::Completions, BODY, meta("batch"), &[])
+            .unwrap_err();
+        assert_eq!((err.status, err.outcome), (429, Outcome::Shed));
+        // Non-sheddable requests are never shed.
+        assert!(
+            saturated
+                .dispatch(ApiKind::Completions, BODY, meta("chat"), &[])
+                .is_ok()
+        );
+        assert!(
+            saturated
+                .dispatch(ApiKind::Completions, BODY, meta(""), &[])
+                .is_ok()
+        );
+        // Sheddable but the pool is idle.
+        let idle = dispatcher(0, 0.1);
+        assert!(
+            idle.dispatch(ApiKind::Completions, BODY, meta("batch"), &[])
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn request_meta_reads_headers_case_insensitively() {
+        let m = meta("chat");
+        assert_eq!(m.request_id, "id-1");
+        assert_eq!(m.objective, "chat");
+        assert_eq!(m.fairness_id, "default-flow");
+        let m = RequestMeta::from_headers([(FAIRNESS_HEADER, "tenant-a"), (":path", "/x")]);
+        assert_eq!(m.fairness_id, "tenant-a");
+        assert!(!m.headers.contains_key(":path"));
+        assert_eq!(
+            m.headers[REQUEST_ID_HEADER], m.request_id,
+            "the generated id is forwarded"
+        );
+    }
+
+    #[test]
+    fn excluded_endpoints_are_never_picked_and_in_flight_follows_the_ticket() {
+        let d = dispatcher(0, 0.1);
+        let exclude: Vec<SocketAddr> = (0..3u8)
+            .map(|i| SocketAddr::from(([10, 0, 0, i], 8000)))
+            .collect();
+        let t = d
+            .dispatch(ApiKind::Completions, BODY, meta(""), &exclude)
+            .unwrap();
+        let only = SocketAddr::from(([10, 0, 0, 3], 8000));
+        assert_eq!(t.destinations(), [only]);
+        let pool = d.pool().load();
+        assert_eq!(pool.slot(only).unwrap().in_flight().requests, 1);
+        t.finish(None, Outcome::Success, None);
+        assert_eq!(pool.slot(only).unwrap().in_flight().requests, 0);
+        let all: Vec<SocketAddr> = (0..4u8)
+            .map(|i| SocketAddr::from(([10, 0, 0, i], 8000)))
+            .collect();
+        let err = d
+            .dispatch(ApiKind::Completions, BODY, meta(""), &all)
+            .unwrap_err();
+        assert_eq!(err.status, 503);
+    }
+}

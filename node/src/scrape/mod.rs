@@ -159,3 +159,90 @@ mod tests {
         assert!(parse_model_list(b"{}").is_err());
     }
 }
+
+#[cfg(test)]
+mod fetch_tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use axum::Router;
+    use axum::routing::get;
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::discovery::EndpointSpec;
+    use crate::scrape::engine::Engine;
+    use crate::upstream::http_client;
+
+    const PAGE: &str =
+        "vllm:num_requests_waiting 2\nvllm:num_requests_running 1\nvllm:kv_cache_usage_perc 0.25\n";
+
+    async fn serve(listener: TcpListener) -> tokio::task::JoinHandle<()> {
+        // `connection: close` so that stopping the listener stops the pod (no kept-alive socket).
+        let close = || [(http::header::CONNECTION, "close")];
+        let app = Router::new()
+            .route("/metrics", get(move || async move { (close(), PAGE) }))
+            .route(
+                "/v1/models",
+                get(move || async move { (close(), r#"{"data":[{"id":"m"}]}"#) }),
+            );
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        })
+    }
+
+    async fn wait_until(what: &str, f: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting until {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pod_that_stops_answering_goes_down_and_comes_back() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = serve(listener).await;
+        let slot = Arc::new(EndpointSlot::new(EndpointSpec {
+            address: addr,
+            pod: "p".into(),
+            labels: Default::default(),
+            engine: Engine::Vllm,
+        }));
+        let (tx, mut rx) = mpsc::channel(8);
+        let cfg = ScrapeConfig {
+            interval: Duration::from_millis(20),
+            timeout: Duration::from_millis(500),
+            models_refresh: Duration::from_secs(60),
+        };
+        let task = spawn_scraper(
+            slot.clone(),
+            http_client(Duration::from_millis(200)),
+            cfg,
+            tx,
+            Arc::new(NodeMetrics::new()),
+        );
+        wait_until("the pod is up", || slot.is_up()).await;
+        let m = slot.metrics().unwrap();
+        assert_eq!((m.waiting_queue, m.running, m.kv_cache_usage), (2, 1, 0.25));
+        match rx.recv().await {
+            Some(PoolInput::Models { addr: a, models }) => {
+                assert_eq!((a, models), (addr, vec!["m".to_owned()]))
+            }
+            other => panic!("expected the pod's models, got {other:?}"),
+        }
+
+        server.abort();
+        let _ = server.await;
+        wait_until("the pod is down", || !slot.is_up()).await;
+
+        let server = serve(TcpListener::bind(addr).await.unwrap()).await;
+        wait_until("the pod is back", || slot.is_up()).await;
+        task.abort();
+        server.abort();
+    }
+}

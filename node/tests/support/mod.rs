@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use infermesh_node::app::{self, RunningNode};
+use infermesh_node::app::App;
 use infermesh_node::config::NodeConfig;
 use infermesh_node::demo::fleet_pool;
 use infermesh_node::upstream::{HttpClient, http_client};
@@ -221,7 +221,7 @@ pub struct Harness {
     /// Their addresses, in pod order.
     pub pods: Vec<SocketAddr>,
     /// The node under test.
-    pub node: RunningNode,
+    pub node: App,
     /// Envoy in front of the node's ext_proc server.
     pub envoy: Option<Envoy>,
     /// A client for the test's own requests.
@@ -253,7 +253,7 @@ impl Harness {
         )
         .expect("valid node config");
         tweak(&mut node_cfg);
-        let node = app::start(node_cfg).await.expect("node starts");
+        let node = App::start(node_cfg).await.expect("node starts");
         assert!(
             node.wait_ready(pods, Duration::from_secs(15)).await,
             "pods did not all answer their first scrape"
