@@ -16,7 +16,7 @@ use crate::plugins::prefix::spread_matches;
 use crate::plugins::profiles::{
     AlwaysDisaggDecider, DisaggProfileHandler, PrefixBasedPdDecider, SingleProfileHandler,
 };
-use crate::plugins::saturation::UtilizationDetector;
+use crate::plugins::saturation::{ConcurrencyDetector, SaturationDetector, UtilizationDetector};
 use crate::plugins::scorers::{
     ActiveRequestScorer, KvCacheUtilizationScorer, LoadAwareScorer, LoraAffinityScorer,
     NoHitLruScorer, PrefixCacheScorer, QueueScorer, RunningRequestsScorer, SESSION_TOKEN_HEADER,
@@ -181,7 +181,7 @@ pub struct Scheduler {
     prefix: Option<ApproxPrefixProducer>,
     pre_request_hooks: Vec<Arc<dyn PreRequest>>,
     response_hooks: Vec<Arc<dyn ResponseComplete>>,
-    saturation: UtilizationDetector,
+    saturation: SaturationDetector,
     session_affinity: bool,
 }
 
@@ -203,6 +203,9 @@ fn build(spec: &PluginSpec, pre: &mut Vec<Arc<dyn PreRequest>>) -> Instance {
         }
         S::UtilizationDetector(p) => {
             Instance::Filter(Arc::new(UtilizationDetector::new(p.clone())))
+        }
+        S::ConcurrencyDetector(p) => {
+            Instance::Filter(Arc::new(ConcurrencyDetector::new(p.clone())))
         }
         S::PrefixCacheScorer(_) => Instance::Scorer(Arc::new(PrefixCacheScorer)),
         S::KvCacheUtilizationScorer => Instance::Scorer(Arc::new(KvCacheUtilizationScorer)),
@@ -349,7 +352,12 @@ impl Scheduler {
             prefix,
             pre_request_hooks,
             response_hooks: Vec::new(),
-            saturation: UtilizationDetector::new(cfg.utilization()),
+            saturation: match cfg.saturation_spec() {
+                Some(PluginSpec::ConcurrencyDetector(p)) => {
+                    SaturationDetector::Concurrency(ConcurrencyDetector::new(p.clone()))
+                }
+                _ => SaturationDetector::Utilization(UtilizationDetector::new(cfg.utilization())),
+            },
             session_affinity,
         })
     }
@@ -576,7 +584,7 @@ impl Scheduler {
         }
     }
 
-    /// Pool saturation from the utilization detector (average per-endpoint utilization).
+    /// Pool saturation from the configured detector (>= 1.0 = saturated).
     pub fn saturation(&self, candidates: &[Endpoint], now: Instant) -> f64 {
         self.saturation.saturation(candidates, now)
     }

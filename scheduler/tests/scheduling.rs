@@ -322,3 +322,23 @@ fn remote_prefix_matches_drive_the_pick() {
     assert!(res.cold);
     assert_eq!(res.prefix_match.unwrap().hashes, chain.hashes);
 }
+
+#[test]
+fn concurrency_detector_admits_and_filters_on_in_flight() {
+    let s = sched(
+        "plugins:\n- type: concurrency-detector\n  parameters: {maxConcurrency: 4}\n- type: queue-scorer\nsaturationDetector:\n  pluginRef: concurrency-detector\nschedulingProfiles:\n- name: x\n  plugins: [{pluginRef: concurrency-detector}, {pluginRef: queue-scorer}]\n",
+    );
+    let now = Instant::now();
+    let mut eps = vec![ep(0, &[], 0, 0.1, now), ep(1, &[], 3, 0.1, now)];
+    eps[0].in_flight.requests = 4;
+    eps[1].in_flight.requests = 1;
+    // Endpoint 0 is at its limit: filtered out despite the better queue.
+    let r = s.schedule(&req(10), &eps, now, &mut rng(1)).unwrap();
+    assert_eq!(r.destinations(), &[eps[1].address]);
+    let mut shed = req(10);
+    shed.priority = -5;
+    assert!(s.admit(&shed, &eps, now).is_ok()); // 5 / 8
+    eps[1].in_flight.requests = 4;
+    assert!(s.admit(&shed, &eps, now).is_err()); // 8 / 8
+    assert!(s.schedule(&req(10), &eps, now, &mut rng(1)).is_err());
+}

@@ -218,6 +218,11 @@ impl ResolvedConfig {
         }
     }
 
+    /// The saturation detector's spec.
+    pub fn saturation_spec(&self) -> Option<&PluginSpec> {
+        self.plugin(&self.saturation_detector).map(|p| &p.spec)
+    }
+
     /// The first metrics data source and its core-metrics extractor, for the node's fetcher.
     pub fn metrics_source(
         &self,

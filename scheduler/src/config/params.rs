@@ -514,6 +514,58 @@ impl UtilizationParams {
     }
 }
 
+/// What `concurrency-detector` counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConcurrencyMode {
+    /// In-flight requests.
+    #[default]
+    Requests,
+    /// In-flight tokens.
+    Tokens,
+}
+
+/// `concurrency-detector`: saturation from in-flight load.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct ConcurrencyParams {
+    /// Count requests or tokens.
+    pub concurrency_mode: ConcurrencyMode,
+    /// In-flight requests an endpoint takes (requests mode).
+    pub max_concurrency: i64,
+    /// In-flight tokens an endpoint takes (tokens mode).
+    pub max_token_concurrency: i64,
+    /// Extra room above the limit for the filter role.
+    pub headroom: f64,
+}
+
+impl Default for ConcurrencyParams {
+    fn default() -> Self {
+        ConcurrencyParams {
+            concurrency_mode: ConcurrencyMode::Requests,
+            max_concurrency: 100,
+            max_token_concurrency: 1_000_000,
+            headroom: 0.0,
+        }
+    }
+}
+
+impl ConcurrencyParams {
+    /// llm-d's `validateConfig`.
+    pub fn validate(&self) -> Result<(), ParamProblem> {
+        if self.max_concurrency <= 0 {
+            return Err(problem("maxConcurrency", "must be strictly positive"));
+        }
+        if self.max_token_concurrency <= 0 {
+            return Err(problem("maxTokenConcurrency", "must be strictly positive"));
+        }
+        if self.headroom.is_nan() || self.headroom < 0.0 {
+            return Err(problem("headroom", "must be a non-negative value"));
+        }
+        Ok(())
+    }
+}
+
 /// `metrics-data-source`: where the node's fetcher scrapes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]

@@ -108,6 +108,8 @@ pub enum PluginSpec {
     CoreMetricsExtractor(CoreMetricsExtractorParams),
     /// `utilization-detector`
     UtilizationDetector(UtilizationParams),
+    /// `concurrency-detector`
+    ConcurrencyDetector(ConcurrencyParams),
     /// `openai-parser`
     OpenAiParser,
 }
@@ -144,6 +146,7 @@ impl PluginSpec {
             PluginSpec::MetricsDataSource(_) => "metrics-data-source",
             PluginSpec::CoreMetricsExtractor(_) => "core-metrics-extractor",
             PluginSpec::UtilizationDetector(_) => "utilization-detector",
+            PluginSpec::ConcurrencyDetector(_) => "concurrency-detector",
             PluginSpec::OpenAiParser => "openai-parser",
         }
     }
@@ -174,14 +177,17 @@ impl PluginSpec {
             ApproxPrefixCacheProducer(_) | InflightLoadProducer => PluginKind::DataProducer,
             MetricsDataSource(_) => PluginKind::DataSource,
             CoreMetricsExtractor(_) => PluginKind::DataExtractor,
-            UtilizationDetector(_) => PluginKind::SaturationDetector,
+            UtilizationDetector(_) | ConcurrencyDetector(_) => PluginKind::SaturationDetector,
             OpenAiParser => PluginKind::Parser,
         }
     }
 
     /// Whether a scheduling profile may list it as a filter.
     pub fn is_filter(&self) -> bool {
-        self.kind() == PluginKind::Filter || matches!(self, PluginSpec::UtilizationDetector(_))
+        matches!(
+            self.kind(),
+            PluginKind::Filter | PluginKind::SaturationDetector
+        )
     }
 
     /// The parameters with defaults filled in, as compact JSON (for `config check`).
@@ -205,6 +211,7 @@ impl PluginSpec {
             MetricsDataSource(p) => j(p),
             CoreMetricsExtractor(p) => j(p),
             UtilizationDetector(p) => j(p),
+            ConcurrencyDetector(p) => j(p),
             PrefixCacheScorer(None)
             | DecodeFilter
             | PrefillFilter
@@ -322,10 +329,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
     ("probabilistic-admitter", "not implemented"),
     ("context-length-aware", "not implemented"),
     (
-        "concurrency-detector",
-        "not implemented; use utilization-detector",
-    ),
-    (
         "always-disagg-multimodal-decider",
         "not implemented (no encode stage yet)",
     ),
@@ -421,6 +424,7 @@ pub const KNOWN_TYPES: &[&str] = &[
     "metrics-data-source",
     "core-metrics-extractor",
     "utilization-detector",
+    "concurrency-detector",
     "openai-parser",
 ];
 
@@ -517,6 +521,11 @@ pub fn parse_spec(type_name: &str, params: Option<&Value>) -> Result<PluginSpec,
             let p: UtilizationParams = parse(params)?;
             check(p.validate())?;
             S::UtilizationDetector(p)
+        }
+        "concurrency-detector" => {
+            let p: ConcurrencyParams = parse(params)?;
+            check(p.validate())?;
+            S::ConcurrencyDetector(p)
         }
         "openai-parser" => none(params).map(|_| S::OpenAiParser)?,
         other => {

@@ -1,11 +1,12 @@
-//! `utilization-detector`: pool saturation for admission, and an over-limit filter.
+//! Saturation detectors (`utilization-detector`, `concurrency-detector`): pool saturation
+//! for admission, and over-limit filters.
 
 use std::time::Instant;
 
 use rand::RngCore;
 
 use super::{CycleState, Filter};
-use crate::config::params::UtilizationParams;
+use crate::config::params::{ConcurrencyMode, ConcurrencyParams, UtilizationParams};
 use crate::model::{Endpoint, Metrics};
 
 /// llm-d's utilization detector.
@@ -57,6 +58,70 @@ impl Filter for UtilizationDetector {
         };
         if candidates.iter().any(|&i| ok(i)) {
             candidates.retain(|&i| ok(i));
+        }
+    }
+}
+
+/// llm-d's concurrency detector, over the in-flight load the caller reports.
+#[derive(Debug, Clone)]
+pub struct ConcurrencyDetector {
+    params: ConcurrencyParams,
+}
+
+impl ConcurrencyDetector {
+    /// A detector with these limits.
+    pub fn new(params: ConcurrencyParams) -> Self {
+        ConcurrencyDetector { params }
+    }
+
+    fn load_and_limit(&self, e: &Endpoint) -> (f64, f64) {
+        match self.params.concurrency_mode {
+            ConcurrencyMode::Requests => (
+                f64::from(e.in_flight.requests),
+                self.params.max_concurrency as f64,
+            ),
+            ConcurrencyMode::Tokens => (
+                e.in_flight.tokens as f64,
+                self.params.max_token_concurrency as f64,
+            ),
+        }
+    }
+
+    /// Total in-flight over total capacity; no endpoints = 1.0.
+    pub fn saturation(&self, endpoints: &[Endpoint]) -> f64 {
+        let (load, cap) = endpoints.iter().fold((0.0, 0.0), |(l, c), e| {
+            let (x, y) = self.load_and_limit(e);
+            (l + x, c + y)
+        });
+        if cap <= 0.0 { 1.0 } else { load / cap }
+    }
+}
+
+impl Filter for ConcurrencyDetector {
+    /// Keeps endpoints under `limit × (1 + headroom)` (llm-d does not fail open here).
+    fn filter(&self, cycle: &CycleState<'_>, _: &mut dyn RngCore, candidates: &mut Vec<usize>) {
+        candidates.retain(|&i| {
+            let (load, limit) = self.load_and_limit(&cycle.endpoints[i]);
+            load < (limit * (1.0 + self.params.headroom)).trunc()
+        });
+    }
+}
+
+/// The configured saturation detector.
+#[derive(Debug, Clone)]
+pub enum SaturationDetector {
+    /// `utilization-detector`
+    Utilization(UtilizationDetector),
+    /// `concurrency-detector`
+    Concurrency(ConcurrencyDetector),
+}
+
+impl SaturationDetector {
+    /// Pool saturation; >= 1.0 means saturated.
+    pub fn saturation(&self, endpoints: &[Endpoint], now: Instant) -> f64 {
+        match self {
+            SaturationDetector::Utilization(d) => d.saturation(endpoints, now),
+            SaturationDetector::Concurrency(d) => d.saturation(endpoints),
         }
     }
 }
