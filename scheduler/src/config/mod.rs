@@ -252,9 +252,26 @@ fn yaml_error(e: serde_path_to_error::Error<serde_yaml_ng::Error>) -> ConfigErro
         line: l.line(),
         column: l.column(),
     });
+    let mut path = e.path().to_string();
+    if path == "?" || path == "." {
+        path.clear();
+    }
+    // serde_yaml_ng repeats the path and the position inside its message; keep them once.
+    let mut message = e.inner().to_string();
+    if let Some(l) = location {
+        let suffix = format!(" at line {} column {}", l.line, l.column);
+        if let Some(stripped) = message.strip_suffix(&suffix) {
+            message = stripped.to_owned();
+        }
+    }
+    if !path.is_empty()
+        && let Some(stripped) = message.strip_prefix(&format!("{path}: "))
+    {
+        message = stripped.to_owned();
+    }
     ConfigError::Yaml {
-        path: e.path().to_string(),
-        message: e.inner().to_string(),
+        path,
+        message,
         location,
     }
 }
