@@ -34,7 +34,10 @@ fn python() -> std::path::PathBuf {
 #[test]
 fn grpc_python_resolves_xds_target() {
     let py = python();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let backend = start_backend("unused").await;
         let picker = PickerNode::start("picker-1", backend).await;
@@ -46,7 +49,10 @@ fn grpc_python_resolves_xds_target() {
                 grpc_services: vec!["infermesh-epp".into()],
             })
             .unwrap();
-        wait_for("the snapshot", Duration::from_secs(10), || async { node.server.current() }).await;
+        wait_for("the snapshot", Duration::from_secs(10), || async {
+            node.server.current()
+        })
+        .await;
 
         let dir = tempfile::tempdir().unwrap();
         let bootstrap = dir.path().join("bootstrap.json");
@@ -90,11 +96,21 @@ fn grpc_python_resolves_xds_target() {
             .iter()
             .find(|e| e.node_id == "grpc-python")
             .expect("the gRPC client in the sync status");
-        assert!(client.user_agent.contains("Python"), "{}", client.user_agent);
+        assert!(
+            client.user_agent.contains("Python"),
+            "{}",
+            client.user_agent
+        );
         let lds = &client.types[ResourceType::Listener as usize];
-        assert!(!lds.wildcard && lds.names == 1, "gRPC asks for its listener by name: {lds:?}");
+        assert!(
+            !lds.wildcard && lds.names == 1,
+            "gRPC asks for its listener by name: {lds:?}"
+        );
         for t in &client.types {
-            assert!(t.subscribed && t.last_acked.is_some() && t.nack.is_none(), "{t:?}");
+            assert!(
+                t.subscribed && t.last_acked.is_some() && t.nack.is_none(),
+                "{t:?}"
+            );
         }
     });
 }
