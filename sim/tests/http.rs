@@ -262,3 +262,41 @@ async fn prefill_decode_handoff_and_lora_over_http() {
     );
     fleet.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_away_mid_stream_frees_its_sequence() {
+    // Real-time 8B profile: 1000 tokens take ~6 s, so the request is surely still running.
+    let fleet = Fleet::start(FleetConfig::new(1)).await.unwrap();
+    let a = fleet.addrs()[0];
+    let c = client();
+    let body = json!({"prompt": "hello", "max_tokens": 1000, "stream": true});
+    let req = hyper::Request::builder()
+        .method("POST")
+        .uri(format!("http://{a}/v1/completions"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let mut resp = c.request(req).await.unwrap();
+    let first = resp.body_mut().frame().await.unwrap().unwrap();
+    assert!(first.data_ref().unwrap().starts_with(b"data: "));
+    let (_, m) = call(&c, "GET", a, "/metrics", None).await;
+    assert_eq!(metric(&m, "vllm:num_requests_running"), 1.0);
+    drop(resp);
+
+    // Wait (bounded) for the engine to notice and abort the sequence.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, m) = call(&c, "GET", a, "/metrics", None).await;
+        if metric(&m, "vllm:num_requests_running") == 0.0 {
+            assert!(m.contains("finished_reason=\"abort\"} 1"));
+            assert_eq!(metric(&m, "vllm:kv_cache_usage_perc"), 0.0);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "sequence never aborted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    fleet.shutdown().await;
+}
