@@ -137,10 +137,17 @@ async fn main() {
     // 2. In-flight convergence: one node changes its count; every node sees the fleet sum.
     let mut inflight_all = Vec::with_capacity(IN_FLIGHT_ROUNDS);
     let mut expected_total: i64 = 0;
+    let mut per_node = [0i64; NODES];
     let pod = pods[0].clone();
     for round in 0..IN_FLIGHT_ROUNDS {
         let who = &nodes[round % NODES];
-        let delta = if round % 3 == 2 { -1 } else { 1 };
+        // Releases only where something is in flight (a node's count cannot go below 0).
+        let delta = if round % 3 == 2 && per_node[round % NODES] > 0 {
+            -1
+        } else {
+            1
+        };
+        per_node[round % NODES] += delta;
         expected_total += delta;
         let t0 = Instant::now();
         who.add_in_flight(&pod, delta, delta * 100);

@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use crate::config::{InvalidMeshConfig, MeshConfig};
 use crate::load::board::{LoadBoard, LoadView};
 use crate::load::driver as load_driver;
-use crate::membership::{self, MemberId, MemberSet, MembershipEvent};
+use crate::membership::{self, Liveness, MemberId, MemberSet, MembershipEvent};
 use crate::prefix::owner::{self, Shards, StoreFactory};
 use crate::prefix::store::{AnchoredIndex, PrefixStore};
 use crate::ring::{NodeId, Owners, Ring};
@@ -456,13 +456,18 @@ impl Mesh {
         budget: Duration,
     ) -> Option<PrefixMatch> {
         let first = {
-            let ring = self.ring();
-            let owners = ring.owners(anchor, self.config.prefix.replicas.get());
+            let set = self.shared.members.borrow().clone();
+            let owners = set.ring.owners(anchor, self.config.prefix.replicas.get());
             if owners.contains(&&self.shared.me) {
                 Stats::add(&self.shared.stats.prefix_lookups_local, 1);
                 return Some(self.shared.shards.match_chain(anchor, hashes));
             }
-            owners.first().map(|n| (*n).clone())
+            // Skip a suspected first owner (likely dead) when a replica is known alive.
+            owners
+                .iter()
+                .find(|n| set.get(n).is_some_and(|m| m.liveness == Liveness::Alive))
+                .or(owners.first())
+                .map(|n| (*n).clone())
         };
         let Some(first) = first else {
             Stats::add(&self.shared.stats.prefix_lookup_fallbacks, 1);
@@ -472,11 +477,12 @@ impl Mesh {
             anchor,
             hashes: hashes.to_vec(),
         };
+        let bytes = crate::wire::encode(&self.shared.me, &req);
         Stats::add(
             &self.shared.stats.prefix_lookup_bytes_out,
-            crate::wire::encode(&self.shared.me, &req).len() as u64,
+            bytes.len() as u64,
         );
-        match self.transport.request(&first, &req, budget).await {
+        match self.transport.request_encoded(&first, &bytes, budget).await {
             Ok(Response::PrefixMatch(m)) => {
                 Stats::add(&self.shared.stats.prefix_lookups_remote, 1);
                 Some(m)

@@ -163,7 +163,17 @@ impl Transport {
         timeout: Duration,
     ) -> Result<Response, RpcError> {
         let bytes = wire::encode(&self.me, req);
-        let res = tokio::time::timeout(timeout, self.request_bytes(peer, &bytes)).await;
+        self.request_encoded(peer, &bytes, timeout).await
+    }
+
+    /// Like [`Transport::request`] for a frame already encoded with [`wire::encode`].
+    pub(crate) async fn request_encoded(
+        &self,
+        peer: &NodeId,
+        bytes: &[u8],
+        timeout: Duration,
+    ) -> Result<Response, RpcError> {
+        let res = tokio::time::timeout(timeout, self.request_bytes(peer, bytes)).await;
         let res = res.unwrap_or(Err(RpcError::Timeout));
         if res.is_err() {
             Stats::add(&self.stats.rpc_errors, 1);
