@@ -136,6 +136,11 @@ impl BlockPool {
         }
     }
 
+    /// References held on block `id` (0 for never-used blocks).
+    pub fn ref_count(&self, id: BlockId) -> u32 {
+        self.blocks.get(id as usize).map_or(0, |b| b.ref_cnt)
+    }
+
     /// Marks a full block as holding `hash`, unless another block already caches it.
     pub fn register(&mut self, id: BlockId, hash: u64) {
         if self.blocks[id as usize].hash.is_some() {

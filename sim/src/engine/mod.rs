@@ -404,6 +404,30 @@ impl Engine {
         v
     }
 
+    /// Checks internal bookkeeping: every block's reference count equals the number of
+    /// sequences holding it, and the running/waiting lists cover exactly the live requests.
+    /// For tests and debugging; panics with a description on the first violation.
+    pub fn check_invariants(&self) {
+        let mut refs: HashMap<BlockId, u32> = HashMap::new();
+        for s in self.seqs.values() {
+            for &b in &s.blocks {
+                *refs.entry(b).or_default() += 1;
+            }
+        }
+        for (&b, &n) in &refs {
+            assert_eq!(self.pool.ref_count(b), n, "block {b} refcount");
+        }
+        assert_eq!(refs.len(), self.pool.num_used(), "used blocks");
+        assert_eq!(
+            self.running.len() + self.waiting.len(),
+            self.seqs.len(),
+            "every live request is running or waiting"
+        );
+        assert!(self.running.len() <= self.cfg.profile.max_num_seqs);
+        assert!(self.running_loras.len() <= self.cfg.profile.max_loras);
+        assert!(self.stats.prefix_cache_hits <= self.stats.prefix_cache_queries);
+    }
+
     /// Takes the outputs produced so far, in order.
     pub fn drain_outputs(&mut self) -> std::vec::Drain<'_, Output> {
         self.outputs.drain(..)
@@ -563,14 +587,8 @@ impl Engine {
             };
             let mut scheduled = true;
             loop {
-                let have = self.seqs[&id].blocks.len();
-                let need = target.div_ceil(bs).saturating_sub(have);
-                if need <= self.pool.num_free() {
-                    let s = self.seqs.get_mut(&id).expect("running seq exists");
-                    for _ in 0..need {
-                        let b = self.pool.allocate().expect("checked free count");
-                        s.blocks.push(b);
-                    }
+                let s = self.seqs.get_mut(&id).expect("running seq exists");
+                if grow(&mut self.pool, &mut s.blocks, target, bs) {
                     break;
                 }
                 let victim = self.running.pop().expect("running is not empty");
@@ -689,38 +707,19 @@ impl Engine {
                         continue;
                     }
                 }
-                if n == 0 {
-                    // Remote KV already here: schedule the remaining token(s) below.
-                    let n2 = (num_tokens - s.num_computed).min(*budget);
-                    let total = (s.num_computed + n2).div_ceil(bs);
-                    let need = total.saturating_sub(s.blocks.len());
-                    if need > self.pool.num_free() {
-                        self.waiting.push_front(id);
-                        break;
-                    }
-                    for _ in 0..need {
-                        let b = self.pool.allocate().expect("checked free count");
-                        s.blocks.push(b);
-                    }
-                    self.push_running(id, n2, budget, items);
+                if n > 0 {
+                    self.push_running(id, n, budget, items);
                     continue;
                 }
-                self.push_running(id, n, budget, items);
-            } else {
-                // Holds blocks already (remote KV has arrived): compute the rest.
-                let n = (s.num_tokens() - s.num_computed).min(*budget);
-                let total = (s.num_computed + n).div_ceil(bs);
-                let need = total.saturating_sub(s.blocks.len());
-                if need > self.pool.num_free() {
-                    self.waiting.push_front(id);
-                    break;
-                }
-                for _ in 0..need {
-                    let b = self.pool.allocate().expect("checked free count");
-                    s.blocks.push(b);
-                }
-                self.push_running(id, n, budget, items);
             }
+            // Holds blocks already (remote KV has arrived): compute the rest.
+            let s = self.seqs.get_mut(&id).expect("waiting seq exists");
+            let n = (s.num_tokens() - s.num_computed).min(*budget);
+            if !grow(&mut self.pool, &mut s.blocks, s.num_computed + n, bs) {
+                self.waiting.push_front(id);
+                break;
+            }
+            self.push_running(id, n, budget, items);
         }
         for id in skipped.into_iter().rev() {
             self.waiting.push_front(id);
@@ -881,6 +880,18 @@ pub fn check_limits(
         });
     }
     Ok(())
+}
+
+/// Extends `blocks` to hold `tokens` tokens; false (nothing taken) when too few are free.
+fn grow(pool: &mut BlockPool, blocks: &mut Vec<BlockId>, tokens: usize, bs: usize) -> bool {
+    let need = tokens.div_ceil(bs).saturating_sub(blocks.len());
+    if need > pool.num_free() {
+        return false;
+    }
+    for _ in 0..need {
+        blocks.push(pool.allocate().expect("checked free count"));
+    }
+    true
 }
 
 fn mul(d: Duration, n: usize) -> Duration {

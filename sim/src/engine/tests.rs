@@ -348,3 +348,69 @@ fn zero_cost_profile_finishes_within_one_advance() {
     );
     assert_eq!(e.next_wakeup(), None);
 }
+
+#[test]
+fn random_workloads_keep_block_accounting_consistent() {
+    for seed in 0..30u64 {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut e = engine(EngineProfile {
+            num_gpu_blocks: 40,
+            max_num_seqs: 6,
+            max_num_batched_tokens: 24,
+            max_loras: 1,
+            jitter: 0.1,
+            ..profile()
+        });
+        let mut expected: HashMap<u64, usize> = HashMap::new();
+        let mut finished: HashMap<u64, usize> = HashMap::new();
+        let mut aborted = 0;
+        let mut now = Duration::ZERO;
+        for id in 0..60u64 {
+            now += Duration::from_micros(rng.random_range(0..20_000));
+            e.advance(now);
+            let group = rng.random_range(0..4u32) * 1000;
+            let mut prompt = toks(group..group + rng.random_range(4..40));
+            prompt.extend(toks(
+                id as u32 * 100..id as u32 * 100 + rng.random_range(0..12),
+            ));
+            let max = rng.random_range(1..24);
+            let lora = [None, Some(0), Some(1)][rng.random_range(0..3)];
+            let kv = [
+                KvTransfer::None,
+                KvTransfer::None,
+                KvTransfer::RemotePrefill,
+            ][rng.random_range(0..3)];
+            let r = EngineRequest::new(id, prompt, max, FinishReason::Length, lora, kv, 4);
+            e.submit(now, r).unwrap();
+            expected.insert(id, max);
+            for o in e.drain_outputs() {
+                if let Output::Finished { id, completion } = o {
+                    finished.insert(id, completion.completion_tokens);
+                }
+            }
+            if rng.random_range(0..10) == 0 {
+                let victim = rng.random_range(0..=id);
+                if expected.contains_key(&victim) && !finished.contains_key(&victim) {
+                    e.abort(victim);
+                    expected.remove(&victim);
+                    aborted += 1;
+                }
+            }
+            e.check_invariants();
+        }
+        while let Some(t) = e.next_wakeup() {
+            e.advance(t);
+            e.check_invariants();
+            for o in e.drain_outputs() {
+                if let Output::Finished { id, completion } = o {
+                    finished.insert(id, completion.completion_tokens);
+                }
+            }
+        }
+        for (id, max) in &expected {
+            assert_eq!(finished.get(id), Some(max), "seed {seed}: request {id}");
+        }
+        assert_eq!(e.pool().num_used(), 0, "seed {seed}");
+        assert_eq!(e.stats().aborted, aborted, "seed {seed}");
+    }
+}
