@@ -351,6 +351,7 @@ fn zero_cost_profile_finishes_within_one_advance() {
 
 #[test]
 fn random_workloads_keep_block_accounting_consistent() {
+    let (mut preemptions, mut remote, mut hits) = (0, 0, 0);
     for seed in 0..30u64 {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut e = engine(EngineProfile {
@@ -412,5 +413,13 @@ fn random_workloads_keep_block_accounting_consistent() {
         }
         assert_eq!(e.pool().num_used(), 0, "seed {seed}");
         assert_eq!(e.stats().aborted, aborted, "seed {seed}");
+        preemptions += e.stats().preemptions;
+        remote += e.stats().remote_prefill_tokens;
+        hits += e.stats().prefix_cache_hits;
     }
+    // The workloads must reach the paths they are meant to check.
+    assert!(
+        preemptions > 0 && remote > 0 && hits > 0,
+        "{preemptions} {remote} {hits}"
+    );
 }
