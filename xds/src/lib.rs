@@ -20,6 +20,24 @@
 //! The snapshot cache ([`Snapshot`]) and the stream state machines ([`SotwStream`],
 //! [`DeltaStream`]) are IO-free; [`XdsServer`] and its tonic service are the thin IO edge.
 //! This crate never picks endpoints.
+//!
+//! Wiring it into a node takes a few lines:
+//!
+//! ```no_run
+//! # async fn wire(grpc: tonic::transport::server::Router) -> Result<(), Box<dyn std::error::Error>> {
+//! use infermesh_xds::{InferencePoolSpec, XdsConfig, XdsInput, XdsServer};
+//! let xds = XdsServer::new(XdsConfig::default())?; // inside the tokio runtime
+//! let grpc = grpc.add_service(xds.service()); // next to ext_proc on the node's gRPC port
+//! // On every policy, membership or endpoint change:
+//! xds.publish(&XdsInput {
+//!     pools: vec![InferencePoolSpec::new("llama", "0.0.0.0:8080".parse()?, vec![8000])],
+//!     ext_proc_endpoints: vec!["10.0.0.1:9002".parse()?, "10.0.0.2:9002".parse()?],
+//!     grpc_services: vec!["infermesh-epp".into()],
+//! })?;
+//! // Admin API / `infermesh xds status`:
+//! let status_json = serde_json::to_string(&xds.sync_status())?;
+//! # let _ = (grpc, status_json); Ok(()) }
+//! ```
 
 mod codec;
 pub mod config;

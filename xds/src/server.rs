@@ -152,3 +152,95 @@ async fn debounce(
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::InvalidInput;
+    use crate::input::InferencePoolSpec;
+
+    fn input(port: u16) -> XdsInput {
+        XdsInput {
+            pools: vec![InferencePoolSpec::new(
+                "p",
+                ([127, 0, 0, 1], port).into(),
+                vec![8000],
+            )],
+            ext_proc_endpoints: vec!["127.0.0.1:9002".parse().unwrap()],
+            grpc_services: vec![],
+        }
+    }
+
+    fn server(debounce: Duration) -> XdsServer {
+        XdsServer::new(XdsConfig {
+            debounce,
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    async fn wait_served(s: &XdsServer, versions: &[(ResourceType, String)]) {
+        let mut rx = s.watch();
+        loop {
+            if let Some(cur) = rx.borrow_and_update().clone()
+                && versions.iter().all(|(t, v)| &cur.get(*t).version == v)
+            {
+                return;
+            }
+            rx.changed().await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn publishes_within_a_window_are_coalesced() {
+        let s = server(Duration::from_millis(300));
+        let mut rx = s.watch();
+        assert!(
+            s.current().is_none(),
+            "nothing is served before the first publish"
+        );
+        s.publish(&input(10000)).unwrap();
+        let last = s.publish(&input(10001)).unwrap();
+        rx.changed().await.unwrap();
+        let served = rx.borrow_and_update().clone().unwrap();
+        assert_eq!(
+            served.get(ResourceType::Listener).version,
+            last.versions[ResourceType::Listener.index()].1,
+            "only the latest publish of the window is served"
+        );
+        let next = s.publish(&input(10002)).unwrap();
+        wait_served(&s, &next.versions).await;
+    }
+
+    #[tokio::test]
+    async fn a_refused_input_changes_nothing() {
+        let s = server(Duration::ZERO);
+        let ok = s.publish(&input(10000)).unwrap();
+        wait_served(&s, &ok.versions).await;
+        let mut bad = input(10000);
+        bad.pools[0].target_ports.clear();
+        assert!(matches!(
+            s.publish(&bad),
+            Err(PublishError::Invalid(InvalidInput::TargetPorts { .. }))
+        ));
+        let cur = s.current().unwrap();
+        for (t, v) in &ok.versions {
+            assert_eq!(&cur.get(*t).version, v);
+        }
+        let status = s.sync_status();
+        assert!(status.envoys.is_empty());
+        assert_eq!(status.versions.unwrap(), ok.versions);
+    }
+
+    #[test]
+    fn bad_config_is_refused_before_anything_starts() {
+        let cfg = XdsConfig {
+            ext_proc_cluster: "a/b".into(),
+            ..Default::default()
+        };
+        assert!(matches!(
+            XdsServer::new(cfg),
+            Err(InvalidXdsConfig::ClusterName(_))
+        ));
+    }
+}

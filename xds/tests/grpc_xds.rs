@@ -91,6 +91,9 @@ fn grpc_python_resolves_xds_target() {
         assert_eq!(stdout.trim(), "0801");
 
         let status = node.server.sync_status();
+        let json = serde_json::to_value(&status).expect("sync status serializes");
+        assert_eq!(json["envoys"][0]["node_id"], "grpc-python");
+        assert_eq!(json["envoys"][0]["types"][2]["type"], "listener");
         let client = status
             .envoys
             .iter()
