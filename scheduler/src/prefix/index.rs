@@ -11,6 +11,8 @@
 //!   only hashes held by several endpoints spill into an overflow slab whose lists keep
 //!   up to three endpoints inline (no allocation per shared block).
 //! - Lock order is endpoint LRU → one shard at a time; readers take shard locks only.
+//!   The endpoint table (address ↔ id) is an immutable snapshot swapped on the rare
+//!   endpoint registration or removal, so lookups read it without any lock.
 //!
 //! Eviction from an endpoint's LRU removes that endpoint from the hash's entry (llm-d
 //! semantics); the entry disappears when no endpoint holds it.
@@ -19,6 +21,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use hashbrown::HashMap;
 use parking_lot::{Mutex, RwLock};
 use smallvec::{SmallVec, smallvec};
@@ -254,7 +257,7 @@ impl EndpointLru {
     }
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct EndpointTable {
     by_addr: HashMap<SocketAddr, u32>,
     slots: Vec<Option<(SocketAddr, Arc<Mutex<EndpointLru>>)>>,
@@ -300,7 +303,9 @@ pub fn anchor(hashes: &[BlockHash]) -> Option<BlockHash> {
 pub struct PrefixIndex {
     shards: Box<[RwLock<Shard>]>,
     shard_shift: u32,
-    endpoints: RwLock<EndpointTable>,
+    endpoints: ArcSwap<EndpointTable>,
+    /// Serialises table updates (copy, modify, swap).
+    table_writer: Mutex<()>,
 }
 
 impl Default for PrefixIndex {
@@ -327,7 +332,8 @@ impl PrefixIndex {
         PrefixIndex {
             shards,
             shard_shift: n.trailing_zeros(),
-            endpoints: RwLock::new(EndpointTable::default()),
+            endpoints: ArcSwap::from_pointee(EndpointTable::default()),
+            table_writer: Mutex::new(()),
         }
     }
 
@@ -344,33 +350,41 @@ impl PrefixIndex {
         &self.shards[self.shard_of(hash)]
     }
 
+    /// Copies the endpoint table, applies `f`, and publishes the copy.
+    fn update_table<R>(&self, f: impl FnOnce(&mut EndpointTable) -> R) -> R {
+        let _writer = self.table_writer.lock();
+        let mut t = EndpointTable::clone(&self.endpoints.load());
+        let r = f(&mut t);
+        self.endpoints.store(Arc::new(t));
+        r
+    }
+
     fn lru_for(&self, addr: SocketAddr, capacity: usize) -> Arc<Mutex<EndpointLru>> {
-        if let Some(lru) = {
-            let t = self.endpoints.read();
+        let existing = |t: &EndpointTable| {
             t.by_addr
                 .get(&addr)
                 .and_then(|id| t.slots[*id as usize].as_ref())
                 .map(|(_, l)| Arc::clone(l))
-        } {
+        };
+        if let Some(lru) = existing(&self.endpoints.load()) {
             return lru;
         }
-        let mut t = self.endpoints.write();
-        if let Some(id) = t.by_addr.get(&addr)
-            && let Some((_, l)) = &t.slots[*id as usize]
-        {
-            return Arc::clone(l);
-        }
-        let id = match t.free_ids.pop() {
-            Some(id) => id,
-            None => {
-                t.slots.push(None);
-                (t.slots.len() - 1) as u32
+        self.update_table(|t| {
+            if let Some(lru) = existing(t) {
+                return lru;
             }
-        };
-        let lru = Arc::new(Mutex::new(EndpointLru::new(id, capacity)));
-        t.slots[id as usize] = Some((addr, Arc::clone(&lru)));
-        t.by_addr.insert(addr, id);
-        lru
+            let id = match t.free_ids.pop() {
+                Some(id) => id,
+                None => {
+                    t.slots.push(None);
+                    (t.slots.len() - 1) as u32
+                }
+            };
+            let lru = Arc::new(Mutex::new(EndpointLru::new(id, capacity)));
+            t.slots[id as usize] = Some((addr, Arc::clone(&lru)));
+            t.by_addr.insert(addr, id);
+            lru
+        })
     }
 
     /// Records that `addr` now caches the chain `hashes` (most recent last), with an LRU of
@@ -426,13 +440,10 @@ impl PrefixIndex {
 
     /// Drops everything the index holds for `addr` (it left the pool).
     pub fn remove_endpoint(&self, addr: SocketAddr) {
-        let taken = {
-            let mut t = self.endpoints.write();
-            match t.by_addr.remove(&addr) {
-                Some(id) => t.slots[id as usize].take().map(|(_, l)| (id, l)),
-                None => None,
-            }
-        };
+        let taken = self.update_table(|t| match t.by_addr.remove(&addr) {
+            Some(id) => t.slots[id as usize].take().map(|(_, l)| (id, l)),
+            None => None,
+        });
         let Some((id, lru)) = taken else {
             return;
         };
@@ -452,7 +463,7 @@ impl PrefixIndex {
             l.len = 0;
         }
         // Only now may the id be reused: no shard entry refers to it any more.
-        self.endpoints.write().free_ids.push(id);
+        self.update_table(|t| t.free_ids.push(id));
     }
 
     /// Longest-prefix match (llm-d `matchLongestPrefix`): walks the chain in order, credits
@@ -483,7 +494,7 @@ impl PrefixIndex {
         if counts.is_empty() {
             return;
         }
-        let t = self.endpoints.read();
+        let t = self.endpoints.load();
         for (id, c) in counts {
             if let Some(Some((addr, _))) = t.slots.get(id as usize) {
                 out.entries.push((*addr, c));
@@ -493,7 +504,7 @@ impl PrefixIndex {
 
     /// Whether `addr` currently holds block `hash`.
     pub fn contains(&self, addr: SocketAddr, hash: BlockHash) -> bool {
-        let id = match self.endpoints.read().by_addr.get(&addr) {
+        let id = match self.endpoints.load().by_addr.get(&addr) {
             Some(id) => *id,
             None => return false,
         };
@@ -503,7 +514,7 @@ impl PrefixIndex {
     /// Number of blocks held for `addr`.
     pub fn endpoint_len(&self, addr: SocketAddr) -> usize {
         let lru = {
-            let t = self.endpoints.read();
+            let t = self.endpoints.load();
             match t
                 .by_addr
                 .get(&addr)
@@ -518,7 +529,7 @@ impl PrefixIndex {
 
     /// Endpoints the index knows.
     pub fn endpoints(&self) -> Vec<SocketAddr> {
-        self.endpoints.read().by_addr.keys().copied().collect()
+        self.endpoints.load().by_addr.keys().copied().collect()
     }
 
     /// Total (block, endpoint) entries.
@@ -534,7 +545,7 @@ impl PrefixIndex {
     /// Heap bytes held by the index structures (tables, overflow lists, LRU slabs).
     pub fn memory_bytes(&self) -> usize {
         let shards: usize = self.shards.iter().map(|s| s.read().memory_bytes()).sum();
-        let t = self.endpoints.read();
+        let t = self.endpoints.load();
         let lrus: usize = t
             .slots
             .iter()
