@@ -3,8 +3,9 @@
 //! Envoy receives its listener; a request through it reaches the backend a tiny ext_proc
 //! picker chose; one xDS server is killed and Envoy keeps routing and reconnects to the
 //! other without being pushed anything; a membership change moves ext_proc traffic; a
-//! policy change (new port, failure mode) reaches Envoy; an invalid resource is NACKed and
-//! the previous configuration keeps serving.
+//! policy change (new port, failure mode) reaches Envoy and a fail-open pool keeps serving
+//! without pickers; an invalid resource is NACKed and the previous configuration keeps
+//! serving.
 
 mod support;
 
@@ -54,7 +55,7 @@ async fn scenario(api_type: &str) {
     let backend_a = start_backend("backend-a").await;
     let backend_b = start_backend("backend-b").await;
     let mut picker_1 = PickerNode::start("picker-1", backend_a).await;
-    let picker_2 = PickerNode::start("picker-2", backend_b).await;
+    let mut picker_2 = PickerNode::start("picker-2", backend_b).await;
     let mut nodes = [XdsNode::start().await, XdsNode::start().await];
 
     let port = free_port();
@@ -179,6 +180,12 @@ async fn scenario(api_type: &str) {
         dump.contains("\"failure_mode_allow\": true"),
         "FailOpen reached Envoy:\n{dump}"
     );
+    // Failing open: with no picker reachable, requests go to the pool's own endpoints.
+    picker_2.kill();
+    wait_for("fail-open routing to the pool's endpoints", WAIT, || async {
+        get_ok(moved).await.filter(|b| b == "backend-a picked-by=")
+    })
+    .await;
 
     // 5. An invalid resource (a listener on a port already taken) is NACKed; the previous
     //    configuration keeps serving and the reason is visible.
