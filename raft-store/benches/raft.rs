@@ -22,7 +22,6 @@ const LATENCY_WRITES: usize = 400;
 const THROUGHPUT_CLIENTS: usize = 8;
 const THROUGHPUT_WRITES: u64 = 1600;
 const THROUGHPUT_CAP: Duration = Duration::from_secs(30);
-const PROPAGATION_WRITES: usize = 200;
 const RECOVERY_TRIALS: usize = 5;
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -80,24 +79,50 @@ async fn bench(dir: &Path, report: &mut Report) -> Result<()> {
     let leader = c.wait_leader(&NODES, WAIT).await?;
     let store = c.store(leader)?;
 
-    // 1. Sequential write latency at the leader.
+    // 1. Sequential writes at the leader: for each, the time until the client has its
+    //    acknowledgement and the time until every node has applied it.
+    let stores: Vec<_> = NODES
+        .iter()
+        .map(|id| c.store(*id))
+        .collect::<Result<_, _>>()?;
     let mut lat = Vec::with_capacity(LATENCY_WRITES);
+    let mut prop = Vec::with_capacity(LATENCY_WRITES);
     for i in 0..LATENCY_WRITES {
         let doc = objective_yaml(&format!("lat{}", i % 50), i as i64);
         let t = Instant::now();
-        store.apply_yaml(&doc, Route::Local).await?;
+        let applied = store.apply_yaml(&doc, Route::Local).await?;
         lat.push(t.elapsed());
+        for s in &stores {
+            s.raft()
+                .wait(Some(WAIT))
+                .applied_index_at_least(Some(applied.index), "applied everywhere")
+                .await
+                .context("propagation")?;
+        }
+        prop.push(t.elapsed());
     }
     lat.sort();
+    prop.sort();
+    let n = format!("{LATENCY_WRITES} sequential writes");
     report.row(
         "write latency p50 (ms), 1 client at leader",
         ms(pct(&lat, 0.5)),
-        &format!("{LATENCY_WRITES} writes"),
+        &n,
     );
     report.row(
         "write latency p99 (ms), 1 client at leader",
         ms(pct(&lat, 0.99)),
-        "",
+        &n,
+    );
+    report.row(
+        "write -> applied on all 3 nodes p50 (ms)",
+        ms(pct(&prop, 0.5)),
+        "same writes, from submit",
+    );
+    report.row(
+        "write -> applied on all 3 nodes p99 (ms)",
+        ms(pct(&prop, 0.99)),
+        "same writes, from submit",
     );
 
     // 2. Throughput with concurrent clients (bounded in count and time).
@@ -134,38 +159,7 @@ async fn bench(dir: &Path, report: &mut Report) -> Result<()> {
         ),
     );
 
-    // 3. Time from submitting a write until every node has applied it.
-    let stores: Vec<_> = NODES
-        .iter()
-        .map(|id| c.store(*id))
-        .collect::<Result<_, _>>()?;
-    let mut prop = Vec::with_capacity(PROPAGATION_WRITES);
-    for i in 0..PROPAGATION_WRITES {
-        let doc = objective_yaml(&format!("prop{}", i % 50), i as i64);
-        let t = Instant::now();
-        let applied = store.apply_yaml(&doc, Route::Local).await?;
-        for s in &stores {
-            s.raft()
-                .wait(Some(WAIT))
-                .applied_index_at_least(Some(applied.index), "applied everywhere")
-                .await
-                .context("propagation")?;
-        }
-        prop.push(t.elapsed());
-    }
-    prop.sort();
-    report.row(
-        "write -> applied on all 3 nodes p50 (ms)",
-        ms(pct(&prop, 0.5)),
-        &format!("{PROPAGATION_WRITES} writes"),
-    );
-    report.row(
-        "write -> applied on all 3 nodes p99 (ms)",
-        ms(pct(&prop, 0.99)),
-        "",
-    );
-
-    // 4. Recovery after leader loss: kill the leader abruptly, time until a new leader has
+    // 3. Recovery after leader loss: kill the leader abruptly, time until a new leader has
     //    committed a write; then restart the old one and repeat.
     let mut rec = Vec::with_capacity(RECOVERY_TRIALS);
     for trial in 0..RECOVERY_TRIALS {
