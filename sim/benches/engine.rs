@@ -1,4 +1,5 @@
 //! In-process cost of the simulator's hot paths: engine steps, tokenizing, rendering /metrics.
+#![allow(missing_docs)] // criterion_group! generates an undocumented public function.
 
 use std::hint::black_box;
 use std::time::Duration;
