@@ -120,15 +120,17 @@ fn nonzero(field: &'static str, d: Duration) -> Result<(), InvalidMeshConfig> {
 ///
 /// Derived from foca's `Config::new_lan` (itself memberlist's `DefaultLANConfig`), scaled
 /// down for a LAN/loopback routing tier where detection must be ≤ 2 s:
-/// - `probe_period` 300 ms (LAN preset: 1 s), `probe_rtt` 100 ms (preset: 500 ms).
+/// - `probe_period` 200 ms (LAN preset: 1 s), `probe_rtt` 100 ms (preset: 500 ms).
 /// - `suspect_to_down_after` = max(1, log10(N)) × `suspicion_multiplier` × `probe_period`
-///   (preset multiplier 4; ours 3): 0.9 s for N ≤ 10.
+///   (preset multiplier 4; ours 3): 0.6 s for N ≤ 10.
 /// - periodic gossip every 100 ms to 3 members (preset: 200 ms).
 ///
-/// Worst-case detection of a killed node ≈ waiting for the next probe of it (≤ one
-/// `probe_period` with several live probers), plus the failed probe cycle (one
-/// `probe_period`), plus `suspect_to_down_after`, plus one gossip round to spread the
-/// verdict: 0.3 + 0.3 + 0.9 + 0.1 = 1.6 s. See [`SwimConfig::detection_bound`].
+/// Detection of a killed node = waiting until some survivor probes it, plus the failed probe
+/// cycle, plus the suspicion timeout, plus a gossip round to spread the verdict. Each node
+/// probes its members in a shuffled round robin, one per period, so the wait is usually
+/// under one period with several probers but at worst N−1 periods. For N = 5:
+/// typical 0.2 + 0.2 + 0.6 + 0.1 ≈ 1.1 s, worst 0.8 + 0.2 + 0.6 + 0.1 = 1.7 s
+/// ([`SwimConfig::detection_bound`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SwimConfig {
@@ -156,7 +158,7 @@ pub struct SwimConfig {
 impl Default for SwimConfig {
     fn default() -> Self {
         SwimConfig {
-            probe_period: Duration::from_millis(300),
+            probe_period: Duration::from_millis(200),
             probe_rtt: Duration::from_millis(100),
             suspicion_multiplier: 3.0,
             expected_cluster_size: NonZeroU32::new(5).expect("nonzero"),
@@ -199,9 +201,13 @@ impl SwimConfig {
             .mul_f64(n.log10().max(1.0) * self.suspicion_multiplier)
     }
 
-    /// Upper estimate of the time from a node's death to every node seeing it down.
+    /// Worst-case time from a node's death to every node seeing it down, for a cluster of
+    /// `expected_cluster_size`: (N−1) periods until probed + 1 failed probe period +
+    /// suspicion + one gossip round.
     pub fn detection_bound(&self) -> Duration {
-        self.probe_period * 2 + self.suspect_to_down_after() + self.gossip_interval
+        self.probe_period * self.expected_cluster_size.get()
+            + self.suspect_to_down_after()
+            + self.gossip_interval
     }
 
     /// The foca configuration these settings produce.
@@ -341,10 +347,10 @@ mod tests {
     fn defaults_validate_and_detect_within_two_seconds() {
         let c = MeshConfig::loopback("n1", key());
         c.validate().unwrap();
-        assert_eq!(c.swim.suspect_to_down_after(), Duration::from_millis(900));
-        assert!(c.swim.detection_bound() <= Duration::from_secs(2));
+        assert_eq!(c.swim.suspect_to_down_after(), Duration::from_millis(600));
+        assert_eq!(c.swim.detection_bound(), Duration::from_millis(1700));
         let f = c.swim.foca_config();
-        assert_eq!(f.probe_period, Duration::from_millis(300));
+        assert_eq!(f.probe_period, Duration::from_millis(200));
         assert_eq!(f.max_packet_size.get(), 1400 - ENVELOPE_OVERHEAD);
     }
 

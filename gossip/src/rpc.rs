@@ -306,6 +306,7 @@ async fn serve_connection<D: Dispatch>(
                         }
                     };
                     let out = wire::encode(&me, &answer);
+                    Stats::add(&stats.rpc_answer_bytes_out, out.len() as u64);
                     if send.write_all(&out).await.is_ok() {
                         let _ = send.finish();
                     }

@@ -40,6 +40,8 @@ counters! {
     rpc_rejected_peers,
     /// Mesh RPC frames dropped (malformed or of another protocol version).
     rpc_rejected_frames,
+    /// Bytes of answers this node sent to RPC requests (lookups, service calls).
+    rpc_answer_bytes_out,
     /// Mesh RPC requests or sends that failed (connect, stream, timeout).
     rpc_errors,
     /// Load batches sent (one per peer).

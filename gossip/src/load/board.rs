@@ -556,4 +556,59 @@ mod tests {
         assert_eq!(f.scrapes.len(), 1);
         assert_eq!(f.in_flight.len(), 1);
     }
+
+    mod reorder {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Batches delivered late, out of order and twice still converge to the truth.
+            #[test]
+            fn shuffled_duplicated_batches_converge(
+                ops in proptest::collection::vec((0usize..3, 0usize..4, -2i64..4), 1..60),
+                order_seed: u64,
+            ) {
+                let t0 = Instant::now();
+                let names = ["a", "b", "c"];
+                let mut boards: Vec<LoadBoard> = names
+                    .iter()
+                    .map(|s| LoadBoard::new(n(s), Duration::from_secs(3600), 1_000))
+                    .collect();
+                let mut truth = [[0i64; 4]; 3];
+                let mut in_transit: Vec<(usize, LoadBatch)> = Vec::new();
+                for (node, pod, delta) in ops {
+                    let delta = delta.max(-truth[node][pod]);
+                    truth[node][pod] += delta;
+                    boards[node].handle_in_flight(&format!("p{pod}"), delta, delta * 10);
+                    if let Some(b) = boards[node].poll_outbound(t0) {
+                        in_transit.push((node, b.clone()));
+                        in_transit.push((node, b));
+                    }
+                }
+                // Deterministic shuffle from the seed.
+                let mut x = order_seed | 1;
+                for i in (1..in_transit.len()).rev() {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    in_transit.swap(i, (x % (i as u64 + 1)) as usize);
+                }
+                for (from, batch) in in_transit {
+                    for (to, board) in boards.iter_mut().enumerate() {
+                        if to != from {
+                            board.handle_remote(&n(names[from]), batch.clone(), t0);
+                        }
+                    }
+                }
+                for board in &boards {
+                    let v = board.view();
+                    for pod in 0..4 {
+                        let want: i64 = truth.iter().map(|t| t[pod]).sum();
+                        let got = v.pod(&format!("p{pod}")).map_or(0, |p| p.in_flight.requests);
+                        prop_assert_eq!(i64::from(got), want, "pod p{}", pod);
+                    }
+                }
+            }
+        }
+    }
 }
