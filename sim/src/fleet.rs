@@ -10,12 +10,13 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::engine::{Engine, EngineConfig, PodRole};
+use crate::engine::{Engine, EngineConfig};
 use crate::error::SimError;
 use crate::http::{PodState, router};
 use crate::metrics::MetricsLabels;
 use crate::pod::{SimClock, run_engine};
 use crate::profile::EngineProfile;
+use crate::role::PodRole;
 
 /// The model name pods serve unless told otherwise.
 pub const DEFAULT_MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";

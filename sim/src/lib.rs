@@ -15,9 +15,10 @@ pub mod http;
 pub mod metrics;
 pub mod pod;
 pub mod profile;
+pub mod role;
 pub mod tokenizer;
 
-pub use engine::PodRole;
 pub use error::SimError;
 pub use fleet::{DEFAULT_MODEL, Fleet, FleetConfig};
 pub use profile::EngineProfile;
+pub use role::PodRole;

@@ -1,0 +1,292 @@
+//! Completions and chat completions: validation, submission to the engine, JSON answers.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use tokio::sync::mpsc;
+
+use super::error::ApiError;
+use super::openai::*;
+use super::sse::SseStream;
+use super::{PodState, resolve_model};
+use crate::engine::{Completion, EngineRequest, KvTransfer, check_limits};
+use crate::pod::{Event, Input};
+use crate::tokenizer::{self, filler_range};
+
+/// A request ready for the engine plus what the response needs.
+struct Prepared {
+    req: EngineRequest,
+    model: String,
+    stream: bool,
+    include_usage: bool,
+    chat: bool,
+}
+
+/// The parts of a completion or chat request the engine and response need.
+struct Ask<'a> {
+    model: &'a Option<String>,
+    prompt: Vec<u32>,
+    max_tokens: Option<i64>,
+    n: Option<i64>,
+    kv: &'a Option<serde_json::Value>,
+    stream: Option<bool>,
+    stream_options: &'a Option<StreamOptions>,
+    chat: bool,
+}
+
+fn prepare(pod: &PodState, ask: Ask<'_>) -> Result<Prepared, ApiError> {
+    let Ask {
+        model,
+        prompt,
+        max_tokens,
+        n,
+        kv,
+        stream,
+        stream_options,
+        chat,
+    } = ask;
+    let (model, lora) = resolve_model(pod, model)?;
+    check_n(n)?;
+    let p = &pod.profile;
+    let room = p.max_model_len.saturating_sub(prompt.len());
+    let (max_tokens, finish) = resolve_max_tokens(max_tokens, p.default_max_tokens, room)?;
+    let kv_transfer = parse_kv_transfer(kv)?;
+    check_limits(p, prompt.len(), max_tokens).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let stream = stream.unwrap_or(false);
+    let include_usage = stream_options
+        .as_ref()
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false);
+    if !stream && stream_options.is_some() {
+        return Err(ApiError::bad_request(
+            "Stream options can only be defined when `stream=True`.",
+        ));
+    }
+    let id = pod.next_id.fetch_add(1, Ordering::Relaxed);
+    let req = EngineRequest::new(
+        id,
+        prompt,
+        max_tokens,
+        finish,
+        lora,
+        kv_transfer,
+        p.block_size,
+    );
+    Ok(Prepared {
+        req,
+        model,
+        stream,
+        include_usage,
+        chat,
+    })
+}
+
+pub(super) async fn completions(State(pod): State<Arc<PodState>>, body: Bytes) -> Response {
+    let r: CompletionRequest = match parse_json(&body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let prepared = r.prompt_tokens().and_then(|prompt| {
+        prepare(
+            &pod,
+            Ask {
+                model: &r.model,
+                prompt,
+                max_tokens: r.max_tokens,
+                n: r.n,
+                kv: &r.kv_transfer_params,
+                stream: r.stream,
+                stream_options: &r.stream_options,
+                chat: false,
+            },
+        )
+    });
+    match prepared {
+        Ok(p) => serve(pod, p).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+pub(super) async fn chat(State(pod): State<Arc<PodState>>, body: Bytes) -> Response {
+    let r: ChatRequest = match parse_json(&body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let prepared = r.prompt_text().and_then(|text| {
+        prepare(
+            &pod,
+            Ask {
+                model: &r.model,
+                prompt: tokenizer::tokenize(&text),
+                max_tokens: r.max_completion_tokens.or(r.max_tokens),
+                n: r.n,
+                kv: &r.kv_transfer_params,
+                stream: r.stream,
+                stream_options: &r.stream_options,
+                chat: true,
+            },
+        )
+    });
+    match prepared {
+        Ok(p) => serve(pod, p).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Tells the engine to drop a request whose client went away before it finished.
+pub(super) struct AbortOnDrop {
+    pub(super) id: u64,
+    engine: mpsc::UnboundedSender<Input>,
+    pub(super) armed: bool,
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.engine.send(Input::Abort(self.id));
+        }
+    }
+}
+
+fn submit(
+    pod: &PodState,
+    req: EngineRequest,
+) -> Result<(mpsc::UnboundedReceiver<Event>, AbortOnDrop), ApiError> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let id = req.id;
+    pod.engine
+        .send(Input::Submit { req, events: tx })
+        .map_err(|_| ApiError::unavailable("engine stopped"))?;
+    Ok((
+        rx,
+        AbortOnDrop {
+            id,
+            engine: pod.engine.clone(),
+            armed: true,
+        },
+    ))
+}
+
+fn kv_params(pod: &PodState, kv: KvTransfer, c: &Completion) -> Option<serde_json::Value> {
+    (kv == KvTransfer::RemoteDecode).then(|| {
+        serde_json::json!({
+            "do_remote_prefill": true,
+            "do_remote_decode": false,
+            "remote_block_ids": c.prompt_block_ids,
+            "remote_engine_id": pod.engine_id(),
+            "remote_host": pod.addr.ip().to_string(),
+            "remote_port": pod.addr.port(),
+            "tp_size": 1,
+        })
+    })
+}
+
+async fn serve(pod: Arc<PodState>, p: Prepared) -> Response {
+    let kv = p.req.kv_transfer;
+    let max_tokens = p.req.max_tokens;
+    let finish_at_end = p.req.finish;
+    let (rx, guard) = match submit(&pod, p.req) {
+        Ok(x) => x,
+        Err(e) => return e.into_response(),
+    };
+    let prefix = if p.chat { "chatcmpl" } else { "cmpl" };
+    let id = format!("{prefix}-{:08x}{:016x}", pod.index, guard.id);
+    if p.stream {
+        let stream = SseStream {
+            rx,
+            guard,
+            id,
+            model: p.model,
+            created: pod.created,
+            chat: p.chat,
+            include_usage: p.include_usage,
+            max_tokens,
+            finish: finish_at_end,
+            done: false,
+        };
+        let body = Body::from_stream(futures::stream::unfold(stream, |mut s| async move {
+            s.next_chunk().await.map(|b| (Ok::<_, Infallible>(b), s))
+        }));
+        return Response::builder()
+            .header(header::CONTENT_TYPE, "text/event-stream; charset=utf-8")
+            .header(header::CACHE_CONTROL, "no-cache")
+            .body(body)
+            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+    }
+    let mut rx = rx;
+    let mut guard = guard;
+    loop {
+        match rx.recv().await {
+            Some(Event::Token { .. }) => {}
+            Some(Event::Done(c)) => {
+                guard.armed = false;
+                let text = filler_range(0, c.completion_tokens);
+                let usage = Usage::new(c.prompt_tokens, c.completion_tokens, c.cached_tokens);
+                let kvp = kv_params(&pod, kv, &c);
+                let body = if p.chat {
+                    serde_json::to_vec(&ChatBody {
+                        id: &id,
+                        object: "chat.completion",
+                        created: pod.created,
+                        model: &p.model,
+                        choices: vec![ChatChoice {
+                            index: 0,
+                            message: Some(ChatMessageOut {
+                                role: Some("assistant"),
+                                content: Some(&text),
+                            }),
+                            delta: None,
+                            logprobs: None,
+                            finish_reason: Some(c.finish.as_str()),
+                        }],
+                        usage: Some(usage),
+                        kv_transfer_params: kvp.as_ref(),
+                    })
+                } else {
+                    serde_json::to_vec(&CompletionBody {
+                        id: &id,
+                        object: "text_completion",
+                        created: pod.created,
+                        model: &p.model,
+                        choices: vec![CompletionChoice {
+                            index: 0,
+                            text: &text,
+                            logprobs: None,
+                            finish_reason: Some(c.finish.as_str()),
+                            stop_reason: None,
+                        }],
+                        usage: Some(usage),
+                        kv_transfer_params: kvp.as_ref(),
+                    })
+                };
+                return match body {
+                    Ok(b) => (
+                        [(
+                            header::CONTENT_TYPE,
+                            HeaderValue::from_static("application/json"),
+                        )],
+                        b,
+                    )
+                        .into_response(),
+                    Err(e) => ApiError {
+                        status: StatusCode::INTERNAL_SERVER_ERROR,
+                        message: e.to_string(),
+                    }
+                    .into_response(),
+                };
+            }
+            Some(Event::Rejected(e)) => {
+                guard.armed = false;
+                return ApiError::bad_request(e.to_string()).into_response();
+            }
+            None => return ApiError::unavailable("engine stopped").into_response(),
+        }
+    }
+}
