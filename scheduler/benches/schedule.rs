@@ -236,8 +236,12 @@ fn write_report(mem: &[(String, usize, usize, usize)]) {
     );
     let _ = writeln!(
         md,
-        "Machine: {} logical CPUs, shared with other builds while it ran.\n",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        "Machine: {} logical CPUs, shared with other work; load average when the report was written: {}. Numbers from a loaded machine are upper bounds.\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+            .unwrap_or_else(|| "unknown".into())
     );
     let _ = writeln!(md, "## One scheduling cycle, default profile, warm index\n");
     let _ = writeln!(
