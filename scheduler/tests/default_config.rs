@@ -92,3 +92,41 @@ fn scheduler_is_shareable_across_threads() {
     assert_send_sync::<ResolvedConfig>();
     assert_send_sync::<infermesh_scheduler::SchedulingResult>();
 }
+
+#[test]
+fn concurrent_schedule_and_record_on_a_shared_scheduler() {
+    use std::sync::Arc;
+    let s = Arc::new(Scheduler::new(&ResolvedConfig::builtin_default()).unwrap());
+    let now = Instant::now();
+    let eps: Arc<Vec<Endpoint>> = Arc::new(
+        (0..16)
+            .map(|i| endpoint(i, (i % 4) as u32, 0.2, now))
+            .collect(),
+    );
+    std::thread::scope(|scope| {
+        for t in 0..4u64 {
+            let s = Arc::clone(&s);
+            let eps = Arc::clone(&eps);
+            scope.spawn(move || {
+                let mut rng = ChaCha8Rng::seed_from_u64(t);
+                for k in 0..200u64 {
+                    let req = request(&format!(
+                        "conversation {} {}",
+                        k % 10,
+                        "lorem ipsum ".repeat(20)
+                    ));
+                    let r = s.schedule(&req, &eps, now, &mut rng).unwrap();
+                    s.pre_request(&req, &r, now);
+                    if k % 50 == 49 {
+                        s.remove_endpoint(eps[(k as usize + t as usize) % eps.len()].address);
+                    }
+                }
+            });
+        }
+    });
+    // Every prompt recorded at least once is matched in full by some endpoint, unless its
+    // holder was removed later; the index stays consistent (entries equal the LRU sizes).
+    let idx = s.prefix_index().unwrap();
+    let total: usize = eps.iter().map(|e| idx.endpoint_len(e.address)).sum();
+    assert_eq!(idx.entries(), total);
+}

@@ -349,6 +349,7 @@ const UNSUPPORTED: &[(&str, &str)] = &[
         "deprecated in llm-d; use single-profile-handler",
     ),
     ("header-based-testing-filter", "test-only plugin"),
+    ("destination-endpoint-served-verifier", "test-only plugin"),
     ("request-attribute-reporter", "not implemented"),
     (
         "vllmgrpc-parser",
