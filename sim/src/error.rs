@@ -29,6 +29,12 @@ pub enum SimError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The pod index does not exist or the pod was stopped; nothing changed.
+    #[error("no running pod {index}")]
+    NoSuchPod {
+        /// The index asked for.
+        index: usize,
+    },
     /// A pod's listener could not be bound; pods already started were stopped.
     #[error("cannot bind pod {pod} to {addr}: {source}")]
     Bind {

@@ -7,14 +7,14 @@ use std::sync::atomic::AtomicU64;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::engine::{Engine, EngineConfig};
 use crate::error::SimError;
 use crate::http::{PodState, router};
 use crate::metrics::MetricsLabels;
-use crate::pod::{SimClock, run_engine};
+use crate::pod::{Input, SimClock, run_engine};
 use crate::profile::EngineProfile;
 use crate::role::PodRole;
 
@@ -118,6 +118,8 @@ struct PodHandle {
     shutdown: watch::Sender<bool>,
     server: parking_lot::Mutex<Option<JoinHandle<()>>>,
     engine: parking_lot::Mutex<Option<JoinHandle<()>>>,
+    /// Fleet-side handle to the engine task; dropped on stop so the task can end.
+    input: parking_lot::Mutex<Option<mpsc::UnboundedSender<Input>>>,
 }
 
 /// Running simulated pods.
@@ -183,7 +185,7 @@ impl Fleet {
                 lora_adapters: cfg.lora_adapters.clone(),
                 profile: cfg.profile.clone(),
                 role: cfg.role_of(i),
-                engine: tx,
+                engine: tx.clone(),
                 next_id: AtomicU64::new(0),
                 created,
             });
@@ -195,6 +197,7 @@ impl Fleet {
                 shutdown,
                 server: parking_lot::Mutex::new(Some(server)),
                 engine: parking_lot::Mutex::new(Some(engine_task)),
+                input: parking_lot::Mutex::new(Some(tx)),
             });
         }
         Ok(Fleet { pods })
@@ -225,6 +228,7 @@ impl Fleet {
             return;
         };
         let _ = p.shutdown.send(true);
+        drop(p.input.lock().take());
         let server = p.server.lock().take();
         if let Some(h) = server {
             let _ = h.await;
@@ -232,6 +236,27 @@ impl Fleet {
         let engine = p.engine.lock().take();
         if let Some(h) = engine {
             let _ = h.await;
+        }
+    }
+
+    /// Makes pod `index` `factor` times slower from now on (1 restores it): a degraded pod
+    /// whose queue grows while it keeps answering.
+    pub async fn set_slowdown(&self, index: usize, factor: f64) -> Result<(), SimError> {
+        let tx = self
+            .pods
+            .get(index)
+            .and_then(|p| p.input.lock().clone())
+            .ok_or(SimError::NoSuchPod { index })?;
+        let (reply, accepted) = oneshot::channel();
+        tx.send(Input::Slowdown(factor, reply))
+            .map_err(|_| SimError::NoSuchPod { index })?;
+        match accepted.await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(SimError::InvalidConfig {
+                field: "slowdown",
+                reason: format!("must be a positive number, got {factor}"),
+            }),
+            Err(_) => Err(SimError::NoSuchPod { index }),
         }
     }
 

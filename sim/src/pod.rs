@@ -51,6 +51,8 @@ pub enum Input {
     Abort(RequestId),
     /// Render `/metrics`.
     Metrics(oneshot::Sender<String>),
+    /// Multiply step durations by this factor; the reply says whether it was accepted.
+    Slowdown(f64, oneshot::Sender<bool>),
 }
 
 /// What a request handler hears from the engine.
@@ -129,6 +131,11 @@ fn handle(
             if subs.remove(&id).is_some() {
                 engine.abort(id);
             }
+        }
+        Input::Slowdown(factor, reply) => {
+            engine.advance(clock.now());
+            dispatch(engine, subs);
+            let _ = reply.send(engine.set_slowdown(factor));
         }
         Input::Metrics(reply) => {
             engine.advance(clock.now());

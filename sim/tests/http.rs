@@ -300,3 +300,53 @@ async fn a_client_that_goes_away_mid_stream_frees_its_sequence() {
     }
     fleet.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowdown_is_validated_and_refused_for_stopped_pods() {
+    let mut cfg = FleetConfig::new(2);
+    cfg.profile = EngineProfile::instant();
+    let fleet = Fleet::start(cfg).await.unwrap();
+    let a = fleet.addrs()[0];
+    assert!(fleet.set_slowdown(0, 4.0).await.is_ok());
+    assert!(matches!(
+        fleet.set_slowdown(0, -1.0).await,
+        Err(infermesh_sim::SimError::InvalidConfig {
+            field: "slowdown",
+            ..
+        })
+    ));
+    assert!(matches!(
+        fleet.set_slowdown(9, 2.0).await,
+        Err(infermesh_sim::SimError::NoSuchPod { index: 9 })
+    ));
+    let c = client();
+    let (s, _) = call(
+        &c,
+        "POST",
+        a,
+        "/_sim/slowdown",
+        Some(json!({"factor": 1.0})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (s, text) = call(&c, "POST", a, "/_sim/slowdown", Some(json!({"factor": 0}))).await;
+    assert_eq!(s, 400, "{text}");
+    let (s, _) = call(&c, "POST", a, "/_sim/slowdown", Some(json!({"speed": 2}))).await;
+    assert_eq!(s, 400);
+    // A slowed pod still serves.
+    let (s, _) = call(
+        &c,
+        "POST",
+        a,
+        "/v1/completions",
+        Some(json!({"prompt": "hi", "max_tokens": 2})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    fleet.stop_pod(1).await;
+    assert!(matches!(
+        fleet.set_slowdown(1, 2.0).await,
+        Err(infermesh_sim::SimError::NoSuchPod { index: 1 })
+    ));
+    fleet.shutdown().await;
+}

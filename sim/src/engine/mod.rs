@@ -121,6 +121,8 @@ pub struct Engine {
     outputs: Vec<Output>,
     stats: EngineStats,
     rng: ChaCha8Rng,
+    /// Multiplies every step's duration (fault injection: a slow pod).
+    slowdown: f64,
 }
 
 impl Engine {
@@ -140,12 +142,23 @@ impl Engine {
             outputs: Vec::new(),
             stats: EngineStats::default(),
             rng,
+            slowdown: 1.0,
         }
     }
 
     /// The engine's settings.
     pub fn config(&self) -> &EngineConfig {
         &self.cfg
+    }
+
+    /// Makes every step from now on `factor` times longer (a degraded pod); 1 restores
+    /// normal speed. Returns false, changing nothing, unless `factor` is finite and > 0.
+    pub fn set_slowdown(&mut self, factor: f64) -> bool {
+        if !(factor.is_finite() && factor > 0.0) {
+            return false;
+        }
+        self.slowdown = factor;
+        true
     }
 
     /// Counters and histograms since start.
@@ -344,6 +357,9 @@ impl Engine {
         if p.jitter > 0.0 && !d.is_zero() {
             let f: f64 = self.rng.random_range(-p.jitter..p.jitter);
             d = d.mul_f64(1.0 + f);
+        }
+        if self.slowdown != 1.0 {
+            d = d.mul_f64(self.slowdown);
         }
         self.stats.steps += 1;
         self.in_flight = Some(Batch {

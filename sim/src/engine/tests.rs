@@ -423,3 +423,16 @@ fn random_workloads_keep_block_accounting_consistent() {
         "{preemptions} {remote} {hits}"
     );
 }
+
+#[test]
+fn slowdown_stretches_steps_and_can_be_undone() {
+    let mut e = engine(profile());
+    assert!(!e.set_slowdown(0.0));
+    assert!(!e.set_slowdown(f64::NAN));
+    assert!(e.set_slowdown(3.0));
+    submit(&mut e, ms(0), req(1, toks(0..20), 1));
+    assert_eq!(run(&mut e)[&1].0, ms(90)); // (10 + 20) × 3
+    assert!(e.set_slowdown(1.0));
+    submit(&mut e, ms(100), req(2, toks(100..120), 1));
+    assert_eq!(run(&mut e)[&2].0, ms(130));
+}

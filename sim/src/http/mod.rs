@@ -3,6 +3,7 @@
 //! `/v1/completions/render`).
 
 pub mod error;
+mod fault;
 mod generate;
 mod info;
 pub mod openai;
@@ -76,6 +77,7 @@ pub fn router(state: Arc<PodState>) -> Router {
         .route("/get_server_info", get(info::server_info))
         .route("/model_info", get(info::model_info))
         .route("/get_model_info", get(info::model_info))
+        .route("/_sim/slowdown", post(fault::slowdown))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
