@@ -83,6 +83,10 @@ pub struct RunArgs {
     /// Pod base URLs for client-side round robin (the cache-blind baseline).
     #[arg(long, value_delimiter = ',')]
     pub round_robin: Vec<String>,
+    /// Base URLs to spread requests over at random (seeded), e.g. router replicas
+    /// behind an L4 balancer.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["target", "round_robin"])]
+    pub random: Vec<String>,
     /// Pod base URLs to scrape for hit rate and spread (default: the round-robin list).
     #[arg(long, value_delimiter = ',')]
     pub metrics: Vec<String>,
@@ -247,7 +251,8 @@ impl RunArgs {
         let target = match &self.target {
             Some(url) => Target::Url(url.clone()),
             None if !self.round_robin.is_empty() => Target::RoundRobin(self.round_robin.clone()),
-            None => bail!("give --target URL or --round-robin URL,URL,..."),
+            None if !self.random.is_empty() => Target::Random(self.random.clone()),
+            None => bail!("give --target URL, --round-robin URL,URL,... or --random URL,URL,..."),
         };
         let metrics = if self.metrics.is_empty() && self.target.is_none() {
             self.round_robin.clone()

@@ -12,7 +12,15 @@ async fn main() -> std::process::ExitCode {
     match run_cli(Cli::parse()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Library errors already name their cause; print each cause only once.
+            let mut msg = e.to_string();
+            for cause in e.chain().skip(1) {
+                let c = cause.to_string();
+                if !msg.contains(&c) {
+                    msg = format!("{msg}: {c}");
+                }
+            }
+            eprintln!("error: {msg}");
             let bad_input = matches!(
                 e.downcast_ref::<BenchError>(),
                 Some(BenchError::InvalidSpec { .. } | BenchError::InvalidUrl { .. })

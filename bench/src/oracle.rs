@@ -6,6 +6,10 @@
 //! time a prefix is seen) and unique suffixes (questions, partial last blocks) can never
 //! hit. Like vLLM, at least the last prompt token is always computed, so a prompt of `T`
 //! tokens hits on at most `(T - 1) / 16` blocks.
+//!
+//! The bound is exact for the completions API, where the prompt is sent as rendered here.
+//! With the chat API the server's chat template adds tokens around each message, which
+//! shifts block boundaries, so the bound is then an approximation.
 
 use std::collections::HashMap;
 

@@ -118,7 +118,12 @@ mod tests {
             achieved_qps: qps,
             request_throughput: 1.0,
             output_tokens_per_s: 1.0,
-            ttft: LatencySummary { count: 1, p50_ms: p50, p90_ms: p90, ..Default::default() },
+            ttft: LatencySummary {
+                count: 1,
+                p50_ms: p50,
+                p90_ms: p90,
+                ..Default::default()
+            },
             itl: LatencySummary::default(),
             e2e: LatencySummary::default(),
             ttft_slo_ms: 1000.0,
@@ -145,7 +150,8 @@ mod tests {
             report("peer", 4.0, 40.0, 60.0),
             report("peer", 8.0, 45.0, 70.0),
         ];
-        let path = std::env::temp_dir().join(format!("infermesh-bench-plot-{}.svg", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("infermesh-bench-plot-{}.svg", std::process::id()));
         plot_ttft_vs_qps(&reports, &path).unwrap();
         let svg = std::fs::read_to_string(&path).unwrap();
         let _ = std::fs::remove_file(&path);

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::Uri;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Exp};
 use serde_json::json;
@@ -20,11 +20,13 @@ use crate::error::BenchError;
 use crate::oracle::{BLOCK_TOKENS, oracle_bound};
 use crate::report::Report;
 use crate::scrape::{PodCounters, parse_counters};
-use crate::spec::{Api, Load, RunSpec};
+use crate::spec::{Api, Load, RunSpec, Target};
 use crate::workload::PlannedRequest;
 
 /// RNG stream for arrival times, apart from the workload's streams.
 const ARRIVAL_STREAM: u64 = 0x4152_5249_5645;
+/// RNG stream for random target picks.
+const SPREAD_STREAM: u64 = 0x5350_5245_4144;
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What happened to one sent request.
@@ -41,6 +43,8 @@ pub(crate) struct Record {
 struct Shared {
     client: HttpClient,
     targets: Vec<Uri>,
+    /// Index into `targets` for each request of the plan.
+    target_of: Vec<u32>,
     plan: Vec<PlannedRequest>,
     spec: RunSpec,
     start: Instant,
@@ -75,7 +79,7 @@ impl Shared {
     async fn send(&self, index: usize) {
         let req = &self.plan[index];
         let body = self.body(req);
-        let uri = self.targets[index % self.targets.len()].clone();
+        let uri = self.targets[self.target_of[index] as usize].clone();
         let sent_at = self.start.elapsed().as_secs_f64();
         let result = self
             .client
@@ -125,6 +129,20 @@ async fn scrape_all(client: &HttpClient, bases: &[String]) -> Vec<Result<PodCoun
     futures::future::join_all(futs).await
 }
 
+/// Which target each of `n` requests goes to: request i to i mod k under round robin, a
+/// seeded uniform pick under random spread.
+fn spread(target: &Target, seed: u64, n: usize) -> Vec<u32> {
+    let k = target.base_urls().len().max(1) as u32;
+    match target {
+        Target::Random(_) => {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            rng.set_stream(SPREAD_STREAM);
+            (0..n).map(|_| rng.random_range(0..k)).collect()
+        }
+        Target::Url(_) | Target::RoundRobin(_) => (0..n as u32).map(|i| i % k).collect(),
+    }
+}
+
 fn progress_bar(enabled: bool, len: usize) -> ProgressBar {
     if !(enabled && std::io::stderr().is_terminal()) {
         return ProgressBar::hidden();
@@ -157,6 +175,7 @@ pub async fn run(spec: RunSpec) -> Result<Report, BenchError> {
 
     let plan = spec.workload.plan(spec.seed, spec.max_requests);
     let n = plan.len();
+    let target_of = spread(&spec.target, spec.seed, n);
     let (tx, mut rx) = mpsc::unbounded_channel();
     let bar = progress_bar(spec.progress, n);
     bar.set_message(spec.label.clone());
@@ -165,6 +184,7 @@ pub async fn run(spec: RunSpec) -> Result<Report, BenchError> {
     let shared = Arc::new(Shared {
         client: client.clone(),
         targets,
+        target_of,
         plan,
         spec,
         start,
@@ -251,4 +271,25 @@ pub async fn run(spec: RunSpec) -> Result<Report, BenchError> {
         .await
         .unwrap_or_default();
     Ok(Report::build(&spec, &records, &before, &after, oracle))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spread_is_round_robin_or_a_seeded_random_pick() {
+        let urls = vec!["a".to_string(), "b".to_string(), "c".to_string()];
+        assert_eq!(
+            spread(&Target::RoundRobin(urls.clone()), 1, 5),
+            [0, 1, 2, 0, 1]
+        );
+        assert_eq!(spread(&Target::Url("a".into()), 1, 3), [0, 0, 0]);
+        let r = spread(&Target::Random(urls.clone()), 9, 3000);
+        assert_eq!(r, spread(&Target::Random(urls.clone()), 9, 3000));
+        for t in 0..3 {
+            let c = r.iter().filter(|&&x| x == t).count();
+            assert!((800..1200).contains(&c), "target {t} got {c} of 3000");
+        }
+    }
 }

@@ -15,6 +15,9 @@ pub enum Target {
     Url(String),
     /// Client-side round robin over pod base URLs: the cache-blind baseline.
     RoundRobin(Vec<String>),
+    /// A seeded uniform random pick per request over base URLs: an L4 spread over
+    /// several router replicas.
+    Random(Vec<String>),
 }
 
 impl Target {
@@ -22,7 +25,7 @@ impl Target {
     pub fn base_urls(&self) -> Vec<String> {
         match self {
             Target::Url(u) => vec![u.clone()],
-            Target::RoundRobin(us) => us.clone(),
+            Target::RoundRobin(us) | Target::Random(us) => us.clone(),
         }
     }
 }
