@@ -18,11 +18,30 @@ use infermesh_raft_store::testing::TestCluster;
 use infermesh_raft_store::{NodeId, Route, StoreConfig};
 
 const NODES: [NodeId; 3] = [1, 2, 3];
-const LATENCY_WRITES: usize = 400;
 const THROUGHPUT_CLIENTS: usize = 8;
-const THROUGHPUT_WRITES: u64 = 1600;
 const THROUGHPUT_CAP: Duration = Duration::from_secs(30);
-const RECOVERY_TRIALS: usize = 5;
+
+/// How much work one run does.
+#[derive(Clone, Copy)]
+struct Sizes {
+    latency_writes: usize,
+    throughput_writes: u64,
+    recovery_trials: usize,
+}
+
+/// `cargo bench` (which passes `--bench`): the full run, saved to bench/results.
+const FULL: Sizes = Sizes {
+    latency_writes: 400,
+    throughput_writes: 1600,
+    recovery_trials: 5,
+};
+/// `cargo test --all-targets` runs this program without `--bench`: a quick smoke run of
+/// every section, printed but not saved.
+const SMOKE: Sizes = Sizes {
+    latency_writes: 20,
+    throughput_writes: 80,
+    recovery_trials: 1,
+};
 const WAIT: Duration = Duration::from_secs(20);
 
 fn objective_yaml(name: &str, priority: i64) -> String {
@@ -73,7 +92,12 @@ impl Report {
     }
 }
 
-async fn bench(dir: &Path, report: &mut Report) -> Result<()> {
+async fn bench(dir: &Path, report: &mut Report, sizes: Sizes) -> Result<()> {
+    let Sizes {
+        latency_writes,
+        throughput_writes,
+        recovery_trials,
+    } = sizes;
     let mut c = TestCluster::new(dir, 42);
     c.start_bootstrapped(&NODES, &[]).await?;
     let leader = c.wait_leader(&NODES, WAIT).await?;
@@ -85,9 +109,9 @@ async fn bench(dir: &Path, report: &mut Report) -> Result<()> {
         .iter()
         .map(|id| c.store(*id))
         .collect::<Result<_, _>>()?;
-    let mut lat = Vec::with_capacity(LATENCY_WRITES);
-    let mut prop = Vec::with_capacity(LATENCY_WRITES);
-    for i in 0..LATENCY_WRITES {
+    let mut lat = Vec::with_capacity(latency_writes);
+    let mut prop = Vec::with_capacity(latency_writes);
+    for i in 0..latency_writes {
         let doc = objective_yaml(&format!("lat{}", i % 50), i as i64);
         let t = Instant::now();
         let applied = store.apply_yaml(&doc, Route::Local).await?;
@@ -103,7 +127,7 @@ async fn bench(dir: &Path, report: &mut Report) -> Result<()> {
     }
     lat.sort();
     prop.sort();
-    let n = format!("{LATENCY_WRITES} sequential writes");
+    let n = format!("{latency_writes} sequential writes");
     report.row(
         "write latency p50 (ms), 1 client at leader",
         ms(pct(&lat, 0.5)),
@@ -136,7 +160,7 @@ async fn bench(dir: &Path, report: &mut Report) -> Result<()> {
             let mut done = 0u64;
             loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
-                if n >= THROUGHPUT_WRITES || started.elapsed() > THROUGHPUT_CAP {
+                if n >= throughput_writes || started.elapsed() > THROUGHPUT_CAP {
                     return Ok::<u64, anyhow::Error>(done);
                 }
                 let doc = objective_yaml(&format!("tp{client}-{}", n % 20), n as i64);
@@ -161,8 +185,8 @@ async fn bench(dir: &Path, report: &mut Report) -> Result<()> {
 
     // 3. Recovery after leader loss: kill the leader abruptly, time until a new leader has
     //    committed a write; then restart the old one and repeat.
-    let mut rec = Vec::with_capacity(RECOVERY_TRIALS);
-    for trial in 0..RECOVERY_TRIALS {
+    let mut rec = Vec::with_capacity(recovery_trials);
+    for trial in 0..recovery_trials {
         let leader = c.wait_leader(&NODES, WAIT).await?;
         let rest: Vec<NodeId> = NODES.iter().copied().filter(|n| *n != leader).collect();
         let t = Instant::now();
@@ -202,7 +226,7 @@ async fn bench(dir: &Path, report: &mut Report) -> Result<()> {
         "recovery after leader kill p50 (ms)",
         ms(pct(&rec, 0.5)),
         &format!(
-            "{RECOVERY_TRIALS} trials; kill to first commit by a new leader (floor: lease {} ms + election timeout)",
+            "{recovery_trials} trials; kill to first commit by a new leader (floor: lease {} ms + election timeout)",
             StoreConfig::new(0, "").election_timeout_max.as_millis()
         ),
     );
@@ -232,7 +256,16 @@ fn main() -> Result<()> {
         .build()?;
     let mut report = Report { rows: Vec::new() };
     println!("raft-store benchmark: 3 in-process nodes, redb on {fs}");
-    rt.block_on(bench(dir.path(), &mut report))?;
+    let full = std::env::args().any(|a| a == "--bench");
+    rt.block_on(bench(
+        dir.path(),
+        &mut report,
+        if full { FULL } else { SMOKE },
+    ))?;
+    if !full {
+        println!("smoke run (no --bench): results not saved; run `cargo bench` for the table");
+        return Ok(());
+    }
 
     let mut md = String::new();
     md.push_str("# raft-store: policy store benchmark (IN-PROCESS cluster)\n\n");
