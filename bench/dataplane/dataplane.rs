@@ -736,8 +736,10 @@ fn envoy_version(bin: &Path) -> String {
         .output()
         .ok()
         .and_then(|o| {
+            // "…/envoy  version: <sha>/1.40.0/Clean/RELEASE/BoringSSL"
             let s = String::from_utf8_lossy(&o.stdout).into_owned();
-            s.split('/').nth(1).map(|v| format!("Envoy {v}"))
+            let v = s.split("version:").nth(1)?;
+            v.trim().split('/').nth(1).map(|v| format!("Envoy {v}"))
         })
         .unwrap_or_else(|| "Envoy".into())
 }

@@ -184,11 +184,11 @@ impl Dispatcher {
         &self,
         kind: ApiKind,
         body: &[u8],
-        meta: RequestMeta,
+        mut meta: RequestMeta,
         exclude: &[SocketAddr],
     ) -> Result<Ticket, Rejection> {
         let started = Instant::now();
-        let result = self.dispatch_inner(kind, body, &meta, exclude, started);
+        let result = self.dispatch_inner(kind, body, &mut meta, exclude, started);
         match result {
             Ok((req, policy, result)) => {
                 self.metrics.observe_scheduling(started.elapsed());
@@ -208,7 +208,7 @@ impl Dispatcher {
         &self,
         kind: ApiKind,
         body: &[u8],
-        meta: &RequestMeta,
+        meta: &mut RequestMeta,
         exclude: &[SocketAddr],
         now: Instant,
     ) -> Result<(InferenceRequest, Arc<Policy>, SchedulingResult), (String, Rejection)> {
@@ -240,7 +240,7 @@ impl Dispatcher {
             prompt_bytes: parsed.prompt_bytes,
             stream: parsed.stream,
             max_tokens: parsed.max_tokens,
-            headers: meta.headers.clone(),
+            headers: std::mem::take(&mut meta.headers),
             priority,
             fairness_id: meta.fairness_id.clone(),
             cache_salt: parsed.cache_salt,

@@ -1,18 +1,17 @@
-//! The ext_proc gRPC server (Envoy's `ExternalProcessor`): one task per stream drives an
+//! The ext_proc gRPC server (Envoy's `ExternalProcessor`): each stream drives an
 //! [`stream::ExtProcStream`] state machine.
 
 pub mod stream;
 
+use std::collections::VecDeque;
 use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use futures::Stream;
 use infermesh_proto::envoy::service::ext_proc::v3::external_processor_server::{
     ExternalProcessor, ExternalProcessorServer,
 };
 use infermesh_proto::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
-use tokio::sync::mpsc;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::dispatch::Dispatcher;
@@ -36,44 +35,61 @@ impl ExtProcService {
     }
 }
 
-type ResponseStream = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
+/// The reply stream of one ext_proc call. Each message from Envoy is handled inline when
+/// tonic polls for the next reply, so a request costs no task spawn and no channel hop.
+struct ReplyStream {
+    inbound: Streaming<ProcessingRequest>,
+    state: ExtProcStream,
+    pending: VecDeque<ProcessingResponse>,
+    done: bool,
+}
+
+impl Stream for ReplyStream {
+    type Item = Result<ProcessingResponse, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(r) = this.pending.pop_front() {
+                return Poll::Ready(Some(Ok(r)));
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+            match Pin::new(&mut this.inbound).poll_next(cx) {
+                Poll::Ready(Some(Ok(msg))) => match this.state.handle(msg) {
+                    Ok(replies) => this.pending.extend(replies),
+                    Err(e) => {
+                        tracing::warn!(request_id = %this.state.request_id(), error = %e, "ext_proc protocol error");
+                        this.done = true;
+                        return Poll::Ready(Some(Err(Status::invalid_argument(e.to_string()))));
+                    }
+                },
+                Poll::Ready(Some(Err(status))) => {
+                    // Dropping `state` with the stream settles an unfinished request.
+                    tracing::debug!(request_id = %this.state.request_id(), %status, "ext_proc stream ended by Envoy");
+                    this.done = true;
+                }
+                Poll::Ready(None) => this.done = true,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
 
 #[tonic::async_trait]
 impl ExternalProcessor for ExtProcService {
-    type ProcessStream = ResponseStream;
+    type ProcessStream = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
 
     async fn process(
         &self,
         request: Request<Streaming<ProcessingRequest>>,
     ) -> Result<Response<Self::ProcessStream>, Status> {
-        let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel::<Result<ProcessingResponse, Status>>(16);
-        let mut state = ExtProcStream::new(self.dispatcher.clone());
-        tokio::spawn(async move {
-            while let Some(msg) = inbound.next().await {
-                let msg = match msg {
-                    Ok(m) => m,
-                    Err(status) => {
-                        tracing::debug!(request_id = %state.request_id(), %status, "ext_proc stream ended by Envoy");
-                        break;
-                    }
-                };
-                match state.handle(msg) {
-                    Ok(replies) => {
-                        for r in replies {
-                            if tx.send(Ok(r)).await.is_err() {
-                                return; // Envoy went away; dropping `state` settles the request
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(request_id = %state.request_id(), error = %e, "ext_proc protocol error");
-                        let _ = tx.send(Err(Status::invalid_argument(e.to_string()))).await;
-                        return;
-                    }
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(ReplyStream {
+            inbound: request.into_inner(),
+            state: ExtProcStream::new(self.dispatcher.clone()),
+            pending: VecDeque::new(),
+            done: false,
+        })))
     }
 }

@@ -188,7 +188,11 @@ impl ExtProcStream {
             self.phase = Phase::Done;
             return vec![self.immediate(&r)];
         }
-        self.body.extend_from_slice(&b.body);
+        if self.body.is_empty() {
+            self.body = b.body; // a body in one chunk is kept without a copy
+        } else {
+            self.body.extend_from_slice(&b.body);
+        }
         if !b.end_of_stream {
             return match self.request_mode {
                 BodySendMode::Streamed => vec![body_continue(true)],
@@ -251,7 +255,7 @@ impl ExtProcStream {
                         },
                     ))
                 }];
-                out.extend(streamed_chunks(&body, body_ends_stream, true));
+                out.extend(streamed_chunks(body, body_ends_stream, true));
                 out
             }
             _ => vec![ProcessingResponse {
@@ -296,7 +300,7 @@ impl ExtProcStream {
         }
         let end = b.end_of_stream;
         let out = match self.response_mode {
-            BodySendMode::FullDuplexStreamed => streamed_chunks(&b.body, end, false),
+            BodySendMode::FullDuplexStreamed => streamed_chunks(b.body, end, false),
             _ => vec![body_continue(false)],
         };
         if end {
@@ -355,11 +359,12 @@ fn body_continue(request: bool) -> ProcessingResponse {
 }
 
 /// Body replies carrying `body` as `streamed_response` chunks of at most [`BODY_CHUNK`].
-fn streamed_chunks(body: &[u8], end_of_stream: bool, request: bool) -> Vec<ProcessingResponse> {
-    let chunks: Vec<&[u8]> = if body.is_empty() {
-        vec![&[][..]]
+fn streamed_chunks(body: Vec<u8>, end_of_stream: bool, request: bool) -> Vec<ProcessingResponse> {
+    // The common case (one chunk) moves the buffer instead of copying it.
+    let chunks: Vec<Vec<u8>> = if body.len() <= BODY_CHUNK {
+        vec![body]
     } else {
-        body.chunks(BODY_CHUNK).collect()
+        body.chunks(BODY_CHUNK).map(<[u8]>::to_vec).collect()
     };
     let n = chunks.len();
     chunks
