@@ -46,11 +46,17 @@ pub struct StoreConfig {
     pub keep_entries_after_snapshot: u64,
     /// How long `add_learner` waits for the learner to catch up.
     pub learner_catch_up_timeout: Duration,
+    /// Largest snapshot chunk per install-snapshot message; with `max_entries_per_append`
+    /// this bounds the size of one transport message.
+    pub snapshot_chunk_bytes: u64,
+    /// Most log entries in one append-entries message.
+    pub max_entries_per_append: u64,
 }
 
 impl StoreConfig {
     /// Defaults for a LAN: openraft's own timings (50/150/300 ms), a snapshot every
-    /// 1000 entries keeping 100 behind it.
+    /// 1000 entries keeping 100 behind it, transport messages kept near 1 MiB (1 MiB
+    /// snapshot chunks; 64 entries per append, policy documents being a few KiB).
     pub fn new(node_id: NodeId, data_file: impl Into<PathBuf>) -> Self {
         StoreConfig {
             node_id,
@@ -61,6 +67,8 @@ impl StoreConfig {
             snapshot_after_entries: 1000,
             keep_entries_after_snapshot: 100,
             learner_catch_up_timeout: Duration::from_secs(30),
+            snapshot_chunk_bytes: 1024 * 1024,
+            max_entries_per_append: 64,
         }
     }
 
@@ -76,6 +84,8 @@ impl StoreConfig {
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_after_entries),
             max_in_snapshot_log_to_keep: self.keep_entries_after_snapshot,
             purge_batch_size: 256,
+            snapshot_max_chunk_size: self.snapshot_chunk_bytes,
+            max_payload_entries: self.max_entries_per_append,
             ..Default::default()
         }
         .validate()

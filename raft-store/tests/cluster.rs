@@ -391,6 +391,20 @@ async fn nodes_join_through_any_member_and_voters_grow_to_three_then_five() -> R
         assert_eq!(priority_of(&p, "early"), Some(4), "node {id}");
         assert!(p.verify_token("tok"), "node {id}");
     }
+
+    // Replace a dead voter: remove it (4 voters for a moment), then a new node joins and
+    // voters are rebalanced back to 5.
+    let leader = c.current_leader()?;
+    let dead = (1..=5).rev().find(|v| *v != leader).unwrap();
+    c.kill(dead).await;
+    c.store(leader)?.remove_node(dead).await?;
+    assert_eq!(voters(&c)?, 4);
+    c.start(6).await?;
+    c.store(6)?.join(mem_node(leader), mem_node(6)).await?;
+    let s = c.store(leader)?.status();
+    assert_eq!(s.members.iter().filter(|m| m.voter).count(), 5, "{s:?}");
+    assert!(s.members.iter().any(|m| m.id == 6 && m.voter));
+    assert!(s.members.iter().all(|m| m.id != dead));
     Ok(())
 }
 
