@@ -123,6 +123,8 @@ pub struct Engine {
     rng: ChaCha8Rng,
     /// Multiplies every step's duration (fault injection: a slow pod).
     slowdown: f64,
+    /// Waiting sequences that already hold blocks (remote KV pulled, not yet running).
+    waiting_holders: usize,
 }
 
 impl Engine {
@@ -143,6 +145,7 @@ impl Engine {
             stats: EngineStats::default(),
             rng,
             slowdown: 1.0,
+            waiting_holders: 0,
         }
     }
 
@@ -220,6 +223,15 @@ impl Engine {
             "every live request is running or waiting"
         );
         assert!(self.running.len() <= self.cfg.profile.max_num_seqs);
+        let holders = self
+            .waiting
+            .iter()
+            .filter(|id| !self.seqs[id].blocks.is_empty())
+            .count();
+        assert_eq!(
+            holders, self.waiting_holders,
+            "waiting sequences holding blocks"
+        );
         assert!(self.running_loras.len() <= self.cfg.profile.max_loras);
         assert!(self.stats.prefix_cache_hits <= self.stats.prefix_cache_queries);
     }
@@ -270,6 +282,9 @@ impl Engine {
             self.dec_lora(seq.req.lora);
         } else if let Some(i) = self.waiting.iter().position(|&r| r == id) {
             self.waiting.remove(i);
+            if !seq.blocks.is_empty() {
+                self.waiting_holders -= 1;
+            }
         }
         self.free_blocks(&mut seq);
         self.stats.aborted += 1;
@@ -424,11 +439,26 @@ impl Engine {
         let max_loras = p.max_loras;
         let transfer_per_token = p.kv_transfer_per_token;
         let mut skipped: Vec<RequestId> = Vec::new();
+        // Once the head of the queue cannot get blocks, only sequences that already hold
+        // theirs may pass it: they need nothing more and their finishing frees blocks, so
+        // the head is not blocked forever behind KV it is itself waiting for.
+        let mut kv_blocked = false;
+        let mut holders_left = self.waiting_holders;
         while *budget > 0 && self.running.len() < max_seqs {
             let Some(id) = self.waiting.pop_front() else {
                 break;
             };
             let s = self.seqs.get_mut(&id).expect("waiting seq exists");
+            let holder = !s.blocks.is_empty();
+            if holder {
+                holders_left = holders_left.saturating_sub(1);
+            } else if kv_blocked {
+                skipped.push(id);
+                if holders_left == 0 {
+                    break;
+                }
+                continue;
+            }
             if s.ready_at > now {
                 skipped.push(id);
                 continue;
@@ -467,12 +497,24 @@ impl Engine {
                 } else {
                     (num_tokens - computed).min(*budget)
                 };
-                let total_blocks = (computed + n).div_ceil(bs);
+                // Remote KV: hold the whole prompt's blocks at once, so the sequence never
+                // waits for a block while holding others (no deadlock on a full cache).
+                let target = if external > 0 {
+                    num_tokens
+                } else {
+                    computed + n
+                };
+                let total_blocks = target.div_ceil(bs);
                 let evictable = hits.iter().filter(|&&b| self.pool.is_free(b)).count();
                 let need_new = total_blocks - hits.len();
                 if need_new + evictable > self.pool.num_free() {
-                    self.waiting.push_front(id);
-                    break;
+                    if holders_left == 0 {
+                        self.waiting.push_front(id);
+                        break;
+                    }
+                    kv_blocked = true;
+                    skipped.push(id);
+                    continue;
                 }
                 for &b in &hits {
                     self.pool.touch(b);
@@ -493,6 +535,7 @@ impl Engine {
                     // The prompt's KV is pulled from the prefill pod; the sequence holds
                     // its blocks and waits for the transfer before its last-token step.
                     s.remote_loaded = true;
+                    self.waiting_holders += 1;
                     s.ready_at = now + mul(transfer_per_token, external);
                     self.stats.remote_prefill_tokens += external as u64;
                     // The blocks are full of the remote KV now; register their hashes.
@@ -515,9 +558,11 @@ impl Engine {
             let s = self.seqs.get_mut(&id).expect("waiting seq exists");
             let n = (s.num_tokens() - s.num_computed).min(*budget);
             if !grow(&mut self.pool, &mut s.blocks, s.num_computed + n, bs) {
-                self.waiting.push_front(id);
-                break;
+                kv_blocked = true;
+                skipped.push(id);
+                continue;
             }
+            self.waiting_holders -= 1;
             self.push_running(id, n, budget, items);
         }
         for id in skipped.into_iter().rev() {
