@@ -288,7 +288,6 @@ impl Mesh {
             endpoint.clone(),
             shared.clone(),
             members_rx.clone(),
-            tls.uses_ca(),
             config.rpc.admission_timeout,
             stats.clone(),
         )));

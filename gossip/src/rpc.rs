@@ -3,7 +3,8 @@
 //! Requests use a bidirectional stream (frame out, `finish`, frame back); one-way messages
 //! a unidirectional stream. Every exchange is bounded by a timeout. The acceptor admits a
 //! connection only when the client's certificate belongs to a live member (self-signed
-//! mode) or chains to the cluster CA.
+//! mode) or chains to the cluster CA, and in both modes is the certificate a live member
+//! advertised through authenticated gossip.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -229,7 +230,6 @@ pub(crate) async fn serve<D: Dispatch>(
     endpoint: quinn::Endpoint,
     dispatch: Arc<D>,
     members: watch::Receiver<Arc<MemberSet>>,
-    uses_ca: bool,
     admission_timeout: Duration,
     stats: Arc<Stats>,
 ) {
@@ -240,17 +240,12 @@ pub(crate) async fn serve<D: Dispatch>(
         let me = me.clone();
         tokio::spawn(async move {
             let Ok(conn) = incoming.await else { return };
-            let peer = if uses_ca {
-                None
-            } else {
-                match admit(&conn, members, admission_timeout).await {
-                    Some(node) => Some(node),
-                    None => {
-                        Stats::add(&stats.rpc_rejected_peers, 1);
-                        conn.close(quinn::VarInt::from_u32(1), b"not a member");
-                        return;
-                    }
-                }
+            // With a cluster CA the chain is already verified; either way the certificate
+            // must also be the one a live member advertised through authenticated gossip.
+            let Some(peer) = admit(&conn, members, admission_timeout).await else {
+                Stats::add(&stats.rpc_rejected_peers, 1);
+                conn.close(quinn::VarInt::from_u32(1), b"not a member");
+                return;
             };
             serve_connection(me, peer, conn, dispatch, stats).await;
         });
@@ -271,11 +266,11 @@ async fn admit(
     set.by_fingerprint(&fp).map(|m| m.id.node.clone())
 }
 
-/// Serves streams of one admitted connection. `peer` is the authenticated sender when the
-/// certificate identifies a member; frames then cannot claim another node's id.
+/// Serves streams of one admitted connection. `peer` is the member the certificate belongs
+/// to; frames cannot claim another node's id.
 async fn serve_connection<D: Dispatch>(
     me: NodeId,
-    peer: Option<NodeId>,
+    peer: NodeId,
     conn: quinn::Connection,
     dispatch: Arc<D>,
     stats: Arc<Stats>,
@@ -291,7 +286,7 @@ async fn serve_connection<D: Dispatch>(
                 tokio::spawn(async move {
                     let Ok(bytes) = recv.read_to_end(MAX_FRAME_BYTES).await else { return };
                     let answer = match wire::decode::<Request>(&bytes) {
-                        Ok(f) => dispatch.request(peer.unwrap_or(f.from), f.body).await,
+                        Ok(f) => dispatch.request(peer, f.body).await,
                         Err(e) => {
                             Stats::add(&stats.rpc_rejected_frames, 1);
                             let err = match e {
@@ -320,7 +315,7 @@ async fn serve_connection<D: Dispatch>(
                 tokio::spawn(async move {
                     let Ok(bytes) = recv.read_to_end(MAX_FRAME_BYTES).await else { return };
                     match wire::decode::<OneWay>(&bytes) {
-                        Ok(f) => dispatch.one_way(peer.unwrap_or(f.from), f.body),
+                        Ok(f) => dispatch.one_way(peer, f.body),
                         Err(_) => Stats::add(&stats.rpc_rejected_frames, 1),
                     }
                 });
