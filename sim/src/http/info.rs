@@ -172,10 +172,7 @@ pub(super) async fn render_chat(State(pod): State<Arc<PodState>>, body: Bytes) -
         return e.into_response();
     }
     match r.prompt_text() {
-        Ok(text) => {
-            axum::Json(serde_json::json!([{"prompt_token_ids": tokenizer::tokenize(&text)}]))
-                .into_response()
-        }
+        Ok(text) => rendered(&pod, &r.model, tokenizer::tokenize(&text)),
         Err(e) => e.into_response(),
     }
 }
