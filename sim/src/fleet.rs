@@ -271,6 +271,16 @@ impl Fleet {
     }
 }
 
+impl Drop for Fleet {
+    /// A dropped fleet closes its listeners and connections (in the background) instead of
+    /// serving until the runtime ends.
+    fn drop(&mut self) {
+        for p in &self.pods {
+            let _ = p.shutdown.send(true);
+        }
+    }
+}
+
 async fn serve_pod(listener: TcpListener, app: axum::Router, mut shutdown: watch::Receiver<bool>) {
     let mut conns = JoinSet::new();
     loop {

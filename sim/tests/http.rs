@@ -350,3 +350,19 @@ async fn slowdown_is_validated_and_refused_for_stopped_pods() {
     ));
     fleet.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_fleet_closes_its_ports() {
+    let mut cfg = FleetConfig::new(2);
+    cfg.profile = EngineProfile::instant();
+    let fleet = Fleet::start(cfg).await.unwrap();
+    let addrs = fleet.addrs();
+    drop(fleet);
+    for a in addrs {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while tokio::net::TcpStream::connect(a).await.is_ok() {
+            assert!(tokio::time::Instant::now() < deadline, "{a} still accepts");
+            tokio::task::yield_now().await;
+        }
+    }
+}
