@@ -72,9 +72,12 @@ struct Args {
     /// Remote KV transfer time per token (P/D), microseconds.
     #[arg(long)]
     kv_transfer_per_token_us: Option<f64>,
-    /// Most distinct LoRA adapters per batch.
+    /// Most distinct LoRA adapters per batch (and GPU adapter slots).
     #[arg(long)]
     max_loras: Option<usize>,
+    /// Time to load a LoRA adapter into a GPU slot, milliseconds.
+    #[arg(long)]
+    lora_load_ms: Option<f64>,
     /// Relative uniform jitter of step durations, in [0, 1).
     #[arg(long)]
     jitter: Option<f64>,
@@ -116,6 +119,7 @@ fn config(a: Args) -> anyhow::Result<FleetConfig> {
     set!(decode_per_seq_us => decode_per_seq, 1e-6);
     set!(decode_per_context_token_ns => decode_per_context_token, 1e-9);
     set!(kv_transfer_per_token_us => kv_transfer_per_token, 1e-6);
+    set!(lora_load_ms => lora_load, 1e-3);
     let mut cfg = FleetConfig::new(a.pods);
     cfg.host = a.host;
     cfg.base_port = a.base_port;

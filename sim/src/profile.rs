@@ -31,8 +31,11 @@ pub struct EngineProfile {
     pub decode_per_context_token: Duration,
     /// Time to receive one token's KV from a remote prefill pod (P/D).
     pub kv_transfer_per_token: Duration,
-    /// Most distinct LoRA adapters in one batch (`--max-loras`).
+    /// Most distinct LoRA adapters in one batch, and GPU adapter slots (`--max-loras`).
     pub max_loras: usize,
+    /// Added to a step that brings an adapter into a GPU slot it did not occupy (the least
+    /// recently used idle adapter is evicted).
+    pub lora_load: Duration,
     /// Relative uniform jitter applied to each step's duration (0 = exact).
     pub jitter: f64,
     /// Completion length when a request gives no `max_tokens` (stands in for the EOS token).
@@ -54,6 +57,8 @@ impl EngineProfile {
     /// - Decode: reading 16 GB of weights at 3.35 TB/s ≈ 4.8 ms → ~6 ms per step at batch 1;
     ///   each context token adds its 128 KiB of KV reads (≈ 40 ns at 3.35 TB/s); sampling and
     ///   per-sequence work ≈ 30 µs.
+    /// - LoRA: a rank-16 adapter is ~60 MB in BF16; copying it from host memory at ~20 GB/s
+    ///   plus setup ≈ 5 ms per load into a GPU slot.
     /// - Scheduler: vLLM V1 defaults for ≥70 GB GPUs in the API server: `max_num_seqs=1024`,
     ///   `max_num_batched_tokens=8192`; `max_loras=1`; Llama-3.1 context 131072.
     pub fn llama_8b_h100() -> Self {
@@ -71,6 +76,7 @@ impl EngineProfile {
             decode_per_context_token: Duration::from_nanos(40),
             kv_transfer_per_token: Duration::from_micros(2),
             max_loras: 1,
+            lora_load: Duration::from_millis(5),
             jitter: 0.0,
             default_max_tokens: 128,
         }
@@ -107,6 +113,7 @@ impl EngineProfile {
             decode_per_seq: Duration::ZERO,
             decode_per_context_token: Duration::ZERO,
             kv_transfer_per_token: Duration::ZERO,
+            lora_load: Duration::ZERO,
             ..Self::llama_8b_h100()
         }
     }

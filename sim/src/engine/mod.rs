@@ -125,6 +125,8 @@ pub struct Engine {
     slowdown: f64,
     /// Waiting sequences that already hold blocks (remote KV pulled, not yet running).
     waiting_holders: usize,
+    /// Adapters in GPU slots, least recently used first (at most `max_loras`).
+    gpu_loras: Vec<u32>,
 }
 
 impl Engine {
@@ -146,6 +148,7 @@ impl Engine {
             rng,
             slowdown: 1.0,
             waiting_holders: 0,
+            gpu_loras: Vec::new(),
         }
     }
 
@@ -343,6 +346,15 @@ impl Engine {
         if items.is_empty() {
             return false;
         }
+        let mut loads = 0usize;
+        for &(id, _) in &items {
+            if let Some(l) = self.seqs[&id].req.lora
+                && self.use_lora_slot(l)
+            {
+                loads += 1;
+            }
+        }
+        self.stats.lora_loads += loads as u64;
         let p = &self.cfg.profile;
         let mut prefill_tokens = 0usize;
         let mut decode_seqs = 0usize;
@@ -360,7 +372,7 @@ impl Engine {
                 s.first_scheduled = Some(start);
             }
         }
-        let mut d = Duration::ZERO;
+        let mut d = mul(p.lora_load, loads);
         if prefill_tokens > 0 {
             d += p.prefill_overhead + mul(p.prefill_per_token, prefill_tokens);
         }
@@ -381,6 +393,27 @@ impl Engine {
             end: start + d,
             items,
         });
+        true
+    }
+
+    /// Marks adapter `l` most recently used; true when it had to be loaded into a slot.
+    fn use_lora_slot(&mut self, l: u32) -> bool {
+        if let Some(i) = self.gpu_loras.iter().position(|&x| x == l) {
+            let x = self.gpu_loras.remove(i);
+            self.gpu_loras.push(x);
+            return false;
+        }
+        if self.gpu_loras.len() >= self.cfg.profile.max_loras {
+            // Running adapters never exceed the slots, so an idle one exists to evict.
+            if let Some(i) = self
+                .gpu_loras
+                .iter()
+                .position(|x| !self.running_loras.contains_key(x))
+            {
+                self.gpu_loras.remove(i);
+            }
+        }
+        self.gpu_loras.push(l);
         true
     }
 

@@ -89,6 +89,8 @@ pub struct EngineStats {
     pub aborted: u64,
     /// Prompt tokens whose KV came from a remote prefill pod.
     pub remote_prefill_tokens: u64,
+    /// LoRA adapters loaded into a GPU slot.
+    pub lora_loads: u64,
     /// Engine steps run.
     pub steps: u64,
     /// Time to first token.
@@ -117,6 +119,7 @@ impl Default for EngineStats {
             finished_stop: 0,
             aborted: 0,
             remote_prefill_tokens: 0,
+            lora_loads: 0,
             steps: 0,
             ttft: Histogram::new(TTFT_BUCKETS),
             itl: Histogram::new(ITL_BUCKETS),

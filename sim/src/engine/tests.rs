@@ -23,6 +23,7 @@ fn profile() -> EngineProfile {
         decode_per_context_token: Duration::ZERO,
         kv_transfer_per_token: Duration::from_micros(100),
         max_loras: 1,
+        lora_load: Duration::ZERO,
         jitter: 0.0,
         default_max_tokens: 16,
     }
@@ -438,4 +439,34 @@ fn slowdown_stretches_steps_and_can_be_undone() {
     assert!(e.set_slowdown(1.0));
     submit(&mut e, ms(100), req(2, toks(100..120), 1));
     assert_eq!(run(&mut e)[&2].0, ms(130));
+}
+
+#[test]
+fn loading_a_lora_adapter_costs_time_once_per_slot() {
+    let mut e = engine(EngineProfile {
+        lora_load: ms(7),
+        ..profile()
+    });
+    let lora = |id, l| {
+        EngineRequest::new(
+            id,
+            toks(id as u32 * 100..id as u32 * 100 + 8),
+            1,
+            FinishReason::Length,
+            l,
+            KvTransfer::None,
+            4,
+        )
+    };
+    submit(&mut e, ms(0), lora(1, Some(0)));
+    assert_eq!(run(&mut e)[&1].0, ms(25)); // 7 + 10 + 8
+    submit(&mut e, ms(100), lora(2, Some(0)));
+    assert_eq!(run(&mut e)[&2].0, ms(118)); // already in the slot
+    submit(&mut e, ms(200), lora(3, Some(1)));
+    assert_eq!(run(&mut e)[&3].0, ms(225)); // evicts adapter 0
+    submit(&mut e, ms(300), lora(4, Some(0)));
+    assert_eq!(run(&mut e)[&4].0, ms(325));
+    submit(&mut e, ms(400), lora(5, None));
+    assert_eq!(run(&mut e)[&5].0, ms(418)); // the base model needs no slot
+    assert_eq!(e.stats().lora_loads, 3);
 }
