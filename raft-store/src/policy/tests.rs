@@ -421,3 +421,85 @@ fn kind_names_parse_like_kubectl() {
     assert_eq!(Kind::parse("infermeshnodes"), Some(Kind::InfermeshNode));
     assert_eq!(Kind::parse("pods"), None);
 }
+
+mod properties {
+    use proptest::prelude::*;
+
+    use super::super::*;
+
+    fn objective(name: u8, priority: i32) -> PolicyObject {
+        let text = format!(
+            "apiVersion: inference.networking.x-k8s.io/v1alpha2\nkind: InferenceObjective\n\
+             metadata: {{name: k{name}}}\nspec:\n  priority: {priority}\n  poolRef: {{name: p}}\n"
+        );
+        parse_documents(&text, &accept_any_epp_config())
+            .unwrap()
+            .remove(0)
+    }
+
+    fn key(name: u8) -> ObjectKey {
+        ObjectKey::new(Kind::InferenceObjective, "default", format!("k{name}"))
+    }
+
+    fn op() -> impl Strategy<Value = PolicyOp> {
+        let version = prop::option::of(0u64..12);
+        prop_oneof![
+            (0u8..4, -3i32..3, version.clone()).prop_map(|(n, p, v)| PolicyOp::Put {
+                object: Box::new(objective(n, p)),
+                expected_version: v,
+            }),
+            (0u8..4, version).prop_map(|(n, v)| PolicyOp::Delete {
+                key: key(n),
+                expected_version: v,
+            }),
+        ]
+    }
+
+    fn requests() -> impl Strategy<Value = Vec<PolicyRequest>> {
+        prop::collection::vec(
+            prop::collection::vec(op(), 1..4).prop_map(|ops| PolicyRequest { ops }),
+            1..12,
+        )
+    }
+
+    proptest! {
+        /// A request applies whole or not at all, versions are the applying index, and the
+        /// same log gives the same state (every node converges).
+        #[test]
+        fn requests_apply_atomically_and_deterministically(reqs in requests()) {
+            let mut a = PolicyState::default();
+            let mut b = PolicyState::default();
+            for (i, req) in reqs.iter().enumerate() {
+                let index = i as u64 + 1;
+                let before = a.clone();
+                let ra = a.handle_request(index, req, &mut Touched::default());
+                let rb = b.handle_request(index, req, &mut Touched::default());
+                prop_assert_eq!(&ra, &rb);
+                match ra {
+                    PolicyResponse::Rejected(_) => {
+                        let same = before.iter().zip(a.iter()).all(|(x, y)| x == y);
+                        prop_assert!(same && before.len() == a.len(), "a rejected request changed state");
+                    }
+                    PolicyResponse::Applied { changes, .. } => {
+                        for c in changes {
+                            match c.action {
+                                ChangeAction::Deleted => prop_assert!(a.get(&c.key).is_none() || req.ops.len() > 1),
+                                ChangeAction::Unchanged => prop_assert!(c.resource_version <= Some(index)),
+                                _ => prop_assert_eq!(c.resource_version, Some(index)),
+                            }
+                        }
+                    }
+                    PolicyResponse::Noop => prop_assert!(false, "a request is never a no-op"),
+                }
+                prop_assert_eq!(&a, &b);
+            }
+            // The snapshot form restores the same state.
+            let restored = PolicyState::from_parts(
+                a.applied_index(),
+                a.iter().map(|o| o.as_ref().clone()),
+                a.token_hashes().copied(),
+            );
+            prop_assert_eq!(&restored, &a);
+        }
+    }
+}
