@@ -8,7 +8,7 @@ use std::time::Duration;
 use infermesh_gossip::{ClusterKey, Mesh, MeshConfig};
 
 /// Upper bound for any condition a test waits on (generous: CI machines are shared).
-pub const DEADLINE: Duration = Duration::from_secs(20);
+pub const DEADLINE: Duration = Duration::from_secs(40);
 
 pub fn key() -> ClusterKey {
     ClusterKey::new(b"test-cluster-key-0123456789".to_vec()).unwrap()
@@ -16,8 +16,13 @@ pub fn key() -> ClusterKey {
 
 pub fn config(name: &str) -> MeshConfig {
     let mut c = MeshConfig::loopback(name, key());
-    // Tests check behaviour, not latency: give remote lookups room on a busy machine.
+    // Tests check behaviour, not latency. Many nodes share one 2-thread runtime on a
+    // machine shared with compilers, so use slower SWIM timing than production (fewer
+    // false suspicions) and give remote lookups room. The bench measures the defaults.
     c.prefix.lookup_budget = Duration::from_secs(2);
+    c.swim.probe_period = Duration::from_millis(400);
+    c.swim.probe_rtt = Duration::from_millis(200);
+    c.swim.suspicion_multiplier = 4.0;
     c
 }
 
