@@ -19,16 +19,20 @@
 //!   ([`policy::PolicyState`]) tested by feeding it requests.
 //!
 //! Wiring it into a node:
-//! 1. Implement [`RaftTransport`] over the mesh RPC: `send(target, node, bytes)` delivers
-//!    `bytes` to the peer at `node.addr` (route by address; `target` is 0 for a seed) and
-//!    returns what the peer's [`PolicyStore::handle_rpc`] returned for them.
+//! 1. Implement [`RaftTransport`] over the mesh's service channels: `send(_, node, bytes)`
+//!    is `mesh.call_service(&NodeId::new(&node.addr), RAFT_CHANNEL, bytes, timeout)` (a
+//!    member's Raft address is its mesh node name; the Raft id may be 0 for a seed);
+//!    connect/unknown-peer/timeout errors map to `TransportError::Unreachable`, the rest to
+//!    `Lost`. Serve `mesh.register_service(RAFT_CHANNEL, ..)`: for each call,
+//!    `call.respond(store.handle_rpc(&call.payload).await)` in its own task. Messages stay
+//!    near 1 MiB (see [`StoreConfig`]).
 //! 2. `PolicyStore::open(StoreConfig::new(raft_id, dir.join("policy.redb")), transport,
-//!    validator)`, with `validator` wrapping the scheduler's config loader, e.g.
+//!    validator)`, with `validator` wrapping the scheduler's loader, e.g.
 //!    `Arc::new(|yaml| load_config(yaml).map(|_| ()).map_err(Into::into))`.
-//! 3. `serve --bootstrap`: `store.bootstrap({raft_id: BasicNode::new(mesh_addr)}, &tokens)`;
-//!    other nodes: `store.join(BasicNode::new(seed_mesh_addr), BasicNode::new(own_mesh_addr))`
-//!    (learner, then voters rebalanced to 3 or 5). Each node then applies its own
-//!    `InfermeshNode` registry entry with `apply_objects(.., Route::ViaLeader)`.
+//! 3. `serve --bootstrap`: `store.bootstrap({raft_id: BasicNode::new(mesh_name)}, &tokens)`;
+//!    other nodes, once gossip has joined: `store.join(BasicNode::new(seed_mesh_name),
+//!    BasicNode::new(own_mesh_name))` (learner, then voters rebalanced to 3 or 5). Each node
+//!    then applies its own `InfermeshNode` entry with `apply_objects(.., Route::ViaLeader)`.
 //! 4. Admin API: `apply_yaml(body, Route::ViaLeader)` (errors map to HTTP: `Invalid` 400,
 //!    `Rejected::Conflict` 409, `Rejected::NotFound` 404, `NotLeader`/`Unavailable` 503),
 //!    `policy().list(kind)` / `get(key)` with `to_document()`, `delete`, `status()`;
