@@ -7,6 +7,35 @@
 //! loads with [`load_config`] and routes the same way. State that outlives a cycle (the
 //! prefix index, no-hit LRU) lives inside the [`Scheduler`] behind per-shard locks and is
 //! updated by [`Scheduler::pre_request`].
+//!
+//! ```
+//! use std::collections::BTreeMap;
+//! use std::time::Instant;
+//! use infermesh_scheduler::*;
+//! use rand::SeedableRng;
+//!
+//! let cfg = load_config("")?; // empty = llm-d's built-in default profile
+//! let scheduler = Scheduler::new(&cfg)?;
+//! let body = parse_openai(ApiKind::Completions, br#"{"model":"m","prompt":"hello"}"#)?;
+//! let req = InferenceRequest {
+//!     id: "r1".into(),
+//!     target_model: body.model.clone(),
+//!     model: body.model,
+//!     prompt_bytes: body.prompt_bytes,
+//!     fairness_id: model::DEFAULT_FAIRNESS_ID.into(),
+//!     ..InferenceRequest::default()
+//! };
+//! let now = Instant::now();
+//! let mut pod = Endpoint::new("10.0.0.7:8000".parse()?, BTreeMap::new());
+//! pod.metrics = Some(Metrics::idle(now));
+//! let pods = vec![pod];
+//! scheduler.admit(&req, &pods, now)?;
+//! let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+//! let result = scheduler.schedule(&req, &pods, now, &mut rng)?;
+//! assert_eq!(result.header_value(), "10.0.0.7:8000");
+//! scheduler.pre_request(&req, &result, now); // record the prefix at the picked pod
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 pub mod config;
 pub mod model;

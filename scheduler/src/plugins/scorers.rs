@@ -270,6 +270,10 @@ impl Scorer for SessionAffinityScorer {
 
 /// `no-hit-lru-scorer`: cold requests (no prefix hit anywhere) prefer endpoints that have
 /// not served a cold request recently; warm requests get 0.5 everywhere.
+///
+/// Scoring judges coldness over the profile's filtered candidates, as llm-d does; the
+/// LRU update after the pick uses the cycle-wide coldness (no candidate matched at all),
+/// where llm-d reuses the last profile's judgement.
 #[derive(Debug)]
 pub struct NoHitLruScorer {
     capacity: usize,
