@@ -445,4 +445,198 @@ mod tests {
         assert!(b.win_addr_conflict(&a));
         assert!(!a.win_addr_conflict(&b));
     }
+
+    /// Deterministic SWIM simulation: real foca instances, our config, a virtual clock and an
+    /// in-memory network (no sockets, no sleeps). Checks the detection arithmetic.
+    mod sim {
+        use super::*;
+        use crate::config::SwimConfig;
+        use std::collections::HashMap;
+
+        enum Event {
+            Deliver { to: usize, data: Vec<u8> },
+            Timer { node: usize, timer: Timer<MemberId> },
+        }
+
+        struct Sim {
+            nodes: Vec<Option<Swim>>,
+            ids: Vec<MemberId>,
+            queue: BinaryHeap<Reverse<(Duration, u64)>>,
+            events: HashMap<u64, Event>,
+            seq: u64,
+            now: Duration,
+            latency: Duration,
+        }
+
+        impl Sim {
+            fn new(n: usize, config: &SwimConfig, seed: u64) -> Sim {
+                let ids: Vec<MemberId> = (0..n)
+                    .map(|i| MemberId {
+                        node: NodeId::new(format!("n{i}")),
+                        gossip: SocketAddr::from(([127, 0, 0, 1], 10_000 + i as u16)),
+                        rpc: SocketAddr::from(([127, 0, 0, 1], 20_000 + i as u16)),
+                        fingerprint: Fingerprint([i as u8; 32]),
+                        incarnation: 1,
+                    })
+                    .collect();
+                let nodes = ids
+                    .iter()
+                    .enumerate()
+                    .map(|(i, id)| {
+                        let rng =
+                            StdRng::seed_from_u64(seed.wrapping_mul(31).wrapping_add(i as u64));
+                        Some(Foca::new(
+                            id.clone(),
+                            config.foca_config(),
+                            rng,
+                            PostcardCodec,
+                        ))
+                    })
+                    .collect();
+                Sim {
+                    nodes,
+                    ids,
+                    queue: BinaryHeap::new(),
+                    events: HashMap::new(),
+                    seq: 0,
+                    now: Duration::ZERO,
+                    latency: Duration::from_micros(300),
+                }
+            }
+
+            fn push(&mut self, at: Duration, e: Event) {
+                self.seq += 1;
+                self.queue.push(Reverse((at, self.seq)));
+                self.events.insert(self.seq, e);
+            }
+
+            fn drain(&mut self, node: usize, rt: &mut AccumulatingRuntime<MemberId>) {
+                while let Some((dst, data)) = rt.to_send() {
+                    let to = self
+                        .ids
+                        .iter()
+                        .position(|id| id.gossip == dst.gossip)
+                        .unwrap();
+                    self.push(
+                        self.now + self.latency,
+                        Event::Deliver {
+                            to,
+                            data: data.to_vec(),
+                        },
+                    );
+                }
+                while let Some((delay, timer)) = rt.to_schedule() {
+                    self.push(self.now + delay, Event::Timer { node, timer });
+                }
+                while rt.to_notify().is_some() {}
+            }
+
+            fn join_all(&mut self) {
+                for i in 1..self.ids.len() {
+                    let mut rt = AccumulatingRuntime::new();
+                    let dst = self.ids[0].clone();
+                    self.nodes[i]
+                        .as_mut()
+                        .unwrap()
+                        .announce(dst, &mut rt)
+                        .unwrap();
+                    self.drain(i, &mut rt);
+                }
+            }
+
+            /// Runs until `until` or until `stop` holds (checked after each event).
+            fn run(
+                &mut self,
+                until: Duration,
+                mut stop: impl FnMut(&Sim) -> bool,
+            ) -> Option<Duration> {
+                while let Some(Reverse((at, seq))) = self.queue.pop() {
+                    if at > until {
+                        self.queue.push(Reverse((at, seq)));
+                        self.now = until;
+                        return None;
+                    }
+                    self.now = at;
+                    let event = self.events.remove(&seq).unwrap();
+                    let mut rt = AccumulatingRuntime::new();
+                    let node = match event {
+                        Event::Deliver { to, data } => {
+                            if let Some(f) = self.nodes[to].as_mut() {
+                                let _ = f.handle_data(&data, &mut rt);
+                            }
+                            to
+                        }
+                        Event::Timer { node, timer } => {
+                            if let Some(f) = self.nodes[node].as_mut() {
+                                let _ = f.handle_timer(timer, &mut rt);
+                            }
+                            node
+                        }
+                    };
+                    self.drain(node, &mut rt);
+                    if stop(self) {
+                        return Some(self.now);
+                    }
+                }
+                None
+            }
+
+            fn live_view(&self, node: usize) -> Vec<String> {
+                let mut v: Vec<String> = self.nodes[node]
+                    .as_ref()
+                    .unwrap()
+                    .iter_members()
+                    .map(|m| m.id().node.to_string())
+                    .collect();
+                v.sort();
+                v
+            }
+        }
+
+        #[test]
+        fn default_config_detects_a_killed_node_within_the_bound_and_never_falsely() {
+            let config = SwimConfig::default();
+            let n = config.expected_cluster_size.get() as usize;
+            let bound = config.detection_bound();
+            let mut worst = Duration::ZERO;
+            for seed in 0..20u64 {
+                let mut sim = Sim::new(n, &config, seed);
+                sim.join_all();
+                let joined = sim.run(Duration::from_secs(5), |s| {
+                    (0..n).all(|i| s.live_view(i).len() == n - 1)
+                });
+                assert!(joined.is_some(), "seed {seed}: cluster did not form");
+                // Steady state with a lossless network: nobody is ever declared down.
+                let false_down = sim.run(sim.now + Duration::from_secs(10), |s| {
+                    (0..n).any(|i| s.live_view(i).len() != n - 1)
+                });
+                assert!(
+                    false_down.is_none(),
+                    "seed {seed}: false positive at {false_down:?}"
+                );
+
+                let victim = (seed as usize) % n;
+                sim.nodes[victim] = None;
+                let killed_at = sim.now;
+                let victim_name = sim.ids[victim].node.to_string();
+                let detected = sim.run(killed_at + Duration::from_secs(10), |s| {
+                    (0..n)
+                        .filter(|i| *i != victim)
+                        .all(|i| !s.live_view(i).contains(&victim_name))
+                });
+                let took = detected.expect("detected") - killed_at;
+                assert!(
+                    took <= bound,
+                    "seed {seed}: detection took {took:?} > bound {bound:?}"
+                );
+                worst = worst.max(took);
+                // Survivors keep each other.
+                for i in (0..n).filter(|i| *i != victim) {
+                    assert_eq!(sim.live_view(i).len(), n - 2, "seed {seed}");
+                }
+            }
+            eprintln!("worst simulated detection over 20 seeds: {worst:?} (bound {bound:?})");
+            assert!(worst > Duration::ZERO);
+        }
+    }
 }
