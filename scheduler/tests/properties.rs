@@ -422,3 +422,68 @@ proptest! {
         let _ = parse_openai(kind, body.as_bytes());
     }
 }
+
+const ROLES: &[&str] = &[
+    "",
+    "prefill",
+    "decode",
+    "prefill-decode",
+    "both",
+    "encode",
+    "encode-prefill",
+    "encode-prefill-decode",
+    "weird",
+];
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    #[test]
+    fn pd_targets_respect_roles(
+        roles in proptest::collection::vec(0usize..ROLES.len(), 1..20),
+        queues in proptest::collection::vec(0u32..10, 20),
+        prompt_len in 0usize..2000,
+        seed in any::<u64>(),
+    ) {
+        let path = format!("{}/tests/fixtures/pd-epp-config.yaml", env!("CARGO_MANIFEST_DIR"));
+        let s = Scheduler::new(&load_config(&std::fs::read_to_string(path).unwrap()).unwrap()).unwrap();
+        let now = Instant::now();
+        let eps: Vec<Endpoint> = roles
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let mut labels = BTreeMap::new();
+                if !ROLES[*r].is_empty() {
+                    labels.insert("llm-d.ai/role".to_owned(), ROLES[*r].to_owned());
+                }
+                let mut e = Endpoint::new(addr(i), labels);
+                let mut m = Metrics::idle(now);
+                m.waiting_queue = queues[i];
+                e.metrics = Some(m);
+                e
+            })
+            .collect();
+        let decode_ok = |a: &SocketAddr| {
+            let e = eps.iter().find(|e| e.address == *a).unwrap();
+            matches!(e.labels.get("llm-d.ai/role").map(String::as_str), None | Some("decode" | "prefill-decode" | "both" | "encode-prefill-decode"))
+        };
+        let prefill_ok = |a: &SocketAddr| {
+            let e = eps.iter().find(|e| e.address == *a).unwrap();
+            matches!(e.labels.get("llm-d.ai/role").map(String::as_str), Some("prefill" | "encode-prefill" | "prefill-decode" | "both" | "encode-prefill-decode"))
+        };
+        let req = InferenceRequest { target_model: "m".into(), prompt_bytes: vec![b'x'; prompt_len], ..Default::default() };
+        let any_decode = eps.iter().any(|e| decode_ok(&e.address));
+        match s.schedule(&req, &eps, now, &mut ChaCha8Rng::seed_from_u64(seed)) {
+            Ok(r) => {
+                prop_assert!(r.destinations().iter().all(decode_ok));
+                if let Some(p) = r.profiles.get("prefill") {
+                    prop_assert!(p.targets.iter().all(prefill_ok));
+                    prop_assert_eq!(r.extra_headers().len(), 1);
+                } else {
+                    prop_assert!(r.extra_headers().is_empty());
+                }
+            }
+            Err(_) => prop_assert!(!any_decode),
+        }
+    }
+}
