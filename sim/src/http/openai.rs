@@ -123,6 +123,19 @@ pub fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError>
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
+        // Untagged enums fail with a generic message; say what the field accepts instead.
+        if inner.to_string().contains("did not match any variant") {
+            let expected = if path == "prompt" {
+                "a string, a list of token ids, or a one-element list of either"
+            } else if path.ends_with(".content") {
+                "a string or a list of content parts"
+            } else {
+                "a value of another shape"
+            };
+            return ApiError::bad_request(format!(
+                "invalid request body: `{path}` must be {expected}"
+            ));
+        }
         if path == "." || path.is_empty() {
             ApiError::bad_request(format!("invalid request body: {inner}"))
         } else {
@@ -409,6 +422,15 @@ mod tests {
         let e =
             parse_json::<CompletionRequest>(br#"{"prompt":"x","max_tokens":"ten"}"#).unwrap_err();
         assert!(e.message.contains("max_tokens"), "{}", e.message);
+        let e = parse_json::<CompletionRequest>(br#"{"prompt":5}"#).unwrap_err();
+        assert!(
+            e.message.contains("`prompt` must be a string"),
+            "{}",
+            e.message
+        );
+        let e = parse_json::<ChatRequest>(br#"{"messages":[{"role":"user","content":5}]}"#)
+            .unwrap_err();
+        assert!(e.message.contains("messages[0].content"), "{}", e.message);
         let e = parse_json::<CompletionRequest>(b"{not json").unwrap_err();
         assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
     }
