@@ -22,8 +22,10 @@ struct InFlight {
     system_version: String,
     /// Resources sent, to record as accepted or rejected.
     sent: Vec<Arc<EncodedResource>>,
-    /// Names removed.
+    /// Names the client held and was told to remove.
     removed: Vec<String>,
+    /// Subscribed names reported as not existing.
+    absent: Vec<String>,
     /// What the client held before this response, to restore on NACK.
     previous: Vec<(String, Option<String>)>,
 }
@@ -173,7 +175,7 @@ impl DeltaStream {
                     }
                     mem.acked_resources.insert(r.name.clone(), r);
                 }
-                for name in &inflight.removed {
+                for name in inflight.removed.iter().chain(&inflight.absent) {
                     mem.acked_resources.remove(name);
                     mem.rejected_resources.remove(name);
                 }
@@ -205,9 +207,11 @@ impl DeltaStream {
             in_view.insert(current.name.as_str());
             let chosen = if mem.rejected_resources.get(&current.name) == Some(&current.version) {
                 held_back = true;
+                // Fall back to the last accepted version, unless that is the very version
+                // rejected since (then there is nothing acceptable to send).
                 match mem.acked_resources.get(&current.name) {
-                    Some(accepted) => accepted,
-                    None => continue,
+                    Some(accepted) if accepted.version != current.version => accepted,
+                    _ => continue,
                 }
             } else {
                 current
@@ -257,7 +261,7 @@ impl DeltaStream {
             let Some(Diff {
                 version: system_version,
                 send,
-                mut removed,
+                removed,
                 absent,
                 ..
             }) = self.diff(ty)
@@ -282,15 +286,15 @@ impl DeltaStream {
             for name in &absent {
                 st.told_absent.insert(name.clone());
             }
-            removed.extend(absent);
+            let gone: Vec<String> = removed.iter().chain(&absent).cloned().collect();
             let nonce = self.nonces.next();
-            let response = EncodedResponse::delta(ty, &system_version, &send, &removed, &nonce);
+            let response = EncodedResponse::delta(ty, &system_version, &send, &gone, &nonce);
             self.events.push_back(StreamEvent::Sent {
                 ty,
                 version: system_version.clone(),
                 nonce: nonce.clone(),
                 resources: send.len(),
-                removed: removed.len(),
+                removed: gone.len(),
             });
             st.last_nonce.clone_from(&nonce);
             st.in_flight = Some(InFlight {
@@ -298,6 +302,7 @@ impl DeltaStream {
                 system_version,
                 sent: send,
                 removed,
+                absent,
                 previous,
             });
             return Some((ty, response));

@@ -182,9 +182,11 @@ async fn scenario(api_type: &str) {
     );
     // Failing open: with no picker reachable, requests go to the pool's own endpoints.
     picker_2.kill();
-    wait_for("fail-open routing to the pool's endpoints", WAIT, || async {
-        get_ok(moved).await.filter(|b| b == "backend-a picked-by=")
-    })
+    wait_for(
+        "fail-open routing to the pool's endpoints",
+        WAIT,
+        || async { get_ok(moved).await.filter(|b| b == "backend-a picked-by=") },
+    )
     .await;
 
     // 5. An invalid resource (a listener on a port already taken) is NACKed; the previous
