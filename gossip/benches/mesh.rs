@@ -13,11 +13,31 @@ use infermesh_gossip::{ClusterKey, Mesh, MeshConfig, PodMetrics, StatsSnapshot};
 
 const NODES: usize = 5;
 const PODS: usize = 50;
-const LOAD_ROUNDS: usize = 300;
-const IN_FLIGHT_ROUNDS: usize = 300;
-const LOOKUPS: usize = 2_000;
-const KILLS: usize = 8;
-const FLOW_REQUESTS: usize = 2_000;
+/// Sample counts; `cargo test --all-targets` runs this binary without `--bench`, and then
+/// a short smoke run checks that the program works without writing results.
+struct Sizes {
+    load_rounds: usize,
+    in_flight_rounds: usize,
+    lookups: usize,
+    kills: usize,
+    flow_requests: usize,
+}
+
+const FULL: Sizes = Sizes {
+    load_rounds: 300,
+    in_flight_rounds: 300,
+    lookups: 2_000,
+    kills: 8,
+    flow_requests: 2_000,
+};
+
+const SMOKE: Sizes = Sizes {
+    load_rounds: 10,
+    in_flight_rounds: 10,
+    lookups: 50,
+    kills: 1,
+    flow_requests: 50,
+};
 const WAIT: Duration = Duration::from_secs(30);
 
 fn key() -> ClusterKey {
@@ -71,6 +91,8 @@ fn sum(stats: &[StatsSnapshot], f: impl Fn(&StatsSnapshot) -> u64) -> u64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    let sizes = if full { FULL } else { SMOKE };
     let mut nodes: Vec<Mesh> = Vec::new();
     for i in 0..NODES {
         let seed = nodes.first();
@@ -97,9 +119,9 @@ async fn main() {
     .await;
 
     // 1. Scrape convergence: the pod's owner publishes; time until every node shows it.
-    let mut scrape_all = Vec::with_capacity(LOAD_ROUNDS);
-    let mut scrape_each = Vec::with_capacity(LOAD_ROUNDS * (NODES - 1));
-    for round in 0..LOAD_ROUNDS {
+    let mut scrape_all = Vec::with_capacity(sizes.load_rounds);
+    let mut scrape_each = Vec::with_capacity(sizes.load_rounds * (NODES - 1));
+    for round in 0..sizes.load_rounds {
         let pod = &pods[round % PODS];
         let marker = 1_000 + round as u32;
         let owner = nodes[0]
@@ -136,11 +158,11 @@ async fn main() {
     }
 
     // 2. In-flight convergence: one node changes its count; every node sees the fleet sum.
-    let mut inflight_all = Vec::with_capacity(IN_FLIGHT_ROUNDS);
+    let mut inflight_all = Vec::with_capacity(sizes.in_flight_rounds);
     let mut expected_total: i64 = 0;
     let mut per_node = [0i64; NODES];
     let pod = pods[0].clone();
-    for round in 0..IN_FLIGHT_ROUNDS {
+    for round in 0..sizes.in_flight_rounds {
         let who = &nodes[round % NODES];
         // Releases only where something is in flight (a node's count cannot go below 0).
         let delta = if round % 3 == 2 && per_node[round % NODES] > 0 {
@@ -189,7 +211,7 @@ async fn main() {
     let mut lookup_lat = Vec::new();
     let mut lookup_hits = 0usize;
     let mut lookups_done = 0usize;
-    for i in 0..LOOKUPS {
+    for i in 0..sizes.lookups {
         let c = &chains[i % chains.len()];
         let m = &nodes[i % NODES];
         if m.prefix_owners(c[0]).contains(m.node_id()) {
@@ -213,7 +235,7 @@ async fn main() {
     let baseline: Vec<u32> = pods.iter().map(|p| in_flight_of(&nodes[0], p)).collect();
     let flow_start = Instant::now();
     let mut open: std::collections::VecDeque<(usize, String)> = std::collections::VecDeque::new();
-    for i in 0..FLOW_REQUESTS {
+    for i in 0..sizes.flow_requests {
         let node = i % NODES;
         let m = &nodes[node];
         let c = &chains[(i * 7) % chains.len()];
@@ -250,7 +272,7 @@ async fn main() {
 
     // 5. Failure detection: kill a node, time until every survivor dropped it.
     let mut detect = Vec::new();
-    for kill in 0..KILLS {
+    for kill in 0..sizes.kills {
         let victim = nodes.pop().expect("victim");
         let t0 = Instant::now();
         drop(victim);
@@ -342,10 +364,11 @@ async fn main() {
         per(lk_bytes, lk_n)
     );
     let _ = writeln!(out);
-    let per_req = |b: u64| b as f64 / FLOW_REQUESTS as f64;
+    let per_req = |b: u64| b as f64 / sizes.flow_requests as f64;
     let _ = writeln!(
         out,
-        "Request flow: {FLOW_REQUESTS} requests over {NODES} nodes in {:.1} s (lookup + record + in-flight +1/−1 each; 16-block chains, R=2). Mesh payload bytes per request (QUIC/UDP headers excluded):\n",
+        "Request flow: {} requests over {NODES} nodes in {:.1} s (lookup + record + in-flight +1/−1 each; 16-block chains, R=2). Mesh payload bytes per request (QUIC/UDP headers excluded):\n",
+        sizes.flow_requests,
         flow_elapsed.as_secs_f64()
     );
     let _ = writeln!(out, "| part | bytes/request |");
@@ -381,6 +404,10 @@ async fn main() {
         bound.as_millis()
     );
     print!("{out}");
+    if !full {
+        eprintln!("smoke run (no --bench): results not written");
+        return;
+    }
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/results/mesh.md");
     if let Some(dir) = path.parent() {
         let _ = std::fs::create_dir_all(dir);
