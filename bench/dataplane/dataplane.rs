@@ -456,8 +456,15 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(run(args))
 }
 
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
+    let load_before = loadavg();
     let dir = tempfile::Builder::new()
         .prefix("infermesh-dataplane-")
         .tempdir()?;
@@ -605,6 +612,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     big.shutdown().await;
 
     // Report.
+    let load_after = loadavg();
     let mut md = String::new();
     let _ = writeln!(md, "# Data-plane benchmark: one infermesh node\n");
     let _ = writeln!(
@@ -613,7 +621,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
          Every process (wrk, Envoy, infermesh, the peer routers, and the {} zero-latency simulated vLLM pods \
          (`infermesh-sim` profile `instant`, in the benchmark process)) shares this machine. \
          Requests: `POST /v1/completions`, 64 distinct ~4 KB prompts in 16 shared-prefix groups, `max_tokens: 1`. \
-         {secs} s per measurement after a 2 s warm-up; run took {:.0} s.\n",
+         {secs} s per measurement after a 2 s warm-up; run took {:.0} s. Load average (1/5/15 min) before the run: \
+         {load_before}; after: {load_after} (other work on the machine inflates tail latencies).\n",
         utc_now(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         envoy_version(&args.envoy),

@@ -277,3 +277,45 @@ async fn proxy_retries_when_a_pod_refuses_connections() {
     assert_ne!(h.served(&r), home);
     h.stop().await;
 }
+
+/// The gRPC health services llm-d's EPP exposes answer SERVING once the pool is synced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_health_reports_liveness_readiness_and_the_ext_proc_service() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let h = Harness::start(2, false).await;
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", h.node.ext_proc_addr))
+            .expect("valid URI")
+            .connect()
+            .await
+            .expect("connect to the ext_proc port");
+    let mut client = HealthClient::new(channel);
+    for service in [
+        "liveness",
+        "readiness",
+        "envoy.service.ext_proc.v3.ExternalProcessor",
+    ] {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let status = client
+                .check(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .map(|r| r.into_inner().status)
+                .map_err(|e| e.to_string());
+            if status == Ok(ServingStatus::Serving as i32) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{service}: {status:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    h.stop().await;
+}
