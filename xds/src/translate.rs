@@ -578,6 +578,48 @@ mod tests {
     }
 
     #[test]
+    fn h2c_pools_speak_http2_upstream() {
+        let mut i = input();
+        let res = translate(&i, &XdsConfig::default());
+        let od = |r: &TypedResources| {
+            r.clusters
+                .iter()
+                .find(|c| c.name == "infermesh/pool/llama/original-dst")
+                .unwrap()
+                .typed_extension_protocol_options
+                .contains_key(HTTP_PROTOCOL_OPTIONS)
+        };
+        assert!(!od(&res), "http pools use HTTP/1.1");
+        i.pools[0].app_protocol = AppProtocol::H2c;
+        assert!(od(&translate(&i, &XdsConfig::default())));
+    }
+
+    #[test]
+    fn fail_open_routes_unpicked_requests_to_the_pool_endpoints() {
+        let unpicked = |i: &XdsInput| {
+            let res = translate(i, &XdsConfig::default());
+            res.routes[0].virtual_hosts[0].routes[1]
+                .action
+                .clone()
+                .unwrap()
+        };
+        let mut i = input();
+        assert!(
+            matches!(unpicked(&i), route::route::Action::DirectResponse(ref d) if d.status == 503)
+        );
+        i.pools[0].failure_mode = FailureMode::FailOpen;
+        let route::route::Action::Route(action) = unpicked(&i) else {
+            panic!("fail-open pools route unpicked requests")
+        };
+        assert_eq!(
+            action.cluster_specifier,
+            Some(route::route_action::ClusterSpecifier::Cluster(
+                "infermesh/pool/llama/endpoints".into()
+            ))
+        );
+    }
+
+    #[test]
     fn ext_proc_endpoints_are_every_node_sorted() {
         let res = translate(&input(), &XdsConfig::default());
         let cla = &res.endpoints[0];
