@@ -45,6 +45,9 @@ pub enum StartError {
     /// The endpoints file could not be watched.
     #[error("cannot watch the endpoints file: {0}")]
     Watch(#[from] notify::Error),
+    /// The router mesh could not start.
+    #[error("mesh: {0}")]
+    Mesh(#[from] infermesh_gossip::MeshError),
 }
 
 /// A started node: its bound addresses and the handles later subsystems (gossip, Raft
@@ -65,6 +68,7 @@ pub struct App {
     tasks: JoinSet<()>,
     _watcher: Option<notify::RecommendedWatcher>,
     metrics: Arc<NodeMetrics>,
+    mesh: Option<Arc<infermesh_gossip::Mesh>>,
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -112,6 +116,13 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
         .as_ref()
         .map(|l| local(l, "metrics", cfg.metrics_addr.expect("set")))
         .transpose()?;
+
+    let mesh = match &cfg.mesh {
+        Some(m) => Some(Arc::new(
+            infermesh_gossip::Mesh::start(m.config.clone()).await?,
+        )),
+        None => None,
+    };
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (synced_tx, synced) = watch::channel(false);
@@ -249,6 +260,7 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
         tasks,
         _watcher: watcher,
         metrics,
+        mesh,
     })
 }
 
@@ -270,6 +282,17 @@ impl App {
     /// The current pool view.
     pub fn pool(&self) -> Arc<PoolView> {
         self.pool.load_full()
+    }
+
+    /// The router mesh this node belongs to (`None` in single-node mode). Other
+    /// subsystems ride its QUIC service channels (`register_service`/`call_service`).
+    pub fn mesh(&self) -> Option<&infermesh_gossip::Mesh> {
+        self.mesh.as_deref()
+    }
+
+    /// A shared handle to the mesh, for tasks that outlive a borrow of the [`App`].
+    pub fn mesh_handle(&self) -> Option<Arc<infermesh_gossip::Mesh>> {
+        self.mesh.clone()
     }
 
     /// The node's metrics registry.
@@ -315,6 +338,11 @@ impl App {
             tracing::warn!("shutdown grace period over; aborting remaining tasks");
             self.tasks.abort_all();
             while self.tasks.join_next().await.is_some() {}
+        }
+        // Announce departure so peers re-own our pods and prefixes at once, not after
+        // failure detection. Someone still holding a handle means a plain drop later.
+        if let Some(mesh) = self.mesh.take().and_then(|m| Arc::try_unwrap(m).ok()) {
+            mesh.leave(Duration::from_secs(1)).await;
         }
     }
 }

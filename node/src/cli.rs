@@ -89,6 +89,9 @@ pub struct ServeArgs {
     /// Seconds to wait for in-flight requests on shutdown.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+    /// Router mesh flags (--node-name, --gossip-addr, --mesh-addr, --seeds, --cluster-key-file…).
+    #[command(flatten)]
+    pub mesh: crate::mesh::MeshArgs,
 }
 
 impl ServeArgs {
@@ -171,7 +174,10 @@ fn config_check(file: &std::path::Path) -> ExitCode {
 
 fn serve(args: ServeArgs) -> ExitCode {
     // Parse and validate everything before a port is bound.
-    let cfg = match NodeConfig::from_settings(args.settings()) {
+    let cfg = match NodeConfig::from_settings(args.settings()).and_then(|mut c| {
+        c.mesh = args.mesh.options()?;
+        Ok(c)
+    }) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("invalid configuration: {e}");

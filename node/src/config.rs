@@ -48,6 +48,8 @@ pub struct NodeConfig {
     pub connect_timeout: Duration,
     /// Proxy forwarding limits.
     pub proxy: ProxyConfig,
+    /// Router mesh membership and sharing; `None` = single-node mode.
+    pub mesh: Option<crate::mesh::MeshOptions>,
 }
 
 /// Raw settings as flags give them (every field has llm-d's default where one exists).
@@ -99,6 +101,9 @@ pub enum InvalidNodeConfig {
     /// The discovery file is invalid.
     #[error("invalid --endpoints file: {0}")]
     Endpoints(#[from] InvalidPoolFile),
+    /// The mesh flags are unusable.
+    #[error("mesh: {0}")]
+    Mesh(#[from] crate::mesh::InvalidMeshFlags),
     /// A flag has an unusable value.
     #[error("--{flag}: {reason}")]
     Flag {
@@ -218,6 +223,7 @@ impl NodeConfig {
                 response_timeout: s.response_timeout,
                 max_attempts: s.max_attempts,
             },
+            mesh: None,
         })
     }
 

@@ -14,6 +14,7 @@ pub mod demo;
 pub mod discovery;
 pub mod dispatch;
 pub mod extproc;
+pub mod mesh;
 pub mod metrics;
 pub mod policy;
 pub mod pool;

@@ -1,0 +1,187 @@
+//! `infermesh serve` flags that start the mesh (none given = single-node mode).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use infermesh_gossip::{ClusterKey, MeshConfig};
+
+use super::MeshOptions;
+
+/// Environment variable read for the cluster key when no key flag is given.
+pub const CLUSTER_KEY_ENV: &str = "INFERMESH_CLUSTER_KEY";
+
+/// Mesh flags of `infermesh serve`. The mesh starts when `--gossip-addr` or `--seeds` is
+/// given; without them the node runs alone, exactly as before.
+#[derive(Debug, Clone, Default, Args)]
+pub struct MeshArgs {
+    /// This node's stable name in the mesh (default: $HOSTNAME, else derived from --gossip-addr).
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// UDP address of SWIM gossip (enables the mesh), e.g. 10.0.0.5:7946.
+    #[arg(long)]
+    pub gossip_addr: Option<SocketAddr>,
+    /// UDP address of mesh RPC over QUIC (default: the gossip IP, any free port).
+    #[arg(long)]
+    pub mesh_addr: Option<SocketAddr>,
+    /// Gossip addresses of nodes to join through (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub seeds: Vec<SocketAddr>,
+    /// File holding the shared cluster key (at least 16 bytes; surrounding whitespace ignored).
+    #[arg(long, conflicts_with = "cluster_key")]
+    pub cluster_key_file: Option<PathBuf>,
+    /// The shared cluster key itself (prefer --cluster-key-file or $INFERMESH_CLUSTER_KEY).
+    #[arg(long)]
+    pub cluster_key: Option<String>,
+    /// Longest a prefix lookup at the anchor's owner may take before scoring without prefix data.
+    #[arg(long, default_value = "2ms", value_parser = humantime::parse_duration)]
+    pub prefix_lookup_budget: Duration,
+    /// Owners per prefix anchor (R).
+    #[arg(long, default_value_t = 2)]
+    pub prefix_replicas: usize,
+    /// Join the mesh but route as an independent replica: no shared load, no prefix lookups.
+    #[arg(long)]
+    pub no_mesh_sharing: bool,
+}
+
+/// The mesh flags cannot be used; nothing was started.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidMeshFlags {
+    /// No cluster key was given although the mesh is enabled.
+    #[error(
+        "the mesh needs a cluster key: give --cluster-key-file, --cluster-key or ${CLUSTER_KEY_ENV}"
+    )]
+    NoKey,
+    /// The key file could not be read.
+    #[error("cannot read --cluster-key-file {path}: {source}")]
+    KeyFile {
+        /// The file.
+        path: PathBuf,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// The key is unusable (too short).
+    #[error("cluster key: {0}")]
+    Key(#[from] infermesh_gossip::auth::InvalidClusterKey),
+    /// A flag has an unusable value.
+    #[error("--{flag}: {reason}")]
+    Flag {
+        /// Flag name.
+        flag: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The resulting mesh configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] infermesh_gossip::InvalidMeshConfig),
+}
+
+impl MeshArgs {
+    /// Whether any flag asks for the mesh.
+    pub fn enabled(&self) -> bool {
+        self.gossip_addr.is_some() || !self.seeds.is_empty()
+    }
+
+    /// The mesh options these flags describe; `Ok(None)` = single-node mode.
+    pub fn options(&self) -> Result<Option<MeshOptions>, InvalidMeshFlags> {
+        if !self.enabled() {
+            if self.node_name.is_some() || self.mesh_addr.is_some() {
+                return Err(InvalidMeshFlags::Flag {
+                    flag: "gossip-addr",
+                    reason: "--node-name/--mesh-addr need --gossip-addr or --seeds".into(),
+                });
+            }
+            return Ok(None);
+        }
+        let key = self.key()?;
+        let gossip = self
+            .gossip_addr
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+        let name = self
+            .node_name
+            .clone()
+            .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+            .unwrap_or_else(|| format!("infermesh-{gossip}"));
+        let mut config = MeshConfig::loopback(name, key);
+        config.gossip_bind = gossip;
+        config.rpc_bind = self
+            .mesh_addr
+            .unwrap_or_else(|| SocketAddr::new(gossip.ip(), 0));
+        config.seeds = self.seeds.clone();
+        config.prefix.lookup_budget = self.prefix_lookup_budget;
+        config.prefix.replicas =
+            std::num::NonZeroUsize::new(self.prefix_replicas).ok_or(InvalidMeshFlags::Flag {
+                flag: "prefix-replicas",
+                reason: "must be at least 1".into(),
+            })?;
+        config.validate()?;
+        Ok(Some(MeshOptions {
+            config,
+            sharing: !self.no_mesh_sharing,
+        }))
+    }
+
+    fn key(&self) -> Result<ClusterKey, InvalidMeshFlags> {
+        let raw = if let Some(path) = &self.cluster_key_file {
+            std::fs::read_to_string(path).map_err(|source| InvalidMeshFlags::KeyFile {
+                path: path.clone(),
+                source,
+            })?
+        } else if let Some(k) = &self.cluster_key {
+            k.clone()
+        } else {
+            std::env::var(CLUSTER_KEY_ENV).map_err(|_| InvalidMeshFlags::NoKey)?
+        };
+        Ok(ClusterKey::new(raw.trim().as_bytes().to_vec())?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_flags_means_single_node() {
+        assert!(MeshArgs::default().options().unwrap().is_none());
+        let lone = MeshArgs {
+            node_name: Some("n".into()),
+            ..MeshArgs::default()
+        };
+        assert!(lone.options().is_err());
+    }
+
+    #[test]
+    fn gossip_flags_build_a_mesh_config() {
+        let args = MeshArgs {
+            node_name: Some("node-a".into()),
+            gossip_addr: Some("127.0.0.1:0".parse().unwrap()),
+            seeds: vec!["127.0.0.1:7946".parse().unwrap()],
+            cluster_key: Some("  0123456789abcdef \n".into()),
+            prefix_lookup_budget: Duration::from_millis(3),
+            prefix_replicas: 2,
+            ..MeshArgs::default()
+        };
+        let o = args.options().unwrap().unwrap();
+        assert!(o.sharing);
+        assert_eq!(o.config.node_id.as_str(), "node-a");
+        assert_eq!(o.config.prefix.lookup_budget, Duration::from_millis(3));
+        assert_eq!(o.config.seeds.len(), 1);
+        let short = MeshArgs {
+            cluster_key: Some("short".into()),
+            ..args.clone()
+        };
+        assert!(short.options().unwrap_err().to_string().contains("16"));
+        let wildcard = MeshArgs {
+            gossip_addr: Some("0.0.0.0:7946".parse().unwrap()),
+            ..args
+        };
+        assert!(
+            wildcard
+                .options()
+                .unwrap_err()
+                .to_string()
+                .contains("advertise")
+        );
+    }
+}
