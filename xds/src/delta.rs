@@ -248,7 +248,22 @@ impl DeltaStream {
         })
     }
 
-    /// The next response to send, if any; make-before-break order as in SotW.
+    /// Whether LDS or RDS has a response in flight or changes to send.
+    fn listeners_or_routes_pending(&self) -> bool {
+        [ResourceType::Listener, ResourceType::Route]
+            .into_iter()
+            .any(|t| {
+                let st = &self.types[t.index()];
+                st.in_flight.is_some()
+                    || (st.subscribed
+                        && self.diff(t).is_some_and(|d| {
+                            !d.send.is_empty() || !d.removed.is_empty() || !d.absent.is_empty()
+                        }))
+            })
+    }
+
+    /// The next response to send, if any; make-before-break order as in SotW, and
+    /// removals of clusters and endpoints held until listeners and routes are updated.
     pub fn poll_response(&mut self) -> Option<(ResourceType, EncodedResponse)> {
         for ty in ResourceType::ALL {
             let st = &self.types[ty.index()];
@@ -261,13 +276,21 @@ impl DeltaStream {
             let Some(Diff {
                 version: system_version,
                 send,
-                removed,
+                mut removed,
                 absent,
                 ..
             }) = self.diff(ty)
             else {
                 continue;
             };
+            // Break after make: clusters and endpoints are removed only once listeners and
+            // routes no longer name them (their pending changes are out and ACKed).
+            if matches!(ty, ResourceType::Cluster | ResourceType::Endpoint)
+                && !removed.is_empty()
+                && self.listeners_or_routes_pending()
+            {
+                removed.clear();
+            }
             if send.is_empty() && removed.is_empty() && absent.is_empty() {
                 continue;
             }

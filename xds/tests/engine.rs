@@ -319,8 +319,20 @@ fn delta_sends_only_changes_and_removes() {
     s.handle_request(&dreq(EDS, &e2.nonce, &[], &[]));
     assert!(s.poll_response().is_none());
 
-    // A pool goes: its cluster and listener are removed, CDS first.
+    // A pool goes: the listener stops naming its cluster first; only then is the cluster
+    // removed (break after make).
     s.handle_snapshot(snap(&input(&[10000], &[9002, 9003])));
+    let (ty, l) = poll_delta(&mut s).unwrap();
+    assert_eq!(ty, LDS);
+    assert_eq!(
+        l.removed_resources,
+        vec!["infermesh/pool/pool-1".to_string()]
+    );
+    assert!(
+        s.poll_response().is_none(),
+        "the cluster waits for the listener ACK"
+    );
+    s.handle_request(&dreq(LDS, &l.nonce, &[], &[]));
     let (ty, c) = poll_delta(&mut s).unwrap();
     assert_eq!(ty, CDS);
     assert_eq!(
@@ -328,13 +340,6 @@ fn delta_sends_only_changes_and_removes() {
         vec!["infermesh/pool/pool-1/original-dst".to_string()]
     );
     assert!(c.resources.is_empty());
-    s.handle_request(&dreq(CDS, &c.nonce, &[], &[]));
-    let (ty, l) = poll_delta(&mut s).unwrap();
-    assert_eq!(ty, LDS);
-    assert_eq!(
-        l.removed_resources,
-        vec!["infermesh/pool/pool-1".to_string()]
-    );
 }
 
 #[test]
