@@ -11,6 +11,8 @@
 # Environment (defaults in brackets):
 #   PODS [8]  PROFILE [llama-8b-h100]  TIME_SCALE [1]  SEED [1]  BASE_PORT [18100]
 #   ROUTER_PORT [18090]  OUT_DIR [bench/results]  SKIP_BUILD [0]  BIN_DIR [target/release]
+#   REPLICAS [1]: run that many replicas of the router, each over all pods, and spread
+#     requests over them at random (an L4 balancer); results are labelled ROUTER-xN.
 #   QPS, MAX_REQUESTS, DURATION_S: override the scenario's load.
 #
 # Scenario arithmetic (shared-prefix; printed again at run time from the pods' metrics):
@@ -45,6 +47,7 @@ TIME_SCALE="${TIME_SCALE:-1}"
 SEED="${SEED:-1}"
 BASE_PORT="${BASE_PORT:-18100}"
 ROUTER_PORT="${ROUTER_PORT:-18090}"
+REPLICAS="${REPLICAS:-1}"
 OUT_DIR="${OUT_DIR:-bench/results}"
 BIN_DIR="${BIN_DIR:-$ROOT/target/release}"
 MODEL="meta-llama/Llama-3.1-8B-Instruct"
@@ -126,17 +129,22 @@ ensure_peers() {
   fi
 }
 
-# Starts the router named $1 and sets TARGET_URL to what the bench should target ("" =
-# client-side round robin). Returns 2 when the router is not available (skipped).
+# Starts replica $2 of the router named $1 on ROUTER_PORT + $2 and appends its URL to
+# TARGET_URLS (left empty for client-side round robin). Returns 2 when the router is not
+# available (skipped).
 start_router() {
-  local router="$1" url="http://127.0.0.1:$ROUTER_PORT"
-  TARGET_URL=""
+  local router="$1" k="$2"
+  local port=$((ROUTER_PORT + k)) url="http://127.0.0.1:$((ROUTER_PORT + k))"
   case "$router" in
     round-robin) return 0 ;;
     infermesh)
       local bin="$BIN_DIR/infermesh"
       if [ ! -x "$bin" ] || ! "$bin" serve --help >/dev/null 2>&1; then
         echo "run.sh: SKIP infermesh: $bin has no 'serve' subcommand (build it: cargo build --release -p infermesh-node)" >&2
+        return 2
+      fi
+      if [ "$REPLICAS" -gt 1 ] && ! "$bin" serve --help 2>&1 | grep -q -- '--seeds'; then
+        echo "run.sh: SKIP infermesh with REPLICAS=$REPLICAS: 'infermesh serve' has no mesh flags (--seeds) yet, so its nodes would not share state" >&2
         return 2
       fi
       {
@@ -151,23 +159,23 @@ start_router() {
           echo "- {name: sim-$i, address: 127.0.0.1, targetPorts: [{number: $((BASE_PORT + i))}]}"
         done
       } >"$WORK/pool.yaml"
-      "$bin" serve --proxy-addr "127.0.0.1:$ROUTER_PORT" --endpoints "$WORK/pool.yaml" \
-        --ext-proc-addr "127.0.0.1:$((ROUTER_PORT + 200))" --metrics-addr "127.0.0.1:$((ROUTER_PORT + 201))" \
-        >"$WORK/router.log" 2>&1 &
+      "$bin" serve --proxy-addr "127.0.0.1:$port" --endpoints "$WORK/pool.yaml" \
+        --ext-proc-addr "127.0.0.1:$((port + 200))" --metrics-addr "127.0.0.1:$((port + 300))" \
+        >"$WORK/router-$k.log" 2>&1 &
       PIDS+=($!)
       ;;
     sglang-router)
       ensure_peers >&2
       "$VENV/bin/sglang-router" launch --worker-urls "${POD_URLS[@]}" --policy cache_aware \
-        --host 127.0.0.1 --port "$ROUTER_PORT" --prometheus-port $((ROUTER_PORT + 100)) \
-        --worker-startup-check-interval 1 --log-level warn >"$WORK/router.log" 2>&1 &
+        --host 127.0.0.1 --port "$port" --prometheus-port $((port + 100)) \
+        --worker-startup-check-interval 1 --log-level warn >"$WORK/router-$k.log" 2>&1 &
       PIDS+=($!)
       ;;
     vllm-router)
       ensure_peers >&2
       "$VENV/bin/vllm-router" --worker-urls "${POD_URLS[@]}" --policy cache_aware \
-        --host 127.0.0.1 --port "$ROUTER_PORT" --prometheus-port $((ROUTER_PORT + 101)) \
-        --worker-startup-check-interval 1 --log-level warning >"$WORK/router.log" 2>&1 &
+        --host 127.0.0.1 --port "$port" --prometheus-port $((port + 100)) \
+        --worker-startup-check-interval 1 --log-level warning >"$WORK/router-$k.log" 2>&1 &
       PIDS+=($!)
       ;;
     *) die "unknown router $router" ;;
@@ -175,8 +183,8 @@ start_router() {
   # Readiness is a real completion succeeding through the router (sglang-router says
   # "ready" before its workers are registered).
   wait_for "$router" 90 -X POST "$url/v1/completions" -H 'content-type: application/json' \
-    -d "{\"model\":\"$MODEL\",\"prompt\":\"ready?\",\"max_tokens\":1}" || { tail -20 "$WORK/router.log" >&2; return 1; }
-  TARGET_URL="$url"
+    -d "{\"model\":\"$MODEL\",\"prompt\":\"ready?\",\"max_tokens\":1}" || { tail -20 "$WORK/router-$k.log" >&2; return 1; }
+  TARGET_URLS+=("$url")
 }
 
 mkdir -p "$OUT_DIR/$SCENARIO"
@@ -190,23 +198,31 @@ for router in "${ROUTERS[@]}"; do
     GROUPS_N="$("$BENCH" size-shared-prefix --metrics "$POD_CSV" --fill "$FILL" --system-prompt-tokens "$SYS_TOKENS")"
   fi
   rc=0
-  start_router "$router" || rc=$?
+  TARGET_URLS=()
+  label="$router"
+  replicas=$REPLICAS
+  if [ "$router" = round-robin ]; then replicas=1; elif [ "$REPLICAS" -gt 1 ]; then label="$router-x$REPLICAS"; fi
+  for ((k = 0; k < replicas; k++)); do
+    start_router "$router" "$k" || { rc=$?; break; }
+  done
   if [ $rc -ne 0 ]; then
     cleanup
     [ $rc -eq 2 ] && continue
     die "$router did not start"
   fi
-  if [ -z "$TARGET_URL" ]; then
+  if [ ${#TARGET_URLS[@]} -eq 0 ]; then
     TARGET_ARGS=(--round-robin "$POD_CSV")
+  elif [ ${#TARGET_URLS[@]} -eq 1 ]; then
+    TARGET_ARGS=(--target "${TARGET_URLS[0]}" --metrics "$POD_CSV")
   else
-    TARGET_ARGS=(--target "$TARGET_URL" --metrics "$POD_CSV")
+    TARGET_ARGS=(--random "$(IFS=,; echo "${TARGET_URLS[*]}")" --metrics "$POD_CSV")
   fi
-  "$BENCH" run "${TARGET_ARGS[@]}" --model "$MODEL" --label "$router" \
+  "$BENCH" run "${TARGET_ARGS[@]}" --model "$MODEL" --label "$label" \
     --workload shared-prefix --groups "$GROUPS_N" --prompts-per-group "$PPG" \
     --system-prompt-tokens "$SYS_TOKENS" --question-tokens "$Q_TOKENS" --output-tokens "$OUT_TOKENS" \
     --qps "$QPS" --max-requests "$MAX_REQUESTS" --duration-s "$DURATION_S" --seed "$SEED" \
-    --out-dir "$OUT_DIR/$SCENARIO" --name "$router" >&2
-  REPORTS+=("$OUT_DIR/$SCENARIO/$router.json")
+    --out-dir "$OUT_DIR/$SCENARIO" --name "$label" >&2
+  REPORTS+=("$OUT_DIR/$SCENARIO/$label.json")
   cleanup
 done
 
@@ -215,10 +231,16 @@ done
 # in separate invocations end up side by side.
 REPORTS=()
 for r in round-robin infermesh sglang-router vllm-router; do
-  [ -f "$OUT_DIR/$SCENARIO/$r.json" ] && REPORTS+=("$OUT_DIR/$SCENARIO/$r.json")
+  for f in "$OUT_DIR/$SCENARIO/$r.json" "$OUT_DIR/$SCENARIO/$r"-x*.json; do
+    [ -f "$f" ] && REPORTS+=("$f")
+  done
 done
 {
   echo "# $SCENARIO: $PODS pods, profile $PROFILE, time scale $TIME_SCALE, seed $SEED"
+  echo
+  echo "Written $(date -u +%FT%TZ) from commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown) by bench/scenarios/run.sh"
+  echo "on a $(nproc)-core machine shared with other work (latencies include that noise)."
+  echo "Sizing arithmetic: see the header of bench/scenarios/run.sh."
   echo
   "$BENCH" table "${REPORTS[@]}"
 } >"$OUT_DIR/$SCENARIO/README.md"

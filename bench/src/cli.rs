@@ -77,7 +77,7 @@ pub struct RunArgs {
     #[arg(
         long,
         conflicts_with = "round_robin",
-        required_unless_present = "round_robin"
+        required_unless_present_any = ["round_robin", "random"]
     )]
     pub target: Option<String>,
     /// Pod base URLs for client-side round robin (the cache-blind baseline).
@@ -392,4 +392,85 @@ pub async fn run_cli(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn specs(args: &[&str]) -> anyhow::Result<Vec<RunSpec>> {
+        let cli = Cli::try_parse_from(["infermesh-bench", "run"].iter().chain(args))?;
+        let Command::Run(run) = cli.command else {
+            anyhow::bail!("not a run")
+        };
+        run.specs()
+    }
+
+    #[test]
+    fn every_target_mode_parses_and_metrics_default_to_the_pods() {
+        let s = specs(&[
+            "--target",
+            "http://127.0.0.1:1",
+            "--metrics",
+            "http://127.0.0.1:2",
+        ])
+        .unwrap();
+        assert_eq!(s[0].target, Target::Url("http://127.0.0.1:1".into()));
+        assert_eq!(s[0].pod_metrics, ["http://127.0.0.1:2"]);
+        let s = specs(&["--round-robin", "http://127.0.0.1:1,http://127.0.0.1:2"]).unwrap();
+        assert!(matches!(&s[0].target, Target::RoundRobin(u) if u.len() == 2));
+        assert_eq!(s[0].pod_metrics.len(), 2);
+        let s = specs(&["--random", "http://127.0.0.1:1,http://127.0.0.1:2"]).unwrap();
+        assert!(matches!(&s[0].target, Target::Random(u) if u.len() == 2));
+        assert!(s[0].pod_metrics.is_empty());
+        assert!(specs(&[]).is_err());
+        assert!(specs(&["--target", "http://a:1", "--random", "http://b:1"]).is_err());
+    }
+
+    #[test]
+    fn a_qps_list_is_a_sweep_with_a_seed_per_point() {
+        let s = specs(&[
+            "--target",
+            "http://127.0.0.1:1",
+            "--qps",
+            "2,4,8",
+            "--seed",
+            "10",
+        ])
+        .unwrap();
+        let loads: Vec<_> = s.iter().map(|s| (s.load, s.seed)).collect();
+        assert_eq!(
+            loads,
+            [
+                (Load::Poisson { qps: 2.0 }, 10),
+                (Load::Poisson { qps: 4.0 }, 11),
+                (Load::Poisson { qps: 8.0 }, 12)
+            ]
+        );
+        let s = specs(&[
+            "--target",
+            "http://127.0.0.1:1",
+            "--concurrency",
+            "3",
+            "--workload",
+            "multi-turn",
+        ])
+        .unwrap();
+        assert_eq!(s[0].load, Load::Closed { concurrency: 3 });
+        assert!(matches!(s[0].workload, Workload::MultiTurn(_)));
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        let e = specs(&["--target", "http://127.0.0.1:1", "--qps", "0"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("qps"), "{e}");
+        let e = specs(&["--target", "http://127.0.0.1:1", "--zipf-alpha=-1"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("zipf_alpha"), "{e}");
+        let e = specs(&["--target", "127.0.0.1:1"]).unwrap_err().to_string();
+        assert!(e.contains("http://"), "{e}");
+    }
 }

@@ -37,7 +37,16 @@ pub fn plot_ttft_vs_qps(reports: &[Report], path: &Path) -> Result<(), BenchErro
     }
     let all = series.iter().flat_map(|(_, p)| p.iter());
     let xmax = all.clone().map(|p| p.0).fold(0.0, f64::max) * 1.05;
-    let ymax = all.map(|p| p.2.max(p.1)).fold(1.0, f64::max) * 1.1;
+    let ymax = all.clone().map(|p| p.2.max(p.1)).fold(1.0, f64::max) * 1.5;
+    // TTFT spans milliseconds to tens of seconds across a sweep: a log axis keeps the
+    // unloaded points readable. Empty summaries (0 ms) sit on the axis floor.
+    let ymin = all
+        .map(|p| p.1.min(p.2))
+        .filter(|v| *v > 0.0)
+        .fold(f64::INFINITY, f64::min)
+        .clamp(0.1, 1e9)
+        / 1.5;
+    let floor = |v: f64| v.max(ymin);
 
     let root = SVGBackend::new(path, (960, 600)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
@@ -46,19 +55,19 @@ pub fn plot_ttft_vs_qps(reports: &[Report], path: &Path) -> Result<(), BenchErro
         .margin(18)
         .x_label_area_size(44)
         .y_label_area_size(70)
-        .build_cartesian_2d(0f64..xmax, 0f64..ymax)
+        .build_cartesian_2d(0f64..xmax, (ymin..ymax).log_scale())
         .map_err(|e| err(&e))?;
     chart
         .configure_mesh()
         .x_desc("offered QPS (Poisson)")
-        .y_desc("TTFT (ms)")
+        .y_desc("TTFT (ms, log scale)")
         .draw()
         .map_err(|e| err(&e))?;
     for (i, (label, pts)) in series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
         chart
             .draw_series(LineSeries::new(
-                pts.iter().map(|p| (p.0, p.2)),
+                pts.iter().map(|p| (p.0, floor(p.2))),
                 color.stroke_width(3),
             ))
             .map_err(|e| err(&e))?
@@ -68,7 +77,7 @@ pub fn plot_ttft_vs_qps(reports: &[Report], path: &Path) -> Result<(), BenchErro
             });
         chart
             .draw_series(LineSeries::new(
-                pts.iter().map(|p| (p.0, p.1)),
+                pts.iter().map(|p| (p.0, floor(p.1))),
                 color.stroke_width(1),
             ))
             .map_err(|e| err(&e))?
@@ -79,7 +88,7 @@ pub fn plot_ttft_vs_qps(reports: &[Report], path: &Path) -> Result<(), BenchErro
         chart
             .draw_series(
                 pts.iter()
-                    .map(|p| Circle::new((p.0, p.1), 3, color.filled())),
+                    .map(|p| Circle::new((p.0, floor(p.1)), 3, color.filled())),
             )
             .map_err(|e| err(&e))?;
     }

@@ -283,7 +283,7 @@ pub fn markdown_table(reports: &[Report]) -> String {
         if let (Some(fill), Some(cap)) = (r.reused_prefix_fill, r.fleet_kv_capacity_tokens) {
             let _ = writeln!(
                 out,
-                "Reused prefixes: {} tokens = {:.1}% of the fleet's KV capacity ({cap} tokens).",
+                "Reused prefixes (first row): {} tokens = {:.1}% of the fleet's KV capacity ({cap} tokens).",
                 r.oracle.reused_block_tokens,
                 fill * 100.0
             );
