@@ -13,8 +13,13 @@
 //! - inputs are validated and the translated snapshot is checked for consistency before
 //!   it is published; a refused input changes nothing;
 //! - per stream: nonces, stale-nonce rejection, one response in flight per type,
-//!   make-before-break order, ACK/NACK tracking; a NACKed version is not pushed again and
-//!   the client's last accepted configuration stays what it is served;
+//!   make-before-break order (CDS → EDS → LDS → RDS, each waiting for the previous ACK;
+//!   in Delta, cluster removals wait until listeners and routes stop naming them),
+//!   ACK/NACK tracking; a NACKed version is not pushed again and the client's last
+//!   accepted configuration stays what it is served;
+//! - nothing is served before the first publish, so a restarted node never hands a
+//!   reconnecting Envoy an empty configuration; [`XdsServer::close_streams`] ends every
+//!   stream when a node drains so its clients move to another node;
 //! - per Envoy node, a sync status (last sent, last ACKed, NACK detail) to query.
 //!
 //! The snapshot cache ([`Snapshot`]) and the stream state machines ([`SotwStream`],
@@ -34,6 +39,7 @@
 //!     ext_proc_endpoints: vec!["10.0.0.1:9002".parse()?, "10.0.0.2:9002".parse()?],
 //!     grpc_services: vec!["infermesh-epp".into()],
 //! })?;
+//! // On drain, before stopping the gRPC server: xds.close_streams();
 //! // Admin API / `infermesh xds status`:
 //! let status_json = serde_json::to_string(&xds.sync_status())?;
 //! # let _ = (grpc, status_json); Ok(()) }

@@ -27,6 +27,8 @@ pub(crate) struct Shared {
     pending: watch::Sender<Option<Arc<Snapshot>>>,
     /// The snapshot streams serve.
     current: watch::Sender<Option<Arc<Snapshot>>>,
+    /// Set when the node drains: every stream ends so its client reconnects elsewhere.
+    closing: watch::Sender<bool>,
 }
 
 impl Shared {
@@ -36,6 +38,10 @@ impl Shared {
 
     pub(crate) fn subscribe(&self) -> watch::Receiver<Option<Arc<Snapshot>>> {
         self.current.subscribe()
+    }
+
+    pub(crate) fn closing(&self) -> watch::Receiver<bool> {
+        self.closing.subscribe()
     }
 }
 
@@ -64,6 +70,7 @@ impl XdsServer {
             registry: StatusRegistry::default(),
             pending,
             current,
+            closing: watch::channel(false).0,
         });
         tokio::spawn(debounce(
             Arc::downgrade(&shared),
@@ -101,6 +108,12 @@ impl XdsServer {
     /// A receiver that sees every snapshot as it starts being served.
     pub fn watch(&self) -> watch::Receiver<Option<Arc<Snapshot>>> {
         self.shared.subscribe()
+    }
+
+    /// Ends every open ADS stream (and refuses new ones) so clients reconnect to another
+    /// node; call it when the node starts draining, before stopping its gRPC server.
+    pub fn close_streams(&self) {
+        self.shared.closing.send_replace(true);
     }
 
     /// Per-client sync status against the snapshot being served.

@@ -120,6 +120,7 @@ struct Driver<M: AdsMachine> {
     shared: Arc<Shared>,
     inbound: Streaming<M::Req>,
     snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
+    closing: watch::Receiver<bool>,
     peer: String,
     machine: Option<M>,
     registration: Option<Registration>,
@@ -199,6 +200,9 @@ impl<M: AdsMachine> Driver<M> {
 
     async fn next(mut self) -> Option<(Result<EncodedResponse, Status>, Self)> {
         loop {
+            if *self.closing.borrow() {
+                return None;
+            }
             if let Some((_, response)) = self.machine.as_mut().and_then(|m| m.poll_response()) {
                 self.record();
                 return Some((Ok(response), self));
@@ -212,6 +216,7 @@ impl<M: AdsMachine> Driver<M> {
                         return None;
                     }
                 },
+                _ = self.closing.changed() => {}
                 changed = self.snapshots.changed() => {
                     if changed.is_err() {
                         return None;
@@ -243,10 +248,15 @@ impl<M: AdsMachine> StreamingService<M::Req> for Method<M> {
                 .remote_addr()
                 .map_or_else(|| "unknown".to_string(), |a| a.to_string());
             let snapshots = shared.subscribe();
+            let closing = shared.closing();
+            if *closing.borrow() {
+                return Err(Status::unavailable("this infermesh node is draining"));
+            }
             let driver = Driver::<M> {
                 shared,
                 inbound: request.into_inner(),
                 snapshots,
+                closing,
                 peer,
                 machine: None,
                 registration: None,
