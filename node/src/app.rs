@@ -270,6 +270,12 @@ impl App {
         start(cfg).await
     }
 
+    /// A cloneable handle to swap the scheduler and the pool description, for tasks that
+    /// outlive a borrow of the [`App`] (the policy feed).
+    pub fn control(&self) -> crate::policy_store::feed::NodeControl {
+        crate::policy_store::feed::NodeControl::new(self.policy.clone(), self.pool_tx.clone())
+    }
+
     /// Swaps in a new EndpointPickerConfig; requests already scheduled keep the old one.
     pub fn set_scheduler_config(
         &self,

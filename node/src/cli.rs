@@ -35,6 +35,24 @@ pub enum Command {
     /// Start simulated pods and a node on loopback, run a shared-prefix workload through
     /// infermesh and through client-side round-robin, and print the comparison.
     Demo(crate::demo::DemoArgs),
+    /// Policy objects in the Raft store (through any node's admin API).
+    Policy {
+        /// What to do.
+        #[command(subcommand)]
+        command: crate::admin::commands::PolicyCommand,
+        /// Which node, token and output format.
+        #[command(flatten)]
+        server: crate::admin::commands::ServerArgs,
+    },
+    /// The policy cluster: status, member removal.
+    Cluster {
+        /// What to do.
+        #[command(subcommand)]
+        command: crate::admin::commands::ClusterCommand,
+        /// Which node, token and output format.
+        #[command(flatten)]
+        server: crate::admin::commands::ServerArgs,
+    },
 }
 
 /// `infermesh config …`
@@ -62,9 +80,10 @@ pub struct ServeArgs {
     /// Prometheus /metrics listen address.
     #[arg(long, default_value = "0.0.0.0:9090")]
     pub metrics_addr: SocketAddr,
-    /// InferencePool-like YAML listing the pool's pods (watched for changes).
-    #[arg(long)]
-    pub endpoints: PathBuf,
+    /// InferencePool-like YAML listing the pool's pods (watched for changes); optional with
+    /// a policy cluster, whose InferenceEndpoints add to (or replace) it.
+    #[arg(long, required_unless_present_any = ["bootstrap", "join", "data_dir"])]
+    pub endpoints: Option<PathBuf>,
     /// EndpointPickerConfig YAML (llm-d or GIE apiVersion); default: llm-d's built-in config.
     #[arg(long)]
     pub config_file: Option<PathBuf>,
@@ -92,6 +111,9 @@ pub struct ServeArgs {
     /// Router mesh flags (--node-name, --gossip-addr, --mesh-addr, --seeds, --cluster-key-file…).
     #[command(flatten)]
     pub mesh: crate::mesh::MeshArgs,
+    /// Policy cluster flags (--bootstrap, --join, --data-dir, --admin-addr, --admin-token-file).
+    #[command(flatten)]
+    pub cluster: crate::policy_store::ClusterArgs,
 }
 
 impl ServeArgs {
@@ -100,7 +122,7 @@ impl ServeArgs {
             ext_proc_addr: self.ext_proc_addr,
             proxy_addr: (!self.no_proxy).then_some(self.proxy_addr),
             metrics_addr: Some(self.metrics_addr),
-            endpoints_file: self.endpoints.clone(),
+            endpoints_file: self.endpoints.clone().unwrap_or_default(),
             config_file: self.config_file.clone(),
             refresh_metrics_interval: self.refresh_metrics_interval,
             metrics_staleness_threshold: self.metrics_staleness_threshold,
@@ -136,6 +158,10 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Serve(args) => {
             init_tracing("info");
             serve(args)
+        }
+        Command::Policy { command, server } => crate::admin::commands::run_policy(command, server),
+        Command::Cluster { command, server } => {
+            crate::admin::commands::run_cluster(command, server)
         }
         Command::Demo(args) => {
             // The demo prints a report; per-endpoint logs would bury it.
@@ -174,9 +200,15 @@ fn config_check(file: &std::path::Path) -> ExitCode {
 
 fn serve(args: ServeArgs) -> ExitCode {
     // Parse and validate everything before a port is bound.
-    let cfg = match NodeConfig::from_settings(args.settings()).and_then(|mut c| {
+    let built = if args.cluster.enabled() {
+        crate::policy_store::node_config(args.settings(), args.endpoints.as_deref())
+            .map(|(c, b)| (c, Some(b)))
+    } else {
+        NodeConfig::from_settings(args.settings()).map(|c| (c, None))
+    };
+    let (cfg, base) = match built.and_then(|(mut c, b)| {
         c.mesh = args.mesh.options()?;
-        Ok(c)
+        Ok((c, b))
     }) {
         Ok(c) => c,
         Err(e) => {
@@ -200,8 +232,30 @@ fn serve(args: ServeArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        let policy = match base {
+            Some(base) => {
+                match crate::policy_store::PolicyNode::start(&node, &args.cluster, base).await {
+                    Ok(p) => {
+                        // One line on stdout that scripts (and tests) wait for.
+                        println!("infermesh admin API listening on {}", p.admin_addr());
+                        Some(p)
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        node.shutdown(args.shutdown_grace).await;
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+            None => None,
+        };
         wait_for_signal().await;
         tracing::info!("shutting down");
+        if let Some(p) = policy {
+            // Hand Raft leadership off before leaving, so writes pause for one hand-off
+            // instead of an election timeout.
+            p.shutdown(true).await;
+        }
         node.shutdown(args.shutdown_grace).await;
         ExitCode::SUCCESS
     })

@@ -7,6 +7,7 @@
 //! proxy ([`proxy`]). Request handlers read immutable snapshots (pool, policy); each piece
 //! of mutable state has one owning task. Algorithms live in `infermesh-scheduler`.
 
+pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod config;
@@ -17,6 +18,7 @@ pub mod extproc;
 pub mod mesh;
 pub mod metrics;
 pub mod policy;
+pub mod policy_store;
 pub mod pool;
 pub mod pool_task;
 pub mod proxy;

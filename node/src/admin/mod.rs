@@ -1,0 +1,438 @@
+//! The admin HTTP/JSON API every Raft-enabled node serves: policy apply / get / list /
+//! delete, cluster status and member removal, this node's identity.
+//!
+//! Reads are local (the applied snapshot) unless `?consistent=true`, which confirms
+//! leadership with a quorum (served by the leader; followers forward over HTTP). Writes need
+//! a bearer token the store knows (401 otherwise, nothing changes) and go to the leader
+//! through the store's Raft forwarding. Errors map as: invalid document 400 (naming
+//! document and field), not found 404, conflict 409, no leader / no quorum 503.
+
+pub mod client;
+pub mod commands;
+mod errors;
+
+use std::net::SocketAddr;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, Method};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get};
+use http_body_util::{BodyExt, Full};
+use infermesh_raft_store::policy::{Kind, ObjectKey};
+use infermesh_raft_store::{PolicyState, PolicyStore, Route};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+pub use errors::ApiError;
+
+use crate::upstream::HttpClient;
+
+/// Annotation on a node's InfermeshNode entry holding its admin API address (how a
+/// follower reaches the leader's admin API to forward leader-only operations).
+pub const ADMIN_ADDRESS_ANNOTATION: &str = "infermesh.io/admin-address";
+/// Annotation on a node's InfermeshNode entry holding its gossip (SWIM) address.
+pub const GOSSIP_ADDRESS_ANNOTATION: &str = "infermesh.io/gossip-address";
+
+/// What `GET /v1/node` reports: this node's identity and addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeInfo {
+    /// Mesh node name (also the node's Raft address).
+    pub name: String,
+    /// Raft id.
+    pub raft_id: u64,
+    /// Admin API address.
+    pub admin_address: SocketAddr,
+    /// ext_proc gRPC address.
+    pub ext_proc_address: SocketAddr,
+    /// Standalone proxy address.
+    pub proxy_address: Option<SocketAddr>,
+    /// Gossip (SWIM, UDP) address.
+    pub gossip_address: SocketAddr,
+    /// Mesh RPC (QUIC) address.
+    pub mesh_address: SocketAddr,
+}
+
+/// Shared state of the admin handlers.
+#[derive(Clone)]
+pub struct AdminState {
+    store: PolicyStore,
+    node: NodeInfo,
+    client: HttpClient,
+}
+
+impl AdminState {
+    /// State over `store` for the node described by `node`.
+    pub fn new(store: PolicyStore, node: NodeInfo, client: HttpClient) -> AdminState {
+        AdminState {
+            store,
+            node,
+            client,
+        }
+    }
+}
+
+/// The admin API routes (other modules merge their own routes into this router).
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/v1/node", get(node_info))
+        .route("/v1/policy", get(list_all).post(apply))
+        .route("/v1/policy/{kind}", get(list_kind))
+        .route("/v1/policy/{kind}/{name}", get(get_one).delete(delete_one))
+        .route("/v1/cluster/status", get(cluster_status))
+        .route("/v1/cluster/members/{id}", delete(remove_member))
+        .route("/v1/cluster/compact", axum::routing::post(compact))
+        .with_state(state)
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Refuses a write without a token the store knows.
+fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), ApiError> {
+    match bearer(headers) {
+        None => Err(ApiError::unauthorized(
+            "a policy write needs `Authorization: Bearer <token>`",
+        )),
+        Some(t) if state.store.verify_token(t) => Ok(()),
+        Some(_) => Err(ApiError::unauthorized("the bearer token is not valid")),
+    }
+}
+
+fn kind(s: &str) -> Result<Kind, ApiError> {
+    Kind::parse(s).ok_or_else(|| {
+        let known: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
+        ApiError::bad_request(format!("unknown kind {s:?}; known: {}", known.join(", ")))
+    })
+}
+
+/// Query of reads.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ReadQuery {
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    consistent: bool,
+}
+
+/// Query of deletes.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DeleteQuery {
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    resource_version: Option<u64>,
+}
+
+/// The state to read from: local, or confirmed by a quorum at the leader. `None` means
+/// this node is not the leader and the request should be forwarded there.
+async fn read_state(
+    state: &AdminState,
+    consistent: bool,
+) -> Result<Option<std::sync::Arc<PolicyState>>, ApiError> {
+    if !consistent {
+        return Ok(Some(state.store.policy()));
+    }
+    match state.store.read_linearizable().await {
+        Ok(s) => Ok(Some(s)),
+        Err(infermesh_raft_store::ReadError::NotLeader {
+            leader: Some(_), ..
+        }) => Ok(None),
+        Err(e) => Err(ApiError::from(e)),
+    }
+}
+
+async fn node_info(State(state): State<AdminState>) -> Response {
+    Json(&state.node).into_response()
+}
+
+struct Json<T>(T);
+
+impl<T: Serialize> IntoResponse for Json<T> {
+    fn into_response(self) -> Response {
+        match serde_json::to_vec_pretty(&self.0) {
+            Ok(body) => ([(http::header::CONTENT_TYPE, "application/json")], body).into_response(),
+            Err(e) => ApiError::internal(e.to_string()).into_response(),
+        }
+    }
+}
+
+async fn list_all(
+    State(state): State<AdminState>,
+    Query(q): Query<ReadQuery>,
+    method: Method,
+    uri: http::Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let Some(policy) = read_state(&state, q.consistent).await? else {
+        return forward_to_leader(&state, method, &uri, headers, Bytes::new()).await;
+    };
+    let items: Vec<Value> = policy
+        .iter()
+        .filter(|o| {
+            q.namespace
+                .as_ref()
+                .is_none_or(|n| &o.object.metadata().namespace == n)
+        })
+        .map(|o| o.to_document())
+        .collect();
+    Ok(Json(json!({"appliedIndex": policy.applied_index(), "items": items})).into_response())
+}
+
+async fn list_kind(
+    State(state): State<AdminState>,
+    Path(k): Path<String>,
+    Query(q): Query<ReadQuery>,
+    method: Method,
+    uri: http::Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let kind = kind(&k)?;
+    let Some(policy) = read_state(&state, q.consistent).await? else {
+        return forward_to_leader(&state, method, &uri, headers, Bytes::new()).await;
+    };
+    let items: Vec<Value> = policy
+        .list(kind)
+        .filter(|o| {
+            q.namespace
+                .as_ref()
+                .is_none_or(|n| &o.object.metadata().namespace == n)
+        })
+        .map(|o| o.to_document())
+        .collect();
+    Ok(Json(json!({
+        "kind": kind.as_str(),
+        "appliedIndex": policy.applied_index(),
+        "items": items,
+    }))
+    .into_response())
+}
+
+async fn get_one(
+    State(state): State<AdminState>,
+    Path((k, name)): Path<(String, String)>,
+    Query(q): Query<ReadQuery>,
+    method: Method,
+    uri: http::Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let kind = kind(&k)?;
+    let Some(policy) = read_state(&state, q.consistent).await? else {
+        return forward_to_leader(&state, method, &uri, headers, Bytes::new()).await;
+    };
+    let ns = q
+        .namespace
+        .unwrap_or_else(|| infermesh_raft_store::policy::DEFAULT_NAMESPACE.to_owned());
+    let key = ObjectKey::new(kind, ns, name);
+    match policy.get(&key) {
+        Some(o) => Ok(Json(o.to_document()).into_response()),
+        None => Err(ApiError::not_found(format!("{key} not found"))),
+    }
+}
+
+async fn apply(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let text = std::str::from_utf8(&body)
+        .map_err(|e| ApiError::bad_request(format!("the body is not UTF-8 text: {e}")))?;
+    let applied = bounded(state.store.apply_yaml(text, Route::ViaLeader)).await?;
+    Ok(Json(errors::applied_json(&applied)).into_response())
+}
+
+async fn delete_one(
+    State(state): State<AdminState>,
+    Path((k, name)): Path<(String, String)>,
+    Query(q): Query<DeleteQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let kind = kind(&k)?;
+    let ns = q
+        .namespace
+        .unwrap_or_else(|| infermesh_raft_store::policy::DEFAULT_NAMESPACE.to_owned());
+    let applied = bounded(state.store.delete(
+        vec![(ObjectKey::new(kind, ns, name), q.resource_version)],
+        Route::ViaLeader,
+    ))
+    .await?;
+    Ok(Json(errors::applied_json(&applied)).into_response())
+}
+
+async fn cluster_status(State(state): State<AdminState>) -> Response {
+    let status = state.store.status();
+    let policy = state.store.policy();
+    let names: serde_json::Map<String, Value> = policy
+        .nodes()
+        .map(|n| {
+            (
+                n.spec.raft_id.to_string(),
+                json!({
+                    "name": n.metadata.name,
+                    "adminAddress": n.metadata.annotations.get(ADMIN_ADDRESS_ANNOTATION),
+                    "extProcAddress": n.spec.ext_proc_address,
+                    "proxyAddress": n.spec.proxy_address,
+                }),
+            )
+        })
+        .collect();
+    Json(json!({"node": state.node, "raft": status, "registry": names})).into_response()
+}
+
+async fn remove_member(
+    State(state): State<AdminState>,
+    Path(id): Path<u64>,
+    method: Method,
+    uri: http::Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    match state.store.remove_node(id).await {
+        Ok(()) => Ok(Json(json!({"removed": id})).into_response()),
+        Err(infermesh_raft_store::ClusterError::NotLeader {
+            leader: Some(_), ..
+        }) => forward_to_leader(&state, method, &uri, headers, Bytes::new()).await,
+        Err(e) => Err(ApiError::from(e)),
+    }
+}
+
+/// Longest a write waits to commit. A leader cut off from its quorum would otherwise hold
+/// the request open indefinitely.
+pub const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Bounds a write by [`WRITE_TIMEOUT`]; past it the answer is 503 (outcome unknown).
+async fn bounded<T>(
+    write: impl std::future::Future<Output = Result<T, infermesh_raft_store::WriteError>>,
+) -> Result<T, ApiError> {
+    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+        Ok(r) => r.map_err(ApiError::from),
+        Err(_) => Err(ApiError::unavailable(format!(
+            "the write was not committed within {WRITE_TIMEOUT:?} (no quorum reachable?); \
+             it may still commit later: re-read before retrying"
+        ))),
+    }
+}
+
+/// Builds a snapshot on the leader and purges the log it covers (members that lag behind
+/// it then catch up by snapshot).
+async fn compact(
+    State(state): State<AdminState>,
+    method: Method,
+    uri: http::Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let status = state.store.status();
+    if status.leader != Some(state.node.raft_id) {
+        return forward_to_leader(&state, method, &uri, headers, Bytes::new()).await;
+    }
+    let index = state.store.compact().await?;
+    Ok(Json(json!({"snapshotIndex": index})).into_response())
+}
+
+/// The leader's admin address, from its node registry entry.
+fn leader_admin(state: &AdminState) -> Result<String, ApiError> {
+    let status = state.store.status();
+    let leader = status
+        .leader
+        .ok_or_else(|| ApiError::unavailable("no leader is known right now; retry shortly"))?;
+    if leader == state.node.raft_id {
+        return Err(ApiError::unavailable(
+            "this node just became leader; retry the request",
+        ));
+    }
+    state
+        .store
+        .policy()
+        .nodes()
+        .find(|n| n.spec.raft_id == leader)
+        .and_then(|n| {
+            n.metadata
+                .annotations
+                .get(ADMIN_ADDRESS_ANNOTATION)
+                .cloned()
+        })
+        .ok_or_else(|| {
+            ApiError::unavailable(format!(
+                "leader {leader} has not registered its admin address yet; retry shortly"
+            ))
+        })
+}
+
+/// Sends the same request to the leader's admin API (one hop) and relays its answer.
+async fn forward_to_leader(
+    state: &AdminState,
+    method: Method,
+    uri: &http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let admin = leader_admin(state)?;
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let target: http::Uri = format!("http://{admin}{path}")
+        .parse()
+        .map_err(|e| ApiError::internal(format!("leader address {admin:?}: {e}")))?;
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(target)
+        .header(FORWARDED_HEADER, &state.node.name);
+    if headers.contains_key(FORWARDED_HEADER) {
+        return Err(ApiError::unavailable(
+            "leadership moved while forwarding; retry the request",
+        ));
+    }
+    if let Some(a) = headers.get(http::header::AUTHORIZATION) {
+        req = req.header(http::header::AUTHORIZATION, a);
+    }
+    let req = req
+        .body(Full::new(body))
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let resp = tokio::time::timeout(FORWARD_TIMEOUT, state.client.request(req))
+        .await
+        .map_err(|_| {
+            ApiError::unavailable(format!("the leader at {admin} did not answer in time"))
+        })?
+        .map_err(|e| ApiError::unavailable(format!("cannot reach the leader at {admin}: {e}")))?;
+    let (parts, body) = resp.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map_err(|e| ApiError::unavailable(format!("the leader's answer broke off: {e}")))?
+        .to_bytes();
+    let mut out = (parts.status, body).into_response();
+    if let Some(ct) = parts.headers.get(http::header::CONTENT_TYPE) {
+        out.headers_mut()
+            .insert(http::header::CONTENT_TYPE, ct.clone());
+    }
+    Ok(out)
+}
+
+/// Marks a request already forwarded once (so it is never forwarded twice).
+const FORWARDED_HEADER: &str = "x-infermesh-forwarded-by";
+/// Bound on a forwarded admin request.
+const FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Serves `app` on `listener` until `shutdown` fires.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let res = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        })
+        .await;
+    if let Err(e) = res {
+        tracing::error!(error = %e, "admin server failed");
+    }
+}
