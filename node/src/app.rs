@@ -138,6 +138,26 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
         pool_tx.clone(),
         synced_tx,
     );
+    // Sharing mesh: scrape owned pods only, schedule on the fleet's load board.
+    let sharing = mesh
+        .clone()
+        .filter(|_| cfg.mesh.as_ref().is_some_and(|m| m.sharing));
+    let pool_task = match &sharing {
+        Some(m) => {
+            tasks.spawn(crate::mesh::load::forward_owned(
+                m.clone(),
+                pool_tx.clone(),
+                shutdown_rx.clone(),
+            ));
+            tasks.spawn(crate::mesh::load::run(
+                m.clone(),
+                pool.clone(),
+                shutdown_rx.clone(),
+            ));
+            pool_task.with_mesh(m.clone())
+        }
+        None => pool_task,
+    };
     tasks.spawn(pool_task.run(pool_rx, shutdown_rx.clone()));
     let (initial, watcher) = match cfg.endpoints {
         EndpointSource::Static(spec) => (spec, None),
@@ -199,7 +219,19 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
     });
 
     if let Some(l) = proxy_listener {
-        let app = crate::proxy::router(dispatcher.clone(), client.clone(), cfg.proxy);
+        let mut app = crate::proxy::router(dispatcher.clone(), client.clone(), cfg.proxy);
+        if let (Some(m), Some(rule)) = (
+            &sharing,
+            crate::mesh::prefix::CapacityRule::of(&cfg.scheduler),
+        ) {
+            app = crate::mesh::prefix::PrefixSharing::new(
+                m.clone(),
+                dispatcher.clone(),
+                policy.clone(),
+                rule,
+            )
+            .wrap(app);
+        }
         let mut sd = shutdown_rx.clone();
         tasks.spawn(async move {
             let l = l.tap_io(|tcp| {
@@ -219,10 +251,15 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
     if let Some(l) = metrics_listener {
         let m = metrics.clone();
         let p = pool.clone();
+        let mesh_stats = mesh.as_ref().map(Arc::downgrade);
         let app = Router::new().route(
             "/metrics",
             get(move || {
-                let body = m.render(&p.load(), Instant::now());
+                let mut body = m.render(&p.load(), Instant::now());
+                if let Some(mesh) = mesh_stats.as_ref().and_then(std::sync::Weak::upgrade) {
+                    let members = mesh.members().borrow().members.len();
+                    crate::mesh::insert_stats(&mut body, &mesh.stats(), members);
+                }
                 async move {
                     (
                         [(

@@ -24,6 +24,9 @@ pub struct EndpointSlot {
     up: AtomicBool,
     in_flight_requests: AtomicU32,
     in_flight_tokens: AtomicU64,
+    // Other mesh nodes' in-flight work here (from the load board); zero without a mesh.
+    remote_requests: AtomicU32,
+    remote_tokens: AtomicU64,
 }
 
 impl EndpointSlot {
@@ -36,6 +39,8 @@ impl EndpointSlot {
             up: AtomicBool::new(false),
             in_flight_requests: AtomicU32::new(0),
             in_flight_tokens: AtomicU64::new(0),
+            remote_requests: AtomicU32::new(0),
+            remote_tokens: AtomicU64::new(0),
         }
     }
 
@@ -83,6 +88,25 @@ impl EndpointSlot {
         }
     }
 
+    /// Sets the in-flight load other mesh nodes report on this endpoint.
+    pub fn set_remote_in_flight(&self, load: InFlight) {
+        self.remote_requests.store(load.requests, Ordering::Relaxed);
+        self.remote_tokens.store(load.tokens, Ordering::Relaxed);
+    }
+
+    /// Fleet-wide in-flight load: this node's plus what other mesh nodes report.
+    pub fn fleet_in_flight(&self) -> InFlight {
+        let mine = self.in_flight();
+        InFlight {
+            requests: mine
+                .requests
+                .saturating_add(self.remote_requests.load(Ordering::Relaxed)),
+            tokens: mine
+                .tokens
+                .saturating_add(self.remote_tokens.load(Ordering::Relaxed)),
+        }
+    }
+
     /// Counts a request dispatched to this endpoint (undone by [`Self::release`]).
     pub fn acquire(&self, tokens: u64) {
         self.in_flight_requests.fetch_add(1, Ordering::Relaxed);
@@ -102,7 +126,7 @@ impl EndpointSlot {
             labels: self.spec.labels.clone(),
             role: self.role.clone(),
             metrics: self.metrics.load().as_deref().cloned(),
-            in_flight: self.in_flight(),
+            in_flight: self.fleet_in_flight(),
         }
     }
 }

@@ -13,7 +13,7 @@ use crate::discovery::PoolSpec;
 use crate::metrics::NodeMetrics;
 use crate::policy::SharedPolicy;
 use crate::pool::{EndpointSlot, PoolView, SharedPool};
-use crate::scrape::{ScrapeConfig, spawn_scraper};
+use crate::scrape::{ScrapeConfig, ScrapeSink, spawn_scraper_with_sink};
 use crate::upstream::HttpClient;
 
 /// What the pool task reacts to.
@@ -28,6 +28,15 @@ pub enum PoolInput {
         /// Model ids it serves.
         models: Vec<String>,
     },
+    /// The mesh reassigned which pods this node scrapes (`ip:port` each).
+    Owned(Arc<Vec<String>>),
+}
+
+/// Mesh mode: scrape only the pods the ring assigns to this node, publish each scrape.
+struct MeshScraping {
+    mesh: Arc<infermesh_gossip::Mesh>,
+    owned: HashSet<SocketAddr>,
+    sink: ScrapeSink,
 }
 
 /// State owned by the pool task.
@@ -39,9 +48,11 @@ pub struct PoolTask {
     metrics: Arc<NodeMetrics>,
     tx: mpsc::Sender<PoolInput>,
     synced: watch::Sender<bool>,
-    scrapers: HashMap<SocketAddr, (Arc<EndpointSlot>, JoinHandle<()>)>,
+    // Every endpoint has a slot; only scraped ones have a scraper task.
+    scrapers: HashMap<SocketAddr, (Arc<EndpointSlot>, Option<JoinHandle<()>>)>,
     pod_models: HashMap<SocketAddr, Vec<String>>,
     spec: PoolSpec,
+    mesh: Option<MeshScraping>,
 }
 
 impl std::fmt::Debug for PoolTask {
@@ -75,6 +86,74 @@ impl PoolTask {
             scrapers: HashMap::new(),
             pod_models: HashMap::new(),
             spec: PoolSpec::default(),
+            mesh: None,
+        }
+    }
+
+    /// Mesh mode: scrape only the pods `mesh` assigns to this node (updated through
+    /// [`PoolInput::Owned`]) and publish every scrape on its load board.
+    pub fn with_mesh(mut self, mesh: Arc<infermesh_gossip::Mesh>) -> PoolTask {
+        // Weak: scrapers must not keep a stopped node's mesh alive.
+        let publisher = Arc::downgrade(&mesh);
+        let sink: ScrapeSink = Arc::new(move |slot, m| {
+            if let Some(mesh) = publisher.upgrade() {
+                mesh.publish_scrape(
+                    &slot.address().to_string(),
+                    crate::mesh::load::to_pod_metrics(m),
+                    m.scraped_at,
+                );
+            }
+        });
+        self.mesh = Some(MeshScraping {
+            mesh,
+            owned: HashSet::new(),
+            sink,
+        });
+        self
+    }
+
+    fn scrapes(&self, addr: SocketAddr) -> bool {
+        self.mesh.as_ref().is_none_or(|m| m.owned.contains(&addr))
+    }
+
+    fn spawn_scraper(&self, slot: Arc<EndpointSlot>) -> JoinHandle<()> {
+        spawn_scraper_with_sink(
+            slot,
+            self.client.clone(),
+            self.scrape,
+            self.tx.clone(),
+            self.metrics.clone(),
+            self.mesh.as_ref().map(|m| m.sink.clone()),
+        )
+    }
+
+    fn apply_owned(&mut self, owned: &[String]) {
+        let Some(m) = self.mesh.as_mut() else {
+            return;
+        };
+        m.owned = owned.iter().filter_map(|p| p.parse().ok()).collect();
+        let addrs: Vec<SocketAddr> = self.scrapers.keys().copied().collect();
+        for addr in addrs {
+            let want = self.scrapes(addr);
+            let Some((slot, handle)) = self.scrapers.get(&addr) else {
+                continue;
+            };
+            match (want, handle.is_some()) {
+                (true, false) => {
+                    let h = self.spawn_scraper(slot.clone());
+                    tracing::debug!(endpoint = %addr, "now scraping (ring owner)");
+                    if let Some(e) = self.scrapers.get_mut(&addr) {
+                        e.1 = Some(h);
+                    }
+                }
+                (false, true) => {
+                    if let Some(h) = self.scrapers.get_mut(&addr).and_then(|e| e.1.take()) {
+                        h.abort();
+                    }
+                    tracing::debug!(endpoint = %addr, "no longer scraping (another node owns it)");
+                }
+                _ => {}
+            }
         }
     }
 
@@ -94,7 +173,9 @@ impl PoolTask {
             }
         }
         for (_, (_, handle)) in self.scrapers.drain() {
-            handle.abort();
+            if let Some(h) = handle {
+                h.abort();
+            }
         }
     }
 
@@ -110,6 +191,7 @@ impl PoolTask {
                 tracing::info!(endpoint = %addr, ?models, "endpoint serves models");
                 self.pod_models.insert(addr, models);
             }
+            PoolInput::Owned(owned) => self.apply_owned(&owned),
         }
         self.publish();
     }
@@ -126,7 +208,7 @@ impl PoolTask {
             .collect();
         let policy = self.policy.load();
         for addr in gone {
-            if let Some((_, handle)) = self.scrapers.remove(&addr) {
+            if let Some((_, Some(handle))) = self.scrapers.remove(&addr) {
                 handle.abort();
             }
             self.pod_models.remove(&addr);
@@ -140,15 +222,15 @@ impl PoolTask {
                 continue;
             }
             let slot = Arc::new(EndpointSlot::new(e.clone()));
-            let handle = spawn_scraper(
-                slot.clone(),
-                self.client.clone(),
-                self.scrape,
-                self.tx.clone(),
-                self.metrics.clone(),
-            );
+            let handle = self
+                .scrapes(e.address)
+                .then(|| self.spawn_scraper(slot.clone()));
             tracing::info!(endpoint = %e.address, pod = %e.pod, "endpoint added to the pool");
             self.scrapers.insert(e.address, (slot, handle));
+        }
+        if let Some(m) = &self.mesh {
+            m.mesh
+                .set_pods(spec.endpoints.iter().map(|e| e.address.to_string()).collect());
         }
         self.spec = spec;
         self.synced.send_replace(true);
@@ -175,8 +257,20 @@ impl PoolTask {
         self.pool.store(Arc::new(view));
     }
 
-    /// Addresses of the endpoints currently scraped (for tests and diagnostics).
+    /// Addresses of the endpoints in the pool (for tests and diagnostics).
     pub fn endpoints(&self) -> BTreeSet<SocketAddr> {
         self.scrapers.keys().copied().collect()
+    }
+}
+
+impl Drop for PoolTask {
+    // Dropping a JoinHandle does not stop its task: stop the scrapers even when the pool
+    // task is aborted rather than shut down.
+    fn drop(&mut self) {
+        for (_, (_, handle)) in self.scrapers.drain() {
+            if let Some(h) = handle {
+                h.abort();
+            }
+        }
     }
 }

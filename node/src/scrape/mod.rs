@@ -30,6 +30,9 @@ pub struct ScrapeConfig {
     pub models_refresh: Duration,
 }
 
+/// Called with every successful scrape (the mesh publishes it on the load board).
+pub type ScrapeSink = Arc<dyn Fn(&EndpointSlot, &infermesh_scheduler::Metrics) + Send + Sync>;
+
 /// Starts the scrape loop of one endpoint; abort the handle to stop it.
 pub fn spawn_scraper(
     slot: Arc<EndpointSlot>,
@@ -37,6 +40,18 @@ pub fn spawn_scraper(
     cfg: ScrapeConfig,
     pool_tx: mpsc::Sender<PoolInput>,
     metrics: Arc<NodeMetrics>,
+) -> JoinHandle<()> {
+    spawn_scraper_with_sink(slot, client, cfg, pool_tx, metrics, None)
+}
+
+/// [`spawn_scraper`] that also hands each successful scrape to `sink`.
+pub fn spawn_scraper_with_sink(
+    slot: Arc<EndpointSlot>,
+    client: HttpClient,
+    cfg: ScrapeConfig,
+    pool_tx: mpsc::Sender<PoolInput>,
+    metrics: Arc<NodeMetrics>,
+    sink: Option<ScrapeSink>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let addr = slot.address();
@@ -68,6 +83,9 @@ pub fn spawn_scraper(
             };
             match result {
                 Ok(m) => {
+                    if let Some(sink) = &sink {
+                        sink(&slot, &m);
+                    }
                     slot.record_scrape(m);
                     metrics.count_scrape(ScrapeOutcome::Ok);
                     if !was_up {

@@ -1,0 +1,177 @@
+//! Load board wiring: this node's in-flight counts go onto the mesh's board, and the
+//! board's fleet view (scrapes by each pod's owner, every node's in-flight work) comes back
+//! into the endpoint slots the scheduler reads.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use infermesh_gossip::wire::LoraMetrics;
+use infermesh_gossip::{LoadView, Mesh, PodMetrics};
+use infermesh_scheduler::{InFlight, LoraState, Metrics};
+use tokio::sync::watch;
+
+use crate::pool::{PoolView, SharedPool};
+
+/// How often this node's in-flight counters are compared with what it last published.
+/// The board pushes changes every `load.flush_interval` (10 ms) on top of this.
+pub const IN_FLIGHT_POLL: Duration = Duration::from_millis(2);
+
+/// The scheduler's metrics in the board's wire form.
+pub fn to_pod_metrics(m: &Metrics) -> PodMetrics {
+    PodMetrics {
+        waiting_queue: m.waiting_queue,
+        running: m.running,
+        kv_cache_usage: m.kv_cache_usage as f32,
+        lora: m.lora.as_ref().map(|l| LoraMetrics {
+            running: l.running.clone(),
+            waiting: l.waiting.clone(),
+            max_lora: l.max_lora,
+        }),
+        cache_block_size: m.cache_block_size,
+        cache_num_blocks: m.cache_num_blocks,
+    }
+}
+
+/// Board metrics scraped at `scraped_at` (this node's clock) as the scheduler's metrics.
+pub fn from_pod_metrics(m: &PodMetrics, scraped_at: Instant) -> Metrics {
+    Metrics {
+        scraped_at,
+        waiting_queue: m.waiting_queue,
+        running: m.running,
+        kv_cache_usage: f64::from(m.kv_cache_usage),
+        lora: m.lora.as_ref().map(|l| LoraState {
+            running: l.running.clone(),
+            waiting: l.waiting.clone(),
+            max_lora: l.max_lora,
+        }),
+        cache_block_size: m.cache_block_size,
+        cache_num_blocks: m.cache_num_blocks,
+    }
+}
+
+/// Keeps the board and the slots in step: what this node last published per endpoint.
+#[derive(Debug, Default)]
+pub struct LoadSync {
+    published: HashMap<SocketAddr, InFlight>,
+}
+
+impl LoadSync {
+    /// Publishes changes of this node's in-flight counts as deltas to the board.
+    pub fn publish_local(&mut self, mesh: &Mesh, pool: &PoolView) {
+        for slot in &pool.slots {
+            let addr = slot.address();
+            let now = slot.in_flight();
+            let last = self.published.get(&addr).copied().unwrap_or_default();
+            if now == last {
+                continue;
+            }
+            mesh.add_in_flight(
+                &addr.to_string(),
+                i64::from(now.requests) - i64::from(last.requests),
+                now.tokens as i64 - last.tokens as i64,
+            );
+            self.published.insert(addr, now);
+        }
+        // The board forgets pods that left the pool, and so do we.
+        if self.published.len() > pool.slots.len() {
+            self.published.retain(|a, _| pool.slot(*a).is_some());
+        }
+    }
+
+    /// Copies the board into the slots: other nodes' in-flight work, and scrapes made by
+    /// other nodes when newer than the slot's own.
+    pub fn apply_board(&self, me: &str, view: &LoadView, pool: &PoolView) {
+        for slot in &pool.slots {
+            let addr = slot.address();
+            let Some(load) = view.pod(&addr.to_string()) else {
+                slot.set_remote_in_flight(InFlight::default());
+                continue;
+            };
+            let mine = self.published.get(&addr).copied().unwrap_or_default();
+            slot.set_remote_in_flight(InFlight {
+                requests: load.in_flight.requests.saturating_sub(mine.requests),
+                tokens: load.in_flight.tokens.saturating_sub(mine.tokens),
+            });
+            let (Some(m), Some(at), Some(by)) = (&load.metrics, load.scraped_at, &load.scraped_by)
+            else {
+                continue;
+            };
+            if by.as_str() == me {
+                continue;
+            }
+            if slot.metrics().is_none_or(|cur| cur.scraped_at < at) {
+                slot.record_scrape(from_pod_metrics(m, at));
+            }
+        }
+    }
+}
+
+/// Runs the sync until `shutdown`: polls local in-flight counts, applies every board change.
+pub async fn run(mesh: Arc<Mesh>, pool: SharedPool, mut shutdown: watch::Receiver<bool>) {
+    let me = mesh.node_id().to_string();
+    let mut sync = LoadSync::default();
+    let mut changes = mesh.load_changes();
+    let mut tick = tokio::time::interval(IN_FLIGHT_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => sync.publish_local(&mesh, &pool.load()),
+            r = changes.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                sync.apply_board(&me, &mesh.load_view(), &pool.load());
+            }
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// Forwards the mesh's owned-pod set to the pool task until `shutdown`.
+pub async fn forward_owned(
+    mesh: Arc<Mesh>,
+    pool_tx: tokio::sync::mpsc::Sender<crate::pool_task::PoolInput>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut owned = mesh.owned_pods();
+    loop {
+        let set = owned.borrow_and_update().clone();
+        if pool_tx
+            .send(crate::pool_task::PoolInput::Owned(set))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        tokio::select! {
+            r = owned.changed() => if r.is_err() { return },
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_survive_the_wire_form() {
+        let now = Instant::now();
+        let m = Metrics {
+            waiting_queue: 3,
+            running: 7,
+            kv_cache_usage: 0.5,
+            lora: Some(LoraState {
+                running: vec!["a".into()],
+                waiting: vec![],
+                max_lora: 2,
+            }),
+            cache_block_size: Some(16),
+            cache_num_blocks: Some(1000),
+            ..Metrics::idle(now)
+        };
+        assert_eq!(from_pod_metrics(&to_pod_metrics(&m), now), m);
+    }
+}
