@@ -14,6 +14,8 @@
 #   REPLICAS [1]: run that many replicas of the router, each over all pods, and spread
 #     requests over them at random (an L4 balancer); results are labelled ROUTER-xN.
 #   QPS, MAX_REQUESTS, DURATION_S: override the scenario's load.
+#   REPORT_ONLY [0]: run nothing; rebuild the scenario's README table (and plot) from the
+#     reports already saved.
 #
 # Scenario arithmetic (shared-prefix; printed again at run time from the pods' metrics):
 #   The llama-8b-h100 sim profile has num_gpu_blocks=31,250 x block_size=16 = 500,000 KV
@@ -76,7 +78,7 @@ case "$SCENARIO" in
   *) die "usage: bench/scenarios/run.sh shared-prefix|overload-sweep|smoke [round-robin|infermesh|sglang-router|vllm-router ...]" ;;
 esac
 
-if [ "${SKIP_BUILD:-0}" != 1 ]; then
+if [ "${SKIP_BUILD:-0}" != 1 ] && [ "${REPORT_ONLY:-0}" != 1 ]; then
   cargo build --release -p infermesh-sim -p infermesh-bench
   if printf '%s\n' "${ROUTERS[@]}" | grep -qx infermesh; then
     cargo build --release -p infermesh-node --bin infermesh || echo "run.sh: building infermesh-node failed; its leg will be skipped" >&2
@@ -189,6 +191,7 @@ start_router() {
 
 mkdir -p "$OUT_DIR/$SCENARIO"
 REPORTS=()
+[ "${REPORT_ONLY:-0}" = 1 ] && ROUTERS=()
 for router in "${ROUTERS[@]}"; do
   echo "=== $SCENARIO / $router ===" >&2
   start_sim
@@ -226,7 +229,7 @@ for router in "${ROUTERS[@]}"; do
   cleanup
 done
 
-[ ${#REPORTS[@]} -gt 0 ] || die "no router ran"
+[ ${#REPORTS[@]} -gt 0 ] || [ "${REPORT_ONLY:-0}" = 1 ] || die "no router ran"
 # The table and plot cover every router's latest report for this scenario, so legs run
 # in separate invocations end up side by side.
 REPORTS=()
@@ -238,13 +241,16 @@ done
 {
   echo "# $SCENARIO: $PODS pods, profile $PROFILE, time scale $TIME_SCALE, seed $SEED"
   echo
-  echo "Written $(date -u +%FT%TZ) from commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown) by bench/scenarios/run.sh"
+  echo "Table written $(date -u +%FT%TZ) at commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown) by bench/scenarios/run.sh"
   echo "on a $(nproc)-core machine shared with other work (latencies include that noise)."
   echo "Sizing arithmetic: see the header of bench/scenarios/run.sh."
+  [ "$SCENARIO" = overload-sweep ] && echo "TTFT against offered load: ttft-vs-qps.svg (thick p90, thin p50)."
   echo
   "$BENCH" table "${REPORTS[@]}"
 } >"$OUT_DIR/$SCENARIO/README.md"
 if [ "$SCENARIO" = overload-sweep ]; then
   "$BENCH" plot "${REPORTS[@]}" --out "$OUT_DIR/$SCENARIO/ttft-vs-qps.svg"
+  # The per-router plots `run` draws are superseded by the combined one.
+  rm -f "$OUT_DIR/$SCENARIO"/*-ttft.svg
 fi
 cat "$OUT_DIR/$SCENARIO/README.md"

@@ -227,10 +227,7 @@ impl Report {
 
     /// One markdown table row.
     pub fn to_markdown_row(&self) -> String {
-        let load = match self.load {
-            Load::Poisson { qps } => format!("{qps} qps"),
-            Load::Closed { concurrency } => format!("c={concurrency}"),
-        };
+        let load = load_text(self.load);
         let pct = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{:.1}%", v * 100.0));
         format!(
             "| {} | {} | {} | {} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} | {:.1} | {:.0} | {:.0} | {:.2} | {:.0} | {} | {} | {} |\n",
@@ -261,6 +258,13 @@ impl Report {
     }
 }
 
+fn load_text(load: Load) -> String {
+    match load {
+        Load::Poisson { qps } => format!("{qps} qps"),
+        Load::Closed { concurrency } => format!("c={concurrency}"),
+    }
+}
+
 /// A markdown table of reports, with a workload line and notes under it.
 pub fn markdown_table(reports: &[Report]) -> String {
     let mut out = String::new();
@@ -272,6 +276,22 @@ pub fn markdown_table(reports: &[Report]) -> String {
     out.push_str(&Report::markdown_header());
     for r in reports {
         out.push_str(&r.to_markdown_row());
+    }
+    let failed: Vec<String> = reports
+        .iter()
+        .filter(|r| !r.failures.is_empty())
+        .map(|r| {
+            let kinds: Vec<String> = r.failures.iter().map(|(k, n)| format!("{k} {n}")).collect();
+            format!("{} at {}: {}", r.label, load_text(r.load), kinds.join(", "))
+        })
+        .collect();
+    if !failed.is_empty() {
+        let _ = writeln!(
+            out,
+            "
+Failures by kind ({}).",
+            failed.join("; ")
+        );
     }
     if let Some(r) = reports.first() {
         let _ = writeln!(
