@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use axum::Router;
 use axum::routing::get;
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
@@ -48,6 +47,9 @@ pub enum StartError {
     /// The router mesh could not start.
     #[error("mesh: {0}")]
     Mesh(#[from] infermesh_gossip::MeshError),
+    /// The xDS server settings are invalid.
+    #[error("xds: {0}")]
+    Xds(#[from] infermesh_xds::InvalidXdsConfig),
 }
 
 /// A started node: its bound addresses and the handles later subsystems (gossip, Raft
@@ -60,6 +62,8 @@ pub struct App {
     pub proxy_addr: Option<SocketAddr>,
     /// Bound `/metrics` address.
     pub metrics_addr: Option<SocketAddr>,
+    /// Bound ADS address (the ext_proc address unless `--xds-addr` is given).
+    pub xds_addr: SocketAddr,
     pool: SharedPool,
     policy: SharedPolicy,
     pool_tx: mpsc::Sender<PoolInput>,
@@ -69,6 +73,7 @@ pub struct App {
     _watcher: Option<notify::RecommendedWatcher>,
     metrics: Arc<NodeMetrics>,
     mesh: Option<Arc<infermesh_gossip::Mesh>>,
+    xds: crate::xds::XdsFeed,
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -116,6 +121,14 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
         .as_ref()
         .map(|l| local(l, "metrics", cfg.metrics_addr.expect("set")))
         .transpose()?;
+    let xds_listener = match cfg.xds.xds_addr {
+        Some(a) => Some(bind("xds", a).await?),
+        None => None,
+    };
+    let xds_addr = match &xds_listener {
+        Some(l) => local(l, "xds", cfg.xds.xds_addr.expect("set"))?,
+        None => ext_proc_addr,
+    };
 
     let mesh = match &cfg.mesh {
         Some(m) => Some(Arc::new(
@@ -123,6 +136,13 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
         )),
         None => None,
     };
+
+    let advertised = crate::xds::input::advertised_ext_proc(
+        cfg.xds.advertise_ext_proc,
+        ext_proc_addr,
+        mesh.as_ref().map(|m| m.gossip_addr().ip()),
+    );
+    let xds = crate::xds::XdsFeed::new(&cfg.xds, advertised)?;
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (synced_tx, synced) = watch::channel(false);
@@ -205,10 +225,13 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
         .max_decoding_message_size(cfg.max_body_bytes.saturating_add(1 << 20));
     let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
     let mut sd = shutdown_rx.clone();
+    // ADS shares the ext_proc port unless it has its own, so an Envoy needs one address.
+    let ads_here = xds_listener.is_none().then(|| xds.server().service());
     tasks.spawn(async move {
         let res = tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(ext_proc)
+            .add_optional_service(ads_here)
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = sd.wait_for(|s| *s).await;
             })
@@ -217,6 +240,27 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
             tracing::error!(error = %e, "ext_proc server failed");
         }
     });
+
+    if let Some(l) = xds_listener {
+        let server = xds.server().clone();
+        let mut sd = shutdown_rx.clone();
+        tasks.spawn(async move {
+            let res = server
+                .serve(l, async move {
+                    let _ = sd.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = res {
+                tracing::error!(error = %e, "xds server failed");
+            }
+        });
+    }
+    tasks.spawn(xds.clone().run(
+        pool.clone(),
+        mesh.clone(),
+        cfg.xds.grpc_services.clone(),
+        shutdown_rx.clone(),
+    ));
 
     if let Some(l) = proxy_listener {
         let mut app = crate::proxy::router(dispatcher.clone(), client.clone(), cfg.proxy);
@@ -252,7 +296,7 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
         let m = metrics.clone();
         let p = pool.clone();
         let mesh_stats = mesh.as_ref().map(Arc::downgrade);
-        let app = Router::new().route(
+        let app = crate::xds::status::router(xds.clone()).route(
             "/metrics",
             get(move || {
                 let mut body = m.render(&p.load(), Instant::now());
@@ -289,6 +333,7 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
         ext_proc_addr,
         proxy_addr,
         metrics_addr,
+        xds_addr,
         pool,
         policy,
         pool_tx,
@@ -298,6 +343,7 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
         _watcher: watcher,
         metrics,
         mesh,
+        xds,
     })
 }
 
@@ -336,6 +382,11 @@ impl App {
     /// A shared handle to the mesh, for tasks that outlive a borrow of the [`App`].
     pub fn mesh_handle(&self) -> Option<Arc<infermesh_gossip::Mesh>> {
         self.mesh.clone()
+    }
+
+    /// The node's xDS server and its feed (sync status, policy pools hook).
+    pub fn xds(&self) -> &crate::xds::XdsFeed {
+        &self.xds
     }
 
     /// The node's metrics registry.

@@ -25,7 +25,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a node: ext_proc EPP server, standalone proxy and /metrics.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Configuration tools.
     Config {
         /// What to do with a config.
@@ -52,6 +52,12 @@ pub enum Command {
         /// Which node, token and output format.
         #[command(flatten)]
         server: crate::admin::commands::ServerArgs,
+    },
+    /// xDS tools.
+    Xds {
+        /// What to do.
+        #[command(subcommand)]
+        command: crate::xds::cli::XdsCommand,
     },
 }
 
@@ -114,6 +120,9 @@ pub struct ServeArgs {
     /// Policy cluster flags (--bootstrap, --join, --data-dir, --admin-addr, --admin-token-file).
     #[command(flatten)]
     pub cluster: crate::policy_store::ClusterArgs,
+    /// xDS flags (--xds-addr, --xds-listener, --xds-failure-mode, --advertise-ext-proc-addr).
+    #[command(flatten)]
+    pub xds: crate::xds::XdsArgs,
 }
 
 impl ServeArgs {
@@ -157,8 +166,9 @@ pub fn run(cli: Cli) -> ExitCode {
         } => config_check(&file),
         Command::Serve(args) => {
             init_tracing("info");
-            serve(args)
+            serve(*args)
         }
+        Command::Xds { command } => crate::xds::cli::run(command),
         Command::Policy { command, server } => crate::admin::commands::run_policy(command, server),
         Command::Cluster { command, server } => {
             crate::admin::commands::run_cluster(command, server)
@@ -208,6 +218,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     };
     let (cfg, base) = match built.and_then(|(mut c, b)| {
         c.mesh = args.mesh.options()?;
+        c.xds = args.xds.options();
         Ok((c, b))
     }) {
         Ok(c) => c,

@@ -50,6 +50,8 @@ pub struct NodeConfig {
     pub proxy: ProxyConfig,
     /// Router mesh membership and sharing; `None` = single-node mode.
     pub mesh: Option<crate::mesh::MeshOptions>,
+    /// How the node serves xDS to Envoys.
+    pub xds: crate::xds::XdsOptions,
 }
 
 /// Raw settings as flags give them (every field has llm-d's default where one exists).
@@ -224,6 +226,7 @@ impl NodeConfig {
                 max_attempts: s.max_attempts,
             },
             mesh: None,
+            xds: Default::default(),
         })
     }
 

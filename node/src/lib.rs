@@ -25,3 +25,4 @@ pub mod proxy;
 pub mod scrape;
 pub mod upstream;
 pub mod usage;
+pub mod xds;

@@ -1,0 +1,660 @@
+//! Real Envoy 1.40 fed over ADS by two infermesh nodes (a gossip mesh, each node on its own
+//! killable runtime) in front of simulated vLLM pods, in SotW and Delta modes:
+//! - Envoy gets its listener from infermesh; a request through it reaches the pod the
+//!   infermesh ext_proc picker chose (the pick counter and the pod's own request counter
+//!   move together), and both nodes serve ext_proc (EDS lists every live node);
+//! - the node Envoy's ADS stream is on is killed: Envoy keeps routing through the other,
+//!   reconnects its ADS there, and the membership change (one node left) reaches its EDS;
+//! - a policy change (the pool moves to a new listener port and fails open) reaches Envoy;
+//! - a listener Envoy cannot bind is NACKed, the reason shows in `infermesh xds status`,
+//!   and the previous configuration keeps serving.
+//!
+//! Needs Envoy: `$ENVOY_BIN` or `<workspace>/.venv-test` (scripts/setup-test-deps.sh).
+//! Fails (never skips) without it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use infermesh_gossip::{ClusterKey, MeshConfig};
+use infermesh_node::app::App;
+use infermesh_node::config::NodeConfig;
+use infermesh_node::demo::fleet_pool;
+use infermesh_node::mesh::MeshOptions;
+use infermesh_node::upstream::{HttpClient, http_client};
+use infermesh_scheduler::ResolvedConfig;
+use infermesh_sim::{EngineProfile, Fleet, FleetConfig};
+use infermesh_xds::{EnvoySyncStatus, FailureMode, InferencePoolSpec, ResourceType};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// An infermesh node on its own runtime: killing it drops every task and socket at once,
+/// like a crashed process.
+struct Node {
+    app: Option<App>,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Node {
+    async fn start(cfg: NodeConfig) -> Node {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let app = rt
+            .spawn(App::start(cfg))
+            .await
+            .expect("start task")
+            .expect("node starts");
+        Node {
+            app: Some(app),
+            rt: Some(rt),
+        }
+    }
+
+    fn app(&self) -> &App {
+        self.app.as_ref().expect("node alive")
+    }
+
+    fn kill(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+        self.app = None;
+    }
+
+    fn alive(&self) -> bool {
+        self.app.is_some()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace")
+        .to_path_buf()
+}
+
+/// `$ENVOY_BIN`, else the real binary inside `.venv-test`, else its console script.
+fn envoy_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("ENVOY_BIN") {
+        return PathBuf::from(p);
+    }
+    let venv = workspace().join(".venv-test");
+    if let Ok(libs) = std::fs::read_dir(venv.join("lib")) {
+        for lib in libs.flatten() {
+            let bin = lib.path().join("site-packages/envoy/_bin/envoy");
+            if bin.is_file() {
+                return bin;
+            }
+        }
+    }
+    let script = venv.join("bin/envoy");
+    assert!(
+        script.is_file(),
+        "Envoy not found at $ENVOY_BIN or {}: run scripts/setup-test-deps.sh",
+        script.display()
+    );
+    script
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind")
+        .port()
+}
+
+/// A real Envoy whose only static config is the ADS cluster; killed on drop.
+struct Envoy {
+    child: Child,
+    admin: SocketAddr,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Envoy {
+    async fn start(node_id: &str, api_type: &str, ads: &[SocketAddr]) -> Envoy {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let endpoints: Vec<_> = ads
+            .iter()
+            .map(|a| {
+                serde_json::json!({"endpoint": {"address": {"socket_address": {
+                    "address": a.ip().to_string(), "port_value": a.port()}}}})
+            })
+            .collect();
+        let bootstrap = serde_json::json!({
+            "node": {"id": node_id, "cluster": "infermesh-node-test"},
+            "dynamic_resources": {
+                "ads_config": {
+                    "api_type": api_type,
+                    "transport_api_version": "V3",
+                    "grpc_services": [{"envoy_grpc": {"cluster_name": "infermesh-ads"}}],
+                    "set_node_on_first_message_only": true
+                },
+                "lds_config": {"ads": {}, "resource_api_version": "V3"},
+                "cds_config": {"ads": {}, "resource_api_version": "V3"}
+            },
+            "static_resources": {"clusters": [{
+                "name": "infermesh-ads",
+                "type": "STATIC",
+                "connect_timeout": "0.25s",
+                "typed_extension_protocol_options": {
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                        "explicit_http_config": {"http2_protocol_options": {}}
+                    }
+                },
+                "load_assignment": {"cluster_name": "infermesh-ads", "endpoints": [{"lb_endpoints": endpoints}]}
+            }]},
+            "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}}
+        });
+        let config = dir.path().join("bootstrap.json");
+        std::fs::write(&config, serde_json::to_vec_pretty(&bootstrap).unwrap()).unwrap();
+        let admin_path = dir.path().join("admin-address");
+        let log = dir.path().join("envoy.log");
+        let bin = envoy_bin();
+        let child = Command::new(&bin)
+            .arg("-c")
+            .arg(&config)
+            .arg("--use-dynamic-base-id")
+            .arg("--admin-address-path")
+            .arg(&admin_path)
+            .arg("--log-path")
+            .arg(&log)
+            .args(["-l", "info", "--concurrency", "1", "--drain-time-s", "1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
+        let mut envoy = Envoy {
+            child,
+            admin: "127.0.0.1:0".parse().unwrap(),
+            log,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = envoy.child.try_wait().unwrap() {
+                panic!("envoy exited ({status}):\n{}", envoy.log_tail());
+            }
+            if let Ok(text) = std::fs::read_to_string(&admin_path)
+                && let Ok(addr) = text.trim().parse()
+            {
+                envoy.admin = addr;
+                return envoy;
+            }
+            assert!(Instant::now() < deadline, "envoy did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- envoy log tail ---\n{}", self.log_tail());
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn send(
+    client: &HttpClient,
+    req: http::Request<Full<Bytes>>,
+) -> Result<(u16, String), String> {
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+async fn get(client: &HttpClient, addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    let req = http::Request::get(format!("http://{addr}{path}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    send(client, req).await
+}
+
+/// One completion through Envoy's listener; `Some` on 200.
+async fn complete(
+    client: &HttpClient,
+    listener: SocketAddr,
+    model: &str,
+    i: usize,
+) -> Option<String> {
+    let body = serde_json::json!({"model": model, "prompt": format!("request {i}: say hi"),
+        "max_tokens": 2, "stream": false});
+    let req = http::Request::post(format!("http://{listener}/v1/completions"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    match send(client, req).await {
+        Ok((200, b)) => Some(b),
+        _ => None,
+    }
+}
+
+/// Sums a Prometheus counter's samples by one label (or the empty key without a label).
+fn counter_by(text: &str, metric: &str, label: Option<&str>) -> HashMap<String, f64> {
+    let mut out = HashMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(metric) else {
+            continue;
+        };
+        if !rest.starts_with('{') && !rest.starts_with(' ') {
+            continue;
+        }
+        let Some((labels, value)) = rest.rsplit_once(' ') else {
+            continue;
+        };
+        let key = label
+            .and_then(|l| {
+                let start = labels.find(&format!("{l}=\""))? + l.len() + 2;
+                let end = labels[start..].find('"')? + start;
+                Some(labels[start..end].to_owned())
+            })
+            .unwrap_or_default();
+        *out.entry(key).or_default() += value.trim().parse::<f64>().unwrap_or(0.0);
+    }
+    out
+}
+
+/// Requests each pod has completed (its own vLLM counter).
+async fn pod_served(client: &HttpClient, pods: &[SocketAddr]) -> Vec<f64> {
+    let mut v = Vec::new();
+    for p in pods {
+        let (_, text) = get(client, *p, "/metrics").await.expect("pod metrics");
+        v.push(
+            counter_by(&text, "vllm:request_success_total", None)
+                .values()
+                .sum(),
+        );
+    }
+    v
+}
+
+/// Primary picks per pod, summed over the live nodes.
+fn picks(nodes: &[Node], pods: &[SocketAddr]) -> Vec<f64> {
+    let mut total = vec![0.0; pods.len()];
+    for n in nodes.iter().filter(|n| n.alive()) {
+        let text = n.app().metrics().render(&n.app().pool(), Instant::now());
+        let by = counter_by(&text, "infermesh_endpoint_picks_total", Some("endpoint"));
+        for (i, p) in pods.iter().enumerate() {
+            total[i] += by.get(&p.to_string()).copied().unwrap_or(0.0);
+        }
+    }
+    total
+}
+
+fn node_picks(n: &Node) -> f64 {
+    let text = n.app().metrics().render(&n.app().pool(), Instant::now());
+    counter_by(&text, "infermesh_endpoint_picks_total", Some("endpoint"))
+        .values()
+        .sum()
+}
+
+fn status_of(n: &Node, envoy: &str) -> Option<EnvoySyncStatus> {
+    n.app()
+        .xds()
+        .server()
+        .sync_status()
+        .envoys
+        .into_iter()
+        .find(|e| e.node_id == envoy)
+}
+
+/// Envoy has a stream to `n` and holds everything `n` serves.
+fn in_sync(n: &Node, envoy: &str) -> bool {
+    status_of(n, envoy).is_some_and(|s| {
+        s.connected_streams > 0
+            && s.types.iter().filter(|t| t.subscribed).count() == 4
+            && s.types.iter().all(|t| t.in_sync)
+    })
+}
+
+async fn wait_for<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {WAIT:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn node_config(
+    name: &str,
+    pods: &[SocketAddr],
+    model: &str,
+    listener: SocketAddr,
+    key: &ClusterKey,
+    seeds: Vec<SocketAddr>,
+) -> NodeConfig {
+    let mut cfg = NodeConfig::local(fleet_pool(pods, model), ResolvedConfig::builtin_default())
+        .expect("config");
+    cfg.proxy_addr = None;
+    cfg.xds.file_pool.listener = listener;
+    let mut mesh = MeshConfig::loopback(name, key.clone());
+    mesh.seeds = seeds;
+    cfg.mesh = Some(MeshOptions {
+        config: mesh,
+        sharing: true,
+    });
+    cfg
+}
+
+/// `infermesh xds status` against a node's HTTP address.
+fn cli_status(addr: SocketAddr, json: bool) -> String {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_infermesh"));
+    cmd.args(["xds", "status", "--addr", &addr.to_string()]);
+    if json {
+        cmd.args(["-o", "json"]);
+    }
+    let out = cmd.output().expect("run infermesh xds status");
+    assert!(
+        out.status.success(),
+        "infermesh xds status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+async fn scenario(api_type: &str) {
+    let envoy_id = format!("envoy-{}", api_type.to_ascii_lowercase());
+    let t0 = Instant::now();
+    let mut fleet_cfg = FleetConfig::new(2);
+    fleet_cfg.profile = EngineProfile::instant();
+    let model = fleet_cfg.model.clone();
+    let fleet = Fleet::start(fleet_cfg).await.expect("simulated pods");
+    let pods = fleet.addrs();
+    let client = http_client(Duration::from_secs(2));
+    let key = ClusterKey::new(b"infermesh-xds-node-test-key".to_vec()).unwrap();
+    let port = free_port();
+    let listener = SocketAddr::from(([127, 0, 0, 1], port));
+
+    let first = Node::start(node_config("xds-a", &pods, &model, listener, &key, vec![])).await;
+    let seed = first.app().mesh().expect("mesh").gossip_addr();
+    let second = Node::start(node_config(
+        "xds-b",
+        &pods,
+        &model,
+        listener,
+        &key,
+        vec![seed],
+    ))
+    .await;
+    let mut nodes = [first, second];
+    for n in &nodes {
+        assert!(n.app().wait_ready(2, WAIT).await, "pods scraped");
+    }
+    // Both nodes learn each other over the mesh and serve identical resources.
+    let versions = wait_for("both nodes to serve both ext_proc endpoints", || async {
+        let inputs: Vec<_> = nodes.iter().map(|n| n.app().xds().last_input()).collect();
+        let all_two = inputs
+            .iter()
+            .all(|i| i.as_ref().is_some_and(|i| i.ext_proc_endpoints.len() == 2));
+        let served: Vec<_> = nodes
+            .iter()
+            .map(|n| n.app().xds().server().current().map(|s| s.versions()))
+            .collect();
+        (all_two && served[0].is_some() && served[0] == served[1]).then(|| served[0].clone())
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        nodes[0].app().xds_addr,
+        nodes[0].app().ext_proc_addr,
+        "ADS on the ext_proc port"
+    );
+    eprintln!("[{api_type}] both nodes serve versions {versions:?}");
+
+    let ads: Vec<SocketAddr> = nodes.iter().map(|n| n.app().xds_addr).collect();
+    let envoy = Envoy::start(&envoy_id, api_type, &ads).await;
+
+    // 1. The listener arrives; requests reach the pod infermesh picked; both nodes pick.
+    let t_listener = Instant::now();
+    wait_for("a completion through Envoy's xDS listener", || {
+        complete(&client, listener, &model, 0)
+    })
+    .await;
+    eprintln!(
+        "[{api_type}] first completion through Envoy {:?} after Envoy started",
+        t_listener.elapsed()
+    );
+    for i in 1..=10 {
+        let (picks_before, served_before) =
+            (picks(&nodes, &pods), pod_served(&client, &pods).await);
+        complete(&client, listener, &model, i)
+            .await
+            .expect("completion through Envoy");
+        let picked: Vec<usize> = (0..pods.len())
+            .filter(|&p| picks(&nodes, &pods)[p] > picks_before[p])
+            .collect();
+        let served_after = pod_served(&client, &pods).await;
+        let served: Vec<usize> = (0..pods.len())
+            .filter(|&p| served_after[p] > served_before[p])
+            .collect();
+        assert_eq!(picked.len(), 1, "one pick per request: {picked:?}");
+        assert_eq!(
+            picked, served,
+            "the pod infermesh picked served the request"
+        );
+    }
+    wait_for("both infermesh nodes to serve ext_proc", || async {
+        for i in 0..20 {
+            complete(&client, listener, &model, 100 + i).await?;
+        }
+        nodes.iter().all(|n| node_picks(n) > 0.0).then_some(())
+    })
+    .await;
+
+    // 2. Kill the node holding Envoy's ADS stream: Envoy keeps routing through the other,
+    //    reconnects there, and its EDS drops the dead node.
+    let connected = wait_for("Envoy in sync with one node", || async {
+        nodes.iter().position(|n| in_sync(n, &envoy_id))
+    })
+    .await;
+    let other = 1 - connected;
+    let t_kill = Instant::now();
+    nodes[connected].kill();
+    let failed = std::cell::Cell::new(0usize);
+    let routed = wait_for("Envoy to route through the surviving node", || async {
+        let mut ok = 0;
+        for i in 0..10 {
+            if complete(&client, listener, &model, 200 + i).await.is_some() {
+                ok += 1;
+            } else {
+                failed.set(failed.get() + 1);
+            }
+        }
+        (ok == 10).then(|| t_kill.elapsed())
+    })
+    .await;
+    let survivor = &nodes[other];
+    let one_left = wait_for(
+        "the survivor's EDS to list one node, ACKed by Envoy",
+        || async {
+            let input = survivor.app().xds().last_input()?;
+            if input.ext_proc_endpoints != vec![survivor.app().xds().advertised()] {
+                return None;
+            }
+            let eds = survivor
+                .app()
+                .xds()
+                .server()
+                .current()?
+                .get(ResourceType::Endpoint)
+                .version
+                .clone();
+            let st = status_of(survivor, &envoy_id)?;
+            let t = &st.types[ResourceType::Endpoint as usize];
+            (st.connected_streams > 0 && t.last_acked.as_ref()?.version == eds)
+                .then(|| t_kill.elapsed())
+        },
+    )
+    .await;
+    eprintln!(
+        "[{api_type}] node killed: 10/10 routed again after {routed:?} ({} requests failed meanwhile); \
+         membership change ACKed in Envoy's EDS after {one_left:?}",
+        failed.get()
+    );
+    for i in 0..10 {
+        assert!(
+            complete(&client, listener, &model, 300 + i).await.is_some(),
+            "routing through the surviving node"
+        );
+    }
+
+    // 3. Policy change: the pool moves to a new listener port and fails open.
+    let feed = survivor.app().xds();
+    let mut pool: InferencePoolSpec = feed.last_input().unwrap().pools[0].clone();
+    let new_port = free_port();
+    let moved = SocketAddr::from(([127, 0, 0, 1], new_port));
+    pool.listener = moved;
+    pool.failure_mode = FailureMode::FailOpen;
+    let t_policy = Instant::now();
+    feed.set_policy_pools(Some(vec![pool]));
+    wait_for("the pool on its new listener port", || {
+        complete(&client, moved, &model, 400)
+    })
+    .await;
+    let policy_latency = t_policy.elapsed();
+    wait_for("the old listener to close", || async {
+        get(&client, listener, "/").await.is_err().then_some(())
+    })
+    .await;
+    let (_, dump) = get(
+        &client,
+        envoy.admin,
+        "/config_dump?resource=dynamic_listeners",
+    )
+    .await
+    .expect("config dump");
+    assert!(
+        dump.contains("\"failure_mode_allow\": true"),
+        "FailOpen reached Envoy:\n{dump}"
+    );
+    eprintln!("[{api_type}] policy change served on the new port after {policy_latency:?}");
+
+    // 4. A listener Envoy cannot bind (its port is taken) is NACKed; the previous config
+    //    keeps serving and the reason is visible in `infermesh xds status`.
+    let good = feed.last_input().unwrap();
+    let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut bad = good.clone();
+    let mut busy = bad.pools[0].clone();
+    busy.name = "busy".into();
+    busy.listener = taken.local_addr().unwrap();
+    bad.pools.push(busy);
+    feed.publish(&bad).expect("the input itself is valid");
+    let nack = wait_for("Envoy to NACK the listener", || async {
+        status_of(survivor, &envoy_id)?.types[ResourceType::Listener as usize]
+            .nack
+            .clone()
+    })
+    .await;
+    assert!(!nack.detail.message.is_empty(), "NACK reason exposed");
+    for i in 0..10 {
+        assert!(
+            complete(&client, moved, &model, 500 + i).await.is_some(),
+            "the previous configuration keeps serving after a NACK"
+        );
+    }
+    let metrics_addr = survivor.app().metrics_addr.expect("metrics server");
+    let table = cli_status(metrics_addr, false);
+    eprintln!("[{api_type}] infermesh xds status:\n{table}");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(&envoy_id) && l.contains(" LDS "))
+        .unwrap_or_else(|| panic!("no LDS row for {envoy_id}:\n{table}"));
+    assert!(
+        row.contains(&nack.detail.version) && row.contains(" no "),
+        "{row}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&cli_status(metrics_addr, true)).unwrap();
+    let lds = json["envoys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["node_id"] == envoy_id.as_str())
+        .unwrap()["types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["type"] == "listener")
+        .unwrap()
+        .clone();
+    assert_eq!(lds["nack"]["version"], nack.detail.version.as_str());
+    assert_eq!(
+        lds["nacks_total"], 1,
+        "the NACKed version is not pushed again"
+    );
+
+    // Fixing the input brings Envoy back in sync.
+    drop(taken);
+    feed.publish(&good).unwrap();
+    wait_for("Envoy back in sync after the fix", || async {
+        in_sync(survivor, &envoy_id).then_some(())
+    })
+    .await;
+    eprintln!("[{api_type}] scenario took {:?}", t0.elapsed());
+    drop(envoy);
+    for n in &mut nodes {
+        n.kill();
+    }
+    fleet.shutdown().await;
+}
+
+fn run(api_type: &str) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(scenario(api_type));
+}
+
+#[test]
+fn envoy_sotw_ads_from_two_nodes() {
+    run("GRPC");
+}
+
+#[test]
+fn envoy_delta_ads_from_two_nodes() {
+    run("DELTA_GRPC");
+}
