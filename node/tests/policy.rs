@@ -1,0 +1,316 @@
+//! Policy in Raft across real `infermesh` processes on loopback: acknowledged writes
+//! survive a leader SIGKILL and a full restart from disk (3 and 5 nodes); a minority cannot
+//! commit; a new node catches up by snapshot; writes need a token; an invalid multi-doc
+//! apply changes nothing; an EndpointPickerConfig change reroutes without a restart.
+//!
+//! The tests run one at a time (a process-wide lock): each starts several node processes
+//! and the machine may have only two cores.
+
+mod policy_cluster;
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use http::{Method, StatusCode};
+use policy_cluster::{Cluster, client, objective, signal, wait_for};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn run(test: impl std::future::Future<Output = Result<()>>) -> Result<()> {
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(test)
+}
+
+/// A write acknowledged to the client is on every node after the leader is SIGKILLed, and
+/// after every node is SIGKILLed and restarted from its data dir.
+async fn acknowledged_writes_survive(n: usize) -> Result<()> {
+    let mut c = Cluster::start(n).await?;
+    let leader = c.wait_leader().await?;
+    let follower = (leader + 1) % n;
+
+    // Acknowledged through a follower (forwarded to the leader), then through the leader.
+    c.apply_retrying(follower, &objective("acked", 5)).await?;
+    c.apply_retrying(leader, &objective("second", 6)).await?;
+
+    c.kill(leader);
+    let survivor = c.running()[0];
+    // The survivors elect a leader and take writes again.
+    c.apply_retrying(survivor, &objective("after-kill", 7))
+        .await?;
+    c.wait_everywhere("acked", 5).await?;
+    c.wait_everywhere("second", 6).await?;
+    c.wait_everywhere("after-kill", 7).await?;
+
+    for i in c.running() {
+        c.kill(i);
+    }
+    for i in 0..n {
+        c.restart(i)?;
+    }
+    c.wait_leader().await?;
+    for (name, p) in [("acked", 5), ("second", 6), ("after-kill", 7)] {
+        c.wait_everywhere(name, p).await?;
+    }
+    // And the restarted cluster still commits.
+    c.apply_retrying(0, &objective("after-restart", 8)).await?;
+    c.wait_everywhere("after-restart", 8).await
+}
+
+#[test]
+fn three_nodes_keep_acknowledged_writes_through_leader_kill_and_full_restart() -> Result<()> {
+    run(acknowledged_writes_survive(3))
+}
+
+#[test]
+fn five_nodes_keep_acknowledged_writes_through_leader_kill_and_full_restart() -> Result<()> {
+    run(acknowledged_writes_survive(5))
+}
+
+/// Writes without a valid token are refused with 401, invalid multi-document files with 400
+/// naming the document and field; neither changes anything on any node.
+#[test]
+fn unauthorized_and_invalid_writes_change_nothing() -> Result<()> {
+    run(async {
+        let c = Cluster::start(3).await?;
+        let before = c.status(0).await?["raft"]["applied_index"].clone();
+        let yaml = objective("sneaky", 1);
+        for token in [None, Some("wrong-token")] {
+            let cl = infermesh_node::admin::client::AdminClient::new(
+                &c.nodes[1].admin,
+                token.map(str::to_owned),
+            )?;
+            let err = cl
+                .call(Method::POST, "/v1/policy", Some(yaml.clone().into_bytes()))
+                .await
+                .expect_err("a write without a valid token must fail");
+            ensure!(err.status() == Some(StatusCode::UNAUTHORIZED), "{err}");
+            let err = cl
+                .call(Method::DELETE, "/v1/policy/InferenceObjective/x", None)
+                .await
+                .expect_err("a delete without a valid token must fail");
+            ensure!(err.status() == Some(StatusCode::UNAUTHORIZED), "{err}");
+        }
+
+        // Document 1 is valid, document 2 has a priority of the wrong type.
+        let bad = format!(
+            "{}---\napiVersion: inference.networking.x-k8s.io/v1alpha2\nkind: InferenceObjective\n\
+             metadata: {{name: broken}}\nspec: {{priority: high, poolRef: {{name: pool}}}}\n",
+            objective("valid-but-not-applied", 3)
+        );
+        let err = c
+            .admin(2)
+            .call(Method::POST, "/v1/policy", Some(bad.into_bytes()))
+            .await
+            .expect_err("an invalid document must fail the apply");
+        ensure!(err.status() == Some(StatusCode::BAD_REQUEST), "{err}");
+        let infermesh_node::admin::client::ClientError::Api { body, .. } = &err else {
+            unreachable!()
+        };
+        ensure!(body["error"]["document"] == 2, "{body}");
+        ensure!(
+            body["error"]["field"].as_str() == Some("spec.priority"),
+            "{body}"
+        );
+        // An invalid EndpointPickerConfig is refused by the scheduler's loader.
+        let bad_epp = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\n\
+                       plugins:\n- type: no-such-scorer\n";
+        let err = c
+            .admin(0)
+            .call(
+                Method::POST,
+                "/v1/policy",
+                Some(bad_epp.as_bytes().to_vec()),
+            )
+            .await
+            .expect_err("an invalid EndpointPickerConfig must fail");
+        ensure!(err.status() == Some(StatusCode::BAD_REQUEST), "{err}");
+        ensure!(err.to_string().contains("no-such-scorer"), "{err}");
+
+        // A committed write after all that proves the refused ones were not just slow.
+        c.apply_retrying(0, &objective("marker", 1)).await?;
+        c.wait_everywhere("marker", 1).await?;
+        for i in c.running() {
+            for name in ["sneaky", "valid-but-not-applied", "broken"] {
+                ensure!(
+                    c.priority(i, name).await?.is_none(),
+                    "{name} applied on node {i}"
+                );
+            }
+        }
+        let after = c.status(0).await?["raft"]["applied_index"]
+            .as_u64()
+            .unwrap_or(0);
+        ensure!(
+            after == before.as_u64().unwrap_or(0) + 1,
+            "exactly one entry (the marker) was committed: {before} -> {after}"
+        );
+        Ok(())
+    })
+}
+
+/// A leader cut off from both followers (they are SIGSTOPped: the majority is gone)
+/// cannot commit: its writes are answered 503 and nothing is applied; once the majority
+/// is back, writes commit everywhere.
+#[test]
+fn a_minority_cannot_commit() -> Result<()> {
+    run(async {
+        let c = Cluster::start(3).await?;
+        let leader = c.wait_leader().await?;
+        c.apply_retrying(leader, &objective("base", 1)).await?;
+        c.wait_everywhere("base", 1).await?;
+        let majority: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+        for i in &majority {
+            signal(c.nodes[*i].pid().context("running")?, "STOP");
+        }
+        let applied_before = c.status(leader).await?["raft"]["applied_index"].clone();
+        let err = c
+            .admin(leader)
+            .call(
+                Method::POST,
+                "/v1/policy",
+                Some(objective("minority", 2).into_bytes()),
+            )
+            .await
+            .expect_err("a minority must not acknowledge a write");
+        ensure!(
+            err.status() == Some(StatusCode::SERVICE_UNAVAILABLE),
+            "expected 503, got {err}"
+        );
+        ensure!(c.priority(leader, "minority").await?.is_none());
+        ensure!(
+            c.status(leader).await?["raft"]["applied_index"] == applied_before,
+            "the minority applied something"
+        );
+        for i in &majority {
+            signal(c.nodes[*i].pid().context("running")?, "CONT");
+        }
+        c.apply_retrying(majority[0], &objective("healed", 3))
+            .await?;
+        c.wait_everywhere("healed", 3).await?;
+        c.wait_everywhere("base", 1).await
+    })
+}
+
+/// After the leader compacts its log, a new node can only catch up by installing the
+/// snapshot; it then has every object.
+#[test]
+fn a_new_node_catches_up_by_snapshot() -> Result<()> {
+    run(async {
+        let mut c = Cluster::start(3).await?;
+        for i in 0..20 {
+            c.apply_retrying(i % 3, &objective(&format!("o{i}"), i as i32))
+                .await?;
+        }
+        let compacted = c
+            .admin(1)
+            .call(Method::POST, "/v1/cluster/compact", None)
+            .await?["snapshotIndex"]
+            .as_u64()
+            .context("snapshotIndex")?;
+        let leader = c.wait_leader().await?;
+        let purged = c.status(leader).await?["raft"]["purged_index"].as_u64();
+        ensure!(
+            purged >= Some(compacted),
+            "log not purged: {purged:?} < {compacted}"
+        );
+
+        let new = c.join(0, &[])?;
+        c.wait_converged(4).await?;
+        let s = c.status(new).await?;
+        let snap = s["raft"]["snapshot_index"].as_u64();
+        ensure!(
+            snap >= Some(compacted),
+            "the new node has no snapshot at or past {compacted}: {s}"
+        );
+        for i in [0, 7, 19] {
+            c.wait_everywhere(&format!("o{i}"), i).await?;
+        }
+        Ok(())
+    })
+}
+
+/// Routing follows a new EndpointPickerConfig as soon as it is applied: a label-selector
+/// filter sends every request to pod `a`; after applying one selecting `b`, every request
+/// goes to `b`, with no restart.
+#[test]
+fn an_endpoint_picker_config_change_reroutes_without_restart() -> Result<()> {
+    run(async {
+        let mut cfg = infermesh_sim::FleetConfig::new(2);
+        cfg.profile = infermesh_sim::EngineProfile::instant();
+        let model = cfg.model.clone();
+        let fleet = infermesh_sim::Fleet::start(cfg).await?;
+        let pods = fleet.addrs();
+        let c = Cluster::start(1).await?;
+        let endpoints = format!(
+            "apiVersion: inference.networking.k8s.io/v1\nkind: InferencePool\n\
+             metadata: {{name: pool}}\nspec: {{selector: {{matchLabels: {{app: sim}}}}, targetPorts: [{{number: 8000}}]}}\n---\n\
+             apiVersion: infermesh.io/v1alpha1\nkind: InferenceEndpoints\nmetadata: {{name: sims}}\n\
+             spec:\n  poolRef: {{name: pool}}\n  endpoints:\n  \
+             - {{address: '{}', labels: {{app: sim, slot: a}}}}\n  - {{address: '{}', labels: {{app: sim, slot: b}}}}\n",
+            pods[0], pods[1]
+        );
+        c.apply_retrying(0, &endpoints).await?;
+        let info = client(&c.nodes[0].admin, false)
+            .call(Method::GET, "/v1/node", None)
+            .await?;
+        let proxy = info["proxyAddress"].as_str().context("proxy")?.to_owned();
+        let http = infermesh_node::upstream::http_client(Duration::from_secs(2));
+        let served_by = |prompt: String| {
+            let http = http.clone();
+            let proxy = proxy.clone();
+            let model = model.clone();
+            async move {
+                let body = serde_json::json!({"model": model, "prompt": prompt, "max_tokens": 1});
+                let req = http::Request::post(format!("http://{proxy}/v1/completions"))
+                    .header("content-type", "application/json")
+                    .body(http_body_util::Full::new(bytes::Bytes::from(
+                        body.to_string(),
+                    )))
+                    .ok()?;
+                let resp = http.request(req).await.ok()?;
+                if !resp.status().is_success() {
+                    return None;
+                }
+                resp.headers()
+                    .get(infermesh_node::proxy::SERVED_HEADER)?
+                    .to_str()
+                    .ok()?
+                    .parse::<std::net::SocketAddr>()
+                    .ok()
+            }
+        };
+        let epp = |slot: &str| {
+            format!(
+                "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nmetadata: {{name: default}}\n\
+                 plugins:\n- name: only\n  type: label-selector-filter\n  parameters:\n    \
+                 matchLabels: {{slot: {slot}}}\n- type: queue-scorer\n- type: max-score-picker\n\
+                 schedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: only\n  \
+                 - pluginRef: queue-scorer\n  - pluginRef: max-score-picker\n"
+            )
+        };
+        for (slot, pod) in [("a", pods[0]), ("b", pods[1]), ("a", pods[0])] {
+            c.apply_retrying(0, &epp(slot)).await?;
+            // The config is applied asynchronously after the commit: wait for the
+            // switch, then require every further request to follow it.
+            wait_for(&format!("routing to {pod}"), || async {
+                (served_by(format!("probe {slot}")).await? == pod).then_some(())
+            })
+            .await?;
+            for k in 0..20 {
+                let got = served_by(format!("request {k} for {slot}"))
+                    .await
+                    .context("request failed")?;
+                ensure!(
+                    got == pod,
+                    "slot {slot}: request {k} went to {got}, not {pod}"
+                );
+            }
+        }
+        Ok(())
+    })
+}
