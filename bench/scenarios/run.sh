@@ -145,9 +145,16 @@ start_router() {
         echo "run.sh: SKIP infermesh: $bin has no 'serve' subcommand (build it: cargo build --release -p infermesh-node)" >&2
         return 2
       fi
-      if [ "$REPLICAS" -gt 1 ] && ! "$bin" serve --help 2>&1 | grep -q -- '--seeds'; then
-        echo "run.sh: SKIP infermesh with REPLICAS=$REPLICAS: 'infermesh serve' has no mesh flags (--seeds) yet, so its nodes would not share state" >&2
-        return 2
+      local mesh=()
+      if [ "$REPLICAS" -gt 1 ]; then
+        if ! "$bin" serve --help 2>&1 | grep -q -- '--seeds'; then
+          echo "run.sh: SKIP infermesh with REPLICAS=$REPLICAS: 'infermesh serve' has no mesh flags (--seeds), so its nodes would not share state" >&2
+          return 2
+        fi
+        # One mesh: node k gossips on port+400 and joins through node 0.
+        [ -f "$WORK/cluster.key" ] || head -c 32 /dev/urandom | base64 >"$WORK/cluster.key"
+        mesh=(--node-name "bench-node-$k" --gossip-addr "127.0.0.1:$((port + 400))" --cluster-key-file "$WORK/cluster.key")
+        [ "$k" -gt 0 ] && mesh+=(--seeds "127.0.0.1:$((ROUTER_PORT + 400))")
       fi
       {
         echo "apiVersion: inference.networking.k8s.io/v1"
@@ -162,7 +169,7 @@ start_router() {
         done
       } >"$WORK/pool.yaml"
       "$bin" serve --proxy-addr "127.0.0.1:$port" --endpoints "$WORK/pool.yaml" \
-        --ext-proc-addr "127.0.0.1:$((port + 200))" --metrics-addr "127.0.0.1:$((port + 300))" \
+        --ext-proc-addr "127.0.0.1:$((port + 200))" --metrics-addr "127.0.0.1:$((port + 300))" "${mesh[@]}" \
         >"$WORK/router-$k.log" 2>&1 &
       PIDS+=($!)
       ;;
@@ -208,6 +215,17 @@ for router in "${ROUTERS[@]}"; do
   for ((k = 0; k < replicas; k++)); do
     start_router "$router" "$k" || { rc=$?; break; }
   done
+  if [ $rc -eq 0 ] && [ "$router" = infermesh ] && [ "$replicas" -gt 1 ]; then
+    # Every node must see the whole mesh before load starts.
+    for ((k = 0; k < replicas; k++)); do
+      deadline=$((SECONDS + 30))
+      until curl -fsS --max-time 2 "http://127.0.0.1:$((ROUTER_PORT + k + 300))/metrics" 2>/dev/null |
+        grep -qx "infermesh_mesh_members $replicas"; do
+        [ $SECONDS -lt $deadline ] || { echo "run.sh: infermesh node $k does not see $replicas members" >&2; rc=1; break 2; }
+        sleep 0.5
+      done
+    done
+  fi
   if [ $rc -ne 0 ]; then
     cleanup
     [ $rc -eq 2 ] && continue
