@@ -17,7 +17,7 @@ pub const RAFT_CHANNEL: u16 = 0x5241; // "RA"
 /// died looks open until the mesh's idle timeout: a write forwarded to a leader killed a
 /// moment ago must fail fast (503, client retries) rather than hang for that long. A join
 /// that outlasts it is retried by the joining node (admission is idempotent).
-pub const RAFT_CALL_TIMEOUT: Duration = Duration::from_secs(3);
+pub const RAFT_CALL_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Most Raft messages queued for the local store before the mesh applies backpressure.
 const QUEUE: usize = 256;

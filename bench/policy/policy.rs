@@ -1,0 +1,485 @@
+//! Policy (Raft) benchmark on 3 real `infermesh` node processes over the QUIC mesh, on
+//! loopback (run by `bench/policy/run.sh`, which writes bench/results/policy.md):
+//!
+//! 1. write latency through the admin API (one client, sequential), p50/p99;
+//! 2. write throughput with concurrent clients, spread over all three nodes (followers
+//!    forward to the leader);
+//! 3. time from sending a write until every node has applied it;
+//! 4. recovery after leader loss: SIGKILL the leader, then the time until a write through
+//!    a survivor is acknowledged again.
+//!
+//! Every loop is bounded in count and time.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use http::Method;
+use infermesh_node::admin::client::{AdminClient, ClientError};
+
+/// Flags.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Sequential writes for the latency figure.
+    #[arg(long, default_value_t = 500)]
+    writes: usize,
+    /// Concurrent clients for the throughput figure.
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+    /// Writes per client in the throughput run.
+    #[arg(long, default_value_t = 100)]
+    writes_per_client: usize,
+    /// Writes timed until applied on every node.
+    #[arg(long, default_value_t = 100)]
+    propagation_writes: usize,
+    /// Leader kills.
+    #[arg(long, default_value_t = 5)]
+    kills: usize,
+    /// Markdown report to write.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+const TOKEN: &str = "bench-token-0123";
+/// Bound on any one phase.
+const PHASE_LIMIT: Duration = Duration::from_secs(120);
+
+struct NodeProc {
+    name: String,
+    admin: String,
+    gossip: Option<SocketAddr>,
+    child: Option<Child>,
+}
+
+struct Cluster {
+    bin: PathBuf,
+    dir: PathBuf,
+    nodes: Vec<NodeProc>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+fn client(admin: &str) -> AdminClient {
+    AdminClient::new(admin, Some(TOKEN.to_owned())).expect("valid address")
+}
+
+fn objective(name: &str, priority: usize) -> Vec<u8> {
+    format!(
+        "apiVersion: inference.networking.x-k8s.io/v1alpha2\nkind: InferenceObjective\n\
+         metadata: {{name: {name}}}\nspec: {{priority: {}, poolRef: {{name: pool}}}}\n",
+        priority % 1000
+    )
+    .into_bytes()
+}
+
+impl Cluster {
+    fn spawn(&mut self, i: usize, role: &[String]) -> Result<()> {
+        let name = self.nodes[i].name.clone();
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
+        let gossip = self.nodes[i]
+            .gossip
+            .map_or("127.0.0.1:0".to_owned(), |g| g.to_string());
+        let seeds: Vec<String> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .filter_map(|(_, n)| n.gossip.map(|g| g.to_string()))
+            .collect();
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["serve", "--node-name", &name])
+            .args([
+                "--ext-proc-addr",
+                "127.0.0.1:0",
+                "--proxy-addr",
+                "127.0.0.1:0",
+            ])
+            .args([
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--admin-addr",
+                "127.0.0.1:0",
+            ])
+            .args(["--gossip-addr", &gossip])
+            .arg("--cluster-key-file")
+            .arg(self.dir.join("key"))
+            .arg("--data-dir")
+            .arg(self.dir.join(&name))
+            .args(role)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log));
+        if !seeds.is_empty() {
+            cmd.arg("--seeds").arg(seeds.join(","));
+        }
+        let mut child = cmd.spawn()?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(a) = line.strip_prefix("infermesh admin API listening on ") {
+                    let _ = tx.send(a.trim().to_owned());
+                }
+            }
+        });
+        let admin = rx
+            .recv_timeout(Duration::from_secs(60))
+            .with_context(|| format!("{name} did not start (see {})", self.dir.display()))?;
+        self.nodes[i].admin = admin;
+        self.nodes[i].child = Some(child);
+        Ok(())
+    }
+
+    async fn gossip_of(&self, i: usize) -> Result<SocketAddr> {
+        let v = client(&self.nodes[i].admin)
+            .call(Method::GET, "/v1/node", None)
+            .await?;
+        Ok(v["gossipAddress"].as_str().context("gossip")?.parse()?)
+    }
+
+    async fn start(bin: PathBuf, dir: PathBuf, n: usize) -> Result<Cluster> {
+        std::fs::write(dir.join("key"), "bench-cluster-key-0123456789")?;
+        std::fs::write(dir.join("tokens"), format!("{TOKEN}\n"))?;
+        let mut c = Cluster {
+            bin,
+            nodes: (1..=n)
+                .map(|i| NodeProc {
+                    name: format!("n{i}"),
+                    admin: String::new(),
+                    gossip: None,
+                    child: None,
+                })
+                .collect(),
+            dir,
+        };
+        let tokens = c.dir.join("tokens").display().to_string();
+        c.spawn(
+            0,
+            &["--bootstrap".into(), "--admin-token-file".into(), tokens],
+        )?;
+        c.nodes[0].gossip = Some(c.gossip_of(0).await?);
+        for i in 1..n {
+            let via = c.nodes[0].admin.clone();
+            c.spawn(i, &["--join".into(), via])?;
+            c.nodes[i].gossip = Some(c.gossip_of(i).await?);
+        }
+        c.wait_voters(n).await?;
+        Ok(c)
+    }
+
+    fn running(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|i| self.nodes[*i].child.is_some())
+            .collect()
+    }
+
+    async fn status(&self, i: usize) -> Result<serde_json::Value, ClientError> {
+        client(&self.nodes[i].admin)
+            .call(Method::GET, "/v1/cluster/status", None)
+            .await
+    }
+
+    /// Waits until all running nodes see `n` members, all voters, and agree on a leader.
+    async fn wait_voters(&self, n: usize) -> Result<usize> {
+        let deadline = Instant::now() + PHASE_LIMIT;
+        loop {
+            if let Some(l) = self.converged(n).await {
+                return Ok(l);
+            }
+            if Instant::now() > deadline {
+                bail!("cluster did not converge to {n} voters");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn converged(&self, n: usize) -> Option<usize> {
+        let mut leader = None;
+        for i in self.running() {
+            let s = self.status(i).await.ok()?;
+            let members = s["raft"]["members"].as_array()?;
+            if members.len() != n || members.iter().any(|m| m["voter"] != true) {
+                return None;
+            }
+            let l = s["raft"]["leader"].as_u64()?;
+            if leader.is_some_and(|x| x != l) {
+                return None;
+            }
+            leader = Some(l);
+        }
+        let leader = leader?;
+        for i in self.running() {
+            if self.status(i).await.ok()?["raft"]["id"].as_u64() == Some(leader) {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1e3)
+}
+
+struct Dist {
+    n: usize,
+    p50: Duration,
+    p99: Duration,
+    max: Duration,
+}
+
+fn dist(mut v: Vec<Duration>) -> Dist {
+    v.sort();
+    Dist {
+        n: v.len(),
+        p50: percentile(&v, 0.5),
+        p99: percentile(&v, 0.99),
+        max: v.last().copied().unwrap_or_default(),
+    }
+}
+
+async fn apply(admin: &str, body: Vec<u8>) -> Result<u64, ClientError> {
+    let v = client(admin)
+        .call(Method::POST, "/v1/policy", Some(body))
+        .await?;
+    Ok(v["index"].as_u64().unwrap_or(0))
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let exe = std::env::current_exe()?;
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("examples dir has a parent")?
+        .join("infermesh");
+    anyhow::ensure!(
+        bin.exists(),
+        "{} missing: cargo build --release -p infermesh-node",
+        bin.display()
+    );
+    let tmp = tempfile::Builder::new()
+        .prefix("infermesh-policy-bench-")
+        .tempdir()?;
+    let load_before = loadavg();
+    let started = Instant::now();
+    let mut c = Cluster::start(bin, tmp.path().to_path_buf(), 3).await?;
+    let leader = c.wait_voters(3).await?;
+    let follower = (leader + 1) % 3;
+
+    // 1. Sequential latency, through the leader and through a follower (one forward hop).
+    let mut lat_leader = Vec::new();
+    let mut lat_follower = Vec::new();
+    let phase = Instant::now();
+    for k in 0..args.writes {
+        if phase.elapsed() > PHASE_LIMIT {
+            break;
+        }
+        let (node, out) = if k % 2 == 0 {
+            (leader, &mut lat_leader)
+        } else {
+            (follower, &mut lat_follower)
+        };
+        let t = Instant::now();
+        apply(&c.nodes[node].admin, objective(&format!("seq{k}"), k)).await?;
+        out.push(t.elapsed());
+    }
+    let lat_leader = dist(lat_leader);
+    let lat_follower = dist(lat_follower);
+
+    // 2. Throughput: concurrent clients spread over every node.
+    let phase = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for cl in 0..args.clients {
+        let admin = c.nodes[cl % 3].admin.clone();
+        let per = args.writes_per_client;
+        tasks.spawn(async move {
+            let mut lat = Vec::with_capacity(per);
+            for k in 0..per {
+                if phase.elapsed() > PHASE_LIMIT {
+                    break;
+                }
+                let t = Instant::now();
+                apply(&admin, objective(&format!("c{cl}-{k}"), k)).await?;
+                lat.push(t.elapsed());
+            }
+            Ok::<_, ClientError>(lat)
+        });
+    }
+    let mut lat_conc = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        lat_conc.extend(r??);
+    }
+    let tput_elapsed = phase.elapsed();
+    let tput = lat_conc.len() as f64 / tput_elapsed.as_secs_f64();
+    let lat_conc = dist(lat_conc);
+
+    // 3. Time until every node has applied a write (polling each node's applied index).
+    let mut propagation = Vec::new();
+    for k in 0..args.propagation_writes {
+        let t = Instant::now();
+        let index = apply(&c.nodes[k % 3].admin, objective(&format!("prop{k}"), k)).await?;
+        let mut pending: Vec<usize> = c.running();
+        while !pending.is_empty() {
+            if t.elapsed() > PHASE_LIMIT {
+                bail!("write {index} never applied everywhere");
+            }
+            let mut still = Vec::new();
+            for i in pending {
+                let applied = c.status(i).await?["raft"]["applied_index"]
+                    .as_u64()
+                    .unwrap_or(0);
+                if applied < index {
+                    still.push(i);
+                }
+            }
+            pending = still;
+        }
+        propagation.push(t.elapsed());
+    }
+    let propagation = dist(propagation);
+
+    // 4. Recovery after leader loss.
+    let mut recovery = Vec::new();
+    let mut elections = Vec::new();
+    for round in 0..args.kills {
+        let leader = c.wait_voters(3).await?;
+        let old = c.status(leader).await?["raft"]["id"].as_u64();
+        c.kill(leader);
+        let t = Instant::now();
+        let survivor = c.running()[0];
+        let admin = c.nodes[survivor].admin.clone();
+        let mut attempts = 0;
+        // A separate poller times the election itself (the writer may be blocked meanwhile).
+        let poll_admin = admin.clone();
+        let election = tokio::spawn(async move {
+            let cl = client(&poll_admin);
+            while t.elapsed() < PHASE_LIMIT {
+                if let Ok(s) = cl.call(Method::GET, "/v1/cluster/status", None).await
+                    && s["raft"]["leader"].as_u64().is_some_and(|l| Some(l) != old)
+                {
+                    return Some(t.elapsed());
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            None
+        });
+        loop {
+            attempts += 1;
+            if t.elapsed() > PHASE_LIMIT {
+                bail!("no write succeeded within {PHASE_LIMIT:?} after the leader was killed");
+            }
+            match apply(
+                &admin,
+                objective(&format!("recover{round}-{attempts}"), round),
+            )
+            .await
+            {
+                Ok(_) => break,
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        let new_leader_seen = election.await.ok().flatten();
+        recovery.push(t.elapsed());
+        elections.push(new_leader_seen.unwrap_or(t.elapsed()));
+        c.spawn(leader, &[])?;
+        c.wait_voters(3).await?;
+    }
+    let recovery_d = dist(recovery.clone());
+    let election_d = dist(elections);
+    let load_after = loadavg();
+
+    let mut report = String::new();
+    report.push_str(&format!(
+        "# Policy store (Raft over the QUIC mesh): 3 infermesh processes on loopback\n\n\
+         Generated by `bench/policy/run.sh` ({} CPUs; load average before {load_before}, after {load_after}; \
+         run took {:.0} s). Writes are single-object InferenceObjective applies through the admin \
+         API (HTTP/JSON → Raft log fsync'd in redb on a majority → applied). Client and all three \
+         nodes share this machine.\n\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        started.elapsed().as_secs_f64()
+    ));
+    report.push_str("| measurement | n | p50 ms | p99 ms | max ms |\n|---|---:|---:|---:|---:|\n");
+    for (name, d) in [
+        ("write latency, 1 client, via leader", &lat_leader),
+        (
+            "write latency, 1 client, via follower (forwarded)",
+            &lat_follower,
+        ),
+        (
+            &*format!(
+                "write latency, {} concurrent clients over 3 nodes",
+                args.clients
+            ),
+            &lat_conc,
+        ),
+        ("write sent → applied on all 3 nodes", &propagation),
+        ("leader SIGKILL → next write acknowledged", &recovery_d),
+        (
+            "leader SIGKILL → a survivor reports a new leader",
+            &election_d,
+        ),
+    ] {
+        report.push_str(&format!(
+            "| {name} | {} | {} | {} | {} |\n",
+            d.n,
+            ms(d.p50),
+            ms(d.p99),
+            ms(d.max)
+        ));
+    }
+    report.push_str(&format!(
+        "\nThroughput: **{tput:.0} writes/s** ({} writes by {} concurrent clients in {:.2} s).\n\n\
+         Recovery samples (ms): {}.\n",
+        lat_conc.n,
+        args.clients,
+        tput_elapsed.as_secs_f64(),
+        recovery
+            .iter()
+            .map(|d| ms(*d))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    println!("{report}");
+    if let Some(out) = args.out {
+        std::fs::write(&out, &report)?;
+        println!("wrote {}", out.display());
+    }
+    Ok(())
+}
