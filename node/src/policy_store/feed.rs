@@ -157,3 +157,78 @@ impl Feed {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use infermesh_raft_store::policy::{
+        PolicyOp, PolicyRequest, Touched, accept_any_epp_config, parse_documents,
+    };
+    use infermesh_scheduler::ResolvedConfig;
+
+    fn apply(state: &mut PolicyState, index: u64, yaml: &str) {
+        let ops = parse_documents(yaml, &accept_any_epp_config())
+            .unwrap()
+            .into_iter()
+            .map(|o| PolicyOp::Put {
+                object: Box::new(o),
+                expected_version: None,
+            })
+            .collect();
+        state.handle_request(index, &PolicyRequest { ops }, &mut Touched::default());
+    }
+
+    #[tokio::test]
+    async fn objectives_reach_the_pool_and_only_a_new_config_rebuilds_the_scheduler() {
+        let policy: SharedPolicy = Arc::new(ArcSwap::from_pointee(
+            Policy::new(&ResolvedConfig::builtin_default()).unwrap(),
+        ));
+        let (tx, mut rx) = mpsc::channel(8);
+        let base = LocalBase {
+            endpoints_file: None,
+            initial_pool: None,
+            scheduler: ResolvedConfig::builtin_default(),
+        };
+        let mut feed = Feed::new(
+            NodeControl::new(policy.clone(), tx),
+            base,
+            Some("pool".into()),
+            Arc::new(ArcSwap::from_pointee(ModelRewrites::default())),
+        );
+        let mut state = PolicyState::default();
+        apply(
+            &mut state,
+            1,
+            "apiVersion: inference.networking.x-k8s.io/v1alpha2\nkind: InferenceObjective\n\
+             metadata: {name: batch}\nspec: {priority: -1, poolRef: {name: pool}}\n",
+        );
+        let first = policy.load_full();
+        feed.apply(&state).await;
+        let Some(PoolInput::Spec(spec)) = rx.recv().await else {
+            panic!("no pool sent")
+        };
+        assert_eq!(spec.objectives.get("batch"), Some(&-1));
+        assert!(
+            Arc::ptr_eq(&first, &policy.load_full()),
+            "no config, no rebuild"
+        );
+
+        apply(
+            &mut state,
+            2,
+            "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nmetadata: {name: default}\n\
+             plugins: [{type: queue-scorer}, {type: max-score-picker}]\n\
+             schedulingProfiles: [{name: default, plugins: [{pluginRef: queue-scorer}, {pluginRef: max-score-picker}]}]\n",
+        );
+        feed.apply(&state).await;
+        let second = policy.load_full();
+        assert!(
+            !Arc::ptr_eq(&first, &second),
+            "a new config swaps the scheduler"
+        );
+        assert!(rx.try_recv().is_err(), "the pool did not change");
+        // Re-applying the same state changes nothing.
+        feed.apply(&state).await;
+        assert!(Arc::ptr_eq(&second, &policy.load_full()));
+    }
+}
