@@ -197,7 +197,7 @@ fn a_minority_cannot_commit() -> Result<()> {
 }
 
 /// After the leader compacts its log, a new node can only catch up by installing the
-/// snapshot; it then has every object.
+/// snapshot; it then has every object. Then it is removed from the cluster again.
 #[test]
 fn a_new_node_catches_up_by_snapshot() -> Result<()> {
     run(async {
@@ -230,6 +230,18 @@ fn a_new_node_catches_up_by_snapshot() -> Result<()> {
         for i in [0, 7, 19] {
             c.wait_everywhere(&format!("o{i}"), i).await?;
         }
+
+        // Removing the new member through another node (forwarded to the leader).
+        let id = s["raft"]["id"].as_u64().context("raft id")?;
+        c.admin(1)
+            .call(Method::DELETE, &format!("/v1/cluster/members/{id}"), None)
+            .await?;
+        wait_for("the member to be removed", || async {
+            let s = c.status(0).await.ok()?;
+            let members = s["raft"]["members"].as_array()?;
+            (members.len() == 3 && members.iter().all(|m| m["id"] != id)).then_some(())
+        })
+        .await?;
         Ok(())
     })
 }
