@@ -1,11 +1,14 @@
-//! Real Envoy 1.40 fed over ADS by two infermesh nodes (a gossip mesh, each node on its own
-//! killable runtime) in front of simulated vLLM pods, in SotW and Delta modes:
+//! Real Envoy 1.40 fed over ADS by two infermesh nodes (gossip mesh + Raft policy store,
+//! each node on its own killable runtime) in front of simulated vLLM pods, in SotW and
+//! Delta modes:
 //! - Envoy gets its listener from infermesh; a request through it reaches the pod the
 //!   infermesh ext_proc picker chose (the pick counter and the pod's own request counter
 //!   move together), and both nodes serve ext_proc (EDS lists every live node);
+//! - a policy change written through the admin API (the InferencePool moves to a new
+//!   listener port via its `infermesh.io/envoy-listener` annotation and fails open) is
+//!   committed by Raft, served by both nodes with identical versions, and reaches Envoy;
 //! - the node Envoy's ADS stream is on is killed: Envoy keeps routing through the other,
 //!   reconnects its ADS there, and the membership change (one node left) reaches its EDS;
-//! - a policy change (the pool moves to a new listener port and fails open) reaches Envoy;
 //! - a listener Envoy cannot bind is NACKed, the reason shows in `infermesh xds status`,
 //!   and the previous configuration keeps serving.
 //!
@@ -21,14 +24,16 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use infermesh_gossip::{ClusterKey, MeshConfig};
+use infermesh_node::admin::client::AdminClient;
 use infermesh_node::app::App;
-use infermesh_node::config::NodeConfig;
+use infermesh_node::config::{EndpointSource, NodeConfig};
 use infermesh_node::demo::fleet_pool;
 use infermesh_node::mesh::MeshOptions;
+use infermesh_node::policy_store::{ClusterArgs, LocalBase, PolicyNode};
 use infermesh_node::upstream::{HttpClient, http_client};
 use infermesh_scheduler::ResolvedConfig;
 use infermesh_sim::{EngineProfile, Fleet, FleetConfig};
-use infermesh_xds::{EnvoySyncStatus, FailureMode, InferencePoolSpec, ResourceType};
+use infermesh_xds::{EnvoySyncStatus, ResourceType};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -36,25 +41,48 @@ const WAIT: Duration = Duration::from_secs(30);
 /// like a crashed process.
 struct Node {
     app: Option<App>,
+    policy: Option<PolicyNode>,
     rt: Option<tokio::runtime::Runtime>,
 }
 
 impl Node {
-    async fn start(cfg: NodeConfig) -> Node {
+    /// Starts the node and its policy store (forming or joining the Raft cluster).
+    async fn start(cfg: NodeConfig, cluster: ClusterArgs) -> Node {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .expect("runtime");
-        let app = rt
-            .spawn(App::start(cfg))
+        let base = LocalBase {
+            endpoints_file: None,
+            initial_pool: match &cfg.endpoints {
+                EndpointSource::Static(p) => Some(p.clone()),
+                EndpointSource::File { initial, .. } => Some(initial.clone()),
+            },
+            scheduler: cfg.scheduler.clone(),
+        };
+        let (app, policy) = rt
+            .spawn(async move {
+                let app = App::start(cfg).await.expect("node starts");
+                let policy = PolicyNode::start(&app, &cluster, base)
+                    .await
+                    .expect("policy store starts");
+                (app, policy)
+            })
             .await
-            .expect("start task")
-            .expect("node starts");
+            .expect("start task");
         Node {
             app: Some(app),
+            policy: Some(policy),
             rt: Some(rt),
         }
+    }
+
+    fn admin(&self) -> String {
+        format!(
+            "http://{}",
+            self.policy.as_ref().expect("alive").admin_addr()
+        )
     }
 
     fn app(&self) -> &App {
@@ -65,6 +93,7 @@ impl Node {
         if let Some(rt) = self.rt.take() {
             rt.shutdown_background();
         }
+        self.policy = None;
         self.app = None;
     }
 
@@ -379,10 +408,27 @@ fn node_config(
     cfg
 }
 
-/// `infermesh xds status` against a node's HTTP address.
-fn cli_status(addr: SocketAddr, json: bool) -> String {
+/// Policy-store flags: the first node forms the cluster (with the write token), the
+/// second joins it through the first one's admin API.
+fn cluster_args(
+    dir: &std::path::Path,
+    tokens: &std::path::Path,
+    join: Option<String>,
+) -> ClusterArgs {
+    ClusterArgs {
+        bootstrap: join.is_none(),
+        admin_token_file: join.is_none().then(|| tokens.to_owned()),
+        join,
+        data_dir: Some(dir.to_owned()),
+        admin_addr: "127.0.0.1:0".parse().unwrap(),
+        pool: None,
+    }
+}
+
+/// `infermesh xds status` against a node's admin API.
+fn cli_status(server: &str, json: bool) -> String {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_infermesh"));
-    cmd.args(["xds", "status", "--addr", &addr.to_string()]);
+    cmd.args(["xds", "status", "--server", server]);
     if json {
         cmd.args(["-o", "json"]);
     }
@@ -405,43 +451,54 @@ async fn scenario(api_type: &str) {
     let pods = fleet.addrs();
     let client = http_client(Duration::from_secs(2));
     let key = ClusterKey::new(b"infermesh-xds-node-test-key".to_vec()).unwrap();
-    let port = free_port();
-    let listener = SocketAddr::from(([127, 0, 0, 1], port));
+    let listener = SocketAddr::from(([127, 0, 0, 1], free_port()));
 
-    let first = Node::start(node_config("xds-a", &pods, &model, listener, &key, vec![])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "xds-test-token\n").unwrap();
+    let first = Node::start(
+        node_config("xds-a", &pods, &model, listener, &key, vec![]),
+        cluster_args(&dir.path().join("a"), &tokens, None),
+    )
+    .await;
     let seed = first.app().mesh().expect("mesh").gossip_addr();
-    let second = Node::start(node_config(
-        "xds-b",
-        &pods,
-        &model,
-        listener,
-        &key,
-        vec![seed],
-    ))
+    let second = Node::start(
+        node_config("xds-b", &pods, &model, listener, &key, vec![seed]),
+        cluster_args(&dir.path().join("b"), &tokens, Some(first.admin())),
+    )
     .await;
     let mut nodes = [first, second];
     for n in &nodes {
         assert!(n.app().wait_ready(2, WAIT).await, "pods scraped");
     }
-    // Both nodes learn each other over the mesh and serve identical resources.
-    let versions = wait_for("both nodes to serve both ext_proc endpoints", || async {
-        let inputs: Vec<_> = nodes.iter().map(|n| n.app().xds().last_input()).collect();
-        let all_two = inputs
-            .iter()
-            .all(|i| i.as_ref().is_some_and(|i| i.ext_proc_endpoints.len() == 2));
-        let served: Vec<_> = nodes
-            .iter()
-            .map(|n| n.app().xds().server().current().map(|s| s.versions()))
-            .collect();
-        (all_two && served[0].is_some() && served[0] == served[1]).then(|| served[0].clone())
-    })
-    .await
-    .unwrap();
     assert_eq!(
         nodes[0].app().xds_addr,
         nodes[0].app().ext_proc_addr,
         "ADS on the ext_proc port"
     );
+    let same_versions = || async {
+        let served: Vec<_> = nodes
+            .iter()
+            .filter(|n| n.alive())
+            .map(|n| n.app().xds().server().current().map(|s| s.versions()))
+            .collect();
+        (served.iter().all(Option::is_some) && served.windows(2).all(|w| w[0] == w[1]))
+            .then(|| served[0].clone().unwrap())
+    };
+    // Both nodes learn each other over the mesh and serve identical resources.
+    wait_for("both nodes to serve both ext_proc endpoints", || async {
+        nodes
+            .iter()
+            .all(|n| {
+                n.app()
+                    .xds()
+                    .last_input()
+                    .is_some_and(|i| i.ext_proc_endpoints.len() == 2)
+            })
+            .then_some(())
+    })
+    .await;
+    let versions = wait_for("identical versions on both nodes", same_versions).await;
     eprintln!("[{api_type}] both nodes serve versions {versions:?}");
 
     let ads: Vec<SocketAddr> = nodes.iter().map(|n| n.app().xds_addr).collect();
@@ -458,13 +515,14 @@ async fn scenario(api_type: &str) {
         t_listener.elapsed()
     );
     for i in 1..=10 {
-        let (picks_before, served_before) =
-            (picks(&nodes, &pods), pod_served(&client, &pods).await);
+        let picks_before = picks(&nodes, &pods);
+        let served_before = pod_served(&client, &pods).await;
         complete(&client, listener, &model, i)
             .await
             .expect("completion through Envoy");
+        let picks_after = picks(&nodes, &pods);
         let picked: Vec<usize> = (0..pods.len())
-            .filter(|&p| picks(&nodes, &pods)[p] > picks_before[p])
+            .filter(|&p| picks_after[p] > picks_before[p])
             .collect();
         let served_after = pod_served(&client, &pods).await;
         let served: Vec<usize> = (0..pods.len())
@@ -484,7 +542,63 @@ async fn scenario(api_type: &str) {
     })
     .await;
 
-    // 2. Kill the node holding Envoy's ADS stream: Envoy keeps routing through the other,
+    // 2. Policy change through Raft (written on either node): the pool moves to a new
+    //    listener port and fails open; both nodes serve it with the same versions.
+    let moved = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let ports: Vec<String> = pods
+        .iter()
+        .map(|p| format!("{{number: {}}}", p.port()))
+        .collect();
+    let pool_yaml = format!(
+        "apiVersion: inference.networking.k8s.io/v1
+kind: InferencePool
+metadata:
+  name: demo
+  annotations: {{infermesh.io/envoy-listener: '{moved}'}}
+spec:
+  selector: {{matchLabels: {{app: sim}}}}
+  targetPorts: [{}]
+  endpointPickerRef: {{name: infermesh, port: {{number: 9002}}, failureMode: FailOpen}}
+",
+        ports.join(", ")
+    );
+    let admin = AdminClient::new(&nodes[1].admin(), Some("xds-test-token".into())).unwrap();
+    let t_policy = Instant::now();
+    admin
+        .call(
+            http::Method::POST,
+            "/v1/policy",
+            Some(pool_yaml.into_bytes()),
+        )
+        .await
+        .expect("policy apply");
+    wait_for("the pool on its new listener port", || {
+        complete(&client, moved, &model, 400)
+    })
+    .await;
+    let policy_latency = t_policy.elapsed();
+    wait_for("the old listener to close", || async {
+        get(&client, listener, "/").await.is_err().then_some(())
+    })
+    .await;
+    let (_, dump) = get(
+        &client,
+        envoy.admin,
+        "/config_dump?resource=dynamic_listeners",
+    )
+    .await
+    .expect("config dump");
+    assert!(
+        dump.contains("\"failure_mode_allow\": true"),
+        "FailOpen reached Envoy:\n{dump}"
+    );
+    let after_policy = wait_for("both nodes to serve the policy pool", same_versions).await;
+    assert_ne!(after_policy, versions);
+    eprintln!(
+        "[{api_type}] policy write -> served by Envoy on the new port after {policy_latency:?}"
+    );
+
+    // 3. Kill the node holding Envoy's ADS stream: Envoy keeps routing through the other,
     //    reconnects there, and its EDS drops the dead node.
     let connected = wait_for("Envoy in sync with one node", || async {
         nodes.iter().position(|n| in_sync(n, &envoy_id))
@@ -497,7 +611,7 @@ async fn scenario(api_type: &str) {
     let routed = wait_for("Envoy to route through the surviving node", || async {
         let mut ok = 0;
         for i in 0..10 {
-            if complete(&client, listener, &model, 200 + i).await.is_some() {
+            if complete(&client, moved, &model, 200 + i).await.is_some() {
                 ok += 1;
             } else {
                 failed.set(failed.get() + 1);
@@ -536,44 +650,14 @@ async fn scenario(api_type: &str) {
     );
     for i in 0..10 {
         assert!(
-            complete(&client, listener, &model, 300 + i).await.is_some(),
+            complete(&client, moved, &model, 300 + i).await.is_some(),
             "routing through the surviving node"
         );
     }
 
-    // 3. Policy change: the pool moves to a new listener port and fails open.
-    let feed = survivor.app().xds();
-    let mut pool: InferencePoolSpec = feed.last_input().unwrap().pools[0].clone();
-    let new_port = free_port();
-    let moved = SocketAddr::from(([127, 0, 0, 1], new_port));
-    pool.listener = moved;
-    pool.failure_mode = FailureMode::FailOpen;
-    let t_policy = Instant::now();
-    feed.set_policy_pools(Some(vec![pool]));
-    wait_for("the pool on its new listener port", || {
-        complete(&client, moved, &model, 400)
-    })
-    .await;
-    let policy_latency = t_policy.elapsed();
-    wait_for("the old listener to close", || async {
-        get(&client, listener, "/").await.is_err().then_some(())
-    })
-    .await;
-    let (_, dump) = get(
-        &client,
-        envoy.admin,
-        "/config_dump?resource=dynamic_listeners",
-    )
-    .await
-    .expect("config dump");
-    assert!(
-        dump.contains("\"failure_mode_allow\": true"),
-        "FailOpen reached Envoy:\n{dump}"
-    );
-    eprintln!("[{api_type}] policy change served on the new port after {policy_latency:?}");
-
     // 4. A listener Envoy cannot bind (its port is taken) is NACKed; the previous config
     //    keeps serving and the reason is visible in `infermesh xds status`.
+    let feed = survivor.app().xds();
     let good = feed.last_input().unwrap();
     let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mut bad = good.clone();
@@ -595,9 +679,9 @@ async fn scenario(api_type: &str) {
             "the previous configuration keeps serving after a NACK"
         );
     }
-    let metrics_addr = survivor.app().metrics_addr.expect("metrics server");
-    let table = cli_status(metrics_addr, false);
-    eprintln!("[{api_type}] infermesh xds status:\n{table}");
+    let server = survivor.admin();
+    let table = cli_status(&server, false);
+    eprintln!("[{api_type}] infermesh xds status --server {server}:\n{table}");
     let row = table
         .lines()
         .find(|l| l.starts_with(&envoy_id) && l.contains(" LDS "))
@@ -606,7 +690,7 @@ async fn scenario(api_type: &str) {
         row.contains(&nack.detail.version) && row.contains(" no "),
         "{row}"
     );
-    let json: serde_json::Value = serde_json::from_str(&cli_status(metrics_addr, true)).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&cli_status(&server, true)).unwrap();
     let lds = json["envoys"]
         .as_array()
         .unwrap()
@@ -641,6 +725,14 @@ async fn scenario(api_type: &str) {
 }
 
 fn run(api_type: &str) {
+    // Node logs (RUST_LOG=infermesh_node=info) help when a step times out.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

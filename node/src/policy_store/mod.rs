@@ -281,7 +281,8 @@ impl PolicyNode {
             mesh_address: mesh.rpc_addr(),
         };
         let client = http_client(Duration::from_secs(2));
-        let router = admin::router(AdminState::new(store.clone(), info.clone(), client));
+        let router = admin::router(AdminState::new(store.clone(), info.clone(), client))
+            .merge(crate::xds::status::router(app.xds().clone()));
         tasks.push(tokio::spawn(admin::serve(
             admin_listener,
             router,
@@ -335,6 +336,11 @@ impl PolicyNode {
             }
             _ => (None, None),
         };
+        tasks.push(tokio::spawn(crate::xds::policy::feed_policy_pools(
+            app.xds().clone(),
+            store.subscribe(),
+            shutdown_rx.clone(),
+        )));
         tasks.push(tokio::spawn(
             feed::Feed::new(app.control(), base, args.pool.clone(), rewrites.clone()).run(
                 store.subscribe(),

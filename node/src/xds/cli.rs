@@ -1,6 +1,5 @@
 //! `infermesh xds …` subcommands.
 
-use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::{Subcommand, ValueEnum};
@@ -11,9 +10,10 @@ pub enum XdsCommand {
     /// Per-Envoy sync status of a node's xDS server: what each client was last sent, what
     /// it last accepted, and why it last rejected something.
     Status {
-        /// The node's HTTP address serving the status route (its --metrics-addr).
-        #[arg(long, default_value = "127.0.0.1:9090")]
-        addr: SocketAddr,
+        /// The node's admin API (HOST:PORT or http://HOST:PORT); a node without Raft
+        /// serves the same route on its --metrics-addr.
+        #[arg(long, default_value = "http://127.0.0.1:9191")]
+        server: String,
         /// Output format.
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         output: Output,
@@ -32,7 +32,7 @@ pub enum Output {
 /// Runs an `xds` subcommand.
 pub fn run(cmd: XdsCommand) -> ExitCode {
     match cmd {
-        XdsCommand::Status { addr, output } => {
+        XdsCommand::Status { server, output } => {
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -43,7 +43,7 @@ pub fn run(cmd: XdsCommand) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(super::status::fetch(addr)) {
+            match rt.block_on(super::status::fetch(&server)) {
                 Ok(v) => {
                     match output {
                         Output::Json => println!(
@@ -55,7 +55,7 @@ pub fn run(cmd: XdsCommand) -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("error: xds status from {addr}: {e:#}");
+                    eprintln!("error: xds status from {server}: {e:#}");
                     ExitCode::FAILURE
                 }
             }

@@ -72,6 +72,13 @@ pub fn build_input(
         Some(p) => p.to_vec(),
         None => file_pool.cloned().into_iter().collect(),
     };
+    // The node's own pool also has the pods of its endpoints file (fail-open fallback).
+    if let (Some(own), Some(_)) = (file_pool, policy_pools)
+        && let Some(p) = pools.iter_mut().find(|p| p.name == own.name)
+    {
+        let ips: BTreeSet<IpAddr> = p.endpoints.iter().chain(&own.endpoints).copied().collect();
+        p.endpoints = ips.into_iter().collect();
+    }
     pools.sort_by(|a, b| a.name.cmp(&b.name));
     let ext_proc_endpoints: BTreeSet<SocketAddr> = ext_proc.into_iter().collect();
     XdsInput {
@@ -182,6 +189,15 @@ mod tests {
         assert_eq!(x.pools, policy);
         let empty = build_input(p.as_ref(), Some(&[]), [], &[]);
         assert!(empty.pools.is_empty(), "policy with no pools serves none");
+        let mut same = policy[0].clone();
+        same.name = "llama".into();
+        same.endpoints = vec!["10.0.0.7".parse().unwrap()];
+        let x = build_input(p.as_ref(), Some(&[same]), [], &[]);
+        assert_eq!(
+            x.pools[0].endpoints.len(),
+            2,
+            "file pods join the policy pool's"
+        );
     }
 
     #[test]

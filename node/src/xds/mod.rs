@@ -1,9 +1,10 @@
 //! The node's xDS side: every node serves the same ADS (SotW and Delta, from
 //! `infermesh-xds`) on its ext_proc gRPC port — or on `--xds-addr` — so an Envoy needs one
 //! address list for both. The served input is rebuilt on every change of its sources:
-//! - pools: InferencePools from Raft policy once the policy feed publishes them
-//!   ([`XdsFeed::set_policy_pools`]); until then the node's own pool (endpoints file or
-//!   static config) with the `--xds-listener` / `--xds-failure-mode` flags;
+//! - pools: InferencePools from Raft policy when it holds any ([`policy`]; the Envoy
+//!   listener from the `infermesh.io/envoy-listener` annotation); otherwise the node's own
+//!   pool (endpoints file or static config) with the `--xds-listener` /
+//!   `--xds-failure-mode` flags;
 //! - ext_proc endpoints: this node plus every live mesh member's advertised ext_proc
 //!   address ([`peers`]); membership changes reach Envoy's EDS within the xds crate's
 //!   debounce (50 ms) after gossip reports them.
@@ -14,6 +15,7 @@
 pub mod cli;
 pub mod input;
 pub mod peers;
+pub mod policy;
 pub mod status;
 
 use std::net::SocketAddr;
@@ -156,6 +158,11 @@ impl XdsFeed {
         self.policy_pools.send_replace(pools);
     }
 
+    /// Envoy listener and failure mode of the node's own pool.
+    pub fn file_pool_settings(&self) -> FilePoolSettings {
+        *self.file_settings.borrow()
+    }
+
     /// Changes the Envoy listener and failure mode of the node's own pool.
     pub fn set_file_pool_settings(&self, settings: FilePoolSettings) {
         self.file_settings.send_replace(settings);
@@ -236,7 +243,11 @@ impl XdsFeed {
                 match self.server.publish(&input) {
                     Ok(receipt) => {
                         tracing::info!(
-                            pools = input.pools.len(),
+                            pools = ?input
+                                .pools
+                                .iter()
+                                .map(|p| (&p.name, p.listener, p.failure_mode))
+                                .collect::<Vec<_>>(),
                             ext_proc = input.ext_proc_endpoints.len(),
                             versions = ?receipt.versions,
                             "xds: publishing"

@@ -3,12 +3,9 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -75,22 +72,10 @@ pub fn router(feed: XdsFeed) -> Router {
     )
 }
 
-/// Fetches the report from a node's HTTP server at `addr`.
-pub async fn fetch(addr: SocketAddr) -> anyhow::Result<Value> {
-    let client = crate::upstream::http_client(Duration::from_secs(2));
-    let req =
-        http::Request::get(format!("http://{addr}{STATUS_PATH}")).body(Full::new(Bytes::new()))?;
-    let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req))
-        .await
-        .map_err(|_| anyhow::anyhow!("{addr} did not answer within 5 s"))??;
-    let status = resp.status();
-    let body = resp.into_body().collect().await?.to_bytes();
-    anyhow::ensure!(
-        status.is_success(),
-        "GET http://{addr}{STATUS_PATH} returned {status}: {}",
-        String::from_utf8_lossy(&body)
-    );
-    Ok(serde_json::from_slice(&body)?)
+/// Fetches the report from a node's admin API (or metrics server) at `server`.
+pub async fn fetch(server: &str) -> anyhow::Result<Value> {
+    let client = crate::admin::client::AdminClient::new(server, None)?;
+    Ok(client.call(http::Method::GET, STATUS_PATH, None).await?)
 }
 
 fn short_type(t: &str) -> &str {
