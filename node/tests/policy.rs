@@ -326,3 +326,28 @@ fn an_endpoint_picker_config_change_reroutes_without_restart() -> Result<()> {
         Ok(())
     })
 }
+
+/// SIGTERM on the leader hands leadership to another voter before the process exits: the
+/// moment it is gone, a survivor already reports a new leader (an election after a crash
+/// would only start once the survivors' election timeout ran out).
+#[test]
+fn graceful_shutdown_hands_leadership_off() -> Result<()> {
+    run(async {
+        let mut c = Cluster::start(3).await?;
+        let leader = c.wait_leader().await?;
+        let old = c.status(leader).await?["raft"]["id"].as_u64();
+        ensure!(c.terminate(leader)?, "the leader did not exit cleanly");
+        let mut leaders = Vec::new();
+        for i in c.running() {
+            leaders.push(c.status(i).await?["raft"]["leader"].as_u64());
+        }
+        ensure!(
+            leaders.iter().any(|l| l.is_some() && *l != old),
+            "no survivor knew a new leader when the old one exited: {leaders:?} (old {old:?})"
+        );
+        let survivor = c.running()[0];
+        c.apply_retrying(survivor, &objective("after-handoff", 4))
+            .await?;
+        c.wait_everywhere("after-handoff", 4).await
+    })
+}

@@ -223,6 +223,24 @@ impl Cluster {
         }
     }
 
+    /// SIGTERMs node `i` and waits (bounded) for it to exit; returns whether it exited 0.
+    pub fn terminate(&mut self, i: usize) -> Result<bool> {
+        let mut c = self.nodes[i].child.take().context("not running")?;
+        signal(c.id(), "TERM");
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = c.try_wait()? {
+                return Ok(status.success());
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                bail!("{} did not exit after SIGTERM", self.nodes[i].name);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Restarts node `i` from its data dir, on its old gossip address.
     pub fn restart(&mut self, i: usize) -> Result<()> {
         let (child, admin) = self.spawn(i, &[])?;
