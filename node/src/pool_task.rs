@@ -229,8 +229,12 @@ impl PoolTask {
             self.scrapers.insert(e.address, (slot, handle));
         }
         if let Some(m) = &self.mesh {
-            m.mesh
-                .set_pods(spec.endpoints.iter().map(|e| e.address.to_string()).collect());
+            m.mesh.set_pods(
+                spec.endpoints
+                    .iter()
+                    .map(|e| e.address.to_string())
+                    .collect(),
+            );
         }
         self.spec = spec;
         self.synced.send_replace(true);

@@ -188,7 +188,10 @@ async fn layer(State(s): State<PrefixSharing>, req: Request, next: Next) -> Resp
                     .iter()
                     .filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str(), v))),
             );
-            let r = if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+            let r = if e
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
                 Rejection::too_large(limit)
             } else {
                 Rejection {
@@ -209,7 +212,9 @@ async fn layer(State(s): State<PrefixSharing>, req: Request, next: Next) -> Resp
         }
     };
     let pending = s.prepare(kind, &bytes).await;
-    let resp = next.run(Request::from_parts(parts, Body::from(bytes))).await;
+    let resp = next
+        .run(Request::from_parts(parts, Body::from(bytes)))
+        .await;
     if let Some(p) = pending
         && resp.status().is_success()
         && let Some(mesh) = s.mesh.upgrade()
