@@ -108,7 +108,14 @@ impl Cluster {
         let mut seen: Vec<String> = self
             .nodes
             .iter()
-            .flat_map(|a| a.mesh().expect("mesh").owned_pods().borrow().as_ref().clone())
+            .flat_map(|a| {
+                a.mesh()
+                    .expect("mesh")
+                    .owned_pods()
+                    .borrow()
+                    .as_ref()
+                    .clone()
+            })
             .collect();
         seen.sort();
         seen == self.pod_keys()

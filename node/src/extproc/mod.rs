@@ -57,7 +57,10 @@ impl Stream for ReplyStream {
                 return Poll::Ready(None);
             }
             match Pin::new(&mut this.inbound).poll_next(cx) {
-                Poll::Ready(Some(Ok(msg))) => match this.state.handle(msg) {
+                Poll::Ready(Some(Ok(msg))) => match {
+                    tracing::trace!(message = ?msg.request.as_ref().map(message_kind), "ext_proc message");
+                    this.state.handle(msg)
+                } {
                     Ok(replies) => this.pending.extend(replies),
                     Err(e) => {
                         tracing::warn!(request_id = %this.state.request_id(), error = %e, "ext_proc protocol error");
@@ -74,6 +77,20 @@ impl Stream for ReplyStream {
                 Poll::Pending => return Poll::Pending,
             }
         }
+    }
+}
+
+fn message_kind(
+    r: &infermesh_proto::envoy::service::ext_proc::v3::processing_request::Request,
+) -> &'static str {
+    use infermesh_proto::envoy::service::ext_proc::v3::processing_request::Request;
+    match r {
+        Request::RequestHeaders(_) => "request_headers",
+        Request::RequestBody(_) => "request_body",
+        Request::RequestTrailers(_) => "request_trailers",
+        Request::ResponseHeaders(_) => "response_headers",
+        Request::ResponseBody(_) => "response_body",
+        Request::ResponseTrailers(_) => "response_trailers",
     }
 }
 
