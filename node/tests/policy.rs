@@ -351,3 +351,98 @@ fn graceful_shutdown_hands_leadership_off() -> Result<()> {
         c.wait_everywhere("after-handoff", 4).await
     })
 }
+
+/// A randomized history: clients write unique objects through different nodes while the
+/// leader is SIGKILLed and restarted; after every acknowledged write a consistent read
+/// (`?consistent=true`, served by the leader) started after the ack must see it, and at
+/// the end every acknowledged write is on every node.
+#[test]
+fn acknowledged_writes_survive_a_history_of_leader_kills() -> Result<()> {
+    use rand::{Rng, SeedableRng};
+    run(async {
+        let mut c = Cluster::start(3).await?;
+        let admins: Vec<String> = c.nodes.iter().map(|n| n.admin.clone()).collect();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut clients = tokio::task::JoinSet::new();
+        for id in 0..3usize {
+            let admins = admins.clone();
+            let stop = stop.clone();
+            clients.spawn(async move {
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(id as u64);
+                let mut acked = Vec::new();
+                let deadline = std::time::Instant::now() + Duration::from_secs(40);
+                for k in 0..200 {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed)
+                        || std::time::Instant::now() > deadline
+                    {
+                        break;
+                    }
+                    let name = format!("h{id}-{k}");
+                    let prio = rng.random_range(0..100);
+                    let via = &admins[rng.random_range(0..admins.len())];
+                    let cl = infermesh_node::admin::client::AdminClient::new(
+                        via,
+                        Some(policy_cluster::TOKEN.to_owned()),
+                    )?;
+                    match cl
+                        .call(
+                            Method::POST,
+                            "/v1/policy",
+                            Some(objective(&name, prio).into_bytes()),
+                        )
+                        .await
+                    {
+                        Ok(_) => {}
+                        // Unknown outcome (no leader, node down): not acknowledged.
+                        Err(_) => {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            continue;
+                        }
+                    }
+                    acked.push((name.clone(), prio));
+                    // A consistent read through some live node must see the write.
+                    let reader = &admins[rng.random_range(0..admins.len())];
+                    let rc = policy_cluster::client(reader, false);
+                    let path = format!("/v1/policy/InferenceObjective/{name}?consistent=true");
+                    match rc.call(Method::GET, &path, None).await {
+                        Ok(v) => ensure!(
+                            v["spec"]["priority"].as_i64() == Some(i64::from(prio)),
+                            "consistent read of {name} after its ack returned {v}"
+                        ),
+                        Err(e) if e.status() == Some(StatusCode::NOT_FOUND) => {
+                            anyhow::bail!("consistent read missed acknowledged write {name}")
+                        }
+                        // The reader or the leader is down right now: no answer, no verdict.
+                        Err(_) => {}
+                    }
+                }
+                Ok::<_, anyhow::Error>(acked)
+            });
+        }
+        // Two rounds: kill the leader, let the clients run on the survivors, restart it.
+        for _ in 0..2 {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            let leader = c.wait_leader().await?;
+            c.kill(leader);
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            c.restart(leader)?;
+            c.wait_converged(3).await?;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut acked = Vec::new();
+        while let Some(r) = clients.join_next().await {
+            acked.extend(r??);
+        }
+        ensure!(
+            acked.len() >= 10,
+            "too few writes acknowledged: {}",
+            acked.len()
+        );
+        eprintln!("{} acknowledged writes; checking every node", acked.len());
+        for (name, prio) in &acked {
+            c.wait_everywhere(name, i64::from(*prio)).await?;
+        }
+        Ok(())
+    })
+}

@@ -750,3 +750,19 @@ fn envoy_sotw_ads_from_two_nodes() {
 fn envoy_delta_ads_from_two_nodes() {
     run("DELTA_GRPC");
 }
+
+#[test]
+fn xds_status_names_an_unreachable_server() {
+    let port = free_port();
+    let server = format!("http://127.0.0.1:{port}");
+    let out = Command::new(env!("CARGO_BIN_EXE_infermesh"))
+        .args(["xds", "status", "--server", &server])
+        .output()
+        .expect("run infermesh xds status");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("xds status from") && err.contains(&port.to_string()),
+        "{err}"
+    );
+}

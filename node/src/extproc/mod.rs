@@ -57,17 +57,17 @@ impl Stream for ReplyStream {
                 return Poll::Ready(None);
             }
             match Pin::new(&mut this.inbound).poll_next(cx) {
-                Poll::Ready(Some(Ok(msg))) => match {
+                Poll::Ready(Some(Ok(msg))) => {
                     tracing::trace!(message = ?msg.request.as_ref().map(message_kind), "ext_proc message");
-                    this.state.handle(msg)
-                } {
-                    Ok(replies) => this.pending.extend(replies),
-                    Err(e) => {
-                        tracing::warn!(request_id = %this.state.request_id(), error = %e, "ext_proc protocol error");
-                        this.done = true;
-                        return Poll::Ready(Some(Err(Status::invalid_argument(e.to_string()))));
+                    match this.state.handle(msg) {
+                        Ok(replies) => this.pending.extend(replies),
+                        Err(e) => {
+                            tracing::warn!(request_id = %this.state.request_id(), error = %e, "ext_proc protocol error");
+                            this.done = true;
+                            return Poll::Ready(Some(Err(Status::invalid_argument(e.to_string()))));
+                        }
                     }
-                },
+                }
                 Poll::Ready(Some(Err(status))) => {
                     // Dropping `state` with the stream settles an unfinished request.
                     tracing::debug!(request_id = %this.state.request_id(), %status, "ext_proc stream ended by Envoy");
