@@ -446,3 +446,73 @@ fn acknowledged_writes_survive_a_history_of_leader_kills() -> Result<()> {
         Ok(())
     })
 }
+
+/// The CLI against a live node: apply a file, read it back as a table and as JSON, see the
+/// cluster status; a write without --token-file and an invalid file fail with a message.
+#[test]
+fn cli_applies_reads_and_reports_status() -> Result<()> {
+    run(async {
+        let c = Cluster::start(1).await?;
+        let server = format!("http://{}", c.nodes[0].admin);
+        let dir = tempfile::tempdir()?;
+        let token = dir.path().join("token");
+        std::fs::write(&token, format!("{}\n", policy_cluster::TOKEN))?;
+        let file = dir.path().join("policy.yaml");
+        std::fs::write(
+            &file,
+            format!("{}---\n{}", objective("chat", 5), objective("batch", -1)),
+        )?;
+        let cli = |args: &[&str]| {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_infermesh"))
+                .args(args)
+                .args(["--server", &server])
+                .output()
+                .expect("run infermesh");
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        };
+        let f = file.to_str().context("utf-8 path")?;
+        let t = token.to_str().context("utf-8 path")?;
+        let (ok, out, err) = cli(&["policy", "apply", "-f", f, "--token-file", t]);
+        ensure!(ok, "{out}{err}");
+        ensure!(
+            out.contains("inferenceobjective/default/chat created"),
+            "{out}"
+        );
+        let (ok, out, err) = cli(&["policy", "get", "inferenceobjectives"]);
+        ensure!(
+            ok && out.contains("priority=-1") && out.contains("chat"),
+            "{out}{err}"
+        );
+        let (ok, out, err) = cli(&["policy", "get", "InferenceObjective", "chat", "-o", "json"]);
+        ensure!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        ensure!(v["spec"]["priority"] == 5, "{v}");
+        let (ok, out, err) = cli(&["cluster", "status"]);
+        ensure!(
+            ok && out.contains("is Leader") && out.contains("n1"),
+            "{out}{err}"
+        );
+        let (ok, _, err) = cli(&["policy", "delete", "InferenceObjective", "chat"]);
+        ensure!(!ok && err.contains("--token-file"), "{err}");
+        std::fs::write(&file, "kind: Nonsense\nmetadata: {name: x}\n")?;
+        let (ok, _, err) = cli(&["policy", "apply", "-f", f, "--token-file", t]);
+        ensure!(
+            !ok && err.contains("400") && err.contains("Nonsense"),
+            "{err}"
+        );
+        let (ok, out, err) = cli(&[
+            "policy",
+            "delete",
+            "InferenceObjective",
+            "chat",
+            "--token-file",
+            t,
+        ]);
+        ensure!(ok && out.contains("deleted"), "{out}{err}");
+        Ok(())
+    })
+}

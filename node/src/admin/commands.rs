@@ -140,6 +140,7 @@ fn finish(r: Result<String, CommandError>) -> ExitCode {
             eprintln!("error: {e}");
             if let CommandError::Client(ClientError::Api { body, .. }) = &e
                 && let Some(f) = body.pointer("/error/field").and_then(Value::as_str)
+                && !f.is_empty()
             {
                 let doc = body.pointer("/error/document").and_then(Value::as_u64);
                 eprintln!("  at document {}, field `{f}`", doc.unwrap_or(0));
