@@ -233,16 +233,19 @@ fn records_applied(c: &Cluster) -> u64 {
 async fn a_shared_prefix_lands_on_the_same_pod_through_any_node() {
     let c = Cluster::start(3, 4).await;
     let groups = 6;
+    let mut sent = 0;
     for g in 0..groups {
-        let before = records_applied(&c);
         let first = served_by(&c, g % 3, g, 0).await;
-        // The pick is recorded at the anchor's two owners.
-        wait_for("the pick reaches both owners", || {
-            records_applied(&c) >= before + 2
+        sent += 1;
+        // Every pick so far (follow-ups of earlier groups included) is recorded at its
+        // anchor's two owners before the next request is routed.
+        wait_for("all picks reach both owners", || {
+            records_applied(&c) == 2 * sent
         })
         .await;
         for (q, node) in [(1, (g + 1) % 3), (2, (g + 2) % 3), (3, g % 3)] {
             let got = served_by(&c, node, g, q).await;
+            sent += 1;
             assert_eq!(
                 got, first,
                 "group {g}: request {q} via node {node} went elsewhere"
@@ -271,10 +274,12 @@ async fn join_leave_and_kill_move_scraping_and_keep_prefixes() {
 
     // Prefixes recorded before membership changes.
     let mut homes = Vec::new();
-    for g in 0..4 {
-        let before = records_applied(&c);
-        homes.push(served_by(&c, 0, g, 0).await);
-        wait_for("pick recorded", || records_applied(&c) >= before + 2).await;
+    for g in 0..4u64 {
+        homes.push(served_by(&c, 0, g as usize, 0).await);
+        wait_for("pick recorded at both owners", || {
+            records_applied(&c) == 2 * (g + 1)
+        })
+        .await;
     }
 
     // Join: a fourth node takes a share of the pods and becomes ready.
