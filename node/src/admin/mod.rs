@@ -47,6 +47,8 @@ pub struct NodeInfo {
     pub admin_address: SocketAddr,
     /// ext_proc gRPC address.
     pub ext_proc_address: SocketAddr,
+    /// xDS (ADS) gRPC address.
+    pub xds_address: SocketAddr,
     /// Standalone proxy address.
     pub proxy_address: Option<SocketAddr>,
     /// Gossip (SWIM, UDP) address.

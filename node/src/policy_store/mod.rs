@@ -276,6 +276,7 @@ impl PolicyNode {
             raft_id: id,
             admin_address: admin_addr,
             ext_proc_address: app.ext_proc_addr,
+            xds_address: app.xds_addr,
             proxy_address: app.proxy_addr,
             gossip_address: mesh.gossip_addr(),
             mesh_address: mesh.rpc_addr(),
@@ -412,8 +413,7 @@ fn registry_entry(info: &NodeInfo) -> PolicyObject {
         spec: InfermeshNodeSpec {
             raft_id: info.raft_id,
             ext_proc_address: info.ext_proc_address,
-            // ADS is served on the ext_proc gRPC port.
-            xds_address: info.ext_proc_address,
+            xds_address: info.xds_address,
             proxy_address: info.proxy_address,
             mesh_address: Some(info.mesh_address),
         },
