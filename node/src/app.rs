@@ -423,6 +423,9 @@ impl App {
 
     /// Stops every task and server, waiting at most `grace` for in-flight work.
     pub async fn shutdown(mut self, grace: Duration) {
+        // ADS streams never end by themselves: end them so Envoys move to another node
+        // now and the gRPC server's graceful stop does not wait out the grace period.
+        self.xds.server().close_streams();
         self.shutdown.send_replace(true);
         let drained = tokio::time::timeout(grace, async {
             while self.tasks.join_next().await.is_some() {}

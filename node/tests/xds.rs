@@ -766,3 +766,65 @@ fn xds_status_names_an_unreachable_server() {
         "{err}"
     );
 }
+
+/// `--xds-addr`: ADS on its own port answers a listener request with the node's pool, and a
+/// graceful shutdown ends the stream promptly.
+#[test]
+fn ads_on_its_own_address() {
+    use infermesh_proto::envoy::config::core::v3::Node as XdsNode;
+    use infermesh_proto::envoy::service::discovery::v3::DiscoveryRequest;
+    use infermesh_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let pods: Vec<SocketAddr> = vec!["127.0.0.1:18000".parse().unwrap()];
+        let mut cfg = NodeConfig::local(fleet_pool(&pods, "m"), ResolvedConfig::builtin_default())
+            .expect("config");
+        cfg.proxy_addr = None;
+        cfg.xds.xds_addr = Some("127.0.0.1:0".parse().unwrap());
+        cfg.xds.file_pool.listener = "127.0.0.1:10001".parse().unwrap();
+        let app = App::start(cfg).await.expect("node starts");
+        assert_ne!(app.xds_addr, app.ext_proc_addr);
+        let mut client =
+            AggregatedDiscoveryServiceClient::connect(format!("http://{}", app.xds_addr))
+                .await
+                .expect("connect to ADS");
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(DiscoveryRequest {
+            node: Some(XdsNode {
+                id: "own-port".into(),
+                ..Default::default()
+            }),
+            type_url: ResourceType::Listener.type_url().into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let mut inbound = client
+            .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("ADS stream")
+            .into_inner();
+        let resp = tokio::time::timeout(WAIT, inbound.message())
+            .await
+            .expect("a listener response")
+            .expect("stream ok")
+            .expect("a message");
+        assert_eq!(resp.resources.len(), 1, "the node's own pool");
+        // A long grace: only closing the ADS streams lets the stream end within WAIT.
+        let stopping = tokio::spawn(app.shutdown(Duration::from_secs(600)));
+        let end = tokio::time::timeout(WAIT, inbound.message())
+            .await
+            .expect("the ADS stream ends when the node shuts down");
+        assert!(!matches!(end, Ok(Some(_))), "{end:?}");
+        tokio::time::timeout(WAIT, stopping)
+            .await
+            .expect("shutdown finishes without waiting out its grace")
+            .unwrap();
+        drop(tx);
+    });
+}
