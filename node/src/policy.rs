@@ -7,19 +7,33 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use infermesh_scheduler::{ConfigError, ResolvedConfig, Scheduler};
 
+use crate::policy_store::rewrite::ModelRewrites;
+
 /// One immutable policy snapshot.
 #[derive(Debug)]
 pub struct Policy {
     /// The scheduler for the current EndpointPickerConfig.
     pub scheduler: Arc<Scheduler>,
+    /// Model rewrites (InferenceModelRewrite) in force: `rewrites.target(model, rng)` gives
+    /// the model a request is sent as. Swapped together with the scheduler.
+    pub rewrites: Arc<ModelRewrites>,
 }
 
 impl Policy {
-    /// Builds the scheduler for a resolved config.
+    /// Builds the scheduler for a resolved config (no model rewrites).
     pub fn new(cfg: &ResolvedConfig) -> Result<Policy, Box<ConfigError>> {
         Ok(Policy {
             scheduler: Arc::new(Scheduler::new(cfg).map_err(Box::new)?),
+            rewrites: Arc::new(ModelRewrites::default()),
         })
+    }
+
+    /// The same scheduler with other model rewrites.
+    pub fn with_rewrites(&self, rewrites: Arc<ModelRewrites>) -> Policy {
+        Policy {
+            scheduler: self.scheduler.clone(),
+            rewrites,
+        }
     }
 }
 

@@ -32,13 +32,22 @@ impl NodeControl {
         NodeControl { policy, pool_tx }
     }
 
-    /// Builds a scheduler for `cfg` and swaps it in; requests already scheduled keep theirs.
+    /// Builds a scheduler for `cfg` and swaps it in (keeping the model rewrites); requests
+    /// already scheduled keep theirs.
     pub fn set_scheduler_config(
         &self,
         cfg: &infermesh_scheduler::ResolvedConfig,
     ) -> Result<(), Box<infermesh_scheduler::ConfigError>> {
-        self.policy.store(Arc::new(Policy::new(cfg)?));
+        let rewrites = self.policy.load().rewrites.clone();
+        self.policy
+            .store(Arc::new(Policy::new(cfg)?.with_rewrites(rewrites)));
         Ok(())
+    }
+
+    /// Swaps in new model rewrites, keeping the scheduler.
+    pub fn set_rewrites(&self, rewrites: Arc<ModelRewrites>) {
+        self.policy
+            .rcu(|p| Arc::new(p.with_rewrites(rewrites.clone())));
     }
 
     /// Hands a new pool description to the pool task.
@@ -153,7 +162,9 @@ impl Feed {
 
         let rewrites = derive::rewrites(state, name.as_deref());
         if **self.rewrites.load() != rewrites {
-            self.rewrites.store(Arc::new(rewrites));
+            let rewrites = Arc::new(rewrites);
+            self.control.set_rewrites(rewrites.clone());
+            self.rewrites.store(rewrites);
         }
     }
 }
@@ -230,5 +241,20 @@ mod tests {
         // Re-applying the same state changes nothing.
         feed.apply(&state).await;
         assert!(Arc::ptr_eq(&second, &policy.load_full()));
+
+        // A model rewrite lands in the policy snapshot next to the unchanged scheduler.
+        apply(
+            &mut state,
+            3,
+            "apiVersion: inference.networking.x-k8s.io/v1alpha2\nkind: InferenceModelRewrite\n\
+             metadata: {name: r}\nspec:\n  poolRef: {name: pool}\n  rules:\n  \
+             - matches: [{model: {value: m}}]\n    targets: [{modelRewrite: m2}]\n",
+        );
+        feed.apply(&state).await;
+        let third = policy.load_full();
+        assert!(Arc::ptr_eq(&second.scheduler, &third.scheduler));
+        let mut rng = rand::rng();
+        assert_eq!(third.rewrites.target("m", &mut rng), Some("m2"));
+        assert_eq!(third.rewrites.target("other", &mut rng), None);
     }
 }
