@@ -14,8 +14,8 @@ name) so the rows can share one table. Raw reports:
 `explore/`, `full/`, `full-repeat/` (one directory per config, as `run.sh` writes them);
 relabelled copies in `reports/`; configs in `configs/`; start/end time and load average
 of every run in `*-log.txt`. The machine has 2 cores shared with other helpers' builds
-and benchmarks; the load average during these runs was 3.7–7.6, so latencies carry
-that noise (the same peer measured 408 ms and 677 ms p90 in two runs of one workload).
+and benchmarks; the load average during these runs was 2.9–7.6, so latencies carry
+that noise (vllm-router measured 408, 677 and 434 ms p90 in three runs of the same seeded workload).
 
 How each infermesh row was run (peers: `bench/scenarios/run.sh shared-prefix vllm-router`
 with the same environment):
