@@ -2,6 +2,13 @@
 //! tasks that make N nodes route as one — scrape only the pods this node owns and share
 //! the results on the load board, read fleet-wide load into the scheduler's endpoints,
 //! and consult a prefix's owner before scheduling.
+//!
+//! Coverage: load sharing (owned scraping, board scrapes, fleet in-flight) applies to every
+//! request path, since it feeds the endpoint slots both paths schedule from. Prefix
+//! lookups at the owner and records at the owners apply to the standalone proxy
+//! ([`prefix`]); the ext_proc path still matches against the node's own index (which the
+//! proxy path keeps warm from the owners) because the dispatcher offers no asynchronous
+//! hook where an owner's answer could be awaited (see [`prefix`]).
 
 pub mod flags;
 
