@@ -13,7 +13,7 @@ use infermesh_scheduler::model::DEFAULT_FAIRNESS_ID;
 use infermesh_scheduler::{ApiKind, InferenceRequest, SchedulingResult, parse_openai};
 use rand::seq::IndexedRandom;
 
-use crate::metrics::{EndpointLabels, NodeMetrics, Outcome};
+use crate::metrics::{EndpointLabels, NodeMetrics, Outcome, RewriteLabels};
 use crate::policy::{Policy, SharedPolicy};
 use crate::pool::{EndpointSlot, SharedPool};
 use crate::usage::Usage;
@@ -192,7 +192,11 @@ impl Dispatcher {
         match result {
             Ok((req, policy, result)) => {
                 self.metrics.observe_scheduling(started.elapsed());
-                Ok(self.issue(req, policy, result, meta, started))
+                let body =
+                    (req.target_model != req.model).then(|| rewrite_model(body, &req.target_model));
+                let mut ticket = self.issue(req, policy, result, meta, started);
+                ticket.rewritten_body = body;
+                Ok(ticket)
             }
             Err((model, rejection)) => {
                 tracing::info!(request_id = %meta.request_id, model = %model, status = rejection.status, reason = %rejection.message, "request rejected");
@@ -222,20 +226,40 @@ impl Dispatcher {
             )
         })?;
         let pool = self.pool.load();
+        let policy = self.policy.load_full();
+        let mut rng = rand::rng();
         let model = parsed.model;
-        if !pool.serves(&model) {
+        let target = policy.rewrites.target(&model, &mut rng).map(str::to_owned);
+        let target_model = target.as_deref().unwrap_or(&model);
+        if !pool.serves(target_model) {
             let mut served: Vec<&str> = pool.models.iter().map(String::as_str).collect();
             served.sort_unstable();
-            let msg = format!(
-                "model {model:?} is not served by this pool (served: {})",
-                served.join(", ")
-            );
+            let msg = match &target {
+                Some(t) => format!(
+                    "model {model:?} is rewritten to {t:?}, which is not served by this pool \
+                     (served: {})",
+                    served.join(", ")
+                ),
+                None => format!(
+                    "model {model:?} is not served by this pool (served: {})",
+                    served.join(", ")
+                ),
+            };
             return Err((model, Rejection::new(404, Outcome::UnknownModel, msg)));
+        }
+        if let Some(t) = &target {
+            self.metrics
+                .model_rewrite_decisions
+                .get_or_create(&RewriteLabels {
+                    model: model.clone(),
+                    target: t.clone(),
+                })
+                .inc();
         }
         let priority = pool.objectives.get(&meta.objective).copied().unwrap_or(0);
         let req = InferenceRequest {
             id: meta.request_id.clone(),
-            target_model: model.clone(),
+            target_model: target.unwrap_or_else(|| model.clone()),
             model,
             prompt_bytes: parsed.prompt_bytes,
             stream: parsed.stream,
@@ -246,7 +270,6 @@ impl Dispatcher {
             cache_salt: parsed.cache_salt,
         };
         let candidates = pool.candidates(now, self.cfg.staleness, meta.subset.as_ref(), exclude);
-        let policy = self.policy.load_full();
         if candidates.is_empty() {
             let msg = if meta.subset.is_some() {
                 "no ready endpoint in the gateway's subset hint"
@@ -259,7 +282,6 @@ impl Dispatcher {
             let msg = format!("system saturated, sheddable request dropped ({e})");
             return Err((req.model, Rejection::new(429, Outcome::Shed, msg)));
         }
-        let mut rng = rand::rng();
         let result = policy
             .scheduler
             .schedule(&req, &candidates, now, &mut rng)
@@ -316,6 +338,7 @@ impl Dispatcher {
             tokens,
             started,
             finished: false,
+            rewritten_body: None,
         }
     }
 
@@ -343,6 +366,15 @@ impl Dispatcher {
     }
 }
 
+/// `body` with its top-level `model` set to `target`. The body already parsed as a JSON
+/// object in `parse_openai`, so re-reading it cannot fail.
+fn rewrite_model(body: &[u8], target: &str) -> Vec<u8> {
+    let mut obj: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(body).expect("the request body parsed as a JSON object");
+    obj.insert("model".to_owned(), serde_json::Value::from(target));
+    serde_json::to_vec(&obj).expect("a JSON object always serializes")
+}
+
 fn prefix_ratio(result: &SchedulingResult) -> Option<f64> {
     let m = result.prefix_match.as_ref()?;
     let total = m.total_blocks();
@@ -367,12 +399,19 @@ pub struct Ticket {
     tokens: u64,
     started: Instant,
     finished: bool,
+    rewritten_body: Option<Vec<u8>>,
 }
 
 impl Ticket {
     /// The scheduled request.
     pub fn request(&self) -> &InferenceRequest {
         &self.req
+    }
+
+    /// The request body to forward when an InferenceModelRewrite replaced its `model`
+    /// (`None`: forward the client's body unchanged). Taken once.
+    pub fn take_rewritten_body(&mut self) -> Option<Vec<u8>> {
+        self.rewritten_body.take()
     }
 
     /// Picked endpoints, primary first, then fallbacks.
@@ -570,6 +609,84 @@ mod tests {
             idle.dispatch(ApiKind::Completions, BODY, meta("batch"), &[])
                 .is_ok()
         );
+    }
+
+    fn with_rewrites(d: Dispatcher, yaml: &str) -> Dispatcher {
+        use infermesh_raft_store::policy::{PolicyObject, accept_any_epp_config, parse_documents};
+        let docs: Vec<_> = parse_documents(yaml, &accept_any_epp_config())
+            .unwrap()
+            .into_iter()
+            .map(|o| match o {
+                PolicyObject::InferenceModelRewrite(d) => d,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let rewrites =
+            crate::policy_store::rewrite::ModelRewrites::from_policy(docs.iter().map(|d| (1, d)));
+        let p = d.policy.load().with_rewrites(Arc::new(rewrites));
+        d.policy.store(Arc::new(p));
+        d
+    }
+
+    const REWRITE: &str = "apiVersion: inference.networking.x-k8s.io/v1alpha2\n\
+        kind: InferenceModelRewrite\nmetadata: {name: r}\nspec:\n  poolRef: {name: p}\n  \
+        rules:\n  - matches: [{model: {value: alias}}]\n    targets: [{modelRewrite: m}]\n  \
+        - matches: [{model: {value: gone}}]\n    targets: [{modelRewrite: not-served}]\n";
+
+    #[test]
+    fn a_rewritten_model_is_scheduled_and_forwarded_as_its_target() {
+        let d = with_rewrites(dispatcher(0, 0.1), REWRITE);
+        let body = br#"{"model":"alias","prompt":"hello there","max_tokens":3}"#;
+        let mut t = d
+            .dispatch(ApiKind::Completions, body, meta(""), &[])
+            .expect("alias is rewritten to the served model m");
+        assert_eq!(t.request().model, "alias");
+        assert_eq!(t.request().target_model, "m");
+        let fwd: serde_json::Value =
+            serde_json::from_slice(&t.take_rewritten_body().expect("body rewritten")).unwrap();
+        assert_eq!(
+            fwd,
+            serde_json::json!({"model": "m", "prompt": "hello there", "max_tokens": 3})
+        );
+        let decisions = d
+            .metrics()
+            .model_rewrite_decisions
+            .get_or_create(&RewriteLabels {
+                model: "alias".into(),
+                target: "m".into(),
+            })
+            .get();
+        assert_eq!(decisions, 1);
+        // A model without a rule goes through unchanged.
+        let mut t = d
+            .dispatch(ApiKind::Completions, BODY, meta(""), &[])
+            .unwrap();
+        assert_eq!(t.request().target_model, "m");
+        assert!(t.take_rewritten_body().is_none());
+        // A rule whose target the pool does not serve is a 404 naming both models.
+        let err = d
+            .dispatch(
+                ApiKind::Completions,
+                br#"{"model":"gone","prompt":"x"}"#,
+                meta(""),
+                &[],
+            )
+            .unwrap_err();
+        assert_eq!((err.status, err.outcome), (404, Outcome::UnknownModel));
+        assert!(
+            err.message.contains("\"gone\"") && err.message.contains("\"not-served\""),
+            "{}",
+            err.message
+        );
+        let err = d
+            .dispatch(
+                ApiKind::Completions,
+                br#"{"model":"alias2","prompt":"x"}"#,
+                meta(""),
+                &[],
+            )
+            .unwrap_err();
+        assert_eq!(err.status, 404);
     }
 
     #[test]

@@ -52,6 +52,15 @@ pub struct RequestLabels {
     pub outcome: Outcome,
 }
 
+/// Labels of `infermesh_model_rewrite_decisions_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RewriteLabels {
+    /// Model as the client sent it.
+    pub model: String,
+    /// Model the request was sent as.
+    pub target: String,
+}
+
 /// A label set holding one endpoint address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct EndpointLabels {
@@ -113,6 +122,8 @@ pub struct NodeMetrics {
     pub tokens: Family<TokenLabels, Counter>,
     /// Scrapes by outcome.
     pub scrapes: Family<ScrapeLabels, Counter>,
+    /// InferenceModelRewrite decisions by client model and chosen target.
+    pub model_rewrite_decisions: Family<RewriteLabels, Counter>,
     endpoint_staleness: Family<EndpointLabels, Gauge<f64, AtomicU64>>,
     endpoint_up: Family<EndpointLabels, Gauge>,
     endpoint_in_flight: Family<EndpointLabels, Gauge>,
@@ -171,6 +182,12 @@ impl NodeMetrics {
             "Model-server /metrics scrapes by outcome",
             scrapes.clone(),
         );
+        let model_rewrite_decisions = Family::<RewriteLabels, Counter>::default();
+        registry.register(
+            "model_rewrite_decisions",
+            "Requests whose model an InferenceModelRewrite replaced, by model and target",
+            model_rewrite_decisions.clone(),
+        );
         let endpoint_staleness = Family::<EndpointLabels, Gauge<f64, AtomicU64>>::default();
         registry.register(
             "endpoint_metrics_age_seconds",
@@ -198,6 +215,7 @@ impl NodeMetrics {
             retries,
             tokens,
             scrapes,
+            model_rewrite_decisions,
             endpoint_staleness,
             endpoint_up,
             endpoint_in_flight,

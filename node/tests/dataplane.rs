@@ -319,3 +319,78 @@ async fn grpc_health_reports_liveness_readiness_and_the_ext_proc_service() {
     }
     h.stop().await;
 }
+
+/// An InferenceModelRewrite maps a model the pods do not serve onto the one they do: the
+/// pod receives (and answers for) the target model; a model without a rule still gets 404.
+async fn model_rewrite_reaches_the_pod(h: &Harness) {
+    use infermesh_node::policy_store::rewrite::ModelRewrites;
+    use infermesh_raft_store::policy::{PolicyObject, accept_any_epp_config, parse_documents};
+    let yaml = format!(
+        "apiVersion: inference.networking.x-k8s.io/v1alpha2\nkind: InferenceModelRewrite\n\
+         metadata: {{name: alias}}\nspec:\n  poolRef: {{name: p}}\n  rules:\n  \
+         - matches: [{{model: {{value: my-alias}}}}]\n    targets: [{{modelRewrite: {}}}]\n",
+        h.model
+    );
+    let docs: Vec<_> = parse_documents(&yaml, &accept_any_epp_config())
+        .expect("valid rewrite")
+        .into_iter()
+        .map(|o| match o {
+            PolicyObject::InferenceModelRewrite(d) => d,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    h.node
+        .control()
+        .set_rewrites(std::sync::Arc::new(ModelRewrites::from_policy(
+            docs.iter().map(|d| (1, d)),
+        )));
+    let body = serde_json::json!({"model": "my-alias", "prompt": "hello", "max_tokens": 2});
+    let r = post(
+        &h.client,
+        h.entry(),
+        "/v1/completions",
+        body.to_string(),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        r.json()["model"],
+        h.model.as_str(),
+        "the pod answers for the target model"
+    );
+    let unknown = serde_json::json!({"model": "no-rule", "prompt": "hello"});
+    let r = post(
+        &h.client,
+        h.entry(),
+        "/v1/completions",
+        unknown.to_string(),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 404, "{:?}", r.body);
+    let decisions = h
+        .node
+        .metrics()
+        .model_rewrite_decisions
+        .get_or_create(&infermesh_node::metrics::RewriteLabels {
+            model: "my-alias".into(),
+            target: h.model.clone(),
+        })
+        .get();
+    assert_eq!(decisions, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_forwards_the_rewritten_model() {
+    let h = Harness::start(2, false).await;
+    model_rewrite_reaches_the_pod(&h).await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_ext_proc_forwards_the_rewritten_model() {
+    let h = Harness::start(2, true).await;
+    model_rewrite_reaches_the_pod(&h).await;
+    h.stop().await;
+}

@@ -221,7 +221,7 @@ impl ExtProcStream {
         let span = tracing::debug_span!("ext_proc", request_id = %self.meta.request_id);
         let _g = span.enter();
         let body = std::mem::take(&mut self.body);
-        let ticket = match self
+        let mut ticket = match self
             .dispatcher
             .dispatch(self.kind, &body, self.meta.clone(), &[])
         {
@@ -231,6 +231,10 @@ impl ExtProcStream {
                 return vec![self.immediate(&r)];
             }
         };
+        // An InferenceModelRewrite replaced the model: Envoy forwards the new body.
+        let rewritten = ticket.take_rewritten_body();
+        let body_changed = rewritten.is_some();
+        let body = rewritten.unwrap_or(body);
         let content_length = body.len().to_string();
         let mut set: Vec<(&str, &str)> = vec![
             (DESTINATION_HEADER, ticket.header_value()),
@@ -258,12 +262,20 @@ impl ExtProcStream {
                 out.extend(streamed_chunks(body, body_ends_stream, true));
                 out
             }
-            _ => vec![ProcessingResponse {
-                dynamic_metadata: metadata,
-                ..response(processing_response::Response::RequestBody(BodyResponse {
-                    response: Some(common),
-                }))
-            }],
+            _ => {
+                let mut common = common;
+                if body_changed {
+                    common.body_mutation = Some(BodyMutation {
+                        mutation: Some(body_mutation::Mutation::Body(body)),
+                    });
+                }
+                vec![ProcessingResponse {
+                    dynamic_metadata: metadata,
+                    ..response(processing_response::Response::RequestBody(BodyResponse {
+                        response: Some(common),
+                    }))
+                }]
+            }
         };
         self.ticket = Some(ticket);
         self.phase = Phase::Responding;

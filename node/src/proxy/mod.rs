@@ -124,10 +124,12 @@ async fn handle(s: ProxyState, kind: ApiKind, req: Request) -> Response {
             return error_response(&r, &request_id);
         }
     };
-    let ticket = match s.dispatcher.dispatch(kind, &bytes, meta, &[]) {
+    let mut ticket = match s.dispatcher.dispatch(kind, &bytes, meta, &[]) {
         Ok(t) => t,
         Err(r) => return error_response(&r, &request_id),
     };
+    // An InferenceModelRewrite replaced the model: the pod gets the rewritten body.
+    let bytes = ticket.take_rewritten_body().map_or(bytes, Bytes::from);
     forward(&s, ticket, &parts.uri, &parts.headers, bytes, &request_id).await
 }
 
