@@ -220,7 +220,23 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
             let _ = sd.wait_for(|s| *s).await;
         }
     });
-    let ext_proc = ExtProcService::new(dispatcher.clone())
+    let mut ext_proc = ExtProcService::new(dispatcher.clone());
+    let prefix_sharing = match (
+        &sharing,
+        crate::mesh::prefix::CapacityRule::of(&cfg.scheduler),
+    ) {
+        (Some(m), Some(rule)) => Some(crate::mesh::prefix::PrefixSharing::new(
+            m.clone(),
+            dispatcher.clone(),
+            policy.clone(),
+            rule,
+        )),
+        _ => None,
+    };
+    if let Some(s) = &prefix_sharing {
+        ext_proc = ext_proc.with_prefix_sharing(s.clone());
+    }
+    let ext_proc = ext_proc
         .into_server()
         .max_decoding_message_size(cfg.max_body_bytes.saturating_add(1 << 20));
     let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
@@ -264,17 +280,8 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
 
     if let Some(l) = proxy_listener {
         let mut app = crate::proxy::router(dispatcher.clone(), client.clone(), cfg.proxy);
-        if let (Some(m), Some(rule)) = (
-            &sharing,
-            crate::mesh::prefix::CapacityRule::of(&cfg.scheduler),
-        ) {
-            app = crate::mesh::prefix::PrefixSharing::new(
-                m.clone(),
-                dispatcher.clone(),
-                policy.clone(),
-                rule,
-            )
-            .wrap(app);
+        if let Some(s) = prefix_sharing {
+            app = s.wrap(app);
         }
         let mut sd = shutdown_rx.clone();
         tasks.spawn(async move {

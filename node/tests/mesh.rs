@@ -334,3 +334,135 @@ async fn join_leave_and_kill_move_scraping_and_keep_prefixes() {
     assert_eq!(ids.len(), 2);
     c.fleet.shutdown().await;
 }
+
+/// One request through a node's ext_proc server as Envoy would send it (full-duplex
+/// bodies), answered 200 by the pod: returns the destination the node picked.
+async fn ext_proc_pick(c: &Cluster, node: usize, group: usize, question: usize) -> SocketAddr {
+    use infermesh_node::dispatch::DESTINATION_HEADER;
+    use infermesh_proto::envoy::config::core::v3::{HeaderMap, HeaderValue};
+    use infermesh_proto::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
+    use infermesh_proto::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+    use infermesh_proto::envoy::service::ext_proc::v3::{
+        HttpBody, HttpHeaders, ProcessingRequest, ProtocolConfiguration, processing_request,
+        processing_response,
+    };
+    fn headers(pairs: &[(&str, &str)]) -> HttpHeaders {
+        HttpHeaders {
+            headers: Some(HeaderMap {
+                headers: pairs
+                    .iter()
+                    .map(|(k, v)| HeaderValue {
+                        key: (*k).into(),
+                        value: String::new(),
+                        raw_value: v.as_bytes().to_vec(),
+                    })
+                    .collect(),
+            }),
+            end_of_stream: pairs.iter().any(|(k, _)| *k == ":status"),
+            ..Default::default()
+        }
+    }
+    let body = prefixed_prompt(&c.model, group, question);
+    let msgs = vec![
+        ProcessingRequest {
+            protocol_config: Some(ProtocolConfiguration {
+                request_body_mode: BodySendMode::FullDuplexStreamed as i32,
+                response_body_mode: BodySendMode::FullDuplexStreamed as i32,
+                ..Default::default()
+            }),
+            request: Some(processing_request::Request::RequestHeaders(headers(&[
+                (":method", "POST"),
+                (":path", "/v1/completions"),
+                ("content-type", "application/json"),
+            ]))),
+            ..Default::default()
+        },
+        ProcessingRequest {
+            request: Some(processing_request::Request::RequestBody(HttpBody {
+                body: body.into_bytes(),
+                end_of_stream: true,
+                ..Default::default()
+            })),
+            ..Default::default()
+        },
+        ProcessingRequest {
+            request: Some(processing_request::Request::ResponseHeaders(headers(&[(
+                ":status", "200",
+            )]))),
+            ..Default::default()
+        },
+    ];
+    let addr = c.nodes[node].ext_proc_addr;
+    let mut client = ExternalProcessorClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect to ext_proc");
+    let mut replies = client
+        .process(futures::stream::iter(msgs))
+        .await
+        .expect("ext_proc stream")
+        .into_inner();
+    let mut dest = None;
+    let mut response_headers_seen = false;
+    while let Some(r) = replies.message().await.expect("ext_proc reply") {
+        match r.response {
+            Some(processing_response::Response::RequestHeaders(h)) => {
+                let m = h.response.and_then(|c| c.header_mutation).expect("headers");
+                dest = m
+                    .set_headers
+                    .iter()
+                    .filter_map(|o| o.header.as_ref())
+                    .find(|h| h.key == DESTINATION_HEADER)
+                    .map(|h| String::from_utf8_lossy(&h.raw_value).into_owned());
+            }
+            Some(processing_response::Response::ResponseHeaders(_)) => {
+                response_headers_seen = true;
+                break;
+            }
+            Some(processing_response::Response::ImmediateResponse(i)) => {
+                panic!("ext_proc refused the request: {i:?}")
+            }
+            _ => {}
+        }
+    }
+    assert!(response_headers_seen, "the response headers were answered");
+    dest.expect("a destination").parse().expect("one address")
+}
+
+/// The ext_proc path shares prefixes like the proxy: the node taking a request asks the
+/// anchor's owner before scheduling, and the pick is recorded at the owners.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_prefix_lands_on_the_same_pod_through_any_nodes_ext_proc() {
+    let c = Cluster::start(3, 4).await;
+    let remote = |n: usize| c.nodes[n].mesh().unwrap().stats().prefix_lookups_remote;
+    let mut sent = 0;
+    let mut remote_hits = 0;
+    for g in 0..6 {
+        let first = ext_proc_pick(&c, g % 3, g, 0).await;
+        sent += 1;
+        wait_for("the ext_proc pick reaches both owners", || {
+            records_applied(&c) == 2 * sent
+        })
+        .await;
+        for (q, node) in [(1, (g + 1) % 3), (2, (g + 2) % 3)] {
+            let before = remote(node);
+            let got = ext_proc_pick(&c, node, g, q).await;
+            sent += 1;
+            assert_eq!(
+                got, first,
+                "group {g}: request {q} via node {node}'s ext_proc went elsewhere"
+            );
+            if remote(node) > before {
+                remote_hits += 1;
+            }
+            wait_for("the follow-up reaches both owners", || {
+                records_applied(&c) == 2 * sent
+            })
+            .await;
+        }
+    }
+    assert!(
+        remote_hits > 0,
+        "some follow-ups were matched at a remote owner"
+    );
+    c.fleet.shutdown().await;
+}

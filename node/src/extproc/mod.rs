@@ -15,18 +15,30 @@ use infermesh_proto::envoy::service::ext_proc::v3::{ProcessingRequest, Processin
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::dispatch::Dispatcher;
-use stream::ExtProcStream;
+use crate::mesh::prefix::PrefixSharing;
+use stream::{ExtProcStream, OwnerLookup};
 
 /// The gRPC service: hands each stream to its own state machine.
 #[derive(Debug, Clone)]
 pub struct ExtProcService {
     dispatcher: Dispatcher,
+    sharing: Option<PrefixSharing>,
 }
 
 impl ExtProcService {
     /// A service over the shared request path.
     pub fn new(dispatcher: Dispatcher) -> ExtProcService {
-        ExtProcService { dispatcher }
+        ExtProcService {
+            dispatcher,
+            sharing: None,
+        }
+    }
+
+    /// Shares prefixes over the mesh: each request's chain is matched at the anchor's
+    /// owner before scheduling and its pick recorded at the owners.
+    pub fn with_prefix_sharing(mut self, sharing: PrefixSharing) -> ExtProcService {
+        self.sharing = Some(sharing);
+        self
     }
 
     /// The tonic server wrapper for this service.
@@ -41,7 +53,26 @@ struct ReplyStream {
     inbound: Streaming<ProcessingRequest>,
     state: ExtProcStream,
     pending: VecDeque<ProcessingResponse>,
+    // An owner lookup in flight and the message that completed the body, handled after it.
+    lookup: Option<(OwnerLookup, ProcessingRequest)>,
     done: bool,
+}
+
+impl ReplyStream {
+    /// Handles one message; `Some` ends the stream with that status.
+    fn handle(&mut self, msg: ProcessingRequest) -> Option<Status> {
+        match self.state.handle(msg) {
+            Ok(replies) => {
+                self.pending.extend(replies);
+                None
+            }
+            Err(e) => {
+                tracing::warn!(request_id = %self.state.request_id(), error = %e, "ext_proc protocol error");
+                self.done = true;
+                Some(Status::invalid_argument(e.to_string()))
+            }
+        }
+    }
 }
 
 impl Stream for ReplyStream {
@@ -56,16 +87,26 @@ impl Stream for ReplyStream {
             if this.done {
                 return Poll::Ready(None);
             }
+            if let Some((fut, _)) = &mut this.lookup {
+                let Poll::Ready((body, prefix)) = fut.as_mut().poll(cx) else {
+                    return Poll::Pending;
+                };
+                let (_, msg) = this.lookup.take().expect("lookup in flight");
+                this.state.resume(body, prefix);
+                if let Some(status) = this.handle(msg) {
+                    return Poll::Ready(Some(Err(status)));
+                }
+                continue;
+            }
             match Pin::new(&mut this.inbound).poll_next(cx) {
-                Poll::Ready(Some(Ok(msg))) => {
+                Poll::Ready(Some(Ok(mut msg))) => {
                     tracing::trace!(message = ?msg.request.as_ref().map(message_kind), "ext_proc message");
-                    match this.state.handle(msg) {
-                        Ok(replies) => this.pending.extend(replies),
-                        Err(e) => {
-                            tracing::warn!(request_id = %this.state.request_id(), error = %e, "ext_proc protocol error");
-                            this.done = true;
-                            return Poll::Ready(Some(Err(Status::invalid_argument(e.to_string()))));
-                        }
+                    if let Some(fut) = this.state.owner_lookup(&mut msg) {
+                        this.lookup = Some((fut, msg));
+                        continue;
+                    }
+                    if let Some(status) = this.handle(msg) {
+                        return Poll::Ready(Some(Err(status)));
                     }
                 }
                 Poll::Ready(Some(Err(status))) => {
@@ -104,8 +145,10 @@ impl ExternalProcessor for ExtProcService {
     ) -> Result<Response<Self::ProcessStream>, Status> {
         Ok(Response::new(Box::pin(ReplyStream {
             inbound: request.into_inner(),
-            state: ExtProcStream::new(self.dispatcher.clone()),
+            state: ExtProcStream::new(self.dispatcher.clone())
+                .with_prefix_sharing(self.sharing.clone()),
             pending: VecDeque::new(),
+            lookup: None,
             done: false,
         })))
     }

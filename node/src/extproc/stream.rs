@@ -19,6 +19,7 @@ use infermesh_proto::google::protobuf::{Struct, Value, value::Kind};
 use infermesh_scheduler::ApiKind;
 
 use crate::dispatch::{DESTINATION_HEADER, Dispatcher, Rejection, RequestMeta, Ticket};
+use crate::mesh::prefix::{Pending, PrefixSharing};
 use crate::metrics::Outcome;
 use crate::usage::UsageScanner;
 
@@ -60,7 +61,15 @@ pub struct ExtProcStream {
     response_status: u16,
     served: Option<SocketAddr>,
     usage: Option<UsageScanner>,
+    // Mesh mode only: the owner lookup before scheduling, the record at the owners after.
+    sharing: Option<PrefixSharing>,
+    prefix: Option<Pending>,
 }
+
+/// The owner lookup of a request whose body just completed: resolves to the whole body
+/// (hand it back with [`ExtProcStream::resume`]) and the chain to record after the pick.
+pub type OwnerLookup =
+    std::pin::Pin<Box<dyn std::future::Future<Output = (Vec<u8>, Option<Pending>)> + Send>>;
 
 impl ExtProcStream {
     /// A new stream; body modes come from the first message's `protocol_config` and
@@ -78,7 +87,53 @@ impl ExtProcStream {
             response_status: 0,
             served: None,
             usage: None,
+            sharing: None,
+            prefix: None,
         }
+    }
+
+    /// Consults the anchor's owner before scheduling and records picks at the owners.
+    pub fn with_prefix_sharing(mut self, sharing: Option<PrefixSharing>) -> ExtProcStream {
+        self.sharing = sharing;
+        self
+    }
+
+    /// When `msg` completes the request body and prefixes are shared over the mesh: takes
+    /// the body (leaving `msg` with an empty chunk) and returns the owner lookup to await
+    /// before `msg` is handled; call [`ExtProcStream::resume`] with its output first.
+    pub fn owner_lookup(&mut self, msg: &mut ProcessingRequest) -> Option<OwnerLookup> {
+        let sharing = self.sharing.as_ref()?;
+        if self.phase != Phase::Buffering {
+            return None;
+        }
+        use processing_request::Request;
+        let mut no_chunk = Vec::new();
+        let chunk = match &mut msg.request {
+            Some(Request::RequestBody(b)) if b.end_of_stream => &mut b.body,
+            Some(Request::RequestTrailers(_)) => &mut no_chunk,
+            _ => return None,
+        };
+        if self.body.len() + chunk.len() > self.dispatcher.config().max_body_bytes {
+            return None; // refused by `handle`; not worth a lookup
+        }
+        let mut body = std::mem::take(&mut self.body);
+        if body.is_empty() {
+            body = std::mem::take(chunk);
+        } else {
+            body.append(chunk);
+        }
+        let sharing = sharing.clone();
+        let kind = self.kind;
+        Some(Box::pin(async move {
+            let pending = sharing.prepare(kind, &body).await;
+            (body, pending)
+        }))
+    }
+
+    /// Takes back the body after an [`ExtProcStream::owner_lookup`].
+    pub fn resume(&mut self, body: Vec<u8>, prefix: Option<Pending>) {
+        self.body = body;
+        self.prefix = prefix;
     }
 
     /// The request id (after the request headers arrived).
@@ -332,6 +387,14 @@ impl ExtProcStream {
             Outcome::UpstreamStatus
         };
         let usage = self.usage.take().and_then(UsageScanner::finish);
+        if let (Some(p), Some(s)) = (self.prefix.take(), &self.sharing)
+            && outcome == Outcome::Success
+            && let Some(served) = self
+                .served
+                .or_else(|| ticket.destinations().first().copied())
+        {
+            s.record(p, served.to_string());
+        }
         ticket.finish(self.served, outcome, usage);
         self.phase = Phase::Done;
     }

@@ -5,10 +5,10 @@
 //!
 //! Coverage: load sharing (owned scraping, board scrapes, fleet in-flight) applies to every
 //! request path, since it feeds the endpoint slots both paths schedule from. Prefix
-//! lookups at the owner and records at the owners apply to the standalone proxy
-//! ([`prefix`]); the ext_proc path still matches against the node's own index (which the
-//! proxy path keeps warm from the owners) because the dispatcher offers no asynchronous
-//! hook where an owner's answer could be awaited (see [`prefix`]).
+//! lookups at the owner and records at the owners apply to both paths through one
+//! mechanism ([`prefix::PrefixSharing`]): the standalone proxy runs it as a layer, the
+//! ext_proc stream awaits the lookup when the request body ends and records the pick when
+//! the response ends (see [`prefix`]).
 
 pub mod flags;
 

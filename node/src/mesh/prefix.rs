@@ -1,12 +1,13 @@
-//! Prefix ownership on the proxy path: before the node schedules a request, the request's
-//! block-hash chain is matched at the anchor's owner (locally when this node owns it,
+//! Prefix ownership on both request paths (the proxy layer here, and the ext_proc stream
+//! through [`PrefixSharing::prepare`] / [`PrefixSharing::record`]): before the node
+//! schedules a request, the request's block-hash chain is matched at the anchor's owner (locally when this node owns it,
 //! else over QUIC within the lookup budget), and after the pick the chain is recorded at
 //! the owners (batched by the mesh).
 //!
-//! Why this is a layer in front of the proxy rather than part of the dispatcher: the
+//! Why this runs before the dispatcher rather than inside it: the
 //! dispatcher (`crate::dispatch`) schedules synchronously with `PrefixSource::Local`, and
 //! has no asynchronous hook where a remote match could be passed as
-//! `PrefixSource::Remote`. So the layer merges the owner's answer into this node's own
+//! `PrefixSource::Remote`. So [`PrefixSharing::prepare`] merges the owner's answer into this node's own
 //! prefix index (`Scheduler::prefix_index().record`) just before the dispatcher matches
 //! against it: the local match then equals the union of the owner's answer and what this
 //! node recorded itself. The owner's index stays the fleet's source of truth; each node's
@@ -92,7 +93,8 @@ impl std::fmt::Debug for PrefixSharing {
 }
 
 /// A chain matched before scheduling, to record at its owners after the pick.
-struct Pending {
+#[derive(Debug)]
+pub struct Pending {
     anchor: u64,
     hashes: Vec<u64>,
 }
@@ -120,8 +122,16 @@ impl PrefixSharing {
         router.layer(axum::middleware::from_fn_with_state(self, layer))
     }
 
-    /// Looks the request's chain up at its owner and merges the answer into the local index.
-    async fn prepare(&self, kind: ApiKind, body: &[u8]) -> Option<Pending> {
+    /// Records `p`'s chain at its owners as served by `served` (batched by the mesh).
+    pub fn record(&self, p: Pending, served: String) {
+        if let Some(mesh) = self.mesh.upgrade() {
+            mesh.prefix_record(p.anchor, p.hashes, served);
+        }
+    }
+
+    /// Looks the request's chain up at its owner (within the mesh's lookup budget) and
+    /// merges the answer into the local index; `None` when there is no chain to share.
+    pub async fn prepare(&self, kind: ApiKind, body: &[u8]) -> Option<Pending> {
         let parsed = parse_openai(kind, body).ok()?;
         let pool = self.pool.load_full();
         let now = Instant::now();
@@ -217,13 +227,12 @@ async fn layer(State(s): State<PrefixSharing>, req: Request, next: Next) -> Resp
         .await;
     if let Some(p) = pending
         && resp.status().is_success()
-        && let Some(mesh) = s.mesh.upgrade()
         && let Some(served) = resp
             .headers()
             .get(SERVED_HEADER)
             .and_then(|v| v.to_str().ok())
     {
-        mesh.prefix_record(p.anchor, p.hashes, served.to_owned());
+        s.record(p, served.to_owned());
     }
     resp
 }
