@@ -157,25 +157,31 @@ pub fn rewrites(state: &PolicyState, name: Option<&str>) -> ModelRewrites {
     }))
 }
 
+/// Test helper: the policy state after applying a multi-document YAML at index 1.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) fn state_from_yaml(yaml: &str) -> PolicyState {
     use infermesh_raft_store::policy::{
         PolicyOp, PolicyRequest, Touched, accept_any_epp_config, parse_documents,
     };
+    let mut s = PolicyState::default();
+    let ops = parse_documents(yaml, &accept_any_epp_config())
+        .unwrap()
+        .into_iter()
+        .map(|o| PolicyOp::Put {
+            object: Box::new(o),
+            expected_version: None,
+        })
+        .collect();
+    s.handle_request(1, &PolicyRequest { ops }, &mut Touched::default());
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     fn state(yaml: &str) -> PolicyState {
-        let mut s = PolicyState::default();
-        let ops = parse_documents(yaml, &accept_any_epp_config())
-            .unwrap()
-            .into_iter()
-            .map(|o| PolicyOp::Put {
-                object: Box::new(o),
-                expected_version: None,
-            })
-            .collect();
-        s.handle_request(1, &PolicyRequest { ops }, &mut Touched::default());
-        s
+        state_from_yaml(yaml)
     }
 
     const POLICY: &str = "\

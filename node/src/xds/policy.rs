@@ -117,23 +117,7 @@ pub async fn feed_policy_pools(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use infermesh_raft_store::policy::{
-        PolicyOp, PolicyRequest, Touched, accept_any_epp_config, parse_documents,
-    };
-
-    fn state(yaml: &str) -> PolicyState {
-        let mut s = PolicyState::default();
-        let ops = parse_documents(yaml, &accept_any_epp_config())
-            .unwrap()
-            .into_iter()
-            .map(|o| PolicyOp::Put {
-                object: Box::new(o),
-                expected_version: None,
-            })
-            .collect();
-        s.handle_request(1, &PolicyRequest { ops }, &mut Touched::default());
-        s
-    }
+    use crate::policy_store::derive::state_from_yaml as state;
 
     const SETTINGS: FilePoolSettings = FilePoolSettings {
         listener: SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 10000),
