@@ -2,7 +2,9 @@
 //!
 //! Measures, against zero-latency simulated vLLM pods served from this process:
 //! 1. the latency the ext_proc hop adds: Envoy + ext_proc → infermesh vs Envoy with a
-//!    static route to the same pods (one connection, so no queueing: p50/p99 per request);
+//!    static route to the same pods (one connection, so no queueing: p50/p99 per request),
+//!    next to the same exchange with a processor that does no work (`extproc-null`), over
+//!    several rounds that interleave the paths;
 //! 2. the most requests/s one node schedules through Envoy and through the standalone
 //!    proxy, next to `sglang-router` and `vllm-router` (cache_aware) on the same pods in
 //!    the same run, with each router's CPU per request from /proc;
@@ -43,6 +45,9 @@ struct Args {
     /// Directory with `sglang-router` and `vllm-router` (a venv's bin/); absent = skip peers.
     #[arg(long)]
     routers: Option<PathBuf>,
+    /// Rounds of the latency runs (each round measures every path once).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Where the markdown report goes.
     #[arg(long)]
     out: PathBuf,
@@ -165,6 +170,43 @@ struct WrkResult {
     non_2xx: u64,
     socket_errors: u64,
     cpu_us_per_req: Option<f64>,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// `median (min–max)` of per-round figures in µs.
+fn spread(v: &[f64]) -> String {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{:.0} µs ({lo:.0}–{hi:.0})", median(v))
+}
+
+/// Field-wise median of several runs of one path.
+fn median_result(runs: &[WrkResult]) -> WrkResult {
+    let m = |f: fn(&WrkResult) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
+    let cpu: Vec<f64> = runs.iter().filter_map(|r| r.cpu_us_per_req).collect();
+    WrkResult {
+        rps: m(|r| r.rps),
+        p50_us: m(|r| r.p50_us),
+        p90_us: m(|r| r.p90_us),
+        p99_us: m(|r| r.p99_us),
+        requests: runs.iter().map(|r| r.requests).sum(),
+        non_2xx: runs.iter().map(|r| r.non_2xx).sum(),
+        socket_errors: runs.iter().map(|r| r.socket_errors).sum(),
+        cpu_us_per_req: (!cpu.is_empty()).then(|| median(&cpu)),
+    }
 }
 
 fn parse_latency(s: &str) -> Option<f64> {
@@ -530,14 +572,88 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (mut envoy_s, envoy_s_addr) = start_envoy(&args.envoy, static_tpl, logs, "static")?;
     wait_serving(envoy_s_addr, &model, Duration::from_secs(30), &mut envoy_s).await?;
 
-    // 1. Latency, one connection.
-    eprintln!("latency runs ({secs} s each) ...");
-    let lat_pod = run_wrk(&script, pods[0], 1, 1, secs, None)?;
-    let lat_static = run_wrk(&script, envoy_s_addr, 1, 1, secs, None)?;
-    let lat_extproc = run_wrk(&script, envoy_x_addr, 1, 1, secs, Some(node.proc_.pid()))?;
-    let lat_headers_only = run_wrk(&script, envoy_h_addr, 1, 1, secs, Some(node.proc_.pid()))?;
+    // The protocol's floor: Envoy + the cheapest full-duplex processor (bench/dataplane/null_extproc.rs).
+    let null_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let null_bin = bin_dir.join("examples").join("extproc-null");
+    anyhow::ensure!(
+        null_bin.exists(),
+        "{} missing: build it with cargo build --release -p infermesh-node --example extproc-null",
+        null_bin.display()
+    );
+    let pod_list: Vec<String> = pods.iter().map(ToString::to_string).collect();
+    let mut null_cmd = Command::new(&null_bin);
+    null_cmd
+        .arg("--listen")
+        .arg(null_addr.to_string())
+        .arg("--pods")
+        .arg(pod_list.join(","));
+    let null_proc = Proc::spawn(
+        "extproc-null",
+        &mut null_cmd,
+        &logs.join("extproc-null.log"),
+    )?;
+    let null_tpl = std::fs::read_to_string(root.join("deploy/envoy/envoy-extproc.yaml"))?
+        .replace("${EXT_PROC_HOST}", "127.0.0.1")
+        .replace("${EXT_PROC_PORT}", &null_addr.port().to_string());
+    let (mut envoy_n, envoy_n_addr) = start_envoy(&args.envoy, null_tpl, logs, "null")?;
+    wait_serving(envoy_n_addr, &model, Duration::from_secs(30), &mut envoy_n).await?;
+
+    // 1. Latency, one connection. Every path is measured once per round, in turn, so drift in
+    // the machine's other load lands on all of them alike; figures are medians over rounds.
+    let rounds = args.rounds.max(1);
+    eprintln!("latency: {rounds} rounds of 6 paths, {secs} s each ...");
+    let im_pid = node.proc_.pid();
+    let lat_paths: [(&str, SocketAddr, Option<u32>); 6] = [
+        ("pod directly", pods[0], None),
+        ("Envoy, static route", envoy_s_addr, None),
+        (
+            "Envoy + ext_proc → infermesh (FULL_DUPLEX_STREAMED)",
+            envoy_x_addr,
+            Some(im_pid),
+        ),
+        (
+            "baseline: Envoy + ext_proc → minimal full-duplex processor (`extproc-null`)",
+            envoy_n_addr,
+            Some(null_proc.pid()),
+        ),
+        (
+            "control: Envoy + ext_proc, headers only (1 message, random pick)",
+            envoy_h_addr,
+            Some(im_pid),
+        ),
+        ("infermesh standalone proxy", node.proxy, Some(im_pid)),
+    ];
+    let mut lat: Vec<Vec<WrkResult>> = vec![Vec::new(); lat_paths.len()];
+    for _ in 0..rounds {
+        for (i, (_, addr, pid)) in lat_paths.iter().enumerate() {
+            lat[i].push(run_wrk(&script, *addr, 1, 1, secs, *pid)?);
+        }
+    }
     drop(envoy_h);
-    let lat_proxy = run_wrk(&script, node.proxy, 1, 1, secs, Some(node.proc_.pid()))?;
+    drop(envoy_n);
+    drop(null_proc);
+    let [
+        lat_pod,
+        lat_static,
+        lat_extproc,
+        lat_null,
+        lat_headers_only,
+        lat_proxy,
+    ] = std::array::from_fn(|i| median_result(&lat[i]));
+    // Per round, against the static route measured in the same round.
+    let added = |path: usize, pick: fn(&WrkResult) -> f64| -> Vec<f64> {
+        lat[path]
+            .iter()
+            .zip(&lat[1])
+            .map(|(a, b)| pick(a) - pick(b))
+            .collect()
+    };
+    let add_x50 = added(2, |r| r.p50_us);
+    let add_x99 = added(2, |r| r.p99_us);
+    let add_n50 = added(3, |r| r.p50_us);
+    let add_n99 = added(3, |r| r.p99_us);
+    let add_h50 = added(4, |r| r.p50_us);
+    let add_h99 = added(4, |r| r.p99_us);
 
     // 2. Throughput.
     eprintln!(
@@ -650,46 +766,59 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     let _ = writeln!(
         md,
-        "## 1. Latency added by the ext_proc hop (1 connection, no queueing)\n"
+        "## 1. Latency added by the ext_proc hop (1 connection, no queueing)\n\n\
+         Each figure is the median over {rounds} rounds; a round measures every path once, in this order.\n"
     );
     let _ = writeln!(
         md,
-        "| path | req/s | p50 | p99 | infermesh CPU / req | non-2xx | socket errors |\n|---|---|---|---|---|---|---|"
+        "| path | req/s | p50 | p99 | processor CPU / req | non-2xx | socket errors |\n|---|---|---|---|---|---|---|"
     );
-    let _ = writeln!(md, "{}", row("pod directly", &lat_pod));
-    let _ = writeln!(md, "{}", row("Envoy, static route", &lat_static));
+    for (name, r) in [
+        ("pod directly", &lat_pod),
+        ("Envoy, static route", &lat_static),
+        (lat_paths[2].0, &lat_extproc),
+        (lat_paths[3].0, &lat_null),
+        (lat_paths[4].0, &lat_headers_only),
+        ("infermesh standalone proxy", &lat_proxy),
+    ] {
+        let _ = writeln!(md, "{}", row(name, r));
+    }
     let _ = writeln!(
         md,
-        "{}",
-        row(
-            "Envoy + ext_proc → infermesh (FULL_DUPLEX_STREAMED)",
-            &lat_extproc
-        )
+        "\nAdded over the static route, per round (each path minus the static route measured in the same round), \
+         median and range over {rounds} rounds:\n"
     );
+    let _ = writeln!(md, "| hop | p50 added | p99 added |\n|---|---|---|");
+    for (name, a50, a99) in [
+        ("ext_proc → infermesh", &add_x50, &add_x99),
+        (
+            "ext_proc → minimal full-duplex processor",
+            &add_n50,
+            &add_n99,
+        ),
+        ("ext_proc, headers only → infermesh", &add_h50, &add_h99),
+    ] {
+        let _ = writeln!(md, "| {name} | {} | {} |", spread(a50), spread(a99));
+    }
+    let add99 = median(&add_x99);
     let _ = writeln!(
         md,
-        "{}",
-        row(
-            "control: Envoy + ext_proc, headers only (1 message, random pick)",
-            &lat_headers_only
-        )
-    );
-    let _ = writeln!(md, "{}", row("infermesh standalone proxy", &lat_proxy));
-    let add50 = lat_extproc.p50_us - lat_static.p50_us;
-    let add99 = lat_extproc.p99_us - lat_static.p99_us;
-    let _ = writeln!(
-        md,
-        "\n**Added by the ext_proc hop** (Envoy + ext_proc minus Envoy static route): p50 **{add50:.0} µs**, p99 **{add99:.0} µs** \
-         (target ≤ 1 ms p99: {}).\n",
+        "\n**Added by the ext_proc hop** (Envoy + ext_proc → infermesh minus Envoy static route): p50 **{:.0} µs**, \
+         p99 **{add99:.0} µs** (median of {rounds} rounds; worst round {:.0} µs; target ≤ 1 ms p99: {}).\n",
+        median(&add_x50),
+        add_x99.iter().copied().fold(f64::MIN, f64::max),
         if add99 <= 1000.0 { "met" } else { "NOT met" }
     );
     let _ = writeln!(
         md,
-        "The control row is the cheapest exchange Envoy's ext_proc filter allows (one headers message, \
-         no body, no response processing; infermesh answers with a random ready pod): it adds \
-         {:.0} µs at p50 over the static route by itself, so that much of the added latency is Envoy's \
-         ext_proc + ORIGINAL_DST path rather than the picker's work.\n",
-        lat_headers_only.p50_us - lat_static.p50_us
+        "The baseline row is the same full-duplex exchange (request body buffered and echoed, response \
+         headers and body passed back) answered by a processor that parses nothing and picks pods \
+         round-robin: the EPP protocol through Envoy costs that much by itself on this machine. \
+         infermesh's own share — parsing, prefix hashing, scheduling, metadata — is the difference: \
+         **{:.0} µs at p50, {:.0} µs at p99** (median over rounds). The control row is the cheapest \
+         exchange Envoy's ext_proc filter allows (one headers message, no body, no response processing).\n",
+        median(&add_x50) - median(&add_n50),
+        add99 - median(&add_n99),
     );
     let _ = writeln!(md, "## 2. Throughput ({c} connections, 2 wrk threads)\n");
     let _ = writeln!(

@@ -27,6 +27,6 @@ if [ "$PEERS" = 1 ]; then
   fi
   ROUTERS=(--routers "$ROOT/$VENV/bin")
 fi
-cargo build --release -p infermesh-node --bin infermesh --example dataplane
+cargo build --release -p infermesh-node --bin infermesh --example dataplane --example extproc-null
 exec target/release/examples/dataplane --envoy "$ENVOY" "${ROUTERS[@]}" \
   --out "$ROOT/bench/results/dataplane.md" "${ARGS[@]}"

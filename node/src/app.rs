@@ -50,6 +50,9 @@ pub enum StartError {
     /// The xDS server settings are invalid.
     #[error("xds: {0}")]
     Xds(#[from] infermesh_xds::InvalidXdsConfig),
+    /// The scrapers' thread could not start.
+    #[error("cannot start the metrics fetcher's thread: {0}")]
+    ScrapeThread(std::io::Error),
 }
 
 /// A started node: its bound addresses and the handles later subsystems (gossip, Raft
@@ -149,10 +152,13 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
     let (pool_tx, pool_rx) = mpsc::channel(1024);
     let mut tasks = JoinSet::new();
 
+    // Scrapes get their own thread and connection pool (see scrape::runtime).
+    let scrape_rt =
+        crate::scrape::runtime::ScrapeRuntime::start().map_err(StartError::ScrapeThread)?;
     let pool_task = PoolTask::new(
         pool.clone(),
         policy.clone(),
-        client.clone(),
+        (scrape_rt, http_client(cfg.connect_timeout)),
         cfg.scrape,
         metrics.clone(),
         pool_tx.clone(),

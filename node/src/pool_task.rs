@@ -13,6 +13,7 @@ use crate::discovery::PoolSpec;
 use crate::metrics::NodeMetrics;
 use crate::policy::SharedPolicy;
 use crate::pool::{EndpointSlot, PoolView, SharedPool};
+use crate::scrape::runtime::ScrapeRuntime;
 use crate::scrape::{ScrapeConfig, ScrapeSink, spawn_scraper_with_sink};
 use crate::upstream::HttpClient;
 
@@ -48,6 +49,8 @@ pub struct PoolTask {
     metrics: Arc<NodeMetrics>,
     tx: mpsc::Sender<PoolInput>,
     synced: watch::Sender<bool>,
+    // Fields drop after `Drop::drop`, so the scrapers are aborted before their runtime stops.
+    scrape_rt: ScrapeRuntime,
     // Every endpoint has a slot; only scraped ones have a scraper task.
     scrapers: HashMap<SocketAddr, (Arc<EndpointSlot>, Option<JoinHandle<()>>)>,
     pod_models: HashMap<SocketAddr, Vec<String>>,
@@ -64,12 +67,13 @@ impl std::fmt::Debug for PoolTask {
 }
 
 impl PoolTask {
-    /// Creates the task state; `tx` must be the sender of the channel passed to [`Self::run`].
+    /// Creates the task state; scrapers run on `scrape` (its runtime and HTTP client), and
+    /// `tx` must be the sender of the channel passed to [`Self::run`].
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         pool: SharedPool,
         policy: SharedPolicy,
-        client: HttpClient,
+        (scrape_rt, client): (ScrapeRuntime, HttpClient),
         scrape: ScrapeConfig,
         metrics: Arc<NodeMetrics>,
         tx: mpsc::Sender<PoolInput>,
@@ -83,6 +87,7 @@ impl PoolTask {
             metrics,
             tx,
             synced,
+            scrape_rt,
             scrapers: HashMap::new(),
             pod_models: HashMap::new(),
             spec: PoolSpec::default(),
@@ -118,6 +123,7 @@ impl PoolTask {
 
     fn spawn_scraper(&self, slot: Arc<EndpointSlot>) -> JoinHandle<()> {
         spawn_scraper_with_sink(
+            self.scrape_rt.handle(),
             slot,
             self.client.clone(),
             self.scrape,

@@ -4,6 +4,7 @@
 
 pub mod engine;
 pub mod prom_text;
+pub mod runtime;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,19 +34,21 @@ pub struct ScrapeConfig {
 /// Called with every successful scrape (the mesh publishes it on the load board).
 pub type ScrapeSink = Arc<dyn Fn(&EndpointSlot, &infermesh_scheduler::Metrics) + Send + Sync>;
 
-/// Starts the scrape loop of one endpoint; abort the handle to stop it.
+/// Starts the scrape loop of one endpoint on `rt`; abort the handle to stop it.
 pub fn spawn_scraper(
+    rt: &tokio::runtime::Handle,
     slot: Arc<EndpointSlot>,
     client: HttpClient,
     cfg: ScrapeConfig,
     pool_tx: mpsc::Sender<PoolInput>,
     metrics: Arc<NodeMetrics>,
 ) -> JoinHandle<()> {
-    spawn_scraper_with_sink(slot, client, cfg, pool_tx, metrics, None)
+    spawn_scraper_with_sink(rt, slot, client, cfg, pool_tx, metrics, None)
 }
 
 /// [`spawn_scraper`] that also hands each successful scrape to `sink`.
 pub fn spawn_scraper_with_sink(
+    rt: &tokio::runtime::Handle,
     slot: Arc<EndpointSlot>,
     client: HttpClient,
     cfg: ScrapeConfig,
@@ -53,7 +56,7 @@ pub fn spawn_scraper_with_sink(
     metrics: Arc<NodeMetrics>,
     sink: Option<ScrapeSink>,
 ) -> JoinHandle<()> {
-    tokio::spawn(async move {
+    rt.spawn(async move {
         let addr = slot.address();
         let metrics_uri: http::Uri = format!("http://{addr}/metrics")
             .parse()
@@ -61,12 +64,20 @@ pub fn spawn_scraper_with_sink(
         let models_uri: http::Uri = format!("http://{addr}/v1/models")
             .parse()
             .expect("an ip:port makes a valid URI");
-        let mut ticker = tokio::time::interval(cfg.interval);
+        // Scrape at once, then on a per-endpoint phase: pods found together would otherwise
+        // be scraped in one burst every interval, and requests landing in the burst wait.
+        let mut ticker = tokio::time::interval_at(
+            tokio::time::Instant::now() + scrape_phase(addr, cfg.interval),
+            cfg.interval,
+        );
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut models_read: Option<Instant> = None;
         let mut was_up = false;
+        let mut first = true;
         loop {
-            ticker.tick().await;
+            if !std::mem::take(&mut first) {
+                ticker.tick().await;
+            }
             let page = tokio::time::timeout(cfg.timeout, get(&client, metrics_uri.clone())).await;
             let scraped_at = Instant::now();
             let result = match page {
@@ -127,6 +138,17 @@ pub fn spawn_scraper_with_sink(
     })
 }
 
+/// Where in each interval `addr` is scraped: spread by a hash of the address.
+fn scrape_phase(addr: std::net::SocketAddr, interval: Duration) -> Duration {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    addr.hash(&mut h);
+    let nanos = u64::try_from(interval.as_nanos())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    Duration::from_nanos(h.finish() % nanos)
+}
+
 async fn get(client: &HttpClient, uri: http::Uri) -> Result<Bytes, String> {
     let req = http::Request::get(uri)
         .body(Full::new(Bytes::new()))
@@ -166,6 +188,24 @@ pub fn parse_model_list(body: &[u8]) -> Result<Vec<String>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scrape_phases_spread_over_the_interval() {
+        let interval = Duration::from_millis(50);
+        let phases: Vec<Duration> = (0..64)
+            .map(|i| scrape_phase(std::net::SocketAddr::from(([10, 0, 0, i], 8000)), interval))
+            .collect();
+        assert!(phases.iter().all(|p| *p < interval));
+        // 64 pods over 10 buckets of 5 ms: a burst would put them all in one.
+        let mut buckets = [0usize; 10];
+        for p in &phases {
+            buckets[(p.as_millis() / 5) as usize] += 1;
+        }
+        assert!(
+            buckets.iter().all(|&n| n < 20),
+            "phases bunch up: {buckets:?}"
+        );
+    }
 
     #[test]
     fn model_list() {
@@ -238,6 +278,7 @@ mod fetch_tests {
             models_refresh: Duration::from_secs(60),
         };
         let task = spawn_scraper(
+            &tokio::runtime::Handle::current(),
             slot.clone(),
             http_client(Duration::from_millis(200)),
             cfg,

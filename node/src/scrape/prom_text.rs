@@ -75,9 +75,11 @@ pub fn parse<'a>(
     page: &'a str,
     mut on_sample: impl FnMut(Sample<'a>),
 ) -> Result<(), InvalidExposition> {
-    for (i, raw) in page.lines().enumerate() {
-        let line = raw.trim();
-        if line.is_empty() || line.starts_with('#') {
+    // Byte-wise throughout: every delimiter of the format is ASCII, so slicing at them
+    // keeps UTF-8 boundaries, and this runs 2000 times a second at 100 pods.
+    for (i, raw) in page.split('\n').enumerate() {
+        let line = raw.trim_ascii();
+        if line.is_empty() || line.as_bytes()[0] == b'#' {
             continue;
         }
         let sample = parse_line(line).map_err(|reason| InvalidExposition {
@@ -90,14 +92,18 @@ pub fn parse<'a>(
 }
 
 fn parse_line(line: &str) -> Result<Sample<'_>, &'static str> {
-    let name_end = line
-        .find(|c: char| c == '{' || c.is_ascii_whitespace())
+    // One pass finds the name's end and validates it.
+    let bytes = line.as_bytes();
+    let name_end = bytes
+        .iter()
+        .position(|&b| CLASS[usize::from(b)] & METRIC_NAME == 0)
         .ok_or("a sample line needs a value")?;
-    let name = &line[..name_end];
-    if !valid_metric_name(name) {
+    if !matches!(bytes[name_end], b'{' | b' ' | b'\t') || name_end == 0 || bytes[0].is_ascii_digit()
+    {
         return Err("invalid metric name");
     }
-    let mut rest = line[name_end..].trim_start();
+    let name = &line[..name_end];
+    let mut rest = line[name_end..].trim_ascii_start();
     let mut labels = "";
     if let Some(after_brace) = rest.strip_prefix('{') {
         let close = parse_labels(after_brace)?;
@@ -121,6 +127,27 @@ fn parse_line(line: &str) -> Result<Sample<'_>, &'static str> {
     })
 }
 
+/// [`CLASS`] bit: the byte may appear in a metric name (`[a-zA-Z0-9_:]`).
+const METRIC_NAME: u8 = 1;
+/// [`CLASS`] bit: the byte may appear in a label name (`[a-zA-Z0-9_]`).
+const LABEL_NAME: u8 = 2;
+
+/// Character classes by byte: one table load per byte in the scanning loops.
+static CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        if c.is_ascii_alphanumeric() || c == b'_' {
+            t[b] = METRIC_NAME | LABEL_NAME;
+        } else if c == b':' {
+            t[b] = METRIC_NAME;
+        }
+        b += 1;
+    }
+    t
+};
+
 /// Validates `name="value",...}` and returns the index of the closing brace.
 fn parse_labels(s: &str) -> Result<usize, &'static str> {
     let bytes = s.as_bytes();
@@ -136,7 +163,7 @@ fn parse_labels(s: &str) -> Result<usize, &'static str> {
             return Ok(i);
         }
         let start = i;
-        while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_') {
+        while i < bytes.len() && CLASS[usize::from(bytes[i])] & LABEL_NAME != 0 {
             i += 1;
         }
         if i == start || bytes[start].is_ascii_digit() {
@@ -170,11 +197,13 @@ fn parse_labels(s: &str) -> Result<usize, &'static str> {
 fn find_closing_quote(s: &str) -> Option<usize> {
     let bytes = s.as_bytes();
     let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'\\' => i += 2,
-            b'"' => return Some(i),
-            _ => i += 1,
+    while let Some(j) = memchr::memchr2(b'"', b'\\', &bytes[i..]) {
+        if bytes[i + j] == b'"' {
+            return Some(i + j);
+        }
+        i += j + 2; // an escape: skip the escaped byte
+        if i >= bytes.len() {
+            return None;
         }
     }
     None
@@ -198,12 +227,6 @@ fn unescape(raw: &str) -> Cow<'_, str> {
         }
     }
     Cow::Owned(out)
-}
-
-fn valid_metric_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_' || c == ':')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
 }
 
 fn parse_value(s: &str) -> Result<f64, &'static str> {
@@ -293,6 +316,11 @@ mod tests {
             ("m abc", 1),
             ("9metric 1", 1),
             ("m{=\"x\"} 1", 1),
+            ("ok 1\nbad-name 1\n", 2),
+            ("m{a-b=\"x\"} 1", 1),
+            ("m{a=\"x\\", 1),
+            ("m{a=\"x\\\"} 1", 1),
+            ("{a=\"x\"} 1", 1),
         ] {
             let err = parse(page, |_| {}).unwrap_err();
             assert_eq!(err.line, line, "{page:?}: {err}");
