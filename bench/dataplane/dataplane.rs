@@ -652,6 +652,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let add_x99 = added(2, |r| r.p99_us);
     let add_n50 = added(3, |r| r.p50_us);
     let add_n99 = added(3, |r| r.p99_us);
+    let own = |pick: fn(&WrkResult) -> f64| -> Vec<f64> {
+        lat[2]
+            .iter()
+            .zip(&lat[3])
+            .map(|(a, b)| pick(a) - pick(b))
+            .collect::<Vec<f64>>()
+    };
+    let (own50, own99) = (own(|r| r.p50_us), own(|r| r.p99_us));
     let add_h50 = added(4, |r| r.p50_us);
     let add_h99 = added(4, |r| r.p99_us);
 
@@ -814,11 +822,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "The baseline row is the same full-duplex exchange (request body buffered and echoed, response \
          headers and body passed back) answered by a processor that parses nothing and picks pods \
          round-robin: the EPP protocol through Envoy costs that much by itself on this machine. \
-         infermesh's own share — parsing, prefix hashing, scheduling, metadata — is the difference: \
-         **{:.0} µs at p50, {:.0} µs at p99** (median over rounds). The control row is the cheapest \
-         exchange Envoy's ext_proc filter allows (one headers message, no body, no response processing).\n",
-        median(&add_x50) - median(&add_n50),
-        add99 - median(&add_n99),
+         infermesh's own share — parsing, prefix hashing, scheduling, metadata — is the difference, \
+         per round: **{} at p50, {} at p99** (median and range; the p99 difference is within the \
+         rounds' noise when its range spans zero). The control row is the cheapest exchange Envoy's \
+         ext_proc filter allows (one headers message, no body, no response processing).\n",
+        spread(&own50),
+        spread(&own99),
     );
     let _ = writeln!(md, "## 2. Throughput ({c} connections, 2 wrk threads)\n");
     let _ = writeln!(
