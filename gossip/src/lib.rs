@@ -12,7 +12,8 @@
 //!   typed messages plus opaque request/response and casts on service channels.
 //! - **Load board**: each pod is scraped by exactly one live node (its rendezvous owner);
 //!   scrapes and every node's own in-flight counts are pushed as compact batches, and each
-//!   node reads fleet-wide load from a lock-free [`LoadView`] snapshot.
+//!   node reads fleet-wide load from a lock-free [`LoadView`] snapshot. An owner whose
+//!   scrape fails publishes the pod as down, so every node drops it at once.
 //! - **Prefix ownership**: an anchor's R owners hold its index entries; lookups go to the
 //!   first owner within a budget and fall back to `None`; records are batched to owners;
 //!   ring changes hand entries to new owners.
@@ -74,4 +75,4 @@ pub use ring::{NodeId, Ring};
 pub use rpc::RpcError;
 pub use stats::StatsSnapshot;
 pub use tls::{Fingerprint, TlsConfig};
-pub use wire::{PodMetrics, PrefixMatch};
+pub use wire::{PodMetrics, PodState, PrefixMatch};

@@ -412,6 +412,15 @@ impl Mesh {
         });
     }
 
+    /// Publishes that this node's scrape of `pod` failed at `failed_at`: every node takes
+    /// the pod out of its candidates until a later [`Self::publish_scrape`] for it.
+    pub fn publish_down(&self, pod: &str, failed_at: std::time::Instant) {
+        let _ = self.shared.load_tx.send(load_driver::Input::Down {
+            pod: pod.to_owned(),
+            at: failed_at,
+        });
+    }
+
     /// Changes this node's in-flight counters for `pod` (negative to release).
     pub fn add_in_flight(&self, pod: &str, requests: i64, tokens: i64) {
         let _ = self.shared.load_tx.send(load_driver::Input::InFlight {

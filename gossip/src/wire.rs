@@ -9,8 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::ring::NodeId;
 
-/// Version of the mesh RPC protocol this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Version of the mesh RPC protocol this build speaks (2: a load batch's scrape entry
+/// carries [`PodState`], so an owner can announce a pod that stopped answering).
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Largest frame a peer accepts (handoff batches are chunked well below this).
 pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
@@ -170,15 +171,35 @@ pub struct LoadBatch {
     pub in_flight: Vec<PodInFlight>,
 }
 
-/// One scrape result as shipped between nodes.
+/// One scrape result as shipped between nodes: the owner's latest attempt at the pod.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PodScrape {
     /// Pod identity (`ip:port`).
     pub pod: String,
-    /// Milliseconds between the scrape and sending (receivers subtract it from now).
+    /// Milliseconds between the scrape attempt and sending (receivers subtract it from now).
     pub age_ms: u32,
-    /// The metrics.
-    pub metrics: PodMetrics,
+    /// What the attempt found.
+    pub state: PodState,
+}
+
+/// Outcome of the owner's latest scrape of a pod.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum PodState {
+    /// The pod answered with these metrics.
+    Up(PodMetrics),
+    /// The pod did not answer (or answered garbage): not a candidate on any node until a
+    /// later successful scrape is published.
+    Down,
+}
+
+impl PodState {
+    /// The metrics, when the pod answered.
+    pub fn metrics(&self) -> Option<&PodMetrics> {
+        match self {
+            PodState::Up(m) => Some(m),
+            PodState::Down => None,
+        }
+    }
 }
 
 /// Model-server metrics the scheduler needs, in vLLM terms.
@@ -283,7 +304,80 @@ mod tests {
         })
         .unwrap();
         assert_eq!(decode::<Request>(&other), Err(FrameError::Version(9)));
-        assert_eq!(decode::<Request>(&[1, 0, 200]), Err(FrameError::Malformed));
+        assert_eq!(
+            decode::<Request>(&[PROTOCOL_VERSION as u8, 0, 200]),
+            Err(FrameError::Malformed)
+        );
         assert_eq!(decode::<Request>(&[]), Err(FrameError::Malformed));
+    }
+
+    #[test]
+    fn load_batches_carry_down_markers_and_v1_frames_are_refused() {
+        let me = NodeId::new("n1");
+        let batch = OneWay::Load(LoadBatch {
+            seq: 42,
+            full: false,
+            scrapes: vec![
+                PodScrape {
+                    pod: "10.0.0.1:8000".into(),
+                    age_ms: 3,
+                    state: PodState::Up(PodMetrics {
+                        waiting_queue: 2,
+                        ..PodMetrics::default()
+                    }),
+                },
+                PodScrape {
+                    pod: "10.0.0.2:8000".into(),
+                    age_ms: 9,
+                    state: PodState::Down,
+                },
+            ],
+            in_flight: vec![],
+        });
+        let f: Frame<OneWay> = decode(&encode(&me, &batch)).unwrap();
+        assert_eq!(f.body, batch);
+
+        // A v1 peer's load batch (scrape entries without a state) is refused by version,
+        // before its body is read.
+        #[derive(Serialize)]
+        struct V1Scrape {
+            pod: String,
+            age_ms: u32,
+            metrics: PodMetrics,
+        }
+        #[derive(Serialize)]
+        struct V1Batch {
+            seq: u64,
+            full: bool,
+            scrapes: Vec<V1Scrape>,
+            in_flight: Vec<PodInFlight>,
+        }
+        #[derive(Serialize)]
+        enum V1OneWay {
+            Load(V1Batch),
+        }
+        let v1 = postcard::to_allocvec(&Frame {
+            version: 1u16,
+            from: me,
+            body: V1OneWay::Load(V1Batch {
+                seq: 1,
+                full: true,
+                scrapes: vec![V1Scrape {
+                    pod: "10.0.0.1:8000".into(),
+                    age_ms: 0,
+                    metrics: PodMetrics::default(),
+                }],
+                in_flight: vec![],
+            }),
+        })
+        .unwrap();
+        assert_eq!(decode::<OneWay>(&v1), Err(FrameError::Version(1)));
+
+        // An unknown state tag in a frame claiming our version is malformed, not a panic.
+        let mut bad = encode(&NodeId::new("n1"), &batch);
+        let down_tag = bad.len() - 2; // ..., PodState::Down tag, empty in_flight
+        assert_eq!(bad[down_tag], 1);
+        bad[down_tag] = 7;
+        assert_eq!(decode::<OneWay>(&bad), Err(FrameError::Malformed));
     }
 }

@@ -14,7 +14,7 @@ use crate::metrics::NodeMetrics;
 use crate::policy::SharedPolicy;
 use crate::pool::{EndpointSlot, PoolView, SharedPool};
 use crate::scrape::runtime::ScrapeRuntime;
-use crate::scrape::{ScrapeConfig, ScrapeSink, spawn_scraper_with_sink};
+use crate::scrape::{ScrapeConfig, ScrapeReport, ScrapeSink, spawn_scraper_with_sink};
 use crate::upstream::HttpClient;
 
 /// What the pool task reacts to.
@@ -96,17 +96,23 @@ impl PoolTask {
     }
 
     /// Mesh mode: scrape only the pods `mesh` assigns to this node (updated through
-    /// [`PoolInput::Owned`]) and publish every scrape on its load board.
+    /// [`PoolInput::Owned`]) and publish every scrape, and every failed one, on its load
+    /// board.
     pub fn with_mesh(mut self, mesh: Arc<infermesh_gossip::Mesh>) -> PoolTask {
         // Weak: scrapers must not keep a stopped node's mesh alive.
         let publisher = Arc::downgrade(&mesh);
-        let sink: ScrapeSink = Arc::new(move |slot, m| {
-            if let Some(mesh) = publisher.upgrade() {
-                mesh.publish_scrape(
-                    &slot.address().to_string(),
-                    crate::mesh::load::to_pod_metrics(m),
-                    m.scraped_at,
-                );
+        let sink: ScrapeSink = Arc::new(move |slot, report| {
+            let Some(mesh) = publisher.upgrade() else {
+                return;
+            };
+            let pod = slot.address().to_string();
+            match report {
+                ScrapeReport::Up(m) => {
+                    mesh.publish_scrape(&pod, crate::mesh::load::to_pod_metrics(m), m.scraped_at)
+                }
+                // Every failure, not just the first: the board ignores repeats, and a pod
+                // this node just took over may still be up in an old owner's last word.
+                ScrapeReport::Down(at) => mesh.publish_down(&pod, at),
             }
         });
         self.mesh = Some(MeshScraping {

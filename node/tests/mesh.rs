@@ -211,6 +211,131 @@ async fn each_pod_is_scraped_by_its_ring_owner_and_load_converges() {
     c.fleet.shutdown().await;
 }
 
+/// A pod that stops answering leaves every node's candidates as soon as its owner's scrape
+/// fails: the staleness threshold is a minute, so only the owner's down mark on the load
+/// board can take it out of the non-owners' sets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_pod_leaves_every_nodes_candidates_through_its_owners_down_mark() {
+    let staleness = Duration::from_secs(60);
+    let mut fc = FleetConfig::new(4);
+    fc.profile = EngineProfile::instant();
+    let model = fc.model.clone();
+    let fleet = Fleet::start(fc).await.expect("simulated pods start");
+    let pods = fleet.addrs();
+    let mut nodes: Vec<App> = Vec::new();
+    for i in 0..3 {
+        let mut cfg =
+            NodeConfig::local(fleet_pool(&pods, &model), ResolvedConfig::builtin_default())
+                .expect("valid node config");
+        cfg.staleness = staleness;
+        let mut mesh = MeshConfig::loopback(
+            format!("node-{i}"),
+            ClusterKey::new(KEY.to_vec()).expect("key"),
+        );
+        mesh.seeds = nodes
+            .first()
+            .map(|n| vec![n.mesh().expect("mesh").gossip_addr()])
+            .unwrap_or_default();
+        cfg.mesh = Some(MeshOptions {
+            config: mesh,
+            sharing: true,
+        });
+        nodes.push(App::start(cfg).await.expect("node starts"));
+    }
+    let candidates = |a: &App| -> BTreeSet<SocketAddr> {
+        a.pool()
+            .candidates(Instant::now(), staleness, None, &[])
+            .iter()
+            .map(|e| e.address)
+            .collect()
+    };
+    let all: BTreeSet<SocketAddr> = pods.iter().copied().collect();
+    wait_for("3 live members on every node", || {
+        nodes
+            .iter()
+            .all(|a| a.mesh().expect("mesh").members().borrow().members.len() == 3)
+    })
+    .await;
+    // Settled: each node owns its ring share and every node offers every pod.
+    wait_for("every pod offered by every node", || {
+        let mut owned: Vec<String> = nodes
+            .iter()
+            .flat_map(|a| a.mesh().unwrap().owned_pods().borrow().as_ref().clone())
+            .collect();
+        owned.sort();
+        let mut keys: Vec<String> = pods.iter().map(|p| p.to_string()).collect();
+        keys.sort();
+        owned == keys && nodes.iter().all(|a| candidates(a) == all)
+    })
+    .await;
+
+    // A pod the first node does not own, so two non-owners must learn of its death.
+    let dead_index = pods
+        .iter()
+        .position(|p| {
+            !nodes[0]
+                .mesh()
+                .unwrap()
+                .owned_pods()
+                .borrow()
+                .contains(&p.to_string())
+        })
+        .expect("node-0 does not own every pod");
+    let dead = pods[dead_index];
+    let owner = nodes
+        .iter()
+        .position(|a| {
+            a.mesh()
+                .unwrap()
+                .owned_pods()
+                .borrow()
+                .contains(&dead.to_string())
+        })
+        .expect("the pod has an owner");
+    fleet.stop_pod(dead_index).await;
+    wait_for("no node offers the dead pod", || {
+        nodes.iter().all(|a| !candidates(a).contains(&dead))
+    })
+    .await;
+    for (i, a) in nodes.iter().enumerate() {
+        let load = a.mesh().unwrap().load_view();
+        let p = load
+            .pod(&dead.to_string())
+            .expect("the board knows the pod");
+        assert!(p.down, "node {i} sees the pod down on the board");
+        assert_eq!(
+            p.scraped_by.as_ref(),
+            Some(nodes[owner].mesh().unwrap().node_id()),
+            "node {i}: the down mark comes from the owner"
+        );
+        let mut others = all.clone();
+        others.remove(&dead);
+        assert_eq!(candidates(a), others, "node {i} still offers the live pods");
+    }
+
+    // Requests through a non-owner go to the live pods only.
+    let client = http_client(Duration::from_secs(2));
+    let non_owner = (owner + 1) % nodes.len();
+    let proxy = nodes[non_owner].proxy_addr.unwrap();
+    for q in 0..8 {
+        let r = post(
+            &client,
+            proxy,
+            "/v1/completions",
+            prefixed_prompt(&model, q, 0),
+            &[],
+        )
+        .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        let got: SocketAddr = r.header(SERVED_HEADER).unwrap().parse().unwrap();
+        assert_ne!(
+            got, dead,
+            "request {q} via node {non_owner} went to the dead pod"
+        );
+    }
+    fleet.shutdown().await;
+}
+
 async fn served_by(c: &Cluster, node: usize, group: usize, question: usize) -> SocketAddr {
     let proxy = c.nodes[node].proxy_addr.unwrap();
     let body = prefixed_prompt(&c.model, group, question);

@@ -4,6 +4,12 @@
 //! ring changes (each with `now`), and asks it for the next outbound batch. Remote batches
 //! carry absolute values, so a lost or repeated batch cannot skew a counter; a periodic full
 //! batch repairs any divergence and lets newcomers catch up.
+//!
+//! A scrape entry is the owner's latest attempt at a pod: metrics, or a down marker when the
+//! pod stopped answering, so every node drops a dead pod as soon as its owner sees it die
+//! rather than when its last metrics go stale. Entries from one owner are ordered by the
+//! owner's batch sequence (a delayed batch cannot undo a newer state); entries from
+//! different owners (around an ownership change) by the attempt's time.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -12,7 +18,7 @@ use std::time::{Duration, Instant};
 use smallvec::SmallVec;
 
 use crate::ring::{NodeId, Ring, key_of_str};
-use crate::wire::{LoadBatch, PodInFlight, PodMetrics, PodScrape};
+use crate::wire::{LoadBatch, PodInFlight, PodMetrics, PodScrape, PodState};
 
 /// Requests and prompt tokens in flight to one pod.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -25,9 +31,12 @@ pub struct InFlight {
 
 #[derive(Debug, Clone)]
 struct Scraped {
-    metrics: PodMetrics,
+    // None: the attempt failed (the pod is down).
+    metrics: Option<PodMetrics>,
     scraped_at: Instant,
     by: NodeId,
+    // Batch sequence of `by` that carried it (0 = this node's own attempt).
+    seq: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -46,15 +55,21 @@ pub struct PodLoad {
     pub scraped_at: Option<Instant>,
     /// Node that scraped them.
     pub scraped_by: Option<NodeId>,
+    /// The scraping node's latest attempt (at `scraped_at`) failed: the pod is not a
+    /// candidate until a later scrape succeeds (`metrics` is then `None`).
+    pub down: bool,
     /// Sum of every live node's in-flight count for the pod.
     pub in_flight: InFlight,
 }
 
 impl PodLoad {
-    /// llm-d staleness: no metrics, or metrics older than `threshold`, count as saturated.
+    /// llm-d staleness: no metrics (never scraped, or down), or metrics older than
+    /// `threshold`, count as saturated.
     pub fn is_stale(&self, now: Instant, threshold: Duration) -> bool {
-        self.scraped_at
-            .is_none_or(|t| now.saturating_duration_since(t) > threshold)
+        self.metrics.is_none()
+            || self
+                .scraped_at
+                .is_none_or(|t| now.saturating_duration_since(t) > threshold)
     }
 }
 
@@ -156,18 +171,29 @@ impl LoadBoard {
 
     /// Records a scrape this node made of `pod` at `scraped_at`.
     pub fn handle_scrape(&mut self, pod: &str, metrics: PodMetrics, scraped_at: Instant) {
+        self.record_own(pod, Some(metrics), scraped_at);
+    }
+
+    /// Records that this node's scrape of `pod` at `failed_at` failed: the pod is announced
+    /// down until a later [`Self::handle_scrape`]. Repeated failures change nothing.
+    pub fn handle_down(&mut self, pod: &str, failed_at: Instant) {
+        let already = self.entries.get(pod).and_then(|e| e.metrics.as_ref());
+        if already.is_some_and(|m| m.metrics.is_none() && m.by == self.me) {
+            return;
+        }
+        self.record_own(pod, None, failed_at);
+    }
+
+    fn record_own(&mut self, pod: &str, metrics: Option<PodMetrics>, at: Instant) {
         let entry = self.entries.entry(pod.to_owned()).or_default();
-        if entry
-            .metrics
-            .as_ref()
-            .is_some_and(|m| m.scraped_at > scraped_at)
-        {
+        if entry.metrics.as_ref().is_some_and(|m| m.scraped_at > at) {
             return;
         }
         entry.metrics = Some(Scraped {
             metrics,
-            scraped_at,
+            scraped_at: at,
             by: self.me.clone(),
+            seq: 0,
         });
         self.dirty_scrapes.insert(pod.to_owned());
         self.version += 1;
@@ -195,25 +221,32 @@ impl LoadBoard {
         if *from == self.me {
             return;
         }
+        let seq = batch.seq;
         for s in batch.scrapes {
             let scraped_at = now
                 .checked_sub(Duration::from_millis(u64::from(s.age_ms)))
                 .unwrap_or(now);
             let entry = self.entries.entry(s.pod).or_default();
-            if entry
-                .metrics
-                .as_ref()
-                .is_some_and(|m| m.scraped_at > scraped_at)
-            {
+            let newer = match &entry.metrics {
+                None => true,
+                // The sender's own order: ages are re-based on arrival, so a delayed batch
+                // could otherwise look newer than the one that followed it.
+                Some(m) if m.by == *from => seq > m.seq,
+                Some(m) => m.scraped_at <= scraped_at,
+            };
+            if !newer {
                 continue;
             }
             entry.metrics = Some(Scraped {
-                metrics: s.metrics,
+                metrics: match s.state {
+                    PodState::Up(m) => Some(m),
+                    PodState::Down => None,
+                },
                 scraped_at,
                 by: from.clone(),
+                seq,
             });
         }
-        let seq = batch.seq;
         if batch.full {
             // Absent from a full table means zero, unless a newer delta already arrived.
             let listed: HashSet<&str> = batch.in_flight.iter().map(|f| f.pod.as_str()).collect();
@@ -316,9 +349,10 @@ impl LoadBoard {
                     total.tokens = total.tokens.saturating_add(f.tokens);
                 }
                 let load = PodLoad {
-                    metrics: e.metrics.as_ref().map(|m| m.metrics.clone()),
+                    metrics: e.metrics.as_ref().and_then(|m| m.metrics.clone()),
                     scraped_at: e.metrics.as_ref().map(|m| m.scraped_at),
                     scraped_by: e.metrics.as_ref().map(|m| m.by.clone()),
+                    down: e.metrics.as_ref().is_some_and(|m| m.metrics.is_none()),
                     in_flight: total,
                 };
                 (pod.clone(), load)
@@ -351,7 +385,10 @@ fn own_scrape(me: &NodeId, pod: &str, e: &PodEntry, now: Instant) -> Option<PodS
     Some(PodScrape {
         pod: pod.to_owned(),
         age_ms: u32::try_from(age).unwrap_or(u32::MAX),
-        metrics: m.metrics.clone(),
+        state: match &m.metrics {
+            Some(metrics) => PodState::Up(metrics.clone()),
+            None => PodState::Down,
+        },
     })
 }
 
@@ -526,7 +563,7 @@ mod tests {
             scrapes: vec![PodScrape {
                 pod: pod.into(),
                 age_ms: 5_000,
-                metrics: metrics(1),
+                state: PodState::Up(metrics(1)),
             }],
             in_flight: vec![],
         };
@@ -541,6 +578,188 @@ mod tests {
                 .waiting_queue,
             7
         );
+    }
+
+    fn state(b: &LoadBoard, pod: &str) -> (bool, Option<u32>, Option<NodeId>) {
+        let v = b.view();
+        let p = v.pod(pod).expect("pod known");
+        (
+            p.down,
+            p.metrics.as_ref().map(|m| m.waiting_queue),
+            p.scraped_by.clone(),
+        )
+    }
+
+    #[test]
+    fn a_down_marker_propagates_and_a_later_scrape_clears_it() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut a = LoadBoard::new(n("a"), Duration::from_secs(60), 0);
+        let mut b = LoadBoard::new(n("b"), Duration::from_secs(60), 0);
+        let pod = "10.0.0.3:8000";
+        a.handle_scrape(pod, metrics(4), t0);
+        b.handle_remote(&n("a"), a.poll_outbound(t0).unwrap(), t0);
+        assert_eq!(state(&b, pod), (false, Some(4), Some(n("a"))));
+        assert!(
+            !b.view()
+                .pod(pod)
+                .unwrap()
+                .is_stale(t0, Duration::from_secs(60))
+        );
+
+        // The owner's scrape fails: the next (delta) batch says so, and b drops the pod
+        // although its last metrics are far from stale.
+        a.handle_down(pod, t0 + ms(50));
+        let batch = a.poll_outbound(t0 + ms(51)).unwrap();
+        assert!(!batch.full);
+        assert_eq!(batch.scrapes.len(), 1);
+        assert_eq!(batch.scrapes[0].state, PodState::Down);
+        assert_eq!(batch.scrapes[0].age_ms, 1);
+        b.handle_remote(&n("a"), batch, t0 + ms(52));
+        assert_eq!(state(&b, pod), (true, None, Some(n("a"))));
+        let p = b.view().pod(pod).unwrap().clone();
+        assert_eq!(p.scraped_at, Some(t0 + ms(51)));
+        assert!(p.is_stale(t0 + ms(52), Duration::from_secs(60)));
+        assert!(
+            a.view().pod(pod).unwrap().down,
+            "the owner's own view says down too"
+        );
+
+        // Further failures change nothing and send nothing.
+        let v = a.version();
+        a.handle_down(pod, t0 + ms(100));
+        assert_eq!(a.version(), v);
+        assert!(a.poll_outbound(t0 + ms(101)).is_none());
+
+        // The periodic full batch repeats the marker (a newcomer learns it too).
+        let mut c = LoadBoard::new(n("c"), Duration::from_secs(60), 0);
+        a.handle_ring(Arc::new(Ring::new([n("a"), n("b"), n("c")])));
+        let full = a.poll_outbound(t0 + ms(110)).unwrap();
+        assert!(full.full);
+        c.handle_remote(&n("a"), full, t0 + ms(111));
+        assert_eq!(state(&c, pod), (true, None, Some(n("a"))));
+
+        // The pod answers again: the next scrape clears the mark everywhere.
+        a.handle_scrape(pod, metrics(9), t0 + ms(150));
+        let batch = a.poll_outbound(t0 + ms(150)).unwrap();
+        b.handle_remote(&n("a"), batch.clone(), t0 + ms(151));
+        c.handle_remote(&n("a"), batch, t0 + ms(151));
+        assert_eq!(state(&b, pod), (false, Some(9), Some(n("a"))));
+        assert_eq!(state(&c, pod), (false, Some(9), Some(n("a"))));
+        assert!(
+            !b.view()
+                .pod(pod)
+                .unwrap()
+                .is_stale(t0 + ms(151), Duration::from_secs(60))
+        );
+    }
+
+    #[test]
+    fn a_reordered_older_down_marker_does_not_override_a_newer_scrape() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut a = LoadBoard::new(n("a"), Duration::from_secs(60), 1_000);
+        let mut b = LoadBoard::new(n("b"), Duration::from_secs(60), 0);
+        let pod = "10.0.0.4:8000";
+        let _ = a.poll_outbound(t0); // initial full
+        a.handle_down(pod, t0 + ms(10));
+        // Held up in flight long enough that its re-based time looks newer than the scrape.
+        let down = a.poll_outbound(t0 + ms(10)).unwrap();
+        a.handle_scrape(pod, metrics(2), t0 + ms(20));
+        let up = a.poll_outbound(t0 + ms(20)).unwrap();
+        assert!(up.seq > down.seq);
+        b.handle_remote(&n("a"), up.clone(), t0 + ms(21));
+        b.handle_remote(&n("a"), down.clone(), t0 + ms(500));
+        assert_eq!(state(&b, pod), (false, Some(2), Some(n("a"))));
+        // Repeated batches are idempotent.
+        b.handle_remote(&n("a"), up, t0 + ms(501));
+        b.handle_remote(&n("a"), down, t0 + ms(502));
+        assert_eq!(state(&b, pod), (false, Some(2), Some(n("a"))));
+
+        // Same in the other direction: a delayed scrape does not revive a newer down.
+        let mut c = LoadBoard::new(n("c"), Duration::from_secs(60), 0);
+        a.handle_down(pod, t0 + ms(30));
+        let down2 = a.poll_outbound(t0 + ms(30)).unwrap();
+        a.handle_scrape(pod, metrics(3), t0 + ms(25)); // older than the down: ignored
+        assert!(a.poll_outbound(t0 + ms(31)).is_none());
+        let mut old_up = down2.clone();
+        old_up.seq = down2.seq - 1;
+        old_up.scrapes[0].state = PodState::Up(metrics(3));
+        c.handle_remote(&n("a"), down2, t0 + ms(31));
+        c.handle_remote(&n("a"), old_up, t0 + ms(900));
+        assert_eq!(state(&c, pod), (true, None, Some(n("a"))));
+    }
+
+    #[test]
+    fn a_new_owner_overrides_the_old_owners_state_by_time() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let names = ["a", "b", "c"];
+        let mut boards: Vec<LoadBoard> = names
+            .iter()
+            .map(|s| LoadBoard::new(n(s), Duration::from_secs(60), 0))
+            .collect();
+        let ring = Arc::new(Ring::new(names.iter().map(|s| n(s))));
+        let all = pods(20);
+        for b in &mut boards {
+            b.handle_set_pods(all.clone());
+            b.handle_ring(ring.clone());
+            let _ = b.poll_outbound(t0);
+        }
+        // A pod "a" owns that moves to "b" when "a" leaves.
+        let ring2 = Arc::new(Ring::new([n("b"), n("c")]));
+        let pod = all
+            .iter()
+            .find(|p| {
+                boards[0].owned_pods().contains(p) && ring2.owner(key_of_str(p)) == Some(&n("b"))
+            })
+            .expect("some pod moves from a to b")
+            .clone();
+
+        // Old owner "a" last said the pod was down.
+        boards[0].handle_scrape(&pod, metrics(1), t0);
+        boards[0].handle_down(&pod, t0 + ms(10));
+        let batch = boards[0].poll_outbound(t0 + ms(10)).unwrap();
+        boards[2].handle_remote(&n("a"), batch.clone(), t0 + ms(11));
+        boards[1].handle_remote(&n("a"), batch, t0 + ms(11));
+        assert!(state(&boards[2], &pod).0);
+
+        // "a" leaves; the new owner "b" scrapes the pod successfully: up again on "c".
+        boards[1].handle_ring(ring2.clone());
+        boards[2].handle_ring(ring2);
+        assert!(boards[1].owned_pods().contains(&pod));
+        boards[1].handle_scrape(&pod, metrics(5), t0 + ms(100));
+        let batch = boards[1].poll_outbound(t0 + ms(100)).unwrap();
+        boards[2].handle_remote(&n("b"), batch, t0 + ms(101));
+        assert_eq!(state(&boards[2], &pod), (false, Some(5), Some(n("b"))));
+
+        // A late batch from the old owner (its last full table, delayed) loses by time,
+        // even though its sequence is new to "c".
+        let mut late = LoadBatch {
+            seq: u64::MAX / 2,
+            full: false,
+            scrapes: vec![PodScrape {
+                pod: pod.clone(),
+                age_ms: 90,
+                state: PodState::Down,
+            }],
+            in_flight: vec![],
+        };
+        boards[2].handle_remote(&n("a"), late.clone(), t0 + ms(102));
+        assert_eq!(state(&boards[2], &pod), (false, Some(5), Some(n("b"))));
+
+        // The new owner's scrape fails in turn: down everywhere, owned by "b".
+        boards[1].handle_down(&pod, t0 + ms(200));
+        let batch = boards[1].poll_outbound(t0 + ms(200)).unwrap();
+        boards[2].handle_remote(&n("b"), batch, t0 + ms(201));
+        assert_eq!(state(&boards[2], &pod), (true, None, Some(n("b"))));
+        // ... and a newer attempt by another node (here, a stale old owner that scraped
+        // later) is still taken by time.
+        late.seq += 1;
+        late.scrapes[0].age_ms = 0;
+        late.scrapes[0].state = PodState::Up(metrics(8));
+        boards[2].handle_remote(&n("a"), late, t0 + ms(300));
+        assert_eq!(state(&boards[2], &pod), (false, Some(8), Some(n("a"))));
     }
 
     #[test]

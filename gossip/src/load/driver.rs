@@ -28,6 +28,8 @@ pub(crate) enum Input {
         metrics: PodMetrics,
         at: std::time::Instant,
     },
+    /// This node's scrape of a pod failed.
+    Down { pod: String, at: std::time::Instant },
     /// This node's in-flight work on a pod changed by these amounts.
     InFlight {
         pod: String,
@@ -111,6 +113,7 @@ fn apply(board: &mut LoadBoard, input: Input) {
     match input {
         Input::SetPods(pods) => board.handle_set_pods(pods),
         Input::Scrape { pod, metrics, at } => board.handle_scrape(&pod, metrics, at),
+        Input::Down { pod, at } => board.handle_down(&pod, at),
         Input::InFlight {
             pod,
             requests,

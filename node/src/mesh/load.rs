@@ -81,7 +81,8 @@ impl LoadSync {
     }
 
     /// Copies the board into the slots: other nodes' in-flight work, and scrapes made by
-    /// other nodes when newer than the slot's own.
+    /// other nodes when newer than the slot's own — failed ones mark the slot down, as a
+    /// failed scrape of this node's own does.
     pub fn apply_board(&self, me: &str, view: &LoadView, pool: &PoolView) {
         for slot in &pool.slots {
             let addr = slot.address();
@@ -94,15 +95,20 @@ impl LoadSync {
                 requests: load.in_flight.requests.saturating_sub(mine.requests),
                 tokens: load.in_flight.tokens.saturating_sub(mine.tokens),
             });
-            let (Some(m), Some(at), Some(by)) = (&load.metrics, load.scraped_at, &load.scraped_by)
-            else {
+            let (Some(at), Some(by)) = (load.scraped_at, &load.scraped_by) else {
                 continue;
             };
             if by.as_str() == me {
                 continue;
             }
-            if slot.metrics().is_none_or(|cur| cur.scraped_at < at) {
-                slot.record_scrape(from_pod_metrics(m, at));
+            let held = slot.metrics().map(|cur| cur.scraped_at);
+            match &load.metrics {
+                Some(m) if held.is_none_or(|t| t < at) => {
+                    slot.record_scrape(from_pod_metrics(m, at));
+                }
+                // The owner saw the pod fail after the last scrape this slot holds.
+                None if load.down && held.is_none_or(|t| t <= at) => slot.mark_down(),
+                _ => {}
             }
         }
     }
@@ -173,5 +179,64 @@ mod tests {
             ..Metrics::idle(now)
         };
         assert_eq!(from_pod_metrics(&to_pod_metrics(&m), now), m);
+    }
+
+    #[test]
+    fn a_remote_down_mark_takes_the_slot_out_until_a_newer_scrape() {
+        use crate::discovery::EndpointSpec;
+        use crate::pool::EndpointSlot;
+        use crate::scrape::engine::Engine;
+        use infermesh_gossip::{NodeId, PodLoad};
+
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let addr: SocketAddr = "10.0.0.7:8000".parse().unwrap();
+        let slot = Arc::new(EndpointSlot::new(EndpointSpec {
+            address: addr,
+            pod: "p".into(),
+            labels: Default::default(),
+            engine: Engine::Vllm,
+        }));
+        let pool = PoolView::new(
+            "pool".into(),
+            vec![slot.clone()],
+            Default::default(),
+            Default::default(),
+        );
+        let view = |metrics: Option<u32>, at: Instant, by: &str| LoadView {
+            version: 1,
+            pods: [(
+                addr.to_string(),
+                PodLoad {
+                    metrics: metrics.map(|w| PodMetrics {
+                        waiting_queue: w,
+                        ..PodMetrics::default()
+                    }),
+                    scraped_at: Some(at),
+                    scraped_by: Some(NodeId::new(by)),
+                    down: metrics.is_none(),
+                    in_flight: Default::default(),
+                },
+            )]
+            .into(),
+            owned: vec![],
+        };
+        let sync = LoadSync::default();
+        let long = Duration::from_secs(60);
+        sync.apply_board("me", &view(Some(1), t0, "owner"), &pool);
+        assert!(slot.is_fresh(t0, long));
+        sync.apply_board("me", &view(None, t0 + ms(10), "owner"), &pool);
+        assert!(
+            !slot.is_fresh(t0 + ms(10), long),
+            "remote down mark applies"
+        );
+        sync.apply_board("me", &view(Some(2), t0 + ms(20), "owner"), &pool);
+        assert!(slot.is_fresh(t0 + ms(20), long), "a newer scrape clears it");
+        assert_eq!(slot.metrics().unwrap().waiting_queue, 2);
+        // A down mark older than the scrape the slot holds is ignored, and so is this
+        // node's own entry (its scraper already marked the slot).
+        sync.apply_board("me", &view(None, t0 + ms(15), "owner"), &pool);
+        sync.apply_board("me", &view(None, t0 + ms(30), "me"), &pool);
+        assert!(slot.is_fresh(t0 + ms(30), long));
     }
 }

@@ -31,8 +31,19 @@ pub struct ScrapeConfig {
     pub models_refresh: Duration,
 }
 
-/// Called with every successful scrape (the mesh publishes it on the load board).
-pub type ScrapeSink = Arc<dyn Fn(&EndpointSlot, &infermesh_scheduler::Metrics) + Send + Sync>;
+/// What a scrape attempt found, as handed to a [`ScrapeSink`].
+#[derive(Debug, Clone, Copy)]
+pub enum ScrapeReport<'a> {
+    /// The endpoint answered with these metrics.
+    Up(&'a infermesh_scheduler::Metrics),
+    /// The endpoint did not answer (or answered garbage) at this time; its slot was marked
+    /// down.
+    Down(Instant),
+}
+
+/// Called with every scrape attempt's outcome (the mesh publishes it on the load board, so
+/// other nodes drop a dead endpoint as soon as its scraper does).
+pub type ScrapeSink = Arc<dyn Fn(&EndpointSlot, ScrapeReport<'_>) + Send + Sync>;
 
 /// Starts the scrape loop of one endpoint on `rt`; abort the handle to stop it.
 pub fn spawn_scraper(
@@ -46,7 +57,7 @@ pub fn spawn_scraper(
     spawn_scraper_with_sink(rt, slot, client, cfg, pool_tx, metrics, None)
 }
 
-/// [`spawn_scraper`] that also hands each successful scrape to `sink`.
+/// [`spawn_scraper`] that also hands each attempt's outcome to `sink`.
 pub fn spawn_scraper_with_sink(
     rt: &tokio::runtime::Handle,
     slot: Arc<EndpointSlot>,
@@ -95,7 +106,7 @@ pub fn spawn_scraper_with_sink(
             match result {
                 Ok(m) => {
                     if let Some(sink) = &sink {
-                        sink(&slot, &m);
+                        sink(&slot, ScrapeReport::Up(&m));
                     }
                     slot.record_scrape(m);
                     metrics.count_scrape(ScrapeOutcome::Ok);
@@ -107,6 +118,9 @@ pub fn spawn_scraper_with_sink(
                 }
                 Err((outcome, reason)) => {
                     slot.mark_down();
+                    if let Some(sink) = &sink {
+                        sink(&slot, ScrapeReport::Down(scraped_at));
+                    }
                     metrics.count_scrape(outcome);
                     if was_up {
                         tracing::warn!(endpoint = %addr, pod = %slot.spec.pod, %reason, "endpoint left the candidate set");
