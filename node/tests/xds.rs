@@ -17,8 +17,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -33,7 +32,10 @@ use infermesh_node::policy_store::{ClusterArgs, LocalBase, PolicyNode};
 use infermesh_node::upstream::{HttpClient, http_client};
 use infermesh_scheduler::ResolvedConfig;
 use infermesh_sim::{EngineProfile, Fleet, FleetConfig};
-use infermesh_xds::{EnvoySyncStatus, ResourceType};
+use infermesh_testkit::ads::{self, in_sync, status_of};
+use infermesh_testkit::envoy::Envoy;
+use infermesh_testkit::{free_port, wait_for};
+use infermesh_xds::ResourceType;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -105,145 +107,6 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         self.kill();
-    }
-}
-
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace")
-        .to_path_buf()
-}
-
-/// `$ENVOY_BIN`, else the real binary inside `.venv-test`, else its console script.
-fn envoy_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("ENVOY_BIN") {
-        return PathBuf::from(p);
-    }
-    let venv = workspace().join(".venv-test");
-    if let Ok(libs) = std::fs::read_dir(venv.join("lib")) {
-        for lib in libs.flatten() {
-            let bin = lib.path().join("site-packages/envoy/_bin/envoy");
-            if bin.is_file() {
-                return bin;
-            }
-        }
-    }
-    let script = venv.join("bin/envoy");
-    assert!(
-        script.is_file(),
-        "Envoy not found at $ENVOY_BIN or {}: run scripts/setup-test-deps.sh",
-        script.display()
-    );
-    script
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind")
-        .port()
-}
-
-/// A real Envoy whose only static config is the ADS cluster; killed on drop.
-struct Envoy {
-    child: Child,
-    admin: SocketAddr,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Envoy {
-    async fn start(node_id: &str, api_type: &str, ads: &[SocketAddr]) -> Envoy {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let endpoints: Vec<_> = ads
-            .iter()
-            .map(|a| {
-                serde_json::json!({"endpoint": {"address": {"socket_address": {
-                    "address": a.ip().to_string(), "port_value": a.port()}}}})
-            })
-            .collect();
-        let bootstrap = serde_json::json!({
-            "node": {"id": node_id, "cluster": "infermesh-node-test"},
-            "dynamic_resources": {
-                "ads_config": {
-                    "api_type": api_type,
-                    "transport_api_version": "V3",
-                    "grpc_services": [{"envoy_grpc": {"cluster_name": "infermesh-ads"}}],
-                    "set_node_on_first_message_only": true
-                },
-                "lds_config": {"ads": {}, "resource_api_version": "V3"},
-                "cds_config": {"ads": {}, "resource_api_version": "V3"}
-            },
-            "static_resources": {"clusters": [{
-                "name": "infermesh-ads",
-                "type": "STATIC",
-                "connect_timeout": "0.25s",
-                "typed_extension_protocol_options": {
-                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                        "explicit_http_config": {"http2_protocol_options": {}}
-                    }
-                },
-                "load_assignment": {"cluster_name": "infermesh-ads", "endpoints": [{"lb_endpoints": endpoints}]}
-            }]},
-            "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}}
-        });
-        let config = dir.path().join("bootstrap.json");
-        std::fs::write(&config, serde_json::to_vec_pretty(&bootstrap).unwrap()).unwrap();
-        let admin_path = dir.path().join("admin-address");
-        let log = dir.path().join("envoy.log");
-        let bin = envoy_bin();
-        let child = Command::new(&bin)
-            .arg("-c")
-            .arg(&config)
-            .arg("--use-dynamic-base-id")
-            .arg("--admin-address-path")
-            .arg(&admin_path)
-            .arg("--log-path")
-            .arg(&log)
-            .args(["-l", "info", "--concurrency", "1", "--drain-time-s", "1"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
-        let mut envoy = Envoy {
-            child,
-            admin: "127.0.0.1:0".parse().unwrap(),
-            log,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = envoy.child.try_wait().unwrap() {
-                panic!("envoy exited ({status}):\n{}", envoy.log_tail());
-            }
-            if let Ok(text) = std::fs::read_to_string(&admin_path)
-                && let Ok(addr) = text.trim().parse()
-            {
-                envoy.admin = addr;
-                return envoy;
-            }
-            assert!(Instant::now() < deadline, "envoy did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-}
-
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("--- envoy log tail ---\n{}", self.log_tail());
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -350,43 +213,6 @@ fn node_picks(n: &Node) -> f64 {
         .sum()
 }
 
-fn status_of(n: &Node, envoy: &str) -> Option<EnvoySyncStatus> {
-    n.app()
-        .xds()
-        .server()
-        .sync_status()
-        .envoys
-        .into_iter()
-        .find(|e| e.node_id == envoy)
-}
-
-/// Envoy has a stream to `n` and holds everything `n` serves.
-fn in_sync(n: &Node, envoy: &str) -> bool {
-    status_of(n, envoy).is_some_and(|s| {
-        s.connected_streams > 0
-            && s.types.iter().filter(|t| t.subscribed).count() == 4
-            && s.types.iter().all(|t| t.in_sync)
-    })
-}
-
-async fn wait_for<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {WAIT:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn node_config(
     name: &str,
     pods: &[SocketAddr],
@@ -486,27 +312,33 @@ async fn scenario(api_type: &str) {
             .then(|| served[0].clone().unwrap())
     };
     // Both nodes learn each other over the mesh and serve identical resources.
-    wait_for("both nodes to serve both ext_proc endpoints", || async {
-        nodes
-            .iter()
-            .all(|n| {
-                n.app()
-                    .xds()
-                    .last_input()
-                    .is_some_and(|i| i.ext_proc_endpoints.len() == 2)
-            })
-            .then_some(())
-    })
+    wait_for(
+        "both nodes to serve both ext_proc endpoints",
+        WAIT,
+        || async {
+            nodes
+                .iter()
+                .all(|n| {
+                    n.app()
+                        .xds()
+                        .last_input()
+                        .is_some_and(|i| i.ext_proc_endpoints.len() == 2)
+                })
+                .then_some(())
+        },
+    )
     .await;
-    let versions = wait_for("identical versions on both nodes", same_versions).await;
+    let versions = wait_for("identical versions on both nodes", WAIT, same_versions).await;
     eprintln!("[{api_type}] both nodes serve versions {versions:?}");
 
     let ads: Vec<SocketAddr> = nodes.iter().map(|n| n.app().xds_addr).collect();
-    let envoy = Envoy::start(&envoy_id, api_type, &ads).await;
+    let envoy = Envoy::start(&envoy_id, api_type, &ads)
+        .await
+        .expect("envoy starts");
 
     // 1. The listener arrives; requests reach the pod infermesh picked; both nodes pick.
     let t_listener = Instant::now();
-    wait_for("a completion through Envoy's xDS listener", || {
+    wait_for("a completion through Envoy's xDS listener", WAIT, || {
         complete(&client, listener, &model, 0)
     })
     .await;
@@ -534,7 +366,7 @@ async fn scenario(api_type: &str) {
             "the pod infermesh picked served the request"
         );
     }
-    wait_for("both infermesh nodes to serve ext_proc", || async {
+    wait_for("both infermesh nodes to serve ext_proc", WAIT, || async {
         for i in 0..20 {
             complete(&client, listener, &model, 100 + i).await?;
         }
@@ -572,27 +404,21 @@ spec:
         )
         .await
         .expect("policy apply");
-    wait_for("the pool on its new listener port", || {
+    wait_for("the pool on its new listener port", WAIT, || {
         complete(&client, moved, &model, 400)
     })
     .await;
     let policy_latency = t_policy.elapsed();
-    wait_for("the old listener to close", || async {
+    wait_for("the old listener to close", WAIT, || async {
         get(&client, listener, "/").await.is_err().then_some(())
     })
     .await;
-    let (_, dump) = get(
-        &client,
-        envoy.admin,
-        "/config_dump?resource=dynamic_listeners",
-    )
-    .await
-    .expect("config dump");
+    let dump = envoy.listeners_dump().await.expect("config dump");
     assert!(
         dump.contains("\"failure_mode_allow\": true"),
         "FailOpen reached Envoy:\n{dump}"
     );
-    let after_policy = wait_for("both nodes to serve the policy pool", same_versions).await;
+    let after_policy = wait_for("both nodes to serve the policy pool", WAIT, same_versions).await;
     assert_ne!(after_policy, versions);
     eprintln!(
         "[{api_type}] policy write -> served by Envoy on the new port after {policy_latency:?}"
@@ -600,29 +426,36 @@ spec:
 
     // 3. Kill the node holding Envoy's ADS stream: Envoy keeps routing through the other,
     //    reconnects there, and its EDS drops the dead node.
-    let connected = wait_for("Envoy in sync with one node", || async {
-        nodes.iter().position(|n| in_sync(n, &envoy_id))
+    let connected = wait_for("Envoy in sync with one node", WAIT, || async {
+        nodes
+            .iter()
+            .position(|n| in_sync(n.app().xds().server(), &envoy_id))
     })
     .await;
     let other = 1 - connected;
     let t_kill = Instant::now();
     nodes[connected].kill();
     let failed = std::cell::Cell::new(0usize);
-    let routed = wait_for("Envoy to route through the surviving node", || async {
-        let mut ok = 0;
-        for i in 0..10 {
-            if complete(&client, moved, &model, 200 + i).await.is_some() {
-                ok += 1;
-            } else {
-                failed.set(failed.get() + 1);
+    let routed = wait_for(
+        "Envoy to route through the surviving node",
+        WAIT,
+        || async {
+            let mut ok = 0;
+            for i in 0..10 {
+                if complete(&client, moved, &model, 200 + i).await.is_some() {
+                    ok += 1;
+                } else {
+                    failed.set(failed.get() + 1);
+                }
             }
-        }
-        (ok == 10).then(|| t_kill.elapsed())
-    })
+            (ok == 10).then(|| t_kill.elapsed())
+        },
+    )
     .await;
     let survivor = &nodes[other];
     let one_left = wait_for(
         "the survivor's EDS to list one node, ACKed by Envoy",
+        WAIT,
         || async {
             let input = survivor.app().xds().last_input()?;
             if input.ext_proc_endpoints != vec![survivor.app().xds().advertised()] {
@@ -636,7 +469,7 @@ spec:
                 .get(ResourceType::Endpoint)
                 .version
                 .clone();
-            let st = status_of(survivor, &envoy_id)?;
+            let st = status_of(survivor.app().xds().server(), &envoy_id)?;
             let t = &st.types[ResourceType::Endpoint as usize];
             (st.connected_streams > 0 && t.last_acked.as_ref()?.version == eds)
                 .then(|| t_kill.elapsed())
@@ -666,8 +499,8 @@ spec:
     busy.listener = taken.local_addr().unwrap();
     bad.pools.push(busy);
     feed.publish(&bad).expect("the input itself is valid");
-    let nack = wait_for("Envoy to NACK the listener", || async {
-        status_of(survivor, &envoy_id)?.types[ResourceType::Listener as usize]
+    let nack = wait_for("Envoy to NACK the listener", WAIT, || async {
+        status_of(survivor.app().xds().server(), &envoy_id)?.types[ResourceType::Listener as usize]
             .nack
             .clone()
     })
@@ -712,8 +545,8 @@ spec:
     // Fixing the input brings Envoy back in sync.
     drop(taken);
     feed.publish(&good).unwrap();
-    wait_for("Envoy back in sync after the fix", || async {
-        in_sync(survivor, &envoy_id).then_some(())
+    wait_for("Envoy back in sync after the fix", WAIT, || async {
+        in_sync(survivor.app().xds().server(), &envoy_id).then_some(())
     })
     .await;
     eprintln!("[{api_type}] scenario took {:?}", t0.elapsed());
@@ -771,10 +604,6 @@ fn xds_status_names_an_unreachable_server() {
 /// graceful shutdown ends the stream promptly.
 #[test]
 fn ads_on_its_own_address() {
-    use infermesh_proto::envoy::config::core::v3::Node as XdsNode;
-    use infermesh_proto::envoy::service::discovery::v3::DiscoveryRequest;
-    use infermesh_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -789,26 +618,10 @@ fn ads_on_its_own_address() {
         cfg.xds.file_pool.listener = "127.0.0.1:10001".parse().unwrap();
         let app = App::start(cfg).await.expect("node starts");
         assert_ne!(app.xds_addr, app.ext_proc_addr);
-        let mut client =
-            AggregatedDiscoveryServiceClient::connect(format!("http://{}", app.xds_addr))
-                .await
-                .expect("connect to ADS");
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tx.send(DiscoveryRequest {
-            node: Some(XdsNode {
-                id: "own-port".into(),
-                ..Default::default()
-            }),
-            type_url: ResourceType::Listener.type_url().into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        let mut inbound = client
-            .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        let mut client = ads::connect(app.xds_addr).await.expect("connect to ADS");
+        let (tx, mut inbound) = ads::subscribe(&mut client, "own-port", ResourceType::Listener)
             .await
-            .expect("ADS stream")
-            .into_inner();
+            .expect("ADS stream");
         let resp = tokio::time::timeout(WAIT, inbound.message())
             .await
             .expect("a listener response")

@@ -3,9 +3,8 @@
 
 use std::time::Duration;
 
-use infermesh_proto::envoy::config::core::v3::Node;
 use infermesh_proto::envoy::service::discovery::v3::DiscoveryRequest;
-use infermesh_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use infermesh_testkit::ads;
 use infermesh_xds::{InferencePoolSpec, ResourceType, XdsConfig, XdsInput, XdsServer};
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -28,25 +27,10 @@ async fn drain_ends_streams_and_refuses_new_ones() {
         })
         .unwrap();
 
-    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+    let mut client = ads::connect(addr).await.unwrap();
+    let (tx, mut inbound) = ads::subscribe(&mut client, "socket-test", ResourceType::Listener)
         .await
         .unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(DiscoveryRequest {
-        node: Some(Node {
-            id: "socket-test".into(),
-            ..Default::default()
-        }),
-        type_url: ResourceType::Listener.type_url().into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut inbound = client
-        .stream_aggregated_resources(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
     let resp = tokio::time::timeout(Duration::from_secs(10), inbound.message())
         .await
         .unwrap()

