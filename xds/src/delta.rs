@@ -1,14 +1,15 @@
 //! The incremental (Delta) ADS stream as a plain state machine: per-resource versions,
 //! subscriptions with wildcard rules, removals, and ACK/NACK per response.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use infermesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 
 use crate::resource_type::ResourceType;
 use crate::snapshot::{EncodedResource, EncodedResponse, Snapshot};
-use crate::stream::{NackDetail, NodeMemory, NonceCounter, StreamEvent, TypeMemory};
+use crate::stream::{NodeMemory, StreamEvent, TypeMemory};
+use crate::stream_core::{self, Answer, StreamCore};
 
 /// The wildcard resource name of the xDS protocol.
 const WILDCARD: &str = "*";
@@ -28,6 +29,12 @@ struct InFlight {
     absent: Vec<String>,
     /// What the client held before this response, to restore on NACK.
     previous: Vec<(String, Option<String>)>,
+}
+
+impl stream_core::InFlight for InFlight {
+    fn nonce(&self) -> &str {
+        &self.nonce
+    }
 }
 
 #[derive(Debug, Default)]
@@ -58,11 +65,7 @@ struct Diff {
 #[derive(Debug)]
 pub struct DeltaStream {
     types: [TypeState; 4],
-    /// `None` until the first publish (see [`SotwStream`](crate::SotwStream)).
-    snapshot: Option<Arc<Snapshot>>,
-    memory: NodeMemory,
-    nonces: NonceCounter,
-    events: VecDeque<StreamEvent>,
+    core: StreamCore,
 }
 
 impl DeltaStream {
@@ -71,20 +74,14 @@ impl DeltaStream {
     pub fn new(snapshot: Option<Arc<Snapshot>>, memory: NodeMemory) -> Self {
         Self {
             types: Default::default(),
-            snapshot,
-            memory,
-            nonces: NonceCounter::default(),
-            events: VecDeque::new(),
+            core: StreamCore::new(snapshot, memory),
         }
     }
 
     /// Feeds one request from the client. Subscription changes always apply; the nonce
     /// decides only whether it is an ACK/NACK of the response in flight.
     pub fn handle_request(&mut self, req: &DeltaDiscoveryRequest) {
-        let Some(ty) = ResourceType::from_type_url(&req.type_url) else {
-            self.events.push_back(StreamEvent::UnknownType {
-                type_url: req.type_url.clone(),
-            });
+        let Some(ty) = self.core.request_type(&req.type_url) else {
             return;
         };
         let st = &mut self.types[ty.index()];
@@ -120,6 +117,7 @@ impl DeltaStream {
             st.told_absent.remove(name);
             let via_wildcard = st.wildcard
                 && self
+                    .core
                     .snapshot
                     .as_ref()
                     .and_then(|s| s.get(ty).resources.get(name))
@@ -129,77 +127,60 @@ impl DeltaStream {
             }
         }
 
-        if req.response_nonce.is_empty() {
-            return;
-        }
-        let Some(inflight) = st.in_flight.take_if(|f| f.nonce == req.response_nonce) else {
-            if req.response_nonce != st.last_nonce {
-                self.events.push_back(StreamEvent::StaleNonce {
-                    ty,
-                    nonce: req.response_nonce.clone(),
-                });
-            }
+        let Answer::Answers(inflight) =
+            self.core
+                .answer(ty, &mut st.in_flight, &st.last_nonce, &req.response_nonce)
+        else {
             return;
         };
-        let mem = &mut self.memory[ty.index()];
-        match &req.error_detail {
-            Some(status) => {
-                for (name, prev) in inflight.previous {
-                    match prev {
-                        Some(v) => st.known.insert(name, v),
-                        None => st.known.remove(&name),
-                    };
-                }
-                for r in &inflight.sent {
-                    mem.rejected_resources
-                        .insert(r.name.clone(), r.version.clone());
-                }
-                for name in &inflight.removed {
-                    mem.rejected_resources
-                        .insert(name.clone(), REJECTED_REMOVAL.to_string());
-                }
-                self.events.push_back(StreamEvent::Nacked {
-                    ty,
-                    detail: NackDetail {
-                        version: inflight.system_version,
-                        nonce: inflight.nonce,
-                        code: status.code,
-                        message: status.message.clone(),
-                    },
-                });
+        let mem = &mut self.core.memory[ty.index()];
+        if req.error_detail.is_some() {
+            for (name, prev) in inflight.previous {
+                match prev {
+                    Some(v) => st.known.insert(name, v),
+                    None => st.known.remove(&name),
+                };
             }
-            None => {
-                for r in inflight.sent {
-                    if mem.rejected_resources.get(&r.name) != Some(&r.version) {
-                        mem.rejected_resources.remove(&r.name);
-                    }
-                    mem.acked_resources.insert(r.name.clone(), r);
+            for r in &inflight.sent {
+                mem.rejected_resources
+                    .insert(r.name.clone(), r.version.clone());
+            }
+            for name in &inflight.removed {
+                mem.rejected_resources
+                    .insert(name.clone(), REJECTED_REMOVAL.to_string());
+            }
+        } else {
+            for r in inflight.sent {
+                if mem.rejected_resources.get(&r.name) != Some(&r.version) {
+                    mem.rejected_resources.remove(&r.name);
                 }
-                for name in inflight.removed.iter().chain(&inflight.absent) {
-                    mem.acked_resources.remove(name);
-                    mem.rejected_resources.remove(name);
-                }
-                self.events.push_back(StreamEvent::Acked {
-                    ty,
-                    version: inflight.system_version,
-                    nonce: inflight.nonce,
-                });
+                mem.acked_resources.insert(r.name.clone(), r);
+            }
+            for name in inflight.removed.iter().chain(&inflight.absent) {
+                mem.acked_resources.remove(name);
+                mem.rejected_resources.remove(name);
             }
         }
+        self.core.verdict(
+            ty,
+            inflight.system_version,
+            inflight.nonce,
+            req.error_detail.as_ref(),
+        );
     }
 
     /// Replaces the snapshot being served.
     pub fn handle_snapshot(&mut self, snapshot: Arc<Snapshot>) {
-        self.snapshot = Some(snapshot);
+        self.core.snapshot = Some(snapshot);
     }
 
     /// Computes what `ty` needs: (resources to send, names to remove, absent names to
     /// report). A resource version the client rejected is replaced by the one it last
     /// accepted, or left as the client has it.
     fn diff(&self, ty: ResourceType) -> Option<Diff> {
-        let snap = self.snapshot.as_ref()?.get(ty);
+        let snap = self.core.snapshot.as_ref()?.get(ty);
         let st = &self.types[ty.index()];
-        let mem: &TypeMemory = &self.memory[ty.index()];
+        let mem: &TypeMemory = self.core.memory(ty);
         let mut send = Vec::new();
         let mut held_back = false;
         let mut in_view = BTreeSet::new();
@@ -310,15 +291,8 @@ impl DeltaStream {
                 st.told_absent.insert(name.clone());
             }
             let gone: Vec<String> = removed.iter().chain(&absent).cloned().collect();
-            let nonce = self.nonces.next();
+            let nonce = self.core.sent(ty, &system_version, send.len(), gone.len());
             let response = EncodedResponse::delta(ty, &system_version, &send, &gone, &nonce);
-            self.events.push_back(StreamEvent::Sent {
-                ty,
-                version: system_version.clone(),
-                nonce: nonce.clone(),
-                resources: send.len(),
-                removed: gone.len(),
-            });
             st.last_nonce.clone_from(&nonce);
             st.in_flight = Some(InFlight {
                 nonce,
@@ -335,12 +309,12 @@ impl DeltaStream {
 
     /// The next event to report.
     pub fn poll_event(&mut self) -> Option<StreamEvent> {
-        self.events.pop_front()
+        self.core.poll_event()
     }
 
     /// What this stream has learned about its node for `ty` (to keep across streams).
     pub fn memory(&self, ty: ResourceType) -> &TypeMemory {
-        &self.memory[ty.index()]
+        self.core.memory(ty)
     }
 
     /// The published version the client holds in full when nothing for `ty` is pending

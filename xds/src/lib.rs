@@ -57,6 +57,7 @@ pub mod snapshot;
 mod sotw;
 pub mod status;
 mod stream;
+mod stream_core;
 pub mod translate;
 
 pub use config::{InvalidXdsConfig, XdsConfig};

@@ -1,14 +1,15 @@
 //! The State-of-the-World ADS stream as a plain state machine: feed it requests and
 //! snapshots, poll it for responses. No IO, no clock; the tonic handler drives it.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use infermesh_proto::envoy::service::discovery::v3::DiscoveryRequest;
 
 use crate::resource_type::ResourceType;
 use crate::snapshot::{EncodedResponse, Snapshot, TypeSnapshot};
-use crate::stream::{NackDetail, NodeMemory, NonceCounter, StreamEvent, TypeMemory};
+use crate::stream::{NodeMemory, StreamEvent, TypeMemory};
+use crate::stream_core::{self, Answer, StreamCore};
 
 /// The wildcard resource name of the xDS protocol.
 const WILDCARD: &str = "*";
@@ -17,6 +18,12 @@ const WILDCARD: &str = "*";
 struct InFlight {
     nonce: String,
     snapshot: Arc<TypeSnapshot>,
+}
+
+impl stream_core::InFlight for InFlight {
+    fn nonce(&self) -> &str {
+        &self.nonce
+    }
 }
 
 #[derive(Debug, Default)]
@@ -39,12 +46,7 @@ struct TypeState {
 #[derive(Debug)]
 pub struct SotwStream {
     types: [TypeState; 4],
-    /// `None` until the first publish: nothing is served before the node knows its policy,
-    /// so a reconnecting Envoy is never handed an empty configuration.
-    snapshot: Option<Arc<Snapshot>>,
-    memory: NodeMemory,
-    nonces: NonceCounter,
-    events: VecDeque<StreamEvent>,
+    core: StreamCore,
 }
 
 impl SotwStream {
@@ -53,58 +55,36 @@ impl SotwStream {
     pub fn new(snapshot: Option<Arc<Snapshot>>, memory: NodeMemory) -> Self {
         Self {
             types: Default::default(),
-            snapshot,
-            memory,
-            nonces: NonceCounter::default(),
-            events: VecDeque::new(),
+            core: StreamCore::new(snapshot, memory),
         }
     }
 
     /// Feeds one request from the client.
     pub fn handle_request(&mut self, req: &DiscoveryRequest) {
-        let Some(ty) = ResourceType::from_type_url(&req.type_url) else {
-            self.events.push_back(StreamEvent::UnknownType {
-                type_url: req.type_url.clone(),
-            });
+        let Some(ty) = self.core.request_type(&req.type_url) else {
             return;
         };
         let st = &mut self.types[ty.index()];
-        // go-control-plane's rule: a request answering anything but the latest response is
-        // stale; the client will answer the latest one too, with its full state.
-        if !req.response_nonce.is_empty() && req.response_nonce != st.last_nonce {
-            self.events.push_back(StreamEvent::StaleNonce {
-                ty,
-                nonce: req.response_nonce.clone(),
-            });
-            return;
-        }
-        if let Some(inflight) = st.in_flight.take_if(|f| f.nonce == req.response_nonce) {
-            let mem = &mut self.memory[ty.index()];
-            match &req.error_detail {
-                Some(status) => {
-                    mem.rejected_version = Some(inflight.snapshot.version.clone());
-                    self.events.push_back(StreamEvent::Nacked {
-                        ty,
-                        detail: NackDetail {
-                            version: inflight.snapshot.version.clone(),
-                            nonce: inflight.nonce,
-                            code: status.code,
-                            message: status.message.clone(),
-                        },
-                    });
-                }
-                None => {
-                    if mem.rejected_version.as_ref() != Some(&inflight.snapshot.version) {
+        match self
+            .core
+            .answer(ty, &mut st.in_flight, &st.last_nonce, &req.response_nonce)
+        {
+            Answer::Stale => return,
+            Answer::Answers(inflight) => {
+                let mem = &mut self.core.memory[ty.index()];
+                let version = inflight.snapshot.version.clone();
+                if req.error_detail.is_some() {
+                    mem.rejected_version = Some(version.clone());
+                } else {
+                    if mem.rejected_version.as_ref() != Some(&version) {
                         mem.rejected_version = None;
                     }
-                    self.events.push_back(StreamEvent::Acked {
-                        ty,
-                        version: inflight.snapshot.version.clone(),
-                        nonce: inflight.nonce,
-                    });
                     mem.last_acked = Some(inflight.snapshot);
                 }
+                self.core
+                    .verdict(ty, version, inflight.nonce, req.error_detail.as_ref());
             }
+            Answer::NoNonce | Answer::Settled => {}
         }
         st.client_version.clone_from(&req.version_info);
         let wildcard = req.resource_names.iter().any(|n| n == WILDCARD)
@@ -128,14 +108,14 @@ impl SotwStream {
 
     /// Replaces the snapshot being served.
     pub fn handle_snapshot(&mut self, snapshot: Arc<Snapshot>) {
-        self.snapshot = Some(snapshot);
+        self.core.snapshot = Some(snapshot);
     }
 
     /// The snapshot of `ty` this client should hold: the current one, unless the client
     /// rejected exactly that version, in which case the last one it accepted (if any).
     fn effective(&self, ty: ResourceType) -> Option<Arc<TypeSnapshot>> {
-        let current = self.snapshot.as_ref()?.get(ty);
-        let mem: &TypeMemory = &self.memory[ty.index()];
+        let current = self.core.snapshot.as_ref()?.get(ty);
+        let mem: &TypeMemory = self.core.memory(ty);
         if mem.rejected_version.as_deref() == Some(current.version.as_str()) {
             mem.last_acked.clone()
         } else {
@@ -161,15 +141,9 @@ impl SotwStream {
             if snap.version == st.client_version && !st.names_dirty {
                 continue;
             }
-            let nonce = self.nonces.next();
+            let resources = snap.view(st.wildcard, &st.names).count();
+            let nonce = self.core.sent(ty, &snap.version, resources, 0);
             let response = snap.sotw_response(st.wildcard, &st.names, &nonce);
-            self.events.push_back(StreamEvent::Sent {
-                ty,
-                version: snap.version.clone(),
-                nonce: nonce.clone(),
-                resources: snap.view(st.wildcard, &st.names).count(),
-                removed: 0,
-            });
             st.last_nonce.clone_from(&nonce);
             st.names_dirty = false;
             st.in_flight = Some(InFlight {
@@ -183,12 +157,12 @@ impl SotwStream {
 
     /// The next event to report.
     pub fn poll_event(&mut self) -> Option<StreamEvent> {
-        self.events.pop_front()
+        self.core.poll_event()
     }
 
     /// What this stream has learned about its node for `ty` (to keep across streams).
     pub fn memory(&self, ty: ResourceType) -> &TypeMemory {
-        &self.memory[ty.index()]
+        self.core.memory(ty)
     }
 
     /// The published version of `ty`, when the client holds it in full and nothing is
@@ -200,7 +174,7 @@ impl SotwStream {
         }
         // Only the published version counts: holding the last accepted one instead of a
         // rejected one is not being in sync.
-        let current = self.snapshot.as_ref()?.get(ty);
+        let current = self.core.snapshot.as_ref()?.get(ty);
         let effective = self.effective(ty)?;
         (Arc::ptr_eq(current, &effective) && effective.version == st.client_version)
             .then(|| effective.version.clone())

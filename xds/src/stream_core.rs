@@ -1,0 +1,143 @@
+//! The bookkeeping both ADS stream state machines ([`SotwStream`](crate::SotwStream),
+//! [`DeltaStream`](crate::DeltaStream)) do the same way: the snapshot served, the node's
+//! memory, nonces, the event queue, and what a request's type URL and `response_nonce`
+//! say about the response in flight (unknown type, stale nonce, ACK, NACK). What a
+//! protocol remembers per type, and what an ACK or NACK changes in it, stays with it.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use infermesh_proto::google::rpc::Status;
+
+use crate::resource_type::ResourceType;
+use crate::snapshot::Snapshot;
+use crate::stream::{NackDetail, NodeMemory, NonceCounter, StreamEvent, TypeMemory};
+
+/// A response sent and not yet ACKed or NACKed.
+pub(crate) trait InFlight {
+    /// The nonce it was sent with.
+    fn nonce(&self) -> &str;
+}
+
+/// What a request's `response_nonce` says about the response in flight for its type.
+pub(crate) enum Answer<F> {
+    /// No nonce: the request answers no response.
+    NoNonce,
+    /// It answers an older response than the latest one sent: not an ACK/NACK (the client
+    /// will answer the latest one too, with its full state; go-control-plane's rule).
+    Stale,
+    /// It answers the response in flight, which is taken out.
+    Answers(F),
+    /// It answers the latest response, already settled.
+    Settled,
+}
+
+/// The state a stream machine shares with the other protocol's.
+#[derive(Debug)]
+pub(crate) struct StreamCore {
+    /// `None` until the first publish: nothing is served before the node knows its
+    /// policy, so a reconnecting Envoy is never handed an empty configuration.
+    pub(crate) snapshot: Option<Arc<Snapshot>>,
+    pub(crate) memory: NodeMemory,
+    nonces: NonceCounter,
+    events: VecDeque<StreamEvent>,
+}
+
+impl StreamCore {
+    pub(crate) fn new(snapshot: Option<Arc<Snapshot>>, memory: NodeMemory) -> Self {
+        Self {
+            snapshot,
+            memory,
+            nonces: NonceCounter::default(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// The type a request is for; an unknown one is reported and `None`.
+    pub(crate) fn request_type(&mut self, type_url: &str) -> Option<ResourceType> {
+        let ty = ResourceType::from_type_url(type_url);
+        if ty.is_none() {
+            self.events.push_back(StreamEvent::UnknownType {
+                type_url: type_url.to_owned(),
+            });
+        }
+        ty
+    }
+
+    /// Matches `response_nonce` against the response in flight (whose nonce is always
+    /// `last_nonce`, the latest sent), reporting a stale nonce.
+    pub(crate) fn answer<F: InFlight>(
+        &mut self,
+        ty: ResourceType,
+        in_flight: &mut Option<F>,
+        last_nonce: &str,
+        response_nonce: &str,
+    ) -> Answer<F> {
+        if response_nonce.is_empty() {
+            return Answer::NoNonce;
+        }
+        if let Some(f) = in_flight.take_if(|f| f.nonce() == response_nonce) {
+            return Answer::Answers(f);
+        }
+        if response_nonce != last_nonce {
+            self.events.push_back(StreamEvent::StaleNonce {
+                ty,
+                nonce: response_nonce.to_owned(),
+            });
+            return Answer::Stale;
+        }
+        Answer::Settled
+    }
+
+    /// Reports the client's verdict on the response `version`/`nonce`: a NACK when it
+    /// gave `error_detail`, else an ACK.
+    pub(crate) fn verdict(
+        &mut self,
+        ty: ResourceType,
+        version: String,
+        nonce: String,
+        error_detail: Option<&Status>,
+    ) {
+        self.events.push_back(match error_detail {
+            Some(status) => StreamEvent::Nacked {
+                ty,
+                detail: NackDetail {
+                    version,
+                    nonce,
+                    code: status.code,
+                    message: status.message.clone(),
+                },
+            },
+            None => StreamEvent::Acked { ty, version, nonce },
+        });
+    }
+
+    /// Reports a response of `ty` handed out for sending and returns its fresh nonce.
+    pub(crate) fn sent(
+        &mut self,
+        ty: ResourceType,
+        version: &str,
+        resources: usize,
+        removed: usize,
+    ) -> String {
+        let nonce = self.nonces.next();
+        self.events.push_back(StreamEvent::Sent {
+            ty,
+            version: version.to_owned(),
+            nonce: nonce.clone(),
+            resources,
+            removed,
+        });
+        nonce
+    }
+
+    /// The next event to report.
+    pub(crate) fn poll_event(&mut self) -> Option<StreamEvent> {
+        self.events.pop_front()
+    }
+
+    /// What the stream has learned about its node for `ty`.
+    pub(crate) fn memory(&self, ty: ResourceType) -> &TypeMemory {
+        &self.memory[ty.index()]
+    }
+}
