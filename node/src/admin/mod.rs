@@ -13,14 +13,17 @@ mod errors;
 
 use std::net::SocketAddr;
 
+use std::sync::Arc;
+
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use http_body_util::{BodyExt, Full};
-use infermesh_raft_store::policy::{Kind, ObjectKey};
+use infermesh_raft_store::policy::{DEFAULT_NAMESPACE, Kind, ObjectKey, StoredObject};
 use infermesh_raft_store::{PolicyState, PolicyStore, Route};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -133,22 +136,66 @@ struct DeleteQuery {
     resource_version: Option<u64>,
 }
 
-/// The state to read from: local, or confirmed by a quorum at the leader. `None` means
-/// this node is not the leader and the request should be forwarded there.
-async fn read_state(
+/// The method, URI and headers of a request, kept so the leader can be asked the same.
+struct Incoming {
+    method: Method,
+    uri: http::Uri,
+    headers: HeaderMap,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Incoming {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Incoming {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            headers: parts.headers.clone(),
+        })
+    }
+}
+
+impl Incoming {
+    /// Sends this (bodiless) request to the leader's admin API and relays its answer.
+    async fn forward(self, state: &AdminState) -> Result<Response, ApiError> {
+        forward_to_leader(state, self.method, &self.uri, self.headers, Bytes::new()).await
+    }
+}
+
+/// Answers a read from the state to read: local, or confirmed by a quorum at the leader
+/// (`consistent`); on a follower asked for a consistent read, the leader's answer.
+async fn read(
     state: &AdminState,
     consistent: bool,
-) -> Result<Option<std::sync::Arc<PolicyState>>, ApiError> {
+    incoming: Incoming,
+    answer: impl FnOnce(&PolicyState) -> Result<Response, ApiError>,
+) -> Result<Response, ApiError> {
     if !consistent {
-        return Ok(Some(state.store.policy()));
+        return answer(&state.store.policy());
     }
     match state.store.read_linearizable().await {
-        Ok(s) => Ok(Some(s)),
+        Ok(s) => answer(&s),
         Err(infermesh_raft_store::ReadError::NotLeader {
             leader: Some(_), ..
-        }) => Ok(None),
+        }) => incoming.forward(state).await,
         Err(e) => Err(ApiError::from(e)),
     }
+}
+
+/// The documents of `objects` in `namespace` (all namespaces when `None`).
+fn documents<'a>(
+    objects: impl Iterator<Item = &'a Arc<StoredObject>>,
+    namespace: Option<&str>,
+) -> Vec<Value> {
+    objects
+        .filter(|o| namespace.is_none_or(|n| o.object.metadata().namespace == n))
+        .map(|o| o.to_document())
+        .collect()
+}
+
+/// The namespace a request names, or the default one.
+fn namespace_or_default(namespace: Option<String>) -> String {
+    namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned())
 }
 
 async fn node_info(State(state): State<AdminState>) -> Response {
@@ -169,74 +216,49 @@ impl<T: Serialize> IntoResponse for Json<T> {
 async fn list_all(
     State(state): State<AdminState>,
     Query(q): Query<ReadQuery>,
-    method: Method,
-    uri: http::Uri,
-    headers: HeaderMap,
+    incoming: Incoming,
 ) -> Result<Response, ApiError> {
-    let Some(policy) = read_state(&state, q.consistent).await? else {
-        return forward_to_leader(&state, method, &uri, headers, Bytes::new()).await;
-    };
-    let items: Vec<Value> = policy
-        .iter()
-        .filter(|o| {
-            q.namespace
-                .as_ref()
-                .is_none_or(|n| &o.object.metadata().namespace == n)
-        })
-        .map(|o| o.to_document())
-        .collect();
-    Ok(Json(json!({"appliedIndex": policy.applied_index(), "items": items})).into_response())
+    read(&state, q.consistent, incoming, |policy| {
+        let items = documents(policy.iter(), q.namespace.as_deref());
+        Ok(Json(json!({"appliedIndex": policy.applied_index(), "items": items})).into_response())
+    })
+    .await
 }
 
 async fn list_kind(
     State(state): State<AdminState>,
     Path(k): Path<String>,
     Query(q): Query<ReadQuery>,
-    method: Method,
-    uri: http::Uri,
-    headers: HeaderMap,
+    incoming: Incoming,
 ) -> Result<Response, ApiError> {
     let kind = kind(&k)?;
-    let Some(policy) = read_state(&state, q.consistent).await? else {
-        return forward_to_leader(&state, method, &uri, headers, Bytes::new()).await;
-    };
-    let items: Vec<Value> = policy
-        .list(kind)
-        .filter(|o| {
-            q.namespace
-                .as_ref()
-                .is_none_or(|n| &o.object.metadata().namespace == n)
-        })
-        .map(|o| o.to_document())
-        .collect();
-    Ok(Json(json!({
-        "kind": kind.as_str(),
-        "appliedIndex": policy.applied_index(),
-        "items": items,
-    }))
-    .into_response())
+    read(&state, q.consistent, incoming, |policy| {
+        let items = documents(policy.list(kind), q.namespace.as_deref());
+        Ok(Json(json!({
+            "kind": kind.as_str(),
+            "appliedIndex": policy.applied_index(),
+            "items": items,
+        }))
+        .into_response())
+    })
+    .await
 }
 
 async fn get_one(
     State(state): State<AdminState>,
     Path((k, name)): Path<(String, String)>,
     Query(q): Query<ReadQuery>,
-    method: Method,
-    uri: http::Uri,
-    headers: HeaderMap,
+    incoming: Incoming,
 ) -> Result<Response, ApiError> {
     let kind = kind(&k)?;
-    let Some(policy) = read_state(&state, q.consistent).await? else {
-        return forward_to_leader(&state, method, &uri, headers, Bytes::new()).await;
-    };
-    let ns = q
-        .namespace
-        .unwrap_or_else(|| infermesh_raft_store::policy::DEFAULT_NAMESPACE.to_owned());
-    let key = ObjectKey::new(kind, ns, name);
-    match policy.get(&key) {
-        Some(o) => Ok(Json(o.to_document()).into_response()),
-        None => Err(ApiError::not_found(format!("{key} not found"))),
-    }
+    let key = ObjectKey::new(kind, namespace_or_default(q.namespace), name);
+    read(&state, q.consistent, incoming, |policy| {
+        match policy.get(&key) {
+            Some(o) => Ok(Json(o.to_document()).into_response()),
+            None => Err(ApiError::not_found(format!("{key} not found"))),
+        }
+    })
+    .await
 }
 
 async fn apply(
@@ -258,14 +280,12 @@ async fn delete_one(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
-    let kind = kind(&k)?;
-    let ns = q
-        .namespace
-        .unwrap_or_else(|| infermesh_raft_store::policy::DEFAULT_NAMESPACE.to_owned());
-    let applied = bounded(state.store.delete(
-        vec![(ObjectKey::new(kind, ns, name), q.resource_version)],
-        Route::ViaLeader,
-    ))
+    let key = ObjectKey::new(kind(&k)?, namespace_or_default(q.namespace), name);
+    let applied = bounded(
+        state
+            .store
+            .delete(vec![(key, q.resource_version)], Route::ViaLeader),
+    )
     .await?;
     Ok(Json(errors::applied_json(&applied)).into_response())
 }
@@ -293,16 +313,14 @@ async fn cluster_status(State(state): State<AdminState>) -> Response {
 async fn remove_member(
     State(state): State<AdminState>,
     Path(id): Path<u64>,
-    method: Method,
-    uri: http::Uri,
-    headers: HeaderMap,
+    incoming: Incoming,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
+    authorize(&state, &incoming.headers)?;
     match state.store.remove_node(id).await {
         Ok(()) => Ok(Json(json!({"removed": id})).into_response()),
         Err(infermesh_raft_store::ClusterError::NotLeader {
             leader: Some(_), ..
-        }) => forward_to_leader(&state, method, &uri, headers, Bytes::new()).await,
+        }) => incoming.forward(&state).await,
         Err(e) => Err(ApiError::from(e)),
     }
 }
@@ -328,14 +346,12 @@ async fn bounded<T>(
 /// it then catch up by snapshot).
 async fn compact(
     State(state): State<AdminState>,
-    method: Method,
-    uri: http::Uri,
-    headers: HeaderMap,
+    incoming: Incoming,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
+    authorize(&state, &incoming.headers)?;
     let status = state.store.status();
     if status.leader != Some(state.node.raft_id) {
-        return forward_to_leader(&state, method, &uri, headers, Bytes::new()).await;
+        return incoming.forward(&state).await;
     }
     let index = state.store.compact().await?;
     Ok(Json(json!({"snapshotIndex": index})).into_response())
