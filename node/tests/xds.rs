@@ -34,7 +34,7 @@ use infermesh_scheduler::ResolvedConfig;
 use infermesh_sim::{EngineProfile, Fleet, FleetConfig};
 use infermesh_testkit::ads::{self, in_sync, status_of};
 use infermesh_testkit::envoy::Envoy;
-use infermesh_testkit::{free_port, wait_for};
+use infermesh_testkit::{Isolated, block_on, free_port, wait_for};
 use infermesh_xds::ResourceType;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -44,17 +44,13 @@ const WAIT: Duration = Duration::from_secs(30);
 struct Node {
     app: Option<App>,
     policy: Option<PolicyNode>,
-    rt: Option<tokio::runtime::Runtime>,
+    rt: Isolated,
 }
 
 impl Node {
     /// Starts the node and its policy store (forming or joining the Raft cluster).
     async fn start(cfg: NodeConfig, cluster: ClusterArgs) -> Node {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let rt = Isolated::new();
         let base = LocalBase {
             endpoints_file: None,
             initial_pool: match &cfg.endpoints {
@@ -64,19 +60,18 @@ impl Node {
             scheduler: cfg.scheduler.clone(),
         };
         let (app, policy) = rt
-            .spawn(async move {
+            .run(async move {
                 let app = App::start(cfg).await.expect("node starts");
                 let policy = PolicyNode::start(&app, &cluster, base)
                     .await
                     .expect("policy store starts");
                 (app, policy)
             })
-            .await
-            .expect("start task");
+            .await;
         Node {
             app: Some(app),
             policy: Some(policy),
-            rt: Some(rt),
+            rt,
         }
     }
 
@@ -92,9 +87,7 @@ impl Node {
     }
 
     fn kill(&mut self) {
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
-        }
+        self.rt.kill();
         self.policy = None;
         self.app = None;
     }
@@ -566,12 +559,7 @@ fn run(api_type: &str) {
         )
         .with_test_writer()
         .try_init();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(scenario(api_type));
+    block_on(scenario(api_type));
 }
 
 #[test]
@@ -604,12 +592,7 @@ fn xds_status_names_an_unreachable_server() {
 /// graceful shutdown ends the stream promptly.
 #[test]
 fn ads_on_its_own_address() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    block_on(async {
         let pods: Vec<SocketAddr> = vec!["127.0.0.1:18000".parse().unwrap()];
         let mut cfg = NodeConfig::local(fleet_pool(&pods, "m"), ResolvedConfig::builtin_default())
             .expect("config");

@@ -3,11 +3,13 @@
 //! Envoy binary (`$ENVOY_BIN` or the `.venv-test` that `scripts/setup-test-deps.sh`
 //! installs; a missing Envoy is a panic naming the fix, never a skip), open an ADS stream
 //! and read an Envoy's sync status, a minimal full-duplex ext_proc processor, and
-//! condition waits. Everything listens on 127.0.0.1 only. Not published.
+//! condition waits, killable runtimes. Everything listens on 127.0.0.1 only. Not published.
 
 pub mod ads;
 pub mod envoy;
 pub mod extproc;
 pub mod net;
+pub mod runtime;
 
 pub use net::{free_port, http_get, wait_for, workspace_dir};
+pub use runtime::{Isolated, block_on};

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use infermesh_testkit::ads::{in_sync, status_of};
 use infermesh_testkit::envoy::Envoy;
-use infermesh_testkit::{free_port, http_get, wait_for};
+use infermesh_testkit::{block_on, free_port, http_get, wait_for};
 use infermesh_xds::{FailureMode, InferencePoolSpec, ResourceType, XdsInput};
 use support::{PickerNode, XdsNode, start_backend};
 
@@ -222,21 +222,12 @@ async fn scenario(api_type: &str) {
     drop(envoy);
 }
 
-fn run(api_type: &str) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(scenario(api_type));
-}
-
 #[test]
 fn envoy_sotw_ads() {
-    run("GRPC");
+    block_on(scenario("GRPC"));
 }
 
 #[test]
 fn envoy_delta_ads() {
-    run("DELTA_GRPC");
+    block_on(scenario("DELTA_GRPC"));
 }

@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use infermesh_testkit::{wait_for, workspace_dir};
+use infermesh_testkit::{block_on, wait_for, workspace_dir};
 use infermesh_xds::{ResourceType, XdsInput};
 use support::{PickerNode, XdsNode, start_backend};
 
@@ -35,11 +35,7 @@ fn python() -> std::path::PathBuf {
 #[test]
 fn grpc_python_resolves_xds_target() {
     let py = python();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    block_on(async {
         let backend = start_backend("unused").await;
         let picker = PickerNode::start("picker-1", backend).await;
         let node = XdsNode::start().await;

@@ -4,56 +4,13 @@
 
 #![allow(dead_code)]
 
-use std::future::Future;
 use std::net::SocketAddr;
 
+use infermesh_testkit::Isolated;
 use infermesh_testkit::extproc::MinimalProcessor;
 use infermesh_xds::{XdsConfig, XdsServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-
-/// A tokio runtime that can be killed outright, taking every task and socket with it.
-pub struct Isolated {
-    rt: Option<tokio::runtime::Runtime>,
-}
-
-impl Isolated {
-    pub fn new() -> Self {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        Self { rt: Some(rt) }
-    }
-
-    /// Runs `fut` on this runtime and returns its output.
-    pub async fn run<T: Send + 'static>(&self, fut: impl Future<Output = T> + Send + 'static) -> T {
-        let (tx, rx) = oneshot::channel();
-        self.rt.as_ref().expect("alive").spawn(async move {
-            let _ = tx.send(fut.await);
-        });
-        rx.await.expect("isolated task finished")
-    }
-
-    pub fn spawn(&self, fut: impl Future<Output = ()> + Send + 'static) {
-        self.rt.as_ref().expect("alive").spawn(fut);
-    }
-
-    /// Kills every task and connection of this runtime.
-    pub fn kill(&mut self) {
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
-        }
-    }
-}
-
-impl Drop for Isolated {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 /// An infermesh node's xDS server on its own runtime.
 pub struct XdsNode {
