@@ -7,8 +7,8 @@ use std::sync::Arc;
 use infermesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 
 use crate::resource_type::ResourceType;
-use crate::snapshot::{EncodedResource, EncodedResponse, Snapshot};
-use crate::stream::{NodeMemory, StreamEvent, TypeMemory};
+use crate::snapshot::{EncodedResource, EncodedResponse};
+use crate::stream::TypeMemory;
 use crate::stream_core::{self, Answer, StreamCore};
 
 /// The wildcard resource name of the xDS protocol.
@@ -69,14 +69,7 @@ pub struct DeltaStream {
 }
 
 impl DeltaStream {
-    /// A stream serving `snapshot`, seeded with what this client's node accepted and
-    /// rejected on earlier streams.
-    pub fn new(snapshot: Option<Arc<Snapshot>>, memory: NodeMemory) -> Self {
-        Self {
-            types: Default::default(),
-            core: StreamCore::new(snapshot, memory),
-        }
-    }
+    stream_core::common_stream_api!();
 
     /// Feeds one request from the client. Subscription changes always apply; the nonce
     /// decides only whether it is an ACK/NACK of the response in flight.
@@ -167,11 +160,6 @@ impl DeltaStream {
             inflight.nonce,
             req.error_detail.as_ref(),
         );
-    }
-
-    /// Replaces the snapshot being served.
-    pub fn handle_snapshot(&mut self, snapshot: Arc<Snapshot>) {
-        self.core.snapshot = Some(snapshot);
     }
 
     /// Computes what `ty` needs: (resources to send, names to remove, absent names to
@@ -307,16 +295,6 @@ impl DeltaStream {
         None
     }
 
-    /// The next event to report.
-    pub fn poll_event(&mut self) -> Option<StreamEvent> {
-        self.core.poll_event()
-    }
-
-    /// What this stream has learned about its node for `ty` (to keep across streams).
-    pub fn memory(&self, ty: ResourceType) -> &TypeMemory {
-        self.core.memory(ty)
-    }
-
     /// The published version the client holds in full when nothing for `ty` is pending
     /// or in flight.
     pub fn synced_version(&self, ty: ResourceType) -> Option<String> {
@@ -326,16 +304,5 @@ impl DeltaStream {
         let d = self.diff(ty)?;
         (d.send.is_empty() && d.removed.is_empty() && d.absent.is_empty() && !d.held_back)
             .then_some(d.version)
-    }
-
-    /// Whether the client has subscribed to `ty`.
-    pub fn is_subscribed(&self, ty: ResourceType) -> bool {
-        self.types[ty.index()].subscribed
-    }
-
-    /// The subscription for `ty`: wildcard flag and explicit names.
-    pub fn subscription(&self, ty: ResourceType) -> (bool, &BTreeSet<String>) {
-        let st = &self.types[ty.index()];
-        (st.wildcard, &st.names)
     }
 }

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use infermesh_proto::envoy::service::discovery::v3::DiscoveryRequest;
 
 use crate::resource_type::ResourceType;
-use crate::snapshot::{EncodedResponse, Snapshot, TypeSnapshot};
-use crate::stream::{NodeMemory, StreamEvent, TypeMemory};
+use crate::snapshot::{EncodedResponse, TypeSnapshot};
+use crate::stream::TypeMemory;
 use crate::stream_core::{self, Answer, StreamCore};
 
 /// The wildcard resource name of the xDS protocol.
@@ -50,14 +50,7 @@ pub struct SotwStream {
 }
 
 impl SotwStream {
-    /// A stream serving `snapshot`, seeded with what this client's node accepted and
-    /// rejected on earlier streams.
-    pub fn new(snapshot: Option<Arc<Snapshot>>, memory: NodeMemory) -> Self {
-        Self {
-            types: Default::default(),
-            core: StreamCore::new(snapshot, memory),
-        }
-    }
+    stream_core::common_stream_api!();
 
     /// Feeds one request from the client.
     pub fn handle_request(&mut self, req: &DiscoveryRequest) {
@@ -106,11 +99,6 @@ impl SotwStream {
         st.subscribed = st.wildcard || !st.names.is_empty();
     }
 
-    /// Replaces the snapshot being served.
-    pub fn handle_snapshot(&mut self, snapshot: Arc<Snapshot>) {
-        self.core.snapshot = Some(snapshot);
-    }
-
     /// The snapshot of `ty` this client should hold: the current one, unless the client
     /// rejected exactly that version, in which case the last one it accepted (if any).
     fn effective(&self, ty: ResourceType) -> Option<Arc<TypeSnapshot>> {
@@ -155,16 +143,6 @@ impl SotwStream {
         None
     }
 
-    /// The next event to report.
-    pub fn poll_event(&mut self) -> Option<StreamEvent> {
-        self.core.poll_event()
-    }
-
-    /// What this stream has learned about its node for `ty` (to keep across streams).
-    pub fn memory(&self, ty: ResourceType) -> &TypeMemory {
-        self.core.memory(ty)
-    }
-
     /// The published version of `ty`, when the client holds it in full and nothing is
     /// pending or in flight.
     pub fn synced_version(&self, ty: ResourceType) -> Option<String> {
@@ -178,16 +156,5 @@ impl SotwStream {
         let effective = self.effective(ty)?;
         (Arc::ptr_eq(current, &effective) && effective.version == st.client_version)
             .then(|| effective.version.clone())
-    }
-
-    /// Whether the client has subscribed to `ty`.
-    pub fn is_subscribed(&self, ty: ResourceType) -> bool {
-        self.types[ty.index()].subscribed
-    }
-
-    /// The subscription for `ty`: wildcard flag and explicit names.
-    pub fn subscription(&self, ty: ResourceType) -> (bool, &BTreeSet<String>) {
-        let st = &self.types[ty.index()];
-        (st.wildcard, &st.names)
     }
 }

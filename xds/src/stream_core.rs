@@ -141,3 +141,52 @@ impl StreamCore {
         &self.memory[ty.index()]
     }
 }
+
+/// The public API both stream types have in common, written once over their `core`
+/// field and their per-type `types` array (each entry with `subscribed`, `wildcard` and
+/// `names`).
+macro_rules! common_stream_api {
+    () => {
+        /// A stream serving `snapshot`, seeded with what this client's node accepted and
+        /// rejected on earlier streams.
+        pub fn new(
+            snapshot: Option<::std::sync::Arc<$crate::snapshot::Snapshot>>,
+            memory: $crate::stream::NodeMemory,
+        ) -> Self {
+            Self {
+                types: Default::default(),
+                core: $crate::stream_core::StreamCore::new(snapshot, memory),
+            }
+        }
+
+        /// Replaces the snapshot being served.
+        pub fn handle_snapshot(&mut self, snapshot: ::std::sync::Arc<$crate::snapshot::Snapshot>) {
+            self.core.snapshot = Some(snapshot);
+        }
+
+        /// The next event to report.
+        pub fn poll_event(&mut self) -> Option<$crate::stream::StreamEvent> {
+            self.core.poll_event()
+        }
+
+        /// What this stream has learned about its node for `ty` (to keep across streams).
+        pub fn memory(&self, ty: $crate::ResourceType) -> &$crate::stream::TypeMemory {
+            self.core.memory(ty)
+        }
+
+        /// Whether the client has subscribed to `ty`.
+        pub fn is_subscribed(&self, ty: $crate::ResourceType) -> bool {
+            self.types[ty.index()].subscribed
+        }
+
+        /// The subscription for `ty`: wildcard flag and explicit names.
+        pub fn subscription(
+            &self,
+            ty: $crate::ResourceType,
+        ) -> (bool, &::std::collections::BTreeSet<String>) {
+            let st = &self.types[ty.index()];
+            (st.wildcard, &st.names)
+        }
+    };
+}
+pub(crate) use common_stream_api;
