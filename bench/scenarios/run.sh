@@ -5,7 +5,7 @@
 #   and the sim (by the PIDs this script started; a trap does it on any exit).
 #
 # Usage: bench/scenarios/run.sh SCENARIO [ROUTER ...]
-#   SCENARIO: shared-prefix | overload-sweep | smoke
+#   SCENARIO: shared-prefix | shared-prefix-warm | overload-sweep | smoke
 #   ROUTER:   round-robin | infermesh | sglang-router | vllm-router   (default: all four)
 #
 # Environment (defaults in brackets):
@@ -16,6 +16,8 @@
 #   QPS, MAX_REQUESTS, DURATION_S: override the scenario's load.
 #   REPORT_ONLY [0]: run nothing; rebuild the scenario's README table (and plot) from the
 #     reports already saved.
+#   INFERMESH_CONFIG []: EndpointPickerConfig file for the infermesh leg (`infermesh serve
+#     --config-file`); its path is saved next to the report and named in the README.
 #
 # Scenario arithmetic (shared-prefix; printed again at run time from the pods' metrics):
 #   The llama-8b-h100 sim profile has num_gpu_blocks=31,250 x block_size=16 = 500,000 KV
@@ -33,6 +35,25 @@
 #   capacity, where queueing shows) but not overloaded for any router.
 #   The oracle hit rate for this workload is about (4/5) x 6000/7200 = 0.67 when every
 #   group is sent 5 times (first request per group is a cold miss; questions never hit).
+#
+# Scenario arithmetic (shared-prefix-warm): the same llm-d shape (6,000-token shared
+#   prefixes, 1,200-token questions, 128 output tokens) with few groups and many users per
+#   group, so almost every request is warm and the TTFT tail is set by routing, not by
+#   unavoidable cold prefills. 48 groups x 25 users = 1,200 requests, sent once each in
+#   shuffled order: the first request of each group is cold, 48 / 1,200 = 4% of requests
+#   (< 10%). Prefixes: 48 x 6,000 = 288k tokens = 7.2% of the fleet's 4M KV tokens; a
+#   cache-aware router keeps ~6 groups (36k tokens) per pod, and even round robin, which
+#   caches every group on every pod, needs 288k of a pod's 500k: nothing is evicted, and
+#   round robin pays one cold prefill per group per pod, 8 x 48 = 384 of 1,200 (32%).
+#   Load, with the shared-prefix method: a request prefills 5 ms + 50 us/token. Perfect
+#   reuse: 0.04 x 7,200 + 0.96 x 1,200 = 1,440 tokens (77 ms) per request, so the fleet's
+#   prefill capacity is 8 x 20,000 / 1,440 = 111 req/s; cache-blind (round robin, 32%
+#   cold): 0.32 x 7,200 + 0.68 x 1,200 = 3,120 tokens (161 ms), 8 x 20,000 / 3,120 = 51
+#   req/s. 24 QPS is about half the cache-blind capacity, as 12 QPS is for shared-prefix:
+#   3 req/s per pod keeps a pod's prefill busy 0.23 of the time with perfect reuse (more on
+#   a pod given more than its share of groups) and 0.48 under round robin, so queueing
+#   shows but no router is overloaded. 1,200 requests at 24 QPS take ~50 s (DURATION_S 60
+#   only bounds it). Oracle hit rate: (24/25) x 6000/7200 = 0.80.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -62,6 +83,11 @@ case "$SCENARIO" in
     SYS_TOKENS=6000; Q_TOKENS=1200; PPG=5; OUT_TOKENS=128; FILL=0.75
     QPS="${QPS:-12}"; MAX_REQUESTS="${MAX_REQUESTS:-1500}"; DURATION_S="${DURATION_S:-120}"
     ;;
+  shared-prefix-warm)
+    # Sizing in the header: 48 groups x 25 users, 4% cold, 24 QPS.
+    SYS_TOKENS=6000; Q_TOKENS=1200; PPG=25; OUT_TOKENS=128; GROUPS_FIXED=48
+    QPS="${QPS:-24}"; MAX_REQUESTS="${MAX_REQUESTS:-1200}"; DURATION_S="${DURATION_S:-60}"
+    ;;
   overload-sweep)
     # The shared-prefix shape with prefixes filling 25% of the fleet's KV (167 groups), so
     # a 30 s point already repeats groups; offered load from below to ~3x the cache-blind
@@ -75,7 +101,7 @@ case "$SCENARIO" in
     PODS="${PODS_SMOKE:-2}"
     QPS="${QPS:-20}"; MAX_REQUESTS="${MAX_REQUESTS:-60}"; DURATION_S="${DURATION_S:-10}"
     ;;
-  *) die "usage: bench/scenarios/run.sh shared-prefix|overload-sweep|smoke [round-robin|infermesh|sglang-router|vllm-router ...]" ;;
+  *) die "usage: bench/scenarios/run.sh shared-prefix|shared-prefix-warm|overload-sweep|smoke [round-robin|infermesh|sglang-router|vllm-router ...]" ;;
 esac
 
 if [ "${SKIP_BUILD:-0}" != 1 ] && [ "${REPORT_ONLY:-0}" != 1 ]; then
@@ -168,8 +194,13 @@ start_router() {
           echo "- {name: sim-$i, address: 127.0.0.1, targetPorts: [{number: $((BASE_PORT + i))}]}"
         done
       } >"$WORK/pool.yaml"
+      local cfg=()
+      if [ -n "${INFERMESH_CONFIG:-}" ]; then
+        [ -f "$INFERMESH_CONFIG" ] || die "INFERMESH_CONFIG file '$INFERMESH_CONFIG' not found"
+        cfg=(--config-file "$INFERMESH_CONFIG")
+      fi
       "$bin" serve --proxy-addr "127.0.0.1:$port" --endpoints "$WORK/pool.yaml" \
-        --ext-proc-addr "127.0.0.1:$((port + 200))" --metrics-addr "127.0.0.1:$((port + 300))" "${mesh[@]}" \
+        --ext-proc-addr "127.0.0.1:$((port + 200))" --metrics-addr "127.0.0.1:$((port + 300))" "${mesh[@]}" "${cfg[@]}" \
         >"$WORK/router-$k.log" 2>&1 &
       PIDS+=($!)
       ;;
@@ -244,6 +275,10 @@ for router in "${ROUTERS[@]}"; do
     --qps "$QPS" --max-requests "$MAX_REQUESTS" --duration-s "$DURATION_S" --seed "$SEED" \
     --out-dir "$OUT_DIR/$SCENARIO" --name "$label" >&2
   REPORTS+=("$OUT_DIR/$SCENARIO/$label.json")
+  rm -f "$OUT_DIR/$SCENARIO/$label.config"
+  if [ "$router" = infermesh ] && [ -n "${INFERMESH_CONFIG:-}" ]; then
+    echo "$INFERMESH_CONFIG" >"$OUT_DIR/$SCENARIO/$label.config"
+  fi
   cleanup
 done
 
@@ -263,6 +298,21 @@ done
   echo "on a $(nproc)-core machine shared with other work (latencies include that noise)."
   echo "Sizing arithmetic: see the header of bench/scenarios/run.sh."
   [ "$SCENARIO" = overload-sweep ] && echo "TTFT against offered load: ttft-vs-qps.svg (thick p90, thin p50)."
+  for f in "${REPORTS[@]}"; do
+    c="${f%.json}.config"
+    [ -f "$c" ] && echo "$(basename "${f%.json}") ran \`infermesh serve --config-file $(cat "$c")\`."
+  done
+  if [ "$SCENARIO" = shared-prefix-warm ]; then
+    # Every warm request hits exactly its SYS_TOKENS prefix in the oracle (6,000 is a whole
+    # number of 16-token blocks; questions never repeat), so the oracle's hit tokens count
+    # the warm requests and the rest were cold (first of their group).
+    for f in "${REPORTS[@]}"; do
+      python3 -c 'import json,sys
+for r in json.load(open(sys.argv[1])):
+    n = r["requests_sent"]; warm = r["oracle"]["hit_tokens"] // int(sys.argv[2]); cold = n - warm
+    print("Cold requests (%s): %d of %d = %.1f%% (first request of their group)." % (r["label"], cold, n, 100 * cold / n))' "$f" "$SYS_TOKENS"
+    done
+  fi
   echo
   "$BENCH" table "${REPORTS[@]}"
 } >"$OUT_DIR/$SCENARIO/README.md"
