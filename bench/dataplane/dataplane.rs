@@ -641,27 +641,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
         lat_proxy,
     ] = std::array::from_fn(|i| median_result(&lat[i]));
     // Per round, against the static route measured in the same round.
-    let added = |path: usize, pick: fn(&WrkResult) -> f64| -> Vec<f64> {
+    // Per-round differences between two paths (path minus base, same round).
+    const STATIC: usize = 1;
+    const INFERMESH: usize = 2;
+    const NULL: usize = 3;
+    const HEADERS_ONLY: usize = 4;
+    let diff = |path: usize, base: usize, pick: fn(&WrkResult) -> f64| -> Vec<f64> {
         lat[path]
             .iter()
-            .zip(&lat[1])
+            .zip(&lat[base])
             .map(|(a, b)| pick(a) - pick(b))
             .collect()
     };
-    let add_x50 = added(2, |r| r.p50_us);
-    let add_x99 = added(2, |r| r.p99_us);
-    let add_n50 = added(3, |r| r.p50_us);
-    let add_n99 = added(3, |r| r.p99_us);
-    let own = |pick: fn(&WrkResult) -> f64| -> Vec<f64> {
-        lat[2]
-            .iter()
-            .zip(&lat[3])
-            .map(|(a, b)| pick(a) - pick(b))
-            .collect::<Vec<f64>>()
-    };
-    let (own50, own99) = (own(|r| r.p50_us), own(|r| r.p99_us));
-    let add_h50 = added(4, |r| r.p50_us);
-    let add_h99 = added(4, |r| r.p99_us);
+    let p50: fn(&WrkResult) -> f64 = |r| r.p50_us;
+    let p99: fn(&WrkResult) -> f64 = |r| r.p99_us;
+    let (add_x50, add_x99) = (diff(INFERMESH, STATIC, p50), diff(INFERMESH, STATIC, p99));
+    let (add_n50, add_n99) = (diff(NULL, STATIC, p50), diff(NULL, STATIC, p99));
+    let (add_h50, add_h99) = (
+        diff(HEADERS_ONLY, STATIC, p50),
+        diff(HEADERS_ONLY, STATIC, p99),
+    );
+    let (own50, own99) = (diff(INFERMESH, NULL, p50), diff(INFERMESH, NULL, p99));
 
     // 2. Throughput.
     eprintln!(
@@ -784,9 +784,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     for (name, r) in [
         ("pod directly", &lat_pod),
         ("Envoy, static route", &lat_static),
-        (lat_paths[2].0, &lat_extproc),
-        (lat_paths[3].0, &lat_null),
-        (lat_paths[4].0, &lat_headers_only),
+        (lat_paths[INFERMESH].0, &lat_extproc),
+        (lat_paths[NULL].0, &lat_null),
+        (lat_paths[HEADERS_ONLY].0, &lat_headers_only),
         ("infermesh standalone proxy", &lat_proxy),
     ] {
         let _ = writeln!(md, "{}", row(name, r));

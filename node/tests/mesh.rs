@@ -302,7 +302,7 @@ async fn a_dead_pod_leaves_every_nodes_candidates_through_its_owners_down_mark()
         let p = load
             .pod(&dead.to_string())
             .expect("the board knows the pod");
-        assert!(p.down, "node {i} sees the pod down on the board");
+        assert!(p.is_down(), "node {i} sees the pod down on the board");
         assert_eq!(
             p.scraped_by.as_ref(),
             Some(nodes[owner].mesh().unwrap().node_id()),

@@ -15,13 +15,15 @@
 //! Needs Envoy: `$ENVOY_BIN` or `<workspace>/.venv-test` (scripts/setup-test-deps.sh).
 //! Fails (never skips) without it.
 
+mod support;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use infermesh_gossip::{ClusterKey, MeshConfig};
 use infermesh_node::admin::client::AdminClient;
 use infermesh_node::app::App;
@@ -107,18 +109,10 @@ async fn send(
     client: &HttpClient,
     req: http::Request<Full<Bytes>>,
 ) -> Result<(u16, String), String> {
-    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+    let r = tokio::time::timeout(Duration::from_secs(10), support::send(client, req))
         .await
-        .map_err(|_| "timed out".to_string())?
-        .map_err(|e| e.to_string())?;
-    let status = resp.status().as_u16();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+        .map_err(|_| "timed out".to_string())??;
+    Ok((r.status, String::from_utf8_lossy(&r.body).into_owned()))
 }
 
 async fn get(client: &HttpClient, addr: SocketAddr, path: &str) -> Result<(u16, String), String> {

@@ -55,14 +55,17 @@ pub struct PodLoad {
     pub scraped_at: Option<Instant>,
     /// Node that scraped them.
     pub scraped_by: Option<NodeId>,
-    /// The scraping node's latest attempt (at `scraped_at`) failed: the pod is not a
-    /// candidate until a later scrape succeeds (`metrics` is then `None`).
-    pub down: bool,
     /// Sum of every live node's in-flight count for the pod.
     pub in_flight: InFlight,
 }
 
 impl PodLoad {
+    /// The scraping node's latest attempt (at `scraped_at`) failed: the pod is not a
+    /// candidate until a later scrape succeeds.
+    pub fn is_down(&self) -> bool {
+        self.scraped_at.is_some() && self.metrics.is_none()
+    }
+
     /// llm-d staleness: no metrics (never scraped, or down), or metrics older than
     /// `threshold`, count as saturated.
     pub fn is_stale(&self, now: Instant, threshold: Duration) -> bool {
@@ -352,7 +355,6 @@ impl LoadBoard {
                     metrics: e.metrics.as_ref().and_then(|m| m.metrics.clone()),
                     scraped_at: e.metrics.as_ref().map(|m| m.scraped_at),
                     scraped_by: e.metrics.as_ref().map(|m| m.by.clone()),
-                    down: e.metrics.as_ref().is_some_and(|m| m.metrics.is_none()),
                     in_flight: total,
                 };
                 (pod.clone(), load)
@@ -584,7 +586,7 @@ mod tests {
         let v = b.view();
         let p = v.pod(pod).expect("pod known");
         (
-            p.down,
+            p.is_down(),
             p.metrics.as_ref().map(|m| m.waiting_queue),
             p.scraped_by.clone(),
         )
@@ -621,7 +623,7 @@ mod tests {
         assert_eq!(p.scraped_at, Some(t0 + ms(51)));
         assert!(p.is_stale(t0 + ms(52), Duration::from_secs(60)));
         assert!(
-            a.view().pod(pod).unwrap().down,
+            a.view().pod(pod).unwrap().is_down(),
             "the owner's own view says down too"
         );
 

@@ -107,7 +107,7 @@ impl LoadSync {
                     slot.record_scrape(from_pod_metrics(m, at));
                 }
                 // The owner saw the pod fail after the last scrape this slot holds.
-                None if load.down && held.is_none_or(|t| t <= at) => slot.mark_down(),
+                None if load.is_down() && held.is_none_or(|t| t <= at) => slot.mark_down(),
                 _ => {}
             }
         }
@@ -214,7 +214,6 @@ mod tests {
                     }),
                     scraped_at: Some(at),
                     scraped_by: Some(NodeId::new(by)),
-                    down: metrics.is_none(),
                     in_flight: Default::default(),
                 },
             )]

@@ -157,13 +157,12 @@ pub fn rewrites(state: &PolicyState, name: Option<&str>) -> ModelRewrites {
     }))
 }
 
-/// Test helper: the policy state after applying a multi-document YAML at index 1.
+/// Test helper: applies a multi-document YAML to `state` as one Raft entry at `index`.
 #[cfg(test)]
-pub(crate) fn state_from_yaml(yaml: &str) -> PolicyState {
+pub(crate) fn apply_yaml(state: &mut PolicyState, index: u64, yaml: &str) {
     use infermesh_raft_store::policy::{
         PolicyOp, PolicyRequest, Touched, accept_any_epp_config, parse_documents,
     };
-    let mut s = PolicyState::default();
     let ops = parse_documents(yaml, &accept_any_epp_config())
         .unwrap()
         .into_iter()
@@ -172,7 +171,14 @@ pub(crate) fn state_from_yaml(yaml: &str) -> PolicyState {
             expected_version: None,
         })
         .collect();
-    s.handle_request(1, &PolicyRequest { ops }, &mut Touched::default());
+    state.handle_request(index, &PolicyRequest { ops }, &mut Touched::default());
+}
+
+/// Test helper: the policy state after applying a multi-document YAML at index 1.
+#[cfg(test)]
+pub(crate) fn state_from_yaml(yaml: &str) -> PolicyState {
+    let mut s = PolicyState::default();
+    apply_yaml(&mut s, 1, yaml);
     s
 }
 

@@ -172,22 +172,9 @@ impl Feed {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use infermesh_raft_store::policy::{
-        PolicyOp, PolicyRequest, Touched, accept_any_epp_config, parse_documents,
-    };
     use infermesh_scheduler::ResolvedConfig;
 
-    fn apply(state: &mut PolicyState, index: u64, yaml: &str) {
-        let ops = parse_documents(yaml, &accept_any_epp_config())
-            .unwrap()
-            .into_iter()
-            .map(|o| PolicyOp::Put {
-                object: Box::new(o),
-                expected_version: None,
-            })
-            .collect();
-        state.handle_request(index, &PolicyRequest { ops }, &mut Touched::default());
-    }
+    use crate::policy_store::derive::apply_yaml as apply;
 
     #[tokio::test]
     async fn objectives_reach_the_pool_and_only_a_new_config_rebuilds_the_scheduler() {

@@ -158,7 +158,8 @@ pub async fn post(
         .expect("request sent")
 }
 
-async fn send(client: &HttpClient, req: http::Request<Full<Bytes>>) -> Result<Resp, String> {
+/// Sends one request and reads the whole answer.
+pub async fn send(client: &HttpClient, req: http::Request<Full<Bytes>>) -> Result<Resp, String> {
     let resp = client.request(req).await.map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
