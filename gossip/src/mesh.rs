@@ -527,6 +527,11 @@ impl Mesh {
         self.shared.shards.len_blocks()
     }
 
+    /// Heap bytes of this node's owner-side index (the index's own estimate).
+    pub fn prefix_index_bytes(&self) -> usize {
+        self.shared.shards.memory_bytes()
+    }
+
     // ---- generic service channels (e.g. Raft) ----
 
     /// Registers a service channel; requests and casts for it arrive on the returned queue.

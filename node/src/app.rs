@@ -17,12 +17,13 @@ use tonic_health::ServingStatus;
 
 use crate::config::{EndpointSource, NodeConfig};
 use crate::discovery::{PoolSpec, watch_pool_file};
-use crate::dispatch::{DispatchConfig, Dispatcher};
 use crate::extproc::ExtProcService;
+use crate::mesh::prefix::MeshPrefixOwners;
 use crate::metrics::NodeMetrics;
 use crate::policy::{Policy, SharedPolicy};
 use crate::pool::{PoolView, SharedPool};
 use crate::pool_task::{PoolInput, PoolTask};
+use crate::request::{DispatchConfig, Dispatcher};
 use crate::upstream::http_client;
 
 /// The node failed to start; whatever it had started was stopped.
@@ -76,7 +77,32 @@ pub struct App {
     _watcher: Option<notify::RecommendedWatcher>,
     metrics: Arc<NodeMetrics>,
     mesh: Option<Arc<infermesh_gossip::Mesh>>,
+    prefix_owners: Option<Arc<MeshPrefixOwners>>,
     xds: crate::xds::XdsFeed,
+}
+
+/// The prefix state one node holds, from each structure's own counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrefixMemory {
+    /// Block entries in the owner-side index (anchors this node owns).
+    pub owner_blocks: usize,
+    /// Heap bytes of the owner-side index.
+    pub owner_bytes: usize,
+    /// Picks in the recent-picks cache (anchors owned elsewhere).
+    pub recent_picks: usize,
+    /// Heap bytes of the recent-picks cache.
+    pub recent_bytes: usize,
+    /// (block, endpoint) entries in the scheduler's own index (empty when shared).
+    pub local_entries: usize,
+    /// Heap bytes of the scheduler's own index.
+    pub local_bytes: usize,
+}
+
+impl PrefixMemory {
+    /// All prefix-state bytes on the node.
+    pub fn total_bytes(&self) -> usize {
+        self.owner_bytes + self.recent_bytes + self.local_bytes
+    }
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -95,7 +121,7 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
     let policy: SharedPolicy = Arc::new(ArcSwap::from_pointee(Policy::new(&cfg.scheduler)?));
     let pool: SharedPool = Arc::new(ArcSwap::from_pointee(PoolView::default()));
     let client = http_client(cfg.connect_timeout);
-    let dispatcher = Dispatcher::new(
+    let mut dispatcher = Dispatcher::new(
         pool.clone(),
         policy.clone(),
         metrics.clone(),
@@ -185,6 +211,14 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
         None => pool_task,
     };
     tasks.spawn(pool_task.run(pool_rx, shutdown_rx.clone()));
+    // Shared prefix state needs a prefix producer to hash chains with.
+    let prefix_owners = sharing
+        .as_ref()
+        .filter(|_| cfg.scheduler.prefix_producer.is_some())
+        .map(|m| Arc::new(MeshPrefixOwners::new(m)));
+    if let Some(o) = &prefix_owners {
+        dispatcher = dispatcher.with_prefix_owners(o.clone());
+    }
     let (initial, watcher) = match cfg.endpoints {
         EndpointSource::Static(spec) => (spec, None),
         EndpointSource::File { path, initial } => {
@@ -226,22 +260,7 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
             let _ = sd.wait_for(|s| *s).await;
         }
     });
-    let mut ext_proc = ExtProcService::new(dispatcher.clone());
-    let prefix_sharing = match (
-        &sharing,
-        crate::mesh::prefix::CapacityRule::of(&cfg.scheduler),
-    ) {
-        (Some(m), Some(rule)) => Some(crate::mesh::prefix::PrefixSharing::new(
-            m.clone(),
-            dispatcher.clone(),
-            policy.clone(),
-            rule,
-        )),
-        _ => None,
-    };
-    if let Some(s) = &prefix_sharing {
-        ext_proc = ext_proc.with_prefix_sharing(s.clone());
-    }
+    let ext_proc = ExtProcService::new(dispatcher.clone());
     let ext_proc = ext_proc
         .into_server()
         .max_decoding_message_size(cfg.max_body_bytes.saturating_add(1 << 20));
@@ -285,10 +304,7 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
     ));
 
     if let Some(l) = proxy_listener {
-        let mut app = crate::proxy::router(dispatcher.clone(), client.clone(), cfg.proxy);
-        if let Some(s) = prefix_sharing {
-            app = s.wrap(app);
-        }
+        let app = crate::proxy::router(dispatcher.clone(), client.clone(), cfg.proxy);
         let mut sd = shutdown_rx.clone();
         tasks.spawn(async move {
             let l = l.tap_io(|tcp| {
@@ -356,6 +372,7 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
         _watcher: watcher,
         metrics,
         mesh,
+        prefix_owners,
         xds,
     })
 }
@@ -395,6 +412,23 @@ impl App {
     /// A shared handle to the mesh, for tasks that outlive a borrow of the [`App`].
     pub fn mesh_handle(&self) -> Option<Arc<infermesh_gossip::Mesh>> {
         self.mesh.clone()
+    }
+
+    /// The prefix state this node holds now.
+    pub fn prefix_memory(&self) -> PrefixMemory {
+        let mut m = PrefixMemory::default();
+        if let Some(mesh) = &self.mesh {
+            m.owner_blocks = mesh.prefix_index_blocks();
+            m.owner_bytes = mesh.prefix_index_bytes();
+        }
+        if let Some(o) = &self.prefix_owners {
+            (m.recent_picks, m.recent_bytes) = o.recent_memory();
+        }
+        if let Some(ix) = self.policy.load().scheduler.prefix_index() {
+            m.local_entries = ix.entries();
+            m.local_bytes = ix.memory_bytes();
+        }
+        m
     }
 
     /// The node's xDS server and its feed (sync status, policy pools hook).

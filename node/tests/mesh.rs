@@ -463,7 +463,7 @@ async fn join_leave_and_kill_move_scraping_and_keep_prefixes() {
 /// One request through a node's ext_proc server as Envoy would send it (full-duplex
 /// bodies), answered 200 by the pod: returns the destination the node picked.
 async fn ext_proc_pick(c: &Cluster, node: usize, group: usize, question: usize) -> SocketAddr {
-    use infermesh_node::dispatch::DESTINATION_HEADER;
+    use infermesh_node::request::DESTINATION_HEADER;
     use infermesh_proto::envoy::config::core::v3::{HeaderMap, HeaderValue};
     use infermesh_proto::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
     use infermesh_proto::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;

@@ -46,7 +46,9 @@ pub mod scheduler;
 
 pub use config::{ConfigError, Location, ResolvedConfig, load_config};
 pub use model::{Endpoint, InFlight, InferenceRequest, LoraState, Metrics, Role};
-pub use openai::{ApiKind, InvalidRequest, ParsedBody, parse_openai};
+pub use openai::{
+    ApiKind, InvalidRequest, ParsedBody, body_parses_on_this_thread, parse_openai, replace_model,
+};
 pub use prefix::PrefixMatches;
 pub use scheduler::{
     PrefixChain, PrefixMatchSummary, PrefixSource, ProfileResult, Rejected, ScheduleError,

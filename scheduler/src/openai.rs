@@ -7,44 +7,94 @@
 //! matches JSON field names case-insensitively and takes the last duplicate key; this parser
 //! is case-sensitive and rejects duplicate keys.
 
-use serde_json::Value;
+use std::cell::Cell;
+use std::ops::Range;
 
-/// Which OpenAI API the body belongs to (from the request path).
+use serde::Deserialize;
+use serde_json::Value;
+use serde_json::value::RawValue;
+
+/// Which request parser handles a path (llm-d's `requestHandler.parsers`, picked by path
+/// suffix, first match wins).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ApiKind {
-    /// `/v1/completions`
+    /// openai parser: `/v1/completions`
     Completions,
-    /// `/v1/chat/completions`
+    /// openai parser: `/v1/chat/completions`
     ChatCompletions,
+    /// openai parser: `/v1/embeddings`
+    Embeddings,
+    /// openai parser: `/v1/responses`
+    Responses,
+    /// anthropic parser: `/v1/messages`
+    AnthropicMessages,
+    /// passthrough: any other path; the body is forwarded unread and the request is routed
+    /// by load alone (no model check, no prefix data).
+    Passthrough,
 }
 
 impl ApiKind {
-    /// Picks the API from a request path the way llm-d does (suffix match; completions by default).
+    /// Picks the parser from a request path by suffix (query string ignored).
     pub fn from_path(path: &str) -> ApiKind {
         let path = path.split('?').next().unwrap_or(path).trim_end_matches('/');
-        if path.ends_with("/chat/completions") {
-            ApiKind::ChatCompletions
-        } else {
-            ApiKind::Completions
-        }
+        const BY_SUFFIX: [(&str, ApiKind); 5] = [
+            ("/chat/completions", ApiKind::ChatCompletions),
+            ("/completions", ApiKind::Completions),
+            ("/embeddings", ApiKind::Embeddings),
+            ("/responses", ApiKind::Responses),
+            ("/messages", ApiKind::AnthropicMessages),
+        ];
+        BY_SUFFIX
+            .iter()
+            .find(|(suffix, _)| path.ends_with(suffix))
+            .map_or(ApiKind::Passthrough, |(_, k)| *k)
+    }
+
+    /// Whether the body is parsed (everything but passthrough).
+    pub fn parses_body(self) -> bool {
+        self != ApiKind::Passthrough
     }
 }
 
-/// The fields of an OpenAI body the scheduler needs.
+/// The fields of a request body the scheduler needs.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ParsedBody {
     /// `model`
     pub model: String,
+    /// Byte range of the `model` value (the JSON string, quotes included) in the body, so
+    /// a model rewrite can splice the target in without parsing the body again.
+    pub model_span: Range<usize>,
     /// The bytes llm-d hashes for prefix matching (see the module docs).
     pub prompt_bytes: Vec<u8>,
     /// `stream: true`
     pub stream: bool,
-    /// `max_tokens`, else `max_completion_tokens`.
+    /// `max_tokens`, else `max_completion_tokens` (`max_output_tokens` for responses).
     pub max_tokens: Option<u32>,
     /// `cache_salt`, when present and non-empty.
     pub cache_salt: Option<String>,
     /// Number of prompt token ids when the completions prompt is a token array.
     pub prompt_token_ids: Option<usize>,
+}
+
+impl ParsedBody {
+    /// `body` (the one this was parsed from) with its `model` value replaced by `target`.
+    pub fn with_model(&self, body: &[u8], target: &str) -> Vec<u8> {
+        replace_model(body, self.model_span.clone(), target)
+    }
+}
+
+/// `body` with the JSON value at `span` (a [`ParsedBody::model_span`]) replaced by the
+/// string `target`; every other byte is kept.
+pub fn replace_model(body: &[u8], span: Range<usize>, target: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + target.len());
+    out.extend_from_slice(&body[..span.start]);
+    out.extend_from_slice(
+        serde_json::to_string(target)
+            .expect("a string always serializes")
+            .as_bytes(),
+    );
+    out.extend_from_slice(&body[span.end..]);
+    out
 }
 
 /// Why a request body was rejected (maps to HTTP 400); nothing was scheduled.
@@ -62,9 +112,12 @@ pub enum InvalidRequest {
     /// Completions request without a usable `prompt`.
     #[error("invalid completions request: must have prompt field")]
     MissingPrompt,
-    /// Chat request without at least one message.
+    /// Chat or messages request without at least one message.
     #[error("invalid chat completions request: must have at least one message in \"messages\"")]
     MissingMessages,
+    /// Embeddings or responses request without a usable `input`.
+    #[error("invalid request: must have a non-empty \"input\" field")]
+    MissingInput,
     /// A field has the wrong type or value.
     #[error("invalid field \"{field}\": {reason}")]
     InvalidField {
@@ -75,32 +128,86 @@ pub enum InvalidRequest {
     },
 }
 
-/// Parses an OpenAI completions or chat-completions body.
+thread_local! {
+    static BODY_PARSES: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Whole-body JSON parses [`parse_openai`] has done on the calling thread: lets a test show
+/// that a request's body is parsed once however many steps the request path has.
+pub fn body_parses_on_this_thread() -> u64 {
+    BODY_PARSES.with(Cell::get)
+}
+
+/// The top-level fields every parser reads, taken in one pass over the body; other fields
+/// are skipped unread.
+#[derive(Deserialize)]
+struct Fields<'a> {
+    #[serde(borrow, default)]
+    model: Option<&'a RawValue>,
+    #[serde(default)]
+    stream: Option<Value>,
+    #[serde(default)]
+    max_tokens: Option<Value>,
+    #[serde(default)]
+    max_completion_tokens: Option<Value>,
+    #[serde(default)]
+    max_output_tokens: Option<Value>,
+    #[serde(default)]
+    cache_salt: Option<Value>,
+    #[serde(default)]
+    prompt: Option<Value>,
+    #[serde(default)]
+    messages: Option<Value>,
+    #[serde(default)]
+    input: Option<Value>,
+    #[serde(default)]
+    instructions: Option<Value>,
+    #[serde(default)]
+    system: Option<Value>,
+}
+
+/// Parses a request body with the parser of `kind` (one pass over the body).
+/// [`ApiKind::Passthrough`] bodies are not parsed: the result only says "no model".
 pub fn parse_openai(kind: ApiKind, body: &[u8]) -> Result<ParsedBody, InvalidRequest> {
-    let value: Value =
+    if !kind.parses_body() {
+        return Ok(ParsedBody::default());
+    }
+    BODY_PARSES.with(|c| c.set(c.get() + 1));
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Err(
+            match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+                Ok(_) => InvalidRequest::NotAnObject,
+                Err(e) => InvalidRequest::BadJson(e.to_string()),
+            },
+        );
+    }
+    let f: Fields<'_> =
         serde_json::from_slice(body).map_err(|e| InvalidRequest::BadJson(e.to_string()))?;
-    let Value::Object(obj) = value else {
-        return Err(InvalidRequest::NotAnObject);
-    };
-    let model = match obj.get("model") {
-        Some(Value::String(s)) if !s.is_empty() => s.clone(),
-        Some(Value::String(_)) | Some(Value::Null) | None => {
-            return Err(InvalidRequest::MissingModel);
-        }
-        Some(_) => {
+    let raw_model = f.model.ok_or(InvalidRequest::MissingModel)?;
+    let model = match serde_json::from_str::<Value>(raw_model.get()) {
+        Ok(Value::String(s)) if !s.is_empty() => s,
+        Ok(Value::String(_)) | Ok(Value::Null) => return Err(InvalidRequest::MissingModel),
+        _ => {
             return Err(InvalidRequest::InvalidField {
                 field: "model".into(),
                 reason: "must be a string",
             });
         }
     };
-    let stream = matches!(obj.get("stream"), Some(Value::Bool(true)));
-    let max_tokens = match read_u32(&obj, "max_tokens")? {
+    // The raw value borrows from `body`, so its offset there is the span to rewrite.
+    let start = raw_model.get().as_ptr() as usize - body.as_ptr() as usize;
+    let model_span = start..start + raw_model.get().len();
+    let stream = matches!(f.stream, Some(Value::Bool(true)));
+    let max_tokens = match read_u32(f.max_tokens.as_ref(), "max_tokens")? {
         Some(v) => Some(v),
-        None => read_u32(&obj, "max_completion_tokens")?,
+        None => match read_u32(f.max_completion_tokens.as_ref(), "max_completion_tokens")? {
+            Some(v) => Some(v),
+            None => read_u32(f.max_output_tokens.as_ref(), "max_output_tokens")?,
+        },
     };
-    let cache_salt = match obj.get("cache_salt") {
-        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+    let cache_salt = match f.cache_salt {
+        Some(Value::String(s)) if !s.is_empty() => Some(s),
         Some(Value::String(_)) | Some(Value::Null) | None => None,
         Some(_) => {
             return Err(InvalidRequest::InvalidField {
@@ -111,25 +218,115 @@ pub fn parse_openai(kind: ApiKind, body: &[u8]) -> Result<ParsedBody, InvalidReq
     };
     let mut parsed = ParsedBody {
         model,
+        model_span,
         stream,
         max_tokens,
         cache_salt,
         ..ParsedBody::default()
     };
     match kind {
-        ApiKind::Completions => completions_prompt(obj.get("prompt"), &mut parsed)?,
+        ApiKind::Completions => completions_prompt(f.prompt.as_ref(), &mut parsed)?,
         ApiKind::ChatCompletions => {
-            parsed.prompt_bytes = chat_messages_json(obj.get("messages"))?;
+            parsed.prompt_bytes = chat_messages_json(f.messages.as_ref())?;
         }
+        ApiKind::Embeddings => embeddings_input(f.input.as_ref(), &mut parsed)?,
+        ApiKind::Responses => {
+            parsed.prompt_bytes = responses_prompt(f.instructions.as_ref(), f.input.as_ref())?;
+        }
+        ApiKind::AnthropicMessages => {
+            parsed.prompt_bytes = anthropic_prompt(f.system.as_ref(), f.messages.as_ref())?;
+        }
+        ApiKind::Passthrough => {}
     }
     Ok(parsed)
 }
 
-fn read_u32(
-    obj: &serde_json::Map<String, Value>,
-    field: &'static str,
-) -> Result<Option<u32>, InvalidRequest> {
-    match obj.get(field) {
+/// Embeddings: a string, strings (joined with a space) or token ids (nothing to hash).
+fn embeddings_input(input: Option<&Value>, out: &mut ParsedBody) -> Result<(), InvalidRequest> {
+    completions_prompt(input, out).map_err(|e| match e {
+        InvalidRequest::MissingPrompt => InvalidRequest::MissingInput,
+        InvalidRequest::InvalidField { reason, .. } => InvalidRequest::InvalidField {
+            field: "input".into(),
+            reason,
+        },
+        other => other,
+    })
+}
+
+/// Responses API: `instructions` then `input` (a string, or the item array as JSON text).
+fn responses_prompt(
+    instructions: Option<&Value>,
+    input: Option<&Value>,
+) -> Result<Vec<u8>, InvalidRequest> {
+    let mut out = Vec::new();
+    match instructions {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) => out.extend_from_slice(s.as_bytes()),
+        Some(_) => {
+            return Err(InvalidRequest::InvalidField {
+                field: "instructions".into(),
+                reason: "must be a string",
+            });
+        }
+    }
+    match input {
+        Some(Value::String(s)) if !s.is_empty() => out.extend_from_slice(s.as_bytes()),
+        Some(v @ Value::Array(items)) if !items.is_empty() => {
+            serde_json::to_writer(&mut out, v).expect("a JSON value always serializes");
+        }
+        Some(Value::String(_)) | Some(Value::Array(_)) | Some(Value::Null) | None => {
+            return Err(InvalidRequest::MissingInput);
+        }
+        Some(_) => {
+            return Err(InvalidRequest::InvalidField {
+                field: "input".into(),
+                reason: "must be a string or an array of input items",
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Anthropic messages: `system` (string or blocks) then `messages`, as JSON text.
+fn anthropic_prompt(
+    system: Option<&Value>,
+    messages: Option<&Value>,
+) -> Result<Vec<u8>, InvalidRequest> {
+    let mut out = Vec::new();
+    match system {
+        None | Some(Value::Null) => {}
+        Some(v @ (Value::String(_) | Value::Array(_))) => {
+            serde_json::to_writer(&mut out, v).expect("a JSON value always serializes");
+        }
+        Some(_) => {
+            return Err(InvalidRequest::InvalidField {
+                field: "system".into(),
+                reason: "must be a string or an array of content blocks",
+            });
+        }
+    }
+    match messages {
+        Some(v @ Value::Array(m)) if !m.is_empty() => {
+            if let Some(i) = m.iter().position(|x| !x.is_object()) {
+                return Err(field_err(i, "", "must be an object"));
+            }
+            serde_json::to_writer(&mut out, v).expect("a JSON value always serializes");
+        }
+        Some(Value::Array(_)) | Some(Value::Null) | None => {
+            return Err(InvalidRequest::MissingMessages);
+        }
+        Some(_) => {
+            return Err(InvalidRequest::InvalidField {
+                field: "messages".into(),
+                reason: "must be an array of message objects",
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn read_u32(v: Option<&Value>, field: &'static str) -> Result<Option<u32>, InvalidRequest> {
+    match v {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => match n.as_u64().and_then(|v| u32::try_from(v).ok()) {
             Some(v) => Ok(Some(v)),
@@ -477,13 +674,81 @@ mod tests {
 
     #[test]
     fn api_kind_from_path() {
+        for (path, kind) in [
+            ("/v1/chat/completions", ApiKind::ChatCompletions),
+            ("/v1/completions?x=1", ApiKind::Completions),
+            ("/v1/embeddings", ApiKind::Embeddings),
+            ("/v1/responses/", ApiKind::Responses),
+            ("/v1/messages", ApiKind::AnthropicMessages),
+            ("/v1/audio/transcriptions", ApiKind::Passthrough),
+            ("/tokenize", ApiKind::Passthrough),
+        ] {
+            assert_eq!(ApiKind::from_path(path), kind, "{path}");
+        }
+    }
+
+    #[test]
+    fn every_parser_reads_model_and_prompt() {
+        let p = parse_openai(ApiKind::Embeddings, br#"{"model":"e","input":["a","b"]}"#).unwrap();
         assert_eq!(
-            ApiKind::from_path("/v1/chat/completions"),
-            ApiKind::ChatCompletions
+            (p.model.as_str(), p.prompt_bytes.as_slice()),
+            ("e", &b"a b"[..])
         );
+        let e = parse_openai(ApiKind::Embeddings, br#"{"model":"e"}"#).unwrap_err();
+        assert_eq!(e, InvalidRequest::MissingInput);
+        let p = parse_openai(
+            ApiKind::Responses,
+            br#"{"model":"r","instructions":"be brief","input":"hi","max_output_tokens":9}"#,
+        )
+        .unwrap();
+        assert_eq!(p.prompt_bytes, b"be briefhi");
+        assert_eq!(p.max_tokens, Some(9));
+        let p = parse_openai(
+            ApiKind::AnthropicMessages,
+            br#"{"model":"c","system":"sys","max_tokens":5,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .unwrap();
         assert_eq!(
-            ApiKind::from_path("/v1/completions?x=1"),
-            ApiKind::Completions
+            String::from_utf8(p.prompt_bytes).unwrap(),
+            r#""sys"[{"content":"hi","role":"user"}]"#
         );
+        assert!(p.stream);
+        let e = parse_openai(
+            ApiKind::AnthropicMessages,
+            br#"{"model":"c","messages":[]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e, InvalidRequest::MissingMessages);
+        let p = parse_openai(ApiKind::Passthrough, b"not even json").unwrap();
+        assert_eq!(p, ParsedBody::default());
+    }
+
+    #[test]
+    fn with_model_splices_the_target_and_keeps_every_other_byte() {
+        let body = br#"{ "prompt" : "x\"y",  "model" : "alias" , "n":1}"#;
+        let p = parse_openai(ApiKind::Completions, body).unwrap();
+        assert_eq!(&body[p.model_span.clone()], br#""alias""#);
+        let out = p.with_model(body, "tar\"get");
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{ "prompt" : "x\"y",  "model" : "tar\"get" , "n":1}"#
+        );
+        let before = body_parses_on_this_thread();
+        let _ = parse_openai(ApiKind::Completions, body).unwrap();
+        assert_eq!(body_parses_on_this_thread(), before + 1);
+    }
+
+    #[test]
+    fn non_objects_and_duplicate_fields_are_refused() {
+        assert_eq!(
+            parse_openai(ApiKind::Completions, b" [1]").unwrap_err(),
+            InvalidRequest::NotAnObject
+        );
+        let e = parse_openai(
+            ApiKind::Completions,
+            br#"{"model":"a","model":"b","prompt":"x"}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("duplicate field"), "{e}");
     }
 }

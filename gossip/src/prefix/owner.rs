@@ -58,6 +58,10 @@ impl Shards {
         self.shards.iter().map(|s| s.lock().len_blocks()).sum()
     }
 
+    pub(crate) fn memory_bytes(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().memory_bytes()).sum()
+    }
+
     /// Collects handoff entries for anchors gaining owners and drops anchors no longer ours.
     fn plan_handoff(
         &self,

@@ -25,6 +25,18 @@ pub trait PrefixStore: Send {
     fn remove_anchor(&mut self, anchor: u64);
     /// Block entries held (for metrics and tests).
     fn len_blocks(&self) -> usize;
+    /// Heap bytes the index holds (tables, endpoint lists, LRU), from its own counters.
+    fn memory_bytes(&self) -> usize;
+}
+
+/// Heap bytes of a hash table with `capacity` usable slots of `slot` bytes each: hashbrown
+/// allocates the next power of two ≥ capacity × 8/7 buckets, plus one control byte per bucket.
+fn table_bytes(capacity: usize, slot: usize) -> usize {
+    if capacity == 0 {
+        return 0;
+    }
+    let buckets = (capacity * 8 / 7).next_power_of_two();
+    buckets * (slot + 1)
 }
 
 #[derive(Debug)]
@@ -210,11 +222,59 @@ impl PrefixStore for AnchoredIndex {
     fn len_blocks(&self) -> usize {
         self.blocks
     }
+
+    fn memory_bytes(&self) -> usize {
+        let per_anchor: usize = self
+            .anchors
+            .values()
+            .map(|e| {
+                let spilled: usize = e
+                    .blocks
+                    .values()
+                    .filter(|b| b.endpoints.spilled())
+                    .map(|b| b.endpoints.capacity() * std::mem::size_of::<u32>())
+                    .sum();
+                table_bytes(e.blocks.capacity(), std::mem::size_of::<(u64, Block)>()) + spilled
+            })
+            .sum();
+        // A BTreeMap leaf holds up to 11 (key, value) pairs; count whole nodes.
+        let lru = self.lru.len().div_ceil(11) * (11 * 16 + 16);
+        let names: usize = self.endpoints.iter().map(|n| n.capacity() * 2).sum();
+        per_anchor
+            + table_bytes(
+                self.anchors.capacity(),
+                std::mem::size_of::<(u64, AnchorEntry)>(),
+            )
+            + lru
+            + names
+            + table_bytes(
+                self.endpoint_ids.capacity(),
+                std::mem::size_of::<(String, u32)>(),
+            )
+            + self.endpoints.capacity() * std::mem::size_of::<String>()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_grows_with_blocks_and_falls_when_anchors_go() {
+        let mut ix = AnchoredIndex::new(1_000_000);
+        let empty = ix.memory_bytes();
+        for a in 0..50u64 {
+            let chain: Vec<u64> = (0..100).map(|i| a * 1000 + i).collect();
+            ix.record(a, &chain, "10.0.0.1:8000");
+        }
+        let full = ix.memory_bytes();
+        // 5,000 blocks of at least a hash, a parent and an endpoint list each.
+        assert!(full > empty + 5_000 * 40, "{empty} -> {full}");
+        for a in 0..50u64 {
+            ix.remove_anchor(a);
+        }
+        assert!(ix.memory_bytes() < full / 10, "{}", ix.memory_bytes());
+    }
 
     #[test]
     fn longest_prefix_match_per_endpoint() {

@@ -1,5 +1,6 @@
-//! The ext_proc gRPC server (Envoy's `ExternalProcessor`): each stream drives an
-//! [`stream::ExtProcStream`] state machine.
+//! The ext_proc gRPC server (Envoy's `ExternalProcessor`): a thin driver per stream that
+//! feeds Envoy's messages to an [`stream::ExtProcStream`] state machine and carries out the
+//! actions it returns (send a reply, await an owner lookup).
 
 pub mod stream;
 
@@ -14,31 +15,19 @@ use infermesh_proto::envoy::service::ext_proc::v3::external_processor_server::{
 use infermesh_proto::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::dispatch::Dispatcher;
-use crate::mesh::prefix::PrefixSharing;
-use stream::{ExtProcStream, OwnerLookup};
+use crate::request::{Dispatcher, PrefixLookup};
+use stream::{Action, ExtProcStream};
 
 /// The gRPC service: hands each stream to its own state machine.
 #[derive(Debug, Clone)]
 pub struct ExtProcService {
     dispatcher: Dispatcher,
-    sharing: Option<PrefixSharing>,
 }
 
 impl ExtProcService {
     /// A service over the shared request path.
     pub fn new(dispatcher: Dispatcher) -> ExtProcService {
-        ExtProcService {
-            dispatcher,
-            sharing: None,
-        }
-    }
-
-    /// Shares prefixes over the mesh: each request's chain is matched at the anchor's
-    /// owner before scheduling and its pick recorded at the owners.
-    pub fn with_prefix_sharing(mut self, sharing: PrefixSharing) -> ExtProcService {
-        self.sharing = Some(sharing);
-        self
+        ExtProcService { dispatcher }
     }
 
     /// The tonic server wrapper for this service.
@@ -53,17 +42,26 @@ struct ReplyStream {
     inbound: Streaming<ProcessingRequest>,
     state: ExtProcStream,
     pending: VecDeque<ProcessingResponse>,
-    // An owner lookup in flight and the message that completed the body, handled after it.
-    lookup: Option<(OwnerLookup, ProcessingRequest)>,
+    // An owner lookup in flight; no message is read until it is answered.
+    lookup: Option<PrefixLookup>,
     done: bool,
 }
 
 impl ReplyStream {
+    fn carry_out(&mut self, actions: Vec<Action>) {
+        for a in actions {
+            match a {
+                Action::Reply(r) => self.pending.push_back(r),
+                Action::NeedLookup(l) => self.lookup = Some(l),
+            }
+        }
+    }
+
     /// Handles one message; `Some` ends the stream with that status.
     fn handle(&mut self, msg: ProcessingRequest) -> Option<Status> {
         match self.state.handle(msg) {
-            Ok(replies) => {
-                self.pending.extend(replies);
+            Ok(actions) => {
+                self.carry_out(actions);
                 None
             }
             Err(e) => {
@@ -87,24 +85,18 @@ impl Stream for ReplyStream {
             if this.done {
                 return Poll::Ready(None);
             }
-            if let Some((fut, _)) = &mut this.lookup {
-                let Poll::Ready((body, prefix)) = fut.as_mut().poll(cx) else {
+            if let Some(fut) = &mut this.lookup {
+                let Poll::Ready(answer) = fut.as_mut().poll(cx) else {
                     return Poll::Pending;
                 };
-                let (_, msg) = this.lookup.take().expect("lookup in flight");
-                this.state.resume(body, prefix);
-                if let Some(status) = this.handle(msg) {
-                    return Poll::Ready(Some(Err(status)));
-                }
+                this.lookup = None;
+                let actions = this.state.on_lookup(answer);
+                this.carry_out(actions);
                 continue;
             }
             match Pin::new(&mut this.inbound).poll_next(cx) {
-                Poll::Ready(Some(Ok(mut msg))) => {
+                Poll::Ready(Some(Ok(msg))) => {
                     tracing::trace!(message = ?msg.request.as_ref().map(message_kind), "ext_proc message");
-                    if let Some(fut) = this.state.owner_lookup(&mut msg) {
-                        this.lookup = Some((fut, msg));
-                        continue;
-                    }
                     if let Some(status) = this.handle(msg) {
                         return Poll::Ready(Some(Err(status)));
                     }
@@ -145,8 +137,7 @@ impl ExternalProcessor for ExtProcService {
     ) -> Result<Response<Self::ProcessStream>, Status> {
         Ok(Response::new(Box::pin(ReplyStream {
             inbound: request.into_inner(),
-            state: ExtProcStream::new(self.dispatcher.clone())
-                .with_prefix_sharing(self.sharing.clone()),
+            state: ExtProcStream::new(self.dispatcher.clone()),
             pending: VecDeque::new(),
             lookup: None,
             done: false,

@@ -1,6 +1,8 @@
 //! One ext_proc stream as a state machine, free of IO: feed each `ProcessingRequest` to
-//! [`ExtProcStream::handle`] and send back the `ProcessingResponse`s it returns, in order.
-//! It speaks the Gateway API Inference Extension EPP contract (reference §4).
+//! [`ExtProcStream::handle`] and carry out the [`Action`]s it returns, in order — send each
+//! reply; for a [`Action::NeedLookup`], await the owner lookup and hand its answer to
+//! [`ExtProcStream::on_lookup`] before reading the next message. It speaks the Gateway API
+//! Inference Extension EPP contract (reference §4).
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -18,9 +20,11 @@ use infermesh_proto::envoy::r#type::v3::HttpStatus;
 use infermesh_proto::google::protobuf::{Struct, Value, value::Kind};
 use infermesh_scheduler::ApiKind;
 
-use crate::dispatch::{DESTINATION_HEADER, Dispatcher, Rejection, RequestMeta, Ticket};
-use crate::mesh::prefix::{Pending, PrefixSharing};
 use crate::metrics::Outcome;
+use crate::request::{
+    DESTINATION_HEADER, Dispatcher, PrefixAnswer, PrefixLookup, Prepared, Rejection, RequestMeta,
+    Ticket,
+};
 use crate::usage::UsageScanner;
 
 /// Filter-metadata namespace of the destination (and served-endpoint) keys.
@@ -43,8 +47,43 @@ pub struct ProtocolError(pub &'static str);
 enum Phase {
     AwaitHeaders,
     Buffering,
+    /// The body is complete and prepared; the owner lookup is in flight.
+    AwaitOwner,
     Responding,
     Done,
+}
+
+/// What the driver does next for a stream.
+// Replies are the common case and move straight into the send queue; boxing them to
+// shrink the rare lookup variant would cost an allocation per reply.
+#[allow(clippy::large_enum_variant)]
+pub enum Action {
+    /// Send this reply to Envoy.
+    Reply(ProcessingResponse),
+    /// Await this owner lookup, then call [`ExtProcStream::on_lookup`] with its answer
+    /// before handling the next message.
+    NeedLookup(PrefixLookup),
+}
+
+impl std::fmt::Debug for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Action::Reply(r) => f.debug_tuple("Reply").field(r).finish(),
+            Action::NeedLookup(_) => f.write_str("NeedLookup"),
+        }
+    }
+}
+
+fn replies(r: Vec<ProcessingResponse>) -> Vec<Action> {
+    r.into_iter().map(Action::Reply).collect()
+}
+
+/// A prepared request waiting for its owner lookup.
+#[derive(Debug)]
+struct AwaitingOwner {
+    prepared: Prepared,
+    body_ends_stream: bool,
+    then_trailers: bool,
 }
 
 /// The state of one ext_proc stream (one HTTP request through Envoy).
@@ -61,15 +100,8 @@ pub struct ExtProcStream {
     response_status: u16,
     served: Option<SocketAddr>,
     usage: Option<UsageScanner>,
-    // Mesh mode only: the owner lookup before scheduling, the record at the owners after.
-    sharing: Option<PrefixSharing>,
-    prefix: Option<Pending>,
+    awaiting: Option<AwaitingOwner>,
 }
-
-/// The owner lookup of a request whose body just completed: resolves to the whole body
-/// (hand it back with [`ExtProcStream::resume`]) and the chain to record after the pick.
-pub type OwnerLookup =
-    std::pin::Pin<Box<dyn std::future::Future<Output = (Vec<u8>, Option<Pending>)> + Send>>;
 
 impl ExtProcStream {
     /// A new stream; body modes come from the first message's `protocol_config` and
@@ -87,53 +119,8 @@ impl ExtProcStream {
             response_status: 0,
             served: None,
             usage: None,
-            sharing: None,
-            prefix: None,
+            awaiting: None,
         }
-    }
-
-    /// Consults the anchor's owner before scheduling and records picks at the owners.
-    pub fn with_prefix_sharing(mut self, sharing: Option<PrefixSharing>) -> ExtProcStream {
-        self.sharing = sharing;
-        self
-    }
-
-    /// When `msg` completes the request body and prefixes are shared over the mesh: takes
-    /// the body (leaving `msg` with an empty chunk) and returns the owner lookup to await
-    /// before `msg` is handled; call [`ExtProcStream::resume`] with its output first.
-    pub fn owner_lookup(&mut self, msg: &mut ProcessingRequest) -> Option<OwnerLookup> {
-        let sharing = self.sharing.as_ref()?;
-        if self.phase != Phase::Buffering {
-            return None;
-        }
-        use processing_request::Request;
-        let mut no_chunk = Vec::new();
-        let chunk = match &mut msg.request {
-            Some(Request::RequestBody(b)) if b.end_of_stream => &mut b.body,
-            Some(Request::RequestTrailers(_)) => &mut no_chunk,
-            _ => return None,
-        };
-        if self.body.len() + chunk.len() > self.dispatcher.config().max_body_bytes {
-            return None; // refused by `handle`; not worth a lookup
-        }
-        let mut body = std::mem::take(&mut self.body);
-        if body.is_empty() {
-            body = std::mem::take(chunk);
-        } else {
-            body.append(chunk);
-        }
-        let sharing = sharing.clone();
-        let kind = self.kind;
-        Some(Box::pin(async move {
-            let pending = sharing.prepare(kind, &body).await;
-            (body, pending)
-        }))
-    }
-
-    /// Takes back the body after an [`ExtProcStream::owner_lookup`].
-    pub fn resume(&mut self, body: Vec<u8>, prefix: Option<Pending>) {
-        self.body = body;
-        self.prefix = prefix;
     }
 
     /// The request id (after the request headers arrived).
@@ -141,11 +128,13 @@ impl ExtProcStream {
         &self.meta.request_id
     }
 
-    /// Handles one message from Envoy and returns the replies to send, in order.
-    pub fn handle(
-        &mut self,
-        msg: ProcessingRequest,
-    ) -> Result<Vec<ProcessingResponse>, ProtocolError> {
+    /// Handles one message from Envoy and returns what to do, in order.
+    pub fn handle(&mut self, msg: ProcessingRequest) -> Result<Vec<Action>, ProtocolError> {
+        if self.phase == Phase::AwaitOwner {
+            return Err(ProtocolError(
+                "message received while the owner lookup is pending",
+            ));
+        }
         if let Some(pc) = &msg.protocol_config {
             self.request_mode =
                 BodySendMode::try_from(pc.request_body_mode).unwrap_or(BodySendMode::None);
@@ -155,19 +144,33 @@ impl ExtProcStream {
         let metadata = msg.metadata_context.as_ref();
         use processing_request::Request;
         match msg.request {
-            Some(Request::RequestHeaders(h)) => self.on_request_headers(h, metadata),
+            Some(Request::RequestHeaders(h)) => self.on_request_headers(h, metadata).map(replies),
             Some(Request::RequestBody(b)) => Ok(self.on_request_body(b)),
             Some(Request::RequestTrailers(_)) => Ok(self.on_request_trailers()),
-            Some(Request::ResponseHeaders(h)) => Ok(self.on_response_headers(h, metadata)),
-            Some(Request::ResponseBody(b)) => Ok(self.on_response_body(b)),
+            Some(Request::ResponseHeaders(h)) => Ok(replies(self.on_response_headers(h, metadata))),
+            Some(Request::ResponseBody(b)) => Ok(replies(self.on_response_body(b))),
             Some(Request::ResponseTrailers(_)) => {
                 self.finish();
-                Ok(vec![response(
+                Ok(replies(vec![response(
                     processing_response::Response::ResponseTrailers(TrailersResponse::default()),
-                )])
+                )]))
             }
             None => Err(ProtocolError("ProcessingRequest without a request")),
         }
+    }
+
+    /// The owner lookup asked for by [`Action::NeedLookup`] finished with `answer`.
+    pub fn on_lookup(&mut self, answer: PrefixAnswer) -> Vec<Action> {
+        let Some(w) = self.awaiting.take() else {
+            return Vec::new();
+        };
+        let mut out = replies(self.decide(w.prepared, answer, w.body_ends_stream));
+        if w.then_trailers && self.phase != Phase::Done {
+            out.push(Action::Reply(response(
+                processing_response::Response::RequestTrailers(TrailersResponse::default()),
+            )));
+        }
+        out
     }
 
     fn on_request_headers(
@@ -232,16 +235,16 @@ impl ExtProcStream {
         }
     }
 
-    fn on_request_body(&mut self, b: HttpBody) -> Vec<ProcessingResponse> {
+    fn on_request_body(&mut self, b: HttpBody) -> Vec<Action> {
         if self.phase != Phase::Buffering {
             return Vec::new();
         }
         let limit = self.dispatcher.config().max_body_bytes;
         if self.body.len() + b.body.len() > limit {
-            let r = Rejection::too_large(limit);
-            self.dispatcher.count_rejection(&self.meta, &r);
+            let r = Rejection::TooLarge { limit };
+            self.dispatcher.count_rejection(&self.meta, "", &r);
             self.phase = Phase::Done;
-            return vec![self.immediate(&r)];
+            return replies(vec![self.immediate(&r)]);
         }
         if self.body.is_empty() {
             self.body = b.body; // a body in one chunk is kept without a copy
@@ -250,36 +253,66 @@ impl ExtProcStream {
         }
         if !b.end_of_stream {
             return match self.request_mode {
-                BodySendMode::Streamed => vec![body_continue(true)],
+                BodySendMode::Streamed => replies(vec![body_continue(true)]),
                 _ => Vec::new(),
             };
         }
-        self.schedule(true)
+        self.prepare(true, false)
     }
 
-    fn on_request_trailers(&mut self) -> Vec<ProcessingResponse> {
-        let mut out = if self.phase == Phase::Buffering {
-            self.schedule(false)
-        } else {
-            Vec::new()
-        };
-        if self.phase != Phase::Done {
-            out.push(response(processing_response::Response::RequestTrailers(
-                TrailersResponse::default(),
-            )));
+    fn on_request_trailers(&mut self) -> Vec<Action> {
+        if self.phase == Phase::Buffering {
+            return self.prepare(false, true);
         }
-        out
+        if self.phase == Phase::Done {
+            return Vec::new();
+        }
+        replies(vec![response(
+            processing_response::Response::RequestTrailers(TrailersResponse::default()),
+        )])
     }
 
-    /// The body is complete: schedule and reply with the destination and the body.
-    fn schedule(&mut self, body_ends_stream: bool) -> Vec<ProcessingResponse> {
+    /// The body is complete: phase one, then the owner lookup or straight to the pick.
+    fn prepare(&mut self, body_ends_stream: bool, then_trailers: bool) -> Vec<Action> {
+        let prepared = match self
+            .dispatcher
+            .prepare(self.kind, &self.body, self.meta.clone(), &[])
+        {
+            Ok(p) => p,
+            Err(r) => {
+                self.phase = Phase::Done;
+                return replies(vec![self.immediate(&r)]);
+            }
+        };
+        if let Some(lookup) = self.dispatcher.lookup(&prepared) {
+            self.phase = Phase::AwaitOwner;
+            self.awaiting = Some(AwaitingOwner {
+                prepared,
+                body_ends_stream,
+                then_trailers,
+            });
+            return vec![Action::NeedLookup(lookup)];
+        }
+        self.awaiting = Some(AwaitingOwner {
+            prepared,
+            body_ends_stream,
+            then_trailers,
+        });
+        let answer = self.dispatcher.no_lookup_answer();
+        self.on_lookup(answer)
+    }
+
+    /// Phase two: pick, then reply with the destination and the body.
+    fn decide(
+        &mut self,
+        prepared: Prepared,
+        answer: PrefixAnswer,
+        body_ends_stream: bool,
+    ) -> Vec<ProcessingResponse> {
         let span = tracing::debug_span!("ext_proc", request_id = %self.meta.request_id);
         let _g = span.enter();
         let body = std::mem::take(&mut self.body);
-        let mut ticket = match self
-            .dispatcher
-            .dispatch(self.kind, &body, self.meta.clone(), &[])
-        {
+        let ticket = match self.dispatcher.decide(prepared, answer) {
             Ok(t) => t,
             Err(r) => {
                 self.phase = Phase::Done;
@@ -287,7 +320,7 @@ impl ExtProcStream {
             }
         };
         // An InferenceModelRewrite replaced the model: Envoy forwards the new body.
-        let rewritten = ticket.take_rewritten_body();
+        let rewritten = ticket.rewrite_body(&body);
         let body_changed = rewritten.is_some();
         let body = rewritten.unwrap_or(body);
         let content_length = body.len().to_string();
@@ -352,8 +385,25 @@ impl ExtProcStream {
         }
         self.served = metadata.and_then(served_endpoint);
         self.usage = Some(UsageScanner::new(content_type.as_deref()));
+        // Headers the client gets from the pick (the session-affinity token).
+        let set: Vec<(&str, &str)> = self
+            .ticket
+            .as_ref()
+            .map(|t| {
+                t.response_headers()
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let headers = HeadersResponse {
+            response: (!set.is_empty()).then(|| CommonResponse {
+                header_mutation: Some(set_headers(set)),
+                ..Default::default()
+            }),
+        };
         let out = vec![response(processing_response::Response::ResponseHeaders(
-            HeadersResponse::default(),
+            headers,
         ))];
         if h.end_of_stream {
             self.finish();
@@ -387,14 +437,6 @@ impl ExtProcStream {
             Outcome::UpstreamStatus
         };
         let usage = self.usage.take().and_then(UsageScanner::finish);
-        if let (Some(p), Some(s)) = (self.prefix.take(), &self.sharing)
-            && outcome == Outcome::Success
-            && let Some(served) = self
-                .served
-                .or_else(|| ticket.destinations().first().copied())
-        {
-            s.record(p, served.to_string());
-        }
         ticket.finish(self.served, outcome, usage);
         self.phase = Phase::Done;
     }
@@ -403,7 +445,7 @@ impl ExtProcStream {
         response(processing_response::Response::ImmediateResponse(
             ImmediateResponse {
                 status: Some(HttpStatus {
-                    code: i32::from(r.status),
+                    code: i32::from(r.status()),
                 }),
                 headers: Some(set_headers([
                     ("content-type", "application/json"),
@@ -411,7 +453,7 @@ impl ExtProcStream {
                 ])),
                 body: r.json_body(),
                 grpc_status: None,
-                details: r.message.clone(),
+                details: r.to_string(),
             },
         ))
     }
@@ -571,13 +613,30 @@ mod tests {
 
     use super::*;
     use crate::discovery::EndpointSpec;
-    use crate::dispatch::DispatchConfig;
     use crate::metrics::NodeMetrics;
     use crate::policy::Policy;
     use crate::pool::{EndpointSlot, PoolView};
+    use crate::request::DispatchConfig;
     use crate::scrape::engine::Engine;
 
     const MODEL: &str = "m";
+
+    impl ExtProcStream {
+        /// `handle` for a stream without shared prefix state: every action is a reply.
+        fn handle_replies(
+            &mut self,
+            msg: ProcessingRequest,
+        ) -> Result<Vec<ProcessingResponse>, ProtocolError> {
+            Ok(self
+                .handle(msg)?
+                .into_iter()
+                .map(|a| match a {
+                    Action::Reply(r) => r,
+                    Action::NeedLookup(_) => panic!("no owner lookup without shared state"),
+                })
+                .collect())
+        }
+    }
 
     fn pods() -> Vec<SocketAddr> {
         (0..3)
@@ -720,14 +779,14 @@ mod tests {
         let mut s = ExtProcStream::new(d);
         let fd = BodySendMode::FullDuplexStreamed;
         assert!(
-            s.handle(req_headers(mode(fd, fd), &[("x-request-id", "r1")], None))
+            s.handle_replies(req_headers(mode(fd, fd), &[("x-request-id", "r1")], None))
                 .unwrap()
                 .is_empty()
         );
         let payload = completion(100_000);
         let (a, b) = payload.split_at(40_000);
-        assert!(s.handle(body(a, false, true)).unwrap().is_empty());
-        let out = s.handle(body(b, true, true)).unwrap();
+        assert!(s.handle_replies(body(a, false, true)).unwrap().is_empty());
+        let out = s.handle_replies(body(b, true, true)).unwrap();
         // Headers reply, then the body in 62,000-byte chunks.
         assert_eq!(out.len(), 1 + payload.len().div_ceil(BODY_CHUNK));
         let Some(processing_response::Response::RequestHeaders(h)) = &out[0].response else {
@@ -775,13 +834,13 @@ mod tests {
             ))),
             ..Default::default()
         };
-        let out = s.handle(resp_headers).unwrap();
+        let out = s.handle_replies(resp_headers).unwrap();
         assert!(matches!(
             out[0].response,
             Some(processing_response::Response::ResponseHeaders(_))
         ));
         let usage = br#"{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":3}}"#;
-        let out = s.handle(body(usage, true, false)).unwrap();
+        let out = s.handle_replies(body(usage, true, false)).unwrap();
         let Some(processing_response::Response::ResponseBody(b)) = &out[0].response else {
             panic!("response body reply expected")
         };
@@ -806,7 +865,7 @@ mod tests {
         let (d, _) = dispatcher();
         let mut s = ExtProcStream::new(d);
         let out = s
-            .handle(req_headers(
+            .handle_replies(req_headers(
                 mode(BodySendMode::Buffered, BodySendMode::None),
                 &[],
                 None,
@@ -819,7 +878,7 @@ mod tests {
         ));
         // No x-request-id: one was generated (a UUID).
         assert_eq!(uuid::Uuid::parse_str(s.request_id()).map(|_| ()), Ok(()));
-        let out = s.handle(body(&completion(10), true, true)).unwrap();
+        let out = s.handle_replies(body(&completion(10), true, true)).unwrap();
         assert_eq!(out.len(), 1);
         let Some(processing_response::Response::RequestBody(b)) = &out[0].response else {
             panic!("body reply expected")
@@ -846,9 +905,9 @@ mod tests {
         ] {
             let (d, _) = dispatcher();
             let mut s = ExtProcStream::new(d);
-            s.handle(req_headers(mode(fd, fd), &[("x-request-id", "abc")], None))
+            s.handle_replies(req_headers(mode(fd, fd), &[("x-request-id", "abc")], None))
                 .unwrap();
-            let out = s.handle(body(&payload, true, true)).unwrap();
+            let out = s.handle_replies(body(&payload, true, true)).unwrap();
             let i = immediate(&out[0]);
             assert_eq!(i.status.unwrap().code, status);
             let json: serde_json::Value = serde_json::from_slice(&i.body).unwrap();
@@ -865,13 +924,16 @@ mod tests {
         let (d, _) = dispatcher();
         let mut s = ExtProcStream::new(d);
         let fd = BodySendMode::FullDuplexStreamed;
-        s.handle(req_headers(mode(fd, fd), &[], None)).unwrap();
+        s.handle_replies(req_headers(mode(fd, fd), &[], None))
+            .unwrap();
         assert!(
-            s.handle(body(&[b'x'; 150_000], false, true))
+            s.handle_replies(body(&[b'x'; 150_000], false, true))
                 .unwrap()
                 .is_empty()
         );
-        let out = s.handle(body(&[b'x'; 150_000], false, true)).unwrap();
+        let out = s
+            .handle_replies(body(&[b'x'; 150_000], false, true))
+            .unwrap();
         assert_eq!(immediate(&out[0]).status.unwrap().code, 413);
     }
 
@@ -909,16 +971,16 @@ mod tests {
         for _ in 0..10 {
             let (d, _) = dispatcher();
             let mut s = ExtProcStream::new(d);
-            s.handle(req_headers(mode(fd, fd), &[], Some(subset(&[&only]))))
+            s.handle_replies(req_headers(mode(fd, fd), &[], Some(subset(&[&only]))))
                 .unwrap();
-            let out = s.handle(body(&completion(10), true, true)).unwrap();
+            let out = s.handle_replies(body(&completion(10), true, true)).unwrap();
             assert_eq!(metadata_destination(&out[0]), only);
         }
         let (d, _) = dispatcher();
         let mut s = ExtProcStream::new(d);
-        s.handle(req_headers(mode(fd, fd), &[], Some(subset(&[]))))
+        s.handle_replies(req_headers(mode(fd, fd), &[], Some(subset(&[]))))
             .unwrap();
-        let out = s.handle(body(&completion(10), true, true)).unwrap();
+        let out = s.handle_replies(body(&completion(10), true, true)).unwrap();
         assert_eq!(immediate(&out[0]).status.unwrap().code, 503);
     }
 
@@ -928,8 +990,9 @@ mod tests {
         let metrics = d.metrics().clone();
         let mut s = ExtProcStream::new(d);
         let fd = BodySendMode::FullDuplexStreamed;
-        s.handle(req_headers(mode(fd, fd), &[], None)).unwrap();
-        let out = s.handle(body(&completion(10), true, true)).unwrap();
+        s.handle_replies(req_headers(mode(fd, fd), &[], None))
+            .unwrap();
+        let out = s.handle_replies(body(&completion(10), true, true)).unwrap();
         let addr: SocketAddr = metadata_destination(&out[0]).parse().unwrap();
         assert_eq!(view.slot(addr).unwrap().in_flight().requests, 1);
         drop(s);
@@ -949,7 +1012,7 @@ mod tests {
             ))),
             ..Default::default()
         };
-        let out = s.handle(msg).unwrap();
+        let out = s.handle_replies(msg).unwrap();
         let dest = metadata_destination(&out[0]);
         assert!(pods().iter().any(|p| p.to_string() == dest));
     }

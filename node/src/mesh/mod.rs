@@ -6,9 +6,9 @@
 //! Coverage: load sharing (owned scraping, board scrapes, fleet in-flight) applies to every
 //! request path, since it feeds the endpoint slots both paths schedule from. Prefix
 //! lookups at the owner and records at the owners apply to both paths through one
-//! mechanism ([`prefix::PrefixSharing`]): the standalone proxy runs it as a layer, the
-//! ext_proc stream awaits the lookup when the request body ends and records the pick when
-//! the response ends (see [`prefix`]).
+//! mechanism ([`prefix::MeshPrefixOwners`] behind the request path's two phases,
+//! `crate::request`): both paths await the lookup between `prepare` and `decide`, and
+//! `decide` records the pick at the owners (see [`prefix`]).
 
 pub mod flags;
 

@@ -1,238 +1,275 @@
-//! Prefix ownership on both request paths (the proxy layer here, and the ext_proc stream
-//! through [`PrefixSharing::prepare`] / [`PrefixSharing::record`]): before the node
-//! schedules a request, the request's block-hash chain is matched at the anchor's owner (locally when this node owns it,
-//! else over QUIC within the lookup budget), and after the pick the chain is recorded at
-//! the owners (batched by the mesh).
+//! Prefix state owned by the anchors' owners ([`MeshPrefixOwners`], the mesh's
+//! implementation of the request path's [`PrefixOwners`]): a lookup asks the anchor's
+//! owner (locally when this node owns it, else over QUIC within the mesh's budget), and a
+//! pick is recorded at the owners (applied here when this node is one, batched to the
+//! others). The scheduler's own index is not used, so each node holds about R/N of the
+//! fleet's prefix state.
 //!
-//! Why this runs before the dispatcher rather than inside it: the
-//! dispatcher (`crate::dispatch`) schedules synchronously with `PrefixSource::Local`, and
-//! has no asynchronous hook where a remote match could be passed as
-//! `PrefixSource::Remote`. So [`PrefixSharing::prepare`] merges the owner's answer into this node's own
-//! prefix index (`Scheduler::prefix_index().record`) just before the dispatcher matches
-//! against it: the local match then equals the union of the owner's answer and what this
-//! node recorded itself. The owner's index stays the fleet's source of truth; each node's
-//! index acts as a cache of the answers it asked for. When the owner does not answer in
-//! budget, the request is scheduled on local data only (counted as a fallback).
+//! A record reaches a remote owner up to one flush interval plus a round trip after the
+//! pick. A node that asks again for the same chain inside that window would get an answer
+//! without its own pick, so it keeps its recent picks for anchors it does not own in a
+//! small bounded cache ([`RecentPicks`]) and merges them into the owner's answer.
 
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use axum::Router;
-use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::middleware::Next;
-use axum::response::Response;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
 use infermesh_gossip::Mesh;
-use infermesh_scheduler::config::PluginSpec;
-use infermesh_scheduler::{ApiKind, Endpoint, InferenceRequest, ResolvedConfig, parse_openai};
+use infermesh_gossip::wire::PrefixMatch;
+use infermesh_scheduler::PrefixMatches;
+use parking_lot::Mutex;
+use smallvec::SmallVec;
 
-use crate::dispatch::{Dispatcher, Rejection, RequestMeta};
-use crate::policy::SharedPolicy;
-use crate::pool::SharedPool;
-use crate::proxy::SERVED_HEADER;
+use crate::request::{PrefixAnswer, PrefixLookup, PrefixOwners};
 
-/// How the scheduler sizes an endpoint's prefix LRU (mirrors the approximate prefix
-/// producer's `capacity_for`, so merged entries never resize the LRU).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CapacityRule {
-    /// `autoTune`: use the endpoint's KV block count when it reports one.
-    pub auto_tune: bool,
-    /// `lruCapacityPerServer`.
-    pub per_server: usize,
-}
+/// Lock shards of the recent-picks cache (by anchor), so concurrent requests rarely contend.
+const RECENT_SHARDS: usize = 16;
 
-impl CapacityRule {
-    /// The rule of `cfg`'s prefix producer; `None` when no prefix producer is configured.
-    pub fn of(cfg: &ResolvedConfig) -> Option<CapacityRule> {
-        let name = cfg.prefix_producer.as_deref()?;
-        match &cfg.plugin(name)?.spec {
-            PluginSpec::ApproxPrefixCacheProducer(p) => Some(CapacityRule {
-                auto_tune: p.auto_tune,
-                per_server: usize::try_from(p.lru_capacity_per_server).unwrap_or(1),
-            }),
-            _ => None,
-        }
-    }
-
-    /// LRU capacity for `e`.
-    pub fn capacity(&self, e: &Endpoint) -> usize {
-        if self.auto_tune
-            && let Some(n) = e
-                .metrics
-                .as_ref()
-                .and_then(|m| m.cache_num_blocks)
-                .filter(|n| *n > 0)
-        {
-            return usize::try_from(n).unwrap_or(usize::MAX);
-        }
-        self.per_server
-    }
-}
-
-/// What the layer needs.
-#[derive(Clone)]
-pub struct PrefixSharing {
+/// The mesh as the request path's prefix owners.
+#[derive(Debug)]
+pub struct MeshPrefixOwners {
     // Weak: open client connections must not keep a stopped node's mesh alive.
     mesh: Weak<Mesh>,
-    dispatcher: Dispatcher,
-    pool: SharedPool,
-    policy: SharedPolicy,
-    rule: CapacityRule,
-    staleness: Duration,
+    recent: RecentPicks,
 }
 
-impl std::fmt::Debug for PrefixSharing {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PrefixSharing")
-            .field("rule", &self.rule)
-            .finish_non_exhaustive()
-    }
-}
-
-/// A chain matched before scheduling, to record at its owners after the pick.
-#[derive(Debug)]
-pub struct Pending {
-    anchor: u64,
-    hashes: Vec<u64>,
-}
-
-impl PrefixSharing {
-    /// Sharing state over the node's pool and policy.
-    pub fn new(
-        mesh: Arc<Mesh>,
-        dispatcher: Dispatcher,
-        policy: SharedPolicy,
-        rule: CapacityRule,
-    ) -> PrefixSharing {
-        PrefixSharing {
-            mesh: Arc::downgrade(&mesh),
-            pool: dispatcher.pool().clone(),
-            staleness: dispatcher.config().staleness,
-            dispatcher,
-            policy,
-            rule,
+impl MeshPrefixOwners {
+    /// Owners over `mesh`. The recent-picks cache keeps a pick for 10 record-flush
+    /// intervals (at least 50 ms): a record is applied at a remote owner after at most one
+    /// flush interval plus a round trip, so an answer older than that already holds it.
+    pub fn new(mesh: &Arc<Mesh>) -> MeshPrefixOwners {
+        let flush = mesh.config().prefix.record_flush_interval;
+        MeshPrefixOwners {
+            mesh: Arc::downgrade(mesh),
+            recent: RecentPicks::new((flush * 10).max(Duration::from_millis(50)), 4096),
         }
     }
 
-    /// Wraps the proxy's routes.
-    pub fn wrap(self, router: Router) -> Router {
-        router.layer(axum::middleware::from_fn_with_state(self, layer))
+    /// The recent-picks cache's size now.
+    pub fn recent_memory(&self) -> (usize, usize) {
+        self.recent.memory()
     }
+}
 
-    /// Records `p`'s chain at its owners as served by `served` (batched by the mesh).
-    pub fn record(&self, p: Pending, served: String) {
-        if let Some(mesh) = self.mesh.upgrade() {
-            mesh.prefix_record(p.anchor, p.hashes, served);
-        }
-    }
-
-    /// Looks the request's chain up at its owner (within the mesh's lookup budget) and
-    /// merges the answer into the local index; `None` when there is no chain to share.
-    pub async fn prepare(&self, kind: ApiKind, body: &[u8]) -> Option<Pending> {
-        let parsed = parse_openai(kind, body).ok()?;
-        let pool = self.pool.load_full();
-        let now = Instant::now();
-        let candidates = pool.candidates(now, self.staleness, None, &[]);
-        if candidates.is_empty() {
-            return None;
-        }
-        let req = InferenceRequest {
-            target_model: parsed.model.clone(),
-            model: parsed.model,
-            prompt_bytes: parsed.prompt_bytes,
-            cache_salt: parsed.cache_salt,
-            ..InferenceRequest::default()
+impl PrefixOwners for MeshPrefixOwners {
+    fn lookup(&self, anchor: u64, hashes: &[u64]) -> PrefixLookup {
+        let recent = self.recent.matches(anchor, hashes, Instant::now());
+        let Some(mesh) = self.mesh.upgrade() else {
+            return Box::pin(std::future::ready(PrefixAnswer::Unavailable));
         };
-        let policy = self.policy.load_full();
-        let chain = policy.scheduler.prefix_chain(&req, &candidates)?;
-        let anchor = chain.anchor()?;
-        let mesh = self.mesh.upgrade()?;
-        if let Some(found) = mesh.prefix_lookup(anchor, &chain.hashes).await
-            && let Some(index) = policy.scheduler.prefix_index()
-        {
-            for m in &found.endpoints {
-                let Ok(addr) = m.endpoint.parse::<SocketAddr>() else {
-                    continue;
-                };
-                let blocks = (m.blocks as usize).min(chain.hashes.len());
-                let Some(e) = candidates.iter().find(|e| e.address == addr) else {
-                    continue;
-                };
-                if blocks > 0 {
-                    index.record(addr, self.rule.capacity(e), &chain.hashes[..blocks]);
+        let hashes = hashes.to_vec();
+        Box::pin(async move {
+            match mesh.prefix_lookup(anchor, &hashes).await {
+                Some(found) => PrefixAnswer::Matched(merge(&found, recent)),
+                None if recent.is_empty() => PrefixAnswer::Unavailable,
+                None => PrefixAnswer::Matched(PrefixMatches { entries: recent }),
+            }
+        })
+    }
+
+    fn record(&self, anchor: u64, hashes: &[u64], endpoints: &[SocketAddr]) {
+        let Some(mesh) = self.mesh.upgrade() else {
+            return;
+        };
+        for e in endpoints {
+            mesh.prefix_record(anchor, hashes.to_vec(), e.to_string());
+        }
+        if !mesh.prefix_owners(anchor).contains(mesh.node_id()) {
+            self.recent
+                .insert(anchor, hashes, endpoints, Instant::now());
+        }
+    }
+}
+
+/// The owner's answer with this node's recent picks folded in (per endpoint, the longer
+/// match wins). Endpoints are named `ip:port` on the wire; others are ignored.
+fn merge(found: &PrefixMatch, recent: Vec<(SocketAddr, u32)>) -> PrefixMatches {
+    let mut entries = recent;
+    for m in &found.endpoints {
+        let Ok(addr) = m.endpoint.parse::<SocketAddr>() else {
+            continue;
+        };
+        match entries.iter_mut().find(|(a, _)| *a == addr) {
+            Some((_, blocks)) => *blocks = (*blocks).max(m.blocks),
+            None => entries.push((addr, m.blocks)),
+        }
+    }
+    PrefixMatches { entries }
+}
+
+#[derive(Debug)]
+struct Pick {
+    at: Instant,
+    hashes: Arc<[u64]>,
+    endpoints: SmallVec<[SocketAddr; 2]>,
+}
+
+#[derive(Debug, Default)]
+struct RecentShard {
+    by_anchor: HashMap<u64, SmallVec<[Pick; 2]>>,
+    order: VecDeque<(Instant, u64)>,
+    picks: usize,
+    hash_words: usize,
+}
+
+impl RecentShard {
+    fn expire(&mut self, now: Instant, ttl: Duration, cap: usize) {
+        while let Some(&(at, anchor)) = self.order.front() {
+            if now.duration_since(at) < ttl && self.picks <= cap {
+                break;
+            }
+            self.order.pop_front();
+            if let Some(list) = self.by_anchor.get_mut(&anchor)
+                && let Some(i) = list.iter().position(|p| p.at == at)
+            {
+                let p = list.remove(i);
+                self.picks -= 1;
+                self.hash_words -= p.hashes.len();
+                if list.is_empty() {
+                    self.by_anchor.remove(&anchor);
                 }
             }
         }
-        Some(Pending {
-            anchor,
-            hashes: chain.hashes,
-        })
     }
 }
 
-fn api_kind(path: &str) -> Option<ApiKind> {
-    match path {
-        "/v1/completions" => Some(ApiKind::Completions),
-        "/v1/chat/completions" => Some(ApiKind::ChatCompletions),
-        _ => None,
-    }
+/// This node's picks for anchors it does not own, kept until the owners surely have them.
+#[derive(Debug)]
+pub struct RecentPicks {
+    shards: Box<[Mutex<RecentShard>]>,
+    ttl: Duration,
+    per_shard: usize,
 }
 
-async fn layer(State(s): State<PrefixSharing>, req: Request, next: Next) -> Response {
-    let Some(kind) = api_kind(req.uri().path()).filter(|_| req.method() == http::Method::POST)
-    else {
-        return next.run(req).await;
-    };
-    let (parts, body) = req.into_parts();
-    let limit = s.dispatcher.config().max_body_bytes;
-    let bytes: Bytes = match Limited::new(body, limit).collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(e) => {
-            // The same answer the proxy gives; the body is consumed, so answer here.
-            let meta = RequestMeta::from_headers(
-                parts
-                    .headers
-                    .iter()
-                    .filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str(), v))),
-            );
-            let r = if e
-                .downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                Rejection::too_large(limit)
-            } else {
-                Rejection {
-                    status: 400,
-                    outcome: crate::metrics::Outcome::BadRequest,
-                    message: format!("cannot read the request body: {e}"),
-                }
-            };
-            s.dispatcher.count_rejection(&meta, &r);
-            let mut resp = Response::new(Body::from(r.json_body()));
-            *resp.status_mut() = http::StatusCode::from_u16(r.status)
-                .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
-            resp.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("application/json"),
-            );
-            return resp;
+impl RecentPicks {
+    /// A cache keeping picks for `ttl`, at most `capacity` of them.
+    pub fn new(ttl: Duration, capacity: usize) -> RecentPicks {
+        RecentPicks {
+            shards: (0..RECENT_SHARDS)
+                .map(|_| Mutex::new(RecentShard::default()))
+                .collect(),
+            ttl,
+            per_shard: capacity.div_ceil(RECENT_SHARDS).max(1),
         }
-    };
-    let pending = s.prepare(kind, &bytes).await;
-    let resp = next
-        .run(Request::from_parts(parts, Body::from(bytes)))
-        .await;
-    if let Some(p) = pending
-        && resp.status().is_success()
-        && let Some(served) = resp
-            .headers()
-            .get(SERVED_HEADER)
-            .and_then(|v| v.to_str().ok())
-    {
-        s.record(p, served.to_owned());
     }
-    resp
+
+    fn shard(&self, anchor: u64) -> &Mutex<RecentShard> {
+        &self.shards[(anchor ^ (anchor >> 32)) as usize % RECENT_SHARDS]
+    }
+
+    /// Remembers that `endpoints` were picked for the chain `hashes` at `now`.
+    pub fn insert(&self, anchor: u64, hashes: &[u64], endpoints: &[SocketAddr], now: Instant) {
+        let mut s = self.shard(anchor).lock();
+        s.by_anchor.entry(anchor).or_default().push(Pick {
+            at: now,
+            hashes: hashes.into(),
+            endpoints: endpoints.iter().copied().collect(),
+        });
+        s.order.push_back((now, anchor));
+        s.picks += 1;
+        s.hash_words += hashes.len();
+        s.expire(now, self.ttl, self.per_shard);
+    }
+
+    /// Leading blocks of `hashes` each endpoint got from a pick still in the cache.
+    pub fn matches(&self, anchor: u64, hashes: &[u64], now: Instant) -> Vec<(SocketAddr, u32)> {
+        let mut s = self.shard(anchor).lock();
+        s.expire(now, self.ttl, self.per_shard);
+        let mut out: Vec<(SocketAddr, u32)> = Vec::new();
+        let Some(list) = s.by_anchor.get(&anchor) else {
+            return out;
+        };
+        for p in list {
+            let n = hashes
+                .iter()
+                .zip(p.hashes.iter())
+                .take_while(|(a, b)| a == b)
+                .count();
+            let n = u32::try_from(n).unwrap_or(u32::MAX);
+            for &e in &p.endpoints {
+                match out.iter_mut().find(|(a, _)| *a == e) {
+                    Some((_, b)) => *b = (*b).max(n),
+                    None => out.push((e, n)),
+                }
+            }
+        }
+        out.retain(|(_, n)| *n > 0);
+        out
+    }
+
+    /// (picks held, heap bytes) — the cache's own counters.
+    pub fn memory(&self) -> (usize, usize) {
+        let mut picks = 0;
+        let mut bytes = 0;
+        for s in self.shards.iter() {
+            let s = s.lock();
+            picks += s.picks;
+            bytes += s.hash_words * std::mem::size_of::<u64>()
+                + s.picks * std::mem::size_of::<Pick>()
+                + s.order.capacity() * std::mem::size_of::<(Instant, u64)>()
+                + s.by_anchor.capacity() * std::mem::size_of::<(u64, SmallVec<[Pick; 2]>)>();
+        }
+        (picks, bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(i: u8) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, i], 8000))
+    }
+
+    #[test]
+    fn recent_picks_match_leading_blocks_and_expire() {
+        let cache = RecentPicks::new(Duration::from_millis(50), 64);
+        let t0 = Instant::now();
+        cache.insert(1, &[1, 2, 3, 4], &[addr(1)], t0);
+        cache.insert(1, &[1, 2, 9], &[addr(2)], t0);
+        let mut m = cache.matches(1, &[1, 2, 3, 5], t0);
+        m.sort();
+        assert_eq!(m, vec![(addr(1), 3), (addr(2), 2)]);
+        assert!(cache.matches(2, &[1, 2], t0).is_empty(), "other anchor");
+        assert_eq!(cache.memory().0, 2);
+        let later = t0 + Duration::from_millis(51);
+        assert!(cache.matches(1, &[1, 2, 3], later).is_empty(), "expired");
+        assert_eq!(cache.memory().0, 0);
+    }
+
+    #[test]
+    fn recent_picks_stay_bounded() {
+        let cache = RecentPicks::new(Duration::from_secs(3600), 32);
+        let t0 = Instant::now();
+        for a in 0..10_000u64 {
+            cache.insert(a, &[a, a + 1], &[addr(1)], t0);
+        }
+        let (picks, _) = cache.memory();
+        assert!(picks <= 32 + RECENT_SHARDS, "{picks}");
+        assert_eq!(
+            cache.matches(9_999, &[9_999, 10_000], t0),
+            vec![(addr(1), 2)]
+        );
+    }
+
+    #[test]
+    fn owner_answer_and_recent_picks_merge_by_longest_match() {
+        let found = PrefixMatch {
+            total_blocks: 4,
+            endpoints: vec![
+                infermesh_gossip::wire::EndpointMatch {
+                    endpoint: addr(1).to_string(),
+                    blocks: 2,
+                },
+                infermesh_gossip::wire::EndpointMatch {
+                    endpoint: "not-an-address".into(),
+                    blocks: 4,
+                },
+            ],
+        };
+        let mut m = merge(&found, vec![(addr(1), 3), (addr(2), 1)]).entries;
+        m.sort();
+        assert_eq!(m, vec![(addr(1), 3), (addr(2), 1)]);
+    }
 }

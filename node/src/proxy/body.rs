@@ -10,8 +10,8 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::dispatch::Ticket;
 use crate::metrics::Outcome;
+use crate::request::Ticket;
 use crate::usage::UsageScanner;
 
 /// An upstream body that settles its request when it ends.

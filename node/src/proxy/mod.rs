@@ -1,7 +1,10 @@
-//! The standalone OpenAI-compatible proxy: `/v1/completions`, `/v1/chat/completions`,
-//! `/v1/models`. It schedules through the same [`Dispatcher`] as the ext_proc server and
-//! forwards with the pooled client, falling back to the next endpoint on connect failure.
-//! Every request ends as a response to the client and one counted outcome.
+//! The standalone OpenAI-compatible proxy. POST bodies are routed through the same
+//! two-phase path as the ext_proc server ([`Dispatcher::route`]) with the parser the path
+//! picks (`/v1/completions`, `/v1/chat/completions`, `/v1/embeddings`, `/v1/responses`,
+//! `/v1/messages`; any other POST path passes through, routed by load); `GET /v1/models`
+//! lists the pool's models. Requests are forwarded with the pooled client, falling back to
+//! the next endpoint on connect failure. Every request ends as a response to the client
+//! and one counted outcome.
 
 pub mod body;
 
@@ -12,14 +15,13 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use infermesh_scheduler::ApiKind;
 
-use crate::dispatch::{Dispatcher, Rejection, RequestMeta, Ticket};
-use crate::metrics::Outcome;
+use crate::request::{Dispatcher, Rejection, RequestMeta, Ticket};
 use crate::upstream::HttpClient;
 use body::TrackedBody;
 
@@ -45,10 +47,9 @@ struct ProxyState {
 /// The proxy's routes.
 pub fn router(dispatcher: Dispatcher, client: HttpClient, cfg: ProxyConfig) -> Router {
     Router::new()
-        .route("/v1/completions", post(completions))
-        .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
         .route("/health", get(|| async { "ok" }))
+        .fallback(inference)
         .with_state(ProxyState {
             dispatcher,
             client,
@@ -56,12 +57,19 @@ pub fn router(dispatcher: Dispatcher, client: HttpClient, cfg: ProxyConfig) -> R
         })
 }
 
-async fn completions(State(s): State<ProxyState>, req: Request) -> Response {
-    handle(s, ApiKind::Completions, req).await
-}
-
-async fn chat_completions(State(s): State<ProxyState>, req: Request) -> Response {
-    handle(s, ApiKind::ChatCompletions, req).await
+/// Every POST path goes to the parser its path picks; other methods are not routed.
+async fn inference(State(s): State<ProxyState>, req: Request) -> Response {
+    if req.method() != http::Method::POST {
+        let mut resp = Response::new(Body::from(format!(
+            "{} {} is not routed: the proxy routes POST requests and GET /v1/models\n",
+            req.method(),
+            req.uri().path()
+        )));
+        *resp.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+        return resp;
+    }
+    let kind = ApiKind::from_path(req.uri().path());
+    handle(s, kind, req).await
 }
 
 async fn models(State(s): State<ProxyState>) -> Response {
@@ -76,60 +84,32 @@ async fn models(State(s): State<ProxyState>) -> Response {
 }
 
 fn error_response(r: &Rejection, request_id: &str) -> Response {
-    let mut resp = Response::new(Body::from(r.json_body()));
-    *resp.status_mut() =
-        StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        h.insert("x-request-id", v);
-    }
-    resp
-}
-
-fn gateway_error(status: u16, outcome: Outcome, message: String) -> Rejection {
-    Rejection {
-        status,
-        outcome,
-        message,
-    }
+    r.to_http(request_id).map(Body::from)
 }
 
 async fn handle(s: ProxyState, kind: ApiKind, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let meta = RequestMeta::from_headers(
-        parts
-            .headers
-            .iter()
-            .filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str(), v))),
-    );
+    let meta = RequestMeta::from_http(&parts.headers);
     let request_id = meta.request_id.clone();
     let limit = s.dispatcher.config().max_body_bytes;
     let bytes = match Limited::new(body, limit).collect().await {
         Ok(c) => c.to_bytes(),
         Err(e) => {
             let r = if e.downcast_ref::<LengthLimitError>().is_some() {
-                Rejection::too_large(limit)
+                Rejection::TooLarge { limit }
             } else {
-                gateway_error(
-                    400,
-                    Outcome::BadRequest,
-                    format!("cannot read the request body: {e}"),
-                )
+                Rejection::UnreadableBody(e.to_string())
             };
-            s.dispatcher.count_rejection(&meta, &r);
+            s.dispatcher.count_rejection(&meta, "", &r);
             return error_response(&r, &request_id);
         }
     };
-    let mut ticket = match s.dispatcher.dispatch(kind, &bytes, meta, &[]) {
+    let ticket = match s.dispatcher.route(kind, &bytes, meta, &[]).await {
         Ok(t) => t,
         Err(r) => return error_response(&r, &request_id),
     };
     // An InferenceModelRewrite replaced the model: the pod gets the rewritten body.
-    let bytes = ticket.take_rewritten_body().map_or(bytes, Bytes::from);
+    let bytes = ticket.rewrite_body(&bytes).map_or(bytes, Bytes::from);
     forward(&s, ticket, &parts.uri, &parts.headers, bytes, &request_id).await
 }
 
@@ -177,15 +157,11 @@ async fn forward(
             .expect("valid request parts");
         match tokio::time::timeout(s.cfg.response_timeout, s.client.request(req)).await {
             Err(_) => {
-                let r = gateway_error(
-                    504,
-                    Outcome::Timeout,
-                    format!(
-                        "model server {dest} did not answer within {:?}",
-                        s.cfg.response_timeout
-                    ),
-                );
-                ticket.finish(Some(dest), r.outcome, None);
+                let r = Rejection::Timeout {
+                    endpoint: dest,
+                    timeout: s.cfg.response_timeout,
+                };
+                ticket.finish(Some(dest), r.outcome(), None);
                 return error_response(&r, request_id);
             }
             Ok(Ok(resp)) => return respond(resp, ticket, dest, request_id),
@@ -210,12 +186,11 @@ async fn forward(
                 }
             }
             Ok(Err(e)) => {
-                let r = gateway_error(
-                    502,
-                    Outcome::UpstreamError,
-                    format!("request to model server {dest} failed: {e}"),
-                );
-                ticket.finish(Some(dest), r.outcome, None);
+                let r = Rejection::Upstream {
+                    endpoint: dest,
+                    reason: e.to_string(),
+                };
+                ticket.finish(Some(dest), r.outcome(), None);
                 return error_response(&r, request_id);
             }
         }
@@ -223,16 +198,10 @@ async fn forward(
 }
 
 fn unreachable(ticket: Ticket, tried: &[SocketAddr], request_id: &str) -> Response {
-    let list: Vec<String> = tried.iter().map(ToString::to_string).collect();
-    let r = gateway_error(
-        502,
-        Outcome::UpstreamUnreachable,
-        format!(
-            "no model server could be reached (tried {})",
-            list.join(", ")
-        ),
-    );
-    ticket.finish(tried.last().copied(), r.outcome, None);
+    let r = Rejection::Unreachable {
+        tried: tried.to_vec(),
+    };
+    ticket.finish(tried.last().copied(), r.outcome(), None);
     error_response(&r, request_id)
 }
 
@@ -256,6 +225,11 @@ fn respond(
     }
     if let Ok(v) = HeaderValue::from_str(request_id) {
         parts.headers.insert("x-request-id", v);
+    }
+    for (k, v) in ticket.response_headers() {
+        if let (Ok(k), Ok(v)) = (HeaderName::try_from(k.as_str()), HeaderValue::from_str(v)) {
+            parts.headers.insert(k, v);
+        }
     }
     let success = parts.status.is_success();
     let body = TrackedBody::new(incoming, ticket, content_type.as_deref(), served, success);

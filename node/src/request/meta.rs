@@ -1,0 +1,93 @@
+//! What the request path knows before the body: the gateway headers and the subset hint.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+
+use infermesh_scheduler::model::DEFAULT_FAIRNESS_ID;
+
+/// Header naming the InferenceObjective of a request.
+pub const OBJECTIVE_HEADER: &str = "x-gateway-inference-objective";
+/// Header carrying the flow-control fairness id.
+pub const FAIRNESS_HEADER: &str = "x-gateway-inference-fairness-id";
+/// Header carrying the request id.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// Header (and `envoy.lb` metadata key) with the picked endpoints, primary first.
+pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
+
+/// Request facts known before the body: id, headers, objective, fairness id, subset hint.
+#[derive(Debug, Clone, Default)]
+pub struct RequestMeta {
+    /// `x-request-id`, or a generated UUID.
+    pub request_id: String,
+    /// All request headers with lower-case names (pseudo-headers excluded).
+    pub headers: BTreeMap<String, String>,
+    /// `x-gateway-inference-objective` ("" when absent).
+    pub objective: String,
+    /// `x-gateway-inference-fairness-id` (default `default-flow`).
+    pub fairness_id: String,
+    /// Endpoints the gateway allows (`envoy.lb.subset_hint`); `None` = no restriction.
+    pub subset: Option<BTreeSet<SocketAddr>>,
+}
+
+impl RequestMeta {
+    /// Builds the metadata from request headers (names in any case).
+    pub fn from_headers<'a>(headers: impl IntoIterator<Item = (&'a str, &'a str)>) -> RequestMeta {
+        let mut map = BTreeMap::new();
+        for (k, v) in headers {
+            if k.starts_with(':') {
+                continue;
+            }
+            map.insert(k.to_ascii_lowercase(), v.to_owned());
+        }
+        let request_id = match map.get(REQUEST_ID_HEADER) {
+            Some(id) if !id.is_empty() => id.clone(),
+            _ => {
+                let id = uuid::Uuid::new_v4().to_string();
+                map.insert(REQUEST_ID_HEADER.to_owned(), id.clone());
+                id
+            }
+        };
+        let objective = map.get(OBJECTIVE_HEADER).cloned().unwrap_or_default();
+        let fairness_id = map
+            .get(FAIRNESS_HEADER)
+            .filter(|f| !f.is_empty())
+            .cloned()
+            .unwrap_or_else(|| DEFAULT_FAIRNESS_ID.to_owned());
+        RequestMeta {
+            request_id,
+            headers: map,
+            objective,
+            fairness_id,
+            subset: None,
+        }
+    }
+
+    /// Builds the metadata from an `http` header map (values that are not text are skipped).
+    pub fn from_http(headers: &http::HeaderMap) -> RequestMeta {
+        RequestMeta::from_headers(
+            headers
+                .iter()
+                .filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str(), v))),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_meta_reads_headers_case_insensitively() {
+        let m = RequestMeta::from_headers([(OBJECTIVE_HEADER, "chat"), ("X-Request-Id", "id-1")]);
+        assert_eq!(m.request_id, "id-1");
+        assert_eq!(m.objective, "chat");
+        assert_eq!(m.fairness_id, "default-flow");
+        let m = RequestMeta::from_headers([(FAIRNESS_HEADER, "tenant-a"), (":path", "/x")]);
+        assert_eq!(m.fairness_id, "tenant-a");
+        assert!(!m.headers.contains_key(":path"));
+        assert_eq!(
+            m.headers[REQUEST_ID_HEADER], m.request_id,
+            "the generated id is forwarded"
+        );
+    }
+}

@@ -1,0 +1,376 @@
+//! The two phases of the request path. [`Dispatcher::prepare`] parses the body once,
+//! resolves the model rewrite, objective and priority, builds the candidates, admits, and
+//! hashes the prefix chain once. The IO shell then asks the anchor's owner
+//! ([`Dispatcher::lookup`]) and hands the answer to [`Dispatcher::decide`], which schedules,
+//! records the pick at the owners and issues the [`Ticket`].
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use infermesh_scheduler::{
+    ApiKind, Endpoint, InferenceRequest, PrefixChain, PrefixSource, ScheduleError,
+    SchedulingResult, parse_openai,
+};
+use rand::seq::IndexedRandom;
+
+use super::RequestMeta;
+use super::owners::{PrefixAnswer, PrefixLookup, PrefixOwners};
+use super::rejection::{NoEndpoint, Rejection};
+use super::ticket::Ticket;
+use crate::metrics::{EndpointLabels, NodeMetrics, RewriteLabels};
+use crate::policy::{Policy, SharedPolicy};
+use crate::pool::SharedPool;
+
+/// Limits of the request path.
+#[derive(Debug, Clone, Copy)]
+pub struct DispatchConfig {
+    /// Largest request body accepted (413 above it).
+    pub max_body_bytes: usize,
+    /// Metrics older than this take an endpoint out of the candidate set.
+    pub staleness: Duration,
+}
+
+/// The request path's shared state.
+#[derive(Debug, Clone)]
+pub struct Dispatcher {
+    pub(super) pool: SharedPool,
+    pub(super) policy: SharedPolicy,
+    pub(super) metrics: Arc<NodeMetrics>,
+    pub(super) cfg: DispatchConfig,
+    pub(super) owners: Option<Arc<dyn PrefixOwners>>,
+}
+
+/// A request after phase one: parsed, resolved, admitted, hashed; not yet scheduled.
+#[derive(Debug)]
+pub struct Prepared {
+    pub(super) req: InferenceRequest,
+    pub(super) objective: String,
+    pub(super) policy: Arc<Policy>,
+    pub(super) candidates: Vec<Endpoint>,
+    pub(super) chain: Option<PrefixChain>,
+    pub(super) rewrite: Option<Range<usize>>,
+    pub(super) started: Instant,
+}
+
+impl Prepared {
+    /// The request as the scheduler sees it.
+    pub fn request(&self) -> &InferenceRequest {
+        &self.req
+    }
+
+    /// The prefix chain hashed in phase one (shared-prefix mode with a prefix producer).
+    pub fn chain(&self) -> Option<&PrefixChain> {
+        self.chain.as_ref()
+    }
+}
+
+impl Dispatcher {
+    /// Creates the dispatcher over the shared pool and policy (prefix state local).
+    pub fn new(
+        pool: SharedPool,
+        policy: SharedPolicy,
+        metrics: Arc<NodeMetrics>,
+        cfg: DispatchConfig,
+    ) -> Dispatcher {
+        Dispatcher {
+            pool,
+            policy,
+            metrics,
+            cfg,
+            owners: None,
+        }
+    }
+
+    /// Keeps prefix state at the anchors' owners instead of this scheduler's own index.
+    pub fn with_prefix_owners(mut self, owners: Arc<dyn PrefixOwners>) -> Dispatcher {
+        self.owners = Some(owners);
+        self
+    }
+
+    /// The limits in force.
+    pub fn config(&self) -> DispatchConfig {
+        self.cfg
+    }
+
+    /// The node metrics.
+    pub fn metrics(&self) -> &Arc<NodeMetrics> {
+        &self.metrics
+    }
+
+    /// The shared pool view.
+    pub fn pool(&self) -> &SharedPool {
+        &self.pool
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &SharedPolicy {
+        &self.policy
+    }
+
+    /// Logs and counts a request the node answered itself.
+    pub fn count_rejection(&self, meta: &RequestMeta, model: &str, rejection: &Rejection) {
+        tracing::info!(request_id = %meta.request_id, model, status = rejection.status(), reason = %rejection, "request rejected");
+        self.metrics
+            .count_request(model, &meta.objective, rejection.outcome());
+    }
+
+    /// Phase one. `exclude` lists endpoints that must not be picked (they already failed
+    /// for this request). A rejection is counted here.
+    pub fn prepare(
+        &self,
+        kind: ApiKind,
+        body: &[u8],
+        mut meta: RequestMeta,
+        exclude: &[SocketAddr],
+    ) -> Result<Prepared, Rejection> {
+        let started = Instant::now();
+        match self.prepare_inner(kind, body, &mut meta, exclude, started) {
+            Ok(p) => Ok(p),
+            Err((model, r)) => {
+                self.count_rejection(&meta, &model, &r);
+                Err(r)
+            }
+        }
+    }
+
+    fn prepare_inner(
+        &self,
+        kind: ApiKind,
+        body: &[u8],
+        meta: &mut RequestMeta,
+        exclude: &[SocketAddr],
+        now: Instant,
+    ) -> Result<Prepared, (String, Rejection)> {
+        if body.len() > self.cfg.max_body_bytes {
+            let limit = self.cfg.max_body_bytes;
+            return Err((String::new(), Rejection::TooLarge { limit }));
+        }
+        let parsed = parse_openai(kind, body).map_err(|e| (String::new(), e.into()))?;
+        let pool = self.pool.load();
+        let policy = self.policy.load_full();
+        let model = parsed.model;
+        let mut target = None;
+        if kind.parses_body() {
+            target = policy
+                .rewrites
+                .target(&model, &mut rand::rng())
+                .map(str::to_owned);
+            let target_model = target.as_deref().unwrap_or(&model);
+            if !pool.serves(target_model) {
+                let mut served: Vec<&str> = pool.models.iter().map(String::as_str).collect();
+                served.sort_unstable();
+                let served = served.join(", ");
+                let r = match target {
+                    Some(target) => Rejection::RewriteTargetNotServed {
+                        model: model.clone(),
+                        target,
+                        served,
+                    },
+                    None => Rejection::UnknownModel {
+                        model: model.clone(),
+                        served,
+                    },
+                };
+                return Err((model, r));
+            }
+        }
+        if let Some(t) = &target {
+            self.metrics
+                .model_rewrite_decisions
+                .get_or_create(&RewriteLabels {
+                    model: model.clone(),
+                    target: t.clone(),
+                })
+                .inc();
+        }
+        let priority = pool.objectives.get(&meta.objective).copied().unwrap_or(0);
+        let rewrite = target.is_some().then_some(parsed.model_span);
+        let req = InferenceRequest {
+            id: meta.request_id.clone(),
+            target_model: target.unwrap_or_else(|| model.clone()),
+            model,
+            prompt_bytes: parsed.prompt_bytes,
+            stream: parsed.stream,
+            max_tokens: parsed.max_tokens,
+            headers: std::mem::take(&mut meta.headers),
+            priority,
+            fairness_id: meta.fairness_id.clone(),
+            cache_salt: parsed.cache_salt,
+        };
+        let candidates = pool.candidates(now, self.cfg.staleness, meta.subset.as_ref(), exclude);
+        if candidates.is_empty() {
+            let why = if meta.subset.is_some() {
+                NoEndpoint::Subset
+            } else {
+                NoEndpoint::Pool
+            };
+            return Err((req.model, Rejection::NoEndpoint(why)));
+        }
+        if let Err(e) = policy.scheduler.admit(&req, &candidates, now) {
+            return Err((req.model, Rejection::Shed(e)));
+        }
+        // Hash once, here, only when the chain goes to an owner; a local match hashes
+        // inside the scheduler's own producer.
+        let chain = self
+            .owners
+            .as_ref()
+            .and_then(|_| policy.scheduler.prefix_chain(&req, &candidates));
+        Ok(Prepared {
+            req,
+            objective: std::mem::take(&mut meta.objective),
+            policy,
+            candidates,
+            chain,
+            rewrite,
+            started: now,
+        })
+    }
+
+    /// The owner lookup to await before [`Self::decide`]; `None` when there is nothing to
+    /// ask (prefix state is local, or the prompt has no blocks).
+    pub fn lookup(&self, p: &Prepared) -> Option<PrefixLookup> {
+        let owners = self.owners.as_ref()?;
+        let chain = p.chain.as_ref()?;
+        Some(owners.lookup(chain.anchor()?, &chain.hashes))
+    }
+
+    /// The answer to use when [`Self::lookup`] returned `None`.
+    pub fn no_lookup_answer(&self) -> PrefixAnswer {
+        if self.owners.is_some() {
+            PrefixAnswer::Unavailable
+        } else {
+            PrefixAnswer::Local
+        }
+    }
+
+    /// Phase two: schedules with `answer`, records the pick (locally or at the owners) and
+    /// issues the ticket. A rejection is counted here.
+    pub fn decide(&self, p: Prepared, answer: PrefixAnswer) -> Result<Ticket, Rejection> {
+        let now = Instant::now();
+        match self.schedule(&p, &answer, now) {
+            Ok(result) => {
+                self.metrics.observe_scheduling(p.started.elapsed());
+                Ok(Ticket::issue(self.clone(), p, answer, result))
+            }
+            Err(r) => {
+                self.metrics
+                    .count_request(&p.req.model, &p.objective, r.outcome());
+                tracing::info!(request_id = %p.req.id, model = %p.req.model, status = r.status(), reason = %r, "request rejected");
+                Err(r)
+            }
+        }
+    }
+
+    /// Runs a scheduling cycle for `p` over `candidates` and records the pick.
+    pub(super) fn schedule_over(
+        &self,
+        p: &Prepared,
+        candidates: &[Endpoint],
+        answer: &PrefixAnswer,
+        now: Instant,
+    ) -> Result<SchedulingResult, Rejection> {
+        let source = match (answer, &p.chain) {
+            (PrefixAnswer::Matched(matches), Some(chain)) => {
+                PrefixSource::Remote { chain, matches }
+            }
+            (PrefixAnswer::Local, _) => PrefixSource::Local,
+            _ => PrefixSource::Unavailable,
+        };
+        let result = p
+            .policy
+            .scheduler
+            .schedule_with_prefix(&p.req, candidates, now, &mut rand::rng(), source)
+            .map_err(|ScheduleError::NoEndpoints| Rejection::NoEndpoint(NoEndpoint::Filtered))?;
+        if result.destinations().is_empty() {
+            return Err(Rejection::NoEndpoint(NoEndpoint::Filtered));
+        }
+        p.policy.scheduler.pre_request(&p.req, &result, now);
+        if let (Some(owners), Some(m)) = (&self.owners, &result.prefix_match)
+            && let Some(anchor) = m.anchor
+        {
+            let targets: Vec<SocketAddr> = result.cache_targets.iter().map(|(a, _)| *a).collect();
+            owners.record(anchor, &m.hashes, &targets);
+        }
+        Ok(result)
+    }
+
+    fn schedule(
+        &self,
+        p: &Prepared,
+        answer: &PrefixAnswer,
+        now: Instant,
+    ) -> Result<SchedulingResult, Rejection> {
+        let result = self.schedule_over(p, &p.candidates, answer, now)?;
+        let primary = result.destinations()[0];
+        self.metrics
+            .picks
+            .get_or_create(&EndpointLabels {
+                endpoint: primary.to_string(),
+            })
+            .inc();
+        if let Some(m) = &result.prefix_match
+            && m.total_blocks() > 0
+        {
+            self.metrics
+                .prefix_match_ratio
+                .observe(f64::from(m.matched_blocks) / m.total_blocks() as f64);
+        }
+        tracing::debug!(request_id = %p.req.id, model = %p.req.model, endpoint = %primary, "scheduled");
+        Ok(result)
+    }
+
+    /// Both phases without waiting on an owner: for callers that cannot await (tests,
+    /// tools). With shared prefix state the request is scored without prefix data.
+    pub fn dispatch(
+        &self,
+        kind: ApiKind,
+        body: &[u8],
+        meta: RequestMeta,
+        exclude: &[SocketAddr],
+    ) -> Result<Ticket, Rejection> {
+        let p = self.prepare(kind, body, meta, exclude)?;
+        let answer = self.no_lookup_answer();
+        self.decide(p, answer)
+    }
+
+    /// Both phases, awaiting the owner lookup in between (the proxy's path).
+    pub async fn route(
+        &self,
+        kind: ApiKind,
+        body: &[u8],
+        meta: RequestMeta,
+        exclude: &[SocketAddr],
+    ) -> Result<Ticket, Rejection> {
+        let p = self.prepare(kind, body, meta, exclude)?;
+        let answer = match self.lookup(&p) {
+            Some(fut) => fut.await,
+            None => self.no_lookup_answer(),
+        };
+        self.decide(p, answer)
+    }
+
+    /// Picks a random ready endpoint for a request without a body to schedule by
+    /// (llm-d's "skip" parser result): e.g. `GET /v1/models` through Envoy.
+    pub fn pick_any(&self, meta: &RequestMeta) -> Result<SocketAddr, Rejection> {
+        let pool = self.pool.load();
+        let now = Instant::now();
+        let ready: Vec<SocketAddr> = pool
+            .slots
+            .iter()
+            .filter(|s| {
+                meta.subset
+                    .as_ref()
+                    .is_none_or(|set| set.contains(&s.address()))
+            })
+            .filter(|s| s.is_fresh(now, self.cfg.staleness))
+            .map(|s| s.address())
+            .collect();
+        ready.choose(&mut rand::rng()).copied().ok_or_else(|| {
+            let r = Rejection::NoEndpoint(NoEndpoint::Pool);
+            self.count_rejection(meta, "", &r);
+            r
+        })
+    }
+}

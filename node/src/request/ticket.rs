@@ -1,0 +1,180 @@
+//! A scheduled request: it holds the endpoint's in-flight count and is counted exactly
+//! once in `infermesh_requests_total`, however it ends — finished, failed, or dropped
+//! because the client went away.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use infermesh_scheduler::{InferenceRequest, SchedulingResult, replace_model};
+
+use super::owners::PrefixAnswer;
+use super::path::{Dispatcher, Prepared};
+use super::rejection::{NoEndpoint, Rejection};
+use crate::metrics::Outcome;
+use crate::pool::EndpointSlot;
+use crate::usage::Usage;
+
+/// A scheduled request. Dropping it without [`Ticket::finish`] counts it as cancelled and
+/// still runs the completion hooks, so no request is lost from the books.
+#[derive(Debug)]
+pub struct Ticket {
+    dispatcher: Dispatcher,
+    prepared: Prepared,
+    answer: PrefixAnswer,
+    destinations: Vec<SocketAddr>,
+    header_value: String,
+    extra_headers: Vec<(String, String)>,
+    response_headers: Vec<(String, String)>,
+    slot: Option<Arc<EndpointSlot>>,
+    tokens: u64,
+    finished: bool,
+}
+
+impl Ticket {
+    pub(super) fn issue(
+        dispatcher: Dispatcher,
+        mut prepared: Prepared,
+        answer: PrefixAnswer,
+        result: SchedulingResult,
+    ) -> Ticket {
+        // The candidate snapshot is not needed past the pick; a retry takes a fresh one.
+        prepared.candidates = Vec::new();
+        let tokens = (prepared.req.prompt_bytes.len() / 4) as u64;
+        let mut t = Ticket {
+            dispatcher,
+            prepared,
+            answer,
+            destinations: Vec::new(),
+            header_value: String::new(),
+            extra_headers: Vec::new(),
+            response_headers: Vec::new(),
+            slot: None,
+            tokens,
+            finished: false,
+        };
+        t.adopt(result);
+        t
+    }
+
+    fn adopt(&mut self, result: SchedulingResult) {
+        self.destinations = result.destinations().to_vec();
+        self.header_value = result.header_value();
+        self.extra_headers = result.request_headers;
+        self.response_headers = result.response_headers;
+        self.retarget(self.destinations[0]);
+    }
+
+    /// The scheduled request.
+    pub fn request(&self) -> &InferenceRequest {
+        &self.prepared.req
+    }
+
+    /// The body to forward when an InferenceModelRewrite replaced the `model` of `body`
+    /// (the body this ticket was prepared from); `None`: forward `body` unchanged.
+    pub fn rewrite_body(&self, body: &[u8]) -> Option<Vec<u8>> {
+        let span = self.prepared.rewrite.clone()?;
+        Some(replace_model(body, span, &self.prepared.req.target_model))
+    }
+
+    /// `(served model, client-facing model)` when the model was rewritten: responses name
+    /// the served model and get the client's name back.
+    pub fn model_restore(&self) -> Option<(&str, &str)> {
+        self.prepared.rewrite.as_ref()?;
+        let r = &self.prepared.req;
+        Some((r.target_model.as_str(), r.model.as_str()))
+    }
+
+    /// Picked endpoints, primary first, then fallbacks.
+    pub fn destinations(&self) -> &[SocketAddr] {
+        &self.destinations
+    }
+
+    /// The `x-gateway-destination-endpoint` value (`ip:port,ip:port…`).
+    pub fn header_value(&self) -> &str {
+        &self.header_value
+    }
+
+    /// Extra headers for the model server (e.g. `x-prefiller-host-port`).
+    pub fn extra_headers(&self) -> &[(String, String)] {
+        &self.extra_headers
+    }
+
+    /// Headers for the client (e.g. `x-session-token` under session affinity).
+    pub fn response_headers(&self) -> &[(String, String)] {
+        &self.response_headers
+    }
+
+    /// Moves the in-flight count to `addr` (the proxy fell back to another endpoint).
+    pub fn retarget(&mut self, addr: SocketAddr) {
+        if self.slot.as_ref().is_some_and(|s| s.address() == addr) {
+            return;
+        }
+        if let Some(s) = self.slot.take() {
+            s.release(self.tokens);
+        }
+        let slot = self.dispatcher.pool.load().slot(addr).cloned();
+        if let Some(s) = &slot {
+            s.acquire(self.tokens);
+        }
+        self.slot = slot;
+    }
+
+    /// Replaces the pick with a new one that avoids `exclude`, with the same prefix data.
+    pub fn reschedule(&mut self, exclude: &[SocketAddr]) -> Result<(), Rejection> {
+        let d = self.dispatcher.clone();
+        let now = Instant::now();
+        let candidates = d
+            .pool
+            .load()
+            .candidates(now, d.cfg.staleness, None, exclude);
+        if candidates.is_empty() {
+            return Err(Rejection::NoEndpoint(NoEndpoint::Retry));
+        }
+        let result = d.schedule_over(&self.prepared, &candidates, &self.answer, now)?;
+        self.adopt(result);
+        Ok(())
+    }
+
+    /// Ends the request: completion hooks, in-flight −1, one count with `outcome`.
+    pub fn finish(mut self, served: Option<SocketAddr>, outcome: Outcome, usage: Option<Usage>) {
+        self.complete(served, outcome, usage);
+    }
+
+    fn complete(&mut self, served: Option<SocketAddr>, outcome: Outcome, usage: Option<Usage>) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        let served = served
+            .or_else(|| self.slot.as_ref().map(|s| s.address()))
+            .unwrap_or(self.destinations[0]);
+        let p = &self.prepared;
+        p.policy
+            .scheduler
+            .response_complete(&p.req, served, Instant::now());
+        if let Some(s) = self.slot.take() {
+            s.release(self.tokens);
+        }
+        let m = &self.dispatcher.metrics;
+        m.count_request(&p.req.model, &p.objective, outcome);
+        if let Some(u) = usage {
+            m.count_tokens(u);
+        }
+        tracing::debug!(
+            request_id = %p.req.id,
+            endpoint = %served,
+            ?outcome,
+            elapsed_ms = p.started.elapsed().as_secs_f64() * 1e3,
+            "request finished"
+        );
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.complete(None, Outcome::Cancelled, None);
+        }
+    }
+}
