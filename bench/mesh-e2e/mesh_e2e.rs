@@ -24,7 +24,7 @@ use infermesh_bench::{
     Load, Report, RunSpec, SharedPrefixSpec, Target, Workload, stats::LatencySummary,
 };
 use infermesh_gossip::{ClusterKey, MeshConfig, StatsSnapshot};
-use infermesh_node::app::App;
+use infermesh_node::app::{App, PrefixMemory};
 use infermesh_node::config::NodeConfig;
 use infermesh_node::demo::fleet_pool;
 use infermesh_node::mesh::MeshOptions;
@@ -199,6 +199,7 @@ struct Row {
     sharing: bool,
     report: Report,
     traffic: Traffic,
+    memory: Vec<PrefixMemory>,
 }
 
 async fn run_config(a: &Args, label: &str, n: usize, sharing: bool) -> anyhow::Result<Row> {
@@ -243,6 +244,7 @@ async fn run_config(a: &Args, label: &str, n: usize, sharing: bool) -> anyhow::R
     let before = tier.stats();
     let report = infermesh_bench::run(spec).await;
     let after = tier.stats();
+    let memory: Vec<PrefixMemory> = tier.nodes.iter().map(App::prefix_memory).collect();
     tier.shutdown().await;
     fleet.shutdown().await;
     let report = report.with_context(|| format!("run {label}"))?;
@@ -259,6 +261,7 @@ async fn run_config(a: &Args, label: &str, n: usize, sharing: bool) -> anyhow::R
         sharing,
         traffic: traffic(&before, &after),
         report,
+        memory,
     })
 }
 
@@ -418,6 +421,7 @@ fn render(
         s,
         "\nMesh bytes are payload bytes the nodes' mesh counters report (prefix lookups, answers and records; load batches; gossip datagrams), QUIC/UDP headers excluded. Load and gossip bytes are time-driven (scrapes every 50 ms, SWIM probes), so per request they fall as the request rate rises.\n"
     );
+    render_memory(&mut s, rows);
     let _ = writeln!(
         s,
         "| node-level measurement | samples | p50 | p90 | p99 | max |"
@@ -448,6 +452,63 @@ fn render(
         "\nConvergence is polled with a 1 ms timer, so values carry up to ~1 ms of polling error. The gossip crate's own benchmark (`bench/results/mesh.md`, `cargo bench -p infermesh-gossip --bench mesh`) measures the board alone: scrape → all 4 other nodes p99 13.0 ms, in-flight change → all 5 nodes p99 14.4 ms."
     );
     s
+}
+
+/// Prefix-state memory per node after each run, next to the hit rate, against the
+/// one-node index and the design's target (R/N + 10% of it).
+fn render_memory(s: &mut String, rows: &[Row]) {
+    const R: f64 = 2.0;
+    let base = rows.first().map_or(0.0, |r| {
+        r.memory
+            .iter()
+            .map(PrefixMemory::total_bytes)
+            .sum::<usize>() as f64
+    });
+    let _ = writeln!(
+        s,
+        "Prefix state held per node at the end of each run, from the structures' own counters: the owner-side index (anchors this node owns; blocks and heap bytes), the recent-picks cache (this node's picks for anchors owned elsewhere, kept 50 ms) and the scheduler's own index (used only without sharing). Ratio = the node's bytes / the one-node run's bytes; target at N sharing nodes: R/N + 10% (R = 2).\n"
+    );
+    let _ = writeln!(
+        s,
+        "| configuration | nodes | fleet hit rate | owner blocks per node (mean / max) | recent picks (max) | local index entries (max) | prefix bytes per node (mean / max) | ratio to 1 node (mean / max) | target |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        let n = r.memory.len().max(1) as f64;
+        let bytes: Vec<usize> = r.memory.iter().map(PrefixMemory::total_bytes).collect();
+        let blocks: Vec<usize> = r.memory.iter().map(|m| m.owner_blocks).collect();
+        let mean = |v: &[usize]| v.iter().sum::<usize>() as f64 / n;
+        let max = |v: &[usize]| v.iter().copied().max().unwrap_or(0);
+        let ratio = |x: f64| {
+            if base > 0.0 {
+                format!("{:.2}", x / base)
+            } else {
+                "n/a".into()
+            }
+        };
+        let target = if r.sharing && r.nodes > 1 {
+            format!("≤ {:.2}", R / r.nodes as f64 + 0.10)
+        } else {
+            "—".into()
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {:.0} / {} | {} | {} | {:.0} KiB / {:.0} KiB | {} / {} | {} |",
+            r.label,
+            r.nodes,
+            pct(r.report.fleet_hit_rate),
+            mean(&blocks),
+            max(&blocks),
+            r.memory.iter().map(|m| m.recent_picks).max().unwrap_or(0),
+            r.memory.iter().map(|m| m.local_entries).max().unwrap_or(0),
+            mean(&bytes) / 1024.0,
+            max(&bytes) as f64 / 1024.0,
+            ratio(mean(&bytes)),
+            ratio(max(&bytes) as f64),
+            target,
+        );
+    }
+    let _ = writeln!(s);
 }
 
 #[tokio::main(flavor = "multi_thread")]

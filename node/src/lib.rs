@@ -22,6 +22,7 @@ pub mod pool;
 pub mod pool_task;
 pub mod proxy;
 pub mod request;
+pub mod restore;
 pub mod scrape;
 pub mod upstream;
 pub mod usage;

@@ -214,6 +214,7 @@ async fn envoy_ext_proc_routes_by_prefix_and_survives_pod_loss() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_ext_proc_rejects_bad_requests() {
     let h = harness(true).await;
+    other_parsers_route(&h).await;
     bad_requests(&h).await;
     check_metrics(&h).await;
     h.stop().await;
@@ -229,6 +230,7 @@ async fn proxy_routes_by_prefix_and_survives_pod_loss() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_rejects_bad_requests() {
     let h = harness(false).await;
+    other_parsers_route(&h).await;
     bad_requests(&h).await;
     check_metrics(&h).await;
     let models = get(&h.client, h.entry(), "/v1/models")
@@ -322,6 +324,39 @@ async fn grpc_health_reports_liveness_readiness_and_the_ext_proc_service() {
 
 /// An InferenceModelRewrite maps a model the pods do not serve onto the one they do: the
 /// pod receives (and answers for) the target model; a model without a rule still gets 404.
+/// Paths other than completions and chat get their own parser (embeddings) or pass through
+/// unread (`/tokenize`), instead of being parsed as completions or refused.
+async fn other_parsers_route(h: &Harness) {
+    let body = serde_json::json!({"model": h.model, "input": ["one", "two"]});
+    let r = post(
+        &h.client,
+        h.entry(),
+        "/v1/embeddings",
+        body.to_string(),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.json()["data"].as_array().map(Vec::len), Some(2));
+    // An embeddings body is checked by the embeddings parser, not the completions one.
+    let no_input = serde_json::json!({"model": h.model, "prompt": "x"});
+    let r = post(
+        &h.client,
+        h.entry(),
+        "/v1/embeddings",
+        no_input.to_string(),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    let msg = r.json()["error"]["message"].as_str().unwrap_or_default().to_owned();
+    assert!(msg.contains("\"input\""), "{msg}");
+    let body = serde_json::json!({"model": h.model, "prompt": "hello world"});
+    let r = post(&h.client, h.entry(), "/tokenize", body.to_string(), &[]).await;
+    assert_eq!(r.status, 200, "passthrough: {:?}", r.body);
+    assert!(r.json()["count"].as_u64().is_some_and(|n| n > 0));
+}
+
 async fn model_rewrite_reaches_the_pod(h: &Harness) {
     use infermesh_node::policy_store::rewrite::ModelRewrites;
     use infermesh_raft_store::policy::{PolicyObject, accept_any_epp_config, parse_documents};
@@ -353,12 +388,34 @@ async fn model_rewrite_reaches_the_pod(h: &Harness) {
         &[],
     )
     .await;
+    // 200: the pod (which serves only the target model) got the rewritten body.
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(
         r.json()["model"],
-        h.model.as_str(),
-        "the pod answers for the target model"
+        "my-alias",
+        "the client gets its own model name back"
     );
+    let streamed = serde_json::json!({"model": "my-alias", "prompt": "hello", "max_tokens": 3, "stream": true});
+    let r = post(
+        &h.client,
+        h.entry(),
+        "/v1/completions",
+        streamed.to_string(),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).expect("an SSE event is JSON"))
+        .collect();
+    assert!(!events.is_empty(), "{text}");
+    for e in &events {
+        assert_eq!(e["model"], "my-alias", "{text}");
+    }
     let unknown = serde_json::json!({"model": "no-rule", "prompt": "hello"});
     let r = post(
         &h.client,
@@ -378,7 +435,7 @@ async fn model_rewrite_reaches_the_pod(h: &Harness) {
             target: h.model.clone(),
         })
         .get();
-    assert_eq!(decisions, 1);
+    assert_eq!(decisions, 2, "one decision per rewritten request");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,6 +25,7 @@ use crate::request::{
     DESTINATION_HEADER, Dispatcher, PrefixAnswer, PrefixLookup, Prepared, Rejection, RequestMeta,
     Ticket,
 };
+use crate::restore::ModelRestorer;
 use crate::usage::UsageScanner;
 
 /// Filter-metadata namespace of the destination (and served-endpoint) keys.
@@ -101,6 +102,7 @@ pub struct ExtProcStream {
     served: Option<SocketAddr>,
     usage: Option<UsageScanner>,
     awaiting: Option<AwaitingOwner>,
+    restore: Option<ModelRestorer>,
 }
 
 impl ExtProcStream {
@@ -120,6 +122,7 @@ impl ExtProcStream {
             served: None,
             usage: None,
             awaiting: None,
+            restore: None,
         }
     }
 
@@ -151,9 +154,16 @@ impl ExtProcStream {
             Some(Request::ResponseBody(b)) => Ok(replies(self.on_response_body(b))),
             Some(Request::ResponseTrailers(_)) => {
                 self.finish();
-                Ok(replies(vec![response(
-                    processing_response::Response::ResponseTrailers(TrailersResponse::default()),
-                )]))
+                let mut out = Vec::new();
+                if let Some(held) = self.restore.as_mut().map(ModelRestorer::finish)
+                    && !held.is_empty()
+                {
+                    out.extend(streamed_chunks(held, false, false));
+                }
+                out.push(response(processing_response::Response::ResponseTrailers(
+                    TrailersResponse::default(),
+                )));
+                Ok(replies(out))
             }
             None => Err(ProtocolError("ProcessingRequest without a request")),
         }
@@ -396,9 +406,19 @@ impl ExtProcStream {
                     .collect()
             })
             .unwrap_or_default();
+        let mut mutation = set_headers(set);
+        // After a rewrite the client gets its own model name back, which may change the
+        // body's length (full-duplex mode only: the body passes through this stream).
+        if self.response_mode == BodySendMode::FullDuplexStreamed
+            && let Some((served, client)) = self.ticket.as_ref().and_then(Ticket::model_restore)
+        {
+            self.restore = Some(ModelRestorer::new(served, client));
+            mutation.remove_headers.push("content-length".to_owned());
+        }
+        let changed = !mutation.set_headers.is_empty() || !mutation.remove_headers.is_empty();
         let headers = HeadersResponse {
-            response: (!set.is_empty()).then(|| CommonResponse {
-                header_mutation: Some(set_headers(set)),
+            response: changed.then(|| CommonResponse {
+                header_mutation: Some(mutation),
                 ..Default::default()
             }),
         };
@@ -416,8 +436,18 @@ impl ExtProcStream {
             u.feed(&b.body);
         }
         let end = b.end_of_stream;
+        let body = match self.restore.as_mut() {
+            Some(r) => {
+                let mut out = r.feed(&b.body);
+                if end {
+                    out.extend(r.finish());
+                }
+                out
+            }
+            None => b.body,
+        };
         let out = match self.response_mode {
-            BodySendMode::FullDuplexStreamed => streamed_chunks(b.body, end, false),
+            BodySendMode::FullDuplexStreamed => streamed_chunks(body, end, false),
             _ => vec![body_continue(false)],
         };
         if end {

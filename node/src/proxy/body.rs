@@ -1,6 +1,7 @@
 //! The response body passed from a model server to the client: frames go through as they
-//! arrive (SSE is never buffered), usage is read on the way, and the request's
-//! [`Ticket`] is settled when the body ends, fails, or is dropped.
+//! arrive (SSE is never buffered), usage is read on the way, the client's model name is
+//! restored after a rewrite, and the request's [`Ticket`] is settled when the body ends,
+//! fails, or is dropped.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -12,6 +13,7 @@ use hyper::body::Incoming;
 
 use crate::metrics::Outcome;
 use crate::request::Ticket;
+use crate::restore::ModelRestorer;
 use crate::usage::UsageScanner;
 
 /// An upstream body that settles its request when it ends.
@@ -22,6 +24,7 @@ pub struct TrackedBody {
     usage: Option<UsageScanner>,
     served: SocketAddr,
     success: bool,
+    restore: Option<ModelRestorer>,
 }
 
 impl TrackedBody {
@@ -33,12 +36,16 @@ impl TrackedBody {
         served: SocketAddr,
         success: bool,
     ) -> TrackedBody {
+        let restore = ticket
+            .model_restore()
+            .map(|(served, client)| ModelRestorer::new(served, client));
         let mut body = TrackedBody {
             inner,
             ticket: Some(ticket),
             usage: Some(UsageScanner::new(content_type)),
             served,
             success,
+            restore,
         };
         if body.inner.is_end_stream() {
             body.settle_ok(); // an empty body is never polled
@@ -73,12 +80,20 @@ impl Body for TrackedBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
+            Poll::Ready(Some(Ok(mut frame))) => {
                 if let (Some(data), Some(u)) = (frame.data_ref(), this.usage.as_mut()) {
                     u.feed(data);
                 }
+                let ended = this.inner.is_end_stream();
+                if let (Some(r), Some(data)) = (this.restore.as_mut(), frame.data_ref()) {
+                    let mut out = r.feed(data);
+                    if ended {
+                        out.extend(r.finish());
+                    }
+                    frame = Frame::data(Bytes::from(out));
+                }
                 // hyper may stop polling once the body says it has ended.
-                if this.inner.is_end_stream() {
+                if ended {
                     this.settle_ok();
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -90,7 +105,11 @@ impl Body for TrackedBody {
             }
             Poll::Ready(None) => {
                 this.settle_ok();
-                Poll::Ready(None)
+                let held = this.restore.as_mut().map(ModelRestorer::finish);
+                match held.filter(|h| !h.is_empty()) {
+                    Some(h) => Poll::Ready(Some(Ok(Frame::data(Bytes::from(h))))),
+                    None => Poll::Ready(None),
+                }
             }
             Poll::Pending => Poll::Pending,
         }
@@ -98,9 +117,16 @@ impl Body for TrackedBody {
 
     fn is_end_stream(&self) -> bool {
         self.inner.is_end_stream()
+            && !self
+                .restore
+                .as_ref()
+                .is_some_and(ModelRestorer::holds_bytes)
     }
 
     fn size_hint(&self) -> SizeHint {
+        if self.restore.is_some() {
+            return SizeHint::default(); // a restored name may differ in length
+        }
         self.inner.size_hint()
     }
 }

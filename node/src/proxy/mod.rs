@@ -226,6 +226,9 @@ fn respond(
     if let Ok(v) = HeaderValue::from_str(request_id) {
         parts.headers.insert("x-request-id", v);
     }
+    if ticket.model_restore().is_some() {
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
     for (k, v) in ticket.response_headers() {
         if let (Ok(k), Ok(v)) = (HeaderName::try_from(k.as_str()), HeaderValue::from_str(v)) {
             parts.headers.insert(k, v);

@@ -188,3 +188,49 @@ fn rendered(pod: &PodState, model: &Option<String>, tokens: Vec<u32>) -> Respons
     }]))
     .into_response()
 }
+
+/// `POST /v1/embeddings` body (the fields the simulator reads).
+#[derive(Debug, Deserialize)]
+struct EmbeddingRequest {
+    #[serde(default)]
+    model: Option<String>,
+    input: PromptInput,
+}
+
+/// A deterministic 8-dimensional embedding per input (from its token ids), so routers can
+/// be tested on the embeddings path; no KV cache is involved.
+pub(super) async fn embeddings(State(pod): State<Arc<PodState>>, body: Bytes) -> Response {
+    let r: EmbeddingRequest = match parse_json(&body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let model = match resolve_model(&pod, &r.model) {
+        Ok((m, _)) => m,
+        Err(e) => return e.into_response(),
+    };
+    let inputs: Vec<Vec<u32>> = match r.input {
+        PromptInput::Text(s) => vec![tokenizer::tokenize(&s)],
+        PromptInput::Texts(v) => v.iter().map(|s| tokenizer::tokenize(s)).collect(),
+        PromptInput::Tokens(t) => vec![t],
+        PromptInput::TokenLists(v) => v,
+    };
+    let prompt_tokens: usize = inputs.iter().map(Vec::len).sum();
+    let data: Vec<serde_json::Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, tokens)| {
+            let mut v = [0f32; 8];
+            for (j, t) in tokens.iter().enumerate() {
+                v[j % 8] += (*t % 1000) as f32 / 1000.0;
+            }
+            serde_json::json!({"object": "embedding", "index": i, "embedding": v})
+        })
+        .collect();
+    axum::Json(serde_json::json!({
+        "object": "list",
+        "model": model,
+        "data": data,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }))
+    .into_response()
+}

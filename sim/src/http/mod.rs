@@ -1,4 +1,5 @@
-//! One pod's HTTP surface: the OpenAI API as vLLM serves it, `/metrics`, health, and the
+//! One pod's HTTP surface: the OpenAI API as vLLM serves it (completions, chat,
+//! embeddings), `/metrics`, health, and the
 //! extra endpoints peer routers call (`/server_info`, `/model_info`, `/tokenize`,
 //! `/v1/completions/render`).
 
@@ -66,6 +67,7 @@ pub fn router(state: Arc<PodState>) -> Router {
         .route("/v1/chat/completions", post(generate::chat))
         .route("/v1/completions/render", post(info::render_completion))
         .route("/v1/chat/completions/render", post(info::render_chat))
+        .route("/v1/embeddings", post(info::embeddings))
         .route("/tokenize", post(info::tokenize))
         .route("/v1/models", get(info::models))
         .route("/health", get(info::health))
