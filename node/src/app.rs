@@ -389,6 +389,18 @@ impl App {
         crate::policy_store::feed::NodeControl::new(self.policy.clone(), self.pool_tx.clone())
     }
 
+    /// What the policy side of the node needs from the running node.
+    pub fn policy_handles(&self) -> crate::policy_store::NodeHandles {
+        crate::policy_store::NodeHandles {
+            mesh: self.mesh.clone(),
+            ext_proc_addr: self.ext_proc_addr,
+            xds_addr: self.xds_addr,
+            proxy_addr: self.proxy_addr,
+            xds: self.xds.clone(),
+            control: self.control(),
+        }
+    }
+
     /// Swaps in a new EndpointPickerConfig; requests already scheduled keep the old one.
     pub fn set_scheduler_config(
         &self,

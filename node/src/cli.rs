@@ -245,7 +245,13 @@ fn serve(args: ServeArgs) -> ExitCode {
         };
         let policy = match base {
             Some(base) => {
-                match crate::policy_store::PolicyNode::start(&node, &args.cluster, base).await {
+                match crate::policy_store::PolicyNode::start(
+                    node.policy_handles(),
+                    &args.cluster,
+                    base,
+                )
+                .await
+                {
                     Ok(p) => {
                         // One line on stdout that scripts (and tests) wait for.
                         println!("infermesh admin API listening on {}", p.admin_addr());

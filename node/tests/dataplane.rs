@@ -349,7 +349,10 @@ async fn other_parsers_route(h: &Harness) {
     )
     .await;
     assert_eq!(r.status, 400, "{:?}", r.body);
-    let msg = r.json()["error"]["message"].as_str().unwrap_or_default().to_owned();
+    let msg = r.json()["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
     assert!(msg.contains("\"input\""), "{msg}");
     let body = serde_json::json!({"model": h.model, "prompt": "hello world"});
     let r = post(&h.client, h.entry(), "/tokenize", body.to_string(), &[]).await;

@@ -64,7 +64,7 @@ impl Node {
         let (app, policy) = rt
             .run(async move {
                 let app = App::start(cfg).await.expect("node starts");
-                let policy = PolicyNode::start(&app, &cluster, base)
+                let policy = PolicyNode::start(app.policy_handles(), &cluster, base)
                     .await
                     .expect("policy store starts");
                 (app, policy)

@@ -6,9 +6,11 @@
 //!
 //! A node without `--bootstrap`, `--join` or `--data-dir` runs without Raft, as before.
 
-pub mod derive;
+/// Policy objects → routing inputs; lives with the policy (xDS reads it too).
+pub use crate::policy::derive;
 pub mod feed;
-pub mod rewrite;
+/// Model rewrites live with the policy they are part of; kept here under their old path.
+pub use crate::policy::rewrite;
 pub mod transport;
 
 use std::net::SocketAddr;
@@ -31,7 +33,6 @@ use tokio::task::JoinHandle;
 use crate::admin::{
     self, ADMIN_ADDRESS_ANNOTATION, AdminState, GOSSIP_ADDRESS_ANNOTATION, NodeInfo,
 };
-use crate::app::App;
 use crate::discovery::PoolSpec;
 use crate::policy_store::rewrite::ModelRewrites;
 use crate::upstream::http_client;
@@ -213,16 +214,33 @@ fn read_tokens(path: &Path) -> Result<Vec<String>, PolicyStartError> {
     Ok(tokens)
 }
 
+/// What the policy side needs from the running node (`App::policy_handles`).
+#[derive(Debug, Clone)]
+pub struct NodeHandles {
+    /// The node's mesh (required: Raft runs on it).
+    pub mesh: Option<Arc<infermesh_gossip::Mesh>>,
+    /// Bound ext_proc address (registered in the node registry).
+    pub ext_proc_addr: SocketAddr,
+    /// Bound ADS address.
+    pub xds_addr: SocketAddr,
+    /// Bound proxy address.
+    pub proxy_addr: Option<SocketAddr>,
+    /// The node's xDS feed.
+    pub xds: crate::xds::XdsFeed,
+    /// Swaps the node's scheduler, rewrites and pool.
+    pub control: feed::NodeControl,
+}
+
 impl PolicyNode {
-    /// Starts the policy side of a node whose [`App`] (with its mesh) is running: opens the
+    /// Starts the policy side of a running node (with its mesh): opens the
     /// store, serves Raft on the mesh, forms or joins the cluster, starts the admin API,
     /// registers the node and feeds applied policy into routing.
     pub async fn start(
-        app: &App,
+        handles: NodeHandles,
         args: &ClusterArgs,
         base: LocalBase,
     ) -> Result<PolicyNode, PolicyStartError> {
-        let mesh = app.mesh_handle().ok_or_else(|| {
+        let mesh = handles.mesh.clone().ok_or_else(|| {
             flag(
                 "gossip-addr",
                 "the policy cluster needs the mesh (--gossip-addr, --seeds and a cluster key)",
@@ -275,15 +293,15 @@ impl PolicyNode {
             name: me.clone(),
             raft_id: id,
             admin_address: admin_addr,
-            ext_proc_address: app.ext_proc_addr,
-            xds_address: app.xds_addr,
-            proxy_address: app.proxy_addr,
+            ext_proc_address: handles.ext_proc_addr,
+            xds_address: handles.xds_addr,
+            proxy_address: handles.proxy_addr,
             gossip_address: mesh.gossip_addr(),
             mesh_address: mesh.rpc_addr(),
         };
         let client = http_client(Duration::from_secs(2));
         let router = admin::router(AdminState::new(store.clone(), info.clone(), client))
-            .merge(crate::xds::status::router(app.xds().clone()));
+            .merge(crate::xds::status::router(handles.xds.clone()));
         tasks.push(tokio::spawn(admin::serve(
             admin_listener,
             router,
@@ -338,16 +356,18 @@ impl PolicyNode {
             _ => (None, None),
         };
         tasks.push(tokio::spawn(crate::xds::policy::feed_policy_pools(
-            app.xds().clone(),
+            handles.xds.clone(),
             store.subscribe(),
             shutdown_rx.clone(),
         )));
         tasks.push(tokio::spawn(
-            feed::Feed::new(app.control(), base, args.pool.clone(), rewrites.clone()).run(
-                store.subscribe(),
-                file_rx,
-                shutdown_rx,
-            ),
+            feed::Feed::new(
+                handles.control.clone(),
+                base,
+                args.pool.clone(),
+                rewrites.clone(),
+            )
+            .run(store.subscribe(), file_rx, shutdown_rx),
         ));
         Ok(PolicyNode {
             store,

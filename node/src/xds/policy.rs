@@ -77,7 +77,7 @@ pub fn pools_from_policy(
             ));
             continue;
         };
-        let (pool, _) = crate::policy_store::derive::pool_spec(state, Some(name), None);
+        let (pool, _) = crate::policy::derive::pool_spec(state, Some(name), None);
         let ips: BTreeSet<IpAddr> = pool.endpoints.iter().map(|e| e.address.ip()).collect();
         let mut spec = InferencePoolSpec::new(name.clone(), listener, target_ports);
         spec.endpoints = ips.into_iter().filter(|ip| !ip.is_unspecified()).collect();
@@ -117,7 +117,7 @@ pub async fn feed_policy_pools(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy_store::derive::state_from_yaml as state;
+    use crate::policy::derive::state_from_yaml as state;
 
     const SETTINGS: FilePoolSettings = FilePoolSettings {
         listener: SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 10000),

@@ -8,7 +8,7 @@ use infermesh_raft_store::PolicyState;
 use infermesh_raft_store::policy::{Kind, ObjectKey};
 
 use crate::discovery::{EndpointSpec, PoolSpec};
-use crate::policy_store::rewrite::ModelRewrites;
+use crate::policy::rewrite::ModelRewrites;
 use crate::scrape::engine::Engine;
 
 /// Name of the EndpointPickerConfig preferred when several are stored.

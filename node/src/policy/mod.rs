@@ -7,7 +7,10 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use infermesh_scheduler::{ConfigError, ResolvedConfig, Scheduler};
 
-use crate::policy_store::rewrite::ModelRewrites;
+pub mod derive;
+pub mod rewrite;
+
+use rewrite::ModelRewrites;
 
 /// One immutable policy snapshot.
 #[derive(Debug)]
