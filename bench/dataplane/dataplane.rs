@@ -890,7 +890,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _ = writeln!(
         md,
         "An idle node scraping {} pods every 50 ms ({scrapes_per_s:.0} scrapes/s, real HTTP + Prometheus text parsing) used \
-         **{scrape_cores:.3} cores** (process CPU from /proc over {wall:.1} s; target ≤ 0.2; llm-d reports ~7.5 cores idle at 100 pods).",
+         **{scrape_cores:.3} cores** (process CPU from /proc over {wall:.1} s; target ≤ 0.2; for scale, not measured here: llm-d-router's `docs/operations.md` gives ~7.5 cores for an idle EPP at 100 pods).",
         args.scrape_pods
     );
     if let Some(parent) = args.out.parent() {

@@ -445,7 +445,7 @@ fn render(
     }
     let _ = writeln!(
         s,
-        "\nConvergence is polled with a 1 ms timer, so values carry up to ~1 ms of polling error. The gossip crate's own benchmark (`bench/results/mesh.md`, `cargo bench -p infermesh-gossip --bench mesh`) measures the board alone: scrape → all 4 other nodes p99 13.0 ms, in-flight change → all 5 nodes p99 14.4 ms."
+        "\nConvergence is polled with a 1 ms timer, so values carry up to ~1 ms of polling error. The gossip crate's own benchmark (`bench/results/mesh.md`, `cargo bench -p infermesh-gossip --bench mesh`) measures the board alone, without nodes; its figures are in that report, not repeated here."
     );
     s
 }
