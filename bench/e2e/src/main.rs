@@ -10,7 +10,7 @@ use infermesh_e2e::demo::{self, DemoArgs};
 /// Simulated vLLM pods and an infermesh node on 127.0.0.1: the same shared-prefix workload
 /// through infermesh and through client-side round-robin, and a comparison table.
 #[derive(Debug, Parser)]
-#[command(name = "infermesh-demo", version, about)]
+#[command(name = "infermesh-demo", version)]
 struct Cli {
     #[command(flatten)]
     args: DemoArgs,
