@@ -6,3 +6,5 @@ scripts/setup-test-deps.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace --all-targets
+# --all-targets leaves doctests out; they run here.
+cargo test --workspace --doc

@@ -512,10 +512,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .tempdir()?;
     let logs = dir.path();
     let exe = std::env::current_exe()?;
-    let bin_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("examples dir has a parent")?;
+    // infermesh and extproc-null are built next to this program (target/release).
+    let bin_dir = exe.parent().context("the program's path has a parent")?;
     let infermesh = bin_dir.join("infermesh");
     anyhow::ensure!(
         infermesh.exists(),
@@ -574,10 +572,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     // The protocol's floor: Envoy + the cheapest full-duplex processor (bench/dataplane/null_extproc.rs).
     let null_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let null_bin = bin_dir.join("examples").join("extproc-null");
+    let null_bin = bin_dir.join("extproc-null");
     anyhow::ensure!(
         null_bin.exists(),
-        "{} missing: build it with cargo build --release -p infermesh-node --example extproc-null",
+        "{} missing: build it with cargo build --release -p infermesh-e2e --bin extproc-null",
         null_bin.display()
     );
     let pod_list: Vec<String> = pods.iter().map(ToString::to_string).collect();
@@ -892,7 +890,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _ = writeln!(
         md,
         "An idle node scraping {} pods every 50 ms ({scrapes_per_s:.0} scrapes/s, real HTTP + Prometheus text parsing) used \
-         **{scrape_cores:.3} cores** (process CPU from /proc over {wall:.1} s; target ≤ 0.2; llm-d reports ~7.5 cores idle at 100 pods).",
+         **{scrape_cores:.3} cores** (process CPU from /proc over {wall:.1} s; target ≤ 0.2; for scale, not measured here: llm-d-router's `docs/operations.md` gives ~7.5 cores for an idle EPP at 100 pods).",
         args.scrape_pods
     );
     if let Some(parent) = args.out.parent() {

@@ -12,7 +12,7 @@
 //! (kill → every survivor sees the member gone) and re-scrape (kill → every pod scraped
 //! again by a survivor). Mesh bytes per request come from the mesh's byte counters.
 //!
-//!   cargo run --release -p infermesh-node --example mesh-e2e -- [--requests N] [--qps Q] [--out FILE]
+//!   cargo run --release -p infermesh-e2e --bin mesh-e2e -- [--requests N] [--qps Q] [--out FILE]
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -26,7 +26,7 @@ use infermesh_bench::{
 use infermesh_gossip::{ClusterKey, MeshConfig, StatsSnapshot};
 use infermesh_node::app::{App, PrefixMemory};
 use infermesh_node::config::NodeConfig;
-use infermesh_node::demo::fleet_pool;
+use infermesh_node::discovery::fleet_pool;
 use infermesh_node::mesh::MeshOptions;
 use infermesh_scheduler::ResolvedConfig;
 use infermesh_sim::{EngineProfile, Fleet, FleetConfig};
@@ -45,7 +45,7 @@ fn args() -> anyhow::Result<Args> {
         qps: 20.0,
         out: PathBuf::from(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../bench/results/mesh-e2e.md"
+            "/../results/mesh-e2e.md"
         )),
     };
     let mut it = std::env::args().skip(1);
@@ -375,7 +375,7 @@ fn render(
     );
     let _ = writeln!(
         s,
-        "Command: `bench/mesh-e2e/run.sh` (= `cargo run --release -p infermesh-node --example mesh-e2e -- --requests {} --qps {}`), {cpus} CPUs shared by pods, nodes and load generator.\n",
+        "Command: `bench/mesh-e2e/run.sh` (= `cargo run --release -p infermesh-e2e --bin mesh-e2e -- --requests {} --qps {}`), {cpus} CPUs shared by pods, nodes and load generator.\n",
         a.requests, a.qps
     );
     let _ = writeln!(
@@ -449,7 +449,7 @@ fn render(
     }
     let _ = writeln!(
         s,
-        "\nConvergence is polled with a 1 ms timer, so values carry up to ~1 ms of polling error. The gossip crate's own benchmark (`bench/results/mesh.md`, `cargo bench -p infermesh-gossip --bench mesh`) measures the board alone: scrape → all 4 other nodes p99 13.0 ms, in-flight change → all 5 nodes p99 14.4 ms."
+        "\nConvergence is polled with a 1 ms timer, so values carry up to ~1 ms of polling error. The gossip crate's own benchmark (`bench/results/mesh.md`, `cargo bench -p infermesh-gossip --bench mesh`) measures the board alone, without nodes; its figures are in that report, not repeated here."
     );
     s
 }

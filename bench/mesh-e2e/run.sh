@@ -6,4 +6,4 @@
 #   bench/mesh-e2e/run.sh [--requests N] [--qps Q] [--out FILE]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-exec cargo run --release -p infermesh-node --example mesh-e2e -- "$@"
+exec cargo run --release -p infermesh-e2e --bin mesh-e2e -- "$@"

@@ -12,7 +12,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -284,10 +284,10 @@ fn loadavg() -> String {
 async fn main() -> Result<()> {
     let args = Args::parse();
     let exe = std::env::current_exe()?;
+    // The infermesh binary is built next to this program (target/release).
     let bin = exe
         .parent()
-        .and_then(Path::parent)
-        .context("examples dir has a parent")?
+        .context("the program's path has a parent")?
         .join("infermesh");
     anyhow::ensure!(
         bin.exists(),

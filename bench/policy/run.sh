@@ -6,7 +6,8 @@
 #   bench/policy/run.sh [--writes N] [--clients N] [--writes-per-client N] [--kills N]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-cargo build --release -p infermesh-node --bin infermesh --example policy
+cargo build --release -p infermesh-node --bin infermesh -p infermesh-e2e --bin policy
+TARGET=${CARGO_TARGET_DIR:-target}
 {
-  target/release/examples/policy --out bench/results/policy.md "$@"
+  "$TARGET/release/policy" --out bench/results/policy.md "$@"
 } 2>&1

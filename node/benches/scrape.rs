@@ -40,8 +40,7 @@ fn main() {
     let mut c = Criterion::default().configure_from_args();
     parse_page(&mut c);
     c.final_summary();
-    let args: Vec<String> = std::env::args().collect();
-    if args.iter().any(|a| a == "--list" || a == "--test") {
+    if !writes_report(std::env::args()) {
         return;
     }
     let Some((median, lo, hi)) = estimate() else {
@@ -82,4 +81,19 @@ fn main() {
         Ok(()) => println!("\nwrote {}\n\n{md}", out.display()),
         Err(e) => eprintln!("could not write {}: {e}", out.display()),
     }
+}
+
+/// Whether this run measured and may write the report. Only `cargo bench` passes `--bench`;
+/// `cargo test --benches` / `--all-targets` runs this harness without it (criterion's test
+/// mode: each benchmark once, no estimates), and `--list` / `--test` measure nothing.
+fn writes_report(args: impl IntoIterator<Item = String>) -> bool {
+    let mut bench = false;
+    for a in args {
+        match a.as_str() {
+            "--list" | "--test" => return false,
+            "--bench" => bench = true,
+            _ => {}
+        }
+    }
+    bench
 }

@@ -1,4 +1,5 @@
-//! The `infermesh` command line: `serve`, `config check FILE`, `demo`.
+//! The `infermesh` command line: `serve`, `config check FILE`, `policy`, `cluster`, `xds`.
+//! (The demo is its own binary, `infermesh-demo`, in `infermesh-e2e`.)
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -32,9 +33,6 @@ pub enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
-    /// Start simulated pods and a node on loopback, run a shared-prefix workload through
-    /// infermesh and through client-side round-robin, and print the comparison.
-    Demo(crate::demo::DemoArgs),
     /// Policy objects in the Raft store (through any node's admin API).
     Policy {
         /// What to do.
@@ -172,23 +170,6 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Policy { command, server } => crate::admin::commands::run_policy(command, server),
         Command::Cluster { command, server } => {
             crate::admin::commands::run_cluster(command, server)
-        }
-        Command::Demo(args) => {
-            // The demo prints a report; per-endpoint logs would bury it.
-            init_tracing("warn");
-            match runtime()
-                .map_err(anyhow::Error::from)
-                .and_then(|rt| rt.block_on(crate::demo::run(args)))
-            {
-                Ok(report) => {
-                    println!("{report}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("infermesh demo failed: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
         }
     }
 }

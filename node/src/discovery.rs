@@ -55,6 +55,27 @@ pub struct PoolSpec {
     pub objectives: HashMap<String, i32>,
 }
 
+/// The pool of a simulated fleet (`infermesh-sim`), as the demo, the benchmarks and the
+/// tests build it: pool `demo` serving `model`, vLLM endpoints at `addrs`, pods named
+/// `sim-0`, `sim-1`, … in order, no labels.
+pub fn fleet_pool(addrs: &[SocketAddr], model: &str) -> PoolSpec {
+    PoolSpec {
+        name: "demo".into(),
+        endpoints: addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| EndpointSpec {
+                address: *a,
+                pod: format!("sim-{i}"),
+                labels: Default::default(),
+                engine: Engine::Vllm,
+            })
+            .collect(),
+        models: vec![model.to_owned()],
+        objectives: Default::default(),
+    }
+}
+
 /// Why a discovery file was rejected; the previous endpoint set stays in force.
 #[derive(Debug, thiserror::Error)]
 pub enum InvalidPoolFile {

@@ -11,7 +11,6 @@ pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod config;
-pub mod demo;
 pub mod discovery;
 pub mod extproc;
 pub mod mesh;

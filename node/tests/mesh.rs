@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use infermesh_gossip::{ClusterKey, MeshConfig, Ring};
 use infermesh_node::app::App;
 use infermesh_node::config::NodeConfig;
-use infermesh_node::demo::fleet_pool;
+use infermesh_node::discovery::fleet_pool;
 use infermesh_node::mesh::MeshOptions;
 use infermesh_node::proxy::SERVED_HEADER;
 use infermesh_node::upstream::{HttpClient, http_client};

@@ -90,6 +90,14 @@ async fn samples(client: &infermesh_node::upstream::HttpClient, n: &Node, name: 
         .collect()
 }
 
+/// Scrapes this node has made itself (every outcome): it scrapes only the pods it owns.
+async fn own_scrapes(client: &infermesh_node::upstream::HttpClient, n: &Node) -> f64 {
+    samples(client, n, "infermesh_scrapes_total")
+        .await
+        .iter()
+        .sum()
+}
+
 async fn wait_until<F: std::future::Future<Output = bool>>(what: &str, mut ok: impl FnMut() -> F) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !ok().await {
@@ -132,7 +140,29 @@ async fn sigkilled_node_is_dropped_and_its_pods_rescraped() {
     })
     .await;
 
-    let mut victim = nodes.pop().unwrap();
+    // Kill a node that owns pods: a node scrapes only the pods it owns on the ring, so its
+    // own scrape counter grows exactly when it owns at least one. Killing a node that owns
+    // none would leave every pod fresh without any take-over, and the test would prove nothing.
+    let mut before = Vec::new();
+    for n in &nodes {
+        before.push(own_scrapes(&client, n).await);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let owner = 'found: loop {
+        for (i, n) in nodes.iter().enumerate() {
+            // 50 ms scrapes: 10 more is at least half a second of owning a pod.
+            if own_scrapes(&client, n).await >= before[i] + 10.0 {
+                break 'found i;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting until a node's own scrape counter grows"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!("killing node-{owner}, which scrapes pods (scrape counters before: {before:?})");
+    let mut victim = nodes.remove(owner);
     victim.child.kill().expect("SIGKILL");
     let _ = victim.child.wait();
     let killed = Instant::now();

@@ -28,7 +28,7 @@ use infermesh_gossip::{ClusterKey, MeshConfig};
 use infermesh_node::admin::client::AdminClient;
 use infermesh_node::app::App;
 use infermesh_node::config::{EndpointSource, NodeConfig};
-use infermesh_node::demo::fleet_pool;
+use infermesh_node::discovery::fleet_pool;
 use infermesh_node::mesh::MeshOptions;
 use infermesh_node::policy_store::{ClusterArgs, LocalBase, PolicyNode};
 use infermesh_node::upstream::{HttpClient, http_client};

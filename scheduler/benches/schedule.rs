@@ -346,11 +346,24 @@ fn main() {
     bench_schedule(&mut c);
     bench_parts(&mut c);
     c.final_summary();
-    // `cargo bench -- --list` / filtered runs: only report after a full run.
-    let args: Vec<String> = std::env::args().collect();
-    if args.iter().any(|a| a == "--list" || a == "--test") {
+    if !writes_report(std::env::args()) {
         return;
     }
     let mem = memory_rows();
     write_report(&mem);
+}
+
+/// Whether this run measured and may write the report. Only `cargo bench` passes `--bench`;
+/// `cargo test --benches` / `--all-targets` runs this harness without it (criterion's test
+/// mode: each benchmark once, no estimates), and `--list` / `--test` measure nothing.
+fn writes_report(args: impl IntoIterator<Item = String>) -> bool {
+    let mut bench = false;
+    for a in args {
+        match a.as_str() {
+            "--list" | "--test" => return false,
+            "--bench" => bench = true,
+            _ => {}
+        }
+    }
+    bench
 }

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use infermesh_node::app::App;
 use infermesh_node::config::NodeConfig;
-use infermesh_node::demo::fleet_pool;
+use infermesh_node::discovery::fleet_pool;
 use infermesh_node::upstream::{HttpClient, http_client};
 use infermesh_scheduler::ResolvedConfig;
 use infermesh_sim::{EngineProfile, Fleet, FleetConfig};

@@ -1,22 +1,20 @@
-//! `infermesh demo`: simulated pods and a node on loopback, the same shared-prefix
+//! `infermesh-demo`: simulated pods and a node on loopback, the same shared-prefix
 //! workload through infermesh and through client-side round-robin (each on a fresh
 //! fleet, so neither inherits the other's warm caches), and a comparison table.
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
 use infermesh_bench::{Load, Report, RunSpec, SharedPrefixSpec, Target, Workload, markdown_table};
+use infermesh_node::app::App;
+use infermesh_node::config::NodeConfig;
+use infermesh_node::discovery::fleet_pool;
 use infermesh_scheduler::ResolvedConfig;
 use infermesh_sim::{Fleet, FleetConfig};
 
-use crate::config::NodeConfig;
-use crate::discovery::{EndpointSpec, PoolSpec};
-use crate::scrape::engine::Engine;
-
-/// Flags of `infermesh demo` (all optional).
+/// Flags of `infermesh-demo` (all optional).
 #[derive(Debug, Clone, Args)]
 pub struct DemoArgs {
     /// Simulated pods.
@@ -45,25 +43,6 @@ impl Default for DemoArgs {
             qps: 16.0,
             seed: 1,
         }
-    }
-}
-
-/// The pool description of a simulated fleet.
-pub fn fleet_pool(addrs: &[SocketAddr], model: &str) -> PoolSpec {
-    PoolSpec {
-        name: "demo".into(),
-        endpoints: addrs
-            .iter()
-            .enumerate()
-            .map(|(i, a)| EndpointSpec {
-                address: *a,
-                pod: format!("sim-{i}"),
-                labels: Default::default(),
-                engine: Engine::Vllm,
-            })
-            .collect(),
-        models: vec![model.to_owned()],
-        objectives: Default::default(),
     }
 }
 
@@ -116,7 +95,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<String> {
         fleet_pool(&addrs, &model),
         ResolvedConfig::builtin_default(),
     )?;
-    let node = crate::app::App::start(cfg).await?;
+    let node = App::start(cfg).await?;
     let proxy = node.proxy_addr.context("the demo node has a proxy")?;
     if !node.wait_ready(args.pods, Duration::from_secs(15)).await {
         node.shutdown(Duration::from_secs(2)).await;

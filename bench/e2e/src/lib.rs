@@ -1,0 +1,10 @@
+//! The demo and the end-to-end benchmark programs of infermesh.
+//!
+//! Contract: everything here runs real infermesh nodes (`infermesh-node`) against simulated
+//! pods (`infermesh-sim`) on loopback and measures them with `infermesh-bench`, so the node
+//! itself links neither the simulator nor the load generator. The library holds the demo
+//! ([`demo`]); the binaries are `infermesh-demo` and the benchmark programs that
+//! `bench/dataplane/run.sh`, `bench/policy/run.sh` and `bench/mesh-e2e/run.sh` build
+//! (`dataplane`, `extproc-null`, `policy`, `mesh-e2e`).
+
+pub mod demo;
