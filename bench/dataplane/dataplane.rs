@@ -193,6 +193,12 @@ fn spread(v: &[f64]) -> String {
     format!("{:.0} µs ({lo:.0}–{hi:.0})", median(v))
 }
 
+/// Each round's requests/s, in order.
+fn rounds_rps(runs: &[WrkResult]) -> String {
+    let v: Vec<String> = runs.iter().map(|r| format!("{:.0}", r.rps)).collect();
+    v.join(", ")
+}
+
 /// Field-wise median of several runs of one path.
 fn median_result(runs: &[WrkResult]) -> WrkResult {
     let m = |f: fn(&WrkResult) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
@@ -674,7 +680,46 @@ async fn run(args: Args) -> anyhow::Result<()> {
         // Envoy's own share in the ext_proc setup, measured in a second run.
         run_wrk(&script, envoy_x_addr, 2, c, secs, Some(envoy_x.pid()))?
     };
-    let tp_proxy = run_wrk(&script, node.proxy, 2, c, secs, Some(node.proc_.pid()))?;
+    // The proxy against its ceiling: a do-nothing forwarder on the same pods, alternated
+    // with the proxy over two rounds so drift in the machine's load lands on both.
+    let fwd_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let fwd_bin = bin_dir.join("forwarder");
+    anyhow::ensure!(
+        fwd_bin.exists(),
+        "{} missing: build it with cargo build --release -p infermesh-e2e --bin forwarder",
+        fwd_bin.display()
+    );
+    let mut fwd_cmd = Command::new(&fwd_bin);
+    fwd_cmd
+        .arg("--listen")
+        .arg(fwd_addr.to_string())
+        .arg("--pods")
+        .arg(pod_list.join(","));
+    let mut fwd_proc = Proc::spawn("forwarder", &mut fwd_cmd, &logs.join("forwarder.log"))?;
+    wait_serving(fwd_addr, &model, Duration::from_secs(30), &mut fwd_proc).await?;
+    let mut tp_fwd_runs = Vec::new();
+    let mut tp_proxy_runs = Vec::new();
+    for _ in 0..2 {
+        tp_fwd_runs.push(run_wrk(
+            &script,
+            fwd_addr,
+            2,
+            c,
+            secs,
+            Some(fwd_proc.pid()),
+        )?);
+        tp_proxy_runs.push(run_wrk(
+            &script,
+            node.proxy,
+            2,
+            c,
+            secs,
+            Some(node.proc_.pid()),
+        )?);
+    }
+    drop(fwd_proc);
+    let tp_fwd = median_result(&tp_fwd_runs);
+    let tp_proxy = median_result(&tp_proxy_runs);
     drop(envoy_x);
     drop(envoy_s);
 
@@ -861,7 +906,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _ = writeln!(
         md,
         "{}",
-        row("infermesh standalone proxy (CPU = infermesh)", &tp_proxy)
+        row(
+            "do-nothing forwarder: read body, round-robin, pooled connections (CPU = forwarder; median of 2)",
+            &tp_fwd
+        )
+    );
+    let _ = writeln!(
+        md,
+        "{}",
+        row(
+            "infermesh standalone proxy (CPU = infermesh; median of 2)",
+            &tp_proxy
+        )
     );
     let mut best_peer: Option<f64> = None;
     for (name, r) in &peers {
@@ -877,6 +933,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if args.routers.is_none() {
         let _ = writeln!(md, "\nPeer routers were not run (no `--routers`).");
+    }
+    if tp_fwd.rps > 0.0 {
+        let ratio = tp_proxy.rps / tp_fwd.rps;
+        let _ = writeln!(
+            md,
+            "\nStandalone proxy vs the do-nothing forwarder on the same pods: **{ratio:.2}×** the requests/s \
+             (rounds: proxy {} req/s, forwarder {} req/s; target ≥ 0.8×: {}).",
+            rounds_rps(&tp_proxy_runs),
+            rounds_rps(&tp_fwd_runs),
+            if ratio >= 0.8 { "met" } else { "NOT met" }
+        );
     }
     if let Some(peer) = best_peer {
         let ratio = tp_proxy.rps / peer;

@@ -42,9 +42,9 @@ impl Forwarder {
     async fn forward(
         &self,
         req: hyper::Request<Incoming>,
-    ) -> Result<hyper::Response<Incoming>, Box<dyn std::error::Error + Send + Sync>> {
+    ) -> Result<hyper::Response<Incoming>, String> {
         let (parts, body) = req.into_parts();
-        let body = body.collect().await?.to_bytes();
+        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
         let pod = self.pods[self.next.fetch_add(1, Ordering::Relaxed) % self.pods.len()];
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let mut up = hyper::Request::builder()
@@ -55,7 +55,8 @@ impl Forwarder {
                 up = up.header(k, v);
             }
         }
-        Ok(self.client.request(up.body(Full::new(body))?).await?)
+        let up = up.body(Full::new(body)).map_err(|e| e.to_string())?;
+        self.client.request(up).await.map_err(|e| e.to_string())
     }
 }
 

@@ -27,7 +27,7 @@ if [ "$PEERS" = 1 ]; then
   fi
   ROUTERS=(--routers "$ROOT/$VENV/bin")
 fi
-cargo build --release -p infermesh-node --bin infermesh -p infermesh-e2e --bin dataplane --bin extproc-null
+cargo build --release -p infermesh-node --bin infermesh -p infermesh-e2e --bin dataplane --bin extproc-null --bin forwarder
 TARGET=${CARGO_TARGET_DIR:-target}
 exec "$TARGET/release/dataplane" --envoy "$ENVOY" "${ROUTERS[@]}" \
   --out "$ROOT/bench/results/dataplane.md" "${ARGS[@]}"

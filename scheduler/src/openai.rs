@@ -225,11 +225,11 @@ pub fn parse_openai(kind: ApiKind, body: &[u8]) -> Result<ParsedBody, InvalidReq
         ..ParsedBody::default()
     };
     match kind {
-        ApiKind::Completions => completions_prompt(f.prompt.as_ref(), &mut parsed)?,
+        ApiKind::Completions => completions_prompt(f.prompt, &mut parsed)?,
         ApiKind::ChatCompletions => {
             parsed.prompt_bytes = chat_messages_json(f.messages.as_ref())?;
         }
-        ApiKind::Embeddings => embeddings_input(f.input.as_ref(), &mut parsed)?,
+        ApiKind::Embeddings => embeddings_input(f.input, &mut parsed)?,
         ApiKind::Responses => {
             parsed.prompt_bytes = responses_prompt(f.instructions.as_ref(), f.input.as_ref())?;
         }
@@ -242,7 +242,7 @@ pub fn parse_openai(kind: ApiKind, body: &[u8]) -> Result<ParsedBody, InvalidReq
 }
 
 /// Embeddings: a string, strings (joined with a space) or token ids (nothing to hash).
-fn embeddings_input(input: Option<&Value>, out: &mut ParsedBody) -> Result<(), InvalidRequest> {
+fn embeddings_input(input: Option<Value>, out: &mut ParsedBody) -> Result<(), InvalidRequest> {
     completions_prompt(input, out).map_err(|e| match e {
         InvalidRequest::MissingPrompt => InvalidRequest::MissingInput,
         InvalidRequest::InvalidField { reason, .. } => InvalidRequest::InvalidField {
@@ -342,10 +342,10 @@ fn read_u32(v: Option<&Value>, field: &'static str) -> Result<Option<u32>, Inval
     }
 }
 
-fn completions_prompt(prompt: Option<&Value>, out: &mut ParsedBody) -> Result<(), InvalidRequest> {
+fn completions_prompt(prompt: Option<Value>, out: &mut ParsedBody) -> Result<(), InvalidRequest> {
     match prompt {
         Some(Value::String(s)) if !s.is_empty() => {
-            out.prompt_bytes = s.as_bytes().to_vec();
+            out.prompt_bytes = s.into_bytes();
             Ok(())
         }
         Some(Value::Array(items)) if !items.is_empty() => {

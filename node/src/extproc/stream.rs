@@ -334,8 +334,9 @@ impl ExtProcStream {
         let body_changed = rewritten.is_some();
         let body = rewritten.unwrap_or(body);
         let content_length = body.len().to_string();
+        let destination = ticket.header_value();
         let mut set: Vec<(&str, &str)> = vec![
-            (DESTINATION_HEADER, ticket.header_value()),
+            (DESTINATION_HEADER, &destination),
             ("content-length", &content_length),
         ];
         for (k, v) in ticket.extra_headers() {
@@ -346,7 +347,7 @@ impl ExtProcStream {
             clear_route_cache: true,
             ..Default::default()
         };
-        let metadata = Some(destination_metadata(ticket.header_value()));
+        let metadata = Some(destination_metadata(&destination));
         let out = match self.request_mode {
             BodySendMode::FullDuplexStreamed => {
                 let mut out = vec![ProcessingResponse {

@@ -42,7 +42,10 @@ impl RequestMeta {
         let request_id = match map.get(REQUEST_ID_HEADER) {
             Some(id) if !id.is_empty() => id.clone(),
             _ => {
-                let id = uuid::Uuid::new_v4().to_string();
+                // A v4 UUID from the thread's RNG: `Uuid::new_v4` asks the kernel each time.
+                let id = uuid::Builder::from_random_bytes(rand::random())
+                    .into_uuid()
+                    .to_string();
                 map.insert(REQUEST_ID_HEADER.to_owned(), id.clone());
                 id
             }

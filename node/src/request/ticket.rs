@@ -2,6 +2,7 @@
 //! once in `infermesh_requests_total`, however it ends — finished, failed, or dropped
 //! because the client went away.
 
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -23,7 +24,6 @@ pub struct Ticket {
     prepared: Prepared,
     answer: PrefixAnswer,
     destinations: Vec<SocketAddr>,
-    header_value: String,
     extra_headers: Vec<(String, String)>,
     response_headers: Vec<(String, String)>,
     slot: Option<Arc<EndpointSlot>>,
@@ -46,7 +46,6 @@ impl Ticket {
             prepared,
             answer,
             destinations: Vec::new(),
-            header_value: String::new(),
             extra_headers: Vec::new(),
             response_headers: Vec::new(),
             slot: None,
@@ -59,7 +58,6 @@ impl Ticket {
 
     fn adopt(&mut self, result: SchedulingResult) {
         self.destinations = result.destinations().to_vec();
-        self.header_value = result.header_value();
         self.extra_headers = result.request_headers;
         self.response_headers = result.response_headers;
         self.retarget(self.destinations[0]);
@@ -90,9 +88,17 @@ impl Ticket {
         &self.destinations
     }
 
-    /// The `x-gateway-destination-endpoint` value (`ip:port,ip:port…`).
-    pub fn header_value(&self) -> &str {
-        &self.header_value
+    /// The `x-gateway-destination-endpoint` value (`ip:port,ip:port…`), built on demand
+    /// (the proxy forwards by address and never needs it).
+    pub fn header_value(&self) -> String {
+        let mut s = String::with_capacity(22 * self.destinations.len());
+        for (i, a) in self.destinations.iter().enumerate() {
+            if i > 0 {
+                s.push(',');
+            }
+            let _ = write!(s, "{a}");
+        }
+        s
     }
 
     /// Extra headers for the model server (e.g. `x-prefiller-host-port`).
