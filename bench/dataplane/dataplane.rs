@@ -61,9 +61,11 @@ fn free_port() -> u16 {
 }
 
 fn repo_root() -> PathBuf {
+    // This program is built by bench/e2e: the repository is two levels up.
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("node/ has a parent")
+        .ancestors()
+        .nth(2)
+        .expect("bench/e2e sits two levels below the repository root")
         .to_path_buf()
 }
 

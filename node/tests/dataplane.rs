@@ -454,3 +454,56 @@ async fn envoy_ext_proc_forwards_the_rewritten_model() {
     model_rewrite_reaches_the_pod(&h).await;
     h.stop().await;
 }
+
+/// Session affinity: the client gets `x-session-token` naming the pod that served it, and
+/// a request carrying the token goes back to that pod.
+async fn session_token_round_trip(with_envoy: bool) {
+    let cfg = infermesh_scheduler::load_config(
+        "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n\
+         plugins:\n- type: session-affinity-scorer\n- type: queue-scorer\n\
+         schedulingProfiles:\n- name: default\n  plugins: [{pluginRef: session-affinity-scorer, weight: 10}, {pluginRef: queue-scorer}]\n",
+    )
+    .expect("valid config");
+    let h = Harness::start_with(4, with_envoy, |c| c.scheduler = cfg).await;
+    let body = serde_json::json!({"model": h.model, "prompt": "hello", "max_tokens": 1});
+    let first = post(
+        &h.client,
+        h.entry(),
+        "/v1/completions",
+        body.to_string(),
+        &[],
+    )
+    .await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    let token = first
+        .header("x-session-token")
+        .unwrap_or_else(|| panic!("no session token in {:?}", first.headers));
+    let pinned = h.served(&first);
+    assert_eq!(
+        token,
+        infermesh_scheduler::plugins::scorers::session_token(pinned)
+    );
+    for _ in 0..8 {
+        let r = post(
+            &h.client,
+            h.entry(),
+            "/v1/completions",
+            body.to_string(),
+            &[("x-session-token", token.as_str())],
+        )
+        .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        assert_eq!(h.served(&r), pinned, "the token pins the pod");
+    }
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_sends_the_session_token_to_the_client() {
+    session_token_round_trip(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_ext_proc_sends_the_session_token_to_the_client() {
+    session_token_round_trip(true).await;
+}
