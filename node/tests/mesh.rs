@@ -136,12 +136,9 @@ impl Cluster {
     }
 }
 
-async fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// Waits (bounded: 20 s) until `ok` holds.
+async fn wait_for(what: &str, ok: impl FnMut() -> bool) {
+    infermesh_testkit::wait_until(what, Duration::from_secs(20), ok).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -98,12 +98,9 @@ async fn own_scrapes(client: &infermesh_node::upstream::HttpClient, n: &Node) ->
         .sum()
 }
 
-async fn wait_until<F: std::future::Future<Output = bool>>(what: &str, mut ok: impl FnMut() -> F) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !ok().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// Waits (bounded: 30 s) until `ok` holds.
+async fn wait_until<F: std::future::Future<Output = bool>>(what: &str, ok: impl FnMut() -> F) {
+    infermesh_testkit::wait_until_async(what, Duration::from_secs(30), ok).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

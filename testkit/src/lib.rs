@@ -11,5 +11,5 @@ pub mod extproc;
 pub mod net;
 pub mod runtime;
 
-pub use net::{free_port, http_get, wait_for, workspace_dir};
+pub use net::{free_port, http_get, wait_for, wait_until, wait_until_async, workspace_dir};
 pub use runtime::{Isolated, block_on};

@@ -26,7 +26,11 @@ pub fn workspace_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// Polls `f` every 50 ms until it returns `Some`, or panics after `timeout` naming `what`.
+/// How often the wait helpers poll: conditions, not fixed delays, end every wait.
+const POLL: Duration = Duration::from_millis(10);
+
+/// Polls `f` until it returns `Some`, or panics after `timeout` naming `what`. The one wait
+/// helper of the workspace's tests ([`wait_until`] and [`wait_until_async`] wrap it).
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
 where
     F: FnMut() -> Fut,
@@ -40,8 +44,26 @@ where
         if Instant::now() > deadline {
             panic!("timed out after {timeout:?} waiting for {what}");
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(POLL).await;
     }
+}
+
+/// Polls `cond` until it holds, or panics after `timeout` naming `what`.
+pub async fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    wait_for(what, timeout, || std::future::ready(cond().then_some(()))).await
+}
+
+/// [`wait_until`] for an asynchronous condition.
+pub async fn wait_until_async<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    wait_for(what, timeout, || {
+        let fut = cond();
+        async move { fut.await.then_some(()) }
+    })
+    .await
 }
 
 /// One HTTP/1.1 GET over a fresh connection (5 s limit); returns status and body.

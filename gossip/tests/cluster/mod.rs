@@ -51,30 +51,15 @@ pub async fn cluster_with(n: usize, tweak: impl Fn(&mut MeshConfig)) -> Vec<Mesh
 }
 
 /// Polls `cond` until it holds, failing the test after [`DEADLINE`].
-pub async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let start = tokio::time::Instant::now();
-    loop {
-        if cond() {
-            return;
-        }
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for: {what}");
-        // Condition polling, not a fixed delay: the loop exits as soon as `cond` holds.
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+pub async fn wait_for(what: &str, cond: impl FnMut() -> bool) {
+    infermesh_testkit::wait_until(what, DEADLINE, cond).await
 }
 
 /// Like [`wait_for`] for async conditions.
-pub async fn wait_for_async<F, Fut>(what: &str, mut cond: F)
+pub async fn wait_for_async<F, Fut>(what: &str, cond: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let start = tokio::time::Instant::now();
-    loop {
-        if cond().await {
-            return;
-        }
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    infermesh_testkit::wait_until_async(what, DEADLINE, cond).await
 }
