@@ -4,6 +4,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-test-deps.sh
 cargo fmt --all -- --check
+# No import cycles between the modules of a crate (down to submodules).
+for src in scheduler/src gossip/src raft-store/src xds/src node/src; do
+  scripts/module-cycles.py "$src" 2
+done
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace --all-targets
 # --all-targets leaves doctests out; they run here.

@@ -27,54 +27,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::scrape::engine::{Engine, UnknownEngine};
+use crate::pool_model::{Engine, PoolInput, UnknownEngine};
 
-/// One endpoint (pod ip:port) of the pool, as discovery found it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct EndpointSpec {
-    /// `ip:port`: the endpoint's identity.
-    pub address: SocketAddr,
-    /// The pod's name (for logs and metrics).
-    pub pod: String,
-    /// Pod labels.
-    pub labels: BTreeMap<String, String>,
-    /// Metric names to scrape, from `llm-d.ai/engine-type`.
-    pub engine: Engine,
-}
-
-/// The pool as a discovery file describes it.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct PoolSpec {
-    /// Pool name (`metadata.name`).
-    pub name: String,
-    /// Every endpoint, in file order.
-    pub endpoints: Vec<EndpointSpec>,
-    /// Served model names declared in the file (empty = ask the pods).
-    pub models: Vec<String>,
-    /// InferenceObjective name → priority.
-    pub objectives: HashMap<String, i32>,
-}
-
-/// The pool of a simulated fleet (`infermesh-sim`), as the demo, the benchmarks and the
-/// tests build it: pool `demo` serving `model`, vLLM endpoints at `addrs`, pods named
-/// `sim-0`, `sim-1`, … in order, no labels.
-pub fn fleet_pool(addrs: &[SocketAddr], model: &str) -> PoolSpec {
-    PoolSpec {
-        name: "demo".into(),
-        endpoints: addrs
-            .iter()
-            .enumerate()
-            .map(|(i, a)| EndpointSpec {
-                address: *a,
-                pod: format!("sim-{i}"),
-                labels: Default::default(),
-                engine: Engine::Vllm,
-            })
-            .collect(),
-        models: vec![model.to_owned()],
-        objectives: Default::default(),
-    }
-}
+pub use crate::pool_model::{EndpointSpec, PoolSpec, fleet_pool};
 
 /// Why a discovery file was rejected; the previous endpoint set stays in force.
 #[derive(Debug, thiserror::Error)]
@@ -399,7 +354,7 @@ pub fn reload(path: &Path, last: &mut PoolSpec) -> Result<Option<PoolSpec>, Inva
 pub fn watch_pool_file(
     path: PathBuf,
     mut last: PoolSpec,
-    tx: tokio::sync::mpsc::Sender<crate::pool_task::PoolInput>,
+    tx: tokio::sync::mpsc::Sender<PoolInput>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> notify::Result<(notify::RecommendedWatcher, tokio::task::JoinHandle<()>)> {
     use notify::Watcher;
@@ -435,11 +390,7 @@ pub fn watch_pool_file(
                 Ok(spec) => {
                     tracing::info!(file = %path.display(), endpoints = spec.endpoints.len(), "endpoints file reloaded");
                     last = spec.clone();
-                    if tx
-                        .send(crate::pool_task::PoolInput::Spec(spec))
-                        .await
-                        .is_err()
-                    {
+                    if tx.send(PoolInput::Spec(spec)).await.is_err() {
                         break;
                     }
                 }

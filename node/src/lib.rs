@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod policy;
 pub mod policy_store;
 pub mod pool;
+pub mod pool_model;
 pub mod pool_task;
 pub mod proxy;
 pub mod request;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use infermesh_scheduler::{Endpoint, InFlight, Metrics, Role};
 
-use crate::discovery::EndpointSpec;
+use crate::pool_model::EndpointSpec;
 
 /// One endpoint's live state: written by its scraper (metrics, up) and the request path
 /// (in-flight counts), read by every scheduling cycle.

@@ -9,29 +9,15 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::discovery::PoolSpec;
 use crate::metrics::NodeMetrics;
 use crate::policy::SharedPolicy;
 use crate::pool::{EndpointSlot, PoolView, SharedPool};
+use crate::pool_model::PoolSpec;
 use crate::scrape::runtime::ScrapeRuntime;
 use crate::scrape::{ScrapeConfig, ScrapeReport, ScrapeSink, spawn_scraper_with_sink};
 use crate::upstream::HttpClient;
 
-/// What the pool task reacts to.
-#[derive(Debug)]
-pub enum PoolInput {
-    /// Discovery produced a (validated) pool description.
-    Spec(PoolSpec),
-    /// A pod's `/v1/models` answer.
-    Models {
-        /// The endpoint that answered.
-        addr: SocketAddr,
-        /// Model ids it serves.
-        models: Vec<String>,
-    },
-    /// The mesh reassigned which pods this node scrapes (`ip:port` each).
-    Owned(Arc<Vec<String>>),
-}
+pub use crate::pool_model::PoolInput;
 
 /// Mesh mode: scrape only the pods the ring assigns to this node, publish each scrape.
 struct MeshScraping {

@@ -344,6 +344,18 @@ async fn served_by(c: &Cluster, node: usize, group: usize, question: usize) -> S
         .unwrap()
 }
 
+/// Anchors handed off (sent, received) by the cluster's current nodes. A leaver's own
+/// sends only add to "received"; the anchor's other owner sends it too.
+fn handoffs(c: &Cluster) -> (u64, u64) {
+    c.nodes.iter().fold((0, 0), |(o, i), a| {
+        let s = a.mesh().expect("mesh").stats();
+        (
+            o + s.prefix_handoff_anchors_out,
+            i + s.prefix_handoff_anchors_in,
+        )
+    })
+}
+
 fn records_applied(c: &Cluster) -> u64 {
     c.nodes
         .iter()
@@ -413,12 +425,25 @@ async fn join_leave_and_kill_move_scraping_and_keep_prefixes() {
             .wait_ready(c.pods.len(), Duration::from_secs(20))
             .await
     );
+    // Prefix state lives only at the anchors' owners: before the next membership change,
+    // every anchor handed off on this one has arrived (else a leave followed at once by a
+    // kill can take both copies of an anchor, which no design with R = 2 survives).
+    wait_for("handoffs after the join delivered", || {
+        let (out, got) = handoffs(&c);
+        got >= out
+    })
+    .await;
 
     // Leave: graceful departure is seen at once, its pods re-owned.
     let leaver = c.nodes.remove(1);
     leaver.shutdown(Duration::from_secs(2)).await;
     c.wait_members(3).await;
     wait_for("pods partitioned after a leave", || c.partitioned()).await;
+    wait_for("handoffs after the leave delivered", || {
+        let (out, got) = handoffs(&c);
+        got >= out
+    })
+    .await;
 
     // Kill: no goodbye; detected by SWIM, pods re-owned and scraped again.
     let victim = c.nodes.remove(0);

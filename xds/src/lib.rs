@@ -53,6 +53,7 @@ pub mod input;
 mod resource_type;
 mod server;
 mod service;
+mod shared;
 pub mod snapshot;
 mod sotw;
 pub mod status;

@@ -14,36 +14,10 @@ use crate::error::PublishError;
 use crate::input::XdsInput;
 use crate::resource_type::ResourceType;
 use crate::service::AdsService;
+use crate::shared::Shared;
 use crate::snapshot::Snapshot;
 use crate::status::{StatusRegistry, SyncStatus};
 use crate::translate::translate;
-
-/// State shared by the server handle, the debounce task and every stream.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    config: XdsConfig,
-    registry: StatusRegistry,
-    /// Validated snapshots waiting out the debounce window (latest wins).
-    pending: watch::Sender<Option<Arc<Snapshot>>>,
-    /// The snapshot streams serve.
-    current: watch::Sender<Option<Arc<Snapshot>>>,
-    /// Set when the node drains: every stream ends so its client reconnects elsewhere.
-    closing: watch::Sender<bool>,
-}
-
-impl Shared {
-    pub(crate) fn registry(&self) -> &StatusRegistry {
-        &self.registry
-    }
-
-    pub(crate) fn subscribe(&self) -> watch::Receiver<Option<Arc<Snapshot>>> {
-        self.current.subscribe()
-    }
-
-    pub(crate) fn closing(&self) -> watch::Receiver<bool> {
-        self.closing.subscribe()
-    }
-}
 
 /// What a successful [`XdsServer::publish`] produced.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

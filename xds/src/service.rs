@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::codec::AdsCodec;
 use crate::delta::DeltaStream;
 use crate::resource_type::ResourceType;
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::snapshot::{EncodedResponse, Snapshot};
 use crate::sotw::SotwStream;
 use crate::status::{NodeEntry, Protocol, StatusRegistry, SubscriptionView};

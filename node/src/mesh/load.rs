@@ -138,14 +138,14 @@ pub async fn run(mesh: Arc<Mesh>, pool: SharedPool, mut shutdown: watch::Receive
 /// Forwards the mesh's owned-pod set to the pool task until `shutdown`.
 pub async fn forward_owned(
     mesh: Arc<Mesh>,
-    pool_tx: tokio::sync::mpsc::Sender<crate::pool_task::PoolInput>,
+    pool_tx: tokio::sync::mpsc::Sender<crate::pool_model::PoolInput>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut owned = mesh.owned_pods();
     loop {
         let set = owned.borrow_and_update().clone();
         if pool_tx
-            .send(crate::pool_task::PoolInput::Owned(set))
+            .send(crate::pool_model::PoolInput::Owned(set))
             .await
             .is_err()
         {

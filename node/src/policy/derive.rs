@@ -7,9 +7,9 @@ use std::collections::{BTreeSet, HashMap};
 use infermesh_raft_store::PolicyState;
 use infermesh_raft_store::policy::{Kind, ObjectKey};
 
-use crate::discovery::{EndpointSpec, PoolSpec};
 use crate::policy::rewrite::ModelRewrites;
-use crate::scrape::engine::Engine;
+use crate::pool_model::Engine;
+use crate::pool_model::{EndpointSpec, PoolSpec};
 
 /// Name of the EndpointPickerConfig preferred when several are stored.
 pub const DEFAULT_EPP_CONFIG_NAME: &str = "default";

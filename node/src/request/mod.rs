@@ -23,19 +23,19 @@
 //! holds only the chains whose anchors it owns (plus a small cache of its own recent
 //! picks, see `crate::mesh::prefix`).
 
+mod decide;
 mod meta;
 mod owners;
-mod path;
+mod prepare;
 mod rejection;
-mod ticket;
 
+pub use decide::Ticket;
 pub use meta::{
     DESTINATION_HEADER, FAIRNESS_HEADER, OBJECTIVE_HEADER, REQUEST_ID_HEADER, RequestMeta,
 };
 pub use owners::{PrefixAnswer, PrefixLookup, PrefixOwners};
-pub use path::{DispatchConfig, Dispatcher, Prepared};
+pub use prepare::{DispatchConfig, Dispatcher, Prepared};
 pub use rejection::{NoEndpoint, Rejection};
-pub use ticket::Ticket;
 
 #[cfg(test)]
 mod tests {

@@ -1,51 +1,19 @@
 //! Which metric names a pod's engine uses, and turning one metrics page into
 //! [`Metrics`] (llm-d's `core-metrics-extractor`, reference §3).
 
-use std::collections::BTreeMap;
 use std::time::Instant;
 
 use infermesh_scheduler::{LoraState, Metrics};
 
 use super::prom_text::{self, InvalidExposition, Sample};
 
-/// The pod label that names the engine (llm-d `engineLabelKey`).
-pub const ENGINE_LABEL: &str = "llm-d.ai/engine-type";
-/// The legacy GIE spelling of the same label.
-pub const LEGACY_ENGINE_LABEL: &str = "inference.networking.k8s.io/engine-type";
+pub use crate::pool_model::{ENGINE_LABEL, Engine, LEGACY_ENGINE_LABEL, UnknownEngine};
 
-/// A model-server engine whose metric names the fetcher knows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Engine {
-    /// vLLM (the default, as in llm-d).
-    Vllm,
-    /// SGLang.
-    Sglang,
-}
-
-/// A pod's engine label names an engine the fetcher does not know.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown engine type {0:?} in label {ENGINE_LABEL} (known: vllm, sglang)")]
-pub struct UnknownEngine(pub String);
-
-impl Engine {
-    /// The engine a pod's labels name; vLLM when unlabelled.
-    pub fn from_labels(labels: &BTreeMap<String, String>) -> Result<Engine, UnknownEngine> {
-        match labels
-            .get(ENGINE_LABEL)
-            .or_else(|| labels.get(LEGACY_ENGINE_LABEL))
-            .map(String::as_str)
-        {
-            None | Some("vllm") => Ok(Engine::Vllm),
-            Some("sglang") => Ok(Engine::Sglang),
-            Some(other) => Err(UnknownEngine(other.to_owned())),
-        }
-    }
-
-    fn names(self) -> &'static MetricNames {
-        match self {
-            Engine::Vllm => &VLLM,
-            Engine::Sglang => &SGLANG,
-        }
+/// The metric names `engine` exports.
+fn names(engine: Engine) -> &'static MetricNames {
+    match engine {
+        Engine::Vllm => &VLLM,
+        Engine::Sglang => &SGLANG,
     }
 }
 
@@ -94,7 +62,7 @@ pub enum ExtractError {
 
 /// Extracts the scheduler's view of a pod from one metrics page.
 pub fn extract(engine: Engine, page: &str, scraped_at: Instant) -> Result<Metrics, ExtractError> {
-    let names = engine.names();
+    let names = names(engine);
     let mut waiting: Option<f64> = None;
     let mut running: Option<f64> = None;
     // (priority index in `kv_usage`, value): the preferred name wins over fallbacks.
@@ -178,6 +146,8 @@ fn lora_state(s: &Sample<'_>) -> LoraState {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     const VLLM_PAGE: &str = r#"# HELP vllm:num_requests_running Number of requests in model execution batches.

@@ -17,7 +17,7 @@ use tokio::time::MissedTickBehavior;
 
 use crate::metrics::{NodeMetrics, ScrapeOutcome};
 use crate::pool::EndpointSlot;
-use crate::pool_task::PoolInput;
+use crate::pool_model::PoolInput;
 use crate::upstream::HttpClient;
 
 /// Scrape timing.

@@ -1,8 +1,8 @@
-//! The two phases of the request path. [`Dispatcher::prepare`] parses the body once,
-//! resolves the model rewrite, objective and priority, builds the candidates, admits, and
-//! hashes the prefix chain once. The IO shell then asks the anchor's owner
-//! ([`Dispatcher::lookup`]) and hands the answer to [`Dispatcher::decide`], which schedules,
-//! records the pick at the owners and issues the [`Ticket`].
+//! Phase one of the request path, and the dispatcher both phases share.
+//! [`Dispatcher::prepare`] parses the body once, resolves the model rewrite, objective and
+//! priority, builds the candidates, admits, and hashes the prefix chain once. The IO shell
+//! then asks the anchor's owner ([`Dispatcher::lookup`]) and hands the answer to phase two
+//! (`Dispatcher::decide`, in `decide.rs`).
 
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -18,8 +18,7 @@ use rand::seq::IndexedRandom;
 use super::RequestMeta;
 use super::owners::{PrefixAnswer, PrefixLookup, PrefixOwners};
 use super::rejection::{NoEndpoint, Rejection};
-use super::ticket::Ticket;
-use crate::metrics::{EndpointLabels, NodeMetrics, RewriteLabels};
+use crate::metrics::{NodeMetrics, RewriteLabels};
 use crate::policy::{Policy, SharedPolicy};
 use crate::pool::SharedPool;
 
@@ -245,24 +244,6 @@ impl Dispatcher {
         }
     }
 
-    /// Phase two: schedules with `answer`, records the pick (locally or at the owners) and
-    /// issues the ticket. A rejection is counted here.
-    pub fn decide(&self, p: Prepared, answer: PrefixAnswer) -> Result<Ticket, Rejection> {
-        let now = Instant::now();
-        match self.schedule(&p, &answer, now) {
-            Ok(result) => {
-                self.metrics.observe_scheduling(p.started.elapsed());
-                Ok(Ticket::issue(self.clone(), p, answer, result))
-            }
-            Err(r) => {
-                self.metrics
-                    .count_request(&p.req.model, &p.objective, r.outcome());
-                tracing::info!(request_id = %p.req.id, model = %p.req.model, status = r.status(), reason = %r, "request rejected");
-                Err(r)
-            }
-        }
-    }
-
     /// Runs a scheduling cycle for `p` over `candidates` and records the pick.
     pub(super) fn schedule_over(
         &self,
@@ -294,61 +275,6 @@ impl Dispatcher {
             owners.record(anchor, &m.hashes, &targets);
         }
         Ok(result)
-    }
-
-    fn schedule(
-        &self,
-        p: &Prepared,
-        answer: &PrefixAnswer,
-        now: Instant,
-    ) -> Result<SchedulingResult, Rejection> {
-        let result = self.schedule_over(p, &p.candidates, answer, now)?;
-        let primary = result.destinations()[0];
-        self.metrics
-            .picks
-            .get_or_create(&EndpointLabels {
-                endpoint: primary.to_string(),
-            })
-            .inc();
-        if let Some(m) = &result.prefix_match
-            && m.total_blocks() > 0
-        {
-            self.metrics
-                .prefix_match_ratio
-                .observe(f64::from(m.matched_blocks) / m.total_blocks() as f64);
-        }
-        tracing::debug!(request_id = %p.req.id, model = %p.req.model, endpoint = %primary, "scheduled");
-        Ok(result)
-    }
-
-    /// Both phases without waiting on an owner: for callers that cannot await (tests,
-    /// tools). With shared prefix state the request is scored without prefix data.
-    pub fn dispatch(
-        &self,
-        kind: ApiKind,
-        body: &[u8],
-        meta: RequestMeta,
-        exclude: &[SocketAddr],
-    ) -> Result<Ticket, Rejection> {
-        let p = self.prepare(kind, body, meta, exclude)?;
-        let answer = self.no_lookup_answer();
-        self.decide(p, answer)
-    }
-
-    /// Both phases, awaiting the owner lookup in between (the proxy's path).
-    pub async fn route(
-        &self,
-        kind: ApiKind,
-        body: &[u8],
-        meta: RequestMeta,
-        exclude: &[SocketAddr],
-    ) -> Result<Ticket, Rejection> {
-        let p = self.prepare(kind, body, meta, exclude)?;
-        let answer = match self.lookup(&p) {
-            Some(fut) => fut.await,
-            None => self.no_lookup_answer(),
-        };
-        self.decide(p, answer)
     }
 
     /// Picks a random ready endpoint for a request without a body to schedule by

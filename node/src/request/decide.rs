@@ -1,20 +1,97 @@
-//! A scheduled request: it holds the endpoint's in-flight count and is counted exactly
-//! once in `infermesh_requests_total`, however it ends — finished, failed, or dropped
-//! because the client went away.
+//! Phase two of the request path: [`Dispatcher::decide`] schedules with the owner's answer,
+//! records the pick and issues a [`Ticket`] — a scheduled request that holds the endpoint's
+//! in-flight count and is counted exactly once in `infermesh_requests_total`, however it
+//! ends (finished, failed, or dropped because the client went away).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use infermesh_scheduler::{InferenceRequest, SchedulingResult, replace_model};
+use infermesh_scheduler::{ApiKind, InferenceRequest, SchedulingResult, replace_model};
 
+use super::RequestMeta;
 use super::owners::PrefixAnswer;
-use super::path::{Dispatcher, Prepared};
+use super::prepare::{Dispatcher, Prepared};
 use super::rejection::{NoEndpoint, Rejection};
-use crate::metrics::Outcome;
+use crate::metrics::{EndpointLabels, Outcome};
 use crate::pool::EndpointSlot;
 use crate::usage::Usage;
+
+impl Dispatcher {
+    /// Phase two: schedules with `answer`, records the pick (locally or at the owners) and
+    /// issues the ticket. A rejection is counted here.
+    pub fn decide(&self, p: Prepared, answer: PrefixAnswer) -> Result<Ticket, Rejection> {
+        let now = Instant::now();
+        match self.schedule(&p, &answer, now) {
+            Ok(result) => {
+                self.metrics.observe_scheduling(p.started.elapsed());
+                Ok(Ticket::issue(self.clone(), p, answer, result))
+            }
+            Err(r) => {
+                self.metrics
+                    .count_request(&p.req.model, &p.objective, r.outcome());
+                tracing::info!(request_id = %p.req.id, model = %p.req.model, status = r.status(), reason = %r, "request rejected");
+                Err(r)
+            }
+        }
+    }
+
+    fn schedule(
+        &self,
+        p: &Prepared,
+        answer: &PrefixAnswer,
+        now: Instant,
+    ) -> Result<SchedulingResult, Rejection> {
+        let result = self.schedule_over(p, &p.candidates, answer, now)?;
+        let primary = result.destinations()[0];
+        self.metrics
+            .picks
+            .get_or_create(&EndpointLabels {
+                endpoint: primary.to_string(),
+            })
+            .inc();
+        if let Some(m) = &result.prefix_match
+            && m.total_blocks() > 0
+        {
+            self.metrics
+                .prefix_match_ratio
+                .observe(f64::from(m.matched_blocks) / m.total_blocks() as f64);
+        }
+        tracing::debug!(request_id = %p.req.id, model = %p.req.model, endpoint = %primary, "scheduled");
+        Ok(result)
+    }
+
+    /// Both phases without waiting on an owner: for callers that cannot await (tests,
+    /// tools). With shared prefix state the request is scored without prefix data.
+    pub fn dispatch(
+        &self,
+        kind: ApiKind,
+        body: &[u8],
+        meta: RequestMeta,
+        exclude: &[SocketAddr],
+    ) -> Result<Ticket, Rejection> {
+        let p = self.prepare(kind, body, meta, exclude)?;
+        let answer = self.no_lookup_answer();
+        self.decide(p, answer)
+    }
+
+    /// Both phases, awaiting the owner lookup in between (the proxy's path).
+    pub async fn route(
+        &self,
+        kind: ApiKind,
+        body: &[u8],
+        meta: RequestMeta,
+        exclude: &[SocketAddr],
+    ) -> Result<Ticket, Rejection> {
+        let p = self.prepare(kind, body, meta, exclude)?;
+        let answer = match self.lookup(&p) {
+            Some(fut) => fut.await,
+            None => self.no_lookup_answer(),
+        };
+        self.decide(p, answer)
+    }
+}
 
 /// A scheduled request. Dropping it without [`Ticket::finish`] counts it as cancelled and
 /// still runs the completion hooks, so no request is lost from the books.
@@ -32,7 +109,7 @@ pub struct Ticket {
 }
 
 impl Ticket {
-    pub(super) fn issue(
+    fn issue(
         dispatcher: Dispatcher,
         mut prepared: Prepared,
         answer: PrefixAnswer,
