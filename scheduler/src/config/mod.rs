@@ -309,7 +309,37 @@ impl Loader<'_> {
     }
 
     fn resolve(&self, raw: RawConfig) -> Result<ResolvedConfig, ConfigError> {
-        let api_version = raw.api_version.unwrap_or_default();
+        let api_version = self.header(raw.api_version, raw.kind)?;
+        let feature_gates = self.feature_gates(raw.feature_gates, raw.flow_control.is_some())?;
+        let mut plugins = self.plugins(raw.plugins.unwrap_or_default())?;
+        let profiles = self.profiles(&mut plugins, raw.scheduling_profiles.unwrap_or_default())?;
+        let profile_handler = self.profile_handler(&mut plugins, &profiles)?;
+        let saturation_detector =
+            self.saturation_detector(&mut plugins, raw.saturation_detector)?;
+        let parser = self.parser(&mut plugins, raw.parser)?;
+        let prefix_producer = self.prefix_producer(&mut plugins)?;
+        let inject_metrics = !feature_gates.iter().any(|g| g == "enableLegacyMetrics");
+        let data_layer = self.data_layer(&mut plugins, raw.data_layer, inject_metrics)?;
+        Ok(ResolvedConfig {
+            api_version,
+            feature_gates,
+            plugins,
+            profiles,
+            profile_handler,
+            saturation_detector,
+            parser,
+            prefix_producer,
+            data_layer,
+        })
+    }
+
+    /// `apiVersion` (returned) and `kind`.
+    fn header(
+        &self,
+        api_version: Option<String>,
+        kind: Option<String>,
+    ) -> Result<String, ConfigError> {
+        let api_version = api_version.unwrap_or_default();
         if api_version != API_VERSION_LLMD && api_version != API_VERSION_GIE {
             return Err(ConfigError::Field {
                 field: "apiVersion".into(),
@@ -319,7 +349,7 @@ impl Loader<'_> {
                 location: locate::top_level(self.yaml, "apiVersion"),
             });
         }
-        let kind = raw.kind.unwrap_or_default();
+        let kind = kind.unwrap_or_default();
         if kind != KIND {
             return Err(ConfigError::Field {
                 field: "kind".into(),
@@ -327,7 +357,16 @@ impl Loader<'_> {
                 location: locate::top_level(self.yaml, "kind"),
             });
         }
-        let feature_gates = raw.feature_gates.unwrap_or_default();
+        Ok(api_version)
+    }
+
+    /// `featureGates` (only known gates; flow control is not supported yet).
+    fn feature_gates(
+        &self,
+        feature_gates: Option<Vec<String>>,
+        flow_control: bool,
+    ) -> Result<Vec<String>, ConfigError> {
+        let feature_gates = feature_gates.unwrap_or_default();
         for g in &feature_gates {
             if !KNOWN_FEATURE_GATES.contains(&g.as_str()) {
                 return Err(ConfigError::Field {
@@ -345,7 +384,7 @@ impl Loader<'_> {
                 });
             }
         }
-        if raw.flow_control.is_some() {
+        if flow_control {
             return Err(ConfigError::Field {
                 field: "flowControl".into(),
                 message: "flow control configuration is not supported by infermesh yet".into(),
@@ -353,9 +392,13 @@ impl Loader<'_> {
             });
         }
 
-        // Plugins.
+        Ok(feature_gates)
+    }
+
+    /// `plugins`: names defaulted to types, unique, parameters parsed by type.
+    fn plugins(&self, raw: Vec<RawPlugin>) -> Result<Vec<ResolvedPlugin>, ConfigError> {
         let mut plugins: Vec<ResolvedPlugin> = Vec::new();
-        for (i, rp) in raw.plugins.unwrap_or_default().into_iter().enumerate() {
+        for (i, rp) in raw.into_iter().enumerate() {
             let name = rp
                 .name
                 .filter(|n| !n.is_empty())
@@ -412,24 +455,17 @@ impl Loader<'_> {
             }
         }
 
-        let find =
-            |plugins: &[ResolvedPlugin], name: &str| plugins.iter().position(|p| p.name == name);
-        let add_default = |plugins: &mut Vec<ResolvedPlugin>, type_name: &str| -> String {
-            if find(plugins, type_name).is_none()
-                && let Some(spec) = registry::default_spec(type_name)
-            {
-                plugins.push(ResolvedPlugin {
-                    name: type_name.to_owned(),
-                    written_type: type_name.to_owned(),
-                    spec,
-                    defaulted: true,
-                });
-            }
-            type_name.to_owned()
-        };
+        Ok(plugins)
+    }
 
-        // Profiles.
-        let raw_profiles = raw.scheduling_profiles.unwrap_or_default();
+    /// `schedulingProfiles`, or the `default` profile taking every filter, scorer and
+    /// picker; a profile without a picker gets the first declared one, else an added
+    /// `max-score-picker`.
+    fn profiles(
+        &self,
+        plugins: &mut Vec<ResolvedPlugin>,
+        raw_profiles: Vec<RawProfile>,
+    ) -> Result<Vec<ResolvedProfile>, ConfigError> {
         let mut profiles: Vec<ResolvedProfile> = Vec::new();
         let mut ref_seen: Vec<(String, usize)> = Vec::new();
         let mut ref_nth = |name: &str| -> usize {
@@ -455,7 +491,7 @@ impl Loader<'_> {
                 scorers: vec![],
                 picker: String::new(),
             };
-            for p in &plugins {
+            for p in plugins.iter() {
                 match p.spec.kind() {
                     PluginKind::Filter => prof.filters.push(p.name.clone()),
                     PluginKind::Scorer => prof.scorers.push(WeightedRef {
@@ -524,7 +560,7 @@ impl Loader<'_> {
                         })?;
                 let nth = ref_nth(&r);
                 let loc = self.ref_location("schedulingProfiles", &r, nth);
-                let Some(pi) = find(&plugins, &r) else {
+                let Some(pi) = find(plugins, &r) else {
                     return Err(ConfigError::DanglingRef {
                         referrer: format!("{referrer}.pluginRef"),
                         plugin_ref: r,
@@ -578,7 +614,7 @@ impl Loader<'_> {
         let picker_name = match default_picker {
             Some(p) => p,
             None if profiles.iter().any(|p| p.picker.is_empty()) => {
-                add_default(&mut plugins, "max-score-picker")
+                add_default(plugins, "max-score-picker")
             }
             None => String::new(),
         };
@@ -588,7 +624,16 @@ impl Loader<'_> {
             }
         }
 
-        // Profile handler.
+        Ok(profiles)
+    }
+
+    /// The one profile handler (`single-profile-handler` added for one profile), checked
+    /// against the profiles and deciders it names.
+    fn profile_handler(
+        &self,
+        plugins: &mut Vec<ResolvedPlugin>,
+        profiles: &[ResolvedProfile],
+    ) -> Result<String, ConfigError> {
         let handlers: Vec<usize> = plugins
             .iter()
             .enumerate()
@@ -596,7 +641,7 @@ impl Loader<'_> {
             .map(|(i, _)| i)
             .collect();
         let profile_handler = match handlers.as_slice() {
-            [] if profiles.len() == 1 => add_default(&mut plugins, "single-profile-handler"),
+            [] if profiles.len() == 1 => add_default(plugins, "single-profile-handler"),
             [] => {
                 return Err(ConfigError::Field {
                     field: "plugins".into(),
@@ -611,11 +656,11 @@ impl Loader<'_> {
             [_, second, ..] => {
                 return Err(ConfigError::DuplicatePlugin {
                     plugin: format!("{} (a second profile handler)", plugins[*second].name),
-                    location: self.plugin_location(&plugins, *second),
+                    location: self.plugin_location(plugins, *second),
                 });
             }
         };
-        let hi = find(&plugins, &profile_handler).unwrap_or(0);
+        let hi = find(plugins, &profile_handler).unwrap_or(0);
         match &plugins[hi].spec {
             PluginSpec::SingleProfileHandler if profiles.len() != 1 => {
                 return Err(ConfigError::Profile {
@@ -628,11 +673,11 @@ impl Loader<'_> {
                         "single-profile-handler `{profile_handler}` needs exactly one scheduling profile, found {}",
                         profiles.len()
                     ),
-                    location: self.plugin_location(&plugins, hi),
+                    location: self.plugin_location(plugins, hi),
                 });
             }
             PluginSpec::DisaggProfileHandler(d) => {
-                let loc = self.plugin_location(&plugins, hi);
+                let loc = self.plugin_location(plugins, hi);
                 if !profiles.iter().any(|p| p.name == d.profiles.decode) {
                     return Err(ConfigError::InvalidParameter {
                         plugin: profile_handler.clone(),
@@ -649,7 +694,7 @@ impl Loader<'_> {
                     if r.is_empty() {
                         continue;
                     }
-                    match find(&plugins, r) {
+                    match find(plugins, r) {
                         None => {
                             return Err(ConfigError::DanglingRef {
                                 referrer: format!("plugin `{profile_handler}` parameter `{field}`"),
@@ -676,9 +721,17 @@ impl Loader<'_> {
             _ => {}
         }
 
-        // Saturation detector (llm-d `saturationDetector.pluginRef`, or GIE 1.x fields).
-        let saturation_detector = match raw.saturation_detector {
-            None => add_default(&mut plugins, "utilization-detector"),
+        Ok(profile_handler)
+    }
+
+    /// The saturation detector (llm-d `saturationDetector.pluginRef`, or GIE 1.x fields).
+    fn saturation_detector(
+        &self,
+        plugins: &mut Vec<ResolvedPlugin>,
+        raw: Option<RawSaturation>,
+    ) -> Result<String, ConfigError> {
+        let saturation_detector = match raw {
+            None => add_default(plugins, "utilization-detector"),
             Some(sd) => {
                 let legacy = sd.queue_depth_threshold.is_some()
                     || sd.kv_cache_util_threshold.is_some()
@@ -694,7 +747,7 @@ impl Loader<'_> {
                             location: loc,
                         });
                     }
-                    Some(r) => match find(&plugins, &r) {
+                    Some(r) => match find(plugins, &r) {
                         None => {
                             return Err(ConfigError::DanglingRef {
                                 referrer: "saturationDetector.pluginRef".into(),
@@ -740,7 +793,7 @@ impl Loader<'_> {
                                 location: loc,
                             });
                         }
-                        if find(&plugins, "utilization-detector").is_some() {
+                        if find(plugins, "utilization-detector").is_some() {
                             return Err(ConfigError::DuplicatePlugin {
                                 plugin: "utilization-detector (also defined by saturationDetector thresholds)".into(),
                                 location: loc,
@@ -758,10 +811,18 @@ impl Loader<'_> {
             }
         };
 
-        // Parser.
-        let parser = match raw.parser {
-            None => add_default(&mut plugins, "openai-parser"),
-            Some(r) => match find(&plugins, &r.plugin_ref) {
+        Ok(saturation_detector)
+    }
+
+    /// The request parser (`openai-parser` unless another parser plugin is named).
+    fn parser(
+        &self,
+        plugins: &mut Vec<ResolvedPlugin>,
+        raw: Option<RawRef>,
+    ) -> Result<String, ConfigError> {
+        let parser = match raw {
+            None => add_default(plugins, "openai-parser"),
+            Some(r) => match find(plugins, &r.plugin_ref) {
                 Some(i) if plugins[i].spec.kind() == PluginKind::Parser => r.plugin_ref,
                 Some(i) => {
                     return Err(ConfigError::WrongKind {
@@ -773,9 +834,7 @@ impl Loader<'_> {
                         location: locate::top_level(self.yaml, "parser"),
                     });
                 }
-                None if r.plugin_ref == "openai-parser" => {
-                    add_default(&mut plugins, "openai-parser")
-                }
+                None if r.plugin_ref == "openai-parser" => add_default(plugins, "openai-parser"),
                 None => {
                     return Err(ConfigError::DanglingRef {
                         referrer: "parser.pluginRef".into(),
@@ -786,7 +845,15 @@ impl Loader<'_> {
             },
         };
 
-        // Prefix producer.
+        Ok(parser)
+    }
+
+    /// The prefix producer: the configured one, or one added for prefix consumers (taking
+    /// GIE 1.x parameters written on `prefix-cache-scorer`).
+    fn prefix_producer(
+        &self,
+        plugins: &mut Vec<ResolvedPlugin>,
+    ) -> Result<Option<String>, ConfigError> {
         let consumer_scorer_params: Vec<(usize, &params::ApproxPrefixParams)> = plugins
             .iter()
             .enumerate()
@@ -818,7 +885,7 @@ impl Loader<'_> {
                             "prefix parameters belong on the approx-prefix-cache-producer `{}` that is also configured",
                             plugins[i].name
                         ),
-                        location: self.plugin_location(&plugins, *si),
+                        location: self.plugin_location(plugins, *si),
                     });
                 }
                 Some(plugins[i].name.clone())
@@ -833,7 +900,7 @@ impl Loader<'_> {
                                 type_name: "prefix-cache-scorer".into(),
                                 field: "parameters".into(),
                                 message: "two prefix-cache-scorers set different prefix parameters; one index serves them all".into(),
-                                location: self.plugin_location(&plugins, *si),
+                                location: self.plugin_location(plugins, *si),
                             });
                         }
                         (*first).clone()
@@ -850,10 +917,20 @@ impl Loader<'_> {
             None => None,
         };
 
-        // Data layer.
+        Ok(prefix_producer)
+    }
+
+    /// `dataLayer` sources and extractors, with the metrics source added unless
+    /// `injectDefaults: false` or the legacy-metrics gate.
+    fn data_layer(
+        &self,
+        plugins: &mut Vec<ResolvedPlugin>,
+        raw: Option<RawDataLayer>,
+        inject_metrics: bool,
+    ) -> Result<Vec<DataSourceRef>, ConfigError> {
         let mut data_layer = Vec::new();
-        let mut inject = !feature_gates.iter().any(|g| g == "enableLegacyMetrics");
-        if let Some(dl) = raw.data_layer {
+        let mut inject = inject_metrics;
+        if let Some(dl) = raw {
             if dl.discovery.is_some() {
                 return Err(ConfigError::Field {
                     field: "dataLayer.discovery".into(),
@@ -881,7 +958,7 @@ impl Loader<'_> {
                 let mut check =
                     |r: &str, referrer: String, want: PluginKind| -> Result<(), ConfigError> {
                         let location = self.ref_location("dataLayer", r, nth(r));
-                        match find(&plugins, r) {
+                        match find(plugins, r) {
                             None => Err(ConfigError::DanglingRef {
                                 referrer,
                                 plugin_ref: r.to_owned(),
@@ -922,31 +999,42 @@ impl Loader<'_> {
         }
         let has_metrics_source = data_layer.iter().any(|s| {
             matches!(
-                find(&plugins, &s.source).map(|i| &plugins[i].spec),
+                find(plugins, &s.source).map(|i| &plugins[i].spec),
                 Some(PluginSpec::MetricsDataSource(_))
             )
         });
         if inject && !has_metrics_source {
-            let source = add_default(&mut plugins, "metrics-data-source");
-            let extractor = add_default(&mut plugins, "core-metrics-extractor");
+            let source = add_default(plugins, "metrics-data-source");
+            let extractor = add_default(plugins, "core-metrics-extractor");
             data_layer.push(DataSourceRef {
                 source,
                 extractors: vec![extractor],
             });
         }
 
-        Ok(ResolvedConfig {
-            api_version,
-            feature_gates,
-            plugins,
-            profiles,
-            profile_handler,
-            saturation_detector,
-            parser,
-            prefix_producer,
-            data_layer,
-        })
+        Ok(data_layer)
     }
+}
+
+/// Index of the plugin named `name`.
+fn find(plugins: &[ResolvedPlugin], name: &str) -> Option<usize> {
+    plugins.iter().position(|p| p.name == name)
+}
+
+/// Adds the registry's default plugin of `type_name` (named after it) unless a plugin of
+/// that name exists; returns the name.
+fn add_default(plugins: &mut Vec<ResolvedPlugin>, type_name: &str) -> String {
+    if find(plugins, type_name).is_none()
+        && let Some(spec) = registry::default_spec(type_name)
+    {
+        plugins.push(ResolvedPlugin {
+            name: type_name.to_owned(),
+            written_type: type_name.to_owned(),
+            spec,
+            defaulted: true,
+        });
+    }
+    type_name.to_owned()
 }
 
 impl fmt::Display for ResolvedConfig {
