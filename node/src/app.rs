@@ -116,6 +116,136 @@ fn local(l: &TcpListener, what: &'static str, addr: SocketAddr) -> Result<Socket
         .map_err(|source| StartError::Bind { what, addr, source })
 }
 
+/// The node's bound listeners (bound before any task starts, so a busy port fails the
+/// start cleanly).
+struct Listeners {
+    grpc: TcpListener,
+    ext_proc_addr: SocketAddr,
+    proxy: Option<TcpListener>,
+    proxy_addr: Option<SocketAddr>,
+    metrics: Option<TcpListener>,
+    metrics_addr: Option<SocketAddr>,
+    xds: Option<TcpListener>,
+    xds_addr: SocketAddr,
+}
+
+impl Listeners {
+    async fn bind(cfg: &NodeConfig) -> Result<Listeners, StartError> {
+        let grpc = bind("ext_proc", cfg.ext_proc_addr).await?;
+        let ext_proc_addr = local(&grpc, "ext_proc", cfg.ext_proc_addr)?;
+        let (proxy, proxy_addr) = bind_optional("proxy", cfg.proxy_addr).await?;
+        let (metrics, metrics_addr) = bind_optional("metrics", cfg.metrics_addr).await?;
+        let (xds, xds_addr) = bind_optional("xds", cfg.xds.xds_addr).await?;
+        Ok(Listeners {
+            grpc,
+            ext_proc_addr,
+            proxy,
+            proxy_addr,
+            metrics,
+            metrics_addr,
+            xds,
+            // ADS shares the ext_proc port unless it has its own.
+            xds_addr: xds_addr.unwrap_or(ext_proc_addr),
+        })
+    }
+}
+
+async fn bind_optional(
+    what: &'static str,
+    addr: Option<SocketAddr>,
+) -> Result<(Option<TcpListener>, Option<SocketAddr>), StartError> {
+    let Some(a) = addr else {
+        return Ok((None, None));
+    };
+    let l = bind(what, a).await?;
+    let bound = local(&l, what, a)?;
+    Ok((Some(l), Some(bound)))
+}
+
+/// gRPC health: liveness at once; readiness (and the ext_proc service) once the pool is
+/// synced, until shutdown.
+async fn spawn_health(
+    tasks: &mut JoinSet<()>,
+    mut synced: watch::Receiver<bool>,
+    mut sd: watch::Receiver<bool>,
+) -> tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health> {
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("liveness", ServingStatus::Serving)
+        .await;
+    tasks.spawn(async move {
+        let synced = tokio::select! {
+            r = synced.wait_for(|s| *s) => r.is_ok(),
+            _ = sd.wait_for(|s| *s) => false,
+        };
+        if synced {
+            for service in [
+                "readiness",
+                "envoy.service.ext_proc.v3.ExternalProcessor",
+                "",
+            ] {
+                reporter
+                    .set_service_status(service, ServingStatus::Serving)
+                    .await;
+            }
+            let _ = sd.wait_for(|s| *s).await;
+        }
+    });
+    health_service
+}
+
+/// Serves `app` on `listener` until shutdown.
+fn spawn_http<L>(
+    tasks: &mut JoinSet<()>,
+    what: &'static str,
+    listener: L,
+    app: axum::Router,
+    mut sd: watch::Receiver<bool>,
+) where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    tasks.spawn(async move {
+        let res = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = sd.wait_for(|s| *s).await;
+            })
+            .await;
+        if let Err(e) = res {
+            tracing::error!(error = %e, "{what} server failed");
+        }
+    });
+}
+
+/// `/metrics` (node, scheduler and mesh counters) and the xDS status pages.
+fn metrics_router(
+    metrics: Arc<NodeMetrics>,
+    pool: SharedPool,
+    mesh: Option<&Arc<infermesh_gossip::Mesh>>,
+    xds: crate::xds::XdsFeed,
+) -> axum::Router {
+    let mesh_stats = mesh.map(Arc::downgrade);
+    crate::xds::status::router(xds).route(
+        "/metrics",
+        get(move || {
+            let mut body = metrics.render(&pool.load(), Instant::now());
+            if let Some(mesh) = mesh_stats.as_ref().and_then(std::sync::Weak::upgrade) {
+                let members = mesh.members().borrow().members.len();
+                crate::mesh::insert_stats(&mut body, &mesh.stats(), members);
+            }
+            async move {
+                (
+                    [(
+                        http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    body,
+                )
+            }
+        }),
+    )
+}
+
 async fn start(cfg: NodeConfig) -> Result<App, StartError> {
     let metrics = Arc::new(NodeMetrics::new());
     let policy: SharedPolicy = Arc::new(ArcSwap::from_pointee(Policy::new(&cfg.scheduler)?));
@@ -132,32 +262,16 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
     );
 
     // Bind everything first so a busy port fails the start before any task runs.
-    let grpc_listener = bind("ext_proc", cfg.ext_proc_addr).await?;
-    let ext_proc_addr = local(&grpc_listener, "ext_proc", cfg.ext_proc_addr)?;
-    let proxy_listener = match cfg.proxy_addr {
-        Some(a) => Some(bind("proxy", a).await?),
-        None => None,
-    };
-    let proxy_addr = proxy_listener
-        .as_ref()
-        .map(|l| local(l, "proxy", cfg.proxy_addr.expect("set")))
-        .transpose()?;
-    let metrics_listener = match cfg.metrics_addr {
-        Some(a) => Some(bind("metrics", a).await?),
-        None => None,
-    };
-    let metrics_addr = metrics_listener
-        .as_ref()
-        .map(|l| local(l, "metrics", cfg.metrics_addr.expect("set")))
-        .transpose()?;
-    let xds_listener = match cfg.xds.xds_addr {
-        Some(a) => Some(bind("xds", a).await?),
-        None => None,
-    };
-    let xds_addr = match &xds_listener {
-        Some(l) => local(l, "xds", cfg.xds.xds_addr.expect("set"))?,
-        None => ext_proc_addr,
-    };
+    let Listeners {
+        grpc: grpc_listener,
+        ext_proc_addr,
+        proxy: proxy_listener,
+        proxy_addr,
+        metrics: metrics_listener,
+        metrics_addr,
+        xds: xds_listener,
+        xds_addr,
+    } = Listeners::bind(&cfg).await?;
 
     let mesh = match &cfg.mesh {
         Some(m) => Some(Arc::new(
@@ -233,41 +347,15 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
     let _ = pool_tx.send(PoolInput::Spec(initial)).await;
 
     // ext_proc + gRPC health.
-    let (reporter, health_service) = tonic_health::server::health_reporter();
-    reporter
-        .set_service_status("liveness", ServingStatus::Serving)
-        .await;
-    let mut synced_rx = synced.clone();
-    let mut sd = shutdown_rx.clone();
-    tasks.spawn(async move {
-        let synced = tokio::select! {
-            r = synced_rx.wait_for(|s| *s) => r.is_ok(),
-            _ = sd.wait_for(|s| *s) => false,
-        };
-        if synced {
-            reporter
-                .set_service_status("readiness", ServingStatus::Serving)
-                .await;
-            reporter
-                .set_service_status(
-                    "envoy.service.ext_proc.v3.ExternalProcessor",
-                    ServingStatus::Serving,
-                )
-                .await;
-            reporter
-                .set_service_status("", ServingStatus::Serving)
-                .await;
-            let _ = sd.wait_for(|s| *s).await;
-        }
-    });
+    let health_service = spawn_health(&mut tasks, synced.clone(), shutdown_rx.clone()).await;
     let ext_proc = ExtProcService::new(dispatcher.clone());
     let ext_proc = ext_proc
         .into_server()
         .max_decoding_message_size(cfg.max_body_bytes.saturating_add(1 << 20));
-    let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
-    let mut sd = shutdown_rx.clone();
     // ADS shares the ext_proc port unless it has its own, so an Envoy needs one address.
     let ads_here = xds_listener.is_none().then(|| xds.server().service());
+    let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+    let mut sd = shutdown_rx.clone();
     tasks.spawn(async move {
         let res = tonic::transport::Server::builder()
             .add_service(health_service)
@@ -305,56 +393,14 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
 
     if let Some(l) = proxy_listener {
         let app = crate::proxy::router(dispatcher.clone(), client.clone(), cfg.proxy);
-        let mut sd = shutdown_rx.clone();
-        tasks.spawn(async move {
-            let l = l.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            let res = axum::serve(l, app)
-                .with_graceful_shutdown(async move {
-                    let _ = sd.wait_for(|s| *s).await;
-                })
-                .await;
-            if let Err(e) = res {
-                tracing::error!(error = %e, "proxy server failed");
-            }
+        let l = l.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
         });
+        spawn_http(&mut tasks, "proxy", l, app, shutdown_rx.clone());
     }
-
     if let Some(l) = metrics_listener {
-        let m = metrics.clone();
-        let p = pool.clone();
-        let mesh_stats = mesh.as_ref().map(Arc::downgrade);
-        let app = crate::xds::status::router(xds.clone()).route(
-            "/metrics",
-            get(move || {
-                let mut body = m.render(&p.load(), Instant::now());
-                if let Some(mesh) = mesh_stats.as_ref().and_then(std::sync::Weak::upgrade) {
-                    let members = mesh.members().borrow().members.len();
-                    crate::mesh::insert_stats(&mut body, &mesh.stats(), members);
-                }
-                async move {
-                    (
-                        [(
-                            http::header::CONTENT_TYPE,
-                            "text/plain; version=0.0.4; charset=utf-8",
-                        )],
-                        body,
-                    )
-                }
-            }),
-        );
-        let mut sd = shutdown_rx.clone();
-        tasks.spawn(async move {
-            let res = axum::serve(l, app)
-                .with_graceful_shutdown(async move {
-                    let _ = sd.wait_for(|s| *s).await;
-                })
-                .await;
-            if let Err(e) = res {
-                tracing::error!(error = %e, "metrics server failed");
-            }
-        });
+        let app = metrics_router(metrics.clone(), pool.clone(), mesh.as_ref(), xds.clone());
+        spawn_http(&mut tasks, "metrics", l, app, shutdown_rx.clone());
     }
 
     tracing::info!(%ext_proc_addr, ?proxy_addr, ?metrics_addr, "infermesh node started");
