@@ -329,7 +329,7 @@ async fn detection(rounds: usize) -> anyhow::Result<(LatencySummary, LatencySumm
         )
         .await?;
         detect.push(t0.elapsed().as_secs_f64());
-        let keys: Vec<String> = pods.iter().map(|p| p.to_string()).collect();
+        let keys: Vec<infermesh_gossip::PodId> = pods.iter().map(|p| (*p).into()).collect();
         wait_until("every pod scraped again", Duration::from_secs(10), || {
             tier.nodes.iter().all(|a| {
                 let view = a.mesh().map(|m| m.load_view());

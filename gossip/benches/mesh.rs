@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use infermesh_gossip::ring::key_of_str;
-use infermesh_gossip::{ClusterKey, Mesh, MeshConfig, PodMetrics, StatsSnapshot};
+use infermesh_gossip::{ClusterKey, Mesh, MeshConfig, PodId, PodMetrics, StatsSnapshot};
 
 const NODES: usize = 5;
 const PODS: usize = 50;
@@ -105,7 +105,9 @@ async fn main() {
             .all(|m| m.members().borrow().members.len() == NODES)
     })
     .await;
-    let pods: Vec<String> = (0..PODS).map(|i| format!("10.9.0.{i}:8000")).collect();
+    let pods: Vec<PodId> = (0..PODS)
+        .map(|i| PodId::new(format!("10.9.0.{i}:8000")))
+        .collect();
     for m in &nodes {
         m.set_pods(pods.clone());
     }
@@ -126,7 +128,7 @@ async fn main() {
         let marker = 1_000 + round as u32;
         let owner = nodes[0]
             .ring()
-            .owner(key_of_str(pod))
+            .owner(key_of_str(pod.as_str()))
             .cloned()
             .expect("owner");
         let publisher = nodes
@@ -198,7 +200,11 @@ async fn main() {
         })
         .collect();
     for (i, c) in chains.iter().enumerate() {
-        nodes[i % NODES].prefix_record(c[0], c.clone(), format!("10.9.0.{}:8000", i % PODS));
+        nodes[i % NODES].prefix_record(
+            c[0],
+            c.clone(),
+            PodId::new(format!("10.9.0.{}:8000", i % PODS)),
+        );
     }
     until("records applied at owners", || {
         nodes
@@ -231,10 +237,11 @@ async fn main() {
     // 4. Request flow: each request lands on a node round-robin, looks up its prefix, records
     //    the pick and holds an in-flight slot for a while; mesh payload bytes per request.
     let before: Vec<StatsSnapshot> = nodes.iter().map(|m| m.stats()).collect();
-    let in_flight_of = |m: &Mesh, p: &str| m.load_view().pod(p).map_or(0, |l| l.in_flight.requests);
+    let in_flight_of =
+        |m: &Mesh, p: &PodId| m.load_view().pod(p).map_or(0, |l| l.in_flight.requests);
     let baseline: Vec<u32> = pods.iter().map(|p| in_flight_of(&nodes[0], p)).collect();
     let flow_start = Instant::now();
-    let mut open: std::collections::VecDeque<(usize, String)> = std::collections::VecDeque::new();
+    let mut open: std::collections::VecDeque<(usize, PodId)> = std::collections::VecDeque::new();
     for i in 0..sizes.flow_requests {
         let node = i % NODES;
         let m = &nodes[node];

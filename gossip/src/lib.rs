@@ -57,6 +57,7 @@ pub mod config;
 pub mod load;
 pub mod membership;
 mod mesh;
+pub mod pod;
 pub mod prefix;
 pub mod ring;
 mod rpc;
@@ -69,6 +70,7 @@ pub use config::{InvalidMeshConfig, LoadConfig, MeshConfig, PrefixConfig, RpcCon
 pub use load::board::{InFlight, LoadView, PodLoad};
 pub use membership::{Liveness, MemberId, MemberInfo, MemberSet, MembershipEvent};
 pub use mesh::{ChannelTaken, Mesh, MeshError, ServiceCall};
+pub use pod::PodId;
 pub use prefix::owner::StoreFactory;
 pub use prefix::store::{AnchoredIndex, PrefixStore};
 pub use ring::{NodeId, Ring};

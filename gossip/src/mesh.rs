@@ -16,6 +16,7 @@ use crate::config::{InvalidMeshConfig, MeshConfig};
 use crate::load::board::{LoadBoard, LoadView};
 use crate::load::driver as load_driver;
 use crate::membership::{self, Liveness, MemberId, MemberSet, MembershipEvent};
+use crate::pod::PodId;
 use crate::prefix::owner::{self, Shards, StoreFactory};
 use crate::prefix::store::{AnchoredIndex, PrefixStore};
 use crate::ring::{NodeId, Owners, Ring};
@@ -125,7 +126,7 @@ impl Dispatch for Shared {
             OneWay::PrefixRecords(records) => {
                 Stats::add(&self.stats.prefix_records_applied, records.len() as u64);
                 for r in &records {
-                    self.shards.record(r.anchor, &r.hashes, &r.endpoint);
+                    self.shards.record(r.anchor, &r.hashes, r.endpoint.as_str());
                 }
             }
             OneWay::PrefixHandoff(entries) => {
@@ -164,7 +165,7 @@ pub struct Mesh {
     events: broadcast::Sender<MembershipEvent>,
     load_view: Arc<ArcSwap<LoadView>>,
     load_version: watch::Receiver<u64>,
-    owned: watch::Receiver<Arc<Vec<String>>>,
+    owned: watch::Receiver<Arc<Vec<PodId>>>,
     prefix_tx: mpsc::UnboundedSender<owner::Input>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -394,19 +395,20 @@ impl Mesh {
     // ---- load board ----
 
     /// Sets the pods of the pool (from discovery or policy); ownership is recomputed.
-    pub fn set_pods(&self, pods: Vec<String>) {
+    pub fn set_pods(&self, pods: Vec<PodId>) {
+        let pods = pods.into_iter().map(|p| p.as_str().to_owned()).collect();
         let _ = self.shared.load_tx.send(load_driver::Input::SetPods(pods));
     }
 
     /// Pods this node must scrape now; changes when membership or the pod set changes.
-    pub fn owned_pods(&self) -> watch::Receiver<Arc<Vec<String>>> {
+    pub fn owned_pods(&self) -> watch::Receiver<Arc<Vec<PodId>>> {
         self.owned.clone()
     }
 
     /// Publishes a scrape result for `pod` taken at `scraped_at`.
-    pub fn publish_scrape(&self, pod: &str, metrics: PodMetrics, scraped_at: std::time::Instant) {
+    pub fn publish_scrape(&self, pod: &PodId, metrics: PodMetrics, scraped_at: std::time::Instant) {
         let _ = self.shared.load_tx.send(load_driver::Input::Scrape {
-            pod: pod.to_owned(),
+            pod: pod.as_str().to_owned(),
             metrics,
             at: scraped_at,
         });
@@ -414,17 +416,17 @@ impl Mesh {
 
     /// Publishes that this node's scrape of `pod` failed at `failed_at`: every node takes
     /// the pod out of its candidates until a later [`Self::publish_scrape`] for it.
-    pub fn publish_down(&self, pod: &str, failed_at: std::time::Instant) {
+    pub fn publish_down(&self, pod: &PodId, failed_at: std::time::Instant) {
         let _ = self.shared.load_tx.send(load_driver::Input::Down {
-            pod: pod.to_owned(),
+            pod: pod.as_str().to_owned(),
             at: failed_at,
         });
     }
 
     /// Changes this node's in-flight counters for `pod` (negative to release).
-    pub fn add_in_flight(&self, pod: &str, requests: i64, tokens: i64) {
+    pub fn add_in_flight(&self, pod: &PodId, requests: i64, tokens: i64) {
         let _ = self.shared.load_tx.send(load_driver::Input::InFlight {
-            pod: pod.to_owned(),
+            pod: pod.as_str().to_owned(),
             requests,
             tokens,
         });
@@ -504,14 +506,16 @@ impl Mesh {
     }
 
     /// Records a pick at the anchor's owners (here if this node owns it, batched otherwise).
-    pub fn prefix_record(&self, anchor: u64, hashes: Vec<u64>, endpoint: String) {
+    pub fn prefix_record(&self, anchor: u64, hashes: Vec<u64>, endpoint: PodId) {
         let ring = self.ring();
         let owners = ring.owners(anchor, self.config.prefix.replicas.get());
         let local = owners.contains(&&self.shared.me);
         let remote = owners.len() > usize::from(local);
         if local {
             Stats::add(&self.shared.stats.prefix_records_applied, 1);
-            self.shared.shards.record(anchor, &hashes, &endpoint);
+            self.shared
+                .shards
+                .record(anchor, &hashes, endpoint.as_str());
         }
         if remote {
             let _ = self.prefix_tx.send(owner::Input::Record(PrefixRecord {

@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::pod::PodId;
 use crate::ring::NodeId;
 
 /// Version of the mesh RPC protocol this build speaks (2: a load batch's scrape entry
@@ -114,7 +115,7 @@ impl PrefixMatch {
     pub fn blocks_for(&self, endpoint: &str) -> u32 {
         self.endpoints
             .iter()
-            .find(|m| m.endpoint == endpoint)
+            .find(|m| m.endpoint.as_str() == endpoint)
             .map_or(0, |m| m.blocks)
     }
 }
@@ -123,7 +124,7 @@ impl PrefixMatch {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointMatch {
     /// Endpoint identity (`ip:port`).
-    pub endpoint: String,
+    pub endpoint: PodId,
     /// Consecutive matched blocks from the start of the chain.
     pub blocks: u32,
 }
@@ -136,7 +137,7 @@ pub struct PrefixRecord {
     /// Whole chain, anchor first.
     pub hashes: Vec<u64>,
     /// Endpoint the request went to.
-    pub endpoint: String,
+    pub endpoint: PodId,
 }
 
 /// Everything an old owner knows under one anchor, as chains per endpoint.
@@ -152,7 +153,7 @@ pub struct HandoffEntry {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HandoffChain {
     /// Endpoint identity.
-    pub endpoint: String,
+    pub endpoint: PodId,
     /// Chain, anchor first.
     pub hashes: Vec<u64>,
 }

@@ -7,14 +7,16 @@ use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
 
 use cluster::{cluster, cluster_with, config, wait_for, wait_for_async};
-use infermesh_gossip::{ClusterKey, MembershipEvent, Mesh, NodeId, PodMetrics, Ring};
+use infermesh_gossip::{ClusterKey, MembershipEvent, Mesh, NodeId, PodId, PodMetrics, Ring};
 
-fn pods(n: usize) -> Vec<String> {
-    (0..n).map(|i| format!("10.1.0.{i}:8000")).collect()
+fn pods(n: usize) -> Vec<PodId> {
+    (0..n)
+        .map(|i| PodId::new(format!("10.1.0.{i}:8000")))
+        .collect()
 }
 
-fn owned_partition_ok(nodes: &[&Mesh], all: &[String]) -> bool {
-    let mut seen: Vec<String> = nodes
+fn owned_partition_ok(nodes: &[&Mesh], all: &[PodId]) -> bool {
+    let mut seen: Vec<PodId> = nodes
         .iter()
         .flat_map(|m| m.owned_pods().borrow().as_ref().clone())
         .collect();
@@ -156,7 +158,7 @@ async fn load_converges_on_every_node() {
     let scraper = v.pod(&all[0]).unwrap().scraped_by.clone().unwrap();
     let expected = nodes[0]
         .ring()
-        .owner(infermesh_gossip::ring::key_of_str(&all[0]))
+        .owner(infermesh_gossip::ring::key_of_str(all[0].as_str()))
         .cloned();
     assert_eq!(
         Some(scraper),
@@ -177,7 +179,11 @@ async fn prefix_lookups_match_wherever_the_request_lands_and_survive_owner_loss(
         .collect();
     for (i, chain) in chains.iter().enumerate() {
         let via = &nodes[i % nodes.len()];
-        via.prefix_record(chain[0], chain.clone(), format!("10.2.0.{}:8000", i % 3));
+        via.prefix_record(
+            chain[0],
+            chain.clone(),
+            PodId::new(format!("10.2.0.{}:8000", i % 3)),
+        );
         // A shorter pick on a second endpoint.
         via.prefix_record(chain[0], chain[..2].to_vec(), "10.2.0.9:8000".into());
     }

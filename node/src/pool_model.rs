@@ -101,5 +101,5 @@ pub enum PoolInput {
         models: Vec<String>,
     },
     /// The mesh reassigned which pods this node scrapes (`ip:port` each).
-    Owned(Arc<Vec<String>>),
+    Owned(Arc<Vec<infermesh_gossip::PodId>>),
 }

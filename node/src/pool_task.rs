@@ -9,6 +9,8 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use infermesh_gossip::PodId;
+
 use crate::metrics::NodeMetrics;
 use crate::policy::SharedPolicy;
 use crate::pool::{EndpointSlot, PoolView, SharedPool};
@@ -91,7 +93,7 @@ impl PoolTask {
             let Some(mesh) = publisher.upgrade() else {
                 return;
             };
-            let pod = slot.address().to_string();
+            let pod = PodId::from(slot.address());
             match report {
                 ScrapeReport::Up(m) => {
                     mesh.publish_scrape(&pod, crate::mesh::load::to_pod_metrics(m), m.scraped_at)
@@ -125,11 +127,11 @@ impl PoolTask {
         )
     }
 
-    fn apply_owned(&mut self, owned: &[String]) {
+    fn apply_owned(&mut self, owned: &[PodId]) {
         let Some(m) = self.mesh.as_mut() else {
             return;
         };
-        m.owned = owned.iter().filter_map(|p| p.parse().ok()).collect();
+        m.owned = owned.iter().filter_map(PodId::addr).collect();
         let addrs: Vec<SocketAddr> = self.scrapers.keys().copied().collect();
         for addr in addrs {
             let want = self.scrapes(addr);
@@ -230,7 +232,7 @@ impl PoolTask {
             m.mesh.set_pods(
                 spec.endpoints
                     .iter()
-                    .map(|e| e.address.to_string())
+                    .map(|e| PodId::from(e.address))
                     .collect(),
             );
         }

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use infermesh_gossip::{ClusterKey, MeshConfig, Ring};
+use infermesh_gossip::{ClusterKey, MeshConfig, PodId, Ring};
 use infermesh_node::app::App;
 use infermesh_node::config::NodeConfig;
 use infermesh_node::discovery::fleet_pool;
@@ -97,15 +97,15 @@ impl Cluster {
         .await;
     }
 
-    fn pod_keys(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.pods.iter().map(|p| p.to_string()).collect();
+    fn pod_keys(&self) -> Vec<PodId> {
+        let mut v: Vec<PodId> = self.pods.iter().map(|p| PodId::from(*p)).collect();
         v.sort();
         v
     }
 
     /// Every pod is owned by exactly one node, the ring's owner.
     fn partitioned(&self) -> bool {
-        let mut seen: Vec<String> = self
+        let mut seen: Vec<PodId> = self
             .nodes
             .iter()
             .flat_map(|a| {
@@ -151,7 +151,7 @@ async fn each_pod_is_scraped_by_its_ring_owner_and_load_converges() {
         c.nodes.iter().all(|a| {
             let view = a.mesh().unwrap().load_view();
             c.pod_keys().iter().all(|p| {
-                let owner = ring.owner(infermesh_gossip::ring::key_of_str(p));
+                let owner = ring.owner(infermesh_gossip::ring::key_of_str(p.as_str()));
                 view.pod(p)
                     .and_then(|l| l.scraped_by.as_ref())
                     .is_some_and(|by| Some(by) == owner)
@@ -255,12 +255,12 @@ async fn a_dead_pod_leaves_every_nodes_candidates_through_its_owners_down_mark()
     .await;
     // Settled: each node owns its ring share and every node offers every pod.
     wait_for("every pod offered by every node", || {
-        let mut owned: Vec<String> = nodes
+        let mut owned: Vec<PodId> = nodes
             .iter()
             .flat_map(|a| a.mesh().unwrap().owned_pods().borrow().as_ref().clone())
             .collect();
         owned.sort();
-        let mut keys: Vec<String> = pods.iter().map(|p| p.to_string()).collect();
+        let mut keys: Vec<PodId> = pods.iter().map(|p| PodId::from(*p)).collect();
         keys.sort();
         owned == keys && nodes.iter().all(|a| candidates(a) == all)
     })
@@ -275,7 +275,7 @@ async fn a_dead_pod_leaves_every_nodes_candidates_through_its_owners_down_mark()
                 .unwrap()
                 .owned_pods()
                 .borrow()
-                .contains(&p.to_string())
+                .contains(&PodId::from(*p))
         })
         .expect("node-0 does not own every pod");
     let dead = pods[dead_index];
@@ -286,7 +286,7 @@ async fn a_dead_pod_leaves_every_nodes_candidates_through_its_owners_down_mark()
                 .unwrap()
                 .owned_pods()
                 .borrow()
-                .contains(&dead.to_string())
+                .contains(&PodId::from(dead))
         })
         .expect("the pod has an owner");
     fleet.stop_pod(dead_index).await;
@@ -297,7 +297,7 @@ async fn a_dead_pod_leaves_every_nodes_candidates_through_its_owners_down_mark()
     for (i, a) in nodes.iter().enumerate() {
         let load = a.mesh().unwrap().load_view();
         let p = load
-            .pod(&dead.to_string())
+            .pod(&PodId::from(dead))
             .expect("the board knows the pod");
         assert!(p.is_down(), "node {i} sees the pod down on the board");
         assert_eq!(

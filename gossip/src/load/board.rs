@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use smallvec::SmallVec;
 
+use crate::pod::PodId;
 use crate::ring::{NodeId, Ring, key_of_str};
 use crate::wire::{LoadBatch, PodInFlight, PodMetrics, PodScrape, PodState};
 
@@ -89,8 +90,8 @@ pub struct LoadView {
 
 impl LoadView {
     /// Load of one pod, if anything is known about it.
-    pub fn pod(&self, pod: &str) -> Option<&PodLoad> {
-        self.pods.get(pod)
+    pub fn pod(&self, pod: &PodId) -> Option<&PodLoad> {
+        self.pods.get(pod.as_str())
     }
 }
 
@@ -496,7 +497,7 @@ mod tests {
         a.handle_remote(&n("b"), batch, t0);
         let v = a.view();
         assert_eq!(
-            v.pod(pod).unwrap().in_flight,
+            v.pod(&PodId::new(pod)).unwrap().in_flight,
             InFlight {
                 requests: 4,
                 tokens: 340
@@ -523,7 +524,7 @@ mod tests {
         a.handle_remote(&n("b"), delta, t0); // repeated: idempotent
         a.handle_remote(&n("b"), stale, t0); // reordered older batch: ignored
         assert_eq!(
-            a.view().pod(pod).unwrap().in_flight,
+            a.view().pod(&PodId::new(pod)).unwrap().in_flight,
             InFlight {
                 requests: 3,
                 tokens: 300
@@ -533,9 +534,15 @@ mod tests {
 
         b.handle_in_flight(pod, 5, 0);
         a.handle_remote(&n("b"), b.poll_outbound(t0).unwrap(), t0);
-        assert_eq!(a.view().pod(pod).unwrap().in_flight.requests, 8);
+        assert_eq!(
+            a.view().pod(&PodId::new(pod)).unwrap().in_flight.requests,
+            8
+        );
         a.handle_ring(Arc::new(Ring::new([n("a")])));
-        assert_eq!(a.view().pod(pod).unwrap().in_flight.requests, 3);
+        assert_eq!(
+            a.view().pod(&PodId::new(pod)).unwrap().in_flight.requests,
+            3
+        );
     }
 
     #[test]
@@ -551,7 +558,7 @@ mod tests {
         assert_eq!(batch.scrapes[0].age_ms, 20);
         b.handle_remote(&n("a"), batch, later);
         let v = b.view();
-        let p = v.pod(pod).unwrap();
+        let p = v.pod(&PodId::new(pod)).unwrap();
         assert_eq!(p.metrics.as_ref().unwrap().waiting_queue, 7);
         assert_eq!(p.scraped_by, Some(n("a")));
         assert_eq!(p.scraped_at, Some(later - Duration::from_millis(20)));
@@ -572,7 +579,7 @@ mod tests {
         b.handle_remote(&n("c"), old, later);
         assert_eq!(
             b.view()
-                .pod(pod)
+                .pod(&PodId::new(pod))
                 .unwrap()
                 .metrics
                 .as_ref()
@@ -584,7 +591,7 @@ mod tests {
 
     fn state(b: &LoadBoard, pod: &str) -> (bool, Option<u32>, Option<NodeId>) {
         let v = b.view();
-        let p = v.pod(pod).expect("pod known");
+        let p = v.pod(&PodId::new(pod)).expect("pod known");
         (
             p.is_down(),
             p.metrics.as_ref().map(|m| m.waiting_queue),
@@ -604,7 +611,7 @@ mod tests {
         assert_eq!(state(&b, pod), (false, Some(4), Some(n("a"))));
         assert!(
             !b.view()
-                .pod(pod)
+                .pod(&PodId::new(pod))
                 .unwrap()
                 .is_stale(t0, Duration::from_secs(60))
         );
@@ -619,11 +626,11 @@ mod tests {
         assert_eq!(batch.scrapes[0].age_ms, 1);
         b.handle_remote(&n("a"), batch, t0 + ms(52));
         assert_eq!(state(&b, pod), (true, None, Some(n("a"))));
-        let p = b.view().pod(pod).unwrap().clone();
+        let p = b.view().pod(&PodId::new(pod)).unwrap().clone();
         assert_eq!(p.scraped_at, Some(t0 + ms(51)));
         assert!(p.is_stale(t0 + ms(52), Duration::from_secs(60)));
         assert!(
-            a.view().pod(pod).unwrap().is_down(),
+            a.view().pod(&PodId::new(pod)).unwrap().is_down(),
             "the owner's own view says down too"
         );
 
@@ -650,7 +657,7 @@ mod tests {
         assert_eq!(state(&c, pod), (false, Some(9), Some(n("a"))));
         assert!(
             !b.view()
-                .pod(pod)
+                .pod(&PodId::new(pod))
                 .unwrap()
                 .is_stale(t0 + ms(151), Duration::from_secs(60))
         );
@@ -825,7 +832,7 @@ mod tests {
                     let v = board.view();
                     for pod in 0..4 {
                         let want: i64 = truth.iter().map(|t| t[pod]).sum();
-                        let got = v.pod(&format!("p{pod}")).map_or(0, |p| p.in_flight.requests);
+                        let got = v.pod(&PodId::new(format!("p{pod}"))).map_or(0, |p| p.in_flight.requests);
                         prop_assert_eq!(i64::from(got), want, "pod p{}", pod);
                     }
                 }

@@ -9,6 +9,7 @@ use tokio::time::Instant;
 
 use crate::load::board::{LoadBoard, LoadView};
 use crate::membership::MemberSet;
+use crate::pod::PodId;
 use crate::ring::NodeId;
 use crate::rpc::Transport;
 use crate::stats::Stats;
@@ -47,7 +48,7 @@ pub(crate) enum Input {
 /// Where the task publishes.
 pub(crate) struct Published {
     pub view: Arc<ArcSwap<LoadView>>,
-    pub owned: watch::Sender<Arc<Vec<String>>>,
+    pub owned: watch::Sender<Arc<Vec<PodId>>>,
     pub version: watch::Sender<u64>,
 }
 
@@ -100,8 +101,14 @@ pub(crate) async fn run(
             last_publish = Instant::now();
             published = board.version();
             let view = board.view();
-            if out.owned.borrow().as_slice() != view.owned.as_slice() {
-                let _ = out.owned.send(Arc::new(view.owned.clone()));
+            let changed = {
+                let owned = out.owned.borrow();
+                owned.len() != view.owned.len()
+                    || owned.iter().zip(&view.owned).any(|(a, b)| a.as_str() != b)
+            };
+            if changed {
+                let pods = view.owned.iter().map(|p| PodId::new(p.as_str())).collect();
+                let _ = out.owned.send(Arc::new(pods));
             }
             out.view.store(Arc::new(view));
             let _ = out.version.send(published);

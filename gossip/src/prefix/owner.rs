@@ -50,7 +50,7 @@ impl Shards {
     pub(crate) fn import(&self, entry: &HandoffEntry) {
         let mut shard = self.shard(entry.anchor).lock();
         for c in &entry.chains {
-            shard.record(entry.anchor, &c.hashes, &c.endpoint);
+            shard.record(entry.anchor, &c.hashes, c.endpoint.as_str());
         }
     }
 

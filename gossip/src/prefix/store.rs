@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use smallvec::SmallVec;
 
+use crate::pod::PodId;
 use crate::wire::{EndpointMatch, HandoffChain, HandoffEntry, PrefixMatch};
 
 /// What the mesh needs from an owner-side prefix index.
@@ -55,7 +56,7 @@ struct AnchorEntry {
 #[derive(Debug)]
 pub struct AnchoredIndex {
     capacity_blocks: usize,
-    endpoints: Vec<String>,
+    endpoints: Vec<PodId>,
     endpoint_ids: HashMap<String, u32>,
     anchors: HashMap<u64, AnchorEntry>,
     lru: BTreeMap<u64, u64>,
@@ -82,7 +83,7 @@ impl AnchoredIndex {
             return id;
         }
         let id = self.endpoints.len() as u32;
-        self.endpoints.push(endpoint.to_owned());
+        self.endpoints.push(PodId::new(endpoint));
         self.endpoint_ids.insert(endpoint.to_owned(), id);
         id
     }
@@ -239,7 +240,7 @@ impl PrefixStore for AnchoredIndex {
             .sum();
         // A BTreeMap leaf holds up to 11 (key, value) pairs; count whole nodes.
         let lru = self.lru.len().div_ceil(11) * (11 * 16 + 16);
-        let names: usize = self.endpoints.iter().map(|n| n.capacity() * 2).sum();
+        let names: usize = self.endpoints.iter().map(|n| n.as_str().len() * 2).sum();
         per_anchor
             + table_bytes(
                 self.anchors.capacity(),
@@ -251,7 +252,7 @@ impl PrefixStore for AnchoredIndex {
                 self.endpoint_ids.capacity(),
                 std::mem::size_of::<(String, u32)>(),
             )
-            + self.endpoints.capacity() * std::mem::size_of::<String>()
+            + self.endpoints.capacity() * std::mem::size_of::<PodId>()
     }
 }
 
@@ -307,7 +308,7 @@ mod tests {
         assert_eq!(entry.chains.len(), 3, "{entry:?}");
         let mut other = AnchoredIndex::new(1000);
         for c in &entry.chains {
-            other.record(entry.anchor, &c.hashes, &c.endpoint);
+            other.record(entry.anchor, &c.hashes, c.endpoint.as_str());
         }
         for q in [&[1u64, 2, 3, 4][..], &[1, 2, 7], &[1, 5, 6], &[1]] {
             let mut x = ix.match_chain(1, q);

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use infermesh_gossip::wire::LoraMetrics;
-use infermesh_gossip::{LoadView, Mesh, PodMetrics};
+use infermesh_gossip::{LoadView, Mesh, PodId, PodMetrics};
 use infermesh_scheduler::{InFlight, LoraState, Metrics};
 use tokio::sync::watch;
 
@@ -68,7 +68,7 @@ impl LoadSync {
                 continue;
             }
             mesh.add_in_flight(
-                &addr.to_string(),
+                &PodId::from(addr),
                 i64::from(now.requests) - i64::from(last.requests),
                 now.tokens as i64 - last.tokens as i64,
             );
@@ -86,7 +86,7 @@ impl LoadSync {
     pub fn apply_board(&self, me: &str, view: &LoadView, pool: &PoolView) {
         for slot in &pool.slots {
             let addr = slot.address();
-            let Some(load) = view.pod(&addr.to_string()) else {
+            let Some(load) = view.pod(&PodId::from(addr)) else {
                 slot.set_remote_in_flight(InFlight::default());
                 continue;
             };

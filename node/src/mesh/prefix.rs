@@ -15,8 +15,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use infermesh_gossip::Mesh;
 use infermesh_gossip::wire::PrefixMatch;
+use infermesh_gossip::{Mesh, PodId};
 use infermesh_scheduler::PrefixMatches;
 use parking_lot::Mutex;
 use smallvec::SmallVec;
@@ -73,7 +73,7 @@ impl PrefixOwners for MeshPrefixOwners {
             return;
         };
         for e in endpoints {
-            mesh.prefix_record(anchor, hashes.to_vec(), e.to_string());
+            mesh.prefix_record(anchor, hashes.to_vec(), PodId::from(*e));
         }
         if !mesh.prefix_owners(anchor).contains(mesh.node_id()) {
             self.recent
@@ -87,7 +87,7 @@ impl PrefixOwners for MeshPrefixOwners {
 fn merge(found: &PrefixMatch, recent: Vec<(SocketAddr, u32)>) -> PrefixMatches {
     let mut entries = recent;
     for m in &found.endpoints {
-        let Ok(addr) = m.endpoint.parse::<SocketAddr>() else {
+        let Some(addr) = m.endpoint.addr() else {
             continue;
         };
         match entries.iter_mut().find(|(a, _)| *a == addr) {
@@ -259,11 +259,11 @@ mod tests {
             total_blocks: 4,
             endpoints: vec![
                 infermesh_gossip::wire::EndpointMatch {
-                    endpoint: addr(1).to_string(),
+                    endpoint: PodId::from(addr(1)),
                     blocks: 2,
                 },
                 infermesh_gossip::wire::EndpointMatch {
-                    endpoint: "not-an-address".into(),
+                    endpoint: PodId::new("not-an-address"),
                     blocks: 4,
                 },
             ],
