@@ -22,7 +22,7 @@
 //!
 //! ```no_run
 //! # async fn wire() -> Result<(), Box<dyn std::error::Error>> {
-//! use infermesh_gossip::{ClusterKey, Mesh, MeshConfig, PodMetrics};
+//! use infermesh_gossip::{ClusterKey, Mesh, MeshConfig, PodId, PodMetrics};
 //!
 //! let mut config = MeshConfig::loopback("node-1", ClusterKey::new(b"shared-secret-16+".to_vec())?);
 //! config.seeds = vec!["127.0.0.1:7946".parse()?];
@@ -40,9 +40,10 @@
 //! let matched = mesh.prefix_lookup(chain[0], &chain).await; // None → score without prefix
 //! let load = mesh.load_view(); // lock-free snapshot
 //! # let _ = (matched, load);
-//! mesh.add_in_flight("10.0.0.1:8000", 1, 512);
-//! mesh.prefix_record(chain[0], chain, "10.0.0.1:8000".into());
-//! // ... on response: mesh.add_in_flight("10.0.0.1:8000", -1, -512);
+//! let pod = PodId::new("10.0.0.1:8000");
+//! mesh.add_in_flight(&pod, 1, 512);
+//! mesh.prefix_record(chain[0], chain, pod.clone());
+//! // ... on response: mesh.add_in_flight(&pod, -1, -512);
 //!
 //! // Raft (or any other service) rides the same QUIC connections.
 //! let mut raft_rx = mesh.register_service(1, 1024)?;
