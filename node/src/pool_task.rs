@@ -16,7 +16,7 @@ use crate::policy::SharedPolicy;
 use crate::pool::{EndpointSlot, PoolView, SharedPool};
 use crate::pool_model::PoolSpec;
 use crate::scrape::runtime::ScrapeRuntime;
-use crate::scrape::{ScrapeConfig, ScrapeReport, ScrapeSink, spawn_scraper_with_sink};
+use crate::scrape::{ModelsFeed, ScrapeConfig, ScrapeReport, ScrapeSink, spawn_scraper_with_sink};
 use crate::upstream::HttpClient;
 
 pub use crate::pool_model::PoolInput;
@@ -35,7 +35,8 @@ pub struct PoolTask {
     client: HttpClient,
     scrape: ScrapeConfig,
     metrics: Arc<NodeMetrics>,
-    tx: mpsc::Sender<PoolInput>,
+    // Scrapers read /v1/models only while the pool description lists no models.
+    models: ModelsFeed,
     synced: watch::Sender<bool>,
     // Fields drop after `Drop::drop`, so the scrapers are aborted before their runtime stops.
     scrape_rt: ScrapeRuntime,
@@ -73,7 +74,7 @@ impl PoolTask {
             client,
             scrape,
             metrics,
-            tx,
+            models: ModelsFeed::always(tx),
             synced,
             scrape_rt,
             scrapers: HashMap::new(),
@@ -121,7 +122,7 @@ impl PoolTask {
             slot,
             self.client.clone(),
             self.scrape,
-            self.tx.clone(),
+            self.models.clone(),
             self.metrics.clone(),
             self.mesh.as_ref().map(|m| m.sink.clone()),
         )
@@ -197,6 +198,9 @@ impl PoolTask {
     }
 
     fn apply_spec(&mut self, spec: PoolSpec) {
+        self.models
+            .wanted
+            .store(spec.models.is_empty(), std::sync::atomic::Ordering::Relaxed);
         let wanted: HashMap<SocketAddr, &crate::discovery::EndpointSpec> =
             spec.endpoints.iter().map(|e| (e.address, e)).collect();
         // Drop endpoints that left, or whose labels changed (they get a fresh slot).

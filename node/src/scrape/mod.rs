@@ -7,6 +7,7 @@ pub mod prom_text;
 pub mod runtime;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -41,6 +42,26 @@ pub enum ScrapeReport<'a> {
     Down(Instant),
 }
 
+/// Where a scraper sends the models a pod serves, and whether anyone wants them: a pool
+/// whose file (or policy) lists its models never asks the pods.
+#[derive(Debug, Clone)]
+pub struct ModelsFeed {
+    /// The pool task's input.
+    pub tx: mpsc::Sender<PoolInput>,
+    /// True while the pool's models come from the pods' `/v1/models`.
+    pub wanted: Arc<AtomicBool>,
+}
+
+impl ModelsFeed {
+    /// A feed that always asks the pods.
+    pub fn always(tx: mpsc::Sender<PoolInput>) -> ModelsFeed {
+        ModelsFeed {
+            tx,
+            wanted: Arc::new(AtomicBool::new(true)),
+        }
+    }
+}
+
 /// Called with every scrape attempt's outcome (the mesh publishes it on the load board, so
 /// other nodes drop a dead endpoint as soon as its scraper does).
 pub type ScrapeSink = Arc<dyn Fn(&EndpointSlot, ScrapeReport<'_>) + Send + Sync>;
@@ -51,10 +72,10 @@ pub fn spawn_scraper(
     slot: Arc<EndpointSlot>,
     client: HttpClient,
     cfg: ScrapeConfig,
-    pool_tx: mpsc::Sender<PoolInput>,
+    models: ModelsFeed,
     metrics: Arc<NodeMetrics>,
 ) -> JoinHandle<()> {
-    spawn_scraper_with_sink(rt, slot, client, cfg, pool_tx, metrics, None)
+    spawn_scraper_with_sink(rt, slot, client, cfg, models, metrics, None)
 }
 
 /// [`spawn_scraper`] that also hands each attempt's outcome to `sink`.
@@ -63,7 +84,7 @@ pub fn spawn_scraper_with_sink(
     slot: Arc<EndpointSlot>,
     client: HttpClient,
     cfg: ScrapeConfig,
-    pool_tx: mpsc::Sender<PoolInput>,
+    models: ModelsFeed,
     metrics: Arc<NodeMetrics>,
     sink: Option<ScrapeSink>,
 ) -> JoinHandle<()> {
@@ -131,12 +152,15 @@ pub fn spawn_scraper_with_sink(
                     continue;
                 }
             }
-            if models_read.is_none_or(|t| t.elapsed() >= cfg.models_refresh) {
+            if models.wanted.load(Ordering::Relaxed)
+                && models_read.is_none_or(|t| t.elapsed() >= cfg.models_refresh)
+            {
                 models_read = Some(Instant::now());
                 match tokio::time::timeout(cfg.timeout, get(&client, models_uri.clone())).await {
                     Ok(Ok(body)) => match parse_model_list(&body) {
-                        Ok(models) => {
-                            let _ = pool_tx.send(PoolInput::Models { addr, models }).await;
+                        Ok(list) => {
+                            let input = PoolInput::Models { addr, models: list };
+                            let _ = models.tx.send(input).await;
                         }
                         Err(e) => {
                             tracing::warn!(endpoint = %addr, error = %e, "cannot read /v1/models")
@@ -250,13 +274,31 @@ mod fetch_tests {
         "vllm:num_requests_waiting 2\nvllm:num_requests_running 1\nvllm:kv_cache_usage_perc 0.25\n";
 
     async fn serve(listener: TcpListener) -> tokio::task::JoinHandle<()> {
+        serve_counting(listener, Arc::default(), Arc::default()).await
+    }
+
+    /// A pod whose `/metrics` and `/v1/models` answers are counted.
+    async fn serve_counting(
+        listener: TcpListener,
+        metrics_reads: Arc<std::sync::atomic::AtomicUsize>,
+        models_reads: Arc<std::sync::atomic::AtomicUsize>,
+    ) -> tokio::task::JoinHandle<()> {
         // `connection: close` so that stopping the listener stops the pod (no kept-alive socket).
         let close = || [(http::header::CONNECTION, "close")];
         let app = Router::new()
-            .route("/metrics", get(move || async move { (close(), PAGE) }))
+            .route(
+                "/metrics",
+                get(move || async move {
+                    metrics_reads.fetch_add(1, Ordering::Relaxed);
+                    (close(), PAGE)
+                }),
+            )
             .route(
                 "/v1/models",
-                get(move || async move { (close(), r#"{"data":[{"id":"m"}]}"#) }),
+                get(move || async move {
+                    models_reads.fetch_add(1, Ordering::Relaxed);
+                    (close(), r#"{"data":[{"id":"m"}]}"#)
+                }),
             );
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -272,6 +314,52 @@ mod fetch_tests {
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn pods_are_not_asked_for_models_the_pool_file_lists() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let scrapes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let server = serve_counting(listener, scrapes.clone(), reads.clone()).await;
+        let slot = Arc::new(EndpointSlot::new(EndpointSpec {
+            address: addr,
+            pod: "p".into(),
+            labels: Default::default(),
+            engine: Engine::Vllm,
+        }));
+        let (tx, _rx) = mpsc::channel(8);
+        let feed = ModelsFeed {
+            tx,
+            wanted: Arc::new(AtomicBool::new(false)),
+        };
+        let metrics = Arc::new(NodeMetrics::new());
+        let cfg = ScrapeConfig {
+            interval: Duration::from_millis(10),
+            timeout: Duration::from_millis(500),
+            // Re-read at every scrape if reads were wanted.
+            models_refresh: Duration::ZERO,
+        };
+        let task = spawn_scraper(
+            &tokio::runtime::Handle::current(),
+            slot.clone(),
+            http_client(Duration::from_millis(200)),
+            cfg,
+            feed.clone(),
+            metrics.clone(),
+        );
+        wait_until("five scrapes", || scrapes.load(Ordering::Relaxed) >= 5).await;
+        assert_eq!(
+            reads.load(Ordering::Relaxed),
+            0,
+            "models listed: never asked"
+        );
+        // The file stops listing models: the pods are asked.
+        feed.wanted.store(true, Ordering::Relaxed);
+        wait_until("the pod is asked", || reads.load(Ordering::Relaxed) > 0).await;
+        task.abort();
+        server.abort();
     }
 
     #[tokio::test]
@@ -296,7 +384,7 @@ mod fetch_tests {
             slot.clone(),
             http_client(Duration::from_millis(200)),
             cfg,
-            tx,
+            ModelsFeed::always(tx),
             Arc::new(NodeMetrics::new()),
         );
         wait_until("the pod is up", || slot.is_up()).await;
