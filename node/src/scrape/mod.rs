@@ -110,22 +110,10 @@ pub fn spawn_scraper_with_sink(
             if !std::mem::take(&mut first) {
                 ticker.tick().await;
             }
-            let page = tokio::time::timeout(cfg.timeout, get(&client, metrics_uri.clone())).await;
-            let scraped_at = Instant::now();
-            let result = match page {
-                Ok(Ok(body)) => match std::str::from_utf8(&body) {
-                    Ok(text) => engine::extract(slot.spec.engine, text, scraped_at)
-                        .map_err(|e| (ScrapeOutcome::Invalid, e.to_string())),
-                    Err(_) => Err((ScrapeOutcome::Invalid, "metrics page is not UTF-8".into())),
-                },
-                Ok(Err(e)) => Err((ScrapeOutcome::Unreachable, e)),
-                Err(_) => Err((
-                    ScrapeOutcome::Unreachable,
-                    format!("no answer within {:?}", cfg.timeout),
-                )),
-            };
+            let result =
+                scrape_metrics(&client, &metrics_uri, slot.spec.engine, cfg.timeout).await;
             match result {
-                Ok(m) => {
+                Ok((m, _)) => {
                     if let Some(sink) = &sink {
                         sink(&slot, ScrapeReport::Up(&m));
                     }
@@ -137,12 +125,12 @@ pub fn spawn_scraper_with_sink(
                         models_read = None;
                     }
                 }
-                Err((outcome, reason)) => {
+                Err((reason, scraped_at)) => {
                     slot.mark_down();
                     if let Some(sink) = &sink {
                         sink(&slot, ScrapeReport::Down(scraped_at));
                     }
-                    metrics.count_scrape(outcome);
+                    metrics.count_scrape(reason.outcome());
                     if was_up {
                         tracing::warn!(endpoint = %addr, pod = %slot.spec.pod, %reason, "endpoint left the candidate set");
                     } else if models_read.is_none() {
@@ -187,26 +175,114 @@ fn scrape_phase(addr: std::net::SocketAddr, interval: Duration) -> Duration {
     Duration::from_nanos(h.finish() % nanos)
 }
 
-async fn get(client: &HttpClient, uri: http::Uri) -> Result<Bytes, String> {
-    let req = http::Request::get(uri)
+/// Why one scrape (of `/metrics` or `/v1/models`) produced nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ScrapeError {
+    /// The request could not be sent or the connection failed.
+    #[error("request to {uri} failed: {source}")]
+    Request {
+        /// What was asked.
+        uri: String,
+        /// The client error.
+        source: hyper_util::client::legacy::Error,
+    },
+    /// The body broke off.
+    #[error("reading the body of {uri} failed: {source}")]
+    Body {
+        /// What was asked.
+        uri: String,
+        /// The transport error.
+        source: hyper::Error,
+    },
+    /// The pod answered with an error status.
+    #[error("{uri} answered HTTP {status}")]
+    Status {
+        /// What was asked.
+        uri: String,
+        /// The status.
+        status: http::StatusCode,
+    },
+    /// No answer within the scrape timeout.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// The metrics page is not UTF-8 text.
+    #[error("metrics page is not UTF-8")]
+    NotUtf8,
+    /// The metrics page could not be read as the pod's engine's metrics.
+    #[error(transparent)]
+    Extract(#[from] engine::ExtractError),
+    /// The `/v1/models` answer is not an OpenAI model list.
+    #[error("bad /v1/models JSON: {0}")]
+    ModelList(#[from] serde_json::Error),
+}
+
+impl ScrapeError {
+    /// How the scrape is counted in `infermesh_scrapes_total`.
+    pub fn outcome(&self) -> ScrapeOutcome {
+        match self {
+            ScrapeError::Request { .. }
+            | ScrapeError::Body { .. }
+            | ScrapeError::Status { .. }
+            | ScrapeError::Timeout(_) => ScrapeOutcome::Unreachable,
+            ScrapeError::NotUtf8 | ScrapeError::Extract(_) | ScrapeError::ModelList(_) => {
+                ScrapeOutcome::Invalid
+            }
+        }
+    }
+}
+
+async fn get(client: &HttpClient, uri: http::Uri) -> Result<Bytes, ScrapeError> {
+    let req = http::Request::get(uri.clone())
         .body(Full::new(Bytes::new()))
-        .map_err(|e| e.to_string())?;
-    let resp = client.request(req).await.map_err(|e| e.to_string())?;
+        .expect("a GET with an empty body and a parsed URI is a valid request");
+    let resp = client
+        .request(req)
+        .await
+        .map_err(|source| ScrapeError::Request {
+            uri: uri.to_string(),
+            source,
+        })?;
     let status = resp.status();
     let body = resp
         .into_body()
         .collect()
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|source| ScrapeError::Body {
+            uri: uri.to_string(),
+            source,
+        })?
         .to_bytes();
     if !status.is_success() {
-        return Err(format!("HTTP {status}"));
+        return Err(ScrapeError::Status {
+            uri: uri.to_string(),
+            status,
+        });
     }
     Ok(body)
 }
 
+/// One `/metrics` scrape, turned into the scheduler's view of the pod.
+async fn scrape_metrics(
+    client: &HttpClient,
+    uri: &http::Uri,
+    engine: engine::Engine,
+    timeout: Duration,
+) -> Result<(infermesh_scheduler::Metrics, Instant), (ScrapeError, Instant)> {
+    let page = tokio::time::timeout(timeout, get(client, uri.clone())).await;
+    let at = Instant::now();
+    let body = match page {
+        Ok(Ok(body)) => body,
+        Ok(Err(e)) => return Err((e, at)),
+        Err(_) => return Err((ScrapeError::Timeout(timeout), at)),
+    };
+    let text = std::str::from_utf8(&body).map_err(|_| (ScrapeError::NotUtf8, at))?;
+    engine::extract(engine, text, at)
+        .map(|m| (m, at))
+        .map_err(|e| (e.into(), at))
+}
+
 /// Reads the model ids of an OpenAI `/v1/models` answer (`{"data":[{"id":…},…]}`).
-pub fn parse_model_list(body: &[u8]) -> Result<Vec<String>, String> {
+pub fn parse_model_list(body: &[u8]) -> Result<Vec<String>, ScrapeError> {
     #[derive(serde::Deserialize)]
     struct List {
         data: Vec<Item>,
@@ -215,8 +291,7 @@ pub fn parse_model_list(body: &[u8]) -> Result<Vec<String>, String> {
     struct Item {
         id: String,
     }
-    let list: List =
-        serde_json::from_slice(body).map_err(|e| format!("bad /v1/models JSON: {e}"))?;
+    let list: List = serde_json::from_slice(body)?;
     let mut ids: Vec<String> = list.data.into_iter().map(|i| i.id).collect();
     ids.sort();
     ids.dedup();
@@ -226,6 +301,30 @@ pub fn parse_model_list(body: &[u8]) -> Result<Vec<String>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scrape_errors_name_the_problem_and_count_by_kind() {
+        let e = parse_model_list(b"{\"data\": 5}").unwrap_err();
+        assert!(e.to_string().starts_with("bad /v1/models JSON"), "{e}");
+        assert_eq!(e.outcome(), ScrapeOutcome::Invalid);
+        let e = ScrapeError::Status {
+            uri: "http://10.0.0.1:8000/metrics".into(),
+            status: http::StatusCode::SERVICE_UNAVAILABLE,
+        };
+        assert_eq!(
+            e.to_string(),
+            "http://10.0.0.1:8000/metrics answered HTTP 503 Service Unavailable"
+        );
+        assert_eq!(e.outcome(), ScrapeOutcome::Unreachable);
+        assert_eq!(
+            ScrapeError::Timeout(Duration::from_millis(500)).outcome(),
+            ScrapeOutcome::Unreachable
+        );
+        assert_eq!(
+            parse_model_list(br#"{"data":[{"id":"b"},{"id":"a"},{"id":"b"}]}"#).unwrap(),
+            vec!["a".to_owned(), "b".to_owned()]
+        );
+    }
 
     #[test]
     fn scrape_phases_spread_over_the_interval() {
