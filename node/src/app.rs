@@ -54,6 +54,9 @@ pub enum StartError {
     /// The scrapers' thread could not start.
     #[error("cannot start the metrics fetcher's thread: {0}")]
     ScrapeThread(std::io::Error),
+    /// The config's metrics data source cannot be honoured.
+    #[error("scheduler config: {0}")]
+    MetricsSource(#[from] crate::scrape::InvalidMetricsSource),
 }
 
 /// A started node: its bound addresses and the handles later subsystems (gossip, Raft
@@ -303,7 +306,8 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
         metrics.clone(),
         pool_tx.clone(),
         synced_tx,
-    );
+    )
+    .with_metrics_source(crate::scrape::MetricsSource::from_config(&cfg.scheduler)?);
     // Sharing mesh: scrape owned pods only, schedule on the fleet's load board.
     let sharing = mesh
         .clone()

@@ -12,18 +12,25 @@ pub const ENGINE_LABEL: &str = "llm-d.ai/engine-type";
 /// The legacy GIE spelling of the same label.
 pub const LEGACY_ENGINE_LABEL: &str = "inference.networking.k8s.io/engine-type";
 
-/// A model-server engine whose metric names the fetcher knows.
+/// A model-server engine whose metric names the fetcher knows (llm-d's built-in
+/// `engineConfigs`; their names can be overridden in `core-metrics-extractor`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Engine {
     /// vLLM (the default, as in llm-d).
     Vllm,
     /// SGLang.
     Sglang,
+    /// TensorRT-LLM's `trtllm-serve`.
+    TrtllmServe,
+    /// Triton with the TensorRT-LLM backend.
+    TritonTensorrtLlm,
 }
 
 /// A pod's engine label names an engine the fetcher does not know.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown engine type {0:?} in label {ENGINE_LABEL} (known: vllm, sglang)")]
+#[error(
+    "unknown engine type {0:?} in label {ENGINE_LABEL} (known: vllm, sglang, trtllm-serve, triton-tensorrt-llm)"
+)]
 pub struct UnknownEngine(pub String);
 
 impl Engine {
@@ -34,9 +41,30 @@ impl Engine {
             .or_else(|| labels.get(LEGACY_ENGINE_LABEL))
             .map(String::as_str)
         {
-            None | Some("vllm") => Ok(Engine::Vllm),
-            Some("sglang") => Ok(Engine::Sglang),
-            Some(other) => Err(UnknownEngine(other.to_owned())),
+            None => Ok(Engine::Vllm),
+            Some(name) => Engine::named(name).ok_or_else(|| UnknownEngine(name.to_owned())),
+        }
+    }
+
+    /// The engine llm-d calls `name`.
+    pub fn named(name: &str) -> Option<Engine> {
+        [
+            Engine::Vllm,
+            Engine::Sglang,
+            Engine::TrtllmServe,
+            Engine::TritonTensorrtLlm,
+        ]
+        .into_iter()
+        .find(|e| e.name() == name)
+    }
+
+    /// llm-d's name of the engine (its `engineConfigs[].name` and label value).
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Vllm => "vllm",
+            Engine::Sglang => "sglang",
+            Engine::TrtllmServe => "trtllm-serve",
+            Engine::TritonTensorrtLlm => "triton-tensorrt-llm",
         }
     }
 }

@@ -16,7 +16,9 @@ use crate::policy::SharedPolicy;
 use crate::pool::{EndpointSlot, PoolView, SharedPool};
 use crate::pool_model::PoolSpec;
 use crate::scrape::runtime::ScrapeRuntime;
-use crate::scrape::{ModelsFeed, ScrapeConfig, ScrapeReport, ScrapeSink, spawn_scraper_with_sink};
+use crate::scrape::{
+    MetricsSource, ModelsFeed, ScrapeConfig, ScrapeReport, ScrapeSink, Scraping, spawn_scraper,
+};
 use crate::upstream::HttpClient;
 
 pub use crate::pool_model::PoolInput;
@@ -37,6 +39,7 @@ pub struct PoolTask {
     metrics: Arc<NodeMetrics>,
     // Scrapers read /v1/models only while the pool description lists no models.
     models: ModelsFeed,
+    source: Arc<MetricsSource>,
     synced: watch::Sender<bool>,
     // Fields drop after `Drop::drop`, so the scrapers are aborted before their runtime stops.
     scrape_rt: ScrapeRuntime,
@@ -75,6 +78,7 @@ impl PoolTask {
             scrape,
             metrics,
             models: ModelsFeed::always(tx),
+            source: Arc::new(MetricsSource::default()),
             synced,
             scrape_rt,
             scrapers: HashMap::new(),
@@ -82,6 +86,12 @@ impl PoolTask {
             spec: PoolSpec::default(),
             mesh: None,
         }
+    }
+
+    /// Reads pods' metrics from `source` (path, engine label, metric names per engine).
+    pub fn with_metrics_source(mut self, source: MetricsSource) -> PoolTask {
+        self.source = Arc::new(source);
+        self
     }
 
     /// Mesh mode: scrape only the pods `mesh` assigns to this node (updated through
@@ -117,14 +127,17 @@ impl PoolTask {
     }
 
     fn spawn_scraper(&self, slot: Arc<EndpointSlot>) -> JoinHandle<()> {
-        spawn_scraper_with_sink(
+        spawn_scraper(
             self.scrape_rt.handle(),
             slot,
-            self.client.clone(),
-            self.scrape,
-            self.models.clone(),
-            self.metrics.clone(),
-            self.mesh.as_ref().map(|m| m.sink.clone()),
+            Scraping {
+                client: self.client.clone(),
+                cfg: self.scrape,
+                models: self.models.clone(),
+                metrics: self.metrics.clone(),
+                source: self.source.clone(),
+                sink: self.mesh.as_ref().map(|m| m.sink.clone()),
+            },
         )
     }
 

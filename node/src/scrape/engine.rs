@@ -3,51 +3,162 @@
 
 use std::time::Instant;
 
+use infermesh_scheduler::config::params::{CoreMetricsExtractorParams, EngineConfig, MetricSpec};
 use infermesh_scheduler::{LoraState, Metrics};
 
 use super::prom_text::{self, InvalidExposition, Sample};
 
 pub use crate::pool_model::{ENGINE_LABEL, Engine, LEGACY_ENGINE_LABEL, UnknownEngine};
 
-/// The metric names `engine` exports.
-fn names(engine: Engine) -> &'static MetricNames {
-    match engine {
-        Engine::Vllm => &VLLM,
-        Engine::Sglang => &SGLANG,
+/// One metric an engine exports: a family name and the labels a sample must carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Spec {
+    name: String,
+    labels: Vec<(String, String)>,
+}
+
+impl Spec {
+    fn parse(engine: &str, field: &'static str, text: &str) -> Result<Option<Spec>, InvalidEngine> {
+        let spec = MetricSpec::parse(text).map_err(|reason| InvalidEngine {
+            engine: engine.to_owned(),
+            field,
+            reason,
+        })?;
+        Ok(spec.map(|s| Spec {
+            name: s.name,
+            labels: s.labels.into_iter().collect(),
+        }))
+    }
+
+    fn matches(&self, s: &Sample<'_>) -> bool {
+        s.name == self.name
+            && self
+                .labels
+                .iter()
+                .all(|(k, v)| s.label(k).is_some_and(|got| got == v.as_str()))
     }
 }
 
-struct MetricNames {
-    waiting: &'static str,
-    running: &'static str,
-    kv_usage: &'static [&'static str],
-    lora: Option<&'static str>,
-    cache_info: &'static str,
-    block_size_label: &'static str,
-    num_blocks_label: &'static str,
+/// One engine's metric names (llm-d `engineConfigs[]`), compiled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineMetrics {
+    name: String,
+    waiting: Spec,
+    running: Spec,
+    // Preferred first: vLLM renamed gpu_cache_usage_perc to kv_cache_usage_perc (V1);
+    // llm-d reads the new name, older servers still export the old one.
+    kv_usage: Vec<Spec>,
+    lora: Option<Spec>,
+    cache_info: Option<Spec>,
+    block_size_label: String,
+    num_blocks_label: String,
+    block_size: Option<Spec>,
+    num_blocks: Option<Spec>,
 }
 
-// vLLM renamed gpu_cache_usage_perc to kv_cache_usage_perc (V1); llm-d reads the new name,
-// older servers still export the old one.
-const VLLM: MetricNames = MetricNames {
-    waiting: "vllm:num_requests_waiting",
-    running: "vllm:num_requests_running",
-    kv_usage: &["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"],
-    lora: Some("vllm:lora_requests_info"),
-    cache_info: "vllm:cache_config_info",
-    block_size_label: "block_size",
-    num_blocks_label: "num_gpu_blocks",
-};
+/// An `engineConfigs` entry the extractor cannot use.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("engine {engine:?}: {field}: {reason}")]
+pub struct InvalidEngine {
+    /// The engine's name.
+    pub engine: String,
+    /// The field.
+    pub field: &'static str,
+    /// What is wrong.
+    pub reason: String,
+}
 
-const SGLANG: MetricNames = MetricNames {
-    waiting: "sglang:num_queue_reqs",
-    running: "sglang:num_running_reqs",
-    kv_usage: &["sglang:token_usage"],
-    lora: None,
-    cache_info: "sglang:cache_config_info",
-    block_size_label: "page_size",
-    num_blocks_label: "num_pages",
-};
+impl EngineMetrics {
+    fn compile(c: &EngineConfig) -> Result<EngineMetrics, InvalidEngine> {
+        let n = c.name.as_str();
+        let required = |field: &'static str, text: &str| -> Result<Spec, InvalidEngine> {
+            Spec::parse(n, field, text)?.ok_or_else(|| InvalidEngine {
+                engine: n.to_owned(),
+                field,
+                reason: "is required".into(),
+            })
+        };
+        let mut kv_usage = vec![required("kvUsageSpec", &c.kv_usage_spec)?];
+        if c.kv_usage_spec == "vllm:kv_cache_usage_perc" {
+            kv_usage.push(Spec {
+                name: "vllm:gpu_cache_usage_perc".into(),
+                labels: Vec::new(),
+            });
+        }
+        Ok(EngineMetrics {
+            name: n.to_owned(),
+            waiting: required("queuedRequestsSpec", &c.queued_requests_spec)?,
+            running: required("runningRequestsSpec", &c.running_requests_spec)?,
+            kv_usage,
+            lora: Spec::parse(n, "loraSpec", &c.lora_spec)?,
+            cache_info: Spec::parse(n, "cacheInfoSpec", &c.cache_info_spec)?,
+            block_size_label: if c.cache_block_size_label_name.is_empty() {
+                "block_size".into()
+            } else {
+                c.cache_block_size_label_name.clone()
+            },
+            num_blocks_label: if c.cache_num_blocks_label_name.is_empty() {
+                "num_gpu_blocks".into()
+            } else {
+                c.cache_num_blocks_label_name.clone()
+            },
+            block_size: Spec::parse(n, "cacheBlockSizeSpec", &c.cache_block_size_spec)?,
+            num_blocks: Spec::parse(n, "cacheNumBlocksSpec", &c.cache_num_blocks_spec)?,
+        })
+    }
+}
+
+/// The metric names of every engine the extractor knows: llm-d's built-ins (vllm, sglang,
+/// trtllm-serve, triton-tensorrt-llm), each replaceable through `core-metrics-extractor`'s
+/// `engineConfigs`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineTable {
+    engines: Vec<EngineMetrics>,
+}
+
+impl EngineTable {
+    /// llm-d's built-in engines.
+    pub fn builtin() -> EngineTable {
+        EngineTable::from_params(&CoreMetricsExtractorParams::default())
+            .expect("the built-in engine configs compile")
+    }
+
+    /// The engines of a `core-metrics-extractor` (built-ins merged in, as llm-d does).
+    pub fn from_params(p: &CoreMetricsExtractorParams) -> Result<EngineTable, InvalidEngine> {
+        let mut p = p.clone();
+        if let Err((field, reason)) = p.normalize() {
+            return Err(InvalidEngine {
+                engine: p.default_engine.clone(),
+                field: "engineConfigs",
+                reason: format!("{field}: {reason}"),
+            });
+        }
+        let engines = p
+            .engine_configs
+            .iter()
+            .map(EngineMetrics::compile)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(EngineTable { engines })
+    }
+
+    /// The metric names of `engine`.
+    pub fn get(&self, engine: Engine) -> &EngineMetrics {
+        self.engines
+            .iter()
+            .find(|e| e.name == engine.name())
+            .expect("the table holds every built-in engine")
+    }
+
+    /// Extracts the scheduler's view of a pod running `engine` from one metrics page.
+    pub fn extract(
+        &self,
+        engine: Engine,
+        page: &str,
+        scraped_at: Instant,
+    ) -> Result<Metrics, ExtractError> {
+        extract_with(self.get(engine), page, scraped_at)
+    }
+}
 
 /// Why a metrics page could not be turned into [`Metrics`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -57,12 +168,20 @@ pub enum ExtractError {
     Malformed(#[from] InvalidExposition),
     /// A required family is absent (wrong engine label, or not a model server).
     #[error("metrics page has no {0} series")]
-    Missing(&'static str),
+    Missing(String),
 }
 
-/// Extracts the scheduler's view of a pod from one metrics page.
+/// Extracts the scheduler's view of a pod from one metrics page, with llm-d's built-in
+/// metric names for `engine`.
 pub fn extract(engine: Engine, page: &str, scraped_at: Instant) -> Result<Metrics, ExtractError> {
-    let names = names(engine);
+    EngineTable::builtin().extract(engine, page, scraped_at)
+}
+
+fn extract_with(
+    names: &EngineMetrics,
+    page: &str,
+    scraped_at: Instant,
+) -> Result<Metrics, ExtractError> {
     let mut waiting: Option<f64> = None;
     let mut running: Option<f64> = None;
     // (priority index in `kv_usage`, value): the preferred name wins over fallbacks.
@@ -71,34 +190,39 @@ pub fn extract(engine: Engine, page: &str, scraped_at: Instant) -> Result<Metric
     let mut block_size = None;
     let mut num_blocks = None;
     prom_text::parse(page, |s: Sample<'_>| {
-        if s.name == names.waiting {
+        if names.waiting.matches(&s) {
             *waiting.get_or_insert(0.0) += s.value;
-        } else if s.name == names.running {
+        } else if names.running.matches(&s) {
             *running.get_or_insert(0.0) += s.value;
-        } else if let Some(rank) = names.kv_usage.iter().position(|n| *n == s.name) {
+        } else if let Some(rank) = names.kv_usage.iter().position(|n| n.matches(&s)) {
             // Several engines (data parallel) in one server: the fullest one limits it.
             kv = match kv {
                 Some((r, v)) if r < rank => Some((r, v)),
                 Some((r, v)) if r == rank => Some((r, v.max(s.value))),
                 _ => Some((rank, s.value)),
             };
-        } else if Some(s.name) == names.lora {
+        } else if names.lora.as_ref().is_some_and(|l| l.matches(&s)) {
             // The value is a timestamp; the newest series is the current state.
             if lora.as_ref().is_none_or(|(ts, _)| s.value >= *ts) {
                 lora = Some((s.value, lora_state(&s)));
             }
-        } else if s.name == names.cache_info {
+        } else if names.cache_info.as_ref().is_some_and(|c| c.matches(&s)) {
             block_size = s
-                .label(names.block_size_label)
+                .label(&names.block_size_label)
                 .and_then(|v| v.parse::<u32>().ok());
             num_blocks = s
-                .label(names.num_blocks_label)
+                .label(&names.num_blocks_label)
                 .and_then(|v| v.parse::<u64>().ok());
+        } else if names.block_size.as_ref().is_some_and(|c| c.matches(&s)) {
+            block_size = Some(clamp_count(s.value));
+        } else if names.num_blocks.as_ref().is_some_and(|c| c.matches(&s)) {
+            num_blocks = Some(u64::from(clamp_count(s.value)));
         }
     })?;
-    let waiting = waiting.ok_or(ExtractError::Missing(names.waiting))?;
-    let running = running.ok_or(ExtractError::Missing(names.running))?;
-    let (_, kv_usage) = kv.ok_or(ExtractError::Missing(names.kv_usage[0]))?;
+    let missing = |spec: &Spec| ExtractError::Missing(spec.name.clone());
+    let waiting = waiting.ok_or_else(|| missing(&names.waiting))?;
+    let running = running.ok_or_else(|| missing(&names.running))?;
+    let (_, kv_usage) = kv.ok_or_else(|| missing(&names.kv_usage[0]))?;
     Ok(Metrics {
         scraped_at,
         waiting_queue: clamp_count(waiting),
@@ -210,7 +334,7 @@ vllm:time_to_first_token_seconds_bucket{le="+Inf",model_name="m"} 10
         // A vLLM page read with SGLang names names the missing family.
         assert_eq!(
             extract(engine, VLLM_PAGE, Instant::now()).unwrap_err(),
-            ExtractError::Missing("sglang:num_queue_reqs")
+            ExtractError::Missing("sglang:num_queue_reqs".into())
         );
     }
 

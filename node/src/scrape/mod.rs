@@ -62,6 +62,111 @@ impl ModelsFeed {
     }
 }
 
+/// Where and how pods' metrics are read: llm-d's `metrics-data-source` (path) and
+/// `core-metrics-extractor` (engine label, default engine, metric names per engine).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsSource {
+    /// Path of the metrics page.
+    pub path: String,
+    /// Metric names per engine.
+    pub engines: engine::EngineTable,
+    /// Pod label naming the engine (`engineLabelKey`).
+    pub engine_label: String,
+    /// Engine of a pod without the label (`defaultEngine`).
+    pub default_engine: engine::Engine,
+}
+
+/// A metrics-source configuration infermesh cannot honour.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidMetricsSource {
+    /// `scheme: https`: the fetcher speaks plain HTTP only.
+    #[error(
+        "metrics-data-source scheme {0:?} is not supported: infermesh scrapes pods over plain http"
+    )]
+    Scheme(String),
+    /// `defaultEngine` names an engine whose metric names the fetcher does not know.
+    #[error(
+        "core-metrics-extractor defaultEngine {0:?} is not a known engine (vllm, sglang, trtllm-serve, triton-tensorrt-llm)"
+    )]
+    DefaultEngine(String),
+    /// An `engineConfigs` entry does not compile.
+    #[error(transparent)]
+    Engine(#[from] engine::InvalidEngine),
+}
+
+impl Default for MetricsSource {
+    fn default() -> Self {
+        MetricsSource {
+            path: "/metrics".into(),
+            engines: engine::EngineTable::builtin(),
+            engine_label: engine::ENGINE_LABEL.into(),
+            default_engine: engine::Engine::Vllm,
+        }
+    }
+}
+
+impl MetricsSource {
+    /// The source an EndpointPickerConfig describes (llm-d's defaults without one).
+    pub fn from_config(
+        cfg: &infermesh_scheduler::ResolvedConfig,
+    ) -> Result<MetricsSource, InvalidMetricsSource> {
+        let Some((src, extractor)) = cfg.metrics_source() else {
+            return Ok(MetricsSource::default());
+        };
+        if src.scheme != "http" {
+            return Err(InvalidMetricsSource::Scheme(src.scheme.clone()));
+        }
+        let mut out = MetricsSource {
+            path: src.path.clone(),
+            ..MetricsSource::default()
+        };
+        if let Some(x) = extractor {
+            out.engines = engine::EngineTable::from_params(x)?;
+            out.engine_label = x.engine_label_key.clone();
+            if !x.default_engine.is_empty() {
+                out.default_engine = engine::Engine::named(&x.default_engine)
+                    .ok_or_else(|| InvalidMetricsSource::DefaultEngine(x.default_engine.clone()))?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The engine of a pod: its `engineLabelKey` label, else the engine discovery found
+    /// (from llm-d's standard labels), else `defaultEngine`.
+    pub fn engine_of(
+        &self,
+        labels: &std::collections::BTreeMap<String, String>,
+        found: engine::Engine,
+    ) -> engine::Engine {
+        if let Some(e) = labels
+            .get(&self.engine_label)
+            .and_then(|v| engine::Engine::named(v))
+        {
+            return e;
+        }
+        let labelled = labels.contains_key(engine::ENGINE_LABEL)
+            || labels.contains_key(engine::LEGACY_ENGINE_LABEL);
+        if labelled { found } else { self.default_engine }
+    }
+}
+
+/// Everything a scraper needs besides its endpoint.
+#[derive(Clone)]
+pub struct Scraping {
+    /// The scrape runtime's HTTP client.
+    pub client: HttpClient,
+    /// Timing.
+    pub cfg: ScrapeConfig,
+    /// Where pod model lists go.
+    pub models: ModelsFeed,
+    /// Scrape counters.
+    pub metrics: Arc<NodeMetrics>,
+    /// Metrics path and names.
+    pub source: Arc<MetricsSource>,
+    /// Called with every attempt's outcome (mesh mode).
+    pub sink: Option<ScrapeSink>,
+}
+
 /// Called with every scrape attempt's outcome (the mesh publishes it on the load board, so
 /// other nodes drop a dead endpoint as soon as its scraper does).
 pub type ScrapeSink = Arc<dyn Fn(&EndpointSlot, ScrapeReport<'_>) + Send + Sync>;
@@ -70,29 +175,22 @@ pub type ScrapeSink = Arc<dyn Fn(&EndpointSlot, ScrapeReport<'_>) + Send + Sync>
 pub fn spawn_scraper(
     rt: &tokio::runtime::Handle,
     slot: Arc<EndpointSlot>,
-    client: HttpClient,
-    cfg: ScrapeConfig,
-    models: ModelsFeed,
-    metrics: Arc<NodeMetrics>,
+    scraping: Scraping,
 ) -> JoinHandle<()> {
-    spawn_scraper_with_sink(rt, slot, client, cfg, models, metrics, None)
-}
-
-/// [`spawn_scraper`] that also hands each attempt's outcome to `sink`.
-pub fn spawn_scraper_with_sink(
-    rt: &tokio::runtime::Handle,
-    slot: Arc<EndpointSlot>,
-    client: HttpClient,
-    cfg: ScrapeConfig,
-    models: ModelsFeed,
-    metrics: Arc<NodeMetrics>,
-    sink: Option<ScrapeSink>,
-) -> JoinHandle<()> {
+    let Scraping {
+        client,
+        cfg,
+        models,
+        metrics,
+        source,
+        sink,
+    } = scraping;
     rt.spawn(async move {
         let addr = slot.address();
-        let metrics_uri: http::Uri = format!("http://{addr}/metrics")
+        let engine = source.engine_of(&slot.spec.labels, slot.spec.engine);
+        let metrics_uri: http::Uri = format!("http://{addr}{}", source.path)
             .parse()
-            .expect("an ip:port makes a valid URI");
+            .expect("an ip:port and a checked absolute path make a valid URI");
         let models_uri: http::Uri = format!("http://{addr}/v1/models")
             .parse()
             .expect("an ip:port makes a valid URI");
@@ -111,7 +209,7 @@ pub fn spawn_scraper_with_sink(
                 ticker.tick().await;
             }
             let result =
-                scrape_metrics(&client, &metrics_uri, slot.spec.engine, cfg.timeout).await;
+                scrape_metrics(&client, &metrics_uri, &source, engine, cfg.timeout).await;
             match result {
                 Ok((m, _)) => {
                     if let Some(sink) = &sink {
@@ -265,6 +363,7 @@ async fn get(client: &HttpClient, uri: http::Uri) -> Result<Bytes, ScrapeError> 
 async fn scrape_metrics(
     client: &HttpClient,
     uri: &http::Uri,
+    source: &MetricsSource,
     engine: engine::Engine,
     timeout: Duration,
 ) -> Result<(infermesh_scheduler::Metrics, Instant), (ScrapeError, Instant)> {
@@ -276,7 +375,9 @@ async fn scrape_metrics(
         Err(_) => return Err((ScrapeError::Timeout(timeout), at)),
     };
     let text = std::str::from_utf8(&body).map_err(|_| (ScrapeError::NotUtf8, at))?;
-    engine::extract(engine, text, at)
+    source
+        .engines
+        .extract(engine, text, at)
         .map(|m| (m, at))
         .map_err(|e| (e.into(), at))
 }
@@ -344,6 +445,91 @@ mod tests {
         );
     }
 
+    fn source(yaml_tail: &str) -> Result<MetricsSource, InvalidMetricsSource> {
+        let mut yaml_tail = yaml_tail.to_owned();
+        for t in ["metrics-data-source", "core-metrics-extractor"] {
+            if !yaml_tail.contains(&format!("type: {t}")) {
+                yaml_tail.push_str(&format!("- type: {t}\n"));
+            }
+        }
+        let yaml = format!(
+            "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n\
+             - type: queue-scorer\n{yaml_tail}\
+             schedulingProfiles:\n- name: default\n  plugins: [{{pluginRef: queue-scorer}}]\n\
+             dataLayer:\n  sources:\n  - pluginRef: metrics-data-source\n    \
+             extractors: [{{pluginRef: core-metrics-extractor}}]\n"
+        );
+        MetricsSource::from_config(&infermesh_scheduler::load_config(&yaml).expect("valid config"))
+    }
+
+    #[test]
+    fn metrics_source_parameters_take_effect() {
+        // Bug: path, engineConfigs and defaultEngine were parsed and then ignored.
+        let s = source(
+            "- type: metrics-data-source\n  parameters: {path: /stats}\n\
+             - type: core-metrics-extractor\n  parameters:\n    engineLabelKey: example.com/engine\n    \
+             defaultEngine: sglang\n    engineConfigs:\n    - name: vllm\n      \
+             queuedRequestsSpec: my_waiting\n      runningRequestsSpec: my_running\n      \
+             kvUsageSpec: my_kv\n",
+        )
+        .unwrap();
+        assert_eq!(s.path, "/stats");
+        let page = "my_waiting 4\nmy_running 2\nmy_kv 0.5\n";
+        let m = s
+            .engines
+            .extract(engine::Engine::Vllm, page, Instant::now())
+            .unwrap();
+        assert_eq!((m.waiting_queue, m.running, m.kv_cache_usage), (4, 2, 0.5));
+        let labels = |pairs: &[(&str, &str)]| -> std::collections::BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let found = engine::Engine::Vllm;
+        assert_eq!(s.engine_of(&labels(&[]), found), engine::Engine::Sglang);
+        assert_eq!(
+            s.engine_of(&labels(&[("example.com/engine", "trtllm-serve")]), found),
+            engine::Engine::TrtllmServe
+        );
+        assert_eq!(
+            s.engine_of(&labels(&[(engine::ENGINE_LABEL, "vllm")]), found),
+            engine::Engine::Vllm
+        );
+        let https = source("- type: metrics-data-source\n  parameters: {scheme: https}\n");
+        assert!(
+            matches!(&https, Err(InvalidMetricsSource::Scheme(x)) if x == "https"),
+            "{https:?}"
+        );
+        assert_eq!(source("").unwrap(), MetricsSource::default());
+    }
+
+    #[test]
+    fn trtllm_serve_and_triton_pods_are_scraped_with_their_own_names() {
+        let table = engine::EngineTable::builtin();
+        let trt = engine::Engine::from_labels(
+            &[(engine::ENGINE_LABEL.to_owned(), "trtllm-serve".to_owned())].into(),
+        )
+        .expect("a trtllm-serve pod is accepted");
+        let page = "trtllm_num_requests_waiting 3\ntrtllm_num_requests_running 5\n\
+                    trtllm_kv_cache_utilization 0.25\ntrtllm_kv_cache_tokens_per_block 32\n\
+                    trtllm_kv_cache_max_blocks 4096\n";
+        let m = table.extract(trt, page, Instant::now()).unwrap();
+        assert_eq!((m.waiting_queue, m.running, m.kv_cache_usage), (3, 5, 0.25));
+        assert_eq!(
+            (m.cache_block_size, m.cache_num_blocks),
+            (Some(32), Some(4096))
+        );
+        let triton = engine::Engine::named("triton-tensorrt-llm").unwrap();
+        let page = "nv_trt_llm_request_metrics{request_type=\"waiting\"} 2\n\
+                    nv_trt_llm_request_metrics{request_type=\"scheduled\"} 7\n\
+                    nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=\"fraction\"} 0.5\n\
+                    nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=\"max\"} 100\n";
+        let m = table.extract(triton, page, Instant::now()).unwrap();
+        assert_eq!((m.waiting_queue, m.running, m.kv_cache_usage), (2, 7, 0.5));
+        assert_eq!(m.cache_num_blocks, Some(100));
+    }
+
     #[test]
     fn model_list() {
         let ids = parse_model_list(
@@ -371,6 +557,17 @@ mod fetch_tests {
 
     const PAGE: &str =
         "vllm:num_requests_waiting 2\nvllm:num_requests_running 1\nvllm:kv_cache_usage_perc 0.25\n";
+
+    fn scraping(cfg: ScrapeConfig, models: ModelsFeed, metrics: Arc<NodeMetrics>) -> Scraping {
+        Scraping {
+            client: http_client(Duration::from_millis(200)),
+            cfg,
+            models,
+            metrics,
+            source: Arc::new(MetricsSource::default()),
+            sink: None,
+        }
+    }
 
     async fn serve(listener: TcpListener) -> tokio::task::JoinHandle<()> {
         serve_counting(listener, Arc::default(), Arc::default()).await
@@ -443,10 +640,7 @@ mod fetch_tests {
         let task = spawn_scraper(
             &tokio::runtime::Handle::current(),
             slot.clone(),
-            http_client(Duration::from_millis(200)),
-            cfg,
-            feed.clone(),
-            metrics.clone(),
+            scraping(cfg, feed.clone(), metrics.clone()),
         );
         wait_until("five scrapes", || scrapes.load(Ordering::Relaxed) >= 5).await;
         assert_eq!(
@@ -481,10 +675,7 @@ mod fetch_tests {
         let task = spawn_scraper(
             &tokio::runtime::Handle::current(),
             slot.clone(),
-            http_client(Duration::from_millis(200)),
-            cfg,
-            ModelsFeed::always(tx),
-            Arc::new(NodeMetrics::new()),
+            scraping(cfg, ModelsFeed::always(tx), Arc::new(NodeMetrics::new())),
         );
         wait_until("the pod is up", || slot.is_up()).await;
         let m = slot.metrics().unwrap();
