@@ -2,6 +2,7 @@
 //! feeds Envoy's messages to an [`stream::ExtProcStream`] state machine and carries out the
 //! actions it returns (send a reply, await an owner lookup).
 
+pub mod edge;
 pub mod stream;
 
 use std::collections::VecDeque;

@@ -4,7 +4,6 @@
 //! [`ExtProcStream::on_lookup`] before reading the next message. It speaks the Gateway API
 //! Inference Extension EPP contract (reference §4).
 
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
 
 use infermesh_proto::envoy::config::core::v3::{
@@ -12,14 +11,15 @@ use infermesh_proto::envoy::config::core::v3::{
 };
 use infermesh_proto::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
 use infermesh_proto::envoy::service::ext_proc::v3::{
-    BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, HttpBody,
-    HttpHeaders, ImmediateResponse, ProcessingRequest, ProcessingResponse, StreamedBodyResponse,
-    TrailersResponse, body_mutation, processing_request, processing_response,
+    BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, ImmediateResponse,
+    ProcessingRequest, ProcessingResponse, StreamedBodyResponse, TrailersResponse, body_mutation,
+    processing_response,
 };
 use infermesh_proto::envoy::r#type::v3::HttpStatus;
 use infermesh_proto::google::protobuf::{Struct, Value, value::Kind};
 use infermesh_scheduler::ApiKind;
 
+use super::edge::{BodyChunk, Inbound, InvalidMessage, Message, RequestHead, ResponseHead};
 use crate::metrics::Outcome;
 use crate::request::{
     DESTINATION_HEADER, Dispatcher, PrefixAnswer, PrefixLookup, Prepared, Rejection, RequestMeta,
@@ -28,21 +28,21 @@ use crate::request::{
 use crate::restore::ModelRestorer;
 use crate::usage::UsageScanner;
 
-/// Filter-metadata namespace of the destination (and served-endpoint) keys.
-pub const LB_NAMESPACE: &str = "envoy.lb";
-/// Filter-metadata namespace of the gateway's subset hint.
-pub const SUBSET_NAMESPACE: &str = "envoy.lb.subset_hint";
-/// Key of the subset hint list.
-pub const SUBSET_KEY: &str = "x-gateway-destination-endpoint-subset";
-/// Key of the endpoint that actually served the request.
-pub const SERVED_KEY: &str = "x-gateway-destination-endpoint-served";
+pub use super::edge::{LB_NAMESPACE, SERVED_KEY, SUBSET_KEY, SUBSET_NAMESPACE};
+
 /// GIE's chunk size for body replies in full-duplex mode.
 pub const BODY_CHUNK: usize = 62_000;
 
 /// A protocol violation by the peer; the stream is ended with this gRPC status.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct ProtocolError(pub &'static str);
+pub enum ProtocolError {
+    /// The message itself is malformed.
+    #[error(transparent)]
+    Invalid(#[from] InvalidMessage),
+    /// A well-formed message that cannot come at this point of the exchange.
+    #[error("{0}")]
+    OutOfOrder(&'static str),
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -133,26 +133,28 @@ impl ExtProcStream {
 
     /// Handles one message from Envoy and returns what to do, in order.
     pub fn handle(&mut self, msg: ProcessingRequest) -> Result<Vec<Action>, ProtocolError> {
+        let inbound = Inbound::try_from(msg)?;
+        self.on_message(inbound)
+    }
+
+    /// Handles one converted message and returns what to do, in order.
+    pub fn on_message(&mut self, inbound: Inbound) -> Result<Vec<Action>, ProtocolError> {
         if self.phase == Phase::AwaitOwner {
-            return Err(ProtocolError(
+            return Err(ProtocolError::OutOfOrder(
                 "message received while the owner lookup is pending",
             ));
         }
-        if let Some(pc) = &msg.protocol_config {
-            self.request_mode =
-                BodySendMode::try_from(pc.request_body_mode).unwrap_or(BodySendMode::None);
-            self.response_mode =
-                BodySendMode::try_from(pc.response_body_mode).unwrap_or(BodySendMode::None);
+        if let Some(m) = inbound.modes {
+            self.request_mode = m.request;
+            self.response_mode = m.response;
         }
-        let metadata = msg.metadata_context.as_ref();
-        use processing_request::Request;
-        match msg.request {
-            Some(Request::RequestHeaders(h)) => self.on_request_headers(h, metadata).map(replies),
-            Some(Request::RequestBody(b)) => Ok(self.on_request_body(b)),
-            Some(Request::RequestTrailers(_)) => Ok(self.on_request_trailers()),
-            Some(Request::ResponseHeaders(h)) => Ok(replies(self.on_response_headers(h, metadata))),
-            Some(Request::ResponseBody(b)) => Ok(replies(self.on_response_body(b))),
-            Some(Request::ResponseTrailers(_)) => {
+        match inbound.message {
+            Message::RequestHeaders(h) => self.on_request_headers(h).map(replies),
+            Message::RequestBody(b) => Ok(self.on_request_body(b)),
+            Message::RequestTrailers => Ok(self.on_request_trailers()),
+            Message::ResponseHeaders(h) => Ok(replies(self.on_response_headers(h))),
+            Message::ResponseBody(b) => Ok(replies(self.on_response_body(b))),
+            Message::ResponseTrailers => {
                 self.finish();
                 let mut out = Vec::new();
                 if let Some(held) = self.restore.as_mut().map(ModelRestorer::finish)
@@ -165,7 +167,6 @@ impl ExtProcStream {
                 )));
                 Ok(replies(out))
             }
-            None => Err(ProtocolError("ProcessingRequest without a request")),
         }
     }
 
@@ -185,27 +186,15 @@ impl ExtProcStream {
 
     fn on_request_headers(
         &mut self,
-        h: HttpHeaders,
-        metadata: Option<&infermesh_proto::envoy::config::core::v3::Metadata>,
+        h: RequestHead,
     ) -> Result<Vec<ProcessingResponse>, ProtocolError> {
         if self.phase != Phase::AwaitHeaders {
-            return Err(ProtocolError("request headers received twice"));
+            return Err(ProtocolError::OutOfOrder("request headers received twice"));
         }
-        let headers: Vec<(String, String)> = h
-            .headers
-            .iter()
-            .flat_map(|m| m.headers.iter())
-            .map(|hv| (hv.key.clone(), header_text(hv)))
-            .collect();
-        let path = headers
-            .iter()
-            .find(|(k, _)| k == ":path")
-            .map(|(_, v)| v.as_str())
-            .unwrap_or("/");
-        self.kind = ApiKind::from_path(path);
+        self.kind = ApiKind::from_path(&h.path);
         self.meta =
-            RequestMeta::from_headers(headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        self.meta.subset = metadata.and_then(subset_hint);
+            RequestMeta::from_headers(h.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        self.meta.subset = h.subset;
         let span = tracing::debug_span!("ext_proc", request_id = %self.meta.request_id);
         let _g = span.enter();
         if h.end_of_stream || self.request_mode == BodySendMode::None {
@@ -245,7 +234,7 @@ impl ExtProcStream {
         }
     }
 
-    fn on_request_body(&mut self, b: HttpBody) -> Vec<Action> {
+    fn on_request_body(&mut self, b: BodyChunk) -> Vec<Action> {
         if self.phase != Phase::Buffering {
             return Vec::new();
         }
@@ -381,21 +370,10 @@ impl ExtProcStream {
         out
     }
 
-    fn on_response_headers(
-        &mut self,
-        h: HttpHeaders,
-        metadata: Option<&infermesh_proto::envoy::config::core::v3::Metadata>,
-    ) -> Vec<ProcessingResponse> {
-        let mut content_type = None;
-        for hv in h.headers.iter().flat_map(|m| m.headers.iter()) {
-            match hv.key.as_str() {
-                ":status" => self.response_status = header_text(hv).parse().unwrap_or(0),
-                "content-type" => content_type = Some(header_text(hv)),
-                _ => {}
-            }
-        }
-        self.served = metadata.and_then(served_endpoint);
-        self.usage = Some(UsageScanner::new(content_type.as_deref()));
+    fn on_response_headers(&mut self, h: ResponseHead) -> Vec<ProcessingResponse> {
+        self.response_status = h.status;
+        self.served = h.served;
+        self.usage = Some(UsageScanner::new(h.content_type.as_deref()));
         // Headers the client gets from the pick (the session-affinity token).
         let set: Vec<(&str, &str)> = self
             .ticket
@@ -432,7 +410,7 @@ impl ExtProcStream {
         out
     }
 
-    fn on_response_body(&mut self, b: HttpBody) -> Vec<ProcessingResponse> {
+    fn on_response_body(&mut self, b: BodyChunk) -> Vec<ProcessingResponse> {
         if let Some(u) = &mut self.usage {
             u.feed(&b.body);
         }
@@ -560,14 +538,6 @@ fn set_headers<'a>(headers: impl IntoIterator<Item = (&'a str, &'a str)>) -> Hea
     }
 }
 
-fn header_text(hv: &HeaderValue) -> String {
-    if hv.raw_value.is_empty() {
-        hv.value.clone()
-    } else {
-        String::from_utf8_lossy(&hv.raw_value).into_owned()
-    }
-}
-
 /// `envoy.lb` → `x-gateway-destination-endpoint: value`, as dynamic metadata.
 fn destination_metadata(value: &str) -> Struct {
     let inner = Struct {
@@ -590,45 +560,6 @@ fn destination_metadata(value: &str) -> Struct {
     }
 }
 
-/// The gateway's subset hint: `Some(empty)` when present but empty or unreadable.
-fn subset_hint(
-    md: &infermesh_proto::envoy::config::core::v3::Metadata,
-) -> Option<BTreeSet<SocketAddr>> {
-    let ns = md.filter_metadata.get(SUBSET_NAMESPACE)?;
-    let value = ns.fields.get(SUBSET_KEY)?;
-    let mut set = BTreeSet::new();
-    let mut add = |s: &str| {
-        for part in s.split(',') {
-            match part.trim().parse::<SocketAddr>() {
-                Ok(a) => {
-                    set.insert(a);
-                }
-                Err(_) => tracing::warn!(value = part, "ignoring an unparsable subset hint entry"),
-            }
-        }
-    };
-    match &value.kind {
-        Some(Kind::ListValue(l)) => {
-            for v in &l.values {
-                if let Some(Kind::StringValue(s)) = &v.kind {
-                    add(s);
-                }
-            }
-        }
-        Some(Kind::StringValue(s)) => add(s),
-        _ => {}
-    }
-    Some(set)
-}
-
-fn served_endpoint(md: &infermesh_proto::envoy::config::core::v3::Metadata) -> Option<SocketAddr> {
-    let ns = md.filter_metadata.get(LB_NAMESPACE)?;
-    match &ns.fields.get(SERVED_KEY)?.kind {
-        Some(Kind::StringValue(s)) => s.split(',').next()?.trim().parse().ok(),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::{HashMap, HashSet};
@@ -638,7 +569,9 @@ mod tests {
 
     use arc_swap::ArcSwap;
     use infermesh_proto::envoy::config::core::v3::{HeaderMap, Metadata};
-    use infermesh_proto::envoy::service::ext_proc::v3::ProtocolConfiguration;
+    use infermesh_proto::envoy::service::ext_proc::v3::{
+        HttpBody, HttpHeaders, ProtocolConfiguration, processing_request,
+    };
     use infermesh_proto::google::protobuf::ListValue;
     use infermesh_scheduler::{Metrics, ResolvedConfig};
 

@@ -1,0 +1,313 @@
+//! The protobuf edge of the ext_proc stream: each `ProcessingRequest` becomes an
+//! [`Inbound`] message in the machine's own terms (headers as text, the gateway's subset
+//! hint, the served endpoint, the response status), or an [`InvalidMessage`] naming what is
+//! wrong with it. The state machine never reads protobuf.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+
+use infermesh_proto::envoy::config::core::v3::{HeaderValue, Metadata};
+use infermesh_proto::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
+use infermesh_proto::envoy::service::ext_proc::v3::{
+    HttpBody, HttpHeaders, ProcessingRequest, processing_request,
+};
+use infermesh_proto::google::protobuf::value::Kind;
+
+/// Filter-metadata namespace of the destination (and served-endpoint) keys.
+pub const LB_NAMESPACE: &str = "envoy.lb";
+/// Filter-metadata namespace of the gateway's subset hint.
+pub const SUBSET_NAMESPACE: &str = "envoy.lb.subset_hint";
+/// Key of the subset hint list.
+pub const SUBSET_KEY: &str = "x-gateway-destination-endpoint-subset";
+/// Key of the endpoint that actually served the request.
+pub const SERVED_KEY: &str = "x-gateway-destination-endpoint-served";
+/// A `ProcessingRequest` the machine cannot take.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidMessage {
+    /// No request oneof set.
+    #[error("ProcessingRequest without a request")]
+    Empty,
+    /// `protocol_config` names a body mode this Envoy API does not define.
+    #[error("protocol_config.{field} = {value} is not a body send mode")]
+    BodyMode {
+        /// `request_body_mode` or `response_body_mode`.
+        field: &'static str,
+        /// The value sent.
+        value: i32,
+    },
+    /// The response headers carry a `:status` that is not an HTTP status code.
+    #[error("response :status {0:?} is not an HTTP status code")]
+    Status(String),
+}
+
+/// Body modes announced by Envoy's first message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Modes {
+    /// How the request body is sent.
+    pub request: BodySendMode,
+    /// How the response body is sent.
+    pub response: BodySendMode,
+}
+
+/// Request headers: the text pairs, the path, the gateway's subset hint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestHead {
+    /// Every header (pseudo-headers included) as text.
+    pub headers: Vec<(String, String)>,
+    /// `:path` (`/` when absent).
+    pub path: String,
+    /// `envoy.lb.subset_hint`: `Some(empty)` when present but empty or unreadable.
+    pub subset: Option<BTreeSet<SocketAddr>>,
+    /// No body follows.
+    pub end_of_stream: bool,
+}
+
+/// Response headers: status, content type, the endpoint that served.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResponseHead {
+    /// `:status` (0 when absent).
+    pub status: u16,
+    /// `content-type`.
+    pub content_type: Option<String>,
+    /// `envoy.lb` served endpoint, when Envoy reports it.
+    pub served: Option<SocketAddr>,
+    /// No body follows.
+    pub end_of_stream: bool,
+}
+
+/// A piece of a request or response body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BodyChunk {
+    /// The bytes.
+    pub body: Vec<u8>,
+    /// The last piece.
+    pub end_of_stream: bool,
+}
+
+/// One message from Envoy, in the machine's terms.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    /// Request headers.
+    RequestHeaders(RequestHead),
+    /// A request body chunk.
+    RequestBody(BodyChunk),
+    /// Request trailers (the request has ended).
+    RequestTrailers,
+    /// Response headers.
+    ResponseHeaders(ResponseHead),
+    /// A response body chunk.
+    ResponseBody(BodyChunk),
+    /// Response trailers (the response has ended).
+    ResponseTrailers,
+}
+
+/// A converted `ProcessingRequest`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Inbound {
+    /// Body modes, when this message announces them (normally the first).
+    pub modes: Option<Modes>,
+    /// The message.
+    pub message: Message,
+}
+
+impl TryFrom<ProcessingRequest> for Inbound {
+    type Error = InvalidMessage;
+
+    fn try_from(msg: ProcessingRequest) -> Result<Inbound, InvalidMessage> {
+        let modes = match &msg.protocol_config {
+            Some(pc) => Some(Modes {
+                request: body_mode("request_body_mode", pc.request_body_mode)?,
+                response: body_mode("response_body_mode", pc.response_body_mode)?,
+            }),
+            None => None,
+        };
+        let metadata = msg.metadata_context.as_ref();
+        use processing_request::Request;
+        let message = match msg.request.ok_or(InvalidMessage::Empty)? {
+            Request::RequestHeaders(h) => Message::RequestHeaders(request_head(h, metadata)),
+            Request::RequestBody(b) => Message::RequestBody(chunk(b)),
+            Request::RequestTrailers(_) => Message::RequestTrailers,
+            Request::ResponseHeaders(h) => Message::ResponseHeaders(response_head(h, metadata)?),
+            Request::ResponseBody(b) => Message::ResponseBody(chunk(b)),
+            Request::ResponseTrailers(_) => Message::ResponseTrailers,
+        };
+        Ok(Inbound { modes, message })
+    }
+}
+
+fn body_mode(field: &'static str, value: i32) -> Result<BodySendMode, InvalidMessage> {
+    BodySendMode::try_from(value).map_err(|_| InvalidMessage::BodyMode { field, value })
+}
+
+fn chunk(b: HttpBody) -> BodyChunk {
+    BodyChunk {
+        body: b.body,
+        end_of_stream: b.end_of_stream,
+    }
+}
+
+fn pairs(h: &HttpHeaders) -> impl Iterator<Item = (&str, String)> {
+    h.headers
+        .iter()
+        .flat_map(|m| m.headers.iter())
+        .map(|hv| (hv.key.as_str(), header_text(hv)))
+}
+
+fn request_head(h: HttpHeaders, metadata: Option<&Metadata>) -> RequestHead {
+    let headers: Vec<(String, String)> = pairs(&h).map(|(k, v)| (k.to_owned(), v)).collect();
+    let path = headers
+        .iter()
+        .find(|(k, _)| k == ":path")
+        .map_or_else(|| "/".to_owned(), |(_, v)| v.clone());
+    RequestHead {
+        headers,
+        path,
+        subset: metadata.and_then(subset_hint),
+        end_of_stream: h.end_of_stream,
+    }
+}
+
+fn response_head(
+    h: HttpHeaders,
+    metadata: Option<&Metadata>,
+) -> Result<ResponseHead, InvalidMessage> {
+    let mut status = 0;
+    let mut content_type = None;
+    for (k, v) in pairs(&h) {
+        match k {
+            ":status" => status = v.parse().map_err(|_| InvalidMessage::Status(v.clone()))?,
+            "content-type" => content_type = Some(v),
+            _ => {}
+        }
+    }
+    Ok(ResponseHead {
+        status,
+        content_type,
+        served: metadata.and_then(served_endpoint),
+        end_of_stream: h.end_of_stream,
+    })
+}
+
+fn header_text(hv: &HeaderValue) -> String {
+    if hv.raw_value.is_empty() {
+        hv.value.clone()
+    } else {
+        String::from_utf8_lossy(&hv.raw_value).into_owned()
+    }
+}
+
+/// The gateway's subset hint: `Some(empty)` when present but empty or unreadable.
+fn subset_hint(
+    md: &infermesh_proto::envoy::config::core::v3::Metadata,
+) -> Option<BTreeSet<SocketAddr>> {
+    let ns = md.filter_metadata.get(SUBSET_NAMESPACE)?;
+    let value = ns.fields.get(SUBSET_KEY)?;
+    let mut set = BTreeSet::new();
+    let mut add = |s: &str| {
+        for part in s.split(',') {
+            match part.trim().parse::<SocketAddr>() {
+                Ok(a) => {
+                    set.insert(a);
+                }
+                Err(_) => tracing::warn!(value = part, "ignoring an unparsable subset hint entry"),
+            }
+        }
+    };
+    match &value.kind {
+        Some(Kind::ListValue(l)) => {
+            for v in &l.values {
+                if let Some(Kind::StringValue(s)) = &v.kind {
+                    add(s);
+                }
+            }
+        }
+        Some(Kind::StringValue(s)) => add(s),
+        _ => {}
+    }
+    Some(set)
+}
+
+fn served_endpoint(md: &infermesh_proto::envoy::config::core::v3::Metadata) -> Option<SocketAddr> {
+    let ns = md.filter_metadata.get(LB_NAMESPACE)?;
+    match &ns.fields.get(SERVED_KEY)?.kind {
+        Some(Kind::StringValue(s)) => s.split(',').next()?.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use infermesh_proto::envoy::config::core::v3::HeaderMap;
+    use infermesh_proto::envoy::service::ext_proc::v3::ProtocolConfiguration;
+
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HttpHeaders {
+        HttpHeaders {
+            headers: Some(HeaderMap {
+                headers: pairs
+                    .iter()
+                    .map(|(k, v)| HeaderValue {
+                        key: (*k).into(),
+                        value: String::new(),
+                        raw_value: v.as_bytes().to_vec(),
+                    })
+                    .collect(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn malformed_messages_are_named() {
+        let empty = ProcessingRequest::default();
+        assert_eq!(Inbound::try_from(empty), Err(InvalidMessage::Empty));
+        let bad_mode = ProcessingRequest {
+            protocol_config: Some(ProtocolConfiguration {
+                request_body_mode: 42,
+                ..Default::default()
+            }),
+            request: Some(processing_request::Request::RequestTrailers(
+                Default::default(),
+            )),
+            ..Default::default()
+        };
+        assert_eq!(
+            Inbound::try_from(bad_mode),
+            Err(InvalidMessage::BodyMode {
+                field: "request_body_mode",
+                value: 42
+            })
+        );
+        let bad_status = ProcessingRequest {
+            request: Some(processing_request::Request::ResponseHeaders(headers(&[(
+                ":status", "2xx",
+            )]))),
+            ..Default::default()
+        };
+        let e = Inbound::try_from(bad_status).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "response :status \"2xx\" is not an HTTP status code"
+        );
+    }
+
+    #[test]
+    fn request_headers_become_text_pairs_and_a_path() {
+        let msg = ProcessingRequest {
+            request: Some(processing_request::Request::RequestHeaders(headers(&[
+                (":path", "/v1/chat/completions"),
+                ("x-request-id", "r1"),
+            ]))),
+            ..Default::default()
+        };
+        let Inbound { modes, message } = Inbound::try_from(msg).unwrap();
+        assert_eq!(modes, None);
+        let Message::RequestHeaders(h) = message else {
+            panic!("{message:?}");
+        };
+        assert_eq!(h.path, "/v1/chat/completions");
+        assert_eq!(h.headers[1], ("x-request-id".to_owned(), "r1".to_owned()));
+        assert_eq!(h.subset, None);
+    }
+}
