@@ -1,5 +1,6 @@
 //! Endpoint discovery from a file: an InferencePool-like YAML naming the pool's pods,
-//! their labels and target ports, plus optional InferenceObjectives. The file is watched
+//! their labels and target ports, plus optional InferenceObjectives and
+//! InferenceModelRewrites (validated by the policy store's own rules). The file is watched
 //! (notify) and re-read when it changes; a file that fails to parse or validate is
 //! reported and the previous set stays in force.
 //!
@@ -19,6 +20,15 @@
 //! kind: InferenceObjective
 //! metadata: {name: batch}
 //! spec: {priority: -1, poolRef: {name: llama}}
+//! ---
+//! apiVersion: inference.networking.x-k8s.io/v1alpha2
+//! kind: InferenceModelRewrite
+//! metadata: {name: short-names}
+//! spec:
+//!   poolRef: {name: llama}
+//!   rules:
+//!   - matches: [{model: {value: llama}}]
+//!     targets: [{modelRewrite: meta-llama/Llama-3.1-8B-Instruct}]
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -54,7 +64,7 @@ pub enum InvalidPoolFile {
     },
     /// A document of a kind this file does not hold.
     #[error(
-        "document {document}: unsupported kind {kind:?} (expected InferencePool or InferenceObjective)"
+        "document {document}: unsupported kind {kind:?} (expected InferencePool, InferenceObjective or InferenceModelRewrite)"
     )]
     UnsupportedKind {
         /// 1-based YAML document index.
@@ -169,6 +179,22 @@ struct ObjectiveSpecDoc {
     pool_ref: Option<serde_yaml_ng::Value>,
 }
 
+/// An InferenceModelRewrite, parsed and validated by the policy store's own rules, so the
+/// file and `infermesh apply` accept and refuse the same documents.
+fn rewrite_doc(
+    document: usize,
+    value: &serde_yaml_ng::Value,
+) -> Result<crate::pool_model::RewriteDoc, InvalidPoolFile> {
+    use infermesh_raft_store::policy::{PolicyObject, accept_any_epp_config, parse_documents};
+    let text = serde_yaml_ng::to_string(value).expect("a parsed YAML value serializes");
+    let object = parse_documents(&text, &accept_any_epp_config())
+        .map_err(|e| field(format!("document {document}"), e.to_string()))?;
+    match object.into_iter().next() {
+        Some(PolicyObject::InferenceModelRewrite(doc)) => Ok(doc),
+        _ => unreachable!("the document's kind is InferenceModelRewrite"),
+    }
+}
+
 fn field(field: impl Into<String>, reason: impl Into<String>) -> InvalidPoolFile {
     InvalidPoolFile::Field {
         field: field.into(),
@@ -201,6 +227,7 @@ pub fn parse_pool(text: &str) -> Result<PoolSpec, InvalidPoolFile> {
     let mut pool: Option<PoolDoc> = None;
     let mut pools = 0;
     let mut objectives = HashMap::new();
+    let mut rewrites = Vec::new();
     for (i, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let document = i + 1;
         let value = serde_yaml_ng::Value::deserialize(de).map_err(|e| InvalidPoolFile::Yaml {
@@ -227,6 +254,7 @@ pub fn parse_pool(text: &str) -> Result<PoolSpec, InvalidPoolFile> {
                 }
                 objectives.insert(doc.metadata.name, doc.spec.priority.unwrap_or(0));
             }
+            "InferenceModelRewrite" => rewrites.push(rewrite_doc(document, &value)?),
             other => {
                 return Err(InvalidPoolFile::UnsupportedKind {
                     document,
@@ -309,14 +337,19 @@ pub fn parse_pool(text: &str) -> Result<PoolSpec, InvalidPoolFile> {
         endpoints,
         models: pool.models,
         objectives,
+        rewrites: Some(rewrites),
     })
 }
 
 fn validate_ports(at: &str, ports: &[PortDoc]) -> Result<(), InvalidPoolFile> {
-    if ports.is_empty() || ports.len() > 8 {
+    use infermesh_raft_store::policy::MAX_TARGET_PORTS;
+    if ports.is_empty() || ports.len() > MAX_TARGET_PORTS {
         return Err(field(
             at,
-            format!("must list 1 to 8 ports, found {}", ports.len()),
+            format!(
+                "must list 1 to {MAX_TARGET_PORTS} ports, found {}",
+                ports.len()
+            ),
         ));
     }
     let mut seen = BTreeSet::new();
@@ -437,6 +470,27 @@ spec: {priority: -1, poolRef: {name: llama}}
         assert_eq!(p.endpoints[0].labels["llm-d.ai/role"], "decode");
         assert_eq!(p.models, ["meta-llama/Llama-3.1-8B-Instruct"]);
         assert_eq!(p.objectives["batch"], -1);
+    }
+
+    #[test]
+    fn model_rewrites_in_the_file_are_validated_like_policy() {
+        let rewrite = "apiVersion: inference.networking.x-k8s.io/v1alpha2\n\
+            kind: InferenceModelRewrite\nmetadata: {name: alias}\nspec:\n  \
+            poolRef: {name: llama}\n  rules:\n  - matches: [{model: {value: short}}]\n    \
+            targets: [{modelRewrite: meta-llama/Llama-3.1-8B-Instruct}]\n";
+        let p = parse_pool(&format!("{FILE}{rewrite}")).unwrap();
+        let docs = p.rewrites.expect("the file owns the rewrites");
+        assert_eq!(docs.len(), 1);
+        assert_eq!(docs[0].metadata.name, "alias");
+        assert_eq!(parse_pool(FILE).unwrap().rewrites, Some(Vec::new()));
+        // The policy store's rules: a rule needs at least one target.
+        let bad = rewrite.replace(
+            "    targets: [{modelRewrite: meta-llama/Llama-3.1-8B-Instruct}]\n",
+            "    targets: []\n",
+        );
+        let e = parse_pool(&format!("{FILE}{bad}")).unwrap_err().to_string();
+        assert!(e.starts_with("document 3:"), "{e}");
+        assert!(e.contains("target"), "{e}");
     }
 
     #[test]

@@ -93,7 +93,14 @@ pub struct PoolSpec {
     pub models: Vec<String>,
     /// InferenceObjective name → priority.
     pub objectives: HashMap<String, i32>,
+    /// InferenceModelRewrites this source defines: `Some` (possibly empty) when the source
+    /// owns the node's rewrites (an endpoints file), `None` when another source does (Raft).
+    pub rewrites: Option<Vec<RewriteDoc>>,
 }
+
+/// An InferenceModelRewrite document, validated as the policy store validates it.
+pub type RewriteDoc =
+    infermesh_raft_store::policy::Document<infermesh_raft_store::policy::InferenceModelRewriteSpec>;
 
 /// The pool of a simulated fleet (`infermesh-sim`), as the demo, the benchmarks and the
 /// tests build it: pool `demo` serving `model`, vLLM endpoints at `addrs`, pods named
@@ -113,6 +120,7 @@ pub fn fleet_pool(addrs: &[SocketAddr], model: &str) -> PoolSpec {
             .collect(),
         models: vec![model.to_owned()],
         objectives: Default::default(),
+        rewrites: None,
     }
 }
 

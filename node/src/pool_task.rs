@@ -211,6 +211,15 @@ impl PoolTask {
     }
 
     fn apply_spec(&mut self, spec: PoolSpec) {
+        if let Some(docs) = &spec.rewrites {
+            // The pool description owns the rewrites (an endpoints file): swap them in with
+            // the scheduler unchanged; requests already scheduled keep theirs.
+            let rewrites = crate::policy::rewrite::ModelRewrites::from_policy(
+                docs.iter().enumerate().map(|(i, d)| (i as u64, d)),
+            );
+            let policy = self.policy.load().with_rewrites(Arc::new(rewrites));
+            self.policy.store(Arc::new(policy));
+        }
         self.models
             .wanted
             .store(spec.models.is_empty(), std::sync::atomic::Ordering::Relaxed);

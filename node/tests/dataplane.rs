@@ -507,3 +507,43 @@ async fn proxy_sends_the_session_token_to_the_client() {
 async fn envoy_ext_proc_sends_the_session_token_to_the_client() {
     session_token_round_trip(true).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_rewrite_in_the_endpoints_file_takes_effect() {
+    use infermesh_node::config::EndpointSource;
+    use infermesh_raft_store::policy::{PolicyObject, accept_any_epp_config, parse_documents};
+    let yaml = format!(
+        "apiVersion: inference.networking.x-k8s.io/v1alpha2\nkind: InferenceModelRewrite\n\
+         metadata: {{name: alias}}\nspec:\n  poolRef: {{name: demo}}\n  rules:\n  \
+         - matches: [{{model: {{value: file-alias}}}}]\n    targets: [{{modelRewrite: {}}}]\n",
+        infermesh_sim::DEFAULT_MODEL
+    );
+    let docs: Vec<_> = parse_documents(&yaml, &accept_any_epp_config())
+        .expect("valid rewrite")
+        .into_iter()
+        .map(|o| match o {
+            PolicyObject::InferenceModelRewrite(d) => d,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    let h = Harness::start_with(2, false, |c| {
+        let EndpointSource::Static(spec) = &mut c.endpoints else {
+            panic!("the harness serves a static pool");
+        };
+        spec.rewrites = Some(docs);
+    })
+    .await;
+    assert_eq!(h.model, infermesh_sim::DEFAULT_MODEL);
+    let body = serde_json::json!({"model": "file-alias", "prompt": "hello", "max_tokens": 1});
+    let r = post(
+        &h.client,
+        h.entry(),
+        "/v1/completions",
+        body.to_string(),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.json()["model"], "file-alias");
+    h.stop().await;
+}

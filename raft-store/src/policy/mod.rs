@@ -7,8 +7,8 @@ pub mod state;
 
 pub use object::*;
 pub use parse::{
-    EppConfigValidator, InvalidDocument, accept_any_epp_config, parse_documents, parse_value,
-    validate_object,
+    EppConfigValidator, InvalidDocument, MAX_TARGET_PORTS, accept_any_epp_config, parse_documents,
+    parse_value, validate_object,
 };
 pub use state::{
     ChangeAction, ObjectChange, PolicyOp, PolicyRequest, PolicyResponse, PolicyState, Rejection,
