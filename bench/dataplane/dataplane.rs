@@ -541,9 +541,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut node = start_node(&infermesh, &pool, logs, "main")?;
     wait_serving(node.proxy, &model, Duration::from_secs(30), &mut node.proc_).await?;
     let root = repo_root();
-    let extproc_tpl = std::fs::read_to_string(root.join("deploy/envoy/envoy-extproc.yaml"))?
-        .replace("${EXT_PROC_HOST}", "127.0.0.1")
-        .replace("${EXT_PROC_PORT}", &node.ext_proc.port().to_string());
     let endpoints: Vec<String> = pods
         .iter()
         .map(|a| {
@@ -554,8 +551,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             )
         })
         .collect();
+    let lb_endpoints = format!("[{}]", endpoints.join(", "));
+    let extproc_tpl = std::fs::read_to_string(root.join("deploy/envoy/envoy-extproc.yaml"))?
+        .replace("${EXT_PROC_HOST}", "127.0.0.1")
+        .replace("${EXT_PROC_PORT}", &node.ext_proc.port().to_string())
+        .replace("${LB_ENDPOINTS}", &lb_endpoints);
     let static_tpl = std::fs::read_to_string(root.join("deploy/envoy/envoy-static.yaml"))?
-        .replace("${LB_ENDPOINTS}", &format!("[{}]", endpoints.join(", ")));
+        .replace("${LB_ENDPOINTS}", &lb_endpoints);
     let (mut envoy_x, envoy_x_addr) =
         start_envoy(&args.envoy, extproc_tpl.clone(), logs, "extproc")?;
     wait_serving(envoy_x_addr, &model, Duration::from_secs(30), &mut envoy_x).await?;
@@ -600,7 +602,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     )?;
     let null_tpl = std::fs::read_to_string(root.join("deploy/envoy/envoy-extproc.yaml"))?
         .replace("${EXT_PROC_HOST}", "127.0.0.1")
-        .replace("${EXT_PROC_PORT}", &null_addr.port().to_string());
+        .replace("${EXT_PROC_PORT}", &null_addr.port().to_string())
+        .replace("${LB_ENDPOINTS}", &lb_endpoints);
     let (mut envoy_n, envoy_n_addr) = start_envoy(&args.envoy, null_tpl, logs, "null")?;
     wait_serving(envoy_n_addr, &model, Duration::from_secs(30), &mut envoy_n).await?;
 

@@ -547,3 +547,54 @@ async fn a_model_rewrite_in_the_endpoints_file_takes_effect() {
     assert_eq!(r.json()["model"], "file-alias");
     h.stop().await;
 }
+
+/// Through Envoy, the scheduler's fallbacks (`maxNumOfEndpoints: 2`) are used: when the
+/// primary refuses the connection, the override-host policy retries on the fallback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_takes_the_fallback_when_the_primary_refuses() {
+    let cfg = infermesh_scheduler::load_config(
+        "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n\
+         plugins:\n- type: queue-scorer\n- type: prefix-cache-scorer\n\
+         - type: max-score-picker\n  parameters: {maxNumOfEndpoints: 2}\n\
+         schedulingProfiles:\n- name: default\n  plugins:\n  \
+         - {pluginRef: prefix-cache-scorer, weight: 3}\n  - {pluginRef: queue-scorer}\n  \
+         - {pluginRef: max-score-picker}\n",
+    )
+    .expect("valid config");
+    let h = Harness::start_with(3, true, |c| {
+        c.scheduler = cfg;
+        // Scrape rarely so the stopped pod still looks up when the request arrives.
+        c.scrape.interval = std::time::Duration::from_secs(30);
+        c.staleness = std::time::Duration::from_secs(60);
+    })
+    .await;
+    let entry = h.entry();
+    let r = post(
+        &h.client,
+        entry,
+        "/v1/completions",
+        prefixed_prompt(&h.model, 9, 0),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let home = h.served(&r);
+    let index = h.pods.iter().position(|p| *p == home).expect("a pod");
+    h.fleet.stop_pod(index).await;
+    assert!(
+        h.node.pool().slot(home).expect("slot").is_up(),
+        "scraper noticed too early for this test"
+    );
+    // The same prefix: the scheduler still picks the stopped pod first, with a fallback.
+    let r = post(
+        &h.client,
+        entry,
+        "/v1/completions",
+        prefixed_prompt(&h.model, 9, 1),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_ne!(h.served(&r), home, "served by the fallback");
+    h.stop().await;
+}

@@ -24,8 +24,11 @@ use prost::{Message, Name};
 use crate::config::XdsConfig;
 use crate::input::{AppProtocol, FailureMode, InferencePoolSpec, XdsInput};
 
-/// Header the picker sets to the chosen `ip:port`; the ORIGINAL_DST cluster reads it.
+/// Header (and `envoy.lb` metadata key) the picker sets to the chosen `ip:port`s, primary
+/// first; the override-host policy reads it (the ORIGINAL_DST cluster, the primary only).
 pub const DESTINATION_ENDPOINT_HEADER: &str = "x-gateway-destination-endpoint";
+/// `envoy.lb` metadata key where the override-host policy reports the endpoint that served.
+pub const SERVED_ENDPOINT_KEY: &str = "x-gateway-destination-endpoint-served";
 /// Name of the HTTP connection manager network filter.
 const HCM_FILTER: &str = "envoy.filters.network.http_connection_manager";
 /// Name of the ext_proc HTTP filter.
@@ -224,11 +227,61 @@ fn original_dst_cluster(pool: &InferencePoolSpec, cfg: &XdsConfig) -> cluster::C
     c
 }
 
+/// The override-host load-balancing policy (GIE's EPP contract): the picked endpoints
+/// come from the `x-gateway-destination-endpoint` header or the same key in `envoy.lb`
+/// metadata, primary first, later ones used on retries; the endpoint that served is
+/// written back to `envoy.lb`; with no pick, round robin.
+fn override_host_policy() -> cluster::LoadBalancingPolicy {
+    use infermesh_proto::envoy::extensions::load_balancing_policies::override_host::v3 as oh;
+    use infermesh_proto::envoy::extensions::load_balancing_policies::round_robin::v3 as rr;
+    use infermesh_proto::envoy::r#type::metadata::v3::{MetadataKey, metadata_key};
+    let lb_key = |key: &str| MetadataKey {
+        key: "envoy.lb".into(),
+        path: vec![metadata_key::PathSegment {
+            segment: Some(metadata_key::path_segment::Segment::Key(key.into())),
+        }],
+    };
+    let policy = |name: &str, config: Any| cluster::load_balancing_policy::Policy {
+        typed_extension_config: Some(core::TypedExtensionConfig {
+            name: name.into(),
+            typed_config: Some(config),
+        }),
+    };
+    let override_host = oh::OverrideHost {
+        override_host_sources: vec![
+            oh::override_host::OverrideHostSource {
+                header: DESTINATION_ENDPOINT_HEADER.into(),
+                metadata: None,
+            },
+            oh::override_host::OverrideHostSource {
+                header: String::new(),
+                metadata: Some(lb_key(DESTINATION_ENDPOINT_HEADER)),
+            },
+        ],
+        selected_host_key: Some(lb_key(SERVED_ENDPOINT_KEY)),
+        fallback_policy: Some(cluster::LoadBalancingPolicy {
+            policies: vec![policy(
+                "envoy.load_balancing_policies.round_robin",
+                to_any(&rr::RoundRobin::default()),
+            )],
+        }),
+    };
+    cluster::LoadBalancingPolicy {
+        policies: vec![policy(
+            "envoy.load_balancing_policies.override_host",
+            to_any(&override_host),
+        )],
+    }
+}
+
+/// The pool's endpoints (EDS) behind the override-host policy: the pick and its fallbacks
+/// when a request carries one, round robin when the pool fails open without one.
 fn fallback_cluster(pool: &InferencePoolSpec, cfg: &XdsConfig) -> cluster::Cluster {
     let mut c = eds_cluster(
         &pool_fallback_cluster(&pool.name),
         cfg.upstream_connect_timeout,
     );
+    c.load_balancing_policy = Some(override_host_policy());
     if pool.app_protocol == AppProtocol::H2c {
         c.typed_extension_protocol_options = http2_options();
     }
@@ -355,7 +408,21 @@ fn pool_route(pool: &InferencePoolSpec, cfg: &XdsConfig) -> route::RouteConfigur
                 ..Default::default()
             }],
         )),
-        action: Some(route_to(pool_original_dst_cluster(&pool.name), timeout)),
+        action: Some(if pool.endpoints.is_empty() {
+            // Endpoints unknown to xDS: the ORIGINAL_DST cluster reaches the primary only.
+            route_to(pool_original_dst_cluster(&pool.name), timeout)
+        } else {
+            let mut action = route_to(pool_fallback_cluster(&pool.name), timeout);
+            if let route::route::Action::Route(r) = &mut action {
+                // A refused or reset connection is retried on the next picked endpoint.
+                r.retry_policy = Some(route::RetryPolicy {
+                    retry_on: "connect-failure,refused-stream,reset".into(),
+                    num_retries: Some(u32_value(2)),
+                    ..Default::default()
+                });
+            }
+            action
+        }),
         ..Default::default()
     };
     // No pick: the picker was unreachable and the pool fails open (round robin over the
@@ -575,6 +642,65 @@ mod tests {
         };
         assert!(cfg.use_http_header);
         assert_eq!(cfg.http_header_name, DESTINATION_ENDPOINT_HEADER);
+    }
+
+    #[test]
+    fn picked_requests_go_through_the_override_host_policy_with_retries() {
+        use infermesh_proto::envoy::extensions::load_balancing_policies::override_host::v3::OverrideHost;
+        let res = translate(&input(), &XdsConfig::default());
+        let c = res
+            .clusters
+            .iter()
+            .find(|c| c.name == "infermesh/pool/llama/endpoints")
+            .unwrap();
+        let policy = &c
+            .load_balancing_policy
+            .as_ref()
+            .expect("an LB policy")
+            .policies[0];
+        let ext = policy.typed_extension_config.as_ref().unwrap();
+        assert_eq!(ext.name, "envoy.load_balancing_policies.override_host");
+        let oh = OverrideHost::decode(ext.typed_config.as_ref().unwrap().value.as_slice()).unwrap();
+        assert_eq!(
+            oh.override_host_sources[0].header,
+            DESTINATION_ENDPOINT_HEADER
+        );
+        let md = oh.override_host_sources[1].metadata.as_ref().unwrap();
+        assert_eq!(md.key, "envoy.lb");
+        assert!(oh.fallback_policy.is_some(), "round robin without a pick");
+        let route = &res.routes[0].virtual_hosts[0].routes[0];
+        let Some(route::route::Action::Route(r)) = &route.action else {
+            panic!("{route:?}")
+        };
+        assert_eq!(
+            r.cluster_specifier,
+            Some(route::route_action::ClusterSpecifier::Cluster(
+                "infermesh/pool/llama/endpoints".into()
+            ))
+        );
+        let retry = r
+            .retry_policy
+            .as_ref()
+            .expect("retries reach the fallbacks");
+        assert!(
+            retry.retry_on.contains("connect-failure"),
+            "{}",
+            retry.retry_on
+        );
+        // A pool whose endpoints xDS does not know keeps the ORIGINAL_DST route.
+        let mut i = input();
+        i.pools[0].endpoints.clear();
+        let res = translate(&i, &XdsConfig::default());
+        let Some(route::route::Action::Route(r)) = &res.routes[0].virtual_hosts[0].routes[0].action
+        else {
+            panic!()
+        };
+        assert_eq!(
+            r.cluster_specifier,
+            Some(route::route_action::ClusterSpecifier::Cluster(
+                "infermesh/pool/llama/original-dst".into()
+            ))
+        );
     }
 
     #[test]

@@ -20,10 +20,15 @@ use support::{PickerNode, XdsNode, start_backend};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn pool(port: u16, backend: SocketAddr) -> InferencePoolSpec {
-    let mut p =
-        InferencePoolSpec::new("llama", ([127, 0, 0, 1], port).into(), vec![backend.port()]);
-    p.endpoints = vec![backend.ip()];
+/// A pool of `backends` (one IP, a target port each): the override-host policy only sends
+/// a request to a picked endpoint that is in the pool.
+fn pool(port: u16, backends: &[SocketAddr]) -> InferencePoolSpec {
+    let mut p = InferencePoolSpec::new(
+        "llama",
+        ([127, 0, 0, 1], port).into(),
+        backends.iter().map(SocketAddr::port).collect(),
+    );
+    p.endpoints = vec![backends[0].ip()];
     p
 }
 
@@ -44,7 +49,7 @@ async fn scenario(api_type: &str) {
 
     let port = free_port();
     let mut input = XdsInput {
-        pools: vec![pool(port, backend_a)],
+        pools: vec![pool(port, &[backend_a, backend_b])],
         ext_proc_endpoints: vec![picker_1.addr, picker_2.addr],
         grpc_services: vec![],
     };
@@ -150,7 +155,7 @@ async fn scenario(api_type: &str) {
 
     // 4. Policy change: the pool moves to a new port and fails open.
     let new_port = free_port();
-    input.pools = vec![pool(new_port, backend_a)];
+    input.pools = vec![pool(new_port, &[backend_a])];
     input.pools[0].failure_mode = FailureMode::FailOpen;
     survivor.publish(&input).unwrap();
     let moved: SocketAddr = ([127, 0, 0, 1], new_port).into();
@@ -179,7 +184,7 @@ async fn scenario(api_type: &str) {
     let taken_port = taken.local_addr().unwrap().port();
     let good = input.clone();
     let mut bad = input.clone();
-    let mut extra = pool(taken_port, backend_b);
+    let mut extra = pool(taken_port, &[backend_b]);
     extra.name = "busy".into();
     bad.pools.push(extra);
     survivor.publish(&bad).unwrap();

@@ -43,11 +43,27 @@ fn template(name: &str) -> String {
 }
 
 impl Envoy {
-    /// Starts Envoy with `deploy/envoy/envoy-extproc.yaml` pointed at `ext_proc`.
-    pub async fn start_ext_proc(ext_proc: SocketAddr, client: &HttpClient) -> Envoy {
+    /// Starts Envoy with `deploy/envoy/envoy-extproc.yaml` pointed at `ext_proc`, with
+    /// `pods` as the pool cluster's endpoints.
+    pub async fn start_ext_proc(
+        ext_proc: SocketAddr,
+        pods: &[SocketAddr],
+        client: &HttpClient,
+    ) -> Envoy {
+        let endpoints: Vec<String> = pods
+            .iter()
+            .map(|a| {
+                format!(
+                    "{{endpoint: {{address: {{socket_address: {{address: {}, port_value: {}}}}}}}}}",
+                    a.ip(),
+                    a.port()
+                )
+            })
+            .collect();
         let cfg = template("envoy-extproc.yaml")
             .replace("${EXT_PROC_HOST}", &ext_proc.ip().to_string())
-            .replace("${EXT_PROC_PORT}", &ext_proc.port().to_string());
+            .replace("${EXT_PROC_PORT}", &ext_proc.port().to_string())
+            .replace("${LB_ENDPOINTS}", &format!("[{}]", endpoints.join(", ")));
         Envoy::start(cfg, client).await
     }
 
@@ -237,7 +253,7 @@ impl Harness {
         );
         let client = http_client(Duration::from_secs(2));
         let envoy = if with_envoy {
-            Some(Envoy::start_ext_proc(node.ext_proc_addr, &client).await)
+            Some(Envoy::start_ext_proc(node.ext_proc_addr, &addrs, &client).await)
         } else {
             None
         };
