@@ -127,6 +127,9 @@ pub struct NodeMetrics {
     endpoint_staleness: Family<EndpointLabels, Gauge<f64, AtomicU64>>,
     endpoint_up: Family<EndpointLabels, Gauge>,
     endpoint_in_flight: Family<EndpointLabels, Gauge>,
+    // The `picks` counter of each endpoint by address: the request path counts a pick
+    // without formatting the address or hashing a label set.
+    pick_counters: parking_lot::RwLock<std::collections::HashMap<std::net::SocketAddr, Counter>>,
 }
 
 impl Default for NodeMetrics {
@@ -219,7 +222,24 @@ impl NodeMetrics {
             endpoint_staleness,
             endpoint_up,
             endpoint_in_flight,
+            pick_counters: Default::default(),
         }
+    }
+
+    /// Counts one primary pick of `endpoint` in `infermesh_picks_total`.
+    pub fn count_pick(&self, endpoint: std::net::SocketAddr) {
+        if let Some(c) = self.pick_counters.read().get(&endpoint) {
+            c.inc();
+            return;
+        }
+        let c = self
+            .picks
+            .get_or_create(&EndpointLabels {
+                endpoint: endpoint.to_string(),
+            })
+            .clone();
+        c.inc();
+        self.pick_counters.write().insert(endpoint, c);
     }
 
     /// Counts one finished request.

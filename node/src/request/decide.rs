@@ -14,7 +14,7 @@ use super::RequestMeta;
 use super::owners::PrefixAnswer;
 use super::prepare::{Dispatcher, Prepared};
 use super::rejection::{NoEndpoint, Rejection};
-use crate::metrics::{EndpointLabels, Outcome};
+use crate::metrics::Outcome;
 use crate::pool::EndpointSlot;
 use crate::usage::Usage;
 
@@ -45,12 +45,7 @@ impl Dispatcher {
     ) -> Result<SchedulingResult, Rejection> {
         let result = self.schedule_over(p, &p.candidates, answer, now)?;
         let primary = result.destinations()[0];
-        self.metrics
-            .picks
-            .get_or_create(&EndpointLabels {
-                endpoint: primary.to_string(),
-            })
-            .inc();
+        self.metrics.count_pick(primary);
         if let Some(m) = &result.prefix_match
             && m.total_blocks() > 0
         {
