@@ -9,6 +9,7 @@
 pub mod body;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -50,15 +51,16 @@ pub fn router(dispatcher: Dispatcher, client: HttpClient, cfg: ProxyConfig) -> R
         .route("/v1/models", get(models))
         .route("/health", get(|| async { "ok" }))
         .fallback(inference)
-        .with_state(ProxyState {
+        // One Arc clone per request instead of cloning every handle inside the state.
+        .with_state(Arc::new(ProxyState {
             dispatcher,
             client,
             cfg,
-        })
+        }))
 }
 
 /// Every POST path goes to the parser its path picks; other methods are not routed.
-async fn inference(State(s): State<ProxyState>, req: Request) -> Response {
+async fn inference(State(s): State<Arc<ProxyState>>, req: Request) -> Response {
     if req.method() != http::Method::POST {
         let mut resp = Response::new(Body::from(format!(
             "{} {} is not routed: the proxy routes POST requests and GET /v1/models\n",
@@ -72,7 +74,7 @@ async fn inference(State(s): State<ProxyState>, req: Request) -> Response {
     handle(s, kind, req).await
 }
 
-async fn models(State(s): State<ProxyState>) -> Response {
+async fn models(State(s): State<Arc<ProxyState>>) -> Response {
     let pool = s.dispatcher.pool().load();
     let mut ids: Vec<&String> = pool.models.iter().collect();
     ids.sort();
@@ -87,7 +89,7 @@ fn error_response(r: &Rejection, request_id: &str) -> Response {
     r.to_http(request_id).map(Body::from)
 }
 
-async fn handle(s: ProxyState, kind: ApiKind, req: Request) -> Response {
+async fn handle(s: Arc<ProxyState>, kind: ApiKind, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let meta = RequestMeta::from_http(&parts.headers);
     let request_id = meta.request_id.clone();
