@@ -541,17 +541,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut node = start_node(&infermesh, &pool, logs, "main")?;
     wait_serving(node.proxy, &model, Duration::from_secs(30), &mut node.proc_).await?;
     let root = repo_root();
-    let endpoints: Vec<String> = pods
-        .iter()
-        .map(|a| {
-            format!(
-                "{{endpoint: {{address: {{socket_address: {{address: {}, port_value: {}}}}}}}}}",
-                a.ip(),
-                a.port()
-            )
-        })
-        .collect();
-    let lb_endpoints = format!("[{}]", endpoints.join(", "));
+    let lb_endpoints = infermesh_testkit::envoy::lb_endpoints(&pods);
     let extproc_tpl = std::fs::read_to_string(root.join("deploy/envoy/envoy-extproc.yaml"))?
         .replace("${EXT_PROC_HOST}", "127.0.0.1")
         .replace("${EXT_PROC_PORT}", &node.ext_proc.port().to_string())

@@ -505,8 +505,9 @@ impl Mesh {
         }
     }
 
-    /// Records a pick at the anchor's owners (here if this node owns it, batched otherwise).
-    pub fn prefix_record(&self, anchor: u64, hashes: Vec<u64>, endpoint: PodId) {
+    /// Records a pick at the anchor's owners (here if this node owns it, batched otherwise);
+    /// true when this node is one of the owners.
+    pub fn prefix_record(&self, anchor: u64, hashes: Vec<u64>, endpoint: PodId) -> bool {
         let ring = self.ring();
         let owners = ring.owners(anchor, self.config.prefix.replicas.get());
         let local = owners.contains(&&self.shared.me);
@@ -524,6 +525,7 @@ impl Mesh {
                 endpoint,
             }));
         }
+        local
     }
 
     /// Block entries this node's owner-side index holds.

@@ -250,16 +250,25 @@ async fn proxy_retries_when_a_pod_refuses_connections() {
         c.staleness = std::time::Duration::from_secs(60);
     })
     .await;
+    let (home, r) = stop_home_then_resend(&h, 7).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_ne!(h.served(&r), home);
+    h.stop().await;
+}
+
+/// Sends a prompt of prefix group `group`, stops the pod that served it (before its scraper
+/// notices), and sends the group again: returns that pod and the second response.
+async fn stop_home_then_resend(h: &Harness, group: usize) -> (std::net::SocketAddr, support::Resp) {
     let entry = h.entry();
     let r = post(
         &h.client,
         entry,
         "/v1/completions",
-        prefixed_prompt(&h.model, 7, 0),
+        prefixed_prompt(&h.model, group, 0),
         &[],
     )
     .await;
-    assert_eq!(r.status, 200);
+    assert_eq!(r.status, 200, "{:?}", r.body);
     let home = h.served(&r);
     let index = h.pods.iter().position(|p| *p == home).expect("a pod");
     h.fleet.stop_pod(index).await;
@@ -271,13 +280,11 @@ async fn proxy_retries_when_a_pod_refuses_connections() {
         &h.client,
         entry,
         "/v1/completions",
-        prefixed_prompt(&h.model, 7, 1),
+        prefixed_prompt(&h.model, group, 1),
         &[],
     )
     .await;
-    assert_eq!(r.status, 200, "{:?}", r.body);
-    assert_ne!(h.served(&r), home);
-    h.stop().await;
+    (home, r)
 }
 
 /// The gRPC health services llm-d's EPP exposes answer SERVING once the pool is synced.
@@ -568,32 +575,8 @@ async fn envoy_takes_the_fallback_when_the_primary_refuses() {
         c.staleness = std::time::Duration::from_secs(60);
     })
     .await;
-    let entry = h.entry();
-    let r = post(
-        &h.client,
-        entry,
-        "/v1/completions",
-        prefixed_prompt(&h.model, 9, 0),
-        &[],
-    )
-    .await;
-    assert_eq!(r.status, 200, "{:?}", r.body);
-    let home = h.served(&r);
-    let index = h.pods.iter().position(|p| *p == home).expect("a pod");
-    h.fleet.stop_pod(index).await;
-    assert!(
-        h.node.pool().slot(home).expect("slot").is_up(),
-        "scraper noticed too early for this test"
-    );
-    // The same prefix: the scheduler still picks the stopped pod first, with a fallback.
-    let r = post(
-        &h.client,
-        entry,
-        "/v1/completions",
-        prefixed_prompt(&h.model, 9, 1),
-        &[],
-    )
-    .await;
+    // The same prefix again: the scheduler still picks the stopped pod first, with a fallback.
+    let (home, r) = stop_home_then_resend(&h, 9).await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_ne!(h.served(&r), home, "served by the fallback");
     h.stop().await;

@@ -10,6 +10,22 @@ use anyhow::{Context, bail};
 
 use crate::net::{blocking_get, http_get, workspace_dir};
 
+/// The `${LB_ENDPOINTS}` value of the `deploy/envoy` templates: `pods` as a YAML flow list
+/// of `lb_endpoints`.
+pub fn lb_endpoints(pods: &[SocketAddr]) -> String {
+    let endpoints: Vec<String> = pods
+        .iter()
+        .map(|a| {
+            format!(
+                "{{endpoint: {{address: {{socket_address: {{address: {}, port_value: {}}}}}}}}}",
+                a.ip(),
+                a.port()
+            )
+        })
+        .collect();
+    format!("[{}]", endpoints.join(", "))
+}
+
 /// How long Envoy may take to write its admin address.
 const START: Duration = Duration::from_secs(30);
 

@@ -236,13 +236,14 @@ fn served_endpoint(md: &infermesh_proto::envoy::config::core::v3::Metadata) -> O
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use infermesh_proto::envoy::config::core::v3::HeaderMap;
     use infermesh_proto::envoy::service::ext_proc::v3::ProtocolConfiguration;
 
     use super::*;
 
-    fn headers(pairs: &[(&str, &str)]) -> HttpHeaders {
+    /// Headers as Envoy sends them (raw values), for this module's and the stream's tests.
+    pub(crate) fn headers(pairs: &[(&str, &str)], end_of_stream: bool) -> HttpHeaders {
         HttpHeaders {
             headers: Some(HeaderMap {
                 headers: pairs
@@ -254,6 +255,7 @@ mod tests {
                     })
                     .collect(),
             }),
+            end_of_stream,
             ..Default::default()
         }
     }
@@ -280,9 +282,10 @@ mod tests {
             })
         );
         let bad_status = ProcessingRequest {
-            request: Some(processing_request::Request::ResponseHeaders(headers(&[(
-                ":status", "2xx",
-            )]))),
+            request: Some(processing_request::Request::ResponseHeaders(headers(
+                &[(":status", "2xx")],
+                true,
+            ))),
             ..Default::default()
         };
         let e = Inbound::try_from(bad_status).unwrap_err();
@@ -295,10 +298,10 @@ mod tests {
     #[test]
     fn request_headers_become_text_pairs_and_a_path() {
         let msg = ProcessingRequest {
-            request: Some(processing_request::Request::RequestHeaders(headers(&[
-                (":path", "/v1/chat/completions"),
-                ("x-request-id", "r1"),
-            ]))),
+            request: Some(processing_request::Request::RequestHeaders(headers(
+                &[(":path", "/v1/chat/completions"), ("x-request-id", "r1")],
+                false,
+            ))),
             ..Default::default()
         };
         let Inbound { modes, message } = Inbound::try_from(msg).unwrap();

@@ -568,9 +568,9 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use arc_swap::ArcSwap;
-    use infermesh_proto::envoy::config::core::v3::{HeaderMap, Metadata};
+    use infermesh_proto::envoy::config::core::v3::Metadata;
     use infermesh_proto::envoy::service::ext_proc::v3::{
-        HttpBody, HttpHeaders, ProtocolConfiguration, processing_request,
+        HttpBody, ProtocolConfiguration, processing_request,
     };
     use infermesh_proto::google::protobuf::ListValue;
     use infermesh_scheduler::{Metrics, ResolvedConfig};
@@ -654,22 +654,7 @@ mod tests {
         })
     }
 
-    fn headers(pairs: &[(&str, &str)], end_of_stream: bool) -> HttpHeaders {
-        HttpHeaders {
-            headers: Some(HeaderMap {
-                headers: pairs
-                    .iter()
-                    .map(|(k, v)| HeaderValue {
-                        key: (*k).into(),
-                        value: String::new(),
-                        raw_value: v.as_bytes().to_vec(),
-                    })
-                    .collect(),
-            }),
-            end_of_stream,
-            ..Default::default()
-        }
-    }
+    use super::super::edge::tests::headers;
 
     fn req_headers(
         pc: Option<ProtocolConfiguration>,

@@ -72,10 +72,11 @@ impl PrefixOwners for MeshPrefixOwners {
         let Some(mesh) = self.mesh.upgrade() else {
             return;
         };
+        let mut owner = false;
         for e in endpoints {
-            mesh.prefix_record(anchor, hashes.to_vec(), PodId::from(*e));
+            owner |= mesh.prefix_record(anchor, hashes.to_vec(), PodId::from(*e));
         }
-        if !mesh.prefix_owners(anchor).contains(mesh.node_id()) {
+        if !owner && !endpoints.is_empty() {
             self.recent
                 .insert(anchor, hashes, endpoints, Instant::now());
         }

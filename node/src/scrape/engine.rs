@@ -117,10 +117,13 @@ pub struct EngineTable {
 }
 
 impl EngineTable {
-    /// llm-d's built-in engines.
-    pub fn builtin() -> EngineTable {
-        EngineTable::from_params(&CoreMetricsExtractorParams::default())
-            .expect("the built-in engine configs compile")
+    /// llm-d's built-in engines (compiled once per process).
+    pub fn builtin() -> &'static EngineTable {
+        static BUILTIN: std::sync::LazyLock<EngineTable> = std::sync::LazyLock::new(|| {
+            EngineTable::from_params(&CoreMetricsExtractorParams::default())
+                .expect("the built-in engine configs compile")
+        });
+        &BUILTIN
     }
 
     /// The engines of a `core-metrics-extractor` (built-ins merged in, as llm-d does).

@@ -98,7 +98,7 @@ impl Default for MetricsSource {
     fn default() -> Self {
         MetricsSource {
             path: "/metrics".into(),
-            engines: engine::EngineTable::builtin(),
+            engines: engine::EngineTable::builtin().clone(),
             engine_label: engine::ENGINE_LABEL.into(),
             default_engine: engine::Engine::Vllm,
         }

@@ -50,20 +50,13 @@ impl Envoy {
         pods: &[SocketAddr],
         client: &HttpClient,
     ) -> Envoy {
-        let endpoints: Vec<String> = pods
-            .iter()
-            .map(|a| {
-                format!(
-                    "{{endpoint: {{address: {{socket_address: {{address: {}, port_value: {}}}}}}}}}",
-                    a.ip(),
-                    a.port()
-                )
-            })
-            .collect();
         let cfg = template("envoy-extproc.yaml")
             .replace("${EXT_PROC_HOST}", &ext_proc.ip().to_string())
             .replace("${EXT_PROC_PORT}", &ext_proc.port().to_string())
-            .replace("${LB_ENDPOINTS}", &format!("[{}]", endpoints.join(", ")));
+            .replace(
+                "${LB_ENDPOINTS}",
+                &infermesh_testkit::envoy::lb_endpoints(pods),
+            );
         Envoy::start(cfg, client).await
     }
 
