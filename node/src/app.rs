@@ -185,6 +185,7 @@ async fn spawn_health(
             for service in [
                 "readiness",
                 "envoy.service.ext_proc.v3.ExternalProcessor",
+                infermesh_xds::bootstrap::ADS_HEALTH_SERVICE,
                 "",
             ] {
                 reporter

@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use infermesh_xds::{AdsApi, BootstrapOptions, envoy_bootstrap};
 
 use crate::net::{blocking_get, http_get, workspace_dir};
 
@@ -71,39 +72,15 @@ impl Envoy {
     /// and waits until its admin listener is up.
     pub async fn start(node_id: &str, api_type: &str, xds: &[SocketAddr]) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
-        let endpoints: Vec<_> = xds
-            .iter()
-            .map(|a| {
-                serde_json::json!({"endpoint": {"address": {"socket_address": {
-                    "address": a.ip().to_string(), "port_value": a.port()}}}})
-            })
-            .collect();
-        let bootstrap = serde_json::json!({
-            "node": {"id": node_id, "cluster": "infermesh-test"},
-            "dynamic_resources": {
-                "ads_config": {
-                    "api_type": api_type,
-                    "transport_api_version": "V3",
-                    "grpc_services": [{"envoy_grpc": {"cluster_name": "infermesh-xds"}}],
-                    "set_node_on_first_message_only": true
-                },
-                "lds_config": {"ads": {}, "resource_api_version": "V3"},
-                "cds_config": {"ads": {}, "resource_api_version": "V3"}
-            },
-            "static_resources": {"clusters": [{
-                "name": "infermesh-xds",
-                "type": "STATIC",
-                "connect_timeout": "0.25s",
-                "typed_extension_protocol_options": {
-                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                        "explicit_http_config": {"http2_protocol_options": {}}
-                    }
-                },
-                "load_assignment": {"cluster_name": "infermesh-xds", "endpoints": [{"lb_endpoints": endpoints}]}
-            }]},
-            "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}}
-        });
+        let mut opts = BootstrapOptions::new(node_id, xds.iter().map(|a| a.to_string()).collect());
+        opts.node_cluster = "infermesh-test".into();
+        opts.admin = "127.0.0.1:0".parse()?;
+        opts.api = match api_type {
+            "GRPC" => AdsApi::Sotw,
+            "DELTA_GRPC" => AdsApi::Delta,
+            other => bail!("unknown ADS api_type {other:?} (GRPC or DELTA_GRPC)"),
+        };
+        let bootstrap = envoy_bootstrap(&opts)?;
         let config = dir.path().join("bootstrap.json");
         std::fs::write(&config, serde_json::to_vec_pretty(&bootstrap)?)?;
         let admin_path = dir.path().join("admin-address");

@@ -45,6 +45,7 @@
 //! # let _ = (grpc, status_json); Ok(()) }
 //! ```
 
+pub mod bootstrap;
 mod codec;
 pub mod config;
 mod delta;
@@ -61,6 +62,7 @@ mod stream;
 mod stream_core;
 pub mod translate;
 
+pub use bootstrap::{AdsApi, BootstrapError, BootstrapOptions, envoy_bootstrap};
 pub use config::{InvalidXdsConfig, XdsConfig};
 pub use delta::DeltaStream;
 pub use error::{Inconsistency, InvalidInput, PublishError};

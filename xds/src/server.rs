@@ -103,10 +103,19 @@ impl XdsServer {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), tonic::transport::Error> {
+        // Envoy's ADS cluster health-checks this name (see `bootstrap`).
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status(
+                crate::bootstrap::ADS_HEALTH_SERVICE,
+                tonic_health::ServingStatus::Serving,
+            )
+            .await;
         tonic::transport::Server::builder()
             // Notice Envoys that vanished without closing their connection.
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(health)
             .add_service(self.service())
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),

@@ -18,6 +18,34 @@ pub enum XdsCommand {
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         output: Output,
     },
+    /// Print an Envoy bootstrap that takes its listeners and clusters from the tier over
+    /// ADS, with the keepalives and health checks that move it off a stalled node.
+    Bootstrap {
+        /// Envoy's node id.
+        #[arg(long)]
+        node_id: String,
+        /// Every node's ADS address, HOST:PORT (comma-separated or repeated).
+        #[arg(long, required = true, value_delimiter = ',')]
+        xds: Vec<String>,
+        /// Use Delta (incremental) ADS instead of State of the World.
+        #[arg(long)]
+        delta: bool,
+        /// Envoy's admin listener.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin_addr: std::net::SocketAddr,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "yaml")]
+        format: BootstrapFormat,
+    },
+}
+
+/// Bootstrap file formats (Envoy reads both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BootstrapFormat {
+    /// YAML.
+    Yaml,
+    /// JSON.
+    Json,
 }
 
 /// Output formats.
@@ -32,6 +60,13 @@ pub enum Output {
 /// Runs an `xds` subcommand.
 pub fn run(cmd: XdsCommand) -> ExitCode {
     match cmd {
+        XdsCommand::Bootstrap {
+            node_id,
+            xds,
+            delta,
+            admin_addr,
+            format,
+        } => bootstrap(node_id, xds, delta, admin_addr, format),
         XdsCommand::Status { server, output } => {
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -59,6 +94,42 @@ pub fn run(cmd: XdsCommand) -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// `infermesh xds bootstrap`.
+fn bootstrap(
+    node_id: String,
+    xds: Vec<String>,
+    delta: bool,
+    admin: std::net::SocketAddr,
+    format: BootstrapFormat,
+) -> ExitCode {
+    let mut opts = infermesh_xds::BootstrapOptions::new(node_id, xds);
+    opts.admin = admin;
+    if delta {
+        opts.api = infermesh_xds::AdsApi::Delta;
+    }
+    let value = match infermesh_xds::envoy_bootstrap(&opts) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(crate::cli::EXIT_CONFIG);
+        }
+    };
+    let text = match format {
+        BootstrapFormat::Json => serde_json::to_string_pretty(&value).map_err(|e| e.to_string()),
+        BootstrapFormat::Yaml => serde_yaml_ng::to_string(&value).map_err(|e| e.to_string()),
+    };
+    match text {
+        Ok(t) => {
+            println!("{t}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: cannot print the bootstrap: {e}");
+            ExitCode::FAILURE
         }
     }
 }
