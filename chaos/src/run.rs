@@ -193,7 +193,7 @@ async fn leader(tier: &Tier) -> Option<usize> {
             .call(http::Method::GET, "/v1/cluster/status", None)
             .await
             .ok()?;
-        if s["raft"]["role"] == "leader" {
+        if s["raft"]["role"] == "Leader" {
             return Some(i);
         }
     }
@@ -503,8 +503,12 @@ async fn run_tier(
                 .await
                 .with_context(|| format!("fault {kind} round {round}"))?;
             w.hit_before = rate(before, at_inject);
-            let conv = wait_converged(&tier, opts.converge_limit, false).await;
-            w.converged = conv.ok().map(|c| c.duration_since(t0));
+            match wait_converged(&tier, opts.converge_limit, false).await {
+                Ok(c) => w.converged = Some(c.duration_since(t0)),
+                Err(last) => {
+                    w.note.push_str(&format!("; not converged: {last}"));
+                }
+            }
             let after = cache_counters(&tier).await;
             tokio::time::sleep(POST).await;
             w.hit_after = rate(after, cache_counters(&tier).await);
@@ -536,9 +540,13 @@ async fn run_tier(
     if let Some(last) = windows.last_mut() {
         last.end = end;
     }
-    let final_converged = wait_converged(&tier, opts.converge_limit, true)
-        .await
-        .is_ok();
+    let final_converged = match wait_converged(&tier, opts.converge_limit, true).await {
+        Ok(_) => true,
+        Err(last) => {
+            eprintln!("final convergence failed: {last}");
+            false
+        }
+    };
     let mut finals: Vec<Vec<KeyState>> = Vec::new();
     let mut read_error = None;
     for n in &tier.nodes {

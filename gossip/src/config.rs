@@ -153,6 +153,10 @@ pub struct SwimConfig {
     /// How often to retry announcing to seeds while no member is known.
     #[serde(with = "humantime_serde")]
     pub join_retry: Duration,
+    /// Interval of announces to members declared down, so the two sides of a healed
+    /// partition (or blackhole) find each other again without a restart.
+    #[serde(with = "humantime_serde")]
+    pub down_announce_interval: Duration,
 }
 
 impl Default for SwimConfig {
@@ -165,6 +169,7 @@ impl Default for SwimConfig {
             gossip_interval: Duration::from_millis(100),
             announce_interval: Duration::from_secs(5),
             join_retry: Duration::from_millis(250),
+            down_announce_interval: Duration::from_secs(1),
         }
     }
 }
@@ -175,6 +180,7 @@ impl SwimConfig {
         nonzero("swim.probe_rtt", self.probe_rtt)?;
         nonzero("swim.gossip_interval", self.gossip_interval)?;
         nonzero("swim.announce_interval", self.announce_interval)?;
+        nonzero("swim.down_announce_interval", self.down_announce_interval)?;
         nonzero("swim.join_retry", self.join_retry)?;
         if self.probe_rtt >= self.probe_period {
             return Err(InvalidMeshConfig {
@@ -224,6 +230,10 @@ impl SwimConfig {
         c.periodic_announce = Some(foca::PeriodicParams {
             frequency: self.announce_interval,
             num_members: NonZeroUsize::new(1).expect("nonzero"),
+        });
+        c.periodic_announce_to_down_members = Some(foca::PeriodicParams {
+            frequency: self.down_announce_interval,
+            num_members: NonZeroUsize::new(2).expect("nonzero"),
         });
         c
     }

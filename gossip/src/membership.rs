@@ -466,6 +466,8 @@ mod tests {
             seq: u64,
             now: Duration,
             latency: Duration,
+            /// A node whose datagrams, both ways, are dropped.
+            blackholed: Option<usize>,
         }
 
         impl Sim {
@@ -501,6 +503,7 @@ mod tests {
                     seq: 0,
                     now: Duration::ZERO,
                     latency: Duration::from_micros(300),
+                    blackholed: None,
                 }
             }
 
@@ -517,6 +520,9 @@ mod tests {
                         .iter()
                         .position(|id| id.gossip == dst.gossip)
                         .unwrap();
+                    if self.blackholed.is_some_and(|b| b == node || b == to) {
+                        continue;
+                    }
                     self.push(
                         self.now + self.latency,
                         Event::Deliver {
@@ -590,6 +596,40 @@ mod tests {
                     .collect();
                 v.sort();
                 v
+            }
+        }
+
+        #[test]
+        fn the_two_sides_of_a_healed_blackhole_find_each_other_again() {
+            let config = SwimConfig::default();
+            let n = 3;
+            for seed in 0..5u64 {
+                let mut sim = Sim::new(n, &config, seed);
+                sim.join_all();
+                let formed = sim.run(Duration::from_secs(5), |s| {
+                    (0..n).all(|i| s.live_view(i).len() == n - 1)
+                });
+                assert!(formed.is_some(), "seed {seed}: cluster did not form");
+                // Node 0 is the one every other node joined through: no one has a seed
+                // to announce to afterwards, only the down members.
+                let victim = 0;
+                sim.blackholed = Some(victim);
+                let split = sim.run(sim.now + Duration::from_secs(20), |s| {
+                    s.live_view(victim).is_empty() && (1..n).all(|i| s.live_view(i).len() == n - 2)
+                });
+                assert!(
+                    split.is_some(),
+                    "seed {seed}: the blackhole was not noticed"
+                );
+                sim.blackholed = None;
+                let healed_at = sim.now;
+                let healed = sim.run(healed_at + Duration::from_secs(10), |s| {
+                    (0..n).all(|i| s.live_view(i).len() == n - 1)
+                });
+                assert!(
+                    healed.is_some(),
+                    "seed {seed}: still split 10 s after the blackhole healed"
+                );
             }
         }
 
