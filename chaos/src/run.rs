@@ -707,17 +707,12 @@ async fn inject_and_heal(
                 .context("data dir")?
                 .to_owned();
             std::fs::remove_file(dir.join("filler"))?;
-            if tier.nodes[victim_node].proc.running()
-                && tier
-                    .wait_admin(victim_node, Duration::from_secs(2))
-                    .await
-                    .is_ok()
-            {
-                note.push_str("; the node stayed up");
-            } else {
-                note.push_str("; the node exited and was restarted");
+            if tier.nodes[victim_node].proc.exited() {
+                note.push_str("; the node exited on the storage error and was restarted");
                 tier.nodes[victim_node].proc.kill();
                 tier.restart_node(victim_node).await?;
+            } else {
+                note.push_str("; the node stayed up (no write needed new space)");
             }
         }
         FaultKind::PodKill => tier.restart_pod(victim_pod)?,
@@ -730,6 +725,9 @@ async fn inject_and_heal(
     }
     events.push(heal);
     if watch_ads && kind != FaultKind::RollingRestart {
+        if !note.is_empty() {
+            note.push_str("; ");
+        }
         note.push_str(&match ads_moved {
             Some(d) => format!("ADS stream moved off {vname} after {} ms", d.as_millis()),
             None => format!("ADS stream stayed on {vname} for the whole fault"),

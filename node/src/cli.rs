@@ -247,15 +247,36 @@ fn serve(args: ServeArgs) -> ExitCode {
             }
             None => None,
         };
-        wait_for_signal().await;
+        // A node whose policy store died (its disk filled up or failed) exits, so that its
+        // supervisor restarts it on the same data once the disk is usable again; serving
+        // on with a dead Raft member would leave it routing on policy it can no longer
+        // follow.
+        let fatal = async {
+            match &policy {
+                Some(p) => Some(p.fatal().await),
+                None => std::future::pending().await,
+            }
+        };
+        let failed = tokio::select! {
+            () = wait_for_signal() => None,
+            e = fatal => e,
+        };
+        let code = match &failed {
+            Some(e) => {
+                tracing::error!(error = %e, "the policy store stopped; exiting for a restart");
+                eprintln!("error: the policy store stopped: {e}");
+                ExitCode::FAILURE
+            }
+            None => ExitCode::SUCCESS,
+        };
         tracing::info!("shutting down");
         if let Some(p) = policy {
             // Hand Raft leadership off before leaving, so writes pause for one hand-off
             // instead of an election timeout.
-            p.shutdown(true).await;
+            p.shutdown(failed.is_none()).await;
         }
         node.shutdown(args.shutdown_grace).await;
-        ExitCode::SUCCESS
+        code
     })
 }
 

@@ -389,6 +389,12 @@ impl PolicyNode {
         self.admin_addr
     }
 
+    /// Resolves when the policy store stopped on a fatal error (full or failing disk),
+    /// naming it.
+    pub async fn fatal(&self) -> String {
+        self.store.fatal().await
+    }
+
     /// The model rewrites of applied policy (swapped whole on each change), for the
     /// request path to resolve `model` → target model with the request's RNG.
     pub fn rewrites(&self) -> Arc<ArcSwap<ModelRewrites>> {

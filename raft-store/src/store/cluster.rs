@@ -123,6 +123,21 @@ impl PolicyStore {
         }
     }
 
+    /// Resolves when Raft has stopped on a fatal error (a storage failure such as a full
+    /// disk), naming it. Raft does not recover from those in-process: the caller should
+    /// exit so that its supervisor restarts it on the same data.
+    pub async fn fatal(&self) -> String {
+        let mut rx = self.inner.raft.metrics();
+        loop {
+            if let Err(e) = &rx.borrow_and_update().running_state {
+                return e.to_string();
+            }
+            if rx.changed().await.is_err() {
+                return "Raft stopped".to_owned();
+            }
+        }
+    }
+
     pub(super) fn metrics(&self) -> openraft::RaftMetrics<NodeId, Node> {
         self.inner.raft.metrics().borrow().clone()
     }
