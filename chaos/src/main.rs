@@ -48,6 +48,10 @@ struct RunArgs {
     /// Simulated pods.
     #[arg(long, default_value_t = 4)]
     pods: usize,
+    /// Envoys (default: 2 in namespace mode, 1 on loopback, where they would share the
+    /// listener port).
+    #[arg(long)]
+    envoys: Option<usize>,
     /// Client requests per second.
     #[arg(long, default_value_t = 40.0)]
     rate: f64,
@@ -122,9 +126,19 @@ fn run_cmd(a: RunArgs) -> Result<bool> {
         bail!("--pods and --rate must be above zero");
     }
     let bins = Binaries::beside_self()?;
+    let envoys = match (a.mode, a.envoys) {
+        (Mode::Loopback, Some(n)) if n > 1 => {
+            bail!("--envoys above 1 needs --mode netns (on loopback they share the listener port)")
+        }
+        (_, Some(n)) if n == 0 || n > 8 => bail!("--envoys must be 1..=8"),
+        (_, Some(n)) => n,
+        (Mode::Netns, None) => 2,
+        (Mode::Loopback, None) => 1,
+    };
     let size = TierSize {
         nodes: a.nodes,
         pods: a.pods,
+        envoys,
     };
     let names = size.host_names();
     let names: Vec<&str> = names.iter().map(String::as_str).collect();

@@ -189,9 +189,9 @@ pub fn markdown(result: &RunResult, svg_name: Option<&str>) -> String {
         o.size.nodes,
         o.size.pods,
         if result.envoy {
-            "through Envoy (ADS from the tier)"
+            format!("spread over {} Envoys (ADS from the tier)", result.envoys)
         } else {
-            "spread over the nodes' proxies"
+            "spread over the nodes' proxies".to_owned()
         },
         o.rate,
         o.writers,

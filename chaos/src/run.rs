@@ -2,7 +2,7 @@
 //! fault of the scenario round after round, heal it, wait for the tier to converge, and
 //! hand everything recorded to [`crate::report`].
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -95,6 +95,8 @@ pub struct RunResult {
     pub mode: Mode,
     /// Whether traffic went through Envoy.
     pub envoy: bool,
+    /// Envoys traffic was spread over.
+    pub envoys: usize,
     /// Faults, in order.
     pub windows: Vec<Window>,
     /// Client requests.
@@ -171,18 +173,23 @@ fn live(tier: &Tier) -> Vec<usize> {
         .collect()
 }
 
-/// The node holding Envoy's ADS stream, if any (`except` is not asked).
-async fn ads_node(tier: &Tier, except: Option<usize>) -> Option<usize> {
+/// Which node holds each Envoy's ADS stream (Envoy node id → node index), asking every
+/// live node but `except`.
+async fn ads_holders(tier: &Tier, except: Option<usize>) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
     for i in live(tier).into_iter().filter(|i| Some(*i) != except) {
-        let r = get_json(tier.nodes[i].metrics(), "/debug/xds").await?;
-        let held = r["envoys"]
-            .as_array()
-            .is_some_and(|v| v.iter().any(|e| e["connected_streams"].as_u64() > Some(0)));
-        if held {
-            return Some(i);
+        let Some(r) = get_json(tier.nodes[i].metrics(), "/debug/xds").await else {
+            continue;
+        };
+        for e in r["envoys"].as_array().into_iter().flatten() {
+            if e["connected_streams"].as_u64() > Some(0)
+                && let Some(id) = e["node_id"].as_str()
+            {
+                out.insert(id.to_owned(), i);
+            }
         }
     }
-    None
+    out
 }
 
 /// The Raft leader's index, as the live nodes report it.
@@ -216,7 +223,7 @@ async fn converged(tier: &Tier, policy_too: bool) -> Result<(), String> {
     let mut leader = None;
     let mut applied = None;
     let mut versions = None;
-    let mut envoy_synced = tier.envoy.is_none();
+    let mut synced_envoys = BTreeSet::new();
     for &i in &nodes {
         let n = &tier.nodes[i];
         let name = &n.name;
@@ -273,16 +280,20 @@ async fn converged(tier: &Tier, policy_too: bool) -> Result<(), String> {
                     && e["types"]
                         .as_array()
                         .is_some_and(|t| t.iter().all(|t| t["in_sync"] == true))
+                    && let Some(id) = e["node_id"].as_str()
                 {
-                    envoy_synced = true;
+                    synced_envoys.insert(id.to_owned());
                 }
             }
         }
     }
-    if envoy_synced {
+    let want: BTreeSet<String> = tier.envoy_ids().into_iter().collect();
+    if synced_envoys == want {
         Ok(())
     } else {
-        Err("Envoy holds no ADS stream in sync with any node".into())
+        Err(format!(
+            "Envoys in sync over ADS: {synced_envoys:?} of {want:?}"
+        ))
     }
 }
 
@@ -447,18 +458,19 @@ async fn run_tier(
     let t0 = Instant::now();
     if let Err(last) = wait_converged(&tier, Duration::from_secs(90), false).await {
         let mut why = format!("\nlast disagreement: {last}");
-        if let Some(e) = tier.envoy.as_mut()
-            && e.exited()
-        {
-            why.push_str(&format!("\nEnvoy exited:\n{}", e.log_tail(5)));
+        for e in tier.envoys.iter_mut() {
+            if e.exited() {
+                why.push_str(&format!("\n{} exited:\n{}", e.host.name, e.log_tail(5)));
+            }
         }
         bail!("the tier did not converge after start (logs in the run directory){why}");
     }
 
-    let envoy = tier.listener().is_some() && !opts.via_proxies;
-    let target = match tier.listener() {
-        Some(l) if envoy => Target::One(l),
-        _ => Target::Spread(tier.nodes.iter().map(|n| n.proxy()).collect()),
+    let envoy = !tier.envoys.is_empty() && !opts.via_proxies;
+    let target = if envoy {
+        Target::Spread(tier.listeners())
+    } else {
+        Target::Spread(tier.nodes.iter().map(|n| n.proxy()).collect())
     };
     let stop = Arc::new(AtomicBool::new(false));
     let load = Load {
@@ -563,6 +575,7 @@ async fn run_tier(
         opts: opts.clone(),
         mode: net.mode,
         envoy,
+        envoys: tier.envoys.len(),
         windows,
         records,
         writes: all_writes,
@@ -587,8 +600,10 @@ async fn inject_and_heal(
     let n = tier.nodes.len();
     let mut note = String::new();
     let victim_node = match kind {
-        FaultKind::PauseAds => ads_node(tier, None)
+        FaultKind::PauseAds => ads_holders(tier, None)
             .await
+            .into_values()
+            .next()
             .context("no node holds Envoy's ADS stream")?,
         FaultKind::LeaderKill | FaultKind::DiskFull => {
             leader(tier).await.context("no Raft leader")?
@@ -601,6 +616,7 @@ async fn inject_and_heal(
         _ => rng.random_range(0..n),
     };
     let victim_pod = rng.random_range(0..tier.pods.len());
+    let victim_envoy = rng.random_range(0..tier.envoys.len().max(1));
     let others: Vec<std::net::IpAddr> = (0..n)
         .filter(|j| *j != victim_node)
         .map(|j| tier.nodes[j].ip())
@@ -609,18 +625,23 @@ async fn inject_and_heal(
     let victim = if kind.strikes_node() {
         vname.clone()
     } else if kind == FaultKind::EnvoyRestart {
-        "envoy".to_owned()
+        format!("envoy{}", victim_envoy + 1)
     } else {
         format!("pod{victim_pod}")
     };
     // Whether the fault strikes the node holding Envoy's ADS stream: then the stream has to
     // move, and the hold watches for it.
-    let ads_before = if kind.strikes_node() {
-        ads_node(tier, None).await
+    let on_victim: Vec<String> = if kind.strikes_node() {
+        ads_holders(tier, None)
+            .await
+            .into_iter()
+            .filter(|(_, i)| *i == victim_node)
+            .map(|(id, _)| id)
+            .collect()
     } else {
-        None
+        Vec::new()
     };
-    let watch_ads = ads_before == Some(victim_node);
+    let watch_ads = !on_victim.is_empty();
     let mut ads_moved = None;
     let mut events = vec![t0.elapsed()];
     let inject = events[0];
@@ -656,10 +677,10 @@ async fn inject_and_heal(
         FaultKind::PodSlow => {}
         FaultKind::EnvoyRestart => {
             let bin = tier.bins.envoy.clone().context("no envoy")?;
-            if let Some(e) = tier.envoy.as_mut() {
+            if let Some(e) = tier.envoys.get_mut(victim_envoy) {
                 e.kill();
             }
-            tier.start_envoy(&bin)?;
+            tier.start_envoy(victim_envoy, &bin)?;
         }
         FaultKind::RollingRestart => {
             for i in 0..n {
@@ -682,11 +703,10 @@ async fn inject_and_heal(
             tier.pods[victim_pod].resume()?;
             tokio::time::sleep(Duration::from_millis(200)).await;
         } else {
-            if watch_ads
-                && ads_moved.is_none()
-                && kind != FaultKind::RollingRestart
-                && ads_node(tier, Some(victim_node)).await.is_some()
-            {
+            if watch_ads && ads_moved.is_none() && kind != FaultKind::RollingRestart && {
+                let now = ads_holders(tier, Some(victim_node)).await;
+                on_victim.iter().all(|id| now.contains_key(id))
+            } {
                 ads_moved = Some(t0.elapsed().saturating_sub(inject));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -729,8 +749,15 @@ async fn inject_and_heal(
             note.push_str("; ");
         }
         note.push_str(&match ads_moved {
-            Some(d) => format!("ADS stream moved off {vname} after {} ms", d.as_millis()),
-            None => format!("ADS stream stayed on {vname} for the whole fault"),
+            Some(d) => format!(
+                "ADS of {} moved off {vname} after {} ms",
+                on_victim.join(", "),
+                d.as_millis()
+            ),
+            None => format!(
+                "ADS of {} stayed on {vname} for the whole fault",
+                on_victim.join(", ")
+            ),
         });
     }
     Ok(Window {

@@ -249,10 +249,11 @@ pub struct Tier {
     pub nodes: Vec<NodeProc>,
     /// Pods.
     pub pods: Vec<Proc>,
-    /// Envoy, when installed.
-    pub envoy: Option<Proc>,
-    envoy_host: Host,
-    envoy_admin: Option<SocketAddr>,
+    /// The Envoys (none when Envoy is not installed).
+    pub envoys: Vec<Proc>,
+    envoy_hosts: Vec<Host>,
+    /// The Envoy listener address the nodes serve over LDS.
+    listener: SocketAddr,
     /// Envoy gets the plain ADS bootstrap (no keepalives or health checks): the baseline.
     pub plain_ads: bool,
 }
@@ -264,6 +265,8 @@ pub struct TierSize {
     pub nodes: usize,
     /// Simulated pods.
     pub pods: usize,
+    /// Envoys (one on loopback: they would share the listener port).
+    pub envoys: usize,
 }
 
 impl TierSize {
@@ -271,7 +274,7 @@ impl TierSize {
     pub fn host_names(&self) -> Vec<String> {
         let mut v: Vec<String> = (1..=self.nodes).map(|i| format!("n{i}")).collect();
         v.extend((0..self.pods).map(|i| format!("pod{i}")));
-        v.push("envoy".into());
+        v.extend((1..=self.envoys).map(|i| format!("envoy{i}")));
         v.push("client".into());
         v
     }
@@ -303,15 +306,23 @@ impl Tier {
             ));
         }
         std::fs::write(dir.join("pool.yaml"), pool)?;
-        let envoy_host = net.host("envoy").clone();
+        let envoy_hosts: Vec<Host> = (1..=size.envoys)
+            .map(|i| net.host(&format!("envoy{i}")).clone())
+            .collect();
+        // One LDS listener serves every Envoy: on the wildcard address when each has its
+        // own namespace, on the only Envoy's address on loopback.
+        let listener = match net.mode {
+            crate::net::Mode::Netns => SocketAddr::from(([0, 0, 0, 0], LISTENER_PORT)),
+            crate::net::Mode::Loopback => SocketAddr::new(envoy_hosts[0].ip, LISTENER_PORT),
+        };
         let mut tier = Tier {
             bins,
             dir: dir.to_owned(),
             nodes: Vec::new(),
             pods,
-            envoy: None,
-            envoy_host,
-            envoy_admin: None,
+            envoys: Vec::new(),
+            envoy_hosts,
+            listener,
             plain_ads,
         };
         for i in 0..size.nodes {
@@ -340,7 +351,9 @@ impl Tier {
             tier.wait_admin(i, Duration::from_secs(60)).await?;
         }
         if let Some(envoy) = tier.bins.envoy.clone() {
-            tier.start_envoy(&envoy)?;
+            for i in 0..size.envoys {
+                tier.start_envoy(i, &envoy)?;
+            }
         }
         Ok(tier)
     }
@@ -377,7 +390,7 @@ impl Tier {
             .arg("--mesh-addr")
             .arg(SocketAddr::new(ip, MESH_PORT).to_string())
             .arg("--xds-listener")
-            .arg(SocketAddr::new(self.envoy_host.ip, LISTENER_PORT).to_string())
+            .arg(self.listener.to_string())
             .arg("--endpoints")
             .arg(self.dir.join("pool.yaml"))
             .arg("--cluster-key-file")
@@ -430,51 +443,45 @@ impl Tier {
         }
     }
 
-    /// Starts (or restarts) Envoy with the tier's ADS bootstrap.
-    pub fn start_envoy(&mut self, bin: &Path) -> Result<()> {
+    /// Starts (or restarts) Envoy `i` with the tier's ADS bootstrap.
+    pub fn start_envoy(&mut self, i: usize, bin: &Path) -> Result<()> {
+        let host = self.envoy_hosts[i].clone();
         let xds: Vec<String> = self.nodes.iter().map(|n| n.grpc().to_string()).collect();
-        let mut opts = infermesh_xds::BootstrapOptions::new("chaos-envoy", xds);
-        let admin = SocketAddr::new(self.envoy_host.ip, 9901);
-        opts.admin = admin;
-        let mut bootstrap = infermesh_xds::envoy_bootstrap(&opts)?;
-        if std::env::var_os("CHAOS_OLD_BOOTSTRAP").is_some() {
-            let c = &mut bootstrap["static_resources"]["clusters"][0];
-            c.as_object_mut().unwrap().remove("health_checks");
-            c["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
-                ["explicit_http_config"]["http2_protocol_options"] = serde_json::json!({});
-        }
-        let path = self.dir.join("envoy-bootstrap.json");
+        let mut opts = infermesh_xds::BootstrapOptions::new(format!("chaos-{}", host.name), xds);
+        opts.admin = SocketAddr::new(host.ip, 9901);
+        opts.stall_detection = !self.plain_ads;
+        let bootstrap = infermesh_xds::envoy_bootstrap(&opts)?;
+        let path = self.dir.join(format!("{}-bootstrap.json", host.name));
         std::fs::write(&path, serde_json::to_vec_pretty(&bootstrap)?)?;
-        let mut cmd = self.envoy_host.command(bin);
+        let mut cmd = host.command(bin);
         cmd.arg("-c")
             .arg(&path)
-            .args([
-                "--use-dynamic-base-id",
-                "-l",
-                "warning",
-                "--concurrency",
-                "2",
-            ])
-            .args(["--drain-time-s", "1"]);
-        self.envoy = Some(Proc::spawn(
-            &self.envoy_host,
-            cmd,
-            self.dir.join("envoy.log"),
-        )?);
-        self.envoy_admin = Some(admin);
+            .args(["--use-dynamic-base-id", "-l", "warning"])
+            .args(["--concurrency", "1", "--drain-time-s", "1"]);
+        let proc = Proc::spawn(&host, cmd, self.dir.join(format!("{}.log", host.name)))?;
+        if i < self.envoys.len() {
+            self.envoys[i] = proc;
+        } else {
+            self.envoys.push(proc);
+        }
         Ok(())
     }
 
-    /// Envoy's pool listener, when Envoy runs.
-    pub fn listener(&self) -> Option<SocketAddr> {
-        self.envoy
-            .as_ref()
-            .map(|_| SocketAddr::new(self.envoy_host.ip, LISTENER_PORT))
+    /// Every Envoy's pool listener.
+    pub fn listeners(&self) -> Vec<SocketAddr> {
+        self.envoys
+            .iter()
+            .map(|e| SocketAddr::new(e.host.ip, LISTENER_PORT))
+            .collect()
     }
 
-    /// Envoy's admin address.
-    pub fn envoy_admin(&self) -> Option<SocketAddr> {
-        self.envoy_admin
+    /// Node ids of the Envoys.
+    pub fn envoy_ids(&self) -> Vec<String> {
+        self.envoy_hosts
+            .iter()
+            .take(self.envoys.len())
+            .map(|h| format!("chaos-{}", h.name))
+            .collect()
     }
 
     /// Index of the node named `name`.
