@@ -12,3 +12,5 @@ cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace --all-targets
 # --all-targets leaves doctests out; they run here.
 cargo test --workspace --doc
+# The CI-sized chaos run, alone on the machine (it loads every core).
+scripts/chaos-ci.sh
