@@ -115,6 +115,8 @@ pub struct RunResult {
     pub elapsed: Duration,
     /// The run's start, which every offset counts from.
     pub t0: Instant,
+    /// The machine's load averages (1, 5, 15 min) before and after the run.
+    pub load: (String, String),
 }
 
 const PRE: Duration = Duration::from_secs(2);
@@ -399,8 +401,15 @@ fn monitor(
     })
 }
 
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
 /// Runs `opts` on `net`.
 pub async fn run(opts: RunOptions, net: &Network, bins: Binaries) -> Result<RunResult> {
+    let load_before = loadavg();
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     let mut skipped = Vec::new();
     let faults: Vec<FaultKind> = opts
@@ -428,7 +437,10 @@ pub async fn run(opts: RunOptions, net: &Network, bins: Binaries) -> Result<RunR
     };
     let result = run_tier(&opts, net, bins, &faults, &mut rng, skipped).await;
     unmount(&mounted);
-    result
+    result.map(|mut r| {
+        r.load = (load_before, loadavg());
+        r
+    })
 }
 
 async fn run_tier(
@@ -585,6 +597,7 @@ async fn run_tier(
         final_converged,
         elapsed: end,
         t0,
+        load: Default::default(),
     })
 }
 
@@ -605,7 +618,7 @@ async fn inject_and_heal(
             .into_values()
             .next()
             .context("no node holds Envoy's ADS stream")?,
-        FaultKind::LeaderKill | FaultKind::DiskFull => {
+        FaultKind::LeaderKill | FaultKind::LeaderPartition | FaultKind::DiskFull => {
             leader(tier).await.context("no Raft leader")?
         }
         FaultKind::Delay => tier
@@ -648,7 +661,9 @@ async fn inject_and_heal(
     match kind {
         FaultKind::Kill | FaultKind::LeaderKill => tier.nodes[victim_node].proc.kill(),
         FaultKind::Pause | FaultKind::PauseAds => tier.nodes[victim_node].proc.pause()?,
-        FaultKind::Partition => net.block(&vname, &others, Direction::Both)?,
+        FaultKind::Partition | FaultKind::LeaderPartition => {
+            net.block(&vname, &others, Direction::Both)?
+        }
         FaultKind::OneWay => net.block(&vname, &others, Direction::Inbound)?,
         FaultKind::Blackhole => {
             let all: Vec<_> = net
@@ -716,9 +731,11 @@ async fn inject_and_heal(
     match kind {
         FaultKind::Kill | FaultKind::LeaderKill => tier.restart_node(victim_node).await?,
         FaultKind::Pause | FaultKind::PauseAds => tier.nodes[victim_node].proc.resume()?,
-        FaultKind::Partition | FaultKind::OneWay | FaultKind::Blackhole | FaultKind::Loss => {
-            net.heal(&vname)?
-        }
+        FaultKind::Partition
+        | FaultKind::LeaderPartition
+        | FaultKind::OneWay
+        | FaultKind::Blackhole
+        | FaultKind::Loss => net.heal(&vname)?,
         FaultKind::Delay => relay.context("no relay")?.set_delay(Duration::ZERO),
         FaultKind::DiskFull => {
             let dir = tier.nodes[victim_node]

@@ -37,11 +37,13 @@ pub enum FaultKind {
     RollingRestart,
     /// SIGKILL the Raft leader while writes flow; restart it after the hold.
     LeaderKill,
+    /// Cut the Raft leader off from the other nodes while writes flow through every node.
+    LeaderPartition,
 }
 
 impl FaultKind {
     /// Every kind, in report order.
-    pub const ALL: [FaultKind; 15] = [
+    pub const ALL: [FaultKind; 16] = [
         FaultKind::Kill,
         FaultKind::Pause,
         FaultKind::PauseAds,
@@ -57,6 +59,7 @@ impl FaultKind {
         FaultKind::EnvoyRestart,
         FaultKind::RollingRestart,
         FaultKind::LeaderKill,
+        FaultKind::LeaderPartition,
     ];
 
     /// Its name on the command line and in reports.
@@ -77,6 +80,7 @@ impl FaultKind {
             FaultKind::EnvoyRestart => "envoy-restart",
             FaultKind::RollingRestart => "rolling-restart",
             FaultKind::LeaderKill => "leader-kill",
+            FaultKind::LeaderPartition => "leader-partition",
         }
     }
 
@@ -84,7 +88,11 @@ impl FaultKind {
     pub fn needs_netns(self) -> bool {
         matches!(
             self,
-            FaultKind::Partition | FaultKind::OneWay | FaultKind::Blackhole | FaultKind::Loss
+            FaultKind::Partition
+                | FaultKind::OneWay
+                | FaultKind::Blackhole
+                | FaultKind::Loss
+                | FaultKind::LeaderPartition
         )
     }
 
@@ -114,7 +122,8 @@ impl FaultKind {
             | FaultKind::PauseAds
             | FaultKind::Partition
             | FaultKind::OneWay
-            | FaultKind::Blackhole => Duration::from_secs(12),
+            | FaultKind::Blackhole
+            | FaultKind::LeaderPartition => Duration::from_secs(12),
             _ => Duration::from_secs(5),
         }
     }
@@ -143,7 +152,7 @@ pub struct Scenario {
 }
 
 /// Named scenarios besides the single faults.
-pub const GROUPS: [(&str, &str); 3] = [
+pub const GROUPS: [(&str, &str); 4] = [
     (
         "ci",
         "kill, pause-ads and partition, two rounds each (a few minutes)",
@@ -155,6 +164,10 @@ pub const GROUPS: [(&str, &str); 3] = [
     (
         "failover",
         "kill and pause, ten rounds each: failover time p50/p99",
+    ),
+    (
+        "policy",
+        "leader kill and leader partition, five rounds each, while writes flow",
     ),
 ];
 
@@ -168,6 +181,7 @@ pub fn scenario(name: &str, rounds: Option<usize>) -> Option<Scenario> {
         ),
         "all" => (FaultKind::ALL.to_vec(), 1),
         "failover" => (vec![FaultKind::Kill, FaultKind::Pause], 10),
+        "policy" => (vec![FaultKind::LeaderKill, FaultKind::LeaderPartition], 5),
         other => (vec![FaultKind::parse(other)?], 3),
     };
     Some(Scenario {
