@@ -21,6 +21,8 @@ pub struct WindowFigures {
     pub sent: usize,
     /// Of them, failed.
     pub failed: usize,
+    /// Failed requests that were in flight when an event (injection, step, heal) happened.
+    pub failed_in_flight: usize,
     /// Failed requests neither in flight at an event nor started within the detection
     /// window after one: the failures the tier should not have had.
     pub failed_after_window: usize,
@@ -50,11 +52,14 @@ pub fn figures(
         .filter(|r| r.start >= start && r.start < end)
         .collect();
     let failed: Vec<&&Record> = in_win.iter().filter(|r| r.failed()).collect();
+    let in_flight = |r: &Record| w.events.iter().any(|&e| r.start < e && r.end >= e);
     let explained = |r: &Record| {
-        w.events
-            .iter()
-            .any(|&e| (r.start < e && r.end >= e) || (r.start >= e && r.start < e + detection))
+        in_flight(r)
+            || w.events
+                .iter()
+                .any(|&e| r.start >= e && r.start < e + detection)
     };
+    let failed_in_flight = failed.iter().filter(|r| in_flight(r)).count();
     let failed_after_window = failed.iter().filter(|r| !explained(r)).count();
     let failover = failed
         .iter()
@@ -89,6 +94,7 @@ pub fn figures(
     WindowFigures {
         sent: in_win.len(),
         failed: failed.len(),
+        failed_in_flight,
         failed_after_window,
         failover,
         longest_gap,
@@ -211,18 +217,19 @@ pub fn markdown(result: &RunResult, svg_name: Option<&str>) -> String {
         }
         s.push('\n');
     }
-    s.push_str("| fault | round | victim | sent | failed | failed after window | failover ms | longest gap ms | writes acked | converge ms | hit before | hit after | note |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+    s.push_str("| fault | round | victim | sent | failed | in flight at an event | failed after window | failover ms | longest gap ms | writes acked | converge ms | hit before | hit after | note |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
     for w in &result.windows {
         let f = figures(w, &result.records, result, o.detection);
         let pct = |h: Option<f64>| h.map_or("–".into(), |h| format!("{:.1}%", h * 100.0));
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             w.kind,
             w.round,
             w.victim,
             f.sent,
             f.failed,
+            f.failed_in_flight,
             f.failed_after_window,
             ms(f.failover),
             ms(f.longest_gap),
@@ -415,4 +422,109 @@ pub fn timeline(result: &RunResult, path: &Path) -> Result<()> {
         .map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::Mode;
+    use crate::run::{RunOptions, RunResult, Window};
+    use crate::scenario::scenario;
+    use crate::tier::TierSize;
+    use crate::traffic::{Outcome, Record};
+    use std::time::Instant;
+
+    fn s(ms: u64) -> Duration {
+        Duration::from_millis(ms)
+    }
+
+    fn rec(start: u64, end: u64, ok: bool) -> Record {
+        Record {
+            start: s(start),
+            end: s(end),
+            outcome: if ok {
+                Outcome::Ok
+            } else {
+                Outcome::Error("reset".into())
+            },
+        }
+    }
+
+    fn result(records: Vec<Record>) -> RunResult {
+        RunResult {
+            opts: RunOptions {
+                scenario: scenario("kill", Some(1)).unwrap(),
+                seed: 1,
+                size: TierSize {
+                    nodes: 3,
+                    pods: 2,
+                    envoys: 1,
+                },
+                rate: 10.0,
+                writers: 0,
+                detection: s(2000),
+                converge_limit: s(1000),
+                via_proxies: false,
+                plain_ads: false,
+                dir: std::env::temp_dir(),
+            },
+            mode: Mode::Loopback,
+            envoy: true,
+            envoys: 1,
+            windows: vec![Window {
+                kind: FaultKind::Kill,
+                round: 1,
+                victim: "n1".into(),
+                events: vec![s(10_000), s(15_000)],
+                inject: s(10_000),
+                heal: s(15_000),
+                converged: Some(s(15_500)),
+                end: s(30_000),
+                hit_before: None,
+                hit_after: None,
+                note: String::new(),
+            }],
+            records,
+            writes: Vec::new(),
+            write_check: Ok(Default::default()),
+            samples: Vec::new(),
+            skipped: Vec::new(),
+            final_converged: true,
+            elapsed: s(30_000),
+            t0: Instant::now(),
+            load: Default::default(),
+        }
+    }
+
+    #[test]
+    fn failures_are_split_by_the_detection_window() {
+        let records = vec![
+            rec(9_000, 9_100, true),
+            // In flight at the kill.
+            rec(9_900, 10_050, false),
+            // Within the detection window after the kill.
+            rec(11_000, 11_010, false),
+            // After it, before the heal: the tier should have absorbed this.
+            rec(12_500, 12_600, false),
+            rec(13_000, 13_100, true),
+            // Right after the heal: expected.
+            rec(15_100, 15_200, false),
+            rec(20_000, 20_100, true),
+        ];
+        let r = result(records);
+        let f = figures(&r.windows[0], &r.records, &r, r.opts.detection);
+        assert_eq!(f.sent, 7);
+        assert_eq!(f.failed, 4);
+        assert_eq!(f.failed_in_flight, 1);
+        assert_eq!(f.failed_after_window, 1);
+        assert_eq!(f.failover, s(2_500));
+        assert_eq!(f.longest_gap, s(9_900));
+        let v = verdict(&r);
+        assert_eq!(v.broken.len(), 1, "{:?}", v.broken);
+        assert!(v.broken[0].contains("failed after the detection window"));
+        // Without the stray failure, the run is clean.
+        let mut clean = r.records.clone();
+        clean.retain(|x| x.start != s(12_500));
+        assert!(verdict(&result(clean)).broken.is_empty());
+    }
 }
