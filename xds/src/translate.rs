@@ -296,6 +296,24 @@ fn http_filter(name: &str, config: Any) -> hcm::HttpFilter {
     }
 }
 
+/// A stream to a picker that refused or reset the connection before anything was
+/// processed goes to another picker: between a node's death and its removal from EDS (a
+/// few hundred milliseconds) new requests would otherwise fail on it.
+fn ext_proc_retry() -> core::RetryPolicy {
+    use core::retry_policy::{RetryHostPredicate, retry_host_predicate::ConfigType};
+    use infermesh_proto::envoy::extensions::retry::host::previous_hosts::v3::PreviousHostsPredicate;
+    core::RetryPolicy {
+        num_retries: Some(u32_value(2)),
+        retry_on: "connect-failure,refused-stream".into(),
+        retry_host_predicate: vec![RetryHostPredicate {
+            name: "envoy.retry_host_predicates.previous_hosts".into(),
+            config_type: Some(ConfigType::TypedConfig(to_any(&PreviousHostsPredicate {}))),
+        }],
+        host_selection_retry_max_attempts: 3,
+        ..Default::default()
+    }
+}
+
 fn ext_proc_filter(pool: &InferencePoolSpec, cfg: &XdsConfig) -> hcm::HttpFilter {
     use ext_proc::processing_mode::{BodySendMode, HeaderSendMode};
     let filter = ext_proc::ExternalProcessor {
@@ -311,6 +329,7 @@ fn ext_proc_filter(pool: &InferencePoolSpec, cfg: &XdsConfig) -> hcm::HttpFilter
                 value: pool.name.clone(),
                 ..Default::default()
             }],
+            retry_policy: Some(ext_proc_retry()),
             ..Default::default()
         }),
         failure_mode_allow: pool.failure_mode == FailureMode::FailOpen,
@@ -624,6 +643,13 @@ mod tests {
             "FailClose is the default and means not allowed"
         );
         assert_eq!(ep.message_timeout.unwrap().seconds, 10);
+        // A dead picker's refused connection is retried on another picker.
+        let retry = ep.grpc_service.unwrap().retry_policy.unwrap();
+        assert_eq!(retry.retry_on, "connect-failure,refused-stream");
+        assert_eq!(
+            retry.retry_host_predicate[0].name,
+            "envoy.retry_host_predicates.previous_hosts"
+        );
         let mut open = input();
         open.pools[0].failure_mode = FailureMode::FailOpen;
         assert!(decode_filter(&translate(&open, &cfg).listeners[0].0).failure_mode_allow);
