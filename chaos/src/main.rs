@@ -177,7 +177,15 @@ fn run_cmd(a: RunArgs) -> Result<bool> {
         }
     };
     std::fs::create_dir_all(&a.out)?;
-    let base = format!("{}-{seed}", sc.name);
+    let base = format!(
+        "{}-{seed}{}",
+        sc.name,
+        if a.plain_ads_bootstrap {
+            "-plain-ads"
+        } else {
+            ""
+        }
+    );
     let svg = format!("{base}.svg");
     let plotted = report::timeline(&result, &a.out.join(&svg));
     if let Err(e) = &plotted {

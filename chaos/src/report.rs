@@ -141,6 +141,21 @@ pub fn verdict(result: &RunResult) -> Verdict {
                 w.kind, w.round
             ));
         }
+        // Routing quality: a node fault leaves the pods' caches alone, so the hit rate must
+        // come back to within 2 points of what it was before.
+        if w.kind.strikes_node()
+            && absorbed(w.kind)
+            && let (Some(b), Some(a)) = (w.hit_before, w.hit_after)
+            && a < b - 0.02
+        {
+            broken.push(format!(
+                "{} round {}: prefix-cache hit rate {:.1}% after recovery, {:.1}% before",
+                w.kind,
+                w.round,
+                a * 100.0,
+                b * 100.0
+            ));
+        }
         let f = figures(w, &result.records, result, result.opts.detection);
         if absorbed(w.kind) && f.failed_after_window > 0 {
             broken.push(format!(
@@ -209,7 +224,7 @@ pub fn markdown(result: &RunResult, svg_name: Option<&str>) -> String {
     );
     let v = verdict(result);
     if v.broken.is_empty() {
-        s.push_str("**Invariants held**: no acknowledged write lost, the tier converged after every fault, no request failed after the detection window where the tier should absorb the fault.\n\n");
+        s.push_str("**Invariants held**: no acknowledged write lost, the tier converged after every fault, no request failed after the detection window where the tier should absorb the fault, and after every node fault the prefix-cache hit rate came back to within 2 points.\n\n");
     } else {
         s.push_str("**Invariants broken:**\n");
         for b in &v.broken {
