@@ -135,7 +135,8 @@ pub struct FlowConfig {
     pub default_request_ttl: Option<Duration>,
     /// Queue-wait budget while the pool has no endpoints (`None`: no expiry).
     pub no_endpoint_request_ttl: Option<Duration>,
-    /// Explicitly configured bands by priority (band 0 is always present after `new`).
+    /// Explicitly configured bands by priority. Band 0 is always provisioned (from
+    /// `default_band` when not listed), as llm-d does.
     pub priority_bands: BTreeMap<i32, BandConfig>,
     /// Template for bands created on the fly.
     pub default_band: BandConfig,
@@ -156,7 +157,7 @@ impl Default for FlowConfig {
             max_bytes: None,
             default_request_ttl: Some(DEFAULT_REQUEST_TTL),
             no_endpoint_request_ttl: Some(DEFAULT_NO_ENDPOINT_REQUEST_TTL),
-            priority_bands: BTreeMap::from([(0, BandConfig::default())]),
+            priority_bands: BTreeMap::new(),
             default_band: BandConfig::default(),
             default_negative_band: None,
             usage_limit: UsageLimitPolicy::default(),
