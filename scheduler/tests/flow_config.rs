@@ -10,6 +10,7 @@ use infermesh_scheduler::{ResolvedConfig, load_config};
 
 const HEAD: &str = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\n";
 
+#[allow(clippy::result_large_err)] // the loader's own error type, as in the other config tests
 fn load(body: &str) -> Result<ResolvedConfig, ConfigError> {
     load_config(&format!("{HEAD}{body}"))
 }
@@ -38,7 +39,10 @@ fn gate_alone_gives_llm_d_defaults() {
     }
     let shown = cfg.to_string();
     assert!(shown.contains("flowControl:"), "{shown}");
-    assert!(shown.contains("band 0: maxRequests 5000, maxBytes 1000000000"), "{shown}");
+    assert!(
+        shown.contains("band 0: maxRequests 5000, maxBytes 1000000000"),
+        "{shown}"
+    );
 }
 
 #[test]
@@ -57,7 +61,8 @@ fn without_the_gate_nothing_changes() {
     .unwrap();
     assert_eq!(off.flow_control, None);
     assert!(!off.feature_enabled("flowControl"));
-    let on = load("featureGates: [\"flowControl=TRUE\"]\nplugins:\n- type: queue-scorer\n").unwrap();
+    let on =
+        load("featureGates: [\"flowControl=TRUE\"]\nplugins:\n- type: queue-scorer\n").unwrap();
     assert!(on.feature_enabled("flowControl") && on.flow_control.is_some());
 }
 
@@ -112,16 +117,27 @@ flowControl:
     assert_eq!(fc.default_band.max_requests, nz(100));
     assert_eq!(fc.default_band.fairness, FairnessPolicy::RoundRobin);
     let neg = fc.default_negative_band.as_ref().unwrap();
-    assert_eq!((neg.max_requests, neg.max_bytes), (nz(10), nz(1_000_000_000)));
+    assert_eq!(
+        (neg.max_requests, neg.max_bytes),
+        (nz(10), nz(1_000_000_000))
+    );
     let b10 = &fc.priority_bands[&10];
     assert_eq!(b10.max_bytes, nz(500_000_000));
     assert_eq!(b10.ordering, OrderingPolicy::Edf);
-    assert_eq!(b10.max_requests, nz(5000), "explicit bands start from system defaults");
+    assert_eq!(
+        b10.max_requests,
+        nz(5000),
+        "explicit bands start from system defaults"
+    );
     assert_eq!(b10.fairness, FairnessPolicy::GlobalStrict);
     let m1 = &fc.priority_bands[&-1];
     assert_eq!(m1.ordering, OrderingPolicy::SloDeadline);
     assert_eq!(m1.max_requests, nz(5000), "0 means default");
-    assert_eq!(fc.priority_bands[&0].max_requests, nz(100), "band 0 from the template");
+    assert_eq!(
+        fc.priority_bands[&0].max_requests,
+        nz(100),
+        "band 0 from the template"
+    );
     // Templates apply to bands made on the fly.
     assert_eq!(fc.band_config(3).max_requests, nz(100));
     assert_eq!(fc.band_config(-7).max_requests, nz(10));
@@ -130,14 +146,20 @@ flowControl:
 #[test]
 fn top_level_saturation_detector_still_read_and_nested_wins() {
     let base = "plugins:\n- type: queue-scorer\n- type: concurrency-detector\n- name: other\n  type: utilization-detector\n";
-    let old = load(&format!("{base}saturationDetector:\n  pluginRef: concurrency-detector\n")).unwrap();
+    let old = load(&format!(
+        "{base}saturationDetector:\n  pluginRef: concurrency-detector\n"
+    ))
+    .unwrap();
     assert_eq!(old.saturation_detector, "concurrency-detector");
     let both = load(&format!(
         "{base}saturationDetector:\n  pluginRef: concurrency-detector\nflowControl:\n  saturationDetector:\n    pluginRef: other\n"
     ))
     .unwrap();
     assert_eq!(both.saturation_detector, "other");
-    let err = load(&format!("{base}flowControl:\n  saturationDetector:\n    pluginRef: nope\n")).unwrap_err();
+    let err = load(&format!(
+        "{base}flowControl:\n  saturationDetector:\n    pluginRef: nope\n"
+    ))
+    .unwrap_err();
     assert!(
         matches!(&err, ConfigError::DanglingRef { referrer, .. } if referrer == "flowControl.saturationDetector.pluginRef"),
         "{err}"
@@ -168,7 +190,10 @@ fn bad_flow_control_config_names_the_field() {
         ("  maxBytes: 1GB\n", "flowControl.maxBytes"),
         ("  maxRequests: \"-5\"\n", "flowControl.maxRequests"),
         ("  defaultRequestTTL: 5\n", "flowControl.defaultRequestTTL"),
-        ("  noEndpointRequestTTL: soon\n", "flowControl.noEndpointRequestTTL"),
+        (
+            "  noEndpointRequestTTL: soon\n",
+            "flowControl.noEndpointRequestTTL",
+        ),
         (
             "  priorityBands:\n  - priority: 1\n    maxBytes: lots\n",
             "flowControl.priorityBands[0].maxBytes",
@@ -194,7 +219,10 @@ fn bad_flow_control_config_names_the_field() {
     for (section, field) in cases {
         let e = gated_err(section);
         assert!(field_of(&e).starts_with(field), "{section}: {e}");
-        assert!(e.to_string().contains(field) || field == "flowControl", "{e}");
+        assert!(
+            e.to_string().contains(field) || field == "flowControl",
+            "{e}"
+        );
         assert!(e.location().is_some(), "{section}: {e} has no location");
     }
     // The unknown-field error names the field.
@@ -204,20 +232,22 @@ fn bad_flow_control_config_names_the_field() {
 
 #[test]
 fn bad_gates_and_policy_params_are_refused() {
-    let e = load("featureGates: [\"flowControl=maybe\"]\nplugins:\n- type: queue-scorer\n").unwrap_err();
+    let e = load("featureGates: [\"flowControl=maybe\"]\nplugins:\n- type: queue-scorer\n")
+        .unwrap_err();
     assert_eq!(field_of(&e), "featureGates[0]");
     let e = load("featureGates: [fastLane]\nplugins:\n- type: queue-scorer\n").unwrap_err();
     assert_eq!(field_of(&e), "featureGates[0]");
-    let e = load(
-        "plugins:\n- type: static-usage-limit-policy\n  parameters:\n    threshold: -1\n",
-    )
-    .unwrap_err();
+    let e = load("plugins:\n- type: static-usage-limit-policy\n  parameters:\n    threshold: -1\n")
+        .unwrap_err();
     assert!(
         matches!(&e, ConfigError::InvalidParameter { field, .. } if field == "threshold"),
         "{e}"
     );
     let e = load("plugins:\n- type: fcfs-ordering-policy\n  parameters:\n    x: 1\n").unwrap_err();
-    assert!(matches!(&e, ConfigError::InvalidParameter { field, .. } if field == "x"), "{e}");
+    assert!(
+        matches!(&e, ConfigError::InvalidParameter { field, .. } if field == "x"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -65,9 +65,17 @@ pub fn parse_quantity(v: &Value) -> Result<u64, String> {
     let text = match v {
         Value::Number(n) => n.to_string(),
         Value::String(s) => s.trim().to_owned(),
-        other => return Err(format!("must be a quantity like \"1Gi\" or 5000, got {other:?}")),
+        other => {
+            return Err(format!(
+                "must be a quantity like \"1Gi\" or 5000, got {other:?}"
+            ));
+        }
     };
-    let bad = || format!("invalid quantity {text:?}: expected a number with an optional suffix (k, M, G, Ki, Mi, Gi, …)");
+    let bad = || {
+        format!(
+            "invalid quantity {text:?}: expected a number with an optional suffix (k, M, G, Ki, Mi, Gi, …)"
+        )
+    };
     let (negative, body) = match text.strip_prefix('-') {
         Some(rest) => (true, rest),
         None => (false, text.strip_prefix('+').unwrap_or(&text)),
@@ -114,10 +122,14 @@ pub fn parse_quantity(v: &Value) -> Result<u64, String> {
     let too_big = || format!("quantity {text:?} is too large");
     let mut value = mantissa.checked_mul(1u128 << exp2).ok_or_else(too_big)?;
     if exp10 >= 0 {
-        let scale = 10u128.checked_pow(exp10.unsigned_abs()).ok_or_else(too_big)?;
+        let scale = 10u128
+            .checked_pow(exp10.unsigned_abs())
+            .ok_or_else(too_big)?;
         value = value.checked_mul(scale).ok_or_else(too_big)?;
     } else {
-        let scale = 10u128.checked_pow(exp10.unsigned_abs()).unwrap_or(u128::MAX);
+        let scale = 10u128
+            .checked_pow(exp10.unsigned_abs())
+            .unwrap_or(u128::MAX);
         value = value.div_ceil(scale);
     }
     u64::try_from(value).map_err(|_| too_big())
@@ -155,11 +167,17 @@ impl Resolver<'_, '_> {
         }
     }
 
-    fn ttl(&self, v: Option<&str>, field: &str, default: Duration) -> Result<Option<Duration>, ConfigError> {
+    fn ttl(
+        &self,
+        v: Option<&str>,
+        field: &str,
+        default: Duration,
+    ) -> Result<Option<Duration>, ConfigError> {
         match v {
             None => Ok(Some(default)),
             Some(s) => {
-                let d = params::go_duration::parse(s).map_err(|m| self.field_error(field, m, None))?;
+                let d =
+                    params::go_duration::parse(s).map_err(|m| self.field_error(field, m, None))?;
                 Ok((!d.is_zero()).then_some(d))
             }
         }
@@ -207,7 +225,11 @@ impl Resolver<'_, '_> {
         let default_bytes = NonZeroU64::new(DEFAULT_BAND_MAX_BYTES).expect("non-zero");
         if raw.max_requests.is_some() {
             band.max_requests = self
-                .quantity(raw.max_requests.as_ref(), &format!("{path}.maxRequests"), anchor)?
+                .quantity(
+                    raw.max_requests.as_ref(),
+                    &format!("{path}.maxRequests"),
+                    anchor,
+                )?
                 .unwrap_or(default_requests);
         }
         if raw.max_bytes.is_some() {
@@ -289,9 +311,18 @@ pub(super) fn resolve(
     }
     let mut seen = std::collections::BTreeMap::new();
     for (i, b) in raw.priority_bands.iter().flatten().enumerate() {
-        let nth = *seen.entry(b.priority).and_modify(|n| *n += 1).or_insert(0usize);
-        let anchor = locate::find_value(yaml, "flowControl", "priority", &b.priority.to_string(), nth)
-            .or(r.section);
+        let nth = *seen
+            .entry(b.priority)
+            .and_modify(|n| *n += 1)
+            .or_insert(0usize);
+        let anchor = locate::find_value(
+            yaml,
+            "flowControl",
+            "priority",
+            &b.priority.to_string(),
+            nth,
+        )
+        .or(r.section);
         let path = format!("priorityBands[{i}]");
         if cfg.priority_bands.contains_key(&b.priority) {
             return Err(r.field_error(

@@ -1075,9 +1075,9 @@ fn split_gate(g: &str) -> (&str, Option<bool>) {
 fn gate_enabled(gates: &[String], gate: &str) -> bool {
     gates
         .iter()
+        .rev()
         .map(|g| split_gate(g))
-        .filter(|(name, _)| *name == gate)
-        .last()
+        .find(|(name, _)| *name == gate)
         .and_then(|(_, v)| v)
         .unwrap_or(false)
 }
@@ -1219,9 +1219,10 @@ fn write_flow_control(f: &mut fmt::Formatter<'_>, fc: &FlowConfig) -> fmt::Resul
         ttl(fc.no_endpoint_request_ttl)
     )?;
     match fc.usage_limit {
-        crate::flow::UsageLimitPolicy::Static { threshold } => {
-            writeln!(f, "  usageLimit static-usage-limit-policy threshold {threshold}")?
-        }
+        crate::flow::UsageLimitPolicy::Static { threshold } => writeln!(
+            f,
+            "  usageLimit static-usage-limit-policy threshold {threshold}"
+        )?,
     }
     writeln!(
         f,

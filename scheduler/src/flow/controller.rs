@@ -289,7 +289,9 @@ impl FlowController {
             .max_requests
             .map_or(0, |m| (self.total_len + 1).saturating_sub(m.get()));
         let bytes = self.cfg.max_bytes.map_or(0, |m| {
-            self.total_bytes.saturating_add(bytes).saturating_sub(m.get())
+            self.total_bytes
+                .saturating_add(bytes)
+                .saturating_sub(m.get())
         });
         (reqs, bytes)
     }
@@ -297,12 +299,20 @@ impl FlowController {
     /// Displaces queued sheddable requests (priority < 0 and below `priority`), lowest
     /// priority first and newest first within a band, until the deficit is covered.
     /// Evicts nothing and returns false when even all of them would not be enough.
-    fn evict_for(&mut self, priority: i32, need_requests: u64, need_bytes: u64, now: Instant) -> bool {
+    fn evict_for(
+        &mut self,
+        priority: i32,
+        need_requests: u64,
+        need_bytes: u64,
+        now: Instant,
+    ) -> bool {
         let limit = priority.min(0);
         let (avail_requests, avail_bytes) = self
             .bands
             .range(..limit)
-            .fold((0u64, 0u64), |(r, b), (_, band)| (r + band.len, b + band.bytes));
+            .fold((0u64, 0u64), |(r, b), (_, band)| {
+                (r + band.len, b + band.bytes)
+            });
         if avail_requests < need_requests || avail_bytes < need_bytes {
             return false;
         }
@@ -482,8 +492,14 @@ impl FlowController {
         reason: Option<DropReason>,
         now: Instant,
     ) -> Decision {
-        let item = self.items.remove(&seq).expect("finish is called on queued items");
-        let band = self.bands.get_mut(&item.band).expect("an item's band exists");
+        let item = self
+            .items
+            .remove(&seq)
+            .expect("finish is called on queued items");
+        let band = self
+            .bands
+            .get_mut(&item.band)
+            .expect("an item's band exists");
         band.remove(item.flow, item.key, item.bytes);
         if band.len == 0 {
             self.nonempty.remove(&item.band);

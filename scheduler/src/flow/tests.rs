@@ -50,7 +50,10 @@ fn ttl_expiry_evicts_with_429_ttl_expired() {
     assert_eq!(ds[0].outcome, Outcome::EvictedTtl);
     assert_eq!(ds[0].waited, secs(60));
     let r = ds[0].reason.unwrap();
-    assert_eq!((r.status(), r.header_value()), (429, "rejected-ttl-expired"));
+    assert_eq!(
+        (r.status(), r.header_value()),
+        (429, "rejected-ttl-expired")
+    );
     assert_eq!(fc.next_deadline(), Some(t0 + secs(65)));
     assert_eq!(drain(&mut fc, t0 + secs(65))[0].ticket, b);
     assert!(fc.is_empty());
@@ -103,9 +106,15 @@ fn no_endpoints_regime_uses_its_own_budget_and_503() {
     );
     assert!(drain(&mut fc, t0 + secs(50)).is_empty());
     let ds = drain(&mut fc, t0 + secs(100));
-    assert_eq!((ds[0].ticket, ds[0].outcome), (a, Outcome::EvictedNoEndpoints));
+    assert_eq!(
+        (ds[0].ticket, ds[0].outcome),
+        (a, Outcome::EvictedNoEndpoints)
+    );
     let r = ds[0].reason.unwrap();
-    assert_eq!((r.status(), r.header_value()), (503, "rejected-no-endpoints"));
+    assert_eq!(
+        (r.status(), r.header_value()),
+        (503, "rejected-no-endpoints")
+    );
 }
 
 #[test]
@@ -124,7 +133,10 @@ fn regime_change_grants_a_fresh_budget_bounded_by_the_longer_one() {
     // a: min(95 + 10, 0 + 100) = 100; b: min(105, 150) = 105.
     assert_eq!(fc.next_deadline(), Some(t0 + secs(100)));
     let ds = drain(&mut fc, t0 + secs(104));
-    assert_eq!((ds.len(), ds[0].ticket, ds[0].outcome), (1, a, Outcome::EvictedTtl));
+    assert_eq!(
+        (ds.len(), ds[0].ticket, ds[0].outcome),
+        (1, a, Outcome::EvictedTtl)
+    );
     assert_eq!(drain(&mut fc, t0 + secs(105))[0].ticket, b);
 }
 
@@ -145,7 +157,10 @@ fn band_request_capacity_rejects_with_429() {
         .handle_enqueue(&FlowRequest::new(0, "c", 1, t0), t0)
         .unwrap_err();
     assert_eq!(r.outcome, Outcome::RejectedCapacity);
-    assert_eq!((r.reason.status(), r.reason.header_value()), (429, "rejected-saturated"));
+    assert_eq!(
+        (r.reason.status(), r.reason.header_value()),
+        (429, "rejected-saturated")
+    );
     // Another band is not affected.
     enq(&mut fc, 5, "c", 1, t0);
     assert_eq!(fc.outcome_total(Outcome::RejectedCapacity), 1);
@@ -157,7 +172,10 @@ fn band_byte_capacity_rejects() {
     cfg.default_band.max_bytes = nz(100);
     let (mut fc, t0) = ctl(cfg);
     enq(&mut fc, 3, "a", 60, t0);
-    assert!(fc.handle_enqueue(&FlowRequest::new(3, "a", 41, t0), t0).is_err());
+    assert!(
+        fc.handle_enqueue(&FlowRequest::new(3, "a", 41, t0), t0)
+            .is_err()
+    );
     enq(&mut fc, 3, "a", 40, t0);
     assert_eq!(fc.bands().find(|b| b.priority == 3).unwrap().bytes, 100);
 }
@@ -182,7 +200,10 @@ fn global_capacity_in_requests_and_bytes() {
         ..FlowConfig::default()
     });
     enq(&mut fc, 0, "a", 600, t0);
-    assert!(fc.handle_enqueue(&FlowRequest::new(1, "a", 401, t0), t0).is_err());
+    assert!(
+        fc.handle_enqueue(&FlowRequest::new(1, "a", 401, t0), t0)
+            .is_err()
+    );
     enq(&mut fc, 1, "a", 400, t0);
 }
 
@@ -199,7 +220,10 @@ fn capacity_rejection_without_endpoints_is_503() {
         .handle_enqueue(&FlowRequest::new(0, "a", 1, t0), t0)
         .unwrap_err();
     assert_eq!(r.outcome, Outcome::RejectedNoEndpoints);
-    assert_eq!((r.reason.status(), r.reason.header_value()), (503, "rejected-no-endpoints"));
+    assert_eq!(
+        (r.reason.status(), r.reason.header_value()),
+        (503, "rejected-no-endpoints")
+    );
 }
 
 #[test]
@@ -210,12 +234,18 @@ fn cancel_frees_the_slot_at_once() {
     };
     let (mut fc, t0) = ctl(cfg);
     let a = enq(&mut fc, 0, "a", 7, t0);
-    assert!(fc.handle_enqueue(&FlowRequest::new(0, "b", 1, t0), t0).is_err());
+    assert!(
+        fc.handle_enqueue(&FlowRequest::new(0, "b", 1, t0), t0)
+            .is_err()
+    );
     let d = fc.handle_cancel(a, t0 + secs(2)).unwrap();
     assert_eq!(d.outcome, Outcome::EvictedContextCancelled);
     assert_eq!(d.waited, secs(2));
     assert_eq!((fc.len(), fc.bytes()), (0, 0));
-    assert!(fc.handle_cancel(a, t0).is_none(), "second cancel is a no-op");
+    assert!(
+        fc.handle_cancel(a, t0).is_none(),
+        "second cancel is a no-op"
+    );
     let b = enq(&mut fc, 0, "b", 1, t0);
     fc.handle_pool(PoolStatus::serving(0.0), t0);
     assert_eq!(dispatched(&drain(&mut fc, t0)), vec![b]);
@@ -264,7 +294,10 @@ fn edf_orders_by_deadline() {
     r.deadline = Some(t0 + secs(5));
     let soon = fc.handle_enqueue(&r, t0 + secs(1)).unwrap(); // deadline 5
     fc.handle_pool(PoolStatus::serving(0.0), t0 + secs(2));
-    assert_eq!(dispatched(&drain(&mut fc, t0 + secs(2))), vec![soon, late, ttl]);
+    assert_eq!(
+        dispatched(&drain(&mut fc, t0 + secs(2))),
+        vec![soon, late, ttl]
+    );
 }
 
 #[test]
@@ -278,9 +311,14 @@ fn slo_deadline_orders_by_ttft_header() {
     let loose = fc.handle_enqueue(&r, t0).unwrap();
     r.slo_ttft = Some(Duration::from_millis(200));
     r.received = t0 + Duration::from_millis(100);
-    let tight = fc.handle_enqueue(&r, t0 + Duration::from_millis(100)).unwrap();
+    let tight = fc
+        .handle_enqueue(&r, t0 + Duration::from_millis(100))
+        .unwrap();
     fc.handle_pool(PoolStatus::serving(0.0), t0 + secs(1));
-    assert_eq!(dispatched(&drain(&mut fc, t0 + secs(1))), vec![tight, loose, none]);
+    assert_eq!(
+        dispatched(&drain(&mut fc, t0 + secs(1))),
+        vec![tight, loose, none]
+    );
 }
 
 #[test]
@@ -347,8 +385,14 @@ fn eviction_displaces_newest_lowest_priority_sheddable() {
     let r = fc.handle_enqueue(&FlowRequest::new(-1, "s", 1, t0), t0);
     assert_eq!(r.unwrap_err().outcome, Outcome::RejectedCapacity);
     // Non-sheddable requests are never evicted: only one sheddable remains.
-    assert!(fc.handle_enqueue(&FlowRequest::new(1, "k", 1, t0), t0).is_ok());
-    assert!(fc.handle_enqueue(&FlowRequest::new(1, "k", 1, t0), t0).is_err());
+    assert!(
+        fc.handle_enqueue(&FlowRequest::new(1, "k", 1, t0), t0)
+            .is_ok()
+    );
+    assert!(
+        fc.handle_enqueue(&FlowRequest::new(1, "k", 1, t0), t0)
+            .is_err()
+    );
 }
 
 #[test]
@@ -359,7 +403,10 @@ fn without_eviction_sheddable_requests_are_kept() {
     };
     let (mut fc, t0) = ctl(cfg);
     let s = enq(&mut fc, -1, "s", 1, t0);
-    assert!(fc.handle_enqueue(&FlowRequest::new(5, "k", 1, t0), t0).is_err());
+    assert!(
+        fc.handle_enqueue(&FlowRequest::new(5, "k", 1, t0), t0)
+            .is_err()
+    );
     assert!(fc.contains(s));
 }
 
@@ -386,7 +433,10 @@ fn shutdown_evicts_everything_and_refuses_more() {
     let mut out = Vec::new();
     fc.handle_shutdown(t0, &mut out);
     assert_eq!(out.len(), 2);
-    assert!(out.iter().all(|d| d.reason == Some(DropReason::ShuttingDown)));
+    assert!(
+        out.iter()
+            .all(|d| d.reason == Some(DropReason::ShuttingDown))
+    );
     let r = fc.handle_enqueue(&FlowRequest::new(0, "f", 1, t0), t0);
     assert_eq!(r.unwrap_err().outcome, Outcome::RejectedOther);
 }
@@ -466,11 +516,11 @@ proptest! {
                     }
                 }
                 Op::Cancel(i) => {
-                    if let Some(&(t, ..)) = issued.get(i) {
-                        if let Some(d) = fc.handle_cancel(t, now) {
-                            prop_assert_eq!(d.outcome, Outcome::EvictedContextCancelled);
-                            ended(&mut issued, &d);
-                        }
+                    if let Some(&(t, ..)) = issued.get(i)
+                        && let Some(d) = fc.handle_cancel(t, now)
+                    {
+                        prop_assert_eq!(d.outcome, Outcome::EvictedContextCancelled);
+                        ended(&mut issued, &d);
                     }
                 }
                 Op::Advance(ms) => now += Duration::from_millis(ms),
