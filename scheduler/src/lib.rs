@@ -38,6 +38,7 @@
 //! ```
 
 pub mod config;
+pub mod flow;
 pub mod model;
 pub mod openai;
 pub mod plugins;

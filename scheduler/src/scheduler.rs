@@ -234,7 +234,15 @@ fn build(spec: &PluginSpec, pre: &mut Vec<Arc<dyn PreRequest>>) -> Instance {
         | S::InflightLoadProducer
         | S::MetricsDataSource(_)
         | S::CoreMetricsExtractor(_)
-        | S::OpenAiParser => Instance::Other,
+        | S::OpenAiParser
+        | S::GlobalStrictFairnessPolicy
+        | S::RoundRobinFairnessPolicy
+        | S::FcfsOrderingPolicy
+        | S::EdfOrderingPolicy
+        | S::SloDeadlineOrderingPolicy
+        | S::StaticUsageLimitPolicy(_)
+        | S::SheddableEvictionFilter
+        | S::PriorityThenTimeEvictionOrderPolicy => Instance::Other,
     }
 }
 

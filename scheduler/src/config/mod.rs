@@ -14,6 +14,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod error;
+pub mod flow;
 mod locate;
 pub mod params;
 pub mod registry;
@@ -23,6 +24,7 @@ use std::fmt;
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 
+use crate::flow::FlowConfig;
 pub use error::{ConfigError, Location};
 use params::{CoreMetricsExtractorParams, MetricsDataSourceParams, UtilizationParams};
 pub use registry::{PluginKind, PluginSpec};
@@ -74,7 +76,7 @@ struct RawConfig {
     scheduling_profiles: Option<Vec<RawProfile>>,
     saturation_detector: Option<RawSaturation>,
     data_layer: Option<RawDataLayer>,
-    flow_control: Option<Value>,
+    flow_control: Option<flow::RawFlowControl>,
     parser: Option<RawRef>,
 }
 
@@ -197,12 +199,19 @@ pub struct ResolvedConfig {
     pub prefix_producer: Option<String>,
     /// Data-layer sources (they configure the node's metrics fetcher).
     pub data_layer: Vec<DataSourceRef>,
+    /// The flow controller's configuration, when the `flowControl` gate is on.
+    pub flow_control: Option<FlowConfig>,
 }
 
 impl ResolvedConfig {
     /// llm-d's built-in default (queue 2, kv-cache-utilization 2, prefix 3).
     pub fn builtin_default() -> Self {
         load_config(BUILTIN_DEFAULT_YAML).expect("the built-in default configuration is valid")
+    }
+
+    /// Whether feature gate `gate` is on (`name` or `name=true`, the last mention wins).
+    pub fn feature_enabled(&self, gate: &str) -> bool {
+        gate_enabled(&self.feature_gates, gate)
     }
 
     /// The plugin named `name`.
@@ -310,12 +319,47 @@ impl Loader<'_> {
 
     fn resolve(&self, raw: RawConfig) -> Result<ResolvedConfig, ConfigError> {
         let api_version = self.header(raw.api_version, raw.kind)?;
-        let feature_gates = self.feature_gates(raw.feature_gates, raw.flow_control.is_some())?;
+        let feature_gates = self.feature_gates(raw.feature_gates)?;
         let mut plugins = self.plugins(raw.plugins.unwrap_or_default())?;
         let profiles = self.profiles(&mut plugins, raw.scheduling_profiles.unwrap_or_default())?;
         let profile_handler = self.profile_handler(&mut plugins, &profiles)?;
-        let saturation_detector =
-            self.saturation_detector(&mut plugins, raw.saturation_detector)?;
+        // `flowControl.saturationDetector` wins over the deprecated top-level section, and
+        // is read with or without the gate, as llm-d does.
+        let nested_detector = raw
+            .flow_control
+            .as_ref()
+            .and_then(|fc| fc.saturation_detector.as_ref())
+            .map(|sd| RawSaturation {
+                plugin_ref: sd.plugin_ref.clone(),
+                queue_depth_threshold: None,
+                kv_cache_util_threshold: None,
+                metrics_staleness_threshold: None,
+                headroom: None,
+            });
+        let saturation_detector = match nested_detector {
+            Some(sd) => self.saturation_detector(
+                &mut plugins,
+                Some(sd),
+                "flowControl.saturationDetector",
+                locate::top_level(self.yaml, "flowControl"),
+            )?,
+            None => self.saturation_detector(
+                &mut plugins,
+                raw.saturation_detector,
+                "saturationDetector",
+                locate::top_level(self.yaml, "saturationDetector"),
+            )?,
+        };
+        // Without the gate llm-d ignores the rest of the section.
+        let flow_control = if gate_enabled(&feature_gates, "flowControl") {
+            Some(flow::resolve(
+                self.yaml,
+                &mut plugins,
+                raw.flow_control.as_ref(),
+            )?)
+        } else {
+            None
+        };
         let parser = self.parser(&mut plugins, raw.parser)?;
         let prefix_producer = self.prefix_producer(&mut plugins)?;
         let inject_metrics = !feature_gates.iter().any(|g| g == "enableLegacyMetrics");
@@ -330,6 +374,7 @@ impl Loader<'_> {
             parser,
             prefix_producer,
             data_layer,
+            flow_control,
         })
     }
 
@@ -360,36 +405,27 @@ impl Loader<'_> {
         Ok(api_version)
     }
 
-    /// `featureGates` (only known gates; flow control is not supported yet).
+    /// `featureGates`: known gates, each `name`, `name=true` or `name=false`.
     fn feature_gates(
         &self,
         feature_gates: Option<Vec<String>>,
-        flow_control: bool,
     ) -> Result<Vec<String>, ConfigError> {
         let feature_gates = feature_gates.unwrap_or_default();
-        for g in &feature_gates {
-            if !KNOWN_FEATURE_GATES.contains(&g.as_str()) {
-                return Err(ConfigError::Field {
-                    field: "featureGates".into(),
-                    message: format!("feature gate `{g}` is unknown"),
-                    location: locate::top_level(self.yaml, "featureGates"),
-                });
+        for (i, g) in feature_gates.iter().enumerate() {
+            let error = |message: String| ConfigError::Field {
+                field: format!("featureGates[{i}]"),
+                message,
+                location: locate::top_level(self.yaml, "featureGates"),
+            };
+            let (name, value) = split_gate(g);
+            if !KNOWN_FEATURE_GATES.contains(&name) {
+                return Err(error(format!("feature gate `{name}` is unknown")));
             }
-            if g == "flowControl" {
-                return Err(ConfigError::Field {
-                    field: "featureGates".into(),
-                    message: "the `flowControl` feature gate is not supported by infermesh yet"
-                        .into(),
-                    location: locate::top_level(self.yaml, "featureGates"),
-                });
+            if value.is_none() {
+                return Err(error(format!(
+                    "`{g}`: the value after `=` must be true or false"
+                )));
             }
-        }
-        if flow_control {
-            return Err(ConfigError::Field {
-                field: "flowControl".into(),
-                message: "flow control configuration is not supported by infermesh yet".into(),
-                location: locate::top_level(self.yaml, "flowControl"),
-            });
         }
 
         Ok(feature_gates)
@@ -724,11 +760,15 @@ impl Loader<'_> {
         Ok(profile_handler)
     }
 
-    /// The saturation detector (llm-d `saturationDetector.pluginRef`, or GIE 1.x fields).
+    /// The saturation detector (llm-d `flowControl.saturationDetector.pluginRef`, the
+    /// deprecated top-level `saturationDetector.pluginRef`, or GIE 1.x threshold fields);
+    /// `section` names where it was written, for errors.
     fn saturation_detector(
         &self,
         plugins: &mut Vec<ResolvedPlugin>,
         raw: Option<RawSaturation>,
+        section: &str,
+        loc: Option<Location>,
     ) -> Result<String, ConfigError> {
         let saturation_detector = match raw {
             None => add_default(plugins, "utilization-detector"),
@@ -737,11 +777,10 @@ impl Loader<'_> {
                     || sd.kv_cache_util_threshold.is_some()
                     || sd.metrics_staleness_threshold.is_some()
                     || sd.headroom.is_some();
-                let loc = locate::top_level(self.yaml, "saturationDetector");
                 match sd.plugin_ref.filter(|r| !r.is_empty()) {
                     Some(_) if legacy => {
                         return Err(ConfigError::Field {
-                            field: "saturationDetector".into(),
+                            field: section.into(),
                             message: "set either `pluginRef` or the threshold fields, not both"
                                 .into(),
                             location: loc,
@@ -750,14 +789,14 @@ impl Loader<'_> {
                     Some(r) => match find(plugins, &r) {
                         None => {
                             return Err(ConfigError::DanglingRef {
-                                referrer: "saturationDetector.pluginRef".into(),
+                                referrer: format!("{section}.pluginRef"),
                                 plugin_ref: r,
                                 location: loc,
                             });
                         }
                         Some(i) if plugins[i].spec.kind() != PluginKind::SaturationDetector => {
                             return Err(ConfigError::WrongKind {
-                                referrer: "saturationDetector.pluginRef".into(),
+                                referrer: format!("{section}.pluginRef"),
                                 plugin: r,
                                 type_name: plugins[i].spec.type_name().into(),
                                 actual: plugins[i].spec.kind().as_str(),
@@ -781,14 +820,14 @@ impl Loader<'_> {
                         if let Some(v) = sd.metrics_staleness_threshold {
                             p.metrics_staleness_threshold = params::go_duration::parse(&v)
                                 .map_err(|m| ConfigError::Field {
-                                    field: "saturationDetector.metricsStalenessThreshold".into(),
+                                    field: format!("{section}.metricsStalenessThreshold"),
                                     message: m,
                                     location: loc,
                                 })?;
                         }
                         if let Err((f, m)) = p.validate() {
                             return Err(ConfigError::Field {
-                                field: format!("saturationDetector.{f}"),
+                                field: format!("{section}.{f}"),
                                 message: m,
                                 location: loc,
                             });
@@ -1016,6 +1055,33 @@ impl Loader<'_> {
     }
 }
 
+/// Splits a feature gate entry into its name and value (`name` alone means true; the
+/// value is read as Go's `strconv.ParseBool` after trimming and lower-casing, as llm-d does).
+fn split_gate(g: &str) -> (&str, Option<bool>) {
+    match g.split_once('=') {
+        None => (g, Some(true)),
+        Some((name, v)) => {
+            let v = match v.trim().to_ascii_lowercase().as_str() {
+                "1" | "t" | "true" => Some(true),
+                "0" | "f" | "false" => Some(false),
+                _ => None,
+            };
+            (name, v)
+        }
+    }
+}
+
+/// Whether `gate` is on in `gates` (the last mention wins).
+fn gate_enabled(gates: &[String], gate: &str) -> bool {
+    gates
+        .iter()
+        .rev()
+        .map(|g| split_gate(g))
+        .find(|(name, _)| *name == gate)
+        .and_then(|(_, v)| v)
+        .unwrap_or(false)
+}
+
 /// Index of the plugin named `name`.
 fn find(plugins: &[ResolvedPlugin], name: &str) -> Option<usize> {
     plugins.iter().position(|p| p.name == name)
@@ -1120,6 +1186,59 @@ impl fmt::Display for ResolvedConfig {
                 s.extractors.join(", ")
             )?;
         }
+        if let Some(fc) = &self.flow_control {
+            write_flow_control(f, fc)?;
+        }
         Ok(())
     }
+}
+
+fn write_flow_control(f: &mut fmt::Formatter<'_>, fc: &FlowConfig) -> fmt::Result {
+    let cap = |v: Option<std::num::NonZeroU64>| v.map_or("unlimited".to_owned(), |n| n.to_string());
+    let ttl = |v: Option<std::time::Duration>| v.map_or("none".to_owned(), |d| format!("{d:?}"));
+    let band = |b: &crate::flow::BandConfig| {
+        format!(
+            "maxRequests {}, maxBytes {}, {}, {}",
+            b.max_requests,
+            b.max_bytes,
+            b.fairness.type_name(),
+            b.ordering.type_name()
+        )
+    };
+    writeln!(f, "flowControl:")?;
+    writeln!(
+        f,
+        "  maxRequests {}, maxBytes {}",
+        cap(fc.max_requests),
+        cap(fc.max_bytes)
+    )?;
+    writeln!(
+        f,
+        "  defaultRequestTTL {}, noEndpointRequestTTL {}",
+        ttl(fc.default_request_ttl),
+        ttl(fc.no_endpoint_request_ttl)
+    )?;
+    match fc.usage_limit {
+        crate::flow::UsageLimitPolicy::Static { threshold } => writeln!(
+            f,
+            "  usageLimit static-usage-limit-policy threshold {threshold}"
+        )?,
+    }
+    writeln!(
+        f,
+        "  eviction {}",
+        if fc.enable_eviction {
+            "on (sheddable-eviction-filter, priority-then-time-eviction-order-policy)"
+        } else {
+            "off"
+        }
+    )?;
+    writeln!(f, "  defaultPriorityBand: {}", band(&fc.default_band))?;
+    if let Some(b) = &fc.default_negative_band {
+        writeln!(f, "  defaultNegativePriorityBand: {}", band(b))?;
+    }
+    for (p, b) in &fc.priority_bands {
+        writeln!(f, "  band {p}: {}", band(b))?;
+    }
+    Ok(())
 }

@@ -816,6 +816,30 @@ impl CoreMetricsExtractorParams {
     }
 }
 
+/// `static-usage-limit-policy`: one saturation ceiling for every priority band.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct StaticUsageLimitParams {
+    /// Bands dispatch while pool saturation is below this (1.0: gate at saturation).
+    pub threshold: f64,
+}
+
+impl Default for StaticUsageLimitParams {
+    fn default() -> Self {
+        StaticUsageLimitParams { threshold: 1.0 }
+    }
+}
+
+impl StaticUsageLimitParams {
+    /// A usable ceiling: finite and non-negative.
+    pub fn validate(&self) -> Result<(), ParamProblem> {
+        if !self.threshold.is_finite() || self.threshold < 0.0 {
+            return Err(problem("threshold", "must be a finite number >= 0"));
+        }
+        Ok(())
+    }
+}
+
 /// Go `time.Duration` strings (`300ms`, `1.5s`, `2m30s`) in YAML.
 pub mod go_duration {
     use std::time::Duration;

@@ -29,6 +29,16 @@ pub enum PluginKind {
     SaturationDetector,
     /// A request parser.
     Parser,
+    /// A flow-control fairness policy (which flow of a band goes next).
+    FairnessPolicy,
+    /// A flow-control ordering policy (order within a flow).
+    OrderingPolicy,
+    /// A flow-control usage limit policy (saturation ceiling per band).
+    UsageLimitPolicy,
+    /// A flow-control eviction filter (which requests may be evicted).
+    EvictionFilter,
+    /// A flow-control eviction order (which evictable request goes first).
+    EvictionOrdering,
 }
 
 impl PluginKind {
@@ -45,6 +55,11 @@ impl PluginKind {
             PluginKind::DataExtractor => "data extractor",
             PluginKind::SaturationDetector => "saturation detector",
             PluginKind::Parser => "parser",
+            PluginKind::FairnessPolicy => "fairness policy",
+            PluginKind::OrderingPolicy => "ordering policy",
+            PluginKind::UsageLimitPolicy => "usage limit policy",
+            PluginKind::EvictionFilter => "eviction filter",
+            PluginKind::EvictionOrdering => "eviction ordering policy",
         }
     }
 }
@@ -112,6 +127,22 @@ pub enum PluginSpec {
     ConcurrencyDetector(ConcurrencyParams),
     /// `openai-parser`
     OpenAiParser,
+    /// `global-strict-fairness-policy`
+    GlobalStrictFairnessPolicy,
+    /// `round-robin-fairness-policy`
+    RoundRobinFairnessPolicy,
+    /// `fcfs-ordering-policy`
+    FcfsOrderingPolicy,
+    /// `edf-ordering-policy`
+    EdfOrderingPolicy,
+    /// `slo-deadline-ordering-policy`
+    SloDeadlineOrderingPolicy,
+    /// `static-usage-limit-policy`
+    StaticUsageLimitPolicy(StaticUsageLimitParams),
+    /// `sheddable-eviction-filter`
+    SheddableEvictionFilter,
+    /// `priority-then-time-eviction-order-policy`
+    PriorityThenTimeEvictionOrderPolicy,
 }
 
 impl PluginSpec {
@@ -148,6 +179,16 @@ impl PluginSpec {
             PluginSpec::UtilizationDetector(_) => "utilization-detector",
             PluginSpec::ConcurrencyDetector(_) => "concurrency-detector",
             PluginSpec::OpenAiParser => "openai-parser",
+            PluginSpec::GlobalStrictFairnessPolicy => "global-strict-fairness-policy",
+            PluginSpec::RoundRobinFairnessPolicy => "round-robin-fairness-policy",
+            PluginSpec::FcfsOrderingPolicy => "fcfs-ordering-policy",
+            PluginSpec::EdfOrderingPolicy => "edf-ordering-policy",
+            PluginSpec::SloDeadlineOrderingPolicy => "slo-deadline-ordering-policy",
+            PluginSpec::StaticUsageLimitPolicy(_) => "static-usage-limit-policy",
+            PluginSpec::SheddableEvictionFilter => "sheddable-eviction-filter",
+            PluginSpec::PriorityThenTimeEvictionOrderPolicy => {
+                "priority-then-time-eviction-order-policy"
+            }
         }
     }
 
@@ -179,6 +220,13 @@ impl PluginSpec {
             CoreMetricsExtractor(_) => PluginKind::DataExtractor,
             UtilizationDetector(_) | ConcurrencyDetector(_) => PluginKind::SaturationDetector,
             OpenAiParser => PluginKind::Parser,
+            GlobalStrictFairnessPolicy | RoundRobinFairnessPolicy => PluginKind::FairnessPolicy,
+            FcfsOrderingPolicy | EdfOrderingPolicy | SloDeadlineOrderingPolicy => {
+                PluginKind::OrderingPolicy
+            }
+            StaticUsageLimitPolicy(_) => PluginKind::UsageLimitPolicy,
+            SheddableEvictionFilter => PluginKind::EvictionFilter,
+            PriorityThenTimeEvictionOrderPolicy => PluginKind::EvictionOrdering,
         }
     }
 
@@ -212,6 +260,7 @@ impl PluginSpec {
             CoreMetricsExtractor(p) => j(p),
             UtilizationDetector(p) => j(p),
             ConcurrencyDetector(p) => j(p),
+            StaticUsageLimitPolicy(p) => j(p),
             PrefixCacheScorer(None)
             | DecodeFilter
             | PrefillFilter
@@ -224,7 +273,14 @@ impl PluginSpec {
             | SingleProfileHandler
             | AlwaysDisaggPdDecider
             | InflightLoadProducer
-            | OpenAiParser => "{}".into(),
+            | OpenAiParser
+            | GlobalStrictFairnessPolicy
+            | RoundRobinFairnessPolicy
+            | FcfsOrderingPolicy
+            | EdfOrderingPolicy
+            | SloDeadlineOrderingPolicy
+            | SheddableEvictionFilter
+            | PriorityThenTimeEvictionOrderPolicy => "{}".into(),
         }
     }
 }
@@ -363,35 +419,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
         "vertexai-parser",
         "infermesh parses OpenAI HTTP bodies only",
     ),
-    (
-        "global-strict-fairness-policy",
-        "flow control is not implemented yet",
-    ),
-    (
-        "round-robin-fairness-policy",
-        "flow control is not implemented yet",
-    ),
-    (
-        "fcfs-ordering-policy",
-        "flow control is not implemented yet",
-    ),
-    ("edf-ordering-policy", "flow control is not implemented yet"),
-    (
-        "slo-deadline-ordering-policy",
-        "flow control is not implemented yet",
-    ),
-    (
-        "static-usage-limit-policy",
-        "flow control is not implemented yet",
-    ),
-    (
-        "sheddable-eviction-filter",
-        "flow control is not implemented yet",
-    ),
-    (
-        "priority-then-time-eviction-order-policy",
-        "flow control is not implemented yet",
-    ),
 ];
 
 /// All type names the registry accepts (canonical names and aliases).
@@ -427,6 +454,14 @@ pub const KNOWN_TYPES: &[&str] = &[
     "utilization-detector",
     "concurrency-detector",
     "openai-parser",
+    "global-strict-fairness-policy",
+    "round-robin-fairness-policy",
+    "fcfs-ordering-policy",
+    "edf-ordering-policy",
+    "slo-deadline-ordering-policy",
+    "static-usage-limit-policy",
+    "sheddable-eviction-filter",
+    "priority-then-time-eviction-order-policy",
 ];
 
 /// Parses one plugin's type and parameters.
@@ -529,6 +564,20 @@ pub fn parse_spec(type_name: &str, params: Option<&Value>) -> Result<PluginSpec,
             S::ConcurrencyDetector(p)
         }
         "openai-parser" => none(params).map(|_| S::OpenAiParser)?,
+        "global-strict-fairness-policy" => none(params).map(|_| S::GlobalStrictFairnessPolicy)?,
+        "round-robin-fairness-policy" => none(params).map(|_| S::RoundRobinFairnessPolicy)?,
+        "fcfs-ordering-policy" => none(params).map(|_| S::FcfsOrderingPolicy)?,
+        "edf-ordering-policy" => none(params).map(|_| S::EdfOrderingPolicy)?,
+        "slo-deadline-ordering-policy" => none(params).map(|_| S::SloDeadlineOrderingPolicy)?,
+        "static-usage-limit-policy" => {
+            let p: StaticUsageLimitParams = parse(params)?;
+            check(p.validate())?;
+            S::StaticUsageLimitPolicy(p)
+        }
+        "sheddable-eviction-filter" => none(params).map(|_| S::SheddableEvictionFilter)?,
+        "priority-then-time-eviction-order-policy" => {
+            none(params).map(|_| S::PriorityThenTimeEvictionOrderPolicy)?
+        }
         other => {
             return Err(match UNSUPPORTED.iter().find(|(t, _)| *t == other) {
                 Some((_, reason)) => SpecError::Unsupported((*reason).to_owned()),

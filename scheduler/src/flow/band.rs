@@ -1,0 +1,139 @@
+//! One priority band: its flows (one queue per fairness id) and the fairness policy that
+//! picks the next request across them.
+
+use std::collections::{BTreeSet, VecDeque};
+
+use hashbrown::HashMap;
+
+use super::config::{BandConfig, FairnessPolicy};
+
+/// A request's place in its queues: (ordering value, arrival sequence). The sequence is
+/// unique, so keys never collide and ties fall back to arrival order.
+pub(crate) type OrderKey = (u64, u64);
+
+/// The queue of one flow (fairness id) inside a band.
+#[derive(Default)]
+struct FlowQueue {
+    /// The fairness id (empty while the slot is free).
+    id: Box<str>,
+    items: BTreeSet<OrderKey>,
+    /// Listed in the band's round-robin ring (possibly stale once the queue empties).
+    in_ring: bool,
+}
+
+/// A priority band's queued requests and counters.
+pub(crate) struct Band {
+    pub(crate) cfg: BandConfig,
+    pub(crate) len: u64,
+    pub(crate) bytes: u64,
+    /// Flow slots; a freed slot is reused by the next new flow.
+    flows: Vec<FlowQueue>,
+    free: Vec<u32>,
+    index: HashMap<Box<str>, u32>,
+    /// Round-robin turn order of flow slots (stale entries are skipped lazily).
+    ring: VecDeque<u32>,
+    /// Every queued key of the band, for global-strict fairness.
+    all: BTreeSet<OrderKey>,
+    /// Arrival sequences, for newest-first eviction.
+    members: BTreeSet<u64>,
+}
+
+impl Band {
+    pub(crate) fn new(cfg: BandConfig) -> Self {
+        Band {
+            cfg,
+            len: 0,
+            bytes: 0,
+            flows: Vec::new(),
+            free: Vec::new(),
+            index: HashMap::new(),
+            ring: VecDeque::new(),
+            all: BTreeSet::new(),
+            members: BTreeSet::new(),
+        }
+    }
+
+    /// Whether one more request of `bytes` fits under the band's caps.
+    pub(crate) fn fits(&self, bytes: u64) -> bool {
+        self.len < self.cfg.max_requests.get()
+            && self.bytes.saturating_add(bytes) <= self.cfg.max_bytes.get()
+    }
+
+    /// Number of live flows (non-empty queues).
+    pub(crate) fn flow_count(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Queues `key` in the flow `fairness_id`; returns the flow slot.
+    pub(crate) fn push(&mut self, fairness_id: &str, key: OrderKey, bytes: u64) -> u32 {
+        let slot = match self.index.get(fairness_id) {
+            Some(&s) => s,
+            None => {
+                let s = match self.free.pop() {
+                    Some(s) => s,
+                    None => {
+                        self.flows.push(FlowQueue::default());
+                        u32::try_from(self.flows.len() - 1).expect("fewer than 2^32 flows")
+                    }
+                };
+                self.flows[s as usize].id = fairness_id.into();
+                self.index.insert(fairness_id.into(), s);
+                s
+            }
+        };
+        let flow = &mut self.flows[slot as usize];
+        flow.items.insert(key);
+        if !flow.in_ring {
+            flow.in_ring = true;
+            self.ring.push_back(slot);
+        }
+        self.all.insert(key);
+        self.members.insert(key.1);
+        self.len += 1;
+        self.bytes += bytes;
+        slot
+    }
+
+    /// Removes `key` from flow `slot` (dispatch, expiry, cancel or eviction). An emptied
+    /// flow is forgotten at once, so idle fairness ids cost nothing.
+    pub(crate) fn remove(&mut self, slot: u32, key: OrderKey, bytes: u64) {
+        let flow = &mut self.flows[slot as usize];
+        flow.items.remove(&key);
+        if flow.items.is_empty() {
+            let id = std::mem::take(&mut flow.id);
+            self.index.remove(&id);
+            self.free.push(slot);
+        }
+        self.all.remove(&key);
+        self.members.remove(&key.1);
+        self.len -= 1;
+        self.bytes -= bytes;
+    }
+
+    /// The key the fairness policy serves next (the caller then removes it). Round-robin
+    /// moves the chosen flow to the back of the ring.
+    pub(crate) fn pick(&mut self) -> Option<OrderKey> {
+        match self.cfg.fairness {
+            FairnessPolicy::GlobalStrict => self.all.first().copied(),
+            FairnessPolicy::RoundRobin => loop {
+                let slot = *self.ring.front()?;
+                let flow = &mut self.flows[slot as usize];
+                match flow.items.first().copied() {
+                    Some(key) => {
+                        self.ring.rotate_left(1);
+                        return Some(key);
+                    }
+                    None => {
+                        flow.in_ring = false;
+                        self.ring.pop_front();
+                    }
+                }
+            },
+        }
+    }
+
+    /// The most recently queued request (eviction victim order within a band).
+    pub(crate) fn newest(&self) -> Option<u64> {
+        self.members.last().copied()
+    }
+}

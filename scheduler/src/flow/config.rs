@@ -1,0 +1,212 @@
+//! The flow controller's typed configuration, with llm-d's defaults
+//! (`pkg/epp/flowcontrol/{registry,controller}/config.go`).
+
+use std::collections::BTreeMap;
+use std::num::NonZeroU64;
+use std::time::Duration;
+
+/// Per-band request cap when none is configured (llm-d `defaultPriorityBandMaxRequests`).
+pub const DEFAULT_BAND_MAX_REQUESTS: u64 = 5000;
+/// Per-band byte cap when none is configured: 1 G (llm-d `defaultPriorityBandMaxBytes`).
+pub const DEFAULT_BAND_MAX_BYTES: u64 = 1_000_000_000;
+/// Queue-wait budget while the pool has endpoints (llm-d `defaultRequestTTL`).
+pub const DEFAULT_REQUEST_TTL: Duration = Duration::from_secs(60);
+/// Queue-wait budget while the pool has no endpoints (llm-d `defaultNoEndpointRequestTTL`).
+pub const DEFAULT_NO_ENDPOINT_REQUEST_TTL: Duration = Duration::from_secs(60);
+/// `static-usage-limit-policy` threshold when none is given (1.0: gate at saturation).
+pub const DEFAULT_USAGE_THRESHOLD: f64 = 1.0;
+
+/// How a band chooses which flow (fairness id) to serve next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FairnessPolicy {
+    /// `global-strict-fairness-policy`: the best head across all flows, ignoring flow boundaries.
+    #[default]
+    GlobalStrict,
+    /// `round-robin-fairness-policy`: flows take turns, one request each.
+    RoundRobin,
+}
+
+impl FairnessPolicy {
+    /// The llm-d plugin type.
+    pub fn type_name(self) -> &'static str {
+        match self {
+            FairnessPolicy::GlobalStrict => "global-strict-fairness-policy",
+            FairnessPolicy::RoundRobin => "round-robin-fairness-policy",
+        }
+    }
+}
+
+/// How requests are ordered within one flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OrderingPolicy {
+    /// `fcfs-ordering-policy`: exact arrival (enqueue) order.
+    #[default]
+    Fcfs,
+    /// `edf-ordering-policy`: earliest of enqueue + TTL and the request's own deadline first;
+    /// requests with neither go last, in arrival order.
+    Edf,
+    /// `slo-deadline-ordering-policy`: earliest `received + x-llm-d-slo-ttft-ms` first;
+    /// requests without the header go last, in arrival order.
+    SloDeadline,
+}
+
+impl OrderingPolicy {
+    /// The llm-d plugin type.
+    pub fn type_name(self) -> &'static str {
+        match self {
+            OrderingPolicy::Fcfs => "fcfs-ordering-policy",
+            OrderingPolicy::Edf => "edf-ordering-policy",
+            OrderingPolicy::SloDeadline => "slo-deadline-ordering-policy",
+        }
+    }
+}
+
+/// When a band may dispatch, given the pool's saturation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum UsageLimitPolicy {
+    /// `static-usage-limit-policy`: every band dispatches while saturation < `threshold`.
+    Static {
+        /// The ceiling (default 1.0).
+        threshold: f64,
+    },
+}
+
+impl Default for UsageLimitPolicy {
+    fn default() -> Self {
+        UsageLimitPolicy::Static {
+            threshold: DEFAULT_USAGE_THRESHOLD,
+        }
+    }
+}
+
+impl UsageLimitPolicy {
+    /// The llm-d plugin type.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            UsageLimitPolicy::Static { .. } => "static-usage-limit-policy",
+        }
+    }
+
+    /// The saturation ceiling for a band of `priority`.
+    pub fn ceiling(&self, _priority: i32) -> f64 {
+        match self {
+            UsageLimitPolicy::Static { threshold } => *threshold,
+        }
+    }
+
+    /// Whether a band of `priority` may dispatch at `saturation` (NaN fails closed).
+    pub fn allows(&self, priority: i32, saturation: f64) -> bool {
+        saturation < self.ceiling(priority)
+    }
+}
+
+/// One priority band's capacity and policies (also the shape of the band templates).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BandConfig {
+    /// Most requests queued in the band.
+    pub max_requests: NonZeroU64,
+    /// Most request bytes queued in the band.
+    pub max_bytes: NonZeroU64,
+    /// Which flow is served next.
+    pub fairness: FairnessPolicy,
+    /// Order within a flow.
+    pub ordering: OrderingPolicy,
+}
+
+impl Default for BandConfig {
+    fn default() -> Self {
+        BandConfig {
+            max_requests: NonZeroU64::new(DEFAULT_BAND_MAX_REQUESTS).expect("non-zero"),
+            max_bytes: NonZeroU64::new(DEFAULT_BAND_MAX_BYTES).expect("non-zero"),
+            fairness: FairnessPolicy::default(),
+            ordering: OrderingPolicy::default(),
+        }
+    }
+}
+
+/// Everything the flow controller needs; [`FlowConfig::default`] is llm-d's default.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlowConfig {
+    /// Global cap on queued requests across bands (`None`: unlimited).
+    pub max_requests: Option<NonZeroU64>,
+    /// Global cap on queued bytes across bands (`None`: unlimited).
+    pub max_bytes: Option<NonZeroU64>,
+    /// Queue-wait budget while the pool has endpoints (`None`: no expiry, `"0s"` in YAML).
+    pub default_request_ttl: Option<Duration>,
+    /// Queue-wait budget while the pool has no endpoints (`None`: no expiry).
+    pub no_endpoint_request_ttl: Option<Duration>,
+    /// Explicitly configured bands by priority. Band 0 is always provisioned (from
+    /// `default_band` when not listed), as llm-d does.
+    pub priority_bands: BTreeMap<i32, BandConfig>,
+    /// Template for bands created on the fly.
+    pub default_band: BandConfig,
+    /// Template for bands created on the fly with priority < 0 (falls back to `default_band`).
+    pub default_negative_band: Option<BandConfig>,
+    /// When bands may dispatch.
+    pub usage_limit: UsageLimitPolicy,
+    /// Whether a higher-priority arrival at global capacity may evict queued sheddable
+    /// (priority < 0) requests (`sheddable-eviction-filter`, lowest priority then newest
+    /// first as `priority-then-time-eviction-order-policy`).
+    pub enable_eviction: bool,
+}
+
+impl Default for FlowConfig {
+    fn default() -> Self {
+        FlowConfig {
+            max_requests: None,
+            max_bytes: None,
+            default_request_ttl: Some(DEFAULT_REQUEST_TTL),
+            no_endpoint_request_ttl: Some(DEFAULT_NO_ENDPOINT_REQUEST_TTL),
+            priority_bands: BTreeMap::new(),
+            default_band: BandConfig::default(),
+            default_negative_band: None,
+            usage_limit: UsageLimitPolicy::default(),
+            enable_eviction: false,
+        }
+    }
+}
+
+/// Why a [`FlowConfig`] is unusable. Nothing was built.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum InvalidFlowConfig {
+    /// The usage-limit threshold is NaN, infinite or negative.
+    #[error("usage limit threshold must be a finite number >= 0, got {threshold}")]
+    Threshold {
+        /// The value given.
+        threshold: f64,
+    },
+}
+
+impl FlowConfig {
+    /// The configuration of the band for `priority`: the explicit one, else the negative
+    /// template (priority < 0, when set), else the default template.
+    pub fn band_config(&self, priority: i32) -> &BandConfig {
+        if let Some(b) = self.priority_bands.get(&priority) {
+            return b;
+        }
+        match &self.default_negative_band {
+            Some(neg) if priority < 0 => neg,
+            _ => &self.default_band,
+        }
+    }
+
+    /// Checks the values a caller could have built by hand.
+    pub fn validate(&self) -> Result<(), InvalidFlowConfig> {
+        match self.usage_limit {
+            UsageLimitPolicy::Static { threshold } => {
+                if !threshold.is_finite() || threshold < 0.0 {
+                    return Err(InvalidFlowConfig::Threshold { threshold });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The longest wait any request can have before a TTL expiry (`None`: unbounded).
+    pub(crate) fn wait_bound(&self) -> Option<Duration> {
+        match (self.default_request_ttl, self.no_endpoint_request_ttl) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            _ => None,
+        }
+    }
+}

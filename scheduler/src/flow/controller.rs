@@ -1,0 +1,577 @@
+//! The flow controller: bands by priority, capacity, TTL, saturation gating and eviction.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use hashbrown::HashMap;
+
+use super::band::{Band, OrderKey};
+use super::config::{FlowConfig, InvalidFlowConfig, OrderingPolicy};
+use super::outcome::{Decision, DropReason, Outcome, Rejection, Ticket};
+
+/// A request asking for a place in the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowRequest<'a> {
+    /// Priority from the InferenceObjective (0 when none; < 0 is sheddable).
+    pub priority: i32,
+    /// Flow key within the band (`x-llm-d-inference-fairness-id`, default `default-flow`).
+    pub fairness_id: &'a str,
+    /// Size counted against the byte caps (the request body length).
+    pub bytes: u64,
+    /// When the router received the request (base of the SLO deadline).
+    pub received: Instant,
+    /// `x-llm-d-slo-ttft-ms`, for `slo-deadline-ordering-policy`.
+    pub slo_ttft: Option<Duration>,
+    /// A client or gateway deadline: the request is evicted (`EvictedTTL`) when it passes.
+    pub deadline: Option<Instant>,
+}
+
+impl<'a> FlowRequest<'a> {
+    /// A request with no SLO header and no deadline of its own.
+    pub fn new(priority: i32, fairness_id: &'a str, bytes: u64, received: Instant) -> Self {
+        FlowRequest {
+            priority,
+            fairness_id,
+            bytes,
+            received,
+            slo_ttft: None,
+            deadline: None,
+        }
+    }
+}
+
+/// What the driver knows about the pool; given to [`FlowController::handle_pool`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PoolStatus {
+    /// Pool saturation from the saturation detector (1.0 is the set point; not clamped).
+    pub saturation: f64,
+    /// Whether the candidate pool has any endpoint.
+    pub has_endpoints: bool,
+}
+
+impl PoolStatus {
+    /// A pool with endpoints at `saturation`.
+    pub fn serving(saturation: f64) -> Self {
+        PoolStatus {
+            saturation,
+            has_endpoints: true,
+        }
+    }
+
+    /// A pool with no endpoints (scaled to zero); reads as saturated, as llm-d's detectors do.
+    pub fn empty() -> Self {
+        PoolStatus {
+            saturation: 1.0,
+            has_endpoints: false,
+        }
+    }
+}
+
+/// Occupancy of one band, for `flow_control_capacity_utilization_{requests,bytes}{priority}`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BandStats {
+    /// The band's priority.
+    pub priority: i32,
+    /// Queued requests.
+    pub len: u64,
+    /// Queued bytes.
+    pub bytes: u64,
+    /// Live flows (fairness ids with queued requests).
+    pub flows: usize,
+    /// The band's request cap.
+    pub max_requests: u64,
+    /// The band's byte cap.
+    pub max_bytes: u64,
+}
+
+impl BandStats {
+    /// `len / max_requests`.
+    pub fn requests_utilization(&self) -> f64 {
+        self.len as f64 / self.max_requests as f64
+    }
+
+    /// `bytes / max_bytes`.
+    pub fn bytes_utilization(&self) -> f64 {
+        self.bytes as f64 / self.max_bytes as f64
+    }
+}
+
+struct Item {
+    band: i32,
+    flow: u32,
+    bytes: u64,
+    enqueued: Instant,
+    enqueued_ns: u64,
+    key: OrderKey,
+    deadline_ns: Option<u64>,
+}
+
+/// The sans-IO flow controller. See the [module docs](super) for how a driver calls it.
+pub struct FlowController {
+    cfg: FlowConfig,
+    /// Origin of the nanosecond clock used in keys (the `now` given to `new`).
+    epoch: Instant,
+    next_seq: u64,
+    items: HashMap<u64, Item>,
+    bands: BTreeMap<i32, Band>,
+    /// Priorities of bands with queued requests.
+    nonempty: BTreeSet<i32>,
+    /// (enqueued ns, seq): the oldest request expires first under the shared TTL.
+    by_enqueue: BTreeSet<(u64, u64)>,
+    /// (own deadline ns, seq) of requests that carry a deadline.
+    by_deadline: BTreeSet<(u64, u64)>,
+    total_len: u64,
+    total_bytes: u64,
+    pool: PoolStatus,
+    /// When the current endpoint regime (has endpoints or not) began, in ns.
+    regime_since_ns: u64,
+    /// Decisions made outside a poll (evictions at enqueue), handed out first.
+    outbox: VecDeque<Decision>,
+    outcomes: [u64; Outcome::ALL.len()],
+    shut_down: bool,
+}
+
+impl std::fmt::Debug for FlowController {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlowController")
+            .field("queued", &self.total_len)
+            .field("bytes", &self.total_bytes)
+            .field("bands", &self.bands.len())
+            .field("pool", &self.pool)
+            .finish_non_exhaustive()
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl FlowController {
+    /// A controller with no queued requests. `now` starts its clock; the pool is assumed to
+    /// have endpoints and to be saturated until [`handle_pool`](Self::handle_pool) says
+    /// otherwise (fail closed).
+    pub fn new(mut cfg: FlowConfig, now: Instant) -> Result<Self, InvalidFlowConfig> {
+        cfg.validate()?;
+        let zero = cfg.band_config(0).clone();
+        cfg.priority_bands.entry(0).or_insert(zero);
+        let bands = cfg
+            .priority_bands
+            .iter()
+            .map(|(p, b)| (*p, Band::new(b.clone())))
+            .collect();
+        Ok(FlowController {
+            cfg,
+            epoch: now,
+            next_seq: 0,
+            items: HashMap::new(),
+            bands,
+            nonempty: BTreeSet::new(),
+            by_enqueue: BTreeSet::new(),
+            by_deadline: BTreeSet::new(),
+            total_len: 0,
+            total_bytes: 0,
+            pool: PoolStatus::serving(1.0),
+            regime_since_ns: 0,
+            outbox: VecDeque::new(),
+            outcomes: [0; Outcome::ALL.len()],
+            shut_down: false,
+        })
+    }
+
+    /// The configuration in force (with band 0 filled in).
+    pub fn config(&self) -> &FlowConfig {
+        &self.cfg
+    }
+
+    fn ns(&self, t: Instant) -> u64 {
+        nanos(t.saturating_duration_since(self.epoch))
+    }
+
+    fn at(&self, ns: u64) -> Instant {
+        self.epoch + Duration::from_nanos(ns)
+    }
+
+    fn count(&mut self, outcome: Outcome) {
+        self.outcomes[outcome.index()] += 1;
+    }
+
+    fn reject(&mut self, outcome: Outcome, reason: DropReason) -> Rejection {
+        self.count(outcome);
+        Rejection { outcome, reason }
+    }
+
+    /// Asks for a place in the queue. On success the request waits until a poll returns a
+    /// [`Decision`] for its ticket. A full band or full global cap refuses it with
+    /// `RejectedCapacity` (`RejectedNoEndpoints` while the pool has no endpoints); with
+    /// eviction on, queued sheddable requests of lower priority may be displaced instead
+    /// (their decisions come out of the next poll).
+    pub fn handle_enqueue(
+        &mut self,
+        req: &FlowRequest<'_>,
+        now: Instant,
+    ) -> Result<Ticket, Rejection> {
+        if self.shut_down {
+            return Err(self.reject(Outcome::RejectedOther, DropReason::ShuttingDown));
+        }
+        let full = |this: &mut Self| {
+            if this.pool.has_endpoints {
+                this.reject(Outcome::RejectedCapacity, DropReason::Saturated)
+            } else {
+                this.reject(Outcome::RejectedNoEndpoints, DropReason::NoEndpoints)
+            }
+        };
+        if !self.bands.contains_key(&req.priority) {
+            let cfg = self.cfg.band_config(req.priority).clone();
+            self.bands.insert(req.priority, Band::new(cfg));
+        }
+        if !self.bands[&req.priority].fits(req.bytes) {
+            return Err(full(self));
+        }
+        let (need_requests, need_bytes) = self.global_deficit(req.bytes);
+        if (need_requests > 0 || need_bytes > 0)
+            && !(self.cfg.enable_eviction
+                && self.evict_for(req.priority, need_requests, need_bytes, now))
+        {
+            return Err(full(self));
+        }
+
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let enqueued_ns = self.ns(now);
+        let deadline_ns = req.deadline.map(|d| self.ns(d));
+        let ordering = self.bands[&req.priority].cfg.ordering;
+        let primary = match ordering {
+            OrderingPolicy::Fcfs => 0,
+            OrderingPolicy::Edf => {
+                let ttl = self
+                    .cfg
+                    .default_request_ttl
+                    .map(|t| enqueued_ns.saturating_add(nanos(t)));
+                match (ttl, deadline_ns) {
+                    (Some(a), Some(b)) => a.min(b),
+                    (a, b) => a.or(b).unwrap_or(u64::MAX),
+                }
+            }
+            OrderingPolicy::SloDeadline => match req.slo_ttft {
+                Some(slo) => self.ns(req.received).saturating_add(nanos(slo)),
+                None => u64::MAX,
+            },
+        };
+        let key = (primary, seq);
+        let band = self.bands.get_mut(&req.priority).expect("band exists");
+        let flow = band.push(req.fairness_id, key, req.bytes);
+        self.nonempty.insert(req.priority);
+        self.by_enqueue.insert((enqueued_ns, seq));
+        if let Some(d) = deadline_ns {
+            self.by_deadline.insert((d, seq));
+        }
+        self.total_len += 1;
+        self.total_bytes += req.bytes;
+        self.items.insert(
+            seq,
+            Item {
+                band: req.priority,
+                flow,
+                bytes: req.bytes,
+                enqueued: now,
+                enqueued_ns,
+                key,
+                deadline_ns,
+            },
+        );
+        Ok(Ticket(seq))
+    }
+
+    /// How many requests and bytes must leave before one more of `bytes` fits globally.
+    fn global_deficit(&self, bytes: u64) -> (u64, u64) {
+        let reqs = self
+            .cfg
+            .max_requests
+            .map_or(0, |m| (self.total_len + 1).saturating_sub(m.get()));
+        let bytes = self.cfg.max_bytes.map_or(0, |m| {
+            self.total_bytes
+                .saturating_add(bytes)
+                .saturating_sub(m.get())
+        });
+        (reqs, bytes)
+    }
+
+    /// Displaces queued sheddable requests (priority < 0 and below `priority`), lowest
+    /// priority first and newest first within a band, until the deficit is covered.
+    /// Evicts nothing and returns false when even all of them would not be enough.
+    fn evict_for(
+        &mut self,
+        priority: i32,
+        need_requests: u64,
+        need_bytes: u64,
+        now: Instant,
+    ) -> bool {
+        let limit = priority.min(0);
+        let (avail_requests, avail_bytes) = self
+            .bands
+            .range(..limit)
+            .fold((0u64, 0u64), |(r, b), (_, band)| {
+                (r + band.len, b + band.bytes)
+            });
+        if avail_requests < need_requests || avail_bytes < need_bytes {
+            return false;
+        }
+        let (mut freed_requests, mut freed_bytes) = (0u64, 0u64);
+        while freed_requests < need_requests || freed_bytes < need_bytes {
+            let victim = self
+                .bands
+                .range(..limit)
+                .find_map(|(_, band)| band.newest())
+                .expect("enough sheddable requests were counted");
+            let victim_bytes = self.items[&victim].bytes;
+            let d = self.finish(
+                victim,
+                Outcome::EvictedOther,
+                Some(DropReason::EvictedPriority),
+                now,
+            );
+            freed_requests += 1;
+            freed_bytes += victim_bytes;
+            self.outbox.push_back(d);
+        }
+        true
+    }
+
+    /// The client went away: frees the request's place at once and counts it as
+    /// `EvictedContextCancelled`. Returns `None` when the ticket is no longer queued
+    /// (already dispatched, expired or cancelled).
+    pub fn handle_cancel(&mut self, ticket: Ticket, now: Instant) -> Option<Decision> {
+        if !self.items.contains_key(&ticket.0) {
+            return None;
+        }
+        Some(self.finish(
+            ticket.0,
+            Outcome::EvictedContextCancelled,
+            Some(DropReason::ContextCancelled),
+            now,
+        ))
+    }
+
+    /// Records the pool's saturation and whether it has endpoints. A change of endpoint
+    /// regime starts a fresh wait budget for every queued request (llm-d's
+    /// `noEndpointRequestTTL` semantics); no request ever waits longer than the longer of
+    /// the two budgets.
+    pub fn handle_pool(&mut self, status: PoolStatus, now: Instant) {
+        if status.has_endpoints != self.pool.has_endpoints {
+            self.regime_since_ns = self.ns(now);
+        }
+        self.pool = status;
+    }
+
+    /// The next terminal decision at `now`, or `None` when nothing is due: first evictions
+    /// made at enqueue, then expiries, then one dispatch from the highest-priority band whose
+    /// usage limit allows it at the last [`PoolStatus`]. Call it in a loop; a driver whose
+    /// saturation rises with each dispatch updates it with `handle_pool` between calls.
+    pub fn poll_decision(&mut self, now: Instant) -> Option<Decision> {
+        self.poll_expired(now).or_else(|| self.poll_dispatch(now))
+    }
+
+    /// Evictions and expiries due at `now` (never a dispatch).
+    pub fn poll_expired(&mut self, now: Instant) -> Option<Decision> {
+        if let Some(d) = self.outbox.pop_front() {
+            return Some(d);
+        }
+        let now_ns = self.ns(now);
+        let outcome = if self.pool.has_endpoints {
+            (Outcome::EvictedTtl, DropReason::TtlExpired)
+        } else {
+            (Outcome::EvictedNoEndpoints, DropReason::NoEndpoints)
+        };
+        if let Some(&(d, seq)) = self.by_deadline.first()
+            && d <= now_ns
+        {
+            return Some(self.finish(seq, outcome.0, Some(outcome.1), now));
+        }
+        if let Some(&(enq, seq)) = self.by_enqueue.first()
+            && self.ttl_expiry_ns(enq).is_some_and(|e| e <= now_ns)
+        {
+            return Some(self.finish(seq, outcome.0, Some(outcome.1), now));
+        }
+        None
+    }
+
+    /// One dispatch at `now` if the pool has endpoints and a band may dispatch (strict
+    /// priority between bands, the band's fairness policy across flows).
+    pub fn poll_dispatch(&mut self, now: Instant) -> Option<Decision> {
+        if !self.pool.has_endpoints {
+            return None;
+        }
+        let saturation = self.pool.saturation;
+        let usage = self.cfg.usage_limit;
+        let priority = *self
+            .nonempty
+            .iter()
+            .rev()
+            .find(|p| usage.allows(**p, saturation))?;
+        let key = self.bands.get_mut(&priority)?.pick()?;
+        Some(self.finish(key.1, Outcome::Dispatched, None, now))
+    }
+
+    /// Applies `pool`, then appends every due eviction and expiry and up to `max_dispatch`
+    /// dispatches to `out` (the saturation is taken as fixed for the batch).
+    pub fn dispatch(
+        &mut self,
+        now: Instant,
+        pool: PoolStatus,
+        max_dispatch: usize,
+        out: &mut Vec<Decision>,
+    ) {
+        self.handle_pool(pool, now);
+        while let Some(d) = self.poll_expired(now) {
+            out.push(d);
+        }
+        for _ in 0..max_dispatch {
+            match self.poll_dispatch(now) {
+                Some(d) => out.push(d),
+                None => break,
+            }
+        }
+    }
+
+    /// Shuts down: every queued request is evicted (`EvictedOther`, `rejected-shutting-down`)
+    /// into `out`, and later enqueues are refused with `RejectedOther`.
+    pub fn handle_shutdown(&mut self, now: Instant, out: &mut Vec<Decision>) {
+        self.shut_down = true;
+        while let Some(d) = self.outbox.pop_front() {
+            out.push(d);
+        }
+        while let Some(&(_, seq)) = self.by_enqueue.first() {
+            out.push(self.finish(
+                seq,
+                Outcome::EvictedOther,
+                Some(DropReason::ShuttingDown),
+                now,
+            ));
+        }
+    }
+
+    /// When the next expiry falls due (`None`: nothing queued can expire; an instant in the
+    /// past: poll now). Also wake the owner after an enqueue and on pool changes, since
+    /// those can make dispatches due.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        if !self.outbox.is_empty() {
+            return Some(self.epoch);
+        }
+        let own = self.by_deadline.first().map(|&(d, _)| d);
+        let ttl = self
+            .by_enqueue
+            .first()
+            .and_then(|&(enq, _)| self.ttl_expiry_ns(enq));
+        let next = match (own, ttl) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        next.map(|ns| self.at(ns))
+    }
+
+    /// When a request enqueued at `enq` runs out of wait budget under the current regime.
+    fn ttl_expiry_ns(&self, enq: u64) -> Option<u64> {
+        let ttl = if self.pool.has_endpoints {
+            self.cfg.default_request_ttl
+        } else {
+            self.cfg.no_endpoint_request_ttl
+        }?;
+        let fresh = enq.max(self.regime_since_ns).saturating_add(nanos(ttl));
+        let bound = self
+            .cfg
+            .wait_bound()
+            .map_or(u64::MAX, |b| enq.saturating_add(nanos(b)));
+        Some(fresh.min(bound))
+    }
+
+    /// Removes a queued request and records its outcome.
+    fn finish(
+        &mut self,
+        seq: u64,
+        outcome: Outcome,
+        reason: Option<DropReason>,
+        now: Instant,
+    ) -> Decision {
+        let item = self
+            .items
+            .remove(&seq)
+            .expect("finish is called on queued items");
+        let band = self
+            .bands
+            .get_mut(&item.band)
+            .expect("an item's band exists");
+        band.remove(item.flow, item.key, item.bytes);
+        if band.len == 0 {
+            self.nonempty.remove(&item.band);
+        }
+        self.by_enqueue.remove(&(item.enqueued_ns, seq));
+        if let Some(d) = item.deadline_ns {
+            self.by_deadline.remove(&(d, seq));
+        }
+        self.total_len -= 1;
+        self.total_bytes -= item.bytes;
+        self.count(outcome);
+        Decision {
+            ticket: Ticket(seq),
+            outcome,
+            reason,
+            priority: item.band,
+            waited: now.saturating_duration_since(item.enqueued),
+        }
+    }
+
+    /// Queued requests (`flow_control_queue_size`).
+    pub fn len(&self) -> u64 {
+        self.total_len
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.total_len == 0
+    }
+
+    /// Queued bytes (`flow_control_queue_bytes`).
+    pub fn bytes(&self) -> u64 {
+        self.total_bytes
+    }
+
+    /// Whether `ticket` is still queued.
+    pub fn contains(&self, ticket: Ticket) -> bool {
+        self.items.contains_key(&ticket.0)
+    }
+
+    /// The last pool status given.
+    pub fn pool(&self) -> PoolStatus {
+        self.pool
+    }
+
+    /// How many requests ended with `outcome` (`flow_control_requests_total{outcome}`).
+    pub fn outcome_total(&self, outcome: Outcome) -> u64 {
+        self.outcomes[outcome.index()]
+    }
+
+    /// Per-band occupancy, lowest priority first.
+    pub fn bands(&self) -> impl Iterator<Item = BandStats> + '_ {
+        self.bands.iter().map(|(p, b)| BandStats {
+            priority: *p,
+            len: b.len,
+            bytes: b.bytes,
+            flows: b.flow_count(),
+            max_requests: b.cfg.max_requests.get(),
+            max_bytes: b.cfg.max_bytes.get(),
+        })
+    }
+
+    /// Global (requests, bytes) utilization against the global caps; `None` where unlimited
+    /// (`flow_control_global_capacity_utilization_{requests,bytes}`).
+    pub fn global_utilization(&self) -> (Option<f64>, Option<f64>) {
+        (
+            self.cfg
+                .max_requests
+                .map(|m| self.total_len as f64 / m.get() as f64),
+            self.cfg
+                .max_bytes
+                .map(|m| self.total_bytes as f64 / m.get() as f64),
+        )
+    }
+}

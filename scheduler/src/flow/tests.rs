@@ -1,0 +1,607 @@
+//! Engine tests: feed enqueues, cancels and pool changes with explicit times; check decisions.
+
+use std::num::NonZeroU64;
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+
+use super::*;
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+fn nz(n: u64) -> NonZeroU64 {
+    NonZeroU64::new(n).unwrap()
+}
+
+fn ctl(cfg: FlowConfig) -> (FlowController, Instant) {
+    let t0 = Instant::now();
+    (FlowController::new(cfg, t0).unwrap(), t0)
+}
+
+fn enq(fc: &mut FlowController, p: i32, flow: &str, bytes: u64, now: Instant) -> Ticket {
+    fc.handle_enqueue(&FlowRequest::new(p, flow, bytes, now), now)
+        .unwrap()
+}
+
+fn drain(fc: &mut FlowController, now: Instant) -> Vec<Decision> {
+    std::iter::from_fn(|| fc.poll_decision(now)).collect()
+}
+
+fn dispatched(ds: &[Decision]) -> Vec<Ticket> {
+    ds.iter()
+        .filter(|d| d.is_dispatched())
+        .map(|d| d.ticket)
+        .collect()
+}
+
+#[test]
+fn ttl_expiry_evicts_with_429_ttl_expired() {
+    let (mut fc, t0) = ctl(FlowConfig::default());
+    let a = enq(&mut fc, 0, "f", 10, t0);
+    let b = enq(&mut fc, 0, "f", 10, t0 + secs(5));
+    fc.handle_pool(PoolStatus::serving(1.0), t0);
+    assert_eq!(fc.next_deadline(), Some(t0 + secs(60)));
+    assert!(drain(&mut fc, t0 + secs(59)).is_empty());
+    let ds = drain(&mut fc, t0 + secs(60));
+    assert_eq!(ds.len(), 1);
+    assert_eq!(ds[0].ticket, a);
+    assert_eq!(ds[0].outcome, Outcome::EvictedTtl);
+    assert_eq!(ds[0].waited, secs(60));
+    let r = ds[0].reason.unwrap();
+    assert_eq!(
+        (r.status(), r.header_value()),
+        (429, "rejected-ttl-expired")
+    );
+    assert_eq!(fc.next_deadline(), Some(t0 + secs(65)));
+    assert_eq!(drain(&mut fc, t0 + secs(65))[0].ticket, b);
+    assert!(fc.is_empty());
+    assert_eq!(fc.outcome_total(Outcome::EvictedTtl), 2);
+    assert_eq!(fc.next_deadline(), None);
+}
+
+#[test]
+fn zero_ttl_disables_expiry() {
+    let cfg = FlowConfig {
+        default_request_ttl: None,
+        ..FlowConfig::default()
+    };
+    let (mut fc, t0) = ctl(cfg);
+    enq(&mut fc, 0, "f", 10, t0);
+    assert_eq!(fc.next_deadline(), None);
+    assert!(drain(&mut fc, t0 + secs(100_000)).is_empty());
+    assert_eq!(fc.len(), 1);
+}
+
+#[test]
+fn own_deadline_evicts_before_ttl() {
+    let (mut fc, t0) = ctl(FlowConfig::default());
+    let mut r = FlowRequest::new(0, "f", 1, t0);
+    r.deadline = Some(t0 + secs(3));
+    let t = fc.handle_enqueue(&r, t0).unwrap();
+    assert_eq!(fc.next_deadline(), Some(t0 + secs(3)));
+    let ds = drain(&mut fc, t0 + secs(3));
+    assert_eq!((ds[0].ticket, ds[0].outcome), (t, Outcome::EvictedTtl));
+}
+
+#[test]
+fn no_endpoints_regime_uses_its_own_budget_and_503() {
+    let cfg = FlowConfig {
+        default_request_ttl: Some(secs(10)),
+        no_endpoint_request_ttl: Some(secs(100)),
+        ..FlowConfig::default()
+    };
+    let (mut fc, t0) = ctl(cfg);
+    fc.handle_pool(PoolStatus::empty(), t0);
+    let a = enq(&mut fc, 0, "f", 1, t0);
+    assert_eq!(fc.next_deadline(), Some(t0 + secs(100)));
+    // Nothing is dispatched to an empty pool, even at low saturation.
+    fc.handle_pool(
+        PoolStatus {
+            saturation: 0.0,
+            has_endpoints: false,
+        },
+        t0,
+    );
+    assert!(drain(&mut fc, t0 + secs(50)).is_empty());
+    let ds = drain(&mut fc, t0 + secs(100));
+    assert_eq!(
+        (ds[0].ticket, ds[0].outcome),
+        (a, Outcome::EvictedNoEndpoints)
+    );
+    let r = ds[0].reason.unwrap();
+    assert_eq!(
+        (r.status(), r.header_value()),
+        (503, "rejected-no-endpoints")
+    );
+}
+
+#[test]
+fn regime_change_grants_a_fresh_budget_bounded_by_the_longer_one() {
+    let cfg = FlowConfig {
+        default_request_ttl: Some(secs(10)),
+        no_endpoint_request_ttl: Some(secs(100)),
+        ..FlowConfig::default()
+    };
+    let (mut fc, t0) = ctl(cfg);
+    fc.handle_pool(PoolStatus::empty(), t0);
+    let a = enq(&mut fc, 0, "f", 1, t0);
+    let b = enq(&mut fc, 0, "f", 1, t0 + secs(50));
+    // An endpoint appears at 95 s, but the pool is saturated: the 10 s budget starts now.
+    fc.handle_pool(PoolStatus::serving(2.0), t0 + secs(95));
+    // a: min(95 + 10, 0 + 100) = 100; b: min(105, 150) = 105.
+    assert_eq!(fc.next_deadline(), Some(t0 + secs(100)));
+    let ds = drain(&mut fc, t0 + secs(104));
+    assert_eq!(
+        (ds.len(), ds[0].ticket, ds[0].outcome),
+        (1, a, Outcome::EvictedTtl)
+    );
+    assert_eq!(drain(&mut fc, t0 + secs(105))[0].ticket, b);
+}
+
+#[test]
+fn band_request_capacity_rejects_with_429() {
+    let mut cfg = FlowConfig::default();
+    cfg.priority_bands.insert(
+        0,
+        BandConfig {
+            max_requests: nz(2),
+            ..BandConfig::default()
+        },
+    );
+    let (mut fc, t0) = ctl(cfg);
+    enq(&mut fc, 0, "a", 1, t0);
+    enq(&mut fc, 0, "b", 1, t0);
+    let r = fc
+        .handle_enqueue(&FlowRequest::new(0, "c", 1, t0), t0)
+        .unwrap_err();
+    assert_eq!(r.outcome, Outcome::RejectedCapacity);
+    assert_eq!(
+        (r.reason.status(), r.reason.header_value()),
+        (429, "rejected-saturated")
+    );
+    // Another band is not affected.
+    enq(&mut fc, 5, "c", 1, t0);
+    assert_eq!(fc.outcome_total(Outcome::RejectedCapacity), 1);
+}
+
+#[test]
+fn band_byte_capacity_rejects() {
+    let mut cfg = FlowConfig::default();
+    cfg.default_band.max_bytes = nz(100);
+    let (mut fc, t0) = ctl(cfg);
+    enq(&mut fc, 3, "a", 60, t0);
+    assert!(
+        fc.handle_enqueue(&FlowRequest::new(3, "a", 41, t0), t0)
+            .is_err()
+    );
+    enq(&mut fc, 3, "a", 40, t0);
+    assert_eq!(fc.bands().find(|b| b.priority == 3).unwrap().bytes, 100);
+}
+
+#[test]
+fn global_capacity_in_requests_and_bytes() {
+    let cfg = FlowConfig {
+        max_requests: Some(nz(3)),
+        max_bytes: Some(nz(1000)),
+        ..FlowConfig::default()
+    };
+    let (mut fc, t0) = ctl(cfg);
+    enq(&mut fc, 0, "a", 1, t0);
+    enq(&mut fc, 1, "a", 1, t0);
+    enq(&mut fc, 2, "a", 1, t0);
+    let r = fc.handle_enqueue(&FlowRequest::new(3, "a", 1, t0), t0);
+    assert_eq!(r.unwrap_err().outcome, Outcome::RejectedCapacity);
+    assert_eq!(fc.global_utilization().0, Some(1.0));
+
+    let (mut fc, t0) = ctl(FlowConfig {
+        max_bytes: Some(nz(1000)),
+        ..FlowConfig::default()
+    });
+    enq(&mut fc, 0, "a", 600, t0);
+    assert!(
+        fc.handle_enqueue(&FlowRequest::new(1, "a", 401, t0), t0)
+            .is_err()
+    );
+    enq(&mut fc, 1, "a", 400, t0);
+}
+
+#[test]
+fn capacity_rejection_without_endpoints_is_503() {
+    let cfg = FlowConfig {
+        max_requests: Some(nz(1)),
+        ..FlowConfig::default()
+    };
+    let (mut fc, t0) = ctl(cfg);
+    fc.handle_pool(PoolStatus::empty(), t0);
+    enq(&mut fc, 0, "a", 1, t0);
+    let r = fc
+        .handle_enqueue(&FlowRequest::new(0, "a", 1, t0), t0)
+        .unwrap_err();
+    assert_eq!(r.outcome, Outcome::RejectedNoEndpoints);
+    assert_eq!(
+        (r.reason.status(), r.reason.header_value()),
+        (503, "rejected-no-endpoints")
+    );
+}
+
+#[test]
+fn cancel_frees_the_slot_at_once() {
+    let cfg = FlowConfig {
+        max_requests: Some(nz(1)),
+        ..FlowConfig::default()
+    };
+    let (mut fc, t0) = ctl(cfg);
+    let a = enq(&mut fc, 0, "a", 7, t0);
+    assert!(
+        fc.handle_enqueue(&FlowRequest::new(0, "b", 1, t0), t0)
+            .is_err()
+    );
+    let d = fc.handle_cancel(a, t0 + secs(2)).unwrap();
+    assert_eq!(d.outcome, Outcome::EvictedContextCancelled);
+    assert_eq!(d.waited, secs(2));
+    assert_eq!((fc.len(), fc.bytes()), (0, 0));
+    assert!(
+        fc.handle_cancel(a, t0).is_none(),
+        "second cancel is a no-op"
+    );
+    let b = enq(&mut fc, 0, "b", 1, t0);
+    fc.handle_pool(PoolStatus::serving(0.0), t0);
+    assert_eq!(dispatched(&drain(&mut fc, t0)), vec![b]);
+    assert_eq!(fc.outcome_total(Outcome::EvictedContextCancelled), 1);
+    assert_eq!(fc.next_deadline(), None);
+}
+
+#[test]
+fn round_robin_alternates_between_flows() {
+    let mut cfg = FlowConfig::default();
+    cfg.priority_bands.insert(
+        0,
+        BandConfig {
+            fairness: FairnessPolicy::RoundRobin,
+            ..BandConfig::default()
+        },
+    );
+    let (mut fc, t0) = ctl(cfg);
+    let a: Vec<Ticket> = (0..4).map(|_| enq(&mut fc, 0, "a", 1, t0)).collect();
+    let b: Vec<Ticket> = (0..2).map(|_| enq(&mut fc, 0, "b", 1, t0)).collect();
+    let c = enq(&mut fc, 0, "c", 1, t0);
+    fc.handle_pool(PoolStatus::serving(0.0), t0);
+    let got = dispatched(&drain(&mut fc, t0));
+    assert_eq!(got, vec![a[0], b[0], c, a[1], b[1], a[2], a[3]]);
+}
+
+#[test]
+fn global_strict_ignores_flow_boundaries() {
+    let (mut fc, t0) = ctl(FlowConfig::default());
+    let a0 = enq(&mut fc, 0, "a", 1, t0);
+    let a1 = enq(&mut fc, 0, "a", 1, t0);
+    let b0 = enq(&mut fc, 0, "b", 1, t0);
+    fc.handle_pool(PoolStatus::serving(0.0), t0);
+    assert_eq!(dispatched(&drain(&mut fc, t0)), vec![a0, a1, b0]);
+}
+
+#[test]
+fn edf_orders_by_deadline() {
+    let mut cfg = FlowConfig::default();
+    cfg.default_band.ordering = OrderingPolicy::Edf;
+    let (mut fc, t0) = ctl(cfg);
+    let mut r = FlowRequest::new(1, "f", 1, t0);
+    r.deadline = Some(t0 + secs(30));
+    let late = fc.handle_enqueue(&r, t0).unwrap(); // deadline 30
+    let ttl = enq(&mut fc, 1, "f", 1, t0); // deadline 60 (TTL)
+    r.deadline = Some(t0 + secs(5));
+    let soon = fc.handle_enqueue(&r, t0 + secs(1)).unwrap(); // deadline 5
+    fc.handle_pool(PoolStatus::serving(0.0), t0 + secs(2));
+    assert_eq!(
+        dispatched(&drain(&mut fc, t0 + secs(2))),
+        vec![soon, late, ttl]
+    );
+}
+
+#[test]
+fn slo_deadline_orders_by_ttft_header() {
+    let mut cfg = FlowConfig::default();
+    cfg.default_band.ordering = OrderingPolicy::SloDeadline;
+    let (mut fc, t0) = ctl(cfg);
+    let none = enq(&mut fc, 2, "f", 1, t0);
+    let mut r = FlowRequest::new(2, "g", 1, t0);
+    r.slo_ttft = Some(Duration::from_millis(900));
+    let loose = fc.handle_enqueue(&r, t0).unwrap();
+    r.slo_ttft = Some(Duration::from_millis(200));
+    r.received = t0 + Duration::from_millis(100);
+    let tight = fc
+        .handle_enqueue(&r, t0 + Duration::from_millis(100))
+        .unwrap();
+    fc.handle_pool(PoolStatus::serving(0.0), t0 + secs(1));
+    assert_eq!(
+        dispatched(&drain(&mut fc, t0 + secs(1))),
+        vec![tight, loose, none]
+    );
+}
+
+#[test]
+fn saturation_gates_dispatch_until_it_drops() {
+    let (mut fc, t0) = ctl(FlowConfig::default());
+    let ts: Vec<Ticket> = (0..5).map(|i| enq(&mut fc, i % 2, "f", 1, t0)).collect();
+    for sat in [1.0, 1.5, f64::NAN] {
+        fc.handle_pool(PoolStatus::serving(sat), t0);
+        assert!(drain(&mut fc, t0).is_empty(), "saturation {sat}");
+    }
+    let mut out = Vec::new();
+    fc.dispatch(t0, PoolStatus::serving(0.99), 2, &mut out);
+    assert_eq!(out.len(), 2);
+    fc.dispatch(t0, PoolStatus::serving(0.5), usize::MAX, &mut out);
+    let mut got = dispatched(&out);
+    got.sort();
+    assert_eq!(got, ts);
+    assert_eq!(fc.outcome_total(Outcome::Dispatched), 5);
+}
+
+#[test]
+fn static_threshold_below_one() {
+    let cfg = FlowConfig {
+        usage_limit: UsageLimitPolicy::Static { threshold: 0.8 },
+        ..FlowConfig::default()
+    };
+    let (mut fc, t0) = ctl(cfg);
+    enq(&mut fc, 0, "f", 1, t0);
+    fc.handle_pool(PoolStatus::serving(0.8), t0);
+    assert!(drain(&mut fc, t0).is_empty());
+    fc.handle_pool(PoolStatus::serving(0.79), t0);
+    assert_eq!(drain(&mut fc, t0).len(), 1);
+}
+
+#[test]
+fn eviction_displaces_newest_lowest_priority_sheddable() {
+    let cfg = FlowConfig {
+        max_requests: Some(nz(4)),
+        enable_eviction: true,
+        ..FlowConfig::default()
+    };
+    let (mut fc, t0) = ctl(cfg);
+    let m1_old = enq(&mut fc, -1, "s", 1, t0);
+    let m1_new = enq(&mut fc, -1, "s", 1, t0 + secs(1));
+    let m5 = enq(&mut fc, -5, "s", 1, t0);
+    let keep = enq(&mut fc, 0, "k", 1, t0);
+    // A priority-0 arrival evicts -5 first, then the newest of -1.
+    let t = enq(&mut fc, 0, "k", 1, t0 + secs(2));
+    let t2 = enq(&mut fc, 3, "k", 1, t0 + secs(2));
+    let ds = drain(&mut fc, t0 + secs(2));
+    let evicted: Vec<(Ticket, Outcome)> = ds
+        .iter()
+        .filter(|d| !d.is_dispatched())
+        .map(|d| (d.ticket, d.outcome))
+        .collect();
+    assert_eq!(
+        evicted,
+        vec![(m5, Outcome::EvictedOther), (m1_new, Outcome::EvictedOther)]
+    );
+    let r = ds[0].reason.unwrap();
+    assert_eq!((r.status(), r.header_value()), (429, "evicted-priority"));
+    assert!(fc.contains(m1_old) && fc.contains(keep) && fc.contains(t) && fc.contains(t2));
+    // A sheddable arrival never evicts its own or a higher band.
+    let r = fc.handle_enqueue(&FlowRequest::new(-1, "s", 1, t0), t0);
+    assert_eq!(r.unwrap_err().outcome, Outcome::RejectedCapacity);
+    // Non-sheddable requests are never evicted: only one sheddable remains.
+    assert!(
+        fc.handle_enqueue(&FlowRequest::new(1, "k", 1, t0), t0)
+            .is_ok()
+    );
+    assert!(
+        fc.handle_enqueue(&FlowRequest::new(1, "k", 1, t0), t0)
+            .is_err()
+    );
+}
+
+#[test]
+fn without_eviction_sheddable_requests_are_kept() {
+    let cfg = FlowConfig {
+        max_requests: Some(nz(1)),
+        ..FlowConfig::default()
+    };
+    let (mut fc, t0) = ctl(cfg);
+    let s = enq(&mut fc, -1, "s", 1, t0);
+    assert!(
+        fc.handle_enqueue(&FlowRequest::new(5, "k", 1, t0), t0)
+            .is_err()
+    );
+    assert!(fc.contains(s));
+}
+
+#[test]
+fn bands_are_created_from_templates() {
+    let mut cfg = FlowConfig::default();
+    cfg.default_band.max_requests = nz(7);
+    cfg.default_negative_band = Some(BandConfig {
+        max_requests: nz(2),
+        ..BandConfig::default()
+    });
+    let (mut fc, t0) = ctl(cfg);
+    enq(&mut fc, 4, "f", 1, t0);
+    enq(&mut fc, -3, "f", 1, t0);
+    let caps: Vec<(i32, u64)> = fc.bands().map(|b| (b.priority, b.max_requests)).collect();
+    assert_eq!(caps, vec![(-3, 2), (0, 7), (4, 7)]);
+}
+
+#[test]
+fn shutdown_evicts_everything_and_refuses_more() {
+    let (mut fc, t0) = ctl(FlowConfig::default());
+    enq(&mut fc, 0, "f", 1, t0);
+    enq(&mut fc, 1, "g", 1, t0);
+    let mut out = Vec::new();
+    fc.handle_shutdown(t0, &mut out);
+    assert_eq!(out.len(), 2);
+    assert!(
+        out.iter()
+            .all(|d| d.reason == Some(DropReason::ShuttingDown))
+    );
+    let r = fc.handle_enqueue(&FlowRequest::new(0, "f", 1, t0), t0);
+    assert_eq!(r.unwrap_err().outcome, Outcome::RejectedOther);
+}
+
+#[test]
+fn outcome_labels_match_llm_d() {
+    let labels: Vec<&str> = Outcome::ALL.iter().map(|o| o.as_str()).collect();
+    assert_eq!(
+        labels,
+        [
+            "Dispatched",
+            "RejectedCapacity",
+            "RejectedNoEndpoints",
+            "RejectedOther",
+            "EvictedTTL",
+            "EvictedNoEndpoints",
+            "EvictedContextCancelled",
+            "EvictedOther"
+        ]
+    );
+    assert_eq!(Outcome::Dispatched.default_reason(), None);
+}
+
+/// An operation in a random schedule.
+#[derive(Debug, Clone)]
+enum Op {
+    Enqueue { priority: i32, flow: u8, bytes: u64 },
+    Cancel(usize),
+    Poll { saturation_low: bool },
+    Advance(u64),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (-2i32..3, 0u8..4, 1u64..50).prop_map(|(priority, flow, bytes)| Op::Enqueue { priority, flow, bytes }),
+        1 => (0usize..64).prop_map(Op::Cancel),
+        2 => any::<bool>().prop_map(|saturation_low| Op::Poll { saturation_low }),
+        1 => (0u64..30_000).prop_map(Op::Advance),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// Every ticket ends exactly once; dispatch follows strict priority between bands and
+    /// arrival order within a flow; counters match the queue; nothing dispatches when
+    /// saturated; once saturation drops everything left is dispatched.
+    #[test]
+    fn schedule_invariants(ops in proptest::collection::vec(op(), 1..120), fair_rr in any::<bool>()) {
+        let mut cfg = FlowConfig {
+            max_requests: Some(nz(40)),
+            max_bytes: Some(nz(900)),
+            default_request_ttl: Some(secs(20)),
+            ..FlowConfig::default()
+        };
+        cfg.default_band.max_requests = nz(15);
+        if fair_rr {
+            cfg.default_band.fairness = FairnessPolicy::RoundRobin;
+        }
+        let t0 = Instant::now();
+        let mut now = t0;
+        let mut fc = FlowController::new(cfg, t0).unwrap();
+        // ticket -> (priority, flow, bytes, arrival index, ended)
+        let mut issued: Vec<(Ticket, i32, u8, u64, bool)> = Vec::new();
+        let ended = |issued: &mut Vec<(Ticket, i32, u8, u64, bool)>, d: &Decision| {
+            let e = issued.iter_mut().find(|e| e.0 == d.ticket).expect("known ticket");
+            assert!(!e.4, "ticket {:?} ended twice", d.ticket);
+            e.4 = true;
+            (e.1, e.2)
+        };
+        for op in ops {
+            match op {
+                Op::Enqueue { priority, flow, bytes } => {
+                    let id = format!("flow-{flow}");
+                    if let Ok(t) = fc.handle_enqueue(&FlowRequest::new(priority, &id, bytes, now), now) {
+                        issued.push((t, priority, flow, bytes, false));
+                    }
+                }
+                Op::Cancel(i) => {
+                    if let Some(&(t, ..)) = issued.get(i)
+                        && let Some(d) = fc.handle_cancel(t, now)
+                    {
+                        prop_assert_eq!(d.outcome, Outcome::EvictedContextCancelled);
+                        ended(&mut issued, &d);
+                    }
+                }
+                Op::Advance(ms) => now += Duration::from_millis(ms),
+                Op::Poll { saturation_low } => {
+                    fc.handle_pool(PoolStatus::serving(if saturation_low { 0.2 } else { 1.3 }), now);
+                    while let Some(d) = fc.poll_decision(now) {
+                        if d.is_dispatched() {
+                            prop_assert!(saturation_low, "dispatched while saturated");
+                            // Strict priority: nothing queued in a higher band.
+                            let higher = fc.bands().any(|b| b.priority > d.priority && b.len > 0);
+                            prop_assert!(!higher, "a higher band was waiting");
+                        } else {
+                            prop_assert_eq!(d.outcome, Outcome::EvictedTtl);
+                            prop_assert!(d.waited >= secs(20));
+                        }
+                        let (p, flow) = ended(&mut issued, &d);
+                        if d.is_dispatched() {
+                            // FCFS within the flow: no earlier request of the same flow and band is still queued.
+                            let pos = issued.iter().position(|e| e.0 == d.ticket).unwrap();
+                            let earlier = issued[..pos].iter().any(|e| e.1 == p && e.2 == flow && !e.4);
+                            prop_assert!(!earlier, "overtook an earlier request of its flow");
+                        }
+                    }
+                }
+            }
+            let live: Vec<_> = issued.iter().filter(|e| !e.4).collect();
+            prop_assert_eq!(fc.len(), live.len() as u64);
+            prop_assert_eq!(fc.bytes(), live.iter().map(|e| e.3).sum::<u64>());
+            prop_assert!(fc.len() <= 40 && fc.bytes() <= 900);
+            for b in fc.bands() {
+                prop_assert!(b.len <= 15);
+            }
+            if let Some(d) = fc.next_deadline() {
+                prop_assert!(!live.is_empty());
+                prop_assert!(d <= now + secs(20) || d >= t0);
+            }
+        }
+        // Saturation drops: everything still queued is dispatched.
+        let mut out = Vec::new();
+        fc.dispatch(now, PoolStatus::serving(0.0), usize::MAX, &mut out);
+        for d in &out {
+            prop_assert!(d.is_dispatched() || (d.outcome == Outcome::EvictedTtl && d.waited >= secs(20)));
+            ended(&mut issued, d);
+        }
+        prop_assert!(issued.iter().all(|e| e.4), "a ticket never ended");
+        prop_assert!(fc.is_empty());
+        prop_assert_eq!(fc.next_deadline(), None);
+        let total: u64 = Outcome::ALL
+            .iter()
+            .filter(|o| !matches!(o, Outcome::RejectedCapacity | Outcome::RejectedNoEndpoints | Outcome::RejectedOther))
+            .map(|o| fc.outcome_total(*o))
+            .sum();
+        prop_assert_eq!(total, issued.len() as u64);
+    }
+
+    /// Round-robin: while two flows both have requests queued, neither gets two dispatches
+    /// in a row.
+    #[test]
+    fn round_robin_is_fair(counts in proptest::collection::vec(1usize..8, 2..5)) {
+        let mut cfg = FlowConfig::default();
+        cfg.priority_bands.insert(0, BandConfig { fairness: FairnessPolicy::RoundRobin, ..BandConfig::default() });
+        let t0 = Instant::now();
+        let mut fc = FlowController::new(cfg, t0).unwrap();
+        let mut owner = std::collections::HashMap::new();
+        let mut left = counts.clone();
+        for (f, n) in counts.iter().enumerate() {
+            for _ in 0..*n {
+                owner.insert(enq(&mut fc, 0, &format!("f{f}"), 1, t0), f);
+            }
+        }
+        fc.handle_pool(PoolStatus::serving(0.0), t0);
+        let mut last: Option<usize> = None;
+        while let Some(d) = fc.poll_decision(t0) {
+            let f = owner[&d.ticket];
+            let others_waiting = left.iter().enumerate().any(|(g, n)| g != f && *n > 0);
+            if others_waiting {
+                prop_assert_ne!(Some(f), last);
+            }
+            left[f] -= 1;
+            last = Some(f);
+        }
+        prop_assert!(left.iter().all(|n| *n == 0));
+    }
+}

@@ -1,0 +1,267 @@
+//! The `flowControl` gate and section: llm-d's field names and defaults, and bad values
+//! refused with the field named.
+
+use std::num::NonZeroU64;
+use std::time::Duration;
+
+use infermesh_scheduler::config::ConfigError;
+use infermesh_scheduler::flow::{FairnessPolicy, FlowConfig, OrderingPolicy, UsageLimitPolicy};
+use infermesh_scheduler::{ResolvedConfig, load_config};
+
+const HEAD: &str = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\n";
+
+#[allow(clippy::result_large_err)] // the loader's own error type, as in the other config tests
+fn load(body: &str) -> Result<ResolvedConfig, ConfigError> {
+    load_config(&format!("{HEAD}{body}"))
+}
+
+fn nz(n: u64) -> NonZeroU64 {
+    NonZeroU64::new(n).unwrap()
+}
+
+#[test]
+fn gate_alone_gives_llm_d_defaults() {
+    let cfg = load("featureGates: [flowControl]\nplugins:\n- type: queue-scorer\n").unwrap();
+    let fc = cfg.flow_control.as_ref().expect("gate on");
+    let mut want = FlowConfig::default();
+    want.priority_bands.insert(0, want.default_band.clone());
+    assert_eq!(fc, &want);
+    assert_eq!(fc.default_request_ttl, Some(Duration::from_secs(60)));
+    assert_eq!(fc.band_config(0).max_requests, nz(5000));
+    assert_eq!(fc.band_config(0).max_bytes, nz(1_000_000_000));
+    assert_eq!(fc.max_requests, None);
+    for t in [
+        "fcfs-ordering-policy",
+        "global-strict-fairness-policy",
+        "static-usage-limit-policy",
+    ] {
+        assert!(cfg.plugin(t).is_some_and(|p| p.defaulted), "{t} added");
+    }
+    let shown = cfg.to_string();
+    assert!(shown.contains("flowControl:"), "{shown}");
+    assert!(
+        shown.contains("band 0: maxRequests 5000, maxBytes 1000000000"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn without_the_gate_nothing_changes() {
+    let plain = load("plugins:\n- type: queue-scorer\n").unwrap();
+    assert_eq!(plain.flow_control, None);
+    // The section is read strictly but otherwise ignored, as llm-d does.
+    let ignored = load(
+        "plugins:\n- type: queue-scorer\nflowControl:\n  maxRequests: 10\n  defaultRequestTTL: 5s\n",
+    )
+    .unwrap();
+    assert_eq!(ignored, plain);
+    let off = load(
+        "featureGates: [\"flowControl=false\"]\nplugins:\n- type: queue-scorer\nflowControl:\n  maxRequests: 10\n",
+    )
+    .unwrap();
+    assert_eq!(off.flow_control, None);
+    assert!(!off.feature_enabled("flowControl"));
+    let on =
+        load("featureGates: [\"flowControl=TRUE\"]\nplugins:\n- type: queue-scorer\n").unwrap();
+    assert!(on.feature_enabled("flowControl") && on.flow_control.is_some());
+}
+
+#[test]
+fn full_section_resolves() {
+    let cfg = load(
+        r#"featureGates: [flowControl]
+plugins:
+- type: queue-scorer
+- type: round-robin-fairness-policy
+- name: edf
+  type: edf-ordering-policy
+- type: slo-deadline-ordering-policy
+- name: gate
+  type: static-usage-limit-policy
+  parameters:
+    threshold: 0.8
+- type: concurrency-detector
+flowControl:
+  maxBytes: 2Gi
+  maxRequests: "1k"
+  defaultRequestTTL: 30s
+  noEndpointRequestTTL: 0s
+  enableEviction: true
+  usageLimitPolicyPluginRef: gate
+  saturationDetector:
+    pluginRef: concurrency-detector
+  defaultPriorityBand:
+    maxRequests: 100
+    fairnessPolicyRef: round-robin-fairness-policy
+  defaultNegativePriorityBand:
+    maxRequests: 10
+    maxBytes: 0
+  priorityBands:
+  - priority: 10
+    maxBytes: 500M
+    orderingPolicyRef: edf
+  - priority: -1
+    orderingPolicyRef: slo-deadline-ordering-policy
+    maxRequests: 0
+"#,
+    )
+    .unwrap();
+    let fc = cfg.flow_control.as_ref().unwrap();
+    assert_eq!(fc.max_bytes, Some(nz(2 << 30)));
+    assert_eq!(fc.max_requests, Some(nz(1000)));
+    assert_eq!(fc.default_request_ttl, Some(Duration::from_secs(30)));
+    assert_eq!(fc.no_endpoint_request_ttl, None, "0s disables");
+    assert!(fc.enable_eviction);
+    assert_eq!(fc.usage_limit, UsageLimitPolicy::Static { threshold: 0.8 });
+    assert_eq!(cfg.saturation_detector, "concurrency-detector");
+    assert_eq!(fc.default_band.max_requests, nz(100));
+    assert_eq!(fc.default_band.fairness, FairnessPolicy::RoundRobin);
+    let neg = fc.default_negative_band.as_ref().unwrap();
+    assert_eq!(
+        (neg.max_requests, neg.max_bytes),
+        (nz(10), nz(1_000_000_000))
+    );
+    let b10 = &fc.priority_bands[&10];
+    assert_eq!(b10.max_bytes, nz(500_000_000));
+    assert_eq!(b10.ordering, OrderingPolicy::Edf);
+    assert_eq!(
+        b10.max_requests,
+        nz(5000),
+        "explicit bands start from system defaults"
+    );
+    assert_eq!(b10.fairness, FairnessPolicy::GlobalStrict);
+    let m1 = &fc.priority_bands[&-1];
+    assert_eq!(m1.ordering, OrderingPolicy::SloDeadline);
+    assert_eq!(m1.max_requests, nz(5000), "0 means default");
+    assert_eq!(
+        fc.priority_bands[&0].max_requests,
+        nz(100),
+        "band 0 from the template"
+    );
+    // Templates apply to bands made on the fly.
+    assert_eq!(fc.band_config(3).max_requests, nz(100));
+    assert_eq!(fc.band_config(-7).max_requests, nz(10));
+}
+
+#[test]
+fn top_level_saturation_detector_still_read_and_nested_wins() {
+    let base = "plugins:\n- type: queue-scorer\n- type: concurrency-detector\n- name: other\n  type: utilization-detector\n";
+    let old = load(&format!(
+        "{base}saturationDetector:\n  pluginRef: concurrency-detector\n"
+    ))
+    .unwrap();
+    assert_eq!(old.saturation_detector, "concurrency-detector");
+    let both = load(&format!(
+        "{base}saturationDetector:\n  pluginRef: concurrency-detector\nflowControl:\n  saturationDetector:\n    pluginRef: other\n"
+    ))
+    .unwrap();
+    assert_eq!(both.saturation_detector, "other");
+    let err = load(&format!(
+        "{base}flowControl:\n  saturationDetector:\n    pluginRef: nope\n"
+    ))
+    .unwrap_err();
+    assert!(
+        matches!(&err, ConfigError::DanglingRef { referrer, .. } if referrer == "flowControl.saturationDetector.pluginRef"),
+        "{err}"
+    );
+}
+
+fn gated_err(section: &str) -> ConfigError {
+    load(&format!(
+        "featureGates: [flowControl]\nplugins:\n- type: queue-scorer\n- name: rr\n  type: round-robin-fairness-policy\nflowControl:\n{section}"
+    ))
+    .unwrap_err()
+}
+
+fn field_of(e: &ConfigError) -> String {
+    match e {
+        ConfigError::Field { field, .. } => field.clone(),
+        ConfigError::DanglingRef { referrer, .. } | ConfigError::WrongKind { referrer, .. } => {
+            referrer.clone()
+        }
+        ConfigError::Yaml { path, .. } => path.clone(),
+        other => panic!("unexpected error {other}"),
+    }
+}
+
+#[test]
+fn bad_flow_control_config_names_the_field() {
+    let cases = [
+        ("  maxBytes: 1GB\n", "flowControl.maxBytes"),
+        ("  maxRequests: \"-5\"\n", "flowControl.maxRequests"),
+        ("  defaultRequestTTL: 5\n", "flowControl.defaultRequestTTL"),
+        (
+            "  noEndpointRequestTTL: soon\n",
+            "flowControl.noEndpointRequestTTL",
+        ),
+        (
+            "  priorityBands:\n  - priority: 1\n    maxBytes: lots\n",
+            "flowControl.priorityBands[0].maxBytes",
+        ),
+        (
+            "  priorityBands:\n  - priority: 1\n  - priority: 1\n",
+            "flowControl.priorityBands[1].priority",
+        ),
+        (
+            "  priorityBands:\n  - priority: 2\n    fairnessPolicyRef: missing\n",
+            "flowControl.priorityBands[0].fairnessPolicyRef",
+        ),
+        (
+            "  defaultPriorityBand:\n    orderingPolicyRef: rr\n",
+            "flowControl.defaultPriorityBand.orderingPolicyRef",
+        ),
+        (
+            "  usageLimitPolicyPluginRef: queue-scorer\n",
+            "flowControl.usageLimitPolicyPluginRef",
+        ),
+        ("  maxQueue: 3\n", "flowControl"),
+    ];
+    for (section, field) in cases {
+        let e = gated_err(section);
+        assert!(field_of(&e).starts_with(field), "{section}: {e}");
+        assert!(
+            e.to_string().contains(field) || field == "flowControl",
+            "{e}"
+        );
+        assert!(e.location().is_some(), "{section}: {e} has no location");
+    }
+    // The unknown-field error names the field.
+    let e = gated_err("  maxQueue: 3\n");
+    assert!(e.to_string().contains("maxQueue"), "{e}");
+}
+
+#[test]
+fn bad_gates_and_policy_params_are_refused() {
+    let e = load("featureGates: [\"flowControl=maybe\"]\nplugins:\n- type: queue-scorer\n")
+        .unwrap_err();
+    assert_eq!(field_of(&e), "featureGates[0]");
+    let e = load("featureGates: [fastLane]\nplugins:\n- type: queue-scorer\n").unwrap_err();
+    assert_eq!(field_of(&e), "featureGates[0]");
+    let e = load("plugins:\n- type: static-usage-limit-policy\n  parameters:\n    threshold: -1\n")
+        .unwrap_err();
+    assert!(
+        matches!(&e, ConfigError::InvalidParameter { field, .. } if field == "threshold"),
+        "{e}"
+    );
+    let e = load("plugins:\n- type: fcfs-ordering-policy\n  parameters:\n    x: 1\n").unwrap_err();
+    assert!(
+        matches!(&e, ConfigError::InvalidParameter { field, .. } if field == "x"),
+        "{e}"
+    );
+}
+
+#[test]
+fn policy_plugins_load_without_the_gate_and_stay_out_of_profiles() {
+    let cfg = load(
+        "plugins:\n- type: queue-scorer\n- type: edf-ordering-policy\n- type: sheddable-eviction-filter\n- type: priority-then-time-eviction-order-policy\n",
+    )
+    .unwrap();
+    assert_eq!(cfg.profiles[0].filters, Vec::<String>::new());
+    assert_eq!(cfg.profiles[0].scorers.len(), 1);
+    infermesh_scheduler::Scheduler::new(&cfg).unwrap();
+    let e = load(
+        "plugins:\n- type: queue-scorer\n- type: edf-ordering-policy\nschedulingProfiles:\n- name: p\n  plugins:\n  - pluginRef: edf-ordering-policy\n",
+    )
+    .unwrap_err();
+    assert!(matches!(e, ConfigError::WrongKind { .. }), "{e}");
+}
