@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::error::{CheckIsLeaderError, RaftError};
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::disk::Disk;
 use crate::error::{BoxError, ClusterError, OpenError, ReadError, WriteError};
@@ -19,14 +19,16 @@ use crate::network::{
 };
 use crate::policy::{
     EppConfigValidator, ObjectChange, ObjectKey, PolicyObject, PolicyOp, PolicyRequest,
-    PolicyResponse, PolicyState, TokenHash, parse_documents, validate_object,
+    PolicyResponse, PolicyState, Rejection, TokenHash, parse_documents, validate_object,
 };
 use crate::state_machine::{PolicyPublisher, StateMachineStore};
 use crate::types::{Node, NodeId, Raft};
 
+pub mod batch;
 mod cluster;
 mod config;
 
+pub use batch::{BatchLimits, WriteBatcher};
 pub use cluster::{ClusterStatus, MemberStatus, Role};
 pub use config::StoreConfig;
 
@@ -42,7 +44,8 @@ pub enum Route {
 /// A committed write.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Applied {
-    /// Log index of the write (the new resourceVersion of changed objects).
+    /// Log index of the entry that carried the write (writes batched together share it;
+    /// each change carries its object's new resourceVersion).
     pub index: u64,
     /// One entry per object op, in order.
     pub changes: Vec<ObjectChange>,
@@ -59,6 +62,8 @@ struct Inner {
     raft: Raft,
     publisher: PolicyPublisher,
     transport: Arc<dyn RaftTransport>,
+    /// The batching writer task's queue (see [`batch`]).
+    writes: mpsc::Sender<batch::Submitted>,
     validator: EppConfigValidator,
     committed: Arc<AtomicU64>,
     config: StoreConfig,
@@ -75,6 +80,11 @@ impl std::fmt::Debug for PolicyStore {
 fn boxed(e: impl std::error::Error + Send + Sync + 'static) -> BoxError {
     Box::new(e)
 }
+
+/// The batching writer task is gone (the store is shutting down).
+#[derive(Debug, thiserror::Error)]
+#[error("the policy writer stopped")]
+struct WriterStopped;
 
 /// An error message as a source error (for answers that arrive as text over the wire).
 #[derive(Debug, thiserror::Error)]
@@ -103,12 +113,15 @@ impl PolicyStore {
         let raft = Raft::new(config.node_id, raft_config, network, log, sm)
             .await
             .map_err(|e| OpenError::Start(boxed(e)))?;
+        let (writes, rx) = mpsc::channel(config.write_queue.get());
+        tokio::spawn(batch::run_writer(raft.clone(), config.batch_limits(), rx));
         Ok(PolicyStore {
             inner: Arc::new(Inner {
                 id: config.node_id,
                 raft,
                 publisher,
                 transport,
+                writes,
                 validator,
                 committed,
                 config,
@@ -241,25 +254,26 @@ impl PolicyStore {
         self.submit_local(req).await
     }
 
-    async fn submit_local(&self, req: PolicyRequest) -> Result<Applied, WriteError> {
-        match self.inner.raft.client_write(req).await {
-            Ok(resp) => match resp.data {
-                PolicyResponse::Applied { index, changes } => Ok(Applied { index, changes }),
-                PolicyResponse::Rejected(r) => Err(WriteError::Rejected(r)),
-                PolicyResponse::Noop => Ok(Applied {
-                    index: resp.log_id.index,
-                    changes: Vec::new(),
-                }),
-            },
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(WriteError::NotLeader {
-                    leader: f.leader_id,
-                    leader_node: f.leader_node,
-                })
-            }
-            Err(RaftError::APIError(e)) => Err(WriteError::Unavailable(boxed(e))),
-            Err(RaftError::Fatal(e)) => Err(WriteError::Unavailable(boxed(e))),
+    /// Hands one request to the batching writer and waits for its own answer.
+    async fn submit_local(&self, request: PolicyRequest) -> Result<Applied, WriteError> {
+        if request.has_batch_op() {
+            return Err(WriteError::Rejected(Rejection::MisplacedBatch));
         }
+        // Sized here, on the caller's task, so the writer task only adds numbers.
+        let bytes = postcard::experimental::serialized_size(&request).unwrap_or(0);
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .writes
+            .send(batch::Submitted {
+                request,
+                bytes,
+                reply,
+            })
+            .await
+            .map_err(|_| WriteError::Unavailable(boxed(WriterStopped)))?;
+        answer
+            .await
+            .map_err(|_| WriteError::Unavailable(boxed(WriterStopped)))?
     }
 
     async fn forward(
