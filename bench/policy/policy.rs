@@ -442,7 +442,7 @@ impl Etcd {
             .next()
             .unwrap_or("etcd")
             .trim()
-            .to_owned();
+            .replace("etcd Version: ", "etcd ");
         let ports = free_ports(6)?;
         let peer = |i: usize| format!("http://127.0.0.1:{}", ports[2 * i]);
         let client_url = |i: usize| format!("http://127.0.0.1:{}", ports[2 * i + 1]);

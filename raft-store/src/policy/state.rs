@@ -85,6 +85,15 @@ impl PolicyRequest {
         }
     }
 
+    /// The client requests this entry carries: those of a batch, or itself.
+    pub fn into_requests(self) -> Vec<PolicyRequest> {
+        match <[PolicyOp; 1]>::try_from(self.ops) {
+            Ok([PolicyOp::Batch(requests)]) => requests,
+            Ok([op]) => vec![PolicyRequest { ops: vec![op] }],
+            Err(ops) => vec![PolicyRequest { ops }],
+        }
+    }
+
     /// Whether any op is a batch (a client request must not carry one).
     pub fn has_batch_op(&self) -> bool {
         self.ops.iter().any(|op| matches!(op, PolicyOp::Batch(_)))

@@ -636,6 +636,21 @@ fn batch_ops_are_refused_anywhere_but_alone_at_the_top() {
 }
 
 #[test]
+fn an_entry_yields_the_client_requests_it_carries() {
+    let a = put(objective_named("a", 1), None);
+    let b = put(objective_named("b", 1), None);
+    assert_eq!(a.clone().into_requests(), vec![a.clone()]);
+    assert_eq!(
+        batch(vec![a.clone(), b.clone()]).into_requests(),
+        vec![a.clone(), b.clone()]
+    );
+    let two_ops = PolicyRequest {
+        ops: vec![a.ops[0].clone(), b.ops[0].clone()],
+    };
+    assert_eq!(two_ops.clone().into_requests(), vec![two_ops]);
+}
+
+#[test]
 fn entries_written_before_batching_keep_their_bytes() {
     // postcard encodes a variant by position: Put 0, Delete 1, AddTokens 2 must stay put
     // so log entries written before the Batch variant existed still decode.

@@ -212,11 +212,11 @@ struct Dropped;
 /// One failure shared by every request of an entry.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error(transparent)]
-struct Shared(Arc<dyn std::error::Error + Send + Sync>);
+pub(super) struct Shared(Arc<dyn std::error::Error + Send + Sync>);
 
 /// Why a whole entry failed; every request of it gets the same answer.
 #[derive(Debug, Clone)]
-enum EntryFailed {
+pub(super) enum EntryFailed {
     NotLeader {
         leader: Option<NodeId>,
         leader_node: Option<Node>,
@@ -225,7 +225,7 @@ enum EntryFailed {
 }
 
 impl EntryFailed {
-    fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+    pub(super) fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> Self {
         EntryFailed::Unavailable(Shared(Arc::new(e)))
     }
 }
