@@ -335,6 +335,9 @@ fn write_request(system: System, cl: usize, k: usize) -> (&'static str, Vec<u8>)
 
 /// What a closed-loop load achieved.
 struct Load {
+    /// Highest log index an answer named (infermesh only; on a fresh cluster, about the
+    /// number of log entries the writes took).
+    last_index: Option<u64>,
     ok: usize,
     failed: usize,
     elapsed: Duration,
@@ -367,6 +370,7 @@ async fn closed_loop(
             let mut lat = Vec::with_capacity(per_client);
             let mut failed = 0;
             let mut first_error = None;
+            let mut last_index: Option<u64> = None;
             for k in 0..per_client {
                 if started.elapsed() > limit {
                     break;
@@ -374,21 +378,28 @@ async fn closed_loop(
                 let (path, body) = write_request(system, cl, k);
                 let t = Instant::now();
                 match http.call(Method::POST, path, Some(body)).await {
-                    Ok(_) => lat.push(t.elapsed()),
+                    Ok(v) => {
+                        lat.push(t.elapsed());
+                        if let System::Infermesh = system {
+                            last_index = last_index.max(v["index"].as_u64());
+                        }
+                    }
                     Err(e) => {
                         failed += 1;
                         first_error.get_or_insert_with(|| e.to_string());
                     }
                 }
             }
-            (lat, failed, first_error)
+            (lat, failed, first_error, last_index)
         });
     }
     let mut lat = Vec::new();
     let mut failed = 0;
     let mut first_error = None;
+    let mut last_index = None;
     while let Some(r) = tasks.join_next().await {
-        let (l, f, e) = r?;
+        let (l, f, e, i) = r?;
+        last_index = last_index.max(i);
         lat.extend(l);
         failed += f;
         if first_error.is_none() {
@@ -397,6 +408,7 @@ async fn closed_loop(
     }
     let elapsed = started.elapsed();
     Ok(Load {
+        last_index,
         ok: lat.len(),
         failed,
         elapsed,
@@ -660,11 +672,12 @@ async fn main() -> Result<()> {
             .await?
         };
         eprintln!(
-            "round {round} infermesh: {} writes ok, {} failed in {:.2} s: {:.0} writes/s",
+            "round {round} infermesh: {} writes ok, {} failed in {:.2} s: {:.0} writes/s, last index {:?}",
             im.ok,
             im.failed,
             im.elapsed.as_secs_f64(),
-            im.per_second()
+            im.per_second(),
+            im.last_index
         );
         let etcd = match &args.etcd_bin {
             Some(etcd_bin) => {
@@ -766,20 +779,21 @@ async fn main() -> Result<()> {
         secs = args.compare_seconds,
     ));
     report.push_str(
-        "| round | system | writes ok | failed | seconds | writes/s | p50 ms | p99 ms | max ms |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| round | system | writes ok | failed | seconds | writes/s | p50 ms | p99 ms | max ms | log entries |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let etcd_name = format!("{}, 3 members", etcd_version.as_deref().unwrap_or("etcd"));
     let row = |round: &str, name: &str, l: &Load| {
         format!(
-            "| {round} | {name} | {} | {} | {:.2} | {:.0} | {} | {} | {} |\n",
+            "| {round} | {name} | {} | {} | {:.2} | {:.0} | {} | {} | {} | {} |\n",
             l.ok,
             l.failed,
             l.elapsed.as_secs_f64(),
             l.per_second(),
             ms(l.lat.p50),
             ms(l.lat.p99),
-            ms(l.lat.max)
+            ms(l.lat.max),
+            l.last_index.map_or("—".to_owned(), |i| format!("≤ {i}"))
         )
     };
     for (i, (im, etcd)) in rounds.iter().enumerate() {
