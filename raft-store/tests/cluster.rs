@@ -557,3 +557,41 @@ async fn concurrent_writes_are_answered_each_on_their_own() -> Result<()> {
     assert!(after.changes[0].resource_version.unwrap() > newest);
     Ok(())
 }
+
+/// A leader cut off from its quorum keeps its uncommitted entries pending; its writer must
+/// still answer every write (Unavailable, as they may commit later) instead of letting the
+/// stuck entries hold its in-flight slots forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_stuck_on_a_leader_without_quorum_do_not_block_later_writes() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let voters = [1, 2, 3];
+    let mut c = TestCluster::new(dir.path(), 13).with_config(|c| StoreConfig {
+        write_timeout: Duration::from_millis(300),
+        batch_max_in_flight: std::num::NonZeroUsize::MIN,
+        ..c
+    });
+    c.start_bootstrapped(&voters, &[]).await?;
+    let leader = c.wait_leader(&voters, WAIT).await?;
+    c.net.isolate(leader);
+    let store = c.store(leader)?;
+    // More writes, one after another, than there are in-flight slots: each is answered.
+    for i in 0..3 {
+        let doc = objective_yaml(&format!("stuck{i}"), 1);
+        let r = tokio::time::timeout(WAIT, store.apply_yaml(&doc, Route::Local))
+            .await
+            .context("a write to a leader without quorum was never answered")?;
+        assert!(
+            matches!(
+                r,
+                Err(WriteError::Unavailable(_) | WriteError::NotLeader { .. })
+            ),
+            "{r:?}"
+        );
+    }
+    c.net.heal();
+    let leader = c.wait_leader(&voters, WAIT).await?;
+    c.store(leader)?
+        .apply_yaml(&objective_yaml("after", 1), Route::ViaLeader)
+        .await?;
+    Ok(())
+}

@@ -10,6 +10,7 @@
 use std::collections::VecDeque;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
@@ -209,6 +210,14 @@ pub(super) struct Submitted {
 #[error("raft stopped before answering the write")]
 struct Dropped;
 
+/// A submitted entry was neither applied nor refused in time (a leader that lost its
+/// quorum keeps its uncommitted entries pending); it may still commit later.
+#[derive(Debug, thiserror::Error)]
+#[error("no answer from raft within {waited_ms} ms; the write may still commit")]
+struct NoAnswer {
+    waited_ms: u64,
+}
+
 /// One failure shared by every request of an entry.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error(transparent)]
@@ -278,9 +287,16 @@ fn answer(waiters: Vec<Reply>, outcome: Result<PolicyResponse, EntryFailed>) {
 }
 
 /// The writer task: owns the batcher, pulls writes from `rx`, keeps up to `max_in_flight`
-/// entries in Raft, answers every caller. Ends when every sender is gone and nothing is
-/// in flight.
-pub(super) async fn run_writer(raft: Raft, limits: BatchLimits, mut rx: mpsc::Receiver<Submitted>) {
+/// entries in Raft, answers every caller. An entry not answered within `answer_timeout`
+/// gives up its slot (its callers get `Unavailable`), so entries stuck on a leader that lost
+/// its quorum never hold up the writes after them. Ends when every sender is gone and
+/// nothing is in flight.
+pub(super) async fn run_writer(
+    raft: Raft,
+    limits: BatchLimits,
+    answer_timeout: Duration,
+    mut rx: mpsc::Receiver<Submitted>,
+) {
     let mut batcher: WriteBatcher<Reply> = WriteBatcher::new(limits);
     let mut in_flight = FuturesUnordered::new();
     let mut open = true;
@@ -290,16 +306,19 @@ pub(super) async fn run_writer(raft: Raft, limits: BatchLimits, mut rx: mpsc::Re
         while let Some(Batch { entry, waiters }) = batcher.poll_batch() {
             match raft.client_write_ff(entry).await {
                 Ok(rx) => in_flight.push(async move {
-                    let outcome = match rx.await {
-                        Ok(Ok(resp)) => Ok(resp.data),
-                        Ok(Err(ClientWriteError::ForwardToLeader(f))) => {
+                    let outcome = match tokio::time::timeout(answer_timeout, rx).await {
+                        Err(_) => Err(EntryFailed::unavailable(NoAnswer {
+                            waited_ms: answer_timeout.as_millis() as u64,
+                        })),
+                        Ok(Ok(Ok(resp))) => Ok(resp.data),
+                        Ok(Ok(Err(ClientWriteError::ForwardToLeader(f)))) => {
                             Err(EntryFailed::NotLeader {
                                 leader: f.leader_id,
                                 leader_node: f.leader_node,
                             })
                         }
-                        Ok(Err(e)) => Err(EntryFailed::unavailable(e)),
-                        Err(_) => Err(EntryFailed::unavailable(Dropped)),
+                        Ok(Ok(Err(e))) => Err(EntryFailed::unavailable(e)),
+                        Ok(Err(_)) => Err(EntryFailed::unavailable(Dropped)),
                     };
                     (waiters, outcome)
                 }),

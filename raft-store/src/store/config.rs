@@ -43,6 +43,10 @@ pub struct StoreConfig {
     pub batch_max_in_flight: NonZeroUsize,
     /// Writes waiting for the batcher beyond one full batch; callers past it wait.
     pub write_queue: NonZeroUsize,
+    /// How long a submitted entry may go unanswered before its writes are answered
+    /// `Unavailable` (they may still commit) and its in-flight slot is freed: a leader that
+    /// lost its quorum keeps uncommitted entries pending indefinitely.
+    pub write_timeout: Duration,
 }
 
 impl StoreConfig {
@@ -50,7 +54,8 @@ impl StoreConfig {
     /// 1000 entries keeping 100 behind it, transport messages kept near 1 MiB (1 MiB
     /// snapshot chunks; 64 entries per append, policy documents being a few KiB).
     /// Batching: up to 256 writes or 128 KiB per entry (so 64 entries per append stay
-    /// within 8 MiB), 2 entries in flight, 4096 queued writes.
+    /// within 8 MiB), 2 entries in flight, 4096 queued writes, 5 s for an entry's answer
+    /// (an overloaded 3-node cluster on 2 CPUs answered within 2 s).
     pub fn new(node_id: NodeId, data_file: impl Into<PathBuf>) -> Self {
         StoreConfig {
             node_id,
@@ -67,6 +72,7 @@ impl StoreConfig {
             batch_max_bytes: NonZeroUsize::new(128 * 1024).expect("non-zero"),
             batch_max_in_flight: NonZeroUsize::new(2).expect("non-zero"),
             write_queue: NonZeroUsize::new(4096).expect("non-zero"),
+            write_timeout: Duration::from_secs(5),
         }
     }
 

@@ -117,7 +117,12 @@ impl PolicyStore {
             .await
             .map_err(|e| OpenError::Start(boxed(e)))?;
         let (writes, rx) = mpsc::channel(config.write_queue.get());
-        tokio::spawn(batch::run_writer(raft.clone(), config.batch_limits(), rx));
+        tokio::spawn(batch::run_writer(
+            raft.clone(),
+            config.batch_limits(),
+            config.write_timeout,
+            rx,
+        ));
         let (forwards, rx) = mpsc::channel(config.write_queue.get());
         let forwarder = forward::ForwardContext {
             id: config.node_id,
