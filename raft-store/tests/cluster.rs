@@ -447,3 +447,151 @@ async fn lagging_follower_catches_up_by_snapshot_after_compaction() -> Result<()
     assert_eq!(c.store(lagging)?.policy().objectives().count(), 30);
     Ok(())
 }
+
+/// Concurrent writes through every node (the leader groups them into shared log entries):
+/// each gets its own answer, one conflict or miss does not reject its entry-mates, all
+/// acknowledged versions are distinct, and versions keep rising across a full restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_are_answered_each_on_their_own() -> Result<()> {
+    use infermesh_raft_store::policy::{PolicyOp, PolicyRequest, Rejection};
+
+    const EACH: usize = 20;
+    let dir = tempfile::tempdir()?;
+    let mut c = TestCluster::new(dir.path(), 11);
+    let voters = [1, 2, 3];
+    c.start_bootstrapped(&voters, &[]).await?;
+    let leader = c.wait_leader(&voters, WAIT).await?;
+    let base = c
+        .store(leader)?
+        .apply_yaml(&objective_yaml("shared", 0), Route::Local)
+        .await?;
+    let base_version = base.changes[0].resource_version.context("version")?;
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..EACH * 3 {
+        let store = c.store(voters[i % 3])?;
+        tasks.spawn(async move {
+            let r = match i % 3 {
+                // All race for the same version of one object: exactly one may win.
+                0 => {
+                    let doc = objective_yaml("shared", i as i32 + 1).replace(
+                        "{name: shared}",
+                        &format!("{{name: shared, resourceVersion: '{base_version}'}}"),
+                    );
+                    store.apply_yaml(&doc, Route::ViaLeader).await
+                }
+                // Independent creates: all must apply.
+                1 => {
+                    store
+                        .apply_yaml(&objective_yaml(&format!("o{i}"), 1), Route::ViaLeader)
+                        .await
+                }
+                // Deletes of missing objects: all must miss.
+                _ => {
+                    let key =
+                        ObjectKey::new(Kind::InferenceObjective, "default", format!("none{i}"));
+                    store.delete(vec![(key, None)], Route::ViaLeader).await
+                }
+            };
+            (i, r)
+        });
+    }
+    let (mut won, mut conflicts, mut created, mut missing) = (0, 0, 0, 0);
+    let mut versions = BTreeSet::new();
+    let mut entries = BTreeSet::new();
+    while let Some(joined) = tasks.join_next().await {
+        let (i, r) = joined?;
+        match (i % 3, r) {
+            (0, Ok(a)) => {
+                won += 1;
+                assert!(versions.insert(a.changes[0].resource_version.unwrap()));
+                entries.insert(a.index);
+            }
+            (0, Err(WriteError::Rejected(Rejection::Conflict { expected, .. }))) => {
+                assert_eq!(expected, base_version);
+                conflicts += 1;
+            }
+            (1, Ok(a)) => {
+                created += 1;
+                assert!(versions.insert(a.changes[0].resource_version.unwrap()));
+                entries.insert(a.index);
+            }
+            (2, Err(WriteError::Rejected(Rejection::NotFound { .. }))) => missing += 1,
+            (kind, other) => bail!("write {i} (kind {kind}): unexpected {other:?}"),
+        }
+    }
+    assert_eq!((won, conflicts), (1, EACH - 1));
+    assert_eq!((created, missing), (EACH, EACH));
+    eprintln!(
+        "{} applied writes in {} log entries",
+        versions.len(),
+        entries.len()
+    );
+    let newest = *versions.last().unwrap();
+    let p = c.store(leader)?.policy();
+    assert!(
+        versions.iter().all(|v| *v > base_version),
+        "versions rise after the base write"
+    );
+    assert_eq!(p.revision(), newest);
+
+    // A client may not smuggle a batch in.
+    let smuggled = PolicyRequest {
+        ops: vec![PolicyOp::Batch(vec![])],
+    };
+    assert!(matches!(
+        c.store(leader)?.submit(smuggled, Route::ViaLeader).await,
+        Err(WriteError::Rejected(Rejection::MisplacedBatch))
+    ));
+
+    // Every node restarts from its file; new versions stay above every one handed out.
+    c.kill_all().await;
+    for id in voters {
+        c.start(id).await?;
+    }
+    let leader = c.wait_leader(&voters, WAIT).await?;
+    let after = c
+        .store(leader)?
+        .apply_yaml(&objective_yaml("after", 1), Route::Local)
+        .await?;
+    assert!(after.changes[0].resource_version.unwrap() > newest);
+    Ok(())
+}
+
+/// A leader cut off from its quorum keeps its uncommitted entries pending; its writer must
+/// still answer every write (Unavailable, as they may commit later) instead of letting the
+/// stuck entries hold its in-flight slots forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_stuck_on_a_leader_without_quorum_do_not_block_later_writes() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let voters = [1, 2, 3];
+    let mut c = TestCluster::new(dir.path(), 13).with_config(|c| StoreConfig {
+        write_timeout: Duration::from_millis(300),
+        batch_max_in_flight: std::num::NonZeroUsize::MIN,
+        ..c
+    });
+    c.start_bootstrapped(&voters, &[]).await?;
+    let leader = c.wait_leader(&voters, WAIT).await?;
+    c.net.isolate(leader);
+    let store = c.store(leader)?;
+    // More writes, one after another, than there are in-flight slots: each is answered.
+    for i in 0..3 {
+        let doc = objective_yaml(&format!("stuck{i}"), 1);
+        let r = tokio::time::timeout(WAIT, store.apply_yaml(&doc, Route::Local))
+            .await
+            .context("a write to a leader without quorum was never answered")?;
+        assert!(
+            matches!(
+                r,
+                Err(WriteError::Unavailable(_) | WriteError::NotLeader { .. })
+            ),
+            "{r:?}"
+        );
+    }
+    c.net.heal();
+    let leader = c.wait_leader(&voters, WAIT).await?;
+    c.store(leader)?
+        .apply_yaml(&objective_yaml("after", 1), Route::ViaLeader)
+        .await?;
+    Ok(())
+}

@@ -21,6 +21,9 @@ use rand_chacha::ChaCha8Rng;
 const NODES: [NodeId; 3] = [1, 2, 3];
 const KEYS: usize = 4;
 const CLIENTS: u64 = 3;
+/// Extra clients that write back to back, so concurrent writes share log entries (the
+/// leader batches them) and two of them may touch the same key in one entry.
+const BURST_CLIENTS: u64 = 3;
 /// Upper bound on ops per client; clients also stop when the nemesis is done.
 const OPS_PER_CLIENT: u32 = 300;
 const NEMESIS_STEPS: u32 = 8;
@@ -31,8 +34,10 @@ type Directory = Arc<Mutex<BTreeMap<NodeId, PolicyStore>>>;
 
 #[derive(Debug, Clone)]
 enum Outcome {
-    /// Acknowledged at this log index.
-    WriteOk(u64),
+    /// Acknowledged with this resource version: the write's place in the total order of
+    /// writes (revisions rise with the log, and within a batched entry in batch order).
+    /// The second number is the log index of the entry that carried it.
+    WriteOk(u64, u64),
     /// Lost answer: may or may not have been applied.
     WriteUnknown,
     /// Read value and the object's resource version (0 = absent).
@@ -91,18 +96,25 @@ async fn client(id: u64, seed: u64, dir: Directory, stop: Arc<AtomicBool>) -> Ve
         if stop.load(Ordering::Relaxed) {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(rng.random_range(0..15))).await;
+        let burst = id >= CLIENTS;
+        if !burst {
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..15))).await;
+        }
         let key = rng.random_range(0..KEYS);
         let Some(store) = pick(&dir, &mut rng) else {
             continue;
         };
         let invoke = Instant::now();
-        if rng.random_bool(0.5) {
+        if burst || rng.random_bool(0.5) {
             let value = (id * 100_000 + u64::from(seq) + 1) as i32;
             let doc = objective_yaml(&key_name(key), value);
             let fut = store.apply_yaml(&doc, Route::ViaLeader);
             let outcome = match tokio::time::timeout(OP_TIMEOUT, fut).await {
-                Ok(Ok(a)) => Outcome::WriteOk(a.index),
+                // Each write carries a unique value, so it is never "unchanged".
+                Ok(Ok(a)) => match a.changes.first().and_then(|c| c.resource_version) {
+                    Some(version) => Outcome::WriteOk(version, a.index),
+                    None => Outcome::WriteUnknown,
+                },
                 Ok(Err(_)) | Err(_) => Outcome::WriteUnknown,
             };
             events.push(Event {
@@ -188,9 +200,9 @@ async fn nemesis(c: &mut TestCluster, dir: &Directory, seed: u64) -> Result<Vec<
     Ok(log)
 }
 
-/// Checks the history against the final state. Writes are totally ordered by log index
-/// (that is Raft's linearization of writes); each value is written once, so a read's value
-/// names the write it observed.
+/// Checks the history against the final state. Writes are totally ordered by resource
+/// version (Raft's log order, refined by batch order inside an entry); each value is
+/// written once, so a read's value names the write it observed.
 fn check(events: &[Event], final_state: &PolicyState) -> Result<()> {
     let writes: BTreeMap<i32, &Event> = events
         .iter()
@@ -198,7 +210,7 @@ fn check(events: &[Event], final_state: &PolicyState) -> Result<()> {
         .collect();
     let acked = |k: usize| {
         events.iter().filter_map(move |e| match e.outcome {
-            Outcome::WriteOk(i) if e.key == k => Some((e, i)),
+            Outcome::WriteOk(i, _) if e.key == k => Some((e, i)),
             _ => None,
         })
     };
@@ -233,7 +245,7 @@ fn check(events: &[Event], final_state: &PolicyState) -> Result<()> {
                         w.invoke < before,
                         "{what}: value {v} seen before its write began"
                     );
-                    if let Outcome::WriteOk(i) = w.outcome {
+                    if let Outcome::WriteOk(i, _) = w.outcome {
                         ensure!(
                             i == version,
                             "{what}: value {v} acked at {i} but seen at version {version}"
@@ -317,7 +329,7 @@ async fn run(seed: u64) -> Result<()> {
     ));
 
     let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..CLIENTS)
+    let clients: Vec<_> = (0..CLIENTS + BURST_CLIENTS)
         .map(|id| tokio::spawn(client(id, seed, dir.clone(), stop.clone())))
         .collect();
     let faults = nemesis(&mut c, &dir, seed).await;
@@ -329,14 +341,22 @@ async fn run(seed: u64) -> Result<()> {
     }
     let acked = events
         .iter()
-        .filter(|e| matches!(e.outcome, Outcome::WriteOk(_)))
+        .filter(|e| matches!(e.outcome, Outcome::WriteOk(..)))
         .count();
+    let mut per_entry: BTreeMap<u64, usize> = BTreeMap::new();
+    for e in &events {
+        if let Outcome::WriteOk(_, index) = e.outcome {
+            *per_entry.entry(index).or_default() += 1;
+        }
+    }
+    let batched: usize = per_entry.values().filter(|n| **n > 1).sum();
     let reads = events
         .iter()
         .filter(|e| matches!(e.outcome, Outcome::Read(..)))
         .count();
     eprintln!(
-        "faults: {faults:?}; {} ops, {acked} acked writes, {reads} reads",
+        "faults: {faults:?}; {} ops, {acked} acked writes ({batched} shared a log entry), \
+         {reads} reads",
         events.len()
     );
     ensure!(
@@ -409,7 +429,7 @@ fn the_checker_catches_a_lost_write_and_a_stale_read() {
         value: Some(value),
         invoke: at(a),
         complete: at(b),
-        outcome: Outcome::WriteOk(i),
+        outcome: Outcome::WriteOk(i, i),
     };
     let r = |value: Option<i32>, ver: u64, a: u64, b: u64| Event {
         client: 1,

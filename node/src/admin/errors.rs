@@ -90,6 +90,10 @@ impl From<WriteError> for ApiError {
                 ApiError::new(StatusCode::CONFLICT, "Conflict", message)
             }
             WriteError::Rejected(Rejection::NotFound { .. }) => ApiError::not_found(message),
+            // Only a hand-built request can carry a batch op; the admin API never builds one.
+            WriteError::Rejected(Rejection::MisplacedBatch) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "Invalid", message)
+            }
             WriteError::NotLeader { leader, .. } => ApiError {
                 details: json!({ "leader": leader }),
                 ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "NotLeader", message)

@@ -1,12 +1,23 @@
 //! The policy state machine: plain data driven by `handle_*` calls, no IO.
 //!
-//! A [`PolicyRequest`] is one Raft log entry. It applies whole or not at all: every
+//! A [`PolicyRequest`] is one client write. It applies whole or not at all: every
 //! precondition is checked before the first change, so readers of a published
 //! [`PolicyState`] never see half of a multi-document apply.
+//!
+//! One Raft log entry carries either one request or, when the leader groups concurrent
+//! writes, a batch of them ([`PolicyOp::Batch`]). Each request of a batch applies or is
+//! rejected on its own, in batch order, and gets its own [`PolicyResponse`].
+//!
+//! Resource versions are *revisions*: every applied request takes the next revision,
+//! `max(previous revision + 1, log index)`. A request alone in its entry therefore usually
+//! gets its log index (as before batching), while requests sharing an entry get distinct,
+//! increasing revisions, so an object's version rises with every change and a conditional
+//! write made against a version seen earlier in the same batch is still refused.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use imbl::OrdMap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -46,13 +57,47 @@ pub enum PolicyOp {
     },
     /// Add bearer-token hashes accepted for writes.
     AddTokens(Vec<TokenHash>),
+    /// Several independent requests grouped into one log entry by the leader's batcher.
+    ///
+    /// Why an op and not a new log type: log entries are postcard without a format
+    /// version, and postcard encodes an enum variant by its position. Appending a variant
+    /// here leaves the bytes of every entry written before batching unchanged (they still
+    /// decode as one request), whereas replacing the entry type with an enum would shift
+    /// them. A batch is only meaningful as the single op of an entry and never nests; any
+    /// other placement is refused with [`Rejection::MisplacedBatch`].
+    Batch(Vec<PolicyRequest>),
 }
 
-/// The application data of one Raft log entry: ops applied atomically.
+/// The application data of one Raft log entry: one client request whose ops apply
+/// atomically, or (as its only op) a [`PolicyOp::Batch`] of such requests.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PolicyRequest {
     /// The ops, all or none.
     pub ops: Vec<PolicyOp>,
+}
+
+impl PolicyRequest {
+    /// The requests of a batch entry, or `None` when this is a single request.
+    pub fn batch(&self) -> Option<&[PolicyRequest]> {
+        match self.ops.as_slice() {
+            [PolicyOp::Batch(requests)] => Some(requests),
+            _ => None,
+        }
+    }
+
+    /// The client requests this entry carries: those of a batch, or itself.
+    pub fn into_requests(self) -> Vec<PolicyRequest> {
+        match <[PolicyOp; 1]>::try_from(self.ops) {
+            Ok([PolicyOp::Batch(requests)]) => requests,
+            Ok([op]) => vec![PolicyRequest { ops: vec![op] }],
+            Err(ops) => vec![PolicyRequest { ops }],
+        }
+    }
+
+    /// Whether any op is a batch (a client request must not carry one).
+    pub fn has_batch_op(&self) -> bool {
+        self.ops.iter().any(|op| matches!(op, PolicyOp::Batch(_)))
+    }
 }
 
 /// What happened to one object.
@@ -98,6 +143,9 @@ pub enum Rejection {
         /// Which object.
         key: ObjectKey,
     },
+    /// A batch op appeared inside a client request or another batch (HTTP 400).
+    #[error("a batch op is only allowed as the single op of a log entry")]
+    MisplacedBatch,
 }
 
 /// The state machine's answer to one log entry.
@@ -105,7 +153,8 @@ pub enum Rejection {
 pub enum PolicyResponse {
     /// All ops applied at `index`.
     Applied {
-        /// Log index of the entry (the new resource version of changed objects).
+        /// Log index of the entry (shared by the requests of a batch; each changed
+        /// object's new resource version is in its [`ObjectChange`]).
         index: u64,
         /// One change per op that touched an object, in op order.
         changes: Vec<ObjectChange>,
@@ -114,14 +163,16 @@ pub enum PolicyResponse {
     Rejected(Rejection),
     /// A blank or membership entry (no policy change).
     Noop,
+    /// One answer per request of a [`PolicyOp::Batch`] entry, in batch order.
+    Batch(Vec<PolicyResponse>),
 }
 
 /// An object with its bookkeeping.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredObject {
-    /// Log index that last wrote it.
+    /// Revision that last wrote it (see the module doc).
     pub resource_version: u64,
-    /// Log index that created it (oldest resource wins rewrite precedence ties).
+    /// Revision that created it (oldest resource wins rewrite precedence ties).
     pub created_index: u64,
     /// The object (its `metadata.resourceVersion` is left empty; see `to_document`).
     pub object: PolicyObject,
@@ -137,10 +188,17 @@ impl StoredObject {
 }
 
 /// The applied policy: what readers see, and what snapshots hold.
+///
+/// The objects live in a persistent ordered map: cloning the state to publish it after
+/// every apply costs O(1) and each change O(log n), where a `BTreeMap` clone cost O(n) per
+/// apply on every node (the largest cost of a write once writes are batched).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PolicyState {
     applied_index: u64,
-    objects: BTreeMap<ObjectKey, Arc<StoredObject>>,
+    /// The last revision handed out (0 before any write).
+    #[serde(default)]
+    revision: u64,
+    objects: OrdMap<ObjectKey, Arc<StoredObject>>,
     tokens: BTreeSet<TokenHash>,
 }
 
@@ -175,25 +233,44 @@ macro_rules! typed_getters {
 }
 
 impl PolicyState {
-    /// Builds a state from parts (used when loading from disk or a snapshot).
+    /// Builds a state from parts (used when loading from disk or a snapshot). The
+    /// revision starts at the highest of the objects' versions; restore the stored one with
+    /// [`PolicyState::with_revision`].
     pub fn from_parts(
         applied_index: u64,
         objects: impl IntoIterator<Item = StoredObject>,
         tokens: impl IntoIterator<Item = TokenHash>,
     ) -> Self {
+        let objects: OrdMap<ObjectKey, Arc<StoredObject>> = objects
+            .into_iter()
+            .map(|o| (o.object.key(), Arc::new(o)))
+            .collect();
+        let newest = objects.values().map(|o| o.resource_version).max();
         PolicyState {
             applied_index,
-            objects: objects
-                .into_iter()
-                .map(|o| (o.object.key(), Arc::new(o)))
-                .collect(),
+            revision: newest.unwrap_or(0),
+            objects,
             tokens: tokens.into_iter().collect(),
         }
+    }
+
+    /// Restores the last revision handed out (never below the objects' versions). For state
+    /// written before revisions existed pass its applied index: every version handed out
+    /// then was a log index at or below it.
+    pub fn with_revision(mut self, revision: u64) -> Self {
+        self.revision = self.revision.max(revision);
+        self
     }
 
     /// Log index of the last entry applied (0 before any).
     pub fn applied_index(&self) -> u64 {
         self.applied_index
+    }
+
+    /// The last revision handed out: at least every resource version any write produced,
+    /// including objects since deleted (0 before any write).
+    pub fn revision(&self) -> u64 {
+        self.revision
     }
 
     /// One object by key.
@@ -260,7 +337,8 @@ impl PolicyState {
         self.applied_index = self.applied_index.max(index);
     }
 
-    /// Applies one log entry at `index`: every precondition first, then all ops.
+    /// Applies one log entry at `index`: a single request, or each request of a batch in
+    /// order, each on its own (a rejected request does not affect its batch-mates).
     pub fn handle_request(
         &mut self,
         index: u64,
@@ -268,6 +346,28 @@ impl PolicyState {
         touched: &mut Touched,
     ) -> PolicyResponse {
         self.applied_index = self.applied_index.max(index);
+        match req.batch() {
+            Some(requests) => PolicyResponse::Batch(
+                requests
+                    .iter()
+                    .map(|r| self.handle_one(index, r, touched))
+                    .collect(),
+            ),
+            None => self.handle_one(index, req, touched),
+        }
+    }
+
+    /// Applies one client request carried by the entry at `index`: every precondition
+    /// first, then all ops under the next revision.
+    fn handle_one(
+        &mut self,
+        index: u64,
+        req: &PolicyRequest,
+        touched: &mut Touched,
+    ) -> PolicyResponse {
+        if req.has_batch_op() {
+            return PolicyResponse::Rejected(Rejection::MisplacedBatch);
+        }
         for op in &req.ops {
             let (key, expected) = match op {
                 PolicyOp::Put {
@@ -283,7 +383,7 @@ impl PolicyState {
                     }
                     (key.clone(), *expected_version)
                 }
-                PolicyOp::AddTokens(_) => continue,
+                PolicyOp::AddTokens(_) | PolicyOp::Batch(_) => continue,
             };
             if let Some(expected) = expected {
                 let actual = self.objects.get(&key).map(|o| o.resource_version);
@@ -296,6 +396,8 @@ impl PolicyState {
                 }
             }
         }
+        let revision = self.revision.saturating_add(1).max(index);
+        self.revision = revision;
         let mut changes = Vec::with_capacity(req.ops.len());
         for op in &req.ops {
             match op {
@@ -308,7 +410,7 @@ impl PolicyState {
                         Some(old) => (
                             ChangeAction::Configured,
                             Arc::new(StoredObject {
-                                resource_version: index,
+                                resource_version: revision,
                                 created_index: old.created_index,
                                 object,
                             }),
@@ -316,8 +418,8 @@ impl PolicyState {
                         None => (
                             ChangeAction::Created,
                             Arc::new(StoredObject {
-                                resource_version: index,
-                                created_index: index,
+                                resource_version: revision,
+                                created_index: revision,
                                 object,
                             }),
                         ),
@@ -349,6 +451,8 @@ impl PolicyState {
                         touched.tokens |= self.tokens.insert(*h);
                     }
                 }
+                // Refused before any change above.
+                PolicyOp::Batch(_) => {}
             }
         }
         PolicyResponse::Applied { index, changes }

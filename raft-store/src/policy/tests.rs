@@ -403,6 +403,276 @@ fn tokens_are_stored_hashed_and_verified() {
     assert_ne!(&stored[0].0[..6], b"secret");
 }
 
+fn objective_named(name: &str, priority: i32) -> PolicyObject {
+    parse(&format!(
+        "apiVersion: inference.networking.x-k8s.io/v1alpha2\nkind: InferenceObjective\n\
+         metadata: {{name: {name}}}\nspec:\n  priority: {priority}\n  poolRef: {{name: p}}\n"
+    ))
+    .unwrap()
+    .remove(0)
+}
+
+fn put(object: PolicyObject, expected_version: Option<u64>) -> PolicyRequest {
+    PolicyRequest {
+        ops: vec![PolicyOp::Put {
+            object: Box::new(object),
+            expected_version,
+        }],
+    }
+}
+
+fn batch(requests: Vec<PolicyRequest>) -> PolicyRequest {
+    PolicyRequest {
+        ops: vec![PolicyOp::Batch(requests)],
+    }
+}
+
+fn versions(r: &PolicyResponse) -> Vec<Option<u64>> {
+    match r {
+        PolicyResponse::Applied { changes, .. } => {
+            changes.iter().map(|c| c.resource_version).collect()
+        }
+        other => panic!("not applied: {other:?}"),
+    }
+}
+
+#[test]
+fn batched_requests_are_answered_and_rejected_each_on_its_own() {
+    let mut st = PolicyState::default();
+    st.handle_request(
+        1,
+        &put(objective_named("b", 1), None),
+        &mut Touched::default(),
+    );
+    let b_key = objective_named("b", 1).key();
+    let missing = ObjectKey::new(Kind::InferenceObjective, "default", "gone");
+    let entry = batch(vec![
+        put(objective_named("a", 1), None),
+        // Stale conditional write: b is at version 1.
+        put(objective_named("b", 2), Some(7)),
+        PolicyRequest {
+            ops: vec![
+                PolicyOp::Put {
+                    object: Box::new(objective_named("c", 1)),
+                    expected_version: None,
+                },
+                PolicyOp::Delete {
+                    key: missing.clone(),
+                    expected_version: None,
+                },
+            ],
+        },
+        put(objective_named("d", 1), None),
+    ]);
+    let mut touched = Touched::default();
+    let PolicyResponse::Batch(answers) = st.handle_request(5, &entry, &mut touched) else {
+        panic!("a batch entry gets a batch answer");
+    };
+    assert_eq!(answers.len(), 4);
+    assert_eq!(versions(&answers[0]), vec![Some(5)]);
+    assert_eq!(
+        answers[1],
+        PolicyResponse::Rejected(Rejection::Conflict {
+            key: b_key.clone(),
+            expected: 7,
+            actual: Some(1)
+        })
+    );
+    assert_eq!(
+        answers[2],
+        PolicyResponse::Rejected(Rejection::NotFound { key: missing }),
+        "all or none within its own request: c is not created"
+    );
+    assert_eq!(versions(&answers[3]), vec![Some(6)], "next revision");
+    for a in &answers {
+        if let PolicyResponse::Applied { index, .. } = a {
+            assert_eq!(*index, 5, "batch-mates share the log index");
+        }
+    }
+    assert!(st.objective("default", "a").is_some());
+    assert!(st.objective("default", "c").is_none());
+    assert!(st.objective("default", "d").is_some());
+    assert_eq!(st.get(&b_key).unwrap().resource_version, 1);
+    assert_eq!(st.revision(), 6);
+    assert_eq!(st.applied_index(), 5);
+    assert_eq!(touched.keys.len(), 2);
+}
+
+#[test]
+fn two_requests_on_one_object_in_one_batch_get_distinct_rising_versions() {
+    let mut st = PolicyState::default();
+    st.handle_request(
+        1,
+        &put(objective_named("x", 0), None),
+        &mut Touched::default(),
+    );
+    let key = objective_named("x", 0).key();
+    let entry = batch(vec![
+        // Both read x at version 1; the first wins, the second is now stale.
+        put(objective_named("x", 1), Some(1)),
+        put(objective_named("x", 2), Some(1)),
+        // A writer that saw the first one's answer (version 4) may go on.
+        put(objective_named("x", 3), Some(4)),
+        // Unconditional writes still apply, each under its own version.
+        put(objective_named("x", 4), None),
+        PolicyRequest {
+            ops: vec![PolicyOp::Delete {
+                key: key.clone(),
+                expected_version: Some(6),
+            }],
+        },
+        put(objective_named("x", 5), None),
+    ]);
+    let PolicyResponse::Batch(answers) = st.handle_request(4, &entry, &mut Touched::default())
+    else {
+        panic!("batch answer");
+    };
+    assert_eq!(versions(&answers[0]), vec![Some(4)]);
+    assert_eq!(
+        answers[1],
+        PolicyResponse::Rejected(Rejection::Conflict {
+            key: key.clone(),
+            expected: 1,
+            actual: Some(4)
+        })
+    );
+    assert_eq!(versions(&answers[2]), vec![Some(5)]);
+    assert_eq!(versions(&answers[3]), vec![Some(6)]);
+    assert_eq!(versions(&answers[4]), vec![None]);
+    assert_eq!(versions(&answers[5]), vec![Some(8)]);
+    let x = st.get(&key).unwrap();
+    assert_eq!(x.resource_version, 8);
+    assert_eq!(x.created_index, 8, "recreated after the delete");
+    assert_eq!(
+        st.objective("default", "x")
+            .unwrap()
+            .spec
+            .effective_priority(),
+        5
+    );
+    // The next entry continues above the batch's revisions, not at its own index.
+    let r = st.handle_request(
+        5,
+        &put(objective_named("x", 6), Some(8)),
+        &mut Touched::default(),
+    );
+    assert_eq!(versions(&r), vec![Some(9)]);
+    // And once the log index catches up again, versions are log indexes again.
+    st.handle_noop(20);
+    let r = st.handle_request(
+        21,
+        &put(objective_named("x", 7), None),
+        &mut Touched::default(),
+    );
+    assert_eq!(versions(&r), vec![Some(21)]);
+}
+
+#[test]
+fn a_deleted_objects_version_is_never_handed_out_again_after_a_restore() {
+    let mut st = PolicyState::default();
+    let entry = batch(vec![
+        put(objective_named("y", 0), None),
+        put(objective_named("y", 1), None),
+        put(objective_named("z", 1), None),
+    ]);
+    st.handle_request(2, &entry, &mut Touched::default());
+    let y = objective_named("y", 0).key();
+    assert_eq!(st.get(&y).unwrap().resource_version, 3);
+    st.handle_request(
+        3,
+        &PolicyRequest {
+            ops: vec![PolicyOp::Delete {
+                key: y.clone(),
+                expected_version: None,
+            }],
+        },
+        &mut Touched::default(),
+    );
+    assert_eq!(st.revision(), 5);
+    let restored = PolicyState::from_parts(
+        st.applied_index(),
+        st.iter().map(|o| o.as_ref().clone()),
+        st.token_hashes().copied(),
+    )
+    .with_revision(st.revision());
+    assert_eq!(restored, st);
+    let mut restored = restored;
+    let r = restored.handle_request(
+        4,
+        &put(objective_named("y", 2), None),
+        &mut Touched::default(),
+    );
+    assert_eq!(versions(&r), vec![Some(6)]);
+}
+
+#[test]
+fn batch_ops_are_refused_anywhere_but_alone_at_the_top() {
+    let mut st = PolicyState::default();
+    let mixed = PolicyRequest {
+        ops: vec![
+            PolicyOp::AddTokens(vec![TokenHash::of("t")]),
+            PolicyOp::Batch(vec![put(objective_named("a", 1), None)]),
+        ],
+    };
+    assert_eq!(
+        st.handle_request(1, &mixed, &mut Touched::default()),
+        PolicyResponse::Rejected(Rejection::MisplacedBatch)
+    );
+    assert!(!st.has_tokens());
+    let nested = batch(vec![
+        batch(vec![put(objective_named("a", 1), None)]),
+        put(objective_named("b", 1), None),
+    ]);
+    let PolicyResponse::Batch(answers) = st.handle_request(2, &nested, &mut Touched::default())
+    else {
+        panic!("batch answer");
+    };
+    assert_eq!(
+        answers[0],
+        PolicyResponse::Rejected(Rejection::MisplacedBatch)
+    );
+    assert!(matches!(answers[1], PolicyResponse::Applied { .. }));
+    assert!(st.objective("default", "a").is_none());
+}
+
+#[test]
+fn an_entry_yields_the_client_requests_it_carries() {
+    let a = put(objective_named("a", 1), None);
+    let b = put(objective_named("b", 1), None);
+    assert_eq!(a.clone().into_requests(), vec![a.clone()]);
+    assert_eq!(
+        batch(vec![a.clone(), b.clone()]).into_requests(),
+        vec![a.clone(), b.clone()]
+    );
+    let two_ops = PolicyRequest {
+        ops: vec![a.ops[0].clone(), b.ops[0].clone()],
+    };
+    assert_eq!(two_ops.clone().into_requests(), vec![two_ops]);
+}
+
+#[test]
+fn entries_written_before_batching_keep_their_bytes() {
+    // postcard encodes a variant by position: Put 0, Delete 1, AddTokens 2 must stay put
+    // so log entries written before the Batch variant existed still decode.
+    let req = PolicyRequest {
+        ops: vec![PolicyOp::AddTokens(vec![TokenHash([7; 32])])],
+    };
+    let bytes = postcard::to_stdvec(&req).unwrap();
+    let mut expected = vec![1u8, 2, 1];
+    expected.extend([7u8; 32]);
+    assert_eq!(bytes, expected);
+    let delete = PolicyRequest {
+        ops: vec![PolicyOp::Delete {
+            key: ObjectKey::new(Kind::InferencePool, "ns", "n"),
+            expected_version: None,
+        }],
+    };
+    assert_eq!(postcard::to_stdvec(&delete).unwrap()[..2], [1u8, 1]);
+    let back: PolicyRequest = postcard::from_bytes(&bytes).unwrap();
+    assert_eq!(back, req);
+    assert!(back.batch().is_none());
+}
+
 #[test]
 fn requests_survive_the_binary_log_codec() {
     let req = put_all(parse(ALL_KINDS).unwrap());
@@ -489,7 +759,9 @@ mod properties {
                             }
                         }
                     }
-                    PolicyResponse::Noop => prop_assert!(false, "a request is never a no-op"),
+                    PolicyResponse::Noop | PolicyResponse::Batch(_) => {
+                        prop_assert!(false, "a single request is answered singly")
+                    }
                 }
                 prop_assert_eq!(&a, &b);
             }
@@ -498,8 +770,51 @@ mod properties {
                 a.applied_index(),
                 a.iter().map(|o| o.as_ref().clone()),
                 a.token_hashes().copied(),
-            );
+            )
+            .with_revision(a.revision());
             prop_assert_eq!(&restored, &a);
+        }
+
+        /// A batch entry is its requests applied one after another: each answered on its
+        /// own (a rejection leaves its batch-mates alone), every applied request under a
+        /// new, higher revision, and the same final state as applying them one by one.
+        #[test]
+        fn a_batch_is_its_requests_in_order_each_on_its_own(
+            before in requests(),
+            batch in requests(),
+        ) {
+            let mut st = PolicyState::default();
+            for (i, req) in before.iter().enumerate() {
+                st.handle_request(i as u64 + 1, req, &mut Touched::default());
+            }
+            let index = before.len() as u64 + 1;
+            let mut one_by_one = st.clone();
+            let mut batched = st.clone();
+            let mut expected = Vec::new();
+            let mut last_revision = st.revision();
+            for req in &batch {
+                let r = one_by_one.handle_request(index, req, &mut Touched::default());
+                if let PolicyResponse::Applied { changes, .. } = &r {
+                    prop_assert!(one_by_one.revision() > last_revision);
+                    last_revision = one_by_one.revision();
+                    for c in changes {
+                        if matches!(c.action, ChangeAction::Created | ChangeAction::Configured) {
+                            prop_assert_eq!(c.resource_version, Some(last_revision));
+                        }
+                    }
+                } else {
+                    prop_assert_eq!(one_by_one.revision(), last_revision, "a rejection hands out no revision");
+                }
+                expected.push(r);
+            }
+            let entry = PolicyRequest { ops: vec![PolicyOp::Batch(batch.clone())] };
+            let mut touched = Touched::default();
+            let answer = batched.handle_request(index, &entry, &mut touched);
+            prop_assert_eq!(answer, PolicyResponse::Batch(expected));
+            prop_assert_eq!(&batched, &one_by_one);
+            // The batch survives the log codec.
+            let back: PolicyRequest = postcard::from_bytes(&postcard::to_stdvec(&entry).unwrap()).unwrap();
+            prop_assert_eq!(back, entry);
         }
     }
 }

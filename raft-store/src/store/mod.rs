@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::error::{CheckIsLeaderError, RaftError};
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::disk::Disk;
 use crate::error::{BoxError, ClusterError, OpenError, ReadError, WriteError};
@@ -19,14 +19,17 @@ use crate::network::{
 };
 use crate::policy::{
     EppConfigValidator, ObjectChange, ObjectKey, PolicyObject, PolicyOp, PolicyRequest,
-    PolicyResponse, PolicyState, TokenHash, parse_documents, validate_object,
+    PolicyResponse, PolicyState, Rejection, TokenHash, parse_documents, validate_object,
 };
 use crate::state_machine::{PolicyPublisher, StateMachineStore};
-use crate::types::{Node, NodeId, Raft};
+use crate::types::{NodeId, Raft};
 
+pub mod batch;
 mod cluster;
 mod config;
+mod forward;
 
+pub use batch::{BatchLimits, WriteBatcher};
 pub use cluster::{ClusterStatus, MemberStatus, Role};
 pub use config::StoreConfig;
 
@@ -42,7 +45,8 @@ pub enum Route {
 /// A committed write.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Applied {
-    /// Log index of the write (the new resourceVersion of changed objects).
+    /// Log index of the entry that carried the write (writes batched together share it;
+    /// each change carries its object's new resourceVersion).
     pub index: u64,
     /// One entry per object op, in order.
     pub changes: Vec<ObjectChange>,
@@ -59,6 +63,10 @@ struct Inner {
     raft: Raft,
     publisher: PolicyPublisher,
     transport: Arc<dyn RaftTransport>,
+    /// The batching writer task's queue (see [`batch`]).
+    writes: mpsc::Sender<batch::Submitted>,
+    /// The forwarder task's queue: writes on their way to another leader.
+    forwards: mpsc::Sender<batch::Submitted>,
     validator: EppConfigValidator,
     committed: Arc<AtomicU64>,
     config: StoreConfig,
@@ -75,6 +83,11 @@ impl std::fmt::Debug for PolicyStore {
 fn boxed(e: impl std::error::Error + Send + Sync + 'static) -> BoxError {
     Box::new(e)
 }
+
+/// The batching writer task is gone (the store is shutting down).
+#[derive(Debug, thiserror::Error)]
+#[error("the policy writer stopped")]
+struct WriterStopped;
 
 /// An error message as a source error (for answers that arrive as text over the wire).
 #[derive(Debug, thiserror::Error)]
@@ -103,12 +116,29 @@ impl PolicyStore {
         let raft = Raft::new(config.node_id, raft_config, network, log, sm)
             .await
             .map_err(|e| OpenError::Start(boxed(e)))?;
+        let (writes, rx) = mpsc::channel(config.write_queue.get());
+        tokio::spawn(batch::run_writer(
+            raft.clone(),
+            config.batch_limits(),
+            config.write_timeout,
+            rx,
+        ));
+        let (forwards, rx) = mpsc::channel(config.write_queue.get());
+        let forwarder = forward::ForwardContext {
+            id: config.node_id,
+            raft: raft.clone(),
+            transport: transport.clone(),
+            writes: writes.clone(),
+        };
+        tokio::spawn(forward::run_forwarder(forwarder, config.batch_limits(), rx));
         Ok(PolicyStore {
             inner: Arc::new(Inner {
                 id: config.node_id,
                 raft,
                 publisher,
                 transport,
+                writes,
+                forwards,
                 validator,
                 committed,
                 config,
@@ -227,78 +257,50 @@ impl PolicyStore {
     /// Appends one request to the log and waits for it to apply.
     ///
     /// With `Route::ViaLeader` a node that knows another leader forwards the request there
-    /// instead of appending it. The decision is made before submitting, never after a
-    /// local failure, so one call never appends the same request twice.
+    /// instead of appending it (batched with other forwarded writes, see `forward`). The
+    /// decision is made before submitting, never after a local failure, so one call never
+    /// appends the same request twice.
     pub async fn submit(&self, req: PolicyRequest, route: Route) -> Result<Applied, WriteError> {
+        if req.has_batch_op() {
+            return Err(WriteError::Rejected(Rejection::MisplacedBatch));
+        }
         if route == Route::ViaLeader {
             let m = self.metrics();
-            if let Some(leader) = m.current_leader.filter(|l| *l != self.inner.id)
-                && let Some(node) = m.membership_config.membership().get_node(&leader).cloned()
-            {
-                return self.forward(leader, node, req).await;
+            if m.current_leader.is_some_and(|l| l != self.inner.id) {
+                return self.enqueue(&self.inner.forwards, req).await;
             }
         }
         self.submit_local(req).await
     }
 
-    async fn submit_local(&self, req: PolicyRequest) -> Result<Applied, WriteError> {
-        match self.inner.raft.client_write(req).await {
-            Ok(resp) => match resp.data {
-                PolicyResponse::Applied { index, changes } => Ok(Applied { index, changes }),
-                PolicyResponse::Rejected(r) => Err(WriteError::Rejected(r)),
-                PolicyResponse::Noop => Ok(Applied {
-                    index: resp.log_id.index,
-                    changes: Vec::new(),
-                }),
-            },
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(WriteError::NotLeader {
-                    leader: f.leader_id,
-                    leader_node: f.leader_node,
-                })
-            }
-            Err(RaftError::APIError(e)) => Err(WriteError::Unavailable(boxed(e))),
-            Err(RaftError::Fatal(e)) => Err(WriteError::Unavailable(boxed(e))),
+    /// Hands one request to the batching writer and waits for its own answer.
+    async fn submit_local(&self, request: PolicyRequest) -> Result<Applied, WriteError> {
+        if request.has_batch_op() {
+            return Err(WriteError::Rejected(Rejection::MisplacedBatch));
         }
+        self.enqueue(&self.inner.writes, request).await
     }
 
-    async fn forward(
+    /// Queues one request on the writer or the forwarder and waits for its answer.
+    async fn enqueue(
         &self,
-        leader: NodeId,
-        node: Node,
-        req: PolicyRequest,
+        queue: &mpsc::Sender<batch::Submitted>,
+        request: PolicyRequest,
     ) -> Result<Applied, WriteError> {
-        let reply = network::call(
-            self.inner.transport.as_ref(),
-            leader,
-            &node,
-            RaftRpc::Write(req),
-        )
-        .await
-        .map_err(|e| WriteError::Unavailable(boxed(e)))?;
-        match reply {
-            RaftReply::Write(Ok(PolicyResponse::Applied { index, changes })) => {
-                Ok(Applied { index, changes })
-            }
-            RaftReply::Write(Ok(PolicyResponse::Noop)) => Ok(Applied {
-                index: 0,
-                changes: Vec::new(),
-            }),
-            RaftReply::Write(Ok(PolicyResponse::Rejected(r))) => Err(WriteError::Rejected(r)),
-            RaftReply::Write(Err(ForwardRefused::NotLeader {
-                leader,
-                leader_node,
-            })) => Err(WriteError::NotLeader {
-                leader,
-                leader_node,
-            }),
-            RaftReply::Write(Err(ForwardRefused::Unavailable { reason })) => {
-                Err(WriteError::Unavailable(boxed(RemoteReason(reason))))
-            }
-            other => Err(WriteError::Unavailable(boxed(RemoteReason(format!(
-                "unexpected reply to a forwarded write: {other:?}"
-            ))))),
-        }
+        // Sized here, on the caller's task, so the batching task only adds numbers.
+        let bytes = postcard::experimental::serialized_size(&request).unwrap_or(0);
+        let (reply, answer) = oneshot::channel();
+        queue
+            .send(batch::Submitted {
+                request,
+                bytes,
+                reply,
+            })
+            .await
+            .map_err(|_| WriteError::Unavailable(boxed(WriterStopped)))?;
+        answer
+            .await
+            .map_err(|_| WriteError::Unavailable(boxed(WriterStopped)))?
     }
 
     // ---- reads ----
@@ -363,23 +365,25 @@ impl PolicyStore {
                     reason: e.to_string(),
                 }),
             }),
-            RaftRpc::Write(req) => RaftReply::Write(match self.submit_local(req).await {
-                Ok(a) => Ok(PolicyResponse::Applied {
-                    index: a.index,
-                    changes: a.changes,
-                }),
-                Err(WriteError::Rejected(r)) => Ok(PolicyResponse::Rejected(r)),
-                Err(WriteError::NotLeader {
-                    leader,
-                    leader_node,
-                }) => Err(ForwardRefused::NotLeader {
-                    leader,
-                    leader_node,
-                }),
-                Err(e) => Err(ForwardRefused::Unavailable {
-                    reason: e.to_string(),
-                }),
-            }),
+            RaftRpc::Write(req) => RaftReply::Write(forward::to_wire(self.submit_local(req).await)),
+            RaftRpc::WriteBatch(reqs) => {
+                // A forwarded batch must not smuggle batch ops in either.
+                let (bad, good): (Vec<_>, Vec<_>) = reqs
+                    .into_iter()
+                    .enumerate()
+                    .partition(|(_, r)| r.has_batch_op());
+                let mut answers: Vec<Option<Result<PolicyResponse, ForwardRefused>>> =
+                    vec![None; bad.len() + good.len()];
+                for (i, _) in bad {
+                    answers[i] = Some(Ok(PolicyResponse::Rejected(Rejection::MisplacedBatch)));
+                }
+                let (at, good): (Vec<usize>, Vec<PolicyRequest>) = good.into_iter().unzip();
+                let results = forward::submit_all(&self.inner.writes, good).await;
+                for (i, r) in at.into_iter().zip(results) {
+                    answers[i] = Some(forward::to_wire(r));
+                }
+                RaftReply::WriteBatch(answers.into_iter().flatten().collect())
+            }
         }
     }
 }
