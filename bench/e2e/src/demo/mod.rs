@@ -153,8 +153,9 @@ async fn tier_leg(args: &DemoArgs, model: &str) -> anyhow::Result<TierLeg> {
     let result = tokio::select! {
         r = &mut run => r,
         () = tokio::time::sleep(kill_after) => {
-            tier.kill(victim);
+            // The clock reads before the signal: requests cut off by it end after the kill.
             killed = Some(Instant::now());
+            tier.kill(victim);
             eprintln!("        {victim_name} killed (SIGKILL); the run goes on ...");
             run.await
         }
