@@ -94,7 +94,10 @@ impl Shared {
         let req = &self.plan[index];
         let body = self.body(req);
         let preferred = self.target_of[index] as usize;
-        let target = self.health.as_ref().map_or(preferred, |h| h.pick(preferred));
+        let target = self
+            .health
+            .as_ref()
+            .map_or(preferred, |h| h.pick(preferred));
         let uri = self.targets[target].clone();
         let sent_at = self.start.elapsed().as_secs_f64();
         self.sent_at[index].store(sent_at.to_bits(), Ordering::Relaxed);

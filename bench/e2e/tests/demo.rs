@@ -79,7 +79,10 @@ fn demo_runs_both_legs_kills_a_node_and_reports_what_it_cost() {
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("`{recover}` is not a time:\n{stdout}"));
     assert!(secs >= 0.0, "{stdout}");
-    assert!(stdout.contains("Time to recover: from the kill"), "{stdout}");
+    assert!(
+        stdout.contains("Time to recover: from the kill"),
+        "{stdout}"
+    );
 
     // The full reports: one row per leg, same columns as the bench crate's table.
     let header = row(&stdout, "system");

@@ -112,7 +112,11 @@ async fn tier_leg(args: &DemoArgs, model: &str) -> anyhow::Result<TierLeg> {
     eprintln!(
         "starting {} simulated pods and {NODES} infermesh nodes (gossip mesh + Raft, one process each) on 127.0.0.1{} ...",
         args.pods,
-        if envoy.is_some() { ", behind Envoy" } else { "" }
+        if envoy.is_some() {
+            ", behind Envoy"
+        } else {
+            ""
+        }
     );
     let fleet = start_fleet(args).await?;
     let addrs = fleet.addrs();
@@ -127,7 +131,9 @@ async fn tier_leg(args: &DemoArgs, model: &str) -> anyhow::Result<TierLeg> {
     let (target, entry) = match &tier.entry {
         Entry::Envoy(l) => (
             Target::Url(format!("http://{l}")),
-            format!("Envoy at http://{l}, its listener and ext_proc cluster from the nodes over ADS"),
+            format!(
+                "Envoy at http://{l}, its listener and ext_proc cluster from the nodes over ADS"
+            ),
         ),
         Entry::Proxies(p) => (
             Target::Balanced(p.iter().map(|a| format!("http://{a}")).collect()),
@@ -274,21 +280,9 @@ fn render(args: &DemoArgs, leg: &TierLeg, b: &Report) -> String {
                 "| requests in flight at the kill | {} | - |",
                 o.in_flight
             );
-            let _ = writeln!(
-                out,
-                "| failed around the kill | {} | - |",
-                o.failed_around
-            );
-            let _ = writeln!(
-                out,
-                "| failed after the window | {} | - |",
-                o.failed_after
-            );
-            let _ = writeln!(
-                out,
-                "| time to recover | {:.2} s | - |",
-                o.recovery
-            );
+            let _ = writeln!(out, "| failed around the kill | {} | - |", o.failed_around);
+            let _ = writeln!(out, "| failed after the window | {} | - |", o.failed_after);
+            let _ = writeln!(out, "| time to recover | {:.2} s | - |", o.recovery);
             let _ = writeln!(
                 out,
                 "\nAround the kill: requests in flight at it or sent within {window:.0} s after it. \

@@ -68,10 +68,7 @@ impl Outage {
         }
         let recovered_at = last_failure_end.unwrap_or(kill_at);
         o.recovery = recovered_at - kill_at;
-        o.sent_after_recovery = requests
-            .iter()
-            .filter(|r| r.sent_at > recovered_at)
-            .count();
+        o.sent_after_recovery = requests.iter().filter(|r| r.sent_at > recovered_at).count();
         o
     }
 }

@@ -244,7 +244,10 @@ impl Tier {
                     root.join("tokens").into(),
                 ]
             } else {
-                vec!["--join".into(), format!("http://{}", tier.nodes[0].admin).into()]
+                vec![
+                    "--join".into(),
+                    format!("http://{}", tier.nodes[0].admin).into(),
+                ]
             };
             let mut cmd = Command::new(&me);
             cmd.args([NODE_ARG, "serve", "--node-name", &name])
@@ -485,10 +488,16 @@ mod tests {
     #[test]
     fn pool_yaml_lists_every_pod_with_its_port() {
         let y = pool_yaml(
-            &["127.0.0.1:4001".parse().unwrap(), "127.0.0.1:4002".parse().unwrap()],
+            &[
+                "127.0.0.1:4001".parse().unwrap(),
+                "127.0.0.1:4002".parse().unwrap(),
+            ],
             "m",
         );
         assert!(y.contains("- m\n"), "{y}");
-        assert!(y.contains("address: 127.0.0.1\n  targetPorts: [{number: 4002}]"), "{y}");
+        assert!(
+            y.contains("address: 127.0.0.1\n  targetPorts: [{number: 4002}]"),
+            "{y}"
+        );
     }
 }
