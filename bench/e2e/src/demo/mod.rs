@@ -137,8 +137,14 @@ async fn tier_leg(args: &DemoArgs, model: &str) -> anyhow::Result<TierLeg> {
         ),
         Entry::Proxies(p) => (
             Target::Balanced(p.iter().map(|a| format!("http://{a}")).collect()),
-            "the nodes' own proxies, spread as a health-checked L4 balancer would (no Envoy found)"
-                .to_owned(),
+            format!(
+                "the nodes' own proxies, spread as a health-checked L4 balancer would ({})",
+                if args.no_envoy {
+                    "--no-envoy"
+                } else {
+                    "no Envoy found"
+                }
+            ),
         ),
     };
     let victim = args.kill_node - 1;
