@@ -1,7 +1,8 @@
 //! infermesh-bench: end-to-end benchmarks of OpenAI-compatible LLM endpoints.
 //!
 //! Contract: [`run`] sends a seeded, deterministic workload ([`Workload`]) to a
-//! [`Target`] (a router URL, or client-side round robin over pods) as open-loop Poisson
+//! [`Target`] (a router URL, client-side round robin over pods, or a spread over router
+//! replicas, health-checked as an L4 balancer would) as open-loop Poisson
 //! or closed-loop load, bounded by a request count and a duration so it always stops,
 //! and returns a [`Report`]: TTFT / ITL / E2E percentiles from streamed responses (TTFT
 //! is the first SSE chunk with content), throughput, goodput under a TTFT SLO, error and
@@ -12,6 +13,7 @@
 mod cli;
 mod client;
 mod error;
+mod health;
 pub mod oracle;
 mod plot;
 mod report;
@@ -20,6 +22,7 @@ pub mod scrape;
 mod spec;
 pub mod sse;
 pub mod stats;
+mod timeline;
 pub mod workload;
 
 pub use cli::{ApiArg, Cli, Command, RunArgs, WorkloadKind, run_cli};
@@ -28,9 +31,10 @@ pub use error::BenchError;
 pub use oracle::{BLOCK_TOKENS, OracleBound, oracle_bound};
 pub use plot::plot_ttft_vs_qps;
 pub use report::{Report, load_reports, markdown_table, save_reports};
-pub use run::run;
-pub use spec::{Api, Load, RunSpec, Target};
+pub use run::{run, run_with_timeline};
+pub use spec::{Api, HEALTH_CHECK_INTERVAL, HOLD_DOWN, Load, RunSpec, Target};
 pub use stats::LatencySummary;
+pub use timeline::{RequestTiming, Timeline};
 pub use workload::{
     LongContextSpec, MultiTurnSpec, PlannedRequest, Popularity, SharedPrefixSpec, Workload,
 };

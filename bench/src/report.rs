@@ -365,6 +365,8 @@ mod tests {
 
     fn ok(sent_at: f64, ttft: f64, e2e: f64, tokens: u64) -> Record {
         Record {
+            index: 0,
+            target: 0,
             sent_at,
             done_at: sent_at + e2e,
             result: Ok(Success {
@@ -393,11 +395,15 @@ mod tests {
             ok(1.0, 0.4, 2.0, 10),
             ok(2.0, 0.9, 2.0, 20), // succeeded, but misses the SLO
             Record {
+                index: 0,
+                target: 0,
                 sent_at: 3.0,
                 done_at: 3.1,
                 result: Err(FailureKind::Status(429)),
             },
             Record {
+                index: 0,
+                target: 0,
                 sent_at: 3.0,
                 done_at: 3.5,
                 result: Err(FailureKind::Timeout),

@@ -2,7 +2,7 @@
 
 use std::io::IsTerminal;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -17,10 +17,12 @@ use tokio::task::JoinSet;
 
 use crate::client::{FailureKind, HttpClient, Success};
 use crate::error::BenchError;
+use crate::health::{self, Health};
 use crate::oracle::{BLOCK_TOKENS, oracle_bound};
 use crate::report::Report;
 use crate::scrape::{PodCounters, parse_counters};
 use crate::spec::{Api, Load, RunSpec, Target};
+use crate::timeline::{RequestTiming, Timeline};
 use crate::workload::PlannedRequest;
 
 /// RNG stream for arrival times, apart from the workload's streams.
@@ -32,6 +34,10 @@ const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
 /// What happened to one sent request.
 #[derive(Debug)]
 pub(crate) struct Record {
+    /// Index of the request in the plan.
+    pub index: usize,
+    /// Index of the URL it went to.
+    pub target: usize,
     /// Seconds from the run start to the send.
     pub sent_at: f64,
     /// Seconds from the run start to the end (success or failure).
@@ -43,8 +49,16 @@ pub(crate) struct Record {
 struct Shared {
     client: HttpClient,
     targets: Vec<Uri>,
-    /// Index into `targets` for each request of the plan.
+    /// Index into `targets` for each request of the plan (the preferred one under
+    /// `Target::Balanced`, which skips URLs that are down).
     target_of: Vec<u32>,
+    /// Health of each target under `Target::Balanced`.
+    health: Option<Health>,
+    /// Per request of the plan: the bits of its `sent_at` once sent, so a request still
+    /// in flight when the run is cut off keeps its real send time.
+    sent_at: Vec<AtomicU64>,
+    /// Per request of the plan: the URL it went to, once sent.
+    sent_to: Vec<AtomicUsize>,
     plan: Vec<PlannedRequest>,
     spec: RunSpec,
     start: Instant,
@@ -79,15 +93,27 @@ impl Shared {
     async fn send(&self, index: usize) {
         let req = &self.plan[index];
         let body = self.body(req);
-        let uri = self.targets[self.target_of[index] as usize].clone();
+        let preferred = self.target_of[index] as usize;
+        let target = self
+            .health
+            .as_ref()
+            .map_or(preferred, |h| h.pick(preferred));
+        let uri = self.targets[target].clone();
         let sent_at = self.start.elapsed().as_secs_f64();
+        self.sent_at[index].store(sent_at.to_bits(), Ordering::Relaxed);
+        self.sent_to[index].store(target, Ordering::Relaxed);
         let result = self
             .client
             .stream(uri, body, self.spec.request_timeout)
             .await;
+        if let (Some(h), Err(FailureKind::Connect)) = (&self.health, &result) {
+            h.handle_connect_failure(target, self.start.elapsed().as_millis() as u64);
+        }
         let done_at = self.start.elapsed().as_secs_f64();
         self.bar.inc(1);
         let _ = self.records.send(Record {
+            index,
+            target,
             sent_at,
             done_at,
             result,
@@ -139,7 +165,9 @@ fn spread(target: &Target, seed: u64, n: usize) -> Vec<u32> {
             rng.set_stream(SPREAD_STREAM);
             (0..n).map(|_| rng.random_range(0..k)).collect()
         }
-        Target::Url(_) | Target::RoundRobin(_) => (0..n as u32).map(|i| i % k).collect(),
+        Target::Url(_) | Target::RoundRobin(_) | Target::Balanced(_) => {
+            (0..n as u32).map(|i| i % k).collect()
+        }
     }
 }
 
@@ -160,6 +188,11 @@ fn progress_bar(enabled: bool, len: usize) -> ProgressBar {
 /// sent, none after `max_duration`, and in-flight ones are abandoned after
 /// `drain_timeout`.
 pub async fn run(spec: RunSpec) -> Result<Report, BenchError> {
+    run_with_timeline(spec).await.map(|(report, _)| report)
+}
+
+/// [`run`], also returning every request's send time, end time, URL and outcome.
+pub async fn run_with_timeline(spec: RunSpec) -> Result<(Report, Timeline), BenchError> {
     spec.validate()?;
     let targets = spec
         .target
@@ -176,6 +209,11 @@ pub async fn run(spec: RunSpec) -> Result<Report, BenchError> {
     let plan = spec.workload.plan(spec.seed, spec.max_requests);
     let n = plan.len();
     let target_of = spread(&spec.target, spec.seed, n);
+    let health = matches!(spec.target, Target::Balanced(_)).then(|| Health::new(targets.len()));
+    let authorities: Vec<String> = targets
+        .iter()
+        .map(|u| u.authority().map(|a| a.to_string()).unwrap_or_default())
+        .collect();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let bar = progress_bar(spec.progress, n);
     bar.set_message(spec.label.clone());
@@ -185,6 +223,9 @@ pub async fn run(spec: RunSpec) -> Result<Report, BenchError> {
         client: client.clone(),
         targets,
         target_of,
+        health,
+        sent_at: (0..n).map(|_| AtomicU64::new(u64::MAX)).collect(),
+        sent_to: (0..n).map(|_| AtomicUsize::new(0)).collect(),
         plan,
         spec,
         start,
@@ -193,6 +234,16 @@ pub async fn run(spec: RunSpec) -> Result<Report, BenchError> {
     });
     let sent = Arc::new(AtomicUsize::new(0));
     let mut tasks = JoinSet::new();
+    // The balanced target's health checker lives as long as requests may be in flight.
+    let checker = shared.health.is_some().then(|| {
+        let s = shared.clone();
+        let until = deadline + s.spec.drain_timeout;
+        tokio::spawn(async move {
+            if let Some(h) = &s.health {
+                health::check_loop(h, &authorities, s.start, until).await;
+            }
+        })
+    });
 
     match shared.spec.load {
         Load::Poisson { qps } => {
@@ -246,23 +297,53 @@ pub async fn run(spec: RunSpec) -> Result<Report, BenchError> {
     .await;
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
+    if let Some(c) = checker {
+        c.abort();
+        let _ = c.await;
+    }
     bar.finish_and_clear();
 
     let spec = shared.spec.clone();
     let sent = sent.load(Ordering::Relaxed);
-    drop(shared);
     let mut records = Vec::with_capacity(sent);
     while let Ok(r) = rx.try_recv() {
         records.push(r);
     }
+    // Requests abandoned in flight: every index below `sent` without a record was
+    // started (or about to be), in plan order under both loads.
     let elapsed = start.elapsed().as_secs_f64();
-    for _ in records.len()..sent {
+    let mut finished = vec![false; n];
+    for r in &records {
+        finished[r.index] = true;
+    }
+    for index in (0..sent.min(n)).filter(|&i| !finished[i]) {
+        let bits = shared.sent_at[index].load(Ordering::Relaxed);
         records.push(Record {
-            sent_at: elapsed,
+            index,
+            target: shared.sent_to[index].load(Ordering::Relaxed),
+            sent_at: if bits == u64::MAX {
+                elapsed
+            } else {
+                f64::from_bits(bits)
+            },
             done_at: elapsed,
             result: Err(FailureKind::Unfinished),
         });
     }
+    drop(shared);
+    records.sort_by(|a, b| a.sent_at.total_cmp(&b.sent_at));
+    let timeline = Timeline {
+        start,
+        requests: records
+            .iter()
+            .map(|r| RequestTiming {
+                sent_at: r.sent_at,
+                done_at: r.done_at,
+                target: r.target,
+                failure: r.result.as_ref().err().copied(),
+            })
+            .collect(),
+    };
 
     let after = scrape_all(&client, &spec.pod_metrics).await;
     let plan_sent = spec.workload.plan(spec.seed, sent);
@@ -270,7 +351,8 @@ pub async fn run(spec: RunSpec) -> Result<Report, BenchError> {
     let oracle = tokio::task::spawn_blocking(move || oracle_bound(seed, &plan_sent, BLOCK_TOKENS))
         .await
         .unwrap_or_default();
-    Ok(Report::build(&spec, &records, &before, &after, oracle))
+    let report = Report::build(&spec, &records, &before, &after, oracle);
+    Ok((report, timeline))
 }
 
 #[cfg(test)]

@@ -18,14 +18,27 @@ pub enum Target {
     /// A seeded uniform random pick per request over base URLs: an L4 spread over
     /// several router replicas.
     Random(Vec<String>),
+    /// Round robin over router replicas' base URLs that stops sending to one for at least
+    /// [`HOLD_DOWN`] after a connection to it failed, and until it accepts TCP
+    /// connections again: the stand-in for an L4 balancer's health checks in front of a
+    /// tier whose replicas can die.
+    Balanced(Vec<String>),
 }
+
+/// Shortest time a [`Target::Balanced`] URL gets no requests after a connection to it
+/// failed (an L4 balancer's unhealthy interval is of this order).
+pub const HOLD_DOWN: Duration = Duration::from_secs(1);
+
+/// How often a [`Target::Balanced`] run probes a held-down URL with a TCP connect (the
+/// balancer's active health check).
+pub const HEALTH_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 
 impl Target {
     /// The base URLs requests are spread over (one for a router).
     pub fn base_urls(&self) -> Vec<String> {
         match self {
             Target::Url(u) => vec![u.clone()],
-            Target::RoundRobin(us) | Target::Random(us) => us.clone(),
+            Target::RoundRobin(us) | Target::Random(us) | Target::Balanced(us) => us.clone(),
         }
     }
 }

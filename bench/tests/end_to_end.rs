@@ -141,3 +141,49 @@ async fn bad_spec_is_refused_before_sending() {
     let e = infermesh_bench::run(s).await.unwrap_err().to_string();
     assert!(e.contains("target") && e.contains("http://"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn balanced_target_stops_sending_to_a_dead_url_and_the_timeline_shows_where_each_went() {
+    let fleet = fleet(2).await;
+    let pods = fleet.urls();
+    // A port nothing listens on: every connection to it is refused.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        format!("http://{}", l.local_addr().expect("addr"))
+    };
+    let n = 40;
+    let s = spec(
+        Target::Balanced(vec![dead, pods[0].clone(), pods[1].clone()]),
+        pods.clone(),
+        Load::Closed { concurrency: 1 },
+        n,
+    );
+    let (r, timeline) = infermesh_bench::run_with_timeline(s)
+        .await
+        .expect("run succeeds");
+    assert_eq!(r.requests_sent, n);
+    assert_eq!(timeline.requests.len(), n);
+    // The first request sent to the dead URL fails; from then on it is held down and its
+    // health check keeps failing, so the live URLs get everything else: one failure.
+    assert_eq!(r.failures.get("connect"), Some(&1), "{:?}", r.failures);
+    assert_eq!(r.succeeded, n - 1);
+    let failed: Vec<_> = timeline
+        .requests
+        .iter()
+        .filter(|t| t.failure.is_some())
+        .collect();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(
+        (failed[0].target, failed[0].failure),
+        (0, Some(FailureKind::Connect))
+    );
+    assert!(timeline.requests.iter().filter(|t| t.target == 0).count() == 1);
+    assert!(
+        timeline
+            .requests
+            .windows(2)
+            .all(|w| w[0].sent_at <= w[1].sent_at),
+        "the timeline is in send order"
+    );
+    fleet.shutdown().await;
+}

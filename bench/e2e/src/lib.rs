@@ -1,5 +1,8 @@
 //! The demo and the end-to-end benchmark programs of infermesh.
 //!
+//! The demo runs its nodes as processes of its own executable: a binary that calls
+//! [`demo::run`] must first hand `node …` command lines to [`demo::tier::node_process`].
+//!
 //! Contract: everything here runs real infermesh nodes (`infermesh-node`) against simulated
 //! pods (`infermesh-sim`) on loopback and measures them with `infermesh-bench`, so the node
 //! itself links neither the simulator nor the load generator. The library holds the demo

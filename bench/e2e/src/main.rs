@@ -1,14 +1,17 @@
-//! `infermesh-demo`: starts simulated pods and a node on loopback, runs a shared-prefix
-//! workload through infermesh and through client-side round-robin, and prints the
-//! comparison.
+//! `infermesh-demo`: starts simulated pods and a tier of three infermesh nodes on
+//! loopback, runs a shared-prefix workload through the tier (killing one node mid-run)
+//! and through client-side round-robin, and prints the comparison. Run as
+//! `infermesh-demo node ARGS…` it is one of those nodes (`infermesh ARGS…`), so the demo
+//! needs no other binary.
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use infermesh_e2e::demo::{self, DemoArgs};
 
-/// Simulated vLLM pods and an infermesh node on 127.0.0.1: the same shared-prefix workload
-/// through infermesh and through client-side round-robin, and a comparison table.
+/// Simulated vLLM pods and three infermesh nodes on 127.0.0.1 (behind Envoy when it is
+/// installed): the same shared-prefix workload through the tier, one node SIGKILLed
+/// mid-run, and through client-side round-robin, and a comparison table.
 #[derive(Debug, Parser)]
 #[command(name = "infermesh-demo", version)]
 struct Cli {
@@ -17,6 +20,9 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = demo::tier::node_process() {
+        return code;
+    }
     let cli = Cli::parse();
     // The demo prints a report; per-endpoint logs would bury it.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
