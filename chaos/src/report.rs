@@ -232,13 +232,13 @@ pub fn markdown(result: &RunResult, svg_name: Option<&str>) -> String {
         }
         s.push('\n');
     }
-    s.push_str("| fault | round | victim | sent | failed | in flight at an event | failed after window | failover ms | longest gap ms | writes acked | converge ms | hit before | hit after | note |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+    s.push_str("| fault | round | victim | sent | failed | in flight at an event | failed after window | out of rotation ms | last failure ms | longest gap ms | writes acked | converge ms | hit before | hit after | note |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
     for w in &result.windows {
         let f = figures(w, &result.records, result, o.detection);
         let pct = |h: Option<f64>| h.map_or("–".into(), |h| format!("{:.1}%", h * 100.0));
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             w.kind,
             w.round,
             w.victim,
@@ -246,6 +246,7 @@ pub fn markdown(result: &RunResult, svg_name: Option<&str>) -> String {
             f.failed,
             f.failed_in_flight,
             f.failed_after_window,
+            w.detected.map_or("–".into(), ms),
             ms(f.failover),
             ms(f.longest_gap),
             f.writes_acked,
@@ -256,7 +257,7 @@ pub fn markdown(result: &RunResult, svg_name: Option<&str>) -> String {
         );
     }
     // Per kind: failover distribution.
-    s.push_str("\n| fault | rounds | failed (sum) | failed after window (sum) | failover p50 ms | failover p99 ms | converge p50 ms | converge p99 ms |\n|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    s.push_str("\n| fault | rounds | failed (sum) | failed after window (sum) | out of rotation p50 ms | out of rotation p99 ms | last failure p50 ms | last failure p99 ms | converge p50 ms | converge p99 ms |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for kind in FaultKind::ALL {
         let ws: Vec<&Window> = result.windows.iter().filter(|w| w.kind == kind).collect();
         if ws.is_empty() {
@@ -270,12 +271,23 @@ pub fn markdown(result: &RunResult, svg_name: Option<&str>) -> String {
         fo.sort();
         let mut cv: Vec<Duration> = figs.iter().filter_map(|f| f.converge).collect();
         cv.sort();
+        let mut det: Vec<Duration> = ws.iter().filter_map(|w| w.detected).collect();
+        det.sort();
+        let det_cell = |p: f64| {
+            if det.is_empty() {
+                "–".to_owned()
+            } else {
+                ms(percentile(&det, p))
+            }
+        };
         let _ = writeln!(
             s,
-            "| {kind} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {kind} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             ws.len(),
             figs.iter().map(|f| f.failed).sum::<usize>(),
             figs.iter().map(|f| f.failed_after_window).sum::<usize>(),
+            det_cell(0.5),
+            det_cell(0.99),
             ms(percentile(&fo, 0.5)),
             ms(percentile(&fo, 0.99)),
             ms(percentile(&cv, 0.5)),
@@ -312,7 +324,7 @@ pub fn markdown(result: &RunResult, svg_name: Option<&str>) -> String {
     for k in &result.skipped {
         let _ = writeln!(s, "Skipped: {k}.");
     }
-    s.push_str("\nColumns: *failed after window* counts failed requests that were neither in flight at an event (injection, intermediate step, heal) nor started within the detection window after one. *failover*: injection → start of the last request that failed before the heal. *longest gap*: longest stretch with no successful response from the injection to the next fault. *converge*: heal → every node agrees on members, Raft leader and what it serves Envoy, and Envoy holds it. *hit*: pods' prefix-cache hit rate over 2 s before the fault and 2 s after convergence.\n");
+    s.push_str("\nColumns: *failed after window* counts failed requests that were neither in flight at an event (injection, intermediate step, heal) nor started within the detection window after one. *out of rotation*: injection → every other node has dropped the victim from the ext_proc endpoints it serves Envoy (the failover time). *last failure*: injection → start of the last request that failed before the heal (0 when none did). *longest gap*: longest stretch with no successful response from the injection to the next fault. *converge*: heal → every node agrees on members, Raft leader and what it serves Envoy, and Envoy holds it. *hit*: pods' prefix-cache hit rate over 2 s before the fault and 2 s after convergence.\n");
     s.push_str("\nDelay is injected by a userspace TCP relay in front of the victim's ext_proc server (the kernel has no netem qdisc); loss and partitions are nftables drops in the victim's namespace.\n");
     if let Some(svg) = svg_name {
         let _ = writeln!(s, "\n![timeline]({svg})");
@@ -497,6 +509,7 @@ mod tests {
                 end: s(30_000),
                 hit_before: None,
                 hit_after: None,
+                detected: None,
                 note: String::new(),
             }],
             records,

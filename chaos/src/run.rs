@@ -71,6 +71,10 @@ pub struct Window {
     pub hit_before: Option<f64>,
     /// Prefix-cache hit rate over the seconds after convergence.
     pub hit_after: Option<f64>,
+    /// From the injection until every other live node had dropped the victim from the
+    /// ext_proc endpoints it serves Envoy (`None`: not measured for this fault, or not
+    /// within the hold).
+    pub detected: Option<Duration>,
     /// Anything worth saying (a node that died of the fault, …).
     pub note: String,
 }
@@ -192,6 +196,24 @@ async fn ads_holders(tier: &Tier, except: Option<usize>) -> BTreeMap<String, usi
         }
     }
     out
+}
+
+/// Whether every live node but `victim` has dropped `victim` from the ext_proc endpoints
+/// it serves.
+async fn dropped_everywhere(tier: &Tier, victim: usize) -> bool {
+    let gone = tier.nodes[victim].advertise.to_string();
+    for i in live(tier).into_iter().filter(|i| *i != victim) {
+        let Some(r) = get_json(tier.nodes[i].metrics(), "/debug/xds").await else {
+            return false;
+        };
+        let served = r["extProcEndpoints"]
+            .as_array()
+            .is_some_and(|v| v.iter().any(|e| e.as_str() == Some(gone.as_str())));
+        if served {
+            return false;
+        }
+    }
+    true
 }
 
 /// The Raft leader's index, as the live nodes report it.
@@ -656,6 +678,19 @@ async fn inject_and_heal(
     };
     let watch_ads = !on_victim.is_empty();
     let mut ads_moved = None;
+    // Faults that should take the victim out of rotation: time how long that takes.
+    let watch_detect = matches!(
+        kind,
+        FaultKind::Kill
+            | FaultKind::Pause
+            | FaultKind::PauseAds
+            | FaultKind::Partition
+            | FaultKind::OneWay
+            | FaultKind::Blackhole
+            | FaultKind::LeaderKill
+            | FaultKind::LeaderPartition
+    );
+    let mut detected = None;
     let mut events = vec![t0.elapsed()];
     let inject = events[0];
     match kind {
@@ -718,6 +753,9 @@ async fn inject_and_heal(
             tier.pods[victim_pod].resume()?;
             tokio::time::sleep(Duration::from_millis(200)).await;
         } else {
+            if watch_detect && detected.is_none() && dropped_everywhere(tier, victim_node).await {
+                detected = Some(t0.elapsed().saturating_sub(inject));
+            }
             if watch_ads && ads_moved.is_none() && kind != FaultKind::RollingRestart && {
                 let now = ads_holders(tier, Some(victim_node)).await;
                 on_victim.iter().all(|id| now.contains_key(id))
@@ -788,6 +826,7 @@ async fn inject_and_heal(
         end: Duration::MAX,
         hit_before: None,
         hit_after: None,
+        detected,
         note,
     })
 }
