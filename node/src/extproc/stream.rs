@@ -1,7 +1,8 @@
 //! One ext_proc stream as a state machine, free of IO: feed each `ProcessingRequest` to
 //! [`ExtProcStream::handle`] and carry out the [`Action`]s it returns, in order — send each
-//! reply; for a [`Action::NeedLookup`], await the owner lookup and hand its answer to
-//! [`ExtProcStream::on_lookup`] before reading the next message. It speaks the Gateway API
+//! reply; for a [`Action::NeedFlow`], await the flow-control wait and hand its answer to
+//! [`ExtProcStream::on_flow`]; for a [`Action::NeedLookup`], await the owner lookup and hand
+//! its answer to [`ExtProcStream::on_lookup`]; read no message meanwhile. It speaks the Gateway API
 //! Inference Extension EPP contract (reference §4).
 
 use std::net::SocketAddr;
@@ -22,8 +23,8 @@ use infermesh_scheduler::ApiKind;
 use super::edge::{BodyChunk, Inbound, InvalidMessage, Message, RequestHead, ResponseHead};
 use crate::metrics::Outcome;
 use crate::request::{
-    DESTINATION_HEADER, Dispatcher, PrefixAnswer, PrefixLookup, Prepared, Rejection, RequestMeta,
-    Ticket,
+    DESTINATION_HEADER, Dispatcher, FlowWait, PrefixAnswer, PrefixLookup, Prepared, Rejection,
+    RequestMeta, Ticket,
 };
 use crate::restore::ModelRestorer;
 use crate::usage::UsageScanner;
@@ -48,6 +49,8 @@ pub enum ProtocolError {
 enum Phase {
     AwaitHeaders,
     Buffering,
+    /// The body is complete and prepared; the request waits in flow control.
+    AwaitFlow,
     /// The body is complete and prepared; the owner lookup is in flight.
     AwaitOwner,
     Responding,
@@ -64,6 +67,9 @@ pub enum Action {
     /// Await this owner lookup, then call [`ExtProcStream::on_lookup`] with its answer
     /// before handling the next message.
     NeedLookup(PrefixLookup),
+    /// Await this flow-control wait, then call [`ExtProcStream::on_flow`] with its answer
+    /// before handling the next message. Dropping it (the stream ended) frees the place.
+    NeedFlow(FlowWait),
 }
 
 impl std::fmt::Debug for Action {
@@ -71,6 +77,7 @@ impl std::fmt::Debug for Action {
         match self {
             Action::Reply(r) => f.debug_tuple("Reply").field(r).finish(),
             Action::NeedLookup(_) => f.write_str("NeedLookup"),
+            Action::NeedFlow(_) => f.write_str("NeedFlow"),
         }
     }
 }
@@ -144,6 +151,11 @@ impl ExtProcStream {
                 "message received while the owner lookup is pending",
             ));
         }
+        if self.phase == Phase::AwaitFlow {
+            return Err(ProtocolError::OutOfOrder(
+                "message received while the request waits in flow control",
+            ));
+        }
         if let Some(m) = inbound.modes {
             self.request_mode = m.request;
             self.response_mode = m.response;
@@ -168,6 +180,21 @@ impl ExtProcStream {
                 Ok(replies(out))
             }
         }
+    }
+
+    /// The flow-control wait asked for by [`Action::NeedFlow`] finished with `answer`.
+    pub fn on_flow(
+        &mut self,
+        answer: Result<std::time::Duration, infermesh_scheduler::flow::DropReason>,
+    ) -> Vec<Action> {
+        let Some(mut w) = self.awaiting.take() else {
+            return Vec::new();
+        };
+        if let Err(r) = self.dispatcher.after_flow(&mut w.prepared, answer) {
+            self.phase = Phase::Done;
+            return replies(vec![self.immediate(&r)]);
+        }
+        self.lookup_or_decide(w)
     }
 
     /// The owner lookup asked for by [`Action::NeedLookup`] finished with `answer`.
@@ -283,20 +310,27 @@ impl ExtProcStream {
                 return replies(vec![self.immediate(&r)]);
             }
         };
-        if let Some(lookup) = self.dispatcher.lookup(&prepared) {
-            self.phase = Phase::AwaitOwner;
-            self.awaiting = Some(AwaitingOwner {
-                prepared,
-                body_ends_stream,
-                then_trailers,
-            });
-            return vec![Action::NeedLookup(lookup)];
-        }
-        self.awaiting = Some(AwaitingOwner {
+        let w = AwaitingOwner {
             prepared,
             body_ends_stream,
             then_trailers,
-        });
+        };
+        if let Some(wait) = self.dispatcher.flow_wait(&w.prepared) {
+            self.phase = Phase::AwaitFlow;
+            self.awaiting = Some(w);
+            return vec![Action::NeedFlow(wait)];
+        }
+        self.lookup_or_decide(w)
+    }
+
+    /// After phase one (and flow control): the owner lookup, or straight to the pick.
+    fn lookup_or_decide(&mut self, w: AwaitingOwner) -> Vec<Action> {
+        if let Some(lookup) = self.dispatcher.lookup(&w.prepared) {
+            self.phase = Phase::AwaitOwner;
+            self.awaiting = Some(w);
+            return vec![Action::NeedLookup(lookup)];
+        }
+        self.awaiting = Some(w);
         let answer = self.dispatcher.no_lookup_answer();
         self.on_lookup(answer)
     }
@@ -456,10 +490,17 @@ impl ExtProcStream {
                 status: Some(HttpStatus {
                     code: i32::from(r.status()),
                 }),
-                headers: Some(set_headers([
-                    ("content-type", "application/json"),
-                    ("x-request-id", self.meta.request_id.as_str()),
-                ])),
+                headers: Some(match r.dropped_reason() {
+                    Some(dropped) => set_headers([
+                        ("content-type", "application/json"),
+                        ("x-request-id", self.meta.request_id.as_str()),
+                        dropped,
+                    ]),
+                    None => set_headers([
+                        ("content-type", "application/json"),
+                        ("x-request-id", self.meta.request_id.as_str()),
+                    ]),
+                }),
                 body: r.json_body(),
                 grpc_status: None,
                 details: r.to_string(),
@@ -597,6 +638,7 @@ mod tests {
                 .map(|a| match a {
                     Action::Reply(r) => r,
                     Action::NeedLookup(_) => panic!("no owner lookup without shared state"),
+                    Action::NeedFlow(_) => panic!("no flow control without the gate"),
                 })
                 .collect())
         }
