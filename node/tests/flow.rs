@@ -39,6 +39,20 @@ async fn dispatched_while_the_pool_has_room(with_envoy: bool) {
     }
     assert_eq!(outcome_total(&h, Outcome::Dispatched), 3);
     assert_eq!(h.node.metrics().flow.queue_size.get(), 0);
+    let text = h
+        .node
+        .metrics()
+        .render(&Default::default(), std::time::Instant::now());
+    for line in [
+        "llm_d_epp_flow_control_requests_total{outcome=\"Dispatched\"} 3",
+        "llm_d_epp_flow_control_queue_size 0",
+        "llm_d_epp_flow_control_queue_bytes 0",
+        "llm_d_epp_flow_control_request_queue_duration_seconds_count{outcome=\"Dispatched\"} 3",
+        "llm_d_epp_flow_control_pool_saturation{stage=\"effective\"}",
+        "infermesh_requests_total{",
+    ] {
+        assert!(text.contains(line), "{line} missing from:\n{text}");
+    }
     h.stop().await;
 }
 
