@@ -764,6 +764,104 @@ mod tests {
         }
     }
 
+    /// A stream over a saturated pool with flow control on.
+    fn gated_stream() -> (ExtProcStream, Dispatcher, tokio::sync::watch::Sender<bool>) {
+        let (d, view) = dispatcher();
+        for slot in &view.slots {
+            slot.record_scrape(Metrics {
+                waiting_queue: 50,
+                ..Metrics::idle(Instant::now())
+            });
+        }
+        let (sd, sd_rx) = tokio::sync::watch::channel(false);
+        let (gate, _task) = crate::request::FlowGate::spawn(
+            infermesh_scheduler::flow::FlowConfig::default(),
+            crate::request::flow::FlowDriverConfig {
+                refresh: Duration::from_millis(2),
+                staleness: Duration::from_secs(60),
+            },
+            d.pool().clone(),
+            d.policy().clone(),
+            d.metrics().clone(),
+            Arc::new(|| 1),
+            sd_rx,
+        )
+        .unwrap();
+        let d = d.with_flow(gate);
+        let mut s = ExtProcStream::new(d.clone());
+        let fd = BodySendMode::FullDuplexStreamed;
+        s.handle(req_headers(mode(fd, fd), &[], None)).unwrap();
+        (s, d, sd)
+    }
+
+    fn flow_wait(actions: Vec<Action>) -> FlowWait {
+        match <[Action; 1]>::try_from(actions) {
+            Ok([Action::NeedFlow(w)]) => w,
+            other => panic!("expected one NeedFlow, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reset_stream_waiting_in_flow_control_frees_its_place() {
+        let (mut s, d, _sd) = gated_stream();
+        let mut wait = flow_wait(s.handle(body(&completion(10), true, true)).unwrap());
+        assert!(
+            s.handle(body(b"x", true, true)).is_err(),
+            "no message is read while the request waits"
+        );
+        assert!(
+            futures::poll!(&mut wait).is_pending(),
+            "saturated: it waits"
+        );
+        let queued = || d.metrics().flow.queue_size.get();
+        for _ in 0..2000 {
+            if queued() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(queued(), 1);
+        // Envoy reset the stream: the driver drops the wait with the stream.
+        drop(wait);
+        drop(s);
+        for _ in 0..2000 {
+            if queued() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(queued(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_flow_control_drop_is_an_immediate_response_with_the_reason() {
+        let (mut s, _d, _sd) = gated_stream();
+        let _wait = flow_wait(s.handle(body(&completion(10), true, true)).unwrap());
+        let out = s.on_flow(Err(infermesh_scheduler::flow::DropReason::TtlExpired));
+        let [Action::Reply(r)] = &out[..] else {
+            panic!("{out:?}")
+        };
+        let i = immediate(r);
+        assert_eq!(i.status.unwrap().code, 429);
+        assert_eq!(
+            set_header(
+                i.headers.as_ref().unwrap(),
+                "x-llm-d-request-dropped-reason"
+            )
+            .as_deref(),
+            Some("rejected-ttl-expired")
+        );
+        // Dispatched: the stream goes on to the pick.
+        let (mut s, _d, _sd) = gated_stream();
+        let _wait = flow_wait(s.handle(body(&completion(10), true, true)).unwrap());
+        let out = s.on_flow(Ok(Duration::from_millis(5)));
+        assert!(
+            out.iter()
+                .any(|a| matches!(a, Action::Reply(r) if r.dynamic_metadata.is_some())),
+            "{out:?}"
+        );
+    }
+
     #[test]
     fn full_duplex_holds_headers_until_the_body_ends_then_streams_it_back() {
         let (d, view) = dispatcher();
