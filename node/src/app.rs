@@ -57,6 +57,9 @@ pub enum StartError {
     /// The config's metrics data source cannot be honoured.
     #[error("scheduler config: {0}")]
     MetricsSource(#[from] crate::scrape::InvalidMetricsSource),
+    /// The `flowControl` section cannot build a flow controller.
+    #[error("flow control: {0}")]
+    FlowControl(#[from] infermesh_scheduler::flow::InvalidFlowConfig),
 }
 
 /// A started node: its bound addresses and the handles later subsystems (gossip, Raft
@@ -337,6 +340,33 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
         .map(|m| Arc::new(MeshPrefixOwners::new(m)));
     if let Some(o) = &prefix_owners {
         dispatcher = dispatcher.with_prefix_owners(o.clone());
+    }
+    // The `flowControl` gate: requests wait in one flow controller per node, all gating
+    // on the fleet-wide saturation (see request::flow for the mesh-wide bound).
+    if let Some(flow) = cfg.scheduler.flow_control.clone() {
+        let live_nodes: crate::request::flow::LiveNodes = match &mesh {
+            Some(m) => {
+                let members = m.members();
+                Arc::new(move || members.borrow().members.len())
+            }
+            None => Arc::new(|| 1),
+        };
+        let (gate, task) = crate::request::FlowGate::spawn(
+            flow,
+            crate::request::flow::FlowDriverConfig {
+                refresh: cfg.scrape.interval,
+                staleness: cfg.staleness,
+            },
+            pool.clone(),
+            policy.clone(),
+            metrics.clone(),
+            live_nodes,
+            shutdown_rx.clone(),
+        )?;
+        tasks.spawn(async move {
+            let _ = task.await;
+        });
+        dispatcher = dispatcher.with_flow(gate);
     }
     let (initial, watcher) = match cfg.endpoints {
         EndpointSource::Static(spec) => (spec, None),

@@ -104,6 +104,80 @@ pub struct ScrapeLabels {
     pub outcome: ScrapeOutcome,
 }
 
+/// Labels of `llm_d_epp_flow_control_requests_total` and the queue-duration histogram.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct FlowOutcomeLabels {
+    /// llm-d's outcome name (`Dispatched`, `RejectedCapacity`, `EvictedTTL`, ...).
+    pub outcome: &'static str,
+}
+
+/// Labels of `llm_d_epp_flow_control_pool_saturation`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct StageLabels {
+    /// `effective` (the node does not split prefill and decode saturation).
+    pub stage: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn queue_duration_histogram() -> Histogram {
+    // 1 ms .. ~65 s: a request waits at most its TTL (60 s by default).
+    Histogram::new(exponential_buckets(1e-3, 2.0, 17))
+}
+
+/// Flow-control metrics under llm-d's names (prefix `llm_d_epp_`).
+#[derive(Debug)]
+pub struct FlowMetrics {
+    /// Terminal outcomes.
+    pub requests: Family<FlowOutcomeLabels, Counter>,
+    /// Time in the queue, by outcome.
+    pub queue_duration: HistogramFamily<FlowOutcomeLabels>,
+    /// Requests waiting now.
+    pub queue_size: Gauge,
+    /// Bytes waiting now.
+    pub queue_bytes: Gauge,
+    /// Pool saturation as the flow controller last measured it.
+    pub pool_saturation: Family<StageLabels, Gauge<f64, AtomicU64>>,
+}
+
+impl FlowMetrics {
+    fn register(r: &mut Registry) -> FlowMetrics {
+        let m = FlowMetrics {
+            requests: Family::default(),
+            queue_duration: Family::new_with_constructor(queue_duration_histogram),
+            queue_size: Gauge::default(),
+            queue_bytes: Gauge::default(),
+            pool_saturation: Family::default(),
+        };
+        r.register(
+            "flow_control_requests",
+            "Requests that left flow control, by outcome",
+            m.requests.clone(),
+        );
+        r.register(
+            "flow_control_request_queue_duration_seconds",
+            "Time requests spent in the flow-control queue, by outcome",
+            m.queue_duration.clone(),
+        );
+        r.register(
+            "flow_control_queue_size",
+            "Requests waiting in flow control",
+            m.queue_size.clone(),
+        );
+        r.register(
+            "flow_control_queue_bytes",
+            "Request bytes waiting in flow control",
+            m.queue_bytes.clone(),
+        );
+        r.register(
+            "flow_control_pool_saturation",
+            "Pool saturation seen by flow control (1.0 is the gating set point)",
+            m.pool_saturation.clone(),
+        );
+        m
+    }
+}
+
 /// Every metric the node exports, registered once.
 #[derive(Debug)]
 pub struct NodeMetrics {
@@ -124,6 +198,8 @@ pub struct NodeMetrics {
     pub scrapes: Family<ScrapeLabels, Counter>,
     /// InferenceModelRewrite decisions by client model and chosen target.
     pub model_rewrite_decisions: Family<RewriteLabels, Counter>,
+    /// Flow control (llm-d's names).
+    pub flow: FlowMetrics,
     endpoint_staleness: Family<EndpointLabels, Gauge<f64, AtomicU64>>,
     endpoint_up: Family<EndpointLabels, Gauge>,
     endpoint_in_flight: Family<EndpointLabels, Gauge>,
@@ -141,7 +217,10 @@ impl Default for NodeMetrics {
 impl NodeMetrics {
     /// Creates and registers every metric.
     pub fn new() -> NodeMetrics {
-        let mut registry = Registry::with_prefix("infermesh");
+        // Two prefixes: the node's own `infermesh_*` and llm-d's `llm_d_epp_*`.
+        let mut root = Registry::default();
+        let flow = FlowMetrics::register(root.sub_registry_with_prefix("llm_d_epp"));
+        let registry = root.sub_registry_with_prefix("infermesh");
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "requests",
@@ -210,7 +289,8 @@ impl NodeMetrics {
             endpoint_in_flight.clone(),
         );
         NodeMetrics {
-            registry,
+            registry: root,
+            flow,
             requests,
             scheduling_duration,
             picks,
@@ -262,6 +342,42 @@ impl NodeMetrics {
         ] {
             self.tokens.get_or_create(&TokenLabels { kind }).inc_by(n);
         }
+    }
+
+    /// Counts one flow-control outcome; `waited` is set for requests that were queued.
+    pub fn count_flow_outcome(
+        &self,
+        outcome: infermesh_scheduler::flow::Outcome,
+        waited: Option<Duration>,
+    ) {
+        let labels = FlowOutcomeLabels {
+            outcome: outcome.as_str(),
+        };
+        self.flow.requests.get_or_create(&labels).inc();
+        if let Some(w) = waited {
+            self.flow
+                .queue_duration
+                .get_or_create(&labels)
+                .observe(w.as_secs_f64());
+        }
+    }
+
+    /// Sets the flow-control queue gauges.
+    pub fn set_flow_queue(&self, requests: u64, bytes: u64) {
+        self.flow
+            .queue_size
+            .set(i64::try_from(requests).unwrap_or(i64::MAX));
+        self.flow
+            .queue_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// Sets the pool saturation flow control measured.
+    pub fn set_flow_saturation(&self, saturation: f64) {
+        self.flow
+            .pool_saturation
+            .get_or_create(&StageLabels { stage: "effective" })
+            .set(saturation);
     }
 
     /// Counts one scrape.

@@ -1,6 +1,6 @@
 //! The ext_proc gRPC server (Envoy's `ExternalProcessor`): a thin driver per stream that
 //! feeds Envoy's messages to an [`stream::ExtProcStream`] state machine and carries out the
-//! actions it returns (send a reply, await an owner lookup).
+//! actions it returns (send a reply, await a flow-control wait or an owner lookup).
 
 pub mod edge;
 pub mod stream;
@@ -16,7 +16,7 @@ use infermesh_proto::envoy::service::ext_proc::v3::external_processor_server::{
 use infermesh_proto::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::request::{Dispatcher, PrefixLookup};
+use crate::request::{Dispatcher, FlowWait, PrefixLookup};
 use stream::{Action, ExtProcStream};
 
 /// The gRPC service: hands each stream to its own state machine.
@@ -45,6 +45,9 @@ struct ReplyStream {
     pending: VecDeque<ProcessingResponse>,
     // An owner lookup in flight; no message is read until it is answered.
     lookup: Option<PrefixLookup>,
+    // A flow-control wait in flight; dropping the stream (Envoy reset) drops it, which
+    // frees the request's place in the queue.
+    flow: Option<FlowWait>,
     done: bool,
 }
 
@@ -54,6 +57,7 @@ impl ReplyStream {
             match a {
                 Action::Reply(r) => self.pending.push_back(r),
                 Action::NeedLookup(l) => self.lookup = Some(l),
+                Action::NeedFlow(w) => self.flow = Some(w),
             }
         }
     }
@@ -85,6 +89,15 @@ impl Stream for ReplyStream {
             }
             if this.done {
                 return Poll::Ready(None);
+            }
+            if let Some(fut) = &mut this.flow {
+                let Poll::Ready(answer) = fut.as_mut().poll(cx) else {
+                    return Poll::Pending;
+                };
+                this.flow = None;
+                let actions = this.state.on_flow(answer);
+                this.carry_out(actions);
+                continue;
             }
             if let Some(fut) = &mut this.lookup {
                 let Poll::Ready(answer) = fut.as_mut().poll(cx) else {
@@ -141,6 +154,7 @@ impl ExternalProcessor for ExtProcService {
             state: ExtProcStream::new(self.dispatcher.clone()),
             pending: VecDeque::new(),
             lookup: None,
+            flow: None,
             done: false,
         })))
     }

@@ -1,7 +1,8 @@
 //! One ext_proc stream as a state machine, free of IO: feed each `ProcessingRequest` to
 //! [`ExtProcStream::handle`] and carry out the [`Action`]s it returns, in order — send each
-//! reply; for a [`Action::NeedLookup`], await the owner lookup and hand its answer to
-//! [`ExtProcStream::on_lookup`] before reading the next message. It speaks the Gateway API
+//! reply; for a [`Action::NeedFlow`], await the flow-control wait and hand its answer to
+//! [`ExtProcStream::on_flow`]; for a [`Action::NeedLookup`], await the owner lookup and hand
+//! its answer to [`ExtProcStream::on_lookup`]; read no message meanwhile. It speaks the Gateway API
 //! Inference Extension EPP contract (reference §4).
 
 use std::net::SocketAddr;
@@ -22,8 +23,8 @@ use infermesh_scheduler::ApiKind;
 use super::edge::{BodyChunk, Inbound, InvalidMessage, Message, RequestHead, ResponseHead};
 use crate::metrics::Outcome;
 use crate::request::{
-    DESTINATION_HEADER, Dispatcher, PrefixAnswer, PrefixLookup, Prepared, Rejection, RequestMeta,
-    Ticket,
+    DESTINATION_HEADER, Dispatcher, FlowWait, PrefixAnswer, PrefixLookup, Prepared, Rejection,
+    RequestMeta, Ticket,
 };
 use crate::restore::ModelRestorer;
 use crate::usage::UsageScanner;
@@ -48,6 +49,8 @@ pub enum ProtocolError {
 enum Phase {
     AwaitHeaders,
     Buffering,
+    /// The body is complete and prepared; the request waits in flow control.
+    AwaitFlow,
     /// The body is complete and prepared; the owner lookup is in flight.
     AwaitOwner,
     Responding,
@@ -64,6 +67,9 @@ pub enum Action {
     /// Await this owner lookup, then call [`ExtProcStream::on_lookup`] with its answer
     /// before handling the next message.
     NeedLookup(PrefixLookup),
+    /// Await this flow-control wait, then call [`ExtProcStream::on_flow`] with its answer
+    /// before handling the next message. Dropping it (the stream ended) frees the place.
+    NeedFlow(FlowWait),
 }
 
 impl std::fmt::Debug for Action {
@@ -71,6 +77,7 @@ impl std::fmt::Debug for Action {
         match self {
             Action::Reply(r) => f.debug_tuple("Reply").field(r).finish(),
             Action::NeedLookup(_) => f.write_str("NeedLookup"),
+            Action::NeedFlow(_) => f.write_str("NeedFlow"),
         }
     }
 }
@@ -144,6 +151,11 @@ impl ExtProcStream {
                 "message received while the owner lookup is pending",
             ));
         }
+        if self.phase == Phase::AwaitFlow {
+            return Err(ProtocolError::OutOfOrder(
+                "message received while the request waits in flow control",
+            ));
+        }
         if let Some(m) = inbound.modes {
             self.request_mode = m.request;
             self.response_mode = m.response;
@@ -168,6 +180,21 @@ impl ExtProcStream {
                 Ok(replies(out))
             }
         }
+    }
+
+    /// The flow-control wait asked for by [`Action::NeedFlow`] finished with `answer`.
+    pub fn on_flow(
+        &mut self,
+        answer: Result<std::time::Duration, infermesh_scheduler::flow::DropReason>,
+    ) -> Vec<Action> {
+        let Some(mut w) = self.awaiting.take() else {
+            return Vec::new();
+        };
+        if let Err(r) = self.dispatcher.after_flow(&mut w.prepared, answer) {
+            self.phase = Phase::Done;
+            return replies(vec![self.immediate(&r)]);
+        }
+        self.lookup_or_decide(w)
     }
 
     /// The owner lookup asked for by [`Action::NeedLookup`] finished with `answer`.
@@ -283,20 +310,27 @@ impl ExtProcStream {
                 return replies(vec![self.immediate(&r)]);
             }
         };
-        if let Some(lookup) = self.dispatcher.lookup(&prepared) {
-            self.phase = Phase::AwaitOwner;
-            self.awaiting = Some(AwaitingOwner {
-                prepared,
-                body_ends_stream,
-                then_trailers,
-            });
-            return vec![Action::NeedLookup(lookup)];
-        }
-        self.awaiting = Some(AwaitingOwner {
+        let w = AwaitingOwner {
             prepared,
             body_ends_stream,
             then_trailers,
-        });
+        };
+        if let Some(wait) = self.dispatcher.flow_wait(&w.prepared) {
+            self.phase = Phase::AwaitFlow;
+            self.awaiting = Some(w);
+            return vec![Action::NeedFlow(wait)];
+        }
+        self.lookup_or_decide(w)
+    }
+
+    /// After phase one (and flow control): the owner lookup, or straight to the pick.
+    fn lookup_or_decide(&mut self, w: AwaitingOwner) -> Vec<Action> {
+        if let Some(lookup) = self.dispatcher.lookup(&w.prepared) {
+            self.phase = Phase::AwaitOwner;
+            self.awaiting = Some(w);
+            return vec![Action::NeedLookup(lookup)];
+        }
+        self.awaiting = Some(w);
         let answer = self.dispatcher.no_lookup_answer();
         self.on_lookup(answer)
     }
@@ -456,10 +490,17 @@ impl ExtProcStream {
                 status: Some(HttpStatus {
                     code: i32::from(r.status()),
                 }),
-                headers: Some(set_headers([
-                    ("content-type", "application/json"),
-                    ("x-request-id", self.meta.request_id.as_str()),
-                ])),
+                headers: Some(match r.dropped_reason() {
+                    Some(dropped) => set_headers([
+                        ("content-type", "application/json"),
+                        ("x-request-id", self.meta.request_id.as_str()),
+                        dropped,
+                    ]),
+                    None => set_headers([
+                        ("content-type", "application/json"),
+                        ("x-request-id", self.meta.request_id.as_str()),
+                    ]),
+                }),
                 body: r.json_body(),
                 grpc_status: None,
                 details: r.to_string(),
@@ -597,6 +638,7 @@ mod tests {
                 .map(|a| match a {
                     Action::Reply(r) => r,
                     Action::NeedLookup(_) => panic!("no owner lookup without shared state"),
+                    Action::NeedFlow(_) => panic!("no flow control without the gate"),
                 })
                 .collect())
         }
@@ -720,6 +762,104 @@ mod tests {
             Some(processing_response::Response::ImmediateResponse(i)) => i,
             other => panic!("expected an immediate response, got {other:?}"),
         }
+    }
+
+    /// A stream over a saturated pool with flow control on.
+    fn gated_stream() -> (ExtProcStream, Dispatcher, tokio::sync::watch::Sender<bool>) {
+        let (d, view) = dispatcher();
+        for slot in &view.slots {
+            slot.record_scrape(Metrics {
+                waiting_queue: 50,
+                ..Metrics::idle(Instant::now())
+            });
+        }
+        let (sd, sd_rx) = tokio::sync::watch::channel(false);
+        let (gate, _task) = crate::request::FlowGate::spawn(
+            infermesh_scheduler::flow::FlowConfig::default(),
+            crate::request::flow::FlowDriverConfig {
+                refresh: Duration::from_millis(2),
+                staleness: Duration::from_secs(60),
+            },
+            d.pool().clone(),
+            d.policy().clone(),
+            d.metrics().clone(),
+            Arc::new(|| 1),
+            sd_rx,
+        )
+        .unwrap();
+        let d = d.with_flow(gate);
+        let mut s = ExtProcStream::new(d.clone());
+        let fd = BodySendMode::FullDuplexStreamed;
+        s.handle(req_headers(mode(fd, fd), &[], None)).unwrap();
+        (s, d, sd)
+    }
+
+    fn flow_wait(actions: Vec<Action>) -> FlowWait {
+        match <[Action; 1]>::try_from(actions) {
+            Ok([Action::NeedFlow(w)]) => w,
+            other => panic!("expected one NeedFlow, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reset_stream_waiting_in_flow_control_frees_its_place() {
+        let (mut s, d, _sd) = gated_stream();
+        let mut wait = flow_wait(s.handle(body(&completion(10), true, true)).unwrap());
+        assert!(
+            s.handle(body(b"x", true, true)).is_err(),
+            "no message is read while the request waits"
+        );
+        assert!(
+            futures::poll!(&mut wait).is_pending(),
+            "saturated: it waits"
+        );
+        let queued = || d.metrics().flow.queue_size.get();
+        for _ in 0..2000 {
+            if queued() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(queued(), 1);
+        // Envoy reset the stream: the driver drops the wait with the stream.
+        drop(wait);
+        drop(s);
+        for _ in 0..2000 {
+            if queued() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(queued(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_flow_control_drop_is_an_immediate_response_with_the_reason() {
+        let (mut s, _d, _sd) = gated_stream();
+        let _wait = flow_wait(s.handle(body(&completion(10), true, true)).unwrap());
+        let out = s.on_flow(Err(infermesh_scheduler::flow::DropReason::TtlExpired));
+        let [Action::Reply(r)] = &out[..] else {
+            panic!("{out:?}")
+        };
+        let i = immediate(r);
+        assert_eq!(i.status.unwrap().code, 429);
+        assert_eq!(
+            set_header(
+                i.headers.as_ref().unwrap(),
+                "x-llm-d-request-dropped-reason"
+            )
+            .as_deref(),
+            Some("rejected-ttl-expired")
+        );
+        // Dispatched: the stream goes on to the pick.
+        let (mut s, _d, _sd) = gated_stream();
+        let _wait = flow_wait(s.handle(body(&completion(10), true, true)).unwrap());
+        let out = s.on_flow(Ok(Duration::from_millis(5)));
+        assert!(
+            out.iter()
+                .any(|a| matches!(a, Action::Reply(r) if r.dynamic_metadata.is_some())),
+            "{out:?}"
+        );
     }
 
     #[test]

@@ -58,7 +58,8 @@ impl Dispatcher {
     }
 
     /// Both phases without waiting on an owner: for callers that cannot await (tests,
-    /// tools). With shared prefix state the request is scored without prefix data.
+    /// tools). With shared prefix state the request is scored without prefix data; flow
+    /// control is not consulted.
     pub fn dispatch(
         &self,
         kind: ApiKind,
@@ -71,7 +72,8 @@ impl Dispatcher {
         self.decide(p, answer)
     }
 
-    /// Both phases, awaiting the owner lookup in between (the proxy's path).
+    /// Both phases, awaiting flow control (when on) and the owner lookup in between (the
+    /// proxy's path).
     pub async fn route(
         &self,
         kind: ApiKind,
@@ -79,7 +81,11 @@ impl Dispatcher {
         meta: RequestMeta,
         exclude: &[SocketAddr],
     ) -> Result<Ticket, Rejection> {
-        let p = self.prepare(kind, body, meta, exclude)?;
+        let mut p = self.prepare(kind, body, meta, exclude)?;
+        if let Some(wait) = self.flow_wait(&p) {
+            let answer = wait.await;
+            self.after_flow(&mut p, answer)?;
+        }
         let answer = match self.lookup(&p) {
             Some(fut) => fut.await,
             None => self.no_lookup_answer(),

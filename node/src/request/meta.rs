@@ -8,7 +8,9 @@ use infermesh_scheduler::model::DEFAULT_FAIRNESS_ID;
 /// Header naming the InferenceObjective of a request.
 pub const OBJECTIVE_HEADER: &str = "x-gateway-inference-objective";
 /// Header carrying the flow-control fairness id.
-pub const FAIRNESS_HEADER: &str = "x-gateway-inference-fairness-id";
+pub const FAIRNESS_HEADER: &str = "x-llm-d-inference-fairness-id";
+/// The deprecated alias of [`FAIRNESS_HEADER`], still read.
+pub const FAIRNESS_HEADER_ALIAS: &str = "x-gateway-inference-fairness-id";
 /// Header carrying the request id.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// Header (and `envoy.lb` metadata key) with the picked endpoints, primary first.
@@ -23,7 +25,7 @@ pub struct RequestMeta {
     pub headers: BTreeMap<String, String>,
     /// `x-gateway-inference-objective` ("" when absent).
     pub objective: String,
-    /// `x-gateway-inference-fairness-id` (default `default-flow`).
+    /// `x-llm-d-inference-fairness-id` or its alias (default `default-flow`).
     pub fairness_id: String,
     /// Endpoints the gateway allows (`envoy.lb.subset_hint`); `None` = no restriction.
     pub subset: Option<BTreeSet<SocketAddr>>,
@@ -51,9 +53,9 @@ impl RequestMeta {
             }
         };
         let objective = map.get(OBJECTIVE_HEADER).cloned().unwrap_or_default();
-        let fairness_id = map
-            .get(FAIRNESS_HEADER)
-            .filter(|f| !f.is_empty())
+        let fairness_id = [FAIRNESS_HEADER, FAIRNESS_HEADER_ALIAS]
+            .iter()
+            .find_map(|h| map.get(*h).filter(|f| !f.is_empty()))
             .cloned()
             .unwrap_or_else(|| DEFAULT_FAIRNESS_ID.to_owned());
         RequestMeta {
@@ -87,6 +89,14 @@ mod tests {
         assert_eq!(m.fairness_id, "default-flow");
         let m = RequestMeta::from_headers([(FAIRNESS_HEADER, "tenant-a"), (":path", "/x")]);
         assert_eq!(m.fairness_id, "tenant-a");
+        let m = RequestMeta::from_headers([(FAIRNESS_HEADER_ALIAS, "tenant-b")]);
+        assert_eq!(
+            m.fairness_id, "tenant-b",
+            "the deprecated name is still read"
+        );
+        let m =
+            RequestMeta::from_headers([(FAIRNESS_HEADER_ALIAS, "old"), (FAIRNESS_HEADER, "new")]);
+        assert_eq!(m.fairness_id, "new", "the current name wins");
         assert!(!m.headers.contains_key(":path"));
         assert_eq!(
             m.headers[REQUEST_ID_HEADER], m.request_id,

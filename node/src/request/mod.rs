@@ -9,6 +9,9 @@
 //!    │                    candidates, admission, hash the prefix chain once
 //!    │ Prepared
 //!    ▼
+//!  Dispatcher::flow_wait ─ (`flowControl` gate only) wait in the node's flow controller
+//!    │                    until dispatched, or a 429/503 with the drop reason (`flow.rs`)
+//!    ▼
 //!  Dispatcher::lookup ─── PrefixOwners::lookup(anchor, chain)   (IO: the anchor's owner,
 //!    │                    within the mesh's budget; absent when prefix state is local)
 //!    │ PrefixAnswer
@@ -24,17 +27,20 @@
 //! picks, see `crate::mesh::prefix`).
 
 mod decide;
+pub mod flow;
 mod meta;
 mod owners;
 mod prepare;
 mod rejection;
 
 pub use decide::Ticket;
+pub use flow::FlowGate;
 pub use meta::{
-    DESTINATION_HEADER, FAIRNESS_HEADER, OBJECTIVE_HEADER, REQUEST_ID_HEADER, RequestMeta,
+    DESTINATION_HEADER, FAIRNESS_HEADER, FAIRNESS_HEADER_ALIAS, OBJECTIVE_HEADER,
+    REQUEST_ID_HEADER, RequestMeta,
 };
 pub use owners::{PrefixAnswer, PrefixLookup, PrefixOwners};
-pub use prepare::{DispatchConfig, Dispatcher, Prepared};
+pub use prepare::{DispatchConfig, Dispatcher, FlowWait, Prepared};
 pub use rejection::{NoEndpoint, Rejection};
 
 #[cfg(test)]
@@ -320,6 +326,178 @@ mod tests {
         assert_eq!(lookups.len(), 2);
         assert_eq!(lookups[0], lookups[1], "alias and m share one chain");
         assert_eq!(records[0].1, records[1].1);
+    }
+
+    mod flow_gate {
+        use infermesh_scheduler::flow::{DropReason, FlowConfig, Outcome as FlowOutcome};
+        use std::num::NonZeroU64;
+
+        use super::*;
+        use crate::metrics::FlowOutcomeLabels;
+        use crate::request::flow::FlowDriverConfig;
+
+        /// A saturated pool (queue 50 against a threshold of 5) with flow control on.
+        fn gated(cfg: FlowConfig) -> (Dispatcher, tokio::sync::watch::Sender<bool>) {
+            let d = dispatcher(50, 0.95);
+            let (sd, sd_rx) = tokio::sync::watch::channel(false);
+            let (gate, _task) = FlowGate::spawn(
+                cfg,
+                FlowDriverConfig {
+                    refresh: Duration::from_millis(2),
+                    staleness: Duration::from_secs(60),
+                },
+                d.pool().clone(),
+                d.policy().clone(),
+                d.metrics().clone(),
+                Arc::new(|| 1),
+                sd_rx,
+            )
+            .unwrap();
+            (d.with_flow(gate), sd)
+        }
+
+        fn set_load(d: &Dispatcher, waiting: u32) {
+            for s in &d.pool().load().slots {
+                s.record_scrape(Metrics {
+                    waiting_queue: waiting,
+                    ..Metrics::idle(Instant::now())
+                });
+            }
+        }
+
+        fn outcomes(d: &Dispatcher, outcome: FlowOutcome) -> u64 {
+            d.metrics()
+                .flow
+                .requests
+                .get_or_create(&FlowOutcomeLabels {
+                    outcome: outcome.as_str(),
+                })
+                .get()
+        }
+
+        async fn until(what: &str, f: impl Fn() -> bool) {
+            for _ in 0..2000 {
+                if f() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            panic!("timed out waiting for {what}");
+        }
+
+        fn spawn_route(
+            d: &Dispatcher,
+            objective: &str,
+        ) -> tokio::task::JoinHandle<Result<Ticket, Rejection>> {
+            let d = d.clone();
+            let m = meta(objective);
+            tokio::spawn(async move { d.route(ApiKind::Completions, BODY, m, &[]).await })
+        }
+
+        #[tokio::test]
+        async fn a_sheddable_request_waits_while_saturated_and_goes_when_load_drops() {
+            let (d, _sd) = gated(FlowConfig::default());
+            let task = spawn_route(&d, "batch");
+            until("the request to queue", || {
+                d.metrics().flow.queue_size.get() == 1
+            })
+            .await;
+            assert!(!task.is_finished(), "no 429 at once with the gate on");
+            set_load(&d, 0);
+            let ticket = task.await.unwrap().expect("dispatched once load dropped");
+            assert_eq!(ticket.request().priority, -1);
+            assert_eq!(outcomes(&d, FlowOutcome::Dispatched), 1);
+            until("the gauge to drop", || {
+                d.metrics().flow.queue_size.get() == 0
+            })
+            .await;
+        }
+
+        #[tokio::test]
+        async fn a_request_past_its_ttl_gets_429_ttl_expired() {
+            let cfg = FlowConfig {
+                default_request_ttl: Some(Duration::from_millis(30)),
+                ..FlowConfig::default()
+            };
+            let (d, _sd) = gated(cfg);
+            let err = d
+                .route(ApiKind::Completions, BODY, meta("chat"), &[])
+                .await
+                .unwrap_err();
+            assert_eq!(err, Rejection::Flow(DropReason::TtlExpired));
+            assert_eq!(err.status(), 429);
+            assert_eq!(
+                err.to_http("r").headers()["x-llm-d-request-dropped-reason"],
+                "rejected-ttl-expired"
+            );
+            assert_eq!(outcomes(&d, FlowOutcome::EvictedTtl), 1);
+            assert_eq!(
+                d.metrics()
+                    .requests
+                    .get_or_create(&crate::metrics::RequestLabels {
+                        model: "m".into(),
+                        objective: "chat".into(),
+                        outcome: Outcome::Shed,
+                    })
+                    .get(),
+                1,
+                "counted once in infermesh_requests_total"
+            );
+        }
+
+        #[tokio::test]
+        async fn a_client_that_goes_away_frees_its_place_at_once() {
+            let (d, _sd) = gated(FlowConfig::default());
+            let task = spawn_route(&d, "");
+            until("the request to queue", || {
+                d.metrics().flow.queue_size.get() == 1
+            })
+            .await;
+            task.abort();
+            until("the place to be freed", || {
+                d.metrics().flow.queue_size.get() == 0
+            })
+            .await;
+            assert_eq!(outcomes(&d, FlowOutcome::EvictedContextCancelled), 1);
+            assert_eq!(d.metrics().flow.queue_bytes.get(), 0);
+        }
+
+        #[tokio::test]
+        async fn a_full_queue_refuses_with_429_capacity() {
+            let cfg = FlowConfig {
+                max_requests: NonZeroU64::new(1),
+                ..FlowConfig::default()
+            };
+            let (d, _sd) = gated(cfg);
+            let first = spawn_route(&d, "");
+            until("the first to queue", || {
+                d.metrics().flow.queue_size.get() == 1
+            })
+            .await;
+            let err = d
+                .route(ApiKind::Completions, BODY, meta(""), &[])
+                .await
+                .unwrap_err();
+            assert_eq!(err, Rejection::Flow(DropReason::Saturated));
+            assert_eq!(err.status(), 429);
+            assert_eq!(outcomes(&d, FlowOutcome::RejectedCapacity), 1);
+            set_load(&d, 0);
+            assert!(first.await.unwrap().is_ok());
+        }
+
+        #[tokio::test]
+        async fn shutdown_answers_every_waiting_request() {
+            let (d, sd) = gated(FlowConfig::default());
+            let task = spawn_route(&d, "");
+            until("the request to queue", || {
+                d.metrics().flow.queue_size.get() == 1
+            })
+            .await;
+            sd.send(true).unwrap();
+            let err = task.await.unwrap().unwrap_err();
+            assert_eq!(err, Rejection::Flow(DropReason::ShuttingDown));
+            assert_eq!(err.status(), 503);
+        }
     }
 
     #[test]

@@ -4,8 +4,11 @@
 //! then asks the anchor's owner ([`Dispatcher::lookup`]) and hands the answer to phase two
 //! (`Dispatcher::decide`, in `decide.rs`).
 
+use std::collections::BTreeSet;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,11 +19,17 @@ use infermesh_scheduler::{
 use rand::seq::IndexedRandom;
 
 use super::RequestMeta;
+use super::flow::{FlowArrival, FlowGate, SLO_TTFT_HEADER, SLO_TTFT_HEADER_ALIAS};
 use super::owners::{PrefixAnswer, PrefixLookup, PrefixOwners};
 use super::rejection::{NoEndpoint, Rejection};
 use crate::metrics::{NodeMetrics, RewriteLabels};
 use crate::policy::{Policy, SharedPolicy};
 use crate::pool::SharedPool;
+
+/// A request's wait in flow control: `Ok(waited)` when dispatched, else why it was
+/// dropped. Dropping it frees the request's place in the queue.
+pub type FlowWait =
+    Pin<Box<dyn Future<Output = Result<Duration, infermesh_scheduler::flow::DropReason>> + Send>>;
 
 /// Limits of the request path.
 #[derive(Debug, Clone, Copy)]
@@ -39,6 +48,7 @@ pub struct Dispatcher {
     pub(super) metrics: Arc<NodeMetrics>,
     pub(super) cfg: DispatchConfig,
     pub(super) owners: Option<Arc<dyn PrefixOwners>>,
+    pub(super) flow: Option<FlowGate>,
 }
 
 /// A request after phase one: parsed, resolved, admitted, hashed; not yet scheduled.
@@ -51,6 +61,10 @@ pub struct Prepared {
     pub(super) chain: Option<PrefixChain>,
     pub(super) rewrite: Option<Range<usize>>,
     pub(super) started: Instant,
+    // For flow control: the body length, and what a fresh candidate set needs after a wait.
+    pub(super) body_bytes: u64,
+    pub(super) subset: Option<BTreeSet<SocketAddr>>,
+    pub(super) exclude: Vec<SocketAddr>,
 }
 
 impl Prepared {
@@ -79,7 +93,20 @@ impl Dispatcher {
             metrics,
             cfg,
             owners: None,
+            flow: None,
         }
+    }
+
+    /// Makes requests wait in flow control after phase one (the `flowControl` gate);
+    /// admission then no longer sheds sheddable requests at once.
+    pub fn with_flow(mut self, gate: FlowGate) -> Dispatcher {
+        self.flow = Some(gate);
+        self
+    }
+
+    /// Whether flow control is on.
+    pub fn flow_enabled(&self) -> bool {
+        self.flow.is_some()
     }
 
     /// Keeps prefix state at the anchors' owners instead of this scheduler's own index.
@@ -207,7 +234,10 @@ impl Dispatcher {
             };
             return Err((req.model, Rejection::NoEndpoint(why)));
         }
-        if let Err(e) = policy.scheduler.admit(&req, &candidates, now) {
+        // With flow control a sheddable request waits under its TTL instead (llm-d).
+        if self.flow.is_none()
+            && let Err(e) = policy.scheduler.admit(&req, &candidates, now)
+        {
             return Err((req.model, Rejection::Shed(e)));
         }
         // Hash once, here, only when the chain goes to an owner; a local match hashes
@@ -224,7 +254,73 @@ impl Dispatcher {
             chain,
             rewrite,
             started: now,
+            body_bytes: body.len() as u64,
+            subset: if self.flow.is_some() {
+                meta.subset.take()
+            } else {
+                None
+            },
+            exclude: if self.flow.is_some() {
+                exclude.to_vec()
+            } else {
+                Vec::new()
+            },
         })
+    }
+
+    /// The flow-control wait to await between phase one and the owner lookup; `None` when
+    /// the gate is off.
+    pub fn flow_wait(&self, p: &Prepared) -> Option<FlowWait> {
+        let gate = self.flow.clone()?;
+        let headers = &p.req.headers;
+        let slo_ttft = [SLO_TTFT_HEADER, SLO_TTFT_HEADER_ALIAS]
+            .iter()
+            .find_map(|h| headers.get(*h)?.trim().parse::<u64>().ok())
+            .map(Duration::from_millis);
+        let arrival = FlowArrival {
+            priority: p.req.priority,
+            fairness_id: p.req.fairness_id.clone(),
+            bytes: p.body_bytes,
+            received: p.started,
+            slo_ttft,
+        };
+        Some(Box::pin(async move { gate.wait(arrival).await }))
+    }
+
+    /// Applies the flow-control answer: a dropped request is counted and rejected; a
+    /// dispatched one gets candidates as the pool is now (it may have waited a while).
+    pub fn after_flow(
+        &self,
+        p: &mut Prepared,
+        answer: Result<Duration, infermesh_scheduler::flow::DropReason>,
+    ) -> Result<(), Rejection> {
+        let r = match answer {
+            Ok(waited) => {
+                if waited.is_zero() {
+                    return Ok(());
+                }
+                let now = Instant::now();
+                p.candidates = self.pool.load().candidates(
+                    now,
+                    self.cfg.staleness,
+                    p.subset.as_ref(),
+                    &p.exclude,
+                );
+                if !p.candidates.is_empty() {
+                    return Ok(());
+                }
+                Rejection::NoEndpoint(if p.subset.is_some() {
+                    NoEndpoint::Subset
+                } else {
+                    NoEndpoint::Pool
+                })
+            }
+            Err(reason) => Rejection::Flow(reason),
+        };
+        self.metrics
+            .count_request(&p.req.model, &p.objective, r.outcome());
+        tracing::info!(request_id = %p.req.id, model = %p.req.model, status = r.status(), reason = %r, "request rejected");
+        Err(r)
     }
 
     /// The owner lookup to await before [`Self::decide`]; `None` when there is nothing to

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
+use infermesh_scheduler::flow::{DROPPED_REASON_HEADER, DropReason};
 use infermesh_scheduler::{InvalidRequest, Rejected};
 
 use crate::metrics::Outcome;
@@ -69,6 +70,10 @@ pub enum Rejection {
     /// 429: sheddable and the pool is saturated.
     #[error("{0}")]
     Shed(Rejected),
+    /// 429 or 503: flow control dropped the request (capacity, TTL, no endpoints);
+    /// answered with `x-llm-d-request-dropped-reason`.
+    #[error("request dropped by flow control: {}", .0.header_value())]
+    Flow(DropReason),
     /// 504 (proxy): the model server did not send response headers in time.
     #[error("model server {endpoint} did not answer within {timeout:?}")]
     Timeout {
@@ -107,6 +112,7 @@ impl Rejection {
             Rejection::UnknownModel { .. } | Rejection::RewriteTargetNotServed { .. } => 404,
             Rejection::NoEndpoint(_) => 503,
             Rejection::Shed(_) => 429,
+            Rejection::Flow(reason) => reason.status(),
             Rejection::Timeout { .. } => 504,
             Rejection::Unreachable { .. } | Rejection::Upstream { .. } => 502,
         }
@@ -122,9 +128,26 @@ impl Rejection {
             }
             Rejection::NoEndpoint(_) => Outcome::NoEndpoint,
             Rejection::Shed(_) => Outcome::Shed,
+            Rejection::Flow(reason) => match reason {
+                DropReason::NoEndpoints => Outcome::NoEndpoint,
+                DropReason::ContextCancelled => Outcome::Cancelled,
+                DropReason::ShuttingDown | DropReason::Internal => Outcome::Internal,
+                DropReason::Saturated
+                | DropReason::TtlExpired
+                | DropReason::EvictedPriority
+                | DropReason::Evicted => Outcome::Shed,
+            },
             Rejection::Timeout { .. } => Outcome::Timeout,
             Rejection::Unreachable { .. } => Outcome::UpstreamUnreachable,
             Rejection::Upstream { .. } => Outcome::UpstreamError,
+        }
+    }
+
+    /// `(x-llm-d-request-dropped-reason, value)` when flow control dropped the request.
+    pub fn dropped_reason(&self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Rejection::Flow(r) => Some((DROPPED_REASON_HEADER, r.header_value())),
+            _ => None,
         }
     }
 
@@ -156,6 +179,9 @@ impl Rejection {
         );
         if let Ok(v) = http::HeaderValue::from_str(request_id) {
             h.insert(super::REQUEST_ID_HEADER, v);
+        }
+        if let Some((name, value)) = self.dropped_reason() {
+            h.insert(name, http::HeaderValue::from_static(value));
         }
         resp
     }
@@ -194,6 +220,7 @@ mod tests {
             ),
         ];
         for (r, status, outcome) in cases {
+            assert_eq!(r.dropped_reason(), None);
             assert_eq!((r.status(), r.outcome()), (status, outcome), "{r}");
             let resp = r.to_http("rid");
             assert_eq!(resp.status().as_u16(), status);
@@ -202,5 +229,26 @@ mod tests {
             assert_eq!(body["error"]["message"], r.to_string());
             assert_eq!(body["error"]["code"], status);
         }
+    }
+
+    #[test]
+    fn flow_control_drops_answer_as_llm_d_does() {
+        for (reason, status, header) in [
+            (DropReason::Saturated, 429, "rejected-saturated"),
+            (DropReason::TtlExpired, 429, "rejected-ttl-expired"),
+            (DropReason::NoEndpoints, 503, "rejected-no-endpoints"),
+        ] {
+            let r = Rejection::Flow(reason);
+            let resp = r.to_http("rid");
+            assert_eq!(resp.status().as_u16(), status);
+            assert_eq!(resp.headers()["x-llm-d-request-dropped-reason"], header);
+            let body: serde_json::Value = serde_json::from_slice(resp.body()).unwrap();
+            assert_eq!(body["error"]["code"], status);
+            assert!(body["error"]["message"].as_str().unwrap().contains(header));
+        }
+        assert_eq!(
+            Rejection::Flow(DropReason::TtlExpired).outcome(),
+            Outcome::Shed
+        );
     }
 }

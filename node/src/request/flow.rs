@@ -1,0 +1,450 @@
+//! The driver of flow control (llm-d's `flowControl` feature gate): one owner task holds
+//! the sans-IO [`FlowController`] and request tasks wait on it after phase one
+//! (`prepare`) and before the owner lookup and scheduling.
+//!
+//! ```text
+//!  request task ── Enqueue{id, request, reply} ──▶ owner task ── handle_enqueue
+//!       │  (drop: Cancel(id)) ──────────────────▶     │         handle_cancel
+//!       │                                             │ every refresh: saturation of the
+//!       │                                             │   pool (fleet-wide load) → handle_pool
+//!       ◀── Dispatched(waited) | DropReason ──────────┘ poll_decision until None
+//! ```
+//!
+//! The owner sleeps until the controller's next expiry, the next input, or — while
+//! something is queued — the next load refresh (the scrape interval, which is also the
+//! load board's cadence), when it measures saturation again with the same detector
+//! admission uses (`Scheduler::saturation` over the pool's candidates).
+//!
+//! # The mesh-wide bound
+//!
+//! Every node reads the same fleet-wide load (its own scrapes plus the load board), so
+//! every node computes about the same saturation `s` and gates on the same signal. The
+//! measured saturation only moves when a scrape or a board update lands, so between two
+//! refreshes the driver raises its own estimate after each dispatch by `step × N`: `step`
+//! is what one more request adds to the detector's saturation (measured by adding one
+//! request to every endpoint and dividing by their number; at least `1/(16 × endpoints)`
+//! for a detector that does not move with one request, e.g. KV-bound utilization), and
+//! `N` is the number of live mesh nodes, each assumed to dispatch as much as this one.
+//! So with a fleet budget `B = (1 − s) / step` requests per refresh, each node dispatches
+//! at most `ceil(B / N)` per refresh, and the fleet at most `N × ceil(B / N) < B + N`:
+//! the overshoot past the set point is below one request per node per refresh. When a
+//! node is lost, the survivors still divide by the old `N` until membership drops it
+//! (SWIM, about a second): the fleet under-dispatches by the lost node's share for that
+//! long, never over; requests queued on the lost node are lost with their connections
+//! (clients retry through Envoy onto a live node).
+//!
+//! The channel is tokio's unbounded `mpsc`, not crossbeam: the owner is an async task that
+//! must wake on an input *or* a timer, which `select!` over `recv()` gives directly (a
+//! crossbeam receiver would block a runtime thread or need a second wake-up signal), and
+//! the sender is lock-free for many producers and callable from `Drop` (a `Cancel` must
+//! not await). It is unbounded because each request task has at most one message in the
+//! channel at a time, so the controller's own capacity already bounds it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use infermesh_scheduler::Endpoint;
+use infermesh_scheduler::flow::{
+    Decision, DropReason, FlowConfig, FlowController, FlowRequest, InvalidFlowConfig,
+    Outcome as FlowOutcome, PoolStatus, Ticket,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::metrics::NodeMetrics;
+use crate::policy::SharedPolicy;
+use crate::pool::SharedPool;
+
+/// Header with the request's time-to-first-token SLO in milliseconds.
+pub const SLO_TTFT_HEADER: &str = "x-llm-d-slo-ttft-ms";
+/// The deprecated alias of [`SLO_TTFT_HEADER`].
+pub const SLO_TTFT_HEADER_ALIAS: &str = "x-slo-ttft-ms";
+
+/// The smallest per-request saturation step, per endpoint (see the module doc).
+const MIN_STEP_PER_ENDPOINT: f64 = 1.0 / 16.0;
+
+/// Counts the live mesh nodes (1 without a mesh).
+pub type LiveNodes = Arc<dyn Fn() -> usize + Send + Sync>;
+
+/// How the owner task samples the pool.
+#[derive(Debug, Clone, Copy)]
+pub struct FlowDriverConfig {
+    /// How often saturation is measured again while requests wait (the scrape interval).
+    pub refresh: Duration,
+    /// Metrics older than this take an endpoint out of the candidates (as in `prepare`).
+    pub staleness: Duration,
+}
+
+/// What a request asks flow control for.
+#[derive(Debug, Clone)]
+pub struct FlowArrival {
+    /// The objective's priority.
+    pub priority: i32,
+    /// The flow key.
+    pub fairness_id: String,
+    /// The body length.
+    pub bytes: u64,
+    /// When the node received the request.
+    pub received: Instant,
+    /// `x-llm-d-slo-ttft-ms`.
+    pub slo_ttft: Option<Duration>,
+}
+
+type Reply = oneshot::Sender<Result<Duration, DropReason>>;
+
+enum Input {
+    Enqueue {
+        id: u64,
+        arrival: FlowArrival,
+        reply: Reply,
+    },
+    Cancel(u64),
+}
+
+/// The request side's handle to the owner task; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct FlowGate {
+    tx: mpsc::UnboundedSender<Input>,
+    next_id: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Input {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Input::Enqueue { id, .. } => write!(f, "Enqueue({id})"),
+            Input::Cancel(id) => write!(f, "Cancel({id})"),
+        }
+    }
+}
+
+/// Sends `Cancel` when a wait is dropped before its answer arrived (the client went away).
+struct CancelOnDrop<'a> {
+    gate: &'a FlowGate,
+    id: u64,
+    answered: bool,
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            let _ = self.gate.tx.send(Input::Cancel(self.id));
+        }
+    }
+}
+
+impl FlowGate {
+    /// Waits for the request's turn: `Ok(waited)` when dispatched, else why it was dropped.
+    /// Dropping the future frees the request's place in the queue at once.
+    pub async fn wait(&self, arrival: FlowArrival) -> Result<Duration, DropReason> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Input::Enqueue { id, arrival, reply }).is_err() {
+            return Err(DropReason::ShuttingDown);
+        }
+        let mut guard = CancelOnDrop {
+            gate: self,
+            id,
+            answered: false,
+        };
+        let answer = rx.await;
+        guard.answered = true;
+        answer.unwrap_or(Err(DropReason::ShuttingDown))
+    }
+
+    /// Starts the owner task (on the current tokio runtime) until `shutdown`.
+    pub fn spawn(
+        cfg: FlowConfig,
+        driver: FlowDriverConfig,
+        pool: SharedPool,
+        policy: SharedPolicy,
+        metrics: Arc<NodeMetrics>,
+        live_nodes: LiveNodes,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<(FlowGate, tokio::task::JoinHandle<()>), InvalidFlowConfig> {
+        let fc = FlowController::new(cfg, Instant::now())?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let owner = Owner {
+            fc,
+            driver,
+            pool,
+            policy,
+            metrics,
+            live_nodes,
+            waiting: HashMap::new(),
+            by_ticket: HashMap::new(),
+            estimate: SaturationEstimate::default(),
+            next_refresh: Instant::now(),
+        };
+        let task = tokio::spawn(owner.run(rx, shutdown));
+        Ok((
+            FlowGate {
+                tx,
+                next_id: Arc::new(AtomicU64::new(0)),
+            },
+            task,
+        ))
+    }
+}
+
+/// The saturation the controller is given between two refreshes: the measured value,
+/// raised after each of this node's dispatches by `step × live nodes`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SaturationEstimate {
+    /// Saturation measured at the last refresh.
+    pub measured: f64,
+    /// Saturation one more request adds.
+    pub step: f64,
+    /// Live mesh nodes at the last refresh (at least 1).
+    pub nodes: usize,
+    /// This node's dispatches since the last refresh.
+    pub dispatched: u32,
+    /// Whether the pool had endpoints at the last refresh.
+    pub has_endpoints: bool,
+}
+
+impl SaturationEstimate {
+    /// A fresh estimate at a refresh.
+    pub fn refresh(measured: f64, step: f64, nodes: usize, has_endpoints: bool) -> Self {
+        SaturationEstimate {
+            measured,
+            step,
+            nodes: nodes.max(1),
+            dispatched: 0,
+            has_endpoints,
+        }
+    }
+
+    /// What to give [`FlowController::handle_pool`].
+    pub fn status(&self) -> PoolStatus {
+        if !self.has_endpoints {
+            return PoolStatus::empty();
+        }
+        let raised = self.step * f64::from(self.dispatched) * self.nodes as f64;
+        PoolStatus::serving(self.measured + raised)
+    }
+}
+
+/// Saturation of `candidates` and the step one more request adds (see the module doc).
+fn measure(saturation: impl Fn(&[Endpoint]) -> f64, candidates: &mut [Endpoint]) -> (f64, f64) {
+    let base = saturation(candidates);
+    if candidates.is_empty() {
+        return (base, 1.0);
+    }
+    for e in candidates.iter_mut() {
+        e.in_flight.requests = e.in_flight.requests.saturating_add(1);
+        if let Some(m) = &mut e.metrics {
+            m.waiting_queue = m.waiting_queue.saturating_add(1);
+        }
+    }
+    let n = candidates.len() as f64;
+    let step = ((saturation(candidates) - base) / n).max(MIN_STEP_PER_ENDPOINT / n);
+    (base, step)
+}
+
+struct Owner {
+    fc: FlowController,
+    driver: FlowDriverConfig,
+    pool: SharedPool,
+    policy: SharedPolicy,
+    metrics: Arc<NodeMetrics>,
+    live_nodes: LiveNodes,
+    // request id → (ticket, reply); ticket → request id.
+    waiting: HashMap<u64, (Ticket, Reply)>,
+    by_ticket: HashMap<Ticket, u64>,
+    estimate: SaturationEstimate,
+    next_refresh: Instant,
+}
+
+impl Owner {
+    async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<Input>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        loop {
+            let now = Instant::now();
+            if now >= self.next_refresh {
+                self.refresh(now);
+            }
+            self.drain(now);
+            self.publish_gauges();
+            let mut wake = self.fc.next_deadline();
+            if !self.fc.is_empty() {
+                wake = Some(wake.map_or(self.next_refresh, |w| w.min(self.next_refresh)));
+            }
+            let sleep = async {
+                match wake {
+                    Some(w) => tokio::time::sleep_until(w.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                msg = rx.recv() => {
+                    let Some(msg) = msg else { break };
+                    self.handle(msg);
+                    // Take everything already sent before polling once.
+                    while let Ok(msg) = rx.try_recv() {
+                        self.handle(msg);
+                    }
+                }
+                () = sleep => {}
+                _ = shutdown.wait_for(|s| *s) => break,
+            }
+        }
+        let mut out = Vec::new();
+        self.fc.handle_shutdown(Instant::now(), &mut out);
+        for d in out {
+            self.deliver(d);
+        }
+        self.publish_gauges();
+    }
+
+    fn handle(&mut self, msg: Input) {
+        let now = Instant::now();
+        match msg {
+            Input::Enqueue { id, arrival, reply } => {
+                if self.fc.is_empty() && now >= self.next_refresh {
+                    // The first request after an idle spell sees a fresh measurement.
+                    self.refresh(now);
+                }
+                let req = FlowRequest {
+                    priority: arrival.priority,
+                    fairness_id: &arrival.fairness_id,
+                    bytes: arrival.bytes,
+                    received: arrival.received,
+                    slo_ttft: arrival.slo_ttft,
+                    deadline: None,
+                };
+                match self.fc.handle_enqueue(&req, now) {
+                    Ok(ticket) => {
+                        self.waiting.insert(id, (ticket, reply));
+                        self.by_ticket.insert(ticket, id);
+                    }
+                    Err(r) => {
+                        self.metrics.count_flow_outcome(r.outcome, None);
+                        let _ = reply.send(Err(r.reason));
+                    }
+                }
+            }
+            Input::Cancel(id) => {
+                if let Some((ticket, _)) = self.waiting.get(&id)
+                    && let Some(d) = self.fc.handle_cancel(*ticket, now)
+                {
+                    self.deliver(d);
+                }
+            }
+        }
+    }
+
+    /// Measures the pool's saturation the way admission does, over fleet-wide load.
+    fn refresh(&mut self, now: Instant) {
+        let mut candidates = self
+            .pool
+            .load()
+            .candidates(now, self.driver.staleness, None, &[]);
+        let scheduler = self.policy.load().scheduler.clone();
+        let has_endpoints = !candidates.is_empty();
+        let (measured, step) = measure(|c| scheduler.saturation(c, now), &mut candidates);
+        self.estimate =
+            SaturationEstimate::refresh(measured, step, (self.live_nodes)(), has_endpoints);
+        self.metrics.set_flow_saturation(measured);
+        self.next_refresh = now + self.driver.refresh;
+    }
+
+    /// Sends every decision due at `now`, raising the saturation estimate per dispatch.
+    fn drain(&mut self, now: Instant) {
+        self.fc.handle_pool(self.estimate.status(), now);
+        while let Some(d) = self.fc.poll_decision(now) {
+            if d.is_dispatched() {
+                self.estimate.dispatched += 1;
+                self.fc.handle_pool(self.estimate.status(), now);
+            }
+            self.deliver(d);
+        }
+    }
+
+    fn deliver(&mut self, d: Decision) {
+        self.metrics.count_flow_outcome(d.outcome, Some(d.waited));
+        let Some(id) = self.by_ticket.remove(&d.ticket) else {
+            return;
+        };
+        let Some((_, reply)) = self.waiting.remove(&id) else {
+            return;
+        };
+        let answer = match d.reason {
+            None if d.outcome == FlowOutcome::Dispatched => Ok(d.waited),
+            None => Err(DropReason::Internal),
+            Some(r) => Err(r),
+        };
+        // A closed reply is a client that went away; its Cancel is on its way.
+        let _ = reply.send(answer);
+    }
+
+    fn publish_gauges(&self) {
+        self.metrics.set_flow_queue(self.fc.len(), self.fc.bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use infermesh_scheduler::flow::FlowRequest;
+
+    /// Dispatches the controller allows from one refresh with `nodes` live nodes.
+    fn burst(measured: f64, step: f64, nodes: usize) -> u32 {
+        let t0 = Instant::now();
+        let mut fc = FlowController::new(FlowConfig::default(), t0).unwrap();
+        for _ in 0..100 {
+            fc.handle_enqueue(&FlowRequest::new(0, "f", 1, t0), t0)
+                .unwrap();
+        }
+        let mut est = SaturationEstimate::refresh(measured, step, nodes, true);
+        fc.handle_pool(est.status(), t0);
+        while let Some(d) = fc.poll_decision(t0) {
+            assert!(d.is_dispatched());
+            est.dispatched += 1;
+            fc.handle_pool(est.status(), t0);
+        }
+        est.dispatched
+    }
+
+    #[test]
+    fn each_node_dispatches_at_most_its_share_of_the_budget_per_refresh() {
+        // Budget B = (1 - 0.5) / 0.1 = 5 requests per refresh, fleet-wide.
+        assert_eq!(burst(0.5, 0.1, 1), 5);
+        assert_eq!(burst(0.5, 0.1, 2), 3, "ceil(5 / 2)");
+        assert_eq!(burst(0.5, 0.1, 5), 1);
+        assert_eq!(burst(0.5, 0.1, 10), 1, "a node always gets one");
+        assert_eq!(burst(1.0, 0.1, 1), 0, "saturated: nothing");
+        // Zero nodes reads as one.
+        assert_eq!(burst(0.5, 0.1, 0), 5);
+    }
+
+    #[test]
+    fn the_step_is_one_request_spread_over_the_endpoints_with_a_floor() {
+        let mut eps: Vec<Endpoint> = (0..4u8)
+            .map(|i| {
+                let mut e = Endpoint::new(([10, 0, 0, i], 8000).into(), Default::default());
+                e.metrics = Some(infermesh_scheduler::Metrics::idle(Instant::now()));
+                e
+            })
+            .collect();
+        // Concurrency-like: in-flight over a capacity of 10 per endpoint.
+        let conc = |c: &[Endpoint]| {
+            c.iter()
+                .map(|e| f64::from(e.in_flight.requests))
+                .sum::<f64>()
+                / (10.0 * c.len() as f64)
+        };
+        let (s, step) = measure(conc, &mut eps.clone());
+        assert_eq!(s, 0.0);
+        assert!((step - 1.0 / 40.0).abs() < 1e-12, "{step}");
+        // A detector that does not move gets the floor.
+        let (_, step) = measure(|_| 0.3, &mut eps);
+        assert!((step - MIN_STEP_PER_ENDPOINT / 4.0).abs() < 1e-12);
+        // No endpoints: saturated, and the step no longer matters.
+        let (s, _) = measure(|_| 1.0, &mut []);
+        assert_eq!(s, 1.0);
+    }
+}

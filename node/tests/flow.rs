@@ -1,0 +1,107 @@
+//! llm-d's `flowControl` gate through the node's edges (proxy and Envoy ext_proc), with
+//! simulated pods: requests are dispatched while the pool has room, and a request that
+//! cannot be dispatched within its TTL gets 429 with `x-llm-d-request-dropped-reason`.
+
+mod support;
+
+use std::time::Duration;
+
+use infermesh_scheduler::flow::{FlowConfig, Outcome, UsageLimitPolicy};
+use support::{Harness, post};
+
+fn outcome_total(h: &Harness, outcome: Outcome) -> u64 {
+    h.node
+        .metrics()
+        .flow
+        .requests
+        .get_or_create(&infermesh_node::metrics::FlowOutcomeLabels {
+            outcome: outcome.as_str(),
+        })
+        .get()
+}
+
+async fn dispatched_while_the_pool_has_room(with_envoy: bool) {
+    let h = Harness::start_with(2, with_envoy, |c| {
+        c.scheduler.flow_control = Some(FlowConfig::default());
+    })
+    .await;
+    let body = serde_json::json!({"model": h.model, "prompt": "hello", "max_tokens": 1});
+    for _ in 0..3 {
+        let r = post(
+            &h.client,
+            h.entry(),
+            "/v1/completions",
+            body.to_string(),
+            &[("x-llm-d-inference-fairness-id", "tenant-a")],
+        )
+        .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    assert_eq!(outcome_total(&h, Outcome::Dispatched), 3);
+    assert_eq!(h.node.metrics().flow.queue_size.get(), 0);
+    let text = h
+        .node
+        .metrics()
+        .render(&Default::default(), std::time::Instant::now());
+    for line in [
+        "llm_d_epp_flow_control_requests_total{outcome=\"Dispatched\"} 3",
+        "llm_d_epp_flow_control_queue_size 0",
+        "llm_d_epp_flow_control_queue_bytes 0",
+        "llm_d_epp_flow_control_request_queue_duration_seconds_count{outcome=\"Dispatched\"} 3",
+        "llm_d_epp_flow_control_pool_saturation{stage=\"effective\"}",
+        "infermesh_requests_total{",
+    ] {
+        assert!(text.contains(line), "{line} missing from:\n{text}");
+    }
+    h.stop().await;
+}
+
+async fn ttl_expiry_answers_429(with_envoy: bool) {
+    // A usage limit of 0 never dispatches: every request waits out its TTL.
+    let h = Harness::start_with(2, with_envoy, |c| {
+        c.scheduler.flow_control = Some(FlowConfig {
+            usage_limit: UsageLimitPolicy::Static { threshold: 0.0 },
+            default_request_ttl: Some(Duration::from_millis(100)),
+            ..FlowConfig::default()
+        });
+    })
+    .await;
+    let body = serde_json::json!({"model": h.model, "prompt": "hello", "max_tokens": 1});
+    let r = post(
+        &h.client,
+        h.entry(),
+        "/v1/completions",
+        body.to_string(),
+        &[("x-slo-ttft-ms", "500")],
+    )
+    .await;
+    assert_eq!(r.status, 429, "{:?}", r.body);
+    assert_eq!(
+        r.header("x-llm-d-request-dropped-reason").as_deref(),
+        Some("rejected-ttl-expired")
+    );
+    assert_eq!(r.json()["error"]["code"], 429);
+    assert_eq!(outcome_total(&h, Outcome::EvictedTtl), 1);
+    assert_eq!(h.node.metrics().flow.queue_size.get(), 0);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_dispatches_through_flow_control_while_the_pool_has_room() {
+    dispatched_while_the_pool_has_room(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_ext_proc_dispatches_through_flow_control_while_the_pool_has_room() {
+    dispatched_while_the_pool_has_room(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_answers_429_ttl_expired_when_no_request_can_be_dispatched() {
+    ttl_expiry_answers_429(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_ext_proc_answers_429_ttl_expired_when_no_request_can_be_dispatched() {
+    ttl_expiry_answers_429(true).await;
+}
