@@ -53,7 +53,8 @@ pub enum Target {
     /// One address (Envoy's listener).
     One(SocketAddr),
     /// The nodes' proxies, spread round robin; a proxy that refused a connection is skipped
-    /// for a second, as an L4 balancer with health checks would.
+    /// until a TCP health check (every 250 ms) connects again, as an L4 balancer with
+    /// health checks would.
     Spread(Vec<SocketAddr>),
 }
 
@@ -157,7 +158,7 @@ pub async fn run(
                 let mut pick = k % v.len();
                 for step in 0..v.len() {
                     let i = (k + step) % v.len();
-                    if d[i].is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
+                    if d[i].is_none() {
                         pick = i;
                         break;
                     }
@@ -166,12 +167,13 @@ pub async fn run(
                 v[pick]
             }
         };
-        let (c, records, in_flight, down, target) = (
+        let (c, records, in_flight, down, target, stop) = (
             c.clone(),
             records.clone(),
             in_flight.clone(),
             down.clone(),
             target.clone(),
+            stop.clone(),
         );
         in_flight.fetch_add(1, Ordering::Relaxed);
         let timeout = load.timeout;
@@ -181,7 +183,31 @@ pub async fn run(
                 && e.contains("Connect")
                 && let Some(i) = v.iter().position(|a| *a == addr)
             {
-                down.lock().await[i] = Some(Instant::now());
+                let mut d = down.lock().await;
+                if d[i].is_none() {
+                    d[i] = Some(Instant::now());
+                    drop(d);
+                    // The health check that puts it back: bounded by the run's stop flag
+                    // and an hour.
+                    let (down, stop) = (down.clone(), stop.clone());
+                    tokio::spawn(async move {
+                        let t = Instant::now();
+                        while !stop.load(Ordering::Relaxed)
+                            && t.elapsed() < Duration::from_secs(3600)
+                        {
+                            tokio::time::sleep(Duration::from_millis(250)).await;
+                            let probe = tokio::time::timeout(
+                                Duration::from_millis(200),
+                                tokio::net::TcpStream::connect(addr),
+                            )
+                            .await;
+                            if matches!(probe, Ok(Ok(_))) {
+                                down.lock().await[i] = None;
+                                return;
+                            }
+                        }
+                    });
+                }
             }
             in_flight.fetch_sub(1, Ordering::Relaxed);
             records.lock().await.push(Record {
