@@ -10,8 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::{NodeConfig, NodeSettings, load_scheduler_config};
 
-/// Exit code for a configuration error (sysexits EX_USAGE).
-pub const EXIT_CONFIG: u8 = 64;
+pub use crate::exit::EXIT_CONFIG;
 
 /// infermesh: a replicated, inference-aware router for LLM serving fleets.
 #[derive(Debug, Parser)]

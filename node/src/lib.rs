@@ -12,6 +12,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod discovery;
+pub mod exit;
 pub mod extproc;
 pub mod mesh;
 pub mod metrics;

@@ -115,7 +115,7 @@ fn bootstrap(
         Ok(v) => v,
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::from(crate::cli::EXIT_CONFIG);
+            return ExitCode::from(crate::exit::EXIT_CONFIG);
         }
     };
     let text = match format {
