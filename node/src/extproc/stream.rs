@@ -365,8 +365,20 @@ impl ExtProcStream {
         for (k, v) in ticket.extra_headers() {
             set.push((k, v));
         }
+        let mut mutation = set_headers(set);
+        // Router-only headers the client sent and the pick did not set: Envoy drops them,
+        // so no pod (or sidecar) sees a client-chosen prefiller or destination.
+        for h in &self.meta.stripped {
+            if !mutation
+                .set_headers
+                .iter()
+                .any(|o| o.header.as_ref().is_some_and(|hv| hv.key == *h))
+            {
+                mutation.remove_headers.push((*h).to_owned());
+            }
+        }
         let common = CommonResponse {
-            header_mutation: Some(set_headers(set)),
+            header_mutation: Some(mutation),
             clear_route_cache: true,
             ..Default::default()
         };
@@ -860,6 +872,39 @@ mod tests {
                 .any(|a| matches!(a, Action::Reply(r) if r.dynamic_metadata.is_some())),
             "{out:?}"
         );
+    }
+
+    #[test]
+    fn client_sent_router_only_headers_are_removed_not_forwarded() {
+        let (d, _view) = dispatcher();
+        let mut s = ExtProcStream::new(d);
+        let fd = BodySendMode::FullDuplexStreamed;
+        let sent = [
+            ("x-prefiller-host-port", "169.254.169.254:80"),
+            (DESTINATION_HEADER, "10.9.9.9:1"),
+        ];
+        assert!(
+            s.handle_replies(req_headers(mode(fd, fd), &sent, None))
+                .unwrap()
+                .is_empty()
+        );
+        let out = s
+            .handle_replies(body(&completion(100), true, true))
+            .unwrap();
+        let Some(processing_response::Response::RequestHeaders(h)) = &out[0].response else {
+            panic!("first reply must answer the request headers")
+        };
+        let m = h
+            .response
+            .as_ref()
+            .unwrap()
+            .header_mutation
+            .as_ref()
+            .unwrap();
+        // The prefiller header is dropped; the destination is the router's own pick.
+        assert_eq!(m.remove_headers, vec!["x-prefiller-host-port".to_owned()]);
+        let dest = set_header(m, DESTINATION_HEADER).unwrap();
+        assert!(pods().iter().any(|p| p.to_string() == dest), "{dest}");
     }
 
     #[test]

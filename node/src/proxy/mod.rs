@@ -126,6 +126,33 @@ const HOP_BY_HOP: [&str; 8] = [
     "host",
 ];
 
+/// The headers a pod gets: the client's, minus hop-by-hop ones, the length (the body may
+/// be rewritten) and router-only ones (those come from the pick alone, so no client
+/// chooses a prefiller or a destination), plus the request id and the pick's headers.
+fn upstream_headers(
+    client: &HeaderMap,
+    request_id: &str,
+    picked: &[(String, String)],
+    out: &mut HeaderMap,
+) {
+    for (k, v) in client {
+        if !HOP_BY_HOP.contains(&k.as_str())
+            && k != header::CONTENT_LENGTH
+            && !crate::request::router_only(k.as_str())
+        {
+            out.append(k, v.clone());
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        out.insert("x-request-id", v);
+    }
+    for (k, v) in picked {
+        if let (Ok(k), Ok(v)) = (HeaderName::try_from(k.as_str()), HeaderValue::from_str(v)) {
+            out.insert(k, v);
+        }
+    }
+}
+
 async fn forward(
     s: &ProxyState,
     mut ticket: Ticket,
@@ -141,19 +168,7 @@ async fn forward(
         let dest = ticket.destinations()[next];
         let mut req = http::Request::post(format!("http://{dest}{path}"));
         let h = req.headers_mut().expect("builder without errors");
-        for (k, v) in headers {
-            if !HOP_BY_HOP.contains(&k.as_str()) && k != header::CONTENT_LENGTH {
-                h.append(k, v.clone());
-            }
-        }
-        if let Ok(v) = HeaderValue::from_str(request_id) {
-            h.insert("x-request-id", v);
-        }
-        for (k, v) in ticket.extra_headers() {
-            if let (Ok(k), Ok(v)) = (HeaderName::try_from(k.as_str()), HeaderValue::from_str(v)) {
-                h.insert(k, v);
-            }
-        }
+        upstream_headers(headers, request_id, ticket.extra_headers(), h);
         let req = req
             .body(Full::new(body.clone()))
             .expect("valid request parts");
@@ -239,4 +254,42 @@ fn respond(
     let success = parts.status.is_success();
     let body = TrackedBody::new(incoming, ticket, content_type.as_deref(), served, success);
     Response::from_parts(parts, Body::new(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pods_never_see_router_only_headers_from_the_client() {
+        let mut client = HeaderMap::new();
+        client.insert(
+            "x-prefiller-host-port",
+            HeaderValue::from_static("169.254.169.254:80"),
+        );
+        client.insert(
+            "x-encoder-hosts-ports",
+            HeaderValue::from_static("10.0.0.1:1"),
+        );
+        client.insert(
+            "x-gateway-destination-endpoint",
+            HeaderValue::from_static("1.2.3.4:5"),
+        );
+        client.insert("content-type", HeaderValue::from_static("application/json"));
+        client.insert("connection", HeaderValue::from_static("keep-alive"));
+        let picked = vec![(
+            "x-prefiller-host-port".to_owned(),
+            "10.0.0.7:8000".to_owned(),
+        )];
+        let mut out = HeaderMap::new();
+        upstream_headers(&client, "r-1", &picked, &mut out);
+        let all =
+            |k: &str| -> Vec<&str> { out.get_all(k).iter().map(|v| v.to_str().unwrap()).collect() };
+        assert_eq!(all("x-prefiller-host-port"), ["10.0.0.7:8000"]);
+        assert!(all("x-encoder-hosts-ports").is_empty());
+        assert!(all("x-gateway-destination-endpoint").is_empty());
+        assert!(all("connection").is_empty());
+        assert_eq!(all("content-type"), ["application/json"]);
+        assert_eq!(all("x-request-id"), ["r-1"]);
+    }
 }

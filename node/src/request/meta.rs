@@ -16,6 +16,22 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// Header (and `envoy.lb` metadata key) with the picked endpoints, primary first.
 pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
 
+/// Headers only the router may set: what a client sends under these names is dropped
+/// before scheduling and never reaches a pod (a sidecar trusting a client-chosen
+/// `x-prefiller-host-port` would fetch from wherever the client says).
+pub const ROUTER_ONLY_HEADERS: [&str; 5] = [
+    DESTINATION_HEADER,
+    "x-gateway-destination-endpoint-served",
+    "x-prefiller-host-port",
+    "x-encoder-hosts-ports",
+    "x-kv-cache-source-host-port",
+];
+
+/// Whether `name` (lower case) is one of [`ROUTER_ONLY_HEADERS`].
+pub fn router_only(name: &str) -> bool {
+    ROUTER_ONLY_HEADERS.contains(&name)
+}
+
 /// Request facts known before the body: id, headers, objective, fairness id, subset hint.
 #[derive(Debug, Clone, Default)]
 pub struct RequestMeta {
@@ -29,17 +45,28 @@ pub struct RequestMeta {
     pub fairness_id: String,
     /// Endpoints the gateway allows (`envoy.lb.subset_hint`); `None` = no restriction.
     pub subset: Option<BTreeSet<SocketAddr>>,
+    /// Router-only headers the client sent (dropped from `headers`), so the edge can
+    /// remove them from what it forwards.
+    pub stripped: Vec<&'static str>,
 }
 
 impl RequestMeta {
     /// Builds the metadata from request headers (names in any case).
     pub fn from_headers<'a>(headers: impl IntoIterator<Item = (&'a str, &'a str)>) -> RequestMeta {
         let mut map = BTreeMap::new();
+        let mut stripped = Vec::new();
         for (k, v) in headers {
             if k.starts_with(':') {
                 continue;
             }
-            map.insert(k.to_ascii_lowercase(), v.to_owned());
+            let k = k.to_ascii_lowercase();
+            if let Some(h) = ROUTER_ONLY_HEADERS.iter().find(|h| **h == k) {
+                if !stripped.contains(h) {
+                    stripped.push(*h);
+                }
+                continue;
+            }
+            map.insert(k, v.to_owned());
         }
         let request_id = match map.get(REQUEST_ID_HEADER) {
             Some(id) if !id.is_empty() => id.clone(),
@@ -64,6 +91,7 @@ impl RequestMeta {
             objective,
             fairness_id,
             subset: None,
+            stripped,
         }
     }
 
@@ -80,6 +108,25 @@ impl RequestMeta {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn router_only_headers_never_reach_the_scheduler() {
+        let m = RequestMeta::from_headers([
+            ("X-Prefiller-Host-Port", "169.254.169.254:80"),
+            ("x-gateway-destination-endpoint", "10.0.0.9:8000"),
+            ("x-encoder-hosts-ports", "10.0.0.1:1"),
+            ("x-kv-cache-source-host-port", "10.0.0.2:2"),
+            ("content-type", "application/json"),
+        ]);
+        for h in ROUTER_ONLY_HEADERS
+            .iter()
+            .filter(|h| !h.ends_with("-served"))
+        {
+            assert!(!m.headers.contains_key(*h), "{h} kept");
+            assert!(m.stripped.contains(h), "{h} not recorded");
+        }
+        assert_eq!(m.headers["content-type"], "application/json");
+    }
 
     #[test]
     fn request_meta_reads_headers_case_insensitively() {
