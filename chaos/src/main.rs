@@ -167,7 +167,14 @@ fn run_cmd(a: RunArgs) -> Result<bool> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let result = rt.block_on(run::run(opts, &net, bins));
+    // Ctrl-C drops the run: its processes are killed and its mounts and namespaces
+    // removed by their guards, instead of being left behind.
+    let result = rt.block_on(async {
+        tokio::select! {
+            r = run::run(opts, &net, bins) => r,
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        }
+    });
     drop(rt);
     let result = match result {
         Ok(r) => r,

@@ -333,31 +333,40 @@ async fn wait_converged(tier: &Tier, limit: Duration, policy_too: bool) -> Resul
     }
 }
 
-/// Mounts a small tmpfs on each node's data directory (for the disk-full fault).
-fn mount_data_dirs(dir: &Path, nodes: usize) -> Result<Vec<PathBuf>> {
-    let mut mounted = Vec::new();
-    for i in 1..=nodes {
-        let d = dir.join(format!("n{i}"));
-        std::fs::create_dir_all(&d)?;
-        let st = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=48m", "tmpfs"])
-            .arg(&d)
-            .status()
-            .context("running mount")?;
-        if !st.success() {
-            bail!("mounting a tmpfs on {} failed (needs root)", d.display());
+/// tmpfs mounts of the run, unmounted when dropped (also when the run is interrupted or
+/// a later mount fails).
+#[derive(Debug, Default)]
+struct Mounts(Vec<PathBuf>);
+
+impl Mounts {
+    /// Mounts a small tmpfs on each node's data directory (for the disk-full fault).
+    fn data_dirs(dir: &Path, nodes: usize) -> Result<Mounts> {
+        let mut mounted = Mounts::default();
+        for i in 1..=nodes {
+            let d = dir.join(format!("n{i}"));
+            std::fs::create_dir_all(&d)?;
+            let st = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=48m", "tmpfs"])
+                .arg(&d)
+                .status()
+                .context("running mount")?;
+            if !st.success() {
+                bail!("mounting a tmpfs on {} failed (needs root)", d.display());
+            }
+            mounted.0.push(d);
         }
-        mounted.push(d);
+        Ok(mounted)
     }
-    Ok(mounted)
 }
 
-fn unmount(dirs: &[PathBuf]) {
-    for d in dirs {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(d)
-            .status();
+impl Drop for Mounts {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(d)
+                .status();
+        }
     }
 }
 
@@ -452,13 +461,14 @@ pub async fn run(opts: RunOptions, net: &Network, bins: Binaries) -> Result<RunR
         })
         .collect();
     std::fs::create_dir_all(&opts.dir)?;
-    let mounted = if faults.contains(&FaultKind::DiskFull) {
-        mount_data_dirs(&opts.dir, opts.size.nodes)?
+    let mounts = if faults.contains(&FaultKind::DiskFull) {
+        Mounts::data_dirs(&opts.dir, opts.size.nodes)?
     } else {
-        Vec::new()
+        Mounts::default()
     };
     let result = run_tier(&opts, net, bins, &faults, &mut rng, skipped).await;
-    unmount(&mounted);
+    // The tier's processes are gone (dropped inside run_tier) before the unmount.
+    drop(mounts);
     result.map(|mut r| {
         r.load = (load_before, loadavg());
         r
