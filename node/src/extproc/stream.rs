@@ -785,21 +785,8 @@ mod tests {
                 ..Metrics::idle(Instant::now())
             });
         }
-        let (sd, sd_rx) = tokio::sync::watch::channel(false);
-        let (gate, _task) = crate::request::FlowGate::spawn(
-            infermesh_scheduler::flow::FlowConfig::default(),
-            crate::request::flow::FlowDriverConfig {
-                refresh: Duration::from_millis(2),
-                staleness: Duration::from_secs(60),
-            },
-            d.pool().clone(),
-            d.policy().clone(),
-            d.metrics().clone(),
-            Arc::new(|| 1),
-            sd_rx,
-        )
-        .unwrap();
-        let d = d.with_flow(gate);
+        let (d, sd) =
+            crate::request::gated_for_tests(d, infermesh_scheduler::flow::FlowConfig::default());
         let mut s = ExtProcStream::new(d.clone());
         let fd = BodySendMode::FullDuplexStreamed;
         s.handle(req_headers(mode(fd, fd), &[], None)).unwrap();

@@ -43,6 +43,30 @@ pub use owners::{PrefixAnswer, PrefixLookup, PrefixOwners};
 pub use prepare::{DispatchConfig, Dispatcher, FlowWait, Prepared};
 pub use rejection::{NoEndpoint, Rejection};
 
+/// `d` behind a flow gate over its own pool (refreshed every 2 ms, one live node), for the
+/// tests of the request path and its edges; the sender shuts the gate down.
+#[cfg(test)]
+pub(crate) fn gated_for_tests(
+    d: Dispatcher,
+    cfg: infermesh_scheduler::flow::FlowConfig,
+) -> (Dispatcher, tokio::sync::watch::Sender<bool>) {
+    let (sd, sd_rx) = tokio::sync::watch::channel(false);
+    let (gate, _task) = FlowGate::spawn(
+        cfg,
+        flow::FlowDriverConfig {
+            refresh: std::time::Duration::from_millis(2),
+            staleness: std::time::Duration::from_secs(60),
+        },
+        d.pool().clone(),
+        d.policy().clone(),
+        d.metrics().clone(),
+        std::sync::Arc::new(|| 1),
+        sd_rx,
+    )
+    .expect("valid flow config");
+    (d.with_flow(gate), sd)
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::{HashMap, HashSet};
@@ -334,26 +358,10 @@ mod tests {
 
         use super::*;
         use crate::metrics::FlowOutcomeLabels;
-        use crate::request::flow::FlowDriverConfig;
 
         /// A saturated pool (queue 50 against a threshold of 5) with flow control on.
         fn gated(cfg: FlowConfig) -> (Dispatcher, tokio::sync::watch::Sender<bool>) {
-            let d = dispatcher(50, 0.95);
-            let (sd, sd_rx) = tokio::sync::watch::channel(false);
-            let (gate, _task) = FlowGate::spawn(
-                cfg,
-                FlowDriverConfig {
-                    refresh: Duration::from_millis(2),
-                    staleness: Duration::from_secs(60),
-                },
-                d.pool().clone(),
-                d.policy().clone(),
-                d.metrics().clone(),
-                Arc::new(|| 1),
-                sd_rx,
-            )
-            .unwrap();
-            (d.with_flow(gate), sd)
+            super::super::gated_for_tests(dispatcher(50, 0.95), cfg)
         }
 
         fn set_load(d: &Dispatcher, waiting: u32) {

@@ -218,6 +218,21 @@ struct NoAnswer {
     waited_ms: u64,
 }
 
+/// Queues `first` and everything already waiting on `rx`, up to one full batch.
+pub(super) fn take_queued(
+    first: Submitted,
+    rx: &mut mpsc::Receiver<Submitted>,
+    batcher: &mut WriteBatcher<Reply>,
+) {
+    batcher.handle_write(first.request, first.bytes, first.reply);
+    while batcher.wants_more() {
+        match rx.try_recv() {
+            Ok(s) => batcher.handle_write(s.request, s.bytes, s.reply),
+            Err(_) => break,
+        }
+    }
+}
+
 /// One failure shared by every request of an entry.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error(transparent)]
@@ -337,16 +352,7 @@ pub(super) async fn run_writer(
                 answer(waiters, outcome);
             }
             got = rx.recv(), if open && batcher.wants_more() => match got {
-                Some(s) => {
-                    batcher.handle_write(s.request, s.bytes, s.reply);
-                    // Take everything already waiting, up to one full batch.
-                    while batcher.wants_more() {
-                        match rx.try_recv() {
-                            Ok(s) => batcher.handle_write(s.request, s.bytes, s.reply),
-                            Err(_) => break,
-                        }
-                    }
-                }
+                Some(s) => take_queued(s, &mut rx, &mut batcher),
                 None => open = false,
             },
             // Unreachable by the checks above (something queued always has a free slot or

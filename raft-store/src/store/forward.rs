@@ -204,15 +204,7 @@ pub(super) async fn run_forwarder(
                 }
             }
             got = rx.recv(), if open && batcher.wants_more() => match got {
-                Some(s) => {
-                    batcher.handle_write(s.request, s.bytes, s.reply);
-                    while batcher.wants_more() {
-                        match rx.try_recv() {
-                            Ok(s) => batcher.handle_write(s.request, s.bytes, s.reply),
-                            Err(_) => break,
-                        }
-                    }
-                }
+                Some(s) => super::batch::take_queued(s, &mut rx, &mut batcher),
                 None => open = false,
             },
             // Unreachable by the checks above; ending drops the waiters (Unavailable).
