@@ -549,11 +549,25 @@ async fn concurrent_writes_are_answered_each_on_their_own() -> Result<()> {
     for id in voters {
         c.start(id).await?;
     }
-    let leader = c.wait_leader(&voters, WAIT).await?;
-    let after = c
-        .store(leader)?
-        .apply_yaml(&objective_yaml("after", 1), Route::Local)
-        .await?;
+    // The first leader after a full restart may be deposed by a later election before
+    // the write lands: retry (bounded) until one leader takes it.
+    let deadline = std::time::Instant::now() + WAIT;
+    let after = loop {
+        let leader = c.wait_leader(&voters, WAIT).await?;
+        match c
+            .store(leader)?
+            .apply_yaml(&objective_yaml("after", 1), Route::ViaLeader)
+            .await
+        {
+            Ok(a) => break a,
+            Err(WriteError::NotLeader { .. } | WriteError::Unavailable(_))
+                if std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     assert!(after.changes[0].resource_version.unwrap() > newest);
     Ok(())
 }
