@@ -45,7 +45,7 @@ pub fn figures(
     result: &RunResult,
     detection: Duration,
 ) -> WindowFigures {
-    let start = w.inject.saturating_sub(Duration::from_secs(2));
+    let start = w.inject.saturating_sub(crate::run::PRE);
     let end = w.end;
     let in_win: Vec<&Record> = records
         .iter()
@@ -324,7 +324,7 @@ pub fn markdown(result: &RunResult, svg_name: Option<&str>) -> String {
     for k in &result.skipped {
         let _ = writeln!(s, "Skipped: {k}.");
     }
-    s.push_str("\nColumns: *failed after window* counts failed requests that were neither in flight at an event (injection, intermediate step, heal) nor started within the detection window after one. *out of rotation*: injection → every other node has dropped the victim from the ext_proc endpoints it serves Envoy (the failover time). *last failure*: injection → start of the last request that failed before the heal (0 when none did). *longest gap*: longest stretch with no successful response from the injection to the next fault. *converge*: heal → every node agrees on members, Raft leader and what it serves Envoy, and Envoy holds it. *hit*: pods' prefix-cache hit rate over 2 s before the fault and 2 s after convergence.\n");
+    s.push_str("\nColumns: *failed after window* counts failed requests that were neither in flight at an event (injection, intermediate step, heal) nor started within the detection window after one. *out of rotation*: injection → every other node has dropped the victim from the ext_proc endpoints it serves Envoy (the failover time). *last failure*: injection → start of the last request that failed before the heal (0 when none did). *longest gap*: longest stretch with no successful response from the injection to the next fault. *converge*: heal → every node agrees on members, Raft leader and what it serves Envoy, and Envoy holds it. *hit*: pods' prefix-cache hit rate over 4 s before the fault and 4 s starting 1 s after convergence.\n");
     s.push_str("\nDelay is injected by a userspace TCP relay in front of the victim's ext_proc server (the kernel has no netem qdisc); loss and partitions are nftables drops in the victim's namespace.\n");
     if let Some(svg) = svg_name {
         let _ = writeln!(s, "\n![timeline]({svg})");

@@ -123,8 +123,13 @@ pub struct RunResult {
     pub load: (String, String),
 }
 
-const PRE: Duration = Duration::from_secs(2);
-const POST: Duration = Duration::from_secs(2);
+/// Hit-rate window before a fault. At 40 req/s one cold request moves a 2 s window's hit
+/// rate by more than a point, so the windows are long enough for the 2-point check.
+pub(crate) const PRE: Duration = Duration::from_secs(4);
+/// Hit-rate window after convergence (after [`SETTLE`]).
+const POST: Duration = Duration::from_secs(4);
+/// Pause between convergence and the after-window: owners and caches are still moving.
+const SETTLE: Duration = Duration::from_secs(1);
 
 async fn get(addr: SocketAddr, path: &str) -> Option<String> {
     match tokio::time::timeout(
@@ -565,6 +570,7 @@ async fn run_tier(
                     w.note.push_str(&format!("; not converged: {last}"));
                 }
             }
+            tokio::time::sleep(SETTLE).await;
             let after = cache_counters(&tier).await;
             tokio::time::sleep(POST).await;
             w.hit_after = rate(after, cache_counters(&tier).await);
