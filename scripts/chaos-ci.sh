@@ -6,7 +6,9 @@
 # nftables); otherwise loopback, where the partition is skipped and says so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --bin infermesh --bin infermesh-sim --bin infermesh-chaos
+# The same target set and features as the test build, so nothing is compiled twice (building
+# three binaries alone resolves other features and rebuilt half the tree, doubling the disk).
+cargo build --workspace --all-targets
 TARGET=${CARGO_TARGET_DIR:-target}
 mode=loopback
 probe="imchaos-probe-$$"
