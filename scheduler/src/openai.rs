@@ -28,6 +28,9 @@ pub enum ApiKind {
     Responses,
     /// anthropic parser: `/v1/messages`
     AnthropicMessages,
+    /// vllmhttp parser: `/inference/v1/generate`, vLLM's token-in API (`token_ids`,
+    /// `sampling_params`; `model` optional).
+    VllmGenerate,
     /// passthrough: any other path; the body is forwarded unread and the request is routed
     /// by load alone (no model check, no prefix data).
     Passthrough,
@@ -37,7 +40,8 @@ impl ApiKind {
     /// Picks the parser from a request path by suffix (query string ignored).
     pub fn from_path(path: &str) -> ApiKind {
         let path = path.split('?').next().unwrap_or(path).trim_end_matches('/');
-        const BY_SUFFIX: [(&str, ApiKind); 5] = [
+        const BY_SUFFIX: [(&str, ApiKind); 6] = [
+            ("/inference/v1/generate", ApiKind::VllmGenerate),
             ("/chat/completions", ApiKind::ChatCompletions),
             ("/completions", ApiKind::Completions),
             ("/embeddings", ApiKind::Embeddings),
@@ -53,6 +57,12 @@ impl ApiKind {
     /// Whether the body is parsed (everything but passthrough).
     pub fn parses_body(self) -> bool {
         self != ApiKind::Passthrough
+    }
+
+    /// Whether the body must name a `model` (vLLM's generate API may leave it out: the
+    /// request is then routed without a model check, as a vLLM pod serves one model).
+    pub fn requires_model(self) -> bool {
+        self.parses_body() && self != ApiKind::VllmGenerate
     }
 }
 
@@ -115,6 +125,9 @@ pub enum InvalidRequest {
     /// Chat or messages request without at least one message.
     #[error("invalid chat completions request: must have at least one message in \"messages\"")]
     MissingMessages,
+    /// vLLM generate request without token ids.
+    #[error("invalid generate request: must have non-empty token_ids field")]
+    MissingTokenIds,
     /// Embeddings or responses request without a usable `input`.
     #[error("invalid request: must have a non-empty \"input\" field")]
     MissingInput,
@@ -164,6 +177,10 @@ struct Fields<'a> {
     instructions: Option<Value>,
     #[serde(default)]
     system: Option<Value>,
+    #[serde(default)]
+    token_ids: Option<Value>,
+    #[serde(default)]
+    sampling_params: Option<Value>,
 }
 
 /// Parses a request body with the parser of `kind` (one pass over the body).
@@ -184,27 +201,52 @@ pub fn parse_openai(kind: ApiKind, body: &[u8]) -> Result<ParsedBody, InvalidReq
     }
     let f: Fields<'_> =
         serde_json::from_slice(body).map_err(|e| InvalidRequest::BadJson(e.to_string()))?;
-    let raw_model = f.model.ok_or(InvalidRequest::MissingModel)?;
-    let model = match serde_json::from_str::<Value>(raw_model.get()) {
-        Ok(Value::String(s)) if !s.is_empty() => s,
-        Ok(Value::String(_)) | Ok(Value::Null) => return Err(InvalidRequest::MissingModel),
-        _ => {
-            return Err(InvalidRequest::InvalidField {
-                field: "model".into(),
-                reason: "must be a string",
-            });
+    let (model, model_span) = match f.model {
+        Some(raw_model) => {
+            let model = match serde_json::from_str::<Value>(raw_model.get()) {
+                Ok(Value::String(s)) if !s.is_empty() => s,
+                Ok(Value::String(_)) | Ok(Value::Null) if kind.requires_model() => {
+                    return Err(InvalidRequest::MissingModel);
+                }
+                Ok(Value::String(_)) | Ok(Value::Null) => String::new(),
+                _ => {
+                    return Err(InvalidRequest::InvalidField {
+                        field: "model".into(),
+                        reason: "must be a string",
+                    });
+                }
+            };
+            // The raw value borrows from `body`, so its offset there is the span to rewrite.
+            let start = raw_model.get().as_ptr() as usize - body.as_ptr() as usize;
+            (model, start..start + raw_model.get().len())
         }
+        None if kind.requires_model() => return Err(InvalidRequest::MissingModel),
+        None => (String::new(), 0..0),
     };
-    // The raw value borrows from `body`, so its offset there is the span to rewrite.
-    let start = raw_model.get().as_ptr() as usize - body.as_ptr() as usize;
-    let model_span = start..start + raw_model.get().len();
     let stream = matches!(f.stream, Some(Value::Bool(true)));
-    let max_tokens = match read_u32(f.max_tokens.as_ref(), "max_tokens")? {
-        Some(v) => Some(v),
-        None => match read_u32(f.max_completion_tokens.as_ref(), "max_completion_tokens")? {
+    let max_tokens = if kind == ApiKind::VllmGenerate {
+        let max = f
+            .sampling_params
+            .as_ref()
+            .filter(|v| !v.is_null())
+            .map(|v| match v {
+                Value::Object(m) => Ok(m.get("max_tokens")),
+                _ => Err(InvalidRequest::InvalidField {
+                    field: "sampling_params".into(),
+                    reason: "must be an object",
+                }),
+            })
+            .transpose()?
+            .flatten();
+        read_u32(max, "sampling_params.max_tokens")?
+    } else {
+        match read_u32(f.max_tokens.as_ref(), "max_tokens")? {
             Some(v) => Some(v),
-            None => read_u32(f.max_output_tokens.as_ref(), "max_output_tokens")?,
-        },
+            None => match read_u32(f.max_completion_tokens.as_ref(), "max_completion_tokens")? {
+                Some(v) => Some(v),
+                None => read_u32(f.max_output_tokens.as_ref(), "max_output_tokens")?,
+            },
+        }
     };
     let cache_salt = match f.cache_salt {
         Some(Value::String(s)) if !s.is_empty() => Some(s),
@@ -236,9 +278,42 @@ pub fn parse_openai(kind: ApiKind, body: &[u8]) -> Result<ParsedBody, InvalidReq
         ApiKind::AnthropicMessages => {
             parsed.prompt_bytes = anthropic_prompt(f.system.as_ref(), f.messages.as_ref())?;
         }
+        ApiKind::VllmGenerate => generate_tokens(f.token_ids.as_ref(), &mut parsed)?,
         ApiKind::Passthrough => {}
     }
     Ok(parsed)
+}
+
+/// vLLM generate: `token_ids` (required, non-empty). The ids are hashed as 4-byte
+/// little-endian words, so a prefix block of `blockSizeTokens × 4` bytes is exactly
+/// `blockSizeTokens` tokens and equal token prefixes share blocks.
+fn generate_tokens(ids: Option<&Value>, out: &mut ParsedBody) -> Result<(), InvalidRequest> {
+    let ids = match ids {
+        Some(Value::Array(ids)) if !ids.is_empty() => ids,
+        Some(Value::Array(_)) | Some(Value::Null) | None => {
+            return Err(InvalidRequest::MissingTokenIds);
+        }
+        Some(_) => {
+            return Err(InvalidRequest::InvalidField {
+                field: "token_ids".into(),
+                reason: "must be an array of token ids",
+            });
+        }
+    };
+    let mut bytes = Vec::with_capacity(ids.len() * 4);
+    for (i, id) in ids.iter().enumerate() {
+        let id = id
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| InvalidRequest::InvalidField {
+                field: format!("token_ids[{i}]"),
+                reason: "must be a token id (an integer from 0 to 2^32-1)",
+            })?;
+        bytes.extend_from_slice(&id.to_le_bytes());
+    }
+    out.prompt_bytes = bytes;
+    out.prompt_token_ids = Some(ids.len());
+    Ok(())
 }
 
 /// Embeddings: a string, strings (joined with a space) or token ids (nothing to hash).
@@ -673,6 +748,56 @@ mod tests {
     }
 
     #[test]
+    fn vllm_generate_reads_token_ids_and_sampling_params() {
+        let p = parse_openai(
+            ApiKind::VllmGenerate,
+            br#"{"token_ids":[1,2,258],"sampling_params":{"max_tokens":128,"temperature":0.8},"stream":true,"cache_salt":"s"}"#,
+        )
+        .unwrap();
+        assert_eq!(p.model, "", "model is optional");
+        assert_eq!(p.max_tokens, Some(128));
+        assert!(p.stream);
+        assert_eq!(p.cache_salt.as_deref(), Some("s"));
+        assert_eq!(p.prompt_token_ids, Some(3));
+        assert_eq!(p.prompt_bytes, [1, 0, 0, 0, 2, 0, 0, 0, 2, 1, 0, 0]);
+        let p = parse_openai(ApiKind::VllmGenerate, br#"{"model":"m","token_ids":[7]}"#).unwrap();
+        assert_eq!(p.model, "m");
+        assert_eq!(p.max_tokens, None);
+    }
+
+    #[test]
+    fn vllm_generate_errors_name_the_field() {
+        for (body, want) in [
+            (
+                &br#"{"token_ids":[]}"#[..],
+                "must have non-empty token_ids field",
+            ),
+            (br#"{"model":"m"}"#, "must have non-empty token_ids field"),
+            (br#"{"token_ids":[1,2,-1]}"#, "token_ids[2]"),
+            (br#"{"token_ids":[1,4294967296]}"#, "token_ids[1]"),
+            (br#"{"token_ids":"1 2"}"#, "\"token_ids\""),
+            (
+                br#"{"token_ids":[1],"sampling_params":[]}"#,
+                "sampling_params",
+            ),
+            (
+                br#"{"token_ids":[1],"sampling_params":{"max_tokens":-3}}"#,
+                "sampling_params.max_tokens",
+            ),
+        ] {
+            let e = parse_openai(ApiKind::VllmGenerate, body)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{}: {e}", String::from_utf8_lossy(body));
+        }
+        // Every other parser still needs a model.
+        assert_eq!(
+            parse_openai(ApiKind::Completions, br#"{"prompt":"x"}"#),
+            Err(InvalidRequest::MissingModel)
+        );
+    }
+
+    #[test]
     fn api_kind_from_path() {
         for (path, kind) in [
             ("/v1/chat/completions", ApiKind::ChatCompletions),
@@ -680,6 +805,7 @@ mod tests {
             ("/v1/embeddings", ApiKind::Embeddings),
             ("/v1/responses/", ApiKind::Responses),
             ("/v1/messages", ApiKind::AnthropicMessages),
+            ("/inference/v1/generate", ApiKind::VllmGenerate),
             ("/v1/audio/transcriptions", ApiKind::Passthrough),
             ("/tokenize", ApiKind::Passthrough),
         ] {

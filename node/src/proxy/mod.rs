@@ -1,10 +1,10 @@
 //! The standalone OpenAI-compatible proxy. POST bodies are routed through the same
 //! two-phase path as the ext_proc server ([`Dispatcher::route`]) with the parser the path
 //! picks (`/v1/completions`, `/v1/chat/completions`, `/v1/embeddings`, `/v1/responses`,
-//! `/v1/messages`; any other POST path passes through, routed by load); `GET /v1/models`
-//! lists the pool's models. Requests are forwarded with the pooled client, falling back to
-//! the next endpoint on connect failure. Every request ends as a response to the client
-//! and one counted outcome.
+//! `/v1/messages`, vLLM's `/inference/v1/generate`; any other POST path passes through,
+//! routed by load); `GET /v1/models` lists the pool's models. Requests are forwarded with
+//! the pooled client, falling back to the next endpoint on connect failure. Every request
+//! ends as a response to the client and one counted outcome.
 
 pub mod body;
 

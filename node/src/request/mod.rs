@@ -517,4 +517,40 @@ mod tests {
         assert_eq!(t.request().model, "");
         assert!(t.rewrite_body(b"x").is_none());
     }
+
+    #[test]
+    fn vllm_generate_is_routed_with_or_without_a_model() {
+        let d = dispatcher(0, 0.1);
+        let t = d
+            .dispatch(
+                ApiKind::VllmGenerate,
+                br#"{"token_ids":[1,2,3]}"#,
+                meta(""),
+                &[],
+            )
+            .unwrap();
+        assert_eq!(t.request().model, "");
+        assert_eq!(t.request().prompt_bytes.len(), 12, "token ids are hashed");
+        d.dispatch(
+            ApiKind::VllmGenerate,
+            br#"{"model":"m","token_ids":[1]}"#,
+            meta(""),
+            &[],
+        )
+        .unwrap();
+        // A model that is named must be served, as on every other path.
+        let e = d
+            .dispatch(
+                ApiKind::VllmGenerate,
+                br#"{"model":"x","token_ids":[1]}"#,
+                meta(""),
+                &[],
+            )
+            .unwrap_err();
+        assert!(matches!(e, Rejection::UnknownModel { .. }), "{e:?}");
+        let e = d
+            .dispatch(ApiKind::VllmGenerate, br#"{"token_ids":[]}"#, meta(""), &[])
+            .unwrap_err();
+        assert_eq!(e.status(), 400);
+    }
 }

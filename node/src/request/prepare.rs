@@ -178,7 +178,8 @@ impl Dispatcher {
         let policy = self.policy.load_full();
         let model = parsed.model;
         let mut target = None;
-        if kind.parses_body() {
+        // A generate request without `model` goes to any pod, as a passthrough does.
+        if kind.requires_model() || !model.is_empty() {
             target = policy
                 .rewrites
                 .target(&model, &mut rand::rng())
