@@ -1,17 +1,28 @@
-//! The protobuf edge of the ext_proc stream: each `ProcessingRequest` becomes an
+//! The protobuf edge of the ext_proc stream, both ways: each `ProcessingRequest` becomes an
 //! [`Inbound`] message in the machine's own terms (headers as text, the gateway's subset
 //! hint, the served endpoint, the response status), or an [`InvalidMessage`] naming what is
-//! wrong with it. The state machine never reads protobuf.
+//! wrong with it; each [`Reply`] of the machine becomes a `ProcessingResponse`. The state
+//! machine never reads or writes protobuf.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 
-use infermesh_proto::envoy::config::core::v3::{HeaderValue, Metadata};
+use infermesh_proto::envoy::config::core::v3::{
+    HeaderValue, HeaderValueOption, Metadata, header_value_option::HeaderAppendAction,
+};
 use infermesh_proto::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
 use infermesh_proto::envoy::service::ext_proc::v3::{
-    HttpBody, HttpHeaders, ProcessingRequest, processing_request,
+    BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, HttpBody,
+    HttpHeaders, ImmediateResponse, ProcessingRequest, ProcessingResponse, StreamedBodyResponse,
+    TrailersResponse, body_mutation, processing_request, processing_response,
 };
-use infermesh_proto::google::protobuf::value::Kind;
+use infermesh_proto::envoy::r#type::v3::HttpStatus;
+use infermesh_proto::google::protobuf::{Struct, Value, value::Kind};
+
+use super::message::{
+    BodyChunk, BodyMode, Inbound, Message, Modes, Reply, RequestHead, ResponseHead, Step,
+};
+use crate::request::DESTINATION_HEADER;
 
 /// Filter-metadata namespace of the destination (and served-endpoint) keys.
 pub const LB_NAMESPACE: &str = "envoy.lb";
@@ -40,76 +51,6 @@ pub enum InvalidMessage {
     Status(String),
 }
 
-/// Body modes announced by Envoy's first message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Modes {
-    /// How the request body is sent.
-    pub request: BodySendMode,
-    /// How the response body is sent.
-    pub response: BodySendMode,
-}
-
-/// Request headers: the text pairs, the path, the gateway's subset hint.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RequestHead {
-    /// Every header (pseudo-headers included) as text.
-    pub headers: Vec<(String, String)>,
-    /// `:path` (`/` when absent).
-    pub path: String,
-    /// `envoy.lb.subset_hint`: `Some(empty)` when present but empty or unreadable.
-    pub subset: Option<BTreeSet<SocketAddr>>,
-    /// No body follows.
-    pub end_of_stream: bool,
-}
-
-/// Response headers: status, content type, the endpoint that served.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ResponseHead {
-    /// `:status` (0 when absent).
-    pub status: u16,
-    /// `content-type`.
-    pub content_type: Option<String>,
-    /// `envoy.lb` served endpoint, when Envoy reports it.
-    pub served: Option<SocketAddr>,
-    /// No body follows.
-    pub end_of_stream: bool,
-}
-
-/// A piece of a request or response body.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BodyChunk {
-    /// The bytes.
-    pub body: Vec<u8>,
-    /// The last piece.
-    pub end_of_stream: bool,
-}
-
-/// One message from Envoy, in the machine's terms.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Message {
-    /// Request headers.
-    RequestHeaders(RequestHead),
-    /// A request body chunk.
-    RequestBody(BodyChunk),
-    /// Request trailers (the request has ended).
-    RequestTrailers,
-    /// Response headers.
-    ResponseHeaders(ResponseHead),
-    /// A response body chunk.
-    ResponseBody(BodyChunk),
-    /// Response trailers (the response has ended).
-    ResponseTrailers,
-}
-
-/// A converted `ProcessingRequest`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Inbound {
-    /// Body modes, when this message announces them (normally the first).
-    pub modes: Option<Modes>,
-    /// The message.
-    pub message: Message,
-}
-
 impl TryFrom<ProcessingRequest> for Inbound {
     type Error = InvalidMessage;
 
@@ -135,8 +76,17 @@ impl TryFrom<ProcessingRequest> for Inbound {
     }
 }
 
-fn body_mode(field: &'static str, value: i32) -> Result<BodySendMode, InvalidMessage> {
-    BodySendMode::try_from(value).map_err(|_| InvalidMessage::BodyMode { field, value })
+fn body_mode(field: &'static str, value: i32) -> Result<BodyMode, InvalidMessage> {
+    let mode =
+        BodySendMode::try_from(value).map_err(|_| InvalidMessage::BodyMode { field, value })?;
+    Ok(match mode {
+        BodySendMode::None => BodyMode::None,
+        BodySendMode::Streamed => BodyMode::Streamed,
+        BodySendMode::Buffered => BodyMode::Buffered,
+        BodySendMode::BufferedPartial => BodyMode::BufferedPartial,
+        BodySendMode::FullDuplexStreamed => BodyMode::FullDuplexStreamed,
+        BodySendMode::Grpc => BodyMode::Grpc,
+    })
 }
 
 fn chunk(b: HttpBody) -> BodyChunk {
@@ -232,6 +182,145 @@ fn served_endpoint(md: &infermesh_proto::envoy::config::core::v3::Metadata) -> O
     match &ns.fields.get(SERVED_KEY)?.kind {
         Some(Kind::StringValue(s)) => s.split(',').next()?.trim().parse().ok(),
         _ => None,
+    }
+}
+
+impl From<Reply> for ProcessingResponse {
+    fn from(r: Reply) -> ProcessingResponse {
+        use processing_response::Response as R;
+        match r {
+            Reply::Continue(step) => response(match step {
+                Step::RequestHeaders => R::RequestHeaders(HeadersResponse::default()),
+                Step::RequestBody => R::RequestBody(BodyResponse::default()),
+                Step::RequestTrailers => R::RequestTrailers(TrailersResponse::default()),
+                Step::ResponseHeaders => R::ResponseHeaders(HeadersResponse::default()),
+                Step::ResponseBody => R::ResponseBody(BodyResponse::default()),
+                Step::ResponseTrailers => R::ResponseTrailers(TrailersResponse::default()),
+            }),
+            Reply::Route {
+                step,
+                set,
+                remove,
+                destination,
+                body,
+            } => {
+                let common = CommonResponse {
+                    header_mutation: Some(mutation(set, remove)),
+                    clear_route_cache: true,
+                    body_mutation: body.map(|b| BodyMutation {
+                        mutation: Some(body_mutation::Mutation::Body(b)),
+                    }),
+                    ..Default::default()
+                };
+                let reply = match step {
+                    Step::RequestBody => R::RequestBody(BodyResponse {
+                        response: Some(common),
+                    }),
+                    _ => R::RequestHeaders(HeadersResponse {
+                        response: Some(common),
+                    }),
+                };
+                ProcessingResponse {
+                    dynamic_metadata: Some(destination_metadata(destination)),
+                    ..response(reply)
+                }
+            }
+            Reply::Mutate { set, remove } => {
+                let changed = !set.is_empty() || !remove.is_empty();
+                response(R::ResponseHeaders(HeadersResponse {
+                    response: changed.then(|| CommonResponse {
+                        header_mutation: Some(mutation(set, remove)),
+                        ..Default::default()
+                    }),
+                }))
+            }
+            Reply::Chunk {
+                request,
+                body,
+                end_of_stream,
+            } => {
+                let b = BodyResponse {
+                    response: Some(CommonResponse {
+                        body_mutation: Some(BodyMutation {
+                            mutation: Some(body_mutation::Mutation::StreamedResponse(
+                                StreamedBodyResponse {
+                                    body,
+                                    end_of_stream,
+                                    ..Default::default()
+                                },
+                            )),
+                        }),
+                        ..Default::default()
+                    }),
+                };
+                response(if request {
+                    R::RequestBody(b)
+                } else {
+                    R::ResponseBody(b)
+                })
+            }
+            Reply::Immediate {
+                status,
+                headers,
+                body,
+                details,
+            } => response(R::ImmediateResponse(ImmediateResponse {
+                status: Some(HttpStatus {
+                    code: i32::from(status),
+                }),
+                headers: Some(mutation(headers, Vec::new())),
+                body,
+                grpc_status: None,
+                details,
+            })),
+        }
+    }
+}
+
+fn response(r: processing_response::Response) -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(r),
+        ..Default::default()
+    }
+}
+
+fn mutation(set: Vec<(String, String)>, remove: Vec<String>) -> HeaderMutation {
+    HeaderMutation {
+        set_headers: set
+            .into_iter()
+            .map(|(key, v)| HeaderValueOption {
+                header: Some(HeaderValue {
+                    key,
+                    value: String::new(),
+                    raw_value: v.into_bytes(),
+                }),
+                append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+                ..Default::default()
+            })
+            .collect(),
+        remove_headers: remove,
+    }
+}
+
+/// `envoy.lb` → `x-gateway-destination-endpoint: value`, as dynamic metadata.
+fn destination_metadata(value: String) -> Struct {
+    let inner = Struct {
+        fields: [(
+            DESTINATION_HEADER.to_owned(),
+            Value {
+                kind: Some(Kind::StringValue(value)),
+            },
+        )]
+        .into(),
+    };
+    Struct {
+        fields: [(
+            LB_NAMESPACE.to_owned(),
+            Value {
+                kind: Some(Kind::StructValue(inner)),
+            },
+        )]
+        .into(),
     }
 }
 

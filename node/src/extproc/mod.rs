@@ -1,8 +1,10 @@
-//! The ext_proc gRPC server (Envoy's `ExternalProcessor`): a thin driver per stream that
-//! feeds Envoy's messages to an [`stream::ExtProcStream`] state machine and carries out the
-//! actions it returns (send a reply, await a flow-control wait or an owner lookup).
+//! The ext_proc gRPC server (Envoy's `ExternalProcessor`): a thin driver per stream. One
+//! direction: Envoy's message → [`edge`] (protobuf to [`message::Inbound`]) → the
+//! [`stream::ExtProcStream`] state machine → actions → this driver, which sends each reply
+//! (converted back by [`edge`]) or awaits a flow-control wait or an owner lookup.
 
 pub mod edge;
+pub mod message;
 pub mod stream;
 
 use std::collections::VecDeque;
@@ -17,7 +19,8 @@ use infermesh_proto::envoy::service::ext_proc::v3::{ProcessingRequest, Processin
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::request::{Dispatcher, FlowWait, PrefixLookup};
-use stream::{Action, ExtProcStream};
+use message::Inbound;
+use stream::{Action, ExtProcStream, ProtocolError};
 
 /// The gRPC service: hands each stream to its own state machine.
 #[derive(Debug, Clone)]
@@ -55,7 +58,7 @@ impl ReplyStream {
     fn carry_out(&mut self, actions: Vec<Action>) {
         for a in actions {
             match a {
-                Action::Reply(r) => self.pending.push_back(r),
+                Action::Reply(r) => self.pending.push_back(r.into()),
                 Action::NeedLookup(l) => self.lookup = Some(l),
                 Action::NeedFlow(w) => self.flow = Some(w),
             }
@@ -64,7 +67,10 @@ impl ReplyStream {
 
     /// Handles one message; `Some` ends the stream with that status.
     fn handle(&mut self, msg: ProcessingRequest) -> Option<Status> {
-        match self.state.handle(msg) {
+        let actions = Inbound::try_from(msg)
+            .map_err(ProtocolError::from)
+            .and_then(|m| self.state.on_message(m));
+        match actions {
             Ok(actions) => {
                 self.carry_out(actions);
                 None

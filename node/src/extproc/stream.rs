@@ -1,26 +1,19 @@
-//! One ext_proc stream as a state machine, free of IO: feed each `ProcessingRequest` to
-//! [`ExtProcStream::handle`] and carry out the [`Action`]s it returns, in order — send each
-//! reply; for a [`Action::NeedFlow`], await the flow-control wait and hand its answer to
-//! [`ExtProcStream::on_flow`]; for a [`Action::NeedLookup`], await the owner lookup and hand
-//! its answer to [`ExtProcStream::on_lookup`]; read no message meanwhile. It speaks the Gateway API
-//! Inference Extension EPP contract (reference §4).
+//! One ext_proc stream as a state machine, free of IO and of protobuf: feed each
+//! [`Inbound`] message (converted by [`super::edge`]) to [`ExtProcStream::on_message`] and
+//! carry out the [`Action`]s it returns, in order — send each [`Reply`] (the edge turns it
+//! into protobuf); for a [`Action::NeedFlow`], await the flow-control wait and hand its
+//! answer to [`ExtProcStream::on_flow`]; for a [`Action::NeedLookup`], await the owner
+//! lookup and hand its answer to [`ExtProcStream::on_lookup`]; read no message meanwhile.
+//! It speaks the Gateway API Inference Extension EPP contract (reference §4).
 
 use std::net::SocketAddr;
 
-use infermesh_proto::envoy::config::core::v3::{
-    HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction,
-};
-use infermesh_proto::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
-use infermesh_proto::envoy::service::ext_proc::v3::{
-    BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, ImmediateResponse,
-    ProcessingRequest, ProcessingResponse, StreamedBodyResponse, TrailersResponse, body_mutation,
-    processing_response,
-};
-use infermesh_proto::envoy::r#type::v3::HttpStatus;
-use infermesh_proto::google::protobuf::{Struct, Value, value::Kind};
 use infermesh_scheduler::ApiKind;
 
-use super::edge::{BodyChunk, Inbound, InvalidMessage, Message, RequestHead, ResponseHead};
+use super::edge::InvalidMessage;
+use super::message::{
+    BodyChunk, BodyMode, Inbound, Message, Reply, RequestHead, ResponseHead, Step,
+};
 use crate::metrics::Outcome;
 use crate::request::{
     DESTINATION_HEADER, Dispatcher, FlowWait, PrefixAnswer, PrefixLookup, Prepared, Rejection,
@@ -28,8 +21,6 @@ use crate::request::{
 };
 use crate::restore::ModelRestorer;
 use crate::usage::UsageScanner;
-
-pub use super::edge::{LB_NAMESPACE, SERVED_KEY, SUBSET_KEY, SUBSET_NAMESPACE};
 
 /// GIE's chunk size for body replies in full-duplex mode.
 pub const BODY_CHUNK: usize = 62_000;
@@ -58,12 +49,9 @@ enum Phase {
 }
 
 /// What the driver does next for a stream.
-// Replies are the common case and move straight into the send queue; boxing them to
-// shrink the rare lookup variant would cost an allocation per reply.
-#[allow(clippy::large_enum_variant)]
 pub enum Action {
     /// Send this reply to Envoy.
-    Reply(ProcessingResponse),
+    Reply(Reply),
     /// Await this owner lookup, then call [`ExtProcStream::on_lookup`] with its answer
     /// before handling the next message.
     NeedLookup(PrefixLookup),
@@ -82,7 +70,7 @@ impl std::fmt::Debug for Action {
     }
 }
 
-fn replies(r: Vec<ProcessingResponse>) -> Vec<Action> {
+fn replies(r: Vec<Reply>) -> Vec<Action> {
     r.into_iter().map(Action::Reply).collect()
 }
 
@@ -98,8 +86,8 @@ struct AwaitingOwner {
 #[derive(Debug)]
 pub struct ExtProcStream {
     dispatcher: Dispatcher,
-    request_mode: BodySendMode,
-    response_mode: BodySendMode,
+    request_mode: BodyMode,
+    response_mode: BodyMode,
     phase: Phase,
     kind: ApiKind,
     meta: RequestMeta,
@@ -118,8 +106,8 @@ impl ExtProcStream {
     pub fn new(dispatcher: Dispatcher) -> ExtProcStream {
         ExtProcStream {
             dispatcher,
-            request_mode: BodySendMode::FullDuplexStreamed,
-            response_mode: BodySendMode::FullDuplexStreamed,
+            request_mode: BodyMode::FullDuplexStreamed,
+            response_mode: BodyMode::FullDuplexStreamed,
             phase: Phase::AwaitHeaders,
             kind: ApiKind::Completions,
             meta: RequestMeta::default(),
@@ -136,12 +124,6 @@ impl ExtProcStream {
     /// The request id (after the request headers arrived).
     pub fn request_id(&self) -> &str {
         &self.meta.request_id
-    }
-
-    /// Handles one message from Envoy and returns what to do, in order.
-    pub fn handle(&mut self, msg: ProcessingRequest) -> Result<Vec<Action>, ProtocolError> {
-        let inbound = Inbound::try_from(msg)?;
-        self.on_message(inbound)
     }
 
     /// Handles one converted message and returns what to do, in order.
@@ -174,9 +156,7 @@ impl ExtProcStream {
                 {
                     out.extend(streamed_chunks(held, false, false));
                 }
-                out.push(response(processing_response::Response::ResponseTrailers(
-                    TrailersResponse::default(),
-                )));
+                out.push(Reply::Continue(Step::ResponseTrailers));
                 Ok(replies(out))
             }
         }
@@ -204,17 +184,12 @@ impl ExtProcStream {
         };
         let mut out = replies(self.decide(w.prepared, answer, w.body_ends_stream));
         if w.then_trailers && self.phase != Phase::Done {
-            out.push(Action::Reply(response(
-                processing_response::Response::RequestTrailers(TrailersResponse::default()),
-            )));
+            out.push(Action::Reply(Reply::Continue(Step::RequestTrailers)));
         }
         out
     }
 
-    fn on_request_headers(
-        &mut self,
-        h: RequestHead,
-    ) -> Result<Vec<ProcessingResponse>, ProtocolError> {
+    fn on_request_headers(&mut self, h: RequestHead) -> Result<Vec<Reply>, ProtocolError> {
         if self.phase != Phase::AwaitHeaders {
             return Err(ProtocolError::OutOfOrder("request headers received twice"));
         }
@@ -224,26 +199,18 @@ impl ExtProcStream {
         self.meta.subset = h.subset;
         let span = tracing::debug_span!("ext_proc", request_id = %self.meta.request_id);
         let _g = span.enter();
-        if h.end_of_stream || self.request_mode == BodySendMode::None {
+        if h.end_of_stream || self.request_mode == BodyMode::None {
             // Nothing to schedule by (e.g. GET /v1/models): any ready endpoint will do.
             self.phase = Phase::Responding;
             return Ok(vec![match self.dispatcher.pick_any(&self.meta) {
                 Ok(addr) => {
                     let value = addr.to_string();
-                    ProcessingResponse {
-                        dynamic_metadata: Some(destination_metadata(&value)),
-                        ..response(processing_response::Response::RequestHeaders(
-                            HeadersResponse {
-                                response: Some(CommonResponse {
-                                    header_mutation: Some(set_headers([(
-                                        DESTINATION_HEADER,
-                                        value.as_str(),
-                                    )])),
-                                    clear_route_cache: true,
-                                    ..Default::default()
-                                }),
-                            },
-                        ))
+                    Reply::Route {
+                        step: Step::RequestHeaders,
+                        set: vec![(DESTINATION_HEADER.to_owned(), value.clone())],
+                        remove: Vec::new(),
+                        destination: value,
+                        body: None,
                     }
                 }
                 Err(r) => self.immediate(&r),
@@ -252,10 +219,8 @@ impl ExtProcStream {
         self.phase = Phase::Buffering;
         match self.request_mode {
             // Envoy waits for this reply before it sends the body.
-            BodySendMode::Buffered | BodySendMode::BufferedPartial | BodySendMode::Streamed => {
-                Ok(vec![response(
-                    processing_response::Response::RequestHeaders(HeadersResponse::default()),
-                )])
+            BodyMode::Buffered | BodyMode::BufferedPartial | BodyMode::Streamed => {
+                Ok(vec![Reply::Continue(Step::RequestHeaders)])
             }
             _ => Ok(Vec::new()),
         }
@@ -279,7 +244,7 @@ impl ExtProcStream {
         }
         if !b.end_of_stream {
             return match self.request_mode {
-                BodySendMode::Streamed => replies(vec![body_continue(true)]),
+                BodyMode::Streamed => replies(vec![Reply::Continue(Step::RequestBody)]),
                 _ => Vec::new(),
             };
         }
@@ -293,9 +258,7 @@ impl ExtProcStream {
         if self.phase == Phase::Done {
             return Vec::new();
         }
-        replies(vec![response(
-            processing_response::Response::RequestTrailers(TrailersResponse::default()),
-        )])
+        replies(vec![Reply::Continue(Step::RequestTrailers)])
     }
 
     /// The body is complete: phase one, then the owner lookup or straight to the pick.
@@ -341,7 +304,7 @@ impl ExtProcStream {
         prepared: Prepared,
         answer: PrefixAnswer,
         body_ends_stream: bool,
-    ) -> Vec<ProcessingResponse> {
+    ) -> Vec<Reply> {
         let span = tracing::debug_span!("ext_proc", request_id = %self.meta.request_id);
         let _g = span.enter();
         let body = std::mem::take(&mut self.body);
@@ -356,107 +319,72 @@ impl ExtProcStream {
         let rewritten = ticket.rewrite_body(&body);
         let body_changed = rewritten.is_some();
         let body = rewritten.unwrap_or(body);
-        let content_length = body.len().to_string();
         let destination = ticket.header_value();
-        let mut set: Vec<(&str, &str)> = vec![
-            (DESTINATION_HEADER, &destination),
-            ("content-length", &content_length),
-        ];
-        for (k, v) in ticket.extra_headers() {
-            set.push((k, v));
-        }
-        let mut mutation = set_headers(set);
+        let mut set = Vec::with_capacity(2 + ticket.extra_headers().len());
+        set.push((DESTINATION_HEADER.to_owned(), destination.clone()));
+        set.push(("content-length".to_owned(), body.len().to_string()));
+        set.extend(ticket.extra_headers().iter().cloned());
         // Router-only headers the client sent and the pick did not set: Envoy drops them,
         // so no pod (or sidecar) sees a client-chosen prefiller or destination.
-        for h in &self.meta.stripped {
-            if !mutation
-                .set_headers
-                .iter()
-                .any(|o| o.header.as_ref().is_some_and(|hv| hv.key == *h))
-            {
-                mutation.remove_headers.push((*h).to_owned());
-            }
-        }
-        let common = CommonResponse {
-            header_mutation: Some(mutation),
-            clear_route_cache: true,
-            ..Default::default()
-        };
-        let metadata = Some(destination_metadata(&destination));
+        let remove = self
+            .meta
+            .stripped
+            .iter()
+            .filter(|h| !set.iter().any(|(k, _)| k == *h))
+            .map(|h| (*h).to_owned())
+            .collect();
         let out = match self.request_mode {
-            BodySendMode::FullDuplexStreamed => {
-                let mut out = vec![ProcessingResponse {
-                    dynamic_metadata: metadata,
-                    ..response(processing_response::Response::RequestHeaders(
-                        HeadersResponse {
-                            response: Some(common),
-                        },
-                    ))
+            BodyMode::FullDuplexStreamed => {
+                let mut out = vec![Reply::Route {
+                    step: Step::RequestHeaders,
+                    set,
+                    remove,
+                    destination,
+                    body: None,
                 }];
                 out.extend(streamed_chunks(body, body_ends_stream, true));
                 out
             }
-            _ => {
-                let mut common = common;
-                if body_changed {
-                    common.body_mutation = Some(BodyMutation {
-                        mutation: Some(body_mutation::Mutation::Body(body)),
-                    });
-                }
-                vec![ProcessingResponse {
-                    dynamic_metadata: metadata,
-                    ..response(processing_response::Response::RequestBody(BodyResponse {
-                        response: Some(common),
-                    }))
-                }]
-            }
+            _ => vec![Reply::Route {
+                step: Step::RequestBody,
+                set,
+                remove,
+                destination,
+                body: body_changed.then_some(body),
+            }],
         };
         self.ticket = Some(ticket);
         self.phase = Phase::Responding;
         out
     }
 
-    fn on_response_headers(&mut self, h: ResponseHead) -> Vec<ProcessingResponse> {
+    fn on_response_headers(&mut self, h: ResponseHead) -> Vec<Reply> {
         self.response_status = h.status;
         self.served = h.served;
         self.usage = Some(UsageScanner::new(h.content_type.as_deref()));
         // Headers the client gets from the pick (the session-affinity token).
-        let set: Vec<(&str, &str)> = self
+        let set = self
             .ticket
             .as_ref()
-            .map(|t| {
-                t.response_headers()
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_str()))
-                    .collect()
-            })
+            .map(|t| t.response_headers().to_vec())
             .unwrap_or_default();
-        let mut mutation = set_headers(set);
+        let mut remove = Vec::new();
         // After a rewrite the client gets its own model name back, which may change the
         // body's length (full-duplex mode only: the body passes through this stream).
-        if self.response_mode == BodySendMode::FullDuplexStreamed
+        if self.response_mode == BodyMode::FullDuplexStreamed
             && let Some((served, client)) = self.ticket.as_ref().and_then(Ticket::model_restore)
         {
             self.restore = Some(ModelRestorer::new(served, client));
-            mutation.remove_headers.push("content-length".to_owned());
+            remove.push("content-length".to_owned());
         }
-        let changed = !mutation.set_headers.is_empty() || !mutation.remove_headers.is_empty();
-        let headers = HeadersResponse {
-            response: changed.then(|| CommonResponse {
-                header_mutation: Some(mutation),
-                ..Default::default()
-            }),
-        };
-        let out = vec![response(processing_response::Response::ResponseHeaders(
-            headers,
-        ))];
+        let out = vec![Reply::Mutate { set, remove }];
         if h.end_of_stream {
             self.finish();
         }
         out
     }
 
-    fn on_response_body(&mut self, b: BodyChunk) -> Vec<ProcessingResponse> {
+    fn on_response_body(&mut self, b: BodyChunk) -> Vec<Reply> {
         if let Some(u) = &mut self.usage {
             u.feed(&b.body);
         }
@@ -472,8 +400,8 @@ impl ExtProcStream {
             None => b.body,
         };
         let out = match self.response_mode {
-            BodySendMode::FullDuplexStreamed => streamed_chunks(body, end, false),
-            _ => vec![body_continue(false)],
+            BodyMode::FullDuplexStreamed => streamed_chunks(body, end, false),
+            _ => vec![Reply::Continue(Step::ResponseBody)],
         };
         if end {
             self.finish();
@@ -496,121 +424,42 @@ impl ExtProcStream {
         self.phase = Phase::Done;
     }
 
-    fn immediate(&self, r: &Rejection) -> ProcessingResponse {
-        response(processing_response::Response::ImmediateResponse(
-            ImmediateResponse {
-                status: Some(HttpStatus {
-                    code: i32::from(r.status()),
-                }),
-                headers: Some(match r.dropped_reason() {
-                    Some(dropped) => set_headers([
-                        ("content-type", "application/json"),
-                        ("x-request-id", self.meta.request_id.as_str()),
-                        dropped,
-                    ]),
-                    None => set_headers([
-                        ("content-type", "application/json"),
-                        ("x-request-id", self.meta.request_id.as_str()),
-                    ]),
-                }),
-                body: r.json_body(),
-                grpc_status: None,
-                details: r.to_string(),
-            },
-        ))
+    fn immediate(&self, r: &Rejection) -> Reply {
+        let mut headers = vec![
+            ("content-type".to_owned(), "application/json".to_owned()),
+            ("x-request-id".to_owned(), self.meta.request_id.clone()),
+        ];
+        if let Some((k, v)) = r.dropped_reason() {
+            headers.push((k.to_owned(), v.to_owned()));
+        }
+        Reply::Immediate {
+            status: r.status(),
+            headers,
+            body: r.json_body(),
+            details: r.to_string(),
+        }
     }
 }
 
-fn response(r: processing_response::Response) -> ProcessingResponse {
-    ProcessingResponse {
-        response: Some(r),
-        ..Default::default()
-    }
-}
-
-fn body_continue(request: bool) -> ProcessingResponse {
-    let b = BodyResponse::default();
-    response(if request {
-        processing_response::Response::RequestBody(b)
-    } else {
-        processing_response::Response::ResponseBody(b)
-    })
-}
-
-/// Body replies carrying `body` as `streamed_response` chunks of at most [`BODY_CHUNK`].
-fn streamed_chunks(body: Vec<u8>, end_of_stream: bool, request: bool) -> Vec<ProcessingResponse> {
+/// Body pieces carrying `body` in chunks of at most [`BODY_CHUNK`].
+fn streamed_chunks(body: Vec<u8>, end_of_stream: bool, request: bool) -> Vec<Reply> {
     // The common case (one chunk) moves the buffer instead of copying it.
-    let chunks: Vec<Vec<u8>> = if body.len() <= BODY_CHUNK {
-        vec![body]
-    } else {
-        body.chunks(BODY_CHUNK).map(<[u8]>::to_vec).collect()
-    };
-    let n = chunks.len();
-    chunks
-        .into_iter()
+    if body.len() <= BODY_CHUNK {
+        return vec![Reply::Chunk {
+            request,
+            body,
+            end_of_stream,
+        }];
+    }
+    let n = body.len().div_ceil(BODY_CHUNK);
+    body.chunks(BODY_CHUNK)
         .enumerate()
-        .map(|(i, c)| {
-            let b = BodyResponse {
-                response: Some(CommonResponse {
-                    body_mutation: Some(BodyMutation {
-                        mutation: Some(body_mutation::Mutation::StreamedResponse(
-                            StreamedBodyResponse {
-                                body: c.to_vec(),
-                                end_of_stream: end_of_stream && i + 1 == n,
-                                ..Default::default()
-                            },
-                        )),
-                    }),
-                    ..Default::default()
-                }),
-            };
-            response(if request {
-                processing_response::Response::RequestBody(b)
-            } else {
-                processing_response::Response::ResponseBody(b)
-            })
+        .map(|(i, c)| Reply::Chunk {
+            request,
+            body: c.to_vec(),
+            end_of_stream: end_of_stream && i + 1 == n,
         })
         .collect()
-}
-
-fn set_headers<'a>(headers: impl IntoIterator<Item = (&'a str, &'a str)>) -> HeaderMutation {
-    HeaderMutation {
-        set_headers: headers
-            .into_iter()
-            .map(|(k, v)| HeaderValueOption {
-                header: Some(HeaderValue {
-                    key: k.to_owned(),
-                    value: String::new(),
-                    raw_value: v.as_bytes().to_vec(),
-                }),
-                append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
-                ..Default::default()
-            })
-            .collect(),
-        remove_headers: Vec::new(),
-    }
-}
-
-/// `envoy.lb` → `x-gateway-destination-endpoint: value`, as dynamic metadata.
-fn destination_metadata(value: &str) -> Struct {
-    let inner = Struct {
-        fields: [(
-            DESTINATION_HEADER.to_owned(),
-            Value {
-                kind: Some(Kind::StringValue(value.to_owned())),
-            },
-        )]
-        .into(),
-    };
-    Struct {
-        fields: [(
-            LB_NAMESPACE.to_owned(),
-            Value {
-                kind: Some(Kind::StructValue(inner)),
-            },
-        )]
-        .into(),
-    }
 }
 
 #[cfg(test)]
@@ -622,14 +471,17 @@ mod tests {
 
     use arc_swap::ArcSwap;
     use infermesh_proto::envoy::config::core::v3::Metadata;
+    use infermesh_proto::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
     use infermesh_proto::envoy::service::ext_proc::v3::{
-        HttpBody, ProtocolConfiguration, processing_request,
+        HeaderMutation, HttpBody, ImmediateResponse, ProcessingRequest, ProcessingResponse,
+        ProtocolConfiguration, body_mutation, processing_request, processing_response,
     };
-    use infermesh_proto::google::protobuf::ListValue;
+    use infermesh_proto::google::protobuf::{ListValue, Struct, Value, value::Kind};
     use infermesh_scheduler::{Metrics, ResolvedConfig};
 
     use super::*;
     use crate::discovery::EndpointSpec;
+    use crate::extproc::edge::{LB_NAMESPACE, SUBSET_KEY, SUBSET_NAMESPACE};
     use crate::metrics::NodeMetrics;
     use crate::policy::Policy;
     use crate::pool::{EndpointSlot, PoolView};
@@ -639,6 +491,13 @@ mod tests {
     const MODEL: &str = "m";
 
     impl ExtProcStream {
+        /// What the driver does with a message from Envoy: the edge converts it, the
+        /// machine handles it (these tests drive both, protobuf in and out).
+        fn handle(&mut self, msg: ProcessingRequest) -> Result<Vec<Action>, ProtocolError> {
+            let inbound = Inbound::try_from(msg)?;
+            self.on_message(inbound)
+        }
+
         /// `handle` for a stream without shared prefix state: every action is a reply.
         fn handle_replies(
             &mut self,
@@ -648,7 +507,7 @@ mod tests {
                 .handle(msg)?
                 .into_iter()
                 .map(|a| match a {
-                    Action::Reply(r) => r,
+                    Action::Reply(r) => r.into(),
                     Action::NeedLookup(_) => panic!("no owner lookup without shared state"),
                     Action::NeedFlow(_) => panic!("no flow control without the gate"),
                 })
@@ -840,7 +699,8 @@ mod tests {
         let [Action::Reply(r)] = &out[..] else {
             panic!("{out:?}")
         };
-        let i = immediate(r);
+        let r = ProcessingResponse::from(r.clone());
+        let i = immediate(&r);
         assert_eq!(i.status.unwrap().code, 429);
         assert_eq!(
             set_header(
@@ -856,7 +716,7 @@ mod tests {
         let out = s.on_flow(Ok(Duration::from_millis(5)));
         assert!(
             out.iter()
-                .any(|a| matches!(a, Action::Reply(r) if r.dynamic_metadata.is_some())),
+                .any(|a| matches!(a, Action::Reply(Reply::Route { .. }))),
             "{out:?}"
         );
     }
