@@ -545,3 +545,133 @@ async fn ssrf_protection_with_another_pools_file_does_not_start() {
     let msg = e.to_string();
     assert!(msg.contains("other") && msg.contains("llama"), "{msg}");
 }
+
+/// The scheduler config of the P/D tests: every request is split, decode pods are the
+/// primary destination, the prefill pod goes in `x-prefiller-host-port`.
+const PD_CONFIG: &str = "apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: decode-filter
+- type: prefill-filter
+- type: always-disagg-pd-decider
+- type: disagg-profile-handler
+  parameters:
+    deciders: {prefill: always-disagg-pd-decider}
+schedulingProfiles:
+- name: decode
+  plugins: [{pluginRef: decode-filter}]
+- name: prefill
+  plugins: [{pluginRef: prefill-filter}]
+";
+
+fn pod(address: SocketAddr, name: &str, role: &str) -> infermesh_node::pool_model::EndpointSpec {
+    infermesh_node::pool_model::EndpointSpec {
+        address,
+        pod: name.into(),
+        labels: [("llm-d.ai/role".to_owned(), role.to_owned())].into(),
+        engine: infermesh_node::pool_model::Engine::Vllm,
+    }
+}
+
+/// A client → Envoy (ext_proc: an infermesh node picks decode and prefill pods) → the
+/// decode pod's sidecar → prefill sim, then decode sim; and the same through the node's
+/// own proxy. The client header naming a prefiller is the router's to set, not the client's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_handoff_through_envoy_and_the_proxy_with_the_node_picking_both_pods() {
+    let (fleet, prefill_sim, decode_sim, model) = pd_fleet().await;
+    let prefill = Tap::start(Behaviour::Forward(prefill_sim)).await;
+    let decode = Tap::start(Behaviour::Forward(decode_sim)).await;
+    let decoy = Tap::start(Behaviour::Forward(prefill_sim)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let pool_file = dir.path().join("pool.yaml");
+    // The sidecar listens on a port chosen now, so the pool can name it.
+    let sidecar_addr = SocketAddr::from(([127, 0, 0, 1], support::free_port()));
+    write_pool(&pool_file, &[prefill.addr, sidecar_addr]);
+    let mut cfg = config(decode.addr);
+    cfg.listen = sidecar_addr;
+    cfg.ssrf = Some(PoolSource {
+        pool: "llama".into(),
+        endpoints_file: pool_file,
+    });
+    let sidecar = Sidecar::start(cfg).await.expect("sidecar starts");
+
+    let pool = infermesh_node::pool_model::PoolSpec {
+        name: "llama".into(),
+        endpoints: vec![
+            pod(prefill.addr, "prefill-0", "prefill"),
+            pod(sidecar.addr, "decode-0", "decode"),
+        ],
+        models: vec![model.clone()],
+        ..Default::default()
+    };
+    let scheduler = infermesh_scheduler::load_config(PD_CONFIG).expect("P/D config loads");
+    let node_cfg =
+        infermesh_node::config::NodeConfig::local(pool, scheduler).expect("valid node config");
+    let node = infermesh_node::app::App::start(node_cfg)
+        .await
+        .expect("node starts");
+    assert!(
+        node.wait_ready(2, Duration::from_secs(15)).await,
+        "both pods (the decode one through its sidecar) answer a scrape"
+    );
+    let client = http_client(Duration::from_secs(2));
+    let envoy =
+        support::Envoy::start_ext_proc(node.ext_proc_addr, &[prefill.addr, sidecar.addr], &client)
+            .await;
+
+    let entries = [
+        ("envoy", envoy.addr),
+        ("proxy", node.proxy_addr.expect("proxy enabled")),
+    ];
+    let decoy_name = decoy.addr.to_string();
+    for (round, (via, entry)) in entries.into_iter().enumerate() {
+        let request = json!({"model": model, "prompt": format!("Round {round}: tell me about P/D."),
+            "max_tokens": 6, "stream": true});
+        let r = post(
+            &client,
+            entry,
+            "/v1/completions",
+            request.to_string(),
+            // A client trying to choose the prefiller: the router drops it.
+            &[("x-prefiller-host-port", decoy_name.as_str())],
+        )
+        .await;
+        assert_eq!(r.status, 200, "{via}: {:?}", r.body);
+        let (events, done) = sse_events(&r.body);
+        assert!(done && !events.is_empty(), "{via}: {:?}", r.body);
+        let served = r
+            .header("x-upstream-host")
+            .or_else(|| r.header("x-gateway-destination-endpoint-served"))
+            .expect("the serving pod is named");
+        assert_eq!(served, sidecar.addr.to_string(), "{via}: decode pod serves");
+
+        let completions = |t: &Tap| -> Vec<Seen> {
+            t.seen()
+                .into_iter()
+                .filter(|s| s.path == "/v1/completions")
+                .collect()
+        };
+        let p = completions(&prefill);
+        assert_eq!(p.len(), round + 1, "{via}: one prefill per request");
+        let p = p.last().unwrap();
+        assert_eq!(p.body["prompt"], request["prompt"]);
+        assert_eq!(p.body["max_tokens"], 1);
+        assert_eq!(p.body["kv_transfer_params"]["do_remote_decode"], true);
+        let d = completions(&decode);
+        assert_eq!(d.len(), round + 1, "{via}: one decode per request");
+        assert_eq!(
+            d.last().unwrap().body["kv_transfer_params"],
+            p.answer.as_ref().unwrap()["kv_transfer_params"],
+            "{via}: decode got the prefiller's params"
+        );
+        assert!(
+            completions(&decoy).is_empty(),
+            "{via}: the client's prefiller was never contacted"
+        );
+    }
+
+    drop(envoy);
+    node.shutdown(Duration::from_secs(5)).await;
+    sidecar.shutdown(Duration::from_secs(2)).await;
+    fleet.shutdown().await;
+}
