@@ -102,7 +102,11 @@ async fn tap_handler(State(s): State<Arc<TapState>>, req: Request) -> Response {
     };
     let target = match s.behaviour {
         Behaviour::Fail(status) => {
-            return (status, format!("{{\"error\": \"tap fails with {status}\"}}")).into_response();
+            return (
+                status,
+                format!("{{\"error\": \"tap fails with {status}\"}}"),
+            )
+                .into_response();
         }
         Behaviour::Forward(t) => t,
     };
@@ -279,7 +283,8 @@ async fn prefill_then_decode_hands_the_prefillers_kv_params_to_the_local_engine(
     );
     assert_eq!(p[0].headers["x-request-id"], "pd-1");
     assert!(p[0].headers.get("x-prefiller-host-port").is_none());
-    let returned = p[0].answer.as_ref().expect("prefill answered JSON")["kv_transfer_params"].clone();
+    let returned =
+        p[0].answer.as_ref().expect("prefill answered JSON")["kv_transfer_params"].clone();
     assert_eq!(returned["do_remote_prefill"], true, "{returned}");
     assert_eq!(returned["remote_port"], prefill_sim.port());
 
@@ -341,10 +346,15 @@ async fn without_router_headers_the_request_passes_through_unchanged() {
     assert!(done && !events.is_empty(), "{:?}", r.body);
     let d = decode.seen();
     assert_eq!(d.len(), 1);
-    assert_eq!(d[0].body, request, "the engine got the client's body as sent");
+    assert_eq!(
+        d[0].body, request,
+        "the engine got the client's body as sent"
+    );
 
     // GETs reach the engine too (the sidecar fronts the whole engine API).
-    let r = support::get(&client, sidecar.addr, "/v1/models").await.unwrap();
+    let r = support::get(&client, sidecar.addr, "/v1/models")
+        .await
+        .unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["data"][0]["id"], model.as_str());
 
@@ -458,7 +468,10 @@ async fn ssrf_protection_refuses_pods_outside_the_pool_until_the_file_adds_them(
     .await;
     assert_eq!(r.status, 403, "{:?}", r.body);
     assert!(error_message(&r).contains(metadata));
-    assert!(outsider.seen().is_empty(), "a refused host is never contacted");
+    assert!(
+        outsider.seen().is_empty(),
+        "a refused host is never contacted"
+    );
     assert!(decode.seen().is_empty(), "nor is the decode sent");
 
     // Bad input is named, before anything is sent.

@@ -148,8 +148,7 @@ impl Sidecar {
             allow.store(Arc::new(list));
             // The node's own watcher, feeding a channel that only this task reads.
             let (tx, mut rx) = mpsc::channel::<PoolInput>(4);
-            let (w, task) =
-                watch_pool_file(src.endpoints_file.clone(), spec, tx, sd_rx.clone())?;
+            let (w, task) = watch_pool_file(src.endpoints_file.clone(), spec, tx, sd_rx.clone())?;
             watcher = Some(w);
             let allow = Arc::clone(&allow);
             tasks.spawn(async move {

@@ -223,7 +223,10 @@ mod tests {
         assert_eq!(p["max_tokens"], 1);
         assert_eq!(p["stream"], false);
         assert!(!p.contains_key("stream_options"));
-        assert!(!p.contains_key("max_completion_tokens"), "not added when absent");
+        assert!(
+            !p.contains_key("max_completion_tokens"),
+            "not added when absent"
+        );
         assert_eq!(p["temperature"], 0.5, "other fields travel unchanged");
         assert_eq!(p["prompt"], "hello");
         assert_eq!(
@@ -282,7 +285,10 @@ mod tests {
     fn shared_storage_sends_no_params_either_way() {
         let p = shared_storage_prefill(&client());
         assert!(!p.contains_key("kv_transfer_params"));
-        assert_eq!((p["max_tokens"].clone(), p["stream"].clone()), (json!(1), json!(false)));
+        assert_eq!(
+            (p["max_tokens"].clone(), p["stream"].clone()),
+            (json!(1), json!(false))
+        );
         let d = shared_storage_decode(&client());
         assert!(!d.contains_key("kv_transfer_params"));
         assert_eq!(d["max_tokens"], 50);
@@ -297,7 +303,10 @@ mod tests {
             assert_eq!(b["bootstrap_host"], "10.1.2.3");
             assert_eq!(b["bootstrap_port"], 8998);
             assert_eq!(b["bootstrap_room"], 42);
-            assert_eq!(b["max_tokens"], 50, "SGLang's prefill takes the request as is");
+            assert_eq!(
+                b["max_tokens"], 50,
+                "SGLang's prefill takes the request as is"
+            );
             assert!(!b.contains_key("kv_transfer_params"));
         }
     }
@@ -335,7 +344,12 @@ mod tests {
             parse_address(PREFILLER_HEADER, "[::1]:80").unwrap().port(),
             80
         );
-        for bad in ["prefill-0:8000", "10.0.0.1", "10.0.0.1:8000,10.0.0.2:8000", ""] {
+        for bad in [
+            "prefill-0:8000",
+            "10.0.0.1",
+            "10.0.0.1:8000,10.0.0.2:8000",
+            "",
+        ] {
             let e = parse_address(PREFILLER_HEADER, bad).unwrap_err();
             assert!(e.to_string().contains(PREFILLER_HEADER), "{e}");
         }

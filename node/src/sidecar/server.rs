@@ -18,12 +18,12 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 
+use super::SidecarConfig;
 use super::allowlist::{Allowlist, NotInPool};
 use super::rewrite::{
     self, ENCODERS_HEADER, InvalidPrefillResponse, InvalidRequest, KV_SOURCE_HEADER, KvConnector,
     PREFILLER_HEADER,
 };
-use super::SidecarConfig;
 use crate::proxy::HOP_BY_HOP;
 use crate::request::{REQUEST_ID_HEADER, router_only};
 
