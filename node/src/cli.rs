@@ -403,6 +403,10 @@ fn serve(args: ServeArgs) -> ExitCode {
 }
 
 fn sidecar(args: &SidecarArgs) -> ExitCode {
+    // clap hides which spelling was used; llm-d warns on the old one, so does this.
+    if std::env::args().any(|a| a == "--vllm-port" || a.starts_with("--vllm-port=")) {
+        tracing::warn!("--vllm-port is deprecated; use --model-server-port");
+    }
     let cfg = match args.config(|k| std::env::var(k).ok()) {
         Ok(c) => c,
         Err(e) => {
