@@ -1,7 +1,8 @@
-//! The `infermesh` command line: `serve`, `config check FILE`, `policy`, `cluster`, `xds`.
+//! The `infermesh` command line: `serve`, `sidecar`, `config check FILE`, `policy`,
+//! `cluster`, `xds`.
 //! (The demo is its own binary, `infermesh-demo`, in `infermesh-e2e`.)
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -26,6 +27,8 @@ pub struct Cli {
 pub enum Command {
     /// Run a node: ext_proc EPP server, standalone proxy and /metrics.
     Serve(Box<ServeArgs>),
+    /// Run the P/D routing sidecar beside a decode pod (llm-d's routing sidecar).
+    Sidecar(Box<SidecarArgs>),
     /// Configuration tools.
     Config {
         /// What to do with a config.
@@ -140,6 +143,122 @@ impl ServeArgs {
     }
 }
 
+/// Flags of `infermesh sidecar` (llm-d's names and defaults where it has the flag).
+#[derive(Debug, Args)]
+pub struct SidecarArgs {
+    /// Client-facing port (llm-d --port).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Address the client-facing port is bound on.
+    #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::UNSPECIFIED))]
+    pub bind: IpAddr,
+    /// The local engine's port (llm-d --model-server-port; --vllm-port is its deprecated alias).
+    #[arg(long, alias = "vllm-port", default_value_t = 8200)]
+    pub model_server_port: u16,
+    /// The local engine's host.
+    #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
+    pub model_server_host: IpAddr,
+    /// How prefill and decode engines exchange KV.
+    #[arg(long, value_enum, default_value = "nixlv2")]
+    pub kv_connector: crate::sidecar::KvConnector,
+    /// Allow only the pool's pods in x-prefiller-host-port and x-kv-cache-source-host-port.
+    #[arg(long)]
+    pub enable_ssrf_protection: bool,
+    /// The InferencePool whose pods are allowed (`name` or `namespace/name`; env INFERENCE_POOL).
+    #[arg(long)]
+    pub inference_pool: Option<String>,
+    /// The endpoints file listing the pool's pods (the node's --endpoints), watched for changes.
+    #[arg(long, alias = "endpoints-file")]
+    pub endpoints: Option<PathBuf>,
+    /// Prefill retries after a failed first attempt (llm-d default 0).
+    #[arg(long, default_value_t = 0)]
+    pub prefill_max_retries: u32,
+    /// Wait between prefill attempts.
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub prefill_retry_backoff: Duration,
+    /// Longest one prefill attempt may take.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub prefill_timeout: Duration,
+    /// Connect timeout towards the prefiller and the local engine.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+    /// Longest wait for the local engine's response headers.
+    #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
+    pub response_timeout: Duration,
+    /// Largest request body read for a handoff (413 above it).
+    #[arg(long, default_value_t = 16 << 20)]
+    pub max_body_bytes: usize,
+    /// The engines' P2P KV connector port, named in a `remote_kv_source` pull (llm-d 7777).
+    #[arg(long, default_value_t = 7777)]
+    pub p2p_connector_port: u16,
+    /// Seconds to wait for in-flight requests on shutdown.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+/// `infermesh sidecar` flags that do not make a working sidecar.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidSidecarArgs {
+    /// SSRF protection without a pool to allow.
+    #[error(
+        "--enable-ssrf-protection needs --inference-pool (or INFERENCE_POOL) naming the pool whose pods may be named"
+    )]
+    NoPool,
+    /// SSRF protection without a way to learn the pool's pods.
+    #[error(
+        "--enable-ssrf-protection needs --endpoints FILE: without Kubernetes the sidecar learns the pool's pods from the endpoints file the node reads"
+    )]
+    NoEndpointsFile,
+    /// `POD_IP` is set but is not an IP address.
+    #[error("POD_IP {0:?} is not an IP address")]
+    BadPodIp(String),
+}
+
+impl SidecarArgs {
+    /// The sidecar's config; `env` reads the environment (INFERENCE_POOL, POD_IP).
+    pub fn config(
+        &self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<crate::sidecar::SidecarConfig, InvalidSidecarArgs> {
+        let ssrf = if self.enable_ssrf_protection {
+            let pool = self
+                .inference_pool
+                .clone()
+                .or_else(|| env("INFERENCE_POOL"))
+                .filter(|p| !p.is_empty())
+                .ok_or(InvalidSidecarArgs::NoPool)?;
+            let endpoints_file = self
+                .endpoints
+                .clone()
+                .ok_or(InvalidSidecarArgs::NoEndpointsFile)?;
+            Some(crate::sidecar::PoolSource {
+                pool,
+                endpoints_file,
+            })
+        } else {
+            None
+        };
+        let pod_ip = env("POD_IP")
+            .filter(|v| !v.is_empty())
+            .map(|v| v.parse().map_err(|_| InvalidSidecarArgs::BadPodIp(v)))
+            .transpose()?;
+        Ok(crate::sidecar::SidecarConfig {
+            listen: SocketAddr::new(self.bind, self.port),
+            model_server: SocketAddr::new(self.model_server_host, self.model_server_port),
+            connector: self.kv_connector,
+            ssrf,
+            prefill_max_retries: self.prefill_max_retries,
+            prefill_retry_backoff: self.prefill_retry_backoff,
+            prefill_timeout: self.prefill_timeout,
+            connect_timeout: self.connect_timeout,
+            response_timeout: self.response_timeout,
+            max_body_bytes: self.max_body_bytes,
+            p2p_connector_port: self.p2p_connector_port,
+            pod_ip,
+        })
+    }
+}
+
 fn init_tracing(default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
@@ -164,6 +283,10 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Serve(args) => {
             init_tracing("info");
             serve(*args)
+        }
+        Command::Sidecar(args) => {
+            init_tracing("info");
+            sidecar(&args)
         }
         Command::Xds { command } => crate::xds::cli::run(command),
         Command::Policy { command, server } => crate::admin::commands::run_policy(command, server),
@@ -276,6 +399,51 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
         node.shutdown(args.shutdown_grace).await;
         code
+    })
+}
+
+fn sidecar(args: &SidecarArgs) -> ExitCode {
+    // clap hides which spelling was used; llm-d warns on the old one, so does this.
+    if std::env::args().any(|a| a == "--vllm-port" || a.starts_with("--vllm-port=")) {
+        tracing::warn!("--vllm-port is deprecated; use --model-server-port");
+    }
+    let cfg = match args.config(|k| std::env::var(k).ok()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let sidecar = match crate::sidecar::Sidecar::start(cfg).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("error: {e}");
+                let bad_config = matches!(
+                    e,
+                    crate::sidecar::SidecarStartError::PoolFile(_)
+                        | crate::sidecar::SidecarStartError::PoolMismatch { .. }
+                );
+                return if bad_config {
+                    ExitCode::from(EXIT_CONFIG)
+                } else {
+                    ExitCode::FAILURE
+                };
+            }
+        };
+        // One line on stdout that scripts (and tests) wait for.
+        println!("infermesh sidecar listening on {}", sidecar.addr);
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        sidecar.shutdown(args.shutdown_grace).await;
+        ExitCode::SUCCESS
     })
 }
 

@@ -13,6 +13,15 @@ pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 /// Builds the shared client: no Nagle delay, bounded connect time, idle connections kept.
 pub fn http_client(connect_timeout: Duration) -> HttpClient {
+    pooled_client(connect_timeout)
+}
+
+/// The same pooled client for any request body type (the sidecar streams client bodies).
+pub fn pooled_client<B>(connect_timeout: Duration) -> Client<HttpConnector, B>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+{
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(connect_timeout));

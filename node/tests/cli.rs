@@ -93,3 +93,41 @@ fn serve_exits_64_on_contradictory_flags() {
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("metrics-staleness-threshold"));
 }
+
+#[test]
+fn sidecar_with_ssrf_protection_and_no_way_to_learn_the_pool_exits_64() {
+    let base = ["sidecar", "--bind", "127.0.0.1", "--port", "0"];
+    let out = infermesh()
+        .args(base)
+        .arg("--enable-ssrf-protection")
+        .env_remove("INFERENCE_POOL")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--inference-pool"));
+
+    let out = infermesh()
+        .args(base)
+        .args(["--enable-ssrf-protection", "--vllm-port", "8001"])
+        .env("INFERENCE_POOL", "llama")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--endpoints") && stderr.contains("endpoints file"),
+        "{stderr}"
+    );
+
+    let out = infermesh()
+        .args(base)
+        .args(["--kv-connector", "mooncake"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("nixlv2") && stderr.contains("shared-storage") && stderr.contains("sglang"),
+        "{stderr}"
+    );
+}

@@ -115,7 +115,8 @@ async fn handle(s: Arc<ProxyState>, kind: ApiKind, req: Request) -> Response {
     forward(&s, ticket, &parts.uri, &parts.headers, bytes, &request_id).await
 }
 
-const HOP_BY_HOP: [&str; 8] = [
+/// Headers that describe one connection, never forwarded.
+pub(crate) const HOP_BY_HOP: [&str; 8] = [
     "connection",
     "keep-alive",
     "proxy-connection",

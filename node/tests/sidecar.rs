@@ -1,0 +1,690 @@
+//! `infermesh sidecar` against simulated vLLM pods: the P/D handoff, prefill failures and
+//! the SSRF allowlist. Each sim sits behind a recording tap, so the tests see exactly what
+//! every engine was sent and what the prefiller answered.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use http::StatusCode;
+use http_body_util::{BodyExt, Full};
+use infermesh_node::sidecar::{KvConnector, PoolSource, Sidecar, SidecarConfig};
+use infermesh_node::upstream::{HttpClient, http_client};
+use infermesh_sim::{EngineProfile, Fleet, FleetConfig, PodRole};
+use parking_lot::Mutex;
+use serde_json::{Value, json};
+use support::{Resp, post};
+
+/// One request a tap saw, and the JSON answer it passed back (SSE answers stream through
+/// unrecorded).
+#[derive(Debug, Clone)]
+struct Seen {
+    path: String,
+    headers: http::HeaderMap,
+    body: Value,
+    answer: Option<Value>,
+}
+
+/// What a tap does with a request after recording it.
+#[derive(Debug, Clone, Copy)]
+enum Behaviour {
+    /// Forward to this sim.
+    Forward(SocketAddr),
+    /// Answer this status with an error body.
+    Fail(StatusCode),
+}
+
+struct TapState {
+    behaviour: Behaviour,
+    client: HttpClient,
+    seen: Mutex<Vec<Seen>>,
+}
+
+/// A recording HTTP server on 127.0.0.1 in front of a sim (or failing on purpose).
+struct Tap {
+    addr: SocketAddr,
+    state: Arc<TapState>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Tap {
+    async fn start(behaviour: Behaviour) -> Tap {
+        let state = Arc::new(TapState {
+            behaviour,
+            client: http_client(Duration::from_secs(2)),
+            seen: Mutex::new(Vec::new()),
+        });
+        let app = axum::Router::new()
+            .fallback(tap_handler)
+            .with_state(Arc::clone(&state));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Tap {
+            addr,
+            state,
+            server,
+        }
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().clone()
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+async fn tap_handler(State(s): State<Arc<TapState>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let bytes = body.collect().await.unwrap().to_bytes();
+    let path = parts.uri.path().to_owned();
+    let index = {
+        let mut seen = s.seen.lock();
+        seen.push(Seen {
+            path: path.clone(),
+            headers: parts.headers.clone(),
+            body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            answer: None,
+        });
+        seen.len() - 1
+    };
+    let target = match s.behaviour {
+        Behaviour::Fail(status) => {
+            return (
+                status,
+                format!("{{\"error\": \"tap fails with {status}\"}}"),
+            )
+                .into_response();
+        }
+        Behaviour::Forward(t) => t,
+    };
+    let mut b = http::Request::builder()
+        .method(parts.method.clone())
+        .uri(format!("http://{target}{path}"))
+        .header("content-type", "application/json");
+    if let Some(id) = parts.headers.get("x-request-id") {
+        b = b.header("x-request-id", id);
+    }
+    let resp = s
+        .client
+        .request(b.body(Full::new(bytes)).unwrap())
+        .await
+        .unwrap();
+    let (parts, incoming) = resp.into_parts();
+    let json = parts
+        .headers
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !json {
+        return Response::from_parts(parts, Body::new(incoming));
+    }
+    let answer = incoming.collect().await.unwrap().to_bytes();
+    s.seen.lock()[index].answer = serde_json::from_slice(&answer).ok();
+    Response::from_parts(parts, Body::from(answer))
+}
+
+/// A prefill-role sim and a decode-role sim, instant.
+async fn pd_fleet() -> (Fleet, SocketAddr, SocketAddr, String) {
+    let mut cfg = FleetConfig::new(2);
+    cfg.profile = EngineProfile::instant();
+    cfg.roles = vec![PodRole::Prefill, PodRole::Decode];
+    let model = cfg.model.clone();
+    let fleet = Fleet::start(cfg).await.expect("sims start");
+    let a = fleet.addrs();
+    (fleet, a[0], a[1], model)
+}
+
+/// Writes an endpoints file for pool `llama` with `pods` (all on 127.0.0.1).
+fn write_pool(path: &Path, pods: &[SocketAddr]) {
+    let mut text = String::from(
+        "apiVersion: inference.networking.k8s.io/v1\nkind: InferencePool\nmetadata: {name: llama}\nspec:\n  targetPorts: [{number: 8000}]\npods:\n",
+    );
+    for (i, p) in pods.iter().enumerate() {
+        text.push_str(&format!(
+            "- {{name: pod-{i}, address: {}, targetPorts: [{{number: {}}}]}}\n",
+            p.ip(),
+            p.port()
+        ));
+    }
+    // Write then rename, so the watcher never reads half a file.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn config(model_server: SocketAddr) -> SidecarConfig {
+    SidecarConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        model_server,
+        connector: KvConnector::Nixlv2,
+        ssrf: None,
+        prefill_max_retries: 0,
+        prefill_retry_backoff: Duration::from_millis(10),
+        prefill_timeout: Duration::from_secs(5),
+        connect_timeout: Duration::from_secs(1),
+        response_timeout: Duration::from_secs(10),
+        max_body_bytes: 1 << 20,
+        p2p_connector_port: 7777,
+        pod_ip: None,
+    }
+}
+
+/// The `data:` events of an SSE body, `[DONE]` excluded, and whether `[DONE]` ended it.
+fn sse_events(body: &[u8]) -> (Vec<Value>, bool) {
+    let text = std::str::from_utf8(body).expect("SSE is text");
+    let mut events = Vec::new();
+    let mut done = false;
+    for line in text.lines() {
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data.trim() == "[DONE]" {
+            done = true;
+        } else {
+            events.push(serde_json::from_str(data).expect("each event is JSON"));
+        }
+    }
+    (events, done)
+}
+
+fn error_message(r: &Resp) -> String {
+    r.json()["error"]["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error message in {:?}", r.body))
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefill_then_decode_hands_the_prefillers_kv_params_to_the_local_engine() {
+    let (fleet, prefill_sim, decode_sim, model) = pd_fleet().await;
+    let prefill = Tap::start(Behaviour::Forward(prefill_sim)).await;
+    let decode = Tap::start(Behaviour::Forward(decode_sim)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool.yaml");
+    write_pool(&pool, &[prefill.addr, decode.addr]);
+    let mut cfg = config(decode.addr);
+    cfg.ssrf = Some(PoolSource {
+        pool: "llm-d/llama".into(),
+        endpoints_file: pool,
+    });
+    let sidecar = Sidecar::start(cfg).await.expect("sidecar starts");
+    let client = http_client(Duration::from_secs(2));
+
+    let request = json!({
+        "model": model,
+        "prompt": "Explain disaggregated serving in one paragraph, please.",
+        "max_tokens": 7,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+        // A client naming where the engine should pull KV from: never forwarded.
+        "kv_transfer_params": {"do_remote_prefill": true, "remote_host": "169.254.169.254",
+            "remote_port": 80, "remote_engine_id": "evil", "remote_block_ids": [1]},
+    });
+    let prefiller = prefill.addr.to_string();
+    let r = post(
+        &client,
+        sidecar.addr,
+        "/v1/completions",
+        request.to_string(),
+        &[
+            ("x-prefiller-host-port", prefiller.as_str()),
+            ("x-request-id", "pd-1"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert!(
+        r.header("content-type")
+            .is_some_and(|c| c.starts_with("text/event-stream")),
+        "the client asked for a stream: {:?}",
+        r.headers
+    );
+    let (events, done) = sse_events(&r.body);
+    assert!(done, "the stream ends with [DONE]");
+    let text: String = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["text"].as_str())
+        .collect();
+    assert!(!text.is_empty(), "no text streamed: {events:?}");
+    let usage = events
+        .iter()
+        .find(|e| !e["usage"].is_null())
+        .expect("usage chunk");
+    assert_eq!(
+        usage["usage"]["completion_tokens"], 7,
+        "decode used the client's max_tokens"
+    );
+
+    let p = prefill.seen();
+    assert_eq!(p.len(), 1, "one prefill");
+    let pb = &p[0].body;
+    assert_eq!(p[0].path, "/v1/completions");
+    assert_eq!(pb["max_tokens"], 1);
+    assert_eq!(pb["stream"], false);
+    assert!(pb.get("stream_options").is_none());
+    assert_eq!(pb["prompt"], request["prompt"]);
+    assert_eq!(
+        pb["kv_transfer_params"],
+        json!({"do_remote_decode": true, "do_remote_prefill": false, "remote_engine_id": null,
+            "remote_block_ids": null, "remote_host": null, "remote_port": null}),
+        "the client's kv_transfer_params were replaced"
+    );
+    assert_eq!(p[0].headers["x-request-id"], "pd-1");
+    assert!(p[0].headers.get("x-prefiller-host-port").is_none());
+    let returned =
+        p[0].answer.as_ref().expect("prefill answered JSON")["kv_transfer_params"].clone();
+    assert_eq!(returned["do_remote_prefill"], true, "{returned}");
+    assert_eq!(returned["remote_port"], prefill_sim.port());
+
+    let d = decode.seen();
+    assert_eq!(d.len(), 1, "one decode");
+    let db = &d[0].body;
+    assert_eq!(
+        db["kv_transfer_params"], returned,
+        "decode got exactly what the prefiller returned"
+    );
+    assert_eq!(db["max_tokens"], 7);
+    assert_eq!(db["stream"], true);
+    assert_eq!(db["stream_options"], json!({"include_usage": true}));
+    assert!(d[0].headers.get("x-prefiller-host-port").is_none());
+
+    // Chat through the same handoff, not streamed: max_completion_tokens is capped too.
+    let chat = json!({"model": model, "messages": [{"role": "user", "content": "hi there"}],
+        "max_completion_tokens": 5});
+    let r = post(
+        &client,
+        sidecar.addr,
+        "/v1/chat/completions",
+        chat.to_string(),
+        &[("x-prefiller-host-port", prefiller.as_str())],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.json()["usage"]["completion_tokens"], 5);
+    let p = prefill.seen();
+    assert_eq!(p[1].path, "/v1/chat/completions");
+    assert_eq!(p[1].body["max_completion_tokens"], 1);
+    let d = decode.seen();
+    assert_eq!(
+        d[1].body["kv_transfer_params"],
+        p[1].answer.as_ref().unwrap()["kv_transfer_params"]
+    );
+
+    sidecar.shutdown(Duration::from_secs(2)).await;
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_router_headers_the_request_passes_through_unchanged() {
+    let (fleet, _, decode_sim, model) = pd_fleet().await;
+    let decode = Tap::start(Behaviour::Forward(decode_sim)).await;
+    let sidecar = Sidecar::start(config(decode.addr)).await.unwrap();
+    let client = http_client(Duration::from_secs(2));
+    let request = json!({"model": model, "prompt": "plain", "max_tokens": 3, "stream": true});
+    let r = post(
+        &client,
+        sidecar.addr,
+        "/v1/completions",
+        request.to_string(),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let (events, done) = sse_events(&r.body);
+    assert!(done && !events.is_empty(), "{:?}", r.body);
+    let d = decode.seen();
+    assert_eq!(d.len(), 1);
+    assert_eq!(
+        d[0].body, request,
+        "the engine got the client's body as sent"
+    );
+
+    // GETs reach the engine too (the sidecar fronts the whole engine API).
+    let r = support::get(&client, sidecar.addr, "/v1/models")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["data"][0]["id"], model.as_str());
+
+    sidecar.shutdown(Duration::from_secs(2)).await;
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_prefiller_is_retried_then_named_in_a_502() {
+    let (fleet, _, decode_sim, model) = pd_fleet().await;
+    let decode = Tap::start(Behaviour::Forward(decode_sim)).await;
+    let failing = Tap::start(Behaviour::Fail(StatusCode::SERVICE_UNAVAILABLE)).await;
+    let mut cfg = config(decode.addr);
+    cfg.prefill_max_retries = 2;
+    let sidecar = Sidecar::start(cfg).await.unwrap();
+    let client = http_client(Duration::from_secs(2));
+    let body = json!({"model": model, "prompt": "x", "max_tokens": 3}).to_string();
+
+    // A prefiller answering 503: three attempts (1 + 2 retries), then 502.
+    let named = failing.addr.to_string();
+    let r = tokio::time::timeout(
+        Duration::from_secs(20),
+        post(
+            &client,
+            sidecar.addr,
+            "/v1/completions",
+            body.clone(),
+            &[("x-prefiller-host-port", named.as_str())],
+        ),
+    )
+    .await
+    .expect("the sidecar answers instead of hanging");
+    assert_eq!(r.status, 502, "{:?}", r.body);
+    let msg = error_message(&r);
+    assert!(
+        msg.contains(&named) && msg.contains("3 attempt") && msg.contains("503"),
+        "{msg}"
+    );
+    assert_eq!(failing.seen().len(), 3, "1 attempt + 2 retries");
+
+    // A prefiller nobody listens on: connect errors, same bound, same answer.
+    let dead = SocketAddr::from(([127, 0, 0, 1], support::free_port()));
+    let named = dead.to_string();
+    let r = tokio::time::timeout(
+        Duration::from_secs(20),
+        post(
+            &client,
+            sidecar.addr,
+            "/v1/completions",
+            body,
+            &[("x-prefiller-host-port", named.as_str())],
+        ),
+    )
+    .await
+    .expect("the sidecar answers instead of hanging");
+    assert_eq!(r.status, 502, "{:?}", r.body);
+    let msg = error_message(&r);
+    assert!(msg.contains(&named) && msg.contains("3 attempt"), "{msg}");
+    assert!(
+        msg.to_lowercase().contains("connect"),
+        "the connect error is named: {msg}"
+    );
+    assert!(decode.seen().is_empty(), "no decode without a prefill");
+
+    sidecar.shutdown(Duration::from_secs(2)).await;
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssrf_protection_refuses_pods_outside_the_pool_until_the_file_adds_them() {
+    let (fleet, prefill_sim, decode_sim, model) = pd_fleet().await;
+    let decode = Tap::start(Behaviour::Forward(decode_sim)).await;
+    let outsider = Tap::start(Behaviour::Forward(prefill_sim)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool.yaml");
+    write_pool(&pool, &[decode.addr]);
+    let mut cfg = config(decode.addr);
+    cfg.ssrf = Some(PoolSource {
+        pool: "llama".into(),
+        endpoints_file: pool.clone(),
+    });
+    let sidecar = Sidecar::start(cfg).await.unwrap();
+    let client = http_client(Duration::from_secs(2));
+    let body = json!({"model": model, "prompt": "x", "max_tokens": 2}).to_string();
+    let named = outsider.addr.to_string();
+
+    for header in ["x-prefiller-host-port", "x-kv-cache-source-host-port"] {
+        let r = post(
+            &client,
+            sidecar.addr,
+            "/v1/completions",
+            body.clone(),
+            &[(header, named.as_str())],
+        )
+        .await;
+        assert_eq!(r.status, 403, "{header}: {:?}", r.body);
+        let msg = error_message(&r);
+        assert!(
+            msg.contains(&named) && msg.contains(header) && msg.contains("llama"),
+            "{msg}"
+        );
+    }
+    let metadata = "169.254.169.254:80";
+    let r = post(
+        &client,
+        sidecar.addr,
+        "/v1/completions",
+        body.clone(),
+        &[("x-prefiller-host-port", metadata)],
+    )
+    .await;
+    assert_eq!(r.status, 403, "{:?}", r.body);
+    assert!(error_message(&r).contains(metadata));
+    assert!(
+        outsider.seen().is_empty(),
+        "a refused host is never contacted"
+    );
+    assert!(decode.seen().is_empty(), "nor is the decode sent");
+
+    // Bad input is named, before anything is sent.
+    let r = post(
+        &client,
+        sidecar.addr,
+        "/v1/completions",
+        body.clone(),
+        &[("x-prefiller-host-port", "prefill-0:8000")],
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert!(error_message(&r).contains("x-prefiller-host-port"));
+    let r = post(
+        &client,
+        sidecar.addr,
+        "/v1/completions",
+        "{not json",
+        &[("x-prefiller-host-port", decode.addr.to_string().as_str())],
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert!(error_message(&r).contains("not valid JSON"));
+    assert!(decode.seen().is_empty());
+
+    // The pool grows: once the file lists the pod, the sidecar uses it.
+    write_pool(&pool, &[decode.addr, outsider.addr]);
+    let (client2, sidecar_addr, body2) = (client.clone(), sidecar.addr, body.clone());
+    let named2 = named.clone();
+    infermesh_testkit::wait_until_async("the reloaded allowlist", Duration::from_secs(10), || {
+        let (c, b, n) = (client2.clone(), body2.clone(), named2.clone());
+        async move {
+            post(
+                &c,
+                sidecar_addr,
+                "/v1/completions",
+                b,
+                &[("x-prefiller-host-port", n.as_str())],
+            )
+            .await
+            .status
+                == 200
+        }
+    })
+    .await;
+    assert_eq!(outsider.seen().last().unwrap().body["max_tokens"], 1);
+
+    // A KV source in the pool: decode-only, with kv_transfer_params rebuilt to the pull.
+    let r = post(
+        &client,
+        sidecar.addr,
+        "/v1/completions",
+        json!({"model": model, "prompt": "y", "max_tokens": 2,
+            "kv_transfer_params": {"do_remote_prefill": true}})
+        .to_string(),
+        &[("x-kv-cache-source-host-port", named.as_str())],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let last = decode.seen().last().unwrap().body.clone();
+    let params = &last["kv_transfer_params"];
+    assert_eq!(
+        params.as_object().unwrap().keys().collect::<Vec<_>>(),
+        ["remote_kv_source"]
+    );
+    assert_eq!(params["remote_kv_source"]["remote_host"], "127.0.0.1");
+    assert_eq!(params["remote_kv_source"]["remote_port"], 7777);
+
+    sidecar.shutdown(Duration::from_secs(2)).await;
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssrf_protection_with_another_pools_file_does_not_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool.yaml");
+    write_pool(&pool, &["127.0.0.1:9".parse().unwrap()]);
+    let mut cfg = config("127.0.0.1:9".parse().unwrap());
+    cfg.ssrf = Some(PoolSource {
+        pool: "other".into(),
+        endpoints_file: pool,
+    });
+    let e = Sidecar::start(cfg).await.unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("other") && msg.contains("llama"), "{msg}");
+}
+
+/// The scheduler config of the P/D tests: every request is split, decode pods are the
+/// primary destination, the prefill pod goes in `x-prefiller-host-port`.
+const PD_CONFIG: &str = "apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: decode-filter
+- type: prefill-filter
+- type: always-disagg-pd-decider
+- type: disagg-profile-handler
+  parameters:
+    deciders: {prefill: always-disagg-pd-decider}
+schedulingProfiles:
+- name: decode
+  plugins: [{pluginRef: decode-filter}]
+- name: prefill
+  plugins: [{pluginRef: prefill-filter}]
+";
+
+fn pod(address: SocketAddr, name: &str, role: &str) -> infermesh_node::pool_model::EndpointSpec {
+    infermesh_node::pool_model::EndpointSpec {
+        address,
+        pod: name.into(),
+        labels: [("llm-d.ai/role".to_owned(), role.to_owned())].into(),
+        engine: infermesh_node::pool_model::Engine::Vllm,
+    }
+}
+
+/// A client → Envoy (ext_proc: an infermesh node picks decode and prefill pods) → the
+/// decode pod's sidecar → prefill sim, then decode sim; and the same through the node's
+/// own proxy. The client header naming a prefiller is the router's to set, not the client's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_handoff_through_envoy_and_the_proxy_with_the_node_picking_both_pods() {
+    let (fleet, prefill_sim, decode_sim, model) = pd_fleet().await;
+    let prefill = Tap::start(Behaviour::Forward(prefill_sim)).await;
+    let decode = Tap::start(Behaviour::Forward(decode_sim)).await;
+    let decoy = Tap::start(Behaviour::Forward(prefill_sim)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let pool_file = dir.path().join("pool.yaml");
+    // The sidecar listens on a port chosen now, so the pool can name it.
+    let sidecar_addr = SocketAddr::from(([127, 0, 0, 1], support::free_port()));
+    write_pool(&pool_file, &[prefill.addr, sidecar_addr]);
+    let mut cfg = config(decode.addr);
+    cfg.listen = sidecar_addr;
+    cfg.ssrf = Some(PoolSource {
+        pool: "llama".into(),
+        endpoints_file: pool_file,
+    });
+    let sidecar = Sidecar::start(cfg).await.expect("sidecar starts");
+
+    let pool = infermesh_node::pool_model::PoolSpec {
+        name: "llama".into(),
+        endpoints: vec![
+            pod(prefill.addr, "prefill-0", "prefill"),
+            pod(sidecar.addr, "decode-0", "decode"),
+        ],
+        models: vec![model.clone()],
+        ..Default::default()
+    };
+    let scheduler = infermesh_scheduler::load_config(PD_CONFIG).expect("P/D config loads");
+    let node_cfg =
+        infermesh_node::config::NodeConfig::local(pool, scheduler).expect("valid node config");
+    let node = infermesh_node::app::App::start(node_cfg)
+        .await
+        .expect("node starts");
+    assert!(
+        node.wait_ready(2, Duration::from_secs(15)).await,
+        "both pods (the decode one through its sidecar) answer a scrape"
+    );
+    let client = http_client(Duration::from_secs(2));
+    let envoy =
+        support::Envoy::start_ext_proc(node.ext_proc_addr, &[prefill.addr, sidecar.addr], &client)
+            .await;
+
+    let entries = [
+        ("envoy", envoy.addr),
+        ("proxy", node.proxy_addr.expect("proxy enabled")),
+    ];
+    let decoy_name = decoy.addr.to_string();
+    for (round, (via, entry)) in entries.into_iter().enumerate() {
+        let request = json!({"model": model, "prompt": format!("Round {round}: tell me about P/D."),
+            "max_tokens": 6, "stream": true});
+        let r = post(
+            &client,
+            entry,
+            "/v1/completions",
+            request.to_string(),
+            // A client trying to choose the prefiller: the router drops it.
+            &[("x-prefiller-host-port", decoy_name.as_str())],
+        )
+        .await;
+        assert_eq!(r.status, 200, "{via}: {:?}", r.body);
+        let (events, done) = sse_events(&r.body);
+        assert!(done && !events.is_empty(), "{via}: {:?}", r.body);
+        let served = r
+            .header("x-upstream-host")
+            .or_else(|| r.header("x-gateway-destination-endpoint-served"))
+            .expect("the serving pod is named");
+        assert_eq!(served, sidecar.addr.to_string(), "{via}: decode pod serves");
+
+        let completions = |t: &Tap| -> Vec<Seen> {
+            t.seen()
+                .into_iter()
+                .filter(|s| s.path == "/v1/completions")
+                .collect()
+        };
+        let p = completions(&prefill);
+        assert_eq!(p.len(), round + 1, "{via}: one prefill per request");
+        let p = p.last().unwrap();
+        assert_eq!(p.body["prompt"], request["prompt"]);
+        assert_eq!(p.body["max_tokens"], 1);
+        assert_eq!(p.body["kv_transfer_params"]["do_remote_decode"], true);
+        let d = completions(&decode);
+        assert_eq!(d.len(), round + 1, "{via}: one decode per request");
+        assert_eq!(
+            d.last().unwrap().body["kv_transfer_params"],
+            p.answer.as_ref().unwrap()["kv_transfer_params"],
+            "{via}: decode got the prefiller's params"
+        );
+        assert!(
+            completions(&decoy).is_empty(),
+            "{via}: the client's prefiller was never contacted"
+        );
+    }
+
+    drop(envoy);
+    node.shutdown(Duration::from_secs(5)).await;
+    sidecar.shutdown(Duration::from_secs(2)).await;
+    fleet.shutdown().await;
+}
