@@ -51,6 +51,11 @@ struct Args {
     /// Where the markdown report goes.
     #[arg(long)]
     out: PathBuf,
+    /// Measure only the standalone proxy against the do-nothing forwarder (`--rounds`
+    /// alternated rounds) and print the ratio; no report is written. For iterating on the
+    /// proxy's cost.
+    #[arg(long)]
+    only_proxy: bool,
 }
 
 fn free_port() -> u16 {
@@ -497,6 +502,44 @@ fn row(name: &str, r: &WrkResult) -> String {
     )
 }
 
+/// The proxy against its ceiling: a do-nothing forwarder on the same pods, alternated with
+/// the proxy over `rounds` rounds so drift in the machine's load lands on both. Returns the
+/// forwarder's runs and the proxy's.
+async fn proxy_vs_forwarder(
+    bin_dir: &Path,
+    pods: &[SocketAddr],
+    model: &str,
+    script: &Path,
+    (proxy, proxy_pid): (SocketAddr, u32),
+    (secs, connections, rounds): (u64, usize, usize),
+    logs: &Path,
+) -> anyhow::Result<(Vec<WrkResult>, Vec<WrkResult>)> {
+    let fwd_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let fwd_bin = bin_dir.join("forwarder");
+    anyhow::ensure!(
+        fwd_bin.exists(),
+        "{} missing: build it with cargo build --release -p infermesh-e2e --bin forwarder",
+        fwd_bin.display()
+    );
+    let pod_list: Vec<String> = pods.iter().map(ToString::to_string).collect();
+    let mut fwd_cmd = Command::new(&fwd_bin);
+    fwd_cmd
+        .arg("--listen")
+        .arg(fwd_addr.to_string())
+        .arg("--pods")
+        .arg(pod_list.join(","));
+    let mut fwd_proc = Proc::spawn("forwarder", &mut fwd_cmd, &logs.join("forwarder.log"))?;
+    wait_serving(fwd_addr, model, Duration::from_secs(30), &mut fwd_proc).await?;
+    let mut fwd_runs = Vec::new();
+    let mut proxy_runs = Vec::new();
+    for _ in 0..rounds {
+        let (s, c) = (secs, connections);
+        fwd_runs.push(run_wrk(script, fwd_addr, 2, c, s, Some(fwd_proc.pid()))?);
+        proxy_runs.push(run_wrk(script, proxy, 2, c, s, Some(proxy_pid))?);
+    }
+    Ok((fwd_runs, proxy_runs))
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -540,6 +583,33 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let mut node = start_node(&infermesh, &pool, logs, "main")?;
     wait_serving(node.proxy, &model, Duration::from_secs(30), &mut node.proc_).await?;
+    if args.only_proxy {
+        let (fwd, proxy) = proxy_vs_forwarder(
+            bin_dir,
+            &pods,
+            &model,
+            &script,
+            (node.proxy, node.proc_.pid()),
+            (secs, args.connections, args.rounds.max(1)),
+            logs,
+        )
+        .await?;
+        let (f, p) = (median_result(&fwd), median_result(&proxy));
+        let cpu = |r: &WrkResult| r.cpu_us_per_req.map_or("-".into(), |c| format!("{c:.1} µs"));
+        println!(
+            "forwarder {:.0} req/s ({}; CPU/req {}), proxy {:.0} req/s ({}; CPU/req {}): \
+             proxy/forwarder {:.2}× (median of {} alternated rounds; no report written)",
+            f.rps,
+            rounds_rps(&fwd),
+            cpu(&f),
+            p.rps,
+            rounds_rps(&proxy),
+            cpu(&p),
+            p.rps / f.rps,
+            fwd.len()
+        );
+        return Ok(());
+    }
     let root = repo_root();
     let lb_endpoints = infermesh_testkit::envoy::lb_endpoints(&pods);
     let extproc_tpl = std::fs::read_to_string(root.join("deploy/envoy/envoy-extproc.yaml"))?
@@ -677,42 +747,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     // The proxy against its ceiling: a do-nothing forwarder on the same pods, alternated
     // with the proxy over two rounds so drift in the machine's load lands on both.
-    let fwd_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let fwd_bin = bin_dir.join("forwarder");
-    anyhow::ensure!(
-        fwd_bin.exists(),
-        "{} missing: build it with cargo build --release -p infermesh-e2e --bin forwarder",
-        fwd_bin.display()
-    );
-    let mut fwd_cmd = Command::new(&fwd_bin);
-    fwd_cmd
-        .arg("--listen")
-        .arg(fwd_addr.to_string())
-        .arg("--pods")
-        .arg(pod_list.join(","));
-    let mut fwd_proc = Proc::spawn("forwarder", &mut fwd_cmd, &logs.join("forwarder.log"))?;
-    wait_serving(fwd_addr, &model, Duration::from_secs(30), &mut fwd_proc).await?;
-    let mut tp_fwd_runs = Vec::new();
-    let mut tp_proxy_runs = Vec::new();
-    for _ in 0..2 {
-        tp_fwd_runs.push(run_wrk(
-            &script,
-            fwd_addr,
-            2,
-            c,
-            secs,
-            Some(fwd_proc.pid()),
-        )?);
-        tp_proxy_runs.push(run_wrk(
-            &script,
-            node.proxy,
-            2,
-            c,
-            secs,
-            Some(node.proc_.pid()),
-        )?);
-    }
-    drop(fwd_proc);
+    let (tp_fwd_runs, tp_proxy_runs) = proxy_vs_forwarder(
+        bin_dir,
+        &pods,
+        &model,
+        &script,
+        (node.proxy, node.proc_.pid()),
+        (secs, c, 2),
+        logs,
+    )
+    .await?;
     let tp_fwd = median_result(&tp_fwd_runs);
     let tp_proxy = median_result(&tp_proxy_runs);
     drop(envoy_x);
