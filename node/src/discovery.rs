@@ -39,8 +39,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use infermesh_raft_store::policy::{
-    InvalidDocument, Kind, PolicyObject, PortNumber, accept_any_epp_config,
-    parse_document_values, read_documents, validate_target_ports,
+    InvalidDocument, Kind, PolicyObject, PortNumber, accept_any_epp_config, parse_document_values,
+    read_documents, validate_target_ports,
 };
 use serde::Deserialize;
 
@@ -194,8 +194,8 @@ pub fn parse_pool(text: &str) -> Result<PoolSpec, InvalidPoolFile> {
         document,
         name: pool.metadata.name.clone(),
     };
-    let ext: Extension =
-        serde_path_to_error::deserialize(ext).map_err(|e| ctx.err(e.path().to_string(), e.inner().to_string()))?;
+    let ext: Extension = serde_path_to_error::deserialize(ext)
+        .map_err(|e| ctx.err(e.path().to_string(), e.inner().to_string()))?;
     for (i, m) in ext.models.iter().enumerate() {
         if m.is_empty() {
             return Err(ctx.err(format!("models[{i}]"), "a model name must not be empty"));
@@ -232,10 +232,7 @@ pub fn parse_pool(text: &str) -> Result<PoolSpec, InvalidPoolFile> {
             let port = u16::try_from(port.number).expect("a validated port fits u16");
             let address = SocketAddr::new(ip, port);
             if !seen.insert(address) {
-                return Err(ctx.err(
-                    at("address"),
-                    format!("endpoint {address} is listed twice"),
-                ));
+                return Err(ctx.err(at("address"), format!("endpoint {address} is listed twice")));
             }
             endpoints.push(EndpointSpec {
                 address,
@@ -373,7 +370,10 @@ spec: {priority: -1, poolRef: {name: llama}}
             "    targets: []\n",
         );
         let e = parse_pool(&format!("{FILE}{bad}")).unwrap_err().to_string();
-        assert!(e.starts_with("document 3 (InferenceModelRewrite \"alias\")"), "{e}");
+        assert!(
+            e.starts_with("document 3 (InferenceModelRewrite \"alias\")"),
+            "{e}"
+        );
         assert!(e.contains("target"), "{e}");
     }
 
@@ -423,7 +423,10 @@ spec: {priority: -1, poolRef: {name: llama}}
             InvalidPoolFile::PoolCount(0)
         ));
         let e = parse_pool(&FILE.replace("{name: batch}", "{name: batch}\nmodels: [x]"));
-        assert!(e.unwrap_err().to_string().contains("models"), "only the pool has models");
+        assert!(
+            e.unwrap_err().to_string().contains("models"),
+            "only the pool has models"
+        );
     }
 
     /// A GIE-only pool (no `models`/`pods`), so the same text is a valid endpoints file and
@@ -457,7 +460,10 @@ spec: {priority: -1, poolRef: {name: llama}}
             ),
             (
                 "eight ports",
-                pool("targetPorts: [{number: 8000}]", &nine.replace(", {number: 9}", "")),
+                pool(
+                    "targetPorts: [{number: 8000}]",
+                    &nine.replace(", {number: 9}", ""),
+                ),
                 None,
             ),
             (
@@ -475,7 +481,11 @@ spec: {priority: -1, poolRef: {name: llama}}
                 pool("targetPorts: [{number: 8000}]", &nine),
                 Some("spec.targetPorts"),
             ),
-            ("port 0", pool("8000", "0"), Some("spec.targetPorts[0].number")),
+            (
+                "port 0",
+                pool("8000", "0"),
+                Some("spec.targetPorts[0].number"),
+            ),
             (
                 "port 70000",
                 pool("8000", "70000"),
@@ -498,7 +508,10 @@ spec: {priority: -1, poolRef: {name: llama}}
             ),
             (
                 "h2c",
-                pool("targetPorts:", "appProtocol: kubernetes.io/h2c\n  targetPorts:"),
+                pool(
+                    "targetPorts:",
+                    "appProtocol: kubernetes.io/h2c\n  targetPorts:",
+                ),
                 Some("spec.appProtocol"),
             ),
             (
@@ -520,7 +533,10 @@ spec: {priority: -1, poolRef: {name: llama}}
                 (Err(InvalidPoolFile::Document(f)), Err(a), Some(field)) => {
                     // The same error, not merely both refusing.
                     assert_eq!(f, a, "{case}");
-                    assert!(a.field.contains(field) || a.reason.contains(field), "{case}: {a}");
+                    assert!(
+                        a.field.contains(field) || a.reason.contains(field),
+                        "{case}: {a}"
+                    );
                     assert!(f.to_string().contains(field), "{case}: {f}");
                 }
                 _ => panic!("{case}: the file gave {file:?}, apply gave {apply:?}"),
@@ -531,20 +547,41 @@ spec: {priority: -1, poolRef: {name: llama}}
     #[test]
     fn pod_ports_follow_the_pools_rule() {
         let pod = |ports: &str| {
-            format!("{GIE_POOL}pods:\n- {{address: 10.0.0.1, labels: {{app: vllm}}, targetPorts: {ports}}}\n")
+            format!(
+                "{GIE_POOL}pods:\n- {{address: 10.0.0.1, labels: {{app: vllm}}, targetPorts: {ports}}}\n"
+            )
         };
         let nine: Vec<String> = (1..=9).map(|p| format!("{{number: {p}}}")).collect();
         let cases = [
-            (format!("[{}]", nine.join(", ")), "pods[0].targetPorts", "must list 1 to 8 ports, got 9"),
-            ("[]".to_owned(), "pods[0].targetPorts", "must list 1 to 8 ports, got 0"),
-            ("[{number: 0}]".to_owned(), "pods[0].targetPorts[0].number", "0 is not a port"),
-            ("[{number: 7}, {number: 7}]".to_owned(), "pods[0].targetPorts[1].number", "listed twice"),
+            (
+                format!("[{}]", nine.join(", ")),
+                "pods[0].targetPorts",
+                "must list 1 to 8 ports, got 9",
+            ),
+            (
+                "[]".to_owned(),
+                "pods[0].targetPorts",
+                "must list 1 to 8 ports, got 0",
+            ),
+            (
+                "[{number: 0}]".to_owned(),
+                "pods[0].targetPorts[0].number",
+                "0 is not a port",
+            ),
+            (
+                "[{number: 7}, {number: 7}]".to_owned(),
+                "pods[0].targetPorts[1].number",
+                "listed twice",
+            ),
         ];
         for (ports, field, reason) in cases {
             let InvalidPoolFile::Document(e) = parse_pool(&pod(&ports)).unwrap_err() else {
                 panic!("{ports}: not a document error");
             };
-            assert_eq!((e.document, e.kind.as_str(), e.field.as_str()), (1, "InferencePool", field));
+            assert_eq!(
+                (e.document, e.kind.as_str(), e.field.as_str()),
+                (1, "InferencePool", field)
+            );
             assert!(e.reason.contains(reason), "{ports}: {e}");
         }
         let ok = parse_pool(&pod("[{number: 1}, {number: 65535}]")).unwrap();

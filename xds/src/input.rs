@@ -259,7 +259,10 @@ mod tests {
         ));
         let nine = bad(&|i| i.pools[0].target_ports = (1..=9).collect());
         assert!(matches!(nine, InvalidInput::TargetPorts { .. }));
-        assert!(nine.to_string().contains("must list 1 to 8 ports, got 9"), "{nine}");
+        assert!(
+            nine.to_string().contains("must list 1 to 8 ports, got 9"),
+            "{nine}"
+        );
         assert!(matches!(
             bad(&|i| i.pools[0].target_ports = vec![8000, 0]),
             InvalidInput::TargetPorts { .. }

@@ -9,8 +9,9 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use super::object::{
-    AppProtocol, Document, EndpointPickerConfigDoc, InferenceEndpointsSpec, InferenceModelRewriteSpec,
-    InferenceObjectiveSpec, InferencePoolSpec, Kind, ObjectKey, ObjectMeta, PolicyObject, PoolRef,
+    AppProtocol, Document, EndpointPickerConfigDoc, InferenceEndpointsSpec,
+    InferenceModelRewriteSpec, InferenceObjectiveSpec, InferencePoolSpec, Kind, ObjectKey,
+    ObjectMeta, PolicyObject, PoolRef,
 };
 
 /// Largest rewrite target weight accepted (GIE: 1..=1e6).

@@ -198,18 +198,24 @@ fn h2c_pools_are_refused_with_the_reason() {
 #[test]
 fn target_port_rule_is_one_function() {
     assert_eq!(validate_target_ports([8000, 8001]), Ok(()));
-    assert_eq!(
-        validate_target_ports([]),
-        Err(InvalidTargetPorts::Count(0))
-    );
+    assert_eq!(validate_target_ports([]), Err(InvalidTargetPorts::Count(0)));
     assert_eq!(
         validate_target_ports(1..=9),
         Err(InvalidTargetPorts::Count(9))
     );
     assert_eq!(validate_target_ports(1..=MAX_TARGET_PORTS as i64), Ok(()));
     let e = validate_target_ports([1, 0]).unwrap_err();
-    assert_eq!(e, InvalidTargetPorts::OutOfRange { index: 1, number: 0 });
-    assert_eq!(e.field("pods[3].targetPorts"), "pods[3].targetPorts[1].number");
+    assert_eq!(
+        e,
+        InvalidTargetPorts::OutOfRange {
+            index: 1,
+            number: 0
+        }
+    );
+    assert_eq!(
+        e.field("pods[3].targetPorts"),
+        "pods[3].targetPorts[1].number"
+    );
     let e = validate_target_ports([7, 65536]).unwrap_err();
     assert_eq!(e.field("x"), "x[1].number");
     let e = validate_target_ports([7, 7]).unwrap_err();
