@@ -397,12 +397,14 @@ async fn wait_serving(
 
 fn pool_file(dir: &Path, addrs: &[SocketAddr], model: &str) -> anyhow::Result<PathBuf> {
     let mut y = format!(
-        "kind: InferencePool\nmetadata: {{name: bench}}\nspec: {{targetPorts: [{{number: 8000}}]}}\nmodels: [\"{model}\"]\npods:\n"
+        "apiVersion: inference.networking.k8s.io/v1\nkind: InferencePool\nmetadata: {{name: bench}}\n\
+         spec: {{selector: {{matchLabels: {{app: sim}}}}, targetPorts: [{{number: 8000}}]}}\n\
+         models: [\"{model}\"]\npods:\n"
     );
     for (i, a) in addrs.iter().enumerate() {
         let _ = writeln!(
             y,
-            "- {{name: sim-{i}, address: {}, targetPorts: [{{number: {}}}]}}",
+            "- {{name: sim-{i}, address: {}, labels: {{app: sim}}, targetPorts: [{{number: {}}}]}}",
             a.ip(),
             a.port()
         );

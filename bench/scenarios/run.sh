@@ -187,11 +187,12 @@ start_router() {
         echo "kind: InferencePool"
         echo "metadata: {name: sim}"
         echo "spec:"
+        echo "  selector: {matchLabels: {app: sim}}"
         echo "  targetPorts: [{number: $BASE_PORT}]"
         echo "models: [$MODEL]"
         echo "pods:"
         for ((i = 0; i < PODS; i++)); do
-          echo "- {name: sim-$i, address: 127.0.0.1, targetPorts: [{number: $((BASE_PORT + i))}]}"
+          echo "- {name: sim-$i, address: 127.0.0.1, labels: {app: sim}, targetPorts: [{number: $((BASE_PORT + i))}]}"
         done
       } >"$WORK/pool.yaml"
       local cfg=()

@@ -1,8 +1,10 @@
-//! Endpoint discovery from a file: an InferencePool-like YAML naming the pool's pods,
-//! their labels and target ports, plus optional InferenceObjectives and
-//! InferenceModelRewrites (validated by the policy store's own rules). The file is watched
-//! (notify) and re-read when it changes; a file that fails to parse or validate is
-//! reported and the previous set stays in force.
+//! Endpoint discovery from a file: one InferencePool naming, in infermesh's extension
+//! fields `models` and `pods`, the pool's served models and its pods (labels, per-pod
+//! target ports), plus optional InferenceObjectives and InferenceModelRewrites. Every GIE
+//! field is parsed and validated by the policy store (`parse_document_values`), so the file
+//! and `infermesh apply` accept and refuse the same documents; this module handles only
+//! `models` and `pods`. The file is watched (notify) and re-read when it changes; a file
+//! that fails to parse or validate is reported and the previous set stays in force.
 //!
 //! ```yaml
 //! apiVersion: inference.networking.k8s.io/v1
@@ -10,11 +12,12 @@
 //! metadata: {name: llama}
 //! spec:
 //!   targetPorts: [{number: 8000}]          # 1-8 unique ports, as in InferencePool
-//!   selector: {matchLabels: {app: vllm}}   # optional; pods must match it
+//!   selector: {matchLabels: {app: vllm}}   # required, as in InferencePool; pods must match it
+//!   # appProtocol: http only; kubernetes.io/h2c is refused (the proxy speaks HTTP/1.1)
 //! models: [meta-llama/Llama-3.1-8B-Instruct]  # optional; else read from each pod's /v1/models
 //! pods:                                    # what Kubernetes would find with the selector
 //! - {name: vllm-0, address: 10.0.0.1, labels: {app: vllm, llm-d.ai/role: decode}}
-//! - {name: vllm-1, address: 127.0.0.1, targetPorts: [{number: 18001}]}  # per-pod override
+//! - {name: vllm-1, address: 127.0.0.1, labels: {app: vllm}, targetPorts: [{number: 18001}]}  # per-pod override
 //! ---
 //! apiVersion: inference.networking.x-k8s.io/v1alpha2
 //! kind: InferenceObjective
@@ -35,11 +38,23 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
+use infermesh_raft_store::policy::{
+    InvalidDocument, Kind, PolicyObject, PortNumber, accept_any_epp_config, parse_document_values,
+    read_documents, validate_target_ports,
+};
 use serde::Deserialize;
 
 use crate::pool_model::{Engine, PoolInput, UnknownEngine};
 
 pub use crate::pool_model::{EndpointSpec, PoolSpec, fleet_pool};
+
+/// The kinds an endpoints file may hold (the policy store knows more, e.g.
+/// EndpointPickerConfig, which the node takes from `--config-file` instead).
+const FILE_KINDS: [Kind; 3] = [
+    Kind::InferencePool,
+    Kind::InferenceObjective,
+    Kind::InferenceModelRewrite,
+];
 
 /// Why a discovery file was rejected; the previous endpoint set stays in force.
 #[derive(Debug, thiserror::Error)]
@@ -52,16 +67,10 @@ pub enum InvalidPoolFile {
         /// The IO error.
         source: std::io::Error,
     },
-    /// YAML syntax error or a field of the wrong shape.
-    #[error("document {document}: {path}: {message}")]
-    Yaml {
-        /// 1-based YAML document index.
-        document: usize,
-        /// Field path, e.g. `pods[2].targetPorts[0].number`.
-        path: String,
-        /// Parser message (with line and column).
-        message: String,
-    },
+    /// A document breaks the policy store's rules, or the pool's `models`/`pods` are wrong;
+    /// names the document, its kind and name, and the field.
+    #[error(transparent)]
+    Document(#[from] InvalidDocument),
     /// A document of a kind this file does not hold.
     #[error(
         "document {document}: unsupported kind {kind:?} (expected InferencePool, InferenceObjective or InferenceModelRewrite)"
@@ -75,75 +84,18 @@ pub enum InvalidPoolFile {
     /// Zero or several InferencePool documents.
     #[error("the file must hold exactly one InferencePool document, found {0}")]
     PoolCount(usize),
-    /// A semantic error at a named field.
-    #[error("{field}: {reason}")]
-    Field {
-        /// Field path.
-        field: String,
-        /// What is wrong.
-        reason: String,
-    },
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Header {
-    kind: String,
-}
-
-#[derive(Deserialize)]
+/// The fields infermesh adds to the InferencePool document (what Kubernetes would find with
+/// the selector, and the served models); everything else is GIE's and parsed by the
+/// policy store.
+#[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct PoolDoc {
-    #[allow(dead_code)]
-    api_version: Option<String>,
-    #[allow(dead_code)]
-    kind: String,
-    #[serde(default)]
-    metadata: Metadata,
-    spec: PoolSpecDoc,
+struct Extension {
     #[serde(default)]
     models: Vec<String>,
     #[serde(default)]
     pods: Vec<PodDoc>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct Metadata {
-    #[serde(default)]
-    name: String,
-    #[allow(dead_code)]
-    #[serde(default)]
-    namespace: Option<String>,
-    #[allow(dead_code)]
-    #[serde(default)]
-    labels: BTreeMap<String, String>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct PoolSpecDoc {
-    target_ports: Vec<PortDoc>,
-    #[serde(default)]
-    selector: Option<Selector>,
-    #[serde(default)]
-    app_protocol: Option<String>,
-    #[allow(dead_code)]
-    #[serde(default)]
-    endpoint_picker_ref: Option<serde_yaml_ng::Value>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct Selector {
-    #[serde(default)]
-    match_labels: BTreeMap<String, String>,
-}
-
-#[derive(Deserialize, Clone, Copy)]
-#[serde(deny_unknown_fields)]
-struct PortDoc {
-    number: u16,
 }
 
 #[derive(Deserialize)]
@@ -155,62 +107,25 @@ struct PodDoc {
     #[serde(default)]
     labels: BTreeMap<String, String>,
     #[serde(default)]
-    target_ports: Option<Vec<PortDoc>>,
+    target_ports: Option<Vec<PortNumber>>,
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct ObjectiveDoc {
-    #[allow(dead_code)]
-    api_version: Option<String>,
-    #[allow(dead_code)]
-    kind: String,
-    metadata: Metadata,
-    spec: ObjectiveSpecDoc,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct ObjectiveSpecDoc {
-    #[serde(default)]
-    priority: Option<i32>,
-    #[allow(dead_code)]
-    #[serde(default)]
-    pool_ref: Option<serde_yaml_ng::Value>,
-}
-
-/// An InferenceModelRewrite, parsed and validated by the policy store's own rules, so the
-/// file and `infermesh apply` accept and refuse the same documents.
-fn rewrite_doc(
+/// Errors in the extension fields, in the policy store's form (document, kind, name, field).
+struct PoolCtx {
     document: usize,
-    value: &serde_yaml_ng::Value,
-) -> Result<crate::pool_model::RewriteDoc, InvalidPoolFile> {
-    use infermesh_raft_store::policy::{PolicyObject, accept_any_epp_config, parse_documents};
-    let text = serde_yaml_ng::to_string(value).expect("a parsed YAML value serializes");
-    let object = parse_documents(&text, &accept_any_epp_config())
-        .map_err(|e| field(format!("document {document}"), e.to_string()))?;
-    match object.into_iter().next() {
-        Some(PolicyObject::InferenceModelRewrite(doc)) => Ok(doc),
-        _ => unreachable!("the document's kind is InferenceModelRewrite"),
-    }
+    name: String,
 }
 
-fn field(field: impl Into<String>, reason: impl Into<String>) -> InvalidPoolFile {
-    InvalidPoolFile::Field {
-        field: field.into(),
-        reason: reason.into(),
+impl PoolCtx {
+    fn err(&self, field: impl Into<String>, reason: impl Into<String>) -> InvalidPoolFile {
+        InvalidPoolFile::Document(InvalidDocument {
+            document: self.document,
+            kind: Kind::InferencePool.to_string(),
+            name: self.name.clone(),
+            field: field.into(),
+            reason: reason.into(),
+        })
     }
-}
-
-fn from_doc<T: serde::de::DeserializeOwned>(
-    document: usize,
-    value: serde_yaml_ng::Value,
-) -> Result<T, InvalidPoolFile> {
-    serde_path_to_error::deserialize(value).map_err(|e| InvalidPoolFile::Yaml {
-        document,
-        path: e.path().to_string(),
-        message: e.into_inner().to_string(),
-    })
 }
 
 /// Reads and validates a discovery file.
@@ -222,99 +137,102 @@ pub fn load_pool_file(path: &Path) -> Result<PoolSpec, InvalidPoolFile> {
     parse_pool(&text)
 }
 
-/// Parses and validates the text of a discovery file.
+/// Parses and validates the text of a discovery file: the InferencePool, InferenceObjective
+/// and InferenceModelRewrite documents by the policy store's rules (as `infermesh apply`
+/// would), the pool's `models` and `pods` here.
 pub fn parse_pool(text: &str) -> Result<PoolSpec, InvalidPoolFile> {
-    let mut pool: Option<PoolDoc> = None;
-    let mut pools = 0;
+    let mut documents = read_documents(text)?;
+    let mut extension: Option<(usize, serde_json::Value)> = None;
+    for (document, value) in &mut documents {
+        // A missing or non-string kind is left to the policy store, which names it.
+        let Some(kind) = value.get("kind").and_then(|k| k.as_str()) else {
+            continue;
+        };
+        if !FILE_KINDS.iter().any(|k| k.as_str() == kind) {
+            return Err(InvalidPoolFile::UnsupportedKind {
+                document: *document,
+                kind: kind.to_owned(),
+            });
+        }
+        if kind == Kind::InferencePool.as_str()
+            && let Some(map) = value.as_object_mut()
+        {
+            // Out before the policy store sees the document: GIE has no such fields.
+            let mut ext = serde_json::Map::new();
+            for key in ["models", "pods"] {
+                if let Some(v) = map.remove(key) {
+                    ext.insert(key.to_owned(), v);
+                }
+            }
+            extension = Some((*document, serde_json::Value::Object(ext)));
+        }
+    }
+    let objects = parse_document_values(documents, &accept_any_epp_config())?;
+    let mut pools = Vec::new();
     let mut objectives = HashMap::new();
     let mut rewrites = Vec::new();
-    for (i, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-        let document = i + 1;
-        let value = serde_yaml_ng::Value::deserialize(de).map_err(|e| InvalidPoolFile::Yaml {
-            document,
-            path: ".".into(),
-            message: e.to_string(),
-        })?;
-        if value.is_null() {
-            continue; // an empty document (e.g. a trailing `---`)
-        }
-        let header: Header = from_doc(document, value.clone())?;
-        match header.kind.as_str() {
-            "InferencePool" => {
-                pools += 1;
-                pool = Some(from_doc(document, value)?);
+    for object in objects {
+        match object {
+            PolicyObject::InferencePool(doc) => pools.push(doc),
+            PolicyObject::InferenceObjective(doc) => {
+                let priority = doc.spec.effective_priority();
+                objectives.insert(doc.metadata.name, (doc.spec.pool_ref.name, priority));
             }
-            "InferenceObjective" => {
-                let doc: ObjectiveDoc = from_doc(document, value)?;
-                if doc.metadata.name.is_empty() {
-                    return Err(field(
-                        format!("document {document}: metadata.name"),
-                        "an InferenceObjective needs a name",
-                    ));
-                }
-                objectives.insert(doc.metadata.name, doc.spec.priority.unwrap_or(0));
-            }
-            "InferenceModelRewrite" => rewrites.push(rewrite_doc(document, &value)?),
-            other => {
-                return Err(InvalidPoolFile::UnsupportedKind {
-                    document,
-                    kind: other.to_owned(),
-                });
-            }
+            PolicyObject::InferenceModelRewrite(doc) => rewrites.push(doc),
+            _ => unreachable!("kinds other than FILE_KINDS were refused above"),
         }
     }
-    if pools != 1 {
-        return Err(InvalidPoolFile::PoolCount(pools));
+    let [pool] = <[_; 1]>::try_from(pools).map_err(|p| InvalidPoolFile::PoolCount(p.len()))?;
+    // As for applied policy (`policy::derive`): objectives and rewrites apply to the pool
+    // their poolRef names, so one naming another pool does nothing here.
+    objectives.retain(|_, (pool_ref, _)| *pool_ref == pool.metadata.name);
+    let objectives: HashMap<String, i32> =
+        objectives.into_iter().map(|(k, (_, p))| (k, p)).collect();
+    rewrites.retain(|r| r.spec.pool_ref.name == pool.metadata.name);
+    let (document, ext) = extension.expect("a parsed InferencePool was seen above");
+    let ctx = PoolCtx {
+        document,
+        name: pool.metadata.name.clone(),
+    };
+    let ext: Extension = serde_path_to_error::deserialize(ext)
+        .map_err(|e| ctx.err(e.path().to_string(), e.inner().to_string()))?;
+    for (i, m) in ext.models.iter().enumerate() {
+        if m.is_empty() {
+            return Err(ctx.err(format!("models[{i}]"), "a model name must not be empty"));
+        }
     }
-    let pool = pool.expect("one pool counted");
-    validate_ports("spec.targetPorts", &pool.spec.target_ports)?;
-    if let Some(proto) = &pool.spec.app_protocol
-        && proto != "http"
-    {
-        return Err(field(
-            "spec.appProtocol",
-            format!("{proto:?} is not supported (only \"http\")"),
-        ));
-    }
-    let selector = pool
-        .spec
-        .selector
-        .map(|s| s.match_labels)
-        .unwrap_or_default();
+    let selector = &pool.spec.selector.match_labels;
     let mut endpoints = Vec::new();
     let mut seen = BTreeSet::new();
-    for (i, pod) in pool.pods.into_iter().enumerate() {
+    for (i, pod) in ext.pods.into_iter().enumerate() {
         let at = |f: &str| format!("pods[{i}].{f}");
         let ip: IpAddr = pod.address.parse().map_err(|_| {
-            field(
+            ctx.err(
                 at("address"),
                 format!("{:?} is not an IP address", pod.address),
             )
         })?;
+        let ports = match &pod.target_ports {
+            Some(p) => {
+                // The pool's own rule, so a pod may list what the pool may list.
+                validate_target_ports(p.iter().map(|p| p.number))
+                    .map_err(|e| ctx.err(e.field(&at("targetPorts")), e.to_string()))?;
+                p
+            }
+            None => &pool.spec.target_ports,
+        };
         if !selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v)) {
             continue; // not selected by the pool, as Kubernetes would skip it
         }
-        let engine = Engine::from_labels(&pod.labels).map_err(|UnknownEngine(e)| {
-            field(
-                at("labels"),
-                format!("unknown engine type {e:?} (known: vllm, sglang)"),
-            )
-        })?;
-        let ports = match &pod.target_ports {
-            Some(p) => {
-                validate_ports(&at("targetPorts"), p)?;
-                p.clone()
-            }
-            None => pool.spec.target_ports.clone(),
-        };
+        let engine = Engine::from_labels(&pod.labels)
+            .map_err(|e @ UnknownEngine(_)| ctx.err(at("labels"), e.to_string()))?;
         let name = pod.name.unwrap_or_else(|| format!("pod-{i}"));
         for port in ports {
-            let address = SocketAddr::new(ip, port.number);
+            // Validated above: 1..=65535.
+            let port = u16::try_from(port.number).expect("a validated port fits u16");
+            let address = SocketAddr::new(ip, port);
             if !seen.insert(address) {
-                return Err(field(
-                    at("address"),
-                    format!("endpoint {address} is listed twice"),
-                ));
+                return Err(ctx.err(at("address"), format!("endpoint {address} is listed twice")));
             }
             endpoints.push(EndpointSpec {
                 address,
@@ -324,50 +242,13 @@ pub fn parse_pool(text: &str) -> Result<PoolSpec, InvalidPoolFile> {
             });
         }
     }
-    for (i, m) in pool.models.iter().enumerate() {
-        if m.is_empty() {
-            return Err(field(
-                format!("models[{i}]"),
-                "a model name must not be empty",
-            ));
-        }
-    }
     Ok(PoolSpec {
         name: pool.metadata.name,
         endpoints,
-        models: pool.models,
+        models: ext.models,
         objectives,
         rewrites: Some(rewrites),
     })
-}
-
-fn validate_ports(at: &str, ports: &[PortDoc]) -> Result<(), InvalidPoolFile> {
-    use infermesh_raft_store::policy::MAX_TARGET_PORTS;
-    if ports.is_empty() || ports.len() > MAX_TARGET_PORTS {
-        return Err(field(
-            at,
-            format!(
-                "must list 1 to {MAX_TARGET_PORTS} ports, found {}",
-                ports.len()
-            ),
-        ));
-    }
-    let mut seen = BTreeSet::new();
-    for (i, p) in ports.iter().enumerate() {
-        if p.number == 0 {
-            return Err(field(
-                format!("{at}[{i}].number"),
-                "port 0 is not a valid target port",
-            ));
-        }
-        if !seen.insert(p.number) {
-            return Err(field(
-                format!("{at}[{i}].number"),
-                format!("port {} is listed twice", p.number),
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// Re-reads a discovery file: `Some(new)` when it changed (and `last` becomes it),
@@ -489,7 +370,10 @@ spec: {priority: -1, poolRef: {name: llama}}
             "    targets: []\n",
         );
         let e = parse_pool(&format!("{FILE}{bad}")).unwrap_err().to_string();
-        assert!(e.starts_with("document 3:"), "{e}");
+        assert!(
+            e.starts_with("document 3 (InferenceModelRewrite \"alias\")"),
+            "{e}"
+        );
         assert!(e.contains("target"), "{e}");
     }
 
@@ -532,10 +416,185 @@ spec: {priority: -1, poolRef: {name: llama}}
             parse_pool("kind: Deployment\n").unwrap_err(),
             InvalidPoolFile::UnsupportedKind { .. }
         ));
+        let objective_only = "apiVersion: inference.networking.x-k8s.io/v1alpha2\n\
+            kind: InferenceObjective\nmetadata: {name: x}\nspec: {poolRef: {name: llama}}\n";
         assert!(matches!(
-            parse_pool("kind: InferenceObjective\nmetadata: {name: x}\nspec: {}\n").unwrap_err(),
+            parse_pool(objective_only).unwrap_err(),
             InvalidPoolFile::PoolCount(0)
         ));
+        let e = parse_pool(&FILE.replace("{name: batch}", "{name: batch}\nmodels: [x]"));
+        assert!(
+            e.unwrap_err().to_string().contains("models"),
+            "only the pool has models"
+        );
+    }
+
+    /// A GIE-only pool (no `models`/`pods`), so the same text is a valid endpoints file and
+    /// a valid `infermesh apply`.
+    const GIE_POOL: &str = "apiVersion: inference.networking.k8s.io/v1\n\
+        kind: InferencePool\nmetadata: {name: llama}\nspec:\n  \
+        selector: {matchLabels: {app: vllm}}\n  targetPorts: [{number: 8000}]\n";
+
+    const OBJECTIVE: &str = "apiVersion: inference.networking.x-k8s.io/v1alpha2\n\
+        kind: InferenceObjective\nmetadata: {name: batch}\n\
+        spec: {priority: -1, poolRef: {name: llama}}\n";
+
+    #[test]
+    fn the_file_and_apply_accept_and_refuse_the_same_documents() {
+        use infermesh_raft_store::policy::{accept_any_epp_config, parse_documents};
+        let nine: Vec<String> = (1..=9).map(|p| format!("{{number: {p}}}")).collect();
+        let nine = format!("targetPorts: [{}]", nine.join(", "));
+        let pool = |from: &str, to: &str| {
+            assert!(GIE_POOL.contains(from), "{from}");
+            GIE_POOL.replace(from, to)
+        };
+        let with_objective = |o: &str| format!("{GIE_POOL}---\n{o}");
+        // (case, text, the field named when refused; None = accepted)
+        let cases: Vec<(&str, String, Option<&str>)> = vec![
+            ("plain pool", GIE_POOL.to_owned(), None),
+            ("pool and objective", with_objective(OBJECTIVE), None),
+            (
+                "http spelled out",
+                pool("targetPorts:", "appProtocol: http\n  targetPorts:"),
+                None,
+            ),
+            (
+                "eight ports",
+                pool(
+                    "targetPorts: [{number: 8000}]",
+                    &nine.replace(", {number: 9}", ""),
+                ),
+                None,
+            ),
+            (
+                "missing selector",
+                pool("  selector: {matchLabels: {app: vllm}}\n", ""),
+                Some("missing field `selector`"),
+            ),
+            (
+                "empty selector",
+                pool("{app: vllm}", "{}"),
+                Some("spec.selector.matchLabels"),
+            ),
+            (
+                "nine ports",
+                pool("targetPorts: [{number: 8000}]", &nine),
+                Some("spec.targetPorts"),
+            ),
+            (
+                "port 0",
+                pool("8000", "0"),
+                Some("spec.targetPorts[0].number"),
+            ),
+            (
+                "port 70000",
+                pool("8000", "70000"),
+                Some("spec.targetPorts[0].number"),
+            ),
+            (
+                "duplicate port",
+                pool("{number: 8000}", "{number: 8000}, {number: 8000}"),
+                Some("spec.targetPorts[1].number"),
+            ),
+            (
+                "objective without poolRef",
+                with_objective(&OBJECTIVE.replace(", poolRef: {name: llama}", "")),
+                Some("missing field `poolRef`"),
+            ),
+            (
+                "unknown field",
+                pool("targetPorts:", "replicas: 2\n  targetPorts:"),
+                Some("unknown field `replicas`"),
+            ),
+            (
+                "h2c",
+                pool(
+                    "targetPorts:",
+                    "appProtocol: kubernetes.io/h2c\n  targetPorts:",
+                ),
+                Some("spec.appProtocol"),
+            ),
+            (
+                "missing apiVersion",
+                pool("apiVersion: inference.networking.k8s.io/v1\n", ""),
+                Some("apiVersion"),
+            ),
+            (
+                "upper-case name",
+                pool("{name: llama}", "{name: Llama}"),
+                Some("metadata.name"),
+            ),
+        ];
+        for (case, text, refused_at) in cases {
+            let file = parse_pool(&text);
+            let apply = parse_documents(&text, &accept_any_epp_config());
+            match (&file, &apply, refused_at) {
+                (Ok(_), Ok(_), None) => {}
+                (Err(InvalidPoolFile::Document(f)), Err(a), Some(field)) => {
+                    // The same error, not merely both refusing.
+                    assert_eq!(f, a, "{case}");
+                    assert!(
+                        a.field.contains(field) || a.reason.contains(field),
+                        "{case}: {a}"
+                    );
+                    assert!(f.to_string().contains(field), "{case}: {f}");
+                }
+                _ => panic!("{case}: the file gave {file:?}, apply gave {apply:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn pod_ports_follow_the_pools_rule() {
+        let pod = |ports: &str| {
+            format!(
+                "{GIE_POOL}pods:\n- {{address: 10.0.0.1, labels: {{app: vllm}}, targetPorts: {ports}}}\n"
+            )
+        };
+        let nine: Vec<String> = (1..=9).map(|p| format!("{{number: {p}}}")).collect();
+        let cases = [
+            (
+                format!("[{}]", nine.join(", ")),
+                "pods[0].targetPorts",
+                "must list 1 to 8 ports, got 9",
+            ),
+            (
+                "[]".to_owned(),
+                "pods[0].targetPorts",
+                "must list 1 to 8 ports, got 0",
+            ),
+            (
+                "[{number: 0}]".to_owned(),
+                "pods[0].targetPorts[0].number",
+                "0 is not a port",
+            ),
+            (
+                "[{number: 7}, {number: 7}]".to_owned(),
+                "pods[0].targetPorts[1].number",
+                "listed twice",
+            ),
+        ];
+        for (ports, field, reason) in cases {
+            let InvalidPoolFile::Document(e) = parse_pool(&pod(&ports)).unwrap_err() else {
+                panic!("{ports}: not a document error");
+            };
+            assert_eq!(
+                (e.document, e.kind.as_str(), e.field.as_str()),
+                (1, "InferencePool", field)
+            );
+            assert!(e.reason.contains(reason), "{ports}: {e}");
+        }
+        let ok = parse_pool(&pod("[{number: 1}, {number: 65535}]")).unwrap();
+        assert_eq!(ok.endpoints.len(), 2);
+    }
+
+    #[test]
+    fn objectives_and_rewrites_for_another_pool_do_not_apply() {
+        let other = OBJECTIVE.replace("{name: llama}", "{name: other}");
+        let p = parse_pool(&format!("{GIE_POOL}---\n{other}")).unwrap();
+        assert!(p.objectives.is_empty(), "{:?}", p.objectives);
+        let p = parse_pool(&format!("{GIE_POOL}---\n{OBJECTIVE}")).unwrap();
+        assert_eq!(p.objectives["batch"], -1);
     }
 }
 
@@ -549,10 +608,13 @@ mod reload_tests {
     fn pool_with(ports: &[u16]) -> String {
         let pods: Vec<String> = ports
             .iter()
-            .map(|p| format!("- {{address: 127.0.0.1, targetPorts: [{{number: {p}}}]}}"))
+            .map(|p| {
+                format!("- {{address: 127.0.0.1, labels: {{app: vllm}}, targetPorts: [{{number: {p}}}]}}")
+            })
             .collect();
         format!(
-            "kind: InferencePool\nmetadata: {{name: t}}\nspec: {{targetPorts: [{{number: 1}}]}}\npods:\n{}\n",
+            "apiVersion: inference.networking.k8s.io/v1\nkind: InferencePool\nmetadata: {{name: t}}\n\
+             spec: {{selector: {{matchLabels: {{app: vllm}}}}, targetPorts: [{{number: 1}}]}}\npods:\n{}\n",
             pods.join("\n")
         )
     }
@@ -597,7 +659,8 @@ mod reload_tests {
             reload(&path, &mut last).unwrap().is_none(),
             "unchanged file"
         );
-        std::fs::write(&path, "kind: InferencePool\nspec: {targetPorts: []}\n").unwrap();
+        let bad = pool_with(&[1001]).replace("targetPorts: [{number: 1}]", "targetPorts: []");
+        std::fs::write(&path, bad).unwrap();
         let err = reload(&path, &mut last).unwrap_err();
         assert!(err.to_string().contains("spec.targetPorts"), "{err}");
         assert_eq!(ports(&last), [1001], "the previous set stays");

@@ -52,7 +52,9 @@ fn serve_exits_64_on_a_bad_endpoints_file_before_binding() {
     let path = dir.path().join("pool.yaml");
     std::fs::write(
         &path,
-        "kind: InferencePool\nspec: {targetPorts: [{number: 8000}]}\npods:\n- {address: not-an-ip}\n",
+        "apiVersion: inference.networking.k8s.io/v1\nkind: InferencePool\nmetadata: {name: p}\n\
+         spec: {selector: {matchLabels: {app: vllm}}, targetPorts: [{number: 8000}]}\n\
+         pods:\n- {address: not-an-ip}\n",
     )
     .unwrap();
     let out = infermesh()

@@ -3,6 +3,8 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use infermesh_raft_store::policy::InvalidTargetPorts;
+
 use crate::resource_type::ResourceType;
 
 /// Why an [`XdsInput`](crate::XdsInput) was refused. Nothing was published: the
@@ -39,13 +41,16 @@ pub enum InvalidInput {
         /// The contested address.
         address: SocketAddr,
     },
-    /// `targetPorts` is empty, has more than 8 entries, repeats a port or contains 0.
-    #[error("pool {pool:?}: targetPorts {ports:?} must be 1-8 unique non-zero ports")]
+    /// `targetPorts` breaks the InferencePool rule the policy store checks (1 to
+    /// `MAX_TARGET_PORTS` unique non-zero ports).
+    #[error("pool {pool:?}: targetPorts {ports:?}: {reason}")]
     TargetPorts {
         /// The pool.
         pool: String,
         /// The ports given.
         ports: Vec<u16>,
+        /// Which part of the rule they break.
+        reason: InvalidTargetPorts,
     },
     /// The ext_proc message timeout is zero or above Envoy's one-hour bound.
     #[error("pool {pool:?}: message timeout {timeout:?} must be above 0 and at most 1h")]

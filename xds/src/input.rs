@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use infermesh_raft_store::policy::validate_target_ports;
 use serde::{Deserialize, Serialize};
 
 use crate::error::InvalidInput;
@@ -34,7 +35,8 @@ pub struct InferencePoolSpec {
     pub name: String,
     /// Address and port the Envoy listener for this pool binds.
     pub listener: SocketAddr,
-    /// `spec.targetPorts`: 1–8 unique model-server ports; each `podIP:port` is an endpoint.
+    /// `spec.targetPorts`: 1 to `MAX_TARGET_PORTS` unique model-server ports; each
+    /// `podIP:port` is an endpoint.
     pub target_ports: Vec<u16>,
     /// Model-server pod addresses, already resolved from `spec.selector` or static
     /// endpoints; used for the fail-open fallback route when the picker is unreachable.
@@ -146,17 +148,13 @@ impl XdsInput {
                     address: pool.listener,
                 });
             }
-            let ports: BTreeSet<u16> = pool.target_ports.iter().copied().collect();
-            if pool.target_ports.is_empty()
-                || pool.target_ports.len() > 8
-                || ports.len() != pool.target_ports.len()
-                || ports.contains(&0)
-            {
-                return Err(InvalidInput::TargetPorts {
+            validate_target_ports(pool.target_ports.iter().map(|&p| i64::from(p))).map_err(
+                |reason| InvalidInput::TargetPorts {
                     pool: pool.name.clone(),
                     ports: pool.target_ports.clone(),
-                });
-            }
+                    reason,
+                },
+            )?;
             if pool.message_timeout.is_zero() || pool.message_timeout > MAX_MESSAGE_TIMEOUT {
                 return Err(InvalidInput::MessageTimeout {
                     pool: pool.name.clone(),
@@ -201,6 +199,7 @@ impl XdsInput {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use infermesh_raft_store::policy::MAX_TARGET_PORTS;
 
     fn pool(name: &str, port: u16) -> InferencePoolSpec {
         InferencePoolSpec::new(name, SocketAddr::from(([127, 0, 0, 1], port)), vec![8000])
@@ -258,10 +257,23 @@ mod tests {
             bad(&|i| i.pools[0].target_ports = vec![1, 1]),
             InvalidInput::TargetPorts { .. }
         ));
+        let nine = bad(&|i| i.pools[0].target_ports = (1..=9).collect());
+        assert!(matches!(nine, InvalidInput::TargetPorts { .. }));
+        assert!(
+            nine.to_string().contains("must list 1 to 8 ports, got 9"),
+            "{nine}"
+        );
         assert!(matches!(
-            bad(&|i| i.pools[0].target_ports = (1..=9).collect()),
+            bad(&|i| i.pools[0].target_ports = vec![8000, 0]),
             InvalidInput::TargetPorts { .. }
         ));
+        // The limit is the policy store's: as many ports as an InferencePool may list pass.
+        let mut most = XdsInput {
+            pools: vec![pool("llama", 10000)],
+            ..Default::default()
+        };
+        most.pools[0].target_ports = (1..=MAX_TARGET_PORTS as u16).collect();
+        most.validate().unwrap();
         assert!(matches!(
             bad(&|i| i.pools[0].message_timeout = Duration::ZERO),
             InvalidInput::MessageTimeout { .. }

@@ -254,9 +254,13 @@ plugins: [{type: kv-cache-utilization-scorer}]
     fn the_file_pool_is_kept_and_policy_adds_to_it() {
         let s = state(POLICY);
         let base = crate::discovery::parse_pool(
-            "kind: InferencePool\nmetadata: {name: llama}\nspec: {targetPorts: [{number: 8000}]}\n\
-             pods:\n- {address: 10.0.0.3}\n- {address: 10.0.0.9}\n---\n\
-             kind: InferenceObjective\nmetadata: {name: batch}\nspec: {priority: 3}\n",
+            "apiVersion: inference.networking.k8s.io/v1\nkind: InferencePool\n\
+             metadata: {name: llama}\n\
+             spec: {selector: {matchLabels: {app: vllm}}, targetPorts: [{number: 8000}]}\n\
+             pods:\n- {address: 10.0.0.3, labels: {app: vllm}}\n\
+             - {address: 10.0.0.9, labels: {app: vllm}}\n---\n\
+             apiVersion: inference.networking.x-k8s.io/v1alpha2\nkind: InferenceObjective\n\
+             metadata: {name: batch}\nspec: {priority: 3, poolRef: {name: llama}}\n",
         )
         .unwrap();
         let (spec, _) = pool_spec(&s, pool_name(&s, None, Some(&base)).as_deref(), Some(&base));

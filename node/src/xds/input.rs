@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 
+use infermesh_raft_store::policy::MAX_TARGET_PORTS;
 use infermesh_xds::{AppProtocol, FailureMode, InferencePoolSpec, XdsInput};
 
 use crate::pool::PoolView;
@@ -21,11 +22,9 @@ pub struct FilePoolSettings {
 /// Pool name used when the discovery file names none.
 pub const UNNAMED_POOL: &str = "default";
 
-/// Most target ports an InferencePool may have.
-const MAX_TARGET_PORTS: usize = 8;
-
 /// The node's own pool (from its endpoints file or static config) as an xDS pool:
-/// target ports are the distinct ports of its endpoints (GIE allows at most 8; extra ports
+/// target ports are the distinct ports of its endpoints (GIE allows at most
+/// [`MAX_TARGET_PORTS`]; each pod's list is checked, but pods may differ, so extra ports
 /// are dropped and reported), pod IPs feed the fail-open fallback route. `None` when the
 /// pool has no endpoints yet (nothing to route to, nothing to serve).
 pub fn file_pool(

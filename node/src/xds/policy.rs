@@ -131,14 +131,16 @@ mod tests {
 
     #[test]
     fn a_pool_with_annotation_failure_mode_and_endpoints() {
-        let s = state(
+        use infermesh_raft_store::policy::{
+            PolicyObject, PolicyOp, PolicyRequest, Touched, accept_any_epp_config, parse_documents,
+        };
+        let mut objects = parse_documents(
             "apiVersion: inference.networking.k8s.io/v1
 kind: InferencePool
 metadata: {name: llama, annotations: {infermesh.io/envoy-listener: '12000'}}
 spec:
   selector: {matchLabels: {app: vllm}}
   targetPorts: [{number: 8000}]
-  appProtocol: kubernetes.io/h2c
   endpointPickerRef: {name: epp, port: {number: 9002}, failureMode: FailOpen}
 ---
 apiVersion: infermesh.io/v1alpha1
@@ -149,7 +151,23 @@ spec:
   - {address: '10.0.0.1:8000', labels: {app: vllm}}
   - {address: '10.0.0.2:8000', labels: {app: other}}
 ",
-        );
+            &accept_any_epp_config(),
+        )
+        .unwrap();
+        // h2c is refused on input now; a pool stored before that still maps to h2c.
+        let PolicyObject::InferencePool(pool) = &mut objects[0] else {
+            panic!("the first document is the pool");
+        };
+        pool.spec.app_protocol = PolicyAppProtocol::H2c;
+        let ops = objects
+            .into_iter()
+            .map(|o| PolicyOp::Put {
+                object: Box::new(o),
+                expected_version: None,
+            })
+            .collect();
+        let mut s = PolicyState::default();
+        s.handle_request(1, &PolicyRequest { ops }, &mut Touched::default());
         let (pools, warnings) = pools_from_policy(&s, SETTINGS);
         assert!(warnings.is_empty(), "{warnings:?}");
         let p = &pools.unwrap()[0];

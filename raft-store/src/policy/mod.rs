@@ -7,8 +7,9 @@ pub mod state;
 
 pub use object::*;
 pub use parse::{
-    EppConfigValidator, InvalidDocument, MAX_TARGET_PORTS, accept_any_epp_config, parse_documents,
-    parse_value, validate_object,
+    EppConfigValidator, InvalidDocument, InvalidTargetPorts, MAX_TARGET_PORTS,
+    accept_any_epp_config, parse_document_values, parse_documents, parse_value, read_documents,
+    validate_object, validate_target_ports,
 };
 pub use state::{
     ChangeAction, ObjectChange, PolicyOp, PolicyRequest, PolicyResponse, PolicyState, Rejection,

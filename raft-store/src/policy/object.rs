@@ -159,7 +159,8 @@ pub struct PortNumber {
     pub number: i64,
 }
 
-/// `spec.appProtocol` of an InferencePool.
+/// `spec.appProtocol` of an InferencePool. `H2c` is refused on input (the node's proxy
+/// speaks HTTP/1.1 only) and kept so objects stored before that still read.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AppProtocol {
     /// HTTP/1.1 (the default).

@@ -9,8 +9,9 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use super::object::{
-    Document, EndpointPickerConfigDoc, InferenceEndpointsSpec, InferenceModelRewriteSpec,
-    InferenceObjectiveSpec, InferencePoolSpec, Kind, ObjectKey, ObjectMeta, PolicyObject, PoolRef,
+    AppProtocol, Document, EndpointPickerConfigDoc, InferenceEndpointsSpec,
+    InferenceModelRewriteSpec, InferenceObjectiveSpec, InferencePoolSpec, Kind, ObjectKey,
+    ObjectMeta, PolicyObject, PoolRef,
 };
 
 /// Largest rewrite target weight accepted (GIE: 1..=1e6).
@@ -69,8 +70,14 @@ pub fn parse_documents(
     text: &str,
     epp_validator: &EppConfigValidator,
 ) -> Result<Vec<PolicyObject>, InvalidDocument> {
+    parse_document_values(read_documents(text)?, epp_validator)
+}
+
+/// Reads multi-document YAML (or JSON) into one value per non-empty document, each with its
+/// 1-based position in the text (empty documents keep their number, so errors point at
+/// the document as the reader counts them).
+pub fn read_documents(text: &str) -> Result<Vec<(usize, serde_json::Value)>, InvalidDocument> {
     let mut out = Vec::new();
-    let mut seen: HashSet<ObjectKey> = HashSet::new();
     for (i, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let ctx = DocCtx {
             document: i + 1,
@@ -79,15 +86,29 @@ pub fn parse_documents(
         };
         let value = serde_json::Value::deserialize(de)
             .map_err(|e| ctx.err("", format!("not a valid YAML document: {e}")))?;
-        if value.is_null() {
-            continue;
+        if !value.is_null() {
+            out.push((i + 1, value));
         }
-        let object = parse_value(i + 1, value)?;
-        validate_object(i + 1, &object, epp_validator)?;
+    }
+    Ok(out)
+}
+
+/// The second half of [`parse_documents`], for callers that read the documents themselves
+/// (the node's endpoints file takes its own extension fields out first): parses and
+/// validates each `(position, value)` and the batch as a whole (no key twice).
+pub fn parse_document_values(
+    documents: Vec<(usize, serde_json::Value)>,
+    epp_validator: &EppConfigValidator,
+) -> Result<Vec<PolicyObject>, InvalidDocument> {
+    let mut out = Vec::new();
+    let mut seen: HashSet<ObjectKey> = HashSet::new();
+    for (document, value) in documents {
+        let object = parse_value(document, value)?;
+        validate_object(document, &object, epp_validator)?;
         let key = object.key();
         if !seen.insert(key.clone()) {
             return Err(DocCtx {
-                document: i + 1,
+                document,
                 kind: key.kind.to_string(),
                 name: key.name.clone(),
             }
@@ -269,34 +290,77 @@ fn validate_pool_ref(ctx: &DocCtx, field: &str, r: &PoolRef) -> Result<(), Inval
     validate_name(ctx, &format!("{field}.name"), &r.name, 253)
 }
 
+/// Why a `targetPorts` list was refused: GIE allows 1 to [`MAX_TARGET_PORTS`] unique ports.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidTargetPorts {
+    /// Empty, or more than [`MAX_TARGET_PORTS`] entries.
+    #[error("must list 1 to {max} ports, got {0}", max = MAX_TARGET_PORTS)]
+    Count(usize),
+    /// An entry outside 1-65535.
+    #[error("{number} is not a port (1-65535)")]
+    OutOfRange {
+        /// Position in the list.
+        index: usize,
+        /// The number given.
+        number: i64,
+    },
+    /// An entry repeating an earlier one.
+    #[error("port {number} is listed twice")]
+    Duplicate {
+        /// Position of the repeat in the list.
+        index: usize,
+        /// The repeated port.
+        number: i64,
+    },
+}
+
+impl InvalidTargetPorts {
+    /// The offending field under the list's own path `at` (`at[2].number`, or `at` itself).
+    pub fn field(&self, at: &str) -> String {
+        match self {
+            InvalidTargetPorts::Count(_) => at.to_owned(),
+            InvalidTargetPorts::OutOfRange { index, .. }
+            | InvalidTargetPorts::Duplicate { index, .. } => format!("{at}[{index}].number"),
+        }
+    }
+}
+
+/// Checks a `targetPorts` list (an InferencePool's, an endpoints file pod's, an xDS pool's):
+/// one rule for every source, so they accept and refuse the same lists.
+pub fn validate_target_ports(
+    ports: impl IntoIterator<Item = i64>,
+) -> Result<(), InvalidTargetPorts> {
+    let ports: Vec<i64> = ports.into_iter().collect();
+    if ports.is_empty() || ports.len() > MAX_TARGET_PORTS {
+        return Err(InvalidTargetPorts::Count(ports.len()));
+    }
+    let mut seen = BTreeSet::new();
+    for (index, &number) in ports.iter().enumerate() {
+        if !(1..=65535).contains(&number) {
+            return Err(InvalidTargetPorts::OutOfRange { index, number });
+        }
+        if !seen.insert(number) {
+            return Err(InvalidTargetPorts::Duplicate { index, number });
+        }
+    }
+    Ok(())
+}
+
 fn validate_pool(ctx: &DocCtx, spec: &InferencePoolSpec) -> Result<(), InvalidDocument> {
     if spec.selector.match_labels.is_empty() {
         return Err(ctx.err("spec.selector.matchLabels", "must name at least one label"));
     }
-    let ports = &spec.target_ports;
-    if ports.is_empty() || ports.len() > MAX_TARGET_PORTS {
+    let ports = spec.target_ports.iter().map(|p| p.number);
+    validate_target_ports(ports)
+        .map_err(|e| ctx.err(e.field("spec.targetPorts"), e.to_string()))?;
+    if spec.app_protocol == AppProtocol::H2c {
+        // Envoy could speak HTTP/2 to the pods, but the node's own proxy (and the pool it
+        // serves from an endpoints file) speaks HTTP/1.1 only: accepting h2c would route
+        // requests the pods cannot read.
         return Err(ctx.err(
-            "spec.targetPorts",
-            format!(
-                "must list 1 to {MAX_TARGET_PORTS} ports, got {}",
-                ports.len()
-            ),
+            "spec.appProtocol",
+            "\"kubernetes.io/h2c\" is not supported: infermesh's proxy speaks HTTP/1.1 to model servers; use \"http\"",
         ));
-    }
-    let mut seen = BTreeSet::new();
-    for (i, p) in ports.iter().enumerate() {
-        if !(1..=65535).contains(&p.number) {
-            return Err(ctx.err(
-                format!("spec.targetPorts[{i}].number"),
-                format!("{} is not a port (1-65535)", p.number),
-            ));
-        }
-        if !seen.insert(p.number) {
-            return Err(ctx.err(
-                format!("spec.targetPorts[{i}].number"),
-                format!("port {} is listed twice", p.number),
-            ));
-        }
     }
     if let Some(r) = &spec.endpoint_picker_ref {
         if r.name.is_empty() {

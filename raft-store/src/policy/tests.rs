@@ -184,6 +184,56 @@ fn errors_name_document_and_field() {
 }
 
 #[test]
+fn h2c_pools_are_refused_with_the_reason() {
+    let text = "apiVersion: inference.networking.k8s.io/v1\nkind: InferencePool\n\
+        metadata: {name: p}\nspec:\n  selector: {matchLabels: {a: b}}\n  \
+        targetPorts: [{number: 1}]\n  appProtocol: kubernetes.io/h2c\n";
+    let e = expect_err(text);
+    assert_eq!(e.field, "spec.appProtocol");
+    assert!(e.reason.contains("HTTP/1.1"), "{e}");
+    let http = text.replace("kubernetes.io/h2c", "http");
+    assert!(parse(&http).is_ok());
+}
+
+#[test]
+fn target_port_rule_is_one_function() {
+    assert_eq!(validate_target_ports([8000, 8001]), Ok(()));
+    assert_eq!(validate_target_ports([]), Err(InvalidTargetPorts::Count(0)));
+    assert_eq!(
+        validate_target_ports(1..=9),
+        Err(InvalidTargetPorts::Count(9))
+    );
+    assert_eq!(validate_target_ports(1..=MAX_TARGET_PORTS as i64), Ok(()));
+    let e = validate_target_ports([1, 0]).unwrap_err();
+    assert_eq!(
+        e,
+        InvalidTargetPorts::OutOfRange {
+            index: 1,
+            number: 0
+        }
+    );
+    assert_eq!(
+        e.field("pods[3].targetPorts"),
+        "pods[3].targetPorts[1].number"
+    );
+    let e = validate_target_ports([7, 65536]).unwrap_err();
+    assert_eq!(e.field("x"), "x[1].number");
+    let e = validate_target_ports([7, 7]).unwrap_err();
+    assert_eq!(e.to_string(), "port 7 is listed twice");
+    assert_eq!(e.field("x"), "x[1].number");
+}
+
+#[test]
+fn documents_keep_their_position_across_empty_ones() {
+    // The leading `---` opens document 1 (empty); `kind: X` is document 2.
+    let docs = read_documents("---\n---\nkind: X\n---\n").unwrap();
+    assert_eq!(docs.len(), 1);
+    assert_eq!(docs[0].0, 2);
+    let e = parse_document_values(docs, &accept_any_epp_config()).unwrap_err();
+    assert_eq!((e.document, e.field.as_str()), (2, "kind"));
+}
+
+#[test]
 fn rewrite_weights_follow_upstream_rules() {
     let rewrite = |targets: &str| {
         format!(
