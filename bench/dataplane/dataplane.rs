@@ -597,7 +597,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         )
         .await?;
         let (f, p) = (median_result(&fwd), median_result(&proxy));
-        let cpu = |r: &WrkResult| r.cpu_us_per_req.map_or("-".into(), |c| format!("{c:.1} µs"));
+        let cpu = |r: &WrkResult| {
+            r.cpu_us_per_req
+                .map_or("-".into(), |c| format!("{c:.1} µs"))
+        };
         println!(
             "forwarder {:.0} req/s ({}; CPU/req {}), proxy {:.0} req/s ({}; CPU/req {}): \
              proxy/forwarder {:.2}× (median of {} alternated rounds; no report written)",

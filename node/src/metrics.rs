@@ -206,6 +206,9 @@ pub struct NodeMetrics {
     // The `picks` counter of each endpoint by address: the request path counts a pick
     // without formatting the address or hashing a label set.
     pick_counters: parking_lot::RwLock<std::collections::HashMap<std::net::SocketAddr, Counter>>,
+    // The three `tokens` counters (input, output, cached), taken once: every response adds
+    // to them and a label lookup each time cost a hash and a lock.
+    token_counters: [Counter; 3],
 }
 
 impl Default for NodeMetrics {
@@ -253,6 +256,8 @@ impl NodeMetrics {
             retries.clone(),
         );
         let tokens = Family::<TokenLabels, Counter>::default();
+        let token_counters = [TokenKind::Input, TokenKind::Output, TokenKind::Cached]
+            .map(|kind| tokens.get_or_create(&TokenLabels { kind }).clone());
         registry.register(
             "tokens",
             "Tokens reported in responses' usage",
@@ -303,6 +308,7 @@ impl NodeMetrics {
             endpoint_up,
             endpoint_in_flight,
             pick_counters: Default::default(),
+            token_counters,
         }
     }
 
@@ -335,13 +341,10 @@ impl NodeMetrics {
 
     /// Adds one response's reported usage.
     pub fn count_tokens(&self, usage: crate::usage::Usage) {
-        for (kind, n) in [
-            (TokenKind::Input, usage.prompt_tokens),
-            (TokenKind::Output, usage.completion_tokens),
-            (TokenKind::Cached, usage.cached_tokens),
-        ] {
-            self.tokens.get_or_create(&TokenLabels { kind }).inc_by(n);
-        }
+        let [input, output, cached] = &self.token_counters;
+        input.inc_by(usage.prompt_tokens);
+        output.inc_by(usage.completion_tokens);
+        cached.inc_by(usage.cached_tokens);
     }
 
     /// Counts one flow-control outcome; `waited` is set for requests that were queued.

@@ -2,7 +2,7 @@
 //! the pool task (the only writer of membership), with per-endpoint slots that the
 //! endpoint's scraper and the request path update without locks.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -20,6 +20,8 @@ pub struct EndpointSlot {
     /// What discovery said about the endpoint.
     pub spec: EndpointSpec,
     role: Role,
+    // The labels as the scheduler sees them, shared by every request's candidate.
+    labels: Arc<BTreeMap<String, String>>,
     metrics: ArcSwapOption<Metrics>,
     up: AtomicBool,
     in_flight_requests: AtomicU32,
@@ -34,6 +36,7 @@ impl EndpointSlot {
     pub fn new(spec: EndpointSpec) -> EndpointSlot {
         EndpointSlot {
             role: Role::from_labels(&spec.labels),
+            labels: Arc::new(spec.labels.clone()),
             spec,
             metrics: ArcSwapOption::empty(),
             up: AtomicBool::new(false),
@@ -123,7 +126,7 @@ impl EndpointSlot {
     pub fn to_endpoint(&self) -> Endpoint {
         Endpoint {
             address: self.spec.address,
-            labels: self.spec.labels.clone(),
+            labels: Arc::clone(&self.labels),
             role: self.role.clone(),
             metrics: self.metrics.load().as_deref().cloned(),
             in_flight: self.fleet_in_flight(),

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// The pod label llm-d reads the P/D role from.
@@ -114,8 +115,9 @@ pub struct InFlight {
 pub struct Endpoint {
     /// `ip:port` — the endpoint's identity.
     pub address: SocketAddr,
-    /// Pod labels.
-    pub labels: BTreeMap<String, String>,
+    /// Pod labels, shared with the pool's record of the pod: every request builds its
+    /// candidates, and cloning a map per candidate per request was the proxy's top allocation.
+    pub labels: Arc<BTreeMap<String, String>>,
     /// P/D role from `llm-d.ai/role`.
     pub role: Role,
     /// Latest scrape; `None` = never scraped.
@@ -130,7 +132,7 @@ impl Endpoint {
         let role = Role::from_labels(&labels);
         Endpoint {
             address,
-            labels,
+            labels: Arc::new(labels),
             role,
             metrics: None,
             in_flight: InFlight::default(),
