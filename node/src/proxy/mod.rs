@@ -16,7 +16,6 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -47,16 +46,25 @@ struct ProxyState {
 
 /// The proxy's routes.
 pub fn router(dispatcher: Dispatcher, client: HttpClient, cfg: ProxyConfig) -> Router {
+    // One handler that matches the two GET paths itself: a path router's lookup on every
+    // inference request cost more than the match below.
     Router::new()
-        .route("/v1/models", get(models))
-        .route("/health", get(|| async { "ok" }))
-        .fallback(inference)
+        .fallback(entry)
         // One Arc clone per request instead of cloning every handle inside the state.
         .with_state(Arc::new(ProxyState {
             dispatcher,
             client,
             cfg,
         }))
+}
+
+async fn entry(state: State<Arc<ProxyState>>, req: Request) -> Response {
+    match (req.method(), req.uri().path()) {
+        (&http::Method::GET, "/v1/models") => models(state).await,
+        (&http::Method::GET, "/health") => "ok".into_response(),
+        (_, "/v1/models" | "/health") => StatusCode::METHOD_NOT_ALLOWED.into_response(),
+        _ => inference(state, req).await,
+    }
 }
 
 /// Every POST path goes to the parser its path picks; other methods are not routed.
