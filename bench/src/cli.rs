@@ -44,6 +44,12 @@ pub enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Multi-class open-loop load (objective and fairness-id headers per class); writes a
+    /// JSON report with per-class outcomes, TTFT and goodput.
+    Classes(Box<ClassesArgs>),
+    /// The overload-priority table from `classes` reports: every leg's rows, then each
+    /// target checked against the figures.
+    PriorityTable(Box<PriorityTableArgs>),
     /// Size a shared-prefix workload from the pods' KV capacity: prints the number of
     /// groups whose system prompts fill `--fill` of the fleet's KV.
     SizeSharedPrefix {
@@ -185,6 +191,73 @@ pub struct RunArgs {
     pub no_progress: bool,
 }
 
+/// Flags of `classes`.
+#[derive(Debug, Args)]
+pub struct ClassesArgs {
+    /// Router base URLs (requests spread over them at random).
+    #[arg(long, value_delimiter = ',', required = true)]
+    targets: Vec<String>,
+    /// Model name.
+    #[arg(long, default_value = "meta-llama/Llama-3.1-8B-Instruct")]
+    model: String,
+    /// Classes as name:objective:fairness:weight (- for no header); repeat the flag.
+    #[arg(long = "class", required = true)]
+    classes: Vec<crate::classes::ClassSpec>,
+    /// Total arrival rate, requests/s.
+    #[arg(long)]
+    qps: f64,
+    /// Arrival window, s.
+    #[arg(long, default_value_t = 30.0)]
+    duration_s: f64,
+    /// Prompt length, tokens.
+    #[arg(long, default_value_t = 2000)]
+    prompt_tokens: usize,
+    /// Output tokens per request.
+    #[arg(long, default_value_t = 32)]
+    output_tokens: usize,
+    /// TTFT SLO for goodput, ms.
+    #[arg(long, default_value_t = 1000.0)]
+    ttft_slo_ms: f64,
+    /// Per-request timeout, s.
+    #[arg(long, default_value_t = 120.0)]
+    request_timeout_s: f64,
+    /// RNG seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Router label in the report.
+    #[arg(long)]
+    label: String,
+    /// The JSON report to write.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// Flags of `priority-table`.
+#[derive(Debug, Args)]
+pub struct PriorityTableArgs {
+    /// infermesh, one node, at low load (the unloaded TTFT reference).
+    #[arg(long)]
+    unloaded: PathBuf,
+    /// infermesh, one node, overloaded.
+    #[arg(long)]
+    one_node: PathBuf,
+    /// infermesh, three nodes, overloaded.
+    #[arg(long)]
+    three_nodes: Option<PathBuf>,
+    /// Peer router legs (each one setting), overloaded.
+    #[arg(long = "peer")]
+    peers: Vec<PathBuf>,
+    /// Name of the critical class.
+    #[arg(long, default_value = "critical")]
+    critical: String,
+    /// Name of the light tenant's class.
+    #[arg(long, default_value = "light")]
+    light: String,
+    /// Name of the sheddable class.
+    #[arg(long, default_value = "sheddable")]
+    sheddable: String,
+}
+
 /// `--api` values.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum ApiArg {
@@ -305,9 +378,53 @@ impl RunArgs {
     }
 }
 
+fn load_classes(path: &std::path::Path) -> anyhow::Result<crate::classes::ClassesReport> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
 /// Runs the parsed command line.
 pub async fn run_cli(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Classes(a) => {
+            let spec = crate::classes::ClassesSpec {
+                targets: a.targets,
+                model: a.model,
+                classes: a.classes,
+                qps: a.qps,
+                duration: secs("duration-s", a.duration_s)?,
+                prompt_tokens: a.prompt_tokens,
+                output_tokens: a.output_tokens,
+                ttft_slo: secs("ttft-slo-ms", a.ttft_slo_ms / 1000.0)?,
+                request_timeout: secs("request-timeout-s", a.request_timeout_s)?,
+                seed: a.seed,
+                label: a.label,
+            };
+            eprintln!("classes: {} at {} req/s for {:?}", spec.label, spec.qps, spec.duration);
+            let report = crate::classes::run_classes(spec).await?;
+            eprint!("{}", crate::classes::class_rows(&report));
+            std::fs::write(&a.out, serde_json::to_vec_pretty(&report)?)
+                .with_context(|| format!("writing {}", a.out.display()))?;
+        }
+        Command::PriorityTable(a) => {
+            let unloaded = load_classes(&a.unloaded)?;
+            let one = load_classes(&a.one_node)?;
+            let three = a.three_nodes.as_deref().map(load_classes).transpose()?;
+            let peers = a
+                .peers
+                .iter()
+                .map(|p| load_classes(p))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let names = crate::classes::PriorityNames {
+                critical: &a.critical,
+                light: &a.light,
+                sheddable: &a.sheddable,
+            };
+            print!(
+                "{}",
+                crate::classes::priority_table(&unloaded, &one, three.as_ref(), &peers, &names)
+            );
+        }
         Command::Run(args) => {
             let specs = args.specs()?;
             let mut reports: Vec<Report> = Vec::new();

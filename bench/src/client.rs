@@ -116,15 +116,16 @@ impl HttpClient {
             .unwrap_or(Err(ScrapeError::Timeout))
     }
 
-    /// POSTs a streaming completion and times its chunks.
+    /// POSTs a streaming completion (with `headers` added) and times its chunks.
     pub(crate) async fn stream(
         &self,
         uri: Uri,
         body: Bytes,
+        headers: &[(http::HeaderName, http::HeaderValue)],
         timeout: Duration,
     ) -> Result<Success, FailureKind> {
         let start = Instant::now();
-        match tokio::time::timeout(timeout, self.stream_inner(uri, body, start)).await {
+        match tokio::time::timeout(timeout, self.stream_inner(uri, body, headers, start)).await {
             Ok(r) => r,
             Err(_) => Err(FailureKind::Timeout),
         }
@@ -134,15 +135,19 @@ impl HttpClient {
         &self,
         uri: Uri,
         body: Bytes,
+        headers: &[(http::HeaderName, http::HeaderValue)],
         start: Instant,
     ) -> Result<Success, FailureKind> {
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(Method::POST)
             .uri(uri)
             .header(header::CONTENT_TYPE, "application/json")
             .header(header::ACCEPT, "text/event-stream")
             .body(Full::new(body).map_err(|e| match e {}).boxed())
             .map_err(|_| FailureKind::Connect)?;
+        for (k, v) in headers {
+            req.headers_mut().insert(k.clone(), v.clone());
+        }
         let resp = self
             .inner
             .request(req)

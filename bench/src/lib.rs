@@ -10,6 +10,7 @@
 //! of requests over pods, and the oracle bound of the hit rate for the requests sent.
 //! Every figure is measured or computed from the workload; none is configured.
 
+pub mod classes;
 mod cli;
 mod client;
 mod error;

@@ -104,7 +104,7 @@ impl Shared {
         self.sent_to[index].store(target, Ordering::Relaxed);
         let result = self
             .client
-            .stream(uri, body, self.spec.request_timeout)
+            .stream(uri, body, &[], self.spec.request_timeout)
             .await;
         if let (Some(h), Err(FailureKind::Connect)) = (&self.health, &result) {
             h.handle_connect_failure(target, self.start.elapsed().as_millis() as u64);

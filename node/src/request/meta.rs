@@ -5,8 +5,10 @@ use std::net::SocketAddr;
 
 use infermesh_scheduler::model::DEFAULT_FAIRNESS_ID;
 
-/// Header naming the InferenceObjective of a request.
-pub const OBJECTIVE_HEADER: &str = "x-gateway-inference-objective";
+/// Header naming the InferenceObjective of a request (llm-d v0.10's name).
+pub const OBJECTIVE_HEADER: &str = "x-llm-d-inference-objective";
+/// The deprecated alias of [`OBJECTIVE_HEADER`], still read.
+pub const OBJECTIVE_HEADER_ALIAS: &str = "x-gateway-inference-objective";
 /// Header carrying the flow-control fairness id.
 pub const FAIRNESS_HEADER: &str = "x-llm-d-inference-fairness-id";
 /// The deprecated alias of [`FAIRNESS_HEADER`], still read.
@@ -39,7 +41,7 @@ pub struct RequestMeta {
     pub request_id: String,
     /// All request headers with lower-case names (pseudo-headers excluded).
     pub headers: BTreeMap<String, String>,
-    /// `x-gateway-inference-objective` ("" when absent).
+    /// `x-llm-d-inference-objective` or its alias ("" when absent).
     pub objective: String,
     /// `x-llm-d-inference-fairness-id` or its alias (default `default-flow`).
     pub fairness_id: String,
@@ -79,7 +81,11 @@ impl RequestMeta {
                 id
             }
         };
-        let objective = map.get(OBJECTIVE_HEADER).cloned().unwrap_or_default();
+        let objective = [OBJECTIVE_HEADER, OBJECTIVE_HEADER_ALIAS]
+            .iter()
+            .find_map(|h| map.get(*h).filter(|o| !o.is_empty()))
+            .cloned()
+            .unwrap_or_default();
         let fairness_id = [FAIRNESS_HEADER, FAIRNESS_HEADER_ALIAS]
             .iter()
             .find_map(|h| map.get(*h).filter(|f| !f.is_empty()))
@@ -144,6 +150,16 @@ mod tests {
         let m =
             RequestMeta::from_headers([(FAIRNESS_HEADER_ALIAS, "old"), (FAIRNESS_HEADER, "new")]);
         assert_eq!(m.fairness_id, "new", "the current name wins");
+        let m = RequestMeta::from_headers([(OBJECTIVE_HEADER_ALIAS, "batch")]);
+        assert_eq!(
+            m.objective, "batch",
+            "the deprecated objective header is still read"
+        );
+        let m = RequestMeta::from_headers([
+            (OBJECTIVE_HEADER_ALIAS, "old"),
+            ("X-LLM-D-Inference-Objective", "new"),
+        ]);
+        assert_eq!(m.objective, "new", "the current name wins");
         assert!(!m.headers.contains_key(":path"));
         assert_eq!(
             m.headers[REQUEST_ID_HEADER], m.request_id,

@@ -37,7 +37,7 @@ pub use decide::Ticket;
 pub use flow::FlowGate;
 pub use meta::{
     DESTINATION_HEADER, FAIRNESS_HEADER, FAIRNESS_HEADER_ALIAS, OBJECTIVE_HEADER,
-    REQUEST_ID_HEADER, ROUTER_ONLY_HEADERS, RequestMeta, router_only,
+    OBJECTIVE_HEADER_ALIAS, REQUEST_ID_HEADER, ROUTER_ONLY_HEADERS, RequestMeta, router_only,
 };
 pub use owners::{PrefixAnswer, PrefixLookup, PrefixOwners};
 pub use prepare::{DispatchConfig, Dispatcher, FlowWait, Prepared};
