@@ -5,7 +5,8 @@
 #   and the sim (by the PIDs this script started; a trap does it on any exit).
 #
 # Usage: bench/scenarios/run.sh SCENARIO [ROUTER ...]
-#   SCENARIO: shared-prefix | shared-prefix-warm | overload-sweep | smoke
+#   SCENARIO: shared-prefix | shared-prefix-warm | overload-sweep | smoke | overload-priority
+#     (overload-priority runs bench/scenarios/overload-priority.sh; see its header)
 #   ROUTER:   round-robin | infermesh | sglang-router | vllm-router   (default: all four)
 #
 # Environment (defaults in brackets):
@@ -61,6 +62,8 @@ cd "$ROOT"
 
 SCENARIO="${1:-}"
 shift || true
+# Flow control under overload has its own legs (objectives, tenants, peer settings).
+[ "$SCENARIO" = overload-priority ] && exec "$ROOT/bench/scenarios/overload-priority.sh"
 ROUTERS=("$@")
 [ ${#ROUTERS[@]} -eq 0 ] && ROUTERS=(round-robin infermesh sglang-router vllm-router)
 

@@ -155,7 +155,10 @@ impl ClassesReport {
 
 /// Validates `spec` before anything is sent.
 fn validate(spec: &ClassesSpec) -> Result<(), BenchError> {
-    let bad = |field: &'static str, reason: String| BenchError::InvalidSpec { field, problem: reason };
+    let bad = |field: &'static str, reason: String| BenchError::InvalidSpec {
+        field,
+        problem: reason,
+    };
     if spec.targets.is_empty() {
         return Err(bad("targets", "give at least one router URL".into()));
     }
@@ -166,7 +169,10 @@ fn validate(spec: &ClassesSpec) -> Result<(), BenchError> {
         return Err(bad("qps", format!("must be positive, got {}", spec.qps)));
     }
     if spec.prompt_tokens == 0 || spec.output_tokens == 0 {
-        return Err(bad("prompt-tokens", "prompt and output tokens must be positive".into()));
+        return Err(bad(
+            "prompt-tokens",
+            "prompt and output tokens must be positive".into(),
+        ));
     }
     Ok(())
 }
@@ -194,7 +200,10 @@ pub async fn run_classes(spec: ClassesSpec) -> Result<ClassesReport, BenchError>
         .iter()
         .map(|c| {
             let mut h = Vec::new();
-            for (name, v) in [(OBJECTIVE_HEADER, &c.objective), (FAIRNESS_HEADER, &c.fairness)] {
+            for (name, v) in [
+                (OBJECTIVE_HEADER, &c.objective),
+                (FAIRNESS_HEADER, &c.fairness),
+            ] {
                 if let Some(v) = v {
                     let value = HeaderValue::from_str(v).map_err(|_| BenchError::InvalidSpec {
                         field: "classes",
@@ -232,7 +241,12 @@ pub async fn run_classes(spec: ClassesSpec) -> Result<ClassesReport, BenchError>
             .unwrap_or(spec.classes.len() - 1);
         let uri = uris[rng.random_range(0..uris.len())].clone();
         let mut prompt = String::new();
-        push_words(spec.seed, stream_id(7, i, class as u64), spec.prompt_tokens, &mut prompt);
+        push_words(
+            spec.seed,
+            stream_id(7, i, class as u64),
+            spec.prompt_tokens,
+            &mut prompt,
+        );
         let body = Bytes::from(
             serde_json::to_vec(&json!({
                 "model": spec.model,
@@ -320,7 +334,11 @@ pub fn class_rows(r: &ClassesReport) -> String {
             c.name,
             c.sent,
             c.served,
-            if rejected.is_empty() { "0".to_owned() } else { rejected.join(", ") },
+            if rejected.is_empty() {
+                "0".to_owned()
+            } else {
+                rejected.join(", ")
+            },
             c.failed,
             ms(c.ttft_p50_ms),
             ms(c.ttft_p99_ms),
@@ -373,7 +391,10 @@ pub fn priority_table(
     let legs: Vec<&ClassesReport> = std::iter::once(one).chain(three).collect();
     for class in [names.critical, names.light] {
         let Some(base) = p99(unloaded, class) else {
-            let _ = writeln!(out, "- {class}: no unloaded TTFT p99 (no request served at low load)");
+            let _ = writeln!(
+                out,
+                "- {class}: no unloaded TTFT p99 (no request served at low load)"
+            );
             continue;
         };
         for leg in &legs {
@@ -498,7 +519,11 @@ mod tests {
             name: name.into(),
             sent: 10,
             served: 10 - rej,
-            rejected: if rej > 0 { BTreeMap::from([(429, rej)]) } else { BTreeMap::new() },
+            rejected: if rej > 0 {
+                BTreeMap::from([(429, rej)])
+            } else {
+                BTreeMap::new()
+            },
             ttft_p99_ms: Some(p99),
             goodput_rps: good,
             ..Default::default()
@@ -526,12 +551,18 @@ mod tests {
         let good = leg("im", 140.0, 5, 3.0);
         let peer = leg("peer", 900.0, 0, 1.0);
         let t = priority_table(&unloaded, &good, None, &[peer.clone()], &names);
-        assert!(t.contains("critical TTFT p99 under overload, im: 140 ms = 1.40×"), "{t}");
+        assert!(
+            t.contains("critical TTFT p99 under overload, im: 140 ms = 1.40×"),
+            "{t}"
+        );
         assert!(t.contains("= 3.00×; target ≥ 1.5×: met"), "{t}");
         assert!(!t.contains("NOT met"), "{t}");
         let slow = leg("im", 160.0, 5, 1.2);
         let t = priority_table(&unloaded, &slow, None, &[peer], &names);
-        assert!(t.contains("1.60× its unloaded p99 (100 ms); target ≤ 1.5×: NOT met"), "{t}");
+        assert!(
+            t.contains("1.60× its unloaded p99 (100 ms); target ≤ 1.5×: NOT met"),
+            "{t}"
+        );
         assert!(t.contains("= 1.20×; target ≥ 1.5×: NOT met"), "{t}");
     }
 }

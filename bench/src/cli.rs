@@ -379,7 +379,8 @@ impl RunArgs {
 }
 
 fn load_classes(path: &std::path::Path) -> anyhow::Result<crate::classes::ClassesReport> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
@@ -400,7 +401,10 @@ pub async fn run_cli(cli: Cli) -> anyhow::Result<()> {
                 seed: a.seed,
                 label: a.label,
             };
-            eprintln!("classes: {} at {} req/s for {:?}", spec.label, spec.qps, spec.duration);
+            eprintln!(
+                "classes: {} at {} req/s for {:?}",
+                spec.label, spec.qps, spec.duration
+            );
             let report = crate::classes::run_classes(spec).await?;
             eprint!("{}", crate::classes::class_rows(&report));
             std::fs::write(&a.out, serde_json::to_vec_pretty(&report)?)

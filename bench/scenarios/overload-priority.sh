@@ -1,0 +1,232 @@
+#!/usr/bin/env bash
+# overload-priority: flow control at twice the fleet's capacity, with three objectives
+# (critical priority 10, standard 0, sheddable -1) and two tenants inside standard sending
+# at 10:1. Legs, each on a fresh simulated fleet:
+#   unloaded       infermesh, 1 node, at a quarter of capacity, every class equally likely:
+#                  the TTFT each class gets when nothing waits (the reference);
+#   infermesh-x1   1 node with the flowControl gate, at 2x capacity;
+#   infermesh-x3   3 meshed nodes, requests spread over them at random, at 2x capacity;
+#   sglang-router  cache_aware with --max-concurrent-requests at each of SGLANG_LIMITS
+#                  (--queue-size 100, its default), at 2x capacity; the best is compared.
+# Writes bench/results/overload-priority/README.md (every leg's per-class rows, then each
+# target judged from the figures) and the legs' JSON reports.
+#
+# Arithmetic (profile llama-8b-h100): a prefill costs 50 us/token, so one pod prefills
+# 20,000 tokens/s; a 4,000-token prompt is 0.2 s of prefill, so 4 pods take about
+# 4 x 20,000 / 4,000 = 20 req/s (decode steps of 16 tokens share the step budget, so the
+# real ceiling is a little lower). 2x capacity = 40 req/s offered.
+# Mix (weights): critical 12, standard 27.5 split 10:1 between tenant-a (25) and tenant-b
+# (2.5), sheddable 60. At 40 req/s that is critical 4.8, standard 11 (10 + 1), sheddable
+# 24 req/s: critical and standard together (~16 req/s) fit in the capacity, so a router
+# that puts priority first can serve them and shed the sheddable load.
+# Goodput counts requests served with TTFT <= TTFT_SLO_MS (default 1,500 ms, about 5x an
+# unloaded prefill of this prompt).
+#
+# Usage: bench/scenarios/overload-priority.sh   (environment: PODS [4], QPS [40],
+#   UNLOADED_QPS [5], DURATION_S [40], PROMPT_TOKENS [4000], OUTPUT_TOKENS [16],
+#   TTFT_SLO_MS [1500], SGLANG_LIMITS [8,16,32], SEED [1], SKIP_BUILD [0])
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$ROOT"
+
+PODS="${PODS:-4}"
+QPS="${QPS:-40}"
+UNLOADED_QPS="${UNLOADED_QPS:-5}"
+DURATION_S="${DURATION_S:-40}"
+PROMPT_TOKENS="${PROMPT_TOKENS:-4000}"
+OUTPUT_TOKENS="${OUTPUT_TOKENS:-16}"
+TTFT_SLO_MS="${TTFT_SLO_MS:-1500}"
+SGLANG_LIMITS="${SGLANG_LIMITS:-8,16,32}"
+SEED="${SEED:-1}"
+PROFILE=llama-8b-h100
+BASE_PORT=18100
+ROUTER_PORT=18090
+MODEL="meta-llama/Llama-3.1-8B-Instruct"
+BIN_DIR="${BIN_DIR:-$ROOT/target/release}"
+OUT="$ROOT/bench/results/overload-priority"
+VENV="$ROOT/bench/.venv-peers"
+
+die() { echo "overload-priority: $*" >&2; exit 1; }
+
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+  cargo build --release -p infermesh-sim -p infermesh-bench -p infermesh-node --bin infermesh-sim \
+    --bin infermesh-bench --bin infermesh
+fi
+SIM="$BIN_DIR/infermesh-sim"
+BENCH="$BIN_DIR/infermesh-bench"
+IM="$BIN_DIR/infermesh"
+for b in "$SIM" "$BENCH" "$IM"; do [ -x "$b" ] || die "$b not found (cargo build --release)"; done
+if [ ! -x "$VENV/bin/sglang-router" ]; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q sglang-router==0.3.2 vllm-router==0.1.17
+fi
+
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/overload-priority.XXXXXX")"
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  PIDS=()
+}
+trap 'cleanup; rm -rf "$WORK"' EXIT
+trap 'exit 130' INT TERM
+
+POD_URLS=()
+for ((i = 0; i < PODS; i++)); do POD_URLS+=("http://127.0.0.1:$((BASE_PORT + i))"); done
+
+wait_for() {
+  local what="$1" secs="$2"; shift 2
+  local deadline=$((SECONDS + secs))
+  until curl -fsS -o /dev/null --max-time 5 "$@" 2>/dev/null; do
+    [ $SECONDS -lt $deadline ] || { echo "overload-priority: $what not ready after ${secs}s" >&2; return 1; }
+    sleep 0.5
+  done
+}
+
+start_sim() {
+  "$SIM" --pods "$PODS" --base-port "$BASE_PORT" --profile "$PROFILE" --seed "$SEED" >"$WORK/sim.log" 2>&1 &
+  PIDS+=($!)
+  for url in "${POD_URLS[@]}"; do wait_for "pod $url" 30 "$url/health" || { tail -20 "$WORK/sim.log" >&2; return 1; }; done
+}
+
+ready() {
+  wait_for "$1" 90 -X POST "$2/v1/completions" -H 'content-type: application/json' \
+    -d "{\"model\":\"$MODEL\",\"prompt\":\"ready?\",\"max_tokens\":1}"
+}
+
+# The endpoints file with the three objectives, and the flowControl gate.
+{
+  echo "apiVersion: inference.networking.k8s.io/v1"
+  echo "kind: InferencePool"
+  echo "metadata: {name: sim}"
+  echo "spec:"
+  echo "  selector: {matchLabels: {app: sim}}"
+  echo "  targetPorts: [{number: $BASE_PORT}]"
+  echo "models: [$MODEL]"
+  echo "pods:"
+  for ((i = 0; i < PODS; i++)); do
+    echo "- {name: sim-$i, address: 127.0.0.1, labels: {app: sim}, targetPorts: [{number: $((BASE_PORT + i))}]}"
+  done
+  for o in critical:10 standard:0 sheddable:-1; do
+    echo "---"
+    echo "apiVersion: inference.networking.x-k8s.io/v1alpha2"
+    echo "kind: InferenceObjective"
+    echo "metadata: {name: ${o%%:*}}"
+    echo "spec: {priority: ${o##*:}, poolRef: {name: sim}}"
+  done
+} >"$WORK/pool.yaml"
+cat >"$WORK/epp.yaml" <<'EOF'
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+featureGates: [flowControl]
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: max-score-picker
+- type: round-robin-fairness-policy
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+  - pluginRef: kv-cache-utilization-scorer
+  - pluginRef: max-score-picker
+flowControl:
+  # Tenants inside the standard band take turns (llm-d's default is global strict).
+  priorityBands:
+  - priority: 0
+    fairnessPolicyRef: round-robin-fairness-policy
+EOF
+
+# Starts `n` infermesh nodes (one mesh when n > 1); sets URLS to their proxy URLs (not a
+# command substitution: the PIDs must reach this shell's cleanup).
+start_infermesh() {
+  local n="$1" urls=()
+  head -c 32 /dev/urandom | base64 >"$WORK/cluster.key"
+  for ((k = 0; k < n; k++)); do
+    local port=$((ROUTER_PORT + k)) mesh=()
+    if [ "$n" -gt 1 ]; then
+      mesh=(--node-name "op-node-$k" --gossip-addr "127.0.0.1:$((port + 400))" --cluster-key-file "$WORK/cluster.key")
+      [ "$k" -gt 0 ] && mesh+=(--seeds "127.0.0.1:$((ROUTER_PORT + 400))")
+    fi
+    "$IM" serve --proxy-addr "127.0.0.1:$port" --endpoints "$WORK/pool.yaml" --config-file "$WORK/epp.yaml" \
+      --ext-proc-addr "127.0.0.1:$((port + 200))" --metrics-addr "127.0.0.1:$((port + 300))" "${mesh[@]}" \
+      >"$WORK/infermesh-$k.log" 2>&1 &
+    PIDS+=($!)
+    urls+=("http://127.0.0.1:$port")
+  done
+  for ((k = 0; k < n; k++)); do
+    ready "infermesh node $k" "${urls[$k]}" || { tail -20 "$WORK/infermesh-$k.log" >&2; return 1; }
+    if [ "$n" -gt 1 ]; then
+      local deadline=$((SECONDS + 30))
+      until curl -fsS --max-time 2 "http://127.0.0.1:$((ROUTER_PORT + k + 300))/metrics" 2>/dev/null |
+        grep -qx "infermesh_mesh_members $n"; do
+        [ $SECONDS -lt $deadline ] || { echo "node $k does not see $n members" >&2; return 1; }
+        sleep 0.5
+      done
+    fi
+  done
+  URLS="$(IFS=,; echo "${urls[*]}")"
+}
+
+OVERLOAD_CLASSES=(--class critical:critical:-:12 --class heavy:standard:tenant-a:25
+  --class light:standard:tenant-b:2.5 --class sheddable:sheddable:-:60)
+EQUAL_CLASSES=(--class critical:critical:-:1 --class heavy:standard:tenant-a:1
+  --class light:standard:tenant-b:1 --class sheddable:sheddable:-:1)
+
+# leg LABEL QPS TARGETS CLASS-ARGS...
+leg() {
+  local label="$1" qps="$2" targets="$3"; shift 3
+  "$BENCH" classes --targets "$targets" --model "$MODEL" --qps "$qps" --duration-s "$DURATION_S" \
+    --prompt-tokens "$PROMPT_TOKENS" --output-tokens "$OUTPUT_TOKENS" --ttft-slo-ms "$TTFT_SLO_MS" \
+    --seed "$SEED" --label "$label" --out "$OUT/$label.json" "$@" >&2
+}
+
+mkdir -p "$OUT"
+echo "=== unloaded (infermesh, 1 node, $UNLOADED_QPS req/s) ===" >&2
+start_sim
+start_infermesh 1 || die "infermesh did not start"
+leg unloaded "$UNLOADED_QPS" "$URLS" "${EQUAL_CLASSES[@]}"
+cleanup
+
+for n in 1 3; do
+  echo "=== infermesh-x$n ($QPS req/s) ===" >&2
+  start_sim
+  start_infermesh "$n" || die "infermesh x$n did not start"
+  leg "infermesh-x$n" "$QPS" "$URLS" "${OVERLOAD_CLASSES[@]}"
+  cleanup
+done
+
+PEERS=()
+IFS=, read -r -a limits <<<"$SGLANG_LIMITS"
+for limit in "${limits[@]}"; do
+  label="sglang-router-mcr$limit"
+  echo "=== $label ($QPS req/s) ===" >&2
+  start_sim
+  "$VENV/bin/sglang-router" launch --worker-urls "${POD_URLS[@]}" --policy cache_aware \
+    --host 127.0.0.1 --port "$ROUTER_PORT" --prometheus-port $((ROUTER_PORT + 100)) \
+    --worker-startup-check-interval 1 --log-level warn \
+    --max-concurrent-requests "$limit" --queue-size 100 >"$WORK/sglang.log" 2>&1 &
+  PIDS+=($!)
+  ready sglang-router "http://127.0.0.1:$ROUTER_PORT" || { tail -20 "$WORK/sglang.log" >&2; die "sglang-router did not start"; }
+  leg "$label" "$QPS" "http://127.0.0.1:$ROUTER_PORT" "${OVERLOAD_CLASSES[@]}"
+  PEERS+=(--peer "$OUT/$label.json")
+  cleanup
+done
+
+{
+  echo "# overload-priority: $PODS pods ($PROFILE), $PROMPT_TOKENS-token prompts, $OUTPUT_TOKENS output tokens"
+  echo
+  echo "Written $(date -u +%FT%TZ) at commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown) by"
+  echo "\`bench/scenarios/run.sh overload-priority\` on a $(nproc)-core machine shared with other work."
+  echo "Offered load $QPS req/s (about 2x the fleet's prefill capacity; arithmetic in the script's"
+  echo "header) for $DURATION_S s per leg; the unloaded reference ran at $UNLOADED_QPS req/s with"
+  echo "every class equally likely. Classes: critical (objective priority 10), heavy and light"
+  echo "(objective standard, priority 0; fairness ids tenant-a and tenant-b at 10:1), sheddable"
+  echo "(priority -1). infermesh ran with \`featureGates: [flowControl]\`, llm-d's flow-control"
+  echo "defaults except round-robin fairness in the standard band (config in the script); sglang-router with cache_aware and each --max-concurrent-requests of $SGLANG_LIMITS."
+  echo "Goodput: requests served with TTFT <= $TTFT_SLO_MS ms, per second of the run."
+  echo
+  "$BENCH" priority-table --unloaded "$OUT/unloaded.json" --one-node "$OUT/infermesh-x1.json" \
+    --three-nodes "$OUT/infermesh-x3.json" "${PEERS[@]}"
+} >"$OUT/README.md"
+cat "$OUT/README.md"
