@@ -1,6 +1,9 @@
 //! Disaggregation plugins: deciders and profile handlers load with llm-d's parameters (or
 //! are refused naming the field), and drive which stages a request goes through.
 
+// The loader's own error type, returned by value as the crate does on this cold path.
+#![allow(clippy::result_large_err)]
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Instant;
