@@ -146,9 +146,13 @@ pub fn load_scheduler_config(
         ),
     };
     Scheduler::new(&cfg).map_err(|source| InvalidNodeConfig::SchedulerConfig {
-        path: name,
+        path: name.clone(),
         source: Box::new(source),
     })?;
+    // llm-d loads a config with deprecated plugins or fields and logs each; so does this.
+    for w in &cfg.warnings {
+        tracing::warn!(config = %name, "{w}");
+    }
     Ok(cfg)
 }
 

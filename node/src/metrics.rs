@@ -35,6 +35,8 @@ pub enum Outcome {
     TooLarge,
     /// 429: sheddable and the pool is saturated.
     Shed,
+    /// 412: `Prefer: if-available` and the decode endpoint holds none of the prompt.
+    CacheMiss,
     /// 503: no endpoint to schedule on.
     NoEndpoint,
     /// 500: an internal error.
@@ -116,6 +118,20 @@ pub struct FlowOutcomeLabels {
 pub struct StageLabels {
     /// `effective` (the node does not split prefill and decode saturation).
     pub stage: &'static str,
+}
+
+/// Labels of `llm_d_epp_disagg_decision_total` and `llm_d_epp_pd_decision_total`, as
+/// llm-d's disagg plugins label them.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct DecisionLabels {
+    /// The profile handler's plugin name.
+    pub plugin_name: String,
+    /// The profile handler's type.
+    pub plugin_type: &'static str,
+    /// The target model (`unknown` when empty, as llm-d does).
+    pub model_name: String,
+    /// `decode-only`, `prefill-decode`, `encode-decode` or `encode-prefill-decode`.
+    pub decision_type: &'static str,
 }
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
@@ -200,6 +216,10 @@ pub struct NodeMetrics {
     pub model_rewrite_decisions: Family<RewriteLabels, Counter>,
     /// Flow control (llm-d's names).
     pub flow: FlowMetrics,
+    /// Disaggregation decisions of disagg-profile-handler (llm-d's name).
+    pub disagg_decisions: Family<DecisionLabels, Counter>,
+    /// Disaggregation decisions of the deprecated pd-profile-handler (llm-d's name).
+    pub pd_decisions: Family<DecisionLabels, Counter>,
     endpoint_staleness: Family<EndpointLabels, Gauge<f64, AtomicU64>>,
     endpoint_up: Family<EndpointLabels, Gauge>,
     endpoint_in_flight: Family<EndpointLabels, Gauge>,
@@ -222,7 +242,20 @@ impl NodeMetrics {
     pub fn new() -> NodeMetrics {
         // Two prefixes: the node's own `infermesh_*` and llm-d's `llm_d_epp_*`.
         let mut root = Registry::default();
-        let flow = FlowMetrics::register(root.sub_registry_with_prefix("llm_d_epp"));
+        let epp = root.sub_registry_with_prefix("llm_d_epp");
+        let flow = FlowMetrics::register(epp);
+        let disagg_decisions = Family::<DecisionLabels, Counter>::default();
+        epp.register(
+            "disagg_decision",
+            "Total number of disaggregation routing decisions made",
+            disagg_decisions.clone(),
+        );
+        let pd_decisions = Family::<DecisionLabels, Counter>::default();
+        epp.register(
+            "pd_decision",
+            "Total number of P/D disaggregation decisions made",
+            pd_decisions.clone(),
+        );
         let registry = root.sub_registry_with_prefix("infermesh");
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
@@ -296,6 +329,8 @@ impl NodeMetrics {
         NodeMetrics {
             registry: root,
             flow,
+            disagg_decisions,
+            pd_decisions,
             requests,
             scheduling_duration,
             picks,
@@ -326,6 +361,27 @@ impl NodeMetrics {
             .clone();
         c.inc();
         self.pick_counters.write().insert(endpoint, c);
+    }
+
+    /// Counts one request's disaggregation decision in the family `counter` names.
+    pub fn count_decision(
+        &self,
+        counter: &infermesh_scheduler::DecisionCounter,
+        model: &str,
+        decision: infermesh_scheduler::DisaggDecision,
+    ) {
+        let family = match counter.family {
+            infermesh_scheduler::DecisionFamily::Disagg => &self.disagg_decisions,
+            infermesh_scheduler::DecisionFamily::Pd => &self.pd_decisions,
+        };
+        family
+            .get_or_create(&DecisionLabels {
+                plugin_name: counter.plugin_name.clone(),
+                plugin_type: counter.plugin_type,
+                model_name: if model.is_empty() { "unknown" } else { model }.to_owned(),
+                decision_type: decision.as_str(),
+            })
+            .inc();
     }
 
     /// Counts one finished request.

@@ -50,8 +50,9 @@ pub use model::{Endpoint, InFlight, InferenceRequest, LoraState, Metrics, Role};
 pub use openai::{
     ApiKind, InvalidRequest, ParsedBody, body_parses_on_this_thread, parse_openai, replace_model,
 };
+pub use plugins::profiles::DisaggDecision;
 pub use prefix::PrefixMatches;
 pub use scheduler::{
-    PrefixChain, PrefixMatchSummary, PrefixSource, ProfileResult, Rejected, ScheduleError,
-    Scheduler, SchedulingResult,
+    DecisionCounter, DecisionFamily, PrefixChain, PrefixMatchSummary, PrefixSource, ProfileResult,
+    Rejected, ScheduleError, Scheduler, SchedulingResult,
 };

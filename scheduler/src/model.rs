@@ -166,6 +166,8 @@ pub struct InferenceRequest {
     pub fairness_id: String,
     /// OpenAI `cache_salt`, folded into the first prefix hash.
     pub cache_salt: Option<String>,
+    /// The prompt carries multimodal items (read by `always-disagg-multimodal-decider`).
+    pub multimodal: bool,
 }
 
 impl InferenceRequest {
@@ -173,4 +175,20 @@ impl InferenceRequest {
     pub fn is_sheddable(&self) -> bool {
         self.priority < 0
     }
+
+    /// Whether the client sent `Prefer: if-available` (RFC 7240): the bare token, in any
+    /// case, among comma-separated preferences, ignoring `;` parameters, as llm-d reads it.
+    pub fn prefers_if_available(&self) -> bool {
+        self.headers.get(PREFER_HEADER).is_some_and(|v| {
+            v.split(',').any(|pref| {
+                let token = pref.split(';').next().unwrap_or("");
+                token.trim().eq_ignore_ascii_case(PREFER_IF_AVAILABLE)
+            })
+        })
+    }
 }
+
+/// The RFC 7240 `Prefer` request header (lower case, as headers are stored).
+pub const PREFER_HEADER: &str = "prefer";
+/// The preference asking for a decode pod that already caches the prompt, else 412.
+pub const PREFER_IF_AVAILABLE: &str = "if-available";

@@ -84,6 +84,9 @@ pub struct ParsedBody {
     pub cache_salt: Option<String>,
     /// Number of prompt token ids when the completions prompt is a token array.
     pub prompt_token_ids: Option<usize>,
+    /// The prompt carries multimodal items (chat `image_url`, `video_url`, `input_audio`
+    /// or `audio_url` parts; Anthropic `image` blocks), read during the one parse.
+    pub multimodal: bool,
 }
 
 impl ParsedBody {
@@ -269,7 +272,7 @@ pub fn parse_openai(kind: ApiKind, body: &[u8]) -> Result<ParsedBody, InvalidReq
     match kind {
         ApiKind::Completions => completions_prompt(f.prompt, &mut parsed)?,
         ApiKind::ChatCompletions => {
-            parsed.prompt_bytes = chat_messages_json(f.messages.as_ref())?;
+            parsed.prompt_bytes = chat_messages_json(f.messages.as_ref(), &mut parsed.multimodal)?;
         }
         ApiKind::Embeddings => embeddings_input(f.input, &mut parsed)?,
         ApiKind::Responses => {
@@ -277,6 +280,7 @@ pub fn parse_openai(kind: ApiKind, body: &[u8]) -> Result<ParsedBody, InvalidReq
         }
         ApiKind::AnthropicMessages => {
             parsed.prompt_bytes = anthropic_prompt(f.system.as_ref(), f.messages.as_ref())?;
+            parsed.multimodal = anthropic_has_images(f.messages.as_ref());
         }
         ApiKind::VllmGenerate => generate_tokens(f.token_ids.as_ref(), &mut parsed)?,
         ApiKind::Passthrough => {}
@@ -453,7 +457,27 @@ fn completions_prompt(prompt: Option<Value>, out: &mut ParsedBody) -> Result<(),
 }
 
 /// Re-marshals `messages` as Go's `json.Marshal([]Message)` in llm-d does.
-fn chat_messages_json(messages: Option<&Value>) -> Result<Vec<u8>, InvalidRequest> {
+/// Content-block types llm-d's token estimator turns into multimodal features (what
+/// `always-disagg-multimodal-decider` looks for).
+const MULTIMODAL_BLOCK_TYPES: [&str; 4] = ["image_url", "video_url", "input_audio", "audio_url"];
+
+/// Whether any Anthropic message carries an `image` content block.
+fn anthropic_has_images(messages: Option<&Value>) -> bool {
+    let Some(Value::Array(msgs)) = messages else {
+        return false;
+    };
+    msgs.iter().any(|m| match m.get("content") {
+        Some(Value::Array(blocks)) => blocks
+            .iter()
+            .any(|b| b.get("type").and_then(Value::as_str) == Some("image")),
+        _ => false,
+    })
+}
+
+fn chat_messages_json(
+    messages: Option<&Value>,
+    multimodal: &mut bool,
+) -> Result<Vec<u8>, InvalidRequest> {
     let msgs = match messages {
         Some(Value::Array(m)) if !m.is_empty() => m,
         Some(Value::Array(_)) | Some(Value::Null) | None => {
@@ -472,7 +496,7 @@ fn chat_messages_json(messages: Option<&Value>) -> Result<Vec<u8>, InvalidReques
         if i > 0 {
             out.push(b',');
         }
-        write_message(i, msg, &mut out)?;
+        write_message(i, msg, &mut out, multimodal)?;
     }
     out.push(b']');
     Ok(out)
@@ -486,7 +510,12 @@ fn field_err(i: usize, field: &str, reason: &'static str) -> InvalidRequest {
 }
 
 /// Go struct order: `role` (omitempty), then `content`.
-fn write_message(i: usize, msg: &Value, out: &mut Vec<u8>) -> Result<(), InvalidRequest> {
+fn write_message(
+    i: usize,
+    msg: &Value,
+    out: &mut Vec<u8>,
+    multimodal: &mut bool,
+) -> Result<(), InvalidRequest> {
     let Value::Object(m) = msg else {
         return Err(field_err(i, "", "must be an object"));
     };
@@ -510,7 +539,7 @@ fn write_message(i: usize, msg: &Value, out: &mut Vec<u8>) -> Result<(), Invalid
                 if j > 0 {
                     out.push(b',');
                 }
-                write_block(i, b, out)?;
+                write_block(i, b, out, multimodal)?;
             }
             out.push(b']');
         }
@@ -560,12 +589,19 @@ fn sub_object<'v>(
 
 /// Go struct `ContentBlock`: type, text (omitempty), image_url{url}, input_audio{data,format},
 /// video_url{url}; the nested structs are never omitted (Go's omitempty ignores structs).
-fn write_block(i: usize, block: &Value, out: &mut Vec<u8>) -> Result<(), InvalidRequest> {
+fn write_block(
+    i: usize,
+    block: &Value,
+    out: &mut Vec<u8>,
+    multimodal: &mut bool,
+) -> Result<(), InvalidRequest> {
     let Value::Object(b) = block else {
         return Err(field_err(i, ".content", "content blocks must be objects"));
     };
     out.extend_from_slice(b"{\"type\":");
-    write_go_string(str_field(i, b, "type")?, out);
+    let kind = str_field(i, b, "type")?;
+    *multimodal |= MULTIMODAL_BLOCK_TYPES.contains(&kind);
+    write_go_string(kind, out);
     let text = str_field(i, b, "text")?;
     if !text.is_empty() {
         out.extend_from_slice(b",\"text\":");
@@ -718,6 +754,47 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("max_tokens"), "{e}");
+    }
+
+    #[test]
+    fn multimodal_parts_are_reported_by_the_one_parse() {
+        let chat = |content: &str| {
+            let body =
+                format!(r#"{{"model":"m","messages":[{{"role":"user","content":{content}}}]}}"#);
+            parse_openai(ApiKind::ChatCompletions, body.as_bytes()).unwrap()
+        };
+        let before = body_parses_on_this_thread();
+        assert!(
+            chat(r#"[{"type":"text","text":"a"},{"type":"image_url","image_url":{"url":"u"}}]"#)
+                .multimodal
+        );
+        assert_eq!(body_parses_on_this_thread(), before + 1, "no second parse");
+        for kind in ["video_url", "input_audio", "audio_url"] {
+            assert!(
+                chat(&format!(r#"[{{"type":"{kind}"}}]"#)).multimodal,
+                "{kind}"
+            );
+        }
+        assert!(!chat(r#"[{"type":"text","text":"image_url"}]"#).multimodal);
+        assert!(!chat(r#""see image_url""#).multimodal);
+        let anthropic = |blocks: &str| {
+            let body = format!(
+                r#"{{"model":"m","max_tokens":5,"messages":[{{"role":"user","content":{blocks}}}]}}"#
+            );
+            parse_openai(ApiKind::AnthropicMessages, body.as_bytes())
+                .unwrap()
+                .multimodal
+        };
+        assert!(anthropic(
+            r#"[{"type":"image","source":{"type":"base64","data":"x"}}]"#
+        ));
+        assert!(!anthropic(r#"[{"type":"text","text":"hi"}]"#));
+        let p = parse_openai(
+            ApiKind::Completions,
+            br#"{"model":"m","prompt":"image_url"}"#,
+        )
+        .unwrap();
+        assert!(!p.multimodal);
     }
 
     #[test]

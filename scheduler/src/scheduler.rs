@@ -14,7 +14,8 @@ use crate::plugins::pickers::{MaxScorePicker, RandomPicker, WeightedRandomPicker
 use crate::plugins::prefix::ApproxPrefixProducer;
 use crate::plugins::prefix::spread_matches;
 use crate::plugins::profiles::{
-    AlwaysDisaggDecider, DisaggProfileHandler, PrefixBasedPdDecider, SingleProfileHandler,
+    AlwaysDisaggDecider, AlwaysDisaggMultimodalDecider, DisaggDecision, DisaggProfileHandler,
+    PrefixBasedPdDecider, SingleProfileHandler,
 };
 use crate::plugins::saturation::{ConcurrencyDetector, SaturationDetector, UtilizationDetector};
 use crate::plugins::scorers::{
@@ -127,6 +128,8 @@ pub struct SchedulingResult {
     pub cache_targets: Vec<(SocketAddr, usize)>,
     /// The prefix data came from this scheduler's index, so `pre_request` records there.
     pub prefix_local: bool,
+    /// The disaggregation decision, when the profile handler counts one.
+    pub decision: Option<DisaggDecision>,
 }
 
 impl SchedulingResult {
@@ -153,6 +156,34 @@ impl SchedulingResult {
     pub fn extra_headers(&self) -> Vec<(String, String)> {
         self.request_headers.clone()
     }
+
+    /// Whether the primary target already holds at least one of the prompt's blocks
+    /// (llm-d's `Prefer: if-available` test: no match data counts as no).
+    pub fn primary_has_cached_prefix(&self) -> bool {
+        self.prefix_match
+            .as_ref()
+            .is_some_and(|m| m.matched_blocks > 0)
+    }
+}
+
+/// Which counter a profile handler's decisions go to, with llm-d's labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecisionCounter {
+    /// `disagg_decision_total` or the deprecated handler's `pd_decision_total`.
+    pub family: DecisionFamily,
+    /// The handler's plugin name (`plugin_name` label).
+    pub plugin_name: String,
+    /// The handler's type (`plugin_type` label).
+    pub plugin_type: &'static str,
+}
+
+/// A disaggregation decision counter family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecisionFamily {
+    /// `llm_d_epp_disagg_decision_total` (disagg-profile-handler).
+    Disagg,
+    /// `llm_d_epp_pd_decision_total` (the deprecated pd-profile-handler).
+    Pd,
 }
 
 #[derive(Debug)]
@@ -183,6 +214,7 @@ pub struct Scheduler {
     response_hooks: Vec<Arc<dyn ResponseComplete>>,
     saturation: SaturationDetector,
     session_affinity: bool,
+    decision_counter: Option<DecisionCounter>,
 }
 
 fn build(spec: &PluginSpec, pre: &mut Vec<Arc<dyn PreRequest>>) -> Instance {
@@ -226,10 +258,15 @@ fn build(spec: &PluginSpec, pre: &mut Vec<Arc<dyn PreRequest>>) -> Instance {
         S::WeightedRandomPicker(p) => Instance::Picker(Arc::new(WeightedRandomPicker::new(n(p)))),
         S::PrefixBasedPdDecider(p) => Instance::Decider(Arc::new(PrefixBasedPdDecider::new(
             usize::try_from(p.non_cached_tokens).unwrap_or(0),
+            usize::try_from(p.prompt_tokens).unwrap_or(0),
         ))),
         S::AlwaysDisaggPdDecider => Instance::Decider(Arc::new(AlwaysDisaggDecider)),
+        S::AlwaysDisaggMultimodalDecider => {
+            Instance::Decider(Arc::new(AlwaysDisaggMultimodalDecider))
+        }
         S::SingleProfileHandler
         | S::DisaggProfileHandler(_)
+        | S::PdProfileHandler(_)
         | S::ApproxPrefixCacheProducer(_)
         | S::InflightLoadProducer
         | S::MetricsDataSource(_)
@@ -313,34 +350,51 @@ impl Scheduler {
             });
         }
         let index_of = |name: &str| profiles.iter().position(|p: &Profile| p.name == name);
-        let handler: Box<dyn ProfileHandler> =
-            match cfg.plugin(&cfg.profile_handler).map(|p| &p.spec) {
-                Some(PluginSpec::DisaggProfileHandler(d)) => {
-                    let decider = |name: &str| -> Result<Option<Arc<dyn Decider>>, ConfigError> {
-                        if name.is_empty() {
-                            return Ok(None);
-                        }
-                        match get(name)? {
-                            Instance::Decider(d) => Ok(Some(d.clone())),
-                            _ => Err(internal(format!("plugin `{name}` is not a decider"))),
-                        }
-                    };
-                    Box::new(DisaggProfileHandler {
-                        decode: index_of(&d.profiles.decode).ok_or_else(|| {
-                            internal(format!(
-                                "no scheduling profile named `{}`",
-                                d.profiles.decode
-                            ))
-                        })?,
-                        prefill: index_of(&d.profiles.prefill),
-                        encode: index_of(&d.profiles.encode),
-                        prefill_decider: decider(&d.deciders.prefill)?,
-                        encode_decider: decider(&d.deciders.encode)?,
-                    })
-                }
-                _ if profiles.len() == 1 => Box::new(SingleProfileHandler),
-                _ => return Err(internal("a profile handler is required".into())),
-            };
+        let handler_spec = cfg.plugin(&cfg.profile_handler).map(|p| &p.spec);
+        let (disagg, family) = match handler_spec {
+            Some(PluginSpec::DisaggProfileHandler(d)) => (Some(d.clone()), DecisionFamily::Disagg),
+            Some(PluginSpec::PdProfileHandler(p)) => (Some(p.to_disagg()), DecisionFamily::Pd),
+            _ => (None, DecisionFamily::Disagg),
+        };
+        let handler: Box<dyn ProfileHandler> = match disagg {
+            Some(d) => {
+                let decider = |name: &str| -> Result<Option<Arc<dyn Decider>>, ConfigError> {
+                    if name.is_empty() {
+                        return Ok(None);
+                    }
+                    match get(name)? {
+                        Instance::Decider(d) => Ok(Some(d.clone())),
+                        _ => Err(internal(format!("plugin `{name}` is not a decider"))),
+                    }
+                };
+                Box::new(DisaggProfileHandler {
+                    decode: index_of(&d.profiles.decode).ok_or_else(|| {
+                        internal(format!(
+                            "no scheduling profile named `{}`",
+                            d.profiles.decode
+                        ))
+                    })?,
+                    prefill: index_of(&d.profiles.prefill),
+                    encode: index_of(&d.profiles.encode),
+                    prefill_decider: decider(&d.deciders.prefill)?,
+                    encode_decider: decider(&d.deciders.encode)?,
+                    stage_order: d.stage_order,
+                    pd_only: family == DecisionFamily::Pd,
+                })
+            }
+            None if profiles.len() == 1 => Box::new(SingleProfileHandler),
+            None => return Err(internal("a profile handler is required".into())),
+        };
+        let decision_counter = handler_spec.and_then(|spec| match spec {
+            PluginSpec::DisaggProfileHandler(_) | PluginSpec::PdProfileHandler(_) => {
+                Some(DecisionCounter {
+                    family,
+                    plugin_name: cfg.profile_handler.clone(),
+                    plugin_type: spec.type_name(),
+                })
+            }
+            _ => None,
+        });
         let prefix =
             cfg.prefix_producer
                 .as_deref()
@@ -367,7 +421,14 @@ impl Scheduler {
                 _ => SaturationDetector::Utilization(UtilizationDetector::new(cfg.utilization())),
             },
             session_affinity,
+            decision_counter,
         })
+    }
+
+    /// Where this scheduler's disaggregation decisions are counted (`None`: the profile
+    /// handler counts none, e.g. single-profile-handler).
+    pub fn decision_counter(&self) -> Option<&DecisionCounter> {
+        self.decision_counter.as_ref()
     }
 
     /// The prefix index, when a prefix producer is configured.
@@ -526,6 +587,7 @@ impl Scheduler {
             }
         }
         let request_headers = self.handler.headers(&cycle, &runs);
+        let decision = self.handler.decision(&runs);
         let response_headers = if self.session_affinity {
             vec![(
                 SESSION_TOKEN_HEADER.to_owned(),
@@ -549,6 +611,7 @@ impl Scheduler {
             cold: cycle.cold,
             cache_targets,
             prefix_local: matches!(source, PrefixSource::Local),
+            decision,
         })
     }
 

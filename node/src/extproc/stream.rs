@@ -876,6 +876,35 @@ mod tests {
     }
 
     #[test]
+    fn prefer_if_available_without_a_cached_prefix_is_an_immediate_412() {
+        let fd = BodySendMode::FullDuplexStreamed;
+        let (d, _) = dispatcher();
+        let send = |prefer: Option<&str>| {
+            let mut s = ExtProcStream::new(d.clone());
+            let mut extra = vec![("x-request-id", "abc")];
+            extra.extend(prefer.map(|p| ("prefer", p)));
+            s.handle_replies(req_headers(mode(fd, fd), &extra, None))
+                .unwrap();
+            s.handle_replies(body(&completion(2000), true, true))
+                .unwrap()
+        };
+        let out = send(Some("if-available"));
+        let i = immediate(&out[0]);
+        assert_eq!(i.status.unwrap().code, 412);
+        let json: serde_json::Value = serde_json::from_slice(&i.body).unwrap();
+        assert_eq!(
+            json["error"]["message"],
+            "no decode worker has the requested KV cache"
+        );
+        // Without the header the cold prompt is routed (and its pod now caches it)...
+        let out = send(None);
+        assert!(metadata_destination(&out[0]).starts_with("10.0.0."));
+        // ...so the same prompt with the header is routed too.
+        let out = send(Some("if-available"));
+        assert!(metadata_destination(&out[0]).starts_with("10.0.0."));
+    }
+
+    #[test]
     fn bad_bodies_get_immediate_json_errors() {
         let fd = BodySendMode::FullDuplexStreamed;
         for (payload, status) in [

@@ -126,6 +126,11 @@ impl Feed {
                 Some(c) => infermesh_scheduler::load_config(&c.text).map_err(Box::new),
                 None => Ok(self.base.scheduler.clone()),
             };
+            if let Ok(cfg) = &cfg {
+                for w in &cfg.warnings {
+                    tracing::warn!("EndpointPickerConfig: {w}");
+                }
+            }
             match cfg.and_then(|cfg| self.control.set_scheduler_config(&cfg)) {
                 Ok(()) => {
                     tracing::info!(

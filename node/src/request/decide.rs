@@ -43,7 +43,16 @@ impl Dispatcher {
         answer: &PrefixAnswer,
         now: Instant,
     ) -> Result<SchedulingResult, Rejection> {
-        let result = self.schedule_over(p, &p.candidates, answer, now)?;
+        let result = self.cycle(p, &p.candidates, answer, now)?;
+        // Once per request, before the if-available check, as llm-d's handler counts when
+        // its stages finish; a retry's reschedule is not a new decision.
+        if let (Some(counter), Some(decision)) =
+            (p.policy.scheduler.decision_counter(), result.decision)
+        {
+            self.metrics
+                .count_decision(counter, &p.req.target_model, decision);
+        }
+        self.commit(p, &result, now)?;
         let primary = result.destinations()[0];
         self.metrics.count_pick(primary);
         if let Some(m) = &result.prefix_match
@@ -215,7 +224,8 @@ impl Ticket {
         if candidates.is_empty() {
             return Err(Rejection::NoEndpoint(NoEndpoint::Retry));
         }
-        let result = d.schedule_over(&self.prepared, &candidates, &self.answer, now)?;
+        let result = d.cycle(&self.prepared, &candidates, &self.answer, now)?;
+        d.commit(&self.prepared, &result, now)?;
         self.adopt(result);
         Ok(())
     }

@@ -17,7 +17,9 @@
 //!    │ PrefixAnswer
 //!    ▼
 //!  Dispatcher::decide ─── schedule (PrefixSource Local | Remote | Unavailable),
-//!    │                    pre_request, record the pick at the owners
+//!    │                    count the disagg decision, 412 for `Prefer: if-available`
+//!    │                    without a cached prefix, else pre_request and record the
+//!    │                    pick at the owners
 //!    ▼
 //!  Ticket ── forward / reply … finish (one counted outcome, in-flight released)
 //! ```
@@ -552,5 +554,292 @@ mod tests {
             .dispatch(ApiKind::VllmGenerate, br#"{"token_ids":[]}"#, meta(""), &[])
             .unwrap_err();
         assert_eq!(e.status(), 400);
+    }
+
+    mod disagg {
+        use infermesh_scheduler::plugins::profiles::{ENCODERS_HEADER, PREFILLER_HEADER};
+
+        use super::*;
+        use crate::metrics::{DecisionLabels, RequestLabels};
+
+        const HEAD: &str = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\n";
+        const PD: &str = "plugins:\n- type: decode-filter\n- type: prefill-filter\n- type: prefix-cache-scorer\n- type: prefix-based-pd-decider\n  parameters: {nonCachedTokens: 16}\n- type: disagg-profile-handler\n  parameters: {deciders: {prefill: prefix-based-pd-decider}}\nschedulingProfiles:\n- name: decode\n  plugins: [{pluginRef: decode-filter}, {pluginRef: prefix-cache-scorer}]\n- name: prefill\n  plugins: [{pluginRef: prefill-filter}, {pluginRef: prefix-cache-scorer}]\n";
+
+        /// Pod `i` (address `addr(i)`) has role `roles[i]`; the scheduler runs `yaml` (the
+        /// built-in default when empty).
+        fn roled(roles: &[&str], yaml: &str) -> Dispatcher {
+            let now = Instant::now();
+            let slots = roles
+                .iter()
+                .enumerate()
+                .map(|(i, role)| {
+                    let s = Arc::new(EndpointSlot::new(EndpointSpec {
+                        address: addr(i as u8),
+                        pod: format!("p{i}"),
+                        labels: [("llm-d.ai/role".to_owned(), (*role).to_owned())].into(),
+                        engine: Engine::Vllm,
+                    }));
+                    s.record_scrape(Metrics::idle(now));
+                    s
+                })
+                .collect();
+            let view = PoolView::new(
+                "t".into(),
+                slots,
+                HashSet::from(["m".to_owned()]),
+                HashMap::new(),
+            );
+            let cfg = if yaml.is_empty() {
+                ResolvedConfig::builtin_default()
+            } else {
+                infermesh_scheduler::load_config(&format!("{HEAD}{yaml}")).unwrap()
+            };
+            Dispatcher::new(
+                Arc::new(ArcSwap::from_pointee(view)),
+                Arc::new(ArcSwap::from_pointee(Policy::new(&cfg).unwrap())),
+                Arc::new(NodeMetrics::new()),
+                DispatchConfig {
+                    max_body_bytes: 1 << 20,
+                    staleness: Duration::from_secs(60),
+                },
+            )
+        }
+
+        fn pd() -> Dispatcher {
+            roled(&["prefill", "prefill", "decode", "decode"], PD)
+        }
+
+        fn prefer(value: &str) -> RequestMeta {
+            RequestMeta::from_headers([("Prefer", value), ("X-Request-Id", "id-1")])
+        }
+
+        fn header<'a>(t: &'a Ticket, name: &str) -> Option<&'a str> {
+            t.extra_headers()
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        }
+
+        fn decisions(d: &Dispatcher, pd_family: bool, plugin: &str, decision: &'static str) -> u64 {
+            let family = if pd_family {
+                &d.metrics().pd_decisions
+            } else {
+                &d.metrics().disagg_decisions
+            };
+            family
+                .get_or_create(&DecisionLabels {
+                    plugin_name: plugin.into(),
+                    plugin_type: plugin_type(plugin),
+                    model_name: "m".into(),
+                    decision_type: decision,
+                })
+                .get()
+        }
+
+        fn plugin_type(plugin: &str) -> &'static str {
+            if plugin == "pd-profile-handler" {
+                "pd-profile-handler"
+            } else {
+                "disagg-profile-handler"
+            }
+        }
+
+        #[test]
+        fn prefer_if_available_is_412_until_the_decode_pod_caches_the_prompt() {
+            let d = pd();
+            let body = long_prompt("m");
+            let err = d
+                .dispatch(ApiKind::Completions, &body, prefer("if-available"), &[])
+                .unwrap_err();
+            assert_eq!(err, Rejection::DecodeCacheMiss);
+            assert_eq!((err.status(), err.outcome()), (412, Outcome::CacheMiss));
+            // The proxy's answer (ext_proc sends the same status and body).
+            let resp = err.to_http("id-1");
+            assert_eq!(resp.status().as_u16(), 412);
+            let json: serde_json::Value = serde_json::from_slice(resp.body()).unwrap();
+            assert_eq!(
+                json["error"]["message"],
+                "no decode worker has the requested KV cache"
+            );
+            assert_eq!(json["error"]["code"], 412);
+            let policy = d.policy().load();
+            let index = policy.scheduler.prefix_index().unwrap();
+            assert_eq!(index.entries(), 0, "a 412 records nothing");
+
+            // Without the header the request is served, disaggregated.
+            let t = d
+                .dispatch(ApiKind::Completions, &body, meta(""), &[])
+                .unwrap();
+            let decode = t.destinations()[0];
+            assert!([addr(2), addr(3)].contains(&decode));
+            let prefill: SocketAddr = header(&t, PREFILLER_HEADER).unwrap().parse().unwrap();
+            assert!([addr(0), addr(1)].contains(&prefill));
+            drop(t);
+
+            // Now the decode pod holds the prompt: if-available is served, decode only.
+            let t = d
+                .dispatch(
+                    ApiKind::Completions,
+                    &body,
+                    prefer("respond-async, if-available"),
+                    &[],
+                )
+                .unwrap();
+            assert_eq!(t.destinations()[0], decode);
+            assert_eq!(header(&t, PREFILLER_HEADER), None);
+            drop(t);
+
+            // Another prompt with the header: the decode pods hold none of it.
+            let other =
+                serde_json::to_vec(&serde_json::json!({"model": "m", "prompt": "z".repeat(800)}))
+                    .unwrap();
+            assert_eq!(
+                d.dispatch(ApiKind::Completions, &other, prefer("if-available"), &[])
+                    .unwrap_err()
+                    .status(),
+                412
+            );
+            let cache_misses = d
+                .metrics()
+                .requests
+                .get_or_create(&RequestLabels {
+                    model: "m".into(),
+                    objective: String::new(),
+                    outcome: Outcome::CacheMiss,
+                })
+                .get();
+            assert_eq!(cache_misses, 2);
+        }
+
+        #[test]
+        fn without_prefer_a_cold_prompt_is_never_412() {
+            let d = roled(&["decode", "decode"], "");
+            let t = d
+                .dispatch(ApiKind::Completions, &long_prompt("m"), meta(""), &[])
+                .expect("the builtin default serves cold prompts");
+            drop(t);
+            // llm-d applies the gate whatever the profile handler: single-profile too.
+            let t = d
+                .dispatch(
+                    ApiKind::Completions,
+                    &long_prompt("m"),
+                    prefer("if-available"),
+                    &[],
+                )
+                .expect("the picked pod holds the prompt now");
+            drop(t);
+            let err = d
+                .dispatch(ApiKind::Completions, BODY, prefer("if-available"), &[])
+                .unwrap_err();
+            assert_eq!(err.status(), 412);
+        }
+
+        #[test]
+        fn each_scheduled_request_counts_one_decision_by_type() {
+            let d = pd();
+            let body = long_prompt("m");
+            // 412 still counts: llm-d's handler counts when its stages finish.
+            d.dispatch(ApiKind::Completions, &body, prefer("if-available"), &[])
+                .unwrap_err();
+            let t = d
+                .dispatch(ApiKind::Completions, &body, meta(""), &[])
+                .unwrap();
+            drop(t);
+            for _ in 0..3 {
+                d.dispatch(ApiKind::Completions, &body, meta(""), &[])
+                    .unwrap();
+            }
+            let h = "disagg-profile-handler";
+            assert_eq!(decisions(&d, false, h, "prefill-decode"), 2);
+            assert_eq!(decisions(&d, false, h, "decode-only"), 3);
+            assert_eq!(decisions(&d, true, h, "decode-only"), 0, "no pd_decision");
+            let text = d.metrics().render(&d.pool().load(), Instant::now());
+            assert!(
+                text.contains("llm_d_epp_disagg_decision_total{plugin_name=\"disagg-profile-handler\",plugin_type=\"disagg-profile-handler\",model_name=\"m\",decision_type=\"prefill-decode\"} 2"),
+                "{text}"
+            );
+
+            // A retry's reschedule is not another decision.
+            let mut t = d
+                .dispatch(ApiKind::Completions, &body, meta(""), &[])
+                .unwrap();
+            let first = t.destinations()[0];
+            t.reschedule(&[first]).unwrap();
+            assert_ne!(t.destinations()[0], first);
+            assert_eq!(decisions(&d, false, h, "decode-only"), 4);
+
+            // The deprecated pd-profile-handler counts into pd_decision_total instead.
+            let d = roled(
+                &["prefill", "decode"],
+                &PD.replace("type: disagg-profile-handler\n  parameters: {deciders: {prefill: prefix-based-pd-decider}}", "type: pd-profile-handler"),
+            );
+            d.dispatch(ApiKind::Completions, &body, meta(""), &[])
+                .unwrap();
+            let h = "pd-profile-handler";
+            assert_eq!(decisions(&d, true, h, "prefill-decode"), 1);
+            assert_eq!(decisions(&d, false, h, "prefill-decode"), 0);
+            let text = d.metrics().render(&d.pool().load(), Instant::now());
+            assert!(
+                text.contains("llm_d_epp_pd_decision_total{plugin_name=\"pd-profile-handler\""),
+                "{text}"
+            );
+        }
+
+        #[test]
+        fn a_disaggregated_pick_is_recorded_for_both_pods_at_the_owner() {
+            let owners = Arc::new(FakeOwners::default());
+            let d = pd().with_prefix_owners(owners.clone());
+            let t =
+                block_on(d.route(ApiKind::Completions, &long_prompt("m"), meta(""), &[])).unwrap();
+            let prefill: SocketAddr = header(&t, PREFILLER_HEADER).unwrap().parse().unwrap();
+            let records = owners.records.lock().clone();
+            assert_eq!(records.len(), 1);
+            assert_eq!(records[0].2, vec![t.destinations()[0], prefill]);
+            // The owner's next answer credits both: the same pair is picked again, and
+            // the decode pod's cached prompt now skips the prefill stage.
+            let blocks = u32::try_from(records[0].1.len()).unwrap();
+            *owners.answer.lock() = vec![(t.destinations()[0], blocks), (prefill, blocks)];
+            let decode = t.destinations()[0];
+            drop(t);
+            let t = block_on(d.route(
+                ApiKind::Completions,
+                &long_prompt("m"),
+                prefer("if-available"),
+                &[],
+            ))
+            .unwrap();
+            assert_eq!(t.destinations()[0], decode);
+            assert_eq!(header(&t, PREFILLER_HEADER), None);
+        }
+
+        #[test]
+        fn image_parts_send_a_chat_request_through_the_encoders() {
+            let epd = "plugins:\n- type: decode-filter\n- type: encode-filter\n- type: always-disagg-multimodal-decider\n- type: disagg-profile-handler\n  parameters: {deciders: {encode: always-disagg-multimodal-decider}}\nschedulingProfiles:\n- name: decode\n  plugins: [{pluginRef: decode-filter}]\n- name: encode\n  plugins: [{pluginRef: encode-filter}]\n";
+            let d = roled(&["encode", "decode"], epd);
+            let chat = |content: serde_json::Value| {
+                serde_json::to_vec(&serde_json::json!({"model": "m", "messages": [{"role": "user", "content": content}]})).unwrap()
+            };
+            let image = chat(serde_json::json!([
+                {"type": "text", "text": "what is this?"},
+                {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+            ]));
+            let t = d
+                .dispatch(ApiKind::ChatCompletions, &image, meta(""), &[])
+                .unwrap();
+            assert!(t.request().multimodal);
+            assert_eq!(t.destinations()[0], addr(1));
+            assert_eq!(header(&t, ENCODERS_HEADER), Some("10.0.0.0:8000"));
+            drop(t);
+            let text = chat(serde_json::json!("what is a cat?"));
+            let t = d
+                .dispatch(ApiKind::ChatCompletions, &text, meta(""), &[])
+                .unwrap();
+            assert!(!t.request().multimodal);
+            assert_eq!(header(&t, ENCODERS_HEADER), None);
+            drop(t);
+            let h = "disagg-profile-handler";
+            assert_eq!(decisions(&d, false, h, "encode-decode"), 1);
+            assert_eq!(decisions(&d, false, h, "decode-only"), 1);
+        }
     }
 }

@@ -225,6 +225,7 @@ impl Dispatcher {
             priority,
             fairness_id: meta.fairness_id.clone(),
             cache_salt: parsed.cache_salt,
+            multimodal: parsed.multimodal,
         };
         let candidates = pool.candidates(now, self.cfg.staleness, meta.subset.as_ref(), exclude);
         if candidates.is_empty() {
@@ -341,8 +342,8 @@ impl Dispatcher {
         }
     }
 
-    /// Runs a scheduling cycle for `p` over `candidates` and records the pick.
-    pub(super) fn schedule_over(
+    /// Runs a scheduling cycle for `p` over `candidates`; nothing is recorded yet.
+    pub(super) fn cycle(
         &self,
         p: &Prepared,
         candidates: &[Endpoint],
@@ -364,14 +365,30 @@ impl Dispatcher {
         if result.destinations().is_empty() {
             return Err(Rejection::NoEndpoint(NoEndpoint::Filtered));
         }
-        p.policy.scheduler.pre_request(&p.req, &result, now);
+        Ok(result)
+    }
+
+    /// Accepts a cycle's pick and records it (prefix blocks at every caching target,
+    /// locally or at the owners; pre-request hooks), unless the client asked for
+    /// `Prefer: if-available` and the decode endpoint holds none of the prompt: then 412
+    /// and nothing is recorded, as llm-d returns before its PreRequest plugins run.
+    pub(super) fn commit(
+        &self,
+        p: &Prepared,
+        result: &SchedulingResult,
+        now: Instant,
+    ) -> Result<(), Rejection> {
+        if p.req.prefers_if_available() && !result.primary_has_cached_prefix() {
+            return Err(Rejection::DecodeCacheMiss);
+        }
+        p.policy.scheduler.pre_request(&p.req, result, now);
         if let (Some(owners), Some(m)) = (&self.owners, &result.prefix_match)
             && let Some(anchor) = m.anchor
         {
             let targets: Vec<SocketAddr> = result.cache_targets.iter().map(|(a, _)| *a).collect();
             owners.record(anchor, &m.hashes, &targets);
         }
-        Ok(result)
+        Ok(())
     }
 
     /// Picks a random ready endpoint for a request without a body to schedule by

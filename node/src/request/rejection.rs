@@ -70,6 +70,10 @@ pub enum Rejection {
     /// 429: sheddable and the pool is saturated.
     #[error("{0}")]
     Shed(Rejected),
+    /// 412: the client sent `Prefer: if-available` and the chosen decode endpoint holds
+    /// none of the prompt's blocks (llm-d's conditional decode; its message).
+    #[error("no decode worker has the requested KV cache")]
+    DecodeCacheMiss,
     /// 429 or 503: flow control dropped the request (capacity, TTL, no endpoints);
     /// answered with `x-llm-d-request-dropped-reason`.
     #[error("request dropped by flow control: {}", .0.header_value())]
@@ -112,6 +116,7 @@ impl Rejection {
             Rejection::UnknownModel { .. } | Rejection::RewriteTargetNotServed { .. } => 404,
             Rejection::NoEndpoint(_) => 503,
             Rejection::Shed(_) => 429,
+            Rejection::DecodeCacheMiss => 412,
             Rejection::Flow(reason) => reason.status(),
             Rejection::Timeout { .. } => 504,
             Rejection::Unreachable { .. } | Rejection::Upstream { .. } => 502,
@@ -128,6 +133,7 @@ impl Rejection {
             }
             Rejection::NoEndpoint(_) => Outcome::NoEndpoint,
             Rejection::Shed(_) => Outcome::Shed,
+            Rejection::DecodeCacheMiss => Outcome::CacheMiss,
             Rejection::Flow(reason) => match reason {
                 DropReason::NoEndpoints => Outcome::NoEndpoint,
                 DropReason::ContextCancelled => Outcome::Cancelled,
@@ -156,6 +162,7 @@ impl Rejection {
         let kind = match self.status() {
             400 => "BadRequestError",
             404 => "NotFoundError",
+            412 => "PreconditionFailedError",
             413 => "RequestTooLargeError",
             429 => "RateLimitError",
             503 => "ServiceUnavailableError",
@@ -218,6 +225,7 @@ mod tests {
                 429,
                 Outcome::Shed,
             ),
+            (Rejection::DecodeCacheMiss, 412, Outcome::CacheMiss),
         ];
         for (r, status, outcome) in cases {
             assert_eq!(r.dropped_reason(), None);

@@ -28,7 +28,7 @@ use crate::flow::FlowConfig;
 pub use error::{ConfigError, Location};
 use params::{CoreMetricsExtractorParams, MetricsDataSourceParams, UtilizationParams};
 pub use registry::{PluginKind, PluginSpec};
-use registry::{SpecError, parse_spec};
+use registry::{SpecError, parse_spec_with_warnings};
 
 /// The llm-d apiVersion.
 pub const API_VERSION_LLMD: &str = "llm-d.ai/v1alpha1";
@@ -201,6 +201,8 @@ pub struct ResolvedConfig {
     pub data_layer: Vec<DataSourceRef>,
     /// The flow controller's configuration, when the `flowControl` gate is on.
     pub flow_control: Option<FlowConfig>,
+    /// Deprecations found while loading (llm-d logs these and loads anyway).
+    pub warnings: Vec<String>,
 }
 
 impl ResolvedConfig {
@@ -320,7 +322,8 @@ impl Loader<'_> {
     fn resolve(&self, raw: RawConfig) -> Result<ResolvedConfig, ConfigError> {
         let api_version = self.header(raw.api_version, raw.kind)?;
         let feature_gates = self.feature_gates(raw.feature_gates)?;
-        let mut plugins = self.plugins(raw.plugins.unwrap_or_default())?;
+        let mut warnings = Vec::new();
+        let mut plugins = self.plugins(raw.plugins.unwrap_or_default(), &mut warnings)?;
         let profiles = self.profiles(&mut plugins, raw.scheduling_profiles.unwrap_or_default())?;
         let profile_handler = self.profile_handler(&mut plugins, &profiles)?;
         // `flowControl.saturationDetector` wins over the deprecated top-level section, and
@@ -362,6 +365,7 @@ impl Loader<'_> {
         };
         let parser = self.parser(&mut plugins, raw.parser)?;
         let prefix_producer = self.prefix_producer(&mut plugins)?;
+        self.pd_producer_name(&plugins, &profile_handler, prefix_producer.as_deref())?;
         let inject_metrics = !feature_gates.iter().any(|g| g == "enableLegacyMetrics");
         let data_layer = self.data_layer(&mut plugins, raw.data_layer, inject_metrics)?;
         Ok(ResolvedConfig {
@@ -375,6 +379,39 @@ impl Loader<'_> {
             prefix_producer,
             data_layer,
             flow_control,
+            warnings,
+        })
+    }
+
+    /// `pd-profile-handler.prefixMatchInfoProducerName`, when set, must name the one
+    /// prefix producer infermesh runs.
+    fn pd_producer_name(
+        &self,
+        plugins: &[ResolvedPlugin],
+        handler: &str,
+        producer: Option<&str>,
+    ) -> Result<(), ConfigError> {
+        let Some(hi) = find(plugins, handler) else {
+            return Ok(());
+        };
+        let PluginSpec::PdProfileHandler(p) = &plugins[hi].spec else {
+            return Ok(());
+        };
+        let named = p.prefix_match_info_producer_name.as_str();
+        if named.is_empty() || Some(named) == producer {
+            return Ok(());
+        }
+        Err(ConfigError::InvalidParameter {
+            plugin: handler.to_owned(),
+            type_name: "pd-profile-handler".into(),
+            field: "prefixMatchInfoProducerName".into(),
+            message: match producer {
+                Some(pp) => format!(
+                    "names `{named}`, but the prefix producer is `{pp}` (infermesh runs one)"
+                ),
+                None => format!("names `{named}`, but no prefix producer is configured"),
+            },
+            location: self.plugin_location(plugins, hi),
         })
     }
 
@@ -432,7 +469,11 @@ impl Loader<'_> {
     }
 
     /// `plugins`: names defaulted to types, unique, parameters parsed by type.
-    fn plugins(&self, raw: Vec<RawPlugin>) -> Result<Vec<ResolvedPlugin>, ConfigError> {
+    fn plugins(
+        &self,
+        raw: Vec<RawPlugin>,
+        warnings: &mut Vec<String>,
+    ) -> Result<Vec<ResolvedPlugin>, ConfigError> {
         let mut plugins: Vec<ResolvedPlugin> = Vec::new();
         for (i, rp) in raw.into_iter().enumerate() {
             let name = rp
@@ -460,8 +501,14 @@ impl Loader<'_> {
                     location: loc(),
                 });
             }
-            match parse_spec(&rp.type_name, rp.parameters.as_ref()) {
-                Ok(spec) => plugins[i].spec = spec,
+            match parse_spec_with_warnings(&rp.type_name, rp.parameters.as_ref()) {
+                Ok((spec, w)) => {
+                    plugins[i].spec = spec;
+                    warnings.extend(
+                        w.into_iter()
+                            .map(|w| format!("plugin `{name}` ({}): {w}", rp.type_name)),
+                    );
+                }
                 Err(SpecError::UnknownType) => {
                     return Err(ConfigError::UnknownPluginType {
                         plugin: name,
@@ -712,19 +759,30 @@ impl Loader<'_> {
                     location: self.plugin_location(plugins, hi),
                 });
             }
-            PluginSpec::DisaggProfileHandler(d) => {
+            spec => {
+                // The deprecated handler's fields keep their old names in messages.
+                let (d, decode_field, prefill_field) = match spec {
+                    PluginSpec::PdProfileHandler(p) => {
+                        (p.to_disagg(), "decodeProfile", "deciderPluginName")
+                    }
+                    PluginSpec::DisaggProfileHandler(d) => {
+                        (d.clone(), "profiles.decode", "deciders.prefill")
+                    }
+                    _ => return Ok(profile_handler),
+                };
                 let loc = self.plugin_location(plugins, hi);
+                let type_name = spec.type_name();
                 if !profiles.iter().any(|p| p.name == d.profiles.decode) {
                     return Err(ConfigError::InvalidParameter {
                         plugin: profile_handler.clone(),
-                        type_name: "disagg-profile-handler".into(),
-                        field: "profiles.decode".into(),
+                        type_name: type_name.into(),
+                        field: decode_field.into(),
                         message: format!("no scheduling profile named `{}`", d.profiles.decode),
                         location: loc,
                     });
                 }
                 for (field, r) in [
-                    ("deciders.prefill", &d.deciders.prefill),
+                    (prefill_field, &d.deciders.prefill),
                     ("deciders.encode", &d.deciders.encode),
                 ] {
                     if r.is_empty() {
@@ -754,7 +812,6 @@ impl Loader<'_> {
                     }
                 }
             }
-            _ => {}
         }
 
         Ok(profile_handler)
@@ -1106,6 +1163,9 @@ fn add_default(plugins: &mut Vec<ResolvedPlugin>, type_name: &str) -> String {
 impl fmt::Display for ResolvedConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "EndpointPickerConfig ({})", self.api_version)?;
+        for w in &self.warnings {
+            writeln!(f, "warning: {w}")?;
+        }
         if !self.feature_gates.is_empty() {
             writeln!(f, "featureGates: {}", self.feature_gates.join(", "))?;
         }
@@ -1150,6 +1210,7 @@ impl fmt::Display for ResolvedConfig {
         writeln!(f, "schedulingProfiles:")?;
         let primary = match self.plugin(&self.profile_handler).map(|p| &p.spec) {
             Some(PluginSpec::DisaggProfileHandler(d)) => d.profiles.decode.clone(),
+            Some(PluginSpec::PdProfileHandler(p)) => p.decode_profile.clone(),
             _ => self
                 .profiles
                 .first()

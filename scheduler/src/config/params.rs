@@ -360,10 +360,50 @@ pub struct DisaggDeciders {
     pub encode: String,
 }
 
+/// `disagg-profile-handler` `stageOrder`: which stage runs first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub enum StageOrder {
+    /// Decode → encode → prefill: the prefill decider sees the chosen decode endpoint.
+    #[default]
+    #[serde(rename = "decode-first")]
+    DecodeFirst,
+    /// Prefill (whenever its profile exists) → encode → decode.
+    #[serde(rename = "prefill-first")]
+    PrefillFirst,
+}
+
+impl StageOrder {
+    /// llm-d's lenient spelling: case, `-` and `_` are ignored; "" and `decode` mean
+    /// decode-first, `prefill` means prefill-first.
+    pub fn parse(s: &str) -> Result<StageOrder, String> {
+        let folded: String = s
+            .chars()
+            .filter(|c| *c != '-' && *c != '_')
+            .collect::<String>()
+            .to_lowercase();
+        match folded.as_str() {
+            "" | "decodefirst" | "decode" => Ok(StageOrder::DecodeFirst),
+            "prefillfirst" | "prefill" => Ok(StageOrder::PrefillFirst),
+            _ => Err(format!(
+                "invalid stage order {s:?}, must be \"decode-first\" or \"prefill-first\""
+            )),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for StageOrder {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        StageOrder::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
 /// `disagg-profile-handler` (nested form, or llm-d's deprecated flat form).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct DisaggParams {
+    /// Stage order (default decode-first).
+    pub stage_order: StageOrder,
     /// Profile names.
     pub profiles: DisaggProfiles,
     /// Decider plugin names.
@@ -389,51 +429,73 @@ pub struct DisaggParams {
 }
 
 impl DisaggParams {
-    /// Folds the deprecated flat fields into the nested ones (mixing both is an error).
-    pub fn normalize(&mut self, nested_given: bool) -> Result<(), ParamProblem> {
+    /// Folds the deprecated flat fields into the nested ones (mixing both is an error) and
+    /// returns a deprecation warning per flat field used, worded as llm-d logs it.
+    pub fn normalize(&mut self, nested_given: bool) -> Result<Vec<String>, ParamProblem> {
         let legacy = [
-            ("decodeProfile", self.decode_profile.take()),
-            ("prefillProfile", self.prefill_profile.take()),
-            ("encodeProfile", self.encode_profile.take()),
+            (
+                "decodeProfile",
+                "profiles.decode",
+                self.decode_profile.take(),
+            ),
+            (
+                "prefillProfile",
+                "profiles.prefill",
+                self.prefill_profile.take(),
+            ),
+            (
+                "encodeProfile",
+                "profiles.encode",
+                self.encode_profile.take(),
+            ),
             (
                 "prefillDeciderPluginName",
+                "deciders.prefill",
                 self.prefill_decider_plugin_name.take(),
             ),
             (
                 "encodeDeciderPluginName",
+                "deciders.encode",
                 self.encode_decider_plugin_name.take(),
             ),
-            ("deciderPluginName", self.decider_plugin_name.take()),
+            (
+                "deciderPluginName",
+                "deciders.prefill",
+                self.decider_plugin_name.take(),
+            ),
         ];
         let any_legacy = legacy
             .iter()
-            .any(|(_, v)| v.as_deref().is_some_and(|s| !s.is_empty()));
+            .any(|(_, _, v)| v.as_deref().is_some_and(|s| !s.is_empty()));
         if any_legacy && nested_given {
             let field = legacy
                 .iter()
-                .find(|(_, v)| v.is_some())
-                .map_or("profiles", |(f, _)| f);
+                .find(|(_, _, v)| v.is_some())
+                .map_or("profiles", |(f, _, _)| f);
             return Err(problem(
                 field,
                 "cannot mix deprecated flat parameters with nested profiles/deciders",
             ));
         }
-        for (field, value) in legacy {
+        let mut warnings = Vec::new();
+        for (field, replacement, value) in legacy {
             let Some(v) = value.filter(|s| !s.is_empty()) else {
                 continue;
             };
-            match field {
-                "decodeProfile" => self.profiles.decode = v,
-                "prefillProfile" => self.profiles.prefill = v,
-                "encodeProfile" => self.profiles.encode = v,
-                "prefillDeciderPluginName" => self.deciders.prefill = v,
-                "encodeDeciderPluginName" => self.deciders.encode = v,
-                _ => {
-                    if self.deciders.prefill.is_empty() {
-                        self.deciders.prefill = v;
-                    }
-                }
-            }
+            let target = match field {
+                "decodeProfile" => &mut self.profiles.decode,
+                "prefillProfile" => &mut self.profiles.prefill,
+                "encodeProfile" => &mut self.profiles.encode,
+                "prefillDeciderPluginName" => &mut self.deciders.prefill,
+                "encodeDeciderPluginName" => &mut self.deciders.encode,
+                // The lower-priority alias: prefillDeciderPluginName wins over it.
+                _ if !self.deciders.prefill.is_empty() => continue,
+                _ => &mut self.deciders.prefill,
+            };
+            *target = v;
+            warnings.push(format!(
+                "deprecated parameter `{field}`, use `{replacement}` instead"
+            ));
         }
         for (field, v) in [
             ("profiles.decode", &mut self.profiles.decode),
@@ -444,7 +506,110 @@ impl DisaggParams {
                 *v = field.trim_start_matches("profiles.").to_owned();
             }
         }
-        Ok(())
+        if self.stage_order == StageOrder::PrefillFirst && !self.deciders.prefill.is_empty() {
+            return Err(problem(
+                "deciders.prefill",
+                "prefill decider is not supported in prefill-first stage order",
+            ));
+        }
+        Ok(warnings)
+    }
+}
+
+/// The deprecated `pd-profile-handler`: P/D only, run on the disagg handler.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct PdProfileParams {
+    /// Decode profile name.
+    pub decode_profile: String,
+    /// Prefill profile name.
+    pub prefill_profile: String,
+    /// Deprecated in llm-d and never used there; accepted with a warning.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub prefix_plugin_type: String,
+    /// Deprecated in llm-d and never used there; accepted with a warning.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub prefix_plugin_name: String,
+    /// Data-parallel port rewrite (0 = off); infermesh refuses any other value.
+    pub primary_port: i64,
+    /// The prefill decider plugin (required).
+    pub decider_plugin_name: String,
+    /// Which prefix producer's match data the decider reads ("" = the one configured).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub prefix_match_info_producer_name: String,
+}
+
+impl Default for PdProfileParams {
+    fn default() -> Self {
+        PdProfileParams {
+            decode_profile: "decode".into(),
+            prefill_profile: "prefill".into(),
+            prefix_plugin_type: String::new(),
+            prefix_plugin_name: String::new(),
+            primary_port: 0,
+            decider_plugin_name: "prefix-based-pd-decider".into(),
+            prefix_match_info_producer_name: String::new(),
+        }
+    }
+}
+
+impl PdProfileParams {
+    /// llm-d's checks, plus a refusal of `primaryPort` (infermesh has no data-parallel
+    /// port rewrite); returns the deprecation warnings.
+    pub fn validate(&self) -> Result<Vec<String>, ParamProblem> {
+        if self.primary_port != 0 {
+            if !(1..=65535).contains(&self.primary_port) {
+                return Err(problem(
+                    "primaryPort",
+                    format!("must be between 1 and 65535, got {}", self.primary_port),
+                ));
+            }
+            return Err(problem(
+                "primaryPort",
+                "data-parallel port rewriting is not supported by infermesh (deprecated in llm-d; not needed with Istio >= 1.28.1); remove it",
+            ));
+        }
+        if self.decider_plugin_name.is_empty() {
+            return Err(problem(
+                "deciderPluginName",
+                "decider plugin name is not defined",
+            ));
+        }
+        for (field, v) in [
+            ("decodeProfile", &self.decode_profile),
+            ("prefillProfile", &self.prefill_profile),
+        ] {
+            if v.is_empty() {
+                return Err(problem(field, "must not be empty"));
+            }
+        }
+        let mut warnings =
+            vec!["pd-profile-handler is deprecated, use disagg-profile-handler instead".to_owned()];
+        for (field, v) in [
+            ("prefixPluginType", &self.prefix_plugin_type),
+            ("prefixPluginName", &self.prefix_plugin_name),
+        ] {
+            if !v.is_empty() {
+                warnings.push(format!("deprecated parameter `{field}` is ignored"));
+            }
+        }
+        Ok(warnings)
+    }
+
+    /// The equivalent `disagg-profile-handler` parameters (decode-first, no encode stage).
+    pub fn to_disagg(&self) -> DisaggParams {
+        DisaggParams {
+            profiles: DisaggProfiles {
+                decode: self.decode_profile.clone(),
+                prefill: self.prefill_profile.clone(),
+                ..DisaggProfiles::default()
+            },
+            deciders: DisaggDeciders {
+                prefill: self.decider_plugin_name.clone(),
+                encode: String::new(),
+            },
+            ..DisaggParams::default()
+        }
     }
 }
 
@@ -454,13 +619,18 @@ impl DisaggParams {
 pub struct PdDeciderParams {
     /// Non-cached prompt tokens at which prefill is split off (0 = never).
     pub non_cached_tokens: i64,
+    /// Prompts shorter than this many tokens never split (0 = no minimum).
+    pub prompt_tokens: i64,
 }
 
 impl PdDeciderParams {
-    /// Must not be negative.
+    /// Neither may be negative.
     pub fn validate(&self) -> Result<(), ParamProblem> {
         if self.non_cached_tokens < 0 {
             return Err(problem("nonCachedTokens", "cannot be negative"));
+        }
+        if self.prompt_tokens < 0 {
+            return Err(problem("promptTokens", "cannot be negative"));
         }
         Ok(())
     }

@@ -109,10 +109,14 @@ pub enum PluginSpec {
     SingleProfileHandler,
     /// `disagg-profile-handler`
     DisaggProfileHandler(DisaggParams),
+    /// `pd-profile-handler` (deprecated in llm-d; runs as `disagg-profile-handler`)
+    PdProfileHandler(PdProfileParams),
     /// `prefix-based-pd-decider`
     PrefixBasedPdDecider(PdDeciderParams),
     /// `always-disagg-pd-decider`
     AlwaysDisaggPdDecider,
+    /// `always-disagg-multimodal-decider`
+    AlwaysDisaggMultimodalDecider,
     /// `approx-prefix-cache-producer`
     ApproxPrefixCacheProducer(ApproxPrefixParams),
     /// `inflight-load-producer` (counts come from the caller's load board).
@@ -170,8 +174,10 @@ impl PluginSpec {
             PluginSpec::WeightedRandomPicker(_) => "weighted-random-picker",
             PluginSpec::SingleProfileHandler => "single-profile-handler",
             PluginSpec::DisaggProfileHandler(_) => "disagg-profile-handler",
+            PluginSpec::PdProfileHandler(_) => "pd-profile-handler",
             PluginSpec::PrefixBasedPdDecider(_) => "prefix-based-pd-decider",
             PluginSpec::AlwaysDisaggPdDecider => "always-disagg-pd-decider",
+            PluginSpec::AlwaysDisaggMultimodalDecider => "always-disagg-multimodal-decider",
             PluginSpec::ApproxPrefixCacheProducer(_) => "approx-prefix-cache-producer",
             PluginSpec::InflightLoadProducer => "inflight-load-producer",
             PluginSpec::MetricsDataSource(_) => "metrics-data-source",
@@ -213,8 +219,12 @@ impl PluginSpec {
             | NoHitLruScorer(_)
             | TokenLoadScorer(_) => PluginKind::Scorer,
             MaxScorePicker(_) | RandomPicker(_) | WeightedRandomPicker(_) => PluginKind::Picker,
-            SingleProfileHandler | DisaggProfileHandler(_) => PluginKind::ProfileHandler,
-            PrefixBasedPdDecider(_) | AlwaysDisaggPdDecider => PluginKind::Decider,
+            SingleProfileHandler | DisaggProfileHandler(_) | PdProfileHandler(_) => {
+                PluginKind::ProfileHandler
+            }
+            PrefixBasedPdDecider(_) | AlwaysDisaggPdDecider | AlwaysDisaggMultimodalDecider => {
+                PluginKind::Decider
+            }
             ApproxPrefixCacheProducer(_) | InflightLoadProducer => PluginKind::DataProducer,
             MetricsDataSource(_) => PluginKind::DataSource,
             CoreMetricsExtractor(_) => PluginKind::DataExtractor,
@@ -255,6 +265,7 @@ impl PluginSpec {
             TokenLoadScorer(p) => j(p),
             MaxScorePicker(p) | RandomPicker(p) | WeightedRandomPicker(p) => j(p),
             DisaggProfileHandler(p) => j(p),
+            PdProfileHandler(p) => j(p),
             PrefixBasedPdDecider(p) => j(p),
             MetricsDataSource(p) => j(p),
             CoreMetricsExtractor(p) => j(p),
@@ -272,6 +283,7 @@ impl PluginSpec {
             | SessionAffinityScorer
             | SingleProfileHandler
             | AlwaysDisaggPdDecider
+            | AlwaysDisaggMultimodalDecider
             | InflightLoadProducer
             | OpenAiParser
             | GlobalStrictFairnessPolicy
@@ -385,14 +397,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
     ("probabilistic-admitter", "not implemented"),
     ("context-length-aware", "not implemented"),
     (
-        "always-disagg-multimodal-decider",
-        "not implemented (no encode stage yet)",
-    ),
-    (
-        "pd-profile-handler",
-        "deprecated in llm-d; use disagg-profile-handler",
-    ),
-    (
         "disagg-headers-handler",
         "deprecated in llm-d; use disagg-profile-handler",
     ),
@@ -445,8 +449,10 @@ pub const KNOWN_TYPES: &[&str] = &[
     "weighted-random-picker",
     "single-profile-handler",
     "disagg-profile-handler",
+    "pd-profile-handler",
     "prefix-based-pd-decider",
     "always-disagg-pd-decider",
+    "always-disagg-multimodal-decider",
     "approx-prefix-cache-producer",
     "inflight-load-producer",
     "metrics-data-source",
@@ -466,7 +472,16 @@ pub const KNOWN_TYPES: &[&str] = &[
 
 /// Parses one plugin's type and parameters.
 pub fn parse_spec(type_name: &str, params: Option<&Value>) -> Result<PluginSpec, SpecError> {
+    parse_spec_with_warnings(type_name, params).map(|(spec, _)| spec)
+}
+
+/// [`parse_spec`], also returning deprecation warnings (llm-d logs them and goes on).
+pub fn parse_spec_with_warnings(
+    type_name: &str,
+    params: Option<&Value>,
+) -> Result<(PluginSpec, Vec<String>), SpecError> {
     use PluginSpec as S;
+    let mut warnings = Vec::new();
     let spec = match type_name {
         "label-selector-filter" | "by-label-selector" => {
             let p: LabelSelectorParams = parse(params)?;
@@ -528,8 +543,15 @@ pub fn parse_spec(type_name: &str, params: Option<&Value>) -> Result<PluginSpec,
                 Some(Value::Mapping(m)) => m.contains_key("profiles") || m.contains_key("deciders"),
                 _ => false,
             };
-            check(p.normalize(nested_given))?;
+            warnings = p
+                .normalize(nested_given)
+                .map_err(|(f, m)| SpecError::Param(f, m))?;
             S::DisaggProfileHandler(p)
+        }
+        "pd-profile-handler" => {
+            let p: PdProfileParams = parse(params)?;
+            warnings = p.validate().map_err(|(f, m)| SpecError::Param(f, m))?;
+            S::PdProfileHandler(p)
         }
         "prefix-based-pd-decider" => {
             let p: PdDeciderParams = parse(params)?;
@@ -537,6 +559,9 @@ pub fn parse_spec(type_name: &str, params: Option<&Value>) -> Result<PluginSpec,
             S::PrefixBasedPdDecider(p)
         }
         "always-disagg-pd-decider" => none(params).map(|_| S::AlwaysDisaggPdDecider)?,
+        "always-disagg-multimodal-decider" => {
+            none(params).map(|_| S::AlwaysDisaggMultimodalDecider)?
+        }
         "approx-prefix-cache-producer" => {
             let p: ApproxPrefixParams = parse(params)?;
             check(p.validate())?;
@@ -585,7 +610,7 @@ pub fn parse_spec(type_name: &str, params: Option<&Value>) -> Result<PluginSpec,
             });
         }
     };
-    Ok(spec)
+    Ok((spec, warnings))
 }
 
 /// The default spec of a type (used when the loader adds a plugin by default).

@@ -90,8 +90,9 @@ pub trait DataProducer: Send + Sync + Debug {
 
 /// Decides whether a disaggregated stage (prefill, encode) runs for this request.
 pub trait Decider: Send + Sync + Debug {
-    /// `decode_target` is the candidate index chosen by the decode profile.
-    fn disaggregate(&self, cycle: &CycleState<'_>, decode_target: usize) -> bool;
+    /// `decode_target` is the candidate the decode profile chose (`None` when decode has
+    /// not run yet: the encode stage of prefill-first).
+    fn disaggregate(&self, cycle: &CycleState<'_>, decode_target: Option<usize>) -> bool;
 }
 
 /// A finished or skipped profile run.
@@ -126,6 +127,8 @@ pub trait ProfileHandler: Send + Sync + Debug {
     fn headers(&self, cycle: &CycleState<'_>, runs: &[ProfileRun]) -> Vec<(String, String)>;
     /// Profiles whose first target also caches the prompt (prefix recording).
     fn cache_profiles(&self) -> Vec<usize>;
+    /// The disaggregation decision of a finished cycle, for handlers that count one.
+    fn decision(&self, runs: &[ProfileRun]) -> Option<profiles::DisaggDecision>;
 }
 
 /// Hook run after a pick, before the request is forwarded (llm-d `PreRequest`).
