@@ -24,7 +24,8 @@
 #
 # Usage: bench/scenarios/overload-priority.sh   (environment: PODS [4], QPS [40],
 #   UNLOADED_QPS [5], DURATION_S [40], PROMPT_TOKENS [4000], OUTPUT_TOKENS [16],
-#   TTFT_SLO_MS [1500], SGLANG_LIMITS [8,16,32], SEED [1], SKIP_BUILD [0])
+#   TTFT_SLO_MS [1500], SGLANG_LIMITS [8,16,32], MAX_CONCURRENCY [2] (infermesh's
+#   concurrency-detector, per pod), REQUEST_TTL [5s], SEED [1], SKIP_BUILD [0])
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
@@ -37,6 +38,8 @@ PROMPT_TOKENS="${PROMPT_TOKENS:-4000}"
 OUTPUT_TOKENS="${OUTPUT_TOKENS:-16}"
 TTFT_SLO_MS="${TTFT_SLO_MS:-1500}"
 SGLANG_LIMITS="${SGLANG_LIMITS:-8,16,32}"
+MAX_CONCURRENCY="${MAX_CONCURRENCY:-2}"
+REQUEST_TTL="${REQUEST_TTL:-5s}"
 SEED="${SEED:-1}"
 PROFILE=llama-8b-h100
 BASE_PORT=18100
@@ -124,6 +127,9 @@ plugins:
 - type: kv-cache-utilization-scorer
 - type: max-score-picker
 - type: round-robin-fairness-policy
+- type: concurrency-detector
+  parameters:
+    maxConcurrency: MAX_CONCURRENCY
 schedulingProfiles:
 - name: default
   plugins:
@@ -131,11 +137,18 @@ schedulingProfiles:
   - pluginRef: kv-cache-utilization-scorer
   - pluginRef: max-score-picker
 flowControl:
+  # Requests that cannot start within this are refused (429) instead of queueing for
+  # llm-d's default minute: an interactive service's choice.
+  defaultRequestTTL: REQUEST_TTL
+  # Saturation from the router's own in-flight count per pod (no scrape lag).
+  saturationDetector:
+    pluginRef: concurrency-detector
   # Tenants inside the standard band take turns (llm-d's default is global strict).
   priorityBands:
   - priority: 0
     fairnessPolicyRef: round-robin-fairness-policy
 EOF
+sed -i "s/MAX_CONCURRENCY/$MAX_CONCURRENCY/; s/REQUEST_TTL/$REQUEST_TTL/" "$WORK/epp.yaml"
 
 # Starts `n` infermesh nodes (one mesh when n > 1); sets URLS to their proxy URLs (not a
 # command substitution: the PIDs must reach this shell's cleanup).
@@ -222,8 +235,9 @@ done
   echo "header) for $DURATION_S s per leg; the unloaded reference ran at $UNLOADED_QPS req/s with"
   echo "every class equally likely. Classes: critical (objective priority 10), heavy and light"
   echo "(objective standard, priority 0; fairness ids tenant-a and tenant-b at 10:1), sheddable"
-  echo "(priority -1). infermesh ran with \`featureGates: [flowControl]\`, llm-d's flow-control"
-  echo "defaults except round-robin fairness in the standard band (config in the script); sglang-router with cache_aware and each --max-concurrent-requests of $SGLANG_LIMITS."
+  echo "(priority -1). infermesh ran with \`featureGates: [flowControl]\`, the concurrency-detector"
+  echo "at maxConcurrency $MAX_CONCURRENCY per pod, defaultRequestTTL $REQUEST_TTL and round-robin fairness in the"
+  echo "standard band, llm-d's defaults otherwise (config in the script); sglang-router with cache_aware and each --max-concurrent-requests of $SGLANG_LIMITS."
   echo "Goodput: requests served with TTFT <= $TTFT_SLO_MS ms, per second of the run."
   echo
   "$BENCH" priority-table --unloaded "$OUT/unloaded.json" --one-node "$OUT/infermesh-x1.json" \

@@ -67,6 +67,26 @@ fn without_the_gate_nothing_changes() {
 }
 
 #[test]
+fn no_endpoint_ttl_follows_a_set_default_ttl_else_a_minute() {
+    let ttls = |section: &str| {
+        let cfg = load(&format!(
+            "featureGates: [flowControl]\nplugins:\n- type: queue-scorer\nflowControl:\n{section}"
+        ))
+        .unwrap();
+        let fc = cfg.flow_control.unwrap();
+        (fc.default_request_ttl, fc.no_endpoint_request_ttl)
+    };
+    let s = Duration::from_secs;
+    assert_eq!(ttls("  defaultRequestTTL: 5s\n"), (Some(s(5)), Some(s(5))));
+    assert_eq!(ttls("  maxRequests: 10\n"), (Some(s(60)), Some(s(60))));
+    assert_eq!(ttls("  defaultRequestTTL: 0s\n"), (None, Some(s(60))));
+    assert_eq!(
+        ttls("  defaultRequestTTL: 5s\n  noEndpointRequestTTL: 20s\n"),
+        (Some(s(5)), Some(s(20)))
+    );
+}
+
+#[test]
 fn full_section_resolves() {
     let cfg = load(
         r#"featureGates: [flowControl]

@@ -273,19 +273,25 @@ pub(super) fn resolve(
         plugins,
         section: locate::top_level(yaml, "flowControl"),
     };
+    let default_request_ttl = r.ttl(
+        raw.default_request_ttl.as_deref(),
+        "defaultRequestTTL",
+        DEFAULT_REQUEST_TTL,
+    )?;
+    let no_endpoint_request_ttl = match raw.no_endpoint_request_ttl.as_deref() {
+        Some(v) => r.ttl(Some(v), "noEndpointRequestTTL", DEFAULT_NO_ENDPOINT_REQUEST_TTL)?,
+        // llm-d: unset follows a set defaultRequestTTL, else 60 s.
+        None => Some(
+            default_request_ttl
+                .filter(|_| raw.default_request_ttl.is_some())
+                .unwrap_or(DEFAULT_NO_ENDPOINT_REQUEST_TTL),
+        ),
+    };
     let mut cfg = FlowConfig {
         max_requests: r.quantity(raw.max_requests.as_ref(), "maxRequests", None)?,
         max_bytes: r.quantity(raw.max_bytes.as_ref(), "maxBytes", None)?,
-        default_request_ttl: r.ttl(
-            raw.default_request_ttl.as_deref(),
-            "defaultRequestTTL",
-            DEFAULT_REQUEST_TTL,
-        )?,
-        no_endpoint_request_ttl: r.ttl(
-            raw.no_endpoint_request_ttl.as_deref(),
-            "noEndpointRequestTTL",
-            DEFAULT_NO_ENDPOINT_REQUEST_TTL,
-        )?,
+        default_request_ttl,
+        no_endpoint_request_ttl,
         enable_eviction: raw.enable_eviction.unwrap_or(false),
         ..FlowConfig::default()
     };
