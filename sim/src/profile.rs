@@ -245,6 +245,9 @@ mod tests {
         // 5,000 tokens × 128 KiB = 655 MB over 50 GB/s = 13.1 ms.
         let t = p.kv_transfer_time(5000);
         assert_eq!(t.as_micros(), 13_107);
-        assert_eq!(EngineProfile::instant().kv_transfer_time(5000), Duration::ZERO);
+        assert_eq!(
+            EngineProfile::instant().kv_transfer_time(5000),
+            Duration::ZERO
+        );
     }
 }

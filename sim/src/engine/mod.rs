@@ -473,7 +473,9 @@ impl Engine {
             let s = &self.seqs[&id];
             // One token at the end of the sequence is a decode: a generated token, or the
             // last prompt token after the rest of the prompt's KV was pulled.
-            if (s.generated > 0 || s.remote_loaded) && n == 1 && s.num_computed + 1 == s.num_tokens()
+            if (s.generated > 0 || s.remote_loaded)
+                && n == 1
+                && s.num_computed + 1 == s.num_tokens()
             {
                 decode_seqs += 1;
                 context += s.num_computed + 1;

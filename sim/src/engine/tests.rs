@@ -514,7 +514,11 @@ fn run_all(
 }
 
 fn max_gap(times: &[Duration]) -> Duration {
-    times.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default()
+    times
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default()
 }
 
 fn with_kv(mut r: EngineRequest, kv: KvTransfer) -> EngineRequest {
@@ -554,7 +558,10 @@ fn a_long_prefill_stalls_decodes_on_an_aggregated_pod_but_not_on_a_decode_pod() 
     assert!(decode_gap * 50 < aggregated_gap);
     // The newcomer's own first token: 399 tokens pulled at 0.1 ms (39.9 ms) then one
     // decode step, against the full prefill.
-    assert!(decode_ttft < aggregated_ttft / 5, "{decode_ttft:?} {aggregated_ttft:?}");
+    assert!(
+        decode_ttft < aggregated_ttft / 5,
+        "{decode_ttft:?} {aggregated_ttft:?}"
+    );
 }
 
 #[test]
@@ -562,7 +569,10 @@ fn kv_pulls_into_one_pod_queue_on_its_link() {
     let mut e = engine(profile());
     let (mut tokens, mut enc) = (HashMap::new(), HashMap::new());
     for id in [1, 2] {
-        let r = with_kv(req(id, toks(id as u32 * 100..id as u32 * 100 + 21), 2), KvTransfer::RemotePrefill);
+        let r = with_kv(
+            req(id, toks(id as u32 * 100..id as u32 * 100 + 21), 2),
+            KvTransfer::RemotePrefill,
+        );
         submit(&mut e, ms(0), r);
     }
     run_all(&mut e, &mut tokens, &mut enc);
@@ -585,21 +595,46 @@ fn images_cost_encoder_time_unless_cached_or_encoded_elsewhere() {
                 id: u64,
                 mm: Vec<MmItem>| {
         let start = e.next_wakeup().unwrap_or(ms(id * 1000)).max(ms(id * 1000));
-        submit(e, start, req(id, toks(id as u32 * 100..id as u32 * 100 + 8), 1).with_mm(mm));
+        submit(
+            e,
+            start,
+            req(id, toks(id as u32 * 100..id as u32 * 100 + 8), 1).with_mm(mm),
+        );
         run_all(e, tokens, enc);
         tokens[&id][0] - start
     };
     // Text only: 10 + 8 ms of prefill.
     assert_eq!(ttft(&mut e, &mut tokens, &mut enc, 1, vec![]), ms(18));
     // One new image: + 20 ms of encoding in the same step.
-    assert_eq!(ttft(&mut e, &mut tokens, &mut enc, 2, vec![img(7, false)]), ms(38));
+    assert_eq!(
+        ttft(&mut e, &mut tokens, &mut enc, 2, vec![img(7, false)]),
+        ms(38)
+    );
     // The same image again: an encoder-cache hit.
-    assert_eq!(ttft(&mut e, &mut tokens, &mut enc, 3, vec![img(7, false)]), ms(18));
+    assert_eq!(
+        ttft(&mut e, &mut tokens, &mut enc, 3, vec![img(7, false)]),
+        ms(18)
+    );
     // Encoded by an encode pod: no local encoding, not a cache query.
-    assert_eq!(ttft(&mut e, &mut tokens, &mut enc, 4, vec![img(8, true)]), ms(18));
+    assert_eq!(
+        ttft(&mut e, &mut tokens, &mut enc, 4, vec![img(8, true)]),
+        ms(18)
+    );
     // Capacity 2: images 9 and 10 push 7 out, so 7 is encoded again.
-    assert_eq!(ttft(&mut e, &mut tokens, &mut enc, 5, vec![img(9, false), img(10, false)]), ms(58));
-    assert_eq!(ttft(&mut e, &mut tokens, &mut enc, 6, vec![img(7, false)]), ms(38));
+    assert_eq!(
+        ttft(
+            &mut e,
+            &mut tokens,
+            &mut enc,
+            5,
+            vec![img(9, false), img(10, false)]
+        ),
+        ms(58)
+    );
+    assert_eq!(
+        ttft(&mut e, &mut tokens, &mut enc, 6, vec![img(7, false)]),
+        ms(38)
+    );
     let st = e.stats();
     assert_eq!((st.encoder_cache_queries, st.encoder_cache_hits), (5, 1));
     assert_eq!(st.remote_encoded_images, 1);
@@ -612,13 +647,20 @@ fn an_encode_pod_encodes_misses_and_answers_hits_from_its_cache() {
     e.submit_encode(1, vec![1, 2]).unwrap();
     e.advance(ms(0));
     run_all(&mut e, &mut tokens, &mut enc);
-    assert_eq!(enc[&1], (2, 0, ms(40)), "two misses, 20 ms each, in one step");
+    assert_eq!(
+        enc[&1],
+        (2, 0, ms(40)),
+        "two misses, 20 ms each, in one step"
+    );
     e.advance(ms(100));
     e.submit_encode(2, vec![2, 3]).unwrap();
     e.advance(ms(100));
     run_all(&mut e, &mut tokens, &mut enc);
     assert_eq!(enc[&2], (2, 1, ms(120)), "image 2 is cached, 3 is encoded");
-    assert_eq!(e.submit_encode(3, vec![]), Err(SubmitError::NothingToEncode));
+    assert_eq!(
+        e.submit_encode(3, vec![]),
+        Err(SubmitError::NothingToEncode)
+    );
     assert!(tokens.is_empty(), "encode-only requests generate nothing");
     e.check_invariants();
 }
