@@ -149,11 +149,11 @@ async fn pd_fleet() -> (Fleet, SocketAddr, SocketAddr, String) {
 /// Writes an endpoints file for pool `llama` with `pods` (all on 127.0.0.1).
 fn write_pool(path: &Path, pods: &[SocketAddr]) {
     let mut text = String::from(
-        "apiVersion: inference.networking.k8s.io/v1\nkind: InferencePool\nmetadata: {name: llama}\nspec:\n  targetPorts: [{number: 8000}]\npods:\n",
+        "apiVersion: inference.networking.k8s.io/v1\nkind: InferencePool\nmetadata: {name: llama}\nspec:\n  targetPorts: [{number: 8000}]\n  selector: {matchLabels: {app: sim}}\npods:\n",
     );
     for (i, p) in pods.iter().enumerate() {
         text.push_str(&format!(
-            "- {{name: pod-{i}, address: {}, targetPorts: [{{number: {}}}]}}\n",
+            "- {{name: pod-{i}, address: {}, labels: {{app: sim}}, targetPorts: [{{number: {}}}]}}\n",
             p.ip(),
             p.port()
         ));
@@ -685,6 +685,252 @@ async fn the_handoff_through_envoy_and_the_proxy_with_the_node_picking_both_pods
 
     drop(envoy);
     node.shutdown(Duration::from_secs(5)).await;
+    sidecar.shutdown(Duration::from_secs(2)).await;
+    fleet.shutdown().await;
+}
+
+/// Two encode sims, a prefill sim and a decode sim (instant), in that order.
+async fn epd_fleet() -> (Fleet, Vec<SocketAddr>, String) {
+    let mut cfg = FleetConfig::new(4);
+    cfg.profile = EngineProfile::instant();
+    cfg.roles = vec![
+        PodRole::Encode,
+        PodRole::Encode,
+        PodRole::Prefill,
+        PodRole::Decode,
+    ];
+    let model = cfg.model.clone();
+    let fleet = Fleet::start(cfg).await.expect("sims start");
+    let addrs = fleet.addrs();
+    (fleet, addrs, model)
+}
+
+/// A counter of a sim's `/metrics` (summed over label sets).
+async fn sim_counter(client: &HttpClient, sim: SocketAddr, name: &str) -> f64 {
+    let r = support::get(client, sim, "/metrics").await.unwrap();
+    let text = String::from_utf8(r.body.to_vec()).unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn image_chat(model: &str, urls: &[&str]) -> Value {
+    let mut content = vec![json!({"type": "text", "text": "What differs between these?"})];
+    content.extend(
+        urls.iter()
+            .map(|u| json!({"type": "image_url", "image_url": {"url": u}})),
+    );
+    json!({"model": model, "max_tokens": 4, "stream": true,
+        "messages": [{"role": "user", "content": content}],
+        // A client claiming its images are encoded already: dropped.
+        "ec_transfer_params": {"mm_hashes": ["0000000000000001"]}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encode_prefill_decode_sends_each_image_to_an_encoder_and_their_outputs_on() {
+    let (fleet, sims, model) = epd_fleet().await;
+    let enc0 = Tap::start(Behaviour::Forward(sims[0])).await;
+    let enc1 = Tap::start(Behaviour::Forward(sims[1])).await;
+    let prefill = Tap::start(Behaviour::Forward(sims[2])).await;
+    let decode = Tap::start(Behaviour::Forward(sims[3])).await;
+    let outsider = Tap::start(Behaviour::Forward(sims[0])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool.yaml");
+    write_pool(&pool, &[enc0.addr, enc1.addr, prefill.addr, decode.addr]);
+    let mut cfg = config(decode.addr);
+    cfg.ssrf = Some(PoolSource {
+        pool: "llama".into(),
+        endpoints_file: pool,
+    });
+    let sidecar = Sidecar::start(cfg).await.expect("sidecar starts");
+    let client = http_client(Duration::from_secs(2));
+    let encoders = format!("{},{}", enc0.addr, enc1.addr);
+    let prefiller = prefill.addr.to_string();
+    let urls = ["http://img/a.png", "http://img/b.png", "http://img/c.png"];
+    let request = image_chat(&model, &urls);
+
+    // An encoder outside the pool: refused before anything is sent.
+    let with_outsider = format!("{},{}", enc0.addr, outsider.addr);
+    let r = post(
+        &client,
+        sidecar.addr,
+        "/v1/chat/completions",
+        request.to_string(),
+        &[("x-encoder-hosts-ports", with_outsider.as_str())],
+    )
+    .await;
+    assert_eq!(r.status, 403, "{:?}", r.body);
+    assert!(error_message(&r).contains(&outsider.addr.to_string()));
+    assert!(outsider.seen().is_empty() && enc0.seen().is_empty() && decode.seen().is_empty());
+
+    let r = post(
+        &client,
+        sidecar.addr,
+        "/v1/chat/completions",
+        request.to_string(),
+        &[
+            ("x-encoder-hosts-ports", encoders.as_str()),
+            ("x-prefiller-host-port", prefiller.as_str()),
+            ("x-request-id", "epd-1"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let (events, done) = sse_events(&r.body);
+    assert!(done && !events.is_empty(), "{:?}", r.body);
+
+    // Items 0 and 2 went to the first encoder, item 1 to the second, one image each.
+    let (e0, e1) = (enc0.seen(), enc1.seen());
+    assert_eq!((e0.len(), e1.len()), (2, 1));
+    let sent_url = |s: &Seen| s.body["messages"][0]["content"][0]["image_url"]["url"].clone();
+    // The items are sent at once, so the first encoder may see its two in either order.
+    let mut at_e0 = [sent_url(&e0[0]), sent_url(&e0[1])];
+    at_e0.sort_by_key(|v| v.to_string());
+    assert_eq!(at_e0, [json!(urls[0]), json!(urls[2])]);
+    assert_eq!(sent_url(&e1[0]), urls[1]);
+    for s in e0.iter().chain(&e1) {
+        assert_eq!(s.path, "/v1/chat/completions");
+        assert_eq!(s.body["messages"].as_array().unwrap().len(), 1);
+        assert_eq!(
+            s.body["messages"][0]["content"].as_array().unwrap().len(),
+            1,
+            "no text"
+        );
+        assert_eq!(
+            (s.body["max_tokens"].clone(), s.body["stream"].clone()),
+            (json!(1), json!(false))
+        );
+        assert!(
+            s.body.get("ec_transfer_params").is_none(),
+            "the client's handles are dropped"
+        );
+        assert!(
+            s.headers["x-request-id"]
+                .to_str()
+                .unwrap()
+                .starts_with("epd-1-enc-"),
+            "{:?}",
+            s.headers
+        );
+    }
+    let mut hashes: Vec<Value> = Vec::new();
+    let by_url = |u: &str| e0.iter().find(|s| sent_url(s) == u).unwrap();
+    for s in [by_url(urls[0]), &e1[0], by_url(urls[2])] {
+        let p = &s.answer.as_ref().expect("the encoder answered JSON")["ec_transfer_params"];
+        hashes.extend(p["mm_hashes"].as_array().unwrap().iter().cloned());
+    }
+    assert_eq!(hashes.len(), 3);
+
+    // Prefill and decode got every encoder's handles, in item order.
+    let (p, d) = (prefill.seen(), decode.seen());
+    assert_eq!((p.len(), d.len()), (1, 1));
+    assert_eq!(p[0].body["ec_transfer_params"]["mm_hashes"], json!(hashes));
+    assert_eq!(
+        p[0].body["ec_transfer_params"]["encoders"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    assert_eq!(
+        d[0].body["ec_transfer_params"],
+        p[0].body["ec_transfer_params"]
+    );
+    assert_eq!(d[0].body["kv_transfer_params"]["do_remote_prefill"], true);
+
+    // The encoders ran their vision encoder; the prefill pod used their output and
+    // encoded nothing; the decode pod pulled the KV and had nothing to encode.
+    let queries = "vllm:mm_cache_queries_total";
+    let remote = "infermesh_sim:remote_encoded_images_total";
+    assert_eq!(sim_counter(&client, sims[0], queries).await, 2.0);
+    assert_eq!(sim_counter(&client, sims[1], queries).await, 1.0);
+    assert_eq!(sim_counter(&client, sims[2], queries).await, 0.0);
+    assert_eq!(sim_counter(&client, sims[2], remote).await, 3.0);
+    assert_eq!(sim_counter(&client, sims[3], queries).await, 0.0);
+
+    // E/D: no prefiller, the decode pod computes the prompt with the encoders' output.
+    let r = post(
+        &client,
+        sidecar.addr,
+        "/v1/chat/completions",
+        image_chat(&model, &["http://img/d.png"]).to_string(),
+        &[("x-encoder-hosts-ports", encoders.as_str())],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(sim_counter(&client, sims[3], remote).await, 1.0);
+    assert_eq!(
+        sim_counter(&client, sims[3], queries).await,
+        0.0,
+        "decode skipped encode"
+    );
+
+    // Without encoders the decode pod encodes the image itself.
+    let r = post(
+        &client,
+        sidecar.addr,
+        "/v1/chat/completions",
+        image_chat(&model, &["http://img/e.png"]).to_string(),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        sim_counter(&client, sims[3], queries).await,
+        1.0,
+        "decode paid encode"
+    );
+
+    sidecar.shutdown(Duration::from_secs(2)).await;
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_encoder_is_retried_then_named_in_a_502() {
+    let (fleet, sims, model) = epd_fleet().await;
+    let good = Tap::start(Behaviour::Forward(sims[0])).await;
+    let failing = Tap::start(Behaviour::Fail(StatusCode::SERVICE_UNAVAILABLE)).await;
+    let prefill = Tap::start(Behaviour::Forward(sims[2])).await;
+    let decode = Tap::start(Behaviour::Forward(sims[3])).await;
+    let mut cfg = config(decode.addr);
+    cfg.prefill_max_retries = 1;
+    let sidecar = Sidecar::start(cfg).await.unwrap();
+    let client = http_client(Duration::from_secs(2));
+    let encoders = format!("{},{}", good.addr, failing.addr);
+    let prefiller = prefill.addr.to_string();
+    let r = tokio::time::timeout(
+        Duration::from_secs(20),
+        post(
+            &client,
+            sidecar.addr,
+            "/v1/chat/completions",
+            image_chat(&model, &["http://img/a.png", "http://img/b.png"]).to_string(),
+            &[
+                ("x-encoder-hosts-ports", encoders.as_str()),
+                ("x-prefiller-host-port", prefiller.as_str()),
+            ],
+        ),
+    )
+    .await
+    .expect("the sidecar answers instead of hanging");
+    assert_eq!(r.status, 502, "{:?}", r.body);
+    let msg = error_message(&r);
+    let named = failing.addr.to_string();
+    assert!(
+        msg.contains("encode")
+            && msg.contains(&named)
+            && msg.contains("2 attempt")
+            && msg.contains("503"),
+        "{msg}"
+    );
+    assert_eq!(failing.seen().len(), 2, "1 attempt + 1 retry");
+    assert!(
+        prefill.seen().is_empty(),
+        "no prefill without the encoder output"
+    );
+    assert!(decode.seen().is_empty(), "nor a decode");
+
     sidecar.shutdown(Duration::from_secs(2)).await;
     fleet.shutdown().await;
 }

@@ -69,9 +69,21 @@ struct Args {
     /// Extra decode step cost per context token in the batch, nanoseconds.
     #[arg(long)]
     decode_per_context_token_ns: Option<f64>,
-    /// Remote KV transfer time per token (P/D), microseconds.
+    /// KV bytes per token pulled by a P/D decode pod.
     #[arg(long)]
-    kv_transfer_per_token_us: Option<f64>,
+    kv_bytes_per_token: Option<u64>,
+    /// Bandwidth of a pod's KV link, GB/s (10^9 bytes per second).
+    #[arg(long)]
+    kv_link_gb_per_s: Option<f64>,
+    /// Vision-encoder time per uncached image, milliseconds.
+    #[arg(long)]
+    encode_per_image_ms: Option<f64>,
+    /// Prompt tokens one image occupies.
+    #[arg(long)]
+    image_tokens: Option<usize>,
+    /// Images whose encoder output a pod caches.
+    #[arg(long)]
+    encoder_cache_items: Option<usize>,
     /// Most distinct LoRA adapters per batch (and GPU adapter slots).
     #[arg(long)]
     max_loras: Option<usize>,
@@ -118,7 +130,16 @@ fn config(a: Args) -> anyhow::Result<FleetConfig> {
     set!(decode_base_ms => decode_base, 1e-3);
     set!(decode_per_seq_us => decode_per_seq, 1e-6);
     set!(decode_per_context_token_ns => decode_per_context_token, 1e-9);
-    set!(kv_transfer_per_token_us => kv_transfer_per_token, 1e-6);
+    set!(kv_bytes_per_token);
+    set!(image_tokens);
+    set!(encoder_cache_items);
+    set!(encode_per_image_ms => encode_per_image, 1e-3);
+    if let Some(gb) = a.kv_link_gb_per_s {
+        if !(gb.is_finite() && gb > 0.0) {
+            anyhow::bail!("--kv-link-gb-per-s: {gb} must be a positive number");
+        }
+        p.kv_link_bytes_per_s = (gb * 1e9) as u64;
+    }
     set!(lora_load_ms => lora_load, 1e-3);
     let mut cfg = FleetConfig::new(a.pods);
     cfg.host = a.host;

@@ -92,6 +92,28 @@ pub fn render(engine: &Engine, labels: &MetricsLabels, wall_secs: f64) -> String
     );
     counter(
         &mut out,
+        "vllm:mm_cache_queries",
+        "Multi-modal cache queries, in terms of number of queried items.",
+        &l,
+        st.encoder_cache_queries,
+    );
+    counter(
+        &mut out,
+        "vllm:mm_cache_hits",
+        "Multi-modal cache hits, in terms of number of cached items.",
+        &l,
+        st.encoder_cache_hits,
+    );
+    // Not a vLLM metric: images whose encoder output an encode pod sent (E/P/D).
+    counter(
+        &mut out,
+        "infermesh_sim:remote_encoded_images",
+        "Images whose encoder output came from an encode pod.",
+        &l,
+        st.remote_encoded_images,
+    );
+    counter(
+        &mut out,
         "vllm:num_preemptions",
         "Cumulative number of preemption from the engine.",
         &l,

@@ -47,6 +47,15 @@ pub enum Input {
         /// Where tokens and the end go.
         events: mpsc::UnboundedSender<Event>,
     },
+    /// An encode-only request for images `hashes` (an encode-role pod's work).
+    SubmitEncode {
+        /// Unique id within the engine.
+        id: RequestId,
+        /// Content hashes of the images.
+        hashes: Vec<u64>,
+        /// Where the end goes.
+        events: mpsc::UnboundedSender<Event>,
+    },
     /// The client went away.
     Abort(RequestId),
     /// Render `/metrics`.
@@ -65,6 +74,13 @@ pub enum Event {
     },
     /// The request is complete.
     Done(Completion),
+    /// The encode-only request is complete.
+    Encoded {
+        /// Images in it.
+        images: usize,
+        /// Of those, encoder-cache hits.
+        hits: usize,
+    },
     /// The engine refused the request.
     Rejected(SubmitError),
 }
@@ -127,6 +143,18 @@ fn handle(
                 }
             }
         }
+        Input::SubmitEncode { id, hashes, events } => {
+            engine.advance(clock.now());
+            dispatch(engine, subs);
+            match engine.submit_encode(id, hashes) {
+                Ok(()) => {
+                    subs.insert(id, events);
+                }
+                Err(e) => {
+                    let _ = events.send(Event::Rejected(e));
+                }
+            }
+        }
         Input::Abort(id) => {
             if subs.remove(&id).is_some() {
                 engine.abort(id);
@@ -162,6 +190,13 @@ fn dispatch(engine: &mut Engine, subs: &mut HashMap<RequestId, mpsc::UnboundedSe
             Output::Finished { id, completion } => {
                 if let Some(tx) = subs.remove(&id) {
                     let _ = tx.send(Event::Done(completion));
+                }
+            }
+            Output::Encoded {
+                id, images, hits, ..
+            } => {
+                if let Some(tx) = subs.remove(&id) {
+                    let _ = tx.send(Event::Encoded { images, hits });
                 }
             }
         }

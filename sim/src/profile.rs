@@ -29,8 +29,18 @@ pub struct EngineProfile {
     pub decode_per_seq: Duration,
     /// Extra decode-step cost per context token read (KV bandwidth), summed over the batch.
     pub decode_per_context_token: Duration,
-    /// Time to receive one token's KV from a remote prefill pod (P/D).
-    pub kv_transfer_per_token: Duration,
+    /// Bytes of KV one token occupies (all layers, K and V): what a P/D decode pod pulls.
+    pub kv_bytes_per_token: u64,
+    /// Bandwidth of the pod's KV link to prefill pods (NIXL over RDMA), bytes per second;
+    /// transfers into one pod share it one after another.
+    pub kv_link_bytes_per_s: u64,
+    /// GPU time to encode one image (vision encoder) when it is not in the encoder cache.
+    pub encode_per_image: Duration,
+    /// Prompt tokens one image occupies after encoding (its embedding positions).
+    pub image_tokens: usize,
+    /// Images whose encoder output a pod keeps (least recently used dropped first); an
+    /// image seen again while cached costs no encoding.
+    pub encoder_cache_items: usize,
     /// Most distinct LoRA adapters in one batch, and GPU adapter slots (`--max-loras`).
     pub max_loras: usize,
     /// Added to a step that brings an adapter into a GPU slot it did not occupy (the least
@@ -57,6 +67,11 @@ impl EngineProfile {
     /// - Decode: reading 16 GB of weights at 3.35 TB/s ≈ 4.8 ms → ~6 ms per step at batch 1;
     ///   each context token adds its 128 KiB of KV reads (≈ 40 ns at 3.35 TB/s); sampling and
     ///   per-sequence work ≈ 30 µs.
+    /// - KV transfer (P/D): the 128 KiB of KV per token over one 400 Gb/s RDMA NIC per GPU
+    ///   (ConnectX-7, ~50 GB/s) ≈ 2.6 µs per token, ~13 ms for a 5,000-token prompt.
+    /// - Images: a ~600M-parameter ViT over a ~900×900 image (4,096 patches of 14 px, merged
+    ///   2×2 into 1,024 prompt tokens): 2 × 0.6e9 × 4,096 ≈ 5 TFLOP at ~35% of 989 TFLOPS ≈
+    ///   14 ms, plus pre-processing ≈ 20 ms; the encoder cache keeps 4,096 images' outputs.
     /// - LoRA: a rank-16 adapter is ~60 MB in BF16; copying it from host memory at ~20 GB/s
     ///   plus setup ≈ 5 ms per load into a GPU slot.
     /// - Scheduler: vLLM V1 defaults for ≥70 GB GPUs in the API server: `max_num_seqs=1024`,
@@ -74,7 +89,11 @@ impl EngineProfile {
             decode_base: Duration::from_millis(6),
             decode_per_seq: Duration::from_micros(30),
             decode_per_context_token: Duration::from_nanos(40),
-            kv_transfer_per_token: Duration::from_micros(2),
+            kv_bytes_per_token: 128 * 1024,
+            kv_link_bytes_per_s: 50_000_000_000,
+            encode_per_image: Duration::from_millis(20),
+            image_tokens: 1024,
+            encoder_cache_items: 4096,
             max_loras: 1,
             lora_load: Duration::from_millis(5),
             jitter: 0.0,
@@ -88,6 +107,8 @@ impl EngineProfile {
     /// KV per token (80 layers × 8 KV heads × 128 × 2 × 2 bytes) → ~450k tokens → 28,000
     /// blocks. Prefill 2 × 70e9 FLOP/token at ~35% of 4 × 989 TFLOPS ≈ 10k tokens/s → 100 µs;
     /// decode reads 35 GB of weights per GPU at 3.35 TB/s ≈ 10.5 ms plus all-reduce → 12 ms.
+    /// KV moves over the four GPUs' NICs at once: 4 × 50 GB/s. The 8B profile's vision
+    /// encoder and image size are kept.
     pub fn llama_70b_h100_tp4() -> Self {
         Self {
             name: "llama-70b-h100-tp4".to_owned(),
@@ -97,7 +118,8 @@ impl EngineProfile {
             decode_base: Duration::from_millis(12),
             decode_per_seq: Duration::from_micros(60),
             decode_per_context_token: Duration::from_nanos(25),
-            kv_transfer_per_token: Duration::from_micros(5),
+            kv_bytes_per_token: 320 * 1024,
+            kv_link_bytes_per_s: 200_000_000_000,
             ..Self::llama_8b_h100()
         }
     }
@@ -112,10 +134,16 @@ impl EngineProfile {
             decode_base: Duration::ZERO,
             decode_per_seq: Duration::ZERO,
             decode_per_context_token: Duration::ZERO,
-            kv_transfer_per_token: Duration::ZERO,
+            kv_bytes_per_token: 0,
+            encode_per_image: Duration::ZERO,
             lora_load: Duration::ZERO,
             ..Self::llama_8b_h100()
         }
+    }
+
+    /// Time to pull `tokens` tokens' KV over the KV link (bytes × tokens ÷ bandwidth).
+    pub fn kv_transfer_time(&self, tokens: usize) -> Duration {
+        crate::engine::kv_transfer_time(self.kv_bytes_per_token, self.kv_link_bytes_per_s, tokens)
     }
 
     /// Looks a profile up by name (see [`PROFILE_NAMES`]).
@@ -156,6 +184,12 @@ impl EngineProfile {
         }
         if self.max_model_len < 2 {
             return bad("max_model_len", "must be at least 2");
+        }
+        if self.kv_link_bytes_per_s == 0 {
+            return bad("kv_link_bytes_per_s", "must be at least 1");
+        }
+        if self.encoder_cache_items == 0 {
+            return bad("encoder_cache_items", "must be at least 1");
         }
         if self.max_loras == 0 {
             return bad("max_loras", "must be at least 1");
@@ -203,5 +237,17 @@ mod tests {
             Err(SimError::InvalidProfile { field, .. }) => assert_eq!(field, "block_size"),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn kv_transfer_time_is_bytes_over_bandwidth() {
+        let p = EngineProfile::llama_8b_h100();
+        // 5,000 tokens × 128 KiB = 655 MB over 50 GB/s = 13.1 ms.
+        let t = p.kv_transfer_time(5000);
+        assert_eq!(t.as_micros(), 13_107);
+        assert_eq!(
+            EngineProfile::instant().kv_transfer_time(5000),
+            Duration::ZERO
+        );
     }
 }

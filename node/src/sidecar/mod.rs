@@ -8,8 +8,17 @@
 //! through; when the prefill cannot be had the client gets a 502 naming the prefiller and
 //! the last error. With `--enable-ssrf-protection` only the pool's pods (from the
 //! endpoints file, reloaded on change) may be named, else 403. A client-supplied
-//! `kv_transfer_params` never reaches an engine. `x-encoder-hosts-ports` is not acted on:
-//! the engines encode multimodal inputs themselves.
+//! `kv_transfer_params` never reaches an engine.
+//!
+//! E/P/D: with `x-encoder-hosts-ports` (comma-separated `ip:port`, allowlisted like the
+//! prefiller) each multimodal part of a chat request goes, alone, to an encoder (item `i`
+//! to encoder `i mod n`, all at once, as llm-d's sidecar sends them); the encoders'
+//! `ec_transfer_params` (which images they hold encoder output for, and where) travel on
+//! in the prefill and decode bodies, so those engines skip encoding them. Encoder
+//! failures are retried with the prefill flags, then answered with a 502 naming the
+//! encoder. A client-supplied `ec_transfer_params` never reaches an engine either.
+//! There is no `--ec-connector`: the handles travel in the body whatever moves the
+//! encoder outputs, so the flag would change nothing here.
 
 pub mod allowlist;
 pub mod rewrite;

@@ -18,6 +18,12 @@ pub const KV_SOURCE_HEADER: &str = "x-kv-cache-source-host-port";
 pub const SGLANG_BOOTSTRAP_PORT: u16 = 8998;
 
 const KV_PARAMS: &str = "kv_transfer_params";
+/// Where encoder outputs of the request's images are (E/P/D); only the sidecar writes it.
+pub const EC_PARAMS: &str = "ec_transfer_params";
+/// The path encoders are sent their items on (llm-d sends every item as a chat request).
+pub const ENCODE_PATH: &str = "/v1/chat/completions";
+/// Content-part types that go to an encoder (llm-d's list).
+const MM_TYPES: &[&str] = &["image_url", "audio_url", "input_audio"];
 
 /// How prefill and decode engines exchange KV (llm-d `--kv-connector`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -58,6 +64,17 @@ pub enum InvalidPrefillResponse {
     NotJson(String),
 }
 
+/// An encoder's 2xx answer that does not say where its output is; nothing more was sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidEncodeResponse {
+    /// The body does not parse as a JSON object.
+    #[error("the encode response is not a JSON object: {0}")]
+    NotJson(String),
+    /// The answer has no `ec_transfer_params.mm_hashes` list.
+    #[error("the encode response has no ec_transfer_params.mm_hashes list")]
+    NoHandles,
+}
+
 /// A JSON request body as an object, the only shape the OpenAI APIs take.
 pub type Body = Map<String, Value>;
 
@@ -82,6 +99,28 @@ pub fn parse_address(header: &'static str, value: &str) -> Result<SocketAddr, In
         })
 }
 
+/// Parses a router header naming several pods (`ip:port,ip:port`); at least one.
+pub fn parse_addresses(
+    header: &'static str,
+    value: &str,
+) -> Result<Vec<SocketAddr>, InvalidRequest> {
+    let addrs = value
+        .split(',')
+        .map(|part| parse_address(header, part))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| InvalidRequest::BadAddress {
+            header,
+            value: value.to_owned(),
+        })?;
+    if addrs.is_empty() {
+        return Err(InvalidRequest::BadAddress {
+            header,
+            value: value.to_owned(),
+        });
+    }
+    Ok(addrs)
+}
+
 /// Serializes a body (a `Map` of JSON values always serializes).
 pub fn to_bytes(body: &Body) -> Vec<u8> {
     serde_json::to_vec(body).expect("a JSON object always serializes")
@@ -92,6 +131,76 @@ pub fn to_bytes(body: &Body) -> Vec<u8> {
 pub fn without_kv_params(client: &Body) -> Body {
     let mut b = client.clone();
     b.remove(KV_PARAMS);
+    b
+}
+
+/// The body without a client-supplied `ec_transfer_params`: it tells an engine that an
+/// encoder already produced an image's output, so only the sidecar may write it.
+pub fn without_ec_params(client: &Body) -> Body {
+    let mut b = client.clone();
+    b.remove(EC_PARAMS);
+    b
+}
+
+/// The multimodal content parts of a chat body's messages, in order (a completions body
+/// has none).
+pub fn mm_items(client: &Body) -> Vec<Value> {
+    let Some(Value::Array(messages)) = client.get("messages") else {
+        return Vec::new();
+    };
+    messages
+        .iter()
+        .filter_map(|m| m.get("content").and_then(Value::as_array))
+        .flatten()
+        .filter(|part| {
+            part.get("type")
+                .and_then(Value::as_str)
+                .is_some_and(|t| MM_TYPES.contains(&t))
+        })
+        .cloned()
+        .collect()
+}
+
+/// The request an encoder gets for one item, as llm-d's sidecar builds it: the client's
+/// body with a single user message holding only that item (no text), one token, not
+/// streamed, and no transfer parameters.
+pub fn encoder_request(client: &Body, item: &Value) -> Body {
+    let mut b = prefill_base(&without_ec_params(client));
+    b.insert(
+        "messages".into(),
+        json!([{"role": "user", "content": [item]}]),
+    );
+    b
+}
+
+/// The `ec_transfer_params` of an encoder's answer: which items it holds output for.
+pub fn encoder_params(response: &[u8]) -> Result<Value, InvalidEncodeResponse> {
+    let mut m = match serde_json::from_slice::<Value>(response) {
+        Ok(Value::Object(m)) => m,
+        Ok(_) => return Err(InvalidEncodeResponse::NotJson("not an object".into())),
+        Err(e) => return Err(InvalidEncodeResponse::NotJson(e.to_string())),
+    };
+    match m.remove(EC_PARAMS) {
+        Some(p) if p.get("mm_hashes").is_some_and(Value::is_array) => Ok(p),
+        _ => Err(InvalidEncodeResponse::NoHandles),
+    }
+}
+
+/// The client's body carrying every encoder's output handles for prefill and decode:
+/// `ec_transfer_params {mm_hashes: all items, encoders: each encoder's own params}`; the
+/// client's own `ec_transfer_params` is replaced.
+pub fn with_encoder_outputs(client: &Body, outputs: Vec<Value>) -> Body {
+    let mut b = without_ec_params(client);
+    let hashes: Vec<Value> = outputs
+        .iter()
+        .filter_map(|o| o.get("mm_hashes").and_then(Value::as_array))
+        .flatten()
+        .cloned()
+        .collect();
+    b.insert(
+        EC_PARAMS.into(),
+        json!({"mm_hashes": hashes, "encoders": outputs}),
+    );
     b
 }
 
@@ -329,6 +438,69 @@ mod tests {
             "rebuilt: the client's keys are gone"
         );
         assert_eq!(d["stream"], true);
+    }
+
+    #[test]
+    fn encoders_get_one_item_each_and_their_handles_travel_on() {
+        let mut c = body(json!({
+            "model": "m", "max_completion_tokens": 9, "stream": true,
+            "stream_options": {"include_usage": true},
+            "ec_transfer_params": {"mm_hashes": ["forged"]},
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": [
+                    {"type": "text", "text": "compare"},
+                    {"type": "image_url", "image_url": {"url": "http://img/a"}},
+                    {"type": "image_url", "image_url": {"url": "http://img/b"}},
+                ]},
+            ],
+        }));
+        let items = mm_items(&c);
+        assert_eq!(items.len(), 2);
+        let e = encoder_request(&c, &items[1]);
+        assert_eq!(
+            e["messages"],
+            json!([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://img/b"}}]}])
+        );
+        assert_eq!(
+            (e["max_tokens"].clone(), e["max_completion_tokens"].clone()),
+            (json!(1), json!(1))
+        );
+        assert_eq!(e["stream"], false);
+        assert!(!e.contains_key("stream_options") && !e.contains_key(EC_PARAMS));
+
+        let answer =
+            json!({"choices": [], "ec_transfer_params": {"mm_hashes": ["00ab"], "remote_port": 1}});
+        let p = encoder_params(answer.to_string().as_bytes()).unwrap();
+        assert_eq!(
+            encoder_params(br#"{"choices": []}"#),
+            Err(InvalidEncodeResponse::NoHandles)
+        );
+        let p2 = json!({"mm_hashes": ["00cd"], "remote_port": 2});
+        c = with_encoder_outputs(&c, vec![p.clone(), p2.clone()]);
+        assert_eq!(
+            c[EC_PARAMS],
+            json!({"mm_hashes": ["00ab", "00cd"], "encoders": [p, p2]}),
+            "the client's forged handles are gone"
+        );
+        assert_eq!(
+            nixl_prefill(&c, None)[EC_PARAMS],
+            c[EC_PARAMS],
+            "prefill gets them"
+        );
+        assert_eq!(nixl_decode(&c, None)[EC_PARAMS], c[EC_PARAMS], "decode too");
+        assert!(mm_items(&body(json!({"prompt": "text"}))).is_empty());
+    }
+
+    #[test]
+    fn encoder_lists_are_comma_separated_addresses() {
+        let a = parse_addresses(ENCODERS_HEADER, "10.0.0.1:8000, 10.0.0.2:8001").unwrap();
+        assert_eq!(a.len(), 2);
+        assert_eq!(a[1].port(), 8001);
+        for bad in ["", "10.0.0.1:8000,", "enc-0:8000", "10.0.0.1"] {
+            let e = parse_addresses(ENCODERS_HEADER, bad).unwrap_err();
+            assert!(e.to_string().contains(ENCODERS_HEADER), "{e}");
+        }
     }
 
     #[test]

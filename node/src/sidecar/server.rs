@@ -1,6 +1,7 @@
 //! The sidecar's HTTP side: reads the router headers, checks them against the allowlist,
-//! runs the prefill step on the named pod (with bounded retries and timeouts) and the
-//! decode step on the local engine, whose answer streams straight back to the client.
+//! sends the request's images to the named encoders, runs the prefill step on the named
+//! pod (each with bounded retries and timeouts) and the decode step on the local engine,
+//! whose answer streams straight back to the client.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -21,8 +22,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use super::SidecarConfig;
 use super::allowlist::{Allowlist, NotInPool};
 use super::rewrite::{
-    self, ENCODERS_HEADER, InvalidPrefillResponse, InvalidRequest, KV_SOURCE_HEADER, KvConnector,
-    PREFILLER_HEADER,
+    self, ENCODE_PATH, ENCODERS_HEADER, InvalidEncodeResponse, InvalidPrefillResponse,
+    InvalidRequest, KV_SOURCE_HEADER, KvConnector, PREFILLER_HEADER,
 };
 use crate::proxy::HOP_BY_HOP;
 use crate::request::{REQUEST_ID_HEADER, router_only};
@@ -75,6 +76,39 @@ pub enum Refusal {
         /// What is wrong with it.
         source: InvalidPrefillResponse,
     },
+    /// Every attempt to encode an item failed (transport error, timeout or 5xx); no
+    /// prefill or decode was sent.
+    #[error(
+        "encode of multimodal item {item} on encoder {encoder} failed after {attempts} attempt(s); last error: {last}"
+    )]
+    EncodeFailed {
+        /// The encode pod.
+        encoder: SocketAddr,
+        /// 0-based index of the item among the request's multimodal parts.
+        item: usize,
+        /// Attempts made.
+        attempts: u32,
+        /// What the last attempt ended with.
+        last: String,
+    },
+    /// An encoder refused an item (4xx); its answer goes to the client as is.
+    #[error("encode on {encoder} answered {status}")]
+    EncodeRejected {
+        /// The encode pod.
+        encoder: SocketAddr,
+        /// Its status.
+        status: StatusCode,
+        /// Its body.
+        body: Bytes,
+    },
+    /// An encoder's 2xx answer does not say where its output is; nothing more was sent.
+    #[error("encode on {encoder}: {source}")]
+    BadEncodeAnswer {
+        /// The encode pod.
+        encoder: SocketAddr,
+        /// What is wrong with it.
+        source: InvalidEncodeResponse,
+    },
     /// The local engine could not be reached or broke off before answering.
     #[error("the local model server {addr} cannot be reached: {reason}")]
     LocalEngine {
@@ -100,9 +134,13 @@ impl Refusal {
             Refusal::BadRequest(_) | Refusal::UnreadableBody(_) => StatusCode::BAD_REQUEST,
             Refusal::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::NotInPool(_) => StatusCode::FORBIDDEN,
-            Refusal::PrefillRejected { status, .. } => *status,
+            Refusal::PrefillRejected { status, .. } | Refusal::EncodeRejected { status, .. } => {
+                *status
+            }
             Refusal::PrefillFailed { .. }
             | Refusal::BadPrefillAnswer { .. }
+            | Refusal::EncodeFailed { .. }
+            | Refusal::BadEncodeAnswer { .. }
             | Refusal::LocalEngine { .. } => StatusCode::BAD_GATEWAY,
             Refusal::LocalTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -112,7 +150,7 @@ impl Refusal {
     pub fn into_response(self, request_id: &str) -> Response {
         let status = self.status();
         let body = match self {
-            Refusal::PrefillRejected { body, .. } => body,
+            Refusal::PrefillRejected { body, .. } | Refusal::EncodeRejected { body, .. } => body,
             other => {
                 let kind = match status {
                     StatusCode::BAD_REQUEST => "BadRequestError",
@@ -208,6 +246,23 @@ async fn handle(State(s): State<Arc<SidecarState>>, req: Request) -> Response {
     }
 }
 
+/// The addresses a router header lists (comma-separated), if it is present.
+fn addresses(
+    headers: &HeaderMap,
+    name: &'static str,
+) -> Result<Option<Vec<SocketAddr>>, InvalidRequest> {
+    headers
+        .get(name)
+        .map(|v| {
+            let text = v.to_str().map_err(|_| InvalidRequest::BadAddress {
+                header: name,
+                value: String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            })?;
+            rewrite::parse_addresses(name, text)
+        })
+        .transpose()
+}
+
 /// The address a router header names, if it is present.
 fn address(headers: &HeaderMap, name: &'static str) -> Result<Option<SocketAddr>, InvalidRequest> {
     headers
@@ -225,12 +280,11 @@ fn address(headers: &HeaderMap, name: &'static str) -> Result<Option<SocketAddr>
 async fn route(s: &SidecarState, req: Request, request_id: &str) -> Result<Response, Refusal> {
     let prefiller = address(req.headers(), PREFILLER_HEADER)?;
     let source = address(req.headers(), KV_SOURCE_HEADER)?;
-    if req.headers().contains_key(ENCODERS_HEADER) {
-        // E/P/D is not implemented here: the engines encode the request's images themselves.
-        tracing::debug!(request_id, "ignoring {ENCODERS_HEADER}");
-    }
+    let encoders = addresses(req.headers(), ENCODERS_HEADER)?;
     let (parts, body) = req.into_parts();
-    if (prefiller.is_none() && source.is_none()) || parts.method != Method::POST {
+    if (prefiller.is_none() && source.is_none() && encoders.is_none())
+        || parts.method != Method::POST
+    {
         return s.to_engine(&parts, Body::new(body), request_id).await;
     }
     // Before the body is read or anything is sent: a refused address is never contacted.
@@ -241,6 +295,9 @@ async fn route(s: &SidecarState, req: Request, request_id: &str) -> Result<Respo
     if let Some(src) = source {
         allow.check(KV_SOURCE_HEADER, src)?;
     }
+    for &e in encoders.iter().flatten() {
+        allow.check(ENCODERS_HEADER, e)?;
+    }
     let bytes = match Limited::new(body, s.max_body_bytes).collect().await {
         Ok(c) => c.to_bytes(),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
@@ -250,7 +307,15 @@ async fn route(s: &SidecarState, req: Request, request_id: &str) -> Result<Respo
         }
         Err(e) => return Err(Refusal::UnreadableBody(e.to_string())),
     };
-    let client = rewrite::parse_body(&bytes)?;
+    // A client's own encoder handles never reach an engine; ours replace them.
+    let mut client = rewrite::without_ec_params(&rewrite::parse_body(&bytes)?);
+    if let Some(encoders) = &encoders {
+        let items = rewrite::mm_items(&client);
+        if !items.is_empty() {
+            let outputs = s.encode(encoders, &items, &client, request_id).await?;
+            client = rewrite::with_encoder_outputs(&client, outputs);
+        }
+    }
     // Nothing to pull from oneself: the prefiller (or this pod) computes that prefix anyway.
     let source = source.filter(|src| Some(*src) != prefiller && Some(*src) != s.self_addr);
     let pull = source.map(|src| rewrite::kv_source_params(src, s.p2p_port, &fresh_id()));
@@ -394,7 +459,62 @@ async fn prefill_once(
     }
 }
 
+/// How a request to another pod, retried, ended.
+enum Retried {
+    /// A 2xx answer's body.
+    Answer(Bytes),
+    /// A 4xx answer: the pod refused the request itself, so it is not retried.
+    Refused(StatusCode, Bytes),
+    /// Every attempt failed (transport error, timeout or 5xx).
+    Failed {
+        /// Attempts made.
+        attempts: u32,
+        /// What the last attempt ended with.
+        last: String,
+    },
+}
+
 impl SidecarState {
+    /// POSTs `body` to `target`, retrying transport errors, timeouts and 5xx up to
+    /// `--prefill-max-retries` times (encoders share the prefill flags: llm-d has no
+    /// encoder-specific ones).
+    async fn post_retrying(
+        &self,
+        stage: &'static str,
+        target: SocketAddr,
+        path: &str,
+        headers: &HeaderMap,
+        body: Bytes,
+        request_id: &str,
+    ) -> Retried {
+        let attempts = self.max_retries.saturating_add(1);
+        let mut last = String::new();
+        for attempt in 1..=attempts {
+            if attempt > 1 {
+                tokio::time::sleep(self.backoff).await;
+            }
+            match prefill_once(
+                &self.client,
+                target,
+                path,
+                headers,
+                body.clone(),
+                self.prefill_timeout,
+            )
+            .await
+            {
+                Ok((status, answer)) if status.is_success() => return Retried::Answer(answer),
+                Ok((status, answer)) if status.is_server_error() => {
+                    last = format!("status {status}: {}", snippet(&answer));
+                }
+                Ok((status, body)) => return Retried::Refused(status, body),
+                Err(e) => last = e,
+            }
+            tracing::warn!(request_id, stage, %target, attempt, attempts, error = %last, "attempt failed");
+        }
+        Retried::Failed { attempts, last }
+    }
+
     /// Runs the prefill on `prefiller`, retrying transport errors, timeouts and 5xx.
     async fn prefill(
         &self,
@@ -405,42 +525,71 @@ impl SidecarState {
     ) -> Result<Bytes, Refusal> {
         let bytes = Bytes::from(rewrite::to_bytes(body));
         let headers = engine_headers(&parts.headers, request_id);
-        let attempts = self.max_retries.saturating_add(1);
-        let mut last = String::new();
-        for attempt in 1..=attempts {
-            if attempt > 1 {
-                tokio::time::sleep(self.backoff).await;
-            }
-            match prefill_once(
-                &self.client,
-                prefiller,
-                path_of(parts),
-                &headers,
-                bytes.clone(),
-                self.prefill_timeout,
-            )
+        let path = path_of(parts);
+        match self
+            .post_retrying("prefill", prefiller, path, &headers, bytes, request_id)
             .await
-            {
-                Ok((status, answer)) if status.is_success() => return Ok(answer),
-                Ok((status, answer)) if status.is_server_error() => {
-                    last = format!("status {status}: {}", snippet(&answer));
-                }
-                Ok((status, body)) => {
-                    return Err(Refusal::PrefillRejected {
-                        prefiller,
+        {
+            Retried::Answer(a) => Ok(a),
+            Retried::Refused(status, body) => Err(Refusal::PrefillRejected {
+                prefiller,
+                status,
+                body,
+            }),
+            Retried::Failed { attempts, last } => Err(Refusal::PrefillFailed {
+                prefiller,
+                attempts,
+                last,
+            }),
+        }
+    }
+
+    /// Sends each multimodal item to an encoder, all at once, item `i` to encoder
+    /// `i mod n` (llm-d's spread), and returns each encoder's `ec_transfer_params` in item
+    /// order. The first item that cannot be encoded fails the request.
+    async fn encode(
+        &self,
+        encoders: &[SocketAddr],
+        items: &[serde_json::Value],
+        client: &rewrite::Body,
+        request_id: &str,
+    ) -> Result<Vec<serde_json::Value>, Refusal> {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        let calls = items.iter().enumerate().map(|(i, item)| {
+            let encoder = encoders[i % encoders.len()];
+            let body = Bytes::from(rewrite::to_bytes(&rewrite::encoder_request(client, item)));
+            // Each item is its own request to the encoder, with a derived id as llm-d does.
+            let mut headers = headers.clone();
+            let id = format!("{request_id}-enc-{i}");
+            if let Ok(v) = HeaderValue::from_str(&id) {
+                headers.insert(REQUEST_ID_HEADER, v);
+            }
+            async move {
+                let r = self
+                    .post_retrying("encode", encoder, ENCODE_PATH, &headers, body, &id)
+                    .await;
+                match r {
+                    Retried::Answer(a) => rewrite::encoder_params(&a)
+                        .map_err(|source| Refusal::BadEncodeAnswer { encoder, source }),
+                    Retried::Refused(status, body) => Err(Refusal::EncodeRejected {
+                        encoder,
                         status,
                         body,
-                    });
+                    }),
+                    Retried::Failed { attempts, last } => Err(Refusal::EncodeFailed {
+                        encoder,
+                        item: i,
+                        attempts,
+                        last,
+                    }),
                 }
-                Err(e) => last = e,
             }
-            tracing::warn!(request_id, %prefiller, attempt, attempts, error = %last, "prefill attempt failed");
-        }
-        Err(Refusal::PrefillFailed {
-            prefiller,
-            attempts,
-            last,
-        })
+        });
+        futures::future::try_join_all(calls).await
     }
 
     /// Sends the decode request to the local engine; its answer streams through.

@@ -10,9 +10,22 @@
 //! budget, the KV blocks free and the LoRA slots. A step lasts
 //! `prefill_overhead + uncached_prefill_tokens × prefill_per_token` (if it prefills) plus
 //! `decode_base + (seqs − 1) × decode_per_seq + context_tokens × decode_per_context_token`
-//! (if it decodes). The next step starts when the previous ends, so results do not depend
-//! on how late the driver is. When a running sequence needs a block and none is free, the
-//! most recently admitted sequence is preempted (its blocks freed, recomputed later).
+//! (if it decodes), plus `encode_per_image` per image the step must encode. Prefill and
+//! decode share a step, so a decode token batched with a long prefill chunk waits for that
+//! chunk (the interference P/D disaggregation removes). The next step starts when the
+//! previous ends, so results do not depend on how late the driver is. When a running
+//! sequence needs a block and none is free, the most recently admitted sequence is
+//! preempted (its blocks freed, recomputed later).
+//!
+//! P/D: a request with remote-prefill `kv_transfer_params` takes blocks for its whole
+//! prompt, then waits while the KV is pulled (`kv_bytes_per_token × tokens ÷
+//! kv_link_bytes_per_s`; transfers into one pod queue on its link one after another) and
+//! computes only its last prompt token, which costs a decode slot, not a prefill.
+//!
+//! Images: a prompt's images are encoded in the step that first computes the prompt,
+//! unless the encoder cache holds them (same content hash) or an encode pod sent their
+//! encoder output. An encode-role pod takes encode-only requests ([`Engine::submit_encode`]),
+//! run in the same steps.
 
 mod hash;
 mod kv;
@@ -29,7 +42,7 @@ use xxhash_rust::xxh64::Xxh64;
 pub use hash::{block_hashes, chain_hash, root_hash};
 pub use kv::{BlockId, BlockPool};
 pub use request::{
-    Completion, EngineRequest, FinishReason, KvTransfer, Output, RequestId, SubmitError,
+    Completion, EngineRequest, FinishReason, KvTransfer, MmItem, Output, RequestId, SubmitError,
     check_limits,
 };
 pub use stats::{EngineStats, Histogram};
@@ -66,6 +79,8 @@ struct Seq {
     ready_at: Duration,
     remote_loaded: bool,
     prefix_counted: bool,
+    /// Its images have encoder output here (encoded, cached or received).
+    encoded: bool,
 }
 
 impl Seq {
@@ -104,6 +119,15 @@ impl Seq {
 struct Batch {
     end: Duration,
     items: Vec<(RequestId, usize)>,
+    /// Encode-only requests done at `end`: (id, images, cache hits).
+    encodes: Vec<(RequestId, usize, usize)>,
+}
+
+/// An encode-only request waiting for a step.
+#[derive(Debug)]
+struct EncodeJob {
+    id: RequestId,
+    hashes: Vec<u64>,
 }
 
 /// One simulated vLLM engine.
@@ -127,6 +151,12 @@ pub struct Engine {
     waiting_holders: usize,
     /// Adapters in GPU slots, least recently used first (at most `max_loras`).
     gpu_loras: Vec<u32>,
+    /// When the KV link is free for the next remote-prefill pull.
+    link_free_at: Duration,
+    /// Images with encoder output on this pod, least recently used first.
+    encoder_cache: VecDeque<u64>,
+    /// Encode-only requests not yet in a step.
+    encode_jobs: VecDeque<EncodeJob>,
 }
 
 impl Engine {
@@ -149,6 +179,9 @@ impl Engine {
             slowdown: 1.0,
             waiting_holders: 0,
             gpu_loras: Vec::new(),
+            link_free_at: Duration::ZERO,
+            encoder_cache: VecDeque::new(),
+            encode_jobs: VecDeque::new(),
         }
     }
 
@@ -269,15 +302,54 @@ impl Engine {
                 ready_at: Duration::ZERO,
                 remote_loaded: false,
                 prefix_counted: false,
+                encoded: false,
             },
         );
         self.waiting.push_back(id);
         Ok(())
     }
 
+    /// Queues an encode-only request (an encode-role pod's work) for images `hashes`; it
+    /// ends with [`Output::Encoded`]. Call [`Engine::advance`] with the current time first.
+    pub fn submit_encode(&mut self, id: RequestId, hashes: Vec<u64>) -> Result<(), SubmitError> {
+        if hashes.is_empty() {
+            return Err(SubmitError::NothingToEncode);
+        }
+        if self.seqs.contains_key(&id) || self.encode_jobs.iter().any(|j| j.id == id) {
+            return Err(SubmitError::DuplicateId(id));
+        }
+        self.encode_jobs.push_back(EncodeJob { id, hashes });
+        Ok(())
+    }
+
+    /// Whether image `hash` has encoder output here; records the query and makes it the
+    /// most recently used either way (a miss is encoded now and cached).
+    fn encoder_lookup(&mut self, hash: u64) -> bool {
+        self.stats.encoder_cache_queries += 1;
+        let hit = match self.encoder_cache.iter().position(|&h| h == hash) {
+            Some(i) => {
+                self.encoder_cache.remove(i);
+                true
+            }
+            None => false,
+        };
+        if hit {
+            self.stats.encoder_cache_hits += 1;
+        } else if self.encoder_cache.len() >= self.cfg.profile.encoder_cache_items {
+            self.encoder_cache.pop_front();
+        }
+        self.encoder_cache.push_back(hash);
+        hit
+    }
+
     /// Drops a request (client went away); frees its blocks. Unknown ids are ignored.
     pub fn abort(&mut self, id: RequestId) {
         let Some(mut seq) = self.seqs.remove(&id) else {
+            // Not in a step yet: an encode-only request is simply dropped.
+            if let Some(i) = self.encode_jobs.iter().position(|j| j.id == id) {
+                self.encode_jobs.remove(i);
+                self.stats.aborted += 1;
+            }
             return;
         };
         if let Some(i) = self.running.iter().position(|&r| r == id) {
@@ -297,6 +369,9 @@ impl Engine {
     pub fn next_wakeup(&self) -> Option<Duration> {
         if let Some(b) = &self.in_flight {
             return Some(b.end);
+        }
+        if !self.encode_jobs.is_empty() {
+            return Some(self.clock);
         }
         self.waiting
             .iter()
@@ -343,8 +418,43 @@ impl Engine {
     /// Schedules a step starting at `start`; returns whether one was started.
     fn start_step(&mut self, start: Duration) -> bool {
         let items = self.schedule(start);
-        if items.is_empty() {
+        // Encode-only requests ride along in the same step, up to a batch's worth.
+        let take = self.encode_jobs.len().min(self.cfg.profile.max_num_seqs);
+        let jobs: Vec<EncodeJob> = self.encode_jobs.drain(..take).collect();
+        if items.is_empty() && jobs.is_empty() {
             return false;
+        }
+        let mut misses = 0usize;
+        let mut encodes = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let mut hits = 0;
+            for &h in &job.hashes {
+                if self.encoder_lookup(h) {
+                    hits += 1;
+                } else {
+                    misses += 1;
+                }
+            }
+            encodes.push((job.id, job.hashes.len(), hits));
+        }
+        for &(id, _) in &items {
+            let s = self.seqs.get_mut(&id).expect("scheduled seq exists");
+            if s.encoded {
+                continue;
+            }
+            s.encoded = true;
+            // A pulled prompt's KV already holds the images: nothing to encode.
+            if s.req.kv_transfer == KvTransfer::RemotePrefill {
+                continue;
+            }
+            let mm = s.req.mm.clone();
+            for item in mm {
+                if item.remote {
+                    self.stats.remote_encoded_images += 1;
+                } else if !self.encoder_lookup(item.hash) {
+                    misses += 1;
+                }
+            }
         }
         let mut loads = 0usize;
         for &(id, _) in &items {
@@ -361,7 +471,12 @@ impl Engine {
         let mut context = 0usize;
         for &(id, n) in &items {
             let s = &self.seqs[&id];
-            if s.generated > 0 && n == 1 && s.num_computed + 1 == s.num_tokens() {
+            // One token at the end of the sequence is a decode: a generated token, or the
+            // last prompt token after the rest of the prompt's KV was pulled.
+            if (s.generated > 0 || s.remote_loaded)
+                && n == 1
+                && s.num_computed + 1 == s.num_tokens()
+            {
                 decode_seqs += 1;
                 context += s.num_computed + 1;
             } else {
@@ -372,7 +487,7 @@ impl Engine {
                 s.first_scheduled = Some(start);
             }
         }
-        let mut d = mul(p.lora_load, loads);
+        let mut d = mul(p.lora_load, loads) + mul(p.encode_per_image, misses);
         if prefill_tokens > 0 {
             d += p.prefill_overhead + mul(p.prefill_per_token, prefill_tokens);
         }
@@ -392,6 +507,7 @@ impl Engine {
         self.in_flight = Some(Batch {
             end: start + d,
             items,
+            encodes,
         });
         true
     }
@@ -470,7 +586,7 @@ impl Engine {
         let bs = p.block_size;
         let max_seqs = p.max_num_seqs;
         let max_loras = p.max_loras;
-        let transfer_per_token = p.kv_transfer_per_token;
+        let (kv_bytes, link_bw) = (p.kv_bytes_per_token, p.kv_link_bytes_per_s);
         let mut skipped: Vec<RequestId> = Vec::new();
         // Once the head of the queue cannot get blocks, only sequences that already hold
         // theirs may pass it: they need nothing more and their finishing frees blocks, so
@@ -569,7 +685,9 @@ impl Engine {
                     // its blocks and waits for the transfer before its last-token step.
                     s.remote_loaded = true;
                     self.waiting_holders += 1;
-                    s.ready_at = now + mul(transfer_per_token, external);
+                    let start = now.max(self.link_free_at);
+                    s.ready_at = start + kv_transfer_time(kv_bytes, link_bw, external);
+                    self.link_free_at = s.ready_at;
                     self.stats.remote_prefill_tokens += external as u64;
                     // The blocks are full of the remote KV now; register their hashes.
                     let full = computed / bs;
@@ -651,6 +769,14 @@ impl Engine {
     fn finish_step(&mut self, batch: Batch) {
         let bs = self.cfg.profile.block_size;
         let at = batch.end;
+        for (id, images, hits) in batch.encodes {
+            self.outputs.push(Output::Encoded {
+                id,
+                images,
+                hits,
+                at,
+            });
+        }
         let mut finished: Vec<RequestId> = Vec::new();
         for (id, n) in batch.items {
             // Aborted or preempted since scheduling: its work is lost.
@@ -739,6 +865,12 @@ fn grow(pool: &mut BlockPool, blocks: &mut Vec<BlockId>, tokens: usize, bs: usiz
         blocks.push(pool.allocate().expect("checked free count"));
     }
     true
+}
+
+/// Time to move `tokens` tokens' KV of `bytes_per_token` each over a `bytes_per_s` link.
+pub fn kv_transfer_time(bytes_per_token: u64, bytes_per_s: u64, tokens: usize) -> Duration {
+    let bytes = bytes_per_token as f64 * tokens as f64;
+    Duration::from_secs_f64(bytes / bytes_per_s.max(1) as f64)
 }
 
 fn mul(d: Duration, n: usize) -> Duration {

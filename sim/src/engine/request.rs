@@ -40,6 +40,16 @@ impl FinishReason {
     }
 }
 
+/// One multimodal item (an image) of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmItem {
+    /// Hash of the item's content (vLLM's `mm_hash`): equal images share it.
+    pub hash: u64,
+    /// Its encoder output was computed by an encode pod and arrives with the request
+    /// (`ec_transfer_params`), so this pod does not run its vision encoder on it.
+    pub remote: bool,
+}
+
 /// A tokenized request ready for an engine.
 #[derive(Debug, Clone)]
 pub struct EngineRequest {
@@ -57,6 +67,8 @@ pub struct EngineRequest {
     pub kv_transfer: KvTransfer,
     /// Chained hashes of the prompt's full blocks (see [`block_hashes`]).
     pub block_hashes: Vec<u64>,
+    /// Images in the prompt, in order; each must be encoded before the prompt is computed.
+    pub mm: Vec<MmItem>,
 }
 
 impl EngineRequest {
@@ -79,7 +91,14 @@ impl EngineRequest {
             lora,
             kv_transfer,
             block_hashes,
+            mm: Vec::new(),
         }
+    }
+
+    /// The same request with images `mm` in its prompt.
+    pub fn with_mm(mut self, mm: Vec<MmItem>) -> Self {
+        self.mm = mm;
+        self
     }
 }
 
@@ -117,6 +136,9 @@ pub enum SubmitError {
         /// Requested completion tokens.
         completion: usize,
     },
+    /// An encode request without any image.
+    #[error("the request has no multimodal items to encode")]
+    NothingToEncode,
     /// The id is already in use.
     #[error("duplicate request id {0}")]
     DuplicateId(RequestId),
@@ -149,6 +171,17 @@ pub enum Output {
         /// 0-based position in the completion.
         index: usize,
         /// Simulated time it was produced.
+        at: Duration,
+    },
+    /// An encode-only request is done: its images' encoder outputs exist.
+    Encoded {
+        /// The request.
+        id: RequestId,
+        /// Images in the request.
+        images: usize,
+        /// Of those, images found in the encoder cache (not encoded again).
+        hits: usize,
+        /// Simulated time it was done.
         at: Duration,
     },
     /// The request finished (always after its last `Token`).

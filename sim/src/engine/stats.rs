@@ -91,6 +91,12 @@ pub struct EngineStats {
     pub remote_prefill_tokens: u64,
     /// LoRA adapters loaded into a GPU slot.
     pub lora_loads: u64,
+    /// Images this pod had to have encoder output for (encode requests and prompts).
+    pub encoder_cache_queries: u64,
+    /// Of those, images found in the encoder cache (not encoded again).
+    pub encoder_cache_hits: u64,
+    /// Images whose encoder output came from an encode pod (never counted as queries).
+    pub remote_encoded_images: u64,
     /// Engine steps run.
     pub steps: u64,
     /// Time to first token.
@@ -120,6 +126,9 @@ impl Default for EngineStats {
             aborted: 0,
             remote_prefill_tokens: 0,
             lora_loads: 0,
+            encoder_cache_queries: 0,
+            encoder_cache_hits: 0,
+            remote_encoded_images: 0,
             steps: 0,
             ttft: Histogram::new(TTFT_BUCKETS),
             itl: Histogram::new(ITL_BUCKETS),

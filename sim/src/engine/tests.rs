@@ -21,7 +21,12 @@ fn profile() -> EngineProfile {
         decode_base: ms(5),
         decode_per_seq: ms(1),
         decode_per_context_token: Duration::ZERO,
-        kv_transfer_per_token: Duration::from_micros(100),
+        // 100 bytes per token over 1 MB/s: 100 µs per token.
+        kv_bytes_per_token: 100,
+        kv_link_bytes_per_s: 1_000_000,
+        encode_per_image: ms(20),
+        image_tokens: 8,
+        encoder_cache_items: 2,
         max_loras: 1,
         lora_load: Duration::ZERO,
         jitter: 0.0,
@@ -64,7 +69,7 @@ fn run(e: &mut Engine) -> HashMap<u64, (Duration, Completion)> {
                 Output::Token { id, index: 0, at } => {
                     first.insert(id, at);
                 }
-                Output::Token { .. } => {}
+                Output::Token { .. } | Output::Encoded { .. } => {}
                 Output::Finished { id, completion } => {
                     done.insert(id, (first[&id], completion));
                 }
@@ -269,8 +274,9 @@ fn remote_prefill_skips_prefill_cost_and_remote_decode_reports_blocks() {
     );
     submit(&mut e, ms(0), r);
     let out = run(&mut e);
-    // 20 tokens transferred at 0.1 ms each, then a one-token step (10 + 1).
-    assert_eq!(out[&1].0, ms(13));
+    // 20 tokens transferred at 0.1 ms each, then the last prompt token in a decode step
+    // (5 ms), not a prefill step: the decode pod runs no prompt prefill for it.
+    assert_eq!(out[&1].0, ms(7));
     assert_eq!(out[&1].1.cached_tokens, 20);
     assert_eq!(e.stats().prefix_cache_hits, 0);
     assert_eq!(e.stats().remote_prefill_tokens, 20);
@@ -469,4 +475,192 @@ fn loading_a_lora_adapter_costs_time_once_per_slot() {
     submit(&mut e, ms(400), lora(5, None));
     assert_eq!(run(&mut e)[&5].0, ms(418)); // the base model needs no slot
     assert_eq!(e.stats().lora_loads, 3);
+}
+
+/// Drains outputs into per-request token times and encode results.
+fn collect(
+    e: &mut Engine,
+    tokens: &mut HashMap<u64, Vec<Duration>>,
+    encoded: &mut HashMap<u64, (usize, usize, Duration)>,
+) {
+    for o in e.drain_outputs() {
+        match o {
+            Output::Token { id, at, .. } => tokens.entry(id).or_default().push(at),
+            Output::Encoded {
+                id,
+                images,
+                hits,
+                at,
+            } => {
+                encoded.insert(id, (images, hits, at));
+            }
+            Output::Finished { .. } => {}
+        }
+    }
+}
+
+/// Runs until idle, collecting every token time and encode result.
+fn run_all(
+    e: &mut Engine,
+    tokens: &mut HashMap<u64, Vec<Duration>>,
+    encoded: &mut HashMap<u64, (usize, usize, Duration)>,
+) {
+    for _ in 0..10_000 {
+        collect(e, tokens, encoded);
+        let Some(t) = e.next_wakeup() else { return };
+        e.advance(t);
+    }
+    panic!("engine did not go idle");
+}
+
+fn max_gap(times: &[Duration]) -> Duration {
+    times
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default()
+}
+
+fn with_kv(mut r: EngineRequest, kv: KvTransfer) -> EngineRequest {
+    r.kv_transfer = kv;
+    r
+}
+
+/// The effect P/D exists for, on the engine's simulated clock: a request decoding on an
+/// aggregated pod stalls for the whole prefill of a long prompt that arrives meanwhile
+/// (both share one step); on a decode pod the same newcomer's KV is pulled instead, and
+/// its only local work is a one-token decode, so the first request's inter-token gap
+/// stays one decode step.
+#[test]
+fn a_long_prefill_stalls_decodes_on_an_aggregated_pod_but_not_on_a_decode_pod() {
+    let run_with = |newcomer: KvTransfer| {
+        let mut e = engine(EngineProfile {
+            num_gpu_blocks: 256,
+            ..profile()
+        });
+        let (mut tokens, mut enc) = (HashMap::new(), HashMap::new());
+        submit(&mut e, ms(0), req(1, toks(0..8), 40));
+        e.advance(ms(60));
+        collect(&mut e, &mut tokens, &mut enc);
+        // 400 prompt tokens: one 410 ms prefill chunk when computed here.
+        submit(&mut e, ms(60), with_kv(req(2, toks(100..500), 2), newcomer));
+        run_all(&mut e, &mut tokens, &mut enc);
+        e.check_invariants();
+        (max_gap(&tokens[&1]), tokens[&2][0] - ms(60))
+    };
+    let (aggregated_gap, aggregated_ttft) = run_with(KvTransfer::None);
+    let (decode_gap, decode_ttft) = run_with(KvTransfer::RemotePrefill);
+    // Aggregated: request 1's token waits for the step that prefills 400 tokens
+    // (10 + 400 ms) and also decodes request 1 (5 ms).
+    assert!(aggregated_gap >= ms(410), "{aggregated_gap:?}");
+    // Decode pod: every step is a decode of at most two sequences (5 + 1 ms).
+    assert_eq!(decode_gap, ms(6));
+    assert!(decode_gap * 50 < aggregated_gap);
+    // The newcomer's own first token: 399 tokens pulled at 0.1 ms (39.9 ms) then one
+    // decode step, against the full prefill.
+    assert!(
+        decode_ttft < aggregated_ttft / 5,
+        "{decode_ttft:?} {aggregated_ttft:?}"
+    );
+}
+
+#[test]
+fn kv_pulls_into_one_pod_queue_on_its_link() {
+    let mut e = engine(profile());
+    let (mut tokens, mut enc) = (HashMap::new(), HashMap::new());
+    for id in [1, 2] {
+        let r = with_kv(
+            req(id, toks(id as u32 * 100..id as u32 * 100 + 21), 2),
+            KvTransfer::RemotePrefill,
+        );
+        submit(&mut e, ms(0), r);
+    }
+    run_all(&mut e, &mut tokens, &mut enc);
+    // Each pull is 20 tokens × 100 B over 1 MB/s = 2 ms; the second starts when the first
+    // ends (link free at 2 ms, its KV in at 4 ms). Request 1 decodes its last prompt token
+    // at 2..7; request 2 joins the next step, 7..13 (two sequences: 5 + 1 ms).
+    assert_eq!(tokens[&1][0], ms(7));
+    assert_eq!(tokens[&2][0], ms(13));
+    assert_eq!(profile().kv_transfer_time(20), ms(2));
+}
+
+#[test]
+fn images_cost_encoder_time_unless_cached_or_encoded_elsewhere() {
+    let mut e = engine(profile());
+    let (mut tokens, mut enc) = (HashMap::new(), HashMap::new());
+    let img = |hash, remote| MmItem { hash, remote };
+    let ttft = |e: &mut Engine,
+                tokens: &mut HashMap<u64, Vec<Duration>>,
+                enc: &mut HashMap<u64, (usize, usize, Duration)>,
+                id: u64,
+                mm: Vec<MmItem>| {
+        let start = e.next_wakeup().unwrap_or(ms(id * 1000)).max(ms(id * 1000));
+        submit(
+            e,
+            start,
+            req(id, toks(id as u32 * 100..id as u32 * 100 + 8), 1).with_mm(mm),
+        );
+        run_all(e, tokens, enc);
+        tokens[&id][0] - start
+    };
+    // Text only: 10 + 8 ms of prefill.
+    assert_eq!(ttft(&mut e, &mut tokens, &mut enc, 1, vec![]), ms(18));
+    // One new image: + 20 ms of encoding in the same step.
+    assert_eq!(
+        ttft(&mut e, &mut tokens, &mut enc, 2, vec![img(7, false)]),
+        ms(38)
+    );
+    // The same image again: an encoder-cache hit.
+    assert_eq!(
+        ttft(&mut e, &mut tokens, &mut enc, 3, vec![img(7, false)]),
+        ms(18)
+    );
+    // Encoded by an encode pod: no local encoding, not a cache query.
+    assert_eq!(
+        ttft(&mut e, &mut tokens, &mut enc, 4, vec![img(8, true)]),
+        ms(18)
+    );
+    // Capacity 2: images 9 and 10 push 7 out, so 7 is encoded again.
+    assert_eq!(
+        ttft(
+            &mut e,
+            &mut tokens,
+            &mut enc,
+            5,
+            vec![img(9, false), img(10, false)]
+        ),
+        ms(58)
+    );
+    assert_eq!(
+        ttft(&mut e, &mut tokens, &mut enc, 6, vec![img(7, false)]),
+        ms(38)
+    );
+    let st = e.stats();
+    assert_eq!((st.encoder_cache_queries, st.encoder_cache_hits), (5, 1));
+    assert_eq!(st.remote_encoded_images, 1);
+}
+
+#[test]
+fn an_encode_pod_encodes_misses_and_answers_hits_from_its_cache() {
+    let mut e = engine(profile());
+    let (mut tokens, mut enc) = (HashMap::new(), HashMap::new());
+    e.submit_encode(1, vec![1, 2]).unwrap();
+    e.advance(ms(0));
+    run_all(&mut e, &mut tokens, &mut enc);
+    assert_eq!(
+        enc[&1],
+        (2, 0, ms(40)),
+        "two misses, 20 ms each, in one step"
+    );
+    e.advance(ms(100));
+    e.submit_encode(2, vec![2, 3]).unwrap();
+    e.advance(ms(100));
+    run_all(&mut e, &mut tokens, &mut enc);
+    assert_eq!(enc[&2], (2, 1, ms(120)), "image 2 is cached, 3 is encoded");
+    assert_eq!(
+        e.submit_encode(3, vec![]),
+        Err(SubmitError::NothingToEncode)
+    );
+    assert!(tokens.is_empty(), "encode-only requests generate nothing");
+    e.check_invariants();
 }

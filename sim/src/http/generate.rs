@@ -14,8 +14,9 @@ use super::error::ApiError;
 use super::openai::*;
 use super::sse::SseStream;
 use super::{PodState, resolve_model};
-use crate::engine::{Completion, EngineRequest, KvTransfer, check_limits};
+use crate::engine::{Completion, EngineRequest, KvTransfer, MmItem, check_limits};
 use crate::pod::{Event, Input};
+use crate::role::PodRole;
 use crate::tokenizer::{self, filler_range};
 
 /// A request ready for the engine plus what the response needs.
@@ -37,6 +38,7 @@ struct Ask<'a> {
     stream: Option<bool>,
     stream_options: &'a Option<StreamOptions>,
     chat: bool,
+    mm: Vec<MmItem>,
 }
 
 fn prepare(pod: &PodState, ask: Ask<'_>) -> Result<Prepared, ApiError> {
@@ -49,6 +51,7 @@ fn prepare(pod: &PodState, ask: Ask<'_>) -> Result<Prepared, ApiError> {
         stream,
         stream_options,
         chat,
+        mm,
     } = ask;
     let (model, lora) = resolve_model(pod, model)?;
     check_n(n)?;
@@ -76,7 +79,8 @@ fn prepare(pod: &PodState, ask: Ask<'_>) -> Result<Prepared, ApiError> {
         lora,
         kv_transfer,
         p.block_size,
-    );
+    )
+    .with_mm(mm);
     Ok(Prepared {
         req,
         model,
@@ -103,6 +107,7 @@ pub(super) async fn completions(State(pod): State<Arc<PodState>>, body: Bytes) -
                 stream: r.stream,
                 stream_options: &r.stream_options,
                 chat: false,
+                mm: Vec::new(),
             },
         )
     });
@@ -117,18 +122,34 @@ pub(super) async fn chat(State(pod): State<Arc<PodState>>, body: Bytes) -> Respo
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    let prepared = r.prompt_text().and_then(|text| {
+    let rendered = match r.render(pod.profile.image_tokens) {
+        Ok(x) => x,
+        Err(e) => return e.into_response(),
+    };
+    if pod.role == PodRole::Encode {
+        return encode(pod, &r, rendered.images).await;
+    }
+    let prepared = parse_ec_transfer(&r.ec_transfer_params).and_then(|remote| {
+        let mm = rendered
+            .images
+            .iter()
+            .map(|&hash| MmItem {
+                hash,
+                remote: remote.contains(&hash),
+            })
+            .collect();
         prepare(
             &pod,
             Ask {
                 model: &r.model,
-                prompt: tokenizer::tokenize(&text),
+                prompt: tokenizer::tokenize(&rendered.text),
                 max_tokens: r.max_completion_tokens.or(r.max_tokens),
                 n: r.n,
                 kv: &r.kv_transfer_params,
                 stream: r.stream,
                 stream_options: &r.stream_options,
                 chat: true,
+                mm,
             },
         )
     });
@@ -136,6 +157,72 @@ pub(super) async fn chat(State(pod): State<Arc<PodState>>, body: Bytes) -> Respo
         Ok(p) => serve(pod, p).await,
         Err(e) => e.into_response(),
     }
+}
+
+/// An encode-role pod's answer to a chat request: it runs only its vision encoder over
+/// the request's images (no prompt, no tokens) and answers a chat completion without
+/// text whose `ec_transfer_params` names the images it holds encoder output for and where
+/// (vLLM's EC connector keys encoder outputs by `mm_hash`). Never streamed.
+async fn encode(pod: Arc<PodState>, r: &ChatRequest, images: Vec<u64>) -> Response {
+    let model = match resolve_model(&pod, &r.model) {
+        Ok((m, _)) => m,
+        Err(e) => return e.into_response(),
+    };
+    if images.is_empty() {
+        return ApiError::bad_request(
+            "this pod only encodes images: the request has no image_url part",
+        )
+        .into_response();
+    }
+    let id = pod.next_id.fetch_add(1, Ordering::Relaxed);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let hashes: Vec<String> = images.iter().map(|&h| mm_hash_hex(h)).collect();
+    if pod
+        .engine
+        .send(Input::SubmitEncode {
+            id,
+            hashes: images.clone(),
+            events: tx,
+        })
+        .is_err()
+    {
+        return ApiError::unavailable("engine stopped").into_response();
+    }
+    let mut guard = AbortOnDrop {
+        id,
+        engine: pod.engine.clone(),
+        armed: true,
+    };
+    let (n, hits) = match rx.recv().await {
+        Some(Event::Encoded { images, hits }) => (images, hits),
+        Some(Event::Rejected(e)) => {
+            guard.armed = false;
+            return ApiError::bad_request(e.to_string()).into_response();
+        }
+        Some(Event::Token { .. } | Event::Done(_)) | None => {
+            return ApiError::unavailable("engine stopped").into_response();
+        }
+    };
+    guard.armed = false;
+    let prompt_tokens = n * pod.profile.image_tokens;
+    let body = serde_json::json!({
+        "id": format!("chatcmpl-{:08x}{:016x}", pod.index, id),
+        "object": "chat.completion",
+        "created": pod.created,
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": ""},
+            "logprobs": null, "finish_reason": "length"}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0,
+            "total_tokens": prompt_tokens, "prompt_tokens_details": {"cached_tokens": 0}},
+        "ec_transfer_params": {
+            "mm_hashes": hashes,
+            "encoder_cache_hits": hits,
+            "remote_engine_id": pod.engine_id(),
+            "remote_host": pod.addr.ip().to_string(),
+            "remote_port": pod.addr.port(),
+        },
+    });
+    axum::Json(body).into_response()
 }
 
 /// Tells the engine to drop a request whose client went away before it finished.
@@ -284,7 +371,10 @@ async fn serve(pod: Arc<PodState>, p: Prepared) -> Response {
                 guard.armed = false;
                 return ApiError::bad_request(e.to_string()).into_response();
             }
-            None => return ApiError::unavailable("engine stopped").into_response(),
+            // Only encode-only requests end this way; this one was not.
+            Some(Event::Encoded { .. }) | None => {
+                return ApiError::unavailable("engine stopped").into_response();
+            }
         }
     }
 }

@@ -121,8 +121,11 @@ fn tokens_of(pod: &PodState, body: &[u8]) -> Result<Vec<u32>, ApiError> {
             stream_options: None,
             n: None,
             kv_transfer_params: None,
+            ec_transfer_params: None,
         };
-        return Ok(tokenizer::tokenize(&chat.prompt_text()?));
+        return Ok(tokenizer::tokenize(
+            &chat.render(pod.profile.image_tokens)?.text,
+        ));
     }
     let c = CompletionRequest {
         model: None,
@@ -171,8 +174,8 @@ pub(super) async fn render_chat(State(pod): State<Arc<PodState>>, body: Bytes) -
     if let Err(e) = resolve_model(&pod, &r.model) {
         return e.into_response();
     }
-    match r.prompt_text() {
-        Ok(text) => rendered(&pod, &r.model, tokenizer::tokenize(&text)),
+    match r.render(pod.profile.image_tokens) {
+        Ok(chat) => rendered(&pod, &r.model, tokenizer::tokenize(&chat.text)),
         Err(e) => e.into_response(),
     }
 }

@@ -66,6 +66,40 @@ pub struct ContentPart {
     /// Text of a `text` part.
     #[serde(default)]
     pub text: Option<String>,
+    /// The image of an `image_url` part.
+    #[serde(default)]
+    pub image_url: Option<ImageUrl>,
+}
+
+/// `image_url` of a content part: a URL or a `data:` URL holding the image.
+#[derive(Debug, Deserialize)]
+pub struct ImageUrl {
+    /// The URL.
+    pub url: String,
+}
+
+/// A chat conversation rendered for the engine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RenderedChat {
+    /// The prompt text, each image standing as `image_tokens` tokens derived from it.
+    pub text: String,
+    /// Content hashes of the images, in prompt order (vLLM's `mm_hash`).
+    pub images: Vec<u64>,
+}
+
+/// The content hash of an image (its URL stands for its bytes: the sim fetches nothing).
+pub fn image_hash(url: &str) -> u64 {
+    xxhash_rust::xxh64::xxh64(url.as_bytes(), 0x1a6e)
+}
+
+/// Text that tokenizes to about `tokens` tokens, the same for the same image, so prefix
+/// caching tells images apart and an image costs prompt positions as in a VLM.
+fn image_placeholder(hash: u64, tokens: usize) -> String {
+    let hex = format!("{hash:016x}");
+    hex.chars()
+        .cycle()
+        .take(tokens * tokenizer::BYTES_PER_TOKEN)
+        .collect()
 }
 
 /// Message content: a string or a list of parts.
@@ -115,6 +149,9 @@ pub struct ChatRequest {
     /// P/D parameters.
     #[serde(default)]
     pub kv_transfer_params: Option<serde_json::Value>,
+    /// E/P/D: encoder outputs an encode pod produced for this request's images.
+    #[serde(default)]
+    pub ec_transfer_params: Option<serde_json::Value>,
 }
 
 /// Parses a JSON body, naming the field at fault on error.
@@ -168,8 +205,8 @@ fn several_prompts(n: usize) -> ApiError {
 }
 
 impl ChatRequest {
-    /// The conversation rendered with the chat template.
-    pub fn prompt_text(&self) -> Result<String, ApiError> {
+    /// The conversation rendered with the chat template; each image takes `image_tokens`.
+    pub fn render(&self, image_tokens: usize) -> Result<RenderedChat, ApiError> {
         let Some(messages) = &self.messages else {
             return Err(ApiError::bad_request("`messages` is required"));
         };
@@ -177,6 +214,7 @@ impl ChatRequest {
             return Err(ApiError::bad_request("`messages` must not be empty"));
         }
         let mut rendered: Vec<(&str, String)> = Vec::with_capacity(messages.len());
+        let mut images = Vec::new();
         for (i, m) in messages.iter().enumerate() {
             if !matches!(
                 m.role.as_str(),
@@ -200,8 +238,19 @@ impl ChatRequest {
                                     "`messages[{i}].content` has a text part without `text`"
                                 )));
                             }
-                            // Media is a fixed placeholder: the sim has no encoder.
-                            (_, _) => s.push_str("<|image|>"),
+                            ("image_url", _) => {
+                                let Some(img) = &p.image_url else {
+                                    return Err(ApiError::bad_request(format!(
+                                        "`messages[{i}].content` has an image_url part without `image_url.url`"
+                                    )));
+                                };
+                                let h = image_hash(&img.url);
+                                images.push(h);
+                                s.push_str("<|image|>");
+                                s.push_str(&image_placeholder(h, image_tokens));
+                            }
+                            // Other media (audio, video) is a fixed placeholder, not encoded.
+                            (_, _) => s.push_str("<|media|>"),
                         }
                     }
                     s
@@ -209,9 +258,10 @@ impl ChatRequest {
             };
             rendered.push((m.role.as_str(), content));
         }
-        Ok(tokenizer::chat_prompt(
-            rendered.iter().map(|(r, c)| (*r, c.as_str())),
-        ))
+        Ok(RenderedChat {
+            text: tokenizer::chat_prompt(rendered.iter().map(|(r, c)| (*r, c.as_str()))),
+            images,
+        })
     }
 }
 
@@ -276,6 +326,35 @@ pub fn parse_kv_transfer(v: &Option<serde_json::Value>) -> Result<KvTransfer, Ap
         (false, true) => Ok(KvTransfer::RemotePrefill),
         (false, false) => Ok(KvTransfer::None),
     }
+}
+
+/// Reads the image hashes an encode pod's output covers from `ec_transfer_params`
+/// (`{"mm_hashes": ["<16 hex digits>", ...], ...}`, as the sidecar forwards it).
+pub fn parse_ec_transfer(v: &Option<serde_json::Value>) -> Result<Vec<u64>, ApiError> {
+    let Some(v) = v.as_ref().filter(|v| !v.is_null()) else {
+        return Ok(Vec::new());
+    };
+    let bad = || {
+        ApiError::bad_request(
+            "`ec_transfer_params.mm_hashes` must be a list of 16-hex-digit image hashes",
+        )
+    };
+    let Some(list) = v.get("mm_hashes") else {
+        return Ok(Vec::new());
+    };
+    let list = list.as_array().ok_or_else(bad)?;
+    list.iter()
+        .map(|h| {
+            h.as_str()
+                .and_then(|h| u64::from_str_radix(h, 16).ok())
+                .ok_or_else(bad)
+        })
+        .collect()
+}
+
+/// An image hash as it travels in `ec_transfer_params`.
+pub fn mm_hash_hex(h: u64) -> String {
+    format!("{h:016x}")
 }
 
 /// `usage.prompt_tokens_details`.

@@ -96,6 +96,13 @@ impl SseStream {
                 }
                 out.extend_from_slice(b"data: [DONE]\n\n");
             }
+            // Encode-only requests are answered whole, never streamed; should one end up
+            // here, the stream simply ends.
+            Event::Encoded { .. } => {
+                self.guard.armed = false;
+                self.done = true;
+                out.extend_from_slice(b"data: [DONE]\n\n");
+            }
             Event::Rejected(e) => {
                 self.guard.armed = false;
                 self.done = true;
