@@ -25,7 +25,7 @@
 # Usage: bench/scenarios/overload-priority.sh   (environment: PODS [4], QPS [40],
 #   UNLOADED_QPS [5], DURATION_S [40], PROMPT_TOKENS [4000], OUTPUT_TOKENS [16],
 #   TTFT_SLO_MS [1500], SGLANG_LIMITS [8,16,32], MAX_CONCURRENCY [2] (infermesh's
-#   concurrency-detector, per pod), REQUEST_TTL [5s], SEED [1], SKIP_BUILD [0])
+#   concurrency-detector, per pod), REQUEST_TTL [1s], SEED [1], SKIP_BUILD [0])
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
@@ -39,7 +39,7 @@ OUTPUT_TOKENS="${OUTPUT_TOKENS:-16}"
 TTFT_SLO_MS="${TTFT_SLO_MS:-1500}"
 SGLANG_LIMITS="${SGLANG_LIMITS:-8,16,32}"
 MAX_CONCURRENCY="${MAX_CONCURRENCY:-2}"
-REQUEST_TTL="${REQUEST_TTL:-5s}"
+REQUEST_TTL="${REQUEST_TTL:-1s}"
 SEED="${SEED:-1}"
 PROFILE=llama-8b-h100
 BASE_PORT=18100
