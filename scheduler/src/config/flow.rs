@@ -279,7 +279,11 @@ pub(super) fn resolve(
         DEFAULT_REQUEST_TTL,
     )?;
     let no_endpoint_request_ttl = match raw.no_endpoint_request_ttl.as_deref() {
-        Some(v) => r.ttl(Some(v), "noEndpointRequestTTL", DEFAULT_NO_ENDPOINT_REQUEST_TTL)?,
+        Some(v) => r.ttl(
+            Some(v),
+            "noEndpointRequestTTL",
+            DEFAULT_NO_ENDPOINT_REQUEST_TTL,
+        )?,
         // llm-d: unset follows a set defaultRequestTTL, else 60 s.
         None => Some(
             default_request_ttl
