@@ -550,7 +550,7 @@ mod tests {
         let unloaded = leg("unloaded", 100.0, 0, 1.0);
         let good = leg("im", 140.0, 5, 3.0);
         let peer = leg("peer", 900.0, 0, 1.0);
-        let t = priority_table(&unloaded, &good, None, &[peer.clone()], &names);
+        let t = priority_table(&unloaded, &good, None, std::slice::from_ref(&peer), &names);
         assert!(
             t.contains("critical TTFT p99 under overload, im: 140 ms = 1.40×"),
             "{t}"
