@@ -342,3 +342,36 @@ fn concurrency_detector_admits_and_filters_on_in_flight() {
     assert!(s.admit(&shed, &eps, now).is_err()); // 8 / 8
     assert!(s.schedule(&req(10), &eps, now, &mut rng(1)).is_err());
 }
+
+#[test]
+fn hybrid_concurrency_takes_the_larger_ratio_per_endpoint_and_averages() {
+    let s = sched(
+        "plugins:\n- type: concurrency-detector\n  parameters: {concurrencyMode: hybrid, maxConcurrency: 4, maxTokenConcurrency: 1000}\n- type: queue-scorer\nsaturationDetector:\n  pluginRef: concurrency-detector\nschedulingProfiles:\n- name: x\n  plugins: [{pluginRef: concurrency-detector}, {pluginRef: queue-scorer}]\n",
+    );
+    let now = Instant::now();
+    let mut eps = vec![ep(0, &[], 0, 0.1, now), ep(1, &[], 0, 0.1, now)];
+    // Endpoint 0: requests 1/4 but tokens 900/1000 -> 0.9; endpoint 1: 3/4 and 0 -> 0.75.
+    eps[0].in_flight = infermesh_scheduler::InFlight {
+        requests: 1,
+        tokens: 900,
+    };
+    eps[1].in_flight = infermesh_scheduler::InFlight {
+        requests: 3,
+        tokens: 0,
+    };
+    let mut shed = req(10);
+    shed.priority = -5;
+    // Mean 0.825 < 1: admitted (requests mode alone would say 4/8, tokens 0.45).
+    assert!(s.admit(&shed, &eps, now).is_ok());
+    // Token-full endpoint 0 is filtered out although its request count is low.
+    eps[0].in_flight.tokens = 1000;
+    let r = s.schedule(&req(10), &eps, now, &mut rng(1)).unwrap();
+    assert_eq!(r.destinations(), &[eps[1].address]);
+    // Both ends full in one measure each: mean (1.0 + 1.0) / 2 = 1.0, saturated.
+    eps[1].in_flight.requests = 4;
+    assert!(s.admit(&shed, &eps, now).is_err());
+    let bad = load_config(&format!(
+        "{HEAD}plugins:\n- type: concurrency-detector\n  parameters: {{concurrencyMode: both}}\n- type: queue-scorer\n"
+    ));
+    assert!(bad.is_err(), "an unknown mode is refused");
+}

@@ -693,6 +693,9 @@ pub enum ConcurrencyMode {
     Requests,
     /// In-flight tokens.
     Tokens,
+    /// Both: an endpoint's load is the larger of its request and token ratios, and the
+    /// pool's saturation is their mean over endpoints (llm-d v0.10).
+    Hybrid,
 }
 
 /// `concurrency-detector`: saturation from in-flight load.

@@ -74,36 +74,64 @@ impl ConcurrencyDetector {
         ConcurrencyDetector { params }
     }
 
-    fn load_and_limit(&self, e: &Endpoint) -> (f64, f64) {
+    fn requests(&self, e: &Endpoint) -> (f64, f64) {
+        (
+            f64::from(e.in_flight.requests),
+            self.params.max_concurrency as f64,
+        )
+    }
+
+    fn tokens(&self, e: &Endpoint) -> (f64, f64) {
+        (
+            e.in_flight.tokens as f64,
+            self.params.max_token_concurrency as f64,
+        )
+    }
+
+    /// Total in-flight over total capacity (hybrid: the mean over endpoints of the larger
+    /// of each one's request and token ratios); no endpoints = 1.0.
+    pub fn saturation(&self, endpoints: &[Endpoint]) -> f64 {
+        if endpoints.is_empty() {
+            return 1.0;
+        }
+        let total = |f: &dyn Fn(&Endpoint) -> (f64, f64)| {
+            let (load, cap) = endpoints.iter().fold((0.0, 0.0), |(l, c), e| {
+                let (x, y) = f(e);
+                (l + x, c + y)
+            });
+            if cap <= 0.0 { 1.0 } else { load / cap }
+        };
         match self.params.concurrency_mode {
-            ConcurrencyMode::Requests => (
-                f64::from(e.in_flight.requests),
-                self.params.max_concurrency as f64,
-            ),
-            ConcurrencyMode::Tokens => (
-                e.in_flight.tokens as f64,
-                self.params.max_token_concurrency as f64,
-            ),
+            ConcurrencyMode::Requests => total(&|e| self.requests(e)),
+            ConcurrencyMode::Tokens => total(&|e| self.tokens(e)),
+            ConcurrencyMode::Hybrid => {
+                let ratio = |(load, cap): (f64, f64)| if cap <= 0.0 { 1.0 } else { load / cap };
+                endpoints
+                    .iter()
+                    .map(|e| ratio(self.requests(e)).max(ratio(self.tokens(e))))
+                    .sum::<f64>()
+                    / endpoints.len() as f64
+            }
         }
     }
 
-    /// Total in-flight over total capacity; no endpoints = 1.0.
-    pub fn saturation(&self, endpoints: &[Endpoint]) -> f64 {
-        let (load, cap) = endpoints.iter().fold((0.0, 0.0), |(l, c), e| {
-            let (x, y) = self.load_and_limit(e);
-            (l + x, c + y)
-        });
-        if cap <= 0.0 { 1.0 } else { load / cap }
+    /// Whether `e` is under `limit × (1 + headroom)` in the counted measure (hybrid: in
+    /// both).
+    fn has_room(&self, e: &Endpoint) -> bool {
+        let under =
+            |(load, limit): (f64, f64)| load < (limit * (1.0 + self.params.headroom)).trunc();
+        match self.params.concurrency_mode {
+            ConcurrencyMode::Requests => under(self.requests(e)),
+            ConcurrencyMode::Tokens => under(self.tokens(e)),
+            ConcurrencyMode::Hybrid => under(self.requests(e)) && under(self.tokens(e)),
+        }
     }
 }
 
 impl Filter for ConcurrencyDetector {
     /// Keeps endpoints under `limit × (1 + headroom)` (llm-d does not fail open here).
     fn filter(&self, cycle: &CycleState<'_>, _: &mut dyn RngCore, candidates: &mut Vec<usize>) {
-        candidates.retain(|&i| {
-            let (load, limit) = self.load_and_limit(&cycle.endpoints[i]);
-            load < (limit * (1.0 + self.params.headroom)).trunc()
-        });
+        candidates.retain(|&i| self.has_room(&cycle.endpoints[i]));
     }
 }
 
