@@ -29,6 +29,8 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
+# shellcheck source=bench/scenarios/lib.sh
+source "$ROOT/bench/scenarios/lib.sh"
 
 PODS="${PODS:-4}"
 QPS="${QPS:-40}"
@@ -77,14 +79,6 @@ trap 'exit 130' INT TERM
 POD_URLS=()
 for ((i = 0; i < PODS; i++)); do POD_URLS+=("http://127.0.0.1:$((BASE_PORT + i))"); done
 
-wait_for() {
-  local what="$1" secs="$2"; shift 2
-  local deadline=$((SECONDS + secs))
-  until curl -fsS -o /dev/null --max-time 5 "$@" 2>/dev/null; do
-    [ $SECONDS -lt $deadline ] || { echo "overload-priority: $what not ready after ${secs}s" >&2; return 1; }
-    sleep 0.5
-  done
-}
 
 start_sim() {
   "$SIM" --pods "$PODS" --base-port "$BASE_PORT" --profile "$PROFILE" --seed "$SEED" >"$WORK/sim.log" 2>&1 &
@@ -99,17 +93,7 @@ ready() {
 
 # The endpoints file with the three objectives, and the flowControl gate.
 {
-  echo "apiVersion: inference.networking.k8s.io/v1"
-  echo "kind: InferencePool"
-  echo "metadata: {name: sim}"
-  echo "spec:"
-  echo "  selector: {matchLabels: {app: sim}}"
-  echo "  targetPorts: [{number: $BASE_PORT}]"
-  echo "models: [$MODEL]"
-  echo "pods:"
-  for ((i = 0; i < PODS; i++)); do
-    echo "- {name: sim-$i, address: 127.0.0.1, labels: {app: sim}, targetPorts: [{number: $((BASE_PORT + i))}]}"
-  done
+  pool_yaml "$PODS" "$BASE_PORT" "$MODEL"
   for o in critical:10 standard:0 sheddable:-1; do
     echo "---"
     echo "apiVersion: inference.networking.x-k8s.io/v1alpha2"

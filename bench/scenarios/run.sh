@@ -59,6 +59,8 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
+# shellcheck source=bench/scenarios/lib.sh
+source "$ROOT/bench/scenarios/lib.sh"
 
 SCENARIO="${1:-}"
 shift || true
@@ -136,15 +138,6 @@ POD_URLS=()
 for ((i = 0; i < PODS; i++)); do POD_URLS+=("http://127.0.0.1:$((BASE_PORT + i))"); done
 POD_CSV="$(IFS=,; echo "${POD_URLS[*]}")"
 
-# Waits (bounded) until `curl ARGS...` succeeds.
-wait_for() {
-  local what="$1" secs="$2"; shift 2
-  local deadline=$((SECONDS + secs))
-  until curl -fsS -o /dev/null --max-time 5 "$@" 2>/dev/null; do
-    [ $SECONDS -lt $deadline ] || { echo "run.sh: $what not ready after ${secs}s" >&2; return 1; }
-    sleep 0.5
-  done
-}
 
 start_sim() {
   "$SIM" --pods "$PODS" --base-port "$BASE_PORT" --profile "$PROFILE" --time-scale "$TIME_SCALE" --seed "$SEED" \
@@ -185,19 +178,7 @@ start_router() {
         mesh=(--node-name "bench-node-$k" --gossip-addr "127.0.0.1:$((port + 400))" --cluster-key-file "$WORK/cluster.key")
         [ "$k" -gt 0 ] && mesh+=(--seeds "127.0.0.1:$((ROUTER_PORT + 400))")
       fi
-      {
-        echo "apiVersion: inference.networking.k8s.io/v1"
-        echo "kind: InferencePool"
-        echo "metadata: {name: sim}"
-        echo "spec:"
-        echo "  selector: {matchLabels: {app: sim}}"
-        echo "  targetPorts: [{number: $BASE_PORT}]"
-        echo "models: [$MODEL]"
-        echo "pods:"
-        for ((i = 0; i < PODS; i++)); do
-          echo "- {name: sim-$i, address: 127.0.0.1, labels: {app: sim}, targetPorts: [{number: $((BASE_PORT + i))}]}"
-        done
-      } >"$WORK/pool.yaml"
+      pool_yaml "$PODS" "$BASE_PORT" "$MODEL" >"$WORK/pool.yaml"
       local cfg=()
       if [ -n "${INFERMESH_CONFIG:-}" ]; then
         [ -f "$INFERMESH_CONFIG" ] || die "INFERMESH_CONFIG file '$INFERMESH_CONFIG' not found"

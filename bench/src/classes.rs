@@ -168,11 +168,11 @@ fn validate(spec: &ClassesSpec) -> Result<(), BenchError> {
     if !(spec.qps.is_finite() && spec.qps > 0.0) {
         return Err(bad("qps", format!("must be positive, got {}", spec.qps)));
     }
-    if spec.prompt_tokens == 0 || spec.output_tokens == 0 {
-        return Err(bad(
-            "prompt-tokens",
-            "prompt and output tokens must be positive".into(),
-        ));
+    if spec.prompt_tokens == 0 {
+        return Err(bad("prompt-tokens", "must be positive".into()));
+    }
+    if spec.output_tokens == 0 {
+        return Err(bad("output-tokens", "must be positive".into()));
     }
     Ok(())
 }

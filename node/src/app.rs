@@ -201,29 +201,6 @@ async fn spawn_health(
     health_service
 }
 
-/// Serves `app` on `listener` until shutdown.
-fn spawn_http<L>(
-    tasks: &mut JoinSet<()>,
-    what: &'static str,
-    listener: L,
-    app: axum::Router,
-    mut sd: watch::Receiver<bool>,
-) where
-    L: axum::serve::Listener,
-    L::Addr: std::fmt::Debug,
-{
-    tasks.spawn(async move {
-        let res = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = sd.wait_for(|s| *s).await;
-            })
-            .await;
-        if let Err(e) = res {
-            tracing::error!(error = %e, "{what} server failed");
-        }
-    });
-}
-
 /// `/metrics` (node, scheduler and mesh counters) and the xDS status pages.
 fn metrics_router(
     metrics: Arc<NodeMetrics>,
@@ -431,11 +408,11 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
         let l = l.tap_io(|tcp| {
             let _ = tcp.set_nodelay(true);
         });
-        spawn_http(&mut tasks, "proxy", l, app, shutdown_rx.clone());
+        crate::serve::spawn_http(&mut tasks, "proxy", l, app, shutdown_rx.clone());
     }
     if let Some(l) = metrics_listener {
         let app = metrics_router(metrics.clone(), pool.clone(), mesh.as_ref(), xds.clone());
-        spawn_http(&mut tasks, "metrics", l, app, shutdown_rx.clone());
+        crate::serve::spawn_http(&mut tasks, "metrics", l, app, shutdown_rx.clone());
     }
 
     tracing::info!(%ext_proc_addr, ?proxy_addr, ?metrics_addr, "infermesh node started");

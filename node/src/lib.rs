@@ -25,6 +25,7 @@ pub mod proxy;
 pub mod request;
 pub mod restore;
 pub mod scrape;
+pub mod serve;
 pub mod sidecar;
 pub mod upstream;
 pub mod usage;

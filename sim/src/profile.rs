@@ -143,7 +143,7 @@ impl EngineProfile {
 
     /// Time to pull `tokens` tokens' KV over the KV link (bytes × tokens ÷ bandwidth).
     pub fn kv_transfer_time(&self, tokens: usize) -> Duration {
-        crate::engine::kv_transfer_time(self.kv_bytes_per_token, self.kv_link_bytes_per_s, tokens)
+        kv_transfer_time(self.kv_bytes_per_token, self.kv_link_bytes_per_s, tokens)
     }
 
     /// Looks a profile up by name (see [`PROFILE_NAMES`]).
@@ -208,6 +208,13 @@ impl Default for EngineProfile {
     fn default() -> Self {
         Self::llama_8b_h100()
     }
+}
+
+/// Time to move `tokens` tokens' KV of `bytes_per_token` each over a `bytes_per_s` link
+/// (here, in the leaf, so the engine and the profile share it without a module circle).
+pub fn kv_transfer_time(bytes_per_token: u64, bytes_per_s: u64, tokens: usize) -> Duration {
+    let bytes = bytes_per_token as f64 * tokens as f64;
+    Duration::from_secs_f64(bytes / bytes_per_s.max(1) as f64)
 }
 
 #[cfg(test)]

@@ -176,17 +176,7 @@ impl Sidecar {
             });
         }
         let app = server::router(server::SidecarState::new(&cfg, allow));
-        let mut sd = sd_rx;
-        tasks.spawn(async move {
-            let res = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = sd.wait_for(|s| *s).await;
-                })
-                .await;
-            if let Err(e) = res {
-                tracing::error!(error = %e, "sidecar server failed");
-            }
-        });
+        crate::serve::spawn_http(&mut tasks, "sidecar", listener, app, sd_rx);
         Ok(Sidecar {
             addr,
             shutdown,

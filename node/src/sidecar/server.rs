@@ -246,34 +246,36 @@ async fn handle(State(s): State<Arc<SidecarState>>, req: Request) -> Response {
     }
 }
 
+/// The text of router header `name`, if it is present.
+fn header_text<'h>(
+    headers: &'h HeaderMap,
+    name: &'static str,
+) -> Result<Option<&'h str>, InvalidRequest> {
+    headers
+        .get(name)
+        .map(|v| {
+            v.to_str().map_err(|_| InvalidRequest::BadAddress {
+                header: name,
+                value: String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            })
+        })
+        .transpose()
+}
+
 /// The addresses a router header lists (comma-separated), if it is present.
 fn addresses(
     headers: &HeaderMap,
     name: &'static str,
 ) -> Result<Option<Vec<SocketAddr>>, InvalidRequest> {
-    headers
-        .get(name)
-        .map(|v| {
-            let text = v.to_str().map_err(|_| InvalidRequest::BadAddress {
-                header: name,
-                value: String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            })?;
-            rewrite::parse_addresses(name, text)
-        })
+    header_text(headers, name)?
+        .map(|text| rewrite::parse_addresses(name, text))
         .transpose()
 }
 
 /// The address a router header names, if it is present.
 fn address(headers: &HeaderMap, name: &'static str) -> Result<Option<SocketAddr>, InvalidRequest> {
-    headers
-        .get(name)
-        .map(|v| {
-            let text = v.to_str().map_err(|_| InvalidRequest::BadAddress {
-                header: name,
-                value: String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            })?;
-            rewrite::parse_address(name, text)
-        })
+    header_text(headers, name)?
+        .map(|text| rewrite::parse_address(name, text))
         .transpose()
 }
 

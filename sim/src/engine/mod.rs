@@ -47,7 +47,7 @@ pub use request::{
 };
 pub use stats::{EngineStats, Histogram};
 
-use crate::profile::EngineProfile;
+use crate::profile::{EngineProfile, kv_transfer_time};
 use crate::tokenizer::filler_id;
 
 /// Static settings of an engine.
@@ -865,12 +865,6 @@ fn grow(pool: &mut BlockPool, blocks: &mut Vec<BlockId>, tokens: usize, bs: usiz
         blocks.push(pool.allocate().expect("checked free count"));
     }
     true
-}
-
-/// Time to move `tokens` tokens' KV of `bytes_per_token` each over a `bytes_per_s` link.
-pub fn kv_transfer_time(bytes_per_token: u64, bytes_per_s: u64, tokens: usize) -> Duration {
-    let bytes = bytes_per_token as f64 * tokens as f64;
-    Duration::from_secs_f64(bytes / bytes_per_s.max(1) as f64)
 }
 
 fn mul(d: Duration, n: usize) -> Duration {
