@@ -25,7 +25,8 @@
 # Usage: bench/scenarios/overload-priority.sh   (environment: PODS [4], QPS [40],
 #   UNLOADED_QPS [5], DURATION_S [40], PROMPT_TOKENS [4000], OUTPUT_TOKENS [16],
 #   TTFT_SLO_MS [1500], SGLANG_LIMITS [8,16,32], MAX_CONCURRENCY [2] (infermesh's
-#   concurrency-detector, per pod), REQUEST_TTL [1s], SEED [1], SKIP_BUILD [0])
+#   concurrency-detector, per pod), REQUEST_TTL [1s], HOLDBACK_MIN_CEILING [0.5] ("none":
+#   static-usage-limit-policy), HOLDBACK_DOMAIN [rank], SEED [1], SKIP_BUILD [0])
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
@@ -42,6 +43,10 @@ TTFT_SLO_MS="${TTFT_SLO_MS:-1500}"
 SGLANG_LIMITS="${SGLANG_LIMITS:-8,16,32}"
 MAX_CONCURRENCY="${MAX_CONCURRENCY:-2}"
 REQUEST_TTL="${REQUEST_TTL:-1s}"
+# priority-holdback-policy's minCeiling (rank domain, maxCeiling 1.0); "none" runs llm-d's
+# default static-usage-limit-policy instead.
+HOLDBACK_MIN_CEILING="${HOLDBACK_MIN_CEILING:-0.5}"
+HOLDBACK_DOMAIN="${HOLDBACK_DOMAIN:-rank}"
 SEED="${SEED:-1}"
 PROFILE=llama-8b-h100
 BASE_PORT=18100
@@ -109,6 +114,7 @@ featureGates: [flowControl]
 plugins:
 - type: queue-scorer
 - type: kv-cache-utilization-scorer
+- type: active-request-scorer
 - type: max-score-picker
 - type: round-robin-fairness-policy
 - type: concurrency-detector
@@ -119,6 +125,9 @@ schedulingProfiles:
   plugins:
   - pluginRef: queue-scorer
   - pluginRef: kv-cache-utilization-scorer
+  # The router's own in-flight count: a pick sees the picks just made (no scrape lag).
+  - pluginRef: active-request-scorer
+    weight: 2
   - pluginRef: max-score-picker
 flowControl:
   # Requests that cannot start within this are refused (429) instead of queueing for
@@ -133,6 +142,16 @@ flowControl:
     fairnessPolicyRef: round-robin-fairness-policy
 EOF
 sed -i "s/MAX_CONCURRENCY/$MAX_CONCURRENCY/; s/REQUEST_TTL/$REQUEST_TTL/" "$WORK/epp.yaml"
+if [ "$HOLDBACK_MIN_CEILING" != none ]; then
+  # Lower bands are held back as saturation rises, so headroom stays free for critical.
+  printf '  usageLimitPolicyPluginRef: holdback\n' >>"$WORK/epp.yaml"
+  printf -- '- type: priority-holdback-policy\n  name: holdback\n  parameters: {minCeiling: %s, domain: %s}\n' \
+    "$HOLDBACK_MIN_CEILING" "$HOLDBACK_DOMAIN" >"$WORK/holdback.yaml"
+  sed -i "/^plugins:\$/r $WORK/holdback.yaml" "$WORK/epp.yaml"
+  USAGE_LIMIT="priority-holdback-policy ($HOLDBACK_DOMAIN, minCeiling $HOLDBACK_MIN_CEILING, maxCeiling 1.0)"
+else
+  USAGE_LIMIT="static-usage-limit-policy (threshold 1.0)"
+fi
 
 # Starts `n` infermesh nodes (one mesh when n > 1); sets URLS to their proxy URLs (not a
 # command substitution: the PIDs must reach this shell's cleanup).
@@ -220,8 +239,8 @@ done
   echo "every class equally likely. Classes: critical (objective priority 10), heavy and light"
   echo "(objective standard, priority 0; fairness ids tenant-a and tenant-b at 10:1), sheddable"
   echo "(priority -1). infermesh ran with \`featureGates: [flowControl]\`, the concurrency-detector"
-  echo "at maxConcurrency $MAX_CONCURRENCY per pod, defaultRequestTTL $REQUEST_TTL and round-robin fairness in the"
-  echo "standard band, llm-d's defaults otherwise (config in the script); sglang-router with cache_aware and each --max-concurrent-requests of $SGLANG_LIMITS."
+  echo "at maxConcurrency $MAX_CONCURRENCY per pod, defaultRequestTTL $REQUEST_TTL, round-robin fairness in the"
+  echo "standard band and the usage limit $USAGE_LIMIT, llm-d's defaults otherwise (config in the script); sglang-router with cache_aware and each --max-concurrent-requests of $SGLANG_LIMITS."
   echo "Goodput: requests served with TTFT <= $TTFT_SLO_MS ms, per second of the run."
   echo
   "$BENCH" priority-table --unloaded "$OUT/unloaded.json" --one-node "$OUT/infermesh-x1.json" \

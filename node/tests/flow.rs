@@ -105,3 +105,49 @@ async fn proxy_answers_429_ttl_expired_when_no_request_can_be_dispatched() {
 async fn envoy_ext_proc_answers_429_ttl_expired_when_no_request_can_be_dispatched() {
     ttl_expiry_answers_429(true).await;
 }
+
+/// A request that finishes frees its room for the next one at once, not at the next
+/// saturation refresh: with refreshes 2 s apart, one slot (concurrency-detector, one pod,
+/// maxConcurrency 1) and a 1.5 s TTL, the second of two back-to-back requests would
+/// otherwise wait out its TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_request_frees_its_slot_before_the_next_refresh() {
+    let scheduler = infermesh_scheduler::load_config(
+        "apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+featureGates: [flowControl]
+plugins:
+- type: queue-scorer
+- type: concurrency-detector
+  parameters: {maxConcurrency: 1}
+flowControl:
+  defaultRequestTTL: 1500ms
+  saturationDetector: {pluginRef: concurrency-detector}
+",
+    )
+    .expect("valid config");
+    let refresh = Duration::from_secs(2);
+    let h = Harness::start_with(1, false, |c| {
+        c.scheduler = scheduler;
+        c.scrape.interval = refresh;
+        c.staleness = Duration::from_secs(30);
+    })
+    .await;
+    // Past the owner's first refresh (made at start, possibly before the first scrape).
+    tokio::time::sleep(refresh + Duration::from_millis(200)).await;
+    let body = serde_json::json!({"model": h.model, "prompt": "hello", "max_tokens": 1});
+    for i in 0..2 {
+        let r = post(
+            &h.client,
+            h.entry(),
+            "/v1/completions",
+            body.to_string(),
+            &[],
+        )
+        .await;
+        assert_eq!(r.status, 200, "request {i}: {:?}", r.body);
+    }
+    assert_eq!(outcome_total(&h, Outcome::Dispatched), 2);
+    assert_eq!(outcome_total(&h, Outcome::EvictedTtl), 0);
+    h.stop().await;
+}

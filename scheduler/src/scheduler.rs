@@ -278,6 +278,8 @@ fn build(spec: &PluginSpec, pre: &mut Vec<Arc<dyn PreRequest>>) -> Instance {
         | S::EdfOrderingPolicy
         | S::SloDeadlineOrderingPolicy
         | S::StaticUsageLimitPolicy(_)
+        | S::PriorityHoldbackPolicy(_)
+        | S::SoftReflectiveCeilingPolicy
         | S::SheddableEvictionFilter
         | S::PriorityThenTimeEvictionOrderPolicy => Instance::Other,
     }

@@ -5,7 +5,9 @@ use std::num::NonZeroU64;
 use std::time::Duration;
 
 use infermesh_scheduler::config::ConfigError;
-use infermesh_scheduler::flow::{FairnessPolicy, FlowConfig, OrderingPolicy, UsageLimitPolicy};
+use infermesh_scheduler::flow::{
+    FairnessPolicy, FlowConfig, HoldbackDomain, OrderingPolicy, UsageLimitPolicy,
+};
 use infermesh_scheduler::{ResolvedConfig, load_config};
 
 const HEAD: &str = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\n";
@@ -284,4 +286,90 @@ fn policy_plugins_load_without_the_gate_and_stay_out_of_profiles() {
     )
     .unwrap_err();
     assert!(matches!(e, ConfigError::WrongKind { .. }), "{e}");
+}
+
+#[test]
+fn holdback_and_soft_reflective_usage_limits_load_from_llm_d_config() {
+    // The example in llm-d's priority-holdback-policy README.
+    let cfg = load(
+        "featureGates: [flowControl]\nplugins:\n- type: queue-scorer\n- type: priority-holdback-policy\n  name: my-holdback-policy\n  parameters:\n    shape: linear\n    domain: rank\n    minCeiling: 0.4\n    maxCeiling: 0.9\nflowControl:\n  usageLimitPolicyPluginRef: my-holdback-policy\n",
+    )
+    .unwrap();
+    let fc = cfg.flow_control.as_ref().unwrap();
+    assert_eq!(
+        fc.usage_limit,
+        UsageLimitPolicy::PriorityHoldback {
+            domain: HoldbackDomain::Rank,
+            min_ceiling: 0.4,
+            max_ceiling: 0.9,
+        }
+    );
+    assert!(
+        cfg.to_string()
+            .contains("priority-holdback-policy domain rank")
+    );
+    // Defaults: linear, rank, maxCeiling 1.0.
+    let cfg = load(
+        "featureGates: [flowControl]\nplugins:\n- type: queue-scorer\n- type: priority-holdback-policy\n  parameters:\n    minCeiling: 0.3\n    domain: value\nflowControl:\n  usageLimitPolicyPluginRef: priority-holdback-policy\n",
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.flow_control.unwrap().usage_limit,
+        UsageLimitPolicy::PriorityHoldback {
+            domain: HoldbackDomain::Value,
+            min_ceiling: 0.3,
+            max_ceiling: 1.0,
+        }
+    );
+    let cfg = load(
+        "featureGates: [flowControl]\nplugins:\n- type: queue-scorer\n- type: soft-reflective-ceiling-policy\nflowControl:\n  usageLimitPolicyPluginRef: soft-reflective-ceiling-policy\n",
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.flow_control.unwrap().usage_limit,
+        UsageLimitPolicy::SoftReflective
+    );
+}
+
+#[test]
+fn bad_holdback_and_soft_reflective_params_name_the_field() {
+    let cases = [
+        ("type: priority-holdback-policy\n", "minCeiling"),
+        (
+            "type: priority-holdback-policy\n  parameters:\n    minCeiling: 1.0\n",
+            "minCeiling",
+        ),
+        (
+            "type: priority-holdback-policy\n  parameters:\n    minCeiling: 0.5\n    maxCeiling: 0\n",
+            "maxCeiling",
+        ),
+        (
+            "type: priority-holdback-policy\n  parameters:\n    minCeiling: 0.8\n    maxCeiling: 0.6\n",
+            "minCeiling",
+        ),
+        (
+            "type: priority-holdback-policy\n  parameters:\n    minCeiling: 0.5\n    shape: cubic\n",
+            "shape",
+        ),
+        (
+            "type: priority-holdback-policy\n  parameters:\n    minCeiling: 0.5\n    domain: order\n",
+            "domain",
+        ),
+        (
+            "type: priority-holdback-policy\n  parameters:\n    minCeiling: 0.5\n    floor: 0.1\n",
+            "floor",
+        ),
+        (
+            "type: soft-reflective-ceiling-policy\n  parameters:\n    period: 2\n",
+            "period",
+        ),
+    ];
+    for (plugin, field) in cases {
+        let e = load(&format!("plugins:\n- type: queue-scorer\n- {plugin}")).unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::InvalidParameter { field: f, .. } if f == field),
+            "{plugin}: {e}"
+        );
+        assert!(e.to_string().contains(field), "{e}");
+    }
 }

@@ -249,6 +249,10 @@ impl Ticket {
             .response_complete(&p.req, served, Instant::now());
         if let Some(s) = self.slot.take() {
             s.release(self.tokens);
+            // Flow control may give the freed room to a waiting request now.
+            if let Some(flow) = &self.dispatcher.flow {
+                flow.released();
+            }
         }
         let m = &self.dispatcher.metrics;
         m.count_request(&p.req.model, &p.objective, outcome);

@@ -100,6 +100,9 @@ enum Input {
         reply: Reply,
     },
     Cancel(u64),
+    /// A request this node dispatched finished: one request's worth of room is free now,
+    /// before the next refresh shows it.
+    Released,
 }
 
 /// The request side's handle to the owner task; cheap to clone.
@@ -114,6 +117,7 @@ impl std::fmt::Debug for Input {
         match self {
             Input::Enqueue { id, .. } => write!(f, "Enqueue({id})"),
             Input::Cancel(id) => write!(f, "Cancel({id})"),
+            Input::Released => f.write_str("Released"),
         }
     }
 }
@@ -152,6 +156,12 @@ impl FlowGate {
         answer.unwrap_or(Err(DropReason::ShuttingDown))
     }
 
+    /// Tells the owner that a request this node scheduled has finished, so its room can be
+    /// given to a waiting request at once instead of at the next refresh.
+    pub fn released(&self) {
+        let _ = self.tx.send(Input::Released);
+    }
+
     /// Starts the owner task (on the current tokio runtime) until `shutdown`.
     pub fn spawn(
         cfg: FlowConfig,
@@ -188,7 +198,9 @@ impl FlowGate {
 }
 
 /// The saturation the controller is given between two refreshes: the measured value,
-/// raised after each of this node's dispatches by `step × live nodes`.
+/// raised after each of this node's dispatches by `step × live nodes` and lowered by
+/// `step` for each of this node's requests that finished since (its room is really free:
+/// reusing it one for one cannot push the fleet past the bound).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct SaturationEstimate {
     /// Saturation measured at the last refresh.
@@ -199,6 +211,8 @@ pub struct SaturationEstimate {
     pub nodes: usize,
     /// This node's dispatches since the last refresh.
     pub dispatched: u32,
+    /// This node's requests that finished since the last refresh.
+    pub released: u32,
     /// Whether the pool had endpoints at the last refresh.
     pub has_endpoints: bool,
 }
@@ -211,6 +225,7 @@ impl SaturationEstimate {
             step,
             nodes: nodes.max(1),
             dispatched: 0,
+            released: 0,
             has_endpoints,
         }
     }
@@ -221,7 +236,8 @@ impl SaturationEstimate {
             return PoolStatus::empty();
         }
         let raised = self.step * f64::from(self.dispatched) * self.nodes as f64;
-        PoolStatus::serving(self.measured + raised)
+        let freed = self.step * f64::from(self.released);
+        PoolStatus::serving((self.measured + raised - freed).max(0.0))
     }
 }
 
@@ -327,6 +343,9 @@ impl Owner {
                     }
                 }
             }
+            Input::Released => {
+                self.estimate.released = self.estimate.released.saturating_add(1);
+            }
             Input::Cancel(id) => {
                 if let Some((ticket, _)) = self.waiting.get(&id)
                     && let Some(d) = self.fc.handle_cancel(*ticket, now)
@@ -419,6 +438,22 @@ mod tests {
         assert_eq!(burst(1.0, 0.1, 1), 0, "saturated: nothing");
         // Zero nodes reads as one.
         assert_eq!(burst(0.5, 0.1, 0), 5);
+    }
+
+    #[test]
+    fn a_finished_request_frees_one_step_until_the_next_refresh() {
+        let mut est = SaturationEstimate::refresh(0.5, 0.1, 3, true);
+        est.dispatched = 1;
+        // One dispatch counts for every node (0.3); one release frees one request (0.1).
+        assert!((est.status().saturation - 0.8).abs() < 1e-12);
+        est.released = 2;
+        assert!((est.status().saturation - 0.6).abs() < 1e-12);
+        // Never below zero.
+        est.released = 100;
+        assert_eq!(est.status().saturation, 0.0);
+        // A refresh measures the freed room itself and starts again.
+        let est = SaturationEstimate::refresh(0.4, 0.1, 3, true);
+        assert_eq!((est.dispatched, est.released), (0, 0));
     }
 
     #[test]

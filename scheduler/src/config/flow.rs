@@ -358,6 +358,12 @@ pub(super) fn resolve(
         PluginSpec::StaticUsageLimitPolicy(p) => UsageLimitPolicy::Static {
             threshold: p.threshold,
         },
+        PluginSpec::PriorityHoldbackPolicy(p) => UsageLimitPolicy::PriorityHoldback {
+            domain: p.domain,
+            min_ceiling: p.min_ceiling.unwrap_or_default(),
+            max_ceiling: p.max_ceiling,
+        },
+        PluginSpec::SoftReflectiveCeilingPolicy => UsageLimitPolicy::SoftReflective,
         _ => UsageLimitPolicy::default(),
     };
     // Band 0 always exists: it takes requests without an objective.

@@ -1284,6 +1284,22 @@ fn write_flow_control(f: &mut fmt::Formatter<'_>, fc: &FlowConfig) -> fmt::Resul
             f,
             "  usageLimit static-usage-limit-policy threshold {threshold}"
         )?,
+        crate::flow::UsageLimitPolicy::PriorityHoldback {
+            domain,
+            min_ceiling,
+            max_ceiling,
+        } => writeln!(
+            f,
+            "  usageLimit priority-holdback-policy domain {} ceilings {max_ceiling} (highest) to {min_ceiling} (lowest)",
+            match domain {
+                crate::flow::HoldbackDomain::Rank => "rank",
+                crate::flow::HoldbackDomain::Value => "value",
+            }
+        )?,
+        crate::flow::UsageLimitPolicy::SoftReflective => writeln!(
+            f,
+            "  usageLimit soft-reflective-ceiling-policy (band i of N: 1 - i*saturation/(N-1))"
+        )?,
     }
     writeln!(
         f,

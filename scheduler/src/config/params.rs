@@ -1013,6 +1013,66 @@ impl StaticUsageLimitParams {
     }
 }
 
+/// `priority-holdback-policy`'s interpolation curve (llm-d supports only `linear`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HoldbackShape {
+    /// Ceilings evenly spaced between `minCeiling` and `maxCeiling`.
+    #[default]
+    Linear,
+}
+
+/// `priority-holdback-policy`: per-band ceilings from `maxCeiling` (highest priority) down
+/// to `minCeiling` (lowest).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct PriorityHoldbackParams {
+    /// Interpolation curve (`linear`).
+    pub shape: HoldbackShape,
+    /// `rank` (equal steps by rank) or `value` (proportional to the priority value).
+    pub domain: crate::flow::HoldbackDomain,
+    /// The lowest band's ceiling in `[0, 1)`; required, as in llm-d.
+    pub min_ceiling: Option<f64>,
+    /// The highest band's ceiling in `(0, 1]`.
+    pub max_ceiling: f64,
+}
+
+impl Default for PriorityHoldbackParams {
+    fn default() -> Self {
+        PriorityHoldbackParams {
+            shape: HoldbackShape::Linear,
+            domain: crate::flow::HoldbackDomain::Rank,
+            min_ceiling: None,
+            max_ceiling: 1.0,
+        }
+    }
+}
+
+impl PriorityHoldbackParams {
+    /// Both ceilings present, in range and in order.
+    pub fn validate(&self) -> Result<(), ParamProblem> {
+        let Some(min) = self.min_ceiling else {
+            return Err(problem(
+                "minCeiling",
+                "is required (the lowest priority's ceiling, in [0.0, 1.0))",
+            ));
+        };
+        if !(0.0..1.0).contains(&min) {
+            return Err(problem("minCeiling", "must be in [0.0, 1.0)"));
+        }
+        if !(self.max_ceiling > 0.0 && self.max_ceiling <= 1.0) {
+            return Err(problem("maxCeiling", "must be in (0.0, 1.0]"));
+        }
+        if min > self.max_ceiling {
+            return Err(problem(
+                "minCeiling",
+                "must not be above maxCeiling (the lowest priority would get the most room)",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Go `time.Duration` strings (`300ms`, `1.5s`, `2m30s`) in YAML.
 pub mod go_duration {
     use std::time::Duration;

@@ -143,6 +143,10 @@ pub enum PluginSpec {
     SloDeadlineOrderingPolicy,
     /// `static-usage-limit-policy`
     StaticUsageLimitPolicy(StaticUsageLimitParams),
+    /// `priority-holdback-policy`
+    PriorityHoldbackPolicy(PriorityHoldbackParams),
+    /// `soft-reflective-ceiling-policy`
+    SoftReflectiveCeilingPolicy,
     /// `sheddable-eviction-filter`
     SheddableEvictionFilter,
     /// `priority-then-time-eviction-order-policy`
@@ -191,6 +195,8 @@ impl PluginSpec {
             PluginSpec::EdfOrderingPolicy => "edf-ordering-policy",
             PluginSpec::SloDeadlineOrderingPolicy => "slo-deadline-ordering-policy",
             PluginSpec::StaticUsageLimitPolicy(_) => "static-usage-limit-policy",
+            PluginSpec::PriorityHoldbackPolicy(_) => "priority-holdback-policy",
+            PluginSpec::SoftReflectiveCeilingPolicy => "soft-reflective-ceiling-policy",
             PluginSpec::SheddableEvictionFilter => "sheddable-eviction-filter",
             PluginSpec::PriorityThenTimeEvictionOrderPolicy => {
                 "priority-then-time-eviction-order-policy"
@@ -234,7 +240,9 @@ impl PluginSpec {
             FcfsOrderingPolicy | EdfOrderingPolicy | SloDeadlineOrderingPolicy => {
                 PluginKind::OrderingPolicy
             }
-            StaticUsageLimitPolicy(_) => PluginKind::UsageLimitPolicy,
+            StaticUsageLimitPolicy(_) | PriorityHoldbackPolicy(_) | SoftReflectiveCeilingPolicy => {
+                PluginKind::UsageLimitPolicy
+            }
             SheddableEvictionFilter => PluginKind::EvictionFilter,
             PriorityThenTimeEvictionOrderPolicy => PluginKind::EvictionOrdering,
         }
@@ -272,6 +280,7 @@ impl PluginSpec {
             UtilizationDetector(p) => j(p),
             ConcurrencyDetector(p) => j(p),
             StaticUsageLimitPolicy(p) => j(p),
+            PriorityHoldbackPolicy(p) => j(p),
             PrefixCacheScorer(None)
             | DecodeFilter
             | PrefillFilter
@@ -286,6 +295,7 @@ impl PluginSpec {
             | AlwaysDisaggMultimodalDecider
             | InflightLoadProducer
             | OpenAiParser
+            | SoftReflectiveCeilingPolicy
             | GlobalStrictFairnessPolicy
             | RoundRobinFairnessPolicy
             | FcfsOrderingPolicy
@@ -466,6 +476,8 @@ pub const KNOWN_TYPES: &[&str] = &[
     "edf-ordering-policy",
     "slo-deadline-ordering-policy",
     "static-usage-limit-policy",
+    "priority-holdback-policy",
+    "soft-reflective-ceiling-policy",
     "sheddable-eviction-filter",
     "priority-then-time-eviction-order-policy",
 ];
@@ -599,6 +611,12 @@ pub fn parse_spec_with_warnings(
             check(p.validate())?;
             S::StaticUsageLimitPolicy(p)
         }
+        "priority-holdback-policy" => {
+            let p: PriorityHoldbackParams = parse(params)?;
+            check(p.validate())?;
+            S::PriorityHoldbackPolicy(p)
+        }
+        "soft-reflective-ceiling-policy" => none(params).map(|_| S::SoftReflectiveCeilingPolicy)?,
         "sheddable-eviction-filter" => none(params).map(|_| S::SheddableEvictionFilter)?,
         "priority-then-time-eviction-order-policy" => {
             none(params).map(|_| S::PriorityThenTimeEvictionOrderPolicy)?

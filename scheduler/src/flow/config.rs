@@ -61,7 +61,19 @@ impl OrderingPolicy {
     }
 }
 
-/// When a band may dispatch, given the pool's saturation.
+/// How `priority-holdback-policy` places each band on its ceiling range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HoldbackDomain {
+    /// Equal steps by rank among the known priorities (numeric values ignored).
+    #[default]
+    Rank,
+    /// Proportional to the priority value within the known range.
+    Value,
+}
+
+/// When a band may dispatch, given the pool's saturation. Ceilings never rise as priority
+/// falls, so the dispatch loop stops at the first gated band (as llm-d's does).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum UsageLimitPolicy {
     /// `static-usage-limit-policy`: every band dispatches while saturation < `threshold`.
@@ -69,6 +81,21 @@ pub enum UsageLimitPolicy {
         /// The ceiling (default 1.0).
         threshold: f64,
     },
+    /// `priority-holdback-policy`: the highest band's ceiling is `max_ceiling`, the
+    /// lowest's `min_ceiling`, the others linearly between (by rank or by value), so
+    /// headroom above each lower band's ceiling stays free for higher bands.
+    PriorityHoldback {
+        /// How bands map onto `[min_ceiling, max_ceiling]`.
+        domain: HoldbackDomain,
+        /// The lowest band's ceiling, in `[0, 1)`.
+        min_ceiling: f64,
+        /// The highest band's ceiling, in `(0, 1]` (default 1.0).
+        max_ceiling: f64,
+    },
+    /// `soft-reflective-ceiling-policy`: band `i` of `N` has ceiling `1 - i·sat/(N-1)`;
+    /// past it (and below saturation 1) the band is open on one call in
+    /// `round(sat/(1-sat))`, so its dispatch rate falls continuously as saturation rises.
+    SoftReflective,
 }
 
 impl Default for UsageLimitPolicy {
@@ -84,19 +111,70 @@ impl UsageLimitPolicy {
     pub fn type_name(&self) -> &'static str {
         match self {
             UsageLimitPolicy::Static { .. } => "static-usage-limit-policy",
+            UsageLimitPolicy::PriorityHoldback { .. } => "priority-holdback-policy",
+            UsageLimitPolicy::SoftReflective => "soft-reflective-ceiling-policy",
         }
     }
 
-    /// The saturation ceiling for a band of `priority`.
-    pub fn ceiling(&self, _priority: i32) -> f64 {
+    /// The saturation ceiling of the band at `rank` (0 = highest) among `priorities`, every
+    /// band the controller knows in descending order, at pool `saturation`.
+    pub fn ceiling(&self, rank: usize, priorities: &[i32], saturation: f64) -> f64 {
+        let n = priorities.len();
+        let steps = n.saturating_sub(1);
+        match *self {
+            UsageLimitPolicy::Static { threshold } => threshold,
+            UsageLimitPolicy::PriorityHoldback {
+                domain,
+                min_ceiling,
+                max_ceiling,
+            } => {
+                let span = max_ceiling - min_ceiling;
+                let position = match domain {
+                    // 1.0 for the highest band, 0.0 for the lowest.
+                    HoldbackDomain::Rank if steps == 0 => 1.0,
+                    HoldbackDomain::Rank => 1.0 - rank.min(steps) as f64 / steps as f64,
+                    HoldbackDomain::Value => {
+                        let (hi, lo) = (priorities[0], priorities[n - 1]);
+                        let p = priorities.get(rank).copied().unwrap_or(lo);
+                        if hi == lo {
+                            1.0
+                        } else {
+                            (f64::from(p) - f64::from(lo)) / (f64::from(hi) - f64::from(lo))
+                        }
+                    }
+                };
+                min_ceiling + position * span
+            }
+            UsageLimitPolicy::SoftReflective if steps == 0 => 1.0,
+            UsageLimitPolicy::SoftReflective => {
+                1.0 - rank.min(steps) as f64 * saturation / steps as f64
+            }
+        }
+    }
+
+    /// Whether the band at `rank` among `priorities` (as for [`ceiling`](Self::ceiling))
+    /// may dispatch at `saturation`. `tick` counts the policy's calls; the soft-reflective
+    /// policy alternates on it. NaN saturation fails closed.
+    pub fn allows(&self, rank: usize, priorities: &[i32], saturation: f64, tick: u64) -> bool {
+        if saturation.is_nan() {
+            return false;
+        }
+        if saturation < self.ceiling(rank, priorities, saturation) {
+            return true;
+        }
         match self {
-            UsageLimitPolicy::Static { threshold } => *threshold,
+            UsageLimitPolicy::SoftReflective if saturation < 1.0 => {
+                // Rounded half away from zero, as Go's math.Round.
+                let period = (saturation / (1.0 - saturation)).round().max(1.0);
+                let period = if period >= u64::MAX as f64 {
+                    u64::MAX
+                } else {
+                    period as u64
+                };
+                tick % period == 0
+            }
+            _ => false,
         }
-    }
-
-    /// Whether a band of `priority` may dispatch at `saturation` (NaN fails closed).
-    pub fn allows(&self, priority: i32, saturation: f64) -> bool {
-        saturation < self.ceiling(priority)
     }
 }
 
@@ -175,6 +253,16 @@ pub enum InvalidFlowConfig {
         /// The value given.
         threshold: f64,
     },
+    /// The holdback ceilings are out of range or inverted.
+    #[error(
+        "priority-holdback-policy needs 0 <= minCeiling < 1, 0 < maxCeiling <= 1 and minCeiling <= maxCeiling, got minCeiling {min_ceiling} and maxCeiling {max_ceiling}"
+    )]
+    HoldbackCeilings {
+        /// The lowest band's ceiling given.
+        min_ceiling: f64,
+        /// The highest band's ceiling given.
+        max_ceiling: f64,
+    },
 }
 
 impl FlowConfig {
@@ -198,6 +286,23 @@ impl FlowConfig {
                     return Err(InvalidFlowConfig::Threshold { threshold });
                 }
             }
+            UsageLimitPolicy::PriorityHoldback {
+                min_ceiling,
+                max_ceiling,
+                ..
+            } => {
+                let ok = (0.0..1.0).contains(&min_ceiling)
+                    && max_ceiling > 0.0
+                    && max_ceiling <= 1.0
+                    && min_ceiling <= max_ceiling;
+                if !ok {
+                    return Err(InvalidFlowConfig::HoldbackCeilings {
+                        min_ceiling,
+                        max_ceiling,
+                    });
+                }
+            }
+            UsageLimitPolicy::SoftReflective => {}
         }
         Ok(())
     }

@@ -82,6 +82,8 @@ pub struct BandStats {
     pub max_requests: u64,
     /// The band's byte cap.
     pub max_bytes: u64,
+    /// The usage limit's saturation ceiling for the band at the last pool status.
+    pub ceiling: f64,
 }
 
 impl BandStats {
@@ -114,6 +116,10 @@ pub struct FlowController {
     next_seq: u64,
     items: HashMap<u64, Item>,
     bands: BTreeMap<i32, Band>,
+    /// Every band's priority, highest first (the usage limit ranks bands among these).
+    priorities: Vec<i32>,
+    /// Calls to the usage limit (the soft-reflective policy alternates on it).
+    usage_tick: u64,
     /// Priorities of bands with queued requests.
     nonempty: BTreeSet<i32>,
     /// (enqueued ns, seq): the oldest request expires first under the shared TTL.
@@ -154,17 +160,20 @@ impl FlowController {
         cfg.validate()?;
         let zero = cfg.band_config(0).clone();
         cfg.priority_bands.entry(0).or_insert(zero);
-        let bands = cfg
+        let bands: BTreeMap<i32, Band> = cfg
             .priority_bands
             .iter()
             .map(|(p, b)| (*p, Band::new(b.clone())))
             .collect();
+        let priorities = bands.keys().rev().copied().collect();
         Ok(FlowController {
             cfg,
             epoch: now,
             next_seq: 0,
             items: HashMap::new(),
             bands,
+            priorities,
+            usage_tick: 0,
             nonempty: BTreeSet::new(),
             by_enqueue: BTreeSet::new(),
             by_deadline: BTreeSet::new(),
@@ -223,6 +232,7 @@ impl FlowController {
         if !self.bands.contains_key(&req.priority) {
             let cfg = self.cfg.band_config(req.priority).clone();
             self.bands.insert(req.priority, Band::new(cfg));
+            self.priorities = self.bands.keys().rev().copied().collect();
         }
         if !self.bands[&req.priority].fits(req.bytes) {
             return Err(full(self));
@@ -395,19 +405,25 @@ impl FlowController {
         None
     }
 
-    /// One dispatch at `now` if the pool has endpoints and a band may dispatch (strict
-    /// priority between bands, the band's fairness policy across flows).
+    /// One dispatch at `now` if the pool has endpoints and the highest band with queued
+    /// requests may dispatch under the usage limit (strict priority between bands: a gated
+    /// band stops the loop, as every lower band's ceiling is no higher; the band's
+    /// fairness policy across flows).
     pub fn poll_dispatch(&mut self, now: Instant) -> Option<Decision> {
         if !self.pool.has_endpoints {
             return None;
         }
-        let saturation = self.pool.saturation;
-        let usage = self.cfg.usage_limit;
-        let priority = *self
-            .nonempty
-            .iter()
-            .rev()
-            .find(|p| usage.allows(**p, saturation))?;
+        let priority = *self.nonempty.last()?;
+        let rank = self.priorities.partition_point(|q| *q > priority);
+        let tick = self.usage_tick;
+        self.usage_tick = tick.wrapping_add(1);
+        if !self
+            .cfg
+            .usage_limit
+            .allows(rank, &self.priorities, self.pool.saturation, tick)
+        {
+            return None;
+        }
         let key = self.bands.get_mut(&priority)?.pick()?;
         Some(self.finish(key.1, Outcome::Dispatched, None, now))
     }
@@ -553,6 +569,11 @@ impl FlowController {
     /// Per-band occupancy, lowest priority first.
     pub fn bands(&self) -> impl Iterator<Item = BandStats> + '_ {
         self.bands.iter().map(|(p, b)| BandStats {
+            ceiling: self.cfg.usage_limit.ceiling(
+                self.priorities.partition_point(|q| q > p),
+                &self.priorities,
+                self.pool.saturation,
+            ),
             priority: *p,
             len: b.len,
             bytes: b.bytes,

@@ -16,8 +16,10 @@
 //! default; globally: unlimited unless set). A request waits at most its TTL
 //! (`defaultRequestTTL` 60 s while the pool has endpoints, `noEndpointRequestTTL` 60 s while
 //! it has none; a regime change starts a fresh budget) or its own deadline. Dispatch happens
-//! only while the pool has endpoints and its saturation is below the usage-limit threshold
-//! (`static-usage-limit-policy`, 1.0).
+//! only while the pool has endpoints and its saturation is below the band's usage-limit
+//! ceiling: one threshold for every band (`static-usage-limit-policy`, 1.0), or per-band
+//! ceilings that keep headroom free for higher bands (`priority-holdback-policy`,
+//! `soft-reflective-ceiling-policy`).
 //!
 //! Every operation costs O(log n) in the queued requests (plus O(bands) to find the
 //! highest band, and bands are few); nothing reads a clock, sleeps, spawns or locks.
@@ -70,7 +72,8 @@ mod controller;
 pub mod outcome;
 
 pub use config::{
-    BandConfig, FairnessPolicy, FlowConfig, InvalidFlowConfig, OrderingPolicy, UsageLimitPolicy,
+    BandConfig, FairnessPolicy, FlowConfig, HoldbackDomain, InvalidFlowConfig, OrderingPolicy,
+    UsageLimitPolicy,
 };
 pub use controller::{BandStats, FlowController, FlowRequest, PoolStatus};
 pub use outcome::{DROPPED_REASON_HEADER, Decision, DropReason, Outcome, Rejection, Ticket};

@@ -605,3 +605,130 @@ proptest! {
         prop_assert!(left.iter().all(|n| *n == 0));
     }
 }
+
+const BANDS: [i32; 3] = [10, 0, -1];
+
+fn holdback(domain: HoldbackDomain, min_ceiling: f64) -> FlowConfig {
+    let mut cfg = FlowConfig {
+        usage_limit: UsageLimitPolicy::PriorityHoldback {
+            domain,
+            min_ceiling,
+            max_ceiling: 1.0,
+        },
+        ..FlowConfig::default()
+    };
+    for p in BANDS {
+        cfg.priority_bands.insert(p, BandConfig::default());
+    }
+    cfg
+}
+
+#[test]
+fn holdback_ceilings_by_rank_and_by_value() {
+    let rank = holdback(HoldbackDomain::Rank, 0.4).usage_limit;
+    let got: Vec<f64> = (0..3).map(|i| rank.ceiling(i, &BANDS, 0.0)).collect();
+    assert!(
+        got.iter()
+            .zip([1.0, 0.7, 0.4])
+            .all(|(g, w)| (g - w).abs() < 1e-12),
+        "{got:?}"
+    );
+    // Value: priority 0 sits 1/11 of the way from -1 to 10, so it is held back almost as
+    // early as -1.
+    let value = holdback(HoldbackDomain::Value, 0.4).usage_limit;
+    let c0 = value.ceiling(1, &BANDS, 0.0);
+    assert!((c0 - (0.4 + 0.6 / 11.0)).abs() < 1e-12, "{c0}");
+    assert_eq!(value.ceiling(2, &BANDS, 0.0), 0.4);
+    // One band: the highest ceiling.
+    assert_eq!(rank.ceiling(0, &[0], 0.9), 1.0);
+    assert_eq!(value.ceiling(0, &[0], 0.9), 1.0);
+}
+
+#[test]
+fn holdback_keeps_headroom_for_higher_bands() {
+    let (mut fc, t0) = ctl(holdback(HoldbackDomain::Rank, 0.5));
+    let shed = enq(&mut fc, -1, "s", 1, t0);
+    let std0 = enq(&mut fc, 0, "a", 1, t0);
+    // Saturation 0.6: above sheddable's 0.5, below standard's 0.75.
+    fc.handle_pool(PoolStatus::serving(0.6), t0);
+    assert_eq!(dispatched(&drain(&mut fc, t0)), vec![std0]);
+    assert!(fc.contains(shed), "sheddable held back at 0.6");
+    // At 0.8 standard is held back too, but critical still goes.
+    let std1 = enq(&mut fc, 0, "a", 1, t0);
+    let crit = enq(&mut fc, 10, "c", 1, t0);
+    fc.handle_pool(PoolStatus::serving(0.8), t0);
+    assert_eq!(dispatched(&drain(&mut fc, t0)), vec![crit]);
+    // Below every ceiling both go, highest first.
+    fc.handle_pool(PoolStatus::serving(0.4), t0);
+    assert_eq!(dispatched(&drain(&mut fc, t0)), vec![std1, shed]);
+    let ceilings: Vec<(i32, f64)> = fc.bands().map(|b| (b.priority, b.ceiling)).collect();
+    assert_eq!(ceilings, vec![(-1, 0.5), (0, 0.75), (10, 1.0)]);
+}
+
+#[test]
+fn a_gated_band_stops_lower_bands() {
+    // Static 0.8: a queued band-0 request gated at 0.9 keeps a sheddable one waiting too.
+    let cfg = FlowConfig {
+        usage_limit: UsageLimitPolicy::Static { threshold: 0.8 },
+        ..FlowConfig::default()
+    };
+    let (mut fc, t0) = ctl(cfg);
+    enq(&mut fc, 0, "a", 1, t0);
+    enq(&mut fc, -1, "s", 1, t0);
+    fc.handle_pool(PoolStatus::serving(0.9), t0);
+    assert!(drain(&mut fc, t0).is_empty());
+}
+
+#[test]
+fn soft_reflective_alternates_past_the_ceiling() {
+    let policy = UsageLimitPolicy::SoftReflective;
+    // N = 3 at saturation 0.6: ceilings 1.0, 0.7, 0.4.
+    let c: Vec<f64> = (0..3).map(|i| policy.ceiling(i, &BANDS, 0.6)).collect();
+    assert!(
+        (c[1] - 0.7).abs() < 1e-12 && (c[2] - 0.4).abs() < 1e-12,
+        "{c:?}"
+    );
+    assert!((0..4).all(|t| policy.allows(0, &BANDS, 0.6, t)));
+    assert!((0..4).all(|t| policy.allows(1, &BANDS, 0.6, t)));
+    // Past its ceiling (0.3 at saturation 0.7): period round(0.7/0.3) = 2, open on every
+    // other call.
+    let open: Vec<bool> = (0..4).map(|t| policy.allows(2, &BANDS, 0.7, t)).collect();
+    assert_eq!(open, vec![true, false, true, false]);
+    // Saturation 0.9: period 9.
+    let opens = (0..90)
+        .filter(|t| policy.allows(2, &BANDS, 0.9, *t))
+        .count();
+    assert_eq!(opens, 10);
+    // At saturation 1 every band halts, band 0 included; NaN fails closed.
+    assert!((0..3).all(|i| !policy.allows(i, &BANDS, 1.0, 0)));
+    assert!(!policy.allows(0, &BANDS, f64::NAN, 0));
+    // One band: always open below 1.
+    assert!(policy.allows(0, &[0], 0.99, 1));
+
+    // Driven through the controller: the sheddable band drains at every other dispatch
+    // call while saturation stays at 0.7.
+    let mut cfg = holdback(HoldbackDomain::Rank, 0.5);
+    cfg.usage_limit = policy;
+    let (mut fc, t0) = ctl(cfg);
+    for _ in 0..4 {
+        enq(&mut fc, -1, "s", 1, t0);
+    }
+    fc.handle_pool(PoolStatus::serving(0.7), t0);
+    let per_call: Vec<bool> = (0..4).map(|_| fc.poll_dispatch(t0).is_some()).collect();
+    assert_eq!(per_call, vec![true, false, true, false]);
+}
+
+#[test]
+fn bad_holdback_ceilings_are_refused() {
+    for (min, max) in [(1.0, 1.0), (-0.1, 1.0), (0.5, 0.0), (0.5, 1.1), (0.8, 0.6)] {
+        let mut cfg = holdback(HoldbackDomain::Rank, min);
+        if let UsageLimitPolicy::PriorityHoldback { max_ceiling, .. } = &mut cfg.usage_limit {
+            *max_ceiling = max;
+        }
+        let err = FlowController::new(cfg, Instant::now()).unwrap_err();
+        assert!(
+            matches!(err, InvalidFlowConfig::HoldbackCeilings { .. }),
+            "{min} {max}: {err}"
+        );
+    }
+}
