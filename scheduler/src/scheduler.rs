@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use rand::RngCore;
 
+use crate::config::params::InflightLoadParams;
 use crate::config::{ConfigError, PluginSpec, ResolvedConfig};
 use crate::model::{Endpoint, InferenceRequest};
 use crate::plugins::filters::{ByLabelFilter, LabelSelectorFilter, PrefixAffinityFilter};
@@ -213,6 +214,7 @@ pub struct Scheduler {
     pre_request_hooks: Vec<Arc<dyn PreRequest>>,
     response_hooks: Vec<Arc<dyn ResponseComplete>>,
     saturation: SaturationDetector,
+    inflight_load: InflightLoadParams,
     session_affinity: bool,
     decision_counter: Option<DecisionCounter>,
 }
@@ -239,7 +241,7 @@ fn build(spec: &PluginSpec, pre: &mut Vec<Arc<dyn PreRequest>>) -> Instance {
         S::ConcurrencyDetector(p) => {
             Instance::Filter(Arc::new(ConcurrencyDetector::new(p.clone())))
         }
-        S::PrefixCacheScorer(_) => Instance::Scorer(Arc::new(PrefixCacheScorer)),
+        S::PrefixCacheScorer(p) => Instance::Scorer(Arc::new(PrefixCacheScorer::new(p))),
         S::KvCacheUtilizationScorer => Instance::Scorer(Arc::new(KvCacheUtilizationScorer)),
         S::QueueScorer => Instance::Scorer(Arc::new(QueueScorer)),
         S::RunningRequestsSizeScorer => Instance::Scorer(Arc::new(RunningRequestsScorer)),
@@ -268,7 +270,7 @@ fn build(spec: &PluginSpec, pre: &mut Vec<Arc<dyn PreRequest>>) -> Instance {
         | S::DisaggProfileHandler(_)
         | S::PdProfileHandler(_)
         | S::ApproxPrefixCacheProducer(_)
-        | S::InflightLoadProducer
+        | S::InflightLoadProducer(_)
         | S::MetricsDataSource(_)
         | S::CoreMetricsExtractor(_)
         | S::OpenAiParser
@@ -422,9 +424,27 @@ impl Scheduler {
                 }
                 _ => SaturationDetector::Utilization(UtilizationDetector::new(cfg.utilization())),
             },
+            inflight_load: cfg
+                .plugins
+                .iter()
+                .find_map(|p| match &p.spec {
+                    PluginSpec::InflightLoadProducer(x) => Some(x.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default(),
             session_affinity,
             decision_counter,
         })
+    }
+
+    /// In-flight tokens `request` adds to the endpoint it is dispatched to, until it
+    /// completes: its prompt tokens (4 bytes a token), plus the output estimate when
+    /// `inflight-load-producer.addEstimatedOutputTokens` is on. The caller's load board
+    /// counts this; the token-load scorer and the concurrency detector read the sum.
+    pub fn in_flight_tokens(&self, request: &InferenceRequest) -> u64 {
+        let prompt = (request.prompt_bytes.len() / 4) as u64;
+        self.inflight_load
+            .request_tokens(prompt, request.max_tokens)
     }
 
     /// Where this scheduler's disaggregation decisions are counted (`None`: the profile

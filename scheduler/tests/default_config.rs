@@ -51,7 +51,10 @@ fn default_config_prefers_idle_then_prefix_holder() {
     assert_eq!(r.destinations(), &[eps[1].address]);
     assert_eq!(r.header_value(), "10.0.0.1:8001");
     let pm = r.prefix_match.clone().unwrap();
-    assert_eq!(pm.total_blocks(), 1200usize.div_ceil(64));
+    // autoTune without cache info falls back to blockSizeTokens 16, raised to the
+    // 64-token floor (llm-d PR #1160): blocks of 64 × 4 bytes.
+    assert_eq!(pm.block_size_tokens, 64);
+    assert_eq!(pm.total_blocks(), 1200usize.div_ceil(64 * 4));
     assert_eq!(pm.matched_blocks, 0);
     s.pre_request(&req, &r, now);
 

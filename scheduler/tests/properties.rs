@@ -83,7 +83,7 @@ fn build(eps: &[Ep], now: Instant) -> Vec<Endpoint> {
 
 fn scorers() -> Vec<Arc<dyn Scorer>> {
     vec![
-        Arc::new(PrefixCacheScorer),
+        Arc::new(PrefixCacheScorer::default()),
         Arc::new(KvCacheUtilizationScorer),
         Arc::new(QueueScorer),
         Arc::new(RunningRequestsScorer),

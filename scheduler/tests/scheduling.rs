@@ -258,11 +258,32 @@ fn autotune_takes_block_size_and_capacity_from_cache_info() {
     let r = req(1000);
     let res = s.schedule(&r, &eps, now, &mut rng(1)).unwrap();
     let pm = res.prefix_match.clone().unwrap();
-    assert_eq!(pm.block_size_tokens, 32);
-    assert_eq!(pm.total_blocks(), 1000usize.div_ceil(128));
+    // A 32-token cache block is indexed at the 64-token floor (llm-d PR #1160).
+    assert_eq!(pm.block_size_tokens, 64);
+    assert_eq!(pm.total_blocks(), 1000usize.div_ceil(64 * 4));
     assert_eq!(res.cache_targets, vec![(eps[0].address, 3)]);
     s.pre_request(&r, &res, now);
     assert_eq!(s.prefix_index().unwrap().endpoint_len(eps[0].address), 3);
+    // A cache block above the floor is taken as reported.
+    eps[0].metrics.as_mut().unwrap().cache_block_size = Some(128);
+    let res = s.schedule(&r, &eps, now, &mut rng(1)).unwrap();
+    let pm = res.prefix_match.unwrap();
+    assert_eq!(pm.block_size_tokens, 128);
+    assert_eq!(pm.total_blocks(), 1000usize.div_ceil(128 * 4));
+}
+
+#[test]
+fn explicit_block_size_without_autotune_is_not_raised_to_the_floor() {
+    let s = sched(
+        "plugins:\n- type: approx-prefix-cache-producer\n  parameters: {autoTune: false, blockSizeTokens: 16}\n- type: prefix-cache-scorer\n- type: queue-scorer\nschedulingProfiles:\n- name: x\n  plugins: [{pluginRef: prefix-cache-scorer}, {pluginRef: queue-scorer}]\n",
+    );
+    let now = Instant::now();
+    let mut eps = vec![ep(0, &[], 0, 0.1, now)];
+    eps[0].metrics.as_mut().unwrap().cache_block_size = Some(32);
+    let res = s.schedule(&req(1000), &eps, now, &mut rng(1)).unwrap();
+    let pm = res.prefix_match.unwrap();
+    assert_eq!(pm.block_size_tokens, 16);
+    assert_eq!(pm.total_blocks(), 1000usize.div_ceil(16 * 4));
 }
 
 #[test]
@@ -289,8 +310,10 @@ fn remote_prefix_matches_drive_the_pick() {
     let s = Scheduler::new(&ResolvedConfig::builtin_default()).unwrap();
     let now = Instant::now();
     let eps: Vec<Endpoint> = (0..3).map(|i| ep(i, &[], 0, 0.1, now)).collect();
-    let r = req(640);
+    // autoTune without cache info: blockSizeTokens 16 raised to the 64-token floor.
+    let r = req(2560);
     let chain = s.prefix_chain(&r, &eps).unwrap();
+    assert_eq!(chain.block_size_tokens, 64);
     assert_eq!(chain.hashes.len(), 10);
     assert_eq!(chain.anchor(), Some(chain.hashes[0]));
     // The owner says endpoint 2 holds 8 blocks (and claims an impossible 99 for 1: clamped).

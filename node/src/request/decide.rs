@@ -127,7 +127,9 @@ impl Ticket {
     ) -> Ticket {
         // The candidate snapshot is not needed past the pick; a retry takes a fresh one.
         prepared.candidates = Vec::new();
-        let tokens = (prepared.req.prompt_bytes.len() / 4) as u64;
+        // The prompt, plus the output estimate under inflight-load-producer's
+        // addEstimatedOutputTokens: what the token-load scorer and detector read.
+        let tokens = prepared.policy.scheduler.in_flight_tokens(&prepared.req);
         let mut t = Ticket {
             dispatcher,
             prepared,

@@ -94,6 +94,10 @@ mod tests {
     }
 
     fn dispatcher(waiting: u32, kv: f64) -> Dispatcher {
+        dispatcher_with(&ResolvedConfig::builtin_default(), waiting, kv)
+    }
+
+    fn dispatcher_with(cfg: &ResolvedConfig, waiting: u32, kv: f64) -> Dispatcher {
         let now = Instant::now();
         let slots = (0..4u8)
             .map(|i| {
@@ -119,9 +123,7 @@ mod tests {
         );
         Dispatcher::new(
             Arc::new(ArcSwap::from_pointee(view)),
-            Arc::new(ArcSwap::from_pointee(
-                Policy::new(&ResolvedConfig::builtin_default()).unwrap(),
-            )),
+            Arc::new(ArcSwap::from_pointee(Policy::new(cfg).unwrap())),
             Arc::new(NodeMetrics::new()),
             DispatchConfig {
                 max_body_bytes: 1 << 20,
@@ -274,6 +276,38 @@ mod tests {
             .dispatch(ApiKind::Completions, BODY, meta(""), &all)
             .unwrap_err();
         assert_eq!(err.status(), 503);
+    }
+
+    #[test]
+    fn a_ticket_holds_the_estimated_output_tokens_when_configured() {
+        // 400 prompt bytes = 100 tokens; the client allows 120 output tokens.
+        let body = format!(
+            r#"{{"model":"m","prompt":"{}","max_tokens":120}}"#,
+            "a".repeat(400)
+        );
+        let held = |producer: &str| -> u64 {
+            let cfg = infermesh_scheduler::load_config(&format!(
+                "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: inflight-load-producer\n  parameters: {producer}\n- type: queue-scorer\n"
+            ))
+            .unwrap();
+            let d = dispatcher_with(&cfg, 0, 0.1);
+            let t = d
+                .dispatch(ApiKind::Completions, body.as_bytes(), meta(""), &[])
+                .unwrap();
+            let pool = d.pool().load();
+            let slot = pool.slot(t.destinations()[0]).unwrap().clone();
+            let tokens = slot.in_flight().tokens;
+            t.finish(None, Outcome::Success, None);
+            assert_eq!(slot.in_flight().tokens, 0, "released with the ticket");
+            tokens
+        };
+        assert_eq!(held("{}"), 100);
+        // round(100 × 1.5) = 150, bounded by max_tokens 120.
+        assert_eq!(held("{addEstimatedOutputTokens: true}"), 100 + 120);
+        assert_eq!(
+            held("{addEstimatedOutputTokens: true, outputRatio: 0.5}"),
+            100 + 50
+        );
     }
 
     /// One recorded pick: anchor, chain, endpoints.

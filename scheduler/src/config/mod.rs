@@ -366,6 +366,8 @@ impl Loader<'_> {
         let parser = self.parser(&mut plugins, raw.parser)?;
         let prefix_producer = self.prefix_producer(&mut plugins)?;
         self.pd_producer_name(&plugins, &profile_handler, prefix_producer.as_deref())?;
+        self.consumer_producer_names(&plugins, prefix_producer.as_deref())?;
+        self.one_inflight_load(&plugins)?;
         let inject_metrics = !feature_gates.iter().any(|g| g == "enableLegacyMetrics");
         let data_layer = self.data_layer(&mut plugins, raw.data_layer, inject_metrics)?;
         Ok(ResolvedConfig {
@@ -413,6 +415,64 @@ impl Loader<'_> {
             },
             location: self.plugin_location(plugins, hi),
         })
+    }
+
+    /// `prefixMatchInfoProducerName` on `prefix-cache-scorer` and `inflight-load-producer`,
+    /// when set, must name the one prefix producer infermesh runs (llm-d fails the same
+    /// config when the named producer's data is missing).
+    fn consumer_producer_names(
+        &self,
+        plugins: &[ResolvedPlugin],
+        producer: Option<&str>,
+    ) -> Result<(), ConfigError> {
+        for (i, p) in plugins.iter().enumerate() {
+            let named = match &p.spec {
+                PluginSpec::PrefixCacheScorer(x) => x.prefix_match_info_producer_name.as_str(),
+                PluginSpec::InflightLoadProducer(x) => x.prefix_match_info_producer_name.as_str(),
+                _ => continue,
+            };
+            if named.is_empty() || Some(named) == producer {
+                continue;
+            }
+            return Err(ConfigError::InvalidParameter {
+                plugin: p.name.clone(),
+                type_name: p.spec.type_name().into(),
+                field: "prefixMatchInfoProducerName".into(),
+                message: match producer {
+                    Some(pp) => format!(
+                        "names `{named}`, but the prefix producer is `{pp}` (infermesh runs one)"
+                    ),
+                    None => format!("names `{named}`, but no prefix producer is configured"),
+                },
+                location: self.plugin_location(plugins, i),
+            });
+        }
+        Ok(())
+    }
+
+    /// infermesh keeps one in-flight count per endpoint, so every `inflight-load-producer`
+    /// must count a request the same way.
+    fn one_inflight_load(&self, plugins: &[ResolvedPlugin]) -> Result<(), ConfigError> {
+        let mut first: Option<&params::InflightLoadParams> = None;
+        for (i, p) in plugins.iter().enumerate() {
+            let PluginSpec::InflightLoadProducer(x) = &p.spec else {
+                continue;
+            };
+            match first {
+                None => first = Some(x),
+                Some(f) if f == x => {}
+                Some(_) => {
+                    return Err(ConfigError::InvalidParameter {
+                        plugin: p.name.clone(),
+                        type_name: "inflight-load-producer".into(),
+                        field: "parameters".into(),
+                        message: "two inflight-load-producers set different parameters; infermesh keeps one in-flight count per endpoint".into(),
+                        location: self.plugin_location(plugins, i),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// `apiVersion` (returned) and `kind`.
@@ -954,7 +1014,10 @@ impl Loader<'_> {
             .iter()
             .enumerate()
             .filter_map(|(i, p)| match &p.spec {
-                PluginSpec::PrefixCacheScorer(Some(x)) => Some((i, x)),
+                PluginSpec::PrefixCacheScorer(params::PrefixScorerParams {
+                    producer: Some(x),
+                    ..
+                }) => Some((i, x)),
                 _ => None,
             })
             .collect();

@@ -202,6 +202,130 @@ impl ApproxPrefixParams {
     }
 }
 
+/// `prefix-cache-scorer` (llm-d v0.10): how the match ratio and the absolute match length
+/// combine into the score.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct PrefixScorerParams {
+    /// Weight of `min(1, matchedTokens / matchLengthScaleTokens)²` in the score, in [0, 1];
+    /// the rest goes to `matchBlocks / totalBlocks`. 0 (the default) scores the ratio only.
+    pub match_length_weight: f64,
+    /// Matched tokens at which the length term saturates (llm-d suggests the P95 prompt
+    /// length); must be > 0 when `matchLengthWeight` > 0.
+    pub match_length_scale_tokens: i64,
+    /// The prefix producer whose match data is scored (empty: the one configured).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub prefix_match_info_producer_name: String,
+    /// GIE 1.x producer parameters written on the scorer (the loader moves them to the
+    /// producer it adds).
+    #[serde(skip)]
+    pub producer: Option<ApproxPrefixParams>,
+}
+
+impl Default for PrefixScorerParams {
+    fn default() -> Self {
+        PrefixScorerParams {
+            match_length_weight: 0.0,
+            match_length_scale_tokens: 8192,
+            prefix_match_info_producer_name: String::new(),
+            producer: None,
+        }
+    }
+}
+
+impl PrefixScorerParams {
+    /// The YAML keys this struct owns (the rest of a `prefix-cache-scorer` mapping are
+    /// GIE 1.x producer parameters).
+    pub const FIELDS: [&'static str; 3] = [
+        "matchLengthWeight",
+        "matchLengthScaleTokens",
+        "prefixMatchInfoProducerName",
+    ];
+
+    /// llm-d's checks: the weight in [0, 1]; the scale positive whenever the weight is.
+    pub fn validate(&self) -> Result<(), ParamProblem> {
+        if !(0.0..=1.0).contains(&self.match_length_weight) {
+            return Err(problem("matchLengthWeight", "must be in [0, 1]"));
+        }
+        if self.match_length_weight > 0.0 && self.match_length_scale_tokens <= 0 {
+            return Err(problem(
+                "matchLengthScaleTokens",
+                "must be > 0 when matchLengthWeight is > 0",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `inflight-load-producer` (llm-d v0.10): what a dispatched request adds to its
+/// endpoint's in-flight token count.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct InflightLoadParams {
+    /// Also count an estimate of the request's output tokens.
+    pub add_estimated_output_tokens: bool,
+    /// Estimated output tokens per prompt token (`round(prompt × outputRatio)`), >= 0.
+    pub output_ratio: f64,
+    /// Upper bound on the output estimate, >= 0 (unset: no bound beyond `max_tokens`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_estimated_output_tokens: Option<i64>,
+    /// The prefix producer whose match data the producer reads (empty: the one configured).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub prefix_match_info_producer_name: String,
+}
+
+impl Default for InflightLoadParams {
+    fn default() -> Self {
+        InflightLoadParams {
+            add_estimated_output_tokens: false,
+            output_ratio: 1.5,
+            max_estimated_output_tokens: None,
+            prefix_match_info_producer_name: String::new(),
+        }
+    }
+}
+
+impl InflightLoadParams {
+    /// llm-d's checks: a finite, non-negative ratio and a non-negative cap.
+    pub fn validate(&self) -> Result<(), ParamProblem> {
+        if !self.output_ratio.is_finite() || self.output_ratio < 0.0 {
+            return Err(problem("outputRatio", "must be a finite number >= 0"));
+        }
+        if self.max_estimated_output_tokens.is_some_and(|m| m < 0) {
+            return Err(problem("maxEstimatedOutputTokens", "must be >= 0"));
+        }
+        Ok(())
+    }
+
+    /// Estimated output tokens for a prompt of `prompt_tokens`: `round(prompt ×
+    /// outputRatio)`, bounded by the client's `max_tokens` and `maxEstimatedOutputTokens`
+    /// (llm-d `SimpleTokenEstimator.EstimateOutput`).
+    pub fn estimated_output_tokens(&self, prompt_tokens: u64, max_tokens: Option<u32>) -> u64 {
+        if prompt_tokens == 0 {
+            return 0;
+        }
+        // Saturating float-to-int cast: a huge ratio cannot wrap.
+        let mut est = (prompt_tokens as f64 * self.output_ratio).round() as u64;
+        if let Some(m) = max_tokens {
+            est = est.min(u64::from(m));
+        }
+        if let Some(cap) = self.max_estimated_output_tokens {
+            est = est.min(u64::try_from(cap).unwrap_or(0));
+        }
+        est
+    }
+
+    /// In-flight tokens a request adds to its endpoint: its prompt tokens, plus the output
+    /// estimate when `addEstimatedOutputTokens` is on.
+    pub fn request_tokens(&self, prompt_tokens: u64, max_tokens: Option<u32>) -> u64 {
+        if self.add_estimated_output_tokens {
+            prompt_tokens.saturating_add(self.estimated_output_tokens(prompt_tokens, max_tokens))
+        } else {
+            prompt_tokens
+        }
+    }
+}
+
 /// `load-aware-scorer`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]

@@ -79,8 +79,8 @@ pub enum PluginSpec {
     EncodeFilter,
     /// `prefix-cache-affinity-filter`
     PrefixCacheAffinityFilter(PrefixAffinityParams),
-    /// `prefix-cache-scorer`, optionally with GIE 1.x producer parameters.
-    PrefixCacheScorer(Option<ApproxPrefixParams>),
+    /// `prefix-cache-scorer` (with any GIE 1.x producer parameters in `producer`).
+    PrefixCacheScorer(PrefixScorerParams),
     /// `kv-cache-utilization-scorer`
     KvCacheUtilizationScorer,
     /// `queue-scorer`
@@ -119,8 +119,9 @@ pub enum PluginSpec {
     AlwaysDisaggMultimodalDecider,
     /// `approx-prefix-cache-producer`
     ApproxPrefixCacheProducer(ApproxPrefixParams),
-    /// `inflight-load-producer` (counts come from the caller's load board).
-    InflightLoadProducer,
+    /// `inflight-load-producer` (counts come from the caller's load board; the
+    /// parameters decide what a request adds to them).
+    InflightLoadProducer(InflightLoadParams),
     /// `metrics-data-source`
     MetricsDataSource(MetricsDataSourceParams),
     /// `core-metrics-extractor`
@@ -183,7 +184,7 @@ impl PluginSpec {
             PluginSpec::AlwaysDisaggPdDecider => "always-disagg-pd-decider",
             PluginSpec::AlwaysDisaggMultimodalDecider => "always-disagg-multimodal-decider",
             PluginSpec::ApproxPrefixCacheProducer(_) => "approx-prefix-cache-producer",
-            PluginSpec::InflightLoadProducer => "inflight-load-producer",
+            PluginSpec::InflightLoadProducer(_) => "inflight-load-producer",
             PluginSpec::MetricsDataSource(_) => "metrics-data-source",
             PluginSpec::CoreMetricsExtractor(_) => "core-metrics-extractor",
             PluginSpec::UtilizationDetector(_) => "utilization-detector",
@@ -231,7 +232,7 @@ impl PluginSpec {
             PrefixBasedPdDecider(_) | AlwaysDisaggPdDecider | AlwaysDisaggMultimodalDecider => {
                 PluginKind::Decider
             }
-            ApproxPrefixCacheProducer(_) | InflightLoadProducer => PluginKind::DataProducer,
+            ApproxPrefixCacheProducer(_) | InflightLoadProducer(_) => PluginKind::DataProducer,
             MetricsDataSource(_) => PluginKind::DataSource,
             CoreMetricsExtractor(_) => PluginKind::DataExtractor,
             UtilizationDetector(_) | ConcurrencyDetector(_) => PluginKind::SaturationDetector,
@@ -266,7 +267,9 @@ impl PluginSpec {
             LabelSelectorFilter(p) => j(p),
             ByLabel(p) => j(p),
             PrefixCacheAffinityFilter(p) => j(p),
-            PrefixCacheScorer(Some(p)) | ApproxPrefixCacheProducer(p) => j(p),
+            PrefixCacheScorer(p) => prefix_scorer_json(p),
+            ApproxPrefixCacheProducer(p) => j(p),
+            InflightLoadProducer(p) => j(p),
             LoadAwareScorer(p) => j(p),
             ActiveRequestScorer(p) => j(p),
             NoHitLruScorer(p) => j(p),
@@ -281,8 +284,7 @@ impl PluginSpec {
             ConcurrencyDetector(p) => j(p),
             StaticUsageLimitPolicy(p) => j(p),
             PriorityHoldbackPolicy(p) => j(p),
-            PrefixCacheScorer(None)
-            | DecodeFilter
+            DecodeFilter
             | PrefillFilter
             | EncodeFilter
             | KvCacheUtilizationScorer
@@ -293,7 +295,6 @@ impl PluginSpec {
             | SingleProfileHandler
             | AlwaysDisaggPdDecider
             | AlwaysDisaggMultimodalDecider
-            | InflightLoadProducer
             | OpenAiParser
             | SoftReflectiveCeilingPolicy
             | GlobalStrictFairnessPolicy
@@ -349,6 +350,37 @@ fn parse<T: DeserializeOwned + Default>(v: Option<&Value>) -> Result<T, SpecErro
         }
         SpecError::Param(path, msg)
     })
+}
+
+/// Splits a `prefix-cache-scorer` mapping into the scorer's own keys and the rest (GIE 1.x
+/// producer parameters), each `None` when empty; a non-mapping value gives `(None, None)`.
+fn split_prefix_scorer(v: Option<&Value>) -> (Option<Value>, Option<Value>) {
+    let Some(Value::Mapping(m)) = v else {
+        return (None, None);
+    };
+    let (mut own, mut rest) = (serde_yaml_ng::Mapping::new(), serde_yaml_ng::Mapping::new());
+    for (k, val) in m {
+        let mine = k
+            .as_str()
+            .is_some_and(|k| PrefixScorerParams::FIELDS.contains(&k));
+        if mine { &mut own } else { &mut rest }.insert(k.clone(), val.clone());
+    }
+    let some = |m: serde_yaml_ng::Mapping| (!m.is_empty()).then_some(Value::Mapping(m));
+    (some(own), some(rest))
+}
+
+/// The scorer's parameters with any GIE 1.x producer parameters beside them.
+fn prefix_scorer_json(p: &PrefixScorerParams) -> String {
+    let Some(pp) = &p.producer else {
+        return serde_json::to_string(p).unwrap_or_else(|e| format!("<{e}>"));
+    };
+    let mut v = serde_json::to_value(p).unwrap_or_default();
+    if let (Some(obj), Ok(serde_json::Value::Object(extra))) =
+        (v.as_object_mut(), serde_json::to_value(pp))
+    {
+        obj.extend(extra);
+    }
+    v.to_string()
 }
 
 fn none(v: Option<&Value>) -> Result<(), SpecError> {
@@ -514,13 +546,17 @@ pub fn parse_spec_with_warnings(
             S::PrefixCacheAffinityFilter(p)
         }
         "prefix-cache-scorer" => {
-            if is_empty(params) {
-                S::PrefixCacheScorer(None)
-            } else {
-                let p: ApproxPrefixParams = parse(params)?;
-                check(p.validate())?;
-                S::PrefixCacheScorer(Some(p))
+            let (own, producer) = split_prefix_scorer(params);
+            // A non-mapping value goes to the scorer's parser, which names the problem.
+            let whole = !matches!(params, Some(Value::Mapping(_)));
+            let mut p: PrefixScorerParams = parse(if whole { params } else { own.as_ref() })?;
+            check(p.validate())?;
+            if let Some(rest) = producer {
+                let pp: ApproxPrefixParams = parse(Some(&rest))?;
+                check(pp.validate())?;
+                p.producer = Some(pp);
             }
+            S::PrefixCacheScorer(p)
         }
         "kv-cache-utilization-scorer" => none(params).map(|_| S::KvCacheUtilizationScorer)?,
         "queue-scorer" => none(params).map(|_| S::QueueScorer)?,
@@ -579,7 +615,16 @@ pub fn parse_spec_with_warnings(
             check(p.validate())?;
             S::ApproxPrefixCacheProducer(p)
         }
-        "inflight-load-producer" => none(params).map(|_| S::InflightLoadProducer)?,
+        "inflight-load-producer" => {
+            let p: InflightLoadParams = parse(params)?;
+            check(p.validate())?;
+            if !p.prefix_match_info_producer_name.is_empty() {
+                warnings.push(
+                    "prefixMatchInfoProducerName: infermesh counts the whole prompt as in-flight tokens (no cached-prefix discount); the name is only checked against the prefix producer".into(),
+                );
+            }
+            S::InflightLoadProducer(p)
+        }
         "metrics-data-source" => {
             let p: MetricsDataSourceParams = parse(params)?;
             check(p.validate())?;

@@ -10,6 +10,11 @@ use crate::config::params::ApproxPrefixParams;
 use crate::model::{Endpoint, InferenceRequest};
 use crate::prefix::{PrefixIndex, PrefixMatches, hash_prompt_into};
 
+/// The smallest block size autoTune indexes at (llm-d PR #1160): the index keeps one
+/// entry per (endpoint, block), so vLLM's 16-token blocks are matched as 64-token ones to
+/// bound its memory. An explicit `blockSizeTokens` with autoTune off is used as written.
+pub const MIN_AUTOTUNE_BLOCK_SIZE_TOKENS: usize = 64;
+
 /// The approximate prefix producer and its index.
 #[derive(Debug)]
 pub struct ApproxPrefixProducer {
@@ -31,8 +36,9 @@ impl ApproxPrefixProducer {
         &self.index
     }
 
-    /// Block size in tokens: endpoints[0]'s cache block size under autoTune, else the
-    /// configured `blockSizeTokens` (llm-d `GetBlockSize`).
+    /// Block size in tokens (llm-d `GetBlockSize`): the configured `blockSizeTokens`
+    /// verbatim without autoTune; under autoTune endpoints[0]'s cache block size (else
+    /// the configured value), raised to at least [`MIN_AUTOTUNE_BLOCK_SIZE_TOKENS`].
     pub fn block_size_tokens(&self, endpoints: &[Endpoint]) -> usize {
         let configured = usize::try_from(self.params.block_size_tokens).unwrap_or(0);
         if !self.params.auto_tune {
@@ -44,6 +50,7 @@ impl ApproxPrefixProducer {
             .and_then(|m| m.cache_block_size)
             .filter(|b| *b > 0)
             .map_or(configured, |b| b as usize)
+            .max(MIN_AUTOTUNE_BLOCK_SIZE_TOKENS)
     }
 
     /// Most blocks hashed for this block size.

@@ -8,9 +8,9 @@ use base64::engine::general_purpose::STANDARD;
 use hashbrown::HashMap;
 use parking_lot::Mutex;
 
-use super::{CycleState, PreRequest, Scorer};
+use super::{CycleState, PreRequest, PrefixCycle, Scorer};
 use crate::config::params::{
-    ActiveRequestParams, LoadAwareParams, NoHitLruParams, TokenLoadParams,
+    ActiveRequestParams, LoadAwareParams, NoHitLruParams, PrefixScorerParams, TokenLoadParams,
 };
 use crate::model::{Endpoint, InferenceRequest};
 
@@ -45,16 +45,50 @@ fn min_max_low_is_best(
     }
 }
 
-/// `prefix-cache-scorer`: `matchBlocks / totalBlocks` from the prefix producer.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct PrefixCacheScorer;
+/// `prefix-cache-scorer`: `w·min(1, matchedTokens/scale)² + (1−w)·matchBlocks/totalBlocks`
+/// from the prefix producer, where matched tokens are matched blocks × block size
+/// (llm-d v0.10). The default `w = 0` scores the match ratio alone.
+#[derive(Debug, Clone, Copy)]
+pub struct PrefixCacheScorer {
+    match_length_weight: f64,
+    match_length_scale_tokens: f64,
+}
+
+impl Default for PrefixCacheScorer {
+    fn default() -> Self {
+        PrefixCacheScorer::new(&PrefixScorerParams::default())
+    }
+}
+
+impl PrefixCacheScorer {
+    /// From validated parameters.
+    pub fn new(p: &PrefixScorerParams) -> Self {
+        PrefixCacheScorer {
+            match_length_weight: p.match_length_weight,
+            match_length_scale_tokens: p.match_length_scale_tokens as f64,
+        }
+    }
+
+    fn score_one(&self, p: &PrefixCycle, i: usize) -> f64 {
+        let ratio = p.score(i);
+        let w = self.match_length_weight;
+        // Without the length term the score is the ratio exactly (no float blend).
+        if w <= 0.0 || p.block_size_tokens == 0 || p.hashes.is_empty() {
+            return ratio;
+        }
+        let matched = f64::from(p.matched.get(i).copied().unwrap_or(0));
+        let length =
+            (matched * p.block_size_tokens as f64 / self.match_length_scale_tokens).min(1.0);
+        w * length * length + (1.0 - w) * ratio
+    }
+}
 
 impl Scorer for PrefixCacheScorer {
     fn score(&self, cycle: &CycleState<'_>, candidates: &[usize], out: &mut [f64]) {
         match &cycle.prefix {
             Some(p) => {
                 for (o, &i) in out.iter_mut().zip(candidates) {
-                    *o = p.score(i);
+                    *o = self.score_one(p, i);
                 }
             }
             None => out.fill(0.0),
@@ -362,5 +396,59 @@ impl PreRequest for NoHitLruScorer {
         for a in also_cached {
             self.touch(*a);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::InferenceRequest;
+
+    fn scores(scorer: &PrefixCacheScorer, prefix: PrefixCycle) -> Vec<f64> {
+        let req = InferenceRequest::default();
+        let n = prefix.matched.len();
+        let cycle = CycleState {
+            request: &req,
+            endpoints: &[],
+            now: std::time::Instant::now(),
+            prefix: Some(prefix),
+            cold: false,
+        };
+        let cands: Vec<usize> = (0..n).collect();
+        let mut out = vec![f64::NAN; n];
+        scorer.score(&cycle, &cands, &mut out);
+        out
+    }
+
+    fn cycle(total: usize, block_size_tokens: usize, matched: &[u32]) -> PrefixCycle {
+        PrefixCycle {
+            hashes: (0..total as u64).collect(),
+            block_size_tokens,
+            matched: matched.to_vec(),
+        }
+    }
+
+    #[test]
+    fn zero_weight_scores_the_match_ratio_exactly() {
+        let c = cycle(7, 64, &[0, 1, 3, 7]);
+        let want: Vec<f64> = (0..4).map(|i| c.score(i)).collect();
+        assert_eq!(scores(&PrefixCacheScorer::default(), c), want);
+    }
+
+    #[test]
+    fn weight_blends_the_squared_match_length() {
+        let s = PrefixCacheScorer::new(&PrefixScorerParams {
+            match_length_weight: 0.5,
+            match_length_scale_tokens: 100,
+            ..PrefixScorerParams::default()
+        });
+        // 1 of 2 blocks of 64 tokens: 0.5·(64/100)² + 0.5·0.5; 2 blocks saturate at 1.
+        let got = scores(&s, cycle(2, 64, &[1, 2, 0]));
+        let want = [0.5 * 0.64 * 0.64 + 0.25, 1.0, 0.0];
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-12, "{got:?}");
+        }
+        // No blocks at all: 0, as llm-d scores an empty prompt.
+        assert_eq!(scores(&s, cycle(0, 64, &[0])), vec![0.0]);
     }
 }
