@@ -120,6 +120,9 @@ pub struct RunArgs {
     /// Shared-prefix: Zipf exponent of group popularity (uniform when absent).
     #[arg(long)]
     pub zipf_alpha: Option<f64>,
+    /// Shared-prefix: distinct `image_url` images per request (needs `--api chat`).
+    #[arg(long, default_value_t = 0)]
+    pub images: usize,
     /// Multi-turn: users.
     #[arg(long)]
     pub users: Option<usize>,
@@ -288,6 +291,7 @@ impl RunArgs {
                     popularity: self
                         .zipf_alpha
                         .map_or(Popularity::Uniform, |alpha| Popularity::Zipf { alpha }),
+                    images_per_request: self.images,
                 })
             }
             WorkloadKind::MultiTurn => {

@@ -97,6 +97,7 @@ mod tests {
             question_tokens: 20,
             output_tokens: 1,
             popularity: Popularity::Uniform,
+            images_per_request: 0,
         };
         let plan = s.plan(11, 6);
         let b = oracle_bound(11, &plan, 16);
@@ -116,6 +117,7 @@ mod tests {
             question_tokens: 1,
             output_tokens: 1,
             popularity: Popularity::Uniform,
+            images_per_request: 0,
         };
         let mut plan = s.plan(1, 2);
         for r in &mut plan {

@@ -80,11 +80,24 @@ impl Shared {
         match self.spec.api {
             Api::Completions => v["prompt"] = json!(req.render_prompt(seed)),
             Api::Chat => {
-                v["messages"] = req
+                let mut messages: Vec<serde_json::Value> = req
                     .render_messages(seed)
                     .into_iter()
                     .map(|(role, content)| json!({"role": role.as_str(), "content": content}))
                     .collect();
+                // Images ride on the last message as `image_url` parts after its text.
+                if let Some(last) = messages.last_mut()
+                    && !req.images.is_empty()
+                {
+                    let mut parts = vec![json!({"type": "text", "text": last["content"].take()})];
+                    parts.extend(
+                        req.image_urls(seed)
+                            .into_iter()
+                            .map(|url| json!({"type": "image_url", "image_url": {"url": url}})),
+                    );
+                    last["content"] = json!(parts);
+                }
+                v["messages"] = json!(messages);
             }
         }
         Bytes::from(serde_json::to_vec(&v).unwrap_or_default())

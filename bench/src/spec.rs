@@ -160,6 +160,15 @@ impl RunSpec {
         if self.request_timeout.is_zero() {
             return bad("request_timeout", "must be positive".into());
         }
+        if let Workload::SharedPrefix(s) = &self.workload
+            && s.images_per_request > 0
+            && self.api != Api::Chat
+        {
+            return bad(
+                "api",
+                "images_per_request needs the chat API (completions has no image parts)".into(),
+            );
+        }
         self.workload.validate()
     }
 }

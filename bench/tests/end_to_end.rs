@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use infermesh_bench::{
-    BLOCK_TOKENS, FailureKind, Load, Popularity, RunSpec, SharedPrefixSpec, Target, Workload,
+    Api, BLOCK_TOKENS, FailureKind, Load, Popularity, RunSpec, SharedPrefixSpec, Target, Workload,
     oracle_bound,
 };
 use infermesh_sim::{EngineProfile, Fleet, FleetConfig};
@@ -16,6 +16,7 @@ fn small_workload() -> SharedPrefixSpec {
         question_tokens: 16,
         output_tokens: 4,
         popularity: Popularity::Uniform,
+        images_per_request: 0,
     }
 }
 
@@ -127,6 +128,55 @@ async fn open_loop_stops_at_the_duration_and_dead_targets_are_counted() {
         r.requests_sent
     );
     assert_eq!(r.succeeded, r.requests_sent);
+    fleet.shutdown().await;
+}
+
+/// A sim counter read from `/metrics` over one raw HTTP/1.1 GET (summed over label sets).
+async fn sim_counter(base: &str, name: &str) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nhost: sim\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut text = String::new();
+    conn.read_to_string(&mut text).await.expect("read");
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_parts_reach_the_pod_as_distinct_images_through_the_chat_api() {
+    let fleet = fleet(1).await;
+    let pods = fleet.urls();
+    let mut s = spec(
+        Target::Url(pods[0].clone()),
+        pods.clone(),
+        Load::Closed { concurrency: 1 },
+        3,
+    );
+    s.workload = Workload::SharedPrefix(SharedPrefixSpec {
+        images_per_request: 2,
+        ..small_workload()
+    });
+    let refused = infermesh_bench::run(s.clone())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("api"),
+        "images need the chat API: {refused}"
+    );
+
+    s.api = Api::Chat;
+    let r = infermesh_bench::run(s).await.expect("run succeeds");
+    assert_eq!((r.requests_sent, r.succeeded), (3, 3), "{:?}", r.failures);
+    // Six distinct images, each looked up once in the pod's encoder cache and missed.
+    let queries = sim_counter(&pods[0], "vllm:mm_cache_queries_total").await;
+    let hits = sim_counter(&pods[0], "vllm:mm_cache_hits_total").await;
+    assert_eq!((queries, hits), (6.0, 0.0));
     fleet.shutdown().await;
 }
 

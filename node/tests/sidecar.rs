@@ -628,9 +628,7 @@ async fn the_handoff_through_envoy_and_the_proxy_with_the_node_picking_both_pods
         "both pods (the decode one through its sidecar) answer a scrape"
     );
     let client = http_client(Duration::from_secs(2));
-    let envoy =
-        support::Envoy::start_ext_proc(node.ext_proc_addr, &[prefill.addr, sidecar.addr], &client)
-            .await;
+    let envoy = support::start_envoy(node.ext_proc_addr, &[prefill.addr, sidecar.addr]).await;
 
     let entries = [
         ("envoy", envoy.addr),

@@ -1,15 +1,16 @@
-//! A real Envoy process whose only static config is the ADS cluster, and where to find
-//! the Envoy binary.
+//! A real Envoy process whose only static config is the ADS cluster, one in front of an
+//! ext_proc server from `deploy/envoy/envoy-extproc.yaml`, and where to find the Envoy
+//! binary.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use infermesh_xds::{AdsApi, BootstrapOptions, envoy_bootstrap};
 
-use crate::net::{blocking_get, http_get, workspace_dir};
+use crate::net::{blocking_get, free_port, http_get, workspace_dir};
 
 /// The `${LB_ENDPOINTS}` value of the `deploy/envoy` templates: `pods` as a YAML flow list
 /// of `lb_endpoints`.
@@ -154,6 +155,106 @@ impl Drop for Envoy {
                 "--- envoy /clusters ---\n{}",
                 blocking_get(self.admin, "/clusters")
             );
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Envoy from `deploy/envoy/envoy-extproc.yaml`: the EPP protocol's data plane. Its
+/// ext_proc filter asks one server (an infermesh node) for the endpoint, and the pool
+/// cluster (static `pods`) sends the request to the ip:port named in
+/// `x-gateway-destination-endpoint`. Killed on drop.
+pub struct ExtProcEnvoy {
+    child: Child,
+    /// Client-facing address.
+    pub addr: SocketAddr,
+    /// Admin address.
+    pub admin: SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+/// How long an [`ExtProcEnvoy`] may take to answer `/ready`.
+const READY: Duration = Duration::from_secs(15);
+
+/// Attempts at starting an [`ExtProcEnvoy`]: its ports are picked before Envoy binds them,
+/// so another process may take one in between.
+const ATTEMPTS: usize = 5;
+
+impl ExtProcEnvoy {
+    /// Starts `bin` (see [`envoy_bin`]) with `--use-dynamic-base-id` on the ext_proc
+    /// template pointed at `ext_proc`, with `pods` as the pool cluster's endpoints, and
+    /// waits until its admin answers `/ready`.
+    pub async fn start(
+        bin: &Path,
+        ext_proc: SocketAddr,
+        pods: &[SocketAddr],
+    ) -> anyhow::Result<Self> {
+        let template_path = workspace_dir().join("deploy/envoy/envoy-extproc.yaml");
+        let template = std::fs::read_to_string(&template_path)
+            .with_context(|| format!("reading {}", template_path.display()))?
+            .replace("${EXT_PROC_HOST}", &ext_proc.ip().to_string())
+            .replace("${EXT_PROC_PORT}", &ext_proc.port().to_string())
+            .replace("${LB_ENDPOINTS}", &lb_endpoints(pods));
+        let mut last_log = String::new();
+        for _attempt in 0..ATTEMPTS {
+            let (listen, admin) = (free_port(), free_port());
+            let text = template
+                .replace("${LISTEN_PORT}", &listen.to_string())
+                .replace("${ADMIN_PORT}", &admin.to_string());
+            let dir = tempfile::tempdir()?;
+            let path = dir.path().join("envoy.yaml");
+            std::fs::write(&path, text)?;
+            let log = std::fs::File::create(dir.path().join("envoy.log"))?;
+            let child = Command::new(bin)
+                .args(["--use-dynamic-base-id", "--log-level", "warn", "-c"])
+                .arg(&path)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .with_context(|| format!("spawning envoy ({})", bin.display()))?;
+            let mut envoy = Self {
+                child,
+                addr: SocketAddr::from(([127, 0, 0, 1], listen)),
+                admin: SocketAddr::from(([127, 0, 0, 1], admin)),
+                dir,
+            };
+            if envoy.wait_ready().await {
+                return Ok(envoy);
+            }
+            // Most likely a port taken between picking and binding: try new ports.
+            last_log = envoy.log_tail();
+        }
+        bail!("Envoy did not start after {ATTEMPTS} attempts; last log:\n{last_log}")
+    }
+
+    async fn wait_ready(&mut self) -> bool {
+        let deadline = Instant::now() + READY;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
+            }
+            if let Ok((200, _)) = http_get(self.admin, "/ready").await {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    /// The last 40 lines of Envoy's log.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.path().join("envoy.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for ExtProcEnvoy {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- envoy log tail ---\n{}", self.log_tail());
         }
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -1,5 +1,6 @@
 //! Helpers for infermesh's tests and benchmarks, written once: start a real Envoy
-//! (`--use-dynamic-base-id`, bootstrapped with ADS only) and wait for its admin, find the
+//! (`--use-dynamic-base-id`, bootstrapped with ADS only, or from the ext_proc template in
+//! `deploy/envoy/` in front of an EPP server) and wait for its admin, find the
 //! Envoy binary (`$ENVOY_BIN` or the `.venv-test` that `scripts/setup-test-deps.sh`
 //! installs; a missing Envoy is a panic naming the fix, never a skip), open an ADS stream
 //! and read an Envoy's sync status, a minimal full-duplex ext_proc processor, and

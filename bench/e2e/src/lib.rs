@@ -8,6 +8,6 @@
 //! itself links neither the simulator nor the load generator. The library holds the demo
 //! ([`demo`]); the binaries are `infermesh-demo` and the benchmark programs that
 //! `bench/dataplane/run.sh`, `bench/policy/run.sh` and `bench/mesh-e2e/run.sh` build
-//! (`dataplane`, `extproc-null`, `policy`, `mesh-e2e`).
+//! (`dataplane`, `extproc-null`, `policy`, `mesh-e2e`), and `pd` (bench/pd/pd.rs).
 
 pub mod demo;

@@ -97,6 +97,7 @@ impl LongContextSpec {
                         }],
                         max_tokens: self.short_output_tokens as u32,
                         key: u64::MAX,
+                        images: Vec::new(),
                     };
                 }
                 let a = next_agent;
@@ -120,6 +121,7 @@ impl LongContextSpec {
                     segments,
                     max_tokens: self.output_tokens as u32,
                     key: session_id,
+                    images: Vec::new(),
                 }
             })
             .collect()

@@ -98,10 +98,15 @@ pub struct PlannedRequest {
     pub max_tokens: u32,
     /// The group, user or agent the request belongs to (for reports and debugging).
     pub key: u64,
+    /// Image ids attached to the last message, in order (chat API only; each id gives one
+    /// distinct `image_url`, see [`PlannedRequest::image_urls`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<u64>,
 }
 
 impl PlannedRequest {
-    /// Prompt length in generated tokens.
+    /// Prompt length in generated text tokens (images not counted: their size is the
+    /// server's, e.g. the sim's `image_tokens`).
     pub fn prompt_tokens(&self) -> usize {
         self.segments.iter().map(|s| s.tokens as usize).sum()
     }
@@ -113,6 +118,16 @@ impl PlannedRequest {
             text::push_words(seed, s.stream, s.tokens as usize, &mut out);
         }
         out
+    }
+
+    /// The `image_url` URLs of this request's images: `http://` URLs that name the seed
+    /// and the image id, so equal ids give equal URLs (and equal content hashes on a server
+    /// that hashes the URL, as infermesh-sim does) and nothing is ever fetched from them.
+    pub fn image_urls(&self, seed: u64) -> Vec<String> {
+        self.images
+            .iter()
+            .map(|id| format!("http://images.bench.invalid/{seed:x}/{id:016x}.png"))
+            .collect()
     }
 
     /// The prompt as chat messages, consecutive segments of one role merged.
@@ -169,6 +184,7 @@ pub(crate) mod kind {
     pub const CONTEXT: u8 = 5;
     pub const STEP: u8 = 6;
     pub const SHORT: u8 = 7;
+    pub const IMAGE: u8 = 8;
     pub const PLAN: u64 = 0x504c_414e;
 }
 

@@ -127,6 +127,7 @@ impl MultiTurnSpec {
             segments,
             max_tokens: self.output_tokens as u32,
             key: user,
+            images: Vec::new(),
         }
     }
 }

@@ -40,6 +40,8 @@ pub struct SharedPrefixSpec {
     pub output_tokens: usize,
     /// Group popularity.
     pub popularity: Popularity,
+    /// Distinct images attached to each request's question (chat API only; 0 = text only).
+    pub images_per_request: usize,
 }
 
 impl Default for SharedPrefixSpec {
@@ -51,6 +53,7 @@ impl Default for SharedPrefixSpec {
             question_tokens: 128,
             output_tokens: 256,
             popularity: Popularity::Uniform,
+            images_per_request: 0,
         }
     }
 }
@@ -78,8 +81,12 @@ impl SharedPrefixSpec {
             Popularity::Uniform => "uniform".to_string(),
             Popularity::Zipf { alpha } => format!("zipf({alpha})"),
         };
+        let images = match self.images_per_request {
+            0 => String::new(),
+            n => format!(" images={n}"),
+        };
         format!(
-            "shared-prefix {}x{} sys={} q={} out={} {pop}",
+            "shared-prefix {}x{} sys={} q={} out={} {pop}{images}",
             self.groups,
             self.prompts_per_group,
             self.system_prompt_tokens,
@@ -127,6 +134,10 @@ impl SharedPrefixSpec {
                 ],
                 max_tokens: self.output_tokens as u32,
                 key: g,
+                // Every request its own images: no encoder-cache hits across requests.
+                images: (0..self.images_per_request as u64)
+                    .map(|k| stream_id(kind::IMAGE, i as u64, k))
+                    .collect(),
             })
             .collect()
     }
@@ -164,6 +175,24 @@ mod tests {
         let last = plan.iter().filter(|r| r.key == 49).count();
         assert!(plan.iter().all(|r| r.key < 50));
         assert!(first > 5 * last.max(1), "rank 1: {first}, rank 50: {last}");
+    }
+
+    #[test]
+    fn images_are_distinct_per_request_and_only_when_asked() {
+        let s = SharedPrefixSpec {
+            groups: 2,
+            prompts_per_group: 2,
+            images_per_request: 3,
+            ..Default::default()
+        };
+        let plan = s.plan(5, 4);
+        let urls: std::collections::HashSet<String> =
+            plan.iter().flat_map(|r| r.image_urls(5)).collect();
+        assert_eq!(urls.len(), 12, "{urls:?}");
+        assert!(urls.iter().all(|u| u.starts_with("http://")));
+        assert_eq!(plan[1].image_urls(5), s.plan(5, 4)[1].image_urls(5));
+        let text_only = SharedPrefixSpec::default().plan(5, 4);
+        assert!(text_only.iter().all(|r| r.images.is_empty()));
     }
 
     #[test]

@@ -3,8 +3,6 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,100 +14,21 @@ use infermesh_node::upstream::{HttpClient, http_client};
 use infermesh_scheduler::ResolvedConfig;
 use infermesh_sim::{EngineProfile, Fleet, FleetConfig};
 use infermesh_testkit::envoy::envoy_bin;
-pub use infermesh_testkit::free_port;
 
-/// A running Envoy, killed on drop.
-pub struct Envoy {
-    child: Child,
-    /// Client-facing address.
-    pub addr: SocketAddr,
-    /// Admin address.
-    pub admin: SocketAddr,
-    _dir: tempfile::TempDir,
+/// A TCP port free on 127.0.0.1 a moment ago (for listeners a config must name).
+pub fn free_port() -> u16 {
+    infermesh_testkit::free_port()
 }
 
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+/// A running Envoy in front of a node's ext_proc server, killed on drop.
+pub use infermesh_testkit::envoy::ExtProcEnvoy as Envoy;
 
-fn template(name: &str) -> String {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../deploy/envoy")
-        .join(name);
-    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
-}
-
-impl Envoy {
-    /// Starts Envoy with `deploy/envoy/envoy-extproc.yaml` pointed at `ext_proc`, with
-    /// `pods` as the pool cluster's endpoints.
-    pub async fn start_ext_proc(
-        ext_proc: SocketAddr,
-        pods: &[SocketAddr],
-        client: &HttpClient,
-    ) -> Envoy {
-        let cfg = template("envoy-extproc.yaml")
-            .replace("${EXT_PROC_HOST}", &ext_proc.ip().to_string())
-            .replace("${EXT_PROC_PORT}", &ext_proc.port().to_string())
-            .replace(
-                "${LB_ENDPOINTS}",
-                &infermesh_testkit::envoy::lb_endpoints(pods),
-            );
-        Envoy::start(cfg, client).await
-    }
-
-    async fn start(cfg: String, client: &HttpClient) -> Envoy {
-        let bin = envoy_bin();
-        for _attempt in 0..5 {
-            let (listen, admin) = (free_port(), free_port());
-            let text = cfg
-                .replace("${LISTEN_PORT}", &listen.to_string())
-                .replace("${ADMIN_PORT}", &admin.to_string());
-            let dir = tempfile::tempdir().expect("tempdir");
-            let path = dir.path().join("envoy.yaml");
-            std::fs::write(&path, text).expect("write envoy config");
-            let log = std::fs::File::create(dir.path().join("envoy.log")).expect("log file");
-            let child = Command::new(&bin)
-                .args(["--use-dynamic-base-id", "--log-level", "warn", "-c"])
-                .arg(&path)
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
-            let mut envoy = Envoy {
-                child,
-                addr: SocketAddr::from(([127, 0, 0, 1], listen)),
-                admin: SocketAddr::from(([127, 0, 0, 1], admin)),
-                _dir: dir,
-            };
-            if envoy.wait_ready(client).await {
-                return envoy;
-            }
-            // Most likely a port taken between picking and binding: try new ports.
-            let log =
-                std::fs::read_to_string(envoy._dir.path().join("envoy.log")).unwrap_or_default();
-            eprintln!("envoy did not become ready, retrying; log:\n{log}");
-        }
-        panic!("Envoy did not start after 5 attempts");
-    }
-
-    async fn wait_ready(&mut self, client: &HttpClient) -> bool {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-        while tokio::time::Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return false;
-            }
-            if let Ok(r) = get(client, self.admin, "/ready").await
-                && r.status == 200
-            {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        false
-    }
+/// Starts Envoy with `deploy/envoy/envoy-extproc.yaml` pointed at `ext_proc`, with `pods`
+/// as the pool cluster's endpoints (panics naming the cause when it cannot).
+pub async fn start_envoy(ext_proc: SocketAddr, pods: &[SocketAddr]) -> Envoy {
+    Envoy::start(&envoy_bin(), ext_proc, pods)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// An HTTP response read whole.
@@ -246,7 +165,7 @@ impl Harness {
         );
         let client = http_client(Duration::from_secs(2));
         let envoy = if with_envoy {
-            Some(Envoy::start_ext_proc(node.ext_proc_addr, &addrs, &client).await)
+            Some(start_envoy(node.ext_proc_addr, &addrs).await)
         } else {
             None
         };
