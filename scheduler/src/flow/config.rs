@@ -171,7 +171,7 @@ impl UsageLimitPolicy {
                 } else {
                     period as u64
                 };
-                tick % period == 0
+                tick.is_multiple_of(period)
             }
             _ => false,
         }
