@@ -25,8 +25,8 @@
 # Usage: bench/scenarios/overload-priority.sh   (environment: PODS [4], QPS [40],
 #   UNLOADED_QPS [5], DURATION_S [40], PROMPT_TOKENS [4000], OUTPUT_TOKENS [16],
 #   TTFT_SLO_MS [1500], SGLANG_LIMITS [8,16,32], MAX_CONCURRENCY [2] (infermesh's
-#   concurrency-detector, per pod), REQUEST_TTL [1s], HOLDBACK_MIN_CEILING [0.5] ("none":
-#   static-usage-limit-policy), HOLDBACK_DOMAIN [rank], SEED [1], SKIP_BUILD [0])
+#   concurrency-detector, per pod), REQUEST_TTL [1s], HOLDBACK_MIN_CEILING [0.4] ("none":
+#   static-usage-limit-policy), HOLDBACK_DOMAIN [value], SEED [1], SKIP_BUILD [0])
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
@@ -43,10 +43,14 @@ TTFT_SLO_MS="${TTFT_SLO_MS:-1500}"
 SGLANG_LIMITS="${SGLANG_LIMITS:-8,16,32}"
 MAX_CONCURRENCY="${MAX_CONCURRENCY:-2}"
 REQUEST_TTL="${REQUEST_TTL:-1s}"
-# priority-holdback-policy's minCeiling (rank domain, maxCeiling 1.0); "none" runs llm-d's
-# default static-usage-limit-policy instead.
-HOLDBACK_MIN_CEILING="${HOLDBACK_MIN_CEILING:-0.5}"
-HOLDBACK_DOMAIN="${HOLDBACK_DOMAIN:-rank}"
+# The usage limit: priority-holdback-policy with this minCeiling and domain (maxCeiling 1.0),
+# or "none" for llm-d's default static-usage-limit-policy. With the value domain and
+# priorities 10, 0, -1 the ceilings are 1.0 (critical), 0.4 + 0.6/11 = 0.455 (standard) and
+# 0.4 (sheddable): at maxConcurrency 2 on 4 pods (saturation steps of 1/8) standard and
+# sheddable start only while at most 3 requests run, so about 4 of the 8 slots stay free for
+# critical, and standard runs about one request per pod (no shared prefill).
+HOLDBACK_MIN_CEILING="${HOLDBACK_MIN_CEILING:-0.4}"
+HOLDBACK_DOMAIN="${HOLDBACK_DOMAIN:-value}"
 SEED="${SEED:-1}"
 PROFILE=llama-8b-h100
 BASE_PORT=18100
