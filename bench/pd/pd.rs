@@ -688,6 +688,33 @@ fn render(a: &Args, legs: &[Leg], envoy_note: &str) -> String {
             let _ = writeln!(s, "{l}");
         }
     }
+    // Why the interference P/D removes does not reach ITL p99 here: a prefill stalls every
+    // sequence on its pod for one step, so the share of stalled gaps is the per-pod prompt
+    // rate times the step time (the aggregated leg's ITL p50).
+    if let Some(agg) = legs.iter().find(|l| matches!(l.config, Config::Aggregated)) {
+        let step_s = agg.report.itl.p50_ms / 1e3;
+        let p = EngineProfile::llama_8b_h100();
+        let prompt_s = (p.prefill_overhead + p.prefill_per_token * 5000).as_secs_f64();
+        let per_pod = a.qps / PODS as f64;
+        let stalled = per_pod * step_s * 100.0;
+        let qps_for_1pct = 0.01 / step_s * PODS as f64;
+        let pd_cap = 2.0 / prompt_s;
+        let _ = writeln!(
+            s,
+            "\nReading: in the aggregated fleet a prefill stalls every decoding sequence on its \
+             pod for one step (the ITL max column), but at {:.1} req/s a pod starts \
+             {per_pod:.2} prompts a second against ~{:.0} decode steps a second (ITL p50 \
+             {:.1} ms), so about {stalled:.1}% of the gaps are stalled and the stall stays out of \
+             ITL p99. It would reach p99 above ~{qps_for_1pct:.0} req/s, beyond the \
+             ~{pd_cap:.1} req/s that 2 prefill pods can prefill ({:.0} ms per 5,000-token \
+             prompt), so at this split disaggregation cannot win ITL p99 at a load it sustains; \
+             a bigger prefill share or an ITL-only SLO would be needed.",
+            a.qps,
+            1.0 / step_s,
+            step_s * 1e3,
+            prompt_s * 1e3
+        );
+    }
     let failed: Vec<_> = legs
         .iter()
         .filter(|l| l.report.succeeded < l.report.requests_sent)
