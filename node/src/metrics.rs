@@ -208,6 +208,8 @@ pub struct NodeMetrics {
     pub prefix_match_ratio: Histogram,
     /// Proxy attempts moved to another endpoint after a connect failure.
     pub retries: Counter,
+    /// Running sheddable requests revoked by flow control's in-flight eviction.
+    pub flow_revocations: Counter,
     /// Tokens reported in responses' `usage`.
     pub tokens: Family<TokenLabels, Counter>,
     /// Scrapes by outcome.
@@ -288,6 +290,12 @@ impl NodeMetrics {
             "Proxy attempts retried on another endpoint",
             retries.clone(),
         );
+        let flow_revocations = Counter::default();
+        registry.register(
+            "flow_control_revocations",
+            "Running sheddable requests revoked by in-flight eviction (enableEviction)",
+            flow_revocations.clone(),
+        );
         let tokens = Family::<TokenLabels, Counter>::default();
         let token_counters = [TokenKind::Input, TokenKind::Output, TokenKind::Cached]
             .map(|kind| tokens.get_or_create(&TokenLabels { kind }).clone());
@@ -336,6 +344,7 @@ impl NodeMetrics {
             picks,
             prefix_match_ratio,
             retries,
+            flow_revocations,
             tokens,
             scrapes,
             model_rewrite_decisions,
@@ -419,6 +428,11 @@ impl NodeMetrics {
                 .get_or_create(&labels)
                 .observe(w.as_secs_f64());
         }
+    }
+
+    /// Counts one in-flight eviction.
+    pub fn count_flow_revocation(&self) {
+        self.flow_revocations.inc();
     }
 
     /// Sets the flow-control queue gauges.

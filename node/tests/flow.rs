@@ -151,3 +151,102 @@ flowControl:
     assert_eq!(outcome_total(&h, Outcome::EvictedTtl), 0);
     h.stop().await;
 }
+
+/// In-flight eviction (`enableEviction`): a critical request blocked behind a running
+/// sheddable one (one pod, one slot) revokes it; the sheddable stream ends early (cut off,
+/// or 429 `evicted` before its headers) and the critical request is served within its TTL.
+async fn a_blocked_critical_request_evicts_a_running_sheddable_one(with_envoy: bool) {
+    let scheduler = infermesh_scheduler::load_config(
+        "apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+featureGates: [flowControl]
+plugins:
+- type: queue-scorer
+- type: concurrency-detector
+  parameters: {maxConcurrency: 1}
+flowControl:
+  defaultRequestTTL: 5s
+  enableEviction: true
+  saturationDetector: {pluginRef: concurrency-detector}
+",
+    )
+    .expect("valid config");
+    let h = Harness::start_with_profile(
+        1,
+        with_envoy,
+        infermesh_sim::EngineProfile::llama_8b_h100(),
+        |c| {
+            c.scheduler = scheduler;
+            if let infermesh_node::config::EndpointSource::Static(p) = &mut c.endpoints {
+                p.objectives.insert("batch".into(), -1);
+                p.objectives.insert("critical".into(), 10);
+            }
+        },
+    )
+    .await;
+    // About 3,000 decode steps: tens of seconds unless it is evicted.
+    let long = serde_json::json!({"model": h.model, "prompt": "long job", "max_tokens": 3000, "stream": true});
+    let req = http::Request::post(format!("http://{}/v1/completions", h.entry()))
+        .header("content-type", "application/json")
+        .header("x-llm-d-inference-objective", "batch")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            long.to_string(),
+        )))
+        .unwrap();
+    let client = h.client.clone();
+    let sheddable = tokio::spawn(async move { support::send(&client, req).await });
+    // Until the sheddable request holds the slot.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while outcome_total(&h, Outcome::Dispatched) < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sheddable never dispatched"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let body = serde_json::json!({"model": h.model, "prompt": "urgent", "max_tokens": 1});
+    let r = post(
+        &h.client,
+        h.entry(),
+        "/v1/completions",
+        body.to_string(),
+        &[("x-llm-d-inference-objective", "critical")],
+    )
+    .await;
+    assert_eq!(r.status, 200, "critical: {:?}", r.body);
+    let cut = tokio::time::timeout(Duration::from_secs(10), sheddable)
+        .await
+        .expect("the evicted request ended")
+        .unwrap();
+    match cut {
+        Err(_) => {} // cut off mid-stream
+        Ok(r) => {
+            let text = String::from_utf8_lossy(&r.body).into_owned();
+            assert!(
+                r.status == 429 || !text.contains("[DONE]"),
+                "the sheddable request ran to completion: {} {text:.200}",
+                r.status
+            );
+            if r.status == 429 {
+                assert_eq!(
+                    r.header("x-llm-d-request-dropped-reason").as_deref(),
+                    Some("evicted")
+                );
+            }
+        }
+    }
+    assert_eq!(h.node.metrics().flow_revocations.get(), 1);
+    assert_eq!(outcome_total(&h, Outcome::EvictedTtl), 0);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_in_flight_eviction_revokes_a_running_sheddable_request() {
+    a_blocked_critical_request_evicts_a_running_sheddable_one(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_in_flight_eviction_revokes_a_running_sheddable_request() {
+    a_blocked_critical_request_evicts_a_running_sheddable_one(true).await;
+}

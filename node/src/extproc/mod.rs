@@ -51,6 +51,9 @@ struct ReplyStream {
     // A flow-control wait in flight; dropping the stream (Envoy reset) drops it, which
     // frees the request's place in the queue.
     flow: Option<FlowWait>,
+    // The scheduled request's revocation (in-flight eviction), watched beside Envoy's
+    // messages.
+    revoked: Option<Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>>,
     done: bool,
 }
 
@@ -62,6 +65,11 @@ impl ReplyStream {
                 Action::NeedLookup(l) => self.lookup = Some(l),
                 Action::NeedFlow(w) => self.flow = Some(w),
             }
+        }
+        if self.revoked.is_none()
+            && let Some(fut) = self.state.revocation()
+        {
+            self.revoked = Some(Box::pin(fut));
         }
     }
 
@@ -114,6 +122,15 @@ impl Stream for ReplyStream {
                 this.carry_out(actions);
                 continue;
             }
+            if let Some(fut) = &mut this.revoked
+                && fut.as_mut().poll(cx).is_ready()
+            {
+                this.revoked = None;
+                let actions = this.state.on_revoked();
+                this.carry_out(actions);
+                this.done = true;
+                continue;
+            }
             match Pin::new(&mut this.inbound).poll_next(cx) {
                 Poll::Ready(Some(Ok(msg))) => {
                     tracing::trace!(message = ?msg.request.as_ref().map(message_kind), "ext_proc message");
@@ -161,6 +178,7 @@ impl ExternalProcessor for ExtProcService {
             pending: VecDeque::new(),
             lookup: None,
             flow: None,
+            revoked: None,
             done: false,
         })))
     }

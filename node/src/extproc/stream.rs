@@ -98,6 +98,8 @@ pub struct ExtProcStream {
     usage: Option<UsageScanner>,
     awaiting: Option<AwaitingOwner>,
     restore: Option<ModelRestorer>,
+    /// Whether the driver has taken the ticket's revocation future.
+    revocation_taken: bool,
 }
 
 impl ExtProcStream {
@@ -118,6 +120,7 @@ impl ExtProcStream {
             usage: None,
             awaiting: None,
             restore: None,
+            revocation_taken: false,
         }
     }
 
@@ -165,7 +168,7 @@ impl ExtProcStream {
     /// The flow-control wait asked for by [`Action::NeedFlow`] finished with `answer`.
     pub fn on_flow(
         &mut self,
-        answer: Result<std::time::Duration, infermesh_scheduler::flow::DropReason>,
+        answer: Result<crate::request::flow::Dispatched, infermesh_scheduler::flow::DropReason>,
     ) -> Vec<Action> {
         let Some(mut w) = self.awaiting.take() else {
             return Vec::new();
@@ -407,6 +410,30 @@ impl ExtProcStream {
             self.finish();
         }
         out
+    }
+
+    /// The scheduled request's revocation (in-flight eviction), handed out once: the
+    /// driver awaits it beside Envoy's messages and calls [`Self::on_revoked`].
+    pub fn revocation(&mut self) -> Option<tokio_util::sync::WaitForCancellationFutureOwned> {
+        if self.revocation_taken {
+            return None;
+        }
+        let fut = self.ticket.as_ref()?.revoked();
+        self.revocation_taken = true;
+        fut
+    }
+
+    /// Flow control revoked the request: Envoy gets 429 `evicted` (a local reply, or a
+    /// reset if the response has started) and the stream is over.
+    pub fn on_revoked(&mut self) -> Vec<Action> {
+        let Some(ticket) = self.ticket.take() else {
+            return Vec::new();
+        };
+        let r = Rejection::Flow(infermesh_scheduler::flow::DropReason::Evicted);
+        let usage = self.usage.take().and_then(UsageScanner::finish);
+        ticket.finish(self.served, r.outcome(), usage);
+        self.phase = Phase::Done;
+        replies(vec![self.immediate(&r)])
     }
 
     /// Completes the request's accounting (idempotent).
@@ -713,7 +740,10 @@ mod tests {
         // Dispatched: the stream goes on to the pick.
         let (mut s, _d, _sd) = gated_stream();
         let _wait = flow_wait(s.handle(body(&completion(10), true, true)).unwrap());
-        let out = s.on_flow(Ok(Duration::from_millis(5)));
+        let out = s.on_flow(Ok(crate::request::flow::Dispatched {
+            waited: Duration::from_millis(5),
+            lease: None,
+        }));
         assert!(
             out.iter()
                 .any(|a| matches!(a, Action::Reply(Reply::Route { .. }))),

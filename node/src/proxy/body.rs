@@ -15,16 +15,30 @@ use crate::metrics::Outcome;
 use crate::request::Ticket;
 use crate::restore::ModelRestorer;
 use crate::usage::UsageScanner;
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+/// The error a body ends with.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// An upstream body that settles its request when it ends.
-#[derive(Debug)]
 pub struct TrackedBody {
     inner: Incoming,
+    /// In-flight eviction: when it resolves the response is cut off.
+    revoked: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     ticket: Option<Ticket>,
     usage: Option<UsageScanner>,
     served: SocketAddr,
     success: bool,
     restore: Option<ModelRestorer>,
+}
+
+impl std::fmt::Debug for TrackedBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrackedBody")
+            .field("served", &self.served)
+            .field("settled", &self.ticket.is_none())
+            .finish_non_exhaustive()
+    }
 }
 
 impl TrackedBody {
@@ -39,8 +53,10 @@ impl TrackedBody {
         let restore = ticket
             .model_restore()
             .map(|(served, client)| ModelRestorer::new(served, client));
+        let revoked = ticket.revoked().map(Box::pin);
         let mut body = TrackedBody {
             inner,
+            revoked,
             ticket: Some(ticket),
             usage: Some(UsageScanner::new(content_type)),
             served,
@@ -72,13 +88,24 @@ impl TrackedBody {
 
 impl Body for TrackedBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if this.ticket.is_some()
+            && let Some(r) = &mut this.revoked
+            && r.as_mut().poll(cx).is_ready()
+        {
+            this.revoked = None;
+            tracing::info!(endpoint = %this.served, "response cut off: the request was evicted by flow control");
+            this.settle(Outcome::Shed);
+            return Poll::Ready(Some(Err(
+                "evicted by flow control (in-flight eviction)".into()
+            )));
+        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(mut frame))) => {
                 if let (Some(data), Some(u)) = (frame.data_ref(), this.usage.as_mut()) {
@@ -101,7 +128,7 @@ impl Body for TrackedBody {
             Poll::Ready(Some(Err(e))) => {
                 tracing::warn!(endpoint = %this.served, error = %e, "upstream response broke off");
                 this.settle(Outcome::UpstreamError);
-                Poll::Ready(Some(Err(e)))
+                Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(None) => {
                 this.settle_ok();

@@ -181,7 +181,20 @@ async fn forward(
         let req = req
             .body(Full::new(body.clone()))
             .expect("valid request parts");
-        match tokio::time::timeout(s.cfg.response_timeout, s.client.request(req)).await {
+        let send = tokio::time::timeout(s.cfg.response_timeout, s.client.request(req));
+        let sent = match ticket.revoked() {
+            // In-flight eviction before the pod answered: 429 `evicted`, upstream dropped.
+            Some(revoked) => tokio::select! {
+                r = send => r,
+                () = revoked => {
+                    let r = Rejection::Flow(infermesh_scheduler::flow::DropReason::Evicted);
+                    ticket.finish(Some(dest), r.outcome(), None);
+                    return error_response(&r, request_id);
+                }
+            },
+            None => send.await,
+        };
+        match sent {
             Err(_) => {
                 let r = Rejection::Timeout {
                     endpoint: dest,

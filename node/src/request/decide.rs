@@ -242,6 +242,8 @@ impl Ticket {
             return;
         }
         self.finished = true;
+        // Ends flow control's lease (in-flight eviction): the request is over.
+        drop(self.prepared.lease.take());
         let served = served
             .or_else(|| self.slot.as_ref().map(|s| s.address()))
             .unwrap_or(self.destinations[0]);
@@ -268,6 +270,14 @@ impl Ticket {
             elapsed_ms = p.started.elapsed().as_secs_f64() * 1e3,
             "request finished"
         );
+    }
+}
+
+impl Ticket {
+    /// Resolves when flow control revokes the request (in-flight eviction of a sheddable
+    /// request): the caller ends it with 429 `evicted`. `None` when it cannot be revoked.
+    pub fn revoked(&self) -> Option<tokio_util::sync::WaitForCancellationFutureOwned> {
+        self.prepared.lease.as_ref()?.revoked()
     }
 }
 

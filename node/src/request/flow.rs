@@ -48,9 +48,10 @@ use std::time::{Duration, Instant};
 use infermesh_scheduler::Endpoint;
 use infermesh_scheduler::flow::{
     Decision, DropReason, FlowConfig, FlowController, FlowRequest, InvalidFlowConfig,
-    Outcome as FlowOutcome, PoolStatus, Ticket,
+    Outcome as FlowOutcome, PoolStatus, Ticket as FlowTicket,
 };
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::metrics::NodeMetrics;
 use crate::policy::SharedPolicy;
@@ -91,7 +92,54 @@ pub struct FlowArrival {
     pub slo_ttft: Option<Duration>,
 }
 
-type Reply = oneshot::Sender<Result<Duration, DropReason>>;
+/// A dispatched request's hold on pool capacity, with in-flight eviction on: it is tracked
+/// until dropped (the request ended however it ended), and a sheddable one may be revoked.
+pub struct Lease {
+    tx: mpsc::UnboundedSender<Input>,
+    ticket: FlowTicket,
+    revoke: Option<CancellationToken>,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("ticket", &self.ticket)
+            .field("revocable", &self.revoke.is_some())
+            .finish()
+    }
+}
+
+impl Lease {
+    /// Resolves when flow control revokes the lease (the request must end with 429
+    /// `evicted`); `None` for a lease that can never be revoked.
+    pub fn revoked(&self) -> Option<WaitForCancellationFutureOwned> {
+        self.revoke.as_ref().map(|t| t.clone().cancelled_owned())
+    }
+
+    /// Whether flow control has revoked the lease.
+    pub fn is_revoked(&self) -> bool {
+        self.revoke
+            .as_ref()
+            .is_some_and(CancellationToken::is_cancelled)
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Input::LeaseEnded(self.ticket));
+    }
+}
+
+/// A request flow control let through.
+#[derive(Debug)]
+pub struct Dispatched {
+    /// How long it waited.
+    pub waited: Duration,
+    /// Its lease, when in-flight eviction is on.
+    pub lease: Option<Lease>,
+}
+
+type Reply = oneshot::Sender<Result<Dispatched, DropReason>>;
 
 enum Input {
     Enqueue {
@@ -103,6 +151,8 @@ enum Input {
     /// A request this node dispatched finished: one request's worth of room is free now,
     /// before the next refresh shows it.
     Released,
+    /// A lease was dropped: the request ended (or never started).
+    LeaseEnded(FlowTicket),
 }
 
 /// The request side's handle to the owner task; cheap to clone.
@@ -118,6 +168,7 @@ impl std::fmt::Debug for Input {
             Input::Enqueue { id, .. } => write!(f, "Enqueue({id})"),
             Input::Cancel(id) => write!(f, "Cancel({id})"),
             Input::Released => f.write_str("Released"),
+            Input::LeaseEnded(t) => write!(f, "LeaseEnded({t:?})"),
         }
     }
 }
@@ -140,7 +191,7 @@ impl Drop for CancelOnDrop<'_> {
 impl FlowGate {
     /// Waits for the request's turn: `Ok(waited)` when dispatched, else why it was dropped.
     /// Dropping the future frees the request's place in the queue at once.
-    pub async fn wait(&self, arrival: FlowArrival) -> Result<Duration, DropReason> {
+    pub async fn wait(&self, arrival: FlowArrival) -> Result<Dispatched, DropReason> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (reply, rx) = oneshot::channel();
         if self.tx.send(Input::Enqueue { id, arrival, reply }).is_err() {
@@ -183,6 +234,8 @@ impl FlowGate {
             live_nodes,
             waiting: HashMap::new(),
             by_ticket: HashMap::new(),
+            revokers: HashMap::new(),
+            tx: tx.clone(),
             estimate: SaturationEstimate::default(),
             next_refresh: Instant::now(),
         };
@@ -266,8 +319,12 @@ struct Owner {
     metrics: Arc<NodeMetrics>,
     live_nodes: LiveNodes,
     // request id → (ticket, reply); ticket → request id.
-    waiting: HashMap<u64, (Ticket, Reply)>,
-    by_ticket: HashMap<Ticket, u64>,
+    waiting: HashMap<u64, (FlowTicket, Reply)>,
+    by_ticket: HashMap<FlowTicket, u64>,
+    /// Revocable leases (sheddable, eviction on) by ticket.
+    revokers: HashMap<FlowTicket, CancellationToken>,
+    /// For the leases this task hands out.
+    tx: mpsc::UnboundedSender<Input>,
     estimate: SaturationEstimate,
     next_refresh: Instant,
 }
@@ -346,6 +403,10 @@ impl Owner {
             Input::Released => {
                 self.estimate.released = self.estimate.released.saturating_add(1);
             }
+            Input::LeaseEnded(t) => {
+                self.revokers.remove(&t);
+                self.fc.handle_lease_end(t, now);
+            }
             Input::Cancel(id) => {
                 if let Some((ticket, _)) = self.waiting.get(&id)
                     && let Some(d) = self.fc.handle_cancel(*ticket, now)
@@ -381,23 +442,63 @@ impl Owner {
             }
             self.deliver(d);
         }
+        self.revoke(now);
     }
 
     fn deliver(&mut self, d: Decision) {
         self.metrics.count_flow_outcome(d.outcome, Some(d.waited));
-        let Some(id) = self.by_ticket.remove(&d.ticket) else {
-            return;
-        };
-        let Some((_, reply)) = self.waiting.remove(&id) else {
+        let reply = self
+            .by_ticket
+            .remove(&d.ticket)
+            .and_then(|id| self.waiting.remove(&id));
+        let Some((_, reply)) = reply else {
+            if d.is_dispatched() {
+                self.fc.handle_lease_end(d.ticket, Instant::now());
+            }
             return;
         };
         let answer = match d.reason {
-            None if d.outcome == FlowOutcome::Dispatched => Ok(d.waited),
+            None if d.outcome == FlowOutcome::Dispatched => Ok(Dispatched {
+                waited: d.waited,
+                lease: self.lease(d.ticket, d.priority),
+            }),
             None => Err(DropReason::Internal),
             Some(r) => Err(r),
         };
         // A closed reply is a client that went away; its Cancel is on its way.
         let _ = reply.send(answer);
+    }
+
+    /// The lease of a dispatched request when in-flight eviction is on (only sheddable
+    /// ones can be revoked).
+    fn lease(&mut self, ticket: FlowTicket, priority: i32) -> Option<Lease> {
+        if !self.fc.config().enable_eviction {
+            return None;
+        }
+        let revoke = (priority < 0).then(|| {
+            let token = CancellationToken::new();
+            self.revokers.insert(ticket, token.clone());
+            token
+        });
+        Some(Lease {
+            tx: self.tx.clone(),
+            ticket,
+            revoke,
+        })
+    }
+
+    /// Revokes the leases flow control chose; a lease already gone is ended at once.
+    fn revoke(&mut self, now: Instant) {
+        while let Some(t) = self.fc.poll_revocation() {
+            match self.revokers.remove(&t) {
+                Some(token) => {
+                    tracing::info!(ticket = ?t, "in-flight eviction: revoking a sheddable request");
+                    self.metrics.count_flow_revocation();
+                    token.cancel();
+                }
+                None => self.fc.handle_lease_end(t, now),
+            }
+        }
     }
 
     fn publish_gauges(&self) {

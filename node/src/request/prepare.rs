@@ -19,17 +19,20 @@ use infermesh_scheduler::{
 use rand::seq::IndexedRandom;
 
 use super::RequestMeta;
-use super::flow::{FlowArrival, FlowGate, SLO_TTFT_HEADER, SLO_TTFT_HEADER_ALIAS};
+use super::flow::{
+    Dispatched, FlowArrival, FlowGate, Lease, SLO_TTFT_HEADER, SLO_TTFT_HEADER_ALIAS,
+};
 use super::owners::{PrefixAnswer, PrefixLookup, PrefixOwners};
 use super::rejection::{NoEndpoint, Rejection};
 use crate::metrics::{NodeMetrics, RewriteLabels};
 use crate::policy::{Policy, SharedPolicy};
 use crate::pool::SharedPool;
 
-/// A request's wait in flow control: `Ok(waited)` when dispatched, else why it was
-/// dropped. Dropping it frees the request's place in the queue.
+/// A request's wait in flow control: `Ok` when dispatched (with its lease when in-flight
+/// eviction is on), else why it was dropped. Dropping it frees the request's place in the
+/// queue.
 pub type FlowWait =
-    Pin<Box<dyn Future<Output = Result<Duration, infermesh_scheduler::flow::DropReason>> + Send>>;
+    Pin<Box<dyn Future<Output = Result<Dispatched, infermesh_scheduler::flow::DropReason>> + Send>>;
 
 /// Limits of the request path.
 #[derive(Debug, Clone, Copy)]
@@ -65,6 +68,8 @@ pub struct Prepared {
     pub(super) body_bytes: u64,
     pub(super) subset: Option<BTreeSet<SocketAddr>>,
     pub(super) exclude: Vec<SocketAddr>,
+    /// Flow control's lease on the pool, held until the request ends (eviction on).
+    pub(super) lease: Option<Lease>,
 }
 
 impl Prepared {
@@ -262,6 +267,7 @@ impl Dispatcher {
             } else {
                 None
             },
+            lease: None,
             exclude: if self.flow.is_some() {
                 exclude.to_vec()
             } else {
@@ -294,10 +300,11 @@ impl Dispatcher {
     pub fn after_flow(
         &self,
         p: &mut Prepared,
-        answer: Result<Duration, infermesh_scheduler::flow::DropReason>,
+        answer: Result<Dispatched, infermesh_scheduler::flow::DropReason>,
     ) -> Result<(), Rejection> {
         let r = match answer {
-            Ok(waited) => {
+            Ok(Dispatched { waited, lease }) => {
+                p.lease = lease;
                 if waited.is_zero() {
                     return Ok(());
                 }

@@ -147,8 +147,18 @@ impl Harness {
         with_envoy: bool,
         tweak: impl FnOnce(&mut NodeConfig),
     ) -> Harness {
+        Harness::start_with_profile(pods, with_envoy, EngineProfile::instant(), tweak).await
+    }
+
+    /// Like [`Harness::start_with`], with pods simulating `profile`.
+    pub async fn start_with_profile(
+        pods: usize,
+        with_envoy: bool,
+        profile: EngineProfile,
+        tweak: impl FnOnce(&mut NodeConfig),
+    ) -> Harness {
         let mut cfg = FleetConfig::new(pods);
-        cfg.profile = EngineProfile::instant();
+        cfg.profile = profile;
         let model = cfg.model.clone();
         let fleet = Fleet::start(cfg).await.expect("simulated pods start");
         let addrs = fleet.addrs();

@@ -34,8 +34,6 @@ pub(crate) struct Band {
     ring: VecDeque<u32>,
     /// Every queued key of the band, for global-strict fairness.
     all: BTreeSet<OrderKey>,
-    /// Arrival sequences, for newest-first eviction.
-    members: BTreeSet<u64>,
 }
 
 impl Band {
@@ -49,7 +47,6 @@ impl Band {
             index: HashMap::new(),
             ring: VecDeque::new(),
             all: BTreeSet::new(),
-            members: BTreeSet::new(),
         }
     }
 
@@ -88,7 +85,6 @@ impl Band {
             self.ring.push_back(slot);
         }
         self.all.insert(key);
-        self.members.insert(key.1);
         self.len += 1;
         self.bytes += bytes;
         slot
@@ -105,7 +101,6 @@ impl Band {
             self.free.push(slot);
         }
         self.all.remove(&key);
-        self.members.remove(&key.1);
         self.len -= 1;
         self.bytes -= bytes;
     }
@@ -130,10 +125,5 @@ impl Band {
                 }
             },
         }
-    }
-
-    /// The most recently queued request (eviction victim order within a band).
-    pub(crate) fn newest(&self) -> Option<u64> {
-        self.members.last().copied()
     }
 }

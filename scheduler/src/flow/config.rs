@@ -222,9 +222,10 @@ pub struct FlowConfig {
     pub default_negative_band: Option<BandConfig>,
     /// When bands may dispatch.
     pub usage_limit: UsageLimitPolicy,
-    /// Whether a higher-priority arrival at global capacity may evict queued sheddable
-    /// (priority < 0) requests (`sheddable-eviction-filter`, lowest priority then newest
-    /// first as `priority-then-time-eviction-order-policy`).
+    /// In-flight eviction (llm-d `enableEviction`): while a band with queued requests is
+    /// blocked by saturation, running sheddable (priority < 0) requests of lower priority
+    /// are revoked with 429 (`sheddable-eviction-filter`; lowest priority, then newest first,
+    /// as `priority-then-time-eviction-order-policy`).
     pub enable_eviction: bool,
 }
 

@@ -8,6 +8,7 @@ use hashbrown::HashMap;
 use super::band::{Band, OrderKey};
 use super::config::{FlowConfig, InvalidFlowConfig, OrderingPolicy};
 use super::outcome::{Decision, DropReason, Outcome, Rejection, Ticket};
+use super::reclaim::{Reclaimer, revocations};
 
 /// A request asking for a place in the queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,8 +132,10 @@ pub struct FlowController {
     pool: PoolStatus,
     /// When the current endpoint regime (has endpoints or not) began, in ns.
     regime_since_ns: u64,
-    /// Decisions made outside a poll (evictions at enqueue), handed out first.
-    outbox: VecDeque<Decision>,
+    /// Dispatched requests' leases and in-flight eviction (`enableEviction`).
+    reclaim: Reclaimer,
+    /// Leases revoked and not yet handed to the driver.
+    revocations: VecDeque<Ticket>,
     outcomes: [u64; Outcome::ALL.len()],
     shut_down: bool,
 }
@@ -181,7 +184,8 @@ impl FlowController {
             total_bytes: 0,
             pool: PoolStatus::serving(1.0),
             regime_since_ns: 0,
-            outbox: VecDeque::new(),
+            reclaim: Reclaimer::default(),
+            revocations: VecDeque::new(),
             outcomes: [0; Outcome::ALL.len()],
             shut_down: false,
         })
@@ -238,10 +242,7 @@ impl FlowController {
             return Err(full(self));
         }
         let (need_requests, need_bytes) = self.global_deficit(req.bytes);
-        if (need_requests > 0 || need_bytes > 0)
-            && !(self.cfg.enable_eviction
-                && self.evict_for(req.priority, need_requests, need_bytes, now))
-        {
+        if need_requests > 0 || need_bytes > 0 {
             return Err(full(self));
         }
 
@@ -306,47 +307,6 @@ impl FlowController {
         (reqs, bytes)
     }
 
-    /// Displaces queued sheddable requests (priority < 0 and below `priority`), lowest
-    /// priority first and newest first within a band, until the deficit is covered.
-    /// Evicts nothing and returns false when even all of them would not be enough.
-    fn evict_for(
-        &mut self,
-        priority: i32,
-        need_requests: u64,
-        need_bytes: u64,
-        now: Instant,
-    ) -> bool {
-        let limit = priority.min(0);
-        let (avail_requests, avail_bytes) = self
-            .bands
-            .range(..limit)
-            .fold((0u64, 0u64), |(r, b), (_, band)| {
-                (r + band.len, b + band.bytes)
-            });
-        if avail_requests < need_requests || avail_bytes < need_bytes {
-            return false;
-        }
-        let (mut freed_requests, mut freed_bytes) = (0u64, 0u64);
-        while freed_requests < need_requests || freed_bytes < need_bytes {
-            let victim = self
-                .bands
-                .range(..limit)
-                .find_map(|(_, band)| band.newest())
-                .expect("enough sheddable requests were counted");
-            let victim_bytes = self.items[&victim].bytes;
-            let d = self.finish(
-                victim,
-                Outcome::EvictedOther,
-                Some(DropReason::EvictedPriority),
-                now,
-            );
-            freed_requests += 1;
-            freed_bytes += victim_bytes;
-            self.outbox.push_back(d);
-        }
-        true
-    }
-
     /// The client went away: frees the request's place at once and counts it as
     /// `EvictedContextCancelled`. Returns `None` when the ticket is no longer queued
     /// (already dispatched, expired or cancelled).
@@ -373,19 +333,16 @@ impl FlowController {
         self.pool = status;
     }
 
-    /// The next terminal decision at `now`, or `None` when nothing is due: first evictions
-    /// made at enqueue, then expiries, then one dispatch from the highest-priority band whose
+    /// The next terminal decision at `now`, or `None` when nothing is due: first expiries,
+    /// then one dispatch from the highest-priority band whose
     /// usage limit allows it at the last [`PoolStatus`]. Call it in a loop; a driver whose
     /// saturation rises with each dispatch updates it with `handle_pool` between calls.
     pub fn poll_decision(&mut self, now: Instant) -> Option<Decision> {
         self.poll_expired(now).or_else(|| self.poll_dispatch(now))
     }
 
-    /// Evictions and expiries due at `now` (never a dispatch).
+    /// Expiries due at `now` (never a dispatch).
     pub fn poll_expired(&mut self, now: Instant) -> Option<Decision> {
-        if let Some(d) = self.outbox.pop_front() {
-            return Some(d);
-        }
         let now_ns = self.ns(now);
         let outcome = if self.pool.has_endpoints {
             (Outcome::EvictedTtl, DropReason::TtlExpired)
@@ -422,6 +379,9 @@ impl FlowController {
             .usage_limit
             .allows(rank, &self.priorities, self.pool.saturation, tick)
         {
+            if self.cfg.enable_eviction {
+                self.reclaim_for_blocked(now);
+            }
             return None;
         }
         let key = self.bands.get_mut(&priority)?.pick()?;
@@ -453,9 +413,6 @@ impl FlowController {
     /// into `out`, and later enqueues are refused with `RejectedOther`.
     pub fn handle_shutdown(&mut self, now: Instant, out: &mut Vec<Decision>) {
         self.shut_down = true;
-        while let Some(d) = self.outbox.pop_front() {
-            out.push(d);
-        }
         while let Some(&(_, seq)) = self.by_enqueue.first() {
             out.push(self.finish(
                 seq,
@@ -470,15 +427,20 @@ impl FlowController {
     /// past: poll now). Also wake the owner after an enqueue and on pool changes, since
     /// those can make dispatches due.
     pub fn next_deadline(&self) -> Option<Instant> {
-        if !self.outbox.is_empty() {
-            return Some(self.epoch);
-        }
         let own = self.by_deadline.first().map(|&(d, _)| d);
         let ttl = self
             .by_enqueue
             .first()
             .and_then(|&(enq, _)| self.ttl_expiry_ns(enq));
         let next = match (own, ttl) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        // A reclamation decision waiting out its grace while demand is queued.
+        let reclaim = (self.cfg.enable_eviction && !self.is_empty())
+            .then(|| self.reclaim.next_decision_ns())
+            .flatten();
+        let next = match (next, reclaim) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
@@ -527,6 +489,10 @@ impl FlowController {
         self.total_len -= 1;
         self.total_bytes -= item.bytes;
         self.count(outcome);
+        if outcome == Outcome::Dispatched && self.cfg.enable_eviction {
+            let now_ns = self.ns(now);
+            self.reclaim.track(seq, item.band, now_ns);
+        }
         Decision {
             ticket: Ticket(seq),
             outcome,
@@ -534,6 +500,62 @@ impl FlowController {
             priority: item.band,
             waited: now.saturating_duration_since(item.enqueued),
         }
+    }
+
+    /// With eviction on, revokes sheddable leases for the highest band with queued requests
+    /// that the usage limit blocks and whose priority is above the next victim's (llm-d's
+    /// trigger: blocked demand of strictly higher priority; a band whose ceiling is 0 can
+    /// never be unblocked and is skipped).
+    fn reclaim_for_blocked(&mut self, now: Instant) {
+        let now_ns = self.ns(now);
+        let Some(victim) = self.reclaim.next_victim_priority() else {
+            return;
+        };
+        if !self.reclaim.may_decide(now_ns) {
+            return;
+        }
+        let saturation = self.pool.saturation;
+        let usage = self.cfg.usage_limit;
+        let demand = self.nonempty.iter().rev().find_map(|&p| {
+            if p <= victim {
+                return None;
+            }
+            let rank = self.priorities.partition_point(|q| *q > p);
+            let ceiling = usage.ceiling(rank, &self.priorities, saturation);
+            (ceiling > 0.0 && saturation >= ceiling).then_some((p, ceiling))
+        });
+        let Some((priority, ceiling)) = demand else {
+            return;
+        };
+        let n = revocations(saturation, ceiling, self.reclaim.len(), usize::MAX);
+        for seq in self.reclaim.revoke(n, priority, now_ns) {
+            self.revocations.push_back(Ticket(seq));
+        }
+    }
+
+    /// The next dispatched request to revoke (in-flight eviction): the driver ends it with
+    /// 429 and `x-llm-d-request-dropped-reason: evicted`, then reports
+    /// [`handle_lease_end`](Self::handle_lease_end) once it is torn down.
+    pub fn poll_revocation(&mut self) -> Option<Ticket> {
+        self.revocations.pop_front()
+    }
+
+    /// A dispatched request ended (finished, failed, cancelled or revoked and torn down):
+    /// its lease is released; for a revoked one this confirms the revocation.
+    pub fn handle_lease_end(&mut self, ticket: Ticket, now: Instant) {
+        let now_ns = self.ns(now);
+        self.reclaim.end(ticket.0, now_ns);
+    }
+
+    /// Leases tracked for eviction, and revoked ones not yet ended
+    /// (`flow_control_pending_reclaim` counts the latter).
+    pub fn leases(&self) -> (usize, usize) {
+        (self.reclaim.len(), self.reclaim.outstanding())
+    }
+
+    /// Leases revoked so far, and those confirmed by timeout instead of by their end.
+    pub fn revocations_total(&self) -> (u64, u64) {
+        (self.reclaim.revoked, self.reclaim.timed_out)
     }
 
     /// Queued requests (`flow_control_queue_size`).

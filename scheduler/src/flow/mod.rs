@@ -21,6 +21,11 @@
 //! ceilings that keep headroom free for higher bands (`priority-holdback-policy`,
 //! `soft-reflective-ceiling-policy`).
 //!
+//! With `enableEviction`, dispatched requests hold leases the driver ends with
+//! [`FlowController::handle_lease_end`]; a band blocked with queued requests revokes running
+//! sheddable leases of lower priority ([`FlowController::poll_revocation`], see
+//! [`reclaim`]). Queued requests are never displaced: a full queue refuses with 429.
+//!
 //! Every operation costs O(log n) in the queued requests (plus O(bands) to find the
 //! highest band, and bands are few); nothing reads a clock, sleeps, spawns or locks.
 //!
@@ -70,6 +75,7 @@ mod band;
 pub mod config;
 mod controller;
 pub mod outcome;
+pub mod reclaim;
 
 pub use config::{
     BandConfig, FairnessPolicy, FlowConfig, HoldbackDomain, InvalidFlowConfig, OrderingPolicy,

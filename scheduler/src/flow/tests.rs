@@ -353,61 +353,140 @@ fn static_threshold_below_one() {
     assert_eq!(drain(&mut fc, t0).len(), 1);
 }
 
+/// Dispatches `n` requests of `priority` at `at` on an open pool; returns their tickets.
+fn dispatch_n(fc: &mut FlowController, priority: i32, n: usize, at: Instant) -> Vec<Ticket> {
+    let ts: Vec<Ticket> = (0..n).map(|_| enq(fc, priority, "f", 1, at)).collect();
+    fc.handle_pool(PoolStatus::serving(0.0), at);
+    let got = dispatched(&drain(fc, at));
+    assert_eq!(got, ts);
+    ts
+}
+
+fn eviction_on() -> FlowConfig {
+    FlowConfig {
+        enable_eviction: true,
+        ..FlowConfig::default()
+    }
+}
+
 #[test]
-fn eviction_displaces_newest_lowest_priority_sheddable() {
+fn in_flight_eviction_revokes_newest_lowest_priority_sheddable_leases() {
+    let (mut fc, t0) = ctl(eviction_on());
+    let m1 = dispatch_n(&mut fc, -1, 2, t0);
+    let m5 = dispatch_n(&mut fc, -5, 1, t0 + secs(1));
+    let keep = dispatch_n(&mut fc, 0, 1, t0 + secs(1));
+    assert_eq!(fc.leases(), (4, 0));
+    // Saturated with standard demand queued: the deficit 1.2 - 1.0 at a mean footprint of
+    // 1.2 / 4 is one lease; the victim is the lowest priority.
+    let waiting = enq(&mut fc, 0, "f", 1, t0 + secs(2));
+    fc.handle_pool(PoolStatus::serving(1.2), t0 + secs(2));
+    assert!(drain(&mut fc, t0 + secs(2)).is_empty());
+    assert_eq!(fc.poll_revocation(), Some(m5[0]));
+    assert_eq!(fc.poll_revocation(), None);
+    // Paced: nothing more while the revocation is outstanding...
+    assert!(drain(&mut fc, t0 + secs(3)).is_empty());
+    assert_eq!(fc.poll_revocation(), None);
+    // ...nor within the grace after it ended.
+    fc.handle_lease_end(m5[0], t0 + secs(3));
+    assert_eq!(fc.leases(), (3, 0));
+    let grace = reclaim::CONFIRMATION_GRACE;
+    assert_eq!(fc.next_deadline(), Some(t0 + secs(3) + grace));
+    assert!(drain(&mut fc, t0 + secs(3)).is_empty());
+    assert_eq!(fc.poll_revocation(), None);
+    // After it, the newest of the -1 leases goes; never the priority-0 one.
+    assert!(drain(&mut fc, t0 + secs(3) + grace).is_empty());
+    assert_eq!(fc.poll_revocation(), Some(m1[1]));
+    fc.handle_lease_end(m1[1], t0 + secs(4));
+    assert!(drain(&mut fc, t0 + secs(5)).is_empty());
+    assert_eq!(fc.poll_revocation(), Some(m1[0]));
+    fc.handle_lease_end(m1[0], t0 + secs(5));
+    assert!(drain(&mut fc, t0 + secs(6)).is_empty());
+    assert_eq!(
+        fc.poll_revocation(),
+        None,
+        "only {keep:?} is left, and it is not sheddable"
+    );
+    assert_eq!(fc.revocations_total(), (3, 0));
+    // Room at last: the waiting request goes.
+    fc.handle_pool(PoolStatus::serving(0.5), t0 + secs(6));
+    assert_eq!(dispatched(&drain(&mut fc, t0 + secs(6))), vec![waiting]);
+}
+
+#[test]
+fn eviction_needs_blocked_demand_of_higher_priority() {
+    let (mut fc, t0) = ctl(eviction_on());
+    dispatch_n(&mut fc, -1, 3, t0);
+    // Saturated, but only sheddable demand of the same priority waits: no churn.
+    enq(&mut fc, -1, "f", 1, t0);
+    fc.handle_pool(PoolStatus::serving(1.5), t0);
+    assert!(drain(&mut fc, t0).is_empty());
+    assert_eq!(fc.poll_revocation(), None);
+    // Higher demand but the pool not blocked: nothing either.
+    let (mut fc, t0) = ctl(eviction_on());
+    dispatch_n(&mut fc, -1, 3, t0);
+    fc.handle_pool(PoolStatus::serving(0.5), t0);
+    enq(&mut fc, 0, "f", 1, t0);
+    fc.handle_pool(PoolStatus::serving(1.0), t0);
+    // Saturation 1.0 blocks (the gate is `saturation >= ceiling`): one revocation.
+    assert!(drain(&mut fc, t0).is_empty());
+    assert!(fc.poll_revocation().is_some());
+    // Sized by the deficit: at 2.0 over a ceiling of 1.0 with 3 leases (mean footprint
+    // 2/3) two are needed, the per-decision cap.
+    let (mut fc, t0) = ctl(eviction_on());
+    dispatch_n(&mut fc, -1, 3, t0);
+    enq(&mut fc, 5, "f", 1, t0);
+    fc.handle_pool(PoolStatus::serving(2.0), t0);
+    drain(&mut fc, t0);
+    let n = std::iter::from_fn(|| fc.poll_revocation()).count();
+    assert_eq!(n, 2);
+}
+
+#[test]
+fn without_eviction_nothing_is_revoked_and_a_hung_revocation_times_out() {
+    let (mut fc, t0) = ctl(FlowConfig::default());
+    dispatch_n(&mut fc, -1, 2, t0);
+    enq(&mut fc, 0, "f", 1, t0);
+    fc.handle_pool(PoolStatus::serving(1.5), t0);
+    assert!(drain(&mut fc, t0).is_empty());
+    assert_eq!(fc.poll_revocation(), None);
+    assert_eq!(
+        fc.leases(),
+        (0, 0),
+        "leases are tracked only with eviction on"
+    );
+
+    let (mut fc, t0) = ctl(eviction_on());
+    let leases = dispatch_n(&mut fc, -1, 2, t0);
+    enq(&mut fc, 0, "f", 1, t0);
+    fc.handle_pool(PoolStatus::serving(1.1), t0);
+    drain(&mut fc, t0);
+    assert_eq!(fc.poll_revocation(), Some(leases[1]));
+    // The revoked request never reports its end: after the timeout (and the grace) the
+    // next lease goes anyway, and the hung one is counted.
+    let late = t0 + reclaim::CONFIRMATION_TIMEOUT;
+    drain(&mut fc, late);
+    assert_eq!(
+        fc.poll_revocation(),
+        None,
+        "the grace runs from the timeout"
+    );
+    drain(&mut fc, late + reclaim::CONFIRMATION_GRACE);
+    assert_eq!(fc.poll_revocation(), Some(leases[0]));
+    assert_eq!(fc.revocations_total(), (2, 1));
+}
+
+#[test]
+fn capacity_is_refused_even_with_eviction_on() {
     let cfg = FlowConfig {
-        max_requests: Some(nz(4)),
+        max_requests: Some(nz(1)),
         enable_eviction: true,
         ..FlowConfig::default()
     };
     let (mut fc, t0) = ctl(cfg);
-    let m1_old = enq(&mut fc, -1, "s", 1, t0);
-    let m1_new = enq(&mut fc, -1, "s", 1, t0 + secs(1));
-    let m5 = enq(&mut fc, -5, "s", 1, t0);
-    let keep = enq(&mut fc, 0, "k", 1, t0);
-    // A priority-0 arrival evicts -5 first, then the newest of -1.
-    let t = enq(&mut fc, 0, "k", 1, t0 + secs(2));
-    let t2 = enq(&mut fc, 3, "k", 1, t0 + secs(2));
-    let ds = drain(&mut fc, t0 + secs(2));
-    let evicted: Vec<(Ticket, Outcome)> = ds
-        .iter()
-        .filter(|d| !d.is_dispatched())
-        .map(|d| (d.ticket, d.outcome))
-        .collect();
-    assert_eq!(
-        evicted,
-        vec![(m5, Outcome::EvictedOther), (m1_new, Outcome::EvictedOther)]
-    );
-    let r = ds[0].reason.unwrap();
-    assert_eq!((r.status(), r.header_value()), (429, "evicted-priority"));
-    assert!(fc.contains(m1_old) && fc.contains(keep) && fc.contains(t) && fc.contains(t2));
-    // A sheddable arrival never evicts its own or a higher band.
-    let r = fc.handle_enqueue(&FlowRequest::new(-1, "s", 1, t0), t0);
-    assert_eq!(r.unwrap_err().outcome, Outcome::RejectedCapacity);
-    // Non-sheddable requests are never evicted: only one sheddable remains.
-    assert!(
-        fc.handle_enqueue(&FlowRequest::new(1, "k", 1, t0), t0)
-            .is_ok()
-    );
-    assert!(
-        fc.handle_enqueue(&FlowRequest::new(1, "k", 1, t0), t0)
-            .is_err()
-    );
-}
-
-#[test]
-fn without_eviction_sheddable_requests_are_kept() {
-    let cfg = FlowConfig {
-        max_requests: Some(nz(1)),
-        ..FlowConfig::default()
-    };
-    let (mut fc, t0) = ctl(cfg);
     let s = enq(&mut fc, -1, "s", 1, t0);
-    assert!(
-        fc.handle_enqueue(&FlowRequest::new(5, "k", 1, t0), t0)
-            .is_err()
-    );
-    assert!(fc.contains(s));
+    let r = fc.handle_enqueue(&FlowRequest::new(5, "k", 1, t0), t0);
+    assert_eq!(r.unwrap_err().outcome, Outcome::RejectedCapacity);
+    assert!(fc.contains(s), "queued requests are never displaced");
 }
 
 #[test]
