@@ -10,6 +10,7 @@ use rand::RngCore;
 use crate::config::params::InflightLoadParams;
 use crate::config::{ConfigError, PluginSpec, ResolvedConfig};
 use crate::model::{Endpoint, InferenceRequest};
+use crate::parsers::RequestParsers;
 use crate::plugins::filters::{ByLabelFilter, LabelSelectorFilter, PrefixAffinityFilter};
 use crate::plugins::pickers::{MaxScorePicker, RandomPicker, WeightedRandomPicker};
 use crate::plugins::prefix::ApproxPrefixProducer;
@@ -217,6 +218,7 @@ pub struct Scheduler {
     inflight_load: InflightLoadParams,
     session_affinity: bool,
     decision_counter: Option<DecisionCounter>,
+    parsers: RequestParsers,
 }
 
 fn build(spec: &PluginSpec, pre: &mut Vec<Arc<dyn PreRequest>>) -> Instance {
@@ -273,7 +275,7 @@ fn build(spec: &PluginSpec, pre: &mut Vec<Arc<dyn PreRequest>>) -> Instance {
         | S::InflightLoadProducer(_)
         | S::MetricsDataSource(_)
         | S::CoreMetricsExtractor(_)
-        | S::OpenAiParser
+        | S::Parser(_)
         | S::GlobalStrictFairnessPolicy
         | S::RoundRobinFairnessPolicy
         | S::FcfsOrderingPolicy
@@ -434,7 +436,14 @@ impl Scheduler {
                 .unwrap_or_default(),
             session_affinity,
             decision_counter,
+            parsers: cfg.request_parsers(),
         })
+    }
+
+    /// The request parsers in force: which parser (and so which body reading) a request
+    /// path gets, or why it is refused.
+    pub fn parsers(&self) -> &RequestParsers {
+        &self.parsers
     }
 
     /// In-flight tokens `request` adds to the endpoint it is dispatched to, until it

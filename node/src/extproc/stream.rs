@@ -89,7 +89,9 @@ pub struct ExtProcStream {
     request_mode: BodyMode,
     response_mode: BodyMode,
     phase: Phase,
-    kind: ApiKind,
+    /// How the body is read, or the 400 for a path no configured parser takes (answered
+    /// once the body is in, as llm-d does).
+    kind: Result<ApiKind, Rejection>,
     meta: RequestMeta,
     body: Vec<u8>,
     ticket: Option<Ticket>,
@@ -109,7 +111,7 @@ impl ExtProcStream {
             request_mode: BodyMode::FullDuplexStreamed,
             response_mode: BodyMode::FullDuplexStreamed,
             phase: Phase::AwaitHeaders,
-            kind: ApiKind::Completions,
+            kind: Ok(ApiKind::Completions),
             meta: RequestMeta::default(),
             body: Vec::new(),
             ticket: None,
@@ -193,7 +195,7 @@ impl ExtProcStream {
         if self.phase != Phase::AwaitHeaders {
             return Err(ProtocolError::OutOfOrder("request headers received twice"));
         }
-        self.kind = ApiKind::from_path(&h.path);
+        self.kind = self.dispatcher.parser_for(&h.path);
         self.meta =
             RequestMeta::from_headers(h.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         self.meta.subset = h.subset;
@@ -263,9 +265,17 @@ impl ExtProcStream {
 
     /// The body is complete: phase one, then the owner lookup or straight to the pick.
     fn prepare(&mut self, body_ends_stream: bool, then_trailers: bool) -> Vec<Action> {
+        let kind = match &self.kind {
+            Ok(kind) => *kind,
+            Err(r) => {
+                self.dispatcher.count_rejection(&self.meta, "", r);
+                self.phase = Phase::Done;
+                return replies(vec![self.immediate(r)]);
+            }
+        };
         let prepared = match self
             .dispatcher
-            .prepare(self.kind, &self.body, self.meta.clone(), &[])
+            .prepare(kind, &self.body, self.meta.clone(), &[])
         {
             Ok(p) => p,
             Err(r) => {
@@ -1009,6 +1019,76 @@ mod tests {
         assert_eq!(view.slot(addr).unwrap().in_flight().requests, 0);
         let text = metrics.render(&view, Instant::now());
         assert!(text.contains("outcome=\"Cancelled\"} 1"), "{text}");
+    }
+
+    /// A request on `path` with `body`, through a stream whose policy lists `parsers`
+    /// under `requestHandler.parsers`; returns the replies to the body.
+    fn through_parsers(parsers: &[&str], path: &str, body_bytes: &[u8]) -> Vec<ProcessingResponse> {
+        let (d, _) = dispatcher();
+        let mut yaml = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nrequestHandler:\n  parsers:\n".to_owned();
+        for p in parsers {
+            yaml.push_str(&format!("  - pluginRef: {p}\n"));
+        }
+        let cfg = infermesh_scheduler::load_config(&yaml).unwrap();
+        d.policy().store(Arc::new(Policy::new(&cfg).unwrap()));
+        let mut s = ExtProcStream::new(d);
+        let fd = BodySendMode::FullDuplexStreamed;
+        let msg = ProcessingRequest {
+            protocol_config: mode(fd, fd),
+            request: Some(processing_request::Request::RequestHeaders(headers(
+                &[
+                    (":method", "POST"),
+                    (":path", path),
+                    ("x-request-id", "np-1"),
+                ],
+                false,
+            ))),
+            ..Default::default()
+        };
+        assert!(s.handle_replies(msg).unwrap().is_empty());
+        s.handle_replies(body(body_bytes, true, true)).unwrap()
+    }
+
+    #[test]
+    fn a_path_no_configured_parser_takes_is_refused_with_400_naming_it() {
+        let out = through_parsers(&["openai-parser"], "/tokenize?x=1", b"{}");
+        let i = immediate(&out[0]);
+        assert_eq!(i.status.unwrap().code, 400);
+        let msg: serde_json::Value = serde_json::from_slice(&i.body).unwrap();
+        let msg = msg["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains("/tokenize") && msg.contains("openai-parser"),
+            "{msg}"
+        );
+        // An Anthropic body is refused too when only the openai parser is listed.
+        let out = through_parsers(&["openai-parser"], "/v1/messages", &completion(5));
+        assert_eq!(immediate(&out[0]).status.unwrap().code, 400);
+        // The listed parser still serves its paths.
+        let out = through_parsers(&["openai-parser"], "/v1/completions", &completion(5));
+        assert!(
+            pods()
+                .iter()
+                .any(|p| p.to_string() == metadata_destination(&out[0]))
+        );
+    }
+
+    #[test]
+    fn a_configured_passthrough_routes_unclaimed_paths_unread() {
+        let out = through_parsers(
+            &["openai-parser", "passthrough-parser"],
+            "/tokenize",
+            b"\x00 not json",
+        );
+        let dest = metadata_destination(&out[0]);
+        assert!(pods().iter().any(|p| p.to_string() == dest), "{dest}");
+        // Listed before the fallback, the anthropic parser still reads its path.
+        let out = through_parsers(
+            &["anthropic-parser", "passthrough-parser"],
+            "/v1/messages",
+            br#"{"model":"m","messages":[]}"#,
+        );
+        let i = immediate(&out[0]);
+        assert_eq!(i.status.unwrap().code, 400, "the anthropic parser read it");
     }
 
     #[test]

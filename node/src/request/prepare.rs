@@ -135,6 +135,12 @@ impl Dispatcher {
         &self.policy
     }
 
+    /// How a request on `path` is read: the configured parser that takes the path, or
+    /// the 400 for a path none takes (not counted here: the caller has the request meta).
+    pub fn parser_for(&self, path: &str) -> Result<ApiKind, Rejection> {
+        Ok(self.policy.load().scheduler.parsers().api_kind(path)?)
+    }
+
     /// Logs and counts a request the node answered itself.
     pub fn count_rejection(&self, meta: &RequestMeta, model: &str, rejection: &Rejection) {
         tracing::info!(request_id = %meta.request_id, model, status = rejection.status(), reason = %rejection, "request rejected");

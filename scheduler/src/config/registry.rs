@@ -5,6 +5,7 @@ use serde::de::DeserializeOwned;
 use serde_yaml_ng::Value;
 
 use super::params::*;
+use crate::parsers::ParserType;
 
 /// What a plugin is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,8 +131,9 @@ pub enum PluginSpec {
     UtilizationDetector(UtilizationParams),
     /// `concurrency-detector`
     ConcurrencyDetector(ConcurrencyParams),
-    /// `openai-parser`
-    OpenAiParser,
+    /// A request parser (`openai-parser`, `anthropic-parser`, `vllmhttp-parser`,
+    /// `passthrough-parser`).
+    Parser(ParserType),
     /// `global-strict-fairness-policy`
     GlobalStrictFairnessPolicy,
     /// `round-robin-fairness-policy`
@@ -189,7 +191,7 @@ impl PluginSpec {
             PluginSpec::CoreMetricsExtractor(_) => "core-metrics-extractor",
             PluginSpec::UtilizationDetector(_) => "utilization-detector",
             PluginSpec::ConcurrencyDetector(_) => "concurrency-detector",
-            PluginSpec::OpenAiParser => "openai-parser",
+            PluginSpec::Parser(p) => p.type_name(),
             PluginSpec::GlobalStrictFairnessPolicy => "global-strict-fairness-policy",
             PluginSpec::RoundRobinFairnessPolicy => "round-robin-fairness-policy",
             PluginSpec::FcfsOrderingPolicy => "fcfs-ordering-policy",
@@ -236,7 +238,7 @@ impl PluginSpec {
             MetricsDataSource(_) => PluginKind::DataSource,
             CoreMetricsExtractor(_) => PluginKind::DataExtractor,
             UtilizationDetector(_) | ConcurrencyDetector(_) => PluginKind::SaturationDetector,
-            OpenAiParser => PluginKind::Parser,
+            Parser(_) => PluginKind::Parser,
             GlobalStrictFairnessPolicy | RoundRobinFairnessPolicy => PluginKind::FairnessPolicy,
             FcfsOrderingPolicy | EdfOrderingPolicy | SloDeadlineOrderingPolicy => {
                 PluginKind::OrderingPolicy
@@ -295,7 +297,7 @@ impl PluginSpec {
             | SingleProfileHandler
             | AlwaysDisaggPdDecider
             | AlwaysDisaggMultimodalDecider
-            | OpenAiParser
+            | Parser(_)
             | SoftReflectiveCeilingPolicy
             | GlobalStrictFairnessPolicy
             | RoundRobinFairnessPolicy
@@ -455,15 +457,15 @@ const UNSUPPORTED: &[(&str, &str)] = &[
     ("request-attribute-reporter", "not implemented"),
     (
         "vllmgrpc-parser",
-        "infermesh parses OpenAI HTTP bodies only",
-    ),
-    (
-        "passthrough-parser",
-        "infermesh parses OpenAI HTTP bodies only",
+        "infermesh reads HTTP bodies only (openai, anthropic, vllmhttp, passthrough parsers)",
     ),
     (
         "vertexai-parser",
-        "infermesh parses OpenAI HTTP bodies only",
+        "infermesh reads HTTP bodies only (openai, anthropic, vllmhttp, passthrough parsers)",
+    ),
+    (
+        "sglanghttp-parser",
+        "not implemented (SGLang's /generate body is not read); passthrough-parser routes it by load",
     ),
 ];
 
@@ -502,6 +504,9 @@ pub const KNOWN_TYPES: &[&str] = &[
     "utilization-detector",
     "concurrency-detector",
     "openai-parser",
+    "anthropic-parser",
+    "vllmhttp-parser",
+    "passthrough-parser",
     "global-strict-fairness-policy",
     "round-robin-fairness-policy",
     "fcfs-ordering-policy",
@@ -645,7 +650,10 @@ pub fn parse_spec_with_warnings(
             check(p.validate())?;
             S::ConcurrencyDetector(p)
         }
-        "openai-parser" => none(params).map(|_| S::OpenAiParser)?,
+        "openai-parser" => none(params).map(|_| S::Parser(ParserType::OpenAi))?,
+        "anthropic-parser" => none(params).map(|_| S::Parser(ParserType::Anthropic))?,
+        "vllmhttp-parser" => none(params).map(|_| S::Parser(ParserType::VllmHttp))?,
+        "passthrough-parser" => none(params).map(|_| S::Parser(ParserType::Passthrough))?,
         "global-strict-fairness-policy" => none(params).map(|_| S::GlobalStrictFairnessPolicy)?,
         "round-robin-fairness-policy" => none(params).map(|_| S::RoundRobinFairnessPolicy)?,
         "fcfs-ordering-policy" => none(params).map(|_| S::FcfsOrderingPolicy)?,
@@ -689,9 +697,12 @@ mod tests {
     fn every_known_type_parses_with_defaults() {
         for t in KNOWN_TYPES {
             let r = parse_spec(t, None);
-            // by-label needs a label; everything else has usable defaults.
+            // by-label needs a label and priority-holdback-policy its minCeiling (llm-d
+            // requires both); everything else has usable defaults.
             if *t == "by-label" {
                 assert!(matches!(r, Err(SpecError::Param(ref f, _)) if f == "label"));
+            } else if *t == "priority-holdback-policy" {
+                assert!(matches!(r, Err(SpecError::Param(ref f, _)) if f == "minCeiling"));
             } else {
                 let s = r.unwrap_or_else(|e| panic!("{t}: {e:?}"));
                 if *t != "by-label-selector" {
