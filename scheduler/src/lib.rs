@@ -55,6 +55,6 @@ pub use parsers::{NoParser, ParserType, RequestParsers};
 pub use plugins::profiles::DisaggDecision;
 pub use prefix::PrefixMatches;
 pub use scheduler::{
-    DecisionCounter, DecisionFamily, PrefixChain, PrefixMatchSummary, PrefixSource, ProfileResult,
-    Rejected, ScheduleError, Scheduler, SchedulingResult,
+    CandidateScores, DecisionCounter, DecisionFamily, PrefixChain, PrefixMatchSummary,
+    PrefixSource, ProfileResult, Rejected, ScheduleError, Scheduler, SchedulingResult,
 };

@@ -26,6 +26,8 @@ use crate::request::DESTINATION_HEADER;
 
 /// Filter-metadata namespace of the destination (and served-endpoint) keys.
 pub const LB_NAMESPACE: &str = "envoy.lb";
+/// Key in `envoy.lb` of the per-endpoint scores (`--emit-endpoint-scores`).
+pub const SCORES_KEY: &str = "x-gateway-destination-endpoint-scores";
 /// Filter-metadata namespace of the gateway's subset hint.
 pub const SUBSET_NAMESPACE: &str = "envoy.lb.subset_hint";
 /// Key of the subset hint list.
@@ -202,6 +204,7 @@ impl From<Reply> for ProcessingResponse {
                 set,
                 remove,
                 destination,
+                scores,
                 body,
             } => {
                 let common = CommonResponse {
@@ -221,7 +224,7 @@ impl From<Reply> for ProcessingResponse {
                     }),
                 };
                 ProcessingResponse {
-                    dynamic_metadata: Some(destination_metadata(destination)),
+                    dynamic_metadata: Some(destination_metadata(destination, scores)),
                     ..response(reply)
                 }
             }
@@ -302,9 +305,11 @@ fn mutation(set: Vec<(String, String)>, remove: Vec<String>) -> HeaderMutation {
     }
 }
 
-/// `envoy.lb` → `x-gateway-destination-endpoint: value`, as dynamic metadata.
-fn destination_metadata(value: String) -> Struct {
-    let inner = Struct {
+/// `envoy.lb` → `x-gateway-destination-endpoint: value`, as dynamic metadata, and, when
+/// there are scores, `x-gateway-destination-endpoint-scores: {"ip:port": score, …}` (a
+/// struct of numbers, as llm-d writes it).
+fn destination_metadata(value: String, scores: Vec<(SocketAddr, f64)>) -> Struct {
+    let mut inner = Struct {
         fields: [(
             DESTINATION_HEADER.to_owned(),
             Value {
@@ -313,6 +318,25 @@ fn destination_metadata(value: String) -> Struct {
         )]
         .into(),
     };
+    if !scores.is_empty() {
+        let by_endpoint = Struct {
+            fields: scores
+                .into_iter()
+                .map(|(addr, score)| {
+                    let v = Value {
+                        kind: Some(Kind::NumberValue(score)),
+                    };
+                    (addr.to_string(), v)
+                })
+                .collect(),
+        };
+        inner.fields.insert(
+            SCORES_KEY.to_owned(),
+            Value {
+                kind: Some(Kind::StructValue(by_endpoint)),
+            },
+        );
+    }
     Struct {
         fields: [(
             LB_NAMESPACE.to_owned(),

@@ -126,6 +126,9 @@ pub enum Reply {
         remove: Vec<String>,
         /// `x-gateway-destination-endpoint` for the `envoy.lb` metadata.
         destination: String,
+        /// Scheduler scores for `envoy.lb` → `x-gateway-destination-endpoint-scores`
+        /// (`--emit-endpoint-scores`); empty: the key is left out, as llm-d does.
+        scores: Vec<(SocketAddr, f64)>,
         /// A replacement body (buffered mode only).
         body: Option<Vec<u8>>,
     },

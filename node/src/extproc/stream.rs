@@ -212,6 +212,7 @@ impl ExtProcStream {
                         set: vec![(DESTINATION_HEADER.to_owned(), value.clone())],
                         remove: Vec::new(),
                         destination: value,
+                        scores: Vec::new(),
                         body: None,
                     }
                 }
@@ -350,6 +351,7 @@ impl ExtProcStream {
                     set,
                     remove,
                     destination,
+                    scores: ticket.endpoint_scores().to_vec(),
                     body: None,
                 }];
                 out.extend(streamed_chunks(body, body_ends_stream, true));
@@ -360,6 +362,7 @@ impl ExtProcStream {
                 set,
                 remove,
                 destination,
+                scores: ticket.endpoint_scores().to_vec(),
                 body: body_changed.then_some(body),
             }],
         };
@@ -491,7 +494,7 @@ mod tests {
 
     use super::*;
     use crate::discovery::EndpointSpec;
-    use crate::extproc::edge::{LB_NAMESPACE, SUBSET_KEY, SUBSET_NAMESPACE};
+    use crate::extproc::edge::{LB_NAMESPACE, SCORES_KEY, SUBSET_KEY, SUBSET_NAMESPACE};
     use crate::metrics::NodeMetrics;
     use crate::policy::Policy;
     use crate::pool::{EndpointSlot, PoolView};
@@ -564,6 +567,7 @@ mod tests {
             DispatchConfig {
                 max_body_bytes: 200_000,
                 staleness: Duration::from_secs(60),
+                emit_endpoint_scores: false,
             },
         );
         (d, view)
@@ -1089,6 +1093,80 @@ mod tests {
         );
         let i = immediate(&out[0]);
         assert_eq!(i.status.unwrap().code, 400, "the anthropic parser read it");
+    }
+
+    /// The scores under `envoy.lb` → `x-gateway-destination-endpoint-scores`, when present.
+    fn metadata_scores(r: &ProcessingResponse) -> Option<Vec<(String, f64)>> {
+        let lb = &r.dynamic_metadata.as_ref().unwrap().fields[LB_NAMESPACE];
+        let Some(Kind::StructValue(s)) = &lb.kind else {
+            panic!("envoy.lb is not a struct")
+        };
+        let Some(Kind::StructValue(scores)) = &s.fields.get(SCORES_KEY)?.kind else {
+            panic!("the scores are not a struct")
+        };
+        let mut out: Vec<(String, f64)> = scores
+            .fields
+            .iter()
+            .map(|(k, v)| match v.kind {
+                Some(Kind::NumberValue(n)) => (k.clone(), n),
+                ref other => panic!("score of {k} is not a number: {other:?}"),
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Some(out)
+    }
+
+    #[test]
+    fn endpoint_scores_go_in_the_lb_metadata_only_when_asked() {
+        let fd = BodySendMode::FullDuplexStreamed;
+        let (d, view) = dispatcher();
+        // One busy pod: the queue scorer tells it apart.
+        view.slots[2].record_scrape(Metrics {
+            waiting_queue: 10,
+            ..Metrics::idle(Instant::now())
+        });
+        let mut s = ExtProcStream::new(d.clone());
+        s.handle_replies(req_headers(mode(fd, fd), &[], None))
+            .unwrap();
+        let out = s.handle_replies(body(&completion(10), true, true)).unwrap();
+        assert_eq!(
+            metadata_scores(&out[0]),
+            None,
+            "off by default, as in llm-d"
+        );
+
+        let mut cfg = d.config();
+        cfg.emit_endpoint_scores = true;
+        let d = Dispatcher::new(
+            d.pool().clone(),
+            d.policy().clone(),
+            d.metrics().clone(),
+            cfg,
+        );
+        let mut s = ExtProcStream::new(d);
+        s.handle_replies(req_headers(mode(fd, fd), &[], None))
+            .unwrap();
+        let out = s.handle_replies(body(&completion(10), true, true)).unwrap();
+        let scores = metadata_scores(&out[0]).expect("scores emitted");
+        let mut want: Vec<String> = pods().iter().map(ToString::to_string).collect();
+        want.sort();
+        assert_eq!(
+            scores.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(),
+            want
+        );
+        // Default profile: queue 2 + kv-cache 2 (idle pods at 0 usage) + prefix 3 × 0.
+        let of = |a: SocketAddr| scores.iter().find(|(k, _)| *k == a.to_string()).unwrap().1;
+        assert_eq!(of(pods()[0]), 4.0);
+        assert_eq!(of(pods()[2]), 2.0);
+        let dest: SocketAddr = metadata_destination(&out[0]).parse().unwrap();
+        assert_eq!(of(dest), 4.0, "the pick has the top score");
+        // Buffered mode carries them in the body reply's metadata the same way.
+        let b = BodySendMode::Buffered;
+        let mut s = ExtProcStream::new(s.dispatcher.clone());
+        s.handle_replies(req_headers(mode(b, b), &[], None))
+            .unwrap();
+        let out = s.handle_replies(body(&completion(10), true, true)).unwrap();
+        assert_eq!(metadata_scores(&out[0]).map(|v| v.len()), Some(3));
     }
 
     #[test]

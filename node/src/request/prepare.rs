@@ -38,6 +38,9 @@ pub struct DispatchConfig {
     pub max_body_bytes: usize,
     /// Metrics older than this take an endpoint out of the candidate set.
     pub staleness: Duration,
+    /// Report every scored endpoint's score with the pick (llm-d's
+    /// `--emit-endpoint-scores`); off, the scores are never turned into addresses.
+    pub emit_endpoint_scores: bool,
 }
 
 /// The request path's shared state.
