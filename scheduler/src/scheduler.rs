@@ -11,7 +11,9 @@ use crate::config::params::InflightLoadParams;
 use crate::config::{ConfigError, PluginSpec, ResolvedConfig};
 use crate::model::{Endpoint, InferenceRequest};
 use crate::parsers::RequestParsers;
-use crate::plugins::filters::{ByLabelFilter, LabelSelectorFilter, PrefixAffinityFilter};
+use crate::plugins::filters::{
+    ByLabelFilter, HeaderBasedTestingFilter, LabelSelectorFilter, PrefixAffinityFilter,
+};
 use crate::plugins::pickers::{MaxScorePicker, RandomPicker, WeightedRandomPicker};
 use crate::plugins::prefix::ApproxPrefixProducer;
 use crate::plugins::prefix::spread_matches;
@@ -256,6 +258,7 @@ pub struct Scheduler {
     session_affinity: bool,
     decision_counter: Option<DecisionCounter>,
     parsers: RequestParsers,
+    echo_served_endpoint: bool,
 }
 
 fn build(spec: &PluginSpec, pre: &mut Vec<Arc<dyn PreRequest>>) -> Instance {
@@ -271,6 +274,7 @@ fn build(spec: &PluginSpec, pre: &mut Vec<Arc<dyn PreRequest>>) -> Instance {
         S::DecodeFilter => Instance::Filter(Arc::new(ByLabelFilter::decode())),
         S::PrefillFilter => Instance::Filter(Arc::new(ByLabelFilter::prefill())),
         S::EncodeFilter => Instance::Filter(Arc::new(ByLabelFilter::encode())),
+        S::HeaderBasedTestingFilter => Instance::Filter(Arc::new(HeaderBasedTestingFilter)),
         S::PrefixCacheAffinityFilter(p) => {
             Instance::Filter(Arc::new(PrefixAffinityFilter::new(p.clone())))
         }
@@ -313,6 +317,7 @@ fn build(spec: &PluginSpec, pre: &mut Vec<Arc<dyn PreRequest>>) -> Instance {
         | S::MetricsDataSource(_)
         | S::CoreMetricsExtractor(_)
         | S::Parser(_)
+        | S::DestinationEndpointServedVerifier
         | S::GlobalStrictFairnessPolicy
         | S::RoundRobinFairnessPolicy
         | S::FcfsOrderingPolicy
@@ -474,7 +479,18 @@ impl Scheduler {
             session_affinity,
             decision_counter,
             parsers: cfg.request_parsers(),
+            echo_served_endpoint: cfg
+                .plugins
+                .iter()
+                .any(|p| matches!(p.spec, PluginSpec::DestinationEndpointServedVerifier)),
         })
+    }
+
+    /// Whether a `destination-endpoint-served-verifier` is configured: the endpoint that
+    /// served a request (as the gateway reports it) goes back to the client in
+    /// `x-conformance-test-served-endpoint`.
+    pub fn echoes_served_endpoint(&self) -> bool {
+        self.echo_served_endpoint
     }
 
     /// The request parsers in force: which parser (and so which body reading) a request

@@ -20,7 +20,8 @@ use infermesh_proto::envoy::r#type::v3::HttpStatus;
 use infermesh_proto::google::protobuf::{Struct, Value, value::Kind};
 
 use super::message::{
-    BodyChunk, BodyMode, Inbound, Message, Modes, Reply, RequestHead, ResponseHead, Step,
+    BodyChunk, BodyMode, Inbound, Message, Modes, Reply, RequestHead, ResponseHead, ServedMetadata,
+    Step,
 };
 use crate::request::DESTINATION_HEADER;
 
@@ -64,13 +65,17 @@ impl TryFrom<ProcessingRequest> for Inbound {
             }),
             None => None,
         };
-        let metadata = msg.metadata_context.as_ref();
+        let mut metadata = msg.metadata_context;
         use processing_request::Request;
         let message = match msg.request.ok_or(InvalidMessage::Empty)? {
-            Request::RequestHeaders(h) => Message::RequestHeaders(request_head(h, metadata)),
+            Request::RequestHeaders(h) => {
+                Message::RequestHeaders(request_head(h, metadata.as_ref()))
+            }
             Request::RequestBody(b) => Message::RequestBody(chunk(b)),
             Request::RequestTrailers(_) => Message::RequestTrailers,
-            Request::ResponseHeaders(h) => Message::ResponseHeaders(response_head(h, metadata)?),
+            Request::ResponseHeaders(h) => {
+                Message::ResponseHeaders(response_head(h, metadata.as_mut())?)
+            }
             Request::ResponseBody(b) => Message::ResponseBody(chunk(b)),
             Request::ResponseTrailers(_) => Message::ResponseTrailers,
         };
@@ -121,7 +126,7 @@ fn request_head(h: HttpHeaders, metadata: Option<&Metadata>) -> RequestHead {
 
 fn response_head(
     h: HttpHeaders,
-    metadata: Option<&Metadata>,
+    metadata: Option<&mut Metadata>,
 ) -> Result<ResponseHead, InvalidMessage> {
     let mut status = 0;
     let mut content_type = None;
@@ -132,10 +137,16 @@ fn response_head(
             _ => {}
         }
     }
+    let served_metadata = metadata.map_or(ServedMetadata::NoLbMetadata, served_metadata);
+    let served = match &served_metadata {
+        ServedMetadata::Value(s) => s.split(',').next().and_then(|a| a.trim().parse().ok()),
+        _ => None,
+    };
     Ok(ResponseHead {
         status,
         content_type,
-        served: metadata.and_then(served_endpoint),
+        served,
+        served_metadata,
         end_of_stream: h.end_of_stream,
     })
 }
@@ -179,11 +190,14 @@ fn subset_hint(
     Some(set)
 }
 
-fn served_endpoint(md: &infermesh_proto::envoy::config::core::v3::Metadata) -> Option<SocketAddr> {
-    let ns = md.filter_metadata.get(LB_NAMESPACE)?;
-    match &ns.fields.get(SERVED_KEY)?.kind {
-        Some(Kind::StringValue(s)) => s.split(',').next()?.trim().parse().ok(),
-        _ => None,
+/// The served endpoint, moved out of the message (no copy on the response path).
+fn served_metadata(md: &mut Metadata) -> ServedMetadata {
+    let Some(ns) = md.filter_metadata.get_mut(LB_NAMESPACE) else {
+        return ServedMetadata::NoLbMetadata;
+    };
+    match ns.fields.get_mut(SERVED_KEY).and_then(|v| v.kind.as_mut()) {
+        Some(Kind::StringValue(s)) => ServedMetadata::Value(std::mem::take(s)),
+        _ => ServedMetadata::NoServedKey,
     }
 }
 

@@ -22,6 +22,10 @@ use crate::request::{
 use crate::restore::ModelRestorer;
 use crate::usage::UsageScanner;
 
+/// Response header carrying the endpoint that served the request, for the GIE conformance
+/// suite (set when a `destination-endpoint-served-verifier` is configured).
+pub const CONFORMANCE_SERVED_HEADER: &str = "x-conformance-test-served-endpoint";
+
 /// GIE's chunk size for body replies in full-duplex mode.
 pub const BODY_CHUNK: usize = 62_000;
 
@@ -376,11 +380,25 @@ impl ExtProcStream {
         self.served = h.served;
         self.usage = Some(UsageScanner::new(h.content_type.as_deref()));
         // Headers the client gets from the pick (the session-affinity token).
-        let set = self
+        let mut set = self
             .ticket
             .as_ref()
             .map(|t| t.response_headers().to_vec())
             .unwrap_or_default();
+        // llm-d's destination-endpoint-served-verifier (GIE conformance): the client learns
+        // which endpoint the gateway says served it.
+        if self
+            .dispatcher
+            .policy()
+            .load()
+            .scheduler
+            .echoes_served_endpoint()
+        {
+            set.push((
+                CONFORMANCE_SERVED_HEADER.to_owned(),
+                h.served_metadata.conformance_header_value().to_owned(),
+            ));
+        }
         let mut remove = Vec::new();
         // After a rewrite the client gets its own model name back, which may change the
         // body's length (full-duplex mode only: the body passes through this stream).
@@ -494,12 +512,15 @@ mod tests {
 
     use super::*;
     use crate::discovery::EndpointSpec;
-    use crate::extproc::edge::{LB_NAMESPACE, SCORES_KEY, SUBSET_KEY, SUBSET_NAMESPACE};
+    use crate::extproc::edge::{
+        LB_NAMESPACE, SCORES_KEY, SERVED_KEY, SUBSET_KEY, SUBSET_NAMESPACE,
+    };
     use crate::metrics::NodeMetrics;
     use crate::policy::Policy;
     use crate::pool::{EndpointSlot, PoolView};
     use crate::request::DispatchConfig;
     use crate::scrape::engine::Engine;
+    use infermesh_scheduler::plugins::filters::TEST_ENDPOINT_SELECTION_HEADER;
 
     const MODEL: &str = "m";
 
@@ -1167,6 +1188,138 @@ mod tests {
             .unwrap();
         let out = s.handle_replies(body(&completion(10), true, true)).unwrap();
         assert_eq!(metadata_scores(&out[0]).map(|v| v.len()), Some(3));
+    }
+
+    /// A stream under a policy with GIE's two conformance plugins configured.
+    fn conformance_stream() -> (ExtProcStream, Dispatcher) {
+        let (d, _) = dispatcher();
+        let cfg = infermesh_scheduler::load_config(
+            "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n\
+             - type: header-based-testing-filter\n- type: queue-scorer\n\
+             - type: destination-endpoint-served-verifier\n",
+        )
+        .unwrap();
+        d.policy().store(Arc::new(Policy::new(&cfg).unwrap()));
+        (ExtProcStream::new(d.clone()), d)
+    }
+
+    fn served_metadata(value: Option<&str>) -> Metadata {
+        let fields = value
+            .map(|v| {
+                (
+                    SERVED_KEY.to_owned(),
+                    Value {
+                        kind: Some(Kind::StringValue(v.into())),
+                    },
+                )
+            })
+            .into_iter()
+            .collect();
+        Metadata {
+            filter_metadata: [(LB_NAMESPACE.to_owned(), Struct { fields })].into(),
+            ..Default::default()
+        }
+    }
+
+    fn response_header(out: &[ProcessingResponse], key: &str) -> Option<String> {
+        let Some(processing_response::Response::ResponseHeaders(h)) = &out[0].response else {
+            panic!("response headers reply expected")
+        };
+        set_header(h.response.as_ref()?.header_mutation.as_ref()?, key)
+    }
+
+    #[test]
+    fn the_conformance_selection_header_steers_and_the_served_endpoint_is_echoed() {
+        let fd = BodySendMode::FullDuplexStreamed;
+        for target in [pods()[1], pods()[2]] {
+            for _ in 0..5 {
+                let (mut s, _) = conformance_stream();
+                let ip = target.ip().to_string();
+                s.handle_replies(req_headers(
+                    mode(fd, fd),
+                    &[(TEST_ENDPOINT_SELECTION_HEADER, ip.as_str())],
+                    None,
+                ))
+                .unwrap();
+                let out = s.handle_replies(body(&completion(10), true, true)).unwrap();
+                assert_eq!(metadata_destination(&out[0]), target.to_string());
+                // The gateway reports where it sent the request; the client gets it back.
+                let served = format!("{target}");
+                let out = s
+                    .handle_replies(ProcessingRequest {
+                        metadata_context: Some(served_metadata(Some(&served))),
+                        request: Some(processing_request::Request::ResponseHeaders(headers(
+                            &[(":status", "200")],
+                            false,
+                        ))),
+                        ..Default::default()
+                    })
+                    .unwrap();
+                assert_eq!(
+                    response_header(&out, CONFORMANCE_SERVED_HEADER),
+                    Some(served)
+                );
+            }
+        }
+        // An address no endpoint has leaves no candidate: 503, as llm-d's filter does.
+        let (mut s, _) = conformance_stream();
+        s.handle_replies(req_headers(
+            mode(fd, fd),
+            &[(TEST_ENDPOINT_SELECTION_HEADER, "256.256.256.256")],
+            None,
+        ))
+        .unwrap();
+        let out = s.handle_replies(body(&completion(10), true, true)).unwrap();
+        assert_eq!(immediate(&out[0]).status.unwrap().code, 503);
+        // Missing metadata is reported as llm-d's verifier words it.
+        for (md, want) in [
+            (None, "fail: missing envoy lb metadata"),
+            (
+                Some(served_metadata(None)),
+                "fail: missing destination endpoint served metadata",
+            ),
+        ] {
+            let (mut s, _) = conformance_stream();
+            let one = pods()[0].to_string();
+            s.handle_replies(req_headers(
+                mode(fd, fd),
+                &[(TEST_ENDPOINT_SELECTION_HEADER, one.as_str())],
+                None,
+            ))
+            .unwrap();
+            s.handle_replies(body(&completion(10), true, true)).unwrap();
+            let out = s
+                .handle_replies(ProcessingRequest {
+                    metadata_context: md,
+                    request: Some(processing_request::Request::ResponseHeaders(headers(
+                        &[(":status", "200")],
+                        false,
+                    ))),
+                    ..Default::default()
+                })
+                .unwrap();
+            assert_eq!(
+                response_header(&out, CONFORMANCE_SERVED_HEADER).as_deref(),
+                Some(want)
+            );
+        }
+        // Without the verifier nothing is added.
+        let (d, _) = dispatcher();
+        let mut s = ExtProcStream::new(d);
+        s.handle_replies(req_headers(mode(fd, fd), &[], None))
+            .unwrap();
+        s.handle_replies(body(&completion(10), true, true)).unwrap();
+        let out = s
+            .handle_replies(ProcessingRequest {
+                metadata_context: Some(served_metadata(Some("10.0.0.1:8000"))),
+                request: Some(processing_request::Request::ResponseHeaders(headers(
+                    &[(":status", "200")],
+                    false,
+                ))),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(response_header(&out, CONFORMANCE_SERVED_HEADER), None);
     }
 
     #[test]

@@ -255,6 +255,13 @@ fn respond(
         parts.headers.remove(h);
     }
     if let Ok(v) = HeaderValue::from_str(&served.to_string()) {
+        // The proxy is its own gateway: the endpoint it forwarded to is the served one,
+        // which a destination-endpoint-served-verifier also reports (GIE conformance).
+        if ticket.echoes_served_endpoint() {
+            parts
+                .headers
+                .insert(crate::extproc::stream::CONFORMANCE_SERVED_HEADER, v.clone());
+        }
         parts.headers.insert(SERVED_HEADER, v);
     }
     if let Ok(v) = HeaderValue::from_str(request_id) {

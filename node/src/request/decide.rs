@@ -217,6 +217,12 @@ impl Ticket {
         &self.extra_headers
     }
 
+    /// Whether the policy this request was scheduled under echoes the served endpoint to
+    /// the client (`destination-endpoint-served-verifier`).
+    pub fn echoes_served_endpoint(&self) -> bool {
+        self.prepared.policy.scheduler.echoes_served_endpoint()
+    }
+
     /// Headers for the client (e.g. `x-session-token` under session affinity).
     pub fn response_headers(&self) -> &[(String, String)] {
         &self.response_headers

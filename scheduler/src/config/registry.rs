@@ -40,6 +40,8 @@ pub enum PluginKind {
     EvictionFilter,
     /// A flow-control eviction order (which evictable request goes first).
     EvictionOrdering,
+    /// A response-header processor (runs when the model server's headers arrive).
+    ResponseProcessor,
 }
 
 impl PluginKind {
@@ -61,6 +63,7 @@ impl PluginKind {
             PluginKind::UsageLimitPolicy => "usage limit policy",
             PluginKind::EvictionFilter => "eviction filter",
             PluginKind::EvictionOrdering => "eviction ordering policy",
+            PluginKind::ResponseProcessor => "response processor",
         }
     }
 }
@@ -80,6 +83,11 @@ pub enum PluginSpec {
     EncodeFilter,
     /// `prefix-cache-affinity-filter`
     PrefixCacheAffinityFilter(PrefixAffinityParams),
+    /// `header-based-testing-filter` (GIE conformance: `test-epp-endpoint-selection`).
+    HeaderBasedTestingFilter,
+    /// `destination-endpoint-served-verifier` (GIE conformance: the served endpoint is
+    /// echoed in `x-conformance-test-served-endpoint`).
+    DestinationEndpointServedVerifier,
     /// `prefix-cache-scorer` (with any GIE 1.x producer parameters in `producer`).
     PrefixCacheScorer(PrefixScorerParams),
     /// `kv-cache-utilization-scorer`
@@ -166,6 +174,8 @@ impl PluginSpec {
             PluginSpec::PrefillFilter => "prefill-filter",
             PluginSpec::EncodeFilter => "encode-filter",
             PluginSpec::PrefixCacheAffinityFilter(_) => "prefix-cache-affinity-filter",
+            PluginSpec::HeaderBasedTestingFilter => "header-based-testing-filter",
+            PluginSpec::DestinationEndpointServedVerifier => "destination-endpoint-served-verifier",
             PluginSpec::PrefixCacheScorer(_) => "prefix-cache-scorer",
             PluginSpec::KvCacheUtilizationScorer => "kv-cache-utilization-scorer",
             PluginSpec::QueueScorer => "queue-scorer",
@@ -216,7 +226,9 @@ impl PluginSpec {
             | DecodeFilter
             | PrefillFilter
             | EncodeFilter
-            | PrefixCacheAffinityFilter(_) => PluginKind::Filter,
+            | PrefixCacheAffinityFilter(_)
+            | HeaderBasedTestingFilter => PluginKind::Filter,
+            DestinationEndpointServedVerifier => PluginKind::ResponseProcessor,
             PrefixCacheScorer(_)
             | KvCacheUtilizationScorer
             | QueueScorer
@@ -298,6 +310,8 @@ impl PluginSpec {
             | AlwaysDisaggPdDecider
             | AlwaysDisaggMultimodalDecider
             | Parser(_)
+            | HeaderBasedTestingFilter
+            | DestinationEndpointServedVerifier
             | SoftReflectiveCeilingPolicy
             | GlobalStrictFairnessPolicy
             | RoundRobinFairnessPolicy
@@ -452,8 +466,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
         "data-parallel-profile-handler",
         "deprecated in llm-d; use single-profile-handler",
     ),
-    ("header-based-testing-filter", "test-only plugin"),
-    ("destination-endpoint-served-verifier", "test-only plugin"),
     ("request-attribute-reporter", "not implemented"),
     (
         "vllmgrpc-parser",
@@ -478,6 +490,8 @@ pub const KNOWN_TYPES: &[&str] = &[
     "prefill-filter",
     "encode-filter",
     "prefix-cache-affinity-filter",
+    "header-based-testing-filter",
+    "destination-endpoint-served-verifier",
     "prefix-cache-scorer",
     "kv-cache-utilization-scorer",
     "queue-scorer",
@@ -545,6 +559,10 @@ pub fn parse_spec_with_warnings(
         "decode-filter" => none(params).map(|_| S::DecodeFilter)?,
         "prefill-filter" => none(params).map(|_| S::PrefillFilter)?,
         "encode-filter" => none(params).map(|_| S::EncodeFilter)?,
+        "header-based-testing-filter" => none(params).map(|_| S::HeaderBasedTestingFilter)?,
+        "destination-endpoint-served-verifier" => {
+            none(params).map(|_| S::DestinationEndpointServedVerifier)?
+        }
         "prefix-cache-affinity-filter" => {
             let p: PrefixAffinityParams = parse(params)?;
             check(p.validate())?;
