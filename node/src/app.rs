@@ -242,6 +242,7 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
         DispatchConfig {
             max_body_bytes: cfg.max_body_bytes,
             staleness: cfg.staleness,
+            emit_endpoint_scores: cfg.emit_endpoint_scores,
         },
     );
 

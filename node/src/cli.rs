@@ -114,6 +114,10 @@ pub struct ServeArgs {
     /// Seconds to wait for in-flight requests on shutdown.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+    /// Put every scored endpoint's scheduler score in the ext_proc reply's `envoy.lb`
+    /// metadata, key `x-gateway-destination-endpoint-scores` (llm-d's flag; off).
+    #[arg(long)]
+    pub emit_endpoint_scores: bool,
     /// Router mesh flags (--node-name, --gossip-addr, --mesh-addr, --seeds, --cluster-key-file…).
     #[command(flatten)]
     pub mesh: crate::mesh::MeshArgs,
@@ -139,6 +143,7 @@ impl ServeArgs {
             connect_timeout: self.connect_timeout,
             response_timeout: self.response_timeout,
             max_attempts: self.max_attempts,
+            emit_endpoint_scores: self.emit_endpoint_scores,
         }
     }
 }
@@ -467,5 +472,25 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = ctrl_c.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve(args: &[&str]) -> NodeSettings {
+        let argv = ["infermesh", "serve", "--endpoints", "pool.yaml"];
+        let cli = Cli::try_parse_from(argv.iter().chain(args)).expect("valid flags");
+        match cli.command {
+            Command::Serve(s) => s.settings(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn emit_endpoint_scores_is_off_unless_asked_as_in_llm_d() {
+        assert!(!serve(&[]).emit_endpoint_scores);
+        assert!(serve(&["--emit-endpoint-scores"]).emit_endpoint_scores);
     }
 }

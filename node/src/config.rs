@@ -44,6 +44,8 @@ pub struct NodeConfig {
     pub staleness: Duration,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
+    /// Put per-endpoint scheduler scores in the ext_proc response's `envoy.lb` metadata.
+    pub emit_endpoint_scores: bool,
     /// Model-server connect timeout.
     pub connect_timeout: Duration,
     /// Proxy forwarding limits.
@@ -79,6 +81,8 @@ pub struct NodeSettings {
     pub response_timeout: Duration,
     /// See [`ProxyConfig::max_attempts`].
     pub max_attempts: usize,
+    /// llm-d `--emit-endpoint-scores`, off.
+    pub emit_endpoint_scores: bool,
 }
 
 /// The configuration is invalid; nothing was started.
@@ -224,6 +228,7 @@ impl NodeConfig {
             },
             staleness: s.metrics_staleness_threshold,
             max_body_bytes: s.max_body_bytes,
+            emit_endpoint_scores: s.emit_endpoint_scores,
             connect_timeout: s.connect_timeout,
             proxy: ProxyConfig {
                 response_timeout: s.response_timeout,
@@ -248,6 +253,7 @@ impl NodeConfig {
             connect_timeout: Duration::from_secs(2),
             response_timeout: Duration::from_secs(300),
             max_attempts: 3,
+            emit_endpoint_scores: false,
         }
     }
 

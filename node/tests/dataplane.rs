@@ -581,3 +581,116 @@ async fn envoy_takes_the_fallback_when_the_primary_refuses() {
     assert_ne!(h.served(&r), home, "served by the fallback");
     h.stop().await;
 }
+
+/// `requestHandler.parsers` lists only the openai parser: a path it does not claim gets
+/// llm-d's 400 naming the path and the configured parsers, before any pod is asked; the
+/// openai paths still route. Listing `passthrough-parser` last routes the rest unread.
+async fn configured_parsers_decide_the_paths(with_envoy: bool) {
+    let only_openai = infermesh_scheduler::load_config(
+        "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\n\
+         requestHandler:\n  parsers:\n  - pluginRef: openai-parser\n",
+    )
+    .expect("valid config");
+    let h = Harness::start_with(2, with_envoy, |c| c.scheduler = only_openai).await;
+    let body = serde_json::json!({"model": h.model, "prompt": "hello world", "max_tokens": 1});
+    for path in ["/tokenize", "/v1/messages"] {
+        let r = post(&h.client, h.entry(), path, body.to_string(), &[]).await;
+        assert_eq!(r.status, 400, "{path}: {:?}", r.body);
+        let msg = r.json()["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            msg.contains(path) && msg.contains("openai-parser"),
+            "{path}: {msg}"
+        );
+    }
+    let r = post(
+        &h.client,
+        h.entry(),
+        "/v1/completions",
+        body.to_string(),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    h.stop().await;
+
+    let with_fallback = infermesh_scheduler::load_config(
+        "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\n\
+         requestHandler:\n  parsers:\n  - pluginRef: openai-parser\n  - pluginRef: passthrough-parser\n",
+    )
+    .expect("valid config");
+    let h = Harness::start_with(2, with_envoy, |c| c.scheduler = with_fallback).await;
+    let r = post(&h.client, h.entry(), "/tokenize", body.to_string(), &[]).await;
+    assert_eq!(r.status, 200, "passthrough: {:?}", r.body);
+    assert!(r.json()["count"].as_u64().is_some_and(|n| n > 0));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_refuses_paths_no_configured_parser_takes() {
+    configured_parsers_decide_the_paths(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_ext_proc_refuses_paths_no_configured_parser_takes() {
+    configured_parsers_decide_the_paths(true).await;
+}
+
+/// GIE's conformance hooks, configured as llm-d configures them: the
+/// `test-epp-endpoint-selection` header picks the pod (through `header-based-testing-filter`)
+/// and the client learns which pod served it in `x-conformance-test-served-endpoint`
+/// (`destination-endpoint-served-verifier`; through Envoy, from the `envoy.lb` metadata Envoy
+/// reports back). A selection no pod matches gets 503.
+async fn conformance_hooks(with_envoy: bool) {
+    let cfg = infermesh_scheduler::load_config(
+        "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n\
+         - type: header-based-testing-filter\n- type: queue-scorer\n\
+         - type: destination-endpoint-served-verifier\n",
+    )
+    .expect("valid config");
+    let h = Harness::start_with(3, with_envoy, |c| c.scheduler = cfg).await;
+    let body = serde_json::json!({"model": h.model, "prompt": "a critic", "max_tokens": 1});
+    for _ in 0..2 {
+        for pod in h.pods.clone() {
+            let selection = pod.to_string();
+            let r = post(
+                &h.client,
+                h.entry(),
+                "/v1/completions",
+                body.to_string(),
+                &[("test-epp-endpoint-selection", selection.as_str())],
+            )
+            .await;
+            assert_eq!(r.status, 200, "{:?}", r.body);
+            assert_eq!(h.served(&r), pod, "steered to the selected pod");
+            assert_eq!(
+                r.header("x-conformance-test-served-endpoint").as_deref(),
+                Some(selection.as_str()),
+                "{:?}",
+                r.headers
+            );
+        }
+    }
+    let r = post(
+        &h.client,
+        h.entry(),
+        "/v1/completions",
+        body.to_string(),
+        &[("test-epp-endpoint-selection", "256.256.256.256")],
+    )
+    .await;
+    assert_eq!(r.status, 503, "{:?}", r.body);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_serves_the_conformance_hooks() {
+    conformance_hooks(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_ext_proc_serves_the_conformance_hooks() {
+    conformance_hooks(true).await;
+}

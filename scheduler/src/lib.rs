@@ -41,6 +41,7 @@ pub mod config;
 pub mod flow;
 pub mod model;
 pub mod openai;
+pub mod parsers;
 pub mod plugins;
 pub mod prefix;
 pub mod scheduler;
@@ -50,9 +51,10 @@ pub use model::{Endpoint, InFlight, InferenceRequest, LoraState, Metrics, Role};
 pub use openai::{
     ApiKind, InvalidRequest, ParsedBody, body_parses_on_this_thread, parse_openai, replace_model,
 };
+pub use parsers::{NoParser, ParserType, RequestParsers};
 pub use plugins::profiles::DisaggDecision;
 pub use prefix::PrefixMatches;
 pub use scheduler::{
-    DecisionCounter, DecisionFamily, PrefixChain, PrefixMatchSummary, PrefixSource, ProfileResult,
-    Rejected, ScheduleError, Scheduler, SchedulingResult,
+    CandidateScores, DecisionCounter, DecisionFamily, PrefixChain, PrefixMatchSummary,
+    PrefixSource, ProfileResult, Rejected, ScheduleError, Scheduler, SchedulingResult,
 };

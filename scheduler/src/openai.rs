@@ -14,8 +14,8 @@ use serde::Deserialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-/// Which request parser handles a path (llm-d's `requestHandler.parsers`, picked by path
-/// suffix, first match wins).
+/// How a request body is read, as decided by the parser its path resolves to
+/// ([`crate::parsers::RequestParsers::resolve`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ApiKind {
     /// openai parser: `/v1/completions`
@@ -31,29 +31,13 @@ pub enum ApiKind {
     /// vllmhttp parser: `/inference/v1/generate`, vLLM's token-in API (`token_ids`,
     /// `sampling_params`; `model` optional).
     VllmGenerate,
-    /// passthrough: any other path; the body is forwarded unread and the request is routed
-    /// by load alone (no model check, no prefix data).
+    /// passthrough: a path only `passthrough-parser` takes, or a claimed path whose body
+    /// infermesh does not read; the body is forwarded unread and the request is routed by
+    /// load alone (no model check, no prefix data).
     Passthrough,
 }
 
 impl ApiKind {
-    /// Picks the parser from a request path by suffix (query string ignored).
-    pub fn from_path(path: &str) -> ApiKind {
-        let path = path.split('?').next().unwrap_or(path).trim_end_matches('/');
-        const BY_SUFFIX: [(&str, ApiKind); 6] = [
-            ("/inference/v1/generate", ApiKind::VllmGenerate),
-            ("/chat/completions", ApiKind::ChatCompletions),
-            ("/completions", ApiKind::Completions),
-            ("/embeddings", ApiKind::Embeddings),
-            ("/responses", ApiKind::Responses),
-            ("/messages", ApiKind::AnthropicMessages),
-        ];
-        BY_SUFFIX
-            .iter()
-            .find(|(suffix, _)| path.ends_with(suffix))
-            .map_or(ApiKind::Passthrough, |(_, k)| *k)
-    }
-
     /// Whether the body is parsed (everything but passthrough).
     pub fn parses_body(self) -> bool {
         self != ApiKind::Passthrough
@@ -872,22 +856,6 @@ mod tests {
             parse_openai(ApiKind::Completions, br#"{"prompt":"x"}"#),
             Err(InvalidRequest::MissingModel)
         );
-    }
-
-    #[test]
-    fn api_kind_from_path() {
-        for (path, kind) in [
-            ("/v1/chat/completions", ApiKind::ChatCompletions),
-            ("/v1/completions?x=1", ApiKind::Completions),
-            ("/v1/embeddings", ApiKind::Embeddings),
-            ("/v1/responses/", ApiKind::Responses),
-            ("/v1/messages", ApiKind::AnthropicMessages),
-            ("/inference/v1/generate", ApiKind::VllmGenerate),
-            ("/v1/audio/transcriptions", ApiKind::Passthrough),
-            ("/tokenize", ApiKind::Passthrough),
-        ] {
-            assert_eq!(ApiKind::from_path(path), kind, "{path}");
-        }
     }
 
     #[test]

@@ -10,7 +10,10 @@ use rand::RngCore;
 use crate::config::params::InflightLoadParams;
 use crate::config::{ConfigError, PluginSpec, ResolvedConfig};
 use crate::model::{Endpoint, InferenceRequest};
-use crate::plugins::filters::{ByLabelFilter, LabelSelectorFilter, PrefixAffinityFilter};
+use crate::parsers::RequestParsers;
+use crate::plugins::filters::{
+    ByLabelFilter, HeaderBasedTestingFilter, LabelSelectorFilter, PrefixAffinityFilter,
+};
 use crate::plugins::pickers::{MaxScorePicker, RandomPicker, WeightedRandomPicker};
 use crate::plugins::prefix::ApproxPrefixProducer;
 use crate::plugins::prefix::spread_matches;
@@ -90,6 +93,41 @@ pub struct ProfileResult {
     pub targets: Vec<SocketAddr>,
 }
 
+/// The weighted score (the sum of weight × scorer score) the primary profile gave each
+/// candidate that passed its filters: llm-d's `ScoredCandidates`, which
+/// `--emit-endpoint-scores` reports. Kept as indices into the candidate slice the cycle
+/// ran over (the profile's own buffers, moved), so a caller that does not report them
+/// pays nothing.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct CandidateScores {
+    indices: Vec<usize>,
+    scores: Vec<f64>,
+}
+
+impl CandidateScores {
+    /// Each scored candidate's address and weighted score; `candidates` must be the slice
+    /// the scheduling cycle ran over.
+    pub fn by_address<'a>(
+        &'a self,
+        candidates: &'a [Endpoint],
+    ) -> impl Iterator<Item = (SocketAddr, f64)> + 'a {
+        self.indices
+            .iter()
+            .zip(&self.scores)
+            .filter_map(|(&i, &s)| Some((candidates.get(i)?.address, s)))
+    }
+
+    /// How many candidates were scored.
+    pub fn len(&self) -> usize {
+        self.indices.len()
+    }
+
+    /// Whether no candidate was scored.
+    pub fn is_empty(&self) -> bool {
+        self.indices.is_empty()
+    }
+}
+
 /// Prefix-match facts of a scheduled request.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PrefixMatchSummary {
@@ -131,6 +169,8 @@ pub struct SchedulingResult {
     pub prefix_local: bool,
     /// The disaggregation decision, when the profile handler counts one.
     pub decision: Option<DisaggDecision>,
+    /// The primary profile's score of every candidate it scored.
+    pub primary_scores: CandidateScores,
 }
 
 impl SchedulingResult {
@@ -217,6 +257,8 @@ pub struct Scheduler {
     inflight_load: InflightLoadParams,
     session_affinity: bool,
     decision_counter: Option<DecisionCounter>,
+    parsers: RequestParsers,
+    echo_served_endpoint: bool,
 }
 
 fn build(spec: &PluginSpec, pre: &mut Vec<Arc<dyn PreRequest>>) -> Instance {
@@ -232,6 +274,7 @@ fn build(spec: &PluginSpec, pre: &mut Vec<Arc<dyn PreRequest>>) -> Instance {
         S::DecodeFilter => Instance::Filter(Arc::new(ByLabelFilter::decode())),
         S::PrefillFilter => Instance::Filter(Arc::new(ByLabelFilter::prefill())),
         S::EncodeFilter => Instance::Filter(Arc::new(ByLabelFilter::encode())),
+        S::HeaderBasedTestingFilter => Instance::Filter(Arc::new(HeaderBasedTestingFilter)),
         S::PrefixCacheAffinityFilter(p) => {
             Instance::Filter(Arc::new(PrefixAffinityFilter::new(p.clone())))
         }
@@ -273,7 +316,8 @@ fn build(spec: &PluginSpec, pre: &mut Vec<Arc<dyn PreRequest>>) -> Instance {
         | S::InflightLoadProducer(_)
         | S::MetricsDataSource(_)
         | S::CoreMetricsExtractor(_)
-        | S::OpenAiParser
+        | S::Parser(_)
+        | S::DestinationEndpointServedVerifier
         | S::GlobalStrictFairnessPolicy
         | S::RoundRobinFairnessPolicy
         | S::FcfsOrderingPolicy
@@ -434,7 +478,25 @@ impl Scheduler {
                 .unwrap_or_default(),
             session_affinity,
             decision_counter,
+            parsers: cfg.request_parsers(),
+            echo_served_endpoint: cfg
+                .plugins
+                .iter()
+                .any(|p| matches!(p.spec, PluginSpec::DestinationEndpointServedVerifier)),
         })
+    }
+
+    /// Whether a `destination-endpoint-served-verifier` is configured: the endpoint that
+    /// served a request (as the gateway reports it) goes back to the client in
+    /// `x-conformance-test-served-endpoint`.
+    pub fn echoes_served_endpoint(&self) -> bool {
+        self.echo_served_endpoint
+    }
+
+    /// The request parsers in force: which parser (and so which body reading) a request
+    /// path gets, or why it is refused.
+    pub fn parsers(&self) -> &RequestParsers {
+        &self.parsers
     }
 
     /// In-flight tokens `request` adds to the endpoint it is dispatched to, until it
@@ -458,13 +520,19 @@ impl Scheduler {
         self.prefix.as_ref().map(|p| p.index())
     }
 
-    fn run_profile(&self, i: usize, cycle: &CycleState<'_>, rng: &mut dyn RngCore) -> Vec<usize> {
+    /// Runs profile `i`: its picks, and the weighted score of every candidate it scored.
+    fn run_profile(
+        &self,
+        i: usize,
+        cycle: &CycleState<'_>,
+        rng: &mut dyn RngCore,
+    ) -> (Vec<usize>, CandidateScores) {
         let p = &self.profiles[i];
         let mut cands: Vec<usize> = (0..cycle.endpoints.len()).collect();
         for f in &p.filters {
             f.filter(cycle, rng, &mut cands);
             if cands.is_empty() {
-                return Vec::new();
+                return (Vec::new(), CandidateScores::default());
             }
         }
         let mut total = vec![0.0f64; cands.len()];
@@ -477,7 +545,13 @@ impl Scheduler {
         }
         let mut out = Vec::with_capacity(1);
         p.picker.pick(&cands, &total, rng, &mut out);
-        out
+        (
+            out,
+            CandidateScores {
+                indices: cands,
+                scores: total,
+            },
+        )
     }
 
     /// Runs one scheduling cycle over `candidates` (the request's eligible endpoints),
@@ -551,13 +625,18 @@ impl Scheduler {
             }
         }
         let mut runs: Vec<ProfileRun> = Vec::with_capacity(self.profiles.len());
+        let primary = self.handler.primary();
+        let mut primary_scores = CandidateScores::default();
         // Each profile runs or is skipped at most once; the bound guards a faulty handler.
         for _ in 0..=2 * self.profiles.len() {
             match self.handler.next(&cycle, &runs) {
                 NextProfile::Run(i)
                     if i < self.profiles.len() && !runs.iter().any(|r| r.profile == i) =>
                 {
-                    let targets = self.run_profile(i, &cycle, rng);
+                    let (targets, scores) = self.run_profile(i, &cycle, rng);
+                    if i == primary {
+                        primary_scores = scores;
+                    }
                     runs.push(ProfileRun {
                         profile: i,
                         targets,
@@ -574,7 +653,6 @@ impl Scheduler {
                 _ => break,
             }
         }
-        let primary = self.handler.primary();
         let Some(primary_run) = runs
             .iter()
             .find(|r| r.profile == primary && !r.targets.is_empty())
@@ -634,6 +712,7 @@ impl Scheduler {
             cache_targets,
             prefix_local: matches!(source, PrefixSource::Local),
             decision,
+            primary_scores,
         })
     }
 

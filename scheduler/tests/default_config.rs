@@ -78,6 +78,21 @@ fn default_config_prefers_idle_then_prefix_holder() {
     assert_eq!(s.prefix_index().unwrap().entries(), 0);
 }
 
+/// The primary profile reports every candidate's weighted score (llm-d's
+/// `ScoredCandidates`, behind `--emit-endpoint-scores`), the pick included.
+#[test]
+fn every_scored_candidate_gets_its_weighted_score() {
+    let s = Scheduler::new(&ResolvedConfig::builtin_default()).unwrap();
+    let now = Instant::now();
+    // queue 2 × (min-max, low is best) + kv 2 × (1 - usage) + prefix 3 × 0 (cold).
+    let eps = vec![endpoint(0, 0, 0.5, now), endpoint(1, 10, 0.0, now)];
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let r = s.schedule(&request("scores"), &eps, now, &mut rng).unwrap();
+    let scores: Vec<(SocketAddr, f64)> = r.primary_scores.by_address(&eps).collect();
+    assert_eq!(scores, vec![(eps[0].address, 3.0), (eps[1].address, 2.0)]);
+    assert_eq!(r.destinations(), &[eps[0].address]);
+}
+
 #[test]
 fn no_candidates_is_an_error() {
     let s = Scheduler::new(&ResolvedConfig::builtin_default()).unwrap();

@@ -20,12 +20,15 @@ use infermesh_proto::envoy::r#type::v3::HttpStatus;
 use infermesh_proto::google::protobuf::{Struct, Value, value::Kind};
 
 use super::message::{
-    BodyChunk, BodyMode, Inbound, Message, Modes, Reply, RequestHead, ResponseHead, Step,
+    BodyChunk, BodyMode, Inbound, Message, Modes, Reply, RequestHead, ResponseHead, ServedMetadata,
+    Step,
 };
 use crate::request::DESTINATION_HEADER;
 
 /// Filter-metadata namespace of the destination (and served-endpoint) keys.
 pub const LB_NAMESPACE: &str = "envoy.lb";
+/// Key in `envoy.lb` of the per-endpoint scores (`--emit-endpoint-scores`).
+pub const SCORES_KEY: &str = "x-gateway-destination-endpoint-scores";
 /// Filter-metadata namespace of the gateway's subset hint.
 pub const SUBSET_NAMESPACE: &str = "envoy.lb.subset_hint";
 /// Key of the subset hint list.
@@ -62,13 +65,17 @@ impl TryFrom<ProcessingRequest> for Inbound {
             }),
             None => None,
         };
-        let metadata = msg.metadata_context.as_ref();
+        let mut metadata = msg.metadata_context;
         use processing_request::Request;
         let message = match msg.request.ok_or(InvalidMessage::Empty)? {
-            Request::RequestHeaders(h) => Message::RequestHeaders(request_head(h, metadata)),
+            Request::RequestHeaders(h) => {
+                Message::RequestHeaders(request_head(h, metadata.as_ref()))
+            }
             Request::RequestBody(b) => Message::RequestBody(chunk(b)),
             Request::RequestTrailers(_) => Message::RequestTrailers,
-            Request::ResponseHeaders(h) => Message::ResponseHeaders(response_head(h, metadata)?),
+            Request::ResponseHeaders(h) => {
+                Message::ResponseHeaders(response_head(h, metadata.as_mut())?)
+            }
             Request::ResponseBody(b) => Message::ResponseBody(chunk(b)),
             Request::ResponseTrailers(_) => Message::ResponseTrailers,
         };
@@ -119,7 +126,7 @@ fn request_head(h: HttpHeaders, metadata: Option<&Metadata>) -> RequestHead {
 
 fn response_head(
     h: HttpHeaders,
-    metadata: Option<&Metadata>,
+    metadata: Option<&mut Metadata>,
 ) -> Result<ResponseHead, InvalidMessage> {
     let mut status = 0;
     let mut content_type = None;
@@ -130,10 +137,16 @@ fn response_head(
             _ => {}
         }
     }
+    let served_metadata = metadata.map_or(ServedMetadata::NoLbMetadata, served_metadata);
+    let served = match &served_metadata {
+        ServedMetadata::Value(s) => s.split(',').next().and_then(|a| a.trim().parse().ok()),
+        _ => None,
+    };
     Ok(ResponseHead {
         status,
         content_type,
-        served: metadata.and_then(served_endpoint),
+        served,
+        served_metadata,
         end_of_stream: h.end_of_stream,
     })
 }
@@ -177,11 +190,14 @@ fn subset_hint(
     Some(set)
 }
 
-fn served_endpoint(md: &infermesh_proto::envoy::config::core::v3::Metadata) -> Option<SocketAddr> {
-    let ns = md.filter_metadata.get(LB_NAMESPACE)?;
-    match &ns.fields.get(SERVED_KEY)?.kind {
-        Some(Kind::StringValue(s)) => s.split(',').next()?.trim().parse().ok(),
-        _ => None,
+/// The served endpoint, moved out of the message (no copy on the response path).
+fn served_metadata(md: &mut Metadata) -> ServedMetadata {
+    let Some(ns) = md.filter_metadata.get_mut(LB_NAMESPACE) else {
+        return ServedMetadata::NoLbMetadata;
+    };
+    match ns.fields.get_mut(SERVED_KEY).and_then(|v| v.kind.as_mut()) {
+        Some(Kind::StringValue(s)) => ServedMetadata::Value(std::mem::take(s)),
+        _ => ServedMetadata::NoServedKey,
     }
 }
 
@@ -202,6 +218,7 @@ impl From<Reply> for ProcessingResponse {
                 set,
                 remove,
                 destination,
+                scores,
                 body,
             } => {
                 let common = CommonResponse {
@@ -221,7 +238,7 @@ impl From<Reply> for ProcessingResponse {
                     }),
                 };
                 ProcessingResponse {
-                    dynamic_metadata: Some(destination_metadata(destination)),
+                    dynamic_metadata: Some(destination_metadata(destination, scores)),
                     ..response(reply)
                 }
             }
@@ -302,9 +319,11 @@ fn mutation(set: Vec<(String, String)>, remove: Vec<String>) -> HeaderMutation {
     }
 }
 
-/// `envoy.lb` → `x-gateway-destination-endpoint: value`, as dynamic metadata.
-fn destination_metadata(value: String) -> Struct {
-    let inner = Struct {
+/// `envoy.lb` → `x-gateway-destination-endpoint: value`, as dynamic metadata, and, when
+/// there are scores, `x-gateway-destination-endpoint-scores: {"ip:port": score, …}` (a
+/// struct of numbers, as llm-d writes it).
+fn destination_metadata(value: String, scores: Vec<(SocketAddr, f64)>) -> Struct {
+    let mut inner = Struct {
         fields: [(
             DESTINATION_HEADER.to_owned(),
             Value {
@@ -313,6 +332,25 @@ fn destination_metadata(value: String) -> Struct {
         )]
         .into(),
     };
+    if !scores.is_empty() {
+        let by_endpoint = Struct {
+            fields: scores
+                .into_iter()
+                .map(|(addr, score)| {
+                    let v = Value {
+                        kind: Some(Kind::NumberValue(score)),
+                    };
+                    (addr.to_string(), v)
+                })
+                .collect(),
+        };
+        inner.fields.insert(
+            SCORES_KEY.to_owned(),
+            Value {
+                kind: Some(Kind::StructValue(by_endpoint)),
+            },
+        );
+    }
     Struct {
         fields: [(
             LB_NAMESPACE.to_owned(),

@@ -53,8 +53,34 @@ pub struct ResponseHead {
     pub content_type: Option<String>,
     /// `envoy.lb` served endpoint, when Envoy reports it.
     pub served: Option<SocketAddr>,
+    /// What `envoy.lb` says about the served endpoint, verbatim (for the conformance echo).
+    pub served_metadata: ServedMetadata,
     /// No body follows.
     pub end_of_stream: bool,
+}
+
+/// What the response's `envoy.lb` metadata says about the endpoint that served the
+/// request, as llm-d's `destination-endpoint-served-verifier` reads it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ServedMetadata {
+    /// No `envoy.lb` namespace.
+    #[default]
+    NoLbMetadata,
+    /// `envoy.lb` without a string `x-gateway-destination-endpoint-served`.
+    NoServedKey,
+    /// The served value, verbatim.
+    Value(String),
+}
+
+impl ServedMetadata {
+    /// The `x-conformance-test-served-endpoint` value llm-d's verifier writes for it.
+    pub fn conformance_header_value(&self) -> &str {
+        match self {
+            ServedMetadata::NoLbMetadata => "fail: missing envoy lb metadata",
+            ServedMetadata::NoServedKey => "fail: missing destination endpoint served metadata",
+            ServedMetadata::Value(v) => v,
+        }
+    }
 }
 
 /// A piece of a request or response body.
@@ -126,6 +152,9 @@ pub enum Reply {
         remove: Vec<String>,
         /// `x-gateway-destination-endpoint` for the `envoy.lb` metadata.
         destination: String,
+        /// Scheduler scores for `envoy.lb` → `x-gateway-destination-endpoint-scores`
+        /// (`--emit-endpoint-scores`); empty: the key is left out, as llm-d does.
+        scores: Vec<(SocketAddr, f64)>,
         /// A replacement body (buffered mode only).
         body: Option<Vec<u8>>,
     },

@@ -22,6 +22,10 @@ use crate::request::{
 use crate::restore::ModelRestorer;
 use crate::usage::UsageScanner;
 
+/// Response header carrying the endpoint that served the request, for the GIE conformance
+/// suite (set when a `destination-endpoint-served-verifier` is configured).
+pub const CONFORMANCE_SERVED_HEADER: &str = "x-conformance-test-served-endpoint";
+
 /// GIE's chunk size for body replies in full-duplex mode.
 pub const BODY_CHUNK: usize = 62_000;
 
@@ -89,7 +93,9 @@ pub struct ExtProcStream {
     request_mode: BodyMode,
     response_mode: BodyMode,
     phase: Phase,
-    kind: ApiKind,
+    /// How the body is read, or the 400 for a path no configured parser takes (answered
+    /// once the body is in, as llm-d does).
+    kind: Result<ApiKind, Rejection>,
     meta: RequestMeta,
     body: Vec<u8>,
     ticket: Option<Ticket>,
@@ -111,7 +117,7 @@ impl ExtProcStream {
             request_mode: BodyMode::FullDuplexStreamed,
             response_mode: BodyMode::FullDuplexStreamed,
             phase: Phase::AwaitHeaders,
-            kind: ApiKind::Completions,
+            kind: Ok(ApiKind::Completions),
             meta: RequestMeta::default(),
             body: Vec::new(),
             ticket: None,
@@ -196,7 +202,7 @@ impl ExtProcStream {
         if self.phase != Phase::AwaitHeaders {
             return Err(ProtocolError::OutOfOrder("request headers received twice"));
         }
-        self.kind = ApiKind::from_path(&h.path);
+        self.kind = self.dispatcher.parser_for(&h.path);
         self.meta =
             RequestMeta::from_headers(h.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         self.meta.subset = h.subset;
@@ -213,6 +219,7 @@ impl ExtProcStream {
                         set: vec![(DESTINATION_HEADER.to_owned(), value.clone())],
                         remove: Vec::new(),
                         destination: value,
+                        scores: Vec::new(),
                         body: None,
                     }
                 }
@@ -266,9 +273,17 @@ impl ExtProcStream {
 
     /// The body is complete: phase one, then the owner lookup or straight to the pick.
     fn prepare(&mut self, body_ends_stream: bool, then_trailers: bool) -> Vec<Action> {
+        let kind = match &self.kind {
+            Ok(kind) => *kind,
+            Err(r) => {
+                self.dispatcher.count_rejection(&self.meta, "", r);
+                self.phase = Phase::Done;
+                return replies(vec![self.immediate(r)]);
+            }
+        };
         let prepared = match self
             .dispatcher
-            .prepare(self.kind, &self.body, self.meta.clone(), &[])
+            .prepare(kind, &self.body, self.meta.clone(), &[])
         {
             Ok(p) => p,
             Err(r) => {
@@ -343,6 +358,7 @@ impl ExtProcStream {
                     set,
                     remove,
                     destination,
+                    scores: ticket.endpoint_scores().to_vec(),
                     body: None,
                 }];
                 out.extend(streamed_chunks(body, body_ends_stream, true));
@@ -353,6 +369,7 @@ impl ExtProcStream {
                 set,
                 remove,
                 destination,
+                scores: ticket.endpoint_scores().to_vec(),
                 body: body_changed.then_some(body),
             }],
         };
@@ -366,11 +383,25 @@ impl ExtProcStream {
         self.served = h.served;
         self.usage = Some(UsageScanner::new(h.content_type.as_deref()));
         // Headers the client gets from the pick (the session-affinity token).
-        let set = self
+        let mut set = self
             .ticket
             .as_ref()
             .map(|t| t.response_headers().to_vec())
             .unwrap_or_default();
+        // llm-d's destination-endpoint-served-verifier (GIE conformance): the client learns
+        // which endpoint the gateway says served it.
+        if self
+            .dispatcher
+            .policy()
+            .load()
+            .scheduler
+            .echoes_served_endpoint()
+        {
+            set.push((
+                CONFORMANCE_SERVED_HEADER.to_owned(),
+                h.served_metadata.conformance_header_value().to_owned(),
+            ));
+        }
         let mut remove = Vec::new();
         // After a rewrite the client gets its own model name back, which may change the
         // body's length (full-duplex mode only: the body passes through this stream).
@@ -508,12 +539,15 @@ mod tests {
 
     use super::*;
     use crate::discovery::EndpointSpec;
-    use crate::extproc::edge::{LB_NAMESPACE, SUBSET_KEY, SUBSET_NAMESPACE};
+    use crate::extproc::edge::{
+        LB_NAMESPACE, SCORES_KEY, SERVED_KEY, SUBSET_KEY, SUBSET_NAMESPACE,
+    };
     use crate::metrics::NodeMetrics;
     use crate::policy::Policy;
     use crate::pool::{EndpointSlot, PoolView};
     use crate::request::DispatchConfig;
     use crate::scrape::engine::Engine;
+    use infermesh_scheduler::plugins::filters::TEST_ENDPOINT_SELECTION_HEADER;
 
     const MODEL: &str = "m";
 
@@ -581,6 +615,7 @@ mod tests {
             DispatchConfig {
                 max_body_bytes: 200_000,
                 staleness: Duration::from_secs(60),
+                emit_endpoint_scores: false,
             },
         );
         (d, view)
@@ -1039,6 +1074,282 @@ mod tests {
         assert_eq!(view.slot(addr).unwrap().in_flight().requests, 0);
         let text = metrics.render(&view, Instant::now());
         assert!(text.contains("outcome=\"Cancelled\"} 1"), "{text}");
+    }
+
+    /// A request on `path` with `body`, through a stream whose policy lists `parsers`
+    /// under `requestHandler.parsers`; returns the replies to the body.
+    fn through_parsers(parsers: &[&str], path: &str, body_bytes: &[u8]) -> Vec<ProcessingResponse> {
+        let (d, _) = dispatcher();
+        let mut yaml = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nrequestHandler:\n  parsers:\n".to_owned();
+        for p in parsers {
+            yaml.push_str(&format!("  - pluginRef: {p}\n"));
+        }
+        let cfg = infermesh_scheduler::load_config(&yaml).unwrap();
+        d.policy().store(Arc::new(Policy::new(&cfg).unwrap()));
+        let mut s = ExtProcStream::new(d);
+        let fd = BodySendMode::FullDuplexStreamed;
+        let msg = ProcessingRequest {
+            protocol_config: mode(fd, fd),
+            request: Some(processing_request::Request::RequestHeaders(headers(
+                &[
+                    (":method", "POST"),
+                    (":path", path),
+                    ("x-request-id", "np-1"),
+                ],
+                false,
+            ))),
+            ..Default::default()
+        };
+        assert!(s.handle_replies(msg).unwrap().is_empty());
+        s.handle_replies(body(body_bytes, true, true)).unwrap()
+    }
+
+    #[test]
+    fn a_path_no_configured_parser_takes_is_refused_with_400_naming_it() {
+        let out = through_parsers(&["openai-parser"], "/tokenize?x=1", b"{}");
+        let i = immediate(&out[0]);
+        assert_eq!(i.status.unwrap().code, 400);
+        let msg: serde_json::Value = serde_json::from_slice(&i.body).unwrap();
+        let msg = msg["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains("/tokenize") && msg.contains("openai-parser"),
+            "{msg}"
+        );
+        // An Anthropic body is refused too when only the openai parser is listed.
+        let out = through_parsers(&["openai-parser"], "/v1/messages", &completion(5));
+        assert_eq!(immediate(&out[0]).status.unwrap().code, 400);
+        // The listed parser still serves its paths.
+        let out = through_parsers(&["openai-parser"], "/v1/completions", &completion(5));
+        assert!(
+            pods()
+                .iter()
+                .any(|p| p.to_string() == metadata_destination(&out[0]))
+        );
+    }
+
+    #[test]
+    fn a_configured_passthrough_routes_unclaimed_paths_unread() {
+        let out = through_parsers(
+            &["openai-parser", "passthrough-parser"],
+            "/tokenize",
+            b"\x00 not json",
+        );
+        let dest = metadata_destination(&out[0]);
+        assert!(pods().iter().any(|p| p.to_string() == dest), "{dest}");
+        // Listed before the fallback, the anthropic parser still reads its path.
+        let out = through_parsers(
+            &["anthropic-parser", "passthrough-parser"],
+            "/v1/messages",
+            br#"{"model":"m","messages":[]}"#,
+        );
+        let i = immediate(&out[0]);
+        assert_eq!(i.status.unwrap().code, 400, "the anthropic parser read it");
+    }
+
+    /// The scores under `envoy.lb` → `x-gateway-destination-endpoint-scores`, when present.
+    fn metadata_scores(r: &ProcessingResponse) -> Option<Vec<(String, f64)>> {
+        let lb = &r.dynamic_metadata.as_ref().unwrap().fields[LB_NAMESPACE];
+        let Some(Kind::StructValue(s)) = &lb.kind else {
+            panic!("envoy.lb is not a struct")
+        };
+        let Some(Kind::StructValue(scores)) = &s.fields.get(SCORES_KEY)?.kind else {
+            panic!("the scores are not a struct")
+        };
+        let mut out: Vec<(String, f64)> = scores
+            .fields
+            .iter()
+            .map(|(k, v)| match v.kind {
+                Some(Kind::NumberValue(n)) => (k.clone(), n),
+                ref other => panic!("score of {k} is not a number: {other:?}"),
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Some(out)
+    }
+
+    #[test]
+    fn endpoint_scores_go_in_the_lb_metadata_only_when_asked() {
+        let fd = BodySendMode::FullDuplexStreamed;
+        let (d, view) = dispatcher();
+        // One busy pod: the queue scorer tells it apart.
+        view.slots[2].record_scrape(Metrics {
+            waiting_queue: 10,
+            ..Metrics::idle(Instant::now())
+        });
+        let mut s = ExtProcStream::new(d.clone());
+        s.handle_replies(req_headers(mode(fd, fd), &[], None))
+            .unwrap();
+        let out = s.handle_replies(body(&completion(10), true, true)).unwrap();
+        assert_eq!(
+            metadata_scores(&out[0]),
+            None,
+            "off by default, as in llm-d"
+        );
+
+        let mut cfg = d.config();
+        cfg.emit_endpoint_scores = true;
+        let d = Dispatcher::new(
+            d.pool().clone(),
+            d.policy().clone(),
+            d.metrics().clone(),
+            cfg,
+        );
+        let mut s = ExtProcStream::new(d);
+        s.handle_replies(req_headers(mode(fd, fd), &[], None))
+            .unwrap();
+        let out = s.handle_replies(body(&completion(10), true, true)).unwrap();
+        let scores = metadata_scores(&out[0]).expect("scores emitted");
+        let mut want: Vec<String> = pods().iter().map(ToString::to_string).collect();
+        want.sort();
+        assert_eq!(
+            scores.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(),
+            want
+        );
+        // Default profile: queue 2 + kv-cache 2 (idle pods at 0 usage) + prefix 3 × 0.
+        let of = |a: SocketAddr| scores.iter().find(|(k, _)| *k == a.to_string()).unwrap().1;
+        assert_eq!(of(pods()[0]), 4.0);
+        assert_eq!(of(pods()[2]), 2.0);
+        let dest: SocketAddr = metadata_destination(&out[0]).parse().unwrap();
+        assert_eq!(of(dest), 4.0, "the pick has the top score");
+        // Buffered mode carries them in the body reply's metadata the same way.
+        let b = BodySendMode::Buffered;
+        let mut s = ExtProcStream::new(s.dispatcher.clone());
+        s.handle_replies(req_headers(mode(b, b), &[], None))
+            .unwrap();
+        let out = s.handle_replies(body(&completion(10), true, true)).unwrap();
+        assert_eq!(metadata_scores(&out[0]).map(|v| v.len()), Some(3));
+    }
+
+    /// A stream under a policy with GIE's two conformance plugins configured.
+    fn conformance_stream() -> (ExtProcStream, Dispatcher) {
+        let (d, _) = dispatcher();
+        let cfg = infermesh_scheduler::load_config(
+            "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n\
+             - type: header-based-testing-filter\n- type: queue-scorer\n\
+             - type: destination-endpoint-served-verifier\n",
+        )
+        .unwrap();
+        d.policy().store(Arc::new(Policy::new(&cfg).unwrap()));
+        (ExtProcStream::new(d.clone()), d)
+    }
+
+    fn served_metadata(value: Option<&str>) -> Metadata {
+        let fields = value
+            .map(|v| {
+                (
+                    SERVED_KEY.to_owned(),
+                    Value {
+                        kind: Some(Kind::StringValue(v.into())),
+                    },
+                )
+            })
+            .into_iter()
+            .collect();
+        Metadata {
+            filter_metadata: [(LB_NAMESPACE.to_owned(), Struct { fields })].into(),
+            ..Default::default()
+        }
+    }
+
+    fn response_header(out: &[ProcessingResponse], key: &str) -> Option<String> {
+        let Some(processing_response::Response::ResponseHeaders(h)) = &out[0].response else {
+            panic!("response headers reply expected")
+        };
+        set_header(h.response.as_ref()?.header_mutation.as_ref()?, key)
+    }
+
+    #[test]
+    fn the_conformance_selection_header_steers_and_the_served_endpoint_is_echoed() {
+        let fd = BodySendMode::FullDuplexStreamed;
+        for target in [pods()[1], pods()[2]] {
+            for _ in 0..5 {
+                let (mut s, _) = conformance_stream();
+                let ip = target.ip().to_string();
+                s.handle_replies(req_headers(
+                    mode(fd, fd),
+                    &[(TEST_ENDPOINT_SELECTION_HEADER, ip.as_str())],
+                    None,
+                ))
+                .unwrap();
+                let out = s.handle_replies(body(&completion(10), true, true)).unwrap();
+                assert_eq!(metadata_destination(&out[0]), target.to_string());
+                // The gateway reports where it sent the request; the client gets it back.
+                let served = format!("{target}");
+                let out = s
+                    .handle_replies(ProcessingRequest {
+                        metadata_context: Some(served_metadata(Some(&served))),
+                        request: Some(processing_request::Request::ResponseHeaders(headers(
+                            &[(":status", "200")],
+                            false,
+                        ))),
+                        ..Default::default()
+                    })
+                    .unwrap();
+                assert_eq!(
+                    response_header(&out, CONFORMANCE_SERVED_HEADER),
+                    Some(served)
+                );
+            }
+        }
+        // An address no endpoint has leaves no candidate: 503, as llm-d's filter does.
+        let (mut s, _) = conformance_stream();
+        s.handle_replies(req_headers(
+            mode(fd, fd),
+            &[(TEST_ENDPOINT_SELECTION_HEADER, "256.256.256.256")],
+            None,
+        ))
+        .unwrap();
+        let out = s.handle_replies(body(&completion(10), true, true)).unwrap();
+        assert_eq!(immediate(&out[0]).status.unwrap().code, 503);
+        // Missing metadata is reported as llm-d's verifier words it.
+        for (md, want) in [
+            (None, "fail: missing envoy lb metadata"),
+            (
+                Some(served_metadata(None)),
+                "fail: missing destination endpoint served metadata",
+            ),
+        ] {
+            let (mut s, _) = conformance_stream();
+            let one = pods()[0].to_string();
+            s.handle_replies(req_headers(
+                mode(fd, fd),
+                &[(TEST_ENDPOINT_SELECTION_HEADER, one.as_str())],
+                None,
+            ))
+            .unwrap();
+            s.handle_replies(body(&completion(10), true, true)).unwrap();
+            let out = s
+                .handle_replies(ProcessingRequest {
+                    metadata_context: md,
+                    request: Some(processing_request::Request::ResponseHeaders(headers(
+                        &[(":status", "200")],
+                        false,
+                    ))),
+                    ..Default::default()
+                })
+                .unwrap();
+            assert_eq!(
+                response_header(&out, CONFORMANCE_SERVED_HEADER).as_deref(),
+                Some(want)
+            );
+        }
+        // Without the verifier nothing is added.
+        let (d, _) = dispatcher();
+        let mut s = ExtProcStream::new(d);
+        s.handle_replies(req_headers(mode(fd, fd), &[], None))
+            .unwrap();
+        s.handle_replies(body(&completion(10), true, true)).unwrap();
+        let out = s
+            .handle_replies(ProcessingRequest {
+                metadata_context: Some(served_metadata(Some("10.0.0.1:8000"))),
+                request: Some(processing_request::Request::ResponseHeaders(headers(
+                    &[(":status", "200")],
+                    false,
+                ))),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(response_header(&out, CONFORMANCE_SERVED_HEADER), None);
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! The standalone OpenAI-compatible proxy. POST bodies are routed through the same
-//! two-phase path as the ext_proc server ([`Dispatcher::route`]) with the parser the path
-//! picks (`/v1/completions`, `/v1/chat/completions`, `/v1/embeddings`, `/v1/responses`,
-//! `/v1/messages`, vLLM's `/inference/v1/generate`; any other POST path passes through,
-//! routed by load); `GET /v1/models` lists the pool's models. Requests are forwarded with
+//! two-phase path as the ext_proc server ([`Dispatcher::route`]) with the configured
+//! parser the path resolves to (`requestHandler.parsers`; by default openai, anthropic,
+//! vllmhttp, then passthrough for any other path, routed by load; a path no configured
+//! parser takes gets 400); `GET /v1/models` lists the pool's models. Requests are forwarded with
 //! the pooled client, falling back to the next endpoint on connect failure. Every request
 //! ends as a response to the client and one counted outcome.
 
@@ -67,7 +67,8 @@ async fn entry(state: State<Arc<ProxyState>>, req: Request) -> Response {
     }
 }
 
-/// Every POST path goes to the parser its path picks; other methods are not routed.
+/// Every POST path goes to the configured parser its path resolves to; other methods are
+/// not routed.
 async fn inference(State(s): State<Arc<ProxyState>>, req: Request) -> Response {
     if req.method() != http::Method::POST {
         let mut resp = Response::new(Body::from(format!(
@@ -78,7 +79,14 @@ async fn inference(State(s): State<Arc<ProxyState>>, req: Request) -> Response {
         *resp.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
         return resp;
     }
-    let kind = ApiKind::from_path(req.uri().path());
+    let kind = match s.dispatcher.parser_for(req.uri().path()) {
+        Ok(kind) => kind,
+        Err(r) => {
+            let meta = RequestMeta::from_http(req.headers());
+            s.dispatcher.count_rejection(&meta, "", &r);
+            return error_response(&r, &meta.request_id);
+        }
+    };
     handle(s, kind, req).await
 }
 
@@ -260,6 +268,13 @@ fn respond(
         parts.headers.remove(h);
     }
     if let Ok(v) = HeaderValue::from_str(&served.to_string()) {
+        // The proxy is its own gateway: the endpoint it forwarded to is the served one,
+        // which a destination-endpoint-served-verifier also reports (GIE conformance).
+        if ticket.echoes_served_endpoint() {
+            parts
+                .headers
+                .insert(crate::extproc::stream::CONFORMANCE_SERVED_HEADER, v.clone());
+        }
         parts.headers.insert(SERVED_HEADER, v);
     }
     if let Ok(v) = HeaderValue::from_str(request_id) {

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use infermesh_scheduler::{ApiKind, InferenceRequest, SchedulingResult, replace_model};
+use infermesh_scheduler::{ApiKind, Endpoint, InferenceRequest, SchedulingResult, replace_model};
 
 use super::RequestMeta;
 use super::owners::PrefixAnswer;
@@ -19,6 +19,19 @@ use crate::pool::EndpointSlot;
 use crate::usage::Usage;
 
 impl Dispatcher {
+    /// The scores to report for `result` (scheduled over `candidates`); nothing is built
+    /// unless `emit_endpoint_scores` is on.
+    fn scores_of(
+        &self,
+        result: &SchedulingResult,
+        candidates: &[Endpoint],
+    ) -> Vec<(SocketAddr, f64)> {
+        if !self.cfg.emit_endpoint_scores {
+            return Vec::new();
+        }
+        result.primary_scores.by_address(candidates).collect()
+    }
+
     /// Phase two: schedules with `answer`, records the pick (locally or at the owners) and
     /// issues the ticket. A rejection is counted here.
     pub fn decide(&self, p: Prepared, answer: PrefixAnswer) -> Result<Ticket, Rejection> {
@@ -111,6 +124,7 @@ pub struct Ticket {
     prepared: Prepared,
     answer: PrefixAnswer,
     destinations: Vec<SocketAddr>,
+    endpoint_scores: Vec<(SocketAddr, f64)>,
     extra_headers: Vec<(String, String)>,
     response_headers: Vec<(String, String)>,
     slot: Option<Arc<EndpointSlot>>,
@@ -125,6 +139,7 @@ impl Ticket {
         answer: PrefixAnswer,
         result: SchedulingResult,
     ) -> Ticket {
+        let endpoint_scores = dispatcher.scores_of(&result, &prepared.candidates);
         // The candidate snapshot is not needed past the pick; a retry takes a fresh one.
         prepared.candidates = Vec::new();
         // The prompt, plus the output estimate under inflight-load-producer's
@@ -135,6 +150,7 @@ impl Ticket {
             prepared,
             answer,
             destinations: Vec::new(),
+            endpoint_scores,
             extra_headers: Vec::new(),
             response_headers: Vec::new(),
             slot: None,
@@ -190,9 +206,21 @@ impl Ticket {
         s
     }
 
+    /// Every endpoint the primary profile scored, with its weighted score; empty unless
+    /// `emit_endpoint_scores` is on.
+    pub fn endpoint_scores(&self) -> &[(SocketAddr, f64)] {
+        &self.endpoint_scores
+    }
+
     /// Extra headers for the model server (e.g. `x-prefiller-host-port`).
     pub fn extra_headers(&self) -> &[(String, String)] {
         &self.extra_headers
+    }
+
+    /// Whether the policy this request was scheduled under echoes the served endpoint to
+    /// the client (`destination-endpoint-served-verifier`).
+    pub fn echoes_served_endpoint(&self) -> bool {
+        self.prepared.policy.scheduler.echoes_served_endpoint()
     }
 
     /// Headers for the client (e.g. `x-session-token` under session affinity).
@@ -228,6 +256,7 @@ impl Ticket {
         }
         let result = d.cycle(&self.prepared, &candidates, &self.answer, now)?;
         d.commit(&self.prepared, &result, now)?;
+        self.endpoint_scores = d.scores_of(&result, &candidates);
         self.adopt(result);
         Ok(())
     }

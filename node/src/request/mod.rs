@@ -128,6 +128,7 @@ mod tests {
             DispatchConfig {
                 max_body_bytes: 1 << 20,
                 staleness: Duration::from_secs(60),
+                emit_endpoint_scores: false,
             },
         )
     }
@@ -635,6 +636,7 @@ mod tests {
                 DispatchConfig {
                     max_body_bytes: 1 << 20,
                     staleness: Duration::from_secs(60),
+                    emit_endpoint_scores: false,
                 },
             )
         }

@@ -41,6 +41,9 @@ pub struct DispatchConfig {
     pub max_body_bytes: usize,
     /// Metrics older than this take an endpoint out of the candidate set.
     pub staleness: Duration,
+    /// Report every scored endpoint's score with the pick (llm-d's
+    /// `--emit-endpoint-scores`); off, the scores are never turned into addresses.
+    pub emit_endpoint_scores: bool,
 }
 
 /// The request path's shared state.
@@ -138,6 +141,12 @@ impl Dispatcher {
     /// The policy in force.
     pub fn policy(&self) -> &SharedPolicy {
         &self.policy
+    }
+
+    /// How a request on `path` is read: the configured parser that takes the path, or
+    /// the 400 for a path none takes (not counted here: the caller has the request meta).
+    pub fn parser_for(&self, path: &str) -> Result<ApiKind, Rejection> {
+        Ok(self.policy.load().scheduler.parsers().api_kind(path)?)
     }
 
     /// Logs and counts a request the node answered itself.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use infermesh_scheduler::flow::{DROPPED_REASON_HEADER, DropReason};
-use infermesh_scheduler::{InvalidRequest, Rejected};
+use infermesh_scheduler::{InvalidRequest, NoParser, Rejected};
 
 use crate::metrics::Outcome;
 
@@ -44,6 +44,10 @@ pub enum Rejection {
     /// 400: the body is not a valid request for its path.
     #[error(transparent)]
     BadRequest(#[from] InvalidRequest),
+    /// 400: no configured request parser takes the path (`requestHandler.parsers` without
+    /// `passthrough-parser`); llm-d answers the same.
+    #[error(transparent)]
+    NoParser(#[from] NoParser),
     /// 404: the pool does not serve the model.
     #[error("model {model:?} is not served by this pool (served: {served})")]
     UnknownModel {
@@ -112,7 +116,7 @@ impl Rejection {
     pub fn status(&self) -> u16 {
         match self {
             Rejection::TooLarge { .. } => 413,
-            Rejection::UnreadableBody(_) | Rejection::BadRequest(_) => 400,
+            Rejection::UnreadableBody(_) | Rejection::BadRequest(_) | Rejection::NoParser(_) => 400,
             Rejection::UnknownModel { .. } | Rejection::RewriteTargetNotServed { .. } => 404,
             Rejection::NoEndpoint(_) => 503,
             Rejection::Shed(_) => 429,
@@ -127,7 +131,9 @@ impl Rejection {
     pub fn outcome(&self) -> Outcome {
         match self {
             Rejection::TooLarge { .. } => Outcome::TooLarge,
-            Rejection::UnreadableBody(_) | Rejection::BadRequest(_) => Outcome::BadRequest,
+            Rejection::UnreadableBody(_) | Rejection::BadRequest(_) | Rejection::NoParser(_) => {
+                Outcome::BadRequest
+            }
             Rejection::UnknownModel { .. } | Rejection::RewriteTargetNotServed { .. } => {
                 Outcome::UnknownModel
             }
@@ -226,6 +232,14 @@ mod tests {
                 Outcome::Shed,
             ),
             (Rejection::DecodeCacheMiss, 412, Outcome::CacheMiss),
+            (
+                Rejection::NoParser(NoParser {
+                    path: "/tokenize".into(),
+                    parsers: vec!["openai-parser".into()],
+                }),
+                400,
+                Outcome::BadRequest,
+            ),
         ];
         for (r, status, outcome) in cases {
             assert_eq!(r.dropped_reason(), None);

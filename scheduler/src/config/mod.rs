@@ -5,8 +5,9 @@
 //! as name; no profiles → a `default` profile with every filter, scorer and picker; a
 //! profile without a picker gets the first declared picker, else an added
 //! `max-score-picker`; one profile and no handler → `single-profile-handler`; scorer
-//! weight defaults to 1; a utilization-detector, the openai-parser and the metrics data
-//! layer are added when absent; a consumer of prefix data with no
+//! weight defaults to 1; a utilization-detector and the metrics data layer are added when
+//! absent; without `requestHandler.parsers` (or the deprecated top-level `parser`) the
+//! openai, anthropic, vllmhttp and passthrough parsers run; a consumer of prefix data with no
 //! `approx-prefix-cache-producer` gets one added (taking GIE 1.x parameters written on
 //! `prefix-cache-scorer`).
 
@@ -25,6 +26,7 @@ use serde::Deserialize;
 use serde_yaml_ng::Value;
 
 use crate::flow::FlowConfig;
+use crate::parsers::{ConfiguredParser, DEFAULT_PARSERS, ParserType, RequestParsers};
 pub use error::{ConfigError, Location};
 use params::{CoreMetricsExtractorParams, MetricsDataSourceParams, UtilizationParams};
 pub use registry::{PluginKind, PluginSpec};
@@ -77,7 +79,14 @@ struct RawConfig {
     saturation_detector: Option<RawSaturation>,
     data_layer: Option<RawDataLayer>,
     flow_control: Option<flow::RawFlowControl>,
+    request_handler: Option<RawRequestHandler>,
     parser: Option<RawRef>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRequestHandler {
+    parsers: Option<Vec<RawRef>>,
 }
 
 #[derive(Deserialize)]
@@ -193,8 +202,9 @@ pub struct ResolvedConfig {
     pub profile_handler: String,
     /// Name of the saturation detector plugin.
     pub saturation_detector: String,
-    /// Name of the parser plugin.
-    pub parser: String,
+    /// Names of the request parser plugins in force, in resolution order (llm-d's
+    /// registration rules applied: see [`crate::parsers`]).
+    pub parsers: Vec<String>,
     /// Name of the approx prefix producer, when one runs.
     pub prefix_producer: Option<String>,
     /// Data-layer sources (they configure the node's metrics fetcher).
@@ -227,6 +237,21 @@ impl ResolvedConfig {
             Some(PluginSpec::UtilizationDetector(p)) => p.clone(),
             _ => UtilizationParams::default(),
         }
+    }
+
+    /// The request parsers in force, for picking a parser by request path.
+    pub fn request_parsers(&self) -> RequestParsers {
+        let configured = self
+            .parsers
+            .iter()
+            .filter_map(|n| match self.plugin(n)?.spec {
+                PluginSpec::Parser(parser) => Some(ConfiguredParser {
+                    name: n.clone(),
+                    parser,
+                }),
+                _ => None,
+            });
+        RequestParsers::new(configured).0
     }
 
     /// The saturation detector's spec.
@@ -363,7 +388,7 @@ impl Loader<'_> {
         } else {
             None
         };
-        let parser = self.parser(&mut plugins, raw.parser)?;
+        let parsers = self.parsers(&mut plugins, raw.request_handler, raw.parser, &mut warnings)?;
         let prefix_producer = self.prefix_producer(&mut plugins)?;
         self.pd_producer_name(&plugins, &profile_handler, prefix_producer.as_deref())?;
         self.consumer_producer_names(&plugins, prefix_producer.as_deref())?;
@@ -377,7 +402,7 @@ impl Loader<'_> {
             profiles,
             profile_handler,
             saturation_detector,
-            parser,
+            parsers,
             prefix_producer,
             data_layer,
             flow_control,
@@ -970,38 +995,110 @@ impl Loader<'_> {
         Ok(saturation_detector)
     }
 
-    /// The request parser (`openai-parser` unless another parser plugin is named).
-    fn parser(
+    /// The request parsers: `requestHandler.parsers`, else the deprecated top-level
+    /// `parser`, else llm-d's default list. A reference to an undeclared plugin named after
+    /// a parser type adds that parser, as llm-d does; the list is then registered by llm-d's
+    /// rules (duplicate types and parsers after the fallback skipped, with a warning).
+    fn parsers(
         &self,
         plugins: &mut Vec<ResolvedPlugin>,
-        raw: Option<RawRef>,
-    ) -> Result<String, ConfigError> {
-        let parser = match raw {
-            None => add_default(plugins, "openai-parser"),
-            Some(r) => match find(plugins, &r.plugin_ref) {
-                Some(i) if plugins[i].spec.kind() == PluginKind::Parser => r.plugin_ref,
-                Some(i) => {
-                    return Err(ConfigError::WrongKind {
-                        referrer: "parser.pluginRef".into(),
-                        plugin: r.plugin_ref,
-                        type_name: plugins[i].spec.type_name().into(),
-                        actual: plugins[i].spec.kind().as_str(),
-                        expected: "parser",
-                        location: locate::top_level(self.yaml, "parser"),
-                    });
+        handler: Option<RawRequestHandler>,
+        legacy: Option<RawRef>,
+        warnings: &mut Vec<String>,
+    ) -> Result<Vec<String>, ConfigError> {
+        let listed = handler.and_then(|h| h.parsers).filter(|l| !l.is_empty());
+        // (plugin name, referrer for errors, where it was written)
+        let refs: Vec<(String, String, Option<Location>)> = match (listed, legacy) {
+            (Some(list), legacy) => {
+                if legacy.is_some() {
+                    warnings.push(
+                        "top-level `parser` is deprecated and ignored: `requestHandler.parsers` is also set and wins".into(),
+                    );
                 }
-                None if r.plugin_ref == "openai-parser" => add_default(plugins, "openai-parser"),
-                None => {
-                    return Err(ConfigError::DanglingRef {
-                        referrer: "parser.pluginRef".into(),
-                        plugin_ref: r.plugin_ref,
-                        location: locate::top_level(self.yaml, "parser"),
-                    });
+                let mut seen: Vec<&str> = Vec::new();
+                let mut refs = Vec::with_capacity(list.len());
+                for (i, r) in list.iter().enumerate() {
+                    let nth = seen.iter().filter(|n| **n == r.plugin_ref).count();
+                    seen.push(&r.plugin_ref);
+                    refs.push((
+                        r.plugin_ref.clone(),
+                        format!("requestHandler.parsers[{i}].pluginRef"),
+                        self.ref_location("requestHandler", &r.plugin_ref, nth)
+                            .or_else(|| locate::top_level(self.yaml, "requestHandler")),
+                    ));
                 }
-            },
+                refs
+            }
+            (None, Some(r)) => {
+                warnings
+                    .push("top-level `parser` is deprecated: use `requestHandler.parsers`".into());
+                vec![(
+                    r.plugin_ref,
+                    "parser.pluginRef".into(),
+                    locate::top_level(self.yaml, "parser"),
+                )]
+            }
+            (None, None) => DEFAULT_PARSERS
+                .iter()
+                .map(|p| {
+                    let referrer = "requestHandler.parsers (llm-d's default list)".to_owned();
+                    (p.type_name().to_owned(), referrer, None)
+                })
+                .collect(),
         };
-
-        Ok(parser)
+        let mut configured = Vec::with_capacity(refs.len());
+        for (name, referrer, location) in refs {
+            if find(plugins, &name).is_none() {
+                // llm-d instantiates an undeclared reference as the type of that name.
+                match registry::parse_spec(&name, None) {
+                    Ok(PluginSpec::Parser(_)) => {
+                        add_default(plugins, &name);
+                    }
+                    Ok(spec) => {
+                        return Err(ConfigError::WrongKind {
+                            referrer,
+                            plugin: name,
+                            type_name: spec.type_name().into(),
+                            actual: spec.kind().as_str(),
+                            expected: "parser",
+                            location,
+                        });
+                    }
+                    Err(SpecError::Unsupported(reason)) => {
+                        return Err(ConfigError::UnsupportedPlugin {
+                            plugin: name.clone(),
+                            type_name: name,
+                            reason,
+                            location,
+                        });
+                    }
+                    Err(_) => {
+                        return Err(ConfigError::DanglingRef {
+                            referrer,
+                            plugin_ref: name,
+                            location,
+                        });
+                    }
+                }
+            }
+            let i = find(plugins, &name).expect("declared or just added");
+            match plugins[i].spec {
+                PluginSpec::Parser(parser) => configured.push(ConfiguredParser { name, parser }),
+                ref spec => {
+                    return Err(ConfigError::WrongKind {
+                        referrer,
+                        plugin: name,
+                        type_name: spec.type_name().into(),
+                        actual: spec.kind().as_str(),
+                        expected: "parser",
+                        location,
+                    });
+                }
+            }
+        }
+        let (table, skipped) = RequestParsers::new(configured);
+        warnings.extend(skipped);
+        Ok(table.parsers().map(|p| p.name.clone()).collect())
     }
 
     /// The prefix producer: the configured one, or one added for prefix consumers (taking
@@ -1297,7 +1394,7 @@ impl fmt::Display for ResolvedConfig {
         }
         writeln!(f, "profileHandler: {}", self.profile_handler)?;
         writeln!(f, "saturationDetector: {}", self.saturation_detector)?;
-        writeln!(f, "parser: {}", self.parser)?;
+        write_parsers(f, &self.request_parsers())?;
         if let Some(p) = &self.prefix_producer {
             writeln!(f, "prefixProducer: {p}")?;
         }
@@ -1315,6 +1412,39 @@ impl fmt::Display for ResolvedConfig {
         }
         Ok(())
     }
+}
+
+fn write_parsers(f: &mut fmt::Formatter<'_>, parsers: &RequestParsers) -> fmt::Result {
+    writeln!(
+        f,
+        "requestHandler.parsers (the longest claimed path suffix wins):"
+    )?;
+    for p in parsers.parsers() {
+        let type_name = p.parser.type_name();
+        let alias = if p.name == type_name {
+            String::new()
+        } else {
+            format!(" ({type_name})")
+        };
+        if p.parser == ParserType::Passthrough {
+            writeln!(
+                f,
+                "  {}{alias}  takes every path no other parser claims, unread",
+                p.name
+            )?;
+        } else {
+            writeln!(
+                f,
+                "  {}{alias}  claims {}",
+                p.name,
+                p.parser.claims().join(", ")
+            )?;
+        }
+    }
+    if !parsers.has_fallback() {
+        writeln!(f, "  a path no parser claims is refused with 400")?;
+    }
+    Ok(())
 }
 
 fn write_flow_control(f: &mut fmt::Formatter<'_>, fc: &FlowConfig) -> fmt::Result {

@@ -5,6 +5,7 @@ use serde::de::DeserializeOwned;
 use serde_yaml_ng::Value;
 
 use super::params::*;
+use crate::parsers::ParserType;
 
 /// What a plugin is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +40,8 @@ pub enum PluginKind {
     EvictionFilter,
     /// A flow-control eviction order (which evictable request goes first).
     EvictionOrdering,
+    /// A response-header processor (runs when the model server's headers arrive).
+    ResponseProcessor,
 }
 
 impl PluginKind {
@@ -60,6 +63,7 @@ impl PluginKind {
             PluginKind::UsageLimitPolicy => "usage limit policy",
             PluginKind::EvictionFilter => "eviction filter",
             PluginKind::EvictionOrdering => "eviction ordering policy",
+            PluginKind::ResponseProcessor => "response processor",
         }
     }
 }
@@ -79,6 +83,11 @@ pub enum PluginSpec {
     EncodeFilter,
     /// `prefix-cache-affinity-filter`
     PrefixCacheAffinityFilter(PrefixAffinityParams),
+    /// `header-based-testing-filter` (GIE conformance: `test-epp-endpoint-selection`).
+    HeaderBasedTestingFilter,
+    /// `destination-endpoint-served-verifier` (GIE conformance: the served endpoint is
+    /// echoed in `x-conformance-test-served-endpoint`).
+    DestinationEndpointServedVerifier,
     /// `prefix-cache-scorer` (with any GIE 1.x producer parameters in `producer`).
     PrefixCacheScorer(PrefixScorerParams),
     /// `kv-cache-utilization-scorer`
@@ -130,8 +139,9 @@ pub enum PluginSpec {
     UtilizationDetector(UtilizationParams),
     /// `concurrency-detector`
     ConcurrencyDetector(ConcurrencyParams),
-    /// `openai-parser`
-    OpenAiParser,
+    /// A request parser (`openai-parser`, `anthropic-parser`, `vllmhttp-parser`,
+    /// `passthrough-parser`).
+    Parser(ParserType),
     /// `global-strict-fairness-policy`
     GlobalStrictFairnessPolicy,
     /// `round-robin-fairness-policy`
@@ -164,6 +174,8 @@ impl PluginSpec {
             PluginSpec::PrefillFilter => "prefill-filter",
             PluginSpec::EncodeFilter => "encode-filter",
             PluginSpec::PrefixCacheAffinityFilter(_) => "prefix-cache-affinity-filter",
+            PluginSpec::HeaderBasedTestingFilter => "header-based-testing-filter",
+            PluginSpec::DestinationEndpointServedVerifier => "destination-endpoint-served-verifier",
             PluginSpec::PrefixCacheScorer(_) => "prefix-cache-scorer",
             PluginSpec::KvCacheUtilizationScorer => "kv-cache-utilization-scorer",
             PluginSpec::QueueScorer => "queue-scorer",
@@ -189,7 +201,7 @@ impl PluginSpec {
             PluginSpec::CoreMetricsExtractor(_) => "core-metrics-extractor",
             PluginSpec::UtilizationDetector(_) => "utilization-detector",
             PluginSpec::ConcurrencyDetector(_) => "concurrency-detector",
-            PluginSpec::OpenAiParser => "openai-parser",
+            PluginSpec::Parser(p) => p.type_name(),
             PluginSpec::GlobalStrictFairnessPolicy => "global-strict-fairness-policy",
             PluginSpec::RoundRobinFairnessPolicy => "round-robin-fairness-policy",
             PluginSpec::FcfsOrderingPolicy => "fcfs-ordering-policy",
@@ -214,7 +226,9 @@ impl PluginSpec {
             | DecodeFilter
             | PrefillFilter
             | EncodeFilter
-            | PrefixCacheAffinityFilter(_) => PluginKind::Filter,
+            | PrefixCacheAffinityFilter(_)
+            | HeaderBasedTestingFilter => PluginKind::Filter,
+            DestinationEndpointServedVerifier => PluginKind::ResponseProcessor,
             PrefixCacheScorer(_)
             | KvCacheUtilizationScorer
             | QueueScorer
@@ -236,7 +250,7 @@ impl PluginSpec {
             MetricsDataSource(_) => PluginKind::DataSource,
             CoreMetricsExtractor(_) => PluginKind::DataExtractor,
             UtilizationDetector(_) | ConcurrencyDetector(_) => PluginKind::SaturationDetector,
-            OpenAiParser => PluginKind::Parser,
+            Parser(_) => PluginKind::Parser,
             GlobalStrictFairnessPolicy | RoundRobinFairnessPolicy => PluginKind::FairnessPolicy,
             FcfsOrderingPolicy | EdfOrderingPolicy | SloDeadlineOrderingPolicy => {
                 PluginKind::OrderingPolicy
@@ -295,7 +309,9 @@ impl PluginSpec {
             | SingleProfileHandler
             | AlwaysDisaggPdDecider
             | AlwaysDisaggMultimodalDecider
-            | OpenAiParser
+            | Parser(_)
+            | HeaderBasedTestingFilter
+            | DestinationEndpointServedVerifier
             | SoftReflectiveCeilingPolicy
             | GlobalStrictFairnessPolicy
             | RoundRobinFairnessPolicy
@@ -450,20 +466,18 @@ const UNSUPPORTED: &[(&str, &str)] = &[
         "data-parallel-profile-handler",
         "deprecated in llm-d; use single-profile-handler",
     ),
-    ("header-based-testing-filter", "test-only plugin"),
-    ("destination-endpoint-served-verifier", "test-only plugin"),
     ("request-attribute-reporter", "not implemented"),
     (
         "vllmgrpc-parser",
-        "infermesh parses OpenAI HTTP bodies only",
-    ),
-    (
-        "passthrough-parser",
-        "infermesh parses OpenAI HTTP bodies only",
+        "infermesh reads HTTP bodies only (openai, anthropic, vllmhttp, passthrough parsers)",
     ),
     (
         "vertexai-parser",
-        "infermesh parses OpenAI HTTP bodies only",
+        "infermesh reads HTTP bodies only (openai, anthropic, vllmhttp, passthrough parsers)",
+    ),
+    (
+        "sglanghttp-parser",
+        "not implemented (SGLang's /generate body is not read); passthrough-parser routes it by load",
     ),
 ];
 
@@ -476,6 +490,8 @@ pub const KNOWN_TYPES: &[&str] = &[
     "prefill-filter",
     "encode-filter",
     "prefix-cache-affinity-filter",
+    "header-based-testing-filter",
+    "destination-endpoint-served-verifier",
     "prefix-cache-scorer",
     "kv-cache-utilization-scorer",
     "queue-scorer",
@@ -502,6 +518,9 @@ pub const KNOWN_TYPES: &[&str] = &[
     "utilization-detector",
     "concurrency-detector",
     "openai-parser",
+    "anthropic-parser",
+    "vllmhttp-parser",
+    "passthrough-parser",
     "global-strict-fairness-policy",
     "round-robin-fairness-policy",
     "fcfs-ordering-policy",
@@ -540,6 +559,10 @@ pub fn parse_spec_with_warnings(
         "decode-filter" => none(params).map(|_| S::DecodeFilter)?,
         "prefill-filter" => none(params).map(|_| S::PrefillFilter)?,
         "encode-filter" => none(params).map(|_| S::EncodeFilter)?,
+        "header-based-testing-filter" => none(params).map(|_| S::HeaderBasedTestingFilter)?,
+        "destination-endpoint-served-verifier" => {
+            none(params).map(|_| S::DestinationEndpointServedVerifier)?
+        }
         "prefix-cache-affinity-filter" => {
             let p: PrefixAffinityParams = parse(params)?;
             check(p.validate())?;
@@ -645,7 +668,10 @@ pub fn parse_spec_with_warnings(
             check(p.validate())?;
             S::ConcurrencyDetector(p)
         }
-        "openai-parser" => none(params).map(|_| S::OpenAiParser)?,
+        "openai-parser" => none(params).map(|_| S::Parser(ParserType::OpenAi))?,
+        "anthropic-parser" => none(params).map(|_| S::Parser(ParserType::Anthropic))?,
+        "vllmhttp-parser" => none(params).map(|_| S::Parser(ParserType::VllmHttp))?,
+        "passthrough-parser" => none(params).map(|_| S::Parser(ParserType::Passthrough))?,
         "global-strict-fairness-policy" => none(params).map(|_| S::GlobalStrictFairnessPolicy)?,
         "round-robin-fairness-policy" => none(params).map(|_| S::RoundRobinFairnessPolicy)?,
         "fcfs-ordering-policy" => none(params).map(|_| S::FcfsOrderingPolicy)?,
@@ -689,9 +715,12 @@ mod tests {
     fn every_known_type_parses_with_defaults() {
         for t in KNOWN_TYPES {
             let r = parse_spec(t, None);
-            // by-label needs a label; everything else has usable defaults.
+            // by-label needs a label and priority-holdback-policy its minCeiling (llm-d
+            // requires both); everything else has usable defaults.
             if *t == "by-label" {
                 assert!(matches!(r, Err(SpecError::Param(ref f, _)) if f == "label"));
+            } else if *t == "priority-holdback-policy" {
+                assert!(matches!(r, Err(SpecError::Param(ref f, _)) if f == "minCeiling"));
             } else {
                 let s = r.unwrap_or_else(|e| panic!("{t}: {e:?}"));
                 if *t != "by-label-selector" {

@@ -1,6 +1,7 @@
 //! Built-in filters: label selectors, P/D role filters and prefix-cache affinity.
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 
 use rand::{Rng, RngCore};
 
@@ -151,5 +152,45 @@ impl Filter for PrefixAffinityFilter {
             return;
         }
         candidates.retain(|&i| prefix.score(i) >= threshold);
+    }
+}
+
+/// Request header the GIE conformance suite steers requests with: `ip` or `ip:port`
+/// entries, comma-separated.
+pub const TEST_ENDPOINT_SELECTION_HEADER: &str = "test-epp-endpoint-selection";
+
+/// `header-based-testing-filter` (test only, for the GIE conformance suite): keeps the
+/// candidates the `test-epp-endpoint-selection` header lists. An `ip:port` entry keeps that
+/// endpoint, a bare IP (brackets allowed) every endpoint on that IP, as GIE's reference
+/// picker (lwepp) does; an entry that is no address keeps nothing, and without the header
+/// nothing passes (llm-d). Only a profile that lists it is steered, so a client cannot
+/// pick its endpoint unless the operator configured this filter.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HeaderBasedTestingFilter;
+
+impl Filter for HeaderBasedTestingFilter {
+    fn filter(&self, cycle: &CycleState<'_>, _: &mut dyn RngCore, candidates: &mut Vec<usize>) {
+        let Some(value) = cycle
+            .request
+            .headers
+            .get(TEST_ENDPOINT_SELECTION_HEADER)
+            .filter(|v| !v.trim().is_empty())
+        else {
+            candidates.clear();
+            return;
+        };
+        let mut exact: Vec<SocketAddr> = Vec::new();
+        let mut hosts: Vec<IpAddr> = Vec::new();
+        for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            if let Ok(a) = item.parse::<SocketAddr>() {
+                exact.push(a);
+            } else if let Ok(ip) = item.trim_start_matches('[').trim_end_matches(']').parse() {
+                hosts.push(ip);
+            }
+        }
+        candidates.retain(|&i| {
+            let a = cycle.endpoints[i].address;
+            exact.contains(&a) || hosts.contains(&a.ip())
+        });
     }
 }
