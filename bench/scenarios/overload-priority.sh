@@ -26,7 +26,7 @@
 #   UNLOADED_QPS [5], DURATION_S [40], PROMPT_TOKENS [4000], OUTPUT_TOKENS [16],
 #   TTFT_SLO_MS [1500], SGLANG_LIMITS [8,16,32], MAX_CONCURRENCY [2] (infermesh's
 #   concurrency-detector, per pod), REQUEST_TTL [1s], HOLDBACK_MIN_CEILING [0.4] ("none":
-#   static-usage-limit-policy), HOLDBACK_DOMAIN [value], SEED [1], SKIP_BUILD [0])
+#   static-usage-limit-policy), HOLDBACK_DOMAIN [value], EVICTION [true], SEED [1], SKIP_BUILD [0])
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
@@ -51,6 +51,8 @@ REQUEST_TTL="${REQUEST_TTL:-1s}"
 # critical, and standard runs about one request per pod (no shared prefill).
 HOLDBACK_MIN_CEILING="${HOLDBACK_MIN_CEILING:-0.4}"
 HOLDBACK_DOMAIN="${HOLDBACK_DOMAIN:-value}"
+# llm-d's enableEviction: revoke running sheddable requests for blocked higher-priority ones.
+EVICTION="${EVICTION:-true}"
 SEED="${SEED:-1}"
 PROFILE=llama-8b-h100
 BASE_PORT=18100
@@ -137,6 +139,7 @@ flowControl:
   # Requests that cannot start within this are refused (429) instead of queueing for
   # llm-d's default minute: an interactive service's choice.
   defaultRequestTTL: REQUEST_TTL
+  enableEviction: EVICTION
   # Saturation from the router's own in-flight count per pod (no scrape lag).
   saturationDetector:
     pluginRef: concurrency-detector
@@ -145,7 +148,7 @@ flowControl:
   - priority: 0
     fairnessPolicyRef: round-robin-fairness-policy
 EOF
-sed -i "s/MAX_CONCURRENCY/$MAX_CONCURRENCY/; s/REQUEST_TTL/$REQUEST_TTL/" "$WORK/epp.yaml"
+sed -i "s/MAX_CONCURRENCY/$MAX_CONCURRENCY/; s/REQUEST_TTL/$REQUEST_TTL/; s/EVICTION/$EVICTION/" "$WORK/epp.yaml"
 if [ "$HOLDBACK_MIN_CEILING" != none ]; then
   # Lower bands are held back as saturation rises, so headroom stays free for critical.
   printf '  usageLimitPolicyPluginRef: holdback\n' >>"$WORK/epp.yaml"
@@ -244,7 +247,7 @@ done
   echo "(objective standard, priority 0; fairness ids tenant-a and tenant-b at 10:1), sheddable"
   echo "(priority -1). infermesh ran with \`featureGates: [flowControl]\`, the concurrency-detector"
   echo "at maxConcurrency $MAX_CONCURRENCY per pod, defaultRequestTTL $REQUEST_TTL, round-robin fairness in the"
-  echo "standard band and the usage limit $USAGE_LIMIT, llm-d's defaults otherwise (config in the script); sglang-router with cache_aware and each --max-concurrent-requests of $SGLANG_LIMITS."
+  echo "standard band, the usage limit $USAGE_LIMIT and enableEviction $EVICTION, llm-d's defaults otherwise (config in the script); sglang-router with cache_aware and each --max-concurrent-requests of $SGLANG_LIMITS."
   echo "Goodput: requests served with TTFT <= $TTFT_SLO_MS ms, per second of the run."
   echo
   "$BENCH" priority-table --unloaded "$OUT/unloaded.json" --one-node "$OUT/infermesh-x1.json" \
