@@ -154,6 +154,8 @@ pub struct FlowMetrics {
     pub queue_bytes: Gauge,
     /// Pool saturation as the flow controller last measured it.
     pub pool_saturation: Family<StageLabels, Gauge<f64, AtomicU64>>,
+    /// Revoked in-flight requests not yet torn down (in-flight eviction).
+    pub pending_reclaim: Gauge,
 }
 
 impl FlowMetrics {
@@ -164,6 +166,7 @@ impl FlowMetrics {
             queue_size: Gauge::default(),
             queue_bytes: Gauge::default(),
             pool_saturation: Family::default(),
+            pending_reclaim: Gauge::default(),
         };
         r.register(
             "flow_control_requests",
@@ -189,6 +192,11 @@ impl FlowMetrics {
             "flow_control_pool_saturation",
             "Pool saturation seen by flow control (1.0 is the gating set point)",
             m.pool_saturation.clone(),
+        );
+        r.register(
+            "flow_control_pending_reclaim",
+            "In-flight requests revoked by eviction and not yet torn down",
+            m.pending_reclaim.clone(),
         );
         m
     }
@@ -433,6 +441,13 @@ impl NodeMetrics {
     /// Counts one in-flight eviction.
     pub fn count_flow_revocation(&self) {
         self.flow_revocations.inc();
+    }
+
+    /// Sets the count of revoked requests not yet torn down.
+    pub fn set_flow_pending_reclaim(&self, revoked: usize) {
+        self.flow
+            .pending_reclaim
+            .set(i64::try_from(revoked).unwrap_or(i64::MAX));
     }
 
     /// Sets the flow-control queue gauges.

@@ -238,6 +238,27 @@ flowControl:
     }
     assert_eq!(h.node.metrics().flow_revocations.get(), 1);
     assert_eq!(outcome_total(&h, Outcome::EvictedTtl), 0);
+    // The revoked request was torn down: nothing is pending reclaim.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while h.node.metrics().flow.pending_reclaim.get() != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the revocation was never confirmed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let text = h
+        .node
+        .metrics()
+        .render(&Default::default(), std::time::Instant::now());
+    assert!(
+        text.contains("llm_d_epp_flow_control_pending_reclaim 0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("infermesh_flow_control_revocations_total 1"),
+        "{text}"
+    );
     h.stop().await;
 }
 

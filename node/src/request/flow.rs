@@ -503,6 +503,7 @@ impl Owner {
 
     fn publish_gauges(&self) {
         self.metrics.set_flow_queue(self.fc.len(), self.fc.bytes());
+        self.metrics.set_flow_pending_reclaim(self.fc.leases().1);
     }
 }
 
