@@ -7,6 +7,7 @@ mod support;
 use std::time::Duration;
 
 use infermesh_scheduler::flow::{FlowConfig, Outcome, UsageLimitPolicy};
+use infermesh_testkit::net::wait_until;
 use support::{Harness, post};
 
 fn outcome_total(h: &Harness, outcome: Outcome) -> u64 {
@@ -106,26 +107,32 @@ async fn envoy_ext_proc_answers_429_ttl_expired_when_no_request_can_be_dispatche
     ttl_expiry_answers_429(true).await;
 }
 
-/// A request that finishes frees its room for the next one at once, not at the next
-/// saturation refresh: with refreshes 2 s apart, one slot (concurrency-detector, one pod,
-/// maxConcurrency 1) and a 1.5 s TTL, the second of two back-to-back requests would
-/// otherwise wait out its TTL.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_finished_request_frees_its_slot_before_the_next_refresh() {
-    let scheduler = infermesh_scheduler::load_config(
+/// Flow control gated by the router's own in-flight count, one request per pod, with
+/// `flow` (lines of the `flowControl` section) added.
+fn one_slot_per_pod(flow: &str) -> infermesh_scheduler::ResolvedConfig {
+    infermesh_scheduler::load_config(&format!(
         "apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
 featureGates: [flowControl]
 plugins:
 - type: queue-scorer
 - type: concurrency-detector
-  parameters: {maxConcurrency: 1}
+  parameters: {{maxConcurrency: 1}}
 flowControl:
-  defaultRequestTTL: 1500ms
-  saturationDetector: {pluginRef: concurrency-detector}
-",
-    )
-    .expect("valid config");
+  saturationDetector: {{pluginRef: concurrency-detector}}
+  {flow}
+"
+    ))
+    .expect("valid config")
+}
+
+/// A request that finishes frees its room for the next one at once, not at the next
+/// saturation refresh: with refreshes 2 s apart, one slot (concurrency-detector, one pod,
+/// maxConcurrency 1) and a 1.5 s TTL, the second of two back-to-back requests would
+/// otherwise wait out its TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_request_frees_its_slot_before_the_next_refresh() {
+    let scheduler = one_slot_per_pod("defaultRequestTTL: 1500ms");
     let refresh = Duration::from_secs(2);
     let h = Harness::start_with(1, false, |c| {
         c.scheduler = scheduler;
@@ -156,21 +163,7 @@ flowControl:
 /// sheddable one (one pod, one slot) revokes it; the sheddable stream ends early (cut off,
 /// or 429 `evicted` before its headers) and the critical request is served within its TTL.
 async fn a_blocked_critical_request_evicts_a_running_sheddable_one(with_envoy: bool) {
-    let scheduler = infermesh_scheduler::load_config(
-        "apiVersion: llm-d.ai/v1alpha1
-kind: EndpointPickerConfig
-featureGates: [flowControl]
-plugins:
-- type: queue-scorer
-- type: concurrency-detector
-  parameters: {maxConcurrency: 1}
-flowControl:
-  defaultRequestTTL: 5s
-  enableEviction: true
-  saturationDetector: {pluginRef: concurrency-detector}
-",
-    )
-    .expect("valid config");
+    let scheduler = one_slot_per_pod("defaultRequestTTL: 5s\n  enableEviction: true");
     let h = Harness::start_with_profile(
         1,
         with_envoy,
@@ -196,14 +189,12 @@ flowControl:
     let client = h.client.clone();
     let sheddable = tokio::spawn(async move { support::send(&client, req).await });
     // Until the sheddable request holds the slot.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while outcome_total(&h, Outcome::Dispatched) < 1 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "sheddable never dispatched"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        "the sheddable request to be dispatched",
+        Duration::from_secs(10),
+        || outcome_total(&h, Outcome::Dispatched) >= 1,
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let body = serde_json::json!({"model": h.model, "prompt": "urgent", "max_tokens": 1});
     let r = post(
@@ -239,14 +230,12 @@ flowControl:
     assert_eq!(h.node.metrics().flow_revocations.get(), 1);
     assert_eq!(outcome_total(&h, Outcome::EvictedTtl), 0);
     // The revoked request was torn down: nothing is pending reclaim.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while h.node.metrics().flow.pending_reclaim.get() != 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the revocation was never confirmed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        "the revocation to be confirmed",
+        Duration::from_secs(5),
+        || h.node.metrics().flow.pending_reclaim.get() == 0,
+    )
+    .await;
     let text = h
         .node
         .metrics()

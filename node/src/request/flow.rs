@@ -115,13 +115,6 @@ impl Lease {
     pub fn revoked(&self) -> Option<WaitForCancellationFutureOwned> {
         self.revoke.as_ref().map(|t| t.clone().cancelled_owned())
     }
-
-    /// Whether flow control has revoked the lease.
-    pub fn is_revoked(&self) -> bool {
-        self.revoke
-            .as_ref()
-            .is_some_and(CancellationToken::is_cancelled)
-    }
 }
 
 impl Drop for Lease {

@@ -527,7 +527,7 @@ impl FlowController {
         let Some((priority, ceiling)) = demand else {
             return;
         };
-        let n = revocations(saturation, ceiling, self.reclaim.len(), usize::MAX);
+        let n = revocations(saturation, ceiling, self.reclaim.len());
         for seq in self.reclaim.revoke(n, priority, now_ns) {
             self.revocations.push_back(Ticket(seq));
         }

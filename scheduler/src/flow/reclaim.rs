@@ -143,10 +143,10 @@ impl Reclaimer {
 }
 
 /// How many leases to revoke for a band blocked at `ceiling` under `saturation`, with
-/// `leases` tracked and `evictable` revocable (llm-d's sizing: the deficit over the mean
-/// lease footprint, at least one, at most the cap).
-pub(super) fn revocations(saturation: f64, ceiling: f64, leases: usize, evictable: usize) -> usize {
-    if leases == 0 || evictable == 0 || !saturation.is_finite() {
+/// `leases` tracked (llm-d's sizing: the deficit over the mean lease footprint, at least
+/// one, at most the cap; [`Reclaimer::revoke`] stops early when victims run out).
+pub(super) fn revocations(saturation: f64, ceiling: f64, leases: usize) -> usize {
+    if leases == 0 || !saturation.is_finite() {
         return 0;
     }
     let deficit = (saturation - ceiling).max(0.0);
@@ -156,5 +156,5 @@ pub(super) fn revocations(saturation: f64, ceiling: f64, leases: usize, evictabl
     } else {
         1
     };
-    n.clamp(1, MAX_REVOCATIONS_PER_DECISION).min(evictable)
+    n.clamp(1, MAX_REVOCATIONS_PER_DECISION)
 }
