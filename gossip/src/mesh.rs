@@ -270,12 +270,22 @@ impl Mesh {
         });
 
         let mut tasks = Vec::new();
+        let (seed_hosts_tx, seed_hosts_rx) = watch::channel(Vec::new());
+        tasks.push(tokio::spawn(membership::resolve_seed_hosts(
+            config.seed_hosts.clone(),
+            config.swim.join_retry,
+            members_rx.clone(),
+            seed_hosts_tx,
+        )));
         let driver = membership::Driver::new(
             identity.clone(),
             config.swim.foca_config(),
             socket,
             config.cluster_key.clone(),
-            config.seeds.clone(),
+            membership::Seeds {
+                fixed: config.seeds.clone(),
+                resolved: seed_hosts_rx,
+            },
             config.swim.join_retry,
             membership::Outputs {
                 members: members_tx,

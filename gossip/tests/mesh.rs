@@ -354,3 +354,31 @@ async fn service_channels_carry_opaque_requests_and_casts() {
         infermesh_gossip::RpcError::UnknownPeer(_)
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seed_named_by_host_name_is_resolved_and_joined() {
+    let first = Mesh::start(config("node-0")).await.unwrap();
+    let mut c = config("node-1");
+    // A name that never resolves sits beside the good one: it must not stop the join.
+    c.seed_hosts = vec![
+        "no-such-seed.invalid:7946".to_string(),
+        format!("localhost:{}", first.gossip_addr().port()),
+    ];
+    c.validate().unwrap();
+    let second = Mesh::start(c).await.unwrap();
+    wait_for("joined through the resolved name", || {
+        [&first, &second]
+            .iter()
+            .all(|m| m.members().borrow().members.len() == 2)
+    })
+    .await;
+}
+
+#[test]
+fn seed_host_names_are_checked() {
+    let mut c = config("node-0");
+    c.seed_hosts = vec!["missing-port".to_string()];
+    let err = c.validate().unwrap_err();
+    assert_eq!(err.field, "seed_hosts");
+    assert!(err.reason.contains("missing-port"), "{err}");
+}

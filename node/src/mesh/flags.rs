@@ -12,6 +12,33 @@ use super::MeshOptions;
 /// Environment variable read for the cluster key when no key flag is given.
 pub const CLUSTER_KEY_ENV: &str = "INFERMESH_CLUSTER_KEY";
 
+/// One `--seeds` entry: an address, or a `HOST:PORT` name resolved by DNS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SeedArg {
+    /// An `IP:PORT` literal.
+    Addr(SocketAddr),
+    /// A `HOST:PORT` name.
+    Host(String),
+}
+
+impl std::str::FromStr for SeedArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<SeedArg, String> {
+        if let Ok(a) = s.parse::<SocketAddr>() {
+            return Ok(SeedArg::Addr(a));
+        }
+        infermesh_gossip::check_host_port(s).map_err(|e| format!("seed {s:?}: {e}"))?;
+        Ok(SeedArg::Host(s.to_owned()))
+    }
+}
+
+impl From<SocketAddr> for SeedArg {
+    fn from(a: SocketAddr) -> SeedArg {
+        SeedArg::Addr(a)
+    }
+}
+
 /// Mesh flags of `infermesh serve`. The mesh starts when `--gossip-addr` or `--seeds` is
 /// given; without them the node runs alone, exactly as before.
 #[derive(Debug, Clone, Default, Args)]
@@ -25,9 +52,11 @@ pub struct MeshArgs {
     /// UDP address of mesh RPC over QUIC (default: the gossip IP, any free port).
     #[arg(long)]
     pub mesh_addr: Option<SocketAddr>,
-    /// Gossip addresses of nodes to join through (comma-separated).
+    /// Gossip addresses of nodes to join through (comma-separated): `IP:PORT`, or
+    /// `HOST:PORT` names (e.g. StatefulSet pods on a headless Service) resolved again on
+    /// every join attempt until one answers.
     #[arg(long, value_delimiter = ',')]
-    pub seeds: Vec<SocketAddr>,
+    pub seeds: Vec<SeedArg>,
     /// File holding the shared cluster key (at least 16 bytes; surrounding whitespace ignored).
     #[arg(long, conflicts_with = "cluster_key")]
     pub cluster_key_file: Option<PathBuf>,
@@ -108,7 +137,12 @@ impl MeshArgs {
         config.rpc_bind = self
             .mesh_addr
             .unwrap_or_else(|| SocketAddr::new(gossip.ip(), 0));
-        config.seeds = self.seeds.clone();
+        for seed in &self.seeds {
+            match seed {
+                SeedArg::Addr(a) => config.seeds.push(*a),
+                SeedArg::Host(h) => config.seed_hosts.push(h.clone()),
+            }
+        }
         config.prefix.lookup_budget = self.prefix_lookup_budget;
         config.prefix.replicas =
             std::num::NonZeroUsize::new(self.prefix_replicas).ok_or(InvalidMeshFlags::Flag {
@@ -156,7 +190,10 @@ mod tests {
         let args = MeshArgs {
             node_name: Some("node-a".into()),
             gossip_addr: Some("127.0.0.1:0".parse().unwrap()),
-            seeds: vec!["127.0.0.1:7946".parse().unwrap()],
+            seeds: vec![
+                "127.0.0.1:7946".parse().unwrap(),
+                "infermesh-0.infermesh-mesh.ns.svc:7946".parse().unwrap(),
+            ],
             cluster_key: Some("  0123456789abcdef \n".into()),
             prefix_lookup_budget: Duration::from_millis(3),
             prefix_replicas: 2,
@@ -167,6 +204,13 @@ mod tests {
         assert_eq!(o.config.node_id.as_str(), "node-a");
         assert_eq!(o.config.prefix.lookup_budget, Duration::from_millis(3));
         assert_eq!(o.config.seeds.len(), 1);
+        assert_eq!(
+            o.config.seed_hosts,
+            vec!["infermesh-0.infermesh-mesh.ns.svc:7946".to_string()]
+        );
+        for bad in ["nohost", ":7946", "host:0", "host:port", "a b:1"] {
+            assert!(bad.parse::<SeedArg>().is_err(), "{bad} accepted");
+        }
         let short = MeshArgs {
             cluster_key: Some("short".into()),
             ..args.clone()

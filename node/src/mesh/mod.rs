@@ -14,7 +14,7 @@ pub mod flags;
 
 use infermesh_gossip::MeshConfig;
 
-pub use flags::{InvalidMeshFlags, MeshArgs};
+pub use flags::{InvalidMeshFlags, MeshArgs, SeedArg};
 
 /// How a node takes part in the mesh.
 #[derive(Debug, Clone)]

@@ -8,8 +8,13 @@ use serde::{Deserialize, Serialize};
 
 /// `apiVersion` of InferencePool (GIE v1).
 pub const POOL_API_VERSION: &str = "inference.networking.k8s.io/v1";
-/// `apiVersion` of InferenceObjective and InferenceModelRewrite (GIE x-k8s v1alpha2).
+/// `apiVersion` of InferenceObjective and InferenceModelRewrite in llm-d's group (v0.10).
+pub const LLMD_API_VERSION: &str = "llm-d.ai/v1alpha2";
+/// `apiVersion` of InferenceObjective and InferenceModelRewrite in the older GIE x-k8s
+/// group, still served by llm-d.
 pub const XK8S_API_VERSION: &str = "inference.networking.x-k8s.io/v1alpha2";
+/// Both groups' spellings, llm-d's first.
+pub const OBJECTIVE_API_VERSIONS: [&str; 2] = [LLMD_API_VERSION, XK8S_API_VERSION];
 /// `apiVersion` of the kinds infermesh adds (InferenceEndpoints, InfermeshNode).
 pub const INFERMESH_API_VERSION: &str = "infermesh.io/v1alpha1";
 /// `apiVersion`s accepted for EndpointPickerConfig (llm-d and GIE spellings).
@@ -76,7 +81,7 @@ impl Kind {
     pub fn api_versions(self) -> &'static [&'static str] {
         match self {
             Kind::InferencePool => &[POOL_API_VERSION],
-            Kind::InferenceObjective | Kind::InferenceModelRewrite => &[XK8S_API_VERSION],
+            Kind::InferenceObjective | Kind::InferenceModelRewrite => &OBJECTIVE_API_VERSIONS,
             Kind::EndpointPickerConfig => &EPP_CONFIG_API_VERSIONS,
             Kind::InferenceEndpoints | Kind::InfermeshNode => &[INFERMESH_API_VERSION],
         }

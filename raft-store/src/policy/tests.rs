@@ -868,3 +868,29 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn objectives_and_rewrites_are_read_in_both_groups() {
+    for group in [
+        "llm-d.ai/v1alpha2",
+        "inference.networking.x-k8s.io/v1alpha2",
+    ] {
+        let text = format!(
+            "apiVersion: {group}\nkind: InferenceObjective\nmetadata: {{name: chat}}\n\
+             spec: {{priority: 5, poolRef: {{name: llama}}}}\n---\n\
+             apiVersion: {group}\nkind: InferenceModelRewrite\nmetadata: {{name: canary}}\n\
+             spec:\n  poolRef: {{name: llama}}\n  rules:\n  - targets: [{{modelRewrite: b}}]\n"
+        );
+        let objects = parse_documents(&text, &accept_any_epp_config())
+            .unwrap_or_else(|e| panic!("{group}: {e}"));
+        assert_eq!(objects.len(), 2, "{group}");
+    }
+    let err = parse_documents(
+        "apiVersion: llm-d.ai/v1alpha1\nkind: InferenceObjective\nmetadata: {name: chat}\n\
+         spec: {poolRef: {name: llama}}\n",
+        &accept_any_epp_config(),
+    )
+    .unwrap_err();
+    assert_eq!(err.field, "apiVersion");
+    assert!(err.reason.contains("llm-d.ai/v1alpha2"), "{}", err.reason);
+}
