@@ -127,6 +127,10 @@ pub struct ServeArgs {
     /// xDS flags (--xds-addr, --xds-listener, --xds-failure-mode, --advertise-ext-proc-addr).
     #[command(flatten)]
     pub xds: crate::xds::XdsArgs,
+    /// Kubernetes controller flags (--kubernetes, --kubernetes-namespace,
+    /// --kubernetes-config-map, --kubeconfig).
+    #[command(flatten)]
+    pub kube: crate::k8s::KubeArgs,
 }
 
 impl ServeArgs {
@@ -318,6 +322,12 @@ fn config_check(file: &std::path::Path) -> ExitCode {
 
 fn serve(args: ServeArgs) -> ExitCode {
     // Parse and validate everything before a port is bound.
+    if args.kube.kubernetes && !args.cluster.enabled() {
+        eprintln!(
+            "error: --kubernetes needs the policy cluster (--data-dir with --bootstrap or --join)"
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let built = if args.cluster.enabled() {
         crate::policy_store::node_config(args.settings(), args.endpoints.as_deref())
             .map(|(c, b)| (c, Some(b)))
@@ -373,6 +383,27 @@ fn serve(args: ServeArgs) -> ExitCode {
                 }
             }
             None => None,
+        };
+        // The controller mirrors the cluster into policy (the Raft leader writes).
+        let _kube = match (&policy, args.kube.kubernetes) {
+            (Some(p), true) => match crate::k8s::KubeController::start(
+                &args.kube,
+                p.store().clone(),
+                crate::policy_store::epp_validator(),
+            )
+            .await
+            {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    if let Some(p) = policy {
+                        p.shutdown(true).await;
+                    }
+                    node.shutdown(args.shutdown_grace).await;
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            },
+            _ => None,
         };
         // A node whose policy store died (its disk filled up or failed) exits, so that its
         // supervisor restarts it on the same data once the disk is usable again; serving
