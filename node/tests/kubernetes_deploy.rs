@@ -94,6 +94,16 @@ fn ordinal_zero_bootstraps_and_the_others_join_through_it() {
             Some("10.1.2.3:9002")
         );
         assert!(serve.cluster.data_dir.is_some());
+        // The controller watches the pod's namespace and the config's ConfigMap.
+        assert!(serve.kube.kubernetes);
+        assert_eq!(
+            serve.kube.kubernetes_namespace.as_deref(),
+            Some("infermesh")
+        );
+        assert_eq!(
+            serve.kube.kubernetes_config_map.as_deref(),
+            Some("infermesh-epp-config/epp-config.yaml")
+        );
     }
     assert_eq!(first.mesh.node_name.as_deref(), Some("infermesh-0"));
 }
@@ -128,9 +138,17 @@ fn envoy_bootstrap_is_what_the_binary_prints() {
 
 #[test]
 fn the_shipped_endpoint_picker_config_loads() {
-    let path = deploy().join("base/epp-config.yaml");
+    let text = std::fs::read_to_string(deploy().join("base/epp-config.yaml")).unwrap();
+    let cm: serde_json::Value = serde_yaml_ng::from_str(&text).unwrap();
+    assert_eq!(cm["kind"], "ConfigMap");
+    let config = cm["data"]["epp-config.yaml"]
+        .as_str()
+        .expect("key epp-config.yaml");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("epp-config.yaml");
+    std::fs::write(&path, config).unwrap();
     infermesh_node::config::load_scheduler_config(Some(&path))
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        .unwrap_or_else(|e| panic!("the ConfigMap's config: {e}"));
 }
 
 #[test]
@@ -147,4 +165,38 @@ fn example_policy_objects_pass_the_nodes_validation() {
         kinds.extend(objects.iter().map(|o| format!("{:?}", o.key().kind)));
     }
     assert_eq!(kinds.len(), 4, "{kinds:?}");
+}
+
+#[test]
+fn the_role_grants_exactly_what_the_controller_uses() {
+    let text = std::fs::read_to_string(deploy().join("base/rbac.yaml")).unwrap();
+    let mut granted = std::collections::BTreeSet::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+        let v: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
+        if v["kind"] != "Role" {
+            continue;
+        }
+        for rule in v["rules"].as_array().unwrap() {
+            for g in rule["apiGroups"].as_array().unwrap() {
+                for r in rule["resources"].as_array().unwrap() {
+                    for verb in rule["verbs"].as_array().unwrap() {
+                        granted.insert((
+                            g.as_str().unwrap().to_owned(),
+                            r.as_str().unwrap().to_owned(),
+                            verb.as_str().unwrap().to_owned(),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    let used: std::collections::BTreeSet<_> = infermesh_node::k8s::ACCESS
+        .iter()
+        .flat_map(|(g, r, verbs)| {
+            verbs
+                .iter()
+                .map(move |v| (g.to_string(), r.to_string(), v.to_string()))
+        })
+        .collect();
+    assert_eq!(granted, used);
 }

@@ -3,12 +3,13 @@
 //! `deploy/envoy/` in front of an EPP server) and wait for its admin, find the
 //! Envoy binary (`$ENVOY_BIN` or the `.venv-test` that `scripts/setup-test-deps.sh`
 //! installs; a missing Envoy is a panic naming the fix, never a skip), open an ADS stream
-//! and read an Envoy's sync status, a minimal full-duplex ext_proc processor, and
-//! condition waits, killable runtimes. Everything listens on 127.0.0.1 only. Not published.
+//! and read an Envoy's sync status, a minimal full-duplex ext_proc processor, an in-process
+//! Kubernetes API server for controller tests ([`kube_api`]), and condition waits, killable runtimes. Everything listens on 127.0.0.1 only. Not published.
 
 pub mod ads;
 pub mod envoy;
 pub mod extproc;
+pub mod kube_api;
 pub mod net;
 pub mod runtime;
 

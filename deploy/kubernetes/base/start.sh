@@ -3,7 +3,9 @@
 # time it starts; every other ordinal joins through ordinal 0's admin API. Once the data
 # volume holds cluster state both flags are ignored, so a restarted pod (any ordinal)
 # simply rejoins. Gossip seeds are the stable DNS names of the first three ordinals on the
-# headless Service, resolved again on every join attempt until a member answers.
+# headless Service, resolved again on every join attempt until a member answers. Every
+# node watches the Kubernetes API (pools, pods, objectives, rewrites, the config); the
+# Raft leader alone writes what it sees into policy.
 set -eu
 : "${POD_IP:?set from status.podIP}"
 : "${POD_NAMESPACE:?set from metadata.namespace}"
@@ -31,4 +33,7 @@ exec infermesh serve \
   --proxy-addr 0.0.0.0:8080 \
   --metrics-addr 0.0.0.0:9090 \
   --config-file /etc/infermesh/config/epp-config.yaml \
+  --kubernetes \
+  --kubernetes-namespace "$POD_NAMESPACE" \
+  --kubernetes-config-map infermesh-epp-config/epp-config.yaml \
   "$@"

@@ -48,13 +48,29 @@ fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource
     }
 }
 
+/// What a watch has learned about its resource type.
+#[derive(Clone, Default)]
+struct WatchFlags {
+    /// The last list or watch call succeeded (the CRD is installed and readable).
+    installed: Arc<AtomicBool>,
+    /// A first list completed, or the type turned out not to be served: the store can be
+    /// trusted. Until every watch has settled nothing is written, so a new leader never
+    /// deletes objects only because its cache is still empty.
+    settled: Arc<AtomicBool>,
+}
+
+impl WatchFlags {
+    fn settled(&self) -> bool {
+        self.settled.load(Ordering::Relaxed)
+    }
+}
+
 /// One watched custom resource type.
 struct Watched {
     resource: ApiResource,
     api: Api<DynamicObject>,
     store: Store<DynamicObject>,
-    /// The last list or watch call succeeded (the CRD is installed and readable).
-    installed: Arc<AtomicBool>,
+    flags: WatchFlags,
 }
 
 fn is_not_found(e: &watcher::Error) -> bool {
@@ -75,7 +91,7 @@ fn reflect<K>(
     cfg: watcher::Config,
     writer: reflector::store::Writer<K>,
     changed: Arc<Notify>,
-    installed: Arc<AtomicBool>,
+    flags: WatchFlags,
     what: String,
 ) where
     K: kube::Resource
@@ -92,9 +108,18 @@ fn reflect<K>(
         let mut stream = std::pin::pin!(stream);
         while let Some(ev) = stream.next().await {
             match ev {
-                Ok(_) => installed.store(true, Ordering::Relaxed),
+                Ok(
+                    kube::runtime::watcher::Event::InitDone
+                    | kube::runtime::watcher::Event::Apply(_)
+                    | kube::runtime::watcher::Event::Delete(_),
+                ) => {
+                    flags.installed.store(true, Ordering::Relaxed);
+                    flags.settled.store(true, Ordering::Relaxed);
+                }
+                Ok(_) => {}
                 Err(e) if is_not_found(&e) => {
-                    installed.store(false, Ordering::Relaxed);
+                    flags.installed.store(false, Ordering::Relaxed);
+                    flags.settled.store(true, Ordering::Relaxed);
                     tracing::debug!(resource = %what, "not served by the API server");
                 }
                 Err(e) => tracing::warn!(resource = %what, error = %e, "watch failed; retrying"),
@@ -114,21 +139,21 @@ fn reflect_dynamic(
     let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, ar);
     let writer = reflector::store::Writer::new(ar.clone());
     let store = writer.as_reader();
-    let installed = Arc::new(AtomicBool::new(false));
+    let flags = WatchFlags::default();
     reflect(
         tasks,
         api.clone(),
         watcher::Config::default(),
         writer,
         changed.clone(),
-        installed.clone(),
+        flags.clone(),
         format!("{}/{}", ar.api_version, ar.plural),
     );
     Watched {
         resource: ar.clone(),
         api,
         store,
-        installed,
+        flags,
     }
 }
 
@@ -169,6 +194,8 @@ pub(crate) struct Controller {
     rewrites: [Watched; 2],
     pods: Store<Pod>,
     config_maps: Store<ConfigMap>,
+    /// Pods and the ConfigMap.
+    core_flags: [WatchFlags; 2],
     changed: Arc<Notify>,
     // Held so the watch tasks stop with the controller.
     _tasks: JoinSet<()>,
@@ -217,16 +244,18 @@ impl Controller {
             ),
         ];
         let (pods, pod_writer) = reflector::store::<Pod>();
+        let pod_flags = WatchFlags::default();
         reflect(
             &mut tasks,
             Api::<Pod>::namespaced(client.clone(), &ns),
             watcher::Config::default(),
             pod_writer,
             changed.clone(),
-            Arc::new(AtomicBool::new(false)),
+            pod_flags.clone(),
             "pods".into(),
         );
         let (config_maps, cm_writer) = reflector::store::<ConfigMap>();
+        let cm_flags = WatchFlags::default();
         if let Some((name, _)) = &settings.config_map {
             reflect(
                 &mut tasks,
@@ -234,9 +263,11 @@ impl Controller {
                 watcher::Config::default().fields(&format!("metadata.name={name}")),
                 cm_writer,
                 changed.clone(),
-                Arc::new(AtomicBool::new(false)),
+                cm_flags.clone(),
                 "configmaps".into(),
             );
+        } else {
+            cm_flags.settled.store(true, Ordering::Relaxed);
         }
         Controller {
             settings,
@@ -247,6 +278,7 @@ impl Controller {
             rewrites,
             pods,
             config_maps,
+            core_flags: [pod_flags, cm_flags],
             changed,
             _tasks: tasks,
         }
@@ -255,7 +287,9 @@ impl Controller {
     /// The objectives or rewrites in force: llm-d's group when it is served (llm-d reads
     /// only that one when both are installed), else the older x-k8s group.
     fn in_force(pair: &[Watched; 2]) -> &Watched {
-        if pair[0].installed.load(Ordering::Relaxed) || !pair[1].installed.load(Ordering::Relaxed) {
+        if pair[0].flags.installed.load(Ordering::Relaxed)
+            || !pair[1].flags.installed.load(Ordering::Relaxed)
+        {
             &pair[0]
         } else {
             &pair[1]
@@ -301,9 +335,18 @@ impl Controller {
         self.store.raft().metrics().borrow().current_leader == Some(self.store.id())
     }
 
-    /// One reconcile: on the leader, the policy write and the status writes.
+    fn settled(&self) -> bool {
+        std::iter::once(&self.pools)
+            .chain(&self.objectives)
+            .chain(&self.rewrites)
+            .all(|w| w.flags.settled())
+            && self.core_flags.iter().all(WatchFlags::settled)
+    }
+
+    /// One reconcile: on the leader, once every watch has settled, the policy write and
+    /// the status writes.
     async fn reconcile(&self) {
-        if !self.is_leader() {
+        if !self.is_leader() || !self.settled() {
             return;
         }
         let view = self.view();
@@ -314,6 +357,7 @@ impl Controller {
         let ops = plan(&d, &self.store.policy());
         if !ops.is_empty() {
             let n = ops.len();
+            tracing::info!(changes = n, "writing the cluster's changes to policy");
             match self.store.submit(PolicyRequest { ops }, Route::Local).await {
                 Ok(a) => tracing::info!(
                     changes = n,

@@ -26,6 +26,39 @@ pub const XK8S_GROUP: &str = "inference.networking.x-k8s.io";
 /// The ConfigMap key read when `--kubernetes-config-map` names none.
 pub const DEFAULT_CONFIG_KEY: &str = "epp-config.yaml";
 
+/// Every API access the controller makes: (group, resource, verbs). The Role shipped in
+/// `deploy/kubernetes/base/rbac.yaml` grants exactly this (a test compares them).
+pub const ACCESS: &[(&str, &str, &[&str])] = &[
+    ("", "pods", &["get", "list", "watch"]),
+    ("", "configmaps", &["get", "list", "watch"]),
+    (POOL_GROUP, "inferencepools", &["get", "list", "watch"]),
+    (POOL_GROUP, "inferencepools/status", &["get", "update"]),
+    (LLMD_GROUP, "inferenceobjectives", &["get", "list", "watch"]),
+    (LLMD_GROUP, "inferenceobjectives/status", &["get", "update"]),
+    (
+        LLMD_GROUP,
+        "inferencemodelrewrites",
+        &["get", "list", "watch"],
+    ),
+    (
+        LLMD_GROUP,
+        "inferencemodelrewrites/status",
+        &["get", "update"],
+    ),
+    (XK8S_GROUP, "inferenceobjectives", &["get", "list", "watch"]),
+    (XK8S_GROUP, "inferenceobjectives/status", &["get", "update"]),
+    (
+        XK8S_GROUP,
+        "inferencemodelrewrites",
+        &["get", "list", "watch"],
+    ),
+    (
+        XK8S_GROUP,
+        "inferencemodelrewrites/status",
+        &["get", "update"],
+    ),
+];
+
 /// `infermesh serve` flags of the Kubernetes controller.
 #[derive(Debug, Clone, Args)]
 pub struct KubeArgs {
