@@ -51,6 +51,9 @@ pub enum StartError {
     /// The xDS server settings are invalid.
     #[error("xds: {0}")]
     Xds(#[from] infermesh_xds::InvalidXdsConfig),
+    /// The gRPC port's TLS files are unusable.
+    #[error("tls: {0}")]
+    Tls(#[from] crate::tls::TlsConfigError),
     /// The scrapers' thread could not start.
     #[error("cannot start the metrics fetcher's thread: {0}")]
     ScrapeThread(std::io::Error),
@@ -246,6 +249,12 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
         },
     );
 
+    // TLS files are read before a port is bound, so a bad certificate fails the start.
+    let grpc_tls = cfg
+        .grpc_tls
+        .clone()
+        .map(crate::tls::TlsReloader::new)
+        .transpose()?;
     // Bind everything first so a busy port fails the start before any task runs.
     let Listeners {
         grpc: grpc_listener,
@@ -367,21 +376,35 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
         .max_decoding_message_size(cfg.max_body_bytes.saturating_add(1 << 20));
     // ADS shares the ext_proc port unless it has its own, so an Envoy needs one address.
     let ads_here = xds_listener.is_none().then(|| xds.server().service());
-    let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+    let router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(ext_proc)
+        .add_optional_service(ads_here);
     let mut sd = shutdown_rx.clone();
-    tasks.spawn(async move {
-        let res = tonic::transport::Server::builder()
-            .add_service(health_service)
-            .add_service(ext_proc)
-            .add_optional_service(ads_here)
-            .serve_with_incoming_shutdown(incoming, async move {
-                let _ = sd.wait_for(|s| *s).await;
-            })
-            .await;
-        if let Err(e) = res {
-            tracing::error!(error = %e, "ext_proc server failed");
+    let stop = async move {
+        let _ = sd.wait_for(|s| *s).await;
+    };
+    match grpc_tls {
+        None => {
+            let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+            tasks.spawn(async move {
+                if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop).await {
+                    tracing::error!(error = %e, "ext_proc server failed");
+                }
+            });
         }
-    });
+        Some(tls) => {
+            if tls.reloads() {
+                tasks.spawn(tls.clone().run(shutdown_rx.clone()));
+            }
+            let incoming = crate::tls::TlsIncoming::serve(grpc_listener, tls, shutdown_rx.clone());
+            tasks.spawn(async move {
+                if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop).await {
+                    tracing::error!(error = %e, "ext_proc server failed");
+                }
+            });
+        }
+    }
 
     if let Some(l) = xds_listener {
         let server = xds.server().clone();

@@ -127,6 +127,10 @@ pub struct ServeArgs {
     /// xDS flags (--xds-addr, --xds-listener, --xds-failure-mode, --advertise-ext-proc-addr).
     #[command(flatten)]
     pub xds: crate::xds::XdsArgs,
+    /// TLS flags of the gRPC port (--secure-serving, --cert-path, --tls-client-ca-file,
+    /// --enable-cert-reload, --tls-min-version, --tls-cipher-suites).
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
     /// Kubernetes controller flags (--kubernetes, --kubernetes-namespace,
     /// --kubernetes-config-map, --kubeconfig).
     #[command(flatten)]
@@ -337,6 +341,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     let (cfg, base) = match built.and_then(|(mut c, b)| {
         c.mesh = args.mesh.options()?;
         c.xds = args.xds.options();
+        c.grpc_tls = args.tls.settings()?;
         Ok((c, b))
     }) {
         Ok(c) => c,

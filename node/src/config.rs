@@ -54,6 +54,8 @@ pub struct NodeConfig {
     pub mesh: Option<crate::mesh::MeshOptions>,
     /// How the node serves xDS to Envoys.
     pub xds: crate::xds::XdsOptions,
+    /// TLS on the gRPC port (ext_proc, ADS, health); `None` = plaintext.
+    pub grpc_tls: Option<crate::tls::ServerTlsSettings>,
 }
 
 /// Raw settings as flags give them (every field has llm-d's default where one exists).
@@ -110,6 +112,9 @@ pub enum InvalidNodeConfig {
     /// The mesh flags are unusable.
     #[error("mesh: {0}")]
     Mesh(#[from] crate::mesh::InvalidMeshFlags),
+    /// The TLS flags or files are unusable.
+    #[error("tls: {0}")]
+    Tls(#[from] crate::tls::TlsConfigError),
     /// A flag has an unusable value.
     #[error("--{flag}: {reason}")]
     Flag {
@@ -236,6 +241,7 @@ impl NodeConfig {
             },
             mesh: None,
             xds: Default::default(),
+            grpc_tls: None,
         })
     }
 

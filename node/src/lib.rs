@@ -28,6 +28,7 @@ pub mod restore;
 pub mod scrape;
 pub mod serve;
 pub mod sidecar;
+pub mod tls;
 pub mod upstream;
 pub mod usage;
 pub mod xds;

@@ -174,6 +174,19 @@ pub struct ExtProcEnvoy {
     dir: tempfile::TempDir,
 }
 
+/// The files an Envoy uses for mutual TLS to the ext_proc server.
+#[derive(Debug, Clone)]
+pub struct EnvoyClientTls {
+    /// CA bundle the server certificate chains to.
+    pub ca: PathBuf,
+    /// Envoy's client certificate.
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
+    /// Server name to ask for and verify.
+    pub sni: String,
+}
+
 /// How long an [`ExtProcEnvoy`] may take to answer `/ready`.
 const READY: Duration = Duration::from_secs(15);
 
@@ -190,9 +203,33 @@ impl ExtProcEnvoy {
         ext_proc: SocketAddr,
         pods: &[SocketAddr],
     ) -> anyhow::Result<Self> {
-        let template_path = workspace_dir().join("deploy/envoy/envoy-extproc.yaml");
-        let template = std::fs::read_to_string(&template_path)
-            .with_context(|| format!("reading {}", template_path.display()))?
+        Self::start_with_tls(bin, ext_proc, pods, None).await
+    }
+
+    /// [`ExtProcEnvoy::start`], speaking mutual TLS to the ext_proc server when `tls` is
+    /// given (`deploy/envoy/envoy-extproc-mtls.yaml`).
+    pub async fn start_with_tls(
+        bin: &Path,
+        ext_proc: SocketAddr,
+        pods: &[SocketAddr],
+        tls: Option<&EnvoyClientTls>,
+    ) -> anyhow::Result<Self> {
+        let file = if tls.is_some() {
+            "deploy/envoy/envoy-extproc-mtls.yaml"
+        } else {
+            "deploy/envoy/envoy-extproc.yaml"
+        };
+        let template_path = workspace_dir().join(file);
+        let mut template = std::fs::read_to_string(&template_path)
+            .with_context(|| format!("reading {}", template_path.display()))?;
+        if let Some(t) = tls {
+            template = template
+                .replace("${TLS_CA}", &t.ca.display().to_string())
+                .replace("${TLS_CERT}", &t.cert.display().to_string())
+                .replace("${TLS_KEY}", &t.key.display().to_string())
+                .replace("${EXT_PROC_SNI}", &t.sni);
+        }
+        let template = template
             .replace("${EXT_PROC_HOST}", &ext_proc.ip().to_string())
             .replace("${EXT_PROC_PORT}", &ext_proc.port().to_string())
             .replace("${LB_ENDPOINTS}", &lb_endpoints(pods));

@@ -1,0 +1,143 @@
+//! The TLS listener: accepts TCP connections, runs each handshake on its own task (so a
+//! client that stalls its handshake holds up nobody), and hands finished TLS streams to
+//! the gRPC server. The config in force is swapped atomically on reload.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use rustls::ServerConfig;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::config::{Material, ServerTlsSettings, TlsConfigError};
+
+/// Longest a client may take to finish its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the files are re-read with `--enable-cert-reload`.
+const RELOAD_EVERY: Duration = Duration::from_secs(1);
+
+/// Resolves once `shutdown` turns true (or its sender is gone).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+/// The server config in force, reloadable.
+#[derive(Clone)]
+pub struct TlsReloader {
+    settings: ServerTlsSettings,
+    current: Arc<ArcSwap<ServerConfig>>,
+}
+
+impl std::fmt::Debug for TlsReloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsReloader")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsReloader {
+    /// Loads the files once.
+    pub fn new(settings: ServerTlsSettings) -> Result<TlsReloader, TlsConfigError> {
+        let cfg = settings.load()?;
+        Ok(TlsReloader {
+            settings,
+            current: Arc::new(ArcSwap::new(cfg)),
+        })
+    }
+
+    /// Re-reads the files every second while `shutdown` is false, swapping in a changed
+    /// set that builds; a set that does not build is logged once and skipped.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut last: Option<Material> = self.settings.read_material().ok();
+        let mut failed: Option<Material> = None;
+        let mut tick = tokio::time::interval(RELOAD_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = stopped(&mut shutdown) => return,
+            }
+            let m = match self.settings.read_material() {
+                Ok(m) => m,
+                // Mid-rotation (a file replaced but not its partner yet): try again.
+                Err(e) => {
+                    tracing::debug!(error = %e, "TLS files not readable yet");
+                    continue;
+                }
+            };
+            if last.as_ref() == Some(&m) || failed.as_ref() == Some(&m) {
+                continue;
+            }
+            match self.settings.build(&m) {
+                Ok(cfg) => {
+                    self.current.store(cfg);
+                    tracing::info!(cert = %self.settings.cert.display(), "TLS certificate reloaded");
+                    last = Some(m);
+                    failed = None;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "new TLS files refused; keeping the ones in force");
+                    failed = Some(m);
+                }
+            }
+        }
+    }
+
+    /// Whether files are to be watched.
+    pub fn reloads(&self) -> bool {
+        self.settings.reload
+    }
+
+    fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.current.load_full())
+    }
+}
+
+/// TLS connections for the gRPC server.
+pub struct TlsIncoming;
+
+impl TlsIncoming {
+    /// Accepts on `listener` until `shutdown`, handshaking with the config in force.
+    pub fn serve(
+        listener: TcpListener,
+        tls: TlsReloader,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let (tcp, peer) = tokio::select! {
+                    r = listener.accept() => match r {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            continue;
+                        }
+                    },
+                    () = stopped(&mut shutdown) => return,
+                };
+                let _ = tcp.set_nodelay(true);
+                let acceptor = tls.acceptor();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            let _ = tx.send(Ok(stream)).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::info!(%peer, error = %e, "TLS handshake refused");
+                        }
+                        Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        ReceiverStream::new(rx)
+    }
+}
