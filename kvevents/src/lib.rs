@@ -1,0 +1,65 @@
+//! infermesh-kvevents: vLLM's KV-cache events, the way vLLM publishes them and llm-d reads
+//! them.
+//!
+//! Contract: a pod's engine publishes one [`EventBatch`] per engine step on a ZMQ PUB
+//! socket as three frames `[topic, seq, payload]` (`topic` = `kv@<pod-ip>:<port>@<model>`,
+//! `seq` a u64 in 8 bytes big-endian counting from 0, `payload` msgpack), and keeps the
+//! last `buffer_steps` payloads for replay over a ROUTER socket. A [`Subscriber`] applies
+//! every batch exactly once and in order: it tracks `seq` per topic, fetches gaps from the
+//! replay socket, drops duplicates, and reports what could not be recovered
+//! ([`Update::Lost`]) or a publisher restart ([`Update::Restarted`]) instead of hiding it.
+//!
+//! Layers: [`wire`] (payload codec), [`topic`], [`frame`] (multipart layouts) and [`seq`]
+//! ([`SequenceTracker`]) are sans-IO and tested without sockets; [`Publisher`] and
+//! [`Subscriber`] are thin tokio tasks over them.
+//!
+//! # Unknown event types
+//!
+//! [`decode`] skips an event whose tag it does not know and lists it in
+//! [`Decoded::skipped`]; the rest of the batch is returned and applies. vLLM adds event
+//! types over time, and dropping a whole batch for one new event would lose the
+//! `BlockStored`/`BlockRemoved` next to it, which corrupts an index more than ignoring an
+//! event it could not use anyway. The subscriber counts skipped events
+//! ([`SubscriberStats::unknown_events`]). A *known* event with a bad field, or a payload
+//! that is not msgpack, rejects the whole batch ([`DecodeError`]): the producer is broken,
+//! and applying half of its batch would be a guess.
+//!
+//! # Msgpack crate
+//!
+//! `rmpv` (with `rmp` underneath, both from the rmp-rs project, the most used msgpack
+//! implementation in Rust). Decoding goes through a dynamic `rmpv::Value` because the
+//! payload has to be read in two layouts (positional tagged arrays and `"type"` maps,
+//! also mixed), with hashes that are integers or bytes and trailing fields that may be
+//! absent: a serde derive (`rmp-serde`) would need hand-written visitors for all of that
+//! anyway. `rmpv` caps preallocation and nesting depth, so hostile input costs neither
+//! memory nor stack.
+//!
+//! # ZMQ crate
+//!
+//! `zeromq` (zmq.rs), the pure-Rust ZMTP 3 implementation on tokio, at 0.6 (0.7 needs a
+//! newer Rust than the workspace's `rust-version`). It builds with cargo alone, so CI and
+//! developer machines need no system package, and it has PUB/SUB with prefix
+//! subscriptions and ROUTER/DEALER, which is all this protocol uses; its 0.6 release runs
+//! conformance tests against libzmq for exactly those pairs. The alternative, the `zmq`
+//! crate, binds libzmq through C and needs Debian's `libzmq3-dev` on every machine that
+//! builds the workspace. Two limits of zmq.rs are handled here: it does not resolve
+//! libzmq's `*` wildcard host (the publisher binds `0.0.0.0` for `tcp://*:…`), and only
+//! the TCP transport is enabled (vLLM's `ipc://`/`inproc://` endpoints are not needed by
+//! a router that reads pods over the network).
+
+pub mod frame;
+pub mod publisher;
+pub mod seq;
+pub mod subscriber;
+pub mod topic;
+pub mod wire;
+
+pub use frame::{FrameError, Message, REPLAY_END};
+pub use publisher::{Publisher, PublisherClosed, PublisherConfig, PublisherError, PublisherStats};
+pub use seq::{SequenceTracker, Verdict};
+pub use subscriber::{Subscriber, SubscriberConfig, SubscriberStats, Update};
+pub use topic::{TOPIC_PREFIX, Topic, TopicError};
+pub use wire::{
+    DecodeError, Decoded, Encoding, EventBatch, HashFormat, KvEvent, MEDIUM_GPU, SkippedEvent,
+    decode, encode, encode_with,
+};
