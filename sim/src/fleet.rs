@@ -14,12 +14,116 @@ use crate::engine::{Engine, EngineConfig};
 use crate::error::SimError;
 use crate::http::{PodState, router};
 use crate::metrics::MetricsLabels;
-use crate::pod::{Input, SimClock, run_engine};
+use infermesh_kvevents::{Encoding, HashFormat, Publisher, PublisherConfig, Topic};
+
+use crate::pod::{Input, KvEventSink, SimClock, run_engine};
 use crate::profile::EngineProfile;
 use crate::role::PodRole;
 
 /// The model name pods serve unless told otherwise.
 pub const DEFAULT_MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
+
+/// KV-event publishing of every pod, vLLM's `KVEventsConfig` with its defaults.
+///
+/// Pod i publishes on `endpoint`'s port + i and answers replays on `replay_endpoint`'s
+/// port + i (vLLM offsets ports by data-parallel rank the same way); port 0 gives every
+/// pod an ephemeral port. The topic is `kv@<pod-ip>:<http-port>@<model>`, what llm-d reads.
+#[derive(Debug, Clone)]
+pub struct KvEventsConfig {
+    /// PUB endpoint of pod 0 (vLLM default `tcp://*:5557`); bound when it holds `*` or
+    /// `::` (or `bind` is set), else connected, as vLLM does.
+    pub endpoint: String,
+    /// ROUTER endpoint of pod 0 for replay requests; `None` (vLLM's default) disables replay.
+    pub replay_endpoint: Option<String>,
+    /// Batches each pod keeps for replay (vLLM default 10 000).
+    pub buffer_steps: usize,
+    /// Event layout: vLLM's positional arrays or PR #42892's maps.
+    pub encoding: Encoding,
+    /// Block hashes as integers (vLLM's default) or bytes.
+    pub hash_format: HashFormat,
+    /// Bind the PUB endpoint even without a wildcard host.
+    pub bind: bool,
+}
+
+impl Default for KvEventsConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: infermesh_kvevents::publisher::DEFAULT_ENDPOINT.to_owned(),
+            replay_endpoint: None,
+            buffer_steps: infermesh_kvevents::publisher::DEFAULT_BUFFER_STEPS,
+            encoding: Encoding::Array,
+            hash_format: HashFormat::Int,
+            bind: false,
+        }
+    }
+}
+
+/// `endpoint`'s TCP port, if it ends in one.
+fn endpoint_port(endpoint: &str) -> Option<u16> {
+    endpoint.rsplit_once(':')?.1.parse().ok()
+}
+
+/// Pod `index`'s endpoint: the port moved up by the index, port 0 left ephemeral.
+fn pod_endpoint(endpoint: &str, index: usize) -> Option<String> {
+    match endpoint_port(endpoint)? {
+        0 => Some(endpoint.to_owned()),
+        _ => infermesh_kvevents::publisher::offset_port(endpoint, u16::try_from(index).ok()?),
+    }
+}
+
+impl KvEventsConfig {
+    fn validate(&self, pods: usize) -> Result<(), SimError> {
+        let bad =
+            |field: &'static str, reason: String| Err(SimError::InvalidConfig { field, reason });
+        let mut ranges = Vec::new();
+        for (field, ep) in [
+            ("kv_events.endpoint", Some(&self.endpoint)),
+            ("kv_events.replay_endpoint", self.replay_endpoint.as_ref()),
+        ] {
+            let Some(ep) = ep else { continue };
+            if !ep.starts_with("tcp://") {
+                return bad(
+                    field,
+                    format!("`{ep}`: only tcp:// endpoints are supported"),
+                );
+            }
+            let Some(port) = endpoint_port(ep) else {
+                return bad(field, format!("`{ep}` has no port"));
+            };
+            if pod_endpoint(ep, pods - 1).is_none() {
+                return bad(field, format!("`{ep}` + {pods} pods runs past port 65535"));
+            }
+            if port != 0 {
+                ranges.push((usize::from(port), usize::from(port) + pods));
+            }
+        }
+        if let [a, b] = ranges[..]
+            && a.0 < b.1
+            && b.0 < a.1
+        {
+            return bad(
+                "kv_events.replay_endpoint",
+                format!(
+                    "its ports {}..{} overlap the PUB ports {}..{}",
+                    b.0, b.1, a.0, a.1
+                ),
+            );
+        }
+        if self.replay_endpoint.is_some() && self.buffer_steps == 0 {
+            return bad("kv_events.buffer_steps", "replay needs at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Where a pod's KV events can be read (bound ports; `None` for a connecting endpoint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvEventPorts {
+    /// Port of the PUB socket.
+    pub publish: Option<u16>,
+    /// Port of the replay ROUTER socket.
+    pub replay: Option<u16>,
+}
 
 /// How to build a fleet.
 #[derive(Debug, Clone)]
@@ -42,6 +146,8 @@ pub struct FleetConfig {
     pub seed: u64,
     /// Role of pod i; pods past the end of the list are `both`.
     pub roles: Vec<PodRole>,
+    /// KV-event publishing; off (`None`) by default, as in vLLM.
+    pub kv_events: Option<KvEventsConfig>,
 }
 
 impl FleetConfig {
@@ -57,6 +163,7 @@ impl FleetConfig {
             time_scale: 1.0,
             seed: 0,
             roles: Vec::new(),
+            kv_events: None,
         }
     }
 
@@ -108,12 +215,16 @@ impl FleetConfig {
                 format!("{} roles given for {} pods", self.roles.len(), self.pods),
             );
         }
+        if let Some(kv) = &self.kv_events {
+            kv.validate(self.pods)?;
+        }
         self.profile.validate()
     }
 }
 
 struct PodHandle {
     addr: SocketAddr,
+    kv_ports: Option<KvEventPorts>,
     role: PodRole,
     shutdown: watch::Sender<bool>,
     server: parking_lot::Mutex<Option<JoinHandle<()>>>,
@@ -165,8 +276,48 @@ impl Fleet {
             })?;
             listeners.push((l, bound));
         }
+        // Publishers next, also before any task runs, so a taken event port fails the start.
+        let mut sinks = Vec::with_capacity(cfg.pods);
+        for (i, (_, addr)) in listeners.iter().enumerate() {
+            let Some(kv) = &cfg.kv_events else {
+                sinks.push(None);
+                continue;
+            };
+            let invalid = |reason: String| SimError::InvalidConfig {
+                field: "kv_events",
+                reason,
+            };
+            let topic =
+                Topic::for_pod(*addr, cfg.model.clone()).map_err(|e| invalid(e.to_string()))?;
+            let endpoint = pod_endpoint(&kv.endpoint, i)
+                .ok_or_else(|| invalid(format!("no endpoint for pod {i}")))?;
+            let mut pc = PublisherConfig::new(endpoint, topic.to_string());
+            pc.replay_endpoint = match &kv.replay_endpoint {
+                Some(ep) => Some(
+                    pod_endpoint(ep, i)
+                        .ok_or_else(|| invalid(format!("no replay endpoint for pod {i}")))?,
+                ),
+                None => None,
+            };
+            pc.buffer_steps = kv.buffer_steps;
+            pc.encoding = kv.encoding;
+            pc.hash_format = kv.hash_format;
+            pc.force_bind = kv.bind;
+            let publisher = Publisher::start(pc)
+                .await
+                .map_err(|source| SimError::KvEvents { pod: i, source })?;
+            sinks.push(Some(KvEventSink {
+                publisher,
+                lora_adapters: cfg.lora_adapters.clone(),
+                block_size: u32::try_from(cfg.profile.block_size).unwrap_or(u32::MAX),
+            }));
+        }
         let mut pods = Vec::with_capacity(cfg.pods);
-        for (i, (listener, addr)) in listeners.into_iter().enumerate() {
+        for (i, ((listener, addr), sink)) in listeners.into_iter().zip(sinks).enumerate() {
+            let kv_ports = sink.as_ref().map(|s| KvEventPorts {
+                publish: s.publisher.port(),
+                replay: s.publisher.replay_port(),
+            });
             let engine = Engine::new(EngineConfig {
                 profile: cfg.profile.clone(),
                 lora_adapters: cfg.lora_adapters.clone(),
@@ -177,7 +328,7 @@ impl Fleet {
                 model: cfg.model.clone(),
                 lora_adapters: cfg.lora_adapters.clone(),
             };
-            let engine_task = tokio::spawn(run_engine(engine, rx, clock, labels));
+            let engine_task = tokio::spawn(run_engine(engine, rx, clock, labels, sink));
             let state = Arc::new(PodState {
                 index: i,
                 addr,
@@ -193,6 +344,7 @@ impl Fleet {
             let server = tokio::spawn(serve_pod(listener, router(state), shutdown_rx));
             pods.push(PodHandle {
                 addr,
+                kv_ports,
                 role: cfg.role_of(i),
                 shutdown,
                 server: parking_lot::Mutex::new(Some(server)),
@@ -214,6 +366,38 @@ impl Fleet {
             .iter()
             .map(|p| format!("http://{}", p.addr))
             .collect()
+    }
+
+    /// KV-event ports of every pod, in pod order (`None` when events are off).
+    pub fn kv_event_ports(&self) -> Vec<Option<KvEventPorts>> {
+        self.pods.iter().map(|p| p.kv_ports).collect()
+    }
+
+    /// The block hashes pod `index`'s prefix cache holds now, sorted (what a KV-event
+    /// consumer's view of the pod should converge to).
+    pub async fn cached_hashes(&self, index: usize) -> Result<Vec<u64>, SimError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(index, Input::CachedHashes(reply))?;
+        let mut v = rx.await.map_err(|_| SimError::NoSuchPod { index })?;
+        v.sort_unstable();
+        Ok(v)
+    }
+
+    /// Drops pod `index`'s prefix cache (vLLM's `reset_prefix_cache`); false, changing
+    /// nothing, while requests hold blocks.
+    pub async fn reset_prefix_cache(&self, index: usize) -> Result<bool, SimError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(index, Input::ResetPrefixCache(reply))?;
+        rx.await.map_err(|_| SimError::NoSuchPod { index })
+    }
+
+    fn send(&self, index: usize, msg: Input) -> Result<(), SimError> {
+        self.pods
+            .get(index)
+            .and_then(|p| p.input.lock().clone())
+            .ok_or(SimError::NoSuchPod { index })?
+            .send(msg)
+            .map_err(|_| SimError::NoSuchPod { index })
     }
 
     /// Role of every pod, in pod order.
