@@ -47,6 +47,17 @@
 //! the TCP transport is enabled (vLLM's `ipc://`/`inproc://` endpoints are not needed by
 //! a router that reads pods over the network).
 
+//!
+//! # Interop
+//!
+//! `interop/vllm_side.py` plays vLLM's side on libzmq (pyzmq) and msgspec, with vLLM's
+//! struct layout: `consume` decodes a publisher's stream with strict msgspec decoders and
+//! replays from 0 over a DEALER; `publish` acts as vLLM's `ZmqEventPublisher` (PUB, ROUTER
+//! replay, positional or map events, int or 32-byte hashes, batch as array or map) for
+//! `examples/tail.rs`. Both directions passed against libzmq 4.3.5 and msgspec 0.23 with
+//! `infermesh-sim --enable-kv-cache-events` as the publisher, a late-joining tail
+//! recovering the start of the stream through replay.
+
 pub mod frame;
 pub mod publisher;
 pub mod seq;
