@@ -5,7 +5,13 @@
 //! ([`SequenceTracker::on_replayed`]); the verdict says whether to apply the batch, drop it
 //! as already applied, or first fetch a gap from the replay socket. A live number at or
 //! below the previous live one cannot come from the same publisher run (PUB never
-//! resends), so it means the publisher restarted and counts from 0 again.
+//! resends), so it means the publisher restarted and counts from 0 again. So does a first
+//! live number below a resume point: the point was learned before subscribing, so the
+//! same run can only have moved past it.
+//!
+//! After a restart the tracker expects 0: the caller offers the batch again with
+//! [`SequenceTracker::on_replayed`], which reports a gap from 0 if the subscription missed
+//! the new run's first batches.
 
 /// What to do with a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,7 +29,8 @@ pub enum Verdict {
         to: u64,
     },
     /// The publisher restarted (its numbering went back): state learned from its earlier
-    /// run is stale; apply this batch as the start of a new stream.
+    /// run is stale. The tracker now expects 0; offer this batch again with
+    /// [`SequenceTracker::on_replayed`] (a gap from 0 means the new run's start was missed).
     Restarted,
 }
 
@@ -56,10 +63,14 @@ impl SequenceTracker {
         self.next
     }
 
-    /// Classifies a live batch; on `Apply` and `Restarted` it counts as applied.
+    /// Classifies a live batch; on `Apply` it counts as applied.
     pub fn on_live(&mut self, seq: u64) -> Verdict {
-        if self.last_live.is_some_and(|l| seq <= l) {
-            self.next = Some(seq.saturating_add(1));
+        let went_back = match self.last_live {
+            Some(l) => seq <= l,
+            None => self.next.is_some_and(|n| seq < n),
+        };
+        if went_back {
+            self.next = Some(0);
             self.last_live = Some(seq);
             return Verdict::Restarted;
         }
@@ -116,7 +127,20 @@ mod tests {
         assert_eq!(t.on_live(10), Verdict::Duplicate);
         assert_eq!(t.on_live(11), Verdict::Apply);
         assert_eq!(t.on_live(0), Verdict::Restarted);
+        assert_eq!(t.on_replayed(0), Verdict::Apply);
         assert_eq!(t.on_live(1), Verdict::Apply);
+        // A restart seen late: the new run's first batches are a gap from 0.
+        assert_eq!(t.on_live(1), Verdict::Restarted);
+        assert_eq!(t.on_replayed(1), Verdict::Gap { from: 0, to: 1 });
+    }
+
+    #[test]
+    fn a_live_number_below_the_resume_point_is_a_new_run() {
+        let mut t = SequenceTracker::resume_from(500);
+        assert_eq!(t.on_live(10), Verdict::Restarted);
+        assert_eq!(t.on_replayed(10), Verdict::Gap { from: 0, to: 10 });
+        let mut t = SequenceTracker::resume_from(500);
+        assert_eq!(t.on_live(500), Verdict::Apply);
     }
 
     #[test]

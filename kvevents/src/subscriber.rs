@@ -258,7 +258,12 @@ impl Runner {
                     topic: topic.clone(),
                 })
                 .await?;
-                self.emit(&topic, m.seq, &m.payload, false).await
+                // The new run counts from 0: fetch what the subscription missed of it.
+                if m.seq > 0 {
+                    bump(&self.stats.gaps, 1);
+                    self.fill_gap(&topic, 0, m.seq).await?;
+                }
+                self.offer(&topic, m.seq, &m.payload, false).await
             }
             Verdict::Gap { from, to } => {
                 bump(&self.stats.gaps, 1);
