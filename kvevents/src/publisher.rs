@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use zeromq::{PubSocket, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
@@ -130,6 +130,8 @@ pub struct Publisher {
     stats: Arc<PublisherStats>,
     task: Option<JoinHandle<()>>,
     replay_task: Option<JoinHandle<()>>,
+    /// Tells the replay task to close its socket and end.
+    stop_replay: Option<oneshot::Sender<()>>,
 }
 
 fn tcp_port(ep: &zeromq::Endpoint) -> Option<u16> {
@@ -164,6 +166,7 @@ impl Publisher {
         let buffer: Buffer = Arc::new(Mutex::new(VecDeque::new()));
         let stats = Arc::new(PublisherStats::default());
         let mut replay_port = None;
+        let (stop_replay, stop_rx) = oneshot::channel();
         let replay_task =
             match &cfg.replay_endpoint {
                 Some(ep) => {
@@ -179,6 +182,7 @@ impl Publisher {
                         router,
                         buffer.clone(),
                         stats.clone(),
+                        stop_rx,
                     )))
                 }
                 None => None,
@@ -192,6 +196,7 @@ impl Publisher {
             stats,
             task: Some(task),
             replay_task,
+            stop_replay: Some(stop_replay),
         })
     }
 
@@ -215,15 +220,18 @@ impl Publisher {
         &self.stats
     }
 
-    /// Sends what is queued, then closes the sockets.
+    /// Sends what is queued, then closes the sockets; when it returns, the ports are free
+    /// to bind again (a restarted pod reuses them).
     pub async fn shutdown(mut self) {
         let (closed, _) = mpsc::unbounded_channel();
         drop(std::mem::replace(&mut self.tx, closed));
         if let Some(t) = self.task.take() {
             let _ = t.await;
         }
+        if let Some(stop) = self.stop_replay.take() {
+            let _ = stop.send(());
+        }
         if let Some(t) = self.replay_task.take() {
-            t.abort();
             let _ = t.await;
         }
     }
@@ -232,9 +240,9 @@ impl Publisher {
 impl Drop for Publisher {
     fn drop(&mut self) {
         // The sending task ends by itself once the queue is drained (the sender is gone);
-        // the ROUTER would wait for requests forever.
-        if let Some(t) = self.replay_task.take() {
-            t.abort();
+        // the ROUTER would wait for requests forever unless told to stop.
+        if let Some(stop) = self.stop_replay.take() {
+            let _ = stop.send(());
         }
     }
 }
@@ -286,13 +294,22 @@ async fn run(
     let _ = socket.close().await;
 }
 
-async fn serve_replay(mut router: RouterSocket, buffer: Buffer, stats: Arc<PublisherStats>) {
+async fn serve_replay(
+    mut router: RouterSocket,
+    buffer: Buffer,
+    stats: Arc<PublisherStats>,
+    mut stop: oneshot::Receiver<()>,
+) {
     loop {
-        let msg = match router.recv().await {
+        let msg = tokio::select! {
+            m = router.recv() => m,
+            _ = &mut stop => break,
+        };
+        let msg = match msg {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(error = %e, "KV-event replay socket failed");
-                return;
+                break;
             }
         };
         let frames = msg.into_vec();
@@ -322,6 +339,7 @@ async fn serve_replay(mut router: RouterSocket, buffer: Buffer, stats: Arc<Publi
             stats.replays_served.fetch_add(1, Ordering::Relaxed);
         }
     }
+    let _ = router.close().await;
 }
 
 #[cfg(test)]

@@ -226,7 +226,7 @@ struct PodHandle {
     addr: SocketAddr,
     kv_ports: Option<KvEventPorts>,
     role: PodRole,
-    shutdown: watch::Sender<bool>,
+    shutdown: parking_lot::Mutex<watch::Sender<bool>>,
     server: parking_lot::Mutex<Option<JoinHandle<()>>>,
     engine: parking_lot::Mutex<Option<JoinHandle<()>>>,
     /// Fleet-side handle to the engine task; dropped on stop so the task can end.
@@ -236,6 +236,10 @@ struct PodHandle {
 /// Running simulated pods.
 pub struct Fleet {
     pods: Vec<PodHandle>,
+    /// What the fleet was started with, to start a pod again the same way.
+    cfg: FleetConfig,
+    clock: SimClock,
+    created: u64,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -279,38 +283,7 @@ impl Fleet {
         // Publishers next, also before any task runs, so a taken event port fails the start.
         let mut sinks = Vec::with_capacity(cfg.pods);
         for (i, (_, addr)) in listeners.iter().enumerate() {
-            let Some(kv) = &cfg.kv_events else {
-                sinks.push(None);
-                continue;
-            };
-            let invalid = |reason: String| SimError::InvalidConfig {
-                field: "kv_events",
-                reason,
-            };
-            let topic =
-                Topic::for_pod(*addr, cfg.model.clone()).map_err(|e| invalid(e.to_string()))?;
-            let endpoint = pod_endpoint(&kv.endpoint, i)
-                .ok_or_else(|| invalid(format!("no endpoint for pod {i}")))?;
-            let mut pc = PublisherConfig::new(endpoint, topic.to_string());
-            pc.replay_endpoint = match &kv.replay_endpoint {
-                Some(ep) => Some(
-                    pod_endpoint(ep, i)
-                        .ok_or_else(|| invalid(format!("no replay endpoint for pod {i}")))?,
-                ),
-                None => None,
-            };
-            pc.buffer_steps = kv.buffer_steps;
-            pc.encoding = kv.encoding;
-            pc.hash_format = kv.hash_format;
-            pc.force_bind = kv.bind;
-            let publisher = Publisher::start(pc)
-                .await
-                .map_err(|source| SimError::KvEvents { pod: i, source })?;
-            sinks.push(Some(KvEventSink {
-                publisher,
-                lora_adapters: cfg.lora_adapters.clone(),
-                block_size: u32::try_from(cfg.profile.block_size).unwrap_or(u32::MAX),
-            }));
+            sinks.push(start_publisher(&cfg, i, *addr, None).await?);
         }
         let mut pods = Vec::with_capacity(cfg.pods);
         for (i, ((listener, addr), sink)) in listeners.into_iter().zip(sinks).enumerate() {
@@ -318,41 +291,23 @@ impl Fleet {
                 publish: s.publisher.port(),
                 replay: s.publisher.replay_port(),
             });
-            let engine = Engine::new(EngineConfig {
-                profile: cfg.profile.clone(),
-                lora_adapters: cfg.lora_adapters.clone(),
-                seed: cfg.seed.wrapping_add(i as u64),
-            });
-            let (tx, rx) = mpsc::unbounded_channel();
-            let labels = MetricsLabels {
-                model: cfg.model.clone(),
-                lora_adapters: cfg.lora_adapters.clone(),
-            };
-            let engine_task = tokio::spawn(run_engine(engine, rx, clock, labels, sink));
-            let state = Arc::new(PodState {
-                index: i,
-                addr,
-                model: cfg.model.clone(),
-                lora_adapters: cfg.lora_adapters.clone(),
-                profile: cfg.profile.clone(),
-                role: cfg.role_of(i),
-                engine: tx.clone(),
-                next_id: AtomicU64::new(0),
-                created,
-            });
-            let (shutdown, shutdown_rx) = watch::channel(false);
-            let server = tokio::spawn(serve_pod(listener, router(state), shutdown_rx));
+            let t = spawn_pod(&cfg, clock, created, i, listener, addr, sink);
             pods.push(PodHandle {
                 addr,
                 kv_ports,
                 role: cfg.role_of(i),
-                shutdown,
-                server: parking_lot::Mutex::new(Some(server)),
-                engine: parking_lot::Mutex::new(Some(engine_task)),
-                input: parking_lot::Mutex::new(Some(tx)),
+                shutdown: parking_lot::Mutex::new(t.shutdown),
+                server: parking_lot::Mutex::new(Some(t.server)),
+                engine: parking_lot::Mutex::new(Some(t.engine)),
+                input: parking_lot::Mutex::new(Some(t.input)),
             });
         }
-        Ok(Fleet { pods })
+        Ok(Fleet {
+            pods,
+            cfg,
+            clock,
+            created,
+        })
     }
 
     /// Bound address of every pod, in pod order.
@@ -411,7 +366,7 @@ impl Fleet {
         let Some(p) = self.pods.get(index) else {
             return;
         };
-        let _ = p.shutdown.send(true);
+        let _ = p.shutdown.lock().send(true);
         drop(p.input.lock().take());
         let server = p.server.lock().take();
         if let Some(h) = server {
@@ -421,6 +376,48 @@ impl Fleet {
         if let Some(h) = engine {
             let _ = h.await;
         }
+    }
+
+    /// Restarts pod `index` as a new vLLM process would come back: stopped (requests in
+    /// flight are cut), then a fresh engine with an empty prefix cache and zeroed counters
+    /// on the same HTTP address and the same KV-event ports, its event numbering from 0
+    /// again (what a subscriber sees as a publisher restart). A stopped pod is started.
+    pub async fn restart_pod(&self, index: usize) -> Result<(), SimError> {
+        let p = self.pods.get(index).ok_or(SimError::NoSuchPod { index })?;
+        self.stop_pod(index).await;
+        // The old sockets close asynchronously; give the OS a moment before giving up.
+        let mut tries = 0;
+        let listener = loop {
+            match TcpListener::bind(p.addr).await {
+                Ok(l) => break l,
+                Err(source) if tries >= 50 => {
+                    return Err(SimError::Bind {
+                        pod: index,
+                        addr: p.addr,
+                        source,
+                    });
+                }
+                Err(_) => {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            }
+        };
+        let sink = start_publisher(&self.cfg, index, p.addr, p.kv_ports).await?;
+        let t = spawn_pod(
+            &self.cfg,
+            self.clock,
+            self.created,
+            index,
+            listener,
+            p.addr,
+            sink,
+        );
+        *p.shutdown.lock() = t.shutdown;
+        *p.server.lock() = Some(t.server);
+        *p.engine.lock() = Some(t.engine);
+        *p.input.lock() = Some(t.input);
+        Ok(())
     }
 
     /// Makes pod `index` `factor` times slower from now on (1 restores it): a degraded pod
@@ -447,7 +444,7 @@ impl Fleet {
     /// Stops every pod.
     pub async fn shutdown(self) {
         for p in &self.pods {
-            let _ = p.shutdown.send(true);
+            let _ = p.shutdown.lock().send(true);
         }
         for i in 0..self.pods.len() {
             self.stop_pod(i).await;
@@ -460,8 +457,109 @@ impl Drop for Fleet {
     /// serving until the runtime ends.
     fn drop(&mut self) {
         for p in &self.pods {
-            let _ = p.shutdown.send(true);
+            let _ = p.shutdown.lock().send(true);
         }
+    }
+}
+
+/// The tasks and handles of one running pod.
+struct PodTasks {
+    server: JoinHandle<()>,
+    engine: JoinHandle<()>,
+    input: mpsc::UnboundedSender<Input>,
+    shutdown: watch::Sender<bool>,
+}
+
+/// Starts pod `i`'s KV-event publisher, if events are on. `ports` pins the ports (a
+/// restarted pod keeps the ones it had, even if they were ephemeral).
+async fn start_publisher(
+    cfg: &FleetConfig,
+    i: usize,
+    addr: SocketAddr,
+    ports: Option<KvEventPorts>,
+) -> Result<Option<KvEventSink>, SimError> {
+    let Some(kv) = &cfg.kv_events else {
+        return Ok(None);
+    };
+    let invalid = |reason: String| SimError::InvalidConfig {
+        field: "kv_events",
+        reason,
+    };
+    let endpoint_of = |ep: &str, pinned: Option<u16>| {
+        match pinned {
+            Some(port) => with_port(ep, port),
+            None => pod_endpoint(ep, i),
+        }
+        .ok_or_else(|| invalid(format!("no endpoint for pod {i} from `{ep}`")))
+    };
+    let topic = Topic::for_pod(addr, cfg.model.clone()).map_err(|e| invalid(e.to_string()))?;
+    let mut pc = PublisherConfig::new(
+        endpoint_of(&kv.endpoint, ports.and_then(|p| p.publish))?,
+        topic.to_string(),
+    );
+    pc.replay_endpoint = match &kv.replay_endpoint {
+        Some(ep) => Some(endpoint_of(ep, ports.and_then(|p| p.replay))?),
+        None => None,
+    };
+    pc.buffer_steps = kv.buffer_steps;
+    pc.encoding = kv.encoding;
+    pc.hash_format = kv.hash_format;
+    pc.force_bind = kv.bind;
+    let publisher = Publisher::start(pc)
+        .await
+        .map_err(|source| SimError::KvEvents { pod: i, source })?;
+    Ok(Some(KvEventSink {
+        publisher,
+        lora_adapters: cfg.lora_adapters.clone(),
+        block_size: u32::try_from(cfg.profile.block_size).unwrap_or(u32::MAX),
+    }))
+}
+
+/// `endpoint` with its port replaced by `port`.
+fn with_port(endpoint: &str, port: u16) -> Option<String> {
+    let (host, _) = endpoint.rsplit_once(':')?;
+    Some(format!("{host}:{port}"))
+}
+
+/// Spawns pod `i`'s engine and HTTP server: a fresh engine (empty cache, counters at 0).
+fn spawn_pod(
+    cfg: &FleetConfig,
+    clock: SimClock,
+    created: u64,
+    i: usize,
+    listener: TcpListener,
+    addr: SocketAddr,
+    sink: Option<KvEventSink>,
+) -> PodTasks {
+    let engine = Engine::new(EngineConfig {
+        profile: cfg.profile.clone(),
+        lora_adapters: cfg.lora_adapters.clone(),
+        seed: cfg.seed.wrapping_add(i as u64),
+    });
+    let (tx, rx) = mpsc::unbounded_channel();
+    let labels = MetricsLabels {
+        model: cfg.model.clone(),
+        lora_adapters: cfg.lora_adapters.clone(),
+    };
+    let engine_task = tokio::spawn(run_engine(engine, rx, clock, labels, sink));
+    let state = Arc::new(PodState {
+        index: i,
+        addr,
+        model: cfg.model.clone(),
+        lora_adapters: cfg.lora_adapters.clone(),
+        profile: cfg.profile.clone(),
+        role: cfg.role_of(i),
+        engine: tx.clone(),
+        next_id: AtomicU64::new(0),
+        created,
+    });
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let server = tokio::spawn(serve_pod(listener, router(state), shutdown_rx));
+    PodTasks {
+        server,
+        engine: engine_task,
+        input: tx,
+        shutdown,
     }
 }
 

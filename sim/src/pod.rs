@@ -201,6 +201,11 @@ pub async fn run_engine(
             }
         }
     }
+    // Close the event sockets before the task ends, so a restarted pod can bind them again.
+    if let Some(k) = kv_events {
+        k.flush(&mut engine);
+        k.publisher.shutdown().await;
+    }
 }
 
 fn handle(

@@ -44,18 +44,24 @@ struct Mirror {
     cleared: usize,
     lora_stored: usize,
     last_seq: Option<u64>,
+    restarts_allowed: usize,
 }
 
 impl Mirror {
     fn apply(&mut self, u: Update, topic: &str) {
-        let Update::Batch {
-            topic: t,
-            seq,
-            batch,
-            ..
-        } = u
-        else {
-            panic!("no loss or restart expected: {u:?}");
+        let (t, seq, batch) = match u {
+            Update::Batch {
+                topic, seq, batch, ..
+            } => (topic, seq, batch),
+            // A new process: its cache starts empty and its numbering at 0.
+            Update::Restarted { topic: t } if self.restarts_allowed > 0 => {
+                assert_eq!(t, topic);
+                self.restarts_allowed -= 1;
+                self.hashes.clear();
+                self.last_seq = None;
+                return;
+            }
+            other => panic!("no loss or unexpected restart: {other:?}"),
         };
         assert_eq!(t, topic);
         assert_eq!(seq, self.last_seq.map_or(0, |s| s + 1), "in order, from 0");
@@ -138,15 +144,23 @@ impl Mirror {
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "mirror {} hashes, pod {}",
+                "mirror {} hashes, pod {}; only in mirror {:?}, only in pod {:?}, last seq {:?}",
                 self.hashes.len(),
-                pod.len()
+                pod.len(),
+                self.hashes
+                    .iter()
+                    .filter(|h| !pod.contains(h))
+                    .collect::<Vec<_>>(),
+                pod.iter()
+                    .filter(|h| !self.hashes.contains(h))
+                    .collect::<Vec<_>>(),
+                self.last_seq,
             );
         }
     }
 }
 
-async fn run(encoding: Encoding, hash_format: HashFormat) {
+fn events_config(encoding: Encoding, hash_format: HashFormat) -> FleetConfig {
     let mut cfg = FleetConfig::new(1);
     cfg.profile = EngineProfile {
         block_size: BS,
@@ -164,18 +178,40 @@ async fn run(encoding: Encoding, hash_format: HashFormat) {
         bind: true,
         ..KvEventsConfig::default()
     });
-    let fleet = Fleet::start(cfg).await.unwrap();
-    let addr = fleet.addrs()[0];
+    cfg
+}
+
+/// A subscriber to pod 0 that replays from seq 0.
+fn subscribe(fleet: &Fleet) -> (Subscriber, mpsc::Receiver<Update>) {
     let ports = fleet.kv_event_ports()[0].unwrap();
-    let topic = Topic::for_pod(addr, infermesh_sim::DEFAULT_MODEL)
-        .unwrap()
-        .to_string();
     let mut sc = SubscriberConfig::new(format!("tcp://127.0.0.1:{}", ports.publish.unwrap()));
     sc.replay_endpoint = Some(format!("tcp://127.0.0.1:{}", ports.replay.unwrap()));
     // Replay from the first batch: whatever the subscription missed while connecting.
     sc.start_seq = Some(0);
     sc.reconnect_interval = Duration::from_millis(100);
-    let (sub, mut rx) = Subscriber::spawn(sc);
+    Subscriber::spawn(sc)
+}
+
+async fn complete(c: &HttpClient, addr: SocketAddr, model: &str, prompt: String) {
+    let (s, body) = post(
+        c,
+        addr,
+        "/v1/completions",
+        json!({"model": model, "prompt": prompt, "max_tokens": 20}),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+}
+
+async fn run(encoding: Encoding, hash_format: HashFormat) {
+    let fleet = Fleet::start(events_config(encoding, hash_format))
+        .await
+        .unwrap();
+    let addr = fleet.addrs()[0];
+    let topic = Topic::for_pod(addr, infermesh_sim::DEFAULT_MODEL)
+        .unwrap()
+        .to_string();
+    let (sub, mut rx) = subscribe(&fleet);
 
     let c: HttpClient = Client::builder(TokioExecutor::new()).build_http();
     let mut m = Mirror::default();
@@ -189,14 +225,7 @@ async fn run(encoding: Encoding, hash_format: HashFormat) {
             infermesh_sim::DEFAULT_MODEL
         };
         let prompt = format!("{system} Question {i}: {}", "tell me more ".repeat(5 + i));
-        let (s, body) = post(
-            &c,
-            addr,
-            "/v1/completions",
-            json!({"model": model, "prompt": prompt, "max_tokens": 20}),
-        )
-        .await;
-        assert_eq!(s, 200, "{body}");
+        complete(&c, addr, model, prompt).await;
     }
     m.converge(&mut rx, &fleet, &topic, |m| m.removed > 0).await;
     assert!(
@@ -231,6 +260,64 @@ async fn events_rebuild_the_pods_cache_array_encoding_int_hashes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_rebuild_the_pods_cache_map_encoding_byte_hashes() {
     run(Encoding::Map, HashFormat::Bytes).await;
+}
+
+/// A restarted pod is a new publisher on the same ports: the subscriber reports the
+/// restart, the mirror starts over, and it converges on the new process's cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_pod_is_a_new_stream_on_the_same_ports() {
+    let fleet = Fleet::start(events_config(Encoding::Array, HashFormat::Int))
+        .await
+        .unwrap();
+    let addr = fleet.addrs()[0];
+    let ports = fleet.kv_event_ports()[0];
+    let topic = Topic::for_pod(addr, infermesh_sim::DEFAULT_MODEL)
+        .unwrap()
+        .to_string();
+    let (sub, mut rx) = subscribe(&fleet);
+    let c: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let mut m = Mirror::default();
+    let model = infermesh_sim::DEFAULT_MODEL;
+    for i in 0..6 {
+        complete(
+            &c,
+            addr,
+            model,
+            format!("before the restart {i} {}", "x".repeat(300)),
+        )
+        .await;
+    }
+    m.converge(&mut rx, &fleet, &topic, |m| m.hashes.len() > 8)
+        .await;
+    let before = m.last_seq.unwrap();
+
+    fleet.restart_pod(0).await.unwrap();
+    assert_eq!(fleet.kv_event_ports()[0], ports);
+    assert!(fleet.cached_hashes(0).await.unwrap().is_empty());
+    m.restarts_allowed = 1;
+    // The SUB reconnects on its own schedule and misses what the new process publishes
+    // meanwhile; the next batch it does see reveals the restart and replays the new run
+    // from 0. So: traffic until the restart is seen, as a live pod would have.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut i = 0;
+    while m.restarts_allowed > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "restart never seen");
+        let prompt = format!("after the restart {i} {}", "y".repeat(300));
+        complete(&c, addr, model, prompt).await;
+        i += 1;
+        while let Ok(Some(u)) = tokio::time::timeout(Duration::from_millis(50), rx.recv()).await {
+            m.apply(u, &topic);
+        }
+    }
+    m.converge(&mut rx, &fleet, &topic, |m| {
+        m.restarts_allowed == 0 && !m.hashes.is_empty()
+    })
+    .await;
+    assert!(m.last_seq.unwrap() < before, "numbering started over");
+    let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(get(&sub.stats().restarts), 1);
+    assert_eq!(get(&sub.stats().lost), 0);
+    fleet.shutdown().await;
 }
 
 #[tokio::test]
