@@ -13,6 +13,36 @@
 //! ([`SequenceTracker`]) are sans-IO and tested without sockets; [`Publisher`] and
 //! [`Subscriber`] are thin tokio tasks over them.
 //!
+//! ```
+//! use infermesh_kvevents::{
+//!     Encoding, EventBatch, KvEvent, Message, SequenceTracker, Topic, Verdict, decode, encode,
+//! };
+//!
+//! let batch = EventBatch {
+//!     ts: 1.5,
+//!     events: vec![KvEvent::BlockRemoved {
+//!         block_hashes: vec![42],
+//!         medium: Some("GPU".into()),
+//!         group_idx: None,
+//!     }],
+//!     data_parallel_rank: Some(0),
+//! };
+//! let topic = Topic::new("10.0.0.7:8000", "meta-llama/Llama-3.1-8B-Instruct").unwrap();
+//! let frames = Message {
+//!     topic: topic.to_string().into(),
+//!     seq: 7,
+//!     payload: encode(&batch, Encoding::Map).into(),
+//! }
+//! .to_frames();
+//!
+//! // The receiving side: frames, then order, then the payload.
+//! let m = Message::from_frames(frames).unwrap();
+//! let mut order = SequenceTracker::resume_from(5);
+//! assert_eq!(order.on_live(m.seq), Verdict::Gap { from: 5, to: 7 }); // replay 5 and 6 first
+//! assert_eq!(decode(&m.payload).unwrap().batch, batch);
+//! assert_eq!(Topic::parse(std::str::from_utf8(&m.topic).unwrap()).unwrap(), topic);
+//! ```
+//!
 //! # Unknown event types
 //!
 //! [`decode`] skips an event whose tag it does not know and lists it in
