@@ -6,6 +6,12 @@
 //! unbounded queue to one task that encodes, numbers, buffers and sends them. A payload
 //! enters the replay buffer before it is sent, so a subscriber that sees seq N and asks
 //! for a replay always finds N there.
+//!
+//! vLLM's `hwm` and `max_queue_size` have no counterpart here: zmq.rs 0.6 has no PUB
+//! high-water-mark option, and the queue to the sending task is unbounded so the engine
+//! never blocks on a slow network. A subscriber that stalls its TCP connection can hold
+//! up the sending task (zmq.rs waits for a partly written message), which then queues
+//! batches in memory; replay covers what a subscriber misses, not this.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
