@@ -22,29 +22,40 @@ fn engine_requests(c: &mut Criterion) {
         .collect();
     let mut g = c.benchmark_group("engine");
     g.throughput(Throughput::Elements(prompts.len() as u64));
-    g.bench_function("256_requests_instant", |b| {
-        b.iter(|| {
-            let mut e = Engine::new(EngineConfig {
-                profile: EngineProfile::instant(),
-                lora_adapters: vec![],
-                seed: 0,
-            });
-            for (i, p) in prompts.iter().enumerate() {
-                let r = EngineRequest::new(
-                    i as u64,
-                    p.clone(),
-                    16,
-                    FinishReason::Length,
-                    None,
-                    KvTransfer::None,
-                    16,
-                );
-                e.submit(Duration::ZERO, r).unwrap();
-            }
-            e.advance(Duration::ZERO);
-            black_box(e.drain_outputs().count())
-        })
-    });
+    // Off is the default and must cost what the engine cost before KV events existed; on
+    // adds the event log (taken once at the end, as a driver would between steps).
+    for (name, events) in [
+        ("256_requests_instant", false),
+        ("256_requests_instant_kv_events", true),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let mut e = Engine::new(EngineConfig {
+                    profile: EngineProfile::instant(),
+                    lora_adapters: vec![],
+                    seed: 0,
+                });
+                if events {
+                    e.enable_kv_events();
+                }
+                for (i, p) in prompts.iter().enumerate() {
+                    let r = EngineRequest::new(
+                        i as u64,
+                        p.clone(),
+                        16,
+                        FinishReason::Length,
+                        None,
+                        KvTransfer::None,
+                        16,
+                    );
+                    e.submit(Duration::ZERO, r).unwrap();
+                }
+                e.advance(Duration::ZERO);
+                black_box(e.take_kv_events().len());
+                black_box(e.drain_outputs().count())
+            })
+        });
+    }
     g.finish();
 }
 

@@ -35,6 +35,15 @@ pub enum SimError {
         /// The index asked for.
         index: usize,
     },
+    /// A pod's KV-event publisher could not start (port taken, bad endpoint); pods already
+    /// started were stopped.
+    #[error("pod {pod}: KV-event publisher: {source}")]
+    KvEvents {
+        /// Index of the pod.
+        pod: usize,
+        /// The publisher's error.
+        source: infermesh_kvevents::PublisherError,
+    },
     /// A pod's listener could not be bound; pods already started were stopped.
     #[error("cannot bind pod {pod} to {addr}: {source}")]
     Bind {

@@ -7,6 +7,8 @@
 //! batching, KV blocks with a prefix cache, chunked prefill, preemption, LoRA slots and
 //! P/D `kv_transfer_params`, timed by an [`EngineProfile`]. The same seed and the same
 //! request sequence give the same cache behaviour. [`Fleet`] runs many pods in one process.
+//! With [`KvEventsConfig`] each pod publishes its prefix-cache changes as vLLM's KV events
+//! (ZMQ, msgpack, with a replay socket), taken from the engine's real cache state.
 
 pub mod engine;
 pub mod error;
@@ -19,6 +21,6 @@ pub mod role;
 pub mod tokenizer;
 
 pub use error::SimError;
-pub use fleet::{DEFAULT_MODEL, Fleet, FleetConfig};
+pub use fleet::{DEFAULT_MODEL, Fleet, FleetConfig, KvEventPorts, KvEventsConfig};
 pub use profile::EngineProfile;
 pub use role::PodRole;

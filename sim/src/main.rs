@@ -5,8 +5,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use infermesh_kvevents::{Encoding, HashFormat};
 use infermesh_sim::fleet::parse_roles;
-use infermesh_sim::{EngineProfile, Fleet, FleetConfig};
+use infermesh_sim::{EngineProfile, Fleet, FleetConfig, KvEventsConfig};
 
 /// Simulated vLLM pods (OpenAI API, vLLM /metrics), many per process.
 #[derive(Debug, Parser)]
@@ -96,6 +97,33 @@ struct Args {
     /// Completion length when a request sets no max_tokens.
     #[arg(long)]
     default_max_tokens: Option<usize>,
+    /// Publish prefix-cache changes as vLLM KV events over ZMQ (vLLM's
+    /// `enable_kv_cache_events`, off by default). The topic of pod i is
+    /// `kv@<host>:<http-port>@<model>`, the form llm-d reads.
+    #[arg(long)]
+    enable_kv_cache_events: bool,
+    /// KV-event PUB endpoint of pod 0; pod i uses its port + i (as vLLM offsets by
+    /// data-parallel rank), port 0 gives each pod an ephemeral port. Bound when the host is
+    /// `*` or `::`, else connected (vLLM's rule; see --kv-events-bind).
+    #[arg(long, default_value = infermesh_kvevents::publisher::DEFAULT_ENDPOINT)]
+    kv_events_endpoint: String,
+    /// KV-event replay ROUTER endpoint of pod 0 (pod i: port + i); unset disables replay.
+    #[arg(long)]
+    kv_events_replay_endpoint: Option<String>,
+    /// Event batches each pod keeps for replay (vLLM's `buffer_steps`).
+    #[arg(long, default_value_t = infermesh_kvevents::publisher::DEFAULT_BUFFER_STEPS)]
+    kv_events_buffer_steps: usize,
+    /// KV-event layout: `array` (vLLM's positional msgspec arrays) or `map` (vLLM PR #42892).
+    #[arg(long, default_value = "array")]
+    kv_events_encoding: Encoding,
+    /// Block hashes as integers (vLLM's default, `VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=1`);
+    /// `false` sends them as bytes.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    kv_events_int_hashes: bool,
+    /// Bind the KV-event PUB endpoint even without a wildcard host (e.g.
+    /// `tcp://127.0.0.1:5557`, to listen on loopback only).
+    #[arg(long)]
+    kv_events_bind: bool,
 }
 
 fn duration(field: &str, v: f64, unit: f64) -> anyhow::Result<Duration> {
@@ -150,6 +178,20 @@ fn config(a: Args) -> anyhow::Result<FleetConfig> {
     cfg.time_scale = a.time_scale;
     cfg.seed = a.seed;
     cfg.roles = parse_roles(&a.roles, a.pods)?;
+    if a.enable_kv_cache_events {
+        cfg.kv_events = Some(KvEventsConfig {
+            endpoint: a.kv_events_endpoint,
+            replay_endpoint: a.kv_events_replay_endpoint,
+            buffer_steps: a.kv_events_buffer_steps,
+            encoding: a.kv_events_encoding,
+            hash_format: if a.kv_events_int_hashes {
+                HashFormat::Int
+            } else {
+                HashFormat::Bytes
+            },
+            bind: a.kv_events_bind,
+        });
+    }
     cfg.validate()?;
     Ok(cfg)
 }
@@ -176,8 +218,17 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let kv_ports = fleet.kv_event_ports();
     for (i, (url, role)) in fleet.urls().iter().zip(fleet.roles()).enumerate() {
-        println!("pod {i} {url} role={} profile={profile}", role.as_str());
+        let kv = match kv_ports[i] {
+            Some(p) => format!(
+                " kv_events_port={} kv_events_replay_port={}",
+                p.publish.map_or("connect".to_owned(), |v| v.to_string()),
+                p.replay.map_or("-".to_owned(), |v| v.to_string()),
+            ),
+            None => String::new(),
+        };
+        println!("pod {i} {url} role={} profile={profile}{kv}", role.as_str());
     }
     println!("ready: {} pods", fleet.addrs().len());
     wait_for_signal().await;

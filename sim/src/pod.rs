@@ -7,7 +7,11 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::engine::{Completion, Engine, EngineRequest, Output, RequestId, SubmitError};
+use infermesh_kvevents::{EventBatch, KvEvent, MEDIUM_GPU, Publisher};
+
+use crate::engine::{
+    CacheEvent, Completion, Engine, EngineRequest, Output, RequestId, SubmitError,
+};
 use crate::metrics::{MetricsLabels, render};
 
 /// Maps real time to simulated time (`time_scale` simulated seconds per real second).
@@ -62,6 +66,75 @@ pub enum Input {
     Metrics(oneshot::Sender<String>),
     /// Multiply step durations by this factor; the reply says whether it was accepted.
     Slowdown(f64, oneshot::Sender<bool>),
+    /// Drop every cached prefix; the reply says whether it was done (refused while
+    /// requests hold blocks).
+    ResetPrefixCache(oneshot::Sender<bool>),
+    /// The hashes the prefix cache holds now (for checks against a KV-event consumer).
+    CachedHashes(oneshot::Sender<Vec<u64>>),
+}
+
+/// Where a pod's KV events go: the publisher and what a vLLM event carries beyond the
+/// engine's own log.
+#[derive(Debug)]
+pub struct KvEventSink {
+    /// The pod's ZMQ publisher.
+    pub publisher: Publisher,
+    /// LoRA adapter names, indexed by the engine's adapter index.
+    pub lora_adapters: Vec<String>,
+    /// Tokens per block.
+    pub block_size: u32,
+}
+
+impl KvEventSink {
+    fn event(&self, e: CacheEvent) -> KvEvent {
+        match e {
+            CacheEvent::Stored {
+                block_hashes,
+                parent,
+                token_ids,
+                lora,
+            } => KvEvent::BlockStored {
+                block_hashes,
+                parent_block_hash: parent,
+                token_ids,
+                block_size: self.block_size,
+                // vLLM's lora_int_id is 1-based; the engine's index is 0-based.
+                lora_id: lora.map(|l| i64::from(l) + 1),
+                medium: Some(MEDIUM_GPU.to_owned()),
+                lora_name: lora.and_then(|l| self.lora_adapters.get(l as usize).cloned()),
+                extra_keys: None,
+                group_idx: None,
+                kv_cache_spec_kind: None,
+                kv_cache_spec_sliding_window: None,
+            },
+            CacheEvent::Removed { block_hashes } => KvEvent::BlockRemoved {
+                block_hashes,
+                medium: Some(MEDIUM_GPU.to_owned()),
+                group_idx: None,
+            },
+            CacheEvent::Cleared => KvEvent::AllBlocksCleared,
+        }
+    }
+
+    /// Publishes each finished step's cache changes as one batch, as vLLM does per step.
+    fn flush(&self, engine: &mut Engine) {
+        for step in engine.take_kv_events() {
+            let batch = EventBatch {
+                ts: unix_now(),
+                events: step.events.into_iter().map(|e| self.event(e)).collect(),
+                data_parallel_rank: None,
+            };
+            if self.publisher.publish(batch).is_err() {
+                tracing::warn!("KV-event publisher closed; events dropped");
+            }
+        }
+    }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// What a request handler hears from the engine.
@@ -91,11 +164,20 @@ pub async fn run_engine(
     mut rx: mpsc::UnboundedReceiver<Input>,
     clock: SimClock,
     labels: MetricsLabels,
+    kv_events: Option<KvEventSink>,
 ) {
     let mut subs: HashMap<RequestId, mpsc::UnboundedSender<Event>> = HashMap::new();
+    if kv_events.is_some() {
+        engine.enable_kv_events();
+    }
     loop {
         engine.advance(clock.now());
         dispatch(&mut engine, &mut subs);
+        // Every way back to the top of the loop passes here, so each step's events leave
+        // once the step is done.
+        if let Some(k) = &kv_events {
+            k.flush(&mut engine);
+        }
         let wake = engine.next_wakeup();
         let sleep = async {
             match wake {
@@ -118,6 +200,11 @@ pub async fn run_engine(
                 }
             }
         }
+    }
+    // Close the event sockets before the task ends, so a restarted pod can bind them again.
+    if let Some(k) = kv_events {
+        k.flush(&mut engine);
+        k.publisher.shutdown().await;
     }
 }
 
@@ -165,13 +252,18 @@ fn handle(
             dispatch(engine, subs);
             let _ = reply.send(engine.set_slowdown(factor));
         }
+        Input::ResetPrefixCache(reply) => {
+            engine.advance(clock.now());
+            dispatch(engine, subs);
+            let _ = reply.send(engine.reset_prefix_cache());
+        }
+        Input::CachedHashes(reply) => {
+            let _ = reply.send(engine.pool().cached_hashes().collect());
+        }
         Input::Metrics(reply) => {
             engine.advance(clock.now());
             dispatch(engine, subs);
-            let wall = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0.0, |d| d.as_secs_f64());
-            let _ = reply.send(render(engine, labels, wall));
+            let _ = reply.send(render(engine, labels, unix_now()));
         }
     }
 }

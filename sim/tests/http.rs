@@ -366,3 +366,80 @@ async fn dropping_a_fleet_closes_its_ports() {
         }
     }
 }
+
+/// vLLM's `POST /tokenize`: a completion prompt or chat messages (rendered with the chat
+/// template, ending with the assistant header) give `{count, max_model_len, tokens}` from
+/// the pod's own tokenizer, the same ids a completion would prefill, so a router can use
+/// it as its tokenization fallback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokenize_answers_as_vllm_with_the_pods_tokenizer_and_template() {
+    use infermesh_sim::tokenizer::{chat_prompt, tokenize};
+    let mut cfg = FleetConfig::new(1);
+    cfg.profile = EngineProfile::instant();
+    cfg.lora_adapters = vec!["sql-lora".into()];
+    let fleet = Fleet::start(cfg).await.unwrap();
+    let a = fleet.addrs()[0];
+    let c = client();
+    let max_len = EngineProfile::instant().max_model_len;
+
+    let text = "The quick brown fox jumps over the lazy dog";
+    let (s, body) = call(
+        &c,
+        "POST",
+        a,
+        "/tokenize",
+        Some(json!({"model": infermesh_sim::DEFAULT_MODEL, "prompt": text})),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let want = tokenize(text);
+    assert_eq!(v["count"], want.len());
+    assert_eq!(v["max_model_len"], max_len);
+    assert_eq!(v["tokens"], json!(want));
+
+    let (s, body) = call(
+        &c,
+        "POST",
+        a,
+        "/tokenize",
+        Some(json!({"model": "sql-lora", "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "hi there"}]},
+        ]})),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let want = tokenize(&chat_prompt([
+        ("system", "Be brief."),
+        ("user", "hi there"),
+    ]));
+    assert_eq!(v["tokens"], json!(want));
+    assert_eq!(v["count"], want.len());
+
+    // The prompt a chat completion prefills is the same: its usage counts the same tokens.
+    let (s, body) = call(
+        &c,
+        "POST",
+        a,
+        "/v1/chat/completions",
+        Some(json!({"messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "hi there"},
+        ], "max_tokens": 1})),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["usage"]["prompt_tokens"], want.len());
+
+    for bad in [
+        json!({"model": "nope", "prompt": "x"}),
+        json!({"messages": "not a list"}),
+    ] {
+        let (s, _) = call(&c, "POST", a, "/tokenize", Some(bad.clone())).await;
+        assert!(s == 400 || s == 404, "{bad}: {s}");
+    }
+    fleet.shutdown().await;
+}

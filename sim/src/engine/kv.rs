@@ -4,6 +4,12 @@
 //! tail of the free queue but keeps its hash, so a later request can still hit it; an
 //! allocation takes the head of the queue (never-used blocks first, then the least
 //! recently freed) and evicts its hash.
+//!
+//! With events on ([`BlockPool::record_events`]) the pool also logs every change to its set
+//! of cached hashes, as vLLM's block pool does for KV events: an eviction is a
+//! [`CacheEvent::Removed`], a reset a [`CacheEvent::Cleared`]; the engine adds
+//! [`CacheEvent::Stored`] for the blocks [`BlockPool::register`] newly cached, because only
+//! it knows their tokens and parent.
 
 use std::collections::HashMap;
 
@@ -11,6 +17,29 @@ use std::collections::HashMap;
 pub type BlockId = u32;
 
 const NIL: u32 = u32::MAX;
+
+/// A change to the set of cached block hashes (what vLLM publishes as a KV event).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheEvent {
+    /// Consecutive full blocks of one sequence gained their hashes.
+    Stored {
+        /// Their chained hashes, in order.
+        block_hashes: Vec<u64>,
+        /// Hash of the block before the first one; `None` for a sequence's first block.
+        parent: Option<u64>,
+        /// Their tokens, `block_size` per block.
+        token_ids: Vec<u32>,
+        /// LoRA adapter index of the sequence.
+        lora: Option<u32>,
+    },
+    /// A cached hash was evicted.
+    Removed {
+        /// The evicted hashes.
+        block_hashes: Vec<u64>,
+    },
+    /// Every cached hash was dropped.
+    Cleared,
+}
 
 #[derive(Debug, Clone)]
 struct Block {
@@ -32,6 +61,8 @@ pub struct BlockPool {
     cached: HashMap<u64, BlockId>,
     used: usize,
     evictions: u64,
+    /// Cache changes not yet taken; `None` when events are off (no cost then).
+    events: Option<Vec<CacheEvent>>,
 }
 
 impl BlockPool {
@@ -45,7 +76,54 @@ impl BlockPool {
             cached: HashMap::new(),
             used: 0,
             evictions: 0,
+            events: None,
         }
+    }
+
+    /// Starts logging cache changes for [`BlockPool::take_events`].
+    pub fn record_events(&mut self) {
+        self.events.get_or_insert_with(Vec::new);
+    }
+
+    /// Whether cache changes are logged.
+    pub fn records_events(&self) -> bool {
+        self.events.is_some()
+    }
+
+    /// Logs `e` if events are on.
+    pub fn push_event(&mut self, e: CacheEvent) {
+        if let Some(v) = &mut self.events {
+            v.push(e);
+        }
+    }
+
+    /// Takes the logged cache changes, oldest first.
+    pub fn take_events(&mut self) -> Vec<CacheEvent> {
+        self.events.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Whether changes are waiting in the log.
+    pub fn has_events(&self) -> bool {
+        self.events.as_ref().is_some_and(|v| !v.is_empty())
+    }
+
+    /// Every cached hash, in no particular order (read-only view for checks).
+    pub fn cached_hashes(&self) -> impl Iterator<Item = u64> + '_ {
+        self.cached.keys().copied()
+    }
+
+    /// Drops every cached hash (vLLM's `reset_prefix_cache`); refused, changing nothing,
+    /// while any block is held by a sequence.
+    pub fn reset(&mut self) -> bool {
+        if self.used > 0 {
+            return false;
+        }
+        for b in &mut self.blocks {
+            b.hash = None;
+        }
+        self.cached.clear();
+        self.push_event(CacheEvent::Cleared);
+        true
     }
 
     /// Total number of blocks.
@@ -117,6 +195,9 @@ impl BlockPool {
             if let Some(h) = self.blocks[id as usize].hash.take() {
                 self.cached.remove(&h);
                 self.evictions += 1;
+                self.push_event(CacheEvent::Removed {
+                    block_hashes: vec![h],
+                });
             }
             id
         };
@@ -141,15 +222,18 @@ impl BlockPool {
         self.blocks.get(id as usize).map_or(0, |b| b.ref_cnt)
     }
 
-    /// Marks a full block as holding `hash`, unless another block already caches it.
-    pub fn register(&mut self, id: BlockId, hash: u64) {
+    /// Marks a full block as holding `hash`, unless it already has one or another block
+    /// caches `hash`; returns whether `hash` became cached.
+    pub fn register(&mut self, id: BlockId, hash: u64) -> bool {
         if self.blocks[id as usize].hash.is_some() {
-            return;
+            return false;
         }
         if let std::collections::hash_map::Entry::Vacant(e) = self.cached.entry(hash) {
             e.insert(id);
             self.blocks[id as usize].hash = Some(hash);
+            return true;
         }
+        false
     }
 
     fn unlink(&mut self, id: BlockId) {
@@ -231,6 +315,36 @@ mod tests {
         // Queue is now b, a: b is evicted first.
         assert_eq!(p.allocate().unwrap(), b);
         assert_eq!(p.lookup(1), Some(a));
+    }
+
+    #[test]
+    fn events_log_evictions_and_resets_only_when_on() {
+        let mut p = BlockPool::new(1);
+        let a = p.allocate().unwrap();
+        assert!(p.register(a, 5));
+        p.release(a);
+        assert_eq!(p.allocate(), Some(a)); // evicts 5 with events off: nothing logged
+        assert!(p.take_events().is_empty());
+        p.record_events();
+        assert!(p.register(a, 6));
+        assert!(!p.reset(), "a held block refuses the reset");
+        p.release(a);
+        assert_eq!(p.allocate(), Some(a)); // evicts 6
+        assert!(p.register(a, 7));
+        p.release(a);
+        assert!(p.reset());
+        assert_eq!(p.cached_blocks(), 0);
+        assert_eq!(p.lookup(7), None);
+        assert_eq!(
+            p.take_events(),
+            vec![
+                CacheEvent::Removed {
+                    block_hashes: vec![6]
+                },
+                CacheEvent::Cleared
+            ]
+        );
+        assert!(p.take_events().is_empty());
     }
 
     #[test]

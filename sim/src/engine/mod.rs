@@ -26,6 +26,13 @@
 //! unless the encoder cache holds them (same content hash) or an encode pod sent their
 //! encoder output. An encode-role pod takes encode-only requests ([`Engine::submit_encode`]),
 //! run in the same steps.
+//!
+//! KV events: with [`Engine::enable_kv_events`] the engine logs every change to its prefix
+//! cache as vLLM's KV events describe it (blocks stored with their tokens and parent hash,
+//! hashes evicted, cache cleared) and hands them out per step with
+//! [`Engine::take_kv_events`]; publishing them is the driver's job. Off by default, as
+//! vLLM's `enable_kv_cache_events`; when off, the engine does no extra work beyond a
+//! branch per newly full block.
 
 mod hash;
 mod kv;
@@ -40,7 +47,7 @@ use rand_chacha::ChaCha8Rng;
 use xxhash_rust::xxh64::Xxh64;
 
 pub use hash::{block_hashes, chain_hash, root_hash};
-pub use kv::{BlockId, BlockPool};
+pub use kv::{BlockId, BlockPool, CacheEvent};
 pub use request::{
     Completion, EngineRequest, FinishReason, KvTransfer, MmItem, Output, RequestId, SubmitError,
     check_limits,
@@ -123,6 +130,15 @@ struct Batch {
     encodes: Vec<(RequestId, usize, usize)>,
 }
 
+/// The cache changes of one engine step (one vLLM `KVEventBatch`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvEventStep {
+    /// Simulated time at which the step ended.
+    pub at: Duration,
+    /// The changes, in the order the cache saw them.
+    pub events: Vec<CacheEvent>,
+}
+
 /// An encode-only request waiting for a step.
 #[derive(Debug)]
 struct EncodeJob {
@@ -157,6 +173,8 @@ pub struct Engine {
     encoder_cache: VecDeque<u64>,
     /// Encode-only requests not yet in a step.
     encode_jobs: VecDeque<EncodeJob>,
+    /// Finished steps' cache changes not yet taken (only filled when events are on).
+    kv_steps: Vec<KvEventStep>,
 }
 
 impl Engine {
@@ -182,7 +200,37 @@ impl Engine {
             link_free_at: Duration::ZERO,
             encoder_cache: VecDeque::new(),
             encode_jobs: VecDeque::new(),
+            kv_steps: Vec::new(),
         }
+    }
+
+    /// Starts logging prefix-cache changes for [`Engine::take_kv_events`].
+    pub fn enable_kv_events(&mut self) {
+        self.pool.record_events();
+    }
+
+    /// Takes the cache changes of the steps finished since the last call, one entry per
+    /// step that changed the cache. Changes made outside a step (a remote-prefill
+    /// registration while nothing runs) come out as an entry of their own.
+    pub fn take_kv_events(&mut self) -> Vec<KvEventStep> {
+        if self.in_flight.is_none() {
+            self.cut_kv_step(self.clock);
+        }
+        std::mem::take(&mut self.kv_steps)
+    }
+
+    /// Closes the current step's cache changes into one entry.
+    fn cut_kv_step(&mut self, at: Duration) {
+        if self.pool.has_events() {
+            let events = self.pool.take_events();
+            self.kv_steps.push(KvEventStep { at, events });
+        }
+    }
+
+    /// Drops every cached prefix (vLLM's `reset_prefix_cache`); refused, changing nothing,
+    /// while a sequence holds blocks.
+    pub fn reset_prefix_cache(&mut self) -> bool {
+        self.pool.reset()
     }
 
     /// The engine's settings.
@@ -692,9 +740,7 @@ impl Engine {
                     // The blocks are full of the remote KV now; register their hashes.
                     let full = computed / bs;
                     s.ensure_hashes(full, bs);
-                    for k in 0..full {
-                        self.pool.register(s.blocks[k], s.hashes[k]);
-                    }
+                    cache_full_blocks(&mut self.pool, s, 0, full, bs);
                     if s.ready_at > now {
                         skipped.push(id);
                         continue;
@@ -792,9 +838,7 @@ impl Engine {
             let full_after = s.num_computed / bs;
             if full_after > full_before {
                 s.ensure_hashes(full_after, bs);
-                for k in full_before..full_after {
-                    self.pool.register(s.blocks[k], s.hashes[k]);
-                }
+                cache_full_blocks(&mut self.pool, s, full_before, full_after, bs);
             }
             if s.num_computed < s.num_tokens() {
                 continue; // mid-prefill chunk
@@ -822,6 +866,9 @@ impl Engine {
         for id in finished {
             self.finish_seq(id, at);
         }
+        // vLLM publishes once per step, after the step's output: the evictions of its
+        // scheduling and the blocks it filled.
+        self.cut_kv_step(at);
     }
 
     fn finish_seq(&mut self, id: RequestId, at: Duration) {
@@ -852,6 +899,35 @@ impl Engine {
                 at,
             },
         });
+    }
+}
+
+/// Caches the hashes of `s`'s full blocks `from..to`; with events on, logs each run of
+/// blocks that became cached as one `Stored` (a block whose hash another block already
+/// caches changes nothing and breaks the run, as the pool itself does).
+fn cache_full_blocks(pool: &mut BlockPool, s: &Seq, from: usize, to: usize, bs: usize) {
+    if !pool.records_events() {
+        for k in from..to {
+            pool.register(s.blocks[k], s.hashes[k]);
+        }
+        return;
+    }
+    let mut run: Option<usize> = None;
+    for k in from..=to {
+        let cached = k < to && pool.register(s.blocks[k], s.hashes[k]);
+        match (cached, run) {
+            (true, None) => run = Some(k),
+            (false, Some(start)) => {
+                pool.push_event(CacheEvent::Stored {
+                    block_hashes: s.hashes[start..k].to_vec(),
+                    parent: start.checked_sub(1).map(|p| s.hashes[p]),
+                    token_ids: (start * bs..k * bs).map(|pos| s.token_at(pos)).collect(),
+                    lora: s.req.lora,
+                });
+                run = None;
+            }
+            _ => {}
+        }
     }
 }
 

@@ -664,3 +664,130 @@ fn an_encode_pod_encodes_misses_and_answers_hits_from_its_cache() {
     assert!(tokens.is_empty(), "encode-only requests generate nothing");
     e.check_invariants();
 }
+
+/// Applies the engine's KV events to `mirror` (as a subscriber's index would) and checks
+/// each against the cache: stored blocks re-hash from their tokens and parent, nothing is
+/// stored twice or removed unless stored, and afterwards the mirror is the cache's hash set.
+fn apply_kv_events(
+    e: &mut Engine,
+    mirror: &mut std::collections::HashSet<u64>,
+    seen: &mut [u64; 3],
+    checks: &mut [u64; 1],
+) {
+    let bs = e.config().profile.block_size;
+    for step in e.take_kv_events() {
+        assert!(!step.events.is_empty(), "no empty batches");
+        for ev in step.events {
+            match ev {
+                CacheEvent::Stored {
+                    block_hashes,
+                    parent,
+                    token_ids,
+                    lora,
+                } => {
+                    seen[0] += 1;
+                    assert_eq!(token_ids.len(), block_hashes.len() * bs);
+                    let mut h = parent.unwrap_or_else(|| root_hash(lora));
+                    for (i, want) in block_hashes.iter().enumerate() {
+                        h = chain_hash(h, &token_ids[i * bs..(i + 1) * bs]);
+                        assert_eq!(h, *want, "block {i} re-hashes");
+                        assert!(mirror.insert(h), "stored twice");
+                    }
+                }
+                CacheEvent::Removed { block_hashes } => {
+                    seen[1] += 1;
+                    for h in block_hashes {
+                        assert!(mirror.remove(&h), "removed before stored");
+                    }
+                }
+                CacheEvent::Cleared => {
+                    seen[2] += 1;
+                    mirror.clear();
+                }
+            }
+        }
+    }
+    // Mid-step, the step's scheduling may have evicted or registered blocks whose events
+    // come out with the step; between steps the mirror is exact.
+    if e.in_flight.is_none() {
+        let cached: std::collections::HashSet<u64> = e.pool().cached_hashes().collect();
+        assert_eq!(*mirror, cached);
+        checks[0] += 1;
+    }
+}
+
+#[test]
+fn kv_events_mirror_the_cache_exactly_and_change_nothing_else() {
+    let mut seen = [0u64; 3];
+    let mut checks = [0u64; 1];
+    let mut preemptions = 0;
+    for seed in 0..20u64 {
+        let p = EngineProfile {
+            num_gpu_blocks: 20,
+            max_num_seqs: 6,
+            max_num_batched_tokens: 24,
+            jitter: 0.1,
+            ..profile()
+        };
+        let mut on = engine(p.clone());
+        on.enable_kv_events();
+        let mut off = engine(p);
+        let mut mirror = std::collections::HashSet::new();
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut now = Duration::ZERO;
+        let mut outs = (Vec::new(), Vec::new());
+        for id in 0..50u64 {
+            now += Duration::from_micros(rng.random_range(0..20_000));
+            let group = rng.random_range(0..4u32) * 1000;
+            let mut prompt = toks(group..group + rng.random_range(4..40));
+            prompt.extend(toks(
+                id as u32 * 100..id as u32 * 100 + rng.random_range(0..12),
+            ));
+            let max = rng.random_range(1..24);
+            let lora = [None, Some(0), Some(1)][rng.random_range(0..3)];
+            let kv = [
+                KvTransfer::None,
+                KvTransfer::None,
+                KvTransfer::RemotePrefill,
+            ][rng.random_range(0..3)];
+            for (e, out) in [(&mut on, &mut outs.0), (&mut off, &mut outs.1)] {
+                e.advance(now);
+                let r =
+                    EngineRequest::new(id, prompt.clone(), max, FinishReason::Length, lora, kv, 4);
+                e.submit(now, r).unwrap();
+                out.extend(e.drain_outputs().map(|o| format!("{o:?}")));
+            }
+            apply_kv_events(&mut on, &mut mirror, &mut seen, &mut checks);
+            if id == 25 && on.num_running() + on.num_waiting() == 0 {
+                assert!(on.reset_prefix_cache() && off.reset_prefix_cache());
+                apply_kv_events(&mut on, &mut mirror, &mut seen, &mut checks);
+            }
+        }
+        while let Some(t) = on.next_wakeup() {
+            on.advance(t);
+            outs.0.extend(on.drain_outputs().map(|o| format!("{o:?}")));
+            apply_kv_events(&mut on, &mut mirror, &mut seen, &mut checks);
+        }
+        while let Some(t) = off.next_wakeup() {
+            off.advance(t);
+            outs.1.extend(off.drain_outputs().map(|o| format!("{o:?}")));
+        }
+        apply_kv_events(&mut on, &mut mirror, &mut seen, &mut checks);
+        assert_eq!(
+            outs.0, outs.1,
+            "seed {seed}: events must not change behaviour"
+        );
+        assert!(off.take_kv_events().is_empty(), "off means off");
+        preemptions += on.stats().preemptions;
+        // A reset with nothing running clears the mirror too.
+        assert!(on.reset_prefix_cache());
+        apply_kv_events(&mut on, &mut mirror, &mut seen, &mut checks);
+        assert!(mirror.is_empty());
+    }
+    assert!(
+        seen.iter().all(|&n| n > 0),
+        "stored/removed/cleared seen: {seen:?}"
+    );
+    assert!(preemptions > 0, "the workload must preempt");
+    assert!(checks[0] > 100, "exact comparisons: {}", checks[0]);
+}

@@ -29,6 +29,14 @@ impl ApiError {
         }
     }
 
+    /// A 409: the request conflicts with the pod's current state.
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::CONFLICT,
+            message: message.into(),
+        }
+    }
+
     /// A 503 (the pod is shutting down).
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self {
@@ -41,6 +49,7 @@ impl ApiError {
         match self.status {
             StatusCode::BAD_REQUEST => "BadRequestError",
             StatusCode::NOT_FOUND => "NotFoundError",
+            StatusCode::CONFLICT => "ConflictError",
             StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailableError",
             _ => "InternalServerError",
         }

@@ -1,7 +1,7 @@
 //! One pod's HTTP surface: the OpenAI API as vLLM serves it (completions, chat,
 //! embeddings), `/metrics`, health, and the
 //! extra endpoints peer routers call (`/server_info`, `/model_info`, `/tokenize`,
-//! `/v1/completions/render`).
+//! `/v1/completions/render`), and vLLM's `POST /reset_prefix_cache`.
 
 pub mod error;
 mod fault;
@@ -80,6 +80,7 @@ pub fn router(state: Arc<PodState>) -> Router {
         .route("/model_info", get(info::model_info))
         .route("/get_model_info", get(info::model_info))
         .route("/_sim/slowdown", post(fault::slowdown))
+        .route("/reset_prefix_cache", post(fault::reset_prefix_cache))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
