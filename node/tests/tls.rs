@@ -295,3 +295,77 @@ async fn envoy_routes_through_an_mtls_ext_proc() {
     drop(envoy);
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_takes_ads_over_mtls_and_its_cds_ext_proc_cluster_speaks_mtls() {
+    let p = pki();
+    let (ccert, ckey) = p.client.write(p.dir.path(), "envoy").unwrap();
+    let files = infermesh_xds::UpstreamTlsFiles {
+        ca_file: p.ca_file.display().to_string(),
+        cert_file: ccert.display().to_string(),
+        key_file: ckey.display().to_string(),
+        sni: "localhost".into(),
+    };
+    let listener = std::net::SocketAddr::from(([127, 0, 0, 1], support::free_port()));
+    let s = settings(&p, false);
+    let tls = files.clone();
+    let h = Harness::start_with(2, false, move |c| {
+        c.grpc_tls = Some(s);
+        c.xds.file_pool.listener = listener;
+        c.xds.server.ext_proc_tls = Some(tls);
+    })
+    .await;
+    let envoy = infermesh_testkit::envoy::Envoy::start_with_tls(
+        "envoy-mtls",
+        "GRPC",
+        &[h.node.xds_addr],
+        Some(files),
+    )
+    .await
+    .expect("envoy starts");
+    let body = serde_json::json!({
+        "model": h.model,
+        "messages": [{"role": "user", "content": "hello over ADS and mTLS"}],
+        "max_tokens": 4,
+    })
+    .to_string();
+    // The listener and clusters arrive over mTLS ADS; the request's ext_proc call goes over
+    // the CDS-served cluster, which must speak mTLS too or the node refuses it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last;
+    loop {
+        let req = http::Request::post(format!("http://{listener}/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(body.clone())))
+            .unwrap();
+        match support::send(&h.client, req).await {
+            Ok(r) if r.status == 200 => break,
+            Ok(r) => last = format!("{} {:?}", r.status, r.body),
+            Err(e) => last = e,
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no completion through Envoy's ADS listener: {last}\n{}",
+            envoy.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(envoy);
+    h.stop().await;
+}
+
+#[test]
+fn the_shipped_mtls_ads_bootstrap_is_what_the_binary_prints() {
+    let path = infermesh_testkit::workspace_dir().join("deploy/envoy/envoy-ads-mtls.yaml");
+    let shipped: serde_json::Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut o = infermesh_xds::BootstrapOptions::new("envoy", vec!["infermesh-mesh:9002".into()]);
+    o.admin = "0.0.0.0:9901".parse().unwrap();
+    o.tls = Some(infermesh_xds::UpstreamTlsFiles {
+        ca_file: "/etc/envoy/tls/ca.crt".into(),
+        cert_file: "/etc/envoy/tls/tls.crt".into(),
+        key_file: "/etc/envoy/tls/tls.key".into(),
+        sni: "infermesh.infermesh.svc".into(),
+    });
+    assert_eq!(shipped, infermesh_xds::envoy_bootstrap(&o).unwrap());
+}

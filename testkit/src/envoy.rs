@@ -72,10 +72,21 @@ impl Envoy {
     /// Starts Envoy with ADS (`api_type` `GRPC` or `DELTA_GRPC`) on every address in `xds`
     /// and waits until its admin listener is up.
     pub async fn start(node_id: &str, api_type: &str, xds: &[SocketAddr]) -> anyhow::Result<Self> {
+        Self::start_with_tls(node_id, api_type, xds, None).await
+    }
+
+    /// [`Envoy::start`], speaking mTLS to the ADS servers when `tls` is given.
+    pub async fn start_with_tls(
+        node_id: &str,
+        api_type: &str,
+        xds: &[SocketAddr],
+        tls: Option<infermesh_xds::UpstreamTlsFiles>,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let mut opts = BootstrapOptions::new(node_id, xds.iter().map(|a| a.to_string()).collect());
         opts.node_cluster = "infermesh-test".into();
         opts.admin = "127.0.0.1:0".parse()?;
+        opts.tls = tls;
         opts.api = match api_type {
             "GRPC" => AdsApi::Sotw,
             "DELTA_GRPC" => AdsApi::Delta,

@@ -69,6 +69,8 @@ pub struct BootstrapOptions {
     /// Keepalives and health checks on the ADS cluster; off gives the plain ADS bootstrap
     /// most examples ship, kept as the baseline the chaos suite compares against.
     pub stall_detection: bool,
+    /// mTLS to the nodes' ADS port; `None` = plaintext.
+    pub tls: Option<crate::upstream_tls::UpstreamTlsFiles>,
 }
 
 impl BootstrapOptions {
@@ -87,6 +89,7 @@ impl BootstrapOptions {
             health_check_timeout: Duration::from_millis(800),
             unhealthy_threshold: 2,
             stall_detection: true,
+            tls: None,
         }
     }
 }
@@ -175,6 +178,9 @@ pub fn envoy_bootstrap(o: &BootstrapOptions) -> Result<Value, BootstrapError> {
             "grpc_health_check": {"service_name": ADS_HEALTH_SERVICE}
         }]);
         cluster["ignore_health_on_host_removal"] = json!(true);
+    }
+    if let Some(t) = &o.tls {
+        cluster["transport_socket"] = crate::upstream_tls::transport_socket_json(t);
     }
     Ok(json!({
         "node": {"id": o.node_id, "cluster": o.node_cluster},

@@ -42,6 +42,9 @@ pub struct XdsConfig {
     /// Metadata header naming the pool on each ext_proc stream, so one picker tier serves
     /// many pools.
     pub pool_header: String,
+    /// mTLS from the Envoys to the ext_proc cluster (files on the Envoys' hosts); `None`
+    /// = plaintext, for a tier serving its gRPC port without TLS.
+    pub ext_proc_tls: Option<crate::upstream_tls::UpstreamTlsFiles>,
 }
 
 impl Default for XdsConfig {
@@ -58,6 +61,7 @@ impl Default for XdsConfig {
             outlier_consecutive_gateway_failure: NonZeroU32::new(3).expect("non-zero"),
             outlier_base_ejection_time: Duration::from_secs(10),
             outlier_max_ejection_percent: 50,
+            ext_proc_tls: None,
             upstream_connect_timeout: Duration::from_secs(2),
             route_timeout: Duration::ZERO,
             pool_header: "x-infermesh-pool".into(),

@@ -61,6 +61,7 @@ pub mod status;
 mod stream;
 mod stream_core;
 pub mod translate;
+pub mod upstream_tls;
 
 pub use bootstrap::{AdsApi, BootstrapError, BootstrapOptions, envoy_bootstrap};
 pub use config::{InvalidXdsConfig, XdsConfig};
@@ -74,3 +75,4 @@ pub use snapshot::{EncodedResponse, Snapshot, TypeSnapshot};
 pub use sotw::SotwStream;
 pub use status::{EnvoySyncStatus, SyncStatus, TypeSyncStatus};
 pub use stream::{NackDetail, NodeMemory, StreamEvent, TypeMemory};
+pub use upstream_tls::UpstreamTlsFiles;

@@ -196,6 +196,12 @@ fn ext_proc_cluster(cfg: &XdsConfig) -> cluster::Cluster {
     // A node that leaves the membership leaves Envoy at once, even while it still passes
     // health checks (Envoy would otherwise keep a removed host that is healthy).
     c.ignore_health_on_host_removal = true;
+    c.transport_socket = cfg.ext_proc_tls.as_ref().map(|f| core::TransportSocket {
+        name: crate::upstream_tls::TLS_SOCKET.into(),
+        config_type: Some(core::transport_socket::ConfigType::TypedConfig(to_any(
+            &crate::upstream_tls::tls_context(f),
+        ))),
+    });
     // A dead picker is never worth trying: no panic routing to unhealthy nodes.
     c.common_lb_config = Some(cluster::cluster::CommonLbConfig {
         healthy_panic_threshold: Some(Percent { value: 0.0 }),

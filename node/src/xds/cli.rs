@@ -36,6 +36,19 @@ pub enum XdsCommand {
         /// Output format.
         #[arg(long, value_enum, default_value = "yaml")]
         format: BootstrapFormat,
+        /// For a tier serving mTLS: the CA file (on the Envoy's host) the nodes'
+        /// certificate chains to; the ADS cluster then speaks mTLS.
+        #[arg(long, requires_all = ["tls_cert_file", "tls_key_file", "tls_sni"])]
+        tls_ca_file: Option<String>,
+        /// The Envoy's client certificate file.
+        #[arg(long, requires = "tls_ca_file")]
+        tls_cert_file: Option<String>,
+        /// The Envoy's client key file.
+        #[arg(long, requires = "tls_ca_file")]
+        tls_key_file: Option<String>,
+        /// The server name the nodes' certificate must carry.
+        #[arg(long, requires = "tls_ca_file")]
+        tls_sni: Option<String>,
     },
 }
 
@@ -66,7 +79,24 @@ pub fn run(cmd: XdsCommand) -> ExitCode {
             delta,
             admin_addr,
             format,
-        } => bootstrap(node_id, xds, delta, admin_addr, format),
+            tls_ca_file,
+            tls_cert_file,
+            tls_key_file,
+            tls_sni,
+        } => {
+            let mut opts = infermesh_xds::BootstrapOptions::new(node_id, xds);
+            opts.admin = admin_addr;
+            if delta {
+                opts.api = infermesh_xds::AdsApi::Delta;
+            }
+            opts.tls = super::envoy_tls_files(
+                tls_ca_file.as_ref(),
+                tls_cert_file.as_ref(),
+                tls_key_file.as_ref(),
+                tls_sni.as_ref(),
+            );
+            bootstrap(&opts, format)
+        }
         XdsCommand::Status { server, output } => {
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -99,19 +129,8 @@ pub fn run(cmd: XdsCommand) -> ExitCode {
 }
 
 /// `infermesh xds bootstrap`.
-fn bootstrap(
-    node_id: String,
-    xds: Vec<String>,
-    delta: bool,
-    admin: std::net::SocketAddr,
-    format: BootstrapFormat,
-) -> ExitCode {
-    let mut opts = infermesh_xds::BootstrapOptions::new(node_id, xds);
-    opts.admin = admin;
-    if delta {
-        opts.api = infermesh_xds::AdsApi::Delta;
-    }
-    let value = match infermesh_xds::envoy_bootstrap(&opts) {
+fn bootstrap(opts: &infermesh_xds::BootstrapOptions, format: BootstrapFormat) -> ExitCode {
+    let value = match infermesh_xds::envoy_bootstrap(opts) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("error: {e}");

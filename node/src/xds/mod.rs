@@ -97,6 +97,34 @@ pub struct XdsArgs {
     /// address, or its port on the mesh IP when bound to 0.0.0.0).
     #[arg(long)]
     pub advertise_ext_proc_addr: Option<SocketAddr>,
+    /// For a tier serving mTLS: the CA file, on each Envoy's host, that the nodes'
+    /// certificate chains to; the ext_proc cluster served over CDS then speaks mTLS.
+    #[arg(long, requires_all = ["xds_envoy_cert_file", "xds_envoy_key_file", "xds_envoy_sni"])]
+    pub xds_envoy_ca_file: Option<String>,
+    /// The Envoys' client certificate file (on their hosts), for mTLS to ext_proc.
+    #[arg(long, requires = "xds_envoy_ca_file")]
+    pub xds_envoy_cert_file: Option<String>,
+    /// The Envoys' client key file (on their hosts), for mTLS to ext_proc.
+    #[arg(long, requires = "xds_envoy_ca_file")]
+    pub xds_envoy_key_file: Option<String>,
+    /// The server name Envoys check the nodes' certificate against.
+    #[arg(long, requires = "xds_envoy_ca_file")]
+    pub xds_envoy_sni: Option<String>,
+}
+
+/// The TLS files of an Envoy talking to the tier, when all four are given.
+pub fn envoy_tls_files(
+    ca: Option<&String>,
+    cert: Option<&String>,
+    key: Option<&String>,
+    sni: Option<&String>,
+) -> Option<infermesh_xds::UpstreamTlsFiles> {
+    Some(infermesh_xds::UpstreamTlsFiles {
+        ca_file: ca?.clone(),
+        cert_file: cert?.clone(),
+        key_file: key?.clone(),
+        sni: sni?.clone(),
+    })
 }
 
 impl XdsArgs {
@@ -112,6 +140,15 @@ impl XdsArgs {
                 },
             },
             advertise_ext_proc: self.advertise_ext_proc_addr,
+            server: infermesh_xds::XdsConfig {
+                ext_proc_tls: envoy_tls_files(
+                    self.xds_envoy_ca_file.as_ref(),
+                    self.xds_envoy_cert_file.as_ref(),
+                    self.xds_envoy_key_file.as_ref(),
+                    self.xds_envoy_sni.as_ref(),
+                ),
+                ..infermesh_xds::XdsConfig::default()
+            },
             ..XdsOptions::default()
         }
     }
