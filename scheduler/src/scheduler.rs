@@ -13,6 +13,7 @@ use crate::model::{Endpoint, InferenceRequest};
 use crate::parsers::RequestParsers;
 use crate::plugins::filters::{
     ByLabelFilter, HeaderBasedTestingFilter, LabelSelectorFilter, PrefixAffinityFilter,
+    UtilizationFilter,
 };
 use crate::plugins::pickers::{MaxScorePicker, RandomPicker, WeightedRandomPicker};
 use crate::plugins::prefix::ApproxPrefixProducer;
@@ -23,10 +24,11 @@ use crate::plugins::profiles::{
 };
 use crate::plugins::saturation::{ConcurrencyDetector, SaturationDetector, UtilizationDetector};
 use crate::plugins::scorers::{
-    ActiveRequestScorer, KvCacheUtilizationScorer, LoadAwareScorer, LoraAffinityScorer,
-    NoHitLruScorer, PrefixCacheScorer, QueueScorer, RunningRequestsScorer, SESSION_TOKEN_HEADER,
-    SessionAffinityScorer, TokenLoadScorer, session_token,
+    ActiveRequestScorer, HeaderLabelAffinityScorer, KvCacheUtilizationScorer, LoadAwareScorer,
+    LoraAffinityScorer, NoHitLruScorer, PrefixCacheScorer, QueueScorer, RunningRequestsScorer,
+    SESSION_TOKEN_HEADER, SessionAffinityScorer, TokenLoadScorer, session_token,
 };
+use crate::plugins::topology::{TopologyAffinityFilter, TopologyAffinityScorer};
 use crate::plugins::{
     CycleState, DataProducer, Decider, Filter, NextProfile, Picker, PreRequest, PrefixCycle,
     ProfileHandler, ProfileRun, ResponseComplete, Scorer,
@@ -281,6 +283,16 @@ fn build(spec: &PluginSpec, pre: &mut Vec<Arc<dyn PreRequest>>) -> Instance {
         S::UtilizationDetector(p) => {
             Instance::Filter(Arc::new(UtilizationDetector::new(p.clone())))
         }
+        S::UtilizationFilter(p) => Instance::Filter(Arc::new(UtilizationFilter::new(p.clone()))),
+        S::TopologyAffinityFilter(p) => {
+            Instance::Filter(Arc::new(TopologyAffinityFilter::new(p.clone())))
+        }
+        S::TopologyAffinityScorer(p) => {
+            Instance::Scorer(Arc::new(TopologyAffinityScorer::new(p.clone())))
+        }
+        S::HeaderLabelAffinityScorer(p) => {
+            Instance::Scorer(Arc::new(HeaderLabelAffinityScorer::new(p.clone())))
+        }
         S::ConcurrencyDetector(p) => {
             Instance::Filter(Arc::new(ConcurrencyDetector::new(p.clone())))
         }
@@ -316,6 +328,7 @@ fn build(spec: &PluginSpec, pre: &mut Vec<Arc<dyn PreRequest>>) -> Instance {
         | S::InflightLoadProducer(_)
         | S::MetricsDataSource(_)
         | S::CoreMetricsExtractor(_)
+        | S::TopologyExtractor(_)
         | S::Parser(_)
         | S::DestinationEndpointServedVerifier
         | S::GlobalStrictFairnessPolicy
@@ -599,6 +612,7 @@ impl Scheduler {
             now,
             prefix: None,
             cold: true,
+            peer: None,
         };
         match (&self.prefix, source) {
             (None, _) => {}
@@ -633,6 +647,7 @@ impl Scheduler {
                 NextProfile::Run(i)
                     if i < self.profiles.len() && !runs.iter().any(|r| r.profile == i) =>
                 {
+                    cycle.peer = self.handler.peer(&runs, i);
                     let (targets, scores) = self.run_profile(i, &cycle, rng);
                     if i == primary {
                         primary_scores = scores;

@@ -29,7 +29,7 @@ use crate::flow::FlowConfig;
 use crate::parsers::{ConfiguredParser, DEFAULT_PARSERS, ParserType, RequestParsers};
 pub use error::{ConfigError, Location};
 use params::{CoreMetricsExtractorParams, MetricsDataSourceParams, UtilizationParams};
-pub use registry::{PluginKind, PluginSpec};
+pub use registry::{NameStatus, PluginKind, PluginSpec, all_names, is_alpha, name_status};
 use registry::{SpecError, parse_spec_with_warnings};
 
 /// The llm-d apiVersion.
@@ -254,6 +254,31 @@ impl ResolvedConfig {
         RequestParsers::new(configured).0
     }
 
+    /// The written plugins llm-d registers at Alpha stability (in file order).
+    pub fn experimental_plugins(&self) -> impl Iterator<Item = &ResolvedPlugin> {
+        self.plugins
+            .iter()
+            .filter(|p| !p.defaulted && registry::is_alpha(&p.written_type))
+    }
+
+    /// llm-d's `ValidatePluginStability`: without `allow_experimental`, the first Alpha
+    /// plugin (by name, as llm-d sorts them) is refused.
+    pub fn check_stability(&self, allow_experimental: bool) -> Result<(), ConfigError> {
+        if allow_experimental {
+            return Ok(());
+        }
+        match self
+            .experimental_plugins()
+            .min_by(|a, b| a.name.cmp(&b.name))
+        {
+            None => Ok(()),
+            Some(p) => Err(ConfigError::ExperimentalPlugin {
+                plugin: p.name.clone(),
+                type_name: p.written_type.clone(),
+            }),
+        }
+    }
+
     /// The saturation detector's spec.
     pub fn saturation_spec(&self) -> Option<&PluginSpec> {
         self.plugin(&self.saturation_detector).map(|p| &p.spec)
@@ -349,6 +374,8 @@ impl Loader<'_> {
         let feature_gates = self.feature_gates(raw.feature_gates)?;
         let mut warnings = Vec::new();
         let mut plugins = self.plugins(raw.plugins.unwrap_or_default(), &mut warnings)?;
+        self.topology_labels(&mut plugins, &mut warnings);
+        self.in_flight_producer_names(&plugins)?;
         let profiles = self.profiles(&mut plugins, raw.scheduling_profiles.unwrap_or_default())?;
         let profile_handler = self.profile_handler(&mut plugins, &profiles)?;
         // `flowControl.saturationDetector` wins over the deprecated top-level section, and
@@ -408,6 +435,80 @@ impl Loader<'_> {
             flow_control,
             warnings,
         })
+    }
+
+    /// The topology affinity plugins read the labels of the `topology-extractor` their
+    /// `topologyProducerName` names (empty: the one named `topology-extractor`). llm-d
+    /// declares the attribute optional: a missing extractor is a warning, and the plugins
+    /// then see no topology (the filter keeps everything, the scorer gives 0).
+    fn topology_labels(&self, plugins: &mut [ResolvedPlugin], warnings: &mut Vec<String>) {
+        let extractor = |plugins: &[ResolvedPlugin], named: &str| {
+            let want = if named.is_empty() {
+                "topology-extractor"
+            } else {
+                named
+            };
+            plugins.iter().find_map(|p| match &p.spec {
+                PluginSpec::TopologyExtractor(x) if p.name == want => Some(x.clone()),
+                _ => None,
+            })
+        };
+        for i in 0..plugins.len() {
+            let (named, found) = match &plugins[i].spec {
+                PluginSpec::TopologyAffinityFilter(x) => {
+                    let f = extractor(plugins, &x.topology_producer_name);
+                    (x.topology_producer_name.clone(), f)
+                }
+                PluginSpec::TopologyAffinityScorer(x) => {
+                    let f = extractor(plugins, &x.topology_producer_name);
+                    (x.topology_producer_name.clone(), f)
+                }
+                _ => continue,
+            };
+            if found.is_none() {
+                let want = if named.is_empty() {
+                    "topology-extractor"
+                } else {
+                    named.as_str()
+                };
+                warnings.push(format!(
+                    "plugin `{}` ({}): no topology-extractor named `{want}` is configured, so no endpoint has a topology (the filter keeps every candidate, the scorer gives 0)",
+                    plugins[i].name,
+                    plugins[i].spec.type_name()
+                ));
+            }
+            match &mut plugins[i].spec {
+                PluginSpec::TopologyAffinityFilter(x) => x.labels = found,
+                PluginSpec::TopologyAffinityScorer(x) => x.labels = found,
+                _ => {}
+            }
+        }
+    }
+
+    /// `utilization-filter.inFlightLoadProducerName`, when set, must name an
+    /// `inflight-load-producer` (llm-d fails a required dependency with no producer).
+    fn in_flight_producer_names(&self, plugins: &[ResolvedPlugin]) -> Result<(), ConfigError> {
+        for (i, p) in plugins.iter().enumerate() {
+            let PluginSpec::UtilizationFilter(x) = &p.spec else {
+                continue;
+            };
+            let named = x.in_flight_load_producer_name.as_str();
+            if named.is_empty()
+                || plugins.iter().any(|q| {
+                    q.name == named && matches!(q.spec, PluginSpec::InflightLoadProducer(_))
+                })
+            {
+                continue;
+            }
+            return Err(ConfigError::InvalidParameter {
+                plugin: p.name.clone(),
+                type_name: p.spec.type_name().into(),
+                field: "inFlightLoadProducerName".into(),
+                message: format!("names `{named}`, but no inflight-load-producer has that name"),
+                location: self.plugin_location(plugins, i),
+            });
+        }
+        Ok(())
     }
 
     /// `pd-profile-handler.prefixMatchInfoProducerName`, when set, must name the one

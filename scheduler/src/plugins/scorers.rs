@@ -10,7 +10,8 @@ use parking_lot::Mutex;
 
 use super::{CycleState, PreRequest, PrefixCycle, Scorer};
 use crate::config::params::{
-    ActiveRequestParams, LoadAwareParams, NoHitLruParams, PrefixScorerParams, TokenLoadParams,
+    ActiveRequestParams, HeaderLabelAffinityParams, LoadAwareParams, NoHitLruParams,
+    PrefixScorerParams, TokenLoadParams,
 };
 use crate::model::{Endpoint, InferenceRequest};
 
@@ -302,6 +303,39 @@ impl Scorer for SessionAffinityScorer {
     }
 }
 
+/// `header-label-affinity-scorer`: 1 for endpoints whose `labelKey` label equals the
+/// request's `headerName` header, else 0 (also 0 for all when the header is absent or empty).
+#[derive(Debug, Clone)]
+pub struct HeaderLabelAffinityScorer {
+    params: HeaderLabelAffinityParams,
+}
+
+impl HeaderLabelAffinityScorer {
+    /// A scorer for one header-to-label mapping (header name already lower-cased).
+    pub fn new(params: HeaderLabelAffinityParams) -> Self {
+        HeaderLabelAffinityScorer { params }
+    }
+}
+
+impl Scorer for HeaderLabelAffinityScorer {
+    fn score(&self, cycle: &CycleState<'_>, candidates: &[usize], out: &mut [f64]) {
+        out.fill(0.0);
+        let Some(wanted) = cycle
+            .request
+            .headers
+            .get(&self.params.header_name)
+            .filter(|v| !v.is_empty())
+        else {
+            return;
+        };
+        for (o, &i) in out.iter_mut().zip(candidates) {
+            if cycle.endpoints[i].labels.get(&self.params.label_key) == Some(wanted) {
+                *o = 1.0;
+            }
+        }
+    }
+}
+
 /// `no-hit-lru-scorer`: cold requests (no prefix hit anywhere) prefer endpoints that have
 /// not served a cold request recently; warm requests get 0.5 everywhere.
 ///
@@ -413,6 +447,7 @@ mod tests {
             now: std::time::Instant::now(),
             prefix: Some(prefix),
             cold: false,
+            peer: None,
         };
         let cands: Vec<usize> = (0..n).collect();
         let mut out = vec![f64::NAN; n];
