@@ -83,6 +83,8 @@ pub struct NodeSettings {
     pub max_attempts: usize,
     /// llm-d `--emit-endpoint-scores`, off.
     pub emit_endpoint_scores: bool,
+    /// llm-d `--allow-experimental-plugins`, off: Alpha plugins are refused without it.
+    pub allow_experimental_plugins: bool,
 }
 
 /// The configuration is invalid; nothing was started.
@@ -130,6 +132,7 @@ fn flag(flag: &'static str, reason: impl Into<String>) -> InvalidNodeConfig {
 /// Loads an EndpointPickerConfig file (or the built-in default) and checks it builds a scheduler.
 pub fn load_scheduler_config(
     path: Option<&std::path::Path>,
+    allow_experimental_plugins: bool,
 ) -> Result<ResolvedConfig, InvalidNodeConfig> {
     let (cfg, name) = match path {
         Some(p) => {
@@ -153,6 +156,11 @@ pub fn load_scheduler_config(
         path: name.clone(),
         source: Box::new(source),
     })?;
+    cfg.check_stability(allow_experimental_plugins)
+        .map_err(|source| InvalidNodeConfig::SchedulerConfig {
+            path: name.clone(),
+            source: Box::new(source),
+        })?;
     // llm-d loads a config with deprecated plugins or fields and logs each; so does this.
     for w in &cfg.warnings {
         tracing::warn!(config = %name, "{w}");
@@ -163,7 +171,8 @@ pub fn load_scheduler_config(
 impl NodeConfig {
     /// Validates settings and reads both files.
     pub fn from_settings(s: NodeSettings) -> Result<NodeConfig, InvalidNodeConfig> {
-        let scheduler = load_scheduler_config(s.config_file.as_deref())?;
+        let scheduler =
+            load_scheduler_config(s.config_file.as_deref(), s.allow_experimental_plugins)?;
         let initial = load_pool_file(&s.endpoints_file)?;
         NodeConfig::new(
             s.ext_proc_addr,
@@ -254,6 +263,7 @@ impl NodeConfig {
             response_timeout: Duration::from_secs(300),
             max_attempts: 3,
             emit_endpoint_scores: false,
+            allow_experimental_plugins: false,
         }
     }
 

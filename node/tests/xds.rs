@@ -60,6 +60,7 @@ impl Node {
                 EndpointSource::File { initial, .. } => Some(initial.clone()),
             },
             scheduler: cfg.scheduler.clone(),
+            allow_experimental_plugins: false,
         };
         let (app, policy) = rt
             .run(async move {

@@ -123,7 +123,13 @@ impl Feed {
         let in_force = choice.as_ref().map(|c| (c.key.clone(), c.resource_version));
         if in_force != self.epp {
             let cfg = match &choice {
-                Some(c) => infermesh_scheduler::load_config(&c.text).map_err(Box::new),
+                Some(c) => infermesh_scheduler::load_config(&c.text)
+                    .map_err(Box::new)
+                    .and_then(|cfg| {
+                        cfg.check_stability(self.base.allow_experimental_plugins)
+                            .map_err(Box::new)?;
+                        Ok(cfg)
+                    }),
                 None => Ok(self.base.scheduler.clone()),
             };
             if let Ok(cfg) = &cfg {
@@ -191,6 +197,7 @@ mod tests {
             endpoints_file: None,
             initial_pool: None,
             scheduler: ResolvedConfig::builtin_default(),
+            allow_experimental_plugins: false,
         };
         let mut feed = Feed::new(
             NodeControl::new(policy.clone(), tx),

@@ -308,6 +308,46 @@ impl ResolvedConfig {
     }
 }
 
+/// One entry of `plugins:` as written, with what the registry makes of its type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginNameReport {
+    /// Instance name (the type when unnamed).
+    pub name: String,
+    /// The type as written.
+    pub type_name: String,
+    /// Current name, older alias or refused.
+    pub status: NameStatus,
+}
+
+/// Classifies every `plugins[]` entry of a config without loading it, so a report can
+/// name every refused plugin, not only the first one the loader stops at. Entries without
+/// a string `type` are skipped (the loader reports them).
+pub fn plugin_name_report(yaml: &str) -> Vec<PluginNameReport> {
+    let Ok(doc) = serde_yaml_ng::from_str::<Value>(yaml) else {
+        return Vec::new();
+    };
+    let Some(Value::Sequence(plugins)) = doc.get("plugins") else {
+        return Vec::new();
+    };
+    plugins
+        .iter()
+        .filter_map(|p| {
+            let type_name = p.get("type")?.as_str()?.to_owned();
+            let name = p
+                .get("name")
+                .and_then(Value::as_str)
+                .filter(|n| !n.is_empty())
+                .unwrap_or(&type_name)
+                .to_owned();
+            Some(PluginNameReport {
+                status: name_status(&type_name),
+                name,
+                type_name,
+            })
+        })
+        .collect()
+}
+
 fn yaml_error(e: serde_path_to_error::Error<serde_yaml_ng::Error>) -> ConfigError {
     let location = e.inner().location().map(|l| Location {
         line: l.line(),

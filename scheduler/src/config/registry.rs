@@ -618,6 +618,24 @@ pub enum NameStatus {
     Unknown,
 }
 
+impl std::fmt::Display for NameStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NameStatus::Current { alpha: false } => write!(f, "v0.10 name"),
+            NameStatus::Current { alpha: true } => write!(
+                f,
+                "v0.10 name, Alpha in llm-d: needs --allow-experimental-plugins"
+            ),
+            NameStatus::Alias { current, since } => write!(
+                f,
+                "accepted older alias of `{current}` (deprecated in llm-d {since})"
+            ),
+            NameStatus::Refused(why) => write!(f, "refused: {why}"),
+            NameStatus::Unknown => write!(f, "refused: no llm-d plugin type has this name"),
+        }
+    }
+}
+
 /// Classifies a type name.
 pub fn name_status(type_name: &str) -> NameStatus {
     if let Some((_, current, since)) = DEPRECATED_ALIASES.iter().find(|(t, ..)| *t == type_name) {
