@@ -190,12 +190,24 @@ impl ExtProcEnvoy {
         ext_proc: SocketAddr,
         pods: &[SocketAddr],
     ) -> anyhow::Result<Self> {
+        Self::start_config(bin, &Self::template(ext_proc, pods)?).await
+    }
+
+    /// `deploy/envoy/envoy-extproc.yaml` pointed at `ext_proc` with `pods` as the pool,
+    /// its `${LISTEN_PORT}` and `${ADMIN_PORT}` left for [`Self::start_config`] (so a test
+    /// can vary one setting, e.g. `failure_mode_allow`).
+    pub fn template(ext_proc: SocketAddr, pods: &[SocketAddr]) -> anyhow::Result<String> {
         let template_path = workspace_dir().join("deploy/envoy/envoy-extproc.yaml");
-        let template = std::fs::read_to_string(&template_path)
+        Ok(std::fs::read_to_string(&template_path)
             .with_context(|| format!("reading {}", template_path.display()))?
             .replace("${EXT_PROC_HOST}", &ext_proc.ip().to_string())
             .replace("${EXT_PROC_PORT}", &ext_proc.port().to_string())
-            .replace("${LB_ENDPOINTS}", &lb_endpoints(pods));
+            .replace("${LB_ENDPOINTS}", &lb_endpoints(pods)))
+    }
+
+    /// Starts `bin` on an Envoy config whose client listener port is `${LISTEN_PORT}` and
+    /// admin port `${ADMIN_PORT}` (both picked here), and waits until `/ready` answers.
+    pub async fn start_config(bin: &Path, template: &str) -> anyhow::Result<Self> {
         let mut last_log = String::new();
         for _attempt in 0..ATTEMPTS {
             let (listen, admin) = (free_port(), free_port());
