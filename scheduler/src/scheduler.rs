@@ -26,7 +26,7 @@ use crate::plugins::saturation::{ConcurrencyDetector, SaturationDetector, Utiliz
 use crate::plugins::scorers::{
     ActiveRequestScorer, HeaderLabelAffinityScorer, KvCacheUtilizationScorer, LoadAwareScorer,
     LoraAffinityScorer, NoHitLruScorer, PrefixCacheScorer, QueueScorer, RunningRequestsScorer,
-    SESSION_TOKEN_HEADER, SessionAffinityScorer, TokenLoadScorer, session_token,
+    SessionAffinityScorer, TokenLoadScorer,
 };
 use crate::plugins::topology::{TopologyAffinityFilter, TopologyAffinityScorer};
 use crate::plugins::{
@@ -257,13 +257,18 @@ pub struct Scheduler {
     response_hooks: Vec<Arc<dyn ResponseComplete>>,
     saturation: SaturationDetector,
     inflight_load: InflightLoadParams,
-    session_affinity: bool,
+    /// Every configured `session-affinity-scorer` (response headers, session bindings).
+    session_affinity: Vec<Arc<SessionAffinityScorer>>,
     decision_counter: Option<DecisionCounter>,
     parsers: RequestParsers,
     echo_served_endpoint: bool,
 }
 
-fn build(spec: &PluginSpec, pre: &mut Vec<Arc<dyn PreRequest>>) -> Instance {
+fn build(
+    spec: &PluginSpec,
+    pre: &mut Vec<Arc<dyn PreRequest>>,
+    sessions: &mut Vec<Arc<SessionAffinityScorer>>,
+) -> Instance {
     use PluginSpec as S;
     let n = |p: &crate::config::params::PickerParams| {
         usize::try_from(p.max_num_of_endpoints).unwrap_or(1)
@@ -303,7 +308,11 @@ fn build(spec: &PluginSpec, pre: &mut Vec<Arc<dyn PreRequest>>) -> Instance {
         S::LoraAffinityScorer => Instance::Scorer(Arc::new(LoraAffinityScorer)),
         S::LoadAwareScorer(p) => Instance::Scorer(Arc::new(LoadAwareScorer::new(p))),
         S::ActiveRequestScorer(p) => Instance::Scorer(Arc::new(ActiveRequestScorer::new(p))),
-        S::SessionAffinityScorer => Instance::Scorer(Arc::new(SessionAffinityScorer)),
+        S::SessionAffinityScorer(p) => {
+            let s = Arc::new(SessionAffinityScorer::new(p));
+            sessions.push(s.clone());
+            Instance::Scorer(s)
+        }
         S::NoHitLruScorer(p) => {
             let s = Arc::new(NoHitLruScorer::new(p));
             pre.push(s.clone());
@@ -357,9 +366,11 @@ impl Scheduler {
     #[allow(clippy::result_large_err)] // cold path; the error is the loader's own type
     pub fn new(cfg: &ResolvedConfig) -> Result<Scheduler, ConfigError> {
         let mut pre_request_hooks: Vec<Arc<dyn PreRequest>> = Vec::new();
+        let mut session_affinity = Vec::new();
         let mut instances: Vec<(String, Instance)> = Vec::with_capacity(cfg.plugins.len());
         for p in &cfg.plugins {
-            instances.push((p.name.clone(), build(&p.spec, &mut pre_request_hooks)));
+            let built = build(&p.spec, &mut pre_request_hooks, &mut session_affinity);
+            instances.push((p.name.clone(), built));
         }
         let get = |name: &str| -> Result<&Instance, ConfigError> {
             instances
@@ -465,10 +476,6 @@ impl Scheduler {
                     }
                     _ => None,
                 });
-        let session_affinity = cfg
-            .plugins
-            .iter()
-            .any(|p| matches!(p.spec, PluginSpec::SessionAffinityScorer));
         Ok(Scheduler {
             profiles,
             handler,
@@ -703,14 +710,21 @@ impl Scheduler {
         }
         let request_headers = self.handler.headers(&cycle, &runs);
         let decision = self.handler.decision(&runs);
-        let response_headers = if self.session_affinity {
-            vec![(
-                SESSION_TOKEN_HEADER.to_owned(),
-                session_token(addr(primary_target)),
-            )]
-        } else {
-            Vec::new()
-        };
+        // Each encoded-endpoint-header instance writes its header naming its profile's pick
+        // (the primary one by default; nothing when that profile did not run).
+        let response_headers = self
+            .session_affinity
+            .iter()
+            .filter_map(|s| {
+                let target = match s.profile() {
+                    None => Some(addr(primary_target)),
+                    Some(name) => profiles
+                        .get(name)
+                        .and_then(|p: &ProfileResult| p.targets.first().copied()),
+                };
+                s.response_header(target?)
+            })
+            .collect();
         let prefix_match = cycle.prefix.take().map(|pc| PrefixMatchSummary {
             anchor: anchor(&pc.hashes),
             matched_blocks: pc.matched.get(primary_target).copied().unwrap_or(0),
@@ -753,6 +767,16 @@ impl Scheduler {
             .collect();
         for h in &self.pre_request_hooks {
             h.pre_request(req, primary, &also, result.cold, now);
+        }
+        for s in &self.session_affinity {
+            let target = match s.profile() {
+                None => Some(primary),
+                Some(name) => result
+                    .profiles
+                    .get(name)
+                    .and_then(|p| p.targets.first().copied()),
+            };
+            s.bind(req, target, now);
         }
     }
 

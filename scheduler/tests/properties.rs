@@ -96,7 +96,15 @@ fn scorers() -> Vec<Arc<dyn Scorer>> {
             max_busy_score: 0.5,
             request_timeout: None,
         })),
-        Arc::new(SessionAffinityScorer),
+        Arc::new(SessionAffinityScorer::new(&SessionAffinityParams::default())),
+        Arc::new(SessionAffinityScorer::new(&SessionAffinityParams {
+            strategy: SessionStrategy::SessionId,
+            ..SessionAffinityParams::default()
+        })),
+        Arc::new(HeaderLabelAffinityScorer::new(HeaderLabelAffinityParams {
+            header_name: "x-zone".into(),
+            label_key: "zone".into(),
+        })),
         Arc::new(NoHitLruScorer::new(&NoHitLruParams::default())),
         Arc::new(TokenLoadScorer::new(&TokenLoadParams::default())),
     ]

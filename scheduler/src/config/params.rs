@@ -1491,3 +1491,143 @@ impl HeaderLabelAffinityParams {
         Ok(())
     }
 }
+
+/// How `session-affinity-scorer` finds a session's endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum SessionStrategy {
+    /// Stateless: the client echoes a header naming the endpoint (written on responses).
+    #[default]
+    #[serde(rename = "encoded_endpoint_header")]
+    EncodedEndpointHeader,
+    /// Stateful: a client-chosen session id is bound to the endpoint that served it.
+    #[serde(rename = "session_id")]
+    SessionId,
+}
+
+/// `encodedEndpointHeaderConfig`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct EncodedEndpointHeaderConfig {
+    /// Request and response header carrying the base64 endpoint token.
+    pub header: String,
+}
+
+impl Default for EncodedEndpointHeaderConfig {
+    fn default() -> Self {
+        EncodedEndpointHeaderConfig {
+            header: "x-session-token".into(),
+        }
+    }
+}
+
+/// One `sessionIdConfig.sources` entry: exactly one of `header` or `attribute`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct SessionIdSource {
+    /// A request header holding the session id.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub header: String,
+    /// A request attribute published by an upstream plugin.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub attribute: String,
+    /// The attribute's producer (with `attribute`).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub producer: String,
+}
+
+/// `sessionIdConfig`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct SessionIdConfig {
+    /// Where the session id is read, first non-empty wins (default: header `x-session-id`).
+    pub sources: Vec<SessionIdSource>,
+    /// How long an unused binding lives, seconds.
+    pub eviction_ttl_seconds: f64,
+    /// How often expired bindings are swept, seconds.
+    pub eviction_sweep_seconds: f64,
+}
+
+impl Default for SessionIdConfig {
+    fn default() -> Self {
+        SessionIdConfig {
+            sources: vec![SessionIdSource {
+                header: "x-session-id".into(),
+                ..SessionIdSource::default()
+            }],
+            eviction_ttl_seconds: 300.0,
+            eviction_sweep_seconds: 10.0,
+        }
+    }
+}
+
+/// `session-affinity-scorer` (llm-d v0.10: a strategy with one config block each).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct SessionAffinityParams {
+    /// `encoded_endpoint_header` (default) or `session_id`.
+    pub strategy: SessionStrategy,
+    /// The profile whose pick is pinned (empty: the primary profile's).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub profile_name: String,
+    /// Used with `encoded_endpoint_header`.
+    pub encoded_endpoint_header_config: EncodedEndpointHeaderConfig,
+    /// Used with `session_id`.
+    pub session_id_config: SessionIdConfig,
+}
+
+impl SessionAffinityParams {
+    /// llm-d's defaulting (empty values take defaults; header names are trimmed and
+    /// lower-cased) and validation. `attribute` sources are refused: request attributes
+    /// come from plugins infermesh does not run (e.g. `agent-identity`), so the source
+    /// would never yield an id.
+    pub fn normalize(&mut self) -> Result<(), ParamProblem> {
+        let norm = |h: &str| {
+            let h = h.trim().to_ascii_lowercase();
+            if h.is_empty() { None } else { Some(h) }
+        };
+        let e = &mut self.encoded_endpoint_header_config;
+        e.header = norm(&e.header).unwrap_or_else(|| EncodedEndpointHeaderConfig::default().header);
+        if self.strategy != SessionStrategy::SessionId {
+            return Ok(());
+        }
+        let c = &mut self.session_id_config;
+        let d = SessionIdConfig::default();
+        if c.sources.is_empty() {
+            c.sources = d.sources;
+        }
+        if c.eviction_ttl_seconds == 0.0 {
+            c.eviction_ttl_seconds = d.eviction_ttl_seconds;
+        }
+        if c.eviction_sweep_seconds == 0.0 {
+            c.eviction_sweep_seconds = d.eviction_sweep_seconds;
+        }
+        for (i, s) in c.sources.iter_mut().enumerate() {
+            if s.header.is_empty() == s.attribute.is_empty() {
+                return Err((
+                    format!("sessionIdConfig.sources[{i}]"),
+                    "exactly one of header or attribute must be set".into(),
+                ));
+            }
+            if !s.attribute.is_empty() {
+                return Err((
+                    format!("sessionIdConfig.sources[{i}].attribute"),
+                    "request attributes come from plugins infermesh does not run (e.g. agent-identity); read the session id from a header".into(),
+                ));
+            }
+            s.header = norm(&s.header).unwrap_or_default();
+        }
+        if !(c.eviction_ttl_seconds.is_finite() && c.eviction_ttl_seconds > 0.0) {
+            return Err(problem(
+                "sessionIdConfig.evictionTtlSeconds",
+                format!("must be > 0, got {}", c.eviction_ttl_seconds),
+            ));
+        }
+        if !(c.eviction_sweep_seconds.is_finite() && c.eviction_sweep_seconds > 0.0) {
+            return Err(problem(
+                "sessionIdConfig.evictionSweepSeconds",
+                format!("must be > 0, got {}", c.eviction_sweep_seconds),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -113,7 +113,7 @@ pub enum PluginSpec {
     /// `active-request-scorer`
     ActiveRequestScorer(ActiveRequestParams),
     /// `session-affinity-scorer`
-    SessionAffinityScorer,
+    SessionAffinityScorer(SessionAffinityParams),
     /// `no-hit-lru-scorer`
     NoHitLruScorer(NoHitLruParams),
     /// `token-load-scorer`
@@ -198,7 +198,7 @@ impl PluginSpec {
             PluginSpec::LoraAffinityScorer => "lora-affinity-scorer",
             PluginSpec::LoadAwareScorer(_) => "load-aware-scorer",
             PluginSpec::ActiveRequestScorer(_) => "active-request-scorer",
-            PluginSpec::SessionAffinityScorer => "session-affinity-scorer",
+            PluginSpec::SessionAffinityScorer(_) => "session-affinity-scorer",
             PluginSpec::NoHitLruScorer(_) => "no-hit-lru-scorer",
             PluginSpec::TokenLoadScorer(_) => "token-load-scorer",
             PluginSpec::MaxScorePicker(_) => "max-score-picker",
@@ -253,7 +253,7 @@ impl PluginSpec {
             | LoraAffinityScorer
             | LoadAwareScorer(_)
             | ActiveRequestScorer(_)
-            | SessionAffinityScorer
+            | SessionAffinityScorer(_)
             | NoHitLruScorer(_)
             | TopologyAffinityScorer(_)
             | HeaderLabelAffinityScorer(_)
@@ -305,6 +305,7 @@ impl PluginSpec {
             TopologyAffinityScorer(p) => j(p),
             HeaderLabelAffinityScorer(p) => j(p),
             TopologyExtractor(p) => j(p),
+            SessionAffinityScorer(p) => j(p),
             PrefixCacheScorer(p) => prefix_scorer_json(p),
             ApproxPrefixCacheProducer(p) => j(p),
             InflightLoadProducer(p) => j(p),
@@ -329,7 +330,6 @@ impl PluginSpec {
             | QueueScorer
             | RunningRequestsSizeScorer
             | LoraAffinityScorer
-            | SessionAffinityScorer
             | SingleProfileHandler
             | AlwaysDisaggPdDecider
             | AlwaysDisaggMultimodalDecider
@@ -800,7 +800,11 @@ pub fn parse_spec_with_warnings(
             check(p.validate())?;
             S::ActiveRequestScorer(p)
         }
-        "session-affinity-scorer" => none(params).map(|_| S::SessionAffinityScorer)?,
+        "session-affinity-scorer" => {
+            let mut p: SessionAffinityParams = parse(params)?;
+            check(p.normalize())?;
+            S::SessionAffinityScorer(p)
+        }
         "no-hit-lru-scorer" => {
             let p: NoHitLruParams = parse(params)?;
             check(p.validate())?;

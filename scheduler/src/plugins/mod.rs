@@ -10,6 +10,7 @@ pub mod prefix;
 pub mod profiles;
 pub mod saturation;
 pub mod scorers;
+pub mod session;
 pub mod topology;
 
 use std::fmt::Debug;

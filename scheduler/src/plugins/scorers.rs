@@ -3,8 +3,6 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
 use hashbrown::HashMap;
 use parking_lot::Mutex;
 
@@ -266,42 +264,7 @@ impl Scorer for TokenLoadScorer {
     }
 }
 
-/// The request header carrying the session's endpoint.
-pub const SESSION_TOKEN_HEADER: &str = "x-session-token";
-
-/// The `x-session-token` value naming `addr` (base64 of `ip:port`).
-///
-/// llm-d encodes the pod's namespaced name; infermesh identifies endpoints by address.
-pub fn session_token(addr: SocketAddr) -> String {
-    STANDARD.encode(addr.to_string())
-}
-
-/// `session-affinity-scorer`: 1.0 for the endpoint named by `x-session-token`, else 0.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SessionAffinityScorer;
-
-impl Scorer for SessionAffinityScorer {
-    fn score(&self, cycle: &CycleState<'_>, candidates: &[usize], out: &mut [f64]) {
-        out.fill(0.0);
-        let Some(token) = cycle.request.headers.get(SESSION_TOKEN_HEADER) else {
-            return;
-        };
-        let Ok(decoded) = STANDARD.decode(token.trim()) else {
-            return;
-        };
-        let Some(addr) = std::str::from_utf8(&decoded)
-            .ok()
-            .and_then(|s| s.parse::<SocketAddr>().ok())
-        else {
-            return;
-        };
-        for (o, &i) in out.iter_mut().zip(candidates) {
-            if cycle.endpoints[i].address == addr {
-                *o = 1.0;
-            }
-        }
-    }
-}
+pub use super::session::{SESSION_TOKEN_HEADER, SessionAffinityScorer, session_token};
 
 /// `header-label-affinity-scorer`: 1 for endpoints whose `labelKey` label equals the
 /// request's `headerName` header, else 0 (also 0 for all when the header is absent or empty).
