@@ -94,8 +94,9 @@ pub struct ServeArgs {
     #[arg(long, default_value = "0.0.0.0:9090")]
     pub metrics_addr: SocketAddr,
     /// InferencePool-like YAML listing the pool's pods (watched for changes); optional with
-    /// a policy cluster, whose InferenceEndpoints add to (or replace) it.
-    #[arg(long, required_unless_present_any = ["bootstrap", "join", "data_dir"])]
+    /// a policy cluster, whose InferenceEndpoints add to (or replace) it, and absent when
+    /// the --config-file's `dataLayer.discovery` names a `file-discovery` plugin.
+    #[arg(long)]
     pub endpoints: Option<PathBuf>,
     /// EndpointPickerConfig YAML (llm-d or GIE apiVersion); default: llm-d's built-in config.
     #[arg(long)]

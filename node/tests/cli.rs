@@ -261,7 +261,7 @@ fn config_names_lists_every_known_type_with_its_status() {
     assert!(status("queue-scorer").ends_with("v0.10 name"));
     assert!(status("topology-affinity-scorer").contains("Alpha"));
     assert!(status("pd-profile-handler").contains("older alias of `disagg-profile-handler`"));
-    assert!(status("file-discovery").contains("refused"));
+    assert!(status("file-discovery").ends_with("v0.10 name"));
     assert!(status("burst-prefix-cache-producer").contains("refused"));
     let mut names: Vec<&str> = stdout
         .lines()

@@ -58,6 +58,7 @@ impl Node {
             initial_pool: match &cfg.endpoints {
                 EndpointSource::Static(p) => Some(p.clone()),
                 EndpointSource::File { initial, .. } => Some(initial.clone()),
+                EndpointSource::FileDiscovery { initial, .. } => Some(initial.clone()),
             },
             scheduler: cfg.scheduler.clone(),
             allow_experimental_plugins: false,

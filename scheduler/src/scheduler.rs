@@ -338,6 +338,7 @@ fn build(
         | S::MetricsDataSource(_)
         | S::CoreMetricsExtractor(_)
         | S::TopologyExtractor(_)
+        | S::FileDiscovery(_)
         | S::Parser(_)
         | S::DestinationEndpointServedVerifier
         | S::GlobalStrictFairnessPolicy

@@ -611,3 +611,49 @@ fn alpha_plugins_are_named_for_the_experimental_flag() {
         .check_stability(false)
         .unwrap();
 }
+
+// ---- file-discovery ----
+
+#[test]
+fn file_discovery_fixture_names_the_discovery_plugin() {
+    let cfg = fixture("v010-file-discovery.yaml");
+    assert_eq!(cfg.discovery.as_deref(), Some("file-discovery"));
+    let (name, p) = cfg.file_discovery().expect("file-discovery in force");
+    assert_eq!(name, "file-discovery");
+    assert_eq!(p.path, "/etc/epp/endpoints.yaml");
+    assert!(p.watch_file);
+    // The metrics data layer is still injected, and no Alpha plugin is involved.
+    assert!(!cfg.data_layer.is_empty());
+    cfg.check_stability(false).unwrap();
+    // watchFile defaults to false; without dataLayer.discovery nothing is in force.
+    let cfg = load("plugins:\n- type: file-discovery\n  parameters: {path: e.yaml}\ndataLayer:\n  discovery: {pluginRef: file-discovery}\n").unwrap();
+    assert!(!cfg.file_discovery().unwrap().1.watch_file);
+    let cfg = load("plugins:\n- type: file-discovery\n  parameters: {path: e.yaml}\n").unwrap();
+    assert_eq!(cfg.file_discovery(), None);
+}
+
+#[test]
+fn file_discovery_refusals_name_the_field_or_reference() {
+    assert_eq!(bad_field("plugins:\n- type: file-discovery\n"), "path");
+    assert_eq!(
+        bad_field("plugins:\n- type: file-discovery\n  parameters: {path: e.yaml, watch: true}\n"),
+        "watch"
+    );
+    let e = load("plugins:\n- type: queue-scorer\ndataLayer:\n  discovery: {pluginRef: nope}\n")
+        .unwrap_err();
+    assert!(
+        matches!(&e, ConfigError::DanglingRef { referrer, .. } if referrer == "dataLayer.discovery.pluginRef"),
+        "{e:?}"
+    );
+    let e = load(
+        "plugins:\n- type: queue-scorer\ndataLayer:\n  discovery: {pluginRef: queue-scorer}\n",
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&e, ConfigError::WrongKind { expected, .. } if *expected == "endpoint discovery plugin"),
+        "{e:?}"
+    );
+    let e = load("plugins:\n- type: file-discovery\n  parameters: {path: e}\ndataLayer:\n  discovery: {pluginRef: file-discovery, extra: 1}\n")
+        .unwrap_err();
+    assert!(e.to_string().contains("extra"), "{e}");
+}

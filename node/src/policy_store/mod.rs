@@ -533,6 +533,14 @@ pub fn node_config(
         s.config_file.as_deref(),
         s.allow_experimental_plugins,
     )?;
+    if let Some((name, _)) = scheduler.file_discovery() {
+        return Err(crate::config::InvalidNodeConfig::Flag {
+            flag: "config-file",
+            reason: format!(
+                "dataLayer.discovery (file-discovery `{name}`) is for a node without a policy cluster; a policy node takes its endpoints from --endpoints and the cluster's InferenceEndpoints"
+            ),
+        });
+    }
     let initial = endpoints
         .map(crate::discovery::load_pool_file)
         .transpose()?;

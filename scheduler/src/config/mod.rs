@@ -127,7 +127,7 @@ struct RawSaturation {
 struct RawDataLayer {
     inject_defaults: Option<bool>,
     sources: Option<Vec<RawSource>>,
-    discovery: Option<Value>,
+    discovery: Option<RawRef>,
 }
 
 #[derive(Deserialize)]
@@ -209,6 +209,9 @@ pub struct ResolvedConfig {
     pub prefix_producer: Option<String>,
     /// Data-layer sources (they configure the node's metrics fetcher).
     pub data_layer: Vec<DataSourceRef>,
+    /// `dataLayer.discovery.pluginRef`: the endpoint discovery plugin, when set (the node
+    /// then takes its endpoints from it instead of `--endpoints`).
+    pub discovery: Option<String>,
     /// The flow controller's configuration, when the `flowControl` gate is on.
     pub flow_control: Option<FlowConfig>,
     /// Deprecations found while loading (llm-d logs these and loads anyway).
@@ -276,6 +279,15 @@ impl ResolvedConfig {
                 plugin: p.name.clone(),
                 type_name: p.written_type.clone(),
             }),
+        }
+    }
+
+    /// The `file-discovery` plugin `dataLayer.discovery` names, with its parameters.
+    pub fn file_discovery(&self) -> Option<(&str, &params::FileDiscoveryParams)> {
+        let name = self.discovery.as_deref()?;
+        match &self.plugin(name)?.spec {
+            PluginSpec::FileDiscovery(p) => Some((name, p)),
+            _ => None,
         }
     }
 
@@ -461,6 +473,7 @@ impl Loader<'_> {
         self.consumer_producer_names(&plugins, prefix_producer.as_deref())?;
         self.one_inflight_load(&plugins)?;
         let inject_metrics = !feature_gates.iter().any(|g| g == "enableLegacyMetrics");
+        let discovery = self.discovery(&plugins, raw.data_layer.as_ref())?;
         let data_layer = self.data_layer(&mut plugins, raw.data_layer, inject_metrics)?;
         Ok(ResolvedConfig {
             api_version,
@@ -472,6 +485,7 @@ impl Loader<'_> {
             parsers,
             prefix_producer,
             data_layer,
+            discovery,
             flow_control,
             warnings,
         })
@@ -522,6 +536,37 @@ impl Loader<'_> {
                 PluginSpec::TopologyAffinityScorer(x) => x.labels = found,
                 _ => {}
             }
+        }
+    }
+
+    /// `dataLayer.discovery.pluginRef` must name a discovery plugin (`file-discovery`).
+    fn discovery(
+        &self,
+        plugins: &[ResolvedPlugin],
+        raw: Option<&RawDataLayer>,
+    ) -> Result<Option<String>, ConfigError> {
+        let Some(r) = raw.and_then(|dl| dl.discovery.as_ref()) else {
+            return Ok(None);
+        };
+        let referrer = "dataLayer.discovery.pluginRef".to_owned();
+        let location = self.ref_location("dataLayer", &r.plugin_ref, 0);
+        match find(plugins, &r.plugin_ref) {
+            None => Err(ConfigError::DanglingRef {
+                referrer,
+                plugin_ref: r.plugin_ref.clone(),
+                location,
+            }),
+            Some(i) if plugins[i].spec.kind() != PluginKind::Discovery => {
+                Err(ConfigError::WrongKind {
+                    referrer,
+                    plugin: r.plugin_ref.clone(),
+                    type_name: plugins[i].spec.type_name().into(),
+                    actual: plugins[i].spec.kind().as_str(),
+                    expected: PluginKind::Discovery.as_str(),
+                    location,
+                })
+            }
+            Some(_) => Ok(Some(r.plugin_ref.clone())),
         }
     }
 
@@ -1328,13 +1373,6 @@ impl Loader<'_> {
         let mut data_layer = Vec::new();
         let mut inject = inject_metrics;
         if let Some(dl) = raw {
-            if dl.discovery.is_some() {
-                return Err(ConfigError::Field {
-                    field: "dataLayer.discovery".into(),
-                    message: "endpoint discovery plugins are not supported by infermesh".into(),
-                    location: locate::top_level(self.yaml, "dataLayer"),
-                });
-            }
             if dl.inject_defaults == Some(false) {
                 inject = false;
             }
@@ -1546,6 +1584,13 @@ impl fmt::Display for ResolvedConfig {
                 "  source {} -> extractors [{}]",
                 s.source,
                 s.extractors.join(", ")
+            )?;
+        }
+        if let Some((name, p)) = self.file_discovery() {
+            writeln!(
+                f,
+                "  discovery {name} (file-discovery {}, watchFile {})",
+                p.path, p.watch_file
             )?;
         }
         if let Some(fc) = &self.flow_control {

@@ -1631,3 +1631,24 @@ impl SessionAffinityParams {
         Ok(())
     }
 }
+
+/// `file-discovery` (llm-d v0.10, `dataLayer.discovery.pluginRef`): endpoints from a file.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct FileDiscoveryParams {
+    /// The endpoints file (YAML or JSON: `endpoints: [{name, namespace, address, port,
+    /// labels}]`); required.
+    pub path: String,
+    /// Re-read the file when it changes.
+    pub watch_file: bool,
+}
+
+impl FileDiscoveryParams {
+    /// `path` is required.
+    pub fn validate(&self) -> Result<(), ParamProblem> {
+        if self.path.is_empty() {
+            return Err(problem("path", "is required"));
+        }
+        Ok(())
+    }
+}

@@ -42,6 +42,8 @@ pub enum PluginKind {
     EvictionOrdering,
     /// A response-header processor (runs when the model server's headers arrive).
     ResponseProcessor,
+    /// Endpoint discovery (`dataLayer.discovery.pluginRef`).
+    Discovery,
 }
 
 impl PluginKind {
@@ -64,6 +66,7 @@ impl PluginKind {
             PluginKind::EvictionFilter => "eviction filter",
             PluginKind::EvictionOrdering => "eviction ordering policy",
             PluginKind::ResponseProcessor => "response processor",
+            PluginKind::Discovery => "endpoint discovery plugin",
         }
     }
 }
@@ -96,6 +99,8 @@ pub enum PluginSpec {
     TopologyAffinityScorer(TopologyAffinityScorerParams),
     /// `header-label-affinity-scorer`
     HeaderLabelAffinityScorer(HeaderLabelAffinityParams),
+    /// `file-discovery`
+    FileDiscovery(FileDiscoveryParams),
     /// `topology-extractor` (its label keys are read by the topology affinity plugins)
     TopologyExtractor(TopologyExtractorParams),
     /// `prefix-cache-scorer` (with any GIE 1.x producer parameters in `producer`).
@@ -191,6 +196,7 @@ impl PluginSpec {
             PluginSpec::TopologyAffinityScorer(_) => "topology-affinity-scorer",
             PluginSpec::HeaderLabelAffinityScorer(_) => "header-label-affinity-scorer",
             PluginSpec::TopologyExtractor(_) => "topology-extractor",
+            PluginSpec::FileDiscovery(_) => "file-discovery",
             PluginSpec::PrefixCacheScorer(_) => "prefix-cache-scorer",
             PluginSpec::KvCacheUtilizationScorer => "kv-cache-utilization-scorer",
             PluginSpec::QueueScorer => "queue-scorer",
@@ -246,6 +252,7 @@ impl PluginSpec {
             | TopologyAffinityFilter(_)
             | HeaderBasedTestingFilter => PluginKind::Filter,
             DestinationEndpointServedVerifier => PluginKind::ResponseProcessor,
+            FileDiscovery(_) => PluginKind::Discovery,
             PrefixCacheScorer(_)
             | KvCacheUtilizationScorer
             | QueueScorer
@@ -306,6 +313,7 @@ impl PluginSpec {
             HeaderLabelAffinityScorer(p) => j(p),
             TopologyExtractor(p) => j(p),
             SessionAffinityScorer(p) => j(p),
+            FileDiscovery(p) => j(p),
             PrefixCacheScorer(p) => prefix_scorer_json(p),
             ApproxPrefixCacheProducer(p) => j(p),
             InflightLoadProducer(p) => j(p),
@@ -509,10 +517,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
     ),
     ("burst-prefix-cache-producer", "not implemented"),
     (
-        "file-discovery",
-        "infermesh discovers endpoints from its --endpoints pool file (watched) or the policy cluster",
-    ),
-    (
         "session-affinity-filter",
         "not implemented; session-affinity-scorer gives the soft preference",
     ),
@@ -682,6 +686,7 @@ pub const KNOWN_TYPES: &[&str] = &[
     "topology-affinity-scorer",
     "header-label-affinity-scorer",
     "topology-extractor",
+    "file-discovery",
     "header-based-testing-filter",
     "destination-endpoint-served-verifier",
     "prefix-cache-scorer",
@@ -784,6 +789,11 @@ pub fn parse_spec_with_warnings(
             let mut p: HeaderLabelAffinityParams = parse(params)?;
             check(p.normalize())?;
             S::HeaderLabelAffinityScorer(p)
+        }
+        "file-discovery" => {
+            let p: FileDiscoveryParams = parse(params)?;
+            check(p.validate())?;
+            S::FileDiscovery(p)
         }
         "topology-extractor" => {
             let mut p: TopologyExtractorParams = parse(params)?;
@@ -933,6 +943,8 @@ mod tests {
             // (llm-d requires them all); everything else has usable defaults.
             if *t == "by-label" {
                 assert!(matches!(r, Err(SpecError::Param(ref f, _)) if f == "label"));
+            } else if *t == "file-discovery" {
+                assert!(matches!(r, Err(SpecError::Param(ref f, _)) if f == "path"));
             } else if *t == "utilization-filter" {
                 assert!(matches!(r, Err(SpecError::Param(ref f, _)) if f == "conditions"));
             } else if *t == "header-label-affinity-scorer" {
