@@ -515,7 +515,10 @@ const UNSUPPORTED: &[(&str, &str)] = &[
         "active-request-filter",
         "renamed utilization-filter in llm-d v0.10 (PR #2218, before any release shipped the old name); write utilization-filter with conditions: [{metric: active-requests, maxValue: N}]",
     ),
-    ("burst-prefix-cache-producer", "not implemented"),
+    (
+        "burst-prefix-cache-producer",
+        "not implemented: it holds each request for a batch window to co-locate bursts of shared prompts, and infermesh schedules each request as it arrives; approx-prefix-cache-producer records each pick at once",
+    ),
     (
         "session-affinity-filter",
         "not implemented; session-affinity-scorer gives the soft preference",
