@@ -264,7 +264,8 @@ pub fn parse_openai(kind: ApiKind, body: &[u8]) -> Result<ParsedBody, InvalidReq
         }
         ApiKind::Embeddings => embeddings_input(f.input, &mut parsed)?,
         ApiKind::Responses => {
-            parsed.prompt_bytes = responses_prompt(f.instructions.as_ref(), f.input.as_ref())?;
+            parsed.prompt_bytes =
+                responses_prompt(f.instructions.as_ref(), f.tools.as_ref(), f.input.as_ref())?;
         }
         ApiKind::AnthropicMessages => {
             parsed.prompt_bytes = tools_prefix(f.tools.as_ref());
@@ -325,6 +326,7 @@ fn embeddings_input(input: Option<Value>, out: &mut ParsedBody) -> Result<(), In
 /// Responses API: `instructions` then `input` (a string, or the item array as JSON text).
 fn responses_prompt(
     instructions: Option<&Value>,
+    tools: Option<&Value>,
     input: Option<&Value>,
 ) -> Result<Vec<u8>, InvalidRequest> {
     let mut out = Vec::new();
@@ -338,6 +340,8 @@ fn responses_prompt(
             });
         }
     }
+    // llm-d hashes instructions, tools, input in that order.
+    out.extend_from_slice(&tools_prefix(tools));
     match input {
         Some(Value::String(s)) if !s.is_empty() => out.extend_from_slice(s.as_bytes()),
         Some(v @ Value::Array(items)) if !items.is_empty() => {
@@ -636,7 +640,8 @@ fn write_opt_fields(
 }
 
 /// Tool definitions enter the prefix hash ahead of the prompt (llm-d v0.10, PR #1554:
-/// chat completions and Anthropic messages hash `tools` before the messages), so requests
+/// chat completions and Anthropic messages hash `tools` before the messages, responses
+/// between the instructions and the input), so requests
 /// with the same messages and different tools do not share a prefix. A non-empty `tools`
 /// array is written as Go's `json.Marshal` writes a decoded `[]any` (compact, keys sorted,
 /// HTML-escaped strings); anything else adds nothing.
@@ -984,6 +989,15 @@ mod tests {
         assert_eq!(
             String::from_utf8(anthropic.prompt_bytes).unwrap(),
             r#"[{"input_schema":{},"name":"t"}]"s"[{"content":"hi","role":"user"}]"#
+        );
+        let responses = parse_openai(
+            ApiKind::Responses,
+            br#"{"model":"r","instructions":"be brief","tools":[{"type":"web_search"}],"input":"hi"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(responses.prompt_bytes).unwrap(),
+            r#"be brief[{"type":"web_search"}]hi"#
         );
     }
 
