@@ -46,11 +46,17 @@ struct Pool {
 
 impl Pool {
     async fn start(net: u8, n: u8) -> Pool {
+        Pool::start_ranks(net, n, 1).await
+    }
+
+    /// `n` pods of `ranks` data-parallel ranks each: every rank is an endpoint on its pod's
+    /// IP (its own port), as a DP pod's targetPorts are.
+    async fn start_ranks(net: u8, n: u8, ranks: usize) -> Pool {
         let mut fleets = Vec::new();
         let mut pods = Vec::new();
         let mut model = String::new();
         for i in 1..=n {
-            let mut cfg = FleetConfig::new(1);
+            let mut cfg = FleetConfig::new(ranks);
             cfg.host = IpAddr::V4(Ipv4Addr::new(127, 0, net, i));
             cfg.profile = EngineProfile::instant();
             model.clone_from(&cfg.model);
@@ -310,6 +316,56 @@ async fn epp_unavailable_fail_open() {
         "the fail-closed Envoy never refused within 100 tries"
     );
     drop((open, closed));
+    pool.stop().await;
+}
+
+/// `GatewayFollowingEPPRoutingWithDataParallelism`: three pods of three DP ranks (ports);
+/// each pod is reachable by its IP; then 100 requests (10 in flight) per selection mixing
+/// whole pods (bare IP: any rank) and single ranks (`ip:port`) land only on selected ranks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_following_epp_routing_dp() {
+    let pool = Pool::start_ranks(16, 3, 3).await;
+    let envoy = envoy_for(&pool, false).await;
+    let client = http_client(Duration::from_secs(2));
+    let ranks = |pod: usize| -> Vec<SocketAddr> { pool.pods[pod * 3..pod * 3 + 3].to_vec() };
+    for pod in 0..3 {
+        let ip_of = ip(ranks(pod)[0]);
+        let r = request(&client, &envoy, &pool.body(), &ip_of).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        assert!(ranks(pod).contains(&upstream(&r)), "pod {pod} by its IP");
+    }
+    // (selected entries, the ranks they allow)
+    let cases: Vec<(Vec<String>, Vec<SocketAddr>)> = vec![
+        (vec![ip(ranks(1)[0])], ranks(1)),
+        (
+            vec![ip(ranks(0)[0]), ranks(2)[1].to_string()],
+            [ranks(0), vec![ranks(2)[1]]].concat(),
+        ),
+        (
+            vec![
+                ip(ranks(0)[0]),
+                ranks(1)[0].to_string(),
+                ranks(1)[2].to_string(),
+                ip(ranks(2)[0]),
+            ],
+            [ranks(0), vec![ranks(1)[0], ranks(1)[2]], ranks(2)].concat(),
+        ),
+    ];
+    for (selection, allowed) in cases {
+        let header = selection.join(",");
+        let allowed: BTreeSet<SocketAddr> = allowed.into_iter().collect();
+        let responses = concurrent(&client, &envoy, &pool.body(), &header, 100, 10).await;
+        assert_eq!(responses.len(), 100);
+        for r in &responses {
+            assert_eq!(r.status, 200, "{header}: {:?}", r.body);
+            let served = upstream(r);
+            assert!(
+                allowed.contains(&served),
+                "{header}: served by {served}, outside the selected ranks"
+            );
+        }
+    }
+    drop(envoy);
     pool.stop().await;
 }
 
