@@ -171,7 +171,7 @@ start_infermesh() {
       mesh=(--node-name "op-node-$k" --gossip-addr "127.0.0.1:$((port + 400))" --cluster-key-file "$WORK/cluster.key")
       [ "$k" -gt 0 ] && mesh+=(--seeds "127.0.0.1:$((ROUTER_PORT + 400))")
     fi
-    "$IM" serve --proxy-addr "127.0.0.1:$port" --endpoints "$WORK/pool.yaml" --config-file "$WORK/epp.yaml" \
+    "$IM" serve --proxy-addr "127.0.0.1:$port" --endpoints "$WORK/pool.yaml" --config-file "$WORK/epp.yaml" --allow-experimental-plugins \
       --ext-proc-addr "127.0.0.1:$((port + 200))" --metrics-addr "127.0.0.1:$((port + 300))" "${mesh[@]}" \
       >"$WORK/infermesh-$k.log" 2>&1 &
     PIDS+=($!)

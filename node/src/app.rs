@@ -365,6 +365,30 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
             });
             (initial, Some(w))
         }
+        EndpointSource::FileDiscovery {
+            path,
+            watch,
+            pool,
+            initial,
+        } => {
+            if watch {
+                let load =
+                    move |p: &std::path::Path| crate::file_discovery::reload_endpoints(p, &pool);
+                let (w, task) = crate::discovery::watch_file(
+                    path,
+                    initial.clone(),
+                    load,
+                    pool_tx.clone(),
+                    shutdown_rx.clone(),
+                )?;
+                tasks.spawn(async move {
+                    let _ = task.await;
+                });
+                (initial, Some(w))
+            } else {
+                (initial, None)
+            }
+        }
     };
     let _ = pool_tx.send(PoolInput::Spec(initial)).await;
 

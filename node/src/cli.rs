@@ -64,11 +64,18 @@ pub enum Command {
 /// `infermesh config …`
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
-    /// Validate an EndpointPickerConfig file and print it resolved (defaults filled in).
+    /// Validate an EndpointPickerConfig file: say for each plugin whether its type is an
+    /// llm-d v0.10 name, an accepted older alias or refused (and why), then print the
+    /// config resolved (defaults filled in).
     Check {
         /// The YAML file.
         file: PathBuf,
+        /// Accept Alpha plugins, as `serve --allow-experimental-plugins` would.
+        #[arg(long)]
+        allow_experimental_plugins: bool,
     },
+    /// List every llm-d plugin type name infermesh knows, with its status.
+    Names,
 }
 
 /// Flags of `infermesh serve` (defaults follow llm-d where it has one).
@@ -87,8 +94,9 @@ pub struct ServeArgs {
     #[arg(long, default_value = "0.0.0.0:9090")]
     pub metrics_addr: SocketAddr,
     /// InferencePool-like YAML listing the pool's pods (watched for changes); optional with
-    /// a policy cluster, whose InferenceEndpoints add to (or replace) it.
-    #[arg(long, required_unless_present_any = ["bootstrap", "join", "data_dir"])]
+    /// a policy cluster, whose InferenceEndpoints add to (or replace) it, and absent when
+    /// the --config-file's `dataLayer.discovery` names a `file-discovery` plugin.
+    #[arg(long)]
     pub endpoints: Option<PathBuf>,
     /// EndpointPickerConfig YAML (llm-d or GIE apiVersion); default: llm-d's built-in config.
     #[arg(long)]
@@ -118,6 +126,12 @@ pub struct ServeArgs {
     /// metadata, key `x-gateway-destination-endpoint-scores` (llm-d's flag; off).
     #[arg(long)]
     pub emit_endpoint_scores: bool,
+    /// Load plugins llm-d marks Alpha (experimental), e.g. utilization-filter, the
+    /// topology plugins, session-affinity-scorer, priority-holdback-policy (llm-d's flag;
+    /// off: such a config is refused, naming the plugin). `--allow-experimental-plugins`
+    /// alone means true.
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub allow_experimental_plugins: bool,
     /// Router mesh flags (--node-name, --gossip-addr, --mesh-addr, --seeds, --cluster-key-file…).
     #[command(flatten)]
     pub mesh: crate::mesh::MeshArgs,
@@ -152,6 +166,7 @@ impl ServeArgs {
             response_timeout: self.response_timeout,
             max_attempts: self.max_attempts,
             emit_endpoint_scores: self.emit_endpoint_scores,
+            allow_experimental_plugins: self.allow_experimental_plugins,
         }
     }
 }
@@ -291,8 +306,18 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Config {
-            command: ConfigCommand::Check { file },
-        } => config_check(&file),
+            command:
+                ConfigCommand::Check {
+                    file,
+                    allow_experimental_plugins,
+                },
+        } => config_check(&file, allow_experimental_plugins),
+        Command::Config {
+            command: ConfigCommand::Names,
+        } => {
+            print!("{}", config_names());
+            ExitCode::SUCCESS
+        }
         Command::Serve(args) => {
             init_tracing("info");
             serve(*args)
@@ -310,8 +335,13 @@ pub fn run(cli: Cli) -> ExitCode {
 }
 
 /// `infermesh config check FILE`.
-fn config_check(file: &std::path::Path) -> ExitCode {
-    match load_scheduler_config(Some(file)) {
+fn config_check(file: &std::path::Path, allow_experimental_plugins: bool) -> ExitCode {
+    // The name report comes first and covers every plugin, even when loading stops at the
+    // first refused one.
+    if let Ok(text) = std::fs::read_to_string(file) {
+        print!("{}", plugin_names_table(&text));
+    }
+    match load_scheduler_config(Some(file), allow_experimental_plugins) {
         Ok(cfg) => {
             println!("{}: OK\n", file.display());
             println!("{cfg}");
@@ -322,6 +352,39 @@ fn config_check(file: &std::path::Path) -> ExitCode {
             ExitCode::from(EXIT_CONFIG)
         }
     }
+}
+
+/// One line per `plugins[]` entry: name, type, status.
+fn plugin_names_table(yaml: &str) -> String {
+    use std::fmt::Write as _;
+    let report = infermesh_scheduler::config::plugin_name_report(yaml);
+    if report.is_empty() {
+        return String::new();
+    }
+    let w_name = report.iter().map(|r| r.name.len()).max().unwrap_or(0);
+    let w_type = report.iter().map(|r| r.type_name.len()).max().unwrap_or(0);
+    let mut out = String::from("plugin types (llm-d v0.10):\n");
+    for r in &report {
+        let _ = writeln!(
+            out,
+            "  {:w_name$}  {:w_type$}  {}",
+            r.name, r.type_name, r.status
+        );
+    }
+    out.push('\n');
+    out
+}
+
+/// `infermesh config names`: every known llm-d type name with its status.
+fn config_names() -> String {
+    use std::fmt::Write as _;
+    let names = infermesh_scheduler::config::all_names();
+    let w = names.iter().map(|(t, _)| t.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for (t, status) in names {
+        let _ = writeln!(out, "{t:w$}  {status}");
+    }
+    out
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
@@ -528,5 +591,13 @@ mod tests {
     fn emit_endpoint_scores_is_off_unless_asked_as_in_llm_d() {
         assert!(!serve(&[]).emit_endpoint_scores);
         assert!(serve(&["--emit-endpoint-scores"]).emit_endpoint_scores);
+    }
+
+    #[test]
+    fn allow_experimental_plugins_is_off_unless_asked_in_either_spelling() {
+        assert!(!serve(&[]).allow_experimental_plugins);
+        assert!(serve(&["--allow-experimental-plugins"]).allow_experimental_plugins);
+        assert!(serve(&["--allow-experimental-plugins=true"]).allow_experimental_plugins);
+        assert!(!serve(&["--allow-experimental-plugins=false"]).allow_experimental_plugins);
     }
 }

@@ -23,6 +23,18 @@ pub enum EndpointSource {
     },
     /// A fixed pool given in-process (demo, tests); replaceable through the running node.
     Static(PoolSpec),
+    /// llm-d's `file-discovery` endpoints file, named by the EndpointPickerConfig's
+    /// `dataLayer.discovery`; watched when `watch` (`watchFile`).
+    FileDiscovery {
+        /// The file.
+        path: PathBuf,
+        /// Re-read it when it changes.
+        watch: bool,
+        /// The pool's name (the plugin's).
+        pool: String,
+        /// Its content when the config was built.
+        initial: PoolSpec,
+    },
 }
 
 /// Everything a node needs to start.
@@ -85,6 +97,8 @@ pub struct NodeSettings {
     pub max_attempts: usize,
     /// llm-d `--emit-endpoint-scores`, off.
     pub emit_endpoint_scores: bool,
+    /// llm-d `--allow-experimental-plugins`, off: Alpha plugins are refused without it.
+    pub allow_experimental_plugins: bool,
 }
 
 /// The configuration is invalid; nothing was started.
@@ -109,6 +123,9 @@ pub enum InvalidNodeConfig {
     /// The discovery file is invalid.
     #[error("invalid --endpoints file: {0}")]
     Endpoints(#[from] InvalidPoolFile),
+    /// The `file-discovery` endpoints file is invalid.
+    #[error("file-discovery: {0}")]
+    FileDiscovery(#[from] crate::file_discovery::InvalidEndpointsFile),
     /// The mesh flags are unusable.
     #[error("mesh: {0}")]
     Mesh(#[from] crate::mesh::InvalidMeshFlags),
@@ -135,6 +152,7 @@ fn flag(flag: &'static str, reason: impl Into<String>) -> InvalidNodeConfig {
 /// Loads an EndpointPickerConfig file (or the built-in default) and checks it builds a scheduler.
 pub fn load_scheduler_config(
     path: Option<&std::path::Path>,
+    allow_experimental_plugins: bool,
 ) -> Result<ResolvedConfig, InvalidNodeConfig> {
     let (cfg, name) = match path {
         Some(p) => {
@@ -158,6 +176,11 @@ pub fn load_scheduler_config(
         path: name.clone(),
         source: Box::new(source),
     })?;
+    cfg.check_stability(allow_experimental_plugins)
+        .map_err(|source| InvalidNodeConfig::SchedulerConfig {
+            path: name.clone(),
+            source: Box::new(source),
+        })?;
     // llm-d loads a config with deprecated plugins or fields and logs each; so does this.
     for w in &cfg.warnings {
         tracing::warn!(config = %name, "{w}");
@@ -168,16 +191,44 @@ pub fn load_scheduler_config(
 impl NodeConfig {
     /// Validates settings and reads both files.
     pub fn from_settings(s: NodeSettings) -> Result<NodeConfig, InvalidNodeConfig> {
-        let scheduler = load_scheduler_config(s.config_file.as_deref())?;
-        let initial = load_pool_file(&s.endpoints_file)?;
+        let scheduler =
+            load_scheduler_config(s.config_file.as_deref(), s.allow_experimental_plugins)?;
+        let endpoints = match scheduler.file_discovery() {
+            Some((name, p)) => {
+                if !s.endpoints_file.as_os_str().is_empty() {
+                    return Err(flag(
+                        "endpoints",
+                        format!(
+                            "the EndpointPickerConfig's dataLayer.discovery names file-discovery `{name}` ({}): give one endpoint source",
+                            p.path
+                        ),
+                    ));
+                }
+                let path = PathBuf::from(&p.path);
+                let initial = crate::file_discovery::load_endpoints(&path, name)?;
+                EndpointSource::FileDiscovery {
+                    path,
+                    watch: p.watch_file,
+                    pool: name.to_owned(),
+                    initial,
+                }
+            }
+            None if s.endpoints_file.as_os_str().is_empty() => {
+                return Err(flag(
+                    "endpoints",
+                    "is required (or dataLayer.discovery naming a file-discovery plugin in --config-file, or a policy cluster)",
+                ));
+            }
+            None => EndpointSource::File {
+                path: s.endpoints_file.clone(),
+                initial: load_pool_file(&s.endpoints_file)?,
+            },
+        };
         NodeConfig::new(
             s.ext_proc_addr,
             s.proxy_addr,
             s.metrics_addr,
-            EndpointSource::File {
-                path: s.endpoints_file.clone(),
-                initial,
-            },
+            endpoints,
             scheduler,
             &s,
         )
@@ -260,6 +311,7 @@ impl NodeConfig {
             response_timeout: Duration::from_secs(300),
             max_attempts: 3,
             emit_endpoint_scores: false,
+            allow_experimental_plugins: false,
         }
     }
 

@@ -267,7 +267,20 @@ pub fn reload(path: &Path, last: &mut PoolSpec) -> Result<Option<PoolSpec>, Inva
 /// watcher must be kept alive.
 pub fn watch_pool_file(
     path: PathBuf,
+    last: PoolSpec,
+    tx: tokio::sync::mpsc::Sender<PoolInput>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> notify::Result<(notify::RecommendedWatcher, tokio::task::JoinHandle<()>)> {
+    watch_file(path, last, load_pool_file, tx, shutdown)
+}
+
+/// Watches `path` and sends each new valid content `load` reads to the pool task; a
+/// content `load` refuses is logged and ignored (the previous set stays). The returned
+/// watcher must be kept alive.
+pub fn watch_file<E: std::fmt::Display + Send + 'static>(
+    path: PathBuf,
     mut last: PoolSpec,
+    load: impl Fn(&Path) -> Result<PoolSpec, E> + Send + 'static,
     tx: tokio::sync::mpsc::Sender<PoolInput>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> notify::Result<(notify::RecommendedWatcher, tokio::task::JoinHandle<()>)> {
@@ -299,7 +312,7 @@ pub fn watch_pool_file(
             // Let a burst of events (truncate + write + rename) settle, then read once.
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             while ev_rx.try_recv().is_ok() {}
-            match load_pool_file(&path) {
+            match load(&path) {
                 Ok(spec) if spec == last => {}
                 Ok(spec) => {
                     tracing::info!(file = %path.display(), endpoints = spec.endpoints.len(), "endpoints file reloaded");

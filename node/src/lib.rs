@@ -14,6 +14,7 @@ pub mod config;
 pub mod discovery;
 pub mod exit;
 pub mod extproc;
+pub mod file_discovery;
 pub mod k8s;
 pub mod mesh;
 pub mod metrics;

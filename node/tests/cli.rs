@@ -133,3 +133,141 @@ fn sidecar_with_ssrf_protection_and_no_way_to_learn_the_pool_exits_64() {
         "{stderr}"
     );
 }
+
+const ALPHA_CONFIG: &str = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n\
+- type: utilization-filter\n  name: caps\n  parameters: {conditions: [{metric: waiting-queue, maxValue: 4}]}\n\
+- type: queue-scorer\n";
+
+fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> std::path::PathBuf {
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn config_check_names_each_plugin_as_current_alias_or_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        &dir,
+        "mixed.yaml",
+        "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n\
+         - type: queue-scorer\n\
+         - type: by-label-selector\n  name: gpu\n  parameters: {matchLabels: {gpu: h100}}\n\
+         - type: utilization-filter\n  name: caps\n  parameters: {conditions: [{metric: waiting-queue, maxValue: 4}]}\n\
+         - type: active-request-filter\n\
+         - type: precise-prefix-cache-scorer\n\
+         - type: made-up-scorer\n",
+    );
+    let out = infermesh()
+        .args(["config", "check"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = |name: &str| {
+        stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no line for {name}:\n{stdout}"))
+            .to_owned()
+    };
+    assert!(line("queue-scorer").ends_with("v0.10 name"), "{stdout}");
+    assert!(
+        line("gpu").contains("accepted older alias of `label-selector-filter`"),
+        "{stdout}"
+    );
+    assert!(
+        line("caps").contains("Alpha in llm-d: needs --allow-experimental-plugins"),
+        "{stdout}"
+    );
+    assert!(
+        line("active-request-filter").contains("refused: renamed utilization-filter"),
+        "{stdout}"
+    );
+    assert!(
+        line("precise-prefix-cache-scorer").contains("refused: it needs vLLM KV-cache events"),
+        "{stdout}"
+    );
+    assert!(
+        line("made-up-scorer").contains("refused: no llm-d plugin type has this name"),
+        "{stdout}"
+    );
+    // Loading stops at the first refused plugin.
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("active-request-filter"));
+}
+
+#[test]
+fn alpha_plugins_need_allow_experimental_plugins_in_check_and_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(&dir, "alpha.yaml", ALPHA_CONFIG);
+    let out = infermesh()
+        .args(["config", "check"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("plugin `caps` (type `utilization-filter`)")
+            && stderr.contains("--allow-experimental-plugins"),
+        "{stderr}"
+    );
+    let out = infermesh()
+        .args(["config", "check", "--allow-experimental-plugins"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("utilization-filter"), "{stdout}");
+    // serve refuses before binding, naming the plugin and the flag.
+    let out = infermesh()
+        .args([
+            "serve",
+            "--ext-proc-addr",
+            "127.0.0.1:0",
+            "--proxy-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--endpoints",
+            &example("pool.yaml"),
+            "--config-file",
+        ])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("caps") && stderr.contains("--allow-experimental-plugins"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn config_names_lists_every_known_type_with_its_status() {
+    let out = infermesh().args(["config", "names"]).output().unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let status = |t: &str| {
+        stdout
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(t))
+            .unwrap_or_else(|| panic!("{t} missing:\n{stdout}"))
+            .to_owned()
+    };
+    assert!(status("queue-scorer").ends_with("v0.10 name"));
+    assert!(status("topology-affinity-scorer").contains("Alpha"));
+    assert!(status("pd-profile-handler").contains("older alias of `disagg-profile-handler`"));
+    assert!(status("file-discovery").ends_with("v0.10 name"));
+    assert!(status("burst-prefix-cache-producer").contains("refused"));
+    let mut names: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let n = names.len();
+    names.dedup();
+    assert_eq!(names.len(), n, "each name once");
+}

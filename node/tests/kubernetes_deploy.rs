@@ -147,7 +147,7 @@ fn the_shipped_endpoint_picker_config_loads() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("epp-config.yaml");
     std::fs::write(&path, config).unwrap();
-    infermesh_node::config::load_scheduler_config(Some(&path))
+    infermesh_node::config::load_scheduler_config(Some(&path), false)
         .unwrap_or_else(|e| panic!("the ConfigMap's config: {e}"));
 }
 

@@ -58,8 +58,10 @@ impl Node {
             initial_pool: match &cfg.endpoints {
                 EndpointSource::Static(p) => Some(p.clone()),
                 EndpointSource::File { initial, .. } => Some(initial.clone()),
+                EndpointSource::FileDiscovery { initial, .. } => Some(initial.clone()),
             },
             scheduler: cfg.scheduler.clone(),
+            allow_experimental_plugins: false,
         };
         let (app, policy) = rt
             .run(async move {

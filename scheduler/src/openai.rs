@@ -168,6 +168,8 @@ struct Fields<'a> {
     token_ids: Option<Value>,
     #[serde(default)]
     sampling_params: Option<Value>,
+    #[serde(default)]
+    tools: Option<Value>,
 }
 
 /// Parses a request body with the parser of `kind` (one pass over the body).
@@ -256,14 +258,19 @@ pub fn parse_openai(kind: ApiKind, body: &[u8]) -> Result<ParsedBody, InvalidReq
     match kind {
         ApiKind::Completions => completions_prompt(f.prompt, &mut parsed)?,
         ApiKind::ChatCompletions => {
-            parsed.prompt_bytes = chat_messages_json(f.messages.as_ref(), &mut parsed.multimodal)?;
+            parsed.prompt_bytes = tools_prefix(f.tools.as_ref());
+            let messages = chat_messages_json(f.messages.as_ref(), &mut parsed.multimodal)?;
+            parsed.prompt_bytes.extend_from_slice(&messages);
         }
         ApiKind::Embeddings => embeddings_input(f.input, &mut parsed)?,
         ApiKind::Responses => {
-            parsed.prompt_bytes = responses_prompt(f.instructions.as_ref(), f.input.as_ref())?;
+            parsed.prompt_bytes =
+                responses_prompt(f.instructions.as_ref(), f.tools.as_ref(), f.input.as_ref())?;
         }
         ApiKind::AnthropicMessages => {
-            parsed.prompt_bytes = anthropic_prompt(f.system.as_ref(), f.messages.as_ref())?;
+            parsed.prompt_bytes = tools_prefix(f.tools.as_ref());
+            let prompt = anthropic_prompt(f.system.as_ref(), f.messages.as_ref())?;
+            parsed.prompt_bytes.extend_from_slice(&prompt);
             parsed.multimodal = anthropic_has_images(f.messages.as_ref());
         }
         ApiKind::VllmGenerate => generate_tokens(f.token_ids.as_ref(), &mut parsed)?,
@@ -319,6 +326,7 @@ fn embeddings_input(input: Option<Value>, out: &mut ParsedBody) -> Result<(), In
 /// Responses API: `instructions` then `input` (a string, or the item array as JSON text).
 fn responses_prompt(
     instructions: Option<&Value>,
+    tools: Option<&Value>,
     input: Option<&Value>,
 ) -> Result<Vec<u8>, InvalidRequest> {
     let mut out = Vec::new();
@@ -332,6 +340,8 @@ fn responses_prompt(
             });
         }
     }
+    // llm-d hashes instructions, tools, input in that order.
+    out.extend_from_slice(&tools_prefix(tools));
     match input {
         Some(Value::String(s)) if !s.is_empty() => out.extend_from_slice(s.as_bytes()),
         Some(v @ Value::Array(items)) if !items.is_empty() => {
@@ -629,6 +639,57 @@ fn write_opt_fields(
     Ok(())
 }
 
+/// Tool definitions enter the prefix hash ahead of the prompt (llm-d v0.10, PR #1554:
+/// chat completions and Anthropic messages hash `tools` before the messages, responses
+/// between the instructions and the input), so requests
+/// with the same messages and different tools do not share a prefix. A non-empty `tools`
+/// array is written as Go's `json.Marshal` writes a decoded `[]any` (compact, keys sorted,
+/// HTML-escaped strings); anything else adds nothing.
+fn tools_prefix(tools: Option<&Value>) -> Vec<u8> {
+    let mut out = Vec::new();
+    if let Some(v @ Value::Array(a)) = tools
+        && !a.is_empty()
+    {
+        write_go_value(v, &mut out);
+    }
+    out
+}
+
+/// Writes a decoded JSON value as Go's `encoding/json` writes the same `any`: objects with
+/// keys sorted, no spaces, strings as [`write_go_string`].
+fn write_go_value(v: &Value, out: &mut Vec<u8>) {
+    match v {
+        Value::Null => out.extend_from_slice(b"null"),
+        Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+        Value::Number(n) => out.extend_from_slice(n.to_string().as_bytes()),
+        Value::String(s) => write_go_string(s, out),
+        Value::Array(a) => {
+            out.push(b'[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_go_value(x, out);
+            }
+            out.push(b']');
+        }
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            out.push(b'{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_go_string(k, out);
+                out.push(b':');
+                write_go_value(&m[k], out);
+            }
+            out.push(b'}');
+        }
+    }
+}
+
 /// Writes a JSON string exactly as Go's `encoding/json` does with HTML escaping on:
 /// `<`, `>`, `&`, U+2028 and U+2029 become `\u` escapes; `\b \f \n \r \t` use short forms.
 pub fn write_go_string(s: &str, out: &mut Vec<u8>) {
@@ -892,6 +953,52 @@ mod tests {
         assert_eq!(e, InvalidRequest::MissingMessages);
         let p = parse_openai(ApiKind::Passthrough, b"not even json").unwrap();
         assert_eq!(p, ParsedBody::default());
+    }
+
+    #[test]
+    fn tool_definitions_enter_the_hashed_prompt_ahead_of_the_messages() {
+        let chat = |tools: &str| {
+            let body = format!(
+                r#"{{"model":"m","tools":{tools},"messages":[{{"role":"user","content":"hi"}}]}}"#
+            );
+            parse_openai(ApiKind::ChatCompletions, body.as_bytes())
+                .unwrap()
+                .prompt_bytes
+        };
+        let plain = chat("[]");
+        assert_eq!(
+            plain, br#"[{"role":"user","content":"hi"}]"#,
+            "no tools: unchanged"
+        );
+        assert_eq!(chat("null"), plain);
+        let weather =
+            r#"[{"type":"function","function":{"name":"w","parameters":{"b":1,"a":"<x>"}}}]"#;
+        let got = chat(weather);
+        assert_eq!(
+            String::from_utf8(got.clone()).unwrap(),
+            r#"[{"function":{"name":"w","parameters":{"a":"\u003cx\u003e","b":1}},"type":"function"}][{"role":"user","content":"hi"}]"#,
+            "Go's json.Marshal of []any: sorted keys, HTML escapes, then the messages"
+        );
+        assert_eq!(chat(weather), got, "same tools, same bytes");
+        assert_ne!(chat(&weather.replace("\"w\"", "\"v\"")), got);
+        let anthropic = parse_openai(
+            ApiKind::AnthropicMessages,
+            br#"{"model":"c","tools":[{"name":"t","input_schema":{}}],"system":"s","messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(anthropic.prompt_bytes).unwrap(),
+            r#"[{"input_schema":{},"name":"t"}]"s"[{"content":"hi","role":"user"}]"#
+        );
+        let responses = parse_openai(
+            ApiKind::Responses,
+            br#"{"model":"r","instructions":"be brief","tools":[{"type":"web_search"}],"input":"hi"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(responses.prompt_bytes).unwrap(),
+            r#"be brief[{"type":"web_search"}]hi"#
+        );
     }
 
     #[test]

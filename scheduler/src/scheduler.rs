@@ -13,6 +13,7 @@ use crate::model::{Endpoint, InferenceRequest};
 use crate::parsers::RequestParsers;
 use crate::plugins::filters::{
     ByLabelFilter, HeaderBasedTestingFilter, LabelSelectorFilter, PrefixAffinityFilter,
+    UtilizationFilter,
 };
 use crate::plugins::pickers::{MaxScorePicker, RandomPicker, WeightedRandomPicker};
 use crate::plugins::prefix::ApproxPrefixProducer;
@@ -23,10 +24,11 @@ use crate::plugins::profiles::{
 };
 use crate::plugins::saturation::{ConcurrencyDetector, SaturationDetector, UtilizationDetector};
 use crate::plugins::scorers::{
-    ActiveRequestScorer, KvCacheUtilizationScorer, LoadAwareScorer, LoraAffinityScorer,
-    NoHitLruScorer, PrefixCacheScorer, QueueScorer, RunningRequestsScorer, SESSION_TOKEN_HEADER,
-    SessionAffinityScorer, TokenLoadScorer, session_token,
+    ActiveRequestScorer, HeaderLabelAffinityScorer, KvCacheUtilizationScorer, LoadAwareScorer,
+    LoraAffinityScorer, NoHitLruScorer, PrefixCacheScorer, QueueScorer, RunningRequestsScorer,
+    SessionAffinityScorer, TokenLoadScorer,
 };
+use crate::plugins::topology::{TopologyAffinityFilter, TopologyAffinityScorer};
 use crate::plugins::{
     CycleState, DataProducer, Decider, Filter, NextProfile, Picker, PreRequest, PrefixCycle,
     ProfileHandler, ProfileRun, ResponseComplete, Scorer,
@@ -255,13 +257,18 @@ pub struct Scheduler {
     response_hooks: Vec<Arc<dyn ResponseComplete>>,
     saturation: SaturationDetector,
     inflight_load: InflightLoadParams,
-    session_affinity: bool,
+    /// Every configured `session-affinity-scorer` (response headers, session bindings).
+    session_affinity: Vec<Arc<SessionAffinityScorer>>,
     decision_counter: Option<DecisionCounter>,
     parsers: RequestParsers,
     echo_served_endpoint: bool,
 }
 
-fn build(spec: &PluginSpec, pre: &mut Vec<Arc<dyn PreRequest>>) -> Instance {
+fn build(
+    spec: &PluginSpec,
+    pre: &mut Vec<Arc<dyn PreRequest>>,
+    sessions: &mut Vec<Arc<SessionAffinityScorer>>,
+) -> Instance {
     use PluginSpec as S;
     let n = |p: &crate::config::params::PickerParams| {
         usize::try_from(p.max_num_of_endpoints).unwrap_or(1)
@@ -281,6 +288,16 @@ fn build(spec: &PluginSpec, pre: &mut Vec<Arc<dyn PreRequest>>) -> Instance {
         S::UtilizationDetector(p) => {
             Instance::Filter(Arc::new(UtilizationDetector::new(p.clone())))
         }
+        S::UtilizationFilter(p) => Instance::Filter(Arc::new(UtilizationFilter::new(p.clone()))),
+        S::TopologyAffinityFilter(p) => {
+            Instance::Filter(Arc::new(TopologyAffinityFilter::new(p.clone())))
+        }
+        S::TopologyAffinityScorer(p) => {
+            Instance::Scorer(Arc::new(TopologyAffinityScorer::new(p.clone())))
+        }
+        S::HeaderLabelAffinityScorer(p) => {
+            Instance::Scorer(Arc::new(HeaderLabelAffinityScorer::new(p.clone())))
+        }
         S::ConcurrencyDetector(p) => {
             Instance::Filter(Arc::new(ConcurrencyDetector::new(p.clone())))
         }
@@ -291,7 +308,11 @@ fn build(spec: &PluginSpec, pre: &mut Vec<Arc<dyn PreRequest>>) -> Instance {
         S::LoraAffinityScorer => Instance::Scorer(Arc::new(LoraAffinityScorer)),
         S::LoadAwareScorer(p) => Instance::Scorer(Arc::new(LoadAwareScorer::new(p))),
         S::ActiveRequestScorer(p) => Instance::Scorer(Arc::new(ActiveRequestScorer::new(p))),
-        S::SessionAffinityScorer => Instance::Scorer(Arc::new(SessionAffinityScorer)),
+        S::SessionAffinityScorer(p) => {
+            let s = Arc::new(SessionAffinityScorer::new(p));
+            sessions.push(s.clone());
+            Instance::Scorer(s)
+        }
         S::NoHitLruScorer(p) => {
             let s = Arc::new(NoHitLruScorer::new(p));
             pre.push(s.clone());
@@ -316,6 +337,8 @@ fn build(spec: &PluginSpec, pre: &mut Vec<Arc<dyn PreRequest>>) -> Instance {
         | S::InflightLoadProducer(_)
         | S::MetricsDataSource(_)
         | S::CoreMetricsExtractor(_)
+        | S::TopologyExtractor(_)
+        | S::FileDiscovery(_)
         | S::Parser(_)
         | S::DestinationEndpointServedVerifier
         | S::GlobalStrictFairnessPolicy
@@ -344,9 +367,11 @@ impl Scheduler {
     #[allow(clippy::result_large_err)] // cold path; the error is the loader's own type
     pub fn new(cfg: &ResolvedConfig) -> Result<Scheduler, ConfigError> {
         let mut pre_request_hooks: Vec<Arc<dyn PreRequest>> = Vec::new();
+        let mut session_affinity = Vec::new();
         let mut instances: Vec<(String, Instance)> = Vec::with_capacity(cfg.plugins.len());
         for p in &cfg.plugins {
-            instances.push((p.name.clone(), build(&p.spec, &mut pre_request_hooks)));
+            let built = build(&p.spec, &mut pre_request_hooks, &mut session_affinity);
+            instances.push((p.name.clone(), built));
         }
         let get = |name: &str| -> Result<&Instance, ConfigError> {
             instances
@@ -452,10 +477,6 @@ impl Scheduler {
                     }
                     _ => None,
                 });
-        let session_affinity = cfg
-            .plugins
-            .iter()
-            .any(|p| matches!(p.spec, PluginSpec::SessionAffinityScorer));
         Ok(Scheduler {
             profiles,
             handler,
@@ -599,6 +620,7 @@ impl Scheduler {
             now,
             prefix: None,
             cold: true,
+            peer: None,
         };
         match (&self.prefix, source) {
             (None, _) => {}
@@ -633,6 +655,7 @@ impl Scheduler {
                 NextProfile::Run(i)
                     if i < self.profiles.len() && !runs.iter().any(|r| r.profile == i) =>
                 {
+                    cycle.peer = self.handler.peer(&runs, i);
                     let (targets, scores) = self.run_profile(i, &cycle, rng);
                     if i == primary {
                         primary_scores = scores;
@@ -688,14 +711,21 @@ impl Scheduler {
         }
         let request_headers = self.handler.headers(&cycle, &runs);
         let decision = self.handler.decision(&runs);
-        let response_headers = if self.session_affinity {
-            vec![(
-                SESSION_TOKEN_HEADER.to_owned(),
-                session_token(addr(primary_target)),
-            )]
-        } else {
-            Vec::new()
-        };
+        // Each encoded-endpoint-header instance writes its header naming its profile's pick
+        // (the primary one by default; nothing when that profile did not run).
+        let response_headers = self
+            .session_affinity
+            .iter()
+            .filter_map(|s| {
+                let target = match s.profile() {
+                    None => Some(addr(primary_target)),
+                    Some(name) => profiles
+                        .get(name)
+                        .and_then(|p: &ProfileResult| p.targets.first().copied()),
+                };
+                s.response_header(target?)
+            })
+            .collect();
         let prefix_match = cycle.prefix.take().map(|pc| PrefixMatchSummary {
             anchor: anchor(&pc.hashes),
             matched_blocks: pc.matched.get(primary_target).copied().unwrap_or(0),
@@ -738,6 +768,16 @@ impl Scheduler {
             .collect();
         for h in &self.pre_request_hooks {
             h.pre_request(req, primary, &also, result.cold, now);
+        }
+        for s in &self.session_affinity {
+            let target = match s.profile() {
+                None => Some(primary),
+                Some(name) => result
+                    .profiles
+                    .get(name)
+                    .and_then(|p| p.targets.first().copied()),
+            };
+            s.bind(req, target, now);
         }
     }
 

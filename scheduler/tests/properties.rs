@@ -96,7 +96,15 @@ fn scorers() -> Vec<Arc<dyn Scorer>> {
             max_busy_score: 0.5,
             request_timeout: None,
         })),
-        Arc::new(SessionAffinityScorer),
+        Arc::new(SessionAffinityScorer::new(&SessionAffinityParams::default())),
+        Arc::new(SessionAffinityScorer::new(&SessionAffinityParams {
+            strategy: SessionStrategy::SessionId,
+            ..SessionAffinityParams::default()
+        })),
+        Arc::new(HeaderLabelAffinityScorer::new(HeaderLabelAffinityParams {
+            header_name: "x-zone".into(),
+            label_key: "zone".into(),
+        })),
         Arc::new(NoHitLruScorer::new(&NoHitLruParams::default())),
         Arc::new(TokenLoadScorer::new(&TokenLoadParams::default())),
     ]
@@ -124,7 +132,7 @@ proptest! {
             block_size_tokens: 16,
             matched: matched[..endpoints.len()].iter().map(|m| (*m).min(total as u32)).collect(),
         };
-        let cycle = CycleState { request: &req, endpoints: &endpoints, now, prefix: Some(prefix), cold: false };
+        let cycle = CycleState { request: &req, endpoints: &endpoints, now, prefix: Some(prefix), cold: false, peer: None };
         let cands: Vec<usize> = (0..endpoints.len()).filter(|i| (subset_seed >> (i % 64)) & 1 == 1 || *i == 0).collect();
         for s in scorers() {
             let mut out = vec![f64::NAN; cands.len()];

@@ -214,7 +214,7 @@ impl ExtProcEnvoy {
         ext_proc: SocketAddr,
         pods: &[SocketAddr],
     ) -> anyhow::Result<Self> {
-        Self::start_with_tls(bin, ext_proc, pods, None).await
+        Self::start_config(bin, &Self::template(ext_proc, pods)?).await
     }
 
     /// [`ExtProcEnvoy::start`], speaking mutual TLS to the ext_proc server when `tls` is
@@ -225,25 +225,37 @@ impl ExtProcEnvoy {
         pods: &[SocketAddr],
         tls: Option<&EnvoyClientTls>,
     ) -> anyhow::Result<Self> {
-        let file = if tls.is_some() {
-            "deploy/envoy/envoy-extproc-mtls.yaml"
-        } else {
-            "deploy/envoy/envoy-extproc.yaml"
+        let Some(t) = tls else {
+            return Self::start(bin, ext_proc, pods).await;
         };
+        let text = Self::fill("deploy/envoy/envoy-extproc-mtls.yaml", ext_proc, pods)?
+            .replace("${TLS_CA}", &t.ca.display().to_string())
+            .replace("${TLS_CERT}", &t.cert.display().to_string())
+            .replace("${TLS_KEY}", &t.key.display().to_string())
+            .replace("${EXT_PROC_SNI}", &t.sni);
+        Self::start_config(bin, &text).await
+    }
+
+    /// `deploy/envoy/envoy-extproc.yaml` pointed at `ext_proc` with `pods` as the pool,
+    /// its `${LISTEN_PORT}` and `${ADMIN_PORT}` left for [`Self::start_config`] (so a test
+    /// can vary one setting, e.g. `failure_mode_allow`).
+    pub fn template(ext_proc: SocketAddr, pods: &[SocketAddr]) -> anyhow::Result<String> {
+        Self::fill("deploy/envoy/envoy-extproc.yaml", ext_proc, pods)
+    }
+
+    /// The workspace file `file` with the ext_proc address and the pool filled in.
+    fn fill(file: &str, ext_proc: SocketAddr, pods: &[SocketAddr]) -> anyhow::Result<String> {
         let template_path = workspace_dir().join(file);
-        let mut template = std::fs::read_to_string(&template_path)
-            .with_context(|| format!("reading {}", template_path.display()))?;
-        if let Some(t) = tls {
-            template = template
-                .replace("${TLS_CA}", &t.ca.display().to_string())
-                .replace("${TLS_CERT}", &t.cert.display().to_string())
-                .replace("${TLS_KEY}", &t.key.display().to_string())
-                .replace("${EXT_PROC_SNI}", &t.sni);
-        }
-        let template = template
+        Ok(std::fs::read_to_string(&template_path)
+            .with_context(|| format!("reading {}", template_path.display()))?
             .replace("${EXT_PROC_HOST}", &ext_proc.ip().to_string())
             .replace("${EXT_PROC_PORT}", &ext_proc.port().to_string())
-            .replace("${LB_ENDPOINTS}", &lb_endpoints(pods));
+            .replace("${LB_ENDPOINTS}", &lb_endpoints(pods)))
+    }
+
+    /// Starts `bin` on an Envoy config whose client listener port is `${LISTEN_PORT}` and
+    /// admin port `${ADMIN_PORT}` (both picked here), and waits until `/ready` answers.
+    pub async fn start_config(bin: &Path, template: &str) -> anyhow::Result<Self> {
         let mut last_log = String::new();
         for _attempt in 0..ATTEMPTS {
             let (listen, admin) = (free_port(), free_port());

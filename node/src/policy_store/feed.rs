@@ -123,7 +123,13 @@ impl Feed {
         let in_force = choice.as_ref().map(|c| (c.key.clone(), c.resource_version));
         if in_force != self.epp {
             let cfg = match &choice {
-                Some(c) => infermesh_scheduler::load_config(&c.text).map_err(Box::new),
+                Some(c) => infermesh_scheduler::load_config(&c.text)
+                    .map_err(Box::new)
+                    .and_then(|cfg| {
+                        cfg.check_stability(self.base.allow_experimental_plugins)
+                            .map_err(Box::new)?;
+                        Ok(cfg)
+                    }),
                 None => Ok(self.base.scheduler.clone()),
             };
             if let Ok(cfg) = &cfg {
@@ -191,6 +197,7 @@ mod tests {
             endpoints_file: None,
             initial_pool: None,
             scheduler: ResolvedConfig::builtin_default(),
+            allow_experimental_plugins: false,
         };
         let mut feed = Feed::new(
             NodeControl::new(policy.clone(), tx),
@@ -248,5 +255,38 @@ mod tests {
         let mut rng = rand::rng();
         assert_eq!(third.rewrites.target("m", &mut rng), Some("m2"));
         assert_eq!(third.rewrites.target("other", &mut rng), None);
+    }
+
+    #[tokio::test]
+    async fn a_stored_config_with_an_alpha_plugin_needs_the_experimental_flag() {
+        let alpha = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nmetadata: {name: default}\n\
+             plugins: [{type: utilization-filter, parameters: {conditions: [{metric: waiting-queue, maxValue: 3}]}}, {type: queue-scorer}]\n";
+        for allow in [false, true] {
+            let policy: SharedPolicy = Arc::new(ArcSwap::from_pointee(
+                Policy::new(&ResolvedConfig::builtin_default()).unwrap(),
+            ));
+            let (tx, _rx) = mpsc::channel(8);
+            let base = LocalBase {
+                endpoints_file: None,
+                initial_pool: None,
+                scheduler: ResolvedConfig::builtin_default(),
+                allow_experimental_plugins: allow,
+            };
+            let mut feed = Feed::new(
+                NodeControl::new(policy.clone(), tx),
+                base,
+                Some("pool".into()),
+                Arc::new(ArcSwap::from_pointee(ModelRewrites::default())),
+            );
+            let mut state = PolicyState::default();
+            apply(&mut state, 1, alpha);
+            let before = policy.load_full();
+            feed.apply(&state).await;
+            assert_eq!(
+                !Arc::ptr_eq(&before, &policy.load_full()),
+                allow,
+                "swapped only with --allow-experimental-plugins (allow = {allow})"
+            );
+        }
     }
 }

@@ -137,6 +137,9 @@ pub struct LocalBase {
     pub initial_pool: Option<PoolSpec>,
     /// The `--config-file` (or built-in) scheduler config, used while policy holds none.
     pub scheduler: infermesh_scheduler::ResolvedConfig,
+    /// `--allow-experimental-plugins`: a stored config with an Alpha plugin is refused
+    /// without it (the previous scheduler keeps routing).
+    pub allow_experimental_plugins: bool,
 }
 
 /// A running policy node: store, admin API, feed and registry tasks.
@@ -526,7 +529,18 @@ pub fn node_config(
     s: crate::config::NodeSettings,
     endpoints: Option<&Path>,
 ) -> Result<(crate::config::NodeConfig, LocalBase), crate::config::InvalidNodeConfig> {
-    let scheduler = crate::config::load_scheduler_config(s.config_file.as_deref())?;
+    let scheduler = crate::config::load_scheduler_config(
+        s.config_file.as_deref(),
+        s.allow_experimental_plugins,
+    )?;
+    if let Some((name, _)) = scheduler.file_discovery() {
+        return Err(crate::config::InvalidNodeConfig::Flag {
+            flag: "config-file",
+            reason: format!(
+                "dataLayer.discovery (file-discovery `{name}`) is for a node without a policy cluster; a policy node takes its endpoints from --endpoints and the cluster's InferenceEndpoints"
+            ),
+        });
+    }
     let initial = endpoints
         .map(crate::discovery::load_pool_file)
         .transpose()?;
@@ -544,6 +558,7 @@ pub fn node_config(
             endpoints_file: endpoints.map(Path::to_owned),
             initial_pool: initial,
             scheduler,
+            allow_experimental_plugins: s.allow_experimental_plugins,
         },
     ))
 }

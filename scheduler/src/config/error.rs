@@ -122,6 +122,16 @@ pub enum ConfigError {
         /// Where.
         location: Option<Location>,
     },
+    /// A plugin llm-d registers at Alpha stability, without `--allow-experimental-plugins`.
+    #[error(
+        "plugin `{plugin}` (type `{type_name}`) is an Alpha (experimental) plugin in llm-d; start with --allow-experimental-plugins to use it"
+    )]
+    ExperimentalPlugin {
+        /// Plugin name.
+        plugin: String,
+        /// Its type.
+        type_name: String,
+    },
     /// A scheduling profile is inconsistent.
     #[error("scheduling profile `{profile}`: {message}{}", at(location))]
     Profile {
@@ -159,6 +169,7 @@ impl ConfigError {
             | ConfigError::DanglingRef { location, .. }
             | ConfigError::WrongKind { location, .. }
             | ConfigError::Profile { location, .. } => *location,
+            ConfigError::ExperimentalPlugin { .. } => None,
         }
     }
 }

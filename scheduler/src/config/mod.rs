@@ -29,7 +29,7 @@ use crate::flow::FlowConfig;
 use crate::parsers::{ConfiguredParser, DEFAULT_PARSERS, ParserType, RequestParsers};
 pub use error::{ConfigError, Location};
 use params::{CoreMetricsExtractorParams, MetricsDataSourceParams, UtilizationParams};
-pub use registry::{PluginKind, PluginSpec};
+pub use registry::{NameStatus, PluginKind, PluginSpec, all_names, is_alpha, name_status};
 use registry::{SpecError, parse_spec_with_warnings};
 
 /// The llm-d apiVersion.
@@ -127,7 +127,7 @@ struct RawSaturation {
 struct RawDataLayer {
     inject_defaults: Option<bool>,
     sources: Option<Vec<RawSource>>,
-    discovery: Option<Value>,
+    discovery: Option<RawRef>,
 }
 
 #[derive(Deserialize)]
@@ -209,6 +209,9 @@ pub struct ResolvedConfig {
     pub prefix_producer: Option<String>,
     /// Data-layer sources (they configure the node's metrics fetcher).
     pub data_layer: Vec<DataSourceRef>,
+    /// `dataLayer.discovery.pluginRef`: the endpoint discovery plugin, when set (the node
+    /// then takes its endpoints from it instead of `--endpoints`).
+    pub discovery: Option<String>,
     /// The flow controller's configuration, when the `flowControl` gate is on.
     pub flow_control: Option<FlowConfig>,
     /// Deprecations found while loading (llm-d logs these and loads anyway).
@@ -254,6 +257,40 @@ impl ResolvedConfig {
         RequestParsers::new(configured).0
     }
 
+    /// The written plugins llm-d registers at Alpha stability (in file order).
+    pub fn experimental_plugins(&self) -> impl Iterator<Item = &ResolvedPlugin> {
+        self.plugins
+            .iter()
+            .filter(|p| !p.defaulted && registry::is_alpha(&p.written_type))
+    }
+
+    /// llm-d's `ValidatePluginStability`: without `allow_experimental`, the first Alpha
+    /// plugin (by name, as llm-d sorts them) is refused.
+    pub fn check_stability(&self, allow_experimental: bool) -> Result<(), ConfigError> {
+        if allow_experimental {
+            return Ok(());
+        }
+        match self
+            .experimental_plugins()
+            .min_by(|a, b| a.name.cmp(&b.name))
+        {
+            None => Ok(()),
+            Some(p) => Err(ConfigError::ExperimentalPlugin {
+                plugin: p.name.clone(),
+                type_name: p.written_type.clone(),
+            }),
+        }
+    }
+
+    /// The `file-discovery` plugin `dataLayer.discovery` names, with its parameters.
+    pub fn file_discovery(&self) -> Option<(&str, &params::FileDiscoveryParams)> {
+        let name = self.discovery.as_deref()?;
+        match &self.plugin(name)?.spec {
+            PluginSpec::FileDiscovery(p) => Some((name, p)),
+            _ => None,
+        }
+    }
+
     /// The saturation detector's spec.
     pub fn saturation_spec(&self) -> Option<&PluginSpec> {
         self.plugin(&self.saturation_detector).map(|p| &p.spec)
@@ -281,6 +318,46 @@ impl ResolvedConfig {
             Some((src, ext))
         })
     }
+}
+
+/// One entry of `plugins:` as written, with what the registry makes of its type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginNameReport {
+    /// Instance name (the type when unnamed).
+    pub name: String,
+    /// The type as written.
+    pub type_name: String,
+    /// Current name, older alias or refused.
+    pub status: NameStatus,
+}
+
+/// Classifies every `plugins[]` entry of a config without loading it, so a report can
+/// name every refused plugin, not only the first one the loader stops at. Entries without
+/// a string `type` are skipped (the loader reports them).
+pub fn plugin_name_report(yaml: &str) -> Vec<PluginNameReport> {
+    let Ok(doc) = serde_yaml_ng::from_str::<Value>(yaml) else {
+        return Vec::new();
+    };
+    let Some(Value::Sequence(plugins)) = doc.get("plugins") else {
+        return Vec::new();
+    };
+    plugins
+        .iter()
+        .filter_map(|p| {
+            let type_name = p.get("type")?.as_str()?.to_owned();
+            let name = p
+                .get("name")
+                .and_then(Value::as_str)
+                .filter(|n| !n.is_empty())
+                .unwrap_or(&type_name)
+                .to_owned();
+            Some(PluginNameReport {
+                status: name_status(&type_name),
+                name,
+                type_name,
+            })
+        })
+        .collect()
 }
 
 fn yaml_error(e: serde_path_to_error::Error<serde_yaml_ng::Error>) -> ConfigError {
@@ -349,6 +426,8 @@ impl Loader<'_> {
         let feature_gates = self.feature_gates(raw.feature_gates)?;
         let mut warnings = Vec::new();
         let mut plugins = self.plugins(raw.plugins.unwrap_or_default(), &mut warnings)?;
+        self.topology_labels(&mut plugins, &mut warnings);
+        self.in_flight_producer_names(&plugins)?;
         let profiles = self.profiles(&mut plugins, raw.scheduling_profiles.unwrap_or_default())?;
         let profile_handler = self.profile_handler(&mut plugins, &profiles)?;
         // `flowControl.saturationDetector` wins over the deprecated top-level section, and
@@ -394,6 +473,7 @@ impl Loader<'_> {
         self.consumer_producer_names(&plugins, prefix_producer.as_deref())?;
         self.one_inflight_load(&plugins)?;
         let inject_metrics = !feature_gates.iter().any(|g| g == "enableLegacyMetrics");
+        let discovery = self.discovery(&plugins, raw.data_layer.as_ref())?;
         let data_layer = self.data_layer(&mut plugins, raw.data_layer, inject_metrics)?;
         Ok(ResolvedConfig {
             api_version,
@@ -405,9 +485,115 @@ impl Loader<'_> {
             parsers,
             prefix_producer,
             data_layer,
+            discovery,
             flow_control,
             warnings,
         })
+    }
+
+    /// The topology affinity plugins read the labels of the `topology-extractor` their
+    /// `topologyProducerName` names (empty: the one named `topology-extractor`). llm-d
+    /// declares the attribute optional: a missing extractor is a warning, and the plugins
+    /// then see no topology (the filter keeps everything, the scorer gives 0).
+    fn topology_labels(&self, plugins: &mut [ResolvedPlugin], warnings: &mut Vec<String>) {
+        let extractor = |plugins: &[ResolvedPlugin], named: &str| {
+            let want = if named.is_empty() {
+                "topology-extractor"
+            } else {
+                named
+            };
+            plugins.iter().find_map(|p| match &p.spec {
+                PluginSpec::TopologyExtractor(x) if p.name == want => Some(x.clone()),
+                _ => None,
+            })
+        };
+        for i in 0..plugins.len() {
+            let (named, found) = match &plugins[i].spec {
+                PluginSpec::TopologyAffinityFilter(x) => {
+                    let f = extractor(plugins, &x.topology_producer_name);
+                    (x.topology_producer_name.clone(), f)
+                }
+                PluginSpec::TopologyAffinityScorer(x) => {
+                    let f = extractor(plugins, &x.topology_producer_name);
+                    (x.topology_producer_name.clone(), f)
+                }
+                _ => continue,
+            };
+            if found.is_none() {
+                let want = if named.is_empty() {
+                    "topology-extractor"
+                } else {
+                    named.as_str()
+                };
+                warnings.push(format!(
+                    "plugin `{}` ({}): no topology-extractor named `{want}` is configured, so no endpoint has a topology (the filter keeps every candidate, the scorer gives 0)",
+                    plugins[i].name,
+                    plugins[i].spec.type_name()
+                ));
+            }
+            match &mut plugins[i].spec {
+                PluginSpec::TopologyAffinityFilter(x) => x.labels = found,
+                PluginSpec::TopologyAffinityScorer(x) => x.labels = found,
+                _ => {}
+            }
+        }
+    }
+
+    /// `dataLayer.discovery.pluginRef` must name a discovery plugin (`file-discovery`).
+    fn discovery(
+        &self,
+        plugins: &[ResolvedPlugin],
+        raw: Option<&RawDataLayer>,
+    ) -> Result<Option<String>, ConfigError> {
+        let Some(r) = raw.and_then(|dl| dl.discovery.as_ref()) else {
+            return Ok(None);
+        };
+        let referrer = "dataLayer.discovery.pluginRef".to_owned();
+        let location = self.ref_location("dataLayer", &r.plugin_ref, 0);
+        match find(plugins, &r.plugin_ref) {
+            None => Err(ConfigError::DanglingRef {
+                referrer,
+                plugin_ref: r.plugin_ref.clone(),
+                location,
+            }),
+            Some(i) if plugins[i].spec.kind() != PluginKind::Discovery => {
+                Err(ConfigError::WrongKind {
+                    referrer,
+                    plugin: r.plugin_ref.clone(),
+                    type_name: plugins[i].spec.type_name().into(),
+                    actual: plugins[i].spec.kind().as_str(),
+                    expected: PluginKind::Discovery.as_str(),
+                    location,
+                })
+            }
+            Some(_) => Ok(Some(r.plugin_ref.clone())),
+        }
+    }
+
+    /// `utilization-filter.inFlightLoadProducerName`, when set, must name an
+    /// `inflight-load-producer` (llm-d fails a required dependency with no producer).
+    fn in_flight_producer_names(&self, plugins: &[ResolvedPlugin]) -> Result<(), ConfigError> {
+        for (i, p) in plugins.iter().enumerate() {
+            let PluginSpec::UtilizationFilter(x) = &p.spec else {
+                continue;
+            };
+            let named = x.in_flight_load_producer_name.as_str();
+            if named.is_empty()
+                || plugins.iter().any(|q| {
+                    q.name == named && matches!(q.spec, PluginSpec::InflightLoadProducer(_))
+                })
+            {
+                continue;
+            }
+            return Err(ConfigError::InvalidParameter {
+                plugin: p.name.clone(),
+                type_name: p.spec.type_name().into(),
+                field: "inFlightLoadProducerName".into(),
+                message: format!("names `{named}`, but no inflight-load-producer has that name"),
+                location: self.plugin_location(plugins, i),
+            });
+        }
+        Ok(())
     }
 
     /// `pd-profile-handler.prefixMatchInfoProducerName`, when set, must name the one
@@ -1187,13 +1373,6 @@ impl Loader<'_> {
         let mut data_layer = Vec::new();
         let mut inject = inject_metrics;
         if let Some(dl) = raw {
-            if dl.discovery.is_some() {
-                return Err(ConfigError::Field {
-                    field: "dataLayer.discovery".into(),
-                    message: "endpoint discovery plugins are not supported by infermesh".into(),
-                    location: locate::top_level(self.yaml, "dataLayer"),
-                });
-            }
             if dl.inject_defaults == Some(false) {
                 inject = false;
             }
@@ -1405,6 +1584,13 @@ impl fmt::Display for ResolvedConfig {
                 "  source {} -> extractors [{}]",
                 s.source,
                 s.extractors.join(", ")
+            )?;
+        }
+        if let Some((name, p)) = self.file_discovery() {
+            writeln!(
+                f,
+                "  discovery {name} (file-discovery {}, watchFile {})",
+                p.path, p.watch_file
             )?;
         }
         if let Some(fc) = &self.flow_control {

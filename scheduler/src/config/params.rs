@@ -1293,3 +1293,362 @@ mod tests {
         assert!(MetricSpec::parse("x{a}").is_err());
     }
 }
+
+/// A `utilization-filter` condition's metric (llm-d's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UtilizationMetric {
+    /// Requests the fleet routed to the endpoint and has not seen complete (running and
+    /// queued: llm-d's `inflight-load-producer` count; here the load board's).
+    ActiveRequests,
+    /// `vllm:num_requests_running` from the last scrape.
+    RunningRequests,
+    /// `vllm:num_requests_waiting` from the last scrape.
+    WaitingQueue,
+    /// `vllm:kv_cache_usage_perc` from the last scrape, a fraction in [0, 1].
+    KvCacheUtilization,
+}
+
+/// One cap of `utilization-filter`: an endpoint passes when `metric <= maxValue`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct UtilizationCondition {
+    /// The signal compared.
+    pub metric: UtilizationMetric,
+    /// The largest value that still passes (required).
+    #[serde(default)]
+    pub max_value: Option<f64>,
+}
+
+/// `utilization-filter` (llm-d v0.10; the renamed `active-request-filter`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct UtilizationFilterParams {
+    /// Caps an endpoint must all satisfy; at least one.
+    pub conditions: Vec<UtilizationCondition>,
+    /// When every endpoint is dropped, keep them all instead.
+    pub fallback_on_empty: bool,
+    /// `active-requests` only: the `inflight-load-producer` instance counted.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub in_flight_load_producer_name: String,
+}
+
+impl UtilizationFilterParams {
+    /// llm-d's `NewUtilizationFilter` checks.
+    pub fn validate(&self) -> Result<(), ParamProblem> {
+        if self.conditions.is_empty() {
+            return Err(problem("conditions", "at least one condition is required"));
+        }
+        for (i, c) in self.conditions.iter().enumerate() {
+            let field = format!("conditions[{i}].maxValue");
+            let Some(v) = c.max_value else {
+                return Err((field, "is required".into()));
+            };
+            if v.is_nan() || v < 0.0 {
+                return Err((field, format!("must be non-negative, got {v}")));
+            }
+            if c.metric == UtilizationMetric::KvCacheUtilization && v > 1.0 {
+                return Err((
+                    field,
+                    format!("kv-cache-utilization is a fraction and must be at most 1, got {v}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The pod label keys `topology-extractor` reads (llm-d's defaults: the Kubernetes
+/// well-known topology labels; an empty value means the default).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct TopologyExtractorParams {
+    /// Label holding the host name (`kubernetes.io/hostname`).
+    pub hostname: String,
+    /// Label holding the rack (`topology.kubernetes.io/rack`).
+    pub rack: String,
+    /// Label holding the zone (`topology.kubernetes.io/zone`).
+    pub zone: String,
+    /// Label holding the region (`topology.kubernetes.io/region`).
+    pub region: String,
+}
+
+impl TopologyExtractorParams {
+    /// `kubernetes.io/hostname`
+    pub const DEFAULT_HOSTNAME: &'static str = "kubernetes.io/hostname";
+    /// `topology.kubernetes.io/rack`
+    pub const DEFAULT_RACK: &'static str = "topology.kubernetes.io/rack";
+    /// `topology.kubernetes.io/zone`
+    pub const DEFAULT_ZONE: &'static str = "topology.kubernetes.io/zone";
+    /// `topology.kubernetes.io/region`
+    pub const DEFAULT_REGION: &'static str = "topology.kubernetes.io/region";
+
+    /// Empty label names take their defaults (llm-d's factory does the same).
+    pub fn normalize(&mut self) {
+        for (v, d) in [
+            (&mut self.hostname, Self::DEFAULT_HOSTNAME),
+            (&mut self.rack, Self::DEFAULT_RACK),
+            (&mut self.zone, Self::DEFAULT_ZONE),
+            (&mut self.region, Self::DEFAULT_REGION),
+        ] {
+            if v.is_empty() {
+                d.clone_into(v);
+            }
+        }
+    }
+}
+
+impl Default for TopologyExtractorParams {
+    fn default() -> Self {
+        let mut p = TopologyExtractorParams {
+            hostname: String::new(),
+            rack: String::new(),
+            zone: String::new(),
+            region: String::new(),
+        };
+        p.normalize();
+        p
+    }
+}
+
+/// A topology tier, tightest first (same host implies same rack, zone and region).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TopologyLevel {
+    /// Same host.
+    #[default]
+    Host,
+    /// Same rack.
+    Rack,
+    /// Same zone.
+    Zone,
+    /// Same region.
+    Region,
+}
+
+impl<'de> Deserialize<'de> for TopologyLevel {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // llm-d reads an empty string as the default (`host`).
+        match String::deserialize(d)?.as_str() {
+            "" | "host" => Ok(TopologyLevel::Host),
+            "rack" => Ok(TopologyLevel::Rack),
+            "zone" => Ok(TopologyLevel::Zone),
+            "region" => Ok(TopologyLevel::Region),
+            other => Err(serde::de::Error::custom(format!(
+                "invalid topology level `{other}`, must be one of host, rack, zone, region"
+            ))),
+        }
+    }
+}
+
+/// `topology-affinity-filter`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct TopologyAffinityFilterParams {
+    /// The loosest tier a candidate may share with the peer pick and still pass.
+    pub min_affinity: TopologyLevel,
+    /// The `topology-extractor` instance read (empty: the one named `topology-extractor`).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub topology_producer_name: String,
+    /// The extractor's label keys, filled in by the loader (`None`: no such extractor,
+    /// so no endpoint has a topology and the filter passes everything).
+    #[serde(skip)]
+    pub labels: Option<TopologyExtractorParams>,
+}
+
+/// `topology-affinity-scorer`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct TopologyAffinityScorerParams {
+    /// The `topology-extractor` instance read (empty: the one named `topology-extractor`).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub topology_producer_name: String,
+    /// The extractor's label keys, filled in by the loader (`None`: every score is 0).
+    #[serde(skip)]
+    pub labels: Option<TopologyExtractorParams>,
+}
+
+/// `header-label-affinity-scorer`: both fields are required.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct HeaderLabelAffinityParams {
+    /// The request header holding the preferred label value (matched case-insensitively).
+    pub header_name: String,
+    /// The endpoint label compared with it.
+    pub label_key: String,
+}
+
+impl HeaderLabelAffinityParams {
+    /// Both names are required; the header name is lower-cased (headers are stored so).
+    pub fn normalize(&mut self) -> Result<(), ParamProblem> {
+        if self.header_name.is_empty() {
+            return Err(problem("headerName", "is required"));
+        }
+        if self.label_key.is_empty() {
+            return Err(problem("labelKey", "is required"));
+        }
+        self.header_name.make_ascii_lowercase();
+        Ok(())
+    }
+}
+
+/// How `session-affinity-scorer` finds a session's endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum SessionStrategy {
+    /// Stateless: the client echoes a header naming the endpoint (written on responses).
+    #[default]
+    #[serde(rename = "encoded_endpoint_header")]
+    EncodedEndpointHeader,
+    /// Stateful: a client-chosen session id is bound to the endpoint that served it.
+    #[serde(rename = "session_id")]
+    SessionId,
+}
+
+/// `encodedEndpointHeaderConfig`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct EncodedEndpointHeaderConfig {
+    /// Request and response header carrying the base64 endpoint token.
+    pub header: String,
+}
+
+impl Default for EncodedEndpointHeaderConfig {
+    fn default() -> Self {
+        EncodedEndpointHeaderConfig {
+            header: "x-session-token".into(),
+        }
+    }
+}
+
+/// One `sessionIdConfig.sources` entry: exactly one of `header` or `attribute`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct SessionIdSource {
+    /// A request header holding the session id.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub header: String,
+    /// A request attribute published by an upstream plugin.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub attribute: String,
+    /// The attribute's producer (with `attribute`).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub producer: String,
+}
+
+/// `sessionIdConfig`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct SessionIdConfig {
+    /// Where the session id is read, first non-empty wins (default: header `x-session-id`).
+    pub sources: Vec<SessionIdSource>,
+    /// How long an unused binding lives, seconds.
+    pub eviction_ttl_seconds: f64,
+    /// How often expired bindings are swept, seconds.
+    pub eviction_sweep_seconds: f64,
+}
+
+impl Default for SessionIdConfig {
+    fn default() -> Self {
+        SessionIdConfig {
+            sources: vec![SessionIdSource {
+                header: "x-session-id".into(),
+                ..SessionIdSource::default()
+            }],
+            eviction_ttl_seconds: 300.0,
+            eviction_sweep_seconds: 10.0,
+        }
+    }
+}
+
+/// `session-affinity-scorer` (llm-d v0.10: a strategy with one config block each).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct SessionAffinityParams {
+    /// `encoded_endpoint_header` (default) or `session_id`.
+    pub strategy: SessionStrategy,
+    /// The profile whose pick is pinned (empty: the primary profile's).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub profile_name: String,
+    /// Used with `encoded_endpoint_header`.
+    pub encoded_endpoint_header_config: EncodedEndpointHeaderConfig,
+    /// Used with `session_id`.
+    pub session_id_config: SessionIdConfig,
+}
+
+impl SessionAffinityParams {
+    /// llm-d's defaulting (empty values take defaults; header names are trimmed and
+    /// lower-cased) and validation. `attribute` sources are refused: request attributes
+    /// come from plugins infermesh does not run (e.g. `agent-identity`), so the source
+    /// would never yield an id.
+    pub fn normalize(&mut self) -> Result<(), ParamProblem> {
+        let norm = |h: &str| {
+            let h = h.trim().to_ascii_lowercase();
+            if h.is_empty() { None } else { Some(h) }
+        };
+        let e = &mut self.encoded_endpoint_header_config;
+        e.header = norm(&e.header).unwrap_or_else(|| EncodedEndpointHeaderConfig::default().header);
+        if self.strategy != SessionStrategy::SessionId {
+            return Ok(());
+        }
+        let c = &mut self.session_id_config;
+        let d = SessionIdConfig::default();
+        if c.sources.is_empty() {
+            c.sources = d.sources;
+        }
+        if c.eviction_ttl_seconds == 0.0 {
+            c.eviction_ttl_seconds = d.eviction_ttl_seconds;
+        }
+        if c.eviction_sweep_seconds == 0.0 {
+            c.eviction_sweep_seconds = d.eviction_sweep_seconds;
+        }
+        for (i, s) in c.sources.iter_mut().enumerate() {
+            if s.header.is_empty() == s.attribute.is_empty() {
+                return Err((
+                    format!("sessionIdConfig.sources[{i}]"),
+                    "exactly one of header or attribute must be set".into(),
+                ));
+            }
+            if !s.attribute.is_empty() {
+                return Err((
+                    format!("sessionIdConfig.sources[{i}].attribute"),
+                    "request attributes come from plugins infermesh does not run (e.g. agent-identity); read the session id from a header".into(),
+                ));
+            }
+            s.header = norm(&s.header).unwrap_or_default();
+        }
+        if !(c.eviction_ttl_seconds.is_finite() && c.eviction_ttl_seconds > 0.0) {
+            return Err(problem(
+                "sessionIdConfig.evictionTtlSeconds",
+                format!("must be > 0, got {}", c.eviction_ttl_seconds),
+            ));
+        }
+        if !(c.eviction_sweep_seconds.is_finite() && c.eviction_sweep_seconds > 0.0) {
+            return Err(problem(
+                "sessionIdConfig.evictionSweepSeconds",
+                format!("must be > 0, got {}", c.eviction_sweep_seconds),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `file-discovery` (llm-d v0.10, `dataLayer.discovery.pluginRef`): endpoints from a file.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct FileDiscoveryParams {
+    /// The endpoints file (YAML or JSON: `endpoints: [{name, namespace, address, port,
+    /// labels}]`); required.
+    pub path: String,
+    /// Re-read the file when it changes.
+    pub watch_file: bool,
+}
+
+impl FileDiscoveryParams {
+    /// `path` is required.
+    pub fn validate(&self) -> Result<(), ParamProblem> {
+        if self.path.is_empty() {
+            return Err(problem("path", "is required"));
+        }
+        Ok(())
+    }
+}

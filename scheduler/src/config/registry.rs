@@ -42,6 +42,8 @@ pub enum PluginKind {
     EvictionOrdering,
     /// A response-header processor (runs when the model server's headers arrive).
     ResponseProcessor,
+    /// Endpoint discovery (`dataLayer.discovery.pluginRef`).
+    Discovery,
 }
 
 impl PluginKind {
@@ -64,6 +66,7 @@ impl PluginKind {
             PluginKind::EvictionFilter => "eviction filter",
             PluginKind::EvictionOrdering => "eviction ordering policy",
             PluginKind::ResponseProcessor => "response processor",
+            PluginKind::Discovery => "endpoint discovery plugin",
         }
     }
 }
@@ -88,6 +91,18 @@ pub enum PluginSpec {
     /// `destination-endpoint-served-verifier` (GIE conformance: the served endpoint is
     /// echoed in `x-conformance-test-served-endpoint`).
     DestinationEndpointServedVerifier,
+    /// `utilization-filter`
+    UtilizationFilter(UtilizationFilterParams),
+    /// `topology-affinity-filter`
+    TopologyAffinityFilter(TopologyAffinityFilterParams),
+    /// `topology-affinity-scorer`
+    TopologyAffinityScorer(TopologyAffinityScorerParams),
+    /// `header-label-affinity-scorer`
+    HeaderLabelAffinityScorer(HeaderLabelAffinityParams),
+    /// `file-discovery`
+    FileDiscovery(FileDiscoveryParams),
+    /// `topology-extractor` (its label keys are read by the topology affinity plugins)
+    TopologyExtractor(TopologyExtractorParams),
     /// `prefix-cache-scorer` (with any GIE 1.x producer parameters in `producer`).
     PrefixCacheScorer(PrefixScorerParams),
     /// `kv-cache-utilization-scorer`
@@ -103,7 +118,7 @@ pub enum PluginSpec {
     /// `active-request-scorer`
     ActiveRequestScorer(ActiveRequestParams),
     /// `session-affinity-scorer`
-    SessionAffinityScorer,
+    SessionAffinityScorer(SessionAffinityParams),
     /// `no-hit-lru-scorer`
     NoHitLruScorer(NoHitLruParams),
     /// `token-load-scorer`
@@ -176,6 +191,12 @@ impl PluginSpec {
             PluginSpec::PrefixCacheAffinityFilter(_) => "prefix-cache-affinity-filter",
             PluginSpec::HeaderBasedTestingFilter => "header-based-testing-filter",
             PluginSpec::DestinationEndpointServedVerifier => "destination-endpoint-served-verifier",
+            PluginSpec::UtilizationFilter(_) => "utilization-filter",
+            PluginSpec::TopologyAffinityFilter(_) => "topology-affinity-filter",
+            PluginSpec::TopologyAffinityScorer(_) => "topology-affinity-scorer",
+            PluginSpec::HeaderLabelAffinityScorer(_) => "header-label-affinity-scorer",
+            PluginSpec::TopologyExtractor(_) => "topology-extractor",
+            PluginSpec::FileDiscovery(_) => "file-discovery",
             PluginSpec::PrefixCacheScorer(_) => "prefix-cache-scorer",
             PluginSpec::KvCacheUtilizationScorer => "kv-cache-utilization-scorer",
             PluginSpec::QueueScorer => "queue-scorer",
@@ -183,7 +204,7 @@ impl PluginSpec {
             PluginSpec::LoraAffinityScorer => "lora-affinity-scorer",
             PluginSpec::LoadAwareScorer(_) => "load-aware-scorer",
             PluginSpec::ActiveRequestScorer(_) => "active-request-scorer",
-            PluginSpec::SessionAffinityScorer => "session-affinity-scorer",
+            PluginSpec::SessionAffinityScorer(_) => "session-affinity-scorer",
             PluginSpec::NoHitLruScorer(_) => "no-hit-lru-scorer",
             PluginSpec::TokenLoadScorer(_) => "token-load-scorer",
             PluginSpec::MaxScorePicker(_) => "max-score-picker",
@@ -227,8 +248,11 @@ impl PluginSpec {
             | PrefillFilter
             | EncodeFilter
             | PrefixCacheAffinityFilter(_)
+            | UtilizationFilter(_)
+            | TopologyAffinityFilter(_)
             | HeaderBasedTestingFilter => PluginKind::Filter,
             DestinationEndpointServedVerifier => PluginKind::ResponseProcessor,
+            FileDiscovery(_) => PluginKind::Discovery,
             PrefixCacheScorer(_)
             | KvCacheUtilizationScorer
             | QueueScorer
@@ -236,8 +260,10 @@ impl PluginSpec {
             | LoraAffinityScorer
             | LoadAwareScorer(_)
             | ActiveRequestScorer(_)
-            | SessionAffinityScorer
+            | SessionAffinityScorer(_)
             | NoHitLruScorer(_)
+            | TopologyAffinityScorer(_)
+            | HeaderLabelAffinityScorer(_)
             | TokenLoadScorer(_) => PluginKind::Scorer,
             MaxScorePicker(_) | RandomPicker(_) | WeightedRandomPicker(_) => PluginKind::Picker,
             SingleProfileHandler | DisaggProfileHandler(_) | PdProfileHandler(_) => {
@@ -248,7 +274,7 @@ impl PluginSpec {
             }
             ApproxPrefixCacheProducer(_) | InflightLoadProducer(_) => PluginKind::DataProducer,
             MetricsDataSource(_) => PluginKind::DataSource,
-            CoreMetricsExtractor(_) => PluginKind::DataExtractor,
+            CoreMetricsExtractor(_) | TopologyExtractor(_) => PluginKind::DataExtractor,
             UtilizationDetector(_) | ConcurrencyDetector(_) => PluginKind::SaturationDetector,
             Parser(_) => PluginKind::Parser,
             GlobalStrictFairnessPolicy | RoundRobinFairnessPolicy => PluginKind::FairnessPolicy,
@@ -281,6 +307,13 @@ impl PluginSpec {
             LabelSelectorFilter(p) => j(p),
             ByLabel(p) => j(p),
             PrefixCacheAffinityFilter(p) => j(p),
+            UtilizationFilter(p) => j(p),
+            TopologyAffinityFilter(p) => j(p),
+            TopologyAffinityScorer(p) => j(p),
+            HeaderLabelAffinityScorer(p) => j(p),
+            TopologyExtractor(p) => j(p),
+            SessionAffinityScorer(p) => j(p),
+            FileDiscovery(p) => j(p),
             PrefixCacheScorer(p) => prefix_scorer_json(p),
             ApproxPrefixCacheProducer(p) => j(p),
             InflightLoadProducer(p) => j(p),
@@ -305,7 +338,6 @@ impl PluginSpec {
             | QueueScorer
             | RunningRequestsSizeScorer
             | LoraAffinityScorer
-            | SessionAffinityScorer
             | SingleProfileHandler
             | AlwaysDisaggPdDecider
             | AlwaysDisaggMultimodalDecider
@@ -479,7 +511,169 @@ const UNSUPPORTED: &[(&str, &str)] = &[
         "sglanghttp-parser",
         "not implemented (SGLang's /generate body is not read); passthrough-parser routes it by load",
     ),
+    (
+        "active-request-filter",
+        "renamed utilization-filter in llm-d v0.10 (PR #2218, before any release shipped the old name); write utilization-filter with conditions: [{metric: active-requests, maxValue: N}]",
+    ),
+    (
+        "burst-prefix-cache-producer",
+        "not implemented: it holds each request for a batch window to co-locate bursts of shared prompts, and infermesh schedules each request as it arrives; approx-prefix-cache-producer records each pick at once",
+    ),
+    (
+        "session-affinity-filter",
+        "not implemented; session-affinity-scorer gives the soft preference",
+    ),
+    ("session-id-producer", "not implemented"),
+    ("endpoint-attribute-filter", "not implemented"),
+    ("endpoint-attribute-scorer", "not implemented"),
+    ("header-profile-handler", "not implemented"),
+    ("disaggregatedset-rollout-screener", "not implemented"),
+    ("disaggregatedset-rollout-pod-extractor", "not implemented"),
+    ("p2p-source-producer", "not implemented"),
+    ("agent-identity", "not implemented"),
+    ("program-aware-fairness", "not implemented"),
+    ("mm-embeddings-cache-producer", "not implemented"),
+    ("mm-embeddings-cache-scorer", "not implemented"),
+    (
+        "dcgm-data-source",
+        "infermesh scrapes only the model servers' /metrics",
+    ),
+    (
+        "dcgm-extractor",
+        "infermesh scrapes only the model servers' /metrics",
+    ),
+    (
+        "local-syncer",
+        "infermesh replicas share state over their own gossip mesh",
+    ),
+    (
+        "multicluster-queue-scorer",
+        "multicluster routing is not implemented",
+    ),
+    (
+        "multicluster-kv-cache-utilization-scorer",
+        "multicluster routing is not implemented",
+    ),
+    (
+        "multicluster-prefix-cache-scorer",
+        "multicluster routing is not implemented",
+    ),
+    (
+        "multicluster-session-affinity-filter",
+        "multicluster routing is not implemented",
+    ),
+    (
+        "multicluster-approx-prefix-cache-producer",
+        "multicluster routing is not implemented",
+    ),
+    (
+        "multicluster-file-discovery",
+        "multicluster routing is not implemented",
+    ),
+    (
+        "multicluster-metrics-data-source",
+        "multicluster routing is not implemented",
+    ),
+    (
+        "multicluster-metrics-extractor",
+        "multicluster routing is not implemented",
+    ),
 ];
+
+/// llm-d types registered at Alpha stability (`cmd/epp/runner/runner.go`) that infermesh
+/// implements: llm-d refuses them unless `--allow-experimental-plugins` is set, and so does
+/// the node.
+pub const ALPHA_TYPES: &[&str] = &[
+    "utilization-filter",
+    "topology-affinity-filter",
+    "topology-affinity-scorer",
+    "topology-extractor",
+    "header-label-affinity-scorer",
+    "session-affinity-scorer",
+    "sheddable-eviction-filter",
+    "priority-then-time-eviction-order-policy",
+    "priority-holdback-policy",
+    "soft-reflective-ceiling-policy",
+];
+
+/// Old type names still accepted, with the current name and the llm-d release that
+/// deprecated them.
+pub const DEPRECATED_ALIASES: &[(&str, &str, &str)] = &[
+    ("by-label-selector", "label-selector-filter", "v0.9.0"),
+    ("by-label", "label-selector-filter", "v0.9.0"),
+    ("pd-profile-handler", "disagg-profile-handler", "v0.7.0"),
+];
+
+/// What the registry makes of a type name (for `config check`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NameStatus {
+    /// A current llm-d v0.10 name; `alpha` when llm-d needs `--allow-experimental-plugins`.
+    Current {
+        /// Registered at Alpha stability.
+        alpha: bool,
+    },
+    /// An older name still accepted.
+    Alias {
+        /// The current name.
+        current: &'static str,
+        /// The llm-d release that deprecated it.
+        since: &'static str,
+    },
+    /// A known llm-d name infermesh refuses, with the reason.
+    Refused(&'static str),
+    /// No llm-d type of this name is known.
+    Unknown,
+}
+
+impl std::fmt::Display for NameStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NameStatus::Current { alpha: false } => write!(f, "v0.10 name"),
+            NameStatus::Current { alpha: true } => write!(
+                f,
+                "v0.10 name, Alpha in llm-d: needs --allow-experimental-plugins"
+            ),
+            NameStatus::Alias { current, since } => write!(
+                f,
+                "accepted older alias of `{current}` (deprecated in llm-d {since})"
+            ),
+            NameStatus::Refused(why) => write!(f, "refused: {why}"),
+            NameStatus::Unknown => write!(f, "refused: no llm-d plugin type has this name"),
+        }
+    }
+}
+
+/// Classifies a type name.
+pub fn name_status(type_name: &str) -> NameStatus {
+    if let Some((_, current, since)) = DEPRECATED_ALIASES.iter().find(|(t, ..)| *t == type_name) {
+        return NameStatus::Alias { current, since };
+    }
+    if KNOWN_TYPES.contains(&type_name) {
+        return NameStatus::Current {
+            alpha: is_alpha(type_name),
+        };
+    }
+    match UNSUPPORTED.iter().find(|(t, _)| *t == type_name) {
+        Some((_, reason)) => NameStatus::Refused(reason),
+        None => NameStatus::Unknown,
+    }
+}
+
+/// Whether llm-d registers the type at Alpha stability.
+pub fn is_alpha(type_name: &str) -> bool {
+    ALPHA_TYPES.contains(&type_name)
+}
+
+/// Every llm-d type name the registry knows, accepted or refused, sorted.
+pub fn all_names() -> Vec<(&'static str, NameStatus)> {
+    let mut v: Vec<(&'static str, NameStatus)> = KNOWN_TYPES
+        .iter()
+        .chain(UNSUPPORTED.iter().map(|(t, _)| t))
+        .map(|t| (*t, name_status(t)))
+        .collect();
+    v.sort_by_key(|(t, _)| *t);
+    v
+}
 
 /// All type names the registry accepts (canonical names and aliases).
 pub const KNOWN_TYPES: &[&str] = &[
@@ -490,6 +684,12 @@ pub const KNOWN_TYPES: &[&str] = &[
     "prefill-filter",
     "encode-filter",
     "prefix-cache-affinity-filter",
+    "utilization-filter",
+    "topology-affinity-filter",
+    "topology-affinity-scorer",
+    "header-label-affinity-scorer",
+    "topology-extractor",
+    "file-discovery",
     "header-based-testing-filter",
     "destination-endpoint-served-verifier",
     "prefix-cache-scorer",
@@ -581,6 +781,28 @@ pub fn parse_spec_with_warnings(
             }
             S::PrefixCacheScorer(p)
         }
+        "utilization-filter" => {
+            let p: UtilizationFilterParams = parse(params)?;
+            check(p.validate())?;
+            S::UtilizationFilter(p)
+        }
+        "topology-affinity-filter" => S::TopologyAffinityFilter(parse(params)?),
+        "topology-affinity-scorer" => S::TopologyAffinityScorer(parse(params)?),
+        "header-label-affinity-scorer" => {
+            let mut p: HeaderLabelAffinityParams = parse(params)?;
+            check(p.normalize())?;
+            S::HeaderLabelAffinityScorer(p)
+        }
+        "file-discovery" => {
+            let p: FileDiscoveryParams = parse(params)?;
+            check(p.validate())?;
+            S::FileDiscovery(p)
+        }
+        "topology-extractor" => {
+            let mut p: TopologyExtractorParams = parse(params)?;
+            p.normalize();
+            S::TopologyExtractor(p)
+        }
         "kv-cache-utilization-scorer" => none(params).map(|_| S::KvCacheUtilizationScorer)?,
         "queue-scorer" => none(params).map(|_| S::QueueScorer)?,
         "running-requests-size-scorer" => none(params).map(|_| S::RunningRequestsSizeScorer)?,
@@ -591,7 +813,11 @@ pub fn parse_spec_with_warnings(
             check(p.validate())?;
             S::ActiveRequestScorer(p)
         }
-        "session-affinity-scorer" => none(params).map(|_| S::SessionAffinityScorer)?,
+        "session-affinity-scorer" => {
+            let mut p: SessionAffinityParams = parse(params)?;
+            check(p.normalize())?;
+            S::SessionAffinityScorer(p)
+        }
         "no-hit-lru-scorer" => {
             let p: NoHitLruParams = parse(params)?;
             check(p.validate())?;
@@ -715,10 +941,17 @@ mod tests {
     fn every_known_type_parses_with_defaults() {
         for t in KNOWN_TYPES {
             let r = parse_spec(t, None);
-            // by-label needs a label and priority-holdback-policy its minCeiling (llm-d
-            // requires both); everything else has usable defaults.
+            // by-label needs a label, priority-holdback-policy its minCeiling,
+            // utilization-filter a condition and header-label-affinity-scorer its header
+            // (llm-d requires them all); everything else has usable defaults.
             if *t == "by-label" {
                 assert!(matches!(r, Err(SpecError::Param(ref f, _)) if f == "label"));
+            } else if *t == "file-discovery" {
+                assert!(matches!(r, Err(SpecError::Param(ref f, _)) if f == "path"));
+            } else if *t == "utilization-filter" {
+                assert!(matches!(r, Err(SpecError::Param(ref f, _)) if f == "conditions"));
+            } else if *t == "header-label-affinity-scorer" {
+                assert!(matches!(r, Err(SpecError::Param(ref f, _)) if f == "headerName"));
             } else if *t == "priority-holdback-policy" {
                 assert!(matches!(r, Err(SpecError::Param(ref f, _)) if f == "minCeiling"));
             } else {

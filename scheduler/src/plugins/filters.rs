@@ -1,4 +1,4 @@
-//! Built-in filters: label selectors, P/D role filters and prefix-cache affinity.
+//! Built-in filters: label selectors, P/D role filters, prefix-cache affinity, utilization caps.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -8,8 +8,9 @@ use rand::{Rng, RngCore};
 use super::{CycleState, Filter};
 use crate::config::params::{
     ByLabelParams, LabelSelectorParams, PrefixAffinityParams, SelectorOperator,
+    UtilizationFilterParams, UtilizationMetric,
 };
-use crate::model::ROLE_LABEL;
+use crate::model::{Endpoint, ROLE_LABEL};
 
 /// `label-selector-filter` (alias `by-label-selector`): Kubernetes label selector.
 #[derive(Debug, Clone)]
@@ -192,5 +193,50 @@ impl Filter for HeaderBasedTestingFilter {
             let a = cycle.endpoints[i].address;
             exact.contains(&a) || hosts.contains(&a.ip())
         });
+    }
+}
+
+/// `utilization-filter` (llm-d v0.10): keeps endpoints whose every configured metric is at
+/// most its `maxValue`; a metric an endpoint lacks (never scraped) counts as 0. When all
+/// are dropped and `fallbackOnEmpty` is set, the candidates stay as they were.
+#[derive(Debug, Clone)]
+pub struct UtilizationFilter {
+    params: UtilizationFilterParams,
+}
+
+impl UtilizationFilter {
+    /// A filter with these (validated) parameters.
+    pub fn new(params: UtilizationFilterParams) -> Self {
+        UtilizationFilter { params }
+    }
+
+    /// The value of `metric` for `e`, as llm-d reads it.
+    pub fn metric(e: &Endpoint, metric: UtilizationMetric) -> f64 {
+        let m = e.metrics.as_ref();
+        match metric {
+            UtilizationMetric::ActiveRequests => f64::from(e.in_flight.requests),
+            UtilizationMetric::RunningRequests => m.map_or(0.0, |m| f64::from(m.running)),
+            UtilizationMetric::WaitingQueue => m.map_or(0.0, |m| f64::from(m.waiting_queue)),
+            UtilizationMetric::KvCacheUtilization => m.map_or(0.0, |m| m.kv_cache_usage),
+        }
+    }
+
+    /// Whether `e` satisfies every condition.
+    pub fn passes(&self, e: &Endpoint) -> bool {
+        self.params
+            .conditions
+            .iter()
+            .all(|c| Self::metric(e, c.metric) <= c.max_value.unwrap_or(f64::INFINITY))
+    }
+}
+
+impl Filter for UtilizationFilter {
+    fn filter(&self, cycle: &CycleState<'_>, _: &mut dyn RngCore, candidates: &mut Vec<usize>) {
+        if self.params.fallback_on_empty
+            && !candidates.iter().any(|&i| self.passes(&cycle.endpoints[i]))
+        {
+            return;
+        }
+        candidates.retain(|&i| self.passes(&cycle.endpoints[i]));
     }
 }

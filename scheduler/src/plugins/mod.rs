@@ -10,6 +10,8 @@ pub mod prefix;
 pub mod profiles;
 pub mod saturation;
 pub mod scorers;
+pub mod session;
+pub mod topology;
 
 use std::fmt::Debug;
 use std::net::SocketAddr;
@@ -55,6 +57,10 @@ pub struct CycleState<'a> {
     pub prefix: Option<PrefixCycle>,
     /// Whether no candidate matched any prefix block (no-hit-lru's "cold request").
     pub cold: bool,
+    /// The pick of an earlier disaggregated stage that the running profile is placed
+    /// against (llm-d's `peer-endpoint` request attribute: the decode pick while prefill
+    /// runs decode-first, the prefill pick while decode runs prefill-first).
+    pub peer: Option<usize>,
 }
 
 /// Keeps the candidates that pass (llm-d `scheduling.Filter`).
@@ -129,6 +135,10 @@ pub trait ProfileHandler: Send + Sync + Debug {
     fn cache_profiles(&self) -> Vec<usize>;
     /// The disaggregation decision of a finished cycle, for handlers that count one.
     fn decision(&self, runs: &[ProfileRun]) -> Option<profiles::DisaggDecision>;
+    /// The peer pick published before profile `next` runs (see [`CycleState::peer`]).
+    fn peer(&self, _runs: &[ProfileRun], _next: usize) -> Option<usize> {
+        None
+    }
 }
 
 /// Hook run after a pick, before the request is forwarded (llm-d `PreRequest`).

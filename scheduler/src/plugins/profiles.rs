@@ -193,6 +193,21 @@ impl ProfileHandler for DisaggProfileHandler {
         self.prefill.into_iter().collect()
     }
 
+    fn peer(&self, runs: &[ProfileRun], next: usize) -> Option<usize> {
+        let first = |p: usize| {
+            runs.iter()
+                .find(|r| r.profile == p && !r.skipped)
+                .and_then(|r| r.targets.first().copied())
+        };
+        // llm-d publishes the decode pick before prefill runs (decode-first) and the
+        // prefill pick before decode runs (prefill-first); encode sees no peer.
+        match self.stage_order {
+            StageOrder::DecodeFirst if Some(next) == self.prefill => first(self.decode),
+            StageOrder::PrefillFirst if next == self.decode => self.prefill.and_then(first),
+            _ => None,
+        }
+    }
+
     fn decision(&self, runs: &[ProfileRun]) -> Option<DisaggDecision> {
         if self.pd_only && self.prefill.is_none() {
             return None;
@@ -294,6 +309,7 @@ mod tests {
                 matched: vec![hit_blocks],
             }),
             cold: hit_blocks == 0,
+            peer: None,
         };
         d.disaggregate(&cycle, Some(0))
     }
@@ -340,6 +356,7 @@ mod tests {
             now: Instant::now(),
             prefix: None,
             cold: true,
+            peer: None,
         };
         assert!(!d.disaggregate(&cycle, Some(0)), "no prefix match data");
         cycle.prefix = Some(PrefixCycle {
@@ -361,6 +378,7 @@ mod tests {
                 now: Instant::now(),
                 prefix: None,
                 cold: true,
+                peer: None,
             };
             AlwaysDisaggMultimodalDecider.disaggregate(&c, None)
         };

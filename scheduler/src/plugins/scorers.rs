@@ -3,14 +3,13 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
 use hashbrown::HashMap;
 use parking_lot::Mutex;
 
 use super::{CycleState, PreRequest, PrefixCycle, Scorer};
 use crate::config::params::{
-    ActiveRequestParams, LoadAwareParams, NoHitLruParams, PrefixScorerParams, TokenLoadParams,
+    ActiveRequestParams, HeaderLabelAffinityParams, LoadAwareParams, NoHitLruParams,
+    PrefixScorerParams, TokenLoadParams,
 };
 use crate::model::{Endpoint, InferenceRequest};
 
@@ -265,37 +264,35 @@ impl Scorer for TokenLoadScorer {
     }
 }
 
-/// The request header carrying the session's endpoint.
-pub const SESSION_TOKEN_HEADER: &str = "x-session-token";
+pub use super::session::{SESSION_TOKEN_HEADER, SessionAffinityScorer, session_token};
 
-/// The `x-session-token` value naming `addr` (base64 of `ip:port`).
-///
-/// llm-d encodes the pod's namespaced name; infermesh identifies endpoints by address.
-pub fn session_token(addr: SocketAddr) -> String {
-    STANDARD.encode(addr.to_string())
+/// `header-label-affinity-scorer`: 1 for endpoints whose `labelKey` label equals the
+/// request's `headerName` header, else 0 (also 0 for all when the header is absent or empty).
+#[derive(Debug, Clone)]
+pub struct HeaderLabelAffinityScorer {
+    params: HeaderLabelAffinityParams,
 }
 
-/// `session-affinity-scorer`: 1.0 for the endpoint named by `x-session-token`, else 0.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SessionAffinityScorer;
+impl HeaderLabelAffinityScorer {
+    /// A scorer for one header-to-label mapping (header name already lower-cased).
+    pub fn new(params: HeaderLabelAffinityParams) -> Self {
+        HeaderLabelAffinityScorer { params }
+    }
+}
 
-impl Scorer for SessionAffinityScorer {
+impl Scorer for HeaderLabelAffinityScorer {
     fn score(&self, cycle: &CycleState<'_>, candidates: &[usize], out: &mut [f64]) {
         out.fill(0.0);
-        let Some(token) = cycle.request.headers.get(SESSION_TOKEN_HEADER) else {
-            return;
-        };
-        let Ok(decoded) = STANDARD.decode(token.trim()) else {
-            return;
-        };
-        let Some(addr) = std::str::from_utf8(&decoded)
-            .ok()
-            .and_then(|s| s.parse::<SocketAddr>().ok())
+        let Some(wanted) = cycle
+            .request
+            .headers
+            .get(&self.params.header_name)
+            .filter(|v| !v.is_empty())
         else {
             return;
         };
         for (o, &i) in out.iter_mut().zip(candidates) {
-            if cycle.endpoints[i].address == addr {
+            if cycle.endpoints[i].labels.get(&self.params.label_key) == Some(wanted) {
                 *o = 1.0;
             }
         }
@@ -413,6 +410,7 @@ mod tests {
             now: std::time::Instant::now(),
             prefix: Some(prefix),
             cold: false,
+            peer: None,
         };
         let cands: Vec<usize> = (0..n).collect();
         let mut out = vec![f64::NAN; n];
