@@ -100,6 +100,44 @@ impl<'de> Deserialize<'de> for ClusterKey {
     }
 }
 
+/// The key a node seals with and every key it opens with: the cluster key plus keys still
+/// accepted during a rotation. A rotation is three rolling steps, each safe with nodes of
+/// the previous step: (1) every node accepts the new key, (2) every node seals with the
+/// new key and accepts the old one, (3) the old key is dropped.
+#[derive(Clone, Debug)]
+pub struct Keyring {
+    seal: ClusterKey,
+    accepted: Vec<ClusterKey>,
+}
+
+impl Keyring {
+    /// Seals with `seal`; opens what `seal` or any of `accepted` sealed.
+    pub fn new(seal: ClusterKey, accepted: Vec<ClusterKey>) -> Keyring {
+        let accepted = accepted.into_iter().filter(|k| *k != seal).collect();
+        Keyring { seal, accepted }
+    }
+
+    /// Wraps a foca packet with the sealing key.
+    pub fn seal(&self, packet: &[u8], out: &mut Vec<u8>) {
+        self.seal.seal(packet, out);
+    }
+
+    /// Opens a datagram sealed with any key of the ring (the sealing key first, as almost
+    /// every datagram is sealed with it).
+    pub fn open<'a>(&self, datagram: &'a [u8]) -> Result<&'a [u8], Rejected> {
+        match self.seal.open(datagram) {
+            Err(Rejected::BadTag) => {}
+            other => return other,
+        }
+        for k in &self.accepted {
+            if let Ok(p) = k.open(datagram) {
+                return Ok(p);
+            }
+        }
+        Err(Rejected::BadTag)
+    }
+}
+
 /// Why a datagram was dropped before reaching foca.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejected {
@@ -135,6 +173,25 @@ mod tests {
         let mut v2 = out.clone();
         v2[0] = 2;
         assert_eq!(k.open(&v2), Err(Rejected::Malformed));
+    }
+
+    #[test]
+    fn a_keyring_opens_what_any_of_its_keys_sealed_and_seals_with_one() {
+        let old = ClusterKey::new(b"old-key-0123456789".to_vec()).unwrap();
+        let new = ClusterKey::new(b"new-key-0123456789".to_vec()).unwrap();
+        let stranger = ClusterKey::new(b"stranger-0123456789".to_vec()).unwrap();
+        let step2 = Keyring::new(new.clone(), vec![old.clone()]);
+        let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
+        old.seal(b"from an old node", &mut a);
+        new.seal(b"from a new node", &mut b);
+        stranger.seal(b"from outside", &mut c);
+        assert_eq!(step2.open(&a).unwrap(), b"from an old node");
+        assert_eq!(step2.open(&b).unwrap(), b"from a new node");
+        assert_eq!(step2.open(&c), Err(Rejected::BadTag));
+        let mut sealed = Vec::new();
+        step2.seal(b"x", &mut sealed);
+        assert!(new.open(&sealed).is_ok() && old.open(&sealed).is_err());
+        assert_eq!(step2.open(&a[..5]), Err(Rejected::Malformed));
     }
 
     #[test]

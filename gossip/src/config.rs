@@ -36,6 +36,10 @@ pub struct MeshConfig {
     pub seed_hosts: Vec<String>,
     /// Shared secret authenticating every gossip datagram.
     pub cluster_key: ClusterKey,
+    /// Further keys whose datagrams are accepted (never used to seal): the other key of a
+    /// cluster-key rotation in progress.
+    #[serde(default)]
+    pub accepted_keys: Vec<ClusterKey>,
     /// SWIM timing.
     #[serde(default)]
     pub swim: SwimConfig,
@@ -66,6 +70,7 @@ impl MeshConfig {
             seeds: Vec::new(),
             seed_hosts: Vec::new(),
             cluster_key,
+            accepted_keys: Vec::new(),
             swim: SwimConfig::default(),
             tls: TlsConfig::default(),
             rpc: RpcConfig::default(),

@@ -66,7 +66,7 @@ pub mod stats;
 pub mod tls;
 pub mod wire;
 
-pub use auth::ClusterKey;
+pub use auth::{ClusterKey, Keyring};
 pub use config::{
     InvalidMeshConfig, LoadConfig, MeshConfig, PrefixConfig, RpcConfig, SwimConfig, check_host_port,
 };

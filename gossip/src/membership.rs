@@ -21,7 +21,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use crate::auth::{ClusterKey, Rejected};
+use crate::auth::{Keyring, Rejected};
 use crate::ring::{NodeId, Ring};
 use crate::stats::Stats;
 use crate::tls::Fingerprint;
@@ -223,7 +223,7 @@ pub(crate) struct Driver {
     foca: Swim,
     runtime: AccumulatingRuntime<MemberId>,
     socket: UdpSocket,
-    key: ClusterKey,
+    key: Keyring,
     seeds: Seeds,
     join_retry: Duration,
     timers: BinaryHeap<Reverse<(Instant, Timer<MemberId>)>>,
@@ -237,7 +237,7 @@ impl Driver {
         identity: MemberId,
         config: foca::Config,
         socket: UdpSocket,
-        key: ClusterKey,
+        key: Keyring,
         seeds: Seeds,
         join_retry: Duration,
         out: Outputs,

@@ -281,7 +281,7 @@ impl Mesh {
             identity.clone(),
             config.swim.foca_config(),
             socket,
-            config.cluster_key.clone(),
+            crate::auth::Keyring::new(config.cluster_key.clone(), config.accepted_keys.clone()),
             membership::Seeds {
                 fixed: config.seeds.clone(),
                 resolved: seed_hosts_rx,

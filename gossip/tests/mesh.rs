@@ -382,3 +382,42 @@ fn seed_host_names_are_checked() {
     assert_eq!(err.field, "seed_hosts");
     assert!(err.reason.contains("missing-port"), "{err}");
 }
+
+/// A cluster-key rotation's middle step: nodes on the old key (accepting the new) and nodes
+/// on the new key (accepting the old) form one cluster; a node with only the new key and
+/// none accepted cannot join the old-key node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotating_cluster_key_keeps_old_and_new_nodes_in_one_cluster() {
+    let old = ClusterKey::new(b"rotation-old-key-0000".to_vec()).unwrap();
+    let new = ClusterKey::new(b"rotation-new-key-1111".to_vec()).unwrap();
+    let mut a = config("old-a");
+    a.cluster_key = old.clone();
+    a.accepted_keys = vec![new.clone()];
+    let a = Mesh::start(a).await.unwrap();
+    let mut b = config("new-b");
+    b.cluster_key = new.clone();
+    b.accepted_keys = vec![old.clone()];
+    b.seeds = vec![a.gossip_addr()];
+    let b = Mesh::start(b).await.unwrap();
+    let mut c = config("old-c");
+    c.cluster_key = old.clone();
+    c.seeds = vec![b.gossip_addr()];
+    let c = Mesh::start(c).await.unwrap();
+    wait_for("old and new nodes see each other", || {
+        [&a, &b, &c]
+            .iter()
+            .all(|m| m.members().borrow().members.len() == 3)
+    })
+    .await;
+
+    // Without the accepted old key, the new key alone does not open old-key gossip.
+    let mut d = config("new-only");
+    d.cluster_key = new.clone();
+    d.seeds = vec![c.gossip_addr()];
+    let d = Mesh::start(d).await.unwrap();
+    wait_for("the old-key node rejects the new-only node", || {
+        c.stats().gossip_rejected_auth >= 2
+    })
+    .await;
+    assert_eq!(d.members().borrow().members.len(), 1);
+}

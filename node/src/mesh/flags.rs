@@ -63,6 +63,24 @@ pub struct MeshArgs {
     /// The shared cluster key itself (prefer --cluster-key-file or $INFERMESH_CLUSTER_KEY).
     #[arg(long)]
     pub cluster_key: Option<String>,
+    /// A file holding a further key whose gossip is accepted but never sent (repeatable):
+    /// the other key while the cluster key is rotated. Rotate in three rolling restarts:
+    /// accept the new key; make it the cluster key and accept the old one; drop the old.
+    #[arg(long)]
+    pub cluster_key_accept_file: Vec<PathBuf>,
+    /// Secure the mesh's QUIC with certificates a cluster CA issued (mutual TLS, each side
+    /// verifying the chain) instead of self-signed ones pinned through gossip: the CA file.
+    #[arg(long, requires_all = ["mesh_cert_file", "mesh_key_file", "mesh_server_name"])]
+    pub mesh_ca_file: Option<PathBuf>,
+    /// This node's mesh certificate chain (PEM), issued by --mesh-ca-file's CA.
+    #[arg(long, requires = "mesh_ca_file")]
+    pub mesh_cert_file: Option<PathBuf>,
+    /// This node's mesh private key (PEM).
+    #[arg(long, requires = "mesh_ca_file")]
+    pub mesh_key_file: Option<PathBuf>,
+    /// The DNS name every node's mesh certificate carries (used as SNI and checked).
+    #[arg(long, requires = "mesh_ca_file")]
+    pub mesh_server_name: Option<String>,
     /// Longest a prefix lookup at the anchor's owner may take before scoring without prefix data.
     #[arg(long, default_value = "2ms", value_parser = humantime::parse_duration)]
     pub prefix_lookup_budget: Duration,
@@ -83,7 +101,7 @@ pub enum InvalidMeshFlags {
     )]
     NoKey,
     /// The key file could not be read.
-    #[error("cannot read --cluster-key-file {path}: {source}")]
+    #[error("cannot read cluster key file {path}: {source}")]
     KeyFile {
         /// The file.
         path: PathBuf,
@@ -133,6 +151,20 @@ impl MeshArgs {
             .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
             .unwrap_or_else(|| format!("infermesh-{gossip}"));
         let mut config = MeshConfig::loopback(name, key);
+        config.accepted_keys = self.accepted_keys()?;
+        if let (Some(ca), Some(cert), Some(key), Some(name)) = (
+            &self.mesh_ca_file,
+            &self.mesh_cert_file,
+            &self.mesh_key_file,
+            &self.mesh_server_name,
+        ) {
+            config.tls = infermesh_gossip::TlsConfig::ClusterCa {
+                ca_cert: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+                server_name: name.clone(),
+            };
+        }
         config.gossip_bind = gossip;
         config.rpc_bind = self
             .mesh_addr
@@ -154,6 +186,20 @@ impl MeshArgs {
             config,
             sharing: !self.no_mesh_sharing,
         }))
+    }
+
+    fn accepted_keys(&self) -> Result<Vec<ClusterKey>, InvalidMeshFlags> {
+        self.cluster_key_accept_file
+            .iter()
+            .map(|path| {
+                let raw =
+                    std::fs::read_to_string(path).map_err(|source| InvalidMeshFlags::KeyFile {
+                        path: path.clone(),
+                        source,
+                    })?;
+                Ok(ClusterKey::new(raw.trim().as_bytes().to_vec())?)
+            })
+            .collect()
     }
 
     fn key(&self) -> Result<ClusterKey, InvalidMeshFlags> {
@@ -226,6 +272,45 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("advertise")
+        );
+    }
+
+    #[test]
+    fn rotation_keys_and_the_cluster_ca_come_from_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let accept = dir.path().join("old.key");
+        std::fs::write(&accept, "the-previous-cluster-key\n").unwrap();
+        let args = MeshArgs {
+            gossip_addr: Some("127.0.0.1:0".parse().unwrap()),
+            cluster_key: Some("the-current-cluster-key".into()),
+            cluster_key_accept_file: vec![accept.clone()],
+            mesh_ca_file: Some("/ca.pem".into()),
+            mesh_cert_file: Some("/node.pem".into()),
+            mesh_key_file: Some("/node.key".into()),
+            mesh_server_name: Some("mesh.infermesh".into()),
+            prefix_lookup_budget: Duration::from_millis(2),
+            prefix_replicas: 2,
+            ..MeshArgs::default()
+        };
+        let o = args.options().unwrap().unwrap();
+        assert_eq!(
+            o.config.accepted_keys,
+            vec![ClusterKey::new(b"the-previous-cluster-key".to_vec()).unwrap()]
+        );
+        assert!(matches!(
+            o.config.tls,
+            infermesh_gossip::TlsConfig::ClusterCa { ref server_name, .. } if server_name == "mesh.infermesh"
+        ));
+        let missing = MeshArgs {
+            cluster_key_accept_file: vec![dir.path().join("absent")],
+            ..args
+        };
+        assert!(
+            missing
+                .options()
+                .unwrap_err()
+                .to_string()
+                .contains("absent")
         );
     }
 }
