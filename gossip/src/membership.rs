@@ -74,6 +74,29 @@ impl MemberId {
     }
 }
 
+/// Runs SWIM's decoder and state machine on one authenticated packet, on a throwaway
+/// member: what a peer holding the cluster key can make a node do with one datagram. For
+/// the fuzzer (`fuzz/`); errors are what a node counts and drops.
+#[doc(hidden)]
+pub fn handle_untrusted_packet(packet: &[u8]) -> Result<(), String> {
+    let me = MemberId {
+        node: NodeId::new("fuzz"),
+        gossip: SocketAddr::from(([127, 0, 0, 1], 7946)),
+        rpc: SocketAddr::from(([127, 0, 0, 1], 7947)),
+        fingerprint: Fingerprint([0; 32]),
+        incarnation: 1,
+    };
+    let mut foca: Swim = Foca::new(
+        me,
+        foca::Config::simple(),
+        StdRng::seed_from_u64(1),
+        PostcardCodec,
+    );
+    let mut runtime = AccumulatingRuntime::new();
+    foca.handle_data(packet, &mut runtime)
+        .map_err(|e| e.to_string())
+}
+
 /// Liveness of an active member.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Liveness {
