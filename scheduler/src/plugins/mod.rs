@@ -4,6 +4,7 @@
 //! an index list, scorers write one score in [0, 1] per listed index, pickers choose
 //! indices. Nothing here allocates per endpoint beyond those lists.
 
+pub mod burst;
 pub mod filters;
 pub mod pickers;
 pub mod prefix;
