@@ -12,6 +12,9 @@
 //!  Dispatcher::flow_wait ─ (`flowControl` gate only) wait in the node's flow controller
 //!    │                    until dispatched, or a 429/503 with the drop reason (`flow.rs`)
 //!    ▼
+//!  Dispatcher::burst_wait  (`burst-prefix-cache-producer` only) wait for the batch
+//!    │                    window to close; the batch is placed jointly (`burst.rs`)
+//!    ▼
 //!  Dispatcher::lookup ─── PrefixOwners::lookup(anchor, chain)   (IO: the anchor's owner,
 //!    │                    within the mesh's budget; absent when prefix state is local)
 //!    │ PrefixAnswer
@@ -28,6 +31,7 @@
 //! holds only the chains whose anchors it owns (plus a small cache of its own recent
 //! picks, see `crate::mesh::prefix`).
 
+pub mod burst;
 mod decide;
 pub mod flow;
 mod meta;
@@ -35,6 +39,7 @@ mod owners;
 mod prepare;
 mod rejection;
 
+pub use burst::BurstWait;
 pub use decide::Ticket;
 pub use flow::FlowGate;
 pub use meta::{
