@@ -167,6 +167,35 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn only_a_policy_with_the_burst_producer_holds_requests() {
+        // Without the producer there is no window step at all.
+        let d = dispatcher(0, 0.1);
+        let p = d
+            .prepare(ApiKind::Completions, BODY, meta(""), &[])
+            .unwrap();
+        assert!(d.burst_wait(&p).is_none());
+        // With it, a lone request waits out its window, then goes on unplaced.
+        let cfg = infermesh_scheduler::load_config(
+            "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n\
+             - type: burst-prefix-cache-producer\n  parameters: {windowDurationMs: 40}\n",
+        )
+        .unwrap();
+        let d = dispatcher_with(&cfg, 0, 0.1);
+        let started = Instant::now();
+        let t = d
+            .route(ApiKind::Completions, BODY, meta(""), &[])
+            .await
+            .unwrap();
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(40), "{waited:?}");
+        assert!(
+            waited < Duration::from_secs(2),
+            "not held past the window: {waited:?}"
+        );
+        assert_eq!(t.destinations().len(), 1);
+    }
+
     fn with_rewrites(d: Dispatcher, yaml: &str) -> Dispatcher {
         use infermesh_raft_store::policy::{PolicyObject, accept_any_epp_config, parse_documents};
         let docs: Vec<_> = parse_documents(yaml, &accept_any_epp_config())

@@ -9,7 +9,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use infermesh_scheduler::plugins::burst::Replica;
@@ -48,8 +48,10 @@ pub struct DispatchConfig {
     pub emit_endpoint_scores: bool,
 }
 
-/// A policy's scheduler with its burst window.
-type BurstSlot = (Arc<Scheduler>, Arc<BurstGate>);
+/// A policy's scheduler with its burst window. Weak, so a replaced policy's scheduler is
+/// freed even if no later policy has the producer (a live `Weak` keeps the allocation, so
+/// its address cannot be reused by a newer scheduler).
+type BurstSlot = (Weak<Scheduler>, Arc<BurstGate>);
 
 /// The request path's shared state.
 #[derive(Debug, Clone)]
@@ -363,10 +365,10 @@ impl Dispatcher {
         let gate = {
             let mut cached = self.burst.lock();
             match &*cached {
-                Some((s, gate)) if Arc::ptr_eq(s, scheduler) => gate.clone(),
+                Some((s, gate)) if std::ptr::eq(s.as_ptr(), Arc::as_ptr(scheduler)) => gate.clone(),
                 _ => {
                     let gate = Arc::new(BurstGate::new(params.clone()));
-                    *cached = Some((scheduler.clone(), gate.clone()));
+                    *cached = Some((Arc::downgrade(scheduler), gate.clone()));
                     gate
                 }
             }
