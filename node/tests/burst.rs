@@ -10,14 +10,23 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use support::{Harness, post};
+use support::{Harness, post, prefixed_prompt};
 
 /// A config whose only prefix signal is the burst producer's placement.
 fn config(window_ms: u64, max_per_replica: i64) -> infermesh_scheduler::ResolvedConfig {
+    config_with(window_ms, max_per_replica, 0)
+}
+
+fn config_with(
+    window_ms: u64,
+    max_per_replica: i64,
+    min_colocate_blocks: i64,
+) -> infermesh_scheduler::ResolvedConfig {
     infermesh_scheduler::load_config(&format!(
         "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\n\
          plugins:\n- type: burst-prefix-cache-producer\n  \
-         parameters: {{windowDurationMs: {window_ms}, maxPerReplica: {max_per_replica}, blockSizeTokens: 16}}\n\
+         parameters: {{windowDurationMs: {window_ms}, maxPerReplica: {max_per_replica}, \
+         blockSizeTokens: 16, minColocateBlocks: {min_colocate_blocks}}}\n\
          - type: prefix-cache-scorer\n  \
          parameters: {{prefixMatchInfoProducerName: burst-prefix-cache-producer}}\n\
          - type: queue-scorer\n- type: max-score-picker\n\
@@ -100,6 +109,44 @@ async fn max_per_replica_caps_a_group(with_envoy: bool) {
         "filled to maxPerReplica 2, then spilled: {served:?}"
     );
     h.stop().await;
+}
+
+async fn different_prompts_sharing_a_long_prefix_colocate(with_envoy: bool) {
+    // 2 pods; an identical pair of task 5, and two questions over tenant 1's long shared
+    // system prompt (about 50 blocks of 16 tokens). With minColocateBlocks 8 the two
+    // questions count as sharing, and the batch's fair share (4 requests / 2 pods = 2)
+    // leaves room to put them together, beside the pair.
+    let h = Harness::start_with(2, with_envoy, |c| c.scheduler = config_with(300, -1, 8)).await;
+    let bodies = vec![
+        prefixed_prompt(&h.model, 1, 1),
+        sample(&h.model, 5),
+        prefixed_prompt(&h.model, 1, 2),
+        sample(&h.model, 5),
+    ];
+    let (served, _) = burst(&h, &bodies).await;
+    assert_eq!(
+        served[0], served[2],
+        "the two questions share a pod: {served:?}"
+    );
+    assert_eq!(
+        served[1], served[3],
+        "the identical pair shares a pod: {served:?}"
+    );
+    assert_ne!(
+        served[0], served[1],
+        "and the two sets are balanced: {served:?}"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_colocates_prompts_sharing_min_colocate_blocks() {
+    different_prompts_sharing_a_long_prefix_colocate(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_colocates_prompts_sharing_min_colocate_blocks() {
+    different_prompts_sharing_a_long_prefix_colocate(true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
