@@ -198,6 +198,39 @@ fn config_check_names_each_plugin_as_current_alias_or_refused() {
 }
 
 #[test]
+fn config_check_lists_the_burst_producer_as_alpha_and_loads_it_with_the_flag() {
+    let fixture = format!(
+        "{}/../scheduler/tests/fixtures/v010-burst-prefix.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let out = infermesh()
+        .args(["config", "check", &fixture])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("burst-prefix-cache-producer "))
+        .unwrap_or_else(|| panic!("no line for the producer:\n{stdout}"));
+    assert!(
+        line.contains("v0.10 name, Alpha in llm-d: needs --allow-experimental-plugins"),
+        "{line}"
+    );
+    assert_eq!(out.status.code(), Some(64), "{stdout}");
+    let out = infermesh()
+        .args(["config", "check", "--allow-experimental-plugins", &fixture])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("\"windowDurationMs\":50"), "{stdout}");
+}
+
+#[test]
 fn alpha_plugins_need_allow_experimental_plugins_in_check_and_serve() {
     let dir = tempfile::tempdir().unwrap();
     let path = write(&dir, "alpha.yaml", ALPHA_CONFIG);
@@ -262,7 +295,8 @@ fn config_names_lists_every_known_type_with_its_status() {
     assert!(status("topology-affinity-scorer").contains("Alpha"));
     assert!(status("pd-profile-handler").contains("older alias of `disagg-profile-handler`"));
     assert!(status("file-discovery").ends_with("v0.10 name"));
-    assert!(status("burst-prefix-cache-producer").contains("refused"));
+    assert!(status("burst-prefix-cache-producer").contains("Alpha"));
+    assert!(status("session-id-producer").contains("refused"));
     let mut names: Vec<&str> = stdout
         .lines()
         .filter_map(|l| l.split_whitespace().next())

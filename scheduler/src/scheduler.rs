@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use rand::RngCore;
 
-use crate::config::params::InflightLoadParams;
+use crate::config::params::{BurstPrefixParams, InflightLoadParams};
 use crate::config::{ConfigError, PluginSpec, ResolvedConfig};
 use crate::model::{Endpoint, InferenceRequest};
 use crate::parsers::RequestParsers;
@@ -33,6 +33,7 @@ use crate::plugins::{
     CycleState, DataProducer, Decider, Filter, NextProfile, Picker, PreRequest, PrefixCycle,
     ProfileHandler, ProfileRun, ResponseComplete, Scorer,
 };
+use crate::prefix::hash::hash_prompt_into;
 use crate::prefix::{BlockHash, PrefixIndex, PrefixMatches, anchor};
 
 /// A request's prefix chain, for matching at the prefix owner instead of locally.
@@ -262,12 +263,16 @@ pub struct Scheduler {
     decision_counter: Option<DecisionCounter>,
     parsers: RequestParsers,
     echo_served_endpoint: bool,
+    /// `burst-prefix-cache-producer`'s parameters: the caller holds requests for the
+    /// window and passes each one's placement to [`Scheduler::schedule_with_burst`].
+    burst: Option<BurstPrefixParams>,
 }
 
 fn build(
     spec: &PluginSpec,
     pre: &mut Vec<Arc<dyn PreRequest>>,
     sessions: &mut Vec<Arc<SessionAffinityScorer>>,
+    burst_producer: Option<&str>,
 ) -> Instance {
     use PluginSpec as S;
     let n = |p: &crate::config::params::PickerParams| {
@@ -301,7 +306,12 @@ fn build(
         S::ConcurrencyDetector(p) => {
             Instance::Filter(Arc::new(ConcurrencyDetector::new(p.clone())))
         }
-        S::PrefixCacheScorer(p) => Instance::Scorer(Arc::new(PrefixCacheScorer::new(p))),
+        S::PrefixCacheScorer(p) => {
+            let reads_burst = burst_producer == Some(p.prefix_match_info_producer_name.as_str());
+            Instance::Scorer(Arc::new(
+                PrefixCacheScorer::new(p).reading_burst(reads_burst),
+            ))
+        }
         S::KvCacheUtilizationScorer => Instance::Scorer(Arc::new(KvCacheUtilizationScorer)),
         S::QueueScorer => Instance::Scorer(Arc::new(QueueScorer)),
         S::RunningRequestsSizeScorer => Instance::Scorer(Arc::new(RunningRequestsScorer)),
@@ -335,6 +345,7 @@ fn build(
         | S::PdProfileHandler(_)
         | S::ApproxPrefixCacheProducer(_)
         | S::InflightLoadProducer(_)
+        | S::BurstPrefixCacheProducer(_)
         | S::MetricsDataSource(_)
         | S::CoreMetricsExtractor(_)
         | S::TopologyExtractor(_)
@@ -369,8 +380,14 @@ impl Scheduler {
         let mut pre_request_hooks: Vec<Arc<dyn PreRequest>> = Vec::new();
         let mut session_affinity = Vec::new();
         let mut instances: Vec<(String, Instance)> = Vec::with_capacity(cfg.plugins.len());
+        let burst_producer = crate::config::burst_producer(&cfg.plugins);
         for p in &cfg.plugins {
-            let built = build(&p.spec, &mut pre_request_hooks, &mut session_affinity);
+            let built = build(
+                &p.spec,
+                &mut pre_request_hooks,
+                &mut session_affinity,
+                burst_producer,
+            );
             instances.push((p.name.clone(), built));
         }
         let get = |name: &str| -> Result<&Instance, ConfigError> {
@@ -504,7 +521,35 @@ impl Scheduler {
                 .plugins
                 .iter()
                 .any(|p| matches!(p.spec, PluginSpec::DestinationEndpointServedVerifier)),
+            burst: cfg.plugins.iter().find_map(|p| match &p.spec {
+                PluginSpec::BurstPrefixCacheProducer(x) => Some(x.clone()),
+                _ => None,
+            }),
         })
+    }
+
+    /// The `burst-prefix-cache-producer` parameters, when one is configured: the caller
+    /// must then hold each request for the window and place the batch with
+    /// [`crate::plugins::burst::assign`].
+    pub fn burst(&self) -> Option<&BurstPrefixParams> {
+        self.burst.as_ref()
+    }
+
+    /// The request's prefix blocks as the burst producer hashes them (its
+    /// `blockSizeTokens`, cut to its block cap); empty without a burst producer.
+    pub fn burst_hashes(&self, req: &InferenceRequest) -> Vec<BlockHash> {
+        let mut out = Vec::new();
+        if let Some(b) = &self.burst {
+            hash_prompt_into(
+                &req.target_model,
+                req.cache_salt.as_deref(),
+                &req.prompt_bytes,
+                usize::try_from(b.block_size_tokens).unwrap_or(0),
+                b.max_blocks(),
+                &mut out,
+            );
+        }
+        out
     }
 
     /// Whether a `destination-endpoint-served-verifier` is configured: the endpoint that
@@ -611,6 +656,21 @@ impl Scheduler {
         rng: &mut dyn RngCore,
         source: PrefixSource<'_>,
     ) -> Result<SchedulingResult, ScheduleError> {
+        self.schedule_with_burst(req, candidates, now, rng, source, None)
+    }
+
+    /// [`Self::schedule_with_prefix`] with the burst producer's placement of this request
+    /// (`None`: it got none). Like llm-d's producer, the placed endpoint matches the whole
+    /// prefix and every other endpoint none, for a `prefix-cache-scorer` that reads it.
+    pub fn schedule_with_burst(
+        &self,
+        req: &InferenceRequest,
+        candidates: &[Endpoint],
+        now: Instant,
+        rng: &mut dyn RngCore,
+        source: PrefixSource<'_>,
+        placed: Option<SocketAddr>,
+    ) -> Result<SchedulingResult, ScheduleError> {
         if candidates.is_empty() {
             return Err(ScheduleError::NoEndpoints);
         }
@@ -619,9 +679,22 @@ impl Scheduler {
             endpoints: candidates,
             now,
             prefix: None,
+            burst: None,
             cold: true,
             peer: None,
         };
+        if let Some(b) = &self.burst {
+            let hashes = self.burst_hashes(req);
+            let total = u32::try_from(hashes.len()).unwrap_or(u32::MAX);
+            cycle.burst = Some(PrefixCycle {
+                matched: candidates
+                    .iter()
+                    .map(|e| if Some(e.address) == placed { total } else { 0 })
+                    .collect(),
+                hashes,
+                block_size_tokens: usize::try_from(b.block_size_tokens).unwrap_or(0),
+            });
+        }
         match (&self.prefix, source) {
             (None, _) => {}
             (Some(p), PrefixSource::Local) => DataProducer::produce(p, &mut cycle),

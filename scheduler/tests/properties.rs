@@ -132,7 +132,7 @@ proptest! {
             block_size_tokens: 16,
             matched: matched[..endpoints.len()].iter().map(|m| (*m).min(total as u32)).collect(),
         };
-        let cycle = CycleState { request: &req, endpoints: &endpoints, now, prefix: Some(prefix), cold: false, peer: None };
+        let cycle = CycleState { request: &req, endpoints: &endpoints, now, prefix: Some(prefix), burst: None, cold: false, peer: None };
         let cands: Vec<usize> = (0..endpoints.len()).filter(|i| (subset_seed >> (i % 64)) & 1 == 1 || *i == 0).collect();
         for s in scorers() {
             let mut out = vec![f64::NAN; cands.len()];

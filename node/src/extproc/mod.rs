@@ -18,7 +18,7 @@ use infermesh_proto::envoy::service::ext_proc::v3::external_processor_server::{
 use infermesh_proto::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::request::{Dispatcher, FlowWait, PrefixLookup};
+use crate::request::{BurstWait, Dispatcher, FlowWait, PrefixLookup};
 use message::Inbound;
 use stream::{Action, ExtProcStream, ProtocolError};
 
@@ -51,6 +51,9 @@ struct ReplyStream {
     // A flow-control wait in flight; dropping the stream (Envoy reset) drops it, which
     // frees the request's place in the queue.
     flow: Option<FlowWait>,
+    // A burst-window wait in flight; dropping the stream drops it, which frees the
+    // request's place in the batch.
+    burst: Option<BurstWait>,
     // The scheduled request's revocation (in-flight eviction), watched beside Envoy's
     // messages.
     revoked: Option<Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>>,
@@ -64,6 +67,7 @@ impl ReplyStream {
                 Action::Reply(r) => self.pending.push_back(r.into()),
                 Action::NeedLookup(l) => self.lookup = Some(l),
                 Action::NeedFlow(w) => self.flow = Some(w),
+                Action::NeedBurst(w) => self.burst = Some(w),
             }
         }
         if self.revoked.is_none()
@@ -110,6 +114,15 @@ impl Stream for ReplyStream {
                 };
                 this.flow = None;
                 let actions = this.state.on_flow(answer);
+                this.carry_out(actions);
+                continue;
+            }
+            if let Some(fut) = &mut this.burst {
+                let Poll::Ready(placed) = fut.as_mut().poll(cx) else {
+                    return Poll::Pending;
+                };
+                this.burst = None;
+                let actions = this.state.on_burst(placed);
                 this.carry_out(actions);
                 continue;
             }
@@ -178,6 +191,7 @@ impl ExternalProcessor for ExtProcService {
             pending: VecDeque::new(),
             lookup: None,
             flow: None,
+            burst: None,
             revoked: None,
             done: false,
         })))

@@ -16,8 +16,8 @@ use super::message::{
 };
 use crate::metrics::Outcome;
 use crate::request::{
-    DESTINATION_HEADER, Dispatcher, FlowWait, PrefixAnswer, PrefixLookup, Prepared, Rejection,
-    RequestMeta, Ticket,
+    BurstWait, DESTINATION_HEADER, Dispatcher, FlowWait, PrefixAnswer, PrefixLookup, Prepared,
+    Rejection, RequestMeta, Ticket,
 };
 use crate::restore::ModelRestorer;
 use crate::usage::UsageScanner;
@@ -46,6 +46,8 @@ enum Phase {
     Buffering,
     /// The body is complete and prepared; the request waits in flow control.
     AwaitFlow,
+    /// The body is complete and prepared; the request waits for its burst window.
+    AwaitBurst,
     /// The body is complete and prepared; the owner lookup is in flight.
     AwaitOwner,
     Responding,
@@ -62,6 +64,9 @@ pub enum Action {
     /// Await this flow-control wait, then call [`ExtProcStream::on_flow`] with its answer
     /// before handling the next message. Dropping it (the stream ended) frees the place.
     NeedFlow(FlowWait),
+    /// Await this burst-window wait, then call [`ExtProcStream::on_burst`] with its answer
+    /// before handling the next message. Dropping it (the stream ended) frees the place.
+    NeedBurst(BurstWait),
 }
 
 impl std::fmt::Debug for Action {
@@ -70,6 +75,7 @@ impl std::fmt::Debug for Action {
             Action::Reply(r) => f.debug_tuple("Reply").field(r).finish(),
             Action::NeedLookup(_) => f.write_str("NeedLookup"),
             Action::NeedFlow(_) => f.write_str("NeedFlow"),
+            Action::NeedBurst(_) => f.write_str("NeedBurst"),
         }
     }
 }
@@ -147,6 +153,11 @@ impl ExtProcStream {
                 "message received while the request waits in flow control",
             ));
         }
+        if self.phase == Phase::AwaitBurst {
+            return Err(ProtocolError::OutOfOrder(
+                "message received while the request waits for its burst window",
+            ));
+        }
         if let Some(m) = inbound.modes {
             self.request_mode = m.request;
             self.response_mode = m.response;
@@ -183,6 +194,15 @@ impl ExtProcStream {
             self.phase = Phase::Done;
             return replies(vec![self.immediate(&r)]);
         }
+        self.burst_or_lookup(w)
+    }
+
+    /// The burst-window wait asked for by [`Action::NeedBurst`] finished with `placed`.
+    pub fn on_burst(&mut self, placed: Option<SocketAddr>) -> Vec<Action> {
+        let Some(mut w) = self.awaiting.take() else {
+            return Vec::new();
+        };
+        self.dispatcher.after_burst(&mut w.prepared, placed);
         self.lookup_or_decide(w)
     }
 
@@ -300,6 +320,16 @@ impl ExtProcStream {
             self.phase = Phase::AwaitFlow;
             self.awaiting = Some(w);
             return vec![Action::NeedFlow(wait)];
+        }
+        self.burst_or_lookup(w)
+    }
+
+    /// After flow control: the burst window (with the producer), else on to the lookup.
+    fn burst_or_lookup(&mut self, w: AwaitingOwner) -> Vec<Action> {
+        if let Some(wait) = self.dispatcher.burst_wait(&w.prepared) {
+            self.phase = Phase::AwaitBurst;
+            self.awaiting = Some(w);
+            return vec![Action::NeedBurst(wait)];
         }
         self.lookup_or_decide(w)
     }
@@ -571,6 +601,7 @@ mod tests {
                     Action::Reply(r) => r.into(),
                     Action::NeedLookup(_) => panic!("no owner lookup without shared state"),
                     Action::NeedFlow(_) => panic!("no flow control without the gate"),
+                    Action::NeedBurst(_) => panic!("no burst window without the producer"),
                 })
                 .collect())
         }

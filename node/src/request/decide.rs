@@ -94,8 +94,8 @@ impl Dispatcher {
         self.decide(p, answer)
     }
 
-    /// Both phases, awaiting flow control (when on) and the owner lookup in between (the
-    /// proxy's path).
+    /// Both phases, awaiting flow control (when on), the burst window (with the producer)
+    /// and the owner lookup in between (the proxy's path).
     pub async fn route(
         &self,
         kind: ApiKind,
@@ -107,6 +107,10 @@ impl Dispatcher {
         if let Some(wait) = self.flow_wait(&p) {
             let answer = wait.await;
             self.after_flow(&mut p, answer)?;
+        }
+        if let Some(wait) = self.burst_wait(&p) {
+            let placed = wait.await;
+            self.after_burst(&mut p, placed);
         }
         let answer = match self.lookup(&p) {
             Some(fut) => fut.await,

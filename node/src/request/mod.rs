@@ -12,6 +12,9 @@
 //!  Dispatcher::flow_wait ─ (`flowControl` gate only) wait in the node's flow controller
 //!    │                    until dispatched, or a 429/503 with the drop reason (`flow.rs`)
 //!    ▼
+//!  Dispatcher::burst_wait  (`burst-prefix-cache-producer` only) wait for the batch
+//!    │                    window to close; the batch is placed jointly (`burst.rs`)
+//!    ▼
 //!  Dispatcher::lookup ─── PrefixOwners::lookup(anchor, chain)   (IO: the anchor's owner,
 //!    │                    within the mesh's budget; absent when prefix state is local)
 //!    │ PrefixAnswer
@@ -28,6 +31,7 @@
 //! holds only the chains whose anchors it owns (plus a small cache of its own recent
 //! picks, see `crate::mesh::prefix`).
 
+pub mod burst;
 mod decide;
 pub mod flow;
 mod meta;
@@ -35,6 +39,7 @@ mod owners;
 mod prepare;
 mod rejection;
 
+pub use burst::BurstWait;
 pub use decide::Ticket;
 pub use flow::FlowGate;
 pub use meta::{
@@ -160,6 +165,35 @@ mod tests {
             idle.dispatch(ApiKind::Completions, BODY, meta("batch"), &[])
                 .is_ok()
         );
+    }
+
+    #[tokio::test]
+    async fn only_a_policy_with_the_burst_producer_holds_requests() {
+        // Without the producer there is no window step at all.
+        let d = dispatcher(0, 0.1);
+        let p = d
+            .prepare(ApiKind::Completions, BODY, meta(""), &[])
+            .unwrap();
+        assert!(d.burst_wait(&p).is_none());
+        // With it, a lone request waits out its window, then goes on unplaced.
+        let cfg = infermesh_scheduler::load_config(
+            "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n\
+             - type: burst-prefix-cache-producer\n  parameters: {windowDurationMs: 40}\n",
+        )
+        .unwrap();
+        let d = dispatcher_with(&cfg, 0, 0.1);
+        let started = Instant::now();
+        let t = d
+            .route(ApiKind::Completions, BODY, meta(""), &[])
+            .await
+            .unwrap();
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(40), "{waited:?}");
+        assert!(
+            waited < Duration::from_secs(2),
+            "not held past the window: {waited:?}"
+        );
+        assert_eq!(t.destinations().len(), 1);
     }
 
     fn with_rewrites(d: Dispatcher, yaml: &str) -> Dispatcher {

@@ -9,16 +9,18 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use infermesh_scheduler::plugins::burst::Replica;
 use infermesh_scheduler::{
-    ApiKind, Endpoint, InferenceRequest, PrefixChain, PrefixSource, ScheduleError,
+    ApiKind, Endpoint, InferenceRequest, PrefixChain, PrefixSource, ScheduleError, Scheduler,
     SchedulingResult, parse_openai,
 };
 use rand::seq::IndexedRandom;
 
 use super::RequestMeta;
+use super::burst::{BurstGate, BurstWait};
 use super::flow::{
     Dispatched, FlowArrival, FlowGate, Lease, SLO_TTFT_HEADER, SLO_TTFT_HEADER_ALIAS,
 };
@@ -46,6 +48,11 @@ pub struct DispatchConfig {
     pub emit_endpoint_scores: bool,
 }
 
+/// A policy's scheduler with its burst window. Weak, so a replaced policy's scheduler is
+/// freed even if no later policy has the producer (a live `Weak` keeps the allocation, so
+/// its address cannot be reused by a newer scheduler).
+type BurstSlot = (Weak<Scheduler>, Arc<BurstGate>);
+
 /// The request path's shared state.
 #[derive(Debug, Clone)]
 pub struct Dispatcher {
@@ -55,6 +62,9 @@ pub struct Dispatcher {
     pub(super) cfg: DispatchConfig,
     pub(super) owners: Option<Arc<dyn PrefixOwners>>,
     pub(super) flow: Option<FlowGate>,
+    /// The burst window of the policy last seen with a `burst-prefix-cache-producer`,
+    /// kept with that policy's scheduler so a policy swap starts a fresh window.
+    pub(super) burst: Arc<parking_lot::Mutex<Option<BurstSlot>>>,
 }
 
 /// A request after phase one: parsed, resolved, admitted, hashed; not yet scheduled.
@@ -73,6 +83,9 @@ pub struct Prepared {
     pub(super) exclude: Vec<SocketAddr>,
     /// Flow control's lease on the pool, held until the request ends (eviction on).
     pub(super) lease: Option<Lease>,
+    /// Where the burst producer's batch placed this request (`None`: no placement, or no
+    /// producer).
+    pub(super) burst: Option<SocketAddr>,
 }
 
 impl Prepared {
@@ -102,6 +115,7 @@ impl Dispatcher {
             cfg,
             owners: None,
             flow: None,
+            burst: Arc::default(),
         }
     }
 
@@ -277,6 +291,7 @@ impl Dispatcher {
                 None
             },
             lease: None,
+            burst: None,
             exclude: if self.flow.is_some() {
                 exclude.to_vec()
             } else {
@@ -341,6 +356,39 @@ impl Dispatcher {
         Err(r)
     }
 
+    /// The burst window to wait in after flow control and before the owner lookup; `None`
+    /// when the policy has no `burst-prefix-cache-producer` (then there is no added step).
+    /// Must run on a tokio runtime. Dropping the wait frees the request's place.
+    pub fn burst_wait(&self, p: &Prepared) -> Option<BurstWait> {
+        let scheduler = &p.policy.scheduler;
+        let params = scheduler.burst()?;
+        let gate = {
+            let mut cached = self.burst.lock();
+            match &*cached {
+                Some((s, gate)) if std::ptr::eq(s.as_ptr(), Arc::as_ptr(scheduler)) => gate.clone(),
+                _ => {
+                    let gate = Arc::new(BurstGate::new(params.clone()));
+                    *cached = Some((Arc::downgrade(scheduler), gate.clone()));
+                    gate
+                }
+            }
+        };
+        let replicas = p
+            .candidates
+            .iter()
+            .map(|e| Replica {
+                addr: e.address,
+                running: e.metrics.as_ref().map_or(0, |m| u64::from(m.running)),
+            })
+            .collect();
+        Some(gate.hold(scheduler.burst_hashes(&p.req), replicas))
+    }
+
+    /// Applies the burst window's answer: the endpoint the batch placed the request on.
+    pub fn after_burst(&self, p: &mut Prepared, placed: Option<SocketAddr>) {
+        p.burst = placed;
+    }
+
     /// The owner lookup to await before [`Self::decide`]; `None` when there is nothing to
     /// ask (prefix state is local, or the prompt has no blocks).
     pub fn lookup(&self, p: &Prepared) -> Option<PrefixLookup> {
@@ -376,7 +424,7 @@ impl Dispatcher {
         let result = p
             .policy
             .scheduler
-            .schedule_with_prefix(&p.req, candidates, now, &mut rand::rng(), source)
+            .schedule_with_burst(&p.req, candidates, now, &mut rand::rng(), source, p.burst)
             .map_err(|ScheduleError::NoEndpoints| Rejection::NoEndpoint(NoEndpoint::Filtered))?;
         if result.destinations().is_empty() {
             return Err(Rejection::NoEndpoint(NoEndpoint::Filtered));

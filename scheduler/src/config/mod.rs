@@ -472,6 +472,7 @@ impl Loader<'_> {
         self.pd_producer_name(&plugins, &profile_handler, prefix_producer.as_deref())?;
         self.consumer_producer_names(&plugins, prefix_producer.as_deref())?;
         self.one_inflight_load(&plugins)?;
+        self.one_burst_producer(&plugins)?;
         let inject_metrics = !feature_gates.iter().any(|g| g == "enableLegacyMetrics");
         let discovery = self.discovery(&plugins, raw.data_layer.as_ref())?;
         let data_layer = self.data_layer(&mut plugins, raw.data_layer, inject_metrics)?;
@@ -645,6 +646,12 @@ impl Loader<'_> {
             if named.is_empty() || Some(named) == producer {
                 continue;
             }
+            // A prefix-cache-scorer may read the burst producer's placement instead.
+            if matches!(p.spec, PluginSpec::PrefixCacheScorer(_))
+                && burst_producer(plugins) == Some(named)
+            {
+                continue;
+            }
             return Err(ConfigError::InvalidParameter {
                 plugin: p.name.clone(),
                 type_name: p.spec.type_name().into(),
@@ -655,6 +662,25 @@ impl Loader<'_> {
                     ),
                     None => format!("names `{named}`, but no prefix producer is configured"),
                 },
+                location: self.plugin_location(plugins, i),
+            });
+        }
+        Ok(())
+    }
+
+    /// infermesh holds requests in one batch window per policy, so at most one
+    /// `burst-prefix-cache-producer`.
+    fn one_burst_producer(&self, plugins: &[ResolvedPlugin]) -> Result<(), ConfigError> {
+        let mut seen = plugins
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| matches!(p.spec, PluginSpec::BurstPrefixCacheProducer(_)));
+        if let (Some(_), Some((i, p))) = (seen.next(), seen.next()) {
+            return Err(ConfigError::InvalidParameter {
+                plugin: p.name.clone(),
+                type_name: "burst-prefix-cache-producer".into(),
+                field: "type".into(),
+                message: "a second burst-prefix-cache-producer; infermesh holds requests in one batch window".into(),
                 location: self.plugin_location(plugins, i),
             });
         }
@@ -1307,14 +1333,16 @@ impl Loader<'_> {
         let explicit_producer = plugins
             .iter()
             .position(|p| matches!(p.spec, PluginSpec::ApproxPrefixCacheProducer(_)));
-        let needs_prefix = plugins.iter().any(|p| {
-            matches!(
-                p.spec,
-                PluginSpec::PrefixCacheScorer(_)
-                    | PluginSpec::PrefixCacheAffinityFilter(_)
-                    | PluginSpec::NoHitLruScorer(_)
-                    | PluginSpec::PrefixBasedPdDecider(_)
-            )
+        let burst = burst_producer(plugins).map(str::to_owned);
+        let needs_prefix = plugins.iter().any(|p| match &p.spec {
+            // A scorer reading the burst producer's placement needs no prefix index.
+            PluginSpec::PrefixCacheScorer(x) => {
+                burst.is_none() || burst.as_deref() != Some(&x.prefix_match_info_producer_name)
+            }
+            PluginSpec::PrefixCacheAffinityFilter(_)
+            | PluginSpec::NoHitLruScorer(_)
+            | PluginSpec::PrefixBasedPdDecider(_) => true,
+            _ => false,
         });
         let prefix_producer = match explicit_producer {
             Some(i) => {
@@ -1479,6 +1507,14 @@ fn gate_enabled(gates: &[String], gate: &str) -> bool {
 }
 
 /// Index of the plugin named `name`.
+/// The name of the configured `burst-prefix-cache-producer`, if any.
+pub(crate) fn burst_producer(plugins: &[ResolvedPlugin]) -> Option<&str> {
+    plugins
+        .iter()
+        .find(|p| matches!(p.spec, PluginSpec::BurstPrefixCacheProducer(_)))
+        .map(|p| p.name.as_str())
+}
+
 fn find(plugins: &[ResolvedPlugin], name: &str) -> Option<usize> {
     plugins.iter().position(|p| p.name == name)
 }

@@ -1652,3 +1652,110 @@ impl FileDiscoveryParams {
         Ok(())
     }
 }
+
+/// What `burst-prefix-cache-producer` balances across replicas within one window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BalanceBy {
+    /// Request count.
+    #[default]
+    Requests,
+    /// Prefix blocks a replica must prefill (a prefix already placed there is free).
+    Tokens,
+}
+
+/// `burst-prefix-cache-producer` (llm-d v0.10, Alpha): requests arriving within one window
+/// are placed jointly so those sharing a prompt land on the same replica(s).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct BurstPrefixParams {
+    /// Batch window in milliseconds, `1..=10000`.
+    pub window_duration_ms: i64,
+    /// Most requests of one group per replica; -1 is unlimited.
+    pub max_per_replica: i64,
+    /// Tokens per prefix block.
+    pub block_size_tokens: i64,
+    /// Cap on matched prefix tokens; 0 uses the default cap of 2048 blocks.
+    pub max_prefix_tokens_to_match: i64,
+    /// Leading blocks two different prompts must share to be co-located; 0 disables it.
+    pub min_colocate_blocks: i64,
+    /// Most requests one window may hold; -1 is unlimited.
+    pub max_batch_size: i64,
+    /// The quantity balanced across replicas.
+    pub balance_by: BalanceBy,
+}
+
+impl Default for BurstPrefixParams {
+    fn default() -> Self {
+        BurstPrefixParams {
+            window_duration_ms: 100,
+            max_per_replica: -1,
+            block_size_tokens: 64,
+            max_prefix_tokens_to_match: 0,
+            min_colocate_blocks: 0,
+            max_batch_size: 1000,
+            balance_by: BalanceBy::Requests,
+        }
+    }
+}
+
+impl BurstPrefixParams {
+    /// Leading blocks that form a group key when `maxPrefixTokensToMatch` is 0 (llm-d's).
+    pub const DEFAULT_MAX_PREFIX_BLOCKS: usize = 2048;
+
+    /// llm-d's construction checks, each naming its field.
+    pub fn validate(&self) -> Result<(), ParamProblem> {
+        if !(1..=10_000).contains(&self.window_duration_ms) {
+            return Err(problem("windowDurationMs", "must be in 1..=10000"));
+        }
+        if self.max_per_replica != -1 && self.max_per_replica < 1 {
+            return Err(problem("maxPerReplica", "must be -1 (unlimited) or >= 1"));
+        }
+        if self.block_size_tokens <= 0 {
+            return Err(problem("blockSizeTokens", "must be > 0"));
+        }
+        if self.max_prefix_tokens_to_match < 0 {
+            return Err(problem("maxPrefixTokensToMatch", "must be >= 0"));
+        }
+        if self.max_prefix_tokens_to_match > 0
+            && self.max_prefix_tokens_to_match < self.block_size_tokens
+        {
+            return Err(problem(
+                "maxPrefixTokensToMatch",
+                "must be 0 or >= blockSizeTokens (a smaller value yields no prefix blocks)",
+            ));
+        }
+        if self.min_colocate_blocks < 0 {
+            return Err(problem("minColocateBlocks", "must be >= 0"));
+        }
+        if self.max_batch_size != -1 && self.max_batch_size < 1 {
+            return Err(problem("maxBatchSize", "must be -1 (unlimited) or >= 1"));
+        }
+        Ok(())
+    }
+
+    /// The window as a duration (after `validate`).
+    pub fn window(&self) -> Duration {
+        Duration::from_millis(u64::try_from(self.window_duration_ms).unwrap_or(1))
+    }
+
+    /// Leading blocks kept per request.
+    pub fn max_blocks(&self) -> usize {
+        if self.max_prefix_tokens_to_match > 0 {
+            usize::try_from(self.max_prefix_tokens_to_match / self.block_size_tokens.max(1))
+                .unwrap_or(0)
+        } else {
+            Self::DEFAULT_MAX_PREFIX_BLOCKS
+        }
+    }
+
+    /// The per-replica cap per group, `None` when unlimited.
+    pub fn per_replica_cap(&self) -> Option<usize> {
+        usize::try_from(self.max_per_replica).ok()
+    }
+
+    /// The per-window cap, `None` when unlimited.
+    pub fn batch_cap(&self) -> Option<usize> {
+        usize::try_from(self.max_batch_size).ok()
+    }
+}

@@ -143,6 +143,9 @@ pub enum PluginSpec {
     AlwaysDisaggMultimodalDecider,
     /// `approx-prefix-cache-producer`
     ApproxPrefixCacheProducer(ApproxPrefixParams),
+    /// `burst-prefix-cache-producer` (the node holds each request for the window; the
+    /// scheduler turns the batch's placement into prefix-match data).
+    BurstPrefixCacheProducer(BurstPrefixParams),
     /// `inflight-load-producer` (counts come from the caller's load board; the
     /// parameters decide what a request adds to them).
     InflightLoadProducer(InflightLoadParams),
@@ -218,6 +221,7 @@ impl PluginSpec {
             PluginSpec::AlwaysDisaggMultimodalDecider => "always-disagg-multimodal-decider",
             PluginSpec::ApproxPrefixCacheProducer(_) => "approx-prefix-cache-producer",
             PluginSpec::InflightLoadProducer(_) => "inflight-load-producer",
+            PluginSpec::BurstPrefixCacheProducer(_) => "burst-prefix-cache-producer",
             PluginSpec::MetricsDataSource(_) => "metrics-data-source",
             PluginSpec::CoreMetricsExtractor(_) => "core-metrics-extractor",
             PluginSpec::UtilizationDetector(_) => "utilization-detector",
@@ -272,7 +276,9 @@ impl PluginSpec {
             PrefixBasedPdDecider(_) | AlwaysDisaggPdDecider | AlwaysDisaggMultimodalDecider => {
                 PluginKind::Decider
             }
-            ApproxPrefixCacheProducer(_) | InflightLoadProducer(_) => PluginKind::DataProducer,
+            ApproxPrefixCacheProducer(_)
+            | InflightLoadProducer(_)
+            | BurstPrefixCacheProducer(_) => PluginKind::DataProducer,
             MetricsDataSource(_) => PluginKind::DataSource,
             CoreMetricsExtractor(_) | TopologyExtractor(_) => PluginKind::DataExtractor,
             UtilizationDetector(_) | ConcurrencyDetector(_) => PluginKind::SaturationDetector,
@@ -317,6 +323,7 @@ impl PluginSpec {
             PrefixCacheScorer(p) => prefix_scorer_json(p),
             ApproxPrefixCacheProducer(p) => j(p),
             InflightLoadProducer(p) => j(p),
+            BurstPrefixCacheProducer(p) => j(p),
             LoadAwareScorer(p) => j(p),
             ActiveRequestScorer(p) => j(p),
             NoHitLruScorer(p) => j(p),
@@ -516,10 +523,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
         "renamed utilization-filter in llm-d v0.10 (PR #2218, before any release shipped the old name); write utilization-filter with conditions: [{metric: active-requests, maxValue: N}]",
     ),
     (
-        "burst-prefix-cache-producer",
-        "not implemented: it holds each request for a batch window to co-locate bursts of shared prompts, and infermesh schedules each request as it arrives; approx-prefix-cache-producer records each pick at once",
-    ),
-    (
         "session-affinity-filter",
         "not implemented; session-affinity-scorer gives the soft preference",
     ),
@@ -594,6 +597,7 @@ pub const ALPHA_TYPES: &[&str] = &[
     "priority-then-time-eviction-order-policy",
     "priority-holdback-policy",
     "soft-reflective-ceiling-policy",
+    "burst-prefix-cache-producer",
 ];
 
 /// Old type names still accepted, with the current name and the llm-d release that
@@ -713,6 +717,7 @@ pub const KNOWN_TYPES: &[&str] = &[
     "always-disagg-multimodal-decider",
     "approx-prefix-cache-producer",
     "inflight-load-producer",
+    "burst-prefix-cache-producer",
     "metrics-data-source",
     "core-metrics-extractor",
     "utilization-detector",
@@ -863,6 +868,11 @@ pub fn parse_spec_with_warnings(
             let p: ApproxPrefixParams = parse(params)?;
             check(p.validate())?;
             S::ApproxPrefixCacheProducer(p)
+        }
+        "burst-prefix-cache-producer" => {
+            let p: BurstPrefixParams = parse(params)?;
+            check(p.validate())?;
+            S::BurstPrefixCacheProducer(p)
         }
         "inflight-load-producer" => {
             let p: InflightLoadParams = parse(params)?;

@@ -4,6 +4,7 @@
 //! an index list, scorers write one score in [0, 1] per listed index, pickers choose
 //! indices. Nothing here allocates per endpoint beyond those lists.
 
+pub mod burst;
 pub mod filters;
 pub mod pickers;
 pub mod prefix;
@@ -55,6 +56,8 @@ pub struct CycleState<'a> {
     pub now: Instant,
     /// Prefix data, when a prefix producer is configured.
     pub prefix: Option<PrefixCycle>,
+    /// The burst producer's placement as prefix data, when one is configured.
+    pub burst: Option<PrefixCycle>,
     /// Whether no candidate matched any prefix block (no-hit-lru's "cold request").
     pub cold: bool,
     /// The pick of an earlier disaggregated stage that the running profile is placed

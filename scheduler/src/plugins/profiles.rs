@@ -308,6 +308,7 @@ mod tests {
                 block_size_tokens: 10,
                 matched: vec![hit_blocks],
             }),
+            burst: None,
             cold: hit_blocks == 0,
             peer: None,
         };
@@ -355,6 +356,7 @@ mod tests {
             endpoints: &[],
             now: Instant::now(),
             prefix: None,
+            burst: None,
             cold: true,
             peer: None,
         };
@@ -377,6 +379,7 @@ mod tests {
                 endpoints: &[],
                 now: Instant::now(),
                 prefix: None,
+                burst: None,
                 cold: true,
                 peer: None,
             };

@@ -51,6 +51,8 @@ fn min_max_low_is_best(
 pub struct PrefixCacheScorer {
     match_length_weight: f64,
     match_length_scale_tokens: f64,
+    /// Reads `burst-prefix-cache-producer`'s data (named by `prefixMatchInfoProducerName`).
+    burst: bool,
 }
 
 impl Default for PrefixCacheScorer {
@@ -65,7 +67,14 @@ impl PrefixCacheScorer {
         PrefixCacheScorer {
             match_length_weight: p.match_length_weight,
             match_length_scale_tokens: p.match_length_scale_tokens as f64,
+            burst: false,
         }
+    }
+
+    /// Scores from the burst producer's placement instead of the prefix index.
+    pub fn reading_burst(mut self, burst: bool) -> Self {
+        self.burst = burst;
+        self
     }
 
     fn score_one(&self, p: &PrefixCycle, i: usize) -> f64 {
@@ -84,7 +93,12 @@ impl PrefixCacheScorer {
 
 impl Scorer for PrefixCacheScorer {
     fn score(&self, cycle: &CycleState<'_>, candidates: &[usize], out: &mut [f64]) {
-        match &cycle.prefix {
+        let source = if self.burst {
+            &cycle.burst
+        } else {
+            &cycle.prefix
+        };
+        match source {
             Some(p) => {
                 for (o, &i) in out.iter_mut().zip(candidates) {
                     *o = self.score_one(p, i);
@@ -409,6 +423,7 @@ mod tests {
             endpoints: &[],
             now: std::time::Instant::now(),
             prefix: Some(prefix),
+            burst: None,
             cold: false,
             peer: None,
         };
