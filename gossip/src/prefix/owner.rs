@@ -8,11 +8,12 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 
 use crate::membership::MemberSet;
+use crate::pod::PodId;
 use crate::prefix::store::PrefixStore;
 use crate::ring::{NodeId, Ring};
 use crate::rpc::Transport;
 use crate::stats::Stats;
-use crate::wire::{self, HandoffEntry, OneWay, PrefixMatch, PrefixRecord};
+use crate::wire::{self, HandoffEntry, OneWay, PrefixMatch, PrefixOp, PrefixRecord, PrefixRemoval};
 
 /// Builds one index shard given its capacity in block entries.
 pub type StoreFactory = Arc<dyn Fn(usize) -> Box<dyn PrefixStore> + Send + Sync>;
@@ -45,6 +46,36 @@ impl Shards {
 
     pub(crate) fn record(&self, anchor: u64, hashes: &[u64], endpoint: &str) {
         self.shard(anchor).lock().record(anchor, hashes, endpoint);
+    }
+
+    pub(crate) fn remove(&self, anchor: u64, hashes: &[u64], endpoint: &str) {
+        self.shard(anchor).lock().remove(anchor, hashes, endpoint);
+    }
+
+    pub(crate) fn forget_endpoint(&self, endpoint: &str) {
+        for shard in self.shards.iter() {
+            shard.lock().forget_endpoint(endpoint);
+        }
+    }
+
+    /// Applies ops in order, counting them.
+    pub(crate) fn apply_ops(&self, ops: &[PrefixOp], stats: &Stats) {
+        for op in ops {
+            match op {
+                PrefixOp::Record(r) => {
+                    Stats::add(&stats.prefix_records_applied, 1);
+                    self.record(r.anchor, &r.hashes, r.endpoint.as_str());
+                }
+                PrefixOp::Remove(r) => {
+                    Stats::add(&stats.prefix_removals_applied, 1);
+                    self.remove(r.anchor, &r.hashes, r.endpoint.as_str());
+                }
+                PrefixOp::ForgetEndpoint(ep) => {
+                    Stats::add(&stats.prefix_forgets_applied, 1);
+                    self.forget_endpoint(ep.as_str());
+                }
+            }
+        }
     }
 
     pub(crate) fn import(&self, entry: &HandoffEntry) {
@@ -102,6 +133,10 @@ impl Shards {
 pub(crate) enum Input {
     /// Send this record to its remote owners (local ownership was applied by the caller).
     Record(PrefixRecord),
+    /// Send this removal to its remote owners (applied locally by the caller).
+    Remove(PrefixRemoval),
+    /// Tell every other node to forget this endpoint (applied locally by the caller).
+    Forget(PodId),
 }
 
 pub(crate) struct Settings {
@@ -120,22 +155,42 @@ pub(crate) async fn run(
 ) {
     let me = transport.me().clone();
     let mut ring = members.borrow_and_update().ring.clone();
-    let mut pending: HashMap<NodeId, Vec<PrefixRecord>> = HashMap::new();
+    // One ordered queue per peer: a record and a later removal of the same block reach
+    // the owner in one message, in order. (Two messages may still apply out of order at
+    // the receiver, which handles each stream on its own task; see `flush`.)
+    let mut pending: HashMap<NodeId, Vec<PrefixOp>> = HashMap::new();
     let mut tick = tokio::time::interval(settings.flush_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             input = inputs.recv() => {
-                let Some(Input::Record(rec)) = input else { return };
-                for owner in ring.owners(rec.anchor, settings.replicas) {
+                let Some(input) = input else { return };
+                let (anchor, op) = match input {
+                    Input::Record(rec) => (rec.anchor, PrefixOp::Record(rec)),
+                    Input::Remove(rem) => (rem.anchor, PrefixOp::Remove(rem)),
+                    Input::Forget(endpoint) => {
+                        // Every node may own some anchor of the endpoint: everyone gets it,
+                        // queued behind what was already pending for them and sent now.
+                        for peer in ring.nodes() {
+                            if *peer == me {
+                                continue;
+                            }
+                            let queue = pending.entry(peer.clone()).or_default();
+                            queue.push(PrefixOp::ForgetEndpoint(endpoint.clone()));
+                            flush(&transport, peer.clone(), std::mem::take(queue), &stats);
+                        }
+                        continue;
+                    }
+                };
+                for owner in ring.owners(anchor, settings.replicas) {
                     if *owner == me {
                         continue;
                     }
                     let queue = pending.entry(owner.clone()).or_default();
-                    queue.push(rec.clone());
+                    queue.push(op.clone());
                     if queue.len() >= settings.batch_max {
                         let batch = std::mem::take(queue);
-                        send_records(&transport, owner.clone(), batch, &stats);
+                        flush(&transport, owner.clone(), batch, &stats);
                     }
                 }
             }
@@ -153,13 +208,55 @@ pub(crate) async fn run(
             _ = tick.tick() => {
                 for (peer, queue) in pending.iter_mut() {
                     if !queue.is_empty() {
-                        send_records(&transport, peer.clone(), std::mem::take(queue), &stats);
+                        flush(&transport, peer.clone(), std::mem::take(queue), &stats);
                     }
                 }
                 pending.retain(|peer, _| ring.contains(peer));
             }
         }
     }
+}
+
+/// Sends one peer's queued ops: as plain records when that is all they are (the
+/// approximate path's message, unchanged), else as one ordered [`OneWay::PrefixOps`].
+///
+/// Known limit: two flushes to the same peer travel on two streams and can apply in either
+/// order, so a removal can overtake the record it undoes when they fall into different
+/// batches; the block then stays listed for the pod until its next clear or the anchor's
+/// LRU eviction.
+fn flush(transport: &Arc<Transport>, peer: NodeId, batch: Vec<PrefixOp>, stats: &Arc<Stats>) {
+    if batch.is_empty() {
+        return;
+    }
+    if batch.iter().all(|op| matches!(op, PrefixOp::Record(_))) {
+        let records = batch
+            .into_iter()
+            .filter_map(|op| match op {
+                PrefixOp::Record(r) => Some(r),
+                _ => None,
+            })
+            .collect();
+        send_records(transport, peer, records, stats);
+        return;
+    }
+    let (mut records, mut removals) = (0, 0);
+    for op in &batch {
+        match op {
+            PrefixOp::Record(_) => records += 1,
+            PrefixOp::Remove(_) => removals += 1,
+            PrefixOp::ForgetEndpoint(_) => {}
+        }
+    }
+    Stats::add(&stats.prefix_records_out, records);
+    Stats::add(&stats.prefix_removals_out, removals);
+    let bytes = wire::encode(transport.me(), &OneWay::PrefixOps(batch));
+    Stats::add(&stats.prefix_record_bytes_out, bytes.len() as u64);
+    let transport = transport.clone();
+    tokio::spawn(async move {
+        if let Err(e) = transport.send_encoded(&peer, &bytes).await {
+            tracing::debug!(%peer, error = %e, "prefix ops not delivered");
+        }
+    });
 }
 
 fn send_records(
