@@ -315,6 +315,14 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
                 pool.clone(),
                 shutdown_rx.clone(),
             ));
+            if let Some(kv) = &cfg.kv_events {
+                tasks.spawn(crate::mesh::kv_events::run(
+                    m.clone(),
+                    kv.clone(),
+                    Arc::default(),
+                    shutdown_rx.clone(),
+                ));
+            }
             pool_task.with_mesh(m.clone())
         }
         None => pool_task,

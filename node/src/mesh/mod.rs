@@ -27,6 +27,7 @@ pub struct MeshOptions {
     pub sharing: bool,
 }
 
+pub mod kv_events;
 pub mod load;
 pub mod prefix;
 
