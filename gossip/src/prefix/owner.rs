@@ -159,6 +159,7 @@ pub(crate) async fn run(
     // the owner in one message, in order. (Two messages may still apply out of order at
     // the receiver, which handles each stream on its own task; see `flush`.)
     let mut pending: HashMap<NodeId, Vec<PrefixOp>> = HashMap::new();
+    let mut senders = Senders::new(transport.clone());
     let mut tick = tokio::time::interval(settings.flush_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -175,9 +176,12 @@ pub(crate) async fn run(
                             if *peer == me {
                                 continue;
                             }
-                            let queue = pending.entry(peer.clone()).or_default();
-                            queue.push(PrefixOp::ForgetEndpoint(endpoint.clone()));
-                            flush(&transport, peer.clone(), std::mem::take(queue), &stats);
+                            // Queued, not sent at once: the follower's records come right
+                            // behind it and must not overtake it.
+                            pending
+                                .entry(peer.clone())
+                                .or_default()
+                                .push(PrefixOp::ForgetEndpoint(endpoint.clone()));
                         }
                         continue;
                     }
@@ -190,7 +194,7 @@ pub(crate) async fn run(
                     queue.push(op.clone());
                     if queue.len() >= settings.batch_max {
                         let batch = std::mem::take(queue);
-                        flush(&transport, owner.clone(), batch, &stats);
+                        flush(&mut senders, owner.clone(), batch, &stats);
                     }
                 }
             }
@@ -208,35 +212,66 @@ pub(crate) async fn run(
             _ = tick.tick() => {
                 for (peer, queue) in pending.iter_mut() {
                     if !queue.is_empty() {
-                        flush(&transport, peer.clone(), std::mem::take(queue), &stats);
+                        flush(&mut senders, peer.clone(), std::mem::take(queue), &stats);
                     }
                 }
                 pending.retain(|peer, _| ring.contains(peer));
+                senders.retain(&ring);
             }
         }
+    }
+}
+
+/// One task per peer sending its prefix messages one after the other, so a peer gets them
+/// in the order they were flushed (a spawned task per message could start in any order).
+struct Senders {
+    transport: Arc<Transport>,
+    peers: HashMap<NodeId, mpsc::UnboundedSender<Vec<u8>>>,
+}
+
+impl Senders {
+    fn new(transport: Arc<Transport>) -> Senders {
+        Senders {
+            transport,
+            peers: HashMap::new(),
+        }
+    }
+
+    fn me(&self) -> &NodeId {
+        self.transport.me()
+    }
+
+    fn send(&mut self, peer: NodeId, bytes: Vec<u8>) {
+        let tx = self.peers.entry(peer.clone()).or_insert_with(|| {
+            let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+            let transport = self.transport.clone();
+            tokio::spawn(async move {
+                while let Some(bytes) = rx.recv().await {
+                    if let Err(e) = transport.send_encoded(&peer, &bytes).await {
+                        tracing::debug!(%peer, error = %e, "prefix message not delivered");
+                    }
+                }
+            });
+            tx
+        });
+        let _ = tx.send(bytes);
+    }
+
+    /// Stops the senders of peers that left the ring.
+    fn retain(&mut self, ring: &Ring) {
+        self.peers.retain(|peer, _| ring.contains(peer));
     }
 }
 
 /// Sends one peer's queued ops: as plain records when that is all they are (the
 /// approximate path's message, unchanged), else as one ordered [`OneWay::PrefixOps`].
 ///
-/// Known limit: two flushes to the same peer travel on two streams and can apply in either
-/// order, so a removal can overtake the record it undoes when they fall into different
-/// batches; the block then stays listed for the pod until its next clear or the anchor's
-/// LRU eviction.
-fn flush(transport: &Arc<Transport>, peer: NodeId, batch: Vec<PrefixOp>, stats: &Arc<Stats>) {
+/// Known limit: the receiver handles each message on its own task, so two messages sent
+/// back to back can still apply in either order; a removal can then overtake the record
+/// it undoes when they fall into different flushes, and the block stays listed for the
+/// pod until its next clear or the anchor's LRU eviction.
+fn flush(senders: &mut Senders, peer: NodeId, batch: Vec<PrefixOp>, stats: &Arc<Stats>) {
     if batch.is_empty() {
-        return;
-    }
-    if batch.iter().all(|op| matches!(op, PrefixOp::Record(_))) {
-        let records = batch
-            .into_iter()
-            .filter_map(|op| match op {
-                PrefixOp::Record(r) => Some(r),
-                _ => None,
-            })
-            .collect();
-        send_records(transport, peer, records, stats);
         return;
     }
     let (mut records, mut removals) = (0, 0);
@@ -249,31 +284,20 @@ fn flush(transport: &Arc<Transport>, peer: NodeId, batch: Vec<PrefixOp>, stats: 
     }
     Stats::add(&stats.prefix_records_out, records);
     Stats::add(&stats.prefix_removals_out, removals);
-    let bytes = wire::encode(transport.me(), &OneWay::PrefixOps(batch));
+    let bytes = if records == batch.len() as u64 {
+        let records: Vec<PrefixRecord> = batch
+            .into_iter()
+            .filter_map(|op| match op {
+                PrefixOp::Record(r) => Some(r),
+                _ => None,
+            })
+            .collect();
+        wire::encode(senders.me(), &OneWay::PrefixRecords(records))
+    } else {
+        wire::encode(senders.me(), &OneWay::PrefixOps(batch))
+    };
     Stats::add(&stats.prefix_record_bytes_out, bytes.len() as u64);
-    let transport = transport.clone();
-    tokio::spawn(async move {
-        if let Err(e) = transport.send_encoded(&peer, &bytes).await {
-            tracing::debug!(%peer, error = %e, "prefix ops not delivered");
-        }
-    });
-}
-
-fn send_records(
-    transport: &Arc<Transport>,
-    peer: NodeId,
-    batch: Vec<PrefixRecord>,
-    stats: &Arc<Stats>,
-) {
-    Stats::add(&stats.prefix_records_out, batch.len() as u64);
-    let bytes = wire::encode(transport.me(), &OneWay::PrefixRecords(batch));
-    Stats::add(&stats.prefix_record_bytes_out, bytes.len() as u64);
-    let transport = transport.clone();
-    tokio::spawn(async move {
-        if let Err(e) = transport.send_encoded(&peer, &bytes).await {
-            tracing::debug!(%peer, error = %e, "prefix records not delivered");
-        }
-    });
+    senders.send(peer, bytes);
 }
 
 fn send_handoff(
