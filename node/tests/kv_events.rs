@@ -15,7 +15,7 @@ use infermesh_node::config::NodeConfig;
 use infermesh_node::discovery::fleet_pool;
 use infermesh_node::mesh::MeshOptions;
 use infermesh_node::mesh::kv_events::{KvEventsOptions, PodEventPorts};
-use infermesh_node::upstream::http_client;
+use infermesh_node::upstream::{HttpClient, http_client};
 use infermesh_scheduler::ResolvedConfig;
 use infermesh_scheduler::prefix::{request_keys, request_seed};
 use infermesh_sim::engine::block_hashes;
@@ -104,6 +104,164 @@ async fn eventually(what: &str, mut check: impl AsyncFnMut() -> Result<(), Strin
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
+}
+
+/// Pods publishing KV events with replay, and follower options that reach them.
+async fn fleet_with_events(pods: usize) -> (Fleet, KvEventsOptions) {
+    let mut fc = FleetConfig::new(pods);
+    fc.profile = EngineProfile::instant();
+    fc.kv_events = Some(KvEventsConfig {
+        endpoint: "tcp://127.0.0.1:0".into(),
+        replay_endpoint: Some("tcp://127.0.0.1:0".into()),
+        bind: true,
+        ..KvEventsConfig::default()
+    });
+    let fleet = Fleet::start(fc).await.expect("simulated pods start");
+    let mut kv = KvEventsOptions {
+        reconnect_interval: Duration::from_millis(100),
+        ..KvEventsOptions::default()
+    };
+    for (pod, ports) in fleet.addrs().iter().zip(fleet.kv_event_ports()) {
+        let ports = ports.expect("pods publish");
+        kv.pod_ports.insert(
+            pod.to_string(),
+            PodEventPorts {
+                publish: ports.publish.expect("bound PUB port"),
+                replay: ports.replay,
+            },
+        );
+    }
+    (fleet, kv)
+}
+
+async fn start_node(
+    name: &str,
+    fleet: &Fleet,
+    kv: &KvEventsOptions,
+    seeds: Vec<SocketAddr>,
+) -> App {
+    let model = infermesh_sim::DEFAULT_MODEL;
+    let mut cfg = NodeConfig::local(
+        fleet_pool(&fleet.addrs(), model),
+        ResolvedConfig::builtin_default(),
+    )
+    .expect("valid node config");
+    let mut mesh = MeshConfig::loopback(
+        name,
+        ClusterKey::new(b"kv-events-test-key".to_vec()).expect("key"),
+    );
+    mesh.seeds = seeds;
+    mesh.prefix.lookup_budget = Duration::from_millis(500);
+    cfg.mesh = Some(MeshOptions {
+        config: mesh,
+        sharing: true,
+    });
+    cfg.kv_events = Some(kv.clone());
+    App::start(cfg).await.expect("node starts")
+}
+
+async fn complete(client: &HttpClient, pod: SocketAddr, text: &str) {
+    let body = serde_json::json!({
+        "model": infermesh_sim::DEFAULT_MODEL, "prompt": text, "max_tokens": 4
+    });
+    let r = post(client, pod, "/v1/completions", body.to_string(), &[]).await;
+    assert_eq!(r.status, 200);
+}
+
+/// The node owning some pods dies: the survivor takes them over; the entries of an idle
+/// pod stay right as they are, and a pod that changes is cleared tier-wide and rebuilt
+/// from its replay socket, then followed live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_owner_rebuilds_the_pods_it_takes_over() {
+    let (fleet, kv) = fleet_with_events(6).await;
+    let pods = fleet.addrs();
+    let model = infermesh_sim::DEFAULT_MODEL;
+    let block_size = EngineProfile::instant().block_size;
+    let first = start_node("kv-a", &fleet, &kv, vec![]).await;
+    let seed = first.mesh().expect("mesh").gossip_addr();
+    let mut nodes = vec![first, start_node("kv-b", &fleet, &kv, vec![seed]).await];
+    let owned = |a: &App| a.mesh().expect("mesh").owned_pods().borrow().len();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while nodes.iter().map(owned).sum::<usize>() != pods.len()
+        || nodes
+            .iter()
+            .any(|a| a.mesh().expect("mesh").members().borrow().members.len() != 2)
+    {
+        assert!(Instant::now() < deadline, "two members partition the pods");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let client = http_client(Duration::from_secs(5));
+    let mut prompts = Vec::new();
+    for q in 0..12 {
+        let text = prompt(q % 4, q);
+        complete(&client, pods[q % pods.len()], &text).await;
+        prompts.push(text);
+    }
+    // A follower that subscribed after a pod's last batch learns of what it missed when the
+    // pod publishes again (the gap triggers the replay), so traffic goes on, as to live
+    // pods, until every node's lookups agree with the caches.
+    let meshes: Vec<_> = nodes
+        .iter()
+        .map(|a| a.mesh_handle().expect("mesh"))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for i in 0.. {
+        let text = prompt(200 + i, i);
+        complete(&client, pods[i % pods.len()], &text).await;
+        prompts.push(text);
+        let mut agree = Ok(());
+        for mesh in &meshes {
+            agree = agree
+                .and(index_matches_caches(mesh, &fleet, &pods, &prompts, model, block_size).await);
+        }
+        match agree {
+            Ok(()) if i >= pods.len() => break,
+            Err(e) if Instant::now() > deadline => panic!("every node agrees: {e}"),
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    drop(meshes);
+
+    // Kill the node that follows more pods (it follows at least one).
+    let victim = if owned(&nodes[0]) >= owned(&nodes[1]) {
+        0
+    } else {
+        1
+    };
+    let taken: Vec<String> = nodes[victim]
+        .mesh()
+        .expect("mesh")
+        .owned_pods()
+        .borrow()
+        .iter()
+        .map(|p| p.as_str().to_owned())
+        .collect();
+    assert!(!taken.is_empty());
+    drop(nodes.remove(victim));
+    let survivor = nodes.pop().expect("one left");
+    let mesh = survivor.mesh_handle().expect("mesh");
+    // Failure detection, not a graceful leave: allow for a loaded machine.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while mesh.owned_pods().borrow().len() != pods.len() {
+        assert!(Instant::now() < deadline, "the survivor owns every pod");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // One taken-over pod drops its cache (AllBlocksCleared) and gets new traffic; only a
+    // follower of that pod can tell the index.
+    let moved = pods
+        .iter()
+        .position(|p| taken.contains(&p.to_string()))
+        .expect("a taken-over pod");
+    assert!(fleet.reset_prefix_cache(moved).await.expect("reset"));
+    let text = prompt(50, 50);
+    complete(&client, pods[moved], &text).await;
+    prompts.push(text);
+    eventually("the survivor's index equals the caches", async || {
+        index_matches_caches(&mesh, &fleet, &pods, &prompts, model, block_size).await
+    })
+    .await;
+    survivor.shutdown(Duration::from_secs(1)).await;
+    fleet.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

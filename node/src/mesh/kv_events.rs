@@ -7,11 +7,14 @@
 //!
 //! Taking over a pod: the engine-key → request-key map lives only at the node that built
 //! it, so a new owner cannot resume mid-stream (every later `BlockStored` would be an
-//! orphan, every `BlockRemoved` unresolvable). It clears the pod's entries tier-wide and
-//! replays the stream from sequence 0: with the pod's replay socket and a buffer that still
-//! holds the start, the map is rebuilt exactly; otherwise the subscriber reports the loss,
-//! the pod is cleared again and the index holds what arrives from then on (it under-reports
-//! the pod, it never over-reports it).
+//! orphan, every `BlockRemoved` unresolvable). It subscribes from sequence 0 and, at the
+//! first update the stream yields, clears the pod tier-wide and applies the stream from
+//! there: with the pod's replay socket and a buffer that still holds the start, the map is
+//! rebuilt exactly; otherwise the subscriber reports the loss and the index holds what
+//! arrives from then on (it under-reports the pod, it never over-reports it). The clear
+//! waits for that first update because the subscriber only replays once the pod publishes
+//! again: until then the pod's cache has not changed, so the entries the previous follower
+//! left are still right, and clearing them early would only lose hits on an idle pod.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -249,12 +252,14 @@ async fn follow_pod(
         opts.default_model.clone(),
         opts.max_blocks_per_pod,
     );
-    // Entries another node derived for this pod are not in our map: drop them first.
     let mut ops = Vec::new();
-    applier.clear(&stats, &mut ops);
-    apply_ops(&mesh, std::mem::take(&mut ops), &stats);
     let (_subscriber, mut updates) = Subscriber::spawn(cfg);
+    let mut first = true;
     while let Some(update) = updates.recv().await {
+        if std::mem::take(&mut first) {
+            // Entries another follower derived for this pod are not in our map (module doc).
+            applier.clear(&stats, &mut ops);
+        }
         applier.handle_update(&update, &stats, &mut ops);
         apply_ops(&mesh, std::mem::take(&mut ops), &stats);
     }
@@ -269,17 +274,13 @@ pub async fn run(
 ) {
     let opts = Arc::new(opts);
     let mut owned = mesh.owned_pods();
-    let mut following: HashMap<PodId, JoinHandle<()>> = HashMap::new();
+    // Aborted on drop: when this task is aborted (the app stops or crashes), no follower
+    // may outlive it holding the mesh.
+    let mut following: HashMap<PodId, Follower> = HashMap::new();
     loop {
         let now: HashSet<PodId> = owned.borrow_and_update().iter().cloned().collect();
-        // Lost ownership: stop (the new owner clears and rebuilds).
-        following.retain(|pod, task| {
-            let keep = now.contains(pod) && !task.is_finished();
-            if !keep {
-                task.abort();
-            }
-            keep
-        });
+        // Lost ownership: stop (dropping the follower aborts it; the new owner rebuilds).
+        following.retain(|pod, task| now.contains(pod) && !task.0.is_finished());
         for pod in now {
             if following.contains_key(&pod) {
                 continue;
@@ -295,15 +296,21 @@ pub async fn run(
                 opts.clone(),
                 stats.clone(),
             ));
-            following.insert(pod, task);
+            following.insert(pod, Follower(task));
         }
         tokio::select! {
             r = owned.changed() => if r.is_err() { break },
             _ = shutdown.wait_for(|s| *s) => break,
         }
     }
-    for (_, task) in following {
-        task.abort();
+}
+
+/// A pod follower's task, aborted when dropped.
+struct Follower(JoinHandle<()>);
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
