@@ -353,6 +353,15 @@ async fn owner_index_follows_the_pods_caches() {
         "{:?}",
         mesh.stats()
     );
+    let page = support::get(&client, app.metrics_addr.expect("metrics on"), "/metrics")
+        .await
+        .expect("metrics page");
+    let text = String::from_utf8_lossy(&page.body);
+    let forgets = text
+        .lines()
+        .find_map(|l| l.strip_prefix("infermesh_mesh_prefix_forgets_applied_total "))
+        .and_then(|v| v.parse::<u64>().ok());
+    assert!(forgets.is_some_and(|n| n >= 3), "{text}");
     app.shutdown(Duration::from_secs(1)).await;
     fleet.shutdown().await;
 }
