@@ -362,6 +362,11 @@ async fn owner_index_follows_the_pods_caches() {
         .find_map(|l| l.strip_prefix("infermesh_mesh_prefix_forgets_applied_total "))
         .and_then(|v| v.parse::<u64>().ok());
     assert!(forgets.is_some_and(|n| n >= 3), "{text}");
+    assert!(text.contains("infermesh_kv_events_batches_total"), "{text}");
+    assert!(
+        text.contains("infermesh_kv_events_orphans_total 0"),
+        "{text}"
+    );
     app.shutdown(Duration::from_secs(1)).await;
     fleet.shutdown().await;
 }

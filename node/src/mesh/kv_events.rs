@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use infermesh_gossip::{Mesh, PodId};
 use infermesh_kvevents::{KvEvent, Subscriber, SubscriberConfig, Topic, Update};
-use infermesh_scheduler::prefix::{BlockEvent, IndexOp, PodEventState, model_seed};
+use infermesh_scheduler::prefix::{BlockEvent, EventCounters, IndexOp, PodEventState, model_seed};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -101,6 +101,96 @@ pub struct KvEventStats {
     pub clears: AtomicU64,
     /// Ops sent to the mesh.
     pub ops: AtomicU64,
+    /// `BlockStored` events skipped because their parent was unknown.
+    pub orphans: AtomicU64,
+    /// `BlockStored` events skipped as CPU offload (no tokens, or not on GPU).
+    pub offload_skipped: AtomicU64,
+    /// `BlockStored` events whose tokens and hashes disagreed in length.
+    pub malformed: AtomicU64,
+    /// `BlockRemoved` hashes that named no mapped block.
+    pub unknown_removed: AtomicU64,
+    /// Block mappings dropped to stay under the per-pod cap.
+    pub evicted: AtomicU64,
+}
+
+impl KvEventStats {
+    /// Adds what `after` counted beyond `before` (one pod state, around one event).
+    fn add_delta(&self, before: EventCounters, after: EventCounters) {
+        let pairs = [
+            (&self.orphans, after.orphans - before.orphans),
+            (
+                &self.offload_skipped,
+                after.offload_skipped - before.offload_skipped,
+            ),
+            (&self.malformed, after.malformed - before.malformed),
+            (
+                &self.unknown_removed,
+                after.unknown_removed - before.unknown_removed,
+            ),
+            (&self.evicted, after.evicted - before.evicted),
+        ];
+        for (counter, n) in pairs {
+            if n > 0 {
+                counter.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Appends the counters as a Prometheus text exposition (`infermesh_kv_events_*`).
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let counters: [(&str, &str, &AtomicU64); 10] = [
+            ("batches", "Event batches applied", &self.batches),
+            (
+                "batches_without_model",
+                "Event batches skipped: no model in the topic or the config",
+                &self.batches_without_model,
+            ),
+            (
+                "extra_keys_skipped",
+                "BlockStored events skipped for extra_keys (multimodal or salted blocks)",
+                &self.extra_keys_skipped,
+            ),
+            (
+                "clears",
+                "Pod clears sent (events, restarts, losses, takeovers)",
+                &self.clears,
+            ),
+            ("ops", "Index ops sent to the mesh", &self.ops),
+            (
+                "orphans",
+                "BlockStored events with an unknown parent",
+                &self.orphans,
+            ),
+            (
+                "offload_skipped",
+                "BlockStored events skipped as CPU offload",
+                &self.offload_skipped,
+            ),
+            (
+                "malformed",
+                "BlockStored events whose tokens and hashes disagree",
+                &self.malformed,
+            ),
+            (
+                "unknown_removed",
+                "BlockRemoved hashes naming no mapped block",
+                &self.unknown_removed,
+            ),
+            (
+                "evicted",
+                "Block mappings dropped at the per-pod cap",
+                &self.evicted,
+            ),
+        ];
+        for (name, help, v) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP infermesh_kv_events_{name} {help}.\n# TYPE infermesh_kv_events_{name} counter\ninfermesh_kv_events_{name}_total {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+    }
 }
 
 /// One pod's event state across the models it serves; sans IO.
@@ -159,7 +249,9 @@ impl PodApplier {
                             self.max_blocks,
                         )
                     });
+                    let before = state.counters();
                     state.handle_event(e, out);
+                    stats.add_delta(before, state.counters());
                 }
             }
             // State derived from before the loss or restart may be stale: start over.

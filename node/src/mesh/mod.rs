@@ -128,9 +128,14 @@ pub fn render_stats(s: &StatsSnapshot, members: usize, out: &mut String) {
 pub fn insert_stats(body: &mut String, s: &StatsSnapshot, members: usize) {
     let mut extra = String::new();
     render_stats(s, members, &mut extra);
+    insert_before_eof(body, &extra);
+}
+
+/// Inserts `extra` into a rendered exposition, before its `# EOF` line if any.
+pub fn insert_before_eof(body: &mut String, extra: &str) {
     match body.rfind("# EOF") {
-        Some(i) => body.insert_str(i, &extra),
-        None => body.push_str(&extra),
+        Some(i) => body.insert_str(i, extra),
+        None => body.push_str(extra),
     }
 }
 

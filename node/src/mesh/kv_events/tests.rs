@@ -124,6 +124,39 @@ fn no_model_extra_keys_clears_and_losses() {
 }
 
 #[test]
+fn applier_counters_add_up_across_pods_and_render() {
+    let stats = KvEventStats::default();
+    let mut ops = Vec::new();
+    for pod in ["a", "b"] {
+        let mut a = PodApplier::new(pod, Some("m".into()), 100);
+        // An orphan, then a removal of a block never stored.
+        a.handle_update(
+            &batch("", vec![stored(vec![1], Some(9), vec![1, 2])]),
+            &stats,
+            &mut ops,
+        );
+        let removed = KvEvent::BlockRemoved {
+            block_hashes: vec![5],
+            medium: None,
+            group_idx: None,
+        };
+        a.handle_update(&batch("", vec![removed]), &stats, &mut ops);
+    }
+    assert_eq!(stats.orphans.load(Ordering::Relaxed), 2);
+    assert_eq!(stats.unknown_removed.load(Ordering::Relaxed), 2);
+    let mut text = String::new();
+    stats.render(&mut text);
+    assert!(
+        text.contains("infermesh_kv_events_orphans_total 2\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("infermesh_kv_events_batches_total 4\n"),
+        "{text}"
+    );
+}
+
+#[test]
 fn subscriber_config_uses_defaults_and_per_pod_ports() {
     let mut opts = KvEventsOptions::default();
     let c = opts.subscriber_config("10.0.0.1:8000").unwrap();
