@@ -366,3 +366,96 @@ fn mirrors_a_sim_engine() {
     assert_eq!(totals.orphans, 0, "a complete stream has no orphans");
     assert_eq!(totals.unknown_removed, 0, "{totals:?}");
 }
+
+mod prop {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// Store `blocks` new engine blocks after the `parent`-th key seen so far (or at a
+        /// prompt's start), with tokens from a tiny alphabet so request keys collide.
+        Store {
+            parent: Option<usize>,
+            blocks: usize,
+            token: u32,
+        },
+        /// Remove the `i`-th and `j`-th keys seen so far (mapped or not).
+        Remove {
+            i: usize,
+            j: usize,
+        },
+        /// Store the `i`-th key seen so far again, as a prompt's first block with `token`
+        /// (the same content refreshes it; other content replaces it).
+        Restore {
+            i: usize,
+            token: u32,
+        },
+        Clear,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            6 => (proptest::option::of(0usize..64), 1usize..4, 0u32..3)
+                .prop_map(|(parent, blocks, token)| Step::Store { parent, blocks, token }),
+            3 => (0usize..64, 0usize..64).prop_map(|(i, j)| Step::Remove { i, j }),
+            2 => (0usize..64, 0u32..3).prop_map(|(i, token)| Step::Restore { i, token }),
+            1 => Just(Step::Clear),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// Whatever the stream (orphans, unknown removals, colliding keys, clears, the cap),
+        /// the owners' view built from the ops equals what the applier says the pod holds,
+        /// and the map stays under its cap.
+        #[test]
+        fn owners_view_always_equals_holdings(
+            steps in proptest::collection::vec(step(), 1..80),
+            cap in 1usize..12,
+        ) {
+            let mut s = PodEventState::with_capacity("p", model_seed(MODEL), cap);
+            let mut owners = Owners::default();
+            let mut seen: Vec<u64> = Vec::new();
+            let mut next = 1u64;
+            let mut ops = Vec::new();
+            for st in steps {
+                ops.clear();
+                match st {
+                    Step::Store { parent, blocks, token } => {
+                        let keys: Vec<u64> = (0..blocks as u64).map(|i| next + i).collect();
+                        next += blocks as u64;
+                        let parent = parent.and_then(|p| seen.get(p).copied());
+                        let tokens = vec![token; blocks * 2];
+                        s.handle_event(stored(&keys, parent, &tokens), &mut ops);
+                        seen.extend(&keys);
+                    }
+                    Step::Remove { i, j } => {
+                        let keys: Vec<u64> =
+                            [i, j].iter().filter_map(|&k| seen.get(k).copied()).collect();
+                        s.handle_event(
+                            BlockEvent::Removed { engine_keys: &keys, medium: None },
+                            &mut ops,
+                        );
+                    }
+                    Step::Restore { i, token } => {
+                        if let Some(&k) = seen.get(i) {
+                            s.handle_event(stored(&[k], None, &[token, token]), &mut ops);
+                        }
+                    }
+                    Step::Clear => s.handle_event(BlockEvent::Cleared, &mut ops),
+                }
+                owners.apply(&ops);
+                prop_assert!(s.len() <= cap);
+                prop_assert_eq!(owners.pairs(), s.held().collect::<HashSet<_>>());
+                // Every mapped engine key is held under its anchor.
+                for e in s.engine_keys() {
+                    let (req, anchor) = s.resolve(e).unwrap();
+                    prop_assert!(owners.pairs().contains(&(anchor, req)));
+                }
+            }
+        }
+    }
+}
