@@ -23,7 +23,9 @@ use crate::ring::{NodeId, Owners, Ring};
 use crate::rpc::{Dispatch, RpcError, Transport};
 use crate::stats::{Stats, StatsSnapshot};
 use crate::tls::{TlsError, TlsIdentity};
-use crate::wire::{OneWay, PodMetrics, PrefixMatch, PrefixRecord, RemoteError, Request, Response};
+use crate::wire::{
+    OneWay, PodMetrics, PrefixMatch, PrefixRecord, PrefixRemoval, RemoteError, Request, Response,
+};
 
 /// Starting the mesh failed; nothing is left running.
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +131,7 @@ impl Dispatch for Shared {
                     self.shards.record(r.anchor, &r.hashes, r.endpoint.as_str());
                 }
             }
+            OneWay::PrefixOps(ops) => self.shards.apply_ops(&ops, &self.stats),
             OneWay::PrefixHandoff(entries) => {
                 Stats::add(&self.stats.prefix_handoff_anchors_in, entries.len() as u64);
                 for e in &entries {
@@ -536,6 +539,37 @@ impl Mesh {
             }));
         }
         local
+    }
+
+    /// Removes blocks `endpoint` evicted at the anchor's owners (here if this node owns
+    /// it, batched in order with records otherwise); true when this node is one of them.
+    pub fn prefix_remove(&self, anchor: u64, hashes: Vec<u64>, endpoint: PodId) -> bool {
+        let ring = self.ring();
+        let owners = ring.owners(anchor, self.config.prefix.replicas.get());
+        let local = owners.contains(&&self.shared.me);
+        let remote = owners.len() > usize::from(local);
+        if local {
+            Stats::add(&self.shared.stats.prefix_removals_applied, 1);
+            self.shared
+                .shards
+                .remove(anchor, &hashes, endpoint.as_str());
+        }
+        if remote {
+            let _ = self.prefix_tx.send(owner::Input::Remove(PrefixRemoval {
+                anchor,
+                hashes,
+                endpoint,
+            }));
+        }
+        local
+    }
+
+    /// Drops `endpoint` from the owner-side index on every node (its cache was cleared,
+    /// it restarted, or its events were lost).
+    pub fn prefix_forget_endpoint(&self, endpoint: PodId) {
+        Stats::add(&self.shared.stats.prefix_forgets_applied, 1);
+        self.shared.shards.forget_endpoint(endpoint.as_str());
+        let _ = self.prefix_tx.send(owner::Input::Forget(endpoint));
     }
 
     /// Block entries this node's owner-side index holds.

@@ -66,6 +66,12 @@ counters! {
     prefix_record_bytes_out,
     /// Prefix records applied at this node as an owner (local and remote).
     prefix_records_applied,
+    /// Prefix removals (from KV events) sent to remote owners.
+    prefix_removals_out,
+    /// Prefix removals applied at this node as an owner (local and remote).
+    prefix_removals_applied,
+    /// Endpoint clears applied at this node (local and remote).
+    prefix_forgets_applied,
     /// Anchors handed to new owners.
     prefix_handoff_anchors_out,
     /// Anchors received by handoff.

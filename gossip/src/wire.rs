@@ -11,8 +11,11 @@ use crate::pod::PodId;
 use crate::ring::NodeId;
 
 /// Version of the mesh RPC protocol this build speaks (2: a load batch's scrape entry
-/// carries [`PodState`], so an owner can announce a pod that stopped answering).
-pub const PROTOCOL_VERSION: u16 = 2;
+/// carries [`PodState`], so an owner can announce a pod that stopped answering; 3:
+/// [`OneWay::PrefixOps`], removals and endpoint clears from KV events — a v2 node would
+/// drop them as malformed and keep blocks the pods no longer hold, so v2 is refused by
+/// version instead).
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Largest frame a peer accepts (handoff batches are chunked well below this).
 pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
@@ -99,6 +102,31 @@ pub enum OneWay {
         /// Opaque bytes.
         payload: Vec<u8>,
     },
+    /// Index changes from KV events, applied in this order (a record and the removal of
+    /// the same block must not swap, so they travel in one ordered list).
+    PrefixOps(Vec<PrefixOp>),
+}
+
+/// One change to an owner's prefix index.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PrefixOp {
+    /// `endpoint` holds these blocks.
+    Record(PrefixRecord),
+    /// `endpoint` no longer holds these blocks.
+    Remove(PrefixRemoval),
+    /// `endpoint` holds nothing under any anchor (sent to every node).
+    ForgetEndpoint(PodId),
+}
+
+/// Blocks an endpoint no longer holds, all under one anchor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrefixRemoval {
+    /// First block hash of the chain the blocks belong to (selects the owners).
+    pub anchor: u64,
+    /// The removed block hashes (any position in the chain).
+    pub hashes: Vec<u64>,
+    /// The endpoint that evicted them.
+    pub endpoint: PodId,
 }
 
 /// Per-endpoint result of matching a chain: llm-d `PrefixCacheMatchInfo` inputs.
@@ -310,6 +338,34 @@ mod tests {
             Err(FrameError::Malformed)
         );
         assert_eq!(decode::<Request>(&[]), Err(FrameError::Malformed));
+    }
+
+    #[test]
+    fn prefix_ops_roundtrip_in_order_and_v2_frames_are_refused() {
+        let me = NodeId::new("n1");
+        let ops = OneWay::PrefixOps(vec![
+            PrefixOp::Record(PrefixRecord {
+                anchor: 1,
+                hashes: vec![1, 2],
+                endpoint: PodId::new("10.0.0.1:8000"),
+            }),
+            PrefixOp::Remove(PrefixRemoval {
+                anchor: 1,
+                hashes: vec![2],
+                endpoint: PodId::new("10.0.0.1:8000"),
+            }),
+            PrefixOp::ForgetEndpoint(PodId::new("10.0.0.2:8000")),
+        ]);
+        let f: Frame<OneWay> = decode(&encode(&me, &ops)).unwrap();
+        assert_eq!(f.body, ops);
+        // A v2 peer's records (same body layout) are refused by version.
+        let v2 = postcard::to_allocvec(&Frame {
+            version: 2u16,
+            from: me,
+            body: OneWay::PrefixRecords(vec![]),
+        })
+        .unwrap();
+        assert_eq!(decode::<OneWay>(&v2), Err(FrameError::Version(2)));
     }
 
     #[test]

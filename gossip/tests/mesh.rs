@@ -235,6 +235,75 @@ async fn prefix_lookups_match_wherever_the_request_lands_and_survive_owner_loss(
     );
 }
 
+/// KV-event removals and endpoint clears reach the anchors' owners from any node, and a
+/// record followed by its removal through one node applies in that order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefix_removals_and_endpoint_clears_reach_every_owner() {
+    let nodes = cluster(3).await;
+    let chains: Vec<Vec<u64>> = (0..12u64)
+        .map(|i| {
+            let anchor = (i + 101).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            vec![anchor, anchor ^ 1, anchor ^ 2, anchor ^ 3]
+        })
+        .collect();
+    let (evicts, cleared, kept) = ("10.3.0.1:8000", "10.3.0.2:8000", "10.3.0.3:8000");
+    for (i, c) in chains.iter().enumerate() {
+        let via = &nodes[i % 3];
+        for ep in [evicts, cleared, kept] {
+            via.prefix_record(c[0], c.clone(), ep.into());
+        }
+    }
+    let expect = |e: u32, c: u32, k: u32| {
+        move |m: &infermesh_gossip::PrefixMatch| {
+            m.blocks_for(evicts) == e && m.blocks_for(cleared) == c && m.blocks_for(kept) == k
+        }
+    };
+    wait_for_async("records reach every owner", || {
+        every_lookup(&nodes, &chains, expect(4, 4, 4))
+    })
+    .await;
+
+    // The pod evicts the two tail blocks of every chain; the removal is sent from a node
+    // other than the one that recorded, so most go to remote owners.
+    for (i, c) in chains.iter().enumerate() {
+        nodes[(i + 1) % 3].prefix_remove(c[0], c[2..].to_vec(), evicts.into());
+    }
+    // A block stored and evicted again in quick succession ends up removed.
+    for c in &chains {
+        nodes[0].prefix_record(c[0], c[..3].to_vec(), evicts.into());
+        nodes[0].prefix_remove(c[0], vec![c[2]], evicts.into());
+    }
+    nodes[2].prefix_forget_endpoint(cleared.into());
+    wait_for_async("removals and the clear apply everywhere", || {
+        every_lookup(&nodes, &chains, expect(2, 0, 4))
+    })
+    .await;
+    let stats: Vec<_> = nodes.iter().map(|m| m.stats()).collect();
+    assert!(stats.iter().any(|s| s.prefix_removals_out > 0));
+    assert!(stats.iter().map(|s| s.prefix_removals_applied).sum::<u64>() >= 2 * 12);
+    assert!(
+        stats.iter().all(|s| s.prefix_forgets_applied == 1),
+        "every node forgot once"
+    );
+}
+
+/// Every node's lookup of every chain satisfies `ok`.
+async fn every_lookup(
+    nodes: &[Mesh],
+    chains: &[Vec<u64>],
+    ok: impl Fn(&infermesh_gossip::PrefixMatch) -> bool + Copy,
+) -> bool {
+    let lookups = nodes.iter().flat_map(|m| {
+        chains
+            .iter()
+            .map(move |c| async move { m.prefix_lookup(c[0], c).await.is_some_and(|r| ok(&r)) })
+    });
+    futures::future::join_all(lookups)
+        .await
+        .into_iter()
+        .all(|ok| ok)
+}
+
 /// Every node's lookup of every chain returns the recorded match.
 async fn all_match(nodes: &[Mesh], chains: &[Vec<u64>]) -> bool {
     let lookups = nodes.iter().flat_map(|m| {

@@ -209,6 +209,7 @@ fn metrics_router(
     metrics: Arc<NodeMetrics>,
     pool: SharedPool,
     mesh: Option<&Arc<infermesh_gossip::Mesh>>,
+    kv_stats: Option<Arc<crate::mesh::kv_events::KvEventStats>>,
     xds: crate::xds::XdsFeed,
 ) -> axum::Router {
     let mesh_stats = mesh.map(Arc::downgrade);
@@ -219,6 +220,11 @@ fn metrics_router(
             if let Some(mesh) = mesh_stats.as_ref().and_then(std::sync::Weak::upgrade) {
                 let members = mesh.members().borrow().members.len();
                 crate::mesh::insert_stats(&mut body, &mesh.stats(), members);
+            }
+            if let Some(kv) = &kv_stats {
+                let mut extra = String::new();
+                kv.render(&mut extra);
+                crate::mesh::insert_before_eof(&mut body, &extra);
             }
             async move {
                 (
@@ -303,6 +309,11 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
     let sharing = mesh
         .clone()
         .filter(|_| cfg.mesh.as_ref().is_some_and(|m| m.sharing));
+    // KV events need a sharing mesh: one index for the tier, fed by each pod's owner.
+    let kv_stats: Option<Arc<crate::mesh::kv_events::KvEventStats>> = sharing
+        .as_ref()
+        .and(cfg.kv_events.as_ref())
+        .map(|_| Arc::default());
     let pool_task = match &sharing {
         Some(m) => {
             tasks.spawn(crate::mesh::load::forward_owned(
@@ -315,6 +326,14 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
                 pool.clone(),
                 shutdown_rx.clone(),
             ));
+            if let (Some(kv), Some(stats)) = (&cfg.kv_events, &kv_stats) {
+                tasks.spawn(crate::mesh::kv_events::run(
+                    m.clone(),
+                    kv.clone(),
+                    stats.clone(),
+                    shutdown_rx.clone(),
+                ));
+            }
             pool_task.with_mesh(m.clone())
         }
         None => pool_task,
@@ -459,7 +478,13 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
         crate::serve::spawn_http(&mut tasks, "proxy", l, app, shutdown_rx.clone());
     }
     if let Some(l) = metrics_listener {
-        let app = metrics_router(metrics.clone(), pool.clone(), mesh.as_ref(), xds.clone());
+        let app = metrics_router(
+            metrics.clone(),
+            pool.clone(),
+            mesh.as_ref(),
+            kv_stats.clone(),
+            xds.clone(),
+        );
         crate::serve::spawn_http(&mut tasks, "metrics", l, app, shutdown_rx.clone());
     }
 

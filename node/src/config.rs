@@ -68,6 +68,9 @@ pub struct NodeConfig {
     pub xds: crate::xds::XdsOptions,
     /// TLS on the gRPC port (ext_proc, ADS, health); `None` = plaintext.
     pub grpc_tls: Option<crate::tls::ServerTlsSettings>,
+    /// Follow the owned pods' KV events into the mesh's prefix index (needs a sharing
+    /// mesh); `None` = off.
+    pub kv_events: Option<crate::mesh::kv_events::KvEventsOptions>,
 }
 
 /// Raw settings as flags give them (every field has llm-d's default where one exists).
@@ -293,6 +296,7 @@ impl NodeConfig {
             mesh: None,
             xds: Default::default(),
             grpc_tls: None,
+            kv_events: None,
         })
     }
 

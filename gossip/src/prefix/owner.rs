@@ -8,11 +8,12 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 
 use crate::membership::MemberSet;
+use crate::pod::PodId;
 use crate::prefix::store::PrefixStore;
 use crate::ring::{NodeId, Ring};
 use crate::rpc::Transport;
 use crate::stats::Stats;
-use crate::wire::{self, HandoffEntry, OneWay, PrefixMatch, PrefixRecord};
+use crate::wire::{self, HandoffEntry, OneWay, PrefixMatch, PrefixOp, PrefixRecord, PrefixRemoval};
 
 /// Builds one index shard given its capacity in block entries.
 pub type StoreFactory = Arc<dyn Fn(usize) -> Box<dyn PrefixStore> + Send + Sync>;
@@ -45,6 +46,36 @@ impl Shards {
 
     pub(crate) fn record(&self, anchor: u64, hashes: &[u64], endpoint: &str) {
         self.shard(anchor).lock().record(anchor, hashes, endpoint);
+    }
+
+    pub(crate) fn remove(&self, anchor: u64, hashes: &[u64], endpoint: &str) {
+        self.shard(anchor).lock().remove(anchor, hashes, endpoint);
+    }
+
+    pub(crate) fn forget_endpoint(&self, endpoint: &str) {
+        for shard in self.shards.iter() {
+            shard.lock().forget_endpoint(endpoint);
+        }
+    }
+
+    /// Applies ops in order, counting them.
+    pub(crate) fn apply_ops(&self, ops: &[PrefixOp], stats: &Stats) {
+        for op in ops {
+            match op {
+                PrefixOp::Record(r) => {
+                    Stats::add(&stats.prefix_records_applied, 1);
+                    self.record(r.anchor, &r.hashes, r.endpoint.as_str());
+                }
+                PrefixOp::Remove(r) => {
+                    Stats::add(&stats.prefix_removals_applied, 1);
+                    self.remove(r.anchor, &r.hashes, r.endpoint.as_str());
+                }
+                PrefixOp::ForgetEndpoint(ep) => {
+                    Stats::add(&stats.prefix_forgets_applied, 1);
+                    self.forget_endpoint(ep.as_str());
+                }
+            }
+        }
     }
 
     pub(crate) fn import(&self, entry: &HandoffEntry) {
@@ -102,6 +133,10 @@ impl Shards {
 pub(crate) enum Input {
     /// Send this record to its remote owners (local ownership was applied by the caller).
     Record(PrefixRecord),
+    /// Send this removal to its remote owners (applied locally by the caller).
+    Remove(PrefixRemoval),
+    /// Tell every other node to forget this endpoint (applied locally by the caller).
+    Forget(PodId),
 }
 
 pub(crate) struct Settings {
@@ -120,22 +155,46 @@ pub(crate) async fn run(
 ) {
     let me = transport.me().clone();
     let mut ring = members.borrow_and_update().ring.clone();
-    let mut pending: HashMap<NodeId, Vec<PrefixRecord>> = HashMap::new();
+    // One ordered queue per peer: a record and a later removal of the same block reach
+    // the owner in one message, in order. (Two messages may still apply out of order at
+    // the receiver, which handles each stream on its own task; see `flush`.)
+    let mut pending: HashMap<NodeId, Vec<PrefixOp>> = HashMap::new();
+    let mut senders = Senders::new(transport.clone());
     let mut tick = tokio::time::interval(settings.flush_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             input = inputs.recv() => {
-                let Some(Input::Record(rec)) = input else { return };
-                for owner in ring.owners(rec.anchor, settings.replicas) {
+                let Some(input) = input else { return };
+                let (anchor, op) = match input {
+                    Input::Record(rec) => (rec.anchor, PrefixOp::Record(rec)),
+                    Input::Remove(rem) => (rem.anchor, PrefixOp::Remove(rem)),
+                    Input::Forget(endpoint) => {
+                        // Every node may own some anchor of the endpoint: everyone gets it,
+                        // queued behind what was already pending for them and sent now.
+                        for peer in ring.nodes() {
+                            if *peer == me {
+                                continue;
+                            }
+                            // Queued, not sent at once: the follower's records come right
+                            // behind it and must not overtake it.
+                            pending
+                                .entry(peer.clone())
+                                .or_default()
+                                .push(PrefixOp::ForgetEndpoint(endpoint.clone()));
+                        }
+                        continue;
+                    }
+                };
+                for owner in ring.owners(anchor, settings.replicas) {
                     if *owner == me {
                         continue;
                     }
                     let queue = pending.entry(owner.clone()).or_default();
-                    queue.push(rec.clone());
+                    queue.push(op.clone());
                     if queue.len() >= settings.batch_max {
                         let batch = std::mem::take(queue);
-                        send_records(&transport, owner.clone(), batch, &stats);
+                        flush(&mut senders, owner.clone(), batch, &stats);
                     }
                 }
             }
@@ -153,30 +212,92 @@ pub(crate) async fn run(
             _ = tick.tick() => {
                 for (peer, queue) in pending.iter_mut() {
                     if !queue.is_empty() {
-                        send_records(&transport, peer.clone(), std::mem::take(queue), &stats);
+                        flush(&mut senders, peer.clone(), std::mem::take(queue), &stats);
                     }
                 }
                 pending.retain(|peer, _| ring.contains(peer));
+                senders.retain(&ring);
             }
         }
     }
 }
 
-fn send_records(
-    transport: &Arc<Transport>,
-    peer: NodeId,
-    batch: Vec<PrefixRecord>,
-    stats: &Arc<Stats>,
-) {
-    Stats::add(&stats.prefix_records_out, batch.len() as u64);
-    let bytes = wire::encode(transport.me(), &OneWay::PrefixRecords(batch));
-    Stats::add(&stats.prefix_record_bytes_out, bytes.len() as u64);
-    let transport = transport.clone();
-    tokio::spawn(async move {
-        if let Err(e) = transport.send_encoded(&peer, &bytes).await {
-            tracing::debug!(%peer, error = %e, "prefix records not delivered");
+/// One task per peer sending its prefix messages one after the other, so a peer gets them
+/// in the order they were flushed (a spawned task per message could start in any order).
+struct Senders {
+    transport: Arc<Transport>,
+    peers: HashMap<NodeId, mpsc::UnboundedSender<Vec<u8>>>,
+}
+
+impl Senders {
+    fn new(transport: Arc<Transport>) -> Senders {
+        Senders {
+            transport,
+            peers: HashMap::new(),
         }
-    });
+    }
+
+    fn me(&self) -> &NodeId {
+        self.transport.me()
+    }
+
+    fn send(&mut self, peer: NodeId, bytes: Vec<u8>) {
+        let tx = self.peers.entry(peer.clone()).or_insert_with(|| {
+            let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+            let transport = self.transport.clone();
+            tokio::spawn(async move {
+                while let Some(bytes) = rx.recv().await {
+                    if let Err(e) = transport.send_encoded(&peer, &bytes).await {
+                        tracing::debug!(%peer, error = %e, "prefix message not delivered");
+                    }
+                }
+            });
+            tx
+        });
+        let _ = tx.send(bytes);
+    }
+
+    /// Stops the senders of peers that left the ring.
+    fn retain(&mut self, ring: &Ring) {
+        self.peers.retain(|peer, _| ring.contains(peer));
+    }
+}
+
+/// Sends one peer's queued ops: as plain records when that is all they are (the
+/// approximate path's message, unchanged), else as one ordered [`OneWay::PrefixOps`].
+///
+/// Known limit: the receiver handles each message on its own task, so two messages sent
+/// back to back can still apply in either order; a removal can then overtake the record
+/// it undoes when they fall into different flushes, and the block stays listed for the
+/// pod until its next clear or the anchor's LRU eviction.
+fn flush(senders: &mut Senders, peer: NodeId, batch: Vec<PrefixOp>, stats: &Arc<Stats>) {
+    if batch.is_empty() {
+        return;
+    }
+    let (mut records, mut removals) = (0, 0);
+    for op in &batch {
+        match op {
+            PrefixOp::Record(_) => records += 1,
+            PrefixOp::Remove(_) => removals += 1,
+            PrefixOp::ForgetEndpoint(_) => {}
+        }
+    }
+    Stats::add(&stats.prefix_records_out, records);
+    Stats::add(&stats.prefix_removals_out, removals);
+    let bytes = if records == batch.len() as u64 {
+        let records: Vec<PrefixRecord> = batch
+            .into_iter()
+            .filter_map(|op| match op {
+                PrefixOp::Record(r) => Some(r),
+                _ => None,
+            })
+            .collect();
+        wire::encode(senders.me(), &OneWay::PrefixRecords(records))
+    } else {
+        wire::encode(senders.me(), &OneWay::PrefixOps(batch))
+    };
+    Stats::add(&stats.prefix_record_bytes_out, bytes.len() as u64);
+    senders.send(peer, bytes);
 }
 
 fn send_handoff(

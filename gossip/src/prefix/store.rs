@@ -18,6 +18,12 @@ pub trait PrefixStore: Send {
     fn match_chain(&mut self, anchor: u64, hashes: &[u64]) -> PrefixMatch;
     /// Records that `endpoint` was picked for this chain (it now holds these blocks).
     fn record(&mut self, anchor: u64, hashes: &[u64], endpoint: &str);
+    /// Records that `endpoint` no longer holds these blocks of `anchor`'s chain (a KV
+    /// event said so); a block nobody holds any more is dropped.
+    fn remove(&mut self, anchor: u64, hashes: &[u64], endpoint: &str);
+    /// Drops `endpoint` from every block under every anchor (its cache was cleared, it
+    /// restarted, or its events were lost).
+    fn forget_endpoint(&mut self, endpoint: &str);
     /// Anchors currently held.
     fn anchors(&self) -> Vec<u64>;
     /// Everything held under `anchor`, as chains that `record` can replay.
@@ -176,6 +182,53 @@ impl PrefixStore for AnchoredIndex {
         self.evict_to_capacity(anchor);
     }
 
+    fn remove(&mut self, anchor: u64, hashes: &[u64], endpoint: &str) {
+        let Some(&ep) = self.endpoint_ids.get(endpoint) else {
+            return;
+        };
+        let Some(entry) = self.anchors.get_mut(&anchor) else {
+            return;
+        };
+        let mut dropped = 0;
+        for h in hashes {
+            if let Some(block) = entry.blocks.get_mut(h) {
+                block.endpoints.retain(|e| *e != ep);
+                if block.endpoints.is_empty() {
+                    // A child's parent link may now dangle; lookups stop at a missing block
+                    // exactly as at an unheld one, and export stops there too.
+                    entry.blocks.remove(h);
+                    dropped += 1;
+                }
+            }
+        }
+        let emptied = entry.blocks.is_empty();
+        self.blocks -= dropped;
+        if emptied {
+            self.remove_anchor(anchor);
+        }
+    }
+
+    fn forget_endpoint(&mut self, endpoint: &str) {
+        let Some(&ep) = self.endpoint_ids.get(endpoint) else {
+            return;
+        };
+        let mut emptied = Vec::new();
+        for (&anchor, entry) in self.anchors.iter_mut() {
+            let before = entry.blocks.len();
+            entry.blocks.retain(|_, b| {
+                b.endpoints.retain(|e| *e != ep);
+                !b.endpoints.is_empty()
+            });
+            self.blocks -= before - entry.blocks.len();
+            if entry.blocks.is_empty() {
+                emptied.push(anchor);
+            }
+        }
+        for anchor in emptied {
+            self.remove_anchor(anchor);
+        }
+    }
+
     fn anchors(&self) -> Vec<u64> {
         self.anchors.keys().copied().collect()
     }
@@ -198,7 +251,13 @@ impl PrefixStore for AnchoredIndex {
             for &tip in blocks.difference(&parents) {
                 let mut chain = vec![tip];
                 let mut cur = tip;
+                // Only ancestors this endpoint holds: after a KV-event removal an endpoint
+                // can hold a block without its parent, and replaying the chain must not
+                // give it the parent back.
                 while let Some(p) = entry.blocks.get(&cur).and_then(|b| b.parent) {
+                    if !blocks.contains(&p) {
+                        break;
+                    }
                     chain.push(p);
                     cur = p;
                 }
@@ -320,6 +379,78 @@ mod tests {
         ix.remove_anchor(1);
         assert_eq!(ix.len_blocks(), 0);
         assert!(ix.export_anchor(1).is_none());
+    }
+
+    #[test]
+    fn remove_drops_one_endpoint_and_empty_blocks() {
+        let mut ix = AnchoredIndex::new(1000);
+        ix.record(1, &[1, 2, 3], "a");
+        ix.record(1, &[1, 2], "b");
+        ix.remove(1, &[3], "a");
+        assert_eq!(ix.len_blocks(), 2, "block 3 had only a");
+        assert_eq!(ix.match_chain(1, &[1, 2, 3]).blocks_for("a"), 2);
+        ix.remove(1, &[2], "a");
+        let m = ix.match_chain(1, &[1, 2]);
+        assert_eq!((m.blocks_for("a"), m.blocks_for("b")), (1, 2));
+        // Unknown endpoint, anchor or block: nothing changes.
+        ix.remove(1, &[1], "zz");
+        ix.remove(9, &[1], "a");
+        ix.remove(1, &[77], "a");
+        assert_eq!(ix.len_blocks(), 2);
+        ix.remove(1, &[1, 2], "b");
+        ix.remove(1, &[1], "a");
+        assert_eq!(ix.len_blocks(), 0);
+        assert!(ix.anchors().is_empty(), "an emptied anchor goes");
+        assert!(ix.lru.is_empty());
+    }
+
+    #[test]
+    fn forget_endpoint_clears_it_everywhere() {
+        let mut ix = AnchoredIndex::new(1000);
+        ix.record(1, &[1, 2], "a");
+        ix.record(1, &[1], "b");
+        ix.record(5, &[5, 6], "a");
+        ix.forget_endpoint("a");
+        assert_eq!(ix.len_blocks(), 1);
+        assert_eq!(ix.anchors(), vec![1]);
+        assert_eq!(ix.match_chain(1, &[1, 2]).blocks_for("a"), 0);
+        assert_eq!(ix.match_chain(1, &[1, 2]).blocks_for("b"), 1);
+        ix.forget_endpoint("nobody");
+        assert_eq!(ix.len_blocks(), 1);
+        // Recording again after a forget works as new.
+        ix.record(5, &[5], "a");
+        assert_eq!(ix.match_chain(5, &[5, 6]).blocks_for("a"), 1);
+    }
+
+    #[test]
+    fn export_after_removal_gives_no_block_back() {
+        let mut ix = AnchoredIndex::new(1000);
+        ix.record(1, &[1, 2, 3], "a");
+        ix.record(1, &[1, 2], "b");
+        // a lost its middle block but kept the tip (an engine may evict out of order).
+        ix.remove(1, &[2], "a");
+        let entry = ix.export_anchor(1).unwrap();
+        let mut other = AnchoredIndex::new(1000);
+        for c in &entry.chains {
+            other.record(entry.anchor, &c.hashes, c.endpoint.as_str());
+        }
+        for q in [&[1u64, 2, 3][..], &[1], &[3]] {
+            for ep in ["a", "b"] {
+                assert_eq!(
+                    ix.match_chain(1, q).blocks_for(ep),
+                    other.match_chain(1, q).blocks_for(ep),
+                    "{q:?} {ep}"
+                );
+            }
+        }
+        let held_a: Vec<&Vec<u64>> = entry
+            .chains
+            .iter()
+            .filter(|c| c.endpoint.as_str() == "a")
+            .map(|c| &c.hashes)
+            .collect();
+        assert_eq!(held_a.len(), 2, "{held_a:?}");
+        assert!(held_a.iter().all(|c| !c.contains(&2)));
     }
 
     #[test]

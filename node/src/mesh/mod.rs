@@ -27,6 +27,7 @@ pub struct MeshOptions {
     pub sharing: bool,
 }
 
+pub mod kv_events;
 pub mod load;
 pub mod prefix;
 
@@ -36,7 +37,7 @@ use infermesh_gossip::StatsSnapshot;
 
 /// Appends the mesh's counters to a Prometheus text exposition (`infermesh_mesh_*`).
 pub fn render_stats(s: &StatsSnapshot, members: usize, out: &mut String) {
-    let counters: [(&str, &str, u64); 14] = [
+    let counters: [(&str, &str, u64); 17] = [
         (
             "prefix_lookups_local",
             "Prefix lookups answered from this node's own owner index",
@@ -61,6 +62,21 @@ pub fn render_stats(s: &StatsSnapshot, members: usize, out: &mut String) {
             "prefix_records_out",
             "Prefix picks sent to remote owners",
             s.prefix_records_out,
+        ),
+        (
+            "prefix_removals_out",
+            "Prefix removals (from KV events) sent to remote owners",
+            s.prefix_removals_out,
+        ),
+        (
+            "prefix_removals_applied",
+            "Prefix removals (from KV events) applied at this node as an owner",
+            s.prefix_removals_applied,
+        ),
+        (
+            "prefix_forgets_applied",
+            "Endpoint clears (KV-event clears, restarts, losses, takeovers) applied at this node",
+            s.prefix_forgets_applied,
         ),
         (
             "prefix_handoff_anchors_in",
@@ -112,9 +128,14 @@ pub fn render_stats(s: &StatsSnapshot, members: usize, out: &mut String) {
 pub fn insert_stats(body: &mut String, s: &StatsSnapshot, members: usize) {
     let mut extra = String::new();
     render_stats(s, members, &mut extra);
+    insert_before_eof(body, &extra);
+}
+
+/// Inserts `extra` into a rendered exposition, before its `# EOF` line if any.
+pub fn insert_before_eof(body: &mut String, extra: &str) {
     match body.rfind("# EOF") {
-        Some(i) => body.insert_str(i, &extra),
-        None => body.push_str(&extra),
+        Some(i) => body.insert_str(i, extra),
+        None => body.push_str(extra),
     }
 }
 
