@@ -17,5 +17,8 @@ cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace --all-targets
 # --all-targets leaves doctests out; they run here.
 cargo test --workspace --doc
+# A short coverage-guided fuzzing run of every target (AFL++ via cargo-afl; 5 s each);
+# the long run is `scripts/fuzz.sh --execs 1000000 --report bench/results/fuzz.md`.
+scripts/fuzz.sh --seconds 5
 # The CI-sized chaos run, alone on the machine (it loads every core).
 scripts/chaos-ci.sh
