@@ -85,6 +85,16 @@ fn set_accepted(conditions: &mut Vec<Value>, c: Value) -> bool {
     }
 }
 
+/// The array under `key` of a JSON object, created (or replaced, when it holds something
+/// else) empty; `None` when `v` is not an object.
+fn array_at<'a>(v: &'a mut Value, key: &str) -> Option<&'a mut Vec<Value>> {
+    let slot = v.as_object_mut()?.entry(key).or_insert_with(|| json!([]));
+    if !slot.is_array() {
+        *slot = json!([]);
+    }
+    slot.as_array_mut()
+}
+
 /// The object's new `status`, or `None` when it already says this. `tier` names the
 /// tier's parent entry on an InferencePool (its Service name).
 pub fn updated_status(
@@ -98,14 +108,7 @@ pub fn updated_status(
         status = json!({});
     }
     let changed = if review.kind == "InferencePool" {
-        let parents = status
-            .as_object_mut()?
-            .entry("parents")
-            .or_insert_with(|| json!([]));
-        if !parents.is_array() {
-            *parents = json!([]);
-        }
-        let parents = parents.as_array_mut()?;
+        let parents = array_at(&mut status, "parents")?;
         let ours = |p: &Value| {
             let r = p.get("parentRef");
             r.and_then(|r| r.get("group")).and_then(Value::as_str) == Some(PARENT_GROUP)
@@ -115,14 +118,7 @@ pub fn updated_status(
         match parents.iter_mut().find(|p| ours(p)) {
             Some(entry) => {
                 let c = accepted_condition(review, find_accepted(entry.get("conditions")), now);
-                let conds = entry
-                    .as_object_mut()?
-                    .entry("conditions")
-                    .or_insert_with(|| json!([]));
-                if !conds.is_array() {
-                    *conds = json!([]);
-                }
-                set_accepted(conds.as_array_mut()?, c)
+                set_accepted(array_at(entry, "conditions")?, c)
             }
             None => {
                 parents.push(json!({
@@ -135,14 +131,7 @@ pub fn updated_status(
         }
     } else {
         let c = accepted_condition(review, find_accepted(status.get("conditions")), now);
-        let conds = status
-            .as_object_mut()?
-            .entry("conditions")
-            .or_insert_with(|| json!([]));
-        if !conds.is_array() {
-            *conds = json!([]);
-        }
-        set_accepted(conds.as_array_mut()?, c)
+        set_accepted(array_at(&mut status, "conditions")?, c)
     };
     changed.then_some(status)
 }

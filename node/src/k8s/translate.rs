@@ -191,8 +191,13 @@ fn pool_endpoints(
         }
     }
     endpoints.sort_by_key(|e| e.address);
-    let meta: ObjectMeta =
-        serde_json::from_value(managed_meta(&p.metadata.namespace, &p.metadata.name)).ok()?;
+    let meta = ObjectMeta {
+        name: p.metadata.name.clone(),
+        namespace: p.metadata.namespace.clone(),
+        labels: BTreeMap::new(),
+        annotations: BTreeMap::from([(MANAGED_BY.to_owned(), MANAGED_BY_VALUE.to_owned())]),
+        resource_version: None,
+    };
     Some(infermesh_raft_store::policy::Document {
         api_version: infermesh_raft_store::policy::INFERMESH_API_VERSION.into(),
         kind: Kind::InferenceEndpoints.to_string(),
