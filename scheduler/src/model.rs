@@ -168,6 +168,8 @@ pub struct InferenceRequest {
     pub cache_salt: Option<String>,
     /// The prompt carries multimodal items (read by `always-disagg-multimodal-decider`).
     pub multimodal: bool,
+    /// The prompt's token ids from the token producer (precise prefix matching only).
+    pub prompt_tokens: Option<std::sync::Arc<[u32]>>,
 }
 
 impl InferenceRequest {

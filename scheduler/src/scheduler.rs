@@ -16,7 +16,7 @@ use crate::plugins::filters::{
     UtilizationFilter,
 };
 use crate::plugins::pickers::{MaxScorePicker, RandomPicker, WeightedRandomPicker};
-use crate::plugins::prefix::ApproxPrefixProducer;
+use crate::plugins::prefix::{ApproxPrefixProducer, PrecisePrefixProducer, PrefixProducer};
 use crate::plugins::prefix::spread_matches;
 use crate::plugins::profiles::{
     AlwaysDisaggDecider, AlwaysDisaggMultimodalDecider, DisaggDecision, DisaggProfileHandler,
@@ -253,7 +253,7 @@ enum Instance {
 pub struct Scheduler {
     profiles: Vec<Profile>,
     handler: Box<dyn ProfileHandler>,
-    prefix: Option<ApproxPrefixProducer>,
+    prefix: Option<PrefixProducer>,
     pre_request_hooks: Vec<Arc<dyn PreRequest>>,
     response_hooks: Vec<Arc<dyn ResponseComplete>>,
     saturation: SaturationDetector,
@@ -266,6 +266,8 @@ pub struct Scheduler {
     /// `burst-prefix-cache-producer`'s parameters: the caller holds requests for the
     /// window and passes each one's placement to [`Scheduler::schedule_with_burst`].
     burst: Option<BurstPrefixParams>,
+    /// `token-producer`'s parameters when the precise producer runs.
+    token_producer: Option<crate::config::precise::TokenProducerParams>,
 }
 
 fn build(
@@ -312,6 +314,11 @@ fn build(
                 PrefixCacheScorer::new(p).reading_burst(reads_burst),
             ))
         }
+        // The deprecated wrapper scores as a default prefix-cache-scorer over the precise
+        // producer the loader added for it.
+        S::PrecisePrefixCacheScorer(_) => Instance::Scorer(Arc::new(PrefixCacheScorer::new(
+            &crate::config::params::PrefixScorerParams::default(),
+        ))),
         S::KvCacheUtilizationScorer => Instance::Scorer(Arc::new(KvCacheUtilizationScorer)),
         S::QueueScorer => Instance::Scorer(Arc::new(QueueScorer)),
         S::RunningRequestsSizeScorer => Instance::Scorer(Arc::new(RunningRequestsScorer)),
@@ -346,6 +353,9 @@ fn build(
         | S::ApproxPrefixCacheProducer(_)
         | S::InflightLoadProducer(_)
         | S::BurstPrefixCacheProducer(_)
+        | S::PrecisePrefixCacheProducer(_)
+        | S::TokenProducer(_)
+        | S::EndpointNotificationSource
         | S::MetricsDataSource(_)
         | S::CoreMetricsExtractor(_)
         | S::TopologyExtractor(_)
@@ -489,11 +499,22 @@ impl Scheduler {
             cfg.prefix_producer
                 .as_deref()
                 .and_then(|n| match cfg.plugin(n).map(|p| &p.spec) {
-                    Some(PluginSpec::ApproxPrefixCacheProducer(p)) => {
-                        Some(ApproxPrefixProducer::new(p.clone()))
-                    }
+                    Some(PluginSpec::ApproxPrefixCacheProducer(p)) => Some(PrefixProducer::Approx(
+                        ApproxPrefixProducer::new(p.clone()),
+                    )),
+                    Some(PluginSpec::PrecisePrefixCacheProducer(p)) => Some(
+                        PrefixProducer::Precise(PrecisePrefixProducer::new(p.clone())),
+                    ),
                     _ => None,
                 });
+        let token_producer = cfg
+            .token_producer
+            .as_deref()
+            .and_then(|n| match cfg.plugin(n).map(|p| &p.spec) {
+                Some(PluginSpec::TokenProducer(x)) => Some(x.clone()),
+                _ => None,
+            })
+            .filter(|_| prefix.as_ref().is_some_and(|p| p.precise().is_some()));
         Ok(Scheduler {
             profiles,
             handler,
@@ -525,6 +546,7 @@ impl Scheduler {
                 PluginSpec::BurstPrefixCacheProducer(x) => Some(x.clone()),
                 _ => None,
             }),
+            token_producer,
         })
     }
 
@@ -581,9 +603,19 @@ impl Scheduler {
         self.decision_counter.as_ref()
     }
 
+    /// The precise prefix producer, when that is the configured one.
+    pub fn precise_prefix(&self) -> Option<&PrecisePrefixProducer> {
+        self.prefix.as_ref().and_then(|p| p.precise())
+    }
+
+    /// The token producer's parameters, when requests are tokenized (precise only).
+    pub fn token_producer(&self) -> Option<&crate::config::precise::TokenProducerParams> {
+        self.token_producer.as_ref()
+    }
+
     /// The prefix index, when a prefix producer is configured.
     pub fn prefix_index(&self) -> Option<&PrefixIndex> {
-        self.prefix.as_ref().map(|p| p.index())
+        self.prefix.as_ref().and_then(|p| p.index())
     }
 
     /// Runs profile `i`: its picks, and the weighted score of every candidate it scored.
@@ -864,8 +896,8 @@ impl Scheduler {
 
     /// The endpoint left the pool: forget its prefix state.
     pub fn remove_endpoint(&self, addr: SocketAddr) {
-        if let Some(p) = &self.prefix {
-            p.index().remove_endpoint(addr);
+        if let Some(ix) = self.prefix.as_ref().and_then(|p| p.index()) {
+            ix.remove_endpoint(addr);
         }
     }
 

@@ -18,6 +18,7 @@ pub mod error;
 pub mod flow;
 mod locate;
 pub mod params;
+pub mod precise;
 pub mod registry;
 
 use std::fmt;
@@ -205,8 +206,10 @@ pub struct ResolvedConfig {
     /// Names of the request parser plugins in force, in resolution order (llm-d's
     /// registration rules applied: see [`crate::parsers`]).
     pub parsers: Vec<String>,
-    /// Name of the approx prefix producer, when one runs.
+    /// Name of the prefix producer (approx or precise), when one runs.
     pub prefix_producer: Option<String>,
+    /// Name of the token producer the precise producer reads, when it runs.
+    pub token_producer: Option<String>,
     /// Data-layer sources (they configure the node's metrics fetcher).
     pub data_layer: Vec<DataSourceRef>,
     /// `dataLayer.discovery.pluginRef`: the endpoint discovery plugin, when set (the node
@@ -469,6 +472,7 @@ impl Loader<'_> {
         };
         let parsers = self.parsers(&mut plugins, raw.request_handler, raw.parser, &mut warnings)?;
         let prefix_producer = self.prefix_producer(&mut plugins)?;
+        let token_producer = self.token_producer(&mut plugins, &mut warnings)?;
         self.pd_producer_name(&plugins, &profile_handler, prefix_producer.as_deref())?;
         self.consumer_producer_names(&plugins, prefix_producer.as_deref())?;
         self.one_inflight_load(&plugins)?;
@@ -485,6 +489,7 @@ impl Loader<'_> {
             saturation_detector,
             parsers,
             prefix_producer,
+            token_producer,
             data_layer,
             discovery,
             flow_control,
@@ -1319,6 +1324,32 @@ impl Loader<'_> {
         &self,
         plugins: &mut Vec<ResolvedPlugin>,
     ) -> Result<Option<String>, ConfigError> {
+        let approx = plugins
+            .iter()
+            .position(|p| matches!(p.spec, PluginSpec::ApproxPrefixCacheProducer(_)));
+        if let Some(name) = self.precise_producer(plugins, approx)? {
+            let gie = plugins.iter().position(|p| {
+                matches!(
+                    &p.spec,
+                    PluginSpec::PrefixCacheScorer(params::PrefixScorerParams {
+                        producer: Some(_),
+                        ..
+                    })
+                )
+            });
+            if let Some(si) = gie {
+                return Err(ConfigError::InvalidParameter {
+                    plugin: plugins[si].name.clone(),
+                    type_name: "prefix-cache-scorer".into(),
+                    field: "parameters".into(),
+                    message: format!(
+                        "approximate prefix parameters do not apply: the prefix producer is the precise-prefix-cache-producer `{name}`"
+                    ),
+                    location: self.plugin_location(plugins, si),
+                });
+            }
+            return Ok(Some(name));
+        }
         let consumer_scorer_params: Vec<(usize, &params::ApproxPrefixParams)> = plugins
             .iter()
             .enumerate()
@@ -1333,6 +1364,7 @@ impl Loader<'_> {
         let explicit_producer = plugins
             .iter()
             .position(|p| matches!(p.spec, PluginSpec::ApproxPrefixCacheProducer(_)));
+
         let burst = burst_producer(plugins).map(str::to_owned);
         let needs_prefix = plugins.iter().any(|p| match &p.spec {
             // A scorer reading the burst producer's placement needs no prefix index.
@@ -1388,6 +1420,144 @@ impl Loader<'_> {
         };
 
         Ok(prefix_producer)
+    }
+
+    /// The precise producer, when one runs: the one declared, or the one a deprecated
+    /// `precise-prefix-cache-scorer` stands for (added here). infermesh runs one prefix
+    /// producer, so an approx producer beside it is refused.
+    fn precise_producer(
+        &self,
+        plugins: &mut Vec<ResolvedPlugin>,
+        approx: Option<usize>,
+    ) -> Result<Option<String>, ConfigError> {
+        let declared: Vec<usize> = (0..plugins.len())
+            .filter(|&i| matches!(plugins[i].spec, PluginSpec::PrecisePrefixCacheProducer(_)))
+            .collect();
+        let wrappers: Vec<usize> = (0..plugins.len())
+            .filter(|&i| matches!(plugins[i].spec, PluginSpec::PrecisePrefixCacheScorer(_)))
+            .collect();
+        let refuse = |i: usize, field: &str, message: String| ConfigError::InvalidParameter {
+            plugin: plugins[i].name.clone(),
+            type_name: plugins[i].spec.type_name().into(),
+            field: field.into(),
+            message,
+            location: self.plugin_location(plugins, i),
+        };
+        let first = match (declared.as_slice(), wrappers.as_slice()) {
+            ([], []) => return Ok(None),
+            ([_, second, ..], _) => {
+                return Err(refuse(
+                    *second,
+                    "type",
+                    "a second precise-prefix-cache-producer: infermesh runs one prefix producer".into(),
+                ));
+            }
+            ([d], [w, ..]) => {
+                return Err(refuse(
+                    *w,
+                    "type",
+                    format!(
+                        "the deprecated precise-prefix-cache-scorer runs its own producer, and precise-prefix-cache-producer `{}` is also configured; keep the producer and use prefix-cache-scorer",
+                        plugins[*d].name
+                    ),
+                ));
+            }
+            ([d], []) => *d,
+            ([], [w, rest @ ..]) => {
+                if let Some(other) = rest.iter().find(|&&o| plugins[o].spec != plugins[*w].spec) {
+                    return Err(refuse(
+                        *other,
+                        "parameters",
+                        "two precise-prefix-cache-scorers set different parameters; one index serves them all".into(),
+                    ));
+                }
+                *w
+            }
+        };
+        if let Some(a) = approx {
+            return Err(refuse(
+                a,
+                "type",
+                format!(
+                    "infermesh runs one prefix producer, and `{}` ({}) is also configured",
+                    plugins[first].name,
+                    plugins[first].spec.type_name()
+                ),
+            ));
+        }
+        if let PluginSpec::PrecisePrefixCacheScorer(p) = &plugins[first].spec {
+            let name = "precise-prefix-cache-producer";
+            if find(plugins, name).is_some() {
+                return Err(refuse(
+                    first,
+                    "name",
+                    format!("the deprecated scorer adds a producer named `{name}`, and a plugin of that name exists"),
+                ));
+            }
+            let spec = PluginSpec::PrecisePrefixCacheProducer(p.clone());
+            plugins.push(ResolvedPlugin {
+                name: name.into(),
+                written_type: name.into(),
+                spec,
+                defaulted: true,
+            });
+            return Ok(Some(name.into()));
+        }
+        Ok(Some(plugins[first].name.clone()))
+    }
+
+    /// The token producer the precise producer reads: the one declared, else llm-d's
+    /// auto-created `estimate` producer (with a warning: estimated ids match no engine's).
+    fn token_producer(
+        &self,
+        plugins: &mut Vec<ResolvedPlugin>,
+        warnings: &mut Vec<String>,
+    ) -> Result<Option<String>, ConfigError> {
+        let declared: Vec<usize> = (0..plugins.len())
+            .filter(|&i| matches!(plugins[i].spec, PluginSpec::TokenProducer(_)))
+            .collect();
+        if let [_, second, ..] = declared.as_slice() {
+            return Err(ConfigError::InvalidParameter {
+                plugin: plugins[*second].name.clone(),
+                type_name: "token-producer".into(),
+                field: "type".into(),
+                message: "a second token-producer: one tokenizes every request".into(),
+                location: self.plugin_location(plugins, *second),
+            });
+        }
+        let precise = plugins
+            .iter()
+            .any(|p| matches!(p.spec, PluginSpec::PrecisePrefixCacheProducer(_)));
+        if let Some(&i) = declared.first() {
+            if !precise {
+                warnings.push(format!(
+                    "token-producer `{}`: no precise-prefix-cache-producer reads its tokens, so requests are not tokenized",
+                    plugins[i].name
+                ));
+            }
+            return Ok(Some(plugins[i].name.clone()));
+        }
+        if !precise {
+            return Ok(None);
+        }
+        warnings.push(
+            "precise-prefix-cache-producer without a token-producer: llm-d's `estimate` backend is used, whose token ids match no engine's, so precise prefix matches will not be found; configure token-producer with vllm.url or local.tokenizerPath".into(),
+        );
+        let name = "token-producer";
+        if find(plugins, name).is_some() {
+            return Err(ConfigError::Field {
+                field: "plugins".into(),
+                message: format!("the precise producer needs a token-producer; `{name}` names another plugin"),
+                location: None,
+            });
+        }
+        plugins.push(ResolvedPlugin {
+            name: name.into(),
+            written_type: name.into(),
+            spec: PluginSpec::TokenProducer(Default::default()),
+            defaulted: true,
+        });
+        Ok(Some(name.into()))
     }
 
     /// `dataLayer` sources and extractors, with the metrics source added unless
@@ -1612,6 +1782,9 @@ impl fmt::Display for ResolvedConfig {
         write_parsers(f, &self.request_parsers())?;
         if let Some(p) = &self.prefix_producer {
             writeln!(f, "prefixProducer: {p}")?;
+        }
+        if let Some(p) = &self.token_producer {
+            writeln!(f, "tokenProducer: {p}")?;
         }
         writeln!(f, "dataLayer:")?;
         for s in &self.data_layer {

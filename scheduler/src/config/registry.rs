@@ -5,6 +5,7 @@ use serde::de::DeserializeOwned;
 use serde_yaml_ng::Value;
 
 use super::params::*;
+use super::precise::{PrecisePrefixParams, TokenProducerParams};
 use crate::parsers::ParserType;
 
 /// What a plugin is for.
@@ -143,6 +144,17 @@ pub enum PluginSpec {
     AlwaysDisaggMultimodalDecider,
     /// `approx-prefix-cache-producer`
     ApproxPrefixCacheProducer(ApproxPrefixParams),
+    /// `precise-prefix-cache-producer`: prefix matches from the engines' KV events.
+    PrecisePrefixCacheProducer(PrecisePrefixParams),
+    /// `precise-prefix-cache-scorer` (deprecated in llm-d): a `precise-prefix-cache-producer`
+    /// with these parameters plus a `prefix-cache-scorer` reading it.
+    PrecisePrefixCacheScorer(PrecisePrefixParams),
+    /// `token-producer` (alias `tokenizer`): the prompt's token ids, for the precise
+    /// producer (the node runs the backend).
+    TokenProducer(TokenProducerParams),
+    /// `endpoint-notification-source`: tells the precise producer which pods exist (the
+    /// node's pool does this; the plugin is accepted so llm-d configs load).
+    EndpointNotificationSource,
     /// `burst-prefix-cache-producer` (the node holds each request for the window; the
     /// scheduler turns the batch's placement into prefix-match data).
     BurstPrefixCacheProducer(BurstPrefixParams),
@@ -222,6 +234,10 @@ impl PluginSpec {
             PluginSpec::ApproxPrefixCacheProducer(_) => "approx-prefix-cache-producer",
             PluginSpec::InflightLoadProducer(_) => "inflight-load-producer",
             PluginSpec::BurstPrefixCacheProducer(_) => "burst-prefix-cache-producer",
+            PluginSpec::PrecisePrefixCacheProducer(_) => "precise-prefix-cache-producer",
+            PluginSpec::PrecisePrefixCacheScorer(_) => "precise-prefix-cache-scorer",
+            PluginSpec::TokenProducer(_) => "token-producer",
+            PluginSpec::EndpointNotificationSource => "endpoint-notification-source",
             PluginSpec::MetricsDataSource(_) => "metrics-data-source",
             PluginSpec::CoreMetricsExtractor(_) => "core-metrics-extractor",
             PluginSpec::UtilizationDetector(_) => "utilization-detector",
@@ -268,7 +284,8 @@ impl PluginSpec {
             | NoHitLruScorer(_)
             | TopologyAffinityScorer(_)
             | HeaderLabelAffinityScorer(_)
-            | TokenLoadScorer(_) => PluginKind::Scorer,
+            | TokenLoadScorer(_)
+            | PrecisePrefixCacheScorer(_) => PluginKind::Scorer,
             MaxScorePicker(_) | RandomPicker(_) | WeightedRandomPicker(_) => PluginKind::Picker,
             SingleProfileHandler | DisaggProfileHandler(_) | PdProfileHandler(_) => {
                 PluginKind::ProfileHandler
@@ -278,8 +295,10 @@ impl PluginSpec {
             }
             ApproxPrefixCacheProducer(_)
             | InflightLoadProducer(_)
-            | BurstPrefixCacheProducer(_) => PluginKind::DataProducer,
-            MetricsDataSource(_) => PluginKind::DataSource,
+            | BurstPrefixCacheProducer(_)
+            | PrecisePrefixCacheProducer(_)
+            | TokenProducer(_) => PluginKind::DataProducer,
+            MetricsDataSource(_) | EndpointNotificationSource => PluginKind::DataSource,
             CoreMetricsExtractor(_) | TopologyExtractor(_) => PluginKind::DataExtractor,
             UtilizationDetector(_) | ConcurrencyDetector(_) => PluginKind::SaturationDetector,
             Parser(_) => PluginKind::Parser,
@@ -324,6 +343,8 @@ impl PluginSpec {
             ApproxPrefixCacheProducer(p) => j(p),
             InflightLoadProducer(p) => j(p),
             BurstPrefixCacheProducer(p) => j(p),
+            PrecisePrefixCacheProducer(p) | PrecisePrefixCacheScorer(p) => j(p),
+            TokenProducer(p) => j(p),
             LoadAwareScorer(p) => j(p),
             ActiveRequestScorer(p) => j(p),
             NoHitLruScorer(p) => j(p),
@@ -358,6 +379,7 @@ impl PluginSpec {
             | EdfOrderingPolicy
             | SloDeadlineOrderingPolicy
             | SheddableEvictionFilter
+            | EndpointNotificationSource
             | PriorityThenTimeEvictionOrderPolicy => "{}".into(),
         }
     }
@@ -452,26 +474,6 @@ fn check(r: Result<(), ParamProblem>) -> Result<(), SpecError> {
 
 /// llm-d plugin types infermesh knows but does not implement, with the reason.
 const UNSUPPORTED: &[(&str, &str)] = &[
-    (
-        "precise-prefix-cache-scorer",
-        "it needs vLLM KV-cache events over ZMQ, which infermesh does not consume; use prefix-cache-scorer (approximate prefix matching)",
-    ),
-    (
-        "precise-prefix-cache-producer",
-        "it needs vLLM KV-cache events over ZMQ; use approx-prefix-cache-producer",
-    ),
-    (
-        "token-producer",
-        "infermesh does not tokenize prompts (prefix matching works on bytes)",
-    ),
-    (
-        "tokenizer",
-        "infermesh does not tokenize prompts (prefix matching works on bytes)",
-    ),
-    (
-        "endpoint-notification-source",
-        "it feeds KV-cache events to the precise scorer, which infermesh does not support",
-    ),
     (
         "k8s-notification-source",
         "infermesh takes endpoints from its own pool configuration",
@@ -606,6 +608,12 @@ pub const DEPRECATED_ALIASES: &[(&str, &str, &str)] = &[
     ("by-label-selector", "label-selector-filter", "v0.9.0"),
     ("by-label", "label-selector-filter", "v0.9.0"),
     ("pd-profile-handler", "disagg-profile-handler", "v0.7.0"),
+    ("tokenizer", "token-producer", "v0.9.0"),
+    (
+        "precise-prefix-cache-scorer",
+        "precise-prefix-cache-producer + prefix-cache-scorer",
+        "v0.9.0",
+    ),
 ];
 
 /// What the registry makes of a type name (for `config check`).
@@ -718,6 +726,11 @@ pub const KNOWN_TYPES: &[&str] = &[
     "approx-prefix-cache-producer",
     "inflight-load-producer",
     "burst-prefix-cache-producer",
+    "precise-prefix-cache-producer",
+    "precise-prefix-cache-scorer",
+    "token-producer",
+    "tokenizer",
+    "endpoint-notification-source",
     "metrics-data-source",
     "core-metrics-extractor",
     "utilization-detector",
@@ -869,6 +882,28 @@ pub fn parse_spec_with_warnings(
             check(p.validate())?;
             S::ApproxPrefixCacheProducer(p)
         }
+        "precise-prefix-cache-producer" | "precise-prefix-cache-scorer" => {
+            let p: PrecisePrefixParams = parse(params)?;
+            check(p.validate())?;
+            warnings.extend(p.warnings());
+            if type_name == "precise-prefix-cache-scorer" {
+                warnings.push(
+                    "precise-prefix-cache-scorer is deprecated in llm-d: write a precise-prefix-cache-producer and a prefix-cache-scorer with prefixMatchInfoProducerName".into(),
+                );
+                S::PrecisePrefixCacheScorer(p)
+            } else {
+                S::PrecisePrefixCacheProducer(p)
+            }
+        }
+        "token-producer" | "tokenizer" => {
+            let p: TokenProducerParams = parse(params)?;
+            check(p.validate())?;
+            if type_name == "tokenizer" {
+                warnings.push("tokenizer is deprecated in llm-d; use token-producer".into());
+            }
+            S::TokenProducer(p)
+        }
+        "endpoint-notification-source" => none(params).map(|_| S::EndpointNotificationSource)?,
         "burst-prefix-cache-producer" => {
             let p: BurstPrefixParams = parse(params)?;
             check(p.validate())?;
@@ -966,7 +1001,7 @@ mod tests {
                 assert!(matches!(r, Err(SpecError::Param(ref f, _)) if f == "minCeiling"));
             } else {
                 let s = r.unwrap_or_else(|e| panic!("{t}: {e:?}"));
-                if *t != "by-label-selector" {
+                if *t != "by-label-selector" && *t != "tokenizer" {
                     assert_eq!(s.type_name(), *t);
                 }
             }

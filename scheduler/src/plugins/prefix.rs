@@ -1,5 +1,8 @@
-//! `approx-prefix-cache-producer`: hashes the prompt, matches it against the index, and
-//! records the picked endpoints' blocks after a pick.
+//! The prefix producers. `approx-prefix-cache-producer` hashes the prompt's bytes,
+//! matches them against its index and records the picked endpoints' blocks after a pick.
+//! `precise-prefix-cache-producer` keys the prompt's token ids (from the token producer)
+//! as the KV-event applier keys the engines' blocks; its index is the mesh's prefix store,
+//! fed by the engines' events, so it records nothing after a pick.
 
 use std::net::SocketAddr;
 
@@ -7,8 +10,9 @@ use hashbrown::HashMap;
 
 use super::{CycleState, DataProducer, PrefixCycle};
 use crate::config::params::ApproxPrefixParams;
+use crate::config::precise::PrecisePrefixParams;
 use crate::model::{Endpoint, InferenceRequest};
-use crate::prefix::{PrefixIndex, PrefixMatches, hash_prompt_into};
+use crate::prefix::{PrefixIndex, PrefixMatches, hash_prompt_into, request_keys_into, request_seed};
 
 /// The smallest block size autoTune indexes at (llm-d PR #1160): the index keeps one
 /// entry per (endpoint, block), so vLLM's 16-token blocks are matched as 64-token ones to
@@ -118,6 +122,117 @@ impl ApproxPrefixProducer {
     /// Records the chain at `addr` (after a pick).
     pub fn record(&self, addr: SocketAddr, capacity: usize, hashes: &[u64]) {
         self.index.record(addr, capacity, hashes);
+    }
+}
+
+/// The precise producer: request keys over the prompt's tokens; matches come from the
+/// owners of the KV-event index, never from a local one.
+#[derive(Debug)]
+pub struct PrecisePrefixProducer {
+    params: PrecisePrefixParams,
+}
+
+impl PrecisePrefixProducer {
+    /// A producer with `params`.
+    pub fn new(params: PrecisePrefixParams) -> Self {
+        PrecisePrefixProducer { params }
+    }
+
+    /// The producer's parameters (the node reads the event and speculation settings).
+    pub fn params(&self) -> &PrecisePrefixParams {
+        &self.params
+    }
+
+    /// Request keys of `tokens` for `model` (empty when no token ids are known).
+    pub fn keys_into(&self, model: &str, tokens: &[u32], out: &mut Vec<u64>) {
+        let max = match self.params.token_processor_config.max_prefix_blocks_to_match {
+            0 => usize::MAX,
+            n => usize::try_from(n).unwrap_or(usize::MAX),
+        };
+        request_keys_into(
+            request_seed(model, None),
+            tokens,
+            self.params.block_size(),
+            max,
+            out,
+        );
+    }
+
+    /// Keys the request's tokens into `out` (match counts all zero).
+    pub fn hash_into(&self, request: &InferenceRequest, endpoints: &[Endpoint], out: &mut PrefixCycle) {
+        out.block_size_tokens = self.params.block_size();
+        match &request.prompt_tokens {
+            Some(tokens) => self.keys_into(&request.target_model, tokens, &mut out.hashes),
+            None => out.hashes.clear(),
+        }
+        out.matched.clear();
+        out.matched.resize(endpoints.len(), 0);
+    }
+}
+
+/// The one prefix producer a scheduler runs.
+#[derive(Debug)]
+pub enum PrefixProducer {
+    /// `approx-prefix-cache-producer`.
+    Approx(ApproxPrefixProducer),
+    /// `precise-prefix-cache-producer`.
+    Precise(PrecisePrefixProducer),
+}
+
+impl PrefixProducer {
+    /// The local index (the approximate producer's only).
+    pub fn index(&self) -> Option<&PrefixIndex> {
+        match self {
+            PrefixProducer::Approx(p) => Some(p.index()),
+            PrefixProducer::Precise(_) => None,
+        }
+    }
+
+    /// The precise producer, when that is the one.
+    pub fn precise(&self) -> Option<&PrecisePrefixProducer> {
+        match self {
+            PrefixProducer::Precise(p) => Some(p),
+            PrefixProducer::Approx(_) => None,
+        }
+    }
+
+    /// Hashes (or keys) the request into `out`, match counts all zero.
+    pub fn hash_into(&self, request: &InferenceRequest, endpoints: &[Endpoint], out: &mut PrefixCycle) {
+        match self {
+            PrefixProducer::Approx(p) => p.hash_into(request, endpoints, out),
+            PrefixProducer::Precise(p) => p.hash_into(request, endpoints, out),
+        }
+    }
+
+    /// Blocks an endpoint's entry may hold in the local index (0 for precise: none kept).
+    pub fn capacity_for(&self, e: &Endpoint) -> usize {
+        match self {
+            PrefixProducer::Approx(p) => p.capacity_for(e),
+            PrefixProducer::Precise(_) => 0,
+        }
+    }
+
+    /// Records a pick in the local index (the precise index learns from events only).
+    pub fn record(&self, addr: SocketAddr, capacity: usize, hashes: &[u64]) {
+        if let PrefixProducer::Approx(p) = self {
+            p.record(addr, capacity, hashes);
+        }
+    }
+}
+
+impl DataProducer for PrefixProducer {
+    /// Approx: hashes and matches locally. Precise: keys only (no local index), so the
+    /// cycle is cold unless the caller brought the owners' matches.
+    fn produce(&self, cycle: &mut CycleState<'_>) {
+        match self {
+            PrefixProducer::Approx(p) => DataProducer::produce(p, cycle),
+            PrefixProducer::Precise(p) => {
+                let mut pc = cycle.prefix.take().unwrap_or_default();
+                p.hash_into(cycle.request, cycle.endpoints, &mut pc);
+                cycle.cold = true;
+                cycle.prefix = Some(pc);
+            }
+        }
     }
 }
 
