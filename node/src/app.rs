@@ -39,6 +39,9 @@ pub enum StartError {
         /// The IO error.
         source: std::io::Error,
     },
+    /// The token producer's local tokenizer could not be loaded.
+    #[error("token-producer: {0}")]
+    Tokenizer(#[from] crate::tokens::TokenizeError),
     /// The scheduler rejected the config.
     #[error("scheduler config: {0}")]
     Scheduler(#[from] Box<infermesh_scheduler::ConfigError>),
@@ -255,6 +258,12 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
         },
     );
 
+    // A local tokenizer.json is loaded before serving, so a bad path fails the start.
+    let tokenizers = Arc::new(crate::tokens::Tokenizers::new(client.clone()));
+    if let Some(tp) = policy.load().scheduler.token_producer() {
+        tokenizers.prepare(tp)?;
+    }
+    dispatcher = dispatcher.with_tokenizers(tokenizers);
     // TLS files are read before a port is bound, so a bad certificate fails the start.
     let grpc_tls = cfg
         .grpc_tls
@@ -273,7 +282,20 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
         xds_addr,
     } = Listeners::bind(&cfg).await?;
 
-    let mesh = match &cfg.mesh {
+    // Precise prefix routing keeps its index in the mesh's prefix store, fed by the pods'
+    // owners: a node started without a mesh runs a mesh of one on loopback for it.
+    let solo_mesh = (cfg.mesh.is_none() && cfg.scheduler.precise_prefix().is_some()).then(|| {
+        crate::mesh::MeshOptions {
+            config: infermesh_gossip::MeshConfig::loopback(
+                "infermesh-solo",
+                infermesh_gossip::ClusterKey::new(rand::random::<[u8; 32]>().to_vec())
+                    .expect("32 random bytes are a valid cluster key"),
+            ),
+            sharing: true,
+        }
+    });
+    let mesh_opts = cfg.mesh.as_ref().or(solo_mesh.as_ref());
+    let mesh = match mesh_opts {
         Some(m) => Some(Arc::new(
             infermesh_gossip::Mesh::start(m.config.clone()).await?,
         )),
@@ -308,12 +330,12 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
     // Sharing mesh: scrape owned pods only, schedule on the fleet's load board.
     let sharing = mesh
         .clone()
-        .filter(|_| cfg.mesh.as_ref().is_some_and(|m| m.sharing));
-    // KV events need a sharing mesh: one index for the tier, fed by each pod's owner.
-    let kv_stats: Option<Arc<crate::mesh::kv_events::KvEventStats>> = sharing
-        .as_ref()
-        .and(cfg.kv_events.as_ref())
-        .map(|_| Arc::default());
+        .filter(|_| mesh_opts.is_some_and(|m| m.sharing));
+    // KV events need a sharing mesh: one index for the tier, fed by each pod's owner. The
+    // follower runs whenever there is one, and follows while the node's config or the
+    // policy's precise producer asks it to.
+    let kv_stats: Option<Arc<crate::mesh::kv_events::KvEventStats>> =
+        sharing.as_ref().map(|_| Arc::default());
     let pool_task = match &sharing {
         Some(m) => {
             tasks.spawn(crate::mesh::load::forward_owned(
@@ -326,10 +348,11 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
                 pool.clone(),
                 shutdown_rx.clone(),
             ));
-            if let (Some(kv), Some(stats)) = (&cfg.kv_events, &kv_stats) {
+            if let Some(stats) = &kv_stats {
                 tasks.spawn(crate::mesh::kv_events::run(
                     m.clone(),
-                    kv.clone(),
+                    cfg.kv_events.clone(),
+                    policy.clone(),
                     stats.clone(),
                     shutdown_rx.clone(),
                 ));

@@ -30,6 +30,7 @@ pub mod scrape;
 pub mod serve;
 pub mod sidecar;
 pub mod tls;
+pub mod tokens;
 pub mod upstream;
 pub mod usage;
 pub mod xds;

@@ -202,6 +202,15 @@ impl FlowMetrics {
     }
 }
 
+/// Labels of `infermesh_tokenizations_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenizeLabels {
+    /// estimate, local, render or request.
+    pub backend: &'static str,
+    /// ok, cached or error.
+    pub result: &'static str,
+}
+
 /// Every metric the node exports, registered once.
 #[derive(Debug)]
 pub struct NodeMetrics {
@@ -224,6 +233,8 @@ pub struct NodeMetrics {
     pub scrapes: Family<ScrapeLabels, Counter>,
     /// InferenceModelRewrite decisions by client model and chosen target.
     pub model_rewrite_decisions: Family<RewriteLabels, Counter>,
+    /// Prompt tokenizations of the token producer by backend and result.
+    pub tokenizations: Family<TokenizeLabels, Counter>,
     /// Flow control (llm-d's names).
     pub flow: FlowMetrics,
     /// Disaggregation decisions of disagg-profile-handler (llm-d's name).
@@ -324,6 +335,12 @@ impl NodeMetrics {
             "Requests whose model an InferenceModelRewrite replaced, by model and target",
             model_rewrite_decisions.clone(),
         );
+        let tokenizations = Family::<TokenizeLabels, Counter>::default();
+        registry.register(
+            "tokenizations",
+            "Prompt tokenizations for precise prefix matching, by backend and result (ok, cached, error)",
+            tokenizations.clone(),
+        );
         let endpoint_staleness = Family::<EndpointLabels, Gauge<f64, AtomicU64>>::default();
         registry.register(
             "endpoint_metrics_age_seconds",
@@ -356,12 +373,20 @@ impl NodeMetrics {
             tokens,
             scrapes,
             model_rewrite_decisions,
+            tokenizations,
             endpoint_staleness,
             endpoint_up,
             endpoint_in_flight,
             pick_counters: Default::default(),
             token_counters,
         }
+    }
+
+    /// Counts one tokenization by `backend` with `result` (ok, cached, error).
+    pub fn count_tokenization(&self, backend: &'static str, result: &'static str) {
+        self.tokenizations
+            .get_or_create(&TokenizeLabels { backend, result })
+            .inc();
     }
 
     /// Counts one primary pick of `endpoint` in `infermesh_picks_total`.

@@ -185,7 +185,9 @@ fn config_check_names_each_plugin_as_current_alias_or_refused() {
         "{stdout}"
     );
     assert!(
-        line("precise-prefix-cache-scorer").contains("refused: it needs vLLM KV-cache events"),
+        line("precise-prefix-cache-scorer").contains(
+            "accepted older alias of `precise-prefix-cache-producer + prefix-cache-scorer`"
+        ),
         "{stdout}"
     );
     assert!(

@@ -16,8 +16,8 @@ use crate::plugins::filters::{
     UtilizationFilter,
 };
 use crate::plugins::pickers::{MaxScorePicker, RandomPicker, WeightedRandomPicker};
-use crate::plugins::prefix::{ApproxPrefixProducer, PrecisePrefixProducer, PrefixProducer};
 use crate::plugins::prefix::spread_matches;
+use crate::plugins::prefix::{ApproxPrefixProducer, PrecisePrefixProducer, PrefixProducer};
 use crate::plugins::profiles::{
     AlwaysDisaggDecider, AlwaysDisaggMultimodalDecider, DisaggDecision, DisaggProfileHandler,
     PrefixBasedPdDecider, SingleProfileHandler,
@@ -499,9 +499,9 @@ impl Scheduler {
             cfg.prefix_producer
                 .as_deref()
                 .and_then(|n| match cfg.plugin(n).map(|p| &p.spec) {
-                    Some(PluginSpec::ApproxPrefixCacheProducer(p)) => Some(PrefixProducer::Approx(
-                        ApproxPrefixProducer::new(p.clone()),
-                    )),
+                    Some(PluginSpec::ApproxPrefixCacheProducer(p)) => {
+                        Some(PrefixProducer::Approx(ApproxPrefixProducer::new(p.clone())))
+                    }
                     Some(PluginSpec::PrecisePrefixCacheProducer(p)) => Some(
                         PrefixProducer::Precise(PrecisePrefixProducer::new(p.clone())),
                     ),

@@ -129,22 +129,22 @@ fn label_selector_fixture_accepts_the_old_alias() {
 }
 
 #[test]
-fn precise_prefix_is_refused_clearly() {
-    let e = load_config(&fixture("epp-precise-prefix-cache-config.yaml")).unwrap_err();
-    match &e {
-        ConfigError::UnsupportedPlugin {
-            plugin, location, ..
-        } => {
-            assert_eq!(plugin, "precise-prefix-cache-scorer");
-            assert_eq!(location.unwrap().line, 8);
-        }
-        other => panic!("{other:?}"),
-    }
-    let msg = e.to_string();
-    assert!(
-        msg.contains("not supported by infermesh") && msg.contains("ZMQ"),
-        "{msg}"
+fn precise_prefix_fixture_loads_as_producer_and_scorer() {
+    let cfg = load_config(&fixture("epp-precise-prefix-cache-config.yaml")).unwrap();
+    assert_eq!(
+        cfg.prefix_producer.as_deref(),
+        Some("precise-prefix-cache-producer")
     );
+    // No token-producer in the file: llm-d's estimate backend is added, and both that
+    // and the deprecation are reported.
+    assert_eq!(cfg.token_producer.as_deref(), Some("token-producer"));
+    assert!(
+        cfg.warnings.iter().any(|w| w.contains("deprecated")),
+        "{:?}",
+        cfg.warnings
+    );
+    let s = infermesh_scheduler::Scheduler::new(&cfg).unwrap();
+    assert_eq!(s.precise_prefix().unwrap().params().block_size(), 64);
 }
 
 const HEAD: &str = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\n";

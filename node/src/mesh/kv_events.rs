@@ -39,8 +39,9 @@ pub struct PodEventPorts {
     pub replay: Option<u16>,
 }
 
-/// How this node follows KV events (off unless set on the node's config).
-#[derive(Debug, Clone)]
+/// How this node follows KV events: set on the node's config, or derived from the
+/// policy's `precise-prefix-cache-producer` (see [`effective_options`]).
+#[derive(Debug, Clone, PartialEq)]
 pub struct KvEventsOptions {
     /// PUB port on every pod (llm-d's `socketPort`, 5557).
     pub port: u16,
@@ -55,6 +56,8 @@ pub struct KvEventsOptions {
     pub max_blocks_per_pod: usize,
     /// Wait between connection attempts to a pod's publisher.
     pub reconnect_interval: Duration,
+    /// ZMQ topic prefix subscribed to (llm-d's `topicFilter`, `kv@`).
+    pub topic_filter: String,
 }
 
 impl Default for KvEventsOptions {
@@ -66,6 +69,7 @@ impl Default for KvEventsOptions {
             default_model: None,
             max_blocks_per_pod: PodEventState::DEFAULT_MAX_BLOCKS,
             reconnect_interval: Duration::from_secs(5),
+            topic_filter: infermesh_kvevents::TOPIC_PREFIX.to_owned(),
         }
     }
 }
@@ -83,6 +87,7 @@ impl KvEventsOptions {
         // See the module doc: a new follower rebuilds the map from the start of the stream.
         cfg.start_seq = Some(0);
         cfg.reconnect_interval = self.reconnect_interval;
+        cfg.topic_filter = self.topic_filter.clone();
         Some(cfg)
     }
 }
@@ -358,40 +363,81 @@ async fn follow_pod(
 }
 
 /// Follows the KV events of every pod this node owns, until `shutdown` turns true.
+/// The options in force: the policy's `precise-prefix-cache-producer` turns following on
+/// (its `socketPort` and `topicFilter` win over `base`, which still gives per-pod ports,
+/// the replay port and the default model); without one, `base` alone (the node's config).
+pub fn effective_options(
+    base: Option<&KvEventsOptions>,
+    policy: &crate::policy::Policy,
+) -> Option<KvEventsOptions> {
+    match policy.scheduler.precise_prefix() {
+        Some(p) => {
+            let e = &p.params().kv_events_config;
+            let mut o = base.cloned().unwrap_or_default();
+            o.port = u16::try_from(e.pod_discovery_config.socket_port).unwrap_or(DEFAULT_PORT);
+            o.topic_filter = e.topic_filter.clone();
+            Some(o)
+        }
+        None => base.cloned(),
+    }
+}
+
+/// How often the follower re-reads the policy for a change of its options.
+const POLICY_POLL: Duration = Duration::from_millis(500);
+
+/// Follows the KV events of every pod this node owns while [`effective_options`] says so,
+/// until shutdown. A change of options restarts every follower.
 pub async fn run(
     mesh: Arc<Mesh>,
-    opts: KvEventsOptions,
+    base: Option<KvEventsOptions>,
+    policy: crate::policy::SharedPolicy,
     stats: Arc<KvEventStats>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let opts = Arc::new(opts);
     let mut owned = mesh.owned_pods();
+    let mut poll = tokio::time::interval(POLICY_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut current: Option<Arc<KvEventsOptions>> = None;
     // Aborted on drop: when this task is aborted (the app stops or crashes), no follower
     // may outlive it holding the mesh.
     let mut following: HashMap<PodId, Follower> = HashMap::new();
     loop {
+        let wanted = effective_options(base.as_ref(), &policy.load());
+        if wanted.as_ref() != current.as_deref() {
+            if current.is_some() || wanted.is_some() {
+                tracing::info!(
+                    on = wanted.is_some(),
+                    "KV events: following options changed"
+                );
+            }
+            following.clear();
+            current = wanted.map(Arc::new);
+        }
         let now: HashSet<PodId> = owned.borrow_and_update().iter().cloned().collect();
         // Lost ownership: stop (dropping the follower aborts it; the new owner rebuilds).
         following.retain(|pod, task| now.contains(pod) && !task.0.is_finished());
-        for pod in now {
-            if following.contains_key(&pod) {
-                continue;
+        if let Some(opts) = &current {
+            for pod in now {
+                if following.contains_key(&pod) {
+                    continue;
+                }
+                let Some(cfg) = opts.subscriber_config(pod.as_str()) else {
+                    tracing::warn!(%pod, "KV events: pod id has no host; not followed");
+                    continue;
+                };
+                let task = tokio::spawn(follow_pod(
+                    mesh.clone(),
+                    pod.clone(),
+                    cfg,
+                    opts.clone(),
+                    stats.clone(),
+                ));
+                following.insert(pod, Follower(task));
             }
-            let Some(cfg) = opts.subscriber_config(pod.as_str()) else {
-                tracing::warn!(%pod, "KV events: pod id has no host; not followed");
-                continue;
-            };
-            let task = tokio::spawn(follow_pod(
-                mesh.clone(),
-                pod.clone(),
-                cfg,
-                opts.clone(),
-                stats.clone(),
-            ));
-            following.insert(pod, Follower(task));
         }
         tokio::select! {
             r = owned.changed() => if r.is_err() { break },
+            _ = poll.tick() => {}
             _ = shutdown.wait_for(|s| *s) => break,
         }
     }

@@ -32,6 +32,8 @@ pub struct MeshPrefixOwners {
     // Weak: open client connections must not keep a stopped node's mesh alive.
     mesh: Weak<Mesh>,
     recent: RecentPicks,
+    /// Precise `speculativeIndexing` entries (each with its own TTL).
+    speculative: RecentPicks,
 }
 
 impl MeshPrefixOwners {
@@ -43,6 +45,7 @@ impl MeshPrefixOwners {
         MeshPrefixOwners {
             mesh: Arc::downgrade(mesh),
             recent: RecentPicks::new((flush * 10).max(Duration::from_millis(50)), 4096),
+            speculative: RecentPicks::new(Duration::from_secs(2), 4096),
         }
     }
 
@@ -54,7 +57,14 @@ impl MeshPrefixOwners {
 
 impl PrefixOwners for MeshPrefixOwners {
     fn lookup(&self, anchor: u64, hashes: &[u64]) -> PrefixLookup {
-        let recent = self.recent.matches(anchor, hashes, Instant::now());
+        let now = Instant::now();
+        let mut recent = self.recent.matches(anchor, hashes, now);
+        for (e, n) in self.speculative.matches(anchor, hashes, now) {
+            match recent.iter_mut().find(|(a, _)| *a == e) {
+                Some((_, b)) => *b = (*b).max(n),
+                None => recent.push((e, n)),
+            }
+        }
         let Some(mesh) = self.mesh.upgrade() else {
             return Box::pin(std::future::ready(PrefixAnswer::Unavailable));
         };
@@ -81,6 +91,11 @@ impl PrefixOwners for MeshPrefixOwners {
                 .insert(anchor, hashes, endpoints, Instant::now());
         }
     }
+
+    fn speculate(&self, anchor: u64, hashes: &[u64], endpoints: &[SocketAddr], ttl: Duration) {
+        self.speculative
+            .insert_for(anchor, hashes, endpoints, Instant::now(), ttl);
+    }
 }
 
 /// The owner's answer with this node's recent picks folded in (per endpoint, the longer
@@ -101,7 +116,7 @@ fn merge(found: &PrefixMatch, recent: Vec<(SocketAddr, u32)>) -> PrefixMatches {
 
 #[derive(Debug)]
 struct Pick {
-    at: Instant,
+    expires: Instant,
     hashes: Arc<[u64]>,
     endpoints: SmallVec<[SocketAddr; 2]>,
 }
@@ -115,14 +130,17 @@ struct RecentShard {
 }
 
 impl RecentShard {
-    fn expire(&mut self, now: Instant, ttl: Duration, cap: usize) {
-        while let Some(&(at, anchor)) = self.order.front() {
-            if now.duration_since(at) < ttl && self.picks <= cap {
+    /// Drops picks from the front (oldest first) while they have expired or the shard is
+    /// over `cap`. A pick with a longer TTL ahead of a shorter one holds it back here;
+    /// [`RecentPicks::matches`] skips expired picks wherever they are.
+    fn expire(&mut self, now: Instant, cap: usize) {
+        while let Some(&(expires, anchor)) = self.order.front() {
+            if now < expires && self.picks <= cap {
                 break;
             }
             self.order.pop_front();
             if let Some(list) = self.by_anchor.get_mut(&anchor)
-                && let Some(i) = list.iter().position(|p| p.at == at)
+                && let Some(i) = list.iter().position(|p| p.expires == expires)
             {
                 let p = list.remove(i);
                 self.picks -= 1;
@@ -161,27 +179,40 @@ impl RecentPicks {
 
     /// Remembers that `endpoints` were picked for the chain `hashes` at `now`.
     pub fn insert(&self, anchor: u64, hashes: &[u64], endpoints: &[SocketAddr], now: Instant) {
+        self.insert_for(anchor, hashes, endpoints, now, self.ttl);
+    }
+
+    /// [`Self::insert`] kept for `ttl` instead of the cache's own TTL.
+    pub fn insert_for(
+        &self,
+        anchor: u64,
+        hashes: &[u64],
+        endpoints: &[SocketAddr],
+        now: Instant,
+        ttl: Duration,
+    ) {
+        let expires = now + ttl;
         let mut s = self.shard(anchor).lock();
         s.by_anchor.entry(anchor).or_default().push(Pick {
-            at: now,
+            expires,
             hashes: hashes.into(),
             endpoints: endpoints.iter().copied().collect(),
         });
-        s.order.push_back((now, anchor));
+        s.order.push_back((expires, anchor));
         s.picks += 1;
         s.hash_words += hashes.len();
-        s.expire(now, self.ttl, self.per_shard);
+        s.expire(now, self.per_shard);
     }
 
     /// Leading blocks of `hashes` each endpoint got from a pick still in the cache.
     pub fn matches(&self, anchor: u64, hashes: &[u64], now: Instant) -> Vec<(SocketAddr, u32)> {
         let mut s = self.shard(anchor).lock();
-        s.expire(now, self.ttl, self.per_shard);
+        s.expire(now, self.per_shard);
         let mut out: Vec<(SocketAddr, u32)> = Vec::new();
         let Some(list) = s.by_anchor.get(&anchor) else {
             return out;
         };
-        for p in list {
+        for p in list.iter().filter(|p| now < p.expires) {
             let n = hashes
                 .iter()
                 .zip(p.hashes.iter())

@@ -34,8 +34,21 @@ impl Dispatcher {
 
     /// Phase two: schedules with `answer`, records the pick (locally or at the owners) and
     /// issues the ticket. A rejection is counted here.
-    pub fn decide(&self, p: Prepared, answer: PrefixAnswer) -> Result<Ticket, Rejection> {
+    pub fn decide(&self, mut p: Prepared, answer: PrefixAnswer) -> Result<Ticket, Rejection> {
         let now = Instant::now();
+        // The precise lookup brings the chain it keyed: from here on it is a remote answer.
+        let answer = match answer {
+            PrefixAnswer::Precise {
+                chain,
+                tokens,
+                matches,
+            } => {
+                p.req.prompt_tokens = Some(tokens);
+                p.chain = Some(chain);
+                matches.map_or(PrefixAnswer::Unavailable, PrefixAnswer::Matched)
+            }
+            other => other,
+        };
         match self.schedule(&p, &answer, now) {
             Ok(result) => {
                 self.metrics.observe_scheduling(p.started.elapsed());

@@ -354,6 +354,7 @@ mod tests {
         answer: Mutex<Vec<(SocketAddr, u32)>>,
         lookups: Mutex<Vec<u64>>,
         records: Mutex<Vec<Record>>,
+        speculated: Mutex<Vec<(Record, Duration)>>,
     }
 
     impl PrefixOwners for FakeOwners {
@@ -367,6 +368,12 @@ mod tests {
             self.records
                 .lock()
                 .push((anchor, hashes.to_vec(), endpoints.to_vec()));
+        }
+
+        fn speculate(&self, anchor: u64, hashes: &[u64], endpoints: &[SocketAddr], ttl: Duration) {
+            self.speculated
+                .lock()
+                .push(((anchor, hashes.to_vec(), endpoints.to_vec()), ttl));
         }
     }
 
@@ -407,6 +414,87 @@ mod tests {
             0,
             "nothing recorded in the node's own index"
         );
+    }
+
+    fn precise(extra: &str) -> ResolvedConfig {
+        infermesh_scheduler::load_config(&format!(
+            "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n\
+             - type: token-producer\n\
+             - type: precise-prefix-cache-producer\n  parameters: {{tokenProcessorConfig: {{blockSize: 16}}{extra}}}\n\
+             - type: prefix-cache-scorer\n  parameters: {{prefixMatchInfoProducerName: precise-prefix-cache-producer}}\n\
+             - type: max-score-picker\n\
+             schedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: prefix-cache-scorer\n  - pluginRef: max-score-picker\n"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn precise_keys_the_tokens_asks_the_owner_and_records_nothing() {
+        let owners = Arc::new(FakeOwners::default());
+        let tokenizers = Arc::new(crate::tokens::Tokenizers::new(
+            crate::upstream::http_client(Duration::from_secs(1)),
+        ));
+        let d = dispatcher_with(&precise(""), 0, 0.1)
+            .with_prefix_owners(owners.clone())
+            .with_tokenizers(tokenizers);
+        *owners.answer.lock() = vec![(addr(3), 1000)];
+        let body = long_prompt("m");
+        let t = block_on(d.route(ApiKind::Completions, &body, meta(""), &[])).unwrap();
+        assert_eq!(t.destinations()[0], addr(3), "the owner's match wins");
+        // The anchor is the first request key of the estimate backend's token ids.
+        let prompt = "shared system prompt ".repeat(200);
+        let ids = crate::tokens::estimate(prompt.as_bytes());
+        let keys = infermesh_scheduler::prefix::request_keys(
+            infermesh_scheduler::prefix::request_seed("m", None),
+            &ids,
+            16,
+            usize::MAX,
+        );
+        assert_eq!(owners.lookups.lock().clone(), vec![keys[0]]);
+        assert_eq!(t.request().prompt_tokens.as_deref(), Some(&ids[..]));
+        assert!(
+            owners.records.lock().is_empty(),
+            "events are the only truth"
+        );
+        assert!(
+            owners.speculated.lock().is_empty(),
+            "speculation is off by default"
+        );
+        let m = d.metrics().render(&d.pool().load(), Instant::now());
+        assert!(
+            m.contains("infermesh_tokenizations_total{backend=\"estimate\",result=\"ok\"} 1"),
+            "{m}"
+        );
+        // The same prompt again is served from the token cache.
+        block_on(d.route(ApiKind::Completions, &body, meta(""), &[])).unwrap();
+        assert!(
+            d.metrics()
+                .render(&d.pool().load(), Instant::now())
+                .contains(
+                    "infermesh_tokenizations_total{backend=\"estimate\",result=\"cached\"} 1"
+                )
+        );
+    }
+
+    #[test]
+    fn precise_speculative_indexing_seeds_the_pick_locally() {
+        let owners = Arc::new(FakeOwners::default());
+        let tokenizers = Arc::new(crate::tokens::Tokenizers::new(
+            crate::upstream::http_client(Duration::from_secs(1)),
+        ));
+        let d = dispatcher_with(
+            &precise(", speculativeIndexing: true, speculativeTTL: 750ms"),
+            0,
+            0.1,
+        )
+        .with_prefix_owners(owners.clone())
+        .with_tokenizers(tokenizers);
+        let t = block_on(d.route(ApiKind::Completions, &long_prompt("m"), meta(""), &[])).unwrap();
+        let spec = owners.speculated.lock().clone();
+        assert_eq!(spec.len(), 1);
+        assert_eq!(spec[0].0.2, vec![t.destinations()[0]]);
+        assert_eq!(spec[0].1, Duration::from_millis(750));
+        assert!(owners.records.lock().is_empty());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::time::Duration;
 
 use infermesh_scheduler::PrefixMatches;
 
@@ -17,6 +18,16 @@ pub enum PrefixAnswer {
     Matched(PrefixMatches),
     /// The owner did not answer within the budget: scored without prefix data.
     Unavailable,
+    /// The precise producer's answer: the chain keyed from the tokens, and the owner's
+    /// matches (`None`: the owner did not answer).
+    Precise {
+        /// Request keys of the prompt's full blocks.
+        chain: infermesh_scheduler::PrefixChain,
+        /// The prompt's token ids.
+        tokens: std::sync::Arc<[u32]>,
+        /// The owner's matches.
+        matches: Option<PrefixMatches>,
+    },
 }
 
 /// An owner lookup in flight (`'static`: it owns its inputs).
@@ -28,4 +39,7 @@ pub trait PrefixOwners: Send + Sync + std::fmt::Debug {
     fn lookup(&self, anchor: u64, hashes: &[u64]) -> PrefixLookup;
     /// Records that each of `endpoints` now holds the chain.
     fn record(&self, anchor: u64, hashes: &[u64], endpoints: &[SocketAddr]);
+    /// Precise `speculativeIndexing`: this node counts the chain as held by `endpoints`
+    /// for `ttl`, until the engines' events confirm it (nothing is sent to the owners).
+    fn speculate(&self, anchor: u64, hashes: &[u64], endpoints: &[SocketAddr], ttl: Duration);
 }

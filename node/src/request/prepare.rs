@@ -12,10 +12,11 @@ use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use infermesh_scheduler::plugins::burst::Replica;
 use infermesh_scheduler::{
-    ApiKind, Endpoint, InferenceRequest, PrefixChain, PrefixSource, ScheduleError, Scheduler,
-    SchedulingResult, parse_openai,
+    ApiKind, Endpoint, InferenceRequest, PrefixChain, PrefixMatches, PrefixSource, ScheduleError,
+    Scheduler, SchedulingResult, parse_openai, replace_model,
 };
 use rand::seq::IndexedRandom;
 
@@ -29,6 +30,7 @@ use super::rejection::{NoEndpoint, Rejection};
 use crate::metrics::{NodeMetrics, RewriteLabels};
 use crate::policy::{Policy, SharedPolicy};
 use crate::pool::SharedPool;
+use crate::tokens::{TokenizeInput, Tokenizers};
 
 /// A request's wait in flow control: `Ok` when dispatched (with its lease when in-flight
 /// eviction is on), else why it was dropped. Dropping it frees the request's place in the
@@ -65,6 +67,8 @@ pub struct Dispatcher {
     /// The burst window of the policy last seen with a `burst-prefix-cache-producer`,
     /// kept with that policy's scheduler so a policy swap starts a fresh window.
     pub(super) burst: Arc<parking_lot::Mutex<Option<BurstSlot>>>,
+    /// The token producer's backends (precise prefix matching).
+    pub(super) tokenizers: Option<Arc<Tokenizers>>,
 }
 
 /// A request after phase one: parsed, resolved, admitted, hashed; not yet scheduled.
@@ -86,6 +90,9 @@ pub struct Prepared {
     /// Where the burst producer's batch placed this request (`None`: no placement, or no
     /// producer).
     pub(super) burst: Option<SocketAddr>,
+    /// What the token producer needs, when the precise producer runs (the chain is then
+    /// keyed in the lookup, after tokenization).
+    pub(super) tokenize: Option<TokenizeInput>,
 }
 
 impl Prepared {
@@ -116,7 +123,14 @@ impl Dispatcher {
             owners: None,
             flow: None,
             burst: Arc::default(),
+            tokenizers: None,
         }
+    }
+
+    /// Tokenizes prompts with `tokenizers` when the policy runs the precise producer.
+    pub fn with_tokenizers(mut self, tokenizers: Arc<Tokenizers>) -> Dispatcher {
+        self.tokenizers = Some(tokenizers);
+        self
     }
 
     /// Makes requests wait in flow control after phase one (the `flowControl` gate);
@@ -254,6 +268,7 @@ impl Dispatcher {
             fairness_id: meta.fairness_id.clone(),
             cache_salt: parsed.cache_salt,
             multimodal: parsed.multimodal,
+            prompt_tokens: None,
         };
         let candidates = pool.candidates(now, self.cfg.staleness, meta.subset.as_ref(), exclude);
         if candidates.is_empty() {
@@ -270,11 +285,33 @@ impl Dispatcher {
         {
             return Err((req.model, Rejection::Shed(e)));
         }
+        // The precise producer keys token ids, so its chain is built in the lookup, after
+        // tokenization; the body goes along (rewritten) for render endpoints.
+        let tokenize = match (&self.owners, &self.tokenizers) {
+            (Some(_), Some(_)) if policy.scheduler.precise_prefix().is_some() => {
+                let body = match &rewrite {
+                    Some(span) => Bytes::from(replace_model(body, span.clone(), &req.target_model)),
+                    None => Bytes::copy_from_slice(body),
+                };
+                let pod = candidates
+                    .get(rand::random_range(0..candidates.len()))
+                    .map(|e| e.address);
+                Some(TokenizeInput {
+                    kind,
+                    model: req.target_model.clone(),
+                    body,
+                    prompt_bytes: req.prompt_bytes.as_slice().into(),
+                    pod,
+                })
+            }
+            _ => None,
+        };
         // Hash once, here, only when the chain goes to an owner; a local match hashes
         // inside the scheduler's own producer.
         let chain = self
             .owners
             .as_ref()
+            .filter(|_| tokenize.is_none())
             .and_then(|_| policy.scheduler.prefix_chain(&req, &candidates));
         Ok(Prepared {
             req,
@@ -292,6 +329,7 @@ impl Dispatcher {
             },
             lease: None,
             burst: None,
+            tokenize,
             exclude: if self.flow.is_some() {
                 exclude.to_vec()
             } else {
@@ -393,6 +431,15 @@ impl Dispatcher {
     /// ask (prefix state is local, or the prompt has no blocks).
     pub fn lookup(&self, p: &Prepared) -> Option<PrefixLookup> {
         let owners = self.owners.as_ref()?;
+        if let (Some(input), Some(tokenizers)) = (&p.tokenize, &self.tokenizers) {
+            return Some(precise_lookup(
+                tokenizers.clone(),
+                owners.clone(),
+                p.policy.clone(),
+                self.metrics.clone(),
+                input.clone(),
+            ));
+        }
         let chain = p.chain.as_ref()?;
         Some(owners.lookup(chain.anchor()?, &chain.hashes))
     }
@@ -450,7 +497,20 @@ impl Dispatcher {
             && let Some(anchor) = m.anchor
         {
             let targets: Vec<SocketAddr> = result.cache_targets.iter().map(|(a, _)| *a).collect();
-            owners.record(anchor, &m.hashes, &targets);
+            // The precise index learns from the engines' events only; a pick is at most a
+            // local, short-lived guess (`speculativeIndexing`).
+            match p.policy.scheduler.precise_prefix() {
+                None => owners.record(anchor, &m.hashes, &targets),
+                Some(precise) if precise.params().speculative_indexing => {
+                    owners.speculate(
+                        anchor,
+                        &m.hashes,
+                        &targets,
+                        precise.params().speculative_ttl,
+                    );
+                }
+                Some(_) => {}
+            }
         }
         Ok(())
     }
@@ -476,5 +536,62 @@ impl Dispatcher {
             self.count_rejection(meta, "", &r);
             r
         })
+    }
+}
+
+/// The precise producer's lookup: tokenize, key the tokens, then ask the anchor's owner.
+/// A failed tokenization scores the request without prefix data, as llm-d does.
+fn precise_lookup(
+    tokenizers: Arc<Tokenizers>,
+    owners: Arc<dyn PrefixOwners>,
+    policy: Arc<Policy>,
+    metrics: Arc<NodeMetrics>,
+    input: TokenizeInput,
+) -> PrefixLookup {
+    Box::pin(async move {
+        let (Some(params), Some(precise)) = (
+            policy.scheduler.token_producer(),
+            policy.scheduler.precise_prefix(),
+        ) else {
+            return PrefixAnswer::Unavailable;
+        };
+        let tokens = match tokenizers.tokenize(params, &input).await {
+            Ok((tokens, source, cached)) => {
+                metrics.count_tokenization(source.as_str(), if cached { "cached" } else { "ok" });
+                tokens
+            }
+            Err(e) => {
+                metrics.count_tokenization(params_backend(params), "error");
+                tracing::warn!(model = %input.model, error = %e, "tokenization failed; scored without prefix data");
+                return PrefixAnswer::Unavailable;
+            }
+        };
+        let mut hashes = Vec::new();
+        precise.keys_into(&input.model, &tokens, &mut hashes);
+        let chain = PrefixChain {
+            hashes,
+            block_size_tokens: precise.params().block_size(),
+        };
+        let matches = match chain.anchor() {
+            None => Some(PrefixMatches::default()),
+            Some(anchor) => match owners.lookup(anchor, &chain.hashes).await {
+                PrefixAnswer::Matched(m) => Some(m),
+                _ => None,
+            },
+        };
+        PrefixAnswer::Precise {
+            chain,
+            tokens,
+            matches,
+        }
+    })
+}
+
+fn params_backend(p: &infermesh_scheduler::config::precise::TokenProducerParams) -> &'static str {
+    use infermesh_scheduler::config::precise::TokenBackend;
+    match p.backend() {
+        TokenBackend::Estimate => "estimate",
+        TokenBackend::Local => "local",
+        TokenBackend::VllmRender => "render",
     }
 }

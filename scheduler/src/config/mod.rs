@@ -232,6 +232,17 @@ impl ResolvedConfig {
         gate_enabled(&self.feature_gates, gate)
     }
 
+    /// The precise prefix producer's parameters, when that is the prefix producer.
+    pub fn precise_prefix(&self) -> Option<&precise::PrecisePrefixParams> {
+        match self
+            .plugin(self.prefix_producer.as_deref()?)
+            .map(|p| &p.spec)
+        {
+            Some(PluginSpec::PrecisePrefixCacheProducer(p)) => Some(p),
+            _ => None,
+        }
+    }
+
     /// The plugin named `name`.
     pub fn plugin(&self, name: &str) -> Option<&ResolvedPlugin> {
         self.plugins.iter().find(|p| p.name == name)
@@ -1449,7 +1460,8 @@ impl Loader<'_> {
                 return Err(refuse(
                     *second,
                     "type",
-                    "a second precise-prefix-cache-producer: infermesh runs one prefix producer".into(),
+                    "a second precise-prefix-cache-producer: infermesh runs one prefix producer"
+                        .into(),
                 ));
             }
             ([d], [w, ..]) => {
@@ -1491,7 +1503,9 @@ impl Loader<'_> {
                 return Err(refuse(
                     first,
                     "name",
-                    format!("the deprecated scorer adds a producer named `{name}`, and a plugin of that name exists"),
+                    format!(
+                        "the deprecated scorer adds a producer named `{name}`, and a plugin of that name exists"
+                    ),
                 ));
             }
             let spec = PluginSpec::PrecisePrefixCacheProducer(p.clone());
@@ -1547,7 +1561,9 @@ impl Loader<'_> {
         if find(plugins, name).is_some() {
             return Err(ConfigError::Field {
                 field: "plugins".into(),
-                message: format!("the precise producer needs a token-producer; `{name}` names another plugin"),
+                message: format!(
+                    "the precise producer needs a token-producer; `{name}` names another plugin"
+                ),
                 location: None,
             });
         }

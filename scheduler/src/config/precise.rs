@@ -528,8 +528,7 @@ mod tests {
 
     #[test]
     fn token_producer_backends() {
-        let render: TokenProducerParams =
-            yaml("modelName: m\nvllm: {url: 'http://render:8000/'}");
+        let render: TokenProducerParams = yaml("modelName: m\nvllm: {url: 'http://render:8000/'}");
         assert_eq!(render.backend(), TokenBackend::VllmRender);
         assert_eq!(render.render().base_url(), Some("http://render:8000"));
         assert!(render.validate().is_ok());
@@ -598,7 +597,10 @@ schedulingProfiles:
         let chain = s.prefix_chain(&req, &[]).unwrap();
         let seed = crate::prefix::request_seed("m", None);
         let tokens: Vec<u32> = (1..=10).collect();
-        assert_eq!(chain.hashes, crate::prefix::request_keys(seed, &tokens, 4, 99));
+        assert_eq!(
+            chain.hashes,
+            crate::prefix::request_keys(seed, &tokens, 4, 99)
+        );
         assert_eq!(chain.block_size_tokens, 4);
         // Without tokens there is nothing to key.
         let bare = InferenceRequest::default();

@@ -12,7 +12,9 @@ use super::{CycleState, DataProducer, PrefixCycle};
 use crate::config::params::ApproxPrefixParams;
 use crate::config::precise::PrecisePrefixParams;
 use crate::model::{Endpoint, InferenceRequest};
-use crate::prefix::{PrefixIndex, PrefixMatches, hash_prompt_into, request_keys_into, request_seed};
+use crate::prefix::{
+    PrefixIndex, PrefixMatches, hash_prompt_into, request_keys_into, request_seed,
+};
 
 /// The smallest block size autoTune indexes at (llm-d PR #1160): the index keeps one
 /// entry per (endpoint, block), so vLLM's 16-token blocks are matched as 64-token ones to
@@ -145,7 +147,11 @@ impl PrecisePrefixProducer {
 
     /// Request keys of `tokens` for `model` (empty when no token ids are known).
     pub fn keys_into(&self, model: &str, tokens: &[u32], out: &mut Vec<u64>) {
-        let max = match self.params.token_processor_config.max_prefix_blocks_to_match {
+        let max = match self
+            .params
+            .token_processor_config
+            .max_prefix_blocks_to_match
+        {
             0 => usize::MAX,
             n => usize::try_from(n).unwrap_or(usize::MAX),
         };
@@ -159,7 +165,12 @@ impl PrecisePrefixProducer {
     }
 
     /// Keys the request's tokens into `out` (match counts all zero).
-    pub fn hash_into(&self, request: &InferenceRequest, endpoints: &[Endpoint], out: &mut PrefixCycle) {
+    pub fn hash_into(
+        &self,
+        request: &InferenceRequest,
+        endpoints: &[Endpoint],
+        out: &mut PrefixCycle,
+    ) {
         out.block_size_tokens = self.params.block_size();
         match &request.prompt_tokens {
             Some(tokens) => self.keys_into(&request.target_model, tokens, &mut out.hashes),
@@ -197,7 +208,12 @@ impl PrefixProducer {
     }
 
     /// Hashes (or keys) the request into `out`, match counts all zero.
-    pub fn hash_into(&self, request: &InferenceRequest, endpoints: &[Endpoint], out: &mut PrefixCycle) {
+    pub fn hash_into(
+        &self,
+        request: &InferenceRequest,
+        endpoints: &[Endpoint],
+        out: &mut PrefixCycle,
+    ) {
         match self {
             PrefixProducer::Approx(p) => p.hash_into(request, endpoints, out),
             PrefixProducer::Precise(p) => p.hash_into(request, endpoints, out),
