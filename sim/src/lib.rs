@@ -20,7 +20,8 @@ pub mod profile;
 pub mod role;
 pub mod tokenizer;
 
-pub use error::SimError;
+pub use error::{SimError, TokenizeError, TokenizerError};
 pub use fleet::{DEFAULT_MODEL, Fleet, FleetConfig, KvEventPorts, KvEventsConfig};
 pub use profile::EngineProfile;
 pub use role::PodRole;
+pub use tokenizer::{Tokenizer, generate_tokenizer_json};
