@@ -9,6 +9,9 @@
 //! request sequence give the same cache behaviour. [`Fleet`] runs many pods in one process.
 //! With [`KvEventsConfig`] each pod publishes its prefix-cache changes as vLLM's KV events
 //! (ZMQ, msgpack, with a replay socket), taken from the engine's real cache state.
+//! Pods tokenize with a built-in deterministic tokenizer or, on request
+//! ([`FleetConfig::tokenizer`]), a HuggingFace `tokenizer.json`, such as the one
+//! [`generate_tokenizer_json`] trains.
 
 pub mod engine;
 pub mod error;

@@ -92,7 +92,8 @@ pub fn image_hash(url: &str) -> u64 {
     xxhash_rust::xxh64::xxh64(url.as_bytes(), 0x1a6e)
 }
 
-/// Text that tokenizes to about `tokens` tokens, the same for the same image, so prefix
+/// Text that tokenizes to about `tokens` tokens with the built-in tokenizer (a
+/// `tokenizer.json` may cut it into more or fewer), the same for the same image, so prefix
 /// caching tells images apart and an image costs prompt positions as in a VLM.
 fn image_placeholder(hash: u64, tokens: usize) -> String {
     let hex = format!("{hash:016x}");

@@ -1,11 +1,12 @@
 //! A byte-level BPE `tokenizer.json` the project trains itself, so nothing is downloaded.
 //!
 //! The corpus is generated here from a fixed seed (English words, the sim's filler words,
-//! the chat template, made-up words, numbers, punctuation and hex strings) and trained with
-//! the `tokenizers` crate's own [`BpeTrainer`]: ByteLevel pre-tokenizer and decoder, no
-//! normalizer, the chat template markers as special tokens. The trainer breaks every tie by
-//! the pair's ids and the serializer orders vocabulary, merges and added tokens by id, so the
-//! output is the same bytes on every call and every run.
+//! the chat template, made-up words, numbers, punctuation and hex strings) and trained
+//! with the `tokenizers` crate's own [`BpeTrainer`](tokenizers::models::bpe::BpeTrainer):
+//! ByteLevel pre-tokenizer and decoder, no normalizer, the chat template markers as
+//! special tokens. The trainer breaks every tie by the pair's ids and the serializer
+//! orders vocabulary, merges and added tokens by id, so the output is the same bytes on
+//! every call and every run.
 
 use tokenizers::models::TrainerWrapper;
 use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
