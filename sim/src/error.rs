@@ -1,6 +1,7 @@
 //! Errors of the simulator library.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 /// Why a fleet could not be configured or started; nothing is left running when returned.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +45,14 @@ pub enum SimError {
         /// The publisher's error.
         source: infermesh_kvevents::PublisherError,
     },
+    /// The `tokenizer.json` file cannot be used as the pods' tokenizer.
+    #[error("tokenizer file {}: {reason}", path.display())]
+    Tokenizer {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: TokenizerError,
+    },
     /// A pod's listener could not be bound; pods already started were stopped.
     #[error("cannot bind pod {pod} to {addr}: {source}")]
     Bind {
@@ -55,3 +64,33 @@ pub enum SimError {
         source: std::io::Error,
     },
 }
+
+/// Why a `tokenizer.json` cannot serve as a pod's tokenizer (the message holds the cause).
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    /// The file cannot be read.
+    #[error("cannot read it: {0}")]
+    Read(std::io::Error),
+    /// The document is not a valid `tokenizer.json`.
+    #[error("not a valid tokenizer.json: {0}")]
+    Parse(tokenizers::Error),
+    /// A filler word of the generated text cannot be encoded.
+    #[error("cannot encode the filler word {word:?}: {error}")]
+    Filler {
+        /// The word.
+        word: &'static str,
+        /// The tokenizer's error.
+        error: tokenizers::Error,
+    },
+    /// A filler word of the generated text encodes to no token.
+    #[error("the filler word {word:?} encodes to no token")]
+    EmptyFiller {
+        /// The word.
+        word: &'static str,
+    },
+}
+
+/// A text the pod's tokenizer cannot encode.
+#[derive(Debug, thiserror::Error)]
+#[error("the tokenizer cannot encode the text: {0}")]
+pub struct TokenizeError(pub tokenizers::Error);

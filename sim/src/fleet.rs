@@ -19,6 +19,7 @@ use infermesh_kvevents::{Encoding, HashFormat, Publisher, PublisherConfig, Topic
 use crate::pod::{Input, KvEventSink, SimClock, run_engine};
 use crate::profile::EngineProfile;
 use crate::role::PodRole;
+use crate::tokenizer::Tokenizer;
 
 /// The model name pods serve unless told otherwise.
 pub const DEFAULT_MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
@@ -148,6 +149,9 @@ pub struct FleetConfig {
     pub roles: Vec<PodRole>,
     /// KV-event publishing; off (`None`) by default, as in vLLM.
     pub kv_events: Option<KvEventsConfig>,
+    /// How every pod turns text into token ids (prompts, `/tokenize`, render, KV events);
+    /// the built-in tokenizer by default, or a loaded `tokenizer.json`.
+    pub tokenizer: Tokenizer,
 }
 
 impl FleetConfig {
@@ -164,6 +168,7 @@ impl FleetConfig {
             seed: 0,
             roles: Vec::new(),
             kv_events: None,
+            tokenizer: Tokenizer::Builtin,
         }
     }
 
@@ -531,11 +536,12 @@ fn spawn_pod(
     addr: SocketAddr,
     sink: Option<KvEventSink>,
 ) -> PodTasks {
-    let engine = Engine::new(EngineConfig {
+    let mut engine = Engine::new(EngineConfig {
         profile: cfg.profile.clone(),
         lora_adapters: cfg.lora_adapters.clone(),
         seed: cfg.seed.wrapping_add(i as u64),
     });
+    engine.set_output_ids(cfg.tokenizer.output_ids());
     let (tx, rx) = mpsc::unbounded_channel();
     let labels = MetricsLabels {
         model: cfg.model.clone(),
@@ -549,6 +555,7 @@ fn spawn_pod(
         lora_adapters: cfg.lora_adapters.clone(),
         profile: cfg.profile.clone(),
         role: cfg.role_of(i),
+        tokenizer: cfg.tokenizer.clone(),
         engine: tx.clone(),
         next_id: AtomicU64::new(0),
         created,

@@ -9,6 +9,9 @@
 //! request sequence give the same cache behaviour. [`Fleet`] runs many pods in one process.
 //! With [`KvEventsConfig`] each pod publishes its prefix-cache changes as vLLM's KV events
 //! (ZMQ, msgpack, with a replay socket), taken from the engine's real cache state.
+//! Pods tokenize with a built-in deterministic tokenizer or, on request
+//! ([`FleetConfig::tokenizer`]), a HuggingFace `tokenizer.json`, such as the one
+//! [`generate_tokenizer_json`] trains.
 
 pub mod engine;
 pub mod error;
@@ -20,7 +23,8 @@ pub mod profile;
 pub mod role;
 pub mod tokenizer;
 
-pub use error::SimError;
+pub use error::{SimError, TokenizeError, TokenizerError};
 pub use fleet::{DEFAULT_MODEL, Fleet, FleetConfig, KvEventPorts, KvEventsConfig};
 pub use profile::EngineProfile;
 pub use role::PodRole;
+pub use tokenizer::{Tokenizer, generate_tokenizer_json};

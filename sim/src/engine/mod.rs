@@ -40,6 +40,7 @@ mod request;
 mod stats;
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
@@ -88,6 +89,8 @@ struct Seq {
     prefix_counted: bool,
     /// Its images have encoder output here (encoded, cached or received).
     encoded: bool,
+    /// Ids generated tokens cycle through (`None`: the built-in filler ids).
+    output_ids: Option<Arc<[u32]>>,
 }
 
 impl Seq {
@@ -100,7 +103,10 @@ impl Seq {
         if pos < p {
             self.req.prompt[pos]
         } else {
-            filler_id(pos - p)
+            match &self.output_ids {
+                Some(ids) => ids[(pos - p) % ids.len()],
+                None => filler_id(pos - p),
+            }
         }
     }
 
@@ -175,6 +181,8 @@ pub struct Engine {
     encode_jobs: VecDeque<EncodeJob>,
     /// Finished steps' cache changes not yet taken (only filled when events are on).
     kv_steps: Vec<KvEventStep>,
+    /// Ids generated tokens cycle through (`None`: the built-in filler ids).
+    output_ids: Option<Arc<[u32]>>,
 }
 
 impl Engine {
@@ -201,7 +209,15 @@ impl Engine {
             encoder_cache: VecDeque::new(),
             encode_jobs: VecDeque::new(),
             kv_steps: Vec::new(),
+            output_ids: None,
         }
+    }
+
+    /// Gives generated token i of later requests the id `ids[i % ids.len()]` (a
+    /// `tokenizer.json`'s ids of the filler words); `None` or an empty list restores the
+    /// built-in filler ids.
+    pub fn set_output_ids(&mut self, ids: Option<Arc<[u32]>>) {
+        self.output_ids = ids.filter(|ids| !ids.is_empty());
     }
 
     /// Starts logging prefix-cache changes for [`Engine::take_kv_events`].
@@ -351,6 +367,7 @@ impl Engine {
                 remote_loaded: false,
                 prefix_counted: false,
                 encoded: false,
+                output_ids: self.output_ids.clone(),
             },
         );
         self.waiting.push_back(id);

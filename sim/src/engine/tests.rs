@@ -791,3 +791,63 @@ fn kv_events_mirror_the_cache_exactly_and_change_nothing_else() {
     assert!(preemptions > 0, "the workload must preempt");
     assert!(checks[0] > 100, "exact comparisons: {}", checks[0]);
 }
+
+/// The token ids of one finished request's stored blocks, in order (a fresh engine).
+fn stored_tokens(e: &mut Engine) -> Vec<u32> {
+    let mut out = Vec::new();
+    for step in e.take_kv_events() {
+        for ev in step.events {
+            if let CacheEvent::Stored { token_ids, .. } = ev {
+                out.extend(token_ids);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn generated_tokens_carry_the_configured_output_ids() {
+    // Prompt of 2 blocks, 10 generated tokens: blocks 3 to 5 hold generated tokens.
+    let prompt = toks(500..508);
+    let mut builtin = engine(profile());
+    builtin.enable_kv_events();
+    submit(&mut builtin, ms(0), req(1, prompt.clone(), 10));
+    run(&mut builtin);
+    let got = stored_tokens(&mut builtin);
+    assert!(got.len() >= 16, "{got:?}");
+    let stored = got.len();
+    assert_eq!(got[..8], prompt[..]);
+    for (i, t) in got[8..].iter().enumerate() {
+        assert_eq!(*t, filler_id(i), "builtin output {i}");
+    }
+
+    let mut json = engine(profile());
+    json.enable_kv_events();
+    json.set_output_ids(Some(Arc::from(vec![7u32, 8, 9])));
+    submit(&mut json, ms(0), req(1, prompt.clone(), 10));
+    run(&mut json);
+    let got = stored_tokens(&mut json);
+    assert_eq!(got.len(), stored);
+    assert_eq!(got[..8], prompt[..]);
+    for (i, t) in got[8..].iter().enumerate() {
+        assert_eq!(*t, [7, 8, 9][i % 3], "configured output {i}");
+    }
+    // The prompt's blocks hash the same either way; the output blocks do not.
+    let a: std::collections::HashSet<u64> = builtin.pool().cached_hashes().collect();
+    let b: std::collections::HashSet<u64> = json.pool().cached_hashes().collect();
+    assert_eq!(a.intersection(&b).count(), 2);
+
+    // An empty list falls back to the built-in ids.
+    let mut empty = engine(profile());
+    empty.enable_kv_events();
+    empty.set_output_ids(Some(Arc::from(Vec::<u32>::new())));
+    submit(&mut empty, ms(0), req(1, prompt, 10));
+    run(&mut empty);
+    assert_eq!(
+        empty
+            .pool()
+            .cached_hashes()
+            .collect::<std::collections::HashSet<_>>(),
+        a
+    );
+}

@@ -17,7 +17,7 @@ use super::{PodState, resolve_model};
 use crate::engine::{Completion, EngineRequest, KvTransfer, MmItem, check_limits};
 use crate::pod::{Event, Input};
 use crate::role::PodRole;
-use crate::tokenizer::{self, filler_range};
+use crate::tokenizer::filler_range;
 
 /// A request ready for the engine plus what the response needs.
 struct Prepared {
@@ -95,7 +95,7 @@ pub(super) async fn completions(State(pod): State<Arc<PodState>>, body: Bytes) -
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    let prepared = r.prompt_tokens().and_then(|prompt| {
+    let prepared = r.prompt_tokens_with(&pod.tokenizer).and_then(|prompt| {
         prepare(
             &pod,
             Ask {
@@ -138,11 +138,12 @@ pub(super) async fn chat(State(pod): State<Arc<PodState>>, body: Bytes) -> Respo
                 remote: remote.contains(&hash),
             })
             .collect();
+        let prompt = pod.tokenizer.tokenize(&rendered.text)?;
         prepare(
             &pod,
             Ask {
                 model: &r.model,
-                prompt: tokenizer::tokenize(&rendered.text),
+                prompt,
                 max_tokens: r.max_completion_tokens.or(r.max_tokens),
                 n: r.n,
                 kv: &r.kv_transfer_params,

@@ -13,7 +13,6 @@ use super::error::ApiError;
 use super::openai::{ChatMessage, ChatRequest, CompletionRequest, PromptInput, parse_json};
 use super::{PodState, resolve_model};
 use crate::pod::Input;
-use crate::tokenizer;
 
 pub(super) async fn health() -> StatusCode {
     StatusCode::OK
@@ -123,9 +122,9 @@ fn tokens_of(pod: &PodState, body: &[u8]) -> Result<Vec<u32>, ApiError> {
             kv_transfer_params: None,
             ec_transfer_params: None,
         };
-        return Ok(tokenizer::tokenize(
-            &chat.render(pod.profile.image_tokens)?.text,
-        ));
+        return Ok(pod
+            .tokenizer
+            .tokenize(&chat.render(pod.profile.image_tokens)?.text)?);
     }
     let c = CompletionRequest {
         model: None,
@@ -136,7 +135,7 @@ fn tokens_of(pod: &PodState, body: &[u8]) -> Result<Vec<u32>, ApiError> {
         n: None,
         kv_transfer_params: None,
     };
-    c.prompt_tokens()
+    c.prompt_tokens_with(&pod.tokenizer)
 }
 
 pub(super) async fn tokenize(State(pod): State<Arc<PodState>>, body: Bytes) -> Response {
@@ -160,7 +159,7 @@ pub(super) async fn render_completion(State(pod): State<Arc<PodState>>, body: By
     if let Err(e) = resolve_model(&pod, &r.model) {
         return e.into_response();
     }
-    match r.prompt_tokens() {
+    match r.prompt_tokens_with(&pod.tokenizer) {
         Ok(tokens) => rendered(&pod, &r.model, tokens),
         Err(e) => e.into_response(),
     }
@@ -174,8 +173,11 @@ pub(super) async fn render_chat(State(pod): State<Arc<PodState>>, body: Bytes) -
     if let Err(e) = resolve_model(&pod, &r.model) {
         return e.into_response();
     }
-    match r.render(pod.profile.image_tokens) {
-        Ok(chat) => rendered(&pod, &r.model, tokenizer::tokenize(&chat.text)),
+    let tokens = r
+        .render(pod.profile.image_tokens)
+        .and_then(|chat| Ok(pod.tokenizer.tokenize(&chat.text)?));
+    match tokens {
+        Ok(tokens) => rendered(&pod, &r.model, tokens),
         Err(e) => e.into_response(),
     }
 }
@@ -211,11 +213,15 @@ pub(super) async fn embeddings(State(pod): State<Arc<PodState>>, body: Bytes) ->
         Ok((m, _)) => m,
         Err(e) => return e.into_response(),
     };
-    let inputs: Vec<Vec<u32>> = match r.input {
-        PromptInput::Text(s) => vec![tokenizer::tokenize(&s)],
-        PromptInput::Texts(v) => v.iter().map(|s| tokenizer::tokenize(s)).collect(),
-        PromptInput::Tokens(t) => vec![t],
-        PromptInput::TokenLists(v) => v,
+    let inputs: Result<Vec<Vec<u32>>, _> = match r.input {
+        PromptInput::Text(s) => pod.tokenizer.tokenize(&s).map(|t| vec![t]),
+        PromptInput::Texts(v) => v.iter().map(|s| pod.tokenizer.tokenize(s)).collect(),
+        PromptInput::Tokens(t) => Ok(vec![t]),
+        PromptInput::TokenLists(v) => Ok(v),
+    };
+    let inputs = match inputs {
+        Ok(i) => i,
+        Err(e) => return ApiError::from(e).into_response(),
     };
     let prompt_tokens: usize = inputs.iter().map(Vec::len).sum();
     let data: Vec<serde_json::Value> = inputs

@@ -25,6 +25,7 @@ use crate::engine::SubmitError;
 use crate::pod::Input;
 use crate::profile::EngineProfile;
 use crate::role::PodRole;
+use crate::tokenizer::Tokenizer;
 use error::ApiError;
 
 /// What every handler of one pod shares.
@@ -42,6 +43,8 @@ pub struct PodState {
     pub profile: EngineProfile,
     /// P/D role.
     pub role: PodRole,
+    /// How prompts become token ids.
+    pub tokenizer: Tokenizer,
     /// Channel to the engine task.
     pub engine: mpsc::UnboundedSender<Input>,
     /// Next request id.
@@ -108,6 +111,12 @@ fn resolve_model(
                 "The model `{m}` does not exist."
             ))),
         },
+    }
+}
+
+impl From<crate::error::TokenizeError> for ApiError {
+    fn from(e: crate::error::TokenizeError) -> Self {
+        ApiError::bad_request(e.to_string())
     }
 }
 

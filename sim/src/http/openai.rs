@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use crate::engine::{FinishReason, KvTransfer};
-use crate::tokenizer;
+use crate::tokenizer::{self, Tokenizer};
 
 /// A text or token-id prompt (`prompt` of /v1/completions).
 #[derive(Debug, Deserialize)]
@@ -92,7 +92,8 @@ pub fn image_hash(url: &str) -> u64 {
     xxhash_rust::xxh64::xxh64(url.as_bytes(), 0x1a6e)
 }
 
-/// Text that tokenizes to about `tokens` tokens, the same for the same image, so prefix
+/// Text that tokenizes to about `tokens` tokens with the built-in tokenizer (a
+/// `tokenizer.json` may cut it into more or fewer), the same for the same image, so prefix
 /// caching tells images apart and an image costs prompt positions as in a VLM.
 fn image_placeholder(hash: u64, tokens: usize) -> String {
     let hex = format!("{hash:016x}");
@@ -182,15 +183,20 @@ pub fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError>
 }
 
 impl CompletionRequest {
-    /// The prompt as token ids.
+    /// The prompt as token ids of the built-in tokenizer.
     pub fn prompt_tokens(&self) -> Result<Vec<u32>, ApiError> {
+        self.prompt_tokens_with(&Tokenizer::Builtin)
+    }
+
+    /// The prompt as token ids; text is encoded with `tok`, token ids are taken as given.
+    pub fn prompt_tokens_with(&self, tok: &Tokenizer) -> Result<Vec<u32>, ApiError> {
         match &self.prompt {
             None => Err(ApiError::bad_request(
                 "`prompt` is required (a string, a list of token ids, or a one-element list of either)",
             )),
-            Some(PromptInput::Text(s)) => Ok(tokenizer::tokenize(s)),
+            Some(PromptInput::Text(s)) => Ok(tok.tokenize(s)?),
             Some(PromptInput::Tokens(t)) => Ok(t.clone()),
-            Some(PromptInput::Texts(v)) if v.len() == 1 => Ok(tokenizer::tokenize(&v[0])),
+            Some(PromptInput::Texts(v)) if v.len() == 1 => Ok(tok.tokenize(&v[0])?),
             Some(PromptInput::TokenLists(v)) if v.len() == 1 => Ok(v[0].clone()),
             Some(PromptInput::Texts(v)) => Err(several_prompts(v.len())),
             Some(PromptInput::TokenLists(v)) => Err(several_prompts(v.len())),
