@@ -90,6 +90,7 @@ pub struct App {
     metrics: Arc<NodeMetrics>,
     mesh: Option<Arc<infermesh_gossip::Mesh>>,
     prefix_owners: Option<Arc<MeshPrefixOwners>>,
+    kv_stats: Option<Arc<crate::mesh::kv_events::KvEventStats>>,
     xds: crate::xds::XdsFeed,
 }
 
@@ -527,6 +528,7 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
         metrics,
         mesh,
         prefix_owners,
+        kv_stats,
         xds,
     })
 }
@@ -578,6 +580,11 @@ impl App {
     /// A shared handle to the mesh, for tasks that outlive a borrow of the [`App`].
     pub fn mesh_handle(&self) -> Option<Arc<infermesh_gossip::Mesh>> {
         self.mesh.clone()
+    }
+
+    /// The KV-event follower's counters (`None` without a sharing mesh).
+    pub fn kv_event_stats(&self) -> Option<&crate::mesh::kv_events::KvEventStats> {
+        self.kv_stats.as_deref()
     }
 
     /// The prefix state this node holds now.
