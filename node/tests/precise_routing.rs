@@ -116,7 +116,10 @@ async fn start(local_tokenizer: bool) -> Setup {
         );
     }
     let token_producer = if local_tokenizer {
-        format!("{{local: {{tokenizerPath: {:?}}}}}", path.display().to_string())
+        format!(
+            "{{local: {{tokenizerPath: {:?}}}}}",
+            path.display().to_string()
+        )
     } else {
         // No URL: infermesh renders at one of the request's candidate pods.
         format!("{{modelName: {:?}}}", infermesh_sim::DEFAULT_MODEL)
@@ -173,7 +176,14 @@ async fn run(local_tokenizer: bool) {
     let proxy = s.node.proxy_addr.expect("proxy on");
     // Warm one pod behind the router's back: only its KV events tell the router.
     for (group, pod) in [(7usize, 2usize), (8, 1)] {
-        let r = post(&s.client, s.pods[pod], "/v1/completions", body(&prompt(group, 0)), &[]).await;
+        let r = post(
+            &s.client,
+            s.pods[pod],
+            "/v1/completions",
+            body(&prompt(group, 0)),
+            &[],
+        )
+        .await;
         assert_eq!(r.status, 200);
         wait_indexed(&s, &prompt(group, 0), s.pods[pod]).await;
     }
@@ -181,7 +191,14 @@ async fn run(local_tokenizer: bool) {
     // prefix is cached.
     for q in 1..=6 {
         for (group, pod) in [(7usize, 2usize), (8, 1)] {
-            let r = post(&s.client, proxy, "/v1/completions", body(&prompt(group, q)), &[]).await;
+            let r = post(
+                &s.client,
+                proxy,
+                "/v1/completions",
+                body(&prompt(group, q)),
+                &[],
+            )
+            .await;
             assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
             let served = r
                 .header("x-gateway-destination-endpoint-served")

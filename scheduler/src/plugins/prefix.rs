@@ -131,13 +131,16 @@ impl ApproxPrefixProducer {
 /// owners of the KV-event index, never from a local one.
 #[derive(Debug)]
 pub struct PrecisePrefixProducer {
-    params: PrecisePrefixParams,
+    // Boxed: the parameters are large and the producer is built once per policy.
+    params: Box<PrecisePrefixParams>,
 }
 
 impl PrecisePrefixProducer {
     /// A producer with `params`.
     pub fn new(params: PrecisePrefixParams) -> Self {
-        PrecisePrefixProducer { params }
+        PrecisePrefixProducer {
+            params: Box::new(params),
+        }
     }
 
     /// The producer's parameters (the node reads the event and speculation settings).
