@@ -212,6 +212,7 @@ async fn spawn_health(
 fn metrics_router(
     metrics: Arc<NodeMetrics>,
     pool: SharedPool,
+    policy: SharedPolicy,
     mesh: Option<&Arc<infermesh_gossip::Mesh>>,
     kv_stats: Option<Arc<crate::mesh::kv_events::KvEventStats>>,
     xds: crate::xds::XdsFeed,
@@ -220,8 +221,15 @@ fn metrics_router(
     crate::xds::status::router(xds).route(
         "/metrics",
         get(move || {
-            let mut body = metrics.render(&pool.load(), Instant::now());
-            if let Some(mesh) = mesh_stats.as_ref().and_then(std::sync::Weak::upgrade) {
+            let mesh = mesh_stats.as_ref().and_then(std::sync::Weak::upgrade);
+            let entries = mesh.as_ref().map_or(0, |m| m.prefix_index_blocks())
+                + policy
+                    .load()
+                    .scheduler
+                    .prefix_index()
+                    .map_or(0, |ix| ix.entries());
+            let mut body = metrics.render_with(&pool.load(), Instant::now(), entries);
+            if let Some(mesh) = mesh {
                 let members = mesh.members().borrow().members.len();
                 crate::mesh::insert_stats(&mut body, &mesh.stats(), members);
             }
@@ -505,6 +513,7 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
         let app = metrics_router(
             metrics.clone(),
             pool.clone(),
+            policy.clone(),
             mesh.as_ref(),
             kv_stats.clone(),
             xds.clone(),

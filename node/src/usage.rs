@@ -1,6 +1,28 @@
 //! Reads the OpenAI `usage` object out of a response body as it streams by, without
 //! holding the body: SSE events are scanned line by line, a plain JSON body is kept only
-//! up to a bound.
+//! up to a bound. It also times the body's chunks, for llm-d's TTFT, TPOT and ITL
+//! histograms.
+
+use std::time::Instant;
+
+/// Gaps between body chunks kept per response for the ITL histogram (the rest are
+/// dropped: a long stream's first thousand gaps describe its pacing well enough).
+const MAX_GAPS: usize = 1024;
+
+/// What one response's body showed as it streamed by.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ResponseReport {
+    /// The usage the model server reported, if it did.
+    pub usage: Option<Usage>,
+    /// Body bytes passed through.
+    pub bytes: u64,
+    /// When the first non-empty body chunk arrived.
+    pub first_chunk: Option<Instant>,
+    /// When the last non-empty body chunk arrived.
+    pub last_chunk: Option<Instant>,
+    /// Seconds between consecutive non-empty chunks (at most [`MAX_GAPS`]).
+    pub gaps: Vec<f32>,
+}
 
 /// Token counts a model server reported for one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -26,6 +48,10 @@ pub struct UsageScanner {
     buf: Vec<u8>,
     overflow: bool,
     found: Option<Usage>,
+    bytes: u64,
+    first_chunk: Option<Instant>,
+    last_chunk: Option<Instant>,
+    gaps: Vec<f32>,
 }
 
 impl UsageScanner {
@@ -39,6 +65,22 @@ impl UsageScanner {
 
     /// Feeds the next body chunk.
     pub fn feed(&mut self, chunk: &[u8]) {
+        self.feed_at(chunk, Instant::now());
+    }
+
+    /// [`Self::feed`] with the chunk's arrival time.
+    pub fn feed_at(&mut self, chunk: &[u8], now: Instant) {
+        if !chunk.is_empty() {
+            self.bytes += chunk.len() as u64;
+            if let Some(last) = self.last_chunk
+                && self.gaps.len() < MAX_GAPS
+            {
+                self.gaps
+                    .push(now.saturating_duration_since(last).as_secs_f32());
+            }
+            self.first_chunk.get_or_insert(now);
+            self.last_chunk = Some(now);
+        }
         if self.sse.is_none() {
             // No content type: decide from the first bytes.
             let first = chunk.iter().find(|b| !b.is_ascii_whitespace());
@@ -79,6 +121,19 @@ impl UsageScanner {
         }
         if let Some(u) = parse_usage(data) {
             self.found = Some(u);
+        }
+    }
+
+    /// The usage and timings, once the body has ended.
+    pub fn report(mut self) -> ResponseReport {
+        let gaps = std::mem::take(&mut self.gaps);
+        let (bytes, first_chunk, last_chunk) = (self.bytes, self.first_chunk, self.last_chunk);
+        ResponseReport {
+            usage: self.finish(),
+            bytes,
+            first_chunk,
+            last_chunk,
+            gaps,
         }
     }
 

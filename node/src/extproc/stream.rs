@@ -491,7 +491,7 @@ impl ExtProcStream {
             return Vec::new();
         };
         let r = Rejection::Flow(infermesh_scheduler::flow::DropReason::Evicted);
-        let usage = self.usage.take().and_then(UsageScanner::finish);
+        let usage = self.usage.take().map(UsageScanner::report);
         ticket.finish(self.served, r.outcome(), usage);
         self.phase = Phase::Done;
         replies(vec![self.immediate(&r)])
@@ -507,7 +507,7 @@ impl ExtProcStream {
         } else {
             Outcome::UpstreamStatus
         };
-        let usage = self.usage.take().and_then(UsageScanner::finish);
+        let usage = self.usage.take().map(UsageScanner::report);
         ticket.finish(self.served, outcome, usage);
         self.phase = Phase::Done;
     }

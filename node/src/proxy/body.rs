@@ -71,7 +71,7 @@ impl TrackedBody {
 
     fn settle(&mut self, outcome: Outcome) {
         if let Some(t) = self.ticket.take() {
-            let usage = self.usage.take().and_then(UsageScanner::finish);
+            let usage = self.usage.take().map(UsageScanner::report);
             t.finish(Some(self.served), outcome, usage);
         }
     }

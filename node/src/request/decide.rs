@@ -16,7 +16,7 @@ use super::prepare::{Dispatcher, Prepared};
 use super::rejection::{NoEndpoint, Rejection};
 use crate::metrics::Outcome;
 use crate::pool::EndpointSlot;
-use crate::usage::Usage;
+use crate::usage::ResponseReport;
 
 impl Dispatcher {
     /// The scores to report for `result` (scheduled over `candidates`); nothing is built
@@ -51,10 +51,20 @@ impl Dispatcher {
         };
         match self.schedule(&p, &answer, now) {
             Ok(result) => {
-                self.metrics.observe_scheduling(p.started.elapsed());
+                let took = p.started.elapsed();
+                self.metrics.observe_scheduling(took);
+                self.metrics
+                    .epp
+                    .scheduled(&p.req.target_model, now.elapsed().as_secs_f64(), true);
                 Ok(Ticket::issue(self.clone(), p, answer, result))
             }
             Err(r) => {
+                self.metrics
+                    .epp
+                    .scheduled(&p.req.target_model, now.elapsed().as_secs_f64(), false);
+                self.metrics
+                    .epp
+                    .rejected(&crate::metrics::epp::RequestKey::of(&p.req), r.outcome());
                 self.metrics
                     .count_request(&p.req.model, &p.objective, r.outcome());
                 tracing::info!(request_id = %p.req.id, model = %p.req.model, status = r.status(), reason = %r, "request rejected");
@@ -87,6 +97,11 @@ impl Dispatcher {
             self.metrics
                 .prefix_match_ratio
                 .observe(f64::from(m.matched_blocks) / m.total_blocks() as f64);
+            self.metrics.epp.prefix_hit(
+                f64::from(m.matched_blocks)
+                    * m.block_size_tokens as f64
+                    * infermesh_scheduler::prefix::AVERAGE_CHARACTERS_PER_TOKEN as f64,
+            );
         }
         tracing::debug!(request_id = %p.req.id, model = %p.req.model, endpoint = %primary, "scheduled");
         Ok(result)
@@ -162,6 +177,10 @@ impl Ticket {
         // The prompt, plus the output estimate under inflight-load-producer's
         // addEstimatedOutputTokens: what the token-load scorer and detector read.
         let tokens = prepared.policy.scheduler.in_flight_tokens(&prepared.req);
+        dispatcher
+            .metrics
+            .epp
+            .request_started(&crate::metrics::epp::RequestKey::of(&prepared.req));
         let mut t = Ticket {
             dispatcher,
             prepared,
@@ -279,11 +298,21 @@ impl Ticket {
     }
 
     /// Ends the request: completion hooks, in-flight −1, one count with `outcome`.
-    pub fn finish(mut self, served: Option<SocketAddr>, outcome: Outcome, usage: Option<Usage>) {
-        self.complete(served, outcome, usage);
+    pub fn finish(
+        mut self,
+        served: Option<SocketAddr>,
+        outcome: Outcome,
+        report: Option<ResponseReport>,
+    ) {
+        self.complete(served, outcome, report);
     }
 
-    fn complete(&mut self, served: Option<SocketAddr>, outcome: Outcome, usage: Option<Usage>) {
+    fn complete(
+        &mut self,
+        served: Option<SocketAddr>,
+        outcome: Outcome,
+        report: Option<ResponseReport>,
+    ) {
         if self.finished {
             return;
         }
@@ -306,9 +335,20 @@ impl Ticket {
         }
         let m = &self.dispatcher.metrics;
         m.count_request(&p.req.model, &p.objective, outcome);
-        if let Some(u) = usage {
+        if let Some(u) = report.as_ref().and_then(|r| r.usage) {
             m.count_tokens(u);
         }
+        m.epp.request_done(
+            &crate::metrics::epp::RequestKey::of(&p.req),
+            outcome,
+            crate::metrics::epp::Timing {
+                started: p.started,
+                ended: Instant::now(),
+                request_bytes: p.body_bytes,
+                streaming: p.req.stream,
+            },
+            report.as_ref(),
+        );
         tracing::debug!(
             request_id = %p.req.id,
             endpoint = %served,

@@ -180,6 +180,17 @@ impl Dispatcher {
     /// Logs and counts a request the node answered itself.
     pub fn count_rejection(&self, meta: &RequestMeta, model: &str, rejection: &Rejection) {
         tracing::info!(request_id = %meta.request_id, model, status = rejection.status(), reason = %rejection, "request rejected");
+        let priority = self
+            .pool
+            .load()
+            .objectives
+            .get(&meta.objective)
+            .copied()
+            .unwrap_or(0);
+        self.metrics.epp.rejected(
+            &crate::metrics::epp::RequestKey::rejected(model, &meta.fairness_id, priority),
+            rejection.outcome(),
+        );
         self.metrics
             .count_request(model, &meta.objective, rejection.outcome());
     }
@@ -246,6 +257,8 @@ impl Dispatcher {
             }
         }
         if let Some(t) = &target {
+            // Rewrite names are never folded into `other` (llm-d PR #2119).
+            self.metrics.epp.pin_models([model.as_str(), t.as_str()]);
             self.metrics
                 .model_rewrite_decisions
                 .get_or_create(&RewriteLabels {
@@ -388,6 +401,9 @@ impl Dispatcher {
             }
             Err(reason) => Rejection::Flow(reason),
         };
+        self.metrics
+            .epp
+            .rejected(&crate::metrics::epp::RequestKey::of(&p.req), r.outcome());
         self.metrics
             .count_request(&p.req.model, &p.objective, r.outcome());
         tracing::info!(request_id = %p.req.id, model = %p.req.model, status = r.status(), reason = %r, "request rejected");

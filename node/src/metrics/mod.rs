@@ -1,4 +1,7 @@
-//! The node's own Prometheus metrics (served on `/metrics`).
+//! The node's own Prometheus metrics (served on `/metrics`): `infermesh_*`, and llm-d's
+//! catalog (`epp`).
+
+pub mod epp;
 
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
@@ -237,6 +240,8 @@ pub struct NodeMetrics {
     pub tokenizations: Family<TokenizeLabels, Counter>,
     /// Flow control (llm-d's names).
     pub flow: FlowMetrics,
+    /// llm-d's EPP catalog, with the GIE twins.
+    pub epp: epp::EppMetrics,
     /// Disaggregation decisions of disagg-profile-handler (llm-d's name).
     pub disagg_decisions: Family<DecisionLabels, Counter>,
     /// Disaggregation decisions of the deprecated pd-profile-handler (llm-d's name).
@@ -277,6 +282,8 @@ impl NodeMetrics {
             "Total number of P/D disaggregation decisions made",
             pd_decisions.clone(),
         );
+        let prefix_match_ratio = Histogram::new(linear_buckets(0.1, 0.1, 10));
+        let epp = epp::EppMetrics::register(&mut root, &prefix_match_ratio);
         let registry = root.sub_registry_with_prefix("infermesh");
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
@@ -297,7 +304,6 @@ impl NodeMetrics {
             "Requests scheduled to each endpoint",
             picks.clone(),
         );
-        let prefix_match_ratio = Histogram::new(linear_buckets(0.1, 0.1, 10));
         registry.register(
             "prefix_match_ratio",
             "Matched prefix blocks / prompt blocks on the picked endpoint",
@@ -362,6 +368,7 @@ impl NodeMetrics {
         NodeMetrics {
             registry: root,
             flow,
+            epp,
             disagg_decisions,
             pd_decisions,
             requests,
@@ -496,10 +503,20 @@ impl NodeMetrics {
     /// Counts one scrape.
     pub fn count_scrape(&self, outcome: ScrapeOutcome) {
         self.scrapes.get_or_create(&ScrapeLabels { outcome }).inc();
+        if outcome != ScrapeOutcome::Ok {
+            self.epp.poll_error();
+        }
     }
 
-    /// Renders the text exposition, refreshing the per-endpoint gauges from `pool` first.
+    /// Renders the text exposition, refreshing the per-endpoint and pool gauges from
+    /// `pool` first.
     pub fn render(&self, pool: &PoolView, now: Instant) -> String {
+        self.render_with(pool, now, 0)
+    }
+
+    /// [`Self::render`] with the prefix index entries this node holds.
+    pub fn render_with(&self, pool: &PoolView, now: Instant, prefix_entries: usize) -> String {
+        self.epp.refresh(pool, prefix_entries);
         self.endpoint_staleness.clear();
         self.endpoint_up.clear();
         self.endpoint_in_flight.clear();
