@@ -91,6 +91,7 @@ pub struct App {
     mesh: Option<Arc<infermesh_gossip::Mesh>>,
     prefix_owners: Option<Arc<MeshPrefixOwners>>,
     kv_stats: Option<Arc<crate::mesh::kv_events::KvEventStats>>,
+    raft_metrics: Arc<arc_swap::ArcSwapOption<infermesh_raft_store::PolicyStore>>,
     xds: crate::xds::XdsFeed,
 }
 
@@ -215,8 +216,10 @@ fn metrics_router(
     policy: SharedPolicy,
     mesh: Option<&Arc<infermesh_gossip::Mesh>>,
     kv_stats: Option<Arc<crate::mesh::kv_events::KvEventStats>>,
+    raft: Arc<arc_swap::ArcSwapOption<infermesh_raft_store::PolicyStore>>,
     xds: crate::xds::XdsFeed,
 ) -> axum::Router {
+    let xds_status = xds.clone();
     let mesh_stats = mesh.map(Arc::downgrade);
     crate::xds::status::router(xds).route(
         "/metrics",
@@ -233,11 +236,15 @@ fn metrics_router(
                 let members = mesh.members().borrow().members.len();
                 crate::mesh::insert_stats(&mut body, &mesh.stats(), members);
             }
+            let mut extra = String::new();
             if let Some(kv) = &kv_stats {
-                let mut extra = String::new();
                 kv.render(&mut extra);
-                crate::mesh::insert_before_eof(&mut body, &extra);
             }
+            if let Some(store) = raft.load().as_deref() {
+                crate::metrics::cluster::render_raft(&store.status(), &mut extra);
+            }
+            crate::metrics::cluster::render_xds(&xds_status.server().sync_status(), &mut extra);
+            crate::mesh::insert_before_eof(&mut body, &extra);
             async move {
                 (
                     [(
@@ -343,6 +350,8 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
     // KV events need a sharing mesh: one index for the tier, fed by each pod's owner. The
     // follower runs whenever there is one, and follows while the node's config or the
     // policy's precise producer asks it to.
+    let raft_metrics: Arc<arc_swap::ArcSwapOption<infermesh_raft_store::PolicyStore>> =
+        Arc::default();
     let kv_stats: Option<Arc<crate::mesh::kv_events::KvEventStats>> =
         sharing.as_ref().map(|_| Arc::default());
     let pool_task = match &sharing {
@@ -516,6 +525,7 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
             policy.clone(),
             mesh.as_ref(),
             kv_stats.clone(),
+            raft_metrics.clone(),
             xds.clone(),
         );
         crate::serve::spawn_http(&mut tasks, "metrics", l, app, shutdown_rx.clone());
@@ -538,6 +548,7 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
         mesh,
         prefix_owners,
         kv_stats,
+        raft_metrics,
         xds,
     })
 }
@@ -563,6 +574,7 @@ impl App {
             proxy_addr: self.proxy_addr,
             xds: self.xds.clone(),
             control: self.control(),
+            raft_metrics: self.raft_metrics.clone(),
         }
     }
 

@@ -333,6 +333,12 @@ impl EppMetrics {
             models: Capped::default(),
             fairness: Capped::default(),
         };
+        // The node always polls this source: its error count exists from the start at 0.
+        m.poll_errors
+            .get_or_create(&SourceLabels {
+                source_type: "metrics-data-source",
+            })
+            .inc_by(0);
         let info = Family::<InfoLabels, Gauge>::default();
         info.get_or_create(&InfoLabels {
             commit: option_env!("INFERMESH_COMMIT")

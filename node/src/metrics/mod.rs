@@ -1,6 +1,7 @@
 //! The node's own Prometheus metrics (served on `/metrics`): `infermesh_*`, and llm-d's
 //! catalog (`epp`).
 
+pub mod cluster;
 pub mod epp;
 
 use std::sync::atomic::AtomicU64;

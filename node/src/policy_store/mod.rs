@@ -232,6 +232,8 @@ pub struct NodeHandles {
     pub xds: crate::xds::XdsFeed,
     /// Swaps the node's scheduler, rewrites and pool.
     pub control: feed::NodeControl,
+    /// Where the store is published for the node's `/metrics` (Raft gauges).
+    pub raft_metrics: Arc<arc_swap::ArcSwapOption<PolicyStore>>,
 }
 
 impl PolicyNode {
@@ -310,6 +312,7 @@ impl PolicyNode {
             router,
             shutdown_rx.clone(),
         )));
+        handles.raft_metrics.store(Some(Arc::new(store.clone())));
         tracing::info!(raft_id = id, %admin_addr, node = %me, "policy store open");
 
         if store.is_initialized().await? {
