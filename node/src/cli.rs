@@ -132,6 +132,12 @@ pub struct ServeArgs {
     /// alone means true.
     #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub allow_experimental_plugins: bool,
+    /// Export OpenTelemetry traces of the request path over OTLP/gRPC (llm-d's flag; off).
+    /// Configured by llm-d's variables: OTEL_EXPORTER_OTLP_ENDPOINT (http://localhost:4317),
+    /// OTEL_SERVICE_NAME (infermesh), OTEL_TRACES_SAMPLER (parentbased_traceidratio),
+    /// OTEL_TRACES_SAMPLER_ARG (0.1).
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub tracing: bool,
     /// Router mesh flags (--node-name, --gossip-addr, --mesh-addr, --seeds, --cluster-key-file…).
     #[command(flatten)]
     pub mesh: crate::mesh::MeshArgs,
@@ -319,7 +325,10 @@ pub fn run(cli: Cli) -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Serve(args) => {
-            init_tracing("info");
+            // With --tracing the subscriber (logs and traces) starts inside the runtime.
+            if !args.tracing {
+                init_tracing("info");
+            }
             serve(*args)
         }
         Command::Sidecar(args) => {
@@ -421,7 +430,23 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(async move {
+    let telemetry = if args.tracing {
+        let _in_runtime = rt.enter();
+        let env: std::collections::HashMap<String, String> = std::env::vars().collect();
+        match crate::telemetry::TracingOptions::from_env(&env)
+            .and_then(|o| crate::telemetry::init("info", Some(&o)))
+        {
+            Ok(t) => t,
+            Err(e) => {
+                init_tracing("info");
+                eprintln!("error: --tracing: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    } else {
+        crate::telemetry::Telemetry::default()
+    };
+    let code = rt.block_on(async move {
         let node = match crate::app::App::start(cfg).await {
             Ok(n) => n,
             Err(e) => {
@@ -503,7 +528,9 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
         node.shutdown(args.shutdown_grace).await;
         code
-    })
+    });
+    telemetry.shutdown();
+    code
 }
 
 fn sidecar(args: &SidecarArgs) -> ExitCode {

@@ -112,6 +112,9 @@ pub struct ExtProcStream {
     restore: Option<ModelRestorer>,
     /// Whether the driver has taken the ticket's revocation future.
     revocation_taken: bool,
+    /// The request's trace span (disabled unless `--tracing`), entered around every
+    /// request-path call so their spans are its children.
+    otel: tracing::Span,
 }
 
 impl ExtProcStream {
@@ -133,6 +136,7 @@ impl ExtProcStream {
             awaiting: None,
             restore: None,
             revocation_taken: false,
+            otel: tracing::Span::none(),
         }
     }
 
@@ -162,6 +166,8 @@ impl ExtProcStream {
             self.request_mode = m.request;
             self.response_mode = m.response;
         }
+        let otel = self.otel.clone();
+        let _otel = otel.enter();
         match inbound.message {
             Message::RequestHeaders(h) => self.on_request_headers(h).map(replies),
             Message::RequestBody(b) => Ok(self.on_request_body(b)),
@@ -187,6 +193,8 @@ impl ExtProcStream {
         &mut self,
         answer: Result<crate::request::flow::Dispatched, infermesh_scheduler::flow::DropReason>,
     ) -> Vec<Action> {
+        let otel = self.otel.clone();
+        let _otel = otel.enter();
         let Some(mut w) = self.awaiting.take() else {
             return Vec::new();
         };
@@ -199,6 +207,8 @@ impl ExtProcStream {
 
     /// The burst-window wait asked for by [`Action::NeedBurst`] finished with `placed`.
     pub fn on_burst(&mut self, placed: Option<SocketAddr>) -> Vec<Action> {
+        let otel = self.otel.clone();
+        let _otel = otel.enter();
         let Some(mut w) = self.awaiting.take() else {
             return Vec::new();
         };
@@ -208,6 +218,8 @@ impl ExtProcStream {
 
     /// The owner lookup asked for by [`Action::NeedLookup`] finished with `answer`.
     pub fn on_lookup(&mut self, answer: PrefixAnswer) -> Vec<Action> {
+        let otel = self.otel.clone();
+        let _otel = otel.enter();
         let Some(w) = self.awaiting.take() else {
             return Vec::new();
         };
@@ -226,6 +238,18 @@ impl ExtProcStream {
         self.meta =
             RequestMeta::from_headers(h.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         self.meta.subset = h.subset;
+        self.otel = tracing::span!(
+            target: crate::telemetry::OTEL_TARGET,
+            tracing::Level::TRACE,
+            "infermesh.request",
+            otel.kind = "server",
+            url.path = %h.path,
+            request_id = %self.meta.request_id,
+        );
+        crate::telemetry::adopt_parent_from(
+            &self.otel,
+            h.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        );
         let span = tracing::debug_span!("ext_proc", request_id = %self.meta.request_id);
         let _g = span.enter();
         if h.end_of_stream || self.request_mode == BodyMode::None {
@@ -372,6 +396,10 @@ impl ExtProcStream {
         set.push((DESTINATION_HEADER.to_owned(), destination.clone()));
         set.push(("content-length".to_owned(), body.len().to_string()));
         set.extend(ticket.extra_headers().iter().cloned());
+        // The pod continues the trace from the request's span.
+        if let Some(tp) = crate::telemetry::traceparent(&self.otel) {
+            set.push(("traceparent".to_owned(), tp));
+        }
         // Router-only headers the client sent and the pick did not set: Envoy drops them,
         // so no pod (or sidecar) sees a client-chosen prefiller or destination.
         let remove = self

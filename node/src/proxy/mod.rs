@@ -22,8 +22,10 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use infermesh_scheduler::ApiKind;
 
 use crate::request::{Dispatcher, Rejection, RequestMeta, Ticket};
+use crate::telemetry::OTEL_TARGET;
 use crate::upstream::HttpClient;
 use body::TrackedBody;
+use tracing::Instrument as _;
 
 /// Header on proxy responses naming the endpoint that served the request.
 pub const SERVED_HEADER: &str = "x-gateway-destination-endpoint-served";
@@ -106,8 +108,22 @@ fn error_response(r: &Rejection, request_id: &str) -> Response {
 }
 
 async fn handle(s: Arc<ProxyState>, kind: ApiKind, req: Request) -> Response {
+    let span = tracing::span!(
+        target: OTEL_TARGET,
+        tracing::Level::TRACE,
+        "infermesh.request",
+        otel.kind = "server",
+        url.path = %req.uri().path(),
+        request_id = tracing::field::Empty,
+    );
+    crate::telemetry::adopt_parent(&span, req.headers());
+    handle_in(s, kind, req).instrument(span).await
+}
+
+async fn handle_in(s: Arc<ProxyState>, kind: ApiKind, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let meta = RequestMeta::from_http(&parts.headers);
+    tracing::Span::current().record("request_id", meta.request_id.as_str());
     let request_id = meta.request_id.clone();
     let limit = s.dispatcher.config().max_body_bytes;
     let bytes = match Limited::new(body, limit).collect().await {
@@ -183,13 +199,23 @@ async fn forward(
     let mut next = 0usize;
     loop {
         let dest = ticket.destinations()[next];
+        let span = tracing::span!(
+            target: OTEL_TARGET,
+            tracing::Level::TRACE,
+            "forward",
+            otel.kind = "client",
+            server.address = %dest,
+        );
         let mut req = http::Request::post(format!("http://{dest}{path}"));
         let h = req.headers_mut().expect("builder without errors");
         upstream_headers(headers, request_id, ticket.extra_headers(), h);
+        // The pod continues the trace from this attempt's span.
+        crate::telemetry::inject(&span, h);
         let req = req
             .body(Full::new(body.clone()))
             .expect("valid request parts");
-        let send = tokio::time::timeout(s.cfg.response_timeout, s.client.request(req));
+        let send =
+            tokio::time::timeout(s.cfg.response_timeout, s.client.request(req)).instrument(span);
         let sent = match ticket.revoked() {
             // In-flight eviction before the pod answered: 429 `evicted`, upstream dropped.
             Some(revoked) => tokio::select! {

@@ -36,6 +36,14 @@ impl Dispatcher {
     /// issues the ticket. A rejection is counted here.
     pub fn decide(&self, mut p: Prepared, answer: PrefixAnswer) -> Result<Ticket, Rejection> {
         let now = Instant::now();
+        let span = tracing::span!(
+            target: crate::telemetry::OTEL_TARGET,
+            tracing::Level::TRACE,
+            "schedule",
+            gen_ai.request.model = %p.req.target_model,
+            endpoint = tracing::field::Empty,
+        );
+        let _schedule = span.enter();
         // The precise lookup brings the chain it keyed: from here on it is a remote answer.
         let answer = match answer {
             PrefixAnswer::Precise {
@@ -51,6 +59,10 @@ impl Dispatcher {
         };
         match self.schedule(&p, &answer, now) {
             Ok(result) => {
+                span.record(
+                    "endpoint",
+                    tracing::field::display(result.destinations()[0]),
+                );
                 let took = p.started.elapsed();
                 self.metrics.observe_scheduling(took);
                 self.metrics

@@ -30,7 +30,9 @@ use super::rejection::{NoEndpoint, Rejection};
 use crate::metrics::{NodeMetrics, RewriteLabels};
 use crate::policy::{Policy, SharedPolicy};
 use crate::pool::SharedPool;
+use crate::telemetry::OTEL_TARGET;
 use crate::tokens::{TokenizeInput, Tokenizers};
+use tracing::{Instrument as _, Level};
 
 /// A request's wait in flow control: `Ok` when dispatched (with its lease when in-flight
 /// eviction is on), else why it was dropped. Dropping it frees the request's place in the
@@ -205,6 +207,7 @@ impl Dispatcher {
         exclude: &[SocketAddr],
     ) -> Result<Prepared, Rejection> {
         let started = Instant::now();
+        let _parse = tracing::span!(target: OTEL_TARGET, Level::TRACE, "parse").entered();
         match self.prepare_inner(kind, body, &mut meta, exclude, started) {
             Ok(p) => Ok(p),
             Err((model, r)) => {
@@ -367,7 +370,10 @@ impl Dispatcher {
             received: p.started,
             slo_ttft,
         };
-        Some(Box::pin(async move { gate.wait(arrival).await }))
+        let span = tracing::span!(target: OTEL_TARGET, Level::TRACE, "flow_control.wait");
+        Some(Box::pin(
+            async move { gate.wait(arrival).await }.instrument(span),
+        ))
     }
 
     /// Applies the flow-control answer: a dropped request is counted and rejected; a
@@ -435,7 +441,11 @@ impl Dispatcher {
                 running: e.metrics.as_ref().map_or(0, |m| u64::from(m.running)),
             })
             .collect();
-        Some(gate.hold(scheduler.burst_hashes(&p.req), replicas))
+        let span = tracing::span!(target: OTEL_TARGET, Level::TRACE, "burst.wait");
+        Some(Box::pin(
+            gate.hold(scheduler.burst_hashes(&p.req), replicas)
+                .instrument(span),
+        ))
     }
 
     /// Applies the burst window's answer: the endpoint the batch placed the request on.
@@ -448,16 +458,27 @@ impl Dispatcher {
     pub fn lookup(&self, p: &Prepared) -> Option<PrefixLookup> {
         let owners = self.owners.as_ref()?;
         if let (Some(input), Some(tokenizers)) = (&p.tokenize, &self.tokenizers) {
-            return Some(precise_lookup(
-                tokenizers.clone(),
-                owners.clone(),
-                p.policy.clone(),
-                self.metrics.clone(),
-                input.clone(),
+            let span =
+                tracing::span!(target: OTEL_TARGET, Level::TRACE, "prefix.lookup", precise = true);
+            return Some(Box::pin(
+                precise_lookup(
+                    tokenizers.clone(),
+                    owners.clone(),
+                    p.policy.clone(),
+                    self.metrics.clone(),
+                    input.clone(),
+                )
+                .instrument(span),
             ));
         }
         let chain = p.chain.as_ref()?;
-        Some(owners.lookup(chain.anchor()?, &chain.hashes))
+        let span =
+            tracing::span!(target: OTEL_TARGET, Level::TRACE, "prefix.lookup", precise = false);
+        Some(Box::pin(
+            owners
+                .lookup(chain.anchor()?, &chain.hashes)
+                .instrument(span),
+        ))
     }
 
     /// The answer to use when [`Self::lookup`] returned `None`.
@@ -571,7 +592,12 @@ fn precise_lookup(
         ) else {
             return PrefixAnswer::Unavailable;
         };
-        let tokens = match tokenizers.tokenize(params, &input).await {
+        let tokenize = tracing::span!(target: OTEL_TARGET, Level::TRACE, "tokenize");
+        let tokens = match tokenizers
+            .tokenize(params, &input)
+            .instrument(tokenize)
+            .await
+        {
             Ok((tokens, source, cached)) => {
                 metrics.count_tokenization(source.as_str(), if cached { "cached" } else { "ok" });
                 tokens
