@@ -9,7 +9,7 @@
 //! exposition without bound. Names an InferenceModelRewrite configures are never folded.
 
 use std::collections::HashSet;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use parking_lot::RwLock;
@@ -293,6 +293,27 @@ pub struct EppMetrics {
     poll_errors: Family<SourceLabels, Counter>,
     models: Capped,
     fairness: Capped,
+    /// Plain totals for the status page's rates (ended requests; TTFT sum in µs; count).
+    totals: Totals,
+}
+
+/// Running totals the status page turns into rates.
+#[derive(Debug, Default)]
+struct Totals {
+    ended: std::sync::atomic::AtomicU64,
+    ttft_us: std::sync::atomic::AtomicU64,
+    ttft_count: std::sync::atomic::AtomicU64,
+}
+
+/// A snapshot of [`EppMetrics`] totals for the status page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct TotalsSnapshot {
+    /// Requests that ended (any outcome), since the node started.
+    pub requests: u64,
+    /// Sum of recorded TTFTs, microseconds.
+    pub ttft_us: u64,
+    /// TTFT samples.
+    pub ttft_count: u64,
 }
 
 impl EppMetrics {
@@ -332,6 +353,7 @@ impl EppMetrics {
             poll_errors: Family::default(),
             models: Capped::default(),
             fairness: Capped::default(),
+            totals: Totals::default(),
         };
         // The node always polls this source: its error count exists from the start at 0.
         m.poll_errors
@@ -638,6 +660,7 @@ impl EppMetrics {
         let l = self.labels(k);
         self.running.get_or_create(&l).dec();
         self.requests.get_or_create(&l).inc();
+        self.totals.ended.fetch_add(1, Ordering::Relaxed);
         self.request_size
             .get_or_create(&l)
             .observe(t.request_bytes as f64);
@@ -655,6 +678,12 @@ impl EppMetrics {
         };
         self.response_size.get_or_create(&l).observe(r.bytes as f64);
         if let Some(first) = r.first_chunk {
+            let ttft = first.saturating_duration_since(t.started);
+            self.totals.ttft_us.fetch_add(
+                u64::try_from(ttft.as_micros()).unwrap_or(u64::MAX),
+                Ordering::Relaxed,
+            );
+            self.totals.ttft_count.fetch_add(1, Ordering::Relaxed);
             self.ttft
                 .get_or_create(&StreamingLabels {
                     model_name: l.model_name.clone(),
@@ -699,10 +728,20 @@ impl EppMetrics {
         }
     }
 
+    /// The running totals (for the status page).
+    pub fn totals(&self) -> TotalsSnapshot {
+        TotalsSnapshot {
+            requests: self.totals.ended.load(Ordering::Relaxed),
+            ttft_us: self.totals.ttft_us.load(Ordering::Relaxed),
+            ttft_count: self.totals.ttft_count.load(Ordering::Relaxed),
+        }
+    }
+
     /// A request rejected before it was scheduled.
     pub fn rejected(&self, k: &RequestKey, outcome: Outcome) {
         let l = self.labels(k);
         self.requests.get_or_create(&l).inc();
+        self.totals.ended.fetch_add(1, Ordering::Relaxed);
         if let Some(code) = error_code(outcome) {
             self.count_error(&l, code);
         }
