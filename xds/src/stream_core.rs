@@ -10,8 +10,18 @@ use std::sync::Arc;
 use infermesh_proto::google::rpc::Status;
 
 use crate::resource_type::ResourceType;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{EncodedResource, Snapshot};
 use crate::stream::{NackDetail, NodeMemory, NonceCounter, StreamEvent, TypeMemory};
+
+/// The contents of the latest response of one type, kept until the status registry takes
+/// it, so CSDS can report every resource a client was sent.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SentResources {
+    /// Resources in the response.
+    pub(crate) resources: Vec<Arc<EncodedResource>>,
+    /// Names the response removed (Delta only).
+    pub(crate) removed: Vec<String>,
+}
 
 /// A response sent and not yet ACKed or NACKed.
 pub(crate) trait InFlight {
@@ -41,6 +51,8 @@ pub(crate) struct StreamCore {
     pub(crate) memory: NodeMemory,
     nonces: NonceCounter,
     events: VecDeque<StreamEvent>,
+    /// Per type, what the latest response sent (taken by the status registry).
+    sent: [SentResources; 4],
 }
 
 impl StreamCore {
@@ -50,6 +62,7 @@ impl StreamCore {
             memory,
             nonces: NonceCounter::default(),
             events: VecDeque::new(),
+            sent: Default::default(),
         }
     }
 
@@ -113,22 +126,22 @@ impl StreamCore {
     }
 
     /// Reports a response of `ty` handed out for sending and returns its fresh nonce.
-    pub(crate) fn sent(
-        &mut self,
-        ty: ResourceType,
-        version: &str,
-        resources: usize,
-        removed: usize,
-    ) -> String {
+    pub(crate) fn sent(&mut self, ty: ResourceType, version: &str, sent: SentResources) -> String {
         let nonce = self.nonces.next();
         self.events.push_back(StreamEvent::Sent {
             ty,
             version: version.to_owned(),
             nonce: nonce.clone(),
-            resources,
-            removed,
+            resources: sent.resources.len(),
+            removed: sent.removed.len(),
         });
+        self.sent[ty.index()] = sent;
         nonce
+    }
+
+    /// Takes what the latest response of `ty` sent.
+    pub(crate) fn take_sent(&mut self, ty: ResourceType) -> SentResources {
+        std::mem::take(&mut self.sent[ty.index()])
     }
 
     /// The next event to report.
@@ -172,6 +185,14 @@ macro_rules! common_stream_api {
         /// What this stream has learned about its node for `ty` (to keep across streams).
         pub fn memory(&self, ty: $crate::ResourceType) -> &$crate::stream::TypeMemory {
             self.core.memory(ty)
+        }
+
+        /// Takes what the latest response of `ty` sent, for the status registry.
+        pub(crate) fn take_sent(
+            &mut self,
+            ty: $crate::ResourceType,
+        ) -> $crate::stream_core::SentResources {
+            self.core.take_sent(ty)
         }
 
         /// Whether the client has subscribed to `ty`.
