@@ -342,10 +342,12 @@ mod tests {
                     _ => None,
                 })
                 .collect();
+            let dropped = ResourceType::ALL.map(|ty| $stream.take_dropped(ty));
             let s = &$stream;
             $entry.record(
                 events.into_iter(),
                 &mut sent,
+                &dropped,
                 |ty| s.memory(ty).clone(),
                 |ty| SubscriptionView {
                     subscribed: s.is_subscribed(ty),
@@ -710,5 +712,52 @@ mod tests {
         assert_eq!(err.version_info, next.get(LDS).version);
         assert_eq!(err.details, "rejected");
         assert_eq!(g.version_info, published.get(LDS).version);
+    }
+
+    #[test]
+    fn a_delta_unsubscribe_drops_the_resource() {
+        const RDS: ResourceType = ResourceType::Route;
+        let registry = StatusRegistry::default();
+        let entry = registry.open(
+            "envoy-d",
+            Some(&node("envoy-d")),
+            "envoy".into(),
+            Protocol::Delta,
+        );
+        let published = snapshot(10000);
+        let route = published.get(RDS).resources.keys().next().unwrap().clone();
+        let mut stream = DeltaStream::new(Some(Arc::clone(&published)), Default::default());
+        stream.handle_request(&DeltaDiscoveryRequest {
+            node: Some(node("envoy-d")),
+            type_url: RDS.type_url().into(),
+            resource_names_subscribe: vec![route.clone()],
+            ..Default::default()
+        });
+        assert!(stream.poll_response().is_some());
+        let nonce = record!(entry, stream).pop().unwrap();
+        stream.handle_request(&DeltaDiscoveryRequest {
+            type_url: RDS.type_url().into(),
+            response_nonce: nonce,
+            ..Default::default()
+        });
+        record!(entry, stream);
+        let routes = || -> Vec<(String, i32)> {
+            client_status(&all(), &registry.client_views(), Some(&published))
+                .unwrap()
+                .config[0]
+                .generic_xds_configs
+                .iter()
+                .filter(|g| g.type_url == RDS.type_url())
+                .map(|g| (g.name.clone(), g.config_status))
+                .collect()
+        };
+        assert_eq!(routes(), [(route.clone(), ConfigStatus::Synced as i32)]);
+        stream.handle_request(&DeltaDiscoveryRequest {
+            type_url: RDS.type_url().into(),
+            resource_names_unsubscribe: vec![route],
+            ..Default::default()
+        });
+        record!(entry, stream);
+        assert!(routes().is_empty(), "the client no longer holds it");
     }
 }

@@ -115,8 +115,8 @@ impl DeltaStream {
                     .as_ref()
                     .and_then(|s| s.get(ty).resources.get(name))
                     .is_some_and(|r| r.wildcard);
-            if !via_wildcard {
-                st.known.remove(name);
+            if !via_wildcard && st.known.remove(name).is_some() {
+                self.core.dropped(ty, name.clone());
             }
         }
 

@@ -60,6 +60,7 @@ trait AdsMachine: Send + 'static {
     fn memory(&self, ty: ResourceType) -> &TypeMemory;
     fn view(&self, ty: ResourceType) -> SubscriptionView;
     fn take_sent(&mut self, ty: ResourceType) -> SentResources;
+    fn take_dropped(&mut self, ty: ResourceType) -> Vec<String>;
 }
 
 macro_rules! impl_machine {
@@ -90,6 +91,9 @@ macro_rules! impl_machine {
             }
             fn take_sent(&mut self, ty: ResourceType) -> SentResources {
                 <$machine>::take_sent(self, ty)
+            }
+            fn take_dropped(&mut self, ty: ResourceType) -> Vec<String> {
+                <$machine>::take_dropped(self, ty)
             }
             fn view(&self, ty: ResourceType) -> SubscriptionView {
                 let (wildcard, names) = self.subscription(ty);
@@ -188,10 +192,12 @@ impl<M: AdsMachine> Driver<M> {
             }
             events.push(ev);
         }
+        let dropped = ResourceType::ALL.map(|ty| m.take_dropped(ty));
         let m = &*m;
         reg.entry.record(
             events.into_iter(),
             &mut sent,
+            &dropped,
             |ty| m.memory(ty).clone(),
             |ty| m.view(ty),
         );

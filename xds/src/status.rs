@@ -213,12 +213,14 @@ impl NodeEntry {
         self.state.lock().memory.clone()
     }
 
-    /// Records stream events (with what each response sent, taken from `sent`) and the
-    /// stream's updated memory.
+    /// Records stream events (with what each response sent, taken from `sent`), the
+    /// names the client stopped holding without a response (`dropped`), and the stream's
+    /// updated memory.
     pub(crate) fn record(
         &self,
         events: impl Iterator<Item = StreamEvent>,
         sent: &mut [SentResources; 4],
+        dropped: &[Vec<String>; 4],
         memory: impl Fn(ResourceType) -> TypeMemory,
         subscription: impl Fn(ResourceType) -> SubscriptionView,
     ) {
@@ -277,6 +279,9 @@ impl NodeEntry {
             }
         }
         for ty in ResourceType::ALL {
+            for name in &dropped[ty.index()] {
+                st.types[ty.index()].resources.remove(name);
+            }
             if touched[ty.index()] {
                 st.memory[ty.index()] = memory(ty);
             }

@@ -53,6 +53,9 @@ pub(crate) struct StreamCore {
     events: VecDeque<StreamEvent>,
     /// Per type, what the latest response sent (taken by the status registry).
     sent: [SentResources; 4],
+    /// Per type, names the client stopped holding without a response (Delta
+    /// unsubscribes), taken by the status registry.
+    dropped: [Vec<String>; 4],
 }
 
 impl StreamCore {
@@ -63,6 +66,7 @@ impl StreamCore {
             nonces: NonceCounter::default(),
             events: VecDeque::new(),
             sent: Default::default(),
+            dropped: Default::default(),
         }
     }
 
@@ -139,6 +143,16 @@ impl StreamCore {
         nonce
     }
 
+    /// Notes that the client no longer holds `name` of `ty`.
+    pub(crate) fn dropped(&mut self, ty: ResourceType, name: String) {
+        self.dropped[ty.index()].push(name);
+    }
+
+    /// Takes the names of `ty` the client stopped holding since the last call.
+    pub(crate) fn take_dropped(&mut self, ty: ResourceType) -> Vec<String> {
+        std::mem::take(&mut self.dropped[ty.index()])
+    }
+
     /// Takes what the latest response of `ty` sent.
     pub(crate) fn take_sent(&mut self, ty: ResourceType) -> SentResources {
         std::mem::take(&mut self.sent[ty.index()])
@@ -193,6 +207,11 @@ macro_rules! common_stream_api {
             ty: $crate::ResourceType,
         ) -> $crate::stream_core::SentResources {
             self.core.take_sent(ty)
+        }
+
+        /// Takes the names of `ty` the client stopped holding, for the status registry.
+        pub(crate) fn take_dropped(&mut self, ty: $crate::ResourceType) -> Vec<String> {
+            self.core.take_dropped(ty)
         }
 
         /// Whether the client has subscribed to `ty`.
