@@ -460,10 +460,12 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
         .max_decoding_message_size(cfg.max_body_bytes.saturating_add(1 << 20));
     // ADS shares the ext_proc port unless it has its own, so an Envoy needs one address.
     let ads_here = xds_listener.is_none().then(|| xds.server().service());
+    let csds_here = xds_listener.is_none().then(|| xds.server().csds_service());
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(ext_proc)
-        .add_optional_service(ads_here);
+        .add_optional_service(ads_here)
+        .add_optional_service(csds_here);
     let mut sd = shutdown_rx.clone();
     let stop = async move {
         let _ = sd.wait_for(|s| *s).await;

@@ -32,6 +32,7 @@ use infermesh_node::discovery::fleet_pool;
 use infermesh_node::mesh::MeshOptions;
 use infermesh_node::policy_store::{ClusterArgs, LocalBase, PolicyNode};
 use infermesh_node::upstream::{HttpClient, http_client};
+use infermesh_proto::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use infermesh_scheduler::ResolvedConfig;
 use infermesh_sim::{EngineProfile, Fleet, FleetConfig};
 use infermesh_testkit::ads::{self, in_sync, status_of};
@@ -618,5 +619,149 @@ fn ads_on_its_own_address() {
             .expect("shutdown finishes without waiting out its grace")
             .unwrap();
         drop(tx);
+    });
+}
+
+async fn next_response(inbound: &mut tonic::Streaming<DiscoveryResponse>) -> DiscoveryResponse {
+    tokio::time::timeout(WAIT, inbound.message())
+        .await
+        .expect("a listener response")
+        .expect("stream ok")
+        .expect("a message")
+}
+
+/// The listener request answering `resp`: an ACK, or a NACK when `error` is given.
+fn answer(resp: &DiscoveryResponse, version: &str, error: Option<&str>) -> DiscoveryRequest {
+    DiscoveryRequest {
+        type_url: ResourceType::Listener.type_url().into(),
+        version_info: version.into(),
+        response_nonce: resp.nonce.clone(),
+        error_detail: error.map(|m| infermesh_proto::google::rpc::Status {
+            code: 13,
+            message: m.into(),
+            details: vec![],
+        }),
+        ..Default::default()
+    }
+}
+
+/// `infermesh xds status --xds ADDR` against the rows CSDS gives on ADDR.
+fn cli_csds(addr: &str, json: bool) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_infermesh"));
+    cmd.args(["xds", "status", "--xds", addr]);
+    if json {
+        cmd.args(["-o", "json"]);
+    }
+    cmd.output().expect("run infermesh xds status --xds")
+}
+
+/// The node serves CSDS next to ADS on its ext_proc port; `infermesh xds status --xds`
+/// shows a client's ACK, then its NACK with the reason, and names a node it cannot reach.
+#[test]
+fn csds_on_the_ext_proc_port_and_in_the_cli() {
+    block_on(async {
+        let pods: Vec<SocketAddr> = vec!["127.0.0.1:18000".parse().unwrap()];
+        let mut cfg = NodeConfig::local(fleet_pool(&pods, "m"), ResolvedConfig::builtin_default())
+            .expect("config");
+        cfg.proxy_addr = None;
+        cfg.xds.file_pool.listener = "127.0.0.1:10001".parse().unwrap();
+        let app = App::start(cfg).await.expect("node starts");
+        assert_eq!(app.xds_addr, app.ext_proc_addr, "ADS on the ext_proc port");
+        let addr = app.ext_proc_addr.to_string();
+        let mut client = ads::connect(app.xds_addr).await.expect("connect to ADS");
+        let (tx, mut inbound) = ads::subscribe(&mut client, "cli-envoy", ResourceType::Listener)
+            .await
+            .expect("ADS stream");
+        let first = next_response(&mut inbound).await;
+        tx.send(answer(&first, &first.version_info, None))
+            .await
+            .unwrap();
+        let lds_row = |status: &'static str| {
+            let addr = addr.clone();
+            move || {
+                let addr = addr.clone();
+                async move {
+                    let resp = infermesh_node::xds::csds::fetch(&addr).await.ok()?;
+                    infermesh_node::xds::csds::rows(&addr, &resp)
+                        .into_iter()
+                        .find(|r| r.node_id == "cli-envoy" && r.ty == "LDS")
+                        .filter(|r| r.config_status == status)
+                }
+            }
+        };
+        let synced = wait_for("CSDS to report the ACK", WAIT, lds_row("SYNCED")).await;
+        assert_eq!(synced.version, first.version_info);
+        assert_eq!(synced.client_status, "ACKED");
+
+        let out = tokio::task::spawn_blocking({
+            let addr = addr.clone();
+            move || cli_csds(&addr, false)
+        })
+        .await
+        .unwrap();
+        let table = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let row = table
+            .lines()
+            .find(|l| l.starts_with(&addr) && l.contains(" LDS "))
+            .unwrap_or_else(|| panic!("no LDS row:\n{table}"));
+        for cell in ["cli-envoy", "SYNCED", "ACKED", first.version_info.as_str()] {
+            assert!(row.contains(cell), "{cell} missing in {row}");
+        }
+
+        // A listener the client rejects.
+        let feed = app.xds();
+        let mut moved = feed.last_input().expect("an input served");
+        moved.pools[0].listener = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        feed.publish(&moved).expect("a valid input");
+        let second = next_response(&mut inbound).await;
+        assert_ne!(second.version_info, first.version_info);
+        tx.send(answer(&second, &first.version_info, Some("port taken")))
+            .await
+            .unwrap();
+        let failed = wait_for("CSDS to report the NACK", WAIT, lds_row("ERROR")).await;
+        assert_eq!(failed.client_status, "NACKED");
+        assert_eq!(
+            failed.error.as_deref(),
+            Some(format!("{}: port taken", second.version_info).as_str())
+        );
+        let out = tokio::task::spawn_blocking({
+            let addr = addr.clone();
+            move || cli_csds(&addr, true)
+        })
+        .await
+        .unwrap();
+        assert!(out.status.success());
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let lds = json
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["node_id"] == "cli-envoy" && r["type"] == "LDS")
+            .unwrap_or_else(|| panic!("no LDS row in {json}"));
+        assert_eq!(lds["config_status"], "ERROR");
+        assert!(
+            lds["error"].as_str().unwrap().contains("port taken"),
+            "{lds}"
+        );
+
+        // A node that cannot be reached is named, and the exit status says so.
+        let port = free_port();
+        let out =
+            tokio::task::spawn_blocking(move || cli_csds(&format!("127.0.0.1:{port}"), false))
+                .await
+                .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("xds status from") && err.contains(&port.to_string()),
+            "{err}"
+        );
+        drop(tx);
+        app.shutdown(Duration::from_secs(5)).await;
     });
 }

@@ -9,7 +9,7 @@ use infermesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use crate::resource_type::ResourceType;
 use crate::snapshot::{EncodedResource, EncodedResponse};
 use crate::stream::TypeMemory;
-use crate::stream_core::{self, Answer, StreamCore};
+use crate::stream_core::{self, Answer, SentResources, StreamCore};
 
 /// The wildcard resource name of the xDS protocol.
 const WILDCARD: &str = "*";
@@ -115,8 +115,8 @@ impl DeltaStream {
                     .as_ref()
                     .and_then(|s| s.get(ty).resources.get(name))
                     .is_some_and(|r| r.wildcard);
-            if !via_wildcard {
-                st.known.remove(name);
+            if !via_wildcard && st.known.remove(name).is_some() {
+                self.core.dropped(ty, name.clone());
             }
         }
 
@@ -279,7 +279,14 @@ impl DeltaStream {
                 st.told_absent.insert(name.clone());
             }
             let gone: Vec<String> = removed.iter().chain(&absent).cloned().collect();
-            let nonce = self.core.sent(ty, &system_version, send.len(), gone.len());
+            let nonce = self.core.sent(
+                ty,
+                &system_version,
+                SentResources {
+                    resources: send.clone(),
+                    removed: gone.clone(),
+                },
+            );
             let response = EncodedResponse::delta(ty, &system_version, &send, &gone, &nonce);
             st.last_nonce.clone_from(&nonce);
             st.in_flight = Some(InFlight {

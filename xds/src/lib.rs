@@ -20,7 +20,8 @@
 //! - nothing is served before the first publish, so a restarted node never hands a
 //!   reconnecting Envoy an empty configuration; [`XdsServer::close_streams`] ends every
 //!   stream when a node drains so its clients move to another node;
-//! - per Envoy node, a sync status (last sent, last ACKed, NACK detail) to query.
+//! - per Envoy node, a sync status (last sent, last ACKed, NACK detail) to query, as JSON
+//!   ([`XdsServer::sync_status`]) and over CSDS ([`XdsServer::csds_service`]), per resource.
 //!
 //! The snapshot cache ([`Snapshot`]) and the stream state machines ([`SotwStream`],
 //! [`DeltaStream`]) are IO-free; [`XdsServer`] and its tonic service are the thin IO edge.
@@ -32,7 +33,9 @@
 //! # async fn wire(grpc: tonic::transport::server::Router) -> Result<(), Box<dyn std::error::Error>> {
 //! use infermesh_xds::{InferencePoolSpec, XdsConfig, XdsInput, XdsServer};
 //! let xds = XdsServer::new(XdsConfig::default())?; // inside the tokio runtime
-//! let grpc = grpc.add_service(xds.service()); // next to ext_proc on the node's gRPC port
+//! let grpc = grpc
+//!     .add_service(xds.service()) // next to ext_proc on the node's gRPC port
+//!     .add_service(xds.csds_service());
 //! // On every policy, membership or endpoint change:
 //! xds.publish(&XdsInput {
 //!     pools: vec![InferencePoolSpec::new("llama", "0.0.0.0:8080".parse()?, vec![8000])],
@@ -48,6 +51,7 @@
 pub mod bootstrap;
 mod codec;
 pub mod config;
+mod csds;
 mod delta;
 pub mod error;
 pub mod input;
@@ -65,6 +69,7 @@ pub mod upstream_tls;
 
 pub use bootstrap::{AdsApi, BootstrapError, BootstrapOptions, envoy_bootstrap};
 pub use config::{InvalidXdsConfig, XdsConfig};
+pub use csds::{CsdsError, CsdsService};
 pub use delta::DeltaStream;
 pub use error::{Inconsistency, InvalidInput, PublishError};
 pub use input::{AppProtocol, FailureMode, InferencePoolSpec, XdsInput};

@@ -1,5 +1,5 @@
 //! [`XdsServer`]: validates, translates and publishes inputs (debounced), hands out the
-//! ADS service, and answers sync-status queries.
+//! ADS and CSDS services, and answers sync-status queries.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -9,7 +9,11 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use infermesh_proto::envoy::service::status::v3::client_status_discovery_service_server::ClientStatusDiscoveryServiceServer;
+use infermesh_proto::envoy::service::status::v3::{ClientStatusRequest, ClientStatusResponse};
+
 use crate::config::{InvalidXdsConfig, XdsConfig};
+use crate::csds::{CsdsError, CsdsService};
 use crate::error::PublishError;
 use crate::input::XdsInput;
 use crate::resource_type::ResourceType;
@@ -74,6 +78,20 @@ impl XdsServer {
         AdsService::new(Arc::clone(&self.shared))
     }
 
+    /// The CSDS service (`envoy.service.status.v3.ClientStatusDiscoveryService`), to add
+    /// to the same tonic server as [`service`](Self::service).
+    pub fn csds_service(&self) -> ClientStatusDiscoveryServiceServer<CsdsService> {
+        CsdsService::new(Arc::clone(&self.shared)).into_server()
+    }
+
+    /// What CSDS answers `req` now (for callers in the same process).
+    pub fn client_status(
+        &self,
+        req: &ClientStatusRequest,
+    ) -> Result<ClientStatusResponse, CsdsError> {
+        CsdsService::new(Arc::clone(&self.shared)).answer(req)
+    }
+
     /// The snapshot being served (after debouncing), if any.
     pub fn current(&self) -> Option<Arc<Snapshot>> {
         self.shared.current.borrow().clone()
@@ -117,6 +135,7 @@ impl XdsServer {
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(health)
             .add_service(self.service())
+            .add_service(self.csds_service())
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),
                 shutdown,

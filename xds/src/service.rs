@@ -24,6 +24,7 @@ use crate::snapshot::{EncodedResponse, Snapshot};
 use crate::sotw::SotwStream;
 use crate::status::{NodeEntry, Protocol, StatusRegistry, SubscriptionView};
 use crate::stream::{NodeMemory, StreamEvent, TypeMemory};
+use crate::stream_core::SentResources;
 
 const SOTW_PATH: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
@@ -58,6 +59,8 @@ trait AdsMachine: Send + 'static {
     fn poll_event(&mut self) -> Option<StreamEvent>;
     fn memory(&self, ty: ResourceType) -> &TypeMemory;
     fn view(&self, ty: ResourceType) -> SubscriptionView;
+    fn take_sent(&mut self, ty: ResourceType) -> SentResources;
+    fn take_dropped(&mut self, ty: ResourceType) -> Vec<String>;
 }
 
 macro_rules! impl_machine {
@@ -85,6 +88,12 @@ macro_rules! impl_machine {
             }
             fn memory(&self, ty: ResourceType) -> &TypeMemory {
                 <$machine>::memory(self, ty)
+            }
+            fn take_sent(&mut self, ty: ResourceType) -> SentResources {
+                <$machine>::take_sent(self, ty)
+            }
+            fn take_dropped(&mut self, ty: ResourceType) -> Vec<String> {
+                <$machine>::take_dropped(self, ty)
             }
             fn view(&self, ty: ResourceType) -> SubscriptionView {
                 let (wildcard, names) = self.subscription(ty);
@@ -143,23 +152,14 @@ fn user_agent(node: &Node) -> String {
 impl<M: AdsMachine> Driver<M> {
     fn on_request(&mut self, req: M::Req) {
         if self.machine.is_none() {
-            let (id, cluster, agent) = match M::node(&req) {
-                Some(node) if !node.id.is_empty() => {
-                    (node.id.clone(), node.cluster.clone(), user_agent(node))
-                }
-                Some(node) => (
-                    format!("anonymous@{}", self.peer),
-                    node.cluster.clone(),
-                    user_agent(node),
-                ),
-                None => (
-                    format!("anonymous@{}", self.peer),
-                    String::new(),
-                    String::new(),
-                ),
+            let node = M::node(&req);
+            let id = match node {
+                Some(node) if !node.id.is_empty() => node.id.clone(),
+                _ => format!("anonymous@{}", self.peer),
             };
+            let agent = node.map(user_agent).unwrap_or_default();
             let registry: &StatusRegistry = self.shared.registry();
-            let entry = registry.open(&id, &cluster, agent, M::PROTOCOL);
+            let entry = registry.open(&id, node, agent, M::PROTOCOL);
             let snapshot = self.snapshots.borrow_and_update().clone();
             self.machine = Some(M::create(snapshot, entry.memory()));
             tracing::debug!(node = %id, protocol = ?M::PROTOCOL, "xDS stream opened");
@@ -178,8 +178,10 @@ impl<M: AdsMachine> Driver<M> {
             return;
         };
         let mut events = Vec::new();
+        let mut sent: [SentResources; 4] = Default::default();
         while let Some(ev) = m.poll_event() {
             match &ev {
+                StreamEvent::Sent { ty, .. } => sent[ty.index()] = m.take_sent(*ty),
                 StreamEvent::Nacked { ty, detail } => {
                     tracing::warn!(ty = %ty, version = %detail.version, reason = %detail.message, "xDS response rejected")
                 }
@@ -190,9 +192,12 @@ impl<M: AdsMachine> Driver<M> {
             }
             events.push(ev);
         }
+        let dropped = ResourceType::ALL.map(|ty| m.take_dropped(ty));
         let m = &*m;
         reg.entry.record(
             events.into_iter(),
+            &mut sent,
+            &dropped,
             |ty| m.memory(ty).clone(),
             |ty| m.view(ty),
         );

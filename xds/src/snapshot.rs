@@ -80,6 +80,17 @@ impl EncodedResource {
     pub fn encoded_len(&self) -> usize {
         self.sotw_entry.len()
     }
+
+    /// The resource as sent, decoded again from its encoded entry (status queries only:
+    /// keeping the decoded form would double every snapshot's memory).
+    pub fn any(&self) -> Option<Any> {
+        // The SotW entry is exactly one `resources` field of a `DiscoveryResponse`.
+        infermesh_proto::envoy::service::discovery::v3::DiscoveryResponse::decode(
+            self.sotw_entry.clone(),
+        )
+        .ok()
+        .and_then(|mut r| r.resources.pop())
+    }
 }
 
 /// All resources of one type in one snapshot, with the type's content-hash version.

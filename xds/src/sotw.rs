@@ -9,7 +9,7 @@ use infermesh_proto::envoy::service::discovery::v3::DiscoveryRequest;
 use crate::resource_type::ResourceType;
 use crate::snapshot::{EncodedResponse, TypeSnapshot};
 use crate::stream::TypeMemory;
-use crate::stream_core::{self, Answer, StreamCore};
+use crate::stream_core::{self, Answer, SentResources, StreamCore};
 
 /// The wildcard resource name of the xDS protocol.
 const WILDCARD: &str = "*";
@@ -129,8 +129,15 @@ impl SotwStream {
             if snap.version == st.client_version && !st.names_dirty {
                 continue;
             }
-            let resources = snap.view(st.wildcard, &st.names).count();
-            let nonce = self.core.sent(ty, &snap.version, resources, 0);
+            let resources = snap.view(st.wildcard, &st.names).cloned().collect();
+            let nonce = self.core.sent(
+                ty,
+                &snap.version,
+                SentResources {
+                    resources,
+                    removed: Vec::new(),
+                },
+            );
             let response = snap.sotw_response(st.wildcard, &st.names, &nonce);
             st.last_nonce.clone_from(&nonce);
             st.names_dirty = false;

@@ -1,16 +1,18 @@
 //! Per-Envoy sync status: what each client was last sent, what it last accepted, why it
 //! last rejected something. Also holds each node's accepted/rejected memory across streams.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use infermesh_proto::envoy::config::core::v3::Node;
 use parking_lot::Mutex;
 use serde::Serialize;
 
 use crate::resource_type::ResourceType;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{EncodedResource, Snapshot};
 use crate::stream::{NackDetail, NodeMemory, StreamEvent, TypeMemory};
+use crate::stream_core::SentResources;
 
 /// Most disconnected nodes remembered; the oldest are forgotten first.
 const MAX_DISCONNECTED: usize = 4096;
@@ -110,6 +112,64 @@ struct TypeStatus {
     nacks_total: u64,
     stale_nonces_total: u64,
     synced_version: Option<String>,
+    /// The response in flight, to settle into `resources` on its ACK or NACK.
+    in_flight: Option<InFlightRecord>,
+    /// Every resource the client was sent and still holds, by name (for CSDS).
+    resources: BTreeMap<String, ResourceRecord>,
+}
+
+/// A response sent and not yet answered, as the registry keeps it.
+#[derive(Debug)]
+struct InFlightRecord {
+    nonce: String,
+    version: String,
+    unix_ms: u64,
+    sent: SentResources,
+}
+
+/// One resource as sent to a client in a response.
+#[derive(Debug, Clone)]
+pub(crate) struct Held {
+    /// The resource, as sent.
+    pub(crate) resource: Arc<EncodedResource>,
+    /// `version_info` of the response that carried it.
+    pub(crate) version_info: String,
+    /// When it was sent, accepted or rejected, milliseconds since the Unix epoch.
+    pub(crate) unix_ms: u64,
+}
+
+/// What a client did with one resource.
+#[derive(Debug, Clone, Default)]
+struct ResourceRecord {
+    accepted: Option<Held>,
+    /// The latest rejected version, until a version of the resource is accepted.
+    rejected: Option<(Held, NackStatus)>,
+}
+
+/// One resource of one client, as CSDS reports it.
+#[derive(Debug, Clone)]
+pub(crate) struct ResourceView {
+    /// Resource name.
+    pub(crate) name: String,
+    /// The version the client last accepted.
+    pub(crate) accepted: Option<Held>,
+    /// The version it rejected since, with its reason.
+    pub(crate) rejected: Option<(Held, NackStatus)>,
+    /// The version sent and not answered yet.
+    pub(crate) in_flight: Option<Held>,
+}
+
+/// One client's state, as CSDS reports it.
+#[derive(Debug, Clone)]
+pub(crate) struct ClientView {
+    /// `node.id` (or the anonymous name the server gave it).
+    pub(crate) node_id: String,
+    /// `node.cluster`.
+    pub(crate) cluster: String,
+    /// The `Node` the client sent on its latest stream.
+    pub(crate) node: Option<Node>,
+    /// Resources per type, indexed by [`ResourceType::index`].
+    pub(crate) types: [Vec<ResourceView>; 4],
 }
 
 /// A stream's subscription to one type, as the status shows it.
@@ -125,6 +185,7 @@ pub(crate) struct SubscriptionView {
 #[derive(Debug)]
 struct NodeState {
     cluster: String,
+    node: Option<Node>,
     user_agent: String,
     protocol: Protocol,
     streams: usize,
@@ -152,14 +213,19 @@ impl NodeEntry {
         self.state.lock().memory.clone()
     }
 
-    /// Records stream events and the stream's updated memory.
+    /// Records stream events (with what each response sent, taken from `sent`), the
+    /// names the client stopped holding without a response (`dropped`), and the stream's
+    /// updated memory.
     pub(crate) fn record(
         &self,
         events: impl Iterator<Item = StreamEvent>,
+        sent: &mut [SentResources; 4],
+        dropped: &[Vec<String>; 4],
         memory: impl Fn(ResourceType) -> TypeMemory,
         subscription: impl Fn(ResourceType) -> SubscriptionView,
     ) {
         let mut st = self.state.lock();
+        let sotw = st.protocol == Protocol::Sotw;
         let now = now_ms();
         let mut touched = [false; 4];
         for ev in events {
@@ -167,7 +233,14 @@ impl NodeEntry {
                 StreamEvent::Sent {
                     ty, version, nonce, ..
                 } => {
-                    st.types[ty.index()].last_sent = Some(VersionStamp {
+                    let t = &mut st.types[ty.index()];
+                    t.in_flight = Some(InFlightRecord {
+                        nonce: nonce.clone(),
+                        version: version.clone(),
+                        unix_ms: now,
+                        sent: std::mem::take(&mut sent[ty.index()]),
+                    });
+                    t.last_sent = Some(VersionStamp {
                         version,
                         nonce,
                         unix_ms: now,
@@ -175,6 +248,9 @@ impl NodeEntry {
                 }
                 StreamEvent::Acked { ty, version, nonce } => {
                     let t = &mut st.types[ty.index()];
+                    if let Some(f) = t.in_flight.take_if(|f| f.nonce == nonce) {
+                        t.settle_ack(f, sotw, now);
+                    }
                     t.last_acked = Some(VersionStamp {
                         version,
                         nonce,
@@ -185,10 +261,14 @@ impl NodeEntry {
                 }
                 StreamEvent::Nacked { ty, detail } => {
                     let t = &mut st.types[ty.index()];
-                    t.nack = Some(NackStatus {
+                    let nack = NackStatus {
                         detail,
                         unix_ms: now,
-                    });
+                    };
+                    if let Some(f) = t.in_flight.take_if(|f| f.nonce == nack.detail.nonce) {
+                        t.settle_nack(f, &nack);
+                    }
+                    t.nack = Some(nack);
                     t.nacks_total += 1;
                     touched[ty.index()] = true;
                 }
@@ -199,6 +279,9 @@ impl NodeEntry {
             }
         }
         for ty in ResourceType::ALL {
+            for name in &dropped[ty.index()] {
+                st.types[ty.index()].resources.remove(name);
+            }
             if touched[ty.index()] {
                 st.memory[ty.index()] = memory(ty);
             }
@@ -211,8 +294,96 @@ impl NodeEntry {
             if t.synced_version.is_some() {
                 // The client holds the published version: an earlier rejection is history.
                 t.nack = None;
+                for rec in t.resources.values_mut() {
+                    rec.rejected = None;
+                }
+                t.resources.retain(|_, rec| rec.accepted.is_some());
             }
         }
+    }
+}
+
+impl TypeStatus {
+    /// The client accepted `f`: its resources are what it holds now.
+    fn settle_ack(&mut self, f: InFlightRecord, sotw: bool, now: u64) {
+        if sotw {
+            // A SotW response is the whole state of the type for this client.
+            let names: std::collections::BTreeSet<&str> =
+                f.sent.resources.iter().map(|r| r.name.as_str()).collect();
+            self.resources.retain(|n, _| names.contains(n.as_str()));
+        }
+        for name in &f.sent.removed {
+            self.resources.remove(name);
+        }
+        for r in f.sent.resources {
+            let rec = self.resources.entry(r.name.clone()).or_default();
+            rec.accepted = Some(Held {
+                resource: r,
+                version_info: f.version.clone(),
+                unix_ms: now,
+            });
+            rec.rejected = None;
+        }
+    }
+
+    /// The client rejected `f`: it keeps what it held; the resources `f` changed are
+    /// marked rejected.
+    fn settle_nack(&mut self, f: InFlightRecord, nack: &NackStatus) {
+        for r in f.sent.resources {
+            let rec = self.resources.entry(r.name.clone()).or_default();
+            if rec
+                .accepted
+                .as_ref()
+                .is_some_and(|a| a.resource.version == r.version)
+            {
+                continue;
+            }
+            rec.rejected = Some((
+                Held {
+                    resource: r,
+                    version_info: f.version.clone(),
+                    unix_ms: nack.unix_ms,
+                },
+                nack.clone(),
+            ));
+        }
+    }
+
+    /// Every resource the client was sent, for CSDS.
+    fn resource_views(&self) -> Vec<ResourceView> {
+        let mut views: BTreeMap<&str, ResourceView> = self
+            .resources
+            .iter()
+            .map(|(name, rec)| {
+                (
+                    name.as_str(),
+                    ResourceView {
+                        name: name.clone(),
+                        accepted: rec.accepted.clone(),
+                        rejected: rec.rejected.clone(),
+                        in_flight: None,
+                    },
+                )
+            })
+            .collect();
+        if let Some(f) = &self.in_flight {
+            for r in &f.sent.resources {
+                views
+                    .entry(r.name.as_str())
+                    .or_insert_with(|| ResourceView {
+                        name: r.name.clone(),
+                        accepted: None,
+                        rejected: None,
+                        in_flight: None,
+                    })
+                    .in_flight = Some(Held {
+                    resource: Arc::clone(r),
+                    version_info: f.version.clone(),
+                    unix_ms: f.unix_ms,
+                });
+            }
+        }
+        views.into_values().collect()
     }
 }
 
@@ -228,15 +399,17 @@ impl StatusRegistry {
     pub(crate) fn open(
         &self,
         node_id: &str,
-        cluster: &str,
+        node: Option<&Node>,
         user_agent: String,
         protocol: Protocol,
     ) -> Arc<NodeEntry> {
+        let cluster = node.map_or("", |n| n.cluster.as_str());
         let mut nodes = self.nodes.lock();
         let entry = nodes.entry(node_id.to_string()).or_insert_with(|| {
             Arc::new(NodeEntry {
                 state: Mutex::new(NodeState {
                     cluster: String::new(),
+                    node: None,
                     user_agent: String::new(),
                     protocol,
                     streams: 0,
@@ -251,6 +424,7 @@ impl StatusRegistry {
             st.streams += 1;
             st.protocol = protocol;
             st.cluster = cluster.to_string();
+            st.node = node.cloned();
             st.user_agent = user_agent;
         }
         Arc::clone(entry)
@@ -267,6 +441,12 @@ impl StatusRegistry {
             let mut st = entry.state.lock();
             st.streams = st.streams.saturating_sub(1);
             st.disconnected_at = stamp;
+            if st.streams == 0 {
+                // Nothing sent on a closed stream will be answered.
+                for t in &mut st.types {
+                    t.in_flight = None;
+                }
+            }
         }
         let mut nodes = self.nodes.lock();
         let mut idle: Vec<(u64, String)> = nodes
@@ -282,6 +462,25 @@ impl StatusRegistry {
                 nodes.remove(id);
             }
         }
+    }
+
+    /// Every client with an open stream, as CSDS reports them, by node id.
+    pub(crate) fn client_views(&self) -> Vec<ClientView> {
+        let nodes = self.nodes.lock();
+        let mut views: Vec<ClientView> = nodes
+            .iter()
+            .filter_map(|(id, e)| {
+                let st = e.state.lock();
+                (st.streams > 0).then(|| ClientView {
+                    node_id: id.clone(),
+                    cluster: st.cluster.clone(),
+                    node: st.node.clone(),
+                    types: std::array::from_fn(|i| st.types[i].resource_views()),
+                })
+            })
+            .collect();
+        views.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        views
     }
 
     /// The status of every client against `snapshot`.

@@ -10,8 +10,18 @@ use std::sync::Arc;
 use infermesh_proto::google::rpc::Status;
 
 use crate::resource_type::ResourceType;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{EncodedResource, Snapshot};
 use crate::stream::{NackDetail, NodeMemory, NonceCounter, StreamEvent, TypeMemory};
+
+/// The contents of the latest response of one type, kept until the status registry takes
+/// it, so CSDS can report every resource a client was sent.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SentResources {
+    /// Resources in the response.
+    pub(crate) resources: Vec<Arc<EncodedResource>>,
+    /// Names the response removed (Delta only).
+    pub(crate) removed: Vec<String>,
+}
 
 /// A response sent and not yet ACKed or NACKed.
 pub(crate) trait InFlight {
@@ -41,6 +51,11 @@ pub(crate) struct StreamCore {
     pub(crate) memory: NodeMemory,
     nonces: NonceCounter,
     events: VecDeque<StreamEvent>,
+    /// Per type, what the latest response sent (taken by the status registry).
+    sent: [SentResources; 4],
+    /// Per type, names the client stopped holding without a response (Delta
+    /// unsubscribes), taken by the status registry.
+    dropped: [Vec<String>; 4],
 }
 
 impl StreamCore {
@@ -50,6 +65,8 @@ impl StreamCore {
             memory,
             nonces: NonceCounter::default(),
             events: VecDeque::new(),
+            sent: Default::default(),
+            dropped: Default::default(),
         }
     }
 
@@ -113,22 +130,32 @@ impl StreamCore {
     }
 
     /// Reports a response of `ty` handed out for sending and returns its fresh nonce.
-    pub(crate) fn sent(
-        &mut self,
-        ty: ResourceType,
-        version: &str,
-        resources: usize,
-        removed: usize,
-    ) -> String {
+    pub(crate) fn sent(&mut self, ty: ResourceType, version: &str, sent: SentResources) -> String {
         let nonce = self.nonces.next();
         self.events.push_back(StreamEvent::Sent {
             ty,
             version: version.to_owned(),
             nonce: nonce.clone(),
-            resources,
-            removed,
+            resources: sent.resources.len(),
+            removed: sent.removed.len(),
         });
+        self.sent[ty.index()] = sent;
         nonce
+    }
+
+    /// Notes that the client no longer holds `name` of `ty`.
+    pub(crate) fn dropped(&mut self, ty: ResourceType, name: String) {
+        self.dropped[ty.index()].push(name);
+    }
+
+    /// Takes the names of `ty` the client stopped holding since the last call.
+    pub(crate) fn take_dropped(&mut self, ty: ResourceType) -> Vec<String> {
+        std::mem::take(&mut self.dropped[ty.index()])
+    }
+
+    /// Takes what the latest response of `ty` sent.
+    pub(crate) fn take_sent(&mut self, ty: ResourceType) -> SentResources {
+        std::mem::take(&mut self.sent[ty.index()])
     }
 
     /// The next event to report.
@@ -172,6 +199,19 @@ macro_rules! common_stream_api {
         /// What this stream has learned about its node for `ty` (to keep across streams).
         pub fn memory(&self, ty: $crate::ResourceType) -> &$crate::stream::TypeMemory {
             self.core.memory(ty)
+        }
+
+        /// Takes what the latest response of `ty` sent, for the status registry.
+        pub(crate) fn take_sent(
+            &mut self,
+            ty: $crate::ResourceType,
+        ) -> $crate::stream_core::SentResources {
+            self.core.take_sent(ty)
+        }
+
+        /// Takes the names of `ty` the client stopped holding, for the status registry.
+        pub(crate) fn take_dropped(&mut self, ty: $crate::ResourceType) -> Vec<String> {
+            self.core.take_dropped(ty)
         }
 
         /// Whether the client has subscribed to `ty`.

@@ -14,6 +14,11 @@ pub enum XdsCommand {
         /// serves the same route on its --metrics-addr.
         #[arg(long, default_value = "http://127.0.0.1:9191")]
         server: String,
+        /// Ask these nodes over CSDS instead (their ADS gRPC address, HOST:PORT; the
+        /// ext_proc port unless the node has --xds-addr), per Envoy and type; comma-separated
+        /// or repeated. `--server` is then not used.
+        #[arg(long, value_delimiter = ',')]
+        xds: Vec<String>,
         /// Output format.
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         output: Output,
@@ -66,7 +71,7 @@ pub enum BootstrapFormat {
 pub enum Output {
     /// Human-readable table.
     Table,
-    /// The status route's JSON, pretty-printed.
+    /// The status route's JSON, pretty-printed (with `--xds`, the table's rows as JSON).
     Json,
 }
 
@@ -97,7 +102,11 @@ pub fn run(cmd: XdsCommand) -> ExitCode {
             );
             bootstrap(&opts, format)
         }
-        XdsCommand::Status { server, output } => {
+        XdsCommand::Status {
+            server,
+            xds,
+            output,
+        } => {
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -108,6 +117,9 @@ pub fn run(cmd: XdsCommand) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            if !xds.is_empty() {
+                return rt.block_on(csds_status(&xds, output));
+            }
             match rt.block_on(super::status::fetch(&server)) {
                 Ok(v) => {
                     match output {
@@ -125,6 +137,40 @@ pub fn run(cmd: XdsCommand) -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// `infermesh xds status --xds …`: every node asked over CSDS, one after the other; fails
+/// if any node could not be asked, after printing what the others said.
+async fn csds_status(servers: &[String], output: Output) -> ExitCode {
+    let mut answers = Vec::with_capacity(servers.len());
+    let mut failed = false;
+    for server in servers {
+        match super::csds::fetch(server).await {
+            Ok(resp) => answers.push((server.clone(), super::csds::rows(server, &resp))),
+            Err(e) => {
+                eprintln!("error: xds status from {server}: {e}");
+                failed = true;
+            }
+        }
+    }
+    match output {
+        Output::Table => print!("{}", super::csds::render_table(&answers)),
+        Output::Json => {
+            let rows: Vec<_> = answers.iter().flat_map(|(_, rows)| rows).collect();
+            match serde_json::to_string_pretty(&rows) {
+                Ok(text) => println!("{text}"),
+                Err(e) => {
+                    eprintln!("error: cannot print the status: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

@@ -9,10 +9,12 @@
 //!   address ([`peers`]); membership changes reach Envoy's EDS within the xds crate's
 //!   debounce (50 ms) after gossip reports them.
 //!
-//! Per-Envoy sync status is served as JSON by [`status::router`] and printed by
-//! `infermesh xds status`.
+//! Per-Envoy sync status is served as JSON by [`status::router`], and per resource over
+//! CSDS on the same gRPC port as ADS; `infermesh xds status` prints either ([`csds`] for
+//! `--xds`).
 
 pub mod cli;
+pub mod csds;
 pub mod input;
 pub mod peers;
 pub mod policy;
