@@ -23,6 +23,13 @@ if ! kubectl kustomize --help >/dev/null 2>&1 && [ ! -x "$VENV/kube/usr/bin/kube
 fi
 # gRPC's own xDS client (Python grpcio), for xds/tests/grpc_xds.rs.
 xds/tests/setup-grpcio.sh
+# Debian's Chromium and chromedriver for the status page's browser test
+# (node/tests/status_page.rs), which fails without them.
+if ! command -v chromedriver >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  { apt-get install -y -qq chromium chromium-driver \
+      || { apt-get update -qq && apt-get install -y -qq chromium chromium-driver; }; } >/dev/null 2>&1 \
+    || echo "chromium not installed: node/tests/status_page.rs will fail"
+fi
 # nftables for the chaos suite's network faults (scripts/chaos-ci.sh); without it the
 # suite runs on loopback with process faults only.
 if ! command -v nft >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -210,18 +210,44 @@ async fn spawn_health(
 }
 
 /// `/metrics` (node, scheduler and mesh counters) and the xDS status pages.
-fn metrics_router(
+/// What the metrics port serves from.
+struct MetricsPort<'a> {
     metrics: Arc<NodeMetrics>,
     pool: SharedPool,
     policy: SharedPolicy,
-    mesh: Option<&Arc<infermesh_gossip::Mesh>>,
+    mesh: Option<&'a Arc<infermesh_gossip::Mesh>>,
     kv_stats: Option<Arc<crate::mesh::kv_events::KvEventStats>>,
     raft: Arc<arc_swap::ArcSwapOption<infermesh_raft_store::PolicyStore>>,
     xds: crate::xds::XdsFeed,
-) -> axum::Router {
+    flow: bool,
+}
+
+fn metrics_router(port: MetricsPort<'_>) -> axum::Router {
+    let MetricsPort {
+        metrics,
+        pool,
+        policy,
+        mesh,
+        kv_stats,
+        raft,
+        xds,
+        flow,
+    } = port;
     let xds_status = xds.clone();
     let mesh_stats = mesh.map(Arc::downgrade);
-    crate::xds::status::router(xds).route(
+    let page = crate::status_page::router(crate::status_page::Sources {
+        node: mesh.map_or_else(
+            || "infermesh".to_owned(),
+            |m| m.node_id().as_str().to_owned(),
+        ),
+        metrics: metrics.clone(),
+        pool: pool.clone(),
+        mesh: mesh_stats.clone(),
+        raft: raft.clone(),
+        xds: xds.clone(),
+        flow,
+    });
+    crate::xds::status::router(xds).merge(page).route(
         "/metrics",
         get(move || {
             let mesh = mesh_stats.as_ref().and_then(std::sync::Weak::upgrade);
@@ -521,15 +547,16 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
         crate::serve::spawn_http(&mut tasks, "proxy", l, app, shutdown_rx.clone());
     }
     if let Some(l) = metrics_listener {
-        let app = metrics_router(
-            metrics.clone(),
-            pool.clone(),
-            policy.clone(),
-            mesh.as_ref(),
-            kv_stats.clone(),
-            raft_metrics.clone(),
-            xds.clone(),
-        );
+        let app = metrics_router(MetricsPort {
+            metrics: metrics.clone(),
+            pool: pool.clone(),
+            policy: policy.clone(),
+            mesh: mesh.as_ref(),
+            kv_stats: kv_stats.clone(),
+            raft: raft_metrics.clone(),
+            xds: xds.clone(),
+            flow: cfg.scheduler.flow_control.is_some(),
+        });
         crate::serve::spawn_http(&mut tasks, "metrics", l, app, shutdown_rx.clone());
     }
 

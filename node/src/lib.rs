@@ -29,6 +29,7 @@ pub mod restore;
 pub mod scrape;
 pub mod serve;
 pub mod sidecar;
+pub mod status_page;
 pub mod telemetry;
 pub mod tls;
 pub mod tokens;

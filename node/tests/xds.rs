@@ -17,6 +17,8 @@
 
 mod support;
 
+use support::tier::{Node, cluster_args, node_config};
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::Command;
@@ -24,89 +26,21 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use infermesh_gossip::{ClusterKey, MeshConfig};
+use infermesh_gossip::ClusterKey;
 use infermesh_node::admin::client::AdminClient;
 use infermesh_node::app::App;
-use infermesh_node::config::{EndpointSource, NodeConfig};
+use infermesh_node::config::NodeConfig;
 use infermesh_node::discovery::fleet_pool;
-use infermesh_node::mesh::MeshOptions;
-use infermesh_node::policy_store::{ClusterArgs, LocalBase, PolicyNode};
 use infermesh_node::upstream::{HttpClient, http_client};
 use infermesh_proto::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use infermesh_scheduler::ResolvedConfig;
 use infermesh_sim::{EngineProfile, Fleet, FleetConfig};
 use infermesh_testkit::ads::{self, in_sync, status_of};
 use infermesh_testkit::envoy::Envoy;
-use infermesh_testkit::{Isolated, block_on, free_port, wait_for};
+use infermesh_testkit::{block_on, free_port, wait_for};
 use infermesh_xds::ResourceType;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// An infermesh node on its own runtime: killing it drops every task and socket at once,
-/// like a crashed process.
-struct Node {
-    app: Option<App>,
-    policy: Option<PolicyNode>,
-    rt: Isolated,
-}
-
-impl Node {
-    /// Starts the node and its policy store (forming or joining the Raft cluster).
-    async fn start(cfg: NodeConfig, cluster: ClusterArgs) -> Node {
-        let rt = Isolated::new();
-        let base = LocalBase {
-            endpoints_file: None,
-            initial_pool: match &cfg.endpoints {
-                EndpointSource::Static(p) => Some(p.clone()),
-                EndpointSource::File { initial, .. } => Some(initial.clone()),
-                EndpointSource::FileDiscovery { initial, .. } => Some(initial.clone()),
-            },
-            scheduler: cfg.scheduler.clone(),
-            allow_experimental_plugins: false,
-        };
-        let (app, policy) = rt
-            .run(async move {
-                let app = App::start(cfg).await.expect("node starts");
-                let policy = PolicyNode::start(app.policy_handles(), &cluster, base)
-                    .await
-                    .expect("policy store starts");
-                (app, policy)
-            })
-            .await;
-        Node {
-            app: Some(app),
-            policy: Some(policy),
-            rt,
-        }
-    }
-
-    fn admin(&self) -> String {
-        format!(
-            "http://{}",
-            self.policy.as_ref().expect("alive").admin_addr()
-        )
-    }
-
-    fn app(&self) -> &App {
-        self.app.as_ref().expect("node alive")
-    }
-
-    fn kill(&mut self) {
-        self.rt.kill();
-        self.policy = None;
-        self.app = None;
-    }
-
-    fn alive(&self) -> bool {
-        self.app.is_some()
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 async fn send(
     client: &HttpClient,
@@ -201,44 +135,6 @@ fn node_picks(n: &Node) -> f64 {
     counter_by(&text, "infermesh_endpoint_picks_total", Some("endpoint"))
         .values()
         .sum()
-}
-
-fn node_config(
-    name: &str,
-    pods: &[SocketAddr],
-    model: &str,
-    listener: SocketAddr,
-    key: &ClusterKey,
-    seeds: Vec<SocketAddr>,
-) -> NodeConfig {
-    let mut cfg = NodeConfig::local(fleet_pool(pods, model), ResolvedConfig::builtin_default())
-        .expect("config");
-    cfg.proxy_addr = None;
-    cfg.xds.file_pool.listener = listener;
-    let mut mesh = MeshConfig::loopback(name, key.clone());
-    mesh.seeds = seeds;
-    cfg.mesh = Some(MeshOptions {
-        config: mesh,
-        sharing: true,
-    });
-    cfg
-}
-
-/// Policy-store flags: the first node forms the cluster (with the write token), the
-/// second joins it through the first one's admin API.
-fn cluster_args(
-    dir: &std::path::Path,
-    tokens: &std::path::Path,
-    join: Option<String>,
-) -> ClusterArgs {
-    ClusterArgs {
-        bootstrap: join.is_none(),
-        admin_token_file: join.is_none().then(|| tokens.to_owned()),
-        join,
-        data_dir: Some(dir.to_owned()),
-        admin_addr: "127.0.0.1:0".parse().unwrap(),
-        pool: None,
-    }
 }
 
 /// `infermesh xds status` against a node's admin API.

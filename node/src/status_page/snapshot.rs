@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use infermesh_gossip::{LoadView, Liveness, MemberSet, PodId};
+use infermesh_gossip::{Liveness, LoadView, MemberSet, PodId};
 use infermesh_raft_store::{ClusterStatus, Role};
 use infermesh_xds::SyncStatus;
 use serde::Serialize;

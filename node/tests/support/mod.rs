@@ -2,6 +2,9 @@
 //! with ports chosen at runtime.
 #![allow(dead_code)]
 
+pub mod browser;
+pub mod tier;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
