@@ -54,6 +54,8 @@ const GIE_FAMILIES: &[&str] = &[
     "inference_pool_ready_pods",
     "inference_extension_scheduler_e2e_duration_seconds_bucket",
     "inference_extension_info",
+    "inference_extension_plugin_duration_seconds_bucket",
+    "llm_d_epp_plugin_duration_seconds_bucket",
     "llm_d_epp_request_total",
     "llm_d_epp_request_error_total",
     "llm_d_epp_request_ttft_seconds_bucket",

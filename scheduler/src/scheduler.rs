@@ -174,6 +174,8 @@ pub struct SchedulingResult {
     pub decision: Option<DisaggDecision>,
     /// The primary profile's score of every candidate it scored.
     pub primary_scores: CandidateScores,
+    /// How long each filter, scorer and picker call took.
+    pub plugin_timings: Vec<PluginTiming>,
 }
 
 impl SchedulingResult {
@@ -236,6 +238,30 @@ struct Profile {
     filters: Vec<Arc<dyn Filter>>,
     scorers: Vec<(Arc<dyn Scorer>, f64)>,
     picker: Arc<dyn Picker>,
+    /// Indexes into [`Scheduler::plugin_labels`] of the filters, scorers and picker.
+    filter_ids: Vec<u16>,
+    scorer_ids: Vec<u16>,
+    picker_id: u16,
+}
+
+/// Who a plugin timing belongs to (llm-d's `plugin_duration_seconds` labels).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PluginLabel {
+    /// `Filter`, `Scorer` or `Picker`.
+    pub extension_point: &'static str,
+    /// The llm-d type name.
+    pub plugin_type: &'static str,
+    /// The configured name.
+    pub plugin_name: String,
+}
+
+/// How long one plugin call of a cycle took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PluginTiming {
+    /// Index into [`Scheduler::plugin_label`].
+    pub plugin: u16,
+    /// Nanoseconds.
+    pub nanos: u32,
 }
 
 /// A built plugin instance (shared between profiles that reference it).
@@ -252,6 +278,7 @@ enum Instance {
 #[derive(Debug)]
 pub struct Scheduler {
     profiles: Vec<Profile>,
+    plugin_labels: Vec<PluginLabel>,
     handler: Box<dyn ProfileHandler>,
     prefix: Option<PrefixProducer>,
     pre_request_hooks: Vec<Arc<dyn PreRequest>>,
@@ -408,6 +435,23 @@ impl Scheduler {
                 .ok_or_else(|| internal(format!("plugin `{name}` is referenced but not defined")))
         };
         let mut profiles = Vec::with_capacity(cfg.profiles.len());
+        let mut plugin_labels: Vec<PluginLabel> = Vec::new();
+        let mut label_id = |point: &'static str, name: &str| -> u16 {
+            let plugin_type = cfg.plugin(name).map_or("", |p| p.spec.type_name());
+            let label = PluginLabel {
+                extension_point: point,
+                plugin_type,
+                plugin_name: name.to_owned(),
+            };
+            let i = match plugin_labels.iter().position(|l| *l == label) {
+                Some(i) => i,
+                None => {
+                    plugin_labels.push(label);
+                    plugin_labels.len() - 1
+                }
+            };
+            u16::try_from(i).unwrap_or(u16::MAX)
+        };
         for rp in &cfg.profiles {
             let mut filters = Vec::new();
             for f in &rp.filters {
@@ -447,6 +491,13 @@ impl Scheduler {
                 filters,
                 scorers,
                 picker,
+                filter_ids: rp.filters.iter().map(|f| label_id("Filter", f)).collect(),
+                scorer_ids: rp
+                    .scorers
+                    .iter()
+                    .map(|s| label_id("Scorer", &s.plugin))
+                    .collect(),
+                picker_id: label_id("Picker", &rp.picker),
             });
         }
         let index_of = |name: &str| profiles.iter().position(|p: &Profile| p.name == name);
@@ -517,6 +568,7 @@ impl Scheduler {
             .filter(|_| prefix.as_ref().is_some_and(|p| p.precise().is_some()));
         Ok(Scheduler {
             profiles,
+            plugin_labels,
             handler,
             prefix,
             pre_request_hooks,
@@ -618,31 +670,50 @@ impl Scheduler {
         self.prefix.as_ref().and_then(|p| p.index())
     }
 
+    /// The labels of timing `plugin` of a [`SchedulingResult::plugin_timings`] entry.
+    pub fn plugin_label(&self, plugin: u16) -> Option<&PluginLabel> {
+        self.plugin_labels.get(usize::from(plugin))
+    }
+
     /// Runs profile `i`: its picks, and the weighted score of every candidate it scored.
+    /// Each plugin call's duration goes to `timings`.
     fn run_profile(
         &self,
         i: usize,
         cycle: &CycleState<'_>,
         rng: &mut dyn RngCore,
+        timings: &mut Vec<PluginTiming>,
     ) -> (Vec<usize>, CandidateScores) {
         let p = &self.profiles[i];
+        let mut timed = |plugin: u16, since: std::time::Instant| {
+            timings.push(PluginTiming {
+                plugin,
+                nanos: u32::try_from(since.elapsed().as_nanos()).unwrap_or(u32::MAX),
+            });
+        };
         let mut cands: Vec<usize> = (0..cycle.endpoints.len()).collect();
-        for f in &p.filters {
+        for (f, &id) in p.filters.iter().zip(&p.filter_ids) {
+            let t = std::time::Instant::now();
             f.filter(cycle, rng, &mut cands);
+            timed(id, t);
             if cands.is_empty() {
                 return (Vec::new(), CandidateScores::default());
             }
         }
         let mut total = vec![0.0f64; cands.len()];
         let mut one = vec![0.0f64; cands.len()];
-        for (s, w) in &p.scorers {
+        for ((s, w), &id) in p.scorers.iter().zip(&p.scorer_ids) {
+            let t = std::time::Instant::now();
             s.score(cycle, &cands, &mut one);
+            timed(id, t);
             for (t, v) in total.iter_mut().zip(&one) {
                 *t += w * v;
             }
         }
         let mut out = Vec::with_capacity(1);
+        let t = std::time::Instant::now();
         p.picker.pick(&cands, &total, rng, &mut out);
+        timed(p.picker_id, t);
         (
             out,
             CandidateScores {
@@ -754,6 +825,7 @@ impl Scheduler {
         let mut runs: Vec<ProfileRun> = Vec::with_capacity(self.profiles.len());
         let primary = self.handler.primary();
         let mut primary_scores = CandidateScores::default();
+        let mut plugin_timings = Vec::with_capacity(8);
         // Each profile runs or is skipped at most once; the bound guards a faulty handler.
         for _ in 0..=2 * self.profiles.len() {
             match self.handler.next(&cycle, &runs) {
@@ -761,7 +833,7 @@ impl Scheduler {
                     if i < self.profiles.len() && !runs.iter().any(|r| r.profile == i) =>
                 {
                     cycle.peer = self.handler.peer(&runs, i);
-                    let (targets, scores) = self.run_profile(i, &cycle, rng);
+                    let (targets, scores) = self.run_profile(i, &cycle, rng, &mut plugin_timings);
                     if i == primary {
                         primary_scores = scores;
                     }
@@ -848,6 +920,7 @@ impl Scheduler {
             prefix_local: matches!(source, PrefixSource::Local),
             decision,
             primary_scores,
+            plugin_timings,
         })
     }
 

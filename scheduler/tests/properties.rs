@@ -188,8 +188,15 @@ proptest! {
         let req = InferenceRequest { target_model: "m".into(), prompt_bytes: prompt, ..Default::default() };
         let a = Scheduler::new(&ResolvedConfig::builtin_default()).unwrap();
         let b = Scheduler::new(&ResolvedConfig::builtin_default()).unwrap();
-        let ra = a.schedule(&req, &endpoints, now, &mut ChaCha8Rng::seed_from_u64(seed)).unwrap();
-        let rb = b.schedule(&req, &endpoints, now, &mut ChaCha8Rng::seed_from_u64(seed)).unwrap();
+        let mut ra = a.schedule(&req, &endpoints, now, &mut ChaCha8Rng::seed_from_u64(seed)).unwrap();
+        let mut rb = b.schedule(&req, &endpoints, now, &mut ChaCha8Rng::seed_from_u64(seed)).unwrap();
+        // Plugin timings are measurements, not decisions: same calls, different durations.
+        prop_assert_eq!(
+            ra.plugin_timings.iter().map(|t| t.plugin).collect::<Vec<_>>(),
+            rb.plugin_timings.iter().map(|t| t.plugin).collect::<Vec<_>>()
+        );
+        ra.plugin_timings.clear();
+        rb.plugin_timings.clear();
         prop_assert_eq!(&ra, &rb);
         prop_assert!(ra.destinations().iter().all(|d| endpoints.iter().any(|e| e.address == *d)));
         a.pre_request(&req, &ra, now);

@@ -123,6 +123,17 @@ pub struct AttemptLabels {
     pub target_model_name: String,
 }
 
+/// `{extension_point, plugin_type, plugin_name}` of `plugin_duration_seconds`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct PluginLabels {
+    /// `Filter`, `Scorer` or `Picker`.
+    pub extension_point: &'static str,
+    /// The llm-d type name.
+    pub plugin_type: &'static str,
+    /// The configured name.
+    pub plugin_name: String,
+}
+
 /// `{commit, build_ref}` of `info`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct InfoLabels {
@@ -286,6 +297,7 @@ pub struct EppMetrics {
     per_pod_queue: Family<PodQueueLabels, Gauge>,
     scheduler_e2e: Histogram,
     attempts: Family<AttemptLabels, Counter>,
+    plugin_duration: HistogramFamily<PluginLabels>,
     prefix_size: Gauge,
     prefix_hit_bytes: Histogram,
     inflight_requests: Family<InflightLabels, Gauge>,
@@ -346,6 +358,7 @@ impl EppMetrics {
             per_pod_queue: Family::default(),
             scheduler_e2e: scheduler_latency(),
             attempts: Family::default(),
+            plugin_duration: Family::new_with_constructor(scheduler_latency),
             prefix_size: Gauge::default(),
             prefix_hit_bytes: Histogram::new((6..=24).map(|p| f64::from(1u32 << p))),
             inflight_requests: Family::default(),
@@ -486,6 +499,11 @@ impl EppMetrics {
                 "Scheduling attempts by status",
                 m.attempts.clone(),
             );
+            r.register(
+                "plugin_duration_seconds",
+                "Plugin call latency by extension point, plugin type and name",
+                m.plugin_duration.clone(),
+            );
             r.register("info", "Build information", info.clone());
             r.register(
                 "prefix_indexer_size",
@@ -605,6 +623,11 @@ impl EppMetrics {
                 "scheduler_e2e_duration_seconds",
                 "Deprecated GIE name of llm_d_epp_scheduler_e2e_duration_seconds",
                 m.scheduler_e2e.clone(),
+            );
+            r.register(
+                "plugin_duration_seconds",
+                "Deprecated GIE name of llm_d_epp_plugin_duration_seconds",
+                m.plugin_duration.clone(),
             );
             r.register("info", "Deprecated GIE name of llm_d_epp_info", info);
             r.register(
@@ -768,6 +791,17 @@ impl EppMetrics {
                 target_model_name: self.models.label(target_model),
             })
             .inc();
+    }
+
+    /// One plugin call took `nanos`.
+    pub fn plugin_call(&self, label: &infermesh_scheduler::scheduler::PluginLabel, nanos: u32) {
+        self.plugin_duration
+            .get_or_create(&PluginLabels {
+                extension_point: label.extension_point,
+                plugin_type: label.plugin_type,
+                plugin_name: label.plugin_name.clone(),
+            })
+            .observe(f64::from(nanos) * 1e-9);
     }
 
     /// Prompt bytes matched on the picked endpoint.

@@ -63,6 +63,11 @@ impl Dispatcher {
                     "endpoint",
                     tracing::field::display(result.destinations()[0]),
                 );
+                for t in &result.plugin_timings {
+                    if let Some(label) = p.policy.scheduler.plugin_label(t.plugin) {
+                        self.metrics.epp.plugin_call(label, t.nanos);
+                    }
+                }
                 let took = p.started.elapsed();
                 self.metrics.observe_scheduling(took);
                 self.metrics
