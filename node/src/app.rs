@@ -39,6 +39,9 @@ pub enum StartError {
         /// The IO error.
         source: std::io::Error,
     },
+    /// The HTTPS client for pods could not be built.
+    #[error("metrics-data-source https: {0}")]
+    PodTls(#[from] crate::upstream::PodTlsError),
     /// The token producer's local tokenizer could not be loaded.
     #[error("token-producer: {0}")]
     Tokenizer(#[from] crate::tokens::TokenizeError),
@@ -359,16 +362,22 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
     // Scrapes get their own thread and connection pool (see scrape::runtime).
     let scrape_rt =
         crate::scrape::runtime::ScrapeRuntime::start().map_err(StartError::ScrapeThread)?;
+    let source = crate::scrape::MetricsSource::from_config(&cfg.scheduler)?;
+    let scrape_client = crate::scrape::ScrapeClient::for_source(
+        &source,
+        http_client(cfg.connect_timeout),
+        cfg.connect_timeout,
+    )?;
     let pool_task = PoolTask::new(
         pool.clone(),
         policy.clone(),
-        (scrape_rt, http_client(cfg.connect_timeout)),
+        (scrape_rt, scrape_client),
         cfg.scrape,
         metrics.clone(),
         pool_tx.clone(),
         synced_tx,
     )
-    .with_metrics_source(crate::scrape::MetricsSource::from_config(&cfg.scheduler)?);
+    .with_metrics_source(source);
     // Sharing mesh: scrape owned pods only, schedule on the fleet's load board.
     let sharing = mesh
         .clone()

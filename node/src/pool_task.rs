@@ -19,7 +19,6 @@ use crate::scrape::runtime::ScrapeRuntime;
 use crate::scrape::{
     MetricsSource, ModelsFeed, ScrapeConfig, ScrapeReport, ScrapeSink, Scraping, spawn_scraper,
 };
-use crate::upstream::HttpClient;
 
 pub use crate::pool_model::PoolInput;
 
@@ -34,7 +33,7 @@ struct MeshScraping {
 pub struct PoolTask {
     pool: SharedPool,
     policy: SharedPolicy,
-    client: HttpClient,
+    client: crate::scrape::ScrapeClient,
     scrape: ScrapeConfig,
     metrics: Arc<NodeMetrics>,
     // Scrapers read /v1/models only while the pool description lists no models.
@@ -65,7 +64,7 @@ impl PoolTask {
     pub fn new(
         pool: SharedPool,
         policy: SharedPolicy,
-        (scrape_rt, client): (ScrapeRuntime, HttpClient),
+        (scrape_rt, client): (ScrapeRuntime, crate::scrape::ScrapeClient),
         scrape: ScrapeConfig,
         metrics: Arc<NodeMetrics>,
         tx: mpsc::Sender<PoolInput>,
