@@ -71,6 +71,7 @@ const LAG_SAMPLES: usize = 200;
 /// Length of the ingest window.
 const INGEST_WINDOW: Duration = Duration::from_secs(8);
 
+/// Command-line flags.
 struct Args {
     requests: usize,
     qps: f64,
@@ -103,6 +104,7 @@ fn args() -> anyhow::Result<Args> {
     Ok(a)
 }
 
+/// Which routing a drift run uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Precise,
@@ -197,6 +199,7 @@ fn event_ports(fleet: &Fleet) -> anyhow::Result<KvEventsOptions> {
     Ok(kv)
 }
 
+/// The nodes of one configuration.
 struct Tier {
     nodes: Vec<App>,
 }
@@ -362,6 +365,32 @@ async fn scrape(client: &HttpClient, pod: SocketAddr) -> anyhow::Result<(PodCoun
     Ok((parse_counters(&text)?, preemptions))
 }
 
+/// Tokenizations on the request path summed over the nodes' metrics: (ok or cached, error).
+async fn tokenizations(client: &HttpClient, nodes: &[App]) -> anyhow::Result<(f64, f64)> {
+    let (mut ok, mut err) = (0.0, 0.0);
+    for addr in nodes.iter().filter_map(|a| a.metrics_addr) {
+        let req =
+            http::Request::get(format!("http://{addr}/metrics")).body(Full::new(Bytes::new()))?;
+        let (_, body) = send(client, req).await?;
+        for line in String::from_utf8_lossy(&body).lines() {
+            if !line.starts_with("infermesh_tokenizations_total{") {
+                continue;
+            }
+            let v: f64 = line
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0);
+            if line.contains("result=\"error\"") {
+                err += v;
+            } else {
+                ok += v;
+            }
+        }
+    }
+    Ok((ok, err))
+}
+
 async fn scrape_all(
     client: &HttpClient,
     pods: &[SocketAddr],
@@ -425,6 +454,7 @@ async fn bypass(
     (sent, ok)
 }
 
+/// One drift run's results.
 struct Row {
     mode: Mode,
     nodes: usize,
@@ -436,6 +466,8 @@ struct Row {
     preemptions: f64,
     fallbacks: u64,
     kv: (u64, u64, u64),
+    /// Request-path tokenizations: (ok or cached, error).
+    tokenized: (f64, f64),
     memory: Vec<PrefixMemory>,
 }
 
@@ -534,6 +566,10 @@ async fn drift(a: &Args, mode: Mode, n: usize) -> anyhow::Result<Row> {
         .map(|(b, a)| a.prefix_lookup_fallbacks - b.prefix_lookup_fallbacks)
         .sum();
     let kv = tier.as_ref().map_or((0, 0, 0), Tier::kv);
+    let tokenized = match &tier {
+        Some(t) => tokenizations(&client, &t.nodes).await?,
+        None => (0.0, 0.0),
+    };
     let memory = tier
         .as_ref()
         .map(|t| t.nodes.iter().map(App::prefix_memory).collect())
@@ -563,6 +599,7 @@ async fn drift(a: &Args, mode: Mode, n: usize) -> anyhow::Result<Row> {
         preemptions,
         fallbacks,
         kv,
+        tokenized,
         memory,
     })
 }
@@ -627,6 +664,7 @@ fn subscribe(
     Ok(subs)
 }
 
+/// Event-lag results.
 struct Lag {
     lag: LatencySummary,
     response: LatencySummary,
@@ -707,6 +745,7 @@ async fn event_lag(samples: usize) -> anyhow::Result<Lag> {
     })
 }
 
+/// Ingest-rate results.
 struct Ingest {
     window_s: f64,
     requests: usize,
@@ -841,13 +880,13 @@ fn render(a: &Args, rows: &[Row], lag: &Lag, ing: &Ingest) -> String {
     let _ = writeln!(s, "## 1. Drift workload\n");
     let _ = writeln!(
         s,
-        "| configuration | router sent / ok | bypass sent / ok | fleet hit rate | TTFT p50 | TTFT p90 | TTFT p99 | preemptions | lookup fallbacks | KV batches / ops / clears applied |"
+        "| configuration | router sent / ok | bypass sent / ok | fleet hit rate | TTFT p50 | TTFT p90 | TTFT p99 | preemptions | lookup fallbacks | tokenizations ok / error | KV batches / ops / clears applied |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         let _ = writeln!(
             s,
-            "| {} | {} / {} | {} / {} | {} | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} | {} | {} |",
+            "| {} | {} / {} | {} / {} | {} | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} | {} | {} | {} |",
             r.label(),
             r.report.requests_sent,
             r.report.succeeded,
@@ -862,6 +901,11 @@ fn render(a: &Args, rows: &[Row], lag: &Lag, ing: &Ingest) -> String {
                 "—".into()
             } else {
                 r.fallbacks.to_string()
+            },
+            if r.mode == Mode::Precise {
+                format!("{:.0} / {:.0}", r.tokenized.0, r.tokenized.1)
+            } else {
+                "—".into()
             },
             if r.mode == Mode::Precise {
                 format!("{} / {} / {}", r.kv.0, r.kv.1, r.kv.2)
