@@ -106,34 +106,6 @@ async fn eventually(what: &str, mut check: impl AsyncFnMut() -> Result<(), Strin
     }
 }
 
-/// Pods publishing KV events with replay, and follower options that reach them.
-async fn fleet_with_events(pods: usize) -> (Fleet, KvEventsOptions) {
-    let mut fc = FleetConfig::new(pods);
-    fc.profile = EngineProfile::instant();
-    fc.kv_events = Some(KvEventsConfig {
-        endpoint: "tcp://127.0.0.1:0".into(),
-        replay_endpoint: Some("tcp://127.0.0.1:0".into()),
-        bind: true,
-        ..KvEventsConfig::default()
-    });
-    let fleet = Fleet::start(fc).await.expect("simulated pods start");
-    let mut kv = KvEventsOptions {
-        reconnect_interval: Duration::from_millis(100),
-        ..KvEventsOptions::default()
-    };
-    for (pod, ports) in fleet.addrs().iter().zip(fleet.kv_event_ports()) {
-        let ports = ports.expect("pods publish");
-        kv.pod_ports.insert(
-            pod.to_string(),
-            PodEventPorts {
-                publish: ports.publish.expect("bound PUB port"),
-                replay: ports.replay,
-            },
-        );
-    }
-    (fleet, kv)
-}
-
 async fn start_node(
     name: &str,
     fleet: &Fleet,
@@ -173,7 +145,7 @@ async fn complete(client: &HttpClient, pod: SocketAddr, text: &str) {
 /// from its replay socket, then followed live.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_owner_rebuilds_the_pods_it_takes_over() {
-    let (fleet, kv) = fleet_with_events(6).await;
+    let (fleet, kv) = support::kv::fleet_with_events(6, Default::default()).await;
     let pods = fleet.addrs();
     let model = infermesh_sim::DEFAULT_MODEL;
     let block_size = EngineProfile::instant().block_size;

@@ -14,12 +14,11 @@ use std::time::{Duration, Instant};
 use infermesh_node::app::App;
 use infermesh_node::config::NodeConfig;
 use infermesh_node::discovery::fleet_pool;
-use infermesh_node::mesh::kv_events::{KvEventsOptions, PodEventPorts};
 use infermesh_node::upstream::{HttpClient, http_client};
 use infermesh_scheduler::load_config;
 use infermesh_scheduler::prefix::{request_keys, request_seed};
+use infermesh_sim::Fleet;
 use infermesh_sim::tokenizer::Tokenizer;
-use infermesh_sim::{EngineProfile, Fleet, FleetConfig, KvEventsConfig};
 use support::post;
 
 const PODS: usize = 4;
@@ -89,32 +88,8 @@ async fn start(local_tokenizer: bool) -> Setup {
     } else {
         Tokenizer::Builtin
     };
-    let mut fc = FleetConfig::new(PODS);
-    fc.profile = EngineProfile::instant();
-    fc.tokenizer = tokenizer.clone();
-    fc.kv_events = Some(KvEventsConfig {
-        endpoint: "tcp://127.0.0.1:0".into(),
-        replay_endpoint: Some("tcp://127.0.0.1:0".into()),
-        bind: true,
-        ..KvEventsConfig::default()
-    });
-    let fleet = Fleet::start(fc).await.expect("simulated pods start");
+    let (fleet, kv) = support::kv::fleet_with_events(PODS, tokenizer.clone()).await;
     let pods = fleet.addrs();
-    // The pods publish on ephemeral ports; everything else comes from the policy.
-    let mut kv = KvEventsOptions {
-        reconnect_interval: Duration::from_millis(100),
-        ..KvEventsOptions::default()
-    };
-    for (pod, ports) in pods.iter().zip(fleet.kv_event_ports()) {
-        let ports = ports.expect("pods publish");
-        kv.pod_ports.insert(
-            pod.to_string(),
-            PodEventPorts {
-                publish: ports.publish.expect("bound PUB port"),
-                replay: ports.replay,
-            },
-        );
-    }
     let token_producer = if local_tokenizer {
         format!(
             "{{local: {{tokenizerPath: {:?}}}}}",

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod kv;
 pub mod tier;
 
 use std::net::SocketAddr;
