@@ -73,6 +73,9 @@ const GIE_FAMILIES: &[&str] = &[
     "llm_d_epp_inflight_requests",
     "llm_d_epp_inflight_tokens",
     "llm_d_epp_flow_control_requests_total",
+    "llm_d_epp_flow_control_dispatch_cycle_duration_seconds_bucket",
+    "llm_d_epp_flow_control_request_enqueue_duration_seconds_bucket",
+    "llm_d_epp_flow_control_stale_endpoints",
     "llm_d_epp_flow_control_request_queue_duration_seconds_bucket",
 ];
 

@@ -334,6 +334,10 @@ impl Owner {
                 self.refresh(now);
             }
             self.drain(now);
+            self.metrics
+                .flow
+                .dispatch_cycle
+                .observe(now.elapsed().as_secs_f64());
             self.publish_gauges();
             let mut wake = self.fc.next_deadline();
             if !self.fc.is_empty() {
@@ -382,7 +386,19 @@ impl Owner {
                     slo_ttft: arrival.slo_ttft,
                     deadline: None,
                 };
-                match self.fc.handle_enqueue(&req, now) {
+                let enqueued = self.fc.handle_enqueue(&req, now);
+                self.metrics
+                    .flow
+                    .enqueue_duration
+                    .get_or_create(&crate::metrics::EnqueueLabels {
+                        outcome: if enqueued.is_ok() {
+                            "enqueued"
+                        } else {
+                            "rejected"
+                        },
+                    })
+                    .observe(now.elapsed().as_secs_f64());
+                match enqueued {
                     Ok(ticket) => {
                         self.waiting.insert(id, (ticket, reply));
                         self.by_ticket.insert(ticket, id);
@@ -412,10 +428,17 @@ impl Owner {
 
     /// Measures the pool's saturation the way admission does, over fleet-wide load.
     fn refresh(&mut self, now: Instant) {
-        let mut candidates = self
-            .pool
-            .load()
-            .candidates(now, self.driver.staleness, None, &[]);
+        let pool = self.pool.load();
+        let mut candidates = pool.candidates(now, self.driver.staleness, None, &[]);
+        let stale = pool
+            .slots
+            .iter()
+            .filter(|s| !s.is_fresh(now, self.driver.staleness))
+            .count();
+        self.metrics
+            .flow
+            .stale_endpoints
+            .set(i64::try_from(stale).unwrap_or(i64::MAX));
         let scheduler = self.policy.load().scheduler.clone();
         let has_endpoints = !candidates.is_empty();
         let (measured, step) = measure(|c| scheduler.saturation(c, now), &mut candidates);
