@@ -69,6 +69,7 @@ const GIE_FAMILIES: &[&str] = &[
     "llm_d_epp_std_dev_queue_size",
     "llm_d_epp_per_endpoint_queue_size",
     "llm_d_epp_scheduler_attempts_total",
+    "llm_d_epp_request_processing_duration_seconds_bucket",
     "llm_d_epp_info",
     "llm_d_epp_inflight_requests",
     "llm_d_epp_inflight_tokens",

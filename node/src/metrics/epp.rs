@@ -332,7 +332,13 @@ impl EppMetrics {
     /// Registers the catalog under `llm_d_epp_` and the GIE twins under their old prefixes
     /// in `root`; `prefix_hit_ratio` is the node's own match-ratio histogram, exported under
     /// llm-d's name too.
-    pub fn register(root: &mut Registry, prefix_hit_ratio: &Histogram) -> Self {
+    /// `processing` is the node's admission-plus-scheduling histogram (llm-d's request
+    /// processing time: from the parsed body to the pick).
+    pub fn register(
+        root: &mut Registry,
+        prefix_hit_ratio: &Histogram,
+        processing: &Histogram,
+    ) -> Self {
         let m = EppMetrics {
             requests: Family::default(),
             errors: Family::default(),
@@ -503,6 +509,11 @@ impl EppMetrics {
                 "plugin_duration_seconds",
                 "Plugin call latency by extension point, plugin type and name",
                 m.plugin_duration.clone(),
+            );
+            r.register(
+                "request_processing_duration_seconds",
+                "Time from the parsed request body to the pick (admission and scheduling)",
+                processing.clone(),
             );
             r.register("info", "Build information", info.clone());
             r.register(
@@ -914,7 +925,7 @@ mod tests {
     #[test]
     fn a_streamed_request_fills_the_latency_families_and_their_twins() {
         let mut root = Registry::default();
-        let m = EppMetrics::register(&mut root, &Histogram::new([0.5]));
+        let m = EppMetrics::register(&mut root, &Histogram::new([0.5]), &Histogram::new([0.5]));
         let k = key("m");
         m.request_started(&k);
         let t0 = Instant::now();
@@ -961,7 +972,7 @@ mod tests {
     #[test]
     fn failures_carry_llm_d_error_codes() {
         let mut root = Registry::default();
-        let m = EppMetrics::register(&mut root, &Histogram::new([0.5]));
+        let m = EppMetrics::register(&mut root, &Histogram::new([0.5]), &Histogram::new([0.5]));
         m.rejected(&RequestKey::rejected("m", "", -1), Outcome::Shed);
         let k = key("m");
         m.request_started(&k);
@@ -993,7 +1004,7 @@ mod tests {
     #[test]
     fn model_names_past_the_cap_read_other_unless_pinned() {
         let mut root = Registry::default();
-        let m = EppMetrics::register(&mut root, &Histogram::new([0.5]));
+        let m = EppMetrics::register(&mut root, &Histogram::new([0.5]), &Histogram::new([0.5]));
         m.pin_models(["rewritten"]);
         for i in 0..LABEL_CAP {
             m.rejected(

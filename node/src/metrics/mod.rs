@@ -322,7 +322,9 @@ impl NodeMetrics {
             pd_decisions.clone(),
         );
         let prefix_match_ratio = Histogram::new(linear_buckets(0.1, 0.1, 10));
-        let epp = epp::EppMetrics::register(&mut root, &prefix_match_ratio);
+        // 10 µs .. ~20 ms: scheduling is expected in the tens of microseconds.
+        let scheduling_duration = Histogram::new(exponential_buckets(1e-5, 2.0, 12));
+        let epp = epp::EppMetrics::register(&mut root, &prefix_match_ratio, &scheduling_duration);
         let registry = root.sub_registry_with_prefix("infermesh");
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
@@ -330,8 +332,6 @@ impl NodeMetrics {
             "Requests by model, objective and outcome",
             requests.clone(),
         );
-        // 10 µs .. ~20 ms: scheduling is expected in the tens of microseconds.
-        let scheduling_duration = Histogram::new(exponential_buckets(1e-5, 2.0, 12));
         registry.register(
             "scheduling_duration_seconds",
             "Admission plus scheduling time per request",
