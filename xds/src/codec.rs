@@ -10,8 +10,9 @@ use crate::snapshot::EncodedResponse;
 
 /// Initial decode buffer: xDS requests are small; the buffer grows when one is not.
 const DECODE_BUFFER: usize = 1024;
-/// Initial encode buffer; grows for large responses.
-const ENCODE_BUFFER: usize = 4096;
+/// Initial encode buffer. Each stream keeps its buffer for its lifetime, so this is
+/// paid per stream; a larger response grows it once.
+const ENCODE_BUFFER: usize = 1024;
 /// tonic's default yield threshold.
 const YIELD_THRESHOLD: usize = 32 * 1024;
 

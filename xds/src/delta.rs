@@ -1,7 +1,7 @@
 //! The incremental (Delta) ADS stream as a plain state machine: per-resource versions,
 //! subscriptions with wildcard rules, removals, and ACK/NACK per response.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use infermesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
@@ -10,6 +10,7 @@ use crate::resource_type::ResourceType;
 use crate::snapshot::{EncodedResource, EncodedResponse};
 use crate::stream::TypeMemory;
 use crate::stream_core::{self, Answer, SentResources, StreamCore};
+use crate::vec_map::{VecMap, VecSet};
 
 /// The wildcard resource name of the xDS protocol.
 const WILDCARD: &str = "*";
@@ -42,9 +43,9 @@ struct TypeState {
     /// A request for this type has arrived.
     subscribed: bool,
     wildcard: bool,
-    names: BTreeSet<String>,
+    names: VecSet<String>,
     /// Resource name → version the client holds, as far as this stream knows.
-    known: BTreeMap<String, String>,
+    known: VecMap<String, String>,
     /// Explicitly subscribed names already reported as not existing.
     told_absent: BTreeSet<String>,
     last_nonce: String,

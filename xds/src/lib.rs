@@ -66,6 +66,7 @@ mod stream;
 mod stream_core;
 pub mod translate;
 pub mod upstream_tls;
+mod vec_map;
 
 pub use bootstrap::{AdsApi, BootstrapError, BootstrapOptions, envoy_bootstrap};
 pub use config::{InvalidXdsConfig, XdsConfig};
@@ -81,3 +82,4 @@ pub use sotw::SotwStream;
 pub use status::{EnvoySyncStatus, SyncStatus, TypeSyncStatus};
 pub use stream::{NackDetail, NodeMemory, StreamEvent, TypeMemory};
 pub use upstream_tls::UpstreamTlsFiles;
+pub use vec_map::{VecMap, VecSet};

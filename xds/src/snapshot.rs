@@ -133,7 +133,7 @@ impl TypeSnapshot {
             resources,
             wildcard_body: Bytes::new(),
         };
-        snap.wildcard_body = snap.build_sotw_body(true, &BTreeSet::new());
+        snap.wildcard_body = snap.build_sotw_body(true, &BTreeSet::<String>::new());
         snap
     }
 
@@ -144,20 +144,26 @@ impl TypeSnapshot {
 
     /// The resources a subscriber sees: every wildcard resource when `wildcard`, plus the
     /// named ones that exist.
-    pub fn view<'a>(
+    pub fn view<'a, N: ?Sized>(
         &'a self,
         wildcard: bool,
-        names: &'a BTreeSet<String>,
-    ) -> impl Iterator<Item = &'a Arc<EncodedResource>> + 'a {
+        names: &'a N,
+    ) -> impl Iterator<Item = &'a Arc<EncodedResource>> + 'a
+    where
+        for<'x> &'x N: IntoIterator<Item = &'x String>,
+    {
         let all = wildcard.then(|| self.resources.values().filter(|r| r.wildcard));
         let named = names
-            .iter()
+            .into_iter()
             .filter_map(|n| self.resources.get(n))
             .filter(move |r| !(wildcard && r.wildcard));
         all.into_iter().flatten().chain(named)
     }
 
-    fn build_sotw_body(&self, wildcard: bool, names: &BTreeSet<String>) -> Bytes {
+    fn build_sotw_body<N: ?Sized>(&self, wildcard: bool, names: &N) -> Bytes
+    where
+        for<'x> &'x N: IntoIterator<Item = &'x String>,
+    {
         let mut buf = BytesMut::new();
         put_bytes_field(field::VERSION_INFO, self.version.as_bytes(), &mut buf);
         for r in self.view(wildcard, names) {
@@ -168,15 +174,18 @@ impl TypeSnapshot {
     }
 
     /// The SotW `DiscoveryResponse` for a subscriber, stamped with `nonce`.
-    pub fn sotw_response(
+    pub fn sotw_response<N: ?Sized>(
         &self,
         wildcard: bool,
-        names: &BTreeSet<String>,
+        names: &N,
         nonce: &str,
-    ) -> EncodedResponse {
+    ) -> EncodedResponse
+    where
+        for<'x> &'x N: IntoIterator<Item = &'x String>,
+    {
         let body = if wildcard
             && names
-                .iter()
+                .into_iter()
                 .all(|n| self.resources.get(n).is_none_or(|r| r.wildcard))
         {
             self.wildcard_body.clone()
@@ -483,7 +492,7 @@ mod tests {
         let snap = Snapshot::build(&translate(&input(), &XdsConfig::default())).unwrap();
         let lds = snap.get(ResourceType::Listener);
         let resp = DiscoveryResponse::decode(
-            lds.sotw_response(true, &BTreeSet::new(), "7")
+            lds.sotw_response(true, &BTreeSet::<String>::new(), "7")
                 .to_vec()
                 .as_slice(),
         )

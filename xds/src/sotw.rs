@@ -1,7 +1,6 @@
 //! The State-of-the-World ADS stream as a plain state machine: feed it requests and
 //! snapshots, poll it for responses. No IO, no clock; the tonic handler drives it.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use infermesh_proto::envoy::service::discovery::v3::DiscoveryRequest;
@@ -10,6 +9,7 @@ use crate::resource_type::ResourceType;
 use crate::snapshot::{EncodedResponse, TypeSnapshot};
 use crate::stream::TypeMemory;
 use crate::stream_core::{self, Answer, SentResources, StreamCore};
+use crate::vec_map::VecSet;
 
 /// The wildcard resource name of the xDS protocol.
 const WILDCARD: &str = "*";
@@ -31,7 +31,7 @@ struct TypeState {
     /// The client has asked for this type and not unsubscribed from everything.
     subscribed: bool,
     wildcard: bool,
-    names: BTreeSet<String>,
+    names: VecSet<String>,
     /// The subscription changed since the last response.
     names_dirty: bool,
     /// The version the client says it holds (its last `version_info`).
@@ -82,7 +82,7 @@ impl SotwStream {
         st.client_version.clone_from(&req.version_info);
         let wildcard = req.resource_names.iter().any(|n| n == WILDCARD)
             || (ty.legacy_wildcard() && req.resource_names.is_empty());
-        let names: BTreeSet<String> = req
+        let names: VecSet<String> = req
             .resource_names
             .iter()
             .filter(|n| *n != WILDCARD)

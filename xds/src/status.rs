@@ -13,6 +13,7 @@ use crate::resource_type::ResourceType;
 use crate::snapshot::{EncodedResource, Snapshot};
 use crate::stream::{NackDetail, NodeMemory, StreamEvent, TypeMemory};
 use crate::stream_core::SentResources;
+use crate::vec_map::VecMap;
 
 /// Most disconnected nodes remembered; the oldest are forgotten first.
 const MAX_DISCONNECTED: usize = 4096;
@@ -115,7 +116,7 @@ struct TypeStatus {
     /// The response in flight, to settle into `resources` on its ACK or NACK.
     in_flight: Option<InFlightRecord>,
     /// Every resource the client was sent and still holds, by name (for CSDS).
-    resources: BTreeMap<String, ResourceRecord>,
+    resources: VecMap<String, ResourceRecord>,
 }
 
 /// A response sent and not yet answered, as the registry keeps it.
@@ -142,8 +143,9 @@ pub(crate) struct Held {
 #[derive(Debug, Clone, Default)]
 struct ResourceRecord {
     accepted: Option<Held>,
-    /// The latest rejected version, until a version of the resource is accepted.
-    rejected: Option<(Held, NackStatus)>,
+    /// The latest rejected version, until a version of the resource is accepted. Boxed:
+    /// rejections are rare, and every node keeps a record per resource it holds.
+    rejected: Option<Box<(Held, NackStatus)>>,
 }
 
 /// One resource of one client, as CSDS reports it.
@@ -316,7 +318,7 @@ impl TypeStatus {
             self.resources.remove(name);
         }
         for r in f.sent.resources {
-            let rec = self.resources.entry(r.name.clone()).or_default();
+            let rec = self.resources.get_or_default(r.name.clone());
             rec.accepted = Some(Held {
                 resource: r,
                 version_info: f.version.clone(),
@@ -330,7 +332,7 @@ impl TypeStatus {
     /// marked rejected.
     fn settle_nack(&mut self, f: InFlightRecord, nack: &NackStatus) {
         for r in f.sent.resources {
-            let rec = self.resources.entry(r.name.clone()).or_default();
+            let rec = self.resources.get_or_default(r.name.clone());
             if rec
                 .accepted
                 .as_ref()
@@ -338,14 +340,14 @@ impl TypeStatus {
             {
                 continue;
             }
-            rec.rejected = Some((
+            rec.rejected = Some(Box::new((
                 Held {
                     resource: r,
                     version_info: f.version.clone(),
                     unix_ms: nack.unix_ms,
                 },
                 nack.clone(),
-            ));
+            )));
         }
     }
 
@@ -360,7 +362,7 @@ impl TypeStatus {
                     ResourceView {
                         name: name.clone(),
                         accepted: rec.accepted.clone(),
-                        rejected: rec.rejected.clone(),
+                        rejected: rec.rejected.as_deref().cloned(),
                         in_flight: None,
                     },
                 )

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::resource_type::ResourceType;
 use crate::snapshot::{EncodedResource, TypeSnapshot};
+use crate::vec_map::VecMap;
 
 /// Why a client rejected a response (the `error_detail` of a NACK).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -80,7 +81,7 @@ pub struct TypeMemory {
     /// SotW: a version the client rejected; not offered again until another is accepted.
     pub rejected_version: Option<String>,
     /// Delta: the resources the client has accepted, by name.
-    pub acked_resources: BTreeMap<String, Arc<EncodedResource>>,
+    pub acked_resources: VecMap<String, Arc<EncodedResource>>,
     /// Delta: resource versions the client rejected ("" marks a rejected removal).
     pub rejected_resources: BTreeMap<String, String>,
 }

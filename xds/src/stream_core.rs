@@ -220,10 +220,7 @@ macro_rules! common_stream_api {
         }
 
         /// The subscription for `ty`: wildcard flag and explicit names.
-        pub fn subscription(
-            &self,
-            ty: $crate::ResourceType,
-        ) -> (bool, &::std::collections::BTreeSet<String>) {
+        pub fn subscription(&self, ty: $crate::ResourceType) -> (bool, &$crate::VecSet<String>) {
             let st = &self.types[ty.index()];
             (st.wildcard, &st.names)
         }

@@ -1,11 +1,17 @@
 //! ADS load benchmark. `run` starts `serve` as a child process (so its RSS is the
 //! server's alone), opens N ADS streams from N simulated Envoys (one HTTP/2 connection
 //! each, ACKing every response like Envoy), then times publishes until every stream has
-//! received and ACKed them. Every loop is bounded in count and time.
+//! received and ACKed them. Every loop is bounded in count and time. `fleet` does the same
+//! against several server processes at once (see [`fleet`]).
+
+mod fleet;
+
+pub use fleet::{FLEET_OUT, FleetArgs, fleet};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
@@ -16,7 +22,7 @@ use infermesh_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, Disc
 use infermesh_xds::translate::pool_listener_name;
 use infermesh_xds::{FailureMode, InferencePoolSpec, ResourceType, XdsConfig, XdsInput, XdsServer};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
 /// Command line.
@@ -35,6 +41,8 @@ pub enum Command {
     Run(RunArgs),
     /// Serve ADS on 127.0.0.1:0 and publish on command from stdin (used by `run`).
     Serve(ServeArgs),
+    /// Fleet-scale run: several server processes, streams spread evenly over them.
+    Fleet(FleetArgs),
 }
 
 /// ADS flavour to load.
@@ -108,6 +116,8 @@ fn input_for(round: usize) -> XdsInput {
 
 /// `serve`: the server process.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // A fleet run puts thousands of connections on each server process.
+    raise_fd_limit(0)?;
     let config = XdsConfig {
         debounce: Duration::from_millis(args.debounce_ms),
         ..Default::default()
@@ -169,7 +179,13 @@ async fn sotw_stream(
     stream: usize,
     addr: SocketAddr,
     acks: mpsc::UnboundedSender<Ack>,
+    connect_limit: Option<Arc<Semaphore>>,
 ) -> anyhow::Result<()> {
+    // Held until the stream is open, so at most that many handshakes run at once.
+    let permit = match connect_limit {
+        Some(s) => Some(s.acquire_owned().await?),
+        None => None,
+    };
     let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}")).await?;
     let (tx, rx) = mpsc::channel(8);
     let subs = subscriptions();
@@ -186,6 +202,7 @@ async fn sotw_stream(
         .stream_aggregated_resources(ReceiverStream::new(rx))
         .await?
         .into_inner();
+    drop(permit);
     while let Some(resp) = inbound.message().await? {
         let ty = ResourceType::from_type_url(&resp.type_url).context("unknown type in response")?;
         tx.send(DiscoveryRequest {
@@ -210,7 +227,13 @@ async fn delta_stream(
     stream: usize,
     addr: SocketAddr,
     acks: mpsc::UnboundedSender<Ack>,
+    connect_limit: Option<Arc<Semaphore>>,
 ) -> anyhow::Result<()> {
+    // Held until the stream is open, so at most that many handshakes run at once.
+    let permit = match connect_limit {
+        Some(s) => Some(s.acquire_owned().await?),
+        None => None,
+    };
     let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}")).await?;
     let (tx, rx) = mpsc::channel(8);
     for (i, (ty, names)) in subscriptions().into_iter().enumerate() {
@@ -226,6 +249,7 @@ async fn delta_stream(
         .delta_aggregated_resources(ReceiverStream::new(rx))
         .await?
         .into_inner();
+    drop(permit);
     while let Some(resp) = inbound.message().await? {
         let ty = ResourceType::from_type_url(&resp.type_url).context("unknown type in response")?;
         tx.send(DeltaDiscoveryRequest {
@@ -242,6 +266,36 @@ async fn delta_stream(
         });
     }
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard limit; fails naming the limit if the
+/// result is below `needed`.
+fn raise_fd_limit(needed: u64) -> anyhow::Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("getrlimit(RLIMIT_NOFILE)")?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).context("setrlimit(RLIMIT_NOFILE)")?;
+    }
+    let (soft, _) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    ensure!(
+        soft >= needed,
+        "the open-file limit (RLIMIT_NOFILE, `ulimit -n`) is {soft} (hard limit {hard}), \
+         but this run needs about {needed}: raise the hard limit or run fewer streams"
+    );
+    Ok(soft)
+}
+
+/// CPU time (user + system) a process has used so far.
+fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat: indexes 11 and 12 after the name.
+    let ticks: u64 = fields.get(11).context("no utime")?.parse::<u64>()?
+        + fields.get(12).context("no stime")?.parse::<u64>()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.context("no CLK_TCK")?;
+    Ok(Duration::from_secs_f64(ticks as f64 / hz as f64))
 }
 
 fn rss_kib(pid: u32) -> anyhow::Result<u64> {
@@ -394,8 +448,8 @@ async fn run_mode(mode: Mode, args: &RunArgs) -> anyhow::Result<ModeResult> {
         let addr = child.addr;
         tasks.spawn(async move {
             let r = match mode {
-                Mode::Sotw => sotw_stream(s, addr, tx).await,
-                Mode::Delta => delta_stream(s, addr, tx).await,
+                Mode::Sotw => sotw_stream(s, addr, tx, None).await,
+                Mode::Delta => delta_stream(s, addr, tx, None).await,
             };
             if let Err(e) = r {
                 tracing::warn!(stream = s, "stream ended: {e:#}");

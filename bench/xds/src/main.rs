@@ -14,5 +14,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => rt.block_on(infermesh_xds_bench::serve(args)),
         Command::Run(args) => rt.block_on(infermesh_xds_bench::run(args)),
+        Command::Fleet(args) => rt.block_on(infermesh_xds_bench::fleet(args)),
     }
 }
