@@ -2,6 +2,9 @@
 # The project's test command (README): installs what the tests need, then runs them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# No incremental state by default: with every test binary of the workspace it grew past
+# 35 GiB here and filled the disk; a full run rebuilds most crates anyway.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 scripts/setup-test-deps.sh
 cargo fmt --all -- --check
 # Every kustomization under deploy/kubernetes renders and validates (Kubernetes schemas,
