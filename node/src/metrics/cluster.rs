@@ -9,13 +9,7 @@ use infermesh_xds::SyncStatus;
 
 /// Appends the Raft gauges of `s`.
 pub fn render_raft(s: &ClusterStatus, out: &mut String) {
-    let role = match s.role {
-        Role::Leader => "leader",
-        Role::Follower => "follower",
-        Role::Candidate => "candidate",
-        Role::Learner => "learner",
-        Role::Shutdown => "shutdown",
-    };
+    let role = s.role.as_str();
     let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
         let _ = writeln!(
             out,

@@ -603,7 +603,7 @@ fn precise_lookup(
                 tokens
             }
             Err(e) => {
-                metrics.count_tokenization(params_backend(params), "error");
+                metrics.count_tokenization(params.backend().as_str(), "error");
                 tracing::warn!(model = %input.model, error = %e, "tokenization failed; scored without prefix data");
                 return PrefixAnswer::Unavailable;
             }
@@ -627,13 +627,4 @@ fn precise_lookup(
             matches,
         }
     })
-}
-
-fn params_backend(p: &infermesh_scheduler::config::precise::TokenProducerParams) -> &'static str {
-    use infermesh_scheduler::config::precise::TokenBackend;
-    match p.backend() {
-        TokenBackend::Estimate => "estimate",
-        TokenBackend::Local => "local",
-        TokenBackend::VllmRender => "render",
-    }
 }

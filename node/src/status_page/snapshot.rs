@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use infermesh_gossip::{Liveness, LoadView, MemberSet, PodId};
-use infermesh_raft_store::{ClusterStatus, Role};
+use infermesh_raft_store::ClusterStatus;
 use infermesh_xds::SyncStatus;
 use serde::Serialize;
 
@@ -146,16 +146,6 @@ pub struct Inputs<'a> {
     pub queued: Option<i64>,
 }
 
-fn role_name(r: &Role) -> &'static str {
-    match r {
-        Role::Leader => "leader",
-        Role::Follower => "follower",
-        Role::Candidate => "candidate",
-        Role::Learner => "learner",
-        Role::Shutdown => "shutdown",
-    }
-}
-
 /// Builds the snapshot.
 pub fn build(i: &Inputs<'_>) -> Snapshot {
     // Raft members are named by their node name (the transport address is the mesh name).
@@ -201,7 +191,7 @@ pub fn build(i: &Inputs<'_>) -> Snapshot {
             }]
         });
     let raft = i.raft.map(|r| RaftView {
-        role: role_name(&r.role),
+        role: r.role.as_str(),
         term: r.term,
         leader: leader.clone(),
         committed: r.committed_index,

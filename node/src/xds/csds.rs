@@ -227,23 +227,7 @@ pub fn render_table(servers: &[(String, Vec<TypeRow>)]) -> String {
     if table.len() == 1 {
         return out;
     }
-    let widths: Vec<usize> = (0..table[0].len())
-        .map(|c| {
-            table
-                .iter()
-                .map(|r| r[c].chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    for row in &table {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        let _ = writeln!(out, "{}", line.join("  ").trim_end());
-    }
+    super::status::write_aligned(&table, &mut out);
     out
 }
 

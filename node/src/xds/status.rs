@@ -201,18 +201,32 @@ pub fn render_table(r: &Value) -> String {
         out.push_str("no Envoy or gRPC client has connected to this node\n");
         return out;
     }
-    let widths: Vec<usize> = (0..rows[0].len())
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+    write_aligned(&rows, &mut out);
+    out
+}
+
+/// Writes `rows` as left-aligned columns two spaces apart (the CLI's status tables).
+pub(crate) fn write_aligned<R: AsRef<[String]>>(rows: &[R], out: &mut String) {
+    let Some(first) = rows.first() else {
+        return;
+    };
+    let widths: Vec<usize> = (0..first.as_ref().len())
+        .map(|c| {
+            rows.iter()
+                .map(|r| r.as_ref()[c].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
-    for row in &rows {
+    for row in rows {
         let line: Vec<String> = row
+            .as_ref()
             .iter()
             .zip(&widths)
             .map(|(cell, w)| format!("{cell:<w$}"))
             .collect();
         let _ = writeln!(out, "{}", line.join("  ").trim_end());
     }
-    out
 }
 
 #[cfg(test)]

@@ -105,6 +105,17 @@ pub enum TokenBackend {
     Local,
 }
 
+impl TokenBackend {
+    /// The backend's name (a metric label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenBackend::Estimate => "estimate",
+            TokenBackend::VllmRender => "render",
+            TokenBackend::Local => "local",
+        }
+    }
+}
+
 impl TokenProducerParams {
     /// The selected backend (llm-d: `vllm` or `modelName` → render, else `estimate`).
     pub fn backend(&self) -> TokenBackend {
