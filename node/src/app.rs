@@ -57,7 +57,7 @@ pub enum StartError {
     /// The xDS server settings are invalid.
     #[error("xds: {0}")]
     Xds(#[from] infermesh_xds::InvalidXdsConfig),
-    /// The gRPC port's TLS files are unusable.
+    /// A listener's TLS files are unusable.
     #[error("tls: {0}")]
     Tls(#[from] crate::tls::TlsConfigError),
     /// The scrapers' thread could not start.
@@ -315,6 +315,11 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
         .clone()
         .map(crate::tls::TlsReloader::new)
         .transpose()?;
+    let proxy_tls = cfg
+        .proxy_tls
+        .clone()
+        .map(crate::tls::TlsReloader::new)
+        .transpose()?;
     // Bind everything first so a busy port fails the start before any task runs.
     let Listeners {
         grpc: grpc_listener,
@@ -550,10 +555,29 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
 
     if let Some(l) = proxy_listener {
         let app = crate::proxy::router(dispatcher.clone(), client.clone(), cfg.proxy);
-        let l = l.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        crate::serve::spawn_http(&mut tasks, "proxy", l, app, shutdown_rx.clone());
+        match proxy_tls {
+            None => {
+                let l = l.tap_io(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
+                crate::serve::spawn_http(&mut tasks, "proxy", l, app, shutdown_rx.clone());
+            }
+            Some(tls) => {
+                if tls.reloads() {
+                    tasks.spawn(tls.clone().run(shutdown_rx.clone()));
+                }
+                // The TLS accept loop sets TCP_NODELAY itself.
+                let addr = proxy_addr.unwrap_or_else(|| ([0, 0, 0, 0], 0).into());
+                let l = crate::tls::TlsListener::new(l, tls, shutdown_rx.clone()).map_err(
+                    |source| StartError::Bind {
+                        what: "proxy",
+                        addr,
+                        source,
+                    },
+                )?;
+                crate::serve::spawn_http(&mut tasks, "proxy", l, app, shutdown_rx.clone());
+            }
+        }
     }
     if let Some(l) = metrics_listener {
         let app = metrics_router(MetricsPort {

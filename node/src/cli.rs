@@ -53,6 +53,15 @@ pub enum Command {
         #[command(flatten)]
         server: crate::admin::commands::ServerArgs,
     },
+    /// The admin tokens the policy cluster accepts: list, add, remove (rotation).
+    Tokens {
+        /// What to do.
+        #[command(subcommand)]
+        command: crate::admin::commands::TokenCommand,
+        /// Which node, token and output format.
+        #[command(flatten)]
+        server: crate::admin::commands::ServerArgs,
+    },
     /// xDS tools.
     Xds {
         /// What to do.
@@ -340,6 +349,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Cluster { command, server } => {
             crate::admin::commands::run_cluster(command, server)
         }
+        Command::Tokens { command, server } => crate::admin::commands::run_tokens(command, server),
     }
 }
 
@@ -410,12 +420,21 @@ fn serve(args: ServeArgs) -> ExitCode {
     } else {
         NodeConfig::from_settings(args.settings()).map(|c| (c, None))
     };
-    let (cfg, base) = match built.and_then(|(mut c, b)| {
-        c.mesh = args.mesh.options()?;
-        c.xds = args.xds.options();
-        c.grpc_tls = args.tls.settings()?;
-        Ok((c, b))
-    }) {
+    let (cfg, base, admin_tls) = match built
+        .and_then(|(mut c, b)| {
+            c.mesh = args.mesh.options()?;
+            c.xds = args.xds.options();
+            c.grpc_tls = args.tls.settings()?;
+            c.proxy_tls = args.tls.proxy_settings()?;
+            Ok((c, b))
+        })
+        .and_then(|(c, b)| {
+            let admin = crate::policy_store::AdminTlsConfig {
+                serve: args.tls.admin_settings()?,
+                peer: args.tls.admin_peer(),
+            };
+            Ok((c, b, admin))
+        }) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("invalid configuration: {e}");
@@ -456,10 +475,11 @@ fn serve(args: ServeArgs) -> ExitCode {
         };
         let policy = match base {
             Some(base) => {
-                match crate::policy_store::PolicyNode::start(
+                match crate::policy_store::PolicyNode::start_with_tls(
                     node.policy_handles(),
                     &args.cluster,
                     base,
+                    admin_tls,
                 )
                 .await
                 {

@@ -68,6 +68,8 @@ pub struct NodeConfig {
     pub xds: crate::xds::XdsOptions,
     /// TLS on the gRPC port (ext_proc, ADS, health); `None` = plaintext.
     pub grpc_tls: Option<crate::tls::ServerTlsSettings>,
+    /// TLS on the proxy's client side (--proxy-addr); `None` = plaintext.
+    pub proxy_tls: Option<crate::tls::ServerTlsSettings>,
     /// Follow the owned pods' KV events into the mesh's prefix index (needs a sharing
     /// mesh); `None` = off.
     pub kv_events: Option<crate::mesh::kv_events::KvEventsOptions>,
@@ -296,6 +298,7 @@ impl NodeConfig {
             mesh: None,
             xds: Default::default(),
             grpc_tls: None,
+            proxy_tls: None,
             kv_events: None,
         })
     }

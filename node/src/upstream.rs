@@ -67,6 +67,11 @@ pub fn https_client(
         roots.add_parsable_certificates(found.certs);
         builder.with_root_certificates(roots).with_no_client_auth()
     };
+    Ok(https_client_with(tls, connect_timeout))
+}
+
+/// A pooled HTTPS (and plain HTTP) client speaking TLS as `tls` says.
+pub fn https_client_with(tls: rustls::ClientConfig, connect_timeout: Duration) -> HttpsClient {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
@@ -76,10 +81,10 @@ pub fn https_client(
         .https_or_http()
         .enable_http1()
         .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
+    Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(256)
-        .build(connector))
+        .build(connector)
 }
 
 /// `insecureSkipVerify`: any server certificate is accepted (the handshake signatures are

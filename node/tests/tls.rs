@@ -2,7 +2,8 @@
 //! ext_proc and routes; a plaintext client, a client without a certificate, one whose
 //! certificate another CA signed and one whose certificate has expired are refused; a
 //! server certificate rotated on disk under traffic (`--enable-cert-reload`) is served to
-//! new connections with no failed request.
+//! new connections with no failed request. The proxy's client side serves TLS and mTLS
+//! with its own certificate and refuses plaintext and certificate-less clients.
 
 mod support;
 
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use infermesh_node::tls::{ServerTlsSettings, TlsVersion};
+use infermesh_node::tls::{Alpn, ServerTlsSettings, TlsVersion};
 use infermesh_testkit::certs::{Leaf, TestCa};
 use infermesh_testkit::envoy::{EnvoyClientTls, ExtProcEnvoy, envoy_bin};
 use support::{Harness, post};
@@ -55,6 +56,7 @@ fn settings(p: &Pki, reload: bool) -> ServerTlsSettings {
         min_version: TlsVersion::Tls12,
         cipher_suites: Vec::new(),
         reload,
+        alpn: Alpn::Grpc,
     }
 }
 
@@ -156,6 +158,87 @@ async fn mtls_admits_only_clients_the_ca_signed_and_that_are_valid() {
     );
     // And the server still serves a good client after all that.
     check(addr, &ca, Some(&p.client), false).await.unwrap();
+    h.stop().await;
+}
+
+/// One completion through the proxy at `addr` over https, as `tls` says; the status, or
+/// why the exchange failed.
+async fn proxied_completion(
+    addr: std::net::SocketAddr,
+    tls: &infermesh_node::admin::client::AdminTls,
+    model: &str,
+) -> Result<u16, String> {
+    use http_body_util::{BodyExt, Full};
+    let client =
+        infermesh_node::upstream::https_client_with(tls.client_config()?, Duration::from_secs(2));
+    let body = serde_json::json!({"model": model, "prompt": "hello", "max_tokens": 2});
+    let req = http::Request::post(format!("https://{addr}/v1/completions"))
+        .header("content-type", "application/json")
+        .body(Full::new(bytes::Bytes::from(body.to_string())))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .map_err(|_| "no answer".to_string())?
+        .map_err(|e| format!("{e:?}"))?;
+    let status = resp.status().as_u16();
+    let _ = resp.into_body().collect().await;
+    Ok(status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_serves_clients_over_mtls_and_refuses_the_others() {
+    use infermesh_node::admin::client::AdminTls;
+    let p = pki();
+    // Its own certificate: the proxy's settings are apart from the gRPC port's.
+    let (cert, key) =
+        p.ca.leaf("proxy", false)
+            .write(p.dir.path(), "proxy")
+            .unwrap();
+    let proxy_tls = ServerTlsSettings {
+        cert,
+        key,
+        alpn: Alpn::Http,
+        ..settings(&p, false)
+    };
+    let h = Harness::start_with(2, false, |c| c.proxy_tls = Some(proxy_tls)).await;
+    let addr = h.node.proxy_addr.expect("the proxy listens");
+    let (client_cert, client_key) = p.client.write(p.dir.path(), "client").unwrap();
+    let trusted = AdminTls {
+        ca_file: Some(p.ca_file.clone()),
+        cert_file: Some(client_cert),
+        key_file: Some(client_key),
+    };
+    for _ in 0..3 {
+        assert_eq!(
+            proxied_completion(addr, &trusted, &h.model).await,
+            Ok(200),
+            "an mTLS client through the proxy"
+        );
+    }
+    let anonymous = AdminTls {
+        ca_file: Some(p.ca_file.clone()),
+        ..AdminTls::default()
+    };
+    assert!(
+        proxied_completion(addr, &anonymous, &h.model)
+            .await
+            .is_err(),
+        "a client without a certificate was served"
+    );
+    // Plaintext HTTP to the TLS port gets no HTTP answer.
+    let plain = support::send(
+        &h.client,
+        http::Request::post(format!("http://{addr}/v1/completions"))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+            .unwrap(),
+    )
+    .await;
+    assert!(
+        plain.is_err(),
+        "a plaintext client was answered: {:?}",
+        plain.map(|r| r.status)
+    );
     h.stop().await;
 }
 

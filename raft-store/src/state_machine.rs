@@ -33,6 +33,8 @@ use crate::types::{Entry, LogId, Node, NodeId, StorageError, TypeConfig};
 const KEY_APPLIED: &str = "last_applied";
 const KEY_MEMBERSHIP: &str = "membership";
 const KEY_TOKENS: &str = "tokens";
+/// Read-only-token hashes (absent in files written before read tokens existed).
+const KEY_READ_TOKENS: &str = "read_tokens";
 /// The last revision handed out (absent in files written before revisions existed).
 const KEY_REVISION: &str = "revision";
 const KEY_SNAP_META: &str = "meta";
@@ -84,6 +86,9 @@ impl std::fmt::Debug for PolicyPublisher {
 struct SnapshotPayload {
     objects: Vec<StoredObject>,
     tokens: Vec<TokenHash>,
+    /// Absent in snapshots taken before read tokens existed.
+    #[serde(default)]
+    read_tokens: Vec<TokenHash>,
     /// Absent in snapshots taken before revisions existed.
     #[serde(default)]
     revision: Option<u64>,
@@ -128,6 +133,10 @@ impl StateMachineStore {
                 Some(v) => postcard::from_bytes(v.value())?,
                 None => Vec::new(),
             };
+            let read_tokens: Vec<TokenHash> = match meta.get(KEY_READ_TOKENS)? {
+                Some(v) => postcard::from_bytes(v.value())?,
+                None => Vec::new(),
+            };
             let revision: Option<u64> = match meta.get(KEY_REVISION)? {
                 Some(v) => Some(postcard::from_bytes(v.value())?),
                 None => None,
@@ -141,6 +150,7 @@ impl StateMachineStore {
             let index = last_applied.map_or(0, |l| l.index);
             Ok((
                 PolicyState::from_parts(index, objects, tokens)
+                    .with_read_tokens(read_tokens)
                     .with_revision(revision.unwrap_or(index)),
                 last_applied,
                 membership,
@@ -175,9 +185,10 @@ impl StateMachineStore {
             None
         };
         let tokens = if touched.tokens {
-            Some(postcard::to_stdvec(
-                &self.state.token_hashes().copied().collect::<Vec<_>>(),
-            )?)
+            Some((
+                postcard::to_stdvec(&self.state.token_hashes().copied().collect::<Vec<_>>())?,
+                postcard::to_stdvec(&self.state.read_token_hashes().copied().collect::<Vec<_>>())?,
+            ))
         } else {
             None
         };
@@ -196,8 +207,9 @@ impl StateMachineStore {
             if let Some(m) = &membership {
                 meta.insert(KEY_MEMBERSHIP, m.as_slice())?;
             }
-            if let Some(t) = &tokens {
-                meta.insert(KEY_TOKENS, t.as_slice())?;
+            if let Some((write, read)) = &tokens {
+                meta.insert(KEY_TOKENS, write.as_slice())?;
+                meta.insert(KEY_READ_TOKENS, read.as_slice())?;
             }
             let mut table = txn.open_table(SM_OBJECTS)?;
             for (k, v) in &objects {
@@ -247,6 +259,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let payload = SnapshotPayload {
             objects: self.state.iter().map(|o| o.as_ref().clone()).collect(),
             tokens: self.state.token_hashes().copied().collect(),
+            read_tokens: self.state.read_token_hashes().copied().collect(),
             revision: Some(self.state.revision()),
         };
         let data = serde_json::to_vec(&payload)
@@ -360,6 +373,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             .map_err(|e| StorageIOError::read_snapshot(Some(sig.clone()), DiskError::from(e)))?;
         let index = meta.last_log_id.map_or(0, |l| l.index);
         let state = PolicyState::from_parts(index, payload.objects, payload.tokens)
+            .with_read_tokens(payload.read_tokens)
             .with_revision(payload.revision.unwrap_or(index));
         let encode = || -> Result<_, DiskError> {
             let mut objects = Vec::with_capacity(state.len());
@@ -374,11 +388,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 postcard::to_stdvec(&meta.last_log_id)?,
                 postcard::to_stdvec(&meta.last_membership)?,
                 postcard::to_stdvec(&state.token_hashes().copied().collect::<Vec<_>>())?,
+                postcard::to_stdvec(&state.read_token_hashes().copied().collect::<Vec<_>>())?,
                 postcard::to_stdvec(meta)?,
                 postcard::to_stdvec(&state.revision())?,
             ))
         };
-        let (objects, applied, membership, tokens, meta_bytes, revision) =
+        let (objects, applied, membership, tokens, read_tokens, meta_bytes, revision) =
             encode().map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), e))?;
         self.disk
             .write(|txn| {
@@ -391,6 +406,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 m.insert(KEY_APPLIED, applied.as_slice())?;
                 m.insert(KEY_MEMBERSHIP, membership.as_slice())?;
                 m.insert(KEY_TOKENS, tokens.as_slice())?;
+                m.insert(KEY_READ_TOKENS, read_tokens.as_slice())?;
                 m.insert(KEY_REVISION, revision.as_slice())?;
                 let mut s = txn.open_table(SNAPSHOT)?;
                 s.insert(KEY_SNAP_META, meta_bytes.as_slice())?;

@@ -5,7 +5,9 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use infermesh_raft_store::policy::{Kind, ObjectKey, PolicyState};
+use infermesh_raft_store::policy::{
+    Kind, ObjectKey, PolicyState, Rejection, TokenChange, TokenHash, TokenRole,
+};
 use infermesh_raft_store::testing::{TestCluster, mem_node};
 use infermesh_raft_store::{ClusterError, Role, Route, StoreConfig, WriteError};
 
@@ -220,6 +222,83 @@ async fn new_nodes_catch_up_by_snapshot_then_become_voters() -> Result<()> {
     ));
     store.remove_node(6).await?;
     assert!(store.status().members.iter().all(|m| m.id != 6));
+    Ok(())
+}
+
+/// Token roles and a rotation reach every node, a learner that catches up by snapshot,
+/// and survive a restart of every node from disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_rotation_replicates_and_survives_snapshot_and_restart() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut c = TestCluster::new(dir.path(), 11).with_config(small_snapshots);
+    c.start_bootstrapped(&[1, 2, 3], &["w0".to_string()])
+        .await?;
+    let leader = c.wait_leader(&[1, 2, 3], WAIT).await?;
+    let follower = [1, 2, 3].into_iter().find(|v| *v != leader).unwrap();
+    let change = |role, add: &[&str], remove: &[&str]| TokenChange {
+        role,
+        add: add.iter().map(|t| TokenHash::of(t)).collect(),
+        remove: remove.iter().map(|t| TokenHash::of(t)).collect(),
+    };
+    // Through a follower: a read token and the replacement write token, then the old one out.
+    c.store(follower)?
+        .change_tokens(
+            vec![
+                change(TokenRole::Read, &["r1"], &[]),
+                change(TokenRole::Write, &["w1"], &[]),
+            ],
+            Route::ViaLeader,
+        )
+        .await?;
+    let dropped = c
+        .store(follower)?
+        .change_tokens(
+            vec![change(TokenRole::Write, &[], &["w0"])],
+            Route::ViaLeader,
+        )
+        .await?;
+    // The last write token cannot go.
+    match c
+        .store(leader)?
+        .change_tokens(vec![change(TokenRole::Write, &[], &["w1"])], Route::Local)
+        .await
+    {
+        Err(WriteError::Rejected(Rejection::LastWriteToken)) => {}
+        other => bail!("expected LastWriteToken, got {other:?}"),
+    }
+    let check = |p: &PolicyState, who: &str| {
+        assert_eq!(p.token_role("w1"), Some(TokenRole::Write), "{who}");
+        assert_eq!(p.token_role("r1"), Some(TokenRole::Read), "{who}");
+        assert_eq!(p.token_role("w0"), None, "{who}: the rotated-out token");
+    };
+    for id in [1, 2, 3] {
+        c.wait_applied(id, dropped.index, WAIT).await?;
+        check(&c.store(id)?.policy(), &format!("node {id}"));
+    }
+
+    // Enough writes for a snapshot, the log purged, and a learner fed by the snapshot.
+    let store = c.store(leader)?;
+    for i in 0..20 {
+        store
+            .apply_yaml(&objective_yaml(&format!("o{i}"), i), Route::Local)
+            .await?;
+    }
+    let snap = store.compact().await?;
+    c.start(4).await?;
+    store.add_learner(4, mem_node(4)).await?;
+    c.wait_applied(4, snap, WAIT).await?;
+    let s = c.store(4)?.status();
+    assert!(s.snapshot_index.is_some_and(|i| i >= snap), "{s:?}");
+    check(&c.store(4)?.policy(), "learner");
+
+    c.kill_all().await;
+    for id in [1, 2, 3, 4] {
+        c.start(id).await?;
+    }
+    c.wait_leader(&[1, 2, 3], WAIT).await?;
+    for id in [1, 2, 3, 4] {
+        check(&c.store(id)?.policy(), &format!("node {id} after restart"));
+    }
     Ok(())
 }
 

@@ -1,5 +1,5 @@
-//! `infermesh policy …` and `infermesh cluster …`: admin API calls printed as tables
-//! (default), JSON or YAML.
+//! `infermesh policy …`, `infermesh cluster …` and `infermesh tokens …`: admin API calls
+//! printed as tables (default), JSON or YAML.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,7 +8,9 @@ use clap::{Args, Subcommand, ValueEnum};
 use http::Method;
 use serde_json::Value;
 
-use super::client::{AdminClient, ClientError};
+use infermesh_raft_store::policy::TokenHash;
+
+use super::client::{AdminClient, AdminTls, ClientError};
 
 /// Default admin API address (loopback: the admin API is not for the open network).
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:9191";
@@ -31,9 +33,21 @@ pub struct ServerArgs {
     /// Admin API of any node.
     #[arg(long, global = true, default_value = "http://127.0.0.1:9191")]
     pub server: String,
-    /// File holding the bearer token for writes (first non-empty line).
+    /// File holding the bearer token (its first line that is neither blank nor a `#`
+    /// comment): a write token for changes,
+    /// a read or write token for reads once the cluster has read tokens.
     #[arg(long, global = true)]
     pub token_file: Option<PathBuf>,
+    /// CA bundle (PEM) the admin API's certificate must chain to (https servers; default:
+    /// the platform's roots).
+    #[arg(long, global = true)]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for an mTLS admin API.
+    #[arg(long, global = true, requires = "key_file")]
+    pub cert_file: Option<PathBuf>,
+    /// Client private key (PEM) for an mTLS admin API.
+    #[arg(long, global = true, requires = "cert_file")]
+    pub key_file: Option<PathBuf>,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -82,6 +96,33 @@ pub enum ClusterCommand {
     },
 }
 
+/// `infermesh tokens …`: the admin tokens the cluster accepts, changed through policy.
+/// Tokens are hashed here; only `sha256:` hashes are sent.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// The accepted token hashes per role (needs a write token).
+    List,
+    /// Accept more tokens in a role (a rotation's first step).
+    Add(TokenArgs),
+    /// Stop accepting tokens in a role (a rotation's last step; the last write token
+    /// cannot be removed).
+    Remove(TokenArgs),
+}
+
+/// Which tokens a `tokens add|remove` names.
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// The role: `write` (everything) or `read` (reads only).
+    #[arg(long, value_parser = ["write", "read"])]
+    pub role: String,
+    /// Files of tokens, one per line (`#` comments and blank lines skipped).
+    #[arg(long = "from-file")]
+    pub files: Vec<PathBuf>,
+    /// Token hashes as `infermesh tokens list` prints them (`sha256:…`).
+    #[arg(long = "hash")]
+    pub hashes: Vec<String>,
+}
+
 /// A command failed before or at the API.
 #[derive(Debug, thiserror::Error)]
 enum CommandError {
@@ -110,16 +151,27 @@ fn read_file(path: &std::path::Path) -> Result<String, CommandError> {
     })
 }
 
+/// Reads a token file: one token per line, `#` comments and blank lines skipped.
+fn token_lines(path: &std::path::Path) -> Result<Vec<String>, CommandError> {
+    let tokens: Vec<String> = read_file(path)?
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect();
+    if tokens.is_empty() {
+        return Err(CommandError::Usage(format!(
+            "{} holds no token",
+            path.display()
+        )));
+    }
+    Ok(tokens)
+}
+
 fn client(args: &ServerArgs, needs_token: bool) -> Result<AdminClient, CommandError> {
     let token = match &args.token_file {
-        Some(p) => Some(
-            read_file(p)?
-                .lines()
-                .map(str::trim)
-                .find(|l| !l.is_empty())
-                .ok_or_else(|| CommandError::Usage(format!("{} holds no token", p.display())))?
-                .to_owned(),
-        ),
+        // The first token of the file: the same format the server's token files use.
+        Some(p) => token_lines(p)?.into_iter().next(),
         None if needs_token => {
             return Err(CommandError::Usage(
                 "writes need a token: pass --token-file FILE".into(),
@@ -127,7 +179,12 @@ fn client(args: &ServerArgs, needs_token: bool) -> Result<AdminClient, CommandEr
         }
         None => None,
     };
-    Ok(AdminClient::new(&args.server, token)?)
+    let tls = AdminTls {
+        ca_file: args.ca_file.clone(),
+        cert_file: args.cert_file.clone(),
+        key_file: args.key_file.clone(),
+    };
+    Ok(AdminClient::with_tls(&args.server, token, &tls)?)
 }
 
 fn finish(r: Result<String, CommandError>) -> ExitCode {
@@ -183,6 +240,71 @@ fn render(value: &Value, output: Output, table: impl FnOnce(&Value) -> String) -
 /// Runs `infermesh policy …`.
 pub fn run_policy(cmd: PolicyCommand, args: ServerArgs) -> ExitCode {
     finish(runtime_block(policy(cmd, &args)))
+}
+
+/// Runs `infermesh tokens …`.
+pub fn run_tokens(cmd: TokenCommand, args: ServerArgs) -> ExitCode {
+    finish(runtime_block(tokens(cmd, &args)))
+}
+
+/// The hashes a `tokens add|remove` names, in order, without repeats.
+fn named_hashes(t: &TokenArgs) -> Result<Vec<String>, CommandError> {
+    let mut out: Vec<String> = Vec::new();
+    for f in &t.files {
+        for token in token_lines(f)? {
+            out.push(TokenHash::of(&token).to_text());
+        }
+    }
+    for h in &t.hashes {
+        TokenHash::parse(h).map_err(|e| CommandError::Usage(format!("--hash {e}")))?;
+        out.push(h.to_ascii_lowercase());
+    }
+    let mut seen = std::collections::HashSet::new();
+    out.retain(|h| seen.insert(h.clone()));
+    if out.is_empty() {
+        return Err(CommandError::Usage(
+            "name the tokens: --from-file FILE or --hash sha256:…".into(),
+        ));
+    }
+    Ok(out)
+}
+
+async fn tokens(cmd: TokenCommand, args: &ServerArgs) -> Result<String, CommandError> {
+    let c = client(args, true)?;
+    let (t, field) = match cmd {
+        TokenCommand::List => {
+            let v = c.call(Method::GET, "/v1/tokens", None).await?;
+            return Ok(render(&v, args.output, |v| {
+                let mut rows = Vec::new();
+                for role in ["write", "read"] {
+                    for h in v[role].as_array().into_iter().flatten() {
+                        rows.push(vec![role.to_owned(), s(h)]);
+                    }
+                }
+                table(&["ROLE", "HASH"], &rows)
+            }));
+        }
+        TokenCommand::Add(t) => (t, "add"),
+        TokenCommand::Remove(t) => (t, "remove"),
+    };
+    let hashes = named_hashes(&t)?;
+    let body = serde_json::json!({"changes": [{"role": t.role, field: hashes}]});
+    let v = c
+        .call(
+            Method::POST,
+            "/v1/tokens",
+            Some(body.to_string().into_bytes()),
+        )
+        .await?;
+    Ok(render(&v, args.output, |v| {
+        let verb = if field == "add" { "added" } else { "removed" };
+        format!(
+            "{} {} token(s) {verb} at index {}\n",
+            hashes.len(),
+            t.role,
+            s(&v["index"])
+        )
+    }))
 }
 
 /// Runs `infermesh cluster …`.

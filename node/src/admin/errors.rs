@@ -31,9 +31,14 @@ impl ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "BadRequest", message)
     }
 
-    /// 401: a write without a valid token.
+    /// 401: a request without a valid token where one is needed.
     pub fn unauthorized(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::UNAUTHORIZED, "Unauthorized", message)
+    }
+
+    /// 403: a valid token whose role does not allow the request.
+    pub fn forbidden(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, "Forbidden", message)
     }
 
     /// 404: no such object or member.
@@ -89,7 +94,12 @@ impl From<WriteError> for ApiError {
             WriteError::Rejected(Rejection::Conflict { .. }) => {
                 ApiError::new(StatusCode::CONFLICT, "Conflict", message)
             }
-            WriteError::Rejected(Rejection::NotFound { .. }) => ApiError::not_found(message),
+            WriteError::Rejected(Rejection::NotFound { .. } | Rejection::UnknownToken { .. }) => {
+                ApiError::not_found(message)
+            }
+            WriteError::Rejected(
+                Rejection::LastWriteToken | Rejection::TokenInOtherRole { .. },
+            ) => ApiError::new(StatusCode::CONFLICT, "Conflict", message),
             // Only a hand-built request can carry a batch op; the admin API never builds one.
             WriteError::Rejected(Rejection::MisplacedBatch) => {
                 ApiError::new(StatusCode::BAD_REQUEST, "Invalid", message)

@@ -2,14 +2,22 @@
 //! delete, cluster status and member removal, this node's identity.
 //!
 //! Reads are local (the applied snapshot) unless `?consistent=true`, which confirms
-//! leadership with a quorum (served by the leader; followers forward over HTTP). Writes need
-//! a bearer token the store knows (401 otherwise, nothing changes) and go to the leader
-//! through the store's Raft forwarding. Errors map as: invalid document 400 (naming
-//! document and field), not found 404, conflict 409, no leader / no quorum 503.
+//! leadership with a quorum (served by the leader; followers forward over HTTP). Writes go
+//! to the leader through the store's Raft forwarding. Errors map as: invalid document 400
+//! (naming document and field), not found 404, conflict 409, no leader / no quorum 503.
+//!
+//! Authorization ([`authorize`], one layer in front of every route): tokens are replicated
+//! as SHA-256 hashes in two roles. A write token may do anything; a read token may only
+//! read. Everything but a read needs a write token (401 without a valid one, 403 with a
+//! read token). Reads are open until the first read token is added, and need a read or
+//! write token from then on; `GET /v1/node` (the join handshake) stays open. Tokens are
+//! added and removed through policy (`/v1/tokens`), so a rotation is: add the new token,
+//! move clients to it, remove the old one; the last write token cannot be removed.
 
 pub mod client;
 pub mod commands;
 mod errors;
+mod tokens;
 
 use std::net::SocketAddr;
 
@@ -19,10 +27,12 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, Method};
+use axum::http::{HeaderMap, Method, Request};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use http_body_util::{BodyExt, Full};
+use infermesh_raft_store::policy::TokenRole;
 use infermesh_raft_store::policy::{DEFAULT_NAMESPACE, Kind, ObjectKey, StoredObject};
 use infermesh_raft_store::{PolicyState, PolicyStore, Route};
 use serde::{Deserialize, Serialize};
@@ -30,11 +40,14 @@ use serde_json::{Value, json};
 
 pub use errors::ApiError;
 
-use crate::upstream::HttpClient;
+use self::client::{AdminTls, Transport};
 
 /// Annotation on a node's InfermeshNode entry holding its admin API address (how a
 /// follower reaches the leader's admin API to forward leader-only operations).
 pub const ADMIN_ADDRESS_ANNOTATION: &str = "infermesh.io/admin-address";
+/// Annotation on a node's InfermeshNode entry holding its admin API's URL scheme
+/// (`https` when it serves TLS; absent means `http`).
+pub const ADMIN_SCHEME_ANNOTATION: &str = "infermesh.io/admin-scheme";
 /// Annotation on a node's InfermeshNode entry holding its gossip (SWIM) address.
 pub const GOSSIP_ADDRESS_ANNOTATION: &str = "infermesh.io/gossip-address";
 
@@ -65,22 +78,24 @@ pub struct NodeInfo {
 pub struct AdminState {
     store: PolicyStore,
     node: NodeInfo,
-    client: HttpClient,
+    peer_tls: AdminTls,
 }
 
 impl AdminState {
-    /// State over `store` for the node described by `node`.
-    pub fn new(store: PolicyStore, node: NodeInfo, client: HttpClient) -> AdminState {
+    /// State over `store` for the node described by `node`; `peer_tls` is what it presents
+    /// and trusts when it forwards to the leader's admin API over https.
+    pub fn new(store: PolicyStore, node: NodeInfo, peer_tls: AdminTls) -> AdminState {
         AdminState {
             store,
             node,
-            client,
+            peer_tls,
         }
     }
 }
 
-/// The admin API routes (other modules merge their own routes into this router).
-pub fn router(state: AdminState) -> Router {
+/// The admin API: its routes plus `extra` (other modules' routes, e.g. xDS status), all
+/// behind [`authorize`].
+pub fn router(state: AdminState, extra: Router) -> Router {
     Router::new()
         .route("/v1/node", get(node_info))
         .route("/v1/policy", get(list_all).post(apply))
@@ -89,7 +104,10 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/cluster/status", get(cluster_status))
         .route("/v1/cluster/members/{id}", delete(remove_member))
         .route("/v1/cluster/compact", axum::routing::post(compact))
-        .with_state(state)
+        .route(tokens::PATH, get(tokens::list).post(tokens::change))
+        .with_state(state.clone())
+        .merge(extra)
+        .layer(axum::middleware::from_fn_with_state(state, authorize))
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -98,14 +116,53 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-/// Refuses a write without a token the store knows.
-fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), ApiError> {
-    match bearer(headers) {
-        None => Err(ApiError::unauthorized(
-            "a policy write needs `Authorization: Bearer <token>`",
-        )),
-        Some(t) if state.store.verify_token(t) => Ok(()),
-        Some(_) => Err(ApiError::unauthorized("the bearer token is not valid")),
+/// What a request needs: nothing, a read token (or write), or a write token.
+fn required_role(state: &AdminState, method: &Method, path: &str) -> Option<TokenRole> {
+    let read = matches!(*method, Method::GET | Method::HEAD);
+    if path.starts_with(tokens::PATH) || !read {
+        return Some(TokenRole::Write);
+    }
+    // The join handshake: a joining node holds no token.
+    if path == "/v1/node" || !state.store.policy().has_read_tokens() {
+        return None;
+    }
+    Some(TokenRole::Read)
+}
+
+/// Lets a request through only with a token of the role it needs (see the module doc);
+/// a refused request changes nothing.
+async fn authorize(
+    State(state): State<AdminState>,
+    req: Request<axum::body::Body>,
+    next: Next,
+) -> Response {
+    let Some(needed) = required_role(&state, req.method(), req.uri().path()) else {
+        return next.run(req).await;
+    };
+    let what = match needed {
+        TokenRole::Write => "a write token",
+        TokenRole::Read => "a read or write token",
+    };
+    let held = match bearer(req.headers()) {
+        None => {
+            return ApiError::unauthorized(format!(
+                "{} {} needs `Authorization: Bearer <token>` ({what})",
+                req.method(),
+                req.uri().path()
+            ))
+            .into_response();
+        }
+        Some(t) => state.store.token_role(t),
+    };
+    match (needed, held) {
+        (_, None) => ApiError::unauthorized("the bearer token is not valid").into_response(),
+        (TokenRole::Write, Some(TokenRole::Read)) => ApiError::forbidden(format!(
+            "a read token cannot {} {}: use a write token",
+            req.method(),
+            req.uri().path()
+        ))
+        .into_response(),
+        _ => next.run(req).await,
     }
 }
 
@@ -261,12 +318,7 @@ async fn get_one(
     .await
 }
 
-async fn apply(
-    State(state): State<AdminState>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
+async fn apply(State(state): State<AdminState>, body: Bytes) -> Result<Response, ApiError> {
     let text = std::str::from_utf8(&body)
         .map_err(|e| ApiError::bad_request(format!("the body is not UTF-8 text: {e}")))?;
     let applied = bounded(state.store.apply_yaml(text, Route::ViaLeader)).await?;
@@ -277,9 +329,7 @@ async fn delete_one(
     State(state): State<AdminState>,
     Path((k, name)): Path<(String, String)>,
     Query(q): Query<DeleteQuery>,
-    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
     let key = ObjectKey::new(kind(&k)?, namespace_or_default(q.namespace), name);
     let applied = bounded(
         state
@@ -315,7 +365,6 @@ async fn remove_member(
     Path(id): Path<u64>,
     incoming: Incoming,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &incoming.headers)?;
     match state.store.remove_node(id).await {
         Ok(()) => Ok(Json(json!({"removed": id})).into_response()),
         Err(infermesh_raft_store::ClusterError::NotLeader {
@@ -348,7 +397,6 @@ async fn compact(
     State(state): State<AdminState>,
     incoming: Incoming,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &incoming.headers)?;
     let status = state.store.status();
     if status.leader != Some(state.node.raft_id) {
         return incoming.forward(&state).await;
@@ -357,7 +405,7 @@ async fn compact(
     Ok(Json(json!({"snapshotIndex": index})).into_response())
 }
 
-/// The leader's admin address, from its node registry entry.
+/// The leader's admin URL (`scheme://host:port`), from its node registry entry.
 fn leader_admin(state: &AdminState) -> Result<String, ApiError> {
     let status = state.store.status();
     let leader = status
@@ -368,16 +416,17 @@ fn leader_admin(state: &AdminState) -> Result<String, ApiError> {
             "this node just became leader; retry the request",
         ));
     }
-    state
-        .store
-        .policy()
-        .nodes()
-        .find(|n| n.spec.raft_id == leader)
+    let policy = state.store.policy();
+    let entry = policy.nodes().find(|n| n.spec.raft_id == leader);
+    entry
         .and_then(|n| {
-            n.metadata
+            let address = n.metadata.annotations.get(ADMIN_ADDRESS_ANNOTATION)?;
+            let scheme = n
+                .metadata
                 .annotations
-                .get(ADMIN_ADDRESS_ANNOTATION)
-                .cloned()
+                .get(ADMIN_SCHEME_ANNOTATION)
+                .map_or("http", String::as_str);
+            Some(format!("{scheme}://{address}"))
         })
         .ok_or_else(|| {
             ApiError::unavailable(format!(
@@ -396,7 +445,7 @@ async fn forward_to_leader(
 ) -> Result<Response, ApiError> {
     let admin = leader_admin(state)?;
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    let target: http::Uri = format!("http://{admin}{path}")
+    let target: http::Uri = format!("{admin}{path}")
         .parse()
         .map_err(|e| ApiError::internal(format!("leader address {admin:?}: {e}")))?;
     let mut req = http::Request::builder()
@@ -414,7 +463,18 @@ async fn forward_to_leader(
     let req = req
         .body(Full::new(body))
         .map_err(|e| ApiError::internal(e.to_string()))?;
-    let resp = tokio::time::timeout(FORWARD_TIMEOUT, state.client.request(req))
+    // Built per forward (forwards are rare), so a rotated client certificate is used at once.
+    let client = Transport::for_scheme(
+        if admin.starts_with("https://") {
+            "https"
+        } else {
+            "http"
+        },
+        &state.peer_tls,
+        std::time::Duration::from_secs(2),
+    )
+    .map_err(|e| ApiError::unavailable(format!("cannot reach the leader at {admin}: {e}")))?;
+    let resp = tokio::time::timeout(FORWARD_TIMEOUT, client.request(req))
         .await
         .map_err(|_| {
             ApiError::unavailable(format!("the leader at {admin} did not answer in time"))
@@ -439,12 +499,12 @@ const FORWARDED_HEADER: &str = "x-infermesh-forwarded-by";
 /// Bound on a forwarded admin request.
 const FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Serves `app` on `listener` until `shutdown` fires.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    app: Router,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) {
+/// Serves `app` on `listener` (TCP, or TLS) until `shutdown` fires.
+pub async fn serve<L>(listener: L, app: Router, mut shutdown: tokio::sync::watch::Receiver<bool>)
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     let res = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             let _ = shutdown.wait_for(|s| *s).await;

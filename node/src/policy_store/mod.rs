@@ -30,12 +30,13 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::admin::client::AdminTls;
 use crate::admin::{
-    self, ADMIN_ADDRESS_ANNOTATION, AdminState, GOSSIP_ADDRESS_ANNOTATION, NodeInfo,
+    self, ADMIN_ADDRESS_ANNOTATION, ADMIN_SCHEME_ANNOTATION, AdminState, GOSSIP_ADDRESS_ANNOTATION,
+    NodeInfo,
 };
 use crate::discovery::PoolSpec;
 use crate::policy_store::rewrite::ModelRewrites;
-use crate::upstream::http_client;
 
 /// Name of the store's redb file inside `--data-dir`.
 pub const DATA_FILE: &str = "policy.redb";
@@ -142,6 +143,16 @@ pub struct LocalBase {
     pub allow_experimental_plugins: bool,
 }
 
+/// TLS of the admin API: how it serves, and what it presents and trusts when it calls
+/// another node's admin API (forwarding to the leader, `--join`).
+#[derive(Debug, Clone, Default)]
+pub struct AdminTlsConfig {
+    /// Serve https with these settings (`None`: plain http).
+    pub serve: Option<crate::tls::ServerTlsSettings>,
+    /// Client side towards other nodes' admin APIs.
+    pub peer: AdminTls,
+}
+
 /// A running policy node: store, admin API, feed and registry tasks.
 pub struct PolicyNode {
     store: PolicyStore,
@@ -245,6 +256,16 @@ impl PolicyNode {
         args: &ClusterArgs,
         base: LocalBase,
     ) -> Result<PolicyNode, PolicyStartError> {
+        PolicyNode::start_with_tls(handles, args, base, AdminTlsConfig::default()).await
+    }
+
+    /// [`PolicyNode::start`] with the admin API served and called as `tls` says.
+    pub async fn start_with_tls(
+        handles: NodeHandles,
+        args: &ClusterArgs,
+        base: LocalBase,
+        tls: AdminTlsConfig,
+    ) -> Result<PolicyNode, PolicyStartError> {
         let mesh = handles.mesh.clone().ok_or_else(|| {
             flag(
                 "gossip-addr",
@@ -304,16 +325,38 @@ impl PolicyNode {
             gossip_address: mesh.gossip_addr(),
             mesh_address: mesh.rpc_addr(),
         };
-        let client = http_client(Duration::from_secs(2));
-        let router = admin::router(AdminState::new(store.clone(), info.clone(), client))
-            .merge(crate::xds::status::router(handles.xds.clone()));
-        tasks.push(tokio::spawn(admin::serve(
-            admin_listener,
-            router,
-            shutdown_rx.clone(),
-        )));
+        let router = admin::router(
+            AdminState::new(store.clone(), info.clone(), tls.peer.clone()),
+            crate::xds::status::router(handles.xds.clone()),
+        );
+        let scheme = match tls.serve.clone() {
+            None => {
+                tasks.push(tokio::spawn(admin::serve(
+                    admin_listener,
+                    router,
+                    shutdown_rx.clone(),
+                )));
+                "http"
+            }
+            Some(settings) => {
+                let reloader = crate::tls::TlsReloader::new(settings)
+                    .map_err(|e| flag("admin-tls-cert-file", e.to_string()))?;
+                if reloader.reloads() {
+                    tasks.push(tokio::spawn(reloader.clone().run(shutdown_rx.clone())));
+                }
+                let listener =
+                    crate::tls::TlsListener::new(admin_listener, reloader, shutdown_rx.clone())
+                        .map_err(io(Path::new("--admin-addr")))?;
+                tasks.push(tokio::spawn(admin::serve(
+                    listener,
+                    router,
+                    shutdown_rx.clone(),
+                )));
+                "https"
+            }
+        };
         handles.raft_metrics.store(Some(Arc::new(store.clone())));
-        tracing::info!(raft_id = id, %admin_addr, node = %me, "policy store open");
+        tracing::info!(raft_id = id, %admin_addr, scheme, node = %me, "policy store open");
 
         if store.is_initialized().await? {
             tracing::info!("policy store holds cluster state; rejoining as before");
@@ -323,7 +366,7 @@ impl PolicyNode {
                 .await?;
             tracing::info!("formed a new policy cluster");
         } else if let Some(server) = &args.join {
-            join(&store, &mesh, server, &me).await?;
+            join(&store, &mesh, server, &me, &tls.peer).await?;
             tracing::info!(via = %server, "joined the policy cluster");
         } else {
             return Err(flag(
@@ -337,7 +380,7 @@ impl PolicyNode {
 
         tasks.push(tokio::spawn(register(
             store.clone(),
-            registry_entry(&info),
+            registry_entry(&info, scheme),
             shutdown_rx.clone(),
         )));
         let rewrites = Arc::new(ArcSwap::from_pointee(ModelRewrites::default()));
@@ -422,7 +465,7 @@ impl PolicyNode {
 
 /// This node's registry entry: advertised addresses, and the admin and gossip addresses
 /// as annotations.
-fn registry_entry(info: &NodeInfo) -> PolicyObject {
+fn registry_entry(info: &NodeInfo, admin_scheme: &str) -> PolicyObject {
     let mut meta = ObjectMeta {
         name: info.name.clone(),
         namespace: infermesh_raft_store::policy::DEFAULT_NAMESPACE.to_owned(),
@@ -434,6 +477,10 @@ fn registry_entry(info: &NodeInfo) -> PolicyObject {
         ADMIN_ADDRESS_ANNOTATION.to_owned(),
         info.admin_address.to_string(),
     );
+    if admin_scheme != "http" {
+        meta.annotations
+            .insert(ADMIN_SCHEME_ANNOTATION.to_owned(), admin_scheme.to_owned());
+    }
     meta.annotations.insert(
         GOSSIP_ADDRESS_ANNOTATION.to_owned(),
         info.gossip_address.to_string(),
@@ -481,13 +528,14 @@ async fn join(
     mesh: &Mesh,
     server: &str,
     me: &str,
+    tls: &AdminTls,
 ) -> Result<(), PolicyStartError> {
     let bad = |reason: String| PolicyStartError::Join {
         server: server.to_owned(),
         reason,
     };
-    let client =
-        crate::admin::client::AdminClient::new(server, None).map_err(|e| bad(e.to_string()))?;
+    let client = crate::admin::client::AdminClient::with_tls(server, None, tls)
+        .map_err(|e| bad(e.to_string()))?;
     let deadline = tokio::time::Instant::now() + JOIN_TIMEOUT;
     let seed = loop {
         match client.call(http::Method::GET, "/v1/node", None).await {

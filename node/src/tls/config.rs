@@ -128,6 +128,15 @@ pub fn parse_cipher_suites(names: &[String]) -> Result<Vec<SupportedCipherSuite>
     Ok(out)
 }
 
+/// Which application protocols a TLS listener offers (ALPN).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alpn {
+    /// HTTP/2 only: the gRPC port.
+    Grpc,
+    /// HTTP/2 and HTTP/1.1: the admin API and the proxy.
+    Http,
+}
+
 /// Where the server's TLS material lives and how it is used.
 #[derive(Debug, Clone)]
 pub struct ServerTlsSettings {
@@ -143,6 +152,8 @@ pub struct ServerTlsSettings {
     pub cipher_suites: Vec<SupportedCipherSuite>,
     /// Re-read the files every second.
     pub reload: bool,
+    /// The protocols offered.
+    pub alpn: Alpn,
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsConfigError> {
@@ -185,7 +196,7 @@ impl ServerTlsSettings {
         })
     }
 
-    /// Reads the files and builds the server config (ALPN h2, for gRPC).
+    /// Reads the files and builds the server config.
     pub fn load(&self) -> Result<Arc<ServerConfig>, TlsConfigError> {
         self.build(&self.read_material()?)
     }
@@ -227,7 +238,10 @@ impl ServerTlsSettings {
             _ => builder.with_no_client_auth(),
         };
         let mut cfg = builder.with_single_cert(chain, key)?;
-        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        cfg.alpn_protocols = match self.alpn {
+            Alpn::Grpc => vec![b"h2".to_vec()],
+            Alpn::Http => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        };
         Ok(Arc::new(cfg))
     }
 }

@@ -98,6 +98,9 @@ impl TlsReloader {
     }
 }
 
+/// A finished handshake, or why accepting failed.
+type Accepted = Result<TlsStream<TcpStream>, std::io::Error>;
+
 /// TLS connections for the gRPC server.
 pub struct TlsIncoming;
 
@@ -106,38 +109,95 @@ impl TlsIncoming {
     pub fn serve(
         listener: TcpListener,
         tls: TlsReloader,
-        mut shutdown: watch::Receiver<bool>,
-    ) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
-        let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(async move {
-            loop {
-                let (tcp, peer) = tokio::select! {
-                    r = listener.accept() => match r {
-                        Ok(c) => c,
-                        Err(e) => {
-                            tracing::debug!(error = %e, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                            continue;
-                        }
-                    },
-                    () = stopped(&mut shutdown) => return,
-                };
-                let _ = tcp.set_nodelay(true);
-                let acceptor = tls.acceptor();
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => {
-                            let _ = tx.send(Ok(stream)).await;
-                        }
-                        Ok(Err(e)) => {
-                            tracing::info!(%peer, error = %e, "TLS handshake refused");
-                        }
-                        Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
-                    }
-                });
-            }
-        });
-        ReceiverStream::new(rx)
+        shutdown: watch::Receiver<bool>,
+    ) -> ReceiverStream<Accepted> {
+        ReceiverStream::new(accept_loop(listener, tls, shutdown))
     }
+}
+
+/// TLS connections for an HTTP server (the admin API, the proxy): the gRPC port's accept
+/// loop behind axum's listener interface.
+pub struct TlsListener {
+    rx: mpsc::Receiver<Accepted>,
+    local: std::net::SocketAddr,
+}
+
+impl TlsListener {
+    /// Accepts on `listener` until `shutdown`, handshaking with the config in force.
+    pub fn new(
+        listener: TcpListener,
+        tls: TlsReloader,
+        shutdown: watch::Receiver<bool>,
+    ) -> std::io::Result<TlsListener> {
+        let local = listener.local_addr()?;
+        Ok(TlsListener {
+            rx: accept_loop(listener, tls, shutdown),
+            local,
+        })
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.rx.recv().await {
+                Some(Ok(stream)) => {
+                    let Ok(peer) = stream.get_ref().0.peer_addr() else {
+                        continue;
+                    };
+                    return (stream, peer);
+                }
+                Some(Err(_)) => continue,
+                // The accept loop stopped at shutdown; axum's graceful shutdown ends the
+                // server, so there is nothing more to hand out.
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
+
+/// Accepts TCP connections and hands on those whose handshake finished.
+fn accept_loop(
+    listener: TcpListener,
+    tls: TlsReloader,
+    mut shutdown: watch::Receiver<bool>,
+) -> mpsc::Receiver<Accepted> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                },
+                () = stopped(&mut shutdown) => return,
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = tls.acceptor();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::info!(%peer, error = %e, "TLS handshake refused");
+                    }
+                    Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    rx
 }

@@ -14,6 +14,10 @@
 //!
 //! Unlike GIE, serving stays plaintext unless TLS is asked for: the Envoy bootstraps in
 //! `deploy/envoy/` speak plaintext to the tier unless they are the `-mtls` ones.
+//!
+//! The admin API (`--admin-tls-*`) and the proxy's client side (`--proxy-tls-*`) take their
+//! own certificate, key and optional client CA, and share the version, suite and reload
+//! flags. They offer HTTP/2 and HTTP/1.1.
 
 use std::path::PathBuf;
 
@@ -22,8 +26,8 @@ use clap::Args;
 mod config;
 mod incoming;
 
-pub use config::{ServerTlsSettings, TlsConfigError, TlsVersion, parse_cipher_suites};
-pub use incoming::{TlsIncoming, TlsReloader};
+pub use config::{Alpn, ServerTlsSettings, TlsConfigError, TlsVersion, parse_cipher_suites};
+pub use incoming::{TlsIncoming, TlsListener, TlsReloader};
 
 /// `infermesh serve` TLS flags.
 #[derive(Debug, Clone, Args)]
@@ -56,21 +60,47 @@ pub struct TlsArgs {
     /// always on, as in Go); default: every suite rustls offers.
     #[arg(long, value_delimiter = ',')]
     pub tls_cipher_suites: Vec<String>,
+    /// Serve the admin API over TLS with this certificate chain (PEM).
+    #[arg(long, requires = "admin_tls_key_file")]
+    pub admin_tls_cert_file: Option<PathBuf>,
+    /// The admin API's private key (PEM).
+    #[arg(long, requires = "admin_tls_cert_file")]
+    pub admin_tls_key_file: Option<PathBuf>,
+    /// CA bundle (PEM) admin clients' certificates must chain to: mTLS on the admin API.
+    #[arg(long, requires = "admin_tls_cert_file")]
+    pub admin_tls_client_ca_file: Option<PathBuf>,
+    /// CA bundle (PEM) this node trusts for other nodes' admin APIs (forwarding to the
+    /// leader, --join over https); default: --admin-tls-client-ca-file, else the
+    /// platform's roots.
+    #[arg(long)]
+    pub admin_tls_ca_file: Option<PathBuf>,
+    /// Serve the proxy (--proxy-addr) over TLS with this certificate chain (PEM).
+    #[arg(long, requires = "proxy_tls_key_file")]
+    pub proxy_tls_cert_file: Option<PathBuf>,
+    /// The proxy's private key (PEM).
+    #[arg(long, requires = "proxy_tls_cert_file")]
+    pub proxy_tls_key_file: Option<PathBuf>,
+    /// CA bundle (PEM) proxy clients' certificates must chain to: mTLS on the proxy.
+    #[arg(long, requires = "proxy_tls_cert_file")]
+    pub proxy_tls_client_ca_file: Option<PathBuf>,
 }
 
 impl TlsArgs {
-    /// The settings these flags describe; `Ok(None)` = plaintext.
+    /// The gRPC port's settings these flags describe; `Ok(None)` = plaintext.
     pub fn settings(&self) -> Result<Option<ServerTlsSettings>, TlsConfigError> {
         let (cert, key) = match (&self.cert_path, &self.tls_cert_file, &self.tls_key_file) {
             (Some(dir), _, _) => (dir.join("tls.crt"), dir.join("tls.key")),
             (None, Some(c), Some(k)) => (c.clone(), k.clone()),
             _ => {
-                let asked = self.secure_serving
-                    || self.tls_client_ca_file.is_some()
-                    || self.enable_cert_reload
+                let shared_only = self.enable_cert_reload
                     || self.tls_min_version.is_some()
                     || !self.tls_cipher_suites.is_empty();
-                if asked {
+                let other_port =
+                    self.admin_tls_cert_file.is_some() || self.proxy_tls_cert_file.is_some();
+                if self.secure_serving
+                    || self.tls_client_ca_file.is_some()
+                    || (shared_only && !other_port)
+                {
                     return Err(TlsConfigError::Flag {
                         flag: "cert-path",
                         reason: "TLS flags need a certificate: --cert-path DIR, or --tls-cert-file with --tls-key-file".into(),
@@ -79,6 +109,59 @@ impl TlsArgs {
                 return Ok(None);
             }
         };
+        self.build(cert, key, self.tls_client_ca_file.clone(), Alpn::Grpc)
+            .map(Some)
+    }
+
+    /// The admin API's settings (`--admin-tls-*`); `Ok(None)` = plaintext.
+    pub fn admin_settings(&self) -> Result<Option<ServerTlsSettings>, TlsConfigError> {
+        match (&self.admin_tls_cert_file, &self.admin_tls_key_file) {
+            (Some(c), Some(k)) => self
+                .build(
+                    c.clone(),
+                    k.clone(),
+                    self.admin_tls_client_ca_file.clone(),
+                    Alpn::Http,
+                )
+                .map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// The proxy's settings (`--proxy-tls-*`); `Ok(None)` = plaintext.
+    pub fn proxy_settings(&self) -> Result<Option<ServerTlsSettings>, TlsConfigError> {
+        match (&self.proxy_tls_cert_file, &self.proxy_tls_key_file) {
+            (Some(c), Some(k)) => self
+                .build(
+                    c.clone(),
+                    k.clone(),
+                    self.proxy_tls_client_ca_file.clone(),
+                    Alpn::Http,
+                )
+                .map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// What this node presents and trusts when it calls another node's admin API.
+    pub fn admin_peer(&self) -> crate::admin::client::AdminTls {
+        crate::admin::client::AdminTls {
+            ca_file: self
+                .admin_tls_ca_file
+                .clone()
+                .or_else(|| self.admin_tls_client_ca_file.clone()),
+            cert_file: self.admin_tls_cert_file.clone(),
+            key_file: self.admin_tls_key_file.clone(),
+        }
+    }
+
+    fn build(
+        &self,
+        cert: PathBuf,
+        key: PathBuf,
+        client_ca: Option<PathBuf>,
+        alpn: Alpn,
+    ) -> Result<ServerTlsSettings, TlsConfigError> {
         let min_version = match &self.tls_min_version {
             Some(v) => TlsVersion::parse(v)?,
             None => TlsVersion::Tls12,
@@ -87,13 +170,14 @@ impl TlsArgs {
         let settings = ServerTlsSettings {
             cert,
             key,
-            client_ca: self.tls_client_ca_file.clone(),
+            client_ca,
             min_version,
             cipher_suites,
             reload: self.enable_cert_reload,
+            alpn,
         };
         // Fail at start, naming the file, rather than at the first handshake.
         settings.load()?;
-        Ok(Some(settings))
+        Ok(settings)
     }
 }

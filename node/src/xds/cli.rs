@@ -22,6 +22,18 @@ pub enum XdsCommand {
         /// Output format.
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         output: Output,
+        /// The admin API's bearer token file (needed once the cluster has read tokens).
+        #[arg(long)]
+        token_file: Option<std::path::PathBuf>,
+        /// CA bundle (PEM) the admin API's certificate must chain to (https servers).
+        #[arg(long)]
+        ca_file: Option<std::path::PathBuf>,
+        /// Client certificate (PEM) for an mTLS admin API.
+        #[arg(long, requires = "key_file")]
+        cert_file: Option<std::path::PathBuf>,
+        /// Client private key (PEM) for an mTLS admin API.
+        #[arg(long, requires = "cert_file")]
+        key_file: Option<std::path::PathBuf>,
     },
     /// Print an Envoy bootstrap that takes its listeners and clusters from the tier over
     /// ADS, with the keepalives and health checks that move it off a stalled node.
@@ -106,6 +118,10 @@ pub fn run(cmd: XdsCommand) -> ExitCode {
             server,
             xds,
             output,
+            token_file,
+            ca_file,
+            cert_file,
+            key_file,
         } => {
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -120,7 +136,28 @@ pub fn run(cmd: XdsCommand) -> ExitCode {
             if !xds.is_empty() {
                 return rt.block_on(csds_status(&xds, output));
             }
-            match rt.block_on(super::status::fetch(&server)) {
+            let token = match token_file
+                .as_deref()
+                .map(std::fs::read_to_string)
+                .transpose()
+            {
+                Ok(t) => t.and_then(|t| {
+                    t.lines()
+                        .map(str::trim)
+                        .find(|l| !l.is_empty() && !l.starts_with('#'))
+                        .map(str::to_owned)
+                }),
+                Err(e) => {
+                    eprintln!("error: --token-file: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let tls = crate::admin::client::AdminTls {
+                ca_file,
+                cert_file,
+                key_file,
+            };
+            match rt.block_on(super::status::fetch(&server, token, &tls)) {
                 Ok(v) => {
                     match output {
                         Output::Json => println!(

@@ -73,8 +73,12 @@ pub fn router(feed: XdsFeed) -> Router {
 }
 
 /// Fetches the report from a node's admin API (or metrics server) at `server`.
-pub async fn fetch(server: &str) -> anyhow::Result<Value> {
-    let client = crate::admin::client::AdminClient::new(server, None)?;
+pub async fn fetch(
+    server: &str,
+    token: Option<String>,
+    tls: &crate::admin::client::AdminTls,
+) -> anyhow::Result<Value> {
+    let client = crate::admin::client::AdminClient::with_tls(server, token, tls)?;
     Ok(client.call(http::Method::GET, STATUS_PATH, None).await?)
 }
 

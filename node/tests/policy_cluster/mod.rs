@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use http::Method;
-use infermesh_node::admin::client::{AdminClient, ClientError};
+use infermesh_node::admin::client::{AdminClient, AdminTls, ClientError};
 use serde_json::Value;
 
 /// The write token every test cluster is bootstrapped with.
@@ -47,6 +47,8 @@ pub struct Cluster {
     dir: tempfile::TempDir,
     key: PathBuf,
     tokens: PathBuf,
+    /// How the test reaches admin APIs that serve https (`None`: they serve http).
+    admin_tls: Option<AdminTls>,
 }
 
 impl Drop for Cluster {
@@ -97,7 +99,38 @@ impl Cluster {
             dir,
             key,
             tokens,
+            admin_tls: None,
         })
+    }
+
+    /// An empty cluster whose nodes serve their admin API over https, reached with `tls`.
+    pub fn with_admin_tls(tls: AdminTls) -> Result<Cluster> {
+        let mut c = Cluster::new()?;
+        c.admin_tls = Some(tls);
+        Ok(c)
+    }
+
+    /// Node `i`'s admin API URL.
+    pub fn url(&self, i: usize) -> String {
+        match self.admin_tls {
+            Some(_) => format!("https://{}", self.nodes[i].admin),
+            None => self.nodes[i].admin.clone(),
+        }
+    }
+
+    /// Node `i`'s admin client sending `token` (or none).
+    pub fn client_as(&self, i: usize, token: Option<&str>) -> AdminClient {
+        AdminClient::with_tls(
+            &self.url(i),
+            token.map(str::to_owned),
+            &self.admin_tls.clone().unwrap_or_default(),
+        )
+        .expect("valid admin address")
+    }
+
+    /// The directory the cluster's files live in.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
     }
 
     /// Starts `n` nodes: the first bootstraps, the rest join through it; returns once every
@@ -188,8 +221,7 @@ impl Cluster {
         self.nodes[i].child = Some(child);
         self.nodes[i].admin = admin;
         if self.nodes[i].gossip.is_none() {
-            let info =
-                block(client(&self.nodes[i].admin, false).call(Method::GET, "/v1/node", None))?;
+            let info = block(self.client_as(i, None).call(Method::GET, "/v1/node", None))?;
             self.nodes[i].gossip = Some(info["gossipAddress"].as_str().context("gossip")?.parse()?);
         }
         Ok(i)
@@ -210,7 +242,7 @@ impl Cluster {
     /// Starts a new node that joins through node `via`.
     pub fn join(&mut self, via: usize, extra: &[&str]) -> Result<usize> {
         let i = self.add(extra);
-        let role = vec!["--join".to_owned(), self.nodes[via].admin.clone()];
+        let role = vec!["--join".to_owned(), self.url(via)];
         let (child, admin) = self.spawn(i, &role)?;
         self.launched(i, child, admin)
     }
@@ -256,7 +288,7 @@ impl Cluster {
 
     /// Node `i`'s admin client (with the token).
     pub fn admin(&self, i: usize) -> AdminClient {
-        client(&self.nodes[i].admin, true)
+        self.client_as(i, Some(TOKEN))
     }
 
     /// `GET /v1/cluster/status` on node `i`.

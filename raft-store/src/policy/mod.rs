@@ -13,7 +13,7 @@ pub use parse::{
 };
 pub use state::{
     ChangeAction, ObjectChange, PolicyOp, PolicyRequest, PolicyResponse, PolicyState, Rejection,
-    StoredObject, TokenHash, Touched,
+    StoredObject, TokenChange, TokenHash, TokenRole, Touched,
 };
 
 #[cfg(test)]

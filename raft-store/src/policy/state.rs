@@ -35,6 +35,62 @@ impl TokenHash {
     pub fn of(token: &str) -> Self {
         TokenHash(Sha256::digest(token.as_bytes()).into())
     }
+
+    /// The hash as `sha256:<64 hex digits>`, the form the admin API lists and takes.
+    pub fn to_text(&self) -> String {
+        let mut out = String::with_capacity(7 + 64);
+        out.push_str("sha256:");
+        for b in self.0 {
+            out.push_str(&format!("{b:02x}"));
+        }
+        out
+    }
+
+    /// Reads `sha256:<64 hex digits>` (the form [`TokenHash::to_text`] writes).
+    pub fn parse(text: &str) -> Result<TokenHash, String> {
+        let hex = text
+            .strip_prefix("sha256:")
+            .ok_or_else(|| format!("{text:?}: expected sha256:<64 hex digits>"))?;
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("{text:?}: expected sha256:<64 hex digits>"));
+        }
+        let mut out = [0u8; 32];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+                .map_err(|e| format!("{text:?}: {e}"))?;
+        }
+        Ok(TokenHash(out))
+    }
+}
+
+/// What an admin bearer token allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum TokenRole {
+    /// Policy writes, member removal, compaction, token changes, and every read.
+    Write,
+    /// Reads only (policy, cluster status, xDS status); asked for once any read token exists.
+    Read,
+}
+
+impl TokenRole {
+    /// The role's name in the admin API and CLI (`write`, `read`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenRole::Write => "write",
+            TokenRole::Read => "read",
+        }
+    }
+}
+
+/// One change to the accepted tokens of a role: hashes added and removed, all or none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenChange {
+    /// Which role's set changes.
+    pub role: TokenRole,
+    /// Hashes to accept from now on.
+    pub add: Vec<TokenHash>,
+    /// Hashes to stop accepting (each must be accepted now).
+    pub remove: Vec<TokenHash>,
 }
 
 /// One change in a write.
@@ -66,6 +122,8 @@ pub enum PolicyOp {
     /// them. A batch is only meaningful as the single op of an entry and never nests; any
     /// other placement is refused with [`Rejection::MisplacedBatch`].
     Batch(Vec<PolicyRequest>),
+    /// Adds and removes accepted token hashes of one role (appended last: see `Batch`).
+    Tokens(TokenChange),
 }
 
 /// The application data of one Raft log entry: one client request whose ops apply
@@ -146,6 +204,25 @@ pub enum Rejection {
     /// A batch op appeared inside a client request or another batch (HTTP 400).
     #[error("a batch op is only allowed as the single op of a log entry")]
     MisplacedBatch,
+    /// A token change would leave no write token, locking every writer out (HTTP 409).
+    #[error("the change would remove the last write token; add its replacement first")]
+    LastWriteToken,
+    /// A token to remove is not accepted in that role (HTTP 404).
+    #[error("{hash} is not a {role} token", hash = hash.to_text(), role = role.as_str())]
+    UnknownToken {
+        /// The role named.
+        role: TokenRole,
+        /// The hash named.
+        hash: TokenHash,
+    },
+    /// A token to add is already accepted in the other role (HTTP 409).
+    #[error("{hash} is already a {role} token; remove it there first", hash = hash.to_text(), role = role.as_str())]
+    TokenInOtherRole {
+        /// The role that holds it.
+        role: TokenRole,
+        /// The hash named.
+        hash: TokenHash,
+    },
 }
 
 /// The state machine's answer to one log entry.
@@ -199,15 +276,22 @@ pub struct PolicyState {
     #[serde(default)]
     revision: u64,
     objects: OrdMap<ObjectKey, Arc<StoredObject>>,
+    /// Write-token hashes.
     tokens: BTreeSet<TokenHash>,
+    /// Read-only-token hashes (absent in state written before read tokens existed).
+    #[serde(default)]
+    read_tokens: BTreeSet<TokenHash>,
 }
+
+/// The write-token and read-token hashes, in that order.
+type TokenSets = (BTreeSet<TokenHash>, BTreeSet<TokenHash>);
 
 /// Keys of objects a `handle_*` call changed, so a persistent store writes only those.
 #[derive(Debug, Default)]
 pub struct Touched {
     /// Objects created, changed or deleted.
     pub keys: BTreeSet<ObjectKey>,
-    /// Whether the token set changed.
+    /// Whether either token set changed.
     pub tokens: bool,
 }
 
@@ -251,7 +335,14 @@ impl PolicyState {
             revision: newest.unwrap_or(0),
             objects,
             tokens: tokens.into_iter().collect(),
+            read_tokens: BTreeSet::new(),
         }
+    }
+
+    /// Restores the read-only-token hashes (loaded beside the write hashes).
+    pub fn with_read_tokens(mut self, hashes: impl IntoIterator<Item = TokenHash>) -> Self {
+        self.read_tokens = hashes.into_iter().collect();
+        self
     }
 
     /// Restores the last revision handed out (never below the objects' versions). For state
@@ -302,9 +393,14 @@ impl PolicyState {
         self.objects.is_empty()
     }
 
-    /// The stored token hashes.
+    /// The stored write-token hashes.
     pub fn token_hashes(&self) -> impl Iterator<Item = &TokenHash> + '_ {
         self.tokens.iter()
+    }
+
+    /// The stored read-only-token hashes.
+    pub fn read_token_hashes(&self) -> impl Iterator<Item = &TokenHash> + '_ {
+        self.read_tokens.iter()
     }
 
     /// Whether any write token is configured.
@@ -312,9 +408,83 @@ impl PolicyState {
         !self.tokens.is_empty()
     }
 
-    /// Whether `token` is one of the configured bearer tokens.
+    /// Whether any read-only token is configured (reads then need a token too).
+    pub fn has_read_tokens(&self) -> bool {
+        !self.read_tokens.is_empty()
+    }
+
+    /// Whether `token` is one of the configured write tokens.
     pub fn verify_token(&self, token: &str) -> bool {
         self.tokens.contains(&TokenHash::of(token))
+    }
+
+    /// What `token` allows: `Write`, `Read`, or nothing (`None`).
+    pub fn token_role(&self, token: &str) -> Option<TokenRole> {
+        let h = TokenHash::of(token);
+        if self.tokens.contains(&h) {
+            Some(TokenRole::Write)
+        } else if self.read_tokens.contains(&h) {
+            Some(TokenRole::Read)
+        } else {
+            None
+        }
+    }
+
+    /// The token sets after `req`'s token ops, or why they are refused; `None` when the
+    /// request changes no token.
+    fn token_sets_after(
+        &self,
+        req: &PolicyRequest,
+    ) -> Result<Option<TokenSets>, Rejection> {
+        let mut sets: Option<TokenSets> = None;
+        let mut removed_any = false;
+        for op in &req.ops {
+            let legacy;
+            let change = match op {
+                PolicyOp::Tokens(c) => c,
+                // The bootstrap's op: write hashes added, nothing removed.
+                PolicyOp::AddTokens(add) => {
+                    legacy = TokenChange {
+                        role: TokenRole::Write,
+                        add: add.clone(),
+                        remove: Vec::new(),
+                    };
+                    &legacy
+                }
+                _ => continue,
+            };
+            let (write, read) =
+                sets.get_or_insert_with(|| (self.tokens.clone(), self.read_tokens.clone()));
+            let (mine, other, other_role) = match change.role {
+                TokenRole::Write => (write, read, TokenRole::Read),
+                TokenRole::Read => (read, write, TokenRole::Write),
+            };
+            for h in &change.remove {
+                if !mine.remove(h) {
+                    return Err(Rejection::UnknownToken {
+                        role: change.role,
+                        hash: *h,
+                    });
+                }
+                removed_any = true;
+            }
+            for h in &change.add {
+                if other.contains(h) {
+                    return Err(Rejection::TokenInOtherRole {
+                        role: other_role,
+                        hash: *h,
+                    });
+                }
+                mine.insert(*h);
+            }
+        }
+        if let Some((write, _)) = &sets
+            && removed_any
+            && write.is_empty()
+        {
+            return Err(Rejection::LastWriteToken);
+        }
+        Ok(sets)
     }
 
     typed_getters! {
@@ -383,7 +553,7 @@ impl PolicyState {
                     }
                     (key.clone(), *expected_version)
                 }
-                PolicyOp::AddTokens(_) | PolicyOp::Batch(_) => continue,
+                PolicyOp::AddTokens(_) | PolicyOp::Tokens(_) | PolicyOp::Batch(_) => continue,
             };
             if let Some(expected) = expected {
                 let actual = self.objects.get(&key).map(|o| o.resource_version);
@@ -396,6 +566,10 @@ impl PolicyState {
                 }
             }
         }
+        let tokens = match self.token_sets_after(req) {
+            Ok(t) => t,
+            Err(r) => return PolicyResponse::Rejected(r),
+        };
         let revision = self.revision.saturating_add(1).max(index);
         self.revision = revision;
         let mut changes = Vec::with_capacity(req.ops.len());
@@ -446,14 +620,18 @@ impl PolicyState {
                         });
                     }
                 }
-                PolicyOp::AddTokens(hashes) => {
-                    for h in hashes {
-                        touched.tokens |= self.tokens.insert(*h);
-                    }
-                }
+                // Computed whole above, set below.
+                PolicyOp::AddTokens(_) | PolicyOp::Tokens(_) => {}
                 // Refused before any change above.
                 PolicyOp::Batch(_) => {}
             }
+        }
+        if let Some((write, read)) = tokens
+            && (write != self.tokens || read != self.read_tokens)
+        {
+            self.tokens = write;
+            self.read_tokens = read;
+            touched.tokens = true;
         }
         PolicyResponse::Applied { index, changes }
     }

@@ -453,6 +453,172 @@ fn tokens_are_stored_hashed_and_verified() {
     assert_ne!(&stored[0].0[..6], b"secret");
 }
 
+fn token_req(changes: Vec<TokenChange>) -> PolicyRequest {
+    PolicyRequest {
+        ops: changes.into_iter().map(PolicyOp::Tokens).collect(),
+    }
+}
+
+fn change(role: TokenRole, add: &[&str], remove: &[&str]) -> TokenChange {
+    TokenChange {
+        role,
+        add: add.iter().map(|t| TokenHash::of(t)).collect(),
+        remove: remove.iter().map(|t| TokenHash::of(t)).collect(),
+    }
+}
+
+#[test]
+fn read_and_write_tokens_are_kept_apart() {
+    let mut st = PolicyState::default();
+    let mut touched = Touched::default();
+    let r = st.handle_request(
+        1,
+        &token_req(vec![
+            change(TokenRole::Write, &["w1"], &[]),
+            change(TokenRole::Read, &["r1"], &[]),
+        ]),
+        &mut touched,
+    );
+    assert!(matches!(r, PolicyResponse::Applied { .. }), "{r:?}");
+    assert!(touched.tokens);
+    assert_eq!(st.token_role("w1"), Some(TokenRole::Write));
+    assert_eq!(st.token_role("r1"), Some(TokenRole::Read));
+    assert_eq!(st.token_role("nope"), None);
+    assert!(st.verify_token("w1"));
+    assert!(
+        !st.verify_token("r1"),
+        "a read token must not pass as a write token"
+    );
+    assert!(st.has_read_tokens());
+
+    // A hash may hold one role only.
+    let before = st.clone();
+    let r = st.handle_request(
+        2,
+        &token_req(vec![change(TokenRole::Write, &["r1"], &[])]),
+        &mut Touched::default(),
+    );
+    assert_eq!(
+        r,
+        PolicyResponse::Rejected(Rejection::TokenInOtherRole {
+            role: TokenRole::Read,
+            hash: TokenHash::of("r1"),
+        })
+    );
+    // Moving it is one request: removed from read, added to write.
+    let r = st.handle_request(
+        3,
+        &token_req(vec![
+            change(TokenRole::Read, &[], &["r1"]),
+            change(TokenRole::Write, &["r1"], &[]),
+        ]),
+        &mut Touched::default(),
+    );
+    assert!(matches!(r, PolicyResponse::Applied { .. }), "{r:?}");
+    assert_eq!(st.token_role("r1"), Some(TokenRole::Write));
+    assert!(!st.has_read_tokens());
+    assert_ne!(st, before);
+}
+
+#[test]
+fn rotation_keeps_a_write_token_and_refuses_unknown_hashes_whole() {
+    let mut st = PolicyState::default();
+    st.handle_request(
+        1,
+        &PolicyRequest {
+            ops: vec![PolicyOp::AddTokens(vec![TokenHash::of("old")])],
+        },
+        &mut Touched::default(),
+    );
+    // Removing the only write token locks everyone out: refused, nothing changes.
+    let r = st.handle_request(
+        2,
+        &token_req(vec![change(TokenRole::Write, &[], &["old"])]),
+        &mut Touched::default(),
+    );
+    assert_eq!(r, PolicyResponse::Rejected(Rejection::LastWriteToken));
+    assert!(st.verify_token("old"));
+
+    // An unknown hash in the same request as a valid add: nothing applies.
+    let mut touched = Touched::default();
+    let r = st.handle_request(
+        3,
+        &token_req(vec![change(TokenRole::Write, &["new"], &["typo"])]),
+        &mut touched,
+    );
+    assert_eq!(
+        r,
+        PolicyResponse::Rejected(Rejection::UnknownToken {
+            role: TokenRole::Write,
+            hash: TokenHash::of("typo"),
+        })
+    );
+    assert!(!touched.tokens);
+    assert!(!st.verify_token("new"));
+
+    // The rotation: add the new one (both accepted), then drop the old one.
+    st.handle_request(
+        4,
+        &token_req(vec![change(TokenRole::Write, &["new"], &[])]),
+        &mut Touched::default(),
+    );
+    assert!(st.verify_token("old") && st.verify_token("new"));
+    let mut touched = Touched::default();
+    let r = st.handle_request(
+        5,
+        &token_req(vec![change(TokenRole::Write, &[], &["old"])]),
+        &mut touched,
+    );
+    assert!(matches!(r, PolicyResponse::Applied { .. }), "{r:?}");
+    assert!(touched.tokens);
+    assert!(!st.verify_token("old") && st.verify_token("new"));
+    // Swapping in one request is fine too: the set is never empty after it.
+    let r = st.handle_request(
+        6,
+        &token_req(vec![change(TokenRole::Write, &["newer"], &["new"])]),
+        &mut Touched::default(),
+    );
+    assert!(matches!(r, PolicyResponse::Applied { .. }), "{r:?}");
+    assert!(st.verify_token("newer") && !st.verify_token("new"));
+    // Re-adding an accepted hash changes nothing on disk.
+    let mut touched = Touched::default();
+    st.handle_request(
+        7,
+        &token_req(vec![change(TokenRole::Write, &["newer"], &[])]),
+        &mut touched,
+    );
+    assert!(!touched.tokens);
+}
+
+#[test]
+fn token_hashes_read_back_from_text() {
+    let h = TokenHash::of("secret");
+    let text = h.to_text();
+    assert!(text.starts_with("sha256:") && text.len() == 71, "{text}");
+    assert_eq!(TokenHash::parse(&text), Ok(h));
+    assert_eq!(
+        TokenHash::parse(&text.to_uppercase().replace("SHA256", "sha256")),
+        Ok(h)
+    );
+    for bad in [
+        "",
+        "sha256:",
+        "md5:00",
+        &text[..70],
+        &format!("{text}0"),
+        &text.replace('a', "g"),
+    ] {
+        assert!(TokenHash::parse(bad).is_err(), "{bad:?} accepted");
+    }
+}
+
+#[test]
+fn the_token_op_is_appended_after_batch() {
+    // Put 0, Delete 1, AddTokens 2, Batch 3: the new op must take position 4.
+    let bytes = postcard::to_stdvec(&token_req(vec![change(TokenRole::Read, &[], &[])])).unwrap();
+    assert_eq!(bytes, [1u8, 4, 1, 0, 0]);
+}
+
 fn objective_named(name: &str, priority: i32) -> PolicyObject {
     parse(&format!(
         "apiVersion: inference.networking.x-k8s.io/v1alpha2\nkind: InferenceObjective\n\

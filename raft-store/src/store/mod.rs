@@ -19,7 +19,8 @@ use crate::network::{
 };
 use crate::policy::{
     EppConfigValidator, ObjectChange, ObjectKey, PolicyObject, PolicyOp, PolicyRequest,
-    PolicyResponse, PolicyState, Rejection, TokenHash, parse_documents, validate_object,
+    PolicyResponse, PolicyState, Rejection, TokenChange, TokenHash, TokenRole, parse_documents,
+    validate_object,
 };
 use crate::state_machine::{PolicyPublisher, StateMachineStore};
 use crate::types::{NodeId, Raft};
@@ -169,6 +170,27 @@ impl PolicyStore {
     /// Whether `token` is a configured write token (checked against stored SHA-256 hashes).
     pub fn verify_token(&self, token: &str) -> bool {
         self.policy().verify_token(token)
+    }
+
+    /// What `token` allows under the applied policy (`None`: not a token).
+    pub fn token_role(&self, token: &str) -> Option<TokenRole> {
+        self.policy().token_role(token)
+    }
+
+    /// Adds and removes accepted token hashes, all changes in one entry or none
+    /// (refused: removing the last write token, an unknown hash, a hash of the other role).
+    pub async fn change_tokens(
+        &self,
+        changes: Vec<TokenChange>,
+        route: Route,
+    ) -> Result<Applied, WriteError> {
+        self.submit(
+            PolicyRequest {
+                ops: changes.into_iter().map(PolicyOp::Tokens).collect(),
+            },
+            route,
+        )
+        .await
     }
 
     /// Adds more write tokens (stored hashed).
