@@ -3,7 +3,8 @@
 //! certificate another CA signed and one whose certificate has expired are refused; a
 //! server certificate rotated on disk under traffic (`--enable-cert-reload`) is served to
 //! new connections with no failed request. The proxy's client side serves TLS and mTLS
-//! with its own certificate and refuses plaintext and certificate-less clients.
+//! with its own certificate, refuses plaintext and certificate-less clients, and reloads
+//! its certificate too.
 
 mod support;
 
@@ -195,10 +196,10 @@ async fn the_proxy_serves_clients_over_mtls_and_refuses_the_others() {
             .write(p.dir.path(), "proxy")
             .unwrap();
     let proxy_tls = ServerTlsSettings {
-        cert,
-        key,
+        cert: cert.clone(),
+        key: key.clone(),
         alpn: Alpn::Http,
-        ..settings(&p, false)
+        ..settings(&p, true)
     };
     let h = Harness::start_with(2, false, |c| c.proxy_tls = Some(proxy_tls)).await;
     let addr = h.node.proxy_addr.expect("the proxy listens");
@@ -238,6 +239,25 @@ async fn the_proxy_serves_clients_over_mtls_and_refuses_the_others() {
         plain.is_err(),
         "a plaintext client was answered: {:?}",
         plain.map(|r| r.status)
+    );
+
+    // The proxy's certificate rotates on disk like the gRPC port's.
+    let next = p.ca.leaf("proxy-2", false);
+    let (c2, k2) = next.write(p.dir.path(), "proxy-next").unwrap();
+    std::fs::rename(&k2, &key).unwrap();
+    std::fs::rename(&c2, &cert).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while served_cert(addr, &p.ca_file, &p.client).await != der_of(&next.cert) {
+        assert!(
+            Instant::now() < deadline,
+            "the rotated proxy certificate was never served"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        proxied_completion(addr, &trusted, &h.model).await,
+        Ok(200),
+        "a request after the rotation"
     );
     h.stop().await;
 }

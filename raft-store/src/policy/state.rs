@@ -432,10 +432,7 @@ impl PolicyState {
 
     /// The token sets after `req`'s token ops, or why they are refused; `None` when the
     /// request changes no token.
-    fn token_sets_after(
-        &self,
-        req: &PolicyRequest,
-    ) -> Result<Option<TokenSets>, Rejection> {
+    fn token_sets_after(&self, req: &PolicyRequest) -> Result<Option<TokenSets>, Rejection> {
         let mut sets: Option<TokenSets> = None;
         let mut removed_any = false;
         for op in &req.ops {
