@@ -166,6 +166,10 @@ pub struct FlowMetrics {
     pub enqueue_duration: HistogramFamily<EnqueueLabels>,
     /// Endpoints whose metrics are missing or older than the staleness threshold.
     pub stale_endpoints: Gauge,
+    /// Whether flow control is on now; the flow owner sets it as it follows the policy,
+    /// so it is the owner's view, the same one the queue gauges come from. Not exported
+    /// (llm-d has no such family); the status page reads it.
+    enabled: std::sync::atomic::AtomicBool,
 }
 
 /// Labels of `llm_d_epp_flow_control_request_enqueue_duration_seconds`.
@@ -194,6 +198,7 @@ impl FlowMetrics {
             dispatch_cycle: fast_histogram(),
             enqueue_duration: Family::new_with_constructor(fast_histogram),
             stale_endpoints: Gauge::default(),
+            enabled: std::sync::atomic::AtomicBool::new(false),
         };
         r.register(
             "flow_control_dispatch_cycle_duration_seconds",
@@ -519,6 +524,18 @@ impl NodeMetrics {
         self.flow
             .pending_reclaim
             .set(i64::try_from(revoked).unwrap_or(i64::MAX));
+    }
+
+    /// Records whether flow control is on (the flow owner calls it on every switch).
+    pub fn set_flow_enabled(&self, on: bool) {
+        self.flow
+            .enabled
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether flow control is on now.
+    pub fn flow_enabled(&self) -> bool {
+        self.flow.enabled.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Sets the flow-control queue gauges.

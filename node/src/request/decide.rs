@@ -346,7 +346,7 @@ impl Ticket {
         if let Some(s) = self.slot.take() {
             s.release(self.tokens);
             // Flow control may give the freed room to a waiting request now.
-            if let Some(flow) = &self.dispatcher.flow {
+            if let Some(flow) = self.dispatcher.flow_gate(&p.policy) {
                 flow.released();
             }
         }

@@ -10,6 +10,16 @@
 //!       ◀── Dispatched(waited) | DropReason ──────────┘ poll_decision until None
 //! ```
 //!
+//! The owner follows the policy: the `flowControl` section of the EndpointPickerConfig in
+//! force ([`Policy::flow`](crate::policy::Policy::flow)) can change with every policy swap.
+//! The owner compares it (one pointer load) at every wake-up and on every enqueue, and the
+//! swap paths (`NodeControl`, `App::set_scheduler_config`) wake it with
+//! [`FlowGate::policy_changed`]. A changed section is applied with
+//! [`FlowController::handle_reconfigure`] (queued requests stay); a gate turned off
+//! releases every queued request at once ([`FlowController::handle_release_all`]); a gate
+//! turned on takes requests from the next one on. While the gate is off, request tasks
+//! never send anything here (they read the same policy), so the off path costs nothing.
+//!
 //! The owner sleeps until the controller's next expiry, the next input, or — while
 //! something is queued — the next load refresh (the scrape interval, which is also the
 //! load board's cadence), when it measures saturation again with the same detector
@@ -146,6 +156,8 @@ enum Input {
     Released,
     /// A lease was dropped: the request ended (or never started).
     LeaseEnded(FlowTicket),
+    /// The policy was swapped: flow control may have been turned on, off or changed.
+    PolicyChanged,
 }
 
 /// The request side's handle to the owner task; cheap to clone.
@@ -162,6 +174,7 @@ impl std::fmt::Debug for Input {
             Input::Cancel(id) => write!(f, "Cancel({id})"),
             Input::Released => f.write_str("Released"),
             Input::LeaseEnded(t) => write!(f, "LeaseEnded({t:?})"),
+            Input::PolicyChanged => f.write_str("PolicyChanged"),
         }
     }
 }
@@ -206,9 +219,16 @@ impl FlowGate {
         let _ = self.tx.send(Input::Released);
     }
 
-    /// Starts the owner task (on the current tokio runtime) until `shutdown`.
+    /// Wakes the owner after a policy swap, so it applies the new flow control now (a gate
+    /// turned off releases its queue at once).
+    pub fn policy_changed(&self) {
+        let _ = self.tx.send(Input::PolicyChanged);
+    }
+
+    /// Starts the owner task (on the current tokio runtime) until `shutdown`. It follows
+    /// `policy`'s flow control from then on; it fails only when the flow control in force
+    /// now is invalid.
     pub fn spawn(
-        cfg: FlowConfig,
         driver: FlowDriverConfig,
         pool: SharedPool,
         policy: SharedPolicy,
@@ -216,10 +236,17 @@ impl FlowGate {
         live_nodes: LiveNodes,
         shutdown: watch::Receiver<bool>,
     ) -> Result<(FlowGate, tokio::task::JoinHandle<()>), InvalidFlowConfig> {
+        let applied = policy.load().flow.clone();
+        // While off, the controller holds llm-d's defaults; turning the gate on
+        // reconfigures it, so tickets stay unique for the task's lifetime.
+        let cfg = applied.as_deref().cloned().unwrap_or_default();
         let fc = FlowController::new(cfg, Instant::now())?;
+        metrics.set_flow_enabled(applied.is_some());
         let (tx, rx) = mpsc::unbounded_channel();
         let owner = Owner {
             fc,
+            seen: applied.clone(),
+            applied,
             driver,
             pool,
             policy,
@@ -306,6 +333,10 @@ fn measure(saturation: impl Fn(&[Endpoint]) -> f64, candidates: &mut [Endpoint])
 
 struct Owner {
     fc: FlowController,
+    /// The policy's flow control as last looked at (compared by pointer: cheap per wake-up).
+    seen: Option<Arc<FlowConfig>>,
+    /// The flow control in force (`None`: the gate is off and requests pass through).
+    applied: Option<Arc<FlowConfig>>,
     driver: FlowDriverConfig,
     pool: SharedPool,
     policy: SharedPolicy,
@@ -330,14 +361,17 @@ impl Owner {
     ) {
         loop {
             let now = Instant::now();
-            if now >= self.next_refresh {
-                self.refresh(now);
+            self.follow_policy(now);
+            if self.applied.is_some() {
+                if now >= self.next_refresh {
+                    self.refresh(now);
+                }
+                self.drain(now);
+                self.metrics
+                    .flow
+                    .dispatch_cycle
+                    .observe(now.elapsed().as_secs_f64());
             }
-            self.drain(now);
-            self.metrics
-                .flow
-                .dispatch_cycle
-                .observe(now.elapsed().as_secs_f64());
             self.publish_gauges();
             let mut wake = self.fc.next_deadline();
             if !self.fc.is_empty() {
@@ -370,10 +404,70 @@ impl Owner {
         self.publish_gauges();
     }
 
+    /// Brings the controller in line with the policy's flow control, if it changed.
+    fn follow_policy(&mut self, now: Instant) {
+        let policy = self.policy.load();
+        let unchanged = match (&self.seen, &policy.flow) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if unchanged {
+            return;
+        }
+        self.seen = policy.flow.clone();
+        match &policy.flow {
+            // A new scheduler with the same section (most policy swaps) changes nothing.
+            Some(new) if self.applied.as_deref() == Some(&**new) => {
+                self.applied = Some(new.clone());
+            }
+            Some(new) => match self.fc.handle_reconfigure((**new).clone()) {
+                Ok(()) => {
+                    tracing::info!(
+                        was_on = self.applied.is_some(),
+                        queued = self.fc.len(),
+                        "flow control follows the new policy"
+                    );
+                    self.applied = Some(new.clone());
+                    self.metrics.set_flow_enabled(true);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, on = self.applied.is_some(), "flow control: the new policy's flowControl section is invalid; keeping the one in force");
+                }
+            },
+            None => {
+                if self.applied.take().is_none() {
+                    return;
+                }
+                let mut out = Vec::new();
+                self.fc.handle_release_all(now, &mut out);
+                tracing::info!(
+                    released = out.len(),
+                    "flow control turned off: every queued request is dispatched"
+                );
+                for d in out {
+                    self.deliver(d);
+                }
+                self.metrics.set_flow_enabled(false);
+            }
+        }
+    }
+
     fn handle(&mut self, msg: Input) {
         let now = Instant::now();
         match msg {
             Input::Enqueue { id, arrival, reply } => {
+                // The request read a policy with the gate on; this one may be newer.
+                self.follow_policy(now);
+                if self.applied.is_none() {
+                    // Turned off meanwhile: pass through, as a request that read the new
+                    // policy does.
+                    let _ = reply.send(Ok(Dispatched {
+                        waited: Duration::ZERO,
+                        lease: None,
+                    }));
+                    return;
+                }
                 if self.fc.is_empty() && now >= self.next_refresh {
                     // The first request after an idle spell sees a fresh measurement.
                     self.refresh(now);
@@ -423,6 +517,8 @@ impl Owner {
                     self.deliver(d);
                 }
             }
+            // The loop looks at the policy after every batch of inputs.
+            Input::PolicyChanged => {}
         }
     }
 

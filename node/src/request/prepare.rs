@@ -135,16 +135,21 @@ impl Dispatcher {
         self
     }
 
-    /// Makes requests wait in flow control after phase one (the `flowControl` gate);
-    /// admission then no longer sheds sheddable requests at once.
+    /// Gives requests a flow owner to wait in after phase one while the policy's
+    /// `flowControl` gate is on; admission then no longer sheds sheddable requests at once.
     pub fn with_flow(mut self, gate: FlowGate) -> Dispatcher {
         self.flow = Some(gate);
         self
     }
 
-    /// Whether flow control is on.
+    /// Whether flow control is on now (a flow owner, and the gate on in the policy).
     pub fn flow_enabled(&self) -> bool {
-        self.flow.is_some()
+        self.flow_gate(&self.policy.load()).is_some()
+    }
+
+    /// The flow owner a request that read `policy` waits in; `None` while the gate is off.
+    pub(super) fn flow_gate(&self, policy: &Policy) -> Option<&FlowGate> {
+        self.flow.as_ref().filter(|_| policy.flow.is_some())
     }
 
     /// Keeps prefix state at the anchors' owners instead of this scheduler's own index.
@@ -296,9 +301,8 @@ impl Dispatcher {
             return Err((req.model, Rejection::NoEndpoint(why)));
         }
         // With flow control a sheddable request waits under its TTL instead (llm-d).
-        if self.flow.is_none()
-            && let Err(e) = policy.scheduler.admit(&req, &candidates, now)
-        {
+        let flow_on = self.flow_gate(&policy).is_some();
+        if !flow_on && let Err(e) = policy.scheduler.admit(&req, &candidates, now) {
             return Err((req.model, Rejection::Shed(e)));
         }
         // The precise producer keys token ids, so its chain is built in the lookup, after
@@ -338,15 +342,11 @@ impl Dispatcher {
             rewrite,
             started: now,
             body_bytes: body.len() as u64,
-            subset: if self.flow.is_some() {
-                meta.subset.take()
-            } else {
-                None
-            },
+            subset: if flow_on { meta.subset.take() } else { None },
             lease: None,
             burst: None,
             tokenize,
-            exclude: if self.flow.is_some() {
+            exclude: if flow_on {
                 exclude.to_vec()
             } else {
                 Vec::new()
@@ -355,9 +355,9 @@ impl Dispatcher {
     }
 
     /// The flow-control wait to await between phase one and the owner lookup; `None` when
-    /// the gate is off.
+    /// the gate is off in the policy the request read.
     pub fn flow_wait(&self, p: &Prepared) -> Option<FlowWait> {
-        let gate = self.flow.clone()?;
+        let gate = self.flow_gate(&p.policy)?.clone();
         let headers = &p.req.headers;
         let slo_ttft = [SLO_TTFT_HEADER, SLO_TTFT_HEADER_ALIAS]
             .iter()

@@ -61,6 +61,11 @@ impl Band {
         self.index.len()
     }
 
+    /// The fairness id of flow `slot` (a slot of a queued request).
+    pub(crate) fn flow_id(&self, slot: u32) -> &str {
+        &self.flows[slot as usize].id
+    }
+
     /// Queues `key` in the flow `fairness_id`; returns the flow slot.
     pub(crate) fn push(&mut self, fairness_id: &str, key: OrderKey, bytes: u64) -> u32 {
         let slot = match self.index.get(fairness_id) {

@@ -107,6 +107,8 @@ struct Item {
     enqueued_ns: u64,
     key: OrderKey,
     deadline_ns: Option<u64>,
+    /// `received + x-llm-d-slo-ttft-ms`, kept so a reconfigured ordering can key it again.
+    slo_ns: Option<u64>,
 }
 
 /// The sans-IO flow controller. See the [module docs](super) for how a driver calls it.
@@ -151,6 +153,12 @@ impl std::fmt::Debug for FlowController {
     }
 }
 
+/// Band 0 always exists (it takes requests without an objective), as in llm-d.
+fn provision_band_zero(cfg: &mut FlowConfig) {
+    let zero = cfg.band_config(0).clone();
+    cfg.priority_bands.entry(0).or_insert(zero);
+}
+
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
@@ -161,8 +169,7 @@ impl FlowController {
     /// otherwise (fail closed).
     pub fn new(mut cfg: FlowConfig, now: Instant) -> Result<Self, InvalidFlowConfig> {
         cfg.validate()?;
-        let zero = cfg.band_config(0).clone();
-        cfg.priority_bands.entry(0).or_insert(zero);
+        provision_band_zero(&mut cfg);
         let bands: BTreeMap<i32, Band> = cfg
             .priority_bands
             .iter()
@@ -189,6 +196,94 @@ impl FlowController {
             outcomes: [0; Outcome::ALL.len()],
             shut_down: false,
         })
+    }
+
+    /// Puts `cfg` in force without dropping anything: every queued request stays queued
+    /// with its ticket, its original enqueue time (so TTLs count from when it arrived) and
+    /// its own deadline. Each band takes its new configuration (explicit, else the
+    /// template a new enqueue at that priority would get, so a request whose band is no
+    /// longer listed lands where a new request of its priority would); requests are keyed
+    /// again under the new ordering policy in arrival order, and the fairness and usage
+    /// policies decide from the next poll on. Smaller caps refuse new enqueues until the
+    /// queue drains below them; nothing queued is evicted for them. Leases and pending
+    /// revocations are kept. On `Err` nothing changed.
+    /// No `now` is needed: keys and expiries are built from the times stored at enqueue.
+    pub fn handle_reconfigure(&mut self, mut cfg: FlowConfig) -> Result<(), InvalidFlowConfig> {
+        cfg.validate()?;
+        provision_band_zero(&mut cfg);
+        let mut bands: BTreeMap<i32, Band> = cfg
+            .priority_bands
+            .iter()
+            .map(|(p, b)| (*p, Band::new(b.clone())))
+            .collect();
+        // Empty on-the-fly bands are dropped: a later enqueue makes them again from the
+        // new template, and they no longer count in the usage limit's ranking.
+        for &p in &self.nonempty {
+            bands
+                .entry(p)
+                .or_insert_with(|| Band::new(cfg.band_config(p).clone()));
+        }
+        self.cfg = cfg;
+        let old = std::mem::replace(&mut self.bands, bands);
+        let mut seqs: Vec<u64> = self.items.keys().copied().collect();
+        seqs.sort_unstable();
+        for seq in seqs {
+            let item = &self.items[&seq];
+            let band = item.band;
+            let ordering = self.bands[&band].cfg.ordering;
+            let key = (
+                self.order_value(ordering, item.enqueued_ns, item.deadline_ns, item.slo_ns),
+                seq,
+            );
+            let fairness_id = old[&band].flow_id(item.flow);
+            let bytes = item.bytes;
+            let flow = self
+                .bands
+                .get_mut(&band)
+                .expect("every queued band was provisioned")
+                .push(fairness_id, key, bytes);
+            let item = self.items.get_mut(&seq).expect("listed above");
+            item.flow = flow;
+            item.key = key;
+        }
+        self.priorities = self.bands.keys().rev().copied().collect();
+        Ok(())
+    }
+
+    /// The primary order value of a request under `ordering` (lower leaves first).
+    fn order_value(
+        &self,
+        ordering: OrderingPolicy,
+        enqueued_ns: u64,
+        deadline_ns: Option<u64>,
+        slo_ns: Option<u64>,
+    ) -> u64 {
+        match ordering {
+            OrderingPolicy::Fcfs => 0,
+            OrderingPolicy::Edf => {
+                let ttl = self
+                    .cfg
+                    .default_request_ttl
+                    .map(|t| enqueued_ns.saturating_add(nanos(t)));
+                match (ttl, deadline_ns) {
+                    (Some(a), Some(b)) => a.min(b),
+                    (a, b) => a.or(b).unwrap_or(u64::MAX),
+                }
+            }
+            OrderingPolicy::SloDeadline => slo_ns.unwrap_or(u64::MAX),
+        }
+    }
+
+    /// Dispatches every queued request at once, highest band first and in each band's
+    /// fairness order, whatever the usage limit says (the `flowControl` gate was turned
+    /// off: the queue is released, not dropped).
+    pub fn handle_release_all(&mut self, now: Instant, out: &mut Vec<Decision>) {
+        while let Some(&priority) = self.nonempty.last() {
+            let Some(key) = self.bands.get_mut(&priority).and_then(Band::pick) else {
+                break;
+            };
+            out.push(self.finish(key.1, Outcome::Dispatched, None, now));
+        }
     }
 
     /// The configuration in force (with band 0 filled in).
@@ -251,23 +346,10 @@ impl FlowController {
         let enqueued_ns = self.ns(now);
         let deadline_ns = req.deadline.map(|d| self.ns(d));
         let ordering = self.bands[&req.priority].cfg.ordering;
-        let primary = match ordering {
-            OrderingPolicy::Fcfs => 0,
-            OrderingPolicy::Edf => {
-                let ttl = self
-                    .cfg
-                    .default_request_ttl
-                    .map(|t| enqueued_ns.saturating_add(nanos(t)));
-                match (ttl, deadline_ns) {
-                    (Some(a), Some(b)) => a.min(b),
-                    (a, b) => a.or(b).unwrap_or(u64::MAX),
-                }
-            }
-            OrderingPolicy::SloDeadline => match req.slo_ttft {
-                Some(slo) => self.ns(req.received).saturating_add(nanos(slo)),
-                None => u64::MAX,
-            },
-        };
+        let slo_ns = req
+            .slo_ttft
+            .map(|slo| self.ns(req.received).saturating_add(nanos(slo)));
+        let primary = self.order_value(ordering, enqueued_ns, deadline_ns, slo_ns);
         let key = (primary, seq);
         let band = self.bands.get_mut(&req.priority).expect("band exists");
         let flow = band.push(req.fairness_id, key, req.bytes);
@@ -288,6 +370,7 @@ impl FlowController {
                 enqueued_ns,
                 key,
                 deadline_ns,
+                slo_ns,
             },
         );
         Ok(Ticket(seq))

@@ -49,6 +49,10 @@
 //!   [`FlowController::dispatch`] with a batch limit), sending each [`Decision`] to its
 //!   ticket's task: dispatched requests go on to scheduling, the others get
 //!   [`Decision::reason`] as their immediate response.
+//! - When the configuration changes at runtime (a new EndpointPickerConfig), the owner
+//!   calls [`FlowController::handle_reconfigure`]: queued requests stay, under the new
+//!   bands and policies. When the `flowControl` gate is turned off, it calls
+//!   [`FlowController::handle_release_all`] and lets later requests bypass the controller.
 //! - Metrics: [`FlowController::len`], [`FlowController::bytes`],
 //!   [`FlowController::bands`], [`FlowController::global_utilization`] and
 //!   [`FlowController::outcome_total`] feed the `flow_control_*` gauges and counters;

@@ -811,3 +811,314 @@ fn bad_holdback_ceilings_are_refused() {
         );
     }
 }
+
+// ---- Reconfiguration at runtime ----
+
+fn slo_req(flow: &str, slo_ms: u64, now: Instant) -> FlowRequest<'_> {
+    let mut r = FlowRequest::new(0, flow, 1, now);
+    r.slo_ttft = Some(Duration::from_millis(slo_ms));
+    r
+}
+
+#[test]
+fn reconfigure_keeps_every_queued_request_and_its_ticket() {
+    let (mut fc, t0) = ctl(FlowConfig::default());
+    let a = enq(&mut fc, 5, "f", 10, t0);
+    let b = enq(&mut fc, 0, "g", 20, t0);
+    let c = enq(&mut fc, -3, "f", 30, t0);
+    let cfg = FlowConfig {
+        max_requests: Some(nz(100)),
+        default_request_ttl: Some(secs(120)),
+        ..FlowConfig::default()
+    };
+    fc.handle_reconfigure(cfg.clone()).unwrap();
+    assert_eq!((fc.len(), fc.bytes()), (3, 60));
+    assert!(fc.contains(a) && fc.contains(b) && fc.contains(c));
+    assert_eq!(fc.config().default_request_ttl, Some(secs(120)));
+    fc.handle_pool(PoolStatus::serving(0.0), t0 + secs(1));
+    let ds = drain(&mut fc, t0 + secs(1));
+    assert_eq!(
+        dispatched(&ds),
+        vec![a, b, c],
+        "strict priority still holds"
+    );
+    assert!(ds.iter().all(|d| d.waited == secs(1)));
+    assert!(fc.is_empty());
+}
+
+#[test]
+fn a_band_no_longer_listed_takes_the_template_a_new_request_would_get() {
+    let mut cfg = FlowConfig::default();
+    cfg.priority_bands.insert(
+        5,
+        BandConfig {
+            max_requests: nz(2),
+            ..BandConfig::default()
+        },
+    );
+    let (mut fc, t0) = ctl(cfg);
+    // Global-strict: arrival order across flows.
+    let a1 = enq(&mut fc, 5, "a", 1, t0);
+    let a2 = enq(&mut fc, 5, "a", 1, t0);
+    assert!(
+        fc.handle_enqueue(&FlowRequest::new(5, "b", 1, t0), t0)
+            .is_err(),
+        "band 5 holds 2"
+    );
+    let mut cfg = FlowConfig::default();
+    cfg.default_band.fairness = FairnessPolicy::RoundRobin;
+    cfg.default_band.max_requests = nz(10);
+    fc.handle_reconfigure(cfg).unwrap();
+    let band5 = fc
+        .bands()
+        .find(|b| b.priority == 5)
+        .expect("kept: it has requests");
+    assert_eq!((band5.len, band5.max_requests), (2, 10));
+    let b1 = enq(&mut fc, 5, "b", 1, t0 + secs(1));
+    // Round-robin now alternates flows: a, b, a.
+    fc.handle_pool(PoolStatus::serving(0.0), t0 + secs(2));
+    assert_eq!(dispatched(&drain(&mut fc, t0 + secs(2))), vec![a1, b1, a2]);
+}
+
+#[test]
+fn empty_on_the_fly_bands_are_forgotten_and_made_again_from_the_new_template() {
+    let (mut fc, t0) = ctl(FlowConfig::default());
+    enq(&mut fc, 7, "f", 1, t0);
+    fc.handle_pool(PoolStatus::serving(0.0), t0);
+    assert_eq!(drain(&mut fc, t0).len(), 1);
+    let mut cfg = FlowConfig::default();
+    cfg.default_band.max_requests = nz(3);
+    fc.handle_reconfigure(cfg).unwrap();
+    assert_eq!(
+        fc.bands().map(|b| b.priority).collect::<Vec<_>>(),
+        vec![0],
+        "only band 0 is always provisioned"
+    );
+    enq(&mut fc, 7, "f", 1, t0);
+    let band7 = fc.bands().find(|b| b.priority == 7).unwrap();
+    assert_eq!(band7.max_requests, 3);
+}
+
+#[test]
+fn smaller_caps_refuse_new_requests_but_evict_nothing() {
+    let (mut fc, t0) = ctl(FlowConfig::default());
+    let ts: Vec<Ticket> = (0..4).map(|_| enq(&mut fc, 0, "f", 100, t0)).collect();
+    let mut cfg = FlowConfig {
+        max_bytes: Some(nz(250)),
+        ..FlowConfig::default()
+    };
+    cfg.default_band.max_requests = nz(2);
+    fc.handle_reconfigure(cfg).unwrap();
+    assert_eq!(fc.len(), 4);
+    assert!(ts.iter().all(|t| fc.contains(*t)));
+    assert_eq!(fc.global_utilization().1, Some(400.0 / 250.0));
+    let refused = fc
+        .handle_enqueue(&FlowRequest::new(0, "g", 1, t0), t0)
+        .unwrap_err();
+    assert_eq!(refused.outcome, Outcome::RejectedCapacity);
+    // Draining below both caps lets new requests in again.
+    fc.handle_pool(PoolStatus::serving(0.0), t0);
+    let first_three: Vec<_> = (0..3)
+        .map(|_| fc.poll_decision(t0).unwrap().ticket)
+        .collect();
+    assert_eq!(first_three, ts[..3].to_vec(), "FCFS order kept");
+    fc.handle_pool(PoolStatus::serving(1.5), t0);
+    assert!(
+        fc.handle_enqueue(&FlowRequest::new(0, "g", 100, t0), t0)
+            .is_ok()
+    );
+    assert_eq!(fc.len(), 2);
+}
+
+#[test]
+fn a_new_ttl_counts_from_the_original_enqueue_time() {
+    let (mut fc, t0) = ctl(FlowConfig::default());
+    let a = enq(&mut fc, 0, "f", 1, t0);
+    let b = enq(&mut fc, 0, "f", 1, t0 + secs(15));
+    fc.handle_pool(PoolStatus::serving(1.0), t0);
+    assert_eq!(fc.next_deadline(), Some(t0 + secs(60)));
+    fc.handle_reconfigure(FlowConfig {
+        default_request_ttl: Some(secs(30)),
+        no_endpoint_request_ttl: Some(secs(30)),
+        ..FlowConfig::default()
+    })
+    .unwrap();
+    assert_eq!(fc.next_deadline(), Some(t0 + secs(30)));
+    let ds = drain(&mut fc, t0 + secs(30));
+    assert_eq!(ds.len(), 1);
+    assert_eq!((ds[0].ticket, ds[0].outcome), (a, Outcome::EvictedTtl));
+    assert_eq!(ds[0].waited, secs(30));
+    assert_eq!(fc.next_deadline(), Some(t0 + secs(45)));
+    // A longer TTL also counts from arrival, and "0s" (None) stops expiry.
+    fc.handle_reconfigure(FlowConfig {
+        default_request_ttl: None,
+        ..FlowConfig::default()
+    })
+    .unwrap();
+    assert_eq!(fc.next_deadline(), None);
+    assert!(drain(&mut fc, t0 + secs(500)).is_empty());
+    assert!(fc.contains(b));
+}
+
+#[test]
+fn a_new_ordering_policy_rekeys_queued_requests() {
+    let (mut fc, t0) = ctl(FlowConfig::default());
+    // FCFS: arrival order, whatever the SLOs say.
+    let loose = fc.handle_enqueue(&slo_req("f", 900, t0), t0).unwrap();
+    let tight = fc.handle_enqueue(&slo_req("f", 100, t0), t0).unwrap();
+    let none = enq(&mut fc, 0, "f", 1, t0);
+    let mid = fc.handle_enqueue(&slo_req("f", 500, t0), t0).unwrap();
+    let mut cfg = FlowConfig::default();
+    cfg.default_band.ordering = OrderingPolicy::SloDeadline;
+    fc.handle_reconfigure(cfg).unwrap();
+    fc.handle_pool(PoolStatus::serving(0.0), t0);
+    assert_eq!(
+        dispatched(&drain(&mut fc, t0)),
+        vec![tight, mid, loose, none],
+        "earliest SLO deadline first; no header last"
+    );
+}
+
+#[test]
+fn a_refused_reconfiguration_changes_nothing() {
+    let (mut fc, t0) = ctl(FlowConfig::default());
+    let a = enq(&mut fc, 0, "f", 1, t0);
+    let before = fc.config().clone();
+    let err = fc
+        .handle_reconfigure(FlowConfig {
+            usage_limit: UsageLimitPolicy::Static {
+                threshold: f64::NAN,
+            },
+            default_request_ttl: Some(secs(1)),
+            ..FlowConfig::default()
+        })
+        .unwrap_err();
+    assert!(matches!(err, InvalidFlowConfig::Threshold { .. }));
+    assert_eq!(fc.config(), &before);
+    assert!(fc.contains(a));
+    assert_eq!(fc.next_deadline(), Some(t0 + secs(60)));
+}
+
+#[test]
+fn a_new_usage_limit_decides_the_next_poll() {
+    let (mut fc, t0) = ctl(FlowConfig::default());
+    let a = enq(&mut fc, 0, "f", 1, t0);
+    fc.handle_pool(PoolStatus::serving(0.7), t0);
+    fc.handle_reconfigure(FlowConfig {
+        usage_limit: UsageLimitPolicy::Static { threshold: 0.5 },
+        ..FlowConfig::default()
+    })
+    .unwrap();
+    assert_eq!(
+        fc.poll_decision(t0),
+        None,
+        "0.7 is past the new 0.5 ceiling"
+    );
+    fc.handle_reconfigure(FlowConfig::default()).unwrap();
+    assert_eq!(fc.poll_decision(t0).map(|d| d.ticket), Some(a));
+}
+
+#[test]
+fn release_all_dispatches_everything_at_once_whatever_the_saturation() {
+    let (mut fc, t0) = ctl(FlowConfig::default());
+    let low = enq(&mut fc, -1, "f", 1, t0);
+    let mid1 = enq(&mut fc, 0, "f", 1, t0);
+    let high = enq(&mut fc, 3, "g", 1, t0);
+    let mid2 = enq(&mut fc, 0, "g", 1, t0 + secs(1));
+    fc.handle_pool(PoolStatus::serving(5.0), t0);
+    assert!(drain(&mut fc, t0 + secs(2)).is_empty(), "saturated");
+    let mut out = Vec::new();
+    fc.handle_release_all(t0 + secs(2), &mut out);
+    assert!(out.iter().all(Decision::is_dispatched));
+    assert_eq!(dispatched(&out), vec![high, mid1, mid2, low]);
+    assert_eq!(out[2].waited, secs(1));
+    assert!(fc.is_empty());
+    assert_eq!(fc.next_deadline(), None);
+    assert_eq!(fc.outcome_total(Outcome::Dispatched), 4);
+    // Still usable afterwards.
+    let again = enq(&mut fc, 0, "f", 1, t0 + secs(3));
+    assert!(fc.contains(again));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(150))]
+
+    /// Reconfiguring between two configurations at random points never loses, duplicates or
+    /// reorders (within a flow, FCFS) a queued request, keeps the counters true, and leaves
+    /// a controller that dispatches everything once the pool has room.
+    #[test]
+    fn reconfiguration_keeps_every_ticket(
+        ops in proptest::collection::vec(op(), 1..100),
+        flips in proptest::collection::vec(any::<bool>(), 100),
+    ) {
+        let small = {
+            let mut c = FlowConfig {
+                max_requests: Some(nz(6)),
+                default_request_ttl: Some(secs(20)),
+                ..FlowConfig::default()
+            };
+            c.default_band.max_requests = nz(3);
+            c.default_band.fairness = FairnessPolicy::RoundRobin;
+            c
+        };
+        let large = {
+            let mut c = FlowConfig {
+                default_request_ttl: Some(secs(40)),
+                ..FlowConfig::default()
+            };
+            c.priority_bands.insert(1, BandConfig { max_requests: nz(30), ..BandConfig::default() });
+            c
+        };
+        let t0 = Instant::now();
+        let mut now = t0;
+        let mut fc = FlowController::new(large.clone(), t0).unwrap();
+        let mut issued: Vec<(Ticket, i32, u8, bool)> = Vec::new();
+        for (i, op) in ops.into_iter().enumerate() {
+            if flips[i % flips.len()] {
+                let cfg = if fc.config().max_requests.is_some() { large.clone() } else { small.clone() };
+                fc.handle_reconfigure(cfg).unwrap();
+            }
+            let mut decisions = Vec::new();
+            match op {
+                Op::Enqueue { priority, flow, bytes } => {
+                    let id = format!("flow-{flow}");
+                    if let Ok(t) = fc.handle_enqueue(&FlowRequest::new(priority, &id, bytes, now), now) {
+                        issued.push((t, priority, flow, false));
+                    }
+                }
+                Op::Cancel(i) => {
+                    if let Some(&(t, ..)) = issued.get(i) {
+                        decisions.extend(fc.handle_cancel(t, now));
+                    }
+                }
+                Op::Advance(ms) => now += Duration::from_millis(ms),
+                Op::Poll { saturation_low } => {
+                    fc.handle_pool(PoolStatus::serving(if saturation_low { 0.2 } else { 1.3 }), now);
+                    decisions.extend(std::iter::from_fn(|| fc.poll_decision(now)));
+                }
+            }
+            for d in decisions {
+                let pos = issued.iter().position(|e| e.0 == d.ticket).expect("known ticket");
+                prop_assert!(!issued[pos].3, "ended twice");
+                if d.is_dispatched() {
+                    let (p, f) = (issued[pos].1, issued[pos].2);
+                    let earlier = issued[..pos].iter().any(|e| e.1 == p && e.2 == f && !e.3);
+                    prop_assert!(!earlier, "overtook an earlier request of its flow");
+                }
+                issued[pos].3 = true;
+            }
+            let live = issued.iter().filter(|e| !e.3).count() as u64;
+            prop_assert_eq!(fc.len(), live);
+            prop_assert_eq!(fc.bands().map(|b| b.len).sum::<u64>(), live);
+        }
+        let mut out = Vec::new();
+        fc.handle_release_all(now, &mut out);
+        for d in &out {
+            let e = issued.iter_mut().find(|e| e.0 == d.ticket).expect("known ticket");
+            prop_assert!(!e.3);
+            e.3 = true;
+        }
+        prop_assert!(issued.iter().all(|e| e.3), "a ticket never ended");
+        prop_assert!(fc.is_empty());
+    }
+}
