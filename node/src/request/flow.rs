@@ -20,6 +20,11 @@
 //! turned on takes requests from the next one on. While the gate is off, request tasks
 //! never send anything here (they read the same policy), so the off path costs nothing.
 //!
+//! A request dispatched from a `program-aware-fairness` band carries a [`UsageReport`];
+//! the request path records the response's token usage on it, and dropping it (however
+//! the request ended) sends the usage to the owner, which adds it to the program's
+//! attained service ([`FlowController::handle_served`]).
+//!
 //! The owner sleeps until the controller's next expiry, the next input, or — while
 //! something is queued — the next load refresh (the scrape interval, which is also the
 //! load board's cadence), when it measures saturation again with the same detector
@@ -140,6 +145,47 @@ pub struct Dispatched {
     pub waited: Duration,
     /// Its lease, when in-flight eviction is on.
     pub lease: Option<Lease>,
+    /// Set when it left a `program-aware-fairness` band: the request's token usage goes
+    /// to its program's attained service when this is dropped.
+    pub usage: Option<UsageReport>,
+}
+
+/// Reports a request's token usage to flow control when dropped (however the request
+/// ended: a request that fails or is cancelled reports what was recorded, 0 by default),
+/// so every dispatch from a `program-aware-fairness` band is reported exactly once.
+pub struct UsageReport {
+    tx: mpsc::UnboundedSender<Input>,
+    ticket: FlowTicket,
+    input: u64,
+    output: u64,
+}
+
+impl std::fmt::Debug for UsageReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UsageReport")
+            .field("ticket", &self.ticket)
+            .field("input", &self.input)
+            .field("output", &self.output)
+            .finish()
+    }
+}
+
+impl UsageReport {
+    /// Records the response's usage (prompt and completion tokens), sent on drop.
+    pub fn record(&mut self, input: u64, output: u64) {
+        self.input = input;
+        self.output = output;
+    }
+}
+
+impl Drop for UsageReport {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Input::Served {
+            ticket: self.ticket,
+            input: self.input,
+            output: self.output,
+        });
+    }
 }
 
 type Reply = oneshot::Sender<Result<Dispatched, DropReason>>;
@@ -156,6 +202,12 @@ enum Input {
     Released,
     /// A lease was dropped: the request ended (or never started).
     LeaseEnded(FlowTicket),
+    /// A request dispatched from a program-aware band ended with this token usage.
+    Served {
+        ticket: FlowTicket,
+        input: u64,
+        output: u64,
+    },
     /// The policy was swapped: flow control may have been turned on, off or changed.
     PolicyChanged,
 }
@@ -175,6 +227,7 @@ impl std::fmt::Debug for Input {
             Input::Released => f.write_str("Released"),
             Input::LeaseEnded(t) => write!(f, "LeaseEnded({t:?})"),
             Input::PolicyChanged => f.write_str("PolicyChanged"),
+            Input::Served { ticket, .. } => write!(f, "Served({ticket:?})"),
         }
     }
 }
@@ -465,6 +518,7 @@ impl Owner {
                     let _ = reply.send(Ok(Dispatched {
                         waited: Duration::ZERO,
                         lease: None,
+                        usage: None,
                     }));
                     return;
                 }
@@ -519,6 +573,11 @@ impl Owner {
             }
             // The loop looks at the policy after every batch of inputs.
             Input::PolicyChanged => {}
+            Input::Served {
+                ticket,
+                input,
+                output,
+            } => self.fc.handle_served(ticket, input, output, now),
         }
     }
 
@@ -565,7 +624,9 @@ impl Owner {
             .and_then(|id| self.waiting.remove(&id));
         let Some((_, reply)) = reply else {
             if d.is_dispatched() {
-                self.fc.handle_lease_end(d.ticket, Instant::now());
+                let now = Instant::now();
+                self.fc.handle_lease_end(d.ticket, now);
+                self.fc.handle_served(d.ticket, 0, 0, now);
             }
             return;
         };
@@ -573,11 +634,18 @@ impl Owner {
             None if d.outcome == FlowOutcome::Dispatched => Ok(Dispatched {
                 waited: d.waited,
                 lease: self.lease(d.ticket, d.priority),
+                usage: self.fc.wants_usage(d.ticket).then(|| UsageReport {
+                    tx: self.tx.clone(),
+                    ticket: d.ticket,
+                    input: 0,
+                    output: 0,
+                }),
             }),
             None => Err(DropReason::Internal),
             Some(r) => Err(r),
         };
-        // A closed reply is a client that went away; its Cancel is on its way.
+        // A closed reply is a client that went away; its Cancel is on its way, and the
+        // returned lease and usage report end themselves on drop.
         let _ = reply.send(answer);
     }
 
@@ -615,6 +683,9 @@ impl Owner {
 
     fn publish_gauges(&self) {
         self.metrics.set_flow_queue(self.fc.len(), self.fc.bytes());
+        if let Some(j) = self.fc.program_fairness_index() {
+            self.metrics.set_program_fairness_index(j);
+        }
         self.metrics.set_flow_pending_reclaim(self.fc.leases().1);
     }
 }

@@ -23,7 +23,7 @@ use rand::seq::IndexedRandom;
 use super::RequestMeta;
 use super::burst::{BurstGate, BurstWait};
 use super::flow::{
-    Dispatched, FlowArrival, FlowGate, Lease, SLO_TTFT_HEADER, SLO_TTFT_HEADER_ALIAS,
+    Dispatched, FlowArrival, FlowGate, Lease, SLO_TTFT_HEADER, SLO_TTFT_HEADER_ALIAS, UsageReport,
 };
 use super::owners::{PrefixAnswer, PrefixLookup, PrefixOwners};
 use super::rejection::{NoEndpoint, Rejection};
@@ -89,6 +89,8 @@ pub struct Prepared {
     pub(super) exclude: Vec<SocketAddr>,
     /// Flow control's lease on the pool, held until the request ends (eviction on).
     pub(super) lease: Option<Lease>,
+    /// Where the request's token usage goes when it left a program-aware band.
+    pub(super) usage: Option<UsageReport>,
     /// Where the burst producer's batch placed this request (`None`: no placement, or no
     /// producer).
     pub(super) burst: Option<SocketAddr>,
@@ -344,6 +346,7 @@ impl Dispatcher {
             body_bytes: body.len() as u64,
             subset: if flow_on { meta.subset.take() } else { None },
             lease: None,
+            usage: None,
             burst: None,
             tokenize,
             exclude: if flow_on {
@@ -384,8 +387,13 @@ impl Dispatcher {
         answer: Result<Dispatched, infermesh_scheduler::flow::DropReason>,
     ) -> Result<(), Rejection> {
         let r = match answer {
-            Ok(Dispatched { waited, lease }) => {
+            Ok(Dispatched {
+                waited,
+                lease,
+                usage,
+            }) => {
                 p.lease = lease;
+                p.usage = usage;
                 if waited.is_zero() {
                     return Ok(());
                 }

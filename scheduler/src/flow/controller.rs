@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 use hashbrown::HashMap;
 
 use super::band::{Band, OrderKey};
-use super::config::{FlowConfig, InvalidFlowConfig, OrderingPolicy};
+use super::config::{FairnessPolicy, FlowConfig, InvalidFlowConfig, OrderingPolicy};
 use super::outcome::{Decision, DropReason, Outcome, Rejection, Ticket};
+use super::programs::{Head, Programs};
 use super::reclaim::{Reclaimer, revocations};
 
 /// A request asking for a place in the queue.
@@ -138,6 +139,8 @@ pub struct FlowController {
     reclaim: Reclaimer,
     /// Leases revoked and not yet handed to the driver.
     revocations: VecDeque<Ticket>,
+    /// `program-aware-fairness` accounting, shared by the bands that use it.
+    programs: Programs,
     outcomes: [u64; Outcome::ALL.len()],
     shut_down: bool,
 }
@@ -176,6 +179,8 @@ impl FlowController {
             .map(|(p, b)| (*p, Band::new(b.clone())))
             .collect();
         let priorities = bands.keys().rev().copied().collect();
+        let mut programs = Programs::default();
+        programs.set_params(cfg.las_params());
         Ok(FlowController {
             cfg,
             epoch: now,
@@ -193,6 +198,7 @@ impl FlowController {
             regime_since_ns: 0,
             reclaim: Reclaimer::default(),
             revocations: VecDeque::new(),
+            programs,
             outcomes: [0; Outcome::ALL.len()],
             shut_down: false,
         })
@@ -223,6 +229,7 @@ impl FlowController {
                 .entry(p)
                 .or_insert_with(|| Band::new(cfg.band_config(p).clone()));
         }
+        self.programs.set_params(cfg.las_params());
         self.cfg = cfg;
         let old = std::mem::replace(&mut self.bands, bands);
         let mut seqs: Vec<u64> = self.items.keys().copied().collect();
@@ -278,8 +285,9 @@ impl FlowController {
     /// fairness order, whatever the usage limit says (the `flowControl` gate was turned
     /// off: the queue is released, not dropped).
     pub fn handle_release_all(&mut self, now: Instant, out: &mut Vec<Decision>) {
+        let now_ns = self.ns(now);
         while let Some(&priority) = self.nonempty.last() {
-            let Some(key) = self.bands.get_mut(&priority).and_then(Band::pick) else {
+            let Some(key) = self.pick(priority, now_ns) else {
                 break;
             };
             out.push(self.finish(key.1, Outcome::Dispatched, None, now));
@@ -421,6 +429,7 @@ impl FlowController {
     /// usage limit allows it at the last [`PoolStatus`]. Call it in a loop; a driver whose
     /// saturation rises with each dispatch updates it with `handle_pool` between calls.
     pub fn poll_decision(&mut self, now: Instant) -> Option<Decision> {
+        self.programs.poll_sweep(self.ns(now));
         self.poll_expired(now).or_else(|| self.poll_dispatch(now))
     }
 
@@ -467,8 +476,58 @@ impl FlowController {
             }
             return None;
         }
-        let key = self.bands.get_mut(&priority)?.pick()?;
+        let key = self.pick(priority, self.ns(now))?;
         Some(self.finish(key.1, Outcome::Dispatched, None, now))
+    }
+
+    /// The key band `priority`'s fairness policy serves next.
+    fn pick(&mut self, priority: i32, now_ns: u64) -> Option<OrderKey> {
+        let band = self.bands.get_mut(&priority)?;
+        match band.cfg.fairness {
+            FairnessPolicy::ProgramAware(weights) => {
+                let items = &self.items;
+                let heads = band.heads().map(|(program, key)| Head {
+                    program,
+                    key,
+                    enqueued_ns: items.get(&key.1).map_or(now_ns, |i| i.enqueued_ns),
+                });
+                self.programs.pick(&weights, now_ns, heads)
+            }
+            _ => band.pick(),
+        }
+    }
+
+    /// A request dispatched as `ticket` finished (however it ended) having used `input`
+    /// prompt and `output` completion tokens (0 when unknown). For a request dispatched
+    /// from a `program-aware-fairness` band this adds its weighted tokens to its program's
+    /// attained service and counts it out of flight; anything else is ignored.
+    pub fn handle_served(&mut self, ticket: Ticket, input: u64, output: u64, now: Instant) {
+        let now_ns = self.ns(now);
+        self.programs.on_served(ticket.0, input, output, now_ns);
+        self.programs.poll_sweep(now_ns);
+    }
+
+    /// Whether a dispatched `ticket` awaits [`handle_served`](Self::handle_served) (it left
+    /// a `program-aware-fairness` band); the driver reports only those.
+    pub fn wants_usage(&self, ticket: Ticket) -> bool {
+        self.programs.awaits(ticket.0)
+    }
+
+    /// Jain's fairness index over the mean queue wait of each program
+    /// (`program_aware_jains_fairness_index`); `None` when no band uses
+    /// `program-aware-fairness`.
+    pub fn program_fairness_index(&self) -> Option<f64> {
+        self.programs.active().then(|| self.programs.jains_index())
+    }
+
+    /// A program's attained service at `now` in weighted tokens (`None`: not tracked).
+    pub fn attained_service(&self, program: &str, now: Instant) -> Option<f64> {
+        self.programs.service(program, self.ns(now))
+    }
+
+    /// Programs tracked by `program-aware-fairness` (evicted ones are not).
+    pub fn programs_tracked(&self) -> usize {
+        self.programs.len()
     }
 
     /// Applies `pool`, then appends every due eviction and expiry and up to `max_dispatch`
@@ -561,6 +620,14 @@ impl FlowController {
             .bands
             .get_mut(&item.band)
             .expect("an item's band exists");
+        let waited = now.saturating_duration_since(item.enqueued);
+        if outcome == Outcome::Dispatched
+            && matches!(band.cfg.fairness, FairnessPolicy::ProgramAware(_))
+        {
+            let now_ns = nanos(now.saturating_duration_since(self.epoch));
+            self.programs
+                .on_dispatch(seq, band.flow_id(item.flow), waited, now_ns);
+        }
         band.remove(item.flow, item.key, item.bytes);
         if band.len == 0 {
             self.nonempty.remove(&item.band);
@@ -581,7 +648,7 @@ impl FlowController {
             outcome,
             reason,
             priority: item.band,
-            waited: now.saturating_duration_since(item.enqueued),
+            waited,
         }
     }
 

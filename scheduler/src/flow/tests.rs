@@ -1122,3 +1122,249 @@ proptest! {
         prop_assert!(fc.is_empty());
     }
 }
+
+// ---- program-aware-fairness (least attained service) ----
+
+fn las(params: LasParams) -> FlowConfig {
+    let mut cfg = FlowConfig::default();
+    cfg.default_band.fairness = FairnessPolicy::ProgramAware(params);
+    cfg
+}
+
+/// Dispatches one request of `program` at `at` and reports it finished with `input` and
+/// `output` tokens: its program gains that much attained service.
+fn serve(fc: &mut FlowController, program: &str, input: u64, output: u64, at: Instant) {
+    let t = enq(fc, 0, program, 1, at);
+    fc.handle_pool(PoolStatus::serving(0.0), at);
+    let d = fc.poll_decision(at).expect("dispatched");
+    assert_eq!(d.ticket, t);
+    assert!(fc.wants_usage(t));
+    fc.handle_served(t, input, output, at);
+    assert!(!fc.wants_usage(t));
+}
+
+#[test]
+fn the_program_with_less_attained_service_goes_first() {
+    let (mut fc, t0) = ctl(las(LasParams::default()));
+    serve(&mut fc, "heavy", 1000, 500, t0);
+    serve(&mut fc, "light", 10, 5, t0);
+    fc.handle_pool(PoolStatus::serving(1.5), t0);
+    // heavy arrives first and has waited longest, yet light is served first.
+    let h1 = enq(&mut fc, 0, "heavy", 1, t0 + secs(1));
+    let h2 = enq(&mut fc, 0, "heavy", 1, t0 + secs(1));
+    let l1 = enq(&mut fc, 0, "light", 1, t0 + secs(2));
+    fc.handle_pool(PoolStatus::serving(0.0), t0 + secs(3));
+    assert_eq!(dispatched(&drain(&mut fc, t0 + secs(3))), vec![l1, h1, h2]);
+}
+
+#[test]
+fn head_wait_breaks_the_tie_between_equal_service() {
+    let (mut fc, t0) = ctl(las(LasParams::default()));
+    fc.handle_pool(PoolStatus::serving(1.5), t0);
+    let b = enq(&mut fc, 0, "b", 1, t0 + secs(2));
+    let a = enq(&mut fc, 0, "a", 1, t0);
+    fc.handle_pool(PoolStatus::serving(0.0), t0 + secs(3));
+    assert_eq!(dispatched(&drain(&mut fc, t0 + secs(3))), vec![a, b]);
+    // With no weight on service, a long wait beats a small service.
+    let params = LasParams {
+        weight_service: 0.0,
+        weight_head_wait: 1.0,
+        ..LasParams::default()
+    };
+    let (mut fc, t0) = ctl(las(params));
+    serve(&mut fc, "heavy", 5000, 0, t0);
+    fc.handle_pool(PoolStatus::serving(1.5), t0);
+    let heavy = enq(&mut fc, 0, "heavy", 1, t0);
+    let fresh = enq(&mut fc, 0, "fresh", 1, t0 + secs(1));
+    fc.handle_pool(PoolStatus::serving(0.0), t0 + secs(2));
+    assert_eq!(
+        dispatched(&drain(&mut fc, t0 + secs(2))),
+        vec![heavy, fresh]
+    );
+}
+
+#[test]
+fn output_tokens_weigh_twice_input_tokens() {
+    let (mut fc, t0) = ctl(las(LasParams {
+        half_life: None,
+        ..LasParams::default()
+    }));
+    serve(&mut fc, "in", 100, 0, t0);
+    serve(&mut fc, "out", 0, 50, t0);
+    serve(&mut fc, "both", 30, 20, t0);
+    assert_eq!(fc.attained_service("in", t0 + secs(100)), Some(100.0));
+    assert_eq!(fc.attained_service("out", t0 + secs(100)), Some(100.0));
+    assert_eq!(fc.attained_service("both", t0), Some(70.0));
+    assert_eq!(fc.attained_service("nobody", t0), None);
+}
+
+#[test]
+fn attained_service_halves_every_half_life() {
+    let (mut fc, t0) = ctl(las(LasParams::default()));
+    serve(&mut fc, "p", 1000, 0, t0);
+    let at = |s| fc.attained_service("p", t0 + secs(s)).unwrap();
+    assert!((at(60) - 500.0).abs() < 1e-9, "{}", at(60));
+    assert!((at(120) - 250.0).abs() < 1e-9, "{}", at(120));
+    assert!((at(30) - 1000.0 / 2f64.sqrt()).abs() < 1e-9);
+    // New service adds to the decayed amount.
+    serve(&mut fc, "p", 100, 0, t0 + secs(60));
+    let now = fc.attained_service("p", t0 + secs(60)).unwrap();
+    assert!((now - 600.0).abs() < 1e-9, "{now}");
+    let later = fc.attained_service("p", t0 + secs(120)).unwrap();
+    assert!((later - 300.0).abs() < 1e-9, "{later}");
+    // So a heavy program that went idle ends up competing again: after ten half-lives
+    // its 1000 tokens weigh less than a steady program's recent 10.
+    let (mut fc, t0) = ctl(las(LasParams::default()));
+    serve(&mut fc, "was-heavy", 1000, 0, t0);
+    serve(&mut fc, "steady", 10, 0, t0 + secs(600));
+    fc.handle_pool(PoolStatus::serving(1.5), t0);
+    let steady = enq(&mut fc, 0, "steady", 1, t0 + secs(600));
+    let back = enq(&mut fc, 0, "was-heavy", 1, t0 + secs(600));
+    fc.handle_pool(PoolStatus::serving(0.0), t0 + secs(600));
+    assert_eq!(
+        dispatched(&drain(&mut fc, t0 + secs(600))),
+        vec![back, steady]
+    );
+}
+
+#[test]
+fn idle_programs_are_forgotten_after_the_ttl_but_not_while_in_flight() {
+    let params = LasParams {
+        eviction_ttl: Some(secs(100)),
+        eviction_sweep: secs(10),
+        ..LasParams::default()
+    };
+    let (mut fc, t0) = ctl(las(params));
+    serve(&mut fc, "done", 10, 10, t0);
+    let running = enq(&mut fc, 0, "running", 1, t0);
+    assert!(fc.poll_decision(t0).unwrap().is_dispatched());
+    assert_eq!(fc.programs_tracked(), 2);
+    // Within the TTL: kept.
+    assert!(fc.poll_decision(t0 + secs(100)).is_none());
+    assert_eq!(fc.programs_tracked(), 2);
+    // Past it: the idle one goes at the next sweep; the one in flight stays.
+    assert!(fc.poll_decision(t0 + secs(111)).is_none());
+    assert_eq!(fc.programs_tracked(), 1);
+    assert_eq!(fc.attained_service("done", t0 + secs(111)), None);
+    fc.handle_served(running, 5, 5, t0 + secs(120));
+    assert!(fc.attained_service("running", t0 + secs(120)).is_some());
+    assert!(fc.poll_decision(t0 + secs(215)).is_none());
+    assert_eq!(fc.programs_tracked(), 1, "completed 95 s ago: kept");
+    assert!(fc.poll_decision(t0 + secs(231)).is_none());
+    assert_eq!(fc.programs_tracked(), 0);
+    // No TTL: never forgotten.
+    let (mut fc, t0) = ctl(las(LasParams {
+        eviction_ttl: None,
+        ..LasParams::default()
+    }));
+    serve(&mut fc, "p", 1, 1, t0);
+    assert!(fc.poll_decision(t0 + secs(1_000_000)).is_none());
+    assert_eq!(fc.programs_tracked(), 1);
+}
+
+#[test]
+fn jains_index_over_mean_queue_waits() {
+    let (mut fc, t0) = ctl(FlowConfig::default());
+    assert_eq!(fc.program_fairness_index(), None, "no band uses the policy");
+    let (mut fc2, _) = ctl(las(LasParams::default()));
+    std::mem::swap(&mut fc, &mut fc2);
+    assert_eq!(fc.program_fairness_index(), Some(1.0), "nobody waited yet");
+    fc.handle_pool(PoolStatus::serving(1.5), t0);
+    enq(&mut fc, 0, "a", 1, t0 + secs(2));
+    enq(&mut fc, 0, "b", 1, t0);
+    fc.handle_pool(PoolStatus::serving(0.0), t0 + secs(3));
+    // Waits: a 1 s, b 3 s: (1 + 3)² / (2 × (1 + 9)) = 0.8.
+    assert_eq!(drain(&mut fc, t0 + secs(3)).len(), 2);
+    let j = fc.program_fairness_index().unwrap();
+    assert!((j - 0.8).abs() < 1e-12, "{j}");
+}
+
+#[test]
+fn only_program_aware_dispatches_await_usage_and_reconfiguration_keeps_or_drops_the_table() {
+    let mut cfg = las(LasParams::default());
+    cfg.priority_bands.insert(
+        5,
+        BandConfig {
+            fairness: FairnessPolicy::RoundRobin,
+            ..BandConfig::default()
+        },
+    );
+    let (mut fc, t0) = ctl(cfg.clone());
+    fc.handle_pool(PoolStatus::serving(0.0), t0);
+    let rr = enq(&mut fc, 5, "p", 1, t0);
+    assert_eq!(fc.poll_decision(t0).unwrap().ticket, rr);
+    assert!(!fc.wants_usage(rr));
+    serve(&mut fc, "p", 10, 0, t0);
+    // A reconfiguration that keeps a program-aware band keeps what programs attained.
+    fc.handle_reconfigure(cfg).unwrap();
+    assert_eq!(fc.attained_service("p", t0), Some(10.0));
+    // One without it forgets them.
+    fc.handle_reconfigure(FlowConfig::default()).unwrap();
+    assert_eq!(fc.programs_tracked(), 0);
+    assert_eq!(fc.program_fairness_index(), None);
+}
+
+#[test]
+fn bad_program_aware_params_are_refused() {
+    for (params, field) in [
+        (
+            LasParams {
+                weight_service: -0.1,
+                ..LasParams::default()
+            },
+            "lasWeightService",
+        ),
+        (
+            LasParams {
+                weight_head_wait: f64::NAN,
+                ..LasParams::default()
+            },
+            "lasWeightHeadWait",
+        ),
+        (
+            LasParams {
+                eviction_sweep: Duration::ZERO,
+                ..LasParams::default()
+            },
+            "evictionSweepSeconds",
+        ),
+    ] {
+        let err = FlowController::new(las(params), Instant::now()).unwrap_err();
+        assert!(
+            matches!(err, InvalidFlowConfig::ProgramAware { field: f, .. } if f == field),
+            "{err}"
+        );
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// With heads that waited equally long, programs are served in ascending order of
+    /// attained service (equal service: arrival order), whatever the amounts and the
+    /// weights (as long as service has some weight).
+    #[test]
+    fn less_attained_service_is_served_first(
+        tokens in proptest::collection::vec((0u64..5000, 0u64..5000), 2..6),
+        weight_service in 0.05f64..1.0,
+        elapsed in 0u64..600,
+    ) {
+        let params = LasParams { weight_service, weight_head_wait: 1.0 - weight_service, ..LasParams::default() };
+        let (mut fc, t0) = ctl(las(params));
+        for (i, (input, output)) in tokens.iter().enumerate() {
+            serve(&mut fc, &format!("p{i}"), *input, *output, t0);
+        }
+        let at = t0 + secs(elapsed);
+        fc.handle_pool(PoolStatus::serving(1.5), at);
+        let tickets: Vec<Ticket> = (0..tokens.len()).map(|i| enq(&mut fc, 0, &format!("p{i}"), 1, at)).collect();
+        fc.handle_pool(PoolStatus::serving(0.0), at);
+        let order: Vec<usize> = dispatched(&drain(&mut fc, at))
+            .iter()
+            .map(|t| tickets.iter().position(|x| x == t).unwrap())
+            .collect();
+        let cost = |i: usize| tokens[i].0 + 2 * tokens[i].1;
+        let mut want: Vec<usize> = (0..tokens.len()).collect();
+        want.sort_by_key(|&i| (cost(i), i));
+        prop_assert_eq!(order, want);
+    }
+}
