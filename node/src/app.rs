@@ -96,6 +96,7 @@ pub struct App {
     kv_stats: Option<Arc<crate::mesh::kv_events::KvEventStats>>,
     raft_metrics: Arc<arc_swap::ArcSwapOption<infermesh_raft_store::PolicyStore>>,
     xds: crate::xds::XdsFeed,
+    flow: crate::request::FlowGate,
 }
 
 /// The prefix state one node holds, from each structure's own counters.
@@ -222,7 +223,6 @@ struct MetricsPort<'a> {
     kv_stats: Option<Arc<crate::mesh::kv_events::KvEventStats>>,
     raft: Arc<arc_swap::ArcSwapOption<infermesh_raft_store::PolicyStore>>,
     xds: crate::xds::XdsFeed,
-    flow: bool,
 }
 
 fn metrics_router(port: MetricsPort<'_>) -> axum::Router {
@@ -234,7 +234,6 @@ fn metrics_router(port: MetricsPort<'_>) -> axum::Router {
         kv_stats,
         raft,
         xds,
-        flow,
     } = port;
     let xds_status = xds.clone();
     let mesh_stats = mesh.map(Arc::downgrade);
@@ -248,7 +247,6 @@ fn metrics_router(port: MetricsPort<'_>) -> axum::Router {
         mesh: mesh_stats.clone(),
         raft: raft.clone(),
         xds: xds.clone(),
-        flow,
     });
     crate::xds::status::router(xds).merge(page).route(
         "/metrics",
@@ -429,32 +427,31 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
         dispatcher = dispatcher.with_prefix_owners(o.clone());
     }
     // The `flowControl` gate: requests wait in one flow controller per node, all gating
-    // on the fleet-wide saturation (see request::flow for the mesh-wide bound).
-    if let Some(flow) = cfg.scheduler.flow_control.clone() {
-        let live_nodes: crate::request::flow::LiveNodes = match &mesh {
-            Some(m) => {
-                let members = m.members();
-                Arc::new(move || members.borrow().members.len())
-            }
-            None => Arc::new(|| 1),
-        };
-        let (gate, task) = crate::request::FlowGate::spawn(
-            flow,
-            crate::request::flow::FlowDriverConfig {
-                refresh: cfg.scrape.interval,
-                staleness: cfg.staleness,
-            },
-            pool.clone(),
-            policy.clone(),
-            metrics.clone(),
-            live_nodes,
-            shutdown_rx.clone(),
-        )?;
-        tasks.spawn(async move {
-            let _ = task.await;
-        });
-        dispatcher = dispatcher.with_flow(gate);
-    }
+    // on the fleet-wide saturation (see request::flow for the mesh-wide bound). The owner
+    // runs whatever the start-time config says, because a policy swap can turn the gate on
+    // later; while it is off, requests never reach it.
+    let live_nodes: crate::request::flow::LiveNodes = match &mesh {
+        Some(m) => {
+            let members = m.members();
+            Arc::new(move || members.borrow().members.len())
+        }
+        None => Arc::new(|| 1),
+    };
+    let (flow_gate, flow_task) = crate::request::FlowGate::spawn(
+        crate::request::flow::FlowDriverConfig {
+            refresh: cfg.scrape.interval,
+            staleness: cfg.staleness,
+        },
+        pool.clone(),
+        policy.clone(),
+        metrics.clone(),
+        live_nodes,
+        shutdown_rx.clone(),
+    )?;
+    tasks.spawn(async move {
+        let _ = flow_task.await;
+    });
+    dispatcher = dispatcher.with_flow(flow_gate.clone());
     let (initial, watcher) = match cfg.endpoints {
         EndpointSource::Static(spec) => (spec, None),
         EndpointSource::File { path, initial } => {
@@ -588,7 +585,6 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
             kv_stats: kv_stats.clone(),
             raft: raft_metrics.clone(),
             xds: xds.clone(),
-            flow: cfg.scheduler.flow_control.is_some(),
         });
         crate::serve::spawn_http(&mut tasks, "metrics", l, app, shutdown_rx.clone());
     }
@@ -612,6 +608,7 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
         kv_stats,
         raft_metrics,
         xds,
+        flow: flow_gate,
     })
 }
 
@@ -625,6 +622,7 @@ impl App {
     /// outlive a borrow of the [`App`] (the policy feed).
     pub fn control(&self) -> crate::policy_store::feed::NodeControl {
         crate::policy_store::feed::NodeControl::new(self.policy.clone(), self.pool_tx.clone())
+            .with_flow(self.flow.clone())
     }
 
     /// What the policy side of the node needs from the running node.
@@ -641,11 +639,13 @@ impl App {
     }
 
     /// Swaps in a new EndpointPickerConfig; requests already scheduled keep the old one.
+    /// Flow control follows the new config's `flowControl` gate and section.
     pub fn set_scheduler_config(
         &self,
         cfg: &infermesh_scheduler::ResolvedConfig,
     ) -> Result<(), Box<infermesh_scheduler::ConfigError>> {
         self.policy.store(Arc::new(Policy::new(cfg)?));
+        self.flow.policy_changed();
         Ok(())
     }
 

@@ -260,3 +260,205 @@ async fn proxy_in_flight_eviction_revokes_a_running_sheddable_request() {
 async fn envoy_in_flight_eviction_revokes_a_running_sheddable_request() {
     a_blocked_critical_request_evicts_a_running_sheddable_one(true).await;
 }
+
+/// The EndpointPickerConfig the policy swaps in: `queue-scorer` alone, plus `extra` (the
+/// `flowControl` gate and section, or nothing).
+fn epp_config(extra: &str) -> infermesh_scheduler::ResolvedConfig {
+    infermesh_scheduler::load_config(&format!(
+        "apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+{extra}"
+    ))
+    .expect("valid config")
+}
+
+/// Flow control follows the EndpointPickerConfig swapped in at runtime, through the swap
+/// the policy feed applies (`NodeControl::set_scheduler_config`): a node started without
+/// the gate serves everything at once; with the gate on (a queue of one that never
+/// dispatches) the first request waits and the second gets 429 `rejected-saturated`; with
+/// the gate off again the waiting request is served and new ones bypass the queue.
+async fn flow_control_follows_a_runtime_config_swap(with_envoy: bool) {
+    let h = Harness::start(1, with_envoy).await;
+    let control = h.node.control();
+    let body = serde_json::json!({"model": h.model, "prompt": "hello", "max_tokens": 1});
+    let send = |client: infermesh_node::upstream::HttpClient, entry| {
+        let body = body.to_string();
+        async move { post(&client, entry, "/v1/completions", body, &[]).await }
+    };
+    assert!(!h.node.metrics().flow_enabled());
+    for _ in 0..2 {
+        assert_eq!(send(h.client.clone(), h.entry()).await.status, 200);
+    }
+    assert_eq!(
+        outcome_total(&h, Outcome::Dispatched),
+        0,
+        "no flow control yet"
+    );
+
+    control
+        .set_scheduler_config(&epp_config(
+            "- type: static-usage-limit-policy
+  name: never
+  parameters: {threshold: 0}
+featureGates: [flowControl]
+flowControl:
+  maxRequests: 1
+  defaultRequestTTL: 30s
+  usageLimitPolicyPluginRef: never
+",
+        ))
+        .expect("config applies");
+    let first = tokio::spawn(send(h.client.clone(), h.entry()));
+    wait_until(
+        "the first request to queue",
+        Duration::from_secs(10),
+        || h.node.metrics().flow.queue_size.get() == 1,
+    )
+    .await;
+    assert!(h.node.metrics().flow_enabled());
+    let r = send(h.client.clone(), h.entry()).await;
+    assert_eq!(r.status, 429, "{:?}", r.body);
+    assert_eq!(
+        r.header("x-llm-d-request-dropped-reason").as_deref(),
+        Some("rejected-saturated")
+    );
+    assert_eq!(outcome_total(&h, Outcome::RejectedCapacity), 1);
+    assert!(
+        !first.is_finished(),
+        "still waiting: the usage limit never dispatches"
+    );
+
+    control
+        .set_scheduler_config(&epp_config(""))
+        .expect("config applies");
+    let r = first.await.expect("request task");
+    assert_eq!(
+        r.status, 200,
+        "released when the gate went off, not dropped"
+    );
+    assert_eq!(outcome_total(&h, Outcome::Dispatched), 1);
+    assert_eq!(h.node.metrics().flow.queue_size.get(), 0);
+    assert!(!h.node.metrics().flow_enabled());
+    for _ in 0..2 {
+        assert_eq!(send(h.client.clone(), h.entry()).await.status, 200);
+    }
+    assert_eq!(
+        outcome_total(&h, Outcome::Dispatched),
+        1,
+        "new requests bypass flow control"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_flow_control_follows_a_runtime_config_swap() {
+    flow_control_follows_a_runtime_config_swap(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_ext_proc_flow_control_follows_a_runtime_config_swap() {
+    flow_control_follows_a_runtime_config_swap(true).await;
+}
+
+/// `program-aware-fairness` through the node: each finished request's usage (from the
+/// model server's `usage`) goes to its program's attained service, so of two programs
+/// queued behind one busy slot, the one that used fewer tokens goes first even though the
+/// other arrived first; Jain's index over their queue waits is exported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_program_aware_fairness_serves_the_program_with_less_service_first() {
+    let scheduler = infermesh_scheduler::load_config(
+        "apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+featureGates: [flowControl]
+plugins:
+- type: queue-scorer
+- type: program-aware-fairness
+- type: concurrency-detector
+  parameters: {maxConcurrency: 1}
+flowControl:
+  saturationDetector: {pluginRef: concurrency-detector}
+  defaultRequestTTL: 60s
+  defaultPriorityBand: {fairnessPolicyRef: program-aware-fairness}
+",
+    )
+    .expect("valid config");
+    // Refreshes far apart: a slot frees only when its request finishes.
+    let refresh = Duration::from_secs(5);
+    let h = Harness::start_with_profile(
+        1,
+        false,
+        infermesh_sim::EngineProfile::llama_8b_h100(),
+        |c| {
+            c.scheduler = scheduler;
+            c.scrape.interval = refresh;
+            c.staleness = Duration::from_secs(60);
+        },
+    )
+    .await;
+    let model = h.model.clone();
+    let run = move |client: infermesh_node::upstream::HttpClient,
+                    entry,
+                    program: &'static str,
+                    max_tokens: u32| {
+        let body = serde_json::json!({"model": model, "prompt": format!("work for {program}"), "max_tokens": max_tokens});
+        async move {
+            let r = post(
+                &client,
+                entry,
+                "/v1/completions",
+                body.to_string(),
+                &[("x-llm-d-inference-fairness-id", program)],
+            )
+            .await;
+            (r.status, std::time::Instant::now())
+        }
+    };
+    // History: "heavy" used far more tokens than "light".
+    assert_eq!(run(h.client.clone(), h.entry(), "heavy", 200).await.0, 200);
+    assert_eq!(run(h.client.clone(), h.entry(), "light", 1).await.0, 200);
+    // A long request holds the only slot while both programs queue, heavy first.
+    let holder = tokio::spawn(run(h.client.clone(), h.entry(), "holder", 300));
+    wait_until(
+        "the holder to be dispatched",
+        Duration::from_secs(10),
+        || outcome_total(&h, Outcome::Dispatched) == 3,
+    )
+    .await;
+    let heavy = tokio::spawn(run(h.client.clone(), h.entry(), "heavy", 20));
+    wait_until("heavy to queue", Duration::from_secs(10), || {
+        h.node.metrics().flow.queue_size.get() == 1
+    })
+    .await;
+    let light = tokio::spawn(run(h.client.clone(), h.entry(), "light", 20));
+    wait_until("light to queue", Duration::from_secs(10), || {
+        h.node.metrics().flow.queue_size.get() == 2
+    })
+    .await;
+    assert!(!holder.is_finished(), "the holder still runs");
+    let (holder, heavy, light) = (
+        holder.await.unwrap(),
+        heavy.await.unwrap(),
+        light.await.unwrap(),
+    );
+    assert_eq!((holder.0, heavy.0, light.0), (200, 200, 200));
+    assert!(
+        light.1 < heavy.1,
+        "light (less attained service) was served before heavy, which arrived first"
+    );
+    let text = h
+        .node
+        .metrics()
+        .render(&Default::default(), std::time::Instant::now());
+    let jain = text
+        .lines()
+        .find_map(|l| l.strip_prefix("llm_d_epp_program_aware_jains_fairness_index "))
+        .unwrap_or_else(|| panic!("no fairness index in:\n{text}"));
+    let jain: f64 = jain.parse().unwrap();
+    assert!(
+        jain > 0.0 && jain < 1.0,
+        "programs waited unequally: {jain}"
+    );
+    h.stop().await;
+}

@@ -391,6 +391,7 @@ fn build(
         | S::DestinationEndpointServedVerifier
         | S::GlobalStrictFairnessPolicy
         | S::RoundRobinFairnessPolicy
+        | S::ProgramAwareFairness(_)
         | S::FcfsOrderingPolicy
         | S::EdfOrderingPolicy
         | S::SloDeadlineOrderingPolicy

@@ -373,3 +373,63 @@ fn bad_holdback_and_soft_reflective_params_name_the_field() {
         assert!(e.to_string().contains(field), "{e}");
     }
 }
+
+#[test]
+fn program_aware_fairness_loads_with_llm_d_names_and_defaults() {
+    use infermesh_scheduler::flow::LasParams;
+    let cfg = load(
+        "featureGates: [flowControl]\nplugins:\n- type: queue-scorer\n- type: program-aware-fairness\n\
+         flowControl:\n  defaultPriorityBand:\n    fairnessPolicyRef: program-aware-fairness\n",
+    )
+    .unwrap();
+    let fc = cfg.flow_control.as_ref().unwrap();
+    let want = LasParams {
+        weight_service: 0.8,
+        weight_head_wait: 0.2,
+        half_life: Some(Duration::from_secs(60)),
+        eviction_ttl: Some(Duration::from_secs(3600)),
+        eviction_sweep: Duration::from_secs(300),
+    };
+    assert_eq!(fc.default_band.fairness, FairnessPolicy::ProgramAware(want));
+    assert_eq!(fc.las_params(), Some(want));
+    assert!(cfg.to_string().contains("program-aware-fairness"));
+    let cfg = load(
+        "featureGates: [flowControl]\nplugins:\n- type: queue-scorer\n- type: program-aware-fairness\n  name: las\n  parameters:\n    strategy: las\n    lasWeightService: 0.7\n    lasWeightHeadWait: 0.3\n    lasHalfLifeSeconds: 0\n    evictionTtlSeconds: 0\n    evictionSweepSeconds: 1.5\n\
+         flowControl:\n  priorityBands:\n  - priority: 3\n    fairnessPolicyRef: las\n",
+    )
+    .unwrap();
+    let fc = cfg.flow_control.as_ref().unwrap();
+    assert_eq!(
+        fc.band_config(3).fairness,
+        FairnessPolicy::ProgramAware(LasParams {
+            weight_service: 0.7,
+            weight_head_wait: 0.3,
+            half_life: None,
+            eviction_ttl: None,
+            eviction_sweep: Duration::from_millis(1500),
+        })
+    );
+    assert_eq!(fc.band_config(0).fairness, FairnessPolicy::GlobalStrict);
+}
+
+#[test]
+fn bad_program_aware_params_name_the_field() {
+    for (params, field) in [
+        ("lasWeightService: -0.1", "lasWeightService"),
+        ("lasWeightHeadWait: .nan", "lasWeightHeadWait"),
+        ("lasHalfLifeSeconds: -1", "lasHalfLifeSeconds"),
+        ("evictionTtlSeconds: -1", "evictionTtlSeconds"),
+        ("evictionSweepSeconds: 0", "evictionSweepSeconds"),
+        ("strategy: wfq", "strategy"),
+        ("lasDecay: 0.5", "lasDecay"),
+    ] {
+        let e = load(&format!(
+            "plugins:\n- type: program-aware-fairness\n  parameters:\n    {params}\n"
+        ))
+        .unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::InvalidParameter { field: f, .. } if f == field),
+            "{params}: {e}"
+        );
+    }
+}

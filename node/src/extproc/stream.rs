@@ -837,6 +837,7 @@ mod tests {
         let out = s.on_flow(Ok(crate::request::flow::Dispatched {
             waited: Duration::from_millis(5),
             lease: None,
+            usage: None,
         }));
         assert!(
             out.iter()

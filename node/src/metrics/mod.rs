@@ -166,6 +166,12 @@ pub struct FlowMetrics {
     pub enqueue_duration: HistogramFamily<EnqueueLabels>,
     /// Endpoints whose metrics are missing or older than the staleness threshold.
     pub stale_endpoints: Gauge,
+    /// Jain's fairness index over programs' mean queue waits (`program-aware-fairness`).
+    pub program_aware_jains_fairness_index: Gauge<f64, AtomicU64>,
+    /// Whether flow control is on now; the flow owner sets it as it follows the policy,
+    /// so it is the owner's view, the same one the queue gauges come from. Not exported
+    /// (llm-d has no such family); the status page reads it.
+    enabled: std::sync::atomic::AtomicBool,
 }
 
 /// Labels of `llm_d_epp_flow_control_request_enqueue_duration_seconds`.
@@ -194,7 +200,14 @@ impl FlowMetrics {
             dispatch_cycle: fast_histogram(),
             enqueue_duration: Family::new_with_constructor(fast_histogram),
             stale_endpoints: Gauge::default(),
+            program_aware_jains_fairness_index: Gauge::default(),
+            enabled: std::sync::atomic::AtomicBool::new(false),
         };
+        r.register(
+            "program_aware_jains_fairness_index",
+            "Jain's fairness index over the mean flow-control queue wait per program (program-aware-fairness; 1.0 is perfectly equal)",
+            m.program_aware_jains_fairness_index.clone(),
+        );
         r.register(
             "flow_control_dispatch_cycle_duration_seconds",
             "Time of one dispatch pass of the flow controller",
@@ -519,6 +532,23 @@ impl NodeMetrics {
         self.flow
             .pending_reclaim
             .set(i64::try_from(revoked).unwrap_or(i64::MAX));
+    }
+
+    /// Sets `program_aware_jains_fairness_index`.
+    pub fn set_program_fairness_index(&self, index: f64) {
+        self.flow.program_aware_jains_fairness_index.set(index);
+    }
+
+    /// Records whether flow control is on (the flow owner calls it on every switch).
+    pub fn set_flow_enabled(&self, on: bool) {
+        self.flow
+            .enabled
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether flow control is on now.
+    pub fn flow_enabled(&self) -> bool {
+        self.flow.enabled.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Sets the flow-control queue gauges.

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use infermesh_scheduler::flow::FlowConfig;
 use infermesh_scheduler::{ConfigError, ResolvedConfig, Scheduler};
 
 pub mod derive;
@@ -20,22 +21,36 @@ pub struct Policy {
     /// Model rewrites (InferenceModelRewrite) in force: `rewrites.target(model, rng)` gives
     /// the model a request is sent as. Swapped together with the scheduler.
     pub rewrites: Arc<ModelRewrites>,
+    /// The `flowControl` section when the config's `flowControl` gate is on (`None`: off).
+    /// The flow owner task follows it; requests wait in flow control only while it is set.
+    pub flow: Option<Arc<FlowConfig>>,
 }
 
 impl Policy {
-    /// Builds the scheduler for a resolved config (no model rewrites).
+    /// Builds the scheduler for a resolved config (no model rewrites), with its flow control.
     pub fn new(cfg: &ResolvedConfig) -> Result<Policy, Box<ConfigError>> {
         Ok(Policy {
             scheduler: Arc::new(Scheduler::new(cfg).map_err(Box::new)?),
             rewrites: Arc::new(ModelRewrites::default()),
+            flow: cfg.flow_control.clone().map(Arc::new),
         })
     }
 
-    /// The same scheduler with other model rewrites.
+    /// The same scheduler and flow control with other model rewrites.
     pub fn with_rewrites(&self, rewrites: Arc<ModelRewrites>) -> Policy {
         Policy {
             scheduler: self.scheduler.clone(),
             rewrites,
+            flow: self.flow.clone(),
+        }
+    }
+
+    /// The same scheduler and rewrites with other flow control (`None`: the gate off).
+    pub fn with_flow(&self, flow: Option<Arc<FlowConfig>>) -> Policy {
+        Policy {
+            scheduler: self.scheduler.clone(),
+            rewrites: self.rewrites.clone(),
+            flow,
         }
     }
 }

@@ -17,23 +17,36 @@ use crate::policy_store::LocalBase;
 use crate::policy_store::derive;
 use crate::policy_store::rewrite::ModelRewrites;
 use crate::pool_task::PoolInput;
+use crate::request::FlowGate;
 
-/// The handles through which policy changes reach a running node: its scheduler swap and
-/// its pool task's input.
+/// The handles through which policy changes reach a running node: its scheduler swap, its
+/// flow owner and its pool task's input.
 #[derive(Debug, Clone)]
 pub struct NodeControl {
     policy: SharedPolicy,
     pool_tx: mpsc::Sender<PoolInput>,
+    flow: Option<FlowGate>,
 }
 
 impl NodeControl {
     /// A control over the node's shared policy and pool task input.
     pub fn new(policy: SharedPolicy, pool_tx: mpsc::Sender<PoolInput>) -> NodeControl {
-        NodeControl { policy, pool_tx }
+        NodeControl {
+            policy,
+            pool_tx,
+            flow: None,
+        }
     }
 
-    /// Builds a scheduler for `cfg` and swaps it in (keeping the model rewrites); requests
-    /// already scheduled keep theirs.
+    /// Also tells the node's flow owner when a swap may have changed flow control, so a
+    /// gate turned off releases the queue at once rather than at the owner's next wake-up.
+    pub fn with_flow(mut self, gate: FlowGate) -> NodeControl {
+        self.flow = Some(gate);
+        self
+    }
+
+    /// Builds a scheduler for `cfg` and swaps it in (keeping the model rewrites), with the
+    /// config's flow control; requests already scheduled keep theirs.
     pub fn set_scheduler_config(
         &self,
         cfg: &infermesh_scheduler::ResolvedConfig,
@@ -41,6 +54,9 @@ impl NodeControl {
         let rewrites = self.policy.load().rewrites.clone();
         self.policy
             .store(Arc::new(Policy::new(cfg)?.with_rewrites(rewrites)));
+        if let Some(gate) = &self.flow {
+            gate.policy_changed();
+        }
         Ok(())
     }
 

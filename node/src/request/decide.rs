@@ -336,6 +336,13 @@ impl Ticket {
         self.finished = true;
         // Ends flow control's lease (in-flight eviction): the request is over.
         drop(self.prepared.lease.take());
+        // program-aware-fairness: the request's tokens go to its program's service.
+        if let Some(mut r) = self.prepared.usage.take() {
+            if let Some(u) = report.as_ref().and_then(|r| r.usage) {
+                r.record(u.prompt_tokens, u.completion_tokens);
+            }
+            drop(r);
+        }
         let served = served
             .or_else(|| self.slot.as_ref().map(|s| s.address()))
             .unwrap_or(self.destinations[0]);
@@ -346,7 +353,7 @@ impl Ticket {
         if let Some(s) = self.slot.take() {
             s.release(self.tokens);
             // Flow control may give the freed room to a waiting request now.
-            if let Some(flow) = &self.dispatcher.flow {
+            if let Some(flow) = self.dispatcher.flow_gate(&p.policy) {
                 flow.released();
             }
         }

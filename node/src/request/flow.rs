@@ -10,6 +10,21 @@
 //!       ◀── Dispatched(waited) | DropReason ──────────┘ poll_decision until None
 //! ```
 //!
+//! The owner follows the policy: the `flowControl` section of the EndpointPickerConfig in
+//! force ([`Policy::flow`](crate::policy::Policy::flow)) can change with every policy swap.
+//! The owner compares it (one pointer load) at every wake-up and on every enqueue, and the
+//! swap paths (`NodeControl`, `App::set_scheduler_config`) wake it with
+//! [`FlowGate::policy_changed`]. A changed section is applied with
+//! [`FlowController::handle_reconfigure`] (queued requests stay); a gate turned off
+//! releases every queued request at once ([`FlowController::handle_release_all`]); a gate
+//! turned on takes requests from the next one on. While the gate is off, request tasks
+//! never send anything here (they read the same policy), so the off path costs nothing.
+//!
+//! A request dispatched from a `program-aware-fairness` band carries a [`UsageReport`];
+//! the request path records the response's token usage on it, and dropping it (however
+//! the request ended) sends the usage to the owner, which adds it to the program's
+//! attained service ([`FlowController::handle_served`]).
+//!
 //! The owner sleeps until the controller's next expiry, the next input, or — while
 //! something is queued — the next load refresh (the scrape interval, which is also the
 //! load board's cadence), when it measures saturation again with the same detector
@@ -130,6 +145,47 @@ pub struct Dispatched {
     pub waited: Duration,
     /// Its lease, when in-flight eviction is on.
     pub lease: Option<Lease>,
+    /// Set when it left a `program-aware-fairness` band: the request's token usage goes
+    /// to its program's attained service when this is dropped.
+    pub usage: Option<UsageReport>,
+}
+
+/// Reports a request's token usage to flow control when dropped (however the request
+/// ended: a request that fails or is cancelled reports what was recorded, 0 by default),
+/// so every dispatch from a `program-aware-fairness` band is reported exactly once.
+pub struct UsageReport {
+    tx: mpsc::UnboundedSender<Input>,
+    ticket: FlowTicket,
+    input: u64,
+    output: u64,
+}
+
+impl std::fmt::Debug for UsageReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UsageReport")
+            .field("ticket", &self.ticket)
+            .field("input", &self.input)
+            .field("output", &self.output)
+            .finish()
+    }
+}
+
+impl UsageReport {
+    /// Records the response's usage (prompt and completion tokens), sent on drop.
+    pub fn record(&mut self, input: u64, output: u64) {
+        self.input = input;
+        self.output = output;
+    }
+}
+
+impl Drop for UsageReport {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Input::Served {
+            ticket: self.ticket,
+            input: self.input,
+            output: self.output,
+        });
+    }
 }
 
 type Reply = oneshot::Sender<Result<Dispatched, DropReason>>;
@@ -146,6 +202,14 @@ enum Input {
     Released,
     /// A lease was dropped: the request ended (or never started).
     LeaseEnded(FlowTicket),
+    /// A request dispatched from a program-aware band ended with this token usage.
+    Served {
+        ticket: FlowTicket,
+        input: u64,
+        output: u64,
+    },
+    /// The policy was swapped: flow control may have been turned on, off or changed.
+    PolicyChanged,
 }
 
 /// The request side's handle to the owner task; cheap to clone.
@@ -162,6 +226,8 @@ impl std::fmt::Debug for Input {
             Input::Cancel(id) => write!(f, "Cancel({id})"),
             Input::Released => f.write_str("Released"),
             Input::LeaseEnded(t) => write!(f, "LeaseEnded({t:?})"),
+            Input::PolicyChanged => f.write_str("PolicyChanged"),
+            Input::Served { ticket, .. } => write!(f, "Served({ticket:?})"),
         }
     }
 }
@@ -206,9 +272,16 @@ impl FlowGate {
         let _ = self.tx.send(Input::Released);
     }
 
-    /// Starts the owner task (on the current tokio runtime) until `shutdown`.
+    /// Wakes the owner after a policy swap, so it applies the new flow control now (a gate
+    /// turned off releases its queue at once).
+    pub fn policy_changed(&self) {
+        let _ = self.tx.send(Input::PolicyChanged);
+    }
+
+    /// Starts the owner task (on the current tokio runtime) until `shutdown`. It follows
+    /// `policy`'s flow control from then on; it fails only when the flow control in force
+    /// now is invalid.
     pub fn spawn(
-        cfg: FlowConfig,
         driver: FlowDriverConfig,
         pool: SharedPool,
         policy: SharedPolicy,
@@ -216,10 +289,17 @@ impl FlowGate {
         live_nodes: LiveNodes,
         shutdown: watch::Receiver<bool>,
     ) -> Result<(FlowGate, tokio::task::JoinHandle<()>), InvalidFlowConfig> {
+        let applied = policy.load().flow.clone();
+        // While off, the controller holds llm-d's defaults; turning the gate on
+        // reconfigures it, so tickets stay unique for the task's lifetime.
+        let cfg = applied.as_deref().cloned().unwrap_or_default();
         let fc = FlowController::new(cfg, Instant::now())?;
+        metrics.set_flow_enabled(applied.is_some());
         let (tx, rx) = mpsc::unbounded_channel();
         let owner = Owner {
             fc,
+            seen: applied.clone(),
+            applied,
             driver,
             pool,
             policy,
@@ -306,6 +386,10 @@ fn measure(saturation: impl Fn(&[Endpoint]) -> f64, candidates: &mut [Endpoint])
 
 struct Owner {
     fc: FlowController,
+    /// The policy's flow control as last looked at (compared by pointer: cheap per wake-up).
+    seen: Option<Arc<FlowConfig>>,
+    /// The flow control in force (`None`: the gate is off and requests pass through).
+    applied: Option<Arc<FlowConfig>>,
     driver: FlowDriverConfig,
     pool: SharedPool,
     policy: SharedPolicy,
@@ -330,14 +414,17 @@ impl Owner {
     ) {
         loop {
             let now = Instant::now();
-            if now >= self.next_refresh {
-                self.refresh(now);
+            self.follow_policy(now);
+            if self.applied.is_some() {
+                if now >= self.next_refresh {
+                    self.refresh(now);
+                }
+                self.drain(now);
+                self.metrics
+                    .flow
+                    .dispatch_cycle
+                    .observe(now.elapsed().as_secs_f64());
             }
-            self.drain(now);
-            self.metrics
-                .flow
-                .dispatch_cycle
-                .observe(now.elapsed().as_secs_f64());
             self.publish_gauges();
             let mut wake = self.fc.next_deadline();
             if !self.fc.is_empty() {
@@ -370,10 +457,71 @@ impl Owner {
         self.publish_gauges();
     }
 
+    /// Brings the controller in line with the policy's flow control, if it changed.
+    fn follow_policy(&mut self, now: Instant) {
+        let policy = self.policy.load();
+        let unchanged = match (&self.seen, &policy.flow) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if unchanged {
+            return;
+        }
+        self.seen = policy.flow.clone();
+        match &policy.flow {
+            // A new scheduler with the same section (most policy swaps) changes nothing.
+            Some(new) if self.applied.as_deref() == Some(&**new) => {
+                self.applied = Some(new.clone());
+            }
+            Some(new) => match self.fc.handle_reconfigure((**new).clone()) {
+                Ok(()) => {
+                    tracing::info!(
+                        was_on = self.applied.is_some(),
+                        queued = self.fc.len(),
+                        "flow control follows the new policy"
+                    );
+                    self.applied = Some(new.clone());
+                    self.metrics.set_flow_enabled(true);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, on = self.applied.is_some(), "flow control: the new policy's flowControl section is invalid; keeping the one in force");
+                }
+            },
+            None => {
+                if self.applied.take().is_none() {
+                    return;
+                }
+                let mut out = Vec::new();
+                self.fc.handle_release_all(now, &mut out);
+                tracing::info!(
+                    released = out.len(),
+                    "flow control turned off: every queued request is dispatched"
+                );
+                for d in out {
+                    self.deliver(d);
+                }
+                self.metrics.set_flow_enabled(false);
+            }
+        }
+    }
+
     fn handle(&mut self, msg: Input) {
         let now = Instant::now();
         match msg {
             Input::Enqueue { id, arrival, reply } => {
+                // The request read a policy with the gate on; this one may be newer.
+                self.follow_policy(now);
+                if self.applied.is_none() {
+                    // Turned off meanwhile: pass through, as a request that read the new
+                    // policy does.
+                    let _ = reply.send(Ok(Dispatched {
+                        waited: Duration::ZERO,
+                        lease: None,
+                        usage: None,
+                    }));
+                    return;
+                }
                 if self.fc.is_empty() && now >= self.next_refresh {
                     // The first request after an idle spell sees a fresh measurement.
                     self.refresh(now);
@@ -423,6 +571,13 @@ impl Owner {
                     self.deliver(d);
                 }
             }
+            // The loop looks at the policy after every batch of inputs.
+            Input::PolicyChanged => {}
+            Input::Served {
+                ticket,
+                input,
+                output,
+            } => self.fc.handle_served(ticket, input, output, now),
         }
     }
 
@@ -469,7 +624,9 @@ impl Owner {
             .and_then(|id| self.waiting.remove(&id));
         let Some((_, reply)) = reply else {
             if d.is_dispatched() {
-                self.fc.handle_lease_end(d.ticket, Instant::now());
+                let now = Instant::now();
+                self.fc.handle_lease_end(d.ticket, now);
+                self.fc.handle_served(d.ticket, 0, 0, now);
             }
             return;
         };
@@ -477,11 +634,18 @@ impl Owner {
             None if d.outcome == FlowOutcome::Dispatched => Ok(Dispatched {
                 waited: d.waited,
                 lease: self.lease(d.ticket, d.priority),
+                usage: self.fc.wants_usage(d.ticket).then(|| UsageReport {
+                    tx: self.tx.clone(),
+                    ticket: d.ticket,
+                    input: 0,
+                    output: 0,
+                }),
             }),
             None => Err(DropReason::Internal),
             Some(r) => Err(r),
         };
-        // A closed reply is a client that went away; its Cancel is on its way.
+        // A closed reply is a client that went away; its Cancel is on its way, and the
+        // returned lease and usage report end themselves on drop.
         let _ = reply.send(answer);
     }
 
@@ -519,6 +683,9 @@ impl Owner {
 
     fn publish_gauges(&self) {
         self.metrics.set_flow_queue(self.fc.len(), self.fc.bytes());
+        if let Some(j) = self.fc.program_fairness_index() {
+            self.metrics.set_program_fairness_index(j);
+        }
         self.metrics.set_flow_pending_reclaim(self.fc.leases().1);
     }
 }

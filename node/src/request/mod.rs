@@ -50,16 +50,29 @@ pub use owners::{PrefixAnswer, PrefixLookup, PrefixOwners};
 pub use prepare::{DispatchConfig, Dispatcher, FlowWait, Prepared};
 pub use rejection::{NoEndpoint, Rejection};
 
-/// `d` behind a flow gate over its own pool (refreshed every 2 ms, one live node), for the
-/// tests of the request path and its edges; the sender shuts the gate down.
+/// `d` behind a flow gate over its own pool (refreshed every 2 ms, one live node), with
+/// `cfg` as the policy's flow control, for the tests of the request path and its edges;
+/// the sender shuts the gate down.
 #[cfg(test)]
 pub(crate) fn gated_for_tests(
     d: Dispatcher,
     cfg: infermesh_scheduler::flow::FlowConfig,
 ) -> (Dispatcher, tokio::sync::watch::Sender<bool>) {
+    gate_for_tests(d, Some(cfg))
+}
+
+/// As [`gated_for_tests`], with the policy's flow control `cfg` (`None`: the gate off,
+/// though the owner runs and follows later policy swaps).
+#[cfg(test)]
+pub(crate) fn gate_for_tests(
+    d: Dispatcher,
+    cfg: Option<infermesh_scheduler::flow::FlowConfig>,
+) -> (Dispatcher, tokio::sync::watch::Sender<bool>) {
     let (sd, sd_rx) = tokio::sync::watch::channel(false);
+    let flow = cfg.map(std::sync::Arc::new);
+    d.policy()
+        .rcu(|p| std::sync::Arc::new(p.with_flow(flow.clone())));
     let (gate, _task) = FlowGate::spawn(
-        cfg,
         flow::FlowDriverConfig {
             refresh: std::time::Duration::from_millis(2),
             staleness: std::time::Duration::from_secs(60),
@@ -650,6 +663,73 @@ mod tests {
             assert_eq!(outcomes(&d, FlowOutcome::RejectedCapacity), 1);
             set_load(&d, 0);
             assert!(first.await.unwrap().is_ok());
+        }
+
+        fn swap_flow(d: &Dispatcher, cfg: Option<FlowConfig>) {
+            let flow = cfg.map(Arc::new);
+            d.policy().rcu(|p| Arc::new(p.with_flow(flow.clone())));
+        }
+
+        #[tokio::test]
+        async fn a_gate_turned_on_at_runtime_makes_requests_wait() {
+            let (d, _sd) = super::super::gate_for_tests(dispatcher(50, 0.95), None);
+            assert!(!d.flow_enabled());
+            // Off: a sheddable request on a saturated pool is shed at once.
+            let err = d
+                .route(ApiKind::Completions, BODY, meta("batch"), &[])
+                .await
+                .unwrap_err();
+            assert_eq!(err.outcome(), Outcome::Shed);
+            assert!(!d.metrics().flow_enabled());
+            swap_flow(&d, Some(FlowConfig::default()));
+            assert!(d.flow_enabled());
+            let task = spawn_route(&d, "batch");
+            until("the request to queue", || {
+                d.metrics().flow.queue_size.get() == 1
+            })
+            .await;
+            assert!(d.metrics().flow_enabled(), "the owner follows the policy");
+            assert!(!task.is_finished());
+            set_load(&d, 0);
+            assert!(task.await.unwrap().is_ok());
+            assert_eq!(outcomes(&d, FlowOutcome::Dispatched), 1);
+        }
+
+        #[tokio::test]
+        async fn a_gate_turned_off_at_runtime_releases_the_queue_and_lets_requests_bypass() {
+            let (d, _sd) = gated(FlowConfig::default());
+            let waiting: Vec<_> = (0..3).map(|_| spawn_route(&d, "")).collect();
+            until("the requests to queue", || {
+                d.metrics().flow.queue_size.get() == 3
+            })
+            .await;
+            // Still saturated: only turning the gate off lets them go.
+            swap_flow(&d, None);
+            for t in waiting {
+                assert!(t.await.unwrap().is_ok(), "released, not dropped");
+            }
+            assert_eq!(outcomes(&d, FlowOutcome::Dispatched), 3);
+            until("the owner to record the switch", || {
+                !d.metrics().flow_enabled()
+            })
+            .await;
+            assert_eq!(d.metrics().flow.queue_size.get(), 0);
+            // New requests bypass: a sheddable one is shed by admission, at once.
+            let err = d
+                .route(ApiKind::Completions, BODY, meta("batch"), &[])
+                .await
+                .unwrap_err();
+            assert_eq!(err.outcome(), Outcome::Shed);
+            assert!(
+                d.route(ApiKind::Completions, BODY, meta(""), &[])
+                    .await
+                    .is_ok()
+            );
+            assert_eq!(
+                outcomes(&d, FlowOutcome::Dispatched),
+                3,
+                "nothing more entered"
+            );
         }
 
         #[tokio::test]

@@ -23,7 +23,7 @@ use rand::seq::IndexedRandom;
 use super::RequestMeta;
 use super::burst::{BurstGate, BurstWait};
 use super::flow::{
-    Dispatched, FlowArrival, FlowGate, Lease, SLO_TTFT_HEADER, SLO_TTFT_HEADER_ALIAS,
+    Dispatched, FlowArrival, FlowGate, Lease, SLO_TTFT_HEADER, SLO_TTFT_HEADER_ALIAS, UsageReport,
 };
 use super::owners::{PrefixAnswer, PrefixLookup, PrefixOwners};
 use super::rejection::{NoEndpoint, Rejection};
@@ -89,6 +89,8 @@ pub struct Prepared {
     pub(super) exclude: Vec<SocketAddr>,
     /// Flow control's lease on the pool, held until the request ends (eviction on).
     pub(super) lease: Option<Lease>,
+    /// Where the request's token usage goes when it left a program-aware band.
+    pub(super) usage: Option<UsageReport>,
     /// Where the burst producer's batch placed this request (`None`: no placement, or no
     /// producer).
     pub(super) burst: Option<SocketAddr>,
@@ -135,16 +137,21 @@ impl Dispatcher {
         self
     }
 
-    /// Makes requests wait in flow control after phase one (the `flowControl` gate);
-    /// admission then no longer sheds sheddable requests at once.
+    /// Gives requests a flow owner to wait in after phase one while the policy's
+    /// `flowControl` gate is on; admission then no longer sheds sheddable requests at once.
     pub fn with_flow(mut self, gate: FlowGate) -> Dispatcher {
         self.flow = Some(gate);
         self
     }
 
-    /// Whether flow control is on.
+    /// Whether flow control is on now (a flow owner, and the gate on in the policy).
     pub fn flow_enabled(&self) -> bool {
-        self.flow.is_some()
+        self.flow_gate(&self.policy.load()).is_some()
+    }
+
+    /// The flow owner a request that read `policy` waits in; `None` while the gate is off.
+    pub(super) fn flow_gate(&self, policy: &Policy) -> Option<&FlowGate> {
+        self.flow.as_ref().filter(|_| policy.flow.is_some())
     }
 
     /// Keeps prefix state at the anchors' owners instead of this scheduler's own index.
@@ -296,9 +303,8 @@ impl Dispatcher {
             return Err((req.model, Rejection::NoEndpoint(why)));
         }
         // With flow control a sheddable request waits under its TTL instead (llm-d).
-        if self.flow.is_none()
-            && let Err(e) = policy.scheduler.admit(&req, &candidates, now)
-        {
+        let flow_on = self.flow_gate(&policy).is_some();
+        if !flow_on && let Err(e) = policy.scheduler.admit(&req, &candidates, now) {
             return Err((req.model, Rejection::Shed(e)));
         }
         // The precise producer keys token ids, so its chain is built in the lookup, after
@@ -338,15 +344,12 @@ impl Dispatcher {
             rewrite,
             started: now,
             body_bytes: body.len() as u64,
-            subset: if self.flow.is_some() {
-                meta.subset.take()
-            } else {
-                None
-            },
+            subset: if flow_on { meta.subset.take() } else { None },
             lease: None,
+            usage: None,
             burst: None,
             tokenize,
-            exclude: if self.flow.is_some() {
+            exclude: if flow_on {
                 exclude.to_vec()
             } else {
                 Vec::new()
@@ -355,9 +358,9 @@ impl Dispatcher {
     }
 
     /// The flow-control wait to await between phase one and the owner lookup; `None` when
-    /// the gate is off.
+    /// the gate is off in the policy the request read.
     pub fn flow_wait(&self, p: &Prepared) -> Option<FlowWait> {
-        let gate = self.flow.clone()?;
+        let gate = self.flow_gate(&p.policy)?.clone();
         let headers = &p.req.headers;
         let slo_ttft = [SLO_TTFT_HEADER, SLO_TTFT_HEADER_ALIAS]
             .iter()
@@ -384,8 +387,13 @@ impl Dispatcher {
         answer: Result<Dispatched, infermesh_scheduler::flow::DropReason>,
     ) -> Result<(), Rejection> {
         let r = match answer {
-            Ok(Dispatched { waited, lease }) => {
+            Ok(Dispatched {
+                waited,
+                lease,
+                usage,
+            }) => {
                 p.lease = lease;
+                p.usage = usage;
                 if waited.is_zero() {
                     return Ok(());
                 }

@@ -36,8 +36,6 @@ pub struct Sources {
     pub raft: Arc<ArcSwapOption<infermesh_raft_store::PolicyStore>>,
     /// The xDS feed.
     pub xds: crate::xds::XdsFeed,
-    /// Flow control is on.
-    pub flow: bool,
 }
 
 impl Sources {
@@ -65,7 +63,11 @@ impl Sources {
             prefix,
             totals: self.metrics.epp.totals(),
             xds: &xds,
-            queued: self.flow.then(|| self.metrics.flow.queue_size.get()),
+            // Follows the policy: the gate can be turned on or off at runtime.
+            queued: self
+                .metrics
+                .flow_enabled()
+                .then(|| self.metrics.flow.queue_size.get()),
         })
     }
 }

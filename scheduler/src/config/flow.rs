@@ -241,6 +241,7 @@ impl Resolver<'_, '_> {
             let field = format!("{path}.fairnessPolicyRef");
             band.fairness = match self.policy(r, &field, PluginKind::FairnessPolicy, anchor)? {
                 PluginSpec::RoundRobinFairnessPolicy => FairnessPolicy::RoundRobin,
+                PluginSpec::ProgramAwareFairness(p) => FairnessPolicy::ProgramAware(p.las()),
                 _ => FairnessPolicy::GlobalStrict,
             };
         }

@@ -1113,6 +1113,96 @@ impl CoreMetricsExtractorParams {
     }
 }
 
+/// `program-aware-fairness`'s scoring strategy (llm-d supports only `las`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProgramAwareStrategy {
+    /// Least attained service.
+    #[default]
+    Las,
+}
+
+/// `program-aware-fairness`: least-attained-service fairness across programs (fairness
+/// ids), llm-d's names and defaults; seconds as numbers, 0 meaning "off" for the
+/// half-life and the eviction TTL.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct ProgramAwareFairnessParams {
+    /// The scoring strategy (`las`).
+    pub strategy: ProgramAwareStrategy,
+    /// Weight on the inverted attained service (0.8).
+    pub las_weight_service: f64,
+    /// Weight on the head-of-queue wait (0.2).
+    pub las_weight_head_wait: f64,
+    /// Half-life of attained service in seconds (60; 0: no decay).
+    pub las_half_life_seconds: f64,
+    /// Seconds after its last completion before an idle program is forgotten (3600; 0: never).
+    pub eviction_ttl_seconds: f64,
+    /// Seconds between eviction sweeps (300; must be > 0).
+    pub eviction_sweep_seconds: f64,
+}
+
+impl Default for ProgramAwareFairnessParams {
+    fn default() -> Self {
+        let d = crate::flow::LasParams::default();
+        let secs = |v: Option<std::time::Duration>| v.map_or(0.0, |d| d.as_secs_f64());
+        ProgramAwareFairnessParams {
+            strategy: ProgramAwareStrategy::Las,
+            las_weight_service: d.weight_service,
+            las_weight_head_wait: d.weight_head_wait,
+            las_half_life_seconds: secs(d.half_life),
+            eviction_ttl_seconds: secs(d.eviction_ttl),
+            eviction_sweep_seconds: d.eviction_sweep.as_secs_f64(),
+        }
+    }
+}
+
+impl ProgramAwareFairnessParams {
+    /// Weights, half-life and TTL finite and >= 0; the sweep interval finite and > 0.
+    pub fn validate(&self) -> Result<(), ParamProblem> {
+        for (field, v) in [
+            ("lasWeightService", self.las_weight_service),
+            ("lasWeightHeadWait", self.las_weight_head_wait),
+            ("lasHalfLifeSeconds", self.las_half_life_seconds),
+            ("evictionTtlSeconds", self.eviction_ttl_seconds),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                return Err(problem(field, "must be a finite number >= 0"));
+            }
+        }
+        if !self.eviction_sweep_seconds.is_finite() || self.eviction_sweep_seconds <= 0.0 {
+            return Err(problem(
+                "evictionSweepSeconds",
+                "must be a finite number of seconds > 0",
+            ));
+        }
+        // Durations past this overflow `Duration`; nobody means them.
+        const MAX_SECS: f64 = 1e12;
+        for (field, v) in [
+            ("lasHalfLifeSeconds", self.las_half_life_seconds),
+            ("evictionTtlSeconds", self.eviction_ttl_seconds),
+            ("evictionSweepSeconds", self.eviction_sweep_seconds),
+        ] {
+            if v > MAX_SECS {
+                return Err(problem(field, "is too large"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The flow controller's form (after [`validate`](Self::validate)).
+    pub fn las(&self) -> crate::flow::LasParams {
+        let positive = |s: f64| (s > 0.0).then(|| std::time::Duration::from_secs_f64(s));
+        crate::flow::LasParams {
+            weight_service: self.las_weight_service,
+            weight_head_wait: self.las_weight_head_wait,
+            half_life: positive(self.las_half_life_seconds),
+            eviction_ttl: positive(self.eviction_ttl_seconds),
+            eviction_sweep: std::time::Duration::from_secs_f64(self.eviction_sweep_seconds),
+        }
+    }
+}
+
 /// `static-usage-limit-policy`: one saturation ceiling for every priority band.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]

@@ -176,6 +176,8 @@ pub enum PluginSpec {
     GlobalStrictFairnessPolicy,
     /// `round-robin-fairness-policy`
     RoundRobinFairnessPolicy,
+    /// `program-aware-fairness`
+    ProgramAwareFairness(ProgramAwareFairnessParams),
     /// `fcfs-ordering-policy`
     FcfsOrderingPolicy,
     /// `edf-ordering-policy`
@@ -245,6 +247,7 @@ impl PluginSpec {
             PluginSpec::Parser(p) => p.type_name(),
             PluginSpec::GlobalStrictFairnessPolicy => "global-strict-fairness-policy",
             PluginSpec::RoundRobinFairnessPolicy => "round-robin-fairness-policy",
+            PluginSpec::ProgramAwareFairness(_) => "program-aware-fairness",
             PluginSpec::FcfsOrderingPolicy => "fcfs-ordering-policy",
             PluginSpec::EdfOrderingPolicy => "edf-ordering-policy",
             PluginSpec::SloDeadlineOrderingPolicy => "slo-deadline-ordering-policy",
@@ -302,7 +305,9 @@ impl PluginSpec {
             CoreMetricsExtractor(_) | TopologyExtractor(_) => PluginKind::DataExtractor,
             UtilizationDetector(_) | ConcurrencyDetector(_) => PluginKind::SaturationDetector,
             Parser(_) => PluginKind::Parser,
-            GlobalStrictFairnessPolicy | RoundRobinFairnessPolicy => PluginKind::FairnessPolicy,
+            GlobalStrictFairnessPolicy | RoundRobinFairnessPolicy | ProgramAwareFairness(_) => {
+                PluginKind::FairnessPolicy
+            }
             FcfsOrderingPolicy | EdfOrderingPolicy | SloDeadlineOrderingPolicy => {
                 PluginKind::OrderingPolicy
             }
@@ -359,6 +364,7 @@ impl PluginSpec {
             ConcurrencyDetector(p) => j(p),
             StaticUsageLimitPolicy(p) => j(p),
             PriorityHoldbackPolicy(p) => j(p),
+            ProgramAwareFairness(p) => j(p),
             DecodeFilter
             | PrefillFilter
             | EncodeFilter
@@ -536,7 +542,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
     ("disaggregatedset-rollout-pod-extractor", "not implemented"),
     ("p2p-source-producer", "not implemented"),
     ("agent-identity", "not implemented"),
-    ("program-aware-fairness", "not implemented"),
     ("mm-embeddings-cache-producer", "not implemented"),
     ("mm-embeddings-cache-scorer", "not implemented"),
     (
@@ -741,6 +746,7 @@ pub const KNOWN_TYPES: &[&str] = &[
     "passthrough-parser",
     "global-strict-fairness-policy",
     "round-robin-fairness-policy",
+    "program-aware-fairness",
     "fcfs-ordering-policy",
     "edf-ordering-policy",
     "slo-deadline-ordering-policy",
@@ -945,6 +951,11 @@ pub fn parse_spec_with_warnings(
         "passthrough-parser" => none(params).map(|_| S::Parser(ParserType::Passthrough))?,
         "global-strict-fairness-policy" => none(params).map(|_| S::GlobalStrictFairnessPolicy)?,
         "round-robin-fairness-policy" => none(params).map(|_| S::RoundRobinFairnessPolicy)?,
+        "program-aware-fairness" => {
+            let p: ProgramAwareFairnessParams = parse(params)?;
+            check(p.validate())?;
+            S::ProgramAwareFairness(p)
+        }
         "fcfs-ordering-policy" => none(params).map(|_| S::FcfsOrderingPolicy)?,
         "edf-ordering-policy" => none(params).map(|_| S::EdfOrderingPolicy)?,
         "slo-deadline-ordering-policy" => none(params).map(|_| S::SloDeadlineOrderingPolicy)?,

@@ -61,6 +61,11 @@ impl Band {
         self.index.len()
     }
 
+    /// The fairness id of flow `slot` (a slot of a queued request).
+    pub(crate) fn flow_id(&self, slot: u32) -> &str {
+        &self.flows[slot as usize].id
+    }
+
     /// Queues `key` in the flow `fairness_id`; returns the flow slot.
     pub(crate) fn push(&mut self, fairness_id: &str, key: OrderKey, bytes: u64) -> u32 {
         let slot = match self.index.get(fairness_id) {
@@ -105,11 +110,23 @@ impl Band {
         self.bytes -= bytes;
     }
 
+    /// Every live flow with its head (its first key under the band's ordering).
+    pub(crate) fn heads(&self) -> impl Iterator<Item = (&str, OrderKey)> + '_ {
+        self.index.iter().filter_map(|(id, &slot)| {
+            let head = self.flows[slot as usize].items.first()?;
+            Some((&**id, *head))
+        })
+    }
+
     /// The key the fairness policy serves next (the caller then removes it). Round-robin
     /// moves the chosen flow to the back of the ring.
     pub(crate) fn pick(&mut self) -> Option<OrderKey> {
         match self.cfg.fairness {
-            FairnessPolicy::GlobalStrict => self.all.first().copied(),
+            // The controller picks for program-aware bands from `heads`, as it holds the
+            // program table; arrival order is what this band alone can offer.
+            FairnessPolicy::GlobalStrict | FairnessPolicy::ProgramAware(_) => {
+                self.all.first().copied()
+            }
             FairnessPolicy::RoundRobin => loop {
                 let slot = *self.ring.front()?;
                 let flow = &mut self.flows[slot as usize];

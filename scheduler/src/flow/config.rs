@@ -16,14 +16,56 @@ pub const DEFAULT_NO_ENDPOINT_REQUEST_TTL: Duration = Duration::from_secs(60);
 /// `static-usage-limit-policy` threshold when none is given (1.0: gate at saturation).
 pub const DEFAULT_USAGE_THRESHOLD: f64 = 1.0;
 
+/// `program-aware-fairness` weight on attained service when none is given (llm-d).
+pub const DEFAULT_LAS_WEIGHT_SERVICE: f64 = 0.8;
+/// `program-aware-fairness` weight on head-of-queue wait when none is given (llm-d).
+pub const DEFAULT_LAS_WEIGHT_HEAD_WAIT: f64 = 0.2;
+/// `program-aware-fairness` half-life of attained service (llm-d `lasHalfLifeSeconds` 60).
+pub const DEFAULT_LAS_HALF_LIFE: Duration = Duration::from_secs(60);
+/// `program-aware-fairness` idle time after which a program is forgotten (llm-d 3600 s).
+pub const DEFAULT_LAS_EVICTION_TTL: Duration = Duration::from_secs(3600);
+/// `program-aware-fairness` interval between eviction sweeps (llm-d 300 s).
+pub const DEFAULT_LAS_EVICTION_SWEEP: Duration = Duration::from_secs(300);
+
+/// `program-aware-fairness` (least attained service) parameters; see [`super::programs`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LasParams {
+    /// Weight on the inverted, normalised attained service (`lasWeightService`).
+    pub weight_service: f64,
+    /// Weight on the normalised head-of-queue wait (`lasWeightHeadWait`).
+    pub weight_head_wait: f64,
+    /// Half-life of attained service (`None`: no decay, `lasHalfLifeSeconds: 0`).
+    pub half_life: Option<Duration>,
+    /// Idle time after the last completion before a program is forgotten (`None`: never,
+    /// `evictionTtlSeconds: 0`).
+    pub eviction_ttl: Option<Duration>,
+    /// Interval between eviction sweeps (`evictionSweepSeconds`, > 0).
+    pub eviction_sweep: Duration,
+}
+
+impl Default for LasParams {
+    fn default() -> Self {
+        LasParams {
+            weight_service: DEFAULT_LAS_WEIGHT_SERVICE,
+            weight_head_wait: DEFAULT_LAS_WEIGHT_HEAD_WAIT,
+            half_life: Some(DEFAULT_LAS_HALF_LIFE),
+            eviction_ttl: Some(DEFAULT_LAS_EVICTION_TTL),
+            eviction_sweep: DEFAULT_LAS_EVICTION_SWEEP,
+        }
+    }
+}
+
 /// How a band chooses which flow (fairness id) to serve next.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum FairnessPolicy {
     /// `global-strict-fairness-policy`: the best head across all flows, ignoring flow boundaries.
     #[default]
     GlobalStrict,
     /// `round-robin-fairness-policy`: flows take turns, one request each.
     RoundRobin,
+    /// `program-aware-fairness`: the flow with the least attained service (decayed
+    /// weighted tokens) goes first, head-of-queue wait breaking ties.
+    ProgramAware(LasParams),
 }
 
 impl FairnessPolicy {
@@ -32,6 +74,7 @@ impl FairnessPolicy {
         match self {
             FairnessPolicy::GlobalStrict => "global-strict-fairness-policy",
             FairnessPolicy::RoundRobin => "round-robin-fairness-policy",
+            FairnessPolicy::ProgramAware(_) => "program-aware-fairness",
         }
     }
 }
@@ -254,6 +297,15 @@ pub enum InvalidFlowConfig {
         /// The value given.
         threshold: f64,
     },
+    /// A `program-aware-fairness` parameter is out of range (weights and the half-life
+    /// must be finite and >= 0, the sweep interval > 0).
+    #[error("program-aware-fairness {field} is out of range: {value}")]
+    ProgramAware {
+        /// The llm-d parameter name.
+        field: &'static str,
+        /// The value given (seconds for durations).
+        value: f64,
+    },
     /// The holdback ceilings are out of range or inverted.
     #[error(
         "priority-holdback-policy needs 0 <= minCeiling < 1, 0 < maxCeiling <= 1 and minCeiling <= maxCeiling, got minCeiling {min_ceiling} and maxCeiling {max_ceiling}"
@@ -264,6 +316,25 @@ pub enum InvalidFlowConfig {
         /// The highest band's ceiling given.
         max_ceiling: f64,
     },
+}
+
+impl LasParams {
+    /// Checks the values a caller could have built by hand.
+    pub fn validate(&self) -> Result<(), InvalidFlowConfig> {
+        let bad = |field, value: f64| InvalidFlowConfig::ProgramAware { field, value };
+        for (field, w) in [
+            ("lasWeightService", self.weight_service),
+            ("lasWeightHeadWait", self.weight_head_wait),
+        ] {
+            if !w.is_finite() || w < 0.0 {
+                return Err(bad(field, w));
+            }
+        }
+        if self.eviction_sweep.is_zero() {
+            return Err(bad("evictionSweepSeconds", 0.0));
+        }
+        Ok(())
+    }
 }
 
 impl FlowConfig {
@@ -305,7 +376,32 @@ impl FlowConfig {
             }
             UsageLimitPolicy::SoftReflective => {}
         }
+        let bands = self
+            .priority_bands
+            .values()
+            .chain([&self.default_band])
+            .chain(&self.default_negative_band);
+        for band in bands {
+            if let FairnessPolicy::ProgramAware(p) = band.fairness {
+                p.validate()?;
+            }
+        }
         Ok(())
+    }
+
+    /// The parameters of the `program-aware-fairness` state shared by every band using
+    /// it: the highest explicit band's, else the default template's, else the negative
+    /// template's (`None`: no band uses it).
+    pub fn las_params(&self) -> Option<LasParams> {
+        self.priority_bands
+            .values()
+            .rev()
+            .chain([&self.default_band])
+            .chain(&self.default_negative_band)
+            .find_map(|b| match b.fairness {
+                FairnessPolicy::ProgramAware(p) => Some(p),
+                _ => None,
+            })
     }
 
     /// The longest wait any request can have before a TTL expiry (`None`: unbounded).

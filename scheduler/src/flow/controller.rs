@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 use hashbrown::HashMap;
 
 use super::band::{Band, OrderKey};
-use super::config::{FlowConfig, InvalidFlowConfig, OrderingPolicy};
+use super::config::{FairnessPolicy, FlowConfig, InvalidFlowConfig, OrderingPolicy};
 use super::outcome::{Decision, DropReason, Outcome, Rejection, Ticket};
+use super::programs::{Head, Programs};
 use super::reclaim::{Reclaimer, revocations};
 
 /// A request asking for a place in the queue.
@@ -107,6 +108,8 @@ struct Item {
     enqueued_ns: u64,
     key: OrderKey,
     deadline_ns: Option<u64>,
+    /// `received + x-llm-d-slo-ttft-ms`, kept so a reconfigured ordering can key it again.
+    slo_ns: Option<u64>,
 }
 
 /// The sans-IO flow controller. See the [module docs](super) for how a driver calls it.
@@ -136,6 +139,8 @@ pub struct FlowController {
     reclaim: Reclaimer,
     /// Leases revoked and not yet handed to the driver.
     revocations: VecDeque<Ticket>,
+    /// `program-aware-fairness` accounting, shared by the bands that use it.
+    programs: Programs,
     outcomes: [u64; Outcome::ALL.len()],
     shut_down: bool,
 }
@@ -151,6 +156,12 @@ impl std::fmt::Debug for FlowController {
     }
 }
 
+/// Band 0 always exists (it takes requests without an objective), as in llm-d.
+fn provision_band_zero(cfg: &mut FlowConfig) {
+    let zero = cfg.band_config(0).clone();
+    cfg.priority_bands.entry(0).or_insert(zero);
+}
+
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
@@ -161,14 +172,15 @@ impl FlowController {
     /// otherwise (fail closed).
     pub fn new(mut cfg: FlowConfig, now: Instant) -> Result<Self, InvalidFlowConfig> {
         cfg.validate()?;
-        let zero = cfg.band_config(0).clone();
-        cfg.priority_bands.entry(0).or_insert(zero);
+        provision_band_zero(&mut cfg);
         let bands: BTreeMap<i32, Band> = cfg
             .priority_bands
             .iter()
             .map(|(p, b)| (*p, Band::new(b.clone())))
             .collect();
         let priorities = bands.keys().rev().copied().collect();
+        let mut programs = Programs::default();
+        programs.set_params(cfg.las_params());
         Ok(FlowController {
             cfg,
             epoch: now,
@@ -186,9 +198,100 @@ impl FlowController {
             regime_since_ns: 0,
             reclaim: Reclaimer::default(),
             revocations: VecDeque::new(),
+            programs,
             outcomes: [0; Outcome::ALL.len()],
             shut_down: false,
         })
+    }
+
+    /// Puts `cfg` in force without dropping anything: every queued request stays queued
+    /// with its ticket, its original enqueue time (so TTLs count from when it arrived) and
+    /// its own deadline. Each band takes its new configuration (explicit, else the
+    /// template a new enqueue at that priority would get, so a request whose band is no
+    /// longer listed lands where a new request of its priority would); requests are keyed
+    /// again under the new ordering policy in arrival order, and the fairness and usage
+    /// policies decide from the next poll on. Smaller caps refuse new enqueues until the
+    /// queue drains below them; nothing queued is evicted for them. Leases and pending
+    /// revocations are kept. On `Err` nothing changed.
+    /// No `now` is needed: keys and expiries are built from the times stored at enqueue.
+    pub fn handle_reconfigure(&mut self, mut cfg: FlowConfig) -> Result<(), InvalidFlowConfig> {
+        cfg.validate()?;
+        provision_band_zero(&mut cfg);
+        let mut bands: BTreeMap<i32, Band> = cfg
+            .priority_bands
+            .iter()
+            .map(|(p, b)| (*p, Band::new(b.clone())))
+            .collect();
+        // Empty on-the-fly bands are dropped: a later enqueue makes them again from the
+        // new template, and they no longer count in the usage limit's ranking.
+        for &p in &self.nonempty {
+            bands
+                .entry(p)
+                .or_insert_with(|| Band::new(cfg.band_config(p).clone()));
+        }
+        self.programs.set_params(cfg.las_params());
+        self.cfg = cfg;
+        let old = std::mem::replace(&mut self.bands, bands);
+        let mut seqs: Vec<u64> = self.items.keys().copied().collect();
+        seqs.sort_unstable();
+        for seq in seqs {
+            let item = &self.items[&seq];
+            let band = item.band;
+            let ordering = self.bands[&band].cfg.ordering;
+            let key = (
+                self.order_value(ordering, item.enqueued_ns, item.deadline_ns, item.slo_ns),
+                seq,
+            );
+            let fairness_id = old[&band].flow_id(item.flow);
+            let bytes = item.bytes;
+            let flow = self
+                .bands
+                .get_mut(&band)
+                .expect("every queued band was provisioned")
+                .push(fairness_id, key, bytes);
+            let item = self.items.get_mut(&seq).expect("listed above");
+            item.flow = flow;
+            item.key = key;
+        }
+        self.priorities = self.bands.keys().rev().copied().collect();
+        Ok(())
+    }
+
+    /// The primary order value of a request under `ordering` (lower leaves first).
+    fn order_value(
+        &self,
+        ordering: OrderingPolicy,
+        enqueued_ns: u64,
+        deadline_ns: Option<u64>,
+        slo_ns: Option<u64>,
+    ) -> u64 {
+        match ordering {
+            OrderingPolicy::Fcfs => 0,
+            OrderingPolicy::Edf => {
+                let ttl = self
+                    .cfg
+                    .default_request_ttl
+                    .map(|t| enqueued_ns.saturating_add(nanos(t)));
+                match (ttl, deadline_ns) {
+                    (Some(a), Some(b)) => a.min(b),
+                    (a, b) => a.or(b).unwrap_or(u64::MAX),
+                }
+            }
+            OrderingPolicy::SloDeadline => slo_ns.unwrap_or(u64::MAX),
+        }
+    }
+
+    /// Dispatches every queued request at once, highest band first and in each band's
+    /// fairness order, whatever the usage limit says (the `flowControl` gate was turned
+    /// off: the queue is released, not dropped).
+    pub fn handle_release_all(&mut self, now: Instant, out: &mut Vec<Decision>) {
+        let now_ns = self.ns(now);
+        while let Some(&priority) = self.nonempty.last() {
+            let Some(key) = self.pick(priority, now_ns) else {
+                break;
+            };
+            out.push(self.finish(key.1, Outcome::Dispatched, None, now));
+        }
     }
 
     /// The configuration in force (with band 0 filled in).
@@ -251,23 +354,10 @@ impl FlowController {
         let enqueued_ns = self.ns(now);
         let deadline_ns = req.deadline.map(|d| self.ns(d));
         let ordering = self.bands[&req.priority].cfg.ordering;
-        let primary = match ordering {
-            OrderingPolicy::Fcfs => 0,
-            OrderingPolicy::Edf => {
-                let ttl = self
-                    .cfg
-                    .default_request_ttl
-                    .map(|t| enqueued_ns.saturating_add(nanos(t)));
-                match (ttl, deadline_ns) {
-                    (Some(a), Some(b)) => a.min(b),
-                    (a, b) => a.or(b).unwrap_or(u64::MAX),
-                }
-            }
-            OrderingPolicy::SloDeadline => match req.slo_ttft {
-                Some(slo) => self.ns(req.received).saturating_add(nanos(slo)),
-                None => u64::MAX,
-            },
-        };
+        let slo_ns = req
+            .slo_ttft
+            .map(|slo| self.ns(req.received).saturating_add(nanos(slo)));
+        let primary = self.order_value(ordering, enqueued_ns, deadline_ns, slo_ns);
         let key = (primary, seq);
         let band = self.bands.get_mut(&req.priority).expect("band exists");
         let flow = band.push(req.fairness_id, key, req.bytes);
@@ -288,6 +378,7 @@ impl FlowController {
                 enqueued_ns,
                 key,
                 deadline_ns,
+                slo_ns,
             },
         );
         Ok(Ticket(seq))
@@ -338,6 +429,7 @@ impl FlowController {
     /// usage limit allows it at the last [`PoolStatus`]. Call it in a loop; a driver whose
     /// saturation rises with each dispatch updates it with `handle_pool` between calls.
     pub fn poll_decision(&mut self, now: Instant) -> Option<Decision> {
+        self.programs.poll_sweep(self.ns(now));
         self.poll_expired(now).or_else(|| self.poll_dispatch(now))
     }
 
@@ -384,8 +476,58 @@ impl FlowController {
             }
             return None;
         }
-        let key = self.bands.get_mut(&priority)?.pick()?;
+        let key = self.pick(priority, self.ns(now))?;
         Some(self.finish(key.1, Outcome::Dispatched, None, now))
+    }
+
+    /// The key band `priority`'s fairness policy serves next.
+    fn pick(&mut self, priority: i32, now_ns: u64) -> Option<OrderKey> {
+        let band = self.bands.get_mut(&priority)?;
+        match band.cfg.fairness {
+            FairnessPolicy::ProgramAware(weights) => {
+                let items = &self.items;
+                let heads = band.heads().map(|(program, key)| Head {
+                    program,
+                    key,
+                    enqueued_ns: items.get(&key.1).map_or(now_ns, |i| i.enqueued_ns),
+                });
+                self.programs.pick(&weights, now_ns, heads)
+            }
+            _ => band.pick(),
+        }
+    }
+
+    /// A request dispatched as `ticket` finished (however it ended) having used `input`
+    /// prompt and `output` completion tokens (0 when unknown). For a request dispatched
+    /// from a `program-aware-fairness` band this adds its weighted tokens to its program's
+    /// attained service and counts it out of flight; anything else is ignored.
+    pub fn handle_served(&mut self, ticket: Ticket, input: u64, output: u64, now: Instant) {
+        let now_ns = self.ns(now);
+        self.programs.on_served(ticket.0, input, output, now_ns);
+        self.programs.poll_sweep(now_ns);
+    }
+
+    /// Whether a dispatched `ticket` awaits [`handle_served`](Self::handle_served) (it left
+    /// a `program-aware-fairness` band); the driver reports only those.
+    pub fn wants_usage(&self, ticket: Ticket) -> bool {
+        self.programs.awaits(ticket.0)
+    }
+
+    /// Jain's fairness index over the mean queue wait of each program
+    /// (`program_aware_jains_fairness_index`); `None` when no band uses
+    /// `program-aware-fairness`.
+    pub fn program_fairness_index(&self) -> Option<f64> {
+        self.programs.active().then(|| self.programs.jains_index())
+    }
+
+    /// A program's attained service at `now` in weighted tokens (`None`: not tracked).
+    pub fn attained_service(&self, program: &str, now: Instant) -> Option<f64> {
+        self.programs.service(program, self.ns(now))
+    }
+
+    /// Programs tracked by `program-aware-fairness` (evicted ones are not).
+    pub fn programs_tracked(&self) -> usize {
+        self.programs.len()
     }
 
     /// Applies `pool`, then appends every due eviction and expiry and up to `max_dispatch`
@@ -478,6 +620,14 @@ impl FlowController {
             .bands
             .get_mut(&item.band)
             .expect("an item's band exists");
+        let waited = now.saturating_duration_since(item.enqueued);
+        if outcome == Outcome::Dispatched
+            && matches!(band.cfg.fairness, FairnessPolicy::ProgramAware(_))
+        {
+            let now_ns = nanos(now.saturating_duration_since(self.epoch));
+            self.programs
+                .on_dispatch(seq, band.flow_id(item.flow), waited, now_ns);
+        }
         band.remove(item.flow, item.key, item.bytes);
         if band.len == 0 {
             self.nonempty.remove(&item.band);
@@ -498,7 +648,7 @@ impl FlowController {
             outcome,
             reason,
             priority: item.band,
-            waited: now.saturating_duration_since(item.enqueued),
+            waited,
         }
     }
 

@@ -8,7 +8,8 @@
 //!    priorities get a band made on the fly from `defaultPriorityBand`
 //!    (`defaultNegativePriorityBand` for priority < 0, when set).
 //! 2. **Fairness across flows** (flow = fairness id) inside a band:
-//!    `global-strict-fairness-policy` or `round-robin-fairness-policy`.
+//!    `global-strict-fairness-policy`, `round-robin-fairness-policy` or
+//!    `program-aware-fairness` (least attained service, see [`programs`]).
 //! 3. **Ordering within a flow**: `fcfs-ordering-policy`, `edf-ordering-policy` or
 //!    `slo-deadline-ordering-policy`.
 //!
@@ -49,6 +50,13 @@
 //!   [`FlowController::dispatch`] with a batch limit), sending each [`Decision`] to its
 //!   ticket's task: dispatched requests go on to scheduling, the others get
 //!   [`Decision::reason`] as their immediate response.
+//! - For a dispatch from a `program-aware-fairness` band ([`FlowController::wants_usage`]),
+//!   the driver reports the request's token usage when it ends with
+//!   [`FlowController::handle_served`]; it feeds the program's attained service.
+//! - When the configuration changes at runtime (a new EndpointPickerConfig), the owner
+//!   calls [`FlowController::handle_reconfigure`]: queued requests stay, under the new
+//!   bands and policies. When the `flowControl` gate is turned off, it calls
+//!   [`FlowController::handle_release_all`] and lets later requests bypass the controller.
 //! - Metrics: [`FlowController::len`], [`FlowController::bytes`],
 //!   [`FlowController::bands`], [`FlowController::global_utilization`] and
 //!   [`FlowController::outcome_total`] feed the `flow_control_*` gauges and counters;
@@ -75,11 +83,12 @@ mod band;
 pub mod config;
 mod controller;
 pub mod outcome;
+pub mod programs;
 pub mod reclaim;
 
 pub use config::{
-    BandConfig, FairnessPolicy, FlowConfig, HoldbackDomain, InvalidFlowConfig, OrderingPolicy,
-    UsageLimitPolicy,
+    BandConfig, FairnessPolicy, FlowConfig, HoldbackDomain, InvalidFlowConfig, LasParams,
+    OrderingPolicy, UsageLimitPolicy,
 };
 pub use controller::{BandStats, FlowController, FlowRequest, PoolStatus};
 pub use outcome::{DROPPED_REASON_HEADER, Decision, DropReason, Outcome, Rejection, Ticket};

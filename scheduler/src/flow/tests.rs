@@ -811,3 +811,560 @@ fn bad_holdback_ceilings_are_refused() {
         );
     }
 }
+
+// ---- Reconfiguration at runtime ----
+
+fn slo_req(flow: &str, slo_ms: u64, now: Instant) -> FlowRequest<'_> {
+    let mut r = FlowRequest::new(0, flow, 1, now);
+    r.slo_ttft = Some(Duration::from_millis(slo_ms));
+    r
+}
+
+#[test]
+fn reconfigure_keeps_every_queued_request_and_its_ticket() {
+    let (mut fc, t0) = ctl(FlowConfig::default());
+    let a = enq(&mut fc, 5, "f", 10, t0);
+    let b = enq(&mut fc, 0, "g", 20, t0);
+    let c = enq(&mut fc, -3, "f", 30, t0);
+    let cfg = FlowConfig {
+        max_requests: Some(nz(100)),
+        default_request_ttl: Some(secs(120)),
+        ..FlowConfig::default()
+    };
+    fc.handle_reconfigure(cfg.clone()).unwrap();
+    assert_eq!((fc.len(), fc.bytes()), (3, 60));
+    assert!(fc.contains(a) && fc.contains(b) && fc.contains(c));
+    assert_eq!(fc.config().default_request_ttl, Some(secs(120)));
+    fc.handle_pool(PoolStatus::serving(0.0), t0 + secs(1));
+    let ds = drain(&mut fc, t0 + secs(1));
+    assert_eq!(
+        dispatched(&ds),
+        vec![a, b, c],
+        "strict priority still holds"
+    );
+    assert!(ds.iter().all(|d| d.waited == secs(1)));
+    assert!(fc.is_empty());
+}
+
+#[test]
+fn a_band_no_longer_listed_takes_the_template_a_new_request_would_get() {
+    let mut cfg = FlowConfig::default();
+    cfg.priority_bands.insert(
+        5,
+        BandConfig {
+            max_requests: nz(2),
+            ..BandConfig::default()
+        },
+    );
+    let (mut fc, t0) = ctl(cfg);
+    // Global-strict: arrival order across flows.
+    let a1 = enq(&mut fc, 5, "a", 1, t0);
+    let a2 = enq(&mut fc, 5, "a", 1, t0);
+    assert!(
+        fc.handle_enqueue(&FlowRequest::new(5, "b", 1, t0), t0)
+            .is_err(),
+        "band 5 holds 2"
+    );
+    let mut cfg = FlowConfig::default();
+    cfg.default_band.fairness = FairnessPolicy::RoundRobin;
+    cfg.default_band.max_requests = nz(10);
+    fc.handle_reconfigure(cfg).unwrap();
+    let band5 = fc
+        .bands()
+        .find(|b| b.priority == 5)
+        .expect("kept: it has requests");
+    assert_eq!((band5.len, band5.max_requests), (2, 10));
+    let b1 = enq(&mut fc, 5, "b", 1, t0 + secs(1));
+    // Round-robin now alternates flows: a, b, a.
+    fc.handle_pool(PoolStatus::serving(0.0), t0 + secs(2));
+    assert_eq!(dispatched(&drain(&mut fc, t0 + secs(2))), vec![a1, b1, a2]);
+}
+
+#[test]
+fn empty_on_the_fly_bands_are_forgotten_and_made_again_from_the_new_template() {
+    let (mut fc, t0) = ctl(FlowConfig::default());
+    enq(&mut fc, 7, "f", 1, t0);
+    fc.handle_pool(PoolStatus::serving(0.0), t0);
+    assert_eq!(drain(&mut fc, t0).len(), 1);
+    let mut cfg = FlowConfig::default();
+    cfg.default_band.max_requests = nz(3);
+    fc.handle_reconfigure(cfg).unwrap();
+    assert_eq!(
+        fc.bands().map(|b| b.priority).collect::<Vec<_>>(),
+        vec![0],
+        "only band 0 is always provisioned"
+    );
+    enq(&mut fc, 7, "f", 1, t0);
+    let band7 = fc.bands().find(|b| b.priority == 7).unwrap();
+    assert_eq!(band7.max_requests, 3);
+}
+
+#[test]
+fn smaller_caps_refuse_new_requests_but_evict_nothing() {
+    let (mut fc, t0) = ctl(FlowConfig::default());
+    let ts: Vec<Ticket> = (0..4).map(|_| enq(&mut fc, 0, "f", 100, t0)).collect();
+    let mut cfg = FlowConfig {
+        max_bytes: Some(nz(250)),
+        ..FlowConfig::default()
+    };
+    cfg.default_band.max_requests = nz(2);
+    fc.handle_reconfigure(cfg).unwrap();
+    assert_eq!(fc.len(), 4);
+    assert!(ts.iter().all(|t| fc.contains(*t)));
+    assert_eq!(fc.global_utilization().1, Some(400.0 / 250.0));
+    let refused = fc
+        .handle_enqueue(&FlowRequest::new(0, "g", 1, t0), t0)
+        .unwrap_err();
+    assert_eq!(refused.outcome, Outcome::RejectedCapacity);
+    // Draining below both caps lets new requests in again.
+    fc.handle_pool(PoolStatus::serving(0.0), t0);
+    let first_three: Vec<_> = (0..3)
+        .map(|_| fc.poll_decision(t0).unwrap().ticket)
+        .collect();
+    assert_eq!(first_three, ts[..3].to_vec(), "FCFS order kept");
+    fc.handle_pool(PoolStatus::serving(1.5), t0);
+    assert!(
+        fc.handle_enqueue(&FlowRequest::new(0, "g", 100, t0), t0)
+            .is_ok()
+    );
+    assert_eq!(fc.len(), 2);
+}
+
+#[test]
+fn a_new_ttl_counts_from_the_original_enqueue_time() {
+    let (mut fc, t0) = ctl(FlowConfig::default());
+    let a = enq(&mut fc, 0, "f", 1, t0);
+    let b = enq(&mut fc, 0, "f", 1, t0 + secs(15));
+    fc.handle_pool(PoolStatus::serving(1.0), t0);
+    assert_eq!(fc.next_deadline(), Some(t0 + secs(60)));
+    fc.handle_reconfigure(FlowConfig {
+        default_request_ttl: Some(secs(30)),
+        no_endpoint_request_ttl: Some(secs(30)),
+        ..FlowConfig::default()
+    })
+    .unwrap();
+    assert_eq!(fc.next_deadline(), Some(t0 + secs(30)));
+    let ds = drain(&mut fc, t0 + secs(30));
+    assert_eq!(ds.len(), 1);
+    assert_eq!((ds[0].ticket, ds[0].outcome), (a, Outcome::EvictedTtl));
+    assert_eq!(ds[0].waited, secs(30));
+    assert_eq!(fc.next_deadline(), Some(t0 + secs(45)));
+    // A longer TTL also counts from arrival, and "0s" (None) stops expiry.
+    fc.handle_reconfigure(FlowConfig {
+        default_request_ttl: None,
+        ..FlowConfig::default()
+    })
+    .unwrap();
+    assert_eq!(fc.next_deadline(), None);
+    assert!(drain(&mut fc, t0 + secs(500)).is_empty());
+    assert!(fc.contains(b));
+}
+
+#[test]
+fn a_new_ordering_policy_rekeys_queued_requests() {
+    let (mut fc, t0) = ctl(FlowConfig::default());
+    // FCFS: arrival order, whatever the SLOs say.
+    let loose = fc.handle_enqueue(&slo_req("f", 900, t0), t0).unwrap();
+    let tight = fc.handle_enqueue(&slo_req("f", 100, t0), t0).unwrap();
+    let none = enq(&mut fc, 0, "f", 1, t0);
+    let mid = fc.handle_enqueue(&slo_req("f", 500, t0), t0).unwrap();
+    let mut cfg = FlowConfig::default();
+    cfg.default_band.ordering = OrderingPolicy::SloDeadline;
+    fc.handle_reconfigure(cfg).unwrap();
+    fc.handle_pool(PoolStatus::serving(0.0), t0);
+    assert_eq!(
+        dispatched(&drain(&mut fc, t0)),
+        vec![tight, mid, loose, none],
+        "earliest SLO deadline first; no header last"
+    );
+}
+
+#[test]
+fn a_refused_reconfiguration_changes_nothing() {
+    let (mut fc, t0) = ctl(FlowConfig::default());
+    let a = enq(&mut fc, 0, "f", 1, t0);
+    let before = fc.config().clone();
+    let err = fc
+        .handle_reconfigure(FlowConfig {
+            usage_limit: UsageLimitPolicy::Static {
+                threshold: f64::NAN,
+            },
+            default_request_ttl: Some(secs(1)),
+            ..FlowConfig::default()
+        })
+        .unwrap_err();
+    assert!(matches!(err, InvalidFlowConfig::Threshold { .. }));
+    assert_eq!(fc.config(), &before);
+    assert!(fc.contains(a));
+    assert_eq!(fc.next_deadline(), Some(t0 + secs(60)));
+}
+
+#[test]
+fn a_new_usage_limit_decides_the_next_poll() {
+    let (mut fc, t0) = ctl(FlowConfig::default());
+    let a = enq(&mut fc, 0, "f", 1, t0);
+    fc.handle_pool(PoolStatus::serving(0.7), t0);
+    fc.handle_reconfigure(FlowConfig {
+        usage_limit: UsageLimitPolicy::Static { threshold: 0.5 },
+        ..FlowConfig::default()
+    })
+    .unwrap();
+    assert_eq!(
+        fc.poll_decision(t0),
+        None,
+        "0.7 is past the new 0.5 ceiling"
+    );
+    fc.handle_reconfigure(FlowConfig::default()).unwrap();
+    assert_eq!(fc.poll_decision(t0).map(|d| d.ticket), Some(a));
+}
+
+#[test]
+fn release_all_dispatches_everything_at_once_whatever_the_saturation() {
+    let (mut fc, t0) = ctl(FlowConfig::default());
+    let low = enq(&mut fc, -1, "f", 1, t0);
+    let mid1 = enq(&mut fc, 0, "f", 1, t0);
+    let high = enq(&mut fc, 3, "g", 1, t0);
+    let mid2 = enq(&mut fc, 0, "g", 1, t0 + secs(1));
+    fc.handle_pool(PoolStatus::serving(5.0), t0);
+    assert!(drain(&mut fc, t0 + secs(2)).is_empty(), "saturated");
+    let mut out = Vec::new();
+    fc.handle_release_all(t0 + secs(2), &mut out);
+    assert!(out.iter().all(Decision::is_dispatched));
+    assert_eq!(dispatched(&out), vec![high, mid1, mid2, low]);
+    assert_eq!(out[2].waited, secs(1));
+    assert!(fc.is_empty());
+    assert_eq!(fc.next_deadline(), None);
+    assert_eq!(fc.outcome_total(Outcome::Dispatched), 4);
+    // Still usable afterwards.
+    let again = enq(&mut fc, 0, "f", 1, t0 + secs(3));
+    assert!(fc.contains(again));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(150))]
+
+    /// Reconfiguring between two configurations at random points never loses, duplicates or
+    /// reorders (within a flow, FCFS) a queued request, keeps the counters true, and leaves
+    /// a controller that dispatches everything once the pool has room.
+    #[test]
+    fn reconfiguration_keeps_every_ticket(
+        ops in proptest::collection::vec(op(), 1..100),
+        flips in proptest::collection::vec(any::<bool>(), 100),
+    ) {
+        let small = {
+            let mut c = FlowConfig {
+                max_requests: Some(nz(6)),
+                default_request_ttl: Some(secs(20)),
+                ..FlowConfig::default()
+            };
+            c.default_band.max_requests = nz(3);
+            c.default_band.fairness = FairnessPolicy::RoundRobin;
+            c
+        };
+        let large = {
+            let mut c = FlowConfig {
+                default_request_ttl: Some(secs(40)),
+                ..FlowConfig::default()
+            };
+            c.priority_bands.insert(1, BandConfig { max_requests: nz(30), ..BandConfig::default() });
+            c
+        };
+        let t0 = Instant::now();
+        let mut now = t0;
+        let mut fc = FlowController::new(large.clone(), t0).unwrap();
+        let mut issued: Vec<(Ticket, i32, u8, bool)> = Vec::new();
+        for (i, op) in ops.into_iter().enumerate() {
+            if flips[i % flips.len()] {
+                let cfg = if fc.config().max_requests.is_some() { large.clone() } else { small.clone() };
+                fc.handle_reconfigure(cfg).unwrap();
+            }
+            let mut decisions = Vec::new();
+            match op {
+                Op::Enqueue { priority, flow, bytes } => {
+                    let id = format!("flow-{flow}");
+                    if let Ok(t) = fc.handle_enqueue(&FlowRequest::new(priority, &id, bytes, now), now) {
+                        issued.push((t, priority, flow, false));
+                    }
+                }
+                Op::Cancel(i) => {
+                    if let Some(&(t, ..)) = issued.get(i) {
+                        decisions.extend(fc.handle_cancel(t, now));
+                    }
+                }
+                Op::Advance(ms) => now += Duration::from_millis(ms),
+                Op::Poll { saturation_low } => {
+                    fc.handle_pool(PoolStatus::serving(if saturation_low { 0.2 } else { 1.3 }), now);
+                    decisions.extend(std::iter::from_fn(|| fc.poll_decision(now)));
+                }
+            }
+            for d in decisions {
+                let pos = issued.iter().position(|e| e.0 == d.ticket).expect("known ticket");
+                prop_assert!(!issued[pos].3, "ended twice");
+                if d.is_dispatched() {
+                    let (p, f) = (issued[pos].1, issued[pos].2);
+                    let earlier = issued[..pos].iter().any(|e| e.1 == p && e.2 == f && !e.3);
+                    prop_assert!(!earlier, "overtook an earlier request of its flow");
+                }
+                issued[pos].3 = true;
+            }
+            let live = issued.iter().filter(|e| !e.3).count() as u64;
+            prop_assert_eq!(fc.len(), live);
+            prop_assert_eq!(fc.bands().map(|b| b.len).sum::<u64>(), live);
+        }
+        let mut out = Vec::new();
+        fc.handle_release_all(now, &mut out);
+        for d in &out {
+            let e = issued.iter_mut().find(|e| e.0 == d.ticket).expect("known ticket");
+            prop_assert!(!e.3);
+            e.3 = true;
+        }
+        prop_assert!(issued.iter().all(|e| e.3), "a ticket never ended");
+        prop_assert!(fc.is_empty());
+    }
+}
+
+// ---- program-aware-fairness (least attained service) ----
+
+fn las(params: LasParams) -> FlowConfig {
+    let mut cfg = FlowConfig::default();
+    cfg.default_band.fairness = FairnessPolicy::ProgramAware(params);
+    cfg
+}
+
+/// Dispatches one request of `program` at `at` and reports it finished with `input` and
+/// `output` tokens: its program gains that much attained service.
+fn serve(fc: &mut FlowController, program: &str, input: u64, output: u64, at: Instant) {
+    let t = enq(fc, 0, program, 1, at);
+    fc.handle_pool(PoolStatus::serving(0.0), at);
+    let d = fc.poll_decision(at).expect("dispatched");
+    assert_eq!(d.ticket, t);
+    assert!(fc.wants_usage(t));
+    fc.handle_served(t, input, output, at);
+    assert!(!fc.wants_usage(t));
+}
+
+#[test]
+fn the_program_with_less_attained_service_goes_first() {
+    let (mut fc, t0) = ctl(las(LasParams::default()));
+    serve(&mut fc, "heavy", 1000, 500, t0);
+    serve(&mut fc, "light", 10, 5, t0);
+    fc.handle_pool(PoolStatus::serving(1.5), t0);
+    // heavy arrives first and has waited longest, yet light is served first.
+    let h1 = enq(&mut fc, 0, "heavy", 1, t0 + secs(1));
+    let h2 = enq(&mut fc, 0, "heavy", 1, t0 + secs(1));
+    let l1 = enq(&mut fc, 0, "light", 1, t0 + secs(2));
+    fc.handle_pool(PoolStatus::serving(0.0), t0 + secs(3));
+    assert_eq!(dispatched(&drain(&mut fc, t0 + secs(3))), vec![l1, h1, h2]);
+}
+
+#[test]
+fn head_wait_breaks_the_tie_between_equal_service() {
+    let (mut fc, t0) = ctl(las(LasParams::default()));
+    fc.handle_pool(PoolStatus::serving(1.5), t0);
+    let b = enq(&mut fc, 0, "b", 1, t0 + secs(2));
+    let a = enq(&mut fc, 0, "a", 1, t0);
+    fc.handle_pool(PoolStatus::serving(0.0), t0 + secs(3));
+    assert_eq!(dispatched(&drain(&mut fc, t0 + secs(3))), vec![a, b]);
+    // With no weight on service, a long wait beats a small service.
+    let params = LasParams {
+        weight_service: 0.0,
+        weight_head_wait: 1.0,
+        ..LasParams::default()
+    };
+    let (mut fc, t0) = ctl(las(params));
+    serve(&mut fc, "heavy", 5000, 0, t0);
+    fc.handle_pool(PoolStatus::serving(1.5), t0);
+    let heavy = enq(&mut fc, 0, "heavy", 1, t0);
+    let fresh = enq(&mut fc, 0, "fresh", 1, t0 + secs(1));
+    fc.handle_pool(PoolStatus::serving(0.0), t0 + secs(2));
+    assert_eq!(
+        dispatched(&drain(&mut fc, t0 + secs(2))),
+        vec![heavy, fresh]
+    );
+}
+
+#[test]
+fn output_tokens_weigh_twice_input_tokens() {
+    let (mut fc, t0) = ctl(las(LasParams {
+        half_life: None,
+        ..LasParams::default()
+    }));
+    serve(&mut fc, "in", 100, 0, t0);
+    serve(&mut fc, "out", 0, 50, t0);
+    serve(&mut fc, "both", 30, 20, t0);
+    assert_eq!(fc.attained_service("in", t0 + secs(100)), Some(100.0));
+    assert_eq!(fc.attained_service("out", t0 + secs(100)), Some(100.0));
+    assert_eq!(fc.attained_service("both", t0), Some(70.0));
+    assert_eq!(fc.attained_service("nobody", t0), None);
+}
+
+#[test]
+fn attained_service_halves_every_half_life() {
+    let (mut fc, t0) = ctl(las(LasParams::default()));
+    serve(&mut fc, "p", 1000, 0, t0);
+    let at = |s| fc.attained_service("p", t0 + secs(s)).unwrap();
+    assert!((at(60) - 500.0).abs() < 1e-9, "{}", at(60));
+    assert!((at(120) - 250.0).abs() < 1e-9, "{}", at(120));
+    assert!((at(30) - 1000.0 / 2f64.sqrt()).abs() < 1e-9);
+    // New service adds to the decayed amount.
+    serve(&mut fc, "p", 100, 0, t0 + secs(60));
+    let now = fc.attained_service("p", t0 + secs(60)).unwrap();
+    assert!((now - 600.0).abs() < 1e-9, "{now}");
+    let later = fc.attained_service("p", t0 + secs(120)).unwrap();
+    assert!((later - 300.0).abs() < 1e-9, "{later}");
+    // So a heavy program that went idle ends up competing again: after ten half-lives
+    // its 1000 tokens weigh less than a steady program's recent 10.
+    let (mut fc, t0) = ctl(las(LasParams::default()));
+    serve(&mut fc, "was-heavy", 1000, 0, t0);
+    serve(&mut fc, "steady", 10, 0, t0 + secs(600));
+    fc.handle_pool(PoolStatus::serving(1.5), t0);
+    let steady = enq(&mut fc, 0, "steady", 1, t0 + secs(600));
+    let back = enq(&mut fc, 0, "was-heavy", 1, t0 + secs(600));
+    fc.handle_pool(PoolStatus::serving(0.0), t0 + secs(600));
+    assert_eq!(
+        dispatched(&drain(&mut fc, t0 + secs(600))),
+        vec![back, steady]
+    );
+}
+
+#[test]
+fn idle_programs_are_forgotten_after_the_ttl_but_not_while_in_flight() {
+    let params = LasParams {
+        eviction_ttl: Some(secs(100)),
+        eviction_sweep: secs(10),
+        ..LasParams::default()
+    };
+    let (mut fc, t0) = ctl(las(params));
+    serve(&mut fc, "done", 10, 10, t0);
+    let running = enq(&mut fc, 0, "running", 1, t0);
+    assert!(fc.poll_decision(t0).unwrap().is_dispatched());
+    assert_eq!(fc.programs_tracked(), 2);
+    // Within the TTL: kept.
+    assert!(fc.poll_decision(t0 + secs(100)).is_none());
+    assert_eq!(fc.programs_tracked(), 2);
+    // Past it: the idle one goes at the next sweep; the one in flight stays.
+    assert!(fc.poll_decision(t0 + secs(111)).is_none());
+    assert_eq!(fc.programs_tracked(), 1);
+    assert_eq!(fc.attained_service("done", t0 + secs(111)), None);
+    fc.handle_served(running, 5, 5, t0 + secs(120));
+    assert!(fc.attained_service("running", t0 + secs(120)).is_some());
+    assert!(fc.poll_decision(t0 + secs(215)).is_none());
+    assert_eq!(fc.programs_tracked(), 1, "completed 95 s ago: kept");
+    assert!(fc.poll_decision(t0 + secs(231)).is_none());
+    assert_eq!(fc.programs_tracked(), 0);
+    // No TTL: never forgotten.
+    let (mut fc, t0) = ctl(las(LasParams {
+        eviction_ttl: None,
+        ..LasParams::default()
+    }));
+    serve(&mut fc, "p", 1, 1, t0);
+    assert!(fc.poll_decision(t0 + secs(1_000_000)).is_none());
+    assert_eq!(fc.programs_tracked(), 1);
+}
+
+#[test]
+fn jains_index_over_mean_queue_waits() {
+    let (mut fc, t0) = ctl(FlowConfig::default());
+    assert_eq!(fc.program_fairness_index(), None, "no band uses the policy");
+    let (mut fc2, _) = ctl(las(LasParams::default()));
+    std::mem::swap(&mut fc, &mut fc2);
+    assert_eq!(fc.program_fairness_index(), Some(1.0), "nobody waited yet");
+    fc.handle_pool(PoolStatus::serving(1.5), t0);
+    enq(&mut fc, 0, "a", 1, t0 + secs(2));
+    enq(&mut fc, 0, "b", 1, t0);
+    fc.handle_pool(PoolStatus::serving(0.0), t0 + secs(3));
+    // Waits: a 1 s, b 3 s: (1 + 3)² / (2 × (1 + 9)) = 0.8.
+    assert_eq!(drain(&mut fc, t0 + secs(3)).len(), 2);
+    let j = fc.program_fairness_index().unwrap();
+    assert!((j - 0.8).abs() < 1e-12, "{j}");
+}
+
+#[test]
+fn only_program_aware_dispatches_await_usage_and_reconfiguration_keeps_or_drops_the_table() {
+    let mut cfg = las(LasParams::default());
+    cfg.priority_bands.insert(
+        5,
+        BandConfig {
+            fairness: FairnessPolicy::RoundRobin,
+            ..BandConfig::default()
+        },
+    );
+    let (mut fc, t0) = ctl(cfg.clone());
+    fc.handle_pool(PoolStatus::serving(0.0), t0);
+    let rr = enq(&mut fc, 5, "p", 1, t0);
+    assert_eq!(fc.poll_decision(t0).unwrap().ticket, rr);
+    assert!(!fc.wants_usage(rr));
+    serve(&mut fc, "p", 10, 0, t0);
+    // A reconfiguration that keeps a program-aware band keeps what programs attained.
+    fc.handle_reconfigure(cfg).unwrap();
+    assert_eq!(fc.attained_service("p", t0), Some(10.0));
+    // One without it forgets them.
+    fc.handle_reconfigure(FlowConfig::default()).unwrap();
+    assert_eq!(fc.programs_tracked(), 0);
+    assert_eq!(fc.program_fairness_index(), None);
+}
+
+#[test]
+fn bad_program_aware_params_are_refused() {
+    for (params, field) in [
+        (
+            LasParams {
+                weight_service: -0.1,
+                ..LasParams::default()
+            },
+            "lasWeightService",
+        ),
+        (
+            LasParams {
+                weight_head_wait: f64::NAN,
+                ..LasParams::default()
+            },
+            "lasWeightHeadWait",
+        ),
+        (
+            LasParams {
+                eviction_sweep: Duration::ZERO,
+                ..LasParams::default()
+            },
+            "evictionSweepSeconds",
+        ),
+    ] {
+        let err = FlowController::new(las(params), Instant::now()).unwrap_err();
+        assert!(
+            matches!(err, InvalidFlowConfig::ProgramAware { field: f, .. } if f == field),
+            "{err}"
+        );
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// With heads that waited equally long, programs are served in ascending order of
+    /// attained service (equal service: arrival order), whatever the amounts and the
+    /// weights (as long as service has some weight).
+    #[test]
+    fn less_attained_service_is_served_first(
+        tokens in proptest::collection::vec((0u64..5000, 0u64..5000), 2..6),
+        weight_service in 0.05f64..1.0,
+        elapsed in 0u64..600,
+    ) {
+        let params = LasParams { weight_service, weight_head_wait: 1.0 - weight_service, ..LasParams::default() };
+        let (mut fc, t0) = ctl(las(params));
+        for (i, (input, output)) in tokens.iter().enumerate() {
+            serve(&mut fc, &format!("p{i}"), *input, *output, t0);
+        }
+        let at = t0 + secs(elapsed);
+        fc.handle_pool(PoolStatus::serving(1.5), at);
+        let tickets: Vec<Ticket> = (0..tokens.len()).map(|i| enq(&mut fc, 0, &format!("p{i}"), 1, at)).collect();
+        fc.handle_pool(PoolStatus::serving(0.0), at);
+        let order: Vec<usize> = dispatched(&drain(&mut fc, at))
+            .iter()
+            .map(|t| tickets.iter().position(|x| x == t).unwrap())
+            .collect();
+        let cost = |i: usize| tokens[i].0 + 2 * tokens[i].1;
+        let mut want: Vec<usize> = (0..tokens.len()).collect();
+        want.sort_by_key(|&i| (cost(i), i));
+        prop_assert_eq!(order, want);
+    }
+}
