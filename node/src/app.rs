@@ -54,6 +54,9 @@ pub enum StartError {
     /// The router mesh could not start.
     #[error("mesh: {0}")]
     Mesh(#[from] infermesh_gossip::MeshError),
+    /// A mesh service channel is taken twice (a wiring bug).
+    #[error("mesh: {0}")]
+    Channel(#[from] infermesh_gossip::ChannelTaken),
     /// The xDS server settings are invalid.
     #[error("xds: {0}")]
     Xds(#[from] infermesh_xds::InvalidXdsConfig),
@@ -426,16 +429,20 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
     if let Some(o) = &prefix_owners {
         dispatcher = dispatcher.with_prefix_owners(o.clone());
     }
-    // The `flowControl` gate: requests wait in one flow controller per node, all gating
-    // on the fleet-wide saturation (see request::flow for the mesh-wide bound). The owner
-    // runs whatever the start-time config says, because a policy swap can turn the gate on
-    // later; while it is off, requests never reach it.
-    let live_nodes: crate::request::flow::LiveNodes = match &mesh {
-        Some(m) => {
+    // The `flowControl` gate. With a sharing mesh the tier has one queue, held by the
+    // owner of a rendezvous key (request::flow_mesh); otherwise (or with
+    // --flow-control-per-node) each node has its own and they divide the budget by the
+    // live node count (request::flow). Either way every node gates on the fleet-wide
+    // saturation. The owner task runs whatever the start-time config says, because a
+    // policy swap can turn the gate on later; while it is off, requests never reach it.
+    let mesh_queue = sharing.as_ref().filter(|_| !cfg.flow_per_node);
+    let live_nodes: crate::request::flow::LiveNodes = match (&mesh, mesh_queue) {
+        (_, Some(m)) => crate::request::flow_mesh::MeshFlow::live_nodes(m),
+        (Some(m), None) => {
             let members = m.members();
             Arc::new(move || members.borrow().members.len())
         }
-        None => Arc::new(|| 1),
+        (None, None) => Arc::new(|| 1),
     };
     let (flow_gate, flow_task) = crate::request::FlowGate::spawn(
         crate::request::flow::FlowDriverConfig {
@@ -451,6 +458,21 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
     tasks.spawn(async move {
         let _ = flow_task.await;
     });
+    let flow_gate = match mesh_queue {
+        Some(m) => {
+            let (mesh_flow, task) = crate::request::flow_mesh::MeshFlow::start(
+                m.clone(),
+                flow_gate.clone(),
+                metrics.clone(),
+                shutdown_rx.clone(),
+            )?;
+            tasks.spawn(async move {
+                let _ = task.await;
+            });
+            flow_gate.with_mesh(mesh_flow)
+        }
+        None => flow_gate,
+    };
     dispatcher = dispatcher.with_flow(flow_gate.clone());
     let (initial, watcher) = match cfg.endpoints {
         EndpointSource::Static(spec) => (spec, None),

@@ -426,6 +426,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             c.xds = args.xds.options();
             c.grpc_tls = args.tls.settings()?;
             c.proxy_tls = args.tls.proxy_settings()?;
+            c.flow_per_node = args.mesh.flow_control_per_node;
             Ok((c, b))
         })
         .and_then(|(c, b)| {

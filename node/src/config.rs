@@ -70,6 +70,9 @@ pub struct NodeConfig {
     pub grpc_tls: Option<crate::tls::ServerTlsSettings>,
     /// TLS on the proxy's client side (--proxy-addr); `None` = plaintext.
     pub proxy_tls: Option<crate::tls::ServerTlsSettings>,
+    /// With a sharing mesh and the flowControl gate: one queue per node (dividing the
+    /// budget) instead of the tier's one queue at its owner (`--flow-control-per-node`).
+    pub flow_per_node: bool,
     /// Follow the owned pods' KV events into the mesh's prefix index (needs a sharing
     /// mesh); `None` = off.
     pub kv_events: Option<crate::mesh::kv_events::KvEventsOptions>,
@@ -299,6 +302,7 @@ impl NodeConfig {
             xds: Default::default(),
             grpc_tls: None,
             proxy_tls: None,
+            flow_per_node: false,
             kv_events: None,
         })
     }

@@ -90,6 +90,11 @@ pub struct MeshArgs {
     /// Join the mesh but route as an independent replica: no shared load, no prefix lookups.
     #[arg(long)]
     pub no_mesh_sharing: bool,
+    /// With the flowControl gate, keep one queue per node that divides the dispatch budget
+    /// by the live node count, instead of one queue for the tier held by the owner of a
+    /// rendezvous key (the default with a sharing mesh).
+    #[arg(long)]
+    pub flow_control_per_node: bool,
 }
 
 /// The mesh flags cannot be used; nothing was started.

@@ -266,6 +266,13 @@ pub struct TokenizeLabels {
     pub result: &'static str,
 }
 
+/// Labels of `infermesh_flow_mesh_waits_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MeshWaitLabels {
+    /// remote, rerouted or fallback.
+    pub result: &'static str,
+}
+
 /// Every metric the node exports, registered once.
 #[derive(Debug)]
 pub struct NodeMetrics {
@@ -282,6 +289,8 @@ pub struct NodeMetrics {
     pub retries: Counter,
     /// Running sheddable requests revoked by flow control's in-flight eviction.
     pub flow_revocations: Counter,
+    /// Waits that went through the mesh's flow-control queue, by how.
+    pub flow_mesh_waits: Family<MeshWaitLabels, Counter>,
     /// Tokens reported in responses' `usage`.
     pub tokens: Family<TokenLabels, Counter>,
     /// Scrapes by outcome.
@@ -373,6 +382,12 @@ impl NodeMetrics {
             "Running sheddable requests revoked by in-flight eviction (enableEviction)",
             flow_revocations.clone(),
         );
+        let flow_mesh_waits = Family::<MeshWaitLabels, Counter>::default();
+        registry.register(
+            "flow_mesh_waits",
+            "Flow-control waits sent to the mesh queue's owner: answered there (remote), moved to a new owner (rerouted), or held in this node's queue because the owner was unreachable (fallback)",
+            flow_mesh_waits.clone(),
+        );
         let tokens = Family::<TokenLabels, Counter>::default();
         let token_counters = [TokenKind::Input, TokenKind::Output, TokenKind::Cached]
             .map(|kind| tokens.get_or_create(&TokenLabels { kind }).clone());
@@ -429,6 +444,7 @@ impl NodeMetrics {
             prefix_match_ratio,
             retries,
             flow_revocations,
+            flow_mesh_waits,
             tokens,
             scrapes,
             model_rewrite_decisions,
@@ -520,6 +536,14 @@ impl NodeMetrics {
                 .get_or_create(&labels)
                 .observe(w.as_secs_f64());
         }
+    }
+
+    /// Counts one wait that went through the mesh's queue, by how (`remote`, `rerouted`,
+    /// `fallback`).
+    pub fn count_flow_mesh_wait(&self, result: &'static str) {
+        self.flow_mesh_waits
+            .get_or_create(&MeshWaitLabels { result })
+            .inc();
     }
 
     /// Counts one in-flight eviction.

@@ -334,11 +334,21 @@ impl Ticket {
             return;
         }
         self.finished = true;
-        // Ends flow control's lease (in-flight eviction): the request is over.
-        drop(self.prepared.lease.take());
+        // Ends flow control's lease: the request is over. A lease of the mesh's queue on
+        // another node carries the usage there and frees the room there, not here.
+        let usage = report.as_ref().and_then(|r| r.usage);
+        let remote = match self.prepared.lease.take() {
+            Some(mut lease) => {
+                if let Some(u) = usage {
+                    lease.record_usage(u.prompt_tokens, u.completion_tokens);
+                }
+                lease.is_remote()
+            }
+            None => false,
+        };
         // program-aware-fairness: the request's tokens go to its program's service.
         if let Some(mut r) = self.prepared.usage.take() {
-            if let Some(u) = report.as_ref().and_then(|r| r.usage) {
+            if let Some(u) = usage {
                 r.record(u.prompt_tokens, u.completion_tokens);
             }
             drop(r);
@@ -353,7 +363,9 @@ impl Ticket {
         if let Some(s) = self.slot.take() {
             s.release(self.tokens);
             // Flow control may give the freed room to a waiting request now.
-            if let Some(flow) = self.dispatcher.flow_gate(&p.policy) {
+            if let Some(flow) = self.dispatcher.flow_gate(&p.policy)
+                && !remote
+            {
                 flow.released();
             }
         }

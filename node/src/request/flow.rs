@@ -68,6 +68,7 @@ use infermesh_scheduler::flow::{
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+use super::flow_mesh::{MeshFlow, MeshWait, RemoteLease, RemoteOutcome, Route};
 use crate::metrics::NodeMetrics;
 use crate::policy::SharedPolicy;
 use crate::pool::SharedPool;
@@ -107,32 +108,59 @@ pub struct FlowArrival {
     pub slo_ttft: Option<Duration>,
 }
 
-/// A dispatched request's hold on pool capacity, with in-flight eviction on: it is tracked
-/// until dropped (the request ended however it ended), and a sheddable one may be revoked.
-pub struct Lease {
-    tx: mpsc::UnboundedSender<Input>,
-    ticket: FlowTicket,
-    revoke: Option<CancellationToken>,
-}
-
-impl std::fmt::Debug for Lease {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lease")
-            .field("ticket", &self.ticket)
-            .field("revocable", &self.revoke.is_some())
-            .finish()
-    }
+/// A dispatched request's hold on pool capacity: tracked until dropped (the request ended
+/// however it ended); a sheddable one may be revoked.
+#[derive(Debug)]
+pub enum Lease {
+    /// Dispatched by this node's queue, with in-flight eviction on.
+    Local(LocalLease),
+    /// Dispatched by the mesh's queue on another node (always held, so the owner learns
+    /// when the request ends).
+    Remote(RemoteLease),
 }
 
 impl Lease {
     /// Resolves when flow control revokes the lease (the request must end with 429
     /// `evicted`); `None` for a lease that can never be revoked.
     pub fn revoked(&self) -> Option<WaitForCancellationFutureOwned> {
-        self.revoke.as_ref().map(|t| t.clone().cancelled_owned())
+        match self {
+            Lease::Local(l) => l.revoke.as_ref().map(|t| t.clone().cancelled_owned()),
+            Lease::Remote(r) => r.revoked(),
+        }
+    }
+
+    /// Whether another node's queue dispatched the request (that node, not this one, is
+    /// told when it ends).
+    pub fn is_remote(&self) -> bool {
+        matches!(self, Lease::Remote(_))
+    }
+
+    /// The response's token usage, sent to a remote owner with the end of the lease (for
+    /// `program-aware-fairness`; a local request reports through its [`UsageReport`]).
+    pub fn record_usage(&mut self, input: u64, output: u64) {
+        if let Lease::Remote(r) = self {
+            r.record_usage(input, output);
+        }
     }
 }
 
-impl Drop for Lease {
+/// A lease of this node's queue.
+pub struct LocalLease {
+    tx: mpsc::UnboundedSender<Input>,
+    ticket: FlowTicket,
+    revoke: Option<CancellationToken>,
+}
+
+impl std::fmt::Debug for LocalLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalLease")
+            .field("ticket", &self.ticket)
+            .field("revocable", &self.revoke.is_some())
+            .finish()
+    }
+}
+
+impl Drop for LocalLease {
     fn drop(&mut self) {
         let _ = self.tx.send(Input::LeaseEnded(self.ticket));
     }
@@ -148,6 +176,29 @@ pub struct Dispatched {
     /// Set when it left a `program-aware-fairness` band: the request's token usage goes
     /// to its program's attained service when this is dropped.
     pub usage: Option<UsageReport>,
+}
+
+impl Dispatched {
+    /// A request the mesh's queue on another node let through.
+    pub fn remote(waited: Duration, lease: RemoteLease) -> Dispatched {
+        Dispatched {
+            waited,
+            lease: Some(Lease::Remote(lease)),
+            usage: None,
+        }
+    }
+
+    /// Resolves when its lease is revoked; `None` when it cannot be.
+    pub fn revoked(&self) -> Option<WaitForCancellationFutureOwned> {
+        self.lease.as_ref()?.revoked()
+    }
+
+    /// Records the response's token usage for its program's attained service.
+    pub fn record_usage(&mut self, input: u64, output: u64) {
+        if let Some(u) = &mut self.usage {
+            u.record(input, output);
+        }
+    }
 }
 
 /// Reports a request's token usage to flow control when dropped (however the request
@@ -217,6 +268,8 @@ enum Input {
 pub struct FlowGate {
     tx: mpsc::UnboundedSender<Input>,
     next_id: Arc<AtomicU64>,
+    /// The mesh's queue, when this node takes part in one (`None`: this node's queue).
+    mesh: Option<Arc<MeshFlow>>,
 }
 
 impl std::fmt::Debug for Input {
@@ -249,8 +302,35 @@ impl Drop for CancelOnDrop<'_> {
 
 impl FlowGate {
     /// Waits for the request's turn: `Ok(waited)` when dispatched, else why it was dropped.
-    /// Dropping the future frees the request's place in the queue at once.
+    /// Dropping the future frees the request's place in the queue at once. With a mesh
+    /// queue the wait happens at its owner (see [`super::flow_mesh`]).
     pub async fn wait(&self, arrival: FlowArrival) -> Result<Dispatched, DropReason> {
+        let Some(mesh) = &self.mesh else {
+            return self.wait_here(arrival).await;
+        };
+        loop {
+            match mesh.route() {
+                Route::Local => return self.wait_here(arrival).await,
+                Route::Remote(owner) => match mesh.wait_at(owner, &arrival).await {
+                    RemoteOutcome::Answered(r) => return r,
+                    RemoteOutcome::OwnerChanged => mesh.count(MeshWait::Rerouted),
+                    RemoteOutcome::Unreachable => {
+                        mesh.count(MeshWait::Fallback);
+                        return self.wait_here(arrival).await;
+                    }
+                },
+            }
+        }
+    }
+
+    /// This gate waiting in the mesh's queue (owned by one node) instead of only here.
+    pub fn with_mesh(mut self, mesh: Arc<MeshFlow>) -> FlowGate {
+        self.mesh = Some(mesh);
+        self
+    }
+
+    /// Waits in this node's own queue.
+    pub async fn wait_here(&self, arrival: FlowArrival) -> Result<Dispatched, DropReason> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (reply, rx) = oneshot::channel();
         if self.tx.send(Input::Enqueue { id, arrival, reply }).is_err() {
@@ -317,6 +397,7 @@ impl FlowGate {
             FlowGate {
                 tx,
                 next_id: Arc::new(AtomicU64::new(0)),
+                mesh: None,
             },
             task,
         ))
@@ -660,11 +741,11 @@ impl Owner {
             self.revokers.insert(ticket, token.clone());
             token
         });
-        Some(Lease {
+        Some(Lease::Local(LocalLease {
             tx: self.tx.clone(),
             ticket,
             revoke,
-        })
+        }))
     }
 
     /// Revokes the leases flow control chose; a lease already gone is ended at once.

@@ -34,6 +34,7 @@
 pub mod burst;
 mod decide;
 pub mod flow;
+pub mod flow_mesh;
 mod meta;
 mod owners;
 mod prepare;
