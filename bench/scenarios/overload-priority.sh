@@ -5,7 +5,10 @@
 #   unloaded       infermesh, 1 node, at a quarter of capacity, every class equally likely:
 #                  the TTFT each class gets when nothing waits (the reference);
 #   infermesh-x1   1 node with the flowControl gate, at 2x capacity;
-#   infermesh-x3   3 meshed nodes, requests spread over them at random, at 2x capacity;
+#   infermesh-x3   3 meshed nodes, requests spread over them at random, at 2x capacity,
+#                  with the tier's one queue at its owner (the default);
+#   infermesh-x3-per-node  the same with --flow-control-per-node (one queue per node,
+#                  dividing the budget), for comparison (PER_NODE_LEG=0 skips it);
 #   sglang-router  cache_aware with --max-concurrent-requests at each of SGLANG_LIMITS
 #                  (--queue-size 100, its default), at 2x capacity; the best is compared.
 # Writes bench/results/overload-priority/README.md (every leg's per-class rows, then each
@@ -160,10 +163,12 @@ else
   USAGE_LIMIT="static-usage-limit-policy (threshold 1.0)"
 fi
 
-# Starts `n` infermesh nodes (one mesh when n > 1); sets URLS to their proxy URLs (not a
-# command substitution: the PIDs must reach this shell's cleanup).
+# Starts `n` infermesh nodes (one mesh when n > 1) with any extra flags; sets URLS to their
+# proxy URLs (not a command substitution: the PIDs must reach this shell's cleanup).
 start_infermesh() {
   local n="$1" urls=()
+  shift
+  local extra=("$@")
   head -c 32 /dev/urandom | base64 >"$WORK/cluster.key"
   for ((k = 0; k < n; k++)); do
     local port=$((ROUTER_PORT + k)) mesh=()
@@ -172,7 +177,7 @@ start_infermesh() {
       [ "$k" -gt 0 ] && mesh+=(--seeds "127.0.0.1:$((ROUTER_PORT + 400))")
     fi
     "$IM" serve --proxy-addr "127.0.0.1:$port" --endpoints "$WORK/pool.yaml" --config-file "$WORK/epp.yaml" --allow-experimental-plugins \
-      --ext-proc-addr "127.0.0.1:$((port + 200))" --metrics-addr "127.0.0.1:$((port + 300))" "${mesh[@]}" \
+      --ext-proc-addr "127.0.0.1:$((port + 200))" --metrics-addr "127.0.0.1:$((port + 300))" "${mesh[@]}" "${extra[@]}" \
       >"$WORK/infermesh-$k.log" 2>&1 &
     PIDS+=($!)
     urls+=("http://127.0.0.1:$port")
@@ -218,6 +223,15 @@ for n in 1 3; do
   leg "infermesh-x$n" "$QPS" "$URLS" "${OVERLOAD_CLASSES[@]}"
   cleanup
 done
+THREE=(--three-nodes "$OUT/infermesh-x3.json")
+if [ "${PER_NODE_LEG:-1}" = 1 ]; then
+  echo "=== infermesh-x3-per-node ($QPS req/s) ===" >&2
+  start_sim
+  start_infermesh 3 --flow-control-per-node || die "infermesh x3 per node did not start"
+  leg "infermesh-x3-per-node" "$QPS" "$URLS" "${OVERLOAD_CLASSES[@]}"
+  cleanup
+  THREE+=(--three-nodes "$OUT/infermesh-x3-per-node.json")
+fi
 
 PEERS=()
 IFS=, read -r -a limits <<<"$SGLANG_LIMITS"
@@ -251,6 +265,6 @@ done
   echo "Goodput: requests served with TTFT <= $TTFT_SLO_MS ms, per second of the run."
   echo
   "$BENCH" priority-table --unloaded "$OUT/unloaded.json" --one-node "$OUT/infermesh-x1.json" \
-    --three-nodes "$OUT/infermesh-x3.json" "${PEERS[@]}"
+    "${THREE[@]}" "${PEERS[@]}"
 } >"$OUT/README.md"
 cat "$OUT/README.md"

@@ -368,7 +368,7 @@ fn rejected(c: &ClassResult) -> u64 {
 pub fn priority_table(
     unloaded: &ClassesReport,
     one: &ClassesReport,
-    three: Option<&ClassesReport>,
+    three: &[ClassesReport],
     peers: &[ClassesReport],
     names: &PriorityNames<'_>,
 ) -> String {
@@ -380,7 +380,7 @@ pub fn priority_table(
     let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
     for r in std::iter::once(unloaded)
         .chain(std::iter::once(one))
-        .chain(three)
+        .chain(three.iter())
         .chain(peers)
     {
         out.push_str(&class_rows(r));
@@ -388,7 +388,7 @@ pub fn priority_table(
     let _ = writeln!(out);
     let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
     let p99 = |r: &ClassesReport, class: &str| r.class(class).and_then(|c| c.ttft_p99_ms);
-    let legs: Vec<&ClassesReport> = std::iter::once(one).chain(three).collect();
+    let legs: Vec<&ClassesReport> = std::iter::once(one).chain(three.iter()).collect();
     for class in [names.critical, names.light] {
         let Some(base) = p99(unloaded, class) else {
             let _ = writeln!(
@@ -454,11 +454,12 @@ pub fn priority_table(
             let _ = writeln!(out, "- goodput against a peer: no peer leg ran");
         }
     }
-    if let Some(three) = three {
+    for three in three {
         let ratio = three.served() as f64 / one.served().max(1) as f64;
         let _ = writeln!(
             out,
-            "- admitted and served, 3 nodes vs 1: {} vs {} = {ratio:.2}×; target ≤ 1.1×: {}",
+            "- admitted and served, {} vs 1 node: {} vs {} = {ratio:.2}×; target ≤ 1.1×: {}",
+            three.label,
             three.served(),
             one.served(),
             verdict(ratio <= 1.1)
@@ -550,7 +551,7 @@ mod tests {
         let unloaded = leg("unloaded", 100.0, 0, 1.0);
         let good = leg("im", 140.0, 5, 3.0);
         let peer = leg("peer", 900.0, 0, 1.0);
-        let t = priority_table(&unloaded, &good, None, std::slice::from_ref(&peer), &names);
+        let t = priority_table(&unloaded, &good, &[], std::slice::from_ref(&peer), &names);
         assert!(
             t.contains("critical TTFT p99 under overload, im: 140 ms = 1.40×"),
             "{t}"
@@ -558,7 +559,7 @@ mod tests {
         assert!(t.contains("= 3.00×; target ≥ 1.5×: met"), "{t}");
         assert!(!t.contains("NOT met"), "{t}");
         let slow = leg("im", 160.0, 5, 1.2);
-        let t = priority_table(&unloaded, &slow, None, &[peer], &names);
+        let t = priority_table(&unloaded, &slow, &[], &[peer], &names);
         assert!(
             t.contains("1.60× its unloaded p99 (100 ms); target ≤ 1.5×: NOT met"),
             "{t}"

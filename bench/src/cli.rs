@@ -244,9 +244,9 @@ pub struct PriorityTableArgs {
     /// infermesh, one node, overloaded.
     #[arg(long)]
     one_node: PathBuf,
-    /// infermesh, three nodes, overloaded.
-    #[arg(long)]
-    three_nodes: Option<PathBuf>,
+    /// infermesh, three nodes, overloaded (repeated: one per flow-control mode).
+    #[arg(long = "three-nodes")]
+    three_nodes: Vec<PathBuf>,
     /// Peer router legs (each one setting), overloaded.
     #[arg(long = "peer")]
     peers: Vec<PathBuf>,
@@ -417,7 +417,11 @@ pub async fn run_cli(cli: Cli) -> anyhow::Result<()> {
         Command::PriorityTable(a) => {
             let unloaded = load_classes(&a.unloaded)?;
             let one = load_classes(&a.one_node)?;
-            let three = a.three_nodes.as_deref().map(load_classes).transpose()?;
+            let three = a
+                .three_nodes
+                .iter()
+                .map(|p| load_classes(p))
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let peers = a
                 .peers
                 .iter()
@@ -430,7 +434,7 @@ pub async fn run_cli(cli: Cli) -> anyhow::Result<()> {
             };
             print!(
                 "{}",
-                crate::classes::priority_table(&unloaded, &one, three.as_ref(), &peers, &names)
+                crate::classes::priority_table(&unloaded, &one, &three, &peers, &names)
             );
         }
         Command::Run(args) => {
