@@ -838,6 +838,7 @@ mod tests {
             waited: Duration::from_millis(5),
             lease: None,
             usage: None,
+            grant: None,
         }));
         assert!(
             out.iter()

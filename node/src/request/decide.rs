@@ -335,17 +335,15 @@ impl Ticket {
         }
         self.finished = true;
         // Ends flow control's lease: the request is over. A lease of the mesh's queue on
-        // another node carries the usage there and frees the room there, not here.
+        // another node carries the usage there and frees the room there.
         let usage = report.as_ref().and_then(|r| r.usage);
-        let remote = match self.prepared.lease.take() {
-            Some(mut lease) => {
-                if let Some(u) = usage {
-                    lease.record_usage(u.prompt_tokens, u.completion_tokens);
-                }
-                lease.is_remote()
-            }
-            None => false,
-        };
+        if let Some(mut lease) = self.prepared.lease.take()
+            && let Some(u) = usage
+        {
+            lease.record_usage(u.prompt_tokens, u.completion_tokens);
+        }
+        // The room held in this node's queue, given back once the slot is released below.
+        let grant = self.prepared.grant.take();
         // program-aware-fairness: the request's tokens go to its program's service.
         if let Some(mut r) = self.prepared.usage.take() {
             if let Some(u) = usage {
@@ -362,13 +360,9 @@ impl Ticket {
             .response_complete(&p.req, served, Instant::now());
         if let Some(s) = self.slot.take() {
             s.release(self.tokens);
-            // Flow control may give the freed room to a waiting request now.
-            if let Some(flow) = self.dispatcher.flow_gate(&p.policy)
-                && !remote
-            {
-                flow.released();
-            }
         }
+        // Flow control may give the freed room to a waiting request now.
+        drop(grant);
         let m = &self.dispatcher.metrics;
         m.count_request(&p.req.model, &p.objective, outcome);
         if let Some(u) = report.as_ref().and_then(|r| r.usage) {

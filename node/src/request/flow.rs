@@ -32,6 +32,11 @@
 //!
 //! # The mesh-wide bound
 //!
+//! With a sharing mesh the tier normally has one queue at its owner
+//! ([`super::flow_mesh`]), whose owner divides by nothing ([`MeshFlow::live_nodes`] is 1
+//! there). What follows is the bound of per-node queues (`--flow-control-per-node`, and
+//! the fallback while the owner is unreachable).
+//!
 //! Every node reads the same fleet-wide load (its own scrapes plus the load board), so
 //! every node computes about the same saturation `s` and gates on the same signal. The
 //! measured saturation only moves when a scrape or a board update lands, so between two
@@ -166,6 +171,25 @@ impl Drop for LocalLease {
     }
 }
 
+/// A request this node's queue dispatched holds room until it ends: dropping the grant
+/// (the request finished, failed or was never scheduled) gives the room back at once, so
+/// every dispatch is released exactly once.
+pub struct Grant {
+    tx: mpsc::UnboundedSender<Input>,
+}
+
+impl std::fmt::Debug for Grant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Grant")
+    }
+}
+
+impl Drop for Grant {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Input::Released);
+    }
+}
+
 /// A request flow control let through.
 #[derive(Debug)]
 pub struct Dispatched {
@@ -176,6 +200,9 @@ pub struct Dispatched {
     /// Set when it left a `program-aware-fairness` band: the request's token usage goes
     /// to its program's attained service when this is dropped.
     pub usage: Option<UsageReport>,
+    /// The room it holds in this node's queue (`None`: dispatched elsewhere, or passed
+    /// through a gate turned off).
+    pub grant: Option<Grant>,
 }
 
 impl Dispatched {
@@ -185,6 +212,7 @@ impl Dispatched {
             waited,
             lease: Some(Lease::Remote(lease)),
             usage: None,
+            grant: None,
         }
     }
 
@@ -248,8 +276,8 @@ enum Input {
         reply: Reply,
     },
     Cancel(u64),
-    /// A request this node dispatched finished: one request's worth of room is free now,
-    /// before the next refresh shows it.
+    /// A request this node dispatched ended (its [`Grant`] was dropped): one request's
+    /// worth of room is free now, before the next refresh shows it.
     Released,
     /// A lease was dropped: the request ended (or never started).
     LeaseEnded(FlowTicket),
@@ -346,12 +374,6 @@ impl FlowGate {
         answer.unwrap_or(Err(DropReason::ShuttingDown))
     }
 
-    /// Tells the owner that a request this node scheduled has finished, so its room can be
-    /// given to a waiting request at once instead of at the next refresh.
-    pub fn released(&self) {
-        let _ = self.tx.send(Input::Released);
-    }
-
     /// Wakes the owner after a policy swap, so it applies the new flow control now (a gate
     /// turned off releases its queue at once).
     pub fn policy_changed(&self) {
@@ -390,6 +412,7 @@ impl FlowGate {
             revokers: HashMap::new(),
             tx: tx.clone(),
             estimate: SaturationEstimate::default(),
+            outstanding: 0,
             next_refresh: Instant::now(),
         };
         let task = tokio::spawn(owner.run(rx, shutdown));
@@ -407,7 +430,8 @@ impl FlowGate {
 /// The saturation the controller is given between two refreshes: the measured value,
 /// raised after each of this node's dispatches by `step × live nodes` and lowered by
 /// `step` for each of this node's requests that finished since (its room is really free:
-/// reusing it one for one cannot push the fleet past the bound).
+/// reusing it one for one cannot push the fleet past the bound), and never below `step` ×
+/// the requests this queue dispatched that are still running.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct SaturationEstimate {
     /// Saturation measured at the last refresh.
@@ -422,6 +446,8 @@ pub struct SaturationEstimate {
     pub released: u32,
     /// Whether the pool had endpoints at the last refresh.
     pub has_endpoints: bool,
+    /// Requests this queue dispatched that have not ended (carried across refreshes).
+    pub outstanding: u32,
 }
 
 impl SaturationEstimate {
@@ -434,6 +460,7 @@ impl SaturationEstimate {
             dispatched: 0,
             released: 0,
             has_endpoints,
+            outstanding: 0,
         }
     }
 
@@ -444,7 +471,11 @@ impl SaturationEstimate {
         }
         let raised = self.step * f64::from(self.dispatched) * self.nodes as f64;
         let freed = self.step * f64::from(self.released);
-        PoolStatus::serving((self.measured + raised - freed).max(0.0))
+        // What this queue knows it has running is a floor the measurement may not show
+        // yet: other nodes' in-flight counts reach it through the load board, a period
+        // late, and a refresh must not forget the dispatches made meanwhile.
+        let known = self.step * f64::from(self.outstanding);
+        PoolStatus::serving((self.measured + raised - freed).max(known).max(0.0))
     }
 }
 
@@ -484,6 +515,8 @@ struct Owner {
     /// For the leases this task hands out.
     tx: mpsc::UnboundedSender<Input>,
     estimate: SaturationEstimate,
+    /// Requests this queue dispatched whose grant has not come back yet.
+    outstanding: u32,
     next_refresh: Instant,
 }
 
@@ -600,6 +633,7 @@ impl Owner {
                         waited: Duration::ZERO,
                         lease: None,
                         usage: None,
+                        grant: None,
                     }));
                     return;
                 }
@@ -640,6 +674,8 @@ impl Owner {
             }
             Input::Released => {
                 self.estimate.released = self.estimate.released.saturating_add(1);
+                self.outstanding = self.outstanding.saturating_sub(1);
+                self.estimate.outstanding = self.estimate.outstanding.saturating_sub(1);
             }
             Input::LeaseEnded(t) => {
                 self.revokers.remove(&t);
@@ -680,6 +716,7 @@ impl Owner {
         let (measured, step) = measure(|c| scheduler.saturation(c, now), &mut candidates);
         self.estimate =
             SaturationEstimate::refresh(measured, step, (self.live_nodes)(), has_endpoints);
+        self.estimate.outstanding = self.outstanding;
         self.metrics.set_flow_saturation(measured);
         self.next_refresh = now + self.driver.refresh;
     }
@@ -690,6 +727,7 @@ impl Owner {
         while let Some(d) = self.fc.poll_decision(now) {
             if d.is_dispatched() {
                 self.estimate.dispatched += 1;
+                self.estimate.outstanding = self.estimate.outstanding.saturating_add(1);
                 self.fc.handle_pool(self.estimate.status(), now);
             }
             self.deliver(d);
@@ -712,16 +750,22 @@ impl Owner {
             return;
         };
         let answer = match d.reason {
-            None if d.outcome == FlowOutcome::Dispatched => Ok(Dispatched {
-                waited: d.waited,
-                lease: self.lease(d.ticket, d.priority),
-                usage: self.fc.wants_usage(d.ticket).then(|| UsageReport {
-                    tx: self.tx.clone(),
-                    ticket: d.ticket,
-                    input: 0,
-                    output: 0,
-                }),
-            }),
+            None if d.outcome == FlowOutcome::Dispatched => {
+                self.outstanding = self.outstanding.saturating_add(1);
+                Ok(Dispatched {
+                    waited: d.waited,
+                    lease: self.lease(d.ticket, d.priority),
+                    usage: self.fc.wants_usage(d.ticket).then(|| UsageReport {
+                        tx: self.tx.clone(),
+                        ticket: d.ticket,
+                        input: 0,
+                        output: 0,
+                    }),
+                    grant: Some(Grant {
+                        tx: self.tx.clone(),
+                    }),
+                })
+            }
             None => Err(DropReason::Internal),
             Some(r) => Err(r),
         };
@@ -820,6 +864,18 @@ mod tests {
         // A refresh measures the freed room itself and starts again.
         let est = SaturationEstimate::refresh(0.4, 0.1, 3, true);
         assert_eq!((est.dispatched, est.released), (0, 0));
+    }
+
+    #[test]
+    fn what_the_queue_has_running_is_a_floor_across_refreshes() {
+        // The board has not shown 3 of this queue's running requests yet: 0.1 measured.
+        let mut est = SaturationEstimate::refresh(0.1, 0.125, 1, true);
+        est.outstanding = 5;
+        assert!((est.status().saturation - 0.625).abs() < 1e-12);
+        // Once the measurement catches up (or exceeds it), it rules.
+        let mut est = SaturationEstimate::refresh(0.75, 0.125, 1, true);
+        est.outstanding = 5;
+        assert!((est.status().saturation - 0.75).abs() < 1e-12);
     }
 
     #[test]

@@ -553,7 +553,7 @@ impl Service {
     }
 
     /// Ends what is held for `key`: a wait is dropped (its place freed), a lease ends and
-    /// its room is credited back at once.
+    /// its grant gives the room back at once.
     fn end(&mut self, key: &(NodeId, u64), usage: (u64, u64)) -> Option<()> {
         match self.held.remove(key)? {
             Held::Waiting(task) => task.abort(),
@@ -562,8 +562,8 @@ impl Service {
                     r.abort();
                 }
                 lease.record_usage(usage.0, usage.1);
+                // Its grant gives the room back.
                 drop(lease);
-                self.queue.released();
             }
         }
         Some(())
@@ -572,11 +572,8 @@ impl Service {
     fn on_decided(&mut self, d: Decided) {
         let Decided { key, answer, call } = d;
         if !matches!(self.held.get(&key), Some(Held::Waiting(_))) {
-            // Cancelled while its answer was on the way: give the room back.
-            if let Ok(lease) = answer {
-                drop(lease);
-                self.queue.released();
-            }
+            // Cancelled while its answer was on the way: its grant gives the room back.
+            drop(answer);
             return;
         }
         match answer {

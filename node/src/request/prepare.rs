@@ -91,6 +91,8 @@ pub struct Prepared {
     pub(super) lease: Option<Lease>,
     /// Where the request's token usage goes when it left a program-aware band.
     pub(super) usage: Option<UsageReport>,
+    /// The room it holds in this node's flow-control queue, given back when dropped.
+    pub(super) grant: Option<super::flow::Grant>,
     /// Where the burst producer's batch placed this request (`None`: no placement, or no
     /// producer).
     pub(super) burst: Option<SocketAddr>,
@@ -347,6 +349,7 @@ impl Dispatcher {
             subset: if flow_on { meta.subset.take() } else { None },
             lease: None,
             usage: None,
+            grant: None,
             burst: None,
             tokenize,
             exclude: if flow_on {
@@ -391,9 +394,11 @@ impl Dispatcher {
                 waited,
                 lease,
                 usage,
+                grant,
             }) => {
                 p.lease = lease;
                 p.usage = usage;
+                p.grant = grant;
                 if waited.is_zero() {
                     return Ok(());
                 }
