@@ -458,7 +458,7 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
     tasks.spawn(async move {
         let _ = flow_task.await;
     });
-    let flow_gate = match mesh_queue {
+    let tier_gate = match mesh_queue {
         Some(m) => {
             let (mesh_flow, task) = crate::request::flow_mesh::MeshFlow::start(
                 m.clone(),
@@ -469,11 +469,11 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
             tasks.spawn(async move {
                 let _ = task.await;
             });
-            flow_gate.with_mesh(mesh_flow)
+            crate::request::flow_mesh::TierGate::with_mesh(flow_gate.clone(), mesh_flow)
         }
-        None => flow_gate,
+        None => flow_gate.clone().into(),
     };
-    dispatcher = dispatcher.with_flow(flow_gate.clone());
+    dispatcher = dispatcher.with_flow(tier_gate);
     let (initial, watcher) = match cfg.endpoints {
         EndpointSource::Static(spec) => (spec, None),
         EndpointSource::File { path, initial } => {

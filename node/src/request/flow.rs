@@ -33,8 +33,7 @@
 //! # The mesh-wide bound
 //!
 //! With a sharing mesh the tier normally has one queue at its owner
-//! ([`super::flow_mesh`]), whose owner divides by nothing ([`MeshFlow::live_nodes`] is 1
-//! there). What follows is the bound of per-node queues (`--flow-control-per-node`, and
+//! (`super::flow_mesh`), whose owner divides by nothing (its live-node count is 1 there). What follows is the bound of per-node queues (`--flow-control-per-node`, and
 //! the fallback while the owner is unreachable).
 //!
 //! Every node reads the same fleet-wide load (its own scrapes plus the load board), so
@@ -73,7 +72,6 @@ use infermesh_scheduler::flow::{
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use super::flow_mesh::{MeshFlow, MeshWait, RemoteLease, RemoteOutcome, Route};
 use crate::metrics::NodeMetrics;
 use crate::policy::SharedPolicy;
 use crate::pool::SharedPool;
@@ -119,9 +117,17 @@ pub struct FlowArrival {
 pub enum Lease {
     /// Dispatched by this node's queue, with in-flight eviction on.
     Local(LocalLease),
-    /// Dispatched by the mesh's queue on another node (always held, so the owner learns
-    /// when the request ends).
-    Remote(RemoteLease),
+    /// Dispatched by the tier's queue on another node (always held, so the owner learns
+    /// when the request ends; see `flow_mesh`).
+    Remote(Box<dyn RemoteHold>),
+}
+
+/// A hold on another node's queue: dropping it tells that node the request ended.
+pub trait RemoteHold: Send + Sync + std::fmt::Debug {
+    /// Resolves when the owner revokes the request; `None` when it cannot be revoked.
+    fn revoked(&self) -> Option<WaitForCancellationFutureOwned>;
+    /// The response's token usage, sent with the end.
+    fn record_usage(&mut self, input: u64, output: u64);
 }
 
 impl Lease {
@@ -132,12 +138,6 @@ impl Lease {
             Lease::Local(l) => l.revoke.as_ref().map(|t| t.clone().cancelled_owned()),
             Lease::Remote(r) => r.revoked(),
         }
-    }
-
-    /// Whether another node's queue dispatched the request (that node, not this one, is
-    /// told when it ends).
-    pub fn is_remote(&self) -> bool {
-        matches!(self, Lease::Remote(_))
     }
 
     /// The response's token usage, sent to a remote owner with the end of the lease (for
@@ -206,8 +206,8 @@ pub struct Dispatched {
 }
 
 impl Dispatched {
-    /// A request the mesh's queue on another node let through.
-    pub fn remote(waited: Duration, lease: RemoteLease) -> Dispatched {
+    /// A request the tier's queue on another node let through.
+    pub fn remote(waited: Duration, lease: Box<dyn RemoteHold>) -> Dispatched {
         Dispatched {
             waited,
             lease: Some(Lease::Remote(lease)),
@@ -296,8 +296,6 @@ enum Input {
 pub struct FlowGate {
     tx: mpsc::UnboundedSender<Input>,
     next_id: Arc<AtomicU64>,
-    /// The mesh's queue, when this node takes part in one (`None`: this node's queue).
-    mesh: Option<Arc<MeshFlow>>,
 }
 
 impl std::fmt::Debug for Input {
@@ -329,36 +327,9 @@ impl Drop for CancelOnDrop<'_> {
 }
 
 impl FlowGate {
-    /// Waits for the request's turn: `Ok(waited)` when dispatched, else why it was dropped.
-    /// Dropping the future frees the request's place in the queue at once. With a mesh
-    /// queue the wait happens at its owner (see [`super::flow_mesh`]).
+    /// Waits for the request's turn in this node's queue: `Ok(waited)` when dispatched,
+    /// else why it was dropped. Dropping the future frees the request's place at once.
     pub async fn wait(&self, arrival: FlowArrival) -> Result<Dispatched, DropReason> {
-        let Some(mesh) = &self.mesh else {
-            return self.wait_here(arrival).await;
-        };
-        loop {
-            match mesh.route() {
-                Route::Local => return self.wait_here(arrival).await,
-                Route::Remote(owner) => match mesh.wait_at(owner, &arrival).await {
-                    RemoteOutcome::Answered(r) => return r,
-                    RemoteOutcome::OwnerChanged => mesh.count(MeshWait::Rerouted),
-                    RemoteOutcome::Unreachable => {
-                        mesh.count(MeshWait::Fallback);
-                        return self.wait_here(arrival).await;
-                    }
-                },
-            }
-        }
-    }
-
-    /// This gate waiting in the mesh's queue (owned by one node) instead of only here.
-    pub fn with_mesh(mut self, mesh: Arc<MeshFlow>) -> FlowGate {
-        self.mesh = Some(mesh);
-        self
-    }
-
-    /// Waits in this node's own queue.
-    pub async fn wait_here(&self, arrival: FlowArrival) -> Result<Dispatched, DropReason> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (reply, rx) = oneshot::channel();
         if self.tx.send(Input::Enqueue { id, arrival, reply }).is_err() {
@@ -420,7 +391,6 @@ impl FlowGate {
             FlowGate {
                 tx,
                 next_id: Arc::new(AtomicU64::new(0)),
-                mesh: None,
             },
             task,
         ))

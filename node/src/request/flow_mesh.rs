@@ -45,7 +45,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use super::flow::{Dispatched, FlowArrival, FlowGate};
+use super::flow::{Dispatched, FlowArrival, FlowGate, RemoteHold};
 use crate::metrics::NodeMetrics;
 
 /// The mesh service channel of flow control ("FL").
@@ -189,14 +189,12 @@ impl std::fmt::Debug for RemoteLease {
     }
 }
 
-impl RemoteLease {
-    /// Resolves when the owner revokes the request; `None` when it cannot be revoked.
-    pub fn revoked(&self) -> Option<WaitForCancellationFutureOwned> {
+impl RemoteHold for RemoteLease {
+    fn revoked(&self) -> Option<WaitForCancellationFutureOwned> {
         self.revoke.as_ref().map(|t| t.clone().cancelled_owned())
     }
 
-    /// The response's token usage, sent with the end.
-    pub fn record_usage(&mut self, input: u64, output: u64) {
+    fn record_usage(&mut self, input: u64, output: u64) {
         self.usage = (input, output);
     }
 }
@@ -215,23 +213,88 @@ impl Drop for RemoteLease {
     }
 }
 
-/// Tells the owner to forget a wait that ended without an answer (the client went away,
-/// the owner changed or could not be reached).
-struct CancelOnDrop {
+/// What a wait leaves behind when it ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnDrop {
+    /// No answer (the client went away, the owner changed or could not be reached): tell
+    /// the owner to forget the request.
+    Cancel,
+    /// Dropped by the owner: only forget the registration here.
+    Forget,
+    /// Dispatched: the lease took the registration over.
+    Nothing,
+}
+
+/// Cleans up after a wait at the owner, however it ended.
+struct WaitGuard {
     owner: NodeId,
     id: u64,
     local: mpsc::UnboundedSender<Local>,
-    armed: bool,
+    on_drop: OnDrop,
 }
 
-impl Drop for CancelOnDrop {
+impl Drop for WaitGuard {
     fn drop(&mut self) {
-        let then = self.armed.then_some(Msg::Cancel { id: self.id });
+        let then = match self.on_drop {
+            OnDrop::Nothing => return,
+            OnDrop::Cancel => Some(Msg::Cancel { id: self.id }),
+            OnDrop::Forget => None,
+        };
         let _ = self.local.send(Local::Finish {
             owner: self.owner.clone(),
             id: self.id,
             then,
         });
+    }
+}
+
+/// The gate requests wait at: this node's queue, or, with a tier queue, its owner's.
+#[derive(Debug, Clone)]
+pub struct TierGate {
+    local: FlowGate,
+    mesh: Option<Arc<MeshFlow>>,
+}
+
+impl From<FlowGate> for TierGate {
+    fn from(local: FlowGate) -> TierGate {
+        TierGate { local, mesh: None }
+    }
+}
+
+impl TierGate {
+    /// Waits in the tier's queue held by `mesh`'s owner (this node's `local` queue when it
+    /// is the owner, or when the owner cannot be reached).
+    pub fn with_mesh(local: FlowGate, mesh: Arc<MeshFlow>) -> TierGate {
+        TierGate {
+            local,
+            mesh: Some(mesh),
+        }
+    }
+
+    /// This node's own queue.
+    pub fn local(&self) -> &FlowGate {
+        &self.local
+    }
+
+    /// Waits for the request's turn: `Ok` when dispatched, else why it was dropped.
+    /// Dropping the future frees the request's place in the queue at once.
+    pub async fn wait(&self, arrival: FlowArrival) -> Result<Dispatched, DropReason> {
+        let Some(mesh) = &self.mesh else {
+            return self.local.wait(arrival).await;
+        };
+        loop {
+            match mesh.route() {
+                Route::Local => return self.local.wait(arrival).await,
+                Route::Remote(owner) => match mesh.wait_at(owner, &arrival).await {
+                    RemoteOutcome::Answered(r) => return r,
+                    RemoteOutcome::OwnerChanged => mesh.count(MeshWait::Rerouted),
+                    RemoteOutcome::Unreachable => {
+                        mesh.count(MeshWait::Fallback);
+                        return self.local.wait(arrival).await;
+                    }
+                },
+            }
+        }
     }
 }
 
@@ -331,11 +394,11 @@ impl MeshFlow {
         {
             return RemoteOutcome::Unreachable;
         }
-        let mut guard = CancelOnDrop {
+        let mut guard = WaitGuard {
             owner: owner.clone(),
             id,
             local: self.local.clone(),
-            armed: true,
+            on_drop: OnDrop::Cancel,
         };
         let msg = Msg::Enqueue {
             id,
@@ -370,7 +433,7 @@ impl MeshFlow {
             }
         };
         // Answered: the owner needs no Cancel (an End follows a dispatch, through the lease).
-        guard.armed = false;
+        guard.on_drop = OnDrop::Forget;
         self.count(MeshWait::Remote);
         match answer {
             Answer::Dispatched {
@@ -378,16 +441,16 @@ impl MeshFlow {
                 revocable,
             } => {
                 // The lease now finishes the registration; the guard must not.
-                std::mem::forget(guard);
+                guard.on_drop = OnDrop::Nothing;
                 RemoteOutcome::Answered(Ok(Dispatched::remote(
                     Duration::from_micros(waited_us),
-                    RemoteLease {
+                    Box::new(RemoteLease {
                         owner,
                         id,
                         local: self.local.clone(),
                         revoke: revocable.then_some(token),
                         usage: (0, 0),
-                    },
+                    }),
                 )))
             }
             // The owner is stopping: the request is not at fault; wait here instead.
@@ -526,7 +589,7 @@ impl Service {
                 let decided = decided.clone();
                 let k = key.clone();
                 let task = tokio::spawn(async move {
-                    let answer = queue.wait_here(arrival).await;
+                    let answer = queue.wait(arrival).await;
                     let _ = decided.send(Decided {
                         key: k,
                         answer,

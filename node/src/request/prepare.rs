@@ -23,8 +23,9 @@ use rand::seq::IndexedRandom;
 use super::RequestMeta;
 use super::burst::{BurstGate, BurstWait};
 use super::flow::{
-    Dispatched, FlowArrival, FlowGate, Lease, SLO_TTFT_HEADER, SLO_TTFT_HEADER_ALIAS, UsageReport,
+    Dispatched, FlowArrival, Lease, SLO_TTFT_HEADER, SLO_TTFT_HEADER_ALIAS, UsageReport,
 };
+use super::flow_mesh::TierGate;
 use super::owners::{PrefixAnswer, PrefixLookup, PrefixOwners};
 use super::rejection::{NoEndpoint, Rejection};
 use crate::metrics::{NodeMetrics, RewriteLabels};
@@ -65,7 +66,7 @@ pub struct Dispatcher {
     pub(super) metrics: Arc<NodeMetrics>,
     pub(super) cfg: DispatchConfig,
     pub(super) owners: Option<Arc<dyn PrefixOwners>>,
-    pub(super) flow: Option<FlowGate>,
+    pub(super) flow: Option<TierGate>,
     /// The burst window of the policy last seen with a `burst-prefix-cache-producer`,
     /// kept with that policy's scheduler so a policy swap starts a fresh window.
     pub(super) burst: Arc<parking_lot::Mutex<Option<BurstSlot>>>,
@@ -141,8 +142,8 @@ impl Dispatcher {
 
     /// Gives requests a flow owner to wait in after phase one while the policy's
     /// `flowControl` gate is on; admission then no longer sheds sheddable requests at once.
-    pub fn with_flow(mut self, gate: FlowGate) -> Dispatcher {
-        self.flow = Some(gate);
+    pub fn with_flow(mut self, gate: impl Into<TierGate>) -> Dispatcher {
+        self.flow = Some(gate.into());
         self
     }
 
@@ -152,7 +153,7 @@ impl Dispatcher {
     }
 
     /// The flow owner a request that read `policy` waits in; `None` while the gate is off.
-    pub(super) fn flow_gate(&self, policy: &Policy) -> Option<&FlowGate> {
+    pub(super) fn flow_gate(&self, policy: &Policy) -> Option<&TierGate> {
         self.flow.as_ref().filter(|_| policy.flow.is_some())
     }
 
