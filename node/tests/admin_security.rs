@@ -8,24 +8,12 @@ mod policy_cluster;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Mutex;
 
 use anyhow::{Context, Result, ensure};
 use http::{Method, StatusCode};
 use infermesh_node::admin::client::{AdminClient, AdminTls};
 use infermesh_testkit::certs::TestCa;
-use policy_cluster::{Cluster, TOKEN, objective, wait_for};
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn run(test: impl std::future::Future<Output = Result<()>>) -> Result<()> {
-    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?
-        .block_on(test)
-}
+use policy_cluster::{Cluster, TOKEN, objective, run, wait_for};
 
 /// Runs the `infermesh` CLI; returns (success, stdout, stderr).
 fn cli(args: &[&str]) -> Result<(bool, String, String)> {
@@ -38,6 +26,29 @@ fn cli(args: &[&str]) -> Result<(bool, String, String)> {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     ))
+}
+
+/// `infermesh tokens ACTION --role ROLE --from-file FILE` against `server` with the bearer
+/// token in `token_file`; returns (success, stdout, stderr).
+fn tokens_cli(
+    action: &str,
+    role: &str,
+    file: &Path,
+    server: &str,
+    token_file: &Path,
+) -> Result<(bool, String, String)> {
+    cli(&[
+        "tokens",
+        action,
+        "--role",
+        role,
+        "--from-file",
+        path(file),
+        "--server",
+        server,
+        "--token-file",
+        path(token_file),
+    ])
 }
 
 fn path(p: &Path) -> &str {
@@ -177,18 +188,7 @@ fn read_and_write_tokens_are_apart_and_rotate_through_policy() -> Result<()> {
 
         // A read token, added with the CLI through a follower.
         let reader = token_file("reader", "reader-secret-1")?;
-        let (ok, out, err) = cli(&[
-            "tokens",
-            "add",
-            "--role",
-            "read",
-            "--from-file",
-            path(&reader),
-            "--server",
-            &url(follower),
-            "--token-file",
-            path(&write_file),
-        ])?;
+        let (ok, out, err) = tokens_cli("add", "read", &reader, &url(follower), &write_file)?;
         ensure!(ok, "tokens add: {out}{err}");
         for i in c.running() {
             wait_for(&format!("node {i} to ask reads for a token"), || async {
@@ -240,18 +240,7 @@ fn read_and_write_tokens_are_apart_and_rotate_through_policy() -> Result<()> {
 
         // Rotation step 1: the new write token joins the old one.
         let next = token_file("next", "writer-secret-2")?;
-        let (ok, out, err) = cli(&[
-            "tokens",
-            "add",
-            "--role",
-            "write",
-            "--from-file",
-            path(&next),
-            "--server",
-            &url(follower),
-            "--token-file",
-            path(&write_file),
-        ])?;
+        let (ok, out, err) = tokens_cli("add", "write", &next, &url(follower), &write_file)?;
         ensure!(ok, "tokens add: {out}{err}");
         let (ok, listed, err) = cli(&[
             "tokens",
@@ -281,18 +270,7 @@ fn read_and_write_tokens_are_apart_and_rotate_through_policy() -> Result<()> {
             .await?;
         }
         // Step 2: clients move; the old token is removed with the new one.
-        let (ok, out, err) = cli(&[
-            "tokens",
-            "remove",
-            "--role",
-            "write",
-            "--from-file",
-            path(&write_file),
-            "--server",
-            &url(follower),
-            "--token-file",
-            path(&next),
-        ])?;
+        let (ok, out, err) = tokens_cli("remove", "write", &write_file, &url(follower), &next)?;
         ensure!(ok, "tokens remove: {out}{err}");
         for i in c.running() {
             wait_for(&format!("node {i} to refuse the old token"), || async {
@@ -317,18 +295,7 @@ fn read_and_write_tokens_are_apart_and_rotate_through_policy() -> Result<()> {
             )
             .await?;
         // The last write token cannot go, and an unknown hash is named.
-        let (ok, _, err) = cli(&[
-            "tokens",
-            "remove",
-            "--role",
-            "write",
-            "--from-file",
-            path(&next),
-            "--server",
-            &url(leader),
-            "--token-file",
-            path(&next),
-        ])?;
+        let (ok, _, err) = tokens_cli("remove", "write", &next, &url(leader), &next)?;
         ensure!(!ok && err.contains("last write token"), "{err}");
         let (ok, _, err) = cli(&[
             "tokens",

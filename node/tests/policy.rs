@@ -8,23 +8,11 @@
 
 mod policy_cluster;
 
-use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use http::{Method, StatusCode};
-use policy_cluster::{Cluster, client, objective, signal, wait_for};
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn run(test: impl std::future::Future<Output = Result<()>>) -> Result<()> {
-    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?
-        .block_on(test)
-}
+use policy_cluster::{Cluster, client, objective, run, signal, wait_for};
 
 /// A write acknowledged to the client is on every node after the leader is SIGKILLed, and
 /// after every node is SIGKILLed and restarted from its data dir.

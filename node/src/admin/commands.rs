@@ -151,14 +151,19 @@ fn read_file(path: &std::path::Path) -> Result<String, CommandError> {
     })
 }
 
-/// Reads a token file: one token per line, `#` comments and blank lines skipped.
-fn token_lines(path: &std::path::Path) -> Result<Vec<String>, CommandError> {
-    let tokens: Vec<String> = read_file(path)?
-        .lines()
+/// The tokens of a token file's text: one per line, `#` comments and blank lines skipped
+/// (the format of `--admin-token-file` and of the CLI's `--token-file`).
+pub fn tokens_in(text: &str) -> Vec<String> {
+    text.lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .map(str::to_owned)
-        .collect();
+        .collect()
+}
+
+/// Reads a token file (see [`tokens_in`]); one without a token is refused.
+fn token_lines(path: &std::path::Path) -> Result<Vec<String>, CommandError> {
+    let tokens = tokens_in(&read_file(path)?);
     if tokens.is_empty() {
         return Err(CommandError::Usage(format!(
             "{} holds no token",

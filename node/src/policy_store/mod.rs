@@ -213,12 +213,7 @@ pub fn raft_id(dir: &Path) -> Result<u64, PolicyStartError> {
 
 fn read_tokens(path: &Path) -> Result<Vec<String>, PolicyStartError> {
     let text = std::fs::read_to_string(path).map_err(io(path))?;
-    let tokens: Vec<String> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(str::to_owned)
-        .collect();
+    let tokens = crate::admin::commands::tokens_in(&text);
     if tokens.is_empty() {
         return Err(flag(
             "admin-token-file",

@@ -141,12 +141,7 @@ pub fn run(cmd: XdsCommand) -> ExitCode {
                 .map(std::fs::read_to_string)
                 .transpose()
             {
-                Ok(t) => t.and_then(|t| {
-                    t.lines()
-                        .map(str::trim)
-                        .find(|l| !l.is_empty() && !l.starts_with('#'))
-                        .map(str::to_owned)
-                }),
+                Ok(t) => t.and_then(|t| crate::admin::commands::tokens_in(&t).into_iter().next()),
                 Err(e) => {
                     eprintln!("error: --token-file: {e}");
                     return ExitCode::FAILURE;

@@ -407,6 +407,18 @@ impl Cluster {
     }
 }
 
+/// Runs one test on a fresh two-worker runtime, one test at a time in this binary: each
+/// starts several node processes and the machine may have only two cores.
+pub fn run(test: impl std::future::Future<Output = Result<()>>) -> Result<()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(test)
+}
+
 /// Polls `probe` (every 50 ms, bounded by [`WAIT`]) until it yields a value.
 pub async fn wait_for<T, F, Fut>(what: &str, mut probe: F) -> Result<T>
 where
