@@ -59,15 +59,23 @@ pub fn https_client(
             .with_custom_certificate_verifier(std::sync::Arc::new(AnyServerCert(provider)))
             .with_no_client_auth()
     } else {
-        let mut roots = rustls::RootCertStore::empty();
-        let found = rustls_native_certs::load_native_certs();
-        if found.certs.is_empty() {
-            return Err(PodTlsError::Roots(format!("{:?}", found.errors)));
-        }
-        roots.add_parsable_certificates(found.certs);
-        builder.with_root_certificates(roots).with_no_client_auth()
+        builder
+            .with_root_certificates(native_roots().map_err(PodTlsError::Roots)?)
+            .with_no_client_auth()
     };
     Ok(https_client_with(tls, connect_timeout))
+}
+
+/// The platform's trusted CA certificates (the system bundle); an error names why none
+/// could be read.
+pub fn native_roots() -> Result<rustls::RootCertStore, String> {
+    let found = rustls_native_certs::load_native_certs();
+    if found.certs.is_empty() {
+        return Err(format!("{:?}", found.errors));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(found.certs);
+    Ok(roots)
 }
 
 /// A pooled HTTPS (and plain HTTP) client speaking TLS as `tls` says.

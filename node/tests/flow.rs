@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use infermesh_scheduler::flow::{FlowConfig, Outcome, UsageLimitPolicy};
 use infermesh_testkit::net::wait_until;
-use support::{Harness, post};
+use support::{Harness, one_slot_per_pod, post};
 
 fn outcome_total(h: &Harness, outcome: Outcome) -> u64 {
     h.node
@@ -105,25 +105,6 @@ async fn proxy_answers_429_ttl_expired_when_no_request_can_be_dispatched() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_ext_proc_answers_429_ttl_expired_when_no_request_can_be_dispatched() {
     ttl_expiry_answers_429(true).await;
-}
-
-/// Flow control gated by the router's own in-flight count, one request per pod, with
-/// `flow` (lines of the `flowControl` section) added.
-fn one_slot_per_pod(flow: &str) -> infermesh_scheduler::ResolvedConfig {
-    infermesh_scheduler::load_config(&format!(
-        "apiVersion: llm-d.ai/v1alpha1
-kind: EndpointPickerConfig
-featureGates: [flowControl]
-plugins:
-- type: queue-scorer
-- type: concurrency-detector
-  parameters: {{maxConcurrency: 1}}
-flowControl:
-  saturationDetector: {{pluginRef: concurrency-detector}}
-  {flow}
-"
-    ))
-    .expect("valid config")
 }
 
 /// A request that finishes frees its room for the next one at once, not at the next

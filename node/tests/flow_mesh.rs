@@ -21,22 +21,9 @@ use infermesh_testkit::Isolated;
 use support::post;
 
 /// One request at a time for the whole tier: a concurrency detector with room for one
-/// request on the only pod, and strict priority between bands.
+/// request on the only pod, and llm-d's strict priority between bands.
 fn one_slot() -> infermesh_scheduler::ResolvedConfig {
-    infermesh_scheduler::load_config(
-        "apiVersion: llm-d.ai/v1alpha1
-kind: EndpointPickerConfig
-featureGates: [flowControl]
-plugins:
-- type: queue-scorer
-- type: concurrency-detector
-  parameters: {maxConcurrency: 1}
-flowControl:
-  saturationDetector: {pluginRef: concurrency-detector}
-  defaultRequestTTL: 30s
-",
-    )
-    .expect("valid config")
+    support::one_slot_per_pod("defaultRequestTTL: 30s")
 }
 
 struct TierNode {

@@ -50,14 +50,9 @@ impl AdminTls {
                 }
             }
             None => {
-                let found = rustls_native_certs::load_native_certs();
-                if found.certs.is_empty() {
-                    return Err(format!(
-                        "no CA to trust: pass a CA file (the platform's store is empty: {:?})",
-                        found.errors
-                    ));
-                }
-                roots.add_parsable_certificates(found.certs);
+                roots = crate::upstream::native_roots().map_err(|e| {
+                    format!("no CA to trust: pass a CA file (the platform's store is empty: {e})")
+                })?;
             }
         }
         let builder = builder.with_root_certificates(roots);

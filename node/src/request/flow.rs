@@ -383,7 +383,6 @@ impl FlowGate {
             revokers: HashMap::new(),
             tx: tx.clone(),
             estimate: SaturationEstimate::default(),
-            outstanding: 0,
             next_refresh: Instant::now(),
         };
         let task = tokio::spawn(owner.run(rx, shutdown));
@@ -485,8 +484,6 @@ struct Owner {
     /// For the leases this task hands out.
     tx: mpsc::UnboundedSender<Input>,
     estimate: SaturationEstimate,
-    /// Requests this queue dispatched whose grant has not come back yet.
-    outstanding: u32,
     next_refresh: Instant,
 }
 
@@ -644,7 +641,6 @@ impl Owner {
             }
             Input::Released => {
                 self.estimate.released = self.estimate.released.saturating_add(1);
-                self.outstanding = self.outstanding.saturating_sub(1);
                 self.estimate.outstanding = self.estimate.outstanding.saturating_sub(1);
             }
             Input::LeaseEnded(t) => {
@@ -684,9 +680,11 @@ impl Owner {
         let scheduler = self.policy.load().scheduler.clone();
         let has_endpoints = !candidates.is_empty();
         let (measured, step) = measure(|c| scheduler.saturation(c, now), &mut candidates);
+        // What is running is carried over: only the measurement starts again.
+        let outstanding = self.estimate.outstanding;
         self.estimate =
             SaturationEstimate::refresh(measured, step, (self.live_nodes)(), has_endpoints);
-        self.estimate.outstanding = self.outstanding;
+        self.estimate.outstanding = outstanding;
         self.metrics.set_flow_saturation(measured);
         self.next_refresh = now + self.driver.refresh;
     }
@@ -697,7 +695,6 @@ impl Owner {
         while let Some(d) = self.fc.poll_decision(now) {
             if d.is_dispatched() {
                 self.estimate.dispatched += 1;
-                self.estimate.outstanding = self.estimate.outstanding.saturating_add(1);
                 self.fc.handle_pool(self.estimate.status(), now);
             }
             self.deliver(d);
@@ -721,7 +718,8 @@ impl Owner {
         };
         let answer = match d.reason {
             None if d.outcome == FlowOutcome::Dispatched => {
-                self.outstanding = self.outstanding.saturating_add(1);
+                // Counted where its grant is made, so every count has one release.
+                self.estimate.outstanding = self.estimate.outstanding.saturating_add(1);
                 Ok(Dispatched {
                     waited: d.waited,
                     lease: self.lease(d.ticket, d.priority),

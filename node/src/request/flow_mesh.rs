@@ -271,11 +271,6 @@ impl TierGate {
         }
     }
 
-    /// This node's own queue.
-    pub fn local(&self) -> &FlowGate {
-        &self.local
-    }
-
     /// Waits for the request's turn: `Ok` when dispatched, else why it was dropped.
     /// Dropping the future frees the request's place in the queue at once.
     pub async fn wait(&self, arrival: FlowArrival) -> Result<Dispatched, DropReason> {

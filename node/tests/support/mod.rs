@@ -235,3 +235,22 @@ impl Harness {
         self.fleet.shutdown().await;
     }
 }
+
+/// Flow control gated by the router's own in-flight count, one request per pod, with
+/// `flow` (lines of the `flowControl` section) added.
+pub fn one_slot_per_pod(flow: &str) -> infermesh_scheduler::ResolvedConfig {
+    infermesh_scheduler::load_config(&format!(
+        "apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+featureGates: [flowControl]
+plugins:
+- type: queue-scorer
+- type: concurrency-detector
+  parameters: {{maxConcurrency: 1}}
+flowControl:
+  saturationDetector: {{pluginRef: concurrency-detector}}
+  {flow}
+"
+    ))
+    .expect("valid config")
+}
