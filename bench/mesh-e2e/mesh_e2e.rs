@@ -285,7 +285,7 @@ async fn convergence(samples: usize) -> anyhow::Result<LatencySummary> {
         if acquire {
             slot.acquire(1);
         } else {
-            slot.release(1);
+            slot.release(1, true);
         }
         wait_until(
             "in-flight visible on all nodes",

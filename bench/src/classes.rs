@@ -134,6 +134,9 @@ pub struct ClassesReport {
     pub ttft_slo_ms: f64,
     /// Per class, in the order given.
     pub classes: Vec<ClassResult>,
+    /// Every request in order of sending (written by `--trace`, not kept in the JSON).
+    #[serde(skip)]
+    pub requests: Vec<RequestRecord>,
 }
 
 impl ClassesReport {
@@ -179,7 +182,21 @@ fn validate(spec: &ClassesSpec) -> Result<(), BenchError> {
 
 struct Outcome {
     class: usize,
+    sent: Duration,
     result: Result<f64, FailureKind>,
+}
+
+/// One request of a run, for `--trace`: when it was sent and how it ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestRecord {
+    /// Index of its class in the spec.
+    pub class: usize,
+    /// Seconds after the run's start at which it was sent.
+    pub sent_s: f64,
+    /// TTFT in ms when served.
+    pub ttft_ms: Option<f64>,
+    /// HTTP status when refused; `None` when served or failed otherwise.
+    pub status: Option<u16>,
 }
 
 /// Runs the load and returns per-class results. Always stops: arrivals end after
@@ -261,12 +278,17 @@ pub async fn run_classes(spec: ClassesSpec) -> Result<ClassesReport, BenchError>
         );
         let (client, headers, tx) = (client.clone(), Arc::clone(&headers), tx.clone());
         let timeout = spec.request_timeout;
+        let sent = next;
         tasks.spawn(async move {
             let result = client
                 .stream(uri, body, &headers[class], timeout)
                 .await
                 .map(|s| s.ttft);
-            let _ = tx.send(Outcome { class, result });
+            let _ = tx.send(Outcome {
+                class,
+                sent,
+                result,
+            });
         });
         i += 1;
         next += Duration::from_secs_f64(gap.sample(&mut rng));
@@ -288,9 +310,16 @@ pub async fn run_classes(spec: ClassesSpec) -> Result<ClassesReport, BenchError>
         .collect();
     let slo = spec.ttft_slo.as_secs_f64();
     let secs = spec.duration.as_secs_f64();
+    let mut requests = Vec::new();
     while let Some(o) = rx.recv().await {
         let (r, ttfts) = &mut per[o.class];
         r.sent += 1;
+        let mut record = RequestRecord {
+            class: o.class,
+            sent_s: o.sent.as_secs_f64(),
+            ttft_ms: None,
+            status: None,
+        };
         match o.result {
             Ok(ttft) => {
                 r.served += 1;
@@ -298,11 +327,17 @@ pub async fn run_classes(spec: ClassesSpec) -> Result<ClassesReport, BenchError>
                     r.goodput_rps += 1.0 / secs;
                 }
                 ttfts.push(ttft * 1e3);
+                record.ttft_ms = Some(ttft * 1e3);
             }
-            Err(FailureKind::Status(s)) => *r.rejected.entry(s).or_default() += 1,
+            Err(FailureKind::Status(s)) => {
+                *r.rejected.entry(s).or_default() += 1;
+                record.status = Some(s);
+            }
             Err(_) => r.failed += 1,
         }
+        requests.push(record);
     }
+    requests.sort_by(|a, b| a.sent_s.total_cmp(&b.sent_s));
     let classes = per
         .into_iter()
         .map(|(mut r, mut t)| {
@@ -318,7 +353,21 @@ pub async fn run_classes(spec: ClassesSpec) -> Result<ClassesReport, BenchError>
         duration_s: secs,
         ttft_slo_ms: spec.ttft_slo.as_secs_f64() * 1e3,
         classes,
+        requests,
     })
+}
+
+/// Every request of `r` as CSV: class name, seconds sent after the start, TTFT ms (empty
+/// unless served), refusal status (empty unless refused).
+pub fn trace_csv(r: &ClassesReport) -> String {
+    let mut out = String::from("class,sent_s,ttft_ms,status\n");
+    for q in &r.requests {
+        let name = r.classes.get(q.class).map_or("?", |c| c.name.as_str());
+        let ttft = q.ttft_ms.map(|t| format!("{t:.1}")).unwrap_or_default();
+        let status = q.status.map(|s| s.to_string()).unwrap_or_default();
+        out.push_str(&format!("{name},{:.4},{ttft},{status}\n", q.sent_s));
+    }
+    out
 }
 
 /// One markdown row per class of `r`.
@@ -513,6 +562,35 @@ mod tests {
         assert_eq!(r.goodput_rps(), 2.0);
         assert_eq!(r.class("b").unwrap().served, 2);
         assert!(r.class("c").is_none());
+    }
+
+    #[test]
+    fn the_trace_names_each_request_and_how_it_ended() {
+        let r = ClassesReport {
+            classes: vec![ClassResult {
+                name: "light".into(),
+                ..Default::default()
+            }],
+            requests: vec![
+                RequestRecord {
+                    class: 0,
+                    sent_s: 0.5,
+                    ttft_ms: Some(210.04),
+                    status: None,
+                },
+                RequestRecord {
+                    class: 0,
+                    sent_s: 1.25,
+                    ttft_ms: None,
+                    status: Some(429),
+                },
+            ],
+            ..Default::default()
+        };
+        assert_eq!(
+            trace_csv(&r),
+            "class,sent_s,ttft_ms,status\nlight,0.5000,210.0,\nlight,1.2500,,429\n"
+        );
     }
 
     fn leg(label: &str, crit_p99: f64, shed_rejected: u64, goodput: f64) -> ClassesReport {

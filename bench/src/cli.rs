@@ -233,6 +233,9 @@ pub struct ClassesArgs {
     /// The JSON report to write.
     #[arg(long)]
     out: PathBuf,
+    /// Also write every request as CSV (class, sent_s, ttft_ms, status) to this file.
+    #[arg(long)]
+    trace: Option<PathBuf>,
 }
 
 /// Flags of `priority-table`.
@@ -413,6 +416,10 @@ pub async fn run_cli(cli: Cli) -> anyhow::Result<()> {
             eprint!("{}", crate::classes::class_rows(&report));
             std::fs::write(&a.out, serde_json::to_vec_pretty(&report)?)
                 .with_context(|| format!("writing {}", a.out.display()))?;
+            if let Some(path) = &a.trace {
+                std::fs::write(path, crate::classes::trace_csv(&report))
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
         }
         Command::PriorityTable(a) => {
             let unloaded = load_classes(&a.unloaded)?;

@@ -175,7 +175,7 @@ async fn main() {
         per_node[round % NODES] += delta;
         expected_total += delta;
         let t0 = Instant::now();
-        who.add_in_flight(&pod, delta, delta * 100);
+        who.add_in_flight(&pod, delta, delta * 100, 0);
         let want = expected_total as u32;
         let pod = &pod;
         let seen = join_all(nodes.iter().map(|m| {
@@ -249,17 +249,17 @@ async fn main() {
         let _ = m.prefix_lookup(c[0], c).await;
         let pod = pods[(i * 13) % PODS].clone();
         m.prefix_record(c[0], c.clone(), pod.clone());
-        m.add_in_flight(&pod, 1, 1_000);
+        m.add_in_flight(&pod, 1, 1_000, 0);
         open.push_back((node, pod));
         if open.len() > 32 {
             let (n, p) = open.pop_front().expect("open request");
-            nodes[n].add_in_flight(&p, -1, -1_000);
+            nodes[n].add_in_flight(&p, -1, -1_000, 0);
         }
         // Paced at ~1 request/ms so load batches are not artificially coalesced.
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     for (n, p) in open.drain(..) {
-        nodes[n].add_in_flight(&p, -1, -1_000);
+        nodes[n].add_in_flight(&p, -1, -1_000, 0);
     }
     // Let the last batches leave (bounded wait on the flush of every node).
     until("flow traffic flushed", || {

@@ -41,9 +41,10 @@
 //! let load = mesh.load_view(); // lock-free snapshot
 //! # let _ = (matched, load);
 //! let pod = PodId::new("10.0.0.1:8000");
-//! mesh.add_in_flight(&pod, 1, 512);
+//! mesh.add_in_flight(&pod, 1, 512, 1);
 //! mesh.prefix_record(chain[0], chain, pod.clone());
-//! // ... on response: mesh.add_in_flight(&pod, -1, -512);
+//! // ... on its first response byte: mesh.add_in_flight(&pod, 0, 0, -1);
+//! // ... when it ends: mesh.add_in_flight(&pod, -1, -512, 0);
 //!
 //! // Raft (or any other service) rides the same QUIC connections.
 //! let mut raft_rx = mesh.register_service(1, 1024)?;

@@ -436,12 +436,14 @@ impl Mesh {
         });
     }
 
-    /// Changes this node's in-flight counters for `pod` (negative to release).
-    pub fn add_in_flight(&self, pod: &PodId, requests: i64, tokens: i64) {
+    /// Changes this node's in-flight counters for `pod` (negative to release): requests,
+    /// their prompt tokens, and those of them still prefilling (no response yet).
+    pub fn add_in_flight(&self, pod: &PodId, requests: i64, tokens: i64, prefilling: i64) {
         let _ = self.shared.load_tx.send(load_driver::Input::InFlight {
             pod: pod.as_str().to_owned(),
             requests,
             tokens,
+            prefilling,
         });
     }
 

@@ -14,8 +14,9 @@ use crate::ring::NodeId;
 /// carries [`PodState`], so an owner can announce a pod that stopped answering; 3:
 /// [`OneWay::PrefixOps`], removals and endpoint clears from KV events — a v2 node would
 /// drop them as malformed and keep blocks the pods no longer hold, so v2 is refused by
-/// version instead).
-pub const PROTOCOL_VERSION: u16 = 3;
+/// version instead; 4: [`PodInFlight::prefilling`], which a v3 node would misread as the
+/// next entry's bytes).
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Largest frame a peer accepts (handoff batches are chunked well below this).
 pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
@@ -268,6 +269,8 @@ pub struct PodInFlight {
     pub requests: u32,
     /// Estimated prompt tokens of those requests.
     pub tokens: u64,
+    /// Those requests whose response has not started (still in queue or prefill).
+    pub prefilling: u32,
 }
 
 /// Encodes a frame to bytes.

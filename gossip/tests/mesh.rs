@@ -128,29 +128,32 @@ async fn load_converges_on_every_node() {
         }
     }
     for (i, m) in nodes.iter().enumerate() {
-        m.add_in_flight(&all[0], (i + 1) as i64, 100);
+        m.add_in_flight(&all[0], (i + 1) as i64, 100, 1);
     }
-    // Fleet in-flight for pod 0 = 1 + 2 + 3; every pod's metrics visible everywhere.
+    // Fleet in-flight for pod 0 = 1 + 2 + 3 (one prefilling per node); every pod's
+    // metrics visible everywhere.
     wait_for("all views converge", || {
         nodes.iter().all(|m| {
             let v = m.load_view();
-            v.pod(&all[0])
-                .is_some_and(|p| p.in_flight.requests == 6 && p.in_flight.tokens == 300)
-                && all.iter().all(|pod| {
-                    v.pod(pod)
-                        .and_then(|p| p.metrics.as_ref())
-                        .is_some_and(|x| x.running == 5 && x.waiting_queue == 3)
-                })
+            v.pod(&all[0]).is_some_and(|p| {
+                p.in_flight.requests == 6
+                    && p.in_flight.tokens == 300
+                    && p.in_flight.prefilling == 3
+            }) && all.iter().all(|pod| {
+                v.pod(pod)
+                    .and_then(|p| p.metrics.as_ref())
+                    .is_some_and(|x| x.running == 5 && x.waiting_queue == 3)
+            })
         })
     })
     .await;
     // Releases propagate too.
-    nodes[2].add_in_flight(&all[0], -3, -100);
+    nodes[2].add_in_flight(&all[0], -3, -100, -1);
     wait_for("release converges", || {
         nodes.iter().all(|m| {
             m.load_view()
                 .pod(&all[0])
-                .is_some_and(|p| p.in_flight.requests == 3)
+                .is_some_and(|p| p.in_flight.requests == 3 && p.in_flight.prefilling == 2)
         })
     })
     .await;

@@ -26,9 +26,12 @@ pub struct EndpointSlot {
     up: AtomicBool,
     in_flight_requests: AtomicU32,
     in_flight_tokens: AtomicU64,
+    // Of `in_flight_requests`, those whose first response byte has not arrived.
+    in_flight_prefilling: AtomicU32,
     // Other mesh nodes' in-flight work here (from the load board); zero without a mesh.
     remote_requests: AtomicU32,
     remote_tokens: AtomicU64,
+    remote_prefilling: AtomicU32,
 }
 
 impl EndpointSlot {
@@ -42,8 +45,10 @@ impl EndpointSlot {
             up: AtomicBool::new(false),
             in_flight_requests: AtomicU32::new(0),
             in_flight_tokens: AtomicU64::new(0),
+            in_flight_prefilling: AtomicU32::new(0),
             remote_requests: AtomicU32::new(0),
             remote_tokens: AtomicU64::new(0),
+            remote_prefilling: AtomicU32::new(0),
         }
     }
 
@@ -88,6 +93,7 @@ impl EndpointSlot {
         InFlight {
             requests: self.in_flight_requests.load(Ordering::Relaxed),
             tokens: self.in_flight_tokens.load(Ordering::Relaxed),
+            prefilling: self.in_flight_prefilling.load(Ordering::Relaxed),
         }
     }
 
@@ -95,6 +101,8 @@ impl EndpointSlot {
     pub fn set_remote_in_flight(&self, load: InFlight) {
         self.remote_requests.store(load.requests, Ordering::Relaxed);
         self.remote_tokens.store(load.tokens, Ordering::Relaxed);
+        self.remote_prefilling
+            .store(load.prefilling, Ordering::Relaxed);
     }
 
     /// Fleet-wide in-flight load: this node's plus what other mesh nodes report.
@@ -107,19 +115,33 @@ impl EndpointSlot {
             tokens: mine
                 .tokens
                 .saturating_add(self.remote_tokens.load(Ordering::Relaxed)),
+            prefilling: mine
+                .prefilling
+                .saturating_add(self.remote_prefilling.load(Ordering::Relaxed)),
         }
     }
 
-    /// Counts a request dispatched to this endpoint (undone by [`Self::release`]).
+    /// Counts a request dispatched to this endpoint, prefilling until
+    /// [`Self::first_byte`] (undone by [`Self::release`]).
     pub fn acquire(&self, tokens: u64) {
         self.in_flight_requests.fetch_add(1, Ordering::Relaxed);
         self.in_flight_tokens.fetch_add(tokens, Ordering::Relaxed);
+        self.in_flight_prefilling.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Undoes one [`Self::acquire`].
-    pub fn release(&self, tokens: u64) {
+    /// One acquired request's response started: it no longer counts as prefilling.
+    /// Called at most once per acquire, before its release.
+    pub fn first_byte(&self) {
+        self.in_flight_prefilling.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Undoes one [`Self::acquire`]; `prefilling` when [`Self::first_byte`] was not called.
+    pub fn release(&self, tokens: u64, prefilling: bool) {
         self.in_flight_requests.fetch_sub(1, Ordering::Relaxed);
         self.in_flight_tokens.fetch_sub(tokens, Ordering::Relaxed);
+        if prefilling {
+            self.in_flight_prefilling.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     /// The scheduler's view of this endpoint.

@@ -169,15 +169,18 @@ async fn each_pod_is_scraped_by_its_ring_owner_and_load_converges() {
         a.acquire(100);
     }
     b.acquire(50);
+    b.first_byte(); // b's request answered: in flight, no longer prefilling
     b1.acquire(7);
     let expect = |p: SocketAddr| match p {
         x if x == p0 => InFlight {
             requests: 4,
             tokens: 350,
+            prefilling: 3,
         },
         x if x == p1 => InFlight {
             requests: 1,
             tokens: 7,
+            prefilling: 1,
         },
         _ => InFlight::default(),
     };
@@ -188,10 +191,10 @@ async fn each_pod_is_scraped_by_its_ring_owner_and_load_converges() {
     })
     .await;
     for _ in 0..3 {
-        a.release(100);
+        a.release(100, true);
     }
-    b.release(50);
-    b1.release(7);
+    b.release(50, false);
+    b1.release(7, true);
     wait_for("released load converges to zero everywhere", || {
         c.in_flight()
             .iter()

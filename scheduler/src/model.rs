@@ -108,6 +108,9 @@ pub struct InFlight {
     pub requests: u32,
     /// Estimated prompt tokens of those requests.
     pub tokens: u64,
+    /// Those requests whose first token has not come back yet: they are in the model
+    /// server's queue or prefill, and a request added now waits behind their prefill.
+    pub prefilling: u32,
 }
 
 /// A model-server endpoint as a scheduling cycle sees it.

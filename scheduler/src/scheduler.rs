@@ -25,8 +25,8 @@ use crate::plugins::profiles::{
 use crate::plugins::saturation::{ConcurrencyDetector, SaturationDetector, UtilizationDetector};
 use crate::plugins::scorers::{
     ActiveRequestScorer, HeaderLabelAffinityScorer, KvCacheUtilizationScorer, LoadAwareScorer,
-    LoraAffinityScorer, NoHitLruScorer, PrefixCacheScorer, QueueScorer, RunningRequestsScorer,
-    SessionAffinityScorer, TokenLoadScorer,
+    LoraAffinityScorer, NoHitLruScorer, PrefillLoadScorer, PrefixCacheScorer, QueueScorer,
+    RunningRequestsScorer, SessionAffinityScorer, TokenLoadScorer,
 };
 use crate::plugins::topology::{TopologyAffinityFilter, TopologyAffinityScorer};
 use crate::plugins::{
@@ -349,6 +349,7 @@ fn build(
         S::KvCacheUtilizationScorer => Instance::Scorer(Arc::new(KvCacheUtilizationScorer)),
         S::QueueScorer => Instance::Scorer(Arc::new(QueueScorer)),
         S::RunningRequestsSizeScorer => Instance::Scorer(Arc::new(RunningRequestsScorer)),
+        S::PrefillLoadScorer => Instance::Scorer(Arc::new(PrefillLoadScorer)),
         S::LoraAffinityScorer => Instance::Scorer(Arc::new(LoraAffinityScorer)),
         S::LoadAwareScorer(p) => Instance::Scorer(Arc::new(LoadAwareScorer::new(p))),
         S::ActiveRequestScorer(p) => Instance::Scorer(Arc::new(ActiveRequestScorer::new(p))),

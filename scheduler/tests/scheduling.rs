@@ -366,6 +366,31 @@ fn concurrency_detector_admits_and_filters_on_in_flight() {
     assert!(s.schedule(&req(10), &eps, now, &mut rng(1)).is_err());
 }
 
+/// Same in-flight count and queue: the endpoint whose request already answered (decoding)
+/// is picked over the one still prefilling; with the scorer absent they tie.
+#[test]
+fn prefill_load_scorer_prefers_endpoints_whose_requests_have_answered() {
+    let s = sched(
+        "plugins:\n- type: prefill-load-scorer\n- type: max-score-picker\nschedulingProfiles:\n- name: x\n  plugins: [{pluginRef: prefill-load-scorer}, {pluginRef: max-score-picker}]\n",
+    );
+    let now = Instant::now();
+    for busy in 0..2u16 {
+        let mut eps = vec![ep(0, &[], 0, 0.1, now), ep(1, &[], 0, 0.1, now)];
+        for e in &mut eps {
+            e.in_flight.requests = 1;
+        }
+        eps[usize::from(busy)].in_flight.prefilling = 1;
+        for seed in 0..8 {
+            let r = s.schedule(&req(10), &eps, now, &mut rng(seed)).unwrap();
+            assert_eq!(r.destinations(), &[eps[usize::from(1 - busy)].address]);
+        }
+    }
+    let bad = load_config(&format!(
+        "{HEAD}plugins:\n- type: prefill-load-scorer\n  parameters: {{weight: 2}}\n"
+    ));
+    assert!(bad.is_err(), "the scorer takes no parameters");
+}
+
 #[test]
 fn hybrid_concurrency_takes_the_larger_ratio_per_endpoint_and_averages() {
     let s = sched(
@@ -377,10 +402,12 @@ fn hybrid_concurrency_takes_the_larger_ratio_per_endpoint_and_averages() {
     eps[0].in_flight = infermesh_scheduler::InFlight {
         requests: 1,
         tokens: 900,
+        prefilling: 0,
     };
     eps[1].in_flight = infermesh_scheduler::InFlight {
         requests: 3,
         tokens: 0,
+        prefilling: 0,
     };
     let mut shed = req(10);
     shed.priority = -5;

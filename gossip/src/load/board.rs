@@ -28,6 +28,8 @@ pub struct InFlight {
     pub requests: u32,
     /// Estimated prompt tokens of those requests.
     pub tokens: u64,
+    /// Those requests whose response has not started (still in queue or prefill).
+    pub prefilling: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -204,11 +206,14 @@ impl LoadBoard {
     }
 
     /// Adds (or with negative values, removes) this node's in-flight work on `pod`.
-    pub fn handle_in_flight(&mut self, pod: &str, requests: i64, tokens: i64) {
+    pub fn handle_in_flight(&mut self, pod: &str, requests: i64, tokens: i64, prefilling: i64) {
         let cur = self.local.entry(pod.to_owned()).or_default();
-        cur.requests =
-            add_clamped(u64::from(cur.requests), requests).min(u64::from(u32::MAX)) as u32;
+        let count = |cur: u32, delta: i64| {
+            add_clamped(u64::from(cur), delta).min(u64::from(u32::MAX)) as u32
+        };
+        cur.requests = count(cur.requests, requests);
         cur.tokens = add_clamped(cur.tokens, tokens);
+        cur.prefilling = count(cur.prefilling, prefilling);
         let value = *cur;
         set_in_flight(
             self.entries.entry(pod.to_owned()).or_default(),
@@ -272,6 +277,7 @@ impl LoadBoard {
             let value = InFlight {
                 requests: f.requests,
                 tokens: f.tokens,
+                prefilling: f.prefilling,
             };
             set_in_flight(self.entries.entry(f.pod).or_default(), from, value, seq);
         }
@@ -351,6 +357,7 @@ impl LoadBoard {
                 for (_, f, _) in &e.in_flight {
                     total.requests = total.requests.saturating_add(f.requests);
                     total.tokens = total.tokens.saturating_add(f.tokens);
+                    total.prefilling = total.prefilling.saturating_add(f.prefilling);
                 }
                 let load = PodLoad {
                     metrics: e.metrics.as_ref().and_then(|m| m.metrics.clone()),
@@ -400,6 +407,7 @@ fn wire_in_flight(pod: &str, v: InFlight) -> PodInFlight {
         pod: pod.to_owned(),
         requests: v.requests,
         tokens: v.tokens,
+        prefilling: v.prefilling,
     }
 }
 
@@ -489,9 +497,9 @@ mod tests {
         a.handle_ring(ring.clone());
         b.handle_ring(ring);
         let pod = "10.0.0.1:8000";
-        a.handle_in_flight(pod, 3, 300);
-        b.handle_in_flight(pod, 2, 50);
-        b.handle_in_flight(pod, -1, -10);
+        a.handle_in_flight(pod, 3, 300, 2);
+        b.handle_in_flight(pod, 2, 50, 1);
+        b.handle_in_flight(pod, -1, -10, 0);
         let batch = b.poll_outbound(t0).unwrap();
         assert!(batch.full, "first batch after a ring change is full");
         a.handle_remote(&n("b"), batch, t0);
@@ -500,12 +508,13 @@ mod tests {
             v.pod(&PodId::new(pod)).unwrap().in_flight,
             InFlight {
                 requests: 4,
-                tokens: 340
+                tokens: 340,
+                prefilling: 3
             }
         );
 
         // Delta batch: only the changed pod, absolute value.
-        b.handle_in_flight(pod, -1, -40);
+        b.handle_in_flight(pod, -1, -40, -1);
         let delta = b.poll_outbound(t0).unwrap();
         assert!(!delta.full);
         assert_eq!(delta.in_flight.len(), 1);
@@ -518,6 +527,7 @@ mod tests {
                 pod: pod.into(),
                 requests: 9,
                 tokens: 9,
+                prefilling: 9,
             }],
         };
         a.handle_remote(&n("b"), delta.clone(), t0);
@@ -527,12 +537,13 @@ mod tests {
             a.view().pod(&PodId::new(pod)).unwrap().in_flight,
             InFlight {
                 requests: 3,
-                tokens: 300
+                tokens: 300,
+                prefilling: 2
             }
         );
         assert!(b.poll_outbound(t0).is_none(), "nothing changed");
 
-        b.handle_in_flight(pod, 5, 0);
+        b.handle_in_flight(pod, 5, 0, 0);
         a.handle_remote(&n("b"), b.poll_outbound(t0).unwrap(), t0);
         assert_eq!(
             a.view().pod(&PodId::new(pod)).unwrap().in_flight.requests,
@@ -776,7 +787,7 @@ mod tests {
         let t0 = Instant::now();
         let mut a = LoadBoard::new(n("a"), Duration::from_secs(1), 0);
         a.handle_scrape("p", metrics(1), t0);
-        a.handle_in_flight("p", 1, 1);
+        a.handle_in_flight("p", 1, 1, 1);
         assert!(a.poll_outbound(t0).unwrap().full);
         assert!(a.poll_outbound(t0 + Duration::from_millis(10)).is_none());
         let f = a.poll_outbound(t0 + Duration::from_secs(1)).unwrap();
@@ -807,7 +818,7 @@ mod tests {
                 for (node, pod, delta) in ops {
                     let delta = delta.max(-truth[node][pod]);
                     truth[node][pod] += delta;
-                    boards[node].handle_in_flight(&format!("p{pod}"), delta, delta * 10);
+                    boards[node].handle_in_flight(&format!("p{pod}"), delta, delta * 10, 0);
                     if let Some(b) = boards[node].poll_outbound(t0) {
                         in_transit.push((node, b.clone()));
                         in_transit.push((node, b));

@@ -36,6 +36,7 @@ pub(crate) enum Input {
         pod: String,
         requests: i64,
         tokens: i64,
+        prefilling: i64,
     },
     /// A peer's batch arrived.
     Remote {
@@ -125,7 +126,8 @@ fn apply(board: &mut LoadBoard, input: Input) {
             pod,
             requests,
             tokens,
-        } => board.handle_in_flight(&pod, requests, tokens),
+            prefilling,
+        } => board.handle_in_flight(&pod, requests, tokens, prefilling),
         Input::Remote { from, batch, at } => board.handle_remote(&from, batch, at),
     }
 }

@@ -480,6 +480,11 @@ impl ExtProcStream {
         if let Some(u) = &mut self.usage {
             u.feed(&b.body);
         }
+        if !b.body.is_empty()
+            && let Some(t) = self.ticket.as_mut()
+        {
+            t.first_byte();
+        }
         let end = b.end_of_stream;
         let body = match self.restore.as_mut() {
             Some(r) => {

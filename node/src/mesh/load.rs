@@ -71,6 +71,7 @@ impl LoadSync {
                 &PodId::from(addr),
                 i64::from(now.requests) - i64::from(last.requests),
                 now.tokens as i64 - last.tokens as i64,
+                i64::from(now.prefilling) - i64::from(last.prefilling),
             );
             self.published.insert(addr, now);
         }
@@ -94,6 +95,7 @@ impl LoadSync {
             slot.set_remote_in_flight(InFlight {
                 requests: load.in_flight.requests.saturating_sub(mine.requests),
                 tokens: load.in_flight.tokens.saturating_sub(mine.tokens),
+                prefilling: load.in_flight.prefilling.saturating_sub(mine.prefilling),
             });
             let (Some(at), Some(by)) = (load.scraped_at, &load.scraped_by) else {
                 continue;

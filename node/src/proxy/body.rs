@@ -108,8 +108,13 @@ impl Body for TrackedBody {
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(mut frame))) => {
-                if let (Some(data), Some(u)) = (frame.data_ref(), this.usage.as_mut()) {
-                    u.feed(data);
+                if let Some(data) = frame.data_ref().filter(|d| !d.is_empty()) {
+                    if let Some(u) = this.usage.as_mut() {
+                        u.feed(data);
+                    }
+                    if let Some(t) = this.ticket.as_mut() {
+                        t.first_byte();
+                    }
                 }
                 let ended = this.inner.is_end_stream();
                 if let (Some(r), Some(data)) = (this.restore.as_mut(), frame.data_ref()) {

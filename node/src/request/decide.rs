@@ -178,6 +178,8 @@ pub struct Ticket {
     response_headers: Vec<(String, String)>,
     slot: Option<Arc<EndpointSlot>>,
     tokens: u64,
+    /// The slot counts this request as prefilling (no response byte yet).
+    prefilling: bool,
     finished: bool,
 }
 
@@ -208,6 +210,7 @@ impl Ticket {
             response_headers: Vec::new(),
             slot: None,
             tokens,
+            prefilling: false,
             finished: false,
         };
         t.adopt(result);
@@ -287,13 +290,25 @@ impl Ticket {
             return;
         }
         if let Some(s) = self.slot.take() {
-            s.release(self.tokens);
+            s.release(self.tokens, self.prefilling);
         }
         let slot = self.dispatcher.pool.load().slot(addr).cloned();
         if let Some(s) = &slot {
             s.acquire(self.tokens);
         }
+        self.prefilling = slot.is_some();
         self.slot = slot;
+    }
+
+    /// The response's first body bytes arrived (for a streamed completion, its first
+    /// token): the endpoint has prefilled this request (`prefill-load-scorer`).
+    pub fn first_byte(&mut self) {
+        if self.prefilling
+            && let Some(s) = &self.slot
+        {
+            s.first_byte();
+            self.prefilling = false;
+        }
     }
 
     /// Replaces the pick with a new one that avoids `exclude`, with the same prefix data.
@@ -359,7 +374,7 @@ impl Ticket {
             .scheduler
             .response_complete(&p.req, served, Instant::now());
         if let Some(s) = self.slot.take() {
-            s.release(self.tokens);
+            s.release(self.tokens, self.prefilling);
         }
         // Flow control may give the freed room to a waiting request now.
         drop(grant);

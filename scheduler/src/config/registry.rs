@@ -124,6 +124,8 @@ pub enum PluginSpec {
     NoHitLruScorer(NoHitLruParams),
     /// `token-load-scorer`
     TokenLoadScorer(TokenLoadParams),
+    /// `prefill-load-scorer` (infermesh's own: in-flight requests before their first token)
+    PrefillLoadScorer,
     /// `max-score-picker`
     MaxScorePicker(PickerParams),
     /// `random-picker`
@@ -224,6 +226,7 @@ impl PluginSpec {
             PluginSpec::SessionAffinityScorer(_) => "session-affinity-scorer",
             PluginSpec::NoHitLruScorer(_) => "no-hit-lru-scorer",
             PluginSpec::TokenLoadScorer(_) => "token-load-scorer",
+            PluginSpec::PrefillLoadScorer => "prefill-load-scorer",
             PluginSpec::MaxScorePicker(_) => "max-score-picker",
             PluginSpec::RandomPicker(_) => "random-picker",
             PluginSpec::WeightedRandomPicker(_) => "weighted-random-picker",
@@ -288,6 +291,7 @@ impl PluginSpec {
             | TopologyAffinityScorer(_)
             | HeaderLabelAffinityScorer(_)
             | TokenLoadScorer(_)
+            | PrefillLoadScorer
             | PrecisePrefixCacheScorer(_) => PluginKind::Scorer,
             MaxScorePicker(_) | RandomPicker(_) | WeightedRandomPicker(_) => PluginKind::Picker,
             SingleProfileHandler | DisaggProfileHandler(_) | PdProfileHandler(_) => {
@@ -371,6 +375,7 @@ impl PluginSpec {
             | KvCacheUtilizationScorer
             | QueueScorer
             | RunningRequestsSizeScorer
+            | PrefillLoadScorer
             | LoraAffinityScorer
             | SingleProfileHandler
             | AlwaysDisaggPdDecider
@@ -719,6 +724,7 @@ pub const KNOWN_TYPES: &[&str] = &[
     "session-affinity-scorer",
     "no-hit-lru-scorer",
     "token-load-scorer",
+    "prefill-load-scorer",
     "max-score-picker",
     "random-picker",
     "weighted-random-picker",
@@ -830,6 +836,7 @@ pub fn parse_spec_with_warnings(
         "kv-cache-utilization-scorer" => none(params).map(|_| S::KvCacheUtilizationScorer)?,
         "queue-scorer" => none(params).map(|_| S::QueueScorer)?,
         "running-requests-size-scorer" => none(params).map(|_| S::RunningRequestsSizeScorer)?,
+        "prefill-load-scorer" => none(params).map(|_| S::PrefillLoadScorer)?,
         "lora-affinity-scorer" => none(params).map(|_| S::LoraAffinityScorer)?,
         "load-aware-scorer" => S::LoadAwareScorer(parse(params)?),
         "active-request-scorer" => {

@@ -1,9 +1,8 @@
 //! One priority band: its flows (one queue per fairness id) and the fairness policy that
 //! picks the next request across them.
 
-use std::collections::{BTreeSet, VecDeque};
-
-use hashbrown::HashMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
 
 use super::config::{BandConfig, FairnessPolicy};
 
@@ -17,8 +16,6 @@ struct FlowQueue {
     /// The fairness id (empty while the slot is free).
     id: Box<str>,
     items: BTreeSet<OrderKey>,
-    /// Listed in the band's round-robin ring (possibly stale once the queue empties).
-    in_ring: bool,
 }
 
 /// A priority band's queued requests and counters.
@@ -29,9 +26,12 @@ pub(crate) struct Band {
     /// Flow slots; a freed slot is reused by the next new flow.
     flows: Vec<FlowQueue>,
     free: Vec<u32>,
-    index: HashMap<Box<str>, u32>,
-    /// Round-robin turn order of flow slots (stale entries are skipped lazily).
-    ring: VecDeque<u32>,
+    /// Live flows by fairness id, in id order: round-robin turns go in this order.
+    index: BTreeMap<Box<str>, u32>,
+    /// The fairness id round-robin served last (llm-d's cursor); the next turn goes to the
+    /// first live flow after it in id order, wrapping around. Kept when that flow empties,
+    /// so a flow that comes back later does not lose its place in the cycle.
+    cursor: String,
     /// Every queued key of the band, for global-strict fairness.
     all: BTreeSet<OrderKey>,
 }
@@ -44,8 +44,8 @@ impl Band {
             bytes: 0,
             flows: Vec::new(),
             free: Vec::new(),
-            index: HashMap::new(),
-            ring: VecDeque::new(),
+            index: BTreeMap::new(),
+            cursor: String::new(),
             all: BTreeSet::new(),
         }
     }
@@ -83,12 +83,7 @@ impl Band {
                 s
             }
         };
-        let flow = &mut self.flows[slot as usize];
-        flow.items.insert(key);
-        if !flow.in_ring {
-            flow.in_ring = true;
-            self.ring.push_back(slot);
-        }
+        self.flows[slot as usize].items.insert(key);
         self.all.insert(key);
         self.len += 1;
         self.bytes += bytes;
@@ -119,7 +114,9 @@ impl Band {
     }
 
     /// The key the fairness policy serves next (the caller then removes it). Round-robin
-    /// moves the chosen flow to the back of the ring.
+    /// serves the first flow after the last one served, in fairness-id order (llm-d's
+    /// `round-robin-fairness-policy`: flow keys sorted, cursor at the last selected), and
+    /// moves the cursor to it.
     pub(crate) fn pick(&mut self) -> Option<OrderKey> {
         match self.cfg.fairness {
             // The controller picks for program-aware bands from `heads`, as it holds the
@@ -127,20 +124,19 @@ impl Band {
             FairnessPolicy::GlobalStrict | FairnessPolicy::ProgramAware(_) => {
                 self.all.first().copied()
             }
-            FairnessPolicy::RoundRobin => loop {
-                let slot = *self.ring.front()?;
-                let flow = &mut self.flows[slot as usize];
-                match flow.items.first().copied() {
-                    Some(key) => {
-                        self.ring.rotate_left(1);
-                        return Some(key);
-                    }
-                    None => {
-                        flow.in_ring = false;
-                        self.ring.pop_front();
-                    }
-                }
-            },
+            FairnessPolicy::RoundRobin => {
+                // Every indexed flow has requests: an emptied flow leaves the index.
+                let after = (Bound::Excluded(self.cursor.as_str()), Bound::Unbounded);
+                let (id, &slot) = self
+                    .index
+                    .range::<str, _>(after)
+                    .next()
+                    .or_else(|| self.index.iter().next())?;
+                let key = self.flows[slot as usize].items.first().copied()?;
+                self.cursor.clear();
+                self.cursor.push_str(id);
+                Some(key)
+            }
         }
     }
 }

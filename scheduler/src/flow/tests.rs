@@ -272,6 +272,27 @@ fn round_robin_alternates_between_flows() {
     assert_eq!(got, vec![a[0], b[0], c, a[1], b[1], a[2], a[3]]);
 }
 
+/// llm-d's cursor: a flow that emptied and comes back is served right after the flow
+/// served last, not behind a turn of every busy flow (a light tenant waits one dispatch).
+#[test]
+fn round_robin_serves_a_returning_flow_after_the_last_one_served() {
+    let mut cfg = FlowConfig::default();
+    cfg.default_band.fairness = FairnessPolicy::RoundRobin;
+    let (mut fc, t0) = ctl(cfg);
+    let a: Vec<Ticket> = (0..4).map(|_| enq(&mut fc, 0, "a", 1, t0)).collect();
+    let b0 = enq(&mut fc, 0, "b", 1, t0);
+    fc.handle_pool(PoolStatus::serving(0.0), t0);
+    let next = |fc: &mut FlowController| fc.poll_decision(t0).map(|d| d.ticket);
+    assert_eq!(next(&mut fc), Some(a[0]));
+    assert_eq!(next(&mut fc), Some(b0));
+    assert_eq!(next(&mut fc), Some(a[1]));
+    assert_eq!(next(&mut fc), Some(a[2]));
+    let b1 = enq(&mut fc, 0, "b", 1, t0);
+    assert_eq!(next(&mut fc), Some(b1));
+    assert_eq!(next(&mut fc), Some(a[3]));
+    assert_eq!(next(&mut fc), None);
+}
+
 #[test]
 fn global_strict_ignores_flow_boundaries() {
     let (mut fc, t0) = ctl(FlowConfig::default());

@@ -150,6 +150,20 @@ impl Scorer for RunningRequestsScorer {
     }
 }
 
+/// `prefill-load-scorer` (infermesh's own, not an llm-d type): min-max normalised count of
+/// the endpoint's in-flight requests still waiting for their first token. A request sent
+/// to an endpoint that is prefilling another prompt waits for that step first; one sent
+/// to an endpoint that is only decoding starts its prefill at the next step, so in-flight
+/// requests count only until they answer.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PrefillLoadScorer;
+
+impl Scorer for PrefillLoadScorer {
+    fn score(&self, cycle: &CycleState<'_>, candidates: &[usize], out: &mut [f64]) {
+        min_max_low_is_best(cycle, candidates, out, |e| e.in_flight.prefilling);
+    }
+}
+
 /// `lora-affinity-scorer`: 1.0 adapter active, 0.8 free slot, 0.6 adapter waiting, else 0.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LoraAffinityScorer;
