@@ -16,7 +16,8 @@ async fn a_request_prefills_until_its_first_bytes(with_envoy: bool) {
     profile.prefill_overhead = Duration::from_millis(800);
     let h = Harness::start_with_profile(1, with_envoy, profile, |_| {}).await;
     let slot = h.node.pool().slot(h.pods[0]).unwrap().clone();
-    let body = serde_json::json!({"model": h.model, "prompt": "hello", "max_tokens": 300, "stream": true});
+    let body =
+        serde_json::json!({"model": h.model, "prompt": "hello", "max_tokens": 300, "stream": true});
     let req = http::Request::post(format!("http://{}/v1/completions", h.entry()))
         .header("content-type", "application/json")
         .body(http_body_util::Full::new(bytes::Bytes::from(
@@ -26,9 +27,11 @@ async fn a_request_prefills_until_its_first_bytes(with_envoy: bool) {
     let client = h.client.clone();
     let call = tokio::spawn(async move { support::send(&client, req).await });
 
-    wait_until("the request to be dispatched", Duration::from_secs(10), || {
-        slot.in_flight().requests == 1
-    })
+    wait_until(
+        "the request to be dispatched",
+        Duration::from_secs(10),
+        || slot.in_flight().requests == 1,
+    )
     .await;
     let seen = slot.in_flight();
     assert_eq!(
