@@ -9,8 +9,9 @@
 #                  with the tier's one queue at its owner (the default);
 #   infermesh-x3-per-node  the same with --flow-control-per-node (one queue per node,
 #                  dividing the budget), for comparison (PER_NODE_LEG=0 skips it);
-#   sglang-router  cache_aware with --max-concurrent-requests at each of SGLANG_LIMITS
-#                  (--queue-size 100, its default), at 2x capacity; the best is compared.
+#   sglang-router  cache_aware at each --max-concurrent-requests:--queue-size pair of
+#                  SGLANG_SETTINGS (queue 100 is its default; 0 answers 429 at once instead
+#                  of queueing), at 2x capacity; the best pair is compared.
 # Writes bench/results/overload-priority/README.md (every leg's per-class rows, then each
 # target judged from the figures), the legs' JSON reports and every request of each leg
 # (LEG.csv: class, sent_s, ttft_ms, status).
@@ -28,8 +29,8 @@
 #
 # Usage: bench/scenarios/overload-priority.sh   (environment: PODS [4], QPS [40],
 #   UNLOADED_QPS [5], DURATION_S [120], PROMPT_TOKENS [4000], OUTPUT_TOKENS [16],
-#   TTFT_SLO_MS [1500], SGLANG_LIMITS [4,8,16], MAX_CONCURRENCY [2] (infermesh's
-#   concurrency-detector, per pod), REQUEST_TTL [1s], HOLDBACK_MIN_CEILING [0.55] ("none":
+#   TTFT_SLO_MS [1500], SGLANG_SETTINGS [4:100,8:100,4:0,8:0], MAX_CONCURRENCY [2] (infermesh's
+#   concurrency-detector, per pod), MAX_PREFILL_CONCURRENCY [none] (its maxPrefillConcurrency), REQUEST_TTL [1s], HOLDBACK_MIN_CEILING [0.55] ("none":
 #   static-usage-limit-policy), HOLDBACK_DOMAIN [value], EVICTION [true], SEED [1], SKIP_BUILD [0])
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -46,9 +47,17 @@ DURATION_S="${DURATION_S:-120}"
 PROMPT_TOKENS="${PROMPT_TOKENS:-4000}"
 OUTPUT_TOKENS="${OUTPUT_TOKENS:-16}"
 TTFT_SLO_MS="${TTFT_SLO_MS:-1500}"
-SGLANG_LIMITS="${SGLANG_LIMITS:-4,8,16}"
+# --max-concurrent-requests:--queue-size pairs. In 120 s legs at 4:100, 8:100 and 16:100
+# (8e28b7e) one request per pod was best and a longer queue only added waiting; a queue of
+# 0 refuses at once instead, which keeps TTFT inside the SLO for what is served.
+SGLANG_SETTINGS="${SGLANG_SETTINGS:-4:100,8:100,4:0,8:0}"
 MAX_CONCURRENCY="${MAX_CONCURRENCY:-2}"
 REQUEST_TTL="${REQUEST_TTL:-1s}"
+# infermesh's maxPrefillConcurrency on the detector ("none": unset, llm-d's behaviour). In
+# 40 s trials at 1 node (2026-12-06), 1 with maxConcurrency 4 served 4x the heavy
+# tenant's requests at minCeiling 0.4 (decoding requests no longer hold the slots) but did
+# no better than unset at 0.55 and gave critical a longer p99, so it stays off here.
+MAX_PREFILL_CONCURRENCY="${MAX_PREFILL_CONCURRENCY:-none}"
 # The usage limit: priority-holdback-policy with this minCeiling and domain (maxCeiling 1.0),
 # or "none" for llm-d's default static-usage-limit-policy. With the value domain and
 # priorities 10, 0, -1 the ceilings are 1.0 (critical), 0.55 + 0.45/11 = 0.591 (standard)
@@ -135,6 +144,7 @@ plugins:
 - type: concurrency-detector
   parameters:
     maxConcurrency: MAX_CONCURRENCY
+MAX_PREFILL_LINE
 schedulingProfiles:
 - name: default
   plugins:
@@ -162,6 +172,13 @@ flowControl:
     fairnessPolicyRef: round-robin-fairness-policy
 EOF
 sed -i "s/MAX_CONCURRENCY/$MAX_CONCURRENCY/; s/REQUEST_TTL/$REQUEST_TTL/; s/EVICTION/$EVICTION/" "$WORK/epp.yaml"
+if [ "$MAX_PREFILL_CONCURRENCY" != none ]; then
+  sed -i "s/^MAX_PREFILL_LINE\$/    maxPrefillConcurrency: $MAX_PREFILL_CONCURRENCY/" "$WORK/epp.yaml"
+  DETECTOR="maxConcurrency $MAX_CONCURRENCY and maxPrefillConcurrency $MAX_PREFILL_CONCURRENCY per pod"
+else
+  sed -i "/^MAX_PREFILL_LINE\$/d" "$WORK/epp.yaml"
+  DETECTOR="maxConcurrency $MAX_CONCURRENCY per pod"
+fi
 if [ "$HOLDBACK_MIN_CEILING" != none ]; then
   # Lower bands are held back as saturation rises, so headroom stays free for critical.
   printf '  usageLimitPolicyPluginRef: holdback\n' >>"$WORK/epp.yaml"
@@ -244,15 +261,18 @@ if [ "${PER_NODE_LEG:-1}" = 1 ]; then
 fi
 
 PEERS=()
-IFS=, read -r -a limits <<<"$SGLANG_LIMITS"
-for limit in "${limits[@]}"; do
-  label="sglang-router-mcr$limit"
+IFS=, read -r -a settings <<<"$SGLANG_SETTINGS"
+for setting in "${settings[@]}"; do
+  limit="${setting%%:*}" queue="${setting##*:}"
+  [[ "$setting" == *:* && "$limit" =~ ^[0-9]+$ && "$queue" =~ ^[0-9]+$ ]] ||
+    die "SGLANG_SETTINGS entry '$setting' is not MAX_CONCURRENT:QUEUE_SIZE"
+  label="sglang-router-mcr$limit-q$queue"
   echo "=== $label ($QPS req/s) ===" >&2
   start_sim
   "$VENV/bin/sglang-router" launch --worker-urls "${POD_URLS[@]}" --policy cache_aware \
     --host 127.0.0.1 --port "$ROUTER_PORT" --prometheus-port $((ROUTER_PORT + 100)) \
     --worker-startup-check-interval 1 --log-level warn \
-    --max-concurrent-requests "$limit" --queue-size 100 >"$WORK/sglang.log" 2>&1 &
+    --max-concurrent-requests "$limit" --queue-size "$queue" >"$WORK/sglang.log" 2>&1 &
   PIDS+=($!)
   ready sglang-router "http://127.0.0.1:$ROUTER_PORT" || { tail -20 "$WORK/sglang.log" >&2; die "sglang-router did not start"; }
   leg "$label" "$QPS" "http://127.0.0.1:$ROUTER_PORT" "${OVERLOAD_CLASSES[@]}"
@@ -270,8 +290,8 @@ done
   echo "every class equally likely. Classes: critical (objective priority 10), heavy and light"
   echo "(objective standard, priority 0; fairness ids tenant-a and tenant-b at 10:1), sheddable"
   echo "(priority -1). infermesh ran with \`featureGates: [flowControl]\`, the concurrency-detector"
-  echo "at maxConcurrency $MAX_CONCURRENCY per pod, defaultRequestTTL $REQUEST_TTL, prefill-load-scorer (weight 3) beside queue, KV and active-request scorers, round-robin fairness in the"
-  echo "standard band, the usage limit $USAGE_LIMIT and enableEviction $EVICTION, llm-d's defaults otherwise (config in the script); sglang-router with cache_aware and each --max-concurrent-requests of $SGLANG_LIMITS."
+  echo "at $DETECTOR, defaultRequestTTL $REQUEST_TTL, prefill-load-scorer (weight 3) beside queue, KV and active-request scorers, round-robin fairness in the"
+  echo "standard band, the usage limit $USAGE_LIMIT and enableEviction $EVICTION, llm-d's defaults otherwise (config in the script); sglang-router with cache_aware at each --max-concurrent-requests:--queue-size of $SGLANG_SETTINGS."
   echo "Goodput: requests served with TTFT <= $TTFT_SLO_MS ms, per second of the run."
   echo
   "$BENCH" priority-table --unloaded "$OUT/unloaded.json" --one-node "$OUT/infermesh-x1.json" \

@@ -391,6 +391,47 @@ fn prefill_load_scorer_prefers_endpoints_whose_requests_have_answered() {
     assert!(bad.is_err(), "the scorer takes no parameters");
 }
 
+/// With `maxPrefillConcurrency`, a pod that is only decoding has room while one that is
+/// prefilling does not, and the pool is saturated once every pod prefills.
+#[test]
+fn prefill_concurrency_counts_requests_before_their_first_token() {
+    let s = sched(
+        "plugins:\n- type: concurrency-detector\n  parameters: {maxConcurrency: 4, maxPrefillConcurrency: 1}\n- type: queue-scorer\nsaturationDetector:\n  pluginRef: concurrency-detector\nschedulingProfiles:\n- name: x\n  plugins: [{pluginRef: concurrency-detector}, {pluginRef: queue-scorer}]\n",
+    );
+    let now = Instant::now();
+    let mut eps = vec![ep(0, &[], 0, 0.1, now), ep(1, &[], 0, 0.1, now)];
+    // Endpoint 0 prefills one request (1/1); endpoint 1 decodes three (3/4, none prefilling).
+    eps[0].in_flight = infermesh_scheduler::InFlight {
+        requests: 1,
+        tokens: 0,
+        prefilling: 1,
+    };
+    eps[1].in_flight = infermesh_scheduler::InFlight {
+        requests: 3,
+        tokens: 0,
+        prefilling: 0,
+    };
+    let mut shed = req(10);
+    shed.priority = -5;
+    // Mean (1.0 + 0.75) / 2 < 1: admitted; requests alone would say 4/8.
+    assert!(s.admit(&shed, &eps, now).is_ok());
+    // The prefilling endpoint is filtered out although it runs fewer requests.
+    for seed in 0..8 {
+        let r = s.schedule(&req(10), &eps, now, &mut rng(seed)).unwrap();
+        assert_eq!(r.destinations(), &[eps[1].address]);
+    }
+    // Both prefilling: saturated although neither is at its request limit.
+    eps[1].in_flight.prefilling = 1;
+    assert!(s.admit(&shed, &eps, now).is_err());
+    let bad = load_config(&format!(
+        "{HEAD}plugins:\n- type: concurrency-detector\n  parameters: {{maxPrefillConcurrency: 0}}\n- type: queue-scorer\n"
+    ));
+    let err = bad
+        .expect_err("a zero prefill limit is refused")
+        .to_string();
+    assert!(err.contains("maxPrefillConcurrency"), "{err}");
+}
+
 #[test]
 fn hybrid_concurrency_takes_the_larger_ratio_per_endpoint_and_averages() {
     let s = sched(

@@ -834,6 +834,11 @@ pub struct ConcurrencyParams {
     pub max_token_concurrency: i64,
     /// Extra room above the limit for the filter role.
     pub headroom: f64,
+    /// infermesh's own: requests still before their first token that an endpoint takes.
+    /// A request that reaches a pod mid-prefill waits for that prefill, while decoding
+    /// requests cost a new one little; when set, an endpoint's load is the larger of its
+    /// counted ratio and its prefilling ratio, and the pool's saturation their mean.
+    pub max_prefill_concurrency: Option<i64>,
 }
 
 impl Default for ConcurrencyParams {
@@ -843,6 +848,7 @@ impl Default for ConcurrencyParams {
             max_concurrency: 100,
             max_token_concurrency: 1_000_000,
             headroom: 0.0,
+            max_prefill_concurrency: None,
         }
     }
 }
@@ -855,6 +861,12 @@ impl ConcurrencyParams {
         }
         if self.max_token_concurrency <= 0 {
             return Err(problem("maxTokenConcurrency", "must be strictly positive"));
+        }
+        if self.max_prefill_concurrency.is_some_and(|m| m <= 0) {
+            return Err(problem(
+                "maxPrefillConcurrency",
+                "must be strictly positive",
+            ));
         }
         if self.headroom.is_nan() || self.headroom < 0.0 {
             return Err(problem("headroom", "must be a non-negative value"));

@@ -88,11 +88,33 @@ impl ConcurrencyDetector {
         )
     }
 
-    /// Total in-flight over total capacity (hybrid: the mean over endpoints of the larger
-    /// of each one's request and token ratios); no endpoints = 1.0.
+    fn prefilling(&self, e: &Endpoint) -> Option<(f64, f64)> {
+        let cap = self.params.max_prefill_concurrency?;
+        Some((f64::from(e.in_flight.prefilling), cap as f64))
+    }
+
+    /// Total in-flight over total capacity (hybrid, or with `maxPrefillConcurrency`: the
+    /// mean over endpoints of the larger of each one's ratios); no endpoints = 1.0.
     pub fn saturation(&self, endpoints: &[Endpoint]) -> f64 {
         if endpoints.is_empty() {
             return 1.0;
+        }
+        let ratio = |(load, cap): (f64, f64)| if cap <= 0.0 { 1.0 } else { load / cap };
+        if self.params.max_prefill_concurrency.is_some() {
+            return endpoints
+                .iter()
+                .map(|e| {
+                    let counted = match self.params.concurrency_mode {
+                        ConcurrencyMode::Requests => ratio(self.requests(e)),
+                        ConcurrencyMode::Tokens => ratio(self.tokens(e)),
+                        ConcurrencyMode::Hybrid => {
+                            ratio(self.requests(e)).max(ratio(self.tokens(e)))
+                        }
+                    };
+                    counted.max(self.prefilling(e).map_or(0.0, ratio))
+                })
+                .sum::<f64>()
+                / endpoints.len() as f64;
         }
         let total = |f: &dyn Fn(&Endpoint) -> (f64, f64)| {
             let (load, cap) = endpoints.iter().fold((0.0, 0.0), |(l, c), e| {
@@ -105,7 +127,6 @@ impl ConcurrencyDetector {
             ConcurrencyMode::Requests => total(&|e| self.requests(e)),
             ConcurrencyMode::Tokens => total(&|e| self.tokens(e)),
             ConcurrencyMode::Hybrid => {
-                let ratio = |(load, cap): (f64, f64)| if cap <= 0.0 { 1.0 } else { load / cap };
                 endpoints
                     .iter()
                     .map(|e| ratio(self.requests(e)).max(ratio(self.tokens(e))))
@@ -116,15 +137,16 @@ impl ConcurrencyDetector {
     }
 
     /// Whether `e` is under `limit × (1 + headroom)` in the counted measure (hybrid: in
-    /// both).
+    /// both), and in prefilling requests when `maxPrefillConcurrency` is set.
     fn has_room(&self, e: &Endpoint) -> bool {
         let under =
             |(load, limit): (f64, f64)| load < (limit * (1.0 + self.params.headroom)).trunc();
-        match self.params.concurrency_mode {
+        let counted = match self.params.concurrency_mode {
             ConcurrencyMode::Requests => under(self.requests(e)),
             ConcurrencyMode::Tokens => under(self.tokens(e)),
             ConcurrencyMode::Hybrid => under(self.requests(e)) && under(self.tokens(e)),
-        }
+        };
+        counted && self.prefilling(e).is_none_or(under)
     }
 }
 
