@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use infermesh_gossip::ring::key_of_str;
-use infermesh_gossip::{ClusterKey, Mesh, MeshConfig, PodId, PodMetrics, StatsSnapshot};
+use infermesh_gossip::{
+    ClusterKey, InFlightDelta, Mesh, MeshConfig, PodId, PodMetrics, StatsSnapshot,
+};
 
 const NODES: usize = 5;
 const PODS: usize = 50;
@@ -39,6 +41,15 @@ const SMOKE: Sizes = Sizes {
     flow_requests: 50,
 };
 const WAIT: Duration = Duration::from_secs(30);
+
+/// `n` requests (negative: completed) of `tokens_each` prompt tokens, none prefilling.
+fn requests(n: i64, tokens_each: i64) -> InFlightDelta {
+    InFlightDelta {
+        requests: n,
+        tokens: n * tokens_each,
+        prefilling: 0,
+    }
+}
 
 fn key() -> ClusterKey {
     ClusterKey::new(b"bench-cluster-key-0123456789".to_vec()).expect("key")
@@ -175,7 +186,7 @@ async fn main() {
         per_node[round % NODES] += delta;
         expected_total += delta;
         let t0 = Instant::now();
-        who.add_in_flight(&pod, delta, delta * 100, 0);
+        who.add_in_flight(&pod, requests(delta, 100));
         let want = expected_total as u32;
         let pod = &pod;
         let seen = join_all(nodes.iter().map(|m| {
@@ -249,17 +260,17 @@ async fn main() {
         let _ = m.prefix_lookup(c[0], c).await;
         let pod = pods[(i * 13) % PODS].clone();
         m.prefix_record(c[0], c.clone(), pod.clone());
-        m.add_in_flight(&pod, 1, 1_000, 0);
+        m.add_in_flight(&pod, requests(1, 1_000));
         open.push_back((node, pod));
         if open.len() > 32 {
             let (n, p) = open.pop_front().expect("open request");
-            nodes[n].add_in_flight(&p, -1, -1_000, 0);
+            nodes[n].add_in_flight(&p, requests(-1, 1_000));
         }
         // Paced at ~1 request/ms so load batches are not artificially coalesced.
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     for (n, p) in open.drain(..) {
-        nodes[n].add_in_flight(&p, -1, -1_000, 0);
+        nodes[n].add_in_flight(&p, requests(-1, 1_000));
     }
     // Let the last batches leave (bounded wait on the flush of every node).
     until("flow traffic flushed", || {

@@ -22,7 +22,7 @@
 //!
 //! ```no_run
 //! # async fn wire() -> Result<(), Box<dyn std::error::Error>> {
-//! use infermesh_gossip::{ClusterKey, Mesh, MeshConfig, PodId, PodMetrics};
+//! use infermesh_gossip::{ClusterKey, InFlightDelta, Mesh, MeshConfig, PodId, PodMetrics};
 //!
 //! let mut config = MeshConfig::loopback("node-1", ClusterKey::new(b"shared-secret-16+".to_vec())?);
 //! config.seeds = vec!["127.0.0.1:7946".parse()?];
@@ -41,10 +41,12 @@
 //! let load = mesh.load_view(); // lock-free snapshot
 //! # let _ = (matched, load);
 //! let pod = PodId::new("10.0.0.1:8000");
-//! mesh.add_in_flight(&pod, 1, 512, 1);
+//! let dispatched = InFlightDelta { requests: 1, tokens: 512, prefilling: 1 };
+//! mesh.add_in_flight(&pod, dispatched);
 //! mesh.prefix_record(chain[0], chain, pod.clone());
-//! // ... on its first response byte: mesh.add_in_flight(&pod, 0, 0, -1);
-//! // ... when it ends: mesh.add_in_flight(&pod, -1, -512, 0);
+//! // ... on its first response byte:
+//! // mesh.add_in_flight(&pod, InFlightDelta { prefilling: -1, ..Default::default() });
+//! // ... when it ends: mesh.add_in_flight(&pod, InFlightDelta { requests: -1, tokens: -512, prefilling: 0 });
 //!
 //! // Raft (or any other service) rides the same QUIC connections.
 //! let mut raft_rx = mesh.register_service(1, 1024)?;
@@ -71,7 +73,7 @@ pub use auth::{ClusterKey, Keyring};
 pub use config::{
     InvalidMeshConfig, LoadConfig, MeshConfig, PrefixConfig, RpcConfig, SwimConfig, check_host_port,
 };
-pub use load::board::{InFlight, LoadView, PodLoad};
+pub use load::board::{InFlight, InFlightDelta, LoadView, PodLoad};
 pub use membership::{Liveness, MemberId, MemberInfo, MemberSet, MembershipEvent};
 pub use mesh::{ChannelTaken, Mesh, MeshError, ServiceCall};
 pub use pod::PodId;

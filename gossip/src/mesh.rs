@@ -13,7 +13,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{InvalidMeshConfig, MeshConfig};
-use crate::load::board::{LoadBoard, LoadView};
+use crate::load::board::{InFlightDelta, LoadBoard, LoadView};
 use crate::load::driver as load_driver;
 use crate::membership::{self, Liveness, MemberId, MemberSet, MembershipEvent};
 use crate::pod::PodId;
@@ -438,12 +438,10 @@ impl Mesh {
 
     /// Changes this node's in-flight counters for `pod` (negative to release): requests,
     /// their prompt tokens, and those of them still prefilling (no response yet).
-    pub fn add_in_flight(&self, pod: &PodId, requests: i64, tokens: i64, prefilling: i64) {
+    pub fn add_in_flight(&self, pod: &PodId, delta: InFlightDelta) {
         let _ = self.shared.load_tx.send(load_driver::Input::InFlight {
             pod: pod.as_str().to_owned(),
-            requests,
-            tokens,
-            prefilling,
+            delta,
         });
     }
 

@@ -7,7 +7,9 @@ use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
 
 use cluster::{cluster, cluster_with, config, wait_for, wait_for_async};
-use infermesh_gossip::{ClusterKey, MembershipEvent, Mesh, NodeId, PodId, PodMetrics, Ring};
+use infermesh_gossip::{
+    ClusterKey, InFlightDelta, MembershipEvent, Mesh, NodeId, PodId, PodMetrics, Ring,
+};
 
 fn pods(n: usize) -> Vec<PodId> {
     (0..n)
@@ -128,7 +130,12 @@ async fn load_converges_on_every_node() {
         }
     }
     for (i, m) in nodes.iter().enumerate() {
-        m.add_in_flight(&all[0], (i + 1) as i64, 100, 1);
+        let delta = InFlightDelta {
+            requests: (i + 1) as i64,
+            tokens: 100,
+            prefilling: 1,
+        };
+        m.add_in_flight(&all[0], delta);
     }
     // Fleet in-flight for pod 0 = 1 + 2 + 3 (one prefilling per node); every pod's
     // metrics visible everywhere.
@@ -148,7 +155,12 @@ async fn load_converges_on_every_node() {
     })
     .await;
     // Releases propagate too.
-    nodes[2].add_in_flight(&all[0], -3, -100, -1);
+    let release = InFlightDelta {
+        requests: -3,
+        tokens: -100,
+        prefilling: -1,
+    };
+    nodes[2].add_in_flight(&all[0], release);
     wait_for("release converges", || {
         nodes.iter().all(|m| {
             m.load_view()

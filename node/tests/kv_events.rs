@@ -7,6 +7,7 @@ mod support;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use infermesh_gossip::{ClusterKey, Mesh, MeshConfig};
@@ -132,6 +133,44 @@ async fn start_node(
     App::start(cfg).await.expect("node starts")
 }
 
+/// Sends requests one at a time (`next(i)` gives the pod's index and the prompt, which is
+/// kept in `prompts`) until every mesh's index equals the caches of the fleet's
+/// instant-profile pods, after at least `min` requests; panics naming `what` after 30 s.
+/// A follower that subscribed after a pod's last batch learns what it missed only when
+/// the pod publishes again (the gap triggers the replay), so traffic goes on as to live
+/// pods.
+async fn traffic_until_index_matches(
+    what: &str,
+    client: &HttpClient,
+    fleet: &Fleet,
+    meshes: &[Arc<Mesh>],
+    prompts: &mut Vec<String>,
+    min: usize,
+    next: impl Fn(usize) -> (usize, String),
+) {
+    let pods = fleet.addrs();
+    let (model, block_size) = (
+        infermesh_sim::DEFAULT_MODEL,
+        EngineProfile::instant().block_size,
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for i in 0.. {
+        let (pod, text) = next(i);
+        complete(client, pods[pod], &text).await;
+        prompts.push(text);
+        let mut agree = Ok(());
+        for mesh in meshes {
+            agree = agree
+                .and(index_matches_caches(mesh, fleet, &pods, prompts, model, block_size).await);
+        }
+        match agree {
+            Ok(()) if i + 1 >= min => return,
+            Err(e) if Instant::now() > deadline => panic!("{what}: {e}"),
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
 async fn complete(client: &HttpClient, pod: SocketAddr, text: &str) {
     let body = serde_json::json!({
         "model": infermesh_sim::DEFAULT_MODEL, "prompt": text, "max_tokens": 4
@@ -147,8 +186,6 @@ async fn complete(client: &HttpClient, pod: SocketAddr, text: &str) {
 async fn a_new_owner_rebuilds_the_pods_it_takes_over() {
     let (fleet, kv) = support::kv::fleet_with_events(6, Default::default()).await;
     let pods = fleet.addrs();
-    let model = infermesh_sim::DEFAULT_MODEL;
-    let block_size = EngineProfile::instant().block_size;
     let first = start_node("kv-a", &fleet, &kv, vec![]).await;
     let seed = first.mesh().expect("mesh").gossip_addr();
     let mut nodes = vec![first, start_node("kv-b", &fleet, &kv, vec![seed]).await];
@@ -169,29 +206,13 @@ async fn a_new_owner_rebuilds_the_pods_it_takes_over() {
         complete(&client, pods[q % pods.len()], &text).await;
         prompts.push(text);
     }
-    // A follower that subscribed after a pod's last batch learns of what it missed when the
-    // pod publishes again (the gap triggers the replay), so traffic goes on, as to live
-    // pods, until every node's lookups agree with the caches.
     let meshes: Vec<_> = nodes
         .iter()
         .map(|a| a.mesh_handle().expect("mesh"))
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for i in 0.. {
-        let text = prompt(200 + i, i);
-        complete(&client, pods[i % pods.len()], &text).await;
-        prompts.push(text);
-        let mut agree = Ok(());
-        for mesh in &meshes {
-            agree = agree
-                .and(index_matches_caches(mesh, &fleet, &pods, &prompts, model, block_size).await);
-        }
-        match agree {
-            Ok(()) if i >= pods.len() => break,
-            Err(e) if Instant::now() > deadline => panic!("every node agrees: {e}"),
-            _ => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
+    let spread = |i: usize| (i % pods.len(), prompt(200 + i, i));
+    let (what, min) = ("every node agrees", pods.len() + 1);
+    traffic_until_index_matches(what, &client, &fleet, &meshes, &mut prompts, min, spread).await;
     drop(meshes);
 
     // Kill the node that follows more pods (it follows at least one).
@@ -226,22 +247,11 @@ async fn a_new_owner_rebuilds_the_pods_it_takes_over() {
         .expect("a taken-over pod");
     assert!(fleet.reset_prefix_cache(moved).await.expect("reset"));
     // The survivor's follower of that pod may subscribe after the reset was published (a
-    // ZMQ subscriber sees nothing sent before it joined); it learns of the gap from the
-    // pod's next batch, so traffic to the pod goes on, as to a live pod, until the index
-    // is right.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for i in 0.. {
-        let text = prompt(50 + i, 50 + i);
-        complete(&client, pods[moved], &text).await;
-        prompts.push(text);
-        match index_matches_caches(&mesh, &fleet, &pods, &prompts, model, block_size).await {
-            Ok(()) => break,
-            Err(e) if Instant::now() > deadline => {
-                panic!("the survivor's index equals the caches: {e}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
+    // ZMQ subscriber sees nothing sent before it joined), so traffic goes to that pod.
+    let to_moved = |i: usize| (moved, prompt(50 + i, 50 + i));
+    let what = "the survivor's index equals the caches";
+    let survivors = [mesh];
+    traffic_until_index_matches(what, &client, &fleet, &survivors, &mut prompts, 1, to_moved).await;
     survivor.shutdown(Duration::from_secs(1)).await;
     fleet.shutdown().await;
 }

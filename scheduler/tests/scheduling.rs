@@ -391,28 +391,41 @@ fn prefill_load_scorer_prefers_endpoints_whose_requests_have_answered() {
     assert!(bad.is_err(), "the scorer takes no parameters");
 }
 
+/// `concurrency-detector` with these parameters as the saturation detector and the only
+/// filter, before a queue scorer; two endpoints loaded as `loads` says (requests, tokens,
+/// prefilling); and a sheddable request to admit.
+fn concurrency_case(
+    params: &str,
+    loads: [(u32, u64, u32); 2],
+    now: Instant,
+) -> (Scheduler, Vec<Endpoint>, InferenceRequest) {
+    let s = sched(&format!(
+        "plugins:\n- type: concurrency-detector\n  parameters: {params}\n- type: queue-scorer\nsaturationDetector:\n  pluginRef: concurrency-detector\nschedulingProfiles:\n- name: x\n  plugins: [{{pluginRef: concurrency-detector}}, {{pluginRef: queue-scorer}}]\n"
+    ));
+    let eps = (0u16..)
+        .zip(loads)
+        .map(|(i, (requests, tokens, prefilling))| Endpoint {
+            in_flight: infermesh_scheduler::InFlight {
+                requests,
+                tokens,
+                prefilling,
+            },
+            ..ep(i, &[], 0, 0.1, now)
+        })
+        .collect();
+    let mut shed = req(10);
+    shed.priority = -5;
+    (s, eps, shed)
+}
+
 /// With `maxPrefillConcurrency`, a pod that is only decoding has room while one that is
 /// prefilling does not, and the pool is saturated once every pod prefills.
 #[test]
 fn prefill_concurrency_counts_requests_before_their_first_token() {
-    let s = sched(
-        "plugins:\n- type: concurrency-detector\n  parameters: {maxConcurrency: 4, maxPrefillConcurrency: 1}\n- type: queue-scorer\nsaturationDetector:\n  pluginRef: concurrency-detector\nschedulingProfiles:\n- name: x\n  plugins: [{pluginRef: concurrency-detector}, {pluginRef: queue-scorer}]\n",
-    );
     let now = Instant::now();
-    let mut eps = vec![ep(0, &[], 0, 0.1, now), ep(1, &[], 0, 0.1, now)];
     // Endpoint 0 prefills one request (1/1); endpoint 1 decodes three (3/4, none prefilling).
-    eps[0].in_flight = infermesh_scheduler::InFlight {
-        requests: 1,
-        tokens: 0,
-        prefilling: 1,
-    };
-    eps[1].in_flight = infermesh_scheduler::InFlight {
-        requests: 3,
-        tokens: 0,
-        prefilling: 0,
-    };
-    let mut shed = req(10);
-    shed.priority = -5;
+    let params = "{maxConcurrency: 4, maxPrefillConcurrency: 1}";
+    let (s, mut eps, shed) = concurrency_case(params, [(1, 0, 1), (3, 0, 0)], now);
     // Mean (1.0 + 0.75) / 2 < 1: admitted; requests alone would say 4/8.
     assert!(s.admit(&shed, &eps, now).is_ok());
     // The prefilling endpoint is filtered out although it runs fewer requests.
@@ -434,24 +447,10 @@ fn prefill_concurrency_counts_requests_before_their_first_token() {
 
 #[test]
 fn hybrid_concurrency_takes_the_larger_ratio_per_endpoint_and_averages() {
-    let s = sched(
-        "plugins:\n- type: concurrency-detector\n  parameters: {concurrencyMode: hybrid, maxConcurrency: 4, maxTokenConcurrency: 1000}\n- type: queue-scorer\nsaturationDetector:\n  pluginRef: concurrency-detector\nschedulingProfiles:\n- name: x\n  plugins: [{pluginRef: concurrency-detector}, {pluginRef: queue-scorer}]\n",
-    );
     let now = Instant::now();
-    let mut eps = vec![ep(0, &[], 0, 0.1, now), ep(1, &[], 0, 0.1, now)];
     // Endpoint 0: requests 1/4 but tokens 900/1000 -> 0.9; endpoint 1: 3/4 and 0 -> 0.75.
-    eps[0].in_flight = infermesh_scheduler::InFlight {
-        requests: 1,
-        tokens: 900,
-        prefilling: 0,
-    };
-    eps[1].in_flight = infermesh_scheduler::InFlight {
-        requests: 3,
-        tokens: 0,
-        prefilling: 0,
-    };
-    let mut shed = req(10);
-    shed.priority = -5;
+    let params = "{concurrencyMode: hybrid, maxConcurrency: 4, maxTokenConcurrency: 1000}";
+    let (s, mut eps, shed) = concurrency_case(params, [(1, 900, 0), (3, 0, 0)], now);
     // Mean 0.825 < 1: admitted (requests mode alone would say 4/8, tokens 0.45).
     assert!(s.admit(&shed, &eps, now).is_ok());
     // Token-full endpoint 0 is filtered out although its request count is low.

@@ -32,6 +32,18 @@ pub struct InFlight {
     pub prefilling: u32,
 }
 
+/// A change of one node's in-flight work on a pod (negative to release); named fields,
+/// because three bare integers are easy to pass in the wrong order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct InFlightDelta {
+    /// Requests dispatched (or, negative, completed).
+    pub requests: i64,
+    /// Their estimated prompt tokens.
+    pub tokens: i64,
+    /// Requests that started prefilling (or, negative, whose response started or ended).
+    pub prefilling: i64,
+}
+
 #[derive(Debug, Clone)]
 struct Scraped {
     // None: the attempt failed (the pod is down).
@@ -206,14 +218,14 @@ impl LoadBoard {
     }
 
     /// Adds (or with negative values, removes) this node's in-flight work on `pod`.
-    pub fn handle_in_flight(&mut self, pod: &str, requests: i64, tokens: i64, prefilling: i64) {
+    pub fn handle_in_flight(&mut self, pod: &str, delta: InFlightDelta) {
         let cur = self.local.entry(pod.to_owned()).or_default();
         let count = |cur: u32, delta: i64| {
             add_clamped(u64::from(cur), delta).min(u64::from(u32::MAX)) as u32
         };
-        cur.requests = count(cur.requests, requests);
-        cur.tokens = add_clamped(cur.tokens, tokens);
-        cur.prefilling = count(cur.prefilling, prefilling);
+        cur.requests = count(cur.requests, delta.requests);
+        cur.tokens = add_clamped(cur.tokens, delta.tokens);
+        cur.prefilling = count(cur.prefilling, delta.prefilling);
         let value = *cur;
         set_in_flight(
             self.entries.entry(pod.to_owned()).or_default(),
@@ -439,6 +451,14 @@ mod tests {
         NodeId::new(s)
     }
 
+    fn d(requests: i64, tokens: i64, prefilling: i64) -> InFlightDelta {
+        InFlightDelta {
+            requests,
+            tokens,
+            prefilling,
+        }
+    }
+
     fn metrics(waiting: u32) -> PodMetrics {
         PodMetrics {
             waiting_queue: waiting,
@@ -497,9 +517,9 @@ mod tests {
         a.handle_ring(ring.clone());
         b.handle_ring(ring);
         let pod = "10.0.0.1:8000";
-        a.handle_in_flight(pod, 3, 300, 2);
-        b.handle_in_flight(pod, 2, 50, 1);
-        b.handle_in_flight(pod, -1, -10, 0);
+        a.handle_in_flight(pod, d(3, 300, 2));
+        b.handle_in_flight(pod, d(2, 50, 1));
+        b.handle_in_flight(pod, d(-1, -10, 0));
         let batch = b.poll_outbound(t0).unwrap();
         assert!(batch.full, "first batch after a ring change is full");
         a.handle_remote(&n("b"), batch, t0);
@@ -514,7 +534,7 @@ mod tests {
         );
 
         // Delta batch: only the changed pod, absolute value.
-        b.handle_in_flight(pod, -1, -40, -1);
+        b.handle_in_flight(pod, d(-1, -40, -1));
         let delta = b.poll_outbound(t0).unwrap();
         assert!(!delta.full);
         assert_eq!(delta.in_flight.len(), 1);
@@ -543,7 +563,7 @@ mod tests {
         );
         assert!(b.poll_outbound(t0).is_none(), "nothing changed");
 
-        b.handle_in_flight(pod, 5, 0, 0);
+        b.handle_in_flight(pod, d(5, 0, 0));
         a.handle_remote(&n("b"), b.poll_outbound(t0).unwrap(), t0);
         assert_eq!(
             a.view().pod(&PodId::new(pod)).unwrap().in_flight.requests,
@@ -787,7 +807,7 @@ mod tests {
         let t0 = Instant::now();
         let mut a = LoadBoard::new(n("a"), Duration::from_secs(1), 0);
         a.handle_scrape("p", metrics(1), t0);
-        a.handle_in_flight("p", 1, 1, 1);
+        a.handle_in_flight("p", d(1, 1, 1));
         assert!(a.poll_outbound(t0).unwrap().full);
         assert!(a.poll_outbound(t0 + Duration::from_millis(10)).is_none());
         let f = a.poll_outbound(t0 + Duration::from_secs(1)).unwrap();
@@ -818,7 +838,7 @@ mod tests {
                 for (node, pod, delta) in ops {
                     let delta = delta.max(-truth[node][pod]);
                     truth[node][pod] += delta;
-                    boards[node].handle_in_flight(&format!("p{pod}"), delta, delta * 10, 0);
+                    boards[node].handle_in_flight(&format!("p{pod}"), d(delta, delta * 10, 0));
                     if let Some(b) = boards[node].poll_outbound(t0) {
                         in_transit.push((node, b.clone()));
                         in_transit.push((node, b));

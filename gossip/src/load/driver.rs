@@ -7,7 +7,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::load::board::{LoadBoard, LoadView};
+use crate::load::board::{InFlightDelta, LoadBoard, LoadView};
 use crate::membership::MemberSet;
 use crate::pod::PodId;
 use crate::ring::NodeId;
@@ -31,13 +31,8 @@ pub(crate) enum Input {
     },
     /// This node's scrape of a pod failed.
     Down { pod: String, at: std::time::Instant },
-    /// This node's in-flight work on a pod changed by these amounts.
-    InFlight {
-        pod: String,
-        requests: i64,
-        tokens: i64,
-        prefilling: i64,
-    },
+    /// This node's in-flight work on a pod changed by this much.
+    InFlight { pod: String, delta: InFlightDelta },
     /// A peer's batch arrived.
     Remote {
         from: NodeId,
@@ -122,12 +117,7 @@ fn apply(board: &mut LoadBoard, input: Input) {
         Input::SetPods(pods) => board.handle_set_pods(pods),
         Input::Scrape { pod, metrics, at } => board.handle_scrape(&pod, metrics, at),
         Input::Down { pod, at } => board.handle_down(&pod, at),
-        Input::InFlight {
-            pod,
-            requests,
-            tokens,
-            prefilling,
-        } => board.handle_in_flight(&pod, requests, tokens, prefilling),
+        Input::InFlight { pod, delta } => board.handle_in_flight(&pod, delta),
         Input::Remote { from, batch, at } => board.handle_remote(&from, batch, at),
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use infermesh_gossip::wire::LoraMetrics;
-use infermesh_gossip::{LoadView, Mesh, PodId, PodMetrics};
+use infermesh_gossip::{InFlightDelta, LoadView, Mesh, PodId, PodMetrics};
 use infermesh_scheduler::{InFlight, LoraState, Metrics};
 use tokio::sync::watch;
 
@@ -67,12 +67,12 @@ impl LoadSync {
             if now == last {
                 continue;
             }
-            mesh.add_in_flight(
-                &PodId::from(addr),
-                i64::from(now.requests) - i64::from(last.requests),
-                now.tokens as i64 - last.tokens as i64,
-                i64::from(now.prefilling) - i64::from(last.prefilling),
-            );
+            let delta = InFlightDelta {
+                requests: i64::from(now.requests) - i64::from(last.requests),
+                tokens: now.tokens as i64 - last.tokens as i64,
+                prefilling: i64::from(now.prefilling) - i64::from(last.prefilling),
+            };
+            mesh.add_in_flight(&PodId::from(addr), delta);
             self.published.insert(addr, now);
         }
         // The board forgets pods that left the pool, and so do we.
