@@ -54,9 +54,9 @@ SGLANG_SETTINGS="${SGLANG_SETTINGS:-4:100,8:100,4:0,8:0}"
 MAX_CONCURRENCY="${MAX_CONCURRENCY:-2}"
 REQUEST_TTL="${REQUEST_TTL:-1s}"
 # infermesh's maxPrefillConcurrency on the detector ("none": unset, llm-d's behaviour). In
-# 40 s trials at 1 node (2026-12-06), 1 with maxConcurrency 4 served 4x the heavy
-# tenant's requests at minCeiling 0.4 (decoding requests no longer hold the slots) but did
-# no better than unset at 0.55 and gave critical a longer p99, so it stays off here.
+# 40 s trials at 1 node (2026-12-06), 1 with maxConcurrency 4 at minCeiling 0.55 served
+# 11.6 req/s in SLO with critical's p99 at 610 ms, against 14.3 req/s and 410 ms unset;
+# without a holdback it served 13.4 req/s with critical's p50 at 340 ms. It stays off here.
 MAX_PREFILL_CONCURRENCY="${MAX_PREFILL_CONCURRENCY:-none}"
 # The usage limit: priority-holdback-policy with this minCeiling and domain (maxCeiling 1.0),
 # or "none" for llm-d's default static-usage-limit-policy. With the value domain and

@@ -455,7 +455,11 @@ fn measure(saturation: impl Fn(&[Endpoint]) -> f64, candidates: &mut [Endpoint])
         return (base, 1.0);
     }
     for e in candidates.iter_mut() {
+        // A request just dispatched is in flight and has not answered yet: a detector that
+        // counts prefilling requests (`maxPrefillConcurrency`) must see it too, or the step
+        // is that of the request ratio alone and one refresh's budget overfills the pods.
         e.in_flight.requests = e.in_flight.requests.saturating_add(1);
+        e.in_flight.prefilling = e.in_flight.prefilling.saturating_add(1);
         if let Some(m) = &mut e.metrics {
             m.waiting_queue = m.waiting_queue.saturating_add(1);
         }
@@ -865,6 +869,19 @@ mod tests {
         let (s, step) = measure(conc, &mut eps.clone());
         assert_eq!(s, 0.0);
         assert!((step - 1.0 / 40.0).abs() < 1e-12, "{step}");
+        // One prefill per endpoint (maxPrefillConcurrency 1 beside a request limit of 10):
+        // one more request fills an endpoint, so the step is a whole endpoint's share.
+        let prefill = |c: &[Endpoint]| {
+            c.iter()
+                .map(|e| {
+                    (f64::from(e.in_flight.requests) / 10.0).max(f64::from(e.in_flight.prefilling))
+                })
+                .sum::<f64>()
+                / c.len() as f64
+        };
+        let (s, step) = measure(prefill, &mut eps.clone());
+        assert_eq!(s, 0.0);
+        assert!((step - 1.0 / 4.0).abs() < 1e-12, "{step}");
         // A detector that does not move gets the floor.
         let (_, step) = measure(|_| 0.3, &mut eps);
         assert!((step - MIN_STEP_PER_ENDPOINT / 4.0).abs() < 1e-12);
