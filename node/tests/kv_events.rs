@@ -135,10 +135,10 @@ async fn start_node(
 
 /// Sends requests one at a time (`next(i)` gives the pod's index and the prompt, which is
 /// kept in `prompts`) until every mesh's index equals the caches of the fleet's
-/// instant-profile pods, after at least `min` requests; panics naming `what` after 30 s.
-/// A follower that subscribed after a pod's last batch learns what it missed only when
-/// the pod publishes again (the gap triggers the replay), so traffic goes on as to live
-/// pods.
+/// instant-profile pods, after at least `min` requests; panics naming `what` when
+/// [`eventually`] gives up. A follower that subscribed after a pod's last batch learns what
+/// it missed only when the pod publishes again (the gap triggers the replay), so traffic
+/// goes on as to live pods.
 async fn traffic_until_index_matches(
     what: &str,
     client: &HttpClient,
@@ -153,22 +153,21 @@ async fn traffic_until_index_matches(
         infermesh_sim::DEFAULT_MODEL,
         EngineProfile::instant().block_size,
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for i in 0.. {
-        let (pod, text) = next(i);
+    let mut sent = 0;
+    eventually(what, async || {
+        let (pod, text) = next(sent);
+        sent += 1;
         complete(client, pods[pod], &text).await;
         prompts.push(text);
-        let mut agree = Ok(());
         for mesh in meshes {
-            agree = agree
-                .and(index_matches_caches(mesh, fleet, &pods, prompts, model, block_size).await);
+            index_matches_caches(mesh, fleet, &pods, prompts, model, block_size).await?;
         }
-        match agree {
-            Ok(()) if i + 1 >= min => return,
-            Err(e) if Instant::now() > deadline => panic!("{what}: {e}"),
-            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        if sent < min {
+            return Err(format!("{sent} of at least {min} requests sent"));
         }
-    }
+        Ok(())
+    })
+    .await;
 }
 
 async fn complete(client: &HttpClient, pod: SocketAddr, text: &str) {

@@ -93,28 +93,23 @@ impl ConcurrencyDetector {
         Some((f64::from(e.in_flight.prefilling), cap as f64))
     }
 
+    /// One endpoint's load: the larger of its ratios in the counted measures (hybrid: both)
+    /// and, with `maxPrefillConcurrency`, in prefilling requests.
+    fn endpoint_load(&self, e: &Endpoint) -> f64 {
+        let ratio = |(load, cap): (f64, f64)| if cap <= 0.0 { 1.0 } else { load / cap };
+        let counted = match self.params.concurrency_mode {
+            ConcurrencyMode::Requests => ratio(self.requests(e)),
+            ConcurrencyMode::Tokens => ratio(self.tokens(e)),
+            ConcurrencyMode::Hybrid => ratio(self.requests(e)).max(ratio(self.tokens(e))),
+        };
+        counted.max(self.prefilling(e).map_or(0.0, ratio))
+    }
+
     /// Total in-flight over total capacity (hybrid, or with `maxPrefillConcurrency`: the
-    /// mean over endpoints of the larger of each one's ratios); no endpoints = 1.0.
+    /// mean over endpoints of each one's load); no endpoints = 1.0.
     pub fn saturation(&self, endpoints: &[Endpoint]) -> f64 {
         if endpoints.is_empty() {
             return 1.0;
-        }
-        let ratio = |(load, cap): (f64, f64)| if cap <= 0.0 { 1.0 } else { load / cap };
-        if self.params.max_prefill_concurrency.is_some() {
-            return endpoints
-                .iter()
-                .map(|e| {
-                    let counted = match self.params.concurrency_mode {
-                        ConcurrencyMode::Requests => ratio(self.requests(e)),
-                        ConcurrencyMode::Tokens => ratio(self.tokens(e)),
-                        ConcurrencyMode::Hybrid => {
-                            ratio(self.requests(e)).max(ratio(self.tokens(e)))
-                        }
-                    };
-                    counted.max(self.prefilling(e).map_or(0.0, ratio))
-                })
-                .sum::<f64>()
-                / endpoints.len() as f64;
         }
         let total = |f: &dyn Fn(&Endpoint) -> (f64, f64)| {
             let (load, cap) = endpoints.iter().fold((0.0, 0.0), |(l, c), e| {
@@ -123,14 +118,14 @@ impl ConcurrencyDetector {
             });
             if cap <= 0.0 { 1.0 } else { load / cap }
         };
-        match self.params.concurrency_mode {
-            ConcurrencyMode::Requests => total(&|e| self.requests(e)),
-            ConcurrencyMode::Tokens => total(&|e| self.tokens(e)),
-            ConcurrencyMode::Hybrid => {
-                endpoints
-                    .iter()
-                    .map(|e| ratio(self.requests(e)).max(ratio(self.tokens(e))))
-                    .sum::<f64>()
+        match (
+            self.params.concurrency_mode,
+            self.params.max_prefill_concurrency,
+        ) {
+            (ConcurrencyMode::Requests, None) => total(&|e| self.requests(e)),
+            (ConcurrencyMode::Tokens, None) => total(&|e| self.tokens(e)),
+            _ => {
+                endpoints.iter().map(|e| self.endpoint_load(e)).sum::<f64>()
                     / endpoints.len() as f64
             }
         }
