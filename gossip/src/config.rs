@@ -311,7 +311,8 @@ impl RpcConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LoadConfig {
-    /// How often changed load is pushed to the other nodes (bounds added latency).
+    /// How often changed scrapes are pushed to the other nodes (bounds their added
+    /// latency); changed in-flight counts go out at once, at most one batch per millisecond.
     #[serde(with = "humantime_serde")]
     pub flush_interval: Duration,
     /// How often a node re-sends its whole table (repairs divergence, feeds newcomers).

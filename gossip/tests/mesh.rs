@@ -183,6 +183,41 @@ async fn load_converges_on_every_node() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_changes_do_not_wait_for_the_flush_tick() {
+    // Ticks and full syncs an hour apart: only the in-flight push can carry the counts.
+    let hour = Duration::from_secs(3600);
+    let nodes = cluster_with(2, |c| {
+        c.load.flush_interval = hour;
+        c.load.full_sync_interval = hour;
+    })
+    .await;
+    let all = pods(1);
+    for m in &nodes {
+        m.set_pods(all.clone());
+    }
+    let sees = |requests: u32, prefilling: u32| {
+        let v = nodes[1].load_view();
+        v.pod(&all[0]).is_some_and(|p| {
+            p.in_flight.requests == requests && p.in_flight.prefilling == prefilling
+        })
+    };
+    let dispatched = InFlightDelta {
+        requests: 1,
+        tokens: 4000,
+        prefilling: 1,
+    };
+    nodes[0].add_in_flight(&all[0], dispatched);
+    wait_for("the dispatch reaches the peer", || sees(1, 1)).await;
+    // The next change comes within the push gap of the first and still goes out.
+    let first_token = InFlightDelta {
+        prefilling: -1,
+        ..InFlightDelta::default()
+    };
+    nodes[0].add_in_flight(&all[0], first_token);
+    wait_for("the first token reaches the peer", || sees(1, 0)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefix_lookups_match_wherever_the_request_lands_and_survive_owner_loss() {
     let mut nodes = cluster(5).await;
     // Chains under several anchors, recorded from different nodes.

@@ -154,6 +154,11 @@ impl LoadBoard {
         self.version
     }
 
+    /// Whether this node's in-flight work changed since the last outbound batch.
+    pub fn has_in_flight_changes(&self) -> bool {
+        !self.dirty_in_flight.is_empty()
+    }
+
     /// Pods this node must scrape now: the pods whose rendezvous owner is this node.
     pub fn owned_pods(&self) -> &[String] {
         &self.owned
@@ -814,6 +819,20 @@ mod tests {
         assert!(f.full);
         assert_eq!(f.scrapes.len(), 1);
         assert_eq!(f.in_flight.len(), 1);
+    }
+
+    #[test]
+    fn only_in_flight_changes_ask_for_a_push_and_a_push_clears_them() {
+        let t0 = Instant::now();
+        let mut a = LoadBoard::new(n("a"), Duration::from_secs(60), 0);
+        let _ = a.poll_outbound(t0); // initial full
+        a.handle_scrape("p", metrics(1), t0);
+        assert!(!a.has_in_flight_changes(), "a scrape waits for the tick");
+        a.handle_in_flight("p", d(1, 10, 1));
+        assert!(a.has_in_flight_changes());
+        let batch = a.poll_outbound(t0).unwrap();
+        assert_eq!((batch.scrapes.len(), batch.in_flight.len()), (1, 1));
+        assert!(!a.has_in_flight_changes());
     }
 
     mod reorder {

@@ -17,6 +17,12 @@ use crate::wire::{self, LoadBatch, OneWay, PodMetrics};
 
 /// Least time between two published snapshots.
 const MIN_PUBLISH_GAP: Duration = Duration::from_millis(1);
+/// Least time between two pushes that in-flight changes trigger. In-flight counts go out at
+/// once rather than on the flush tick: every node picks pods from them, and two nodes that
+/// pick within one stale window put their requests on the same idle pod (in
+/// `overload-priority` at 3 nodes: critical requests delayed past one prefill). Scrapes keep
+/// to the tick; they are periodic.
+const IN_FLIGHT_PUSH_GAP: Duration = Duration::from_millis(1);
 
 /// Inputs to the load task.
 #[derive(Debug)]
@@ -61,6 +67,7 @@ pub(crate) async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut published = u64::MAX;
     let mut last_publish = Instant::now();
+    let mut last_push = Instant::now();
     let mut peers: Vec<NodeId> = {
         let set = members.borrow_and_update().clone();
         board.handle_ring(set.ring.clone());
@@ -85,10 +92,9 @@ pub(crate) async fn run(
                 board.handle_ring(set.ring.clone());
                 peers = set.peers().map(|m| m.id.node.clone()).collect();
             }
-            _ = tick.tick() => {
-                if let Some(batch) = board.poll_outbound(Instant::now().into_std()) {
-                    push(&transport, &peers, batch, &stats);
-                }
+            _ = tick.tick() => flush(&mut board, &transport, &peers, &stats, &mut last_push),
+            () = tokio::time::sleep_until(last_push + IN_FLIGHT_PUSH_GAP), if board.has_in_flight_changes() => {
+                flush(&mut board, &transport, &peers, &stats, &mut last_push);
             }
             () = tokio::time::sleep_until(last_publish + MIN_PUBLISH_GAP), if board.version() != published => {}
         }
@@ -109,6 +115,21 @@ pub(crate) async fn run(
             out.view.store(Arc::new(view));
             let _ = out.version.send(published);
         }
+    }
+}
+
+/// Pushes whatever changed (or the full table when due) and notes when.
+fn flush(
+    board: &mut LoadBoard,
+    transport: &Arc<Transport>,
+    peers: &[NodeId],
+    stats: &Arc<Stats>,
+    last_push: &mut Instant,
+) {
+    let now = Instant::now();
+    if let Some(batch) = board.poll_outbound(now.into_std()) {
+        push(transport, peers, batch, stats);
+        *last_push = now;
     }
 }
 

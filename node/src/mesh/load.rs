@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use crate::pool::{PoolView, SharedPool};
 
 /// How often this node's in-flight counters are compared with what it last published.
-/// The board pushes changes every `load.flush_interval` (10 ms) on top of this.
+/// The board pushes in-flight changes at once (at most one batch per millisecond).
 pub const IN_FLIGHT_POLL: Duration = Duration::from_millis(2);
 
 /// The scheduler's metrics in the board's wire form.
