@@ -143,7 +143,12 @@ async fn a_finished_request_frees_its_slot_before_the_next_refresh() {
 /// In-flight eviction (`enableEviction`): a critical request blocked behind a running
 /// sheddable one (one pod, one slot) revokes it; the sheddable stream ends early (cut off,
 /// or 429 `evicted` before its headers) and the critical request is served within its TTL.
-async fn a_blocked_critical_request_evicts_a_running_sheddable_one(with_envoy: bool) {
+/// With `prefilling`, the sheddable prompt is long enough (60,000 tokens, seconds of
+/// prefill) that it is evicted before its first token, which must then be a 429.
+async fn a_blocked_critical_request_evicts_a_running_sheddable_one(
+    with_envoy: bool,
+    prefilling: bool,
+) {
     let scheduler = one_slot_per_pod("defaultRequestTTL: 5s\n  enableEviction: true");
     let h = Harness::start_with_profile(
         1,
@@ -159,7 +164,12 @@ async fn a_blocked_critical_request_evicts_a_running_sheddable_one(with_envoy: b
     )
     .await;
     // About 3,000 decode steps: tens of seconds unless it is evicted.
-    let long = serde_json::json!({"model": h.model, "prompt": "long job", "max_tokens": 3000, "stream": true});
+    let long = if prefilling {
+        let prompt = "word".repeat(60_000);
+        serde_json::json!({"model": h.model, "prompt": prompt, "max_tokens": 16, "stream": true})
+    } else {
+        serde_json::json!({"model": h.model, "prompt": "long job", "max_tokens": 3000, "stream": true})
+    };
     let req = http::Request::post(format!("http://{}/v1/completions", h.entry()))
         .header("content-type", "application/json")
         .header("x-llm-d-inference-objective", "batch")
@@ -192,12 +202,17 @@ async fn a_blocked_critical_request_evicts_a_running_sheddable_one(with_envoy: b
         .expect("the evicted request ended")
         .unwrap();
     match cut {
-        Err(_) => {} // cut off mid-stream
+        Err(e) => assert!(!prefilling, "evicted while prefilling, yet cut off: {e}"),
         Ok(r) => {
             let text = String::from_utf8_lossy(&r.body).into_owned();
             assert!(
                 r.status == 429 || !text.contains("[DONE]"),
                 "the sheddable request ran to completion: {} {text:.200}",
+                r.status
+            );
+            assert!(
+                r.status == 429 || !prefilling,
+                "evicted while prefilling, yet answered {}: {text:.200}",
                 r.status
             );
             if r.status == 429 {
@@ -234,12 +249,17 @@ async fn a_blocked_critical_request_evicts_a_running_sheddable_one(with_envoy: b
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_in_flight_eviction_revokes_a_running_sheddable_request() {
-    a_blocked_critical_request_evicts_a_running_sheddable_one(false).await;
+    a_blocked_critical_request_evicts_a_running_sheddable_one(false, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_eviction_before_the_first_token_answers_429_evicted() {
+    a_blocked_critical_request_evicts_a_running_sheddable_one(false, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_in_flight_eviction_revokes_a_running_sheddable_request() {
-    a_blocked_critical_request_evicts_a_running_sheddable_one(true).await;
+    a_blocked_critical_request_evicts_a_running_sheddable_one(true, false).await;
 }
 
 /// The EndpointPickerConfig the policy swaps in: `queue-scorer` alone, plus `extra` (the

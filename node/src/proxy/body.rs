@@ -20,9 +20,15 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 /// The error a body ends with.
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A frame read from the upstream body.
+pub type UpstreamFrame = Result<Frame<Bytes>, hyper::Error>;
+
 /// An upstream body that settles its request when it ends.
 pub struct TrackedBody {
     inner: Incoming,
+    /// A frame already read from `inner` (the proxy waited for it before answering), passed
+    /// on first.
+    first: Option<UpstreamFrame>,
     /// In-flight eviction: when it resolves the response is cut off.
     revoked: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     ticket: Option<Ticket>,
@@ -42,9 +48,11 @@ impl std::fmt::Debug for TrackedBody {
 }
 
 impl TrackedBody {
-    /// Wraps `inner`; `success` says whether the upstream status was 2xx.
+    /// Wraps `inner`, whose frame `first` was already read (if any); `success` says whether
+    /// the upstream status was 2xx.
     pub fn new(
         inner: Incoming,
+        first: Option<UpstreamFrame>,
         ticket: Ticket,
         content_type: Option<&str>,
         served: SocketAddr,
@@ -56,6 +64,7 @@ impl TrackedBody {
         let revoked = ticket.revoked().map(Box::pin);
         let mut body = TrackedBody {
             inner,
+            first,
             revoked,
             ticket: Some(ticket),
             usage: Some(UsageScanner::new(content_type)),
@@ -63,7 +72,7 @@ impl TrackedBody {
             success,
             restore,
         };
-        if body.inner.is_end_stream() {
+        if body.first.is_none() && body.inner.is_end_stream() {
             body.settle_ok(); // an empty body is never polled
         }
         body
@@ -106,7 +115,11 @@ impl Body for TrackedBody {
                 "evicted by flow control (in-flight eviction)".into()
             )));
         }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let polled = match this.first.take() {
+            Some(frame) => Poll::Ready(Some(frame)),
+            None => Pin::new(&mut this.inner).poll_frame(cx),
+        };
+        match polled {
             Poll::Ready(Some(Ok(mut frame))) => {
                 if let Some(data) = frame.data_ref().filter(|d| !d.is_empty()) {
                     if let Some(u) = this.usage.as_mut() {
@@ -148,7 +161,8 @@ impl Body for TrackedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.first.is_none()
+            && self.inner.is_end_stream()
             && !self
                 .restore
                 .as_ref()
@@ -159,6 +173,16 @@ impl Body for TrackedBody {
         if self.restore.is_some() {
             return SizeHint::default(); // a restored name may differ in length
         }
-        self.inner.size_hint()
+        let mut hint = self.inner.size_hint();
+        if let Some(Ok(frame)) = &self.first
+            && let Some(data) = frame.data_ref()
+        {
+            let len = data.len() as u64;
+            hint.set_lower(hint.lower() + len);
+            if let Some(upper) = hint.upper() {
+                hint.set_upper(upper + len);
+            }
+        }
+        hint
     }
 }

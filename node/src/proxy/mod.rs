@@ -18,6 +18,7 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use http_body::Body as _;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use infermesh_scheduler::ApiKind;
 
@@ -237,7 +238,7 @@ async fn forward(
                 ticket.finish(Some(dest), r.outcome(), None);
                 return error_response(&r, request_id);
             }
-            Ok(Ok(resp)) => return respond(resp, ticket, dest, request_id),
+            Ok(Ok(resp)) => return respond(resp, ticket, dest, request_id).await,
             Ok(Err(e)) if e.is_connect() => {
                 tracing::warn!(request_id, endpoint = %dest, error = %e, "cannot connect to endpoint, trying another");
                 if let Some(slot) = s.dispatcher.pool().load().slot(dest) {
@@ -278,13 +279,30 @@ fn unreachable(ticket: Ticket, tried: &[SocketAddr], request_id: &str) -> Respon
     error_response(&r, request_id)
 }
 
-fn respond(
+async fn respond(
     resp: http::Response<hyper::body::Incoming>,
     ticket: Ticket,
     served: SocketAddr,
     request_id: &str,
 ) -> Response {
-    let (mut parts, incoming) = resp.into_parts();
+    let (mut parts, mut incoming) = resp.into_parts();
+    // A request that may still be evicted holds the pod's headers until its first body
+    // frame: evicted while the pod prefills, the client gets 429 `evicted`, which it can
+    // act on, instead of a 200 whose stream breaks off before any token.
+    let mut first = None;
+    if parts.status.is_success()
+        && !incoming.is_end_stream()
+        && let Some(revoked) = ticket.revoked()
+    {
+        tokio::select! {
+            frame = incoming.frame() => first = frame,
+            () = revoked => {
+                let r = Rejection::Flow(infermesh_scheduler::flow::DropReason::Evicted);
+                ticket.finish(Some(served), r.outcome(), None);
+                return error_response(&r, request_id);
+            }
+        }
+    }
     let content_type = parts
         .headers
         .get(header::CONTENT_TYPE)
@@ -315,7 +333,14 @@ fn respond(
         }
     }
     let success = parts.status.is_success();
-    let body = TrackedBody::new(incoming, ticket, content_type.as_deref(), served, success);
+    let body = TrackedBody::new(
+        incoming,
+        first,
+        ticket,
+        content_type.as_deref(),
+        served,
+        success,
+    );
     Response::from_parts(parts, Body::new(body))
 }
 
