@@ -62,6 +62,11 @@ impl Filter for UtilizationDetector {
     }
 }
 
+/// Load over capacity; no capacity counts as full.
+fn ratio((load, cap): (f64, f64)) -> f64 {
+    if cap <= 0.0 { 1.0 } else { load / cap }
+}
+
 /// llm-d's concurrency detector, over the in-flight load the caller reports.
 #[derive(Debug, Clone)]
 pub struct ConcurrencyDetector {
@@ -96,7 +101,6 @@ impl ConcurrencyDetector {
     /// One endpoint's load: the larger of its ratios in the counted measures (hybrid: both)
     /// and, with `maxPrefillConcurrency`, in prefilling requests.
     fn endpoint_load(&self, e: &Endpoint) -> f64 {
-        let ratio = |(load, cap): (f64, f64)| if cap <= 0.0 { 1.0 } else { load / cap };
         let counted = match self.params.concurrency_mode {
             ConcurrencyMode::Requests => ratio(self.requests(e)),
             ConcurrencyMode::Tokens => ratio(self.tokens(e)),
@@ -112,11 +116,10 @@ impl ConcurrencyDetector {
             return 1.0;
         }
         let total = |f: &dyn Fn(&Endpoint) -> (f64, f64)| {
-            let (load, cap) = endpoints.iter().fold((0.0, 0.0), |(l, c), e| {
+            ratio(endpoints.iter().fold((0.0, 0.0), |(l, c), e| {
                 let (x, y) = f(e);
                 (l + x, c + y)
-            });
-            if cap <= 0.0 { 1.0 } else { load / cap }
+            }))
         };
         match (
             self.params.concurrency_mode,
