@@ -262,6 +262,11 @@ async fn envoy_in_flight_eviction_revokes_a_running_sheddable_request() {
     a_blocked_critical_request_evicts_a_running_sheddable_one(true, false).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_eviction_before_the_first_token_answers_429_evicted() {
+    a_blocked_critical_request_evicts_a_running_sheddable_one(true, true).await;
+}
+
 /// The EndpointPickerConfig the policy swaps in: `queue-scorer` alone, plus `extra` (the
 /// `flowControl` gate and section, or nothing).
 fn epp_config(extra: &str) -> infermesh_scheduler::ResolvedConfig {

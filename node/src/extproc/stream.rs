@@ -112,6 +112,12 @@ pub struct ExtProcStream {
     restore: Option<ModelRestorer>,
     /// Whether the driver has taken the ticket's revocation future.
     revocation_taken: bool,
+    /// The request can still be evicted (its revocation was handed out).
+    revocable: bool,
+    /// The response-headers reply of a request that can be evicted, held until the first
+    /// body chunk: eviction while the pod prefills then answers 429 `evicted` rather than
+    /// a 200 whose stream Envoy must reset before any token.
+    held_headers: Option<Reply>,
     /// The request's trace span (disabled unless `--tracing`), entered around every
     /// request-path call so their spans are its children.
     otel: tracing::Span,
@@ -136,6 +142,8 @@ impl ExtProcStream {
             awaiting: None,
             restore: None,
             revocation_taken: false,
+            revocable: false,
+            held_headers: None,
             otel: tracing::Span::none(),
         }
     }
@@ -176,7 +184,7 @@ impl ExtProcStream {
             Message::ResponseBody(b) => Ok(replies(self.on_response_body(b))),
             Message::ResponseTrailers => {
                 self.finish();
-                let mut out = Vec::new();
+                let mut out: Vec<Reply> = self.held_headers.take().into_iter().collect();
                 if let Some(held) = self.restore.as_mut().map(ModelRestorer::finish)
                     && !held.is_empty()
                 {
@@ -469,11 +477,17 @@ impl ExtProcStream {
             self.restore = Some(ModelRestorer::new(served, client));
             remove.push("content-length".to_owned());
         }
-        let out = vec![Reply::Mutate { set, remove }];
+        let reply = Reply::Mutate { set, remove };
         if h.end_of_stream {
             self.finish();
+            return vec![reply];
         }
-        out
+        // Full-duplex mode only: there Envoy sends the body without waiting for this reply.
+        if self.revocable && self.response_mode == BodyMode::FullDuplexStreamed {
+            self.held_headers = Some(reply);
+            return Vec::new();
+        }
+        vec![reply]
     }
 
     fn on_response_body(&mut self, b: BodyChunk) -> Vec<Reply> {
@@ -496,10 +510,11 @@ impl ExtProcStream {
             }
             None => b.body,
         };
-        let out = match self.response_mode {
-            BodyMode::FullDuplexStreamed => streamed_chunks(body, end, false),
-            _ => vec![Reply::Continue(Step::ResponseBody)],
-        };
+        let mut out: Vec<Reply> = self.held_headers.take().into_iter().collect();
+        match self.response_mode {
+            BodyMode::FullDuplexStreamed => out.extend(streamed_chunks(body, end, false)),
+            _ => out.push(Reply::Continue(Step::ResponseBody)),
+        }
         if end {
             self.finish();
         }
@@ -514,15 +529,18 @@ impl ExtProcStream {
         }
         let fut = self.ticket.as_ref()?.revoked();
         self.revocation_taken = true;
+        self.revocable = fut.is_some();
         fut
     }
 
-    /// Flow control revoked the request: Envoy gets 429 `evicted` (a local reply, or a
-    /// reset if the response has started) and the stream is over.
+    /// Flow control revoked the request: Envoy gets 429 `evicted` (a local reply while the
+    /// response headers are held or not yet in, a reset once the client has them) and the
+    /// stream is over.
     pub fn on_revoked(&mut self) -> Vec<Action> {
         let Some(ticket) = self.ticket.take() else {
             return Vec::new();
         };
+        self.held_headers = None;
         let r = Rejection::Flow(infermesh_scheduler::flow::DropReason::Evicted);
         let usage = self.usage.take().map(UsageScanner::report);
         ticket.finish(self.served, r.outcome(), usage);
@@ -849,6 +867,101 @@ mod tests {
             out.iter()
                 .any(|a| matches!(a, Action::Reply(Reply::Route { .. }))),
             "{out:?}"
+        );
+    }
+
+    /// A lease the tier's queue on another node could revoke, revoked by cancelling it.
+    #[derive(Debug)]
+    struct RevocableHold(tokio_util::sync::CancellationToken);
+
+    impl crate::request::flow::RemoteHold for RevocableHold {
+        fn revoked(&self) -> Option<tokio_util::sync::WaitForCancellationFutureOwned> {
+            Some(self.0.clone().cancelled_owned())
+        }
+        fn record_usage(&mut self, _input: u64, _output: u64) {}
+    }
+
+    /// A gated stream dispatched with a revocable lease, its response headers in.
+    fn evictable_responding() -> (ExtProcStream, Vec<Action>) {
+        let (mut s, _d, _sd) = gated_stream();
+        let _wait = flow_wait(s.handle(body(&completion(10), true, true)).unwrap());
+        let lease = RevocableHold(tokio_util::sync::CancellationToken::new());
+        let out = s.on_flow(Ok(crate::request::flow::Dispatched::remote(
+            Duration::from_millis(5),
+            Box::new(lease),
+        )));
+        assert!(
+            out.iter()
+                .any(|a| matches!(a, Action::Reply(Reply::Route { .. }))),
+            "{out:?}"
+        );
+        assert!(s.revocation().is_some(), "the lease can be revoked");
+        let out = s
+            .handle(ProcessingRequest {
+                request: Some(processing_request::Request::ResponseHeaders(headers(
+                    &[(":status", "200"), ("content-type", "text/event-stream")],
+                    false,
+                ))),
+                ..Default::default()
+            })
+            .unwrap();
+        (s, out)
+    }
+
+    #[tokio::test]
+    async fn an_evictable_request_holds_response_headers_until_the_first_body_chunk() {
+        let (mut s, out) = evictable_responding();
+        assert!(out.is_empty(), "headers held: {out:?}");
+        let out = s
+            .handle_replies(body(b"data: {}\n\n", false, false))
+            .unwrap();
+        assert!(
+            matches!(
+                out[0].response,
+                Some(processing_response::Response::ResponseHeaders(_))
+            ),
+            "{out:?}"
+        );
+        let Some(processing_response::Response::ResponseBody(b)) = &out[1].response else {
+            panic!("{out:?}")
+        };
+        let Some(body_mutation::Mutation::StreamedResponse(chunk)) = &b
+            .response
+            .as_ref()
+            .unwrap()
+            .body_mutation
+            .as_ref()
+            .unwrap()
+            .mutation
+        else {
+            panic!("{b:?}")
+        };
+        assert_eq!(chunk.body, b"data: {}\n\n");
+        // Later chunks pass on alone.
+        let out = s
+            .handle_replies(body(b"data: [DONE]\n\n", true, false))
+            .unwrap();
+        assert_eq!(out.len(), 1, "{out:?}");
+    }
+
+    #[tokio::test]
+    async fn eviction_while_the_response_headers_are_held_is_a_429() {
+        let (mut s, out) = evictable_responding();
+        assert!(out.is_empty(), "headers held: {out:?}");
+        let out = s.on_revoked();
+        let [Action::Reply(r)] = &out[..] else {
+            panic!("{out:?}")
+        };
+        let r = ProcessingResponse::from(r.clone());
+        let i = immediate(&r);
+        assert_eq!(i.status.unwrap().code, 429);
+        assert_eq!(
+            set_header(
+                i.headers.as_ref().unwrap(),
+                "x-llm-d-request-dropped-reason"
+            )
+            .as_deref(),
+            Some("evicted")
         );
     }
 
