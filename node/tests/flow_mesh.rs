@@ -41,12 +41,23 @@ impl TierNode {
 }
 
 async fn start_tier(pod: SocketAddr, model: &str, per_node: bool) -> Vec<TierNode> {
+    start_tier_with(pod, model, per_node, one_slot, |_| {}).await
+}
+
+/// [`start_tier`] with each node's scheduler config from `scheduler` and `tweak` applied.
+async fn start_tier_with(
+    pod: SocketAddr,
+    model: &str,
+    per_node: bool,
+    scheduler: fn() -> infermesh_scheduler::ResolvedConfig,
+    tweak: impl Fn(&mut NodeConfig),
+) -> Vec<TierNode> {
     let key = ClusterKey::new(b"flow-mesh-test-cluster-key-0123456789".to_vec()).unwrap();
     let mut nodes: Vec<TierNode> = Vec::new();
     let mut seeds = Vec::new();
     for i in 0..3 {
         let name = format!("fm{i}");
-        let mut cfg = NodeConfig::local(fleet_pool(&[pod], model), one_slot()).unwrap();
+        let mut cfg = NodeConfig::local(fleet_pool(&[pod], model), scheduler()).unwrap();
         cfg.proxy_addr = Some(([127, 0, 0, 1], 0).into());
         cfg.ext_proc_addr = ([127, 0, 0, 1], 0).into();
         cfg.flow_per_node = per_node;
@@ -55,6 +66,7 @@ async fn start_tier(pod: SocketAddr, model: &str, per_node: bool) -> Vec<TierNod
             p.objectives.insert("standard".into(), 0);
             p.objectives.insert("critical".into(), 10);
         }
+        tweak(&mut cfg);
         let mut mesh = MeshConfig::loopback(&name, key.clone());
         mesh.seeds = seeds.clone();
         cfg.mesh = Some(MeshOptions {
@@ -233,4 +245,70 @@ async fn a_request_waiting_at_a_dead_owner_is_served() {
     // The survivors keep serving.
     let after = request(nodes[a].proxy, model.clone(), "standard", 2).await;
     assert_eq!(after.0, 200);
+}
+
+/// A request dispatched by the owner's queue for another node gives its prefill room back
+/// at its first token, not at the owner's next refresh: with refreshes 2 s apart, one pod
+/// with maxPrefillConcurrency 1 (and room for 10 requests) and a 1.5 s TTL, a request sent
+/// while the first one decodes would otherwise wait out its TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_first_token_frees_the_owners_prefill_slot() {
+    fn one_prefill() -> infermesh_scheduler::ResolvedConfig {
+        infermesh_scheduler::load_config(
+            "apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+featureGates: [flowControl]
+plugins:
+- type: queue-scorer
+- type: concurrency-detector
+  parameters: {maxConcurrency: 10, maxPrefillConcurrency: 1}
+flowControl:
+  saturationDetector: {pluginRef: concurrency-detector}
+  defaultRequestTTL: 1500ms
+",
+        )
+        .expect("valid config")
+    }
+    let mut cfg = FleetConfig::new(1);
+    cfg.profile = EngineProfile::llama_8b_h100();
+    let model = cfg.model.clone();
+    let fleet = Fleet::start(cfg).await.unwrap();
+    let pod = fleet.addrs()[0];
+    let refresh = Duration::from_secs(2);
+    let nodes = start_tier_with(pod, &model, false, one_prefill, |c| {
+        c.scrape.interval = refresh;
+    })
+    .await;
+    let o = owner(&nodes);
+    let (a, b) = ((o + 1) % 3, (o + 2) % 3);
+    // Past the owner's refresh at start.
+    tokio::time::sleep(refresh + Duration::from_millis(200)).await;
+    let client = infermesh_node::upstream::http_client(Duration::from_secs(2));
+    // About 3,000 decode steps: it runs for seconds after its first token.
+    let long = serde_json::json!({"model": model, "prompt": "long job", "max_tokens": 3000, "stream": true});
+    let req = http::Request::post(format!("http://{}/v1/completions", nodes[a].proxy))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            long.to_string(),
+        )))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut running = resp.into_body();
+    let first = http_body_util::BodyExt::frame(&mut running)
+        .await
+        .expect("a first frame")
+        .unwrap();
+    assert!(first.data_ref().is_some_and(|d| !d.is_empty()));
+    let (status, _) = request(nodes[b].proxy, model.clone(), "standard", 1).await;
+    assert_eq!(status, 200, "the second request waited out its TTL");
+    for n in [a, b] {
+        assert_eq!(
+            mesh_waits(nodes[n].app.as_ref().unwrap(), "remote"),
+            1,
+            "{} waited at the owner",
+            nodes[n].name
+        );
+    }
+    drop(running);
 }

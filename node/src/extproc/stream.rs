@@ -879,6 +879,7 @@ mod tests {
             Some(self.0.clone().cancelled_owned())
         }
         fn record_usage(&mut self, _input: u64, _output: u64) {}
+        fn prefilled(&mut self) {}
     }
 
     /// A gated stream dispatched with a revocable lease, its response headers in.

@@ -30,6 +30,12 @@
 //! load board's cadence), when it measures saturation again with the same detector
 //! admission uses (`Scheduler::saturation` over the pool's candidates).
 //!
+//! Between refreshes, a request this queue dispatched also gives its room back as it
+//! goes: its prefill room at its first response byte (for a detector that counts
+//! prefilling requests, `maxPrefillConcurrency`; the tier queue's owner learns it from the
+//! origin's `Prefilled` message), the rest when it ends. Without that, a pod that finished
+//! prefilling looked busy until the next refresh, up to a scrape interval later.
+//!
 //! # The mesh-wide bound
 //!
 //! With a sharing mesh the tier normally has one queue at its owner
@@ -128,6 +134,8 @@ pub trait RemoteHold: Send + Sync + std::fmt::Debug {
     fn revoked(&self) -> Option<WaitForCancellationFutureOwned>;
     /// The response's token usage, sent with the end.
     fn record_usage(&mut self, input: u64, output: u64);
+    /// The response's first byte arrived: the owner's prefill room is free (sent once).
+    fn prefilled(&mut self);
 }
 
 impl Lease {
@@ -137,6 +145,14 @@ impl Lease {
         match self {
             Lease::Local(l) => l.revoke.as_ref().map(|t| t.clone().cancelled_owned()),
             Lease::Remote(r) => r.revoked(),
+        }
+    }
+
+    /// The response's first byte arrived: a remote owner gets its prefill room back (a
+    /// local request's [`Grant`] tells this node's queue).
+    pub fn prefilled(&mut self) {
+        if let Lease::Remote(r) = self {
+            r.prefilled();
         }
     }
 
@@ -176,6 +192,8 @@ impl Drop for LocalLease {
 /// every dispatch is released exactly once.
 pub struct Grant {
     tx: mpsc::UnboundedSender<Input>,
+    /// No response byte yet: the endpoint still prefills the request.
+    prefilling: bool,
 }
 
 impl std::fmt::Debug for Grant {
@@ -184,9 +202,22 @@ impl std::fmt::Debug for Grant {
     }
 }
 
+impl Grant {
+    /// The request's first response byte arrived: its endpoint is done prefilling it,
+    /// which frees room for a detector that counts prefilling requests
+    /// (`maxPrefillConcurrency`) before the next refresh would show it. Idempotent.
+    pub fn prefilled(&mut self) {
+        if std::mem::take(&mut self.prefilling) {
+            let _ = self.tx.send(Input::Prefilled);
+        }
+    }
+}
+
 impl Drop for Grant {
     fn drop(&mut self) {
-        let _ = self.tx.send(Input::Released);
+        let _ = self.tx.send(Input::Released {
+            prefilling: self.prefilling,
+        });
     }
 }
 
@@ -219,6 +250,17 @@ impl Dispatched {
     /// Resolves when its lease is revoked; `None` when it cannot be.
     pub fn revoked(&self) -> Option<WaitForCancellationFutureOwned> {
         self.lease.as_ref()?.revoked()
+    }
+
+    /// The response's first byte arrived: the queue that dispatched it (this node's, or
+    /// the owner's on another node) gets its prefill room back at once.
+    pub fn prefilled(&mut self) {
+        if let Some(g) = &mut self.grant {
+            g.prefilled();
+        }
+        if let Some(l) = &mut self.lease {
+            l.prefilled();
+        }
     }
 
     /// Records the response's token usage for its program's attained service.
@@ -277,8 +319,14 @@ enum Input {
     },
     Cancel(u64),
     /// A request this node dispatched ended (its [`Grant`] was dropped): one request's
-    /// worth of room is free now, before the next refresh shows it.
-    Released,
+    /// worth of room is free now, before the next refresh shows it (`prefilling`: it
+    /// ended before its first response byte, so its prefill room is free too).
+    Released {
+        prefilling: bool,
+    },
+    /// A request this node dispatched got its first response byte: its prefill room is
+    /// free now, before the next refresh shows it.
+    Prefilled,
     /// A lease was dropped: the request ended (or never started).
     LeaseEnded(FlowTicket),
     /// A request dispatched from a program-aware band ended with this token usage.
@@ -303,7 +351,11 @@ impl std::fmt::Debug for Input {
         match self {
             Input::Enqueue { id, .. } => write!(f, "Enqueue({id})"),
             Input::Cancel(id) => write!(f, "Cancel({id})"),
-            Input::Released => f.write_str("Released"),
+            Input::Released { prefilling } => f
+                .debug_struct("Released")
+                .field("prefilling", prefilling)
+                .finish(),
+            Input::Prefilled => f.write_str("Prefilled"),
             Input::LeaseEnded(t) => write!(f, "LeaseEnded({t:?})"),
             Input::PolicyChanged => f.write_str("PolicyChanged"),
             Input::Served { ticket, .. } => write!(f, "Served({ticket:?})"),
@@ -397,39 +449,60 @@ impl FlowGate {
 }
 
 /// The saturation the controller is given between two refreshes: the measured value,
-/// raised after each of this node's dispatches by `step × live nodes` and lowered by
-/// `step` for each of this node's requests that finished since (its room is really free:
-/// reusing it one for one cannot push the fleet past the bound), and never below `step` ×
-/// the requests this queue dispatched that are still running.
+/// raised after each of this node's dispatches by `step × live nodes` and lowered for each
+/// of this node's requests that finished or got its first response byte since (its room
+/// is really free: reusing it one for one cannot push the fleet past the bound), and never
+/// below what this queue's running requests add.
+///
+/// A request adds `step` while its endpoint prefills it and `step_requests` after: the
+/// two differ only for a detector that counts prefilling requests
+/// (`maxPrefillConcurrency`), where a request that is decoding holds a request slot but no
+/// prefill slot.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct SaturationEstimate {
     /// Saturation measured at the last refresh.
     pub measured: f64,
-    /// Saturation one more request adds.
+    /// Saturation one more request adds while it prefills.
     pub step: f64,
+    /// Saturation one more request adds once its response has started.
+    pub step_requests: f64,
     /// Live mesh nodes at the last refresh (at least 1).
     pub nodes: usize,
     /// This node's dispatches since the last refresh.
     pub dispatched: u32,
     /// This node's requests that finished since the last refresh.
     pub released: u32,
+    /// This node's requests that stopped prefilling since the last refresh (first
+    /// response byte, or ended before one).
+    pub prefill_freed: u32,
     /// Whether the pool had endpoints at the last refresh.
     pub has_endpoints: bool,
     /// Requests this queue dispatched that have not ended (carried across refreshes).
     pub outstanding: u32,
+    /// Of those, the ones with no response byte yet (carried across refreshes).
+    pub prefilling: u32,
 }
 
 impl SaturationEstimate {
-    /// A fresh estimate at a refresh.
-    pub fn refresh(measured: f64, step: f64, nodes: usize, has_endpoints: bool) -> Self {
+    /// A fresh estimate at a refresh, for a detector whose steps are `step` while a
+    /// request prefills and `step_requests` after.
+    pub fn refresh(
+        measured: f64,
+        (step, step_requests): (f64, f64),
+        nodes: usize,
+        has_endpoints: bool,
+    ) -> Self {
         SaturationEstimate {
             measured,
             step,
+            step_requests: step_requests.min(step),
             nodes: nodes.max(1),
             dispatched: 0,
             released: 0,
+            prefill_freed: 0,
             has_endpoints,
             outstanding: 0,
+            prefilling: 0,
         }
     }
 
@@ -438,35 +511,46 @@ impl SaturationEstimate {
         if !self.has_endpoints {
             return PoolStatus::empty();
         }
+        let prefill = self.step - self.step_requests;
         let raised = self.step * f64::from(self.dispatched) * self.nodes as f64;
-        let freed = self.step * f64::from(self.released);
+        let freed =
+            self.step_requests * f64::from(self.released) + prefill * f64::from(self.prefill_freed);
         // What this queue knows it has running is a floor the measurement may not show
         // yet: other nodes' in-flight counts reach it through the load board, a period
         // late, and a refresh must not forget the dispatches made meanwhile.
-        let known = self.step * f64::from(self.outstanding);
+        let known =
+            self.step_requests * f64::from(self.outstanding) + prefill * f64::from(self.prefilling);
         PoolStatus::serving((self.measured + raised - freed).max(known).max(0.0))
     }
 }
 
-/// Saturation of `candidates` and the step one more request adds (see the module doc).
-fn measure(saturation: impl Fn(&[Endpoint]) -> f64, candidates: &mut [Endpoint]) -> (f64, f64) {
+/// Saturation of `candidates` and the steps one more request adds (see the module doc):
+/// while it prefills, and once its response has started.
+fn measure(
+    saturation: impl Fn(&[Endpoint]) -> f64,
+    candidates: &mut [Endpoint],
+) -> (f64, (f64, f64)) {
     let base = saturation(candidates);
     if candidates.is_empty() {
-        return (base, 1.0);
+        return (base, (1.0, 1.0));
     }
+    let n = candidates.len() as f64;
+    let step_of = |s: f64| ((s - base) / n).max(MIN_STEP_PER_ENDPOINT / n);
     for e in candidates.iter_mut() {
-        // A request just dispatched is in flight and has not answered yet: a detector that
-        // counts prefilling requests (`maxPrefillConcurrency`) must see it too, or the step
-        // is that of the request ratio alone and one refresh's budget overfills the pods.
         e.in_flight.requests = e.in_flight.requests.saturating_add(1);
-        e.in_flight.prefilling = e.in_flight.prefilling.saturating_add(1);
         if let Some(m) = &mut e.metrics {
             m.waiting_queue = m.waiting_queue.saturating_add(1);
         }
     }
-    let n = candidates.len() as f64;
-    let step = ((saturation(candidates) - base) / n).max(MIN_STEP_PER_ENDPOINT / n);
-    (base, step)
+    let step_requests = step_of(saturation(candidates));
+    // A request just dispatched is in flight and has not answered yet: a detector that
+    // counts prefilling requests (`maxPrefillConcurrency`) must see it too, or the step is
+    // that of the request ratio alone and one refresh's budget overfills the pods.
+    for e in candidates.iter_mut() {
+        e.in_flight.prefilling = e.in_flight.prefilling.saturating_add(1);
+    }
+    let step = step_of(saturation(candidates)).max(step_requests);
+    (base, (step, step_requests))
 }
 
 struct Owner {
@@ -643,9 +727,19 @@ impl Owner {
                     }
                 }
             }
-            Input::Released => {
-                self.estimate.released = self.estimate.released.saturating_add(1);
-                self.estimate.outstanding = self.estimate.outstanding.saturating_sub(1);
+            Input::Released { prefilling } => {
+                let e = &mut self.estimate;
+                e.released = e.released.saturating_add(1);
+                e.outstanding = e.outstanding.saturating_sub(1);
+                if prefilling {
+                    e.prefill_freed = e.prefill_freed.saturating_add(1);
+                    e.prefilling = e.prefilling.saturating_sub(1);
+                }
+            }
+            Input::Prefilled => {
+                let e = &mut self.estimate;
+                e.prefill_freed = e.prefill_freed.saturating_add(1);
+                e.prefilling = e.prefilling.saturating_sub(1);
             }
             Input::LeaseEnded(t) => {
                 self.revokers.remove(&t);
@@ -683,12 +777,17 @@ impl Owner {
             .set(i64::try_from(stale).unwrap_or(i64::MAX));
         let scheduler = self.policy.load().scheduler.clone();
         let has_endpoints = !candidates.is_empty();
-        let (measured, step) = measure(|c| scheduler.saturation(c, now), &mut candidates);
+        let (measured, steps) = measure(|c| scheduler.saturation(c, now), &mut candidates);
         // What is running is carried over: only the measurement starts again.
-        let outstanding = self.estimate.outstanding;
+        let SaturationEstimate {
+            outstanding,
+            prefilling,
+            ..
+        } = self.estimate;
         self.estimate =
-            SaturationEstimate::refresh(measured, step, (self.live_nodes)(), has_endpoints);
+            SaturationEstimate::refresh(measured, steps, (self.live_nodes)(), has_endpoints);
         self.estimate.outstanding = outstanding;
+        self.estimate.prefilling = prefilling;
         self.metrics.set_flow_saturation(measured);
         self.next_refresh = now + self.driver.refresh;
     }
@@ -724,6 +823,7 @@ impl Owner {
             None if d.outcome == FlowOutcome::Dispatched => {
                 // Counted where its grant is made, so every count has one release.
                 self.estimate.outstanding = self.estimate.outstanding.saturating_add(1);
+                self.estimate.prefilling = self.estimate.prefilling.saturating_add(1);
                 Ok(Dispatched {
                     waited: d.waited,
                     lease: self.lease(d.ticket, d.priority),
@@ -735,6 +835,7 @@ impl Owner {
                     }),
                     grant: Some(Grant {
                         tx: self.tx.clone(),
+                        prefilling: true,
                     }),
                 })
             }
@@ -800,7 +901,7 @@ mod tests {
             fc.handle_enqueue(&FlowRequest::new(0, "f", 1, t0), t0)
                 .unwrap();
         }
-        let mut est = SaturationEstimate::refresh(measured, step, nodes, true);
+        let mut est = SaturationEstimate::refresh(measured, (step, step), nodes, true);
         fc.handle_pool(est.status(), t0);
         while let Some(d) = fc.poll_decision(t0) {
             assert!(d.is_dispatched());
@@ -824,7 +925,7 @@ mod tests {
 
     #[test]
     fn a_finished_request_frees_one_step_until_the_next_refresh() {
-        let mut est = SaturationEstimate::refresh(0.5, 0.1, 3, true);
+        let mut est = SaturationEstimate::refresh(0.5, (0.1, 0.1), 3, true);
         est.dispatched = 1;
         // One dispatch counts for every node (0.3); one release frees one request (0.1).
         assert!((est.status().saturation - 0.8).abs() < 1e-12);
@@ -834,20 +935,42 @@ mod tests {
         est.released = 100;
         assert_eq!(est.status().saturation, 0.0);
         // A refresh measures the freed room itself and starts again.
-        let est = SaturationEstimate::refresh(0.4, 0.1, 3, true);
+        let est = SaturationEstimate::refresh(0.4, (0.1, 0.1), 3, true);
         assert_eq!((est.dispatched, est.released), (0, 0));
     }
 
     #[test]
     fn what_the_queue_has_running_is_a_floor_across_refreshes() {
         // The board has not shown 3 of this queue's running requests yet: 0.1 measured.
-        let mut est = SaturationEstimate::refresh(0.1, 0.125, 1, true);
+        let mut est = SaturationEstimate::refresh(0.1, (0.125, 0.125), 1, true);
         est.outstanding = 5;
         assert!((est.status().saturation - 0.625).abs() < 1e-12);
         // Once the measurement catches up (or exceeds it), it rules.
-        let mut est = SaturationEstimate::refresh(0.75, 0.125, 1, true);
+        let mut est = SaturationEstimate::refresh(0.75, (0.125, 0.125), 1, true);
         est.outstanding = 5;
         assert!((est.status().saturation - 0.75).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_request_past_its_first_byte_keeps_only_its_request_step() {
+        // maxPrefillConcurrency 1 beside a request limit of 10 on 4 endpoints: 0.25 while
+        // a request prefills, 0.025 after.
+        let steps = (0.25, 0.025);
+        let mut est = SaturationEstimate::refresh(0.5, steps, 1, true);
+        est.dispatched = 1;
+        assert!((est.status().saturation - 0.75).abs() < 1e-12);
+        // Its first byte frees the prefill slot at once, not at the next refresh.
+        est.prefill_freed = 1;
+        assert!((est.status().saturation - 0.525).abs() < 1e-12);
+        // Its end frees the request slot too.
+        est.released = 1;
+        assert!((est.status().saturation - 0.5).abs() < 1e-12);
+        // The floor counts a running request at its request step, and one still
+        // prefilling at both: 4 decoding and 1 prefilling is 4 × 0.025 + 0.25.
+        let mut est = SaturationEstimate::refresh(0.0, steps, 1, true);
+        est.outstanding = 5;
+        est.prefilling = 1;
+        assert!((est.status().saturation - 0.35).abs() < 1e-12);
     }
 
     #[test]
@@ -866,9 +989,10 @@ mod tests {
                 .sum::<f64>()
                 / (10.0 * c.len() as f64)
         };
-        let (s, step) = measure(conc, &mut eps.clone());
+        let (s, (step, step_requests)) = measure(conc, &mut eps.clone());
         assert_eq!(s, 0.0);
         assert!((step - 1.0 / 40.0).abs() < 1e-12, "{step}");
+        assert_eq!(step_requests, step, "prefilling is not counted");
         // One prefill per endpoint (maxPrefillConcurrency 1 beside a request limit of 10):
         // one more request fills an endpoint, so the step is a whole endpoint's share.
         let prefill = |c: &[Endpoint]| {
@@ -879,12 +1003,18 @@ mod tests {
                 .sum::<f64>()
                 / c.len() as f64
         };
-        let (s, step) = measure(prefill, &mut eps.clone());
+        let (s, (step, step_requests)) = measure(prefill, &mut eps.clone());
         assert_eq!(s, 0.0);
         assert!((step - 1.0 / 4.0).abs() < 1e-12, "{step}");
+        // Once its response has started, a request holds only a request slot.
+        assert!(
+            (step_requests - 1.0 / 40.0).abs() < 1e-12,
+            "{step_requests}"
+        );
         // A detector that does not move gets the floor.
-        let (_, step) = measure(|_| 0.3, &mut eps);
+        let (_, (step, step_requests)) = measure(|_| 0.3, &mut eps);
         assert!((step - MIN_STEP_PER_ENDPOINT / 4.0).abs() < 1e-12);
+        assert_eq!(step_requests, step);
         // No endpoints: saturated, and the step no longer matters.
         let (s, _) = measure(|_| 1.0, &mut []);
         assert_eq!(s, 1.0);

@@ -13,6 +13,7 @@
 //!  request task ── Enqueue{id, priority, fairness id, bytes, age, SLO} ──▶ service task
 //!       │                      (QUIC service call)                         │ local FlowGate::wait
 //!       ◀──────────── Dispatched{waited, revocable} | Dropped{reason} ─────┘ (its queue)
+//!  first token  ── Prefilled{id} ───────────────────────────────────────▶ prefill room freed
 //!  request ends ── End{id} ─────────────────────────────────────────────▶ lease ends, room freed
 //!  client gone  ── Cancel{id} ──────────────────────────────────────────▶ place freed
 //!                ◀──────────────────────────────────────────── Revoke{id} (in-flight eviction)
@@ -79,6 +80,10 @@ enum Msg {
     End { id: u64, input: u64, output: u64 },
     /// Owner → origin: in-flight eviction revoked the request.
     Revoke { id: u64 },
+    /// Origin → owner: the dispatched request's response started (its first byte), so
+    /// its endpoint no longer prefills it (for a detector that counts prefilling
+    /// requests). Last, so the variants before keep their wire tags.
+    Prefilled { id: u64 },
 }
 
 /// The owner's answer to an Enqueue.
@@ -168,6 +173,8 @@ enum Local {
         id: u64,
         then: Option<Msg>,
     },
+    /// Tell the owner `msg`, keeping the registration.
+    Tell { owner: NodeId, msg: Msg },
 }
 
 /// A remotely dispatched request's hold: dropping it tells the owner the request ended.
@@ -177,6 +184,8 @@ pub struct RemoteLease {
     local: mpsc::UnboundedSender<Local>,
     revoke: Option<CancellationToken>,
     usage: (u64, u64),
+    /// Whether the owner was told of the first response byte.
+    prefilled: bool,
 }
 
 impl std::fmt::Debug for RemoteLease {
@@ -196,6 +205,15 @@ impl RemoteHold for RemoteLease {
 
     fn record_usage(&mut self, input: u64, output: u64) {
         self.usage = (input, output);
+    }
+
+    fn prefilled(&mut self) {
+        if !std::mem::replace(&mut self.prefilled, true) {
+            let _ = self.local.send(Local::Tell {
+                owner: self.owner.clone(),
+                msg: Msg::Prefilled { id: self.id },
+            });
+        }
     }
 }
 
@@ -445,6 +463,7 @@ impl MeshFlow {
                         local: self.local.clone(),
                         revoke: revocable.then_some(token),
                         usage: (0, 0),
+                        prefilled: false,
                     }),
                 )))
             }
@@ -607,6 +626,11 @@ impl Service {
                     token.cancel();
                 }
             }
+            Msg::Prefilled { id } => {
+                if let Some(Held::Leased { lease, .. }) = self.held.get_mut(&(from, id)) {
+                    lease.prefilled();
+                }
+            }
         }
     }
 
@@ -679,6 +703,10 @@ impl Service {
                     tokio::spawn(async move { cast(&mesh, &owner, &m).await });
                 }
             }
+            Local::Tell { owner, msg } => {
+                let mesh = self.mesh.clone();
+                tokio::spawn(async move { cast(&mesh, &owner, &msg).await });
+            }
         }
     }
 
@@ -748,5 +776,11 @@ mod tests {
         };
         let b = postcard::to_stdvec(&a).unwrap();
         assert_eq!(postcard::from_bytes::<Answer>(&b).unwrap(), a);
+        // Prefilled came last: the messages before it kept their tags (Revoke is 3).
+        let b = postcard::to_stdvec(&Msg::Revoke { id: 1 }).unwrap();
+        assert_eq!(b[0], 3);
+        let m = Msg::Prefilled { id: 7 };
+        let b = postcard::to_stdvec(&m).unwrap();
+        assert_eq!(postcard::from_bytes::<Msg>(&b).unwrap(), m);
     }
 }
