@@ -28,9 +28,9 @@
 # unloaded prefill of this prompt).
 #
 # Usage: bench/scenarios/overload-priority.sh   (environment: PODS [4], QPS [40],
-#   UNLOADED_QPS [5], DURATION_S [120], PROMPT_TOKENS [4000], OUTPUT_TOKENS [16],
-#   TTFT_SLO_MS [1500], SGLANG_SETTINGS [4:100,8:100,4:0,8:0], MAX_CONCURRENCY [2] (infermesh's
-#   concurrency-detector, per pod), MAX_PREFILL_CONCURRENCY [none] (its maxPrefillConcurrency), REQUEST_TTL [1s], HOLDBACK_MIN_CEILING [0.55] ("none":
+#   UNLOADED_QPS [5], UNLOADED_DURATION_S [480], DURATION_S [120], PROMPT_TOKENS [4000], OUTPUT_TOKENS [16],
+#   TTFT_SLO_MS [1500], SGLANG_SETTINGS [4:100,8:100,4:0,8:0], MAX_CONCURRENCY [4] (infermesh's
+#   concurrency-detector, per pod), MAX_PREFILL_CONCURRENCY [1] (its maxPrefillConcurrency; "none": unset), REQUEST_TTL [1s], HOLDBACK_MIN_CEILING [0.55] ("none":
 #   static-usage-limit-policy), HOLDBACK_DOMAIN [value], EVICTION [true], SEED [1], SKIP_BUILD [0])
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -44,6 +44,10 @@ UNLOADED_QPS="${UNLOADED_QPS:-5}"
 # 120 s gives the light tenant (1/44 of the arrivals) about 100 requests, so its p99 is
 # not simply its slowest request.
 DURATION_S="${DURATION_S:-120}"
+# The reference's p99 rests on its slowest few requests: 120 s at 5 req/s gave each class
+# about 150, so one request that met another's prefill moved a class's p99 from 234 to
+# 316 ms between runs. 480 s gives each about 600 (the p99 is then about the 6th slowest).
+UNLOADED_DURATION_S="${UNLOADED_DURATION_S:-480}"
 PROMPT_TOKENS="${PROMPT_TOKENS:-4000}"
 OUTPUT_TOKENS="${OUTPUT_TOKENS:-16}"
 TTFT_SLO_MS="${TTFT_SLO_MS:-1500}"
@@ -51,21 +55,27 @@ TTFT_SLO_MS="${TTFT_SLO_MS:-1500}"
 # (8e28b7e) one request per pod was best and a longer queue only added waiting; a queue of
 # 0 refuses at once instead, which keeps TTFT inside the SLO for what is served.
 SGLANG_SETTINGS="${SGLANG_SETTINGS:-4:100,8:100,4:0,8:0}"
-MAX_CONCURRENCY="${MAX_CONCURRENCY:-2}"
+MAX_CONCURRENCY="${MAX_CONCURRENCY:-4}"
 REQUEST_TTL="${REQUEST_TTL:-1s}"
-# infermesh's maxPrefillConcurrency on the detector ("none": unset, llm-d's behaviour). In
-# 40 s trials at 1 node (2026-12-06), 1 with maxConcurrency 4 at minCeiling 0.55 served
-# 11.6 req/s in SLO with critical's p99 at 610 ms, against 14.3 req/s and 410 ms unset;
-# without a holdback it served 13.4 req/s with critical's p50 at 340 ms. It stays off here.
-MAX_PREFILL_CONCURRENCY="${MAX_PREFILL_CONCURRENCY:-none}"
+# infermesh's maxPrefillConcurrency on the detector ("none": unset, llm-d's behaviour). With
+# it, a pod's load is the larger of running/4 and prefilling/1, so saturation counts pods
+# busy prefilling: what a critical request must not land behind. It only pays since a
+# request's first byte gives its prefill room back at once (0ff8b48). In 40 s trials at 1
+# node (2026-12-06), 1 with maxConcurrency 4 served 11.5-12.0 req/s in SLO with critical's
+# p99 at 555-686 ms before that change, and 14.0 after, with critical's p99 at 354-355 ms
+# (over 300 ms: 6-7 of 199); maxConcurrency 2 alone served 14.1 with 410-432 ms (32-35
+# over 300 ms).
+MAX_PREFILL_CONCURRENCY="${MAX_PREFILL_CONCURRENCY:-1}"
 # The usage limit: priority-holdback-policy with this minCeiling and domain (maxCeiling 1.0),
 # or "none" for llm-d's default static-usage-limit-policy. With the value domain and
 # priorities 10, 0, -1 the ceilings are 1.0 (critical), 0.55 + 0.45/11 = 0.591 (standard)
-# and 0.55 (sheddable): at maxConcurrency 2 on 4 pods (saturation steps of 1/8) standard and
-# sheddable start only while at most 4 requests run, so 4 of the 8 slots stay free for
-# critical. (Before prefill-load-scorer placed requests on pods that are only decoding, the
-# default was 0.4: at most 3 running, one per pod.) In 40 s trials at 1 node, 0.7 and 0.85
-# served 7-13% more standard requests but paired twice as many critical prefills.
+# and 0.55 (sheddable): with one prefill per pod on 4 pods (a prefilling pod adds 1/4)
+# standard and sheddable start only while at most 2 pods prefill, so about 2 of the 4 stay
+# free of their prefills for critical. (With maxConcurrency 2 alone, the default before
+# maxPrefillConcurrency, the same ceilings kept 4 of the 8 request slots free, which did
+# not keep critical off pods busy prefilling.) In 40 s trials at 1 node with maxConcurrency
+# 2 alone, 0.7 and 0.85 served 7-13% more standard requests but paired twice as many
+# critical prefills.
 HOLDBACK_MIN_CEILING="${HOLDBACK_MIN_CEILING:-0.55}"
 HOLDBACK_DOMAIN="${HOLDBACK_DOMAIN:-value}"
 # llm-d's enableEviction: revoke running sheddable requests for blocked higher-priority ones.
@@ -228,19 +238,19 @@ OVERLOAD_CLASSES=(--class critical:critical:-:12 --class heavy:standard:tenant-a
 EQUAL_CLASSES=(--class critical:critical:-:1 --class heavy:standard:tenant-a:1
   --class light:standard:tenant-b:1 --class sheddable:sheddable:-:1)
 
-# leg LABEL QPS TARGETS CLASS-ARGS...
+# leg LABEL QPS TARGETS CLASS-ARGS... (LEG_DURATION_S overrides DURATION_S)
 leg() {
   local label="$1" qps="$2" targets="$3"; shift 3
-  "$BENCH" classes --targets "$targets" --model "$MODEL" --qps "$qps" --duration-s "$DURATION_S" \
+  "$BENCH" classes --targets "$targets" --model "$MODEL" --qps "$qps" --duration-s "${LEG_DURATION_S:-$DURATION_S}" \
     --prompt-tokens "$PROMPT_TOKENS" --output-tokens "$OUTPUT_TOKENS" --ttft-slo-ms "$TTFT_SLO_MS" \
     --seed "$SEED" --label "$label" --out "$OUT/$label.json" --trace "$OUT/$label.csv" "$@" >&2
 }
 
 mkdir -p "$OUT"
-echo "=== unloaded (infermesh, 1 node, $UNLOADED_QPS req/s) ===" >&2
+echo "=== unloaded (infermesh, 1 node, $UNLOADED_QPS req/s, $UNLOADED_DURATION_S s) ===" >&2
 start_sim
 start_infermesh 1 || die "infermesh did not start"
-leg unloaded "$UNLOADED_QPS" "$URLS" "${EQUAL_CLASSES[@]}"
+LEG_DURATION_S="$UNLOADED_DURATION_S" leg unloaded "$UNLOADED_QPS" "$URLS" "${EQUAL_CLASSES[@]}"
 cleanup
 
 for n in 1 3; do
@@ -286,8 +296,8 @@ done
   echo "Written $(date -u +%FT%TZ) at commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown) by"
   echo "\`bench/scenarios/run.sh overload-priority\` on a $(nproc)-core machine shared with other work."
   echo "Offered load $QPS req/s (about 2x the fleet's prefill capacity; arithmetic in the script's"
-  echo "header) for $DURATION_S s per leg; the unloaded reference ran at $UNLOADED_QPS req/s with"
-  echo "every class equally likely. Classes: critical (objective priority 10), heavy and light"
+  echo "header) for $DURATION_S s per leg; the unloaded reference ran at $UNLOADED_QPS req/s for"
+  echo "$UNLOADED_DURATION_S s with every class equally likely. Classes: critical (objective priority 10), heavy and light"
   echo "(objective standard, priority 0; fairness ids tenant-a and tenant-b at 10:1), sheddable"
   echo "(priority -1). infermesh ran with \`featureGates: [flowControl]\`, the concurrency-detector"
   echo "at $DETECTOR, defaultRequestTTL $REQUEST_TTL, prefill-load-scorer (weight 3) beside queue, KV and active-request scorers, round-robin fairness in the"
