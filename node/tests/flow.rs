@@ -146,49 +146,11 @@ async fn a_finished_request_frees_its_slot_before_the_next_refresh() {
 /// would otherwise wait out its TTL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_token_frees_the_prefill_slot_before_the_next_refresh() {
-    let scheduler = infermesh_scheduler::load_config(
-        "apiVersion: llm-d.ai/v1alpha1
-kind: EndpointPickerConfig
-featureGates: [flowControl]
-plugins:
-- type: queue-scorer
-- type: concurrency-detector
-  parameters: {maxConcurrency: 10, maxPrefillConcurrency: 1}
-flowControl:
-  saturationDetector: {pluginRef: concurrency-detector}
-  defaultRequestTTL: 1500ms
-",
-    )
-    .expect("valid config");
+    let scheduler = support::one_prefill_per_pod("defaultRequestTTL: 1500ms");
     let refresh = Duration::from_secs(2);
-    let h = Harness::start_with_profile(
-        1,
-        false,
-        infermesh_sim::EngineProfile::llama_8b_h100(),
-        |c| {
-            c.scheduler = scheduler;
-            c.scrape.interval = refresh;
-            c.staleness = Duration::from_secs(30);
-        },
-    )
-    .await;
+    let h = Harness::one_pod_refreshing_every(scheduler, refresh).await;
     tokio::time::sleep(refresh + Duration::from_millis(200)).await;
-    // About 3,000 decode steps: it runs for seconds after its first token.
-    let long = serde_json::json!({"model": h.model, "prompt": "long job", "max_tokens": 3000, "stream": true});
-    let req = http::Request::post(format!("http://{}/v1/completions", h.entry()))
-        .header("content-type", "application/json")
-        .body(http_body_util::Full::new(bytes::Bytes::from(
-            long.to_string(),
-        )))
-        .unwrap();
-    let resp = h.client.request(req).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    let mut running = resp.into_body();
-    let first = http_body_util::BodyExt::frame(&mut running)
-        .await
-        .expect("a first frame")
-        .unwrap();
-    assert!(first.data_ref().is_some_and(|d| !d.is_empty()));
+    let running = support::past_first_token(&h.client, h.entry(), &h.model).await;
     let body = serde_json::json!({"model": h.model, "prompt": "hello", "max_tokens": 1});
     let r = post(
         &h.client,
@@ -457,17 +419,7 @@ flowControl:
     .expect("valid config");
     // Refreshes far apart: a slot frees only when its request finishes.
     let refresh = Duration::from_secs(5);
-    let h = Harness::start_with_profile(
-        1,
-        false,
-        infermesh_sim::EngineProfile::llama_8b_h100(),
-        |c| {
-            c.scheduler = scheduler;
-            c.scrape.interval = refresh;
-            c.staleness = Duration::from_secs(60);
-        },
-    )
-    .await;
+    let h = Harness::one_pod_refreshing_every(scheduler, refresh).await;
     let model = h.model.clone();
     let run = move |client: infermesh_node::upstream::HttpClient,
                     entry,

@@ -253,28 +253,13 @@ async fn a_request_waiting_at_a_dead_owner_is_served() {
 /// while the first one decodes would otherwise wait out its TTL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remote_first_token_frees_the_owners_prefill_slot() {
-    fn one_prefill() -> infermesh_scheduler::ResolvedConfig {
-        infermesh_scheduler::load_config(
-            "apiVersion: llm-d.ai/v1alpha1
-kind: EndpointPickerConfig
-featureGates: [flowControl]
-plugins:
-- type: queue-scorer
-- type: concurrency-detector
-  parameters: {maxConcurrency: 10, maxPrefillConcurrency: 1}
-flowControl:
-  saturationDetector: {pluginRef: concurrency-detector}
-  defaultRequestTTL: 1500ms
-",
-        )
-        .expect("valid config")
-    }
     let mut cfg = FleetConfig::new(1);
     cfg.profile = EngineProfile::llama_8b_h100();
     let model = cfg.model.clone();
     let fleet = Fleet::start(cfg).await.unwrap();
     let pod = fleet.addrs()[0];
     let refresh = Duration::from_secs(2);
+    let one_prefill = || support::one_prefill_per_pod("defaultRequestTTL: 1500ms");
     let nodes = start_tier_with(pod, &model, false, one_prefill, |c| {
         c.scrape.interval = refresh;
     })
@@ -284,22 +269,7 @@ flowControl:
     // Past the owner's refresh at start.
     tokio::time::sleep(refresh + Duration::from_millis(200)).await;
     let client = infermesh_node::upstream::http_client(Duration::from_secs(2));
-    // About 3,000 decode steps: it runs for seconds after its first token.
-    let long = serde_json::json!({"model": model, "prompt": "long job", "max_tokens": 3000, "stream": true});
-    let req = http::Request::post(format!("http://{}/v1/completions", nodes[a].proxy))
-        .header("content-type", "application/json")
-        .body(http_body_util::Full::new(bytes::Bytes::from(
-            long.to_string(),
-        )))
-        .unwrap();
-    let resp = client.request(req).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    let mut running = resp.into_body();
-    let first = http_body_util::BodyExt::frame(&mut running)
-        .await
-        .expect("a first frame")
-        .unwrap();
-    assert!(first.data_ref().is_some_and(|d| !d.is_empty()));
+    let running = support::past_first_token(&client, nodes[a].proxy, &model).await;
     let (status, _) = request(nodes[b].proxy, model.clone(), "standard", 1).await;
     assert_eq!(status, 200, "the second request waited out its TTL");
     for n in [a, b] {

@@ -613,7 +613,8 @@ mod tests {
     use infermesh_proto::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
     use infermesh_proto::envoy::service::ext_proc::v3::{
         HeaderMutation, HttpBody, ImmediateResponse, ProcessingRequest, ProcessingResponse,
-        ProtocolConfiguration, body_mutation, processing_request, processing_response,
+        ProtocolConfiguration, StreamedBodyResponse, body_mutation, processing_request,
+        processing_response,
     };
     use infermesh_proto::google::protobuf::{ListValue, Struct, Value, value::Kind};
     use infermesh_scheduler::{Metrics, ResolvedConfig};
@@ -772,6 +773,24 @@ mod tests {
         }
     }
 
+    /// The streamed body piece a request- or response-body reply carries.
+    fn streamed(r: &ProcessingResponse) -> &StreamedBodyResponse {
+        let common = match &r.response {
+            Some(
+                processing_response::Response::RequestBody(b)
+                | processing_response::Response::ResponseBody(b),
+            ) => b.response.as_ref(),
+            other => panic!("expected a body reply, got {other:?}"),
+        };
+        match common
+            .and_then(|c| c.body_mutation.as_ref())
+            .and_then(|m| m.mutation.as_ref())
+        {
+            Some(body_mutation::Mutation::StreamedResponse(sr)) => sr,
+            other => panic!("expected a streamed body piece, got {other:?}"),
+        }
+    }
+
     fn immediate(r: &ProcessingResponse) -> &ImmediateResponse {
         match &r.response {
             Some(processing_response::Response::ImmediateResponse(i)) => i,
@@ -835,12 +854,9 @@ mod tests {
         assert_eq!(queued(), 0);
     }
 
-    #[tokio::test]
-    async fn a_flow_control_drop_is_an_immediate_response_with_the_reason() {
-        let (mut s, _d, _sd) = gated_stream();
-        let _wait = flow_wait(s.handle(body(&completion(10), true, true)).unwrap());
-        let out = s.on_flow(Err(infermesh_scheduler::flow::DropReason::TtlExpired));
-        let [Action::Reply(r)] = &out[..] else {
+    /// `out` is one 429 immediate response dropped for `reason`.
+    fn assert_429_dropped(out: &[Action], reason: &str) {
+        let [Action::Reply(r)] = out else {
             panic!("{out:?}")
         };
         let r = ProcessingResponse::from(r.clone());
@@ -852,8 +868,16 @@ mod tests {
                 "x-llm-d-request-dropped-reason"
             )
             .as_deref(),
-            Some("rejected-ttl-expired")
+            Some(reason)
         );
+    }
+
+    #[tokio::test]
+    async fn a_flow_control_drop_is_an_immediate_response_with_the_reason() {
+        let (mut s, _d, _sd) = gated_stream();
+        let _wait = flow_wait(s.handle(body(&completion(10), true, true)).unwrap());
+        let out = s.on_flow(Err(infermesh_scheduler::flow::DropReason::TtlExpired));
+        assert_429_dropped(&out, "rejected-ttl-expired");
         // Dispatched: the stream goes on to the pick.
         let (mut s, _d, _sd) = gated_stream();
         let _wait = flow_wait(s.handle(body(&completion(10), true, true)).unwrap());
@@ -923,21 +947,14 @@ mod tests {
             ),
             "{out:?}"
         );
-        let Some(processing_response::Response::ResponseBody(b)) = &out[1].response else {
-            panic!("{out:?}")
-        };
-        let Some(body_mutation::Mutation::StreamedResponse(chunk)) = &b
-            .response
-            .as_ref()
-            .unwrap()
-            .body_mutation
-            .as_ref()
-            .unwrap()
-            .mutation
-        else {
-            panic!("{b:?}")
-        };
-        assert_eq!(chunk.body, b"data: {}\n\n");
+        assert!(
+            matches!(
+                out[1].response,
+                Some(processing_response::Response::ResponseBody(_))
+            ),
+            "{out:?}"
+        );
+        assert_eq!(streamed(&out[1]).body, b"data: {}\n\n");
         // Later chunks pass on alone.
         let out = s
             .handle_replies(body(b"data: [DONE]\n\n", true, false))
@@ -949,21 +966,7 @@ mod tests {
     async fn eviction_while_the_response_headers_are_held_is_a_429() {
         let (mut s, out) = evictable_responding();
         assert!(out.is_empty(), "headers held: {out:?}");
-        let out = s.on_revoked();
-        let [Action::Reply(r)] = &out[..] else {
-            panic!("{out:?}")
-        };
-        let r = ProcessingResponse::from(r.clone());
-        let i = immediate(&r);
-        assert_eq!(i.status.unwrap().code, 429);
-        assert_eq!(
-            set_header(
-                i.headers.as_ref().unwrap(),
-                "x-llm-d-request-dropped-reason"
-            )
-            .as_deref(),
-            Some("evicted")
-        );
+        assert_429_dropped(&s.on_revoked(), "evicted");
     }
 
     #[test]
@@ -1030,20 +1033,14 @@ mod tests {
         );
         let mut echoed = Vec::new();
         for (i, r) in out[1..].iter().enumerate() {
-            let Some(processing_response::Response::RequestBody(b)) = &r.response else {
-                panic!("body reply expected")
-            };
-            let Some(body_mutation::Mutation::StreamedResponse(sr)) = &b
-                .response
-                .as_ref()
-                .unwrap()
-                .body_mutation
-                .as_ref()
-                .unwrap()
-                .mutation
-            else {
-                panic!("streamed_response expected")
-            };
+            assert!(
+                matches!(
+                    r.response,
+                    Some(processing_response::Response::RequestBody(_))
+                ),
+                "request body reply expected"
+            );
+            let sr = streamed(r);
             assert!(sr.body.len() <= BODY_CHUNK);
             assert_eq!(sr.end_of_stream, i == out.len() - 2);
             echoed.extend_from_slice(&sr.body);
@@ -1067,20 +1064,14 @@ mod tests {
         ));
         let usage = br#"{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":3}}"#;
         let out = s.handle_replies(body(usage, true, false)).unwrap();
-        let Some(processing_response::Response::ResponseBody(b)) = &out[0].response else {
-            panic!("response body reply expected")
-        };
-        let Some(body_mutation::Mutation::StreamedResponse(sr)) = &b
-            .response
-            .as_ref()
-            .unwrap()
-            .body_mutation
-            .as_ref()
-            .unwrap()
-            .mutation
-        else {
-            panic!("streamed_response expected")
-        };
+        assert!(
+            matches!(
+                out[0].response,
+                Some(processing_response::Response::ResponseBody(_))
+            ),
+            "response body reply expected"
+        );
+        let sr = streamed(&out[0]);
         assert_eq!(sr.body, usage);
         assert!(sr.end_of_stream);
         assert_eq!(view.slot(addr).unwrap().in_flight().requests, 0);

@@ -193,6 +193,17 @@ impl Harness {
         }
     }
 
+    /// One simulated llama-8b pod behind a node (no Envoy) running `scheduler`, whose
+    /// scrapes, and so flow control's saturation refreshes, come `refresh` apart.
+    pub async fn one_pod_refreshing_every(scheduler: ResolvedConfig, refresh: Duration) -> Harness {
+        Harness::start_with_profile(1, false, EngineProfile::llama_8b_h100(), |c| {
+            c.scheduler = scheduler;
+            c.scrape.interval = refresh;
+            c.staleness = refresh * 12;
+        })
+        .await
+    }
+
     /// Where client requests go: Envoy when present, else the node's proxy.
     pub fn entry(&self) -> SocketAddr {
         self.envoy
@@ -239,6 +250,17 @@ impl Harness {
 /// Flow control gated by the router's own in-flight count, one request per pod, with
 /// `flow` (lines of the `flowControl` section) added.
 pub fn one_slot_per_pod(flow: &str) -> infermesh_scheduler::ResolvedConfig {
+    concurrency_gated("{maxConcurrency: 1}", flow)
+}
+
+/// Flow control gated by one prefill per pod (`maxPrefillConcurrency` 1, room for 10
+/// requests), with `flow` (lines of the `flowControl` section) added.
+pub fn one_prefill_per_pod(flow: &str) -> infermesh_scheduler::ResolvedConfig {
+    concurrency_gated("{maxConcurrency: 10, maxPrefillConcurrency: 1}", flow)
+}
+
+/// Flow control gated by a concurrency-detector with `params` (a YAML flow mapping).
+fn concurrency_gated(params: &str, flow: &str) -> infermesh_scheduler::ResolvedConfig {
     infermesh_scheduler::load_config(&format!(
         "apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
@@ -246,11 +268,35 @@ featureGates: [flowControl]
 plugins:
 - type: queue-scorer
 - type: concurrency-detector
-  parameters: {{maxConcurrency: 1}}
+  parameters: {params}
 flowControl:
   saturationDetector: {{pluginRef: concurrency-detector}}
   {flow}
 "
     ))
     .expect("valid config")
+}
+
+/// Starts a streamed completion of about 3,000 decode steps (seconds on a simulated
+/// llama-8b pod) through `addr` and returns its body once the first token is in.
+pub async fn past_first_token(
+    client: &HttpClient,
+    addr: SocketAddr,
+    model: &str,
+) -> hyper::body::Incoming {
+    let long = serde_json::json!({"model": model, "prompt": "long job", "max_tokens": 3000, "stream": true});
+    let req = http::Request::post(format!("http://{addr}/v1/completions"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(long.to_string())))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut running = resp.into_body();
+    let first = running
+        .frame()
+        .await
+        .expect("a first frame")
+        .expect("a readable frame");
+    assert!(first.data_ref().is_some_and(|d| !d.is_empty()));
+    running
 }
