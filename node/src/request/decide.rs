@@ -309,12 +309,7 @@ impl Ticket {
             s.first_byte();
             self.prefilling = false;
             // The queue that dispatched it gets the prefill room back now.
-            if let Some(g) = &mut self.prepared.grant {
-                g.prefilled();
-            }
-            if let Some(l) = &mut self.prepared.lease {
-                l.prefilled();
-            }
+            super::flow::prefilled(&mut self.prepared.grant, &mut self.prepared.lease);
         }
     }
 

@@ -187,6 +187,17 @@ impl Drop for LocalLease {
     }
 }
 
+/// A dispatched request's first response byte arrived: tells whichever queue let it
+/// through (through its grant here, its lease's owner elsewhere) that its prefill is done.
+pub fn prefilled(grant: &mut Option<Grant>, lease: &mut Option<Lease>) {
+    if let Some(g) = grant {
+        g.prefilled();
+    }
+    if let Some(l) = lease {
+        l.prefilled();
+    }
+}
+
 /// A request this node's queue dispatched holds room until it ends: dropping the grant
 /// (the request finished, failed or was never scheduled) gives the room back at once, so
 /// every dispatch is released exactly once.
@@ -255,12 +266,7 @@ impl Dispatched {
     /// The response's first byte arrived: the queue that dispatched it (this node's, or
     /// the owner's on another node) gets its prefill room back at once.
     pub fn prefilled(&mut self) {
-        if let Some(g) = &mut self.grant {
-            g.prefilled();
-        }
-        if let Some(l) = &mut self.lease {
-            l.prefilled();
-        }
+        prefilled(&mut self.grant, &mut self.lease);
     }
 
     /// Records the response's token usage for its program's attained service.
@@ -506,6 +512,12 @@ impl SaturationEstimate {
         }
     }
 
+    /// One of this queue's requests stopped prefilling (first byte, or ended before it).
+    fn prefill_done(&mut self) {
+        self.prefill_freed = self.prefill_freed.saturating_add(1);
+        self.prefilling = self.prefilling.saturating_sub(1);
+    }
+
     /// What to give [`FlowController::handle_pool`].
     pub fn status(&self) -> PoolStatus {
         if !self.has_endpoints {
@@ -732,15 +744,10 @@ impl Owner {
                 e.released = e.released.saturating_add(1);
                 e.outstanding = e.outstanding.saturating_sub(1);
                 if prefilling {
-                    e.prefill_freed = e.prefill_freed.saturating_add(1);
-                    e.prefilling = e.prefilling.saturating_sub(1);
+                    e.prefill_done();
                 }
             }
-            Input::Prefilled => {
-                let e = &mut self.estimate;
-                e.prefill_freed = e.prefill_freed.saturating_add(1);
-                e.prefilling = e.prefilling.saturating_sub(1);
-            }
+            Input::Prefilled => self.estimate.prefill_done(),
             Input::LeaseEnded(t) => {
                 self.revokers.remove(&t);
                 self.fc.handle_lease_end(t, now);
