@@ -402,9 +402,11 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
                 pool_tx.clone(),
                 shutdown_rx.clone(),
             ));
+            let in_flight_changed = Arc::new(tokio::sync::Notify::new());
             tasks.spawn(crate::mesh::load::run(
                 m.clone(),
                 pool.clone(),
+                in_flight_changed.clone(),
                 shutdown_rx.clone(),
             ));
             if let Some(stats) = &kv_stats {
@@ -416,7 +418,7 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
                     shutdown_rx.clone(),
                 ));
             }
-            pool_task.with_mesh(m.clone())
+            pool_task.with_mesh(m.clone(), in_flight_changed)
         }
         None => pool_task,
     };
@@ -448,6 +450,7 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
         crate::request::flow::FlowDriverConfig {
             refresh: cfg.scrape.interval,
             staleness: cfg.staleness,
+            pick_fence: cfg.flow_pick_fence,
         },
         pool.clone(),
         policy.clone(),

@@ -427,6 +427,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             c.grpc_tls = args.tls.settings()?;
             c.proxy_tls = args.tls.proxy_settings()?;
             c.flow_per_node = args.mesh.flow_control_per_node;
+            c.flow_pick_fence = args.mesh.flow_control_pick_fence;
             Ok((c, b))
         })
         .and_then(|(c, b)| {

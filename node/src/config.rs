@@ -73,6 +73,9 @@ pub struct NodeConfig {
     /// With a sharing mesh and the flowControl gate: one queue per node (dividing the
     /// budget) instead of the tier's one queue at its owner (`--flow-control-per-node`).
     pub flow_per_node: bool,
+    /// Longest a flow-control dispatch waits for the pick of the one before it
+    /// (`--flow-control-pick-fence`; zero: no wait).
+    pub flow_pick_fence: std::time::Duration,
     /// Follow the owned pods' KV events into the mesh's prefix index (needs a sharing
     /// mesh); `None` = off.
     pub kv_events: Option<crate::mesh::kv_events::KvEventsOptions>,
@@ -303,6 +306,7 @@ impl NodeConfig {
             grpc_tls: None,
             proxy_tls: None,
             flow_per_node: false,
+            flow_pick_fence: crate::request::picks::PICK_FENCE,
             kv_events: None,
         })
     }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use infermesh_scheduler::{Endpoint, InFlight, Metrics, Role};
+use tokio::sync::Notify;
 
 use crate::pool_model::EndpointSpec;
 
@@ -32,6 +33,9 @@ pub struct EndpointSlot {
     remote_requests: AtomicU32,
     remote_tokens: AtomicU64,
     remote_prefilling: AtomicU32,
+    // Woken on every in-flight change, so the mesh publishes it at once instead of on a
+    // poll: other nodes pick pods from these counts (`None` without a mesh).
+    changed: Option<Arc<Notify>>,
 }
 
 impl EndpointSlot {
@@ -49,6 +53,19 @@ impl EndpointSlot {
             remote_requests: AtomicU32::new(0),
             remote_tokens: AtomicU64::new(0),
             remote_prefilling: AtomicU32::new(0),
+            changed: None,
+        }
+    }
+
+    /// This slot wakes `changed` whenever its in-flight counts change.
+    pub fn notifying(mut self, changed: Arc<Notify>) -> EndpointSlot {
+        self.changed = Some(changed);
+        self
+    }
+
+    fn signal(&self) {
+        if let Some(n) = &self.changed {
+            n.notify_one();
         }
     }
 
@@ -127,12 +144,14 @@ impl EndpointSlot {
         self.in_flight_requests.fetch_add(1, Ordering::Relaxed);
         self.in_flight_tokens.fetch_add(tokens, Ordering::Relaxed);
         self.in_flight_prefilling.fetch_add(1, Ordering::Relaxed);
+        self.signal();
     }
 
     /// One acquired request's response started: it no longer counts as prefilling.
     /// Called at most once per acquire, before its release.
     pub fn first_byte(&self) {
         self.in_flight_prefilling.fetch_sub(1, Ordering::Relaxed);
+        self.signal();
     }
 
     /// Undoes one [`Self::acquire`]; `prefilling` when [`Self::first_byte`] was not called.
@@ -142,6 +161,7 @@ impl EndpointSlot {
         if prefilling {
             self.in_flight_prefilling.fetch_sub(1, Ordering::Relaxed);
         }
+        self.signal();
     }
 
     /// The scheduler's view of this endpoint.

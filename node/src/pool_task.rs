@@ -27,6 +27,8 @@ struct MeshScraping {
     mesh: Arc<infermesh_gossip::Mesh>,
     owned: HashSet<SocketAddr>,
     sink: ScrapeSink,
+    // Handed to every slot, so the load sync publishes in-flight changes as they happen.
+    in_flight_changed: Arc<tokio::sync::Notify>,
 }
 
 /// State owned by the pool task.
@@ -95,8 +97,13 @@ impl PoolTask {
 
     /// Mesh mode: scrape only the pods `mesh` assigns to this node (updated through
     /// [`PoolInput::Owned`]) and publish every scrape, and every failed one, on its load
-    /// board.
-    pub fn with_mesh(mut self, mesh: Arc<infermesh_gossip::Mesh>) -> PoolTask {
+    /// board. Every slot wakes `in_flight_changed` when its in-flight counts change (see
+    /// [`crate::mesh::load::run`]).
+    pub fn with_mesh(
+        mut self,
+        mesh: Arc<infermesh_gossip::Mesh>,
+        in_flight_changed: Arc<tokio::sync::Notify>,
+    ) -> PoolTask {
         // Weak: scrapers must not keep a stopped node's mesh alive.
         let publisher = Arc::downgrade(&mesh);
         let sink: ScrapeSink = Arc::new(move |slot, report| {
@@ -117,6 +124,7 @@ impl PoolTask {
             mesh,
             owned: HashSet::new(),
             sink,
+            in_flight_changed,
         });
         self
     }
@@ -246,7 +254,11 @@ impl PoolTask {
             if self.scrapers.contains_key(&e.address) {
                 continue;
             }
-            let slot = Arc::new(EndpointSlot::new(e.clone()));
+            let mut slot = EndpointSlot::new(e.clone());
+            if let Some(m) = &self.mesh {
+                slot = slot.notifying(m.in_flight_changed.clone());
+            }
+            let slot = Arc::new(slot);
             let handle = self
                 .scrapes(e.address)
                 .then(|| self.spawn_scraper(slot.clone()));

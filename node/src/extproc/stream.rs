@@ -886,6 +886,7 @@ mod tests {
             lease: None,
             usage: None,
             grant: None,
+            claims: Vec::new(),
         }));
         assert!(
             out.iter()
@@ -904,6 +905,7 @@ mod tests {
         }
         fn record_usage(&mut self, _input: u64, _output: u64) {}
         fn prefilled(&mut self) {}
+        fn picked(&mut self, _pod: std::net::SocketAddr) {}
     }
 
     /// A gated stream dispatched with a revocable lease, its response headers in.
@@ -914,6 +916,7 @@ mod tests {
         let out = s.on_flow(Ok(crate::request::flow::Dispatched::remote(
             Duration::from_millis(5),
             Box::new(lease),
+            Vec::new(),
         )));
         assert!(
             out.iter()

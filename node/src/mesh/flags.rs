@@ -95,6 +95,11 @@ pub struct MeshArgs {
     /// rendezvous key (the default with a sharing mesh).
     #[arg(long)]
     pub flow_control_per_node: bool,
+    /// With the flowControl gate, the longest a dispatch waits for the pod pick of the
+    /// dispatch before it, so that picks made on different nodes see each other (0s: no
+    /// wait; a pick is reported within a round trip, so this only bounds a lost report).
+    #[arg(long, default_value = "5ms", value_parser = humantime::parse_duration)]
+    pub flow_control_pick_fence: Duration,
 }
 
 /// The mesh flags cannot be used; nothing was started.

@@ -214,6 +214,9 @@ impl Ticket {
             finished: false,
         };
         t.adopt(result);
+        // The queue that let it through may let the next one go, which then sees this pick.
+        let pod = t.destinations[0];
+        super::flow::picked(&mut t.prepared.grant, &mut t.prepared.lease, pod);
         t
     }
 

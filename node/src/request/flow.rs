@@ -36,6 +36,11 @@
 //! origin's `Prefilled` message), the rest when it ends. Without that, a pod that finished
 //! prefilling looked busy until the next refresh, up to a scrape interval later.
 //!
+//! A dispatch also waits for the pick of the one before it, and carries the pods this
+//! queue's requests are prefilling on (`super::picks`): the queue decides when, the node
+//! holding the request picks where, and without the fence two requests let through
+//! together could be picked on different nodes onto the same pod.
+//!
 //! # The mesh-wide bound
 //!
 //! With a sharing mesh the tier normally has one queue at its owner
@@ -65,7 +70,8 @@
 //! not await). It is unbounded because each request task has at most one message in the
 //! channel at a time, so the controller's own capacity already bounds it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -78,6 +84,7 @@ use infermesh_scheduler::flow::{
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+use super::picks::PickLedger;
 use crate::metrics::NodeMetrics;
 use crate::policy::SharedPolicy;
 use crate::pool::SharedPool;
@@ -100,6 +107,9 @@ pub struct FlowDriverConfig {
     pub refresh: Duration,
     /// Metrics older than this take an endpoint out of the candidates (as in `prepare`).
     pub staleness: Duration,
+    /// Longest a dispatch waits for the pick of the one before it (see `picks`; zero: no
+    /// fence).
+    pub pick_fence: Duration,
 }
 
 /// What a request asks flow control for.
@@ -136,6 +146,8 @@ pub trait RemoteHold: Send + Sync + std::fmt::Debug {
     fn record_usage(&mut self, input: u64, output: u64);
     /// The response's first byte arrived: the owner's prefill room is free (sent once).
     fn prefilled(&mut self);
+    /// The request was scheduled onto `pod` (sent once): the owner's next dispatch may go.
+    fn picked(&mut self, pod: SocketAddr);
 }
 
 impl Lease {
@@ -153,6 +165,14 @@ impl Lease {
     pub fn prefilled(&mut self) {
         if let Lease::Remote(r) = self {
             r.prefilled();
+        }
+    }
+
+    /// The request was scheduled onto `pod`: a remote owner lets its next request through
+    /// (a local request's [`Grant`] tells this node's queue).
+    pub fn picked(&mut self, pod: SocketAddr) {
+        if let Lease::Remote(r) = self {
+            r.picked(pod);
         }
     }
 
@@ -198,6 +218,17 @@ pub fn prefilled(grant: &mut Option<Grant>, lease: &mut Option<Lease>) {
     }
 }
 
+/// A dispatched request was scheduled onto `pod`: tells whichever queue let it through,
+/// so that queue lets its next request through and counts the pod as prefilling.
+pub fn picked(grant: &mut Option<Grant>, lease: &mut Option<Lease>, pod: SocketAddr) {
+    if let Some(g) = grant {
+        g.picked(pod);
+    }
+    if let Some(l) = lease {
+        l.picked(pod);
+    }
+}
+
 /// A request this node's queue dispatched holds room until it ends: dropping the grant
 /// (the request finished, failed or was never scheduled) gives the room back at once, so
 /// every dispatch is released exactly once.
@@ -205,6 +236,8 @@ pub struct Grant {
     tx: mpsc::UnboundedSender<Input>,
     /// No response byte yet: the endpoint still prefills the request.
     prefilling: bool,
+    /// The pod it was scheduled onto, once reported.
+    pod: Option<SocketAddr>,
 }
 
 impl std::fmt::Debug for Grant {
@@ -219,7 +252,16 @@ impl Grant {
     /// (`maxPrefillConcurrency`) before the next refresh would show it. Idempotent.
     pub fn prefilled(&mut self) {
         if std::mem::take(&mut self.prefilling) {
-            let _ = self.tx.send(Input::Prefilled);
+            let _ = self.tx.send(Input::Prefilled { pod: self.pod });
+        }
+    }
+
+    /// The request was scheduled onto `pod`; only the first pick counts (a retry's
+    /// reschedule is the same dispatch).
+    pub fn picked(&mut self, pod: SocketAddr) {
+        if self.pod.is_none() {
+            self.pod = Some(pod);
+            let _ = self.tx.send(Input::Picked(pod));
         }
     }
 }
@@ -228,6 +270,7 @@ impl Drop for Grant {
     fn drop(&mut self) {
         let _ = self.tx.send(Input::Released {
             prefilling: self.prefilling,
+            pod: self.pod,
         });
     }
 }
@@ -245,16 +288,24 @@ pub struct Dispatched {
     /// The room it holds in this node's queue (`None`: dispatched elsewhere, or passed
     /// through a gate turned off).
     pub grant: Option<Grant>,
+    /// Requests the queue let through before, by the pod each was scheduled onto, while
+    /// that pod prefills them: fresher than the load board, so the pick can steer clear.
+    pub claims: Vec<(SocketAddr, u32)>,
 }
 
 impl Dispatched {
     /// A request the tier's queue on another node let through.
-    pub fn remote(waited: Duration, lease: Box<dyn RemoteHold>) -> Dispatched {
+    pub fn remote(
+        waited: Duration,
+        lease: Box<dyn RemoteHold>,
+        claims: Vec<(SocketAddr, u32)>,
+    ) -> Dispatched {
         Dispatched {
             waited,
             lease: Some(Lease::Remote(lease)),
             usage: None,
             grant: None,
+            claims,
         }
     }
 
@@ -267,6 +318,12 @@ impl Dispatched {
     /// the owner's on another node) gets its prefill room back at once.
     pub fn prefilled(&mut self) {
         prefilled(&mut self.grant, &mut self.lease);
+    }
+
+    /// The request was scheduled onto `pod` (reported by its origin to the queue that
+    /// holds it here).
+    pub fn picked(&mut self, pod: SocketAddr) {
+        picked(&mut self.grant, &mut self.lease, pod);
     }
 
     /// Records the response's token usage for its program's attained service.
@@ -329,10 +386,15 @@ enum Input {
     /// ended before its first response byte, so its prefill room is free too).
     Released {
         prefilling: bool,
+        pod: Option<SocketAddr>,
     },
     /// A request this node dispatched got its first response byte: its prefill room is
     /// free now, before the next refresh shows it.
-    Prefilled,
+    Prefilled {
+        pod: Option<SocketAddr>,
+    },
+    /// A request this node dispatched was scheduled onto this pod.
+    Picked(SocketAddr),
     /// A lease was dropped: the request ended (or never started).
     LeaseEnded(FlowTicket),
     /// A request dispatched from a program-aware band ended with this token usage.
@@ -357,11 +419,13 @@ impl std::fmt::Debug for Input {
         match self {
             Input::Enqueue { id, .. } => write!(f, "Enqueue({id})"),
             Input::Cancel(id) => write!(f, "Cancel({id})"),
-            Input::Released { prefilling } => f
+            Input::Released { prefilling, pod } => f
                 .debug_struct("Released")
                 .field("prefilling", prefilling)
+                .field("pod", pod)
                 .finish(),
-            Input::Prefilled => f.write_str("Prefilled"),
+            Input::Prefilled { pod } => write!(f, "Prefilled({pod:?})"),
+            Input::Picked(pod) => write!(f, "Picked({pod})"),
             Input::LeaseEnded(t) => write!(f, "LeaseEnded({t:?})"),
             Input::PolicyChanged => f.write_str("PolicyChanged"),
             Input::Served { ticket, .. } => write!(f, "Served({ticket:?})"),
@@ -442,6 +506,8 @@ impl FlowGate {
             tx: tx.clone(),
             estimate: SaturationEstimate::default(),
             next_refresh: Instant::now(),
+            picks: PickLedger::default(),
+            fenced: VecDeque::new(),
         };
         let task = tokio::spawn(owner.run(rx, shutdown));
         Ok((
@@ -585,6 +651,10 @@ struct Owner {
     tx: mpsc::UnboundedSender<Input>,
     estimate: SaturationEstimate,
     next_refresh: Instant,
+    /// Where dispatched requests were scheduled, and the fence between two dispatches.
+    picks: PickLedger,
+    /// Dispatches decided while the fence held, delivered in order as it opens.
+    fenced: VecDeque<Decision>,
 }
 
 impl Owner {
@@ -611,6 +681,11 @@ impl Owner {
             if !self.fc.is_empty() {
                 wake = Some(wake.map_or(self.next_refresh, |w| w.min(self.next_refresh)));
             }
+            if !self.fenced.is_empty()
+                && let Some(open) = self.picks.opens_at()
+            {
+                wake = Some(wake.map_or(open, |w| w.min(open)));
+            }
             let sleep = async {
                 match wake {
                     Some(w) => tokio::time::sleep_until(w.into()).await,
@@ -630,7 +705,7 @@ impl Owner {
                 _ = shutdown.wait_for(|s| *s) => break,
             }
         }
-        let mut out = Vec::new();
+        let mut out: Vec<Decision> = self.fenced.drain(..).collect();
         self.fc.handle_shutdown(Instant::now(), &mut out);
         for d in out {
             self.deliver(d);
@@ -673,7 +748,7 @@ impl Owner {
                 if self.applied.take().is_none() {
                     return;
                 }
-                let mut out = Vec::new();
+                let mut out: Vec<Decision> = self.fenced.drain(..).collect();
                 self.fc.handle_release_all(now, &mut out);
                 tracing::info!(
                     released = out.len(),
@@ -701,6 +776,7 @@ impl Owner {
                         lease: None,
                         usage: None,
                         grant: None,
+                        claims: Vec::new(),
                     }));
                     return;
                 }
@@ -739,15 +815,19 @@ impl Owner {
                     }
                 }
             }
-            Input::Released { prefilling } => {
+            Input::Released { prefilling, pod } => {
                 let e = &mut self.estimate;
                 e.released = e.released.saturating_add(1);
                 e.outstanding = e.outstanding.saturating_sub(1);
                 if prefilling {
-                    e.prefill_done();
+                    self.prefill_done(pod);
+                }
+                if pod.is_none() {
+                    self.picks.ended_unpicked();
                 }
             }
-            Input::Prefilled => self.estimate.prefill_done(),
+            Input::Prefilled { pod } => self.prefill_done(pod),
+            Input::Picked(pod) => self.picks.picked(pod),
             Input::LeaseEnded(t) => {
                 self.revokers.remove(&t);
                 self.fc.handle_lease_end(t, now);
@@ -766,6 +846,14 @@ impl Owner {
                 input,
                 output,
             } => self.fc.handle_served(ticket, input, output, now),
+        }
+    }
+
+    /// One of this queue's requests stopped prefilling (on `pod`, when it was reported).
+    fn prefill_done(&mut self, pod: Option<SocketAddr>) {
+        self.estimate.prefill_done();
+        if let Some(pod) = pod {
+            self.picks.prefill_done(pod);
         }
     }
 
@@ -800,12 +888,23 @@ impl Owner {
     }
 
     /// Sends every decision due at `now`, raising the saturation estimate per dispatch.
+    /// A dispatch waits behind the fence (the pick of the one before it); the estimate
+    /// counts it from the decision on, so the fence never lets more through.
     fn drain(&mut self, now: Instant) {
+        while self.picks.is_open(now)
+            && let Some(d) = self.fenced.pop_front()
+        {
+            self.deliver(d);
+        }
         self.fc.handle_pool(self.estimate.status(), now);
         while let Some(d) = self.fc.poll_decision(now) {
             if d.is_dispatched() {
                 self.estimate.dispatched += 1;
                 self.fc.handle_pool(self.estimate.status(), now);
+                if !self.fenced.is_empty() || !self.picks.is_open(now) {
+                    self.fenced.push_back(d);
+                    continue;
+                }
             }
             self.deliver(d);
         }
@@ -831,6 +930,9 @@ impl Owner {
                 // Counted where its grant is made, so every count has one release.
                 self.estimate.outstanding = self.estimate.outstanding.saturating_add(1);
                 self.estimate.prefilling = self.estimate.prefilling.saturating_add(1);
+                let claims = self.picks.claims();
+                self.picks
+                    .dispatched(Instant::now(), self.driver.pick_fence);
                 Ok(Dispatched {
                     waited: d.waited,
                     lease: self.lease(d.ticket, d.priority),
@@ -843,7 +945,9 @@ impl Owner {
                     grant: Some(Grant {
                         tx: self.tx.clone(),
                         prefilling: true,
+                        pod: None,
                     }),
+                    claims,
                 })
             }
             None => Err(DropReason::Internal),

@@ -12,7 +12,8 @@
 //!  origin node                                   owner node
 //!  request task ── Enqueue{id, priority, fairness id, bytes, age, SLO} ──▶ service task
 //!       │                      (QUIC service call)                         │ local FlowGate::wait
-//!       ◀──────────── Dispatched{waited, revocable} | Dropped{reason} ─────┘ (its queue)
+//!       ◀──── Dispatched{waited, revocable, claims} | Dropped{reason} ─────┘ (its queue)
+//!  pod picked   ── Picked{id, pod} ─────────────────────────────────────▶ next dispatch may go
 //!  first token  ── Prefilled{id} ───────────────────────────────────────▶ prefill room freed
 //!  request ends ── End{id} ─────────────────────────────────────────────▶ lease ends, room freed
 //!  client gone  ── Cancel{id} ──────────────────────────────────────────▶ place freed
@@ -35,6 +36,7 @@
 //! for that long.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -82,15 +84,23 @@ enum Msg {
     Revoke { id: u64 },
     /// Origin → owner: the dispatched request's response started (its first byte), so
     /// its endpoint no longer prefills it (for a detector that counts prefilling
-    /// requests). Last, so the variants before keep their wire tags.
+    /// requests). After the variants above, so they keep their wire tags.
     Prefilled { id: u64 },
+    /// Origin → owner: the dispatched request was scheduled onto `pod`, so the owner's
+    /// next dispatch may go and counts the pod as prefilling. Last, for the same reason.
+    Picked { id: u64, pod: SocketAddr },
 }
 
 /// The owner's answer to an Enqueue.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 enum Answer {
-    /// Dispatched after waiting this long; `revocable`: it may be revoked later.
-    Dispatched { waited_us: u64, revocable: bool },
+    /// Dispatched after waiting this long; `revocable`: it may be revoked later;
+    /// `claims`: the pods the owner's earlier dispatches are prefilling on, by count.
+    Dispatched {
+        waited_us: u64,
+        revocable: bool,
+        claims: Vec<(SocketAddr, u32)>,
+    },
     /// Dropped; the value of `x-llm-d-request-dropped-reason`.
     Dropped { reason: String },
 }
@@ -186,6 +196,8 @@ pub struct RemoteLease {
     usage: (u64, u64),
     /// Whether the owner was told of the first response byte.
     prefilled: bool,
+    /// Whether the owner was told of the pick.
+    picked: bool,
 }
 
 impl std::fmt::Debug for RemoteLease {
@@ -212,6 +224,15 @@ impl RemoteHold for RemoteLease {
             let _ = self.local.send(Local::Tell {
                 owner: self.owner.clone(),
                 msg: Msg::Prefilled { id: self.id },
+            });
+        }
+    }
+
+    fn picked(&mut self, pod: SocketAddr) {
+        if !std::mem::replace(&mut self.picked, true) {
+            let _ = self.local.send(Local::Tell {
+                owner: self.owner.clone(),
+                msg: Msg::Picked { id: self.id, pod },
             });
         }
     }
@@ -452,6 +473,7 @@ impl MeshFlow {
             Answer::Dispatched {
                 waited_us,
                 revocable,
+                claims,
             } => {
                 // The lease now finishes the registration; the guard must not.
                 guard.on_drop = OnDrop::Nothing;
@@ -464,7 +486,9 @@ impl MeshFlow {
                         revoke: revocable.then_some(token),
                         usage: (0, 0),
                         prefilled: false,
+                        picked: false,
                     }),
+                    claims,
                 )))
             }
             // The owner is stopping: the request is not at fault; wait here instead.
@@ -631,6 +655,11 @@ impl Service {
                     lease.prefilled();
                 }
             }
+            Msg::Picked { id, pod } => {
+                if let Some(Held::Leased { lease, .. }) = self.held.get_mut(&(from, id)) {
+                    lease.picked(pod);
+                }
+            }
         }
     }
 
@@ -659,8 +688,9 @@ impl Service {
             return;
         }
         match answer {
-            Ok(lease) => {
+            Ok(mut lease) => {
                 let waited = lease.waited;
+                let claims = std::mem::take(&mut lease.claims);
                 let relay = lease.revoked().map(|revoked| {
                     let mesh = self.mesh.clone();
                     let (origin, id) = key.clone();
@@ -675,6 +705,7 @@ impl Service {
                     &Answer::Dispatched {
                         waited_us: micros(waited),
                         revocable: relay.is_some(),
+                        claims,
                     },
                 );
                 self.held.insert(key, Held::Leased { lease, relay });
@@ -773,6 +804,7 @@ mod tests {
         let a = Answer::Dispatched {
             waited_us: 9,
             revocable: true,
+            claims: vec![("10.0.0.1:8000".parse().unwrap(), 2)],
         };
         let b = postcard::to_stdvec(&a).unwrap();
         assert_eq!(postcard::from_bytes::<Answer>(&b).unwrap(), a);
@@ -780,6 +812,13 @@ mod tests {
         let b = postcard::to_stdvec(&Msg::Revoke { id: 1 }).unwrap();
         assert_eq!(b[0], 3);
         let m = Msg::Prefilled { id: 7 };
+        let b = postcard::to_stdvec(&m).unwrap();
+        assert_eq!(postcard::from_bytes::<Msg>(&b).unwrap(), m);
+        assert_eq!(b[0], 4);
+        let m = Msg::Picked {
+            id: 7,
+            pod: "10.0.0.1:8000".parse().unwrap(),
+        };
         let b = postcard::to_stdvec(&m).unwrap();
         assert_eq!(postcard::from_bytes::<Msg>(&b).unwrap(), m);
     }

@@ -37,6 +37,7 @@ pub mod flow;
 pub mod flow_mesh;
 mod meta;
 mod owners;
+pub mod picks;
 mod prepare;
 mod rejection;
 
@@ -69,6 +70,17 @@ pub(crate) fn gate_for_tests(
     d: Dispatcher,
     cfg: Option<infermesh_scheduler::flow::FlowConfig>,
 ) -> (Dispatcher, tokio::sync::watch::Sender<bool>) {
+    fenced_for_tests(d, cfg, picks::PICK_FENCE)
+}
+
+/// As [`gate_for_tests`], with a dispatch waiting at most `pick_fence` for the pick of
+/// the one before it.
+#[cfg(test)]
+pub(crate) fn fenced_for_tests(
+    d: Dispatcher,
+    cfg: Option<infermesh_scheduler::flow::FlowConfig>,
+    pick_fence: std::time::Duration,
+) -> (Dispatcher, tokio::sync::watch::Sender<bool>) {
     let (sd, sd_rx) = tokio::sync::watch::channel(false);
     let flow = cfg.map(std::sync::Arc::new);
     d.policy()
@@ -77,6 +89,7 @@ pub(crate) fn gate_for_tests(
         flow::FlowDriverConfig {
             refresh: std::time::Duration::from_millis(2),
             staleness: std::time::Duration::from_secs(60),
+            pick_fence,
         },
         d.pool().clone(),
         d.policy().clone(),
@@ -664,6 +677,87 @@ mod tests {
             assert_eq!(outcomes(&d, FlowOutcome::RejectedCapacity), 1);
             set_load(&d, 0);
             assert!(first.await.unwrap().is_ok());
+        }
+
+        fn arrival() -> flow::FlowArrival {
+            flow::FlowArrival {
+                priority: 0,
+                fairness_id: "f".into(),
+                bytes: 10,
+                received: Instant::now(),
+                slo_ttft: None,
+            }
+        }
+
+        #[tokio::test]
+        async fn a_dispatch_waits_for_the_pick_before_it_and_carries_it() {
+            // A fence no test outlasts: only a pick (or an end) opens it.
+            let (d, _sd) = super::super::fenced_for_tests(
+                dispatcher(0, 0.0),
+                Some(FlowConfig::default()),
+                Duration::from_secs(600),
+            );
+            let gate = d.flow.clone().unwrap();
+            let mut first = gate.wait(arrival()).await.expect("an idle pool dispatches");
+            assert!(first.claims.is_empty());
+            let waiting = |gate: &flow_mesh::TierGate| {
+                let gate = gate.clone();
+                tokio::spawn(async move { gate.wait(arrival()).await })
+            };
+            let second = waiting(&gate);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(
+                !second.is_finished(),
+                "the second waits for the first's pick, though the pool has room"
+            );
+            first.picked(addr(2));
+            let mut second = second.await.unwrap().expect("dispatched at the pick");
+            assert_eq!(second.claims, vec![(addr(2), 1)], "it sees the first's pod");
+            // The first's prefill ends; the second picks: the third sees only the second.
+            first.prefilled();
+            second.picked(addr(3));
+            let third = waiting(&gate).await.unwrap().expect("dispatched");
+            assert_eq!(third.claims, vec![(addr(3), 1)]);
+            // A request that ends before its pick (no endpoint fit, client gone) opens
+            // the fence too.
+            let fourth = waiting(&gate);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert!(!fourth.is_finished());
+            drop(third);
+            let fourth = fourth
+                .await
+                .unwrap()
+                .expect("dispatched once the third ended");
+            assert_eq!(fourth.claims, vec![(addr(3), 1)]);
+            drop(second);
+            drop(fourth);
+            let fifth = waiting(&gate).await.unwrap().expect("dispatched");
+            assert!(fifth.claims.is_empty(), "an ended request's pod is free");
+        }
+
+        #[test]
+        fn claims_raise_a_candidates_prefill_count_to_at_least_theirs() {
+            let d = dispatcher(0, 0.0);
+            let mut p = d
+                .prepare(ApiKind::Completions, BODY, meta(""), &[])
+                .unwrap();
+            p.candidates[1].in_flight.prefilling = 3;
+            p.candidates[1].in_flight.requests = 3;
+            let claims = vec![(addr(0), 2), (addr(1), 1), (addr(9), 4)];
+            let dispatched = flow::Dispatched {
+                waited: Duration::ZERO,
+                lease: None,
+                usage: None,
+                grant: None,
+                claims,
+            };
+            d.after_flow(&mut p, Ok(dispatched)).unwrap();
+            let counts: Vec<(u32, u32)> = p
+                .candidates
+                .iter()
+                .map(|e| (e.in_flight.prefilling, e.in_flight.requests))
+                .collect();
+            assert_eq!(counts, vec![(2, 2), (3, 3), (0, 0), (0, 0)]);
         }
 
         fn swap_flow(d: &Dispatcher, cfg: Option<FlowConfig>) {

@@ -396,21 +396,21 @@ impl Dispatcher {
                 lease,
                 usage,
                 grant,
+                claims,
             }) => {
                 p.lease = lease;
                 p.usage = usage;
                 p.grant = grant;
-                if waited.is_zero() {
-                    return Ok(());
+                if !waited.is_zero() {
+                    p.candidates = self.pool.load().candidates(
+                        Instant::now(),
+                        self.cfg.staleness,
+                        p.subset.as_ref(),
+                        &p.exclude,
+                    );
                 }
-                let now = Instant::now();
-                p.candidates = self.pool.load().candidates(
-                    now,
-                    self.cfg.staleness,
-                    p.subset.as_ref(),
-                    &p.exclude,
-                );
                 if !p.candidates.is_empty() {
+                    apply_claims(&mut p.candidates, &claims);
                     return Ok(());
                 }
                 Rejection::NoEndpoint(if p.subset.is_some() {
@@ -592,6 +592,20 @@ impl Dispatcher {
 
 /// The precise producer's lookup: tokenize, key the tokens, then ask the anchor's owner.
 /// A failed tokenization scores the request without prefix data, as llm-d does.
+/// Counts on each candidate at least the requests the queue knows are prefilling there
+/// (`claims`, from the picks reported to it). The larger count wins: the board may still
+/// lack a pick made on another node a moment ago, and the claims lack requests that did
+/// not pass this queue.
+fn apply_claims(candidates: &mut [Endpoint], claims: &[(SocketAddr, u32)]) {
+    for (pod, n) in claims {
+        if let Some(e) = candidates.iter_mut().find(|e| e.address == *pod) {
+            let extra = n.saturating_sub(e.in_flight.prefilling);
+            e.in_flight.prefilling += extra;
+            e.in_flight.requests = e.in_flight.requests.saturating_add(extra);
+        }
+    }
+}
+
 fn precise_lookup(
     tokenizers: Arc<Tokenizers>,
     owners: Arc<dyn PrefixOwners>,
