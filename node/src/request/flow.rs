@@ -979,6 +979,15 @@ impl Owner {
     /// Revokes the leases flow control chose; a lease already gone is ended at once.
     fn revoke(&mut self, now: Instant) {
         while let Some(t) = self.fc.poll_revocation() {
+            // A dispatch still behind the fence goes out now, to be revoked as any other.
+            if let Some(d) = self
+                .fenced
+                .iter()
+                .position(|d| d.ticket == t)
+                .and_then(|i| self.fenced.remove(i))
+            {
+                self.deliver(d);
+            }
             match self.revokers.remove(&t) {
                 Some(token) => {
                     tracing::info!(ticket = ?t, "in-flight eviction: revoking a sheddable request");

@@ -409,7 +409,7 @@ impl Dispatcher {
                         &p.exclude,
                     );
                 }
-                if !p.candidates.is_empty() {
+                if waited.is_zero() || !p.candidates.is_empty() {
                     apply_claims(&mut p.candidates, &claims);
                     return Ok(());
                 }
