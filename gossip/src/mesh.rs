@@ -170,6 +170,7 @@ pub struct Mesh {
     load_version: watch::Receiver<u64>,
     owned: watch::Receiver<Arc<Vec<PodId>>>,
     prefix_tx: mpsc::UnboundedSender<owner::Input>,
+    prefix_ring: watch::Receiver<Arc<Ring>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -327,6 +328,7 @@ impl Mesh {
             },
             stats.clone(),
         )));
+        let (prefix_ring_tx, prefix_ring) = watch::channel(members_rx.borrow().ring.clone());
         tasks.push(tokio::spawn(owner::run(
             shards,
             prefix_rx,
@@ -338,6 +340,7 @@ impl Mesh {
                 batch_max: config.prefix.record_batch_max.get(),
             },
             stats.clone(),
+            prefix_ring_tx,
         )));
         tasks.push(tokio::spawn(warm_connections(
             members_rx,
@@ -356,6 +359,7 @@ impl Mesh {
             load_version: version_rx,
             owned: owned_rx,
             prefix_tx,
+            prefix_ring,
             tasks,
         })
     }
@@ -398,6 +402,12 @@ impl Mesh {
     /// The ring over the current live members.
     pub fn ring(&self) -> Arc<Ring> {
         self.shared.members.borrow().ring.clone()
+    }
+
+    /// Whether prefix state has been handed off for the current ring: after a membership
+    /// change, every anchor that gained an owner here is sent (or on its way) once this holds.
+    pub fn prefix_handoff_current(&self) -> bool {
+        **self.prefix_ring.borrow() == *self.ring()
     }
 
     /// Counters.

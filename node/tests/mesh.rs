@@ -268,19 +268,38 @@ async fn a_dead_pod_leaves_every_nodes_candidates_through_its_owners_down_mark()
         owned == keys && nodes.iter().all(|a| candidates(a) == all)
     })
     .await;
-
-    // A pod the first node does not own, so two non-owners must learn of its death.
-    let dead_index = pods
-        .iter()
-        .position(|p| {
-            !nodes[0]
-                .mesh()
-                .unwrap()
-                .owned_pods()
-                .borrow()
-                .contains(&PodId::from(*p))
+    // And every board has heard from each pod's owner since: a node that has just lost a pod
+    // stops scraping it a moment after the ring says so, and a down mark of its own would
+    // then race the owner's.
+    let settled = Instant::now();
+    wait_for("each pod scraped by its owner on every board", || {
+        let owner_of = |p: &PodId| {
+            nodes.iter().find_map(|a| {
+                let m = a.mesh().unwrap();
+                m.owned_pods()
+                    .borrow()
+                    .contains(p)
+                    .then(|| m.node_id().clone())
+            })
+        };
+        nodes.iter().all(|a| {
+            let view = a.mesh().unwrap().load_view();
+            pods.iter().all(|p| {
+                let p = PodId::from(*p);
+                view.pod(&p).is_some_and(|l| {
+                    l.scraped_by.is_some()
+                        && l.scraped_by == owner_of(&p)
+                        && l.scraped_at.is_some_and(|t| t > settled)
+                })
+            })
         })
-        .expect("node-0 does not own every pod");
+    })
+    .await;
+
+    // Any pod: one node owns it, so two non-owners must learn of its death. (Pods listen on
+    // ephemeral ports, so which node owns which pod changes from run to run; asking for a
+    // pod a given node does not own failed whenever that node happened to own all four.)
+    let dead_index = 0;
     let dead = pods[dead_index];
     let owner = nodes
         .iter()
@@ -347,8 +366,9 @@ async fn served_by(c: &Cluster, node: usize, group: usize, question: usize) -> S
         .unwrap()
 }
 
-/// Anchors handed off (sent, received) by the cluster's current nodes. A leaver's own
-/// sends only add to "received"; the anchor's other owner sends it too.
+/// Anchors handed off (sent, received) by the cluster's current nodes, counted since they
+/// started. A node that left takes its counts along while what it sent stays in its peers'
+/// "received", so after a departure compare growth since a snapshot ([`handoffs_since`]).
 fn handoffs(c: &Cluster) -> (u64, u64) {
     c.nodes.iter().fold((0, 0), |(o, i), a| {
         let s = a.mesh().expect("mesh").stats();
@@ -357,6 +377,21 @@ fn handoffs(c: &Cluster) -> (u64, u64) {
             i + s.prefix_handoff_anchors_in,
         )
     })
+}
+
+/// Whether every current node has handed off for its current ring and every anchor they
+/// handed off since `base` (their [`handoffs`] then) has arrived. Totals would not do:
+/// anchors a departed node sent earlier stay counted as received with no send left to
+/// match them. Nor would counts alone: a node counts a handoff when it plans it, a moment
+/// after it sees the membership change. Either gap once let a membership change follow a
+/// handoff still in flight, losing an anchor's last copy.
+fn handoffs_since(c: &Cluster, base: (u64, u64)) -> bool {
+    let planned = c
+        .nodes
+        .iter()
+        .all(|a| a.mesh().expect("mesh").prefix_handoff_current());
+    let (out, got) = handoffs(c);
+    planned && got - base.1 >= out - base.0
 }
 
 fn records_applied(c: &Cluster) -> u64 {
@@ -432,24 +467,24 @@ async fn join_leave_and_kill_move_scraping_and_keep_prefixes() {
     // every anchor handed off on this one has arrived (else a leave followed at once by a
     // kill can take both copies of an anchor, which no design with R = 2 survives).
     wait_for("handoffs after the join delivered", || {
-        let (out, got) = handoffs(&c);
-        got >= out
+        handoffs_since(&c, (0, 0))
     })
     .await;
 
     // Leave: graceful departure is seen at once, its pods re-owned.
     let leaver = c.nodes.remove(1);
+    let base = handoffs(&c);
     leaver.shutdown(Duration::from_secs(2)).await;
     c.wait_members(3).await;
     wait_for("pods partitioned after a leave", || c.partitioned()).await;
     wait_for("handoffs after the leave delivered", || {
-        let (out, got) = handoffs(&c);
-        got >= out
+        handoffs_since(&c, base)
     })
     .await;
 
     // Kill: no goodbye; detected by SWIM, pods re-owned and scraped again.
     let victim = c.nodes.remove(0);
+    let base = handoffs(&c);
     let victim_name = victim.mesh().unwrap().node_id().clone();
     drop(victim);
     let killed_at = Instant::now();
@@ -465,6 +500,10 @@ async fn join_leave_and_kill_move_scraping_and_keep_prefixes() {
                 })
             })
         })
+    })
+    .await;
+    wait_for("handoffs after the kill delivered", || {
+        handoffs_since(&c, base)
     })
     .await;
 

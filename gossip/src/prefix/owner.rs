@@ -152,9 +152,11 @@ pub(crate) async fn run(
     transport: Arc<Transport>,
     settings: Settings,
     stats: Arc<Stats>,
+    handed_off: watch::Sender<Arc<Ring>>,
 ) {
     let me = transport.me().clone();
     let mut ring = members.borrow_and_update().ring.clone();
+    handed_off.send_replace(ring.clone());
     // One ordered queue per peer: a record and a later removal of the same block reach
     // the owner in one message, in order. (Two messages may still apply out of order at
     // the receiver, which handles each stream on its own task; see `flush`.)
@@ -207,6 +209,7 @@ pub(crate) async fn run(
                         send_handoff(&transport, peer, entries, &stats);
                     }
                     ring = new;
+                    handed_off.send_replace(ring.clone());
                 }
             }
             _ = tick.tick() => {

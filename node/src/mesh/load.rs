@@ -47,10 +47,12 @@ pub fn from_pod_metrics(m: &PodMetrics, scraped_at: Instant) -> Metrics {
     }
 }
 
-/// Keeps the board and the slots in step: what this node last published per endpoint.
+/// Keeps the board and the slots in step: what this node last published per endpoint, and
+/// which board scrape it last copied into each slot.
 #[derive(Debug, Default)]
 pub struct LoadSync {
     published: HashMap<SocketAddr, InFlight>,
+    copied: HashMap<SocketAddr, Instant>,
 }
 
 impl LoadSync {
@@ -80,7 +82,16 @@ impl LoadSync {
     /// Copies the board into the slots: other nodes' in-flight work, and scrapes made by
     /// other nodes when newer than the slot's own — failed ones mark the slot down, as a
     /// failed scrape of this node's own does.
-    pub fn apply_board(&self, me: &str, view: &LoadView, pool: &PoolView) {
+    ///
+    /// A slot still holding the board's last copy follows the board whatever the times say.
+    /// The board orders one sender's reports by sequence because it dates them on arrival
+    /// (now minus their age): a report held up in transit comes out dated later than the one
+    /// sent after it. Comparing those dates here once kept a pod's last good scrape over
+    /// its owner's down mark, and the dead pod stayed a candidate on that node.
+    pub fn apply_board(&mut self, me: &str, view: &LoadView, pool: &PoolView) {
+        if self.copied.len() > pool.slots.len() {
+            self.copied.retain(|a, _| pool.slot(*a).is_some());
+        }
         for slot in &pool.slots {
             let addr = slot.address();
             let Some(load) = view.pod(&PodId::from(addr)) else {
@@ -100,12 +111,16 @@ impl LoadSync {
                 continue;
             }
             let held = slot.metrics().map(|cur| cur.scraped_at);
+            let from_board = held.is_some() && held == self.copied.get(&addr).copied();
             match &load.metrics {
-                Some(m) if held.is_none_or(|t| t < at) => {
+                Some(m) if held.is_none_or(|t| t < at) || (from_board && held != Some(at)) => {
                     slot.record_scrape(from_pod_metrics(m, at));
+                    self.copied.insert(addr, at);
                 }
                 // The owner saw the pod fail after the last scrape this slot holds.
-                None if load.is_down() && held.is_none_or(|t| t <= at) => slot.mark_down(),
+                None if load.is_down() && (from_board || held.is_none_or(|t| t <= at)) => {
+                    slot.mark_down();
+                }
                 _ => {}
             }
         }
@@ -226,7 +241,7 @@ mod tests {
             .into(),
             owned: vec![],
         };
-        let sync = LoadSync::default();
+        let mut sync = LoadSync::default();
         let long = Duration::from_secs(60);
         sync.apply_board("me", &view(Some(1), t0, "owner"), &pool);
         assert!(slot.is_fresh(t0, long));
@@ -238,10 +253,28 @@ mod tests {
         sync.apply_board("me", &view(Some(2), t0 + ms(20), "owner"), &pool);
         assert!(slot.is_fresh(t0 + ms(20), long), "a newer scrape clears it");
         assert_eq!(slot.metrics().unwrap().waiting_queue, 2);
-        // A down mark older than the scrape the slot holds is ignored, and so is this
-        // node's own entry (its scraper already marked the slot).
+        // The board's next word is followed even when dated before the scrape it replaces:
+        // the board put it after that one (dates are taken on arrival, so a delayed report
+        // comes out late).
         sync.apply_board("me", &view(None, t0 + ms(15), "owner"), &pool);
-        sync.apply_board("me", &view(None, t0 + ms(30), "me"), &pool);
-        assert!(slot.is_fresh(t0 + ms(30), long));
+        assert!(
+            !slot.is_fresh(t0 + ms(20), long),
+            "the owner's later down mark applies though dated earlier"
+        );
+        sync.apply_board("me", &view(Some(3), t0 + ms(18), "owner"), &pool);
+        assert!(slot.is_fresh(t0 + ms(20), long));
+        assert_eq!(slot.metrics().unwrap().waiting_queue, 3);
+        // A scrape of this node's own is compared by time: an older down mark is ignored,
+        // and so is this node's own entry (its scraper already marked the slot).
+        slot.record_scrape(Metrics::idle(t0 + ms(40)));
+        sync.apply_board("me", &view(None, t0 + ms(35), "owner"), &pool);
+        assert!(slot.is_fresh(t0 + ms(40), long), "own newer scrape kept");
+        sync.apply_board("me", &view(None, t0 + ms(50), "me"), &pool);
+        assert!(slot.is_fresh(t0 + ms(50), long));
+        sync.apply_board("me", &view(None, t0 + ms(45), "owner"), &pool);
+        assert!(
+            !slot.is_fresh(t0 + ms(50), long),
+            "a newer down mark applies"
+        );
     }
 }
