@@ -886,7 +886,7 @@ mod tests {
             lease: None,
             usage: None,
             grant: None,
-            claims: Vec::new(),
+            claims: Default::default(),
         }));
         assert!(
             out.iter()
@@ -916,7 +916,7 @@ mod tests {
         let out = s.on_flow(Ok(crate::request::flow::Dispatched::remote(
             Duration::from_millis(5),
             Box::new(lease),
-            Vec::new(),
+            Default::default(),
         )));
         assert!(
             out.iter()

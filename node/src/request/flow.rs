@@ -84,7 +84,7 @@ use infermesh_scheduler::flow::{
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use super::picks::PickLedger;
+use super::picks::{Claims, PickLedger};
 use crate::metrics::NodeMetrics;
 use crate::policy::SharedPolicy;
 use crate::pool::SharedPool;
@@ -289,17 +289,14 @@ pub struct Dispatched {
     /// through a gate turned off).
     pub grant: Option<Grant>,
     /// Requests the queue let through before, by the pod each was scheduled onto, while
-    /// that pod prefills them: fresher than the load board, so the pick can steer clear.
-    pub claims: Vec<(SocketAddr, u32)>,
+    /// that pod prefills them, and the prefills that just ended: fresher than the load
+    /// board, so the pick can steer clear of busy pods and take freed ones.
+    pub claims: Claims,
 }
 
 impl Dispatched {
     /// A request the tier's queue on another node let through.
-    pub fn remote(
-        waited: Duration,
-        lease: Box<dyn RemoteHold>,
-        claims: Vec<(SocketAddr, u32)>,
-    ) -> Dispatched {
+    pub fn remote(waited: Duration, lease: Box<dyn RemoteHold>, claims: Claims) -> Dispatched {
         Dispatched {
             waited,
             lease: Some(Lease::Remote(lease)),
@@ -776,7 +773,7 @@ impl Owner {
                         lease: None,
                         usage: None,
                         grant: None,
-                        claims: Vec::new(),
+                        claims: Claims::default(),
                     }));
                     return;
                 }
@@ -853,7 +850,7 @@ impl Owner {
     fn prefill_done(&mut self, pod: Option<SocketAddr>) {
         self.estimate.prefill_done();
         if let Some(pod) = pod {
-            self.picks.prefill_done(pod);
+            self.picks.prefill_done(pod, Instant::now());
         }
     }
 
@@ -930,9 +927,9 @@ impl Owner {
                 // Counted where its grant is made, so every count has one release.
                 self.estimate.outstanding = self.estimate.outstanding.saturating_add(1);
                 self.estimate.prefilling = self.estimate.prefilling.saturating_add(1);
-                let claims = self.picks.claims();
-                self.picks
-                    .dispatched(Instant::now(), self.driver.pick_fence);
+                let now = Instant::now();
+                let claims = self.picks.claims(now);
+                self.picks.dispatched(now, self.driver.pick_fence);
                 Ok(Dispatched {
                     waited: d.waited,
                     lease: self.lease(d.ticket, d.priority),

@@ -12,7 +12,7 @@
 //!  origin node                                   owner node
 //!  request task ── Enqueue{id, priority, fairness id, bytes, age, SLO} ──▶ service task
 //!       │                      (QUIC service call)                         │ local FlowGate::wait
-//!       ◀──── Dispatched{waited, revocable, claims} | Dropped{reason} ─────┘ (its queue)
+//!       ◀──── Dispatched{waited, revocable, claims, freed} | Dropped{reason} ─────┘ (its queue)
 //!  pod picked   ── Picked{id, pod} ─────────────────────────────────────▶ next dispatch may go
 //!  first token  ── Prefilled{id} ───────────────────────────────────────▶ prefill room freed
 //!  request ends ── End{id} ─────────────────────────────────────────────▶ lease ends, room freed
@@ -49,6 +49,7 @@ use tokio::task::AbortHandle;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::flow::{Dispatched, FlowArrival, FlowGate, RemoteHold};
+use super::picks::Claims;
 use crate::metrics::NodeMetrics;
 
 /// The mesh service channel of flow control ("FL").
@@ -95,11 +96,14 @@ enum Msg {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 enum Answer {
     /// Dispatched after waiting this long; `revocable`: it may be revoked later;
-    /// `claims`: the pods the owner's earlier dispatches are prefilling on, by count.
+    /// `claims`: the pods the owner's earlier dispatches are prefilling on, by count;
+    /// `freed`: the pods where they stopped prefilling a moment ago (last: an older
+    /// origin reads the answer without it).
     Dispatched {
         waited_us: u64,
         revocable: bool,
         claims: Vec<(SocketAddr, u32)>,
+        freed: Vec<(SocketAddr, u32)>,
     },
     /// Dropped; the value of `x-llm-d-request-dropped-reason`.
     Dropped { reason: String },
@@ -474,6 +478,7 @@ impl MeshFlow {
                 waited_us,
                 revocable,
                 claims,
+                freed,
             } => {
                 // The lease now finishes the registration; the guard must not.
                 guard.on_drop = OnDrop::Nothing;
@@ -488,7 +493,10 @@ impl MeshFlow {
                         prefilled: false,
                         picked: false,
                     }),
-                    claims,
+                    Claims {
+                        prefilling: claims,
+                        freed,
+                    },
                 )))
             }
             // The owner is stopping: the request is not at fault; wait here instead.
@@ -705,7 +713,8 @@ impl Service {
                     &Answer::Dispatched {
                         waited_us: micros(waited),
                         revocable: relay.is_some(),
-                        claims,
+                        claims: claims.prefilling,
+                        freed: claims.freed,
                     },
                 );
                 self.held.insert(key, Held::Leased { lease, relay });
@@ -805,9 +814,27 @@ mod tests {
             waited_us: 9,
             revocable: true,
             claims: vec![("10.0.0.1:8000".parse().unwrap(), 2)],
+            freed: vec![("10.0.0.2:8000".parse().unwrap(), 1)],
         };
         let b = postcard::to_stdvec(&a).unwrap();
         assert_eq!(postcard::from_bytes::<Answer>(&b).unwrap(), a);
+        // An origin one version older (no `freed`) still reads it.
+        #[derive(Debug, PartialEq, Deserialize)]
+        enum OlderAnswer {
+            Dispatched {
+                waited_us: u64,
+                revocable: bool,
+                claims: Vec<(SocketAddr, u32)>,
+            },
+        }
+        assert_eq!(
+            postcard::from_bytes::<OlderAnswer>(&b).unwrap(),
+            OlderAnswer::Dispatched {
+                waited_us: 9,
+                revocable: true,
+                claims: vec![("10.0.0.1:8000".parse().unwrap(), 2)],
+            }
+        );
         // Prefilled came last: the messages before it kept their tags (Revoke is 3).
         let b = postcard::to_stdvec(&Msg::Revoke { id: 1 }).unwrap();
         assert_eq!(b[0], 3);

@@ -712,12 +712,16 @@ mod tests {
             );
             first.picked(addr(2));
             let mut second = second.await.unwrap().expect("dispatched at the pick");
-            assert_eq!(second.claims, vec![(addr(2), 1)], "it sees the first's pod");
+            assert_eq!(
+                second.claims.prefilling,
+                vec![(addr(2), 1)],
+                "it sees the first's pod"
+            );
             // The first's prefill ends; the second picks: the third sees only the second.
             first.prefilled();
             second.picked(addr(3));
             let third = waiting(&gate).await.unwrap().expect("dispatched");
-            assert_eq!(third.claims, vec![(addr(3), 1)]);
+            assert_eq!(third.claims.prefilling, vec![(addr(3), 1)]);
             // A request that ends before its pick (no endpoint fit, client gone) opens
             // the fence too.
             let fourth = waiting(&gate);
@@ -728,11 +732,14 @@ mod tests {
                 .await
                 .unwrap()
                 .expect("dispatched once the third ended");
-            assert_eq!(fourth.claims, vec![(addr(3), 1)]);
+            assert_eq!(fourth.claims.prefilling, vec![(addr(3), 1)]);
             drop(second);
             drop(fourth);
             let fifth = waiting(&gate).await.unwrap().expect("dispatched");
-            assert!(fifth.claims.is_empty(), "an ended request's pod is free");
+            assert!(
+                fifth.claims.prefilling.is_empty(),
+                "an ended request's pod is free"
+            );
         }
 
         #[test]
@@ -743,7 +750,10 @@ mod tests {
                 .unwrap();
             p.candidates[1].in_flight.prefilling = 3;
             p.candidates[1].in_flight.requests = 3;
-            let claims = vec![(addr(0), 2), (addr(1), 1), (addr(9), 4)];
+            let claims = picks::Claims {
+                prefilling: vec![(addr(0), 2), (addr(1), 1), (addr(9), 4)],
+                freed: Vec::new(),
+            };
             let dispatched = flow::Dispatched {
                 waited: Duration::ZERO,
                 lease: None,
@@ -758,6 +768,39 @@ mod tests {
                 .map(|e| (e.in_flight.prefilling, e.in_flight.requests))
                 .collect();
             assert_eq!(counts, vec![(2, 2), (3, 3), (0, 0), (0, 0)]);
+        }
+
+        #[test]
+        fn freed_prefills_come_off_a_candidates_count_down_to_the_queues() {
+            let d = dispatcher(0, 0.0);
+            let mut p = d
+                .prepare(ApiKind::Completions, BODY, meta(""), &[])
+                .unwrap();
+            // The board still counts the prefills that just ended on pods 0 and 1, and on
+            // pod 2 one the queue does not know (it did not pass the queue).
+            for (i, n) in [(0, 1), (1, 3), (2, 2)] {
+                p.candidates[i].in_flight.prefilling = n;
+                p.candidates[i].in_flight.requests = n + 1;
+            }
+            let claims = picks::Claims {
+                prefilling: vec![(addr(1), 2)],
+                freed: vec![(addr(0), 1), (addr(1), 2), (addr(2), 1)],
+            };
+            let dispatched = flow::Dispatched {
+                waited: Duration::ZERO,
+                lease: None,
+                usage: None,
+                grant: None,
+                claims,
+            };
+            d.after_flow(&mut p, Ok(dispatched)).unwrap();
+            let counts: Vec<(u32, u32)> = p
+                .candidates
+                .iter()
+                .map(|e| (e.in_flight.prefilling, e.in_flight.requests))
+                .collect();
+            // Pod 1 keeps the two the queue knows prefill there; pod 2 keeps its other one.
+            assert_eq!(counts, vec![(0, 1), (2, 3), (1, 2), (0, 0)]);
         }
 
         fn swap_flow(d: &Dispatcher, cfg: Option<FlowConfig>) {

@@ -8,8 +8,13 @@
 //! could both take the one pod that is free of prefill. With the fence, each pick happens
 //! after the one before it was reported, and the dispatch carries the counts
 //! ([`PickLedger::claims`]), so every pick sees every earlier one.
+//!
+//! The board lags the other way too. A saturated queue lets the next request through the
+//! moment one of its requests stops prefilling, so the next pick often comes before the
+//! board shows that pod free again: it would pass over the one free pod. The dispatch
+//! carries those recent ends as well ([`Claims::freed`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -18,6 +23,40 @@ use std::time::{Duration, Instant};
 /// never picks (its client left, no endpoint fit) ends and opens the fence itself, so this
 /// only bounds a lost report.
 pub const PICK_FENCE: Duration = Duration::from_millis(5);
+
+/// How long a prefill's end rides along with dispatches: the board's slowest regular push
+/// (its flush tick). In-flight changes usually reach it within a few milliseconds.
+pub const FREED_HINT: Duration = Duration::from_millis(10);
+
+/// What a dispatch tells its pick about the queue's earlier dispatches, per pod.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Claims {
+    /// Requests prefilling there, as reported: the pick counts at least these.
+    pub prefilling: Vec<(SocketAddr, u32)>,
+    /// Prefills that ended there within [`FREED_HINT`]: the board may count them still.
+    pub freed: Vec<(SocketAddr, u32)>,
+}
+
+impl Claims {
+    /// Requests the queue knows are prefilling on `pod`.
+    pub fn prefilling_on(&self, pod: SocketAddr) -> u32 {
+        count_of(&self.prefilling, pod)
+    }
+
+    /// Prefills the queue saw end on `pod` a moment ago.
+    pub fn freed_on(&self, pod: SocketAddr) -> u32 {
+        count_of(&self.freed, pod)
+    }
+
+    /// Whether it says nothing.
+    pub fn is_empty(&self) -> bool {
+        self.prefilling.is_empty() && self.freed.is_empty()
+    }
+}
+
+fn count_of(list: &[(SocketAddr, u32)], pod: SocketAddr) -> u32 {
+    list.iter().find(|(a, _)| *a == pod).map_or(0, |(_, n)| *n)
+}
 
 /// The queue's dispatched requests by pick state, and the fence.
 #[derive(Debug, Clone, Default)]
@@ -28,6 +67,8 @@ pub struct PickLedger {
     fence_until: Option<Instant>,
     /// Requests picked onto each pod and still prefilling there.
     prefilling: BTreeMap<SocketAddr, u32>,
+    /// Recent prefill ends, oldest first: when, and on which pod.
+    ended: VecDeque<(Instant, SocketAddr)>,
 }
 
 impl PickLedger {
@@ -49,13 +90,25 @@ impl PickLedger {
         self.unpicked = self.unpicked.saturating_sub(1);
     }
 
-    /// A request picked onto `pod` stopped prefilling (first byte, or it ended).
-    pub fn prefill_done(&mut self, pod: SocketAddr) {
+    /// A request picked onto `pod` stopped prefilling at `now` (first byte, or it ended).
+    pub fn prefill_done(&mut self, pod: SocketAddr, now: Instant) {
         if let Some(n) = self.prefilling.get_mut(&pod) {
             *n -= 1;
             if *n == 0 {
                 self.prefilling.remove(&pod);
             }
+            self.forget_ends(now);
+            self.ended.push_back((now, pod));
+        }
+    }
+
+    fn forget_ends(&mut self, now: Instant) {
+        while self
+            .ended
+            .front()
+            .is_some_and(|(t, _)| now.saturating_duration_since(*t) > FREED_HINT)
+        {
+            self.ended.pop_front();
         }
     }
 
@@ -69,9 +122,21 @@ impl PickLedger {
         self.fence_until.filter(|_| self.unpicked > 0)
     }
 
-    /// Requests prefilling on each pod, as reported: what a dispatch carries to its pick.
-    pub fn claims(&self) -> Vec<(SocketAddr, u32)> {
-        self.prefilling.iter().map(|(a, n)| (*a, *n)).collect()
+    /// What a dispatch at `now` carries to its pick: requests prefilling on each pod, and
+    /// the prefills that ended within [`FREED_HINT`].
+    pub fn claims(&mut self, now: Instant) -> Claims {
+        self.forget_ends(now);
+        let mut freed: Vec<(SocketAddr, u32)> = Vec::new();
+        for (_, pod) in &self.ended {
+            match freed.iter_mut().find(|(a, _)| a == pod) {
+                Some((_, n)) => *n += 1,
+                None => freed.push((*pod, 1)),
+            }
+        }
+        Claims {
+            prefilling: self.prefilling.iter().map(|(a, n)| (*a, *n)).collect(),
+            freed,
+        }
     }
 }
 
@@ -110,10 +175,24 @@ mod tests {
             l.dispatched(t0, PICK_FENCE);
             l.picked(pod(p));
         }
-        assert_eq!(l.claims(), vec![(pod(1), 2), (pod(2), 1)]);
-        l.prefill_done(pod(1));
-        l.prefill_done(pod(2));
-        l.prefill_done(pod(3));
-        assert_eq!(l.claims(), vec![(pod(1), 1)]);
+        assert_eq!(l.claims(t0).prefilling, vec![(pod(1), 2), (pod(2), 1)]);
+        l.prefill_done(pod(1), t0);
+        l.prefill_done(pod(2), t0);
+        l.prefill_done(pod(3), t0);
+        let c = l.claims(t0);
+        assert_eq!(c.prefilling, vec![(pod(1), 1)]);
+        assert_eq!((c.prefilling_on(pod(1)), c.prefilling_on(pod(2))), (1, 0));
+        // Ends the ledger saw ride along for a while; pod 3 was never picked here.
+        assert_eq!(c.freed, vec![(pod(1), 1), (pod(2), 1)]);
+        l.prefill_done(pod(1), t0 + FREED_HINT);
+        let c = l.claims(t0 + FREED_HINT);
+        assert_eq!((c.freed_on(pod(1)), c.freed_on(pod(2))), (2, 1));
+        let later = t0 + FREED_HINT + Duration::from_millis(1);
+        assert_eq!(
+            l.claims(later).freed,
+            vec![(pod(1), 1)],
+            "older ends dropped"
+        );
+        assert!(l.claims(later + FREED_HINT).freed.is_empty());
     }
 }

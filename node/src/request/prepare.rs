@@ -27,6 +27,7 @@ use super::flow::{
 };
 use super::flow_mesh::TierGate;
 use super::owners::{PrefixAnswer, PrefixLookup, PrefixOwners};
+use super::picks::Claims;
 use super::rejection::{NoEndpoint, Rejection};
 use crate::metrics::{NodeMetrics, RewriteLabels};
 use crate::policy::{Policy, SharedPolicy};
@@ -592,17 +593,25 @@ impl Dispatcher {
 
 /// The precise producer's lookup: tokenize, key the tokens, then ask the anchor's owner.
 /// A failed tokenization scores the request without prefix data, as llm-d does.
-/// Counts on each candidate at least the requests the queue knows are prefilling there
-/// (`claims`, from the picks reported to it). The larger count wins: the board may still
+/// Corrects each candidate's prefill count by what the queue knows (`claims`, from the
+/// picks and prefill ends reported to it). Prefills that ended there a moment ago come off
+/// first: the board may count them still. Then the larger count wins: the board may still
 /// lack a pick made on another node a moment ago, and the claims lack requests that did
-/// not pass this queue.
-fn apply_claims(candidates: &mut [Endpoint], claims: &[(SocketAddr, u32)]) {
-    for (pod, n) in claims {
-        if let Some(e) = candidates.iter_mut().find(|e| e.address == *pod) {
-            let extra = n.saturating_sub(e.in_flight.prefilling);
-            e.in_flight.prefilling += extra;
-            e.in_flight.requests = e.in_flight.requests.saturating_add(extra);
+/// not pass this queue. Neither correction goes below the queue's own count.
+fn apply_claims(candidates: &mut [Endpoint], claims: &Claims) {
+    if claims.is_empty() {
+        return;
+    }
+    for e in candidates.iter_mut() {
+        let known = claims.prefilling_on(e.address);
+        let seen = e.in_flight.prefilling;
+        let count = seen.saturating_sub(claims.freed_on(e.address)).max(known);
+        if count > seen {
+            e.in_flight.requests = e.in_flight.requests.saturating_add(count - seen);
+        } else {
+            e.in_flight.requests = e.in_flight.requests.saturating_sub(seen - count);
         }
+        e.in_flight.prefilling = count;
     }
 }
 
