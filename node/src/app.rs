@@ -451,6 +451,11 @@ async fn start(cfg: NodeConfig) -> Result<App, StartError> {
             refresh: cfg.scrape.interval,
             staleness: cfg.staleness,
             pick_fence: cfg.flow_pick_fence,
+            freed_hint: if mesh_queue.is_some() {
+                crate::request::picks::FREED_HINT
+            } else {
+                Duration::ZERO
+            },
         },
         pool.clone(),
         policy.clone(),

@@ -110,6 +110,9 @@ pub struct FlowDriverConfig {
     /// Longest a dispatch waits for the pick of the one before it (see `picks`; zero: no
     /// fence).
     pub pick_fence: Duration,
+    /// How long a prefill's end rides along with later dispatches (see
+    /// [`PickLedger::with_freed_hint`]; zero: not at all). The tier's one queue only.
+    pub freed_hint: Duration,
 }
 
 /// What a request asks flow control for.
@@ -503,7 +506,7 @@ impl FlowGate {
             tx: tx.clone(),
             estimate: SaturationEstimate::default(),
             next_refresh: Instant::now(),
-            picks: PickLedger::default(),
+            picks: PickLedger::with_freed_hint(driver.freed_hint),
             fenced: VecDeque::new(),
         };
         let task = tokio::spawn(owner.run(rx, shutdown));

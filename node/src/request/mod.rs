@@ -90,6 +90,7 @@ pub(crate) fn fenced_for_tests(
             refresh: std::time::Duration::from_millis(2),
             staleness: std::time::Duration::from_secs(60),
             pick_fence,
+            freed_hint: picks::FREED_HINT,
         },
         d.pool().clone(),
         d.policy().clone(),
@@ -740,6 +741,47 @@ mod tests {
                 fifth.claims.prefilling.is_empty(),
                 "an ended request's pod is free"
             );
+        }
+
+        #[tokio::test]
+        async fn a_revocation_reaches_a_dispatch_still_behind_the_fence() {
+            let (d, _sd) = super::super::fenced_for_tests(
+                dispatcher(0, 0.0),
+                Some(FlowConfig {
+                    enable_eviction: true,
+                    ..FlowConfig::default()
+                }),
+                Duration::from_secs(600),
+            );
+            let gate = d.flow.clone().unwrap();
+            let waiting = |priority: i32| {
+                let gate = gate.clone();
+                tokio::spawn(async move {
+                    gate.wait(flow::FlowArrival {
+                        priority,
+                        ..arrival()
+                    })
+                    .await
+                })
+            };
+            // The first never reports a pick: the fence holds every dispatch after it.
+            let _first = gate.wait(arrival()).await.expect("an idle pool dispatches");
+            let sheddable = waiting(-1);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(!sheddable.is_finished(), "decided, but behind the fence");
+            // The pool saturates and a critical request waits: eviction picks the sheddable
+            // one, which must be let out to be revoked.
+            set_load(&d, 50);
+            let _critical = waiting(10);
+            let sheddable = tokio::time::timeout(Duration::from_secs(60), sheddable)
+                .await
+                .expect("delivered when chosen for revocation, fence or not")
+                .unwrap()
+                .expect("dispatched");
+            let revoked = sheddable.revoked().expect("a sheddable lease is revocable");
+            tokio::time::timeout(Duration::from_secs(60), revoked)
+                .await
+                .expect("and revoked");
         }
 
         #[test]

@@ -24,8 +24,9 @@ use std::time::{Duration, Instant};
 /// only bounds a lost report.
 pub const PICK_FENCE: Duration = Duration::from_millis(5);
 
-/// How long a prefill's end rides along with dispatches: the board's slowest regular push
-/// (its flush tick). In-flight changes usually reach it within a few milliseconds.
+/// How long a prefill's end rides along with dispatches of the tier's queue: the board's
+/// slowest regular push (its flush tick). In-flight changes usually reach it within a few
+/// milliseconds.
 pub const FREED_HINT: Duration = Duration::from_millis(10);
 
 /// What a dispatch tells its pick about the queue's earlier dispatches, per pod.
@@ -33,7 +34,8 @@ pub const FREED_HINT: Duration = Duration::from_millis(10);
 pub struct Claims {
     /// Requests prefilling there, as reported: the pick counts at least these.
     pub prefilling: Vec<(SocketAddr, u32)>,
-    /// Prefills that ended there within [`FREED_HINT`]: the board may count them still.
+    /// Prefills that ended there a moment ago ([`FREED_HINT`], from the tier's queue only):
+    /// the board may count them still.
     pub freed: Vec<(SocketAddr, u32)>,
 }
 
@@ -69,9 +71,24 @@ pub struct PickLedger {
     prefilling: BTreeMap<SocketAddr, u32>,
     /// Recent prefill ends, oldest first: when, and on which pod.
     ended: VecDeque<(Instant, SocketAddr)>,
+    /// How long an end is kept in `ended` (zero: ends are not kept).
+    freed_hint: Duration,
 }
 
 impl PickLedger {
+    /// A ledger whose dispatches carry the prefill ends of the last `freed_hint` (zero: none).
+    ///
+    /// Only a queue that sees every request's pick should pass ends on: the pick takes them
+    /// off the board's count down to the queue's own. A queue of one node among several
+    /// (`--flow-control-per-node`) knows only its node's requests, whose counts the pick
+    /// has exact already; taking its ends off the board would hide other nodes' prefills.
+    pub fn with_freed_hint(freed_hint: Duration) -> PickLedger {
+        PickLedger {
+            freed_hint,
+            ..PickLedger::default()
+        }
+    }
+
     /// A request was let through at `now`: the next one waits for its pick, at most
     /// `fence` (zero: no fence).
     pub fn dispatched(&mut self, now: Instant, fence: Duration) {
@@ -98,7 +115,9 @@ impl PickLedger {
                 self.prefilling.remove(&pod);
             }
             self.forget_ends(now);
-            self.ended.push_back((now, pod));
+            if !self.freed_hint.is_zero() {
+                self.ended.push_back((now, pod));
+            }
         }
     }
 
@@ -106,7 +125,7 @@ impl PickLedger {
         while self
             .ended
             .front()
-            .is_some_and(|(t, _)| now.saturating_duration_since(*t) > FREED_HINT)
+            .is_some_and(|(t, _)| now.saturating_duration_since(*t) > self.freed_hint)
         {
             self.ended.pop_front();
         }
@@ -123,7 +142,7 @@ impl PickLedger {
     }
 
     /// What a dispatch at `now` carries to its pick: requests prefilling on each pod, and
-    /// the prefills that ended within [`FREED_HINT`].
+    /// the prefills that ended within the ledger's freed hint.
     pub fn claims(&mut self, now: Instant) -> Claims {
         self.forget_ends(now);
         let mut freed: Vec<(SocketAddr, u32)> = Vec::new();
@@ -170,7 +189,7 @@ mod tests {
     #[test]
     fn claims_count_the_picks_still_prefilling() {
         let t0 = Instant::now();
-        let mut l = PickLedger::default();
+        let mut l = PickLedger::with_freed_hint(FREED_HINT);
         for p in [1, 2, 1] {
             l.dispatched(t0, PICK_FENCE);
             l.picked(pod(p));
@@ -194,5 +213,11 @@ mod tests {
             "older ends dropped"
         );
         assert!(l.claims(later + FREED_HINT).freed.is_empty());
+        // Without the hint (a per-node queue) ends are not passed on.
+        let mut l = PickLedger::default();
+        l.dispatched(t0, PICK_FENCE);
+        l.picked(pod(1));
+        l.prefill_done(pod(1), t0);
+        assert!(l.claims(t0).is_empty());
     }
 }
