@@ -784,6 +784,26 @@ mod tests {
                 .expect("and revoked");
         }
 
+        /// Each candidate's (prefilling, requests) after a dispatch that carried `claims`.
+        fn counts_after_claims(
+            d: &Dispatcher,
+            p: &mut Prepared,
+            claims: picks::Claims,
+        ) -> Vec<(u32, u32)> {
+            let dispatched = flow::Dispatched {
+                waited: Duration::ZERO,
+                lease: None,
+                usage: None,
+                grant: None,
+                claims,
+            };
+            d.after_flow(p, Ok(dispatched)).unwrap();
+            p.candidates
+                .iter()
+                .map(|e| (e.in_flight.prefilling, e.in_flight.requests))
+                .collect()
+        }
+
         #[test]
         fn claims_raise_a_candidates_prefill_count_to_at_least_theirs() {
             let d = dispatcher(0, 0.0);
@@ -796,19 +816,7 @@ mod tests {
                 prefilling: vec![(addr(0), 2), (addr(1), 1), (addr(9), 4)],
                 freed: Vec::new(),
             };
-            let dispatched = flow::Dispatched {
-                waited: Duration::ZERO,
-                lease: None,
-                usage: None,
-                grant: None,
-                claims,
-            };
-            d.after_flow(&mut p, Ok(dispatched)).unwrap();
-            let counts: Vec<(u32, u32)> = p
-                .candidates
-                .iter()
-                .map(|e| (e.in_flight.prefilling, e.in_flight.requests))
-                .collect();
+            let counts = counts_after_claims(&d, &mut p, claims);
             assert_eq!(counts, vec![(2, 2), (3, 3), (0, 0), (0, 0)]);
         }
 
@@ -828,19 +836,7 @@ mod tests {
                 prefilling: vec![(addr(1), 2)],
                 freed: vec![(addr(0), 1), (addr(1), 2), (addr(2), 1)],
             };
-            let dispatched = flow::Dispatched {
-                waited: Duration::ZERO,
-                lease: None,
-                usage: None,
-                grant: None,
-                claims,
-            };
-            d.after_flow(&mut p, Ok(dispatched)).unwrap();
-            let counts: Vec<(u32, u32)> = p
-                .candidates
-                .iter()
-                .map(|e| (e.in_flight.prefilling, e.in_flight.requests))
-                .collect();
+            let counts = counts_after_claims(&d, &mut p, claims);
             // Pod 1 keeps the two the queue knows prefill there; pod 2 keeps its other one.
             assert_eq!(counts, vec![(0, 1), (2, 3), (1, 2), (0, 0)]);
         }
