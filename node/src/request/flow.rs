@@ -820,13 +820,13 @@ impl Owner {
                 e.released = e.released.saturating_add(1);
                 e.outstanding = e.outstanding.saturating_sub(1);
                 if prefilling {
-                    self.prefill_done(pod);
+                    self.prefill_done(pod, now);
                 }
                 if pod.is_none() {
                     self.picks.ended_unpicked();
                 }
             }
-            Input::Prefilled { pod } => self.prefill_done(pod),
+            Input::Prefilled { pod } => self.prefill_done(pod, now),
             Input::Picked(pod) => self.picks.picked(pod),
             Input::LeaseEnded(t) => {
                 self.revokers.remove(&t);
@@ -850,10 +850,10 @@ impl Owner {
     }
 
     /// One of this queue's requests stopped prefilling (on `pod`, when it was reported).
-    fn prefill_done(&mut self, pod: Option<SocketAddr>) {
+    fn prefill_done(&mut self, pod: Option<SocketAddr>, now: Instant) {
         self.estimate.prefill_done();
         if let Some(pod) = pod {
-            self.picks.prefill_done(pod, Instant::now());
+            self.picks.prefill_done(pod, now);
         }
     }
 

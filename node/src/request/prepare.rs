@@ -591,8 +591,6 @@ impl Dispatcher {
     }
 }
 
-/// The precise producer's lookup: tokenize, key the tokens, then ask the anchor's owner.
-/// A failed tokenization scores the request without prefix data, as llm-d does.
 /// Corrects each candidate's prefill count by what the queue knows (`claims`, from the
 /// picks and prefill ends reported to it). Prefills that ended there a moment ago come off
 /// first: the board may count them still. Then the larger count wins: the board may still
@@ -606,15 +604,17 @@ fn apply_claims(candidates: &mut [Endpoint], claims: &Claims) {
         let known = claims.prefilling_on(e.address);
         let seen = e.in_flight.prefilling;
         let count = seen.saturating_sub(claims.freed_on(e.address)).max(known);
-        if count > seen {
-            e.in_flight.requests = e.in_flight.requests.saturating_add(count - seen);
-        } else {
-            e.in_flight.requests = e.in_flight.requests.saturating_sub(seen - count);
-        }
+        e.in_flight.requests = e
+            .in_flight
+            .requests
+            .saturating_add(count)
+            .saturating_sub(seen);
         e.in_flight.prefilling = count;
     }
 }
 
+/// The precise producer's lookup: tokenize, key the tokens, then ask the anchor's owner.
+/// A failed tokenization scores the request without prefix data, as llm-d does.
 fn precise_lookup(
     tokenizers: Arc<Tokenizers>,
     owners: Arc<dyn PrefixOwners>,
