@@ -85,6 +85,10 @@ HOLDBACK_MIN_CEILING="${HOLDBACK_MIN_CEILING:-0.55}"
 # tenant's p99 at 864 and 940 ms against 1,053 and 1,072 ms with round-robin-fairness-policy,
 # with critical's unchanged (12-13 over 300 ms against 15-16).
 FAIRNESS="${FAIRNESS:-program-aware-fairness}"
+# The value domain, not rank: rank's ceilings (1.0, 0.775, 0.55) let standard start while
+# 3 pods prefill. In 120 s trials at 1 node (2026-12-07, two runs each, alternating) rank put
+# critical's p99 at 357 and 378 ms against 326 and 312 with value, and did not help the light
+# tenant (850 and 929 ms against 841 and 919).
 HOLDBACK_DOMAIN="${HOLDBACK_DOMAIN:-value}"
 # llm-d's enableEviction: revoke running sheddable requests for blocked higher-priority ones.
 EVICTION="${EVICTION:-true}"
@@ -98,6 +102,17 @@ OUT="$ROOT/bench/results/overload-priority"
 VENV="$ROOT/bench/.venv-peers"
 
 die() { echo "overload-priority: $*" >&2; exit 1; }
+
+# The ideal-dispatcher replay: one prefill is 50 us/token plus a 5 ms step (the profile).
+PREFILL_MS=$((PROMPT_TOKENS / 20 + 5))
+case "$REQUEST_TTL" in
+  *ms) TTL_S=$(awk -v v="${REQUEST_TTL%ms}" 'BEGIN { print v / 1000 }') ;;
+  *s) TTL_S="${REQUEST_TTL%s}" ;;
+  *) die "REQUEST_TTL '$REQUEST_TTL' is not N s or N ms" ;;
+esac
+IDEAL=()
+for s in $(seq 1 "$PODS"); do IDEAL+=(--setting "critical:$PODS,light:$s,heavy:$s,sheddable:$s"); done
+for s in $(seq 1 $((PODS - 1))); do IDEAL+=(--setting "critical:$PODS,light:$PODS,heavy:$s,sheddable:$s"); done
 
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   cargo build --release -p infermesh-sim -p infermesh-bench -p infermesh-node --bin infermesh-sim \
@@ -314,5 +329,18 @@ done
   echo
   "$BENCH" priority-table --unloaded "$OUT/unloaded.json" --one-node "$OUT/infermesh-x1.json" \
     "${THREE[@]}" "${PEERS[@]}"
+  echo
+  echo "## The same arrivals through ideal dispatchers"
+  echo
+  echo "infermesh-x1's arrivals replayed through a model kinder than the fleet: $PODS pods, each"
+  echo "prefill $PREFILL_MS ms alone on its pod, exact pod state, TTFT = wait + the class's fastest"
+  echo "unloaded TTFT, TTL $REQUEST_TTL. Classes are served in the order listed (bands strictly by"
+  echo "priority; the light tenant ahead of the heavy one, as least attained service puts it), and"
+  echo "a class starts a request only while fewer pods than its ceiling are busy. The first"
+  echo "$PODS settings give both standard tenants one ceiling, as llm-d's usage limits (one"
+  echo "ceiling per band) can; the rest give the light tenant's flow its own."
+  echo
+  "$BENCH" ideal-dispatch --trace "$OUT/infermesh-x1.csv" --unloaded "$OUT/unloaded.csv" \
+    --pods "$PODS" --prefill-ms "$PREFILL_MS" --ttl-s "$TTL_S" "${IDEAL[@]}"
 } >"$OUT/README.md"
 cat "$OUT/README.md"

@@ -50,6 +50,9 @@ pub enum Command {
     /// The overload-priority table from `classes` reports: every leg's rows, then each
     /// target checked against the figures.
     PriorityTable(Box<PriorityTableArgs>),
+    /// Replay an overloaded leg's arrivals (its `classes --trace` CSV) through ideal
+    /// band-ceiling dispatchers: each class's modelled TTFT p99 against its limit.
+    IdealDispatch(Box<IdealDispatchArgs>),
     /// Size a shared-prefix workload from the pods' KV capacity: prints the number of
     /// groups whose system prompts fill `--fill` of the fleet's KV.
     SizeSharedPrefix {
@@ -264,6 +267,35 @@ pub struct PriorityTableArgs {
     sheddable: String,
 }
 
+/// Flags of `ideal-dispatch`.
+#[derive(Debug, Args)]
+pub struct IdealDispatchArgs {
+    /// The overloaded leg's trace CSV (its arrivals are replayed).
+    #[arg(long)]
+    trace: PathBuf,
+    /// The unloaded leg's trace CSV (each class's fastest TTFT and its p99).
+    #[arg(long)]
+    unloaded: PathBuf,
+    /// Pods in the fleet, each prefilling one request at a time.
+    #[arg(long, default_value_t = 4)]
+    pods: usize,
+    /// Milliseconds one prefill holds its pod.
+    #[arg(long)]
+    prefill_ms: f64,
+    /// Seconds a request may wait before it expires (the flow control's request TTL).
+    #[arg(long, default_value_t = 1.0)]
+    ttl_s: f64,
+    /// A class's limit, as a multiple of its unloaded TTFT p99.
+    #[arg(long, default_value_t = 1.5)]
+    limit_factor: f64,
+    /// Ceilings as name:pods in serving order (critical:4,light:3,heavy:3); repeat the flag.
+    #[arg(long = "setting", required = true)]
+    settings: Vec<crate::ideal::Setting>,
+    /// The classes whose TTFT targets the table judges.
+    #[arg(long, value_delimiter = ',', default_value = "critical,light")]
+    judge: Vec<String>,
+}
+
 /// `--api` values.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum ApiArg {
@@ -442,6 +474,33 @@ pub async fn run_cli(cli: Cli) -> anyhow::Result<()> {
             print!(
                 "{}",
                 crate::classes::priority_table(&unloaded, &one, &three, &peers, &names)
+            );
+        }
+        Command::IdealDispatch(a) => {
+            let read = |p: &PathBuf| {
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+            };
+            let mut arrivals = crate::ideal::parse_trace(&read(&a.trace)?)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", a.trace.display()))?;
+            arrivals.sort_by(|x, y| x.sent_s.total_cmp(&y.sent_s));
+            let base = crate::ideal::unloaded_base(&read(&a.unloaded)?)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", a.unloaded.display()))?;
+            anyhow::ensure!(a.pods > 0, "--pods must be at least 1");
+            let fleet = crate::ideal::Fleet {
+                pods: a.pods,
+                prefill_s: secs("prefill-ms", a.prefill_ms / 1000.0)?.as_secs_f64(),
+                ttl_s: secs("ttl-s", a.ttl_s)?.as_secs_f64(),
+            };
+            print!(
+                "{}",
+                crate::ideal::table(
+                    &arrivals,
+                    &a.settings,
+                    fleet,
+                    &base,
+                    &a.judge,
+                    a.limit_factor
+                )
             );
         }
         Command::Run(args) => {

@@ -15,6 +15,7 @@ mod cli;
 mod client;
 mod error;
 mod health;
+pub mod ideal;
 pub mod oracle;
 mod plot;
 mod report;
