@@ -76,6 +76,10 @@ counters! {
     prefix_handoff_anchors_out,
     /// Anchors received by handoff.
     prefix_handoff_anchors_in,
+    /// Handoff messages sent again after a failed try.
+    prefix_handoff_retries,
+    /// Anchors whose handoff was given up (the peer left, or every try failed).
+    prefix_handoff_anchors_lost,
 }
 
 impl Stats {

@@ -21,6 +21,14 @@ pub type StoreFactory = Arc<dyn Fn(usize) -> Box<dyn PrefixStore> + Send + Sync>
 /// Anchors per handoff message.
 const HANDOFF_CHUNK: usize = 128;
 
+/// Tries per handoff message before its anchors are given up. With the wait doubling from
+/// [`HANDOFF_FIRST_RETRY`] that is about 3 s in all: long enough for a node that has just
+/// joined to start accepting, short enough that a dead peer leaves the ring first.
+const HANDOFF_ATTEMPTS: u32 = 6;
+
+/// The wait before the first retry of a handoff message.
+const HANDOFF_FIRST_RETRY: Duration = Duration::from_millis(100);
+
 /// The node's owner-side index, split by anchor so lookups rarely contend.
 pub(crate) struct Shards {
     shards: Box<[Mutex<Box<dyn PrefixStore>>]>,
@@ -206,7 +214,7 @@ pub(crate) async fn run(
                 if new != ring {
                     let plan = shards.plan_handoff(&me, &ring, &new, settings.replicas);
                     for (peer, entries) in plan {
-                        send_handoff(&transport, peer, entries, &stats);
+                        send_handoff(&transport, &members, peer, entries, &stats);
                     }
                     ring = new;
                     handed_off.send_replace(ring.clone());
@@ -303,23 +311,80 @@ fn flush(senders: &mut Senders, peer: NodeId, batch: Vec<PrefixOp>, stats: &Arc<
     senders.send(peer, bytes);
 }
 
+/// Hands `entries` to `peer` in chunks, in the background. A chunk that fails is retried
+/// while the peer is still in the ring: the sender may already have dropped anchors it no
+/// longer owns, so an undelivered chunk can be the last copy.
 fn send_handoff(
     transport: &Arc<Transport>,
+    members: &watch::Receiver<Arc<MemberSet>>,
     peer: NodeId,
     entries: Vec<HandoffEntry>,
     stats: &Arc<Stats>,
 ) {
     Stats::add(&stats.prefix_handoff_anchors_out, entries.len() as u64);
     let transport = transport.clone();
+    let members = members.clone();
+    let stats = stats.clone();
     tokio::spawn(async move {
-        for chunk in entries.chunks(HANDOFF_CHUNK) {
-            let msg = OneWay::PrefixHandoff(chunk.to_vec());
-            if let Err(e) = transport.send(&peer, &msg).await {
-                tracing::debug!(%peer, error = %e, "prefix handoff not delivered");
-                return;
+        let mut chunks = entries.chunks(HANDOFF_CHUNK);
+        for chunk in chunks.by_ref() {
+            let bytes = wire::encode(transport.me(), &OneWay::PrefixHandoff(chunk.to_vec()));
+            let delivered = deliver(
+                || transport.send_encoded(&peer, &bytes),
+                || members.borrow().ring.contains(&peer),
+                || Stats::add(&stats.prefix_handoff_retries, 1),
+            )
+            .await;
+            if let Err(e) = delivered {
+                tracing::warn!(%peer, error = %e, "prefix handoff not delivered");
+                Stats::add(&stats.prefix_handoff_anchors_lost, chunk.len() as u64);
+                break;
             }
         }
+        // Later chunks are not tried once one is given up: the peer is gone or unreachable.
+        let rest: usize = chunks.map(<[HandoffEntry]>::len).sum();
+        Stats::add(&stats.prefix_handoff_anchors_lost, rest as u64);
     });
+}
+
+/// Why a handoff message was given up.
+#[derive(Debug, thiserror::Error)]
+enum HandoffError {
+    /// The peer left the ring before the message got through.
+    #[error("the peer left the ring")]
+    PeerLeft,
+    /// Every try failed.
+    #[error("{HANDOFF_ATTEMPTS} tries failed, the last with: {0}")]
+    Failed(crate::rpc::RpcError),
+}
+
+/// Runs `send` until it succeeds, up to [`HANDOFF_ATTEMPTS`] tries with a doubling wait,
+/// stopping early once `wanted` says the peer is gone; `on_retry` counts each retry.
+async fn deliver<F, Fut>(
+    mut send: F,
+    wanted: impl Fn() -> bool,
+    on_retry: impl Fn(),
+) -> Result<(), HandoffError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), crate::rpc::RpcError>>,
+{
+    let mut wait = HANDOFF_FIRST_RETRY;
+    let mut attempt = 1;
+    loop {
+        match send().await {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt >= HANDOFF_ATTEMPTS => return Err(HandoffError::Failed(e)),
+            Err(e) => tracing::debug!(attempt, error = %e, "prefix handoff retried"),
+        }
+        tokio::time::sleep(wait).await;
+        if !wanted() {
+            return Err(HandoffError::PeerLeft);
+        }
+        on_retry();
+        wait *= 2;
+        attempt += 1;
+    }
 }
 
 #[cfg(test)]
@@ -333,6 +398,58 @@ mod tests {
 
     fn ring(names: &[&str]) -> Ring {
         Ring::new(names.iter().map(|n| NodeId::new(*n)))
+    }
+
+    /// Runs `deliver` against a send that fails its first `failures` tries; returns the
+    /// outcome, the tries made, the retries counted and the virtual time it took.
+    async fn deliver_failing(
+        failures: u32,
+        wanted_for: Duration,
+    ) -> (Result<(), HandoffError>, u32, u32, Duration) {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let tries = AtomicU32::new(0);
+        let retries = AtomicU32::new(0);
+        let start = tokio::time::Instant::now();
+        let res = deliver(
+            || async {
+                if tries.fetch_add(1, Ordering::Relaxed) < failures {
+                    Err(crate::rpc::RpcError::Timeout)
+                } else {
+                    Ok(())
+                }
+            },
+            || start.elapsed() < wanted_for,
+            || {
+                retries.fetch_add(1, Ordering::Relaxed);
+            },
+        )
+        .await;
+        (
+            res,
+            tries.into_inner(),
+            retries.into_inner(),
+            start.elapsed(),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_handoff_is_retried_with_a_doubling_wait_until_it_gets_through() {
+        let (res, tries, retries, took) = deliver_failing(3, Duration::MAX).await;
+        assert!(res.is_ok(), "{res:?}");
+        assert_eq!((tries, retries), (4, 3));
+        // 100 + 200 + 400 ms of waiting.
+        assert_eq!(took, Duration::from_millis(700));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_handoff_is_given_up_after_its_last_try_or_once_the_peer_left() {
+        let (res, tries, retries, _) = deliver_failing(u32::MAX, Duration::MAX).await;
+        assert!(matches!(res, Err(HandoffError::Failed(_))), "{res:?}");
+        assert_eq!((tries, retries), (HANDOFF_ATTEMPTS, HANDOFF_ATTEMPTS - 1));
+        // The peer leaves the ring during the second wait: no third try.
+        let (res, tries, retries, _) = deliver_failing(u32::MAX, Duration::from_millis(250)).await;
+        assert!(matches!(res, Err(HandoffError::PeerLeft)), "{res:?}");
+        assert_eq!((tries, retries), (2, 1));
     }
 
     #[test]

@@ -37,7 +37,7 @@ use infermesh_gossip::StatsSnapshot;
 
 /// Appends the mesh's counters to a Prometheus text exposition (`infermesh_mesh_*`).
 pub fn render_stats(s: &StatsSnapshot, members: usize, out: &mut String) {
-    let counters: [(&str, &str, u64); 17] = [
+    let counters: [(&str, &str, u64); 19] = [
         (
             "prefix_lookups_local",
             "Prefix lookups answered from this node's own owner index",
@@ -87,6 +87,16 @@ pub fn render_stats(s: &StatsSnapshot, members: usize, out: &mut String) {
             "prefix_handoff_anchors_out",
             "Prefix anchors handed to new owners after a membership change",
             s.prefix_handoff_anchors_out,
+        ),
+        (
+            "prefix_handoff_retries",
+            "Prefix handoff messages sent again after a failed try",
+            s.prefix_handoff_retries,
+        ),
+        (
+            "prefix_handoff_anchors_lost",
+            "Prefix anchors whose handoff was given up (the new owner left or stayed unreachable)",
+            s.prefix_handoff_anchors_lost,
         ),
         (
             "load_batches_out",
