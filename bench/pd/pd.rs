@@ -276,6 +276,7 @@ fn sidecar_config(model_server: SocketAddr) -> SidecarConfig {
         max_body_bytes: 8 << 20,
         p2p_connector_port: 7777,
         pod_ip: None,
+        tls: Default::default(),
     }
 }
 

@@ -237,6 +237,35 @@ pub struct SidecarArgs {
     /// Seconds to wait for in-flight requests on shutdown.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+    /// Serve the client-facing port over TLS (llm-d's flag; `--secure-proxy=BOOL` also
+    /// read). Unlike llm-d, off unless asked for (or --cert-path is given): the node's
+    /// proxy and the Envoy configs this tier serves reach pods in plaintext.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub secure_proxy: Option<bool>,
+    /// Directory holding `tls.crt` and `tls.key` for --secure-proxy (llm-d's flag; implies
+    /// it); with --secure-proxy and no directory a self-signed certificate is made at start.
+    #[arg(long)]
+    pub cert_path: Option<PathBuf>,
+    /// Stages reached over TLS: prefiller, decoder (the local engine), encoder;
+    /// comma-separated or repeated.
+    #[arg(long, value_delimiter = ',', value_enum)]
+    pub enable_tls: Vec<crate::sidecar::TlsStage>,
+    /// Stages whose certificate is not verified (encrypted still); else the platform's
+    /// roots must vouch for it.
+    #[arg(long, value_delimiter = ',', value_enum)]
+    pub tls_insecure_skip_verify: Vec<crate::sidecar::TlsStage>,
+    /// Deprecated llm-d spelling of --enable-tls=prefiller.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set, hide = true)]
+    pub prefiller_use_tls: bool,
+    /// Deprecated llm-d spelling of --enable-tls=decoder.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set, hide = true)]
+    pub decoder_use_tls: bool,
+    /// Deprecated llm-d spelling of --tls-insecure-skip-verify=prefiller.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set, hide = true)]
+    pub prefiller_tls_insecure_skip_verify: bool,
+    /// Deprecated llm-d spelling of --tls-insecure-skip-verify=decoder.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set, hide = true)]
+    pub decoder_tls_insecure_skip_verify: bool,
 }
 
 /// `infermesh sidecar` flags that do not make a working sidecar.
@@ -255,9 +284,47 @@ pub enum InvalidSidecarArgs {
     /// `POD_IP` is set but is not an IP address.
     #[error("POD_IP {0:?} is not an IP address")]
     BadPodIp(String),
+    /// A certificate directory while TLS serving is turned off.
+    #[error("--cert-path serves TLS, but --secure-proxy=false turns it off")]
+    CertWithoutSecureProxy,
 }
 
 impl SidecarArgs {
+    /// The TLS settings, with llm-d's deprecated per-stage booleans folded into the stages.
+    fn tls(&self) -> crate::sidecar::SidecarTls {
+        use crate::sidecar::{ServeCert, StageTls, TlsStage};
+        let on = |stage: TlsStage, deprecated: bool| self.enable_tls.contains(&stage) || deprecated;
+        let skip = |stage: TlsStage, deprecated: bool| {
+            self.tls_insecure_skip_verify.contains(&stage) || deprecated
+        };
+        let stage = |stage: TlsStage, use_tls: bool, skip_verify: bool| match (
+            on(stage, use_tls),
+            skip(stage, skip_verify),
+        ) {
+            (false, _) => StageTls::Plain,
+            (true, false) => StageTls::Verified,
+            (true, true) => StageTls::Unverified,
+        };
+        crate::sidecar::SidecarTls {
+            serve: match (&self.cert_path, self.secure_proxy) {
+                (Some(dir), _) => Some(ServeCert::Dir(dir.clone())),
+                (None, Some(true)) => Some(ServeCert::SelfSigned),
+                (None, _) => None,
+            },
+            prefiller: stage(
+                TlsStage::Prefiller,
+                self.prefiller_use_tls,
+                self.prefiller_tls_insecure_skip_verify,
+            ),
+            decoder: stage(
+                TlsStage::Decoder,
+                self.decoder_use_tls,
+                self.decoder_tls_insecure_skip_verify,
+            ),
+            encoder: stage(TlsStage::Encoder, false, false),
+        }
+    }
+
     /// The sidecar's config; `env` reads the environment (INFERENCE_POOL, POD_IP).
     pub fn config(
         &self,
@@ -281,6 +348,9 @@ impl SidecarArgs {
         } else {
             None
         };
+        if self.cert_path.is_some() && self.secure_proxy == Some(false) {
+            return Err(InvalidSidecarArgs::CertWithoutSecureProxy);
+        }
         let pod_ip = env("POD_IP")
             .filter(|v| !v.is_empty())
             .map(|v| v.parse().map_err(|_| InvalidSidecarArgs::BadPodIp(v)))
@@ -298,6 +368,7 @@ impl SidecarArgs {
             max_body_bytes: self.max_body_bytes,
             p2p_connector_port: self.p2p_connector_port,
             pod_ip,
+            tls: self.tls(),
         })
     }
 }
@@ -640,6 +711,59 @@ mod tests {
     fn emit_endpoint_scores_is_off_unless_asked_as_in_llm_d() {
         assert!(!serve(&[]).emit_endpoint_scores);
         assert!(serve(&["--emit-endpoint-scores"]).emit_endpoint_scores);
+    }
+
+    fn sidecar(args: &[&str]) -> Result<crate::sidecar::SidecarConfig, InvalidSidecarArgs> {
+        let cli =
+            Cli::try_parse_from(["infermesh", "sidecar"].iter().chain(args)).expect("valid flags");
+        match cli.command {
+            Command::Sidecar(s) => s.config(|_| None),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn sidecar_tls_flags_take_llm_ds_spellings_old_and_new() {
+        use crate::sidecar::{ServeCert, SidecarTls, StageTls};
+        assert_eq!(sidecar(&[]).unwrap().tls, SidecarTls::default());
+        let tls = sidecar(&[
+            "--secure-proxy",
+            "--enable-tls=prefiller,encoder",
+            "--tls-insecure-skip-verify",
+            "prefiller",
+        ])
+        .unwrap()
+        .tls;
+        assert_eq!(tls.serve, Some(ServeCert::SelfSigned));
+        assert_eq!(
+            (tls.prefiller, tls.decoder, tls.encoder),
+            (StageTls::Unverified, StageTls::Plain, StageTls::Verified)
+        );
+        // The deprecated booleans fold into the stages.
+        let tls = sidecar(&[
+            "--decoder-use-tls=true",
+            "--decoder-tls-insecure-skip-verify",
+            "--prefiller-use-tls",
+            "--cert-path",
+            "/certs",
+        ])
+        .unwrap()
+        .tls;
+        assert_eq!(tls.serve, Some(ServeCert::Dir("/certs".into())));
+        assert_eq!(
+            (tls.prefiller, tls.decoder, tls.encoder),
+            (StageTls::Verified, StageTls::Unverified, StageTls::Plain)
+        );
+        assert_eq!(sidecar(&["--secure-proxy=false"]).unwrap().tls.serve, None);
+        let e = sidecar(&["--secure-proxy=false", "--cert-path", "/certs"]).unwrap_err();
+        assert!(e.to_string().contains("--secure-proxy=false"), "{e}");
+        let e = Cli::try_parse_from(["infermesh", "sidecar", "--enable-tls", "gateway"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("gateway") && e.contains("prefiller") && e.contains("decoder"),
+            "{e}"
+        );
     }
 
     #[test]

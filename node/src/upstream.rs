@@ -49,6 +49,15 @@ pub fn https_client(
     connect_timeout: Duration,
     insecure_skip_verify: bool,
 ) -> Result<HttpsClient, PodTlsError> {
+    Ok(https_client_with(
+        pod_tls_config(insecure_skip_verify)?,
+        connect_timeout,
+    ))
+}
+
+/// The client TLS config for pods: the platform's roots, or any certificate with
+/// `insecure_skip_verify`.
+pub fn pod_tls_config(insecure_skip_verify: bool) -> Result<rustls::ClientConfig, PodTlsError> {
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -63,7 +72,7 @@ pub fn https_client(
             .with_root_certificates(native_roots().map_err(PodTlsError::Roots)?)
             .with_no_client_auth()
     };
-    Ok(https_client_with(tls, connect_timeout))
+    Ok(tls)
 }
 
 /// The platform's trusted CA certificates (the system bundle); an error names why none
@@ -78,8 +87,16 @@ pub fn native_roots() -> Result<rustls::RootCertStore, String> {
     Ok(roots)
 }
 
-/// A pooled HTTPS (and plain HTTP) client speaking TLS as `tls` says.
-pub fn https_client_with(tls: rustls::ClientConfig, connect_timeout: Duration) -> HttpsClient {
+/// A pooled HTTPS (and plain HTTP) client speaking TLS as `tls` says, for any request body
+/// type (the sidecar streams client bodies).
+pub fn https_client_with<B>(
+    tls: rustls::ClientConfig,
+    connect_timeout: Duration,
+) -> Client<hyper_rustls::HttpsConnector<HttpConnector>, B>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+{
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));

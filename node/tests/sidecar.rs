@@ -14,7 +14,9 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 use http_body_util::{BodyExt, Full};
-use infermesh_node::sidecar::{KvConnector, PoolSource, Sidecar, SidecarConfig};
+use infermesh_node::sidecar::{
+    KvConnector, PoolSource, ServeCert, Sidecar, SidecarConfig, StageTls,
+};
 use infermesh_node::upstream::{HttpClient, http_client};
 use infermesh_sim::{EngineProfile, Fleet, FleetConfig, PodRole};
 use parking_lot::Mutex;
@@ -178,6 +180,7 @@ fn config(model_server: SocketAddr) -> SidecarConfig {
         max_body_bytes: 1 << 20,
         p2p_connector_port: 7777,
         pod_ip: None,
+        tls: Default::default(),
     }
 }
 
@@ -359,6 +362,102 @@ async fn without_router_headers_the_request_passes_through_unchanged() {
     assert_eq!(r.json()["data"][0]["id"], model.as_str());
 
     sidecar.shutdown(Duration::from_secs(2)).await;
+    fleet.shutdown().await;
+}
+
+/// A sidecar in front of `engine` serving TLS with a certificate it made itself, passing
+/// requests on in plaintext: a stand-in for an engine that speaks TLS.
+async fn tls_front(engine: SocketAddr) -> Sidecar {
+    let mut cfg = config(engine);
+    cfg.tls.serve = Some(ServeCert::SelfSigned);
+    Sidecar::start(cfg).await.expect("TLS front starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_handoff_reaches_prefiller_and_decoder_over_tls_when_asked() {
+    let (fleet, prefill_sim, decode_sim, model) = pd_fleet().await;
+    let prefill = Tap::start(Behaviour::Forward(prefill_sim)).await;
+    let decode = Tap::start(Behaviour::Forward(decode_sim)).await;
+    let prefill_tls = tls_front(prefill.addr).await;
+    let decode_tls = tls_front(decode.addr).await;
+    let client = http_client(Duration::from_secs(2));
+    let request = json!({"model": model, "prompt": "over TLS, both ways", "max_tokens": 3});
+    let prefiller = prefill_tls.addr.to_string();
+    let headers = [("x-prefiller-host-port", prefiller.as_str())];
+
+    // The TLS port does not answer plaintext.
+    let plain = support::send(
+        &client,
+        http::Request::post(format!("http://{}/v1/completions", decode_tls.addr))
+            .body(Full::new(request.to_string().into()))
+            .unwrap(),
+    )
+    .await;
+    assert!(plain.is_err(), "plaintext got an answer: {plain:?}");
+
+    // Plaintext towards a TLS prefiller: the handshake never happens, the client gets a 502.
+    let mut cfg = config(decode_tls.addr);
+    cfg.tls.decoder = StageTls::Unverified;
+    let sidecar = Sidecar::start(cfg.clone()).await.unwrap();
+    let body = request.to_string();
+    let r = post(
+        &client,
+        sidecar.addr,
+        "/v1/completions",
+        body.clone(),
+        &headers,
+    )
+    .await;
+    assert_eq!(r.status, 502, "{:?}", r.body);
+    assert!(error_message(&r).contains(&prefiller), "{:?}", r.body);
+    sidecar.shutdown(Duration::from_secs(2)).await;
+
+    // Both stages over TLS, certificates not verified: the handoff completes.
+    cfg.tls.prefiller = StageTls::Unverified;
+    let sidecar = Sidecar::start(cfg.clone()).await.unwrap();
+    let r = post(
+        &client,
+        sidecar.addr,
+        "/v1/completions",
+        body.clone(),
+        &headers,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        prefill.seen().len(),
+        1,
+        "one prefill, through the TLS front"
+    );
+    assert_eq!(decode.seen().len(), 1, "one decode, through the TLS front");
+    let kv = &decode.seen()[0].body["kv_transfer_params"];
+    assert_eq!(kv["do_remote_prefill"], true, "{kv}");
+    sidecar.shutdown(Duration::from_secs(2)).await;
+
+    // Verified: a self-signed prefiller is refused during the handshake and named in the
+    // 502. (A machine with no CA bundle cannot verify anything; the start says so.)
+    cfg.tls.prefiller = StageTls::Verified;
+    match Sidecar::start(cfg).await {
+        Ok(sidecar) => {
+            let r = post(&client, sidecar.addr, "/v1/completions", body, &headers).await;
+            assert_eq!(r.status, 502, "{:?}", r.body);
+            let msg = error_message(&r);
+            assert!(
+                msg.contains(&prefiller) && msg.contains("certificate"),
+                "{msg}"
+            );
+            assert_eq!(
+                prefill.seen().len(),
+                1,
+                "nothing reached the prefill engine"
+            );
+            sidecar.shutdown(Duration::from_secs(2)).await;
+        }
+        Err(e) => assert!(e.to_string().contains("--enable-tls"), "{e}"),
+    }
+
+    prefill_tls.shutdown(Duration::from_secs(2)).await;
+    decode_tls.shutdown(Duration::from_secs(2)).await;
     fleet.shutdown().await;
 }
 

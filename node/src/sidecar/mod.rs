@@ -19,6 +19,11 @@
 //! encoder. A client-supplied `ec_transfer_params` never reaches an engine either.
 //! There is no `--ec-connector`: the handles travel in the body whatever moves the
 //! encoder outputs, so the flag would change nothing here.
+//!
+//! TLS, with llm-d's flags: `--secure-proxy` serves the client-facing port over TLS (with
+//! `--cert-path`'s `tls.crt`/`tls.key`, else a self-signed certificate made at start);
+//! `--enable-tls` names the stages (prefiller, decoder, encoder) reached over TLS, verified
+//! against the platform's roots unless `--tls-insecure-skip-verify` names the stage too.
 
 pub mod allowlist;
 pub mod rewrite;
@@ -45,6 +50,51 @@ pub struct PoolSource {
     pub pool: String,
     /// The endpoints file (the node's `--endpoints`), watched for changes.
     pub endpoints_file: PathBuf,
+}
+
+/// A stage of the handoff the sidecar calls out to (llm-d's `--enable-tls` values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TlsStage {
+    /// The prefill pod named by `x-prefiller-host-port`.
+    Prefiller,
+    /// The local engine (the decoder).
+    Decoder,
+    /// The encoders named by `x-encoder-hosts-ports`.
+    Encoder,
+}
+
+/// How the sidecar reaches one stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StageTls {
+    /// Plain HTTP.
+    #[default]
+    Plain,
+    /// TLS, the certificate verified against the platform's roots.
+    Verified,
+    /// TLS, any certificate accepted (`--tls-insecure-skip-verify`).
+    Unverified,
+}
+
+/// The certificate the client-facing port presents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServeCert {
+    /// `tls.crt` and `tls.key` in this directory (`--cert-path`).
+    Dir(PathBuf),
+    /// One made and signed by the sidecar at start.
+    SelfSigned,
+}
+
+/// The sidecar's TLS: its own port and each stage it calls.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SidecarTls {
+    /// `Some`: the client-facing port speaks TLS only.
+    pub serve: Option<ServeCert>,
+    /// Towards prefill pods.
+    pub prefiller: StageTls,
+    /// Towards the local engine.
+    pub decoder: StageTls,
+    /// Towards encoders.
+    pub encoder: StageTls,
 }
 
 /// The sidecar's validated settings.
@@ -74,6 +124,8 @@ pub struct SidecarConfig {
     pub p2p_connector_port: u16,
     /// This pod's IP (`POD_IP`): a KV source naming this sidecar is not pulled from.
     pub pod_ip: Option<IpAddr>,
+    /// TLS on the client-facing port and towards each stage.
+    pub tls: SidecarTls,
 }
 
 /// The sidecar could not start; nothing was left running.
@@ -103,6 +155,12 @@ pub enum SidecarStartError {
     /// The endpoints file could not be watched.
     #[error("cannot watch the endpoints file: {0}")]
     Watch(#[from] notify::Error),
+    /// The serving certificate is unusable.
+    #[error("--secure-proxy: {0}")]
+    ServeTls(#[from] crate::tls::TlsConfigError),
+    /// A stage to be verified has no roots to verify against.
+    #[error("--enable-tls: {0}")]
+    StageTls(#[from] crate::upstream::PodTlsError),
 }
 
 /// Whether the pool named `wanted` (`name` or `namespace/name`) is the file's pool.
@@ -137,6 +195,26 @@ impl Sidecar {
     /// Loads the allowlist (before binding, so a bad file fails fast), binds and serves.
     pub async fn start(cfg: SidecarConfig) -> Result<Sidecar, SidecarStartError> {
         let loaded = cfg.ssrf.as_ref().map(load_allowlist).transpose()?;
+        // Certificates and trust roots are read before binding, so a bad one fails the start.
+        let serve_tls = match &cfg.tls.serve {
+            None => None,
+            Some(ServeCert::SelfSigned) => Some(crate::tls::TlsReloader::fixed(
+                crate::tls::self_signed_server_config(vec!["localhost".to_owned()])?,
+            )),
+            Some(ServeCert::Dir(dir)) => Some(crate::tls::TlsReloader::new(
+                crate::tls::ServerTlsSettings {
+                    cert: dir.join("tls.crt"),
+                    key: dir.join("tls.key"),
+                    client_ca: None,
+                    min_version: crate::tls::TlsVersion::Tls12,
+                    cipher_suites: Vec::new(),
+                    reload: false,
+                    alpn: crate::tls::Alpn::Http,
+                },
+            )?),
+        };
+        let state =
+            server::SidecarState::new(&cfg, Arc::new(ArcSwap::from_pointee(Allowlist::Open)))?;
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .map_err(|source| SidecarStartError::Bind {
@@ -151,7 +229,7 @@ impl Sidecar {
             })?;
         let (shutdown, sd_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
-        let allow = Arc::new(ArcSwap::from_pointee(Allowlist::Open));
+        let allow = state.allowlist();
         let mut watcher = None;
         if let (Some(src), Some((list, spec))) = (cfg.ssrf.clone(), loaded) {
             allow.store(Arc::new(list));
@@ -175,8 +253,19 @@ impl Sidecar {
                 task.abort();
             });
         }
-        let app = server::router(server::SidecarState::new(&cfg, allow));
-        crate::serve::spawn_http(&mut tasks, "sidecar", listener, app, sd_rx);
+        let app = server::router(state);
+        match serve_tls {
+            None => crate::serve::spawn_http(&mut tasks, "sidecar", listener, app, sd_rx),
+            Some(tls) => {
+                let listener = crate::tls::TlsListener::new(listener, tls, sd_rx.clone()).map_err(
+                    |source| SidecarStartError::Bind {
+                        addr: cfg.listen,
+                        source,
+                    },
+                )?;
+                crate::serve::spawn_http(&mut tasks, "sidecar", listener, app, sd_rx);
+            }
+        }
         Ok(Sidecar {
             addr,
             shutdown,

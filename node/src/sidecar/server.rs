@@ -16,19 +16,57 @@ use bytes::Bytes;
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::{Client, ResponseFuture};
 
-use super::SidecarConfig;
 use super::allowlist::{Allowlist, NotInPool};
 use super::rewrite::{
     self, ENCODE_PATH, ENCODERS_HEADER, InvalidEncodeResponse, InvalidPrefillResponse,
     InvalidRequest, KV_SOURCE_HEADER, KvConnector, PREFILLER_HEADER,
 };
+use super::{SidecarConfig, StageTls, TlsStage};
 use crate::proxy::HOP_BY_HOP;
 use crate::request::{REQUEST_ID_HEADER, router_only};
 
-type EngineClient = Client<HttpConnector, Body>;
+/// How the sidecar reaches one stage: a pooled client, speaking TLS or not.
+#[derive(Debug, Clone)]
+enum Link {
+    /// Plain HTTP.
+    Plain(Client<HttpConnector, Body>),
+    /// HTTPS, verifying as the stage's TLS setting says.
+    Tls(Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>),
+}
+
+impl Link {
+    fn new(tls: StageTls, connect_timeout: Duration) -> Result<Link, crate::upstream::PodTlsError> {
+        let skip_verify = match tls {
+            StageTls::Plain => {
+                return Ok(Link::Plain(crate::upstream::pooled_client(connect_timeout)));
+            }
+            StageTls::Verified => false,
+            StageTls::Unverified => true,
+        };
+        let cfg = crate::upstream::pod_tls_config(skip_verify)?;
+        Ok(Link::Tls(crate::upstream::https_client_with(
+            cfg,
+            connect_timeout,
+        )))
+    }
+
+    fn scheme(&self) -> &'static str {
+        match self {
+            Link::Plain(_) => "http",
+            Link::Tls(_) => "https",
+        }
+    }
+
+    fn request(&self, req: http::Request<Body>) -> ResponseFuture {
+        match self {
+            Link::Plain(c) => c.request(req),
+            Link::Tls(c) => c.request(req),
+        }
+    }
+}
 
 /// Why a request was not served; each maps to one status and a JSON body.
 #[derive(Debug, thiserror::Error)]
@@ -184,7 +222,9 @@ impl Refusal {
 /// What every request handler shares.
 #[derive(Debug)]
 pub struct SidecarState {
-    client: EngineClient,
+    prefiller: Link,
+    decoder: Link,
+    encoder: Link,
     allow: Arc<ArcSwap<Allowlist>>,
     model_server: SocketAddr,
     connector: KvConnector,
@@ -198,10 +238,16 @@ pub struct SidecarState {
 }
 
 impl SidecarState {
-    /// The state for `cfg`, checking addresses against `allow` (swapped on reloads).
-    pub fn new(cfg: &SidecarConfig, allow: Arc<ArcSwap<Allowlist>>) -> SidecarState {
-        SidecarState {
-            client: crate::upstream::pooled_client(cfg.connect_timeout),
+    /// The state for `cfg`, checking addresses against `allow` (swapped on reloads); fails
+    /// when a stage to be verified has no trust roots.
+    pub fn new(
+        cfg: &SidecarConfig,
+        allow: Arc<ArcSwap<Allowlist>>,
+    ) -> Result<SidecarState, crate::upstream::PodTlsError> {
+        Ok(SidecarState {
+            prefiller: Link::new(cfg.tls.prefiller, cfg.connect_timeout)?,
+            decoder: Link::new(cfg.tls.decoder, cfg.connect_timeout)?,
+            encoder: Link::new(cfg.tls.encoder, cfg.connect_timeout)?,
             allow,
             model_server: cfg.model_server,
             connector: cfg.connector,
@@ -214,7 +260,12 @@ impl SidecarState {
             self_addr: cfg
                 .pod_ip
                 .map(|ip: IpAddr| SocketAddr::new(ip, cfg.listen.port())),
-        }
+        })
+    }
+
+    /// The allowlist requests are checked against, to be swapped on reloads.
+    pub fn allowlist(&self) -> Arc<ArcSwap<Allowlist>> {
+        Arc::clone(&self.allow)
     }
 }
 
@@ -355,14 +406,14 @@ async fn route(s: &SidecarState, req: Request, request_id: &str) -> Result<Respo
             let (prefill, decode) = rewrite::sglang_pair(&client, prefiller, room);
             let prefill = Bytes::from(rewrite::to_bytes(&prefill));
             let headers = engine_headers(&parts.headers, request_id);
-            let (client, path, timeout) = (
-                s.client.clone(),
+            let (link, path, timeout) = (
+                s.prefiller.clone(),
                 path_of(&parts).to_owned(),
                 s.prefill_timeout,
             );
             let rid = request_id.to_owned();
             tokio::spawn(async move {
-                let r = prefill_once(&client, prefiller, &path, &headers, prefill, timeout).await;
+                let r = prefill_once(&link, prefiller, &path, &headers, prefill, timeout).await;
                 match r {
                     Ok((st, _)) if st.is_success() => {}
                     Ok((st, body)) => {
@@ -420,6 +471,7 @@ fn snippet(body: &[u8]) -> String {
 
 fn build(
     method: Method,
+    scheme: &str,
     addr: SocketAddr,
     path: &str,
     headers: &HeaderMap,
@@ -427,7 +479,7 @@ fn build(
 ) -> http::Request<Body> {
     let mut req = http::Request::new(body);
     *req.method_mut() = method;
-    *req.uri_mut() = format!("http://{addr}{path}")
+    *req.uri_mut() = format!("{scheme}://{addr}{path}")
         .parse()
         .unwrap_or_else(|_| http::Uri::from_static("/"));
     *req.headers_mut() = headers.clone();
@@ -436,7 +488,7 @@ fn build(
 
 /// One prefill attempt, bounded as a whole (connect, headers and body) by `timeout`.
 async fn prefill_once(
-    client: &EngineClient,
+    link: &Link,
     prefiller: SocketAddr,
     path: &str,
     headers: &HeaderMap,
@@ -444,8 +496,15 @@ async fn prefill_once(
     timeout: Duration,
 ) -> Result<(StatusCode, Bytes), String> {
     let attempt = async {
-        let req = build(Method::POST, prefiller, path, headers, Body::from(body));
-        let resp = client.request(req).await.map_err(|e| error_chain(&e))?;
+        let req = build(
+            Method::POST,
+            link.scheme(),
+            prefiller,
+            path,
+            headers,
+            Body::from(body),
+        );
+        let resp = link.request(req).await.map_err(|e| error_chain(&e))?;
         let status = resp.status();
         // A prefill answer is one token of JSON; anything huge is not one.
         let body = Limited::new(resp.into_body(), 16 << 20)
@@ -482,13 +541,18 @@ impl SidecarState {
     /// encoder-specific ones).
     async fn post_retrying(
         &self,
-        stage: &'static str,
+        to: TlsStage,
         target: SocketAddr,
         path: &str,
         headers: &HeaderMap,
         body: Bytes,
         request_id: &str,
     ) -> Retried {
+        let (link, stage) = match to {
+            TlsStage::Prefiller => (&self.prefiller, "prefill"),
+            TlsStage::Encoder => (&self.encoder, "encode"),
+            TlsStage::Decoder => (&self.decoder, "decode"),
+        };
         let attempts = self.max_retries.saturating_add(1);
         let mut last = String::new();
         for attempt in 1..=attempts {
@@ -496,7 +560,7 @@ impl SidecarState {
                 tokio::time::sleep(self.backoff).await;
             }
             match prefill_once(
-                &self.client,
+                link,
                 target,
                 path,
                 headers,
@@ -529,7 +593,14 @@ impl SidecarState {
         let headers = engine_headers(&parts.headers, request_id);
         let path = path_of(parts);
         match self
-            .post_retrying("prefill", prefiller, path, &headers, bytes, request_id)
+            .post_retrying(
+                TlsStage::Prefiller,
+                prefiller,
+                path,
+                &headers,
+                bytes,
+                request_id,
+            )
             .await
         {
             Retried::Answer(a) => Ok(a),
@@ -572,7 +643,7 @@ impl SidecarState {
             }
             async move {
                 let r = self
-                    .post_retrying("encode", encoder, ENCODE_PATH, &headers, body, &id)
+                    .post_retrying(TlsStage::Encoder, encoder, ENCODE_PATH, &headers, body, &id)
                     .await;
                 match r {
                     Retried::Answer(a) => rewrite::encoder_params(&a)
@@ -608,6 +679,7 @@ impl SidecarState {
         );
         let req = build(
             Method::POST,
+            self.decoder.scheme(),
             self.model_server,
             path_of(parts),
             &headers,
@@ -630,6 +702,7 @@ impl SidecarState {
         }
         let req = build(
             parts.method.clone(),
+            self.decoder.scheme(),
             self.model_server,
             path_of(parts),
             &headers,
@@ -640,22 +713,22 @@ impl SidecarState {
 
     async fn send_local(&self, req: http::Request<Body>) -> Result<Response, Refusal> {
         let addr = self.model_server;
-        let resp = match tokio::time::timeout(self.response_timeout, self.client.request(req)).await
-        {
-            Err(_) => {
-                return Err(Refusal::LocalTimeout {
-                    addr,
-                    timeout: self.response_timeout,
-                });
-            }
-            Ok(Err(e)) => {
-                return Err(Refusal::LocalEngine {
-                    addr,
-                    reason: error_chain(&e),
-                });
-            }
-            Ok(Ok(r)) => r,
-        };
+        let resp =
+            match tokio::time::timeout(self.response_timeout, self.decoder.request(req)).await {
+                Err(_) => {
+                    return Err(Refusal::LocalTimeout {
+                        addr,
+                        timeout: self.response_timeout,
+                    });
+                }
+                Ok(Err(e)) => {
+                    return Err(Refusal::LocalEngine {
+                        addr,
+                        reason: error_chain(&e),
+                    });
+                }
+                Ok(Ok(r)) => r,
+            };
         let (mut parts, incoming) = resp.into_parts();
         for h in HOP_BY_HOP {
             parts.headers.remove(h);

@@ -42,6 +42,23 @@ pub enum TlsConfigError {
     /// The client CA cannot verify anything.
     #[error("--tls-client-ca-file: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// A self-signed certificate could not be made.
+    #[error("making a self-signed certificate: {0}")]
+    SelfSigned(#[from] rcgen::Error),
+}
+
+/// A server config with a certificate made now and signed by itself (llm-d's sidecar does
+/// the same when it is to serve TLS and has no certificate): encrypted, vouched for by
+/// nobody, offering HTTP/2 and HTTP/1.1.
+pub fn self_signed_server_config(names: Vec<String>) -> Result<Arc<ServerConfig>, TlsConfigError> {
+    let ck = rcgen::generate_simple_self_signed(names)?;
+    let key = PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+    let mut cfg = ServerConfig::builder_with_provider(Arc::new(provider()))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(vec![ck.cert.der().clone()], key)?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
 }
 
 /// The lowest TLS version a server accepts (rustls speaks only 1.2 and 1.3).

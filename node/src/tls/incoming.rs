@@ -28,7 +28,8 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 /// The server config in force, reloadable.
 #[derive(Clone)]
 pub struct TlsReloader {
-    settings: ServerTlsSettings,
+    /// The files, or `None` for a config made in memory (never reloaded).
+    settings: Option<ServerTlsSettings>,
     current: Arc<ArcSwap<ServerConfig>>,
 }
 
@@ -45,15 +46,26 @@ impl TlsReloader {
     pub fn new(settings: ServerTlsSettings) -> Result<TlsReloader, TlsConfigError> {
         let cfg = settings.load()?;
         Ok(TlsReloader {
-            settings,
+            settings: Some(settings),
             current: Arc::new(ArcSwap::new(cfg)),
         })
+    }
+
+    /// A config made in memory, which stays as it is.
+    pub fn fixed(cfg: Arc<ServerConfig>) -> TlsReloader {
+        TlsReloader {
+            settings: None,
+            current: Arc::new(ArcSwap::new(cfg)),
+        }
     }
 
     /// Re-reads the files every second while `shutdown` is false, swapping in a changed
     /// set that builds; a set that does not build is logged once and skipped.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let mut last: Option<Material> = self.settings.read_material().ok();
+        let Some(settings) = &self.settings else {
+            return;
+        };
+        let mut last: Option<Material> = settings.read_material().ok();
         let mut failed: Option<Material> = None;
         let mut tick = tokio::time::interval(RELOAD_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -62,7 +74,7 @@ impl TlsReloader {
                 _ = tick.tick() => {}
                 () = stopped(&mut shutdown) => return,
             }
-            let m = match self.settings.read_material() {
+            let m = match settings.read_material() {
                 Ok(m) => m,
                 // Mid-rotation (a file replaced but not its partner yet): try again.
                 Err(e) => {
@@ -73,10 +85,10 @@ impl TlsReloader {
             if last.as_ref() == Some(&m) || failed.as_ref() == Some(&m) {
                 continue;
             }
-            match self.settings.build(&m) {
+            match settings.build(&m) {
                 Ok(cfg) => {
                     self.current.store(cfg);
-                    tracing::info!(cert = %self.settings.cert.display(), "TLS certificate reloaded");
+                    tracing::info!(cert = %settings.cert.display(), "TLS certificate reloaded");
                     last = Some(m);
                     failed = None;
                 }
@@ -90,7 +102,7 @@ impl TlsReloader {
 
     /// Whether files are to be watched.
     pub fn reloads(&self) -> bool {
-        self.settings.reload
+        self.settings.as_ref().is_some_and(|s| s.reload)
     }
 
     fn acceptor(&self) -> TlsAcceptor {

@@ -26,7 +26,10 @@ use clap::Args;
 mod config;
 mod incoming;
 
-pub use config::{Alpn, ServerTlsSettings, TlsConfigError, TlsVersion, parse_cipher_suites};
+pub use config::{
+    Alpn, ServerTlsSettings, TlsConfigError, TlsVersion, parse_cipher_suites,
+    self_signed_server_config,
+};
 pub use incoming::{TlsIncoming, TlsListener, TlsReloader};
 
 /// `infermesh serve` TLS flags.
