@@ -109,6 +109,64 @@ enum Answer {
     Dropped { reason: String },
 }
 
+/// `Answer` as owners sent it before `freed` (8eca437 to f15e0ce), read during a rolling
+/// upgrade.
+#[derive(Debug, Deserialize)]
+enum AnswerWithoutFreed {
+    Dispatched {
+        waited_us: u64,
+        revocable: bool,
+        claims: Vec<(SocketAddr, u32)>,
+    },
+    Dropped {
+        reason: String,
+    },
+}
+
+/// `Answer` as owners sent it before `claims`.
+#[derive(Debug, Deserialize)]
+enum AnswerWithoutClaims {
+    Dispatched { waited_us: u64, revocable: bool },
+    Dropped { reason: String },
+}
+
+/// Reads an owner's answer, from this version or an older one: fields are only ever added
+/// at the end of `Dispatched`, and postcard cannot skip what a message lacks.
+fn decode_answer(bytes: &[u8]) -> Result<Answer, postcard::Error> {
+    let err = match postcard::from_bytes::<Answer>(bytes) {
+        Ok(a) => return Ok(a),
+        Err(e) => e,
+    };
+    if let Ok(a) = postcard::from_bytes::<AnswerWithoutFreed>(bytes) {
+        return Ok(match a {
+            AnswerWithoutFreed::Dispatched {
+                waited_us,
+                revocable,
+                claims,
+            } => Answer::Dispatched {
+                waited_us,
+                revocable,
+                claims,
+                freed: Vec::new(),
+            },
+            AnswerWithoutFreed::Dropped { reason } => Answer::Dropped { reason },
+        });
+    }
+    match postcard::from_bytes::<AnswerWithoutClaims>(bytes) {
+        Ok(AnswerWithoutClaims::Dispatched {
+            waited_us,
+            revocable,
+        }) => Ok(Answer::Dispatched {
+            waited_us,
+            revocable,
+            claims: Vec::new(),
+            freed: Vec::new(),
+        }),
+        Ok(AnswerWithoutClaims::Dropped { reason }) => Ok(Answer::Dropped { reason }),
+        Err(_) => Err(err),
+    }
+}
+
 const REASONS: [DropReason; 8] = [
     DropReason::Saturated,
     DropReason::NoEndpoints,
@@ -459,7 +517,7 @@ impl MeshFlow {
             r = call => r,
             () = owner_moved(&mut members, self.key, &owner) => return RemoteOutcome::OwnerChanged,
         };
-        let answer = match answer.map(|b| postcard::from_bytes::<Answer>(&b)) {
+        let answer = match answer.map(|b| decode_answer(&b)) {
             Ok(Ok(a)) => a,
             Ok(Err(e)) => {
                 tracing::warn!(%owner, error = %e, "flow control: unreadable answer from the owner");
@@ -835,6 +893,43 @@ mod tests {
                 claims: vec![("10.0.0.1:8000".parse().unwrap(), 2)],
             }
         );
+        // A new origin reads the answers of owners one and two versions older.
+        #[derive(Serialize)]
+        enum OldestAnswer {
+            Dispatched { waited_us: u64, revocable: bool },
+        }
+        let b = postcard::to_stdvec(&OldestAnswer::Dispatched {
+            waited_us: 9,
+            revocable: false,
+        })
+        .unwrap();
+        assert!(postcard::from_bytes::<Answer>(&b).is_err());
+        assert_eq!(
+            decode_answer(&b).unwrap(),
+            Answer::Dispatched {
+                waited_us: 9,
+                revocable: false,
+                claims: vec![],
+                freed: vec![],
+            }
+        );
+        let older = Answer::Dispatched {
+            waited_us: 9,
+            revocable: true,
+            claims: vec![("10.0.0.1:8000".parse().unwrap(), 2)],
+            freed: vec![],
+        };
+        let b = postcard::to_stdvec(&older).unwrap();
+        // Drop `freed` (an empty vec is one byte, its length) to make an older owner's bytes.
+        let b_older = &b[..b.len() - 1];
+        assert!(postcard::from_bytes::<Answer>(b_older).is_err());
+        assert_eq!(decode_answer(b_older).unwrap(), older);
+        let dropped = Answer::Dropped {
+            reason: "rejected-ttl-expired".into(),
+        };
+        let b = postcard::to_stdvec(&dropped).unwrap();
+        assert_eq!(decode_answer(&b).unwrap(), dropped);
+        assert!(decode_answer(&[9, 9]).is_err());
         // Prefilled came last: the messages before it kept their tags (Revoke is 3).
         let b = postcard::to_stdvec(&Msg::Revoke { id: 1 }).unwrap();
         assert_eq!(b[0], 3);
