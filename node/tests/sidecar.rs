@@ -395,34 +395,28 @@ async fn the_handoff_reaches_prefiller_and_decoder_over_tls_when_asked() {
     .await;
     assert!(plain.is_err(), "plaintext got an answer: {plain:?}");
 
+    // One request through a sidecar started with `cfg`: its answer, or why it did not start.
+    let body = request.to_string();
+    let through = |cfg: SidecarConfig| {
+        let (client, body) = (client.clone(), body.clone());
+        async move {
+            let sidecar = Sidecar::start(cfg).await?;
+            let r = post(&client, sidecar.addr, "/v1/completions", body, &headers).await;
+            sidecar.shutdown(Duration::from_secs(2)).await;
+            Ok::<Resp, infermesh_node::sidecar::SidecarStartError>(r)
+        }
+    };
+
     // Plaintext towards a TLS prefiller: the handshake never happens, the client gets a 502.
     let mut cfg = config(decode_tls.addr);
     cfg.tls.decoder = StageTls::Unverified;
-    let sidecar = Sidecar::start(cfg.clone()).await.unwrap();
-    let body = request.to_string();
-    let r = post(
-        &client,
-        sidecar.addr,
-        "/v1/completions",
-        body.clone(),
-        &headers,
-    )
-    .await;
+    let r = through(cfg.clone()).await.unwrap();
     assert_eq!(r.status, 502, "{:?}", r.body);
     assert!(error_message(&r).contains(&prefiller), "{:?}", r.body);
-    sidecar.shutdown(Duration::from_secs(2)).await;
 
     // Both stages over TLS, certificates not verified: the handoff completes.
     cfg.tls.prefiller = StageTls::Unverified;
-    let sidecar = Sidecar::start(cfg.clone()).await.unwrap();
-    let r = post(
-        &client,
-        sidecar.addr,
-        "/v1/completions",
-        body.clone(),
-        &headers,
-    )
-    .await;
+    let r = through(cfg.clone()).await.unwrap();
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(
         prefill.seen().len(),
@@ -432,14 +426,12 @@ async fn the_handoff_reaches_prefiller_and_decoder_over_tls_when_asked() {
     assert_eq!(decode.seen().len(), 1, "one decode, through the TLS front");
     let kv = &decode.seen()[0].body["kv_transfer_params"];
     assert_eq!(kv["do_remote_prefill"], true, "{kv}");
-    sidecar.shutdown(Duration::from_secs(2)).await;
 
     // Verified: a self-signed prefiller is refused during the handshake and named in the
     // 502. (A machine with no CA bundle cannot verify anything; the start says so.)
     cfg.tls.prefiller = StageTls::Verified;
-    match Sidecar::start(cfg).await {
-        Ok(sidecar) => {
-            let r = post(&client, sidecar.addr, "/v1/completions", body, &headers).await;
+    match through(cfg).await {
+        Ok(r) => {
             assert_eq!(r.status, 502, "{:?}", r.body);
             let msg = error_message(&r);
             assert!(
@@ -451,7 +443,6 @@ async fn the_handoff_reaches_prefiller_and_decoder_over_tls_when_asked() {
                 1,
                 "nothing reached the prefill engine"
             );
-            sidecar.shutdown(Duration::from_secs(2)).await;
         }
         Err(e) => assert!(e.to_string().contains("--enable-tls"), "{e}"),
     }
