@@ -483,8 +483,10 @@ pub async fn run_cli(cli: Cli) -> anyhow::Result<()> {
             let mut arrivals = crate::ideal::parse_trace(&read(&a.trace)?)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", a.trace.display()))?;
             arrivals.sort_by(|x, y| x.sent_s.total_cmp(&y.sent_s));
-            let base = crate::ideal::unloaded_base(&read(&a.unloaded)?)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", a.unloaded.display()))?;
+            let base = crate::ideal::unloaded_base(
+                &crate::ideal::parse_trace(&read(&a.unloaded)?)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", a.unloaded.display()))?,
+            );
             anyhow::ensure!(a.pods > 0, "--pods must be at least 1");
             let fleet = crate::ideal::Fleet {
                 pods: a.pods,

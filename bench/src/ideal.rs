@@ -69,13 +69,15 @@ pub struct Fleet {
     pub ttl_s: f64,
 }
 
-/// One request of a leg: its class and when it was sent.
+/// One request of a leg, as its trace CSV gives it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Arrival {
     /// The class name.
     pub class: String,
     /// Seconds from the start of the leg.
     pub sent_s: f64,
+    /// Its TTFT in ms, when it was served.
+    pub served_ttft_ms: Option<f64>,
 }
 
 /// What one class got in a replay.
@@ -87,7 +89,8 @@ pub struct Outcome {
     pub expired: u64,
 }
 
-/// Reads `class,sent_s,...` rows of a leg's trace CSV (the `classes --trace` file).
+/// Reads the rows of a leg's trace CSV (`class,sent_s,ttft_ms,status`, written by
+/// `classes --trace`; an empty status is a served request).
 pub fn parse_trace(csv: &str) -> Result<Vec<Arrival>, String> {
     let mut lines = csv.lines();
     match lines.next() {
@@ -98,15 +101,26 @@ pub fn parse_trace(csv: &str) -> Result<Vec<Arrival>, String> {
         .enumerate()
         .filter(|(_, l)| !l.is_empty())
         .map(|(i, l)| {
+            let line = i + 2;
             let mut f = l.split(',');
             let class = f.next().unwrap_or_default();
             let sent = f.next().unwrap_or_default();
+            let ttft = f.next().unwrap_or_default();
+            let served = f.next().unwrap_or_default().is_empty();
             let sent_s: f64 = sent
                 .parse()
-                .map_err(|_| format!("trace line {}: sent_s {sent:?} is not a number", i + 2))?;
+                .map_err(|_| format!("trace line {line}: sent_s {sent:?} is not a number"))?;
+            let served_ttft_ms = match (served, ttft) {
+                (true, t) if !t.is_empty() => Some(
+                    t.parse()
+                        .map_err(|_| format!("trace line {line}: ttft_ms {t:?} is not a number"))?,
+                ),
+                _ => None,
+            };
             Ok(Arrival {
                 class: class.to_owned(),
                 sent_s,
+                served_ttft_ms,
             })
         })
         .collect()
@@ -232,26 +246,24 @@ pub fn table(
     out
 }
 
-/// Each class's fastest and p99 TTFT (ms) among the served requests of a trace CSV.
-pub fn unloaded_base(csv: &str) -> Result<BTreeMap<String, (f64, f64)>, String> {
-    let mut by_class: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-    for (i, line) in csv.lines().enumerate().skip(1) {
-        let f: Vec<&str> = line.split(',').collect();
-        if f.len() < 4 || f[2].is_empty() || !f[3].is_empty() {
-            continue;
+/// Each class's fastest and p99 TTFT (ms) among the served requests of a trace.
+pub fn unloaded_base(trace: &[Arrival]) -> BTreeMap<String, (f64, f64)> {
+    let mut by_class: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for a in trace {
+        if let Some(t) = a.served_ttft_ms {
+            by_class.entry(&a.class).or_default().push(t);
         }
-        let ttft: f64 = f[2]
-            .parse()
-            .map_err(|_| format!("trace line {}: ttft_ms {:?} is not a number", i + 1, f[2]))?;
-        by_class.entry(f[0].to_owned()).or_default().push(ttft);
     }
-    Ok(by_class
+    by_class
         .into_iter()
         .filter_map(|(class, mut v)| {
             v.sort_by(f64::total_cmp);
-            Some((class, (v[0], crate::stats::percentile(&v, 99.0)?)))
+            Some((
+                class.to_owned(),
+                (v[0], crate::stats::percentile(&v, 99.0)?),
+            ))
         })
-        .collect())
+        .collect()
 }
 
 #[cfg(test)]
@@ -263,6 +275,7 @@ mod tests {
             .map(|&(c, t)| Arrival {
                 class: c.into(),
                 sent_s: t,
+                served_ttft_ms: None,
             })
             .collect()
     }
@@ -323,9 +336,11 @@ mod tests {
         let trace = "class,sent_s,ttft_ms,status\nhigh,0.0,,\nhigh,0.0,,\n";
         let a = parse_trace(trace).unwrap();
         let base = unloaded_base(
-            "class,sent_s,ttft_ms,status\nhigh,0,100.0,\nhigh,0,100.0,\nhigh,0,,429\n",
-        )
-        .unwrap();
+            &parse_trace(
+                "class,sent_s,ttft_ms,status\nhigh,0,100.0,\nhigh,0,100.0,\nhigh,0,,429\n",
+            )
+            .unwrap(),
+        );
         assert_eq!(base["high"], (100.0, 100.0));
         let fleet = Fleet {
             pods: 1,

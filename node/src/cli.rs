@@ -293,17 +293,15 @@ impl SidecarArgs {
     /// The TLS settings, with llm-d's deprecated per-stage booleans folded into the stages.
     fn tls(&self) -> crate::sidecar::SidecarTls {
         use crate::sidecar::{ServeCert, StageTls, TlsStage};
-        let on = |stage: TlsStage, deprecated: bool| self.enable_tls.contains(&stage) || deprecated;
-        let skip = |stage: TlsStage, deprecated: bool| {
-            self.tls_insecure_skip_verify.contains(&stage) || deprecated
-        };
-        let stage = |stage: TlsStage, use_tls: bool, skip_verify: bool| match (
-            on(stage, use_tls),
-            skip(stage, skip_verify),
-        ) {
-            (false, _) => StageTls::Plain,
-            (true, false) => StageTls::Verified,
-            (true, true) => StageTls::Unverified,
+        // `use_tls` and `skip_verify`: the stage's deprecated llm-d booleans.
+        let stage = |stage: TlsStage, use_tls: bool, skip_verify: bool| {
+            if !(use_tls || self.enable_tls.contains(&stage)) {
+                StageTls::Plain
+            } else if skip_verify || self.tls_insecure_skip_verify.contains(&stage) {
+                StageTls::Unverified
+            } else {
+                StageTls::Verified
+            }
         };
         crate::sidecar::SidecarTls {
             serve: match (&self.cert_path, self.secure_proxy) {

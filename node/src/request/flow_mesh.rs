@@ -109,25 +109,21 @@ enum Answer {
     Dropped { reason: String },
 }
 
-/// `Answer` as owners sent it before `freed` (8eca437 to f15e0ce), read during a rolling
-/// upgrade.
+/// `Answer::Dispatched` as owners sent it before `freed` (8eca437 to f15e0ce), read during
+/// a rolling upgrade. (`Dropped` never changed, so the current type reads it.)
 #[derive(Debug, Deserialize)]
-enum AnswerWithoutFreed {
+enum DispatchedWithoutFreed {
     Dispatched {
         waited_us: u64,
         revocable: bool,
         claims: Vec<(SocketAddr, u32)>,
     },
-    Dropped {
-        reason: String,
-    },
 }
 
-/// `Answer` as owners sent it before `claims`.
+/// `Answer::Dispatched` as owners sent it before `claims`.
 #[derive(Debug, Deserialize)]
-enum AnswerWithoutClaims {
+enum DispatchedWithoutClaims {
     Dispatched { waited_us: u64, revocable: bool },
-    Dropped { reason: String },
 }
 
 /// Reads an owner's answer, from this version or an older one: fields are only ever added
@@ -137,34 +133,25 @@ fn decode_answer(bytes: &[u8]) -> Result<Answer, postcard::Error> {
         Ok(a) => return Ok(a),
         Err(e) => e,
     };
-    if let Ok(a) = postcard::from_bytes::<AnswerWithoutFreed>(bytes) {
-        return Ok(match a {
-            AnswerWithoutFreed::Dispatched {
-                waited_us,
-                revocable,
-                claims,
-            } => Answer::Dispatched {
-                waited_us,
-                revocable,
-                claims,
-                freed: Vec::new(),
-            },
-            AnswerWithoutFreed::Dropped { reason } => Answer::Dropped { reason },
-        });
-    }
-    match postcard::from_bytes::<AnswerWithoutClaims>(bytes) {
-        Ok(AnswerWithoutClaims::Dispatched {
+    let (waited_us, revocable, claims) = match postcard::from_bytes(bytes) {
+        Ok(DispatchedWithoutFreed::Dispatched {
             waited_us,
             revocable,
-        }) => Ok(Answer::Dispatched {
-            waited_us,
-            revocable,
-            claims: Vec::new(),
-            freed: Vec::new(),
-        }),
-        Ok(AnswerWithoutClaims::Dropped { reason }) => Ok(Answer::Dropped { reason }),
-        Err(_) => Err(err),
-    }
+            claims,
+        }) => (waited_us, revocable, claims),
+        Err(_) => match postcard::from_bytes(bytes).map_err(|_| err)? {
+            DispatchedWithoutClaims::Dispatched {
+                waited_us,
+                revocable,
+            } => (waited_us, revocable, Vec::new()),
+        },
+    };
+    Ok(Answer::Dispatched {
+        waited_us,
+        revocable,
+        claims,
+        freed: Vec::new(),
+    })
 }
 
 const REASONS: [DropReason; 8] = [

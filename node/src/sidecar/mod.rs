@@ -213,8 +213,8 @@ impl Sidecar {
                 },
             )?),
         };
-        let state =
-            server::SidecarState::new(&cfg, Arc::new(ArcSwap::from_pointee(Allowlist::Open)))?;
+        let allow = Arc::new(ArcSwap::from_pointee(Allowlist::Open));
+        let state = server::SidecarState::new(&cfg, Arc::clone(&allow))?;
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .map_err(|source| SidecarStartError::Bind {
@@ -229,7 +229,6 @@ impl Sidecar {
             })?;
         let (shutdown, sd_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
-        let allow = state.allowlist();
         let mut watcher = None;
         if let (Some(src), Some((list, spec))) = (cfg.ssrf.clone(), loaded) {
             allow.store(Arc::new(list));

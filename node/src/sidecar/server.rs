@@ -262,11 +262,6 @@ impl SidecarState {
                 .map(|ip: IpAddr| SocketAddr::new(ip, cfg.listen.port())),
         })
     }
-
-    /// The allowlist requests are checked against, to be swapped on reloads.
-    pub fn allowlist(&self) -> Arc<ArcSwap<Allowlist>> {
-        Arc::clone(&self.allow)
-    }
 }
 
 /// The sidecar's routes: every method and path goes through [`handle`].
