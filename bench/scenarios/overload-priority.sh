@@ -9,6 +9,8 @@
 #                  with the tier's one queue at its owner (the default);
 #   infermesh-x3-per-node  the same with --flow-control-per-node (one queue per node,
 #                  dividing the budget), for comparison (PER_NODE_LEG=0 skips it);
+#   infermesh-fair-x1, infermesh-fair-x3  1 and 3 nodes with fair-share-holdback-policy
+#                  (infermesh's) as the usage limit instead of priority-holdback-policy;
 #   sglang-router  cache_aware at each --max-concurrent-requests:--queue-size pair of
 #                  SGLANG_SETTINGS (queue 100 is its default; 0 answers 429 at once instead
 #                  of queueing), at 2x capacity; the best pair is compared.
@@ -32,7 +34,8 @@
 #   TTFT_SLO_MS [1500], SGLANG_SETTINGS [4:100,8:100,4:0,8:0], MAX_CONCURRENCY [4] (infermesh's
 #   concurrency-detector, per pod), MAX_PREFILL_CONCURRENCY [1] (its maxPrefillConcurrency; "none": unset), REQUEST_TTL [1s], HOLDBACK_MIN_CEILING [0.55] ("none":
 #   static-usage-limit-policy), HOLDBACK_DOMAIN [value], FAIRNESS [program-aware-fairness] (the standard band's
-#   fairnessPolicyRef), EVICTION [true], SEED [1], SKIP_BUILD [0])
+#   fairnessPolicyRef), FAIR_MIN_CEILING [0.15] (the fair legs' minCeiling; "none" skips them),
+#   EVICTION [true], SEED [1], SKIP_BUILD [0])
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
@@ -90,6 +93,15 @@ FAIRNESS="${FAIRNESS:-program-aware-fairness}"
 # critical's p99 at 357 and 378 ms against 326 and 312 with value, and did not help the light
 # tenant (850 and 929 ms against 841 and 919).
 HOLDBACK_DOMAIN="${HOLDBACK_DOMAIN:-value}"
+# The second pair of infermesh legs (fair-x1, fair-x3) runs the same config with infermesh's
+# fair-share-holdback-policy (value domain, this minCeiling, underShare at its default 0.9)
+# instead: the heavy tenant and sheddable are held to about one pod prefilling (their
+# ceilings 0.23 and 0.15: a prefilling pod adds 1/4), and the light tenant, whose attained
+# service is below 0.9 of the standard band's mean, may go up to critical's ceiling. In
+# 120 s trials (2026-12-07) minCeiling 0.3 (about two pods) put critical's p99 at 348 ms
+# (1 node) and 357 ms (3 nodes), over 1.5x; 0.15 at 325 and 326 with the light tenant at 444
+# and 449. "none" skips these legs.
+FAIR_MIN_CEILING="${FAIR_MIN_CEILING:-0.15}"
 # llm-d's enableEviction: revoke running sheddable requests for blocked higher-priority ones.
 EVICTION="${EVICTION:-true}"
 SEED="${SEED:-1}"
@@ -222,6 +234,15 @@ if [ "$HOLDBACK_MIN_CEILING" != none ]; then
 else
   USAGE_LIMIT="static-usage-limit-policy (threshold 1.0)"
 fi
+if [ "$FAIR_MIN_CEILING" != none ]; then
+  # The same config with the usage limit swapped for fair-share-holdback-policy.
+  sed -e '/^- type: priority-holdback-policy$/,/^  parameters:/d' -e '/^  usageLimitPolicyPluginRef:/d' \
+    "$WORK/epp.yaml" >"$WORK/epp-fair.yaml"
+  printf '  usageLimitPolicyPluginRef: fair-share\n' >>"$WORK/epp-fair.yaml"
+  printf -- '- type: fair-share-holdback-policy\n  name: fair-share\n  parameters: {minCeiling: %s, domain: value}\n' \
+    "$FAIR_MIN_CEILING" >"$WORK/fair.yaml"
+  sed -i "/^plugins:\$/r $WORK/fair.yaml" "$WORK/epp-fair.yaml"
+fi
 
 # Starts `n` infermesh nodes (one mesh when n > 1) with any extra flags; sets URLS to their
 # proxy URLs (not a command substitution: the PIDs must reach this shell's cleanup).
@@ -236,7 +257,7 @@ start_infermesh() {
       mesh=(--node-name "op-node-$k" --gossip-addr "127.0.0.1:$((port + 400))" --cluster-key-file "$WORK/cluster.key")
       [ "$k" -gt 0 ] && mesh+=(--seeds "127.0.0.1:$((ROUTER_PORT + 400))")
     fi
-    "$IM" serve --proxy-addr "127.0.0.1:$port" --endpoints "$WORK/pool.yaml" --config-file "$WORK/epp.yaml" --allow-experimental-plugins \
+    "$IM" serve --proxy-addr "127.0.0.1:$port" --endpoints "$WORK/pool.yaml" --config-file "${EPP_CONFIG:-$WORK/epp.yaml}" --allow-experimental-plugins \
       --ext-proc-addr "127.0.0.1:$((port + 200))" --metrics-addr "127.0.0.1:$((port + 300))" "${mesh[@]}" "${extra[@]}" \
       >"$WORK/infermesh-$k.log" 2>&1 &
     PIDS+=($!)
@@ -293,6 +314,18 @@ if [ "${PER_NODE_LEG:-1}" = 1 ]; then
   THREE+=(--three-nodes "$OUT/infermesh-x3-per-node.json")
 fi
 
+FAIR=()
+if [ "$FAIR_MIN_CEILING" != none ]; then
+  for n in 1 3; do
+    echo "=== infermesh-fair-x$n ($QPS req/s) ===" >&2
+    start_sim
+    EPP_CONFIG="$WORK/epp-fair.yaml" start_infermesh "$n" || die "infermesh fair x$n did not start"
+    leg "infermesh-fair-x$n" "$QPS" "$URLS" "${OVERLOAD_CLASSES[@]}"
+    cleanup
+  done
+  FAIR=(--one-node "$OUT/infermesh-fair-x1.json" --three-nodes "$OUT/infermesh-fair-x3.json")
+fi
+
 PEERS=()
 IFS=, read -r -a settings <<<"$SGLANG_SETTINGS"
 for setting in "${settings[@]}"; do
@@ -330,6 +363,18 @@ done
   "$BENCH" priority-table --unloaded "$OUT/unloaded.json" --one-node "$OUT/infermesh-x1.json" \
     "${THREE[@]}" "${PEERS[@]}"
   echo
+  if [ "${#FAIR[@]}" -gt 0 ]; then
+    echo "## The same load with fair-share-holdback-policy"
+    echo
+    echo "infermesh's own usage limit in place of $USAGE_LIMIT, everything else the same:"
+    echo "fair-share-holdback-policy (value, minCeiling $FAIR_MIN_CEILING, maxCeiling 1.0, underShare 0.9). A"
+    echo "flow of the standard band whose attained service is below 0.9 of the band's mean (the"
+    echo "light tenant) may dispatch up to critical's ceiling; the heavy tenant keeps its own. The"
+    echo "sglang-router rows are the same legs as above."
+    echo
+    "$BENCH" priority-table --unloaded "$OUT/unloaded.json" "${FAIR[@]}" "${PEERS[@]}"
+    echo
+  fi
   echo "## The same arrivals through ideal dispatchers"
   echo
   echo "infermesh-x1's arrivals replayed through a model kinder than the fleet: $PODS pods, each"

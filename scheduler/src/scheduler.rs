@@ -398,6 +398,7 @@ fn build(
         | S::SloDeadlineOrderingPolicy
         | S::StaticUsageLimitPolicy(_)
         | S::PriorityHoldbackPolicy(_)
+        | S::FairShareHoldbackPolicy(_)
         | S::SoftReflectiveCeilingPolicy
         | S::SheddableEvictionFilter
         | S::PriorityThenTimeEvictionOrderPolicy => Instance::Other,

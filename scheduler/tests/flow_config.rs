@@ -302,6 +302,7 @@ fn holdback_and_soft_reflective_usage_limits_load_from_llm_d_config() {
             domain: HoldbackDomain::Rank,
             min_ceiling: 0.4,
             max_ceiling: 0.9,
+            lift_under_share: None,
         }
     );
     assert!(
@@ -319,6 +320,7 @@ fn holdback_and_soft_reflective_usage_limits_load_from_llm_d_config() {
             domain: HoldbackDomain::Value,
             min_ceiling: 0.3,
             max_ceiling: 1.0,
+            lift_under_share: None,
         }
     );
     let cfg = load(
@@ -329,6 +331,40 @@ fn holdback_and_soft_reflective_usage_limits_load_from_llm_d_config() {
         cfg.flow_control.unwrap().usage_limit,
         UsageLimitPolicy::SoftReflective
     );
+}
+
+#[test]
+fn fair_share_holdback_loads_and_needs_a_program_aware_band() {
+    let yaml = |fairness: &str| {
+        format!(
+            "featureGates: [flowControl]\nplugins:\n- type: queue-scorer\n- type: program-aware-fairness\n\
+             - type: fair-share-holdback-policy\n  name: lift\n  parameters:\n    minCeiling: 0.3\n    domain: value\n\
+             flowControl:\n  usageLimitPolicyPluginRef: lift\n  priorityBands:\n  - priority: 0\n    fairnessPolicyRef: {fairness}\n"
+        )
+    };
+    let cfg = load(&yaml("program-aware-fairness")).unwrap();
+    let fc = cfg.flow_control.as_ref().unwrap();
+    assert_eq!(
+        fc.usage_limit,
+        UsageLimitPolicy::PriorityHoldback {
+            domain: HoldbackDomain::Value,
+            min_ceiling: 0.3,
+            max_ceiling: 1.0,
+            lift_under_share: Some(0.9),
+        }
+    );
+    assert_eq!(fc.usage_limit.type_name(), "fair-share-holdback-policy");
+    assert!(
+        cfg.to_string()
+            .contains("fair-share-holdback-policy domain value"),
+        "{cfg}"
+    );
+    let e = load(&yaml("global-strict-fairness-policy")).unwrap_err();
+    assert!(
+        matches!(&e, ConfigError::Field { field, .. } if field == "flowControl.usageLimitPolicyPluginRef"),
+        "{e}"
+    );
+    assert!(e.to_string().contains("program-aware-fairness"), "{e}");
 }
 
 #[test]
@@ -362,6 +398,15 @@ fn bad_holdback_and_soft_reflective_params_name_the_field() {
         (
             "type: soft-reflective-ceiling-policy\n  parameters:\n    period: 2\n",
             "period",
+        ),
+        ("type: fair-share-holdback-policy\n", "minCeiling"),
+        (
+            "type: fair-share-holdback-policy\n  parameters:\n    minCeiling: 0.5\n    underShare: 0\n",
+            "underShare",
+        ),
+        (
+            "type: fair-share-holdback-policy\n  parameters:\n    minCeiling: 0.5\n    underShare: 1.5\n",
+            "underShare",
         ),
     ];
     for (plugin, field) in cases {

@@ -14,7 +14,8 @@ use super::registry::{PluginKind, PluginSpec};
 use super::{ResolvedPlugin, add_default, find, locate, params};
 use crate::flow::config::{
     BandConfig, DEFAULT_BAND_MAX_BYTES, DEFAULT_BAND_MAX_REQUESTS, DEFAULT_NO_ENDPOINT_REQUEST_TTL,
-    DEFAULT_REQUEST_TTL, FairnessPolicy, FlowConfig, OrderingPolicy, UsageLimitPolicy,
+    DEFAULT_REQUEST_TTL, FairnessPolicy, FlowConfig, InvalidFlowConfig, OrderingPolicy,
+    UsageLimitPolicy,
 };
 
 /// The `flowControl` section as written.
@@ -363,6 +364,13 @@ pub(super) fn resolve(
             domain: p.domain,
             min_ceiling: p.min_ceiling.unwrap_or_default(),
             max_ceiling: p.max_ceiling,
+            lift_under_share: None,
+        },
+        PluginSpec::FairShareHoldbackPolicy(p) => UsageLimitPolicy::PriorityHoldback {
+            domain: p.domain,
+            min_ceiling: p.min_ceiling.unwrap_or_default(),
+            max_ceiling: p.max_ceiling,
+            lift_under_share: Some(p.under_share),
         },
         PluginSpec::SoftReflectiveCeilingPolicy => UsageLimitPolicy::SoftReflective,
         _ => UsageLimitPolicy::default(),
@@ -370,6 +378,9 @@ pub(super) fn resolve(
     // Band 0 always exists: it takes requests without an objective.
     let zero = cfg.default_band.clone();
     cfg.priority_bands.entry(0).or_insert(zero);
+    if let Err(e @ InvalidFlowConfig::LiftWithoutProgramAware) = cfg.validate() {
+        return Err(r.field_error("usageLimitPolicyPluginRef", e.to_string(), None));
+    }
     Ok(cfg)
 }
 

@@ -1892,14 +1892,25 @@ fn write_flow_control(f: &mut fmt::Formatter<'_>, fc: &FlowConfig) -> fmt::Resul
             domain,
             min_ceiling,
             max_ceiling,
-        } => writeln!(
-            f,
-            "  usageLimit priority-holdback-policy domain {} ceilings {max_ceiling} (highest) to {min_ceiling} (lowest)",
-            match domain {
-                crate::flow::HoldbackDomain::Rank => "rank",
-                crate::flow::HoldbackDomain::Value => "value",
+            lift_under_share,
+        } => {
+            write!(
+                f,
+                "  usageLimit {} domain {} ceilings {max_ceiling} (highest) to {min_ceiling} (lowest)",
+                fc.usage_limit.type_name(),
+                match domain {
+                    crate::flow::HoldbackDomain::Rank => "rank",
+                    crate::flow::HoldbackDomain::Value => "value",
+                }
+            )?;
+            match lift_under_share {
+                Some(share) => writeln!(
+                    f,
+                    "; a flow under {share} of its band's mean attained service may use the next higher band's ceiling"
+                )?,
+                None => writeln!(f)?,
             }
-        )?,
+        }
         crate::flow::UsageLimitPolicy::SoftReflective => writeln!(
             f,
             "  usageLimit soft-reflective-ceiling-policy (band i of N: 1 - i*saturation/(N-1))"

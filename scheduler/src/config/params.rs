@@ -1274,6 +1274,60 @@ impl Default for PriorityHoldbackParams {
     }
 }
 
+/// The default `underShare` of `fair-share-holdback-policy`.
+pub const DEFAULT_UNDER_SHARE: f64 = 0.9;
+
+/// `fair-share-holdback-policy` (infermesh's, not llm-d's): `priority-holdback-policy`'s
+/// ceilings, and a flow of a `program-aware-fairness` band whose attained service is below
+/// `underShare` of the mean of the band's queued flows may dispatch up to the next higher
+/// band's ceiling. llm-d's usage limits see only a band's priority, so with one ceiling
+/// per band a light tenant waits behind the heavy tenant's holdback.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct FairShareHoldbackParams {
+    /// Interpolation curve (`linear`).
+    pub shape: HoldbackShape,
+    /// `rank` (equal steps by rank) or `value` (proportional to the priority value).
+    pub domain: crate::flow::HoldbackDomain,
+    /// The lowest band's ceiling in `[0, 1)`; required.
+    pub min_ceiling: Option<f64>,
+    /// The highest band's ceiling in `(0, 1]`.
+    pub max_ceiling: f64,
+    /// A flow is lifted while its attained service is below this share of its band's
+    /// mean, in `(0, 1]`.
+    pub under_share: f64,
+}
+
+impl Default for FairShareHoldbackParams {
+    fn default() -> Self {
+        let h = PriorityHoldbackParams::default();
+        FairShareHoldbackParams {
+            shape: h.shape,
+            domain: h.domain,
+            min_ceiling: h.min_ceiling,
+            max_ceiling: h.max_ceiling,
+            under_share: DEFAULT_UNDER_SHARE,
+        }
+    }
+}
+
+impl FairShareHoldbackParams {
+    /// The ceilings as for `priority-holdback-policy`, and `underShare` in range.
+    pub fn validate(&self) -> Result<(), ParamProblem> {
+        PriorityHoldbackParams {
+            shape: self.shape,
+            domain: self.domain,
+            min_ceiling: self.min_ceiling,
+            max_ceiling: self.max_ceiling,
+        }
+        .validate()?;
+        if !(self.under_share > 0.0 && self.under_share <= 1.0) {
+            return Err(problem("underShare", "must be in (0.0, 1.0]"));
+        }
+        Ok(())
+    }
+}
+
 impl PriorityHoldbackParams {
     /// Both ceilings present, in range and in order.
     pub fn validate(&self) -> Result<(), ParamProblem> {

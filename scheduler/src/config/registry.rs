@@ -190,6 +190,8 @@ pub enum PluginSpec {
     StaticUsageLimitPolicy(StaticUsageLimitParams),
     /// `priority-holdback-policy`
     PriorityHoldbackPolicy(PriorityHoldbackParams),
+    /// `fair-share-holdback-policy` (infermesh's)
+    FairShareHoldbackPolicy(FairShareHoldbackParams),
     /// `soft-reflective-ceiling-policy`
     SoftReflectiveCeilingPolicy,
     /// `sheddable-eviction-filter`
@@ -256,6 +258,7 @@ impl PluginSpec {
             PluginSpec::SloDeadlineOrderingPolicy => "slo-deadline-ordering-policy",
             PluginSpec::StaticUsageLimitPolicy(_) => "static-usage-limit-policy",
             PluginSpec::PriorityHoldbackPolicy(_) => "priority-holdback-policy",
+            PluginSpec::FairShareHoldbackPolicy(_) => "fair-share-holdback-policy",
             PluginSpec::SoftReflectiveCeilingPolicy => "soft-reflective-ceiling-policy",
             PluginSpec::SheddableEvictionFilter => "sheddable-eviction-filter",
             PluginSpec::PriorityThenTimeEvictionOrderPolicy => {
@@ -315,9 +318,10 @@ impl PluginSpec {
             FcfsOrderingPolicy | EdfOrderingPolicy | SloDeadlineOrderingPolicy => {
                 PluginKind::OrderingPolicy
             }
-            StaticUsageLimitPolicy(_) | PriorityHoldbackPolicy(_) | SoftReflectiveCeilingPolicy => {
-                PluginKind::UsageLimitPolicy
-            }
+            StaticUsageLimitPolicy(_)
+            | PriorityHoldbackPolicy(_)
+            | FairShareHoldbackPolicy(_)
+            | SoftReflectiveCeilingPolicy => PluginKind::UsageLimitPolicy,
             SheddableEvictionFilter => PluginKind::EvictionFilter,
             PriorityThenTimeEvictionOrderPolicy => PluginKind::EvictionOrdering,
         }
@@ -368,6 +372,7 @@ impl PluginSpec {
             ConcurrencyDetector(p) => j(p),
             StaticUsageLimitPolicy(p) => j(p),
             PriorityHoldbackPolicy(p) => j(p),
+            FairShareHoldbackPolicy(p) => j(p),
             ProgramAwareFairness(p) => j(p),
             DecodeFilter
             | PrefillFilter
@@ -608,6 +613,7 @@ pub const ALPHA_TYPES: &[&str] = &[
     "sheddable-eviction-filter",
     "priority-then-time-eviction-order-policy",
     "priority-holdback-policy",
+    "fair-share-holdback-policy",
     "soft-reflective-ceiling-policy",
     "burst-prefix-cache-producer",
 ];
@@ -758,6 +764,7 @@ pub const KNOWN_TYPES: &[&str] = &[
     "slo-deadline-ordering-policy",
     "static-usage-limit-policy",
     "priority-holdback-policy",
+    "fair-share-holdback-policy",
     "soft-reflective-ceiling-policy",
     "sheddable-eviction-filter",
     "priority-then-time-eviction-order-policy",
@@ -976,6 +983,11 @@ pub fn parse_spec_with_warnings(
             check(p.validate())?;
             S::PriorityHoldbackPolicy(p)
         }
+        "fair-share-holdback-policy" => {
+            let p: FairShareHoldbackParams = parse(params)?;
+            check(p.validate())?;
+            S::FairShareHoldbackPolicy(p)
+        }
         "soft-reflective-ceiling-policy" => none(params).map(|_| S::SoftReflectiveCeilingPolicy)?,
         "sheddable-eviction-filter" => none(params).map(|_| S::SheddableEvictionFilter)?,
         "priority-then-time-eviction-order-policy" => {
@@ -1015,7 +1027,7 @@ mod tests {
                 assert!(matches!(r, Err(SpecError::Param(ref f, _)) if f == "conditions"));
             } else if *t == "header-label-affinity-scorer" {
                 assert!(matches!(r, Err(SpecError::Param(ref f, _)) if f == "headerName"));
-            } else if *t == "priority-holdback-policy" {
+            } else if *t == "priority-holdback-policy" || *t == "fair-share-holdback-policy" {
                 assert!(matches!(r, Err(SpecError::Param(ref f, _)) if f == "minCeiling"));
             } else {
                 let s = r.unwrap_or_else(|e| panic!("{t}: {e:?}"));

@@ -134,6 +134,11 @@ pub enum UsageLimitPolicy {
         min_ceiling: f64,
         /// The highest band's ceiling, in `(0, 1]` (default 1.0).
         max_ceiling: f64,
+        /// `fair-share-holdback-policy` (infermesh's): a flow of a `program-aware-fairness`
+        /// band whose attained service is below this share of the mean of the band's queued
+        /// flows may dispatch up to the next higher band's ceiling, so a light tenant is
+        /// not held back with a heavy one. `None`: `priority-holdback-policy` (no lift).
+        lift_under_share: Option<f64>,
     },
     /// `soft-reflective-ceiling-policy`: band `i` of `N` has ceiling `1 - i·sat/(N-1)`;
     /// past it (and below saturation 1) the band is open on one call in
@@ -154,7 +159,11 @@ impl UsageLimitPolicy {
     pub fn type_name(&self) -> &'static str {
         match self {
             UsageLimitPolicy::Static { .. } => "static-usage-limit-policy",
-            UsageLimitPolicy::PriorityHoldback { .. } => "priority-holdback-policy",
+            UsageLimitPolicy::PriorityHoldback {
+                lift_under_share: None,
+                ..
+            } => "priority-holdback-policy",
+            UsageLimitPolicy::PriorityHoldback { .. } => "fair-share-holdback-policy",
             UsageLimitPolicy::SoftReflective => "soft-reflective-ceiling-policy",
         }
     }
@@ -170,6 +179,7 @@ impl UsageLimitPolicy {
                 domain,
                 min_ceiling,
                 max_ceiling,
+                ..
             } => {
                 let span = max_ceiling - min_ceiling;
                 let position = match domain {
@@ -192,6 +202,20 @@ impl UsageLimitPolicy {
             UsageLimitPolicy::SoftReflective => {
                 1.0 - rank.min(steps) as f64 * saturation / steps as f64
             }
+        }
+    }
+
+    /// The ceiling an under-served flow of the band at `rank` may dispatch up to (the next
+    /// higher band's), with the share of the band's mean attained service below which a
+    /// flow counts as under-served; `None` when the policy lifts no flow or the band is
+    /// the highest.
+    pub fn lift(&self, rank: usize, priorities: &[i32], saturation: f64) -> Option<(f64, f64)> {
+        match *self {
+            UsageLimitPolicy::PriorityHoldback {
+                lift_under_share: Some(share),
+                ..
+            } if rank > 0 => Some((self.ceiling(rank - 1, priorities, saturation), share)),
+            _ => None,
         }
     }
 
@@ -316,6 +340,18 @@ pub enum InvalidFlowConfig {
         /// The highest band's ceiling given.
         max_ceiling: f64,
     },
+    /// `fair-share-holdback-policy`'s `underShare` is outside `(0, 1]`.
+    #[error("fair-share-holdback-policy underShare must be in (0.0, 1.0], got {share}")]
+    UnderShare {
+        /// The value given.
+        share: f64,
+    },
+    /// `fair-share-holdback-policy` measures flows by attained service, which only
+    /// `program-aware-fairness` keeps.
+    #[error(
+        "fair-share-holdback-policy needs a band (or band template) whose fairnessPolicyRef is a program-aware-fairness plugin: it measures each flow's share by attained service"
+    )]
+    LiftWithoutProgramAware,
 }
 
 impl LasParams {
@@ -361,6 +397,7 @@ impl FlowConfig {
             UsageLimitPolicy::PriorityHoldback {
                 min_ceiling,
                 max_ceiling,
+                lift_under_share,
                 ..
             } => {
                 let ok = (0.0..1.0).contains(&min_ceiling)
@@ -372,6 +409,14 @@ impl FlowConfig {
                         min_ceiling,
                         max_ceiling,
                     });
+                }
+                if let Some(share) = lift_under_share {
+                    if !(share > 0.0 && share <= 1.0) {
+                        return Err(InvalidFlowConfig::UnderShare { share });
+                    }
+                    if self.las_params().is_none() {
+                        return Err(InvalidFlowConfig::LiftWithoutProgramAware);
+                    }
                 }
             }
             UsageLimitPolicy::SoftReflective => {}

@@ -287,7 +287,7 @@ impl FlowController {
     pub fn handle_release_all(&mut self, now: Instant, out: &mut Vec<Decision>) {
         let now_ns = self.ns(now);
         while let Some(&priority) = self.nonempty.last() {
-            let Some(key) = self.pick(priority, now_ns) else {
+            let Some(key) = self.pick(priority, now_ns, None) else {
                 break;
             };
             out.push(self.finish(key.1, Outcome::Dispatched, None, now));
@@ -456,8 +456,8 @@ impl FlowController {
 
     /// One dispatch at `now` if the pool has endpoints and the highest band with queued
     /// requests may dispatch under the usage limit (strict priority between bands: a gated
-    /// band stops the loop, as every lower band's ceiling is no higher; the band's
-    /// fairness policy across flows).
+    /// band stops the loop, as every lower band's ceiling is no higher, and a lower band's
+    /// lifted ceiling is at most this band's own; the band's fairness policy across flows).
     pub fn poll_dispatch(&mut self, now: Instant) -> Option<Decision> {
         if !self.pool.has_endpoints {
             return None;
@@ -466,22 +466,47 @@ impl FlowController {
         let rank = self.priorities.partition_point(|q| *q > priority);
         let tick = self.usage_tick;
         self.usage_tick = tick.wrapping_add(1);
+        let saturation = self.pool.saturation;
+        let mut under_share = None;
         if !self
             .cfg
             .usage_limit
-            .allows(rank, &self.priorities, self.pool.saturation, tick)
+            .allows(rank, &self.priorities, saturation, tick)
         {
-            if self.cfg.enable_eviction {
+            // Past the band's ceiling an under-served flow may still go, up to the next
+            // higher band's ceiling (fair-share-holdback-policy); nothing else may.
+            let program_aware = self
+                .bands
+                .get(&priority)
+                .is_some_and(|b| matches!(b.cfg.fairness, FairnessPolicy::ProgramAware(_)));
+            match self
+                .cfg
+                .usage_limit
+                .lift(rank, &self.priorities, saturation)
+            {
+                Some((lifted, share)) if program_aware && saturation < lifted => {
+                    under_share = Some(share);
+                }
+                _ => {
+                    if self.cfg.enable_eviction {
+                        self.reclaim_for_blocked(now);
+                    }
+                    return None;
+                }
+            }
+        }
+        let Some(key) = self.pick(priority, self.ns(now), under_share) else {
+            if self.cfg.enable_eviction && under_share.is_some() {
                 self.reclaim_for_blocked(now);
             }
             return None;
-        }
-        let key = self.pick(priority, self.ns(now))?;
+        };
         Some(self.finish(key.1, Outcome::Dispatched, None, now))
     }
 
-    /// The key band `priority`'s fairness policy serves next.
-    fn pick(&mut self, priority: i32, now_ns: u64) -> Option<OrderKey> {
+    /// The key band `priority`'s fairness policy serves next; with `under_share`, only
+    /// among the flows whose attained service is below that share of the band's mean.
+    fn pick(&mut self, priority: i32, now_ns: u64, under_share: Option<f64>) -> Option<OrderKey> {
         let band = self.bands.get_mut(&priority)?;
         match band.cfg.fairness {
             FairnessPolicy::ProgramAware(weights) => {
@@ -491,8 +516,9 @@ impl FlowController {
                     key,
                     enqueued_ns: items.get(&key.1).map_or(now_ns, |i| i.enqueued_ns),
                 });
-                self.programs.pick(&weights, now_ns, heads)
+                self.programs.pick(&weights, now_ns, heads, under_share)
             }
+            _ if under_share.is_some() => None,
             _ => band.pick(),
         }
     }

@@ -20,7 +20,10 @@
 //! only while the pool has endpoints and its saturation is below the band's usage-limit
 //! ceiling: one threshold for every band (`static-usage-limit-policy`, 1.0), or per-band
 //! ceilings that keep headroom free for higher bands (`priority-holdback-policy`,
-//! `soft-reflective-ceiling-policy`).
+//! `soft-reflective-ceiling-policy`). infermesh's `fair-share-holdback-policy` adds one
+//! thing to the holdback ceilings: in a `program-aware-fairness` band, a flow whose attained
+//! service is below `underShare` of the mean of the band's queued flows may dispatch up to
+//! the next higher band's ceiling, so a light tenant is not held back with a heavy one.
 //!
 //! With `enableEviction`, dispatched requests hold leases the driver ends with
 //! [`FlowController::handle_lease_end`]; a band blocked with queued requests revokes running

@@ -133,12 +133,14 @@ impl Programs {
     }
 
     /// The head to serve next among `heads` (one per flow with queued requests), scored
-    /// with the band's weights `w`.
+    /// with the band's weights `w`; with `under_share`, only a flow whose service is below
+    /// that share of the mean over `heads` may be served (none may when all are equal).
     pub(super) fn pick<'a>(
         &mut self,
         w: &LasParams,
         now_ns: u64,
         heads: impl Iterator<Item = Head<'a>>,
+        under_share: Option<f64>,
     ) -> Option<OrderKey> {
         let half_life = self.half_life();
         let mut scratch = std::mem::take(&mut self.scratch);
@@ -163,8 +165,15 @@ impl Programs {
         let (s_lo, s_hi) = range(|e| e.0);
         let (w_lo, w_hi) = range(|e| e.1);
         let norm = |x: f64, lo: f64, hi: f64| if hi > lo { (x - lo) / (hi - lo) } else { 0.5 };
+        let below = match under_share {
+            Some(share) if !scratch.is_empty() => {
+                let mean = scratch.iter().map(|e| e.0).sum::<f64>() / scratch.len() as f64;
+                share * mean
+            }
+            _ => f64::INFINITY,
+        };
         let mut best: Option<(f64, OrderKey)> = None;
-        for &(service, wait, key) in &scratch {
+        for &(service, wait, key) in scratch.iter().filter(|e| e.0 < below) {
             let score = w.weight_service * (1.0 - norm(service, s_lo, s_hi))
                 + w.weight_head_wait * norm(wait, w_lo, w_hi);
             let better = match best {

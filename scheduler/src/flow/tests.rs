@@ -714,6 +714,7 @@ fn holdback(domain: HoldbackDomain, min_ceiling: f64) -> FlowConfig {
             domain,
             min_ceiling,
             max_ceiling: 1.0,
+            lift_under_share: None,
         },
         ..FlowConfig::default()
     };
@@ -830,6 +831,110 @@ fn bad_holdback_ceilings_are_refused() {
             matches!(err, InvalidFlowConfig::HoldbackCeilings { .. }),
             "{min} {max}: {err}"
         );
+    }
+}
+
+/// Rank holdback with ceilings 1.0, 0.75, 0.5 over bands 10, 0, -1, every band
+/// program-aware; `share` lifts under-served flows (`None`: plain priority-holdback).
+fn fair_share(share: Option<f64>) -> FlowConfig {
+    let mut cfg = holdback(HoldbackDomain::Rank, 0.5);
+    if let UsageLimitPolicy::PriorityHoldback {
+        lift_under_share, ..
+    } = &mut cfg.usage_limit
+    {
+        *lift_under_share = share;
+    }
+    for band in cfg.priority_bands.values_mut() {
+        band.fairness = FairnessPolicy::ProgramAware(LasParams::default());
+    }
+    cfg
+}
+
+/// Serves one request of `program` in band `p` with `tokens` input tokens at saturation 0.
+fn serve_in(fc: &mut FlowController, p: i32, program: &str, tokens: u64, at: Instant) {
+    let t = enq(fc, p, program, 1, at);
+    fc.handle_pool(PoolStatus::serving(0.0), at);
+    assert_eq!(fc.poll_decision(at).map(|d| d.ticket), Some(t));
+    fc.handle_served(t, tokens, 0, at);
+}
+
+#[test]
+fn fair_share_holdback_lifts_only_the_under_served_flow() {
+    for share in [None, Some(0.5)] {
+        let (mut fc, t0) = ctl(fair_share(share));
+        serve_in(&mut fc, 0, "heavy", 10_000, t0);
+        serve_in(&mut fc, 0, "light", 1_000, t0);
+        let heavy = enq(&mut fc, 0, "heavy", 1, t0);
+        let light = enq(&mut fc, 0, "light", 1, t0);
+        // 0.8: past band 0's 0.75, below band 10's 1.0. Light's service is 1,000 against a
+        // mean of 5,500: under half, so it is lifted; heavy is not.
+        fc.handle_pool(PoolStatus::serving(0.8), t0);
+        let got = dispatched(&drain(&mut fc, t0));
+        match share {
+            None => assert!(got.is_empty(), "priority-holdback lifts nobody: {got:?}"),
+            Some(_) => assert_eq!(got, vec![light]),
+        }
+        assert!(fc.contains(heavy), "heavy stays held back at 0.8");
+        // Past the next higher band's ceiling nothing is lifted.
+        let light2 = enq(&mut fc, 0, "light", 1, t0);
+        fc.handle_pool(PoolStatus::serving(1.0), t0);
+        assert!(dispatched(&drain(&mut fc, t0)).is_empty());
+        // Below band 0's ceiling both go, the lighter first.
+        fc.handle_pool(PoolStatus::serving(0.7), t0);
+        let got = dispatched(&drain(&mut fc, t0));
+        let want = match share {
+            None => vec![light, light2, heavy],
+            Some(_) => vec![light2, heavy],
+        };
+        assert_eq!(got, want);
+    }
+}
+
+#[test]
+fn fair_share_holdback_keeps_equal_flows_and_strict_priority() {
+    let (mut fc, t0) = ctl(fair_share(Some(0.5)));
+    serve_in(&mut fc, -1, "s-heavy", 10_000, t0);
+    // Equal service: nobody is under half the mean, so nobody is lifted.
+    serve_in(&mut fc, 0, "a", 1_000, t0);
+    serve_in(&mut fc, 0, "b", 1_000, t0);
+    let a = enq(&mut fc, 0, "a", 1, t0);
+    enq(&mut fc, 0, "b", 1, t0);
+    fc.handle_pool(PoolStatus::serving(0.8), t0);
+    assert!(dispatched(&drain(&mut fc, t0)).is_empty());
+    // A flow alone in its band is its own mean: never lifted.
+    let (mut solo, t0) = ctl(fair_share(Some(0.5)));
+    enq(&mut solo, 0, "a", 1, t0);
+    solo.handle_pool(PoolStatus::serving(0.8), t0);
+    assert!(dispatched(&drain(&mut solo, t0)).is_empty());
+    // The sheddable band's lift is band 0's ceiling (0.75): at 0.8 a new (never served)
+    // sheddable flow stays queued while band 0 is held back.
+    let s_new = enq(&mut fc, -1, "s-new", 1, t0);
+    enq(&mut fc, -1, "s-heavy", 1, t0);
+    fc.handle_pool(PoolStatus::serving(0.8), t0);
+    assert!(dispatched(&drain(&mut fc, t0)).is_empty());
+    // At 0.6 band 0 goes first (strict priority), then the lifted sheddable flow.
+    fc.handle_pool(PoolStatus::serving(0.6), t0);
+    let got = dispatched(&drain(&mut fc, t0));
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert_eq!(got[0], a);
+    assert_eq!(got[2], s_new);
+}
+
+#[test]
+fn fair_share_holdback_is_refused_without_program_aware_bands_or_with_a_bad_share() {
+    let mut cfg = fair_share(Some(0.5));
+    for band in cfg.priority_bands.values_mut() {
+        band.fairness = FairnessPolicy::GlobalStrict;
+    }
+    let err = FlowController::new(cfg, Instant::now()).unwrap_err();
+    assert!(
+        matches!(err, InvalidFlowConfig::LiftWithoutProgramAware),
+        "{err}"
+    );
+    for share in [0.0, 1.5, f64::NAN] {
+        let err = FlowController::new(fair_share(Some(share)), Instant::now()).unwrap_err();
+        assert!(matches!(err, InvalidFlowConfig::UnderShare { .. }), "{err}");
+        assert!(err.to_string().contains("underShare"), "{err}");
     }
 }
 
