@@ -299,6 +299,8 @@ fn config_names_lists_every_known_type_with_its_status() {
     assert!(status("file-discovery").ends_with("v0.10 name"));
     assert!(status("burst-prefix-cache-producer").contains("Alpha"));
     assert!(status("session-id-producer").contains("refused"));
+    assert!(status("prefill-load-scorer").contains("infermesh's own"));
+    assert!(status("fair-share-holdback-policy").contains("infermesh's own"));
     let mut names: Vec<&str> = stdout
         .lines()
         .filter_map(|l| l.split_whitespace().next())

@@ -613,7 +613,6 @@ pub const ALPHA_TYPES: &[&str] = &[
     "sheddable-eviction-filter",
     "priority-then-time-eviction-order-policy",
     "priority-holdback-policy",
-    "fair-share-holdback-policy",
     "soft-reflective-ceiling-policy",
     "burst-prefix-cache-producer",
 ];
@@ -647,6 +646,8 @@ pub enum NameStatus {
         /// The llm-d release that deprecated it.
         since: &'static str,
     },
+    /// A type infermesh adds; llm-d has none of this name.
+    Own,
     /// A known llm-d name infermesh refuses, with the reason.
     Refused(&'static str),
     /// No llm-d type of this name is known.
@@ -665,6 +666,7 @@ impl std::fmt::Display for NameStatus {
                 f,
                 "accepted older alias of `{current}` (deprecated in llm-d {since})"
             ),
+            NameStatus::Own => write!(f, "infermesh's own type (not an llm-d name)"),
             NameStatus::Refused(why) => write!(f, "refused: {why}"),
             NameStatus::Unknown => write!(f, "refused: no llm-d plugin type has this name"),
         }
@@ -675,6 +677,9 @@ impl std::fmt::Display for NameStatus {
 pub fn name_status(type_name: &str) -> NameStatus {
     if let Some((_, current, since)) = DEPRECATED_ALIASES.iter().find(|(t, ..)| *t == type_name) {
         return NameStatus::Alias { current, since };
+    }
+    if OWN_TYPES.contains(&type_name) {
+        return NameStatus::Own;
     }
     if KNOWN_TYPES.contains(&type_name) {
         return NameStatus::Current {
@@ -702,6 +707,10 @@ pub fn all_names() -> Vec<(&'static str, NameStatus)> {
     v.sort_by_key(|(t, _)| *t);
     v
 }
+
+/// Accepted types that are infermesh's own, not llm-d's (a config using them runs on
+/// infermesh only).
+pub const OWN_TYPES: &[&str] = &["prefill-load-scorer", "fair-share-holdback-policy"];
 
 /// All type names the registry accepts (canonical names and aliases).
 pub const KNOWN_TYPES: &[&str] = &[
@@ -1036,6 +1045,23 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn infermesh_types_are_not_reported_as_llm_d_names() {
+        for t in OWN_TYPES {
+            assert!(KNOWN_TYPES.contains(t), "{t} is accepted");
+            assert_eq!(name_status(t), NameStatus::Own, "{t}");
+            assert!(
+                !is_alpha(t),
+                "{t}: llm-d's Alpha flag is for llm-d's plugins"
+            );
+        }
+        assert_eq!(
+            name_status("priority-holdback-policy"),
+            NameStatus::Current { alpha: true }
+        );
+        assert!(NameStatus::Own.to_string().contains("not an llm-d name"));
     }
 
     #[test]
