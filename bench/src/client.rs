@@ -210,3 +210,18 @@ impl HttpClient {
         Ok(out)
     }
 }
+
+/// What happened to one sent request.
+#[derive(Debug)]
+pub(crate) struct Record {
+    /// Index of the request in the plan.
+    pub index: usize,
+    /// Index of the URL it went to.
+    pub target: usize,
+    /// Seconds from the run start to the send.
+    pub sent_at: f64,
+    /// Seconds from the run start to the end (success or failure).
+    pub done_at: f64,
+    /// Timings or the failure.
+    pub result: Result<Success, FailureKind>,
+}

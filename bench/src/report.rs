@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::client::FailureKind;
+use crate::client::Record;
 use crate::error::BenchError;
 use crate::oracle::OracleBound;
-use crate::run::Record;
 use crate::scrape::PodCounters;
 use crate::spec::{Load, RunSpec};
 use crate::stats::{LatencySummary, coefficient_of_variation};

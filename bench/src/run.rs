@@ -15,7 +15,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::client::{FailureKind, HttpClient, Success};
+use crate::client::{FailureKind, HttpClient, Record};
 use crate::error::BenchError;
 use crate::health::{self, Health};
 use crate::oracle::{BLOCK_TOKENS, oracle_bound};
@@ -30,21 +30,6 @@ const ARRIVAL_STREAM: u64 = 0x4152_5249_5645;
 /// RNG stream for random target picks.
 const SPREAD_STREAM: u64 = 0x5350_5245_4144;
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// What happened to one sent request.
-#[derive(Debug)]
-pub(crate) struct Record {
-    /// Index of the request in the plan.
-    pub index: usize,
-    /// Index of the URL it went to.
-    pub target: usize,
-    /// Seconds from the run start to the send.
-    pub sent_at: f64,
-    /// Seconds from the run start to the end (success or failure).
-    pub done_at: f64,
-    /// Timings or the failure.
-    pub result: Result<Success, FailureKind>,
-}
 
 struct Shared {
     client: HttpClient,

@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use super::error::ApiError;
 use super::openai::*;
 use super::sse::SseStream;
+use super::submit::{AbortOnDrop, submit};
 use super::{PodState, resolve_model};
 use crate::engine::{Completion, EngineRequest, KvTransfer, MmItem, check_limits};
 use crate::pod::{Event, Input};
@@ -189,11 +190,7 @@ async fn encode(pod: Arc<PodState>, r: &ChatRequest, images: Vec<u64>) -> Respon
     {
         return ApiError::unavailable("engine stopped").into_response();
     }
-    let mut guard = AbortOnDrop {
-        id,
-        engine: pod.engine.clone(),
-        armed: true,
-    };
+    let mut guard = AbortOnDrop::new(id, pod.engine.clone());
     let (n, hits) = match rx.recv().await {
         Some(Event::Encoded { images, hits }) => (images, hits),
         Some(Event::Rejected(e)) => {
@@ -224,40 +221,6 @@ async fn encode(pod: Arc<PodState>, r: &ChatRequest, images: Vec<u64>) -> Respon
         },
     });
     axum::Json(body).into_response()
-}
-
-/// Tells the engine to drop a request whose client went away before it finished.
-pub(super) struct AbortOnDrop {
-    pub(super) id: u64,
-    engine: mpsc::UnboundedSender<Input>,
-    pub(super) armed: bool,
-}
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        if self.armed {
-            let _ = self.engine.send(Input::Abort(self.id));
-        }
-    }
-}
-
-fn submit(
-    pod: &PodState,
-    req: EngineRequest,
-) -> Result<(mpsc::UnboundedReceiver<Event>, AbortOnDrop), ApiError> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let id = req.id;
-    pod.engine
-        .send(Input::Submit { req, events: tx })
-        .map_err(|_| ApiError::unavailable("engine stopped"))?;
-    Ok((
-        rx,
-        AbortOnDrop {
-            id,
-            engine: pod.engine.clone(),
-            armed: true,
-        },
-    ))
 }
 
 fn kv_params(pod: &PodState, kv: KvTransfer, c: &Completion) -> Option<serde_json::Value> {

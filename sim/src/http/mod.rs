@@ -9,6 +9,7 @@ mod generate;
 mod info;
 pub mod openai;
 mod sse;
+mod submit;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -4,8 +4,8 @@ use axum::body::Bytes;
 use tokio::sync::mpsc;
 
 use super::error::ApiError;
-use super::generate::AbortOnDrop;
 use super::openai::*;
+use super::submit::AbortOnDrop;
 use crate::engine::FinishReason;
 use crate::pod::Event;
 use crate::tokenizer::filler_text;
