@@ -485,3 +485,81 @@ flowControl:
     );
     h.stop().await;
 }
+
+/// `fair-share-holdback-policy` through the node: one running request puts the pool past
+/// the default band's ceiling (0.5 against 0.4), so a queued request of the program with
+/// the most attained service waits, while one of the program with the least goes at once,
+/// up to the higher band's ceiling (1.0), and finishes before the running request does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_fair_share_holdback_lets_the_light_program_past_the_band_ceiling() {
+    let scheduler = infermesh_scheduler::load_config(
+        "apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+featureGates: [flowControl]
+plugins:
+- type: queue-scorer
+- type: program-aware-fairness
+- type: fair-share-holdback-policy
+  parameters: {minCeiling: 0.4}
+- type: concurrency-detector
+  parameters: {maxConcurrency: 2}
+flowControl:
+  saturationDetector: {pluginRef: concurrency-detector}
+  usageLimitPolicyPluginRef: fair-share-holdback-policy
+  defaultRequestTTL: 60s
+  priorityBands:
+  - priority: 10
+  - priority: 0
+    fairnessPolicyRef: program-aware-fairness
+",
+    )
+    .expect("valid config");
+    let h = Harness::one_pod_refreshing_every(scheduler, Duration::from_secs(5)).await;
+    let model = h.model.clone();
+    let run = move |client: infermesh_node::upstream::HttpClient,
+                    entry,
+                    program: &'static str,
+                    max_tokens: u32| {
+        let body = serde_json::json!({"model": model, "prompt": format!("work for {program}"), "max_tokens": max_tokens});
+        async move {
+            let r = post(
+                &client,
+                entry,
+                "/v1/completions",
+                body.to_string(),
+                &[("x-llm-d-inference-fairness-id", program)],
+            )
+            .await;
+            (r.status, std::time::Instant::now())
+        }
+    };
+    // History: "heavy" used far more tokens than "light".
+    assert_eq!(run(h.client.clone(), h.entry(), "heavy", 200).await.0, 200);
+    assert_eq!(run(h.client.clone(), h.entry(), "light", 1).await.0, 200);
+    let holder = tokio::spawn(run(h.client.clone(), h.entry(), "holder", 300));
+    wait_until(
+        "the holder to be dispatched",
+        Duration::from_secs(10),
+        || outcome_total(&h, Outcome::Dispatched) == 3,
+    )
+    .await;
+    let heavy = tokio::spawn(run(h.client.clone(), h.entry(), "heavy", 20));
+    wait_until("heavy to queue", Duration::from_secs(10), || {
+        h.node.metrics().flow.queue_size.get() == 1
+    })
+    .await;
+    let light = run(h.client.clone(), h.entry(), "light", 20).await;
+    assert_eq!(light.0, 200);
+    assert_eq!(
+        h.node.metrics().flow.queue_size.get(),
+        1,
+        "heavy still waits for the holder"
+    );
+    let (holder, heavy) = (holder.await.unwrap(), heavy.await.unwrap());
+    assert_eq!((holder.0, heavy.0), (200, 200));
+    assert!(
+        light.1 < holder.1 && holder.1 <= heavy.1,
+        "light went past the band's ceiling and finished first; heavy waited for the holder"
+    );
+    h.stop().await;
+}
