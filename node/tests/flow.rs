@@ -555,11 +555,23 @@ flowControl:
         1,
         "heavy still waits for the holder"
     );
+    wait_until("the lift to be counted", Duration::from_secs(5), || {
+        h.node.metrics().flow_lifted.get() == 1
+    })
+    .await;
     let (holder, heavy) = (holder.await.unwrap(), heavy.await.unwrap());
     assert_eq!((holder.0, heavy.0), (200, 200));
     assert!(
         light.1 < holder.1 && holder.1 <= heavy.1,
         "light went past the band's ceiling and finished first; heavy waited for the holder"
+    );
+    let text = h
+        .node
+        .metrics()
+        .render(&Default::default(), std::time::Instant::now());
+    assert!(
+        text.contains("infermesh_flow_control_lifted_dispatches_total 1"),
+        "only light was lifted:\n{text}"
     );
     h.stop().await;
 }

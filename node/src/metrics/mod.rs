@@ -289,6 +289,8 @@ pub struct NodeMetrics {
     pub retries: Counter,
     /// Running sheddable requests revoked by flow control's in-flight eviction.
     pub flow_revocations: Counter,
+    /// Dispatches past their band's own ceiling (`fair-share-holdback-policy`).
+    pub flow_lifted: Counter,
     /// Waits that went through the mesh's flow-control queue, by how.
     pub flow_mesh_waits: Family<MeshWaitLabels, Counter>,
     /// Tokens reported in responses' `usage`.
@@ -382,6 +384,12 @@ impl NodeMetrics {
             "Running sheddable requests revoked by in-flight eviction (enableEviction)",
             flow_revocations.clone(),
         );
+        let flow_lifted = Counter::default();
+        registry.register(
+            "flow_control_lifted_dispatches",
+            "Requests dispatched past their band's own ceiling because their flow had less than its share of the band's attained service (fair-share-holdback-policy)",
+            flow_lifted.clone(),
+        );
         let flow_mesh_waits = Family::<MeshWaitLabels, Counter>::default();
         registry.register(
             "flow_mesh_waits",
@@ -444,6 +452,7 @@ impl NodeMetrics {
             prefix_match_ratio,
             retries,
             flow_revocations,
+            flow_lifted,
             flow_mesh_waits,
             tokens,
             scrapes,
@@ -549,6 +558,11 @@ impl NodeMetrics {
     /// Counts one in-flight eviction.
     pub fn count_flow_revocation(&self) {
         self.flow_revocations.inc();
+    }
+
+    /// Counts `n` dispatches past their band's own ceiling.
+    pub fn count_flow_lifted(&self, n: u64) {
+        self.flow_lifted.inc_by(n);
     }
 
     /// Sets the count of revoked requests not yet torn down.

@@ -508,6 +508,7 @@ impl FlowGate {
             next_refresh: Instant::now(),
             picks: PickLedger::with_freed_hint(driver.freed_hint),
             fenced: VecDeque::new(),
+            lifted_counted: 0,
         };
         let task = tokio::spawn(owner.run(rx, shutdown));
         Ok((
@@ -655,6 +656,8 @@ struct Owner {
     picks: PickLedger,
     /// Dispatches decided while the fence held, delivered in order as it opens.
     fenced: VecDeque<Decision>,
+    /// The controller's lifted dispatches already counted in the metric.
+    lifted_counted: u64,
 }
 
 impl Owner {
@@ -999,7 +1002,12 @@ impl Owner {
         }
     }
 
-    fn publish_gauges(&self) {
+    fn publish_gauges(&mut self) {
+        // A controller made anew (the gate turned off and on) counts from 0 again.
+        let lifted = self.fc.lifted_dispatches();
+        self.metrics
+            .count_flow_lifted(lifted.saturating_sub(self.lifted_counted));
+        self.lifted_counted = lifted;
         self.metrics.set_flow_queue(self.fc.len(), self.fc.bytes());
         if let Some(j) = self.fc.program_fairness_index() {
             self.metrics.set_program_fairness_index(j);

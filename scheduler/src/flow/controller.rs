@@ -124,6 +124,8 @@ pub struct FlowController {
     priorities: Vec<i32>,
     /// Calls to the usage limit (the soft-reflective policy alternates on it).
     usage_tick: u64,
+    /// Dispatches past their band's own ceiling (`fair-share-holdback-policy`'s lift).
+    lifted: u64,
     /// Priorities of bands with queued requests.
     nonempty: BTreeSet<i32>,
     /// (enqueued ns, seq): the oldest request expires first under the shared TTL.
@@ -189,6 +191,7 @@ impl FlowController {
             bands,
             priorities,
             usage_tick: 0,
+            lifted: 0,
             nonempty: BTreeSet::new(),
             by_enqueue: BTreeSet::new(),
             by_deadline: BTreeSet::new(),
@@ -501,6 +504,9 @@ impl FlowController {
             }
             return None;
         };
+        if under_share.is_some() {
+            self.lifted += 1;
+        }
         Some(self.finish(key.1, Outcome::Dispatched, None, now))
     }
 
@@ -554,6 +560,12 @@ impl FlowController {
     /// Programs tracked by `program-aware-fairness` (evicted ones are not).
     pub fn programs_tracked(&self) -> usize {
         self.programs.len()
+    }
+
+    /// Requests dispatched past their band's own ceiling because their flow was
+    /// under-served (`fair-share-holdback-policy`), since the controller was made.
+    pub fn lifted_dispatches(&self) -> u64 {
+        self.lifted
     }
 
     /// Applies `pool`, then appends every due eviction and expiry and up to `max_dispatch`

@@ -874,6 +874,7 @@ fn fair_share_holdback_lifts_only_the_under_served_flow() {
             None => assert!(got.is_empty(), "priority-holdback lifts nobody: {got:?}"),
             Some(_) => assert_eq!(got, vec![light]),
         }
+        assert_eq!(fc.lifted_dispatches(), u64::from(share.is_some()));
         assert!(fc.contains(heavy), "heavy stays held back at 0.8");
         // Past the next higher band's ceiling nothing is lifted.
         let light2 = enq(&mut fc, 0, "light", 1, t0);
@@ -887,6 +888,11 @@ fn fair_share_holdback_lifts_only_the_under_served_flow() {
             Some(_) => vec![light2, heavy],
         };
         assert_eq!(got, want);
+        assert_eq!(
+            fc.lifted_dispatches(),
+            u64::from(share.is_some()),
+            "below the band's own ceiling nothing counts as lifted"
+        );
     }
 }
 
