@@ -395,6 +395,45 @@ async fn envoy_ext_proc_flow_control_follows_a_runtime_config_swap() {
     flow_control_follows_a_runtime_config_swap(true).await;
 }
 
+/// Posts a completion of `max_tokens` tokens as fairness id `program` through `h`'s entry,
+/// on its own task so that several can wait at once; yields the status and when it ended.
+fn run_program(
+    h: &Harness,
+    program: &'static str,
+    max_tokens: u32,
+) -> tokio::task::JoinHandle<(u16, std::time::Instant)> {
+    let (client, entry) = (h.client.clone(), h.entry());
+    let body = serde_json::json!({"model": h.model, "prompt": format!("work for {program}"), "max_tokens": max_tokens});
+    tokio::spawn(async move {
+        let r = post(
+            &client,
+            entry,
+            "/v1/completions",
+            body.to_string(),
+            &[("x-llm-d-inference-fairness-id", program)],
+        )
+        .await;
+        (r.status, std::time::Instant::now())
+    })
+}
+
+/// Gives program "heavy" far more attained service than "light", then starts a long
+/// "holder" request and waits until it is dispatched (the third dispatch); returns it.
+async fn heavy_light_history_then_a_holder(
+    h: &Harness,
+) -> tokio::task::JoinHandle<(u16, std::time::Instant)> {
+    assert_eq!(run_program(h, "heavy", 200).await.unwrap().0, 200);
+    assert_eq!(run_program(h, "light", 1).await.unwrap().0, 200);
+    let holder = run_program(h, "holder", 300);
+    wait_until(
+        "the holder to be dispatched",
+        Duration::from_secs(10),
+        || outcome_total(h, Outcome::Dispatched) == 3,
+    )
+    .await;
+    holder
+}
+
 /// `program-aware-fairness` through the node: each finished request's usage (from the
 /// model server's `usage`) goes to its program's attained service, so of two programs
 /// queued behind one busy slot, the one that used fewer tokens goes first even though the
@@ -418,43 +457,15 @@ flowControl:
     )
     .expect("valid config");
     // Refreshes far apart: a slot frees only when its request finishes.
-    let refresh = Duration::from_secs(5);
-    let h = Harness::one_pod_refreshing_every(scheduler, refresh).await;
-    let model = h.model.clone();
-    let run = move |client: infermesh_node::upstream::HttpClient,
-                    entry,
-                    program: &'static str,
-                    max_tokens: u32| {
-        let body = serde_json::json!({"model": model, "prompt": format!("work for {program}"), "max_tokens": max_tokens});
-        async move {
-            let r = post(
-                &client,
-                entry,
-                "/v1/completions",
-                body.to_string(),
-                &[("x-llm-d-inference-fairness-id", program)],
-            )
-            .await;
-            (r.status, std::time::Instant::now())
-        }
-    };
-    // History: "heavy" used far more tokens than "light".
-    assert_eq!(run(h.client.clone(), h.entry(), "heavy", 200).await.0, 200);
-    assert_eq!(run(h.client.clone(), h.entry(), "light", 1).await.0, 200);
+    let h = Harness::one_pod_refreshing_every(scheduler, Duration::from_secs(5)).await;
     // A long request holds the only slot while both programs queue, heavy first.
-    let holder = tokio::spawn(run(h.client.clone(), h.entry(), "holder", 300));
-    wait_until(
-        "the holder to be dispatched",
-        Duration::from_secs(10),
-        || outcome_total(&h, Outcome::Dispatched) == 3,
-    )
-    .await;
-    let heavy = tokio::spawn(run(h.client.clone(), h.entry(), "heavy", 20));
+    let holder = heavy_light_history_then_a_holder(&h).await;
+    let heavy = run_program(&h, "heavy", 20);
     wait_until("heavy to queue", Duration::from_secs(10), || {
         h.node.metrics().flow.queue_size.get() == 1
     })
     .await;
-    let light = tokio::spawn(run(h.client.clone(), h.entry(), "light", 20));
+    let light = run_program(&h, "light", 20);
     wait_until("light to queue", Duration::from_secs(10), || {
         h.node.metrics().flow.queue_size.get() == 2
     })
@@ -515,40 +526,13 @@ flowControl:
     )
     .expect("valid config");
     let h = Harness::one_pod_refreshing_every(scheduler, Duration::from_secs(5)).await;
-    let model = h.model.clone();
-    let run = move |client: infermesh_node::upstream::HttpClient,
-                    entry,
-                    program: &'static str,
-                    max_tokens: u32| {
-        let body = serde_json::json!({"model": model, "prompt": format!("work for {program}"), "max_tokens": max_tokens});
-        async move {
-            let r = post(
-                &client,
-                entry,
-                "/v1/completions",
-                body.to_string(),
-                &[("x-llm-d-inference-fairness-id", program)],
-            )
-            .await;
-            (r.status, std::time::Instant::now())
-        }
-    };
-    // History: "heavy" used far more tokens than "light".
-    assert_eq!(run(h.client.clone(), h.entry(), "heavy", 200).await.0, 200);
-    assert_eq!(run(h.client.clone(), h.entry(), "light", 1).await.0, 200);
-    let holder = tokio::spawn(run(h.client.clone(), h.entry(), "holder", 300));
-    wait_until(
-        "the holder to be dispatched",
-        Duration::from_secs(10),
-        || outcome_total(&h, Outcome::Dispatched) == 3,
-    )
-    .await;
-    let heavy = tokio::spawn(run(h.client.clone(), h.entry(), "heavy", 20));
+    let holder = heavy_light_history_then_a_holder(&h).await;
+    let heavy = run_program(&h, "heavy", 20);
     wait_until("heavy to queue", Duration::from_secs(10), || {
         h.node.metrics().flow.queue_size.get() == 1
     })
     .await;
-    let light = run(h.client.clone(), h.entry(), "light", 20).await;
+    let light = run_program(&h, "light", 20).await.unwrap();
     assert_eq!(light.0, 200);
     assert_eq!(
         h.node.metrics().flow.queue_size.get(),
