@@ -1003,10 +1003,10 @@ impl Owner {
     }
 
     fn publish_gauges(&mut self) {
-        // A controller made anew (the gate turned off and on) counts from 0 again.
+        // The controller lives as long as this owner (reconfigured in place), so its
+        // count only grows.
         let lifted = self.fc.lifted_dispatches();
-        self.metrics
-            .count_flow_lifted(lifted.saturating_sub(self.lifted_counted));
+        self.metrics.count_flow_lifted(lifted - self.lifted_counted);
         self.lifted_counted = lifted;
         self.metrics.set_flow_queue(self.fc.len(), self.fc.bytes());
         if let Some(j) = self.fc.program_fairness_index() {

@@ -477,17 +477,14 @@ impl FlowController {
             .allows(rank, &self.priorities, saturation, tick)
         {
             // Past the band's ceiling an under-served flow may still go, up to the next
-            // higher band's ceiling (fair-share-holdback-policy); nothing else may.
-            let program_aware = self
-                .bands
-                .get(&priority)
-                .is_some_and(|b| matches!(b.cfg.fairness, FairnessPolicy::ProgramAware(_)));
+            // higher band's ceiling (fair-share-holdback-policy); nothing else may. Only a
+            // program-aware band knows who is under-served: `pick` finds nobody elsewhere.
             match self
                 .cfg
                 .usage_limit
                 .lift(rank, &self.priorities, saturation)
             {
-                Some((lifted, share)) if program_aware && saturation < lifted => {
+                Some((lifted, share)) if saturation < lifted => {
                     under_share = Some(share);
                 }
                 _ => {
@@ -524,6 +521,7 @@ impl FlowController {
                 });
                 self.programs.pick(&weights, now_ns, heads, under_share)
             }
+            // Attained service is kept for program-aware bands only.
             _ if under_share.is_some() => None,
             _ => band.pick(),
         }
